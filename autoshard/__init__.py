@@ -1,1 +1,17 @@
-"""autoshard."""
+"""autoshard: automatic intra- and inter-operator parallelization for JAX."""
+from ._api import ParallelizedFunction as ParallelizedFunction
+from ._api import parallelize as parallelize
+from ._mesh import abstract_mesh as abstract_mesh
+from ._mesh import make_mesh as make_mesh
+from ._methods import DataParallel as DataParallel
+from ._methods import Megatron as Megatron
+from ._methods import ShardParallel as ShardParallel
+from ._methods import ZeRO3 as ZeRO3
+from ._plan import Plan as Plan
+from ._plan import PlanCost as PlanCost
+from .cost_model import CLUSTER_PRESETS as CLUSTER_PRESETS
+from .cost_model import Cluster as Cluster
+from .cost_model import cluster_preset as cluster_preset
+from .ilp import InfeasibleError as InfeasibleError
+
+__version__ = "0.1.0"

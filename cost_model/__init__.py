@@ -1,0 +1,26 @@
+"""autoshard.cost_model: cluster descriptions and the costs plans are priced with.
+
+Imports numpy only. Times are seconds, sizes bytes, bandwidths bytes/s.
+"""
+
+from ._cluster import Cluster as Cluster
+from ._cluster import Link as Link
+from ._mesh_cost import MeshCostModel as MeshCostModel
+from ._mesh_cost import Spec as Spec
+from ._presets import CLUSTER_PRESETS as CLUSTER_PRESETS
+from ._presets import cluster_preset as cluster_preset
+from ._presets import default_cluster_for_platform as default_cluster_for_platform
+from ._units import format_bytes as format_bytes
+from ._units import parse_bytes as parse_bytes
+
+__all__ = [
+    "CLUSTER_PRESETS",
+    "Cluster",
+    "Link",
+    "MeshCostModel",
+    "Spec",
+    "cluster_preset",
+    "default_cluster_for_platform",
+    "format_bytes",
+    "parse_bytes",
+]

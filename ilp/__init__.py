@@ -1,0 +1,23 @@
+"""autoshard.ilp: intra-operator strategy selection (CP-SAT). Never imports jax."""
+
+from ._evaluate import Evaluation as Evaluation
+from ._evaluate import evaluate as evaluate
+from ._intra_op import solve_intra_op as solve_intra_op
+from ._memory import min_peak_memory as min_peak_memory
+from ._request import EdgeCost as EdgeCost
+from ._request import InfeasibleError as InfeasibleError
+from ._request import IntraOpRequest as IntraOpRequest
+from ._request import IntraOpResult as IntraOpResult
+from ._request import SolverStats as SolverStats
+
+__all__ = [
+    "EdgeCost",
+    "Evaluation",
+    "InfeasibleError",
+    "IntraOpRequest",
+    "IntraOpResult",
+    "SolverStats",
+    "evaluate",
+    "min_peak_memory",
+    "solve_intra_op",
+]

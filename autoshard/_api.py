@@ -1,0 +1,184 @@
+"""``autoshard.parallelize``: a jit-like wrapper that plans once per signature, then runs."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from ._mesh import default_cluster, make_mesh, mesh_axes
+from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
+from ._plan import Plan
+from ._planner import plan_traced
+from ._trace import TracedFunction, trace
+from .cost_model import Cluster, parse_bytes
+from .runtime import ShardedProgram, shard_program
+
+_METHODS = (ShardParallel, DataParallel, ZeRO3, Megatron)
+
+
+def _normalize_argnums(argnums, name) -> tuple[int, ...]:
+    if argnums is None:
+        return ()
+    if isinstance(argnums, int):
+        argnums = (argnums,)
+    argnums = tuple(argnums)
+    if not all(isinstance(a, int) for a in argnums):
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {argnums!r}")
+    return argnums
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Compiled:
+    traced: TracedFunction
+    plan: Plan
+    program: ShardedProgram | None  # None until first run (planning needs no devices)
+
+
+class ParallelizedFunction:
+    """A function parallelized over a mesh; call it like the original.
+
+    Plans once per input signature (tree structure, shapes, dtypes, static
+    arguments) and caches the plan and the compiled executable.
+    """
+
+    def __init__(self, fun: Callable, *, mesh=None, method=None, cluster: Cluster | None = None,
+                 memory_budget: int | str | None = None, batch_argnums=None,
+                 static_argnums=(), donate_argnums=(), plan: Plan | None = None):
+        if not callable(fun):
+            raise TypeError(f"parallelize expects a callable, got {type(fun).__name__}")
+        method = ShardParallel() if method is None else method
+        if not isinstance(method, _METHODS):
+            if isinstance(method, type) and issubclass(method, _METHODS):
+                method = method()
+            else:
+                names = ", ".join(f"autoshard.{m.__name__}()" for m in _METHODS)
+                raise TypeError(f"method must be one of {names}; got {method!r}")
+        self._fun = fun
+        self._mesh = mesh if mesh is not None else make_mesh((jax.device_count(),), ("devices",))
+        self._mesh_shape, self._axis_names = mesh_axes(self._mesh)
+        self._method = method
+        self._cluster = cluster if cluster is not None else default_cluster(self._mesh)
+        self._memory_budget = None if memory_budget is None else parse_bytes(memory_budget)
+        self._batch_argnums = _normalize_argnums(batch_argnums, "batch_argnums") \
+            if batch_argnums is not None else None
+        self._static_argnums = _normalize_argnums(static_argnums, "static_argnums")
+        self._donate_argnums = _normalize_argnums(donate_argnums, "donate_argnums")
+        overlap = set(self._static_argnums) & set(self._donate_argnums)
+        if overlap:
+            raise ValueError(f"arguments {sorted(overlap)} are both static and donated")
+        self._fixed_plan = plan
+        self._cache: dict = {}
+        functools.update_wrapper(self, fun)
+
+    def __repr__(self):
+        return (f"ParallelizedFunction({getattr(self._fun, '__name__', self._fun)!r}, "
+                f"mesh={dict(zip(self._axis_names, self._mesh_shape))}, method={self._method!r})")
+
+    # ------------------------------------------------------------ signature
+    def _key(self, args) -> Any:
+        statics = []
+        for i in self._static_argnums:
+            if i >= len(args):
+                raise ValueError(f"static_argnums names argument {i} but only "
+                                 f"{len(args)} were passed")
+            try:
+                hash(args[i])
+            except TypeError:
+                raise TypeError(f"static argument {i} must be hashable, got "
+                                f"{type(args[i]).__name__}") from None
+            statics.append((i, args[i]))
+        dyn = [a for i, a in enumerate(args) if i not in self._static_argnums]
+        leaves, treedef = jax.tree_util.tree_flatten(dyn)
+        sig = tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__)))
+                    for x in leaves)
+        return (len(args), treedef, sig, tuple(statics))
+
+    def _batch_flags(self, traced: TracedFunction, nargs: int) -> list[bool]:
+        dyn = [i for i in range(nargs) if i not in self._static_argnums]
+        batch = self._batch_argnums
+        if batch is None:
+            batch = (dyn[-1],) if dyn else ()
+        return [any(p.startswith(f"args[{b}]") and not p[len(f"args[{b}]"):][:1].isdigit()
+                    for b in batch) for p in traced.in_paths]
+
+    def _donate_flags(self, traced: TracedFunction) -> list[bool]:
+        return [any(p.startswith(f"args[{d}]") and not p[len(f"args[{d}]"):][:1].isdigit()
+                    for d in self._donate_argnums) for p in traced.in_paths]
+
+    def _compiled(self, args, need_program: bool) -> _Compiled:
+        key = self._key(args)
+        entry = self._cache.get(key)
+        if entry is None:
+            traced = trace(self._fun, args, self._static_argnums)
+            statics = repr(key[3])
+            plan = plan_traced(traced, mesh_shape=self._mesh_shape, axis_names=self._axis_names,
+                               cluster=self._cluster, method=self._method,
+                               batch_flat=self._batch_flags(traced, len(args)),
+                               static_repr=statics, donated_flat=self._donate_flags(traced))
+            plan = dataclasses.replace(plan, in_specs=self._arg_specs(plan.in_specs, len(args)))
+            entry = _Compiled(traced, plan, None)
+            self._cache[key] = entry
+        if need_program and entry.program is None:
+            entry = dataclasses.replace(entry, program=self._shard(entry))
+            self._cache[key] = entry
+        return entry
+
+    def _arg_specs(self, dyn_specs, nargs):
+        dyn = iter(dyn_specs)
+        return tuple(None if i in self._static_argnums else next(dyn) for i in range(nargs))
+
+    def _shard(self, entry: _Compiled) -> ShardedProgram:
+        if not isinstance(self._mesh, jax.sharding.Mesh):
+            raise ValueError("this function was parallelized over an abstract mesh: it can be "
+                             "planned (.plan) but not run or lowered; pass a mesh made by "
+                             "autoshard.make_mesh to run it")
+        plan = entry.plan
+        flags = self._donate_flags(entry.traced)
+        return shard_program(
+            entry.traced.program, self._mesh, plan.flat_in_specs, plan.flat_out_specs,
+            value_specs=dict(plan.value_specs),
+            operand_specs={(e, k): s for e, k, s in plan.operand_specs},
+            donate_argnums=[i for i, d in enumerate(flags) if d])
+
+    # ------------------------------------------------------------ public
+    def plan(self, *args) -> Plan:
+        """The plan for these arguments (arrays or ShapeDtypeStructs); nothing runs."""
+        return self._compiled(args, need_program=False).plan
+
+    def lower(self, *args):
+        """The ``jax.stages.Lowered`` of the planned program for these arguments."""
+        entry = self._compiled(args, need_program=True)
+        avals = [entry.traced.program.avals[v] for v in entry.traced.program.invars]
+        return entry.program.lower(avals)
+
+    def __call__(self, *args):
+        entry = self._compiled(args, need_program=True)
+        dyn = [a for i, a in enumerate(args) if i not in self._static_argnums]
+        flat = jax.tree_util.tree_leaves(dyn)
+        outs = entry.program(flat)
+        return jax.tree_util.tree_unflatten(entry.traced.out_tree, outs)
+
+
+def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
+                cluster: Cluster | None = None, memory_budget: int | str | None = None,
+                batch_argnums: int | Sequence[int] | None = None,
+                static_argnums: int | Sequence[int] = (),
+                donate_argnums: int | Sequence[int] = (), plan: Plan | None = None):
+    """Parallelize ``fun`` over ``mesh`` (jit-like; also usable as a decorator).
+
+    ``method``: :class:`ShardParallel` (ILP, default) or a preset
+    (:class:`DataParallel`, :class:`ZeRO3`, :class:`Megatron`). ``batch_argnums``:
+    the arguments holding the batch (default: the last non-static one); presets
+    split those on their leading dim. ``memory_budget``: bytes per device
+    (``"16GiB"``). ``static_argnums``/``donate_argnums`` as in ``jax.jit``.
+    """
+    kwargs = dict(mesh=mesh, method=method, cluster=cluster, memory_budget=memory_budget,
+                  batch_argnums=batch_argnums, static_argnums=static_argnums,
+                  donate_argnums=donate_argnums, plan=plan)
+    if fun is None:
+        return lambda f: ParallelizedFunction(f, **kwargs)
+    return ParallelizedFunction(fun, **kwargs)

@@ -1,0 +1,100 @@
+"""Parallelization methods: the ILP search and the hand-written presets.
+
+Every method is priced by the same cost model and executed by the same runtime.
+A preset fixes how the arguments are laid out (the part a person writes by hand:
+``in_shardings``); the intermediates are then the cheapest consistent with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+from ._specs import Spec, enumerate_specs, replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardParallel:
+    """Intra-operator parallelism found by the ILP (Alpa's ShardParallel).
+
+    ``time_limit_s``: solver limit (deterministic, so every process gets the same plan).
+    """
+
+    time_limit_s: float = 60.0
+
+    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
+        return enumerate_specs(shape, mesh_shape)
+
+
+def _split_leading(shape, mesh_shape, axes: Sequence[int]) -> Spec:
+    """Split dim 0 over as many of ``axes`` (in order) as divide it."""
+    rank = len(shape)
+    if rank == 0:
+        return ()
+    chosen: list[int] = []
+    for a in axes:
+        if mesh_shape[a] > 1 and shape[0] % (math.prod(mesh_shape[b] for b in chosen) * mesh_shape[a]) == 0:
+            chosen.append(a)
+    return (tuple(chosen),) + ((),) * (rank - 1)
+
+
+def _all_axes(mesh_shape) -> tuple[int, ...]:
+    return tuple(a for a, n in enumerate(mesh_shape) if n > 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+    """Batch arguments split on their leading dim over every mesh axis; the rest replicated."""
+
+    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
+        if is_batch:
+            return [_split_leading(shape, mesh_shape, _all_axes(mesh_shape))]
+        return [replicated(len(shape))]
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeRO3:
+    """Fully sharded data parallel: batch as in DataParallel; every other argument
+    (parameters, optimizer state) split over all devices on its largest divisible dim."""
+
+    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
+        axes = _all_axes(mesh_shape)
+        if is_batch:
+            return [_split_leading(shape, mesh_shape, axes)]
+        n = math.prod(mesh_shape[a] for a in axes)
+        for d in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+            if n > 1 and shape[d] % n == 0:
+                return [tuple(axes if k == d else () for k in range(len(shape)))]
+        # Fall back to the largest sub-group of axes that divides some dim.
+        for sub in sorted(((a,) for a in axes), key=lambda s: -mesh_shape[s[0]]):
+            for d in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+                if shape[d] % mesh_shape[sub[0]] == 0:
+                    return [tuple(sub if k == d else () for k in range(len(shape)))]
+        return [replicated(len(shape))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Megatron:
+    """Tensor parallelism on the model axis (the last mesh axis), data parallelism on
+    the others: batch arguments split on their leading dim over the data axes;
+    parameters replicated over the data axes and either whole or split on one dim
+    over the model axis — column- or row-parallel, whichever the cost model prefers
+    for that weight given its neighbours (Megatron-LM's alternating pattern)."""
+
+    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
+        axes = _all_axes(mesh_shape)
+        if not axes:
+            return [replicated(len(shape))]
+        model_axis = len(mesh_shape) - 1
+        data_axes = tuple(a for a in axes if a != model_axis)
+        if is_batch:
+            return [_split_leading(shape, mesh_shape, data_axes)]
+        specs = [replicated(len(shape))]
+        for d, size in enumerate(shape):
+            if mesh_shape[model_axis] > 1 and size % mesh_shape[model_axis] == 0:
+                specs.append(tuple((model_axis,) if k == d else () for k in range(len(shape))))
+        return specs
+
+
+Method = ShardParallel | DataParallel | ZeRO3 | Megatron
+PRESETS: tuple[type, ...] = (DataParallel, ZeRO3, Megatron)

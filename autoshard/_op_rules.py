@@ -1,0 +1,429 @@
+"""Per-primitive sharding rules, written as loop nests.
+
+Each rule describes a primitive as a set of *loops* (iteration-space dims)
+and says, for every operand and output dim, which loop it follows. A strategy
+then assigns mesh axes to loops: an operand/output dim is split by the axes of
+its loop; a loop that no output follows is a *reduction* loop, and splitting
+it leaves partial results that need an all-reduce. This one description covers
+elementwise ops, broadcasts, reductions, transposes, reshapes, dot_general,
+convolutions, gathers and scatters (the XLA auto-sharding / GSPMD view).
+
+A rule returns ``None`` when it does not recognise the equation's form; the
+planner then runs the equation replicated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+Dims = tuple  # per tensor dim: loop index or None (never split)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOp:
+    """A primitive as a loop nest.
+
+    ``sizes[l]``: extent of loop ``l``. ``splittable[l]``: whether mesh axes may
+    split it. ``in_dims[k]``: per dim of operand ``k`` its loop (``None`` for a
+    literal/rank-0 operand). ``out_dims[k]``: likewise for output ``k``.
+    ``flops``: arithmetic of the whole (unsplit) op.
+    """
+
+    sizes: tuple[int, ...]
+    splittable: tuple[bool, ...]
+    in_dims: tuple[Dims | None, ...]
+    out_dims: tuple[Dims, ...]
+    flops: float = 0.0
+
+    @property
+    def reduction_loops(self) -> frozenset[int]:
+        followed = {l for dims in self.out_dims for l in dims if l is not None}
+        return frozenset(range(len(self.sizes))) - followed
+
+
+def _rank(aval) -> int:
+    return len(aval.shape)
+
+
+def _size(aval) -> int:
+    return int(math.prod(aval.shape))
+
+
+def _operand_dims(aval, out_aval):
+    """Loops of an operand that broadcasts implicitly against the output (size-1 dims)."""
+    if aval is None or _rank(aval) == 0:
+        return None
+    return tuple(d if aval.shape[d] == out_aval.shape[d] else None for d in range(_rank(aval)))
+
+
+def _broadcastable(aval, out_aval) -> bool:
+    return aval is None or _rank(aval) == 0 or (
+        _rank(aval) == _rank(out_aval)
+        and all(a in (b, 1) for a, b in zip(aval.shape, out_aval.shape)))
+
+
+def _same_loops(out_aval, in_avals, splittable=None) -> LoopOp:
+    """Elementwise: every non-scalar operand follows the output dim for dim."""
+    rank = _rank(out_aval)
+    in_dims = tuple(_operand_dims(a, out_aval) for a in in_avals)
+    return LoopOp(tuple(out_aval.shape), tuple(splittable or (True,) * rank), in_dims,
+                  (tuple(range(rank)),), flops=float(_size(out_aval)))
+
+
+def elementwise(eqn, in_avals, out_avals):
+    out = out_avals[0]
+    if any(a.shape != out.shape for a in out_avals):
+        return None
+    if not all(_broadcastable(a, out) for a in in_avals):
+        return None
+    op = _same_loops(out, in_avals)
+    return dataclasses.replace(op, out_dims=(op.out_dims[0],) * len(out_avals))
+
+
+def broadcast_in_dim(eqn, in_avals, out_avals):
+    out, operand = out_avals[0], in_avals[0]
+    rank = _rank(out)
+    in_dims = [None] * len(in_avals)
+    if operand is not None:
+        in_dims[0] = tuple(d if operand.shape[j] == out.shape[d] else None
+                           for j, d in enumerate(eqn.params["broadcast_dimensions"]))
+        if _rank(operand) == 0:
+            in_dims[0] = None
+    return LoopOp(tuple(out.shape), (True,) * rank, tuple(in_dims), (tuple(range(rank)),),
+                  flops=0.0)
+
+
+_REDUCE_SPLITTABLE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
+                      "reduce_and", "reduce_or", "reduce_xor"}
+
+
+def reduction(eqn, in_avals, out_avals):
+    operand = in_avals[0]
+    axes = tuple(eqn.params["axes"])
+    rank = _rank(operand)
+    kept = tuple(d for d in range(rank) if d not in axes)
+    splittable = tuple(d not in axes or eqn.primitive.name in _REDUCE_SPLITTABLE
+                       for d in range(rank))
+    return LoopOp(tuple(operand.shape), splittable, (tuple(range(rank)),), (kept,),
+                  flops=float(_size(operand)))
+
+
+def generic_reduce(eqn, in_avals, out_avals):
+    """``lax.reduce`` with its own computation: reduced dims stay whole."""
+    n = len(out_avals)
+    operand = in_avals[0]
+    axes = tuple(eqn.params["dimensions"])
+    rank = _rank(operand)
+    kept = tuple(d for d in range(rank) if d not in axes)
+    ident = tuple(range(rank))
+    in_dims = (ident,) * n + (None,) * (len(in_avals) - n)
+    return LoopOp(tuple(operand.shape), tuple(d not in axes for d in range(rank)), in_dims,
+                  (kept,) * n, flops=float(_size(operand)))
+
+
+def along_axis(param: str):
+    """Ops that scan or sort along one axis: that axis stays whole, the rest is free."""
+    def rule(eqn, in_avals, out_avals):
+        out = out_avals[0]
+        axis = eqn.params[param]
+        rank = _rank(out)
+        if not all(_broadcastable(a, out) for a in in_avals):
+            return None
+        op = _same_loops(out, in_avals, splittable=[d != axis for d in range(rank)])
+        return dataclasses.replace(op, out_dims=(op.out_dims[0],) * len(out_avals))
+    return rule
+
+
+def top_k(eqn, in_avals, out_avals):
+    operand = in_avals[0]
+    rank = _rank(operand)
+    dims = tuple(range(rank - 1)) + (None,)
+    sizes = tuple(operand.shape[:-1])
+    return LoopOp(sizes, (True,) * len(sizes), (dims,), (dims, dims), flops=float(_size(operand)))
+
+
+def transpose(eqn, in_avals, out_avals):
+    operand = in_avals[0]
+    perm = tuple(eqn.params["permutation"])
+    rank = _rank(operand)
+    return LoopOp(tuple(operand.shape), (True,) * rank, (tuple(range(rank)),), (perm,))
+
+
+def squeeze(eqn, in_avals, out_avals):
+    operand = in_avals[0]
+    dropped = {d % _rank(operand) for d in eqn.params["dimensions"]}
+    rank = _rank(operand)
+    kept = tuple(d for d in range(rank) if d not in dropped)
+    return LoopOp(tuple(operand.shape), (True,) * rank, (tuple(range(rank)),), (kept,))
+
+
+def reshape(eqn, in_avals, out_avals):
+    """Dims grouped by equal running products; the major dims of a group share a loop.
+
+    A split of a merged dim passes through when it divides the leading factor:
+    ``[B, S, D] → [B*S, D]`` keeps a split of ``B`` on ``B*S``.
+    """
+    if eqn.params.get("dimensions") is not None:
+        return None
+    a, b = tuple(in_avals[0].shape), tuple(out_avals[0].shape)
+    in_dims: list = [None] * len(a)
+    out_dims: list = [None] * len(b)
+    sizes: list[int] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i] == 1:
+            i += 1
+            continue
+        if b[j] == 1:
+            j += 1
+            continue
+        i0, j0, pa, pb = i, j, a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                pa *= a[i]
+                i += 1
+            else:
+                pb *= b[j]
+                j += 1
+        in_dims[i0] = out_dims[j0] = len(sizes)
+        sizes.append(math.gcd(a[i0], b[j0]))
+    return LoopOp(tuple(sizes), (True,) * len(sizes), (tuple(in_dims),), (tuple(out_dims),))
+
+
+def dot_general(eqn, in_avals, out_avals):
+    lhs, rhs = in_avals
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lfree = [d for d in range(_rank(lhs)) if d not in lc and d not in lb]
+    rfree = [d for d in range(_rank(rhs)) if d not in rc and d not in rb]
+    sizes, ldims, rdims, odims = [], [None] * _rank(lhs), [None] * _rank(rhs), []
+    for l, r in zip(lb, rb):
+        ldims[l] = rdims[r] = len(sizes)
+        odims.append(len(sizes))
+        sizes.append(lhs.shape[l])
+    for l in lfree:
+        ldims[l] = len(sizes)
+        odims.append(len(sizes))
+        sizes.append(lhs.shape[l])
+    for r in rfree:
+        rdims[r] = len(sizes)
+        odims.append(len(sizes))
+        sizes.append(rhs.shape[r])
+    for l, r in zip(lc, rc):
+        ldims[l] = rdims[r] = len(sizes)
+        sizes.append(lhs.shape[l])
+    return LoopOp(tuple(sizes), (True,) * len(sizes), (tuple(ldims), tuple(rdims)),
+                  (tuple(odims),), flops=2.0 * math.prod(sizes))
+
+
+def conv(eqn, in_avals, out_avals):
+    """Batch, output-feature and input-feature (reduction) loops; spatial dims stay whole."""
+    lhs, rhs = in_avals
+    out = out_avals[0]
+    dn = eqn.params["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    fgc = eqn.params["feature_group_count"]
+    bgc = eqn.params["batch_group_count"]
+    ldims, rdims, odims = [None] * _rank(lhs), [None] * _rank(rhs), [None] * _rank(out)
+    ldims[lhs_spec[0]] = odims[out_spec[0]] = 0          # batch N
+    rdims[rhs_spec[0]] = odims[out_spec[1]] = 1          # output feature O
+    ldims[lhs_spec[1]] = rdims[rhs_spec[1]] = 2          # input feature I (reduction)
+    sizes = (lhs.shape[lhs_spec[0]], rhs.shape[rhs_spec[0]], rhs.shape[rhs_spec[1]])
+    splittable = (bgc == 1, fgc == 1 and bgc == 1, fgc == 1)
+    window = math.prod(rhs.shape[d] for d in rhs_spec[2:])
+    flops = 2.0 * _size(out) * rhs.shape[rhs_spec[1]] * window
+    return LoopOp(sizes, splittable, (tuple(ldims), tuple(rdims)), (tuple(odims),), flops=flops)
+
+
+def concatenate(eqn, in_avals, out_avals):
+    out = out_avals[0]
+    dim = eqn.params["dimension"]
+    rank = _rank(out)
+    ident = tuple(None if d == dim else d for d in range(rank))
+    in_dims = tuple(None if a is None else ident for a in in_avals)
+    return LoopOp(tuple(out.shape), tuple(d != dim for d in range(rank)), in_dims,
+                  (tuple(range(rank)),))
+
+
+def pad(eqn, in_avals, out_avals):
+    out = out_avals[0]
+    rank = _rank(out)
+    whole = [tuple(c) != (0, 0, 0) for c in eqn.params["padding_config"]]
+    dims = tuple(None if whole[d] else d for d in range(rank))
+    return LoopOp(tuple(out.shape), tuple(not w for w in whole), (dims, None),
+                  (tuple(range(rank)),))
+
+
+def slice_rule(eqn, in_avals, out_avals):
+    operand, out = in_avals[0], out_avals[0]
+    rank = _rank(out)
+    strides = eqn.params.get("strides") or (1,) * rank
+    full = [eqn.params["start_indices"][d] == 0 and operand.shape[d] == out.shape[d]
+            and strides[d] == 1 for d in range(rank)]
+    dims = tuple(d if full[d] else None for d in range(rank))
+    return LoopOp(tuple(out.shape), tuple(full), (dims,), (tuple(range(rank)),))
+
+
+def dynamic_slice(eqn, in_avals, out_avals):
+    operand, out = in_avals[0], out_avals[0]
+    rank = _rank(out)
+    full = [operand.shape[d] == out.shape[d] for d in range(rank)]
+    dims = tuple(d if full[d] else None for d in range(rank))
+    return LoopOp(tuple(out.shape), tuple(full), (dims,) + (None,) * (len(in_avals) - 1),
+                  (tuple(range(rank)),))
+
+
+def dynamic_update_slice(eqn, in_avals, out_avals):
+    operand, update = in_avals[0], in_avals[1]
+    rank = _rank(operand)
+    full = [operand.shape[d] == update.shape[d] for d in range(rank)]
+    dims = tuple(d if full[d] else None for d in range(rank))
+    ident = tuple(range(rank))
+    return LoopOp(tuple(operand.shape), tuple(full),
+                  (ident, dims) + (None,) * (len(in_avals) - 2), (ident,))
+
+
+def rev(eqn, in_avals, out_avals):
+    out = out_avals[0]
+    rank = _rank(out)
+    flipped = set(eqn.params["dimensions"])
+    return _same_loops(out, in_avals, splittable=[d not in flipped for d in range(rank)])
+
+
+def iota(eqn, in_avals, out_avals):
+    out = out_avals[0]
+    rank = _rank(out)
+    return LoopOp(tuple(out.shape), (True,) * rank, tuple(None for _ in in_avals),
+                  (tuple(range(rank)),))
+
+
+def gather(eqn, in_avals, out_avals):
+    """Embedding-style gathers: indexed operand dim (e.g. vocab) as a reduction loop,
+    full-slice operand dims pass through, index batch dims map to output batch dims."""
+    operand, indices = in_avals[0], in_avals[1]
+    out = out_avals[0]
+    dn = eqn.params["dimension_numbers"]
+    slice_sizes = eqn.params["slice_sizes"]
+    if dn.operand_batching_dims or indices is None:
+        return None
+    sizes, odims = [], [None] * _rank(out)
+    op_dims, idx_dims = [None] * _rank(operand), [None] * _rank(indices)
+    splittable = []
+    offset_operand_dims = [d for d in range(_rank(operand)) if d not in dn.collapsed_slice_dims]
+    for out_d, op_d in zip(dn.offset_dims, offset_operand_dims):
+        if slice_sizes[op_d] == operand.shape[op_d] and op_d not in dn.start_index_map:
+            op_dims[op_d] = odims[out_d] = len(sizes)
+            sizes.append(operand.shape[op_d])
+            splittable.append(True)
+    batch_out = [d for d in range(_rank(out)) if d not in dn.offset_dims]
+    for k, out_d in enumerate(batch_out):  # index vector dim is the last dim of indices
+        idx_dims[k] = odims[out_d] = len(sizes)
+        sizes.append(out.shape[out_d])
+        splittable.append(True)
+    indexed = [d for d in dn.start_index_map if d in dn.collapsed_slice_dims]
+    if len(indexed) == 1 and len(dn.start_index_map) == 1:
+        op_dims[indexed[0]] = len(sizes)
+        sizes.append(operand.shape[indexed[0]])
+        splittable.append(True)
+    return LoopOp(tuple(sizes), tuple(splittable), (tuple(op_dims), tuple(idx_dims)),
+                  (tuple(odims),))
+
+
+def scatter(eqn, in_avals, out_avals):
+    """Scatter(-add) as used by embedding gradients: indexed operand dim splits with no
+    communication, window dims pass through to updates, and for scatter-add the
+    update batch dims are reduction loops (partial sums → all-reduce)."""
+    operand, indices, updates = in_avals[:3]
+    if operand is None or indices is None or updates is None:
+        return None
+    dn = eqn.params["dimension_numbers"]
+    if dn.operand_batching_dims:
+        return None
+    is_add = eqn.primitive.name == "scatter-add"
+    rank = _rank(operand)
+    sizes, splittable = [], []
+    op_dims = [None] * rank
+    upd_dims, idx_dims = [None] * _rank(updates), [None] * _rank(indices)
+    window_operand_dims = [d for d in range(rank) if d not in dn.inserted_window_dims]
+    for upd_d, op_d in zip(dn.update_window_dims, window_operand_dims):
+        op_dims[op_d] = len(sizes)
+        if updates.shape[upd_d] == operand.shape[op_d]:
+            upd_dims[upd_d] = len(sizes)
+        sizes.append(operand.shape[op_d])
+        splittable.append(updates.shape[upd_d] == operand.shape[op_d]
+                          and op_d not in dn.scatter_dims_to_operand_dims)
+    indexed = [d for d in dn.scatter_dims_to_operand_dims if d in dn.inserted_window_dims]
+    for d in range(rank):
+        if op_dims[d] is None:
+            op_dims[d] = len(sizes)
+            sizes.append(operand.shape[d])
+            splittable.append(d in indexed and len(dn.scatter_dims_to_operand_dims) == 1)
+    scatter_upd = [d for d in range(_rank(updates)) if d not in dn.update_window_dims]
+    for k, upd_d in enumerate(scatter_upd):
+        upd_dims[upd_d] = idx_dims[k] = len(sizes)
+        sizes.append(updates.shape[upd_d])
+        splittable.append(is_add)
+    ident = tuple(op_dims)
+    return LoopOp(tuple(sizes), tuple(splittable),
+                  (ident, tuple(idx_dims), tuple(upd_dims)), (ident,),
+                  flops=float(_size(updates)))
+
+
+ELEMENTWISE = frozenset("""
+abs acos acosh add add_any and asin asinh atan atan2 atanh bitcast_convert_type cbrt ceil clamp
+clz complex conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2
+expm1 floor ge gt igamma igammac imag integer_pow is_finite le lgamma log log1p logistic lt max min
+mul ne neg nextafter not or polygamma population_count pow real reduce_precision rem round rsqrt
+select_n shift_left shift_right_arithmetic shift_right_logical sign sin sinh sqrt square stop_gradient
+sub tan tanh xor zeta optimization_barrier sharding_constraint
+""".split())
+
+RULES: dict[str, Callable] = {name: elementwise for name in ELEMENTWISE}
+RULES.update({
+    "broadcast_in_dim": broadcast_in_dim,
+    "reduce_sum": reduction, "reduce_max": reduction, "reduce_min": reduction,
+    "reduce_prod": reduction, "reduce_and": reduction, "reduce_or": reduction,
+    "reduce_xor": reduction, "argmax": reduction, "argmin": reduction,
+    "reduce": generic_reduce,
+    "cumsum": along_axis("axis"), "cumprod": along_axis("axis"), "cummax": along_axis("axis"),
+    "cummin": along_axis("axis"), "cumlogsumexp": along_axis("axis"),
+    "sort": along_axis("dimension"),
+    "top_k": top_k,
+    "transpose": transpose,
+    "squeeze": squeeze,
+    "reshape": reshape,
+    "dot_general": dot_general,
+    "conv_general_dilated": conv,
+    "concatenate": concatenate,
+    "pad": pad,
+    "slice": slice_rule,
+    "dynamic_slice": dynamic_slice,
+    "dynamic_update_slice": dynamic_update_slice,
+    "rev": rev,
+    "iota": iota,
+    "gather": gather,
+    "scatter-add": scatter,
+    "scatter": scatter,
+})
+
+# Primitives that run replicated on purpose (no warning): RNG plumbing and the like.
+REPLICATED_QUIETLY = frozenset("""
+random_bits random_seed random_wrap random_unwrap random_fold_in random_split threefry2x32
+rng_bit_generator rng_uniform debug_callback
+""".split())
+
+# Control flow: a single node with conservative (replicated) strategies and a warning.
+CONTROL_FLOW = frozenset({"scan", "while", "cond"})
+
+
+def loop_op(eqn, in_avals: Sequence, out_avals: Sequence) -> LoopOp | None:
+    """The loop description of ``eqn``, or ``None`` when it must run replicated."""
+    rule = RULES.get(eqn.primitive.name)
+    if rule is None:
+        return None
+    try:
+        op = rule(eqn, in_avals, out_avals)
+    except (KeyError, AttributeError, IndexError, TypeError, ValueError):
+        return None
+    return op

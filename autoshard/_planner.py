@@ -1,0 +1,189 @@
+"""From a traced function to a Plan: strategies → costs → ILP → specs."""
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import ilp
+from ._graph import ShardingGraph, Use, build_graph, use_cost_matrix
+from ._liveness import live_ranges, peak_bytes
+from ._methods import ShardParallel
+from ._plan import Collective, OpCost, Plan, PlanCost, SolverInfo
+from ._specs import to_partition_spec
+from ._trace import TracedFunction
+from ._user_frames import user_stacklevel
+from .cost_model import Cluster, MeshCostModel
+
+
+def fingerprint(traced: TracedFunction, static_repr: str) -> str:
+    """A stable hash of the function's signature: tree structure, shapes, dtypes, statics."""
+    avals = [traced.program.avals[v] for v in traced.program.invars]
+    text = "|".join([str(traced.in_tree), static_repr] +
+                    [f"{tuple(a.shape)}:{np.dtype(a.dtype).name}" for a in avals])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def carried_pairs(traced: TracedFunction, donated_flat: Sequence[bool] = ()
+                  ) -> tuple[tuple[int, int], ...]:
+    """(flat output, flat input) pairs carried from one step to the next.
+
+    An output mirrors an input when it sits at the same key path of the output
+    tuple as the argument (``out[0]['w']`` ↔ ``args[0]['w']``) with the same shape
+    and dtype — the ``(params, opt_state, batch) → (params, opt_state, loss)``
+    convention — or, for donated arguments, when jax would alias them (first
+    unused output of equal shape and dtype, in order).
+    """
+    program = traced.program
+    aval = lambda v: (tuple(program.avals[v].shape), program.avals[v].dtype)  # noqa: E731
+    by_path = {p: i for i, p in enumerate(traced.in_paths)}
+    pairs, used_in, used_out = [], set(), set()
+    for o, (path, atom) in enumerate(zip(traced.out_paths, program.outvars)):
+        i = by_path.get("args" + path)
+        if i is not None and isinstance(atom, int) and aval(atom) == aval(program.invars[i]):
+            pairs.append((o, i))
+            used_in.add(i)
+            used_out.add(o)
+    for i, donated in enumerate(donated_flat):
+        if not donated or i in used_in:
+            continue
+        for o, atom in enumerate(program.outvars):
+            if o not in used_out and isinstance(atom, int) and \
+                    aval(atom) == aval(program.invars[i]):
+                pairs.append((o, i))
+                used_out.add(o)
+                break
+    return tuple(sorted(pairs))
+
+
+def _carried_uses(graph: ShardingGraph, pairs) -> list[Use]:
+    """Loop-carried tensor uses: output producer → the input node it feeds next step."""
+    program = graph.traced.program
+    uses = []
+    for o, i in pairs:
+        src, k = graph.producer[program.outvars[o]]
+        dst = graph.input_node(i)
+        if src != dst:
+            uses.append(Use(src, k, dst, -1))
+    return uses
+
+
+def build_request(graph: ShardingGraph, model: MeshCostModel, time_limit_s: float,
+                  carried: Sequence[Use] = ()) -> ilp.IntraOpRequest:
+    node_costs = tuple(np.array([s.cost_s for s in n.strategies]) for n in graph.nodes)
+    edges = tuple(ilp.EdgeCost(u.src, u.dst, use_cost_matrix(graph, u, model))
+                  for u in tuple(graph.uses) + tuple(carried))
+    return ilp.IntraOpRequest(node_costs=node_costs, edges=edges,
+                              node_names=tuple(n.name for n in graph.nodes),
+                              time_limit_s=time_limit_s)
+
+
+def _warn_unsupported(graph: ShardingGraph) -> tuple[str, ...]:
+    messages = []
+    for kind, items in (("no sharding rule for", graph.unsupported),
+                        ("control flow", graph.control_flow)):
+        names = sorted({p for p, _ in items})
+        for name in names:
+            where = next(src for p, src in items if p == name)
+            count = sum(p == name for p, _ in items)
+            msg = (f"autoshard: {kind} primitive '{name}' ({count} use(s), first at {where}); "
+                   "it runs replicated on every device")
+            messages.append(msg)
+            warnings.warn(msg, stacklevel=user_stacklevel())
+    return tuple(messages)
+
+
+def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
+                axis_names: tuple[str, ...], cluster: Cluster, method,
+                batch_flat: Sequence[bool], static_repr: str = "",
+                donated_flat: Sequence[bool] = ()) -> Plan:
+    """Plan ``traced`` on a mesh of ``mesh_shape`` with ``method``."""
+    start = time.perf_counter()
+    model = MeshCostModel(cluster, tuple(mesh_shape))
+    program = traced.program
+    invar_index = {v: i for i, v in enumerate(program.invars)}
+
+    def input_specs(i, shape):
+        return method.input_specs(shape, model.mesh_shape, bool(batch_flat[i]))
+
+    graph = build_graph(traced, model, input_specs)
+    messages = _warn_unsupported(graph)
+    time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
+    carried = _carried_uses(graph, carried_pairs(traced, donated_flat))
+    request = build_request(graph, model, time_limit, carried)
+    result = ilp.solve_intra_op(request)
+    choices = result.choices
+    chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]
+
+    # Layout of every value under the chosen strategies.
+    value_spec = {}
+    for node, strat in zip(graph.nodes, chosen):
+        for vid, spec in zip(node.outputs, strat.out_specs):
+            value_spec[vid] = spec
+    P = lambda spec: to_partition_spec(spec, axis_names)  # noqa: E731
+    flat_in = tuple(P(value_spec[v]) for v in program.invars)
+    flat_out = tuple(P(value_spec[a]) if isinstance(a, int) else P(())
+                     for a in program.outvars)
+    value_specs, operand_specs, collectives = [], [], []
+    for node, strat in zip(graph.nodes, chosen):
+        if node.kind != "op":
+            continue
+        for vid, spec in zip(node.outputs, strat.out_specs):
+            if len(spec) and vid not in invar_index:
+                value_specs.append((vid, P(spec)))
+        if strat.communication_s > 0:
+            kind = "reduce-scatter" if "reduce-scatter" in strat.name else "all-reduce"
+            collectives.append(Collective(node.name, kind, strat.communication_s))
+    resharding = 0.0
+    for use, edge in zip(tuple(graph.uses) + tuple(carried), request.edges):
+        cost = float(edge.cost[choices[use.src], choices[use.dst]])
+        if use.operand < 0:  # loop-carried: the next step's input layout
+            resharding += cost
+            continue
+        src_spec = chosen[use.src].out_specs[use.src_output]
+        dst_spec = chosen[use.dst].in_specs[use.operand]
+        if src_spec != dst_spec:
+            operand_specs.append((graph.nodes[use.dst].eqn, use.operand, P(dst_spec)))
+            if cost > 0:
+                collectives.append(Collective(f"{graph.nodes[use.src].name}→"
+                                              f"{graph.nodes[use.dst].name}", "resharding", cost))
+        resharding += cost
+
+    value_bytes = {vid: model.bytes_per_device(tuple(program.avals[vid].shape),
+                                               np.dtype(program.avals[vid].dtype).itemsize, spec)
+                   for vid, spec in value_spec.items()}
+    donated = [v for v, d in zip(program.invars, donated_flat) if d]
+    peak, _ = peak_bytes(live_ranges(program, donated), value_bytes, len(program.eqns))
+    cost = PlanCost(compute_s=float(sum(s.compute_s for s in chosen)),
+                    communication_s=float(sum(s.communication_s for s in chosen)),
+                    resharding_s=resharding, peak_memory_bytes=peak)
+    top = sorted(((n, s) for n, s in zip(graph.nodes, chosen) if n.kind == "op"),
+                 key=lambda ns: -ns[1].cost_s)[:20]
+    top_ops = tuple(OpCost(n.name, traced.sources[n.eqn], s.name, s.cost_s) for n, s in top)
+    solver = SolverInfo(status=result.status, objective_s=result.objective,
+                        lower_bound_s=result.lower_bound, gap=result.gap,
+                        solve_time_s=result.solve_time_s, num_nodes=len(graph.nodes),
+                        num_variables=result.num_variables,
+                        num_constraints=result.num_constraints,
+                        planning_time_s=time.perf_counter() - start)
+    in_specs = _unflatten(traced.in_tree, flat_in)
+    out_specs = _unflatten(traced.out_tree, flat_out)
+    return Plan(method=_method_name(method), mesh_shape=tuple(mesh_shape),
+                axis_names=tuple(axis_names), cluster=cluster, in_specs=in_specs,
+                out_specs=out_specs, cost=cost, solver=solver,
+                fingerprint=fingerprint(traced, static_repr), in_paths=traced.in_paths,
+                out_paths=traced.out_paths, flat_in_specs=flat_in, flat_out_specs=flat_out,
+                value_specs=tuple(value_specs), operand_specs=tuple(operand_specs),
+                collectives=tuple(collectives), top_ops=top_ops, warnings=messages)
+
+
+def _unflatten(treedef, flat):
+    import jax
+    return jax.tree_util.tree_unflatten(treedef, list(flat))
+
+
+def _method_name(method) -> str:
+    return repr(method)

@@ -1,0 +1,207 @@
+"""Cluster description: per-device compute and memory, and the links between devices."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """A point-to-point link as seen by one device.
+
+    ``bandwidth``: bytes/s per device in one direction. ``latency``: seconds per message.
+    """
+
+    bandwidth: float
+    latency: float
+
+    def __post_init__(self) -> None:
+        _check_positive("Link.bandwidth", self.bandwidth)
+        _check_non_negative("Link.latency", self.latency)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """Devices and interconnect that plans are priced for.
+
+    ``flops``: peak dense FLOP/s per device by dtype name; must include "float32".
+    ``memory_bandwidth``: device memory bytes/s. ``device_memory``: bytes per device,
+    of which ``memory_reserve`` bytes are kept free. ``devices_per_node`` devices share
+    ``intra_node`` links; traffic between nodes uses ``inter_node``. ``axis_links``,
+    when set (by calibration) and as long as the mesh rank, gives each mesh axis its
+    measured link and overrides the node topology.
+
+    ``flops`` may be given as a mapping and ``axis_links`` as any sequence; both are
+    stored as tuples so the cluster is hashable.
+    """
+
+    name: str
+    flops: tuple[tuple[str, float], ...]
+    memory_bandwidth: float
+    device_memory: int
+    devices_per_node: int
+    intra_node: Link
+    inter_node: Link
+    memory_reserve: int = 0
+    axis_links: tuple[Link, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Cluster.name must be a non-empty string, got {self.name!r}")
+        flops = self.flops.items() if isinstance(self.flops, Mapping) else self.flops
+        flops = tuple((str(dtype), float(rate)) for dtype, rate in flops)
+        for dtype, rate in flops:
+            _check_positive(f"Cluster.flops[{dtype!r}]", rate)
+        if "float32" not in dict(flops):
+            raise ValueError(
+                f"Cluster.flops must include a 'float32' rate (the fallback for other dtypes), "
+                f"got dtypes {[d for d, _ in flops]}"
+            )
+        object.__setattr__(self, "flops", flops)
+        _check_positive("Cluster.memory_bandwidth", self.memory_bandwidth)
+        _check_int("Cluster.device_memory", self.device_memory, minimum=1)
+        _check_int("Cluster.devices_per_node", self.devices_per_node, minimum=1)
+        _check_int("Cluster.memory_reserve", self.memory_reserve, minimum=0)
+        for field in ("device_memory", "devices_per_node", "memory_reserve"):
+            object.__setattr__(self, field, int(getattr(self, field)))
+        object.__setattr__(self, "memory_bandwidth", float(self.memory_bandwidth))
+        for field in ("intra_node", "inter_node"):
+            if not isinstance(getattr(self, field), Link):
+                raise ValueError(f"Cluster.{field} must be a Link, got {getattr(self, field)!r}")
+        if self.axis_links is not None:
+            links = tuple(self.axis_links)
+            if not all(isinstance(link, Link) for link in links):
+                raise ValueError(f"Cluster.axis_links must be a sequence of Link or None, got {self.axis_links!r}")
+            object.__setattr__(self, "axis_links", links)
+
+    def flops_rate(self, dtype: Any) -> float:
+        """Peak FLOP/s for ``dtype`` (a name such as "bfloat16" or anything whose str is one).
+
+        Dtypes without an entry (integers, bool, unknown names) use the float32 rate.
+        """
+        rates = dict(self.flops)
+        return rates.get(str(dtype), rates["float32"])
+
+    def links_for_mesh(self, mesh_shape: Sequence[int]) -> tuple[Link, ...]:
+        """One Link per mesh axis.
+
+        Uses ``axis_links`` when it has one entry per axis. Otherwise walks the axes from
+        the last (innermost) to the first: an axis is intra-node while the product of
+        its size and the sizes of the axes after it is ≤ ``devices_per_node``, and
+        inter-node from the first axis where that product exceeds it.
+        """
+        mesh_shape = tuple(int(size) for size in mesh_shape)
+        if self.axis_links is not None and len(self.axis_links) == len(mesh_shape):
+            return self.axis_links
+        links: list[Link] = []
+        devices = 1
+        inside_node = True
+        for size in reversed(mesh_shape):
+            devices *= size
+            inside_node = inside_node and devices <= self.devices_per_node
+            links.append(self.intra_node if inside_node else self.inter_node)
+        return tuple(reversed(links))
+
+    @property
+    def usable_memory(self) -> int:
+        """Bytes per device that plans may use: ``device_memory - memory_reserve``."""
+        return max(0, self.device_memory - self.memory_reserve)
+
+    def to_json(self) -> str:
+        """Serialise to JSON; ``Cluster.from_json(c.to_json()) == c``."""
+        data = {
+            "name": self.name,
+            "flops": dict(self.flops),
+            "memory_bandwidth": self.memory_bandwidth,
+            "device_memory": self.device_memory,
+            "devices_per_node": self.devices_per_node,
+            "intra_node": dataclasses.asdict(self.intra_node),
+            "inter_node": dataclasses.asdict(self.inter_node),
+            "memory_reserve": self.memory_reserve,
+            "axis_links": None if self.axis_links is None else [dataclasses.asdict(l) for l in self.axis_links],
+        }
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Cluster:
+        """Parse ``to_json`` output. Raises ``ValueError`` naming a missing or bad field."""
+        try:
+            data = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"Cluster JSON is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"Cluster JSON must be an object, got {type(data).__name__}")
+        required = ("name", "flops", "memory_bandwidth", "device_memory", "devices_per_node", "intra_node", "inter_node")
+        optional = ("memory_reserve", "axis_links")
+        for field in required:
+            if field not in data:
+                raise ValueError(f"Cluster JSON is missing required field {field!r}; expected fields {list(required)}")
+        unknown = sorted(set(data) - set(required) - set(optional))
+        if unknown:
+            raise ValueError(f"Cluster JSON has unknown fields {unknown}; expected {list(required + optional)}")
+        flops = data["flops"]
+        if not isinstance(flops, dict) or not flops:
+            raise ValueError(f"Cluster JSON field 'flops' must be a non-empty object dtype -> FLOP/s, got {flops!r}")
+        for dtype, rate in flops.items():
+            _expect_number(f"flops.{dtype}", rate)
+        _expect_number("memory_bandwidth", data["memory_bandwidth"])
+        for field in ("device_memory", "devices_per_node", "memory_reserve"):
+            if field in data and (isinstance(data[field], bool) or not isinstance(data[field], int)):
+                raise ValueError(f"Cluster JSON field {field!r} must be an integer, got {data[field]!r}")
+        if not isinstance(data["name"], str):
+            raise ValueError(f"Cluster JSON field 'name' must be a string, got {data['name']!r}")
+        axis_links = data.get("axis_links")
+        if axis_links is not None and not isinstance(axis_links, list):
+            raise ValueError(f"Cluster JSON field 'axis_links' must be a list of links or null, got {axis_links!r}")
+        try:
+            return cls(
+                name=data["name"],
+                flops=tuple((dtype, float(rate)) for dtype, rate in flops.items()),
+                memory_bandwidth=float(data["memory_bandwidth"]),
+                device_memory=data["device_memory"],
+                devices_per_node=data["devices_per_node"],
+                intra_node=_link_from_json("intra_node", data["intra_node"]),
+                inter_node=_link_from_json("inter_node", data["inter_node"]),
+                memory_reserve=data.get("memory_reserve", 0),
+                axis_links=None
+                if axis_links is None
+                else tuple(_link_from_json(f"axis_links[{i}]", link) for i, link in enumerate(axis_links)),
+            )
+        except ValueError as err:
+            raise ValueError(f"Cluster JSON is invalid: {err}") from None
+
+
+def _link_from_json(field: str, data: Any) -> Link:
+    if not isinstance(data, dict) or set(data) != {"bandwidth", "latency"}:
+        raise ValueError(
+            f"Cluster JSON field {field!r} must be an object with exactly 'bandwidth' (bytes/s) "
+            f"and 'latency' (s), got {data!r}"
+        )
+    _expect_number(f"{field}.bandwidth", data["bandwidth"])
+    _expect_number(f"{field}.latency", data["latency"])
+    return Link(bandwidth=float(data["bandwidth"]), latency=float(data["latency"]))
+
+
+def _expect_number(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Cluster JSON field {field!r} must be a number, got {value!r}")
+
+
+def _check_positive(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{field} must be a finite positive number, got {value!r}")
+
+
+def _check_non_negative(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{field} must be a finite non-negative number, got {value!r}")
+
+
+def _check_int(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{field} must be an integer ≥ {minimum}, got {value!r}")

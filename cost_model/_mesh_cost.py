@@ -1,0 +1,250 @@
+"""Costs on one device mesh: collectives (α–β ring model), compute (roofline),
+per-device memory of sharded tensors, and resharding between specs.
+
+A spec (``Spec``) has one entry per tensor dim listing the mesh-axis indices that split
+that dim, major to minor; ``()`` leaves the dim whole. A mesh axis appears at most once
+per spec. All times are seconds, all sizes bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._cluster import Cluster, Link
+
+Spec = tuple[tuple[int, ...], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshCostModel:
+    """Prices work on a mesh of shape ``mesh_shape`` built from ``cluster``'s devices."""
+
+    cluster: Cluster
+    mesh_shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        mesh_shape = tuple(int(size) for size in self.mesh_shape)
+        if any(size < 1 for size in mesh_shape):
+            raise ValueError(f"mesh_shape sizes must be ≥ 1, got {self.mesh_shape!r}")
+        object.__setattr__(self, "mesh_shape", mesh_shape)
+
+    # ------------------------------------------------------------------ topology
+
+    @property
+    def links(self) -> tuple[Link, ...]:
+        """One Link per mesh axis (``cluster.links_for_mesh(mesh_shape)``)."""
+        return self.cluster.links_for_mesh(self.mesh_shape)
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(self.mesh_shape)
+
+    def group_size(self, axes: Sequence[int]) -> int:
+        """Number of devices in a group spanning ``axes``."""
+        return math.prod(self.mesh_shape[a] for a in self._check_axes(axes))
+
+    # ------------------------------------------------------------------ collectives
+    # Ring algorithms over the n devices spanned by ``axes``; α is the slowest axis'
+    # latency and β the smallest axis bandwidth (axes of size 1 carry no traffic and are
+    # ignored). nbytes conventions follow the brief in each docstring. Every collective
+    # also pays one α of launch overhead, so two collectives never price the same as
+    # one that does their joint job (reduce-scatter + all-gather vs all-reduce).
+
+    def all_reduce(self, nbytes: float, axes: Sequence[int]) -> float:
+        """All-reduce of a buffer of ``nbytes`` held by every device:
+        (2(n−1) + 1)·α + 2(n−1)/n·nbytes/β (ring reduce-scatter then all-gather)."""
+        n, bandwidth, latency = self._group(axes)
+        if n == 1:
+            return 0.0
+        return (2 * (n - 1) + 1) * latency + 2 * (n - 1) / n * _check_nbytes(nbytes) / bandwidth
+
+    def all_gather(self, nbytes: float, axes: Sequence[int]) -> float:
+        """All-gather producing ``nbytes`` (the gathered output) on every device:
+        n·α + (n−1)/n·nbytes/β."""
+        return self._one_pass(nbytes, axes)
+
+    def reduce_scatter(self, nbytes: float, axes: Sequence[int]) -> float:
+        """Reduce-scatter of an ``nbytes`` input buffer on every device:
+        n·α + (n−1)/n·nbytes/β."""
+        return self._one_pass(nbytes, axes)
+
+    def all_to_all(self, nbytes: float, axes: Sequence[int]) -> float:
+        """All-to-all of an ``nbytes`` buffer on every device: n·α + (n−1)/n·nbytes/β.
+
+        Each device keeps 1/n of its buffer and sends the rest as n−1 messages; we price
+        it like one ring pass (same volume as an all-gather), which is what pairwise
+        exchange costs on a full-bisection network.
+        """
+        return self._one_pass(nbytes, axes)
+
+    # ------------------------------------------------------------------ compute
+
+    def compute(self, flops: float, bytes_accessed: float, dtype: str) -> float:
+        """Roofline time: max(flops / flops_rate(dtype), bytes_accessed / memory_bandwidth)."""
+        return max(
+            float(flops) / self.cluster.flops_rate(dtype),
+            float(bytes_accessed) / self.cluster.memory_bandwidth,
+        )
+
+    # ------------------------------------------------------------------ memory
+
+    def shard_shape(self, shape: Sequence[int], spec: Spec) -> tuple[int, ...]:
+        """Per-device shape of a ``shape`` tensor laid out as ``spec`` (ceil division)."""
+        shape, spec = self._check_spec(shape, spec)
+        return tuple(-(-size // self._split(axes)) for size, axes in zip(shape, spec))
+
+    def bytes_per_device(self, shape: Sequence[int], itemsize: int, spec: Spec) -> int:
+        """Bytes one device holds of a ``shape`` tensor of ``itemsize``-byte elements."""
+        return int(itemsize) * math.prod(self.shard_shape(shape, spec))
+
+    def is_valid_spec(self, shape: Sequence[int], spec: Spec) -> bool:
+        """True iff ``spec`` has one entry per dim, valid mesh axes, no axis twice, and
+        every split dim is divisible by the product of its axes' sizes."""
+        try:
+            shape, spec = self._check_spec(shape, spec)
+        except (ValueError, TypeError):
+            return False
+        return all(size % self._split(axes) == 0 for size, axes in zip(shape, spec))
+
+    # ------------------------------------------------------------------ resharding
+
+    def resharding(self, shape: Sequence[int], itemsize: int, src: Spec, dst: Spec) -> float:
+        """Time to turn a tensor laid out as ``src`` into ``dst``.
+
+        Per dim, the longest common prefix of ``src[d]`` and ``dst[d]`` stays put. Then:
+        1. axes that ``dst`` adds and ``src`` does not use are sliced locally (free), first,
+           so later collectives move less data;
+        2. each axis that leaves its place in ``src`` but is used by ``dst`` (moved to
+           another dim, or reordered within one) costs an all-to-all over that axis on
+           the current per-device buffer;
+        3. each axis ``src`` uses and ``dst`` does not costs an all-gather over that axis
+           (output = the intermediate after un-splitting it), last mesh axis first.
+        Steps add up. Result is ≥ 0 and 0 exactly when no communication is needed
+        (``dst`` refines ``src``, e.g. ``src`` replicated, or only size-1 axes move).
+        """
+        return _resharding_time(self, _as_shape(shape), int(itemsize), _as_spec(src), _as_spec(dst))
+
+    def resharding_matrix(
+        self, shape: Sequence[int], itemsize: int, srcs: Sequence[Spec], dsts: Sequence[Spec]
+    ) -> np.ndarray:
+        """float64 array [len(srcs), len(dsts)] of ``resharding`` times (memoised; a fresh
+        writable copy is returned on every call)."""
+        key_srcs = tuple(_as_spec(spec) for spec in srcs)
+        key_dsts = tuple(_as_spec(spec) for spec in dsts)
+        return _resharding_matrix(self, _as_shape(shape), int(itemsize), key_srcs, key_dsts).copy()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _split(self, axes: Sequence[int]) -> int:
+        return math.prod(self.mesh_shape[a] for a in axes)
+
+    def _check_axes(self, axes: Sequence[int] | int) -> tuple[int, ...]:
+        if isinstance(axes, (int, np.integer)):
+            axes = (axes,)
+        axes = tuple(int(a) for a in axes)
+        rank = len(self.mesh_shape)
+        for a in axes:
+            if not 0 <= a < rank:
+                raise ValueError(f"mesh axis {a} out of range for mesh_shape {self.mesh_shape}")
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"mesh axes must be distinct, got {axes}")
+        return axes
+
+    def _group(self, axes: Sequence[int]) -> tuple[int, float, float]:
+        """(group size, bottleneck bandwidth, worst latency) over ``axes``."""
+        axes = tuple(a for a in self._check_axes(axes) if self.mesh_shape[a] > 1)
+        if not axes:
+            return 1, math.inf, 0.0
+        links = self.links
+        return (
+            self._split(axes),
+            min(links[a].bandwidth for a in axes),
+            max(links[a].latency for a in axes),
+        )
+
+    def _one_pass(self, nbytes: float, axes: Sequence[int]) -> float:
+        n, bandwidth, latency = self._group(axes)
+        if n == 1:
+            return 0.0
+        return n * latency + (n - 1) / n * _check_nbytes(nbytes) / bandwidth
+
+    def _check_spec(self, shape: Sequence[int], spec: Spec) -> tuple[tuple[int, ...], Spec]:
+        shape, spec = _as_shape(shape), _as_spec(spec)
+        if len(spec) != len(shape):
+            raise ValueError(f"spec {spec} has {len(spec)} entries but the tensor has rank {len(shape)}")
+        used = [a for axes in spec for a in axes]
+        self._check_axes(used)
+        return shape, spec
+
+    def _shard_bytes(self, shape: tuple[int, ...], itemsize: int, layout: Sequence[Sequence[int]]) -> int:
+        return itemsize * math.prod(-(-size // self._split(axes)) for size, axes in zip(shape, layout))
+
+
+def _as_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(size) for size in shape)
+
+
+def _as_spec(spec: Spec) -> Spec:
+    return tuple(tuple(int(a) for a in axes) for axes in spec)
+
+
+def _check_nbytes(nbytes: float) -> float:
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be non-negative, got {nbytes!r}")
+    return float(nbytes)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _resharding_time(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, src: Spec, dst: Spec) -> float:
+    """Pure implementation of ``MeshCostModel.resharding`` (see its docstring)."""
+    model._check_spec(shape, src)
+    model._check_spec(shape, dst)
+    if src == dst:
+        return 0.0
+    ndim = len(shape)
+    kept = []
+    for d in range(ndim):
+        k = 0
+        while k < min(len(src[d]), len(dst[d])) and src[d][k] == dst[d][k]:
+            k += 1
+        kept.append(k)
+    src_dim = {a: d for d in range(ndim) for a in src[d]}
+    dst_dim = {a: d for d in range(ndim) for a in dst[d]}
+    layout = [list(axes) for axes in src]
+
+    # 1. Local slicing of axes only dst uses.
+    for d in range(ndim):
+        layout[d].extend(a for a in dst[d][kept[d]:] if a not in src_dim)
+
+    time = 0.0
+    # 2. All-to-all for axes that leave their place in src but stay in dst.
+    for d in range(ndim):
+        for a in src[d][kept[d]:]:
+            if a in dst_dim:
+                time += model.all_to_all(model._shard_bytes(shape, itemsize, layout), (a,))
+                layout[d].remove(a)
+                layout[dst_dim[a]].append(a)
+
+    # 3. All-gather for axes dst drops, last mesh axis first.
+    dropped = sorted((a for d in range(ndim) for a in src[d][kept[d]:] if a not in dst_dim), reverse=True)
+    for a in dropped:
+        layout[src_dim[a]].remove(a)
+        time += model.all_gather(model._shard_bytes(shape, itemsize, layout), (a,))
+    return time
+
+
+@functools.lru_cache(maxsize=4096)
+def _resharding_matrix(
+    model: MeshCostModel, shape: tuple[int, ...], itemsize: int, srcs: tuple[Spec, ...], dsts: tuple[Spec, ...]
+) -> np.ndarray:
+    matrix = np.array(
+        [[_resharding_time(model, shape, itemsize, src, dst) for dst in dsts] for src in srcs],
+        dtype=np.float64,
+    ).reshape(len(srcs), len(dsts))
+    matrix.flags.writeable = False
+    return matrix

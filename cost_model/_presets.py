@@ -1,0 +1,115 @@
+"""Named cluster presets and the default cluster for a JAX platform.
+
+Every number cites its source. GPU link latencies are nominal round figures
+(NVLink ~10 µs, InfiniBand ~20 µs per collective step as seen by NCCL), not measured;
+calibration replaces them through ``Cluster.axis_links``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ._cluster import Cluster, Link
+
+_GiB = 1024**3
+
+
+def _host_cpu() -> Cluster:
+    # Each virtual CPU device (XLA --xla_force_host_platform_device_count) is modelled as
+    # an independent processor with nominal round numbers: 1e11 FLOP/s (a few AVX cores),
+    # 20 GB/s of DRAM bandwidth, 10 GB/s / 5 µs links. devices_per_node is large so every
+    # mesh axis gets the same link: a plan made on a laptop then depends on the mesh only.
+    link = Link(bandwidth=1e10, latency=5e-6)
+    return Cluster(
+        name="host-cpu",
+        flops=(("float32", 1e11), ("bfloat16", 1e11), ("float16", 1e11), ("float64", 1e11)),
+        memory_bandwidth=2e10,
+        device_memory=16 * _GiB,
+        devices_per_node=1024,
+        intra_node=link,
+        inter_node=link,
+    )
+
+
+def _a100_80gb() -> Cluster:
+    # NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB), nvidia.com/content/dam/en-zz/
+    # Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf:
+    #   BF16/FP16 Tensor Core 312 TFLOPS dense (624 is with sparsity), TF32 156 TFLOPS
+    #   dense, FP32 19.5 TFLOPS, FP64 Tensor Core 19.5 TFLOPS, HBM2e 2,039 GB/s, 80 GB,
+    #   NVLink 600 GB/s (bidirectional total -> 300 GB/s per direction).
+    # ("tf32" and "fp32_vector" are informational entries, not dtypes: the tensor-core
+    # TF32 rate and the plain CUDA-core FP32 rate.)
+    # "float32" uses the TF32 rate: JAX's default matmul precision on Ampere and newer
+    # runs float32 dots on TF32 tensor cores, and dots dominate the FLOPs we price.
+    # Elementwise float32 work is memory-bound under the roofline either way.
+    # DGX A100: 8 GPUs per node, one Mellanox ConnectX-6 HDR 200 Gb/s InfiniBand NIC per
+    # GPU (DGX A100 user guide) -> 25 GB/s per GPU per direction.
+    # device_memory: nvidia-smi reports 81920 MiB = 80 GiB. memory_reserve: ~1 GiB kept
+    # for the CUDA context and cuDNN/cuBLAS workspaces (nominal).
+    return Cluster(
+        name="a100-80gb",
+        flops=(("float32", 156e12), ("tf32", 156e12), ("fp32_vector", 19.5e12),
+               ("bfloat16", 312e12), ("float16", 312e12), ("float64", 19.5e12)),
+        memory_bandwidth=2.039e12,
+        device_memory=80 * _GiB,
+        devices_per_node=8,
+        intra_node=Link(bandwidth=300e9, latency=1e-5),  # NVLink3, nominal latency
+        inter_node=Link(bandwidth=25e9, latency=2e-5),  # IB HDR 200 Gb/s, nominal latency
+        memory_reserve=1 * _GiB,
+    )
+
+
+def _h100_80gb() -> Cluster:
+    # NVIDIA H100 Tensor Core GPU datasheet (H100 SXM), nvidia.com/en-us/data-center/h100/:
+    #   BF16/FP16 Tensor Core 1,979 TFLOPS with sparsity -> 989 TFLOPS dense, TF32
+    #   989 TFLOPS with sparsity -> 494.5 dense, FP32 67 TFLOPS, FP64 Tensor Core 67 TFLOPS,
+    #   HBM3 3.35 TB/s, 80 GB, NVLink 900 GB/s (bidirectional -> 450 GB/s per direction).
+    # "float32" uses the TF32 rate for the same reason as the A100 preset (JAX's default
+    # float32 matmul precision on Hopper runs on TF32 tensor cores).
+    # DGX H100: 8 GPUs per node, ConnectX-7 NDR 400 Gb/s InfiniBand per GPU (DGX H100
+    # user guide) -> 50 GB/s per GPU per direction.
+    # device_memory: 80 GiB nominal (nvidia-smi reports 81559 MiB); memory_reserve as A100.
+    return Cluster(
+        name="h100-80gb",
+        flops=(("float32", 494.5e12), ("tf32", 494.5e12), ("fp32_vector", 67e12),
+               ("bfloat16", 989e12), ("float16", 989e12), ("float64", 67e12)),
+        memory_bandwidth=3.35e12,
+        device_memory=80 * _GiB,
+        devices_per_node=8,
+        intra_node=Link(bandwidth=450e9, latency=1e-5),  # NVLink4, nominal latency
+        inter_node=Link(bandwidth=50e9, latency=2e-5),  # IB NDR 400 Gb/s, nominal latency
+        memory_reserve=1 * _GiB,
+    )
+
+
+_BUILDERS = {"host-cpu": _host_cpu, "a100-80gb": _a100_80gb, "h100-80gb": _h100_80gb}
+
+CLUSTER_PRESETS: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def cluster_preset(name: str) -> Cluster:
+    """The preset cluster called ``name`` (one of ``CLUSTER_PRESETS``); ``ValueError`` otherwise."""
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise ValueError(f"unknown cluster preset {name!r}; valid names are {list(CLUSTER_PRESETS)}")
+    return builder()
+
+
+def default_cluster_for_platform(platform: str, device_kind: str = "") -> Cluster:
+    """The cluster a mesh of ``platform`` devices of kind ``device_kind`` is priced with.
+
+    "cpu" -> host-cpu. "gpu"/"cuda": "H100" in device_kind -> h100-80gb, "A100" ->
+    a100-80gb, any other GPU -> h100-80gb renamed to say which device it stands in for.
+    Anything else -> host-cpu.
+    """
+    platform = (platform or "").lower()
+    kind = device_kind or ""
+    if platform in ("gpu", "cuda"):
+        if "h100" in kind.lower():
+            return cluster_preset("h100-80gb")
+        if "a100" in kind.lower():
+            return cluster_preset("a100-80gb")
+        return dataclasses.replace(
+            cluster_preset("h100-80gb"), name=f"h100-80gb (assumed for {kind or 'unknown GPU'})"
+        )
+    return cluster_preset("host-cpu")

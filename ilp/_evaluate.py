@@ -1,0 +1,87 @@
+"""Exact float evaluation of an assignment: the oracle for objective and memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._request import IntraOpRequest
+from ._units import format_bytes, format_seconds
+
+#: relative slack on the memory budget (float noise in byte counts).
+MEMORY_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Seconds (``objective = node_cost + edge_cost``; inf if forbidden/invalid) and bytes per point."""
+
+    objective: float
+    node_cost: float
+    edge_cost: float
+    memory_by_point: tuple[float, ...]
+    violations: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def __repr__(self) -> str:
+        peak = max(self.memory_by_point, default=0.0)
+        return (
+            f"Evaluation(objective={format_seconds(self.objective)}, node_cost={format_seconds(self.node_cost)}, "
+            f"edge_cost={format_seconds(self.edge_cost)}, peak_memory={format_bytes(peak)} "
+            f"over {len(self.memory_by_point)} points, violations={len(self.violations)})"
+        )
+
+
+def point_memory(request: IntraOpRequest, choices) -> tuple[float, ...]:
+    """Bytes per device at every memory point (each node counted once per point)."""
+    if request.node_memory is None:
+        return ()
+    per_node = [float(request.node_memory[v][c]) for v, c in enumerate(choices)]
+    return tuple(float(sum(per_node[v] for v in sorted(set(point)))) for point in request.memory_points)
+
+
+def evaluate(request: IntraOpRequest, choices) -> Evaluation:
+    """Price ``choices`` (one strategy index per node) exactly and list every violation."""
+    choices = tuple(int(c) for c in choices)
+    violations: list[str] = []
+    n = request.num_nodes
+    if len(choices) != n:
+        violations.append(f"expected {n} choices (one per node), got {len(choices)}")
+        return Evaluation(np.inf, np.inf, np.inf, (), tuple(violations))
+    valid = True
+    node_cost = 0.0
+    for v, c in enumerate(choices):
+        count = request.num_strategies(v)
+        if not 0 <= c < count:
+            violations.append(f"{request.label(v)} choice {c} out of range ({count} strategies)")
+            valid = False
+            continue
+        cost = float(request.node_costs[v][c])
+        if cost == np.inf:
+            violations.append(f"{request.label(v)} strategy {c} is forbidden (inf)")
+        node_cost += cost
+    if not valid:
+        return Evaluation(np.inf, np.inf, np.inf, (), tuple(violations))
+    edge_cost = 0.0
+    for k, edge in enumerate(request.edges):
+        cost = float(edge.cost[choices[edge.src], choices[edge.dst]])
+        if cost == np.inf:
+            violations.append(
+                f"edge {k} {request.label(edge.src)} -> {request.label(edge.dst)} pair "
+                f"({choices[edge.src]}, {choices[edge.dst]}) is forbidden (inf)"
+            )
+        edge_cost += cost
+    memory = point_memory(request, choices)
+    budget = request.memory_budget
+    if budget is not None:
+        for p, used in enumerate(memory):
+            if used > budget * (1.0 + MEMORY_RTOL) + 1e-6:
+                violations.append(
+                    f"memory point {p}: {format_bytes(used)} > budget {format_bytes(budget)} "
+                    f"({used - budget:.0f} B over)"
+                )
+    return Evaluation(node_cost + edge_cost, node_cost, edge_cost, memory, tuple(violations))

@@ -1,0 +1,276 @@
+"""Intra-operator strategy selection as a CP-SAT model.
+
+Formulation (after the exact reductions in ``_reduce``): every node with >= 2
+strategies and a remaining edge or memory constraint gets one-hot literals
+``s_v`` (``exactly_one``). Every remaining edge gets one literal ``e[i, j]`` per
+finite cell of its residual matrix, linked by equalities
+``Σ_j e[i, j] = s_a[i]`` and ``Σ_i e[i, j] = s_b[j]`` (which imply Σ e = 1; inf
+cells get no literal, so the pair is forbidden). Only cells with non-zero
+residual appear in the objective.
+
+Why this and not ``AddElement``/table constraints or a sparse "e >= s_a + s_b - 1"
+grid: the equality-linked grid is the local-marginal polytope, the tightest
+pairwise LP relaxation, and CP-SAT's LP then proves optimality on tree-like and
+near-tree graphs (what traced programs look like) at the root; table/element
+constraints are linearised much more weakly and the sparse >= form has an LP
+bound of 0 on every edge. The row/column-minimum reparametrisation in
+``_reduce`` makes residuals sparse and small without weakening that LP.
+
+Integer scaling: costs are multiplied by ``scale`` so the largest objective
+coefficient is about ``_RESOLUTION`` (1e8) units, capped so the worst-case
+objective stays below 2**50; each coefficient is rounded to the nearest integer,
+so the scaled objective differs from the true one by at most
+``0.5 * (#active nodes + #model edges) / scale`` seconds (``stats.max_rounding_error_s``).
+The reported ``objective`` is always recomputed in float from the choices.
+
+Determinism: the model is built in sorted order, solved with one worker, a fixed
+seed and a deterministic time limit, so the same request gives the same choices
+in every run and process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from ._evaluate import evaluate
+from ._heuristic import local_search
+from ._memory import _min_peak, memory_unit, solver_parameters, to_units
+from ._reduce import ReducedProblem, reduce_request
+from ._request import InfeasibleError, IntraOpRequest, IntraOpResult, SolverStats
+from ._units import format_bytes
+
+#: integer units given to the largest objective coefficient.
+_RESOLUTION = 1e8
+
+
+def _memory_rows(request: IntraOpRequest, reduced: ReducedProblem):
+    """Integer rows ``Σ coef·s <= rhs`` for the memory points that can bind.
+
+    Per-node minima are moved to the right-hand side, points that cannot exceed
+    the budget are dropped, and rows over the same variable nodes keep the
+    tightest rhs. Returns (rows, statically_infeasible).
+    """
+    budget = request.memory_budget
+    if budget is None or reduced.memory is None or not reduced.points:
+        return [], False
+    unit = memory_unit(reduced)
+    units = {}
+    rows: dict[tuple[int, ...], int] = {}
+    for point in reduced.points:
+        constant = 0
+        nodes = []
+        slack_needed = 0
+        for v in point:
+            if v not in units:
+                units[v] = to_units(reduced.memory[v], unit)
+            low = int(units[v].min())
+            constant += low
+            top = int(units[v].max()) - low
+            if top > 0:
+                nodes.append(v)
+                slack_needed += top
+        rhs = int(np.floor(budget / unit + 1e-9)) - constant
+        if rhs < 0:
+            return [], True
+        if slack_needed <= rhs:
+            continue
+        key = tuple(nodes)
+        rows[key] = min(rhs, rows.get(key, rhs))
+    out = []
+    for nodes, rhs in rows.items():
+        out.append(([(v, units[v] - units[v].min()) for v in nodes], rhs))
+    return out, False
+
+
+def _raise_infeasible(request: IntraOpRequest, reduced: ReducedProblem) -> None:
+    peak = _min_peak(request, reduced)
+    raise InfeasibleError(
+        f"memory budget {format_bytes(request.memory_budget)} per device cannot be met: the smallest "
+        f"achievable peak over {len(reduced.points)} memory points is {format_bytes(peak)} "
+        f"({peak:.0f} bytes)",
+        min_peak_bytes=peak,
+        memory_budget=request.memory_budget,
+    )
+
+
+def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
+    """Pick one strategy per node minimising Σ node seconds + Σ edge resharding seconds.
+
+    Raises ``InfeasibleError`` when the memory budget cannot be met and ``ValueError``
+    when forbidden (inf) pairs leave no assignment. Status "FEASIBLE" means the
+    deterministic time limit stopped the search; ``gap`` is then relative to the
+    proven lower bound.
+    """
+    start = time.perf_counter()
+    reduced = reduce_request(request)
+    rows, infeasible = _memory_rows(request, reduced)
+    if infeasible:
+        _raise_infeasible(request, reduced)
+    n = len(reduced.keep)
+    in_model = np.zeros(n, dtype=bool)
+    for a, b, _ in reduced.edges:
+        in_model[a] = in_model[b] = True
+    for terms, _ in rows:
+        for v, _ in terms:
+            in_model[v] = True
+    active = [v for v in range(n) if in_model[v]]
+    base = [float(c.min()) for c in reduced.cost]
+    constant = float(sum(base))
+
+    # --- integer scale -------------------------------------------------------------
+    largest, worst = 0.0, 0.0
+    for v in active:
+        top = float(reduced.cost[v].max()) - base[v]
+        largest, worst = max(largest, top), worst + top
+    for _, _, matrix in reduced.edges:
+        finite = matrix[np.isfinite(matrix)]
+        top = float(finite.max()) if finite.size else 0.0
+        largest, worst = max(largest, top), worst + top
+    scale = 1.0 if largest <= 0 else min(_RESOLUTION / largest, 2.0**50 / worst)
+
+    # --- model ---------------------------------------------------------------------
+    model = cp_model.CpModel()
+    lits: dict[int, list] = {}
+    obj_vars: list = []
+    obj_coefs: list[int] = []
+    for v in active:
+        vector = [model.new_bool_var("") for _ in range(len(reduced.keep[v]))]
+        lits[v] = vector
+        model.add_exactly_one(vector)
+        coefs = np.rint((reduced.cost[v] - base[v]) * scale).astype(np.int64)
+        for lit, c in zip(vector, coefs.tolist()):
+            if c:
+                obj_vars.append(lit)
+                obj_coefs.append(c)
+    edge_cells = []
+    for a, b, matrix in reduced.edges:
+        rows_n, cols_n = matrix.shape
+        finite = np.isfinite(matrix)
+        coefs = np.rint(np.where(finite, matrix, 0.0) * scale).astype(np.int64).tolist()
+        cells = [[model.new_bool_var("") if finite[i, j] else None for j in range(cols_n)] for i in range(rows_n)]
+        for i in range(rows_n):
+            model.add(cp_model.LinearExpr.sum([c for c in cells[i] if c is not None]) == lits[a][i])
+            for j in range(cols_n):
+                if cells[i][j] is not None and coefs[i][j]:
+                    obj_vars.append(cells[i][j])
+                    obj_coefs.append(coefs[i][j])
+        for j in range(cols_n):
+            column = [cells[i][j] for i in range(rows_n) if cells[i][j] is not None]
+            model.add(cp_model.LinearExpr.sum(column) == lits[b][j])
+        edge_cells.append(cells)
+    for terms, rhs in rows:
+        vars_, coefs_ = [], []
+        for v, coef in terms:
+            for lit, c in zip(lits[v], coef.tolist()):
+                if c:
+                    vars_.append(lit)
+                    coefs_.append(c)
+        model.add(cp_model.LinearExpr.weighted_sum(vars_, coefs_) <= rhs)
+    model.minimize(cp_model.LinearExpr.weighted_sum(obj_vars, obj_coefs))
+
+    position = _warm_start(request, reduced, bool(rows))
+    _add_hint(model, lits, reduced, edge_cells, position)
+    proto = model.proto
+    num_variables, num_constraints = len(proto.variables), len(proto.constraints)
+    build_time = time.perf_counter() - start
+
+    # --- solve ---------------------------------------------------------------------
+    solver = cp_model.CpSolver()
+    solver_parameters(solver, request.time_limit_s)
+    if active:
+        status = solver.solve(model)
+        solution = solver.response_proto.solution
+    else:
+        status, solution = cp_model.OPTIMAL, []
+    if status == cp_model.INFEASIBLE:
+        if rows:
+            _raise_infeasible(request, reduced)
+        raise ValueError("no assignment satisfies the forbidden (inf) strategy pairs")
+    if status == cp_model.MODEL_INVALID:
+        raise RuntimeError(f"internal error, CP-SAT rejected the model: {model.validate()}")
+
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        choices = []
+        for v in range(n):
+            if v in lits:
+                index = next(i for i, lit in enumerate(lits[v]) if solution[lit.index])
+            else:
+                index = int(np.argmin(reduced.cost[v]))
+            choices.append(int(reduced.keep[v][index]))
+        choices = tuple(choices)
+        status_name = "OPTIMAL" if status == cp_model.OPTIMAL else "FEASIBLE"
+    elif evaluate(request, fallback := tuple(int(k[p]) for k, p in zip(reduced.keep, position))).ok:
+        choices, status_name = fallback, "FEASIBLE"  # time limit hit before CP-SAT's first solution
+    else:
+        raise RuntimeError(
+            f"CP-SAT found no assignment within the deterministic time limit ({request.time_limit_s:g}); "
+            "raise time_limit_s or pass a hint"
+        )
+
+    objective = evaluate(request, choices).objective
+    if status_name == "OPTIMAL":
+        lower_bound, gap = objective, 0.0
+    else:
+        bound = constant + (solver.best_objective_bound / scale if active else 0.0)
+        lower_bound = min(objective, bound)
+        gap = (objective - lower_bound) / abs(objective) if objective else 0.0
+    wall = time.perf_counter() - start
+    stats = SolverStats(
+        active_nodes=len(active),
+        fixed_nodes=n - len(active),
+        dropped_strategies=reduced.dropped_strategies,
+        input_edges=len(request.edges),
+        model_edges=len(reduced.edges),
+        merged_edges=reduced.merged_edges,
+        folded_edges=reduced.folded_edges,
+        memory_points=len(rows),
+        scale=scale,
+        max_rounding_error_s=0.5 * (len(active) + len(reduced.edges)) / scale,
+        build_time_s=build_time,
+        wall_time_s=solver.wall_time if active else 0.0,
+        deterministic_time=solver.deterministic_time if active else 0.0,
+        num_conflicts=solver.num_conflicts if active else 0,
+        num_branches=solver.num_branches if active else 0,
+        solver_status=solver.status_name(status) if active else "TRIVIAL",
+    )
+    return IntraOpResult(
+        choices=choices,
+        objective=objective,
+        lower_bound=lower_bound,
+        gap=gap,
+        status=status_name,
+        solve_time_s=wall,
+        num_variables=num_variables,
+        num_constraints=num_constraints,
+        stats=stats,
+    )
+
+
+def _warm_start(request: IntraOpRequest, reduced: ReducedProblem, has_memory_rows: bool) -> list[int]:
+    """Kept-strategy index per node: the user's hint (or per-node argmin) improved by local search.
+
+    With binding memory rows a user hint is passed through untouched (local search
+    ignores memory and could make it infeasible).
+    """
+    start = []
+    for v, keep in enumerate(reduced.keep):
+        found = np.flatnonzero(keep == request.hint[v]) if request.hint is not None else ()
+        start.append(int(found[0]) if len(found) else int(np.argmin(reduced.cost[v])))
+    if has_memory_rows and request.hint is not None:
+        return start
+    return local_search(reduced, start)
+
+
+def _add_hint(model, lits, reduced, edge_cells, position: list[int]) -> None:
+    """Hint every literal of the model from ``position`` (a complete assignment)."""
+    for v, vector in lits.items():
+        for i, lit in enumerate(vector):
+            model.add_hint(lit, i == position[v])
+    for (a, b, _), cells in zip(reduced.edges, edge_cells):
+        for i, row in enumerate(cells):
+            for j, cell in enumerate(row):
+                if cell is not None:
+                    model.add_hint(cell, i == position[a] and j == position[b])

@@ -1,0 +1,89 @@
+"""Memory side of the intra-op problem: integer byte coefficients and the min-peak solve."""
+
+from __future__ import annotations
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from ._evaluate import point_memory
+from ._reduce import ReducedProblem, reduce_request
+from ._request import IntraOpRequest
+
+
+def memory_unit(reduced: ReducedProblem) -> float:
+    """Bytes per integer unit: 1 byte unless a point's total would overflow CP-SAT's comfort zone."""
+    if reduced.memory is None or not reduced.points:
+        return 1.0
+    top = max(sum(float(np.max(reduced.memory[v])) for v in point) for point in reduced.points)
+    return max(1.0, top / 2.0**50)
+
+
+def to_units(values: np.ndarray, unit: float) -> np.ndarray:
+    """Round bytes up to integer units (never under-counts memory, tolerating 1e-9 float noise)."""
+    return np.ceil(np.asarray(values, dtype=np.float64) / unit - 1e-9).astype(np.int64)
+
+
+def solver_parameters(solver: cp_model.CpSolver, time_limit_s: float) -> None:
+    """Deterministic CP-SAT settings: one worker, fixed seed, deterministic time limit.
+
+    ``max_deterministic_time`` is CP-SAT's work counter (roughly seconds on a current
+    core); the wall-clock limit is only a backstop at 4x + 30 s that a normal run never hits.
+    """
+    params = solver.parameters
+    params.num_workers = 1
+    params.random_seed = 20240601
+    params.max_deterministic_time = float(time_limit_s)
+    params.max_time_in_seconds = 4.0 * float(time_limit_s) + 30.0
+    params.linearization_level = 2  # full LP (incl. at-most-one cuts): far better bounds on these models
+    params.log_search_progress = False
+
+
+def min_peak_memory(request: IntraOpRequest) -> float:
+    """Smallest achievable ``max_p Σ_{v in p} node_memory[v][s_v]`` in bytes (seconds ignored).
+
+    Forbidden strategies and forbidden (inf) edge pairs are respected. Exact when
+    CP-SAT proves optimality within ``request.time_limit_s`` (deterministic), else
+    the best peak found.
+    """
+    return _min_peak(request, reduce_request(request))
+
+
+def _min_peak(request: IntraOpRequest, reduced: ReducedProblem) -> float:
+    if reduced.memory is None or not reduced.points:
+        return 0.0
+    unit = memory_unit(reduced)
+    structural = [(a, b, m) for a, b, m in reduced.edges if not np.isfinite(m).all()]
+    variable_nodes = sorted(
+        {v for point in reduced.points for v in point if len(reduced.keep[v]) > 1}
+        | {v for a, b, _ in structural for v in (a, b)}
+    )
+    model = cp_model.CpModel()
+    lits = {}
+    for v in variable_nodes:
+        lits[v] = [model.new_bool_var("") for _ in range(len(reduced.keep[v]))]
+        model.add_exactly_one(lits[v])
+    for a, b, matrix in structural:
+        for i, j in zip(*np.nonzero(~np.isfinite(matrix))):
+            model.add_bool_or([lits[a][i].Not(), lits[b][j].Not()])
+    coef = {v: to_units(reduced.memory[v], unit) for v in {v for p in reduced.points for v in p}}
+    upper = max(sum(int(coef[v].max()) for v in point) for point in reduced.points)
+    lower = min(0, min(sum(int(coef[v].min()) for v in point) for point in reduced.points))
+    peak = model.new_int_var(lower, max(upper, 0), "peak")
+    for point in reduced.points:
+        constant = sum(int(coef[v][0]) for v in point if v not in lits)
+        terms = [(lit, int(c)) for v in point if v in lits for lit, c in zip(lits[v], coef[v]) if c]
+        expr = cp_model.LinearExpr.weighted_sum([t[0] for t in terms], [t[1] for t in terms])
+        model.add(expr + constant <= peak)
+    model.minimize(peak)
+    solver = cp_model.CpSolver()
+    solver_parameters(solver, request.time_limit_s)
+    status = solver.solve(model)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise ValueError(f"no assignment satisfies the forbidden strategy pairs (CP-SAT: {solver.status_name(status)})")
+    choices = []
+    for v in range(len(reduced.keep)):
+        index = 0
+        if v in lits:
+            index = next(i for i, lit in enumerate(lits[v]) if solver.boolean_value(lit))
+        choices.append(int(reduced.keep[v][index]))
+    return float(max(point_memory(request, choices), default=0.0))

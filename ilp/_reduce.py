@@ -1,0 +1,168 @@
+"""Exact problem reductions applied before a model is built.
+
+1. Forbidden (inf) strategies are dropped; ``keep[v]`` maps kept -> original index.
+2. Parallel edges (either direction) between the same pair are summed into one
+   matrix oriented ``a < b``.
+3. Every edge matrix is reparametrised Hungarian-style: row minima fold into the
+   src cost vector, then column minima into the dst vector. The residual is >= 0
+   with a zero in every row and column; it is identically 0 exactly when the
+   matrix was separable (``cost[i, j] = a[i] + b[j]``, which includes all-zero
+   matrices), and such edges disappear. Because the linking constraints are
+   equalities this changes neither the optimum nor the LP relaxation.
+4. An edge with a single-strategy endpoint folds into the other node's vector.
+5. ``inf`` cells forbid pairs; a strategy whose whole row/column is inf, or that
+   becomes inf through folding, is dropped, and affected edges are revisited
+   until a fixpoint.
+
+Costs stay float seconds here; integer scaling happens in the model builder.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._request import IntraOpRequest
+
+#: residual entries below this fraction of the edge's largest |cost| count as 0.
+_ZERO_RTOL = 1e-12
+
+
+@dataclass(frozen=True, eq=False)
+class ReducedProblem:
+    """Reduced view of a request, all indices over kept strategies."""
+
+    keep: tuple[np.ndarray, ...]  # original strategy indices kept per node
+    cost: tuple[np.ndarray, ...]  # seconds per kept strategy, folded edge terms included
+    edges: tuple[tuple[int, int, np.ndarray], ...]  # (a, b, residual seconds >= 0 or inf), a < b
+    memory: tuple[np.ndarray, ...] | None  # bytes per kept strategy
+    points: tuple[tuple[int, ...], ...]  # distinct non-empty sorted node sets
+    dropped_strategies: int
+    merged_edges: int
+    folded_edges: int
+
+    def __repr__(self) -> str:
+        return (
+            f"ReducedProblem(nodes={len(self.keep)}, edges={len(self.edges)}, points={len(self.points)}, "
+            f"dropped_strategies={self.dropped_strategies}, merged_edges={self.merged_edges}, "
+            f"folded_edges={self.folded_edges})"
+        )
+
+
+def _finite_min(matrix: np.ndarray, axis: int) -> np.ndarray:
+    return np.where(np.isfinite(matrix), matrix, np.inf).min(axis=axis)
+
+
+def reduce_request(request: IntraOpRequest) -> ReducedProblem:
+    """Apply the exact reductions above; raises ``ValueError`` if inf pairs leave a node no strategy."""
+    n = request.num_nodes
+    keep = [np.flatnonzero(np.isfinite(c)) for c in request.node_costs]
+    cost = [request.node_costs[v][keep[v]].copy() for v in range(n)]
+    dropped = sum(request.num_strategies(v) - len(keep[v]) for v in range(n))
+
+    edges: dict[tuple[int, int], np.ndarray] = {}
+    merged = 0
+    for edge in request.edges:
+        a, b = edge.src, edge.dst
+        matrix = edge.cost[np.ix_(keep[a], keep[b])]
+        if a > b:
+            a, b, matrix = b, a, matrix.T
+        if (a, b) in edges:
+            edges[(a, b)] = edges[(a, b)] + matrix
+            merged += 1
+        else:
+            edges[(a, b)] = np.array(matrix, dtype=np.float64)
+
+    adjacency: list[dict[tuple[int, int], None]] = [{} for _ in range(n)]
+    for key in sorted(edges):
+        adjacency[key[0]][key] = None
+        adjacency[key[1]][key] = None
+    queue = deque(sorted(edges))
+    queued = set(queue)
+    folded = 0
+
+    def push(key: tuple[int, int]) -> None:
+        if key not in queued:
+            queued.add(key)
+            queue.append(key)
+
+    def remove(key: tuple[int, int]) -> None:
+        nonlocal folded
+        del edges[key]
+        del adjacency[key[0]][key]
+        del adjacency[key[1]][key]
+        folded += 1
+
+    def restrict(v: int) -> None:
+        mask = np.isfinite(cost[v])
+        if mask.all():
+            return
+        if not mask.any():
+            raise ValueError(
+                f"{request.label(v)}: no strategy is compatible with its neighbours "
+                "(every combination is forbidden by inf edge costs)"
+            )
+        keep[v] = keep[v][mask]
+        cost[v] = cost[v][mask]
+        for key in adjacency[v]:
+            edges[key] = edges[key][mask, :] if key[0] == v else edges[key][:, mask]
+            push(key)
+
+    while queue:
+        key = queue.popleft()
+        queued.discard(key)
+        if key not in edges:
+            continue
+        a, b = key
+        matrix = edges[key]
+        finite = np.isfinite(matrix)
+        rows_ok, cols_ok = finite.any(axis=1), finite.any(axis=0)
+        if not (rows_ok.all() and cols_ok.all()):
+            cost[a][~rows_ok] = np.inf
+            cost[b][~cols_ok] = np.inf
+            restrict(a)
+            restrict(b)
+            continue
+        rows, cols = matrix.shape
+        if cols == 1 or rows == 1:
+            if cols == 1:
+                cost[a] = cost[a] + matrix[:, 0]
+            else:
+                cost[b] = cost[b] + matrix[0, :]
+            remove(key)
+            restrict(a)
+            restrict(b)
+            continue
+        tol = _ZERO_RTOL * float(np.abs(matrix[finite]).max())
+        row_min = _finite_min(matrix, axis=1)
+        matrix = matrix - row_min[:, None]
+        col_min = _finite_min(matrix, axis=0)
+        matrix = matrix - col_min[None, :]
+        cost[a] = cost[a] + row_min
+        cost[b] = cost[b] + col_min
+        matrix[np.abs(matrix) <= tol] = 0.0
+        if not matrix.any():
+            remove(key)
+        else:
+            edges[key] = matrix
+
+    memory = None
+    if request.node_memory is not None:
+        memory = tuple(request.node_memory[v][keep[v]] for v in range(n))
+    points: dict[tuple[int, ...], None] = {}
+    for point in request.memory_points:
+        nodes = tuple(sorted(set(point)))
+        if nodes:
+            points[nodes] = None
+    return ReducedProblem(
+        keep=tuple(keep),
+        cost=tuple(cost),
+        edges=tuple((a, b, edges[(a, b)]) for a, b in sorted(edges)),
+        memory=memory,
+        points=tuple(points),
+        dropped_strategies=dropped,
+        merged_edges=merged,
+        folded_edges=folded,
+    )

@@ -1,0 +1,253 @@
+"""Request / result types of the intra-operator ILP, and up-front validation.
+
+Units: costs are seconds, memory is bytes per device. Arrays are copied to
+read-only float64 on construction; a malformed request raises ``ValueError``
+naming the offending node (by name when ``node_names`` is given).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._units import format_bytes, format_seconds
+
+
+def _frozen_array(values, ndim: int, what: str) -> np.ndarray:
+    try:
+        array = np.array(values, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{what}: cannot convert to a float64 array ({error})") from None
+    if array.ndim != ndim:
+        raise ValueError(f"{what}: expected a {ndim}-d array, got shape {array.shape}")
+    array.flags.writeable = False
+    return array
+
+
+def _summary(values, limit: int = 12) -> str:
+    values = tuple(values)
+    if len(values) <= limit:
+        return repr(values)
+    return f"<{len(values)} values>"
+
+
+@dataclass(frozen=True, eq=False)
+class EdgeCost:
+    """Resharding cost ``cost[i, j]`` (seconds) when ``src`` uses strategy i and ``dst`` strategy j.
+
+    ``np.inf`` cells forbid that pair of strategies.
+    """
+
+    src: int
+    dst: int
+    cost: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "src", int(self.src))
+        object.__setattr__(self, "dst", int(self.dst))
+        object.__setattr__(
+            self, "cost", _frozen_array(self.cost, 2, f"edge {self.src}->{self.dst} cost")
+        )
+
+    def __repr__(self) -> str:
+        rows, cols = self.cost.shape
+        return f"EdgeCost(src={self.src}, dst={self.dst}, cost=<{rows}x{cols}>)"
+
+
+@dataclass(frozen=True, eq=False)
+class IntraOpRequest:
+    """One intra-op problem: pick a strategy per node minimising node + edge seconds.
+
+    ``node_costs[v][i]``: seconds of strategy i of node v (``np.inf`` = forbidden).
+    ``node_memory[v][i]``: bytes per device of node v's output under strategy i.
+    ``memory_points``: node sets live together at a candidate peak; with
+    ``memory_budget`` (bytes per device) each point's sum must stay within it.
+    Nodes repeated inside one point count once. ``hint``: a complete assignment to
+    warm-start from. ``time_limit_s`` is turned into a deterministic solver limit.
+    """
+
+    node_costs: tuple[np.ndarray, ...]
+    edges: tuple[EdgeCost, ...] = ()
+    node_names: tuple[str, ...] = ()
+    node_memory: tuple[np.ndarray, ...] | None = None
+    memory_points: tuple[tuple[int, ...], ...] = ()
+    memory_budget: float | None = None
+    hint: tuple[int, ...] | None = None
+    time_limit_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        names = tuple(str(name) for name in self.node_names)
+        object.__setattr__(self, "node_names", names)
+        costs = tuple(
+            _frozen_array(c, 1, f"{self._label(v)} node_costs") for v, c in enumerate(self.node_costs)
+        )
+        object.__setattr__(self, "node_costs", costs)
+        edges = tuple(e if isinstance(e, EdgeCost) else EdgeCost(*e) for e in self.edges)
+        object.__setattr__(self, "edges", edges)
+        if self.node_memory is not None:
+            memory = tuple(
+                _frozen_array(m, 1, f"{self._label(v)} node_memory")
+                for v, m in enumerate(self.node_memory)
+            )
+            object.__setattr__(self, "node_memory", memory)
+        points = tuple(tuple(int(v) for v in point) for point in self.memory_points)
+        object.__setattr__(self, "memory_points", points)
+        if self.memory_budget is not None:
+            object.__setattr__(self, "memory_budget", float(self.memory_budget))
+        if self.hint is not None:
+            object.__setattr__(self, "hint", tuple(int(i) for i in self.hint))
+        object.__setattr__(self, "time_limit_s", float(self.time_limit_s))
+        self._validate()
+
+    # -- helpers -----------------------------------------------------------------
+    @property
+    def num_nodes(self) -> int:
+        return len(self.node_costs)
+
+    def num_strategies(self, node: int) -> int:
+        return len(self.node_costs[node])
+
+    def _label(self, node: int) -> str:
+        if 0 <= node < len(self.node_names):
+            return f"node {self.node_names[node]!r} (#{node})"
+        return f"node {node}"
+
+    def label(self, node: int) -> str:
+        """``"node 'dot_3' (#3)"`` or ``"node 3"``, for messages."""
+        return self._label(node)
+
+    def _validate(self) -> None:
+        n = self.num_nodes
+        if self.node_names and len(self.node_names) != n:
+            raise ValueError(f"node_names has {len(self.node_names)} entries, expected {n} (one per node)")
+        for v, cost in enumerate(self.node_costs):
+            if cost.size == 0:
+                raise ValueError(f"{self._label(v)} has zero strategies; expected at least one")
+            if np.isnan(cost).any() or (cost == -np.inf).any():
+                raise ValueError(f"{self._label(v)} node_costs contain NaN or -inf; expected finite seconds or +inf")
+            if not np.isfinite(cost).any():
+                raise ValueError(f"{self._label(v)}: every strategy is forbidden (all costs inf)")
+        for k, edge in enumerate(self.edges):
+            for end, v in (("src", edge.src), ("dst", edge.dst)):
+                if not 0 <= v < n:
+                    raise ValueError(f"edge {k}: {end} node index {v} out of range (expected 0..{n - 1})")
+            if edge.src == edge.dst:
+                raise ValueError(f"edge {k}: src == dst ({self._label(edge.src)}); self-edges are not allowed")
+            expected = (self.num_strategies(edge.src), self.num_strategies(edge.dst))
+            if edge.cost.shape != expected:
+                raise ValueError(
+                    f"edge {k} {self._label(edge.src)} -> {self._label(edge.dst)}: cost matrix has shape "
+                    f"{edge.cost.shape}, expected {expected} (strategies of src x strategies of dst)"
+                )
+            if np.isnan(edge.cost).any() or (edge.cost == -np.inf).any():
+                raise ValueError(
+                    f"edge {k} {self._label(edge.src)} -> {self._label(edge.dst)}: cost contains NaN or -inf"
+                )
+        if self.node_memory is not None:
+            if len(self.node_memory) != n:
+                raise ValueError(f"node_memory has {len(self.node_memory)} entries, expected {n} (one per node)")
+            for v, memory in enumerate(self.node_memory):
+                if memory.shape != self.node_costs[v].shape:
+                    raise ValueError(
+                        f"{self._label(v)}: node_memory has {memory.size} entries, expected "
+                        f"{self.num_strategies(v)} (one per strategy)"
+                    )
+                if np.isnan(memory).any():
+                    raise ValueError(f"{self._label(v)}: node_memory contains NaN")
+        for p, point in enumerate(self.memory_points):
+            for v in point:
+                if not 0 <= v < n:
+                    raise ValueError(f"memory point {p}: node index {v} out of range (expected 0..{n - 1})")
+        if self.memory_points and self.node_memory is None:
+            raise ValueError("memory_points given without node_memory")
+        if self.memory_budget is not None:
+            if math.isnan(self.memory_budget) or self.memory_budget < 0:
+                raise ValueError(f"memory_budget must be >= 0 bytes, got {self.memory_budget}")
+            if self.node_memory is None:
+                raise ValueError("memory_budget given without node_memory")
+        if self.hint is not None:
+            if len(self.hint) != n:
+                raise ValueError(f"hint has {len(self.hint)} entries, expected {n} (one per node)")
+            for v, choice in enumerate(self.hint):
+                if not 0 <= choice < self.num_strategies(v):
+                    raise ValueError(
+                        f"hint for {self._label(v)} is {choice}, expected 0..{self.num_strategies(v) - 1}"
+                    )
+        if not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s must be > 0, got {self.time_limit_s}")
+
+    def __repr__(self) -> str:
+        counts = [len(c) for c in self.node_costs]
+        parts = [
+            f"nodes={self.num_nodes}",
+            f"strategies={sum(counts)} (max {max(counts, default=0)})",
+            f"edges={len(self.edges)}",
+        ]
+        if self.memory_points:
+            parts.append(f"memory_points={len(self.memory_points)}")
+        if self.memory_budget is not None:
+            parts.append(f"memory_budget={format_bytes(self.memory_budget)}")
+        if self.hint is not None:
+            parts.append("hint=yes")
+        parts.append(f"time_limit_s={self.time_limit_s:g}")
+        return f"IntraOpRequest({', '.join(parts)})"
+
+
+@dataclass(frozen=True)
+class SolverStats:
+    """What the reductions left and what CP-SAT reported.
+
+    ``scale``: integer units per second in the CP-SAT objective;
+    ``max_rounding_error_s``: bound on |scaled objective/scale - true objective|.
+    """
+
+    active_nodes: int = 0
+    fixed_nodes: int = 0
+    dropped_strategies: int = 0
+    input_edges: int = 0
+    model_edges: int = 0
+    merged_edges: int = 0
+    folded_edges: int = 0
+    memory_points: int = 0
+    scale: float = 0.0
+    max_rounding_error_s: float = 0.0
+    build_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    deterministic_time: float = 0.0
+    num_conflicts: int = 0
+    num_branches: int = 0
+    solver_status: str = ""
+
+
+@dataclass(frozen=True)
+class IntraOpResult:
+    """Chosen strategy per node; objective/lower_bound in seconds."""
+
+    choices: tuple[int, ...]
+    objective: float
+    lower_bound: float
+    gap: float
+    status: str
+    solve_time_s: float
+    num_variables: int
+    num_constraints: int
+    stats: SolverStats = field(default_factory=SolverStats, compare=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"IntraOpResult(status={self.status}, objective={format_seconds(self.objective)}, "
+            f"lower_bound={format_seconds(self.lower_bound)}, gap={self.gap:.3g}, "
+            f"choices={_summary(self.choices)}, solve_time_s={self.solve_time_s:.3f}, "
+            f"num_variables={self.num_variables}, num_constraints={self.num_constraints})"
+        )
+
+
+class InfeasibleError(ValueError):
+    """The memory budget cannot be met; ``min_peak_bytes`` is the best achievable peak."""
+
+    def __init__(self, message: str, min_peak_bytes: float, memory_budget: float | None = None):
+        super().__init__(message)
+        self.min_peak_bytes = float(min_peak_bytes)
+        self.memory_budget = memory_budget

@@ -1,0 +1,56 @@
+"""A flat, executable program: the traced function with every call inlined.
+
+The tracer (in ``autoshard``) builds a :class:`Program`; the runtime evaluates it
+inside ``jax.jit``. Values are integer ids; an equation reads values or literal
+constants and writes values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Literal:
+    """A constant operand written inline in an equation (a Python scalar or array)."""
+
+    value: Any
+
+    def __repr__(self):
+        return f"Literal({self.value!r})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Equation:
+    """One primitive application: ``outputs = primitive.bind(*inputs, **params)``.
+
+    ``inputs`` are value ids or :class:`Literal`; ``outputs`` are value ids
+    (an output nobody reads still gets an id).
+    """
+
+    primitive: Any
+    params: dict
+    inputs: tuple
+    outputs: tuple[int, ...]
+
+    def __repr__(self):
+        return f"Equation({self.primitive.name}, in={self.inputs}, out={self.outputs})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Program:
+    """A flat program over value ids.
+
+    ``avals[i]`` is the abstract value (shape, dtype) of value ``i``;
+    ``constants`` binds value ids to arrays captured by the traced function.
+    """
+
+    avals: tuple
+    invars: tuple[int, ...]
+    outvars: tuple  # value ids or Literal
+    eqns: tuple[Equation, ...]
+    constants: tuple[tuple[int, Any], ...] = ()
+
+    def __repr__(self):
+        return (f"Program({len(self.invars)} inputs, {len(self.outvars)} outputs, "
+                f"{len(self.eqns)} equations)")

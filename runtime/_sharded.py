@@ -1,0 +1,73 @@
+"""Turn a :class:`Program` and its sharding decisions into a jitted, sharded callable."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ._execute import evaluate_program
+from ._program import Program
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardedProgram:
+    """A program compiled for one mesh with fixed input/output shardings.
+
+    Call it with the flat list of arguments; host arrays and arrays placed
+    elsewhere are moved onto the mesh with the planned sharding first.
+    """
+
+    mesh: jax.sharding.Mesh
+    in_shardings: tuple[NamedSharding, ...]
+    out_shardings: tuple[NamedSharding, ...]
+    jitted: object
+
+    def place(self, flat_args: Sequence) -> list:
+        """Put every argument on the mesh with its planned sharding (no-op when it already is)."""
+        placed = []
+        for arg, sharding in zip(flat_args, self.in_shardings, strict=True):
+            if isinstance(arg, jax.Array) and arg.sharding == sharding:
+                placed.append(arg)
+            else:
+                placed.append(jax.device_put(arg, sharding))
+        return placed
+
+    def __call__(self, flat_args: Sequence) -> list:
+        return self.jitted(*self.place(flat_args))
+
+    def lower(self, flat_avals: Sequence):
+        """``jax.stages.Lowered`` for arguments of these shapes (no devices touched)."""
+        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+                   for a, s in zip(flat_avals, self.in_shardings, strict=True)]
+        return self.jitted.lower(*structs)
+
+
+def shard_program(
+    program: Program,
+    mesh: jax.sharding.Mesh,
+    in_specs: Sequence[PartitionSpec],
+    out_specs: Sequence[PartitionSpec],
+    value_specs: Mapping[int, PartitionSpec] = {},
+    operand_specs: Mapping[tuple[int, int], PartitionSpec] = {},
+    donate_argnums: Sequence[int] = (),
+) -> ShardedProgram:
+    """Jit ``program`` on ``mesh`` so that XLA executes exactly the given shardings.
+
+    ``in_specs``/``out_specs`` are per flat argument/output; ``value_specs`` and
+    ``operand_specs`` become ``with_sharding_constraint`` on intermediates (see
+    :func:`evaluate_program`). ``donate_argnums`` index flat arguments.
+    """
+    named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    in_shardings = tuple(named(s) for s in in_specs)
+    out_shardings = tuple(named(s) for s in out_specs)
+    value_shardings = {v: named(s) for v, s in value_specs.items()}
+    operand_shardings = {k: named(s) for k, s in operand_specs.items()}
+
+    def run(*flat_args):
+        return evaluate_program(program, flat_args, value_shardings, operand_shardings)
+
+    jitted = jax.jit(run, in_shardings=in_shardings, out_shardings=out_shardings,
+                     donate_argnums=tuple(donate_argnums))
+    return ShardedProgram(mesh, in_shardings, out_shardings, jitted)

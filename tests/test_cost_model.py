@@ -1,0 +1,329 @@
+"""Tests for autoshard.cost_model (numpy only, no devices)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from autoshard.cost_model import (
+    CLUSTER_PRESETS,
+    Cluster,
+    Link,
+    MeshCostModel,
+    cluster_preset,
+    default_cluster_for_platform,
+    format_bytes,
+    parse_bytes,
+)
+
+GiB = 1024**3
+
+
+def _uniform_cluster(bandwidth: float = 1e9, latency: float = 1e-6) -> Cluster:
+    link = Link(bandwidth=bandwidth, latency=latency)
+    return Cluster(
+        name="test",
+        flops=(("float32", 1e12), ("bfloat16", 4e12)),
+        memory_bandwidth=1e11,
+        device_memory=GiB,
+        devices_per_node=1024,
+        intra_node=link,
+        inter_node=link,
+    )
+
+
+@pytest.fixture
+def model24() -> MeshCostModel:
+    return MeshCostModel(_uniform_cluster(), (2, 4))
+
+
+# ---------------------------------------------------------------- collectives
+
+@pytest.mark.parametrize(
+    "method, nbytes, axes, expected",
+    [
+        # n = 4, α = 1e-6, β = 1e9; one extra α per collective is its launch overhead
+        ("all_reduce", 4e6, (1,), (2 * 3 + 1) * 1e-6 + 2 * 3 / 4 * 4e6 / 1e9),
+        ("all_gather", 4e6, (1,), 4 * 1e-6 + 3 / 4 * 4e6 / 1e9),
+        ("reduce_scatter", 4e6, (1,), 4 * 1e-6 + 3 / 4 * 4e6 / 1e9),
+        ("all_to_all", 4e6, (1,), 4 * 1e-6 + 3 / 4 * 4e6 / 1e9),
+        # n = 2
+        ("all_reduce", 1e6, (0,), 3 * 1e-6 + 1e6 / 1e9),
+        # n = 8 over both axes
+        ("all_gather", 8e6, (0, 1), 8 * 1e-6 + 7 / 8 * 8e6 / 1e9),
+    ],
+)
+def test_collective_formulas(model24, method, nbytes, expected, axes):
+    assert getattr(model24, method)(nbytes, axes) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["all_reduce", "all_gather", "reduce_scatter", "all_to_all"])
+def test_collective_group_size_one_is_free(method):
+    model = MeshCostModel(_uniform_cluster(), (1, 4))
+    assert getattr(model, method)(1e9, ()) == 0.0
+    assert getattr(model, method)(1e9, (0,)) == 0.0
+    assert getattr(model, method)(1e9, (1,)) > 0.0
+
+
+def test_reduce_scatter_then_all_gather_costs_more_than_all_reduce(model24):
+    # Same bytes moved; the pair pays one more launch than the single all-reduce.
+    pair = model24.reduce_scatter(4e6, (1,)) + model24.all_gather(4e6, (1,))
+    assert pair > model24.all_reduce(4e6, (1,))
+
+
+def test_multi_axis_collective_uses_bottleneck_link():
+    model = MeshCostModel(cluster_preset("a100-80gb"), (2, 8))
+    inter, intra = model.links
+    assert inter.bandwidth < intra.bandwidth
+    expected = 16 * max(inter.latency, intra.latency) + 15 / 16 * 1e9 / inter.bandwidth
+    assert model.all_gather(1e9, (0, 1)) == pytest.approx(expected)
+    assert model.all_gather(1e9, (1,)) < model.all_gather(1e9, (0, 1))
+
+
+@pytest.mark.parametrize("axes", [(2,), (-1,), (0, 0)])
+def test_collective_rejects_bad_axes(model24, axes):
+    with pytest.raises(ValueError):
+        model24.all_reduce(1.0, axes)
+
+
+def test_compute_roofline(model24):
+    assert model24.compute(2e12, 0, "float32") == pytest.approx(2.0)
+    assert model24.compute(2e12, 0, "bfloat16") == pytest.approx(0.5)
+    assert model24.compute(1, 1e11, "float32") == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- cluster
+
+@pytest.mark.parametrize(
+    "mesh_shape, expected",
+    [
+        ((2, 8), ("inter", "intra")),
+        ((4, 2), ("intra", "intra")),
+        ((8,), ("intra",)),
+        ((16,), ("inter",)),
+        ((2, 2, 4), ("inter", "intra", "intra")),
+    ],
+)
+def test_links_for_mesh_a100(mesh_shape, expected):
+    cluster = cluster_preset("a100-80gb")
+    names = {cluster.intra_node: "intra", cluster.inter_node: "inter"}
+    assert tuple(names[link] for link in cluster.links_for_mesh(mesh_shape)) == expected
+
+
+def test_axis_links_override_only_matching_rank():
+    measured = (Link(1e9, 1e-6), Link(2e9, 2e-6))
+    cluster = dataclasses.replace(cluster_preset("a100-80gb"), axis_links=measured)
+    assert cluster.links_for_mesh((2, 8)) == measured
+    assert cluster.links_for_mesh((16,)) == (cluster.inter_node,)
+
+
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [("bfloat16", 312e12), ("float16", 312e12), ("float32", 156e12), ("int32", 156e12),
+     ("bool", 156e12), ("float8_e4m3fn", 156e12), (np.dtype("float32"), 156e12)],
+)
+def test_flops_rate_fallback(dtype, expected):
+    assert cluster_preset("a100-80gb").flops_rate(dtype) == expected
+
+
+@pytest.mark.parametrize("name", CLUSTER_PRESETS)
+def test_cluster_json_round_trip(name):
+    cluster = cluster_preset(name)
+    assert Cluster.from_json(cluster.to_json()) == cluster
+    calibrated = dataclasses.replace(cluster, axis_links=(Link(1.5e9, 3e-6), Link(2.5e10, 1e-5)))
+    assert Cluster.from_json(calibrated.to_json()) == calibrated
+    assert hash(Cluster.from_json(calibrated.to_json())) == hash(calibrated)
+
+
+def _mutated_json(**changes) -> str:
+    data = json.loads(cluster_preset("h100-80gb").to_json())
+    for key, value in changes.items():
+        if value is _DELETE:
+            del data[key]
+        else:
+            data[key] = value
+    return json.dumps(data)
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("not json", "not valid JSON"),
+        ("[1, 2]", "must be an object"),
+        (_mutated_json(name=_DELETE), "'name'"),
+        (_mutated_json(intra_node=_DELETE), "'intra_node'"),
+        (_mutated_json(flops={"bfloat16": 1e12}), "float32"),
+        (_mutated_json(flops="fast"), "'flops'"),
+        (_mutated_json(memory_bandwidth="3TB/s"), "'memory_bandwidth'"),
+        (_mutated_json(device_memory=1.5), "'device_memory'"),
+        (_mutated_json(inter_node={"bandwidth": 1e9}), "'inter_node'"),
+        (_mutated_json(inter_node={"bandwidth": -1.0, "latency": 0.0}), "bandwidth"),
+        (_mutated_json(axis_links=5), "'axis_links'"),
+        (_mutated_json(colour="blue"), "colour"),
+    ],
+)
+def test_cluster_from_json_errors(text, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        Cluster.from_json(text)
+
+
+def test_cluster_preset_unknown_lists_valid_names():
+    with pytest.raises(ValueError, match="a100-80gb"):
+        cluster_preset("tpu-v9")
+
+
+@pytest.mark.parametrize(
+    "platform, kind, expected",
+    [
+        ("cpu", "cpu", "host-cpu"),
+        ("gpu", "NVIDIA H100 80GB HBM3", "h100-80gb"),
+        ("cuda", "NVIDIA A100-SXM4-80GB", "a100-80gb"),
+        ("tpu", "TPU v4", "host-cpu"),
+    ],
+)
+def test_default_cluster_for_platform(platform, kind, expected):
+    assert default_cluster_for_platform(platform, kind).name == expected
+
+
+def test_default_cluster_for_unknown_gpu_is_informative():
+    cluster = default_cluster_for_platform("gpu", "NVIDIA L4")
+    assert "NVIDIA L4" in cluster.name and "h100" in cluster.name
+    assert cluster.flops == cluster_preset("h100-80gb").flops
+
+
+# ---------------------------------------------------------------- memory / specs
+
+@pytest.mark.parametrize(
+    "shape, spec, expected_shape",
+    [
+        ((16, 8), ((), ()), (16, 8)),
+        ((16, 8), ((0,), ()), (8, 8)),
+        ((16, 8), ((0, 1), ()), (2, 8)),
+        ((16, 8), ((), (1,)), (16, 2)),
+        ((16, 8), ((1,), (0,)), (4, 4)),
+        ((10, 3), ((1,), (0,)), (3, 2)),  # ceil division
+        ((), (), ()),
+    ],
+)
+def test_shard_shape_and_bytes(model24, shape, spec, expected_shape):
+    assert model24.shard_shape(shape, spec) == expected_shape
+    assert model24.bytes_per_device(shape, 2, spec) == 2 * math.prod(expected_shape)
+
+
+@pytest.mark.parametrize(
+    "shape, spec, valid",
+    [
+        ((16, 8), ((), ()), True),
+        ((16, 8), ((0, 1), ()), True),
+        ((16, 8), ((0,), (1,)), True),
+        ((16, 8), ((0,),), False),  # wrong rank
+        ((16, 8), ((0,), (0,)), False),  # axis twice
+        ((16, 8), ((0, 0), ()), False),
+        ((16, 8), ((2,), ()), False),  # no such mesh axis
+        ((6, 8), ((1,), ()), False),  # 6 not divisible by 4
+        ((6, 8), ((0,), ()), True),
+    ],
+)
+def test_is_valid_spec(model24, shape, spec, valid):
+    assert model24.is_valid_spec(shape, spec) is valid
+
+
+# ---------------------------------------------------------------- resharding
+
+SHAPE = (64, 32)
+ITEMSIZE = 4
+FULL = 64 * 32 * 4
+SPECS_24 = [
+    ((), ()), ((0,), ()), ((1,), ()), ((0, 1), ()), ((1, 0), ()),
+    ((), (0,)), ((), (1,)), ((0,), (1,)), ((1,), (0,)), ((), (0, 1)),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS_24)
+def test_resharding_identity_and_from_replicated_is_free(model24, spec):
+    assert model24.resharding(SHAPE, ITEMSIZE, spec, spec) == 0.0
+    assert model24.resharding(SHAPE, ITEMSIZE, ((), ()), spec) == 0.0
+
+
+@pytest.mark.parametrize(
+    "src, dst",
+    [(((0,), ()), ((0, 1), ())), (((0,), ()), ((0,), (1,))), (((), (1,)), ((0,), (1,)))],
+)
+def test_resharding_refinement_is_free(model24, src, dst):
+    assert model24.resharding(SHAPE, ITEMSIZE, src, dst) == 0.0
+    assert model24.resharding(SHAPE, ITEMSIZE, dst, src) > 0.0
+
+
+@pytest.mark.parametrize("spec, axis", [(((0,), ()), 0), (((), (1,)), 1)])
+def test_resharding_to_replicated_is_all_gather(model24, spec, axis):
+    assert model24.resharding(SHAPE, ITEMSIZE, spec, ((), ())) == pytest.approx(
+        model24.all_gather(FULL, (axis,))
+    )
+
+
+def test_resharding_dim_swap_is_all_to_all(model24):
+    cost = model24.resharding(SHAPE, ITEMSIZE, ((1,), ()), ((), (1,)))
+    assert cost == pytest.approx(model24.all_to_all(FULL / 4, (1,)))
+    assert 0 < cost < model24.resharding(SHAPE, ITEMSIZE, ((1,), ()), ((), ()))
+
+
+def test_resharding_matrix_matches_elementwise(model24):
+    matrix = model24.resharding_matrix(SHAPE, ITEMSIZE, SPECS_24, SPECS_24)
+    assert matrix.dtype == np.float64 and matrix.shape == (len(SPECS_24), len(SPECS_24))
+    expected = [[model24.resharding(SHAPE, ITEMSIZE, s, d) for d in SPECS_24] for s in SPECS_24]
+    np.testing.assert_array_equal(matrix, expected)
+    np.testing.assert_array_equal(np.diag(matrix), 0.0)
+    assert (matrix >= 0).all()
+    assert (matrix[0] == 0).all()  # from replicated
+    # Zero off the diagonal only where dst refines src.
+    for i, src in enumerate(SPECS_24):
+        for j, dst in enumerate(SPECS_24):
+            refines = all(dst[d][: len(src[d])] == src[d] for d in range(2))
+            assert (matrix[i, j] == 0.0) == refines, (src, dst)
+
+
+def test_resharding_matrix_returns_independent_copies(model24):
+    first = model24.resharding_matrix(SHAPE, ITEMSIZE, SPECS_24[:3], SPECS_24[:2])
+    first[:] = -1.0
+    second = model24.resharding_matrix(SHAPE, ITEMSIZE, SPECS_24[:3], SPECS_24[:2])
+    assert (second >= 0).all() and second.shape == (3, 2)
+    assert model24.resharding_matrix(SHAPE, ITEMSIZE, [], SPECS_24).shape == (0, len(SPECS_24))
+
+
+def test_resharding_rejects_bad_spec(model24):
+    with pytest.raises(ValueError):
+        model24.resharding(SHAPE, ITEMSIZE, ((0,),), ((), ()))
+
+
+# ---------------------------------------------------------------- units
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        (123, 123), ("123", 123), ("16GiB", 16 * GiB), ("16gib", 16 * GiB), ("500MB", 500_000_000),
+        ("1.5 GB", 1_500_000_000), ("64KiB", 65536), ("2 kb", 2000), ("0", 0), ("7B", 7),
+        ("1TiB", 1024**4), (np.int64(5), 5),
+    ],
+)
+def test_parse_bytes_good(given, expected):
+    assert parse_bytes(given) == expected
+
+
+@pytest.mark.parametrize("given", [-1, "", "   ", "-5GB", "12 parsecs", "GB", True, None, "1.2.3MB"])
+def test_parse_bytes_bad(given):
+    with pytest.raises(ValueError, match="e.g."):
+        parse_bytes(given)
+
+
+@pytest.mark.parametrize(
+    "n, text", [(512, "512 B"), (0, "0 B"), (1536 * 1024**2, "1.50 GiB"), (2048, "2.00 KiB"), (3 * 1024**4, "3.00 TiB")]
+)
+def test_format_bytes(n, text):
+    assert format_bytes(n) == text
