@@ -9,6 +9,7 @@ from ._methods import ShardParallel as ShardParallel
 from ._methods import ZeRO3 as ZeRO3
 from ._plan import Plan as Plan
 from ._plan import PlanCost as PlanCost
+from ._plan_json import PlanFormatError as PlanFormatError
 from .cost_model import CLUSTER_PRESETS as CLUSTER_PRESETS
 from .cost_model import Cluster as Cluster
 from .cost_model import cluster_preset as cluster_preset

@@ -12,7 +12,7 @@ import numpy as np
 from ._mesh import default_cluster, make_mesh, mesh_axes
 from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
 from ._plan import Plan
-from ._planner import plan_traced
+from ._planner import fingerprint, plan_traced
 from ._trace import TracedFunction, trace
 from .cost_model import Cluster, parse_bytes
 from .runtime import ShardedProgram, shard_program
@@ -50,6 +50,7 @@ class ParallelizedFunction:
                  static_argnums=(), donate_argnums=(), plan: Plan | None = None):
         if not callable(fun):
             raise TypeError(f"parallelize expects a callable, got {type(fun).__name__}")
+        method_given = method is not None
         method = ShardParallel() if method is None else method
         if not isinstance(method, _METHODS):
             if isinstance(method, type) and issubclass(method, _METHODS):
@@ -70,6 +71,9 @@ class ParallelizedFunction:
         overlap = set(self._static_argnums) & set(self._donate_argnums)
         if overlap:
             raise ValueError(f"arguments {sorted(overlap)} are both static and donated")
+        if plan is not None:
+            _check_fixed_plan(plan, self._mesh_shape, self._axis_names,
+                              method if method_given else None)
         self._fixed_plan = plan
         self._cache: dict = {}
         functools.update_wrapper(self, fun)
@@ -115,17 +119,55 @@ class ParallelizedFunction:
         if entry is None:
             traced = trace(self._fun, args, self._static_argnums)
             statics = repr(key[3])
-            plan = plan_traced(traced, mesh_shape=self._mesh_shape, axis_names=self._axis_names,
-                               cluster=self._cluster, method=self._method,
-                               batch_flat=self._batch_flags(traced, len(args)),
-                               static_repr=statics, donated_flat=self._donate_flags(traced))
-            plan = dataclasses.replace(plan, in_specs=self._arg_specs(plan.in_specs, len(args)))
+            if self._fixed_plan is not None:  # a saved plan: check it, don't solve
+                plan = self._reuse_plan(traced, statics)
+            else:
+                plan = plan_traced(traced, mesh_shape=self._mesh_shape,
+                                   axis_names=self._axis_names, cluster=self._cluster,
+                                   method=self._method,
+                                   batch_flat=self._batch_flags(traced, len(args)),
+                                   static_repr=statics,
+                                   donated_flat=self._donate_flags(traced))
+                plan = dataclasses.replace(plan,
+                                           in_specs=self._arg_specs(plan.in_specs, len(args)))
             entry = _Compiled(traced, plan, None)
             self._cache[key] = entry
         if need_program and entry.program is None:
             entry = dataclasses.replace(entry, program=self._shard(entry))
             self._cache[key] = entry
         return entry
+
+    def _reuse_plan(self, traced: TracedFunction, statics: str) -> Plan:
+        """The fixed plan, after checking it was made for this signature."""
+        plan = self._fixed_plan
+        got = fingerprint(traced, statics)
+        if got != plan.fingerprint:
+            raise ValueError(
+                f"the plan passed to parallelize(plan=...) was made for another input "
+                f"signature: signature fingerprint mismatch (plan {plan.fingerprint}, these "
+                f"arguments {got}). Plans are tied to the argument tree structure, shapes, "
+                f"dtypes and static arguments; plan again for these arguments")
+        program = traced.program
+        if (len(plan.flat_in_specs), len(plan.flat_out_specs)) != \
+                (len(program.invars), len(program.outvars)):
+            raise ValueError(
+                f"the plan passed to parallelize(plan=...) has {len(plan.flat_in_specs)} "
+                f"inputs and {len(plan.flat_out_specs)} outputs but the function has "
+                f"{len(program.invars)} and {len(program.outvars)}: it was made for another "
+                f"function")
+        for vid, spec in plan.value_specs:
+            if not 0 <= vid < len(program.avals) or len(spec) > len(program.avals[vid].shape):
+                raise ValueError(
+                    f"the plan passed to parallelize(plan=...) pins value {vid} to {spec}, "
+                    f"which this function does not have: it was made for another function "
+                    f"with the same signature")
+        for eqn, _, _ in plan.operand_specs:
+            if not 0 <= eqn < len(program.eqns):
+                raise ValueError(
+                    f"the plan passed to parallelize(plan=...) reshards an operand of "
+                    f"equation {eqn}, but this function has {len(program.eqns)} equations: "
+                    f"it was made for another function with the same signature")
+        return plan
 
     def _arg_specs(self, dyn_specs, nargs):
         dyn = iter(dyn_specs)
@@ -163,6 +205,23 @@ class ParallelizedFunction:
         return jax.tree_util.tree_unflatten(entry.traced.out_tree, outs)
 
 
+def _check_fixed_plan(plan, mesh_shape, axis_names, method) -> None:
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be an autoshard.Plan (e.g. autoshard.Plan.from_json(text)), "
+                        f"got {type(plan).__name__}")
+    if tuple(plan.mesh_shape) != tuple(mesh_shape) or tuple(plan.axis_names) != tuple(axis_names):
+        what = "shape" if tuple(plan.mesh_shape) != tuple(mesh_shape) else "axis names"
+        raise ValueError(
+            f"the plan passed to parallelize(plan=...) was made for another mesh: mesh "
+            f"{what} mismatch (plan {dict(zip(plan.axis_names, plan.mesh_shape))}, mesh "
+            f"{dict(zip(axis_names, mesh_shape))})")
+    if method is not None and plan.method.split("(")[0] != type(method).__name__:
+        raise ValueError(
+            f"the plan passed to parallelize(plan=...) was made with method {plan.method}, "
+            f"but method={method!r} was given: method mismatch (leave method out to reuse "
+            f"the plan as it is)")
+
+
 def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
                 cluster: Cluster | None = None, memory_budget: int | str | None = None,
                 batch_argnums: int | Sequence[int] | None = None,
@@ -175,6 +234,8 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
     the arguments holding the batch (default: the last non-static one); presets
     split those on their leading dim. ``memory_budget``: bytes per device
     (``"16GiB"``). ``static_argnums``/``donate_argnums`` as in ``jax.jit``.
+    ``plan``: a saved :class:`Plan` (``Plan.from_json``) to run as it is, without
+    solving; ``ValueError`` if it was made for another mesh, method or input signature.
     """
     kwargs = dict(mesh=mesh, method=method, cluster=cluster, memory_budget=memory_budget,
                   batch_argnums=batch_argnums, static_argnums=static_argnums,

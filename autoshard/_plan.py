@@ -141,14 +141,26 @@ class Plan:
         return json.dumps(plan_to_dict(self), indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        """Load a plan written by :meth:`to_json`; ``ValueError`` says what is wrong."""
-        from ._plan_json import plan_from_dict
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"plan file is not valid JSON: {err}") from None
-        return plan_from_dict(data)
+    def from_json(cls, text: str | bytes) -> "Plan":
+        """Load a plan written by :meth:`to_json`.
+
+        Raises :class:`autoshard.PlanFormatError` (a ``ValueError``) naming the field
+        that is missing or wrong.
+        """
+        from ._plan_json import plan_from_json
+        return plan_from_json(text)
+
+    # ----------------------------------------------------------------- html
+    def _repr_html_(self) -> str:
+        """Jupyter view: per-input sharding pictures, cost and memory bars, collectives."""
+        from ._html import plan_html
+        return plan_html(self)
+
+    def save_html(self, path) -> None:
+        """Write the :meth:`_repr_html_` view as one self-contained HTML file (no network)."""
+        from ._html import plan_page
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(plan_page(self))
 
 
 def _spec_table(title, paths, specs, max_rows):

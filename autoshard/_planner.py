@@ -1,6 +1,7 @@
 """From a traced function to a Plan: strategies → costs → ILP → specs."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 import warnings
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import ilp
+from ._following import group_followers, grouped_request
 from ._graph import ShardingGraph, Use, build_graph, use_cost_matrix
 from ._liveness import live_ranges, peak_bytes
 from ._methods import ShardParallel
@@ -71,14 +73,23 @@ def _carried_uses(graph: ShardingGraph, pairs) -> list[Use]:
     return uses
 
 
-def build_request(graph: ShardingGraph, model: MeshCostModel, time_limit_s: float,
-                  carried: Sequence[Use] = ()) -> ilp.IntraOpRequest:
-    node_costs = tuple(np.array([s.cost_s for s in n.strategies]) for n in graph.nodes)
-    edges = tuple(ilp.EdgeCost(u.src, u.dst, use_cost_matrix(graph, u, model))
-                  for u in tuple(graph.uses) + tuple(carried))
-    return ilp.IntraOpRequest(node_costs=node_costs, edges=edges,
-                              node_names=tuple(n.name for n in graph.nodes),
-                              time_limit_s=time_limit_s)
+def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs) -> ShardingGraph:
+    """Arguments not carried from the previous step (the batch) arrive from the host every
+    call: each device copies in its shard, ``bytes per device / memory bandwidth``."""
+    program = graph.traced.program
+    carried = {i for _, i in pairs}
+    nodes = list(graph.nodes)
+    for i, vid in enumerate(program.invars):
+        if i in carried:
+            continue
+        n = graph.input_node(i)
+        aval = program.avals[vid]
+        shape, itemsize = tuple(aval.shape), np.dtype(aval.dtype).itemsize
+        nodes[n] = dataclasses.replace(nodes[n], strategies=tuple(
+            dataclasses.replace(s, communication_s=model.bytes_per_device(
+                shape, itemsize, s.out_specs[0]) / model.cluster.memory_bandwidth)
+            for s in nodes[n].strategies))
+    return dataclasses.replace(graph, nodes=tuple(nodes))
 
 
 def _warn_unsupported(graph: ShardingGraph) -> tuple[str, ...]:
@@ -112,10 +123,14 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     graph = build_graph(traced, model, input_specs)
     messages = _warn_unsupported(graph)
     time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
-    carried = _carried_uses(graph, carried_pairs(traced, donated_flat))
-    request = build_request(graph, model, time_limit, carried)
+    pairs = carried_pairs(traced, donated_flat)
+    graph = _price_fed_inputs(graph, model, pairs)
+    uses = tuple(graph.uses) + tuple(_carried_uses(graph, pairs))
+    matrices = [use_cost_matrix(graph, u, model) for u in uses]
+    grouping = group_followers(graph)
+    request = grouped_request(graph, grouping, uses, matrices, time_limit)
     result = ilp.solve_intra_op(request)
-    choices = result.choices
+    choices = grouping.expand(result.choices)
     chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]
 
     # Layout of every value under the chosen strategies.
@@ -134,12 +149,12 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
         for vid, spec in zip(node.outputs, strat.out_specs):
             if len(spec) and vid not in invar_index:
                 value_specs.append((vid, P(spec)))
-        if strat.communication_s > 0:
+        if strat.communication_s > 0 and node.kind == "op":
             kind = "reduce-scatter" if "reduce-scatter" in strat.name else "all-reduce"
             collectives.append(Collective(node.name, kind, strat.communication_s))
     resharding = 0.0
-    for use, edge in zip(tuple(graph.uses) + tuple(carried), request.edges):
-        cost = float(edge.cost[choices[use.src], choices[use.dst]])
+    for use, matrix in zip(uses, matrices):
+        cost = float(matrix[choices[use.src], choices[use.dst]])
         if use.operand < 0:  # loop-carried: the next step's input layout
             resharding += cost
             continue
@@ -165,7 +180,7 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     top_ops = tuple(OpCost(n.name, traced.sources[n.eqn], s.name, s.cost_s) for n, s in top)
     solver = SolverInfo(status=result.status, objective_s=result.objective,
                         lower_bound_s=result.lower_bound, gap=result.gap,
-                        solve_time_s=result.solve_time_s, num_nodes=len(graph.nodes),
+                        solve_time_s=result.solve_time_s, num_nodes=len(grouping.roots),
                         num_variables=result.num_variables,
                         num_constraints=result.num_constraints,
                         planning_time_s=time.perf_counter() - start)

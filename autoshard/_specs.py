@@ -66,7 +66,8 @@ def spec_is_valid(shape: Sequence[int], spec: Spec, mesh_shape: Sequence[int]) -
 def enumerate_specs(shape: Sequence[int], mesh_shape: Sequence[int]) -> list[Spec]:
     """Every valid spec of a tensor: each mesh axis (of size > 1) splits one dim or none.
 
-    Axes sharing a dim appear in both orders. The replicated spec comes first.
+    Axes sharing a dim split it in mesh order (major axis first), so that a layout has
+    one spelling. The replicated spec comes first.
     """
     axes = [a for a, n in enumerate(mesh_shape) if n > 1]
     rank = len(shape)
@@ -77,10 +78,9 @@ def enumerate_specs(shape: Sequence[int], mesh_shape: Sequence[int]) -> list[Spe
         for axis, dim in zip(axes, assignment):
             if dim < rank:
                 groups[dim].append(axis)
-        for orders in itertools.product(*(itertools.permutations(g) for g in groups)):
-            spec = tuple(tuple(o) for o in orders)
-            if spec not in seen and spec_is_valid(shape, spec, mesh_shape):
-                seen.add(spec)
-                specs.append(spec)
+        spec = tuple(tuple(g) for g in groups)
+        if spec not in seen and spec_is_valid(shape, spec, mesh_shape):
+            seen.add(spec)
+            specs.append(spec)
     specs.sort(key=lambda s: (sum(len(a) for a in s), s))
     return specs

@@ -90,12 +90,12 @@ def loop_strategies(op: LoopOp, in_avals, out_avals, model: MeshCostModel
                 groups.setdefault(loop, []).append(axis)
         if not _divides(op, groups, tensors, mesh_shape):
             continue
-        for ordered in itertools.product(*(itertools.permutations(g) for g in groups.values())):
-            loop_axes = dict(zip(groups.keys(), ordered))
-            for strategy in _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype):
-                key = (strategy.out_specs, strategy.in_specs)
-                if key not in seen or strategy.cost_s < seen[key].cost_s:
-                    seen[key] = strategy
+        # Axes sharing a loop split it in mesh order (major axis first), as specs do.
+        loop_axes = {loop: tuple(group) for loop, group in groups.items()}
+        for strategy in _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype):
+            key = (strategy.out_specs, strategy.in_specs)
+            if key not in seen or strategy.cost_s < seen[key].cost_s:
+                seen[key] = strategy
     return tuple(seen.values())
 
 

@@ -281,31 +281,36 @@ def conv_net(batch: int = 16, image: int = 16, channels: tuple[int, ...] = (8, 1
 def moe(batch: int = 16, seq: int = 8, d_model: int = 32, experts: int = 8, d_ff: int = 64,
         capacity: int = 4, *, learning_rate: float = 1e-2, seed: int = 0,
         abstract: bool = False) -> Workload:
-    """Top-1 (Switch/GShard-style) mixture-of-experts FFN with einsum dispatch/combine; MSE; SGD.
+    """Top-1 mixture-of-experts FFN in GShard's grouped form; MSE; SGD.
 
-    T = batch*seq tokens, E = experts, C = capacity (per expert; overflow tokens dropped).
+    Each sequence is a group (G = batch, S = seq tokens per group); E = experts,
+    C = capacity per expert and group (overflow tokens are dropped).
     params = {"gate": [D, E], "w1": [E, D, F], "b1": [E, F], "w2": [E, F, D], "b2": [E, D]}
-    batch  = {"x": [B, S, D], "y": [B, S, D]}
-    dispatch [T, E, C] is one-hot; combine = dispatch * gate probability.
+    batch  = {"x": [G, S, D], "y": [G, S, D]}
+    dispatch [G, S, E, C] is one-hot; combine = dispatch * gate probability. The
+    dispatched tokens [E, G, C, D] are indexed by expert, the batch by group: with
+    groups split over devices and experts split over the same devices, moving from one
+    to the other is GShard's all-to-all.
     """
     opt = optax.sgd(learning_rate)
 
     def loss_fn(params, batch):
-        x = batch["x"].reshape(-1, d_model)                             # [T, D]
-        probs = jax.nn.softmax(x @ params["gate"], axis=-1)           # [T, E]
-        expert = jnp.argmax(probs, axis=-1)                            # [T]
-        mask = jax.nn.one_hot(expert, experts, dtype=x.dtype)          # [T, E]
-        position = jnp.cumsum(mask, axis=0) * mask - 1.0               # slot in expert, -1 elsewhere
-        mask = mask * (position < capacity)                            # drop overflow tokens
-        slot = jax.nn.one_hot(position.astype(jnp.int32), capacity, dtype=x.dtype)  # [T, E, C]
-        dispatch = mask[:, :, None] * slot                             # [T, E, C]
-        combine = dispatch * jnp.sum(probs * mask, axis=-1)[:, None, None]
+        x = batch["x"]                                                  # [G, S, D]
+        probs = jax.nn.softmax(x @ params["gate"], axis=-1)            # [G, S, E]
+        expert = jnp.argmax(probs, axis=-1)                             # [G, S]
+        mask = jax.nn.one_hot(expert, experts, dtype=x.dtype)           # [G, S, E]
+        position = jnp.cumsum(mask, axis=1) * mask - 1.0                # slot in expert, -1 elsewhere
+        mask = mask * (position < capacity)                             # drop overflow tokens
+        slot = jax.nn.one_hot(position.astype(jnp.int32), capacity, dtype=x.dtype)  # [G, S, E, C]
+        dispatch = mask[..., None] * slot                               # [G, S, E, C]
+        combine = dispatch * jnp.sum(probs * mask, axis=-1)[..., None, None]
 
-        xe = jnp.einsum("tec,td->ecd", dispatch, x)                    # [E, C, D]
-        h = jax.nn.relu(jnp.einsum("ecd,edf->ecf", xe, params["w1"]) + params["b1"][:, None, :])
-        ye = jnp.einsum("ecf,efd->ecd", h, params["w2"]) + params["b2"][:, None, :]
-        y = jnp.einsum("tec,ecd->td", combine, ye)                     # [T, D]
-        return _mse(y + x, batch["y"].reshape(-1, d_model))           # residual
+        xe = jnp.einsum("gsec,gsd->egcd", dispatch, x)                  # [E, G, C, D]
+        h = jax.nn.relu(jnp.einsum("egcd,edf->egcf", xe, params["w1"])
+                        + params["b1"][:, None, None, :])
+        ye = jnp.einsum("egcf,efd->egcd", h, params["w2"]) + params["b2"][:, None, None, :]
+        y = jnp.einsum("gsec,egcd->gsd", combine, ye)                   # [G, S, D]
+        return _mse(y + x, batch["y"])                                  # residual
 
     def make_args():
         k = jax.random.split(jax.random.key(seed), 5)

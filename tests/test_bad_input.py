@@ -1,0 +1,111 @@
+"""Bad or unusual input: clear errors, or correct fallbacks with a warning that points at user code."""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import autoshard
+
+
+@pytest.fixture(scope="module")
+def mesh8():
+    return autoshard.make_mesh((8,), ("data",))
+
+
+def test_unsupported_primitive_warns_once_and_still_runs(mesh8):
+    def fn(a, x):
+        spd = a @ a.T + 8.0 * jnp.eye(8)
+        return jnp.linalg.cholesky(spd) @ x
+
+    a = jnp.arange(64.0).reshape(8, 8) / 64
+    x = jnp.ones((8, 16))
+    step = autoshard.parallelize(fn, mesh=mesh8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = step(a, x)
+    messages = [w for w in caught if "cholesky" in str(w.message)]
+    assert len(messages) == 1, [str(w.message) for w in caught]
+    assert "replicated" in str(messages[0].message)
+    assert messages[0].filename == __file__   # stacklevel points at the caller
+    np.testing.assert_allclose(out, jax.jit(fn)(a, x), rtol=1e-5, atol=1e-5)
+
+
+def test_control_flow_runs_replicated_with_a_warning(mesh8):
+    def fn(w, x):
+        def body(h, _):
+            return jnp.tanh(h @ w), None
+        return jax.lax.scan(body, x, None, length=3)[0].sum()
+
+    w, x = jnp.eye(16) * 0.5, jnp.ones((8, 16))
+    with pytest.warns(UserWarning, match="control flow primitive 'scan'"):
+        out = autoshard.parallelize(fn, mesh=mesh8)(w, x)
+    np.testing.assert_allclose(out, jax.jit(fn)(w, x), rtol=1e-5)
+
+
+def test_mesh_larger_than_devices_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"needs 64 devices but 8 are available.*abstract_mesh"):
+        autoshard.make_mesh((8, 8), ("data", "model"))
+
+
+def test_abstract_mesh_plans_but_does_not_run():
+    mesh = autoshard.abstract_mesh((8, 8), ("data", "model"))
+    step = autoshard.parallelize(lambda w, x: jnp.tanh(x @ w), mesh=mesh)
+    w = jax.ShapeDtypeStruct((512, 512), jnp.float32)
+    x = jax.ShapeDtypeStruct((64, 512), jnp.float32)
+    plan = step.plan(w, x)
+    assert plan.mesh_shape == (8, 8)
+    with pytest.raises(ValueError, match="abstract mesh"):
+        step(jnp.ones((512, 512)), jnp.ones((64, 512)))
+
+
+def test_dims_no_axis_divides_fall_back_to_replication(mesh8):
+    def fn(w, x):
+        return jnp.sum(jnp.tanh(x @ w) ** 2, axis=0)
+
+    w, x = jnp.ones((7, 5)) * 0.1, jnp.ones((3, 7))
+    step = autoshard.parallelize(fn, mesh=mesh8)
+    plan = step.plan(w, x)
+    assert plan.in_specs == (P(), P())
+    np.testing.assert_allclose(step(w, x), jax.jit(fn)(w, x), rtol=1e-6)
+
+
+def test_non_array_leaves_name_their_path(mesh8):
+    def fn(params, x):
+        return x * 2
+
+    step = autoshard.parallelize(fn, mesh=mesh8)
+    with pytest.raises(TypeError, match=r"(?s)args\[0\]\[.name.\]: str.*static_argnums"):
+        step({"name": "relu", "w": jnp.ones(8)}, jnp.ones(8))
+
+
+def test_static_argnums_take_python_values(mesh8):
+    def fn(activation, x):
+        return jnp.tanh(x) if activation == "tanh" else jax.nn.relu(x)
+
+    step = autoshard.parallelize(fn, mesh=mesh8, static_argnums=0)
+    x = jnp.linspace(-1, 1, 64).reshape(8, 8)
+    np.testing.assert_allclose(step("tanh", x), jnp.tanh(x), rtol=1e-6)
+    np.testing.assert_allclose(step("relu", x), jax.nn.relu(x), rtol=1e-6)
+    assert step.plan("tanh", x).in_specs[0] is None
+
+
+def test_unhashable_static_argument_is_a_clear_error(mesh8):
+    step = autoshard.parallelize(lambda cfg, x: x, mesh=mesh8, static_argnums=0)
+    with pytest.raises(TypeError, match="static argument 0 must be hashable"):
+        step({"a": 1}, jnp.ones(8))
+
+
+def test_bad_method_is_a_clear_error(mesh8):
+    with pytest.raises(TypeError, match="method must be one of"):
+        autoshard.parallelize(lambda x: x, mesh=mesh8, method="ilp")
+
+
+def test_python_scalars_are_accepted(mesh8):
+    def fn(x, scale):
+        return x * scale
+
+    step = autoshard.parallelize(fn, mesh=mesh8, batch_argnums=0)
+    np.testing.assert_allclose(step(jnp.ones((8, 4)), 3.0), 3.0 * np.ones((8, 4)))

@@ -1,0 +1,333 @@
+"""Tests of autoshard.ilp (intra-op ILP): hand-solved graphs, brute force, determinism, validation."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autoshard.ilp import (
+    EdgeCost,
+    InfeasibleError,
+    IntraOpRequest,
+    evaluate,
+    min_peak_memory,
+    solve_intra_op,
+)
+
+INF = np.inf
+GiB = 1024.0**3
+SWAP = [[0.0, 10.0], [10.0, 0.0]]  # resharding between two specs: free if equal, 10 s otherwise
+
+
+def _check_optimal(request, expected_choices, expected_objective):
+    result = solve_intra_op(request)
+    assert result.choices == tuple(expected_choices)
+    assert result.objective == pytest.approx(expected_objective, rel=1e-12, abs=1e-12)
+    assert result.status == "OPTIMAL" and result.gap == 0.0
+    assert evaluate(request, result.choices).violations == ()
+    return result
+
+
+# ---------------------------------------------------------------- hand-solved graphs
+
+
+def test_chain_of_3_resharding_dominates():
+    # A - B - C, costs A [0, 1], B [1, 0], C [0, 1], each edge SWAP.
+    # Per-node argmin (0, 1, 0) costs 0 + 2 * 10 = 20; all 0 costs 1; all 1 costs 2.
+    # Optimum: (0, 0, 0), objective 1.
+    request = IntraOpRequest(
+        node_costs=([0.0, 1.0], [1.0, 0.0], [0.0, 1.0]),
+        edges=(EdgeCost(0, 1, SWAP), EdgeCost(1, 2, SWAP)),
+        node_names=("A", "B", "C"),
+    )
+    _check_optimal(request, (0, 0, 0), 1.0)
+
+
+def test_diamond_locally_cheapest_is_globally_wrong():
+    # A -> B, A -> C, B -> D, C -> D; each edge costs 1 s when strategies differ.
+    # A [0, 0.5], B [0, 0], C [0, 0], D [5, 0]. Locally A=0 and D=1 (then two edges
+    # must reshard: 2 s). All 0: 5 s. All 1: 0.5 s, the optimum.
+    flip = [[0.0, 1.0], [1.0, 0.0]]
+    request = IntraOpRequest(
+        node_costs=([0.0, 0.5], [0.0, 0.0], [0.0, 0.0], [5.0, 0.0]),
+        edges=(EdgeCost(0, 1, flip), EdgeCost(0, 2, flip), EdgeCost(1, 3, flip), EdgeCost(2, 3, flip)),
+    )
+    assert evaluate(request, (0, 0, 0, 1)).objective == 2.0
+    _check_optimal(request, (1, 1, 1, 1), 0.5)
+
+
+def test_memory_budget_forces_costlier_strategy():
+    # A costs [1, 2] s, mem [100, 50] B; B costs [1, 3], mem [100, 20]; both live at once,
+    # budget 160 B. (0,0): 200 B too much; (0,1): 4 s; (1,0): 150 B, 3 s; (1,1): 5 s.
+    # Optimum (1, 0), objective 3 s (unconstrained it would be (0, 0), 2 s).
+    request = IntraOpRequest(
+        node_costs=([1.0, 2.0], [1.0, 3.0]),
+        node_memory=([100.0, 50.0], [100.0, 20.0]),
+        memory_points=((0, 1),),
+        memory_budget=160.0,
+    )
+    result = _check_optimal(request, (1, 0), 3.0)
+    assert evaluate(request, result.choices).memory_by_point == (150.0,)
+
+
+def test_infeasible_budget_reports_min_peak():
+    # mem A [4, 2] GiB, B [4, 1] GiB, C [3, 3] GiB; points {A, B} and {B, C}.
+    # Smallest peak: A=1, B=1 -> {A,B} = 3 GiB, {B,C} = 4 GiB -> 4 GiB > budget 3.5 GiB.
+    request = IntraOpRequest(
+        node_costs=([0.0, 1.0], [0.0, 1.0], [0.0, 1.0]),
+        edges=(EdgeCost(0, 1, SWAP),),
+        node_memory=([4 * GiB, 2 * GiB], [4 * GiB, 1 * GiB], [3 * GiB, 3 * GiB]),
+        memory_points=((0, 1), (1, 2)),
+        memory_budget=3.5 * GiB,
+    )
+    with pytest.raises(InfeasibleError) as info:
+        solve_intra_op(request)
+    assert info.value.min_peak_bytes == 4 * GiB
+    assert "3.50 GiB" in str(info.value) and "4.00 GiB" in str(info.value)
+    assert min_peak_memory(request) == 4 * GiB
+
+
+def test_inf_strategy_never_chosen():
+    # A [inf, 5], B [0, 20], edge SWAP. (0, 0) would cost 0 but A=0 is forbidden.
+    # A=1: B=0 -> 5 + 10 = 15; B=1 -> 25. Optimum (1, 0), 15 s.
+    request = IntraOpRequest(node_costs=([INF, 5.0], [0.0, 20.0]), edges=(EdgeCost(0, 1, SWAP),))
+    _check_optimal(request, (1, 0), 15.0)
+
+
+def test_inf_edge_cell_forbids_the_pair():
+    # Without the inf cell (0, 0) costs 0; forbidden, next best is (1, 1) at 1 + 1 = 2 s.
+    request = IntraOpRequest(
+        node_costs=([0.0, 1.0], [0.0, 1.0]),
+        edges=(EdgeCost(0, 1, [[INF, 5.0], [5.0, 0.0]]),),
+    )
+    _check_optimal(request, (1, 1), 2.0)
+
+
+def test_reductions_fold_everything_trivial():
+    # Edge 0-1 is separable (a[i] + b[j]), 1-2 has two parallel edges in opposite directions
+    # that sum to zero-diagonal SWAP, node 3 has a single strategy, 2-4 is all zeros.
+    separable = np.add.outer([0.0, 3.0], [1.0, 0.0])
+    request = IntraOpRequest(
+        node_costs=([0.0, 0.0], [0.0, 0.0], [0.0, 2.0], [1.0], [1.0, 0.0]),
+        edges=(
+            EdgeCost(0, 1, separable),
+            EdgeCost(1, 2, [[0.0, 4.0], [6.0, 0.0]]),
+            EdgeCost(2, 1, [[0.0, 4.0], [6.0, 0.0]]),
+            EdgeCost(3, 2, [[2.0, 0.0]]),
+            EdgeCost(2, 4, np.zeros((2, 2))),
+        ),
+    )
+    # Node 4 -> 1 (free). Node 3 is fixed (1 s) and adds [2, 0] to node 2. With 0 -> 0:
+    # (1, 2) = (1, 1): 0 + 0 + 2 + 0 = 2; (0, 0): 1 + 0 + 0 + 2 = 3; mixed pay 8 or 12.
+    # Optimum (0, 1, 1, 0, 1): nodes 0 + 0 + 2 + 1 + 0, edges 0 -> 3 s.
+    result = _check_optimal(request, (0, 1, 1, 0, 1), 3.0)
+    assert result.stats.merged_edges == 1
+    assert result.stats.model_edges == 1  # only the 1-2 resharding edge is left
+
+
+# ---------------------------------------------------------------- brute force property test
+
+
+def _brute_force(request):
+    """(best objective or None, min peak) by enumerating every assignment with numpy."""
+    shape = tuple(len(c) for c in request.node_costs)
+    n = len(shape)
+
+    def along(axis, vector):
+        view = [1] * n
+        view[axis] = len(vector)
+        return np.asarray(vector, dtype=float).reshape(view)
+
+    total = np.zeros(shape)
+    for v, cost in enumerate(request.node_costs):
+        total = total + along(v, cost)
+    for edge in request.edges:
+        view = [1] * n
+        view[edge.src], view[edge.dst] = edge.cost.shape
+        matrix = edge.cost if edge.src < edge.dst else edge.cost.T
+        total = total + matrix.reshape(view)
+    peak = np.zeros(shape)
+    for point in request.memory_points:
+        used = np.zeros(shape)
+        for v in sorted(set(point)):
+            used = used + along(v, request.node_memory[v])
+        peak = np.maximum(peak, used)
+    feasible = np.isfinite(total)
+    min_peak = float(peak[feasible].min()) if feasible.any() else None
+    if request.memory_budget is not None:
+        feasible &= peak <= request.memory_budget
+    best = float(total[feasible].min()) if feasible.any() else None
+    return best, min_peak
+
+
+def _random_request(rng, n_max=7, s_max=4):
+    n = int(rng.integers(1, n_max + 1))
+    counts = rng.integers(1, s_max + 1, size=n)
+    costs = []
+    for s in counts:
+        cost = rng.uniform(0, 1, s)
+        if s > 1 and rng.random() < 0.3:
+            cost[rng.integers(s)] = INF
+        costs.append(cost)
+    edges = []
+    for _ in range(int(rng.integers(0, 2 * n + 1)) if n > 1 else 0):
+        a, b = (int(x) for x in rng.choice(n, 2, replace=False))
+        shape = (counts[a], counts[b])
+        kind = rng.random()
+        if kind < 0.15:
+            matrix = np.zeros(shape)
+        elif kind < 0.3:
+            matrix = np.add.outer(rng.uniform(0, 1, shape[0]), rng.uniform(0, 1, shape[1]))
+        else:
+            matrix = rng.uniform(0, 2, shape)
+            if rng.random() < 0.1:
+                matrix[rng.integers(shape[0]), rng.integers(shape[1])] = INF
+        edges.append(EdgeCost(a, b, matrix))
+    memory, points, budget = None, (), None
+    if rng.random() < 0.5:
+        memory = tuple(rng.integers(1, 100, size=s).astype(float) for s in counts)
+        points = tuple(
+            tuple(int(v) for v in rng.choice(n, int(rng.integers(1, n + 1)), replace=False))
+            for _ in range(int(rng.integers(1, 4)))
+        )
+        budget = float(rng.integers(50, 250))
+    return IntraOpRequest(
+        node_costs=tuple(costs),
+        edges=tuple(edges),
+        node_memory=memory,
+        memory_points=points,
+        memory_budget=budget,
+        time_limit_s=10.0,
+    )
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_matches_brute_force(seed):
+    request = _random_request(np.random.default_rng(seed))
+    best, min_peak = _brute_force(request)
+    if best is None and min_peak is not None:
+        with pytest.raises(InfeasibleError) as info:
+            solve_intra_op(request)
+        assert info.value.min_peak_bytes == min_peak
+        return
+    if best is None:
+        with pytest.raises(ValueError):
+            solve_intra_op(request)
+        return
+    result = solve_intra_op(request)
+    check = evaluate(request, result.choices)
+    assert check.violations == ()
+    assert result.status == "OPTIMAL"
+    assert check.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+    assert result.objective == check.objective
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def _determinism_request():
+    rng = np.random.default_rng(1234)
+    n, s = 80, 6
+    edges = []
+    for v in range(1, n):
+        for u in rng.choice(v, min(v, 2), replace=False):
+            edges.append(EdgeCost(int(u), v, rng.uniform(0, 1, (s, s))))
+    return IntraOpRequest(
+        node_costs=tuple(rng.uniform(0, 1, s) for _ in range(n)),
+        edges=tuple(edges),
+        time_limit_s=0.3,
+    )
+
+
+def test_deterministic_across_runs_and_processes():
+    first = solve_intra_op(_determinism_request())
+    second = solve_intra_op(_determinism_request())
+    assert first.choices == second.choices and first.objective == second.objective
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_ilp import _determinism_request
+        from autoshard.ilp import solve_intra_op
+        print(list(solve_intra_op(_determinism_request()).choices))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(list(first.choices))
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def test_evaluate_reports_each_violation():
+    request = IntraOpRequest(
+        node_costs=([INF, 1.0], [0.0, 1.0, 2.0]),
+        edges=(EdgeCost(0, 1, [[0.0, INF, 1.0], [1.0, 0.0, 1.0]]),),
+        node_names=("dot_3", "add"),
+        node_memory=([GiB, GiB], [0.2 * GiB, 0.2 * GiB, 0.2 * GiB]),
+        memory_points=((0, 1),),
+        memory_budget=1.0 * GiB,
+    )
+    good = evaluate(request, (1, 1))
+    assert good.objective == 2.0 and good.node_cost == 2.0 and good.edge_cost == 0.0
+    assert good.memory_by_point == (1.2 * GiB,)
+    (message,) = good.violations
+    assert message.startswith("memory point 0: 1.20 GiB > budget 1.00 GiB")
+    forbidden = evaluate(request, (0, 1))
+    assert "node 'dot_3' (#0) strategy 0 is forbidden (inf)" in forbidden.violations
+    assert any("pair (0, 1) is forbidden" in v for v in forbidden.violations)
+    assert forbidden.objective == INF
+    out_of_range = evaluate(request, (1, 7))
+    assert "node 'add' (#1) choice 7 out of range (3 strategies)" in out_of_range.violations
+    assert "expected 2 choices" in evaluate(request, (1,)).violations[0]
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(edges=(EdgeCost(0, 1, np.zeros((2, 2))),)), "'mul' (#1)"),  # mul has 3 strategies
+        (dict(node_costs=([0.0], [])), "'mul' (#1) has zero strategies"),
+        (dict(node_costs=([0.0], [INF, INF, INF])), "'mul' (#1): every strategy is forbidden"),
+        (dict(edges=(EdgeCost(0, 5, np.zeros((1, 1))),)), "node index 5 out of range"),
+        (dict(node_memory=([1.0], [1.0, 2.0])), "'mul' (#1): node_memory has 2 entries, expected 3"),
+        (dict(node_memory=([1.0],)), "node_memory has 1 entries, expected 2"),
+        (dict(hint=(0,)), "hint has 1 entries, expected 2"),
+        (dict(hint=(0, 3)), "hint for node 'mul' (#1) is 3"),
+        (dict(node_names=("x",)), "node_names has 1 entries, expected 2"),
+        (dict(memory_points=((0, 9),), node_memory=([1.0], [1.0, 1.0, 1.0])), "node index 9 out of range"),
+    ],
+)
+def test_validation_names_the_node(kwargs, fragment):
+    base = dict(node_costs=([0.0], [0.0, 1.0, 2.0]), node_names=("dot", "mul"))
+    base.update(kwargs)
+    with pytest.raises(ValueError) as info:
+        IntraOpRequest(**base)
+    assert fragment in str(info.value)
+
+
+def test_repr_summarises_large_requests():
+    request = IntraOpRequest(
+        node_costs=tuple(np.zeros(4) for _ in range(1000)),
+        edges=tuple(EdgeCost(v, v + 1, np.ones((4, 4))) for v in range(999)),
+    )
+    assert len(repr(request)) < 200 and "nodes=1000" in repr(request)
+    result = solve_intra_op(IntraOpRequest(node_costs=tuple(np.arange(3.0) for _ in range(50))))
+    assert len(repr(result)) < 300 and result.choices == (0,) * 50 and result.num_variables == 0
+
+
+def test_hint_is_accepted_and_result_stays_optimal():
+    request = IntraOpRequest(
+        node_costs=([0.0, 1.0], [1.0, 0.0], [0.0, 1.0]),
+        edges=(EdgeCost(0, 1, SWAP), EdgeCost(1, 2, SWAP)),
+        hint=(1, 1, 1),
+    )
+    _check_optimal(request, (0, 0, 0), 1.0)

@@ -1,0 +1,60 @@
+"""Every plan — the ILP's and every preset's — gives the numbers plain jax.jit gives."""
+import jax
+import numpy as np
+import pytest
+
+import autoshard
+from examples.models import conv_net, mlp, moe, transformer_block
+
+MESHES = [((8,), ("data",)), ((2, 4), ("data", "model")), ((4, 2), ("data", "model"))]
+METHODS = [autoshard.ShardParallel(), autoshard.DataParallel(), autoshard.ZeRO3(),
+           autoshard.Megatron()]
+WORKLOADS = {
+    "mlp": lambda: mlp(num_layers=6, batch=16, hidden=64),
+    "transformer_block": lambda: transformer_block(batch=8, seq=8, d_model=32, heads=4, d_ff=64),
+    "conv_net": lambda: conv_net(batch=8, image=8, channels=(8, 16), num_classes=8),
+    "moe": lambda: moe(batch=8, seq=8, d_model=16, experts=8, d_ff=32, capacity=4),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(WORKLOADS))
+def workload_and_reference(request):
+    workload = WORKLOADS[request.param]()
+    return workload, jax.jit(workload.fn)(*workload.args)
+
+
+def assert_trees_allclose(actual, expected):
+    a_leaves, a_tree = jax.tree.flatten(actual)
+    e_leaves, e_tree = jax.tree.flatten(expected)
+    assert a_tree == e_tree
+    for a, e in zip(a_leaves, e_leaves):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("shape, names", MESHES, ids=lambda x: "x".join(map(str, x))
+                         if isinstance(x[0], int) else None)
+def test_matches_jit(workload_and_reference, shape, names, method):
+    workload, reference = workload_and_reference
+    mesh = autoshard.make_mesh(shape, names)
+    step = autoshard.parallelize(workload.fn, mesh=mesh, method=method,
+                                 batch_argnums=workload.batch_argnums)
+    out = step(*workload.args)
+    assert_trees_allclose(out, reference)
+    # The outputs carry the planned shardings.
+    plan = step.plan(*workload.args)
+    for leaf, spec in zip(jax.tree.leaves(out), plan.flat_out_specs):
+        assert leaf.sharding.is_equivalent_to(
+            jax.sharding.NamedSharding(mesh, spec), leaf.ndim)
+
+
+@pytest.mark.parametrize("shape, names", MESHES[1:], ids=["2x4", "4x2"])
+def test_ilp_never_costs_more_than_a_preset(workload_and_reference, shape, names):
+    workload, _ = workload_and_reference
+    mesh = autoshard.abstract_mesh(shape, names)
+    costs = {type(m).__name__: autoshard.parallelize(
+        workload.fn, mesh=mesh, method=m, batch_argnums=workload.batch_argnums
+    ).plan(*workload.args).cost.total_s for m in METHODS}
+    ilp = costs.pop("ShardParallel")
+    for name, cost in costs.items():
+        assert ilp <= cost * (1 + 1e-6), (name, ilp, cost)
