@@ -1,4 +1,5 @@
 """autoshard: automatic intra- and inter-operator parallelization for JAX."""
+from ._api import MemoryBudgetError as MemoryBudgetError
 from ._api import ParallelizedFunction as ParallelizedFunction
 from ._api import parallelize as parallelize
 from ._mesh import abstract_mesh as abstract_mesh

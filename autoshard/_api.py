@@ -14,10 +14,14 @@ from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
 from ._plan import Plan
 from ._planner import fingerprint, plan_traced
 from ._trace import TracedFunction, trace
-from .cost_model import Cluster, parse_bytes
+from .cost_model import Cluster, format_bytes, parse_bytes
 from .runtime import ShardedProgram, shard_program
 
 _METHODS = (ShardParallel, DataParallel, ZeRO3, Megatron)
+
+
+class MemoryBudgetError(ValueError):
+    """The plan does not fit ``memory_budget``; the message gives both sizes."""
 
 
 def _normalize_argnums(argnums, name) -> tuple[int, ...]:
@@ -130,12 +134,24 @@ class ParallelizedFunction:
                                    donated_flat=self._donate_flags(traced))
                 plan = dataclasses.replace(plan,
                                            in_specs=self._arg_specs(plan.in_specs, len(args)))
+                self._check_budget(plan)
             entry = _Compiled(traced, plan, None)
             self._cache[key] = entry
         if need_program and entry.program is None:
             entry = dataclasses.replace(entry, program=self._shard(entry))
             self._cache[key] = entry
         return entry
+
+    def _check_budget(self, plan: Plan) -> None:
+        """The planner does not yet trade cost for memory (see the README): it checks the
+        cheapest plan against the budget and says so when it does not fit."""
+        budget = self._memory_budget
+        if budget is not None and plan.cost.peak_memory_bytes > budget:
+            raise MemoryBudgetError(
+                f"the cheapest plan found needs {format_bytes(plan.cost.peak_memory_bytes)} per "
+                f"device, over memory_budget={format_bytes(budget)}. Memory-constrained search "
+                f"is not implemented yet; method=autoshard.ZeRO3() shards parameters and "
+                f"optimizer state, or use a larger mesh.")
 
     def _reuse_plan(self, traced: TracedFunction, statics: str) -> Plan:
         """The fixed plan, after checking it was made for this signature."""

@@ -305,7 +305,7 @@ def gather(eqn, in_avals, out_avals):
     out = out_avals[0]
     dn = eqn.params["dimension_numbers"]
     slice_sizes = eqn.params["slice_sizes"]
-    if dn.operand_batching_dims or indices is None:
+    if indices is None:
         return None
     sizes, odims = [], [None] * _rank(out)
     op_dims, idx_dims = [None] * _rank(operand), [None] * _rank(indices)
@@ -319,6 +319,8 @@ def gather(eqn, in_avals, out_avals):
     batch_out = [d for d in range(_rank(out)) if d not in dn.offset_dims]
     for k, out_d in enumerate(batch_out):  # index vector dim is the last dim of indices
         idx_dims[k] = odims[out_d] = len(sizes)
+        if k in dn.start_indices_batching_dims:  # operand batch dim runs with it
+            op_dims[dn.operand_batching_dims[dn.start_indices_batching_dims.index(k)]] = len(sizes)
         sizes.append(out.shape[out_d])
         splittable.append(True)
     indexed = [d for d in dn.start_index_map if d in dn.collapsed_slice_dims]
@@ -338,14 +340,13 @@ def scatter(eqn, in_avals, out_avals):
     if operand is None or indices is None or updates is None:
         return None
     dn = eqn.params["dimension_numbers"]
-    if dn.operand_batching_dims:
-        return None
     is_add = eqn.primitive.name == "scatter-add"
     rank = _rank(operand)
     sizes, splittable = [], []
     op_dims = [None] * rank
     upd_dims, idx_dims = [None] * _rank(updates), [None] * _rank(indices)
-    window_operand_dims = [d for d in range(rank) if d not in dn.inserted_window_dims]
+    window_operand_dims = [d for d in range(rank) if d not in dn.inserted_window_dims
+                           and d not in dn.operand_batching_dims]
     for upd_d, op_d in zip(dn.update_window_dims, window_operand_dims):
         op_dims[op_d] = len(sizes)
         if updates.shape[upd_d] == operand.shape[op_d]:
@@ -354,16 +355,22 @@ def scatter(eqn, in_avals, out_avals):
         splittable.append(updates.shape[upd_d] == operand.shape[op_d]
                           and op_d not in dn.scatter_dims_to_operand_dims)
     indexed = [d for d in dn.scatter_dims_to_operand_dims if d in dn.inserted_window_dims]
+    scatter_upd = [d for d in range(_rank(updates)) if d not in dn.update_window_dims]
+    for k, upd_d in enumerate(scatter_upd):
+        upd_dims[upd_d] = idx_dims[k] = len(sizes)
+        if k in dn.scatter_indices_batching_dims:
+            # a batch dim: operand rows receive only their own updates — no reduction
+            op_dims[dn.operand_batching_dims[dn.scatter_indices_batching_dims.index(k)]] = \
+                len(sizes)
+            splittable.append(True)
+        else:
+            splittable.append(is_add)
+        sizes.append(updates.shape[upd_d])
     for d in range(rank):
         if op_dims[d] is None:
             op_dims[d] = len(sizes)
             sizes.append(operand.shape[d])
             splittable.append(d in indexed and len(dn.scatter_dims_to_operand_dims) == 1)
-    scatter_upd = [d for d in range(_rank(updates)) if d not in dn.update_window_dims]
-    for k, upd_d in enumerate(scatter_upd):
-        upd_dims[upd_d] = idx_dims[k] = len(sizes)
-        sizes.append(updates.shape[upd_d])
-        splittable.append(is_add)
     ident = tuple(op_dims)
     return LoopOp(tuple(sizes), tuple(splittable),
                   (ident, tuple(idx_dims), tuple(upd_dims)), (ident,),

@@ -109,3 +109,17 @@ def test_python_scalars_are_accepted(mesh8):
 
     step = autoshard.parallelize(fn, mesh=mesh8, batch_argnums=0)
     np.testing.assert_allclose(step(jnp.ones((8, 4)), 3.0), 3.0 * np.ones((8, 4)))
+
+
+def test_memory_budget_is_checked_and_bad_strings_rejected(mesh8):
+    def fn(w, x):
+        return jnp.tanh(x @ w)
+
+    w, x = jnp.ones((256, 256)), jnp.ones((64, 256))
+    fits = autoshard.parallelize(fn, mesh=mesh8, memory_budget="1GiB")
+    np.testing.assert_allclose(fits(w, x), jax.jit(fn)(w, x), rtol=1e-6)
+    tight = autoshard.parallelize(fn, mesh=mesh8, memory_budget=1024)
+    with pytest.raises(autoshard.MemoryBudgetError, match=r"needs .* per device, over memory_budget=1.00 KiB"):
+        tight.plan(w, x)
+    with pytest.raises(ValueError, match="sixteen gigs.*16GiB"):
+        autoshard.parallelize(fn, mesh=mesh8, memory_budget="sixteen gigs")
