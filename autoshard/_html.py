@@ -522,9 +522,7 @@ def _solver_section(plan) -> str:
     out = []
     s = plan.solver
     if s is not None:
-        out.append(f"<div class='as-muted'>solver: {_e(s.status)}, gap {s.gap:.2%}, {s.num_nodes} nodes, "
-                   f"{s.num_variables} variables, {s.num_constraints} constraints, solve "
-                   f"{s.solve_time_s:.2f} s, planning {s.planning_time_s:.2f} s</div>")
+        out.append(f"<div class='as-muted'>solver: {_e(s.describe())}</div>")
     for w in plan.warnings:
         out.append(f"<div class='as-warn'>warning: {_e(w)}</div>")
     return "".join(out)

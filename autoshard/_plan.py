@@ -47,6 +47,12 @@ class SolverInfo:
     num_constraints: int
     planning_time_s: float
 
+    def describe(self) -> str:
+        """One line: status, gap, problem size and times."""
+        return (f"{self.status}, gap {self.gap:.2%}, {self.num_nodes} nodes, "
+                f"{self.num_variables} variables, {self.num_constraints} constraints, "
+                f"solve {self.solve_time_s:.2f} s, planning {self.planning_time_s:.2f} s")
+
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
@@ -126,10 +132,7 @@ class Plan:
             lines.append("collectives: " + ", ".join(
                 f"{k} ×{n} ({_fmt_s(s)})" for k, (n, s) in sorted(by_kind.items())))
         if self.solver is not None:
-            s = self.solver
-            lines.append(f"solver: {s.status}, gap {s.gap:.2%}, {s.num_nodes} nodes, "
-                         f"{s.num_variables} variables, {s.num_constraints} constraints, "
-                         f"solve {s.solve_time_s:.2f} s, planning {s.planning_time_s:.2f} s")
+            lines.append(f"solver: {self.solver.describe()}")
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
