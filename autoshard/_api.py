@@ -159,10 +159,10 @@ class ParallelizedFunction:
         got = fingerprint(traced, statics)
         if got != plan.fingerprint:
             raise ValueError(
-                f"the plan passed to parallelize(plan=...) was made for another input "
-                f"signature: signature fingerprint mismatch (plan {plan.fingerprint}, these "
-                f"arguments {got}). Plans are tied to the argument tree structure, shapes, "
-                f"dtypes and static arguments; plan again for these arguments")
+                f"the plan passed to parallelize(plan=...) was made for another function or "
+                f"input signature: fingerprint mismatch (plan {plan.fingerprint}, this function "
+                f"with these arguments {got}). Plans are tied to the traced program and to the "
+                f"argument tree structure, shapes, dtypes and static arguments; plan again")
         program = traced.program
         if (len(plan.flat_in_specs), len(plan.flat_out_specs)) != \
                 (len(program.invars), len(program.outvars)):

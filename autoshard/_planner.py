@@ -13,7 +13,7 @@ from . import ilp
 from ._following import group_followers, grouped_request
 from ._graph import ShardingGraph, Use, build_graph, use_cost_matrix
 from ._liveness import live_ranges, peak_bytes
-from ._methods import ShardParallel
+from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
 from ._plan import Collective, OpCost, Plan, PlanCost, SolverInfo
 from ._specs import to_partition_spec
 from ._trace import TracedFunction
@@ -22,11 +22,34 @@ from .cost_model import Cluster, MeshCostModel
 
 
 def fingerprint(traced: TracedFunction, static_repr: str) -> str:
-    """A stable hash of the function's signature: tree structure, shapes, dtypes, statics."""
-    avals = [traced.program.avals[v] for v in traced.program.invars]
-    text = "|".join([str(traced.in_tree), static_repr] +
-                    [f"{tuple(a.shape)}:{np.dtype(a.dtype).name}" for a in avals])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """A stable hash of the function's signature (tree structure, shapes, dtypes, statics)
+    and of its program body (every equation's primitive, simple parameters, wiring and
+    value shapes), identical in every process."""
+    program = traced.program
+    digest = hashlib.sha256()
+    for part in [str(traced.in_tree), str(traced.out_tree), static_repr]:
+        digest.update(part.encode() + b"\0")
+    for aval in program.avals:
+        digest.update(f"{tuple(aval.shape)}:{np.dtype(aval.dtype).name};".encode())
+    digest.update(repr((program.invars, [a if isinstance(a, int) else "lit"
+                                         for a in program.outvars])).encode())
+    for eqn in program.eqns:
+        inputs = [a if isinstance(a, int) else _stable_repr(a.value) for a in eqn.inputs]
+        params = sorted((k, _stable_repr(v)) for k, v in eqn.params.items())
+        digest.update(repr((eqn.primitive.name, inputs, eqn.outputs, params)).encode())
+    return digest.hexdigest()[:16]
+
+
+def _stable_repr(value) -> str:
+    """``repr`` of plain data; a type name for anything whose repr may hold an address."""
+    if value is None or isinstance(value, (bool, int, float, str, np.dtype, np.generic)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(_stable_repr(v) for v in value) + ")"
+    if isinstance(value, np.ndarray):
+        return f"array{value.shape}:{hashlib.sha256(value.tobytes()).hexdigest()[:8]}"
+    text = repr(value)
+    return type(value).__name__ if " at 0x" in text or "object at" in text else text
 
 
 def carried_pairs(traced: TracedFunction, donated_flat: Sequence[bool] = ()
@@ -92,6 +115,33 @@ def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs) -> Shar
     return dataclasses.replace(graph, nodes=tuple(nodes))
 
 
+def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest, model: MeshCostModel,
+          method, batch_flat: Sequence[bool]) -> tuple[int, ...] | None:
+    """The solver's starting plan: the cheapest of greedy plans laid out like each preset
+    (inputs restricted to its layouts) and one unrestricted, so that a search stopped by
+    its time limit is never worse than the hand-written plans."""
+    styles = [None]
+    if isinstance(method, ShardParallel):
+        styles += [DataParallel(), ZeRO3(), Megatron()]
+    program = graph.traced.program
+    position = {r: p for p, r in enumerate(grouping.roots)}
+    candidates = []
+    for style in styles:
+        allowed = {}
+        for i, vid in enumerate(program.invars):
+            v = graph.input_node(i)
+            if style is None or grouping.root[v] != v:
+                continue
+            wanted = style.input_specs(tuple(program.avals[vid].shape), model.mesh_shape,
+                                       bool(batch_flat[i]))
+            options = [j for j, s in enumerate(graph.nodes[v].strategies)
+                       if s.out_specs[0] in wanted]
+            if options:
+                allowed[position[v]] = options
+        candidates.append(ilp.greedy_assignment(request, allowed))
+    return ilp.best_assignment(request, candidates)
+
+
 def _warn_unsupported(graph: ShardingGraph) -> tuple[str, ...]:
     messages = []
     for kind, items in (("no sharding rule for", graph.unsupported),
@@ -129,6 +179,8 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     matrices = [use_cost_matrix(graph, u, model) for u in uses]
     grouping = group_followers(graph)
     request = grouped_request(graph, grouping, uses, matrices, time_limit)
+    request = dataclasses.replace(request, hint=_seed(graph, grouping, request, model,
+                                                      method, batch_flat))
     result = ilp.solve_intra_op(request)
     choices = grouping.expand(result.choices)
     chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]

@@ -2,6 +2,8 @@
 
 from ._evaluate import Evaluation as Evaluation
 from ._evaluate import evaluate as evaluate
+from ._heuristic import best_assignment as best_assignment
+from ._heuristic import greedy_assignment as greedy_assignment
 from ._intra_op import solve_intra_op as solve_intra_op
 from ._memory import min_peak_memory as min_peak_memory
 from ._request import EdgeCost as EdgeCost
@@ -17,7 +19,9 @@ __all__ = [
     "IntraOpRequest",
     "IntraOpResult",
     "SolverStats",
+    "best_assignment",
     "evaluate",
+    "greedy_assignment",
     "min_peak_memory",
     "solve_intra_op",
 ]

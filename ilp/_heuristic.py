@@ -1,30 +1,32 @@
-"""Greedy warm start: iterated conditional modes on the reduced problem (seconds, memory ignored)."""
+"""Heuristic assignments: greedy construction and iterated conditional modes (memory ignored)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 
+from ._evaluate import evaluate
 from ._reduce import ReducedProblem
+from ._request import IntraOpRequest
 
 
-def local_search(reduced: ReducedProblem, start: list[int], max_sweeps: int = 100) -> list[int]:
-    """Improve ``start`` (kept-strategy index per node) one node at a time until no move helps.
-
-    Each move picks, for one node, the strategy minimising its own cost plus the
-    residual cost of its edges given the neighbours' current strategies. Nodes are
-    visited in index order, ties keep the current choice, so the result is deterministic.
-    """
-    n = len(reduced.keep)
+def _improve(costs: Sequence[np.ndarray], edges, start: list[int],
+             max_sweeps: int = 100) -> list[int]:
+    """Iterated conditional modes: move one node at a time to its best strategy given its
+    neighbours' current strategies until no move helps. Nodes are visited in index order
+    and ties keep the current choice, so the result is deterministic."""
+    n = len(costs)
     incident: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n)]
-    for a, b, matrix in reduced.edges:
+    for a, b, matrix in edges:
         incident[a].append((b, matrix))
         incident[b].append((a, matrix.T))
     choice = list(start)
-    order = [v for v in range(n) if incident[v] and len(reduced.keep[v]) > 1]
+    order = [v for v in range(n) if incident[v] and len(costs[v]) > 1]
     for _ in range(max_sweeps):
         changed = False
         for v in order:
-            total = reduced.cost[v].copy()
+            total = costs[v].copy()
             for u, matrix in incident[v]:
                 total += matrix[:, choice[u]]
             best = int(np.argmin(total))
@@ -34,3 +36,54 @@ def local_search(reduced: ReducedProblem, start: list[int], max_sweeps: int = 10
         if not changed:
             break
     return choice
+
+
+def local_search(reduced: ReducedProblem, start: list[int], max_sweeps: int = 100) -> list[int]:
+    """Improve ``start`` (kept-strategy index per node of the reduced problem) by ICM."""
+    return _improve(reduced.cost, reduced.edges, start, max_sweeps=max_sweeps)
+
+
+def greedy_assignment(request: IntraOpRequest,
+                      allowed: Mapping[int, Sequence[int]] | None = None) -> tuple[int, ...]:
+    """A complete assignment built without the solver (memory constraints ignored).
+
+    Nodes are taken in index order (a traced program's topological order); each picks
+    the strategy cheapest given its own cost and its edges to nodes already placed.
+    ``allowed`` restricts some nodes to the listed strategies (e.g. a hand-written
+    layout of the inputs). The result is then improved by iterated conditional modes
+    within those restrictions. Used to seed the solver with plans in the style of the
+    presets, so that a search stopped by its time limit never returns worse than them.
+    """
+    n = request.num_nodes
+    costs = [np.asarray(c, dtype=np.float64) for c in request.node_costs]
+    for v, options in (allowed or {}).items():
+        mask = np.full(len(costs[v]), np.inf)
+        mask[list(options)] = 0.0
+        costs[v] = costs[v] + mask
+    edges = [(e.src, e.dst, e.cost) for e in request.edges]
+    earlier: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n)]
+    for a, b, matrix in edges:
+        if a < b:
+            earlier[b].append((a, matrix.T))
+        elif b < a:
+            earlier[a].append((b, matrix))
+    choice = [0] * n
+    for v in range(n):
+        total = costs[v].copy()
+        for u, matrix in earlier[v]:
+            total += matrix[:, choice[u]]
+        if not np.isfinite(total).any():
+            total = costs[v]
+        choice[v] = int(np.argmin(total))
+    return tuple(_improve(costs, edges, choice))
+
+
+def best_assignment(request: IntraOpRequest, candidates: Sequence[Sequence[int]]
+                    ) -> tuple[int, ...] | None:
+    """The feasible candidate with the lowest objective (first on ties), or None."""
+    best, best_cost = None, np.inf
+    for candidate in candidates:
+        result = evaluate(request, tuple(candidate))
+        if result.ok and result.objective < best_cost:
+            best, best_cost = tuple(int(c) for c in candidate), result.objective
+    return best

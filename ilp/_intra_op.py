@@ -18,8 +18,9 @@ weakly, and a sparse grid with ``e >= s_a + s_b - 1`` has an LP bound of 0 on
 every edge, so it proves little. The row/column-minimum
 reparametrisation in ``_reduce`` makes residuals sparse without weakening the LP.
 CP-SAT is warm-started with a complete hint from local search (``_heuristic``)
-started at the user's hint or the per-node argmin; without it single-worker
-CP-SAT's first solutions are poor on large graphs.
+started at the caller's hint or the per-node argmin; without it single-worker
+CP-SAT's first solutions are poor on large graphs. A search stopped by its limit
+never returns an assignment worse than that warm start.
 
 Integer scaling: costs are multiplied by ``scale`` so the largest objective
 coefficient is about ``_RESOLUTION`` (1e8) units, capped so the worst-case
@@ -203,6 +204,7 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     if status == cp_model.MODEL_INVALID:
         raise RuntimeError(f"internal error, CP-SAT rejected the model: {model.validate()}")
 
+    warm = tuple(int(k[p]) for k, p in zip(reduced.keep, position))
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         choices = []
         for v in range(n):
@@ -213,8 +215,8 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
             choices.append(int(reduced.keep[v][index]))
         choices = tuple(choices)
         status_name = "OPTIMAL" if status == cp_model.OPTIMAL else "FEASIBLE"
-    elif evaluate(request, fallback := tuple(int(k[p]) for k, p in zip(reduced.keep, position))).ok:
-        choices, status_name = fallback, "FEASIBLE"  # time limit hit before CP-SAT's first solution
+    elif evaluate(request, warm).ok:
+        choices, status_name = warm, "FEASIBLE"  # time limit hit before CP-SAT's first solution
     else:
         raise RuntimeError(
             f"CP-SAT found no assignment within the deterministic time limit ({request.time_limit_s:g}); "
@@ -222,6 +224,10 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
         )
 
     objective = evaluate(request, choices).objective
+    if status_name == "FEASIBLE":  # stopped by the limit: never return worse than the warm start
+        start_eval = evaluate(request, warm)
+        if start_eval.ok and start_eval.objective < objective:
+            choices, objective = warm, start_eval.objective
     if status_name == "OPTIMAL":
         lower_bound, gap = objective, 0.0
     else:

@@ -176,3 +176,17 @@ def test_validation_errors_name_the_field(mutate, expected):
 def test_not_a_plan(text, expected):
     with pytest.raises(ValueError, match=expected):
         Plan.from_json(text)
+
+
+def test_fingerprint_covers_the_program_body():
+    mesh = autoshard.abstract_mesh((8,), ("d",))
+    x = jax.ShapeDtypeStruct((16, 8), np.float32)
+
+    def plan(f, **kwargs):
+        return autoshard.parallelize(f, mesh=mesh, method=autoshard.DataParallel(),
+                                     **kwargs).plan(x)
+
+    sin, cos, sin_again = plan(jax.numpy.sin), plan(jax.numpy.cos), plan(lambda v: jax.numpy.sin(v))
+    assert sin.fingerprint == sin_again.fingerprint != cos.fingerprint
+    with pytest.raises(ValueError, match="another function or input signature"):
+        plan(jax.numpy.cos, plan=sin)
