@@ -1,5 +1,4 @@
 """autoshard: automatic intra- and inter-operator parallelization for JAX."""
-from ._api import MemoryBudgetError as MemoryBudgetError
 from ._api import ParallelizedFunction as ParallelizedFunction
 from ._api import parallelize as parallelize
 from ._mesh import abstract_mesh as abstract_mesh
@@ -9,6 +8,7 @@ from ._methods import Megatron as Megatron
 from ._methods import ShardParallel as ShardParallel
 from ._methods import ZeRO3 as ZeRO3
 from ._plan import Plan as Plan
+from ._planner import InfeasiblePlanError as InfeasiblePlanError
 from ._plan import PlanCost as PlanCost
 from ._plan_json import PlanFormatError as PlanFormatError
 from .cost_model import CLUSTER_PRESETS as CLUSTER_PRESETS

@@ -12,16 +12,12 @@ import numpy as np
 from ._mesh import default_cluster, make_mesh, mesh_axes
 from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
 from ._plan import Plan
-from ._planner import fingerprint, plan_traced
+from ._planner import InfeasiblePlanError, fingerprint, plan_traced
 from ._trace import TracedFunction, trace
 from .cost_model import Cluster, format_bytes, parse_bytes
 from .runtime import ShardedProgram, shard_program
 
 _METHODS = (ShardParallel, DataParallel, ZeRO3, Megatron)
-
-
-class MemoryBudgetError(ValueError):
-    """The plan does not fit ``memory_budget``; the message gives both sizes."""
 
 
 def _normalize_argnums(argnums, name) -> tuple[int, ...]:
@@ -67,7 +63,8 @@ class ParallelizedFunction:
         self._mesh_shape, self._axis_names = mesh_axes(self._mesh)
         self._method = method
         self._cluster = cluster if cluster is not None else default_cluster(self._mesh)
-        self._memory_budget = None if memory_budget is None else parse_bytes(memory_budget)
+        self._memory_budget = parse_bytes(memory_budget) if memory_budget is not None else \
+            _default_budget(self._cluster)
         self._batch_argnums = _normalize_argnums(batch_argnums, "batch_argnums") \
             if batch_argnums is not None else None
         self._static_argnums = _normalize_argnums(static_argnums, "static_argnums")
@@ -131,7 +128,9 @@ class ParallelizedFunction:
                                    method=self._method,
                                    batch_flat=self._batch_flags(traced, len(args)),
                                    static_repr=statics,
-                                   donated_flat=self._donate_flags(traced))
+                                   donated_flat=self._donate_flags(traced),
+                                   memory_budget=self._memory_budget
+                                   if isinstance(self._method, ShardParallel) else None)
                 plan = dataclasses.replace(plan,
                                            in_specs=self._arg_specs(plan.in_specs, len(args)))
                 self._check_budget(plan)
@@ -143,15 +142,15 @@ class ParallelizedFunction:
         return entry
 
     def _check_budget(self, plan: Plan) -> None:
-        """The planner does not yet trade cost for memory (see the README): it checks the
-        cheapest plan against the budget and says so when it does not fit."""
+        """The constrained search re-checks its peak steps; this catches what a
+        conservative estimate can still miss, and presets, which are not searched."""
         budget = self._memory_budget
         if budget is not None and plan.cost.peak_memory_bytes > budget:
-            raise MemoryBudgetError(
-                f"the cheapest plan found needs {format_bytes(plan.cost.peak_memory_bytes)} per "
-                f"device, over memory_budget={format_bytes(budget)}. Memory-constrained search "
-                f"is not implemented yet; method=autoshard.ZeRO3() shards parameters and "
-                f"optimizer state, or use a larger mesh.")
+            raise InfeasiblePlanError(
+                f"the plan needs {format_bytes(plan.cost.peak_memory_bytes)} per device, over "
+                f"memory_budget={format_bytes(budget)} ({plan.method}); give a larger budget, "
+                f"use more devices, or method=autoshard.ShardParallel() to search for a plan "
+                f"that fits", plan.cost.peak_memory_bytes, budget)
 
     def _reuse_plan(self, traced: TracedFunction, statics: str) -> Plan:
         """The fixed plan, after checking it was made for this signature."""
@@ -221,6 +220,14 @@ class ParallelizedFunction:
         return jax.tree_util.tree_unflatten(entry.traced.out_tree, outs)
 
 
+def _default_budget(cluster: Cluster) -> int | None:
+    """A cluster that declares a memory reserve (the GPU presets) gives its device memory
+    less the reserve; otherwise (the host CPU) no budget unless one is given."""
+    if cluster.memory_reserve > 0:
+        return cluster.device_memory - cluster.memory_reserve
+    return None
+
+
 def _check_fixed_plan(plan, mesh_shape, axis_names, method) -> None:
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be an autoshard.Plan (e.g. autoshard.Plan.from_json(text)), "
@@ -249,7 +256,9 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
     (:class:`DataParallel`, :class:`ZeRO3`, :class:`Megatron`). ``batch_argnums``:
     the arguments holding the batch (default: the last non-static one); presets
     split those on their leading dim. ``memory_budget``: bytes per device
-    (``"16GiB"``). ``static_argnums``/``donate_argnums`` as in ``jax.jit``.
+    (``"16GiB"``) that the plan's estimated peak must fit (default: the cluster's device
+    memory less its reserve for GPU presets, none on the host CPU); the ILP then trades
+    speed for memory, and :class:`InfeasiblePlanError` names the smallest feasible peak. ``static_argnums``/``donate_argnums`` as in ``jax.jit``.
     ``plan``: a saved :class:`Plan` (``Plan.from_json``) to run as it is, without
     solving; ``ValueError`` if it was made for another mesh, method or input signature.
     """

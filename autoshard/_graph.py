@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ._op_rules import CONTROL_FLOW, REPLICATED_QUIETLY, loop_op
+from ._signature import equation_signature
 from ._specs import Spec, enumerate_specs, replicated
 from ._strategies import Strategy, input_strategies, loop_strategies, replicated_strategy
 from ._trace import TracedFunction
@@ -81,6 +82,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     producer: dict[int, tuple[int, int]] = {}
     uses: list[Use] = []
     unsupported, control_flow = [], []
+    memo: dict[str, tuple] = {}
 
     def add(node: Node):
         for k, vid in enumerate(node.outputs):
@@ -101,9 +103,12 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         in_avals = [_aval(program, a) for a in eqn.inputs]
         out_avals = [program.avals[v] for v in eqn.outputs]
         name = eqn.primitive.name
-        op = loop_op(eqn, in_avals, out_avals)
-        if op is not None:
-            strategies = loop_strategies(op, in_avals, out_avals, model)
+        signature = equation_signature(eqn, in_avals, out_avals)
+        op = None if signature in memo else loop_op(eqn, in_avals, out_avals)
+        if signature in memo:  # a repeated layer: same rule, same strategies
+            strategies = memo[signature]
+        elif op is not None:
+            strategies = memo[signature] = loop_strategies(op, in_avals, out_avals, model)
         else:
             strategies = ()
             if name in CONTROL_FLOW:

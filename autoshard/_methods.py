@@ -18,9 +18,14 @@ class ShardParallel:
     """Intra-operator parallelism found by the ILP (Alpa's ShardParallel).
 
     ``time_limit_s``: solver limit (deterministic, so every process gets the same plan).
+    ``tie_repeats``: give the nodes of repeated identical layers one shared choice
+    (alternating between consecutive layers), so the ILP stops growing with depth;
+    ``None`` ties when the problem has more than 600 nodes (roughly 4+ transformer
+    layers), ``False`` never ties (exact, slower on deep models).
     """
 
     time_limit_s: float = 60.0
+    tie_repeats: bool | None = None
 
     def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
         return enumerate_specs(shape, mesh_shape)

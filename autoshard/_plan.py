@@ -46,10 +46,17 @@ class SolverInfo:
     num_variables: int
     num_constraints: int
     planning_time_s: float
+    tied_classes: int = 0   # > 0: repeated layers were tied into this many ILP nodes
+    tied_gap: float = 0.0   # optimality gap of the tied problem
 
     def describe(self) -> str:
         """One line: status, gap, problem size and times."""
-        return (f"{self.status}, gap {self.gap:.2%}, {self.num_nodes} nodes, "
+        if self.tied_classes:
+            size = (f"{self.num_nodes} nodes tied by repetition into {self.tied_classes} "
+                    f"(gap within them {self.tied_gap:.2%})")
+        else:
+            size = f"gap {self.gap:.2%}, {self.num_nodes} nodes"
+        return (f"{self.status}, {size}, "
                 f"{self.num_variables} variables, {self.num_constraints} constraints, "
                 f"solve {self.solve_time_s:.2f} s, planning {self.planning_time_s:.2f} s")
 

@@ -279,7 +279,8 @@ def _record(cls, data, where):
         raise PlanFormatError(f"{where}: expected an object, got {_short(data)}")
     fields = dataclasses.fields(cls)
     names = [f.name for f in fields]
-    missing = [n for n in names if n not in data]
+    missing = [f.name for f in fields if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise PlanFormatError(f"{where}: missing field(s) {missing}")
     unknown = sorted(set(data) - set(names))
@@ -289,7 +290,7 @@ def _record(cls, data, where):
         kind = _FIELD_KINDS.get(f.type if isinstance(f.type, str) else f.type.__name__)
         if kind is not None:
             _check(data[f.name], kind, f"{where}.{f.name}")
-    return cls(**{n: data[n] for n in names})
+    return cls(**{n: data[n] for n in names if n in data})
 
 
 def _freeze(value):

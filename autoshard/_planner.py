@@ -13,12 +13,18 @@ from . import ilp
 from ._following import group_followers, grouped_request
 from ._graph import ShardingGraph, Use, build_graph, use_cost_matrix
 from ._liveness import live_ranges, peak_bytes
+from ._memory_points import candidate_steps, memory_points, tensor_bytes
 from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
 from ._plan import Collective, OpCost, Plan, PlanCost, SolverInfo
+from ._signature import stable_repr
 from ._specs import to_partition_spec
 from ._trace import TracedFunction
 from ._user_frames import user_stacklevel
-from .cost_model import Cluster, MeshCostModel
+from .cost_model import Cluster, MeshCostModel, format_bytes
+
+
+#: ILP nodes above which repeated layers are tied by default (``ShardParallel.tie_repeats``).
+TIE_REPEATS_ABOVE = 600
 
 
 def fingerprint(traced: TracedFunction, static_repr: str) -> str:
@@ -34,22 +40,10 @@ def fingerprint(traced: TracedFunction, static_repr: str) -> str:
     digest.update(repr((program.invars, [a if isinstance(a, int) else "lit"
                                          for a in program.outvars])).encode())
     for eqn in program.eqns:
-        inputs = [a if isinstance(a, int) else _stable_repr(a.value) for a in eqn.inputs]
-        params = sorted((k, _stable_repr(v)) for k, v in eqn.params.items())
+        inputs = [a if isinstance(a, int) else stable_repr(a.value) for a in eqn.inputs]
+        params = sorted((k, stable_repr(v)) for k, v in eqn.params.items())
         digest.update(repr((eqn.primitive.name, inputs, eqn.outputs, params)).encode())
     return digest.hexdigest()[:16]
-
-
-def _stable_repr(value) -> str:
-    """``repr`` of plain data; a type name for anything whose repr may hold an address."""
-    if value is None or isinstance(value, (bool, int, float, str, np.dtype, np.generic)):
-        return repr(value)
-    if isinstance(value, (tuple, list)):
-        return "(" + ",".join(_stable_repr(v) for v in value) + ")"
-    if isinstance(value, np.ndarray):
-        return f"array{value.shape}:{hashlib.sha256(value.tobytes()).hexdigest()[:8]}"
-    text = repr(value)
-    return type(value).__name__ if " at 0x" in text or "object at" in text else text
 
 
 def carried_pairs(traced: TracedFunction, donated_flat: Sequence[bool] = ()
@@ -142,6 +136,48 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest, model: Me
     return ilp.best_assignment(request, candidates)
 
 
+class InfeasiblePlanError(ValueError):
+    """No plan fits ``memory_budget``; ``min_peak_bytes`` is the smallest peak one reaches."""
+
+    def __init__(self, message: str, min_peak_bytes: float, memory_budget: float):
+        super().__init__(message)
+        self.min_peak_bytes = float(min_peak_bytes)
+        self.memory_budget = float(memory_budget)
+
+
+def _solve_within_budget(request: ilp.IntraOpRequest, graph: ShardingGraph, grouping, model,
+                         donated, budget: float | None, mesh_shape) -> ilp.IntraOpResult:
+    """Solve; with a budget, constrain the candidate peak steps, then check the plan's whole
+    liveness profile and add the step that peaked if it was missed (at most 3 times)."""
+    if budget is None:
+        return ilp.solve_intra_op(request)
+    program = graph.traced.program
+    ranges = live_ranges(program, donated)
+    tensors = tensor_bytes(graph, grouping, model)
+    steps = candidate_steps(ranges, tensors, len(program.eqns))
+    for _ in range(4):
+        nodes, weights = memory_points(ranges, tensors, steps)
+        constrained = dataclasses.replace(
+            request, node_memory=tensors.node_memory, memory_points=nodes,
+            memory_weights=weights, memory_budget=float(budget))
+        try:
+            result = ilp.solve_intra_op(constrained)
+        except ilp.InfeasibleError as err:
+            raise InfeasiblePlanError(
+                f"memory_budget={format_bytes(budget)} per device cannot be met on a "
+                f"{'x'.join(map(str, mesh_shape))} mesh: the smallest peak any plan reaches is "
+                f"about {format_bytes(err.min_peak_bytes)} per device (liveness estimate). "
+                f"Give memory_budget >= {format_bytes(err.min_peak_bytes)}, use more devices, "
+                f"or shrink the model or batch", err.min_peak_bytes, budget) from None
+        value_bytes = {vid: int(vec[result.choices[tensors.root[vid]]])
+                       for vid, vec in tensors.vector.items()}
+        peak, step = peak_bytes(ranges, value_bytes, len(program.eqns))
+        if peak <= budget or step in steps:
+            return result
+        steps = sorted(set(steps) | {step})
+    return result
+
+
 def _warn_unsupported(graph: ShardingGraph) -> tuple[str, ...]:
     messages = []
     for kind, items in (("no sharding rule for", graph.unsupported),
@@ -160,8 +196,9 @@ def _warn_unsupported(graph: ShardingGraph) -> tuple[str, ...]:
 def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                 axis_names: tuple[str, ...], cluster: Cluster, method,
                 batch_flat: Sequence[bool], static_repr: str = "",
-                donated_flat: Sequence[bool] = ()) -> Plan:
-    """Plan ``traced`` on a mesh of ``mesh_shape`` with ``method``."""
+                donated_flat: Sequence[bool] = (), memory_budget: float | None = None) -> Plan:
+    """Plan ``traced`` on a mesh of ``mesh_shape`` with ``method``; with ``memory_budget``
+    (bytes per device) the estimated peak memory of the plan stays within it."""
     start = time.perf_counter()
     model = MeshCostModel(cluster, tuple(mesh_shape))
     program = traced.program
@@ -179,9 +216,13 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     matrices = [use_cost_matrix(graph, u, model) for u in uses]
     grouping = group_followers(graph)
     request = grouped_request(graph, grouping, uses, matrices, time_limit)
-    request = dataclasses.replace(request, hint=_seed(graph, grouping, request, model,
-                                                      method, batch_flat))
-    result = ilp.solve_intra_op(request)
+    tie = getattr(method, "tie_repeats", None)
+    request = dataclasses.replace(
+        request, hint=_seed(graph, grouping, request, model, method, batch_flat),
+        tie_repeats=len(grouping.roots) > TIE_REPEATS_ABOVE if tie is None else bool(tie))
+    donated = [v for v, d in zip(program.invars, donated_flat) if d]
+    result = _solve_within_budget(request, graph, grouping, model, donated, memory_budget,
+                                  mesh_shape)
     choices = grouping.expand(result.choices)
     chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]
 
@@ -222,7 +263,6 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     value_bytes = {vid: model.bytes_per_device(tuple(program.avals[vid].shape),
                                                np.dtype(program.avals[vid].dtype).itemsize, spec)
                    for vid, spec in value_spec.items()}
-    donated = [v for v, d in zip(program.invars, donated_flat) if d]
     peak, _ = peak_bytes(live_ranges(program, donated), value_bytes, len(program.eqns))
     cost = PlanCost(compute_s=float(sum(s.compute_s for s in chosen)),
                     communication_s=float(sum(s.communication_s for s in chosen)),
@@ -235,7 +275,8 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                         solve_time_s=result.solve_time_s, num_nodes=len(grouping.roots),
                         num_variables=result.num_variables,
                         num_constraints=result.num_constraints,
-                        planning_time_s=time.perf_counter() - start)
+                        planning_time_s=time.perf_counter() - start,
+                        tied_classes=result.stats.tied_classes, tied_gap=result.stats.tied_gap)
     in_specs = _unflatten(traced.in_tree, flat_in)
     out_specs = _unflatten(traced.out_tree, flat_out)
     return Plan(method=_method_name(method), mesh_shape=tuple(mesh_shape),

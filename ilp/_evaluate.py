@@ -41,7 +41,11 @@ def point_memory(request: IntraOpRequest, choices) -> tuple[float, ...]:
     if request.node_memory is None:
         return ()
     per_node = [float(request.node_memory[v][c]) for v, c in enumerate(choices)]
-    return tuple(float(sum(per_node[v] for v in sorted(set(point)))) for point in request.memory_points)
+    if request.memory_weights is None:
+        return tuple(float(sum(per_node[v] for v in sorted(set(point))))
+                     for point in request.memory_points)
+    return tuple(float(sum(w * per_node[v] for v, w in zip(point, weights)))
+                 for point, weights in zip(request.memory_points, request.memory_weights))
 
 
 def evaluate(request: IntraOpRequest, choices) -> Evaluation:

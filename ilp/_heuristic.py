@@ -11,8 +11,8 @@ from ._reduce import ReducedProblem
 from ._request import IntraOpRequest
 
 
-def _improve(costs: Sequence[np.ndarray], edges, start: list[int],
-             max_sweeps: int = 100) -> list[int]:
+def polish(costs: Sequence[np.ndarray], edges, start: list[int],
+           max_sweeps: int = 100) -> list[int]:
     """Iterated conditional modes: move one node at a time to its best strategy given its
     neighbours' current strategies until no move helps. Nodes are visited in index order
     and ties keep the current choice, so the result is deterministic."""
@@ -40,7 +40,7 @@ def _improve(costs: Sequence[np.ndarray], edges, start: list[int],
 
 def local_search(reduced: ReducedProblem, start: list[int], max_sweeps: int = 100) -> list[int]:
     """Improve ``start`` (kept-strategy index per node of the reduced problem) by ICM."""
-    return _improve(reduced.cost, reduced.edges, start, max_sweeps=max_sweeps)
+    return polish(reduced.cost, reduced.edges, start, max_sweeps=max_sweeps)
 
 
 def greedy_assignment(request: IntraOpRequest,
@@ -75,7 +75,7 @@ def greedy_assignment(request: IntraOpRequest,
         if not np.isfinite(total).any():
             total = costs[v]
         choice[v] = int(np.argmin(total))
-    return tuple(_improve(costs, edges, choice))
+    return tuple(polish(costs, edges, choice))
 
 
 def best_assignment(request: IntraOpRequest, candidates: Sequence[Sequence[int]]

@@ -37,15 +37,17 @@ same request gives the same choices in every run and process.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 from ortools.sat.python import cp_model
 
 from ._evaluate import evaluate
-from ._heuristic import local_search
+from ._heuristic import best_assignment, local_search, polish
 from ._memory import _min_peak, memory_unit, solver_parameters, to_units
 from ._reduce import ReducedProblem, reduce_request
+from ._repeats import RepeatClasses, repeat_classes, tied_request
 from ._request import InfeasibleError, IntraOpRequest, IntraOpResult, SolverStats
 from ._units import format_bytes
 
@@ -64,32 +66,28 @@ def _memory_rows(request: IntraOpRequest, reduced: ReducedProblem):
     if budget is None or reduced.memory is None or not reduced.points:
         return [], False
     unit = memory_unit(reduced)
-    units = {}
-    rows: dict[tuple[int, ...], int] = {}
+    rows: dict[tuple, tuple[list, int]] = {}
     for point in reduced.points:
         constant = 0
-        nodes = []
+        terms = []
         slack_needed = 0
-        for v in point:
-            if v not in units:
-                units[v] = to_units(reduced.memory[v], unit)
-            low = int(units[v].min())
+        for v, vector in point:
+            units = to_units(vector, unit)
+            low = int(units.min())
             constant += low
-            top = int(units[v].max()) - low
+            top = int(units.max()) - low
             if top > 0:
-                nodes.append(v)
+                terms.append((v, units - low))
                 slack_needed += top
         rhs = int(np.floor(budget / unit + 1e-9)) - constant
         if rhs < 0:
             return [], True
         if slack_needed <= rhs:
             continue
-        key = tuple(nodes)
-        rows[key] = min(rhs, rows.get(key, rhs))
-    out = []
-    for nodes, rhs in rows.items():
-        out.append(([(v, units[v] - units[v].min()) for v in nodes], rhs))
-    return out, False
+        key = tuple((v, c.tobytes()) for v, c in terms)
+        if key not in rows or rhs < rows[key][1]:
+            rows[key] = (terms, rhs)
+    return list(rows.values()), False
 
 
 def _raise_infeasible(request: IntraOpRequest, reduced: ReducedProblem) -> None:
@@ -111,6 +109,10 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     deterministic time limit stopped the search; ``gap`` is then relative to the
     proven lower bound.
     """
+    if request.tie_repeats and request.memory_budget is None:
+        classes = repeat_classes(request)
+        if classes.num_classes < request.num_nodes:
+            return _solve_tied(request, classes)
     start = time.perf_counter()
     reduced = reduce_request(request)
     rows, infeasible = _memory_rows(request, reduced)
@@ -264,6 +266,33 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
         num_constraints=num_constraints,
         stats=stats,
     )
+
+
+def _solve_tied(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpResult:
+    """Solve over repeat classes, expand, polish node by node, never worse than the hint.
+
+    The status is "FEASIBLE": the tied optimum need not be the untied one. The lower
+    bound is the reduced problem's sum of per-node minima (valid for any assignment).
+    """
+    start = time.perf_counter()
+    sub = solve_intra_op(tied_request(request, classes))
+    costs = [np.asarray(c, dtype=np.float64) for c in request.node_costs]
+    edges = [(e.src, e.dst, e.cost) for e in request.edges]
+    polished = polish(costs, edges, list(classes.expand(sub.choices)))
+    candidates = [polished] + ([request.hint] if request.hint is not None else [])
+    choices = best_assignment(request, candidates)
+    if choices is None:
+        choices = classes.expand(sub.choices)
+    objective = evaluate(request, choices).objective
+    reduced = reduce_request(request)
+    lower_bound = min(objective, float(sum(float(c.min()) for c in reduced.cost)))
+    gap = (objective - lower_bound) / abs(objective) if objective else 0.0
+    stats = dataclasses.replace(sub.stats, tied_classes=classes.num_classes, tied_gap=sub.gap,
+                                input_edges=len(request.edges))
+    return IntraOpResult(choices=tuple(choices), objective=objective, lower_bound=lower_bound,
+                         gap=gap, status="FEASIBLE", solve_time_s=time.perf_counter() - start,
+                         num_variables=sub.num_variables, num_constraints=sub.num_constraints,
+                         stats=stats)
 
 
 def _warm_start(request: IntraOpRequest, reduced: ReducedProblem, has_memory_rows: bool) -> list[int]:

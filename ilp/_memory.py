@@ -14,7 +14,7 @@ def memory_unit(reduced: ReducedProblem) -> float:
     """Bytes per integer unit: 1 byte unless a point's total would overflow CP-SAT's comfort zone."""
     if reduced.memory is None or not reduced.points:
         return 1.0
-    top = max(sum(float(np.max(reduced.memory[v])) for v in point) for point in reduced.points)
+    top = max(sum(float(np.max(vector)) for _, vector in point) for point in reduced.points)
     return max(1.0, top / 2.0**50)
 
 
@@ -69,7 +69,7 @@ def _min_peak(request: IntraOpRequest, reduced: ReducedProblem) -> float:
     unit = memory_unit(reduced)
     structural = [(a, b, m) for a, b, m in reduced.edges if not np.isfinite(m).all()]
     variable_nodes = sorted(
-        {v for point in reduced.points for v in point if len(reduced.keep[v]) > 1}
+        {v for point in reduced.points for v, _ in point if len(reduced.keep[v]) > 1}
         | {v for a, b, _ in structural for v in (a, b)}
     )
     model = cp_model.CpModel()
@@ -80,13 +80,13 @@ def _min_peak(request: IntraOpRequest, reduced: ReducedProblem) -> float:
     for a, b, matrix in structural:
         for i, j in zip(*np.nonzero(~np.isfinite(matrix))):
             model.add_bool_or([lits[a][i].Not(), lits[b][j].Not()])
-    coef = {v: to_units(reduced.memory[v], unit) for v in {v for p in reduced.points for v in p}}
-    upper = max(sum(int(coef[v].max()) for v in point) for point in reduced.points)
-    lower = min(0, min(sum(int(coef[v].min()) for v in point) for point in reduced.points))
+    coefs = [[(v, to_units(vector, unit)) for v, vector in point] for point in reduced.points]
+    upper = max(sum(int(c.max()) for _, c in point) for point in coefs)
+    lower = min(0, min(sum(int(c.min()) for _, c in point) for point in coefs))
     peak = model.new_int_var(lower, max(upper, 0), "peak")
-    for point in reduced.points:
-        constant = sum(int(coef[v][0]) for v in point if v not in lits)
-        terms = [(lit, int(c)) for v in point if v in lits for lit, c in zip(lits[v], coef[v]) if c]
+    for point in coefs:
+        constant = sum(int(c[0]) for v, c in point if v not in lits)
+        terms = [(lit, int(x)) for v, c in point if v in lits for lit, x in zip(lits[v], c) if x]
         expr = cp_model.LinearExpr.weighted_sum([t[0] for t in terms], [t[1] for t in terms])
         model.add(expr + constant <= peak)
     model.minimize(peak)

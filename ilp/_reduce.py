@@ -38,7 +38,7 @@ class ReducedProblem:
     cost: tuple[np.ndarray, ...]  # seconds per kept strategy, folded edge terms included
     edges: tuple[tuple[int, int, np.ndarray], ...]  # (a, b, residual seconds >= 0 or inf), a < b
     memory: tuple[np.ndarray, ...] | None  # bytes per kept strategy
-    points: tuple[tuple[int, ...], ...]  # distinct non-empty sorted node sets
+    points: tuple[tuple[tuple[int, np.ndarray], ...], ...]  # distinct points: (node, bytes per kept strategy)
     dropped_strategies: int
     merged_edges: int
     folded_edges: int
@@ -151,17 +151,24 @@ def reduce_request(request: IntraOpRequest) -> ReducedProblem:
     memory = None
     if request.node_memory is not None:
         memory = tuple(request.node_memory[v][keep[v]] for v in range(n))
-    points: dict[tuple[int, ...], None] = {}
-    for point in request.memory_points:
-        nodes = tuple(sorted(set(point)))
+    points: dict[tuple, tuple] = {}
+    for p, point in enumerate(request.memory_points):
+        weight: dict[int, float] = {}
+        for k, v in enumerate(point):
+            if request.memory_weights is None:
+                weight[v] = 1.0
+            else:
+                weight[v] = weight.get(v, 0.0) + request.memory_weights[p][k]
+        nodes = sorted(v for v in weight if weight[v])
         if nodes:
-            points[nodes] = None
+            key = tuple((v, weight[v]) for v in nodes)
+            points[key] = tuple((v, memory[v] * weight[v]) for v in nodes)
     return ReducedProblem(
         keep=tuple(keep),
         cost=tuple(cost),
         edges=tuple((a, b, edges[(a, b)]) for a, b in sorted(edges)),
         memory=memory,
-        points=tuple(points),
+        points=tuple(points.values()),
         dropped_strategies=dropped,
         merged_edges=merged,
         folded_edges=folded,

@@ -64,8 +64,13 @@ class IntraOpRequest:
     ``node_memory[v][i]``: bytes per device of node v's output under strategy i.
     ``memory_points``: node sets live together at a candidate peak; with
     ``memory_budget`` (bytes per device) each point's sum must stay within it.
-    Nodes repeated inside one point count once. ``hint``: a complete assignment to
+    Nodes repeated inside one point count once, unless ``memory_weights`` (same
+    structure as ``memory_points``) is given: then a point holds
+    ``Σ_k weight_k · node_memory[node_k][s]`` and repeats add up (a node whose
+    choice decides several live tensors). ``hint``: a complete assignment to
     warm-start from. ``time_limit_s`` is turned into a deterministic solver limit.
+    ``tie_repeats``: solve with nodes of repeated layers tied (``_repeats``; a
+    restriction, used for deep models; ignored when a memory budget is set).
     """
 
     node_costs: tuple[np.ndarray, ...]
@@ -73,9 +78,11 @@ class IntraOpRequest:
     node_names: tuple[str, ...] = ()
     node_memory: tuple[np.ndarray, ...] | None = None
     memory_points: tuple[tuple[int, ...], ...] = ()
+    memory_weights: tuple[tuple[float, ...], ...] | None = None
     memory_budget: float | None = None
     hint: tuple[int, ...] | None = None
     time_limit_s: float = 60.0
+    tie_repeats: bool = False
 
     def __post_init__(self) -> None:
         names = tuple(str(name) for name in self.node_names)
@@ -94,6 +101,9 @@ class IntraOpRequest:
             object.__setattr__(self, "node_memory", memory)
         points = tuple(tuple(int(v) for v in point) for point in self.memory_points)
         object.__setattr__(self, "memory_points", points)
+        if self.memory_weights is not None:
+            weights = tuple(tuple(float(w) for w in ws) for ws in self.memory_weights)
+            object.__setattr__(self, "memory_weights", weights)
         if self.memory_budget is not None:
             object.__setattr__(self, "memory_budget", float(self.memory_budget))
         if self.hint is not None:
@@ -160,6 +170,12 @@ class IntraOpRequest:
             for v in point:
                 if not 0 <= v < n:
                     raise ValueError(f"memory point {p}: node index {v} out of range (expected 0..{n - 1})")
+        if self.memory_weights is not None:
+            shape = [len(point) for point in self.memory_points]
+            if [len(ws) for ws in self.memory_weights] != shape:
+                raise ValueError("memory_weights must have one weight per entry of memory_points")
+            if any(w < 0 or math.isnan(w) for ws in self.memory_weights for w in ws):
+                raise ValueError("memory_weights must be >= 0")
         if self.memory_points and self.node_memory is None:
             raise ValueError("memory_points given without node_memory")
         if self.memory_budget is not None:
@@ -219,6 +235,8 @@ class SolverStats:
     num_conflicts: int = 0
     num_branches: int = 0
     solver_status: str = ""
+    tied_classes: int = 0  # > 0: repeated layers were tied into this many classes
+    tied_gap: float = 0.0  # the optimality gap within the tied problem
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from autoshard.ilp._repeats import repeat_classes, tied_request
 from autoshard.ilp import (
     EdgeCost,
     InfeasibleError,
@@ -361,3 +362,41 @@ def test_search_stopped_by_its_limit_is_never_worse_than_the_hint(seed):
     hint = greedy_assignment(request)
     stopped = solve_intra_op(dataclasses.replace(request, hint=hint, time_limit_s=1e-4))
     assert stopped.objective <= evaluate(request, hint).objective + 1e-12
+
+
+ALTERNATE = [[3.0, 0.0], [0.0, 3.0]]  # consecutive nodes pay 3 s unless they differ
+
+
+def _chain(n, **kwargs):
+    return IntraOpRequest(node_costs=tuple([0.0, 0.0] for _ in range(n)),
+                          edges=tuple(EdgeCost(v, v + 1, ALTERNATE) for v in range(n - 1)),
+                          **kwargs)
+
+
+def test_repeated_layers_tied_in_alternating_classes():
+    # 12 identical nodes in a chain; the optimum alternates strategies (0 s). Colour
+    # refinement (3 rounds) tells apart the 3 nodes at each end; v3..v8 repeat and,
+    # split by the parity of their position, form 2 classes: 6 + 2 = 8 classes.
+    # Tied by parity the optimum is still 0 s; one class for all six (period 1) would
+    # force equal neighbours and pay 3 s on each of their 5 internal edges.
+    request = _chain(12, tie_repeats=True)
+    classes = repeat_classes(request)
+    assert classes.num_classes == 8
+    assert len({classes.of_node[v] for v in (3, 5, 7)}) == 1 != classes.of_node[4]
+    result = solve_intra_op(request)
+    assert result.objective == 0.0 and result.stats.tied_classes == 8
+    assert evaluate(request, result.choices).objective == 0.0
+    same = solve_intra_op(tied_request(request, repeat_classes(request, period=1)))
+    assert same.objective == 15.0
+
+
+def test_tied_solution_is_priced_on_the_full_request():
+    # Any class assignment is a valid plan of the original: the tied problem's objective
+    # equals the full request's cost of the expanded choices.
+    rng = np.random.default_rng(0)
+    request = _chain(20)
+    classes = repeat_classes(request)
+    tied = tied_request(request, classes)
+    for _ in range(5):
+        pick = [int(rng.integers(2)) for _ in range(classes.num_classes)]
+        assert evaluate(tied, pick).objective == evaluate(request, classes.expand(pick)).objective

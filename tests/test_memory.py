@@ -1,0 +1,59 @@
+"""Memory-aware planning: the ILP keeps the estimated peak within memory_budget."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import autoshard
+from autoshard.cost_model import format_bytes
+from examples.models import mlp
+
+
+@pytest.fixture(scope="module")
+def mesh8():
+    return autoshard.make_mesh((8,), ("devices",))
+
+
+@pytest.fixture(scope="module")
+def adam_mlp():
+    # 2 layers of 256x256 with adam, batch 512: unconstrained, the cheapest plan on 8
+    # devices peaks around 1 MiB per device; plans down to ~0.6 MiB exist.
+    return mlp(num_layers=2, batch=512, hidden=256, optimizer="adam")
+
+
+@pytest.fixture(scope="module")
+def free_plan(adam_mlp, mesh8):
+    return autoshard.parallelize(adam_mlp.fn, mesh=mesh8).plan(*adam_mlp.args)
+
+
+def test_budget_trades_speed_for_memory(adam_mlp, free_plan, mesh8):
+    budget = int(0.8 * free_plan.cost.peak_memory_bytes)
+    step = autoshard.parallelize(adam_mlp.fn, mesh=mesh8, memory_budget=budget)
+    plan = step.plan(*adam_mlp.args)
+    assert plan.cost.peak_memory_bytes <= budget < free_plan.cost.peak_memory_bytes
+    # the unconstrained solve is optimal: a budget can only make the plan slower
+    assert plan.cost.total_s >= free_plan.cost.total_s * (1 - 1e-9)
+    got, want = step(*adam_mlp.args), jax.jit(adam_mlp.fn)(*adam_mlp.args)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_impossible_budget_names_the_smallest_feasible_peak(adam_mlp, mesh8):
+    step = autoshard.parallelize(adam_mlp.fn, mesh=mesh8, memory_budget="64KiB")
+    with pytest.raises(autoshard.InfeasiblePlanError) as info:
+        step.plan(*adam_mlp.args)
+    err = info.value
+    assert isinstance(err, ValueError) and err.min_peak_bytes > 64 * 1024
+    assert format_bytes(err.min_peak_bytes) in str(err) and "memory_budget=64.00 KiB" in str(err)
+    # that smallest peak is reachable: a budget just above it plans
+    fits = autoshard.parallelize(adam_mlp.fn, mesh=mesh8,
+                                 memory_budget=int(err.min_peak_bytes * 1.01) + 1)
+    assert fits.plan(*adam_mlp.args).cost.peak_memory_bytes <= err.min_peak_bytes * 1.01 + 1
+
+
+def test_gpu_presets_default_to_device_memory_less_reserve():
+    from autoshard._api import _default_budget
+    h100 = autoshard.cluster_preset("h100-80gb")
+    assert _default_budget(h100) == h100.device_memory - h100.memory_reserve
+    assert _default_budget(autoshard.cluster_preset("host-cpu")) is None
