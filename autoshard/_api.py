@@ -146,11 +146,12 @@ class ParallelizedFunction:
         conservative estimate can still miss, and presets, which are not searched."""
         budget = self._memory_budget
         if budget is not None and plan.cost.peak_memory_bytes > budget:
+            hint = ("" if isinstance(self._method, ShardParallel) else
+                    ", or method=autoshard.ShardParallel() to search for a plan that fits")
             raise InfeasiblePlanError(
                 f"the plan needs {format_bytes(plan.cost.peak_memory_bytes)} per device, over "
-                f"memory_budget={format_bytes(budget)} ({plan.method}); give a larger budget, "
-                f"use more devices, or method=autoshard.ShardParallel() to search for a plan "
-                f"that fits", plan.cost.peak_memory_bytes, budget)
+                f"memory_budget={format_bytes(budget)} ({plan.method}); give a larger budget "
+                f"or use more devices{hint}", plan.cost.peak_memory_bytes, budget)
 
     def _reuse_plan(self, traced: TracedFunction, statics: str) -> Plan:
         """The fixed plan, after checking it was made for this signature."""

@@ -13,7 +13,7 @@ from . import ilp
 from ._following import group_followers, grouped_request
 from ._graph import ShardingGraph, Use, build_graph, use_cost_matrix
 from ._liveness import live_ranges, peak_bytes
-from ._memory_points import candidate_steps, memory_points, tensor_bytes
+from ._memory_points import candidate_steps, chosen_peak, memory_terms, tensor_bytes
 from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
 from ._plan import Collective, OpCost, Plan, PlanCost, SolverInfo
 from ._signature import stable_repr
@@ -152,14 +152,11 @@ def _solve_within_budget(request: ilp.IntraOpRequest, graph: ShardingGraph, grou
     if budget is None:
         return ilp.solve_intra_op(request)
     program = graph.traced.program
-    ranges = live_ranges(program, donated)
-    tensors = tensor_bytes(graph, grouping, model)
-    steps = candidate_steps(ranges, tensors, len(program.eqns))
+    tensors = tensor_bytes(graph, grouping, model, live_ranges(program, donated))
+    steps = candidate_steps(tensors, len(program.eqns))
     for _ in range(4):
-        nodes, weights = memory_points(ranges, tensors, steps)
-        constrained = dataclasses.replace(
-            request, node_memory=tensors.node_memory, memory_points=nodes,
-            memory_weights=weights, memory_budget=float(budget))
+        constrained = dataclasses.replace(request, memory_terms=memory_terms(tensors, steps),
+                                          memory_budget=float(budget))
         try:
             result = ilp.solve_intra_op(constrained)
         except ilp.InfeasibleError as err:
@@ -169,13 +166,42 @@ def _solve_within_budget(request: ilp.IntraOpRequest, graph: ShardingGraph, grou
                 f"about {format_bytes(err.min_peak_bytes)} per device (liveness estimate). "
                 f"Give memory_budget >= {format_bytes(err.min_peak_bytes)}, use more devices, "
                 f"or shrink the model or batch", err.min_peak_bytes, budget) from None
-        value_bytes = {vid: int(vec[result.choices[tensors.root[vid]]])
-                       for vid, vec in tensors.vector.items()}
-        peak, step = peak_bytes(ranges, value_bytes, len(program.eqns))
+        peak, step = chosen_peak(tensors, result.choices, len(program.eqns))
         if peak <= budget or step in steps:
             return result
         steps = sorted(set(steps) | {step})
     return result
+
+
+def _plan_peak_bytes(graph: ShardingGraph, model: MeshCostModel, uses: Sequence[Use],
+                     chosen, donated) -> int:
+    """Liveness peak per device of the chosen plan: every tensor from definition to last
+    read, plus the temporaries of chosen strategies and each resharded operand's copy,
+    live at the step that reads them."""
+    program = graph.traced.program
+
+    def nbytes(vid, spec):
+        aval = program.avals[vid]
+        return model.bytes_per_device(tuple(aval.shape), np.dtype(aval.dtype).itemsize, spec)
+
+    ranges = dict(live_ranges(program, donated))
+    sizes = {vid: nbytes(vid, spec) for node, s in zip(graph.nodes, chosen)
+             for vid, spec in zip(node.outputs, s.out_specs)}
+    copies = []
+    for use in uses:
+        if use.operand >= 0:
+            spec = chosen[use.dst].in_specs[use.operand]
+            if chosen[use.src].out_specs[use.src_output] != spec:
+                vid = graph.nodes[use.src].outputs[use.src_output]
+                copies.append((graph.nodes[use.dst].eqn, vid, spec))
+    extra = [(node.eqn, node.eqn, s.temp_bytes)
+             for node, s in zip(graph.nodes, chosen) if s.temp_bytes]
+    extra += [(step, step, nbytes(vid, spec)) for step, vid, spec in copies]
+    for k, (first, last, size) in enumerate(extra):
+        ranges[-1 - k] = (first, last)
+        sizes[-1 - k] = size
+    peak, _ = peak_bytes(ranges, sizes, len(program.eqns))
+    return peak
 
 
 def _warn_unsupported(graph: ShardingGraph) -> tuple[str, ...]:
@@ -260,10 +286,7 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                                               f"{graph.nodes[use.dst].name}", "resharding", cost))
         resharding += cost
 
-    value_bytes = {vid: model.bytes_per_device(tuple(program.avals[vid].shape),
-                                               np.dtype(program.avals[vid].dtype).itemsize, spec)
-                   for vid, spec in value_spec.items()}
-    peak, _ = peak_bytes(live_ranges(program, donated), value_bytes, len(program.eqns))
+    peak = _plan_peak_bytes(graph, model, uses, chosen, donated)
     cost = PlanCost(compute_s=float(sum(s.compute_s for s in chosen)),
                     communication_s=float(sum(s.communication_s for s in chosen)),
                     resharding_s=resharding, peak_memory_bytes=peak)

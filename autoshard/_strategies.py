@@ -26,6 +26,8 @@ class Strategy:
     ``in_specs[k]`` is the layout operand ``k`` must have (``None`` for literals);
     ``compute_s`` and ``communication_s`` are per-device seconds (the latter for the
     collectives the strategy itself needs, e.g. the all-reduce of a split contraction).
+    ``temp_bytes``: per-device bytes of a buffer it needs only while it runs (the
+    unreduced partial result a reduce-scatter reads).
     """
 
     name: str
@@ -33,6 +35,7 @@ class Strategy:
     in_specs: tuple[Spec | None, ...]
     compute_s: float
     communication_s: float
+    temp_bytes: int = 0
 
     @property
     def cost_s(self) -> float:
@@ -150,7 +153,7 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype):
             comm = model.all_reduce(out_bytes[0], rest) if rest else 0.0
             comm += model.reduce_scatter(out_bytes[0], (axis,))
             yield Strategy(f"{name} reduce-scatter(dim {d})", (scattered,), in_specs,
-                           compute, comm)
+                           compute, comm, temp_bytes=out_bytes[0])
 
 
 def _assignment_name(loop_axes, reductions) -> str:

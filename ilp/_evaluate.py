@@ -38,14 +38,14 @@ class Evaluation:
 
 def point_memory(request: IntraOpRequest, choices) -> tuple[float, ...]:
     """Bytes per device at every memory point (each node counted once per point)."""
-    if request.node_memory is None:
-        return ()
-    per_node = [float(request.node_memory[v][c]) for v, c in enumerate(choices)]
-    if request.memory_weights is None:
-        return tuple(float(sum(per_node[v] for v in sorted(set(point))))
-                     for point in request.memory_points)
-    return tuple(float(sum(w * per_node[v] for v, w in zip(point, weights)))
-                 for point, weights in zip(request.memory_points, request.memory_weights))
+    simple = ()
+    if request.node_memory is not None:
+        per_node = [float(request.node_memory[v][c]) for v, c in enumerate(choices)]
+        simple = tuple(float(sum(per_node[v] for v in sorted(set(point))))
+                       for point in request.memory_points)
+    terms = tuple(float(sum(float(m[choices[v]]) for v, m in point))
+                  for point in request.memory_terms)
+    return simple + terms
 
 
 def evaluate(request: IntraOpRequest, choices) -> Evaluation:

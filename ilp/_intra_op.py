@@ -63,7 +63,7 @@ def _memory_rows(request: IntraOpRequest, reduced: ReducedProblem):
     tightest rhs. Returns (rows, statically_infeasible).
     """
     budget = request.memory_budget
-    if budget is None or reduced.memory is None or not reduced.points:
+    if budget is None or not reduced.points:
         return [], False
     unit = memory_unit(reduced)
     rows: dict[tuple, tuple[list, int]] = {}

@@ -12,7 +12,7 @@ from ._request import IntraOpRequest
 
 def memory_unit(reduced: ReducedProblem) -> float:
     """Bytes per integer unit: 1 byte unless a point's total would overflow CP-SAT's comfort zone."""
-    if reduced.memory is None or not reduced.points:
+    if not reduced.points:
         return 1.0
     top = max(sum(float(np.max(vector)) for _, vector in point) for point in reduced.points)
     return max(1.0, top / 2.0**50)
@@ -64,7 +64,7 @@ def min_peak_memory(request: IntraOpRequest) -> float:
 
 
 def _min_peak(request: IntraOpRequest, reduced: ReducedProblem) -> float:
-    if reduced.memory is None or not reduced.points:
+    if not reduced.points:
         return 0.0
     unit = memory_unit(reduced)
     structural = [(a, b, m) for a, b, m in reduced.edges if not np.isfinite(m).all()]

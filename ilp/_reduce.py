@@ -152,17 +152,18 @@ def reduce_request(request: IntraOpRequest) -> ReducedProblem:
     if request.node_memory is not None:
         memory = tuple(request.node_memory[v][keep[v]] for v in range(n))
     points: dict[tuple, tuple] = {}
-    for p, point in enumerate(request.memory_points):
-        weight: dict[int, float] = {}
-        for k, v in enumerate(point):
-            if request.memory_weights is None:
-                weight[v] = 1.0
-            else:
-                weight[v] = weight.get(v, 0.0) + request.memory_weights[p][k]
-        nodes = sorted(v for v in weight if weight[v])
+    for point in request.memory_points:
+        nodes = sorted(set(point))
         if nodes:
-            key = tuple((v, weight[v]) for v in nodes)
-            points[key] = tuple((v, memory[v] * weight[v]) for v in nodes)
+            points[tuple(nodes)] = tuple((v, memory[v]) for v in nodes)
+    for point in request.memory_terms:
+        summed: dict[int, np.ndarray] = {}
+        for v, vector in point:
+            summed[v] = summed[v] + vector if v in summed else vector
+        nodes = sorted(summed)
+        if nodes:
+            key = tuple((v, summed[v][keep[v]].tobytes()) for v in nodes)
+            points[key] = tuple((v, summed[v][keep[v]]) for v in nodes)
     return ReducedProblem(
         keep=tuple(keep),
         cost=tuple(cost),

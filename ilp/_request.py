@@ -64,10 +64,10 @@ class IntraOpRequest:
     ``node_memory[v][i]``: bytes per device of node v's output under strategy i.
     ``memory_points``: node sets live together at a candidate peak; with
     ``memory_budget`` (bytes per device) each point's sum must stay within it.
-    Nodes repeated inside one point count once, unless ``memory_weights`` (same
-    structure as ``memory_points``) is given: then a point holds
-    ``Σ_k weight_k · node_memory[node_k][s]`` and repeats add up (a node whose
-    choice decides several live tensors). ``hint``: a complete assignment to
+    Nodes repeated inside one point count once. ``memory_terms``: more points,
+    each a tuple of ``(node, bytes per strategy of that node)`` terms that add up
+    (a node whose choice decides several live tensors, or a temporary buffer that
+    only some of its strategies need); they need no ``node_memory``. ``hint``: a complete assignment to
     warm-start from. ``time_limit_s`` is turned into a deterministic solver limit.
     ``tie_repeats``: solve with nodes of repeated layers tied (``_repeats``; a
     restriction, used for deep models; ignored when a memory budget is set).
@@ -78,7 +78,7 @@ class IntraOpRequest:
     node_names: tuple[str, ...] = ()
     node_memory: tuple[np.ndarray, ...] | None = None
     memory_points: tuple[tuple[int, ...], ...] = ()
-    memory_weights: tuple[tuple[float, ...], ...] | None = None
+    memory_terms: tuple[tuple[tuple[int, np.ndarray], ...], ...] = ()
     memory_budget: float | None = None
     hint: tuple[int, ...] | None = None
     time_limit_s: float = 60.0
@@ -101,9 +101,9 @@ class IntraOpRequest:
             object.__setattr__(self, "node_memory", memory)
         points = tuple(tuple(int(v) for v in point) for point in self.memory_points)
         object.__setattr__(self, "memory_points", points)
-        if self.memory_weights is not None:
-            weights = tuple(tuple(float(w) for w in ws) for ws in self.memory_weights)
-            object.__setattr__(self, "memory_weights", weights)
+        terms = tuple(tuple((int(v), _frozen_array(m, 1, f"memory_terms[{p}] of {self._label(int(v))}"))
+                            for v, m in point) for p, point in enumerate(self.memory_terms))
+        object.__setattr__(self, "memory_terms", terms)
         if self.memory_budget is not None:
             object.__setattr__(self, "memory_budget", float(self.memory_budget))
         if self.hint is not None:
@@ -170,19 +170,21 @@ class IntraOpRequest:
             for v in point:
                 if not 0 <= v < n:
                     raise ValueError(f"memory point {p}: node index {v} out of range (expected 0..{n - 1})")
-        if self.memory_weights is not None:
-            shape = [len(point) for point in self.memory_points]
-            if [len(ws) for ws in self.memory_weights] != shape:
-                raise ValueError("memory_weights must have one weight per entry of memory_points")
-            if any(w < 0 or math.isnan(w) for ws in self.memory_weights for w in ws):
-                raise ValueError("memory_weights must be >= 0")
+        for p, point in enumerate(self.memory_terms):
+            for v, memory in point:
+                if not 0 <= v < n:
+                    raise ValueError(f"memory_terms[{p}]: node index {v} out of range (expected 0..{n - 1})")
+                if memory.shape != self.node_costs[v].shape or np.isnan(memory).any():
+                    raise ValueError(
+                        f"memory_terms[{p}] for {self._label(v)}: expected {self.num_strategies(v)} "
+                        f"byte counts (one per strategy, no NaN), got {memory.size}")
         if self.memory_points and self.node_memory is None:
             raise ValueError("memory_points given without node_memory")
         if self.memory_budget is not None:
             if math.isnan(self.memory_budget) or self.memory_budget < 0:
                 raise ValueError(f"memory_budget must be >= 0 bytes, got {self.memory_budget}")
-            if self.node_memory is None:
-                raise ValueError("memory_budget given without node_memory")
+            if self.node_memory is None and not self.memory_terms:
+                raise ValueError("memory_budget given without node_memory or memory_terms")
         if self.hint is not None:
             if len(self.hint) != n:
                 raise ValueError(f"hint has {len(self.hint)} entries, expected {n} (one per node)")
