@@ -13,6 +13,7 @@ them with the traceback instead.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import re
@@ -330,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
                         help="on an error, show the full traceback instead of one line")
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="log planning progress (phases, ILP size, solver result) to stderr")
     parser = _Parser(prog="autoshard",
                      description="Plan how a JAX function is parallelized over a device mesh, "
                                  "and inspect saved plans.",
@@ -393,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version, usage errors
         return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
     from ._target import TargetError
+    if getattr(args, "verbose", False):
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         return args.func(args)
     except (CliError, TargetError) as err:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from ._trace import TracedFunction
 from ._user_frames import user_stacklevel
 from .cost_model import Cluster, MeshCostModel, format_bytes
 
+
+_log = logging.getLogger("autoshard")
 
 #: ILP nodes above which repeated layers are tied by default (``ShardParallel.tie_repeats``).
 TIE_REPEATS_ABOVE = 600
@@ -233,6 +236,8 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     def input_specs(i, shape):
         return method.input_specs(shape, model.mesh_shape, bool(batch_flat[i]))
 
+    _log.info("planning %s on mesh %s: %d equations", _method_name(method),
+              "x".join(map(str, mesh_shape)), len(program.eqns))
     graph = build_graph(traced, model, input_specs)
     messages = _warn_unsupported(graph)
     time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
@@ -242,13 +247,22 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     matrices = [use_cost_matrix(graph, u, model) for u in uses]
     grouping = group_followers(graph)
     request = grouped_request(graph, grouping, uses, matrices, time_limit)
+    _log.info("strategies and costs: %d nodes, %d ILP nodes after following, %d edges "
+              "(%.2f s)", len(graph.nodes), len(grouping.roots), len(request.edges),
+              time.perf_counter() - start)
     tie = getattr(method, "tie_repeats", None)
     request = dataclasses.replace(
         request, hint=_seed(graph, grouping, request, model, method, batch_flat),
         tie_repeats=len(grouping.roots) > TIE_REPEATS_ABOVE if tie is None else bool(tie))
     donated = [v for v, d in zip(program.invars, donated_flat) if d]
+    _log.info("solving: starting plan %.4g s per step, time limit %g s%s%s",
+              ilp.evaluate(request, request.hint).objective if request.hint else float("nan"),
+              time_limit, ", repeated layers tied" if request.tie_repeats else "",
+              f", memory budget {format_bytes(memory_budget)}" if memory_budget else "")
     result = _solve_within_budget(request, graph, grouping, model, donated, memory_budget,
                                   mesh_shape)
+    _log.info("solved: %s, %.4g s per step, gap %.2f%%, %d variables (%.2f s)", result.status,
+              result.objective, 100 * result.gap, result.num_variables, result.solve_time_s)
     choices = grouping.expand(result.choices)
     chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]
 
