@@ -4,10 +4,9 @@ A tensor's bytes per device depend on the strategy of the node that produces it,
 so on the choice of that node's ILP root (followers map a root's choice to their
 own): each tensor becomes a vector over its root's strategies, exact. A strategy's
 temporary buffer (the partial result a reduce-scatter reads) is a tensor live at
-its own step only. A resharded operand's copy, also live at the step that reads it,
-depends on two choices; the constraints count it whenever the operand comes from
-another ILP node (at the layout the reader wants), an upper bound, so a plan that
-meets them meets the budget under the reported estimate too.
+its own step only. Resharding copies (they depend on two choices, and XLA often
+fuses them into the collective's output) are not modelled, here or in the plan's
+reported peak, so the constraints and the reported estimate agree exactly.
 
 Candidate peaks: a step can only be the peak if the most its live tensors can
 take (every one at its largest layout) reaches the least the fullest step must
@@ -60,14 +59,6 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
                            dtype=np.float64)
             root[vid], vector[vid], steps[vid] = p, own[index], ranges[vid]
         temps = np.array([s.temp_bytes for s in node.strategies], dtype=np.float64)
-        if node.eqn is not None:
-            for k, atom in enumerate(program.eqns[node.eqn].inputs):
-                if isinstance(atom, int) and grouping.root[graph.producer[atom][0]] != \
-                        grouping.root[v]:
-                    aval = program.avals[atom]
-                    shape, itemsize = tuple(aval.shape), np.dtype(aval.dtype).itemsize
-                    temps = temps + np.array([nbytes(shape, itemsize, s.in_specs[k])
-                                              for s in node.strategies])
         if temps.any() and node.eqn is not None:
             tid = -1 - v
             root[tid], vector[tid], steps[tid] = p, temps[index], (node.eqn, node.eqn)

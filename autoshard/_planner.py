@@ -176,11 +176,10 @@ def _solve_within_budget(request: ilp.IntraOpRequest, graph: ShardingGraph, grou
     return result
 
 
-def _plan_peak_bytes(graph: ShardingGraph, model: MeshCostModel, uses: Sequence[Use],
-                     chosen, donated) -> int:
-    """Liveness peak per device of the chosen plan: every tensor from definition to last
-    read, plus the temporaries of chosen strategies and each resharded operand's copy,
-    live at the step that reads them."""
+def _plan_peak_bytes(graph: ShardingGraph, model: MeshCostModel, chosen, donated) -> int:
+    """Liveness peak per device of the chosen plan (the model the memory constraints use):
+    every tensor from definition to last read, plus the temporaries of the chosen
+    strategies at their step. Resharding copies are not counted."""
     program = graph.traced.program
 
     def nbytes(vid, spec):
@@ -190,16 +189,8 @@ def _plan_peak_bytes(graph: ShardingGraph, model: MeshCostModel, uses: Sequence[
     ranges = dict(live_ranges(program, donated))
     sizes = {vid: nbytes(vid, spec) for node, s in zip(graph.nodes, chosen)
              for vid, spec in zip(node.outputs, s.out_specs)}
-    copies = []
-    for use in uses:
-        if use.operand >= 0:
-            spec = chosen[use.dst].in_specs[use.operand]
-            if chosen[use.src].out_specs[use.src_output] != spec:
-                vid = graph.nodes[use.src].outputs[use.src_output]
-                copies.append((graph.nodes[use.dst].eqn, vid, spec))
     extra = [(node.eqn, node.eqn, s.temp_bytes)
              for node, s in zip(graph.nodes, chosen) if s.temp_bytes]
-    extra += [(step, step, nbytes(vid, spec)) for step, vid, spec in copies]
     for k, (first, last, size) in enumerate(extra):
         ranges[-1 - k] = (first, last)
         sizes[-1 - k] = size
@@ -300,7 +291,7 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                                               f"{graph.nodes[use.dst].name}", "resharding", cost))
         resharding += cost
 
-    peak = _plan_peak_bytes(graph, model, uses, chosen, donated)
+    peak = _plan_peak_bytes(graph, model, chosen, donated)
     cost = PlanCost(compute_s=float(sum(s.compute_s for s in chosen)),
                     communication_s=float(sum(s.communication_s for s in chosen)),
                     resharding_s=resharding, peak_memory_bytes=peak)
