@@ -127,11 +127,22 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
                          tuple(unsupported), tuple(control_flow))
 
 
-def use_cost_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel) -> np.ndarray:
-    """Resharding seconds [strategies of src, strategies of dst] for one tensor use."""
+def use_cost_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel,
+                    memo: dict | None = None) -> np.ndarray:
+    """Resharding seconds [strategies of src, strategies of dst] for one tensor use.
+
+    ``memo`` (one dict per planning call) shares matrices between uses of repeated
+    layers: their nodes hold the very same strategy tuples."""
     program = graph.traced.program
     src, dst = graph.nodes[use.src], graph.nodes[use.dst]
     aval = program.avals[src.outputs[use.src_output]]
+    if memo is not None:
+        key = (id(src.strategies), use.src_output, id(dst.strategies), use.operand,
+               tuple(aval.shape), np.dtype(aval.dtype).name)
+        if key not in memo:
+            memo[key] = (src.strategies, dst.strategies,  # keep the ids alive
+                         use_cost_matrix(graph, use, model))
+        return memo[key][2]
     src_specs = [s.out_specs[use.src_output] for s in src.strategies]
     if use.operand < 0:  # loop-carried into an input node: its own layout
         dst_specs = [s.out_specs[0] for s in dst.strategies]

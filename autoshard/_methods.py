@@ -22,10 +22,14 @@ class ShardParallel:
     (alternating between consecutive layers), so the ILP stops growing with depth;
     ``None`` ties when the problem has more than 600 nodes (roughly 4+ transformer
     layers), ``False`` never ties (exact, slower on deep models).
+    ``gap_limit``: stop the search once the plan is proven within this relative gap of
+    the optimum; ``None``: 1% when repeated layers are tied, else 0 (prove optimality
+    or reach the time limit).
     """
 
     time_limit_s: float = 60.0
     tie_repeats: bool | None = None
+    gap_limit: float | None = None
 
     def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
         return enumerate_specs(shape, mesh_shape)

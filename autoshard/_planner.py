@@ -235,16 +235,19 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     pairs = carried_pairs(traced, donated_flat)
     graph = _price_fed_inputs(graph, model, pairs)
     uses = tuple(graph.uses) + tuple(_carried_uses(graph, pairs))
-    matrices = [use_cost_matrix(graph, u, model) for u in uses]
+    memo: dict = {}
+    matrices = [use_cost_matrix(graph, u, model, memo) for u in uses]
     grouping = group_followers(graph)
     request = grouped_request(graph, grouping, uses, matrices, time_limit)
     _log.info("strategies and costs: %d nodes, %d ILP nodes after following, %d edges "
               "(%.2f s)", len(graph.nodes), len(grouping.roots), len(request.edges),
               time.perf_counter() - start)
     tie = getattr(method, "tie_repeats", None)
+    tie = len(grouping.roots) > TIE_REPEATS_ABOVE if tie is None else bool(tie)
+    gap = getattr(method, "gap_limit", None)
     request = dataclasses.replace(
         request, hint=_seed(graph, grouping, request, model, method, batch_flat),
-        tie_repeats=len(grouping.roots) > TIE_REPEATS_ABOVE if tie is None else bool(tie))
+        tie_repeats=tie, gap_limit=(0.01 if tie else 0.0) if gap is None else gap)
     donated = [v for v, d in zip(program.invars, donated_flat) if d]
     _log.info("solving: starting plan %.4g s per step, time limit %g s%s%s",
               ilp.evaluate(request, request.hint).objective if request.hint else float("nan"),

@@ -193,7 +193,7 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
 
     # --- solve ---------------------------------------------------------------------
     solver = cp_model.CpSolver()
-    solver_parameters(solver, request.time_limit_s)
+    solver_parameters(solver, request.time_limit_s, request.gap_limit)
     if active:
         status = solver.solve(model)
         solution = solver.response_proto.solution
@@ -272,7 +272,7 @@ def _solve_tied(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpResul
     """Solve over repeat classes, expand, polish node by node, never worse than the hint.
 
     The status is "FEASIBLE": the tied optimum need not be the untied one. The lower
-    bound is the reduced problem's sum of per-node minima (valid for any assignment).
+    bound is Σ per-node minima + Σ per-edge minima (valid for any assignment, weak).
     """
     start = time.perf_counter()
     sub = solve_intra_op(tied_request(request, classes))
@@ -284,8 +284,9 @@ def _solve_tied(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpResul
     if choices is None:
         choices = classes.expand(sub.choices)
     objective = evaluate(request, choices).objective
-    reduced = reduce_request(request)
-    lower_bound = min(objective, float(sum(float(c.min()) for c in reduced.cost)))
+    floor = sum(float(np.min(c)) for c in request.node_costs) + \
+        sum(float(np.min(e.cost)) for e in request.edges)
+    lower_bound = min(objective, floor)
     gap = (objective - lower_bound) / abs(objective) if objective else 0.0
     stats = dataclasses.replace(sub.stats, tied_classes=classes.num_classes, tied_gap=sub.gap,
                                 input_edges=len(request.edges))

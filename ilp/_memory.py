@@ -31,7 +31,8 @@ def to_units(values: np.ndarray, unit: float) -> np.ndarray:
 DETERMINISTIC_UNITS_PER_SECOND = 1.0 / 3.0
 
 
-def solver_parameters(solver: cp_model.CpSolver, time_limit_s: float) -> None:
+def solver_parameters(solver: cp_model.CpSolver, time_limit_s: float, gap_limit: float = 0.0
+                      ) -> None:
     """Deterministic CP-SAT settings: one worker, fixed seed, deterministic time limit.
 
     The search stops after ``time_limit_s * DETERMINISTIC_UNITS_PER_SECOND`` units of
@@ -51,6 +52,11 @@ def solver_parameters(solver: cp_model.CpSolver, time_limit_s: float) -> None:
     params.cp_model_probing_level = 0
     params.symmetry_level = 0
     params.log_search_progress = False
+    # The warm start is a complete, feasible assignment already (and is returned if the
+    # search finds nothing better): skip CP-SAT's hint-repair phase, which costs as much
+    # as the search on large models.
+    params.hint_conflict_limit = 0
+    params.relative_gap_limit = float(gap_limit)
 
 
 def min_peak_memory(request: IntraOpRequest) -> float:

@@ -102,4 +102,5 @@ def tied_request(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpRequ
         names.setdefault(c, request.label(v))
     return IntraOpRequest(node_costs=tuple(costs), edges=tuple(edges),
                           node_names=tuple(names[c] for c in range(classes.num_classes)),
-                          hint=hint, time_limit_s=request.time_limit_s)
+                          hint=hint, time_limit_s=request.time_limit_s,
+                          gap_limit=request.gap_limit)

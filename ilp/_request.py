@@ -69,6 +69,8 @@ class IntraOpRequest:
     (a node whose choice decides several live tensors, or a temporary buffer that
     only some of its strategies need); they need no ``node_memory``. ``hint``: a complete assignment to
     warm-start from. ``time_limit_s`` is turned into a deterministic solver limit.
+    ``gap_limit``: stop once the solution is proven within this relative gap of the
+    optimum (0: prove optimality or reach the time limit).
     ``tie_repeats``: solve with nodes of repeated layers tied (``_repeats``; a
     restriction, used for deep models; ignored when a memory budget is set).
     """
@@ -83,6 +85,7 @@ class IntraOpRequest:
     hint: tuple[int, ...] | None = None
     time_limit_s: float = 60.0
     tie_repeats: bool = False
+    gap_limit: float = 0.0
 
     def __post_init__(self) -> None:
         names = tuple(str(name) for name in self.node_names)
@@ -109,6 +112,7 @@ class IntraOpRequest:
         if self.hint is not None:
             object.__setattr__(self, "hint", tuple(int(i) for i in self.hint))
         object.__setattr__(self, "time_limit_s", float(self.time_limit_s))
+        object.__setattr__(self, "gap_limit", float(self.gap_limit))
         self._validate()
 
     # -- helpers -----------------------------------------------------------------
@@ -195,6 +199,8 @@ class IntraOpRequest:
                     )
         if not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s must be > 0, got {self.time_limit_s}")
+        if not 0.0 <= self.gap_limit < 1.0:
+            raise ValueError(f"gap_limit must be in [0, 1), got {self.gap_limit}")
 
     def __repr__(self) -> str:
         counts = [len(c) for c in self.node_costs]
