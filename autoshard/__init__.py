@@ -2,6 +2,7 @@
 from ._api import MemoryBudgetError as MemoryBudgetError
 from ._api import ParallelizedFunction as ParallelizedFunction
 from ._api import parallelize as parallelize
+from ._calibrate import calibrate as calibrate
 from ._inputs import global_batch as global_batch
 from ._mesh import abstract_mesh as abstract_mesh
 from ._mesh import make_mesh as make_mesh
