@@ -31,8 +31,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ._mesh import default_cluster
 from .cost_model import COLLECTIVES, Cluster, Link
 
-REPEATS = 4           # collectives chained per timed call
+REPEATS = 8           # collectives chained per timed call
 _MIN_SECONDS = 1e-9
+
+
+class CalibrationError(RuntimeError):
+    """The measurements were too noisy to fit; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +59,10 @@ def fit_alpha_beta(alpha_coef: Sequence[float], byte_coef: Sequence[float],
 
     ``alpha_coef``: how many latencies each measurement pays; ``byte_coef``: how many
     bytes it moves per device (the cost model's formula, e.g. 2(n−1)/n·nbytes for an
-    all-reduce). When the unconstrained solution has α < 0 the fit is redone with α = 0;
-    when it has no positive byte term, β is the fastest rate any point achieved.
+    all-reduce). Residuals are relative (each row divided by its time), so message sizes
+    spanning orders of magnitude all count and small messages pin the latency. When the
+    unconstrained solution has α < 0 the fit is redone with α = 0; when it has no
+    positive byte term, β is the fastest rate any point achieved.
     """
     a = np.asarray(alpha_coef, np.float64)
     b = np.asarray(byte_coef, np.float64)
@@ -64,12 +70,13 @@ def fit_alpha_beta(alpha_coef: Sequence[float], byte_coef: Sequence[float],
     if not (len(a) == len(b) == len(t) >= 2) or np.any(t <= 0) or np.any(b <= 0):
         raise ValueError(f"fit_alpha_beta needs ≥ 2 points with positive times and bytes, got "
                          f"{len(t)} points")
-    (alpha, inv_beta), *_ = np.linalg.lstsq(np.stack([a, b], axis=1), t, rcond=None)
+    wa, wb, ones = a / t, b / t, np.ones_like(t)
+    (alpha, inv_beta), *_ = np.linalg.lstsq(np.stack([wa, wb], axis=1), ones, rcond=None)
     if alpha < 0:
-        alpha, inv_beta = 0.0, float(b @ t / (b @ b))
+        alpha, inv_beta = 0.0, float(wb @ ones / (wb @ wb))
     if inv_beta <= 0:
         inv_beta = float(np.min(t / b))
-        alpha = max(0.0, float(a @ (t - b * inv_beta) / (a @ a)))
+        alpha = max(0.0, float(wa @ (ones - wb * inv_beta) / (wa @ wa)))
     predicted = a * alpha + b * inv_beta
     return Fit(float(alpha), float(1.0 / inv_beta), float(np.max(np.abs(predicted - t) / t)))
 
@@ -179,15 +186,26 @@ def measure_collectives(mesh, axis: str, sizes: Sequence[int], repeats: int = 3
         x = jax.make_array_from_callback(
             (elements * mesh.size,), sharding,
             lambda index: np.ones(elements, np.float32))
-        base = _time(calls[None], x, repeats=repeats)
+        reps = repeats * 3 if size <= 64 << 10 else repeats   # small ones are cheap, noisy
+        base = _time(calls[None], x, repeats=reps)
         for kind in COLLECTIVES:
-            seconds = (_time(calls[kind], x, repeats=repeats) - base) / REPEATS
+            seconds = (_time(calls[kind], x, repeats=reps) - base) / REPEATS
             points[kind].append((*_model_terms(kind, n, 4 * elements), seconds))
     fits = {}
     for kind, rows in points.items():
-        a, b, t = (np.array(col) for col in zip(*rows))
-        fits[kind] = fit_alpha_beta(a, b, np.maximum(t, _MIN_SECONDS))
-    return fits
+        # A point whose collective did not measure slower than the chain without it is
+        # noise (a loaded host), not a free collective: leave it out.
+        rows = [r for r in rows if r[2] > _MIN_SECONDS]
+        if len(rows) >= 2:
+            a, b, t = (np.array(col) for col in zip(*rows))
+            fits[kind] = fit_alpha_beta(a, b, t)
+    if not fits:
+        raise CalibrationError(
+            f"no collective over mesh axis {axis!r} measured above the timing noise; the "
+            f"host is probably busy: calibrate again with a larger budget_s")
+    # Kinds left without a fit borrow the best-fitting kind's link on this axis.
+    best = min(fits.values(), key=lambda f: f.max_rel_error)
+    return {kind: fits.get(kind, best) for kind in COLLECTIVES}
 
 
 def _sizes(budget_s: float) -> tuple[int, ...]:
