@@ -32,7 +32,7 @@ def _cluster_table(default: dict, calibrations: dict) -> list[str]:
             lambda c, d=dtype: f"{c['flops'].get(d, c['flops']['float32']) / 1e9:.2f}")
     row("memory GB/s per device", lambda c: f"{c['memory_bandwidth'] / 1e9:.2f}")
     kinds = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
-    axes = max((len(c["cluster"]["axis_links"]) for c in calibrations.values()), default=0)
+    axes = max((len(c["cluster"]["axis_links"] or ()) for c in calibrations.values()), default=0)
     for axis in range(axes):
         for kind in kinds:
             def get(c, axis=axis, kind=kind):

@@ -118,3 +118,27 @@ def test_cli_calibrate_errors(tmp_path, capsys):
     assert _cli.main(["calibrate", "--mesh", "8", "--out", str(tmp_path / "c.json"),
                       "--dtypes", "bfloat16"]) == 2
     assert "must include float32" in capsys.readouterr().err
+
+
+def test_benchmark_spearman_and_report(tmp_path):
+    from benchmarks.calibration import spearman, summarize
+    from benchmarks.calibration_report import render
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    assert math.isnan(spearman([1, 2], [1, 2]))
+    rows = [{"workload": "mlp", "mesh": "8", "cluster": c, "method": m, "predicted_s": p,
+             "compute_s": p, "communication_s": 0.0, "resharding_s": 0.0, "error": None,
+             "measured_s": t, "measured_iqr_s": 1e-4}
+            for c in ("default", "calibrated")
+            for m, p, t in (("ILP", 1e-3, 2e-3), ("DataParallel", 2e-3, 3e-3),
+                            ("ZeRO3", 3e-3, 5e-3))]
+    summary = summarize(rows, ("default", "calibrated"))
+    assert summary["spearman_pooled"]["calibrated"] == pytest.approx(1.0)
+    assert all(c["within_noise"] for c in summary["ilp_check"])
+    cluster = json.loads(autoshard.cluster_preset("host-cpu").to_json())
+    text = render({"rows": rows, "summary": summary, "jax": "0", "date": "today",
+                   "options": {"time_limit": 1, "rounds": 3, "budget": 3},
+                   "default_cluster": cluster,
+                   "calibrations": {"8": {"seconds": 3.0, "cluster": cluster}}})
+    assert "| default | +1.00 |" in text and "| mlp | 8 | calibrated | ILP |" in text
