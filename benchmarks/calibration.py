@@ -106,7 +106,9 @@ def bench_mesh(mesh_name: str, workloads, clusters: dict, opts) -> list[dict]:
                         plan = f.plan(*w.args)
                     c = plan.cost
                     row.update(predicted_s=c.total_s, compute_s=c.compute_s,
-                               communication_s=c.communication_s, resharding_s=c.resharding_s)
+                               communication_s=c.communication_s, resharding_s=c.resharding_s,
+                               solver_status=plan.solver.status if plan.solver else None,
+                               solver_gap=plan.solver.gap if plan.solver else None)
                     key = (wname, _layout_key(plan))
                     row["layout"] = key[1]
                     if key not in runnable:
@@ -170,12 +172,26 @@ def summarize(rows: list[dict], clusters) -> dict:
                 continue
             ilp = ilp[0]
             noise = max(ilp["measured_iqr_s"], best["measured_iqr_s"])
+            within = ilp["measured_s"] - best["measured_s"] <= noise
+            # Same cluster: did the ILP price its own plan above a preset's (a search
+            # failure: the solver stopped early), or below the faster plan (a cost error)?
+            same = [r for r in rs if r["cluster"] == cname and r["method"] != "ILP"]
+            cheaper = min(same, key=lambda r: r["predicted_s"]) if same else None
+            if within:
+                diagnosis = "ok"
+            elif cheaper is not None and cheaper["predicted_s"] < ilp["predicted_s"] * (1 - 1e-9):
+                diagnosis = (f"search: the ILP stopped at {ilp['predicted_s'] * 1e3:.3f} ms "
+                             f"(status {ilp.get('solver_status')}, gap "
+                             f"{(ilp.get('solver_gap') or 0):.0%}); {cheaper['method']} prices "
+                             f"{cheaper['predicted_s'] * 1e3:.3f} ms")
+            else:
+                diagnosis = "cost model: priced the ILP's plan cheapest, yet it ran slower"
             out["ilp_check"].append({
                 "workload": g[0], "mesh": g[1], "cluster": cname,
                 "ilp_measured_s": ilp["measured_s"], "best_measured_s": best["measured_s"],
                 "best": f"{best['method']} ({best['cluster']})",
                 "ratio": ilp["measured_s"] / best["measured_s"],
-                "within_noise": ilp["measured_s"] - best["measured_s"] <= noise})
+                "within_noise": within, "diagnosis": diagnosis})
     return out
 
 

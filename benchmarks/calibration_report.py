@@ -72,12 +72,13 @@ def render(result: dict) -> str:
         lines.append(f"| {cname} | {_rho(pooled)} | {_rho(mean)} | {detail} |")
     lines += ["", "## Is the ILP's plan the fastest when run?", "",
               "Noise = the larger interquartile range of the two plans' timings.", "",
-              "| workload | mesh | ILP priced with | ILP measured ms | fastest plan | fastest ms | ratio | within noise |",
-              "|---|---|---|---:|---|---:|---:|---|"]
+              "| workload | mesh | ILP priced with | ILP measured ms | fastest plan | fastest ms | ratio | within noise | diagnosis |",
+              "|---|---|---|---:|---|---:|---:|---|---|"]
     for c in s["ilp_check"]:
         lines.append(f"| {c['workload']} | {c['mesh']} | {c['cluster']} | "
                      f"{_ms(c['ilp_measured_s'])} | {c['best']} | {_ms(c['best_measured_s'])} | "
-                     f"{c['ratio']:.2f}× | {'yes' if c['within_noise'] else '**no**'} |")
+                     f"{c['ratio']:.2f}× | {'yes' if c['within_noise'] else '**no**'} | "
+                     f"{c.get('diagnosis', '')} |")
     lines += ["", "## All rows", "",
               "| workload | mesh | cluster | method | predicted ms | compute | comm | reshard | measured ms (IQR) |",
               "|---|---|---|---|---:|---:|---:|---:|---:|"]
