@@ -1,12 +1,16 @@
 """autoshard: automatic intra- and inter-operator parallelization for JAX."""
 from ._api import ParallelizedFunction as ParallelizedFunction
 from ._api import parallelize as parallelize
+from ._calibrate import calibrate as calibrate
+from ._inputs import global_batch as global_batch
 from ._mesh import abstract_mesh as abstract_mesh
 from ._mesh import make_mesh as make_mesh
 from ._methods import DataParallel as DataParallel
 from ._methods import Megatron as Megatron
 from ._methods import ShardParallel as ShardParallel
 from ._methods import ZeRO3 as ZeRO3
+from ._multihost import PlanMismatchError as PlanMismatchError
+from ._multihost import plan_digest as plan_digest
 from ._plan import Plan as Plan
 from ._planner import InfeasiblePlanError as InfeasiblePlanError
 from ._plan import PlanCost as PlanCost

@@ -11,6 +11,7 @@ import numpy as np
 
 from ._mesh import default_cluster, make_mesh, mesh_axes
 from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
+from ._multihost import check_same_plan
 from ._plan import Plan
 from ._planner import InfeasiblePlanError, fingerprint, plan_traced
 from ._trace import TracedFunction, trace
@@ -36,6 +37,7 @@ class _Compiled:
     traced: TracedFunction
     plan: Plan
     program: ShardedProgram | None  # None until first run (planning needs no devices)
+    agreed: bool = False  # multi-process: every process was found to hold this plan
 
 
 class ParallelizedFunction:
@@ -202,6 +204,16 @@ class ParallelizedFunction:
             operand_specs={(e, k): s for e, k, s in plan.operand_specs},
             donate_argnums=[i for i, d in enumerate(flags) if d])
 
+    def _agree(self, entry: _Compiled) -> None:
+        """Multi-process runs: raise PlanMismatchError unless all processes hold this plan."""
+        program = entry.traced.program
+        name = getattr(self._fun, "__qualname__", None) or repr(self._fun)
+        check_same_plan(entry.plan, program,
+                        f"{name}: {len(program.invars)} inputs, {len(program.outvars)} "
+                        f"outputs, {len(program.eqns)} equations, signature "
+                        f"{entry.plan.fingerprint}, {entry.plan.method}, cluster "
+                        f"{entry.plan.cluster.name}")
+
     # ------------------------------------------------------------ public
     def plan(self, *args) -> Plan:
         """The plan for these arguments (arrays or ShapeDtypeStructs); nothing runs."""
@@ -215,6 +227,10 @@ class ParallelizedFunction:
 
     def __call__(self, *args):
         entry = self._compiled(args, need_program=True)
+        if not entry.agreed:  # before anything moves: a mismatch must not hang a collective
+            self._agree(entry)
+            entry = dataclasses.replace(entry, agreed=True)
+            self._cache[self._key(args)] = entry
         dyn = [a for i, a in enumerate(args) if i not in self._static_argnums]
         flat = jax.tree_util.tree_leaves(dyn)
         outs = entry.program(flat)

@@ -5,6 +5,7 @@ Built on :mod:`argparse` (standard library; no extra dependency)::
     autoshard plan examples.models:mlp --mesh 2x4 --json mlp.json
     autoshard show mlp.json
     autoshard compare a.json b.json
+    autoshard calibrate --mesh 2x4 --out cluster.json
 
 Also runnable as ``python -m autoshard``. Errors a user can cause print one line,
 ``autoshard: error: …``, on stderr and exit with status 2; ``--debug`` re-raises
@@ -53,6 +54,18 @@ example:
 
 Prints the inputs and outputs whose specs differ (path: A spec → B spec) and the
 difference B − A of every modelled cost.
+"""
+
+
+_CALIBRATE_EPILOG = """\
+examples:
+  autoshard calibrate --mesh 2x4 --out cluster.json
+  autoshard plan examples.models:mlp --mesh 2x4 --cluster cluster.json
+
+Measures, on the devices present, matmul FLOP/s per dtype (all devices busy at once),
+memory bandwidth, and per mesh axis the latency and bandwidth of all-reduce,
+all-gather, reduce-scatter and all-to-all (least-squares α–β fit). On the CPU, get
+virtual devices with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 
 
@@ -327,6 +340,39 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    shape = parse_mesh(args.mesh)
+    names = parse_axis_names(args.axis_names, len(shape))
+    if not args.budget > 0:
+        raise CliError(f"bad --budget {args.budget!r}: give a positive number of seconds")
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    if "float32" not in dtypes:
+        raise CliError(f"bad --dtypes {args.dtypes!r}: must include float32")
+    import jax
+
+    import autoshard
+    needed = math.prod(shape)
+    if jax.device_count() < needed:
+        raise CliError(f"--mesh {args.mesh} needs {needed} devices but {jax.device_count()} "
+                       f"{jax.default_backend()} devices are present (on the CPU set XLA_FLAGS="
+                       f"--xla_force_host_platform_device_count={needed})")
+    mesh = autoshard.make_mesh(shape, names)
+    try:
+        cluster = autoshard.calibrate(mesh, budget_s=args.budget, dtypes=dtypes,
+                                      name=args.name, verbose=True)
+    except (TypeError, ValueError) as err:
+        raise CliError(f"calibration failed: {_one_line(err)}") from err
+    try:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(cluster.to_json() + "\n")
+    except OSError as err:
+        raise CliError(f"cannot write cluster file {args.out!r}: "
+                       f"{err.strerror or _one_line(err)}") from err
+    print(f"cluster {cluster.name!r} written to {args.out} "
+          f"(use: autoshard plan ... --cluster {args.out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
@@ -385,6 +431,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("plan_a", metavar="A.json")
     c.add_argument("plan_b", metavar="B.json")
     c.set_defaults(func=cmd_compare)
+
+    k = sub.add_parser("calibrate", parents=[common],
+                       help="measure the devices present and write a cluster file",
+                       description="Measure compute, memory and collective speeds on a mesh "
+                                   "of the devices present and write a Cluster JSON file for "
+                                   "--cluster.",
+                       epilog=_CALIBRATE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("--mesh", required=True, metavar="SHAPE",
+                   help="mesh shape, axis sizes joined by x: 8, 2x4")
+    k.add_argument("--axis-names", metavar="NAMES", help="comma-separated axis names")
+    k.add_argument("--out", required=True, metavar="CLUSTER.json",
+                   help="where to write the cluster")
+    k.add_argument("--budget", type=float, default=20.0, metavar="SECONDS",
+                   help="measurement time, roughly (default 20)")
+    k.add_argument("--dtypes", default="float32,bfloat16",
+                   help="matmul dtypes to measure, comma-separated (default float32,bfloat16)")
+    k.add_argument("--name", help="the cluster's name (default calibrated-PLATFORM-MESH)")
+    k.set_defaults(func=cmd_calibrate)
     return parser
 
 

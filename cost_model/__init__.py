@@ -3,6 +3,7 @@
 Imports numpy only. Times are seconds, sizes bytes, bandwidths bytes/s.
 """
 
+from ._cluster import COLLECTIVES as COLLECTIVES
 from ._cluster import Cluster as Cluster
 from ._cluster import Link as Link
 from ._mesh_cost import MeshCostModel as MeshCostModel
@@ -14,6 +15,7 @@ from ._units import format_bytes as format_bytes
 from ._units import parse_bytes as parse_bytes
 
 __all__ = [
+    "COLLECTIVES",
     "CLUSTER_PRESETS",
     "Cluster",
     "Link",

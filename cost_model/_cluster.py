@@ -10,6 +10,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
+COLLECTIVES: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
+
+
 @dataclasses.dataclass(frozen=True)
 class Link:
     """A point-to-point link as seen by one device.
@@ -34,10 +37,14 @@ class Cluster:
     of which ``memory_reserve`` bytes are kept free. ``devices_per_node`` devices share
     ``intra_node`` links; traffic between nodes uses ``inter_node``. ``axis_links``,
     when set (by calibration) and as long as the mesh rank, gives each mesh axis its
-    measured link and overrides the node topology.
+    measured link and overrides the node topology. ``collective_links``, when set (by
+    calibration), refines that per collective: ``(("all-reduce", (link per axis, …)),
+    …)`` for the kinds in ``COLLECTIVES``, each α–β fitted to that collective's
+    formula in :class:`MeshCostModel`; kinds or mesh ranks it lacks fall back to
+    ``axis_links`` and the node topology.
 
-    ``flops`` may be given as a mapping and ``axis_links`` as any sequence; both are
-    stored as tuples so the cluster is hashable.
+    ``flops`` and ``collective_links`` may be given as mappings and ``axis_links`` as
+    any sequence; all are stored as tuples so the cluster is hashable.
     """
 
     name: str
@@ -49,6 +56,7 @@ class Cluster:
     inter_node: Link
     memory_reserve: int = 0
     axis_links: tuple[Link, ...] | None = None
+    collective_links: tuple[tuple[str, tuple[Link, ...]], ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -78,6 +86,20 @@ class Cluster:
             if not all(isinstance(link, Link) for link in links):
                 raise ValueError(f"Cluster.axis_links must be a sequence of Link or None, got {self.axis_links!r}")
             object.__setattr__(self, "axis_links", links)
+        if self.collective_links is not None:
+            items = self.collective_links
+            items = items.items() if isinstance(items, Mapping) else items
+            checked = []
+            for kind, links in items:
+                if kind not in COLLECTIVES:
+                    raise ValueError(f"Cluster.collective_links has unknown collective {kind!r}; "
+                                     f"expected some of {list(COLLECTIVES)}")
+                links = tuple(links)
+                if not links or not all(isinstance(link, Link) for link in links):
+                    raise ValueError(f"Cluster.collective_links[{kind!r}] must be a non-empty "
+                                     f"sequence of Link (one per mesh axis), got {links!r}")
+                checked.append((kind, links))
+            object.__setattr__(self, "collective_links", tuple(checked))
 
     def flops_rate(self, dtype: Any) -> float:
         """Peak FLOP/s for ``dtype`` (a name such as "bfloat16" or anything whose str is one).
@@ -87,15 +109,21 @@ class Cluster:
         rates = dict(self.flops)
         return rates.get(str(dtype), rates["float32"])
 
-    def links_for_mesh(self, mesh_shape: Sequence[int]) -> tuple[Link, ...]:
-        """One Link per mesh axis.
+    def links_for_mesh(self, mesh_shape: Sequence[int], collective: str | None = None
+                       ) -> tuple[Link, ...]:
+        """One Link per mesh axis (for ``collective``, one of ``COLLECTIVES``, if given).
 
-        Uses ``axis_links`` when it has one entry per axis. Otherwise walks the axes from
+        Uses ``collective_links[collective]`` when it has one entry per axis, else
+        ``axis_links`` when it has one entry per axis. Otherwise walks the axes from
         the last (innermost) to the first: an axis is intra-node while the product of
         its size and the sizes of the axes after it is ≤ ``devices_per_node``, and
         inter-node from the first axis where that product exceeds it.
         """
         mesh_shape = tuple(int(size) for size in mesh_shape)
+        if collective is not None and self.collective_links is not None:
+            links = dict(self.collective_links).get(collective)
+            if links is not None and len(links) == len(mesh_shape):
+                return links
         if self.axis_links is not None and len(self.axis_links) == len(mesh_shape):
             return self.axis_links
         links: list[Link] = []
@@ -125,6 +153,9 @@ class Cluster:
             "memory_reserve": self.memory_reserve,
             "axis_links": None if self.axis_links is None else [dataclasses.asdict(l) for l in self.axis_links],
         }
+        if self.collective_links is not None:  # only when set: older readers keep working
+            data["collective_links"] = {kind: [dataclasses.asdict(l) for l in links]
+                                        for kind, links in self.collective_links}
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -137,7 +168,7 @@ class Cluster:
         if not isinstance(data, dict):
             raise ValueError(f"Cluster JSON must be an object, got {type(data).__name__}")
         required = ("name", "flops", "memory_bandwidth", "device_memory", "devices_per_node", "intra_node", "inter_node")
-        optional = ("memory_reserve", "axis_links")
+        optional = ("memory_reserve", "axis_links", "collective_links")
         for field in required:
             if field not in data:
                 raise ValueError(f"Cluster JSON is missing required field {field!r}; expected fields {list(required)}")
@@ -158,6 +189,12 @@ class Cluster:
         axis_links = data.get("axis_links")
         if axis_links is not None and not isinstance(axis_links, list):
             raise ValueError(f"Cluster JSON field 'axis_links' must be a list of links or null, got {axis_links!r}")
+        collective_links = data.get("collective_links")
+        if collective_links is not None and not (
+                isinstance(collective_links, dict)
+                and all(isinstance(v, list) for v in collective_links.values())):
+            raise ValueError(f"Cluster JSON field 'collective_links' must be an object collective -> "
+                             f"list of links, or null, got {collective_links!r}")
         try:
             return cls(
                 name=data["name"],
@@ -171,6 +208,11 @@ class Cluster:
                 axis_links=None
                 if axis_links is None
                 else tuple(_link_from_json(f"axis_links[{i}]", link) for i, link in enumerate(axis_links)),
+                collective_links=None
+                if collective_links is None
+                else tuple((kind, tuple(_link_from_json(f"collective_links.{kind}[{i}]", link)
+                                        for i, link in enumerate(links)))
+                           for kind, links in collective_links.items()),
             )
         except ValueError as err:
             raise ValueError(f"Cluster JSON is invalid: {err}") from None

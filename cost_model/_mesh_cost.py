@@ -58,7 +58,7 @@ class MeshCostModel:
     def all_reduce(self, nbytes: float, axes: Sequence[int]) -> float:
         """All-reduce of a buffer of ``nbytes`` held by every device:
         (2(n−1) + 1)·α + 2(n−1)/n·nbytes/β (ring reduce-scatter then all-gather)."""
-        n, bandwidth, latency = self._group(axes)
+        n, bandwidth, latency = self._group(axes, "all-reduce")
         if n == 1:
             return 0.0
         return (2 * (n - 1) + 1) * latency + 2 * (n - 1) / n * _check_nbytes(nbytes) / bandwidth
@@ -66,12 +66,12 @@ class MeshCostModel:
     def all_gather(self, nbytes: float, axes: Sequence[int]) -> float:
         """All-gather producing ``nbytes`` (the gathered output) on every device:
         n·α + (n−1)/n·nbytes/β."""
-        return self._one_pass(nbytes, axes)
+        return self._one_pass(nbytes, axes, "all-gather")
 
     def reduce_scatter(self, nbytes: float, axes: Sequence[int]) -> float:
         """Reduce-scatter of an ``nbytes`` input buffer on every device:
         n·α + (n−1)/n·nbytes/β."""
-        return self._one_pass(nbytes, axes)
+        return self._one_pass(nbytes, axes, "reduce-scatter")
 
     def all_to_all(self, nbytes: float, axes: Sequence[int]) -> float:
         """All-to-all of an ``nbytes`` buffer on every device: n·α + (n−1)/n·nbytes/β.
@@ -80,7 +80,7 @@ class MeshCostModel:
         it like one ring pass (same volume as an all-gather), which is what pairwise
         exchange costs on a full-bisection network.
         """
-        return self._one_pass(nbytes, axes)
+        return self._one_pass(nbytes, axes, "all-to-all")
 
     # ------------------------------------------------------------------ compute
 
@@ -155,20 +155,21 @@ class MeshCostModel:
             raise ValueError(f"mesh axes must be distinct, got {axes}")
         return axes
 
-    def _group(self, axes: Sequence[int]) -> tuple[int, float, float]:
-        """(group size, bottleneck bandwidth, worst latency) over ``axes``."""
+    def _group(self, axes: Sequence[int], collective: str | None = None) -> tuple[int, float, float]:
+        """(group size, bottleneck bandwidth, worst latency) over ``axes``, with the links
+        calibrated for ``collective`` when the cluster has them."""
         axes = tuple(a for a in self._check_axes(axes) if self.mesh_shape[a] > 1)
         if not axes:
             return 1, math.inf, 0.0
-        links = self.links
+        links = self.cluster.links_for_mesh(self.mesh_shape, collective)
         return (
             self._split(axes),
             min(links[a].bandwidth for a in axes),
             max(links[a].latency for a in axes),
         )
 
-    def _one_pass(self, nbytes: float, axes: Sequence[int]) -> float:
-        n, bandwidth, latency = self._group(axes)
+    def _one_pass(self, nbytes: float, axes: Sequence[int], collective: str) -> float:
+        n, bandwidth, latency = self._group(axes, collective)
         if n == 1:
             return 0.0
         return n * latency + (n - 1) / n * _check_nbytes(nbytes) / bandwidth

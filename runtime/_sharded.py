@@ -5,6 +5,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ._execute import evaluate_program
@@ -25,13 +26,22 @@ class ShardedProgram:
     jitted: object
 
     def place(self, flat_args: Sequence) -> list:
-        """Put every argument on the mesh with its planned sharding (no-op when it already is)."""
+        """Put every argument on the mesh with its planned sharding (no-op when it already is).
+
+        On a mesh spanning several processes (``jax.distributed``), a global array is
+        resharded, and a host value or process-local array is taken to be the whole
+        value, the same in every process: each process fills its own devices' shards
+        from it (see :func:`place_global`).
+        """
         placed = []
         for arg, sharding in zip(flat_args, self.in_shardings, strict=True):
             if isinstance(arg, jax.Array) and arg.sharding == sharding:
                 placed.append(arg)
-            else:
+            elif sharding.is_fully_addressable or (
+                    isinstance(arg, jax.Array) and not arg.is_fully_addressable):
                 placed.append(jax.device_put(arg, sharding))
+            else:
+                placed.append(place_global(arg, sharding))
         return placed
 
     def __call__(self, flat_args: Sequence) -> list:
@@ -42,6 +52,20 @@ class ShardedProgram:
         structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
                    for a, s in zip(flat_avals, self.in_shardings, strict=True)]
         return self.jitted.lower(*structs)
+
+
+def place_global(value, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global ``jax.Array`` with ``sharding`` from a value every process holds in full.
+
+    Each process copies only the shards of its own devices; nothing is communicated
+    and nothing checks that the processes' values agree (``jax.device_put`` would
+    all-gather every argument to check).
+    """
+    host = np.asarray(jax.device_get(value))
+    dtype = jax.dtypes.canonicalize_dtype(host.dtype)
+    if host.dtype != dtype:
+        host = host.astype(dtype)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def shard_program(

@@ -1,0 +1,144 @@
+"""``autoshard.calibrate``: a short measurement on the 8 CPU devices, the α–β fit, the
+cluster's per-collective links, their JSON round trip and the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+
+import autoshard
+from autoshard import _cli
+from autoshard._calibrate import fit_alpha_beta
+from autoshard.cost_model import COLLECTIVES, Cluster, Link, MeshCostModel
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    start = time.perf_counter()
+    cluster = autoshard.calibrate(mesh, budget_s=3)
+    return cluster, time.perf_counter() - start
+
+
+def test_calibrate_is_quick_and_sane(calibrated):
+    cluster, seconds = calibrated
+    assert seconds < 30, f"calibrate(budget_s=3) took {seconds:.1f} s"
+    assert cluster.name == "calibrated-cpu-2x4"
+    for dtype in ("float32", "bfloat16"):
+        rate = cluster.flops_rate(dtype)
+        assert math.isfinite(rate) and 1e7 < rate < 1e13, (dtype, rate)
+    assert 1e7 < cluster.memory_bandwidth < 1e12
+    assert len(cluster.axis_links) == 2
+    assert [kind for kind, _ in cluster.collective_links] == list(COLLECTIVES)
+    for kind, links in cluster.collective_links:
+        assert len(links) == 2
+        for link in links:
+            assert math.isfinite(link.bandwidth) and 1e6 < link.bandwidth < 1e12, (kind, link)
+            assert 0 <= link.latency < 1e-2, (kind, link)
+    assert cluster.axis_links == dict(cluster.collective_links)["all-gather"]
+
+
+def test_calibrated_cluster_round_trips_exactly(calibrated):
+    cluster, _ = calibrated
+    again = Cluster.from_json(cluster.to_json())
+    assert again == cluster
+    assert again.to_json() == cluster.to_json()
+    hash(again)
+
+
+def test_calibrated_cluster_prices_and_plans(calibrated):
+    cluster, _ = calibrated
+    from examples.models import mlp
+    w = mlp(num_layers=2, hidden=16, batch=16)
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    plan = autoshard.parallelize(w.fn, mesh=mesh, cluster=cluster,
+                                 method=autoshard.DataParallel()).plan(*w.args)
+    assert plan.cluster == cluster and plan.cost.total_s > 0
+    assert autoshard.Plan.from_json(plan.to_json()).cluster == cluster
+
+
+def test_fit_recovers_alpha_beta():
+    n = 4
+    sizes = np.array([1e3, 1e4, 1e5, 1e6])
+    a, b = np.full(4, 2 * (n - 1) + 1.0), 2 * (n - 1) / n * sizes
+    fit = fit_alpha_beta(a, b, a * 7e-6 + b / 3e9)
+    assert fit.latency == pytest.approx(7e-6, rel=1e-6)
+    assert fit.bandwidth == pytest.approx(3e9, rel=1e-6)
+    assert fit.max_rel_error < 1e-9
+    # Noise that makes the unconstrained α negative: α is clipped to 0, β stays positive.
+    fit = fit_alpha_beta(np.ones(3), np.array([1e3, 1e4, 1e5]), np.array([1e-7, 2e-6, 2.1e-5]))
+    assert fit.latency == 0 and fit.bandwidth > 0
+    # Times that do not grow with size: β falls back to the fastest observed rate.
+    fit = fit_alpha_beta(np.ones(3), np.array([1e3, 1e4, 1e5]), np.array([3e-5, 2e-5, 1e-5]))
+    assert fit.bandwidth > 0 and fit.latency >= 0
+    with pytest.raises(ValueError, match="≥ 2 points"):
+        fit_alpha_beta([1.0], [1.0], [1.0])
+
+
+def test_collective_links_override_per_kind():
+    fast, slow = Link(bandwidth=1e10, latency=1e-6), Link(bandwidth=1e8, latency=1e-4)
+    base = autoshard.cluster_preset("host-cpu")
+    cluster = dataclasses.replace(base, axis_links=(fast, fast),
+                                  collective_links={"all-reduce": (slow, slow)})
+    model = MeshCostModel(cluster, (2, 4))
+    plain = MeshCostModel(dataclasses.replace(cluster, collective_links=None), (2, 4))
+    assert model.all_reduce(1e6, (1,)) > 10 * plain.all_reduce(1e6, (1,))
+    assert model.all_gather(1e6, (1,)) == plain.all_gather(1e6, (1,))  # falls back
+    # A different mesh rank falls back to the node topology.
+    assert cluster.links_for_mesh((8,), "all-reduce") == (base.intra_node,)
+    with pytest.raises(ValueError, match="unknown collective 'broadcast'"):
+        dataclasses.replace(base, collective_links={"broadcast": (fast,)})
+    data = json.loads(cluster.to_json())
+    data["collective_links"] = {"all-reduce": "fast"}
+    with pytest.raises(ValueError, match="collective_links"):
+        Cluster.from_json(json.dumps(data))
+    assert "collective_links" not in json.loads(base.to_json())  # older files unchanged
+
+
+def test_cli_calibrate_then_plan_with_it(tmp_path, capsys):
+    out = tmp_path / "cluster.json"
+    assert _cli.main(["calibrate", "--mesh", "8", "--out", str(out), "--budget", "2",
+                      "--dtypes", "float32", "--name", "my-box"]) == 0
+    text = capsys.readouterr().out
+    assert "matmul float32" in text and "all-to-all" in text and str(out) in text
+    cluster = Cluster.from_json(out.read_text())
+    assert cluster.name == "my-box" and len(cluster.axis_links) == 1
+    assert _cli.main(["plan", "examples.models:mlp", "--mesh", "8", "--method", "dp",
+                      "--no-compare", "--cluster", str(out)]) == 0
+    assert "cluster my-box" in capsys.readouterr().out
+
+
+def test_cli_calibrate_errors(tmp_path, capsys):
+    assert _cli.main(["calibrate", "--mesh", "4x4", "--out", str(tmp_path / "c.json")]) == 2
+    assert "needs 16 devices but 8" in capsys.readouterr().err
+    assert _cli.main(["calibrate", "--mesh", "8", "--out", str(tmp_path / "c.json"),
+                      "--dtypes", "bfloat16"]) == 2
+    assert "must include float32" in capsys.readouterr().err
+
+
+def test_benchmark_spearman_and_report(tmp_path):
+    from benchmarks.calibration import spearman, summarize
+    from benchmarks.calibration_report import render
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    assert math.isnan(spearman([1, 2], [1, 2]))
+    rows = [{"workload": "mlp", "mesh": "8", "cluster": c, "method": m, "predicted_s": p,
+             "compute_s": p, "communication_s": 0.0, "resharding_s": 0.0, "error": None,
+             "measured_s": t, "measured_iqr_s": 1e-4}
+            for c in ("default", "calibrated")
+            for m, p, t in (("ILP", 1e-3, 2e-3), ("DataParallel", 2e-3, 3e-3),
+                            ("ZeRO3", 3e-3, 5e-3))]
+    summary = summarize(rows, ("default", "calibrated"))
+    assert summary["spearman_pooled"]["calibrated"] == pytest.approx(1.0)
+    assert all(c["within_noise"] for c in summary["ilp_check"])
+    cluster = json.loads(autoshard.cluster_preset("host-cpu").to_json())
+    text = render({"rows": rows, "summary": summary, "jax": "0", "date": "today",
+                   "options": {"time_limit": 1, "rounds": 3, "budget": 3},
+                   "default_cluster": cluster,
+                   "calibrations": {"8": {"seconds": 3.0, "cluster": cluster}}})
+    assert "| default | +1.00 |" in text and "| mlp | 8 | calibrated | ILP |" in text

@@ -1,0 +1,142 @@
+"""Multi-process runs: 2 processes × 4 CPU devices (gloo on 127.0.0.1) against 1 × 8.
+
+Each launch is ``examples/multihost.py`` started as a user would, one subprocess per
+process, every one under a timeout so a hang fails the test instead of the suite.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import autoshard
+from examples import multihost
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "multihost.py"
+TIME_LIMIT = "1"   # ILP deterministic time limit: small, and the same in every process
+TIMEOUT_S = 180
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(per_process_args: list[list[str]], out: Path) -> list[subprocess.CompletedProcess]:
+    """Start one process per argument list on a fresh port; wait (bounded) for all."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)           # the script sets 4 devices per process itself
+    env["JAX_PLATFORMS"] = "cpu"
+    port = _port()
+    n = len(per_process_args)
+    procs = []
+    for i, extra in enumerate(per_process_args):
+        cmd = [sys.executable, str(SCRIPT), "--process-id", str(i), "--num-processes", str(n),
+               "--coordinator", f"127.0.0.1:{port}", "--time-limit", TIME_LIMIT,
+               "--out", str(out), *extra]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    done = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=TIMEOUT_S)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"multi-process run did not finish within {TIMEOUT_S} s (a hang)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
+
+
+def reference(name: str, local_batch: bool = False) -> dict:
+    """The same run in this process, on 1 process × 8 devices."""
+    w = multihost.workload(name)
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    step = autoshard.parallelize(w.fn, mesh=mesh, method=multihost.method("ilp", float(TIME_LIMIT)),
+                                 batch_argnums=w.batch_argnums)
+    params, opt_state, batch = w.args
+    if local_batch:
+        batch = autoshard.global_batch(batch, mesh)
+    plan = step.plan(params, opt_state, batch)
+    for _ in range(2):
+        params, opt_state, loss = step(params, opt_state, batch)
+    return {"digest": autoshard.plan_digest(plan), "plan": plan,
+            "outs": [np.asarray(x) for x in jax.tree.leaves((params, opt_state, loss))]}
+
+
+def check_same(out: Path, name: str, ref: dict, processes: int = 2) -> None:
+    for i in range(processes):
+        got = np.load(out / f"process{i}.npz")
+        assert str(got[f"{name}/digest"]) == ref["digest"], (
+            f"process {i} planned {name} differently from the single-process run")
+        plan = autoshard.Plan.from_json(str(got[f"{name}/plan"]))
+        assert plan.flat_in_specs == ref["plan"].flat_in_specs
+        assert plan.value_specs == ref["plan"].value_specs
+        outs = [got[f"{name}/out{k}"] for k in range(len(ref["outs"]))]
+        for a, b in zip(outs, ref["outs"], strict=True):
+            assert a.shape == b.shape
+            # atol 1e-4: AdamW magnifies float32 summation-order noise (compare.py)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    procs = launch([["--model", "mlp,gpt"]] * 2, tmp_path)
+    for p in procs:
+        assert p.returncode == 0, p.stderr[-3000:]
+    for name in ("mlp", "gpt"):
+        check_same(tmp_path, name, reference(name))
+
+
+def test_process_local_batch(tmp_path):
+    procs = launch([["--model", "mlp", "--local-batch"]] * 2, tmp_path)
+    for p in procs:
+        assert p.returncode == 0, p.stderr[-3000:]
+    check_same(tmp_path, "mlp", reference("mlp", local_batch=True))
+
+
+def test_different_model_is_a_clear_error(tmp_path):
+    procs = launch([["--model", "mlp"], ["--model", "gpt"]], tmp_path)
+    for i, p in enumerate(procs):
+        assert p.returncode != 0, f"process {i} ran a mismatched plan:\n{p.stdout[-2000:]}"
+        assert "PlanMismatchError" in p.stderr, p.stderr[-3000:]
+        assert "made different plans" in p.stderr
+        assert "process 0: plan" in p.stderr and "process 1: plan" in p.stderr
+        assert "<- this process" in p.stderr
+    assert not list(tmp_path.glob("process*.npz"))
+
+
+def test_global_batch_single_process_is_a_sharded_put():
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    x = np.arange(32, dtype=np.float32).reshape(16, 2)
+    g = autoshard.global_batch({"x": x}, mesh)["x"]
+    assert g.shape == (16, 2) and len(g.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(g), x)
+    with pytest.raises(ValueError, match="not divisible by its 8 devices"):
+        autoshard.global_batch({"x": x[:12]}, mesh)
+
+
+def test_plan_digest_ignores_timings_and_is_seed_independent(tmp_path):
+    """Planning twice, in processes with different hash seeds, gives the same digest."""
+    code = ("import autoshard; from examples import multihost as m; w = m.workload('gpt'); "
+            "mesh = autoshard.abstract_mesh((2, 4), ('data', 'model')); "
+            "s = autoshard.parallelize(w.fn, mesh=mesh, method=m.method('ilp', 1.0)); "
+            "print(autoshard.plan_digest(s.plan(*w.args)))")
+    digests = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        digests.add(proc.stdout.strip().splitlines()[-1])
+    assert len(digests) == 1, digests
