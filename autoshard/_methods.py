@@ -23,7 +23,7 @@ class ShardParallel:
     ``None`` ties when the problem has more than 600 nodes (roughly 4+ transformer
     layers), ``False`` never ties (exact, slower on deep models).
     ``gap_limit``: stop the search once the plan is proven within this relative gap of
-    the optimum; ``None``: 2% when repeated layers are tied, else 0 (prove optimality
+    the optimum; ``None``: 1% when repeated layers are tied, else 0 (prove optimality
     or reach the time limit).
     """
 

@@ -247,7 +247,7 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     gap = getattr(method, "gap_limit", None)
     request = dataclasses.replace(
         request, hint=_seed(graph, grouping, request, model, method, batch_flat),
-        tie_repeats=tie, gap_limit=(0.02 if tie else 0.0) if gap is None else gap)
+        tie_repeats=tie, gap_limit=(0.01 if tie else 0.0) if gap is None else gap)
     donated = [v for v, d in zip(program.invars, donated_flat) if d]
     _log.info("solving: starting plan %.4g s per step, time limit %g s%s%s",
               ilp.evaluate(request, request.hint).objective if request.hint else float("nan"),

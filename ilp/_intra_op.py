@@ -183,7 +183,10 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
                     vars_.append(lit)
                     coefs_.append(c)
         model.add(cp_model.LinearExpr.weighted_sum(vars_, coefs_) <= rhs)
-    model.minimize(cp_model.LinearExpr.weighted_sum(obj_vars, obj_coefs))
+    # The constant part rides along as an offset so that CP-SAT's relative gap (and so
+    # ``gap_limit``) is measured against the whole objective.
+    model.minimize(cp_model.LinearExpr.weighted_sum(obj_vars, obj_coefs) +
+                   int(round(constant * scale)))
 
     position = _warm_start(request, reduced, bool(rows))
     _add_hint(model, lits, reduced, edge_cells, position)
@@ -193,7 +196,9 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
 
     # --- solve ---------------------------------------------------------------------
     solver = cp_model.CpSolver()
-    solver_parameters(solver, request.time_limit_s, request.gap_limit)
+    solver_parameters(solver, request.time_limit_s)
+    solver.parameters.relative_gap_limit = request.gap_limit
+    warm = tuple(int(k[p]) for k, p in zip(reduced.keep, position))
     if active:
         status = solver.solve(model)
         solution = solver.response_proto.solution
@@ -206,7 +211,6 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     if status == cp_model.MODEL_INVALID:
         raise RuntimeError(f"internal error, CP-SAT rejected the model: {model.validate()}")
 
-    warm = tuple(int(k[p]) for k, p in zip(reduced.keep, position))
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         choices = []
         for v in range(n):
@@ -216,7 +220,10 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
                 index = int(np.argmin(reduced.cost[v]))
             choices.append(int(reduced.keep[v][index]))
         choices = tuple(choices)
-        status_name = "OPTIMAL" if status == cp_model.OPTIMAL else "FEASIBLE"
+        # With a gap limit CP-SAT reports OPTIMAL once within it: only a closed gap is.
+        proven = status == cp_model.OPTIMAL and (
+            request.gap_limit == 0 or solver.best_objective_bound >= solver.objective_value)
+        status_name = "OPTIMAL" if proven else "FEASIBLE"
     elif evaluate(request, warm).ok:
         choices, status_name = warm, "FEASIBLE"  # time limit hit before CP-SAT's first solution
     else:
@@ -233,7 +240,7 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     if status_name == "OPTIMAL":
         lower_bound, gap = objective, 0.0
     else:
-        bound = constant + (solver.best_objective_bound / scale if active else 0.0)
+        bound = solver.best_objective_bound / scale if active else constant
         lower_bound = min(objective, bound)
         gap = (objective - lower_bound) / abs(objective) if objective else 0.0
     wall = time.perf_counter() - start

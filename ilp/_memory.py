@@ -31,8 +31,7 @@ def to_units(values: np.ndarray, unit: float) -> np.ndarray:
 DETERMINISTIC_UNITS_PER_SECOND = 1.0 / 3.0
 
 
-def solver_parameters(solver: cp_model.CpSolver, time_limit_s: float, gap_limit: float = 0.0
-                      ) -> None:
+def solver_parameters(solver: cp_model.CpSolver, time_limit_s: float) -> None:
     """Deterministic CP-SAT settings: one worker, fixed seed, deterministic time limit.
 
     The search stops after ``time_limit_s * DETERMINISTIC_UNITS_PER_SECOND`` units of
@@ -56,7 +55,6 @@ def solver_parameters(solver: cp_model.CpSolver, time_limit_s: float, gap_limit:
     # search finds nothing better): skip CP-SAT's hint-repair phase, which costs as much
     # as the search on large models.
     params.hint_conflict_limit = 0
-    params.relative_gap_limit = float(gap_limit)
 
 
 def min_peak_memory(request: IntraOpRequest) -> float:
