@@ -18,6 +18,5 @@ from ._plan_json import PlanFormatError as PlanFormatError
 from .cost_model import CLUSTER_PRESETS as CLUSTER_PRESETS
 from .cost_model import Cluster as Cluster
 from .cost_model import cluster_preset as cluster_preset
-from .ilp import InfeasibleError as InfeasibleError
 
 __version__ = "0.1.0"

@@ -295,18 +295,13 @@ def cmd_plan(args) -> int:
     method = _method(args.method, args.time_limit)
     try:
         plan = _plan_one(target, mesh, method, cluster, budget)
-    except autoshard.InfeasibleError as err:
+    except autoshard.InfeasiblePlanError as err:
         raise CliError(f"no plan for {args.target} fits: {_one_line(err)}") from err
     except Exception as err:
         raise CliError(f"planning {args.target} failed: {type(err).__name__}: "
                        f"{_one_line(err)} (rerun with --debug for the traceback)") from err
     if args.json:  # first, so that the file exists whatever happens to the output
-        try:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(plan.to_json() + "\n")
-        except OSError as err:
-            raise CliError(f"cannot write plan file {args.json!r}: "
-                           f"{err.strerror or _one_line(err)}") from err
+        _write_text(args.json, plan.to_json(), "plan file")
     print(f"planned {args.target} on {where}")
     print(show_text(plan))
     if not args.no_compare:
@@ -362,15 +357,18 @@ def cmd_calibrate(args) -> int:
                                       name=args.name, verbose=True)
     except (TypeError, ValueError) as err:
         raise CliError(f"calibration failed: {_one_line(err)}") from err
-    try:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(cluster.to_json() + "\n")
-    except OSError as err:
-        raise CliError(f"cannot write cluster file {args.out!r}: "
-                       f"{err.strerror or _one_line(err)}") from err
+    _write_text(args.out, cluster.to_json(), "cluster file")
     print(f"cluster {cluster.name!r} written to {args.out} "
           f"(use: autoshard plan ... --cluster {args.out})")
     return 0
+
+
+def _write_text(path: str, text: str, what: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    except OSError as err:
+        raise CliError(f"cannot write {what} {path!r}: {err.strerror or _one_line(err)}") from err
 
 
 def build_parser() -> argparse.ArgumentParser:
