@@ -183,9 +183,12 @@ def _model_terms(kind: str, n: int, buffer_bytes: float) -> tuple[float, float]:
     return n, (n - 1) / n * buffer_bytes   # reduce-scatter (input), all-to-all (buffer)
 
 
-def measure_collectives(mesh, axis: str, sizes: Sequence[int], repeats: int = 3
-                        ) -> dict[str, Fit]:
-    """α–β fit per collective over mesh axis ``axis`` (``sizes``: bytes per device)."""
+def measure_collectives(mesh, axis: str, sizes: Sequence[int], repeats: int = 3,
+                        deadline: float = math.inf) -> dict[str, Fit]:
+    """α–β fit per collective over mesh axis ``axis`` (``sizes``: bytes per device, in
+    increasing order). After the first two sizes, larger ones are measured only while
+    ``time.perf_counter() < deadline`` — as process 0 sees it, so that every process of
+    a multi-process run measures the same collectives."""
     n = dict(zip(mesh.axis_names, mesh.axis_sizes))[axis]
     spec = PartitionSpec(tuple(mesh.axis_names))
     sharding = NamedSharding(mesh, spec)
@@ -193,12 +196,17 @@ def measure_collectives(mesh, axis: str, sizes: Sequence[int], repeats: int = 3
                                          in_specs=spec, out_specs=spec, check_vma=False))
              for kind in (None,) + COLLECTIVES}
     points: dict[str, list] = {kind: [] for kind in COLLECTIVES}
-    for size in sizes:
+    for i, size in enumerate(sizes):
+        if i >= 2 and not _agree_flag(time.perf_counter() < deadline):
+            break
         elements = max(n, size // 4 // n * n)        # float32, divisible by the axis size
         x = jax.make_array_from_callback(
             (elements * mesh.size,), sharding,
             lambda index: np.ones(elements, np.float32))
-        reps = repeats * 3 if size <= 64 << 10 else repeats   # small ones are cheap, noisy
+        # Small messages are cheap and noisy in one process; across processes they are
+        # slow enough (network or gloo latency) that the plain count suffices.
+        small = size <= 64 << 10 and jax.process_count() == 1
+        reps = repeats * 3 if small else repeats
         base = _time(calls[None], x, repeats=reps)
         for kind in COLLECTIVES:
             seconds = (_time(calls[kind], x, repeats=reps) - base) / REPEATS
@@ -261,12 +269,17 @@ def calibrate(mesh: jax.sharding.Mesh, *, budget_s: float = 20.0,
     bandwidth = measure_memory_bandwidth(mesh, compute_budget)
     log(f"memory: {bandwidth / 1e9:.2f} GB/s per device")
     fits = {}
-    for axis, size in zip(mesh.axis_names, mesh.axis_sizes):
-        if size > 1:
-            fits[axis] = measure_collectives(mesh, axis, _sizes(budget_s),
-                                             repeats=3 if budget_s < 6 else 5)
-            for kind, fit in fits[axis].items():
-                log(f"axis {axis} ({size}) {kind}: {fit!r}")
+    axes = [(axis, size) for axis, size in zip(mesh.axis_names, mesh.axis_sizes) if size > 1]
+    start = time.perf_counter()
+    for k, (axis, _) in enumerate(axes):
+        # Axis k measures larger messages until (k+1)/len(axes) of the collectives' share
+        # of the budget has gone.
+        deadline = start + (0.65 * budget_s) * (k + 1) / len(axes)
+        fits[axis] = measure_collectives(mesh, axis, _sizes(budget_s),
+                                         repeats=3 if budget_s < 6 else 5, deadline=deadline)
+    for axis in fits:
+        for kind, fit in fits[axis].items():
+            log(f"axis {axis} {kind}: {fit!r}")
     figures = _agree(np.array(
         [flops[d] for d in dtypes] + [bandwidth] +
         [v for axis in fits for kind in COLLECTIVES
@@ -296,6 +309,11 @@ def calibrate(mesh: jax.sharding.Mesh, *, budget_s: float = 20.0,
         devices_per_node=jax.local_device_count(), intra_node=inner, inter_node=outer,
         axis_links=axis_links,
         collective_links=tuple((kind, tuple(links)) for kind, links in per_kind.items()))
+
+
+def _agree_flag(flag: bool) -> bool:
+    """Process 0's ``flag`` in every process (a no-op in a single process)."""
+    return bool(_agree(np.array([float(flag)]))[0])
 
 
 def _agree(figures: np.ndarray) -> np.ndarray:

@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--local-batch", action="store_true",
                    help="each process holds only its slice of the batch (autoshard.global_batch)")
+    p.add_argument("--calibrate", type=float, default=None, metavar="SECONDS",
+                   help="plan with autoshard.calibrate(mesh, budget_s=SECONDS) (collective: "
+                        "every process gets process 0's figures)")
     p.add_argument("--out", default=None, metavar="DIR", help="write DIR/process<i>.npz")
     p.add_argument("--timeout", type=float, default=300.0, help="--launch: seconds to wait")
     return p.parse_args(argv)
@@ -139,11 +142,17 @@ def run(args) -> int:
     say = print if me == 0 else (lambda *a, **k: None)
     say(f"{n} processes × {jax.local_device_count()} {jax.default_backend()} devices; "
         f"mesh {dict(zip(mesh.axis_names, shape))}")
-    record = {}
+    record, cluster = {}, None
+    if args.calibrate:
+        cluster = autoshard.calibrate(mesh, budget_s=args.calibrate)
+        say(f"calibrated: {cluster.flops_rate('float32') / 1e9:.1f} GFLOP/s per device, "
+            f"all-reduce over {mesh.axis_names[0]}: "
+            f"{dict(cluster.collective_links)['all-reduce'][0]}")
+        record["cluster"] = np.array(cluster.to_json())
     for name in args.model.split(","):
         w = workload(name)
         step = autoshard.parallelize(w.fn, mesh=mesh, method=method(args.method, args.time_limit),
-                                     batch_argnums=w.batch_argnums)
+                                     cluster=cluster, batch_argnums=w.batch_argnums)
         params, opt_state, batch = w.args
         if args.local_batch:  # keep only this process's rows, then assemble the global batch
             rows = jax.tree.leaves(batch)[0].shape[0] // n

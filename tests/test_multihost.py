@@ -59,12 +59,12 @@ def launch(per_process_args: list[list[str]], out: Path) -> list[subprocess.Comp
     return done
 
 
-def reference(name: str, local_batch: bool = False) -> dict:
+def reference(name: str, local_batch: bool = False, cluster=None) -> dict:
     """The same run in this process, on 1 process × 8 devices."""
     w = multihost.workload(name)
     mesh = autoshard.make_mesh((2, 4), ("data", "model"))
     step = autoshard.parallelize(w.fn, mesh=mesh, method=multihost.method("ilp", float(TIME_LIMIT)),
-                                 batch_argnums=w.batch_argnums)
+                                 cluster=cluster, batch_argnums=w.batch_argnums)
     params, opt_state, batch = w.args
     if local_batch:
         batch = autoshard.global_batch(batch, mesh)
@@ -98,11 +98,16 @@ def test_two_processes_match_one_process(tmp_path):
         check_same(tmp_path, name, reference(name))
 
 
-def test_process_local_batch(tmp_path):
-    procs = launch([["--model", "mlp", "--local-batch"]] * 2, tmp_path)
+def test_process_local_batch_and_collective_calibration(tmp_path):
+    """Each process holds half the batch; both calibrate together and plan with it."""
+    procs = launch([["--model", "mlp", "--local-batch", "--calibrate", "1"]] * 2, tmp_path)
     for p in procs:
         assert p.returncode == 0, p.stderr[-3000:]
-    check_same(tmp_path, "mlp", reference("mlp", local_batch=True))
+    clusters = [str(np.load(tmp_path / f"process{i}.npz")["cluster"]) for i in range(2)]
+    assert clusters[0] == clusters[1], "processes calibrated to different clusters"
+    cluster = autoshard.Cluster.from_json(clusters[0])
+    assert cluster.name == "calibrated-cpu-2x4" and cluster.flops_rate("float32") > 0
+    check_same(tmp_path, "mlp", reference("mlp", local_batch=True, cluster=cluster))
 
 
 def test_different_model_is_a_clear_error(tmp_path):
@@ -130,13 +135,21 @@ def test_plan_digest_ignores_timings_and_is_seed_independent(tmp_path):
     """Planning twice, in processes with different hash seeds, gives the same digest."""
     code = ("import autoshard; from examples import multihost as m; w = m.workload('gpt'); "
             "mesh = autoshard.abstract_mesh((2, 4), ('data', 'model')); "
-            "s = autoshard.parallelize(w.fn, mesh=mesh, method=m.method('ilp', 1.0)); "
+            "s = autoshard.parallelize(w.fn, mesh=mesh, method=m.method('ilp', 0.3)); "
             "print(autoshard.plan_digest(s.plan(*w.args)))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO,
+                              env=dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in ("1", "2")]
     digests = set()
-    for seed in ("1", "2"):
-        env = dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu")
-        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=TIMEOUT_S)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        digests.add(proc.stdout.strip().splitlines()[-1])
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=TIMEOUT_S)
+            assert p.returncode == 0, err[-3000:]
+            digests.add(out.strip().splitlines()[-1])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert len(digests) == 1, digests
