@@ -96,13 +96,15 @@ def memory_terms(tensors: TensorBytes, steps: Iterable[int]):
     return tuple(points)
 
 
-def chosen_peak(tensors: TensorBytes, choices, num_steps: int) -> tuple[int, int]:
-    """(peak bytes, step) of the constrained tensors under ILP ``choices``."""
+def steps_over(tensors: TensorBytes, choices, num_steps: int, budget: float,
+               limit: int = 16) -> list[int]:
+    """The (at most ``limit``) fullest steps whose live bytes under ILP ``choices`` exceed
+    ``budget``."""
     delta = np.zeros(max(num_steps, 1) + 1)
     for tid, (born, last) in tensors.steps.items():
         b = tensors.vector[tid][choices[tensors.root[tid]]]
         delta[born] += b
         delta[last + 1] -= b
     live = np.cumsum(delta[:-1])
-    step = int(np.argmax(live))
-    return int(live[step]), step
+    over = np.flatnonzero(live > budget)
+    return sorted(over[np.argsort(-live[over], kind="stable")][:limit].tolist())

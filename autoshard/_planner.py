@@ -14,7 +14,7 @@ from . import ilp
 from ._following import group_followers, grouped_request
 from ._graph import ShardingGraph, Use, build_graph, use_cost_matrix
 from ._liveness import live_ranges, peak_bytes
-from ._memory_points import candidate_steps, chosen_peak, memory_terms, tensor_bytes
+from ._memory_points import candidate_steps, memory_terms, steps_over, tensor_bytes
 from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
 from ._plan import Collective, OpCost, Plan, PlanCost, SolverInfo
 from ._signature import stable_repr
@@ -151,13 +151,13 @@ class InfeasiblePlanError(ValueError):
 def _solve_within_budget(request: ilp.IntraOpRequest, graph: ShardingGraph, grouping, model,
                          donated, budget: float | None, mesh_shape) -> ilp.IntraOpResult:
     """Solve; with a budget, constrain the candidate peak steps, then check the plan's whole
-    liveness profile and add the step that peaked if it was missed (at most 3 times)."""
+    liveness profile and add the steps it overflows, until none does (at most 8 solves)."""
     if budget is None:
         return ilp.solve_intra_op(request)
     program = graph.traced.program
     tensors = tensor_bytes(graph, grouping, model, live_ranges(program, donated))
     steps = candidate_steps(tensors, len(program.eqns))
-    for _ in range(4):
+    for _ in range(8):
         constrained = dataclasses.replace(request, memory_terms=memory_terms(tensors, steps),
                                           memory_budget=float(budget))
         try:
@@ -169,10 +169,10 @@ def _solve_within_budget(request: ilp.IntraOpRequest, graph: ShardingGraph, grou
                 f"about {format_bytes(err.min_peak_bytes)} per device (liveness estimate). "
                 f"Give memory_budget >= {format_bytes(err.min_peak_bytes)}, use more devices, "
                 f"or shrink the model or batch", err.min_peak_bytes, budget) from None
-        peak, step = chosen_peak(tensors, result.choices, len(program.eqns))
-        if peak <= budget or step in steps:
+        missed = set(steps_over(tensors, result.choices, len(program.eqns), budget)) - set(steps)
+        if not missed:
             return result
-        steps = sorted(set(steps) | {step})
+        steps = sorted(set(steps) | missed)
     return result
 
 
