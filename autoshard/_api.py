@@ -10,14 +10,14 @@ import jax
 import numpy as np
 
 from ._mesh import default_cluster, make_mesh, mesh_axes
-from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
+from ._methods import DataParallel, Megatron, PipeshardParallel, ShardParallel, ZeRO3
 from ._plan import Plan
 from ._planner import fingerprint, plan_traced
 from ._trace import TracedFunction, trace
 from .cost_model import Cluster, format_bytes, parse_bytes
 from .runtime import ShardedProgram, shard_program
 
-_METHODS = (ShardParallel, DataParallel, ZeRO3, Megatron)
+_METHODS = (ShardParallel, DataParallel, ZeRO3, Megatron, PipeshardParallel)
 
 
 class MemoryBudgetError(ValueError):
@@ -40,6 +40,7 @@ class _Compiled:
     traced: TracedFunction
     plan: Plan
     program: ShardedProgram | None  # None until first run (planning needs no devices)
+    pipeline: object = None  # PipelineLayout for PipeshardParallel plans
 
 
 class ParallelizedFunction:
@@ -106,12 +107,15 @@ class ParallelizedFunction:
         return (len(args), treedef, sig, tuple(statics))
 
     def _batch_flags(self, traced: TracedFunction, nargs: int) -> list[bool]:
+        return self._batch_flags_from_paths(traced.in_paths, nargs)
+
+    def _batch_flags_from_paths(self, in_paths, nargs: int) -> list[bool]:
         dyn = [i for i in range(nargs) if i not in self._static_argnums]
         batch = self._batch_argnums
         if batch is None:
             batch = (dyn[-1],) if dyn else ()
         return [any(p.startswith(f"args[{b}]") and not p[len(f"args[{b}]"):][:1].isdigit()
-                    for b in batch) for p in traced.in_paths]
+                    for b in batch) for p in in_paths]
 
     def _donate_flags(self, traced: TracedFunction) -> list[bool]:
         return [any(p.startswith(f"args[{d}]") and not p[len(f"args[{d}]"):][:1].isdigit()
@@ -120,6 +124,9 @@ class ParallelizedFunction:
     def _compiled(self, args, need_program: bool) -> _Compiled:
         key = self._key(args)
         entry = self._cache.get(key)
+        if entry is None and isinstance(self._method, PipeshardParallel):
+            entry = self._plan_pipeline(args, repr(key[3]))
+            self._cache[key] = entry
         if entry is None:
             traced = trace(self._fun, args, self._static_argnums)
             statics = repr(key[3])
@@ -141,6 +148,27 @@ class ParallelizedFunction:
             entry = dataclasses.replace(entry, program=self._shard(entry))
             self._cache[key] = entry
         return entry
+
+    def _plan_pipeline(self, args, statics: str) -> _Compiled:
+        from ._pipeline_planner import plan_pipeline
+        from ._pipeline_trace import flat_paths
+        if self._fixed_plan is not None:
+            raise NotImplementedError(
+                "running a saved PipeshardParallel plan (parallelize(plan=...)) is not "
+                "supported yet: leave plan out and the pipeline is planned again")
+        _, paths, _ = flat_paths(args, self._static_argnums)
+        flags = self._batch_flags_from_paths(paths, len(args))
+        devices = None
+        if isinstance(self._mesh, jax.sharding.Mesh):
+            devices = [d.id for d in np.asarray(self._mesh.devices).reshape(-1)]
+        plan, layout = plan_pipeline(
+            self._fun, args, static_argnums=self._static_argnums, batch_flags=flags,
+            mesh_shape=self._mesh_shape, axis_names=self._axis_names, cluster=self._cluster,
+            method=self._method, memory_budget=self._memory_budget, static_repr=statics,
+            device_ids=devices)
+        plan = dataclasses.replace(plan, in_specs=self._arg_specs(plan.in_specs, len(args)))
+        self._check_budget(plan)
+        return _Compiled(layout.split.traced, plan, None, layout)
 
     def _check_budget(self, plan: Plan) -> None:
         """The planner does not yet trade cost for memory (see the README): it checks the
@@ -194,6 +222,9 @@ class ParallelizedFunction:
             raise ValueError("this function was parallelized over an abstract mesh: it can be "
                              "planned (.plan) but not run or lowered; pass a mesh made by "
                              "autoshard.make_mesh to run it")
+        if entry.pipeline is not None:
+            from ._pipeline_build import build_pipeline
+            return build_pipeline(entry.pipeline, self._mesh)
         plan = entry.plan
         flags = self._donate_flags(entry.traced)
         return shard_program(
@@ -210,6 +241,9 @@ class ParallelizedFunction:
     def lower(self, *args):
         """The ``jax.stages.Lowered`` of the planned program for these arguments."""
         entry = self._compiled(args, need_program=True)
+        if entry.pipeline is not None:
+            raise NotImplementedError("lower() is not available for PipeshardParallel: a "
+                                      "pipeline is several programs, one per stage")
         avals = [entry.traced.program.avals[v] for v in entry.traced.program.invars]
         return entry.program.lower(avals)
 
