@@ -45,12 +45,11 @@ def strip_boundaries(program: Program) -> tuple[Program, list[int]]:
 
     for eqn in program.eqns:
         ins = tuple(read(a) for a in eqn.inputs)
-        lv = max((level.get(a, 0) for a in ins if isinstance(a, int)), default=0)
+        lv = max((level.get(a, 0) for a in eqn.inputs if isinstance(a, int)), default=0)
         if eqn.primitive.name == BOUNDARY_PRIMITIVE:
             for vid, src in zip(eqn.outputs, ins):
                 alias[vid] = src
-                if isinstance(src, int):
-                    level[vid] = level.get(src, 0) + 1
+                level[vid] = lv + 1
             continue
         eqns.append(dataclasses.replace(eqn, inputs=ins))
         levels.append(lv)

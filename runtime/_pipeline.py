@@ -22,6 +22,12 @@ from ._sharded import ShardedProgram
 Key = tuple
 
 
+@jax.jit
+def _add_all(accumulated, new):
+    """One program per stage adds a micro-batch's gradients to the running sums."""
+    return [a + b for a, b in zip(accumulated, new)]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PipelineStage:
     """One stage: its forward and backward programs and where their values go.
@@ -119,11 +125,19 @@ class PipelineProgram:
                     ct = cts[m].pop(("ct",) + key[1:], None)
                     cot.append(ct if ct is not None else jax.numpy.zeros_like(micro[m][key]))
             grads = st.backward(kept + residuals + cot)
+            params = []
             for target, g in zip(st.grad_targets, grads, strict=True):
                 if target[0] == "ct":
                     add(cts[m], target, g)
                 else:
-                    add(acc, (s, target), g)
+                    params.append(((s, target), g))
+            if params:
+                keys = [k for k, _ in params]
+                if keys[0] in acc:
+                    acc.update(zip(keys, _add_all([acc[k] for k in keys],
+                                                  [g for _, g in params])))
+                else:
+                    acc.update(params)
         if not losses:  # the loss never met a backward (no differentiated stage)
             losses = [micro[m][act_loss] for m in range(B)]
         total = losses[0]

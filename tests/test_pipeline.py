@@ -1,0 +1,192 @@
+"""PipeshardParallel end to end: stages on sub-meshes give jax.jit's numbers."""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import autoshard
+from examples.models import gpt, mlp
+
+@pytest.fixture(scope="module")
+def mlp8():
+    w = mlp(num_layers=8, batch=16, hidden=16)
+    return w, jax.jit(w.fn)(*w.args)
+
+
+def assert_trees_allclose(actual, expected):
+    a_leaves, a_tree = jax.tree.flatten(actual)
+    e_leaves, e_tree = jax.tree.flatten(expected)
+    assert a_tree == e_tree
+    for a, e in zip(a_leaves, e_leaves):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-4, atol=2e-5)
+
+
+def _check_partition(plan, num_devices):
+    ids = [d for st in plan.stages for d in st.device_ids]
+    assert sorted(ids) == list(range(num_devices))   # sub-meshes partition the devices
+    for st in plan.stages:
+        assert math.prod(st.mesh_shape) == len(st.device_ids)
+    layers = [lv for st in plan.stages for lv in st.layers]
+    assert layers == list(range(len(layers)))         # contiguous layer ranges, in order
+
+
+@pytest.mark.parametrize("num_stages", [2, 4])
+@pytest.mark.parametrize("num_microbatches", [1, 4, 8])
+def test_mlp_matches_jit_both_schedules(mlp8, num_stages, num_microbatches):
+    w, reference = mlp8
+    mesh = autoshard.make_mesh((8,), ("data",))
+    method = autoshard.PipeshardParallel(num_microbatches=num_microbatches,
+                                         num_stages=num_stages, num_layers=4,
+                                         stage_method=autoshard.DataParallel())
+    step = autoshard.parallelize(w.fn, mesh=mesh, method=method)
+    assert_trees_allclose(step(*w.args), reference)
+    plan = step.plan(*w.args)
+    assert len(plan.stages) == num_stages
+    _check_partition(plan, 8)
+    assert all(st.schedule == "1f1b" and st.num_microbatches == num_microbatches
+               for st in plan.stages)
+    # the same stage programs under GPipe (the schedule only changes the dispatch order)
+    entry = next(iter(step._cache.values()))
+    gpipe = dataclasses.replace(entry.program, schedule="gpipe")
+    flat = jax.tree.leaves(w.args)
+    assert_trees_allclose(jax.tree.unflatten(entry.traced.out_tree, gpipe(flat)), reference)
+
+
+def test_mlp_gpipe_through_the_api(mlp8):
+    w, reference = mlp8
+    method = autoshard.PipeshardParallel(num_microbatches=4, num_stages=2, schedule="gpipe",
+                                         num_layers=2, stage_method=autoshard.DataParallel())
+    step = autoshard.parallelize(w.fn, mesh=autoshard.make_mesh((2, 4), ("data", "model")),
+                                 method=method)
+    assert_trees_allclose(step(*w.args), reference)
+    plan = step.plan(*w.args)
+    assert [st.schedule for st in plan.stages] == ["gpipe", "gpipe"]
+    _check_partition(plan, 8)
+
+
+@pytest.fixture(scope="module")
+def small_gpt():
+    w = gpt(num_layers=2, batch=8, seq=4, d_model=16, heads=2, vocab=32)
+    return w, jax.jit(w.fn)(*w.args)
+
+
+@pytest.mark.parametrize("mesh_shape, names, num_stages, num_microbatches, schedule", [
+    ((2, 4), ("data", "model"), 2, 4, "1f1b"),
+    ((8,), ("data",), 4, 2, "gpipe"),
+])
+def test_gpt_matches_jit(small_gpt, mesh_shape, names, num_stages, num_microbatches,
+                         schedule):
+    w, reference = small_gpt
+    method = autoshard.PipeshardParallel(num_microbatches=num_microbatches,
+                                         num_stages=num_stages, schedule=schedule,
+                                         num_layers=num_stages,
+                                         stage_method=autoshard.Megatron())
+    step = autoshard.parallelize(w.fn, mesh=autoshard.make_mesh(mesh_shape, names),
+                                 method=method)
+    assert_trees_allclose(step(*w.args), reference)
+    plan = step.plan(*w.args)
+    assert len(plan.stages) == num_stages
+    _check_partition(plan, 8)
+
+
+def _marked_mlp(widths, batch=8):
+    """An MLP whose layers have the given widths, each ended by mark_layer_boundary."""
+    opt = optax.sgd(1e-2)
+
+    def loss_fn(params, batch):
+        x = batch["x"]
+        for i, layer in enumerate(params):
+            if i:
+                x = autoshard.mark_layer_boundary(x)   # between layers
+            x = jnp.tanh(x @ layer)
+        return jnp.mean((x - batch["y"]) ** 2)
+
+    def step(params, opt_state, batch):
+        loss, grads = autoshard.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    keys = jax.random.split(jax.random.key(1), len(widths) + 1)
+    dims = [widths[0]] + list(widths)
+    params = [jax.random.normal(k, (a, b)) / a ** 0.5
+              for k, a, b in zip(keys, dims[:-1], dims[1:])]
+    data = {"x": jax.random.normal(keys[-1], (batch, widths[0])),
+            "y": jnp.zeros((batch, widths[-1]))}
+    return step, (params, opt.init(params), data)
+
+
+def test_user_boundaries_and_uneven_layers_get_balanced_stages():
+    # Layer 0 is a 256-wide matmul (16x the flops of the 64-wide ones), layers 1-3 are small:
+    # on one device per stage the balanced cut is {0} | {1, 2, 3}.
+    step, args = _marked_mlp([256, 64, 64, 64])
+    mesh = autoshard.abstract_mesh((2,), ("data",))
+    method = autoshard.PipeshardParallel(num_microbatches=8, num_stages=2,
+                                         stage_method=autoshard.DataParallel())
+    plan = autoshard.parallelize(step, mesh=mesh, method=method).plan(*args)
+    assert [st.layers for st in plan.stages] == [(0,), (1, 2, 3)]
+    times = [st.cost.total_s for st in plan.stages]
+    assert max(times) < 2.5 * min(times)
+
+
+def test_modelled_cost_falls_as_microbatches_grow():
+    # Large enough that compute (which shrinks with the micro-batch) dominates fixed costs:
+    # the bubble's share (S - 1) / (B + S - 1) shrinks as B grows.
+    w = mlp(num_layers=4, batch=1024, hidden=512, abstract=True)
+    mesh = autoshard.abstract_mesh((4,), ("data",))
+    costs = []
+    for B in (1, 2, 4, 8):
+        method = autoshard.PipeshardParallel(num_microbatches=B, num_stages=4, num_layers=4,
+                                             stage_method=autoshard.DataParallel())
+        costs.append(autoshard.parallelize(w.fn, mesh=mesh, method=method)
+                     .plan(*w.args).cost.total_s)
+    assert all(a > b for a, b in zip(costs, costs[1:])), costs
+
+
+def test_plan_with_stages_round_trips_and_draws():
+    w = mlp(num_layers=4, batch=16, hidden=16, abstract=True)
+    method = autoshard.PipeshardParallel(num_microbatches=4, num_stages=2, num_layers=2,
+                                         stage_method=autoshard.DataParallel())
+    plan = autoshard.parallelize(w.fn, mesh=autoshard.abstract_mesh((2, 4), ("d", "m")),
+                                 method=method).plan(*w.args)
+    assert all(isinstance(st, autoshard.StageAssignment) for st in plan.stages)
+    again = autoshard.Plan.from_json(plan.to_json())
+    assert again.stages == plan.stages
+    assert again.to_json() == plan.to_json()
+    assert "2 stages, 4 micro-batches, schedule 1f1b" in plan._repr_html_()
+    assert "pipeline: 2 stage(s)" in plan.summary()
+
+
+def test_grad_is_jax_grad_outside_pipelines():
+    f = lambda p: jnp.sum(autoshard.mark_layer_boundary(p) ** 2)  # noqa: E731
+    x = jnp.arange(3.0)
+    np.testing.assert_allclose(autoshard.grad(f)(x), jax.grad(f)(x))
+    v, g = jax.jit(autoshard.value_and_grad(f))(x)
+    np.testing.assert_allclose(g, 2 * x)
+
+
+def test_errors_name_the_problem(mlp8):
+    w, _ = mlp8
+    mesh = autoshard.abstract_mesh((8,), ("data",))
+
+    def plan(fn, args, **kw):
+        method = autoshard.PipeshardParallel(stage_method=autoshard.DataParallel(), **kw)
+        return autoshard.parallelize(fn, mesh=mesh, method=method).plan(*args)
+
+    with pytest.raises(ValueError, match="num_microbatches=3 does not divide the batch"):
+        plan(w.fn, w.args, num_microbatches=3)
+    with pytest.raises(ValueError, match="num_stages=5 but the loss has only 4 layer"):
+        plan(w.fn, w.args, num_stages=5, num_layers=4)
+
+    def plain_step(params, opt_state, batch):
+        return jax.grad(lambda p: jnp.sum(p["layers"][0]["w"]))(params), opt_state
+
+    with pytest.raises(ValueError, match="autoshard.grad or autoshard.value_and_grad"):
+        plan(plain_step, w.args)
+    with pytest.raises(ValueError, match="schedule must be"):
+        autoshard.PipeshardParallel(schedule="zigzag")
+    with pytest.raises(ValueError, match="num_microbatches must be a positive int"):
+        autoshard.PipeshardParallel(num_microbatches=0)
