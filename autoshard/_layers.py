@@ -22,6 +22,9 @@ from ._op_rules import loop_op
 from .runtime import Program
 
 
+_LAYER_STARTS = ("dot_general", "conv_general_dilated")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Layering:
     """``program`` (boundary markers removed) and the layer of each of its equations."""
@@ -97,10 +100,12 @@ def _consumers(program: Program) -> dict[int, list[int]]:
     return users
 
 
-def _balanced_cuts(flops: list[float], cut_bytes: list[float], num_layers: int) -> list[int]:
-    """Segment sizes' start indices: ``num_layers`` contiguous non-empty segments of ``flops``
+def _balanced_cuts(flops: list[float], cut_bytes: list[float], num_layers: int,
+                   starts_layer=None) -> list[int]:
+    """Segment start indices: ``num_layers`` contiguous non-empty segments of ``flops``
     with the least cut bytes among those whose max segment flops is within 10 % of optimal.
-    ``cut_bytes[p]``: bytes live across a cut before item ``p``."""
+    ``cut_bytes[p]``: bytes live across a cut before item ``p``; among equal bytes a cut
+    before an item with ``starts_layer[p]`` (a matmul or convolution) is preferred."""
     n = len(flops)
     prefix = np.concatenate([[0.0], np.cumsum(flops)])
     seg = lambda i, j: prefix[j] - prefix[i]  # noqa: E731 - flops of items i..j-1
@@ -125,7 +130,8 @@ def _balanced_cuts(flops: list[float], cut_bytes: list[float], num_layers: int) 
                 if cost[k - 1][i] == inf or seg(i, j) > limit:
                     continue
                 c = cost[k - 1][i] + (cut_bytes[i] if i > 0 else 0.0)
-                # prefer balanced among equal bytes: tie-break on the segment's flops
+                if i > 0 and starts_layer is not None and not starts_layer[i]:
+                    c += 0.5  # less than any real difference in bytes
                 if c < cost[k][j] - 1e-9:
                     cost[k][j], back[k][j] = c, i
     starts, j = [], n
@@ -188,7 +194,8 @@ def assign_layers(program: Program, diff_flags, batch_flags, num_layers: int | N
                     diff[pos[e] + 1] += _value_bytes(stripped, v)
                     diff[last + 1] -= _value_bytes(stripped, v)
         cut_bytes = list(np.cumsum(diff))
-        starts = _balanced_cuts([flops[e] for e in heavy], cut_bytes, num_layers)
+        starts = _balanced_cuts([flops[e] for e in heavy], cut_bytes, num_layers,
+                                [eqns[e].primitive.name in _LAYER_STARTS for e in heavy])
         bounds = starts[1:] + [len(heavy)]
         k = 0
         for p, e in enumerate(heavy):

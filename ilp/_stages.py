@@ -181,7 +181,8 @@ def solve_stages(num_layers: int, submesh_devices: Sequence[int], total_devices:
             f"no way to cut {L} layers into {'any number of' if num_stages is None else num_stages}"
             f" stage(s) on {total_devices} devices within the memory budget: allow more "
             f"devices per stage, fewer micro-batches in flight (schedule='1f1b'), or a larger "
-            f"memory_budget")
+            f"memory_budget", min((c.fixed_bytes for c in costs.values()), default=0.0),
+            memory_budget)
     return best
 
 
@@ -212,5 +213,7 @@ def brute_force_stages(num_layers: int, submesh_devices: Sequence[int], total_de
                 if best is None or objective < best.objective_s - 1e-15:
                     best = StageSolution(stages, objective, max(times))
     if best is None:
-        raise InfeasibleError("no feasible stage slicing")
+        raise InfeasibleError("no feasible stage slicing",
+                              min((c.fixed_bytes for c in costs.values()), default=0.0),
+                              memory_budget)
     return best
