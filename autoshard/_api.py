@@ -79,6 +79,11 @@ class ParallelizedFunction:
         if plan is not None:
             _check_fixed_plan(plan, self._mesh_shape, self._axis_names,
                               method if method_given else None)
+            if plan.method.startswith("PipeshardParallel"):
+                raise NotImplementedError(
+                    "running a saved PipeshardParallel plan (parallelize(plan=...)) is not "
+                    "supported yet: pass method=autoshard.PipeshardParallel(...) without plan "
+                    "and the pipeline is planned again")
         self._fixed_plan = plan
         self._cache: dict = {}
         functools.update_wrapper(self, fun)

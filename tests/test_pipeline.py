@@ -132,6 +132,24 @@ def test_user_boundaries_and_uneven_layers_get_balanced_stages():
     assert max(times) < 2.5 * min(times)
 
 
+def test_dp_never_costs_more_than_a_fixed_slicing():
+    # num_stages=None searches every stage count, and also one stage on the whole batch
+    # (pure intra-op): it is never worse than forcing 1 or 2 stages.
+    w = mlp(num_layers=4, batch=64, hidden=64, abstract=True)
+    mesh = autoshard.abstract_mesh((4,), ("data",))
+
+    def cost(**kw):
+        method = autoshard.PipeshardParallel(num_layers=4, stage_method=autoshard.DataParallel(),
+                                             **kw)
+        return autoshard.parallelize(w.fn, mesh=mesh, method=method).plan(*w.args)
+
+    best = cost(num_microbatches=4)
+    assert best.method.startswith("PipeshardParallel(num_microbatches=4, num_stages=None")
+    for other in (cost(num_microbatches=1, num_stages=1), cost(num_microbatches=4, num_stages=1),
+                  cost(num_microbatches=4, num_stages=2)):
+        assert best.cost.total_s <= other.cost.total_s * (1 + 1e-9)
+
+
 def test_modelled_cost_falls_as_microbatches_grow():
     # Large enough that compute (which shrinks with the micro-batch) dominates fixed costs:
     # the bubble's share (S - 1) / (B + S - 1) shrinks as B grows.
@@ -186,7 +204,56 @@ def test_errors_name_the_problem(mlp8):
 
     with pytest.raises(ValueError, match="autoshard.grad or autoshard.value_and_grad"):
         plan(plain_step, w.args)
+    def batch_outside(params, opt_state, batch):
+        loss, grads = autoshard.value_and_grad(
+            lambda p, b: jnp.mean(b["x"] @ p["layers"][0]["w"]))(params, batch)
+        return grads, loss + jnp.sum(batch["y"])
+
+    with pytest.raises(ValueError, match="uses the batch outside the function given to "
+                                         "autoshard.grad"):
+        plan(batch_outside, w.args, num_microbatches=2)
+
+    def with_aux(params, opt_state, batch):
+        return autoshard.value_and_grad(lambda p: (jnp.sum(p["layers"][0]["w"]), 0.0),
+                                        has_aux=True)(params)
+
+    with pytest.raises(NotImplementedError, match="has_aux=True"):
+        plan(with_aux, w.args)
+    saved = plan(w.fn, w.args, num_stages=2, num_layers=2)
+    with pytest.raises(NotImplementedError, match="saved PipeshardParallel plan"):
+        autoshard.parallelize(w.fn, mesh=mesh, plan=saved).plan(*w.args)
     with pytest.raises(ValueError, match="schedule must be"):
         autoshard.PipeshardParallel(schedule="zigzag")
     with pytest.raises(ValueError, match="num_microbatches must be a positive int"):
         autoshard.PipeshardParallel(num_microbatches=0)
+
+
+def test_pre_gradient_work_and_a_cross_stage_update():
+    # Work before the gradient (a parameter cast) runs once per step; global-norm clipping
+    # reads every stage's gradients, so the update runs as one program on the whole mesh.
+    opt = optax.chain(optax.clip_by_global_norm(0.1), optax.adam(1e-2))
+
+    def loss_fn(params, batch):
+        x = batch["x"]
+        for w in params:
+            x = jnp.tanh(x @ w)
+        return jnp.mean((x - batch["y"]) ** 2)
+
+    def step(params, opt_state, batch):
+        used = [w.astype(jnp.bfloat16).astype(jnp.float32) for w in params]
+        loss, grads = autoshard.value_and_grad(loss_fn)(used, batch)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    keys = jax.random.split(jax.random.key(2), 5)
+    params = [jax.random.normal(k, (16, 16)) / 4 for k in keys[:4]]
+    args = (params, opt.init(params), {"x": jax.random.normal(keys[4], (8, 16)),
+                                       "y": jnp.zeros((8, 16))})
+    method = autoshard.PipeshardParallel(num_microbatches=2, num_stages=2, num_layers=2,
+                                         stage_method=autoshard.DataParallel())
+    pstep = autoshard.parallelize(step, mesh=autoshard.make_mesh((4,), ("data",)),
+                                  method=method)
+    assert_trees_allclose(pstep(*args), jax.jit(step)(*args))
+    entry = next(iter(pstep._cache.values()))
+    assert len(entry.pipeline.pre) == 1
+    assert [a.stage for a in entry.pipeline.apply] == [-1]
