@@ -31,6 +31,7 @@ class PlannedStage:
     mesh_shape: tuple[int, ...]
     positions: tuple[int, ...]     # row-major indices into the full mesh
     cost: ilp.StageCost
+    send_s: tuple[float, float]    # (activations forward, cotangents back) per micro-batch
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -112,6 +113,11 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
     sizes = dict(zip(axis_names, mesh_shape))
     programs: dict = {}
     planned: dict = {}
+    sends: dict = {}
+    # stage-to-stage transfers go over the outermost (slowest) mesh axis's link
+    link = cluster.links_for_mesh(mesh_shape)[0]
+    F_outs = {a for a in layering.program.outvars if isinstance(a, int)}
+    F_ins = set(layering.program.invars)
     costs: dict = {}
     for i, j, m in _candidates(L, shapes, N, method.num_stages):
         if (i, j) not in programs:
@@ -129,15 +135,16 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
         held += sum(bytes_per_device(P.avals[P.invars[k]], plan.flat_in_specs[k], sub_sizes)
                     for k in sp.backward_inputs if sp.batch_in[k])
         planned[(i, j, m)] = plan
-        costs[(i, j, m)] = ilp.StageCost(plan.cost.total_s, float(plan.cost.peak_memory_bytes),
-                                         float(held))
+        sends[(i, j, m)] = _send_seconds(sp, plan, link, sub_sizes, F_outs, F_ins)
+        costs[(i, j, m)] = ilp.StageCost(plan.cost.total_s + sum(sends[(i, j, m)]),
+                                         float(plan.cost.peak_memory_bytes), float(held))
     del sizes
     solution = ilp.solve_stages(L, [math.prod(s) for s in shapes], N, costs, B, schedule,
                                 method.num_stages, memory_budget)
     chosen_shapes = [shapes[m] for _, _, m in solution.stages]
     positions = ilp.place_submeshes(mesh_shape, chosen_shapes)
     stages = tuple(PlannedStage(programs[(i, j)], planned[(i, j, m)], shapes[m], pos,
-                                costs[(i, j, m)])
+                                costs[(i, j, m)], sends[(i, j, m)])
                    for (i, j, m), pos in zip(solution.stages, positions))
     pre, apply = _plan_step_parts(split, stages, layering, mesh_shape, axis_names, cluster,
                                   method)
@@ -159,6 +166,23 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
         plan = dataclasses.replace(plan, solver=dataclasses.replace(
             plan.solver, planning_time_s=time.perf_counter() - start))
     return dataclasses.replace(plan, method=repr(method)), layout
+
+
+def _send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_outputs, forward_inputs
+                  ) -> tuple[float, float]:
+    """Seconds per micro-batch to send this stage's activations on and its activations'
+    cotangents back: every device sends its shard, latency + bytes / bandwidth each."""
+    P = sp.traced.program
+    n_out = len(sp.outputs)
+    fwd = sum(link.latency + bytes_per_device(P.avals[P.outvars[k]], plan.flat_out_specs[k],
+                                              sizes) / link.bandwidth
+              for k, v in enumerate(sp.outputs) if v not in forward_outputs)
+    grads = [v for v, d in zip(sp.inputs, sp.diff_in) if d]
+    bwd = sum(link.latency + bytes_per_device(P.avals[P.outvars[n_out + k]],
+                                              plan.flat_out_specs[n_out + k], sizes)
+              / link.bandwidth
+              for k, v in enumerate(grads) if v not in forward_inputs)
+    return float(fwd), float(bwd)
 
 
 # ------------------------------------------------------------------ pre / apply programs
@@ -283,15 +307,18 @@ def _make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_id
     slowest = max(range(S), key=lambda s: layout.stages[s].cost.seconds)
     apply_by_stage = {a.stage: a.plan.cost for a in layout.apply}
     for s, st in enumerate(layout.stages):
-        c = st.plan.cost
+        send_f, send_b = st.send_s
+        c = dataclasses.replace(st.plan.cost,
+                                communication_s=st.plan.cost.communication_s + send_f + send_b)
         held = st.cost.fixed_bytes + (ilp.in_flight(schedule, s, S, B) - 1) * \
             st.cost.per_microbatch_bytes
         frac = st.program.forward_fraction
+        work = st.plan.cost.total_s
         records.append(StageAssignment(
             layers=tuple(range(st.program.first, st.program.last + 1)),
             mesh_shape=tuple(st.mesh_shape), device_ids=tuple(int(ids[p]) for p in st.positions),
             cost=StageCost(c.compute_s, c.communication_s, c.resharding_s, int(held),
-                           c.total_s * frac, c.total_s * (1 - frac)),
+                           work * frac + send_f, work * (1 - frac) + send_b),
             num_microbatches=B, schedule=schedule, apply_cost=apply_by_stage.get(s)))
         parts.append(_scaled(c, 1.0 + ((B - 1) if s == slowest else 0)))
     comp = [sum(p[k] for p in parts) for k in range(3)]

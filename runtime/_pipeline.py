@@ -22,6 +22,12 @@ from ._sharded import ShardedProgram
 Key = tuple
 
 
+def _put(value, sharding):
+    if isinstance(value, jax.Array) and value.sharding == sharding:
+        return value
+    return jax.device_put(value, sharding)
+
+
 @jax.jit
 def _add_all(accumulated, new):
     """One program per stage adds a micro-batch's gradients to the running sums."""
@@ -90,12 +96,10 @@ class PipelineProgram:
                 micro[m][mkey] = parts[m]
         cts: list[dict] = [{} for _ in range(B)]
         saved: dict = {}
+        placed: dict = {}
         acc: dict = {}
         act_loss, step_loss = self.loss
         losses = []
-
-        def read(key, m):
-            return micro[m][key] if key[0] in ("mb", "act") else env[key]
 
         def add(store, key, value):
             old = store.get(key)
@@ -107,8 +111,15 @@ class PipelineProgram:
         for kind, s, m in dispatch_order(len(self.stages), B, self.schedule):
             st = self.stages[s]
             if kind == "F":
-                ins = [read(k, m) for k in st.inputs]
-                outs = st.forward(ins)
+                ins = []
+                for k, (key, sharding) in enumerate(zip(st.inputs, st.forward.in_shardings)):
+                    if key[0] in ("mb", "act"):
+                        ins.append(_put(micro[m][key], sharding))
+                        continue
+                    if (s, key) not in placed:  # step-level values move once per step
+                        placed[(s, key)] = _put(env[key], sharding)
+                    ins.append(placed[(s, key)])
+                outs = st.forward.jitted(*ins)
                 n = len(st.outputs)
                 micro[m].update(zip(st.outputs, outs[:n]))
                 saved[(s, m)] = ([ins[p] for p in st.backward_inputs], list(outs[n:]))
