@@ -257,3 +257,15 @@ def test_pre_gradient_work_and_a_cross_stage_update():
     entry = next(iter(pstep._cache.values()))
     assert len(entry.pipeline.pre) == 1
     assert [a.stage for a in entry.pipeline.apply] == [-1]
+
+
+def test_cli_plans_a_pipeline(tmp_path, capsys):
+    from autoshard import _cli
+    out = tmp_path / "pipe.json"
+    assert _cli.main(["plan", "examples.models:mlp", "--mesh", "8", "--microbatches", "4",
+                      "--stages", "2", "--layers", "2", "--method", "dp", "--no-compare",
+                      "--json", str(out)]) == 0
+    assert "pipeline: 2 stage(s), 4 micro-batch(es)" in capsys.readouterr().out
+    assert len(autoshard.Plan.from_json(out.read_text()).stages) == 2
+    assert _cli.main(["plan", "examples.models:mlp", "--mesh", "8", "--stages", "2"]) != 0
+    assert "give --microbatches too" in capsys.readouterr().err
