@@ -11,7 +11,7 @@ import numpy as np
 
 from ._mesh import default_cluster, make_mesh, mesh_axes
 from ._methods import DataParallel, Megatron, PipeshardParallel, ShardParallel, ZeRO3
-from ._plan import Plan
+from ._plan import Plan, StageAssignment, StageCost
 from ._planner import fingerprint, plan_traced
 from ._trace import TracedFunction, trace
 from .cost_model import Cluster, format_bytes, parse_bytes
@@ -172,6 +172,31 @@ class ParallelizedFunction:
             method=self._method, memory_budget=self._memory_budget, static_repr=statics,
             device_ids=devices)
         plan = dataclasses.replace(plan, in_specs=self._arg_specs(plan.in_specs, len(args)))
+        if self._method.num_stages is None:
+            # One stage without micro-batches is plain intra-op parallelism: plan it as such
+            # and keep it when it is cheaper (it then runs as one sharded program).
+            traced = trace(self._fun, args, self._static_argnums)
+            plain = plan_traced(traced, mesh_shape=self._mesh_shape,
+                                axis_names=self._axis_names, cluster=self._cluster,
+                                method=self._method.stage_method,
+                                batch_flat=self._batch_flags(traced, len(args)),
+                                static_repr=statics, donated_flat=self._donate_flags(traced))
+            fits = self._memory_budget is None or \
+                plain.cost.peak_memory_bytes <= self._memory_budget
+            if fits and plain.cost.total_s < plan.cost.total_s:
+                c = plain.cost
+                whole = StageAssignment(
+                    layers=tuple(range(layout.layering.num_layers)),
+                    mesh_shape=tuple(self._mesh_shape),
+                    device_ids=tuple(devices or range(int(np.prod(self._mesh_shape)))),
+                    cost=StageCost(c.compute_s, c.communication_s, c.resharding_s,
+                                   c.peak_memory_bytes, c.total_s / 3, 2 * c.total_s / 3),
+                    num_microbatches=1, schedule=self._method.schedule)
+                plain = dataclasses.replace(
+                    plain, method=repr(self._method), stages=(whole,),
+                    in_specs=self._arg_specs(plain.in_specs, len(args)))
+                self._check_budget(plain)
+                return _Compiled(traced, plain, None, None)
         self._check_budget(plan)
         return _Compiled(layout.split.traced, plan, None, layout)
 

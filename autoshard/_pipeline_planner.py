@@ -152,20 +152,7 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
                             mesh_shape)
     plan = _make_plan(layout, solution, cluster, static_repr, device_ids,
                       time.perf_counter() - start, len(costs))
-    if method.num_stages is None and B > 1:
-        # One stage without micro-batches is plain intra-op parallelism on the whole batch:
-        # the DP's one-stage option pays B small steps instead, so price it on its own.
-        whole = dataclasses.replace(method, num_microbatches=1, num_stages=1)
-        plan1, layout1 = plan_pipeline(
-            fun, args, static_argnums=static_argnums, batch_flags=batch_flags,
-            mesh_shape=mesh_shape, axis_names=axis_names, cluster=cluster, method=whole,
-            memory_budget=memory_budget, static_repr=static_repr, device_ids=device_ids)
-        if plan1.cost.total_s < plan.cost.total_s and (
-                memory_budget is None or plan1.cost.peak_memory_bytes <= memory_budget):
-            plan, layout = plan1, layout1
-        plan = dataclasses.replace(plan, solver=dataclasses.replace(
-            plan.solver, planning_time_s=time.perf_counter() - start))
-    return dataclasses.replace(plan, method=repr(method)), layout
+    return plan, layout
 
 
 def _send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_outputs, forward_inputs

@@ -71,6 +71,8 @@ def _median_time(fn, args, repeats: int) -> float:
 def _describe(plan) -> str:
     if not plan.stages:
         return "1 program on the whole mesh"
+    if len(plan.stages) == 1 and plan.stages[0].num_microbatches == 1:
+        return "pure intra-op chosen: 1 program on the whole mesh"
     return "; ".join(f"L{st.layers[0]}-{st.layers[-1]} on {'x'.join(map(str, st.mesh_shape))}"
                      for st in plan.stages)
 

@@ -150,6 +150,22 @@ def test_dp_never_costs_more_than_a_fixed_slicing():
         assert best.cost.total_s <= other.cost.total_s * (1 + 1e-9)
 
 
+def test_pure_intra_op_is_chosen_when_best(mlp8):
+    # Weight-bound layers (hidden 256, 8 samples): B micro-batches would read every weight B
+    # times, so one stage on the whole batch — plain intra-op, one program — is cheapest.
+    w = mlp(num_layers=4, batch=8, hidden=256)
+    method = autoshard.PipeshardParallel(num_microbatches=4, num_layers=4,
+                                         stage_method=autoshard.DataParallel())
+    step = autoshard.parallelize(w.fn, mesh=autoshard.make_mesh((1,), ("data",)),
+                                 method=method)
+    plan = step.plan(*w.args)
+    assert [(st.layers, st.num_microbatches) for st in plan.stages] == [((0, 1, 2, 3), 1)]
+    plain = autoshard.parallelize(w.fn, mesh=autoshard.make_mesh((1,), ("data",)),
+                                  method=autoshard.DataParallel()).plan(*w.args)
+    assert plan.cost.total_s == pytest.approx(plain.cost.total_s)
+    assert_trees_allclose(step(*w.args), jax.jit(w.fn)(*w.args))
+
+
 def test_modelled_cost_falls_as_microbatches_grow():
     # Large enough that compute (which shrinks with the micro-batch) dominates fixed costs:
     # the bubble's share (S - 1) / (B + S - 1) shrinks as B grows.
