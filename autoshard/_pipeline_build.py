@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
-from ._pipeline_planner import PipelineLayout, PlannedApply
+from ._pipeline_layout import PipelineLayout, PlannedApply
 from ._stage_program import split_programs
 from .runtime import Literal, PipelineProgram, PipelineStage, StepProgram, shard_program
 
