@@ -75,7 +75,7 @@ def small_gpt():
 
 
 @pytest.mark.parametrize("mesh_shape, names, num_stages, num_microbatches, schedule", [
-    ((2, 4), ("data", "model"), 2, 4, "1f1b"),
+    ((2, 4), ("data", "model"), 2, 8, "1f1b"),
     ((8,), ("data",), 4, 2, "gpipe"),
 ])
 def test_gpt_matches_jit(small_gpt, mesh_shape, names, num_stages, num_microbatches,
@@ -91,6 +91,15 @@ def test_gpt_matches_jit(small_gpt, mesh_shape, names, num_stages, num_microbatc
     plan = step.plan(*w.args)
     assert len(plan.stages) == num_stages
     _check_partition(plan, 8)
+    # the tied embedding is read by the first and the last stage: its gradient is summed
+    entry = next(iter(step._cache.values()))
+    stages = entry.pipeline.stages
+    params = set(entry.pipeline.layering.program.invars)
+    assert params & set(stages[0].program.inputs) & set(stages[-1].program.inputs)
+    other = {"1f1b": "gpipe", "gpipe": "1f1b"}[schedule]
+    flat = jax.tree.leaves(w.args)
+    again = dataclasses.replace(entry.program, schedule=other)(flat)
+    assert_trees_allclose(jax.tree.unflatten(entry.traced.out_tree, again), reference)
 
 
 def _marked_mlp(widths, batch=8):
