@@ -110,3 +110,34 @@ def test_submesh_family_and_placement_partition_the_mesh():
     assert ilp.place_submeshes((8,), [(2,), (4,), (2,)]) == ((0, 1), (2, 3, 4, 5), (6, 7))
     with pytest.raises(ValueError, match="exactly once"):
         ilp.place_submeshes((8,), [(4,), (2,)])
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_dispatch_order_respects_dependencies_and_in_flight_bound(schedule):
+    from autoshard.runtime import dispatch_order
+    for S in range(1, 5):
+        for B in range(1, 6):
+            order = dispatch_order(S, B, schedule)
+            assert sorted(order) == sorted((k, s, m) for k in "FB" for s in range(S)
+                                           for m in range(B))
+            done, live = set(), [0] * S
+            for kind, s, m in order:
+                if kind == "F":
+                    assert s == 0 or ("F", s - 1, m) in done
+                    live[s] += 1
+                    assert live[s] <= ilp.in_flight(schedule, s, S, B)
+                else:
+                    assert ("F", s, m) in done and (s == S - 1 or ("B", s + 1, m) in done)
+                    live[s] -= 1
+                done.add((kind, s, m))
+
+
+def test_layers_never_import_upwards():
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for path in (root / "ilp").glob("*.py"):
+        text = path.read_text()
+        assert "import jax" not in text and "from jax" not in text, path
+    for path in (root / "runtime").glob("*.py"):
+        text = path.read_text()
+        assert "autoshard.ilp" not in text and "from ..ilp" not in text, path
