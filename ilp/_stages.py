@@ -73,8 +73,9 @@ def place_submeshes(mesh_shape: Sequence[int], shapes: Sequence[Sequence[int]]
                     ) -> tuple[tuple[int, ...], ...]:
     """Device positions (row-major indices into the mesh) of each sub-mesh, in order.
 
-    Full-row sub-meshes take whole rows; ``(1, 2^k)`` ones are packed into the remaining
-    rows largest first. ``ValueError`` when they do not tile the mesh exactly.
+    In pipeline order when that tiles the mesh (neighbouring stages side by side), else
+    full-row sub-meshes first and ``(1, 2^k)`` ones largest first, which always tiles when
+    the row length is a power of two. ``ValueError`` when they do not tile the mesh.
     """
     mesh_shape = tuple(mesh_shape)
     total = math.prod(mesh_shape)
@@ -87,19 +88,33 @@ def place_submeshes(mesh_shape: Sequence[int], shapes: Sequence[Sequence[int]]
             out.append(tuple(range(start, start + s[0])))
             start += s[0]
         return tuple(out)
+    in_order = _pack(mesh_shape, shapes, range(len(shapes)))
+    if in_order is not None:  # consecutive stages side by side when they fit that way
+        return in_order
+    full = [i for i, s in enumerate(shapes) if s[1] == mesh_shape[1]]
+    parts = sorted((i for i, s in enumerate(shapes) if s[1] != mesh_shape[1]),
+                   key=lambda i: (-shapes[i][1], i))
+    packed = _pack(mesh_shape, shapes, full + parts)
+    if packed is None:
+        raise ValueError(f"sub-meshes {list(shapes)} cannot be packed into mesh {mesh_shape}")
+    return packed
+
+
+def _pack(mesh_shape, shapes, order):
+    """Fill rows left to right in ``order``; ``None`` if a sub-mesh would straddle rows."""
     r, c = mesh_shape
     placed: dict[int, tuple[int, ...]] = {}
-    row = 0
-    for i, s in enumerate(shapes):
-        if s[1] == c:
-            placed[i] = tuple(range(row * c, (row + s[0]) * c))
-            row += s[0]
-    col = 0
-    for i in sorted((i for i, s in enumerate(shapes) if s[1] != c),
-                    key=lambda i: (-shapes[i][1], i)):
-        k = shapes[i][1]
+    row = col = 0
+    for i in order:
+        m, k = shapes[i]
+        if k == c:
+            if col:
+                return None
+            placed[i] = tuple(range(row * c, (row + m) * c))
+            row += m
+            continue
         if col + k > c:
-            raise ValueError(f"sub-meshes {list(shapes)} cannot be packed into mesh {mesh_shape}")
+            return None
         placed[i] = tuple(row * c + col + j for j in range(k))
         col += k
         if col == c:

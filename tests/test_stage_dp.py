@@ -106,7 +106,10 @@ def test_submesh_family_and_placement_partition_the_mesh():
     assert ilp.submesh_shapes((3, 6)) == ((1, 6), (2, 6), (3, 6))
     placed = ilp.place_submeshes((2, 4), [(1, 2), (1, 4), (1, 1), (1, 1)])
     assert sorted(d for p in placed for d in p) == list(range(8))
-    assert placed[1] == (0, 1, 2, 3)      # the whole row first
+    assert placed[1] == (0, 1, 2, 3)      # in order it would straddle rows: whole row first
+    # in pipeline order when that tiles: neighbouring stages sit side by side
+    assert ilp.place_submeshes((2, 4), [(1, 1), (1, 2), (1, 1), (1, 4)]) == \
+        ((0,), (1, 2), (3,), (4, 5, 6, 7))
     assert ilp.place_submeshes((8,), [(2,), (4,), (2,)]) == ((0, 1), (2, 3, 4, 5), (6, 7))
     with pytest.raises(ValueError, match="exactly once"):
         ilp.place_submeshes((8,), [(4,), (2,)])
