@@ -11,7 +11,7 @@ import numpy as np
 
 from ._mesh import default_cluster, make_mesh, mesh_axes
 from ._methods import DataParallel, Megatron, PipeshardParallel, ShardParallel, ZeRO3
-from ._plan import Plan, StageAssignment, StageCost
+from ._plan import Plan
 from ._planner import fingerprint, plan_traced
 from ._trace import TracedFunction, trace
 from .cost_model import Cluster, format_bytes, parse_bytes
@@ -155,6 +155,7 @@ class ParallelizedFunction:
         return entry
 
     def _plan_pipeline(self, args, statics: str) -> _Compiled:
+        from ._pipeline_plan import whole_mesh_stage
         from ._pipeline_planner import plan_pipeline
         from ._pipeline_trace import flat_paths
         if self._fixed_plan is not None:
@@ -184,14 +185,8 @@ class ParallelizedFunction:
             fits = self._memory_budget is None or \
                 plain.cost.peak_memory_bytes <= self._memory_budget
             if fits and plain.cost.total_s < plan.cost.total_s:
-                c = plain.cost
-                whole = StageAssignment(
-                    layers=tuple(range(layout.layering.num_layers)),
-                    mesh_shape=tuple(self._mesh_shape),
-                    device_ids=tuple(devices or range(int(np.prod(self._mesh_shape)))),
-                    cost=StageCost(c.compute_s, c.communication_s, c.resharding_s,
-                                   c.peak_memory_bytes, c.total_s / 3, 2 * c.total_s / 3),
-                    num_microbatches=1, schedule=self._method.schedule)
+                whole = whole_mesh_stage(plain.cost, layout.layering.num_layers,
+                                         self._mesh_shape, devices, self._method.schedule)
                 plain = dataclasses.replace(
                     plain, method=repr(self._method), stages=(whole,),
                     in_specs=self._arg_specs(plain.in_specs, len(args)))
@@ -309,8 +304,9 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
                 donate_argnums: int | Sequence[int] = (), plan: Plan | None = None):
     """Parallelize ``fun`` over ``mesh`` (jit-like; also usable as a decorator).
 
-    ``method``: :class:`ShardParallel` (ILP, default) or a preset
-    (:class:`DataParallel`, :class:`ZeRO3`, :class:`Megatron`). ``batch_argnums``:
+    ``method``: :class:`ShardParallel` (ILP, default), a preset (:class:`DataParallel`,
+    :class:`ZeRO3`, :class:`Megatron`) or :class:`PipeshardParallel` (pipeline stages on
+    sub-meshes; the step must use :func:`autoshard.value_and_grad`). ``batch_argnums``:
     the arguments holding the batch (default: the last non-static one); presets
     split those on their leading dim. ``memory_budget``: bytes per device
     (``"16GiB"``). ``static_argnums``/``donate_argnums`` as in ``jax.jit``.

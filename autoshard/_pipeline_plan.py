@@ -108,3 +108,16 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
                 in_paths=traced.in_paths, out_paths=traced.out_paths, flat_in_specs=flat_in,
                 flat_out_specs=flat_out, collectives=collectives, top_ops=top_ops,
                 warnings=warnings, stages=tuple(records))
+
+
+def whole_mesh_stage(cost: PlanCost, num_layers: int, mesh_shape, device_ids, schedule
+                     ) -> StageAssignment:
+    """The one stage of a plain intra-op plan (every layer, the whole mesh, the whole batch);
+    its forward/backward split is the usual 1:2."""
+    ids = device_ids if device_ids is not None else range(math.prod(mesh_shape))
+    return StageAssignment(
+        layers=tuple(range(num_layers)), mesh_shape=tuple(mesh_shape),
+        device_ids=tuple(int(i) for i in ids),
+        cost=StageCost(cost.compute_s, cost.communication_s, cost.resharding_s,
+                       cost.peak_memory_bytes, cost.total_s / 3, 2 * cost.total_s / 3),
+        num_microbatches=1, schedule=schedule)
