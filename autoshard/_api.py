@@ -176,10 +176,15 @@ class ParallelizedFunction:
         if self._method.num_stages is None:
             # One stage without micro-batches is plain intra-op parallelism: plan it as such
             # and keep it when it is cheaper (it then runs as one sharded program).
+            # (one solve, so a ShardParallel stage method gets at least the default time)
             traced = trace(self._fun, args, self._static_argnums)
+            whole_method = self._method.stage_method
+            if isinstance(whole_method, ShardParallel):
+                whole_method = ShardParallel(time_limit_s=max(
+                    whole_method.time_limit_s, ShardParallel().time_limit_s))
             plain = plan_traced(traced, mesh_shape=self._mesh_shape,
                                 axis_names=self._axis_names, cluster=self._cluster,
-                                method=self._method.stage_method,
+                                method=whole_method,
                                 batch_flat=self._batch_flags(traced, len(args)),
                                 static_repr=statics, donated_flat=self._donate_flags(traced))
             fits = self._memory_budget is None or \

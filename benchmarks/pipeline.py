@@ -1,12 +1,13 @@
 """Pipeline (PipeshardParallel) against pure intra-op (ShardParallel), in one run.
 
-    python -m benchmarks.pipeline [--quick] [--repeats N] [--out benchmarks/PIPELINE.md]
+    python -m benchmarks.pipeline [--quick] [--modelled-only] [--repeats N] [--out FILE]
 
 For a deep, narrow MLP and for the GPT example, on the 8 virtual CPU devices (meshes (8,)
 and (2,4), host-cpu cluster model): the modelled cost per step of each plan and the
 measured CPU step time (median over ``--repeats`` steps after a warm-up), both as ratios
 against ShardParallel on the same mesh in the same run, plus plain ``jax.jit`` on one
-device for scale. Appends one dated markdown section to ``--out``.
+device for scale. Then, planned only, a deep MLP on a 4x8 mesh priced for H100 nodes.
+Appends one dated markdown section to ``--out`` (default benchmarks/PIPELINE.md).
 
 The host has few cores shared by 8 virtual devices, so measured times reward fewer, larger
 programs; the modelled cost is what a real cluster would see.
@@ -45,6 +46,11 @@ QUICK = {
                  "MLP, 8 layers, hidden 32, batch 64, SGD"),
 }
 MESHES = {"8": ((8,), ("data",)), "2x4": ((2, 4), ("data", "model"))}
+# planned only (no devices): a deep MLP on 4 nodes x 8 H100s, where stage boundaries can
+# sit on the slow links between nodes
+MODELLED = ("deep_mlp_wide", lambda: models.mlp(num_layers=16, batch=512, hidden=2048,
+                                                abstract=True),
+            "MLP, 16 layers, hidden 2048, batch 512, SGD", (4, 8), "h100-80gb")
 
 
 def _methods(quick: bool):
@@ -107,6 +113,45 @@ def run(quick: bool, repeats: int) -> list[dict]:
     return rows
 
 
+def run_modelled() -> list[dict]:
+    name, factory, description, shape, cluster_name = MODELLED
+    w = factory()
+    mesh = autoshard.abstract_mesh(shape, ("data", "model"))
+    cluster = autoshard.cluster_preset(cluster_name)
+    methods = [("ShardParallel", autoshard.ShardParallel(time_limit_s=10.0)),
+               ("Megatron", autoshard.Megatron())]
+    for B in (4, 16):
+        methods.append((f"Pipeshard B={B} (DP)", autoshard.PipeshardParallel(
+            num_microbatches=B, num_layers=4, stage_method=autoshard.ShardParallel(
+                time_limit_s=2.0))))
+    rows, base = [], None
+    for label, method in methods:
+        t = time.perf_counter()
+        plan = autoshard.parallelize(w.fn, mesh=mesh, method=method, cluster=cluster,
+                                     batch_argnums=w.batch_argnums).plan(*w.args)
+        row = dict(workload=name, description=description, cluster=cluster_name,
+                   mesh="x".join(map(str, shape)), method=label, modelled_s=plan.cost.total_s,
+                   planning_s=time.perf_counter() - t, stages=_describe(plan))
+        base = base or row
+        row["modelled_ratio"] = row["modelled_s"] / base["modelled_s"]
+        rows.append(row)
+        print(f"{name} {row['mesh']} {label:22} modelled {row['modelled_s'] * 1e3:.3f} ms "
+              f"(x{row['modelled_ratio']:.2f})  {row['stages']}", flush=True)
+    return rows
+
+
+def markdown_modelled(rows) -> str:
+    first = rows[0]
+    lines = [f"### {first['workload']}: {first['description']} — planned only, "
+             f"{first['cluster']} cluster model, mesh {first['mesh']} (4 nodes × 8 GPUs)", "",
+             "| method | modelled / step | × intra-op | planning | stages |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['modelled_s'] * 1e3:.3f} ms | "
+                     f"{r['modelled_ratio']:.2f} | {r['planning_s']:.1f} s | {r['stages']} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows, quick: bool, repeats: int) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## Pipeline vs intra-op — {now}{' (quick)' if quick else ''}", "",
@@ -136,9 +181,18 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one small MLP, fewer methods")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(Path(__file__).with_name("PIPELINE.md")))
+    parser.add_argument("--modelled-only", action="store_true",
+                        help="only the planned-only section (4x8 mesh, h100-80gb model)")
     args = parser.parse_args(argv)
-    rows = run(args.quick, args.repeats)
-    text = markdown(rows, args.quick, args.repeats)
+    if args.modelled_only:
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        text = f"## Pipeline vs intra-op, modelled only — {now}\n\n" + \
+            markdown_modelled(run_modelled()) + "\n"
+    else:
+        rows = run(args.quick, args.repeats)
+        text = markdown(rows, args.quick, args.repeats)
+        if not args.quick:
+            text += markdown_modelled(run_modelled()) + "\n"
     path = Path(args.out)
     header = "" if path.exists() else (
         "# Pipeline benchmark results\n\nAppended by `python -m benchmarks.pipeline`; newest "
