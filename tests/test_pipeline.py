@@ -294,3 +294,14 @@ def test_cli_plans_a_pipeline(tmp_path, capsys):
     assert len(autoshard.Plan.from_json(out.read_text()).stages) == 2
     assert _cli.main(["plan", "examples.models:mlp", "--mesh", "8", "--stages", "2"]) != 0
     assert "give --microbatches too" in capsys.readouterr().err
+
+
+def test_benchmark_tables_render():
+    from benchmarks import pipeline as bench
+    row = dict(workload="deep_mlp", description="MLP", mesh="8", method="ShardParallel",
+               modelled_s=2e-3, measured_s=3e-2, planning_s=1.0, stages="1 program",
+               jit_1dev_s=1e-2, modelled_ratio=1.0, measured_ratio=1.0, cluster="h100-80gb")
+    text = bench.markdown([row, dict(row, method="Pipeshard B=4 (DP)", modelled_ratio=0.9)],
+                          quick=True, repeats=3)
+    assert "| 8 | Pipeshard B=4 (DP) | 2.000 ms | 0.90 |" in text
+    assert "| ShardParallel | 2.000 ms | 1.00 |" in bench.markdown_modelled([dict(row, mesh="4x8")])
