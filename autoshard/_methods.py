@@ -107,7 +107,8 @@ class PipeshardParallel:
     stage included), each stage is sharded by ``stage_method`` on its sub-mesh, and
     ``num_microbatches`` micro-batches run through the stages under ``schedule``
     (``"1f1b"`` or ``"gpipe"``). The gradient is the mean of the micro-batch gradients, so
-    the loss must be a mean over the batch. The optimizer update (everything after the
+    the loss must be a mean over the batch of per-sample terms (batch-norm statistics
+    become per-micro-batch statistics). The optimizer update (everything after the
     gradient) runs once per step, on the stage that owns each parameter.
     """
 
