@@ -136,6 +136,9 @@ class PipelineProgram:
                     ct = cts[m].pop(("ct",) + key[1:], None)
                     cot.append(ct if ct is not None else jax.numpy.zeros_like(micro[m][key]))
             grads = st.backward(kept + residuals + cot)
+            for key in st.outputs:  # every later stage has run this micro-batch's forward
+                if key != act_loss:
+                    micro[m].pop(key, None)
             params = []
             for target, g in zip(st.grad_targets, grads, strict=True):
                 if target[0] == "ct":
