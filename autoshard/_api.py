@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from ._mesh import default_cluster, make_mesh, mesh_axes
-from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
+from ._methods import DataParallel, Megatron, PipeshardParallel, ShardParallel, ZeRO3
 from ._multihost import check_same_plan
 from ._plan import Plan
 from ._planner import InfeasiblePlanError, fingerprint, plan_traced
@@ -18,7 +18,7 @@ from ._trace import TracedFunction, trace
 from .cost_model import Cluster, format_bytes, parse_bytes
 from .runtime import ShardedProgram, shard_program
 
-_METHODS = (ShardParallel, DataParallel, ZeRO3, Megatron)
+_METHODS = (ShardParallel, DataParallel, ZeRO3, Megatron, PipeshardParallel)
 
 
 def _normalize_argnums(argnums, name) -> tuple[int, ...]:
@@ -38,6 +38,7 @@ class _Compiled:
     plan: Plan
     program: ShardedProgram | None  # None until first run (planning needs no devices)
     agreed: bool = False  # multi-process: every process was found to hold this plan
+    pipeline: object = None  # PipelineLayout for PipeshardParallel plans
 
 
 class ParallelizedFunction:
@@ -77,6 +78,11 @@ class ParallelizedFunction:
         if plan is not None:
             _check_fixed_plan(plan, self._mesh_shape, self._axis_names,
                               method if method_given else None)
+            if plan.method.startswith("PipeshardParallel"):
+                raise NotImplementedError(
+                    "running a saved PipeshardParallel plan (parallelize(plan=...)) is not "
+                    "supported yet: pass method=autoshard.PipeshardParallel(...) without plan "
+                    "and the pipeline is planned again")
         self._fixed_plan = plan
         self._cache: dict = {}
         functools.update_wrapper(self, fun)
@@ -105,12 +111,15 @@ class ParallelizedFunction:
         return (len(args), treedef, sig, tuple(statics))
 
     def _batch_flags(self, traced: TracedFunction, nargs: int) -> list[bool]:
+        return self._batch_flags_from_paths(traced.in_paths, nargs)
+
+    def _batch_flags_from_paths(self, in_paths, nargs: int) -> list[bool]:
         dyn = [i for i in range(nargs) if i not in self._static_argnums]
         batch = self._batch_argnums
         if batch is None:
             batch = (dyn[-1],) if dyn else ()
         return [any(p.startswith(f"args[{b}]") and not p[len(f"args[{b}]"):][:1].isdigit()
-                    for b in batch) for p in traced.in_paths]
+                    for b in batch) for p in in_paths]
 
     def _donate_flags(self, traced: TracedFunction) -> list[bool]:
         return [any(p.startswith(f"args[{d}]") and not p[len(f"args[{d}]"):][:1].isdigit()
@@ -119,6 +128,9 @@ class ParallelizedFunction:
     def _compiled(self, args, need_program: bool) -> _Compiled:
         key = self._key(args)
         entry = self._cache.get(key)
+        if entry is None and isinstance(self._method, PipeshardParallel):
+            entry = self._plan_pipeline(args, repr(key[3]))
+            self._cache[key] = entry
         if entry is None:
             traced = trace(self._fun, args, self._static_argnums)
             statics = repr(key[3])
@@ -142,6 +154,52 @@ class ParallelizedFunction:
             entry = dataclasses.replace(entry, program=self._shard(entry))
             self._cache[key] = entry
         return entry
+
+    def _plan_pipeline(self, args, statics: str) -> _Compiled:
+        from ._pipeline_plan import whole_mesh_stage
+        from ._pipeline_planner import plan_pipeline
+        from ._pipeline_trace import flat_paths
+        if self._fixed_plan is not None:
+            raise NotImplementedError(
+                "running a saved PipeshardParallel plan (parallelize(plan=...)) is not "
+                "supported yet: leave plan out and the pipeline is planned again")
+        _, paths, _ = flat_paths(args, self._static_argnums)
+        flags = self._batch_flags_from_paths(paths, len(args))
+        devices = None
+        if isinstance(self._mesh, jax.sharding.Mesh):
+            devices = [d.id for d in np.asarray(self._mesh.devices).reshape(-1)]
+        plan, layout = plan_pipeline(
+            self._fun, args, static_argnums=self._static_argnums, batch_flags=flags,
+            mesh_shape=self._mesh_shape, axis_names=self._axis_names, cluster=self._cluster,
+            method=self._method, memory_budget=self._memory_budget, static_repr=statics,
+            device_ids=devices)
+        plan = dataclasses.replace(plan, in_specs=self._arg_specs(plan.in_specs, len(args)))
+        if self._method.num_stages is None:
+            # One stage without micro-batches is plain intra-op parallelism: plan it as such
+            # and keep it when it is cheaper (it then runs as one sharded program).
+            # (one solve, so a ShardParallel stage method gets at least the default time)
+            traced = trace(self._fun, args, self._static_argnums)
+            whole_method = self._method.stage_method
+            if isinstance(whole_method, ShardParallel):
+                whole_method = ShardParallel(time_limit_s=max(
+                    whole_method.time_limit_s, ShardParallel().time_limit_s))
+            plain = plan_traced(traced, mesh_shape=self._mesh_shape,
+                                axis_names=self._axis_names, cluster=self._cluster,
+                                method=whole_method,
+                                batch_flat=self._batch_flags(traced, len(args)),
+                                static_repr=statics, donated_flat=self._donate_flags(traced))
+            fits = self._memory_budget is None or \
+                plain.cost.peak_memory_bytes <= self._memory_budget
+            if fits and plain.cost.total_s < plan.cost.total_s:
+                whole = whole_mesh_stage(plain.cost, layout.layering.num_layers,
+                                         self._mesh_shape, devices, self._method.schedule)
+                plain = dataclasses.replace(
+                    plain, method=repr(self._method), stages=(whole,),
+                    in_specs=self._arg_specs(plain.in_specs, len(args)))
+                self._check_budget(plain)
+                return _Compiled(traced, plain, None)
+        self._check_budget(plan)
+        return _Compiled(layout.split.traced, plan, None, pipeline=layout)
 
     def _check_budget(self, plan: Plan) -> None:
         """The constrained search re-checks its peak steps; this catches what a
@@ -196,6 +254,15 @@ class ParallelizedFunction:
             raise ValueError("this function was parallelized over an abstract mesh: it can be "
                              "planned (.plan) but not run or lowered; pass a mesh made by "
                              "autoshard.make_mesh to run it")
+        if entry.pipeline is not None:
+            if jax.process_count() > 1:
+                raise NotImplementedError(
+                    "PipeshardParallel plans do not run across jax.distributed processes yet: "
+                    "stages on sub-meshes of different processes need arrays moved between "
+                    "disjoint device sets, which this runtime does not do. Use "
+                    "ShardParallel() or a preset across processes (see the README)")
+            from ._pipeline_build import build_pipeline
+            return build_pipeline(entry.pipeline, self._mesh)
         plan = entry.plan
         flags = self._donate_flags(entry.traced)
         return shard_program(
@@ -222,6 +289,9 @@ class ParallelizedFunction:
     def lower(self, *args):
         """The ``jax.stages.Lowered`` of the planned program for these arguments."""
         entry = self._compiled(args, need_program=True)
+        if entry.pipeline is not None:
+            raise NotImplementedError("lower() is not available for PipeshardParallel: a "
+                                      "pipeline is several programs, one per stage")
         avals = [entry.traced.program.avals[v] for v in entry.traced.program.invars]
         return entry.program.lower(avals)
 
@@ -269,8 +339,9 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
                 donate_argnums: int | Sequence[int] = (), plan: Plan | None = None):
     """Parallelize ``fun`` over ``mesh`` (jit-like; also usable as a decorator).
 
-    ``method``: :class:`ShardParallel` (ILP, default) or a preset
-    (:class:`DataParallel`, :class:`ZeRO3`, :class:`Megatron`). ``batch_argnums``:
+    ``method``: :class:`ShardParallel` (ILP, default), a preset (:class:`DataParallel`,
+    :class:`ZeRO3`, :class:`Megatron`) or :class:`PipeshardParallel` (pipeline stages on
+    sub-meshes; the step must use :func:`autoshard.value_and_grad`). ``batch_argnums``:
     the arguments holding the batch (default: the last non-static one); presets
     split those on their leading dim. ``memory_budget``: bytes per device
     (``"16GiB"``) that the plan's estimated peak must fit (default: the cluster's device

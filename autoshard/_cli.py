@@ -33,6 +33,7 @@ examples:
   autoshard plan examples.models:mlp --mesh 2x4 --json mlp.json
   autoshard plan my_model.py:make_step --mesh 8x8 --cluster h100-80gb --memory-budget 60GiB
   autoshard plan examples.models:gpt --mesh 4 --method megatron --no-compare
+  autoshard plan examples.models:mlp --mesh 8 --microbatches 4 --stages 2 --method dp
 
 TARGET is MODULE:FACTORY or FILE.py:FACTORY. The factory takes no arguments and
 returns (fn, example_args) or an object with .fn and .args (and optionally
@@ -277,6 +278,14 @@ def cmd_plan(args) -> int:
     if args.time_limit is not None and (args.method != "ilp" or not args.time_limit > 0):
         raise CliError("--time-limit takes a positive number of seconds and applies to "
                        "--method ilp only")
+    if args.microbatches is None and (args.stages is not None or args.layers is not None
+                                      or args.schedule != "1f1b"):
+        raise CliError("--stages, --layers and --schedule plan a pipeline: give "
+                       "--microbatches too")
+    for flag, value in (("--microbatches", args.microbatches), ("--stages", args.stages),
+                        ("--layers", args.layers)):
+        if value is not None and value < 1:
+            raise CliError(f"{flag} takes a positive integer, got {value}")
 
     import jax
 
@@ -293,6 +302,10 @@ def cmd_plan(args) -> int:
         if cluster is None:
             cluster = autoshard.cluster_preset("host-cpu")
     method = _method(args.method, args.time_limit)
+    if args.microbatches is not None:
+        method = autoshard.PipeshardParallel(
+            num_microbatches=args.microbatches, num_stages=args.stages,
+            schedule=args.schedule, num_layers=args.layers, stage_method=method)
     try:
         plan = _plan_one(target, mesh, method, cluster, budget)
     except autoshard.InfeasiblePlanError as err:
@@ -306,9 +319,11 @@ def cmd_plan(args) -> int:
     print(show_text(plan))
     if not args.no_compare:
         this = _METHOD_NAMES[args.method]
-        rows = [(f"{this} (this plan)", plan.cost)]
+        label = this if args.microbatches is None else \
+            f"Pipeshard B={args.microbatches} ({len(plan.stages)} stages, {this} per stage)"
+        rows = [(f"{label} (this plan)", plan.cost)]
         for name in _PRESET_ROWS:
-            if name == this:
+            if name == this and args.microbatches is None:
                 continue
             try:
                 preset = _plan_one(target, mesh, getattr(autoshard, name)(), cluster, budget)
@@ -409,6 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-device memory budget, e.g. 16GiB or 500MB")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="ILP solver time limit (--method ilp only; default 60)")
+    p.add_argument("--microbatches", type=int, metavar="B",
+                   help="plan a pipeline (PipeshardParallel) with B micro-batches; --method "
+                        "then shards each stage. The step must use autoshard.value_and_grad")
+    p.add_argument("--stages", type=int, metavar="S",
+                   help="pipeline: force S stages (default: the stage DP chooses)")
+    p.add_argument("--layers", type=int, metavar="L",
+                   help="pipeline: cluster the loss into L layers (default 8)")
+    p.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b",
+                   help="pipeline schedule (default 1f1b)")
     p.add_argument("--no-compare", action="store_true",
                    help="don't plan the presets for the cost comparison")
     p.add_argument("--json", metavar="PLAN.json", help="write the plan to this file")

@@ -105,5 +105,50 @@ class Megatron:
         return specs
 
 
-Method = ShardParallel | DataParallel | ZeRO3 | Megatron
+@dataclasses.dataclass(frozen=True)
+class PipeshardParallel:
+    """Inter- plus intra-operator parallelism (Alpa's PipeshardParallel).
+
+    The step must compute its gradient with :func:`autoshard.grad` or
+    :func:`autoshard.value_and_grad`. The loss is cut into ``num_layers`` layers (or at
+    :func:`autoshard.mark_layer_boundary` calls), a dynamic programme groups layers into
+    stages on sub-meshes (``num_stages`` forces the count; ``None`` lets it choose, one
+    stage included), each stage is sharded by ``stage_method`` on its sub-mesh, and
+    ``num_microbatches`` micro-batches run through the stages under ``schedule``
+    (``"1f1b"`` or ``"gpipe"``). The gradient is the mean of the micro-batch gradients, so
+    the loss must be a mean over the batch of per-sample terms (batch-norm statistics
+    become per-micro-batch statistics). The optimizer update (everything after the
+    gradient) runs once per step, on the stage that owns each parameter.
+    """
+
+    num_microbatches: int = 1
+    num_stages: int | None = None
+    schedule: str = "1f1b"
+    num_layers: int | None = None
+    stage_method: ShardParallel | DataParallel | ZeRO3 | Megatron = \
+        dataclasses.field(default_factory=lambda: ShardParallel(time_limit_s=10.0))
+
+    def __post_init__(self):
+        if not isinstance(self.num_microbatches, int) or self.num_microbatches < 1:
+            raise ValueError(f"num_microbatches must be a positive int, got "
+                             f"{self.num_microbatches!r}")
+        if self.num_stages is not None and (not isinstance(self.num_stages, int)
+                                            or self.num_stages < 1):
+            raise ValueError(f"num_stages must be None or a positive int, got "
+                             f"{self.num_stages!r}")
+        if self.num_layers is not None and (not isinstance(self.num_layers, int)
+                                            or self.num_layers < 1):
+            raise ValueError(f"num_layers must be None or a positive int, got "
+                             f"{self.num_layers!r}")
+        if self.schedule not in ("1f1b", "gpipe"):
+            raise ValueError(f"schedule must be '1f1b' or 'gpipe', got {self.schedule!r}")
+        if not isinstance(self.stage_method, (ShardParallel, DataParallel, ZeRO3, Megatron)):
+            raise TypeError(f"stage_method must be autoshard.ShardParallel() or a preset, got "
+                            f"{self.stage_method!r}")
+
+    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
+        return self.stage_method.input_specs(shape, mesh_shape, is_batch)
+
+
+Method = ShardParallel | DataParallel | ZeRO3 | Megatron | PipeshardParallel
 PRESETS: tuple[type, ...] = (DataParallel, ZeRO3, Megatron)

@@ -34,6 +34,53 @@ class PlanCost:
 
 
 @dataclasses.dataclass(frozen=True)
+class StageCost:
+    """Modelled per-device cost of one pipeline stage for one micro-batch (forward and
+    backward together, as :class:`PlanCost`), split into ``forward_s``/``backward_s``;
+    ``peak_memory_bytes`` counts the micro-batches the schedule keeps in flight."""
+
+    compute_s: float
+    communication_s: float
+    resharding_s: float
+    peak_memory_bytes: int
+    forward_s: float
+    backward_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.communication_s + self.resharding_s
+
+    def __repr__(self):
+        return (f"StageCost(total={_fmt_s(self.total_s)}, forward={_fmt_s(self.forward_s)}, "
+                f"backward={_fmt_s(self.backward_s)}, "
+                f"peak_memory={format_bytes(self.peak_memory_bytes)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageAssignment:
+    """One pipeline stage: the layers it runs, its sub-mesh and its modelled cost.
+
+    ``device_ids``: the sub-mesh's devices, row-major (positions in the mesh when it was
+    planned on an abstract mesh). ``apply_cost``: the stage's apply-gradient program, once
+    per step (``None`` when the update runs elsewhere).
+    """
+
+    layers: tuple[int, ...]
+    mesh_shape: tuple[int, ...]
+    device_ids: tuple[int, ...]
+    cost: StageCost
+    num_microbatches: int
+    schedule: str
+    apply_cost: PlanCost | None = None
+
+    def __repr__(self):
+        first, last = self.layers[0], self.layers[-1]
+        layers = f"{first}" if first == last else f"{first}-{last}"
+        return (f"StageAssignment(layers={layers}, mesh_shape={self.mesh_shape}, "
+                f"devices={list(self.device_ids)}, cost={self.cost!r})")
+
+
+@dataclasses.dataclass(frozen=True)
 class SolverInfo:
     """What the ILP solver reported, and how long planning took (seconds)."""
 
@@ -138,6 +185,12 @@ class Plan:
         if by_kind:
             lines.append("collectives: " + ", ".join(
                 f"{k} ×{n} ({_fmt_s(s)})" for k, (n, s) in sorted(by_kind.items())))
+        for i, st in enumerate(self.stages):
+            if isinstance(st, StageAssignment):
+                if i == 0:
+                    lines.append(f"pipeline: {len(self.stages)} stage(s), {st.num_microbatches} "
+                                 f"micro-batch(es), schedule {st.schedule}")
+                lines.append(f"  stage {i}: {st!r}")
         if self.solver is not None:
             lines.append(f"solver: {self.solver.describe()}")
         for w in self.warnings:

@@ -12,7 +12,11 @@ The file is one JSON object (``"format": "autoshard-plan"``, ``"format_version":
     cost                           {compute_s, communication_s, resharding_s, peak_memory_bytes}
     solver                         null or {status, objective_s, ..., planning_time_s}
     collectives, top_ops           [{op, kind, seconds}], [{op, source, strategy, seconds}]
-    warnings, stages               [str], [any JSON]
+    warnings, stages               [str], [stage]: a pipeline stage is {"stage": {layers,
+                                   mesh_shape, device_ids, cost: {compute_s, communication_s,
+                                   resharding_s, peak_memory_bytes, forward_s, backward_s},
+                                   num_microbatches, schedule, apply_cost: null or cost}};
+                                   any other JSON value is kept as it is
 
 A spec is a list with one entry per tensor dim: ``null``, an axis name or a list
 of axis names. A spec tree node is ``null`` (a static argument), ``{"spec": …}``,
@@ -36,7 +40,8 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from ._plan import FORMAT_VERSION, Collective, OpCost, Plan, PlanCost, SolverInfo
+from ._plan import (FORMAT_VERSION, Collective, OpCost, Plan, PlanCost, SolverInfo,
+                    StageAssignment, StageCost)
 from .cost_model import Cluster
 
 
@@ -238,7 +243,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "collectives": [_record_to_json(c) for c in plan.collectives],
         "top_ops": [_record_to_json(o) for o in plan.top_ops],
         "warnings": list(plan.warnings),
-        "stages": _plain(list(plan.stages)),
+        "stages": [_stage_to_json(st) for st in plan.stages],
     }
     assert tuple(data) == _FIELDS
     return data
@@ -291,6 +296,42 @@ def _record(cls, data, where):
         if kind is not None:
             _check(data[f.name], kind, f"{where}.{f.name}")
     return cls(**{n: data[n] for n in names if n in data})
+
+
+def _stage_to_json(stage):
+    if not isinstance(stage, StageAssignment):
+        return _plain(stage)
+    data = _record_to_json(stage)
+    data["cost"] = _record_to_json(stage.cost)
+    data["apply_cost"] = None if stage.apply_cost is None else _record_to_json(stage.apply_cost)
+    return {"stage": data}
+
+
+def _stage_from_json(item, where):
+    if not (isinstance(item, dict) and set(item) == {"stage"}):
+        return _freeze(item)
+    data = item["stage"]
+    if not isinstance(data, dict):
+        raise PlanFormatError(f"{where}.stage: expected an object, got {_short(data)}")
+    data = dict(data)
+    for key in ("cost", "apply_cost"):
+        if key not in data:
+            raise PlanFormatError(f"{where}.stage: missing field(s) ['{key}']")
+    data["cost"] = _record(StageCost, data["cost"], f"{where}.stage.cost")
+    if data["apply_cost"] is not None:
+        data["apply_cost"] = _record(PlanCost, data["apply_cost"], f"{where}.stage.apply_cost")
+    for key in ("layers", "mesh_shape", "device_ids"):
+        value = data.get(key)
+        if not (isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                for x in value)):
+            raise PlanFormatError(f"{where}.stage.{key}: expected a list of integers, got "
+                                  f"{_short(value)}")
+        data[key] = tuple(value)
+    stage = _record(StageAssignment, data, f"{where}.stage")
+    if stage.schedule not in ("1f1b", "gpipe"):
+        raise PlanFormatError(f"{where}.stage.schedule: expected '1f1b' or 'gpipe', got "
+                              f"{_short(stage.schedule)}")
+    return stage
 
 
 def _freeze(value):
@@ -386,7 +427,8 @@ def plan_from_dict(data) -> Plan:
         top_ops=tuple(_record(OpCost, o, f"plan.top_ops[{i}]")
                       for i, o in enumerate(_get(data, "top_ops", list))),
         warnings=tuple(warnings),
-        stages=_freeze(_get(data, "stages", list)),
+        stages=tuple(_stage_from_json(st, f"plan.stages[{i}]")
+                     for i, st in enumerate(_get(data, "stages", list))),
     )
 
 

@@ -113,7 +113,17 @@ def _argpath(path, argnums) -> str:
     return f"args[{argnums[head.idx]}]" + jax.tree_util.keystr(tuple(rest))
 
 
-def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths) -> TracedFunction:
+def flatten_open_jaxpr(jaxpr, in_paths, out_paths) -> TracedFunction:
+    """Flatten a jaxpr whose constvars, then invars, become the program's inputs."""
+    n = len(jaxpr.constvars) + len(jaxpr.invars)
+    tree = jax.tree_util.tree_structure((0,) * n)
+    out_tree = jax.tree_util.tree_structure([0] * len(jaxpr.outvars))
+    return _flatten_program(jcore.ClosedJaxpr(jaxpr, [None] * len(jaxpr.constvars)), tree,
+                            out_tree, in_paths, out_paths, consts_as_inputs=True)
+
+
+def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
+                     consts_as_inputs: bool = False) -> TracedFunction:
     avals: list = []
     eqns: list[Equation] = []
     sources: list[str] = []
@@ -123,9 +133,11 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths) -> TracedFu
         avals.append(aval)
         return len(avals) - 1
 
-    def inline(jaxpr, consts, in_atoms):
+    def inline(jaxpr, consts, in_atoms, const_atoms=None):
         env: dict = {}
-        for var, const in zip(jaxpr.constvars, consts, strict=True):
+        for var, atom in zip(jaxpr.constvars, const_atoms or (), strict=False):
+            env[var] = atom
+        for var, const in zip(jaxpr.constvars if const_atoms is None else (), consts):
             vid = new_value(var.aval)
             constants.append((vid, const))
             env[var] = vid
@@ -154,7 +166,12 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths) -> TracedFu
                 env[var] = vid
         return [read(a) for a in jaxpr.outvars]
 
-    invars = tuple(new_value(v.aval) for v in closed.jaxpr.invars)
-    outvars = inline(closed.jaxpr, closed.consts, invars)
+    if consts_as_inputs:
+        const_ids = [new_value(v.aval) for v in closed.jaxpr.constvars]
+        invars = tuple(const_ids) + tuple(new_value(v.aval) for v in closed.jaxpr.invars)
+        outvars = inline(closed.jaxpr, (), invars[len(const_ids):], const_ids)
+    else:
+        invars = tuple(new_value(v.aval) for v in closed.jaxpr.invars)
+        outvars = inline(closed.jaxpr, closed.consts, invars)
     program = Program(tuple(avals), invars, tuple(outvars), tuple(eqns), tuple(constants))
     return TracedFunction(program, in_tree, out_tree, in_paths, tuple(out_paths), tuple(sources))

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import autoshard
+
 __all__ = [
     "Workload",
     "mlp",
@@ -65,10 +67,14 @@ def _build(name: str, fn: Callable, make_args: Callable[[], tuple], abstract: bo
 
 
 def _train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
-    """``(params, opt_state, batch) -> (params, opt_state, loss)`` for ``loss_fn(params, batch)``."""
+    """``(params, opt_state, batch) -> (params, opt_state, loss)`` for ``loss_fn(params, batch)``.
+
+    ``autoshard.value_and_grad`` is ``jax.value_and_grad`` except under
+    ``autoshard.PipeshardParallel``, where it marks the end of the backward pass.
+    """
 
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        loss, grads = autoshard.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, loss

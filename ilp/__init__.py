@@ -1,4 +1,5 @@
-"""autoshard.ilp: intra-operator strategy selection (CP-SAT). Never imports jax."""
+"""autoshard.ilp: intra-operator strategy selection (CP-SAT) and inter-operator stage
+slicing (DP). Never imports jax."""
 
 from ._evaluate import Evaluation as Evaluation
 from ._evaluate import evaluate as evaluate
@@ -11,6 +12,13 @@ from ._request import InfeasibleError as InfeasibleError
 from ._request import IntraOpRequest as IntraOpRequest
 from ._request import IntraOpResult as IntraOpResult
 from ._request import SolverStats as SolverStats
+from ._stages import StageCost as StageCost
+from ._stages import StageSolution as StageSolution
+from ._stages import brute_force_stages as brute_force_stages
+from ._stages import in_flight as in_flight
+from ._stages import place_submeshes as place_submeshes
+from ._stages import solve_stages as solve_stages
+from ._stages import submesh_shapes as submesh_shapes
 
 __all__ = [
     "EdgeCost",
@@ -19,6 +27,13 @@ __all__ = [
     "IntraOpRequest",
     "IntraOpResult",
     "SolverStats",
+    "StageCost",
+    "StageSolution",
+    "brute_force_stages",
+    "in_flight",
+    "place_submeshes",
+    "solve_stages",
+    "submesh_shapes",
     "best_assignment",
     "evaluate",
     "greedy_assignment",

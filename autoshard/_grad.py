@@ -1,0 +1,143 @@
+"""``autoshard.grad`` / ``autoshard.value_and_grad`` / ``autoshard.mark_layer_boundary``.
+
+Outside pipeline planning these are exactly ``jax.grad``, ``jax.value_and_grad`` and the
+identity, so a step written with them runs unchanged under ``jax.jit`` and every other
+method. While :class:`~autoshard.PipeshardParallel` traces a step (:func:`pipeline_tracing`),
+``value_and_grad`` does not differentiate: it binds one ``autoshard_grad`` equation whose
+``jaxpr`` parameter is the forward (loss) function. The pipeline planner cuts that forward
+into layers and stages, differentiates each stage on its own, and runs the equations after
+the gradient (the optimizer update) once per step, after all micro-batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Sequence
+
+import jax
+import jax.extend.core as jcore
+import numpy as np
+
+GRAD_PRIMITIVE = "autoshard_grad"
+BOUNDARY_PRIMITIVE = "autoshard_layer_boundary"
+
+_tracing: contextvars.ContextVar[bool] = contextvars.ContextVar("autoshard_pipeline_tracing",
+                                                                default=False)
+
+
+@contextlib.contextmanager
+def pipeline_tracing():
+    """While active, ``value_and_grad`` binds the gradient marker and boundaries are kept."""
+    token = _tracing.set(True)
+    try:
+        yield
+    finally:
+        _tracing.reset(token)
+
+
+def _grad_abstract_eval(*avals, jaxpr, num_consts, diff):
+    out = jaxpr.outvars[0].aval
+    grads = [v.aval for v, d in zip(jaxpr.invars, diff) if d]
+    return [out] + grads
+
+
+grad_p = jcore.Primitive(GRAD_PRIMITIVE)
+grad_p.multiple_results = True
+grad_p.def_abstract_eval(_grad_abstract_eval)
+
+boundary_p = jcore.Primitive(BOUNDARY_PRIMITIVE)
+boundary_p.multiple_results = True
+boundary_p.def_abstract_eval(lambda *avals: list(avals))
+boundary_p.def_impl(lambda *xs: list(xs))
+
+
+def _normalize(argnums) -> tuple[tuple[int, ...], bool]:
+    if isinstance(argnums, int):
+        return (argnums,), True
+    argnums = tuple(argnums)
+    if not argnums or not all(isinstance(a, int) for a in argnums):
+        raise TypeError(f"argnums must be an int or a non-empty tuple of ints, got {argnums!r}")
+    return argnums, False
+
+
+def value_and_grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False):
+    """Drop-in ``jax.value_and_grad`` that marks where the forward/backward pass ends.
+
+    :class:`~autoshard.PipeshardParallel` needs it: everything computed from the gradient
+    afterwards (the optimizer update) is the apply-gradient part, run once per step;
+    ``fun`` (the loss) is split into pipeline stages and run per micro-batch. The loss must
+    be a mean over the batch (micro-batch gradients are averaged).
+    """
+    nums, single = _normalize(argnums)
+
+    def wrapped(*args, **kwargs):
+        if not _tracing.get():
+            return jax.value_and_grad(fun, argnums, has_aux=has_aux)(*args, **kwargs)
+        if has_aux:
+            raise NotImplementedError(
+                "autoshard.value_and_grad(has_aux=True) is not supported by "
+                "PipeshardParallel yet: return the auxiliary values from a separate call, "
+                "or use method=autoshard.ShardParallel()")
+        for a in nums:
+            if a >= len(args):
+                raise TypeError(f"argnums {a} but the function got {len(args)} positional "
+                                f"arguments")
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        counts = [len(jax.tree_util.tree_leaves(a)) for a in args]
+        starts = np.cumsum([0] + counts)
+        diff = [False] * len(leaves)
+        for a in nums:
+            for k in range(starts[a], starts[a + 1]):
+                dtype = np.dtype(jax.numpy.result_type(leaves[k]))
+                if not np.issubdtype(dtype, np.inexact):
+                    raise TypeError(f"autoshard.grad requires real- or complex-valued inputs "
+                                    f"(argument {a}), got a leaf of dtype {dtype}")
+                diff[k] = True
+
+        def flat_fun(*flat):
+            out = fun(*jax.tree_util.tree_unflatten(tree, flat), **kwargs)
+            if np.shape(out) != ():
+                raise TypeError(f"autoshard.grad: the function must return a scalar loss, "
+                                f"got shape {np.shape(out)}")
+            return [out]
+
+        structs = [jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)) for x in leaves]
+        closed = jax.make_jaxpr(flat_fun)(*structs)
+        outs = grad_p.bind(*closed.consts, *leaves, jaxpr=closed.jaxpr,
+                           num_consts=len(closed.consts),
+                           diff=(False,) * len(closed.consts) + tuple(diff))
+        loss, grads = outs[0], iter(outs[1:])
+        per_arg = []
+        for a in nums:
+            subtree = jax.tree_util.tree_structure(args[a])
+            per_arg.append(jax.tree_util.tree_unflatten(
+                subtree, [next(grads) for _ in range(counts[a])]))
+        return loss, (per_arg[0] if single else tuple(per_arg))
+
+    return wrapped
+
+
+def grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False):
+    """Drop-in ``jax.grad`` marking the end of the backward pass (see :func:`value_and_grad`)."""
+    vg = value_and_grad(fun, argnums, has_aux)
+
+    def wrapped(*args, **kwargs):
+        if not _tracing.get():
+            return jax.grad(fun, argnums, has_aux=has_aux)(*args, **kwargs)
+        return vg(*args, **kwargs)[1]
+
+    return wrapped
+
+
+def mark_layer_boundary(x):
+    """Mark the end of a layer inside a loss function (identity on the pytree ``x``).
+
+    :class:`~autoshard.PipeshardParallel` then uses these boundaries as its layers instead
+    of clustering the forward pass automatically. Outside pipeline planning it does nothing.
+    """
+    if not _tracing.get():
+        return x
+    leaves, tree = jax.tree_util.tree_flatten(x)
+    if not leaves:
+        return x
+    return jax.tree_util.tree_unflatten(tree, boundary_p.bind(*leaves))

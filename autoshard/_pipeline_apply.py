@@ -1,0 +1,128 @@
+"""The once-per-step parts of a pipelined step: the pre-gradient program and the
+apply-gradient programs, split so that each stage updates the parameters it owns.
+
+Every equation after the gradient is labelled with the stage owning the gradients it reads
+(the first stage reading that parameter; the loss belongs to the last stage). Equations
+reading no gradient (a step counter, a learning-rate schedule) are shared: each stage that
+needs them computes them. An equation mixing stages (global-norm clipping) sends the whole
+update to one program on the full mesh.
+"""
+from __future__ import annotations
+
+import jax
+
+from ._pipeline_layout import PlannedApply
+from ._pipeline_trace import SplitStep
+from ._planner import plan_traced
+from ._trace import TracedFunction
+from .runtime import Program
+
+
+def _sub_traced(program: Program, sources, in_paths, out_paths) -> TracedFunction:
+    leaves = lambda n: jax.tree_util.tree_structure((0,) * n)  # noqa: E731
+    return TracedFunction(program, leaves(len(program.invars)), leaves(len(program.outvars)),
+                          tuple(in_paths), tuple(out_paths), tuple(sources))
+
+
+def _owners(split: SplitStep, stages) -> dict[int, int]:
+    """Forward input index → the first stage reading it."""
+    F = split.forward.program
+    owner = {}
+    for s, st in enumerate(stages):
+        for v in st.program.inputs:
+            if v in F.invars:
+                owner.setdefault(F.invars.index(v), s)
+    return owner
+
+
+def _subprogram(O: Program, eqns, wanted_outputs) -> Program:
+    made = {v for e in eqns for v in O.eqns[e].outputs}
+    consts = dict(O.constants)
+    inputs = []
+    for e in eqns:
+        for a in O.eqns[e].inputs:
+            if isinstance(a, int) and a not in made and a not in consts and a not in inputs:
+                inputs.append(a)
+    used = {a for e in eqns for a in O.eqns[e].inputs if isinstance(a, int)}
+    constants = tuple((v, c) for v, c in O.constants if v in used)
+    return Program(O.avals, tuple(inputs), tuple(wanted_outputs),
+                   tuple(O.eqns[e] for e in eqns), constants)
+
+
+def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, cluster,
+                     method):
+    traced = split.traced
+    O = traced.program
+    geqn = O.eqns[split.grad_eqn]
+    in_path = {v: p for v, p in zip(O.invars, traced.in_paths)}
+    out_path = {}
+    for a, p in zip(O.outvars, traced.out_paths):
+        if isinstance(a, int):
+            out_path.setdefault(a, p)
+    outvars = {a for a in O.outvars if isinstance(a, int)}
+
+    def planned(stage, eqns, outputs, mesh):
+        prog = _subprogram(O, eqns, outputs)
+        sub = _sub_traced(prog, [traced.sources[e] for e in eqns],
+                          [in_path.get(v, f"value{v}") for v in prog.invars],
+                          [out_path.get(v, f"value{v}") for v in prog.outvars])
+        plan = plan_traced(sub, mesh_shape=mesh, axis_names=axis_names, cluster=cluster,
+                           method=method.stage_method, batch_flat=[False] * len(prog.invars))
+        return PlannedApply(stage, prog, plan, prog.invars, tuple(outputs))
+
+    pre = ()
+    if split.pre:
+        read_later = {a for e in split.post for a in O.eqns[e].inputs if isinstance(a, int)}
+        read_later |= {a for a in geqn.inputs if isinstance(a, int)} | outvars
+        outs = [v for e in split.pre for v in O.eqns[e].outputs if v in read_later]
+        pre = (planned(-1, list(split.pre), outs, mesh_shape),)
+
+    # label the post equations with the stage owning their gradients
+    owner = _owners(split, stages)
+    last = len(stages) - 1
+    label: dict[int, int] = {geqn.outputs[0]: last}
+    diff_idx = [k for k, d in enumerate(split.diff) if d]
+    for g_out, k in zip(geqn.outputs[1:], diff_idx):
+        label[g_out] = owner.get(k, 0)
+    eqn_label: dict[int, int | None] = {}
+    conflict = False
+    for e in split.post:
+        ls = {label[a] for a in O.eqns[e].inputs if isinstance(a, int) and a in label}
+        if len(ls) > 1:
+            conflict = True
+            break
+        eqn_label[e] = next(iter(ls)) if ls else None
+        if ls:
+            for v in O.eqns[e].outputs:
+                label[v] = eqn_label[e]
+    if not split.post:
+        return pre, ()
+    if conflict:  # an update mixing stages (e.g. global-norm clipping): one full-mesh program
+        outs = [v for e in split.post for v in O.eqns[e].outputs if v in outvars]
+        return pre, (planned(-1, list(split.post), list(dict.fromkeys(outs)), mesh_shape),)
+    producer = {v: e for e in split.post for v in O.eqns[e].outputs}
+    groups: dict[int, set] = {}
+    for e, lab in eqn_label.items():
+        if lab is not None:
+            groups.setdefault(lab, set()).add(e)
+    shared_outs = [a for a in outvars if a in producer and eqn_label[producer[a]] is None]
+    if shared_outs:
+        groups.setdefault(0, set()).update(producer[a] for a in shared_outs)
+    apply = []
+    for s in sorted(groups):
+        eqns = set(groups[s])
+        todo = list(eqns)
+        while todo:  # pull in the shared (stage-less) equations these read
+            e = todo.pop()
+            for a in O.eqns[e].inputs:
+                p = producer.get(a) if isinstance(a, int) else None
+                if p is not None and p not in eqns:
+                    eqns.add(p)
+                    todo.append(p)
+        order = sorted(eqns)
+        outs = list(dict.fromkeys(v for e in order for v in O.eqns[e].outputs
+                                  if v in outvars and (eqn_label[e] == s or
+                                                       (s == 0 and eqn_label[e] is None))))
+        if outs:
+            apply.append(planned(s, order, outs, stages[s].mesh_shape))
+    return pre, tuple(apply)

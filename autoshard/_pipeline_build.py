@@ -1,0 +1,97 @@
+"""From a :class:`PipelineLayout` and a concrete mesh to a runnable
+:class:`~autoshard.runtime.PipelineProgram` (sub-meshes, sharded stage programs, keys)."""
+from __future__ import annotations
+
+import numpy as np
+from jax.sharding import AxisType, Mesh, PartitionSpec
+
+from ._pipeline_layout import PipelineLayout, PlannedApply
+from ._stage_program import split_programs
+from .runtime import Literal, PipelineProgram, PipelineStage, StepProgram, shard_program
+
+
+def submesh(mesh: Mesh, positions, shape, axis_names) -> Mesh:
+    flat = np.asarray(mesh.devices).reshape(-1)
+    devices = np.array([flat[p] for p in positions], dtype=object).reshape(shape)
+    return Mesh(devices, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape))
+
+
+def _step_program(part: PlannedApply, mesh: Mesh) -> StepProgram:
+    plan = part.plan
+    program = shard_program(part.program, mesh, plan.flat_in_specs, plan.flat_out_specs,
+                            value_specs=dict(plan.value_specs),
+                            operand_specs={(e, k): s for e, k, s in plan.operand_specs})
+    return StepProgram(program, tuple(("v", v) for v in part.inputs),
+                       tuple(("v", v) for v in part.outputs))
+
+
+def build_pipeline(layout: PipelineLayout, mesh: Mesh) -> PipelineProgram:
+    split = layout.split
+    O = split.traced.program
+    F = split.forward.program
+    geqn = O.eqns[split.grad_eqn]
+    names = layout.axis_names
+    meshes = [submesh(mesh, st.positions, st.mesh_shape, names) for st in layout.stages]
+    constants = [(("v", v), c) for v, c in O.constants]
+    fkey = {}
+    for k, (v, atom) in enumerate(zip(F.invars, geqn.inputs)):
+        if isinstance(atom, Literal):
+            fkey[v] = ("v", "literal", k)
+            constants.append((fkey[v], atom.value))
+        elif atom in split.batch_vids:
+            fkey[v] = ("mb", atom)
+        else:
+            fkey[v] = ("v", atom)
+    diff_idx = [k for k, d in enumerate(split.diff) if d]
+    grad_key = {F.invars[k]: ("v", g) for k, g in zip(diff_idx, geqn.outputs[1:])}
+    key = lambda v: fkey.get(v, ("act", v))  # noqa: E731
+
+    stages = []
+    produced = set()
+    for st, sub in zip(layout.stages, meshes):
+        sp, plan = st.program, st.plan
+        P = sp.traced.program
+        fwd, bwd = split_programs(sp)
+        pos = {v: k for k, v in enumerate(P.invars)}
+        spec = lambda v: plan.flat_in_specs[pos[v]] if v in pos else \
+            dict(plan.value_specs).get(v, PartitionSpec())  # noqa: E731
+        n_out = len(sp.outputs)
+        value_specs = dict(plan.value_specs)
+        fwd_index = {e: i for i, e in enumerate(sp.forward_eqns)}
+        bwd_index = {e: i for i, e in enumerate(sp.backward_eqns)}
+        ops = {(e, k): s for e, k, s in plan.operand_specs}
+        forward = shard_program(
+            fwd, sub, [spec(v) for v in fwd.invars],
+            list(plan.flat_out_specs[:n_out]) + [spec(v) for v in sp.residuals],
+            value_specs=value_specs,
+            operand_specs={(fwd_index[e], k): s for (e, k), s in ops.items() if e in fwd_index})
+        backward = shard_program(
+            bwd, sub, [spec(v) for v in bwd.invars], list(plan.flat_out_specs[n_out:]),
+            value_specs=value_specs,
+            operand_specs={(bwd_index[e], k): s for (e, k), s in ops.items() if e in bwd_index})
+        targets = []
+        for v, d in zip(sp.inputs, sp.diff_in):
+            if d:
+                targets.append(grad_key[v] if v in grad_key else ("ct", v))
+                if v in grad_key:
+                    produced.add(v)
+        stages.append(PipelineStage(
+            forward, backward, tuple(key(v) for v in sp.inputs),
+            tuple(("act", v) for v in sp.outputs),
+            tuple(p for p, d in enumerate(sp.diff_out) if d), sp.backward_inputs,
+            tuple(targets)))
+    zero = tuple((grad_key[v], tuple(F.avals[v].shape), F.avals[v].dtype)
+                 for v in grad_key if v not in produced)
+    pre = tuple(_step_program(p, mesh) for p in layout.pre)
+    apply = tuple(_step_program(a, meshes[a.stage] if a.stage >= 0 else mesh)
+                  for a in layout.apply)
+    loss = layout.layering.program.outvars[0]
+    outputs = tuple(("literal", a.value) if isinstance(a, Literal) else ("v", a)
+                    for a in O.outvars)
+    return PipelineProgram(
+        invars=tuple(("v", v) for v in O.invars),
+        batch=tuple((("v", v), ("mb", v)) for v in O.invars if v in split.batch_vids),
+        constants=tuple(constants), pre=pre, stages=tuple(stages),
+        loss=(("act", loss), ("v", geqn.outputs[0])), zero_grads=zero, apply=apply,
+        outputs=outputs, num_microbatches=layout.method.num_microbatches,
+        schedule=layout.method.schedule)

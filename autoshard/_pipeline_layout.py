@@ -1,0 +1,47 @@
+"""What pipeline planning decides, kept for building the runtime (plain records)."""
+from __future__ import annotations
+
+import dataclasses
+
+from . import ilp
+from ._layers import Layering
+from ._methods import PipeshardParallel
+from ._pipeline_trace import SplitStep
+from ._plan import Plan
+from ._stage_program import StageProgram
+from .runtime import Program
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PlannedStage:
+    program: StageProgram
+    plan: Plan
+    mesh_shape: tuple[int, ...]
+    positions: tuple[int, ...]     # row-major indices into the full mesh
+    cost: ilp.StageCost
+    send_s: tuple[float, float]    # (activations forward, cotangents back) per micro-batch
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PlannedApply:
+    """A once-per-step program over outer value ids, run on stage ``stage`` (-1: full mesh)."""
+
+    stage: int
+    program: Program
+    plan: Plan
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PipelineLayout:
+    """Everything needed to build the runtime pipeline for a mesh."""
+
+    split: SplitStep
+    layering: Layering
+    stages: tuple[PlannedStage, ...]
+    pre: tuple[PlannedApply, ...]
+    apply: tuple[PlannedApply, ...]
+    method: PipeshardParallel
+    axis_names: tuple[str, ...]
+    mesh_shape: tuple[int, ...]

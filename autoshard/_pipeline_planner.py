@@ -1,0 +1,122 @@
+"""Planning a pipeline: layers → stage candidates priced by the intra-op planner → stage DP
+→ per-stage apply-gradient programs → a :class:`Plan` with ``stages``, and the pieces the
+runtime needs (:class:`PipelineLayout`)."""
+from __future__ import annotations
+
+import math
+import time
+
+from jax.sharding import PartitionSpec
+
+from . import ilp
+from ._layers import assign_layers
+from ._methods import PipeshardParallel
+from ._pipeline_apply import plan_step_parts
+from ._pipeline_layout import PipelineLayout, PlannedStage
+from ._pipeline_plan import make_plan
+from ._pipeline_trace import split_step
+from ._plan import Plan
+from ._planner import plan_traced
+from ._stage_program import StageProgram, bytes_per_device, stage_program
+from .cost_model import Cluster
+
+
+def _candidates(L, shapes, N, num_stages):
+    for i in range(L):
+        for j in range(i, L):
+            whole = i == 0 and j == L - 1
+            for m, shape in enumerate(shapes):
+                n = math.prod(shape)
+                if num_stages is not None:
+                    S = num_stages
+                    if (j - i + 1) > L - S + 1 or n > N - (S - 1) or (S == 1) != whole:
+                        continue
+                if (n == N) != whole:
+                    continue
+                yield i, j, m
+
+
+def _spec_of(plan: Plan, vid, invar_pos: dict) -> PartitionSpec:
+    if vid in invar_pos:
+        return plan.flat_in_specs[invar_pos[vid]]
+    return dict(plan.value_specs).get(vid, PartitionSpec())
+
+
+def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_names,
+                  cluster: Cluster, method: PipeshardParallel, memory_budget=None,
+                  static_repr: str = "", device_ids=None) -> tuple[Plan, PipelineLayout]:
+    start = time.perf_counter()
+    B, schedule = method.num_microbatches, method.schedule
+    split = split_step(fun, args, static_argnums, batch_flags, B)
+    layering = assign_layers(split.forward.program, split.diff, split.batch, method.num_layers)
+    L = layering.num_layers
+    if method.num_stages is not None and method.num_stages > L:
+        raise ValueError(f"num_stages={method.num_stages} but the loss has only {L} layer(s)"
+                         f"{' (marked with autoshard.mark_layer_boundary)' if layering.user_boundaries else ''}"
+                         f": ask for at most {L} stages, or for more layers (num_layers=...). "
+                         f"A lax.scan or loop over layers is one equation and cannot be cut: "
+                         f"unroll it (a Python loop) to pipeline it")
+    mesh_shape = tuple(mesh_shape)
+    N = math.prod(mesh_shape)
+    if method.num_stages is not None and method.num_stages > N:
+        raise ValueError(f"num_stages={method.num_stages} but the mesh has only {N} devices: "
+                         f"every stage needs at least one")
+    shapes = ilp.submesh_shapes(mesh_shape)
+    programs: dict = {}
+    planned: dict = {}
+    sends: dict = {}
+    # stage-to-stage transfers go over the outermost (slowest) mesh axis's link
+    link = cluster.links_for_mesh(mesh_shape)[0]
+    F_outs = {a for a in layering.program.outvars if isinstance(a, int)}
+    F_ins = set(layering.program.invars)
+    costs: dict = {}
+    for i, j, m in _candidates(L, shapes, N, method.num_stages):
+        if (i, j) not in programs:
+            programs[(i, j)] = stage_program(layering, i, j, split.diff, split.batch)
+        sp = programs[(i, j)]
+        P = sp.traced.program
+        ct_batch = [len(P.avals[v].shape) > 0 for v in P.invars[len(sp.inputs):]]
+        plan = plan_traced(sp.traced, mesh_shape=shapes[m], axis_names=axis_names,
+                           cluster=cluster, method=method.stage_method,
+                           batch_flat=list(sp.batch_in) + ct_batch)
+        sub_sizes = dict(zip(axis_names, shapes[m]))
+        pos = {v: k for k, v in enumerate(P.invars)}
+        held = sum(bytes_per_device(P.avals[v], _spec_of(plan, v, pos), sub_sizes)
+                   for v in sp.residuals)
+        held += sum(bytes_per_device(P.avals[P.invars[k]], plan.flat_in_specs[k], sub_sizes)
+                    for k in sp.backward_inputs if sp.batch_in[k])
+        planned[(i, j, m)] = plan
+        sends[(i, j, m)] = _send_seconds(sp, plan, link, sub_sizes, F_outs, F_ins)
+        costs[(i, j, m)] = ilp.StageCost(plan.cost.total_s + sum(sends[(i, j, m)]),
+                                         float(plan.cost.peak_memory_bytes), float(held))
+    solution = ilp.solve_stages(L, [math.prod(s) for s in shapes], N, costs, B, schedule,
+                                method.num_stages, memory_budget)
+    chosen_shapes = [shapes[m] for _, _, m in solution.stages]
+    positions = ilp.place_submeshes(mesh_shape, chosen_shapes)
+    stages = tuple(PlannedStage(programs[(i, j)], planned[(i, j, m)], shapes[m], pos,
+                                costs[(i, j, m)], sends[(i, j, m)])
+                   for (i, j, m), pos in zip(solution.stages, positions))
+    pre, apply = plan_step_parts(split, stages, layering, mesh_shape, axis_names, cluster,
+                                  method)
+    layout = PipelineLayout(split, layering, stages, pre, apply, method, tuple(axis_names),
+                            mesh_shape)
+    plan = make_plan(layout, solution, cluster, static_repr, device_ids,
+                      time.perf_counter() - start, len(costs))
+    return plan, layout
+
+
+def _send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_outputs, forward_inputs
+                  ) -> tuple[float, float]:
+    """Seconds per micro-batch to send this stage's activations on and its activations'
+    cotangents back: every device sends its shard, latency + bytes / bandwidth each."""
+    P = sp.traced.program
+    n_out = len(sp.outputs)
+    fwd = sum(link.latency + bytes_per_device(P.avals[P.outvars[k]], plan.flat_out_specs[k],
+                                              sizes) / link.bandwidth
+              for k, v in enumerate(sp.outputs) if v not in forward_outputs)
+    grads = [v for v, d in zip(sp.inputs, sp.diff_in) if d]
+    bwd = sum(link.latency + bytes_per_device(P.avals[P.outvars[n_out + k]],
+                                              plan.flat_out_specs[n_out + k], sizes)
+              / link.bandwidth
+              for k, v in enumerate(grads) if v not in forward_inputs)
+    return float(fwd), float(bwd)
