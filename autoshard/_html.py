@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from .cost_model import format_bytes
+from .runtime import stage_orders
 
 __all__ = ["plan_html", "plan_page", "simulate_schedule"]
 
@@ -554,23 +555,7 @@ def simulate_schedule(forward_s: Sequence[float], backward_s: Sequence[float],
     """
     S, B = len(forward_s), int(num_microbatches)
     schedule = str(schedule).lower().replace("-", "").replace("_", "")
-    if schedule not in ("1f1b", "gpipe"):
-        raise ValueError(f"unknown pipeline schedule {schedule!r}; expected '1f1b' or 'gpipe'")
-    orders = []
-    for s in range(S):
-        if schedule == "gpipe":
-            ops = [("F", m) for m in range(B)] + [("B", m) for m in range(B)]
-        else:
-            warm = min(S - s - 1, B)
-            ops = [("F", m) for m in range(warm)]
-            nf, nb = warm, 0
-            while nb < B:
-                if nf < B:
-                    ops.append(("F", nf))
-                    nf += 1
-                ops.append(("B", nb))
-                nb += 1
-        orders.append(ops)
+    orders = stage_orders(S, B, schedule)
     done: dict[tuple[str, int, int], float] = {}
     ptr, free, events = [0] * S, [0.0] * S, []
     progress = True

@@ -35,6 +35,8 @@ import jax  # noqa: E402
 import autoshard  # noqa: E402
 from examples import models  # noqa: E402
 
+from .timing import step_times  # noqa: E402
+
 WORKLOADS = {
     "deep_mlp": (lambda: models.mlp(num_layers=16, batch=256, hidden=128),
                  "MLP, 16 layers, hidden 128, batch 256, SGD (deep and narrow)"),
@@ -65,13 +67,7 @@ def _methods(quick: bool):
 
 
 def _median_time(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(step_times(fn, args, warmup=1, repeats=repeats))
 
 
 def _describe(plan) -> str:

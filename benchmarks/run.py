@@ -42,6 +42,7 @@ from examples import models  # noqa: E402
 
 from . import hlo  # noqa: E402
 from .report import write_markdown  # noqa: E402
+from .timing import step_times  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,16 +102,6 @@ def _is_spec(x) -> bool:
 def _shardings(mesh, specs):
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
 
-
-def _time(fn, args, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def _hlo_stats(compiled) -> dict:
@@ -209,7 +200,7 @@ def bench_workload_mesh(wname: str, w, mesh_name: str, execute: bool, cluster, o
             row["hlo"]["carried"] = _carry_stats(mesh, plan, w.args)
             if execute:
                 args = jax.device_put(w.args, _shardings(mesh, plan.in_specs))
-                times = _time(f, args, opts.warmup, opts.repeats)
+                times = step_times(f, args, opts.warmup, opts.repeats)
                 row["step_times_s"] = times
                 row["step_time_s"] = statistics.median(times)
                 if mname == "ShardParallel":
@@ -249,8 +240,8 @@ def _overhead(wname, mesh_name, mesh, w, f, plan, args, opts) -> dict:
                 jax.block_until_ready(fn(*args))
         pt, ht = [], []
         for _ in range(opts.repeats + 2):   # interleaved, so load changes hit both alike
-            pt += _time(f, args, 0, 1)
-            ht += _time(hand, args, 0, 1)
+            pt += step_times(f, args, 0, 1)
+            ht += step_times(hand, args, 0, 1)
         row.update(parallelized_times_s=pt, hand_jit_times_s=ht,
                    parallelized_s=statistics.median(pt), hand_jit_s=statistics.median(ht))
         row["ratio"] = row["parallelized_s"] / row["hand_jit_s"]

@@ -6,7 +6,6 @@ each is the cheapest plan. We check the same, on our cost model and on XLA's com
 """
 import re
 
-import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 

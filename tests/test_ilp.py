@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoshard.ilp._repeats import repeat_classes, tied_request
 from autoshard.ilp import (
     EdgeCost,
     InfeasibleError,
@@ -23,6 +21,7 @@ from autoshard.ilp import (
     min_peak_memory,
     solve_intra_op,
 )
+from autoshard.ilp._repeats import repeat_classes, tied_request
 
 INF = np.inf
 GiB = 1024.0**3

@@ -1,9 +1,9 @@
 """Every plan — the ILP's and every preset's — gives the numbers plain jax.jit gives."""
 import jax
-import numpy as np
 import pytest
 
 import autoshard
+from tests.trees import assert_trees_allclose
 from examples.models import conv_net, mlp, moe, transformer_block
 
 MESHES = [((8,), ("data",)), ((2, 4), ("data", "model")), ((4, 2), ("data", "model"))]
@@ -21,14 +21,6 @@ WORKLOADS = {
 def workload_and_reference(request):
     workload = WORKLOADS[request.param]()
     return workload, jax.jit(workload.fn)(*workload.args)
-
-
-def assert_trees_allclose(actual, expected):
-    a_leaves, a_tree = jax.tree.flatten(actual)
-    e_leaves, e_tree = jax.tree.flatten(expected)
-    assert a_tree == e_tree
-    for a, e in zip(a_leaves, e_leaves):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: type(m).__name__)

@@ -10,19 +10,12 @@ import pytest
 
 import autoshard
 from examples.models import gpt, mlp
+from tests.trees import assert_trees_allclose
 
 @pytest.fixture(scope="module")
 def mlp8():
     w = mlp(num_layers=8, batch=16, hidden=16)
     return w, jax.jit(w.fn)(*w.args)
-
-
-def assert_trees_allclose(actual, expected):
-    a_leaves, a_tree = jax.tree.flatten(actual)
-    e_leaves, e_tree = jax.tree.flatten(expected)
-    assert a_tree == e_tree
-    for a, e in zip(a_leaves, e_leaves):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-4, atol=2e-5)
 
 
 def _check_partition(plan, num_devices):
