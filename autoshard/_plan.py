@@ -5,7 +5,6 @@ import dataclasses
 import json
 from typing import Any
 
-import jax
 from jax.sharding import PartitionSpec
 
 from .cost_model import Cluster, format_bytes
@@ -243,6 +242,3 @@ def _fmt_s(seconds: float) -> str:
         return f"{seconds * 1e3:.3f} ms"
     return f"{seconds * 1e6:.1f} µs"
 
-
-def spec_tree(treedef, flat_specs) -> Any:
-    return jax.tree_util.tree_unflatten(treedef, list(flat_specs))

@@ -33,21 +33,6 @@ def to_partition_spec(spec: Spec, axis_names: Sequence[str]) -> PartitionSpec:
     return PartitionSpec(*entries)
 
 
-def from_partition_spec(pspec: PartitionSpec, rank: int, axis_names: Sequence[str]) -> Spec:
-    """Inverse of :func:`to_partition_spec`; raises ``ValueError`` on unknown axes or rank."""
-    entries = tuple(pspec)
-    if len(entries) > rank:
-        raise ValueError(f"{pspec} has {len(entries)} entries but the array has rank {rank}")
-    out = []
-    for entry in entries + (None,) * (rank - len(entries)):
-        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        for n in names:
-            if n not in axis_names:
-                raise ValueError(f"{pspec} names mesh axis {n!r}; the mesh has {tuple(axis_names)}")
-        out.append(tuple(axis_names.index(n) for n in names))
-    return tuple(out)
-
-
 def spec_is_valid(shape: Sequence[int], spec: Spec, mesh_shape: Sequence[int]) -> bool:
     if len(spec) != len(shape):
         return False

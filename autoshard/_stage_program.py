@@ -40,10 +40,6 @@ class StageProgram:
     backward_inputs: tuple[int, ...]  # positions in ``inputs`` the backward reads again
     forward_fraction: float        # share of the stage's flops in the forward part
 
-    @property
-    def num_cotangents(self) -> int:
-        return sum(self.diff_out)
-
 
 def _inexact(aval) -> bool:
     return np.issubdtype(np.dtype(aval.dtype), np.inexact)

@@ -44,10 +44,6 @@ class MeshCostModel:
     def num_devices(self) -> int:
         return math.prod(self.mesh_shape)
 
-    def group_size(self, axes: Sequence[int]) -> int:
-        """Number of devices in a group spanning ``axes``."""
-        return math.prod(self.mesh_shape[a] for a in self._check_axes(axes))
-
     # ------------------------------------------------------------------ collectives
     # Ring algorithms over the n devices spanned by ``axes``; α is the slowest axis'
     # latency and β the smallest axis bandwidth (axes of size 1 carry no traffic and are
