@@ -37,7 +37,6 @@ class ReducedProblem:
     keep: tuple[np.ndarray, ...]  # original strategy indices kept per node
     cost: tuple[np.ndarray, ...]  # seconds per kept strategy, folded edge terms included
     edges: tuple[tuple[int, int, np.ndarray], ...]  # (a, b, residual seconds >= 0 or inf), a < b
-    memory: tuple[np.ndarray, ...] | None  # bytes per kept strategy
     points: tuple[tuple[tuple[int, np.ndarray], ...], ...]  # distinct points: (node, bytes per kept strategy)
     dropped_strategies: int
     merged_edges: int
@@ -168,7 +167,6 @@ def reduce_request(request: IntraOpRequest) -> ReducedProblem:
         keep=tuple(keep),
         cost=tuple(cost),
         edges=tuple((a, b, edges[(a, b)]) for a, b in sorted(edges)),
-        memory=memory,
         points=tuple(points.values()),
         dropped_strategies=dropped,
         merged_edges=merged,
