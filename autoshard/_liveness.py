@@ -36,14 +36,20 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
     return {v: (b, max(last.get(v, b), b)) for v, b in born.items()}
 
 
-def peak_bytes(ranges: Mapping[int, tuple[int, int]], value_bytes: Mapping[int, int],
-               num_steps: int) -> tuple[int, int]:
-    """(peak bytes, step at which it is reached) given each value's bytes per device."""
-    delta = np.zeros(max(num_steps, 1) + 1, dtype=np.int64)
+def live_bytes(ranges: Mapping[int, tuple[int, int]], value_bytes: Mapping[int, float],
+               num_steps: int) -> np.ndarray:
+    """Bytes per device live at each step, given each value's (first, last) step and bytes."""
+    delta = np.zeros(max(num_steps, 1) + 1)
     for vid, (b, l) in ranges.items():
         nbytes = value_bytes.get(vid, 0)
         delta[b] += nbytes
         delta[l + 1] -= nbytes
-    live = np.cumsum(delta[:-1])
+    return np.cumsum(delta[:-1])
+
+
+def peak_bytes(ranges: Mapping[int, tuple[int, int]], value_bytes: Mapping[int, int],
+               num_steps: int) -> tuple[int, int]:
+    """(peak bytes, step at which it is reached) given each value's bytes per device."""
+    live = live_bytes(ranges, value_bytes, num_steps)
     step = int(np.argmax(live))
-    return int(live[step]), step
+    return int(round(live[step])), step

@@ -23,6 +23,7 @@ import numpy as np
 
 from ._following import Grouping
 from ._graph import ShardingGraph
+from ._liveness import live_bytes
 from .cost_model import MeshCostModel
 
 
@@ -67,15 +68,8 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
 
 def candidate_steps(tensors: TensorBytes, num_steps: int, max_points: int = 12) -> list[int]:
     """Steps whose live tensors could make the peak, in step order."""
-    hi = np.zeros(max(num_steps, 1) + 1)
-    lo = np.zeros(max(num_steps, 1) + 1)
-    for tid, (born, last) in tensors.steps.items():
-        vec = tensors.vector[tid]
-        hi[born] += vec.max()
-        hi[last + 1] -= vec.max()
-        lo[born] += vec.min()
-        lo[last + 1] -= vec.min()
-    hi, lo = np.cumsum(hi[:-1]), np.cumsum(lo[:-1])
+    hi = live_bytes(tensors.steps, {t: v.max() for t, v in tensors.vector.items()}, num_steps)
+    lo = live_bytes(tensors.steps, {t: v.min() for t, v in tensors.vector.items()}, num_steps)
     possible = np.flatnonzero(hi >= lo.max())
     steps = sorted(possible.tolist(), key=lambda s: (-hi[s], s))[:max_points]
     return sorted(set(steps) | {int(np.argmax(lo))})
@@ -100,11 +94,7 @@ def steps_over(tensors: TensorBytes, choices, num_steps: int, budget: float,
                limit: int = 16) -> list[int]:
     """The (at most ``limit``) fullest steps whose live bytes under ILP ``choices`` exceed
     ``budget``."""
-    delta = np.zeros(max(num_steps, 1) + 1)
-    for tid, (born, last) in tensors.steps.items():
-        b = tensors.vector[tid][choices[tensors.root[tid]]]
-        delta[born] += b
-        delta[last + 1] -= b
-    live = np.cumsum(delta[:-1])
+    chosen = {t: v[choices[tensors.root[t]]] for t, v in tensors.vector.items()}
+    live = live_bytes(tensors.steps, chosen, num_steps)
     over = np.flatnonzero(live > budget)
     return sorted(over[np.argsort(-live[over], kind="stable")][:limit].tolist())
