@@ -275,7 +275,7 @@ class ParallelizedFunction:
         """Multi-process runs: raise PlanMismatchError unless all processes hold this plan."""
         program = entry.traced.program
         name = getattr(self._fun, "__qualname__", None) or repr(self._fun)
-        check_same_plan(entry.plan, program,
+        check_same_plan(entry.plan,
                         f"{name}: {len(program.invars)} inputs, {len(program.outvars)} "
                         f"outputs, {len(program.eqns)} equations, signature "
                         f"{entry.plan.fingerprint}, {entry.plan.method}, cluster "

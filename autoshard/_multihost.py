@@ -16,7 +16,6 @@ import jax
 import numpy as np
 
 from ._plan import Plan
-from .runtime import Literal, Program
 
 _DIGEST_BYTES = 32
 _LABEL_BYTES = 224
@@ -29,38 +28,21 @@ class PlanMismatchError(RuntimeError):
     """Processes of a ``jax.distributed`` run made different plans for the same call."""
 
 
-def plan_digest(plan: Plan, program: Program | None = None) -> str:
+def plan_digest(plan: Plan) -> str:
     """sha256 (hex) of what must agree across processes: the plan's content without
-    wall-clock timings or source locations, plus the program's equations (primitive,
-    operands, output shapes and dtypes) when given."""
+    wall-clock timings or source locations. The program body enters through
+    ``plan.fingerprint``, which hashes every equation."""
     from ._plan_json import plan_to_dict
     data = plan_to_dict(plan)
     if data["solver"] is not None:
         data["solver"] = {k: v for k, v in data["solver"].items() if k not in _SOLVER_TIMINGS}
     data["top_ops"] = [{k: v for k, v in op.items() if k != "source"} for op in data["top_ops"]]
     data["warnings"] = len(data["warnings"])
-    if program is not None:
-        data["program"] = program_outline(program)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def program_outline(program: Program) -> list:
-    """A JSON-able outline of ``program`` that is the same in every process running the
-    same code: per equation the primitive, its operands and its outputs' avals."""
-    def atom(a):
-        return "lit" if isinstance(a, Literal) else int(a)
-
-    def aval(v):
-        a = program.avals[v]
-        return [list(a.shape), np.dtype(a.dtype).name]
-
-    return [[list(map(atom, program.invars)), [atom(a) for a in program.outvars]]] + [
-        [e.primitive.name, [atom(a) for a in e.inputs], [aval(v) for v in e.outputs]]
-        for e in program.eqns]
-
-
-def check_same_plan(plan: Plan, program: Program | None, label: str) -> None:
+def check_same_plan(plan: Plan, label: str) -> None:
     """Raise :class:`PlanMismatchError` unless every process holds the same plan.
 
     A no-op in a single-process run. Otherwise a collective: every process must call it
@@ -70,7 +52,7 @@ def check_same_plan(plan: Plan, program: Program | None, label: str) -> None:
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
-    digest = plan_digest(plan, program)
+    digest = plan_digest(plan)
     record = bytes.fromhex(digest) + _fixed(label.encode("utf-8"), _LABEL_BYTES)
     gathered = np.asarray(multihost_utils.process_allgather(np.frombuffer(record, np.uint8)))
     rows = [bytes(r) for r in gathered.reshape(jax.process_count(), -1)]

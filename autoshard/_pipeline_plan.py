@@ -2,22 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 
 import jax
-import numpy as np
 from jax.sharding import PartitionSpec
 
 from . import ilp
 from ._pipeline_layout import PipelineLayout
 from ._plan import Plan, PlanCost, SolverInfo, StageAssignment, StageCost
-
-
-def _fingerprint(tree, static_repr, avals) -> str:
-    text = "|".join([str(tree), static_repr] +
-                    [f"{tuple(a.shape)}:{np.dtype(a.dtype).name}" for a in avals])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+from ._planner import fingerprint
 
 
 def _scaled(cost: PlanCost, factor: float) -> list[float]:
@@ -104,7 +97,7 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
                 axis_names=tuple(layout.axis_names), cluster=cluster,
                 in_specs=unflat(traced.in_tree, flat_in),
                 out_specs=unflat(traced.out_tree, flat_out), cost=cost, solver=solver,
-                fingerprint=_fingerprint(traced.in_tree, static_repr, split.full_avals),
+                fingerprint=fingerprint(traced, static_repr, argument_avals=split.full_avals),
                 in_paths=traced.in_paths, out_paths=traced.out_paths, flat_in_specs=flat_in,
                 flat_out_specs=flat_out, collectives=collectives, top_ops=top_ops,
                 warnings=warnings, stages=tuple(records))

@@ -17,11 +17,12 @@ from ._liveness import live_ranges, peak_bytes
 from ._memory_points import candidate_steps, memory_terms, steps_over, tensor_bytes
 from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
 from ._plan import Collective, OpCost, Plan, PlanCost, SolverInfo
-from ._signature import stable_repr
+from ._signature import aval_text, equation_signature
 from ._specs import to_partition_spec
 from ._trace import TracedFunction
 from ._user_frames import user_stacklevel
 from .cost_model import Cluster, MeshCostModel, format_bytes
+from .runtime import Literal
 
 
 _log = logging.getLogger("autoshard")
@@ -30,22 +31,25 @@ _log = logging.getLogger("autoshard")
 TIE_REPEATS_ABOVE = 600
 
 
-def fingerprint(traced: TracedFunction, static_repr: str) -> str:
+def fingerprint(traced: TracedFunction, static_repr: str, argument_avals=None) -> str:
     """A stable hash of the function's signature (tree structure, shapes, dtypes, statics)
-    and of its program body (every equation's primitive, simple parameters, wiring and
-    value shapes), identical in every process."""
+    and of its program body (every equation's signature and wiring), identical in every
+    process. ``argument_avals``: the arguments as the caller passes them, when the
+    program was traced at other shapes (a pipeline traces one micro-batch)."""
     program = traced.program
+    if argument_avals is None:
+        argument_avals = [program.avals[v] for v in program.invars]
     digest = hashlib.sha256()
     for part in [str(traced.in_tree), str(traced.out_tree), static_repr]:
         digest.update(part.encode() + b"\0")
-    for aval in program.avals:
-        digest.update(f"{tuple(aval.shape)}:{np.dtype(aval.dtype).name};".encode())
+    digest.update(";".join(aval_text(a) for a in argument_avals).encode())
     digest.update(repr((program.invars, [a if isinstance(a, int) else "lit"
                                          for a in program.outvars])).encode())
     for eqn in program.eqns:
-        inputs = [a if isinstance(a, int) else stable_repr(a.value) for a in eqn.inputs]
-        params = sorted((k, stable_repr(v)) for k, v in eqn.params.items())
-        digest.update(repr((eqn.primitive.name, inputs, eqn.outputs, params)).encode())
+        in_avals = [None if isinstance(a, Literal) else program.avals[a] for a in eqn.inputs]
+        out_avals = [program.avals[v] for v in eqn.outputs]
+        wiring = ([a for a in eqn.inputs if isinstance(a, int)], eqn.outputs)
+        digest.update(repr((equation_signature(eqn, in_avals, out_avals), wiring)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -276,7 +280,7 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
         for vid, spec in zip(node.outputs, strat.out_specs):
             if len(spec) and vid not in invar_index:
                 value_specs.append((vid, P(spec)))
-        if strat.communication_s > 0 and node.kind == "op":
+        if strat.communication_s > 0:
             kind = "reduce-scatter" if "reduce-scatter" in strat.name else "all-reduce"
             collectives.append(Collective(node.name, kind, strat.communication_s))
     resharding = 0.0
