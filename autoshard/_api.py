@@ -118,12 +118,10 @@ class ParallelizedFunction:
         batch = self._batch_argnums
         if batch is None:
             batch = (dyn[-1],) if dyn else ()
-        return [any(p.startswith(f"args[{b}]") and not p[len(f"args[{b}]"):][:1].isdigit()
-                    for b in batch) for p in in_paths]
+        return _under_args(in_paths, batch)
 
     def _donate_flags(self, traced: TracedFunction) -> list[bool]:
-        return [any(p.startswith(f"args[{d}]") and not p[len(f"args[{d}]"):][:1].isdigit()
-                    for d in self._donate_argnums) for p in traced.in_paths]
+        return _under_args(traced.in_paths, self._donate_argnums)
 
     def _compiled(self, args, need_program: bool) -> _Compiled:
         key = self._key(args)
@@ -305,6 +303,14 @@ class ParallelizedFunction:
         flat = jax.tree_util.tree_leaves(dyn)
         outs = entry.program(flat)
         return jax.tree_util.tree_unflatten(entry.traced.out_tree, outs)
+
+
+def _under_args(paths, argnums) -> list[bool]:
+    """Per flat input path (``args[2]['x']``): whether it belongs to one of ``argnums``."""
+    def under(path, i):
+        head = f"args[{i}]"
+        return path.startswith(head) and not path[len(head):][:1].isdigit()
+    return [any(under(p, i) for i in argnums) for p in paths]
 
 
 def _default_budget(cluster: Cluster) -> int | None:
