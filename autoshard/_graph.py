@@ -104,17 +104,17 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         out_avals = [program.avals[v] for v in eqn.outputs]
         name = eqn.primitive.name
         signature = equation_signature(eqn, in_avals, out_avals)
-        op = None if signature in memo else loop_op(eqn, in_avals, out_avals)
-        if signature in memo:  # a repeated layer: same rule, same strategies
-            strategies = memo[signature]
-        elif op is not None:
-            strategies = memo[signature] = loop_strategies(op, in_avals, out_avals, model)
-        else:
-            strategies = ()
-            if name in CONTROL_FLOW:
-                control_flow.append((name, traced.sources[e]))
-            elif name not in REPLICATED_QUIETLY:
-                unsupported.append((name, traced.sources[e]))
+        strategies = memo.get(signature)  # a repeated layer: same rule, same strategies
+        if strategies is None:
+            op = loop_op(eqn, in_avals, out_avals)
+            if op is not None:
+                strategies = memo[signature] = loop_strategies(op, in_avals, out_avals, model)
+            else:
+                strategies = ()
+                if name in CONTROL_FLOW:
+                    control_flow.append((name, traced.sources[e]))
+                elif name not in REPLICATED_QUIETLY:
+                    unsupported.append((name, traced.sources[e]))
         if not strategies:
             strategies = (replicated_strategy(in_avals, out_avals, model),)
         node_index = len(nodes)
