@@ -43,7 +43,7 @@ def point_memory(request: IntraOpRequest, choices) -> tuple[float, ...]:
         per_node = [float(request.node_memory[v][c]) for v, c in enumerate(choices)]
         simple = tuple(float(sum(per_node[v] for v in sorted(set(point))))
                        for point in request.memory_points)
-    terms = tuple(float(sum(float(m[choices[v]]) for v, m in point))
+    terms = tuple(float(sum(float(m[tuple(choices[v] for v in nodes)]) for *nodes, m in point))
                   for point in request.memory_terms)
     return simple + terms
 

@@ -71,20 +71,20 @@ def _memory_rows(request: IntraOpRequest, reduced: ReducedProblem):
         constant = 0
         terms = []
         slack_needed = 0
-        for v, vector in point:
-            units = to_units(vector, unit)
+        for *ends, values in point:
+            units = to_units(values, unit)
             low = int(units.min())
             constant += low
             top = int(units.max()) - low
             if top > 0:
-                terms.append((v, units - low))
+                terms.append((*ends, units - low))
                 slack_needed += top
         rhs = int(np.floor(budget / unit + 1e-9)) - constant
         if rhs < 0:
             return [], True
         if slack_needed <= rhs:
             continue
-        key = tuple((v, c.tobytes()) for v, c in terms)
+        key = tuple((*ends, c.tobytes()) for *ends, c in terms)
         if key not in rows or rhs < rows[key][1]:
             rows[key] = (terms, rhs)
     return list(rows.values()), False
@@ -123,8 +123,8 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     for a, b, _ in reduced.edges:
         in_model[a] = in_model[b] = True
     for terms, _ in rows:
-        for v, _ in terms:
-            in_model[v] = True
+        for *ends, _ in terms:
+            in_model[ends] = True
     active = [v for v in range(n) if in_model[v]]
     base = [float(c.min()) for c in reduced.cost]
     constant = float(sum(base))
@@ -154,10 +154,23 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
             if c:
                 obj_vars.append(lit)
                 obj_coefs.append(c)
+    # Pairs whose copies count in a memory row need cells too (a zero-cost edge if none).
+    pair_memory: dict[tuple[int, int], list[np.ndarray]] = {}
+    for terms, _ in rows:
+        for *ends, coef in terms:
+            if len(ends) == 2:
+                pair_memory.setdefault(tuple(ends), []).append(coef)
+    model_edges = list(reduced.edges) + [
+        (a, b, np.zeros((len(reduced.keep[a]), len(reduced.keep[b]))))
+        for a, b in sorted(set(pair_memory) - {(a, b) for a, b, _ in reduced.edges})]
     edge_cells = []
-    for a, b, matrix in reduced.edges:
-        row_of, rep_rows = _classes(matrix)
-        col_of, rep_cols = _classes(matrix.T)
+    cell_of: dict[tuple[int, int], tuple] = {}
+    for a, b, matrix in model_edges:
+        # Classes of strategies that the edge's cost and every copy term see alike.
+        seen = np.concatenate([matrix] + pair_memory.get((a, b), []), axis=1)
+        seen_t = np.concatenate([matrix.T] + [m.T for m in pair_memory.get((a, b), [])], axis=1)
+        row_of, rep_rows = _classes(seen)
+        col_of, rep_cols = _classes(seen_t)
         grid = matrix[np.ix_(rep_rows, rep_cols)]
         finite = np.isfinite(grid)
         coefs = np.rint(np.where(finite, grid, 0.0) * scale).astype(np.int64).tolist()
@@ -175,10 +188,18 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
             column = [cells[k][l] for k in range(len(rep_rows)) if cells[k][l] is not None]
             model.add(sum(column) == sum(members))
         edge_cells.append((row_of, col_of, cells))
+        cell_of[(a, b)] = (rep_rows, rep_cols, cells)
     for terms, rhs in rows:
         vars_, coefs_ = [], []
-        for v, coef in terms:
-            for lit, c in zip(lits[v], coef.tolist()):
+        for *ends, coef in terms:
+            if len(ends) == 1:
+                pairs = zip(lits[ends[0]], coef.tolist())
+            else:
+                rep_rows, rep_cols, cells = cell_of[tuple(ends)]
+                block = coef[np.ix_(rep_rows, rep_cols)].tolist()
+                pairs = ((cell, block[k][l]) for k, row in enumerate(cells)
+                         for l, cell in enumerate(row) if cell is not None)
+            for lit, c in pairs:
                 if c:
                     vars_.append(lit)
                     coefs_.append(c)
@@ -189,7 +210,7 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
                    int(round(constant * scale)))
 
     position = _warm_start(request, reduced, bool(rows))
-    _add_hint(model, lits, reduced, edge_cells, position)
+    _add_hint(model, lits, model_edges, edge_cells, position)
     proto = model.proto
     num_variables, num_constraints = len(proto.variables), len(proto.constraints)
     build_time = time.perf_counter() - start
@@ -249,7 +270,7 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
         fixed_nodes=n - len(active),
         dropped_strategies=reduced.dropped_strategies,
         input_edges=len(request.edges),
-        model_edges=len(reduced.edges),
+        model_edges=len(model_edges),
         merged_edges=reduced.merged_edges,
         folded_edges=reduced.folded_edges,
         memory_points=len(rows),
@@ -318,12 +339,12 @@ def _warm_start(request: IntraOpRequest, reduced: ReducedProblem, has_memory_row
     return local_search(reduced, start)
 
 
-def _add_hint(model, lits, reduced, edge_cells, position: list[int]) -> None:
+def _add_hint(model, lits, model_edges, edge_cells, position: list[int]) -> None:
     """Hint every literal of the model from ``position`` (a complete assignment)."""
     for v, vector in lits.items():
         for i, lit in enumerate(vector):
             model.add_hint(lit, i == position[v])
-    for (a, b, _), (row_of, col_of, cells) in zip(reduced.edges, edge_cells):
+    for (a, b, _), (row_of, col_of, cells) in zip(model_edges, edge_cells):
         for k, row in enumerate(cells):
             for l, cell in enumerate(row):
                 if cell is not None:

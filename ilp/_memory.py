@@ -14,7 +14,7 @@ def memory_unit(reduced: ReducedProblem) -> float:
     """Bytes per integer unit: 1 byte unless a point's total would overflow CP-SAT's comfort zone."""
     if not reduced.points:
         return 1.0
-    top = max(sum(float(np.max(vector)) for _, vector in point) for point in reduced.points)
+    top = max(sum(float(np.max(term[-1])) for term in point) for point in reduced.points)
     return max(1.0, top / 2.0**50)
 
 
@@ -58,7 +58,7 @@ def solver_parameters(solver: cp_model.CpSolver, time_limit_s: float) -> None:
 
 
 def min_peak_memory(request: IntraOpRequest) -> float:
-    """Smallest achievable ``max_p Σ_{v in p} node_memory[v][s_v]`` in bytes (seconds ignored).
+    """Smallest achievable peak over the memory points in bytes (seconds ignored).
 
     Forbidden strategies and forbidden (inf) edge pairs are respected. Exact when
     CP-SAT proves optimality within ``request.time_limit_s`` (deterministic), else
@@ -73,7 +73,8 @@ def _min_peak(request: IntraOpRequest, reduced: ReducedProblem) -> float:
     unit = memory_unit(reduced)
     structural = [(a, b, m) for a, b, m in reduced.edges if not np.isfinite(m).all()]
     variable_nodes = sorted(
-        {v for point in reduced.points for v, _ in point if len(reduced.keep[v]) > 1}
+        {v for point in reduced.points for *ends, _ in point for v in ends
+         if len(reduced.keep[v]) > 1}
         | {v for a, b, _ in structural for v in (a, b)}
     )
     model = cp_model.CpModel()
@@ -84,13 +85,32 @@ def _min_peak(request: IntraOpRequest, reduced: ReducedProblem) -> float:
     for a, b, matrix in structural:
         for i, j in zip(*np.nonzero(~np.isfinite(matrix))):
             model.add_bool_or([lits[a][i].Not(), lits[b][j].Not()])
-    coefs = [[(v, to_units(vector, unit)) for v, vector in point] for point in reduced.points]
-    upper = max(sum(int(c.max()) for _, c in point) for point in coefs)
-    lower = min(0, min(sum(int(c.min()) for _, c in point) for point in coefs))
+    pair_lits = {}  # (a, b) -> cell literals e[i][j] = s_a[i] and s_b[j]
+    for point in reduced.points:
+        for *ends, _ in point:
+            if len(ends) == 2 and tuple(ends) not in pair_lits:
+                a, b = ends
+                cells = [[model.new_bool_var("") for _ in lits[b]] for _ in lits[a]]
+                for i, row in enumerate(cells):
+                    model.add(sum(row) == lits[a][i])
+                for j in range(len(lits[b])):
+                    model.add(sum(row[j] for row in cells) == lits[b][j])
+                pair_lits[(a, b)] = cells
+    coefs = [[(*ends, to_units(values, unit)) for *ends, values in point]
+             for point in reduced.points]
+    upper = max(sum(int(term[-1].max()) for term in point) for point in coefs)
+    lower = min(0, min(sum(int(term[-1].min()) for term in point) for point in coefs))
     peak = model.new_int_var(lower, max(upper, 0), "peak")
     for point in coefs:
-        constant = sum(int(c[0]) for v, c in point if v not in lits)
-        terms = [(lit, int(x)) for v, c in point if v in lits for lit, x in zip(lits[v], c) if x]
+        constant, terms = 0, []
+        for *ends, c in point:
+            if len(ends) == 2:
+                cells = pair_lits[tuple(ends)]
+                terms += [(cell, int(x)) for row, xs in zip(cells, c) for cell, x in zip(row, xs) if x]
+            elif ends[0] in lits:
+                terms += [(lit, int(x)) for lit, x in zip(lits[ends[0]], c) if x]
+            else:
+                constant += int(c[0])
         expr = cp_model.LinearExpr.weighted_sum([t[0] for t in terms], [t[1] for t in terms])
         model.add(expr + constant <= peak)
     model.minimize(peak)

@@ -37,7 +37,8 @@ class ReducedProblem:
     keep: tuple[np.ndarray, ...]  # original strategy indices kept per node
     cost: tuple[np.ndarray, ...]  # seconds per kept strategy, folded edge terms included
     edges: tuple[tuple[int, int, np.ndarray], ...]  # (a, b, residual seconds >= 0 or inf), a < b
-    points: tuple[tuple[tuple[int, np.ndarray], ...], ...]  # distinct points: (node, bytes per kept strategy)
+    # distinct points: (node, bytes per kept strategy) and (a, b, bytes per kept pair), a < b
+    points: tuple[tuple[tuple, ...], ...]
     dropped_strategies: int
     merged_edges: int
     folded_edges: int
@@ -156,13 +157,9 @@ def reduce_request(request: IntraOpRequest) -> ReducedProblem:
         if nodes:
             points[tuple(nodes)] = tuple((v, memory[v]) for v in nodes)
     for point in request.memory_terms:
-        summed: dict[int, np.ndarray] = {}
-        for v, vector in point:
-            summed[v] = summed[v] + vector if v in summed else vector
-        nodes = sorted(summed)
-        if nodes:
-            key = tuple((v, summed[v][keep[v]].tobytes()) for v in nodes)
-            points[key] = tuple((v, summed[v][keep[v]]) for v in nodes)
+        terms = _reduced_terms(point, keep)
+        if terms:
+            points[tuple((*term[:-1], term[-1].tobytes()) for term in terms)] = terms
     return ReducedProblem(
         keep=tuple(keep),
         cost=tuple(cost),
@@ -172,3 +169,33 @@ def reduce_request(request: IntraOpRequest) -> ReducedProblem:
         merged_edges=merged,
         folded_edges=folded,
     )
+
+
+def _reduced_terms(point, keep) -> tuple:
+    """A point's terms over kept strategies, summed per node and per node pair.
+
+    Pair terms are oriented ``a < b``; one whose end has a single kept strategy
+    becomes a term of the other node (both single: a constant on ``a``).
+    """
+    nodes: dict[int, np.ndarray] = {}
+    pairs: dict[tuple[int, int], np.ndarray] = {}
+
+    def add(table, key, values):
+        table[key] = table[key] + values if key in table else values
+
+    for *ends, values in point:
+        if len(ends) == 1:
+            add(nodes, ends[0], values[keep[ends[0]]])
+            continue
+        a, b = ends
+        matrix = values[np.ix_(keep[a], keep[b])]
+        if a > b:
+            a, b, matrix = b, a, matrix.T
+        if len(keep[b]) == 1:
+            add(nodes, a, matrix[:, 0])
+        elif len(keep[a]) == 1:
+            add(nodes, b, matrix[0, :])
+        else:
+            add(pairs, (a, b), matrix)
+    return tuple((v, nodes[v]) for v in sorted(nodes)) + \
+        tuple((a, b, pairs[(a, b)]) for a, b in sorted(pairs))

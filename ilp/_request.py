@@ -65,9 +65,11 @@ class IntraOpRequest:
     ``memory_points``: node sets live together at a candidate peak; with
     ``memory_budget`` (bytes per device) each point's sum must stay within it.
     Nodes repeated inside one point count once. ``memory_terms``: more points,
-    each a tuple of ``(node, bytes per strategy of that node)`` terms that add up
+    each a tuple of terms that add up: ``(node, bytes per strategy of that node)``
     (a node whose choice decides several live tensors, or a temporary buffer that
-    only some of its strategies need); they need no ``node_memory``. ``hint``: a complete assignment to
+    only some of its strategies need) or ``(src, dst, bytes[i, j])`` when src uses
+    strategy i and dst strategy j (a resharding copy, which exists only for some
+    pairs); they need no ``node_memory``. ``hint``: a complete assignment to
     warm-start from. ``time_limit_s`` is turned into a deterministic solver limit.
     ``gap_limit``: stop once the solution is proven within this relative gap of the
     optimum (0: prove optimality or reach the time limit).
@@ -104,8 +106,8 @@ class IntraOpRequest:
             object.__setattr__(self, "node_memory", memory)
         points = tuple(tuple(int(v) for v in point) for point in self.memory_points)
         object.__setattr__(self, "memory_points", points)
-        terms = tuple(tuple((int(v), _frozen_array(m, 1, f"memory_terms[{p}] of {self._label(int(v))}"))
-                            for v, m in point) for p, point in enumerate(self.memory_terms))
+        terms = tuple(tuple(self._memory_term(p, term) for term in point)
+                      for p, point in enumerate(self.memory_terms))
         object.__setattr__(self, "memory_terms", terms)
         if self.memory_budget is not None:
             object.__setattr__(self, "memory_budget", float(self.memory_budget))
@@ -114,6 +116,17 @@ class IntraOpRequest:
         object.__setattr__(self, "time_limit_s", float(self.time_limit_s))
         object.__setattr__(self, "gap_limit", float(self.gap_limit))
         self._validate()
+
+    def _memory_term(self, p: int, term) -> tuple:
+        if len(term) == 2:
+            v, memory = term
+            return int(v), _frozen_array(memory, 1, f"memory_terms[{p}] of {self._label(int(v))}")
+        if len(term) == 3:
+            a, b, memory = term
+            return int(a), int(b), _frozen_array(
+                memory, 2, f"memory_terms[{p}] of edge {self._label(int(a))} -> {self._label(int(b))}")
+        raise ValueError(f"memory_terms[{p}]: expected (node, bytes) or (src, dst, bytes) terms, "
+                         f"got a {len(term)}-tuple")
 
     # -- helpers -----------------------------------------------------------------
     @property
@@ -175,13 +188,20 @@ class IntraOpRequest:
                 if not 0 <= v < n:
                     raise ValueError(f"memory point {p}: node index {v} out of range (expected 0..{n - 1})")
         for p, point in enumerate(self.memory_terms):
-            for v, memory in point:
-                if not 0 <= v < n:
-                    raise ValueError(f"memory_terms[{p}]: node index {v} out of range (expected 0..{n - 1})")
-                if memory.shape != self.node_costs[v].shape or np.isnan(memory).any():
+            for *nodes, memory in point:
+                for v in nodes:
+                    if not 0 <= v < n:
+                        raise ValueError(f"memory_terms[{p}]: node index {v} out of range (expected 0..{n - 1})")
+                expected = tuple(self.num_strategies(v) for v in nodes)
+                if memory.shape != expected or np.isnan(memory).any():
+                    what = " -> ".join(self._label(v) for v in nodes)
                     raise ValueError(
-                        f"memory_terms[{p}] for {self._label(v)}: expected {self.num_strategies(v)} "
-                        f"byte counts (one per strategy, no NaN), got {memory.size}")
+                        f"memory_terms[{p}] for {what}: expected byte counts of shape {expected} "
+                        f"(one per strategy{' pair' if len(nodes) == 2 else ''}, no NaN), "
+                        f"got shape {memory.shape}")
+                if len(nodes) == 2 and nodes[0] == nodes[1]:
+                    raise ValueError(f"memory_terms[{p}]: edge term from {self._label(nodes[0])} "
+                                     "to itself; give a node term instead")
         if self.memory_points and self.node_memory is None:
             raise ValueError("memory_points given without node_memory")
         if self.memory_budget is not None:

@@ -161,6 +161,17 @@ def _brute_force(request):
         for v in sorted(set(point)):
             used = used + along(v, request.node_memory[v])
         peak = np.maximum(peak, used)
+    for point in request.memory_terms:
+        used = np.zeros(shape)
+        for *ends, values in point:
+            if len(ends) == 1:
+                used = used + along(ends[0], values)
+            else:
+                a, b = ends
+                view = [1] * n
+                view[a], view[b] = values.shape
+                used = used + (values if a < b else values.T).reshape(view)
+        peak = np.maximum(peak, used)
     feasible = np.isfinite(total)
     min_peak = float(peak[feasible].min()) if feasible.any() else None
     if request.memory_budget is not None:
@@ -229,6 +240,61 @@ def test_matches_brute_force(seed):
     assert result.status == "OPTIMAL"
     assert check.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
     assert result.objective == check.objective
+
+
+def _random_copy_request(rng):
+    """Memory points made of node terms and pair terms (copies that exist only for some pairs)."""
+    request = _random_request(rng)
+    n, counts = request.num_nodes, [len(c) for c in request.node_costs]
+    points = []
+    for _ in range(int(rng.integers(1, 4))):
+        terms = [(int(v), rng.integers(0, 60, counts[v]).astype(float))
+                 for v in rng.choice(n, int(rng.integers(1, n + 1)), replace=False)]
+        for _ in range(int(rng.integers(0, 3)) if n > 1 else 0):
+            a, b = (int(x) for x in rng.choice(n, 2, replace=False))
+            copy = rng.integers(0, 80, (counts[a], counts[b])).astype(float)
+            copy[rng.random(copy.shape) < 0.4] = 0.0  # no copy when the layouts agree
+            terms.append((a, b, copy))
+        points.append(tuple(terms))
+    return dataclasses.replace(request, node_memory=None, memory_points=(),
+                               memory_terms=tuple(points), memory_budget=float(rng.integers(40, 200)))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_pair_memory_terms_match_brute_force(seed):
+    request = _random_copy_request(np.random.default_rng(1000 + seed))
+    best, min_peak = _brute_force(request)
+    if best is None and min_peak is not None:
+        with pytest.raises(InfeasibleError) as info:
+            solve_intra_op(request)
+        assert info.value.min_peak_bytes == min_peak
+        return
+    if best is None:
+        with pytest.raises(ValueError):
+            solve_intra_op(request)
+        return
+    result = solve_intra_op(request)
+    check = evaluate(request, result.choices)
+    assert check.violations == ()
+    assert check.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_copy_bytes_steer_the_choice():
+    # src (node 0): layout 0 costs 1 s, layout 1 costs 0 s; dst (node 1) reads layout 0, so
+    # src in layout 1 needs a 100-byte copy live beside dst's 50 bytes: peak 150 > budget 120.
+    # Optimum under the budget: src in its dearer layout 0 (objective 1 s, peak 50 B, which is
+    # also the smallest peak, so a 40 B budget is infeasible with min_peak 50).
+    request = IntraOpRequest(
+        node_costs=([1.0, 0.0], [0.0]),
+        memory_terms=(((1, [50.0]), (0, 1, [[0.0], [100.0]])),),
+        memory_budget=120.0,
+    )
+    result = solve_intra_op(request)
+    assert result.choices == (0, 0) and result.objective == 1.0
+    assert evaluate(request, (1, 0)).memory_by_point == (150.0,)
+    with pytest.raises(InfeasibleError) as info:
+        solve_intra_op(dataclasses.replace(request, memory_budget=40.0))
+    assert info.value.min_peak_bytes == 50.0
 
 
 # ---------------------------------------------------------------- determinism
