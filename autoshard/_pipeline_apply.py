@@ -80,9 +80,10 @@ def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, 
     # label the post equations with the stage owning their gradients
     owner = _owners(split, stages)
     last = len(stages) - 1
-    label: dict[int, int] = {geqn.outputs[0]: last}
+    n_val = 1 + split.num_aux   # the loss and the aux leaves come from the last stage
+    label: dict[int, int] = {v: last for v in geqn.outputs[:n_val]}
     diff_idx = [k for k, d in enumerate(split.diff) if d]
-    for g_out, k in zip(geqn.outputs[1:], diff_idx):
+    for g_out, k in zip(geqn.outputs[n_val:], diff_idx, strict=True):
         label[g_out] = owner.get(k, 0)
     eqn_label: dict[int, int | None] = {}
     conflict = False

@@ -2,6 +2,7 @@
 :class:`~autoshard.runtime.PipelineProgram` (sub-meshes, sharded stage programs, keys)."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
@@ -43,7 +44,15 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh) -> PipelineProgram:
         else:
             fkey[v] = ("v", atom)
     diff_idx = [k for k, d in enumerate(split.diff) if d]
-    grad_key = {F.invars[k]: ("v", g) for k, g in zip(diff_idx, geqn.outputs[1:])}
+    n_val = 1 + split.num_aux
+    grad_key = {F.invars[k]: ("v", g)
+                for k, g in zip(diff_idx, geqn.outputs[n_val:], strict=True)}
+    aux = []  # (the last stage's activation key, the step key it is averaged into)
+    for atom, out in zip(F.outvars[1:], geqn.outputs[1:n_val], strict=True):
+        if isinstance(atom, Literal):
+            constants.append((("v", out), jnp.asarray(atom.value, O.avals[out].dtype)))
+        else:
+            aux.append((("act", atom), ("v", out)))
     key = lambda v: fkey.get(v, ("act", v))  # noqa: E731
 
     stages = []
@@ -92,6 +101,7 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh) -> PipelineProgram:
         invars=tuple(("v", v) for v in O.invars),
         batch=tuple((("v", v), ("mb", v)) for v in O.invars if v in split.batch_vids),
         constants=tuple(constants), pre=pre, stages=tuple(stages),
-        loss=(("act", loss), ("v", geqn.outputs[0])), zero_grads=zero, apply=apply,
+        loss=(("act", loss), ("v", geqn.outputs[0])), aux=tuple(aux), zero_grads=zero,
+        apply=apply,
         outputs=outputs, num_microbatches=layout.method.num_microbatches,
         schedule=layout.method.schedule)

@@ -34,6 +34,14 @@ def _add_all(accumulated, new):
     return [a + b for a, b in zip(accumulated, new)]
 
 
+def _mean(values):
+    """The micro-batches' values averaged, summed in micro-batch order like the loss."""
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total / len(values)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PipelineStage:
     """One stage: its forward and backward programs and where their values go.
@@ -65,7 +73,8 @@ class StepProgram:
 @dataclasses.dataclass(frozen=True, eq=False)
 class PipelineProgram:
     """The whole pipelined step. ``loss``: ``(activation key, step key)``: the micro-batch
-    losses are averaged into the step key. ``zero_grads``: ``(step key, shape, dtype)`` for
+    losses are averaged into the step key; so is every ``aux`` pair's activation (an
+    output of the last stage). ``zero_grads``: ``(step key, shape, dtype)`` for
     gradients no stage produces. ``outputs``: a step key or ``("literal", value)`` per flat
     output."""
 
@@ -80,6 +89,7 @@ class PipelineProgram:
     outputs: tuple[Key, ...]
     num_microbatches: int
     schedule: str
+    aux: tuple[tuple[Key, Key], ...] = ()
 
     def __call__(self, flat_args) -> list:
         B = self.num_microbatches
@@ -100,6 +110,8 @@ class PipelineProgram:
         acc: dict = {}
         act_loss, step_loss = self.loss
         losses = []
+        last = len(self.stages) - 1
+        aux_values: dict = {skey: [] for _, skey in self.aux}
 
         def add(store, key, value):
             old = store.get(key)
@@ -122,6 +134,9 @@ class PipelineProgram:
                 outs = st.forward.jitted(*ins)
                 n = len(st.outputs)
                 micro[m].update(zip(st.outputs, outs[:n]))
+                if s == last:
+                    for akey, skey in self.aux:
+                        aux_values[skey].append(micro[m][akey])
                 saved[(s, m)] = ([ins[p] for p in st.backward_inputs], list(outs[n:]))
                 continue
             kept, residuals = saved.pop((s, m))
@@ -154,10 +169,9 @@ class PipelineProgram:
                     acc.update(params)
         if not losses:  # the loss never met a backward (no differentiated stage)
             losses = [micro[m][act_loss] for m in range(B)]
-        total = losses[0]
-        for value in losses[1:]:
-            total = total + value
-        env[step_loss] = total / B
+        env[step_loss] = _mean(losses)
+        for skey, values in aux_values.items():
+            env[skey] = _mean(values)
         for (s, key), value in sorted(acc.items(), key=lambda kv: kv[0][0]):
             add(env, key, value)
         for key, shape, dtype in self.zero_grads:

@@ -1,0 +1,81 @@
+"""PipeshardParallel with what a jax.jit user expects: has_aux, donation, lower(), saved plans."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import autoshard
+from tests.trees import assert_trees_allclose
+
+OPT = optax.adam(1e-2)
+PIPE = dict(num_microbatches=4, num_stages=2, num_layers=2,
+            stage_method=autoshard.DataParallel())
+
+
+def _classifier(widths=(16, 16, 16, 4), batch=16, seed=0):
+    keys = jax.random.split(jax.random.key(seed), len(widths) + 1)
+    params = [{"w": jax.random.normal(k, (a, b)) / a ** 0.5, "b": jnp.zeros((b,))}
+              for k, a, b in zip(keys, widths[:-1], widths[1:])]
+    data = {"x": jax.random.normal(keys[-2], (batch, widths[0])),
+            "label": jax.random.randint(keys[-1], (batch,), 0, widths[-1])}
+    return params, OPT.init(params), data
+
+
+def _forward(params, batch):
+    x = batch["x"]
+    hidden = []
+    for i, layer in enumerate(params):
+        x = x @ layer["w"] + layer["b"]
+        if i < len(params) - 1:
+            x = jnp.tanh(x)
+            hidden.append(x)
+    logits = jax.nn.log_softmax(x)
+    loss = -jnp.mean(jnp.take_along_axis(logits, batch["label"][:, None], axis=1))
+    accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+    # metrics that are means over the batch, one made in the first layer, and one that does
+    # not depend on the batch
+    aux = {"accuracy": accuracy, "first_activation": jnp.mean(hidden[0] ** 2),
+           "mean_logit": jnp.mean(logits, axis=0),
+           "weight_norm": jnp.sum(params[0]["w"] ** 2)}
+    return loss, aux
+
+
+def step_value_and_grad(params, opt_state, batch):
+    (loss, aux), grads = autoshard.value_and_grad(_forward, has_aux=True)(params, batch)
+    updates, opt_state = OPT.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, aux
+
+
+def step_grad(params, opt_state, batch):
+    grads, aux = autoshard.grad(_forward, has_aux=True)(params, batch)
+    updates, opt_state = OPT.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, aux["accuracy"] * 2.0
+
+
+def _pipelined(fn, **kw):
+    method = autoshard.PipeshardParallel(**{**PIPE, **kw})
+    return autoshard.parallelize(fn, mesh=autoshard.make_mesh((4,), ("data",)), method=method)
+
+
+@pytest.mark.parametrize("fn", [step_value_and_grad, step_grad])
+def test_has_aux_matches_jit(fn):
+    args = _classifier()
+    step = _pipelined(fn)
+    assert_trees_allclose(step(*args), jax.jit(fn)(*args))
+    assert len(step.plan(*args).stages) == 2
+
+
+def test_has_aux_integer_leaf_is_refused_with_microbatches():
+    def fn(params, opt_state, batch):
+        def loss(p, b):
+            value, _ = _forward(p, b)
+            return value, jnp.sum(b["label"])    # a count: not a mean over the batch
+        (value, count), grads = autoshard.value_and_grad(loss, has_aux=True)(params, batch)
+        return grads, count
+
+    args = _classifier()
+    with pytest.raises(ValueError, match="aux leaf 0 has dtype int32.*float mean"):
+        _pipelined(fn).plan(*args)
+    # one micro-batch: aux is computed on the whole batch, exactly as jax does
+    assert_trees_allclose(_pipelined(fn, num_microbatches=1)(*args), jax.jit(fn)(*args))
