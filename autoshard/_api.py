@@ -260,7 +260,8 @@ class ParallelizedFunction:
                     "disjoint device sets, which this runtime does not do. Use "
                     "ShardParallel() or a preset across processes (see the README)")
             from ._pipeline_build import build_pipeline
-            return build_pipeline(entry.pipeline, self._mesh)
+            return build_pipeline(entry.pipeline, self._mesh,
+                                  donated=self._donate_flags(entry.traced))
         plan = entry.plan
         flags = self._donate_flags(entry.traced)
         return shard_program(

@@ -17,16 +17,39 @@ def submesh(mesh: Mesh, positions, shape, axis_names) -> Mesh:
     return Mesh(devices, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape))
 
 
-def _step_program(part: PlannedApply, mesh: Mesh) -> StepProgram:
+def _step_program(part: PlannedApply, mesh: Mesh, donate=()) -> StepProgram:
     plan = part.plan
     program = shard_program(part.program, mesh, plan.flat_in_specs, plan.flat_out_specs,
                             value_specs=dict(plan.value_specs),
-                            operand_specs={(e, k): s for e, k, s in plan.operand_specs})
+                            operand_specs={(e, k): s for e, k, s in plan.operand_specs},
+                            donate_argnums=donate)
     return StepProgram(program, tuple(("v", v) for v in part.inputs),
                        tuple(("v", v) for v in part.outputs))
 
 
-def build_pipeline(layout: PipelineLayout, mesh: Mesh) -> PipelineProgram:
+def _apply_donations(apply, donated_vids, outvars) -> list[tuple[int, ...]]:
+    """Per apply program, the inputs it donates: donated step arguments that no later
+    apply program reads, that are not returned as they are, and that an output of the same
+    shape and dtype can reuse (jax warns about a donation nothing reuses)."""
+    out = []
+    for i, part in enumerate(apply):
+        read_later = {v for later in apply[i + 1:] for v in later.inputs}
+        avals = part.program.avals
+        free = [(avals[v].shape, avals[v].dtype) for v in part.outputs]
+        donate = []
+        for k, v in enumerate(part.inputs):
+            kind = (avals[v].shape, avals[v].dtype)
+            if v in donated_vids and v not in read_later and v not in outvars and kind in free:
+                free.remove(kind)
+                donate.append(k)
+        out.append(tuple(donate))
+    return out
+
+
+def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> PipelineProgram:
+    """``donated``: per outer input, whether it is donated (``donate_argnums``): the apply
+    programs that read them last donate their buffers to the updated values, and the
+    pipeline deletes the donated arrays at the end of the step, as ``jax.jit`` does."""
     split = layout.split
     O = split.traced.program
     F = split.forward.program
@@ -92,8 +115,12 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh) -> PipelineProgram:
     zero = tuple((grad_key[v], tuple(F.avals[v].shape), F.avals[v].dtype)
                  for v in grad_key if v not in produced)
     pre = tuple(_step_program(p, mesh) for p in layout.pre)
-    apply = tuple(_step_program(a, meshes[a.stage] if a.stage >= 0 else mesh)
-                  for a in layout.apply)
+    donated = [False] * len(O.invars) if donated is None else list(donated)
+    donated_vids = {v for v, d in zip(O.invars, donated, strict=True) if d}
+    outvars = {a for a in O.outvars if isinstance(a, int)}
+    apply = tuple(_step_program(a, meshes[a.stage] if a.stage >= 0 else mesh, donate)
+                  for a, donate in zip(layout.apply,
+                                       _apply_donations(layout.apply, donated_vids, outvars)))
     loss = layout.layering.program.outvars[0]
     outputs = tuple(("literal", a.value) if isinstance(a, Literal) else ("v", a)
                     for a in O.outvars)
@@ -103,5 +130,6 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh) -> PipelineProgram:
         constants=tuple(constants), pre=pre, stages=tuple(stages),
         loss=(("act", loss), ("v", geqn.outputs[0])), aux=tuple(aux), zero_grads=zero,
         apply=apply,
-        outputs=outputs, num_microbatches=layout.method.num_microbatches,
+        outputs=outputs, donated=tuple(k for k, d in enumerate(donated) if d),
+        num_microbatches=layout.method.num_microbatches,
         schedule=layout.method.schedule)

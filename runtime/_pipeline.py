@@ -90,6 +90,7 @@ class PipelineProgram:
     num_microbatches: int
     schedule: str
     aux: tuple[tuple[Key, Key], ...] = ()
+    donated: tuple[int, ...] = ()          # positions of donated arguments
 
     def __call__(self, flat_args) -> list:
         B = self.num_microbatches
@@ -178,4 +179,10 @@ class PipelineProgram:
             env.setdefault(key, jax.numpy.zeros(shape, dtype))
         for step in self.apply:
             env.update(zip(step.outputs, step.program([env[k] for k in step.inputs])))
-        return [k[1] if k[0] == "literal" else env[k] for k in self.outputs]
+        results = [k[1] if k[0] == "literal" else env[k] for k in self.outputs]
+        returned = {id(r) for r in results}
+        for k in self.donated:  # as jax.jit: a donated array is unusable after the call
+            arg = flat_args[k]
+            if isinstance(arg, jax.Array) and not arg.is_deleted() and id(arg) not in returned:
+                arg.delete()
+        return results

@@ -79,3 +79,21 @@ def test_has_aux_integer_leaf_is_refused_with_microbatches():
         _pipelined(fn).plan(*args)
     # one micro-batch: aux is computed on the whole batch, exactly as jax does
     assert_trees_allclose(_pipelined(fn, num_microbatches=1)(*args), jax.jit(fn)(*args))
+
+
+def test_donated_params_and_optimizer_state():
+    args = _classifier()
+    expected = jax.jit(step_value_and_grad)(*args)
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731
+    step = autoshard.parallelize(step_value_and_grad, mesh=autoshard.make_mesh((4,), ("data",)),
+                                 method=autoshard.PipeshardParallel(**PIPE),
+                                 donate_argnums=(0, 1))
+    params, opt_state, batch = copy(args)
+    out = step(params, opt_state, batch)
+    assert_trees_allclose(out, expected)
+    assert all(x.is_deleted() for x in jax.tree.leaves((params, opt_state)))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(batch))
+    # a training loop feeds the outputs back in
+    again = step(out[0], out[1], batch)
+    assert all(x.is_deleted() for x in jax.tree.leaves(out[:2]))
+    assert_trees_allclose(again, jax.jit(step_value_and_grad)(*expected[:2], args[2]))
