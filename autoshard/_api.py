@@ -286,11 +286,20 @@ class ParallelizedFunction:
         return self._compiled(args, need_program=False).plan
 
     def lower(self, *args):
-        """The ``jax.stages.Lowered`` of the planned program for these arguments."""
+        """The ``jax.stages.Lowered`` of the planned program for these arguments.
+
+        A pipeline (:class:`PipeshardParallel`) runs several programs, so it lowers to a
+        :class:`~autoshard.runtime.PipelineLowered`: one ``Lowered`` per program by name
+        (``"pre-gradient"``, ``"stage 0 forward"``, ``"stage 0 backward"``, …, ``"apply on
+        stage 0"`` or ``"apply on the mesh"``), each for its sub-mesh and, for the stages,
+        one micro-batch; ``.compile()`` gives their ``Compiled`` objects with
+        ``cost_analysis()`` / ``memory_analysis()`` as dicts by name, and ``as_text()``
+        all programs under headers. (When the planner kept plain intra-op parallelism,
+        one program, this is a plain ``Lowered``, as for :class:`ShardParallel`.)
+        """
         entry = self._compiled(args, need_program=True)
         if entry.pipeline is not None:
-            raise NotImplementedError("lower() is not available for PipeshardParallel: a "
-                                      "pipeline is several programs, one per stage")
+            return entry.program.lower()
         avals = [entry.traced.program.avals[v] for v in entry.traced.program.invars]
         return entry.program.lower(avals)
 

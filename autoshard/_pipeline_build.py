@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
-from ._pipeline_layout import PipelineLayout, PlannedApply
+from ._pipeline_layout import PipelineLayout, PlannedApply, apply_name
 from ._stage_program import split_programs
 from .runtime import Literal, PipelineProgram, PipelineStage, StepProgram, shard_program
 
@@ -17,14 +17,14 @@ def submesh(mesh: Mesh, positions, shape, axis_names) -> Mesh:
     return Mesh(devices, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape))
 
 
-def _step_program(part: PlannedApply, mesh: Mesh, donate=()) -> StepProgram:
+def _step_program(part: PlannedApply, mesh: Mesh, name: str, donate=()) -> StepProgram:
     plan = part.plan
     program = shard_program(part.program, mesh, plan.flat_in_specs, plan.flat_out_specs,
                             value_specs=dict(plan.value_specs),
                             operand_specs={(e, k): s for e, k, s in plan.operand_specs},
                             donate_argnums=donate)
     return StepProgram(program, tuple(("v", v) for v in part.inputs),
-                       tuple(("v", v) for v in part.outputs))
+                       tuple(("v", v) for v in part.outputs), name)
 
 
 def _apply_donations(apply, donated_vids, outvars) -> list[tuple[int, ...]]:
@@ -114,11 +114,12 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
             tuple(targets)))
     zero = tuple((grad_key[v], tuple(F.avals[v].shape), F.avals[v].dtype)
                  for v in grad_key if v not in produced)
-    pre = tuple(_step_program(p, mesh) for p in layout.pre)
+    pre = tuple(_step_program(p, mesh, "pre-gradient") for p in layout.pre)
     donated = [False] * len(O.invars) if donated is None else list(donated)
     donated_vids = {v for v, d in zip(O.invars, donated, strict=True) if d}
     outvars = {a for a in O.outvars if isinstance(a, int)}
-    apply = tuple(_step_program(a, meshes[a.stage] if a.stage >= 0 else mesh, donate)
+    apply = tuple(_step_program(a, meshes[a.stage] if a.stage >= 0 else mesh,
+                                apply_name(a.stage), donate)
                   for a, donate in zip(layout.apply,
                                        _apply_donations(layout.apply, donated_vids, outvars)))
     loss = layout.layering.program.outvars[0]

@@ -8,7 +8,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from . import ilp
-from ._pipeline_layout import PipelineLayout
+from ._pipeline_layout import PipelineLayout, apply_name
 from ._plan import Plan, PlanCost, SolverInfo, StageAssignment, StageCost
 from ._planner import fingerprint
 
@@ -75,8 +75,7 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
     plans = [st.plan for st in layout.stages] + [a.plan for a in layout.pre + layout.apply]
     names = [f"stage {s}" for s in range(S)] + \
         ["pre-gradient" for _ in layout.pre] + \
-        [f"apply on {'stage ' + str(a.stage) if a.stage >= 0 else 'the mesh'}"
-         for a in layout.apply]
+        [apply_name(a.stage) for a in layout.apply]
     collectives = tuple(dataclasses.replace(c, op=f"{n}: {c.op}")
                         for n, p in zip(names, plans) for c in p.collectives)
     top_ops = tuple(sorted((dataclasses.replace(o, op=f"{n}: {o.op}")

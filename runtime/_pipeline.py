@@ -68,6 +68,7 @@ class StepProgram:
     program: ShardedProgram
     inputs: tuple[Key, ...]
     outputs: tuple[Key, ...]
+    name: str = "step program"   # "pre-gradient", "apply on stage 0", "apply on the mesh"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -186,3 +187,86 @@ class PipelineProgram:
             if isinstance(arg, jax.Array) and not arg.is_deleted() and id(arg) not in returned:
                 arg.delete()
         return results
+
+    def programs(self) -> list[tuple[str, ShardedProgram, int]]:
+        """``(name, program, runs per step)`` of every program the step runs, in order."""
+        B = self.num_microbatches
+        out = [(p.name, p.program, 1) for p in self.pre]
+        for s, st in enumerate(self.stages):
+            out += [(f"stage {s} forward", st.forward, B), (f"stage {s} backward", st.backward, B)]
+        return out + [(p.name, p.program, 1) for p in self.apply]
+
+    def lower(self) -> "PipelineLowered":
+        """Every program lowered for its sub-mesh and shapes (see :class:`PipelineLowered`)."""
+        return PipelineLowered(tuple((name, prog.lower(), n)
+                                     for name, prog, n in self.programs()),
+                               self.num_microbatches, self.schedule)
+
+
+class _Programs:
+    """Name-keyed access shared by :class:`PipelineLowered` and :class:`PipelineCompiled`."""
+
+    def __init__(self, items, num_microbatches: int, schedule: str):
+        self._items = tuple(items)
+        self.num_microbatches = num_microbatches
+        self.schedule = schedule
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _, _ in self._items)
+
+    @property
+    def runs_per_step(self) -> dict[str, int]:
+        """How many times each program runs in one step (stages: once per micro-batch)."""
+        return {name: n for name, _, n in self._items}
+
+    def __getitem__(self, name: str):
+        for n, value, _ in self._items:
+            if n == name:
+                return value
+        raise KeyError(f"no program named {name!r}; the pipeline's programs are "
+                       f"{list(self.names)}")
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self._items)
+
+    def items(self):
+        return [(name, value) for name, value, _ in self._items]
+
+    def as_text(self) -> str:
+        """Every program's text, each under a ``// ----- name (runs N× per step)`` header."""
+        return "\n".join(f"// ----- {name} (runs {n}x per step)\n{value.as_text()}"
+                         for name, value, n in self._items)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({len(self)} programs, {self.num_microbatches} "
+                f"micro-batches, schedule {self.schedule}: {', '.join(self.names)})")
+
+
+class PipelineLowered(_Programs):
+    """``lower()`` of a pipelined step: one ``jax.stages.Lowered`` per program it runs
+    (pre-gradient, each stage's forward and backward for one micro-batch on its sub-mesh,
+    the apply-gradient programs), by name: ``lowered["stage 0 forward"]``,
+    ``lowered.names``, ``lowered.runs_per_step``, ``lowered.as_text()``,
+    ``lowered.compile()``."""
+
+    def compile(self) -> "PipelineCompiled":
+        return PipelineCompiled(tuple((name, value.compile(), n)
+                                      for name, value, n in self._items),
+                                self.num_microbatches, self.schedule)
+
+
+class PipelineCompiled(_Programs):
+    """The compiled programs of a pipelined step, by name (``jax.stages.Compiled`` each).
+    ``cost_analysis()`` / ``memory_analysis()`` give a dict name → that program's
+    analysis; a stage's figures are for one micro-batch (``runs_per_step`` says how often
+    each program runs)."""
+
+    def cost_analysis(self) -> dict:
+        return {name: value.cost_analysis() for name, value, _ in self._items}
+
+    def memory_analysis(self) -> dict:
+        return {name: value.memory_analysis() for name, value, _ in self._items}

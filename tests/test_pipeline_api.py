@@ -97,3 +97,31 @@ def test_donated_params_and_optimizer_state():
     again = step(out[0], out[1], batch)
     assert all(x.is_deleted() for x in jax.tree.leaves(out[:2]))
     assert_trees_allclose(again, jax.jit(step_value_and_grad)(*expected[:2], args[2]))
+
+
+def test_lower_gives_every_program_of_the_pipeline():
+    args = _classifier()
+    step = autoshard.parallelize(step_value_and_grad, mesh=autoshard.make_mesh((4,), ("data",)),
+                                 method=autoshard.PipeshardParallel(**PIPE),
+                                 donate_argnums=(0, 1))
+    lowered = step.lower(*args)
+    assert isinstance(lowered, autoshard.runtime.PipelineLowered)
+    assert lowered.names == ("stage 0 forward", "stage 0 backward", "stage 1 forward",
+                             "stage 1 backward", "apply on stage 0", "apply on stage 1")
+    assert lowered.runs_per_step["stage 1 backward"] == 4
+    assert lowered.runs_per_step["apply on stage 0"] == 1
+    assert "// ----- stage 0 forward (runs 4x per step)" in lowered.as_text()
+    # the updates reuse the donated parameters' buffers
+    assert "tf.aliasing_output" in lowered["apply on stage 1"].as_text()
+    compiled = lowered.compile()
+    memory = compiled.memory_analysis()
+    assert set(memory) == set(lowered.names)
+    assert all(m.argument_size_in_bytes > 0 for m in memory.values())
+    flops = compiled.cost_analysis()
+    assert flops["stage 0 backward"]["flops"] > flops["stage 0 forward"]["flops"] > 0
+    assert "HloModule" in compiled["stage 1 forward"].as_text()
+    with pytest.raises(KeyError, match="the pipeline's programs are"):
+        lowered["stage 2 forward"]
+    # lowering touches nothing: the arguments are still there, and the step still runs
+    assert_trees_allclose(step(*jax.tree.map(jnp.array, args)),
+                          jax.jit(step_value_and_grad)(*args))
