@@ -125,3 +125,46 @@ def test_lower_gives_every_program_of_the_pipeline():
     # lowering touches nothing: the arguments are still there, and the step still runs
     assert_trees_allclose(step(*jax.tree.map(jnp.array, args)),
                           jax.jit(step_value_and_grad)(*args))
+
+
+def _no_solving(monkeypatch):
+    import autoshard._api as api
+    import autoshard._pipeline_apply as apply
+    import autoshard._pipeline_planner as planner
+
+    def fail(*a, **k):
+        raise AssertionError("a saved plan must not be planned or solved again")
+    for module, name in [(api, "plan_traced"), (apply, "plan_traced"), (planner, "plan_traced"),
+                         (planner.ilp, "solve_stages")]:
+        monkeypatch.setattr(module, name, fail)
+
+
+def test_saved_pipeline_plan_runs_without_solving(monkeypatch):
+    args = _classifier()
+    mesh = autoshard.make_mesh((4,), ("data",))
+    method = autoshard.PipeshardParallel(**PIPE)
+    planned = autoshard.parallelize(step_value_and_grad, mesh=mesh, method=method)
+    saved = autoshard.Plan.from_json(planned.plan(*args).to_json())
+    assert [p.name for p in saved.programs] == ["stage 0", "stage 1", "apply on stage 0",
+                                                "apply on stage 1"]
+    _no_solving(monkeypatch)
+    step = autoshard.parallelize(step_value_and_grad, mesh=mesh, plan=saved,
+                                 donate_argnums=(0, 1))
+    assert step.plan(*args) is saved
+    assert_trees_allclose(step(*jax.tree.map(jnp.array, args)),
+                          jax.jit(step_value_and_grad)(*args))
+    # the same method may be named again; another one is refused
+    autoshard.parallelize(step_value_and_grad, mesh=mesh, plan=saved, method=method)
+    with pytest.raises(ValueError, match="method mismatch"):
+        autoshard.parallelize(step_value_and_grad, mesh=mesh, plan=saved,
+                              method=autoshard.PipeshardParallel(**{**PIPE,
+                                                                    "num_microbatches": 2}))
+    with pytest.raises(ValueError, match="mesh shape mismatch"):
+        autoshard.parallelize(step_value_and_grad, plan=saved,
+                              mesh=autoshard.make_mesh((2, 2), ("data", "model")))
+    with pytest.raises(ValueError, match="fingerprint mismatch"):
+        autoshard.parallelize(step_grad, mesh=mesh, plan=saved).plan(*args)
+    other_devices = jax.sharding.Mesh(np.array(jax.devices()[4:8]), ("data",),
+                                      axis_types=(jax.sharding.AxisType.Auto,))
+    with pytest.raises(ValueError, match=r"no device\(s\) \[0, 1\].*another mesh"):
+        autoshard.parallelize(step_value_and_grad, mesh=other_devices, plan=saved).plan(*args)
