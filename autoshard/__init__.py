@@ -17,6 +17,7 @@ from ._multihost import PlanMismatchError as PlanMismatchError
 from ._multihost import plan_digest as plan_digest
 from ._plan import Plan as Plan
 from ._plan import PlanCost as PlanCost
+from ._plan import ProgramSpecs as ProgramSpecs
 from ._plan import StageAssignment as StageAssignment
 from ._plan import StageCost as StageCost
 from ._planner import InfeasiblePlanError as InfeasiblePlanError

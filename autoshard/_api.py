@@ -10,7 +10,8 @@ import jax
 import numpy as np
 
 from ._mesh import default_cluster, make_mesh, mesh_axes
-from ._methods import DataParallel, Megatron, PipeshardParallel, ShardParallel, ZeRO3
+from ._methods import (DataParallel, Megatron, PipeshardParallel, ShardParallel, ZeRO3,
+                       method_from_repr)
 from ._multihost import check_same_plan
 from ._plan import Plan
 from ._planner import InfeasiblePlanError, fingerprint, plan_traced
@@ -79,10 +80,14 @@ class ParallelizedFunction:
             _check_fixed_plan(plan, self._mesh_shape, self._axis_names,
                               method if method_given else None)
             if plan.method.startswith("PipeshardParallel"):
-                raise NotImplementedError(
-                    "running a saved PipeshardParallel plan (parallelize(plan=...)) is not "
-                    "supported yet: pass method=autoshard.PipeshardParallel(...) without plan "
-                    "and the pipeline is planned again")
+                # the pipeline's micro-batches, schedule and layering come from the plan
+                saved = method_from_repr(plan.method)
+                if method_given and method != saved:
+                    raise ValueError(
+                        f"the plan passed to parallelize(plan=...) was made with method "
+                        f"{plan.method}, but method={method!r} was given: method mismatch "
+                        f"(leave method out to reuse the plan as it is)")
+                self._method = saved
         self._fixed_plan = plan
         self._cache: dict = {}
         functools.update_wrapper(self, fun)
@@ -157,15 +162,21 @@ class ParallelizedFunction:
         from ._pipeline_plan import whole_mesh_stage
         from ._pipeline_planner import plan_pipeline
         from ._pipeline_trace import flat_paths
-        if self._fixed_plan is not None:
-            raise NotImplementedError(
-                "running a saved PipeshardParallel plan (parallelize(plan=...)) is not "
-                "supported yet: leave plan out and the pipeline is planned again")
         _, paths, _ = flat_paths(args, self._static_argnums)
         flags = self._batch_flags_from_paths(paths, len(args))
         devices = None
         if isinstance(self._mesh, jax.sharding.Mesh):
             devices = [d.id for d in np.asarray(self._mesh.devices).reshape(-1)]
+        if self._fixed_plan is not None:  # a saved plan: rebuild it, solve nothing
+            from ._pipeline_reuse import is_plain_pipeline_plan, reuse_pipeline
+            if is_plain_pipeline_plan(self._fixed_plan):  # it kept plain intra-op
+                traced = trace(self._fun, args, self._static_argnums)
+                return _Compiled(traced, self._reuse_plan(traced, statics), None)
+            layout = reuse_pipeline(self._fun, args, self._fixed_plan,
+                                    static_argnums=self._static_argnums, batch_flags=flags,
+                                    method=self._method, static_repr=statics,
+                                    device_ids=devices)
+            return _Compiled(layout.split.traced, self._fixed_plan, None, pipeline=layout)
         plan, layout = plan_pipeline(
             self._fun, args, static_argnums=self._static_argnums, batch_flags=flags,
             mesh_shape=self._mesh_shape, axis_names=self._axis_names, cluster=self._cluster,
@@ -260,7 +271,8 @@ class ParallelizedFunction:
                     "disjoint device sets, which this runtime does not do. Use "
                     "ShardParallel() or a preset across processes (see the README)")
             from ._pipeline_build import build_pipeline
-            return build_pipeline(entry.pipeline, self._mesh)
+            return build_pipeline(entry.pipeline, self._mesh,
+                                  donated=self._donate_flags(entry.traced))
         plan = entry.plan
         flags = self._donate_flags(entry.traced)
         return shard_program(
@@ -285,11 +297,20 @@ class ParallelizedFunction:
         return self._compiled(args, need_program=False).plan
 
     def lower(self, *args):
-        """The ``jax.stages.Lowered`` of the planned program for these arguments."""
+        """The ``jax.stages.Lowered`` of the planned program for these arguments.
+
+        A pipeline (:class:`PipeshardParallel`) runs several programs, so it lowers to a
+        :class:`~autoshard.runtime.PipelineLowered`: one ``Lowered`` per program by name
+        (``"pre-gradient"``, ``"stage 0 forward"``, ``"stage 0 backward"``, …, ``"apply on
+        stage 0"`` or ``"apply on the mesh"``), each for its sub-mesh and, for the stages,
+        one micro-batch; ``.compile()`` gives their ``Compiled`` objects with
+        ``cost_analysis()`` / ``memory_analysis()`` as dicts by name, and ``as_text()``
+        all programs under headers. (When the planner kept plain intra-op parallelism,
+        one program, this is a plain ``Lowered``, as for :class:`ShardParallel`.)
+        """
         entry = self._compiled(args, need_program=True)
         if entry.pipeline is not None:
-            raise NotImplementedError("lower() is not available for PipeshardParallel: a "
-                                      "pipeline is several programs, one per stage")
+            return entry.program.lower()
         avals = [entry.traced.program.avals[v] for v in entry.traced.program.invars]
         return entry.program.lower(avals)
 

@@ -36,9 +36,9 @@ def pipeline_tracing():
 
 
 def _grad_abstract_eval(*avals, jaxpr, num_consts, diff):
-    out = jaxpr.outvars[0].aval
+    outs = [v.aval for v in jaxpr.outvars]   # the loss, then the aux leaves (has_aux)
     grads = [v.aval for v, d in zip(jaxpr.invars, diff) if d]
-    return [out] + grads
+    return outs + grads
 
 
 grad_p = jcore.Primitive(GRAD_PRIMITIVE)
@@ -67,17 +67,21 @@ def value_and_grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False)
     afterwards (the optimizer update) is the apply-gradient part, run once per step;
     ``fun`` (the loss) is split into pipeline stages and run per micro-batch. The loss must
     be a mean over the batch (micro-batch gradients are averaged).
+
+    ``has_aux=True``: ``fun`` returns ``(loss, aux)`` and the result is ``((loss, aux),
+    grads)`` as in jax. Under a pipeline, ``aux`` is computed per micro-batch and every aux
+    leaf is *averaged over the micro-batches*, like the loss: that equals jax's value on the
+    whole batch for metrics that are means over the batch (accuracy, a mean of per-sample
+    terms) and for values that do not depend on the batch (a parameter norm), up to float
+    rounding. Anything else (a sum or count over the batch, per-sample predictions, a
+    maximum) would come back wrong, so return per-batch means instead. Integer or boolean
+    aux leaves cannot be averaged exactly and are refused when ``num_microbatches > 1``.
     """
     nums, single = _normalize(argnums)
 
     def wrapped(*args, **kwargs):
         if not _tracing.get():
             return jax.value_and_grad(fun, argnums, has_aux=has_aux)(*args, **kwargs)
-        if has_aux:
-            raise NotImplementedError(
-                "autoshard.value_and_grad(has_aux=True) is not supported by "
-                "PipeshardParallel yet: return the auxiliary values from a separate call, "
-                "or use method=autoshard.ShardParallel()")
         for a in nums:
             if a >= len(args):
                 raise TypeError(f"argnums {a} but the function got {len(args)} positional "
@@ -94,37 +98,54 @@ def value_and_grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False)
                                     f"(argument {a}), got a leaf of dtype {dtype}")
                 diff[k] = True
 
+        aux_tree = []
+
         def flat_fun(*flat):
             out = fun(*jax.tree_util.tree_unflatten(tree, flat), **kwargs)
+            aux_leaves = []
+            if has_aux:
+                if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                    raise TypeError("autoshard.grad(has_aux=True): the function must return "
+                                    f"a pair (loss, aux), got {type(out).__name__}")
+                out, aux = out
+                aux_leaves, treedef = jax.tree_util.tree_flatten(aux)
+                aux_tree.append(treedef)
             if np.shape(out) != ():
                 raise TypeError(f"autoshard.grad: the function must return a scalar loss, "
                                 f"got shape {np.shape(out)}")
-            return [out]
+            return [out, *aux_leaves]
 
         structs = [jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)) for x in leaves]
         closed = jax.make_jaxpr(flat_fun)(*structs)
         outs = grad_p.bind(*closed.consts, *leaves, jaxpr=closed.jaxpr,
                            num_consts=len(closed.consts),
                            diff=(False,) * len(closed.consts) + tuple(diff))
-        loss, grads = outs[0], iter(outs[1:])
+        num_aux = len(closed.jaxpr.outvars) - 1
+        loss, grads = outs[0], iter(outs[1 + num_aux:])
         per_arg = []
         for a in nums:
             subtree = jax.tree_util.tree_structure(args[a])
             per_arg.append(jax.tree_util.tree_unflatten(
                 subtree, [next(grads) for _ in range(counts[a])]))
-        return loss, (per_arg[0] if single else tuple(per_arg))
+        grads_out = per_arg[0] if single else tuple(per_arg)
+        if has_aux:
+            aux = jax.tree_util.tree_unflatten(aux_tree[0], outs[1:1 + num_aux])
+            return (loss, aux), grads_out
+        return loss, grads_out
 
     return wrapped
 
 
 def grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False):
-    """Drop-in ``jax.grad`` marking the end of the backward pass (see :func:`value_and_grad`)."""
+    """Drop-in ``jax.grad`` marking the end of the backward pass (see :func:`value_and_grad`;
+    with ``has_aux=True`` it returns ``(grads, aux)``, aux averaged over micro-batches)."""
     vg = value_and_grad(fun, argnums, has_aux)
 
     def wrapped(*args, **kwargs):
         if not _tracing.get():
             return jax.grad(fun, argnums, has_aux=has_aux)(*args, **kwargs)
-        return vg(*args, **kwargs)[1]
+        value, grads = vg(*args, **kwargs)
+        return (grads, value[1]) if has_aux else grads
 
     return wrapped
 

@@ -152,3 +152,25 @@ class PipeshardParallel:
 
 Method = ShardParallel | DataParallel | ZeRO3 | Megatron | PipeshardParallel
 PRESETS: tuple[type, ...] = (DataParallel, ZeRO3, Megatron)
+
+
+def method_from_repr(text: str) -> Method:
+    """The method a plan records (``Plan.method``, its ``repr``) rebuilt, without ``eval``:
+    only calls of autoshard's method classes with literal keyword arguments are read."""
+    import ast
+    classes = {c.__name__: c for c in (ShardParallel, DataParallel, ZeRO3, Megatron,
+                                       PipeshardParallel)}
+
+    def build(node):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in classes and not node.args:
+            return classes[node.func.id](**{k.arg: build(k.value) for k in node.keywords})
+        return ast.literal_eval(node)
+
+    try:
+        method = build(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError) as err:
+        raise ValueError(f"cannot read the plan's method {text!r}: {err}") from None
+    if not isinstance(method, tuple(classes.values())):
+        raise ValueError(f"the plan's method {text!r} is not an autoshard method")
+    return method

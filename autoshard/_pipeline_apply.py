@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-from ._pipeline_layout import PlannedApply
+from ._pipeline_layout import PlannedApply, apply_name
 from ._pipeline_trace import SplitStep
 from ._planner import plan_traced
 from ._trace import TracedFunction
@@ -50,7 +50,10 @@ def _subprogram(O: Program, eqns, wanted_outputs) -> Program:
 
 
 def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, cluster,
-                     method):
+                     method, plan_part=None):
+    """(pre-gradient parts, apply parts) as :class:`PlannedApply`. Each part is planned
+    with ``method.stage_method``, or by ``plan_part(name, program)`` when given (a saved
+    plan's shardings; called in order: the pre-gradient part, then the apply parts)."""
     traced = split.traced
     O = traced.program
     geqn = O.eqns[split.grad_eqn]
@@ -61,13 +64,17 @@ def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, 
             out_path.setdefault(a, p)
     outvars = {a for a in O.outvars if isinstance(a, int)}
 
-    def planned(stage, eqns, outputs, mesh):
+    def planned(stage, eqns, outputs, mesh, name=None):
         prog = _subprogram(O, eqns, outputs)
         sub = _sub_traced(prog, [traced.sources[e] for e in eqns],
                           [in_path.get(v, f"value{v}") for v in prog.invars],
                           [out_path.get(v, f"value{v}") for v in prog.outvars])
-        plan = plan_traced(sub, mesh_shape=mesh, axis_names=axis_names, cluster=cluster,
-                           method=method.stage_method, batch_flat=[False] * len(prog.invars))
+        if plan_part is not None:
+            plan = plan_part(name or apply_name(stage), prog)
+        else:
+            plan = plan_traced(sub, mesh_shape=mesh, axis_names=axis_names, cluster=cluster,
+                               method=method.stage_method,
+                               batch_flat=[False] * len(prog.invars))
         return PlannedApply(stage, prog, plan, prog.invars, tuple(outputs))
 
     pre = ()
@@ -75,14 +82,15 @@ def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, 
         read_later = {a for e in split.post for a in O.eqns[e].inputs if isinstance(a, int)}
         read_later |= {a for a in geqn.inputs if isinstance(a, int)} | outvars
         outs = [v for e in split.pre for v in O.eqns[e].outputs if v in read_later]
-        pre = (planned(-1, list(split.pre), outs, mesh_shape),)
+        pre = (planned(-1, list(split.pre), outs, mesh_shape, "pre-gradient"),)
 
     # label the post equations with the stage owning their gradients
     owner = _owners(split, stages)
     last = len(stages) - 1
-    label: dict[int, int] = {geqn.outputs[0]: last}
+    n_val = 1 + split.num_aux   # the loss and the aux leaves come from the last stage
+    label: dict[int, int] = {v: last for v in geqn.outputs[:n_val]}
     diff_idx = [k for k, d in enumerate(split.diff) if d]
-    for g_out, k in zip(geqn.outputs[1:], diff_idx):
+    for g_out, k in zip(geqn.outputs[n_val:], diff_idx, strict=True):
         label[g_out] = owner.get(k, 0)
     eqn_label: dict[int, int | None] = {}
     conflict = False

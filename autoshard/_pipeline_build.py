@@ -2,10 +2,11 @@
 :class:`~autoshard.runtime.PipelineProgram` (sub-meshes, sharded stage programs, keys)."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
-from ._pipeline_layout import PipelineLayout, PlannedApply
+from ._pipeline_layout import PipelineLayout, PlannedApply, apply_name
 from ._stage_program import split_programs
 from .runtime import Literal, PipelineProgram, PipelineStage, StepProgram, shard_program
 
@@ -16,16 +17,39 @@ def submesh(mesh: Mesh, positions, shape, axis_names) -> Mesh:
     return Mesh(devices, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape))
 
 
-def _step_program(part: PlannedApply, mesh: Mesh) -> StepProgram:
+def _step_program(part: PlannedApply, mesh: Mesh, name: str, donate=()) -> StepProgram:
     plan = part.plan
     program = shard_program(part.program, mesh, plan.flat_in_specs, plan.flat_out_specs,
                             value_specs=dict(plan.value_specs),
-                            operand_specs={(e, k): s for e, k, s in plan.operand_specs})
+                            operand_specs={(e, k): s for e, k, s in plan.operand_specs},
+                            donate_argnums=donate)
     return StepProgram(program, tuple(("v", v) for v in part.inputs),
-                       tuple(("v", v) for v in part.outputs))
+                       tuple(("v", v) for v in part.outputs), name)
 
 
-def build_pipeline(layout: PipelineLayout, mesh: Mesh) -> PipelineProgram:
+def _apply_donations(apply, donated_vids, outvars) -> list[tuple[int, ...]]:
+    """Per apply program, the inputs it donates: donated step arguments that no later
+    apply program reads, that are not returned as they are, and that an output of the same
+    shape and dtype can reuse (jax warns about a donation nothing reuses)."""
+    out = []
+    for i, part in enumerate(apply):
+        read_later = {v for later in apply[i + 1:] for v in later.inputs}
+        avals = part.program.avals
+        free = [(avals[v].shape, avals[v].dtype) for v in part.outputs]
+        donate = []
+        for k, v in enumerate(part.inputs):
+            kind = (avals[v].shape, avals[v].dtype)
+            if v in donated_vids and v not in read_later and v not in outvars and kind in free:
+                free.remove(kind)
+                donate.append(k)
+        out.append(tuple(donate))
+    return out
+
+
+def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> PipelineProgram:
+    """``donated``: per outer input, whether it is donated (``donate_argnums``): the apply
+    programs that read them last donate their buffers to the updated values, and the
+    pipeline deletes the donated arrays at the end of the step, as ``jax.jit`` does."""
     split = layout.split
     O = split.traced.program
     F = split.forward.program
@@ -43,7 +67,15 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh) -> PipelineProgram:
         else:
             fkey[v] = ("v", atom)
     diff_idx = [k for k, d in enumerate(split.diff) if d]
-    grad_key = {F.invars[k]: ("v", g) for k, g in zip(diff_idx, geqn.outputs[1:])}
+    n_val = 1 + split.num_aux
+    grad_key = {F.invars[k]: ("v", g)
+                for k, g in zip(diff_idx, geqn.outputs[n_val:], strict=True)}
+    aux = []  # (the last stage's activation key, the step key it is averaged into)
+    for atom, out in zip(F.outvars[1:], geqn.outputs[1:n_val], strict=True):
+        if isinstance(atom, Literal):
+            constants.append((("v", out), jnp.asarray(atom.value, O.avals[out].dtype)))
+        else:
+            aux.append((("act", atom), ("v", out)))
     key = lambda v: fkey.get(v, ("act", v))  # noqa: E731
 
     stages = []
@@ -82,9 +114,14 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh) -> PipelineProgram:
             tuple(targets)))
     zero = tuple((grad_key[v], tuple(F.avals[v].shape), F.avals[v].dtype)
                  for v in grad_key if v not in produced)
-    pre = tuple(_step_program(p, mesh) for p in layout.pre)
-    apply = tuple(_step_program(a, meshes[a.stage] if a.stage >= 0 else mesh)
-                  for a in layout.apply)
+    pre = tuple(_step_program(p, mesh, "pre-gradient") for p in layout.pre)
+    donated = [False] * len(O.invars) if donated is None else list(donated)
+    donated_vids = {v for v, d in zip(O.invars, donated, strict=True) if d}
+    outvars = {a for a in O.outvars if isinstance(a, int)}
+    apply = tuple(_step_program(a, meshes[a.stage] if a.stage >= 0 else mesh,
+                                apply_name(a.stage), donate)
+                  for a, donate in zip(layout.apply,
+                                       _apply_donations(layout.apply, donated_vids, outvars)))
     loss = layout.layering.program.outvars[0]
     outputs = tuple(("literal", a.value) if isinstance(a, Literal) else ("v", a)
                     for a in O.outvars)
@@ -92,6 +129,8 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh) -> PipelineProgram:
         invars=tuple(("v", v) for v in O.invars),
         batch=tuple((("v", v), ("mb", v)) for v in O.invars if v in split.batch_vids),
         constants=tuple(constants), pre=pre, stages=tuple(stages),
-        loss=(("act", loss), ("v", geqn.outputs[0])), zero_grads=zero, apply=apply,
-        outputs=outputs, num_microbatches=layout.method.num_microbatches,
+        loss=(("act", loss), ("v", geqn.outputs[0])), aux=tuple(aux), zero_grads=zero,
+        apply=apply,
+        outputs=outputs, donated=tuple(k for k, d in enumerate(donated) if d),
+        num_microbatches=layout.method.num_microbatches,
         schedule=layout.method.schedule)

@@ -45,3 +45,8 @@ class PipelineLayout:
     method: PipeshardParallel
     axis_names: tuple[str, ...]
     mesh_shape: tuple[int, ...]
+
+
+def apply_name(stage: int) -> str:
+    """How plans and lowered pipelines name the apply-gradient program of ``stage``."""
+    return f"apply on {'stage ' + str(stage) if stage >= 0 else 'the mesh'}"

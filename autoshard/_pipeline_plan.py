@@ -8,8 +8,8 @@ import jax
 from jax.sharding import PartitionSpec
 
 from . import ilp
-from ._pipeline_layout import PipelineLayout
-from ._plan import Plan, PlanCost, SolverInfo, StageAssignment, StageCost
+from ._pipeline_layout import PipelineLayout, apply_name
+from ._plan import Plan, PlanCost, ProgramSpecs, SolverInfo, StageAssignment, StageCost
 from ._planner import fingerprint
 
 
@@ -75,8 +75,7 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
     plans = [st.plan for st in layout.stages] + [a.plan for a in layout.pre + layout.apply]
     names = [f"stage {s}" for s in range(S)] + \
         ["pre-gradient" for _ in layout.pre] + \
-        [f"apply on {'stage ' + str(a.stage) if a.stage >= 0 else 'the mesh'}"
-         for a in layout.apply]
+        [apply_name(a.stage) for a in layout.apply]
     collectives = tuple(dataclasses.replace(c, op=f"{n}: {c.op}")
                         for n, p in zip(names, plans) for c in p.collectives)
     top_ops = tuple(sorted((dataclasses.replace(o, op=f"{n}: {o.op}")
@@ -100,7 +99,10 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
                 fingerprint=fingerprint(traced, static_repr, argument_avals=split.full_avals),
                 in_paths=traced.in_paths, out_paths=traced.out_paths, flat_in_specs=flat_in,
                 flat_out_specs=flat_out, collectives=collectives, top_ops=top_ops,
-                warnings=warnings, stages=tuple(records))
+                warnings=warnings, stages=tuple(records),
+                programs=tuple(ProgramSpecs(n, p.flat_in_specs, p.flat_out_specs,
+                                            p.value_specs, p.operand_specs)
+                               for n, p in zip(names, plans)))
 
 
 def whole_mesh_stage(cost: PlanCost, num_layers: int, mesh_shape, device_ids, schedule

@@ -31,6 +31,7 @@ class SplitStep:
     diff: tuple[bool, ...]            # per forward input: differentiated
     batch: tuple[bool, ...]           # per forward input: a batch argument
     full_avals: tuple                 # outer inputs at full batch size
+    num_aux: int = 0                  # has_aux: forward outputs after the loss (aux leaves)
 
 
 def flat_paths(args, static_argnums) -> tuple[list, list[str], object]:
@@ -115,7 +116,18 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
         if diff[k] and batch[k]:
             _fail("PipeshardParallel cannot differentiate with respect to a batch argument; "
                   "differentiate with respect to the parameters only")
-    forward = flatten_open_jaxpr(geqn.params["jaxpr"], tuple(f"loss_input[{k}]"
-                                                              for k in range(n)), ("loss",))
+    jaxpr = geqn.params["jaxpr"]
+    num_aux = len(jaxpr.outvars) - 1
+    if B > 1:
+        for k, var in enumerate(jaxpr.outvars[1:]):
+            dtype = np.dtype(var.aval.dtype)
+            if not np.issubdtype(dtype, np.inexact):
+                _fail(f"autoshard.value_and_grad(has_aux=True) in {name}: aux leaf {k} has "
+                      f"dtype {dtype}. PipeshardParallel averages aux values over the "
+                      f"{B} micro-batches, which an integer or boolean cannot hold exactly; "
+                      f"return a float mean over the batch instead (e.g. "
+                      f"jnp.mean(correct.astype(jnp.float32)))")
+    forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
+                                 ("loss",) + tuple(f"aux[{k}]" for k in range(num_aux)))
     return SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
-                     tuple(full))
+                     tuple(full), num_aux)

@@ -126,6 +126,20 @@ class OpCost:
     seconds: float
 
 
+@dataclasses.dataclass(frozen=True)
+class ProgramSpecs:
+    """The shardings of one program of a pipeline plan (``name``: ``"stage 0"``,
+    ``"pre-gradient"``, ``"apply on stage 1"``, ``"apply on the mesh"``), on its own
+    sub-mesh: a spec per flat input and output, and the pinned intermediates and
+    resharded operands, as in :class:`Plan`. Kept so a saved plan runs without solving."""
+
+    name: str
+    flat_in_specs: tuple[PartitionSpec, ...]
+    flat_out_specs: tuple[PartitionSpec, ...]
+    value_specs: tuple[tuple[int, PartitionSpec], ...] = ()
+    operand_specs: tuple[tuple[int, int, PartitionSpec], ...] = ()
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Plan:
     """How to run a function on a mesh.
@@ -134,6 +148,8 @@ class Plan:
     ``PartitionSpec`` per array leaf (``None`` for static arguments).
     ``value_specs``/``operand_specs`` pin intermediates: value id → spec, and
     (equation, operand) → spec where an operand is resharded before use.
+    Pipeline plans: ``stages`` (:class:`StageAssignment`) and ``programs``
+    (:class:`ProgramSpecs`: every stage's, pre-gradient and apply program's shardings).
     """
 
     method: str
@@ -155,6 +171,7 @@ class Plan:
     top_ops: tuple[OpCost, ...] = ()
     warnings: tuple[str, ...] = ()
     stages: tuple = ()
+    programs: tuple[ProgramSpecs, ...] = ()
 
     def __repr__(self):
         mesh = ", ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.mesh_shape))

@@ -17,6 +17,9 @@ The file is one JSON object (``"format": "autoshard-plan"``, ``"format_version":
                                    resharding_s, peak_memory_bytes, forward_s, backward_s},
                                    num_microbatches, schedule, apply_cost: null or cost}};
                                    any other JSON value is kept as it is
+    programs                       pipeline plans: [{name, inputs: [spec], outputs: [spec],
+                                   value_specs, operand_specs}] per stage, pre-gradient and
+                                   apply program, on its sub-mesh (absent in older files)
 
 A spec is a list with one entry per tensor dim: ``null``, an axis name or a list
 of axis names. A spec tree node is ``null`` (a static argument), ``{"spec": …}``,
@@ -40,8 +43,8 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from ._plan import (FORMAT_VERSION, Collective, OpCost, Plan, PlanCost, SolverInfo,
-                    StageAssignment, StageCost)
+from ._plan import (FORMAT_VERSION, Collective, OpCost, Plan, PlanCost, ProgramSpecs,
+                    SolverInfo, StageAssignment, StageCost)
 from .cost_model import Cluster
 
 
@@ -218,7 +221,7 @@ def _record_to_json(record) -> dict:
 
 _FIELDS = ("format", "format_version", "method", "fingerprint", "mesh", "cluster", "in_specs",
            "out_specs", "inputs", "outputs", "value_specs", "operand_specs", "cost", "solver",
-           "collectives", "top_ops", "warnings", "stages")
+           "collectives", "top_ops", "warnings", "stages", "programs")
 
 
 def plan_to_dict(plan: Plan) -> dict:
@@ -236,14 +239,15 @@ def plan_to_dict(plan: Plan) -> dict:
                                                          strict=True)],
         "outputs": [[p, _spec_to_json(s)] for p, s in zip(plan.out_paths, plan.flat_out_specs,
                                                           strict=True)],
-        "value_specs": [[int(v), _spec_to_json(s)] for v, s in plan.value_specs],
-        "operand_specs": [[int(e), int(k), _spec_to_json(s)] for e, k, s in plan.operand_specs],
+        "value_specs": _value_specs_to_json(plan.value_specs, plan.operand_specs)[0],
+        "operand_specs": _value_specs_to_json(plan.value_specs, plan.operand_specs)[1],
         "cost": _record_to_json(plan.cost),
         "solver": None if plan.solver is None else _record_to_json(plan.solver),
         "collectives": [_record_to_json(c) for c in plan.collectives],
         "top_ops": [_record_to_json(o) for o in plan.top_ops],
         "warnings": list(plan.warnings),
         "stages": [_stage_to_json(st) for st in plan.stages],
+        "programs": [_program_to_json(p) for p in plan.programs],
     }
     assert tuple(data) == _FIELDS
     return data
@@ -296,6 +300,52 @@ def _record(cls, data, where):
         if kind is not None:
             _check(data[f.name], kind, f"{where}.{f.name}")
     return cls(**{n: data[n] for n in names if n in data})
+
+
+def _value_specs_to_json(value_specs, operand_specs):
+    return ([[int(v), _spec_to_json(s)] for v, s in value_specs],
+            [[int(e), int(k), _spec_to_json(s)] for e, k, s in operand_specs])
+
+
+def _value_specs_from_json(data, where, axis_names):
+    value_specs = []
+    for i, item in enumerate(_get(data, "value_specs", list, where)):
+        at = f"{where}.value_specs[{i}]"
+        if not (isinstance(item, list) and len(item) == 2):
+            raise PlanFormatError(f"{at}: expected [value id, spec], got {_short(item)}")
+        value_specs.append((_check(item[0], int, at), _spec_from_json(item[1], at, axis_names)))
+    operand_specs = []
+    for i, item in enumerate(_get(data, "operand_specs", list, where)):
+        at = f"{where}.operand_specs[{i}]"
+        if not (isinstance(item, list) and len(item) == 3):
+            raise PlanFormatError(f"{at}: expected [equation, operand, spec], "
+                                  f"got {_short(item)}")
+        operand_specs.append((_check(item[0], int, at), _check(item[1], int, at),
+                              _spec_from_json(item[2], at, axis_names)))
+    return tuple(value_specs), tuple(operand_specs)
+
+
+def _program_to_json(program: ProgramSpecs) -> dict:
+    values, operands = _value_specs_to_json(program.value_specs, program.operand_specs)
+    return {"name": program.name,
+            "inputs": [_spec_to_json(s) for s in program.flat_in_specs],
+            "outputs": [_spec_to_json(s) for s in program.flat_out_specs],
+            "value_specs": values, "operand_specs": operands}
+
+
+def _program_from_json(data, where, axis_names) -> ProgramSpecs:
+    if not isinstance(data, dict):
+        raise PlanFormatError(f"{where}: expected an object, got {_short(data)}")
+    fields = {"name", "inputs", "outputs", "value_specs", "operand_specs"}
+    if set(data) != fields:
+        raise PlanFormatError(f"{where}: expected the fields {sorted(fields)}, got "
+                              f"{sorted(data)}")
+    specs = {key: tuple(_spec_from_json(x, f"{where}.{key}[{i}]", axis_names)
+                        for i, x in enumerate(_get(data, key, list, where)))
+             for key in ("inputs", "outputs")}
+    values, operands = _value_specs_from_json(data, where, axis_names)
+    return ProgramSpecs(_get(data, "name", str, where), specs["inputs"], specs["outputs"],
+                        values, operands)
 
 
 def _stage_to_json(stage):
@@ -395,20 +445,9 @@ def plan_from_dict(data) -> Plan:
     _check_tree(in_specs, flat_in, "in_specs", "inputs")
     _check_tree(out_specs, flat_out, "out_specs", "outputs")
 
-    value_specs = []
-    for i, item in enumerate(_get(data, "value_specs", list)):
-        where = f"plan.value_specs[{i}]"
-        if not (isinstance(item, list) and len(item) == 2):
-            raise PlanFormatError(f"{where}: expected [value id, spec], got {_short(item)}")
-        value_specs.append((_check(item[0], int, where), _spec_from_json(item[1], where, names)))
-    operand_specs = []
-    for i, item in enumerate(_get(data, "operand_specs", list)):
-        where = f"plan.operand_specs[{i}]"
-        if not (isinstance(item, list) and len(item) == 3):
-            raise PlanFormatError(f"{where}: expected [equation, operand, spec], "
-                                  f"got {_short(item)}")
-        operand_specs.append((_check(item[0], int, where), _check(item[1], int, where),
-                              _spec_from_json(item[2], where, names)))
+    value_specs, operand_specs = _value_specs_from_json(data, "plan", names)
+    programs = data.get("programs", [])   # absent in files written before pipelines kept it
+    _check(programs, list, "plan.programs")
     solver = _get(data, "solver", (dict, type(None)))
     warnings = _get(data, "warnings", list)
     for i, w in enumerate(warnings):
@@ -429,6 +468,8 @@ def plan_from_dict(data) -> Plan:
         warnings=tuple(warnings),
         stages=tuple(_stage_from_json(st, f"plan.stages[{i}]")
                      for i, st in enumerate(_get(data, "stages", list))),
+        programs=tuple(_program_from_json(p, f"plan.programs[{i}]", names)
+                       for i, p in enumerate(programs)),
     )
 
 

@@ -51,9 +51,9 @@ def stage_program(layering: Layering, first: int, last: int, diff_invars, batch_
     F = layering.program
     mine = [e for e, lv in enumerate(layering.layer_of) if first <= lv <= last]
     made = {v for e in mine for v in F.eqns[e].outputs}
-    later = {a for e, lv in enumerate(layering.layer_of) if lv > last
-             for a in F.eqns[e].inputs if isinstance(a, int)}
-    later |= {a for a in F.outvars if isinstance(a, int)}
+    read_later = {a for e, lv in enumerate(layering.layer_of) if lv > last
+                  for a in F.eqns[e].inputs if isinstance(a, int)}
+    later = read_later | {a for a in F.outvars if isinstance(a, int)}
     inputs, seen = [], set()
     for e in mine:
         for a in F.eqns[e].inputs:
@@ -82,7 +82,9 @@ def stage_program(layering: Layering, first: int, last: int, diff_invars, batch_
     is_diff = lambda v: dep.get(v, False) and _inexact(F.avals[v])  # noqa: E731
     inputs = sorted(inputs, key=lambda v: not is_diff(v))  # differentiated first, stable
     diff_in = tuple(is_diff(v) for v in inputs)
-    diff_out = tuple(is_diff(v) for v in outputs)
+    # a cotangent comes back for what later layers read and for the loss; aux outputs
+    # (has_aux) are not differentiated
+    diff_out = tuple(is_diff(v) and (v in read_later or v == F.outvars[0]) for v in outputs)
     batch_in = tuple(batch.get(v, False) and len(F.avals[v].shape) > 0 for v in inputs)
 
     sub = Program(F.avals, tuple(inputs), tuple(outputs), tuple(F.eqns[e] for e in mine),

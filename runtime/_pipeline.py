@@ -34,6 +34,14 @@ def _add_all(accumulated, new):
     return [a + b for a, b in zip(accumulated, new)]
 
 
+def _mean(values):
+    """The micro-batches' values averaged, summed in micro-batch order like the loss."""
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total / len(values)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PipelineStage:
     """One stage: its forward and backward programs and where their values go.
@@ -60,12 +68,14 @@ class StepProgram:
     program: ShardedProgram
     inputs: tuple[Key, ...]
     outputs: tuple[Key, ...]
+    name: str = "step program"   # "pre-gradient", "apply on stage 0", "apply on the mesh"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PipelineProgram:
     """The whole pipelined step. ``loss``: ``(activation key, step key)``: the micro-batch
-    losses are averaged into the step key. ``zero_grads``: ``(step key, shape, dtype)`` for
+    losses are averaged into the step key; so is every ``aux`` pair's activation (an
+    output of the last stage). ``zero_grads``: ``(step key, shape, dtype)`` for
     gradients no stage produces. ``outputs``: a step key or ``("literal", value)`` per flat
     output."""
 
@@ -80,6 +90,8 @@ class PipelineProgram:
     outputs: tuple[Key, ...]
     num_microbatches: int
     schedule: str
+    aux: tuple[tuple[Key, Key], ...] = ()
+    donated: tuple[int, ...] = ()          # positions of donated arguments
 
     def __call__(self, flat_args) -> list:
         B = self.num_microbatches
@@ -100,6 +112,8 @@ class PipelineProgram:
         acc: dict = {}
         act_loss, step_loss = self.loss
         losses = []
+        last = len(self.stages) - 1
+        aux_values: dict = {skey: [] for _, skey in self.aux}
 
         def add(store, key, value):
             old = store.get(key)
@@ -122,6 +136,9 @@ class PipelineProgram:
                 outs = st.forward.jitted(*ins)
                 n = len(st.outputs)
                 micro[m].update(zip(st.outputs, outs[:n]))
+                if s == last:
+                    for akey, skey in self.aux:
+                        aux_values[skey].append(micro[m][akey])
                 saved[(s, m)] = ([ins[p] for p in st.backward_inputs], list(outs[n:]))
                 continue
             kept, residuals = saved.pop((s, m))
@@ -154,14 +171,102 @@ class PipelineProgram:
                     acc.update(params)
         if not losses:  # the loss never met a backward (no differentiated stage)
             losses = [micro[m][act_loss] for m in range(B)]
-        total = losses[0]
-        for value in losses[1:]:
-            total = total + value
-        env[step_loss] = total / B
+        env[step_loss] = _mean(losses)
+        for skey, values in aux_values.items():
+            env[skey] = _mean(values)
         for (s, key), value in sorted(acc.items(), key=lambda kv: kv[0][0]):
             add(env, key, value)
         for key, shape, dtype in self.zero_grads:
             env.setdefault(key, jax.numpy.zeros(shape, dtype))
         for step in self.apply:
             env.update(zip(step.outputs, step.program([env[k] for k in step.inputs])))
-        return [k[1] if k[0] == "literal" else env[k] for k in self.outputs]
+        results = [k[1] if k[0] == "literal" else env[k] for k in self.outputs]
+        returned = {id(r) for r in results}
+        for k in self.donated:  # as jax.jit: a donated array is unusable after the call
+            arg = flat_args[k]
+            if isinstance(arg, jax.Array) and not arg.is_deleted() and id(arg) not in returned:
+                arg.delete()
+        return results
+
+    def programs(self) -> list[tuple[str, ShardedProgram, int]]:
+        """``(name, program, runs per step)`` of every program the step runs, in order."""
+        B = self.num_microbatches
+        out = [(p.name, p.program, 1) for p in self.pre]
+        for s, st in enumerate(self.stages):
+            out += [(f"stage {s} forward", st.forward, B), (f"stage {s} backward", st.backward, B)]
+        return out + [(p.name, p.program, 1) for p in self.apply]
+
+    def lower(self) -> "PipelineLowered":
+        """Every program lowered for its sub-mesh and shapes (see :class:`PipelineLowered`)."""
+        return PipelineLowered(tuple((name, prog.lower(), n)
+                                     for name, prog, n in self.programs()),
+                               self.num_microbatches, self.schedule)
+
+
+class _Programs:
+    """Name-keyed access shared by :class:`PipelineLowered` and :class:`PipelineCompiled`."""
+
+    def __init__(self, items, num_microbatches: int, schedule: str):
+        self._items = tuple(items)
+        self.num_microbatches = num_microbatches
+        self.schedule = schedule
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _, _ in self._items)
+
+    @property
+    def runs_per_step(self) -> dict[str, int]:
+        """How many times each program runs in one step (stages: once per micro-batch)."""
+        return {name: n for name, _, n in self._items}
+
+    def __getitem__(self, name: str):
+        for n, value, _ in self._items:
+            if n == name:
+                return value
+        raise KeyError(f"no program named {name!r}; the pipeline's programs are "
+                       f"{list(self.names)}")
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self._items)
+
+    def items(self):
+        return [(name, value) for name, value, _ in self._items]
+
+    def as_text(self) -> str:
+        """Every program's text, each under a ``// ----- name (runs N× per step)`` header."""
+        return "\n".join(f"// ----- {name} (runs {n}x per step)\n{value.as_text()}"
+                         for name, value, n in self._items)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({len(self)} programs, {self.num_microbatches} "
+                f"micro-batches, schedule {self.schedule}: {', '.join(self.names)})")
+
+
+class PipelineLowered(_Programs):
+    """``lower()`` of a pipelined step: one ``jax.stages.Lowered`` per program it runs
+    (pre-gradient, each stage's forward and backward for one micro-batch on its sub-mesh,
+    the apply-gradient programs), by name: ``lowered["stage 0 forward"]``,
+    ``lowered.names``, ``lowered.runs_per_step``, ``lowered.as_text()``,
+    ``lowered.compile()``."""
+
+    def compile(self) -> "PipelineCompiled":
+        return PipelineCompiled(tuple((name, value.compile(), n)
+                                      for name, value, n in self._items),
+                                self.num_microbatches, self.schedule)
+
+
+class PipelineCompiled(_Programs):
+    """The compiled programs of a pipelined step, by name (``jax.stages.Compiled`` each).
+    ``cost_analysis()`` / ``memory_analysis()`` give a dict name → that program's
+    analysis; a stage's figures are for one micro-batch (``runs_per_step`` says how often
+    each program runs)."""
+
+    def cost_analysis(self) -> dict:
+        return {name: value.cost_analysis() for name, value, _ in self._items}
+
+    def memory_analysis(self) -> dict:
+        return {name: value.memory_analysis() for name, value, _ in self._items}
