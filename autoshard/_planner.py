@@ -13,8 +13,9 @@ import numpy as np
 from . import ilp
 from ._following import group_followers, grouped_request
 from ._graph import ShardingGraph, Use, build_graph, use_cost_matrix
-from ._liveness import live_ranges, peak_bytes
-from ._memory_points import candidate_steps, memory_terms, steps_over, tensor_bytes
+from ._liveness import live_ranges
+from ._memory_points import (candidate_steps, memory_terms, planned_peak_bytes, steps_over,
+                             tensor_bytes)
 from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
 from ._plan import Collective, OpCost, Plan, PlanCost, SolverInfo
 from ._signature import aval_text, equation_signature
@@ -180,28 +181,6 @@ def _solve_within_budget(request: ilp.IntraOpRequest, graph: ShardingGraph, grou
     return result
 
 
-def _plan_peak_bytes(graph: ShardingGraph, model: MeshCostModel, chosen, donated) -> int:
-    """Liveness peak per device of the chosen plan (the model the memory constraints use):
-    every tensor from definition to last read, plus the temporaries of the chosen
-    strategies at their step. Resharding copies are not counted."""
-    program = graph.traced.program
-
-    def nbytes(vid, spec):
-        aval = program.avals[vid]
-        return model.bytes_per_device(tuple(aval.shape), np.dtype(aval.dtype).itemsize, spec)
-
-    ranges = dict(live_ranges(program, donated))
-    sizes = {vid: nbytes(vid, spec) for node, s in zip(graph.nodes, chosen)
-             for vid, spec in zip(node.outputs, s.out_specs)}
-    extra = [(node.eqn, node.eqn, s.temp_bytes)
-             for node, s in zip(graph.nodes, chosen) if s.temp_bytes]
-    for k, (first, last, size) in enumerate(extra):
-        ranges[-1 - k] = (first, last)
-        sizes[-1 - k] = size
-    peak, _ = peak_bytes(ranges, sizes, len(program.eqns))
-    return peak
-
-
 def _warn_unsupported(graph: ShardingGraph) -> tuple[str, ...]:
     messages = []
     for kind, items in (("no sharding rule for", graph.unsupported),
@@ -298,7 +277,7 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                                               f"{graph.nodes[use.dst].name}", "resharding", cost))
         resharding += cost
 
-    peak = _plan_peak_bytes(graph, model, chosen, donated)
+    peak = planned_peak_bytes(graph, model, chosen, donated)
     cost = PlanCost(compute_s=float(sum(s.compute_s for s in chosen)),
                     communication_s=float(sum(s.communication_s for s in chosen)),
                     resharding_s=resharding, peak_memory_bytes=peak)
