@@ -289,9 +289,22 @@ class ParallelizedFunction:
         entry = self._compiled(args, need_program=True)
         if entry.pipeline is not None:
             raise NotImplementedError("lower() is not available for PipeshardParallel: a "
-                                      "pipeline is several programs, one per stage")
+                                      "pipeline is several programs, one per stage; use "
+                                      "lower_pipeline()")
         avals = [entry.traced.program.avals[v] for v in entry.traced.program.invars]
         return entry.program.lower(avals)
+
+    def lower_pipeline(self, *args) -> tuple:
+        """PipeshardParallel only: ``(name, runs_per_step, device_ids, jax.stages.Lowered)``
+        for every program a step runs (pre-gradient, each stage's forward and backward,
+        apply-gradient); ``device_ids`` are the ids of the (sub-)mesh it runs on."""
+        entry = self._compiled(args, need_program=True)
+        if entry.pipeline is None:
+            raise ValueError("lower_pipeline() is for PipeshardParallel; use lower()")
+        return tuple((part.name, part.runs_per_step,
+                      tuple(int(d.id) for d in part.program.mesh.devices.flat),
+                      part.program.lower())
+                     for part in entry.program.parts())
 
     def __call__(self, *args):
         entry = self._compiled(args, need_program=True)

@@ -9,6 +9,7 @@ from ._program import Literal as Literal
 from ._program import Program as Program
 from ._sharded import ShardedProgram as ShardedProgram
 from ._sharded import shard_program as shard_program
+from ._pipeline import PipelinePart as PipelinePart
 from ._pipeline import PipelineProgram as PipelineProgram
 from ._pipeline import PipelineStage as PipelineStage
 from ._pipeline import StepProgram as StepProgram

@@ -63,6 +63,16 @@ class StepProgram:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class PipelinePart:
+    """One compiled program of a pipeline and how many times a step runs it
+    (``runs_per_step``: the micro-batch count for stage programs, 1 otherwise)."""
+
+    name: str
+    program: ShardedProgram
+    runs_per_step: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class PipelineProgram:
     """The whole pipelined step. ``loss``: ``(activation key, step key)``: the micro-batch
     losses are averaged into the step key. ``zero_grads``: ``(step key, shape, dtype)`` for
@@ -80,6 +90,18 @@ class PipelineProgram:
     outputs: tuple[Key, ...]
     num_microbatches: int
     schedule: str
+
+    def parts(self) -> tuple[PipelinePart, ...]:
+        """Every sharded program a step runs, in order: pre-gradient programs, each stage's
+        forward and backward, apply-gradient programs. (Activations cross between stages
+        by ``jax.device_put``, outside these programs.)"""
+        B = self.num_microbatches
+        parts = [PipelinePart(f"pre {k}", p.program, 1) for k, p in enumerate(self.pre)]
+        for s, st in enumerate(self.stages):
+            parts += [PipelinePart(f"stage {s} forward", st.forward, B),
+                      PipelinePart(f"stage {s} backward", st.backward, B)]
+        parts += [PipelinePart(f"apply {k}", p.program, 1) for k, p in enumerate(self.apply)]
+        return tuple(parts)
 
     def __call__(self, flat_args) -> list:
         B = self.num_microbatches

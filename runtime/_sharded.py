@@ -24,6 +24,7 @@ class ShardedProgram:
     in_shardings: tuple[NamedSharding, ...]
     out_shardings: tuple[NamedSharding, ...]
     jitted: object
+    in_avals: tuple = ()   # shape/dtype of each flat argument (lower() without arguments)
 
     def place(self, flat_args: Sequence) -> list:
         """Put every argument on the mesh with its planned sharding (no-op when it already is).
@@ -47,8 +48,11 @@ class ShardedProgram:
     def __call__(self, flat_args: Sequence) -> list:
         return self.jitted(*self.place(flat_args))
 
-    def lower(self, flat_avals: Sequence):
-        """``jax.stages.Lowered`` for arguments of these shapes (no devices touched)."""
+    def lower(self, flat_avals: Sequence | None = None):
+        """``jax.stages.Lowered`` for arguments of these shapes (default: the program's
+        own ``in_avals``); no devices touched."""
+        if flat_avals is None:
+            flat_avals = self.in_avals
         structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
                    for a, s in zip(flat_avals, self.in_shardings, strict=True)]
         return self.jitted.lower(*structs)
@@ -94,4 +98,5 @@ def shard_program(
 
     jitted = jax.jit(run, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=tuple(donate_argnums))
-    return ShardedProgram(mesh, in_shardings, out_shardings, jitted)
+    in_avals = tuple(program.avals[v] for v in program.invars)
+    return ShardedProgram(mesh, in_shardings, out_shardings, jitted, in_avals)
