@@ -297,10 +297,14 @@ class ParallelizedFunction:
     def lower_pipeline(self, *args) -> tuple:
         """PipeshardParallel only: ``(name, runs_per_step, device_ids, jax.stages.Lowered)``
         for every program a step runs (pre-gradient, each stage's forward and backward,
-        apply-gradient); ``device_ids`` are the ids of the (sub-)mesh it runs on."""
+        apply-gradient); ``device_ids`` are the ids of the (sub-)mesh it runs on. When the
+        planner kept plain intra-op parallelism, that one program (``"whole mesh"``)."""
+        if not isinstance(self._method, PipeshardParallel):
+            raise ValueError("lower_pipeline() is for PipeshardParallel; use lower()")
         entry = self._compiled(args, need_program=True)
         if entry.pipeline is None:
-            raise ValueError("lower_pipeline() is for PipeshardParallel; use lower()")
+            devices = tuple(int(d.id) for d in np.asarray(self._mesh.devices).reshape(-1))
+            return (("whole mesh", 1, devices, self.lower(*args)),)
         return tuple((part.name, part.runs_per_step,
                       tuple(int(d.id) for d in part.program.mesh.devices.flat),
                       part.program.lower())
