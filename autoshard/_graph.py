@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ._op_rules import CONTROL_FLOW, REPLICATED_QUIETLY, loop_op
+from ._op_rules import CONTROL_FLOW, FUSIBLE, FUSING_CONSUMERS, REPLICATED_QUIETLY, loop_op
 from ._signature import equation_signature
 from ._specs import Spec, enumerate_specs, replicated
 from ._strategies import Strategy, input_strategies, loop_strategies, replicated_strategy
@@ -69,6 +69,27 @@ def _aval(program, atom):
     return None if isinstance(atom, Literal) else program.avals[atom]
 
 
+def fused_values(program) -> frozenset[int]:
+    """Values that XLA's fusion keeps out of memory: made by a ``FUSIBLE`` equation, read
+    only by ``FUSING_CONSUMERS`` (at least one), and not a program output. Their bytes
+    are no memory traffic for the equations that make or read them."""
+    consumers: dict[int, list[str]] = {}
+    for eqn in program.eqns:
+        for atom in eqn.inputs:
+            if not isinstance(atom, Literal):
+                consumers.setdefault(atom, []).append(eqn.primitive.name)
+    outputs = {v for v in program.outvars if not isinstance(v, Literal)}
+    fused = set()
+    for eqn in program.eqns:
+        if eqn.primitive.name not in FUSIBLE:
+            continue
+        for v in eqn.outputs:
+            names = consumers.get(v, ())
+            if names and v not in outputs and all(n in FUSING_CONSUMERS for n in names):
+                fused.add(v)
+    return frozenset(fused)
+
+
 def build_graph(traced: TracedFunction, model: MeshCostModel,
                 input_specs: Callable[[int, tuple], list[Spec]] | None = None) -> ShardingGraph:
     """Enumerate strategies for every node of ``traced`` on ``model``'s mesh.
@@ -82,7 +103,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     producer: dict[int, tuple[int, int]] = {}
     uses: list[Use] = []
     unsupported, control_flow = [], []
-    memo: dict[str, tuple] = {}
+    memo: dict[tuple, tuple] = {}
+    fused = fused_values(program)
 
     def add(node: Node):
         for k, vid in enumerate(node.outputs):
@@ -103,12 +125,15 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         in_avals = [_aval(program, a) for a in eqn.inputs]
         out_avals = [program.avals[v] for v in eqn.outputs]
         name = eqn.primitive.name
-        signature = equation_signature(eqn, in_avals, out_avals)
+        in_fused = tuple(not isinstance(a, Literal) and a in fused for a in eqn.inputs)
+        out_fused = tuple(v in fused for v in eqn.outputs)
+        signature = (equation_signature(eqn, in_avals, out_avals), in_fused, out_fused)
         strategies = memo.get(signature)  # a repeated layer: same rule, same strategies
         if strategies is None:
             op = loop_op(eqn, in_avals, out_avals)
             if op is not None:
-                strategies = memo[signature] = loop_strategies(op, in_avals, out_avals, model)
+                strategies = memo[signature] = loop_strategies(
+                    op, in_avals, out_avals, model, fused=in_fused + out_fused)
             else:
                 strategies = ()
                 if name in CONTROL_FLOW:
@@ -116,7 +141,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
                 elif name not in REPLICATED_QUIETLY:
                     unsupported.append((name, traced.sources[e]))
         if not strategies:
-            strategies = (replicated_strategy(in_avals, out_avals, model),)
+            strategies = (replicated_strategy(in_avals, out_avals, model,
+                                              fused=in_fused + out_fused),)
         node_index = len(nodes)
         for k, atom in enumerate(eqn.inputs):
             if not isinstance(atom, Literal):

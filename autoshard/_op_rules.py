@@ -414,6 +414,14 @@ RULES.update({
     "scatter": scatter,
 })
 
+# Primitives XLA fuses into the loop of their consumer (elementwise, broadcast and layout
+# ops), and consumers that take such a producer into their own loop (those, and reductions
+# as input fusions). A value made by the first for consumers all of the second kind lives
+# in registers, never in memory: see ``fused_values``.
+FUSIBLE = ELEMENTWISE | frozenset({"broadcast_in_dim", "reshape", "squeeze", "transpose", "iota"})
+FUSING_CONSUMERS = FUSIBLE | frozenset({"reduce_sum", "reduce_max", "reduce_min",
+                                        "reduce_prod", "argmax", "argmin"})
+
 # Primitives that run replicated on purpose (no warning): RNG plumbing and the like.
 REPLICATED_QUIETLY = frozenset("""
 random_bits random_seed random_wrap random_unwrap random_fold_in random_split threefry2x32
@@ -434,3 +442,4 @@ def loop_op(eqn, in_avals: Sequence, out_avals: Sequence) -> LoopOp | None:
     except (KeyError, AttributeError, IndexError, TypeError, ValueError):
         return None
     return op
+

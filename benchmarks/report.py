@@ -7,6 +7,7 @@ from .hlo import COLLECTIVE_KINDS
 
 ILP = "ShardParallel"
 PRESETS = ("DataParallel", "ZeRO3", "Megatron")
+PIPELINE = "PipeshardParallel"
 NOTES_MARKER = "<!-- analysis-notes: everything below this line is kept when regenerating -->"
 REL_TOL = 1e-9   # float noise only: anything above this counts as a loss
 _SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
@@ -246,15 +247,18 @@ def render(result: dict) -> str:
         h = r.get("hlo") or {}
         mem = (h.get("memory") or {}).get("total")
         ratio = r.get("step_time_ratio_to_best_preset")
+        pipe = r["method"] == PIPELINE
+        mark = " †" if pipe and h else ""
         L.append(
             f"| {r['workload']} | {r['mesh']} | {'**ILP**' if r['method'] == ILP else r['method']}"
             f" | {fmt_s(r['modelled']['total_s'])} | {_breakdown(r)} | "
-            f"{fmt_b(r['modelled']['peak_memory_bytes'])} | {_kinds(r)} | "
-            f"{fmt_b(h.get('collective_bytes'))} | {fmt_b(carry_bytes(r))} | "
-            f"{fmt_flops(h.get('flops'))} | {fmt_b(mem)} | "
+            f"{fmt_b(r['modelled']['peak_memory_bytes'])} | {_kinds(r)}{mark} | "
+            f"{fmt_b(h.get('collective_bytes'))}{mark} | {fmt_b(carry_bytes(r))} | "
+            f"{fmt_flops(h.get('flops'))}{mark} | {'n/a' if pipe and h else fmt_b(mem)} | "
             f"{fmt_s(r.get('step_time_s'))} | {'—' if ratio is None else f'{ratio:.2f}'} | "
             f"{r['planning_time_s']:.1f} s |")
 
+    L += _pipeline_section(rows)
     L += _memory_section(rows)
     L += ["", "## Overhead: parallelized function vs hand-written `jax.jit`", "",
           "`jax.jit(fn, in_shardings=..., out_shardings=...)` with the ILP plan's own "
@@ -278,6 +282,53 @@ def render(result: dict) -> str:
         L += ["", "Errors: " + "; ".join(result["errors"])]
     L.append("")
     return "\n".join(L)
+
+
+def _stages(r) -> str:
+    st = r.get("stages") or []
+    if not st:
+        return "—"
+    B = st[0]["num_microbatches"]
+    if len(st) == 1 and B == 1:
+        return "1 stage, whole mesh"
+    parts = []
+    for s in st:
+        first, last = s["layers"][0], s["layers"][-1]
+        layers = f"L{first}" if first == last else f"L{first}-{last}"
+        parts.append(f"{layers} on {'x'.join(map(str, s['mesh_shape']))}")
+    return f"B={B}: " + "; ".join(parts)
+
+
+def _pipeline_section(rows) -> list[str]:
+    """PipeshardParallel rows against the ILP on the same workload and mesh."""
+    groups = _groups(rows)
+    pipes = [(g[PIPELINE], g.get(ILP)) for g in groups.values()
+             if PIPELINE in g and _ok(g[PIPELINE])]
+    if not pipes:
+        return []
+    L = ["", "## Pipeline: PipeshardParallel against the ILP", "",
+         "PipeshardParallel rows (workloads whose loss is a mean over samples; moe and "
+         "wide_resnet change meaning under micro-batching): 2 micro-batches, the loss cut "
+         "into 4 layers, the stage DP free to pick one stage or several, each stage sharded "
+         "by the ILP. A pipeline is several programs on sub-meshes, so its † HLO columns are "
+         "the busiest device's per step: Σ over the programs it runs (pre-gradient, stage "
+         "forward and backward × micro-batches, apply-gradient) of their per-device "
+         "collective bytes and flops. Activations cross between stages by `device_put`, "
+         "outside every HLO; HLO memory is n/a (micro-batch residuals live between "
+         "programs).", "",
+         "| workload | mesh | stages | modelled total | × ILP | HLO coll. bytes † | × ILP | "
+         "HLO flops/dev † | step | × ILP step |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p, ilp in pipes:
+        ok = _ok(ilp)
+        pb = (p.get("hlo") or {}).get("collective_bytes")
+        ib = (ilp.get("hlo") or {}).get("collective_bytes") if ok else None
+        L.append(f"| {p['workload']} | {p['mesh']} | {_stages(p)} | "
+                 f"{fmt_s(p['modelled']['total_s'])} | "
+                 f"{_ratio(p['modelled']['total_s'], ilp['modelled']['total_s']) if ok else '—'}"
+                 f" | {fmt_b(pb)} | {_ratio(pb, ib)} | "
+                 f"{fmt_flops((p.get('hlo') or {}).get('flops'))} | {fmt_s(p.get('step_time_s'))}"
+                 f" | {_ratio(p.get('step_time_s'), ilp.get('step_time_s') if ok else None)} |")
+    return L
 
 
 def _memory_section(rows) -> list[str]:

@@ -6,6 +6,10 @@ Meshes (8,) and (2,4) are planned, compiled and executed on 8 virtual CPU device
 (host-cpu cluster model). The (8,8) rows run in a subprocess with 64 virtual devices
 and the h100-80gb cluster model: planned and compiled only (nothing is executed).
 Writes ``results.json`` and ``RESULTS.md`` to ``--out`` (default: benchmarks/).
+
+Methods: the ILP (ShardParallel), the presets, and — on the workloads in
+``PIPELINE_WORKLOADS`` — PipeshardParallel, whose HLO columns aggregate its per-stage
+programs (see ``_pipeline_hlo_stats``).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import jax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import autoshard  # noqa: E402
+from autoshard.runtime import PipelineLowered  # noqa: E402
 from examples import models  # noqa: E402
 
 from . import hlo  # noqa: E402
@@ -74,18 +79,34 @@ PLAN_ONLY_MESHES = ("8x8",)         # subprocess, 64 virtual devices, h100-80gb 
 FULL_MESHES = ("8", "2x4", "8x8")
 QUICK_MESHES = ("8", "2x4")
 
+PIPELINE = "PipeshardParallel"
+
+
+def _pipeline_method():
+    """The pipeline row's method: 2 micro-batches, the loss cut into 4 layers, the stage DP
+    free to choose 1 stage (pure intra-op) or several; each stage sharded by the ILP."""
+    return autoshard.PipeshardParallel(num_microbatches=2, num_layers=4,
+                                       stage_method=autoshard.ShardParallel(time_limit_s=10.0))
+
+
 METHODS = {"ShardParallel": autoshard.ShardParallel, "DataParallel": autoshard.DataParallel,
-           "ZeRO3": autoshard.ZeRO3, "Megatron": autoshard.Megatron}
+           "ZeRO3": autoshard.ZeRO3, "Megatron": autoshard.Megatron, PIPELINE: _pipeline_method}
 PRESETS = ("DataParallel", "ZeRO3", "Megatron")
+# Workloads whose loss is a mean of per-sample terms, so a step over micro-batches computes
+# the same gradient. moe (expert capacity is per batch of tokens) and wide_resnet (batch-norm
+# statistics) change meaning when the batch is split: no pipeline row for them.
+PIPELINE_WORKLOADS = ("mlp_small", "mlp_wide", "gpt_small", "gpt_large", "embedding")
 
 ROW_FIELDS = ("workload", "mesh", "mesh_shape", "axis_names", "method", "cluster", "executed",
               "modelled", "hlo", "step_time_s", "step_times_s", "step_time_ratio_to_best_preset",
               "planning_time_s", "compile_time_s", "solver", "plan_collectives", "top_ops",
-              "in_specs", "out_specs", "warnings", "error")
+              "in_specs", "out_specs", "stages", "warnings", "error")
 MODELLED_FIELDS = ("total_s", "compute_s", "communication_s", "resharding_s",
                    "peak_memory_bytes")
 HLO_FIELDS = ("collectives", "collective_bytes", "collective_count", "flops", "memory",
               "carried")
+# pipeline rows' hlo also has these (memory is None there: see _pipeline_hlo_stats)
+PIPELINE_HLO_FIELDS = ("aggregation", "busiest_device", "programs")
 OVERHEAD_FIELDS = ("workload", "mesh", "method", "parallelized_s", "hand_jit_s", "ratio",
                    "parallelized_times_s", "hand_jit_times_s", "hand_jit_collective_bytes",
                    "error")
@@ -111,6 +132,53 @@ def _hlo_stats(compiled) -> dict:
             "collective_count": sum(c["count"] for c in cols.values()),
             "flops": hlo.flops(compiled),
             "memory": hlo.memory(compiled)}
+
+
+def _pipeline_hlo_stats(f, mesh, args) -> dict:
+    """HLO of a pipelined step, which is several programs on sub-meshes.
+
+    Every program a step runs (pre-gradient, each stage's forward and backward, apply) is
+    compiled on its own (sub-)mesh. ``collectives``/``collective_bytes``/``flops`` are
+    those of the busiest device, per step: Σ over the programs it runs of runs_per_step
+    (micro-batches for stage programs) × the program's per-device value. ``memory`` is
+    None: micro-batch residuals live between programs, so no one program's
+    ``memory_analysis`` is a device's peak. Activations move between stages by
+    ``jax.device_put``, outside every HLO. ``programs`` lists each program's own figures.
+    """
+    lowered = f.lower(*args)
+    if not isinstance(lowered, PipelineLowered):  # the planner kept one whole-mesh program
+        mesh_ids = tuple(int(d.id) for d in mesh.devices.flat)
+        parts = [("whole mesh", 1, mesh_ids, lowered)]
+    else:
+        parts = [(name, lowered.runs_per_step[name], lowered.device_ids[name], lowered[name])
+                 for name in lowered.names]
+    programs = []
+    for name, runs, devices, program in parts:
+        compiled = program.compile()
+        cols = hlo.collective_stats(compiled.as_text())
+        programs.append({"name": name, "runs_per_step": runs, "device_ids": list(devices),
+                         "collectives": cols,
+                         "collective_bytes": sum(c["bytes"] for c in cols.values()),
+                         "flops": hlo.flops(compiled), "memory": hlo.memory(compiled)})
+        del compiled
+    devices = sorted({d for p in programs for d in p["device_ids"]})
+    on = {d: [p for p in programs if d in p["device_ids"]] for d in devices}
+    per_step = lambda d, get: sum(p["runs_per_step"] * (get(p) or 0) for p in on[d])  # noqa: E731
+    busiest = max(devices, key=lambda d: (per_step(d, lambda p: p["collective_bytes"]),
+                                          per_step(d, lambda p: p["flops"]), -d))
+    cols = {k: {"count": sum(p["runs_per_step"] * p["collectives"][k]["count"] for p in on[busiest]),
+                "bytes": sum(p["runs_per_step"] * p["collectives"][k]["bytes"] for p in on[busiest])}
+            for k in hlo.COLLECTIVE_KINDS}
+    flops = [per_step(d, lambda p: p["flops"]) for d in devices]
+    return {"collectives": cols,
+            "collective_bytes": sum(c["bytes"] for c in cols.values()),
+            "collective_count": sum(c["count"] for c in cols.values()),
+            "flops": max(flops) if any(p["flops"] is not None for p in programs) else None,
+            "memory": None,
+            "aggregation": "busiest device per step: sum of runs_per_step x per-program value; "
+                           "memory n/a (residuals live between programs); stage-to-stage "
+                           "transfers (device_put) not included",
+            "busiest_device": busiest, "programs": programs}
 
 
 def _carry_stats(mesh, plan, args) -> dict:
@@ -163,6 +231,9 @@ def _plan_fields(plan) -> dict:
                      "source": o.source} for o in plan.top_ops[:6]],
         "in_specs": {p: str(s) for p, s in zip(plan.in_paths, plan.flat_in_specs)},
         "out_specs": {p: str(s) for p, s in zip(plan.out_paths, plan.flat_out_specs)},
+        "stages": [{"layers": list(st.layers), "mesh_shape": list(st.mesh_shape),
+                    "device_ids": list(st.device_ids), "num_microbatches": st.num_microbatches,
+                    "schedule": st.schedule} for st in plan.stages] or None,
         "warnings": list(plan.warnings),
     }
 
@@ -178,11 +249,14 @@ def _empty_row(workload, mesh_name, method, executed) -> dict:
 
 
 def bench_workload_mesh(wname: str, w, mesh_name: str, execute: bool, cluster, opts) -> tuple:
-    """All four methods on one workload and mesh; returns (rows, overhead row or None)."""
+    """Every method (the pipeline where it applies) on one workload and mesh; returns
+    (rows, overhead row or None)."""
     shape, names = MESHES[mesh_name]
     mesh = autoshard.make_mesh(shape, names)
     rows, overhead = [], None
     for mname, mcls in METHODS.items():
+        if mname == PIPELINE and wname not in PIPELINE_WORKLOADS:
+            continue
         row = _empty_row(wname, mesh_name, mname, execute)
         rows.append(row)
         try:
@@ -193,10 +267,13 @@ def bench_workload_mesh(wname: str, w, mesh_name: str, execute: bool, cluster, o
             row["planning_time_s"] = time.perf_counter() - t
             row.update(_plan_fields(plan))
             t = time.perf_counter()
-            compiled = f.lower(*w.args).compile()
+            if mname == PIPELINE:
+                row["hlo"] = _pipeline_hlo_stats(f, mesh, w.args)
+            else:
+                compiled = f.lower(*w.args).compile()
+                row["hlo"] = _hlo_stats(compiled)
+                del compiled
             row["compile_time_s"] = time.perf_counter() - t
-            row["hlo"] = _hlo_stats(compiled)
-            del compiled
             row["hlo"]["carried"] = _carry_stats(mesh, plan, w.args)
             if execute:
                 args = jax.device_put(w.args, _shardings(mesh, plan.in_specs))
@@ -263,6 +340,8 @@ def run_local(workloads, meshes, opts, *, plan_only: bool, json_path: Path | Non
             _log(f"{wname}: cannot build workload: {err}")
             for m in meshes:
                 for mname in METHODS:
+                    if mname == PIPELINE and wname not in PIPELINE_WORKLOADS:
+                        continue
                     r = _empty_row(wname, m, mname, not plan_only)
                     r["error"] = f"workload: {type(err).__name__}: {err}"
                     rows.append(r)

@@ -41,7 +41,10 @@ class Cluster:
     calibration), refines that per collective: ``(("all-reduce", (link per axis, …)),
     …)`` for the kinds in ``COLLECTIVES``, each α–β fitted to that collective's
     formula in :class:`MeshCostModel`; kinds or mesh ranks it lacks fall back to
-    ``axis_links`` and the node topology.
+    ``axis_links`` and the node topology. ``reduce_scatter_as_all_reduce``: the
+    backend's SPMD partitioner leaves a planned reduce-scatter as an all-reduce of the
+    whole buffer followed by a local slice (XLA's CPU pipeline has no reduce-scatter
+    creation pass), so a reduce-scatter is priced as that all-reduce.
 
     ``flops`` and ``collective_links`` may be given as mappings and ``axis_links`` as
     any sequence; all are stored as tuples so the cluster is hashable.
@@ -57,6 +60,7 @@ class Cluster:
     memory_reserve: int = 0
     axis_links: tuple[Link, ...] | None = None
     collective_links: tuple[tuple[str, tuple[Link, ...]], ...] | None = None
+    reduce_scatter_as_all_reduce: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -100,6 +104,9 @@ class Cluster:
                                      f"sequence of Link (one per mesh axis), got {links!r}")
                 checked.append((kind, links))
             object.__setattr__(self, "collective_links", tuple(checked))
+        if not isinstance(self.reduce_scatter_as_all_reduce, bool):
+            raise ValueError(f"Cluster.reduce_scatter_as_all_reduce must be a bool, got "
+                             f"{self.reduce_scatter_as_all_reduce!r}")
 
     def flops_rate(self, dtype: Any) -> float:
         """Peak FLOP/s for ``dtype`` (a name such as "bfloat16" or anything whose str is one).
@@ -156,6 +163,8 @@ class Cluster:
         if self.collective_links is not None:  # only when set: older readers keep working
             data["collective_links"] = {kind: [dataclasses.asdict(l) for l in links]
                                         for kind, links in self.collective_links}
+        if self.reduce_scatter_as_all_reduce:  # likewise only when set
+            data["reduce_scatter_as_all_reduce"] = True
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -168,7 +177,8 @@ class Cluster:
         if not isinstance(data, dict):
             raise ValueError(f"Cluster JSON must be an object, got {type(data).__name__}")
         required = ("name", "flops", "memory_bandwidth", "device_memory", "devices_per_node", "intra_node", "inter_node")
-        optional = ("memory_reserve", "axis_links", "collective_links")
+        optional = ("memory_reserve", "axis_links", "collective_links",
+                    "reduce_scatter_as_all_reduce")
         for field in required:
             if field not in data:
                 raise ValueError(f"Cluster JSON is missing required field {field!r}; expected fields {list(required)}")
@@ -195,6 +205,10 @@ class Cluster:
                 and all(isinstance(v, list) for v in collective_links.values())):
             raise ValueError(f"Cluster JSON field 'collective_links' must be an object collective -> "
                              f"list of links, or null, got {collective_links!r}")
+        rs_as_ar = data.get("reduce_scatter_as_all_reduce", False)
+        if not isinstance(rs_as_ar, bool):
+            raise ValueError(f"Cluster JSON field 'reduce_scatter_as_all_reduce' must be true or "
+                             f"false, got {rs_as_ar!r}")
         try:
             return cls(
                 name=data["name"],
@@ -213,6 +227,7 @@ class Cluster:
                 else tuple((kind, tuple(_link_from_json(f"collective_links.{kind}[{i}]", link)
                                         for i, link in enumerate(links)))
                            for kind, links in collective_links.items()),
+                reduce_scatter_as_all_reduce=rs_as_ar,
             )
         except ValueError as err:
             raise ValueError(f"Cluster JSON is invalid: {err}") from None

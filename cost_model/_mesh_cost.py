@@ -66,7 +66,10 @@ class MeshCostModel:
 
     def reduce_scatter(self, nbytes: float, axes: Sequence[int]) -> float:
         """Reduce-scatter of an ``nbytes`` input buffer on every device:
-        n·α + (n−1)/n·nbytes/β."""
+        n·α + (n−1)/n·nbytes/β; ``all_reduce(nbytes, axes)`` when the cluster's backend
+        lowers it to an all-reduce plus a local slice (``reduce_scatter_as_all_reduce``)."""
+        if self.cluster.reduce_scatter_as_all_reduce:
+            return self.all_reduce(nbytes, axes)
         return self._one_pass(nbytes, axes, "reduce-scatter")
 
     def all_to_all(self, nbytes: float, axes: Sequence[int]) -> float:

@@ -19,6 +19,10 @@ def _host_cpu() -> Cluster:
     # an independent processor with nominal round numbers: 1e11 FLOP/s (a few AVX cores),
     # 20 GB/s of DRAM bandwidth, 10 GB/s / 5 µs links. devices_per_node is large so every
     # mesh axis gets the same link: a plan made on a laptop then depends on the mesh only.
+    # reduce_scatter_as_all_reduce: XLA's CPU compiler does not turn the SPMD
+    # partitioner's all-reduce + dynamic-slice into a reduce-scatter (jax 0.10.2: a
+    # contraction split then re-split on the output compiles to a full-buffer all-reduce),
+    # so a planned reduce-scatter moves what an all-reduce moves.
     link = Link(bandwidth=1e10, latency=5e-6)
     return Cluster(
         name="host-cpu",
@@ -28,6 +32,7 @@ def _host_cpu() -> Cluster:
         devices_per_node=1024,
         intra_node=link,
         inter_node=link,
+        reduce_scatter_as_all_reduce=True,
     )
 
 

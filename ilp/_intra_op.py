@@ -242,8 +242,10 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
             choices.append(int(reduced.keep[v][index]))
         choices = tuple(choices)
         # With a gap limit CP-SAT reports OPTIMAL once within it: only a closed gap is.
+        # (nothing left to solve after reduction: trivially optimal, CP-SAT never ran)
         proven = status == cp_model.OPTIMAL and (
-            request.gap_limit == 0 or solver.best_objective_bound >= solver.objective_value)
+            not active or request.gap_limit == 0
+            or solver.best_objective_bound >= solver.objective_value)
         status_name = "OPTIMAL" if proven else "FEASIBLE"
     elif evaluate(request, warm).ok:
         choices, status_name = warm, "FEASIBLE"  # time limit hit before CP-SAT's first solution

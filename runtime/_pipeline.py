@@ -200,16 +200,20 @@ class PipelineProgram:
         """Every program lowered for its sub-mesh and shapes (see :class:`PipelineLowered`)."""
         return PipelineLowered(tuple((name, prog.lower(), n)
                                      for name, prog, n in self.programs()),
-                               self.num_microbatches, self.schedule)
+                               self.num_microbatches, self.schedule,
+                               {name: tuple(int(d.id) for d in prog.mesh.devices.flat)
+                                for name, prog, _ in self.programs()})
 
 
 class _Programs:
     """Name-keyed access shared by :class:`PipelineLowered` and :class:`PipelineCompiled`."""
 
-    def __init__(self, items, num_microbatches: int, schedule: str):
+    def __init__(self, items, num_microbatches: int, schedule: str,
+                 device_ids: dict[str, tuple[int, ...]]):
         self._items = tuple(items)
         self.num_microbatches = num_microbatches
         self.schedule = schedule
+        self.device_ids = dict(device_ids)  # name -> ids of the devices that program runs on
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -256,7 +260,7 @@ class PipelineLowered(_Programs):
     def compile(self) -> "PipelineCompiled":
         return PipelineCompiled(tuple((name, value.compile(), n)
                                       for name, value, n in self._items),
-                                self.num_microbatches, self.schedule)
+                                self.num_microbatches, self.schedule, self.device_ids)
 
 
 class PipelineCompiled(_Programs):

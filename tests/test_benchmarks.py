@@ -27,7 +27,7 @@ def quick_run(tmp_path_factory):
 def test_json_has_every_field(quick_run):
     from benchmarks.hlo import COLLECTIVE_KINDS
     from benchmarks.run import (HLO_FIELDS, METHODS, MODELLED_FIELDS, OVERHEAD_FIELDS,
-                                ROW_FIELDS)
+                                PIPELINE, PIPELINE_HLO_FIELDS, ROW_FIELDS)
 
     data = json.loads((quick_run / "results.json").read_text())
     rows = data["rows"]
@@ -44,8 +44,26 @@ def test_json_has_every_field(quick_run):
         for v in r["hlo"]["collectives"].values():
             assert set(v) == {"count", "bytes"} and v["count"] >= 0 and v["bytes"] >= 0
         assert r["hlo"]["flops"] is not None and r["hlo"]["flops"] > 0
+        assert r["hlo"]["collective_bytes"] == sum(
+            v["bytes"] for v in r["hlo"]["collectives"].values())
         mem = r["hlo"]["memory"]
-        assert mem["total"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+        if r["method"] == PIPELINE:   # several programs: busiest device, memory n/a
+            assert mem is None and set(PIPELINE_HLO_FIELDS) <= set(r["hlo"])
+            progs = r["hlo"]["programs"]
+            names = {p["name"] for p in progs}
+            if r["stages"][0]["num_microbatches"] == 1:   # the planner kept plain intra-op
+                assert names == {"whole mesh"} and len(r["stages"]) == 1
+            else:
+                assert r["stages"][0]["num_microbatches"] == 2
+                assert {"stage 0 forward", "stage 0 backward"} <= names
+            for p in progs:
+                m = p["memory"]
+                assert p["runs_per_step"] >= 1 and p["device_ids"] and p["flops"] is not None
+                assert m["total"] == m["argument"] + m["output"] + m["temp"] - m["alias"]
+            assert r["hlo"]["busiest_device"] in {d for p in progs for d in p["device_ids"]}
+        else:
+            assert r["stages"] is None
+            assert mem["total"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
         assert len(r["step_times_s"]) >= 5 and r["step_time_s"] > 0
         assert r["step_time_ratio_to_best_preset"] > 0
         assert r["planning_time_s"] > 0
@@ -58,7 +76,9 @@ def test_markdown_states_goal_and_lists_rows(quick_run):
     text = (quick_run / "RESULTS.md").read_text()
     assert "**Goal.**" in text and "python -m benchmarks.run" in text
     assert "ILP above the best preset on modelled cost" in text
-    assert text.count("| mlp_small | 8 |") >= 5   # 4 methods + the overhead row
+    assert text.count("| mlp_small | 8 |") >= 6   # 4 methods + pipeline + the overhead row
+    assert "## Pipeline: PipeshardParallel against the ILP" in text
+    assert "| mlp_small | 8 | PipeshardParallel |" in text
 
 
 def test_collective_parser_handles_tuples_and_async():

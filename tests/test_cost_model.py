@@ -75,6 +75,18 @@ def test_reduce_scatter_then_all_gather_costs_more_than_all_reduce(model24):
     assert pair > model24.all_reduce(4e6, (1,))
 
 
+def test_reduce_scatter_lowered_to_all_reduce_prices_as_all_reduce(model24):
+    lowered = MeshCostModel(dataclasses.replace(model24.cluster, reduce_scatter_as_all_reduce=True),
+                            (2, 4))
+    assert lowered.reduce_scatter(4e6, (1,)) == model24.all_reduce(4e6, (1,))
+    assert lowered.reduce_scatter(4e6, ()) == 0.0
+    # host-cpu: XLA's CPU compiler keeps the partitioner's all-reduce + dynamic-slice
+    host = MeshCostModel(cluster_preset("host-cpu"), (8,))
+    assert cluster_preset("host-cpu").reduce_scatter_as_all_reduce
+    assert host.reduce_scatter(1e6, (0,)) == host.all_reduce(1e6, (0,))
+    assert not cluster_preset("h100-80gb").reduce_scatter_as_all_reduce
+
+
 def test_multi_axis_collective_uses_bottleneck_link():
     model = MeshCostModel(cluster_preset("a100-80gb"), (2, 8))
     inter, intra = model.links
@@ -137,6 +149,11 @@ def test_cluster_json_round_trip(name):
     calibrated = dataclasses.replace(cluster, axis_links=(Link(1.5e9, 3e-6), Link(2.5e10, 1e-5)))
     assert Cluster.from_json(calibrated.to_json()) == calibrated
     assert hash(Cluster.from_json(calibrated.to_json())) == hash(calibrated)
+    flipped = dataclasses.replace(cluster, reduce_scatter_as_all_reduce=not cluster.reduce_scatter_as_all_reduce)
+    assert Cluster.from_json(flipped.to_json()) == flipped
+    # only written when set, so files for GPU clusters read by older versions are unchanged
+    assert ("reduce_scatter_as_all_reduce" in json.loads(cluster.to_json())) == \
+        cluster.reduce_scatter_as_all_reduce
 
 
 def _mutated_json(**changes) -> str:
@@ -166,6 +183,7 @@ _DELETE = object()
         (_mutated_json(inter_node={"bandwidth": 1e9}), "'inter_node'"),
         (_mutated_json(inter_node={"bandwidth": -1.0, "latency": 0.0}), "bandwidth"),
         (_mutated_json(axis_links=5), "'axis_links'"),
+        (_mutated_json(reduce_scatter_as_all_reduce="yes"), "reduce_scatter_as_all_reduce"),
         (_mutated_json(colour="blue"), "colour"),
     ],
 )

@@ -52,6 +52,13 @@ def test_chain_of_3_resharding_dominates():
     _check_optimal(request, (0, 0, 0), 1.0)
 
 
+def test_problem_reduced_to_nothing_with_a_gap_limit_is_optimal():
+    # No edges: every node takes its cheapest strategy and CP-SAT never runs; a gap
+    # limit (as tied repeated layers set) must not ask the unused solver for its bound.
+    request = IntraOpRequest(node_costs=([2.0, 1.0], [0.0, 3.0]), gap_limit=0.01)
+    _check_optimal(request, (1, 0), 1.0)
+
+
 def test_diamond_locally_cheapest_is_globally_wrong():
     # A -> B, A -> C, B -> D, C -> D; each edge costs 1 s when strategies differ.
     # A [0, 0.5], B [0, 0], C [0, 0], D [5, 0]. Locally A=0 and D=1 (then two edges

@@ -50,3 +50,21 @@ def test_ilp_never_costs_more_than_a_preset(workload_and_reference, shape, names
     ilp = costs.pop("ShardParallel")
     for name, cost in costs.items():
         assert ilp <= cost * (1 + 1e-6), (name, ilp, cost)
+
+
+def test_host_cpu_reduce_scatter_lowering_matches_the_backend():
+    """host-cpu prices a reduce-scatter as an all-reduce because XLA's CPU compiler
+    leaves the partitioner's all-reduce + dynamic-slice as it is; if a jax upgrade
+    makes it emit reduce-scatter, the preset's ``reduce_scatter_as_all_reduce`` is stale."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from benchmarks.hlo import collective_stats
+
+    mesh = autoshard.make_mesh((8,), ("d",))
+    step = jax.jit(lambda a, b: jax.lax.with_sharding_constraint(
+        a @ b, NamedSharding(mesh, P(None, "d"))),
+        in_shardings=(NamedSharding(mesh, P(None, "d")), NamedSharding(mesh, P("d", None))))
+    arg = jax.ShapeDtypeStruct((64, 64), "float32")
+    stats = collective_stats(step.lower(arg, arg).compile().as_text())
+    lowered = stats["reduce-scatter"]["count"] == 0 and stats["all-reduce"]["count"] == 1
+    assert lowered == autoshard.cluster_preset("host-cpu").reduce_scatter_as_all_reduce, stats
