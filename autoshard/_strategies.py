@@ -26,8 +26,9 @@ class Strategy:
     ``in_specs[k]`` is the layout operand ``k`` must have (``None`` for literals);
     ``compute_s`` and ``communication_s`` are per-device seconds (the latter for the
     collectives the strategy itself needs, e.g. the all-reduce of a split contraction).
-    ``temp_bytes``: per-device bytes of a buffer it needs only while it runs (the
-    unreduced partial result a reduce-scatter reads).
+    ``temp_bytes``: per-device bytes of buffers it needs only while it runs (the
+    unreduced partial result a reduce-scatter reads, plus the full all-reduce result on
+    backends that lower a reduce-scatter to all-reduce + slice).
     """
 
     name: str
@@ -168,8 +169,11 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, fused)
             scattered = out_spec[:d] + (out_spec[d] + (axis,),) + out_spec[d + 1:]
             comm = model.all_reduce(out_bytes[0], rest) if rest else 0.0
             comm += model.reduce_scatter(out_bytes[0], (axis,))
+            # the unreduced partial, and where the backend emits an all-reduce then a
+            # slice, that all-reduce's full-size result beside it
+            temp = out_bytes[0] * (2 if model.cluster.reduce_scatter_as_all_reduce else 1)
             yield Strategy(f"{name} reduce-scatter(dim {d})", (scattered,), in_specs,
-                           compute, comm, temp_bytes=out_bytes[0])
+                           compute, comm, temp_bytes=temp)
 
 
 def _assignment_name(loop_axes, reductions) -> str:

@@ -79,10 +79,11 @@ def test_estimate_matches_the_compiled_program(model, mesh8, request):
     assert 0.75 <= _compiled_bytes(step, workload.args) / plan.cost.peak_memory_bytes <= 1.25
 
 
-def test_tight_budget_is_kept_by_the_compiled_gpt(mesh8):
+@pytest.mark.parametrize("model", ["adam_mlp", "gpt"])
+def test_tight_budget_is_kept_by_the_compiled_program(model, mesh8, request):
     # Under a binding budget the compiled program stays within 25% of it too.
     from examples.models import gpt
-    workload = gpt()
+    workload = request.getfixturevalue("adam_mlp") if model == "adam_mlp" else gpt()
     free = autoshard.parallelize(workload.fn, mesh=mesh8).plan(*workload.args)
     budget = int(0.7 * free.cost.peak_memory_bytes)
     step = autoshard.parallelize(workload.fn, mesh=mesh8, memory_budget=budget)
