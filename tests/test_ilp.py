@@ -228,27 +228,6 @@ def _random_request(rng, n_max=7, s_max=4):
     )
 
 
-@pytest.mark.parametrize("seed", range(30))
-def test_matches_brute_force(seed):
-    request = _random_request(np.random.default_rng(seed))
-    best, min_peak = _brute_force(request)
-    if best is None and min_peak is not None:
-        with pytest.raises(InfeasibleError) as info:
-            solve_intra_op(request)
-        assert info.value.min_peak_bytes == min_peak
-        return
-    if best is None:
-        with pytest.raises(ValueError):
-            solve_intra_op(request)
-        return
-    result = solve_intra_op(request)
-    check = evaluate(request, result.choices)
-    assert check.violations == ()
-    assert result.status == "OPTIMAL"
-    assert check.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
-    assert result.objective == check.objective
-
-
 def _random_copy_request(rng):
     """Memory points made of node terms and pair terms (copies that exist only for some pairs)."""
     request = _random_request(rng)
@@ -267,9 +246,13 @@ def _random_copy_request(rng):
                                memory_terms=tuple(points), memory_budget=float(rng.integers(40, 200)))
 
 
+@pytest.mark.parametrize("kind", ["node memory", "pair memory"])
 @pytest.mark.parametrize("seed", range(30))
-def test_pair_memory_terms_match_brute_force(seed):
-    request = _random_copy_request(np.random.default_rng(1000 + seed))
+def test_matches_brute_force(seed, kind):
+    if kind == "node memory":
+        request = _random_request(np.random.default_rng(seed))
+    else:
+        request = _random_copy_request(np.random.default_rng(1000 + seed))
     best, min_peak = _brute_force(request)
     if best is None and min_peak is not None:
         with pytest.raises(InfeasibleError) as info:
@@ -283,7 +266,9 @@ def test_pair_memory_terms_match_brute_force(seed):
     result = solve_intra_op(request)
     check = evaluate(request, result.choices)
     assert check.violations == ()
+    assert result.status == "OPTIMAL"
     assert check.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+    assert result.objective == check.objective
 
 
 def test_copy_bytes_steer_the_choice():
