@@ -7,7 +7,10 @@ strategies and a remaining edge or memory constraint gets one-hot literals
 ``Σ_j e[i, j] = s_a[i]`` and ``Σ_i e[i, j] = s_b[j]`` (which imply Σ e = 1), each
 written as ``exactly_one(e[i, :] + [¬s_a[i]])`` -- the form CP-SAT's presolve
 would convert it to anyway. Inf cells get no literal, so the pair is forbidden.
-Only cells with a non-zero residual enter the objective.
+Only cells with a non-zero residual enter the objective. Memory rows (with a budget)
+are linear in the node literals and, for pair terms (a resharding copy that exists
+only for some strategy pairs), in the cells of that pair's edge, whose classes then
+also separate strategies by bytes (a zero-cost edge is added if the pair has none).
 
 Why this: the equality-linked grid is the local-marginal polytope, the tightest
 pairwise LP relaxation; with ``linearization_level=2`` CP-SAT's LP then proves
