@@ -220,14 +220,20 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                 axis_names: tuple[str, ...], cluster: Cluster, method,
                 batch_flat: Sequence[bool], static_repr: str = "",
                 donated_flat: Sequence[bool] = (), memory_budget: float | None = None,
-                in_layouts: Mapping[int, PartitionSpec] | None = None) -> Plan:
+                in_layouts: Mapping[int, PartitionSpec] | None = None,
+                carried: Sequence[tuple[int, int]] = ()) -> Plan:
     """Plan ``traced`` on a mesh of ``mesh_shape`` with ``method``; with ``memory_budget``
     (bytes per device) the estimated peak memory of the plan stays within it.
 
     ``in_layouts``: flat input index → the layout that input already has on this mesh
     (another program, run before on the same devices, made it or reads it so). The plan
     reads it in that layout, whatever ``method`` allows, and prices no copy from the host
-    for it; a pipeline uses this so that its programs agree at their boundaries."""
+    for it; a pipeline uses this so that its programs agree at their boundaries.
+
+    ``carried``: (flat output, flat input) pairs priced as carried (the output is read
+    in that input's layout later), besides those :func:`carried_pairs` finds by key path;
+    a pipeline stage pairs each parameter's gradient with the parameter, which the
+    apply-gradient program reads in the stage's layout."""
     start = time.perf_counter()
     model = MeshCostModel(cluster, tuple(mesh_shape))
     program = traced.program
@@ -244,7 +250,7 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     graph = build_graph(traced, model, input_specs)
     messages = _warn_unsupported(graph)
     time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
-    pairs = carried_pairs(traced, donated_flat)
+    pairs = tuple(sorted(set(carried_pairs(traced, donated_flat)) | set(carried)))
     graph = _price_fed_inputs(graph, model, pairs, frozenset(fixed))
     uses = tuple(graph.uses) + tuple(_carried_uses(graph, pairs))
     memo: dict = {}
