@@ -71,3 +71,25 @@ def test_one_stage_pipeline_does_not_undercut_plain_intra_op():
                                   method=autoshard.ShardParallel()).plan(*w.args)
     assert len(pipe.stages) == 1 and pipe.stages[0].num_microbatches == 2
     assert pipe.cost.total_s >= plain.cost.total_s * 0.99, (pipe.cost, plain.cost)
+
+
+def test_plan_traced_reads_pinned_inputs_in_their_layout():
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from autoshard._planner import plan_traced
+    from autoshard._specs import from_partition_spec, to_partition_spec
+    from autoshard._trace import trace
+
+    assert from_partition_spec(P(None, ("d", "m")), 3, ("d", "m")) == ((), (0, 1), ())
+    assert to_partition_spec(from_partition_spec(P("m", "d"), 2, ("d", "m")), ("d", "m")) == \
+        P("m", "d")
+    x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+    traced = trace(lambda a, b: (a @ b.T) * 2.0, (x, x))
+    kw = dict(mesh_shape=(2, 4), axis_names=("d", "m"),
+              cluster=autoshard.cluster_preset("host-cpu"), method=autoshard.ShardParallel(),
+              batch_flat=[False, False])
+    plan = plan_traced(traced, in_layouts={0: P(None, "m"), 1: P("d")}, **kw)
+    assert plan.flat_in_specs == (P(None, "m"), P("d"))
+    with pytest.raises(ValueError, match="cannot hold"):
+        plan_traced(traced, in_layouts={0: P(None, ("d", "m"))}, **{**kw, "mesh_shape": (4, 16)})
