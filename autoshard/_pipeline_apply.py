@@ -9,7 +9,10 @@ update to one program on the full mesh.
 """
 from __future__ import annotations
 
+import math
+
 import jax
+from jax.sharding import PartitionSpec
 
 from ._pipeline_layout import PlannedApply, apply_name
 from ._pipeline_trace import SplitStep
@@ -49,11 +52,57 @@ def _subprogram(O: Program, eqns, wanted_outputs) -> Program:
                    tuple(O.eqns[e] for e in eqns), constants)
 
 
+FULL_MESH = -1   # where a program runs: a stage index, or the whole mesh
+
+
+def _where(s: int, stage, mesh_shape) -> int:
+    """Stage ``s``'s index, or FULL_MESH when its sub-mesh is the whole mesh, device for
+    device (one stage)."""
+    full = tuple(stage.mesh_shape) == tuple(mesh_shape) and \
+        tuple(stage.positions) == tuple(range(math.prod(mesh_shape)))
+    return FULL_MESH if full else s
+
+
+def boundary_layouts(split: SplitStep, stages, mesh_shape) -> dict[int, tuple[int, PartitionSpec]]:
+    """Outer value id → (where, layout) for the values the stage programs hand to the
+    once-per-step programs or read from the step's arguments: each gradient as the
+    backward of the first stage producing it outputs it (the runtime accumulates it
+    there), each step argument a stage reads as the first stage reading it has it."""
+    O = split.traced.program
+    F = split.forward.program
+    geqn = O.eqns[split.grad_eqn]
+    n_val = 1 + split.num_aux
+    where = [_where(s, st, mesh_shape) for s, st in enumerate(stages)]
+    known: dict[int, tuple[int, PartitionSpec]] = {}
+    for s, st in enumerate(stages):
+        for k, v in enumerate(st.program.inputs):
+            if v not in F.invars:
+                continue
+            atom = geqn.inputs[F.invars.index(v)]
+            if isinstance(atom, int) and atom not in split.batch_vids:
+                known.setdefault(atom, (where[s], st.plan.flat_in_specs[k]))
+    diff_idx = [k for k, d in enumerate(split.diff) if d]
+    for g, k in zip(geqn.outputs[n_val:], diff_idx, strict=True):
+        for s, st in enumerate(stages):
+            sp = st.program
+            diff_inputs = [v for v, d in zip(sp.inputs, sp.diff_in) if d]
+            if F.invars[k] in diff_inputs:
+                spec = st.plan.flat_out_specs[len(sp.outputs) + diff_inputs.index(F.invars[k])]
+                known[g] = (where[s], spec)
+                break
+    return known
+
+
 def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, cluster,
                      method, plan_part=None):
     """(pre-gradient parts, apply parts) as :class:`PlannedApply`. Each part is planned
     with ``method.stage_method``, or by ``plan_part(name, program)`` when given (a saved
-    plan's shardings; called in order: the pre-gradient part, then the apply parts)."""
+    plan's shardings; called in order: the pre-gradient part, then the apply parts).
+
+    A part reads what a program on the same devices hands it in that program's layout
+    (:func:`boundary_layouts`; the pre-gradient part's outputs for the apply parts), so
+    that nothing is resharded between them unpriced: the apply's outputs carried to the
+    next step are priced against those layouts by the carried-value edges."""
     traced = split.traced
     O = traced.program
     geqn = O.eqns[split.grad_eqn]
@@ -64,8 +113,13 @@ def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, 
             out_path.setdefault(a, p)
     outvars = {a for a in O.outvars if isinstance(a, int)}
 
+    known = boundary_layouts(split, stages, mesh_shape) if plan_part is None else {}
+
     def planned(stage, eqns, outputs, mesh, name=None):
         prog = _subprogram(O, eqns, outputs)
+        where = _where(stage, stages[stage], mesh_shape) if stage >= 0 else FULL_MESH
+        in_layouts = {i: known[v][1] for i, v in enumerate(prog.invars)
+                      if v in known and known[v][0] == where}
         sub = _sub_traced(prog, [traced.sources[e] for e in eqns],
                           [in_path.get(v, f"value{v}") for v in prog.invars],
                           [out_path.get(v, f"value{v}") for v in prog.outvars])
@@ -74,7 +128,7 @@ def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, 
         else:
             plan = plan_traced(sub, mesh_shape=mesh, axis_names=axis_names, cluster=cluster,
                                method=method.stage_method,
-                               batch_flat=[False] * len(prog.invars))
+                               batch_flat=[False] * len(prog.invars), in_layouts=in_layouts)
         return PlannedApply(stage, prog, plan, prog.invars, tuple(outputs))
 
     pre = ()
@@ -83,6 +137,8 @@ def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, 
         read_later |= {a for a in geqn.inputs if isinstance(a, int)} | outvars
         outs = [v for e in split.pre for v in O.eqns[e].outputs if v in read_later]
         pre = (planned(-1, list(split.pre), outs, mesh_shape, "pre-gradient"),)
+        known.update((v, (FULL_MESH, spec))
+                     for v, spec in zip(pre[0].outputs, pre[0].plan.flat_out_specs))
 
     # label the post equations with the stage owning their gradients
     owner = _owners(split, stages)

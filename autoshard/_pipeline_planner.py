@@ -78,7 +78,8 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
         ct_batch = [len(P.avals[v].shape) > 0 for v in P.invars[len(sp.inputs):]]
         plan = plan_traced(sp.traced, mesh_shape=shapes[m], axis_names=axis_names,
                            cluster=cluster, method=method.stage_method,
-                           batch_flat=list(sp.batch_in) + ct_batch)
+                           batch_flat=list(sp.batch_in) + ct_batch,
+                           carried=_gradient_pairs(sp, F_ins))
         sub_sizes = dict(zip(axis_names, shapes[m]))
         pos = {v: k for k, v in enumerate(P.invars)}
         held = sum(bytes_per_device(P.avals[v], _spec_of(plan, v, pos), sub_sizes)
@@ -103,6 +104,18 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
     plan = make_plan(layout, solution, cluster, static_repr, device_ids,
                       time.perf_counter() - start, len(costs))
     return plan, layout
+
+
+def _gradient_pairs(sp: StageProgram, forward_inputs) -> tuple[tuple[int, int], ...]:
+    """(flat output, flat input) of the stage program: each parameter's gradient and the
+    parameter. The apply-gradient program reads both in the layouts the stage has them
+    (:mod:`._pipeline_apply`), so a gradient laid out unlike its parameter is resharded
+    there: priced here as a value carried into the parameter."""
+    n_out = len(sp.outputs)
+    outvars = sp.traced.program.outvars
+    diff = [k for k, d in enumerate(sp.diff_in) if d]   # the first inputs, in order
+    return tuple((n_out + j, k) for j, k in enumerate(diff)
+                 if sp.inputs[k] in forward_inputs and isinstance(outvars[n_out + j], int))
 
 
 def _send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_outputs, forward_inputs

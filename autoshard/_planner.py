@@ -6,9 +6,10 @@ import hashlib
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from . import ilp
 from ._following import group_followers, grouped_request
@@ -19,7 +20,7 @@ from ._memory_points import (candidate_steps, memory_terms, planned_peak_bytes, 
 from ._methods import DataParallel, Megatron, ShardParallel, ZeRO3
 from ._plan import Collective, OpCost, Plan, PlanCost, SolverInfo
 from ._signature import aval_text, equation_signature
-from ._specs import to_partition_spec
+from ._specs import Spec, from_partition_spec, spec_is_valid, to_partition_spec
 from ._trace import TracedFunction
 from ._user_frames import user_stacklevel
 from .cost_model import Cluster, MeshCostModel, format_bytes
@@ -98,14 +99,16 @@ def _carried_uses(graph: ShardingGraph, pairs) -> list[Use]:
     return uses
 
 
-def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs) -> ShardingGraph:
+def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs,
+                      on_device=frozenset()) -> ShardingGraph:
     """Arguments not carried from the previous step (the batch) arrive from the host every
-    call: each device copies in its shard, ``bytes per device / memory bandwidth``."""
+    call: each device copies in its shard, ``bytes per device / memory bandwidth``. Those in
+    ``on_device`` (flat indices: made by another program on these devices) copy nothing."""
     program = graph.traced.program
     carried = {i for _, i in pairs}
     nodes = list(graph.nodes)
     for i, vid in enumerate(program.invars):
-        if i in carried:
+        if i in carried or i in on_device:
             continue
         n = graph.input_node(i)
         aval = program.avals[vid]
@@ -142,6 +145,23 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest, model: Me
                 allowed[position[v]] = options
         candidates.append(ilp.greedy_assignment(request, allowed))
     return ilp.best_assignment(request, candidates)
+
+
+def _fixed_inputs(program, in_layouts: Mapping[int, PartitionSpec], mesh_shape, axis_names
+                  ) -> dict[int, Spec]:
+    """``in_layouts`` as internal specs, each checked against its input's shape and the mesh."""
+    fixed = {}
+    for i, pspec in in_layouts.items():
+        if not 0 <= i < len(program.invars):
+            raise ValueError(f"in_layouts names input {i} of a program with "
+                             f"{len(program.invars)} inputs")
+        shape = tuple(program.avals[program.invars[i]].shape)
+        spec = from_partition_spec(pspec, len(shape), axis_names)
+        if not spec_is_valid(shape, spec, mesh_shape):
+            raise ValueError(f"in_layouts gives input {i} (shape {shape}) the layout {pspec}, "
+                             f"which a {'x'.join(map(str, mesh_shape))} mesh cannot hold")
+        fixed[i] = spec
+    return fixed
 
 
 class InfeasiblePlanError(ValueError):
@@ -199,15 +219,30 @@ def _warn_unsupported(graph: ShardingGraph) -> tuple[str, ...]:
 def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                 axis_names: tuple[str, ...], cluster: Cluster, method,
                 batch_flat: Sequence[bool], static_repr: str = "",
-                donated_flat: Sequence[bool] = (), memory_budget: float | None = None) -> Plan:
+                donated_flat: Sequence[bool] = (), memory_budget: float | None = None,
+                in_layouts: Mapping[int, PartitionSpec] | None = None,
+                carried: Sequence[tuple[int, int]] = ()) -> Plan:
     """Plan ``traced`` on a mesh of ``mesh_shape`` with ``method``; with ``memory_budget``
-    (bytes per device) the estimated peak memory of the plan stays within it."""
+    (bytes per device) the estimated peak memory of the plan stays within it.
+
+    ``in_layouts``: flat input index → the layout that input already has on this mesh
+    (another program, run before on the same devices, made it or reads it so). The plan
+    reads it in that layout, whatever ``method`` allows, and prices no copy from the host
+    for it; a pipeline uses this so that its programs agree at their boundaries.
+
+    ``carried``: (flat output, flat input) pairs priced as carried (the output is read
+    in that input's layout later), besides those :func:`carried_pairs` finds by key path;
+    a pipeline stage pairs each parameter's gradient with the parameter, which the
+    apply-gradient program reads in the stage's layout."""
     start = time.perf_counter()
     model = MeshCostModel(cluster, tuple(mesh_shape))
     program = traced.program
     invar_index = {v: i for i, v in enumerate(program.invars)}
+    fixed = _fixed_inputs(program, in_layouts or {}, tuple(mesh_shape), tuple(axis_names))
 
     def input_specs(i, shape):
+        if i in fixed:
+            return [fixed[i]]
         return method.input_specs(shape, model.mesh_shape, bool(batch_flat[i]))
 
     _log.info("planning %s on mesh %s: %d equations", _method_name(method),
@@ -215,8 +250,8 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     graph = build_graph(traced, model, input_specs)
     messages = _warn_unsupported(graph)
     time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
-    pairs = carried_pairs(traced, donated_flat)
-    graph = _price_fed_inputs(graph, model, pairs)
+    pairs = tuple(sorted(set(carried_pairs(traced, donated_flat)) | set(carried)))
+    graph = _price_fed_inputs(graph, model, pairs, frozenset(fixed))
     uses = tuple(graph.uses) + tuple(_carried_uses(graph, pairs))
     memo: dict = {}
     matrices = [use_cost_matrix(graph, u, model, memo) for u in uses]

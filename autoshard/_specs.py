@@ -33,6 +33,20 @@ def to_partition_spec(spec: Spec, axis_names: Sequence[str]) -> PartitionSpec:
     return PartitionSpec(*entries)
 
 
+def from_partition_spec(pspec: PartitionSpec, rank: int, axis_names: Sequence[str]) -> Spec:
+    """``PartitionSpec(None, ('data', 'model'))`` → ``((), (0, 1), ())`` for a rank-3
+    tensor (the inverse of :func:`to_partition_spec`)."""
+    entries = tuple(pspec)
+    if len(entries) > rank:
+        raise ValueError(f"{pspec} names {len(entries)} dims of a rank-{rank} tensor")
+    index = {name: a for a, name in enumerate(axis_names)}
+    spec = []
+    for entry in entries + (None,) * (rank - len(entries)):
+        names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+        spec.append(tuple(index[n] for n in names))
+    return tuple(spec)
+
+
 def spec_is_valid(shape: Sequence[int], spec: Spec, mesh_shape: Sequence[int]) -> bool:
     if len(spec) != len(shape):
         return False
