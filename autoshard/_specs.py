@@ -35,15 +35,19 @@ def to_partition_spec(spec: Spec, axis_names: Sequence[str]) -> PartitionSpec:
 
 def from_partition_spec(pspec: PartitionSpec, rank: int, axis_names: Sequence[str]) -> Spec:
     """``PartitionSpec(None, ('data', 'model'))`` → ``((), (0, 1), ())`` for a rank-3
-    tensor (the inverse of :func:`to_partition_spec`)."""
+    tensor (the inverse of :func:`to_partition_spec`); raises ``ValueError`` on unknown
+    axes or too many entries."""
     entries = tuple(pspec)
     if len(entries) > rank:
         raise ValueError(f"{pspec} names {len(entries)} dims of a rank-{rank} tensor")
-    index = {name: a for a, name in enumerate(axis_names)}
     spec = []
     for entry in entries + (None,) * (rank - len(entries)):
-        names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-        spec.append(tuple(index[n] for n in names))
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        for name in names:
+            if name not in axis_names:
+                raise ValueError(f"{pspec} names mesh axis {name!r}; the mesh has "
+                                 f"{tuple(axis_names)}")
+        spec.append(tuple(axis_names.index(name) for name in names))
     return tuple(spec)
 
 

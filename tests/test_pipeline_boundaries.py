@@ -88,6 +88,8 @@ def test_plan_traced_reads_pinned_inputs_in_their_layout():
     assert from_partition_spec(P(None, ("d", "m")), 3, ("d", "m")) == ((), (0, 1), ())
     assert to_partition_spec(from_partition_spec(P("m", "d"), 2, ("d", "m")), ("d", "m")) == \
         P("m", "d")
+    with pytest.raises(ValueError, match="names mesh axis 'x'"):
+        from_partition_spec(P("x"), 1, ("d", "m"))
     x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
     traced = trace(lambda a, b: (a @ b.T) * 2.0, (x, x))
     kw = dict(mesh_shape=(2, 4), axis_names=("d", "m"),
