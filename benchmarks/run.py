@@ -154,13 +154,8 @@ def _pipeline_hlo_stats(f, mesh, args) -> dict:
                  for name in lowered.names]
     programs = []
     for name, runs, devices, program in parts:
-        compiled = program.compile()
-        cols = hlo.collective_stats(compiled.as_text())
         programs.append({"name": name, "runs_per_step": runs, "device_ids": list(devices),
-                         "collectives": cols,
-                         "collective_bytes": sum(c["bytes"] for c in cols.values()),
-                         "flops": hlo.flops(compiled), "memory": hlo.memory(compiled)})
-        del compiled
+                         **_hlo_stats(program.compile())})
     devices = sorted({d for p in programs for d in p["device_ids"]})
     on = {d: [p for p in programs if d in p["device_ids"]] for d in devices}
     per_step = lambda d, get: sum(p["runs_per_step"] * (get(p) or 0) for p in on[d])  # noqa: E731
