@@ -308,11 +308,7 @@ class ParallelizedFunction:
         all programs under headers. (When the planner kept plain intra-op parallelism,
         one program, this is a plain ``Lowered``, as for :class:`ShardParallel`.)
         """
-        entry = self._compiled(args, need_program=True)
-        if entry.pipeline is not None:
-            return entry.program.lower()
-        avals = [entry.traced.program.avals[v] for v in entry.traced.program.invars]
-        return entry.program.lower(avals)
+        return self._compiled(args, need_program=True).program.lower()
 
     def __call__(self, *args):
         entry = self._compiled(args, need_program=True)

@@ -198,11 +198,11 @@ class PipelineProgram:
 
     def lower(self) -> "PipelineLowered":
         """Every program lowered for its sub-mesh and shapes (see :class:`PipelineLowered`)."""
-        return PipelineLowered(tuple((name, prog.lower(), n)
-                                     for name, prog, n in self.programs()),
+        programs = self.programs()
+        return PipelineLowered(tuple((name, prog.lower(), n) for name, prog, n in programs),
                                self.num_microbatches, self.schedule,
                                {name: tuple(int(d.id) for d in prog.mesh.devices.flat)
-                                for name, prog, _ in self.programs()})
+                                for name, prog, _ in programs})
 
 
 class _Programs:

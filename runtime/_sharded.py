@@ -24,7 +24,7 @@ class ShardedProgram:
     in_shardings: tuple[NamedSharding, ...]
     out_shardings: tuple[NamedSharding, ...]
     jitted: object
-    in_avals: tuple = ()   # the program's argument avals (what lower() lowers for)
+    in_avals: tuple        # the program's argument avals (what lower() lowers for)
 
     def place(self, flat_args: Sequence) -> list:
         """Put every argument on the mesh with its planned sharding (no-op when it already is).
@@ -48,12 +48,11 @@ class ShardedProgram:
     def __call__(self, flat_args: Sequence) -> list:
         return self.jitted(*self.place(flat_args))
 
-    def lower(self, flat_avals: Sequence | None = None):
-        """``jax.stages.Lowered`` for arguments of these shapes (no devices touched);
-        by default the shapes the program was traced with."""
-        flat_avals = self.in_avals if flat_avals is None else flat_avals
+    def lower(self):
+        """``jax.stages.Lowered`` for arguments of the shapes the program was traced with
+        (no devices touched)."""
         structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-                   for a, s in zip(flat_avals, self.in_shardings, strict=True)]
+                   for a, s in zip(self.in_avals, self.in_shardings, strict=True)]
         return self.jitted.lower(*structs)
 
 
