@@ -14,7 +14,7 @@ from ._methods import (DataParallel, Megatron, PipeshardParallel, ShardParallel,
                        method_from_repr)
 from ._multihost import check_same_plan
 from ._plan import Plan
-from ._planner import InfeasiblePlanError, fingerprint, plan_traced
+from ._planner import InfeasiblePlanError, check_fingerprint, fingerprint, plan_traced
 from ._trace import TracedFunction, trace
 from .cost_model import Cluster, format_bytes, parse_bytes
 from .runtime import ShardedProgram, shard_program
@@ -225,13 +225,7 @@ class ParallelizedFunction:
     def _reuse_plan(self, traced: TracedFunction, statics: str) -> Plan:
         """The fixed plan, after checking it was made for this signature."""
         plan = self._fixed_plan
-        got = fingerprint(traced, statics)
-        if got != plan.fingerprint:
-            raise ValueError(
-                f"the plan passed to parallelize(plan=...) was made for another function or "
-                f"input signature: fingerprint mismatch (plan {plan.fingerprint}, this function "
-                f"with these arguments {got}). Plans are tied to the traced program and to the "
-                f"argument tree structure, shapes, dtypes and static arguments; plan again")
+        check_fingerprint(plan, fingerprint(traced, statics), "plan again")
         program = traced.program
         if (len(plan.flat_in_specs), len(plan.flat_out_specs)) != \
                 (len(program.invars), len(program.outvars)):

@@ -14,7 +14,7 @@ from ._pipeline_apply import plan_step_parts
 from ._pipeline_layout import PipelineLayout, PlannedStage
 from ._pipeline_trace import split_step
 from ._plan import Plan, ProgramSpecs, StageAssignment
-from ._planner import fingerprint
+from ._planner import check_fingerprint, fingerprint
 from ._stage_program import stage_program
 from .runtime import Program
 
@@ -67,13 +67,8 @@ def reuse_pipeline(fun, args, plan: Plan, *, static_argnums, batch_flags,
         _refuse("holds no per-program shardings (it was written by an older autoshard, "
                 "before pipeline plans kept them)")
     split = split_step(fun, args, static_argnums, batch_flags, method.num_microbatches)
-    got = fingerprint(split.traced, static_repr, argument_avals=split.full_avals)
-    if got != plan.fingerprint:
-        raise ValueError(
-            f"the plan passed to parallelize(plan=...) was made for another function or "
-            f"input signature: fingerprint mismatch (plan {plan.fingerprint}, this function "
-            f"with these arguments {got}). Plans are tied to the traced program and to the "
-            f"argument tree structure, shapes, dtypes and static arguments; {_AGAIN}")
+    check_fingerprint(plan, fingerprint(split.traced, static_repr,
+                                        argument_avals=split.full_avals), _AGAIN)
     layering = assign_layers(split.forward.program, split.diff, split.batch, method.num_layers)
     layers = [lv for st in records for lv in st.layers]
     if layers != list(range(layering.num_layers)) or any(not st.layers for st in records):

@@ -55,6 +55,17 @@ def fingerprint(traced: TracedFunction, static_repr: str, argument_avals=None) -
     return digest.hexdigest()[:16]
 
 
+def check_fingerprint(plan, got: str, advice: str) -> None:
+    """Raise ``ValueError`` unless ``plan`` was made for the program whose fingerprint is
+    ``got``; ``advice`` ends the message (what to do instead)."""
+    if got != plan.fingerprint:
+        raise ValueError(
+            f"the plan passed to parallelize(plan=...) was made for another function or "
+            f"input signature: fingerprint mismatch (plan {plan.fingerprint}, this function "
+            f"with these arguments {got}). Plans are tied to the traced program and to the "
+            f"argument tree structure, shapes, dtypes and static arguments; {advice}")
+
+
 def carried_pairs(traced: TracedFunction, donated_flat: Sequence[bool] = ()
                   ) -> tuple[tuple[int, int], ...]:
     """(flat output, flat input) pairs carried from one step to the next.
