@@ -225,6 +225,7 @@ _FIELDS = ("format", "format_version", "method", "fingerprint", "mesh", "cluster
 
 
 def plan_to_dict(plan: Plan) -> dict:
+    values, operands = _value_specs_to_json(plan.value_specs, plan.operand_specs)
     data = {
         "format": "autoshard-plan",
         "format_version": FORMAT_VERSION,
@@ -239,8 +240,8 @@ def plan_to_dict(plan: Plan) -> dict:
                                                          strict=True)],
         "outputs": [[p, _spec_to_json(s)] for p, s in zip(plan.out_paths, plan.flat_out_specs,
                                                           strict=True)],
-        "value_specs": _value_specs_to_json(plan.value_specs, plan.operand_specs)[0],
-        "operand_specs": _value_specs_to_json(plan.value_specs, plan.operand_specs)[1],
+        "value_specs": values,
+        "operand_specs": operands,
         "cost": _record_to_json(plan.cost),
         "solver": None if plan.solver is None else _record_to_json(plan.solver),
         "collectives": [_record_to_json(c) for c in plan.collectives],
