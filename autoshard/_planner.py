@@ -284,8 +284,9 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
               f", memory budget {format_bytes(memory_budget)}" if memory_budget else "")
     result = _solve_within_budget(request, graph, grouping, model, donated, memory_budget,
                                   mesh_shape)
-    _log.info("solved: %s, %.4g s per step, gap %.2f%%, %d variables (%.2f s)", result.status,
-              result.objective, 100 * result.gap, result.num_variables, result.solve_time_s)
+    _log.info("solved: %s (%s), %.4g s per step, gap %.2f%%, %d variables (%.2f s, LP %.2f s)",
+              result.status, result.stats.solver_status, result.objective, 100 * result.gap,
+              result.num_variables, result.solve_time_s, result.stats.lp_time_s)
     choices = grouping.expand(result.choices)
     chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]
 

@@ -1,4 +1,4 @@
-"""Intra-operator strategy selection as a CP-SAT model.
+"""Intra-operator strategy selection: an LP relaxation first, a CP-SAT model when needed.
 
 Formulation (after the exact reductions in ``_reduce``): every node with >= 2
 strategies and a remaining edge or memory constraint gets one-hot literals
@@ -11,6 +11,15 @@ Only cells with a non-zero residual enter the objective. Memory rows (with a bud
 are linear in the node literals and, for pair terms (a resharding copy that exists
 only for some strategy pairs), in the cells of that pair's edge, whose classes then
 also separate strategies by bytes (a zero-cost edge is added if the pair has none).
+Edge grids over strategy classes are built once (``_grid``) for both solvers.
+
+Order of work: the same model's LP relaxation is solved first (``_relaxation``,
+HiGHS). When its optimum is integral -- the usual case on traced programs -- that
+is the ILP optimum and no search runs (status OPTIMAL, ``LP_INTEGRAL``); when the
+best warm start is already within ``gap_limit`` of the LP bound, it is returned
+(``LP_BOUND``); otherwise CP-SAT searches, hinted with the better of local search
+from the caller's hint and from the LP's rounding, and its gap is measured
+against the larger of its own bound and the LP's.
 
 Why this: the equality-linked grid is the local-marginal polytope, the tightest
 pairwise LP relaxation; with ``linearization_level=2`` CP-SAT's LP then proves
@@ -34,8 +43,9 @@ choices within that of the optimum may be returned as "OPTIMAL". The reported
 ``objective`` is always recomputed in float from the choices.
 
 Determinism: the model is built in sorted order, solved with one worker, a fixed
-seed and a deterministic time limit (see ``_memory.solver_parameters``), so the
-same request gives the same choices in every run and process.
+seed and a deterministic time limit (see ``_memory.solver_parameters``); the LP
+runs single-threaded dual simplex and is skipped by a size rule, not a clock; so
+the same request gives the same choices in every run and process.
 """
 
 from __future__ import annotations
@@ -47,9 +57,11 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from ._evaluate import evaluate
+from ._grid import EdgeGrid, edge_grid
 from ._heuristic import best_assignment, local_search, polish
 from ._memory import _min_peak, memory_unit, solver_parameters, to_units
 from ._reduce import ReducedProblem, reduce_request
+from ._relaxation import Relaxation, solve_relaxation
 from ._repeats import RepeatClasses, repeat_classes, tied_request
 from ._request import InfeasibleError, IntraOpRequest, IntraOpResult, SolverStats
 from ._units import format_bytes
@@ -104,6 +116,12 @@ def _raise_infeasible(request: IntraOpRequest, reduced: ReducedProblem) -> None:
     )
 
 
+def _raise_no_assignment(request: IntraOpRequest, reduced: ReducedProblem, rows) -> None:
+    if rows:
+        _raise_infeasible(request, reduced)
+    raise ValueError("no assignment satisfies the forbidden (inf) strategy pairs")
+
+
 def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     """Pick one strategy per node minimising Σ node seconds + Σ edge resharding seconds.
 
@@ -143,95 +161,50 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
         largest, worst = max(largest, top), worst + top
     scale = 1.0 if largest <= 0 else min(_RESOLUTION / largest, 2.0**50 / worst)
 
-    # --- model ---------------------------------------------------------------------
-    model = cp_model.CpModel()
-    lits: dict[int, list] = {}
-    obj_vars: list = []
-    obj_coefs: list[int] = []
-    for v in active:
-        vector = [model.new_bool_var("") for _ in range(len(reduced.keep[v]))]
-        lits[v] = vector
-        model.add_exactly_one(vector)
-        coefs = np.rint((reduced.cost[v] - base[v]) * scale).astype(np.int64)
-        for lit, c in zip(vector, coefs.tolist()):
-            if c:
-                obj_vars.append(lit)
-                obj_coefs.append(c)
-    # Pairs whose copies count in a memory row need cells too (a zero-cost edge if none).
-    pair_memory: dict[tuple[int, int], list[np.ndarray]] = {}
-    for terms, _ in rows:
-        for *ends, coef in terms:
-            if len(ends) == 2:
-                pair_memory.setdefault(tuple(ends), []).append(coef)
-    model_edges = list(reduced.edges) + [
-        (a, b, np.zeros((len(reduced.keep[a]), len(reduced.keep[b]))))
-        for a, b in sorted(set(pair_memory) - {(a, b) for a, b, _ in reduced.edges})]
-    edge_cells = []
-    cell_of: dict[tuple[int, int], tuple] = {}
-    for a, b, matrix in model_edges:
-        # Classes of strategies that the edge's cost and every copy term see alike.
-        seen = np.concatenate([matrix] + pair_memory.get((a, b), []), axis=1)
-        seen_t = np.concatenate([matrix.T] + [m.T for m in pair_memory.get((a, b), [])], axis=1)
-        row_of, rep_rows = _classes(seen)
-        col_of, rep_cols = _classes(seen_t)
-        grid = matrix[np.ix_(rep_rows, rep_cols)]
-        finite = np.isfinite(grid)
-        coefs = np.rint(np.where(finite, grid, 0.0) * scale).astype(np.int64).tolist()
-        cells = [[model.new_bool_var("") if finite[k, l] else None
-                  for l in range(len(rep_cols))] for k in range(len(rep_rows))]
-        for k in range(len(rep_rows)):
-            members = [lits[a][i] for i in np.flatnonzero(row_of == k)]
-            model.add(sum(c for c in cells[k] if c is not None) == sum(members))
-            for l in range(len(rep_cols)):
-                if cells[k][l] is not None and coefs[k][l]:
-                    obj_vars.append(cells[k][l])
-                    obj_coefs.append(coefs[k][l])
-        for l in range(len(rep_cols)):
-            members = [lits[b][j] for j in np.flatnonzero(col_of == l)]
-            column = [cells[k][l] for k in range(len(rep_rows)) if cells[k][l] is not None]
-            model.add(sum(column) == sum(members))
-        edge_cells.append((row_of, col_of, cells))
-        cell_of[(a, b)] = (rep_rows, rep_cols, cells)
-    for terms, rhs in rows:
-        vars_, coefs_ = [], []
-        for *ends, coef in terms:
-            if len(ends) == 1:
-                pairs = zip(lits[ends[0]], coef.tolist())
-            else:
-                rep_rows, rep_cols, cells = cell_of[tuple(ends)]
-                block = coef[np.ix_(rep_rows, rep_cols)].tolist()
-                pairs = ((cell, block[k][l]) for k, row in enumerate(cells)
-                         for l, cell in enumerate(row) if cell is not None)
-            for lit, c in pairs:
-                if c:
-                    vars_.append(lit)
-                    coefs_.append(c)
-        model.add(cp_model.LinearExpr.weighted_sum(vars_, coefs_) <= rhs)
-    # The constant part rides along as an offset so that CP-SAT's relative gap (and so
-    # ``gap_limit``) is measured against the whole objective.
-    model.minimize(cp_model.LinearExpr.weighted_sum(obj_vars, obj_coefs) +
-                   int(round(constant * scale)))
+    grids = _edge_grids(reduced, rows)
 
-    position = _warm_start(request, reduced, bool(rows))
-    _add_hint(model, lits, model_edges, edge_cells, position)
-    proto = model.proto
-    num_variables, num_constraints = len(proto.variables), len(proto.constraints)
+    # --- LP relaxation: often integral, then optimal without a search ----------------
+    relaxation = None
+    if active:
+        relaxation = solve_relaxation(
+            [len(k) for k in reduced.keep], active, {v: reduced.cost[v] - base[v] for v in active},
+            grids, rows, constant, request.time_limit_s, _backstop_s(request.time_limit_s))
+    if relaxation is not None and relaxation.infeasible:
+        _raise_no_assignment(request, reduced, rows)
+    if relaxation is not None and relaxation.integral:
+        position = [relaxation.position.get(v, int(np.argmin(reduced.cost[v]))) for v in range(n)]
+        choices = tuple(int(k[p]) for k, p in zip(reduced.keep, position))
+        check = evaluate(request, choices)
+        if check.ok:
+            return _result(request, reduced, choices, check.objective, check.objective, "OPTIMAL",
+                           start, relaxation, len(grids), len(active), memory_points=len(rows), scale=0.0,
+                           build_time=time.perf_counter() - start, solver=None, solver_status="LP_INTEGRAL")
+
+    # --- warm start: local search from the caller's hint and from the LP's largest values
+    position = _warm_start(request, reduced, bool(rows), relaxation)
+    warm = tuple(int(k[p]) for k, p in zip(reduced.keep, position))
+    warm_eval = evaluate(request, warm)
+    bound = relaxation.bound if relaxation is not None and relaxation.solved else -np.inf
+    if warm_eval.ok and request.gap_limit > 0 and bound > -np.inf and \
+            warm_eval.objective - bound <= request.gap_limit * abs(warm_eval.objective):
+        return _result(request, reduced, warm, warm_eval.objective, min(bound, warm_eval.objective),
+                       "FEASIBLE", start, relaxation, len(grids), len(active), memory_points=len(rows), scale=0.0,
+                       build_time=time.perf_counter() - start, solver=None, solver_status="LP_BOUND")
+
+    # --- CP-SAT ----------------------------------------------------------------------
+    model, lits, edge_cells = _cp_model(reduced, active, base, constant, grids, rows, scale)
+    _add_hint(model, lits, grids, edge_cells, position)
     build_time = time.perf_counter() - start
-
-    # --- solve ---------------------------------------------------------------------
     solver = cp_model.CpSolver()
     solver_parameters(solver, request.time_limit_s)
     solver.parameters.relative_gap_limit = request.gap_limit
-    warm = tuple(int(k[p]) for k, p in zip(reduced.keep, position))
     if active:
         status = solver.solve(model)
         solution = solver.response_proto.solution
     else:
         status, solution = cp_model.OPTIMAL, []
     if status == cp_model.INFEASIBLE:
-        if rows:
-            _raise_infeasible(request, reduced)
-        raise ValueError("no assignment satisfies the forbidden (inf) strategy pairs")
+        _raise_no_assignment(request, reduced, rows)
     if status == cp_model.MODEL_INVALID:
         raise RuntimeError(f"internal error, CP-SAT rejected the model: {model.validate()}")
 
@@ -250,7 +223,7 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
             not active or request.gap_limit == 0
             or solver.best_objective_bound >= solver.objective_value)
         status_name = "OPTIMAL" if proven else "FEASIBLE"
-    elif evaluate(request, warm).ok:
+    elif warm_eval.ok:
         choices, status_name = warm, "FEASIBLE"  # time limit hit before CP-SAT's first solution
     else:
         raise RuntimeError(
@@ -260,41 +233,136 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
 
     objective = evaluate(request, choices).objective
     if status_name == "FEASIBLE":  # stopped by the limit: never return worse than the warm start
-        start_eval = evaluate(request, warm)
-        if start_eval.ok and start_eval.objective < objective:
-            choices, objective = warm, start_eval.objective
+        if warm_eval.ok and warm_eval.objective < objective:
+            choices, objective = warm, warm_eval.objective
     if status_name == "OPTIMAL":
-        lower_bound, gap = objective, 0.0
+        lower_bound = objective
     else:
-        bound = solver.best_objective_bound / scale if active else constant
-        lower_bound = min(objective, bound)
-        gap = (objective - lower_bound) / abs(objective) if objective else 0.0
-    wall = time.perf_counter() - start
+        cp_bound = solver.best_objective_bound / scale if active else constant
+        lower_bound = min(objective, max(cp_bound, bound))
+    return _result(request, reduced, choices, objective, lower_bound, status_name, start, relaxation,
+                   len(grids), len(active), memory_points=len(rows), scale=scale, build_time=build_time,
+                   solver=solver if active else None,
+                   solver_status=solver.status_name(status) if active else "TRIVIAL",
+                   model=model)
+
+
+def _backstop_s(time_limit_s: float) -> float:
+    """Wall-clock backstop for the LP (the same as CP-SAT's, see ``solver_parameters``)."""
+    return 5.0 * float(time_limit_s) + 30.0
+
+
+def _edge_grids(reduced: ReducedProblem, rows) -> list[EdgeGrid]:
+    """A grid per remaining edge, plus a zero-cost one per pair whose copies count in a memory row."""
+    pair_memory: dict[tuple[int, int], list[np.ndarray]] = {}
+    for terms, _ in rows:
+        for *ends, coef in terms:
+            if len(ends) == 2:
+                pair_memory.setdefault(tuple(ends), []).append(coef)
+    model_edges = list(reduced.edges) + [
+        (a, b, np.zeros((len(reduced.keep[a]), len(reduced.keep[b]))))
+        for a, b in sorted(set(pair_memory) - {(a, b) for a, b, _ in reduced.edges})]
+    return [edge_grid(a, b, matrix, tuple(pair_memory.get((a, b), ()))) for a, b, matrix in model_edges]
+
+
+def _cp_model(reduced: ReducedProblem, active, base, constant: float, grids, rows, scale: float):
+    """The CP-SAT model: (model, strategy literals per active node, cell literals per grid)."""
+    model = cp_model.CpModel()
+    lits: dict[int, list] = {}
+    obj_vars: list = []
+    obj_coefs: list[int] = []
+    for v in active:
+        vector = [model.new_bool_var("") for _ in range(len(reduced.keep[v]))]
+        lits[v] = vector
+        model.add_exactly_one(vector)
+        coefs = np.rint((reduced.cost[v] - base[v]) * scale).astype(np.int64)
+        for lit, c in zip(vector, coefs.tolist()):
+            if c:
+                obj_vars.append(lit)
+                obj_coefs.append(c)
+    edge_cells = []
+    cell_of: dict[tuple[int, int], tuple] = {}
+    for grid in grids:
+        finite = grid.finite
+        num_k, num_l = grid.cost.shape
+        coefs = np.rint(np.where(finite, grid.cost, 0.0) * scale).astype(np.int64).tolist()
+        cells = [[model.new_bool_var("") if finite[k, l] else None for l in range(num_l)]
+                 for k in range(num_k)]
+        for k in range(num_k):
+            members = [lits[grid.a][i] for i in np.flatnonzero(grid.row_of == k)]
+            model.add(sum(c for c in cells[k] if c is not None) == sum(members))
+            for l in range(num_l):
+                if cells[k][l] is not None and coefs[k][l]:
+                    obj_vars.append(cells[k][l])
+                    obj_coefs.append(coefs[k][l])
+        for l in range(num_l):
+            members = [lits[grid.b][j] for j in np.flatnonzero(grid.col_of == l)]
+            column = [cells[k][l] for k in range(num_k) if cells[k][l] is not None]
+            model.add(sum(column) == sum(members))
+        edge_cells.append(cells)
+        cell_of[(grid.a, grid.b)] = (grid, cells)
+    for terms, rhs in rows:
+        vars_, coefs_ = [], []
+        for *ends, coef in terms:
+            if len(ends) == 1:
+                pairs = zip(lits[ends[0]], coef.tolist())
+            else:
+                grid, cells = cell_of[tuple(ends)]
+                block = grid.block(coef).tolist()
+                pairs = ((cell, block[k][l]) for k, row in enumerate(cells)
+                         for l, cell in enumerate(row) if cell is not None)
+            for lit, c in pairs:
+                if c:
+                    vars_.append(lit)
+                    coefs_.append(c)
+        model.add(cp_model.LinearExpr.weighted_sum(vars_, coefs_) <= rhs)
+    # The constant part rides along as an offset so that CP-SAT's relative gap (and so
+    # ``gap_limit``) is measured against the whole objective.
+    model.minimize(cp_model.LinearExpr.weighted_sum(obj_vars, obj_coefs) +
+                   int(round(constant * scale)))
+    return model, lits, edge_cells
+
+
+def _result(request, reduced, choices, objective, lower_bound, status, start, relaxation,
+            model_edges, active_nodes, *, memory_points, scale, build_time, solver, solver_status, model=None):
+    gap = 0.0 if status == "OPTIMAL" or not objective else (objective - lower_bound) / abs(objective)
+    if status == "OPTIMAL":
+        lower_bound = objective
+    if model is not None:
+        num_variables, num_constraints = len(model.proto.variables), len(model.proto.constraints)
+    elif relaxation is not None:
+        num_variables, num_constraints = relaxation.num_variables, relaxation.num_constraints
+    else:
+        num_variables = num_constraints = 0
     stats = SolverStats(
-        active_nodes=len(active),
-        fixed_nodes=n - len(active),
+        active_nodes=active_nodes,
+        fixed_nodes=len(reduced.keep) - active_nodes,
         dropped_strategies=reduced.dropped_strategies,
         input_edges=len(request.edges),
-        model_edges=len(model_edges),
+        model_edges=model_edges,
         merged_edges=reduced.merged_edges,
         folded_edges=reduced.folded_edges,
-        memory_points=len(rows),
+        memory_points=memory_points,
         scale=scale,
-        max_rounding_error_s=0.5 * (len(active) + len(reduced.edges)) / scale,
+        max_rounding_error_s=0.5 * (active_nodes + len(reduced.edges)) / scale if scale else 0.0,
         build_time_s=build_time,
-        wall_time_s=solver.wall_time if active else 0.0,
-        deterministic_time=solver.deterministic_time if active else 0.0,
-        num_conflicts=solver.num_conflicts if active else 0,
-        num_branches=solver.num_branches if active else 0,
-        solver_status=solver.status_name(status) if active else "TRIVIAL",
+        wall_time_s=solver.wall_time if solver is not None else 0.0,
+        deterministic_time=solver.deterministic_time if solver is not None else 0.0,
+        num_conflicts=solver.num_conflicts if solver is not None else 0,
+        num_branches=solver.num_branches if solver is not None else 0,
+        solver_status=solver_status,
+        lp_bound=relaxation.bound if relaxation is not None and relaxation.solved else float("nan"),
+        lp_integral=bool(relaxation is not None and relaxation.integral),
+        lp_time_s=relaxation.wall_time_s if relaxation is not None else 0.0,
+        lp_iterations=relaxation.iterations if relaxation is not None else 0,
     )
     return IntraOpResult(
-        choices=choices,
+        choices=tuple(choices),
         objective=objective,
         lower_bound=lower_bound,
         gap=gap,
-        status=status_name,
-        solve_time_s=wall,
+        status=status,
+        solve_time_s=time.perf_counter() - start,
         num_variables=num_variables,
         num_constraints=num_constraints,
         stats=stats,
@@ -329,8 +397,10 @@ def _solve_tied(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpResul
                          stats=stats)
 
 
-def _warm_start(request: IntraOpRequest, reduced: ReducedProblem, has_memory_rows: bool) -> list[int]:
-    """Kept-strategy index per node: the user's hint (or per-node argmin) improved by local search.
+def _warm_start(request: IntraOpRequest, reduced: ReducedProblem, has_memory_rows: bool,
+                relaxation: Relaxation | None) -> list[int]:
+    """Kept-strategy index per node: the user's hint (or per-node argmin) improved by local
+    search, or the LP's largest values improved likewise when that is cheaper.
 
     With binding memory rows a user hint is passed through untouched (local search
     ignores memory and could make it infeasible).
@@ -341,31 +411,25 @@ def _warm_start(request: IntraOpRequest, reduced: ReducedProblem, has_memory_row
         start.append(int(found[0]) if len(found) else int(np.argmin(reduced.cost[v])))
     if has_memory_rows and request.hint is not None:
         return start
-    return local_search(reduced, start)
+    candidates = [local_search(reduced, start)]
+    if relaxation is not None and relaxation.solved:
+        rounded = [relaxation.position.get(v, p) for v, p in enumerate(start)]
+        candidates.append(local_search(reduced, rounded))
+    def original(position):
+        return tuple(int(k[p]) for k, p in zip(reduced.keep, position))
+
+    best = best_assignment(request, [original(c) for c in candidates])
+    return next((c for c in candidates if original(c) == best), candidates[0])
 
 
-def _add_hint(model, lits, model_edges, edge_cells, position: list[int]) -> None:
+def _add_hint(model, lits, grids, edge_cells, position: list[int]) -> None:
     """Hint every literal of the model from ``position`` (a complete assignment)."""
     for v, vector in lits.items():
         for i, lit in enumerate(vector):
             model.add_hint(lit, i == position[v])
-    for (a, b, _), (row_of, col_of, cells) in zip(model_edges, edge_cells):
+    for grid, cells in zip(grids, edge_cells):
+        chosen = (grid.row_of[position[grid.a]], grid.col_of[position[grid.b]])
         for k, row in enumerate(cells):
             for l, cell in enumerate(row):
                 if cell is not None:
-                    model.add_hint(cell, k == row_of[position[a]] and l == col_of[position[b]])
-
-
-def _classes(matrix: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Rows of ``matrix`` grouped when identical: (class of each row, a representative per class).
-
-    Strategies that differ only in ways an edge cannot see (e.g. a dot split on its
-    contraction vs. replicated, both producing the same layout) share one row; the
-    edge's grid is then built over classes, an exact reformulation that keeps the
-    local-marginal LP relaxation (Σ_l e[k, l] = Σ_{i in class k} s_a[i]).
-    """
-    _, first, inverse = np.unique(matrix, axis=0, return_index=True, return_inverse=True)
-    order = np.argsort(first)                 # classes numbered by first appearance
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return rank[inverse.reshape(-1)], [int(first[c]) for c in order]
+                    model.add_hint(cell, (k, l) == chosen)

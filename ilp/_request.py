@@ -241,7 +241,11 @@ class IntraOpRequest:
 
 @dataclass(frozen=True)
 class SolverStats:
-    """What the reductions left and what CP-SAT reported.
+    """What the reductions left, what the LP relaxation and CP-SAT reported.
+
+    ``solver_status``: CP-SAT's status, or ``LP_INTEGRAL`` (the LP optimum was
+    integral, no search), ``LP_BOUND`` (the warm start was within ``gap_limit`` of the
+    LP bound, no search) or ``TRIVIAL`` (nothing left after the reductions).
 
     ``scale``: integer units per second in the CP-SAT objective;
     ``max_rounding_error_s``: bound on |scaled objective/scale - true objective|.
@@ -265,6 +269,10 @@ class SolverStats:
     solver_status: str = ""
     tied_classes: int = 0  # > 0: repeated layers were tied into this many classes
     tied_gap: float = 0.0  # the optimality gap within the tied problem
+    lp_bound: float = float("nan")  # seconds, the LP relaxation's optimum (nan: not solved)
+    lp_integral: bool = False  # the LP optimum was integral, hence the ILP optimum
+    lp_time_s: float = 0.0
+    lp_iterations: int = 0
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,54 @@ def test_diamond_locally_cheapest_is_globally_wrong():
     _check_optimal(request, (1, 1, 1, 1), 0.5)
 
 
+def test_chain_is_solved_by_its_integral_lp_relaxation():
+    # The chain above is a tree: its local-marginal LP is integral, so the LP optimum is
+    # the ILP optimum, proven without a search, and the LP bound equals the objective.
+    request = IntraOpRequest(
+        node_costs=([0.0, 1.0], [1.0, 0.0], [0.0, 1.0]),
+        edges=(EdgeCost(0, 1, SWAP), EdgeCost(1, 2, SWAP)),
+    )
+    result = _check_optimal(request, (0, 0, 0), 1.0)
+    assert result.stats.solver_status == "LP_INTEGRAL" and result.stats.lp_integral
+    assert result.stats.lp_bound == pytest.approx(1.0, rel=1e-9)
+
+
+# Triangle whose three edges each cost 1 s when both ends pick the same strategy, over
+# 10 s of strategy-independent node cost per node. An odd cycle cannot alternate, so
+# every assignment pays one edge: optimum 31 s. The LP puts 1/2 on both disagreeing
+# cells of every edge and pays no edge: bound 30 s (gap 1/31 = 3.2%).
+_AGREE = [[1.0, 0.0], [0.0, 1.0]]
+FRUSTRATED_TRIANGLE = IntraOpRequest(
+    node_costs=([10.0, 10.0],) * 3,
+    edges=(EdgeCost(0, 1, _AGREE), EdgeCost(1, 2, _AGREE), EdgeCost(0, 2, _AGREE)),
+)
+
+
+def test_fractional_lp_falls_back_to_cp_sat():
+    result = solve_intra_op(FRUSTRATED_TRIANGLE)
+    assert not result.stats.lp_integral and result.stats.lp_bound == pytest.approx(30.0)
+    assert result.stats.solver_status == "OPTIMAL"  # CP-SAT ran and proved 31 s
+    assert result.status == "OPTIMAL" and result.objective == 31.0
+
+
+def test_warm_start_within_the_gap_limit_of_the_lp_bound_skips_the_search():
+    # 31 s is within 5% of the 30 s LP bound: returned without CP-SAT, gap 1/31.
+    result = solve_intra_op(dataclasses.replace(FRUSTRATED_TRIANGLE, gap_limit=0.05))
+    assert result.stats.solver_status == "LP_BOUND" and result.status == "FEASIBLE"
+    assert result.objective == 31.0 and result.lower_bound == pytest.approx(30.0)
+    assert result.gap == pytest.approx(1 / 31)
+    # A 2% limit is tighter than that gap: CP-SAT must run.
+    assert solve_intra_op(dataclasses.replace(FRUSTRATED_TRIANGLE, gap_limit=0.02)
+                          ).stats.solver_status != "LP_BOUND"
+
+
+def test_lp_too_large_for_the_time_limit_is_skipped():
+    request = dataclasses.replace(_determinism_request(), time_limit_s=1e-4)
+    result = solve_intra_op(request)
+    assert result.stats.lp_iterations == 0 and np.isnan(result.stats.lp_bound)
+    assert evaluate(request, result.choices).ok
+
+
 def test_memory_budget_forces_costlier_strategy():
     # A costs [1, 2] s, mem [100, 50] B; B costs [1, 3], mem [100, 20]; both live at once,
     # budget 160 B. (0,0): 200 B too much; (0,1): 4 s; (1,0): 150 B, 3 s; (1,1): 5 s.
@@ -268,6 +316,8 @@ def test_matches_brute_force(seed, kind):
     assert check.violations == ()
     assert result.status == "OPTIMAL"
     assert check.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+    lp_bound = result.stats.lp_bound  # when the LP ran, it bounds the optimum from below
+    assert np.isnan(lp_bound) or lp_bound <= best + 1e-9 * max(1.0, abs(best))
     assert result.objective == check.objective
 
 
