@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     rows = [measure(int(n), args.d_model, args.seq, args.heads, args.vocab, args.time_limit)
             for n in args.layers.split(",")]
     head = ("| layers | equations | ILP nodes | after tying | variables | constraints | trace s "
-            "| strategies s | costs s | solve s (LP s) | total s | modelled ms | status (how) |")
+            "| strategies s | costs + plan s | solve s (LP s) | total s | modelled ms | status (how) |")
     lines = [f"GPT d_model={args.d_model} seq={args.seq} heads={args.heads} vocab={args.vocab}, "
              f"adamw, mesh (2, 4), time_limit_s={args.time_limit}", "", head,
              "|" + "---|" * 13]
