@@ -11,6 +11,7 @@ from ._request import EdgeCost as EdgeCost
 from ._request import InfeasibleError as InfeasibleError
 from ._request import IntraOpRequest as IntraOpRequest
 from ._request import IntraOpResult as IntraOpResult
+from ._request import SharedCost as SharedCost
 from ._request import SolverStats as SolverStats
 from ._stages import StageCost as StageCost
 from ._stages import StageSolution as StageSolution
@@ -26,6 +27,7 @@ __all__ = [
     "InfeasibleError",
     "IntraOpRequest",
     "IntraOpResult",
+    "SharedCost",
     "SolverStats",
     "StageCost",
     "StageSolution",

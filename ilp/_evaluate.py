@@ -15,13 +15,15 @@ MEMORY_RTOL = 1e-9
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Seconds (``objective = node_cost + edge_cost``; inf if forbidden/invalid) and bytes per point."""
+    """Seconds (``objective = node_cost + edge_cost + shared_cost``; inf if forbidden/invalid)
+    and bytes per point."""
 
     objective: float
     node_cost: float
     edge_cost: float
     memory_by_point: tuple[float, ...]
     violations: tuple[str, ...]
+    shared_cost: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -79,6 +81,7 @@ def evaluate(request: IntraOpRequest, choices) -> Evaluation:
                 f"({choices[edge.src]}, {choices[edge.dst]}) is forbidden (inf)"
             )
         edge_cost += cost
+    shared_cost = sum(paid_shared_costs(request, choices))
     memory = point_memory(request, choices)
     budget = request.memory_budget
     if budget is not None:
@@ -88,4 +91,11 @@ def evaluate(request: IntraOpRequest, choices) -> Evaluation:
                     f"memory point {p}: {format_bytes(used)} > budget {format_bytes(budget)} "
                     f"({used - budget:.0f} B over)"
                 )
-    return Evaluation(node_cost + edge_cost, node_cost, edge_cost, memory, tuple(violations))
+    return Evaluation(node_cost + edge_cost + shared_cost, node_cost, edge_cost, memory,
+                      tuple(violations), shared_cost)
+
+
+def paid_shared_costs(request: IntraOpRequest, choices) -> tuple[float, ...]:
+    """Seconds of each shared cost under ``choices``: its cost if a member is chosen, else 0."""
+    return tuple(shared.cost if any(choices[v] == i for v, i in shared.members) else 0.0
+                 for shared in request.shared_costs)

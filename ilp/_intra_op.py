@@ -105,6 +105,28 @@ def _memory_rows(request: IntraOpRequest, reduced: ReducedProblem):
     return list(rows.values()), False
 
 
+def _shared_rows(request: IntraOpRequest, reduced: ReducedProblem):
+    """Shared costs over kept strategies: ([(seconds, {node: [kept index, ...]})], seconds
+    always paid). A member whose strategy was dropped is gone; a charge with a member on a
+    node left with that one strategy is always paid and joins the constant."""
+    rows, always = [], 0.0
+    for shared in request.shared_costs:
+        members: dict[int, list[int]] = {}
+        paid = False
+        for v, i in shared.members:
+            found = np.flatnonzero(reduced.keep[v] == i)
+            if not len(found):
+                continue
+            if len(reduced.keep[v]) == 1:
+                paid = True
+            members.setdefault(v, []).append(int(found[0]))
+        if paid:
+            always += shared.cost
+        elif members and shared.cost > 0:
+            rows.append((shared.cost, {v: sorted(set(idx)) for v, idx in sorted(members.items())}))
+    return rows, always
+
+
 def _raise_infeasible(request: IntraOpRequest, reduced: ReducedProblem) -> None:
     peak = _min_peak(request, reduced)
     raise InfeasibleError(
@@ -146,9 +168,12 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     for terms, _ in rows:
         for *ends, _ in terms:
             in_model[ends] = True
+    shared, always_paid = _shared_rows(request, reduced)
+    for _, members in shared:
+        in_model[list(members)] = True
     active = [v for v in range(n) if in_model[v]]
     base = [float(c.min()) for c in reduced.cost]
-    constant = float(sum(base))
+    constant = float(sum(base)) + always_paid
 
     # --- integer scale -------------------------------------------------------------
     largest, worst = 0.0, 0.0
@@ -159,6 +184,8 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
         finite = matrix[np.isfinite(matrix)]
         top = float(finite.max()) if finite.size else 0.0
         largest, worst = max(largest, top), worst + top
+    for cost, _ in shared:
+        largest, worst = max(largest, cost), worst + cost
     scale = 1.0 if largest <= 0 else min(_RESOLUTION / largest, 2.0**50 / worst)
 
     grids = _edge_grids(reduced, rows)
@@ -168,7 +195,7 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     if active:
         relaxation = solve_relaxation(
             [len(k) for k in reduced.keep], active, {v: reduced.cost[v] - base[v] for v in active},
-            grids, rows, constant, request.time_limit_s, _backstop_s(request.time_limit_s))
+            grids, rows, shared, constant, request.time_limit_s, _backstop_s(request.time_limit_s))
     if relaxation is not None and relaxation.infeasible:
         _raise_no_assignment(request, reduced, rows)
     if relaxation is not None and relaxation.integral:
@@ -192,8 +219,9 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
                        build_time=time.perf_counter() - start, solver=None, solver_status="LP_BOUND")
 
     # --- CP-SAT ----------------------------------------------------------------------
-    model, lits, edge_cells = _cp_model(reduced, active, base, constant, grids, rows, scale)
-    _add_hint(model, lits, grids, edge_cells, position)
+    model, lits, edge_cells, charged = _cp_model(reduced, active, base, constant, grids, rows,
+                                                 shared, scale)
+    _add_hint(model, lits, grids, edge_cells, charged, shared, position)
     build_time = time.perf_counter() - start
     solver = cp_model.CpSolver()
     solver_parameters(solver, request.time_limit_s)
@@ -265,8 +293,10 @@ def _edge_grids(reduced: ReducedProblem, rows) -> list[EdgeGrid]:
     return [edge_grid(a, b, matrix, tuple(pair_memory.get((a, b), ()))) for a, b, matrix in model_edges]
 
 
-def _cp_model(reduced: ReducedProblem, active, base, constant: float, grids, rows, scale: float):
-    """The CP-SAT model: (model, strategy literals per active node, cell literals per grid)."""
+def _cp_model(reduced: ReducedProblem, active, base, constant: float, grids, rows, shared,
+              scale: float):
+    """The CP-SAT model: (model, strategy literals per active node, cell literals per grid,
+    one "paid" literal per shared cost, >= every member node's sum of member literals)."""
     model = cp_model.CpModel()
     lits: dict[int, list] = {}
     obj_vars: list = []
@@ -316,11 +346,20 @@ def _cp_model(reduced: ReducedProblem, active, base, constant: float, grids, row
                     vars_.append(lit)
                     coefs_.append(c)
         model.add(cp_model.LinearExpr.weighted_sum(vars_, coefs_) <= rhs)
+    charged = []
+    for cost, members in shared:
+        paid = model.new_bool_var("")
+        for v, indices in members.items():
+            model.add(sum(lits[v][i] for i in indices) <= paid)
+        charged.append(paid)
+        if int(np.rint(cost * scale)):
+            obj_vars.append(paid)
+            obj_coefs.append(int(np.rint(cost * scale)))
     # The constant part rides along as an offset so that CP-SAT's relative gap (and so
     # ``gap_limit``) is measured against the whole objective.
     model.minimize(cp_model.LinearExpr.weighted_sum(obj_vars, obj_coefs) +
                    int(round(constant * scale)))
-    return model, lits, edge_cells
+    return model, lits, edge_cells, charged
 
 
 def _result(request, reduced, choices, objective, lower_bound, status, start, relaxation,
@@ -344,7 +383,8 @@ def _result(request, reduced, choices, objective, lower_bound, status, start, re
         folded_edges=reduced.folded_edges,
         memory_points=memory_points,
         scale=scale,
-        max_rounding_error_s=0.5 * (active_nodes + len(reduced.edges)) / scale if scale else 0.0,
+        max_rounding_error_s=0.5 * (active_nodes + len(reduced.edges) + len(request.shared_costs))
+        / scale if scale else 0.0,
         build_time_s=build_time,
         wall_time_s=solver.wall_time if solver is not None else 0.0,
         deterministic_time=solver.deterministic_time if solver is not None else 0.0,
@@ -379,14 +419,16 @@ def _solve_tied(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpResul
     sub = solve_intra_op(tied_request(request, classes))
     costs = [np.asarray(c, dtype=np.float64) for c in request.node_costs]
     edges = [(e.src, e.dst, e.cost) for e in request.edges]
-    polished = polish(costs, edges, list(classes.expand(sub.choices)))
-    candidates = [polished] + ([request.hint] if request.hint is not None else [])
+    expanded = list(classes.expand(sub.choices))
+    # polishing ignores shared costs: keep the unpolished expansion as a candidate too
+    candidates = [polish(costs, edges, expanded), expanded] + (
+        [request.hint] if request.hint is not None else [])
     choices = best_assignment(request, candidates)
     if choices is None:
         choices = classes.expand(sub.choices)
     objective = evaluate(request, choices).objective
     floor = sum(float(np.min(c)) for c in request.node_costs) + \
-        sum(float(np.min(e.cost)) for e in request.edges)
+        sum(float(np.min(e.cost)) for e in request.edges)  # shared costs may all go unpaid
     lower_bound = min(objective, floor)
     gap = (objective - lower_bound) / abs(objective) if objective else 0.0
     stats = dataclasses.replace(sub.stats, tied_classes=classes.num_classes, tied_gap=sub.gap,
@@ -422,11 +464,13 @@ def _warm_start(request: IntraOpRequest, reduced: ReducedProblem, has_memory_row
     return next((c for c in candidates if original(c) == best), candidates[0])
 
 
-def _add_hint(model, lits, grids, edge_cells, position: list[int]) -> None:
+def _add_hint(model, lits, grids, edge_cells, charged, shared, position: list[int]) -> None:
     """Hint every literal of the model from ``position`` (a complete assignment)."""
     for v, vector in lits.items():
         for i, lit in enumerate(vector):
             model.add_hint(lit, i == position[v])
+    for paid, (_, members) in zip(charged, shared):
+        model.add_hint(paid, any(position[v] in indices for v, indices in members.items()))
     for grid, cells in zip(grids, edge_cells):
         chosen = (grid.row_of[position[grid.a]], grid.col_of[position[grid.b]])
         for k, row in enumerate(cells):

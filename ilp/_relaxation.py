@@ -2,7 +2,8 @@
 
 Same variables and rows as the CP-SAT model in ``_intra_op`` (one-hot strategy
 variables per active node, one cell variable per finite cell of every edge grid,
-the marginal equalities linking them, the memory rows), with 0 <= x instead of
+the marginal equalities linking them, the memory rows, a variable per shared cost
+above each member node's member values), with 0 <= x instead of
 x in {0, 1}. On the programs autoshard traces (chains and trees with skip edges)
 this LP is very often integral: its optimum is then the ILP's optimum, proven, and
 CP-SAT is not needed (a 24-layer GPT on a (2, 4) mesh: 108k variables, integral,
@@ -65,19 +66,23 @@ class Relaxation:
 
 
 def solve_relaxation(sizes: Sequence[int], active: Sequence[int], node_cost: Mapping[int, np.ndarray],
-                     grids: Sequence[EdgeGrid], memory_rows, constant: float,
+                     grids: Sequence[EdgeGrid], memory_rows, shared, constant: float,
                      time_limit_s: float, backstop_s: float) -> Relaxation:
     """Solve the LP over ``active`` nodes (``sizes[v]`` kept strategies each).
 
     ``node_cost[v]``: seconds per kept strategy; ``constant``: seconds added to the
     objective; ``memory_rows``: ``(terms, rhs)`` as built for CP-SAT (node terms
-    ``(v, units)``, pair terms ``(a, b, units[i, j])``). An LP estimated to take
+    ``(v, units)``, pair terms ``(a, b, units[i, j])``); ``shared``: ``(seconds,
+    {node: [kept index, ...]})`` charges, each a variable >= every member node's sum
+    of member strategy values. An LP estimated to take
     longer than ``time_limit_s`` is not attempted; ``backstop_s`` is a wall-clock stop
     against pathological slowness only. Either reports ``solved=False``.
     """
     start = time.perf_counter()
-    num_vars = sum(sizes[v] for v in active) + sum(int(g.finite.sum()) for g in grids)
-    num_constraints = len(active) + sum(sum(g.cost.shape) for g in grids) + len(memory_rows)
+    num_vars = (sum(sizes[v] for v in active) + sum(int(g.finite.sum()) for g in grids)
+                + len(shared))
+    num_constraints = (len(active) + sum(sum(g.cost.shape) for g in grids) + len(memory_rows)
+                       + sum(len(members) for _, members in shared))
     estimate = SECONDS_PER_ROW_VARIABLE * num_constraints * num_vars
     if estimate > time_limit_s:
         return Relaxation(False, False, -np.inf, {}, False, num_vars, num_constraints, 0,
@@ -108,13 +113,8 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int], node_cost: Map
             eq_cols += [index, offset[node] + np.arange(len(linked))]
             eq_vals += [np.ones(len(index)), -np.ones(len(linked))]
         num_eq += num_k + num_l
-    a_eq = sparse.csr_matrix((np.concatenate(eq_vals), (np.concatenate(eq_rows), np.concatenate(eq_cols))),
-                             shape=(num_eq, num_vars))
-    b_eq = np.zeros(num_eq)
-    b_eq[:len(active)] = 1.0
-
     ub_rows, ub_cols, ub_vals, b_ub = [], [], [], []
-    for r, (terms, rhs) in enumerate(memory_rows):
+    for terms, rhs in memory_rows:
         top = max(float(np.max(coef)) for *_, coef in terms)
         for *ends, coef in terms:
             if len(ends) == 1:
@@ -122,14 +122,27 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int], node_cost: Map
             else:
                 grid, ks, ls, index = cells[tuple(ends)]
                 cols, vals = index, grid.block(np.asarray(coef, dtype=np.float64))[ks, ls]
-            ub_rows.append(np.full(len(cols), r))
+            ub_rows.append(np.full(len(cols), len(b_ub)))
             ub_cols.append(cols)
             ub_vals.append(vals / top)
         b_ub.append(rhs / top)
+    for cost, members in shared:  # Σ_{i in members of v} x[v, i] - paid <= 0
+        paid = num_vars
+        num_vars += 1
+        objective.append(np.array([cost]))
+        for v, indices in members.items():
+            ub_rows.append(np.full(len(indices) + 1, len(b_ub)))
+            ub_cols.append(np.append(offset[v] + np.asarray(indices), paid))
+            ub_vals.append(np.append(np.ones(len(indices)), -1.0))
+            b_ub.append(0.0)
+    a_eq = sparse.csr_matrix((np.concatenate(eq_vals), (np.concatenate(eq_rows), np.concatenate(eq_cols))),
+                             shape=(num_eq, num_vars))
+    b_eq = np.zeros(num_eq)
+    b_eq[:len(active)] = 1.0
     a_ub = b_ub_arr = None
-    if memory_rows:
+    if b_ub:
         a_ub = sparse.csr_matrix((np.concatenate(ub_vals), (np.concatenate(ub_rows), np.concatenate(ub_cols))),
-                                 shape=(len(memory_rows), num_vars))
+                                 shape=(len(b_ub), num_vars))
         b_ub_arr = np.asarray(b_ub, dtype=np.float64)
 
     c = np.concatenate(objective) if objective else np.zeros(0)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._request import EdgeCost, IntraOpRequest
+from ._request import EdgeCost, IntraOpRequest, SharedCost
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,7 +100,10 @@ def tied_request(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpRequ
     names = {}
     for v, c in enumerate(classes.of_node):
         names.setdefault(c, request.label(v))
-    return IntraOpRequest(node_costs=tuple(costs), edges=tuple(edges),
+    # a class choosing a member strategy chooses it for every node of the class: same charge
+    shared = tuple(SharedCost(s.cost, tuple(sorted({(classes.of_node[v], i) for v, i in s.members})))
+                   for s in request.shared_costs)
+    return IntraOpRequest(node_costs=tuple(costs), edges=tuple(edges), shared_costs=shared,
                           node_names=tuple(names[c] for c in range(classes.num_classes)),
                           hint=hint, time_limit_s=request.time_limit_s,
                           gap_limit=request.gap_limit)

@@ -57,6 +57,25 @@ class EdgeCost:
 
 
 @dataclass(frozen=True, eq=False)
+class SharedCost:
+    """``cost`` seconds paid once when any of ``members`` ((node, strategy) pairs) is chosen.
+
+    A fixed charge several nodes share: e.g. the latency of the one collective XLA
+    merges their independent all-reduces into, paid once however many take part.
+    """
+
+    cost: float
+    members: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cost", float(self.cost))
+        object.__setattr__(self, "members", tuple((int(v), int(i)) for v, i in self.members))
+
+    def __repr__(self) -> str:
+        return f"SharedCost(cost={format_seconds(self.cost)}, members={_summary(self.members)})"
+
+
+@dataclass(frozen=True, eq=False)
 class IntraOpRequest:
     """One intra-op problem: pick a strategy per node minimising node + edge seconds.
 
@@ -73,6 +92,8 @@ class IntraOpRequest:
     warm-start from. ``time_limit_s`` is turned into a deterministic solver limit.
     ``gap_limit``: stop once the solution is proven within this relative gap of the
     optimum (0: prove optimality or reach the time limit).
+    ``shared_costs``: fixed charges paid once when any of their (node, strategy)
+    members is chosen (``SharedCost``).
     ``tie_repeats``: solve with nodes of repeated layers tied (``_repeats``; a
     restriction, used for deep models; ignored when a memory budget is set).
     """
@@ -85,6 +106,7 @@ class IntraOpRequest:
     memory_terms: tuple[tuple[tuple[int, np.ndarray], ...], ...] = ()
     memory_budget: float | None = None
     hint: tuple[int, ...] | None = None
+    shared_costs: tuple[SharedCost, ...] = ()
     time_limit_s: float = 60.0
     tie_repeats: bool = False
     gap_limit: float = 0.0
@@ -113,6 +135,8 @@ class IntraOpRequest:
             object.__setattr__(self, "memory_budget", float(self.memory_budget))
         if self.hint is not None:
             object.__setattr__(self, "hint", tuple(int(i) for i in self.hint))
+        object.__setattr__(self, "shared_costs", tuple(
+            c if isinstance(c, SharedCost) else SharedCost(*c) for c in self.shared_costs))
         object.__setattr__(self, "time_limit_s", float(self.time_limit_s))
         object.__setattr__(self, "gap_limit", float(self.gap_limit))
         self._validate()
@@ -217,6 +241,17 @@ class IntraOpRequest:
                     raise ValueError(
                         f"hint for {self._label(v)} is {choice}, expected 0..{self.num_strategies(v) - 1}"
                     )
+        for k, shared in enumerate(self.shared_costs):
+            if not (math.isfinite(shared.cost) and shared.cost >= 0):
+                raise ValueError(f"shared_costs[{k}]: cost must be finite seconds >= 0, got {shared.cost}")
+            if not shared.members:
+                raise ValueError(f"shared_costs[{k}]: no members; expected (node, strategy) pairs")
+            for v, i in shared.members:
+                if not 0 <= v < n:
+                    raise ValueError(f"shared_costs[{k}]: node index {v} out of range (expected 0..{n - 1})")
+                if not 0 <= i < self.num_strategies(v):
+                    raise ValueError(f"shared_costs[{k}]: strategy {i} of {self._label(v)} out of range "
+                                     f"(expected 0..{self.num_strategies(v) - 1})")
         if not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s must be > 0, got {self.time_limit_s}")
         if not 0.0 <= self.gap_limit < 1.0:
@@ -233,6 +268,8 @@ class IntraOpRequest:
             parts.append(f"memory_points={len(self.memory_points)}")
         if self.memory_budget is not None:
             parts.append(f"memory_budget={format_bytes(self.memory_budget)}")
+        if self.shared_costs:
+            parts.append(f"shared_costs={len(self.shared_costs)}")
         if self.hint is not None:
             parts.append("hint=yes")
         parts.append(f"time_limit_s={self.time_limit_s:g}")

@@ -15,6 +15,7 @@ from autoshard.ilp import (
     EdgeCost,
     InfeasibleError,
     IntraOpRequest,
+    SharedCost,
     best_assignment,
     evaluate,
     greedy_assignment,
@@ -120,6 +121,21 @@ def test_lp_too_large_for_the_time_limit_is_skipped():
     assert evaluate(request, result.choices).ok
 
 
+def test_merged_all_reduces_share_one_latency():
+    # Two gradients, each either replicated work (3 s) or an all-reduce (1 s of bandwidth)
+    # whose 2.5 s latency is paid once for all all-reduces XLA merges into one.
+    # Alone an all-reduce costs 3.5 s > 3 s; together 1 + 1 + 2.5 = 4.5 s < 6 s. Optimum (1, 1).
+    latency = SharedCost(2.5, ((0, 1), (1, 1)))
+    both = IntraOpRequest(node_costs=([3.0, 1.0], [3.0, 1.0]), shared_costs=(latency,))
+    result = _check_optimal(both, (1, 1), 4.5)
+    assert evaluate(both, result.choices).shared_cost == 2.5
+    one = IntraOpRequest(node_costs=([3.0, 1.0],), shared_costs=(SharedCost(2.5, ((0, 1),)),))
+    _check_optimal(one, (0,), 3.0)
+    # tying both nodes into one class keeps the charge on the class's strategy
+    tied = tied_request(both, repeat_classes(both, period=1))
+    assert tied.num_nodes == 1 and [s.members for s in tied.shared_costs] == [((0, 1),)]
+
+
 def test_memory_budget_forces_costlier_strategy():
     # A costs [1, 2] s, mem [100, 50] B; B costs [1, 3], mem [100, 20]; both live at once,
     # budget 160 B. (0,0): 200 B too much; (0,1): 4 s; (1,0): 150 B, 3 s; (1,1): 5 s.
@@ -210,6 +226,11 @@ def _brute_force(request):
         view[edge.src], view[edge.dst] = edge.cost.shape
         matrix = edge.cost if edge.src < edge.dst else edge.cost.T
         total = total + matrix.reshape(view)
+    for shared in request.shared_costs:
+        paid = np.zeros(shape, dtype=bool)
+        for v, i in shared.members:
+            paid = paid | along(v, np.arange(shape[v]) == i).astype(bool)
+        total = total + shared.cost * paid
     peak = np.zeros(shape)
     for point in request.memory_points:
         used = np.zeros(shape)
@@ -294,13 +315,26 @@ def _random_copy_request(rng):
                                memory_terms=tuple(points), memory_budget=float(rng.integers(40, 200)))
 
 
-@pytest.mark.parametrize("kind", ["node memory", "pair memory"])
+def _random_shared_request(rng):
+    """Fixed charges shared by random (node, strategy) members, e.g. a merged collective's latency."""
+    request = _random_request(rng)
+    n, counts = request.num_nodes, [len(c) for c in request.node_costs]
+    shared = []
+    for _ in range(int(rng.integers(1, 4))):
+        members = {(int(v), int(rng.integers(counts[v]))) for v in rng.choice(n, int(rng.integers(1, 5)))}
+        shared.append(SharedCost(float(rng.uniform(0, 2)), tuple(sorted(members))))
+    return dataclasses.replace(request, shared_costs=tuple(shared))
+
+
+@pytest.mark.parametrize("kind", ["node memory", "pair memory", "shared costs"])
 @pytest.mark.parametrize("seed", range(30))
 def test_matches_brute_force(seed, kind):
     if kind == "node memory":
         request = _random_request(np.random.default_rng(seed))
-    else:
+    elif kind == "pair memory":
         request = _random_copy_request(np.random.default_rng(1000 + seed))
+    else:
+        request = _random_shared_request(np.random.default_rng(2000 + seed))
     best, min_peak = _brute_force(request)
     if best is None and min_peak is not None:
         with pytest.raises(InfeasibleError) as info:
