@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import ilp
+from ._combining import MergedAllReduce
 from ._graph import ShardingGraph, Use
 from ._op_rules import ELEMENTWISE
 from .runtime import Literal
@@ -70,8 +71,11 @@ def group_followers(graph: ShardingGraph) -> Grouping:
 
 
 def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use],
-                    matrices: Sequence[np.ndarray], time_limit_s: float) -> ilp.IntraOpRequest:
-    """The ILP over the roots: followers' costs and internal edges folded into their root."""
+                    matrices: Sequence[np.ndarray], time_limit_s: float,
+                    merged: Sequence[MergedAllReduce] = ()) -> ilp.IntraOpRequest:
+    """The ILP over the roots: followers' costs and internal edges folded into their root;
+    each merged all-reduce's latency a shared cost over the root strategies that pick a
+    member strategy."""
     position = {r: p for p, r in enumerate(grouping.roots)}
     costs = [np.zeros(len(grouping.index[r])) for r in grouping.roots]
     for v, node in enumerate(graph.nodes):
@@ -85,6 +89,12 @@ def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use
             costs[position[rs]] += matrix[rows, cols]
         elif np.any(matrix):
             edges.append(ilp.EdgeCost(position[rs], position[rd], matrix[np.ix_(rows, cols)]))
+    shared = []
+    for group in merged:
+        members = sorted({(position[grouping.root[v]], int(j)) for v, i in group.members
+                          for j in np.flatnonzero(grouping.index[v] == i)})
+        if members:
+            shared.append(ilp.SharedCost(group.latency_s, tuple(members)))
     return ilp.IntraOpRequest(node_costs=tuple(costs), edges=tuple(edges),
                               node_names=tuple(graph.nodes[r].name for r in grouping.roots),
-                              time_limit_s=time_limit_s)
+                              shared_costs=tuple(shared), time_limit_s=time_limit_s)

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec
 
 from . import ilp
 from ._following import group_followers, grouped_request
+from ._combining import combine_all_reduces
 from ._graph import ShardingGraph, Use, build_graph, use_cost_matrix
 from ._liveness import live_ranges
 from ._memory_points import (candidate_steps, memory_terms, planned_peak_bytes, steps_over,
@@ -263,11 +264,12 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
     pairs = tuple(sorted(set(carried_pairs(traced, donated_flat)) | set(carried)))
     graph = _price_fed_inputs(graph, model, pairs, frozenset(fixed))
+    graph, merged = combine_all_reduces(graph, model)
     uses = tuple(graph.uses) + tuple(_carried_uses(graph, pairs))
     memo: dict = {}
     matrices = [use_cost_matrix(graph, u, model, memo) for u in uses]
     grouping = group_followers(graph)
-    request = grouped_request(graph, grouping, uses, matrices, time_limit)
+    request = grouped_request(graph, grouping, uses, matrices, time_limit, merged)
     _log.info("strategies and costs: %d nodes, %d ILP nodes after following, %d edges "
               "(%.2f s)", len(graph.nodes), len(grouping.roots), len(request.edges),
               time.perf_counter() - start)
@@ -324,9 +326,15 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                                               f"{graph.nodes[use.dst].name}", "resharding", cost))
         resharding += cost
 
+    merged_latency = 0.0
+    for group in merged:  # latency of each merged all-reduce that runs, once
+        if any(choices[v] == i for v, i in group.members):
+            merged_latency += group.latency_s
+            collectives.append(Collective(f"merged all-reduce over mesh axes {group.axes}",
+                                          "all-reduce", group.latency_s))
     peak = planned_peak_bytes(graph, model, chosen, donated)
     cost = PlanCost(compute_s=float(sum(s.compute_s for s in chosen)),
-                    communication_s=float(sum(s.communication_s for s in chosen)),
+                    communication_s=float(sum(s.communication_s for s in chosen)) + merged_latency,
                     resharding_s=resharding, peak_memory_bytes=peak)
     top = sorted(((n, s) for n, s in zip(graph.nodes, chosen) if n.kind == "op"),
                  key=lambda ns: -ns[1].cost_s)[:20]

@@ -29,6 +29,10 @@ class Strategy:
     ``temp_bytes``: per-device bytes of buffers it needs only while it runs (the
     unreduced partial result a reduce-scatter reads, plus the full all-reduce result on
     backends that lower a reduce-scatter to all-reduce + slice).
+    ``all_reduce_axes``: the mesh axes its all-reduce spans (empty when it has none);
+    ``all_reduce_latency_s`` / ``all_reduce_bytes``: that all-reduce's latency part of
+    ``communication_s`` and its bytes per device (``_combining`` shares the latency
+    between all-reduces XLA merges).
     """
 
     name: str
@@ -37,6 +41,9 @@ class Strategy:
     compute_s: float
     communication_s: float
     temp_bytes: int = 0
+    all_reduce_axes: tuple[int, ...] = ()
+    all_reduce_latency_s: float = 0.0
+    all_reduce_bytes: int = 0
 
     @property
     def cost_s(self) -> float:
@@ -155,7 +162,10 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, fused)
         yield Strategy(name, out_specs, in_specs, compute, 0.0)
         return
     comm = sum(model.all_reduce(b, reduce_axes) for b in out_bytes)
-    yield Strategy(name + " all-reduce", out_specs, in_specs, compute, comm)
+    yield Strategy(name + " all-reduce", out_specs, in_specs, compute, comm,
+                   all_reduce_axes=reduce_axes,
+                   all_reduce_latency_s=len(out_bytes) * model.all_reduce_latency(reduce_axes),
+                   all_reduce_bytes=int(sum(out_bytes)))
     if len(out_avals) != 1:
         return
     # Reduce-scatter variant: one reduced axis also splits an output dim afterwards.

@@ -59,6 +59,11 @@ class MeshCostModel:
             return 0.0
         return (2 * (n - 1) + 1) * latency + 2 * (n - 1) / n * _check_nbytes(nbytes) / bandwidth
 
+    def all_reduce_latency(self, axes: Sequence[int]) -> float:
+        """The latency part of ``all_reduce`` over ``axes``: (2(n−1) + 1)·α seconds."""
+        n, _, latency = self._group(axes, "all-reduce")
+        return 0.0 if n == 1 else (2 * (n - 1) + 1) * latency
+
     def all_gather(self, nbytes: float, axes: Sequence[int]) -> float:
         """All-gather producing ``nbytes`` (the gathered output) on every device:
         n·α + (n−1)/n·nbytes/β."""

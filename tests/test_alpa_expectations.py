@@ -4,12 +4,11 @@ Alpa (tests/shard_parallel/test_mlp.py, test_moe.py) checks that the ILP redisco
 parallelism, Megatron-LM's alternating column/row splits and expert parallelism where
 each is the cheapest plan. We check the same, on our cost model and on XLA's compiled HLO.
 """
-import re
-
 import pytest
 from jax.sharding import PartitionSpec as P
 
 import autoshard
+from benchmarks.hlo import collective_stats
 from examples.models import mlp, moe, transformer_block
 
 
@@ -19,10 +18,7 @@ def mesh4():
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
-    kinds = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-    # "%x = f32[8]{0} all-reduce(...)" or, for tuples, "%x = (f32[..], ..) all-to-all(...)"
-    return {k: len(re.findall(rf"^\s*\S+ = [^=]*?[\s)}}]{k}(-start)?\(", hlo_text, re.M))
-            for k in kinds}
+    return {kind: stats["count"] for kind, stats in collective_stats(hlo_text).items()}
 
 
 def test_mlp_large_batch_small_hidden_is_data_parallel(mesh4):
