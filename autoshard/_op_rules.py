@@ -246,6 +246,16 @@ def concatenate(eqn, in_avals, out_avals):
                   (tuple(range(rank)),))
 
 
+def split(eqn, in_avals, out_avals):
+    """``lax.split`` (the transpose of a concatenate): the split axis stays whole."""
+    operand = in_avals[0]
+    axis = eqn.params["axis"]
+    rank = _rank(operand)
+    out = tuple(None if d == axis else d for d in range(rank))
+    return LoopOp(tuple(operand.shape), tuple(d != axis for d in range(rank)),
+                  (tuple(range(rank)),), (out,) * len(out_avals))
+
+
 def pad(eqn, in_avals, out_avals):
     out = out_avals[0]
     rank = _rank(out)
@@ -403,6 +413,7 @@ RULES.update({
     "dot_general": dot_general,
     "conv_general_dilated": conv,
     "concatenate": concatenate,
+    "split": split,
     "pad": pad,
     "slice": slice_rule,
     "dynamic_slice": dynamic_slice,

@@ -53,9 +53,9 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
     if method.num_stages is not None and method.num_stages > L:
         raise ValueError(f"num_stages={method.num_stages} but the loss has only {L} layer(s)"
                          f"{' (marked with autoshard.mark_layer_boundary)' if layering.user_boundaries else ''}"
-                         f": ask for at most {L} stages, or for more layers (num_layers=...). "
-                         f"A lax.scan or loop over layers is one equation and cannot be cut: "
-                         f"unroll it (a Python loop) to pipeline it")
+                         f": ask for at most {L} stages, or for more layers (num_layers=...); "
+                         f"a lax.scan over layers is unrolled into one copy per layer unless it "
+                         f"exceeds autoshard._trace.MAX_UNROLLED_EQUATIONS")
     mesh_shape = tuple(mesh_shape)
     N = math.prod(mesh_shape)
     if method.num_stages is not None and method.num_stages > N:

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from . import ilp
-from ._following import group_followers, grouped_request
+from . import _trace, ilp
 from ._combining import combine_all_reduces
+from ._following import group_followers, grouped_request
 from ._graph import ShardingGraph, Use, build_graph, use_cost_matrix
 from ._liveness import live_ranges
 from ._memory_points import (candidate_steps, memory_terms, planned_peak_bytes, steps_over,
@@ -223,6 +223,10 @@ def _warn_unsupported(graph: ShardingGraph) -> tuple[str, ...]:
             count = sum(p == name for p, _ in items)
             msg = (f"autoshard: {kind} primitive '{name}' ({count} use(s), first at {where}); "
                    "it runs replicated on every device")
+            if name == "scan":
+                msg += (f" (a lax.scan is unrolled and sharded when its steps add up to at most "
+                        f"autoshard._trace.MAX_UNROLLED_EQUATIONS = {_trace.MAX_UNROLLED_EQUATIONS} "
+                        "equations; this one has more)")
             messages.append(msg)
             warnings.warn(msg, stacklevel=user_stacklevel())
     return tuple(messages)

@@ -2,8 +2,12 @@
 
 Calls that only structure the program (``jit``/``pjit``, ``closed_call``,
 ``custom_jvp_call``, ``custom_vjp_call``, ``remat``/``checkpoint``) are inlined,
-so every remaining equation is a primitive the strategy rules understand (or a
-control-flow primitive they treat conservatively).
+and ``lax.scan`` loops (layers scanned over stacked weights, and their transposes
+in the backward pass) are unrolled into one copy of the body per step, up to
+``MAX_UNROLLED_EQUATIONS``, so every step's ops are sharded like any others and a
+pipeline can cut between them. Every remaining equation is a primitive the
+strategy rules understand (or a control-flow primitive they treat conservatively:
+``while``, ``cond``, and scans too long to unroll).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.extend.core as jcore
+import jax.numpy as jnp
 import numpy as np
 from jax._src import source_info_util
 
@@ -31,6 +36,55 @@ _INLINED_CALLS = {
     "remat2": "jaxpr",
     "checkpoint": "jaxpr",
 }
+
+
+#: a scan is unrolled when its body's equations × its length stay within this.
+MAX_UNROLLED_EQUATIONS = 50_000
+
+
+def _count_equations(jaxpr) -> int:
+    """Equations of ``jaxpr`` with inlined calls and nested scans counted as unrolled."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        callee = eqn.params.get(_INLINED_CALLS.get(eqn.primitive.name, ""))
+        if eqn.primitive.name == "scan":
+            total += eqn.params["length"] * _count_equations(eqn.params["jaxpr"].jaxpr)
+        elif callee is not None:
+            total += _count_equations(getattr(callee, "jaxpr", callee))
+        else:
+            total += 1
+    return total
+
+
+def unrolls(eqn) -> bool:
+    """Whether ``eqn`` is a ``lax.scan`` that tracing unrolls (see the module docstring)."""
+    return eqn.primitive.name == "scan" and (
+        eqn.params["length"] * _count_equations(eqn.params["jaxpr"].jaxpr)
+        <= MAX_UNROLLED_EQUATIONS)
+
+
+def _unrolled_scan(eqn) -> jcore.ClosedJaxpr:
+    """The scan as straight-line code: the body traced once per step, ``xs`` sliced, the
+    per-step ``ys`` stacked, in the scan's order (``reverse`` included)."""
+    params = eqn.params
+    n_consts, n_carry, length = params["num_consts"], params["num_carry"], params["length"]
+    body = jcore.jaxpr_as_fun(params["jaxpr"])
+    y_avals = [v.aval for v in eqn.outvars[n_carry:]]
+
+    def run(*args):
+        consts, carry = args[:n_consts], list(args[n_consts:n_consts + n_carry])
+        xs = args[n_consts + n_carry:]
+        ys = [None] * length
+        for i in (reversed(range(length)) if params["reverse"] else range(length)):
+            x_i = [jax.lax.index_in_dim(x, i, keepdims=False) for x in xs]
+            out = body(*consts, *carry, *x_i)
+            carry, ys[i] = list(out[:n_carry]), out[n_carry:]
+        stacked = [jax.lax.concatenate([jax.lax.expand_dims(y[k], (0,)) for y in ys], 0)
+                   if length else jnp.zeros(a.shape, a.dtype) for k, a in enumerate(y_avals)]
+        return carry + stacked
+
+    return jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
+                                 for v in eqn.invars])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -149,6 +203,12 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
 
         for eqn in jaxpr.eqns:
             ins = [read(a) for a in eqn.invars]
+            if unrolls(eqn):
+                unrolled = _unrolled_scan(eqn)
+                outs = inline(unrolled.jaxpr, unrolled.consts, ins)
+                for var, atom in zip(eqn.outvars, outs, strict=True):
+                    env[var] = atom
+                continue
             param = _INLINED_CALLS.get(eqn.primitive.name)
             if param is not None and param in eqn.params:
                 callee = eqn.params[param]

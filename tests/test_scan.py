@@ -1,0 +1,85 @@
+"""lax.scan over layers: tracing unrolls it, so every step is sharded (and can be pipelined)."""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import autoshard
+from autoshard import _trace
+from autoshard._trace import trace
+from tests.trees import assert_trees_allclose
+
+LAYERS, HIDDEN, BATCH = 4, 256, 16
+
+
+def _loss(params, batch):
+    def layer(h, p):
+        return jnp.tanh(h @ p["w"] + p["b"]), jnp.mean(h)   # ys: a per-layer statistic
+    h, means = jax.lax.scan(layer, batch["x"], params)
+    return jnp.mean((h - batch["y"]) ** 2) + 1e-3 * jnp.sum(means)
+
+
+def _step(params, batch):
+    loss, grads = autoshard.value_and_grad(_loss)(params, batch)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), loss
+
+
+def _args():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    params = {"w": jax.random.normal(k1, (LAYERS, HIDDEN, HIDDEN)) / 16,
+              "b": jnp.zeros((LAYERS, HIDDEN))}
+    return params, {"x": jax.random.normal(k2, (BATCH, HIDDEN)), "y": jnp.ones((BATCH, HIDDEN))}
+
+
+def test_scans_forward_and_backward_are_unrolled():
+    program = trace(_step, _args()).program
+    names = [e.primitive.name for e in program.eqns]
+    assert "scan" not in names
+    assert names.count("dot_general") == 3 * LAYERS   # forward, and two per layer backward
+
+
+@pytest.mark.parametrize("mesh_shape, axes", [((8,), ("model",)), ((2, 4), ("data", "model"))])
+def test_scanned_layers_are_sharded_and_match_jit(mesh_shape, axes):
+    args = _args()
+    step = autoshard.parallelize(_step, mesh=autoshard.make_mesh(mesh_shape, axes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no "control flow runs replicated" warning
+        plan = step.plan(*args)
+        out = step(*args)
+    assert plan.in_specs[0]["w"] != P()   # the stacked weights are split, not replicated
+    assert_trees_allclose(out, jax.jit(_step)(*args))
+
+
+def test_reverse_scan_with_xs_and_ys_matches_jit():
+    def fn(xs, c):
+        def body(carry, x):
+            carry = carry * 0.5 + jnp.sin(x)
+            return carry, carry * x
+        last, ys = jax.lax.scan(body, c, xs, reverse=True)
+        return last, ys
+
+    xs, c = jnp.arange(6 * 8 * 4.0).reshape(6, 8, 4) / 50, jnp.ones((8, 4))
+    step = autoshard.parallelize(fn, mesh=autoshard.make_mesh((8,), ("model",)))
+    assert_trees_allclose(step(xs, c), jax.jit(fn)(xs, c))
+
+
+def test_scan_too_long_to_unroll_runs_replicated_with_a_warning(monkeypatch):
+    monkeypatch.setattr(_trace, "MAX_UNROLLED_EQUATIONS", 10)
+    args = _args()
+    assert "scan" in [e.primitive.name for e in trace(_step, args).program.eqns]
+    step = autoshard.parallelize(_step, mesh=autoshard.make_mesh((8,), ("model",)))
+    with pytest.warns(UserWarning, match="control flow primitive 'scan'.*MAX_UNROLLED"):
+        out = step(*args)
+    assert_trees_allclose(out, jax.jit(_step)(*args))
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_scanned_layers_can_be_pipelined():
+    args = _args()
+    method = autoshard.PipeshardParallel(num_microbatches=2, num_stages=2,
+                                         stage_method=autoshard.DataParallel())
+    step = autoshard.parallelize(_step, mesh=autoshard.make_mesh((8,), ("data",)), method=method)
+    assert len(step.plan(*args).stages) == 2
+    assert_trees_allclose(step(*args), jax.jit(_step)(*args))
