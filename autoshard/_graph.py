@@ -69,25 +69,29 @@ def _aval(program, atom):
     return None if isinstance(atom, Literal) else program.avals[atom]
 
 
-def fused_values(program) -> frozenset[int]:
-    """Values that XLA's fusion keeps out of memory: made by a ``FUSIBLE`` equation, read
-    only by ``FUSING_CONSUMERS`` (at least one), and not a program output. Their bytes
-    are no memory traffic for the equations that make or read them."""
+def fused_values(program) -> tuple[frozenset[int], frozenset[int]]:
+    """Values XLA's fusion keeps out of memory traffic, as (fused, read_in_fusion).
+
+    ``fused``: made by a ``FUSIBLE`` equation, read only by ``FUSING_CONSUMERS`` (at least
+    one), and not a program output: no memory traffic for the equations that make or read
+    them. ``read_in_fusion``: the same but a program output (an optimizer's new moments):
+    XLA's multi-output fusion writes it once and its readers in the fusion take it from
+    there, so only the write is traffic."""
     consumers: dict[int, list[str]] = {}
     for eqn in program.eqns:
         for atom in eqn.inputs:
             if not isinstance(atom, Literal):
                 consumers.setdefault(atom, []).append(eqn.primitive.name)
     outputs = {v for v in program.outvars if not isinstance(v, Literal)}
-    fused = set()
+    fused, read_in_fusion = set(), set()
     for eqn in program.eqns:
         if eqn.primitive.name not in FUSIBLE:
             continue
         for v in eqn.outputs:
             names = consumers.get(v, ())
-            if names and v not in outputs and all(n in FUSING_CONSUMERS for n in names):
-                fused.add(v)
-    return frozenset(fused)
+            if names and all(n in FUSING_CONSUMERS for n in names):
+                (read_in_fusion if v in outputs else fused).add(v)
+    return frozenset(fused), frozenset(read_in_fusion)
 
 
 def build_graph(traced: TracedFunction, model: MeshCostModel,
@@ -104,7 +108,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     uses: list[Use] = []
     unsupported, control_flow = [], []
     memo: dict[tuple, tuple] = {}
-    fused = fused_values(program)
+    fused, read_in_fusion = fused_values(program)
 
     def add(node: Node):
         for k, vid in enumerate(node.outputs):
@@ -125,7 +129,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         in_avals = [_aval(program, a) for a in eqn.inputs]
         out_avals = [program.avals[v] for v in eqn.outputs]
         name = eqn.primitive.name
-        in_fused = tuple(not isinstance(a, Literal) and a in fused for a in eqn.inputs)
+        in_fused = tuple(not isinstance(a, Literal) and (a in fused or a in read_in_fusion)
+                         for a in eqn.inputs)
         out_fused = tuple(v in fused for v in eqn.outputs)
         signature = (equation_signature(eqn, in_avals, out_avals), in_fused, out_fused)
         strategies = memo.get(signature)  # a repeated layer: same rule, same strategies

@@ -24,7 +24,8 @@ def _traced():
 def test_fused_values_follow_xla_fusion():
     program = _traced().program
     by_name = {eqn.primitive.name: eqn for eqn in program.eqns}
-    fused = fused_values(program)
+    fused, read_in_fusion = fused_values(program)
+    assert not read_in_fusion
     assert by_name["mul"].outputs[0] in fused       # read only by add
     assert by_name["add"].outputs[0] in fused       # read only by tanh
     assert by_name["tanh"].outputs[0] not in fused  # read by the dot: materialised
@@ -46,6 +47,30 @@ def test_fused_operands_cost_no_memory_traffic():
     assert replicated("add").compute_s == pytest.approx(flops_only)
     # tanh writes its output (the dot reads it): 64*128 floats of traffic
     assert replicated("tanh").compute_s == pytest.approx(64 * 128 * 4 / model.cluster.memory_bandwidth)
+
+
+def _moment(m, g):
+    new_m = m * 0.9 + g         # mul, add: the optimizer's new moment, an output
+    return new_m, new_m / 2.0   # div reads it inside the same multi-output fusion
+
+
+def test_output_read_in_its_fusion_is_written_once_and_not_read_back():
+    x = jax.ShapeDtypeStruct((64, 128), jnp.float32)
+    traced = trace(_moment, (x, x))
+    by_name = {eqn.primitive.name: eqn for eqn in traced.program.eqns}
+    fused, read_in_fusion = fused_values(traced.program)
+    assert by_name["add"].outputs[0] in read_in_fusion and by_name["add"].outputs[0] not in fused
+    model = MeshCostModel(cluster_preset("host-cpu"), (8,))
+    node = {n.name.split("#")[0]: n for n in build_graph(traced, model).nodes if n.kind == "op"}
+
+    def replicated(name):
+        return next(s for s in node[name].strategies if s.name == "replicated")
+
+    one_array = 64 * 128 * 4 / model.cluster.memory_bandwidth
+    # add writes the moment (g and mul's output are read / fused: g costs one read)
+    assert replicated("add").compute_s == pytest.approx(2 * one_array)
+    # div reads the moment from the fusion and writes its own output only
+    assert replicated("div").compute_s == pytest.approx(one_array)
 
 
 def test_wide_resnet_ilp_moves_no_more_bytes_than_the_presets():
