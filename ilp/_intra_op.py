@@ -208,7 +208,20 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
                            build_time=time.perf_counter() - start, solver=None, solver_status="LP_INTEGRAL")
 
     # --- warm start: local search from the caller's hint and from the LP's largest values
-    position = _warm_start(request, reduced, bool(rows), relaxation)
+    starts = []
+    if relaxation is not None and relaxation.solved:
+        starts.append(relaxation.position)
+        if shared:
+            # Fixed charges make the LP fractional (it spreads members to share a charge).
+            # With every charge paid up front the problem has none, and its LP optimum
+            # (usually integral) costs at most the optimum plus the unused charges.
+            paid = solve_relaxation(
+                [len(k) for k in reduced.keep], active, {v: reduced.cost[v] - base[v] for v in active},
+                grids, rows, (), constant + sum(cost for cost, _ in shared), request.time_limit_s,
+                _backstop_s(request.time_limit_s))
+            if paid.solved:
+                starts.append(paid.position)
+    position = _warm_start(request, reduced, bool(rows), starts)
     warm = tuple(int(k[p]) for k, p in zip(reduced.keep, position))
     warm_eval = evaluate(request, warm)
     bound = relaxation.bound if relaxation is not None and relaxation.solved else -np.inf
@@ -394,7 +407,6 @@ def _result(request, reduced, choices, objective, lower_bound, status, start, re
         lp_bound=relaxation.bound if relaxation is not None and relaxation.solved else float("nan"),
         lp_integral=bool(relaxation is not None and relaxation.integral),
         lp_time_s=relaxation.wall_time_s if relaxation is not None else 0.0,
-        lp_iterations=relaxation.iterations if relaxation is not None else 0,
     )
     return IntraOpResult(
         choices=tuple(choices),
@@ -440,9 +452,10 @@ def _solve_tied(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpResul
 
 
 def _warm_start(request: IntraOpRequest, reduced: ReducedProblem, has_memory_rows: bool,
-                relaxation: Relaxation | None) -> list[int]:
-    """Kept-strategy index per node: the user's hint (or per-node argmin) improved by local
-    search, or the LP's largest values improved likewise when that is cheaper.
+                starts) -> list[int]:
+    """Kept-strategy index per node: the best of the user's hint (or per-node argmin) and of
+    each LP solution in ``starts`` (kept index per active node, by largest value), each
+    improved by local search.
 
     With binding memory rows a user hint is passed through untouched (local search
     ignores memory and could make it infeasible).
@@ -454,9 +467,9 @@ def _warm_start(request: IntraOpRequest, reduced: ReducedProblem, has_memory_row
     if has_memory_rows and request.hint is not None:
         return start
     candidates = [local_search(reduced, start)]
-    if relaxation is not None and relaxation.solved:
-        rounded = [relaxation.position.get(v, p) for v, p in enumerate(start)]
-        candidates.append(local_search(reduced, rounded))
+    for lp in starts:
+        candidates.append(local_search(reduced, [lp.get(v, p) for v, p in enumerate(start)]))
+
     def original(position):
         return tuple(int(k[p]) for k, p in zip(reduced.keep, position))
 

@@ -11,10 +11,12 @@ CP-SAT is not needed (a 24-layer GPT on a (2, 4) mesh: 108k variables, integral,
 fractional its objective is still a lower bound and its largest values a starting
 point for the search.
 
-HiGHS's dual simplex (through ``scipy.optimize.linprog``, scipy being a jax
-dependency) runs single-threaded and is deterministic for a given model. Costs
-are scaled so the largest coefficient is ``_OBJECTIVE_RANGE``, well above the
-solver's tolerances.
+HiGHS comes with OR-Tools (its model builder, filled from scipy sparse matrices)
+and runs with ``threads=1``: with its default thread pool, degenerate LPs (many
+equal-cost optima) returned different optimal vertices from run to run under CPU
+load (2 of 60 solves through ``scipy.optimize.linprog``), which broke the identical
+plans every process of a ``jax.distributed`` run must make. Costs are scaled so the
+largest coefficient is ``_OBJECTIVE_RANGE``, well above the solver's tolerances.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sparse
-from scipy.optimize import linprog
+from ortools.linear_solver.python import model_builder
 
 from ._grid import EdgeGrid
 
@@ -55,14 +57,13 @@ class Relaxation:
     integral: bool
     num_variables: int
     num_constraints: int
-    iterations: int
     wall_time_s: float
     message: str
 
     def __repr__(self) -> str:
         return (f"Relaxation(solved={self.solved}, infeasible={self.infeasible}, "
                 f"bound={self.bound:.6g} s, integral={self.integral}, variables={self.num_variables}, constraints={self.num_constraints}, "
-                f"iterations={self.iterations}, wall_time_s={self.wall_time_s:.3f})")
+                f"wall_time_s={self.wall_time_s:.3f})")
 
 
 def solve_relaxation(sizes: Sequence[int], active: Sequence[int], node_cost: Mapping[int, np.ndarray],
@@ -85,7 +86,7 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int], node_cost: Map
                        + sum(len(members) for _, members in shared))
     estimate = SECONDS_PER_ROW_VARIABLE * num_constraints * num_vars
     if estimate > time_limit_s:
-        return Relaxation(False, False, -np.inf, {}, False, num_vars, num_constraints, 0,
+        return Relaxation(False, False, -np.inf, {}, False, num_vars, num_constraints,
                           time.perf_counter() - start,
                           f"skipped: estimated {estimate:.3g} s exceeds the time limit {time_limit_s:g} s")
     offset, num_vars = {}, 0
@@ -135,30 +136,41 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int], node_cost: Map
             ub_cols.append(np.append(offset[v] + np.asarray(indices), paid))
             ub_vals.append(np.append(np.ones(len(indices)), -1.0))
             b_ub.append(0.0)
-    a_eq = sparse.csr_matrix((np.concatenate(eq_vals), (np.concatenate(eq_rows), np.concatenate(eq_cols))),
-                             shape=(num_eq, num_vars))
     b_eq = np.zeros(num_eq)
     b_eq[:len(active)] = 1.0
-    a_ub = b_ub_arr = None
+    rows = [sparse.csr_matrix((np.concatenate(eq_vals), (np.concatenate(eq_rows),
+                                                        np.concatenate(eq_cols))),
+                              shape=(num_eq, num_vars))]
+    lower, upper = [b_eq], [b_eq]
     if b_ub:
-        a_ub = sparse.csr_matrix((np.concatenate(ub_vals), (np.concatenate(ub_rows), np.concatenate(ub_cols))),
-                                 shape=(len(b_ub), num_vars))
-        b_ub_arr = np.asarray(b_ub, dtype=np.float64)
+        rows.append(sparse.csr_matrix((np.concatenate(ub_vals), (np.concatenate(ub_rows),
+                                                               np.concatenate(ub_cols))),
+                                      shape=(len(b_ub), num_vars)))
+        lower.append(np.full(len(b_ub), -np.inf))
+        upper.append(np.asarray(b_ub, dtype=np.float64))
 
     c = np.concatenate(objective) if objective else np.zeros(0)
     largest = float(np.max(np.abs(c))) if c.size else 0.0
     scale = _OBJECTIVE_RANGE / largest if largest > 0 else 1.0
-    result = linprog(c * scale, A_ub=a_ub, b_ub=b_ub_arr, A_eq=a_eq, b_eq=b_eq, bounds=(0, None),
-                     method="highs-ds", options={"time_limit": float(backstop_s), "disp": False})
-    if result.status != 0:
-        # status 2: infeasible; 1 (limit), 3 (unbounded: impossible here), 4 (numerical): unknown
-        return Relaxation(False, result.status == 2, -np.inf, {}, False, num_vars, num_constraints,
-                          int(getattr(result, "nit", 0) or 0), time.perf_counter() - start, result.message)
+    model = model_builder.Model()
+    model.helper.fill_model_from_sparse_data(
+        np.zeros(num_vars), np.full(num_vars, np.inf), c * scale, np.concatenate(lower),
+        np.concatenate(upper), sparse.vstack(rows, format="csr"))
+    solver = model_builder.Solver("highs")
+    solver.set_solver_specific_parameters("threads=1\noutput_flag=false")
+    solver.set_time_limit_in_seconds(float(backstop_s))
+    status = solver.solve(model)
+    wall = time.perf_counter() - start
+    if status != model_builder.SolveStatus.OPTIMAL:
+        # a time limit or numerical trouble leaves the LP unsolved, not the ILP infeasible
+        return Relaxation(False, status == model_builder.SolveStatus.INFEASIBLE, -np.inf, {}, False,
+                          num_vars, num_constraints, wall, status.name)
+    x = solver.values(model.get_variables()).to_numpy()
     position, integral = {}, True
     for v in active:
-        values = result.x[offset[v]:offset[v] + sizes[v]]
+        values = x[offset[v]:offset[v] + sizes[v]]
         best = int(np.argmax(values))
         position[v] = best
         integral &= bool(values[best] >= 1.0 - _INTEGRAL_TOL)
-    return Relaxation(True, False, float(result.fun) / scale + constant, position, integral, num_vars,
-                      num_constraints, int(result.nit), time.perf_counter() - start, result.message)
+    return Relaxation(True, False, float(solver.objective_value) / scale + constant, position,
+                      integral, num_vars, num_constraints, wall, status.name)

@@ -309,7 +309,6 @@ class SolverStats:
     lp_bound: float = float("nan")  # seconds, the LP relaxation's optimum (nan: not solved)
     lp_integral: bool = False  # the LP optimum was integral, hence the ILP optimum
     lp_time_s: float = 0.0
-    lp_iterations: int = 0
 
 
 @dataclass(frozen=True)

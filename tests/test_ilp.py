@@ -117,7 +117,8 @@ def test_warm_start_within_the_gap_limit_of_the_lp_bound_skips_the_search():
 def test_lp_too_large_for_the_time_limit_is_skipped():
     request = dataclasses.replace(_determinism_request(), time_limit_s=1e-4)
     result = solve_intra_op(request)
-    assert result.stats.lp_iterations == 0 and np.isnan(result.stats.lp_bound)
+    assert result.stats.lp_time_s < 0.05 and np.isnan(result.stats.lp_bound)
+    assert not result.stats.solver_status.startswith("LP_")
     assert evaluate(request, result.choices).ok
 
 
