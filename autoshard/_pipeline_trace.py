@@ -46,6 +46,29 @@ def _fail(message: str):
     raise ValueError(message)
 
 
+def _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, paths, err
+                                   ) -> None:
+    """``fun`` failed to trace at micro-batch shapes: if it traces at the full shapes, the
+    micro-batching is what broke it (a batch size written into the step), so say that."""
+    try:
+        with pipeline_tracing():
+            trace(fun, args, static_argnums)
+    except Exception:  # noqa: BLE001 - it fails at full size too: the original error stands
+        return
+    changed = next(((p, f.shape, m.shape) for f, m, p in zip(full, micro, paths)
+                    if f.shape != m.shape), None)
+    if changed is None:
+        return
+    name = getattr(fun, "__name__", "the function")
+    raise ValueError(
+        f"{name} traces with the full batch but fails on one micro-batch "
+        f"(num_microbatches={B}: batch argument {changed[0]} goes from {changed[1]} to "
+        f"{changed[2]}): "
+        f"{type(err).__name__}: {err}\nPipeshardParallel runs the step once per micro-batch, "
+        f"so shapes inside it must follow the batch arguments (x.reshape(x.shape[0], ...) "
+        f"rather than a fixed batch size), or use num_microbatches=1") from err
+
+
 def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) -> SplitStep:
     """Trace ``fun`` at micro-batch shapes and find its pre / gradient / post parts."""
     B = num_microbatches
@@ -70,8 +93,12 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
     dyn = iter(jax.tree_util.tree_unflatten(tree, micro))
     static = set(static_argnums)
     micro_args = tuple(a if i in static else next(dyn) for i, a in enumerate(args))
-    with pipeline_tracing():
-        traced = trace(fun, micro_args, static_argnums)
+    try:
+        with pipeline_tracing():
+            traced = trace(fun, micro_args, static_argnums)
+    except (TypeError, ValueError) as err:
+        _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, paths, err)
+        raise
     program, _ = strip_boundaries(traced.program)
     sources = tuple(s for s, e in zip(traced.sources, traced.program.eqns)
                     if e.primitive.name != BOUNDARY_PRIMITIVE)

@@ -194,8 +194,9 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     relaxation = None
     if active:
         relaxation = solve_relaxation(
-            [len(k) for k in reduced.keep], active, {v: reduced.cost[v] - base[v] for v in active},
-            grids, rows, shared, constant, request.time_limit_s, _backstop_s(request.time_limit_s))
+            [len(k) for k in reduced.keep], active,
+            {v: reduced.cost[v] - base[v] for v in active}, grids, rows, shared, constant,
+            request.time_limit_s, _backstop_s(request.time_limit_s))
     if relaxation is not None and relaxation.infeasible:
         _raise_no_assignment(request, reduced, rows)
     if relaxation is not None and relaxation.integral:
@@ -203,9 +204,11 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
         choices = tuple(int(k[p]) for k, p in zip(reduced.keep, position))
         check = evaluate(request, choices)
         if check.ok:
-            return _result(request, reduced, choices, check.objective, check.objective, "OPTIMAL",
-                           start, relaxation, len(grids), len(active), memory_points=len(rows), scale=0.0,
-                           build_time=time.perf_counter() - start, solver=None, solver_status="LP_INTEGRAL")
+            return _result(request, reduced, choices, check.objective, check.objective,
+                           "OPTIMAL", start, relaxation, len(grids), len(active),
+                           memory_points=len(rows), scale=0.0,
+                           build_time=time.perf_counter() - start, solver=None,
+                           solver_status="LP_INTEGRAL")
 
     # --- warm start: local search from the caller's hint and from the LP's largest values
     starts = []
@@ -216,8 +219,9 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
             # With every charge paid up front the problem has none, and its LP optimum
             # (usually integral) costs at most the optimum plus the unused charges.
             paid = solve_relaxation(
-                [len(k) for k in reduced.keep], active, {v: reduced.cost[v] - base[v] for v in active},
-                grids, rows, (), constant + sum(cost for cost, _ in shared), request.time_limit_s,
+                [len(k) for k in reduced.keep], active,
+                {v: reduced.cost[v] - base[v] for v in active}, grids, rows, (),
+                constant + sum(cost for cost, _ in shared), request.time_limit_s,
                 _backstop_s(request.time_limit_s))
             if paid.solved:
                 starts.append(paid.position)
@@ -227,9 +231,11 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     bound = relaxation.bound if relaxation is not None and relaxation.solved else -np.inf
     if warm_eval.ok and request.gap_limit > 0 and bound > -np.inf and \
             warm_eval.objective - bound <= request.gap_limit * abs(warm_eval.objective):
-        return _result(request, reduced, warm, warm_eval.objective, min(bound, warm_eval.objective),
-                       "FEASIBLE", start, relaxation, len(grids), len(active), memory_points=len(rows), scale=0.0,
-                       build_time=time.perf_counter() - start, solver=None, solver_status="LP_BOUND")
+        return _result(request, reduced, warm, warm_eval.objective,
+                       min(bound, warm_eval.objective), "FEASIBLE", start, relaxation,
+                       len(grids), len(active), memory_points=len(rows), scale=0.0,
+                       build_time=time.perf_counter() - start, solver=None,
+                       solver_status="LP_BOUND")
 
     # --- CP-SAT ----------------------------------------------------------------------
     model, lits, edge_cells, charged = _cp_model(reduced, active, base, constant, grids, rows,

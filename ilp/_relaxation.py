@@ -46,8 +46,9 @@ class Relaxation:
     """Outcome of the LP relaxation.
 
     ``bound``: seconds, a lower bound on every feasible assignment (valid only when
-    ``solved``); ``infeasible``: the LP (hence the ILP) has no feasible point. ``position``: per active node, the kept-strategy index with the
-    largest LP value. ``integral``: every node decided, so ``position`` is optimal.
+    ``solved``); ``infeasible``: the LP (hence the ILP) has no feasible point.
+    ``position``: per active node, the kept-strategy index with the largest LP value.
+    ``integral``: every node decided, so ``position`` is optimal.
     """
 
     solved: bool
@@ -62,12 +63,14 @@ class Relaxation:
 
     def __repr__(self) -> str:
         return (f"Relaxation(solved={self.solved}, infeasible={self.infeasible}, "
-                f"bound={self.bound:.6g} s, integral={self.integral}, variables={self.num_variables}, constraints={self.num_constraints}, "
+                f"bound={self.bound:.6g} s, integral={self.integral}, "
+                f"variables={self.num_variables}, constraints={self.num_constraints}, "
                 f"wall_time_s={self.wall_time_s:.3f})")
 
 
-def solve_relaxation(sizes: Sequence[int], active: Sequence[int], node_cost: Mapping[int, np.ndarray],
-                     grids: Sequence[EdgeGrid], memory_rows, shared, constant: float,
+def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
+                     node_cost: Mapping[int, np.ndarray], grids: Sequence[EdgeGrid],
+                     memory_rows, shared, constant: float,
                      time_limit_s: float, backstop_s: float) -> Relaxation:
     """Solve the LP over ``active`` nodes (``sizes[v]`` kept strategies each).
 
@@ -88,7 +91,8 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int], node_cost: Map
     if estimate > time_limit_s:
         return Relaxation(False, False, -np.inf, {}, False, num_vars, num_constraints,
                           time.perf_counter() - start,
-                          f"skipped: estimated {estimate:.3g} s exceeds the time limit {time_limit_s:g} s")
+                          f"skipped: estimated {estimate:.3g} s exceeds the time limit "
+                          f"{time_limit_s:g} s")
     offset, num_vars = {}, 0
     for v in active:
         offset[v] = num_vars
@@ -119,7 +123,8 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int], node_cost: Map
         top = max(float(np.max(coef)) for *_, coef in terms)
         for *ends, coef in terms:
             if len(ends) == 1:
-                cols, vals = offset[ends[0]] + np.arange(len(coef)), np.asarray(coef, dtype=np.float64)
+                cols = offset[ends[0]] + np.arange(len(coef))
+                vals = np.asarray(coef, dtype=np.float64)
             else:
                 grid, ks, ls, index = cells[tuple(ends)]
                 cols, vals = index, grid.block(np.asarray(coef, dtype=np.float64))[ks, ls]

@@ -168,3 +168,22 @@ def test_saved_pipeline_plan_runs_without_solving(monkeypatch):
                                       axis_types=(jax.sharding.AxisType.Auto,))
     with pytest.raises(ValueError, match=r"no device\(s\) \[0, 1\].*another mesh"):
         autoshard.parallelize(step_value_and_grad, mesh=other_devices, plan=saved).plan(*args)
+
+
+def test_batch_size_written_into_the_step_is_named_for_micro_batches():
+    params, opt_state, data = _classifier()
+
+    def step(params, opt_state, batch):
+        def loss_fn(params, batch):
+            x = batch["x"].reshape(16, -1)   # the full batch size, written in
+            return jnp.mean((x @ params[0]["w"]) ** 2)
+        loss, grads = autoshard.value_and_grad(loss_fn)(params, batch)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), loss
+
+    jax.jit(step)(params, opt_state, data)   # fine with the whole batch
+    f = autoshard.parallelize(step, mesh=autoshard.make_mesh((8,), ("data",)),
+                              method=autoshard.PipeshardParallel(**PIPE))
+    message = (r"(?s)fails on one micro-batch \(num_microbatches=4: batch argument "
+               r"args\[2\]\['label'\] goes from \(16,\) to \(4,\)\).*x.reshape\(x.shape\[0\]")
+    with pytest.raises(ValueError, match=message):
+        f.plan(params, opt_state, data)
