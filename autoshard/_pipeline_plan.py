@@ -30,12 +30,16 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
     apply_by_stage = {a.stage: a.plan.cost for a in layout.apply}
     for s, st in enumerate(layout.stages):
         send_f, send_b = st.send_s
+        # the 1/B share of resharding gradients for their parameters that the stage plan
+        # carries is work of the apply program, which prices it in its own cost
+        pairing = st.cost.per_step_s / B
         c = dataclasses.replace(st.plan.cost,
-                                communication_s=st.plan.cost.communication_s + send_f + send_b)
+                                communication_s=st.plan.cost.communication_s + send_f + send_b,
+                                resharding_s=st.plan.cost.resharding_s - pairing)
         held = st.cost.fixed_bytes + (ilp.in_flight(schedule, s, S, B) - 1) * \
             st.cost.per_microbatch_bytes
         frac = st.program.forward_fraction
-        work = st.plan.cost.total_s
+        work = st.plan.cost.total_s - pairing
         records.append(StageAssignment(
             layers=tuple(range(st.program.first, st.program.last + 1)),
             mesh_shape=tuple(st.mesh_shape), device_ids=tuple(int(ids[p]) for p in st.positions),

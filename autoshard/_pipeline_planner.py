@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from . import ilp
@@ -17,8 +18,9 @@ from ._pipeline_plan import make_plan
 from ._pipeline_trace import split_step
 from ._plan import Plan
 from ._planner import plan_traced
+from ._specs import from_partition_spec
 from ._stage_program import StageProgram, bytes_per_device, stage_program
-from .cost_model import Cluster
+from .cost_model import Cluster, MeshCostModel
 
 
 def _candidates(L, shapes, N, num_stages):
@@ -76,10 +78,11 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
         sp = programs[(i, j)]
         P = sp.traced.program
         ct_batch = [len(P.avals[v].shape) > 0 for v in P.invars[len(sp.inputs):]]
+        pairs = _gradient_pairs(sp, F_ins)
         plan = plan_traced(sp.traced, mesh_shape=shapes[m], axis_names=axis_names,
                            cluster=cluster, method=method.stage_method,
                            batch_flat=list(sp.batch_in) + ct_batch,
-                           carried=_gradient_pairs(sp, F_ins))
+                           carried=pairs, carried_weight=1.0 / B)
         sub_sizes = dict(zip(axis_names, shapes[m]))
         pos = {v: k for k, v in enumerate(P.invars)}
         held = sum(bytes_per_device(P.avals[v], _spec_of(plan, v, pos), sub_sizes)
@@ -88,8 +91,14 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
                     for k in sp.backward_inputs if sp.batch_in[k])
         planned[(i, j, m)] = plan
         sends[(i, j, m)] = _send_seconds(sp, plan, link, sub_sizes, F_outs, F_ins)
-        costs[(i, j, m)] = ilp.StageCost(plan.cost.total_s + sum(sends[(i, j, m)]),
-                                         float(plan.cost.peak_memory_bytes), float(held))
+        # the gradients' resharding into their parameters' layouts runs once per step
+        # (in the apply program); the stage plan carries 1/B of it per micro-batch
+        per_step = _pairing_seconds(P, plan, pairs, MeshCostModel(cluster, shapes[m]),
+                                    axis_names)
+        costs[(i, j, m)] = ilp.StageCost(plan.cost.total_s - per_step / B
+                                         + sum(sends[(i, j, m)]),
+                                         float(plan.cost.peak_memory_bytes), float(held),
+                                         per_step_s=per_step)
     solution = ilp.solve_stages(L, [math.prod(s) for s in shapes], N, costs, B, schedule,
                                 method.num_stages, memory_budget)
     chosen_shapes = [shapes[m] for _, _, m in solution.stages]
@@ -116,6 +125,19 @@ def _gradient_pairs(sp: StageProgram, forward_inputs) -> tuple[tuple[int, int], 
     diff = [k for k, d in enumerate(sp.diff_in) if d]   # the first inputs, in order
     return tuple((n_out + j, k) for j, k in enumerate(diff)
                  if sp.inputs[k] in forward_inputs and isinstance(outvars[n_out + j], int))
+
+
+def _pairing_seconds(P, plan: Plan, pairs, model: MeshCostModel, axis_names) -> float:
+    """Seconds to reshard each paired gradient (stage output) into its parameter's layout
+    (stage input), as :func:`plan_traced` prices a carried value, at full weight."""
+    total = 0.0
+    for o, i in pairs:
+        aval = P.avals[P.outvars[o]]
+        rank = len(aval.shape)
+        total += model.resharding(tuple(aval.shape), np.dtype(aval.dtype).itemsize,
+                                  from_partition_spec(plan.flat_out_specs[o], rank, axis_names),
+                                  from_partition_spec(plan.flat_in_specs[i], rank, axis_names))
+    return float(total)
 
 
 def _send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_outputs, forward_inputs

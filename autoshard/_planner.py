@@ -237,7 +237,7 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                 batch_flat: Sequence[bool], static_repr: str = "",
                 donated_flat: Sequence[bool] = (), memory_budget: float | None = None,
                 in_layouts: Mapping[int, PartitionSpec] | None = None,
-                carried: Sequence[tuple[int, int]] = ()) -> Plan:
+                carried: Sequence[tuple[int, int]] = (), carried_weight: float = 1.0) -> Plan:
     """Plan ``traced`` on a mesh of ``mesh_shape`` with ``method``; with ``memory_budget``
     (bytes per device) the estimated peak memory of the plan stays within it.
 
@@ -249,7 +249,9 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     ``carried``: (flat output, flat input) pairs priced as carried (the output is read
     in that input's layout later), besides those :func:`carried_pairs` finds by key path;
     a pipeline stage pairs each parameter's gradient with the parameter, which the
-    apply-gradient program reads in the stage's layout."""
+    apply-gradient program reads in the stage's layout. Their resharding is priced at
+    ``carried_weight`` times its cost (a stage that runs B times per step pays it once:
+    1/B)."""
     start = time.perf_counter()
     model = MeshCostModel(cluster, tuple(mesh_shape))
     program = traced.program
@@ -266,12 +268,18 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     graph = build_graph(traced, model, input_specs)
     messages = _warn_unsupported(graph)
     time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
-    pairs = tuple(sorted(set(carried_pairs(traced, donated_flat)) | set(carried)))
+    by_key_path = tuple(sorted(carried_pairs(traced, donated_flat)))
+    extra = tuple(sorted(set(carried) - set(by_key_path)))
+    pairs = tuple(sorted(by_key_path + extra))
     graph = _price_fed_inputs(graph, model, pairs, frozenset(fixed))
     graph, merged = combine_all_reduces(graph, model)
-    uses = tuple(graph.uses) + tuple(_carried_uses(graph, pairs))
+    weighted = _carried_uses(graph, extra)
+    uses = tuple(graph.uses) + tuple(_carried_uses(graph, by_key_path)) + tuple(weighted)
     memo: dict = {}
     matrices = [use_cost_matrix(graph, u, model, memo) for u in uses]
+    if carried_weight != 1.0:
+        matrices[len(uses) - len(weighted):] = [m * carried_weight
+                                                for m in matrices[len(uses) - len(weighted):]]
     grouping = group_followers(graph)
     request = grouped_request(graph, grouping, uses, matrices, time_limit, merged)
     _log.info("strategies and costs: %d nodes, %d ILP nodes after following, %d edges "

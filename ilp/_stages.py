@@ -23,11 +23,13 @@ from ._request import InfeasibleError
 
 @dataclasses.dataclass(frozen=True)
 class StageCost:
-    """One candidate stage: seconds per micro-batch and bytes per device."""
+    """One candidate stage: seconds per micro-batch, seconds once per step (work a step does
+    once for this stage whatever the micro-batch count) and bytes per device."""
 
     seconds: float
     fixed_bytes: float = 0.0
     per_microbatch_bytes: float = 0.0
+    per_step_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +147,8 @@ def solve_stages(num_layers: int, submesh_devices: Sequence[int], total_devices:
                  costs: Mapping[tuple[int, int, int], StageCost], num_microbatches: int,
                  schedule: str = "1f1b", num_stages: int | None = None,
                  memory_budget: float | None = None) -> StageSolution:
-    """The stage slicing minimising ``Σ tᵢ + (B − 1) · max tᵢ``.
+    """The stage slicing minimising ``Σ (tᵢ + pᵢ) + (B − 1) · max tᵢ`` (``pᵢ``: the stage's
+    ``per_step_s``).
 
     ``costs[(i, j, m)]``: layers ``i..j`` (inclusive) on sub-mesh ``m`` (a missing key =
     not allowed); ``submesh_devices[m]``: its device count. Stage sub-meshes use
@@ -180,8 +183,8 @@ def solve_stages(num_layers: int, submesh_devices: Sequence[int], total_devices:
                                 not _fits(c, S - s, S, B, schedule, memory_budget):
                             continue
                         rest, stages = f(s - 1, j + 1, d - n)
-                        if c.seconds + rest < out[0]:
-                            out = (c.seconds + rest, ((k, j, m),) + stages)
+                        if c.seconds + c.per_step_s + rest < out[0]:
+                            out = (c.seconds + c.per_step_s + rest, ((k, j, m),) + stages)
                 memo[key] = out
                 return out
 
@@ -224,7 +227,8 @@ def brute_force_stages(num_layers: int, submesh_devices: Sequence[int], total_de
                        for p, st in enumerate(stages)):
                     continue
                 times = [costs[st].seconds for st in stages]
-                objective = sum(times) + (B - 1) * max(times)
+                objective = sum(times) + sum(costs[st].per_step_s for st in stages) \
+                    + (B - 1) * max(times)
                 if best is None or objective < best.objective_s - 1e-15:
                     best = StageSolution(stages, objective, max(times))
     if best is None:

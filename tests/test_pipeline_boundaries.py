@@ -99,3 +99,27 @@ def test_plan_traced_reads_pinned_inputs_in_their_layout():
     assert plan.flat_in_specs == (P(None, "m"), P("d"))
     with pytest.raises(ValueError, match="cannot hold"):
         plan_traced(traced, in_layouts={0: P(None, ("d", "m"))}, **{**kw, "mesh_shape": (4, 16)})
+
+
+def test_carried_pairs_are_priced_at_their_weight():
+    # y = x.T is an output carried into input x's layout, x pinned to rows split over the 8
+    # devices. The transpose makes y column-split for free; making it row-split again is an
+    # all-to-all, paid either inside the program (full price) or on the carry. At weight
+    # 1/4 (a stage run 4 times per step, the carry once) the carry is the cheaper place,
+    # at a quarter of the cost model's price.
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from autoshard._planner import plan_traced
+    from autoshard._trace import trace
+    from autoshard.cost_model import MeshCostModel
+
+    x = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+    traced = trace(lambda x: [[x.T]], (x,))   # nested: no key path mirrors the input
+    cluster = autoshard.cluster_preset("host-cpu")
+    plan = plan_traced(traced, mesh_shape=(8,), axis_names=("d",), cluster=cluster,
+                       method=autoshard.ShardParallel(), batch_flat=[False],
+                       in_layouts={0: P("d")}, carried=[(0, 0)], carried_weight=0.25)
+    assert plan.flat_out_specs == (P(None, "d"),)
+    price = MeshCostModel(cluster, (8,)).resharding((256, 256), 4, ((), (0,)), ((0,), ()))
+    assert price > 0 and plan.cost.resharding_s == pytest.approx(price / 4)

@@ -38,6 +38,22 @@ def test_num_stages_forces_the_count():
         solve_stages(2, [1, 2], 2, TWO, num_microbatches=1, num_stages=3)
 
 
+def test_once_per_step_work_counts_once():
+    # Two layers on 2 devices, B = 4. One stage on both devices: 2 s per micro-batch.
+    # Two stages of 1 device: 1.2 s each per micro-batch, but 3 s of once-per-step work
+    # (e.g. gradients resharded for their parameters) on each.
+    # One stage: 2 + 3 * 2 = 8 s. Two: (1.2 + 3) * 2 + 3 * 1.2 = 12 s: one stage wins,
+    # while pricing the 3 s per micro-batch (4.2 s stages) would make two stages 21 s
+    # and pricing it not at all would make them 6 s.
+    costs = {(0, 1, 1): StageCost(2.0), (0, 0, 0): StageCost(1.2, per_step_s=3.0),
+             (1, 1, 0): StageCost(1.2, per_step_s=3.0)}
+    got = solve_stages(2, [1, 2], 2, costs, 4)
+    assert got.stages == ((0, 1, 1),) and got.objective_s == pytest.approx(8.0)
+    assert brute_force_stages(2, [1, 2], 2, costs, 4).objective_s == pytest.approx(8.0)
+    two = solve_stages(2, [1, 2], 2, costs, 4, num_stages=2)
+    assert two.objective_s == pytest.approx(12.0)
+
+
 def test_uneven_layers_get_balanced_stages():
     # Layers cost 3, 1, 1, 1 (one device each stage, two devices). Cuts: 3|3 → 6 + 3·3 = 15,
     # 4|2 → 6 + 3·4 = 18, 5|1 → 6 + 3·5 = 21: the balanced cut after layer 0 wins.
@@ -83,7 +99,8 @@ def test_dp_equals_brute_force(seed):
         for m, n in enumerate(devices):
             if rng.random() < 0.85:
                 table[(i, j, m)] = StageCost(rng.uniform(0.5, 2.0) * (j - i + 1) / n ** 0.7,
-                                             rng.uniform(0, 10), rng.uniform(0, 5))
+                                             rng.uniform(0, 10), rng.uniform(0, 5),
+                                             rng.choice([0.0, rng.uniform(0, 3)]))
     for schedule in ("1f1b", "gpipe"):
         for S in (None,) + tuple(range(1, L + 1)):
             budget = rng.choice([None, 15.0, 25.0])
