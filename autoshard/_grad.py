@@ -92,8 +92,8 @@ def value_and_grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False)
         diff = [False] * len(leaves)
         for a in nums:
             for k in range(starts[a], starts[a + 1]):
-                dtype = np.dtype(jax.numpy.result_type(leaves[k]))
-                if not np.issubdtype(dtype, np.inexact):
+                dtype = jax.numpy.result_type(leaves[k])
+                if not jax.numpy.issubdtype(dtype, np.inexact):
                     raise TypeError(f"autoshard.grad requires real- or complex-valued inputs "
                                     f"(argument {a}), got a leaf of dtype {dtype}")
                 diff[k] = True

@@ -169,7 +169,7 @@ def use_cost_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel,
     aval = program.avals[src.outputs[use.src_output]]
     if memo is not None:
         key = (id(src.strategies), use.src_output, id(dst.strategies), use.operand,
-               tuple(aval.shape), np.dtype(aval.dtype).name)
+               tuple(aval.shape), aval.dtype.name)
         if key not in memo:
             memo[key] = (src.strategies, dst.strategies,  # keep the ids alive
                          use_cost_matrix(graph, use, model))
@@ -181,7 +181,7 @@ def use_cost_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel,
         dst_specs = [s.in_specs[use.operand] for s in dst.strategies]
     usrc = sorted(set(src_specs))
     udst = sorted(set(dst_specs))
-    small = model.resharding_matrix(tuple(aval.shape), np.dtype(aval.dtype).itemsize,
+    small = model.resharding_matrix(tuple(aval.shape), aval.dtype.itemsize,
                                     tuple(usrc), tuple(udst))
     rows = [usrc.index(s) for s in src_specs]
     cols = [udst.index(s) for s in dst_specs]

@@ -76,7 +76,7 @@ def eqn_flops(program: Program, eqn) -> float:
 
 def _value_bytes(program: Program, vid: int) -> float:
     aval = program.avals[vid]
-    return float(math.prod(aval.shape) * np.dtype(aval.dtype).itemsize)
+    return float(math.prod(aval.shape) * aval.dtype.itemsize)
 
 
 def _depends(program: Program, flags_in) -> list[bool]:

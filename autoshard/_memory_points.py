@@ -50,7 +50,7 @@ def copy_bytes(model: MeshCostModel, aval, src_spec, dst_spec) -> int:
     if src_spec == dst_spec:
         return 0
     shape = tuple(aval.shape)
-    size = model.bytes_per_device(shape, np.dtype(aval.dtype).itemsize, dst_spec)
+    size = model.bytes_per_device(shape, aval.dtype.itemsize, dst_spec)
     local = model.shard_shape(shape, dst_spec)
     gathered = [d for d, (held, wanted) in enumerate(zip(src_spec, dst_spec))
                 if set(held) - set(wanted)]
@@ -77,7 +77,7 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
             if vid not in ranges:  # overwritten in place by an output: no buffer of its own
                 continue
             aval = program.avals[vid]
-            shape, itemsize = tuple(aval.shape), np.dtype(aval.dtype).itemsize
+            shape, itemsize = tuple(aval.shape), aval.dtype.itemsize
             own = np.array([nbytes(shape, itemsize, s.out_specs[k]) for s in node.strategies],
                            dtype=np.float64)
             roots[vid], values[vid], steps[vid] = (p,), own[index], ranges[vid]
@@ -161,7 +161,7 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, chosen: Seque
 
     def nbytes(vid, spec):
         aval = program.avals[vid]
-        return model.bytes_per_device(tuple(aval.shape), np.dtype(aval.dtype).itemsize, spec)
+        return model.bytes_per_device(tuple(aval.shape), aval.dtype.itemsize, spec)
 
     ranges = dict(live_ranges(program, donated))
     sizes = {vid: nbytes(vid, spec) for node, s in zip(graph.nodes, chosen)

@@ -134,7 +134,7 @@ def _pairing_seconds(P, plan: Plan, pairs, model: MeshCostModel, axis_names) -> 
     for o, i in pairs:
         aval = P.avals[P.outvars[o]]
         rank = len(aval.shape)
-        total += model.resharding(tuple(aval.shape), np.dtype(aval.dtype).itemsize,
+        total += model.resharding(tuple(aval.shape), aval.dtype.itemsize,
                                   from_partition_spec(plan.flat_out_specs[o], rank, axis_names),
                                   from_partition_spec(plan.flat_in_specs[i], rank, axis_names))
     return float(total)

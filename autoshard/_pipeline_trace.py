@@ -147,8 +147,8 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
     num_aux = len(jaxpr.outvars) - 1
     if B > 1:
         for k, var in enumerate(jaxpr.outvars[1:]):
-            dtype = np.dtype(var.aval.dtype)
-            if not np.issubdtype(dtype, np.inexact):
+            dtype = var.aval.dtype
+            if not jax.numpy.issubdtype(dtype, np.inexact):
                 _fail(f"autoshard.value_and_grad(has_aux=True) in {name}: aux leaf {k} has "
                       f"dtype {dtype}. PipeshardParallel averages aux values over the "
                       f"{B} micro-batches, which an integer or boolean cannot hold exactly; "

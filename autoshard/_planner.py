@@ -124,7 +124,7 @@ def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs,
             continue
         n = graph.input_node(i)
         aval = program.avals[vid]
-        shape, itemsize = tuple(aval.shape), np.dtype(aval.dtype).itemsize
+        shape, itemsize = tuple(aval.shape), aval.dtype.itemsize
         nodes[n] = dataclasses.replace(nodes[n], strategies=tuple(
             dataclasses.replace(s, communication_s=model.bytes_per_device(
                 shape, itemsize, s.out_specs[0]) / model.cluster.memory_bandwidth)

@@ -21,7 +21,7 @@ def stable_repr(value) -> str:
 
 
 def aval_text(aval) -> str:
-    return f"{tuple(aval.shape)}:{np.dtype(aval.dtype).name}"
+    return f"{tuple(aval.shape)}:{aval.dtype.name}"
 
 
 def equation_signature(eqn, in_avals, out_avals) -> str:

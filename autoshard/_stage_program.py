@@ -42,7 +42,7 @@ class StageProgram:
 
 
 def _inexact(aval) -> bool:
-    return np.issubdtype(np.dtype(aval.dtype), np.inexact)
+    return jax.numpy.issubdtype(aval.dtype, np.inexact)
 
 
 def stage_program(layering: Layering, first: int, last: int, diff_invars, batch_invars
@@ -149,7 +149,7 @@ def split_programs(stage: StageProgram) -> tuple[Program, Program]:
 
 def bytes_per_device(aval, spec, mesh_sizes: dict) -> float:
     """Bytes of one shard of ``aval`` laid out as ``spec`` (a PartitionSpec)."""
-    n = math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
+    n = math.prod(aval.shape) * aval.dtype.itemsize
     for entry in tuple(spec):
         if entry is None:
             continue

@@ -12,6 +12,7 @@ import itertools
 import math
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from ._op_rules import LoopOp
@@ -51,13 +52,13 @@ class Strategy:
 
 
 def _itemsize(aval) -> int:
-    return np.dtype(aval.dtype).itemsize
+    return aval.dtype.itemsize
 
 
 def _dtype_name(avals) -> str:
     for a in avals:
-        if a is not None and np.issubdtype(np.dtype(a.dtype), np.floating):
-            return np.dtype(a.dtype).name
+        if a is not None and jax.numpy.issubdtype(a.dtype, np.floating):
+            return a.dtype.name
     return "float32"
 
 

@@ -68,3 +68,22 @@ def test_host_cpu_reduce_scatter_lowering_matches_the_backend():
     stats = collective_stats(step.lower(arg, arg).compile().as_text())
     lowered = stats["reduce-scatter"]["count"] == 0 and stats["all-reduce"]["count"] == 1
     assert lowered == autoshard.cluster_preset("host-cpu").reduce_scatter_as_all_reduce, stats
+
+
+@pytest.mark.parametrize("make_key", [jax.random.PRNGKey, jax.random.key],
+                         ids=["legacy uint32 key", "typed key"])
+def test_dropout_with_a_key_argument_matches_jit(make_key):
+    import jax.numpy as jnp
+
+    def step(w, x, key):
+        def loss(w):
+            h = jnp.tanh(x @ w)
+            keep = jax.random.bernoulli(key, 0.9, h.shape)   # dropout
+            return jnp.mean(jnp.where(keep, h / 0.9, 0.0) ** 2)
+        return jax.value_and_grad(loss)(w)
+
+    w = jax.random.normal(jax.random.PRNGKey(1), (64, 64)) / 8
+    x = jax.random.normal(jax.random.PRNGKey(2), (32, 64))
+    args = (w, x, make_key(3))
+    step_p = autoshard.parallelize(step, mesh=autoshard.make_mesh((2, 4), ("data", "model")))
+    assert_trees_allclose(step_p(*args), jax.jit(step)(*args))
