@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from ._graph import ShardingGraph
+from ._strategies import Strategy
 from .cost_model import MeshCostModel
 
 #: bytes XLA merges into one all-reduce (its GPU default, 30 MiB; on host CPU we saw a
@@ -65,10 +66,7 @@ def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel
             continue
         key = id(node.strategies)
         if key not in repriced:  # repeated layers share one tuple: keep sharing it
-            repriced[key] = (node.strategies, tuple(
-                dataclasses.replace(s, communication_s=s.communication_s - s.all_reduce_latency_s
-                                    * (1.0 - min(1.0, s.all_reduce_bytes / COMBINE_THRESHOLD_BYTES)))
-                if s.all_reduce_latency_s > 0 else s for s in node.strategies))
+            repriced[key] = (node.strategies, tuple(_latency_shared(s) for s in node.strategies))
         nodes[v] = dataclasses.replace(node, strategies=repriced[key][1])
         for i, s in enumerate(node.strategies):
             if s.all_reduce_latency_s > 0:
@@ -77,3 +75,12 @@ def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel
                    for axes in sorted(members))
     return dataclasses.replace(graph, nodes=tuple(nodes)), merged
 
+
+def _latency_shared(strategy: Strategy) -> Strategy:
+    """``strategy`` keeping of its all-reduce latency only its byte share of one merged
+    collective (the rest is the shared cost)."""
+    if strategy.all_reduce_latency_s <= 0:
+        return strategy
+    share = min(1.0, strategy.all_reduce_bytes / COMBINE_THRESHOLD_BYTES)
+    return dataclasses.replace(strategy, communication_s=strategy.communication_s
+                               - strategy.all_reduce_latency_s * (1.0 - share))

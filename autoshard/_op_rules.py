@@ -453,4 +453,3 @@ def loop_op(eqn, in_avals: Sequence, out_avals: Sequence) -> LoopOp | None:
     except (KeyError, AttributeError, IndexError, TypeError, ValueError):
         return None
     return op
-

@@ -81,7 +81,9 @@ def evaluate(request: IntraOpRequest, choices) -> Evaluation:
                 f"({choices[edge.src]}, {choices[edge.dst]}) is forbidden (inf)"
             )
         edge_cost += cost
-    shared_cost = sum(paid_shared_costs(request, choices))
+    # a shared cost is paid once when any of its (node, strategy) members is chosen
+    shared_cost = sum(shared.cost for shared in request.shared_costs
+                      if any(choices[v] == i for v, i in shared.members))
     memory = point_memory(request, choices)
     budget = request.memory_budget
     if budget is not None:
@@ -94,8 +96,3 @@ def evaluate(request: IntraOpRequest, choices) -> Evaluation:
     return Evaluation(node_cost + edge_cost + shared_cost, node_cost, edge_cost, memory,
                       tuple(violations), shared_cost)
 
-
-def paid_shared_costs(request: IntraOpRequest, choices) -> tuple[float, ...]:
-    """Seconds of each shared cost under ``choices``: its cost if a member is chosen, else 0."""
-    return tuple(shared.cost if any(choices[v] == i for v, i in shared.members) else 0.0
-                 for shared in request.shared_costs)

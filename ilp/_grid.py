@@ -19,8 +19,7 @@ class EdgeGrid:
 
     ``row_of[i]``: class of a's kept strategy i; ``rows``: a representative strategy
     per class (likewise ``col_of`` / ``cols`` for b). ``cost[k, l]``: residual seconds
-    of the classes' pair (``inf`` forbids it). ``copies``: byte matrices over kept
-    strategy pairs of the memory terms on this edge.
+    of the classes' pair (``inf`` forbids it).
     """
 
     a: int
@@ -30,7 +29,6 @@ class EdgeGrid:
     col_of: np.ndarray
     cols: tuple[int, ...]
     cost: np.ndarray
-    copies: tuple[np.ndarray, ...] = ()
 
     @property
     def finite(self) -> np.ndarray:
@@ -48,8 +46,7 @@ def edge_grid(a: int, b: int, matrix: np.ndarray, copies: tuple[np.ndarray, ...]
     """Group a's (rows) and b's (columns) strategies that ``matrix`` and ``copies`` see alike."""
     row_of, rows = strategy_classes(np.concatenate([matrix, *copies], axis=1))
     col_of, cols = strategy_classes(np.concatenate([matrix.T, *(c.T for c in copies)], axis=1))
-    return EdgeGrid(a, b, row_of, tuple(rows), col_of, tuple(cols),
-                    matrix[np.ix_(rows, cols)], tuple(copies))
+    return EdgeGrid(a, b, row_of, tuple(rows), col_of, tuple(cols), matrix[np.ix_(rows, cols)])
 
 
 def strategy_classes(matrix: np.ndarray) -> tuple[np.ndarray, list[int]]:

@@ -61,7 +61,7 @@ from ._grid import EdgeGrid, edge_grid
 from ._heuristic import best_assignment, local_search, polish
 from ._memory import _min_peak, memory_unit, solver_parameters, to_units
 from ._reduce import ReducedProblem, reduce_request
-from ._relaxation import Relaxation, solve_relaxation
+from ._relaxation import solve_relaxation
 from ._repeats import RepeatClasses, repeat_classes, tied_request
 from ._request import InfeasibleError, IntraOpRequest, IntraOpResult, SolverStats
 from ._units import format_bytes
@@ -191,12 +191,14 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     grids = _edge_grids(reduced, rows)
 
     # --- LP relaxation: often integral, then optimal without a search ----------------
-    relaxation = None
-    if active:
-        relaxation = solve_relaxation(
-            [len(k) for k in reduced.keep], active,
-            {v: reduced.cost[v] - base[v] for v in active}, grids, rows, shared, constant,
-            request.time_limit_s, _backstop_s(request.time_limit_s))
+    sizes = [len(k) for k in reduced.keep]
+    node_cost = {v: reduced.cost[v] - base[v] for v in active}
+
+    def relax(charges, offset):
+        return solve_relaxation(sizes, active, node_cost, grids, rows, charges, offset,
+                                request.time_limit_s, _backstop_s(request.time_limit_s))
+
+    relaxation = relax(shared, constant) if active else None
     if relaxation is not None and relaxation.infeasible:
         _raise_no_assignment(request, reduced, rows)
     if relaxation is not None and relaxation.integral:
@@ -218,11 +220,7 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
             # Fixed charges make the LP fractional (it spreads members to share a charge).
             # With every charge paid up front the problem has none, and its LP optimum
             # (usually integral) costs at most the optimum plus the unused charges.
-            paid = solve_relaxation(
-                [len(k) for k in reduced.keep], active,
-                {v: reduced.cost[v] - base[v] for v in active}, grids, rows, (),
-                constant + sum(cost for cost, _ in shared), request.time_limit_s,
-                _backstop_s(request.time_limit_s))
+            paid = relax((), constant + sum(cost for cost, _ in shared))
             if paid.solved:
                 starts.append(paid.position)
     position = _warm_start(request, reduced, bool(rows), starts)
@@ -382,7 +380,8 @@ def _cp_model(reduced: ReducedProblem, active, base, constant: float, grids, row
 
 
 def _result(request, reduced, choices, objective, lower_bound, status, start, relaxation,
-            model_edges, active_nodes, *, memory_points, scale, build_time, solver, solver_status, model=None):
+            model_edges, active_nodes, *, memory_points, scale, build_time, solver,
+            solver_status, model=None):
     gap = 0.0 if status == "OPTIMAL" or not objective else (objective - lower_bound) / abs(objective)
     if status == "OPTIMAL":
         lower_bound = objective
@@ -443,7 +442,7 @@ def _solve_tied(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpResul
         [request.hint] if request.hint is not None else [])
     choices = best_assignment(request, candidates)
     if choices is None:
-        choices = classes.expand(sub.choices)
+        choices = tuple(expanded)
     objective = evaluate(request, choices).objective
     floor = sum(float(np.min(c)) for c in request.node_costs) + \
         sum(float(np.min(e.cost)) for e in request.edges)  # shared costs may all go unpaid

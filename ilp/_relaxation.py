@@ -59,7 +59,6 @@ class Relaxation:
     num_variables: int
     num_constraints: int
     wall_time_s: float
-    message: str
 
     def __repr__(self) -> str:
         return (f"Relaxation(solved={self.solved}, infeasible={self.infeasible}, "
@@ -90,9 +89,7 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
     estimate = SECONDS_PER_ROW_VARIABLE * num_constraints * num_vars
     if estimate > time_limit_s:
         return Relaxation(False, False, -np.inf, {}, False, num_vars, num_constraints,
-                          time.perf_counter() - start,
-                          f"skipped: estimated {estimate:.3g} s exceeds the time limit "
-                          f"{time_limit_s:g} s")
+                          time.perf_counter() - start)
     offset, num_vars = {}, 0
     for v in active:
         offset[v] = num_vars
@@ -168,8 +165,8 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
     wall = time.perf_counter() - start
     if status != model_builder.SolveStatus.OPTIMAL:
         # a time limit or numerical trouble leaves the LP unsolved, not the ILP infeasible
-        return Relaxation(False, status == model_builder.SolveStatus.INFEASIBLE, -np.inf, {}, False,
-                          num_vars, num_constraints, wall, status.name)
+        return Relaxation(False, status == model_builder.SolveStatus.INFEASIBLE, -np.inf, {},
+                          False, num_vars, num_constraints, wall)
     x = solver.values(model.get_variables()).to_numpy()
     position, integral = {}, True
     for v in active:
@@ -178,4 +175,4 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
         position[v] = best
         integral &= bool(values[best] >= 1.0 - _INTEGRAL_TOL)
     return Relaxation(True, False, float(solver.objective_value) / scale + constant, position,
-                      integral, num_vars, num_constraints, wall, status.name)
+                      integral, num_vars, num_constraints, wall)
