@@ -10,12 +10,14 @@ update to one program on the full mesh.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import jax
 from jax.sharding import PartitionSpec
 
 from ._pipeline_layout import PlannedApply, apply_name
 from ._pipeline_trace import SplitStep
+from ._plan import Plan
 from ._planner import plan_traced
 from ._trace import TracedFunction
 from .runtime import Program
@@ -93,6 +95,29 @@ def boundary_layouts(split: SplitStep, stages, mesh_shape) -> dict[int, tuple[in
     return known
 
 
+def _plan_program(split: SplitStep, eqns, outputs, mesh, layouts: Mapping[int, PartitionSpec],
+                  axis_names, cluster, method) -> tuple[Program, Plan]:
+    """The outer equations ``eqns`` as a program with ``outputs``, planned on ``mesh`` with
+    ``method.stage_method``; inputs found in ``layouts`` (outer value id → spec) are read
+    in that layout."""
+    traced = split.traced
+    O = traced.program
+    in_path = dict(zip(O.invars, traced.in_paths))
+    out_path = {}
+    for a, p in zip(O.outvars, traced.out_paths):
+        if isinstance(a, int):
+            out_path.setdefault(a, p)
+    prog = _subprogram(O, eqns, outputs)
+    sub = _sub_traced(prog, [traced.sources[e] for e in eqns],
+                      [in_path.get(v, f"value{v}") for v in prog.invars],
+                      [out_path.get(v, f"value{v}") for v in prog.outvars])
+    in_layouts = {i: layouts[v] for i, v in enumerate(prog.invars) if v in layouts}
+    plan = plan_traced(sub, mesh_shape=mesh, axis_names=axis_names, cluster=cluster,
+                       method=method.stage_method, batch_flat=[False] * len(prog.invars),
+                       in_layouts=in_layouts)
+    return prog, plan
+
+
 def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, cluster,
                      method, plan_part=None):
     """(pre-gradient parts, apply parts) as :class:`PlannedApply`. Each part is planned
@@ -106,29 +131,19 @@ def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, 
     traced = split.traced
     O = traced.program
     geqn = O.eqns[split.grad_eqn]
-    in_path = {v: p for v, p in zip(O.invars, traced.in_paths)}
-    out_path = {}
-    for a, p in zip(O.outvars, traced.out_paths):
-        if isinstance(a, int):
-            out_path.setdefault(a, p)
     outvars = {a for a in O.outvars if isinstance(a, int)}
 
     known = boundary_layouts(split, stages, mesh_shape) if plan_part is None else {}
 
     def planned(stage, eqns, outputs, mesh, name=None):
-        prog = _subprogram(O, eqns, outputs)
         where = _where(stage, stages[stage], mesh_shape) if stage >= 0 else FULL_MESH
-        in_layouts = {i: known[v][1] for i, v in enumerate(prog.invars)
-                      if v in known and known[v][0] == where}
-        sub = _sub_traced(prog, [traced.sources[e] for e in eqns],
-                          [in_path.get(v, f"value{v}") for v in prog.invars],
-                          [out_path.get(v, f"value{v}") for v in prog.outvars])
+        layouts = {v: spec for v, (w, spec) in known.items() if w == where}
         if plan_part is not None:
+            prog = _subprogram(O, eqns, outputs)
             plan = plan_part(name or apply_name(stage), prog)
         else:
-            plan = plan_traced(sub, mesh_shape=mesh, axis_names=axis_names, cluster=cluster,
-                               method=method.stage_method,
-                               batch_flat=[False] * len(prog.invars), in_layouts=in_layouts)
+            prog, plan = _plan_program(split, eqns, outputs, mesh, layouts, axis_names,
+                                       cluster, method)
         return PlannedApply(stage, prog, plan, prog.invars, tuple(outputs))
 
     pre = ()
@@ -140,30 +155,40 @@ def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, 
         known.update((v, (FULL_MESH, spec))
                      for v, spec in zip(pre[0].outputs, pre[0].plan.flat_out_specs))
 
-    # label the post equations with the stage owning their gradients
-    owner = _owners(split, stages)
-    last = len(stages) - 1
-    n_val = 1 + split.num_aux   # the loss and the aux leaves come from the last stage
-    label: dict[int, int] = {v: last for v in geqn.outputs[:n_val]}
+    if not split.post:
+        return pre, ()
+    groups = update_groups(split, _owners(split, stages), len(stages) - 1, shared_label=0)
+    if groups is None:  # an update mixing stages (e.g. global-norm clipping): one program
+        return pre, (planned(-1, list(split.post), _update_outputs(split), mesh_shape),)
+    return pre, tuple(planned(s, eqns, outs, stages[s].mesh_shape)
+                      for s, (eqns, outs) in sorted(groups.items()))
+
+
+def update_groups(split: SplitStep, owner: Mapping[int, int], loss_label: int,
+                  shared_label: int) -> dict[int, tuple[list[int], list[int]]] | None:
+    """The post-gradient equations grouped by the label owning the gradients they read:
+    ``label → (equation indices in order, outer values it outputs)``. ``owner``:
+    differentiated forward input index → label (missing: 0); the loss and aux leaves have
+    ``loss_label``; outputs reading no gradient (a step counter) go to ``shared_label``,
+    and each group computes the gradient-free equations it reads. ``None`` when an equation
+    mixes labels (global-norm clipping): the update cannot be split."""
+    O = split.traced.program
+    geqn = O.eqns[split.grad_eqn]
+    outvars = {a for a in O.outvars if isinstance(a, int)}
+    n_val = 1 + split.num_aux
+    label: dict[int, int] = {v: loss_label for v in geqn.outputs[:n_val]}
     diff_idx = [k for k, d in enumerate(split.diff) if d]
     for g_out, k in zip(geqn.outputs[n_val:], diff_idx, strict=True):
         label[g_out] = owner.get(k, 0)
     eqn_label: dict[int, int | None] = {}
-    conflict = False
     for e in split.post:
         ls = {label[a] for a in O.eqns[e].inputs if isinstance(a, int) and a in label}
         if len(ls) > 1:
-            conflict = True
-            break
+            return None
         eqn_label[e] = next(iter(ls)) if ls else None
         if ls:
             for v in O.eqns[e].outputs:
                 label[v] = eqn_label[e]
-    if not split.post:
-        return pre, ()
-    if conflict:  # an update mixing stages (e.g. global-norm clipping): one full-mesh program
-        outs = [v for e in split.post for v in O.eqns[e].outputs if v in outvars]
-        return pre, (planned(-1, list(split.post), list(dict.fromkeys(outs)), mesh_shape),)
     producer = {v: e for e in split.post for v in O.eqns[e].outputs}
     groups: dict[int, set] = {}
     for e, lab in eqn_label.items():
@@ -171,8 +196,8 @@ def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, 
             groups.setdefault(lab, set()).add(e)
     shared_outs = [a for a in outvars if a in producer and eqn_label[producer[a]] is None]
     if shared_outs:
-        groups.setdefault(0, set()).update(producer[a] for a in shared_outs)
-    apply = []
+        groups.setdefault(shared_label, set()).update(producer[a] for a in shared_outs)
+    out = {}
     for s in sorted(groups):
         eqns = set(groups[s])
         todo = list(eqns)
@@ -186,7 +211,54 @@ def plan_step_parts(split: SplitStep, stages, layering, mesh_shape, axis_names, 
         order = sorted(eqns)
         outs = list(dict.fromkeys(v for e in order for v in O.eqns[e].outputs
                                   if v in outvars and (eqn_label[e] == s or
-                                                       (s == 0 and eqn_label[e] is None))))
+                                                       (s == shared_label and
+                                                        eqn_label[e] is None))))
         if outs:
-            apply.append(planned(s, order, outs, stages[s].mesh_shape))
-    return pre, tuple(apply)
+            out[s] = (order, outs)
+    return out
+
+
+def _update_outputs(split: SplitStep) -> list[int]:
+    O = split.traced.program
+    outvars = {a for a in O.outvars if isinstance(a, int)}
+    return list(dict.fromkeys(v for e in split.post for v in O.eqns[e].outputs
+                              if v in outvars))
+
+
+def whole_update_seconds(split: SplitStep, mesh_shape, axis_names, cluster, method) -> float:
+    """Seconds per step of the whole update as one program on the full mesh (what runs when
+    an equation mixes stages' gradients)."""
+    if not split.post:
+        return 0.0
+    _, plan = _plan_program(split, list(split.post), _update_outputs(split), mesh_shape, {},
+                            axis_names, cluster, method)
+    return plan.cost.total_s
+
+
+def stage_update_seconds(split: SplitStep, stage, first_layer: Mapping[int, int],
+                         num_layers: int, mesh_shape, axis_names, cluster, method
+                         ) -> float | None:
+    """Seconds per step of the apply-gradient program that ``stage`` (a candidate
+    :class:`PlannedStage`) would run: the update of the parameters whose first reading
+    layer is one of its layers, on its sub-mesh, reading gradients and parameters in the
+    layouts its plan gives them, as :func:`plan_step_parts` plans it once stages are
+    chosen. ``first_layer``: forward input index → the first layer reading it (missing: 0).
+    0.0 without an update; ``None`` when an equation mixes this stage's gradients with
+    other stages' (then the whole update runs on the full mesh:
+    :func:`whole_update_seconds`)."""
+    if not split.post:
+        return 0.0
+    sp = stage.program
+    mine = {k: 0 if sp.first <= first_layer.get(k, 0) <= sp.last else 1
+            for k in range(len(split.diff))}
+    groups = update_groups(split, mine, 0 if sp.last == num_layers - 1 else 1,
+                           shared_label=0 if sp.first == 0 else 1)
+    if groups is None:
+        return None
+    if 0 not in groups:
+        return 0.0
+    eqns, outs = groups[0]
+    layouts = {v: spec for v, (_, spec) in boundary_layouts(split, (stage,), mesh_shape).items()}
+    _, plan = _plan_program(split, eqns, outs, stage.mesh_shape, layouts, axis_names, cluster,
+                            method)
+    return plan.cost.total_s

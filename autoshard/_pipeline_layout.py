@@ -14,12 +14,17 @@ from .runtime import Program
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PlannedStage:
+    """A chosen stage; seconds: ``send_s`` per micro-batch, ``step_send_s`` and
+    ``pairing_s`` once per step (the stage plan carries ``pairing_s / B`` per micro-batch)."""
+
     program: StageProgram
     plan: Plan
     mesh_shape: tuple[int, ...]
     positions: tuple[int, ...]     # row-major indices into the full mesh
     cost: ilp.StageCost
     send_s: tuple[float, float]    # (activations forward, cotangents back) per micro-batch
+    step_send_s: float = 0.0       # shared parameters (and gradients), pre-gradient values
+    pairing_s: float = 0.0         # gradients resharded into their parameters' layouts
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -32,7 +32,7 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
         send_f, send_b = st.send_s
         # the 1/B share of resharding gradients for their parameters that the stage plan
         # carries is work of the apply program, which prices it in its own cost
-        pairing = st.cost.per_step_s / B
+        pairing = st.pairing_s / B
         c = dataclasses.replace(st.plan.cost,
                                 communication_s=st.plan.cost.communication_s + send_f + send_b,
                                 resharding_s=st.plan.cost.resharding_s - pairing)
@@ -46,7 +46,8 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
             cost=StageCost(c.compute_s, c.communication_s, c.resharding_s, int(held),
                            work * frac + send_f, work * (1 - frac) + send_b),
             num_microbatches=B, schedule=schedule, apply_cost=apply_by_stage.get(s)))
-        parts.append(_scaled(c, 1.0 + ((B - 1) if s == slowest else 0)))
+        part = _scaled(c, 1.0 + ((B - 1) if s == slowest else 0))
+        parts.append([part[0], part[1] + st.step_send_s, part[2]])
     comp = [sum(p[k] for p in parts) for k in range(3)]
     extra = [a.plan.cost for a in layout.pre]
     if layout.apply:  # the apply programs run side by side: the slowest one counts

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec
 from . import ilp
 from ._layers import assign_layers
 from ._methods import PipeshardParallel
-from ._pipeline_apply import plan_step_parts
+from ._pipeline_apply import plan_step_parts, stage_update_seconds, whole_update_seconds
 from ._pipeline_layout import PipelineLayout, PlannedStage
 from ._pipeline_plan import make_plan
 from ._pipeline_trace import split_step
@@ -72,6 +72,12 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
     F_outs = {a for a in layering.program.outvars if isinstance(a, int)}
     F_ins = set(layering.program.invars)
     costs: dict = {}
+    pairing: dict = {}
+    step_sends: dict = {}
+    first_layer = _first_layers(layering)
+    forward_index = {v: k for k, v in enumerate(layering.program.invars)}
+    from_pre = _made_before_gradient(split)
+    whole_update = None
     for i, j, m in _candidates(L, shapes, N, method.num_stages):
         if (i, j) not in programs:
             programs[(i, j)] = stage_program(layering, i, j, split.diff, split.batch)
@@ -91,20 +97,37 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
                     for k in sp.backward_inputs if sp.batch_in[k])
         planned[(i, j, m)] = plan
         sends[(i, j, m)] = _send_seconds(sp, plan, link, sub_sizes, F_outs, F_ins)
-        # the gradients' resharding into their parameters' layouts runs once per step
-        # (in the apply program); the stage plan carries 1/B of it per micro-batch
-        per_step = _pairing_seconds(P, plan, pairs, MeshCostModel(cluster, shapes[m]),
-                                    axis_names)
-        costs[(i, j, m)] = ilp.StageCost(plan.cost.total_s - per_step / B
+        # the gradients' resharding into their parameters' layouts runs once per step, in
+        # the apply program, which prices it; the stage plan carries 1/B of it per
+        # micro-batch so that its layouts see it
+        pairing[(i, j, m)] = _pairing_seconds(P, plan, pairs, MeshCostModel(cluster, shapes[m]),
+                                              axis_names)
+        whole = (i, j) == (0, L - 1) and math.prod(shapes[m]) == N
+        step_sends[(i, j, m)] = 0.0 if whole else _step_send_seconds(
+            sp, plan, link, sub_sizes, forward_index, first_layer, from_pre)
+        candidate = PlannedStage(sp, plan, shapes[m], tuple(range(math.prod(shapes[m]))),
+                                 None, sends[(i, j, m)])
+        update = stage_update_seconds(split, candidate, first_layer, L, mesh_shape,
+                                      axis_names, cluster, method)
+        if update is None:  # the update runs as one full-mesh program: charged once
+            if whole_update is None:
+                whole_update = whole_update_seconds(split, mesh_shape, axis_names, cluster,
+                                                    method)
+            update = whole_update if i == 0 else 0.0
+        costs[(i, j, m)] = ilp.StageCost(plan.cost.total_s - pairing[(i, j, m)] / B
                                          + sum(sends[(i, j, m)]),
                                          float(plan.cost.peak_memory_bytes), float(held),
-                                         per_step_s=per_step)
+                                         per_step_s=update + step_sends[(i, j, m)])
+    # the DP adds the stages' once-per-step work; their apply programs run side by side on
+    # disjoint devices, so that sum bounds what a step spends on them (the plan reports
+    # the slowest)
     solution = ilp.solve_stages(L, [math.prod(s) for s in shapes], N, costs, B, schedule,
                                 method.num_stages, memory_budget)
     chosen_shapes = [shapes[m] for _, _, m in solution.stages]
     positions = ilp.place_submeshes(mesh_shape, chosen_shapes)
     stages = tuple(PlannedStage(programs[(i, j)], planned[(i, j, m)], shapes[m], pos,
-                                costs[(i, j, m)], sends[(i, j, m)])
+                                costs[(i, j, m)], sends[(i, j, m)], step_sends[(i, j, m)],
+                                pairing[(i, j, m)])
                    for (i, j, m), pos in zip(solution.stages, positions))
     pre, apply = plan_step_parts(split, stages, layering, mesh_shape, axis_names, cluster,
                                   method)
@@ -155,3 +178,52 @@ def _send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_outputs, fo
               / link.bandwidth
               for k, v in enumerate(grads) if v not in forward_inputs)
     return float(fwd), float(bwd)
+
+
+def _first_layers(layering) -> dict[int, int]:
+    """Forward input index → the first layer reading it (the stage owning a parameter)."""
+    F = layering.program
+    index = {v: k for k, v in enumerate(F.invars)}
+    first: dict[int, int] = {}
+    for e, layer in enumerate(layering.layer_of):
+        for a in F.eqns[e].inputs:
+            if isinstance(a, int) and a in index:
+                first[index[a]] = min(first.get(index[a], layer), layer)
+    return first
+
+
+def _made_before_gradient(split) -> frozenset:
+    """Forward input indices whose value the pre-gradient program makes (on the full mesh)."""
+    O = split.traced.program
+    made = {v for e in split.pre for v in O.eqns[e].outputs}
+    geqn = O.eqns[split.grad_eqn]
+    return frozenset(k for k, a in enumerate(geqn.inputs[:len(split.diff)])
+                     if isinstance(a, int) and a in made)
+
+
+def _step_send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_index, first_layer,
+                       from_pre) -> float:
+    """Seconds per step to bring this stage the step-level values kept elsewhere: a
+    parameter an earlier stage owns (a tied embedding; its gradient goes back to the owner
+    once per step, summed there) and a value the pre-gradient program makes on the full
+    mesh. ``forward_index``: forward value id → its forward input index, the key of
+    ``first_layer`` and ``from_pre``. Every device sends its shard, latency + bytes /
+    bandwidth each."""
+    P = sp.traced.program
+    n_out = len(sp.outputs)
+    diff = [k for k, d in enumerate(sp.diff_in) if d]
+    total = 0.0
+    for k, v in enumerate(sp.inputs):
+        f = forward_index.get(v)
+        if sp.batch_in[k] or f is None:
+            continue
+        shared = first_layer.get(f, 0) < sp.first
+        if not (shared or f in from_pre):
+            continue
+        total += link.latency + bytes_per_device(P.avals[P.invars[k]], plan.flat_in_specs[k],
+                                                 sizes) / link.bandwidth
+        if shared and sp.diff_in[k] and isinstance(P.outvars[n_out + diff.index(k)], int):
+            total += link.latency + bytes_per_device(
+                P.avals[P.outvars[n_out + diff.index(k)]],
+                plan.flat_out_specs[n_out + diff.index(k)], sizes) / link.bandwidth
+    return float(total)

@@ -1,0 +1,85 @@
+"""Stage candidates' once-per-step costs (autoshard/_pipeline_planner.py): the stage DP
+prices each stage's apply-gradient program and the step-level values sent to it before the
+stages are chosen, and those prices equal what the chosen stages then run."""
+import math
+
+import jax.numpy as jnp
+import optax
+import pytest
+
+import autoshard
+from examples.models import gpt
+
+MESHES = [((8,), ("data",)), ((2, 4), ("data", "model"))]
+
+
+def _layout(fn, args, mesh_shape, names, **method):
+    step = autoshard.parallelize(fn, mesh=autoshard.make_mesh(mesh_shape, names),
+                                 method=autoshard.PipeshardParallel(**method))
+    plan = step.plan(*args)
+    return plan, next(iter(step._cache.values())).pipeline
+
+
+@pytest.mark.parametrize("mesh_shape, names", MESHES)
+def test_apply_programs_and_the_tied_embedding_are_priced_per_step(mesh_shape, names):
+    # vocab 32 x d_model 16: the tied embedding is the only [32, 16] parameter
+    w = gpt(num_layers=2, batch=8, seq=4, d_model=16, heads=2, vocab=32)
+    plan, layout = _layout(w.fn, w.args, mesh_shape, names, num_microbatches=4, num_stages=2,
+                           num_layers=2)
+    apply = {a.stage: a.plan.cost.total_s for a in layout.apply}
+    assert sorted(apply) == [0, 1]   # AdamW without clipping: one apply program per stage
+    for s, st in enumerate(layout.stages):
+        # the DP's once-per-step work of a stage: the apply program it then runs (priced
+        # with the stage plan's layouts before the stages were chosen), plus the values it
+        # is sent once per step
+        assert st.cost.per_step_s - st.step_send_s == pytest.approx(apply[s], rel=1e-9)
+    first, last = layout.stages
+    assert first.step_send_s == 0.0   # it owns every parameter it reads
+    # the last stage reads the embedding stage 0 owns: it is sent the embedding and sends
+    # the embedding's gradient back, once per step each
+    P = last.program.traced.program
+    [k] = [k for k, v in enumerate(last.program.inputs)
+           if P.avals[P.invars[k]].shape == (32, 16)]
+    sizes = dict(zip(names, last.mesh_shape))
+    spec = last.plan.flat_in_specs[k]
+    split = math.prod(sizes[a] for entry in spec if entry is not None
+                      for a in (entry if isinstance(entry, tuple) else (entry,)))
+    grad_out = len(last.program.outputs) + sum(last.program.diff_in[:k])
+    gspec = last.plan.flat_out_specs[grad_out]
+    gsplit = math.prod(sizes[a] for entry in gspec if entry is not None
+                       for a in (entry if isinstance(entry, tuple) else (entry,)))
+    link = plan.cluster.links_for_mesh(mesh_shape)[0]
+    expected = 2 * link.latency + (32 * 16 * 4 / split + 32 * 16 * 4 / gsplit) / link.bandwidth
+    assert last.step_send_s == pytest.approx(expected, rel=1e-9)
+
+
+def _clipped_mlp():
+    """Four tanh layers, SGD after global-norm clipping: the clipping reads every
+    gradient, so the update cannot be split by stage."""
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1e-2))
+
+    def loss_fn(params, x):
+        for layer in params:
+            x = jnp.tanh(x @ layer)
+        return jnp.mean(x ** 2)
+
+    def step(params, opt_state, x):
+        loss, grads = autoshard.value_and_grad(loss_fn)(params, x)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params = [jnp.full((16, 16), 0.1 * (i + 1)) for i in range(4)]
+    return step, (params, opt.init(params), jnp.ones((16, 16)))
+
+
+@pytest.mark.parametrize("mesh_shape, names", MESHES)
+def test_an_update_mixing_stages_is_charged_once(mesh_shape, names):
+    fn, args = _clipped_mlp()
+    _, layout = _layout(fn, args, mesh_shape, names, num_microbatches=2, num_stages=2,
+                        num_layers=2, stage_method=autoshard.DataParallel())
+    [whole] = layout.apply
+    assert whole.stage == -1   # one apply program on the full mesh
+    first, second = layout.stages
+    # its cost is charged to the stage holding layer 0 only (every slicing has one)
+    assert first.cost.per_step_s == pytest.approx(whole.plan.cost.total_s, rel=1e-9)
+    assert second.cost.per_step_s == 0.0
