@@ -187,12 +187,17 @@ class InfeasiblePlanError(ValueError):
 
 def _solve_within_budget(request: ilp.IntraOpRequest, graph: ShardingGraph, grouping, model,
                          donated, budget: float | None, mesh_shape) -> ilp.IntraOpResult:
-    """Solve; with a budget, constrain the candidate peak steps, then check the plan's whole
-    liveness profile and add the steps it overflows, until none does (at most 8 solves)."""
+    """Solve; with a budget, first without it (repeated layers tied, often one LP): a plan
+    whose whole liveness profile fits is optimal under the budget too. Otherwise constrain
+    the candidate peak steps, then check the plan's whole liveness profile and add the
+    steps it overflows, until none does (at most 8 solves)."""
+    free = ilp.solve_intra_op(request)
     if budget is None:
-        return ilp.solve_intra_op(request)
+        return free
     program = graph.traced.program
     tensors = tensor_bytes(graph, grouping, model, live_ranges(program, donated))
+    if not steps_over(tensors, free.choices, len(program.eqns), budget):
+        return free
     steps = candidate_steps(tensors, len(program.eqns))
     for _ in range(8):
         constrained = dataclasses.replace(request, memory_terms=memory_terms(tensors, steps),

@@ -7,7 +7,7 @@ import pytest
 
 import autoshard
 from autoshard.cost_model import format_bytes
-from examples.models import mlp
+from examples.models import gpt, mlp
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,22 @@ def test_impossible_budget_names_the_smallest_feasible_peak(adam_mlp, mesh8):
     fits = autoshard.parallelize(adam_mlp.fn, mesh=mesh8,
                                  memory_budget=int(err.min_peak_bytes * 1.01) + 1)
     assert fits.plan(*adam_mlp.args).cost.peak_memory_bytes <= err.min_peak_bytes * 1.01 + 1
+
+
+def test_a_budget_the_free_plan_fits_keeps_repeated_layers_tied(mesh8):
+    # GPU presets always set a budget (device memory less reserve). When the plan solved
+    # without it already fits, it is the plan under the budget too: the repeated layers
+    # stay tied (one LP) rather than the untied problem being searched with memory rows.
+    w = gpt(num_layers=4, batch=8, seq=8, d_model=32, heads=2, vocab=64)
+    method = autoshard.ShardParallel(tie_repeats=True)
+    free = autoshard.parallelize(w.fn, mesh=mesh8, method=method).plan(*w.args)
+    roomy = autoshard.parallelize(w.fn, mesh=mesh8, method=method,
+                                  memory_budget=4 * free.cost.peak_memory_bytes
+                                  ).plan(*w.args)
+    assert free.solver.tied_classes > 0
+    assert roomy.solver.tied_classes == free.solver.tied_classes
+    assert roomy.flat_in_specs == free.flat_in_specs and roomy.value_specs == free.value_specs
+    assert roomy.cost.total_s == pytest.approx(free.cost.total_s, rel=1e-12)
 
 
 def test_gpu_presets_default_to_device_memory_less_reserve():
