@@ -48,11 +48,16 @@ QUICK = {
                  "MLP, 8 layers, hidden 32, batch 64, SGD"),
 }
 MESHES = {"8": ((8,), ("data",)), "2x4": ((2, 4), ("data", "model"))}
-# planned only (no devices): a deep MLP on 4 nodes x 8 H100s, where stage boundaries can
-# sit on the slow links between nodes
-MODELLED = ("deep_mlp_wide", lambda: models.mlp(num_layers=16, batch=512, hidden=2048,
-                                                abstract=True),
-            "MLP, 16 layers, hidden 2048, batch 512, SGD", (4, 8), "h100-80gb")
+# planned only (no devices), on 4 nodes x 8 H100s, where stage boundaries can sit on the
+# slow links between nodes: a deep MLP and a GPT two orders of magnitude larger than the
+# CPU one
+MODELLED = (
+    ("deep_mlp_wide", lambda: models.mlp(num_layers=16, batch=512, hidden=2048, abstract=True),
+     "MLP, 16 layers, hidden 2048, batch 512, SGD", (4, 8), "h100-80gb"),
+    ("gpt_wide", lambda: models.gpt(num_layers=8, batch=64, seq=512, d_model=1024, heads=16,
+                                    vocab=8192, abstract=True),
+     "GPT, 8 blocks, d_model 1024, seq 512, batch 64, vocab 8192, AdamW", (4, 8), "h100-80gb"),
+)
 
 
 def _methods(quick: bool):
@@ -109,13 +114,17 @@ def run(quick: bool, repeats: int) -> list[dict]:
     return rows
 
 
-def run_modelled() -> list[dict]:
-    name, factory, description, shape, cluster_name = MODELLED
+def run_modelled() -> list[list[dict]]:
+    """Per :data:`MODELLED` workload, its rows."""
+    return [_run_modelled(*workload) for workload in MODELLED]
+
+
+def _run_modelled(name, factory, description, shape, cluster_name) -> list[dict]:
     w = factory()
     mesh = autoshard.abstract_mesh(shape, ("data", "model"))
     cluster = autoshard.cluster_preset(cluster_name)
     methods = [("ShardParallel", autoshard.ShardParallel(time_limit_s=10.0)),
-               ("Megatron", autoshard.Megatron())]
+               ("Megatron", autoshard.Megatron()), ("DataParallel", autoshard.DataParallel())]
     for B in (4, 16):
         methods.append((f"Pipeshard B={B} (DP)", autoshard.PipeshardParallel(
             num_microbatches=B, num_layers=4, stage_method=autoshard.ShardParallel(
@@ -136,7 +145,11 @@ def run_modelled() -> list[dict]:
     return rows
 
 
-def markdown_modelled(rows) -> str:
+def markdown_modelled(tables) -> str:
+    return "\n".join(_markdown_modelled(rows) for rows in tables)
+
+
+def _markdown_modelled(rows) -> str:
     first = rows[0]
     lines = [f"### {first['workload']}: {first['description']} — planned only, "
              f"{first['cluster']} cluster model, mesh {first['mesh']} (4 nodes × 8 GPUs)", "",

@@ -299,4 +299,4 @@ def test_benchmark_tables_render():
     text = bench.markdown([row, dict(row, method="Pipeshard B=4 (DP)", modelled_ratio=0.9)],
                           quick=True, repeats=3)
     assert "| 8 | Pipeshard B=4 (DP) | 2.000 ms | 0.90 |" in text
-    assert "| ShardParallel | 2.000 ms | 1.00 |" in bench.markdown_modelled([dict(row, mesh="4x8")])
+    assert "| ShardParallel | 2.000 ms | 1.00 |" in bench.markdown_modelled([[dict(row, mesh="4x8")]])
