@@ -85,8 +85,9 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
         if temps.any() and node.eqn is not None:
             tid = -1 - v
             roots[tid], values[tid], steps[tid] = (p,), temps[index], (node.eqn, node.eqn)
+    copies: dict = {}
     for u, use in enumerate(graph.uses):
-        matrix = _copy_matrix(graph, use, model)
+        matrix = _copy_matrix(graph, use, model, copies)
         if not matrix.any():
             continue
         rows, cols = grouping.index[use.src], grouping.index[use.dst]
@@ -101,14 +102,24 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
     return TensorBytes(roots, values, steps)
 
 
-def _copy_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel) -> np.ndarray:
-    """Copy bytes per device [strategies of src, strategies of dst] for one operand read."""
+def _copy_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel, cache: dict
+                 ) -> np.ndarray:
+    """Copy bytes per device [strategies of src, strategies of dst] for one operand read;
+    ``cache`` keeps each (shape, item size, layouts) figure for the next reads (repeated
+    layers read the same shapes in the same layouts)."""
     aval = graph.traced.program.avals[graph.nodes[use.src].outputs[use.src_output]]
     src_specs = [s.out_specs[use.src_output] for s in graph.nodes[use.src].strategies]
     dst_specs = [s.in_specs[use.operand] for s in graph.nodes[use.dst].strategies]
     usrc, udst = list(dict.fromkeys(src_specs)), list(dict.fromkeys(dst_specs))
-    small = np.array([[copy_bytes(model, aval, a, b) for b in udst] for a in usrc],
-                     dtype=np.float64)
+    shape = (tuple(aval.shape), aval.dtype.itemsize)
+
+    def copied(a, b) -> int:
+        key = (shape, a, b)
+        if key not in cache:
+            cache[key] = copy_bytes(model, aval, a, b)
+        return cache[key]
+
+    small = np.array([[copied(a, b) for b in udst] for a in usrc], dtype=np.float64)
     return small[np.ix_([usrc.index(s) for s in src_specs], [udst.index(s) for s in dst_specs])]
 
 
