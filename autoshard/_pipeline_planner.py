@@ -17,7 +17,7 @@ from ._pipeline_layout import PipelineLayout, PlannedStage
 from ._pipeline_plan import make_plan
 from ._pipeline_trace import split_step
 from ._plan import Plan
-from ._planner import plan_traced
+from ._planner import fingerprint, plan_traced
 from ._specs import from_partition_spec
 from ._stage_program import StageProgram, bytes_per_device, stage_program
 from .cost_model import Cluster, MeshCostModel
@@ -78,6 +78,7 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
     forward_index = {v: k for k, v in enumerate(layering.program.invars)}
     from_pre = _made_before_gradient(split)
     whole_update = None
+    stage_plans: dict = {}
     for i, j, m in _candidates(L, shapes, N, method.num_stages):
         if (i, j) not in programs:
             programs[(i, j)] = stage_program(layering, i, j, split.diff, split.batch)
@@ -85,10 +86,15 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
         P = sp.traced.program
         ct_batch = [len(P.avals[v].shape) > 0 for v in P.invars[len(sp.inputs):]]
         pairs = _gradient_pairs(sp, F_ins)
-        plan = plan_traced(sp.traced, mesh_shape=shapes[m], axis_names=axis_names,
-                           cluster=cluster, method=method.stage_method,
-                           batch_flat=list(sp.batch_in) + ct_batch,
-                           carried=pairs, carried_weight=1.0 / B)
+        # layer ranges of identical repeated layers make the same program: planned once
+        key = (fingerprint(sp.traced, ""), m, tuple(sp.batch_in), tuple(ct_batch), pairs)
+        if key not in stage_plans:
+            stage_plans[key] = plan_traced(sp.traced, mesh_shape=shapes[m],
+                                           axis_names=axis_names, cluster=cluster,
+                                           method=method.stage_method,
+                                           batch_flat=list(sp.batch_in) + ct_batch,
+                                           carried=pairs, carried_weight=1.0 / B)
+        plan = stage_plans[key]
         sub_sizes = dict(zip(axis_names, shapes[m]))
         pos = {v: k for k, v in enumerate(P.invars)}
         held = sum(bytes_per_device(P.avals[v], _spec_of(plan, v, pos), sub_sizes)

@@ -3,12 +3,14 @@ prices each stage's apply-gradient program and the step-level values sent to it 
 stages are chosen, and those prices equal what the chosen stages then run."""
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 import pytest
 
 import autoshard
 from examples.models import gpt
+from tests.trees import assert_trees_allclose
 
 MESHES = [((8,), ("data",)), ((2, 4), ("data", "model"))]
 
@@ -83,3 +85,41 @@ def test_an_update_mixing_stages_is_charged_once(mesh_shape, names):
     # its cost is charged to the stage holding layer 0 only (every slicing has one)
     assert first.cost.per_step_s == pytest.approx(whole.plan.cost.total_s, rel=1e-9)
     assert second.cost.per_step_s == 0.0
+
+
+def test_identical_layer_ranges_are_planned_once(monkeypatch):
+    # six equal tanh layers cut by markers: the first reads the batch, the last makes the
+    # loss, the four between are the same program whatever their position, so a range of
+    # k middle layers is planned once per sub-mesh, not once per starting layer
+    from autoshard import _pipeline_planner
+    calls = []
+    plan_traced = _pipeline_planner.plan_traced
+    monkeypatch.setattr(_pipeline_planner, "plan_traced",
+                        lambda *a, **k: calls.append(1) or plan_traced(*a, **k))
+    opt = optax.sgd(0.1)
+
+    def loss_fn(params, x):
+        for i, layer in enumerate(params):
+            if i:
+                x = autoshard.mark_layer_boundary(x)
+            x = jnp.tanh(x @ layer)
+        return jnp.mean(x ** 2)
+
+    def step(params, opt_state, x):
+        loss, grads = autoshard.value_and_grad(loss_fn)(params, x)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params = [jnp.full((8, 8), 0.1 * (i + 1)) for i in range(6)]
+    args = (params, opt.init(params), jnp.linspace(-1.0, 1.0, 64).reshape(8, 8))
+    method = autoshard.PipeshardParallel(num_microbatches=2,
+                                         stage_method=autoshard.DataParallel())
+    parallel = autoshard.parallelize(step, mesh=autoshard.make_mesh((8,), ("data",)),
+                                     method=method)
+    plan = parallel.plan(*args)
+    # candidates on (8,): the whole range on (8,), the other 20 ranges on (1,), (2,), (4,):
+    # 61. Distinct programs: 5 ranges starting at layer 0 (short of the whole), 5 ending at
+    # layer 5, and 4 among the 10 ranges of middle layers (one per length): 14 x 3 + 1 = 43
+    assert int(plan.solver.status.split(" over ")[1].split()[0]) == 61
+    assert len(calls) == 43
+    assert_trees_allclose(parallel(*args), jax.jit(step)(*args))
