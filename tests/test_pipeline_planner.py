@@ -55,13 +55,14 @@ def test_apply_programs_and_the_tied_embedding_are_priced_per_step(mesh_shape, n
     assert last.step_send_s == pytest.approx(expected, rel=1e-9)
 
 
-def _clipped_mlp():
-    """Four tanh layers, SGD after global-norm clipping: the clipping reads every
-    gradient, so the update cannot be split by stage."""
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1e-2))
+def _tanh_mlp(opt, num_layers: int, x, marked: bool = False):
+    """A step over ``num_layers`` square tanh layers (cut by markers when ``marked``),
+    updated by ``opt``, and its arguments."""
 
     def loss_fn(params, x):
-        for layer in params:
+        for i, layer in enumerate(params):
+            if marked and i:
+                x = autoshard.mark_layer_boundary(x)
             x = jnp.tanh(x @ layer)
         return jnp.mean(x ** 2)
 
@@ -70,13 +71,16 @@ def _clipped_mlp():
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    params = [jnp.full((16, 16), 0.1 * (i + 1)) for i in range(4)]
-    return step, (params, opt.init(params), jnp.ones((16, 16)))
+    params = [jnp.full((x.shape[1],) * 2, 0.1 * (i + 1)) for i in range(num_layers)]
+    return step, (params, opt.init(params), x)
 
 
 @pytest.mark.parametrize("mesh_shape, names", MESHES)
 def test_an_update_mixing_stages_is_charged_once(mesh_shape, names):
-    fn, args = _clipped_mlp()
+    # SGD after global-norm clipping: the clipping reads every gradient, so the update
+    # cannot be split by stage
+    fn, args = _tanh_mlp(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1e-2)), 4,
+                         jnp.ones((16, 16)))
     _, layout = _layout(fn, args, mesh_shape, names, num_microbatches=2, num_stages=2,
                         num_layers=2, stage_method=autoshard.DataParallel())
     [whole] = layout.apply
@@ -96,22 +100,8 @@ def test_identical_layer_ranges_are_planned_once(monkeypatch):
     plan_traced = _pipeline_planner.plan_traced
     monkeypatch.setattr(_pipeline_planner, "plan_traced",
                         lambda *a, **k: calls.append(1) or plan_traced(*a, **k))
-    opt = optax.sgd(0.1)
-
-    def loss_fn(params, x):
-        for i, layer in enumerate(params):
-            if i:
-                x = autoshard.mark_layer_boundary(x)
-            x = jnp.tanh(x @ layer)
-        return jnp.mean(x ** 2)
-
-    def step(params, opt_state, x):
-        loss, grads = autoshard.value_and_grad(loss_fn)(params, x)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    params = [jnp.full((8, 8), 0.1 * (i + 1)) for i in range(6)]
-    args = (params, opt.init(params), jnp.linspace(-1.0, 1.0, 64).reshape(8, 8))
+    step, args = _tanh_mlp(optax.sgd(0.1), 6, jnp.linspace(-1.0, 1.0, 64).reshape(8, 8),
+                           marked=True)
     method = autoshard.PipeshardParallel(num_microbatches=2,
                                          stage_method=autoshard.DataParallel())
     parallel = autoshard.parallelize(step, mesh=autoshard.make_mesh((8,), ("data",)),
