@@ -169,19 +169,23 @@ def _pairing_seconds(P, plan: Plan, pairs, model: MeshCostModel, axis_names) -> 
     return float(total)
 
 
+def _transfer_seconds(link, aval, spec, sizes) -> float:
+    """Seconds to send a value laid out ``spec`` to another sub-mesh: every device sends its
+    shard, latency + bytes / bandwidth."""
+    return link.latency + bytes_per_device(aval, spec, sizes) / link.bandwidth
+
+
 def _send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_outputs, forward_inputs
                   ) -> tuple[float, float]:
     """Seconds per micro-batch to send this stage's activations on and its activations'
-    cotangents back: every device sends its shard, latency + bytes / bandwidth each."""
+    cotangents back (:func:`_transfer_seconds` each)."""
     P = sp.traced.program
     n_out = len(sp.outputs)
-    fwd = sum(link.latency + bytes_per_device(P.avals[P.outvars[k]], plan.flat_out_specs[k],
-                                              sizes) / link.bandwidth
+    fwd = sum(_transfer_seconds(link, P.avals[P.outvars[k]], plan.flat_out_specs[k], sizes)
               for k, v in enumerate(sp.outputs) if v not in forward_outputs)
     grads = [v for v, d in zip(sp.inputs, sp.diff_in) if d]
-    bwd = sum(link.latency + bytes_per_device(P.avals[P.outvars[n_out + k]],
-                                              plan.flat_out_specs[n_out + k], sizes)
-              / link.bandwidth
+    bwd = sum(_transfer_seconds(link, P.avals[P.outvars[n_out + k]],
+                                plan.flat_out_specs[n_out + k], sizes)
               for k, v in enumerate(grads) if v not in forward_inputs)
     return float(fwd), float(bwd)
 
@@ -213,8 +217,7 @@ def _step_send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_index,
     parameter an earlier stage owns (a tied embedding; its gradient goes back to the owner
     once per step, summed there) and a value the pre-gradient program makes on the full
     mesh. ``forward_index``: forward value id → its forward input index, the key of
-    ``first_layer`` and ``from_pre``. Every device sends its shard, latency + bytes /
-    bandwidth each."""
+    ``first_layer`` and ``from_pre``. Each is one :func:`_transfer_seconds`."""
     P = sp.traced.program
     n_out = len(sp.outputs)
     diff = [k for k, d in enumerate(sp.diff_in) if d]
@@ -226,10 +229,10 @@ def _step_send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_index,
         shared = first_layer.get(f, 0) < sp.first
         if not (shared or f in from_pre):
             continue
-        total += link.latency + bytes_per_device(P.avals[P.invars[k]], plan.flat_in_specs[k],
-                                                 sizes) / link.bandwidth
-        if shared and sp.diff_in[k] and isinstance(P.outvars[n_out + diff.index(k)], int):
-            total += link.latency + bytes_per_device(
-                P.avals[P.outvars[n_out + diff.index(k)]],
-                plan.flat_out_specs[n_out + diff.index(k)], sizes) / link.bandwidth
+        total += _transfer_seconds(link, P.avals[P.invars[k]], plan.flat_in_specs[k], sizes)
+        if shared and sp.diff_in[k]:
+            g = n_out + diff.index(k)   # the parameter's gradient, unless a literal zero
+            if isinstance(P.outvars[g], int):
+                total += _transfer_seconds(link, P.avals[P.outvars[g]],
+                                           plan.flat_out_specs[g], sizes)
     return float(total)

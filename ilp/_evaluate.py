@@ -95,4 +95,3 @@ def evaluate(request: IntraOpRequest, choices) -> Evaluation:
                 )
     return Evaluation(node_cost + edge_cost + shared_cost, node_cost, edge_cost, memory,
                       tuple(violations), shared_cost)
-

@@ -280,11 +280,8 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     if status_name == "FEASIBLE":  # stopped by the limit: never return worse than the warm start
         if warm_eval.ok and warm_eval.objective < objective:
             choices, objective = warm, warm_eval.objective
-    if status_name == "OPTIMAL":
-        lower_bound = objective
-    else:
-        cp_bound = solver.best_objective_bound / scale if active else constant
-        lower_bound = min(objective, max(cp_bound, bound))
+    cp_bound = solver.best_objective_bound / scale if active else constant
+    lower_bound = min(objective, max(cp_bound, bound))   # _result: the objective if OPTIMAL
     return _result(request, reduced, choices, objective, lower_bound, status_name, start, relaxation,
                    len(grids), len(active), memory_points=len(rows), scale=scale, build_time=build_time,
                    solver=solver if active else None,
