@@ -1,29 +1,59 @@
-"""autoshard: automatic intra- and inter-operator parallelization for JAX."""
-from ._api import ParallelizedFunction as ParallelizedFunction
-from ._api import parallelize as parallelize
-from ._calibrate import calibrate as calibrate
-from ._grad import grad as grad
-from ._grad import mark_layer_boundary as mark_layer_boundary
-from ._grad import value_and_grad as value_and_grad
-from ._inputs import global_batch as global_batch
-from ._mesh import abstract_mesh as abstract_mesh
-from ._mesh import make_mesh as make_mesh
-from ._methods import DataParallel as DataParallel
-from ._methods import Megatron as Megatron
-from ._methods import PipeshardParallel as PipeshardParallel
-from ._methods import ShardParallel as ShardParallel
-from ._methods import ZeRO3 as ZeRO3
-from ._multihost import PlanMismatchError as PlanMismatchError
-from ._multihost import plan_digest as plan_digest
-from ._plan import Plan as Plan
-from ._plan import PlanCost as PlanCost
-from ._plan import ProgramSpecs as ProgramSpecs
-from ._plan import StageAssignment as StageAssignment
-from ._plan import StageCost as StageCost
-from ._planner import InfeasiblePlanError as InfeasiblePlanError
-from ._plan_json import PlanFormatError as PlanFormatError
-from .cost_model import CLUSTER_PRESETS as CLUSTER_PRESETS
-from .cost_model import Cluster as Cluster
-from .cost_model import cluster_preset as cluster_preset
+"""autoshard: automatic intra- and inter-operator parallelization for JAX.
+
+The public names below are imported lazily (PEP 562), so ``import autoshard.ilp`` or
+``import autoshard.cost_model`` does not import jax.
+"""
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "ParallelizedFunction": "autoshard.api",
+    "parallelize": "autoshard.api",
+    "calibrate": "autoshard.calibrate",
+    "grad": "autoshard.pipeline.markers",
+    "value_and_grad": "autoshard.pipeline.markers",
+    "mark_layer_boundary": "autoshard.pipeline.markers",
+    "global_batch": "autoshard.distributed.inputs",
+    "plan_digest": "autoshard.distributed.agreement",
+    "abstract_mesh": "autoshard.mesh",
+    "make_mesh": "autoshard.mesh",
+    "ShardParallel": "autoshard.methods",
+    "PipeshardParallel": "autoshard.methods",
+    "DataParallel": "autoshard.methods",
+    "ZeRO3": "autoshard.methods",
+    "Megatron": "autoshard.methods",
+    "Plan": "autoshard.plan.record",
+    "PlanCost": "autoshard.plan.record",
+    "ProgramSpecs": "autoshard.plan.record",
+    "StageAssignment": "autoshard.plan.record",
+    "StageCost": "autoshard.plan.record",
+    "InfeasiblePlanError": "autoshard.errors",
+    "PlanFormatError": "autoshard.errors",
+    "PlanMismatchError": "autoshard.errors",
+    "Cluster": "autoshard.cost_model",
+    "CLUSTER_PRESETS": "autoshard.cost_model",
+    "cluster_preset": "autoshard.cost_model",
+}
+# subpackages users reach as attributes (``autoshard.cost_model.Link``)
+_SUBPACKAGES = ("cost_model", "ilp", "runtime")
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"autoshard.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'autoshard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))

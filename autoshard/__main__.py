@@ -1,6 +1,6 @@
-"""``python -m autoshard``: the same as the ``autoshard`` command (see ``autoshard._cli``)."""
+"""``python -m autoshard``: the same as the ``autoshard`` command (see ``autoshard.cli.main``)."""
 import sys
 
-from ._cli import main
+from autoshard.cli.main import main
 
 sys.exit(main())

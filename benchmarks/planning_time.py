@@ -15,8 +15,8 @@ import time
 
 import autoshard
 from autoshard import ilp
-from autoshard import _planner
-from autoshard._trace import trace
+from autoshard.intra import planner as _planner
+from autoshard.ir.trace import trace
 from examples import models
 
 

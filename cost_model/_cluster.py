@@ -9,7 +9,6 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-
 COLLECTIVES: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
 
 
@@ -176,7 +175,8 @@ class Cluster:
             raise ValueError(f"Cluster JSON is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"Cluster JSON must be an object, got {type(data).__name__}")
-        required = ("name", "flops", "memory_bandwidth", "device_memory", "devices_per_node", "intra_node", "inter_node")
+        required = ("name", "flops", "memory_bandwidth", "device_memory", "devices_per_node", "intra_node",
+                    "inter_node")
         optional = ("memory_reserve", "axis_links", "collective_links",
                     "reduce_scatter_as_all_reduce")
         for field in required:

@@ -13,4 +13,5 @@ from examples.compare import plan_run_and_check  # noqa: E402
 from examples.models import gpt  # noqa: E402
 
 if __name__ == "__main__":
-    plan_run_and_check(gpt(num_layers=2, batch=8, seq=32, d_model=128, heads=8, vocab=512), autoshard.make_mesh((2, 4), ("data", "model")))
+    plan_run_and_check(gpt(num_layers=2, batch=8, seq=32, d_model=128, heads=8, vocab=512),
+                       autoshard.make_mesh((2, 4), ("data", "model")))

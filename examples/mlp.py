@@ -1,4 +1,5 @@
-"""Plan and run a 6-layer MLP train step (small batch, wide layers) on a (2, 4) mesh of 8 virtual devices; check it against jax.jit.
+"""Plan and run a 6-layer MLP train step (small batch, wide layers) on a (2, 4) mesh of 8
+virtual devices; check it against jax.jit.
 
 Run from the repository root: ``python examples/mlp.py``.
 """

@@ -26,8 +26,15 @@ def quick_run(tmp_path_factory):
 
 def test_json_has_every_field(quick_run):
     from benchmarks.hlo import COLLECTIVE_KINDS
-    from benchmarks.run import (HLO_FIELDS, METHODS, MODELLED_FIELDS, OVERHEAD_FIELDS,
-                                PIPELINE, PIPELINE_HLO_FIELDS, ROW_FIELDS)
+    from benchmarks.run import (
+        HLO_FIELDS,
+        METHODS,
+        MODELLED_FIELDS,
+        OVERHEAD_FIELDS,
+        PIPELINE,
+        PIPELINE_HLO_FIELDS,
+        ROW_FIELDS,
+    )
 
     data = json.loads((quick_run / "results.json").read_text())
     rows = data["rows"]

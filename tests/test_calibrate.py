@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import autoshard
-from autoshard import _cli
-from autoshard._calibrate import fit_alpha_beta
+from autoshard.calibrate import fit_alpha_beta
+from autoshard.cli import main as _cli
 from autoshard.cost_model import COLLECTIVES, Cluster, Link, MeshCostModel
 
 

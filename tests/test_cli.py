@@ -2,7 +2,7 @@
 
 Planning subprocesses are few and small (each imports jax): a module-scoped fixture
 plans three times, the other tests read those files. Errors that never get as far
-as planning are also checked in-process through ``autoshard._cli.main``.
+as planning are also checked in-process through ``autoshard.cli.main.main``.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import autoshard
-from autoshard import _cli
-from autoshard._target import TargetError, load_target
+from autoshard.cli import main as _cli
+from autoshard.cli.target import TargetError, load_target
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -220,7 +220,7 @@ def test_saved_plan_is_reused_without_solving(work, monkeypatch):
     d, _ = work
     target = load_target(f"{d / 'tiny_models.py'}:pair")
     plan = autoshard.Plan.from_json((d / "dp.json").read_text())
-    import autoshard._api as api
+    import autoshard.api as api
 
     def no_solving(*a, **k):
         raise AssertionError("a saved plan must not be solved again")

@@ -1,14 +1,14 @@
 """Merged all-reduces: XLA runs independent all-reduces as one collective, and the plan
-pays their latency once (``autoshard._combining``)."""
+pays their latency once (``autoshard.intra.combining``)."""
 import jax
 import numpy as np
 import pytest
 
 import autoshard
-from autoshard._combining import terminal_nodes
-from autoshard._graph import build_graph
-from autoshard._trace import trace
 from autoshard.cost_model import MeshCostModel, cluster_preset
+from autoshard.intra.combining import terminal_nodes
+from autoshard.intra.graph import build_graph
+from autoshard.ir.trace import trace
 from benchmarks.hlo import collective_stats
 from examples.models import mlp
 

@@ -18,8 +18,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import autoshard
-from autoshard._html import plan_html, simulate_schedule
-from autoshard._plan import Collective, OpCost
+from autoshard.plan.html import plan_html, simulate_schedule
+from autoshard.plan.record import Collective, OpCost
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = ("<script>alert(1)</script>", 'a"b', "x'&<y>")

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import pytest
 
 import autoshard
-from autoshard._liveness import live_ranges
-from autoshard._memory_points import copy_bytes
-from autoshard._trace import trace
 from autoshard.cost_model import MeshCostModel
+from autoshard.intra.liveness import live_ranges
+from autoshard.intra.memory_points import copy_bytes
+from autoshard.ir.trace import trace
 
 
 def _sgd_step(w, x):

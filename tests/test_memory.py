@@ -69,7 +69,7 @@ def test_a_budget_the_free_plan_fits_keeps_repeated_layers_tied(mesh8):
 
 
 def test_gpu_presets_default_to_device_memory_less_reserve():
-    from autoshard._api import _default_budget
+    from autoshard.api import _default_budget
     h100 = autoshard.cluster_preset("h100-80gb")
     assert _default_budget(h100) == h100.device_memory - h100.memory_reserve
     assert _default_budget(autoshard.cluster_preset("host-cpu")) is None

@@ -3,8 +3,8 @@ import jax
 import pytest
 
 import autoshard
-from tests.trees import assert_trees_allclose
 from examples.models import conv_net, mlp, moe, transformer_block
+from tests.trees import assert_trees_allclose
 
 MESHES = [((8,), ("data",)), ((2, 4), ("data", "model")), ((4, 2), ("data", "model"))]
 METHODS = [autoshard.ShardParallel(), autoshard.DataParallel(), autoshard.ZeRO3(),
@@ -56,7 +56,8 @@ def test_host_cpu_reduce_scatter_lowering_matches_the_backend():
     """host-cpu prices a reduce-scatter as an all-reduce because XLA's CPU compiler
     leaves the partitioner's all-reduce + dynamic-slice as it is; if a jax upgrade
     makes it emit reduce-scatter, the preset's ``reduce_scatter_as_all_reduce`` is stale."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from benchmarks.hlo import collective_stats
 

@@ -12,6 +12,7 @@ import autoshard
 from examples.models import gpt, mlp
 from tests.trees import assert_trees_allclose
 
+
 @pytest.fixture(scope="module")
 def mlp8():
     w = mlp(num_layers=8, batch=16, hidden=16)
@@ -280,7 +281,7 @@ def test_pre_gradient_work_and_a_cross_stage_update():
 
 
 def test_cli_plans_a_pipeline(tmp_path, capsys):
-    from autoshard import _cli
+    from autoshard.cli import main as _cli
     out = tmp_path / "pipe.json"
     assert _cli.main(["plan", "examples.models:mlp", "--mesh", "8", "--microbatches", "4",
                       "--stages", "2", "--layers", "2", "--method", "dp", "--no-compare",

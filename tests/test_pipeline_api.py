@@ -128,9 +128,9 @@ def test_lower_gives_every_program_of_the_pipeline():
 
 
 def _no_solving(monkeypatch):
-    import autoshard._api as api
-    import autoshard._pipeline_apply as apply
-    import autoshard._pipeline_planner as planner
+    import autoshard.api as api
+    import autoshard.pipeline.apply as apply
+    import autoshard.pipeline.planner as planner
 
     def fail(*a, **k):
         raise AssertionError("a saved plan must not be planned or solved again")

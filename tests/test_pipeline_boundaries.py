@@ -81,9 +81,9 @@ def test_plan_traced_reads_pinned_inputs_in_their_layout():
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
-    from autoshard._planner import plan_traced
-    from autoshard._specs import from_partition_spec, to_partition_spec
-    from autoshard._trace import trace
+    from autoshard.intra.planner import plan_traced
+    from autoshard.ir.specs import from_partition_spec, to_partition_spec
+    from autoshard.ir.trace import trace
 
     assert from_partition_spec(P(None, ("d", "m")), 3, ("d", "m")) == ((), (0, 1), ())
     assert to_partition_spec(from_partition_spec(P("m", "d"), 2, ("d", "m")), ("d", "m")) == \
@@ -110,9 +110,9 @@ def test_carried_pairs_are_priced_at_their_weight():
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
-    from autoshard._planner import plan_traced
-    from autoshard._trace import trace
     from autoshard.cost_model import MeshCostModel
+    from autoshard.intra.planner import plan_traced
+    from autoshard.ir.trace import trace
 
     x = jax.ShapeDtypeStruct((256, 256), jnp.float32)
     traced = trace(lambda x: [[x.T]], (x,))   # nested: no key path mirrors the input

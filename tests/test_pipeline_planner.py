@@ -1,4 +1,4 @@
-"""Stage candidates' once-per-step costs (autoshard/_pipeline_planner.py): the stage DP
+"""Stage candidates' once-per-step costs (autoshard/pipeline/planner.py): the stage DP
 prices each stage's apply-gradient program and the step-level values sent to it before the
 stages are chosen, and those prices equal what the chosen stages then run."""
 import math
@@ -95,7 +95,7 @@ def test_identical_layer_ranges_are_planned_once(monkeypatch):
     # six equal tanh layers cut by markers: the first reads the batch, the last makes the
     # loss, the four between are the same program whatever their position, so a range of
     # k middle layers is planned once per sub-mesh, not once per starting layer
-    from autoshard import _pipeline_planner
+    from autoshard.pipeline import planner as _pipeline_planner
     calls = []
     plan_traced = _pipeline_planner.plan_traced
     monkeypatch.setattr(_pipeline_planner, "plan_traced",

@@ -11,8 +11,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import autoshard
-from autoshard._plan import Collective, OpCost, Plan, PlanCost, SolverInfo
-from autoshard._plan_json import SpecTreeNode, _tree_to_json, plan_to_dict
+from autoshard.plan.record import Collective, OpCost, Plan, PlanCost, SolverInfo
+from autoshard.plan.serialize import SpecTreeNode, _tree_to_json, plan_to_dict
 from examples.models import mlp
 
 

@@ -7,8 +7,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import autoshard
-from autoshard import _trace
-from autoshard._trace import trace
+from autoshard.ir import trace as _trace
+from autoshard.ir.trace import trace
 from tests.trees import assert_trees_allclose
 
 LAYERS, HIDDEN, BATCH = 4, 256, 16

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import pytest
 
 import autoshard
-from autoshard._graph import build_graph, fused_values
-from autoshard._trace import trace
 from autoshard.cost_model import MeshCostModel, cluster_preset
+from autoshard.intra.graph import build_graph, fused_values
+from autoshard.ir.trace import trace
 
 
 def _chain(x, w):

@@ -1,0 +1,378 @@
+"""``autoshard.parallelize``: a jit-like wrapper that plans once per signature, then runs."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from autoshard.distributed.agreement import check_same_plan
+from autoshard.intra.planner import plan_traced
+from autoshard.ir.fingerprint import check_fingerprint, fingerprint
+from autoshard.ir.trace import TracedFunction, trace
+from autoshard.plan.record import Plan
+
+from .cost_model import Cluster, format_bytes, parse_bytes
+from .errors import InfeasiblePlanError
+from .mesh import default_cluster, make_mesh, mesh_axes
+from .methods import DataParallel, Megatron, PipeshardParallel, ShardParallel, ZeRO3, method_from_repr
+from .runtime import ShardedProgram, shard_program
+
+_METHODS = (ShardParallel, DataParallel, ZeRO3, Megatron, PipeshardParallel)
+
+
+def _normalize_argnums(argnums, name) -> tuple[int, ...]:
+    if argnums is None:
+        return ()
+    if isinstance(argnums, int):
+        argnums = (argnums,)
+    argnums = tuple(argnums)
+    if not all(isinstance(a, int) for a in argnums):
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {argnums!r}")
+    return argnums
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Compiled:
+    traced: TracedFunction
+    plan: Plan
+    program: ShardedProgram | None  # None until first run (planning needs no devices)
+    agreed: bool = False  # multi-process: every process was found to hold this plan
+    pipeline: object = None  # PipelineLayout for PipeshardParallel plans
+
+
+class ParallelizedFunction:
+    """A function parallelized over a mesh; call it like the original.
+
+    Plans once per input signature (tree structure, shapes, dtypes, static
+    arguments) and caches the plan and the compiled executable.
+    """
+
+    def __init__(self, fun: Callable, *, mesh=None, method=None, cluster: Cluster | None = None,
+                 memory_budget: int | str | None = None, batch_argnums=None,
+                 static_argnums=(), donate_argnums=(), plan: Plan | None = None):
+        if not callable(fun):
+            raise TypeError(f"parallelize expects a callable, got {type(fun).__name__}")
+        method_given = method is not None
+        method = ShardParallel() if method is None else method
+        if not isinstance(method, _METHODS):
+            if isinstance(method, type) and issubclass(method, _METHODS):
+                method = method()
+            else:
+                names = ", ".join(f"autoshard.{m.__name__}()" for m in _METHODS)
+                raise TypeError(f"method must be one of {names}; got {method!r}")
+        self._fun = fun
+        self._mesh = mesh if mesh is not None else make_mesh((jax.device_count(),), ("devices",))
+        self._mesh_shape, self._axis_names = mesh_axes(self._mesh)
+        self._method = method
+        self._cluster = cluster if cluster is not None else default_cluster(self._mesh)
+        self._memory_budget = parse_bytes(memory_budget) if memory_budget is not None else \
+            _default_budget(self._cluster)
+        self._batch_argnums = _normalize_argnums(batch_argnums, "batch_argnums") \
+            if batch_argnums is not None else None
+        self._static_argnums = _normalize_argnums(static_argnums, "static_argnums")
+        self._donate_argnums = _normalize_argnums(donate_argnums, "donate_argnums")
+        overlap = set(self._static_argnums) & set(self._donate_argnums)
+        if overlap:
+            raise ValueError(f"arguments {sorted(overlap)} are both static and donated")
+        if plan is not None:
+            _check_fixed_plan(plan, self._mesh_shape, self._axis_names,
+                              method if method_given else None)
+            if plan.method.startswith("PipeshardParallel"):
+                # the pipeline's micro-batches, schedule and layering come from the plan
+                saved = method_from_repr(plan.method)
+                if method_given and method != saved:
+                    raise ValueError(
+                        f"the plan passed to parallelize(plan=...) was made with method "
+                        f"{plan.method}, but method={method!r} was given: method mismatch "
+                        f"(leave method out to reuse the plan as it is)")
+                self._method = saved
+        self._fixed_plan = plan
+        self._cache: dict = {}
+        functools.update_wrapper(self, fun)
+
+    def __repr__(self):
+        return (f"ParallelizedFunction({getattr(self._fun, '__name__', self._fun)!r}, "
+                f"mesh={dict(zip(self._axis_names, self._mesh_shape))}, method={self._method!r})")
+
+    # ------------------------------------------------------------ signature
+    def _key(self, args) -> Any:
+        statics = []
+        for i in self._static_argnums:
+            if i >= len(args):
+                raise ValueError(f"static_argnums names argument {i} but only "
+                                 f"{len(args)} were passed")
+            try:
+                hash(args[i])
+            except TypeError:
+                raise TypeError(f"static argument {i} must be hashable, got "
+                                f"{type(args[i]).__name__}") from None
+            statics.append((i, args[i]))
+        dyn = [a for i, a in enumerate(args) if i not in self._static_argnums]
+        leaves, treedef = jax.tree_util.tree_flatten(dyn)
+        sig = tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__)))
+                    for x in leaves)
+        return (len(args), treedef, sig, tuple(statics))
+
+    def _batch_flags(self, traced: TracedFunction, nargs: int) -> list[bool]:
+        return self._batch_flags_from_paths(traced.in_paths, nargs)
+
+    def _batch_flags_from_paths(self, in_paths, nargs: int) -> list[bool]:
+        dyn = [i for i in range(nargs) if i not in self._static_argnums]
+        batch = self._batch_argnums
+        if batch is None:
+            batch = (dyn[-1],) if dyn else ()
+        return _under_args(in_paths, batch)
+
+    def _donate_flags(self, traced: TracedFunction) -> list[bool]:
+        return _under_args(traced.in_paths, self._donate_argnums)
+
+    def _compiled(self, args, need_program: bool) -> _Compiled:
+        key = self._key(args)
+        entry = self._cache.get(key)
+        if entry is None and isinstance(self._method, PipeshardParallel):
+            entry = self._plan_pipeline(args, repr(key[3]))
+            self._cache[key] = entry
+        if entry is None:
+            traced = trace(self._fun, args, self._static_argnums)
+            statics = repr(key[3])
+            if self._fixed_plan is not None:  # a saved plan: check it, don't solve
+                plan = self._reuse_plan(traced, statics)
+            else:
+                plan = plan_traced(traced, mesh_shape=self._mesh_shape,
+                                   axis_names=self._axis_names, cluster=self._cluster,
+                                   method=self._method,
+                                   batch_flat=self._batch_flags(traced, len(args)),
+                                   static_repr=statics,
+                                   donated_flat=self._donate_flags(traced),
+                                   memory_budget=self._memory_budget
+                                   if isinstance(self._method, ShardParallel) else None)
+                plan = dataclasses.replace(plan,
+                                           in_specs=self._arg_specs(plan.in_specs, len(args)))
+                self._check_budget(plan)
+            entry = _Compiled(traced, plan, None)
+            self._cache[key] = entry
+        if need_program and entry.program is None:
+            entry = dataclasses.replace(entry, program=self._shard(entry))
+            self._cache[key] = entry
+        return entry
+
+    def _plan_pipeline(self, args, statics: str) -> _Compiled:
+        from autoshard.pipeline.assemble import whole_mesh_stage
+        from autoshard.pipeline.planner import plan_pipeline
+        from autoshard.pipeline.trace import flat_paths
+        _, paths, _ = flat_paths(args, self._static_argnums)
+        flags = self._batch_flags_from_paths(paths, len(args))
+        devices = None
+        if isinstance(self._mesh, jax.sharding.Mesh):
+            devices = [d.id for d in np.asarray(self._mesh.devices).reshape(-1)]
+        if self._fixed_plan is not None:  # a saved plan: rebuild it, solve nothing
+            from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
+            if is_plain_pipeline_plan(self._fixed_plan):  # it kept plain intra-op
+                traced = trace(self._fun, args, self._static_argnums)
+                return _Compiled(traced, self._reuse_plan(traced, statics), None)
+            layout = reuse_pipeline(self._fun, args, self._fixed_plan,
+                                    static_argnums=self._static_argnums, batch_flags=flags,
+                                    method=self._method, static_repr=statics,
+                                    device_ids=devices)
+            return _Compiled(layout.split.traced, self._fixed_plan, None, pipeline=layout)
+        plan, layout = plan_pipeline(
+            self._fun, args, static_argnums=self._static_argnums, batch_flags=flags,
+            mesh_shape=self._mesh_shape, axis_names=self._axis_names, cluster=self._cluster,
+            method=self._method, memory_budget=self._memory_budget, static_repr=statics,
+            device_ids=devices)
+        plan = dataclasses.replace(plan, in_specs=self._arg_specs(plan.in_specs, len(args)))
+        if self._method.num_stages is None:
+            # One stage without micro-batches is plain intra-op parallelism: plan it as such
+            # and keep it when it is cheaper (it then runs as one sharded program).
+            # (one solve, so a ShardParallel stage method gets at least the default time)
+            traced = trace(self._fun, args, self._static_argnums)
+            whole_method = self._method.stage_method
+            if isinstance(whole_method, ShardParallel):
+                whole_method = ShardParallel(time_limit_s=max(
+                    whole_method.time_limit_s, ShardParallel().time_limit_s))
+            plain = plan_traced(traced, mesh_shape=self._mesh_shape,
+                                axis_names=self._axis_names, cluster=self._cluster,
+                                method=whole_method,
+                                batch_flat=self._batch_flags(traced, len(args)),
+                                static_repr=statics, donated_flat=self._donate_flags(traced))
+            fits = self._memory_budget is None or \
+                plain.cost.peak_memory_bytes <= self._memory_budget
+            if fits and plain.cost.total_s < plan.cost.total_s:
+                whole = whole_mesh_stage(plain.cost, layout.layering.num_layers,
+                                         self._mesh_shape, devices, self._method.schedule)
+                plain = dataclasses.replace(
+                    plain, method=repr(self._method), stages=(whole,),
+                    in_specs=self._arg_specs(plain.in_specs, len(args)))
+                self._check_budget(plain)
+                return _Compiled(traced, plain, None)
+        self._check_budget(plan)
+        return _Compiled(layout.split.traced, plan, None, pipeline=layout)
+
+    def _check_budget(self, plan: Plan) -> None:
+        """The constrained search re-checks its peak steps; this catches what a
+        conservative estimate can still miss, and presets, which are not searched."""
+        budget = self._memory_budget
+        if budget is not None and plan.cost.peak_memory_bytes > budget:
+            hint = ("" if isinstance(self._method, ShardParallel) else
+                    ", or method=autoshard.ShardParallel() to search for a plan that fits")
+            raise InfeasiblePlanError(
+                f"the plan needs {format_bytes(plan.cost.peak_memory_bytes)} per device, over "
+                f"memory_budget={format_bytes(budget)} ({plan.method}); give a larger budget "
+                f"or use more devices{hint}", plan.cost.peak_memory_bytes, budget)
+
+    def _reuse_plan(self, traced: TracedFunction, statics: str) -> Plan:
+        """The fixed plan, after checking it was made for this signature."""
+        plan = self._fixed_plan
+        check_fingerprint(plan, fingerprint(traced, statics), "plan again")
+        program = traced.program
+        if (len(plan.flat_in_specs), len(plan.flat_out_specs)) != \
+                (len(program.invars), len(program.outvars)):
+            raise ValueError(
+                f"the plan passed to parallelize(plan=...) has {len(plan.flat_in_specs)} "
+                f"inputs and {len(plan.flat_out_specs)} outputs but the function has "
+                f"{len(program.invars)} and {len(program.outvars)}: it was made for another "
+                f"function")
+        for vid, spec in plan.value_specs:
+            if not 0 <= vid < len(program.avals) or len(spec) > len(program.avals[vid].shape):
+                raise ValueError(
+                    f"the plan passed to parallelize(plan=...) pins value {vid} to {spec}, "
+                    f"which this function does not have: it was made for another function "
+                    f"with the same signature")
+        for eqn, _, _ in plan.operand_specs:
+            if not 0 <= eqn < len(program.eqns):
+                raise ValueError(
+                    f"the plan passed to parallelize(plan=...) reshards an operand of "
+                    f"equation {eqn}, but this function has {len(program.eqns)} equations: "
+                    f"it was made for another function with the same signature")
+        return plan
+
+    def _arg_specs(self, dyn_specs, nargs):
+        dyn = iter(dyn_specs)
+        return tuple(None if i in self._static_argnums else next(dyn) for i in range(nargs))
+
+    def _shard(self, entry: _Compiled) -> ShardedProgram:
+        if not isinstance(self._mesh, jax.sharding.Mesh):
+            raise ValueError("this function was parallelized over an abstract mesh: it can be "
+                             "planned (.plan) but not run or lowered; pass a mesh made by "
+                             "autoshard.make_mesh to run it")
+        if entry.pipeline is not None:
+            if jax.process_count() > 1:
+                raise NotImplementedError(
+                    "PipeshardParallel plans do not run across jax.distributed processes yet: "
+                    "stages on sub-meshes of different processes need arrays moved between "
+                    "disjoint device sets, which this runtime does not do. Use "
+                    "ShardParallel() or a preset across processes (see the README)")
+            from autoshard.pipeline.build import build_pipeline
+            return build_pipeline(entry.pipeline, self._mesh,
+                                  donated=self._donate_flags(entry.traced))
+        plan = entry.plan
+        flags = self._donate_flags(entry.traced)
+        return shard_program(
+            entry.traced.program, self._mesh, plan.flat_in_specs, plan.flat_out_specs,
+            value_specs=dict(plan.value_specs),
+            operand_specs={(e, k): s for e, k, s in plan.operand_specs},
+            donate_argnums=[i for i, d in enumerate(flags) if d])
+
+    def _agree(self, entry: _Compiled) -> None:
+        """Multi-process runs: raise PlanMismatchError unless all processes hold this plan."""
+        program = entry.traced.program
+        name = getattr(self._fun, "__qualname__", None) or repr(self._fun)
+        check_same_plan(entry.plan,
+                        f"{name}: {len(program.invars)} inputs, {len(program.outvars)} "
+                        f"outputs, {len(program.eqns)} equations, signature "
+                        f"{entry.plan.fingerprint}, {entry.plan.method}, cluster "
+                        f"{entry.plan.cluster.name}")
+
+    # ------------------------------------------------------------ public
+    def plan(self, *args) -> Plan:
+        """The plan for these arguments (arrays or ShapeDtypeStructs); nothing runs."""
+        return self._compiled(args, need_program=False).plan
+
+    def lower(self, *args):
+        """The ``jax.stages.Lowered`` of the planned program for these arguments.
+
+        A pipeline (:class:`PipeshardParallel`) runs several programs, so it lowers to a
+        :class:`~autoshard.runtime.PipelineLowered`: one ``Lowered`` per program by name
+        (``"pre-gradient"``, ``"stage 0 forward"``, ``"stage 0 backward"``, …, ``"apply on
+        stage 0"`` or ``"apply on the mesh"``), each for its sub-mesh and, for the stages,
+        one micro-batch; ``.compile()`` gives their ``Compiled`` objects with
+        ``cost_analysis()`` / ``memory_analysis()`` as dicts by name, and ``as_text()``
+        all programs under headers. (When the planner kept plain intra-op parallelism,
+        one program, this is a plain ``Lowered``, as for :class:`ShardParallel`.)
+        """
+        return self._compiled(args, need_program=True).program.lower()
+
+    def __call__(self, *args):
+        entry = self._compiled(args, need_program=True)
+        if not entry.agreed:  # before anything moves: a mismatch must not hang a collective
+            self._agree(entry)
+            entry = dataclasses.replace(entry, agreed=True)
+            self._cache[self._key(args)] = entry
+        dyn = [a for i, a in enumerate(args) if i not in self._static_argnums]
+        flat = jax.tree_util.tree_leaves(dyn)
+        outs = entry.program(flat)
+        return jax.tree_util.tree_unflatten(entry.traced.out_tree, outs)
+
+
+def _under_args(paths, argnums) -> list[bool]:
+    """Per flat input path (``args[2]['x']``): whether it belongs to one of ``argnums``."""
+    def under(path, i):
+        head = f"args[{i}]"
+        return path.startswith(head) and not path[len(head):][:1].isdigit()
+    return [any(under(p, i) for i in argnums) for p in paths]
+
+
+def _default_budget(cluster: Cluster) -> int | None:
+    """A cluster that declares a memory reserve (the GPU presets) gives its device memory
+    less the reserve; otherwise (the host CPU) no budget unless one is given."""
+    if cluster.memory_reserve > 0:
+        return cluster.device_memory - cluster.memory_reserve
+    return None
+
+
+def _check_fixed_plan(plan, mesh_shape, axis_names, method) -> None:
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be an autoshard.Plan (e.g. autoshard.Plan.from_json(text)), "
+                        f"got {type(plan).__name__}")
+    if tuple(plan.mesh_shape) != tuple(mesh_shape) or tuple(plan.axis_names) != tuple(axis_names):
+        what = "shape" if tuple(plan.mesh_shape) != tuple(mesh_shape) else "axis names"
+        raise ValueError(
+            f"the plan passed to parallelize(plan=...) was made for another mesh: mesh "
+            f"{what} mismatch (plan {dict(zip(plan.axis_names, plan.mesh_shape))}, mesh "
+            f"{dict(zip(axis_names, mesh_shape))})")
+    if method is not None and plan.method.split("(")[0] != type(method).__name__:
+        raise ValueError(
+            f"the plan passed to parallelize(plan=...) was made with method {plan.method}, "
+            f"but method={method!r} was given: method mismatch (leave method out to reuse "
+            f"the plan as it is)")
+
+
+def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
+                cluster: Cluster | None = None, memory_budget: int | str | None = None,
+                batch_argnums: int | Sequence[int] | None = None,
+                static_argnums: int | Sequence[int] = (),
+                donate_argnums: int | Sequence[int] = (), plan: Plan | None = None):
+    """Parallelize ``fun`` over ``mesh`` (jit-like; also usable as a decorator).
+
+    ``method``: :class:`ShardParallel` (ILP, default), a preset (:class:`DataParallel`,
+    :class:`ZeRO3`, :class:`Megatron`) or :class:`PipeshardParallel` (pipeline stages on
+    sub-meshes; the step must use :func:`autoshard.value_and_grad`). ``batch_argnums``:
+    the arguments holding the batch (default: the last non-static one); presets
+    split those on their leading dim. ``memory_budget``: bytes per device
+    (``"16GiB"``) that the plan's estimated peak must fit (default: the cluster's device
+    memory less its reserve for GPU presets, none on the host CPU); the ILP then trades
+    speed for memory, and :class:`InfeasiblePlanError` names the smallest feasible peak.
+    ``static_argnums``/``donate_argnums`` as in ``jax.jit``.
+    ``plan``: a saved :class:`Plan` (``Plan.from_json``) to run as it is, without
+    solving; ``ValueError`` if it was made for another mesh, method or input signature.
+    """
+    kwargs = dict(mesh=mesh, method=method, cluster=cluster, memory_budget=memory_budget,
+                  batch_argnums=batch_argnums, static_argnums=static_argnums,
+                  donate_argnums=donate_argnums, plan=plan)
+    if fun is None:
+        return lambda f: ParallelizedFunction(f, **kwargs)
+    return ParallelizedFunction(fun, **kwargs)

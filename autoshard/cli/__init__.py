@@ -1,0 +1,1 @@
+"""The ``autoshard`` command line: ``plan``, ``show``, ``compare``, ``calibrate``."""

@@ -1,0 +1,2 @@
+"""Multi-process (``jax.distributed``) runs: plan agreement across processes, and
+process-local data as global arrays."""

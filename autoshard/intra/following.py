@@ -1,0 +1,101 @@
+"""Following: elementwise ops take the layout of an operand instead of choosing their own.
+
+As in XLA's auto-sharding, an elementwise op (or a convert, a select, …) whose
+leading operand has the output's shape *follows* that operand's producer: for
+each strategy of the producer it takes the strategy that reads the operand in
+exactly that layout. Followers chain, so a whole elementwise region becomes one
+ILP node; its edges are re-indexed through the follow maps. This shrinks the
+ILP by the number of such ops (most of a training step) at the price of never
+resharding on the followed edge — which a cheapest plan rarely wants anyway.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from autoshard import ilp
+from autoshard.ir.program import Literal
+
+from .combining import MergedAllReduce
+from .graph import ShardingGraph, Use
+from .op_rules import ELEMENTWISE
+
+_FOLLOWING = ELEMENTWISE - {"sharding_constraint", "optimization_barrier"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Grouping:
+    """``root[v]``: the node whose choice decides node ``v``; ``index[v][i]``: the strategy
+    of ``v`` when its root picks strategy ``i``. ``roots`` lists the ILP's nodes in order."""
+
+    root: tuple[int, ...]
+    index: tuple[np.ndarray, ...]
+    roots: tuple[int, ...]
+
+    def expand(self, root_choices: Sequence[int]) -> list[int]:
+        """Per-node strategy indices from the choices of the roots (in ``roots`` order)."""
+        by_root = dict(zip(self.roots, root_choices))
+        return [int(self.index[v][by_root[self.root[v]]]) for v in range(len(self.root))]
+
+
+def group_followers(graph: ShardingGraph) -> Grouping:
+    program = graph.traced.program
+    n = len(graph.nodes)
+    root = list(range(n))
+    index = [np.arange(len(node.strategies)) for node in graph.nodes]
+    for v, node in enumerate(graph.nodes):
+        if node.kind != "op" or len(node.strategies) < 2:
+            continue
+        eqn = program.eqns[node.eqn]
+        if eqn.primitive.name not in _FOLLOWING:
+            continue
+        out_shape = tuple(program.avals[node.outputs[0]].shape)
+        for k, atom in enumerate(eqn.inputs):
+            if isinstance(atom, Literal) or tuple(program.avals[atom].shape) != out_shape:
+                continue
+            u, out = graph.producer[atom]
+            by_spec: dict = {}
+            for j, s in enumerate(node.strategies):
+                spec = s.in_specs[k]
+                if spec not in by_spec or s.cost_s < node.strategies[by_spec[spec]].cost_s:
+                    by_spec[spec] = j
+            producer = graph.nodes[u]
+            leader_specs = [producer.strategies[i].out_specs[out] for i in index[u]]
+            if all(spec in by_spec for spec in leader_specs):
+                root[v] = root[u]
+                index[v] = np.array([by_spec[spec] for spec in leader_specs])
+            break
+    roots = tuple(v for v in range(n) if root[v] == v)
+    return Grouping(tuple(root), tuple(index), roots)
+
+
+def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use],
+                    matrices: Sequence[np.ndarray], time_limit_s: float,
+                    merged: Sequence[MergedAllReduce] = ()) -> ilp.IntraOpRequest:
+    """The ILP over the roots: followers' costs and internal edges folded into their root;
+    each merged all-reduce's latency a shared cost over the root strategies that pick a
+    member strategy."""
+    position = {r: p for p, r in enumerate(grouping.roots)}
+    costs = [np.zeros(len(grouping.index[r])) for r in grouping.roots]
+    for v, node in enumerate(graph.nodes):
+        node_cost = np.array([s.cost_s for s in node.strategies])
+        costs[position[grouping.root[v]]] += node_cost[grouping.index[v]]
+    edges = []
+    for use, matrix in zip(uses, matrices):
+        rs, rd = grouping.root[use.src], grouping.root[use.dst]
+        rows, cols = grouping.index[use.src], grouping.index[use.dst]
+        if rs == rd:
+            costs[position[rs]] += matrix[rows, cols]
+        elif np.any(matrix):
+            edges.append(ilp.EdgeCost(position[rs], position[rd], matrix[np.ix_(rows, cols)]))
+    shared = []
+    for group in merged:
+        members = sorted({(position[grouping.root[v]], int(j)) for v, i in group.members
+                          for j in np.flatnonzero(grouping.index[v] == i)})
+        if members:
+            shared.append(ilp.SharedCost(group.latency_s, tuple(members)))
+    return ilp.IntraOpRequest(node_costs=tuple(costs), edges=tuple(edges),
+                              node_names=tuple(graph.nodes[r].name for r in grouping.roots),
+                              shared_costs=tuple(shared), time_limit_s=time_limit_s)

@@ -1,0 +1,189 @@
+"""The sharding graph: one node per input, constant and equation, one edge per tensor use."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from autoshard.cost_model import MeshCostModel
+from autoshard.ir.program import Literal
+from autoshard.ir.signature import equation_signature
+from autoshard.ir.specs import Spec, enumerate_specs, replicated
+from autoshard.ir.trace import TracedFunction
+
+from .op_rules import CONTROL_FLOW, FUSIBLE, FUSING_CONSUMERS, REPLICATED_QUIETLY, loop_op
+from .strategies import Strategy, input_strategies, loop_strategies, replicated_strategy
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Node:
+    """A choice point. ``kind`` is ``"input"``, ``"constant"`` or ``"op"``.
+
+    ``eqn`` indexes the program's equations (ops only); ``outputs`` are the value
+    ids the node defines; ``strategies[i].out_specs[k]`` lays out ``outputs[k]``.
+    """
+
+    name: str
+    kind: str
+    eqn: int | None
+    outputs: tuple[int, ...]
+    strategies: tuple[Strategy, ...]
+
+    def __repr__(self):
+        return f"Node({self.name!r}, {len(self.strategies)} strategies)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+    """Value ``outputs[src_output]`` of node ``src`` read as operand ``operand`` of node ``dst``.
+
+    ``operand == -1`` marks a loop-carried use: an output that becomes input ``dst``
+    of the next call.
+    """
+
+    src: int
+    src_output: int
+    dst: int
+    operand: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardingGraph:
+    """Nodes, tensor uses and which node produced each value."""
+
+    traced: TracedFunction
+    nodes: tuple[Node, ...]
+    uses: tuple[Use, ...]
+    producer: dict  # value id → (node index, output index)
+    unsupported: tuple[tuple[str, str], ...]   # (primitive, source) run replicated with a warning
+    control_flow: tuple[tuple[str, str], ...]  # (primitive, source) run replicated
+
+    def __repr__(self):
+        return f"ShardingGraph({len(self.nodes)} nodes, {len(self.uses)} uses)"
+
+    def input_node(self, flat_index: int) -> int:
+        return self.producer[self.traced.program.invars[flat_index]][0]
+
+
+def _aval(program, atom):
+    return None if isinstance(atom, Literal) else program.avals[atom]
+
+
+def fused_values(program) -> tuple[frozenset[int], frozenset[int]]:
+    """Values XLA's fusion keeps out of memory traffic, as (fused, read_in_fusion).
+
+    ``fused``: made by a ``FUSIBLE`` equation, read only by ``FUSING_CONSUMERS`` (at least
+    one), and not a program output: no memory traffic for the equations that make or read
+    them. ``read_in_fusion``: the same but a program output (an optimizer's new moments):
+    XLA's multi-output fusion writes it once and its readers in the fusion take it from
+    there, so only the write is traffic."""
+    consumers: dict[int, list[str]] = {}
+    for eqn in program.eqns:
+        for atom in eqn.inputs:
+            if not isinstance(atom, Literal):
+                consumers.setdefault(atom, []).append(eqn.primitive.name)
+    outputs = {v for v in program.outvars if not isinstance(v, Literal)}
+    fused, read_in_fusion = set(), set()
+    for eqn in program.eqns:
+        if eqn.primitive.name not in FUSIBLE:
+            continue
+        for v in eqn.outputs:
+            names = consumers.get(v, ())
+            if names and all(n in FUSING_CONSUMERS for n in names):
+                (read_in_fusion if v in outputs else fused).add(v)
+    return frozenset(fused), frozenset(read_in_fusion)
+
+
+def build_graph(traced: TracedFunction, model: MeshCostModel,
+                input_specs: Callable[[int, tuple], list[Spec]] | None = None) -> ShardingGraph:
+    """Enumerate strategies for every node of ``traced`` on ``model``'s mesh.
+
+    ``input_specs(flat_index, shape)`` may restrict the layouts an argument can
+    take (presets use it); by default every valid spec is allowed.
+    """
+    program = traced.program
+    mesh_shape = model.mesh_shape
+    nodes: list[Node] = []
+    producer: dict[int, tuple[int, int]] = {}
+    uses: list[Use] = []
+    unsupported, control_flow = [], []
+    memo: dict[tuple, tuple] = {}
+    fused, read_in_fusion = fused_values(program)
+
+    def add(node: Node):
+        for k, vid in enumerate(node.outputs):
+            producer[vid] = (len(nodes), k)
+        nodes.append(node)
+
+    for i, vid in enumerate(program.invars):
+        if vid in producer:  # the same value passed twice cannot happen, but stay safe
+            continue
+        shape = tuple(program.avals[vid].shape)
+        specs = input_specs(i, shape) if input_specs else enumerate_specs(shape, mesh_shape)
+        add(Node(traced.in_paths[i], "input", None, (vid,), input_strategies(specs)))
+    for vid, _ in program.constants:
+        rank = len(program.avals[vid].shape)
+        add(Node(f"constant {vid}", "constant", None, (vid,), input_strategies([replicated(rank)])))
+
+    for e, eqn in enumerate(program.eqns):
+        in_avals = [_aval(program, a) for a in eqn.inputs]
+        out_avals = [program.avals[v] for v in eqn.outputs]
+        name = eqn.primitive.name
+        in_fused = tuple(not isinstance(a, Literal) and (a in fused or a in read_in_fusion)
+                         for a in eqn.inputs)
+        out_fused = tuple(v in fused for v in eqn.outputs)
+        signature = (equation_signature(eqn, in_avals, out_avals), in_fused, out_fused)
+        strategies = memo.get(signature)  # a repeated layer: same rule, same strategies
+        if strategies is None:
+            op = loop_op(eqn, in_avals, out_avals)
+            if op is not None:
+                strategies = memo[signature] = loop_strategies(
+                    op, in_avals, out_avals, model, fused=in_fused + out_fused)
+            else:
+                strategies = ()
+                if name in CONTROL_FLOW:
+                    control_flow.append((name, traced.sources[e]))
+                elif name not in REPLICATED_QUIETLY:
+                    unsupported.append((name, traced.sources[e]))
+        if not strategies:
+            strategies = (replicated_strategy(in_avals, out_avals, model,
+                                              fused=in_fused + out_fused),)
+        node_index = len(nodes)
+        for k, atom in enumerate(eqn.inputs):
+            if not isinstance(atom, Literal):
+                src, out = producer[atom]
+                uses.append(Use(src, out, node_index, k))
+        add(Node(f"{name}#{e}", "op", e, tuple(eqn.outputs), strategies))
+    return ShardingGraph(traced, tuple(nodes), tuple(uses), producer,
+                         tuple(unsupported), tuple(control_flow))
+
+
+def use_cost_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel,
+                    memo: dict | None = None) -> np.ndarray:
+    """Resharding seconds [strategies of src, strategies of dst] for one tensor use.
+
+    ``memo`` (one dict per planning call) shares matrices between uses of repeated
+    layers: their nodes hold the very same strategy tuples."""
+    program = graph.traced.program
+    src, dst = graph.nodes[use.src], graph.nodes[use.dst]
+    aval = program.avals[src.outputs[use.src_output]]
+    if memo is not None:
+        key = (id(src.strategies), use.src_output, id(dst.strategies), use.operand,
+               tuple(aval.shape), aval.dtype.name)
+        if key not in memo:
+            memo[key] = (src.strategies, dst.strategies,  # keep the ids alive
+                         use_cost_matrix(graph, use, model))
+        return memo[key][2]
+    src_specs = [s.out_specs[use.src_output] for s in src.strategies]
+    if use.operand < 0:  # loop-carried into an input node: its own layout
+        dst_specs = [s.out_specs[0] for s in dst.strategies]
+    else:
+        dst_specs = [s.in_specs[use.operand] for s in dst.strategies]
+    usrc = sorted(set(src_specs))
+    udst = sorted(set(dst_specs))
+    small = model.resharding_matrix(tuple(aval.shape), aval.dtype.itemsize,
+                                    tuple(usrc), tuple(udst))
+    rows = [usrc.index(s) for s in src_specs]
+    cols = [udst.index(s) for s in dst_specs]
+    return small[np.ix_(rows, cols)]

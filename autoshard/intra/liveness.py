@@ -1,0 +1,108 @@
+"""Liveness of a program's values: when each is born and last read; peak bytes per device."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from autoshard.ir.program import Literal, Program
+
+from .op_rules import ELEMENTWISE
+
+
+def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tuple[int, int]]:
+    """Value id → (first step, last step) it occupies memory.
+
+    Step ``e`` is the execution of equation ``e``; arguments and constants are
+    born at step 0; arguments live to the end unless donated (then until their last
+    read). Program outputs live to the last step and, as XLA allocates them for the
+    whole run, from step 0 unless they take over a donated argument's buffer (same
+    shape and dtype, matched in order as jax aliases them). Intermediates that an
+    output's elementwise chain overwrites in place (same shape and dtype, last read
+    there) share the output's buffer and are left out.
+    """
+    end = max(len(program.eqns) - 1, 0)
+    donated = set(donated)
+    born: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for vid, _ in program.constants:
+        born[vid] = 0
+    for vid in program.invars:
+        born[vid] = 0
+        last[vid] = 0 if vid in donated else end
+    for e, eqn in enumerate(program.eqns):
+        for atom in eqn.inputs:
+            if not isinstance(atom, Literal):
+                last[atom] = max(last.get(atom, e), e)
+        for vid in eqn.outputs:
+            born[vid] = e
+    aliased = _aliased_outputs(program, [v for v in program.invars if v in donated])
+    for o, atom in enumerate(program.outvars):
+        if not isinstance(atom, Literal):
+            last[atom] = end
+            if o not in aliased:
+                born[atom] = 0
+    shared = _in_place_chains(program, [a for o, a in enumerate(program.outvars)
+                                        if o not in aliased and not isinstance(a, Literal)], last)
+    return {v: (b, max(last.get(v, b), b)) for v, b in born.items() if v not in shared}
+
+
+def _aliased_outputs(program: Program, donated: list[int]) -> set[int]:
+    """Output positions that take over a donated argument's buffer (first unused output
+    with its shape and dtype, in argument order)."""
+    taken: set[int] = set()
+    for vid in donated:
+        for o, atom in enumerate(program.outvars):
+            if o not in taken and not isinstance(atom, Literal) and \
+                    _same_buffer_type(program, atom, vid):
+                taken.add(o)
+                break
+    return taken
+
+
+def _in_place_chains(program: Program, outputs: list[int], last: dict[int, int]) -> set[int]:
+    """Intermediates written over in place on the way to an output: walking back from each
+    output through elementwise equations, the first operand of the output's shape and
+    dtype that is an intermediate read for the last time there."""
+    defined_by = {vid: e for e, eqn in enumerate(program.eqns) for vid in eqn.outputs}
+    outside = set(program.invars) | {vid for vid, _ in program.constants} | set(outputs)
+    shared: set[int] = set()
+    for out in outputs:
+        vid = out
+        while vid in defined_by:
+            e = defined_by[vid]
+            eqn = program.eqns[e]
+            if eqn.primitive.name not in ELEMENTWISE or len(eqn.outputs) != 1:
+                break
+            reused = next((a for a in eqn.inputs if not isinstance(a, Literal)
+                           and a not in outside and a not in shared and last.get(a) == e
+                           and _same_buffer_type(program, a, vid)), None)
+            if reused is None:
+                break
+            shared.add(reused)
+            vid = reused
+    return shared
+
+
+def _same_buffer_type(program: Program, a: int, b: int) -> bool:
+    return tuple(program.avals[a].shape) == tuple(program.avals[b].shape) and \
+        program.avals[a].dtype == program.avals[b].dtype
+
+
+def live_bytes(ranges: Mapping[int, tuple[int, int]], value_bytes: Mapping[int, float],
+               num_steps: int) -> np.ndarray:
+    """Bytes per device live at each step, given each value's (first, last) step and bytes."""
+    delta = np.zeros(max(num_steps, 1) + 1)
+    for vid, (b, l) in ranges.items():
+        nbytes = value_bytes.get(vid, 0)
+        delta[b] += nbytes
+        delta[l + 1] -= nbytes
+    return np.cumsum(delta[:-1])
+
+
+def peak_bytes(ranges: Mapping[int, tuple[int, int]], value_bytes: Mapping[int, int],
+               num_steps: int) -> tuple[int, int]:
+    """(peak bytes, step at which it is reached) given each value's bytes per device."""
+    live = live_bytes(ranges, value_bytes, num_steps)
+    step = int(np.argmax(live))
+    return int(round(live[step])), step

@@ -1,0 +1,193 @@
+"""Memory constraints for the ILP: bytes per device of every tensor, at the steps that can peak.
+
+A tensor's bytes per device depend on the strategy of the node that produces it,
+so on the choice of that node's ILP root (followers map a root's choice to their
+own): each tensor becomes a vector over its root's strategies, exact. A strategy's
+temporary buffer (the partial result a reduce-scatter reads) is a tensor live at
+its own step only. A resharding copy (an operand read in another layout than it
+was made in: a gathered weight, a sliced activation) is a tensor of the reader's
+layout live at the reader's step; whether it exists depends on both ends, so it
+is a matrix over the two roots' strategies (one vector when both share a root).
+The plan's reported peak (``planned_peak_bytes``) counts the same tensors, so the
+constraints and the reported estimate agree exactly.
+
+Candidate peaks: a step can only be the peak if the most its live tensors can
+take (every one at its largest layout) reaches the least the fullest step must
+take; of those, the ``max_points`` steps with the largest upper bound become
+constraints. The planner re-checks the chosen plan's whole liveness profile and
+adds the step that peaked if it was missed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from autoshard.cost_model import MeshCostModel
+
+from .following import Grouping
+from .graph import ShardingGraph, Use
+from .liveness import live_bytes, live_ranges, peak_bytes
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TensorBytes:
+    """Per tensor id: ``roots`` (the ILP nodes deciding its bytes: one, or two for a
+    resharding copy), ``values`` (its bytes per device for each strategy of that node,
+    or each pair of strategies of the two) and ``steps`` (first, last step it is live).
+    Temporaries and copies get negative ids."""
+
+    roots: Mapping[int, tuple[int, ...]]
+    values: Mapping[int, np.ndarray]
+    steps: Mapping[int, tuple[int, int]]
+
+
+def copy_bytes(model: MeshCostModel, aval, src_spec, dst_spec) -> int:
+    """Bytes per device of the copy made when a value laid out ``src_spec`` is read as
+    ``dst_spec`` (0 when the layouts agree). Gathering a dimension that is not the
+    outermost non-trivial one takes two buffers: XLA gathers it as the major dimension,
+    then copies the result into row-major order."""
+    if src_spec == dst_spec:
+        return 0
+    shape = tuple(aval.shape)
+    size = model.bytes_per_device(shape, aval.dtype.itemsize, dst_spec)
+    local = model.shard_shape(shape, dst_spec)
+    gathered = [d for d, (held, wanted) in enumerate(zip(src_spec, dst_spec))
+                if set(held) - set(wanted)]
+    inner = any(int(np.prod(local[:d])) > 1 for d in gathered)
+    return 2 * size if inner else size
+
+
+def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
+                 ranges: Mapping[int, tuple[int, int]]) -> TensorBytes:
+    program = graph.traced.program
+    position = {r: p for p, r in enumerate(grouping.roots)}
+    cache: dict = {}
+
+    def nbytes(shape, itemsize, spec) -> int:
+        key = (shape, itemsize, spec)
+        if key not in cache:
+            cache[key] = model.bytes_per_device(shape, itemsize, spec)
+        return cache[key]
+
+    roots, values, steps = {}, {}, {}
+    for v, node in enumerate(graph.nodes):
+        p, index = position[grouping.root[v]], grouping.index[v]
+        for k, vid in enumerate(node.outputs):
+            if vid not in ranges:  # overwritten in place by an output: no buffer of its own
+                continue
+            aval = program.avals[vid]
+            shape, itemsize = tuple(aval.shape), aval.dtype.itemsize
+            own = np.array([nbytes(shape, itemsize, s.out_specs[k]) for s in node.strategies],
+                           dtype=np.float64)
+            roots[vid], values[vid], steps[vid] = (p,), own[index], ranges[vid]
+        temps = np.array([s.temp_bytes for s in node.strategies], dtype=np.float64)
+        if temps.any() and node.eqn is not None:
+            tid = -1 - v
+            roots[tid], values[tid], steps[tid] = (p,), temps[index], (node.eqn, node.eqn)
+    copies: dict = {}
+    for u, use in enumerate(graph.uses):
+        matrix = _copy_matrix(graph, use, model, copies)
+        if not matrix.any():
+            continue
+        rows, cols = grouping.index[use.src], grouping.index[use.dst]
+        ps, pd = position[grouping.root[use.src]], position[grouping.root[use.dst]]
+        cid = -1 - len(graph.nodes) - u
+        if ps == pd:
+            roots[cid], values[cid] = (ps,), matrix[rows, cols]
+        else:
+            roots[cid], values[cid] = (ps, pd), matrix[np.ix_(rows, cols)]
+        eqn = graph.nodes[use.dst].eqn
+        steps[cid] = (eqn, eqn)
+    return TensorBytes(roots, values, steps)
+
+
+def _copy_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel, cache: dict
+                 ) -> np.ndarray:
+    """Copy bytes per device [strategies of src, strategies of dst] for one operand read;
+    ``cache`` keeps each (shape, item size, layouts) figure for the next reads (repeated
+    layers read the same shapes in the same layouts)."""
+    aval = graph.traced.program.avals[graph.nodes[use.src].outputs[use.src_output]]
+    src_specs = [s.out_specs[use.src_output] for s in graph.nodes[use.src].strategies]
+    dst_specs = [s.in_specs[use.operand] for s in graph.nodes[use.dst].strategies]
+    usrc, udst = list(dict.fromkeys(src_specs)), list(dict.fromkeys(dst_specs))
+    shape = (tuple(aval.shape), aval.dtype.itemsize)
+
+    def copied(a, b) -> int:
+        key = (shape, a, b)
+        if key not in cache:
+            cache[key] = copy_bytes(model, aval, a, b)
+        return cache[key]
+
+    small = np.array([[copied(a, b) for b in udst] for a in usrc], dtype=np.float64)
+    return small[np.ix_([usrc.index(s) for s in src_specs], [udst.index(s) for s in dst_specs])]
+
+
+def candidate_steps(tensors: TensorBytes, num_steps: int, max_points: int = 12) -> list[int]:
+    """Steps whose live tensors could make the peak, in step order."""
+    hi = live_bytes(tensors.steps, {t: v.max() for t, v in tensors.values.items()}, num_steps)
+    lo = live_bytes(tensors.steps, {t: v.min() for t, v in tensors.values.items()}, num_steps)
+    possible = np.flatnonzero(hi >= lo.max())
+    steps = sorted(possible.tolist(), key=lambda s: (-hi[s], s))[:max_points]
+    return sorted(set(steps) | {int(np.argmax(lo))})
+
+
+def memory_terms(tensors: TensorBytes, steps: Iterable[int]):
+    """One ILP memory point per step: ``(ILP node, bytes per strategy)`` and
+    ``(src, dst, bytes per strategy pair)`` terms of what is live."""
+    points = []
+    for step in steps:
+        summed: dict[tuple[int, ...], np.ndarray] = {}
+        for tid, (born, last) in tensors.steps.items():
+            if born <= step <= last:
+                key = tensors.roots[tid]
+                summed[key] = summed[key] + tensors.values[tid] if key in summed \
+                    else tensors.values[tid]
+        if summed:
+            points.append(tuple((*key, values) for key, values in sorted(summed.items(),
+                                                                        key=lambda kv: kv[0])))
+    return tuple(points)
+
+
+def _chosen_bytes(tensors: TensorBytes, choices) -> dict[int, float]:
+    return {t: float(v[tuple(choices[r] for r in tensors.roots[t])])
+            for t, v in tensors.values.items()}
+
+
+def steps_over(tensors: TensorBytes, choices, num_steps: int, budget: float,
+               limit: int = 16) -> list[int]:
+    """The (at most ``limit``) fullest steps whose live bytes under ILP ``choices`` exceed
+    ``budget``."""
+    live = live_bytes(tensors.steps, _chosen_bytes(tensors, choices), num_steps)
+    over = np.flatnonzero(live > budget)
+    return sorted(over[np.argsort(-live[over], kind="stable")][:limit].tolist())
+
+
+def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, chosen: Sequence,
+                       donated) -> int:
+    """Liveness peak per device of the chosen plan (the model the memory constraints use):
+    every tensor from definition to last read, the temporaries of the chosen strategies
+    and the resharding copies each operand read makes, at their step."""
+    program = graph.traced.program
+
+    def nbytes(vid, spec):
+        aval = program.avals[vid]
+        return model.bytes_per_device(tuple(aval.shape), aval.dtype.itemsize, spec)
+
+    ranges = dict(live_ranges(program, donated))
+    sizes = {vid: nbytes(vid, spec) for node, s in zip(graph.nodes, chosen)
+             for vid, spec in zip(node.outputs, s.out_specs)}
+    extra = [(node.eqn, s.temp_bytes) for node, s in zip(graph.nodes, chosen) if s.temp_bytes]
+    for use in graph.uses:
+        src, dst = graph.nodes[use.src], graph.nodes[use.dst]
+        size = copy_bytes(model, program.avals[src.outputs[use.src_output]],
+                          chosen[use.src].out_specs[use.src_output],
+                          chosen[use.dst].in_specs[use.operand])
+        if size:
+            extra.append((dst.eqn, size))
+    for k, (step, size) in enumerate(extra):
+        ranges[-1 - k] = (step, step)
+        sizes[-1 - k] = size
+    peak, _ = peak_bytes(ranges, sizes, len(program.eqns))
+    return peak

@@ -1,0 +1,202 @@
+"""Sharding strategies of one equation: specs of its operands and outputs, and their price.
+
+Strategies come from the equation's loop description (``_op_rules``): each mesh
+axis (of size > 1) is assigned to one splittable loop or to none. Splitting a
+reduction loop leaves partial results: the strategy pays an all-reduce over those
+axes, or — a variant — a reduce-scatter that leaves the output split by the axis.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from autoshard.cost_model import MeshCostModel
+from autoshard.ir.specs import Spec, replicated
+
+from .op_rules import LoopOp
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """One way to shard an equation (or an input).
+
+    ``in_specs[k]`` is the layout operand ``k`` must have (``None`` for literals);
+    ``compute_s`` and ``communication_s`` are per-device seconds (the latter for the
+    collectives the strategy itself needs, e.g. the all-reduce of a split contraction).
+    ``temp_bytes``: per-device bytes of buffers it needs only while it runs (the
+    unreduced partial result a reduce-scatter reads, plus the full all-reduce result on
+    backends that lower a reduce-scatter to all-reduce + slice).
+    ``all_reduce_axes``: the mesh axes its all-reduce spans (empty when it has none);
+    ``all_reduce_latency_s`` / ``all_reduce_bytes``: that all-reduce's latency part of
+    ``communication_s`` and its bytes per device (``_combining`` shares the latency
+    between all-reduces XLA merges).
+    """
+
+    name: str
+    out_specs: tuple[Spec, ...]
+    in_specs: tuple[Spec | None, ...]
+    compute_s: float
+    communication_s: float
+    temp_bytes: int = 0
+    all_reduce_axes: tuple[int, ...] = ()
+    all_reduce_latency_s: float = 0.0
+    all_reduce_bytes: int = 0
+
+    @property
+    def cost_s(self) -> float:
+        return self.compute_s + self.communication_s
+
+
+def _itemsize(aval) -> int:
+    return aval.dtype.itemsize
+
+
+def _dtype_name(avals) -> str:
+    for a in avals:
+        if a is not None and jax.numpy.issubdtype(a.dtype, np.floating):
+            return a.dtype.name
+    return "float32"
+
+
+def _bytes(model: MeshCostModel, aval, spec: Spec | None) -> int:
+    if aval is None or spec is None:
+        return 0
+    return model.bytes_per_device(tuple(aval.shape), _itemsize(aval), spec)
+
+
+def input_strategies(specs: Sequence[Spec]) -> tuple[Strategy, ...]:
+    """An argument or constant: one free strategy per layout it may arrive in."""
+    return tuple(Strategy(_spec_name(s), (s,), (), 0.0, 0.0) for s in specs)
+
+
+def _traffic(model, avals, specs, fused) -> int:
+    """Memory bytes per device of reading/writing ``avals`` laid out as ``specs``, less
+    the values fusion keeps in registers (``fused[k]`` true; missing entries: false)."""
+    return sum(_bytes(model, a, s) for k, (a, s) in enumerate(zip(avals, specs))
+               if not (k < len(fused) and fused[k]))
+
+
+def replicated_strategy(in_avals, out_avals, model: MeshCostModel, flops: float = 0.0,
+                        fused: Sequence[bool] = ()) -> Strategy:
+    """Everything whole on every device. ``fused``: per operand then per output, whether
+    fusion keeps it out of memory (see ``loop_strategies``)."""
+    in_specs = tuple(None if a is None else replicated(len(a.shape)) for a in in_avals)
+    out_specs = tuple(replicated(len(a.shape)) for a in out_avals)
+    n = len(in_avals)
+    nbytes = _traffic(model, in_avals, in_specs, tuple(fused[:n]))
+    nbytes += _traffic(model, out_avals, out_specs, tuple(fused[n:]))
+    compute = model.compute(flops, nbytes, _dtype_name(list(in_avals) + list(out_avals)))
+    return Strategy("replicated", out_specs, in_specs, compute, 0.0)
+
+
+def loop_strategies(op: LoopOp, in_avals, out_avals, model: MeshCostModel,
+                    fused: Sequence[bool] = ()) -> tuple[Strategy, ...]:
+    """Every valid assignment of mesh axes to the loops of ``op``, priced.
+
+    Compute is a roofline over the op's flops and the bytes it reads and writes;
+    ``fused`` (per operand, then per output) marks values XLA's fusion keeps out of
+    memory, which count no bytes."""
+    mesh_shape = model.mesh_shape
+    axes = [a for a, n in enumerate(mesh_shape) if n > 1]
+    options = [None] + [l for l, ok in enumerate(op.splittable) if ok]
+    dtype = _dtype_name(list(in_avals) + list(out_avals))
+    reductions = op.reduction_loops
+    tensors = [(dims, a) for dims, a in zip(op.in_dims, in_avals)] + \
+              [(dims, a) for dims, a in zip(op.out_dims, out_avals)]
+    seen: dict = {}
+    for assignment in itertools.product(options, repeat=len(axes)):
+        groups: dict[int, list[int]] = {}
+        for axis, loop in zip(axes, assignment):
+            if loop is not None:
+                groups.setdefault(loop, []).append(axis)
+        if not _divides(op, groups, tensors, mesh_shape):
+            continue
+        # Axes sharing a loop split it in mesh order (major axis first), as specs do.
+        loop_axes = {loop: tuple(group) for loop, group in groups.items()}
+        for strategy in _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype,
+                                tuple(fused)):
+            key = (strategy.out_specs, strategy.in_specs)
+            if key not in seen or strategy.cost_s < seen[key].cost_s:
+                seen[key] = strategy
+    return tuple(seen.values())
+
+
+def _divides(op, groups, tensors, mesh_shape) -> bool:
+    for loop, group in groups.items():
+        n = math.prod(mesh_shape[a] for a in group)
+        if op.sizes[loop] % n:
+            return False
+        for dims, aval in tensors:
+            if dims is None or aval is None:
+                continue
+            for l, size in zip(dims, aval.shape):
+                if l == loop and size % n:
+                    return False
+    return True
+
+
+def _tensor_spec(dims, loop_axes) -> Spec | None:
+    if dims is None:
+        return None
+    return tuple(tuple(loop_axes.get(l, ())) if l is not None else () for l in dims)
+
+
+def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, fused):
+    in_specs = tuple(_tensor_spec(d, loop_axes) for d in op.in_dims)
+    in_specs = tuple(None if a is None else (s if s is not None else replicated(len(a.shape)))
+                     for s, a in zip(in_specs, in_avals))
+    out_specs = tuple(_tensor_spec(d, loop_axes) for d in op.out_dims)
+    split = math.prod(model.mesh_shape[a] for axes in loop_axes.values() for a in axes)
+    n = len(in_avals)
+    traffic = _traffic(model, in_avals, in_specs, fused[:n])
+    traffic += _traffic(model, out_avals, out_specs, fused[n:])
+    out_bytes = [_bytes(model, a, s) for a, s in zip(out_avals, out_specs)]
+    compute = model.compute(op.flops / split, traffic, dtype)
+    reduce_axes = tuple(sorted(a for l, axes in loop_axes.items() if l in reductions
+                               for a in axes))
+    name = _assignment_name(loop_axes, reductions)
+    if not reduce_axes:
+        yield Strategy(name, out_specs, in_specs, compute, 0.0)
+        return
+    comm = sum(model.all_reduce(b, reduce_axes) for b in out_bytes)
+    yield Strategy(name + " all-reduce", out_specs, in_specs, compute, comm,
+                   all_reduce_axes=reduce_axes,
+                   all_reduce_latency_s=len(out_bytes) * model.all_reduce_latency(reduce_axes),
+                   all_reduce_bytes=int(sum(out_bytes)))
+    if len(out_avals) != 1:
+        return
+    # Reduce-scatter variant: one reduced axis also splits an output dim afterwards.
+    out_aval, out_spec = out_avals[0], out_specs[0]
+    for axis in reduce_axes:
+        rest = tuple(a for a in reduce_axes if a != axis)
+        for d, size in enumerate(out_aval.shape):
+            n = math.prod(model.mesh_shape[a] for a in out_spec[d]) * model.mesh_shape[axis]
+            if size % n:
+                continue
+            scattered = out_spec[:d] + (out_spec[d] + (axis,),) + out_spec[d + 1:]
+            comm = model.all_reduce(out_bytes[0], rest) if rest else 0.0
+            comm += model.reduce_scatter(out_bytes[0], (axis,))
+            # the unreduced partial, and where the backend emits an all-reduce then a
+            # slice, that all-reduce's full-size result beside it
+            temp = out_bytes[0] * (2 if model.cluster.reduce_scatter_as_all_reduce else 1)
+            yield Strategy(f"{name} reduce-scatter(dim {d})", (scattered,), in_specs,
+                           compute, comm, temp_bytes=temp)
+
+
+def _assignment_name(loop_axes, reductions) -> str:
+    if not loop_axes:
+        return "replicated"
+    parts = []
+    for loop in sorted(loop_axes):
+        tag = "r" if loop in reductions else "l"
+        parts.append(f"{tag}{loop}:{'+'.join(map(str, loop_axes[loop]))}")
+    return " ".join(parts)
+
+
+def _spec_name(spec: Spec) -> str:
+    return "[" + ", ".join("+".join(map(str, axes)) if axes else "-" for axes in spec) + "]"

@@ -1,0 +1,237 @@
+"""Tracing: a user function and example arguments → a flat :class:`Program`.
+
+Calls that only structure the program (``jit``/``pjit``, ``closed_call``,
+``custom_jvp_call``, ``custom_vjp_call``, ``remat``/``checkpoint``) are inlined,
+and ``lax.scan`` loops (layers scanned over stacked weights, and their transposes
+in the backward pass) are unrolled into one copy of the body per step, up to
+``MAX_UNROLLED_EQUATIONS``, so every step's ops are sharded like any others and a
+pipeline can cut between them. Every remaining equation is a primitive the
+strategy rules understand (or a control-flow primitive they treat conservatively:
+``while``, ``cond``, and scans too long to unroll).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.extend.core as jcore
+import jax.numpy as jnp
+import numpy as np
+from jax._src import source_info_util
+
+from .program import Equation, Literal, Program
+
+# primitive name → parameter holding the callee's jaxpr
+_INLINED_CALLS = {
+    "pjit": "jaxpr",
+    "jit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "remat": "jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+}
+
+
+#: a scan is unrolled when its body's equations × its length stay within this.
+MAX_UNROLLED_EQUATIONS = 50_000
+
+
+def _count_equations(jaxpr) -> int:
+    """Equations of ``jaxpr`` with inlined calls and nested scans counted as unrolled."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        callee = eqn.params.get(_INLINED_CALLS.get(eqn.primitive.name, ""))
+        if eqn.primitive.name == "scan":
+            total += eqn.params["length"] * _count_equations(eqn.params["jaxpr"].jaxpr)
+        elif callee is not None:
+            total += _count_equations(getattr(callee, "jaxpr", callee))
+        else:
+            total += 1
+    return total
+
+
+def unrolls(eqn) -> bool:
+    """Whether ``eqn`` is a ``lax.scan`` that tracing unrolls (see the module docstring)."""
+    return eqn.primitive.name == "scan" and (
+        eqn.params["length"] * _count_equations(eqn.params["jaxpr"].jaxpr)
+        <= MAX_UNROLLED_EQUATIONS)
+
+
+def _unrolled_scan(eqn) -> jcore.ClosedJaxpr:
+    """The scan as straight-line code: the body traced once per step, ``xs`` sliced, the
+    per-step ``ys`` stacked, in the scan's order (``reverse`` included)."""
+    params = eqn.params
+    n_consts, n_carry, length = params["num_consts"], params["num_carry"], params["length"]
+    body = jcore.jaxpr_as_fun(params["jaxpr"])
+    y_avals = [v.aval for v in eqn.outvars[n_carry:]]
+
+    def run(*args):
+        consts, carry = args[:n_consts], list(args[n_consts:n_consts + n_carry])
+        xs = args[n_consts + n_carry:]
+        ys = [None] * length
+        for i in (reversed(range(length)) if params["reverse"] else range(length)):
+            x_i = [jax.lax.index_in_dim(x, i, keepdims=False) for x in xs]
+            out = body(*consts, *carry, *x_i)
+            carry, ys[i] = list(out[:n_carry]), out[n_carry:]
+        stacked = [jax.lax.concatenate([jax.lax.expand_dims(y[k], (0,)) for y in ys], 0)
+                   if length else jnp.zeros(a.shape, a.dtype) for k, a in enumerate(y_avals)]
+        return carry + stacked
+
+    return jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
+                                 for v in eqn.invars])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TracedFunction:
+    """A traced function: its flat program plus the pytree structure around it.
+
+    ``in_paths``/``out_paths`` are readable key paths of the flat leaves
+    (``"[0]['layers'][1]['w']"``); ``sources[e]`` says where equation ``e``
+    came from in user code.
+    """
+
+    program: Program
+    in_tree: Any
+    out_tree: Any
+    in_paths: tuple[str, ...]
+    out_paths: tuple[str, ...]
+    sources: tuple[str, ...]
+
+    def __repr__(self):
+        return (f"TracedFunction({len(self.program.invars)} inputs, "
+                f"{len(self.program.outvars)} outputs, {len(self.program.eqns)} equations)")
+
+
+def _is_array_like(leaf) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct,
+                             bool, int, float, complex))
+
+
+def check_arguments(dyn_args: Sequence, argnums: Sequence[int]) -> None:
+    """Raise ``TypeError`` naming every leaf that is not an array, number or ShapeDtypeStruct."""
+    bad = []
+    for argnum, arg in zip(argnums, dyn_args):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(arg)[0]:
+            if not _is_array_like(leaf):
+                bad.append(f"args[{argnum}]{jax.tree_util.keystr(path)}: {type(leaf).__name__}")
+    if bad:
+        raise TypeError(
+            "autoshard.parallelize: every argument leaf must be an array, a Python/NumPy "
+            "number or a jax.ShapeDtypeStruct, but these are not:\n  " + "\n  ".join(bad)
+            + "\nPass such arguments through static_argnums (they must then be hashable), "
+            "or close over them in the function.")
+
+
+def _aval_of(leaf):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+    return jax.ShapeDtypeStruct(np.shape(leaf), jax.dtypes.result_type(leaf))
+
+
+def trace(fn, args: Sequence, static_argnums: Sequence[int] = ()) -> TracedFunction:
+    """Trace ``fn(*args)`` (static args taken as given) into a :class:`TracedFunction`."""
+    static = set(static_argnums)
+    argnums = [i for i in range(len(args)) if i not in static]
+    dyn_args = [args[i] for i in argnums]
+    check_arguments(dyn_args, argnums)
+    leaves_with_paths, in_tree = jax.tree_util.tree_flatten_with_path(tuple(dyn_args))
+    in_paths = tuple(_argpath(p, argnums) for p, _ in leaves_with_paths)
+    avals = [_aval_of(leaf) for _, leaf in leaves_with_paths]
+    out_tree_box = []
+
+    def flat_fn(*flat):
+        dyn = jax.tree_util.tree_unflatten(in_tree, flat)
+        full = list(args)
+        for i, a in zip(argnums, dyn):
+            full[i] = a
+        out = fn(*full)
+        out_flat, out_tree = jax.tree_util.tree_flatten_with_path(out)
+        out_tree_box.append((jax.tree_util.tree_structure(out),
+                             tuple(jax.tree_util.keystr(p) for p, _ in out_flat)))
+        return [leaf for _, leaf in out_flat]
+
+    closed = jax.make_jaxpr(flat_fn)(*avals)
+    out_tree, out_paths = out_tree_box[-1]
+    return _flatten_program(closed, in_tree, out_tree, in_paths, out_paths)
+
+
+def _argpath(path, argnums) -> str:
+    # path[0] indexes the tuple of dynamic args: show the user's argument number.
+    head, rest = path[0], path[1:]
+    return f"args[{argnums[head.idx]}]" + jax.tree_util.keystr(tuple(rest))
+
+
+def flatten_open_jaxpr(jaxpr, in_paths, out_paths) -> TracedFunction:
+    """Flatten a jaxpr whose constvars, then invars, become the program's inputs."""
+    n = len(jaxpr.constvars) + len(jaxpr.invars)
+    tree = jax.tree_util.tree_structure((0,) * n)
+    out_tree = jax.tree_util.tree_structure([0] * len(jaxpr.outvars))
+    return _flatten_program(jcore.ClosedJaxpr(jaxpr, [None] * len(jaxpr.constvars)), tree,
+                            out_tree, in_paths, out_paths, consts_as_inputs=True)
+
+
+def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
+                     consts_as_inputs: bool = False) -> TracedFunction:
+    avals: list = []
+    eqns: list[Equation] = []
+    sources: list[str] = []
+    constants: list[tuple[int, Any]] = []
+
+    def new_value(aval) -> int:
+        avals.append(aval)
+        return len(avals) - 1
+
+    def inline(jaxpr, consts, in_atoms, const_atoms=None):
+        env: dict = {}
+        for var, atom in zip(jaxpr.constvars, const_atoms or (), strict=False):
+            env[var] = atom
+        for var, const in zip(jaxpr.constvars if const_atoms is None else (), consts):
+            vid = new_value(var.aval)
+            constants.append((vid, const))
+            env[var] = vid
+        for var, atom in zip(jaxpr.invars, in_atoms, strict=True):
+            env[var] = atom
+
+        def read(atom):
+            return Literal(atom.val) if isinstance(atom, jcore.Literal) else env[atom]
+
+        for eqn in jaxpr.eqns:
+            ins = [read(a) for a in eqn.invars]
+            if unrolls(eqn):
+                unrolled = _unrolled_scan(eqn)
+                outs = inline(unrolled.jaxpr, unrolled.consts, ins)
+                for var, atom in zip(eqn.outvars, outs, strict=True):
+                    env[var] = atom
+                continue
+            param = _INLINED_CALLS.get(eqn.primitive.name)
+            if param is not None and param in eqn.params:
+                callee = eqn.params[param]
+                if isinstance(callee, jcore.ClosedJaxpr):
+                    outs = inline(callee.jaxpr, callee.consts, ins)
+                else:
+                    outs = inline(callee, (), ins)
+                for var, atom in zip(eqn.outvars, outs, strict=True):
+                    env[var] = atom
+                continue
+            out_ids = tuple(new_value(v.aval) for v in eqn.outvars)
+            eqns.append(Equation(eqn.primitive, dict(eqn.params), tuple(ins), out_ids))
+            sources.append(source_info_util.summarize(eqn.source_info))
+            for var, vid in zip(eqn.outvars, out_ids):
+                env[var] = vid
+        return [read(a) for a in jaxpr.outvars]
+
+    if consts_as_inputs:
+        const_ids = [new_value(v.aval) for v in closed.jaxpr.constvars]
+        invars = tuple(const_ids) + tuple(new_value(v.aval) for v in closed.jaxpr.invars)
+        outvars = inline(closed.jaxpr, (), invars[len(const_ids):], const_ids)
+    else:
+        invars = tuple(new_value(v.aval) for v in closed.jaxpr.invars)
+        outvars = inline(closed.jaxpr, closed.consts, invars)
+    program = Program(tuple(avals), invars, tuple(outvars), tuple(eqns), tuple(constants))
+    return TracedFunction(program, in_tree, out_tree, in_paths, tuple(out_paths), tuple(sources))

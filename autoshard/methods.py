@@ -1,0 +1,176 @@
+"""Parallelization methods: the ILP search and the hand-written presets.
+
+Every method is priced by the same cost model and executed by the same runtime.
+A preset fixes how the arguments are laid out (the part a person writes by hand:
+``in_shardings``); the intermediates are then the cheapest consistent with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+from autoshard.ir.specs import Spec, enumerate_specs, replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardParallel:
+    """Intra-operator parallelism found by the ILP (Alpa's ShardParallel).
+
+    ``time_limit_s``: solver limit (deterministic, so every process gets the same plan).
+    ``tie_repeats``: give the nodes of repeated identical layers one shared choice
+    (alternating between consecutive layers), so the ILP stops growing with depth;
+    ``None`` ties when the problem has more than 600 nodes (roughly 4+ transformer
+    layers), ``False`` never ties (exact, slower on deep models).
+    ``gap_limit``: stop the search once the plan is proven within this relative gap of
+    the optimum; ``None``: 1% when repeated layers are tied, else 0 (prove optimality
+    or reach the time limit).
+    """
+
+    time_limit_s: float = 60.0
+    tie_repeats: bool | None = None
+    gap_limit: float | None = None
+
+    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
+        return enumerate_specs(shape, mesh_shape)
+
+
+def _split_leading(shape, mesh_shape, axes: Sequence[int]) -> Spec:
+    """Split dim 0 over as many of ``axes`` (in order) as divide it."""
+    rank = len(shape)
+    if rank == 0:
+        return ()
+    chosen: list[int] = []
+    for a in axes:
+        if mesh_shape[a] > 1 and shape[0] % (math.prod(mesh_shape[b] for b in chosen) * mesh_shape[a]) == 0:
+            chosen.append(a)
+    return (tuple(chosen),) + ((),) * (rank - 1)
+
+
+def _all_axes(mesh_shape) -> tuple[int, ...]:
+    return tuple(a for a, n in enumerate(mesh_shape) if n > 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+    """Batch arguments split on their leading dim over every mesh axis; the rest replicated."""
+
+    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
+        if is_batch:
+            return [_split_leading(shape, mesh_shape, _all_axes(mesh_shape))]
+        return [replicated(len(shape))]
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeRO3:
+    """Fully sharded data parallel: batch as in DataParallel; every other argument
+    (parameters, optimizer state) split over all devices on its largest divisible dim."""
+
+    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
+        axes = _all_axes(mesh_shape)
+        if is_batch:
+            return [_split_leading(shape, mesh_shape, axes)]
+        n = math.prod(mesh_shape[a] for a in axes)
+        for d in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+            if n > 1 and shape[d] % n == 0:
+                return [tuple(axes if k == d else () for k in range(len(shape)))]
+        # Fall back to the largest sub-group of axes that divides some dim.
+        for sub in sorted(((a,) for a in axes), key=lambda s: -mesh_shape[s[0]]):
+            for d in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+                if shape[d] % mesh_shape[sub[0]] == 0:
+                    return [tuple(sub if k == d else () for k in range(len(shape)))]
+        return [replicated(len(shape))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Megatron:
+    """Tensor parallelism on the model axis (the last mesh axis), data parallelism on
+    the others: batch arguments split on their leading dim over the data axes;
+    parameters replicated over the data axes and either whole or split on one dim
+    over the model axis — column- or row-parallel, whichever the cost model prefers
+    for that weight given its neighbours (Megatron-LM's alternating pattern)."""
+
+    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
+        axes = _all_axes(mesh_shape)
+        if not axes:
+            return [replicated(len(shape))]
+        model_axis = len(mesh_shape) - 1
+        data_axes = tuple(a for a in axes if a != model_axis)
+        if is_batch:
+            return [_split_leading(shape, mesh_shape, data_axes)]
+        specs = [replicated(len(shape))]
+        for d, size in enumerate(shape):
+            if mesh_shape[model_axis] > 1 and size % mesh_shape[model_axis] == 0:
+                specs.append(tuple((model_axis,) if k == d else () for k in range(len(shape))))
+        return specs
+
+
+@dataclasses.dataclass(frozen=True)
+class PipeshardParallel:
+    """Inter- plus intra-operator parallelism (Alpa's PipeshardParallel).
+
+    The step must compute its gradient with :func:`autoshard.grad` or
+    :func:`autoshard.value_and_grad`. The loss is cut into ``num_layers`` layers (or at
+    :func:`autoshard.mark_layer_boundary` calls), a dynamic programme groups layers into
+    stages on sub-meshes (``num_stages`` forces the count; ``None`` lets it choose, one
+    stage included), each stage is sharded by ``stage_method`` on its sub-mesh, and
+    ``num_microbatches`` micro-batches run through the stages under ``schedule``
+    (``"1f1b"`` or ``"gpipe"``). The gradient is the mean of the micro-batch gradients, so
+    the loss must be a mean over the batch of per-sample terms (batch-norm statistics
+    become per-micro-batch statistics). The optimizer update (everything after the
+    gradient) runs once per step, on the stage that owns each parameter.
+    """
+
+    num_microbatches: int = 1
+    num_stages: int | None = None
+    schedule: str = "1f1b"
+    num_layers: int | None = None
+    stage_method: ShardParallel | DataParallel | ZeRO3 | Megatron = \
+        dataclasses.field(default_factory=lambda: ShardParallel(time_limit_s=10.0))
+
+    def __post_init__(self):
+        if not isinstance(self.num_microbatches, int) or self.num_microbatches < 1:
+            raise ValueError(f"num_microbatches must be a positive int, got "
+                             f"{self.num_microbatches!r}")
+        if self.num_stages is not None and (not isinstance(self.num_stages, int)
+                                            or self.num_stages < 1):
+            raise ValueError(f"num_stages must be None or a positive int, got "
+                             f"{self.num_stages!r}")
+        if self.num_layers is not None and (not isinstance(self.num_layers, int)
+                                            or self.num_layers < 1):
+            raise ValueError(f"num_layers must be None or a positive int, got "
+                             f"{self.num_layers!r}")
+        if self.schedule not in ("1f1b", "gpipe"):
+            raise ValueError(f"schedule must be '1f1b' or 'gpipe', got {self.schedule!r}")
+        if not isinstance(self.stage_method, (ShardParallel, DataParallel, ZeRO3, Megatron)):
+            raise TypeError(f"stage_method must be autoshard.ShardParallel() or a preset, got "
+                            f"{self.stage_method!r}")
+
+    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
+        return self.stage_method.input_specs(shape, mesh_shape, is_batch)
+
+
+Method = ShardParallel | DataParallel | ZeRO3 | Megatron | PipeshardParallel
+PRESETS: tuple[type, ...] = (DataParallel, ZeRO3, Megatron)
+
+
+def method_from_repr(text: str) -> Method:
+    """The method a plan records (``Plan.method``, its ``repr``) rebuilt, without ``eval``:
+    only calls of autoshard's method classes with literal keyword arguments are read."""
+    import ast
+    classes = {c.__name__: c for c in (ShardParallel, DataParallel, ZeRO3, Megatron,
+                                       PipeshardParallel)}
+
+    def build(node):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in classes and not node.args:
+            return classes[node.func.id](**{k.arg: build(k.value) for k in node.keywords})
+        return ast.literal_eval(node)
+
+    try:
+        method = build(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError) as err:
+        raise ValueError(f"cannot read the plan's method {text!r}: {err}") from None
+    if not isinstance(method, tuple(classes.values())):
+        raise ValueError(f"the plan's method {text!r} is not an autoshard method")
+    return method

@@ -1,0 +1,219 @@
+"""Layer construction: every equation of the forward (loss) program gets a layer index.
+
+*Anchored* equations carry the activations: they depend on both a differentiated input
+(a parameter) and a batch input. They are cut into layers either at the user's
+``autoshard.mark_layer_boundary`` calls or automatically: in program order, ``num_layers``
+contiguous segments with balanced flops (the smallest achievable maximum, plus 10 %
+slack) and, among those, the fewest bytes of activations crossing the cuts (Alpa's
+``cluster_jaxpr_by_cost`` idea). *Floating* equations (parameter-only or batch-only
+work, e.g. ``w.T`` or the targets' slicing) go as late as possible: to the first layer
+that reads them. Backward and update equations are not here: each stage is
+differentiated on its own, so its backward follows its forward layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from autoshard.intra.op_rules import loop_op
+from autoshard.ir.program import Program
+
+from .markers import BOUNDARY_PRIMITIVE
+
+_LAYER_STARTS = ("dot_general", "conv_general_dilated")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layering:
+    """``program`` (boundary markers removed) and the layer of each of its equations."""
+
+    program: Program
+    layer_of: tuple[int, ...]
+    num_layers: int
+    flops: tuple[float, ...]          # per layer
+    user_boundaries: bool
+
+
+def strip_boundaries(program: Program) -> tuple[Program, list[int]]:
+    """The program without boundary markers (their outputs renamed to their inputs), and
+    per remaining equation the number of markers among its ancestors' path (its level)."""
+    alias: dict[int, object] = {}
+    level: dict[int, int] = {}
+    eqns, levels = [], []
+
+    def read(atom):
+        return alias.get(atom, atom) if isinstance(atom, int) else atom
+
+    for eqn in program.eqns:
+        ins = tuple(read(a) for a in eqn.inputs)
+        lv = max((level.get(a, 0) for a in eqn.inputs if isinstance(a, int)), default=0)
+        if eqn.primitive.name == BOUNDARY_PRIMITIVE:
+            for vid, src in zip(eqn.outputs, ins):
+                alias[vid] = src
+                level[vid] = lv + 1
+            continue
+        eqns.append(dataclasses.replace(eqn, inputs=ins))
+        levels.append(lv)
+        for vid in eqn.outputs:
+            level[vid] = lv
+    outvars = tuple(read(a) for a in program.outvars)
+    return dataclasses.replace(program, eqns=tuple(eqns), outvars=outvars), levels
+
+
+def eqn_flops(program: Program, eqn) -> float:
+    in_avals = [program.avals[a] if isinstance(a, int) else None for a in eqn.inputs]
+    out_avals = [program.avals[v] for v in eqn.outputs]
+    try:
+        op = loop_op(eqn, in_avals, out_avals)
+    except Exception:  # noqa: BLE001 - a rule that cannot read this eqn: size is enough here
+        op = None
+    if op is not None and op.flops:
+        return float(op.flops)
+    return float(sum(math.prod(a.shape) for a in out_avals))
+
+
+def _value_bytes(program: Program, vid: int) -> float:
+    aval = program.avals[vid]
+    return float(math.prod(aval.shape) * aval.dtype.itemsize)
+
+
+def _depends(program: Program, flags_in) -> list[bool]:
+    """Per equation: whether it depends on an input whose flag is set."""
+    dep = {v: bool(f) for v, f in zip(program.invars, flags_in)}
+    out = []
+    for eqn in program.eqns:
+        d = any(dep.get(a, False) for a in eqn.inputs if isinstance(a, int))
+        out.append(d)
+        for v in eqn.outputs:
+            dep[v] = d
+    return out
+
+
+def _consumers(program: Program) -> dict[int, list[int]]:
+    users: dict[int, list[int]] = {}
+    for e, eqn in enumerate(program.eqns):
+        for a in eqn.inputs:
+            if isinstance(a, int):
+                users.setdefault(a, []).append(e)
+    return users
+
+
+def _balanced_cuts(flops: list[float], cut_bytes: list[float], num_layers: int,
+                   starts_layer=None) -> list[int]:
+    """Segment start indices: ``num_layers`` contiguous non-empty segments of ``flops``
+    with the least cut bytes among those whose max segment flops is within 10 % of optimal.
+    ``cut_bytes[p]``: bytes live across a cut before item ``p``; among equal bytes a cut
+    before an item with ``starts_layer[p]`` (a matmul or convolution) is preferred."""
+    n = len(flops)
+    prefix = np.concatenate([[0.0], np.cumsum(flops)])
+    seg = lambda i, j: prefix[j] - prefix[i]  # noqa: E731 - flops of items i..j-1
+
+    def min_max():
+        inf = math.inf
+        best = [[inf] * (n + 1) for _ in range(num_layers + 1)]
+        best[0][0] = 0.0
+        for k in range(1, num_layers + 1):
+            for j in range(k, n + 1):
+                best[k][j] = min(max(best[k - 1][i], seg(i, j)) for i in range(k - 1, j))
+        return best[num_layers][n]
+
+    limit = min_max() * 1.1 + 1e-9
+    inf = math.inf
+    cost = [[inf] * (n + 1) for _ in range(num_layers + 1)]
+    back = [[0] * (n + 1) for _ in range(num_layers + 1)]
+    cost[0][0] = 0.0
+    for k in range(1, num_layers + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                if cost[k - 1][i] == inf or seg(i, j) > limit:
+                    continue
+                c = cost[k - 1][i] + (cut_bytes[i] if i > 0 else 0.0)
+                if i > 0 and starts_layer is not None and not starts_layer[i]:
+                    c += 0.5  # less than any real difference in bytes
+                if c < cost[k][j] - 1e-9:
+                    cost[k][j], back[k][j] = c, i
+    starts, j = [], n
+    for k in range(num_layers, 0, -1):
+        i = back[k][j]
+        starts.append(i)
+        j = i
+    return starts[::-1]
+
+
+def assign_layers(program: Program, diff_flags, batch_flags, num_layers: int | None
+                  ) -> Layering:
+    """Layer of every equation of the forward ``program`` (see the module doc).
+
+    ``num_layers`` is used when the program has no boundary markers (``None`` = 8, capped
+    at the number of anchored equations); with markers it must be ``None`` or agree.
+    """
+    stripped, levels = strip_boundaries(program)
+    has_markers = len(stripped.eqns) != len(program.eqns)
+    eqns = stripped.eqns
+    on_params = _depends(stripped, diff_flags)
+    if any(batch_flags):
+        on_batch = _depends(stripped, batch_flags)
+        anchored = [p and b for p, b in zip(on_params, on_batch)]
+    else:
+        anchored = on_params
+    anchored_idx = [e for e, a in enumerate(anchored) if a]
+    flops = [eqn_flops(stripped, eqn) for eqn in eqns]
+    layer = [None] * len(eqns)
+    if not anchored_idx:
+        raise ValueError("the loss does not depend on the differentiated arguments: nothing "
+                         "to pipeline")
+    if has_markers:
+        count = max(levels[e] for e in anchored_idx) + 1
+        if num_layers is not None and num_layers != count:
+            raise ValueError(f"num_layers={num_layers} but the loss marks {count} layers with "
+                             f"autoshard.mark_layer_boundary: leave num_layers out, or "
+                             f"change the boundaries")
+        for e in anchored_idx:
+            layer[e] = levels[e]
+        num_layers = count
+    else:
+        want = 8 if num_layers is None else int(num_layers)
+        if want < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        heavy = anchored_idx
+        num_layers = min(want, len(heavy))
+        pos = {e: p for p, e in enumerate(heavy)}
+        # bytes live across a cut before anchored item p: values made by anchored items < p
+        # and read by anchored items >= p (or returned)
+        diff = np.zeros(len(heavy) + 1)
+        users = _consumers(stripped)
+        outs = {a for a in stripped.outvars if isinstance(a, int)}
+        for e in heavy:
+            for v in eqns[e].outputs:
+                last = max((pos[u] for u in users.get(v, []) if u in pos), default=pos[e])
+                if v in outs:
+                    last = len(heavy) - 1
+                if last > pos[e]:  # live across the cuts before items pos[e]+1 .. last
+                    diff[pos[e] + 1] += _value_bytes(stripped, v)
+                    diff[last + 1] -= _value_bytes(stripped, v)
+        cut_bytes = list(np.cumsum(diff))
+        starts = _balanced_cuts([flops[e] for e in heavy], cut_bytes, num_layers,
+                                [eqns[e].primitive.name in _LAYER_STARTS for e in heavy])
+        bounds = starts[1:] + [len(heavy)]
+        k = 0
+        for p, e in enumerate(heavy):
+            while p >= bounds[k]:
+                k += 1
+            layer[e] = k
+    # floating equations: as late as possible (first layer that reads them)
+    users = _consumers(stripped)
+    outs = {a for a in stripped.outvars if isinstance(a, int)}
+    for e in range(len(eqns) - 1, -1, -1):
+        if layer[e] is not None:
+            continue
+        lv = num_layers - 1
+        for v in eqns[e].outputs:
+            for u in users.get(v, []):
+                lv = min(lv, layer[u])
+        layer[e] = lv
+    per_layer = [0.0] * num_layers
+    for e, lv in enumerate(layer):
+        per_layer[lv] += flops[e]
+    return Layering(stripped, tuple(layer), num_layers, tuple(per_layer), has_markers)

@@ -1,0 +1,239 @@
+"""Planning a pipeline: layers → stage candidates priced by the intra-op planner → stage DP
+→ per-stage apply-gradient programs → a :class:`Plan` with ``stages``, and the pieces the
+runtime needs (:class:`PipelineLayout`)."""
+from __future__ import annotations
+
+import math
+import time
+
+from jax.sharding import PartitionSpec
+
+from autoshard import ilp
+from autoshard.cost_model import Cluster, MeshCostModel
+from autoshard.intra.planner import plan_traced
+from autoshard.ir.fingerprint import fingerprint
+from autoshard.ir.specs import from_partition_spec
+from autoshard.methods import PipeshardParallel
+from autoshard.plan.record import Plan
+
+from .apply import plan_step_parts, stage_update_seconds, whole_update_seconds
+from .assemble import make_plan
+from .layers import assign_layers
+from .layout import PipelineLayout, PlannedStage
+from .stage_program import StageProgram, bytes_per_device, stage_program
+from .trace import split_step
+
+
+def _candidates(L, shapes, N, num_stages):
+    for i in range(L):
+        for j in range(i, L):
+            whole = i == 0 and j == L - 1
+            for m, shape in enumerate(shapes):
+                n = math.prod(shape)
+                if num_stages is not None:
+                    S = num_stages
+                    if (j - i + 1) > L - S + 1 or n > N - (S - 1) or (S == 1) != whole:
+                        continue
+                if (n == N) != whole:
+                    continue
+                yield i, j, m
+
+
+def _spec_of(plan: Plan, vid, invar_pos: dict) -> PartitionSpec:
+    if vid in invar_pos:
+        return plan.flat_in_specs[invar_pos[vid]]
+    return dict(plan.value_specs).get(vid, PartitionSpec())
+
+
+def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_names,
+                  cluster: Cluster, method: PipeshardParallel, memory_budget=None,
+                  static_repr: str = "", device_ids=None) -> tuple[Plan, PipelineLayout]:
+    start = time.perf_counter()
+    B, schedule = method.num_microbatches, method.schedule
+    split = split_step(fun, args, static_argnums, batch_flags, B)
+    layering = assign_layers(split.forward.program, split.diff, split.batch, method.num_layers)
+    L = layering.num_layers
+    if method.num_stages is not None and method.num_stages > L:
+        raise ValueError(f"num_stages={method.num_stages} but the loss has only {L} layer(s)"
+                         f"{' (marked with autoshard.mark_layer_boundary)' if layering.user_boundaries else ''}"
+                         f": ask for at most {L} stages, or for more layers (num_layers=...); "
+                         f"a lax.scan over layers is unrolled into one copy per layer unless it "
+                         f"exceeds autoshard.ir.trace.MAX_UNROLLED_EQUATIONS")
+    mesh_shape = tuple(mesh_shape)
+    N = math.prod(mesh_shape)
+    if method.num_stages is not None and method.num_stages > N:
+        raise ValueError(f"num_stages={method.num_stages} but the mesh has only {N} devices: "
+                         f"every stage needs at least one")
+    shapes = ilp.submesh_shapes(mesh_shape)
+    programs: dict = {}
+    planned: dict = {}
+    sends: dict = {}
+    # stage-to-stage transfers go over the outermost (slowest) mesh axis's link
+    link = cluster.links_for_mesh(mesh_shape)[0]
+    F_outs = {a for a in layering.program.outvars if isinstance(a, int)}
+    F_ins = set(layering.program.invars)
+    costs: dict = {}
+    pairing: dict = {}
+    step_sends: dict = {}
+    first_layer = _first_layers(layering)
+    forward_index = {v: k for k, v in enumerate(layering.program.invars)}
+    from_pre = _made_before_gradient(split)
+    whole_update = None
+    stage_plans: dict = {}
+    for i, j, m in _candidates(L, shapes, N, method.num_stages):
+        if (i, j) not in programs:
+            programs[(i, j)] = stage_program(layering, i, j, split.diff, split.batch)
+        sp = programs[(i, j)]
+        P = sp.traced.program
+        ct_batch = [len(P.avals[v].shape) > 0 for v in P.invars[len(sp.inputs):]]
+        pairs = _gradient_pairs(sp, F_ins)
+        # layer ranges of identical repeated layers make the same program: planned once
+        key = (fingerprint(sp.traced, ""), m, tuple(sp.batch_in), tuple(ct_batch), pairs)
+        if key not in stage_plans:
+            stage_plans[key] = plan_traced(sp.traced, mesh_shape=shapes[m],
+                                           axis_names=axis_names, cluster=cluster,
+                                           method=method.stage_method,
+                                           batch_flat=list(sp.batch_in) + ct_batch,
+                                           carried=pairs, carried_weight=1.0 / B)
+        plan = stage_plans[key]
+        sub_sizes = dict(zip(axis_names, shapes[m]))
+        pos = {v: k for k, v in enumerate(P.invars)}
+        held = sum(bytes_per_device(P.avals[v], _spec_of(plan, v, pos), sub_sizes)
+                   for v in sp.residuals)
+        held += sum(bytes_per_device(P.avals[P.invars[k]], plan.flat_in_specs[k], sub_sizes)
+                    for k in sp.backward_inputs if sp.batch_in[k])
+        planned[(i, j, m)] = plan
+        sends[(i, j, m)] = _send_seconds(sp, plan, link, sub_sizes, F_outs, F_ins)
+        # the gradients' resharding into their parameters' layouts runs once per step, in
+        # the apply program, which prices it; the stage plan carries 1/B of it per
+        # micro-batch so that its layouts see it
+        pairing[(i, j, m)] = _pairing_seconds(P, plan, pairs, MeshCostModel(cluster, shapes[m]),
+                                              axis_names)
+        whole = (i, j) == (0, L - 1) and math.prod(shapes[m]) == N
+        step_sends[(i, j, m)] = 0.0 if whole else _step_send_seconds(
+            sp, plan, link, sub_sizes, forward_index, first_layer, from_pre)
+        candidate = PlannedStage(sp, plan, shapes[m], tuple(range(math.prod(shapes[m]))),
+                                 None, sends[(i, j, m)])
+        update = stage_update_seconds(split, candidate, first_layer, L, mesh_shape,
+                                      axis_names, cluster, method)
+        if update is None:  # the update runs as one full-mesh program: charged once
+            if whole_update is None:
+                whole_update = whole_update_seconds(split, mesh_shape, axis_names, cluster,
+                                                    method)
+            update = whole_update if i == 0 else 0.0
+        costs[(i, j, m)] = ilp.StageCost(plan.cost.total_s - pairing[(i, j, m)] / B
+                                         + sum(sends[(i, j, m)]),
+                                         float(plan.cost.peak_memory_bytes), float(held),
+                                         per_step_s=update + step_sends[(i, j, m)])
+    # the DP adds the stages' once-per-step work; their apply programs run side by side on
+    # disjoint devices, so that sum bounds what a step spends on them (the plan reports
+    # the slowest)
+    solution = ilp.solve_stages(L, [math.prod(s) for s in shapes], N, costs, B, schedule,
+                                method.num_stages, memory_budget)
+    chosen_shapes = [shapes[m] for _, _, m in solution.stages]
+    positions = ilp.place_submeshes(mesh_shape, chosen_shapes)
+    stages = tuple(PlannedStage(programs[(i, j)], planned[(i, j, m)], shapes[m], pos,
+                                costs[(i, j, m)], sends[(i, j, m)], step_sends[(i, j, m)],
+                                pairing[(i, j, m)])
+                   for (i, j, m), pos in zip(solution.stages, positions))
+    pre, apply = plan_step_parts(split, stages, layering, mesh_shape, axis_names, cluster,
+                                  method)
+    layout = PipelineLayout(split, layering, stages, pre, apply, method, tuple(axis_names),
+                            mesh_shape)
+    plan = make_plan(layout, solution, cluster, static_repr, device_ids,
+                      time.perf_counter() - start, len(costs))
+    return plan, layout
+
+
+def _gradient_pairs(sp: StageProgram, forward_inputs) -> tuple[tuple[int, int], ...]:
+    """(flat output, flat input) of the stage program: each parameter's gradient and the
+    parameter. The apply-gradient program reads both in the layouts the stage has them
+    (:mod:`._pipeline_apply`), so a gradient laid out unlike its parameter is resharded
+    there: priced here as a value carried into the parameter."""
+    n_out = len(sp.outputs)
+    outvars = sp.traced.program.outvars
+    diff = [k for k, d in enumerate(sp.diff_in) if d]   # the first inputs, in order
+    return tuple((n_out + j, k) for j, k in enumerate(diff)
+                 if sp.inputs[k] in forward_inputs and isinstance(outvars[n_out + j], int))
+
+
+def _pairing_seconds(P, plan: Plan, pairs, model: MeshCostModel, axis_names) -> float:
+    """Seconds to reshard each paired gradient (stage output) into its parameter's layout
+    (stage input), as :func:`plan_traced` prices a carried value, at full weight."""
+    total = 0.0
+    for o, i in pairs:
+        aval = P.avals[P.outvars[o]]
+        rank = len(aval.shape)
+        total += model.resharding(tuple(aval.shape), aval.dtype.itemsize,
+                                  from_partition_spec(plan.flat_out_specs[o], rank, axis_names),
+                                  from_partition_spec(plan.flat_in_specs[i], rank, axis_names))
+    return float(total)
+
+
+def _transfer_seconds(link, aval, spec, sizes) -> float:
+    """Seconds to send a value laid out ``spec`` to another sub-mesh: every device sends its
+    shard, latency + bytes / bandwidth."""
+    return link.latency + bytes_per_device(aval, spec, sizes) / link.bandwidth
+
+
+def _send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_outputs, forward_inputs
+                  ) -> tuple[float, float]:
+    """Seconds per micro-batch to send this stage's activations on and its activations'
+    cotangents back (:func:`_transfer_seconds` each)."""
+    P = sp.traced.program
+    n_out = len(sp.outputs)
+    fwd = sum(_transfer_seconds(link, P.avals[P.outvars[k]], plan.flat_out_specs[k], sizes)
+              for k, v in enumerate(sp.outputs) if v not in forward_outputs)
+    grads = [v for v, d in zip(sp.inputs, sp.diff_in) if d]
+    bwd = sum(_transfer_seconds(link, P.avals[P.outvars[n_out + k]],
+                                plan.flat_out_specs[n_out + k], sizes)
+              for k, v in enumerate(grads) if v not in forward_inputs)
+    return float(fwd), float(bwd)
+
+
+def _first_layers(layering) -> dict[int, int]:
+    """Forward input index → the first layer reading it (the stage owning a parameter)."""
+    F = layering.program
+    index = {v: k for k, v in enumerate(F.invars)}
+    first: dict[int, int] = {}
+    for e, layer in enumerate(layering.layer_of):
+        for a in F.eqns[e].inputs:
+            if isinstance(a, int) and a in index:
+                first[index[a]] = min(first.get(index[a], layer), layer)
+    return first
+
+
+def _made_before_gradient(split) -> frozenset:
+    """Forward input indices whose value the pre-gradient program makes (on the full mesh)."""
+    O = split.traced.program
+    made = {v for e in split.pre for v in O.eqns[e].outputs}
+    geqn = O.eqns[split.grad_eqn]
+    return frozenset(k for k, a in enumerate(geqn.inputs[:len(split.diff)])
+                     if isinstance(a, int) and a in made)
+
+
+def _step_send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_index, first_layer,
+                       from_pre) -> float:
+    """Seconds per step to bring this stage the step-level values kept elsewhere: a
+    parameter an earlier stage owns (a tied embedding; its gradient goes back to the owner
+    once per step, summed there) and a value the pre-gradient program makes on the full
+    mesh. ``forward_index``: forward value id → its forward input index, the key of
+    ``first_layer`` and ``from_pre``. Each is one :func:`_transfer_seconds`."""
+    P = sp.traced.program
+    n_out = len(sp.outputs)
+    diff = [k for k, d in enumerate(sp.diff_in) if d]
+    total = 0.0
+    for k, v in enumerate(sp.inputs):
+        f = forward_index.get(v)
+        if sp.batch_in[k] or f is None:
+            continue
+        shared = first_layer.get(f, 0) < sp.first
+        if not (shared or f in from_pre):
+            continue
+        total += _transfer_seconds(link, P.avals[P.invars[k]], plan.flat_in_specs[k], sizes)
+        if shared and sp.diff_in[k]:
+            g = n_out + diff.index(k)   # the parameter's gradient, unless a literal zero
+            if isinstance(P.outvars[g], int):
+                total += _transfer_seconds(link, P.avals[P.outvars[g]],
+                                           plan.flat_out_specs[g], sizes)
+    return float(total)

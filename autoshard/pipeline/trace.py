@@ -1,0 +1,161 @@
+"""Tracing a step for pipelining: micro-batch shapes, and its three parts.
+
+The step is traced with every batch argument cut to one micro-batch, with
+``autoshard.value_and_grad`` binding its marker (:func:`~autoshard.pipeline.markers.pipeline_tracing`).
+The flat program then splits into the *pre* part (what the gradient's inputs need: runs
+once per step), the marker itself (whose ``jaxpr`` is the forward: runs per micro-batch,
+in stages) and the *post* part (the apply-gradient: runs once per step).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from autoshard.ir.trace import TracedFunction, _argpath, flatten_open_jaxpr, trace
+
+from .layers import strip_boundaries
+from .markers import BOUNDARY_PRIMITIVE, GRAD_PRIMITIVE, pipeline_tracing
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SplitStep:
+    """The outer program (micro-batch shapes, boundary markers removed) and its parts."""
+
+    traced: TracedFunction            # outer step, program without boundary markers
+    grad_eqn: int                     # index of the gradient marker in traced.program
+    pre: tuple[int, ...]              # equation indices
+    post: tuple[int, ...]
+    batch_vids: frozenset             # outer input value ids holding the batch
+    forward: TracedFunction           # the loss: inputs = the marker's operands
+    diff: tuple[bool, ...]            # per forward input: differentiated
+    batch: tuple[bool, ...]           # per forward input: a batch argument
+    full_avals: tuple                 # outer inputs at full batch size
+    num_aux: int = 0                  # has_aux: forward outputs after the loss (aux leaves)
+
+
+def flat_paths(args, static_argnums) -> tuple[list, list[str], object]:
+    """(leaves, readable key paths, treedef) of the non-static arguments."""
+    static = set(static_argnums)
+    argnums = [i for i in range(len(args)) if i not in static]
+    with_paths, tree = jax.tree_util.tree_flatten_with_path(tuple(args[i] for i in argnums))
+    return [x for _, x in with_paths], [_argpath(p, argnums) for p, _ in with_paths], tree
+
+
+def _fail(message: str):
+    raise ValueError(message)
+
+
+def _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, paths, err
+                                   ) -> None:
+    """``fun`` failed to trace at micro-batch shapes: if it traces at the full shapes, the
+    micro-batching is what broke it (a batch size written into the step), so say that."""
+    try:
+        with pipeline_tracing():
+            trace(fun, args, static_argnums)
+    except Exception:  # noqa: BLE001 - it fails at full size too: the original error stands
+        return
+    changed = next(((p, f.shape, m.shape) for f, m, p in zip(full, micro, paths)
+                    if f.shape != m.shape), None)
+    if changed is None:
+        return
+    name = getattr(fun, "__name__", "the function")
+    raise ValueError(
+        f"{name} traces with the full batch but fails on one micro-batch "
+        f"(num_microbatches={B}: batch argument {changed[0]} goes from {changed[1]} to "
+        f"{changed[2]}): "
+        f"{type(err).__name__}: {err}\nPipeshardParallel runs the step once per micro-batch, "
+        f"so shapes inside it must follow the batch arguments (x.reshape(x.shape[0], ...) "
+        f"rather than a fixed batch size), or use num_microbatches=1") from err
+
+
+def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) -> SplitStep:
+    """Trace ``fun`` at micro-batch shapes and find its pre / gradient / post parts."""
+    B = num_microbatches
+    leaves, paths, tree = flat_paths(args, static_argnums)
+    full, micro = [], []
+    for leaf, path, is_batch in zip(leaves, paths, batch_flags):
+        shape = tuple(np.shape(leaf))
+        dtype = jax.dtypes.result_type(leaf) if not isinstance(leaf, jax.ShapeDtypeStruct) \
+            else leaf.dtype
+        full.append(jax.ShapeDtypeStruct(shape, dtype))
+        if is_batch:
+            if not shape:
+                _fail(f"batch argument {path} is a scalar: PipeshardParallel splits batch "
+                      f"arguments on their leading dimension; pass batch_argnums naming "
+                      f"only the batch")
+            if shape[0] % B:
+                _fail(f"num_microbatches={B} does not divide the batch: {path} has leading "
+                      f"dimension {shape[0]}. Use a number of micro-batches that divides "
+                      f"{shape[0]}")
+            shape = (shape[0] // B,) + shape[1:]
+        micro.append(jax.ShapeDtypeStruct(shape, dtype))
+    dyn = iter(jax.tree_util.tree_unflatten(tree, micro))
+    static = set(static_argnums)
+    micro_args = tuple(a if i in static else next(dyn) for i, a in enumerate(args))
+    try:
+        with pipeline_tracing():
+            traced = trace(fun, micro_args, static_argnums)
+    except (TypeError, ValueError) as err:
+        _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, paths, err)
+        raise
+    program, _ = strip_boundaries(traced.program)
+    sources = tuple(s for s, e in zip(traced.sources, traced.program.eqns)
+                    if e.primitive.name != BOUNDARY_PRIMITIVE)
+    traced = dataclasses.replace(traced, program=program, sources=sources)
+    name = getattr(fun, "__name__", "the function")
+    grads = [e for e, eqn in enumerate(program.eqns) if eqn.primitive.name == GRAD_PRIMITIVE]
+    if not grads:
+        _fail(f"PipeshardParallel needs {name} to compute its gradient with autoshard.grad or "
+              f"autoshard.value_and_grad (drop-in replacements for jax.grad / "
+              f"jax.value_and_grad) so it knows where the forward and backward passes end; "
+              f"none was found")
+    if len(grads) > 1:
+        _fail(f"PipeshardParallel supports one autoshard.grad / value_and_grad per step; "
+              f"{name} calls it {len(grads)} times ({', '.join(sources[e] for e in grads)})")
+    g = grads[0]
+    geqn = program.eqns[g]
+    need = {a for a in geqn.inputs if isinstance(a, int)}
+    pre = set()
+    for e in range(g - 1, -1, -1):
+        if any(v in need for v in program.eqns[e].outputs):
+            pre.add(e)
+            need |= {a for a in program.eqns[e].inputs if isinstance(a, int)}
+    post = tuple(e for e in range(len(program.eqns)) if e != g and e not in pre)
+    batch_vids = frozenset(v for v, b in zip(program.invars, batch_flags) if b)
+    on_batch = set(batch_vids)
+    for e, eqn in enumerate(program.eqns):
+        if e == g:
+            continue
+        if any(a in on_batch for a in eqn.inputs if isinstance(a, int)):
+            _fail(f"{name} uses the batch outside the function given to autoshard.grad "
+                  f"({eqn.primitive.name} at {sources[e]}): PipeshardParallel splits the "
+                  f"batch into micro-batches only inside the loss. Move this computation into "
+                  f"the loss function, or leave that argument out of batch_argnums")
+    for o, a in enumerate(program.outvars):
+        if isinstance(a, int) and a in batch_vids:
+            _fail(f"{name} returns its batch argument ({traced.out_paths[o]}); "
+                  f"PipeshardParallel only splits the batch inside the loss")
+    n = len(geqn.inputs)
+    diff = tuple(geqn.params["diff"])
+    batch = tuple(isinstance(a, int) and a in batch_vids for a in geqn.inputs)
+    for k in range(n):
+        if diff[k] and batch[k]:
+            _fail("PipeshardParallel cannot differentiate with respect to a batch argument; "
+                  "differentiate with respect to the parameters only")
+    jaxpr = geqn.params["jaxpr"]
+    num_aux = len(jaxpr.outvars) - 1
+    if B > 1:
+        for k, var in enumerate(jaxpr.outvars[1:]):
+            dtype = var.aval.dtype
+            if not jax.numpy.issubdtype(dtype, np.inexact):
+                _fail(f"autoshard.value_and_grad(has_aux=True) in {name}: aux leaf {k} has "
+                      f"dtype {dtype}. PipeshardParallel averages aux values over the "
+                      f"{B} micro-batches, which an integer or boolean cannot hold exactly; "
+                      f"return a float mean over the batch instead (e.g. "
+                      f"jnp.mean(correct.astype(jnp.float32)))")
+    forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
+                                 ("loss",) + tuple(f"aux[{k}]" for k in range(num_aux)))
+    return SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
+                     tuple(full), num_aux)

@@ -1,0 +1,53 @@
+"""Evaluate a :class:`Program` with sharding constraints, for use inside ``jax.jit``."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+
+from autoshard.ir.program import Literal, Program
+
+
+def evaluate_program(
+    program: Program,
+    flat_args: Sequence,
+    value_shardings: Mapping[int, jax.sharding.Sharding] = {},
+    operand_shardings: Mapping[tuple[int, int], jax.sharding.Sharding] = {},
+) -> tuple:
+    """Run ``program`` on ``flat_args`` and return its flat outputs.
+
+    ``value_shardings[v]`` pins value ``v`` (right after it is produced) with
+    ``jax.lax.with_sharding_constraint``; ``operand_shardings[(e, k)]`` pins
+    operand ``k`` of equation ``e`` right before that equation reads it, so an
+    operand the plan reshards is resharded exactly as planned.
+    """
+    env: dict[int, object] = {}
+
+    def write(vid, val):
+        sharding = value_shardings.get(vid)
+        if sharding is not None:
+            val = jax.lax.with_sharding_constraint(val, sharding)
+        env[vid] = val
+
+    def read(atom):
+        return atom.value if isinstance(atom, Literal) else env[atom]
+
+    for vid, const in program.constants:
+        write(vid, const)
+    for vid, arg in zip(program.invars, flat_args, strict=True):
+        write(vid, arg)
+    for e, eqn in enumerate(program.eqns):
+        invals = []
+        for k, atom in enumerate(eqn.inputs):
+            val = read(atom)
+            sharding = operand_shardings.get((e, k))
+            if sharding is not None:
+                val = jax.lax.with_sharding_constraint(val, sharding)
+            invals.append(val)
+        params = eqn.primitive.get_bind_params(eqn.params)
+        outs = eqn.primitive.bind(*invals, **params)
+        if not eqn.primitive.multiple_results:
+            outs = (outs,)
+        for vid, val in zip(eqn.outputs, outs, strict=True):
+            write(vid, val)
+    return tuple(read(atom) for atom in program.outvars)

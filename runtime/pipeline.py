@@ -1,0 +1,276 @@
+"""Running a pipeline: stage programs on sub-meshes, a micro-batch loop, gradient
+accumulation and per-stage apply-gradient programs.
+
+Values are named by keys: ``("v", id)`` a step-level value of the outer program (an
+argument, a constant, a result of the pre-gradient program, the gradients, an output),
+``("mb", id)`` one micro-batch of a batch argument, ``("act", id)`` one micro-batch's
+activation made by a stage, ``("ct", id)`` its cotangent. Arrays move between sub-meshes
+with ``jax.device_put`` (inside :meth:`ShardedProgram.place`); dispatch is asynchronous, so
+stages on different devices overlap.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from .schedule import dispatch_order
+from .sharded import ShardedProgram
+
+Key = tuple
+
+
+def _put(value, sharding):
+    if isinstance(value, jax.Array) and value.sharding == sharding:
+        return value
+    return jax.device_put(value, sharding)
+
+
+@jax.jit
+def _add_all(accumulated, new):
+    """One program per stage adds a micro-batch's gradients to the running sums."""
+    return [a + b for a, b in zip(accumulated, new)]
+
+
+def _mean(values):
+    """The micro-batches' values averaged, summed in micro-batch order like the loss."""
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total / len(values)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PipelineStage:
+    """One stage: its forward and backward programs and where their values go.
+
+    ``forward(inputs) → outputs + residuals``; ``backward(inputs[backward_inputs] +
+    residuals + cotangents of outputs[cotangent_outputs]) → one gradient per
+    ``grad_targets`` entry`` (``("ct", id)``: an activation's cotangent, sent back to the
+    stage that made it; ``("v", id)``: a gradient, accumulated over micro-batches).
+    """
+
+    forward: ShardedProgram
+    backward: ShardedProgram
+    inputs: tuple[Key, ...]
+    outputs: tuple[Key, ...]
+    cotangent_outputs: tuple[int, ...]
+    backward_inputs: tuple[int, ...]
+    grad_targets: tuple[Key, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepProgram:
+    """A program run once per step: reads and writes step-level keys."""
+
+    program: ShardedProgram
+    inputs: tuple[Key, ...]
+    outputs: tuple[Key, ...]
+    name: str = "step program"   # "pre-gradient", "apply on stage 0", "apply on the mesh"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PipelineProgram:
+    """The whole pipelined step. ``loss``: ``(activation key, step key)``: the micro-batch
+    losses are averaged into the step key; so is every ``aux`` pair's activation (an
+    output of the last stage). ``zero_grads``: ``(step key, shape, dtype)`` for
+    gradients no stage produces. ``outputs``: a step key or ``("literal", value)`` per flat
+    output."""
+
+    invars: tuple[Key, ...]
+    batch: tuple[tuple[Key, Key], ...]     # (step key of a batch argument, its micro key)
+    constants: tuple[tuple[Key, Any], ...]
+    pre: tuple[StepProgram, ...]
+    stages: tuple[PipelineStage, ...]
+    loss: tuple[Key, Key]
+    zero_grads: tuple[tuple[Key, tuple, Any], ...]
+    apply: tuple[StepProgram, ...]
+    outputs: tuple[Key, ...]
+    num_microbatches: int
+    schedule: str
+    aux: tuple[tuple[Key, Key], ...] = ()
+    donated: tuple[int, ...] = ()          # positions of donated arguments
+
+    def __call__(self, flat_args) -> list:
+        B = self.num_microbatches
+        env: dict = dict(self.constants)
+        env.update(zip(self.invars, flat_args, strict=True))
+        for step in self.pre:
+            env.update(zip(step.outputs, step.program([env[k] for k in step.inputs])))
+        micro: list[dict] = [{} for _ in range(B)]
+        for key, mkey in self.batch:
+            x = env[key]
+            shape = np.shape(x)
+            parts = x.reshape((B, shape[0] // B) + tuple(shape[1:]))
+            for m in range(B):
+                micro[m][mkey] = parts[m]
+        cts: list[dict] = [{} for _ in range(B)]
+        saved: dict = {}
+        placed: dict = {}
+        acc: dict = {}
+        act_loss, step_loss = self.loss
+        losses = []
+        last = len(self.stages) - 1
+        aux_values: dict = {skey: [] for _, skey in self.aux}
+
+        def add(store, key, value):
+            old = store.get(key)
+            if old is None:
+                store[key] = value
+            else:
+                store[key] = old + jax.device_put(value, old.sharding)
+
+        for kind, s, m in dispatch_order(len(self.stages), B, self.schedule):
+            st = self.stages[s]
+            if kind == "F":
+                ins = []
+                for k, (key, sharding) in enumerate(zip(st.inputs, st.forward.in_shardings)):
+                    if key[0] in ("mb", "act"):
+                        ins.append(_put(micro[m][key], sharding))
+                        continue
+                    if (s, key) not in placed:  # step-level values move once per step
+                        placed[(s, key)] = _put(env[key], sharding)
+                    ins.append(placed[(s, key)])
+                outs = st.forward.jitted(*ins)
+                n = len(st.outputs)
+                micro[m].update(zip(st.outputs, outs[:n]))
+                if s == last:
+                    for akey, skey in self.aux:
+                        aux_values[skey].append(micro[m][akey])
+                saved[(s, m)] = ([ins[p] for p in st.backward_inputs], list(outs[n:]))
+                continue
+            kept, residuals = saved.pop((s, m))
+            cot = []
+            for p in st.cotangent_outputs:
+                key = st.outputs[p]
+                if key == act_loss:
+                    value = micro[m][key]
+                    cot.append(np.asarray(1.0 / B, dtype=value.dtype))
+                    losses.append(value)
+                else:
+                    ct = cts[m].pop(("ct",) + key[1:], None)
+                    cot.append(ct if ct is not None else jax.numpy.zeros_like(micro[m][key]))
+            grads = st.backward(kept + residuals + cot)
+            for key in st.outputs:  # every later stage has run this micro-batch's forward
+                if key != act_loss:
+                    micro[m].pop(key, None)
+            params = []
+            for target, g in zip(st.grad_targets, grads, strict=True):
+                if target[0] == "ct":
+                    add(cts[m], target, g)
+                else:
+                    params.append(((s, target), g))
+            if params:
+                keys = [k for k, _ in params]
+                if keys[0] in acc:
+                    acc.update(zip(keys, _add_all([acc[k] for k in keys],
+                                                  [g for _, g in params])))
+                else:
+                    acc.update(params)
+        if not losses:  # the loss never met a backward (no differentiated stage)
+            losses = [micro[m][act_loss] for m in range(B)]
+        env[step_loss] = _mean(losses)
+        for skey, values in aux_values.items():
+            env[skey] = _mean(values)
+        for (s, key), value in sorted(acc.items(), key=lambda kv: kv[0][0]):
+            add(env, key, value)
+        for key, shape, dtype in self.zero_grads:
+            env.setdefault(key, jax.numpy.zeros(shape, dtype))
+        for step in self.apply:
+            env.update(zip(step.outputs, step.program([env[k] for k in step.inputs])))
+        results = [k[1] if k[0] == "literal" else env[k] for k in self.outputs]
+        returned = {id(r) for r in results}
+        for k in self.donated:  # as jax.jit: a donated array is unusable after the call
+            arg = flat_args[k]
+            if isinstance(arg, jax.Array) and not arg.is_deleted() and id(arg) not in returned:
+                arg.delete()
+        return results
+
+    def programs(self) -> list[tuple[str, ShardedProgram, int]]:
+        """``(name, program, runs per step)`` of every program the step runs, in order."""
+        B = self.num_microbatches
+        out = [(p.name, p.program, 1) for p in self.pre]
+        for s, st in enumerate(self.stages):
+            out += [(f"stage {s} forward", st.forward, B), (f"stage {s} backward", st.backward, B)]
+        return out + [(p.name, p.program, 1) for p in self.apply]
+
+    def lower(self) -> "PipelineLowered":
+        """Every program lowered for its sub-mesh and shapes (see :class:`PipelineLowered`)."""
+        programs = self.programs()
+        return PipelineLowered(tuple((name, prog.lower(), n) for name, prog, n in programs),
+                               self.num_microbatches, self.schedule,
+                               {name: tuple(int(d.id) for d in prog.mesh.devices.flat)
+                                for name, prog, _ in programs})
+
+
+class _Programs:
+    """Name-keyed access shared by :class:`PipelineLowered` and :class:`PipelineCompiled`."""
+
+    def __init__(self, items, num_microbatches: int, schedule: str,
+                 device_ids: dict[str, tuple[int, ...]]):
+        self._items = tuple(items)
+        self.num_microbatches = num_microbatches
+        self.schedule = schedule
+        self.device_ids = dict(device_ids)  # name -> ids of the devices that program runs on
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _, _ in self._items)
+
+    @property
+    def runs_per_step(self) -> dict[str, int]:
+        """How many times each program runs in one step (stages: once per micro-batch)."""
+        return {name: n for name, _, n in self._items}
+
+    def __getitem__(self, name: str):
+        for n, value, _ in self._items:
+            if n == name:
+                return value
+        raise KeyError(f"no program named {name!r}; the pipeline's programs are "
+                       f"{list(self.names)}")
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self._items)
+
+    def items(self):
+        return [(name, value) for name, value, _ in self._items]
+
+    def as_text(self) -> str:
+        """Every program's text, each under a ``// ----- name (runs N× per step)`` header."""
+        return "\n".join(f"// ----- {name} (runs {n}x per step)\n{value.as_text()}"
+                         for name, value, n in self._items)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({len(self)} programs, {self.num_microbatches} "
+                f"micro-batches, schedule {self.schedule}: {', '.join(self.names)})")
+
+
+class PipelineLowered(_Programs):
+    """``lower()`` of a pipelined step: one ``jax.stages.Lowered`` per program it runs
+    (pre-gradient, each stage's forward and backward for one micro-batch on its sub-mesh,
+    the apply-gradient programs), by name: ``lowered["stage 0 forward"]``,
+    ``lowered.names``, ``lowered.runs_per_step``, ``lowered.as_text()``,
+    ``lowered.compile()``."""
+
+    def compile(self) -> "PipelineCompiled":
+        return PipelineCompiled(tuple((name, value.compile(), n)
+                                      for name, value, n in self._items),
+                                self.num_microbatches, self.schedule, self.device_ids)
+
+
+class PipelineCompiled(_Programs):
+    """The compiled programs of a pipelined step, by name (``jax.stages.Compiled`` each).
+    ``cost_analysis()`` / ``memory_analysis()`` give a dict name → that program's
+    analysis; a stage's figures are for one micro-batch (``runs_per_step`` says how often
+    each program runs)."""
+
+    def cost_analysis(self) -> dict:
+        return {name: value.cost_analysis() for name, value, _ in self._items}
+
+    def memory_analysis(self) -> dict:
+        return {name: value.memory_analysis() for name, value, _ in self._items}

@@ -1,0 +1,101 @@
+"""Turn a :class:`Program` and its sharding decisions into a jitted, sharded callable."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from autoshard.ir.program import Program
+
+from .execute import evaluate_program
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardedProgram:
+    """A program compiled for one mesh with fixed input/output shardings.
+
+    Call it with the flat list of arguments; host arrays and arrays placed
+    elsewhere are moved onto the mesh with the planned sharding first.
+    """
+
+    mesh: jax.sharding.Mesh
+    in_shardings: tuple[NamedSharding, ...]
+    out_shardings: tuple[NamedSharding, ...]
+    jitted: object
+    in_avals: tuple        # the program's argument avals (what lower() lowers for)
+
+    def place(self, flat_args: Sequence) -> list:
+        """Put every argument on the mesh with its planned sharding (no-op when it already is).
+
+        On a mesh spanning several processes (``jax.distributed``), a global array is
+        resharded, and a host value or process-local array is taken to be the whole
+        value, the same in every process: each process fills its own devices' shards
+        from it (see :func:`place_global`).
+        """
+        placed = []
+        for arg, sharding in zip(flat_args, self.in_shardings, strict=True):
+            if isinstance(arg, jax.Array) and arg.sharding == sharding:
+                placed.append(arg)
+            elif sharding.is_fully_addressable or (
+                    isinstance(arg, jax.Array) and not arg.is_fully_addressable):
+                placed.append(jax.device_put(arg, sharding))
+            else:
+                placed.append(place_global(arg, sharding))
+        return placed
+
+    def __call__(self, flat_args: Sequence) -> list:
+        return self.jitted(*self.place(flat_args))
+
+    def lower(self):
+        """``jax.stages.Lowered`` for arguments of the shapes the program was traced with
+        (no devices touched)."""
+        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+                   for a, s in zip(self.in_avals, self.in_shardings, strict=True)]
+        return self.jitted.lower(*structs)
+
+
+def place_global(value, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global ``jax.Array`` with ``sharding`` from a value every process holds in full.
+
+    Each process copies only the shards of its own devices; nothing is communicated
+    and nothing checks that the processes' values agree (``jax.device_put`` would
+    all-gather every argument to check).
+    """
+    host = np.asarray(jax.device_get(value))
+    dtype = jax.dtypes.canonicalize_dtype(host.dtype)
+    if host.dtype != dtype:
+        host = host.astype(dtype)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def shard_program(
+    program: Program,
+    mesh: jax.sharding.Mesh,
+    in_specs: Sequence[PartitionSpec],
+    out_specs: Sequence[PartitionSpec],
+    value_specs: Mapping[int, PartitionSpec] = {},
+    operand_specs: Mapping[tuple[int, int], PartitionSpec] = {},
+    donate_argnums: Sequence[int] = (),
+) -> ShardedProgram:
+    """Jit ``program`` on ``mesh`` so that XLA executes exactly the given shardings.
+
+    ``in_specs``/``out_specs`` are per flat argument/output; ``value_specs`` and
+    ``operand_specs`` become ``with_sharding_constraint`` on intermediates (see
+    :func:`evaluate_program`). ``donate_argnums`` index flat arguments.
+    """
+    named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    in_shardings = tuple(named(s) for s in in_specs)
+    out_shardings = tuple(named(s) for s in out_specs)
+    value_shardings = {v: named(s) for v, s in value_specs.items()}
+    operand_shardings = {k: named(s) for k, s in operand_specs.items()}
+
+    def run(*flat_args):
+        return evaluate_program(program, flat_args, value_shardings, operand_shardings)
+
+    jitted = jax.jit(run, in_shardings=in_shardings, out_shardings=out_shardings,
+                     donate_argnums=tuple(donate_argnums))
+    return ShardedProgram(mesh, in_shardings, out_shardings, jitted,
+                          tuple(program.avals[v] for v in program.invars))
