@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ParallelizedFunction": "autoshard.api",
     "parallelize": "autoshard.api",
-    "calibrate": "autoshard.calibrate",
+    "calibrate": "autoshard.calibration",
     "grad": "autoshard.pipeline.markers",
     "value_and_grad": "autoshard.pipeline.markers",
     "mark_layer_boundary": "autoshard.pipeline.markers",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import autoshard
-from autoshard.calibrate import fit_alpha_beta
+from autoshard.calibration import fit_alpha_beta
 from autoshard.cli import main as _cli
 from autoshard.cost_model import COLLECTIVES, Cluster, Link, MeshCostModel
 
