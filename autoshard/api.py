@@ -13,15 +13,16 @@ from autoshard.distributed.agreement import check_same_plan
 from autoshard.intra.planner import plan_traced
 from autoshard.ir.fingerprint import check_fingerprint, fingerprint
 from autoshard.ir.trace import TracedFunction, trace
+from autoshard.pipeline.planner import plan_pipeline_step
+from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
+from autoshard.pipeline.trace import flat_paths
 from autoshard.plan.record import Plan
 
 from .cost_model import Cluster, format_bytes, parse_bytes
 from .errors import InfeasiblePlanError
 from .mesh import default_cluster, make_mesh, mesh_axes
-from .methods import DataParallel, Megatron, PipeshardParallel, ShardParallel, ZeRO3, method_from_repr
+from .methods import METHODS, PipeshardParallel, ShardParallel
 from .runtime import ShardedProgram, shard_program
-
-_METHODS = (ShardParallel, DataParallel, ZeRO3, Megatron, PipeshardParallel)
 
 
 def _normalize_argnums(argnums, name) -> tuple[int, ...]:
@@ -58,11 +59,11 @@ class ParallelizedFunction:
             raise TypeError(f"parallelize expects a callable, got {type(fun).__name__}")
         method_given = method is not None
         method = ShardParallel() if method is None else method
-        if not isinstance(method, _METHODS):
-            if isinstance(method, type) and issubclass(method, _METHODS):
+        if not isinstance(method, METHODS):
+            if isinstance(method, type) and issubclass(method, METHODS):
                 method = method()
             else:
-                names = ", ".join(f"autoshard.{m.__name__}()" for m in _METHODS)
+                names = ", ".join(f"autoshard.{m.__name__}()" for m in METHODS)
                 raise TypeError(f"method must be one of {names}; got {method!r}")
         self._fun = fun
         self._mesh = mesh if mesh is not None else make_mesh((jax.device_count(),), ("devices",))
@@ -81,15 +82,14 @@ class ParallelizedFunction:
         if plan is not None:
             _check_fixed_plan(plan, self._mesh_shape, self._axis_names,
                               method if method_given else None)
-            if plan.method.startswith("PipeshardParallel"):
+            if isinstance(plan.method, PipeshardParallel):
                 # the pipeline's micro-batches, schedule and layering come from the plan
-                saved = method_from_repr(plan.method)
-                if method_given and method != saved:
+                if method_given and method != plan.method:
                     raise ValueError(
                         f"the plan passed to parallelize(plan=...) was made with method "
-                        f"{plan.method}, but method={method!r} was given: method mismatch "
+                        f"{plan.method!r}, but method={method!r} was given: method mismatch "
                         f"(leave method out to reuse the plan as it is)")
-                self._method = saved
+                self._method = plan.method
         self._fixed_plan = plan
         self._cache: dict = {}
         functools.update_wrapper(self, fun)
@@ -117,100 +117,63 @@ class ParallelizedFunction:
                     for x in leaves)
         return (len(args), treedef, sig, tuple(statics))
 
-    def _batch_flags(self, traced: TracedFunction, nargs: int) -> list[bool]:
-        return self._batch_flags_from_paths(traced.in_paths, nargs)
-
-    def _batch_flags_from_paths(self, in_paths, nargs: int) -> list[bool]:
-        dyn = [i for i in range(nargs) if i not in self._static_argnums]
+    def _flags(self, args) -> tuple[list[bool], list[bool]]:
+        """Per flat input of ``args``: (holds the batch, is donated)."""
+        _, paths, _ = flat_paths(args, self._static_argnums)
         batch = self._batch_argnums
         if batch is None:
+            dyn = [i for i in range(len(args)) if i not in self._static_argnums]
             batch = (dyn[-1],) if dyn else ()
-        return _under_args(in_paths, batch)
-
-    def _donate_flags(self, traced: TracedFunction) -> list[bool]:
-        return _under_args(traced.in_paths, self._donate_argnums)
+        return _under_args(paths, batch), _under_args(paths, self._donate_argnums)
 
     def _compiled(self, args, need_program: bool) -> _Compiled:
         key = self._key(args)
         entry = self._cache.get(key)
-        if entry is None and isinstance(self._method, PipeshardParallel):
-            entry = self._plan_pipeline(args, repr(key[3]))
-            self._cache[key] = entry
         if entry is None:
-            traced = trace(self._fun, args, self._static_argnums)
             statics = repr(key[3])
-            if self._fixed_plan is not None:  # a saved plan: check it, don't solve
-                plan = self._reuse_plan(traced, statics)
+            if isinstance(self._method, PipeshardParallel):
+                entry = self._plan_pipeline(args, statics)
             else:
-                plan = plan_traced(traced, mesh_shape=self._mesh_shape,
-                                   axis_names=self._axis_names, cluster=self._cluster,
-                                   method=self._method,
-                                   batch_flat=self._batch_flags(traced, len(args)),
-                                   static_repr=statics,
-                                   donated_flat=self._donate_flags(traced),
-                                   memory_budget=self._memory_budget
-                                   if isinstance(self._method, ShardParallel) else None)
-                plan = dataclasses.replace(plan,
-                                           in_specs=self._arg_specs(plan.in_specs, len(args)))
-                self._check_budget(plan)
-            entry = _Compiled(traced, plan, None)
+                entry = self._plan(args, statics)
             self._cache[key] = entry
         if need_program and entry.program is None:
             entry = dataclasses.replace(entry, program=self._shard(entry))
             self._cache[key] = entry
         return entry
 
+    def _plan(self, args, statics: str) -> _Compiled:
+        traced = trace(self._fun, args, self._static_argnums)
+        if self._fixed_plan is not None:  # a saved plan: check it, don't solve
+            return _Compiled(traced, self._reuse_plan(traced, statics), None)
+        batch, donated = self._flags(args)
+        plan = plan_traced(traced, mesh_shape=self._mesh_shape, axis_names=self._axis_names,
+                           cluster=self._cluster, method=self._method, batch_flat=batch,
+                           static_repr=statics, donated_flat=donated,
+                           memory_budget=self._memory_budget
+                           if isinstance(self._method, ShardParallel) else None)
+        self._check_budget(plan)
+        return _Compiled(traced, plan, None)
+
     def _plan_pipeline(self, args, statics: str) -> _Compiled:
-        from autoshard.pipeline.assemble import whole_mesh_stage
-        from autoshard.pipeline.planner import plan_pipeline
-        from autoshard.pipeline.trace import flat_paths
-        _, paths, _ = flat_paths(args, self._static_argnums)
-        flags = self._batch_flags_from_paths(paths, len(args))
+        batch, donated = self._flags(args)
         devices = None
         if isinstance(self._mesh, jax.sharding.Mesh):
             devices = [d.id for d in np.asarray(self._mesh.devices).reshape(-1)]
         if self._fixed_plan is not None:  # a saved plan: rebuild it, solve nothing
-            from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
             if is_plain_pipeline_plan(self._fixed_plan):  # it kept plain intra-op
-                traced = trace(self._fun, args, self._static_argnums)
-                return _Compiled(traced, self._reuse_plan(traced, statics), None)
+                return self._plan(args, statics)
             layout = reuse_pipeline(self._fun, args, self._fixed_plan,
-                                    static_argnums=self._static_argnums, batch_flags=flags,
+                                    static_argnums=self._static_argnums, batch_flags=batch,
                                     method=self._method, static_repr=statics,
                                     device_ids=devices)
             return _Compiled(layout.split.traced, self._fixed_plan, None, pipeline=layout)
-        plan, layout = plan_pipeline(
-            self._fun, args, static_argnums=self._static_argnums, batch_flags=flags,
-            mesh_shape=self._mesh_shape, axis_names=self._axis_names, cluster=self._cluster,
-            method=self._method, memory_budget=self._memory_budget, static_repr=statics,
-            device_ids=devices)
-        plan = dataclasses.replace(plan, in_specs=self._arg_specs(plan.in_specs, len(args)))
-        if self._method.num_stages is None:
-            # One stage without micro-batches is plain intra-op parallelism: plan it as such
-            # and keep it when it is cheaper (it then runs as one sharded program).
-            # (one solve, so a ShardParallel stage method gets at least the default time)
-            traced = trace(self._fun, args, self._static_argnums)
-            whole_method = self._method.stage_method
-            if isinstance(whole_method, ShardParallel):
-                whole_method = ShardParallel(time_limit_s=max(
-                    whole_method.time_limit_s, ShardParallel().time_limit_s))
-            plain = plan_traced(traced, mesh_shape=self._mesh_shape,
-                                axis_names=self._axis_names, cluster=self._cluster,
-                                method=whole_method,
-                                batch_flat=self._batch_flags(traced, len(args)),
-                                static_repr=statics, donated_flat=self._donate_flags(traced))
-            fits = self._memory_budget is None or \
-                plain.cost.peak_memory_bytes <= self._memory_budget
-            if fits and plain.cost.total_s < plan.cost.total_s:
-                whole = whole_mesh_stage(plain.cost, layout.layering.num_layers,
-                                         self._mesh_shape, devices, self._method.schedule)
-                plain = dataclasses.replace(
-                    plain, method=repr(self._method), stages=(whole,),
-                    in_specs=self._arg_specs(plain.in_specs, len(args)))
-                self._check_budget(plain)
-                return _Compiled(traced, plain, None)
-        self._check_budget(plan)
-        return _Compiled(layout.split.traced, plan, None, pipeline=layout)
+        step = plan_pipeline_step(
+            self._fun, args, static_argnums=self._static_argnums, batch_flags=batch,
+            donated_flags=donated, mesh_shape=self._mesh_shape, axis_names=self._axis_names,
+            cluster=self._cluster, method=self._method, memory_budget=self._memory_budget,
+            static_repr=statics, device_ids=devices)
+        self._check_budget(step.plan)
+        return _Compiled(step.traced, step.plan, None, pipeline=step.layout)
 
     def _check_budget(self, plan: Plan) -> None:
         """The constrained search re-checks its peak steps; this catches what a
@@ -221,7 +184,7 @@ class ParallelizedFunction:
                     ", or method=autoshard.ShardParallel() to search for a plan that fits")
             raise InfeasiblePlanError(
                 f"the plan needs {format_bytes(plan.cost.peak_memory_bytes)} per device, over "
-                f"memory_budget={format_bytes(budget)} ({plan.method}); give a larger budget "
+                f"memory_budget={format_bytes(budget)} ({plan.method!r}); give a larger budget "
                 f"or use more devices{hint}", plan.cost.peak_memory_bytes, budget)
 
     def _reuse_plan(self, traced: TracedFunction, statics: str) -> Plan:
@@ -250,10 +213,6 @@ class ParallelizedFunction:
                     f"it was made for another function with the same signature")
         return plan
 
-    def _arg_specs(self, dyn_specs, nargs):
-        dyn = iter(dyn_specs)
-        return tuple(None if i in self._static_argnums else next(dyn) for i in range(nargs))
-
     def _shard(self, entry: _Compiled) -> ShardedProgram:
         if not isinstance(self._mesh, jax.sharding.Mesh):
             raise ValueError("this function was parallelized over an abstract mesh: it can be "
@@ -268,9 +227,10 @@ class ParallelizedFunction:
                     "ShardParallel() or a preset across processes (see the README)")
             from autoshard.pipeline.build import build_pipeline
             return build_pipeline(entry.pipeline, self._mesh,
-                                  donated=self._donate_flags(entry.traced))
+                                  donated=_under_args(entry.traced.in_paths,
+                                                      self._donate_argnums))
         plan = entry.plan
-        flags = self._donate_flags(entry.traced)
+        flags = _under_args(entry.traced.in_paths, self._donate_argnums)
         return shard_program(
             entry.traced.program, self._mesh, plan.flat_in_specs, plan.flat_out_specs,
             value_specs=dict(plan.value_specs),
@@ -284,7 +244,7 @@ class ParallelizedFunction:
         check_same_plan(entry.plan,
                         f"{name}: {len(program.invars)} inputs, {len(program.outvars)} "
                         f"outputs, {len(program.eqns)} equations, signature "
-                        f"{entry.plan.fingerprint}, {entry.plan.method}, cluster "
+                        f"{entry.plan.fingerprint}, {entry.plan.method!r}, cluster "
                         f"{entry.plan.cluster.name}")
 
     # ------------------------------------------------------------ public
@@ -344,9 +304,9 @@ def _check_fixed_plan(plan, mesh_shape, axis_names, method) -> None:
             f"the plan passed to parallelize(plan=...) was made for another mesh: mesh "
             f"{what} mismatch (plan {dict(zip(plan.axis_names, plan.mesh_shape))}, mesh "
             f"{dict(zip(axis_names, mesh_shape))})")
-    if method is not None and plan.method.split("(")[0] != type(method).__name__:
+    if method is not None and type(plan.method) is not type(method):
         raise ValueError(
-            f"the plan passed to parallelize(plan=...) was made with method {plan.method}, "
+            f"the plan passed to parallelize(plan=...) was made with method {plan.method!r}, "
             f"but method={method!r} was given: method mismatch (leave method out to reuse "
             f"the plan as it is)")
 

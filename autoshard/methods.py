@@ -10,6 +10,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from autoshard.cost_model import SCHEDULES
 from autoshard.ir.specs import Spec, enumerate_specs, replicated
 
 
@@ -140,8 +141,8 @@ class PipeshardParallel:
                                             or self.num_layers < 1):
             raise ValueError(f"num_layers must be None or a positive int, got "
                              f"{self.num_layers!r}")
-        if self.schedule not in ("1f1b", "gpipe"):
-            raise ValueError(f"schedule must be '1f1b' or 'gpipe', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not isinstance(self.stage_method, (ShardParallel, DataParallel, ZeRO3, Megatron)):
             raise TypeError(f"stage_method must be autoshard.ShardParallel() or a preset, got "
                             f"{self.stage_method!r}")
@@ -151,26 +152,36 @@ class PipeshardParallel:
 
 
 Method = ShardParallel | DataParallel | ZeRO3 | Megatron | PipeshardParallel
+#: every method, by the name plans and the CLI know it by
+METHODS: tuple[type, ...] = (ShardParallel, PipeshardParallel, DataParallel, ZeRO3, Megatron)
 PRESETS: tuple[type, ...] = (DataParallel, ZeRO3, Megatron)
 
 
-def method_from_repr(text: str) -> Method:
-    """The method a plan records (``Plan.method``, its ``repr``) rebuilt, without ``eval``:
-    only calls of autoshard's method classes with literal keyword arguments are read."""
-    import ast
-    classes = {c.__name__: c for c in (ShardParallel, DataParallel, ZeRO3, Megatron,
-                                       PipeshardParallel)}
+def method_to_dict(method: Method) -> dict:
+    """``method`` as plain data: ``{"kind": class name, field: value, ...}`` (a
+    pipeline's ``stage_method`` nested the same way)."""
+    data = {"kind": type(method).__name__}
+    for field in dataclasses.fields(method):
+        value = getattr(method, field.name)
+        data[field.name] = method_to_dict(value) if isinstance(value, METHODS) else value
+    return data
 
-    def build(node):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
-                and node.func.id in classes and not node.args:
-            return classes[node.func.id](**{k.arg: build(k.value) for k in node.keywords})
-        return ast.literal_eval(node)
 
+def method_from_dict(data) -> Method:
+    """The method :func:`method_to_dict` wrote; ``ValueError`` naming what is wrong."""
+    kinds = {m.__name__: m for m in METHODS}
+    if not isinstance(data, dict) or data.get("kind") not in kinds:
+        raise ValueError(f"expected an object with \"kind\" one of {sorted(kinds)}, got "
+                         f"{data!r}"[:200])
+    cls = kinds[data["kind"]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names - {"kind"})
+    if unknown:
+        raise ValueError(f"{data['kind']} has no setting(s) {unknown}; expected some of "
+                         f"{sorted(names)}")
+    kwargs = {k: method_from_dict(v) if isinstance(v, dict) else v
+              for k, v in data.items() if k != "kind"}
     try:
-        method = build(ast.parse(text, mode="eval").body)
-    except (SyntaxError, ValueError, TypeError) as err:
-        raise ValueError(f"cannot read the plan's method {text!r}: {err}") from None
-    if not isinstance(method, tuple(classes.values())):
-        raise ValueError(f"the plan's method {text!r} is not an autoshard method")
-    return method
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{data['kind']}: {err}") from None

@@ -11,7 +11,10 @@ from ._mesh_cost import Spec as Spec
 from ._presets import CLUSTER_PRESETS as CLUSTER_PRESETS
 from ._presets import cluster_preset as cluster_preset
 from ._presets import default_cluster_for_platform as default_cluster_for_platform
+from ._schedules import SCHEDULES as SCHEDULES
+from ._schedules import in_flight as in_flight
 from ._units import format_bytes as format_bytes
+from ._units import format_seconds as format_seconds
 from ._units import parse_bytes as parse_bytes
 
 __all__ = [
@@ -20,9 +23,12 @@ __all__ = [
     "Cluster",
     "Link",
     "MeshCostModel",
+    "SCHEDULES",
     "Spec",
     "cluster_preset",
     "default_cluster_for_platform",
     "format_bytes",
+    "format_seconds",
+    "in_flight",
     "parse_bytes",
 ]

@@ -1,4 +1,5 @@
-"""Byte-size parsing and formatting: ``parse_bytes("16GiB")``, ``format_bytes(n)``."""
+"""Units for people: ``parse_bytes("16GiB")``, ``format_bytes(n)``, ``format_seconds(s)``:
+the one formatter of bytes and seconds every message and view uses."""
 
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ def parse_bytes(value: int | float | str) -> int:
 
 def format_bytes(nbytes: int | float) -> str:
     """Human-readable IEC size: ``format_bytes(512) == "512 B"``, ``1.5 * 2**30 -> "1.50 GiB"``."""
+    if not math.isfinite(nbytes):
+        return f"{nbytes} B"
     sign = "-" if nbytes < 0 else ""
     size = abs(nbytes)
     if size < 1024:
@@ -74,3 +77,19 @@ def format_bytes(nbytes: int | float) -> str:
         if size < 1024:
             return f"{sign}{size:.2f} {unit}"
     return f"{sign}{size / 1024:.2f} PiB"
+
+
+def format_seconds(seconds: float) -> str:
+    """Human-readable time: ``1.5 -> "1.500 s"``, ``0.00123 -> "1.230 ms"``,
+    ``2.5e-5 -> "25.0 µs"``, ``3e-9 -> "3.0 ns"`` (sign kept)."""
+    seconds = float(seconds)
+    if not math.isfinite(seconds):
+        return f"{seconds} s"
+    sign, size = ("-" if seconds < 0 else ""), abs(seconds)
+    if size >= 1 or size == 0:
+        return f"{sign}{size:.3f} s"
+    if size >= 1e-3:
+        return f"{sign}{size * 1e3:.3f} ms"
+    if size >= 1e-6:
+        return f"{sign}{size * 1e6:.1f} µs"
+    return f"{sign}{size * 1e9:.1f} ns"

@@ -16,7 +16,6 @@ from ._request import SolverStats as SolverStats
 from ._stages import StageCost as StageCost
 from ._stages import StageSolution as StageSolution
 from ._stages import brute_force_stages as brute_force_stages
-from ._stages import in_flight as in_flight
 from ._stages import place_submeshes as place_submeshes
 from ._stages import solve_stages as solve_stages
 from ._stages import submesh_shapes as submesh_shapes
@@ -32,7 +31,6 @@ __all__ = [
     "StageCost",
     "StageSolution",
     "brute_force_stages",
-    "in_flight",
     "place_submeshes",
     "solve_stages",
     "submesh_shapes",

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from autoshard.cost_model import format_bytes, format_seconds
+
 from ._request import IntraOpRequest
-from ._units import format_bytes, format_seconds
 
 #: relative slack on the memory budget (float noise in byte counts).
 MEMORY_RTOL = 1e-9

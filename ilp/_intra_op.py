@@ -56,6 +56,8 @@ import time
 import numpy as np
 from ortools.sat.python import cp_model
 
+from autoshard.cost_model import format_bytes
+
 from ._evaluate import evaluate
 from ._grid import EdgeGrid, edge_grid
 from ._heuristic import best_assignment, local_search, polish
@@ -64,7 +66,6 @@ from ._reduce import ReducedProblem, reduce_request
 from ._relaxation import solve_relaxation
 from ._repeats import RepeatClasses, repeat_classes, tied_request
 from ._request import InfeasibleError, IntraOpRequest, IntraOpResult, SolverStats
-from ._units import format_bytes
 
 #: integer units given to the largest objective coefficient.
 _RESOLUTION = 1e8

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._units import format_bytes, format_seconds
+from autoshard.cost_model import format_bytes, format_seconds
 
 
 def _frozen_array(values, ndim: int, what: str) -> np.ndarray:

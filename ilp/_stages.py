@@ -18,6 +18,8 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 
+from autoshard.cost_model import in_flight
+
 from ._request import InfeasibleError
 
 
@@ -39,15 +41,6 @@ class StageSolution:
     stages: tuple[tuple[int, int, int], ...]
     objective_s: float
     max_stage_s: float
-
-
-def in_flight(schedule: str, stage: int, num_stages: int, num_microbatches: int) -> int:
-    """Micro-batches stage ``stage`` holds activations for at once under ``schedule``."""
-    if schedule == "gpipe":
-        return num_microbatches
-    if schedule == "1f1b":
-        return min(num_stages - stage, num_microbatches)
-    raise ValueError(f"unknown pipeline schedule {schedule!r}; expected '1f1b' or 'gpipe'")
 
 
 def submesh_shapes(mesh_shape: Sequence[int]) -> tuple[tuple[int, ...], ...]:

@@ -5,6 +5,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
+from autoshard.ir.jax_compat import bind
 from autoshard.ir.program import Literal, Program
 
 
@@ -44,10 +45,7 @@ def evaluate_program(
             if sharding is not None:
                 val = jax.lax.with_sharding_constraint(val, sharding)
             invals.append(val)
-        params = eqn.primitive.get_bind_params(eqn.params)
-        outs = eqn.primitive.bind(*invals, **params)
-        if not eqn.primitive.multiple_results:
-            outs = (outs,)
+        outs = bind(eqn.primitive, eqn.params, invals)
         for vid, val in zip(eqn.outputs, outs, strict=True):
             write(vid, val)
     return tuple(read(atom) for atom in program.outvars)

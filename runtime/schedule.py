@@ -1,7 +1,7 @@
 """Pipeline schedules: the order in which stages run micro-batches forward and backward."""
 from __future__ import annotations
 
-SCHEDULES = ("1f1b", "gpipe")
+from autoshard.cost_model import SCHEDULES
 
 
 def stage_orders(num_stages: int, num_microbatches: int, schedule: str

@@ -19,6 +19,7 @@ import pytest
 
 import autoshard
 from autoshard.cli import main as _cli
+from autoshard.cli.tables import compare_text, show_text
 from autoshard.cli.target import TargetError, load_target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +115,7 @@ def test_plan_on_a_mesh_larger_than_the_devices(work):
     assert "abstract mesh" in procs["big"].stdout
     assert "this plan against the presets" not in procs["big"].stdout
     plan = autoshard.Plan.from_json((d / "big.json").read_text())
-    assert plan.mesh_shape == (8, 8) and plan.method == "Megatron()"
+    assert plan.mesh_shape == (8, 8) and plan.method == autoshard.Megatron()
     assert plan.cluster.name == "host-cpu"
 
 
@@ -122,7 +123,7 @@ def test_plan_with_cluster_file_and_pair_factory(work):
     d, procs = work
     assert "cluster my-cpu" in procs["dp"].stdout
     plan = autoshard.Plan.from_json((d / "dp.json").read_text())
-    assert plan.method == "DataParallel()" and plan.cluster.name == "my-cpu"
+    assert plan.method == autoshard.DataParallel() and plan.cluster.name == "my-cpu"
     assert plan.in_specs[2] == {"x": jax.sharding.PartitionSpec(("data", "model")),
                                 "y": jax.sharding.PartitionSpec(("data", "model"))}
 
@@ -132,7 +133,7 @@ def test_show_and_compare(work):
     show = run_cli("show", "ilp.json", cwd=d)
     assert show.returncode == 0, show.stderr
     plan = autoshard.Plan.from_json((d / "ilp.json").read_text())
-    assert show.stdout.strip() == _cli.show_text(plan)
+    assert show.stdout.strip() == show_text(plan)
     assert "presets" not in show.stdout
 
     cmp_ = run_cli("compare", "ilp.json", "dp.json", cwd=d)
@@ -145,7 +146,7 @@ def test_show_and_compare(work):
         assert field in out
     assert "cost (B − A)" in out
     # identical plans: nothing differs
-    same = _cli.compare_text(plan, plan)
+    same = compare_text(plan, plan)
     assert "inputs: 0 of" in same and "outputs: 0 of" in same
     assert dp.fingerprint == plan.fingerprint
 

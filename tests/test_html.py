@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import autoshard
 from autoshard.plan.html import plan_html, simulate_schedule
-from autoshard.plan.record import Collective, OpCost
+from autoshard.plan.parts import Collective, OpCost
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = ("<script>alert(1)</script>", 'a"b', "x'&<y>")

@@ -147,7 +147,8 @@ def test_dp_never_costs_more_than_a_fixed_slicing():
         return autoshard.parallelize(w.fn, mesh=mesh, method=method).plan(*w.args)
 
     best = cost(num_microbatches=4)
-    assert best.method.startswith("PipeshardParallel(num_microbatches=4, num_stages=None")
+    assert best.method == autoshard.PipeshardParallel(num_microbatches=4, num_layers=4,
+                                                      stage_method=autoshard.DataParallel())
     for other in (cost(num_microbatches=1, num_stages=1), cost(num_microbatches=4, num_stages=1),
                   cost(num_microbatches=4, num_stages=2)):
         assert best.cost.total_s <= other.cost.total_s * (1 + 1e-9)

@@ -11,7 +11,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import autoshard
-from autoshard.plan.record import Collective, OpCost, Plan, PlanCost, SolverInfo
+from autoshard.plan.parts import Collective, OpCost, PlanCost, SolverInfo
+from autoshard.plan.record import Plan
 from autoshard.plan.serialize import SpecTreeNode, _tree_to_json, plan_to_dict
 from examples.models import mlp
 
@@ -69,7 +70,7 @@ def _synthetic_plan(**changes) -> Plan:
                P("data", None), P())
     out_specs = (P(), [P("data")])
     plan = Plan(
-        method="ShardParallel(time_limit_s=60.0)", mesh_shape=(2, 4),
+        method=autoshard.ShardParallel(time_limit_s=60.0), mesh_shape=(2, 4),
         axis_names=("data", "model"), cluster=cluster, in_specs=in_specs, out_specs=out_specs,
         cost=PlanCost(np.float64(1e-5), 0.1 + 0.2, 0, np.int64(12345)),
         solver=SolverInfo("OPTIMAL", 1.5e-5, 1.4e-5, np.float32(0.25), 0.01, 10, 200, 300, 0.5),

@@ -5,6 +5,7 @@ import random
 import pytest
 
 from autoshard import ilp
+from autoshard.cost_model import in_flight
 from autoshard.ilp import StageCost, brute_force_stages, solve_stages
 
 
@@ -145,7 +146,7 @@ def test_dispatch_order_respects_dependencies_and_in_flight_bound(schedule):
                 if kind == "F":
                     assert s == 0 or ("F", s - 1, m) in done
                     live[s] += 1
-                    assert live[s] <= ilp.in_flight(schedule, s, S, B)
+                    assert live[s] <= in_flight(schedule, s, S, B)
                 else:
                     assert ("F", s, m) in done and (s == S - 1 or ("B", s + 1, m) in done)
                     live[s] -= 1

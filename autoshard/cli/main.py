@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
-import re
 import sys
-import warnings
 from typing import Sequence
 
-EXIT_ERROR = 2
+from autoshard.cost_model import SCHEDULES
 
-_METHOD_NAMES = {"ilp": "ShardParallel", "dp": "DataParallel", "zero3": "ZeRO3",
-                 "megatron": "Megatron"}
-_PRESET_ROWS = ("DataParallel", "ZeRO3", "Megatron")
+from .arguments import CliError, one_line
+from .commands import METHOD_NAMES, cmd_calibrate, cmd_compare, cmd_plan, cmd_show
+from .target import TargetError
+
+EXIT_ERROR = 2
 
 _PLAN_EPILOG = """\
 examples:
@@ -70,321 +69,13 @@ virtual devices with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 
 
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one ``autoshard: error:`` line, status 2."""
 
     def error(self, message):  # noqa: D401 - argparse API
-        sys.stderr.write(f"autoshard: error: {_one_line(message)} "
+        sys.stderr.write(f"autoshard: error: {one_line(message)} "
                          f"(see '{self.prog} --help')\n")
         raise SystemExit(EXIT_ERROR)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-# ---------------------------------------------------------------- argument parsing
-def parse_mesh(text: str) -> tuple[int, ...]:
-    """``"2x4"`` → ``(2, 4)``; ``CliError`` for anything but positive sizes joined by x."""
-    if not re.fullmatch(r"\s*\d+(\s*[x×]\s*\d+)*\s*", text or ""):
-        raise CliError(f"bad --mesh {text!r}: expected mesh axis sizes joined by 'x', "
-                       f"e.g. 8, 2x4 or 2x2x2")
-    shape = tuple(int(n) for n in re.split(r"[x×]", text.replace(" ", "")))
-    if any(n < 1 for n in shape):
-        raise CliError(f"bad --mesh {text!r}: every axis size must be at least 1")
-    return shape
-
-
-def default_axis_names(rank: int) -> tuple[str, ...]:
-    if rank == 1:
-        return ("data",)
-    if rank == 2:
-        return ("data", "model")
-    return tuple(f"a{i}" for i in range(rank))
-
-
-def parse_axis_names(text: str | None, rank: int) -> tuple[str, ...]:
-    if text is None:
-        return default_axis_names(rank)
-    names = tuple(n.strip() for n in text.split(","))
-    if len(names) != rank:
-        raise CliError(f"bad --axis-names {text!r}: the mesh has {rank} axes, so give "
-                       f"{rank} comma-separated names")
-    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in names):
-        raise CliError(f"bad --axis-names {text!r}: names must be identifiers like data,model")
-    if len(set(names)) != len(names):
-        raise CliError(f"bad --axis-names {text!r}: names must be distinct")
-    return names
-
-
-def load_cluster(value: str | None):
-    """A preset name or the path of a JSON file written by ``Cluster.to_json()``."""
-    from autoshard.cost_model import CLUSTER_PRESETS, Cluster, cluster_preset
-    if value is None:
-        return None
-    if value in CLUSTER_PRESETS:
-        return cluster_preset(value)
-    if not (value.endswith(".json") or os.path.sep in value or os.path.exists(value)):
-        raise CliError(f"unknown cluster {value!r}: give a preset ({', '.join(CLUSTER_PRESETS)}) "
-                       f"or the path of a JSON file written by Cluster.to_json()")
-    text = _read(value, "cluster file")
-    try:
-        return Cluster.from_json(text)
-    except ValueError as err:
-        raise CliError(f"bad cluster file {value!r}: {_one_line(err)}") from err
-
-
-def parse_budget(value: str | None):
-    from autoshard.cost_model import parse_bytes
-    if value is None:
-        return None
-    try:
-        return parse_bytes(value)
-    except ValueError as err:
-        raise CliError(f"bad --memory-budget {value!r}: {_one_line(err)}") from err
-
-
-def _read(path: str, what: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else _one_line(err)
-        raise CliError(f"cannot read {what} {path!r}: {reason}") from err
-
-
-def load_plan(path: str):
-    from autoshard.plan.record import Plan
-    text = _read(path, "plan file")
-    try:
-        return Plan.from_json(text)
-    except ValueError as err:
-        raise CliError(f"{path!r} is not a valid plan file: {_one_line(err)}") from err
-
-
-# ---------------------------------------------------------------- formatting
-def _fmt_s(seconds: float) -> str:
-    from autoshard.plan.record import _fmt_s as fmt
-    if seconds < 0:
-        return "-" + fmt(-seconds)
-    return fmt(seconds)
-
-
-def _fmt_bytes(n) -> str:
-    from autoshard.cost_model import format_bytes
-    return format_bytes(n)
-
-
-_COST_FIELDS = (("total", "total_s", _fmt_s), ("compute", "compute_s", _fmt_s),
-                ("communication", "communication_s", _fmt_s),
-                ("resharding", "resharding_s", _fmt_s),
-                ("peak memory", "peak_memory_bytes", _fmt_bytes))
-
-
-def cost_table(rows: Sequence[tuple[str, object]], reference=None) -> str:
-    """rows: (label, PlanCost or an error string). ``reference``: cost the last column divides by."""
-    header = ["method"] + [name for name, _, _ in _COST_FIELDS] + (["vs plan"] if reference else [])
-    table = [header]
-    for label, cost in rows:
-        if isinstance(cost, str):
-            table.append([label, cost])
-            continue
-        row = [label] + [fmt(getattr(cost, attr)) for _, attr, fmt in _COST_FIELDS]
-        if reference is not None:
-            ratio = cost.total_s / reference.total_s if reference.total_s > 0 else math.nan
-            row.append(f"{ratio:.2f}×")
-        table.append(row)
-    full = [r for r in table if len(r) == len(header)]
-    widths = [max(len(r[i]) for r in full) for i in range(len(header))]
-    lines = []
-    for r in table:
-        if len(r) != len(header):
-            lines.append(f"  {r[0]:<{widths[0]}}  {r[1]}")
-            continue
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
-        lines.append("  " + "  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def show_text(plan) -> str:
-    return plan.summary() + f"\nsignature fingerprint: {plan.fingerprint}"
-
-
-def _spec_diff(title, a_paths, a_specs, b_paths, b_specs) -> list[str]:
-    a, b = dict(zip(a_paths, a_specs)), dict(zip(b_paths, b_specs))
-    order = list(a_paths) + [p for p in b_paths if p not in a]
-    diffs = [(p, a.get(p), b.get(p)) for p in order if a.get(p) != b.get(p)]
-    lines = [f"{title}: {len(diffs)} of {len(order)} differ" + (":" if diffs else "")]
-    width = max((len(p) for p, _, _ in diffs), default=0)
-    for p, sa, sb in diffs:
-        lines.append(f"  {p + ':':<{width + 1}}  {'(absent)' if sa is None else sa} → "
-                     f"{'(absent)' if sb is None else sb}")
-    return lines
-
-
-def compare_text(a, b, name_a: str = "A", name_b: str = "B") -> str:
-    def head(tag, name, p):
-        mesh = " × ".join(f"{n}={s}" for n, s in zip(p.axis_names, p.mesh_shape))
-        return f"{tag}: {name} — method {p.method}, mesh {mesh}, cluster {p.cluster.name}"
-
-    lines = [head("A", name_a, a), head("B", name_b, b)]
-    if a.fingerprint != b.fingerprint:
-        lines.append(f"note: the plans are for different input signatures "
-                     f"(fingerprints {a.fingerprint} and {b.fingerprint})")
-    lines += _spec_diff("inputs", a.in_paths, a.flat_in_specs, b.in_paths, b.flat_in_specs)
-    lines += _spec_diff("outputs", a.out_paths, a.flat_out_specs, b.out_paths, b.flat_out_specs)
-    lines.append("cost (B − A):")
-    table = [("", "A", "B", "B − A", "B / A")]
-    for name, attr, fmt in _COST_FIELDS:
-        va, vb = getattr(a.cost, attr), getattr(b.cost, attr)
-        delta = vb - va
-        sign = "+" if delta > 0 else ""
-        ratio = f"{vb / va:.2f}×" if va else ("—" if not vb else "∞")
-        table.append((name, fmt(va), fmt(vb), sign + fmt(delta), ratio))
-    widths = [max(len(r[i]) for r in table) for i in range(5)]
-    for r in table:
-        lines.append("  " + "  ".join([r[0].ljust(widths[0])] +
-                                      [c.rjust(w) for c, w in zip(r[1:], widths[1:])]).rstrip())
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- commands
-def _method(name: str, time_limit):
-    import autoshard
-    if name == "ilp":
-        return autoshard.ShardParallel() if time_limit is None else \
-            autoshard.ShardParallel(time_limit_s=time_limit)
-    return getattr(autoshard, _METHOD_NAMES[name])()
-
-
-def _plan_one(target, mesh, method, cluster, budget):
-    import autoshard
-    fn = autoshard.parallelize(target.fn, mesh=mesh, method=method, cluster=cluster,
-                               memory_budget=budget, batch_argnums=target.batch_argnums)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the plan's warnings are part of its summary
-        return fn.plan(*target.args)
-
-
-def cmd_plan(args) -> int:
-    shape = parse_mesh(args.mesh)
-    names = parse_axis_names(args.axis_names, len(shape))
-    budget = parse_budget(args.memory_budget)
-    cluster = load_cluster(args.cluster)
-    if args.time_limit is not None and (args.method != "ilp" or not args.time_limit > 0):
-        raise CliError("--time-limit takes a positive number of seconds and applies to "
-                       "--method ilp only")
-    if args.microbatches is None and (args.stages is not None or args.layers is not None
-                                      or args.schedule != "1f1b"):
-        raise CliError("--stages, --layers and --schedule plan a pipeline: give "
-                       "--microbatches too")
-    for flag, value in (("--microbatches", args.microbatches), ("--stages", args.stages),
-                        ("--layers", args.layers)):
-        if value is not None and value < 1:
-            raise CliError(f"{flag} takes a positive integer, got {value}")
-
-    import jax
-
-    import autoshard
-
-    from .target import load_target
-    target = load_target(args.target)
-    needed = math.prod(shape)
-    if jax.device_count() >= needed:
-        mesh = autoshard.make_mesh(shape, names)
-        where = f"{needed} of {jax.device_count()} {jax.default_backend()} devices"
-    else:
-        mesh = autoshard.abstract_mesh(shape, names)
-        where = f"abstract mesh ({jax.device_count()} devices present, {needed} needed)"
-        if cluster is None:
-            cluster = autoshard.cluster_preset("host-cpu")
-    method = _method(args.method, args.time_limit)
-    if args.microbatches is not None:
-        method = autoshard.PipeshardParallel(
-            num_microbatches=args.microbatches, num_stages=args.stages,
-            schedule=args.schedule, num_layers=args.layers, stage_method=method)
-    try:
-        plan = _plan_one(target, mesh, method, cluster, budget)
-    except autoshard.InfeasiblePlanError as err:
-        raise CliError(f"no plan for {args.target} fits: {_one_line(err)}") from err
-    except Exception as err:
-        raise CliError(f"planning {args.target} failed: {type(err).__name__}: "
-                       f"{_one_line(err)} (rerun with --debug for the traceback)") from err
-    if args.json:  # first, so that the file exists whatever happens to the output
-        _write_text(args.json, plan.to_json(), "plan file")
-    print(f"planned {args.target} on {where}")
-    print(show_text(plan))
-    if not args.no_compare:
-        this = _METHOD_NAMES[args.method]
-        label = this if args.microbatches is None else \
-            f"Pipeshard B={args.microbatches} ({len(plan.stages)} stages, {this} per stage)"
-        rows = [(f"{label} (this plan)", plan.cost)]
-        for name in _PRESET_ROWS:
-            if name == this and args.microbatches is None:
-                continue
-            try:
-                preset = _plan_one(target, mesh, getattr(autoshard, name)(), cluster, budget)
-                rows.append((name, preset.cost))
-            except Exception as err:  # a preset that cannot plan is a row, not a failure
-                if args.debug:
-                    raise
-                rows.append((name, f"failed: {type(err).__name__}: {_one_line(err)}"))
-        print("modelled cost per step, this plan against the presets:")
-        print(cost_table(rows, reference=plan.cost))
-    if args.json:
-        print(f"plan written to {args.json}")
-    return 0
-
-
-def cmd_show(args) -> int:
-    print(show_text(load_plan(args.plan)))
-    return 0
-
-
-def cmd_compare(args) -> int:
-    a, b = load_plan(args.plan_a), load_plan(args.plan_b)
-    print(compare_text(a, b, args.plan_a, args.plan_b))
-    return 0
-
-
-def cmd_calibrate(args) -> int:
-    shape = parse_mesh(args.mesh)
-    names = parse_axis_names(args.axis_names, len(shape))
-    if not args.budget > 0:
-        raise CliError(f"bad --budget {args.budget!r}: give a positive number of seconds")
-    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
-    if "float32" not in dtypes:
-        raise CliError(f"bad --dtypes {args.dtypes!r}: must include float32")
-    import jax
-
-    import autoshard
-    needed = math.prod(shape)
-    if jax.device_count() < needed:
-        raise CliError(f"--mesh {args.mesh} needs {needed} devices but {jax.device_count()} "
-                       f"{jax.default_backend()} devices are present (on the CPU set XLA_FLAGS="
-                       f"--xla_force_host_platform_device_count={needed})")
-    mesh = autoshard.make_mesh(shape, names)
-    try:
-        cluster = autoshard.calibrate(mesh, budget_s=args.budget, dtypes=dtypes,
-                                      name=args.name, verbose=True)
-    except (TypeError, ValueError) as err:
-        raise CliError(f"calibration failed: {_one_line(err)}") from err
-    _write_text(args.out, cluster.to_json(), "cluster file")
-    print(f"cluster {cluster.name!r} written to {args.out} "
-          f"(use: autoshard plan ... --cluster {args.out})")
-    return 0
-
-
-def _write_text(path: str, text: str, what: str) -> None:
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    except OSError as err:
-        raise CliError(f"cannot write {what} {path!r}: {err.strerror or _one_line(err)}") from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -418,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cluster preset (host-cpu, a100-80gb, h100-80gb) or a JSON file "
                         "written by Cluster.to_json() (default: host-cpu on an abstract mesh, "
                         "else the mesh's devices)")
-    p.add_argument("--method", choices=tuple(_METHOD_NAMES), default="ilp",
+    p.add_argument("--method", choices=tuple(METHOD_NAMES), default="ilp",
                    help="ilp: the ILP search (default); dp: DataParallel; zero3: ZeRO3; "
                         "megatron: Megatron")
     p.add_argument("--memory-budget", metavar="BYTES",
@@ -432,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline: force S stages (default: the stage DP chooses)")
     p.add_argument("--layers", type=int, metavar="L",
                    help="pipeline: cluster the loss into L layers (default 8)")
-    p.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b",
+    p.add_argument("--schedule", choices=SCHEDULES, default="1f1b",
                    help="pipeline schedule (default 1f1b)")
     p.add_argument("--no-compare", action="store_true",
                    help="don't plan the presets for the cost comparison")
@@ -483,7 +174,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, usage errors
         return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
-    from .target import TargetError
     if getattr(args, "verbose", False):
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
@@ -491,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, TargetError) as err:
         if args.debug:
             raise
-        sys.stderr.write(f"autoshard: error: {_one_line(err)}\n")
+        sys.stderr.write(f"autoshard: error: {one_line(err)}\n")
         return EXIT_ERROR
     except BrokenPipeError:  # output piped into `head` and the like
         devnull = os.open(os.devnull, os.O_WRONLY)

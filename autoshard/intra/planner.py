@@ -18,7 +18,8 @@ from autoshard.ir.specs import Spec, from_partition_spec, spec_is_valid, to_part
 from autoshard.ir.trace import TracedFunction
 from autoshard.ir.user_frames import user_stacklevel
 from autoshard.methods import DataParallel, Megatron, ShardParallel, ZeRO3
-from autoshard.plan.record import Collective, OpCost, Plan, PlanCost, SolverInfo
+from autoshard.plan.parts import Collective, OpCost, PlanCost, SolverInfo
+from autoshard.plan.record import Plan
 
 from .combining import combine_all_reduces
 from .following import group_followers, grouped_request
@@ -224,7 +225,7 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
             return [fixed[i]]
         return method.input_specs(shape, model.mesh_shape, bool(batch_flat[i]))
 
-    _log.info("planning %s on mesh %s: %d equations", _method_name(method),
+    _log.info("planning %r on mesh %s: %d equations", method,
               "x".join(map(str, mesh_shape)), len(program.eqns))
     graph = build_graph(traced, model, input_specs)
     messages = _warn_unsupported(graph)
@@ -319,21 +320,12 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                         num_constraints=result.num_constraints,
                         planning_time_s=time.perf_counter() - start,
                         tied_classes=result.stats.tied_classes, tied_gap=result.stats.tied_gap)
-    in_specs = _unflatten(traced.in_tree, flat_in)
-    out_specs = _unflatten(traced.out_tree, flat_out)
-    return Plan(method=_method_name(method), mesh_shape=tuple(mesh_shape),
+    in_specs = traced.input_tree(flat_in)
+    out_specs = traced.output_tree(flat_out)
+    return Plan(method=method, mesh_shape=tuple(mesh_shape),
                 axis_names=tuple(axis_names), cluster=cluster, in_specs=in_specs,
                 out_specs=out_specs, cost=cost, solver=solver,
                 fingerprint=fingerprint(traced, static_repr), in_paths=traced.in_paths,
                 out_paths=traced.out_paths, flat_in_specs=flat_in, flat_out_specs=flat_out,
                 value_specs=tuple(value_specs), operand_specs=tuple(operand_specs),
                 collectives=tuple(collectives), top_ops=top_ops, warnings=messages)
-
-
-def _unflatten(treedef, flat):
-    import jax
-    return jax.tree_util.tree_unflatten(treedef, list(flat))
-
-
-def _method_name(method) -> str:
-    return repr(method)

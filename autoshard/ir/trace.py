@@ -19,24 +19,9 @@ import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
-from jax._src import source_info_util
 
+from .jax_compat import inlined_callee, source_summary
 from .program import Equation, Literal, Program
-
-# primitive name → parameter holding the callee's jaxpr
-_INLINED_CALLS = {
-    "pjit": "jaxpr",
-    "jit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat": "jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
-}
-
 
 #: a scan is unrolled when its body's equations × its length stay within this.
 MAX_UNROLLED_EQUATIONS = 50_000
@@ -46,7 +31,7 @@ def _count_equations(jaxpr) -> int:
     """Equations of ``jaxpr`` with inlined calls and nested scans counted as unrolled."""
     total = 0
     for eqn in jaxpr.eqns:
-        callee = eqn.params.get(_INLINED_CALLS.get(eqn.primitive.name, ""))
+        callee = inlined_callee(eqn)
         if eqn.primitive.name == "scan":
             total += eqn.params["length"] * _count_equations(eqn.params["jaxpr"].jaxpr)
         elif callee is not None:
@@ -93,7 +78,8 @@ class TracedFunction:
 
     ``in_paths``/``out_paths`` are readable key paths of the flat leaves
     (``"[0]['layers'][1]['w']"``); ``sources[e]`` says where equation ``e``
-    came from in user code.
+    came from in user code. ``in_tree`` is the structure of the non-static arguments;
+    ``static_argnums`` the positions of the static ones among all ``num_args``.
     """
 
     program: Program
@@ -102,6 +88,20 @@ class TracedFunction:
     in_paths: tuple[str, ...]
     out_paths: tuple[str, ...]
     sources: tuple[str, ...]
+    static_argnums: tuple[int, ...] = ()
+    num_args: int | None = None
+
+    def input_tree(self, flat: Sequence) -> tuple:
+        """``flat`` (one entry per flat input) as the arguments' pytrees, one per argument,
+        ``None`` in the place of a static argument (as ``Plan.in_specs`` holds them)."""
+        dyn = iter(jax.tree_util.tree_unflatten(self.in_tree, list(flat)))
+        num_args = self.in_tree.num_children + len(self.static_argnums) \
+            if self.num_args is None else self.num_args
+        return tuple(None if i in self.static_argnums else next(dyn) for i in range(num_args))
+
+    def output_tree(self, flat: Sequence):
+        """``flat`` (one entry per flat output) as the function's output pytree."""
+        return jax.tree_util.tree_unflatten(self.out_tree, list(flat))
 
     def __repr__(self):
         return (f"TracedFunction({len(self.program.invars)} inputs, "
@@ -158,7 +158,9 @@ def trace(fn, args: Sequence, static_argnums: Sequence[int] = ()) -> TracedFunct
 
     closed = jax.make_jaxpr(flat_fn)(*avals)
     out_tree, out_paths = out_tree_box[-1]
-    return _flatten_program(closed, in_tree, out_tree, in_paths, out_paths)
+    traced = _flatten_program(closed, in_tree, out_tree, in_paths, out_paths)
+    return dataclasses.replace(traced, static_argnums=tuple(sorted(static)),
+                               num_args=len(args))
 
 
 def _argpath(path, argnums) -> str:
@@ -209,9 +211,8 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                 for var, atom in zip(eqn.outvars, outs, strict=True):
                     env[var] = atom
                 continue
-            param = _INLINED_CALLS.get(eqn.primitive.name)
-            if param is not None and param in eqn.params:
-                callee = eqn.params[param]
+            callee = inlined_callee(eqn)
+            if callee is not None:
                 if isinstance(callee, jcore.ClosedJaxpr):
                     outs = inline(callee.jaxpr, callee.consts, ins)
                 else:
@@ -221,7 +222,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                 continue
             out_ids = tuple(new_value(v.aval) for v in eqn.outvars)
             eqns.append(Equation(eqn.primitive, dict(eqn.params), tuple(ins), out_ids))
-            sources.append(source_info_util.summarize(eqn.source_info))
+            sources.append(source_summary(eqn.source_info))
             for var, vid in zip(eqn.outvars, out_ids):
                 env[var] = vid
         return [read(a) for a in jaxpr.outvars]

@@ -4,12 +4,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 from jax.sharding import PartitionSpec
 
-from autoshard import ilp
+from autoshard.cost_model import in_flight
 from autoshard.ir.fingerprint import fingerprint
-from autoshard.plan.record import Plan, PlanCost, ProgramSpecs, SolverInfo, StageAssignment, StageCost
+from autoshard.plan.parts import PlanCost, ProgramSpecs, SolverInfo, StageAssignment, StageCost
+from autoshard.plan.record import Plan
 
 from .layout import PipelineLayout, apply_name
 
@@ -37,7 +37,7 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
         c = dataclasses.replace(st.plan.cost,
                                 communication_s=st.plan.cost.communication_s + send_f + send_b,
                                 resharding_s=st.plan.cost.resharding_s - pairing)
-        held = st.cost.fixed_bytes + (ilp.in_flight(schedule, s, S, B) - 1) * \
+        held = st.cost.fixed_bytes + (in_flight(schedule, s, S, B) - 1) * \
             st.cost.per_microbatch_bytes
         frac = st.program.forward_fraction
         work = st.plan.cost.total_s - pairing
@@ -97,11 +97,10 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
         num_nodes=sum(s.num_nodes for s in solvers),
         num_variables=sum(s.num_variables for s in solvers),
         num_constraints=sum(s.num_constraints for s in solvers), planning_time_s=planning_s)
-    unflat = lambda tree, flat: jax.tree_util.tree_unflatten(tree, list(flat))  # noqa: E731
-    return Plan(method=repr(method), mesh_shape=tuple(layout.mesh_shape),
+    return Plan(method=method, mesh_shape=tuple(layout.mesh_shape),
                 axis_names=tuple(layout.axis_names), cluster=cluster,
-                in_specs=unflat(traced.in_tree, flat_in),
-                out_specs=unflat(traced.out_tree, flat_out), cost=cost, solver=solver,
+                in_specs=traced.input_tree(flat_in),
+                out_specs=traced.output_tree(flat_out), cost=cost, solver=solver,
                 fingerprint=fingerprint(traced, static_repr, argument_avals=split.full_avals),
                 in_paths=traced.in_paths, out_paths=traced.out_paths, flat_in_specs=flat_in,
                 flat_out_specs=flat_out, collectives=collectives, top_ops=top_ops,
@@ -111,14 +110,16 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
                                for n, p in zip(names, plans)))
 
 
-def whole_mesh_stage(cost: PlanCost, num_layers: int, mesh_shape, device_ids, schedule
-                     ) -> StageAssignment:
-    """The one stage of a plain intra-op plan (every layer, the whole mesh, the whole batch);
-    its forward/backward split is the usual 1:2."""
-    ids = device_ids if device_ids is not None else range(math.prod(mesh_shape))
-    return StageAssignment(
-        layers=tuple(range(num_layers)), mesh_shape=tuple(mesh_shape),
+def plain_pipeline_plan(plain: Plan, method, num_layers: int, device_ids) -> Plan:
+    """A :class:`PipeshardParallel` plan that keeps plain intra-op parallelism: ``plain``
+    (one program, whole batch, whole mesh) as one stage of every layer; its
+    forward/backward split is the usual 1:2."""
+    cost = plain.cost
+    ids = device_ids if device_ids is not None else range(math.prod(plain.mesh_shape))
+    stage = StageAssignment(
+        layers=tuple(range(num_layers)), mesh_shape=tuple(plain.mesh_shape),
         device_ids=tuple(int(i) for i in ids),
         cost=StageCost(cost.compute_s, cost.communication_s, cost.resharding_s,
                        cost.peak_memory_bytes, cost.total_s / 3, 2 * cost.total_s / 3),
-        num_microbatches=1, schedule=schedule)
+        num_microbatches=1, schedule=method.schedule)
+    return dataclasses.replace(plain, method=method, stages=(stage,))

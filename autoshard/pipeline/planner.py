@@ -3,6 +3,7 @@
 runtime needs (:class:`PipelineLayout`)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -13,11 +14,12 @@ from autoshard.cost_model import Cluster, MeshCostModel
 from autoshard.intra.planner import plan_traced
 from autoshard.ir.fingerprint import fingerprint
 from autoshard.ir.specs import from_partition_spec
-from autoshard.methods import PipeshardParallel
+from autoshard.ir.trace import TracedFunction, trace
+from autoshard.methods import PipeshardParallel, ShardParallel
 from autoshard.plan.record import Plan
 
 from .apply import plan_step_parts, stage_update_seconds, whole_update_seconds
-from .assemble import make_plan
+from .assemble import make_plan, plain_pipeline_plan
 from .layers import assign_layers
 from .layout import PipelineLayout, PlannedStage
 from .stage_program import StageProgram, bytes_per_device, stage_program
@@ -43,6 +45,43 @@ def _spec_of(plan: Plan, vid, invar_pos: dict) -> PartitionSpec:
     if vid in invar_pos:
         return plan.flat_in_specs[invar_pos[vid]]
     return dict(plan.value_specs).get(vid, PartitionSpec())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PlannedStep:
+    """What :func:`plan_pipeline_step` chose: the plan, the traced step it runs, and the
+    pipeline's layout (``None`` when plain intra-op parallelism was cheaper)."""
+
+    plan: Plan
+    traced: TracedFunction
+    layout: PipelineLayout | None
+
+
+def plan_pipeline_step(fun, args, *, static_argnums, batch_flags, donated_flags, mesh_shape,
+                       axis_names, cluster: Cluster, method: PipeshardParallel,
+                       memory_budget=None, static_repr: str = "", device_ids=None
+                       ) -> PlannedStep:
+    """Plan ``fun`` as a pipeline; with ``num_stages=None`` also as one program (plain
+    intra-op parallelism: whole batch, whole mesh, ``stage_method``) and keep that when it
+    is cheaper and fits ``memory_budget``."""
+    plan, layout = plan_pipeline(
+        fun, args, static_argnums=static_argnums, batch_flags=batch_flags,
+        mesh_shape=mesh_shape, axis_names=axis_names, cluster=cluster, method=method,
+        memory_budget=memory_budget, static_repr=static_repr, device_ids=device_ids)
+    if method.num_stages is None:
+        traced = trace(fun, args, static_argnums)
+        whole_method = method.stage_method
+        if isinstance(whole_method, ShardParallel):  # one solve: at least the default time
+            whole_method = ShardParallel(time_limit_s=max(whole_method.time_limit_s,
+                                                          ShardParallel().time_limit_s))
+        plain = plan_traced(traced, mesh_shape=mesh_shape, axis_names=axis_names,
+                            cluster=cluster, method=whole_method, batch_flat=batch_flags,
+                            static_repr=static_repr, donated_flat=donated_flags)
+        fits = memory_budget is None or plain.cost.peak_memory_bytes <= memory_budget
+        if fits and plain.cost.total_s < plan.cost.total_s:
+            plain = plain_pipeline_plan(plain, method, layout.layering.num_layers, device_ids)
+            return PlannedStep(plain, traced, None)
+    return PlannedStep(plan, layout.split.traced, layout)
 
 
 def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_names,

@@ -11,7 +11,8 @@ import math
 from autoshard.ir.fingerprint import check_fingerprint, fingerprint
 from autoshard.ir.program import Program
 from autoshard.methods import PipeshardParallel
-from autoshard.plan.record import Plan, ProgramSpecs, StageAssignment
+from autoshard.plan.parts import ProgramSpecs, StageAssignment
+from autoshard.plan.record import Plan
 
 from .apply import plan_step_parts
 from .layers import assign_layers

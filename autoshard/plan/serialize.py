@@ -45,18 +45,20 @@ from jax.sharding import PartitionSpec
 
 from autoshard.cost_model import Cluster
 from autoshard.errors import PlanFormatError
+from autoshard.methods import METHODS, method_from_dict, method_to_dict
 
-from .record import (
-    FORMAT_VERSION,
+from .parts import (
     Collective,
     OpCost,
-    Plan,
     PlanCost,
     ProgramSpecs,
     SolverInfo,
     StageAssignment,
     StageCost,
 )
+
+#: version 2 writes the method as an object; version 1 files (the method's repr) still load
+FORMAT_VERSION = 2
 
 
 class SpecTreeNode:
@@ -230,12 +232,13 @@ _FIELDS = ("format", "format_version", "method", "fingerprint", "mesh", "cluster
            "collectives", "top_ops", "warnings", "stages", "programs")
 
 
-def plan_to_dict(plan: Plan) -> dict:
+def plan_to_dict(plan) -> dict:
+    """The JSON object of ``plan`` (a :class:`~autoshard.Plan`)."""
     values, operands = _value_specs_to_json(plan.value_specs, plan.operand_specs)
     data = {
         "format": "autoshard-plan",
         "format_version": FORMAT_VERSION,
-        "method": plan.method,
+        "method": method_to_dict(plan.method),
         "fingerprint": plan.fingerprint,
         "mesh": {"shape": [int(n) for n in plan.mesh_shape],
                  "axis_names": list(plan.axis_names)},
@@ -417,14 +420,15 @@ def _check_tree(tree, flat, tree_key, flat_key):
                                   f"is {b}")
 
 
-def plan_from_dict(data) -> Plan:
+def plan_fields_from_dict(data) -> dict:
+    """The fields of the :class:`~autoshard.Plan` a JSON object describes, checked."""
     if not isinstance(data, dict) or data.get("format") != "autoshard-plan":
         raise PlanFormatError("not an autoshard plan file (expected a JSON object with "
                               "\"format\": \"autoshard-plan\")")
     version = _get(data, "format_version", int)
-    if version != FORMAT_VERSION:
+    if version not in (1, FORMAT_VERSION):
         raise PlanFormatError(f"plan.format_version: version {version} is not supported "
-                              f"(this autoshard reads version {FORMAT_VERSION})")
+                              f"(this autoshard reads versions 1 to {FORMAT_VERSION})")
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise PlanFormatError(f"plan: unknown field(s) {unknown}")
@@ -459,8 +463,8 @@ def plan_from_dict(data) -> Plan:
     warnings = _get(data, "warnings", list)
     for i, w in enumerate(warnings):
         _check(w, str, f"plan.warnings[{i}]")
-    return Plan(
-        method=_get(data, "method", str),
+    return dict(
+        method=_method_from_json(_get(data, "method", str if version == 1 else dict), version),
         mesh_shape=shape, axis_names=names, cluster=cluster,
         in_specs=in_specs, out_specs=out_specs,
         cost=_record(PlanCost, _get(data, "cost", dict), "plan.cost"),
@@ -480,9 +484,39 @@ def plan_from_dict(data) -> Plan:
     )
 
 
-def plan_from_json(text: str) -> Plan:
+def plan_fields_from_json(text: str | bytes) -> dict:
+    """The fields of the :class:`~autoshard.Plan` a plan file describes, checked."""
     try:
         data = json.loads(text)
     except (TypeError, ValueError) as err:
         raise PlanFormatError(f"plan file is not valid JSON: {err}") from None
-    return plan_from_dict(data)
+    return plan_fields_from_dict(data)
+
+
+def _method_from_json(data, version: int):
+    try:
+        return method_from_dict(data) if version > 1 else _method_from_repr(data)
+    except ValueError as err:
+        raise PlanFormatError(f"plan.method: {err}") from None
+
+
+def _method_from_repr(text: str):
+    """A version-1 file's method, its ``repr`` (``"ShardParallel(time_limit_s=60.0, ...)"``),
+    read without ``eval``: only calls of autoshard's methods with literal keyword
+    arguments."""
+    import ast
+    classes = {c.__name__: c for c in METHODS}
+
+    def build(node):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in classes and not node.args:
+            return classes[node.func.id](**{k.arg: build(k.value) for k in node.keywords})
+        return ast.literal_eval(node)
+
+    try:
+        method = build(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError) as err:
+        raise ValueError(f"cannot read the method {text!r}: {err}") from None
+    if not isinstance(method, METHODS):
+        raise ValueError(f"{text!r} is not an autoshard method")
+    return method

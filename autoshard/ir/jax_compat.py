@@ -1,0 +1,51 @@
+"""The one adapter to jax's internals: what autoshard reads of jax beyond its public API.
+
+Everything version-specific lives here (jax 0.10 is pinned in pyproject.toml): the names
+and parameters of call-like primitives that only structure a program (inlined by the
+tracer), where an equation came from in user code, and binding an equation's primitive
+again outside a trace. The rest of autoshard uses public APIs (``jax.extend.core``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.extend.core as jcore
+from jax.extend import source_info_util
+
+# Call-like primitives (name → the parameters that may hold the callee's jaxpr, first
+# match wins): they only structure a program, so the tracer inlines them. ``eval_jaxpr``
+# is the name jax's next release gives the ``closed_call`` steps of a scan's gradient.
+INLINED_CALLS: dict[str, tuple[str, ...]] = {
+    "pjit": ("jaxpr",),
+    "jit": ("jaxpr",),
+    "closed_call": ("call_jaxpr",),
+    "core_call": ("call_jaxpr",),
+    "eval_jaxpr": ("call_jaxpr", "jaxpr"),
+    "custom_jvp_call": ("call_jaxpr",),
+    "custom_vjp_call": ("call_jaxpr",),
+    "custom_vjp_call_jaxpr": ("fun_jaxpr",),
+    "remat": ("jaxpr",),
+    "remat2": ("jaxpr",),
+    "checkpoint": ("jaxpr",),
+}
+
+
+def inlined_callee(eqn):
+    """The jaxpr (open or closed) that ``eqn`` calls when it is a call-like primitive the
+    tracer inlines, else ``None``."""
+    for param in INLINED_CALLS.get(eqn.primitive.name, ()):
+        if param in eqn.params:
+            return eqn.params[param]
+    return None
+
+
+def source_summary(source_info) -> str:
+    """``file:line (function)`` of the user code an equation came from."""
+    return source_info_util.summarize(source_info)
+
+
+def bind(primitive: jcore.Primitive, params: dict, operands: Sequence) -> tuple:
+    """Apply ``primitive`` with an equation's ``params`` to ``operands`` (values or tracers)
+    and return its results as a tuple."""
+    outs = primitive.bind(*operands, **primitive.get_bind_params(params))
+    return tuple(outs) if primitive.multiple_results else (outs,)

@@ -1,0 +1,137 @@
+"""The parts of a :class:`~autoshard.plan.record.Plan`: modelled costs, pipeline stages,
+solver statistics, collectives and costliest ops (frozen records, seconds and bytes)."""
+from __future__ import annotations
+
+import dataclasses
+
+from jax.sharding import PartitionSpec
+
+from autoshard.cost_model import format_bytes, format_seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanCost:
+    """Modelled per-device cost of one call: seconds and bytes."""
+
+    compute_s: float
+    communication_s: float
+    resharding_s: float
+    peak_memory_bytes: int
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.communication_s + self.resharding_s
+
+    def __repr__(self):
+        return (f"PlanCost(total={format_seconds(self.total_s)}, compute={format_seconds(self.compute_s)}, "
+                f"communication={format_seconds(self.communication_s)}, "
+                f"resharding={format_seconds(self.resharding_s)}, "
+                f"peak_memory={format_bytes(self.peak_memory_bytes)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCost:
+    """Modelled per-device cost of one pipeline stage for one micro-batch (forward and
+    backward together, as :class:`PlanCost`), split into ``forward_s``/``backward_s``;
+    ``peak_memory_bytes`` counts the micro-batches the schedule keeps in flight."""
+
+    compute_s: float
+    communication_s: float
+    resharding_s: float
+    peak_memory_bytes: int
+    forward_s: float
+    backward_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.communication_s + self.resharding_s
+
+    def __repr__(self):
+        return (f"StageCost(total={format_seconds(self.total_s)}, forward={format_seconds(self.forward_s)}, "
+                f"backward={format_seconds(self.backward_s)}, "
+                f"peak_memory={format_bytes(self.peak_memory_bytes)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageAssignment:
+    """One pipeline stage: the layers it runs, its sub-mesh and its modelled cost.
+
+    ``device_ids``: the sub-mesh's devices, row-major (positions in the mesh when it was
+    planned on an abstract mesh). ``apply_cost``: the stage's apply-gradient program, once
+    per step (``None`` when the update runs elsewhere).
+    """
+
+    layers: tuple[int, ...]
+    mesh_shape: tuple[int, ...]
+    device_ids: tuple[int, ...]
+    cost: StageCost
+    num_microbatches: int
+    schedule: str
+    apply_cost: PlanCost | None = None
+
+    def __repr__(self):
+        first, last = self.layers[0], self.layers[-1]
+        layers = f"{first}" if first == last else f"{first}-{last}"
+        return (f"StageAssignment(layers={layers}, mesh_shape={self.mesh_shape}, "
+                f"devices={list(self.device_ids)}, cost={self.cost!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverInfo:
+    """What the ILP solver reported, and how long planning took (seconds)."""
+
+    status: str
+    objective_s: float
+    lower_bound_s: float
+    gap: float
+    solve_time_s: float
+    num_nodes: int
+    num_variables: int
+    num_constraints: int
+    planning_time_s: float
+    tied_classes: int = 0   # > 0: repeated layers were tied into this many ILP nodes
+    tied_gap: float = 0.0   # optimality gap of the tied problem
+
+    def describe(self) -> str:
+        """One line: status, gap, problem size and times."""
+        if self.tied_classes:
+            size = (f"{self.num_nodes} nodes tied by repetition into {self.tied_classes} "
+                    f"(gap within them {self.tied_gap:.2%})")
+        else:
+            size = f"gap {self.gap:.2%}, {self.num_nodes} nodes"
+        return (f"{self.status}, {size}, "
+                f"{self.num_variables} variables, {self.num_constraints} constraints, "
+                f"solve {self.solve_time_s:.2f} s, planning {self.planning_time_s:.2f} s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """A collective the plan performs: at ``op`` (an equation or a resharded tensor use)."""
+
+    op: str
+    kind: str       # "all-reduce", "reduce-scatter", "resharding"
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCost:
+    """Per-device seconds the plan spends at one equation (compute + its collectives)."""
+
+    op: str
+    source: str
+    strategy: str
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpecs:
+    """The shardings of one program of a pipeline plan (``name``: ``"stage 0"``,
+    ``"pre-gradient"``, ``"apply on stage 1"``, ``"apply on the mesh"``), on its own
+    sub-mesh: a spec per flat input and output, and the pinned intermediates and
+    resharded operands, as in :class:`Plan`. Kept so a saved plan runs without solving."""
+
+    name: str
+    flat_in_specs: tuple[PartitionSpec, ...]
+    flat_out_specs: tuple[PartitionSpec, ...]
+    value_specs: tuple[tuple[int, PartitionSpec], ...] = ()
+    operand_specs: tuple[tuple[int, int, PartitionSpec], ...] = ()

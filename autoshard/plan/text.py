@@ -1,0 +1,54 @@
+"""The plan as text: ``Plan.summary()``."""
+from __future__ import annotations
+
+from autoshard.cost_model import format_bytes, format_seconds
+
+from .parts import StageAssignment
+
+
+def plan_summary(plan, max_rows: int = 40) -> str:
+    """Specs of inputs and outputs, modelled cost, costliest ops, collectives, stages,
+    solver statistics and warnings, one table per part."""
+    mesh = " × ".join(f"{n}={s}" for n, s in zip(plan.axis_names, plan.mesh_shape))
+    lines = [f"autoshard plan — method {plan.method!r}, mesh {mesh}, cluster {plan.cluster.name}"]
+    c = plan.cost
+    lines.append(f"modelled cost per step: total {format_seconds(c.total_s)} = compute "
+                 f"{format_seconds(c.compute_s)} + communication "
+                 f"{format_seconds(c.communication_s)} + resharding "
+                 f"{format_seconds(c.resharding_s)}; peak memory per device "
+                 f"{format_bytes(c.peak_memory_bytes)}")
+    lines += _spec_table("inputs", plan.in_paths, plan.flat_in_specs, max_rows)
+    lines += _spec_table("outputs", plan.out_paths, plan.flat_out_specs, max_rows)
+    if plan.top_ops:
+        lines.append("costliest ops:")
+        for op in plan.top_ops[:10]:
+            lines.append(f"  {format_seconds(op.seconds):>10}  {op.op:<24} {op.strategy:<28} "
+                         f"{op.source}")
+    by_kind: dict[str, tuple[int, float]] = {}
+    for col in plan.collectives:
+        n, s = by_kind.get(col.kind, (0, 0.0))
+        by_kind[col.kind] = (n + 1, s + col.seconds)
+    if by_kind:
+        lines.append("collectives: " + ", ".join(
+            f"{k} ×{n} ({format_seconds(s)})" for k, (n, s) in sorted(by_kind.items())))
+    for i, st in enumerate(plan.stages):
+        if isinstance(st, StageAssignment):
+            if i == 0:
+                lines.append(f"pipeline: {len(plan.stages)} stage(s), {st.num_microbatches} "
+                             f"micro-batch(es), schedule {st.schedule}")
+            lines.append(f"  stage {i}: {st!r}")
+    if plan.solver is not None:
+        lines.append(f"solver: {plan.solver.describe()}")
+    for w in plan.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def _spec_table(title, paths, specs, max_rows):
+    lines = [f"{title}:"]
+    width = max((len(p) for p in paths[:max_rows]), default=0)
+    for path, spec in list(zip(paths, specs))[:max_rows]:
+        lines.append(f"  {path:<{width}}  {spec}")
+    if len(paths) > max_rows:
+        lines.append(f"  … {len(paths) - max_rows} more")
+    return lines
