@@ -32,6 +32,19 @@ class ShardParallel:
     tie_repeats: bool | None = None
     gap_limit: float | None = None
 
+    def __post_init__(self):
+        if isinstance(self.time_limit_s, bool) or not isinstance(self.time_limit_s, (int, float)) \
+                or not 0 < self.time_limit_s < math.inf:
+            raise ValueError(f"time_limit_s must be a positive number of seconds, got "
+                             f"{self.time_limit_s!r}")
+        if self.tie_repeats not in (None, True, False):
+            raise ValueError(f"tie_repeats must be None, True or False, got {self.tie_repeats!r}")
+        if self.gap_limit is not None and (
+                isinstance(self.gap_limit, bool) or not isinstance(self.gap_limit, (int, float))
+                or not 0 <= self.gap_limit < 1):
+            raise ValueError(f"gap_limit must be None or a fraction in [0, 1), got "
+                             f"{self.gap_limit!r}")
+
     def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
         return enumerate_specs(shape, mesh_shape)
 

@@ -134,7 +134,7 @@ def run(args) -> int:
     from jax.experimental import multihost_utils
 
     import autoshard
-    from autoshard.cli.main import default_axis_names, parse_mesh
+    from autoshard.cli.arguments import default_axis_names, parse_mesh
 
     me, n = jax.process_index(), jax.process_count()
     shape = parse_mesh(args.mesh)

@@ -145,6 +145,35 @@ def _raise_no_assignment(request: IntraOpRequest, reduced: ReducedProblem, rows)
     raise ValueError("no assignment satisfies the forbidden (inf) strategy pairs")
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Prepared:
+    """The reduced problem as the LP and CP-SAT see it: ``active`` nodes (those an edge,
+    a memory row or a shared cost still ties to others), per-node cost minima ``base``
+    moved into ``constant`` (seconds), memory ``rows``, ``shared`` charges, edge
+    ``grids`` and the integer ``scale`` of CP-SAT's objective."""
+
+    reduced: ReducedProblem
+    rows: list
+    shared: list
+    active: list[int]
+    base: list[float]
+    constant: float
+    scale: float
+    grids: list[EdgeGrid]
+    start: float  # time.perf_counter() when solving began
+
+    def choices(self, position) -> tuple[int, ...]:
+        """Request strategy indices from positions among each node's kept strategies."""
+        return tuple(int(k[p]) for k, p in zip(self.reduced.keep, position))
+
+    def result(self, request, choices, objective, lower_bound, status, relaxation, *,
+               scale, build_time, solver, solver_status, model=None) -> IntraOpResult:
+        return _result(request, self.reduced, choices, objective, lower_bound, status,
+                       self.start, relaxation, len(self.grids), len(self.active),
+                       memory_points=len(self.rows), scale=scale, build_time=build_time,
+                       solver=solver, solver_status=solver_status, model=model)
+
+
 def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     """Pick one strategy per node minimising Σ node seconds + Σ edge resharding seconds.
 
@@ -157,6 +186,56 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
         classes = repeat_classes(request)
         if classes.num_classes < request.num_nodes:
             return _solve_tied(request, classes)
+    prepared = _prepare(request)
+
+    def relax(charges, offset):
+        return solve_relaxation([len(k) for k in prepared.reduced.keep], prepared.active,
+                                {v: prepared.reduced.cost[v] - prepared.base[v]
+                                 for v in prepared.active},
+                                prepared.grids, prepared.rows, charges, offset,
+                                request.time_limit_s, _backstop_s(request.time_limit_s))
+
+    # the LP relaxation: often integral, then optimal without a search
+    relaxation = relax(prepared.shared, prepared.constant) if prepared.active else None
+    if relaxation is not None and relaxation.infeasible:
+        _raise_no_assignment(request, prepared.reduced, prepared.rows)
+    if relaxation is not None and relaxation.integral:
+        reduced = prepared.reduced
+        choices = prepared.choices([relaxation.position.get(v, int(np.argmin(reduced.cost[v])))
+                                    for v in range(len(reduced.keep))])
+        check = evaluate(request, choices)
+        if check.ok:
+            return prepared.result(request, choices, check.objective, check.objective,
+                                   "OPTIMAL", relaxation, scale=0.0,
+                                   build_time=time.perf_counter() - prepared.start,
+                                   solver=None, solver_status="LP_INTEGRAL")
+
+    # warm start: local search from the caller's hint and from the LP's largest values
+    starts = []
+    if relaxation is not None and relaxation.solved:
+        starts.append(relaxation.position)
+        if prepared.shared:
+            # Fixed charges make the LP fractional (it spreads members to share a charge).
+            # With every charge paid up front the problem has none, and its LP optimum
+            # (usually integral) costs at most the optimum plus the unused charges.
+            paid = relax((), prepared.constant + sum(cost for cost, _ in prepared.shared))
+            if paid.solved:
+                starts.append(paid.position)
+    position = _warm_start(request, prepared.reduced, bool(prepared.rows), starts)
+    warm = prepared.choices(position)
+    warm_eval = evaluate(request, warm)
+    bound = relaxation.bound if relaxation is not None and relaxation.solved else -np.inf
+    if warm_eval.ok and request.gap_limit > 0 and bound > -np.inf and \
+            warm_eval.objective - bound <= request.gap_limit * abs(warm_eval.objective):
+        return prepared.result(request, warm, warm_eval.objective,
+                               min(bound, warm_eval.objective), "FEASIBLE", relaxation,
+                               scale=0.0, build_time=time.perf_counter() - prepared.start,
+                               solver=None, solver_status="LP_BOUND")
+    return _search(request, prepared, relaxation, position, warm, warm_eval, bound)
+
+
+def _prepare(request: IntraOpRequest) -> _Prepared:
+    """Reduce the request, find the active nodes, and scale costs to CP-SAT's integers."""
     start = time.perf_counter()
     reduced = reduce_request(request)
     rows, infeasible = _memory_rows(request, reduced)
@@ -174,9 +253,6 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
         in_model[list(members)] = True
     active = [v for v in range(n) if in_model[v]]
     base = [float(c.min()) for c in reduced.cost]
-    constant = float(sum(base)) + always_paid
-
-    # --- integer scale -------------------------------------------------------------
     largest, worst = 0.0, 0.0
     for v in active:
         top = float(reduced.cost[v].max()) - base[v]
@@ -188,59 +264,20 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     for cost, _ in shared:
         largest, worst = max(largest, cost), worst + cost
     scale = 1.0 if largest <= 0 else min(_RESOLUTION / largest, 2.0**50 / worst)
+    return _Prepared(reduced, rows, shared, active, base, float(sum(base)) + always_paid,
+                     scale, _edge_grids(reduced, rows), start)
 
-    grids = _edge_grids(reduced, rows)
 
-    # --- LP relaxation: often integral, then optimal without a search ----------------
-    sizes = [len(k) for k in reduced.keep]
-    node_cost = {v: reduced.cost[v] - base[v] for v in active}
-
-    def relax(charges, offset):
-        return solve_relaxation(sizes, active, node_cost, grids, rows, charges, offset,
-                                request.time_limit_s, _backstop_s(request.time_limit_s))
-
-    relaxation = relax(shared, constant) if active else None
-    if relaxation is not None and relaxation.infeasible:
-        _raise_no_assignment(request, reduced, rows)
-    if relaxation is not None and relaxation.integral:
-        position = [relaxation.position.get(v, int(np.argmin(reduced.cost[v]))) for v in range(n)]
-        choices = tuple(int(k[p]) for k, p in zip(reduced.keep, position))
-        check = evaluate(request, choices)
-        if check.ok:
-            return _result(request, reduced, choices, check.objective, check.objective,
-                           "OPTIMAL", start, relaxation, len(grids), len(active),
-                           memory_points=len(rows), scale=0.0,
-                           build_time=time.perf_counter() - start, solver=None,
-                           solver_status="LP_INTEGRAL")
-
-    # --- warm start: local search from the caller's hint and from the LP's largest values
-    starts = []
-    if relaxation is not None and relaxation.solved:
-        starts.append(relaxation.position)
-        if shared:
-            # Fixed charges make the LP fractional (it spreads members to share a charge).
-            # With every charge paid up front the problem has none, and its LP optimum
-            # (usually integral) costs at most the optimum plus the unused charges.
-            paid = relax((), constant + sum(cost for cost, _ in shared))
-            if paid.solved:
-                starts.append(paid.position)
-    position = _warm_start(request, reduced, bool(rows), starts)
-    warm = tuple(int(k[p]) for k, p in zip(reduced.keep, position))
-    warm_eval = evaluate(request, warm)
-    bound = relaxation.bound if relaxation is not None and relaxation.solved else -np.inf
-    if warm_eval.ok and request.gap_limit > 0 and bound > -np.inf and \
-            warm_eval.objective - bound <= request.gap_limit * abs(warm_eval.objective):
-        return _result(request, reduced, warm, warm_eval.objective,
-                       min(bound, warm_eval.objective), "FEASIBLE", start, relaxation,
-                       len(grids), len(active), memory_points=len(rows), scale=0.0,
-                       build_time=time.perf_counter() - start, solver=None,
-                       solver_status="LP_BOUND")
-
-    # --- CP-SAT ----------------------------------------------------------------------
-    model, lits, edge_cells, charged = _cp_model(reduced, active, base, constant, grids, rows,
-                                                 shared, scale)
-    _add_hint(model, lits, grids, edge_cells, charged, shared, position)
-    build_time = time.perf_counter() - start
+def _search(request: IntraOpRequest, prepared: _Prepared, relaxation, position, warm,
+            warm_eval, bound: float) -> IntraOpResult:
+    """CP-SAT from the warm start; never returns worse than the warm start when the
+    deterministic time limit stops it."""
+    reduced, active, scale = prepared.reduced, prepared.active, prepared.scale
+    model, lits, edge_cells, charged = _cp_model(reduced, active, prepared.base,
+                                                 prepared.constant, prepared.grids,
+                                                 prepared.rows, prepared.shared, scale)
+    _add_hint(model, lits, prepared.grids, edge_cells, charged, prepared.shared, position)
+    build_time = time.perf_counter() - prepared.start
     solver = cp_model.CpSolver()
     solver_parameters(solver, request.time_limit_s)
     solver.parameters.relative_gap_limit = request.gap_limit
@@ -250,13 +287,13 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     else:
         status, solution = cp_model.OPTIMAL, []
     if status == cp_model.INFEASIBLE:
-        _raise_no_assignment(request, reduced, rows)
+        _raise_no_assignment(request, reduced, prepared.rows)
     if status == cp_model.MODEL_INVALID:
         raise RuntimeError(f"internal error, CP-SAT rejected the model: {model.validate()}")
 
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         choices = []
-        for v in range(n):
+        for v in range(len(reduced.keep)):
             if v in lits:
                 index = next(i for i, lit in enumerate(lits[v]) if solution[lit.index])
             else:
@@ -273,21 +310,20 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
         choices, status_name = warm, "FEASIBLE"  # time limit hit before CP-SAT's first solution
     else:
         raise RuntimeError(
-            f"CP-SAT found no assignment within the deterministic time limit ({request.time_limit_s:g}); "
-            "raise time_limit_s or pass a hint"
-        )
+            f"CP-SAT found no assignment within the deterministic time limit "
+            f"({request.time_limit_s:g}); raise time_limit_s or pass a hint")
 
     objective = evaluate(request, choices).objective
     if status_name == "FEASIBLE":  # stopped by the limit: never return worse than the warm start
         if warm_eval.ok and warm_eval.objective < objective:
             choices, objective = warm, warm_eval.objective
-    cp_bound = solver.best_objective_bound / scale if active else constant
+    cp_bound = solver.best_objective_bound / scale if active else prepared.constant
     lower_bound = min(objective, max(cp_bound, bound))   # _result: the objective if OPTIMAL
-    return _result(request, reduced, choices, objective, lower_bound, status_name, start, relaxation,
-                   len(grids), len(active), memory_points=len(rows), scale=scale, build_time=build_time,
-                   solver=solver if active else None,
-                   solver_status=solver.status_name(status) if active else "TRIVIAL",
-                   model=model)
+    return prepared.result(request, choices, objective, lower_bound, status_name, relaxation,
+                           scale=scale, build_time=build_time,
+                           solver=solver if active else None,
+                           solver_status=solver.status_name(status) if active else "TRIVIAL",
+                           model=model)
 
 
 def _backstop_s(time_limit_s: float) -> float:

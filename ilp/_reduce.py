@@ -61,7 +61,22 @@ def reduce_request(request: IntraOpRequest) -> ReducedProblem:
     keep = [np.flatnonzero(np.isfinite(c)) for c in request.node_costs]
     cost = [request.node_costs[v][keep[v]].copy() for v in range(n)]
     dropped = sum(request.num_strategies(v) - len(keep[v]) for v in range(n))
+    edges, merged = _merged_edges(request, keep)
+    folded = _EdgeFolding(request, keep, cost, edges).run()
+    return ReducedProblem(
+        keep=tuple(keep),
+        cost=tuple(cost),
+        edges=tuple((a, b, edges[(a, b)]) for a, b in sorted(edges)),
+        points=_reduced_points(request, keep),
+        dropped_strategies=dropped,
+        merged_edges=merged,
+        folded_edges=folded,
+    )
 
+
+def _merged_edges(request: IntraOpRequest, keep) -> tuple[dict[tuple[int, int], np.ndarray], int]:
+    """Edge matrices over kept strategies, oriented ``a < b``, parallel edges summed; and
+    how many were merged into another."""
     edges: dict[tuple[int, int], np.ndarray] = {}
     merged = 0
     for edge in request.edges:
@@ -74,67 +89,82 @@ def reduce_request(request: IntraOpRequest) -> ReducedProblem:
             merged += 1
         else:
             edges[(a, b)] = np.array(matrix, dtype=np.float64)
+    return edges, merged
 
-    adjacency: list[dict[tuple[int, int], None]] = [{} for _ in range(n)]
-    for key in sorted(edges):
-        adjacency[key[0]][key] = None
-        adjacency[key[1]][key] = None
-    queue = deque(sorted(edges))
-    queued = set(queue)
-    folded = 0
 
-    def push(key: tuple[int, int]) -> None:
-        if key not in queued:
-            queued.add(key)
-            queue.append(key)
+class _EdgeFolding:
+    """Reductions 3-5 to a fixpoint, in place on ``keep``, ``cost`` and ``edges``: every
+    edge reparametrised, separable and single-strategy edges folded into node costs,
+    strategies forbidden by inf cells dropped (revisiting the edges they touch)."""
 
-    def remove(key: tuple[int, int]) -> None:
-        nonlocal folded
-        del edges[key]
-        del adjacency[key[0]][key]
-        del adjacency[key[1]][key]
-        folded += 1
+    def __init__(self, request: IntraOpRequest, keep, cost, edges):
+        self.request, self.keep, self.cost, self.edges = request, keep, cost, edges
+        self.adjacency: list[dict[tuple[int, int], None]] = [{} for _ in range(len(keep))]
+        for key in sorted(edges):
+            self.adjacency[key[0]][key] = None
+            self.adjacency[key[1]][key] = None
+        self.queue = deque(sorted(edges))
+        self.queued = set(self.queue)
+        self.folded = 0
 
-    def restrict(v: int) -> None:
-        mask = np.isfinite(cost[v])
+    def run(self) -> int:
+        """Reduce until no edge changes; returns the number of edges folded away."""
+        while self.queue:
+            key = self.queue.popleft()
+            self.queued.discard(key)
+            if key in self.edges:
+                self._visit(key)
+        return self.folded
+
+    def _push(self, key: tuple[int, int]) -> None:
+        if key not in self.queued:
+            self.queued.add(key)
+            self.queue.append(key)
+
+    def _remove(self, key: tuple[int, int]) -> None:
+        del self.edges[key]
+        del self.adjacency[key[0]][key]
+        del self.adjacency[key[1]][key]
+        self.folded += 1
+
+    def _restrict(self, v: int) -> None:
+        """Drop node ``v``'s strategies that became inf, and revisit its edges."""
+        mask = np.isfinite(self.cost[v])
         if mask.all():
             return
         if not mask.any():
             raise ValueError(
-                f"{request.label(v)}: no strategy is compatible with its neighbours "
+                f"{self.request.label(v)}: no strategy is compatible with its neighbours "
                 "(every combination is forbidden by inf edge costs)"
             )
-        keep[v] = keep[v][mask]
-        cost[v] = cost[v][mask]
-        for key in adjacency[v]:
-            edges[key] = edges[key][mask, :] if key[0] == v else edges[key][:, mask]
-            push(key)
+        self.keep[v] = self.keep[v][mask]
+        self.cost[v] = self.cost[v][mask]
+        for key in self.adjacency[v]:
+            matrix = self.edges[key]
+            self.edges[key] = matrix[mask, :] if key[0] == v else matrix[:, mask]
+            self._push(key)
 
-    while queue:
-        key = queue.popleft()
-        queued.discard(key)
-        if key not in edges:
-            continue
+    def _visit(self, key: tuple[int, int]) -> None:
         a, b = key
-        matrix = edges[key]
+        cost, matrix = self.cost, self.edges[key]
         finite = np.isfinite(matrix)
         rows_ok, cols_ok = finite.any(axis=1), finite.any(axis=0)
         if not (rows_ok.all() and cols_ok.all()):
             cost[a][~rows_ok] = np.inf
             cost[b][~cols_ok] = np.inf
-            restrict(a)
-            restrict(b)
-            continue
+            self._restrict(a)
+            self._restrict(b)
+            return
         rows, cols = matrix.shape
         if cols == 1 or rows == 1:
             if cols == 1:
                 cost[a] = cost[a] + matrix[:, 0]
             else:
                 cost[b] = cost[b] + matrix[0, :]
-            remove(key)
-            restrict(a)
-            restrict(b)
-            continue
+            self._remove(key)
+            self._restrict(a)
+            self._restrict(b)
+            return
         tol = _ZERO_RTOL * float(np.abs(matrix[finite]).max())
         row_min = _finite_min(matrix, axis=1)
         matrix = matrix - row_min[:, None]
@@ -144,13 +174,16 @@ def reduce_request(request: IntraOpRequest) -> ReducedProblem:
         cost[b] = cost[b] + col_min
         matrix[np.abs(matrix) <= tol] = 0.0
         if not matrix.any():
-            remove(key)
+            self._remove(key)
         else:
-            edges[key] = matrix
+            self.edges[key] = matrix
 
+
+def _reduced_points(request: IntraOpRequest, keep) -> tuple[tuple[tuple, ...], ...]:
+    """The request's distinct memory points over kept strategies."""
     memory = None
     if request.node_memory is not None:
-        memory = tuple(request.node_memory[v][keep[v]] for v in range(n))
+        memory = tuple(request.node_memory[v][keep[v]] for v in range(request.num_nodes))
     points: dict[tuple, tuple] = {}
     for point in request.memory_points:
         nodes = sorted(set(point))
@@ -160,15 +193,7 @@ def reduce_request(request: IntraOpRequest) -> ReducedProblem:
         terms = _reduced_terms(point, keep)
         if terms:
             points[tuple((*term[:-1], term[-1].tobytes()) for term in terms)] = terms
-    return ReducedProblem(
-        keep=tuple(keep),
-        cost=tuple(cost),
-        edges=tuple((a, b, edges[(a, b)]) for a, b in sorted(edges)),
-        points=tuple(points.values()),
-        dropped_strategies=dropped,
-        merged_edges=merged,
-        folded_edges=folded,
-    )
+    return tuple(points.values())
 
 
 def _reduced_terms(point, keep) -> tuple:

@@ -90,74 +90,17 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
     if estimate > time_limit_s:
         return Relaxation(False, False, -np.inf, {}, False, num_vars, num_constraints,
                           time.perf_counter() - start)
-    offset, num_vars = {}, 0
-    for v in active:
-        offset[v] = num_vars
-        num_vars += sizes[v]
-    objective = [np.asarray(node_cost[v], dtype=np.float64) for v in active]
-    eq_rows, eq_cols, eq_vals = [], [], []
-    for r, v in enumerate(active):
-        eq_rows.append(np.full(sizes[v], r))
-        eq_cols.append(offset[v] + np.arange(sizes[v]))
-        eq_vals.append(np.ones(sizes[v]))
-    num_eq = len(active)
-    cells = {}
-    for grid in grids:
-        ks, ls = np.nonzero(grid.finite)
-        index = num_vars + np.arange(len(ks))
-        num_vars += len(ks)
-        cells[(grid.a, grid.b)] = (grid, ks, ls, index)
-        objective.append(grid.cost[ks, ls])
-        num_k, num_l = grid.cost.shape
-        for classes_of, linked, node, base in ((ks, grid.row_of, grid.a, num_eq),
-                                               (ls, grid.col_of, grid.b, num_eq + num_k)):
-            eq_rows += [base + classes_of, base + linked]
-            eq_cols += [index, offset[node] + np.arange(len(linked))]
-            eq_vals += [np.ones(len(index)), -np.ones(len(linked))]
-        num_eq += num_k + num_l
-    ub_rows, ub_cols, ub_vals, b_ub = [], [], [], []
-    for terms, rhs in memory_rows:
-        top = max(float(np.max(coef)) for *_, coef in terms)
-        for *ends, coef in terms:
-            if len(ends) == 1:
-                cols = offset[ends[0]] + np.arange(len(coef))
-                vals = np.asarray(coef, dtype=np.float64)
-            else:
-                grid, ks, ls, index = cells[tuple(ends)]
-                cols, vals = index, grid.block(np.asarray(coef, dtype=np.float64))[ks, ls]
-            ub_rows.append(np.full(len(cols), len(b_ub)))
-            ub_cols.append(cols)
-            ub_vals.append(vals / top)
-        b_ub.append(rhs / top)
-    for cost, members in shared:  # Σ_{i in members of v} x[v, i] - paid <= 0
-        paid = num_vars
-        num_vars += 1
-        objective.append(np.array([cost]))
-        for v, indices in members.items():
-            ub_rows.append(np.full(len(indices) + 1, len(b_ub)))
-            ub_cols.append(np.append(offset[v] + np.asarray(indices), paid))
-            ub_vals.append(np.append(np.ones(len(indices)), -1.0))
-            b_ub.append(0.0)
-    b_eq = np.zeros(num_eq)
-    b_eq[:len(active)] = 1.0
-    rows = [sparse.csr_matrix((np.concatenate(eq_vals), (np.concatenate(eq_rows),
-                                                        np.concatenate(eq_cols))),
-                              shape=(num_eq, num_vars))]
-    lower, upper = [b_eq], [b_eq]
-    if b_ub:
-        rows.append(sparse.csr_matrix((np.concatenate(ub_vals), (np.concatenate(ub_rows),
-                                                               np.concatenate(ub_cols))),
-                                      shape=(len(b_ub), num_vars)))
-        lower.append(np.full(len(b_ub), -np.inf))
-        upper.append(np.asarray(b_ub, dtype=np.float64))
-
-    c = np.concatenate(objective) if objective else np.zeros(0)
+    lp = _LinearProgram(sizes, active, node_cost)
+    lp.add_edges(grids)
+    lp.add_memory_rows(memory_rows)
+    lp.add_shared_charges(shared)
+    offset, num_vars = lp.offset, lp.num_vars
+    c, matrix, lower, upper = lp.arrays()
     largest = float(np.max(np.abs(c))) if c.size else 0.0
     scale = _OBJECTIVE_RANGE / largest if largest > 0 else 1.0
     model = model_builder.Model()
     model.helper.fill_model_from_sparse_data(
-        np.zeros(num_vars), np.full(num_vars, np.inf), c * scale, np.concatenate(lower),
-        np.concatenate(upper), sparse.vstack(rows, format="csr"))
+        np.zeros(num_vars), np.full(num_vars, np.inf), c * scale, lower, upper, matrix)
     solver = model_builder.Solver("highs")
     solver.set_solver_specific_parameters("threads=1\noutput_flag=false")
     solver.set_time_limit_in_seconds(float(backstop_s))
@@ -176,3 +119,89 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
         integral &= bool(values[best] >= 1.0 - _INTEGRAL_TOL)
     return Relaxation(True, False, float(solver.objective_value) / scale + constant, position,
                       integral, num_vars, num_constraints, wall)
+
+
+class _LinearProgram:
+    """The LP in sparse rows, built part by part. Variables: one per kept strategy of
+    each active node (``offset[v]`` onwards), one per finite cell of each edge grid, one
+    per shared charge. Equalities: each node's strategies sum to 1, each grid's cells
+    sum to its ends' strategies (the local-marginal polytope); inequalities: memory rows
+    (scaled to 1) and ``Σ members − paid <= 0`` per shared charge."""
+
+    def __init__(self, sizes, active, node_cost):
+        self.sizes, self.active = sizes, active
+        self.offset, self.num_vars = {}, 0
+        for v in active:
+            self.offset[v] = self.num_vars
+            self.num_vars += sizes[v]
+        self.objective = [np.asarray(node_cost[v], dtype=np.float64) for v in active]
+        self.eq_rows, self.eq_cols, self.eq_vals = [], [], []
+        for r, v in enumerate(active):
+            self.eq_rows.append(np.full(sizes[v], r))
+            self.eq_cols.append(self.offset[v] + np.arange(sizes[v]))
+            self.eq_vals.append(np.ones(sizes[v]))
+        self.num_eq = len(active)
+        self.cells = {}
+        self.ub_rows, self.ub_cols, self.ub_vals, self.b_ub = [], [], [], []
+
+    def add_edges(self, grids) -> None:
+        for grid in grids:
+            ks, ls = np.nonzero(grid.finite)
+            index = self.num_vars + np.arange(len(ks))
+            self.num_vars += len(ks)
+            self.cells[(grid.a, grid.b)] = (grid, ks, ls, index)
+            self.objective.append(grid.cost[ks, ls])
+            num_k, num_l = grid.cost.shape
+            for classes_of, linked, node, base in (
+                    (ks, grid.row_of, grid.a, self.num_eq),
+                    (ls, grid.col_of, grid.b, self.num_eq + num_k)):
+                self.eq_rows += [base + classes_of, base + linked]
+                self.eq_cols += [index, self.offset[node] + np.arange(len(linked))]
+                self.eq_vals += [np.ones(len(index)), -np.ones(len(linked))]
+            self.num_eq += num_k + num_l
+
+    def add_memory_rows(self, memory_rows) -> None:
+        for terms, rhs in memory_rows:
+            top = max(float(np.max(coef)) for *_, coef in terms)
+            for *ends, coef in terms:
+                if len(ends) == 1:
+                    cols = self.offset[ends[0]] + np.arange(len(coef))
+                    vals = np.asarray(coef, dtype=np.float64)
+                else:
+                    grid, ks, ls, index = self.cells[tuple(ends)]
+                    cols, vals = index, grid.block(np.asarray(coef, dtype=np.float64))[ks, ls]
+                self.ub_rows.append(np.full(len(cols), len(self.b_ub)))
+                self.ub_cols.append(cols)
+                self.ub_vals.append(vals / top)
+            self.b_ub.append(rhs / top)
+
+    def add_shared_charges(self, shared) -> None:
+        for cost, members in shared:  # Σ_{i in members of v} x[v, i] - paid <= 0
+            paid = self.num_vars
+            self.num_vars += 1
+            self.objective.append(np.array([cost]))
+            for v, indices in members.items():
+                self.ub_rows.append(np.full(len(indices) + 1, len(self.b_ub)))
+                self.ub_cols.append(np.append(self.offset[v] + np.asarray(indices), paid))
+                self.ub_vals.append(np.append(np.ones(len(indices)), -1.0))
+                self.b_ub.append(0.0)
+
+    def arrays(self):
+        """(objective, constraint matrix, row lower bounds, row upper bounds)."""
+        b_eq = np.zeros(self.num_eq)
+        b_eq[:len(self.active)] = 1.0
+        rows = [sparse.csr_matrix(
+            (np.concatenate(self.eq_vals), (np.concatenate(self.eq_rows),
+                                            np.concatenate(self.eq_cols))),
+            shape=(self.num_eq, self.num_vars))]
+        lower, upper = [b_eq], [b_eq]
+        if self.b_ub:
+            rows.append(sparse.csr_matrix(
+                (np.concatenate(self.ub_vals), (np.concatenate(self.ub_rows),
+                                                np.concatenate(self.ub_cols))),
+                shape=(len(self.b_ub), self.num_vars)))
+            lower.append(np.full(len(self.b_ub), -np.inf))
+            upper.append(np.asarray(self.b_ub, dtype=np.float64))
+        c = np.concatenate(self.objective) if self.objective else np.zeros(0)
+        return (c, sparse.vstack(rows, format="csr"), np.concatenate(lower),
+                np.concatenate(upper))

@@ -164,12 +164,32 @@ def _delete(*path):
     (_set(["warnings"], [1]), "plan.warnings[0]"),
     (_set(["extra"], 1), "unknown field(s) ['extra']"),
     (_set(["collectives", 0, "seconds"], None), "plan.collectives[0].seconds"),
+    (_set(["method"], "ShardParallel(time_limit_s=60.0)"), "plan.method: expected an object"),
+    (_set(["method", "kind"], "Magic"), "plan.method: expected an object with \"kind\""),
+    (_set(["method", "speed"], 2), "plan.method: ShardParallel has no setting(s) ['speed']"),
+    (_set(["method", "time_limit_s"], "long"), "plan.method: ShardParallel"),
 ])
 def test_validation_errors_name_the_field(mutate, expected):
     with pytest.raises(autoshard.PlanFormatError) as info:
         Plan.from_json(_corrupt(mutate))
     assert expected in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_method_is_a_typed_record_and_version_1_files_still_load():
+    plan = _synthetic_plan(method=autoshard.PipeshardParallel(
+        num_microbatches=4, stage_method=autoshard.Megatron()))
+    data = plan_to_dict(plan)
+    assert data["method"] == {"kind": "PipeshardParallel", "num_microbatches": 4,
+                              "num_stages": None, "schedule": "1f1b", "num_layers": None,
+                              "stage_method": {"kind": "Megatron"}}
+    assert Plan.from_json(json.dumps(data)).method == plan.method
+    # a version-1 file wrote the method's repr
+    data.update(format_version=1, method=repr(plan.method))
+    assert Plan.from_json(json.dumps(data)).method == plan.method
+    data["method"] = "__import__('os').system('true')"
+    with pytest.raises(autoshard.PlanFormatError, match="plan.method"):
+        Plan.from_json(json.dumps(data))
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -31,7 +31,9 @@ class Strategy:
     ``temp_bytes``: per-device bytes of buffers it needs only while it runs (the
     unreduced partial result a reduce-scatter reads, plus the full all-reduce result on
     backends that lower a reduce-scatter to all-reduce + slice).
-    ``all_reduce_axes``: the mesh axes its all-reduce spans (empty when it has none);
+    ``collective``: the collective it ends with, ``"all-reduce"`` or ``"reduce-scatter"``
+    (``""``: none). ``all_reduce_axes``: the mesh axes its all-reduce spans (empty when it
+    has none);
     ``all_reduce_latency_s`` / ``all_reduce_bytes``: that all-reduce's latency part of
     ``communication_s`` and its bytes per device (``_combining`` shares the latency
     between all-reduces XLA merges).
@@ -43,6 +45,7 @@ class Strategy:
     compute_s: float
     communication_s: float
     temp_bytes: int = 0
+    collective: str = ""
     all_reduce_axes: tuple[int, ...] = ()
     all_reduce_latency_s: float = 0.0
     all_reduce_bytes: int = 0
@@ -165,7 +168,7 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, fused)
         return
     comm = sum(model.all_reduce(b, reduce_axes) for b in out_bytes)
     yield Strategy(name + " all-reduce", out_specs, in_specs, compute, comm,
-                   all_reduce_axes=reduce_axes,
+                   collective="all-reduce", all_reduce_axes=reduce_axes,
                    all_reduce_latency_s=len(out_bytes) * model.all_reduce_latency(reduce_axes),
                    all_reduce_bytes=int(sum(out_bytes)))
     if len(out_avals) != 1:
@@ -185,7 +188,7 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, fused)
             # slice, that all-reduce's full-size result beside it
             temp = out_bytes[0] * (2 if model.cluster.reduce_scatter_as_all_reduce else 1)
             yield Strategy(f"{name} reduce-scatter(dim {d})", (scattered,), in_specs,
-                           compute, comm, temp_bytes=temp)
+                           compute, comm, temp_bytes=temp, collective="reduce-scatter")
 
 
 def _assignment_name(loop_axes, reductions) -> str:

@@ -94,10 +94,11 @@ class TracedFunction:
     def input_tree(self, flat: Sequence) -> tuple:
         """``flat`` (one entry per flat input) as the arguments' pytrees, one per argument,
         ``None`` in the place of a static argument (as ``Plan.in_specs`` holds them)."""
-        dyn = iter(jax.tree_util.tree_unflatten(self.in_tree, list(flat)))
-        num_args = self.in_tree.num_children + len(self.static_argnums) \
-            if self.num_args is None else self.num_args
-        return tuple(None if i in self.static_argnums else next(dyn) for i in range(num_args))
+        dyn = list(jax.tree_util.tree_unflatten(self.in_tree, list(flat)))
+        num_args = len(dyn) + len(self.static_argnums) if self.num_args is None \
+            else self.num_args
+        rest = iter(dyn)
+        return tuple(None if i in self.static_argnums else next(rest) for i in range(num_args))
 
     def output_tree(self, flat: Sequence):
         """``flat`` (one entry per flat output) as the function's output pytree."""

@@ -1,0 +1,94 @@
+"""A solved :class:`~autoshard.intra.problem.ShardingProblem` as a :class:`Plan`: the layout
+of every input, output and pinned intermediate, the collectives the plan pays for, its
+modelled cost and the solver's statistics."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from autoshard import ilp
+from autoshard.cost_model import Cluster, MeshCostModel
+from autoshard.ir.fingerprint import fingerprint
+from autoshard.ir.specs import to_partition_spec
+from autoshard.ir.trace import TracedFunction
+from autoshard.plan.parts import Collective, OpCost, PlanCost, SolverInfo
+from autoshard.plan.record import Plan
+
+from .memory_points import planned_peak_bytes
+from .problem import ShardingProblem
+
+
+def plan_record(traced: TracedFunction, problem: ShardingProblem, result: ilp.IntraOpResult,
+                *, method, model: MeshCostModel, cluster: Cluster, axis_names: Sequence[str],
+                static_repr: str, donated: Sequence[int], start: float) -> Plan:
+    """The plan of ``result``'s choices; ``start``: ``time.perf_counter()`` when planning
+    began (for ``SolverInfo.planning_time_s``)."""
+    program = traced.program
+    graph, grouping, uses, matrices = problem.graph, problem.grouping, problem.uses, \
+        problem.matrices
+    invar_index = {v: i for i, v in enumerate(program.invars)}
+    choices = grouping.expand(result.choices)
+    chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]
+
+    # Layout of every value under the chosen strategies.
+    value_spec = {}
+    for node, strat in zip(graph.nodes, chosen):
+        for vid, spec in zip(node.outputs, strat.out_specs):
+            value_spec[vid] = spec
+    P = lambda spec: to_partition_spec(spec, axis_names)  # noqa: E731
+    flat_in = tuple(P(value_spec[v]) for v in program.invars)
+    flat_out = tuple(P(value_spec[a]) if isinstance(a, int) else P(())
+                     for a in program.outvars)
+    value_specs, operand_specs, collectives = [], [], []
+    for node, strat in zip(graph.nodes, chosen):
+        if node.kind != "op":
+            continue
+        for vid, spec in zip(node.outputs, strat.out_specs):
+            if len(spec) and vid not in invar_index:
+                value_specs.append((vid, P(spec)))
+        if strat.communication_s > 0:
+            collectives.append(Collective(node.name, strat.collective, strat.communication_s))
+    resharding = 0.0
+    for use, matrix in zip(uses, matrices):
+        cost = float(matrix[choices[use.src], choices[use.dst]])
+        if use.operand < 0:  # loop-carried: the next step's input layout
+            resharding += cost
+            continue
+        src_spec = chosen[use.src].out_specs[use.src_output]
+        dst_spec = chosen[use.dst].in_specs[use.operand]
+        if src_spec != dst_spec:
+            operand_specs.append((graph.nodes[use.dst].eqn, use.operand, P(dst_spec)))
+            if cost > 0:
+                collectives.append(Collective(f"{graph.nodes[use.src].name}→"
+                                              f"{graph.nodes[use.dst].name}", "resharding", cost))
+        resharding += cost
+
+    merged_latency = 0.0
+    for group in problem.merged:  # latency of each merged all-reduce that runs, once
+        if any(choices[v] == i for v, i in group.members):
+            merged_latency += group.latency_s
+            collectives.append(Collective(f"merged all-reduce over mesh axes {group.axes}",
+                                          "all-reduce", group.latency_s))
+    peak = planned_peak_bytes(graph, model, chosen, donated)
+    cost = PlanCost(compute_s=float(sum(s.compute_s for s in chosen)),
+                    communication_s=float(sum(s.communication_s for s in chosen)) + merged_latency,
+                    resharding_s=resharding, peak_memory_bytes=peak)
+    top = sorted(((n, s) for n, s in zip(graph.nodes, chosen) if n.kind == "op"),
+                 key=lambda ns: -ns[1].cost_s)[:20]
+    top_ops = tuple(OpCost(n.name, traced.sources[n.eqn], s.name, s.cost_s) for n, s in top)
+    solver = SolverInfo(status=result.status, objective_s=result.objective,
+                        lower_bound_s=result.lower_bound, gap=result.gap,
+                        solve_time_s=result.solve_time_s, num_nodes=len(grouping.roots),
+                        num_variables=result.num_variables,
+                        num_constraints=result.num_constraints,
+                        planning_time_s=time.perf_counter() - start,
+                        tied_classes=result.stats.tied_classes, tied_gap=result.stats.tied_gap)
+    in_specs = traced.input_tree(flat_in)
+    out_specs = traced.output_tree(flat_out)
+    return Plan(method=method, mesh_shape=model.mesh_shape,
+                axis_names=tuple(axis_names), cluster=cluster, in_specs=in_specs,
+                out_specs=out_specs, cost=cost, solver=solver,
+                fingerprint=fingerprint(traced, static_repr), in_paths=traced.in_paths,
+                out_paths=traced.out_paths, flat_in_specs=flat_in, flat_out_specs=flat_out,
+                value_specs=tuple(value_specs), operand_specs=tuple(operand_specs),
+                collectives=tuple(collectives), top_ops=top_ops, warnings=problem.warnings)

@@ -1,0 +1,222 @@
+"""The intra-op problem of a traced function on a mesh: its sharding graph, the price of
+every strategy and tensor use, and the ILP request over them (plain data for ``ilp``)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from autoshard import ilp
+from autoshard.cost_model import MeshCostModel
+from autoshard.ir import trace as _trace
+from autoshard.ir.specs import Spec, from_partition_spec, spec_is_valid
+from autoshard.ir.trace import TracedFunction
+from autoshard.ir.user_frames import user_stacklevel
+from autoshard.methods import DataParallel, Megatron, ShardParallel, ZeRO3
+
+from .combining import MergedAllReduce, combine_all_reduces
+from .following import Grouping, group_followers, grouped_request
+from .graph import ShardingGraph, Use, build_graph, use_cost_matrix
+
+_log = logging.getLogger("autoshard")
+
+#: ILP nodes above which repeated layers are tied by default (``ShardParallel.tie_repeats``).
+TIE_REPEATS_ABOVE = 600
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardingProblem:
+    """Everything priced for one planning call. ``uses[k]`` is priced by ``matrices[k]``
+    (seconds, [src strategy, dst strategy]); ``request`` is the ILP over ``grouping``'s
+    roots; ``warnings`` name the equations that run replicated for want of a rule."""
+
+    graph: ShardingGraph
+    grouping: Grouping
+    uses: tuple[Use, ...]
+    matrices: tuple[np.ndarray, ...]
+    merged: tuple[MergedAllReduce, ...]
+    request: ilp.IntraOpRequest
+    warnings: tuple[str, ...]
+
+    def __repr__(self):
+        return (f"ShardingProblem({len(self.graph.nodes)} nodes, {len(self.grouping.roots)} "
+                f"ILP nodes, {len(self.request.edges)} edges)")
+
+
+def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
+                  batch_flat: Sequence[bool], axis_names: Sequence[str],
+                  donated_flat: Sequence[bool] = (),
+                  in_layouts: Mapping[int, PartitionSpec] | None = None,
+                  carried: Sequence[tuple[int, int]] = (), carried_weight: float = 1.0
+                  ) -> ShardingProblem:
+    """Strategies of every equation, their prices and the ILP request (see
+    :func:`autoshard.intra.planner.plan_traced` for the arguments)."""
+    start = time.perf_counter()
+    program = traced.program
+    fixed = _fixed_inputs(program, in_layouts or {}, model.mesh_shape, tuple(axis_names))
+
+    def input_specs(i, shape):
+        if i in fixed:
+            return [fixed[i]]
+        return method.input_specs(shape, model.mesh_shape, bool(batch_flat[i]))
+
+    graph = build_graph(traced, model, input_specs)
+    messages = _warn_unsupported(graph)
+    by_key_path = tuple(sorted(carried_pairs(traced, donated_flat)))
+    extra = tuple(sorted(set(carried) - set(by_key_path)))
+    pairs = tuple(sorted(by_key_path + extra))
+    graph = _price_fed_inputs(graph, model, pairs, frozenset(fixed))
+    graph, merged = combine_all_reduces(graph, model)
+    weighted = _carried_uses(graph, extra)
+    uses = tuple(graph.uses) + tuple(_carried_uses(graph, by_key_path)) + tuple(weighted)
+    memo: dict = {}
+    matrices = [use_cost_matrix(graph, u, model, memo) for u in uses]
+    if carried_weight != 1.0:  # the weighted carried uses come last
+        first = len(uses) - len(weighted)
+        matrices[first:] = [m * carried_weight for m in matrices[first:]]
+    grouping = group_followers(graph)
+    time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
+    request = grouped_request(graph, grouping, uses, matrices, time_limit, merged)
+    tie = getattr(method, "tie_repeats", None)
+    tie = len(grouping.roots) > TIE_REPEATS_ABOVE if tie is None else bool(tie)
+    gap = getattr(method, "gap_limit", None)
+    request = dataclasses.replace(
+        request, hint=_seed(graph, grouping, request, model, method, batch_flat),
+        tie_repeats=tie, gap_limit=(0.01 if tie else 0.0) if gap is None else gap)
+    _log.info("strategies and costs: %d nodes, %d ILP nodes after following, %d edges "
+              "(%.2f s)", len(graph.nodes), len(grouping.roots), len(request.edges),
+              time.perf_counter() - start)
+    return ShardingProblem(graph, grouping, uses, tuple(matrices), merged, request, messages)
+
+
+def carried_pairs(traced: TracedFunction, donated_flat: Sequence[bool] = ()
+                  ) -> tuple[tuple[int, int], ...]:
+    """(flat output, flat input) pairs carried from one step to the next.
+
+    An output mirrors an input when it sits at the same key path of the output
+    tuple as the argument (``out[0]['w']`` ↔ ``args[0]['w']``) with the same shape
+    and dtype — the ``(params, opt_state, batch) → (params, opt_state, loss)``
+    convention — or, for donated arguments, when jax would alias them (first
+    unused output of equal shape and dtype, in order).
+    """
+    program = traced.program
+    aval = lambda v: (tuple(program.avals[v].shape), program.avals[v].dtype)  # noqa: E731
+    by_path = {p: i for i, p in enumerate(traced.in_paths)}
+    pairs, used_in, used_out = [], set(), set()
+    for o, (path, atom) in enumerate(zip(traced.out_paths, program.outvars)):
+        i = by_path.get("args" + path)
+        if i is not None and isinstance(atom, int) and aval(atom) == aval(program.invars[i]):
+            pairs.append((o, i))
+            used_in.add(i)
+            used_out.add(o)
+    for i, donated in enumerate(donated_flat):
+        if not donated or i in used_in:
+            continue
+        for o, atom in enumerate(program.outvars):
+            if o not in used_out and isinstance(atom, int) and \
+                    aval(atom) == aval(program.invars[i]):
+                pairs.append((o, i))
+                used_out.add(o)
+                break
+    return tuple(sorted(pairs))
+
+
+def _carried_uses(graph: ShardingGraph, pairs) -> list[Use]:
+    """Loop-carried tensor uses: output producer → the input node it feeds next step."""
+    program = graph.traced.program
+    uses = []
+    for o, i in pairs:
+        src, k = graph.producer[program.outvars[o]]
+        dst = graph.input_node(i)
+        if src != dst:
+            uses.append(Use(src, k, dst, -1))
+    return uses
+
+
+def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs,
+                      on_device=frozenset()) -> ShardingGraph:
+    """Arguments not carried from the previous step (the batch) arrive from the host every
+    call: each device copies in its shard, ``bytes per device / memory bandwidth``. Those in
+    ``on_device`` (flat indices: made by another program on these devices) copy nothing."""
+    program = graph.traced.program
+    carried = {i for _, i in pairs}
+    nodes = list(graph.nodes)
+    for i, vid in enumerate(program.invars):
+        if i in carried or i in on_device:
+            continue
+        n = graph.input_node(i)
+        aval = program.avals[vid]
+        shape, itemsize = tuple(aval.shape), aval.dtype.itemsize
+        nodes[n] = dataclasses.replace(nodes[n], strategies=tuple(
+            dataclasses.replace(s, communication_s=model.bytes_per_device(
+                shape, itemsize, s.out_specs[0]) / model.cluster.memory_bandwidth)
+            for s in nodes[n].strategies))
+    return dataclasses.replace(graph, nodes=tuple(nodes))
+
+
+def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest, model: MeshCostModel,
+          method, batch_flat: Sequence[bool]) -> tuple[int, ...] | None:
+    """The solver's starting plan: the cheapest of greedy plans laid out like each preset
+    (inputs restricted to its layouts) and one unrestricted, so that a search stopped by
+    its time limit is never worse than the hand-written plans."""
+    styles = [None]
+    if isinstance(method, ShardParallel):
+        styles += [DataParallel(), ZeRO3(), Megatron()]
+    program = graph.traced.program
+    position = {r: p for p, r in enumerate(grouping.roots)}
+    candidates = []
+    for style in styles:
+        allowed = {}
+        for i, vid in enumerate(program.invars):
+            v = graph.input_node(i)
+            if style is None or grouping.root[v] != v:
+                continue
+            wanted = style.input_specs(tuple(program.avals[vid].shape), model.mesh_shape,
+                                       bool(batch_flat[i]))
+            options = [j for j, s in enumerate(graph.nodes[v].strategies)
+                       if s.out_specs[0] in wanted]
+            if options:
+                allowed[position[v]] = options
+        candidates.append(ilp.greedy_assignment(request, allowed))
+    return ilp.best_assignment(request, candidates)
+
+
+def _fixed_inputs(program, in_layouts: Mapping[int, PartitionSpec], mesh_shape, axis_names
+                  ) -> dict[int, Spec]:
+    """``in_layouts`` as internal specs, each checked against its input's shape and the mesh."""
+    fixed = {}
+    for i, pspec in in_layouts.items():
+        if not 0 <= i < len(program.invars):
+            raise ValueError(f"in_layouts names input {i} of a program with "
+                             f"{len(program.invars)} inputs")
+        shape = tuple(program.avals[program.invars[i]].shape)
+        spec = from_partition_spec(pspec, len(shape), axis_names)
+        if not spec_is_valid(shape, spec, mesh_shape):
+            raise ValueError(f"in_layouts gives input {i} (shape {shape}) the layout {pspec}, "
+                             f"which a {'x'.join(map(str, mesh_shape))} mesh cannot hold")
+        fixed[i] = spec
+    return fixed
+
+
+def _warn_unsupported(graph: ShardingGraph) -> tuple[str, ...]:
+    messages = []
+    for kind, items in (("no sharding rule for", graph.unsupported),
+                        ("control flow", graph.control_flow)):
+        names = sorted({p for p, _ in items})
+        for name in names:
+            where = next(src for p, src in items if p == name)
+            count = sum(p == name for p, _ in items)
+            msg = (f"autoshard: {kind} primitive '{name}' ({count} use(s), first at {where}); "
+                   "it runs replicated on every device")
+            if name == "scan":
+                msg += (f" (a lax.scan is unrolled and sharded when its steps add up to at most "
+                        f"autoshard.ir.trace.MAX_UNROLLED_EQUATIONS = {_trace.MAX_UNROLLED_EQUATIONS} "
+                        "equations; this one has more)")
+            messages.append(msg)
+            warnings.warn(msg, stacklevel=user_stacklevel())
+    return tuple(messages)
