@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from autoshard.cost_model import format_bytes, format_seconds
+
 from .hlo import COLLECTIVE_KINDS
 
 ILP = "ShardParallel"
@@ -15,22 +17,11 @@ _SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-t
 
 
 def fmt_s(s) -> str:
-    if s is None:
-        return "—"
-    if s >= 1:
-        return f"{s:.3f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.3f} ms"
-    return f"{s * 1e6:.1f} µs"
+    return "—" if s is None else format_seconds(s)
 
 
 def fmt_b(n) -> str:
-    if n is None:
-        return "—"
-    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+    return "—" if n is None else format_bytes(n)
 
 
 def fmt_flops(f) -> str:
