@@ -29,6 +29,11 @@ def test_baseline_runs_and_matches_single_device(name, shape, strategy):
     for out, sh in zip(jax.tree_util.tree_leaves(got[:2]), jax.tree_util.tree_leaves(in_shardings[:2])):
         assert out.sharding.is_equivalent_to(sh, out.ndim)
     assert got[2].sharding.is_fully_replicated
+    # Whatever replica-group form XLA printed, the parsed groups partition the 8 devices.
+    for c in hlo.parse_collectives(fn.as_text()):
+        if c.kind != "collective-permute" and c.groups:
+            assert sorted(i for g in c.groups for i in g) == list(range(8)), c
+            assert len({len(g) for g in c.groups}) == 1, c
 
 
 def test_baseline_names():
