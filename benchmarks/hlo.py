@@ -5,8 +5,12 @@ actually produced for one device of the SPMD program.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from typing import Any
+
+import numpy as np
 
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                     "collective-permute")
@@ -122,11 +126,6 @@ def memory(compiled) -> dict[str, int] | None:
 # (benchmarks/yardstick.py). Device ids in replica groups are the SPMD program's logical
 # ids (partition ids), which jax assigns row-major over the mesh's devices array, so id i
 # sits at mesh coordinate np.unravel_index(i, mesh_shape).
-
-import dataclasses  # noqa: E402
-import math  # noqa: E402
-
-import numpy as np  # noqa: E402
 
 # `%name = <shape> <opcode>(operands), attributes` for every instruction: the shapes of
 # operands are looked up by name (compiled HLO text prints operands as bare `%name`).
