@@ -5,8 +5,12 @@ actually produced for one device of the SPMD program.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from typing import Any
+
+import numpy as np
 
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                     "collective-permute")
@@ -115,3 +119,232 @@ def memory(compiled) -> dict[str, int] | None:
               for k in ("argument", "output", "temp", "alias", "generated_code")}
     fields["total"] = fields["argument"] + fields["output"] + fields["temp"] - fields["alias"]
     return fields
+
+
+# --------------------------------------------------------------------------- per-collective
+# One record per collective instruction, with its replica groups, for the yardstick
+# (benchmarks/yardstick.py). Device ids in replica groups are the SPMD program's logical
+# ids (partition ids), which jax assigns row-major over the mesh's devices array, so id i
+# sits at mesh coordinate np.unravel_index(i, mesh_shape).
+
+# `%name = <shape> <opcode>(operands), attributes` for every instruction: the shapes of
+# operands are looked up by name (compiled HLO text prints operands as bare `%name`).
+_ANY_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+"
+                        r"(?P<op>[a-z][\w\-]*)\(")
+_IOTA_GROUPS = re.compile(r"^\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?")
+_MESH_GROUPS = re.compile(r"^mesh\[(?P<axes>[^\]]*)\]"
+                          r"(?:,\s*device_ids=\((?P<ids>[^{}]*?)\))?\s*\{(?P<group>[^}]*)\}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of a compiled HLO module (an async ``-start``/``-done`` pair once).
+
+    kind:          one of ``COLLECTIVE_KINDS``.
+    name:          the instruction's name.
+    result_bytes:  bytes of its outputs (tuple elements summed; a ``-start``'s operand
+                   aliases and scratch left out).
+    operand_bytes: bytes of its operands (looked up by name; ``None`` if not found).
+    groups:        replica groups as tuples of device ids (``()`` when the text gives
+                   none: one group of every device), or, for collective-permute, the
+                   ``(source, target)`` pairs.
+    """
+
+    kind: str
+    name: str
+    result_bytes: int
+    operand_bytes: int | None
+    groups: tuple[tuple[int, ...], ...]
+
+    def group_size(self, num_devices: int) -> int:
+        """Devices per replica group (2 for a collective-permute)."""
+        if self.kind == "collective-permute":
+            return 2
+        return len(self.groups[0]) if self.groups else num_devices
+
+    def axes(self, mesh_shape) -> tuple[int, ...]:
+        """Indices of the mesh axes this collective spans (coordinates that vary)."""
+        return group_axes(self.groups, mesh_shape)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _iota(dims, reshape, perm) -> np.ndarray:
+    ids = np.arange(math.prod(reshape)).reshape(reshape)
+    if perm:
+        ids = ids.transpose(perm)
+    return ids.reshape(dims)
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the bracket group opening at ``text[start]``."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] in "([{":
+            depth += 1
+        elif text[i] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    raise ValueError(f"unbalanced brackets in {text[start:start + 80]!r}")
+
+
+def parse_replica_groups(text: str, num_devices: int | None = None) -> tuple[tuple[int, ...], ...]:
+    """Replica groups from the text after ``replica_groups=`` (rest of the line is fine).
+
+    Three forms (XLA prints whichever is shortest):
+
+    * explicit ``{{0,1},{2,3}}`` (``{}``: one group of all devices, returned as ``()``);
+    * iota ``[G,S]<=[d0,d1,...]T(p...)``: ``iota(prod d).reshape(d).transpose(p)
+      .reshape(G, S)``, one group per row;
+    * mesh axes (jax 0.10 / Shardy) ``mesh['a'=2,'b'=4] {'a'}`` or with a device order
+      ``mesh['a'=4,'b'=2], device_ids=([2,2,2]T(0,2,1)) {'a':(2)2}``: the devices laid
+      out on XLA's own mesh (iota unless ``device_ids`` is given, as an iota
+      ``[reshape]T(perm)`` or an explicit list), one group per combination of the axes
+      *not* listed; ``'a':(p)s`` is the sub-axis of size ``s`` of axis ``a`` whose major
+      sub-axes multiply to ``p``.
+    """
+    text = text.strip()
+    if text.startswith("{"):
+        body = text[:_balanced(text, 0)]
+        groups = tuple(tuple(_ints(g)) for g in re.findall(r"\{([0-9,\s]*)\}", body[1:-1]))
+        return tuple(g for g in groups if g)
+    m = _IOTA_GROUPS.match(text)
+    if m:
+        dims = _ints(m.group(1))
+        ids = _iota(dims, _ints(m.group(2)), _ints(m.group(3) or ""))
+        return tuple(tuple(int(i) for i in row) for row in ids.reshape(dims[0], -1))
+    m = _MESH_GROUPS.match(text)
+    if m:
+        return _mesh_axes_groups(m.group("axes"), m.group("ids"), m.group("group"))
+    raise ValueError(f"unrecognised replica_groups: {text[:120]!r}")
+
+
+def _mesh_axes_groups(axes_text: str, ids_text: str | None, group_text: str):
+    names, sizes = [], []
+    for item in filter(None, (t.strip() for t in axes_text.split(","))):
+        name, size = item.rsplit("=", 1)
+        names.append(name.strip().strip("'\""))
+        sizes.append(int(size))
+    n = math.prod(sizes)
+    if ids_text is None or not ids_text.strip():
+        devices = np.arange(n).reshape(sizes)
+    else:
+        ids_text = ids_text.strip()
+        m = re.match(r"^\[([0-9,]+)\](?:T\(([0-9,]+)\))?$", ids_text)
+        if m:
+            devices = _iota(sizes, _ints(m.group(1)), _ints(m.group(2) or ""))
+        else:
+            devices = np.array(_ints(ids_text.replace("[", ",").replace("]", ","))).reshape(sizes)
+    # Each listed axis (or sub-axis) is a run of factors of its mesh axis; split every axis
+    # at the sub-axis boundaries (pre-sizes counted from the major end).
+    refs = []
+    for item in filter(None, (t.strip() for t in group_text.split(","))):
+        m = re.match(r"^['\"]?([^'\":]+)['\"]?(?::\((\d+)\)(\d+))?$", item)
+        if m is None:
+            raise ValueError(f"unrecognised mesh axis {item!r} in replica groups")
+        axis = names.index(m.group(1))
+        pre, size = (int(m.group(2)), int(m.group(3))) if m.group(2) else (1, sizes[axis])
+        refs.append((axis, pre, size))
+    fine_sizes, grouped = [], []
+    for axis, full in enumerate(sizes):
+        cuts = {1, full}
+        for a, pre, size in refs:
+            if a == axis:
+                cuts.update((pre, pre * size))
+        cuts = sorted(cuts)
+        for lo, hi in zip(cuts, cuts[1:]):
+            if any(a == axis and pre <= lo and hi <= pre * size for a, pre, size in refs):
+                grouped.append(len(fine_sizes))
+            fine_sizes.append(hi // lo)
+    fine = devices.reshape(fine_sizes)
+    rest = [i for i in range(len(fine_sizes)) if i not in grouped]
+    group_size = math.prod(fine_sizes[i] for i in grouped)
+    rows = fine.transpose(rest + grouped).reshape(-1, group_size)
+    return tuple(tuple(int(i) for i in row) for row in rows)
+
+
+def group_axes(groups, mesh_shape) -> tuple[int, ...]:
+    """Mesh axes (indices) along which the devices of any group differ.
+
+    ``groups`` are replica groups (device-id tuples, ``()`` for all devices) or
+    collective-permute ``(source, target)`` pairs; device id ``i`` is at coordinate
+    ``np.unravel_index(i, mesh_shape)`` (row-major).
+    """
+    mesh_shape = tuple(int(s) for s in mesh_shape)
+    if not groups:
+        return tuple(i for i, s in enumerate(mesh_shape) if s > 1)
+    varying: set[int] = set()
+    for group in groups:
+        coords = np.array(np.unravel_index(np.asarray(group), mesh_shape)).T   # [len, rank]
+        varying.update(int(i) for i in np.flatnonzero((coords != coords[0]).any(axis=0)))
+    return tuple(sorted(varying))
+
+
+def _operand_names(line: str, open_paren: int) -> list[str]:
+    inner = line[open_paren + 1:_balanced(line, open_paren) - 1]
+    return re.findall(r"%([\w.\-]+)", inner)
+
+
+def parse_collectives(hlo_text: str) -> list[Collective]:
+    """Every collective in a compiled HLO module, in text order.
+
+    Async pairs count once (at ``-start``; a ``-start`` returns ``(operands, outputs[,
+    scratch])`` except all-reduce-start, which returns the outputs). Tuple-shaped
+    (combined) collectives count once with their elements' bytes summed. A collective
+    inside a loop body counts once (static occurrences).
+    """
+    shapes: dict[str, str] = {}
+    found = []
+    for line in hlo_text.splitlines():
+        m = _ANY_INSTR.match(line)
+        if m is None:
+            continue
+        shapes[m.group("name")] = m.group("shape")
+        c = _INSTR.match(line)
+        if c is None or c.group("suffix") == "-done":
+            continue
+        found.append((line, m, c))
+    out = []
+    for line, m, c in found:
+        kind, shape = c.group("op"), c.group("shape")
+        if c.group("suffix") == "-start" and kind != "all-reduce":
+            elems = _top_level_elements(shape)
+            if len(elems) >= 2:
+                shape = elems[1]
+        names = _operand_names(line, c.end() - 1)
+        try:
+            operand_bytes = sum(shape_bytes(shapes[n]) for n in names) if names else None
+        except KeyError:
+            operand_bytes = None
+        if kind == "collective-permute":
+            pm = re.search(r"source_target_pairs=", line)
+            groups = parse_replica_groups(line[pm.end():]) if pm else ()
+        else:
+            gm = re.search(r"replica_groups=", line)
+            groups = parse_replica_groups(line[gm.end():]) if gm else ()
+        out.append(Collective(kind=kind, name=m.group("name"), result_bytes=shape_bytes(shape),
+                              operand_bytes=operand_bytes, groups=groups))
+    return out
+
+
+def cost_analysis(compiled) -> dict[str, float]:
+    """``compiled.cost_analysis()`` as one dict (some versions return a list of dicts, one
+    per program: their numeric entries are summed); ``{}`` when unavailable."""
+    try:
+        ca: Any = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return {}
+    if ca is None:
+        return {}
+    if isinstance(ca, dict):
+        ca = [ca]
+    merged: dict[str, float] = {}
+    for d in ca:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                if isinstance(v, (int, float)):
+                    merged[k] = merged.get(k, 0.0) + float(v)
+    return merged
