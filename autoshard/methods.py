@@ -1,17 +1,18 @@
-"""Parallelization methods: the ILP search and the hand-written presets.
+"""Parallelization methods: the ILP search, the pipeline, and the hand-written presets.
 
-Every method is priced by the same cost model and executed by the same runtime.
-A preset fixes how the arguments are laid out (the part a person writes by hand:
-``in_shardings``); the intermediates are then the cheapest consistent with it.
+Methods are plain records of their settings. A preset is a fixed, hand-written layout of
+the arguments and results (what a person writes as ``jax.jit``'s ``in_shardings`` and
+``out_shardings``; the rules are in ``autoshard.intra.presets``): nothing is searched,
+and its program runs as plain ``jax.jit`` with XLA's own sharding propagation inside.
+Its plan is still priced by the same cost model, so model and compiled program can be
+compared for presets too.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 
 from autoshard.cost_model import SCHEDULES
-from autoshard.ir.specs import Spec, enumerate_specs, replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,78 +46,29 @@ class ShardParallel:
             raise ValueError(f"gap_limit must be None or a fraction in [0, 1), got "
                              f"{self.gap_limit!r}")
 
-    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
-        return enumerate_specs(shape, mesh_shape)
-
-
-def _split_leading(shape, mesh_shape, axes: Sequence[int]) -> Spec:
-    """Split dim 0 over as many of ``axes`` (in order) as divide it."""
-    rank = len(shape)
-    if rank == 0:
-        return ()
-    chosen: list[int] = []
-    for a in axes:
-        if mesh_shape[a] > 1 and shape[0] % (math.prod(mesh_shape[b] for b in chosen) * mesh_shape[a]) == 0:
-            chosen.append(a)
-    return (tuple(chosen),) + ((),) * (rank - 1)
-
-
-def _all_axes(mesh_shape) -> tuple[int, ...]:
-    return tuple(a for a, n in enumerate(mesh_shape) if n > 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
-    """Batch arguments split on their leading dim over every mesh axis; the rest replicated."""
-
-    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
-        if is_batch:
-            return [_split_leading(shape, mesh_shape, _all_axes(mesh_shape))]
-        return [replicated(len(shape))]
+    """Data parallelism: batch arguments split on their leading dim over every mesh axis;
+    parameters and optimizer state replicated (a fixed layout, see the module doc)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ZeRO3:
-    """Fully sharded data parallel: batch as in DataParallel; every other argument
-    (parameters, optimizer state) split over all devices on its largest divisible dim."""
-
-    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
-        axes = _all_axes(mesh_shape)
-        if is_batch:
-            return [_split_leading(shape, mesh_shape, axes)]
-        n = math.prod(mesh_shape[a] for a in axes)
-        for d in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
-            if n > 1 and shape[d] % n == 0:
-                return [tuple(axes if k == d else () for k in range(len(shape)))]
-        # Fall back to the largest sub-group of axes that divides some dim.
-        for sub in sorted(((a,) for a in axes), key=lambda s: -mesh_shape[s[0]]):
-            for d in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
-                if shape[d] % mesh_shape[sub[0]] == 0:
-                    return [tuple(sub if k == d else () for k in range(len(shape)))]
-        return [replicated(len(shape))]
+    """Fully sharded data parallelism (ZeRO-3 / FSDP): batch as in :class:`DataParallel`;
+    every other argument split over all devices on its largest divisible dim (a fixed
+    layout, see the module doc)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Megatron:
-    """Tensor parallelism on the model axis (the last mesh axis), data parallelism on
-    the others: batch arguments split on their leading dim over the data axes;
-    parameters replicated over the data axes and either whole or split on one dim
-    over the model axis — column- or row-parallel, whichever the cost model prefers
-    for that weight given its neighbours (Megatron-LM's alternating pattern)."""
-
-    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
-        axes = _all_axes(mesh_shape)
-        if not axes:
-            return [replicated(len(shape))]
-        model_axis = len(mesh_shape) - 1
-        data_axes = tuple(a for a in axes if a != model_axis)
-        if is_batch:
-            return [_split_leading(shape, mesh_shape, data_axes)]
-        specs = [replicated(len(shape))]
-        for d, size in enumerate(shape):
-            if mesh_shape[model_axis] > 1 and size % mesh_shape[model_axis] == 0:
-                specs.append(tuple((model_axis,) if k == d else () for k in range(len(shape))))
-        return specs
+    """Megatron-LM tensor parallelism on the model axis (the last mesh axis), data
+    parallelism on the others: column-parallel weights where an activation arrives whole
+    (q/k/v, the first MLP kernel), row-parallel where it arrives split (the attention
+    output, the second MLP kernel), vocab-parallel embeddings; batch arguments split over
+    the data axes. A fixed rule read off the program's order of operations
+    (``autoshard.intra.presets``), not chosen by the cost model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,8 +112,6 @@ class PipeshardParallel:
             raise TypeError(f"stage_method must be autoshard.ShardParallel() or a preset, got "
                             f"{self.stage_method!r}")
 
-    def input_specs(self, shape, mesh_shape, is_batch: bool) -> list[Spec]:
-        return self.stage_method.input_specs(shape, mesh_shape, is_batch)
 
 
 Method = ShardParallel | DataParallel | ZeRO3 | Megatron | PipeshardParallel

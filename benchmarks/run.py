@@ -42,10 +42,10 @@ import jax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import autoshard  # noqa: E402
+from autoshard.audit import hlo  # noqa: E402
 from autoshard.runtime import PipelineLowered  # noqa: E402
 from examples import models  # noqa: E402
 
-from . import hlo  # noqa: E402
 from .report import write_markdown  # noqa: E402
 from .timing import step_times  # noqa: E402
 

@@ -41,7 +41,7 @@ import dataclasses
 import re
 from collections import Counter
 
-from . import hlo
+from autoshard.audit import hlo
 
 __all__ = ["Yardstick", "CollectiveCost", "yardstick", "collective_cost"]
 

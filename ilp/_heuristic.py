@@ -44,15 +44,17 @@ def local_search(reduced: ReducedProblem, start: list[int], max_sweeps: int = 10
 
 
 def greedy_assignment(request: IntraOpRequest,
-                      allowed: Mapping[int, Sequence[int]] | None = None) -> tuple[int, ...]:
+                      allowed: Mapping[int, Sequence[int]] | None = None,
+                      improve: bool = True) -> tuple[int, ...]:
     """A complete assignment built without the solver (memory constraints ignored).
 
     Nodes are taken in index order (a traced program's topological order); each picks
-    the strategy cheapest given its own cost and its edges to nodes already placed.
-    ``allowed`` restricts some nodes to the listed strategies (e.g. a hand-written
-    layout of the inputs). The result is then improved by iterated conditional modes
-    within those restrictions. Used to seed the solver with plans in the style of the
-    presets, so that a search stopped by its time limit never returns worse than them.
+    the strategy cheapest given its own cost and its edges to nodes already placed: a
+    one-pass propagation of the layouts placed first. ``allowed`` restricts some nodes
+    to the listed strategies (e.g. a hand-written layout of the inputs). With
+    ``improve`` the result is then improved by iterated conditional modes within those
+    restrictions. Seeds the solver with plans in the style of the presets, so that a
+    search stopped by its time limit never returns worse than them.
     """
     n = request.num_nodes
     costs = [np.asarray(c, dtype=np.float64) for c in request.node_costs]
@@ -75,7 +77,7 @@ def greedy_assignment(request: IntraOpRequest,
         if not np.isfinite(total).any():
             total = costs[v]
         choice[v] = int(np.argmin(total))
-    return tuple(polish(costs, edges, choice))
+    return tuple(polish(costs, edges, choice)) if improve else tuple(choice)
 
 
 def best_assignment(request: IntraOpRequest, candidates: Sequence[Sequence[int]]

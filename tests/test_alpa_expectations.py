@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import autoshard
-from benchmarks.hlo import collective_stats
+from autoshard.audit.hlo import collective_stats
 from examples.models import mlp, moe, transformer_block
 
 

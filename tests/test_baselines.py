@@ -7,7 +7,6 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks import baselines, hlo
 from examples import models
-
 from tests.baseline_cases import MESHES, SMALL, compiled_baseline, mesh_of, small_workload
 
 CASES = [(name, shape, strategy) for name in SMALL for shape in MESHES

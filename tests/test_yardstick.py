@@ -2,11 +2,12 @@
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import autoshard
+from autoshard.audit import hlo
 from autoshard.cost_model import Link
-from benchmarks import hlo
 from benchmarks.yardstick import yardstick
 from tests.baseline_cases import compiled_baseline
 

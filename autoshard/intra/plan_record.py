@@ -18,16 +18,20 @@ from .memory_points import planned_peak_bytes
 from .problem import ShardingProblem
 
 
-def plan_record(traced: TracedFunction, problem: ShardingProblem, result: ilp.IntraOpResult,
-                *, method, model: MeshCostModel, cluster: Cluster, axis_names: Sequence[str],
-                static_repr: str, donated: Sequence[int], start: float) -> Plan:
-    """The plan of ``result``'s choices; ``start``: ``time.perf_counter()`` when planning
-    began (for ``SolverInfo.planning_time_s``)."""
+def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: Sequence[int],
+                result: ilp.IntraOpResult | None, *, method, model: MeshCostModel,
+                cluster: Cluster, axis_names: Sequence[str], static_repr: str,
+                donated: Sequence[int], start: float) -> Plan:
+    """The plan of ``root_choices`` (a strategy per ILP node); ``result``: the solver's
+    report (``None`` for a preset, whose intermediates are left to XLA: the plan pins
+    none, its carried outputs take their inputs' layouts, and ``root_choices`` is the
+    propagation it is priced by); ``start``: ``time.perf_counter()`` when planning began
+    (for ``SolverInfo.planning_time_s``)."""
     program = traced.program
     graph, grouping, uses, matrices = problem.graph, problem.grouping, problem.uses, \
         problem.matrices
     invar_index = {v: i for i, v in enumerate(program.invars)}
-    choices = grouping.expand(result.choices)
+    choices = grouping.expand(root_choices)
     chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]
 
     # Layout of every value under the chosen strategies.
@@ -37,14 +41,17 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, result: ilp.In
             value_spec[vid] = spec
     P = lambda spec: to_partition_spec(spec, axis_names)  # noqa: E731
     flat_in = tuple(P(value_spec[v]) for v in program.invars)
-    flat_out = tuple(P(value_spec[a]) if isinstance(a, int) else P(())
-                     for a in program.outvars)
+    flat_out = [P(value_spec[a]) if isinstance(a, int) else P(()) for a in program.outvars]
+    if result is None:  # hand-written: a carried output is laid out like its input
+        for o, i in problem.carried:
+            flat_out[o] = flat_in[i]
+    flat_out = tuple(flat_out)
     value_specs, operand_specs, collectives = [], [], []
     for node, strat in zip(graph.nodes, chosen):
         if node.kind != "op":
             continue
         for vid, spec in zip(node.outputs, strat.out_specs):
-            if len(spec) and vid not in invar_index:
+            if len(spec) and vid not in invar_index and result is not None:
                 value_specs.append((vid, P(spec)))
         if strat.communication_s > 0:
             collectives.append(Collective(node.name, strat.collective, strat.communication_s))
@@ -57,7 +64,8 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, result: ilp.In
         src_spec = chosen[use.src].out_specs[use.src_output]
         dst_spec = chosen[use.dst].in_specs[use.operand]
         if src_spec != dst_spec:
-            operand_specs.append((graph.nodes[use.dst].eqn, use.operand, P(dst_spec)))
+            if result is not None:
+                operand_specs.append((graph.nodes[use.dst].eqn, use.operand, P(dst_spec)))
             if cost > 0:
                 collectives.append(Collective(f"{graph.nodes[use.src].name}→"
                                               f"{graph.nodes[use.dst].name}", "resharding", cost))
@@ -76,13 +84,12 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, result: ilp.In
     top = sorted(((n, s) for n, s in zip(graph.nodes, chosen) if n.kind == "op"),
                  key=lambda ns: -ns[1].cost_s)[:20]
     top_ops = tuple(OpCost(n.name, traced.sources[n.eqn], s.name, s.cost_s) for n, s in top)
-    solver = SolverInfo(status=result.status, objective_s=result.objective,
-                        lower_bound_s=result.lower_bound, gap=result.gap,
-                        solve_time_s=result.solve_time_s, num_nodes=len(grouping.roots),
-                        num_variables=result.num_variables,
-                        num_constraints=result.num_constraints,
-                        planning_time_s=time.perf_counter() - start,
-                        tied_classes=result.stats.tied_classes, tied_gap=result.stats.tied_gap)
+    solver = None if result is None else SolverInfo(
+        status=result.status, objective_s=result.objective, lower_bound_s=result.lower_bound,
+        gap=result.gap, solve_time_s=result.solve_time_s, num_nodes=len(grouping.roots),
+        num_variables=result.num_variables, num_constraints=result.num_constraints,
+        planning_time_s=time.perf_counter() - start, tied_classes=result.stats.tied_classes,
+        tied_gap=result.stats.tied_gap)
     in_specs = traced.input_tree(flat_in)
     out_specs = traced.output_tree(flat_out)
     return Plan(method=method, mesh_shape=model.mesh_shape,

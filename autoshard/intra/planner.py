@@ -13,6 +13,7 @@ from autoshard import ilp
 from autoshard.cost_model import Cluster, MeshCostModel, format_bytes
 from autoshard.errors import InfeasiblePlanError
 from autoshard.ir.trace import TracedFunction
+from autoshard.methods import PRESETS
 from autoshard.plan.record import Plan
 
 from .liveness import live_ranges
@@ -58,13 +59,18 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
               ilp.evaluate(request, request.hint).objective if request.hint else float("nan"),
               request.time_limit_s, ", repeated layers tied" if request.tie_repeats else "",
               f", memory budget {format_bytes(memory_budget)}" if memory_budget else "")
+    if isinstance(method, PRESETS):  # a fixed layout: XLA propagates it, we price that
+        choices = ilp.greedy_assignment(request, improve=False)
+        return plan_record(traced, problem, choices, None, method=method, model=model,
+                           cluster=cluster, axis_names=axis_names, static_repr=static_repr,
+                           donated=donated, start=start)
     result = _solve_within_budget(problem, model, donated, memory_budget)
     _log.info("solved: %s (%s), %.4g s per step, gap %.2f%%, %d variables (%.2f s, LP %.2f s)",
               result.status, result.stats.solver_status, result.objective, 100 * result.gap,
               result.num_variables, result.solve_time_s, result.stats.lp_time_s)
-    return plan_record(traced, problem, result, method=method, model=model, cluster=cluster,
-                       axis_names=axis_names, static_repr=static_repr, donated=donated,
-                       start=start)
+    return plan_record(traced, problem, result.choices, result, method=method, model=model,
+                       cluster=cluster, axis_names=axis_names, static_repr=static_repr,
+                       donated=donated, start=start)
 
 
 def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated,

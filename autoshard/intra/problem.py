@@ -14,14 +14,15 @@ from jax.sharding import PartitionSpec
 from autoshard import ilp
 from autoshard.cost_model import MeshCostModel
 from autoshard.ir import trace as _trace
-from autoshard.ir.specs import Spec, from_partition_spec, spec_is_valid
+from autoshard.ir.specs import Spec, enumerate_specs, from_partition_spec, spec_is_valid
 from autoshard.ir.trace import TracedFunction
 from autoshard.ir.user_frames import user_stacklevel
-from autoshard.methods import DataParallel, Megatron, ShardParallel, ZeRO3
+from autoshard.methods import PRESETS, DataParallel, Megatron, ShardParallel, ZeRO3
 
 from .combining import MergedAllReduce, combine_all_reduces
 from .following import Grouping, group_followers, grouped_request
 from .graph import ShardingGraph, Use, build_graph, use_cost_matrix
+from .presets import preset_layouts
 
 _log = logging.getLogger("autoshard")
 
@@ -42,6 +43,7 @@ class ShardingProblem:
     merged: tuple[MergedAllReduce, ...]
     request: ilp.IntraOpRequest
     warnings: tuple[str, ...]
+    carried: tuple[tuple[int, int], ...] = ()  # (flat output, flat input) priced as carried
 
     def __repr__(self):
         return (f"ShardingProblem({len(self.graph.nodes)} nodes, {len(self.grouping.roots)} "
@@ -59,11 +61,15 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
     start = time.perf_counter()
     program = traced.program
     fixed = _fixed_inputs(program, in_layouts or {}, model.mesh_shape, tuple(axis_names))
+    preset = preset_layouts(method, program, model.mesh_shape, batch_flat) \
+        if isinstance(method, PRESETS) else None
 
     def input_specs(i, shape):
         if i in fixed:
             return [fixed[i]]
-        return method.input_specs(shape, model.mesh_shape, bool(batch_flat[i]))
+        if preset is not None:  # a hand-written layout: exactly one
+            return [preset[i]]
+        return enumerate_specs(shape, model.mesh_shape)
 
     graph = build_graph(traced, model, input_specs)
     messages = _warn_unsupported(graph)
@@ -91,7 +97,8 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
     _log.info("strategies and costs: %d nodes, %d ILP nodes after following, %d edges "
               "(%.2f s)", len(graph.nodes), len(grouping.roots), len(request.edges),
               time.perf_counter() - start)
-    return ShardingProblem(graph, grouping, uses, tuple(matrices), merged, request, messages)
+    return ShardingProblem(graph, grouping, uses, tuple(matrices), merged, request, messages,
+                           pairs)
 
 
 def carried_pairs(traced: TracedFunction, donated_flat: Sequence[bool] = ()
@@ -172,14 +179,14 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest, model: Me
     candidates = []
     for style in styles:
         allowed = {}
-        for i, vid in enumerate(program.invars):
+        layouts = () if style is None else \
+            preset_layouts(style, program, model.mesh_shape, batch_flat)
+        for i, spec in enumerate(layouts):
             v = graph.input_node(i)
-            if style is None or grouping.root[v] != v:
+            if grouping.root[v] != v:
                 continue
-            wanted = style.input_specs(tuple(program.avals[vid].shape), model.mesh_shape,
-                                       bool(batch_flat[i]))
             options = [j for j, s in enumerate(graph.nodes[v].strategies)
-                       if s.out_specs[0] in wanted]
+                       if s.out_specs[0] == spec]
             if options:
                 allowed[position[v]] = options
         candidates.append(ilp.greedy_assignment(request, allowed))

@@ -110,10 +110,12 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
                                for n, p in zip(names, plans)))
 
 
-def plain_pipeline_plan(plain: Plan, method, num_layers: int, device_ids) -> Plan:
+def plain_pipeline_plan(plain: Plan, pipelined: Plan, method, num_layers: int,
+                        device_ids) -> Plan:
     """A :class:`PipeshardParallel` plan that keeps plain intra-op parallelism: ``plain``
-    (one program, whole batch, whole mesh) as one stage of every layer; its
-    forward/backward split is the usual 1:2."""
+    (one program, whole batch, whole mesh) as one stage of every layer, cheaper than
+    ``pipelined`` (whose stage DP's report it keeps); its forward/backward split is the
+    usual 1:2."""
     cost = plain.cost
     ids = device_ids if device_ids is not None else range(math.prod(plain.mesh_shape))
     stage = StageAssignment(
@@ -122,4 +124,8 @@ def plain_pipeline_plan(plain: Plan, method, num_layers: int, device_ids) -> Pla
         cost=StageCost(cost.compute_s, cost.communication_s, cost.resharding_s,
                        cost.peak_memory_bytes, cost.total_s / 3, 2 * cost.total_s / 3),
         num_microbatches=1, schedule=method.schedule)
-    return dataclasses.replace(plain, method=method, stages=(stage,))
+    how = "its ILP " + plain.solver.status if plain.solver is not None else "a fixed layout"
+    solver = dataclasses.replace(
+        pipelined.solver, status=f"{pipelined.solver.status}; one program ({how}) is cheaper",
+        objective_s=cost.total_s, lower_bound_s=cost.total_s)
+    return dataclasses.replace(plain, method=method, stages=(stage,), solver=solver)

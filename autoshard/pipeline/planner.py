@@ -79,7 +79,8 @@ def plan_pipeline_step(fun, args, *, static_argnums, batch_flags, donated_flags,
                             static_repr=static_repr, donated_flat=donated_flags)
         fits = memory_budget is None or plain.cost.peak_memory_bytes <= memory_budget
         if fits and plain.cost.total_s < plan.cost.total_s:
-            plain = plain_pipeline_plan(plain, method, layout.layering.num_layers, device_ids)
+            plain = plain_pipeline_plan(plain, plan, method, layout.layering.num_layers,
+                                        device_ids)
             return PlannedStep(plain, traced, None)
     return PlannedStep(plan, layout.split.traced, layout)
 

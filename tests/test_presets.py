@@ -1,0 +1,102 @@
+"""The presets are the hand-written layouts their names say: fixed in/out shardings, nothing
+searched, XLA's propagation inside, so they compile to what ``jax.jit`` with the same
+hand-written shardings compiles to (``benchmarks/baselines.py`` writes those by hand,
+without autoshard)."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import autoshard
+from autoshard.audit.hlo import collective_stats
+from benchmarks import baselines
+from examples import models
+
+MESHES = [((8,), ("devices",)), ((2, 4), ("data", "model"))]
+# preset -> the hand-written baseline it must equal, on a 1-D and a 2-D mesh
+EQUIVALENT = {"DataParallel": ("dp", "dp"), "ZeRO3": ("fsdp", "fsdp"),
+              "Megatron": ("tp", "dp_tp")}
+WORKLOADS = {
+    "mlp": lambda: models.mlp(num_layers=4, batch=32, hidden=256, abstract=True),
+    "gpt": lambda: models.gpt(num_layers=1, d_model=64, heads=8, seq=16, batch=8, vocab=256,
+                              abstract=True),
+    "wide_resnet_block": lambda: models.wide_resnet_block(abstract=True),
+}
+
+
+def _collectives(compiled) -> dict:
+    return {k: (v["count"], v["bytes"]) for k, v in collective_stats(compiled.as_text()).items()
+            if v["count"]}
+
+
+@pytest.mark.parametrize("shape,names", MESHES, ids=["8", "2x4"])
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+@pytest.mark.parametrize("preset", sorted(EQUIVALENT))
+def test_preset_compiles_like_the_hand_written_jit(preset, workload, shape, names):
+    w = WORKLOADS[workload]()
+    mesh = autoshard.make_mesh(shape, names)
+    step = autoshard.parallelize(w.fn, mesh=mesh, method=getattr(autoshard, preset)(),
+                                 batch_argnums=w.batch_argnums)
+    plan = step.plan(*w.args)
+    baseline = EQUIVALENT[preset][len(shape) - 1]
+    specs = baselines.baseline_specs(w, workload, mesh, baseline)
+    flat = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    assert dict(zip(plan.in_paths, plan.flat_in_specs)) == dict(zip(plan.in_paths, flat))
+    # nothing pinned inside: XLA propagates the layouts, as for the hand-written jit
+    assert plan.value_specs == () and plan.operand_specs == ()
+    assert plan.solver is None
+    by_path = dict(zip(plan.in_paths, plan.flat_in_specs))
+    for path, spec in zip(plan.out_paths, plan.flat_out_specs):
+        if "args" + path in by_path:  # carried into the next step in its input layout
+            assert spec == by_path["args" + path], path
+    hand, _ = baselines.baseline_jit(w, workload, mesh, baseline, donate=False)
+    assert _collectives(step.lower(*w.args).compile()) == \
+        _collectives(hand.lower(*w.args).compile())
+
+
+def test_megatron_reads_column_row_and_vocab_parallel_off_the_program():
+    w = WORKLOADS["gpt"]()
+    mesh = autoshard.abstract_mesh((2, 4), ("data", "model"))
+    plan = autoshard.parallelize(w.fn, mesh=mesh, method=autoshard.Megatron()).plan(*w.args)
+    params, (adam_state, *_), batch = plan.in_specs
+    block = params["blocks"][0]
+    column, row = P(None, "model"), P("model")
+    assert [block[k] for k in ("wq", "wk", "wv", "w1")] == [column] * 4
+    assert [block[k] for k in ("wo", "w2")] == [row] * 2
+    assert block["b1"] == P("model") and block["b2"] == P()       # bias of column / row
+    assert block["ln1"] == {"scale": P(), "bias": P()}             # norms stay whole
+    assert params["wte"] == P("model")                              # vocab-parallel
+    assert adam_state.mu == params and adam_state.nu == params      # state follows params
+    assert batch == {"tokens": P("data")}
+
+
+def test_megatron_leaves_a_dim_the_model_axis_does_not_divide_whole():
+    # hidden 12 on a 8-device model axis: no column or row split divides it
+    w = models.mlp(num_layers=2, batch=16, hidden=12, abstract=True)
+    mesh = autoshard.abstract_mesh((8,), ("model",))
+    plan = autoshard.parallelize(w.fn, mesh=mesh, method=autoshard.Megatron()).plan(*w.args)
+    assert set(plan.flat_in_specs) == {P()}
+
+
+@pytest.mark.parametrize("preset", [autoshard.DataParallel(), autoshard.ZeRO3(),
+                                    autoshard.Megatron()], ids=lambda m: type(m).__name__)
+def test_preset_runs_a_user_step_like_jax_jit(preset):
+    # a loss closing over the batch, a Python-float learning rate, keyword arguments inside
+    def step(params, x, y):
+        def loss(p):
+            h = jax.nn.relu(x @ p["w1"] + p["b1"])
+            return jax.numpy.mean((h @ p["w2"] - y) ** 2)
+        g = jax.grad(loss)(params)
+        return jax.tree.map(lambda p, d: p - 0.05 * d, params, g), loss(params)
+
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.normal(size=(16, 32)).astype(np.float32),
+              "b1": np.zeros(32, np.float32), "w2": rng.normal(size=(32, 8)).astype(np.float32)}
+    x, y = rng.normal(size=(8, 16)).astype(np.float32), rng.normal(size=(8, 8)).astype(np.float32)
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    got = autoshard.parallelize(step, mesh=mesh, method=preset, batch_argnums=(1, 2))(params, x, y)
+    want = jax.jit(step)(params, x, y)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
