@@ -162,11 +162,16 @@ def reshape(eqn, in_avals, out_avals):
     """Dims grouped by equal running products; the major dims of a group share a loop.
 
     A split of a merged dim passes through when it divides the leading factor:
-    ``[B, S, D] → [B*S, D]`` keeps a split of ``B`` on ``B*S``.
+    ``[B, S, D] → [B*S, D]`` keeps a split of ``B`` on ``B*S``. With ``dimensions`` (the
+    operand is transposed by that permutation first, as in a grouped convolution's
+    gradient), the groups are formed over the transposed operand and each loop is
+    mapped back to the operand dim it came from.
     """
-    if eqn.params.get("dimensions") is not None:
-        return None
-    a, b = tuple(in_avals[0].shape), tuple(out_avals[0].shape)
+    perm = eqn.params.get("dimensions")
+    if perm is None:
+        perm = tuple(range(_rank(in_avals[0])))
+    a = tuple(in_avals[0].shape[d] for d in perm)
+    b = tuple(out_avals[0].shape)
     in_dims: list = [None] * len(a)
     out_dims: list = [None] * len(b)
     sizes: list[int] = []
@@ -189,7 +194,11 @@ def reshape(eqn, in_avals, out_avals):
                 j += 1
         in_dims[i0] = out_dims[j0] = len(sizes)
         sizes.append(math.gcd(a[i0], b[j0]))
-    return LoopOp(tuple(sizes), (True,) * len(sizes), (tuple(in_dims),), (tuple(out_dims),))
+    operand_dims: list = [None] * len(a)
+    for i, d in enumerate(perm):
+        operand_dims[d] = in_dims[i]
+    return LoopOp(tuple(sizes), (True,) * len(sizes), (tuple(operand_dims),),
+                  (tuple(out_dims),))
 
 
 def dot_general(eqn, in_avals, out_avals):
@@ -385,6 +394,7 @@ def scatter(eqn, in_avals, out_avals):
     return LoopOp(tuple(sizes), tuple(splittable),
                   (ident, tuple(idx_dims), tuple(upd_dims)), (ident,),
                   flops=float(_size(updates)))
+
 
 
 ELEMENTWISE = frozenset("""
