@@ -227,22 +227,57 @@ def dot_general(eqn, in_avals, out_avals):
 
 
 def conv(eqn, in_avals, out_avals):
-    """Batch, output-feature and input-feature (reduction) loops; spatial dims stay whole."""
+    """Convolution as three loops; spatial dims stay whole.
+
+    Plain (``feature_group_count == batch_group_count == 1``): batch N (lhs and output
+    batch dims), output feature O (rhs and output feature dims), input feature I (lhs and
+    rhs feature dims; a reduction loop). All three split.
+
+    ``feature_group_count`` G > 1 (grouped; depthwise when G equals the input features):
+    the input features are G contiguous groups of Cg = I/G, the output features G
+    contiguous groups of O/G, and output group g reads only input group g. The feature
+    loop is the *group* loop, of size G: the output and rhs output-feature dims and the
+    lhs feature dim follow it, so a split by n (which must divide G) gives each device
+    G/n whole groups: their input features, filters and output features, with no
+    communication. The rhs input-feature dim (Cg, summed within a group) follows no
+    loop: the lhs feature dim already follows the group loop. Only depthwise
+    convolutions (Cg = 1, any channel multiplier) split: XLA's SPMD partitioner (jax
+    0.10) runs them as a batched dot, but gathers a grouped convolution with Cg > 1
+    whole onto every device however its batch or groups are split, so there both loops
+    stay whole and the planner prices the gather.
+
+    ``batch_group_count`` B > 1 (the filter gradient of a grouped convolution): the lhs
+    batch dim is B contiguous groups and output feature group b reads only lhs batch
+    group b. The group loop (size B) is followed by the lhs batch dim and the rhs and
+    output feature dims; the output batch dim (the lhs batch within a group) stays
+    whole; the input-feature loop (the gradient's sum over the data batch) is a
+    splittable reduction, as in the plain case.
+    """
     lhs, rhs = in_avals
     out = out_avals[0]
     dn = eqn.params["dimension_numbers"]
-    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-    fgc = eqn.params["feature_group_count"]
-    bgc = eqn.params["batch_group_count"]
+    (lb, lf), (ro, ri), (ob, of) = dn.lhs_spec[:2], dn.rhs_spec[:2], dn.out_spec[:2]
+    groups = eqn.params["feature_group_count"]
+    batch_groups = eqn.params["batch_group_count"]
     ldims, rdims, odims = [None] * _rank(lhs), [None] * _rank(rhs), [None] * _rank(out)
-    ldims[lhs_spec[0]] = odims[out_spec[0]] = 0          # batch N
-    rdims[rhs_spec[0]] = odims[out_spec[1]] = 1          # output feature O
-    ldims[lhs_spec[1]] = rdims[rhs_spec[1]] = 2          # input feature I (reduction)
-    sizes = (lhs.shape[lhs_spec[0]], rhs.shape[rhs_spec[0]], rhs.shape[rhs_spec[1]])
-    splittable = (bgc == 1, fgc == 1 and bgc == 1, fgc == 1)
-    window = math.prod(rhs.shape[d] for d in rhs_spec[2:])
-    flops = 2.0 * _size(out) * rhs.shape[rhs_spec[1]] * window
-    return LoopOp(sizes, splittable, (tuple(ldims), tuple(rdims)), (tuple(odims),), flops=flops)
+    if batch_groups > 1:   # loops: group (lhs batch, rhs O, out O), input feature
+        ldims[lb] = rdims[ro] = odims[of] = 0
+        ldims[lf] = rdims[ri] = 1
+        sizes, splittable = (batch_groups, lhs.shape[lf]), (True, True)
+    elif groups > 1:       # loops: batch, group (lhs feature, rhs O, out O)
+        ldims[lb] = odims[ob] = 0
+        ldims[lf] = rdims[ro] = odims[of] = 1
+        depthwise = rhs.shape[ri] == 1
+        sizes, splittable = (lhs.shape[lb], groups), (depthwise, depthwise)
+    else:                  # loops: batch, output feature, input feature
+        ldims[lb] = odims[ob] = 0
+        rdims[ro] = odims[of] = 1
+        ldims[lf] = rdims[ri] = 2
+        sizes, splittable = (lhs.shape[lb], rhs.shape[ro], rhs.shape[ri]), (True, True, True)
+    window = math.prod(rhs.shape[d] for d in dn.rhs_spec[2:])
+    flops = 2.0 * _size(out) * rhs.shape[ri] * window
+    return LoopOp(sizes, splittable, (tuple(ldims), tuple(rdims)), (tuple(odims),),
+                  flops=flops)
 
 
 def concatenate(eqn, in_avals, out_avals):
