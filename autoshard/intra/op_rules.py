@@ -432,6 +432,58 @@ def scatter(eqn, in_avals, out_avals):
 
 
 
+def _window_free(params, rank: int) -> tuple[bool, ...]:
+    """Per dim, whether a windowed op leaves it alone: window 1, stride 1, no padding and
+    no dilation, so output element ``i`` of that dim reads only operand element ``i``."""
+    ones = (1,) * rank
+    return tuple(params["window_dimensions"][d] == 1 and params["window_strides"][d] == 1
+                 and tuple(params["padding"][d]) == (0, 0)
+                 and (params.get("base_dilation") or ones)[d] == 1
+                 and (params.get("window_dilation") or ones)[d] == 1
+                 for d in range(rank))
+
+
+def _windowed(eqn, out, windowed_avals, whole_avals, num_outputs: int = 1) -> LoopOp:
+    """A windowed op as one loop per dim of ``out``: dims the window leaves alone (see
+    ``_window_free``) split freely, the rest stay whole. ``windowed_avals``: operands on
+    the other side of the window from ``out`` (their windowed dims follow no loop);
+    ``whole_avals``: operands shaped like ``out`` (every dim follows its loop), or scalars
+    and literals (init values: no loop)."""
+    rank = _rank(out)
+    free = _window_free(eqn.params, rank)
+    dims = tuple(d if free[d] else None for d in range(rank))
+    ident = tuple(range(rank))
+    in_dims = tuple(dims for _ in windowed_avals) + tuple(
+        None if a is None or _rank(a) == 0 else ident for a in whole_avals)
+    window = math.prod(eqn.params["window_dimensions"])
+    return LoopOp(tuple(out.shape), free, in_dims, (ident,) * num_outputs,
+                  flops=float(_size(out) * window))
+
+
+def reduce_window(eqn, in_avals, out_avals):
+    """Pooling (``reduce_window_max/min/sum``, and ``reduce_window`` with its own
+    computation: n operands then n init values → n outputs): loops over the output dims;
+    batch and channel dims (window 1, stride 1, unpadded) split, windowed dims stay
+    whole."""
+    n = len(out_avals)
+    return _windowed(eqn, out_avals[0], in_avals[:n], in_avals[n:], num_outputs=n)
+
+
+def select_and_scatter_add(eqn, in_avals, out_avals):
+    """Max-pool's gradient (source: the cotangent of the pooled value; operand: the
+    pool's input; output shaped like the operand): loops over the output dims; dims the
+    window leaves alone split, windowed dims stay whole."""
+    source, operand = in_avals
+    return _windowed(eqn, out_avals[0], (source,), (operand,))
+
+
+def select_and_gather_add(eqn, in_avals, out_avals):
+    """Max-pool's forward-mode derivative (tangents and operand shaped like the input,
+    output like the pooled value): loops over the output dims; dims the window leaves
+    alone split, windowed dims stay whole."""
+    return _windowed(eqn, out_avals[0], in_avals, ())
+
+
 ELEMENTWISE = frozenset("""
 abs acos acosh add add_any and asin asinh atan atan2 atanh bitcast_convert_type cbrt ceil clamp
 clz complex conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2
@@ -468,6 +520,12 @@ RULES.update({
     "gather": gather,
     "scatter-add": scatter,
     "scatter": scatter,
+    "reduce_window_max": reduce_window,
+    "reduce_window_min": reduce_window,
+    "reduce_window_sum": reduce_window,
+    "reduce_window": reduce_window,
+    "select_and_scatter_add": select_and_scatter_add,
+    "select_and_gather_add": select_and_gather_add,
 })
 
 # Primitives XLA fuses into the loop of their consumer (elementwise, broadcast and layout
