@@ -6,7 +6,8 @@ then assigns mesh axes to loops: an operand/output dim is split by the axes of
 its loop; a loop that no output follows is a *reduction* loop, and splitting
 it leaves partial results that need an all-reduce. This one description covers
 elementwise ops, broadcasts, reductions, transposes, reshapes, dot_general,
-convolutions, gathers and scatters (the XLA auto-sharding / GSPMD view).
+convolutions, pooling windows, gathers, scatters and random bits (the XLA
+auto-sharding / GSPMD view).
 
 A rule returns ``None`` when it does not recognise the equation's form; the
 planner then runs the equation replicated.
@@ -14,8 +15,11 @@ planner then runs the equation replicated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
+
+import jax
 
 Dims = tuple  # per tensor dim: loop index or None (never split)
 
@@ -484,6 +488,33 @@ def select_and_gather_add(eqn, in_avals, out_avals):
     return _windowed(eqn, out_avals[0], in_avals, ())
 
 
+# Integer operations per random element of one threefry2x32 block: 20 rounds of add,
+# rotate (two shifts and an or) and xor on two words, plus five key injections.
+_THREEFRY_OPS = 120
+
+
+@functools.cache
+def _threefry_key_dtype():
+    """The dtype of threefry2x32 key arrays (``key<fry>``), whatever the default impl."""
+    return jax.eval_shape(lambda: jax.random.key(0, impl="threefry2x32")).dtype
+
+
+def random_bits(eqn, in_avals, out_avals):
+    """Random bits of threefry keys (output shape: the key array's shape, then ``shape``):
+    one loop per output dim, all splittable; the key's dims (a batch of keys) follow the
+    leading loops, a single key stays whole. With ``jax_threefry_partitionable`` (the
+    default) each element's bits depend only on its key and its position, so every device
+    computes just its own part and gets exactly the replicated numbers. Other key kinds
+    (``rbg``: XLA's RngBitGenerator, which XLA does not split) and the flag off give
+    ``None`` (run replicated)."""
+    key, out = in_avals[0], out_avals[0]
+    if not jax.config.jax_threefry_partitionable or key.dtype != _threefry_key_dtype():
+        return None
+    rank = _rank(out)
+    return LoopOp(tuple(out.shape), (True,) * rank, (tuple(range(_rank(key))),),
+                  (tuple(range(rank)),), flops=float(_THREEFRY_OPS * _size(out)))
+
+
 ELEMENTWISE = frozenset("""
 abs acos acosh add add_any and asin asinh atan atan2 atanh bitcast_convert_type cbrt ceil clamp
 clz complex conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2
@@ -526,6 +557,8 @@ RULES.update({
     "reduce_window": reduce_window,
     "select_and_scatter_add": select_and_scatter_add,
     "select_and_gather_add": select_and_gather_add,
+    "random_bits": random_bits,
+    "threefry2x32": elementwise,
 })
 
 # Primitives XLA fuses into the loop of their consumer (elementwise, broadcast and layout
@@ -536,9 +569,10 @@ FUSIBLE = ELEMENTWISE | frozenset({"broadcast_in_dim", "reshape", "squeeze", "tr
 FUSING_CONSUMERS = FUSIBLE | frozenset({"reduce_sum", "reduce_max", "reduce_min",
                                         "reduce_prod", "argmax", "argmin"})
 
-# Primitives that run replicated on purpose (no warning): RNG plumbing and the like.
+# Primitives that run replicated on purpose (no warning): RNG plumbing and the like, and
+# ``random_bits`` where its rule declines (keys other than partitionable threefry).
 REPLICATED_QUIETLY = frozenset("""
-random_bits random_seed random_wrap random_unwrap random_fold_in random_split threefry2x32
+random_bits random_seed random_wrap random_unwrap random_fold_in random_split
 rng_bit_generator rng_uniform debug_callback
 """.split())
 
