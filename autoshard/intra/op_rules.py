@@ -6,7 +6,8 @@ then assigns mesh axes to loops: an operand/output dim is split by the axes of
 its loop; a loop that no output follows is a *reduction* loop, and splitting
 it leaves partial results that need an all-reduce. This one description covers
 elementwise ops, broadcasts, reductions, transposes, reshapes, dot_general,
-convolutions, gathers and scatters (the XLA auto-sharding / GSPMD view).
+convolutions, pooling windows, gathers, scatters and random bits (the XLA
+auto-sharding / GSPMD view).
 
 A rule returns ``None`` when it does not recognise the equation's form; the
 planner then runs the equation replicated.
@@ -14,8 +15,11 @@ planner then runs the equation replicated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
+
+import jax
 
 Dims = tuple  # per tensor dim: loop index or None (never split)
 
@@ -162,11 +166,16 @@ def reshape(eqn, in_avals, out_avals):
     """Dims grouped by equal running products; the major dims of a group share a loop.
 
     A split of a merged dim passes through when it divides the leading factor:
-    ``[B, S, D] → [B*S, D]`` keeps a split of ``B`` on ``B*S``.
+    ``[B, S, D] → [B*S, D]`` keeps a split of ``B`` on ``B*S``. With ``dimensions`` (the
+    operand is transposed by that permutation first, as in a grouped convolution's
+    gradient), the groups are formed over the transposed operand and each loop is
+    mapped back to the operand dim it came from.
     """
-    if eqn.params.get("dimensions") is not None:
-        return None
-    a, b = tuple(in_avals[0].shape), tuple(out_avals[0].shape)
+    perm = eqn.params.get("dimensions")
+    if perm is None:
+        perm = tuple(range(_rank(in_avals[0])))
+    a = tuple(in_avals[0].shape[d] for d in perm)
+    b = tuple(out_avals[0].shape)
     in_dims: list = [None] * len(a)
     out_dims: list = [None] * len(b)
     sizes: list[int] = []
@@ -189,7 +198,11 @@ def reshape(eqn, in_avals, out_avals):
                 j += 1
         in_dims[i0] = out_dims[j0] = len(sizes)
         sizes.append(math.gcd(a[i0], b[j0]))
-    return LoopOp(tuple(sizes), (True,) * len(sizes), (tuple(in_dims),), (tuple(out_dims),))
+    operand_dims: list = [None] * len(a)
+    for i, d in enumerate(perm):
+        operand_dims[d] = in_dims[i]
+    return LoopOp(tuple(sizes), (True,) * len(sizes), (tuple(operand_dims),),
+                  (tuple(out_dims),))
 
 
 def dot_general(eqn, in_avals, out_avals):
@@ -218,22 +231,57 @@ def dot_general(eqn, in_avals, out_avals):
 
 
 def conv(eqn, in_avals, out_avals):
-    """Batch, output-feature and input-feature (reduction) loops; spatial dims stay whole."""
+    """Convolution as three loops; spatial dims stay whole.
+
+    Plain (``feature_group_count == batch_group_count == 1``): batch N (lhs and output
+    batch dims), output feature O (rhs and output feature dims), input feature I (lhs and
+    rhs feature dims; a reduction loop). All three split.
+
+    ``feature_group_count`` G > 1 (grouped; depthwise when G equals the input features):
+    the input features are G contiguous groups of Cg = I/G, the output features G
+    contiguous groups of O/G, and output group g reads only input group g. The feature
+    loop is the *group* loop, of size G: the output and rhs output-feature dims and the
+    lhs feature dim follow it, so a split by n (which must divide G) gives each device
+    G/n whole groups: their input features, filters and output features, with no
+    communication. The rhs input-feature dim (Cg, summed within a group) follows no
+    loop: the lhs feature dim already follows the group loop. Only depthwise
+    convolutions (Cg = 1, any channel multiplier) split: XLA's SPMD partitioner (jax
+    0.10) runs them as a batched dot, but gathers a grouped convolution with Cg > 1
+    whole onto every device however its batch or groups are split, so there both loops
+    stay whole and the planner prices the gather.
+
+    ``batch_group_count`` B > 1 (the filter gradient of a grouped convolution): the lhs
+    batch dim is B contiguous groups and output feature group b reads only lhs batch
+    group b. The group loop (size B) is followed by the lhs batch dim and the rhs and
+    output feature dims; the output batch dim (the lhs batch within a group) stays
+    whole; the input-feature loop (the gradient's sum over the data batch) is a
+    splittable reduction, as in the plain case.
+    """
     lhs, rhs = in_avals
     out = out_avals[0]
     dn = eqn.params["dimension_numbers"]
-    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-    fgc = eqn.params["feature_group_count"]
-    bgc = eqn.params["batch_group_count"]
+    (lb, lf), (ro, ri), (ob, of) = dn.lhs_spec[:2], dn.rhs_spec[:2], dn.out_spec[:2]
+    groups = eqn.params["feature_group_count"]
+    batch_groups = eqn.params["batch_group_count"]
     ldims, rdims, odims = [None] * _rank(lhs), [None] * _rank(rhs), [None] * _rank(out)
-    ldims[lhs_spec[0]] = odims[out_spec[0]] = 0          # batch N
-    rdims[rhs_spec[0]] = odims[out_spec[1]] = 1          # output feature O
-    ldims[lhs_spec[1]] = rdims[rhs_spec[1]] = 2          # input feature I (reduction)
-    sizes = (lhs.shape[lhs_spec[0]], rhs.shape[rhs_spec[0]], rhs.shape[rhs_spec[1]])
-    splittable = (bgc == 1, fgc == 1 and bgc == 1, fgc == 1)
-    window = math.prod(rhs.shape[d] for d in rhs_spec[2:])
-    flops = 2.0 * _size(out) * rhs.shape[rhs_spec[1]] * window
-    return LoopOp(sizes, splittable, (tuple(ldims), tuple(rdims)), (tuple(odims),), flops=flops)
+    if batch_groups > 1:   # loops: group (lhs batch, rhs O, out O), input feature
+        ldims[lb] = rdims[ro] = odims[of] = 0
+        ldims[lf] = rdims[ri] = 1
+        sizes, splittable = (batch_groups, lhs.shape[lf]), (True, True)
+    elif groups > 1:       # loops: batch, group (lhs feature, rhs O, out O)
+        ldims[lb] = odims[ob] = 0
+        ldims[lf] = rdims[ro] = odims[of] = 1
+        depthwise = rhs.shape[ri] == 1
+        sizes, splittable = (lhs.shape[lb], groups), (depthwise, depthwise)
+    else:                  # loops: batch, output feature, input feature
+        ldims[lb] = odims[ob] = 0
+        rdims[ro] = odims[of] = 1
+        ldims[lf] = rdims[ri] = 2
+        sizes, splittable = (lhs.shape[lb], rhs.shape[ro], rhs.shape[ri]), (True, True, True)
+    window = math.prod(rhs.shape[d] for d in dn.rhs_spec[2:])
+    flops = 2.0 * _size(out) * rhs.shape[ri] * window
+    return LoopOp(sizes, splittable, (tuple(ldims), tuple(rdims)), (tuple(odims),),
+                  flops=flops)
 
 
 def concatenate(eqn, in_avals, out_avals):
@@ -387,6 +435,86 @@ def scatter(eqn, in_avals, out_avals):
                   flops=float(_size(updates)))
 
 
+
+def _window_free(params, rank: int) -> tuple[bool, ...]:
+    """Per dim, whether a windowed op leaves it alone: window 1, stride 1, no padding and
+    no dilation, so output element ``i`` of that dim reads only operand element ``i``."""
+    ones = (1,) * rank
+    return tuple(params["window_dimensions"][d] == 1 and params["window_strides"][d] == 1
+                 and tuple(params["padding"][d]) == (0, 0)
+                 and (params.get("base_dilation") or ones)[d] == 1
+                 and (params.get("window_dilation") or ones)[d] == 1
+                 for d in range(rank))
+
+
+def _windowed(eqn, out, windowed_avals, whole_avals, num_outputs: int = 1) -> LoopOp:
+    """A windowed op as one loop per dim of ``out``: dims the window leaves alone (see
+    ``_window_free``) split freely, the rest stay whole. ``windowed_avals``: operands on
+    the other side of the window from ``out`` (their windowed dims follow no loop);
+    ``whole_avals``: operands shaped like ``out`` (every dim follows its loop), or scalars
+    and literals (init values: no loop)."""
+    rank = _rank(out)
+    free = _window_free(eqn.params, rank)
+    dims = tuple(d if free[d] else None for d in range(rank))
+    ident = tuple(range(rank))
+    in_dims = tuple(dims for _ in windowed_avals) + tuple(
+        None if a is None or _rank(a) == 0 else ident for a in whole_avals)
+    window = math.prod(eqn.params["window_dimensions"])
+    return LoopOp(tuple(out.shape), free, in_dims, (ident,) * num_outputs,
+                  flops=float(_size(out) * window))
+
+
+def reduce_window(eqn, in_avals, out_avals):
+    """Pooling (``reduce_window_max/min/sum``, and ``reduce_window`` with its own
+    computation: n operands then n init values → n outputs): loops over the output dims;
+    batch and channel dims (window 1, stride 1, unpadded) split, windowed dims stay
+    whole."""
+    n = len(out_avals)
+    return _windowed(eqn, out_avals[0], in_avals[:n], in_avals[n:], num_outputs=n)
+
+
+def select_and_scatter_add(eqn, in_avals, out_avals):
+    """Max-pool's gradient (source: the cotangent of the pooled value; operand: the
+    pool's input; output shaped like the operand): loops over the output dims; dims the
+    window leaves alone split, windowed dims stay whole."""
+    source, operand = in_avals
+    return _windowed(eqn, out_avals[0], (source,), (operand,))
+
+
+def select_and_gather_add(eqn, in_avals, out_avals):
+    """Max-pool's forward-mode derivative (tangents and operand shaped like the input,
+    output like the pooled value): loops over the output dims; dims the window leaves
+    alone split, windowed dims stay whole."""
+    return _windowed(eqn, out_avals[0], in_avals, ())
+
+
+# Integer operations per random element of one threefry2x32 block: 20 rounds of add,
+# rotate (two shifts and an or) and xor on two words, plus five key injections.
+_THREEFRY_OPS = 120
+
+
+@functools.cache
+def _threefry_key_dtype():
+    """The dtype of threefry2x32 key arrays (``key<fry>``), whatever the default impl."""
+    return jax.eval_shape(lambda: jax.random.key(0, impl="threefry2x32")).dtype
+
+
+def random_bits(eqn, in_avals, out_avals):
+    """Random bits of threefry keys (output shape: the key array's shape, then ``shape``):
+    one loop per output dim, all splittable; the key's dims (a batch of keys) follow the
+    leading loops, a single key stays whole. With ``jax_threefry_partitionable`` (the
+    default) each element's bits depend only on its key and its position, so every device
+    computes just its own part and gets exactly the replicated numbers. Other key kinds
+    (``rbg``: XLA's RngBitGenerator, which XLA does not split) and the flag off give
+    ``None`` (run replicated)."""
+    key, out = in_avals[0], out_avals[0]
+    if not jax.config.jax_threefry_partitionable or key.dtype != _threefry_key_dtype():
+        return None
+    rank = _rank(out)
+    return LoopOp(tuple(out.shape), (True,) * rank, (tuple(range(_rank(key))),),
+                  (tuple(range(rank)),), flops=float(_THREEFRY_OPS * _size(out)))
+
+
 ELEMENTWISE = frozenset("""
 abs acos acosh add add_any and asin asinh atan atan2 atanh bitcast_convert_type cbrt ceil clamp
 clz complex conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2
@@ -423,6 +551,14 @@ RULES.update({
     "gather": gather,
     "scatter-add": scatter,
     "scatter": scatter,
+    "reduce_window_max": reduce_window,
+    "reduce_window_min": reduce_window,
+    "reduce_window_sum": reduce_window,
+    "reduce_window": reduce_window,
+    "select_and_scatter_add": select_and_scatter_add,
+    "select_and_gather_add": select_and_gather_add,
+    "random_bits": random_bits,
+    "threefry2x32": elementwise,
 })
 
 # Primitives XLA fuses into the loop of their consumer (elementwise, broadcast and layout
@@ -433,9 +569,10 @@ FUSIBLE = ELEMENTWISE | frozenset({"broadcast_in_dim", "reshape", "squeeze", "tr
 FUSING_CONSUMERS = FUSIBLE | frozenset({"reduce_sum", "reduce_max", "reduce_min",
                                         "reduce_prod", "argmax", "argmin"})
 
-# Primitives that run replicated on purpose (no warning): RNG plumbing and the like.
+# Primitives that run replicated on purpose (no warning): RNG plumbing and the like, and
+# ``random_bits`` where its rule declines (keys other than partitionable threefry).
 REPLICATED_QUIETLY = frozenset("""
-random_bits random_seed random_wrap random_unwrap random_fold_in random_split threefry2x32
+random_bits random_seed random_wrap random_unwrap random_fold_in random_split
 rng_bit_generator rng_uniform debug_callback
 """.split())
 

@@ -1,0 +1,336 @@
+"""Sharding rules for random bits, pooling and grouped convolutions, checked three ways:
+each rule's strategies against what XLA's SPMD partitioner compiles for that one op, plans
+of small train steps against single-device ``jax.jit``, and which dims those plans split."""
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend.random import threefry2x32_p
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import autoshard
+from autoshard.cost_model import MeshCostModel, cluster_preset
+from autoshard.intra.op_rules import loop_op
+from autoshard.intra.strategies import loop_strategies
+from autoshard.ir.jax_compat import bind
+from autoshard.ir.program import Literal
+from autoshard.ir.specs import to_partition_spec
+from autoshard.ir.trace import trace
+
+MESHES = [((8,), ("data",)), ((2, 4), ("data", "model"))]
+MESH_IDS = ["8", "2x4"]
+COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+                        r"(?:-start)?\(")
+
+
+def _assert_matches_jit(actual, expected):
+    """Same tree, every leaf within rtol 1e-5 (atol 1e-6 for values near zero)."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-6)
+
+
+def _collectives(hlo: str) -> set[str]:
+    return {m.group(1) for m in COLLECTIVE.finditer(hlo)}
+
+
+def _conv(x, w, groups=1):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=groups)
+
+
+def _max_pool(x):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def _avg_pool(x):
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), "SAME") / 9
+
+
+def _prod_pool(x):  # reduce_window with its own computation
+    return jax.lax.reduce_window(x, 1.0, jax.lax.mul, (1, 2, 2, 1), (1, 1, 1, 1), "VALID")
+
+
+# --------------------------------------------------------------------------- rules vs XLA
+
+_X = jax.ShapeDtypeStruct((8, 6, 6, 8), jnp.float32)
+
+
+def _filters(cg, o):
+    return jax.ShapeDtypeStruct((3, 3, cg, o), jnp.float32)
+
+
+def _conv_grads(groups):
+    return jax.grad(lambda x, w: _conv(x, w, groups).sum(), argnums=(0, 1))
+
+
+SINGLE_OPS = {
+    "max_pool_and_grad": (jax.grad(lambda x: _max_pool(x).sum()), (_X,)),
+    "avg_pool_and_grad": (jax.grad(lambda x: _avg_pool(x).sum()), (_X,)),
+    "generic_reduce_window": (_prod_pool, (_X,)),
+    "max_pool_jvp": (lambda x, t: jax.jvp(_max_pool, (x,), (t,)), (_X, _X)),
+    "depthwise_conv_and_grads": (_conv_grads(8), (_X, _filters(1, 8))),
+    "depthwise_x2_conv_and_grads": (_conv_grads(8), (_X, _filters(1, 16))),
+    "grouped_conv_and_grads": (_conv_grads(2), (_X, _filters(4, 8))),
+    "conv_and_grads": (_conv_grads(1), (_X, _filters(8, 8))),
+    "bernoulli_typed_key": (lambda k: jax.random.bernoulli(k, 0.9, (16, 8)), (jax.random.key(0),)),
+    "uint8_bits": (lambda k: jax.random.bits(k, (16, 8), jnp.uint8), (jax.random.key(0),)),
+    "uniform_legacy_key": (lambda k: jax.random.uniform(k, (16, 8)), (jax.random.PRNGKey(0),)),
+    "uniform_key_batch": (lambda ks: jax.vmap(lambda k: jax.random.uniform(k, (4,)))(ks),
+                          (jax.random.split(jax.random.key(0), 8),)),
+    "threefry2x32": (lambda k, a, b: threefry2x32_p.bind(k[0], k[1], a, b),
+                     (jax.ShapeDtypeStruct((2,), jnp.uint32),
+                      jax.ShapeDtypeStruct((8, 4), jnp.uint32),
+                      jax.ShapeDtypeStruct((8, 4), jnp.uint32))),
+}
+CHECKED = {"reduce_window_max", "reduce_window_sum", "reduce_window", "select_and_scatter_add",
+           "select_and_gather_add", "conv_general_dilated", "reshape", "random_bits",
+           "threefry2x32"}
+
+
+def _equation_fn(eqn):
+    """``eqn`` alone, as a function of its non-literal operands."""
+    def fn(*xs):
+        it = iter(xs)
+        return bind(eqn.primitive, eqn.params,
+                    [a.value if isinstance(a, Literal) else next(it) for a in eqn.inputs])
+    return fn
+
+
+def _compiled_collectives(eqn, in_avals, strategy, mesh, names) -> set[str]:
+    operands = [k for k, a in enumerate(eqn.inputs) if not isinstance(a, Literal)]
+    shard = lambda spec: NamedSharding(mesh, to_partition_spec(spec, names))  # noqa: E731
+    step = jax.jit(_equation_fn(eqn),
+                   in_shardings=tuple(shard(strategy.in_specs[k]) for k in operands),
+                   out_shardings=tuple(shard(s) for s in strategy.out_specs))
+    avals = [jax.ShapeDtypeStruct(in_avals[k].shape, in_avals[k].dtype) for k in operands]
+    return _collectives(step.lower(*avals).compile().as_text())
+
+
+@pytest.mark.parametrize("shape, names", MESHES, ids=MESH_IDS)
+@pytest.mark.parametrize("case", sorted(SINGLE_OPS))
+def test_every_loop_strategy_compiles_to_its_own_collectives(case, shape, names):
+    """Each strategy a rule offers (axes on loops; the generic reduce-scatter variants
+    aside) compiles, for its op alone, with no collective but the all-reduce of a split
+    reduction loop: the loop description is what XLA's partitioner does."""
+    fn, args = SINGLE_OPS[case]
+    program = trace(fn, args).program
+    mesh = autoshard.make_mesh(shape, names)
+    model = MeshCostModel(cluster_preset("host-cpu"), shape)
+    checked = 0
+    for eqn in program.eqns:
+        if eqn.primitive.name not in CHECKED:
+            continue
+        in_avals = [None if isinstance(a, Literal) else program.avals[a] for a in eqn.inputs]
+        out_avals = [program.avals[v] for v in eqn.outputs]
+        op = loop_op(eqn, in_avals, out_avals)
+        assert op is not None, eqn
+        for strategy in loop_strategies(op, in_avals, out_avals, model):
+            if strategy.collective == "reduce-scatter":
+                continue
+            found = _compiled_collectives(eqn, in_avals, strategy, mesh, names)
+            expected = {"all-reduce"} if strategy.collective else set()
+            assert found == expected, (eqn, strategy.name, found)
+            checked += 1
+    assert checked
+
+
+def test_xla_gathers_grouped_convolutions_so_their_rule_splits_nothing():
+    """XLA's partitioner gathers a grouped convolution with several input features per
+    group whole, even split only on the batch; if a jax upgrade partitions it, the conv
+    rule can let its batch and group loops split as it does for depthwise ones."""
+    mesh = autoshard.make_mesh((8,), ("data",))
+    step = jax.jit(lambda x, w: _conv(x, w, 2), in_shardings=(
+        NamedSharding(mesh, P("data")), NamedSharding(mesh, P())),
+        out_shardings=NamedSharding(mesh, P("data")))
+    assert "all-gather" in _collectives(step.lower(_X, _filters(4, 8)).compile().as_text())
+    program = trace(lambda x, w: _conv(x, w, 2), (_X, _filters(4, 8))).program
+    eqn = program.eqns[0]
+    op = loop_op(eqn, [program.avals[a] for a in eqn.inputs], [program.avals[eqn.outputs[0]]])
+    assert not any(op.splittable)
+
+
+# --------------------------------------------------------------------------- loop descriptions
+
+
+def _loop_op_of(fn, args, primitive):
+    program = trace(fn, args).program
+    eqn = next(e for e in program.eqns if e.primitive.name == primitive)
+    return loop_op(eqn, [None if isinstance(a, Literal) else program.avals[a]
+                         for a in eqn.inputs], [program.avals[v] for v in eqn.outputs])
+
+
+def test_transposing_reshape_maps_loops_to_the_operand_dims_they_came_from():
+    """``reshape(x, (3, 3, 4, 4), dimensions=(0, 1, 3, 2, 4))`` of ``x [3, 3, 2, 2, 4]``:
+    output dim 2 merges operand dims 3 (major) and 2, so it follows operand dim 3's loop."""
+    x = jax.ShapeDtypeStruct((3, 3, 2, 5, 4), jnp.float32)
+    op = _loop_op_of(lambda x: jax.lax.reshape(x, (3, 3, 10, 4), dimensions=(0, 1, 3, 2, 4)),
+                     (x,), "reshape")
+    (in_dims,), (out_dims,) = op.in_dims, op.out_dims
+    assert out_dims[2] == in_dims[3] and in_dims[2] is None
+    assert op.sizes[out_dims[2]] == 5
+
+
+def test_pooling_splits_only_dims_the_window_leaves_alone():
+    op = _loop_op_of(_max_pool, (_X,), "reduce_window_max")
+    assert op.splittable == (True, False, False, True)
+    assert op.in_dims == ((0, None, None, 3),)
+    strided = _loop_op_of(lambda x: jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 1, 2, 1), (1, 2, 1, 1), "VALID"), (_X,), "reduce_window_max")
+    assert strided.splittable == (True, False, False, True)   # stride 2 alone keeps H whole
+
+
+def test_random_bits_split_only_for_partitionable_threefry():
+    bernoulli = lambda k: jax.random.bernoulli(k, 0.5, (16, 8))  # noqa: E731
+    op = _loop_op_of(bernoulli, (jax.random.key(0),), "random_bits")
+    assert op.splittable == (True, True) and op.in_dims == ((),)
+    assert _loop_op_of(bernoulli, (jax.random.key(0, impl="rbg"),), "random_bits") is None
+    jax.config.update("jax_threefry_partitionable", False)
+    try:
+        assert _loop_op_of(bernoulli, (jax.random.key(0),), "random_bits") is None
+    finally:
+        jax.config.update("jax_threefry_partitionable", True)
+
+
+# --------------------------------------------------------------------------- plans of steps
+
+
+def _sgd(loss):
+    def step(params, *rest):
+        value, grads = jax.value_and_grad(loss)(params, *rest)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), value
+    return step
+
+
+def _plan_and_run(fn, args, shape, names, method, batch_argnums):
+    """The plan, its outputs, the compiled HLO and the "no sharding rule" warnings
+    planning raised (or recorded in the plan)."""
+    mesh = autoshard.make_mesh(shape, names)
+    step = autoshard.parallelize(fn, mesh=mesh, method=method, batch_argnums=batch_argnums)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = step.plan(*args)
+    out = step(*args)
+    messages = [str(w.message) for w in caught] + list(plan.warnings)
+    unsupported = [m for m in messages if "no sharding rule" in m]
+    return plan, out, step.lower(*args).compile().as_text(), unsupported
+
+
+def _specs_of(fn, args, plan, primitive):
+    """The plan's layout of every output of ``primitive``'s equations."""
+    program = trace(fn, args).program
+    specs = dict(plan.value_specs)
+    return [specs.get(eqn.outputs[0], P()) for eqn in program.eqns
+            if eqn.primitive.name == primitive]
+
+
+def _dim_axes(spec: P, dim: int) -> tuple:
+    entries = tuple(spec) + (None,) * (dim + 1)
+    entry = entries[dim]
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+B, D, H = 256, 32, 128
+
+
+def _dropout_loss(params, key, batch):
+    """An MLP with dropout on its hidden layer; the mask is drawn for ``h``'s shape."""
+    h = jax.nn.relu(batch["x"] @ params["w1"])
+    keep = jax.random.bernoulli(key, 0.9, h.shape)
+    h = jnp.where(keep, h / 0.9, 0.0)
+    return jnp.mean((h @ params["w2"] - batch["y"]) ** 2)
+
+
+def _dropout_step(params, key, batch):
+    """SGD on the dropout MLP; the loss closes over the key and the batch."""
+    value, grads = jax.value_and_grad(lambda p: _dropout_loss(p, key, batch))(params)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), value
+
+
+def _dropout_args(key_kind):
+    k = jax.random.split(jax.random.key(1), 4)
+    params = {"w1": jax.random.normal(k[0], (D, H)) * 0.1,
+              "w2": jax.random.normal(k[1], (H, D)) * 0.1}
+    batch = {"x": jax.random.normal(k[2], (B, D)), "y": jax.random.normal(k[3], (B, D))}
+    key = jax.random.key(4) if key_kind == "typed" else jax.random.PRNGKey(4)
+    return params, key, batch
+
+
+@pytest.mark.parametrize("key_kind", ["typed", "legacy"])
+@pytest.mark.parametrize("method", [autoshard.ShardParallel(), autoshard.DataParallel()],
+                         ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("shape, names", MESHES, ids=MESH_IDS)
+def test_dropout_mask_is_drawn_where_the_batch_lives(shape, names, method, key_kind):
+    """The plan gives jit's numbers, draws the mask split like the batch, and never
+    gathers a batch-sized activation to meet a replicated mask."""
+    args = _dropout_args(key_kind)
+    plan, out, hlo, unsupported = _plan_and_run(_dropout_step, args, shape, names, method, (2,))
+    _assert_matches_jit(out, jax.jit(_dropout_step)(*args))
+    batch_axes = _dim_axes(plan.in_specs[2]["x"], 0)
+    assert batch_axes, "the plan should split the batch"
+    (mask_spec,) = _specs_of(_dropout_step, args, plan, "random_bits")
+    assert set(batch_axes) <= set(_dim_axes(mask_spec, 0)), mask_spec
+    gathered = re.findall(r"= \w+\[([\d,]*)\][^=]* all-gather\(", hlo)
+    assert not [s for s in gathered if s.split(",")[0] == str(B)], gathered
+    assert not unsupported, unsupported
+
+
+def _cnn_loss(params, batch):
+    """conv → relu → depthwise conv → grouped conv → max-pool → avg-pool → dense → MSE."""
+    h = jax.nn.relu(_conv(batch["x"], params["conv"]))
+    if "depthwise" in params:
+        h = jax.nn.relu(_conv(h, params["depthwise"], groups=h.shape[-1]))
+        h = jax.nn.relu(_conv(h, params["grouped"], groups=2))
+    h = _max_pool(h)
+    h = jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4
+    return jnp.mean((h.reshape(h.shape[0], -1) @ params["dense"] - batch["y"]) ** 2)
+
+
+def _cnn_args(channels, grouped, batch=64, image=16):
+    k = jax.random.split(jax.random.key(1), 6)
+    params = {"conv": jax.random.normal(k[0], (3, 3, 3, channels)) * 0.2,
+              "dense": jax.random.normal(k[1], ((image // 4) ** 2 * channels, 10)) * 0.1}
+    if grouped:
+        params["depthwise"] = jax.random.normal(k[2], (3, 3, 1, channels)) * 0.3
+        params["grouped"] = jax.random.normal(k[3], (3, 3, channels // 2, channels)) * 0.2
+    data = {"x": jax.random.normal(k[4], (batch, image, image, 3)),
+            "y": jax.random.normal(k[5], (batch, 10))}
+    return params, data
+
+
+@pytest.mark.parametrize("shape, names", MESHES, ids=MESH_IDS)
+def test_max_pool_cnn_splits_its_pooling_by_batch(shape, names):
+    step = _sgd(_cnn_loss)
+    args = _cnn_args(channels=4, grouped=False)
+    plan, out, _, unsupported = _plan_and_run(step, args, shape, names, autoshard.ShardParallel(),
+                                         (1,))
+    _assert_matches_jit(out, jax.jit(step)(*args))
+    assert not unsupported, unsupported
+    batch_axes = _dim_axes(plan.in_specs[1]["x"], 0)
+    assert batch_axes, "the plan should split the batch"
+    for primitive in ("reduce_window_max", "reduce_window_sum", "select_and_scatter_add"):
+        specs = _specs_of(step, args, plan, primitive)
+        assert specs and all(_dim_axes(s, 0) == batch_axes for s in specs), (primitive, specs)
+
+
+@pytest.mark.parametrize("shape, names", MESHES, ids=MESH_IDS)
+def test_depthwise_and_grouped_convolutions(shape, names):
+    """jit's numbers; the depthwise conv is split (by batch or channels), no op of the
+    step lacks a rule (the transposing reshapes of the filter gradients included)."""
+    step = _sgd(_cnn_loss)
+    args = _cnn_args(channels=8, grouped=True)
+    plan, out, _, unsupported = _plan_and_run(step, args, shape, names, autoshard.ShardParallel(),
+                                         (1,))
+    _assert_matches_jit(out, jax.jit(step)(*args))
+    assert not unsupported, unsupported
+    program = trace(step, args).program
+    specs = dict(plan.value_specs)
+    depthwise = [specs[e.outputs[0]] for e in program.eqns
+                 if e.primitive.name == "conv_general_dilated"
+                 and e.params["feature_group_count"] == 8]
+    assert depthwise and all(_dim_axes(s, 0) or _dim_axes(s, 3) for s in depthwise), depthwise
