@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from autoshard.audit.hlo import COLLECTIVE_KINDS
 from autoshard.cost_model import format_bytes, format_seconds
+from autoshard.ir.hlo import COLLECTIVE_KINDS
 
 ILP = "ShardParallel"
 PRESETS = ("DataParallel", "ZeRO3", "Megatron")

@@ -42,7 +42,7 @@ import jax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import autoshard  # noqa: E402
-from autoshard.audit import hlo  # noqa: E402
+from autoshard.ir import hlo  # noqa: E402
 from autoshard.runtime import PipelineLowered  # noqa: E402
 from examples import models  # noqa: E402
 

@@ -41,7 +41,7 @@ import dataclasses
 import re
 from collections import Counter
 
-from autoshard.audit import hlo
+from autoshard.ir import hlo
 
 __all__ = ["Yardstick", "CollectiveCost", "yardstick", "collective_cost"]
 

@@ -6,6 +6,7 @@ Imports numpy only. Times are seconds, sizes bytes, bandwidths bytes/s.
 from ._cluster import COLLECTIVES as COLLECTIVES
 from ._cluster import Cluster as Cluster
 from ._cluster import Link as Link
+from ._mesh_cost import CollectiveStep as CollectiveStep
 from ._mesh_cost import MeshCostModel as MeshCostModel
 from ._mesh_cost import Spec as Spec
 from ._presets import CLUSTER_PRESETS as CLUSTER_PRESETS
@@ -21,6 +22,7 @@ __all__ = [
     "COLLECTIVES",
     "CLUSTER_PRESETS",
     "Cluster",
+    "CollectiveStep",
     "Link",
     "MeshCostModel",
     "SCHEDULES",

@@ -21,6 +21,18 @@ Spec = tuple[tuple[int, ...], ...]
 
 
 @dataclasses.dataclass(frozen=True)
+class CollectiveStep:
+    """One collective a plan runs: ``kind`` (one of ``COLLECTIVES``) over mesh ``axes``,
+    ``nbytes`` its result per device (all-reduce, all-gather, all-to-all: the output;
+    reduce-scatter: the scattered output), ``seconds`` its price."""
+
+    kind: str
+    axes: tuple[int, ...]
+    nbytes: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshCostModel:
     """Prices work on a mesh of shape ``mesh_shape`` built from ``cluster``'s devices."""
 
@@ -89,11 +101,11 @@ class MeshCostModel:
     # ------------------------------------------------------------------ compute
 
     def compute(self, flops: float, bytes_accessed: float, dtype: str) -> float:
-        """Roofline time: max(flops / flops_rate(dtype), bytes_accessed / memory_bandwidth)."""
-        return max(
-            float(flops) / self.cluster.flops_rate(dtype),
-            float(bytes_accessed) / self.cluster.memory_bandwidth,
-        )
+        """Seconds of arithmetic plus memory traffic, not overlapped:
+        flops / flops_rate(dtype) + bytes_accessed / memory_bandwidth. (Summed over a
+        program this is what its compiled ``cost_analysis`` gives at the same rates.)"""
+        return (float(flops) / self.cluster.flops_rate(dtype)
+                + float(bytes_accessed) / self.cluster.memory_bandwidth)
 
     # ------------------------------------------------------------------ memory
 
@@ -132,6 +144,12 @@ class MeshCostModel:
         (``dst`` refines ``src``, e.g. ``src`` replicated, or only size-1 axes move).
         """
         return _resharding_time(self, _as_shape(shape), int(itemsize), _as_spec(src), _as_spec(dst))
+
+    def resharding_steps(self, shape: Sequence[int], itemsize: int, src: Spec, dst: Spec
+                         ) -> tuple[CollectiveStep, ...]:
+        """The collectives ``resharding`` prices, in order (none that moves nothing)."""
+        return _resharding_steps(self, _as_shape(shape), int(itemsize), _as_spec(src),
+                                 _as_spec(dst))
 
     def resharding_matrix(
         self, shape: Sequence[int], itemsize: int, srcs: Sequence[Spec], dsts: Sequence[Spec]
@@ -207,10 +225,17 @@ def _check_nbytes(nbytes: float) -> float:
 @functools.lru_cache(maxsize=1 << 16)
 def _resharding_time(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, src: Spec, dst: Spec) -> float:
     """Pure implementation of ``MeshCostModel.resharding`` (see its docstring)."""
+    return sum(step.seconds for step in _resharding_steps(model, shape, itemsize, src, dst))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _resharding_steps(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, src: Spec,
+                      dst: Spec) -> tuple[CollectiveStep, ...]:
+    """The collectives of ``MeshCostModel.resharding``, in order."""
     model._check_spec(shape, src)
     model._check_spec(shape, dst)
     if src == dst:
-        return 0.0
+        return ()
     ndim = len(shape)
     kept = []
     for d in range(ndim):
@@ -226,12 +251,14 @@ def _resharding_time(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
     for d in range(ndim):
         layout[d].extend(a for a in dst[d][kept[d]:] if a not in src_dim)
 
-    time = 0.0
+    steps = []
     # 2. All-to-all for axes that leave their place in src but stay in dst.
     for d in range(ndim):
         for a in src[d][kept[d]:]:
             if a in dst_dim:
-                time += model.all_to_all(model._shard_bytes(shape, itemsize, layout), (a,))
+                nbytes = model._shard_bytes(shape, itemsize, layout)
+                steps.append(CollectiveStep("all-to-all", (a,), nbytes,
+                                            model.all_to_all(nbytes, (a,))))
                 layout[d].remove(a)
                 layout[dst_dim[a]].append(a)
 
@@ -239,8 +266,9 @@ def _resharding_time(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
     dropped = sorted((a for d in range(ndim) for a in src[d][kept[d]:] if a not in dst_dim), reverse=True)
     for a in dropped:
         layout[src_dim[a]].remove(a)
-        time += model.all_gather(model._shard_bytes(shape, itemsize, layout), (a,))
-    return time
+        nbytes = model._shard_bytes(shape, itemsize, layout)
+        steps.append(CollectiveStep("all-gather", (a,), nbytes, model.all_gather(nbytes, (a,))))
+    return tuple(step for step in steps if step.seconds > 0)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import autoshard
-from autoshard.audit.hlo import collective_stats
+from autoshard.ir.hlo import collective_stats
 from examples.models import mlp, moe, transformer_block
 
 

@@ -25,7 +25,7 @@ def quick_run(tmp_path_factory):
 
 
 def test_json_has_every_field(quick_run):
-    from autoshard.audit.hlo import COLLECTIVE_KINDS
+    from autoshard.ir.hlo import COLLECTIVE_KINDS
     from benchmarks.run import (
         HLO_FIELDS,
         METHODS,
@@ -89,7 +89,7 @@ def test_markdown_states_goal_and_lists_rows(quick_run):
 
 
 def test_collective_parser_handles_tuples_and_async():
-    from autoshard.audit.hlo import collective_stats
+    from autoshard.ir.hlo import collective_stats
 
     text = "\n".join([
         "  %all-reduce.1 = f32[32,256]{1,0} all-reduce(f32[32,256]{1,0} %x), to_apply=%add",

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 import autoshard
-from autoshard.audit.hlo import collective_stats
 from autoshard.cost_model import MeshCostModel, cluster_preset
 from autoshard.intra.combining import terminal_nodes
 from autoshard.intra.graph import build_graph
+from autoshard.ir.hlo import collective_stats
 from autoshard.ir.trace import trace
 from examples.models import mlp
 

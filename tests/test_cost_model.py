@@ -102,10 +102,11 @@ def test_collective_rejects_bad_axes(model24, axes):
         model24.all_reduce(1.0, axes)
 
 
-def test_compute_roofline(model24):
+def test_compute_is_arithmetic_plus_traffic(model24):
     assert model24.compute(2e12, 0, "float32") == pytest.approx(2.0)
     assert model24.compute(2e12, 0, "bfloat16") == pytest.approx(0.5)
-    assert model24.compute(1, 1e11, "float32") == pytest.approx(1.0)
+    assert model24.compute(0, 1e11, "float32") == pytest.approx(1.0)
+    assert model24.compute(2e12, 1e11, "bfloat16") == pytest.approx(1.5)
 
 
 # ---------------------------------------------------------------- cluster

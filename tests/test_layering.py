@@ -35,13 +35,12 @@ MAY_IMPORT = {
     "autoshard.pipeline": _BASE + ("autoshard.ilp", "autoshard.methods", "autoshard.plan",
                                    "autoshard.runtime", "autoshard.intra"),
     "autoshard.distributed": _BASE + ("autoshard.plan",),
-    "autoshard.audit": _BASE + ("autoshard.methods", "autoshard.plan"),
     "autoshard.calibration": _BASE + ("autoshard.mesh",),
     "autoshard.api": _BASE + ("autoshard.ilp", "autoshard.runtime", "autoshard.mesh",
                               "autoshard.methods", "autoshard.plan", "autoshard.intra",
-                              "autoshard.pipeline", "autoshard.distributed", "autoshard.audit"),
+                              "autoshard.pipeline", "autoshard.distributed"),
     "autoshard.cli": _BASE + ("autoshard.mesh", "autoshard.methods", "autoshard.plan",
-                              "autoshard.api", "autoshard.calibration", "autoshard.audit"),
+                              "autoshard.api", "autoshard.calibration"),
     "autoshard.__main__": ("autoshard.cli",),
 }
 # Third-party packages a layer may import (the standard library is always allowed);

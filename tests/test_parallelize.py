@@ -59,7 +59,7 @@ def test_host_cpu_reduce_scatter_lowering_matches_the_backend():
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from autoshard.audit.hlo import collective_stats
+    from autoshard.ir.hlo import collective_stats
 
     mesh = autoshard.make_mesh((8,), ("d",))
     step = jax.jit(lambda a, b: jax.lax.with_sharding_constraint(

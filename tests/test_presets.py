@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import autoshard
-from autoshard.audit.hlo import collective_stats
+from autoshard.ir.hlo import collective_stats
 from benchmarks import baselines
 from examples import models
 

@@ -6,8 +6,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import autoshard
-from autoshard.audit import hlo
 from autoshard.cost_model import Link
+from autoshard.ir import hlo
 from benchmarks.yardstick import yardstick
 from tests.baseline_cases import compiled_baseline
 

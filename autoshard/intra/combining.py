@@ -83,5 +83,10 @@ def _latency_shared(strategy: Strategy) -> Strategy:
     if strategy.all_reduce_latency_s <= 0:
         return strategy
     share = min(1.0, strategy.all_reduce_bytes / COMBINE_THRESHOLD_BYTES)
-    return dataclasses.replace(strategy, communication_s=strategy.communication_s
-                               - strategy.all_reduce_latency_s * (1.0 - share))
+    removed = strategy.all_reduce_latency_s * (1.0 - share)
+    merged = [s for s in strategy.collectives
+              if s.kind == "all-reduce" and s.axes == strategy.all_reduce_axes]
+    steps = tuple(dataclasses.replace(s, seconds=s.seconds - removed / len(merged))
+                  if s in merged else s for s in strategy.collectives)
+    return dataclasses.replace(strategy, communication_s=strategy.communication_s - removed,
+                               collectives=steps)

@@ -8,8 +8,11 @@ its own step only. A resharding copy (an operand read in another layout than it
 was made in: a gathered weight, a sliced activation) is a tensor of the reader's
 layout live at the reader's step; whether it exists depends on both ends, so it
 is a matrix over the two roots' strategies (one vector when both share a root).
-The plan's reported peak (``planned_peak_bytes``) counts the same tensors, so the
-constraints and the reported estimate agree exactly.
+An all-reduce XLA merges with others (``combining``) runs once every member's operand
+is made, at the last member's step: each member's partial result lives until then.
+The plan's reported peak
+(``planned_peak_bytes``) counts the same tensors, so the constraints and the reported
+estimate agree exactly.
 
 Candidate peaks: a step can only be the peak if the most its live tensors can
 take (every one at its largest layout) reaches the least the fullest step must
@@ -26,6 +29,7 @@ import numpy as np
 
 from autoshard.cost_model import MeshCostModel
 
+from .combining import MergedAllReduce
 from .following import Grouping
 from .graph import ShardingGraph, Use
 from .liveness import live_bytes, live_ranges, peak_bytes
@@ -59,8 +63,33 @@ def copy_bytes(model: MeshCostModel, aval, src_spec, dst_spec) -> int:
     return 2 * size if inner else size
 
 
+def merged_members(merged: Sequence[MergedAllReduce]) -> dict[int, set[int]]:
+    """Node → its strategies whose all-reduce XLA merges with others."""
+    members: dict[int, set[int]] = {}
+    for group in merged:
+        for v, i in group.members:
+            members.setdefault(v, set()).add(i)
+    return members
+
+
+def _merged_extensions(graph: ShardingGraph, members: Mapping[int, set[int]],
+                       ranges: Mapping[int, tuple[int, int]]):
+    """Per member node and output: ``(node, output value, steps the partial result
+    outlives its last reader until the merged all-reduce)``; empty without members."""
+    if not members:
+        return []
+    step = max(graph.nodes[v].eqn for v in members)
+    out = []
+    for v in sorted(members):
+        for vid in graph.nodes[v].outputs:
+            if vid in ranges:
+                out.append((v, vid, (ranges[vid][1] + 1, step)))
+    return out
+
+
 def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
-                 ranges: Mapping[int, tuple[int, int]]) -> TensorBytes:
+                 ranges: Mapping[int, tuple[int, int]],
+                 merged: Sequence[MergedAllReduce] = ()) -> TensorBytes:
     program = graph.traced.program
     position = {r: p for p, r in enumerate(grouping.roots)}
     cache: dict = {}
@@ -100,6 +129,18 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
             roots[cid], values[cid] = (ps, pd), matrix[np.ix_(rows, cols)]
         eqn = graph.nodes[use.dst].eqn
         steps[cid] = (eqn, eqn)
+    members = merged_members(merged)
+    for k, (v, vid, longer) in enumerate(_merged_extensions(graph, members, ranges)):
+        node = graph.nodes[v]
+        p, index = position[grouping.root[v]], grouping.index[v]
+        out = node.outputs.index(vid)
+        aval = program.avals[vid]
+        own = np.array([nbytes(tuple(aval.shape), aval.dtype.itemsize, s.out_specs[out])
+                        if i in members[v] else 0.0 for i, s in enumerate(node.strategies)],
+                       dtype=np.float64)[index]
+        tid = -1 - len(graph.nodes) - len(graph.uses) - k
+        if longer[0] <= longer[1]:  # the partial result waits for the merged all-reduce
+            roots[tid], values[tid], steps[tid] = (p,), own, longer
     return TensorBytes(roots, values, steps)
 
 
@@ -164,11 +205,13 @@ def steps_over(tensors: TensorBytes, choices, num_steps: int, budget: float,
     return sorted(over[np.argsort(-live[over], kind="stable")][:limit].tolist())
 
 
-def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, chosen: Sequence,
-                       donated) -> int:
-    """Liveness peak per device of the chosen plan (the model the memory constraints use):
-    every tensor from definition to last read, the temporaries of the chosen strategies
-    and the resharding copies each operand read makes, at their step."""
+def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequence[int],
+                       donated, merged: Sequence[MergedAllReduce] = ()) -> int:
+    """Liveness peak per device of the plan choosing strategy ``choices[v]`` at node ``v``
+    (the model the memory constraints use): every tensor from definition to last read,
+    the temporaries of the chosen strategies, the resharding copies each operand read
+    makes, at their step, and partial results waiting for the merged all-reduce."""
+    chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]
     program = graph.traced.program
 
     def nbytes(vid, spec):
@@ -186,8 +229,13 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, chosen: Seque
                           chosen[use.dst].in_specs[use.operand])
         if size:
             extra.append((dst.eqn, size))
-    for k, (step, size) in enumerate(extra):
-        ranges[-1 - k] = (step, step)
+    spans = [((step, step), size) for step, size in extra]
+    members = merged_members(merged)
+    for v, vid, longer in _merged_extensions(graph, members, ranges):
+        if choices[v] in members[v] and longer[0] <= longer[1]:
+            spans.append((longer, sizes[vid]))
+    for k, (span, size) in enumerate(spans):
+        ranges[-1 - k] = span
         sizes[-1 - k] = size
     peak, _ = peak_bytes(ranges, sizes, len(program.eqns))
     return peak

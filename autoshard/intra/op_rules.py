@@ -15,11 +15,10 @@ planner then runs the equation replicated.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 
-import jax
+from autoshard.ir.jax_compat import partitionable_random_bits
 
 Dims = tuple  # per tensor dim: loop index or None (never split)
 
@@ -493,12 +492,6 @@ def select_and_gather_add(eqn, in_avals, out_avals):
 _THREEFRY_OPS = 120
 
 
-@functools.cache
-def _threefry_key_dtype():
-    """The dtype of threefry2x32 key arrays (``key<fry>``), whatever the default impl."""
-    return jax.eval_shape(lambda: jax.random.key(0, impl="threefry2x32")).dtype
-
-
 def random_bits(eqn, in_avals, out_avals):
     """Random bits of threefry keys (output shape: the key array's shape, then ``shape``):
     one loop per output dim, all splittable; the key's dims (a batch of keys) follow the
@@ -508,7 +501,7 @@ def random_bits(eqn, in_avals, out_avals):
     (``rbg``: XLA's RngBitGenerator, which XLA does not split) and the flag off give
     ``None`` (run replicated)."""
     key, out = in_avals[0], out_avals[0]
-    if not jax.config.jax_threefry_partitionable or key.dtype != _threefry_key_dtype():
+    if not partitionable_random_bits(key.dtype):
         return None
     rank = _rank(out)
     return LoopOp(tuple(out.shape), (True,) * rank, (tuple(range(_rank(key))),),

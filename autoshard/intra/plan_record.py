@@ -40,6 +40,7 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         for vid, spec in zip(node.outputs, strat.out_specs):
             value_spec[vid] = spec
     P = lambda spec: to_partition_spec(spec, axis_names)  # noqa: E731
+    names = lambda axes: tuple(axis_names[a] for a in axes)  # noqa: E731
     flat_in = tuple(P(value_spec[v]) for v in program.invars)
     flat_out = [P(value_spec[a]) if isinstance(a, int) else P(()) for a in program.outvars]
     if result is None:  # hand-written: a carried output is laid out like its input
@@ -53,8 +54,9 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         for vid, spec in zip(node.outputs, strat.out_specs):
             if len(spec) and vid not in invar_index and result is not None:
                 value_specs.append((vid, P(spec)))
-        if strat.communication_s > 0:
-            collectives.append(Collective(node.name, strat.collective, strat.communication_s))
+        for step in strat.collectives:
+            collectives.append(Collective(node.name, step.kind, step.seconds, step.nbytes,
+                                          names(step.axes)))
     resharding = 0.0
     for use, matrix in zip(uses, matrices):
         cost = float(matrix[choices[use.src], choices[use.dst]])
@@ -66,9 +68,12 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         if src_spec != dst_spec:
             if result is not None:
                 operand_specs.append((graph.nodes[use.dst].eqn, use.operand, P(dst_spec)))
-            if cost > 0:
-                collectives.append(Collective(f"{graph.nodes[use.src].name}→"
-                                              f"{graph.nodes[use.dst].name}", "resharding", cost))
+            aval = program.avals[graph.nodes[use.src].outputs[use.src_output]]
+            where = f"{graph.nodes[use.src].name}→{graph.nodes[use.dst].name}"
+            for step in model.resharding_steps(tuple(aval.shape), aval.dtype.itemsize,
+                                               src_spec, dst_spec):
+                collectives.append(Collective(where, step.kind, step.seconds, step.nbytes,
+                                              names(step.axes), resharding=True))
         resharding += cost
 
     merged_latency = 0.0
@@ -76,11 +81,16 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         if any(choices[v] == i for v, i in group.members):
             merged_latency += group.latency_s
             collectives.append(Collective(f"merged all-reduce over mesh axes {group.axes}",
-                                          "all-reduce", group.latency_s))
-    peak = planned_peak_bytes(graph, model, chosen, donated)
-    cost = PlanCost(compute_s=float(sum(s.compute_s for s in chosen)),
-                    communication_s=float(sum(s.communication_s for s in chosen)) + merged_latency,
-                    resharding_s=resharding, peak_memory_bytes=peak)
+                                          "all-reduce", group.latency_s, 0, names(group.axes)))
+    peak = planned_peak_bytes(graph, model, choices, donated, problem.merged)
+    ops = [s for n, s in zip(graph.nodes, chosen) if n.kind == "op"]
+    fed = [s for n, s in zip(graph.nodes, chosen) if n.kind != "op"]
+    cost = PlanCost(compute_s=float(sum(s.compute_s for s in ops)),
+                    communication_s=float(sum(s.communication_s for s in ops)) + merged_latency,
+                    resharding_s=resharding, peak_memory_bytes=peak,
+                    input_s=float(sum(s.communication_s for s in fed)),
+                    flops=float(sum(s.flops for s in ops)),
+                    bytes_accessed=float(sum(s.bytes_accessed for s in ops)))
     top = sorted(((n, s) for n, s in zip(graph.nodes, chosen) if n.kind == "op"),
                  key=lambda ns: -ns[1].cost_s)[:20]
     top_ops = tuple(OpCost(n.name, traced.sources[n.eqn], s.name, s.cost_s) for n, s in top)

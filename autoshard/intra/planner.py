@@ -84,7 +84,8 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
     if budget is None:
         return free
     program = graph.traced.program
-    tensors = tensor_bytes(graph, grouping, model, live_ranges(program, donated))
+    tensors = tensor_bytes(graph, grouping, model, live_ranges(program, donated),
+                           problem.merged)
     if not steps_over(tensors, free.choices, len(program.eqns), budget):
         return free
     steps = candidate_steps(tensors, len(program.eqns))

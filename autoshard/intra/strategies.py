@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from autoshard.cost_model import MeshCostModel
+from autoshard.cost_model import CollectiveStep, MeshCostModel
 from autoshard.ir.specs import Spec, replicated
 
 from .op_rules import LoopOp
@@ -31,9 +31,11 @@ class Strategy:
     ``temp_bytes``: per-device bytes of buffers it needs only while it runs (the
     unreduced partial result a reduce-scatter reads, plus the full all-reduce result on
     backends that lower a reduce-scatter to all-reduce + slice).
-    ``collective``: the collective it ends with, ``"all-reduce"`` or ``"reduce-scatter"``
-    (``""``: none). ``all_reduce_axes``: the mesh axes its all-reduce spans (empty when it
-    has none);
+    ``flops`` and ``bytes_accessed``: per device, what ``compute_s`` prices.
+    ``collectives``: the collectives it ends with (an all-reduce of partial sums, or a
+    reduce-scatter: as the backend emits it), each priced in ``communication_s``;
+    ``scatters``: the strategy reduce-scatters its result (whatever the backend emits).
+    ``all_reduce_axes``: the mesh axes its all-reduce spans (empty when it has none);
     ``all_reduce_latency_s`` / ``all_reduce_bytes``: that all-reduce's latency part of
     ``communication_s`` and its bytes per device (``_combining`` shares the latency
     between all-reduces XLA merges).
@@ -45,7 +47,10 @@ class Strategy:
     compute_s: float
     communication_s: float
     temp_bytes: int = 0
-    collective: str = ""
+    flops: float = 0.0
+    bytes_accessed: float = 0.0
+    collectives: tuple[CollectiveStep, ...] = ()
+    scatters: bool = False
     all_reduce_axes: tuple[int, ...] = ()
     all_reduce_latency_s: float = 0.0
     all_reduce_bytes: int = 0
@@ -94,7 +99,8 @@ def replicated_strategy(in_avals, out_avals, model: MeshCostModel, flops: float 
     nbytes = _traffic(model, in_avals, in_specs, tuple(fused[:n]))
     nbytes += _traffic(model, out_avals, out_specs, tuple(fused[n:]))
     compute = model.compute(flops, nbytes, _dtype_name(list(in_avals) + list(out_avals)))
-    return Strategy("replicated", out_specs, in_specs, compute, 0.0)
+    return Strategy("replicated", out_specs, in_specs, compute, 0.0, flops=flops,
+                    bytes_accessed=nbytes)
 
 
 def loop_strategies(op: LoopOp, in_avals, out_avals, model: MeshCostModel,
@@ -160,15 +166,18 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, fused)
     traffic += _traffic(model, out_avals, out_specs, fused[n:])
     out_bytes = [_bytes(model, a, s) for a, s in zip(out_avals, out_specs)]
     compute = model.compute(op.flops / split, traffic, dtype)
+    work = dict(flops=op.flops / split, bytes_accessed=traffic)
     reduce_axes = tuple(sorted(a for l, axes in loop_axes.items() if l in reductions
                                for a in axes))
     name = _assignment_name(loop_axes, reductions)
     if not reduce_axes:
-        yield Strategy(name, out_specs, in_specs, compute, 0.0)
+        yield Strategy(name, out_specs, in_specs, compute, 0.0, **work)
         return
-    comm = sum(model.all_reduce(b, reduce_axes) for b in out_bytes)
-    yield Strategy(name + " all-reduce", out_specs, in_specs, compute, comm,
-                   collective="all-reduce", all_reduce_axes=reduce_axes,
+    steps = tuple(CollectiveStep("all-reduce", reduce_axes, b, model.all_reduce(b, reduce_axes))
+                  for b in out_bytes)
+    comm = sum(s.seconds for s in steps)
+    yield Strategy(name + " all-reduce", out_specs, in_specs, compute, comm, **work,
+                   collectives=steps, all_reduce_axes=reduce_axes,
                    all_reduce_latency_s=len(out_bytes) * model.all_reduce_latency(reduce_axes),
                    all_reduce_bytes=int(sum(out_bytes)))
     if len(out_avals) != 1:
@@ -182,13 +191,20 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, fused)
             if size % n:
                 continue
             scattered = out_spec[:d] + (out_spec[d] + (axis,),) + out_spec[d + 1:]
-            comm = model.all_reduce(out_bytes[0], rest) if rest else 0.0
-            comm += model.reduce_scatter(out_bytes[0], (axis,))
+            steps = (CollectiveStep("all-reduce", rest, out_bytes[0],
+                                    model.all_reduce(out_bytes[0], rest)),) if rest else ()
+            seconds = model.reduce_scatter(out_bytes[0], (axis,))
+            if model.cluster.reduce_scatter_as_all_reduce:  # all-reduce, then a local slice
+                steps += (CollectiveStep("all-reduce", (axis,), out_bytes[0], seconds),)
+            else:
+                steps += (CollectiveStep("reduce-scatter", (axis,),
+                                         out_bytes[0] // model.mesh_shape[axis], seconds),)
             # the unreduced partial, and where the backend emits an all-reduce then a
             # slice, that all-reduce's full-size result beside it
             temp = out_bytes[0] * (2 if model.cluster.reduce_scatter_as_all_reduce else 1)
             yield Strategy(f"{name} reduce-scatter(dim {d})", (scattered,), in_specs,
-                           compute, comm, temp_bytes=temp, collective="reduce-scatter")
+                           compute, sum(s.seconds for s in steps), temp_bytes=temp, **work,
+                           collectives=steps, scatters=True)
 
 
 def _assignment_name(loop_axes, reductions) -> str:

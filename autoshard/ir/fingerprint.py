@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+from .jax_compat import threefry_partitionable
 from .program import Literal
 from .signature import aval_text, equation_signature
 from .trace import TracedFunction
@@ -21,6 +22,10 @@ def fingerprint(traced: TracedFunction, static_repr: str, argument_avals=None) -
     for part in [str(traced.in_tree), str(traced.out_tree), static_repr]:
         digest.update(part.encode() + b"\0")
     digest.update(";".join(aval_text(a) for a in argument_avals).encode())
+    if any(eqn.primitive.name == "random_bits" for eqn in program.eqns):
+        # whether random bits may be split depends on this flag: a plan made under one
+        # setting is priced for it
+        digest.update(f"threefry_partitionable={threefry_partitionable()}".encode())
     digest.update(repr((program.invars, [a if isinstance(a, int) else "lit"
                                          for a in program.outvars])).encode())
     for eqn in program.eqns:

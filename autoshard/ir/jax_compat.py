@@ -7,8 +7,10 @@ again outside a trace. The rest of autoshard uses public APIs (``jax.extend.core
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
+import jax
 import jax.extend.core as jcore
 from jax.extend import source_info_util
 
@@ -49,3 +51,23 @@ def bind(primitive: jcore.Primitive, params: dict, operands: Sequence) -> tuple:
     and return its results as a tuple."""
     outs = primitive.bind(*operands, **primitive.get_bind_params(params))
     return tuple(outs) if primitive.multiple_results else (outs,)
+
+
+@functools.cache
+def _threefry_key_dtype():
+    """The dtype of threefry2x32 key arrays (``key<fry>``), whatever the default impl."""
+    return jax.eval_shape(lambda: jax.random.key(0, impl="threefry2x32")).dtype
+
+
+def partitionable_random_bits(key_dtype) -> bool:
+    """Whether ``random_bits`` of keys of ``key_dtype`` may be split over devices with the
+    very numbers of the replicated computation: threefry keys under
+    ``jax_threefry_partitionable`` (each element's bits depend only on its key and
+    position). Part of every fingerprint (:func:`threefry_partitionable`)."""
+    return threefry_partitionable() and key_dtype == _threefry_key_dtype()
+
+
+def threefry_partitionable() -> bool:
+    """jax's ``jax_threefry_partitionable`` flag (random numbers of a sharded computation
+    equal the replicated ones when set)."""
+    return bool(jax.config.jax_threefry_partitionable)

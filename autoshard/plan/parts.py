@@ -11,15 +11,29 @@ from autoshard.cost_model import format_bytes, format_seconds
 
 @dataclasses.dataclass(frozen=True)
 class PlanCost:
-    """Modelled per-device cost of one call: seconds and bytes."""
+    """Modelled per-device cost of one call: seconds and bytes.
+
+    ``compute_s`` prices ``flops`` and ``bytes_accessed`` (memory traffic);
+    ``communication_s`` the collectives of the ops, ``resharding_s`` those that reshard
+    tensors between ops (and carried values into the next call's layout); ``input_s``
+    the copies of the arguments fed from the host each call (the batch), which are not
+    part of the compiled program."""
 
     compute_s: float
     communication_s: float
     resharding_s: float
     peak_memory_bytes: int
+    input_s: float = 0.0
+    flops: float = 0.0
+    bytes_accessed: float = 0.0
 
     @property
     def total_s(self) -> float:
+        return self.compute_s + self.communication_s + self.resharding_s + self.input_s
+
+    @property
+    def program_s(self) -> float:
+        """The compiled program's share of ``total_s`` (without the host copies)."""
         return self.compute_s + self.communication_s + self.resharding_s
 
     def __repr__(self):
@@ -106,11 +120,17 @@ class SolverInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-    """A collective the plan performs: at ``op`` (an equation or a resharded tensor use)."""
+    """A collective the plan runs and prices: at ``op`` (an equation, or ``a→b``: a tensor
+    use resharded, ``resharding`` true), ``kind`` one of ``cost_model.COLLECTIVES``
+    over mesh ``axes``, ``nbytes`` its result per device, ``seconds`` its price. (A merged
+    all-reduce's shared latency is one with ``nbytes`` 0.)"""
 
     op: str
-    kind: str       # "all-reduce", "reduce-scatter", "resharding"
+    kind: str
     seconds: float
+    nbytes: int = 0
+    axes: tuple[str, ...] = ()
+    resharding: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -305,11 +305,21 @@ def _record(cls, data, where):
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise PlanFormatError(f"{where}: unknown field(s) {unknown}; expected {names}")
+    values = {}
     for f in fields:
-        kind = _FIELD_KINDS.get(f.type if isinstance(f.type, str) else f.type.__name__)
-        if kind is not None:
-            _check(data[f.name], kind, f"{where}.{f.name}")
-    return cls(**{n: data[n] for n in names if n in data})
+        if f.name not in data:  # an optional field an older file lacks
+            continue
+        type_name = f.type if isinstance(f.type, str) else f.type.__name__
+        value = data[f.name]
+        if type_name in _FIELD_KINDS:
+            _check(value, _FIELD_KINDS[type_name], f"{where}.{f.name}")
+        elif type_name == "tuple[str, ...]":
+            _check(value, list, f"{where}.{f.name}")
+            value = tuple(_check(x, str, f"{where}.{f.name}[{i}]") for i, x in enumerate(value))
+        elif type_name == "bool":
+            _check(value, bool, f"{where}.{f.name}")
+        values[f.name] = value
+    return cls(**values)
 
 
 def _value_specs_to_json(value_specs, operand_specs):
