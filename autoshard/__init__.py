@@ -27,6 +27,7 @@ _EXPORTS = {
     "ZeRO3": "autoshard.methods",
     "Megatron": "autoshard.methods",
     "Plan": "autoshard.plan.record",
+    "Audit": "autoshard.plan.audit",
     "PlanCost": "autoshard.plan.parts",
     "ProgramSpecs": "autoshard.plan.parts",
     "StageAssignment": "autoshard.plan.parts",

@@ -11,11 +11,13 @@ import numpy as np
 
 from autoshard.distributed.agreement import check_same_plan
 from autoshard.intra.planner import plan_traced
+from autoshard.ir import hlo
 from autoshard.ir.fingerprint import check_fingerprint, fingerprint
 from autoshard.ir.trace import TracedFunction, trace
 from autoshard.pipeline.planner import plan_pipeline_step
 from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
 from autoshard.pipeline.trace import flat_paths
+from autoshard.plan.audit import Audit
 from autoshard.plan.record import Plan
 
 from .cost_model import Cluster, format_bytes, parse_bytes
@@ -265,6 +267,14 @@ class ParallelizedFunction:
         one program, this is a plain ``Lowered``, as for :class:`ShardParallel`.)
         """
         return self._compiled(args, need_program=True).program.lower()
+
+    def audit(self, *args) -> Audit:
+        """The plan for these arguments against its compiled program (:meth:`Plan.audit`),
+        with XLA's compile log read for involuntary rematerializations."""
+        lowered = self.lower(*args)
+        with hlo.compiler_log() as log:
+            compiled = lowered.compile()
+        return self.plan(*args).audit(compiled, log.text)
 
     def __call__(self, *args):
         entry = self._compiled(args, need_program=True)

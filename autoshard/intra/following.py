@@ -73,10 +73,13 @@ def group_followers(graph: ShardingGraph) -> Grouping:
 
 def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use],
                     matrices: Sequence[np.ndarray], time_limit_s: float,
-                    merged: Sequence[MergedAllReduce] = ()) -> ilp.IntraOpRequest:
+                    merged: Sequence[MergedAllReduce] = (),
+                    resharding_weight: float = 1.0) -> ilp.IntraOpRequest:
     """The ILP over the roots: followers' costs and internal edges folded into their root;
     each merged all-reduce's latency a shared cost over the root strategies that pick a
-    member strategy."""
+    member strategy. ``resharding_weight`` scales the seconds of every resharding
+    between ops against everything else."""
+    w = resharding_weight
     position = {r: p for p, r in enumerate(grouping.roots)}
     costs = [np.zeros(len(grouping.index[r])) for r in grouping.roots]
     for v, node in enumerate(graph.nodes):
@@ -84,6 +87,7 @@ def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use
         costs[position[grouping.root[v]]] += node_cost[grouping.index[v]]
     edges = []
     for use, matrix in zip(uses, matrices):
+        matrix = w * matrix if w != 1.0 else matrix
         rs, rd = grouping.root[use.src], grouping.root[use.dst]
         rows, cols = grouping.index[use.src], grouping.index[use.dst]
         if rs == rd:

@@ -19,7 +19,7 @@ from autoshard.plan.record import Plan
 from .liveness import live_ranges
 from .memory_points import candidate_steps, memory_terms, steps_over, tensor_bytes
 from .plan_record import plan_record
-from .problem import ShardingProblem, build_problem
+from .problem import ShardingProblem, build_problem, propagated_choices
 
 _log = logging.getLogger("autoshard")
 
@@ -60,7 +60,7 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
               request.time_limit_s, ", repeated layers tied" if request.tie_repeats else "",
               f", memory budget {format_bytes(memory_budget)}" if memory_budget else "")
     if isinstance(method, PRESETS):  # a fixed layout: XLA propagates it, we price that
-        choices = ilp.greedy_assignment(request, improve=False)
+        choices = propagated_choices(problem)
         return plan_record(traced, problem, choices, None, method=method, model=model,
                            cluster=cluster, axis_names=axis_names, static_repr=static_repr,
                            donated=donated, start=start)

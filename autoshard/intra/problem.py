@@ -101,6 +101,24 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
                            pairs)
 
 
+#: how much dearer a resharding second is than any other when a preset's fixed layout is
+#: propagated through its program: XLA's propagation computes each op in the layouts its
+#: operands arrive in (with the collective that implies, such as the all-reduce of a
+#: split contraction) and reshards an operand only where no such strategy exists
+PROPAGATION_RESHARDING_WEIGHT = 1e3
+
+
+def propagated_choices(problem: ShardingProblem) -> tuple[int, ...]:
+    """A strategy per ILP node for a preset, whose arguments each have one layout: in
+    program order, each op takes the cheapest strategy that reads its operands as they
+    were made (resharding only where none does), as XLA's propagation of fixed
+    ``in_shardings`` does; nothing is searched."""
+    request = grouped_request(problem.graph, problem.grouping, problem.uses, problem.matrices,
+                              problem.request.time_limit_s, problem.merged,
+                              resharding_weight=PROPAGATION_RESHARDING_WEIGHT)
+    return ilp.greedy_assignment(request)
+
+
 def carried_pairs(traced: TracedFunction, donated_flat: Sequence[bool] = ()
                   ) -> tuple[tuple[int, int], ...]:
     """(flat output, flat input) pairs carried from one step to the next.

@@ -5,9 +5,13 @@ actually produced for one device of the SPMD program.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import re
+import sys
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -348,3 +352,31 @@ def cost_analysis(compiled) -> dict[str, float]:
                 if isinstance(v, (int, float)):
                     merged[k] = merged.get(k, 0.0) + float(v)
     return merged
+
+
+class CompilerLog:
+    """Text the compiler printed to the process's standard error (``.text``)."""
+
+    text: str = ""
+
+
+@contextlib.contextmanager
+def compiler_log():
+    """Capture what is written to file descriptor 2 (XLA's C++ warnings, such as
+    "Involuntary full rematerialization") while the block runs; it is echoed to
+    standard error afterwards, so nothing is hidden."""
+    log = CompilerLog()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield log
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            log.text = sink.read().decode("utf-8", errors="replace")
+            if log.text:
+                sys.stderr.write(log.text)

@@ -12,9 +12,10 @@ from typing import Any
 from jax.sharding import PartitionSpec
 
 from autoshard.cost_model import Cluster
+from autoshard.ir import hlo
 from autoshard.methods import Method
 
-from . import html, serialize, text
+from . import audit, html, serialize, text
 from .parts import Collective, OpCost, PlanCost, ProgramSpecs, SolverInfo
 
 
@@ -74,6 +75,14 @@ class Plan:
         that is missing or wrong.
         """
         return cls(**serialize.plan_fields_from_json(text))
+
+    def audit(self, compiled, compiler_log: str | None = None) -> audit.Audit:
+        """Compare the plan with its compiled program (``step.lower(*args).compile()``):
+        the collectives XLA emits against those the plan priced (kind, mesh axes, bytes,
+        count), and the compiled flops and bytes accessed against the modelled ones.
+        ``compiler_log``: what XLA printed while compiling, to report its "involuntary
+        full rematerialization" warnings (``ParallelizedFunction.audit`` captures it)."""
+        return audit.audit(self, compiled.as_text(), hlo.cost_analysis(compiled), compiler_log)
 
     def _repr_html_(self) -> str:
         """Jupyter view: per-input sharding pictures, cost and memory bars, collectives."""

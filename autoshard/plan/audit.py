@@ -1,0 +1,145 @@
+"""Is the compiled program the priced plan? A plan lists the collectives it pays for (kind,
+mesh axes, result bytes per device) and the flops and bytes its compute prices; the audit
+reads the same from the compiled program (its HLO text and ``cost_analysis``) and lists
+every difference:
+
+* collectives XLA emits that the plan did not price (unexpected), or prices that XLA
+  does not emit (missing), per kind and set of mesh axes;
+* differing bytes (beyond 2 % and 1 KiB), or counts (XLA merges independent
+  all-reduces into one, so fewer all-reduces are not a difference; fewer of another kind
+  are: XLA ran one where the plan priced several);
+* "Involuntary full rematerialization": XLA replicating a tensor and slicing it because
+  it cannot reshard directly (read from the compiler's log when the caller captured it);
+* the compiled flops and bytes accessed against the modelled ones (reported, and a
+  difference beyond 25 %).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from autoshard.cost_model import format_bytes
+from autoshard.ir import hlo
+
+BYTES_RTOL, BYTES_ATOL = 0.02, 1024
+WORK_RTOL = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveRow:
+    """The collectives of one ``kind`` over mesh ``axes``: planned and compiled (count,
+    result bytes per device)."""
+
+    kind: str
+    axes: tuple[str, ...]
+    planned_count: int
+    planned_bytes: int
+    compiled_count: int
+    compiled_bytes: int
+
+    def __repr__(self):
+        return (f"{self.kind}[{','.join(self.axes)}]: planned {self.planned_count}× "
+                f"{format_bytes(self.planned_bytes)}, compiled {self.compiled_count}× "
+                f"{format_bytes(self.compiled_bytes)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Audit:
+    """What :meth:`Plan.audit` found. ``differences`` is empty when the compiled program
+    runs the collectives the plan priced; ``flops`` and ``bytes_accessed`` are (modelled,
+    compiled) per device."""
+
+    rows: tuple[CollectiveRow, ...]
+    differences: tuple[str, ...]
+    flops: tuple[float, float]
+    bytes_accessed: tuple[float, float]
+    rematerializations: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+    def __repr__(self):
+        return (f"Audit({'ok' if self.ok else f'{len(self.differences)} difference(s)'}, "
+                f"{len(self.rows)} collective kinds)")
+
+    def summary(self) -> str:
+        """One line per collective kind and set of axes, then every difference."""
+        lines = [f"audit: {'the compiled program runs what the plan priced' if self.ok else f'{len(self.differences)} difference(s)'}"]
+        lines += [f"  {row!r}" for row in self.rows]
+        lines.append(f"  flops per device: modelled {self.flops[0]:.4g}, compiled "
+                     f"{self.flops[1]:.4g}; bytes accessed: modelled "
+                     f"{format_bytes(self.bytes_accessed[0])}, compiled "
+                     f"{format_bytes(self.bytes_accessed[1])}")
+        lines += [f"  difference: {d}" for d in self.differences]
+        return "\n".join(lines)
+
+
+def audit(plan, compiled_text: str, cost_analysis: dict,
+          compiler_log: str | None = None) -> Audit:
+    """Compare ``plan`` (one program: not a pipeline) with the compiled program whose HLO
+    text and ``cost_analysis`` (one dict) are given; ``compiler_log``: what XLA printed
+    while compiling it, if captured."""
+    if plan.programs:
+        raise ValueError("audit compares one program with its plan; a pipeline plan runs "
+                         "several (audit each stage's program with its ProgramSpecs, or "
+                         "plan with num_stages=1)")
+    names = tuple(plan.axis_names)
+    planned: dict[tuple, list[int]] = {}
+    for c in plan.collectives:
+        if c.nbytes == 0 and c.op.startswith("merged all-reduce"):
+            continue  # the shared latency of the merged all-reduce, not a collective
+        row = planned.setdefault((c.kind, tuple(c.axes)), [0, 0])
+        row[0] += 1
+        row[1] += int(c.nbytes)
+    compiled: dict[tuple, list[int]] = {}
+    for c in hlo.parse_collectives(compiled_text):
+        axes = tuple(names[a] for a in c.axes(plan.mesh_shape))
+        if not axes:
+            continue  # groups of one device move nothing
+        row = compiled.setdefault((c.kind, axes), [0, 0])
+        row[0] += 1
+        row[1] += c.result_bytes
+    order = lambda key: (hlo.COLLECTIVE_KINDS.index(key[0]), key[1])  # noqa: E731
+    rows = tuple(CollectiveRow(kind, axes, *planned.get((kind, axes), (0, 0)),
+                               *compiled.get((kind, axes), (0, 0)))
+                 for kind, axes in sorted(set(planned) | set(compiled), key=order))
+    differences = [_difference(row) for row in rows]
+    differences = [d for d in differences if d]
+    log = compiler_log or ""
+    remat = tuple(line.strip() for line in log.splitlines()
+                  if "Involuntary full rematerialization" in line)
+    differences += [f"XLA rematerialized a tensor it could not reshard: {line}"
+                    for line in remat]
+    work = [("flops", plan.cost.flops, cost_analysis.get("flops", 0.0)),
+            ("bytes accessed", plan.cost.bytes_accessed,
+             cost_analysis.get("bytes accessed", 0.0))]
+    for what, modelled, got in work:
+        if got and abs(modelled - got) > WORK_RTOL * got:
+            differences.append(f"{what} per device: modelled {modelled:.4g}, compiled "
+                               f"{got:.4g} ({modelled / got:.2f}×)")
+    return Audit(rows, tuple(differences), (work[0][1], work[0][2]), (work[1][1], work[1][2]),
+                 remat)
+
+
+def _difference(row: CollectiveRow) -> str | None:
+    where = f"{row.kind} over {_axes_text(row.axes)}"
+    if not row.planned_count:
+        return (f"unexpected {where}: {row.compiled_count} in the compiled program "
+                f"({format_bytes(row.compiled_bytes)}), none priced")
+    if not row.compiled_count:
+        return (f"missing {where}: {row.planned_count} priced "
+                f"({format_bytes(row.planned_bytes)}), none in the compiled program")
+    if abs(row.planned_bytes - row.compiled_bytes) > BYTES_ATOL + \
+            BYTES_RTOL * row.compiled_bytes:
+        return (f"{where}: priced {format_bytes(row.planned_bytes)}, the compiled program "
+                f"moves {format_bytes(row.compiled_bytes)}")
+    if row.compiled_count > row.planned_count or (
+            row.kind != "all-reduce" and row.compiled_count != row.planned_count):
+        return (f"{where}: priced {row.planned_count}, the compiled program runs "
+                f"{row.compiled_count}")
+    return None
+
+
+def _axes_text(axes: Sequence[str]) -> str:
+    return "mesh axis " + axes[0] if len(axes) == 1 else f"mesh axes {', '.join(axes)}"
