@@ -140,10 +140,20 @@ class MeshCostModel:
            the current per-device buffer;
         3. each axis ``src`` uses and ``dst`` does not costs an all-gather over that axis
            (output = the intermediate after un-splitting it), last mesh axis first.
-        Steps add up. Result is ≥ 0 and 0 exactly when no communication is needed
-        (``dst`` refines ``src``, e.g. ``src`` replicated, or only size-1 axes move).
+        Steps add up, plus the memory traffic of the copies they make
+        (``resharding_traffic`` / memory bandwidth). Result is ≥ 0 and 0 exactly when the
+        layouts agree (``src == dst`` up to size-1 axes).
         """
         return _resharding_time(self, _as_shape(shape), int(itemsize), _as_spec(src), _as_spec(dst))
+
+    def resharding_traffic(self, shape: Sequence[int], itemsize: int, src: Spec, dst: Spec
+                           ) -> int:
+        """Bytes per device the copies of ``resharding`` read and write: a local slice reads
+        and writes the kept part, every collective reads its operand and writes its
+        result, and gathering a dimension that is not the outermost one relayouts the
+        gathered buffer (read and write), as XLA does."""
+        return _resharding_traffic(self, _as_shape(shape), int(itemsize), _as_spec(src),
+                                   _as_spec(dst))
 
     def resharding_steps(self, shape: Sequence[int], itemsize: int, src: Spec, dst: Spec
                          ) -> tuple[CollectiveStep, ...]:
@@ -225,17 +235,27 @@ def _check_nbytes(nbytes: float) -> float:
 @functools.lru_cache(maxsize=1 << 16)
 def _resharding_time(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, src: Spec, dst: Spec) -> float:
     """Pure implementation of ``MeshCostModel.resharding`` (see its docstring)."""
-    return sum(step.seconds for step in _resharding_steps(model, shape, itemsize, src, dst))
+    steps, traffic = _resharding_walk(model, shape, itemsize, src, dst)
+    return sum(step.seconds for step in steps) + traffic / model.cluster.memory_bandwidth
+
+
+def _resharding_steps(model, shape, itemsize, src, dst) -> tuple[CollectiveStep, ...]:
+    return _resharding_walk(model, shape, itemsize, src, dst)[0]
+
+
+def _resharding_traffic(model, shape, itemsize, src, dst) -> int:
+    return _resharding_walk(model, shape, itemsize, src, dst)[1]
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _resharding_steps(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, src: Spec,
-                      dst: Spec) -> tuple[CollectiveStep, ...]:
-    """The collectives of ``MeshCostModel.resharding``, in order."""
+def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, src: Spec,
+                     dst: Spec) -> tuple[tuple[CollectiveStep, ...], int]:
+    """The collectives of ``MeshCostModel.resharding`` in order (none that moves nothing),
+    and the bytes per device its copies read and write (``resharding_traffic``)."""
     model._check_spec(shape, src)
     model._check_spec(shape, dst)
     if src == dst:
-        return ()
+        return (), 0
     ndim = len(shape)
     kept = []
     for d in range(ndim):
@@ -246,29 +266,47 @@ def _resharding_steps(model: MeshCostModel, shape: tuple[int, ...], itemsize: in
     src_dim = {a: d for d in range(ndim) for a in src[d]}
     dst_dim = {a: d for d in range(ndim) for a in dst[d]}
     layout = [list(axes) for axes in src]
+    bytes_now = lambda: model._shard_bytes(shape, itemsize, layout)  # noqa: E731
+    moves = lambda axes: any(model.mesh_shape[a] > 1 for a in axes)  # noqa: E731
+    traffic = 0
 
-    # 1. Local slicing of axes only dst uses.
+    # 1. Local slicing of axes only dst uses: reads and writes the part it keeps.
+    sliced = [a for d in range(ndim) for a in dst[d][kept[d]:] if a not in src_dim]
     for d in range(ndim):
         layout[d].extend(a for a in dst[d][kept[d]:] if a not in src_dim)
+    if moves(sliced):
+        traffic += 2 * bytes_now()
 
     steps = []
-    # 2. All-to-all for axes that leave their place in src but stay in dst.
+    # 2. All-to-all for axes that leave their place in src but stay in dst (operand and
+    #    result, and the local transposes around it).
     for d in range(ndim):
         for a in src[d][kept[d]:]:
             if a in dst_dim:
-                nbytes = model._shard_bytes(shape, itemsize, layout)
-                steps.append(CollectiveStep("all-to-all", (a,), nbytes,
-                                            model.all_to_all(nbytes, (a,))))
+                nbytes = bytes_now()
+                if moves((a,)):
+                    steps.append(CollectiveStep("all-to-all", (a,), nbytes,
+                                                model.all_to_all(nbytes, (a,))))
+                    traffic += 4 * nbytes
                 layout[d].remove(a)
                 layout[dst_dim[a]].append(a)
 
-    # 3. All-gather for axes dst drops, last mesh axis first.
+    # 3. All-gather for axes dst drops, last mesh axis first (operand and result; a dim
+    #    that is not the outermost with more than one element per device is gathered as
+    #    the major dim and then relayouted: read and written once more).
     dropped = sorted((a for d in range(ndim) for a in src[d][kept[d]:] if a not in dst_dim), reverse=True)
     for a in dropped:
-        layout[src_dim[a]].remove(a)
-        nbytes = model._shard_bytes(shape, itemsize, layout)
+        d = src_dim[a]
+        layout[d].remove(a)
+        nbytes = bytes_now()
+        if not moves((a,)):
+            continue
         steps.append(CollectiveStep("all-gather", (a,), nbytes, model.all_gather(nbytes, (a,))))
-    return tuple(step for step in steps if step.seconds > 0)
+        traffic += nbytes // model.mesh_shape[a] + nbytes
+        local = [-(-n // model._split(axes)) for n, axes in zip(shape, layout)]
+        if math.prod(local[:d]) > 1:
+            traffic += 2 * nbytes
+    return tuple(steps), traffic
 
 
 @functools.lru_cache(maxsize=4096)

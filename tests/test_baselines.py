@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from benchmarks import baselines, hlo
+from autoshard.ir import hlo
+from benchmarks import baselines
 from examples import models
 from tests.baseline_cases import MESHES, SMALL, compiled_baseline, mesh_of, small_workload
 

@@ -57,7 +57,7 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         for step in strat.collectives:
             collectives.append(Collective(node.name, step.kind, step.seconds, step.nbytes,
                                           names(step.axes)))
-    resharding = 0.0
+    resharding, copies = 0.0, 0
     for use, matrix in zip(uses, matrices):
         cost = float(matrix[choices[use.src], choices[use.dst]])
         if use.operand < 0:  # loop-carried: the next step's input layout
@@ -69,6 +69,8 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
             if result is not None:
                 operand_specs.append((graph.nodes[use.dst].eqn, use.operand, P(dst_spec)))
             aval = program.avals[graph.nodes[use.src].outputs[use.src_output]]
+            copies += model.resharding_traffic(tuple(aval.shape), aval.dtype.itemsize,
+                                               src_spec, dst_spec)
             where = f"{graph.nodes[use.src].name}→{graph.nodes[use.dst].name}"
             for step in model.resharding_steps(tuple(aval.shape), aval.dtype.itemsize,
                                                src_spec, dst_spec):
@@ -90,7 +92,7 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
                     resharding_s=resharding, peak_memory_bytes=peak,
                     input_s=float(sum(s.communication_s for s in fed)),
                     flops=float(sum(s.flops for s in ops)),
-                    bytes_accessed=float(sum(s.bytes_accessed for s in ops)))
+                    bytes_accessed=float(sum(s.bytes_accessed for s in ops) + copies))
     top = sorted(((n, s) for n, s in zip(graph.nodes, chosen) if n.kind == "op"),
                  key=lambda ns: -ns[1].cost_s)[:20]
     top_ops = tuple(OpCost(n.name, traced.sources[n.eqn], s.name, s.cost_s) for n, s in top)

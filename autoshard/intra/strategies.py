@@ -31,7 +31,9 @@ class Strategy:
     ``temp_bytes``: per-device bytes of buffers it needs only while it runs (the
     unreduced partial result a reduce-scatter reads, plus the full all-reduce result on
     backends that lower a reduce-scatter to all-reduce + slice).
-    ``flops`` and ``bytes_accessed``: per device, what ``compute_s`` prices.
+    ``flops`` and ``bytes_accessed``: per device, the arithmetic and memory traffic of
+    the op (priced in ``compute_s``) and of its collectives, which read their operands
+    and write their results (that part priced in ``communication_s``).
     ``collectives``: the collectives it ends with (an all-reduce of partial sums, or a
     reduce-scatter: as the backend emits it), each priced in ``communication_s``;
     ``scatters``: the strategy reduce-scatters its result (whatever the backend emits).
@@ -176,7 +178,9 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, fused)
     steps = tuple(CollectiveStep("all-reduce", reduce_axes, b, model.all_reduce(b, reduce_axes))
                   for b in out_bytes)
     comm = sum(s.seconds for s in steps)
-    yield Strategy(name + " all-reduce", out_specs, in_specs, compute, comm, **work,
+    work["bytes_accessed"] = traffic + _collective_traffic(steps, out_bytes)
+    yield Strategy(name + " all-reduce", out_specs, in_specs,
+                   *_with_traffic(model, compute, comm, steps, out_bytes), **work,
                    collectives=steps, all_reduce_axes=reduce_axes,
                    all_reduce_latency_s=len(out_bytes) * model.all_reduce_latency(reduce_axes),
                    all_reduce_bytes=int(sum(out_bytes)))
@@ -202,9 +206,21 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, fused)
             # the unreduced partial, and where the backend emits an all-reduce then a
             # slice, that all-reduce's full-size result beside it
             temp = out_bytes[0] * (2 if model.cluster.reduce_scatter_as_all_reduce else 1)
+            work["bytes_accessed"] = traffic + _collective_traffic(steps, out_bytes)
             yield Strategy(f"{name} reduce-scatter(dim {d})", (scattered,), in_specs,
-                           compute, sum(s.seconds for s in steps), temp_bytes=temp, **work,
-                           collectives=steps, scatters=True)
+                           *_with_traffic(model, compute, sum(s.seconds for s in steps), steps,
+                                          out_bytes),
+                           temp_bytes=temp, **work, collectives=steps, scatters=True)
+
+
+def _with_traffic(model: MeshCostModel, compute: float, comm: float, steps, out_bytes):
+    """(compute, communication) seconds with the collectives' own memory traffic (each
+    reads its operand, the unreduced result, and writes its result) in communication."""
+    return compute, comm + _collective_traffic(steps, out_bytes) / model.cluster.memory_bandwidth
+
+
+def _collective_traffic(steps, out_bytes) -> int:
+    return int(sum(out_bytes) + sum(s.nbytes for s in steps))
 
 
 def _assignment_name(loop_axes, reductions) -> str:

@@ -65,7 +65,9 @@ class Audit:
 
     def summary(self) -> str:
         """One line per collective kind and set of axes, then every difference."""
-        lines = [f"audit: {'the compiled program runs what the plan priced' if self.ok else f'{len(self.differences)} difference(s)'}"]
+        verdict = "the compiled program runs what the plan priced" if self.ok else \
+            f"{len(self.differences)} difference(s)"
+        lines = [f"audit: {verdict}"]
         lines += [f"  {row!r}" for row in self.rows]
         lines.append(f"  flops per device: modelled {self.flops[0]:.4g}, compiled "
                      f"{self.flops[1]:.4g}; bytes accessed: modelled "
