@@ -47,6 +47,71 @@ def _fail(message: str):
     raise ValueError(message)
 
 
+#: primitives that read a PRNG key: an argument feeding one is a key, never batch data
+_KEY_PRIMITIVES = frozenset({"random_wrap", "random_seed", "random_bits", "random_split",
+                             "random_fold_in", "threefry2x32"})
+
+
+def infer_batch_argnums(fun, args, static_argnums, declared: int) -> tuple[int, ...]:
+    """The batch arguments of a pipelined step called without ``batch_argnums``.
+
+    ``declared`` (the last non-static argument, ``batch_argnums``' default) holds the
+    batch; another non-static argument is batch data too when every leaf of it is an array
+    whose leading dimension is the declared batch's, and the step reads it only inside
+    the function given to ``autoshard.grad`` / ``value_and_grad``, as data: not
+    differentiated, not used before or after the gradient, not returned, not a PRNG key
+    (``step(params, opt_state, x, y)``: ``x`` and ``y``). The step is traced once at full
+    size to see this; when it cannot be traced, ``(declared,)`` (planning reports why).
+    """
+    static = set(static_argnums)
+    dyn = [i for i in range(len(args)) if i not in static]
+    leaves = {i: jax.tree_util.tree_leaves(args[i]) for i in dyn}
+    leads = {np.shape(x)[0] if np.ndim(x) else None for x in leaves[declared]}
+    if len(leads) != 1 or None in leads:
+        return (declared,)
+    lead = leads.pop()
+    candidates = [i for i in dyn if i != declared and leaves[i] and
+                  all(np.ndim(x) >= 1 and np.shape(x)[0] == lead and hasattr(x, "dtype")
+                      for x in leaves[i])]
+    if not candidates:
+        return (declared,)
+    try:
+        with pipeline_tracing():
+            traced = trace(fun, args, static_argnums)
+    except Exception:  # noqa: BLE001 - planning traces again and reports the error
+        return (declared,)
+    program = traced.program
+    grads = [eqn for eqn in program.eqns if eqn.primitive.name == GRAD_PRIMITIVE]
+    if len(grads) != 1:
+        return (declared,)
+    geqn = grads[0]
+    starts = dict(zip(dyn, np.cumsum([0] + [len(leaves[i]) for i in dyn])))
+    read_elsewhere = {a for eqn in program.eqns if eqn is not geqn
+                      for a in eqn.inputs if isinstance(a, int)}
+    read_elsewhere |= {a for a in program.outvars if isinstance(a, int)}
+    diff = geqn.params["diff"]
+    forward = None
+    inferred = []
+    for i in candidates:
+        vids = set(program.invars[starts[i]:starts[i] + len(leaves[i])])
+        slots = [k for k, a in enumerate(geqn.inputs) if a in vids]
+        if not slots or vids & read_elsewhere or any(diff[k] for k in slots):
+            continue
+        if forward is None:
+            jaxpr = geqn.params["jaxpr"]
+            n = len(geqn.inputs)
+            forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
+                                         tuple(f"out[{k}]" for k in range(len(jaxpr.outvars))
+                                               )).program
+        keys = {forward.invars[k] for k in slots}
+        if any(eqn.primitive.name in _KEY_PRIMITIVES and
+               any(isinstance(a, int) and a in keys for a in eqn.inputs)
+               for eqn in forward.eqns):
+            continue
+        inferred.append(i)
+    return tuple(sorted([declared, *inferred]))
+
+
 def _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, paths, err
                                    ) -> None:
     """``fun`` failed to trace at micro-batch shapes: if it traces at the full shapes, the
@@ -61,13 +126,31 @@ def _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, pa
     if changed is None:
         return
     name = getattr(fun, "__name__", "the function")
+    split_args = sorted({_argnum(p) for f, m, p in zip(full, micro, paths)
+                         if f.shape != m.shape})
+    unsplit = sorted({_argnum(p) for f, m, p in zip(full, micro, paths)
+                      if f.shape == m.shape and f.shape[:1] == changed[1][:1]}
+                     - set(split_args))
+    hint = ""
+    if unsplit:
+        hint = (f"; arguments {unsplit} have the batch's leading dimension {changed[1][0]} "
+                f"but are not split: if they hold batch data, pass "
+                f"batch_argnums={tuple(sorted(split_args + unsplit))}")
     raise ValueError(
         f"{name} traces with the full batch but fails on one micro-batch "
         f"(num_microbatches={B}: batch argument {changed[0]} goes from {changed[1]} to "
-        f"{changed[2]}): "
+        f"{changed[2]}; arguments split into micro-batches: {split_args}): "
         f"{type(err).__name__}: {err}\nPipeshardParallel runs the step once per micro-batch, "
         f"so shapes inside it must follow the batch arguments (x.reshape(x.shape[0], ...) "
-        f"rather than a fixed batch size), or use num_microbatches=1") from err
+        f"rather than a fixed batch size), or use num_microbatches=1{hint}. Without "
+        f"batch_argnums the batch arguments are the last non-static one and those "
+        f"PipeshardParallel infers from it (see its docstring); pass batch_argnums to name "
+        f"them yourself") from err
+
+
+def _argnum(path: str) -> int:
+    """``args[3]['x']`` → 3."""
+    return int(path[len("args["):path.index("]")])
 
 
 def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) -> SplitStep:
