@@ -9,14 +9,18 @@ in stages) and the *post* part (the apply-gradient: runs once per step).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import numpy as np
 
+from autoshard.ir.program import Equation, Program
 from autoshard.ir.trace import TracedFunction, _argpath, flatten_open_jaxpr, trace
+from autoshard.ir.user_frames import user_stacklevel
 
 from .layers import strip_boundaries
 from .markers import BOUNDARY_PRIMITIVE, GRAD_PRIMITIVE, pipeline_tracing
+from .random_rows import has_random_draws, reproduce_random_rows, row_table
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -98,11 +102,7 @@ def infer_batch_argnums(fun, args, static_argnums, declared: int) -> tuple[int, 
         if not slots or vids & read_elsewhere or any(diff[k] for k in slots):
             continue
         if forward is None:
-            jaxpr = geqn.params["jaxpr"]
-            n = len(geqn.inputs)
-            forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
-                                         tuple(f"out[{k}]" for k in range(len(jaxpr.outvars))
-                                               )).program
+            forward = _loss_program(traced)
         keys = {forward.invars[k] for k in slots}
         if any(eqn.primitive.name in _KEY_PRIMITIVES and
                any(isinstance(a, int) and a in keys for a in eqn.inputs)
@@ -240,5 +240,69 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
                       f"jnp.mean(correct.astype(jnp.float32)))")
     forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
                                  ("loss",) + tuple(f"aux[{k}]" for k in range(num_aux)))
-    return SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
-                     tuple(full), num_aux)
+    split = SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
+                      tuple(full), num_aux)
+    if B > 1 and has_random_draws(forward.program):
+        rows = {m.shape[0] for m, is_batch in zip(micro, batch_flags) if is_batch}
+        split = _random_rows(split, fun, args, static_argnums, B, rows.pop() if len(rows) == 1
+                             else None)
+    return split
+
+
+def _loss_program(traced: TracedFunction):
+    """The loss (the gradient marker's forward) of a step traced under pipeline tracing."""
+    geqns = [eqn for eqn in traced.program.eqns if eqn.primitive.name == GRAD_PRIMITIVE]
+    if len(geqns) != 1:
+        return None
+    jaxpr, n = geqns[0].params["jaxpr"], len(geqns[0].inputs)
+    return flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
+                              tuple(f"out[{k}]" for k in range(len(jaxpr.outvars)))).program
+
+
+def _random_rows(split: SplitStep, fun, args, static_argnums, B: int, micro_rows
+                 ) -> SplitStep:
+    """Random draws in the loss that follow the batch, made per micro-batch as ``jax.jit``
+    makes them for the whole batch (:mod:`.random_rows`): the row tables become constants
+    of the outer program, batch values read by the gradient marker. Draws that cannot be
+    reproduced are warned about."""
+    name = getattr(fun, "__name__", "the function")
+    full = None
+    if micro_rows is not None:
+        try:
+            with pipeline_tracing():
+                full = _loss_program(trace(fun, args, static_argnums))
+        except Exception:  # noqa: BLE001 - then draws of micro-batch rows are reported
+            full = None
+    rows = reproduce_random_rows(split.forward, full, B, micro_rows)
+    if rows.problems:
+        warnings.warn(
+            f"PipeshardParallel(num_microbatches={B}): the loss in {name} draws random "
+            f"numbers that follow the batch, which the pipeline cannot draw as jax.jit does: "
+            f"{'; '.join(rows.problems)}. Each of the {B} micro-batches draws these at its "
+            f"own shape{f' ({micro_rows} rows)' if micro_rows else ''} from the same key, so "
+            f"every micro-batch gets the "
+            f"same values, where jax.jit draws different ones for each row of the whole "
+            f"batch: dropout masks or noise, and so the loss and the gradients, differ from "
+            f"jax.jit's. To get jax.jit's values, draw from jax's default PRNG (threefry2x32 "
+            f"with jax_threefry_partitionable=True) with the batch as the leading dimension, "
+            f"or use num_microbatches=1", UserWarning, stacklevel=user_stacklevel())
+    if not rows.strides:
+        return split
+    O = split.traced.program
+    F = rows.forward.program
+    avals, constants = list(O.avals), list(O.constants)
+    tables = []
+    for stride, v in zip(rows.strides, F.invars[len(split.diff):], strict=True):
+        tables.append(len(avals))
+        avals.append(F.avals[v])
+        constants.append((tables[-1], row_table(micro_rows * B, stride)))
+    geqn = O.eqns[split.grad_eqn]
+    diff = split.diff + (False,) * len(tables)
+    eqns = list(O.eqns)
+    eqns[split.grad_eqn] = Equation(geqn.primitive, {**geqn.params, "diff": diff},
+                                    tuple(geqn.inputs) + tuple(tables), geqn.outputs)
+    program = Program(tuple(avals), O.invars, O.outvars, tuple(eqns), tuple(constants))
+    return dataclasses.replace(
+        split, traced=dataclasses.replace(split.traced, program=program),
+        batch_vids=split.batch_vids | frozenset(tables), forward=rows.forward, diff=diff,
+        batch=split.batch + (True,) * len(tables))
