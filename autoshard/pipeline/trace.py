@@ -128,9 +128,12 @@ def _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, pa
     name = getattr(fun, "__name__", "the function")
     split_args = sorted({_argnum(p) for f, m, p in zip(full, micro, paths)
                          if f.shape != m.shape})
-    unsplit = sorted({_argnum(p) for f, m, p in zip(full, micro, paths)
-                      if f.shape == m.shape and f.shape[:1] == changed[1][:1]}
-                     - set(split_args))
+    # arguments all of whose leaves have the batch's leading dimension
+    same_lead: dict[int, bool] = {}
+    for f, p in zip(full, paths):
+        same_lead[_argnum(p)] = same_lead.get(_argnum(p), True) and \
+            f.shape[:1] == changed[1][:1]
+    unsplit = sorted(a for a, same in same_lead.items() if same and a not in split_args)
     hint = ""
     if unsplit:
         hint = (f"; arguments {unsplit} have the batch's leading dimension {changed[1][0]} "
