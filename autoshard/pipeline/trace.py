@@ -142,13 +142,13 @@ def _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, pa
     raise ValueError(
         f"{name} traces with the full batch but fails on one micro-batch "
         f"(num_microbatches={B}: batch argument {changed[0]} goes from {changed[1]} to "
-        f"{changed[2]}; arguments split into micro-batches: {split_args}): "
+        f"{changed[2]}): "
         f"{type(err).__name__}: {err}\nPipeshardParallel runs the step once per micro-batch, "
         f"so shapes inside it must follow the batch arguments (x.reshape(x.shape[0], ...) "
-        f"rather than a fixed batch size), or use num_microbatches=1{hint}. Without "
-        f"batch_argnums the batch arguments are the last non-static one and those "
-        f"PipeshardParallel infers from it (see its docstring); pass batch_argnums to name "
-        f"them yourself") from err
+        f"rather than a fixed batch size), or use num_microbatches=1{hint}. The arguments "
+        f"split into micro-batches were {split_args}: those in batch_argnums or, without "
+        f"it, the last non-static argument and those PipeshardParallel infers from it (see "
+        f"its docstring)") from err
 
 
 def _argnum(path: str) -> int:
