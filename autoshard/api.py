@@ -16,7 +16,7 @@ from autoshard.ir.fingerprint import check_fingerprint, fingerprint
 from autoshard.ir.trace import TracedFunction, trace
 from autoshard.pipeline.planner import plan_pipeline_step
 from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
-from autoshard.pipeline.trace import flat_paths
+from autoshard.pipeline.trace import flat_paths, infer_batch_argnums
 from autoshard.plan.audit import Audit
 from autoshard.plan.record import Plan
 
@@ -126,6 +126,9 @@ class ParallelizedFunction:
         if batch is None:
             dyn = [i for i in range(len(args)) if i not in self._static_argnums]
             batch = (dyn[-1],) if dyn else ()
+            if batch and isinstance(self._method, PipeshardParallel):
+                # x and y of step(params, opt_state, x, y): see PipeshardParallel
+                batch = infer_batch_argnums(self._fun, args, self._static_argnums, batch[0])
         return _under_args(paths, batch), _under_args(paths, self._donate_argnums)
 
     def _compiled(self, args, need_program: bool) -> _Compiled:
@@ -331,8 +334,9 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
     ``method``: :class:`ShardParallel` (ILP, default), a preset (:class:`DataParallel`,
     :class:`ZeRO3`, :class:`Megatron`) or :class:`PipeshardParallel` (pipeline stages on
     sub-meshes; the step must use :func:`autoshard.value_and_grad`). ``batch_argnums``:
-    the arguments holding the batch (default: the last non-static one); presets
-    split those on their leading dim. ``memory_budget``: bytes per device
+    the arguments holding the batch (default: the last non-static one; under
+    :class:`PipeshardParallel` also the arguments it infers as batch data, see there);
+    presets split those on their leading dim. ``memory_budget``: bytes per device
     (``"16GiB"``) that the plan's estimated peak must fit (default: the cluster's device
     memory less its reserve for GPU presets, none on the host CPU); the ILP then trades
     speed for memory, and :class:`InfeasiblePlanError` names the smallest feasible peak.

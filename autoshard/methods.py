@@ -85,6 +85,16 @@ class PipeshardParallel:
     the loss must be a mean over the batch of per-sample terms (batch-norm statistics
     become per-micro-batch statistics). The optimizer update (everything after the
     gradient) runs once per step, on the stage that owns each parameter.
+
+    Batch arguments are split into micro-batches on their leading dimension. With
+    ``parallelize(..., batch_argnums=None)`` (the default) they are the last non-static
+    argument plus every other non-static argument that (a) has only array leaves whose
+    leading dimension is that argument's batch size and (b) the step reads only inside the
+    function given to ``autoshard.grad`` / ``value_and_grad``, as data: not differentiated,
+    not used before or after the gradient, not returned, not a PRNG key. So
+    ``step(params, opt_state, x, y)`` splits both ``x`` and ``y``, whether the loss takes
+    them as arguments or closes over them, while the optimizer state is never split. Pass
+    ``batch_argnums`` to name the batch arguments yourself.
     """
 
     num_microbatches: int = 1

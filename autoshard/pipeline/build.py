@@ -129,7 +129,9 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
                     for a in O.outvars)
     return PipelineProgram(
         invars=tuple(("v", v) for v in O.invars),
-        batch=tuple((("v", v), ("mb", v)) for v in O.invars if v in split.batch_vids),
+        # the batch arguments, and constants split like them (random_rows' row tables)
+        batch=tuple((("v", v), ("mb", v)) for v in (*O.invars, *(c for c, _ in O.constants))
+                    if v in split.batch_vids),
         constants=tuple(constants), pre=pre, stages=tuple(stages),
         loss=(("act", loss), ("v", geqn.outputs[0])), aux=tuple(aux), zero_grads=zero,
         apply=apply,

@@ -36,8 +36,12 @@ def pipeline_tracing():
 
 
 def _grad_abstract_eval(*avals, jaxpr, num_consts, diff):
+    # operands (and ``diff``) are the jaxpr's constvars (values the loss closes over:
+    # traced batch values, constants), then its invars
+    operands = [*jaxpr.constvars, *jaxpr.invars]
+    assert len(operands) == len(diff) == len(avals) and num_consts == len(jaxpr.constvars)
     outs = [v.aval for v in jaxpr.outvars]   # the loss, then the aux leaves (has_aux)
-    grads = [v.aval for v, d in zip(jaxpr.invars, diff) if d]
+    grads = [v.aval for v, d in zip(operands, diff, strict=True) if d]
     return outs + grads
 
 

@@ -10,7 +10,8 @@ import time
 from jax.sharding import PartitionSpec
 
 from autoshard import ilp
-from autoshard.cost_model import Cluster, MeshCostModel
+from autoshard.cost_model import Cluster, MeshCostModel, format_bytes, in_flight
+from autoshard.errors import InfeasiblePlanError
 from autoshard.intra.planner import plan_traced
 from autoshard.ir.fingerprint import fingerprint
 from autoshard.ir.specs import from_partition_spec
@@ -168,8 +169,12 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
     # the DP adds the stages' once-per-step work; their apply programs run side by side on
     # disjoint devices, so that sum bounds what a step spends on them (the plan reports
     # the slowest)
-    solution = ilp.solve_stages(L, [math.prod(s) for s in shapes], N, costs, B, schedule,
-                                method.num_stages, memory_budget)
+    devices = [math.prod(s) for s in shapes]
+    try:
+        solution = ilp.solve_stages(L, devices, N, costs, B, schedule, method.num_stages,
+                                    memory_budget)
+    except ilp.InfeasibleError:
+        _raise_infeasible(L, devices, N, costs, method, memory_budget, mesh_shape)
     chosen_shapes = [shapes[m] for _, _, m in solution.stages]
     positions = ilp.place_submeshes(mesh_shape, chosen_shapes)
     stages = tuple(PlannedStage(programs[(i, j)], planned[(i, j, m)], shapes[m], pos,
@@ -183,6 +188,56 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
     plan = make_plan(layout, solution, cluster, static_repr, device_ids,
                       time.perf_counter() - start, len(costs))
     return plan, layout
+
+
+def _smallest_budget(L, devices, N, costs, method: PipeshardParallel) -> float | None:
+    """The smallest memory budget under which the stage DP finds a slicing (what stage
+    ``p`` of ``S`` holds is one of finitely many values: search them), or ``None``."""
+    B, schedule = method.num_microbatches, method.schedule
+    counts = range(1, L + 1) if method.num_stages is None else (method.num_stages,)
+    held = sorted({c.fixed_bytes + (in_flight(schedule, p, S, B) - 1) * c.per_microbatch_bytes
+                   for c in costs.values() for S in counts for p in range(S)})
+
+    def fits(budget) -> bool:
+        try:
+            ilp.solve_stages(L, devices, N, costs, B, schedule, method.num_stages, budget)
+        except ilp.InfeasibleError:
+            return False
+        return True
+
+    if not held or not fits(held[-1]):
+        return None
+    lo, hi = 0, len(held) - 1   # held[hi] fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(held[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return held[hi]
+
+
+def _raise_infeasible(L, devices, N, costs, method: PipeshardParallel, memory_budget,
+                      mesh_shape):
+    """The stage DP found no slicing within ``memory_budget``: an InfeasiblePlanError
+    giving the smallest budget that one fits."""
+    need = _smallest_budget(L, devices, N, costs, method)
+    lowest = min((c.fixed_bytes for c in costs.values()), default=0.0)
+    stages = "any number of" if method.num_stages is None else str(method.num_stages)
+    where = (f"no way to cut the loss's {L} layer(s) into {stages} pipeline stage(s) on the "
+             f"{tuple(mesh_shape)} mesh fits memory_budget="
+             f"{format_bytes(memory_budget or 0)} per device with "
+             f"num_microbatches={method.num_microbatches} and schedule={method.schedule!r}")
+    hint = "schedule='1f1b' (fewer micro-batches in flight), " \
+        if method.schedule == "gpipe" else ""
+    if need is None:
+        raise InfeasiblePlanError(f"{where}; no slicing fits any budget", lowest,
+                                  float(memory_budget or 0)) from None
+    raise InfeasiblePlanError(
+        f"{where}: the smallest budget a stage slicing fits is about {format_bytes(need)} "
+        f"per device ({need:.0f} bytes, the stages' estimated peaks). Give memory_budget >= "
+        f"{format_bytes(need)}, use more devices, {hint}or shrink the model or batch", need,
+        float(memory_budget or 0)) from None
 
 
 def _gradient_pairs(sp: StageProgram, forward_inputs) -> tuple[tuple[int, int], ...]:

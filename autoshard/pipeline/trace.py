@@ -9,14 +9,18 @@ in stages) and the *post* part (the apply-gradient: runs once per step).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import numpy as np
 
+from autoshard.ir.program import Equation, Program
 from autoshard.ir.trace import TracedFunction, _argpath, flatten_open_jaxpr, trace
+from autoshard.ir.user_frames import user_stacklevel
 
 from .layers import strip_boundaries
 from .markers import BOUNDARY_PRIMITIVE, GRAD_PRIMITIVE, pipeline_tracing
+from .random_rows import has_random_draws, reproduce_random_rows, row_table
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -47,6 +51,67 @@ def _fail(message: str):
     raise ValueError(message)
 
 
+#: primitives that read a PRNG key: an argument feeding one is a key, never batch data
+_KEY_PRIMITIVES = frozenset({"random_wrap", "random_seed", "random_bits", "random_split",
+                             "random_fold_in", "threefry2x32"})
+
+
+def infer_batch_argnums(fun, args, static_argnums, declared: int) -> tuple[int, ...]:
+    """The batch arguments of a pipelined step called without ``batch_argnums``.
+
+    ``declared`` (the last non-static argument, ``batch_argnums``' default) holds the
+    batch; another non-static argument is batch data too when every leaf of it is an array
+    whose leading dimension is the declared batch's, and the step reads it only inside
+    the function given to ``autoshard.grad`` / ``value_and_grad``, as data: not
+    differentiated, not used before or after the gradient, not returned, not a PRNG key
+    (``step(params, opt_state, x, y)``: ``x`` and ``y``). The step is traced once at full
+    size to see this; when it cannot be traced, ``(declared,)`` (planning reports why).
+    """
+    static = set(static_argnums)
+    dyn = [i for i in range(len(args)) if i not in static]
+    leaves = {i: jax.tree_util.tree_leaves(args[i]) for i in dyn}
+    leads = {np.shape(x)[0] if np.ndim(x) else None for x in leaves[declared]}
+    if len(leads) != 1 or None in leads:
+        return (declared,)
+    lead = leads.pop()
+    candidates = [i for i in dyn if i != declared and leaves[i] and
+                  all(np.ndim(x) >= 1 and np.shape(x)[0] == lead and hasattr(x, "dtype")
+                      for x in leaves[i])]
+    if not candidates:
+        return (declared,)
+    try:
+        with pipeline_tracing():
+            traced = trace(fun, args, static_argnums)
+    except Exception:  # noqa: BLE001 - planning traces again and reports the error
+        return (declared,)
+    program = traced.program
+    grads = [eqn for eqn in program.eqns if eqn.primitive.name == GRAD_PRIMITIVE]
+    if len(grads) != 1:
+        return (declared,)
+    geqn = grads[0]
+    starts = dict(zip(dyn, np.cumsum([0] + [len(leaves[i]) for i in dyn])))
+    read_elsewhere = {a for eqn in program.eqns if eqn is not geqn
+                      for a in eqn.inputs if isinstance(a, int)}
+    read_elsewhere |= {a for a in program.outvars if isinstance(a, int)}
+    diff = geqn.params["diff"]
+    forward = None
+    inferred = []
+    for i in candidates:
+        vids = set(program.invars[starts[i]:starts[i] + len(leaves[i])])
+        slots = [k for k, a in enumerate(geqn.inputs) if a in vids]
+        if not slots or vids & read_elsewhere or any(diff[k] for k in slots):
+            continue
+        if forward is None:
+            forward = _loss_program(traced)
+        keys = {forward.invars[k] for k in slots}
+        if any(eqn.primitive.name in _KEY_PRIMITIVES and
+               any(isinstance(a, int) and a in keys for a in eqn.inputs)
+               for eqn in forward.eqns):
+            continue
+        inferred.append(i)
+    return tuple(sorted([declared, *inferred]))
+
+
 def _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, paths, err
                                    ) -> None:
     """``fun`` failed to trace at micro-batch shapes: if it traces at the full shapes, the
@@ -61,13 +126,34 @@ def _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, pa
     if changed is None:
         return
     name = getattr(fun, "__name__", "the function")
+    split_args = sorted({_argnum(p) for f, m, p in zip(full, micro, paths)
+                         if f.shape != m.shape})
+    # arguments all of whose leaves have the batch's leading dimension
+    same_lead: dict[int, bool] = {}
+    for f, p in zip(full, paths):
+        same_lead[_argnum(p)] = same_lead.get(_argnum(p), True) and \
+            f.shape[:1] == changed[1][:1]
+    unsplit = sorted(a for a, same in same_lead.items() if same and a not in split_args)
+    hint = ""
+    if unsplit:
+        hint = (f"; arguments {unsplit} have the batch's leading dimension {changed[1][0]} "
+                f"but are not split: if they hold batch data, pass "
+                f"batch_argnums={tuple(sorted(split_args + unsplit))}")
     raise ValueError(
         f"{name} traces with the full batch but fails on one micro-batch "
         f"(num_microbatches={B}: batch argument {changed[0]} goes from {changed[1]} to "
         f"{changed[2]}): "
         f"{type(err).__name__}: {err}\nPipeshardParallel runs the step once per micro-batch, "
         f"so shapes inside it must follow the batch arguments (x.reshape(x.shape[0], ...) "
-        f"rather than a fixed batch size), or use num_microbatches=1") from err
+        f"rather than a fixed batch size), or use num_microbatches=1{hint}. The arguments "
+        f"split into micro-batches were {split_args}: those in batch_argnums or, without "
+        f"it, the last non-static argument and those PipeshardParallel infers from it (see "
+        f"its docstring)") from err
+
+
+def _argnum(path: str) -> int:
+    """``args[3]['x']`` → 3."""
+    return int(path[len("args["):path.index("]")])
 
 
 def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) -> SplitStep:
@@ -157,5 +243,69 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
                       f"jnp.mean(correct.astype(jnp.float32)))")
     forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
                                  ("loss",) + tuple(f"aux[{k}]" for k in range(num_aux)))
-    return SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
-                     tuple(full), num_aux)
+    split = SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
+                      tuple(full), num_aux)
+    if B > 1 and has_random_draws(forward.program):
+        rows = {m.shape[0] for m, is_batch in zip(micro, batch_flags) if is_batch}
+        split = _random_rows(split, fun, args, static_argnums, B, rows.pop() if len(rows) == 1
+                             else None)
+    return split
+
+
+def _loss_program(traced: TracedFunction):
+    """The loss (the gradient marker's forward) of a step traced under pipeline tracing."""
+    geqns = [eqn for eqn in traced.program.eqns if eqn.primitive.name == GRAD_PRIMITIVE]
+    if len(geqns) != 1:
+        return None
+    jaxpr, n = geqns[0].params["jaxpr"], len(geqns[0].inputs)
+    return flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
+                              tuple(f"out[{k}]" for k in range(len(jaxpr.outvars)))).program
+
+
+def _random_rows(split: SplitStep, fun, args, static_argnums, B: int, micro_rows
+                 ) -> SplitStep:
+    """Random draws in the loss that follow the batch, made per micro-batch as ``jax.jit``
+    makes them for the whole batch (:mod:`.random_rows`): the row tables become constants
+    of the outer program, batch values read by the gradient marker. Draws that cannot be
+    reproduced are warned about."""
+    name = getattr(fun, "__name__", "the function")
+    full = None
+    if micro_rows is not None:
+        try:
+            with pipeline_tracing():
+                full = _loss_program(trace(fun, args, static_argnums))
+        except Exception:  # noqa: BLE001 - then draws of micro-batch rows are reported
+            full = None
+    rows = reproduce_random_rows(split.forward, full, B, micro_rows)
+    if rows.problems:
+        warnings.warn(
+            f"PipeshardParallel(num_microbatches={B}): the loss in {name} draws random "
+            f"numbers that follow the batch, which the pipeline cannot draw as jax.jit does: "
+            f"{'; '.join(rows.problems)}. Each of the {B} micro-batches draws these at its "
+            f"own shape{f' ({micro_rows} rows)' if micro_rows else ''} from the same key, so "
+            f"every micro-batch gets the "
+            f"same values, where jax.jit draws different ones for each row of the whole "
+            f"batch: dropout masks or noise, and so the loss and the gradients, differ from "
+            f"jax.jit's. To get jax.jit's values, draw from jax's default PRNG (threefry2x32 "
+            f"with jax_threefry_partitionable=True) with the batch as the leading dimension, "
+            f"or use num_microbatches=1", UserWarning, stacklevel=user_stacklevel())
+    if not rows.strides:
+        return split
+    O = split.traced.program
+    F = rows.forward.program
+    avals, constants = list(O.avals), list(O.constants)
+    tables = []
+    for stride, v in zip(rows.strides, F.invars[len(split.diff):], strict=True):
+        tables.append(len(avals))
+        avals.append(F.avals[v])
+        constants.append((tables[-1], row_table(micro_rows * B, stride)))
+    geqn = O.eqns[split.grad_eqn]
+    diff = split.diff + (False,) * len(tables)
+    eqns = list(O.eqns)
+    eqns[split.grad_eqn] = Equation(geqn.primitive, {**geqn.params, "diff": diff},
+                                    tuple(geqn.inputs) + tuple(tables), geqn.outputs)
+    program = Program(tuple(avals), O.invars, O.outvars, tuple(eqns), tuple(constants))
+    return dataclasses.replace(
+        split, traced=dataclasses.replace(split.traced, program=program),
+        batch_vids=split.batch_vids | frozenset(tables), forward=rows.forward, diff=diff,
+        batch=split.batch + (True,) * len(tables))
