@@ -138,7 +138,7 @@ TABLES = {
 # benchmarks.run's configuration names and examples.models' Workload.name variants.
 _ALIASES = {
     "mlp_small": "mlp", "mlp_wide": "mlp", "mlp_adam": "mlp",
-    "gpt_small": "gpt", "gpt_large": "gpt", "gpt_remat": "gpt",
+    "gpt_small": "gpt", "gpt_large": "gpt", "gpt_remat": "gpt", "gpt_1024": "gpt",
     "wide_resnet": "wide_resnet_block", "embedding": "embedding_model",
 }
 

@@ -1,8 +1,12 @@
 """Named cluster presets and the default cluster for a JAX platform.
 
-Every number cites its source. GPU link latencies are nominal round figures
-(NVLink ~10 µs, InfiniBand ~20 µs per collective step as seen by NCCL), not measured;
-calibration replaces them through ``Cluster.axis_links``.
+Every number cites its source. GPU link latencies are per step of a ring collective
+(``MeshCostModel`` charges (2(n−1)+1)·α for an all-reduce, n·α for one pass), read off
+NCCL's own tuning model (``src/graph/tuning.cc``: a ring collective costs a base 3.6 µs
+plus per hop 0.4 µs over NVLink and 0.9 µs over the network with the LL protocol, 2.5 µs
+with LL128): an 8-GPU NVLink all-reduce is 3.6 + 14 × 0.4 ≈ 9 µs, which α = 0.6 µs
+gives (15α); α = 2.5 µs for a step over InfiniBand. Not measured: calibration replaces
+them through ``Cluster.axis_links``.
 """
 
 from __future__ import annotations
@@ -58,8 +62,8 @@ def _a100_80gb() -> Cluster:
         memory_bandwidth=2.039e12,
         device_memory=80 * _GiB,
         devices_per_node=8,
-        intra_node=Link(bandwidth=300e9, latency=1e-5),  # NVLink3, nominal latency
-        inter_node=Link(bandwidth=25e9, latency=2e-5),  # IB HDR 200 Gb/s, nominal latency
+        intra_node=Link(bandwidth=300e9, latency=0.6e-6),  # NVLink3 (see the module doc)
+        inter_node=Link(bandwidth=25e9, latency=2.5e-6),  # IB HDR 200 Gb/s
         memory_reserve=1 * _GiB,
     )
 
@@ -81,8 +85,8 @@ def _h100_80gb() -> Cluster:
         memory_bandwidth=3.35e12,
         device_memory=80 * _GiB,
         devices_per_node=8,
-        intra_node=Link(bandwidth=450e9, latency=1e-5),  # NVLink4, nominal latency
-        inter_node=Link(bandwidth=50e9, latency=2e-5),  # IB NDR 400 Gb/s, nominal latency
+        intra_node=Link(bandwidth=450e9, latency=0.6e-6),  # NVLink4 (see the module doc)
+        inter_node=Link(bandwidth=50e9, latency=2.5e-6),  # IB NDR 400 Gb/s
         memory_reserve=1 * _GiB,
     )
 

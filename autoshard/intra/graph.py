@@ -78,21 +78,39 @@ def fused_values(program) -> tuple[frozenset[int], frozenset[int]]:
     them. ``read_in_fusion``: the same but a program output (an optimizer's new moments):
     XLA's multi-output fusion writes it once and its readers in the fusion take it from
     there, so only the write is traffic."""
-    consumers: dict[int, list[str]] = {}
+    fused, read_in_fusion, _ = _fusion(program)
+    return fused, read_in_fusion
+
+
+def fusion_fanout(program) -> dict[int, int]:
+    """Per fused value: into how many fusions XLA duplicates the equation that makes it
+    (the fusion roots its value reaches through fused consumers). That equation's
+    materialized operands are read once per such fusion."""
+    return _fusion(program)[2]
+
+
+def _fusion(program):
+    consumers: dict[int, list] = {}
     for eqn in program.eqns:
         for atom in eqn.inputs:
             if not isinstance(atom, Literal):
-                consumers.setdefault(atom, []).append(eqn.primitive.name)
+                consumers.setdefault(atom, []).append(eqn)
     outputs = {v for v in program.outvars if not isinstance(v, Literal)}
     fused, read_in_fusion = set(), set()
     for eqn in program.eqns:
         if eqn.primitive.name not in FUSIBLE:
             continue
         for v in eqn.outputs:
-            names = consumers.get(v, ())
-            if names and all(n in FUSING_CONSUMERS for n in names):
+            readers = consumers.get(v, ())
+            if readers and all(c.primitive.name in FUSING_CONSUMERS for c in readers):
                 (read_in_fusion if v in outputs else fused).add(v)
-    return frozenset(fused), frozenset(read_in_fusion)
+    fanout: dict[int, int] = {}
+    for eqn in reversed(program.eqns):  # consumers come later: their fan-out is known
+        for v in eqn.outputs:
+            if v in fused:
+                fanout[v] = sum(max((fanout.get(o, 1) for o in c.outputs), default=1)
+                                for c in consumers[v])
+    return frozenset(fused), frozenset(read_in_fusion), fanout
 
 
 def build_graph(traced: TracedFunction, model: MeshCostModel,
@@ -109,7 +127,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     uses: list[Use] = []
     unsupported, control_flow = [], []
     memo: dict[tuple, tuple] = {}
-    fused, read_in_fusion = fused_values(program)
+    fused, read_in_fusion, fanout = _fusion(program)
 
     def add(node: Node):
         for k, vid in enumerate(node.outputs):
@@ -130,16 +148,19 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         in_avals = [_aval(program, a) for a in eqn.inputs]
         out_avals = [program.avals[v] for v in eqn.outputs]
         name = eqn.primitive.name
-        in_fused = tuple(not isinstance(a, Literal) and (a in fused or a in read_in_fusion)
-                         for a in eqn.inputs)
-        out_fused = tuple(v in fused for v in eqn.outputs)
-        signature = (equation_signature(eqn, in_avals, out_avals), in_fused, out_fused)
+        # operands are read once per fusion the equation is duplicated into; values that
+        # stay in registers are no traffic
+        copies = max((fanout.get(v, 1) for v in eqn.outputs), default=1)
+        reads = tuple(0 if not isinstance(a, Literal) and (a in fused or a in read_in_fusion)
+                      else copies for a in eqn.inputs)
+        reads += tuple(0 if v in fused else 1 for v in eqn.outputs)
+        signature = (equation_signature(eqn, in_avals, out_avals), reads)
         strategies = memo.get(signature)  # a repeated layer: same rule, same strategies
         if strategies is None:
             op = loop_op(eqn, in_avals, out_avals)
             if op is not None:
                 strategies = memo[signature] = loop_strategies(
-                    op, in_avals, out_avals, model, fused=in_fused + out_fused)
+                    op, in_avals, out_avals, model, reads=reads)
             else:
                 strategies = ()
                 if name in CONTROL_FLOW:
@@ -148,7 +169,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
                     unsupported.append((name, traced.sources[e]))
         if not strategies:
             strategies = (replicated_strategy(in_avals, out_avals, model,
-                                              fused=in_fused + out_fused),)
+                                              reads=reads),)
         node_index = len(nodes)
         for k, atom in enumerate(eqn.inputs):
             if not isinstance(atom, Literal):

@@ -84,34 +84,35 @@ def input_strategies(specs: Sequence[Spec]) -> tuple[Strategy, ...]:
     return tuple(Strategy(_spec_name(s), (s,), (), 0.0, 0.0) for s in specs)
 
 
-def _traffic(model, avals, specs, fused) -> int:
-    """Memory bytes per device of reading/writing ``avals`` laid out as ``specs``, less
-    the values fusion keeps in registers (``fused[k]`` true; missing entries: false)."""
-    return sum(_bytes(model, a, s) for k, (a, s) in enumerate(zip(avals, specs))
-               if not (k < len(fused) and fused[k]))
+def _traffic(model, avals, specs, reads) -> int:
+    """Memory bytes per device of reading/writing ``avals`` laid out as ``specs``, each
+    ``reads[k]`` times (0: fusion keeps it in registers; missing entries: once)."""
+    return int(sum(_bytes(model, a, s) * (reads[k] if k < len(reads) else 1)
+                   for k, (a, s) in enumerate(zip(avals, specs))))
 
 
 def replicated_strategy(in_avals, out_avals, model: MeshCostModel, flops: float = 0.0,
-                        fused: Sequence[bool] = ()) -> Strategy:
-    """Everything whole on every device. ``fused``: per operand then per output, whether
-    fusion keeps it out of memory (see ``loop_strategies``)."""
+                        reads: Sequence[float] = ()) -> Strategy:
+    """Everything whole on every device. ``reads``: per operand then per output, how many
+    times it is memory traffic (see ``loop_strategies``)."""
     in_specs = tuple(None if a is None else replicated(len(a.shape)) for a in in_avals)
     out_specs = tuple(replicated(len(a.shape)) for a in out_avals)
     n = len(in_avals)
-    nbytes = _traffic(model, in_avals, in_specs, tuple(fused[:n]))
-    nbytes += _traffic(model, out_avals, out_specs, tuple(fused[n:]))
+    nbytes = _traffic(model, in_avals, in_specs, tuple(reads[:n]))
+    nbytes += _traffic(model, out_avals, out_specs, tuple(reads[n:]))
     compute = model.compute(flops, nbytes, _dtype_name(list(in_avals) + list(out_avals)))
     return Strategy("replicated", out_specs, in_specs, compute, 0.0, flops=flops,
                     bytes_accessed=nbytes)
 
 
 def loop_strategies(op: LoopOp, in_avals, out_avals, model: MeshCostModel,
-                    fused: Sequence[bool] = ()) -> tuple[Strategy, ...]:
+                    reads: Sequence[float] = ()) -> tuple[Strategy, ...]:
     """Every valid assignment of mesh axes to the loops of ``op``, priced.
 
     Compute is a roofline over the op's flops and the bytes it reads and writes;
-    ``fused`` (per operand, then per output) marks values XLA's fusion keeps out of
-    memory, which count no bytes."""
+    ``reads`` (per operand, then per output) says how many times each is memory traffic:
+    0 for values XLA's fusion keeps in registers, more than once for the operands of an
+    op that XLA duplicates into several consumer fusions (``graph.fused_values``)."""
     mesh_shape = model.mesh_shape
     axes = [a for a, n in enumerate(mesh_shape) if n > 1]
     options = [None] + [l for l, ok in enumerate(op.splittable) if ok]
@@ -130,7 +131,7 @@ def loop_strategies(op: LoopOp, in_avals, out_avals, model: MeshCostModel,
         # Axes sharing a loop split it in mesh order (major axis first), as specs do.
         loop_axes = {loop: tuple(group) for loop, group in groups.items()}
         for strategy in _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype,
-                                tuple(fused)):
+                                tuple(reads)):
             key = (strategy.out_specs, strategy.in_specs)
             if key not in seen or strategy.cost_s < seen[key].cost_s:
                 seen[key] = strategy
@@ -157,15 +158,15 @@ def _tensor_spec(dims, loop_axes) -> Spec | None:
     return tuple(tuple(loop_axes.get(l, ())) if l is not None else () for l in dims)
 
 
-def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, fused):
+def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads):
     in_specs = tuple(_tensor_spec(d, loop_axes) for d in op.in_dims)
     in_specs = tuple(None if a is None else (s if s is not None else replicated(len(a.shape)))
                      for s, a in zip(in_specs, in_avals))
     out_specs = tuple(_tensor_spec(d, loop_axes) for d in op.out_dims)
     split = math.prod(model.mesh_shape[a] for axes in loop_axes.values() for a in axes)
     n = len(in_avals)
-    traffic = _traffic(model, in_avals, in_specs, fused[:n])
-    traffic += _traffic(model, out_avals, out_specs, fused[n:])
+    traffic = _traffic(model, in_avals, in_specs, reads[:n])
+    traffic += _traffic(model, out_avals, out_specs, reads[n:])
     out_bytes = [_bytes(model, a, s) for a, s in zip(out_avals, out_specs)]
     compute = model.compute(op.flops / split, traffic, dtype)
     work = dict(flops=op.flops / split, bytes_accessed=traffic)
