@@ -1,6 +1,7 @@
 """Merged all-reduces: XLA runs independent all-reduces as one collective, and the plan
 pays their latency once (``autoshard.intra.combining``)."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -51,3 +52,36 @@ def test_data_parallel_step_pays_one_latency_like_the_one_all_reduce_xla_runs(wo
     out, ref = step(*workload.args), jax.jit(workload.fn)(*workload.args)
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("second,merges", [(jnp.sum, True), (jnp.max, False)])
+def test_independent_all_reduces_inside_the_step_share_one_latency(second, merges):
+    # x split on the reduced dim: its sum and a second reduction of tanh(x) are partial
+    # results of independent all-reduces (equal communication depth); XLA runs two sums as
+    # one all-reduce, a sum and a max as two (another reduction operation); the product of
+    # the two needs both, so it comes after
+    from autoshard.intra.combining import combine_all_reduces, communication_depth
+    from autoshard.intra.planner import plan_traced
+
+    def f(x):
+        return jnp.sum(jnp.sum(x, axis=1) * second(jnp.tanh(x), axis=1))
+
+    x = jax.ShapeDtypeStruct((64, 512), jnp.float32)
+    cluster = cluster_preset("h100-80gb")
+    traced = trace(f, (x,), ())
+    graph = build_graph(traced, MeshCostModel(cluster, (8,)))
+    depth = communication_depth(graph)
+    reductions = [v for v, n in enumerate(graph.nodes) if n.name.startswith("reduce_")][:2]
+    assert depth[reductions[0]] == depth[reductions[1]]
+    _, merged = combine_all_reduces(graph, MeshCostModel(cluster, (8,)))
+    together = [g for g in merged if {v for v, _ in g.members} >= set(reductions)]
+    assert bool(together) == merges and not any(g.terminal for g in together)
+    # what the compiled program runs
+    plan = plan_traced(traced, mesh_shape=(8,), axis_names=("data",), cluster=cluster,
+                       method=autoshard.ShardParallel(), batch_flat=[False], static_repr="()",
+                       in_layouts={0: jax.sharding.PartitionSpec(None, "data")})
+    step = autoshard.parallelize(f, mesh=autoshard.make_mesh((8,), ("data",)), plan=plan,
+                                 cluster=cluster)
+    stats = collective_stats(step.lower(np.zeros((64, 512), np.float32)).compile().as_text())
+    paid = [c for c in plan.collectives if c.op.startswith(MERGED)]
+    assert stats["all-reduce"]["count"] == len(paid)  # one latency per all-reduce run

@@ -3,13 +3,16 @@
 XLA (on CPU and GPU alike) merges all-reduces over the same devices when none of them
 depends on another, up to a size threshold, so their launch latency is paid once per
 merged collective instead of once each; a data-parallel training step runs all its
-gradient all-reduces as one. We price that for the all-reduces of *terminal* nodes:
-nodes from which no node that may emit a collective can be reached, so no two of them
-depend on each other (a gradient feeding only its optimizer update is one). Each such
-all-reduce keeps its bandwidth term and a share ``bytes / COMBINE_THRESHOLD_BYTES`` of
-its latency (one merged collective per threshold's worth of bytes), and one full
-latency per set of mesh axes becomes a shared cost, paid once if any of them
-all-reduces over those axes.
+gradient all-reduces as one. We price that for groups of all-reduces that cannot depend
+on each other: the *terminal* nodes (from which no node that may emit a collective can be
+reached: a gradient feeding only its optimizer update), and the nodes at the same
+*communication depth* (as many nodes that may communicate on the longest path to them:
+one cannot lie on the other's path, such as the two sums of a split softmax's
+denominator and the label's logit), when they reduce with the same operation (XLA does
+not merge a max with a sum). Each such all-reduce keeps its bandwidth term and a share
+``bytes / COMBINE_THRESHOLD_BYTES`` of its latency (one merged collective per
+threshold's worth of bytes), and one full latency per group and set of mesh axes
+becomes a shared cost, paid once if any of them all-reduces over those axes.
 """
 from __future__ import annotations
 
@@ -28,15 +31,17 @@ COMBINE_THRESHOLD_BYTES = 30 * 2**20
 @dataclasses.dataclass(frozen=True)
 class MergedAllReduce:
     """The latency (seconds) of one merged all-reduce over ``axes``, paid once when any
-    ``(node, strategy)`` of ``members`` is chosen."""
+    ``(node, strategy)`` of ``members`` is chosen; ``terminal``: the group of terminal
+    nodes (the gradients), merged at the end of the step."""
 
     axes: tuple[int, ...]
     latency_s: float
     members: tuple[tuple[int, int], ...]
+    terminal: bool = True
 
     def __repr__(self) -> str:
         return (f"MergedAllReduce(axes={self.axes}, latency_s={self.latency_s:.3g}, "
-                f"members={len(self.members)})")
+                f"members={len(self.members)}, terminal={self.terminal})")
 
 
 def terminal_nodes(graph: ShardingGraph) -> tuple[bool, ...]:
@@ -54,27 +59,55 @@ def terminal_nodes(graph: ShardingGraph) -> tuple[bool, ...]:
     return tuple(not r for r in reaches)
 
 
+def communication_depth(graph: ShardingGraph) -> tuple[int, ...]:
+    """Per node: the most nodes with a communicating strategy on a path to it (itself
+    excluded). A node that communicates lies on the path of every node it reaches, so two
+    nodes of equal depth do not depend on each other's collectives."""
+    communicates = [any(s.communication_s > 0 for s in node.strategies) for node in graph.nodes]
+    producers: list[list[int]] = [[] for _ in graph.nodes]
+    for use in graph.uses:
+        if use.operand >= 0:
+            producers[use.dst].append(use.src)
+    depth = [0] * len(graph.nodes)
+    for v in range(len(graph.nodes)):  # uses run from lower to higher node index
+        depth[v] = max((depth[u] + communicates[u] for u in producers[v]), default=0)
+    return tuple(depth)
+
+
 def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel
                         ) -> tuple[ShardingGraph, tuple[MergedAllReduce, ...]]:
-    """Reprice terminal nodes' all-reduces as parts of merged ones; returns the repriced
-    graph and one ``MergedAllReduce`` per mesh-axis set that has members."""
+    """Reprice the all-reduces of independent nodes (terminal ones, and those of equal
+    communication depth) as parts of merged ones; returns the repriced graph and one
+    ``MergedAllReduce`` per group and mesh-axis set that has members."""
     terminal = terminal_nodes(graph)
+    depth = communication_depth(graph)
     repriced: dict[int, tuple] = {}  # id(strategies) -> (strategies, new strategies)
     nodes = list(graph.nodes)
-    members: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    members: dict[tuple, list[tuple[int, int]]] = {}
     for v, node in enumerate(graph.nodes):
-        if not terminal[v] or not any(s.all_reduce_latency_s > 0 for s in node.strategies):
+        if not any(s.all_reduce_latency_s > 0 for s in node.strategies):
             continue
+        group = ((-1,) if terminal[v] else (depth[v],)) + (_reduction(graph, node),)
         key = id(node.strategies)
         if key not in repriced:  # repeated layers share one tuple: keep sharing it
             repriced[key] = (node.strategies, tuple(_latency_shared(s) for s in node.strategies))
         nodes[v] = dataclasses.replace(node, strategies=repriced[key][1])
         for i, s in enumerate(node.strategies):
             if s.all_reduce_latency_s > 0:
-                members.setdefault(s.all_reduce_axes, []).append((v, i))
-    merged = tuple(MergedAllReduce(axes, model.all_reduce_latency(axes), tuple(members[axes]))
-                   for axes in sorted(members))
+                members.setdefault(group + (s.all_reduce_axes,), []).append((v, i))
+    merged = tuple(MergedAllReduce(key[2], model.all_reduce_latency(key[2]), tuple(members[key]),
+                                   terminal=key[0] == -1)
+                   for key in sorted(members))
     return dataclasses.replace(graph, nodes=tuple(nodes)), merged
+
+
+# the operation an equation's all-reduce of partial results applies (others: a sum)
+_REDUCTIONS = {"reduce_max": "max", "reduce_min": "min", "reduce_prod": "mul",
+               "reduce_and": "and", "reduce_or": "or", "reduce_xor": "xor"}
+
+
+def _reduction(graph: ShardingGraph, node) -> str:
+    return _REDUCTIONS.get(graph.traced.program.eqns[node.eqn].primitive.name, "add")
 
 
 def _latency_shared(strategy: Strategy) -> Strategy:

@@ -64,9 +64,12 @@ def copy_bytes(model: MeshCostModel, aval, src_spec, dst_spec) -> int:
 
 
 def merged_members(merged: Sequence[MergedAllReduce]) -> dict[int, set[int]]:
-    """Node → its strategies whose all-reduce XLA merges with others."""
+    """Node → its strategies whose all-reduce XLA merges with the other terminal ones at
+    the end of the step (the gradients')."""
     members: dict[int, set[int]] = {}
     for group in merged:
+        if not group.terminal:
+            continue
         for v, i in group.members:
             members.setdefault(v, set()).add(i)
     return members
