@@ -1,0 +1,83 @@
+"""``plan.audit``: the compiled program against the plan that priced it."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import autoshard
+from autoshard.plan.audit import audit
+from autoshard.plan.parts import Collective
+from examples.models import mlp
+
+MESHES = [((8,), ("data",)), ((2, 4), ("data", "model"))]
+
+
+@pytest.fixture(scope="module", params=MESHES, ids=["8", "2x4"])
+def planned(request):
+    shape, names = request.param
+    w = mlp(num_layers=4, batch=32, hidden=512, abstract=True)
+    step = autoshard.parallelize(w.fn, mesh=autoshard.make_mesh(shape, names),
+                                 batch_argnums=w.batch_argnums)
+    plan = step.plan(*w.args)
+    compiled = step.lower(*w.args).compile()
+    return step, w, plan, compiled
+
+
+def test_an_honest_plan_audits_clean(planned):
+    step, w, plan, compiled = planned
+    report = step.audit(*w.args)
+    assert report.ok, report.summary()
+    assert report.rows and all(r.planned_count and r.compiled_count for r in report.rows)
+    # every collective XLA runs is one the plan priced, over the same mesh axes
+    assert {(r.kind, r.axes) for r in report.rows} == \
+        {(c.kind, c.axes) for c in plan.collectives if c.nbytes}
+    assert report.flops[1] == pytest.approx(report.flops[0], rel=0.1)
+
+
+def test_a_collective_the_plan_did_not_price_is_reported(planned):
+    _, _, plan, compiled = planned
+    priced = [c for c in plan.collectives if c.nbytes]
+    dropped = dataclasses.replace(plan, collectives=tuple(
+        c for c in plan.collectives if (c.kind, c.axes) != (priced[0].kind, priced[0].axes)))
+    report = dropped.audit(compiled)
+    axes = priced[0].axes
+    where = "mesh axis " + axes[0] if len(axes) == 1 else "mesh axes " + ", ".join(axes)
+    assert not report.ok
+    assert any(d.startswith(f"unexpected {priced[0].kind} over {where}")
+               for d in report.differences), report.differences
+
+
+def test_mispriced_bytes_and_phantom_collectives_are_reported(planned):
+    _, _, plan, compiled = planned
+    doubled = tuple(dataclasses.replace(c, nbytes=2 * c.nbytes) for c in plan.collectives)
+    phantom = Collective("made up", "all-to-all", 1e-6, 4096,
+                         (plan.axis_names[0],))
+    report = dataclasses.replace(plan, collectives=doubled + (phantom,)).audit(compiled)
+    assert any("the compiled program moves" in d for d in report.differences)
+    assert any(d.startswith("missing all-to-all") for d in report.differences)
+
+
+def test_mispriced_work_is_reported(planned):
+    _, _, plan, compiled = planned
+    wrong = dataclasses.replace(plan, cost=dataclasses.replace(plan.cost, flops=3 * plan.cost.flops))
+    report = wrong.audit(compiled)
+    assert any(d.startswith("flops per device") for d in report.differences)
+
+
+def test_xla_rematerialization_warnings_are_differences(planned):
+    _, _, plan, compiled = planned
+    log = ("W0000 spmd_partitioner.cc:652] [spmd] Involuntary full rematerialization. The "
+           "compiler cannot go from sharding {devices=[8,1]<=[8]} to {devices=[1,8]<=[8]}")
+    report = audit(plan, compiled.as_text(), {}, log)
+    assert report.rematerializations and not report.ok
+    assert any("rematerialized" in d for d in report.differences)
+
+
+def test_a_pipeline_plan_is_refused_with_advice():
+    w = mlp(num_layers=4, batch=32, hidden=64, abstract=True)
+    method = autoshard.PipeshardParallel(num_microbatches=2, num_stages=2, num_layers=2)
+    plan = autoshard.parallelize(w.fn, mesh=autoshard.abstract_mesh((8,), ("data",)),
+                                 method=method).plan(*w.args)
+    with pytest.raises(ValueError, match="pipeline plan runs several"):
+        audit(plan, "", {})
