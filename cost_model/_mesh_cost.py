@@ -278,18 +278,41 @@ def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
         traffic += 2 * bytes_now()
 
     steps = []
-    # 2. All-to-all for axes that leave their place in src but stay in dst (operand and
-    #    result, and the local transposes around it).
+    # 2. Axes that leave their place in src but stay in dst. The axes moving from one dim
+    #    to one other dim move in one all-to-all over them (operand and result, and the
+    #    local transposes around it). When one dim's axes go to several dims, or several
+    #    dims' axes to one, XLA cannot: it gathers the moved axes in one all-gather, then
+    #    slices (its "involuntary full rematerialization").
+    moved = {}
     for d in range(ndim):
         for a in src[d][kept[d]:]:
             if a in dst_dim:
-                nbytes = bytes_now()
-                if moves((a,)):
-                    steps.append(CollectiveStep("all-to-all", (a,), nbytes,
-                                                model.all_to_all(nbytes, (a,))))
-                    traffic += 4 * nbytes
+                moved.setdefault((d, dst_dim[a]), []).append(a)
+    sources = [d for d, _ in moved]
+    targets = [e for _, e in moved]
+    if len(set(sources)) < len(sources) or len(set(targets)) < len(targets):
+        axes = tuple(sorted(a for group in moved.values() for a in group))
+        for (d, _), group in moved.items():
+            for a in group:
                 layout[d].remove(a)
-                layout[dst_dim[a]].append(a)
+        nbytes = bytes_now()
+        if moves(axes):
+            steps.append(CollectiveStep("all-gather", axes, nbytes, model.all_gather(nbytes, axes)))
+            traffic += nbytes // model._split(axes) + nbytes
+        for (_, e), group in moved.items():
+            layout[e].extend(group)
+        if moves(axes):
+            traffic += 2 * bytes_now()  # the slice into dst's layout
+    else:
+        for (d, e), group in moved.items():
+            nbytes = bytes_now()
+            if moves(group):
+                steps.append(CollectiveStep("all-to-all", tuple(group), nbytes,
+                                            model.all_to_all(nbytes, tuple(group))))
+                traffic += 4 * nbytes
+            for a in group:
+                layout[d].remove(a)
+            layout[e].extend(group)
 
     # 3. All-gather for axes dst drops, last mesh axis first (operand and result; a dim
     #    that is not the outermost with more than one element per device is gathered as

@@ -380,3 +380,11 @@ def compiler_log():
             log.text = sink.read().decode("utf-8", errors="replace")
             if log.text:
                 sys.stderr.write(log.text)
+
+
+def platform(compiled) -> str:
+    """The platform (``"cpu"``, ``"gpu"``, ``"tpu"``) a ``jax.stages.Compiled`` runs on."""
+    import jax
+    for sharding in jax.tree_util.tree_leaves(compiled.input_shardings):
+        return next(iter(sharding.device_set)).platform
+    return jax.default_backend()

@@ -16,6 +16,7 @@ every difference:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 from autoshard.cost_model import format_bytes
@@ -78,22 +79,28 @@ class Audit:
 
 
 def audit(plan, compiled_text: str, cost_analysis: dict,
-          compiler_log: str | None = None) -> Audit:
+          compiler_log: str | None = None, reduce_scatter_as_all_reduce: bool = False) -> Audit:
     """Compare ``plan`` (one program: not a pipeline) with the compiled program whose HLO
     text and ``cost_analysis`` (one dict) are given; ``compiler_log``: what XLA printed
-    while compiling it, if captured."""
+    while compiling it, if captured; ``reduce_scatter_as_all_reduce``: the program was
+    compiled for a backend that runs a reduce-scatter as an all-reduce and a slice (XLA's
+    CPU compiler), whatever the plan's cluster assumed."""
     if plan.programs:
         raise ValueError("audit compares one program with its plan; a pipeline plan runs "
                          "several (audit each stage's program with its ProgramSpecs, or "
                          "plan with num_stages=1)")
     names = tuple(plan.axis_names)
     planned: dict[tuple, list[int]] = {}
+    sizes = dict(zip(names, plan.mesh_shape))
     for c in plan.collectives:
         if c.nbytes == 0 and c.op.startswith("merged all-reduce"):
             continue  # the shared latency of the merged all-reduce, not a collective
-        row = planned.setdefault((c.kind, tuple(c.axes)), [0, 0])
+        kind, nbytes = c.kind, int(c.nbytes)
+        if kind == "reduce-scatter" and reduce_scatter_as_all_reduce:
+            kind, nbytes = "all-reduce", nbytes * math.prod(sizes[a] for a in c.axes)
+        row = planned.setdefault((kind, tuple(c.axes)), [0, 0])
         row[0] += 1
-        row[1] += int(c.nbytes)
+        row[1] += nbytes
     compiled: dict[tuple, list[int]] = {}
     for c in hlo.parse_collectives(compiled_text):
         axes = tuple(names[a] for a in c.axes(plan.mesh_shape))

@@ -82,7 +82,8 @@ class Plan:
         count), and the compiled flops and bytes accessed against the modelled ones.
         ``compiler_log``: what XLA printed while compiling, to report its "involuntary
         full rematerialization" warnings (``ParallelizedFunction.audit`` captures it)."""
-        return audit.audit(self, compiled.as_text(), hlo.cost_analysis(compiled), compiler_log)
+        return audit.audit(self, compiled.as_text(), hlo.cost_analysis(compiled), compiler_log,
+                           reduce_scatter_as_all_reduce=hlo.platform(compiled) == "cpu")
 
     def _repr_html_(self) -> str:
         """Jupyter view: per-input sharding pictures, cost and memory bars, collectives."""
