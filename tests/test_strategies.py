@@ -5,7 +5,8 @@ import pytest
 
 import autoshard
 from autoshard.cost_model import MeshCostModel, cluster_preset
-from autoshard.intra.graph import build_graph, fused_values
+from autoshard.intra.fusion import fused_values
+from autoshard.intra.graph import build_graph
 from autoshard.ir.trace import trace
 
 

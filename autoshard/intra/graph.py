@@ -12,7 +12,8 @@ from autoshard.ir.signature import equation_signature
 from autoshard.ir.specs import Spec, enumerate_specs, replicated
 from autoshard.ir.trace import TracedFunction
 
-from .op_rules import CONTROL_FLOW, FUSIBLE, FUSING_CONSUMERS, REPLICATED_QUIETLY, loop_op
+from .fusion import fusion
+from .op_rules import CONTROL_FLOW, REPLICATED_QUIETLY, loop_op
 from .strategies import Strategy, input_strategies, loop_strategies, replicated_strategy
 
 
@@ -70,49 +71,6 @@ def _aval(program, atom):
     return None if isinstance(atom, Literal) else program.avals[atom]
 
 
-def fused_values(program) -> tuple[frozenset[int], frozenset[int]]:
-    """Values XLA's fusion keeps out of memory traffic, as (fused, read_in_fusion).
-
-    ``fused``: made by a ``FUSIBLE`` equation, read only by ``FUSING_CONSUMERS`` (at least
-    one), and not a program output: no memory traffic for the equations that make or read
-    them. ``read_in_fusion``: the same but a program output (an optimizer's new moments):
-    XLA's multi-output fusion writes it once and its readers in the fusion take it from
-    there, so only the write is traffic."""
-    fused, read_in_fusion, _ = _fusion(program)
-    return fused, read_in_fusion
-
-
-def fusion_fanout(program) -> dict[int, int]:
-    """Per fused value: into how many fusions XLA duplicates the equation that makes it
-    (the fusion roots its value reaches through fused consumers). That equation's
-    materialized operands are read once per such fusion."""
-    return _fusion(program)[2]
-
-
-def _fusion(program):
-    consumers: dict[int, list] = {}
-    for eqn in program.eqns:
-        for atom in eqn.inputs:
-            if not isinstance(atom, Literal):
-                consumers.setdefault(atom, []).append(eqn)
-    outputs = {v for v in program.outvars if not isinstance(v, Literal)}
-    fused, read_in_fusion = set(), set()
-    for eqn in program.eqns:
-        if eqn.primitive.name not in FUSIBLE:
-            continue
-        for v in eqn.outputs:
-            readers = consumers.get(v, ())
-            if readers and all(c.primitive.name in FUSING_CONSUMERS for c in readers):
-                (read_in_fusion if v in outputs else fused).add(v)
-    fanout: dict[int, int] = {}
-    for eqn in reversed(program.eqns):  # consumers come later: their fan-out is known
-        for v in eqn.outputs:
-            if v in fused:
-                fanout[v] = sum(max((fanout.get(o, 1) for o in c.outputs), default=1)
-                                for c in consumers[v])
-    return frozenset(fused), frozenset(read_in_fusion), fanout
-
-
 def build_graph(traced: TracedFunction, model: MeshCostModel,
                 input_specs: Callable[[int, tuple], list[Spec]] | None = None) -> ShardingGraph:
     """Enumerate strategies for every node of ``traced`` on ``model``'s mesh.
@@ -127,7 +85,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     uses: list[Use] = []
     unsupported, control_flow = [], []
     memo: dict[tuple, tuple] = {}
-    fused, read_in_fusion, fanout = _fusion(program)
+    fused, read_in_fusion, fanout = fusion(program)
 
     def add(node: Node):
         for k, vid in enumerate(node.outputs):

@@ -7,6 +7,7 @@ import numpy as np
 
 from autoshard.ir.program import Literal, Program
 
+from .fusion import fused_values
 from .op_rules import ELEMENTWISE
 
 
@@ -19,7 +20,8 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
     whole run, from step 0 unless they take over a donated argument's buffer (same
     shape and dtype, matched in order as jax aliases them). Intermediates that an
     output's elementwise chain overwrites in place (same shape and dtype, last read
-    there) share the output's buffer and are left out.
+    there) share the output's buffer and are left out, as are values XLA's fusion keeps
+    in registers (``fusion.fused_values``: they never reach memory).
     """
     end = max(len(program.eqns) - 1, 0)
     donated = set(donated)
@@ -44,7 +46,9 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
                 born[atom] = 0
     shared = _in_place_chains(program, [a for o, a in enumerate(program.outvars)
                                         if o not in aliased and not isinstance(a, Literal)], last)
-    return {v: (b, max(last.get(v, b), b)) for v, b in born.items() if v not in shared}
+    fused, _ = fused_values(program)
+    return {v: (b, max(last.get(v, b), b)) for v, b in born.items()
+            if v not in shared and v not in fused}
 
 
 def _aliased_outputs(program: Program, donated: list[int]) -> set[int]:

@@ -112,7 +112,7 @@ def loop_strategies(op: LoopOp, in_avals, out_avals, model: MeshCostModel,
     Compute is a roofline over the op's flops and the bytes it reads and writes;
     ``reads`` (per operand, then per output) says how many times each is memory traffic:
     0 for values XLA's fusion keeps in registers, more than once for the operands of an
-    op that XLA duplicates into several consumer fusions (``graph.fused_values``)."""
+    op that XLA duplicates into several consumer fusions (``fusion.fusion_fanout``)."""
     mesh_shape = model.mesh_shape
     axes = [a for a, n in enumerate(mesh_shape) if n > 1]
     options = [None] + [l for l, ok in enumerate(op.splittable) if ok]
