@@ -11,6 +11,7 @@ NOTES_MARKER = "<!-- analysis-notes: everything below this line is kept when reg
 WIN = 1.005         # the ILP at or below the best hand-written baseline (0.5 % for rounding)
 AGREEMENT = 0.10    # the ILP's modelled time within ±10 % of its yardstick
 STEP_GOAL = 1.05    # measured: at most 1.05x the fastest hand-written baseline
+MEMORY_AGREEMENT = 0.15   # the modelled peak within ±15 % of the compiled program's
 _SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
           "collective-permute": "CP"}
 
@@ -145,6 +146,22 @@ def _model_lines(rows) -> list[str]:
     return lines
 
 
+def _memory_lines(rows) -> list[str]:
+    lines = ["| workload | mesh | cluster | program | modelled peak | compiled (argument + output "
+             "+ temp − alias) | compiled / modelled |", "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        if r["kind"] not in ("ilp", "ilp-donated") or not r["yardstick"] or not r["modelled"]:
+            continue
+        modelled, compiled = r["modelled"]["peak_memory_bytes"], r["yardstick"]["peak_memory_bytes"]
+        if not compiled:
+            continue
+        ratio = compiled / modelled
+        shown = f"**{ratio:.2f}**" if abs(ratio - 1) > MEMORY_AGREEMENT else f"{ratio:.2f}"
+        lines.append(f"| {r['workload']} | {r['mesh']} | {r['cluster']} | {r['program']} | "
+                     f"{fmt_b(modelled)} | {fmt_b(compiled)} | {shown} |")
+    return lines
+
+
 def _audit_lines(rows) -> list[str]:
     lines = []
     for r in rows:
@@ -185,6 +202,10 @@ def write_markdown(result: dict, path: Path) -> None:
     agreeing = sum(abs(e["model_ratio"] - 1) <= AGREEMENT for e in agree)
     audited = [e for e in entries if e["audit"] is not None]
     clean = sum(e["audit"]["ok"] for e in audited)
+    memory = [r for r in rows if r["kind"] in ("ilp", "ilp-donated") and r["yardstick"]
+              and r["modelled"] and r["yardstick"]["peak_memory_bytes"]]
+    memory_ok = sum(abs(r["yardstick"]["peak_memory_bytes"] / r["modelled"]["peak_memory_bytes"]
+                        - 1) <= MEMORY_AGREEMENT for r in memory)
     env = result["environment"]
     where = {True: "compiled and run on virtual CPU devices",
              False: "compiled only, 64 virtual devices"}
@@ -217,7 +238,9 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{len(entries)}** workload × mesh × cluster rows.",
         f"- ILP modelled time within ±10 % of its yardstick: **{agreeing} of {len(agree)}**.",
         f"- Audit clean (the compiled program runs the collectives the plan priced): **{clean} "
-        f"of {len(audited)}**.", "",
+        f"of {len(audited)}**.",
+        f"- Modelled peak memory within ±15 % of the compiled program's (ILP, donated and not): "
+        f"**{memory_ok} of {len(memory)}**.", "",
         "## ILP against the best hand-written baseline (yardstick)", "",
         *_headline_table(entries), "",
         "### Rows where the ILP loses", "", *_loss_lines(rows, entries), "",
@@ -226,6 +249,9 @@ def write_markdown(result: dict, path: Path) -> None:
         "Modelled: the plan's own cost without host copies of the batch (`PlanCost.program_s`). "
         "Bold: outside ±10 %.", "", *_model_lines(rows), "",
         "## Audit of the ILP's plans", "", *_audit_lines(rows), "",
+        "## Memory: the modelled peak against the compiled program", "",
+        "Per device; compiled: `memory_analysis()`. Bold: outside ±15 %.", "",
+        *_memory_lines(rows), "",
         "## All programs", "",
         "Yardstick per device per step; collectives: count × result bytes per kind and mesh axes "
         "(AR all-reduce, AG all-gather, RS reduce-scatter, A2A all-to-all, CP "

@@ -10,7 +10,9 @@ For every workload and mesh three kinds of program are compiled:
   XLA's own propagation inside, no autoshard code;
 * **autoshard's presets** (``DataParallel``, ``ZeRO3``, ``Megatron``): fixed layouts run by
   autoshard's runtime;
-* **the ILP** (``ShardParallel``), planned for each cluster model.
+* **the ILP** (``ShardParallel``), planned for each cluster model, also with the parameters
+  and optimizer state donated (``donate_argnums=(0, 1)``, as training loops do) for the
+  memory comparison.
 
 Each program is judged by the **yardstick** (``benchmarks/yardstick.py``): a roofline time
 from its compiled HLO (``cost_analysis`` flops and bytes, the collectives in its text) and
@@ -101,6 +103,7 @@ CLUSTERS = ("host-cpu", "h100-80gb")
 CALIBRATED = "calibrated"          # the cluster measured on this machine (timing rows)
 
 ILP = "ShardParallel"
+ILP_DONATED = "ShardParallel, donated"   # params and optimizer state donated (memory rows)
 PRESETS = ("DataParallel", "ZeRO3", "Megatron")
 HAND = "hand:"                     # program names of the hand-written baselines
 
@@ -193,12 +196,17 @@ def bench_workload_mesh(wname, w, mesh_name, clusters: dict, opts, timing: bool)
 
     compiled_presets: dict = {}
     for cname, cluster in clusters.items():
-        for mname in (ILP,) + PRESETS:
-            row = _row(wname, mesh_name, cname, mname, "ilp" if mname == ILP else "preset")
+        for program in (ILP, ILP_DONATED) + PRESETS:
+            mname = ILP if program == ILP_DONATED else program
+            kind = {ILP: "ilp", ILP_DONATED: "ilp-donated"}.get(program, "preset")
+            row = _row(wname, mesh_name, cname, program, kind)
+            donate = (0, 1) if program == ILP_DONATED else ()
 
-            def work(row, mname=mname, cluster=cluster, cname=cname):
+            def work(row, mname=mname, cluster=cluster, cname=cname, donate=donate,
+                     program=program):
                 f = autoshard.parallelize(w.fn, mesh=mesh, method=getattr(autoshard, mname)(),
-                                          cluster=cluster, batch_argnums=w.batch_argnums)
+                                          cluster=cluster, batch_argnums=w.batch_argnums,
+                                          donate_argnums=donate)
                 start = time.perf_counter()
                 plan = f.plan(*w.args)
                 row["planning_time_s"] = time.perf_counter() - start
@@ -219,9 +227,10 @@ def bench_workload_mesh(wname, w, mesh_name, clusters: dict, opts, timing: bool)
                 row["yardstick"] = _yardstick_fields(yardstick(compiled, shape, cluster))
                 found = plan.audit(compiled, text)
                 row["audit"] = {"ok": found.ok, "differences": list(found.differences)}
-                if timing and (mname != ILP or cname == CALIBRATED) and mname not in runnable:
+                if timing and program != ILP_DONATED and (mname != ILP or cname == CALIBRATED) \
+                        and mname not in runnable:
                     runnable[mname] = (f, _shardings(mesh, plan.in_specs))
-                _log(f"{wname} {mesh_name} {cname} {mname}: modelled "
+                _log(f"{wname} {mesh_name} {cname} {program}: modelled "
                      f"{plan.cost.program_s * 1e3:.3f} ms, yardstick "
                      f"{row['yardstick']['total_s'] * 1e3:.3f} ms, audit "
                      f"{'ok' if found.ok else len(found.differences)}")

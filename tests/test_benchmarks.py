@@ -31,6 +31,7 @@ def test_json_has_every_field(quick_run):
         CALIBRATED,
         CLUSTERS,
         ILP,
+        ILP_DONATED,
         MODELLED_FIELDS,
         PRESETS,
         ROW_FIELDS,
@@ -43,7 +44,7 @@ def test_json_has_every_field(quick_run):
     hand = ["hand:" + s for s in baselines.baseline_names("mlp_small", (8,))]
     for cluster in CLUSTERS + (CALIBRATED,):
         programs = sorted(r["program"] for r in rows if r["cluster"] == cluster)
-        assert programs == sorted(hand + [ILP, *PRESETS]), (cluster, programs)
+        assert programs == sorted(hand + [ILP, ILP_DONATED, *PRESETS]), (cluster, programs)
     for r in rows:
         assert set(ROW_FIELDS) <= set(r), set(ROW_FIELDS) - set(r)
         assert r["error"] is None, r["error"]
@@ -71,6 +72,8 @@ def test_markdown_states_goal_and_lists_rows(quick_run):
     # one headline row per cluster, and every program in the full table
     assert text.count("| mlp_small | 8 | host-cpu |") >= 2
     assert "| mlp_small | 8 | h100-80gb | hand:dp |" in text
+    assert "## Memory: the modelled peak against the compiled program" in text
+    assert "| mlp_small | 8 | host-cpu | ShardParallel, donated |" in text
 
 
 def test_collective_parser_handles_tuples_and_async():
