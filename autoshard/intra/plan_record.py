@@ -95,7 +95,9 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
                     bytes_accessed=float(sum(s.bytes_accessed for s in ops) + copies))
     top = sorted(((n, s) for n, s in zip(graph.nodes, chosen) if n.kind == "op"),
                  key=lambda ns: -ns[1].cost_s)[:20]
-    top_ops = tuple(OpCost(n.name, traced.sources[n.eqn], s.name, s.cost_s) for n, s in top)
+    scope = lambda e: traced.scopes[e] if e < len(traced.scopes) else ""  # noqa: E731
+    top_ops = tuple(OpCost(n.name, traced.sources[n.eqn], s.name, s.cost_s, scope(n.eqn))
+                    for n, s in top)
     solver = None if result is None else SolverInfo(
         status=result.status, objective_s=result.objective, lower_bound_s=result.lower_bound,
         gap=result.gap, solve_time_s=result.solve_time_s, num_nodes=len(grouping.roots),

@@ -46,6 +46,17 @@ def source_summary(source_info) -> str:
     return source_info_util.summarize(source_info)
 
 
+def name_stack(source_info) -> str:
+    """The module path an equation was traced under (jax's name stack, as flax and
+    ``jax.named_scope`` set it): ``"jvp(ResNet18)/Block_0/Conv_1"``."""
+    return str(source_info.name_stack)
+
+
+def join_scopes(outer: str, inner: str) -> str:
+    """The name stack of an equation inlined from a call made under ``outer``."""
+    return f"{outer}/{inner}" if outer and inner else outer or inner
+
+
 def bind(primitive: jcore.Primitive, params: dict, operands: Sequence) -> tuple:
     """Apply ``primitive`` with an equation's ``params`` to ``operands`` (values or tracers)
     and return its results as a tuple."""

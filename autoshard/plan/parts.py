@@ -135,12 +135,14 @@ class Collective:
 
 @dataclasses.dataclass(frozen=True)
 class OpCost:
-    """Per-device seconds the plan spends at one equation (compute + its collectives)."""
+    """Per-device seconds the plan spends at one equation (compute + its collectives);
+    ``scope``: the module path it was traced under (``"jvp(Model)/Dense_0"``), if any."""
 
     op: str
     source: str
     strategy: str
     seconds: float
+    scope: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,8 +22,9 @@ def plan_summary(plan, max_rows: int = 40) -> str:
     if plan.top_ops:
         lines.append("costliest ops:")
         for op in plan.top_ops[:10]:
+            where = f"{op.scope}  ({op.source})" if op.scope else op.source
             lines.append(f"  {format_seconds(op.seconds):>10}  {op.op:<24} {op.strategy:<28} "
-                         f"{op.source}")
+                         f"{where}")
     by_kind: dict[str, tuple[int, float]] = {}
     for col in plan.collectives:
         n, s = by_kind.get(col.kind, (0, 0.0))

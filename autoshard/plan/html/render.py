@@ -228,12 +228,14 @@ def _top_ops_section(plan) -> str:
     ops = list(plan.top_ops)[:20]
     if not ops:
         return ""
-    rows = "".join(f"<tr><td class='num'>{escape(format_seconds(op.seconds))}</td><td><code>{escape(op.op)}</code></td>"
+    rows = "".join(f"<tr><td class='num'>{escape(format_seconds(op.seconds))}</td>"
+                   f"<td><code>{escape(op.op)}</code></td>"
+                   f"<td><code>{escape(getattr(op, 'scope', ''))}</code></td>"
                    f"<td><code>{escape(op.strategy)}</code></td><td><code>{escape(op.source)}</code></td></tr>"
                    for op in ops)
     return (f"<details><summary><b>Costliest ops</b> <span class='as-n'>({len(ops)})</span></summary>"
-            f"<table><tr><th>seconds</th><th>op</th><th>strategy</th><th>source</th></tr>{rows}"
-            f"</table></details>")
+            f"<table><tr><th>seconds</th><th>op</th><th>module path</th><th>strategy</th>"
+            f"<th>source</th></tr>{rows}</table></details>")
 
 
 def _solver_section(plan) -> str:

@@ -1,0 +1,41 @@
+"""The tracer: every equation keeps where it came from, in user code and in the model's
+module tree (jax's name stack, which flax and ``jax.named_scope`` set)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import autoshard
+from autoshard.ir.trace import trace
+
+
+def _step(params, x):
+    def loss(p):
+        with jax.named_scope("encoder"):
+            with jax.named_scope("dense_0"):
+                h = jnp.tanh(x @ p["w0"])
+            h = jax.jit(lambda h, w: h @ w)(h, p["w1"])   # an inlined call keeps its scope
+        return jnp.mean(h ** 2)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(loss)(params))
+
+
+ARGS = ({"w0": jax.ShapeDtypeStruct((64, 256), jnp.float32),
+         "w1": jax.ShapeDtypeStruct((256, 64), jnp.float32)},
+        jax.ShapeDtypeStruct((32, 64), jnp.float32))
+
+
+def test_equations_keep_their_module_path():
+    traced = trace(_step, ARGS)
+    dots = [s for e, s in zip(traced.program.eqns, traced.scopes)
+            if e.primitive.name == "dot_general"]
+    assert len(traced.scopes) == len(traced.program.eqns)
+    # forward scopes under the differentiation: "jvp(encoder)/dense_0"
+    assert any(s == "jvp(encoder)/dense_0" for s in dots), dots
+    assert any("encoder" in s and "dense_0" not in s for s in dots), dots   # the jit's dot
+    assert any(s.startswith("transpose(") and "dense_0" in s for s in dots), dots  # backward
+
+
+def test_the_costliest_ops_are_named_by_module_path():
+    plan = autoshard.parallelize(_step, mesh=autoshard.abstract_mesh((8,), ("data",))).plan(*ARGS)
+    assert any("encoder" in op.scope for op in plan.top_ops)
+    assert "encoder" in plan.summary()
