@@ -13,7 +13,7 @@ from autoshard.distributed.agreement import check_same_plan
 from autoshard.intra.planner import plan_traced
 from autoshard.ir import hlo
 from autoshard.ir.fingerprint import check_fingerprint, fingerprint
-from autoshard.ir.trace import TracedFunction, trace
+from autoshard.ir.trace import TracedFunction, aval_struct, trace
 from autoshard.pipeline.planner import plan_pipeline_step
 from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
 from autoshard.pipeline.trace import flat_paths, infer_batch_argnums
@@ -115,9 +115,7 @@ class ParallelizedFunction:
             statics.append((i, args[i]))
         dyn = [a for i, a in enumerate(args) if i not in self._static_argnums]
         leaves, treedef = jax.tree_util.tree_flatten(dyn)
-        sig = tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__)))
-                    for x in leaves)
-        return (len(args), treedef, sig, tuple(statics))
+        return (len(args), treedef, tuple(_leaf_signature(x) for x in leaves), tuple(statics))
 
     def _flags(self, args) -> tuple[list[bool], list[bool]]:
         """Per flat input of ``args``: (holds the batch, is donated)."""
@@ -289,6 +287,16 @@ class ParallelizedFunction:
         flat = jax.tree_util.tree_leaves(dyn)
         outs = entry.program(flat)
         return jax.tree_util.tree_unflatten(entry.traced.out_tree, outs)
+
+
+def _leaf_signature(leaf) -> tuple:
+    """What a plan depends on of one argument leaf: shape, dtype and weak type (a Python
+    scalar is weakly typed, so ``int8 array * 3`` stays int8, as under jax.jit)."""
+    try:
+        aval = aval_struct(leaf)
+    except (TypeError, ValueError, OverflowError):  # not an array: trace() says so
+        return (type(leaf).__module__, type(leaf).__qualname__)
+    return (tuple(aval.shape), aval.dtype.name, bool(aval.weak_type))
 
 
 def _under_args(paths, argnums) -> list[bool]:

@@ -6,7 +6,7 @@ import hashlib
 
 from .jax_compat import threefry_partitionable
 from .program import Literal
-from .signature import aval_text, equation_signature
+from .signature import argument_text, equation_signature
 from .trace import TracedFunction
 
 
@@ -21,7 +21,7 @@ def fingerprint(traced: TracedFunction, static_repr: str, argument_avals=None) -
     digest = hashlib.sha256()
     for part in [str(traced.in_tree), str(traced.out_tree), static_repr]:
         digest.update(part.encode() + b"\0")
-    digest.update(";".join(aval_text(a) for a in argument_avals).encode())
+    digest.update(";".join(argument_text(a) for a in argument_avals).encode())
     if any(eqn.primitive.name == "random_bits" for eqn in program.eqns):
         # whether random bits may be split depends on this flag: a plan made under one
         # setting is priced for it

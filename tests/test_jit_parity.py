@@ -1,0 +1,89 @@
+"""parallelize(f)(*args, **kwargs) gives what jax.jit(f) gives: dtype (weak types included),
+shape and value; argument numbers and names are read and checked as jax.jit reads them."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import autoshard
+import autoshard.api
+
+
+@pytest.fixture(scope="module")
+def mesh8():
+    return autoshard.make_mesh((8,), ("data",))
+
+
+def assert_same_as_jit(got, want):
+    """Same tree, and per leaf the same shape, dtype, weak type and values."""
+    got_leaves, got_tree = jax.tree_util.tree_flatten(got)
+    want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+    assert got_tree == want_tree
+    for g, w in zip(got_leaves, want_leaves, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, g.dtype, w.shape, w.dtype)
+        assert bool(getattr(g, "weak_type", False)) == bool(getattr(w, "weak_type", False))
+        np.testing.assert_array_equal(np.asarray(g, dtype=np.float64) if g.dtype == jnp.bfloat16
+                                      else np.asarray(g),
+                                      np.asarray(w, dtype=np.float64) if w.dtype == jnp.bfloat16
+                                      else np.asarray(w))
+
+
+def count_plans(monkeypatch) -> list:
+    """Every plan_traced call made through parallelize from now on, appended to a list."""
+    calls = []
+    real = autoshard.api.plan_traced
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(autoshard.api, "plan_traced", counting)
+    return calls
+
+
+# ------------------------------------------------------------------ weak types
+def test_python_scalar_keeps_the_array_dtype(mesh8):
+    fn = lambda x, s: x * s  # noqa: E731
+    x = jnp.full((8,), 100, jnp.int8)
+    got = autoshard.parallelize(fn, mesh=mesh8)(x, 3)
+    assert got.dtype == jnp.int8
+    assert_same_as_jit(got, jax.jit(fn)(x, 3))   # int8 44: 300 wraps
+
+
+def test_float_learning_rate_keeps_bf16_params_and_plans_once(mesh8, monkeypatch):
+    def sgd(w, lr):
+        return jax.tree.map(lambda p: p - lr * p, w)
+
+    plans = count_plans(monkeypatch)
+    step = autoshard.parallelize(sgd, mesh=mesh8)
+    w = {"a": jnp.ones((16, 8), jnp.bfloat16), "b": jnp.ones((8,), jnp.bfloat16)}
+    w1 = step(w, 0.1)
+    assert_same_as_jit(w1, jax.jit(sgd)(w, 0.1))
+    step(w1, 0.1)   # the outputs feed the next call with the same signature
+    assert len(plans) == 1
+
+
+def test_weakly_typed_outputs_and_arrays(mesh8):
+    double = lambda s: s * 2  # noqa: E731
+    out = autoshard.parallelize(double, mesh=mesh8)(3)
+    assert_same_as_jit(out, jax.jit(double)(3))
+    assert out.weak_type
+    weak = jnp.asarray(2.0) * 1   # a weakly typed array, as jax makes from a Python float
+    assert weak.weak_type
+    mul = lambda x, s: x * s  # noqa: E731
+    x = jnp.ones((8,), jnp.float16)
+    step = autoshard.parallelize(mul, mesh=mesh8)
+    assert_same_as_jit(step(x, weak), jax.jit(mul)(x, weak))
+    strong = jnp.float32(2.0)
+    assert_same_as_jit(step(x, strong), jax.jit(mul)(x, strong))   # float32: another plan
+
+
+def test_shape_dtype_struct_weak_type_is_planned_as_given():
+    mesh = autoshard.abstract_mesh((8,), ("data",))
+    step = autoshard.parallelize(lambda x, s: x * s, mesh=mesh)
+    x = jax.ShapeDtypeStruct((8,), jnp.int8)
+    weak = step.plan(x, jax.ShapeDtypeStruct((), jnp.int32, weak_type=True))
+    strong = step.plan(x, jax.ShapeDtypeStruct((), jnp.int32))
+    assert weak.fingerprint == step.plan(x, 3).fingerprint != strong.fingerprint
