@@ -12,7 +12,7 @@ import numpy as np
 from autoshard.distributed.agreement import check_same_plan
 from autoshard.intra.planner import plan_traced
 from autoshard.ir import hlo
-from autoshard.ir.fingerprint import check_fingerprint, fingerprint
+from autoshard.ir.fingerprint import check_fingerprint, fingerprint, statics_text
 from autoshard.ir.trace import TracedFunction, aval_struct, trace
 from autoshard.pipeline.planner import plan_pipeline_step
 from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
@@ -133,7 +133,7 @@ class ParallelizedFunction:
         key = self._key(args)
         entry = self._cache.get(key)
         if entry is None:
-            statics = repr(key[3])
+            statics = statics_text(key[3])
             if isinstance(self._method, PipeshardParallel):
                 entry = self._plan_pipeline(args, statics)
             else:

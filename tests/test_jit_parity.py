@@ -87,3 +87,79 @@ def test_shape_dtype_struct_weak_type_is_planned_as_given():
     weak = step.plan(x, jax.ShapeDtypeStruct((), jnp.int32, weak_type=True))
     strong = step.plan(x, jax.ShapeDtypeStruct((), jnp.int32))
     assert weak.fingerprint == step.plan(x, 3).fingerprint != strong.fingerprint
+
+
+# ------------------------------------------------------------------ static arguments
+_STATIC_PROGRAM = """
+import functools, sys
+import jax, jax.numpy as jnp
+import autoshard
+
+class Scaled:                      # an object whose repr holds its address
+    def __init__(self, k):
+        self.k = k
+    def __call__(self, x):
+        return x * self.k
+    def __hash__(self):
+        return hash(self.k)
+    def __eq__(self, other):
+        return isinstance(other, Scaled) and other.k == self.k
+
+def step(x, act, post, names, gelu):
+    return post(gelu(act(x))) * len(names)
+
+mesh = autoshard.abstract_mesh((8,), ("data",))
+fn = autoshard.parallelize(step, mesh=mesh, static_argnums=(1, 2, 3, 4),
+                           method=autoshard.DataParallel())
+plan = fn.plan(jax.ShapeDtypeStruct((16, 8), jnp.float32), jax.nn.relu, Scaled(2),
+               frozenset({"alpha", "beta", "gamma", "delta", "epsilon"}),
+               functools.partial(jax.nn.gelu, approximate=False))
+print(plan.fingerprint, autoshard.plan_digest(plan))
+"""
+
+
+def test_static_functions_and_objects_fingerprint_alike_in_every_process():
+    """Functions, objects, sets and partials passed as static arguments: two processes
+    with different hash seeds (and memory layouts) make the same fingerprint and digest."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    outs = []
+    procs = [subprocess.Popen([sys.executable, "-c", _STATIC_PROGRAM], cwd=repo, text=True,
+                              env=dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for seed in ("1", "2")]
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=240)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out.split())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert outs[0] == outs[1]
+
+
+def test_static_identity_tells_values_apart_and_ignores_addresses():
+    import functools
+
+    from autoshard.ir.fingerprint import static_identity
+
+    class Scaled:
+        def __init__(self, k):
+            self.k = k
+
+    assert static_identity(Scaled(2)) == static_identity(Scaled(2)) != static_identity(Scaled(3))
+    assert "0x" not in static_identity(Scaled(2))
+    assert static_identity(jax.nn.relu) != static_identity(jax.nn.gelu)
+    assert "0x" not in static_identity(jax.nn.relu)
+    assert static_identity(functools.partial(jax.nn.gelu, approximate=True)) != \
+        static_identity(functools.partial(jax.nn.gelu, approximate=False))
+    assert static_identity({"b", "a"}) == static_identity({"a", "b"})
+    assert static_identity(1) != static_identity(1.0) != static_identity("1")
+    first = lambda x: x  # noqa: E731
+    second = lambda x: x + 1  # noqa: E731
+    assert static_identity(first) != static_identity(second)   # by their lines
