@@ -163,3 +163,107 @@ def test_static_identity_tells_values_apart_and_ignores_addresses():
     first = lambda x: x  # noqa: E731
     second = lambda x: x + 1  # noqa: E731
     assert static_identity(first) != static_identity(second)   # by their lines
+
+
+# ------------------------------------------------------------------ argument numbers and names
+def _three(x, y, z):
+    return x + y * z
+
+
+@pytest.mark.parametrize("setting", [
+    dict(static_argnums=3), dict(static_argnums=-4), dict(donate_argnums=(0, 5)),
+    dict(batch_argnums=3), dict(batch_argnums=-7), dict(static_argnames="w"),
+    dict(donate_argnames=("x", "nope")),
+])
+def test_out_of_range_argument_numbers_and_unknown_names_raise(setting):
+    with pytest.raises(ValueError) as info:
+        autoshard.parallelize(_three, **setting)
+    message = str(info.value)
+    assert next(iter(setting)) in message and "_three" in message
+    with pytest.raises(ValueError):   # as jax.jit does
+        jax.jit(_three, **{k: v for k, v in setting.items() if k != "batch_argnums"}
+                or dict(static_argnums=3))
+
+
+def test_static_and_donated_together_raise():
+    with pytest.raises(ValueError, match="both static and donated"):
+        autoshard.parallelize(_three, static_argnums=1, donate_argnames="y")
+    with pytest.raises(ValueError, match="both static and batch"):
+        autoshard.parallelize(_three, static_argnums=2, batch_argnums=-1)
+
+
+def test_negative_numbers_count_from_the_last_parameter(mesh8, monkeypatch):
+    fn = lambda x, n: x * n  # noqa: E731
+    step = autoshard.parallelize(fn, mesh=mesh8, static_argnums=-1)
+    x = jnp.arange(8.0)
+    assert_same_as_jit(step(x, 3), jax.jit(fn, static_argnums=-1)(x, 3))
+    assert step.plan(x, 3).in_specs[1] is None   # static: no spec
+    plans = count_plans(monkeypatch)
+    step(x, 4)   # another static value: another plan
+    assert len(plans) == 1
+
+
+def test_varargs_functions_check_numbers_per_call(mesh8):
+    step = autoshard.parallelize(lambda *a: a[0] * a[1], mesh=mesh8, donate_argnums=2)
+    with pytest.raises(ValueError, match="donate_argnums names argument 2 but .* called with "
+                                         "2 positional arguments"):
+        step(jnp.ones(8), 2.0)
+
+
+def test_keyword_arguments_in_calls(mesh8):
+    def step(params, batch, scale=2.0):
+        return jax.tree.map(lambda p: p * scale, params), (batch * params["w"]).sum()
+
+    fn = autoshard.parallelize(step, mesh=mesh8)
+    params, batch = {"w": jnp.arange(32.0).reshape(8, 4)}, jnp.ones((8, 4))
+    assert_same_as_jit(fn(params, batch=batch), jax.jit(step)(params, batch=batch))
+    assert_same_as_jit(fn(params, batch, scale=3.0), jax.jit(step)(params, batch, scale=3.0))
+    assert_same_as_jit(fn(batch=batch, params=params), jax.jit(step)(batch=batch, params=params))
+    # keyword arguments follow the positional ones, in name order, as jax.jit orders them
+    assert fn.plan(params, batch=batch).in_paths == ("args[0]['w']", "args[1]")
+    with pytest.raises(TypeError, match="multiple values for argument 'batch'"):
+        fn(params, batch, batch=batch)
+
+
+def test_static_and_donate_argnames(mesh8):
+    def fn(x, *, power, y):
+        return x ** power + y
+
+    step = autoshard.parallelize(fn, mesh=mesh8, static_argnames="power", donate_argnames="y")
+    x = jnp.arange(8.0)
+    y = step(x, power=2, y=jnp.ones(8))       # y is placed on the mesh by this first call
+    assert_same_as_jit(step(x, power=3, y=jnp.ones(8)),
+                       jax.jit(fn, static_argnames="power")(x, power=3, y=jnp.ones(8)))
+    out = step(x, power=2, y=y)
+    assert y.is_deleted()                      # donated, as under jax.jit
+    assert_same_as_jit(out, x ** 2 + x ** 2 + 1)
+    assert "donor" in step.lower(x, power=2, y=out).as_text() or \
+        "aliasing_output" in step.lower(x, power=2, y=out).as_text()
+
+
+def test_static_argnums_apply_to_the_same_argument_passed_by_keyword(mesh8):
+    fn = lambda x, n: x * n  # noqa: E731
+    step = autoshard.parallelize(fn, mesh=mesh8, static_argnums=1)
+    x = jnp.arange(8.0)
+    assert_same_as_jit(step(x, n=3), jax.jit(fn, static_argnums=1)(x, n=3))
+    assert step.plan(x, n=3).in_specs[1] is None
+
+
+def test_default_mesh_touches_no_devices_until_the_first_call():
+    """A module-level @parallelize runs before jax.distributed.initialize(): deciding the
+    default mesh there would start the backends with the wrong process count."""
+    import os
+    import subprocess
+    import sys
+    code = ("import jax, jax.numpy as jnp, autoshard\n"
+            "from jax._src import xla_bridge\n"
+            "step = autoshard.parallelize(lambda x: x * 2)\n"
+            "repr(step)\n"
+            "assert not xla_bridge.backends_are_initialized(), 'backends started'\n"
+            "print(step(jnp.ones(8)).sum(), step)\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "16.0" in done.stdout and "{'devices': 4}" in done.stdout
