@@ -2,6 +2,8 @@
 shape and value; argument numbers and names are read and checked as jax.jit reads them."""
 from __future__ import annotations
 
+import random
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -267,3 +269,111 @@ def test_default_mesh_touches_no_devices_until_the_first_call():
                           timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "16.0" in done.stdout and "{'devices': 4}" in done.stdout
+
+
+# ------------------------------------------------------------------ seeded fuzz against jax.jit
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int8, jnp.int32, jnp.uint8, jnp.bool_)
+_SHAPES = ((), (8,), (16,), (8, 4), (2, 8))
+_ROLES = ("array", "array", "scalar", "tree", "static", "donated")
+_PARAMS = ("a", "b", "c", "d", "e")
+_TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2,
+              jnp.dtype(jnp.float16): 2e-3}
+
+
+def _random_array(rng: np.random.Generator, dtype, shape):
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bool_:
+        return jnp.asarray(rng.random(shape) < 0.5)
+    if jnp.issubdtype(dtype, jnp.integer):
+        info = jnp.iinfo(dtype)
+        return jnp.asarray(rng.integers(max(info.min, -100), min(info.max, 100), shape), dtype)
+    return jnp.asarray(rng.normal(size=shape), dtype)
+
+
+def _leaf_op(x, s, k: int, act):
+    """A few dtype-respecting ops on one array leaf, with the traced scalar ``s`` (often a
+    weakly typed Python number) and static values ``k`` and ``act``."""
+    if x.dtype == jnp.bool_:
+        return [jnp.logical_not(x), x & (s > 0), x.sum(dtype=jnp.int32) if x.ndim else x][k % 3]
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return [x * s + 3, x * k, jnp.abs(x).sum(axis=-1) if x.ndim else x - s][k % 3]
+    return [act(x) * s + 1.0, x * k - s, x.sum(axis=0) * s if x.ndim else act(x)][k % 3]
+
+
+def _fuzz_case(seed: int):
+    """A random small function over five parameters a..e, its arguments (some passed by
+    keyword), and its static / donated settings given by number or by name."""
+    r = random.Random(seed)
+    rng = np.random.default_rng(seed)
+    roles = [r.choice(_ROLES) for _ in _PARAMS]
+    values, statics, donated = {}, [], []
+    for name, role in zip(_PARAMS, roles):
+        if role == "scalar":
+            values[name] = r.choice([3, -2, 0.5, 1.5, True, 7])
+        elif role == "tree":
+            values[name] = {"w": _random_array(rng, r.choice(_DTYPES), r.choice(_SHAPES)),
+                            "none": None,
+                            "pair": (_random_array(rng, r.choice(_DTYPES), r.choice(_SHAPES)),
+                                     r.choice([2, 0.25]))}
+        elif role == "static":
+            values[name] = r.choice([2, 3, jnp.tanh, jax.nn.relu, "sin"])
+            statics.append(name)
+        else:
+            values[name] = _random_array(rng, r.choice(_DTYPES), r.choice(_SHAPES))
+            if role == "donated":
+                donated.append(name)
+    with_const = r.random() < 0.3
+
+    def fn(a, b, c, d, e):
+        given = dict(zip(_PARAMS, (a, b, c, d, e)))
+        k = next((v for n, v in given.items() if n in statics and isinstance(v, int)), 1)
+        act = next((v for n, v in given.items() if n in statics and callable(v)), jnp.sin)
+        scalars = [v for n, v in given.items() if roles[_PARAMS.index(n)] == "scalar"]
+        s = scalars[0] if scalars else 2
+        out = {}
+        for name, value in given.items():
+            if name in statics:
+                continue
+            leaves = jax.tree_util.tree_leaves(value)
+            out[name] = [_leaf_op(jnp.asarray(x), s, k + i, act) if hasattr(x, "dtype")
+                         else x * s for i, x in enumerate(leaves)]
+        return out, None, (7 if with_const else s)
+
+    positional = r.randint(1, len(_PARAMS))
+    args = tuple(values[n] for n in _PARAMS[:positional])
+    kwargs = {n: values[n] for n in r.sample(_PARAMS[positional:], len(_PARAMS) - positional)}
+    by_name = r.random() < 0.5
+    static = dict(static_argnames=tuple(statics)) if by_name else \
+        dict(static_argnums=tuple(_PARAMS.index(n) for n in statics))
+    donate = dict(donate_argnames=tuple(donated)) if not by_name else \
+        dict(donate_argnums=tuple(_PARAMS.index(n) for n in donated))
+    static, donate = ({k: v for k, v in d.items() if v} for d in (static, donate))
+    return fn, args, kwargs, static, donate, f"roles={roles}, positional={positional}"
+
+
+def _assert_close_to_jit(got, want, what: str):
+    got_leaves, got_tree = jax.tree_util.tree_flatten(got)
+    want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+    assert got_tree == want_tree, what
+    for g, w in zip(got_leaves, want_leaves, strict=True):
+        assert (g.shape, g.dtype) == (w.shape, w.dtype), what
+        assert bool(getattr(g, "weak_type", False)) == bool(getattr(w, "weak_type", False)), what
+        tolerance = _TOLERANCE.get(jnp.dtype(w.dtype))
+        if tolerance is None:   # integers and bools: exact (a sharded sum wraps alike)
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=what)
+        else:
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                       rtol=tolerance, atol=tolerance, err_msg=what)
+
+
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+@pytest.mark.parametrize("seed", range(40))
+def test_random_functions_match_jax_jit(mesh8, seed):
+    fn, args, kwargs, static, donate, what = _fuzz_case(seed)
+    want = jax.jit(fn, **static)(*args, **kwargs)
+    step = autoshard.parallelize(fn, mesh=mesh8, method=autoshard.ShardParallel(time_limit_s=2),
+                                 **static, **donate)
+    fresh = jax.tree.map(lambda x: jnp.array(x) if isinstance(x, jax.Array) else x,
+                         (args, kwargs))
+    got = step(*fresh[0], **fresh[1])
+    _assert_close_to_jit(got, want, f"seed {seed}: {what}, {static}, {donate}")
