@@ -19,6 +19,7 @@ from autoshard.pipeline.planner import plan_pipeline_step
 from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
 from autoshard.pipeline.trace import flat_paths, infer_batch_argnums
 from autoshard.plan.audit import Audit
+from autoshard.plan.checks import specs_misfit
 from autoshard.plan.record import Plan
 
 from .cost_model import Cluster, format_bytes, parse_bytes
@@ -233,18 +234,12 @@ class ParallelizedFunction:
                 f"inputs and {len(plan.flat_out_specs)} outputs but the function has "
                 f"{len(program.invars)} and {len(program.outvars)}: it was made for another "
                 f"function")
-        for vid, spec in plan.value_specs:
-            if not 0 <= vid < len(program.avals) or len(spec) > len(program.avals[vid].shape):
-                raise ValueError(
-                    f"the plan passed to parallelize(plan=...) pins value {vid} to {spec}, "
-                    f"which this function does not have: it was made for another function "
-                    f"with the same signature")
-        for eqn, _, _ in plan.operand_specs:
-            if not 0 <= eqn < len(program.eqns):
-                raise ValueError(
-                    f"the plan passed to parallelize(plan=...) reshards an operand of "
-                    f"equation {eqn}, but this function has {len(program.eqns)} equations: "
-                    f"it was made for another function with the same signature")
+        misfit = specs_misfit(program, plan.flat_in_specs, plan.flat_out_specs,
+                              plan.value_specs, plan.operand_specs)
+        if misfit is not None:
+            raise ValueError(f"the plan passed to parallelize(plan=...) {misfit}: it was made "
+                             f"for another function with the same signature (or the file was "
+                             f"edited); leave plan out to plan again")
         return plan
 
     def _shard(self, entry: _Compiled) -> ShardedProgram:
