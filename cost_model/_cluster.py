@@ -9,6 +9,8 @@ import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._files import write_text_atomically
+
 COLLECTIVES: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
 
 
@@ -171,6 +173,11 @@ class Cluster:
         if self.reduce_scatter_as_all_reduce:  # likewise only when set
             data["reduce_scatter_as_all_reduce"] = True
         return json.dumps(data, indent=2)
+
+    def save(self, path) -> None:
+        """Write :meth:`to_json` to ``path`` whole (a temporary file, then ``os.replace``):
+        readers and other writers never see half a file."""
+        write_text_atomically(path, self.to_json() + "\n")
 
     @classmethod
     def from_json(cls, text: str) -> Cluster:

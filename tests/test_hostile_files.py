@@ -249,3 +249,66 @@ def test_cli_refuses_hostile_cluster_files_in_one_line(tmp_path, capsys, case):
     line = _one_line_error(capsys, ["plan", "examples.models:mlp", "--mesh", "2",
                                     "--cluster", str(path)])
     assert "bad cluster file" in line and field in line
+
+
+# ------------------------------------------------------------------ files written whole
+def _race(write, path, texts, rounds: int = 40) -> set:
+    """Two writer threads write their text to ``path`` ``rounds`` times while the main
+    thread reads it; what the reader saw (and the last content) is returned."""
+    import threading
+    seen = set()
+    writers = [threading.Thread(target=lambda t=t: [write(path, t) for _ in range(rounds)])
+               for t in texts]
+    for w in writers:
+        w.start()
+    while any(w.is_alive() for w in writers):
+        try:
+            seen.add(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            pass
+    seen.add(path.read_text(encoding="utf-8"))
+    return seen
+
+
+@pytest.mark.parametrize("writer", ["cli", "cluster", "plan", "html"])
+def test_files_are_written_whole(base_plan, tmp_path, writer):
+    """Readers and a second writer never see half a file (nor an empty one)."""
+    from autoshard.cli.arguments import write_text
+    path = tmp_path / "out.json"
+    if writer == "cli":
+        texts = ["A" * 3_000_000, "B" * 2_000_000]
+        write = lambda p, t: write_text(str(p), t, "plan file")  # noqa: E731
+        expected = {t + "\n" for t in texts}
+    elif writer == "cluster":
+        clusters = [dataclasses.replace(autoshard.cluster_preset("a100-80gb"), name="c" * n)
+                    for n in (2_000_000, 1_000_000)]
+        texts, write = clusters, (lambda p, c: c.save(p))
+        expected = {c.to_json() + "\n" for c in clusters}
+    else:
+        plans = [base_plan, dataclasses.replace(base_plan, warnings=("w" * 2_000_000,))]
+        texts = plans
+        write = (lambda p, plan: plan.save(p)) if writer == "plan" else \
+            (lambda p, plan: plan.save_html(p))
+        expected = None
+    seen = _race(write, path, texts)
+    if expected is None:   # plan files load, HTML pages end as pages end
+        if writer == "plan":
+            for text in seen:
+                Plan.from_json(text)
+        else:
+            assert all(text.rstrip().endswith("</html>") for text in seen)
+        assert len(seen) <= 2
+    else:
+        assert seen <= expected, sorted(len(t) for t in seen)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]   # no temporary left
+
+
+def test_saved_files_keep_ordinary_permissions(tmp_path):
+    import os
+    import stat
+    path = tmp_path / "cluster.json"
+    autoshard.cluster_preset("h100-80gb").save(path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask
+    assert autoshard.Cluster.from_json(path.read_text()) == autoshard.cluster_preset("h100-80gb")

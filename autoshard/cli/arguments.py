@@ -5,7 +5,13 @@ from __future__ import annotations
 import os
 import re
 
-from autoshard.cost_model import CLUSTER_PRESETS, Cluster, cluster_preset, parse_bytes
+from autoshard.cost_model import (
+    CLUSTER_PRESETS,
+    Cluster,
+    cluster_preset,
+    parse_bytes,
+    write_text_atomically,
+)
 
 
 class CliError(Exception):
@@ -94,8 +100,8 @@ def load_plan(path: str):
 
 
 def write_text(path: str, text: str, what: str) -> None:
+    """Write ``text`` to ``path`` whole (see ``cost_model.write_text_atomically``)."""
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        write_text_atomically(path, text + "\n")
     except OSError as err:
         raise CliError(f"cannot write {what} {path!r}: {err.strerror or one_line(err)}") from err
