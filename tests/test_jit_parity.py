@@ -377,3 +377,25 @@ def test_random_functions_match_jax_jit(mesh8, seed):
                          (args, kwargs))
     got = step(*fresh[0], **fresh[1])
     _assert_close_to_jit(got, want, f"seed {seed}: {what}, {static}, {donate}")
+
+
+def test_keyword_arguments_reach_a_pipeline(mesh8):
+    """PipeshardParallel: the batch passed by keyword is split into micro-batches, and a
+    keyword learning rate stays a weak scalar."""
+    def loss(params, x):
+        return jnp.mean((jnp.tanh(x @ params["w1"]) @ params["w2"]) ** 2)
+
+    def step(params, batch, lr=0.1):
+        value, grads = autoshard.value_and_grad(loss)(params, batch)
+        return jax.tree.map(lambda p, g: p - lr * g, params, grads), value
+
+    params = {"w1": jnp.full((16, 32), 0.1), "w2": jnp.full((32, 8), 0.1)}
+    batch = jnp.arange(256.0).reshape(16, 16) / 256
+    method = autoshard.PipeshardParallel(num_microbatches=2, num_stages=2, num_layers=2)
+    fn = autoshard.parallelize(step, mesh=mesh8, method=method, batch_argnums=1)
+    for args, kwargs in [((params,), dict(batch=batch)), ((params, batch), dict(lr=0.5))]:
+        got, want = fn(*args, **kwargs), jax.jit(step)(*args, **kwargs)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert len(fn.plan(params, batch=batch).stages) == 2
