@@ -17,7 +17,7 @@ T = TypeVar("T")
 #: how often the waiting thread wakes (seconds); signals arrive between waits anyway
 _POLL_S = 0.1
 #: how long to wait for a solver told to stop before giving up on it (seconds)
-STOP_WAIT_S = 1.5
+STOP_WAIT_S = 1.0
 
 
 def run_interruptibly(solve: Callable[[], T], stop: Callable[[], None]) -> T:
