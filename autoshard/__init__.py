@@ -35,6 +35,7 @@ _EXPORTS = {
     "InfeasiblePlanError": "autoshard.errors",
     "PlanFormatError": "autoshard.errors",
     "PlanMismatchError": "autoshard.errors",
+    "AgreementTimeoutError": "autoshard.errors",
     "Cluster": "autoshard.cost_model",
     "CLUSTER_PRESETS": "autoshard.cost_model",
     "cluster_preset": "autoshard.cost_model",

@@ -12,12 +12,14 @@ import numpy as np
 from autoshard.distributed.agreement import check_same_plan
 from autoshard.intra.planner import plan_traced
 from autoshard.ir import hlo
-from autoshard.ir.fingerprint import check_fingerprint, fingerprint
-from autoshard.ir.trace import TracedFunction, trace
+from autoshard.ir.call import BoundCall, argument_roles, bind_call
+from autoshard.ir.fingerprint import check_fingerprint, fingerprint, statics_text
+from autoshard.ir.trace import TracedFunction, aval_struct, trace
 from autoshard.pipeline.planner import plan_pipeline_step
 from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
 from autoshard.pipeline.trace import flat_paths, infer_batch_argnums
 from autoshard.plan.audit import Audit
+from autoshard.plan.checks import specs_misfit
 from autoshard.plan.record import Plan
 
 from .cost_model import Cluster, format_bytes, parse_bytes
@@ -27,17 +29,6 @@ from .methods import METHODS, PipeshardParallel, ShardParallel
 from .runtime import ShardedProgram, shard_program
 
 
-def _normalize_argnums(argnums, name) -> tuple[int, ...]:
-    if argnums is None:
-        return ()
-    if isinstance(argnums, int):
-        argnums = (argnums,)
-    argnums = tuple(argnums)
-    if not all(isinstance(a, int) for a in argnums):
-        raise TypeError(f"{name} must be an int or a sequence of ints, got {argnums!r}")
-    return argnums
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Compiled:
     traced: TracedFunction
@@ -45,18 +36,32 @@ class _Compiled:
     program: ShardedProgram | None  # None until first run (planning needs no devices)
     agreed: bool = False  # multi-process: every process was found to hold this plan
     pipeline: object = None  # PipelineLayout for PipeshardParallel plans
+    donate: tuple[int, ...] = ()  # donated arguments among the call's (BoundCall.donate)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Placement:
+    """Where a function runs and how plans are priced: resolved at the first call (or
+    ``.plan``) when no mesh was given, so decorating touches no devices."""
+
+    mesh: object
+    mesh_shape: tuple[int, ...]
+    axis_names: tuple[str, ...]
+    cluster: Cluster
+    memory_budget: int | None
 
 
 class ParallelizedFunction:
     """A function parallelized over a mesh; call it like the original.
 
-    Plans once per input signature (tree structure, shapes, dtypes, static
-    arguments) and caches the plan and the compiled executable.
+    Plans once per input signature (tree structure, shapes, dtypes, weak types, static
+    arguments, keyword names) and caches the plan and the compiled executable.
     """
 
     def __init__(self, fun: Callable, *, mesh=None, method=None, cluster: Cluster | None = None,
                  memory_budget: int | str | None = None, batch_argnums=None,
-                 static_argnums=(), donate_argnums=(), plan: Plan | None = None):
+                 static_argnums=None, donate_argnums=None, static_argnames=None,
+                 donate_argnames=None, plan: Plan | None = None):
         if not callable(fun):
             raise TypeError(f"parallelize expects a callable, got {type(fun).__name__}")
         method_given = method is not None
@@ -68,22 +73,19 @@ class ParallelizedFunction:
                 names = ", ".join(f"autoshard.{m.__name__}()" for m in METHODS)
                 raise TypeError(f"method must be one of {names}; got {method!r}")
         self._fun = fun
-        self._mesh = mesh if mesh is not None else make_mesh((jax.device_count(),), ("devices",))
-        self._mesh_shape, self._axis_names = mesh_axes(self._mesh)
         self._method = method
-        self._cluster = cluster if cluster is not None else default_cluster(self._mesh)
-        self._memory_budget = parse_bytes(memory_budget) if memory_budget is not None else \
-            _default_budget(self._cluster)
-        self._batch_argnums = _normalize_argnums(batch_argnums, "batch_argnums") \
-            if batch_argnums is not None else None
-        self._static_argnums = _normalize_argnums(static_argnums, "static_argnums")
-        self._donate_argnums = _normalize_argnums(donate_argnums, "donate_argnums")
-        overlap = set(self._static_argnums) & set(self._donate_argnums)
-        if overlap:
-            raise ValueError(f"arguments {sorted(overlap)} are both static and donated")
+        self._roles = argument_roles(
+            fun, static_argnums=static_argnums, static_argnames=static_argnames,
+            donate_argnums=donate_argnums, donate_argnames=donate_argnames,
+            batch_argnums=batch_argnums)
+        self._mesh_arg, self._cluster_arg = mesh, cluster
+        self._budget_arg = parse_bytes(memory_budget) if memory_budget is not None else None
+        self._placement: _Placement | None = None
         if plan is not None:
-            _check_fixed_plan(plan, self._mesh_shape, self._axis_names,
-                              method if method_given else None)
+            if not isinstance(plan, Plan):
+                raise TypeError(f"plan must be an autoshard.Plan (e.g. "
+                                f"autoshard.Plan.from_json(text)), got {type(plan).__name__}")
+            _check_plan_method(plan, method if method_given else None)
             if isinstance(plan.method, PipeshardParallel):
                 # the pipeline's micro-batches, schedule and layering come from the plan
                 if method_given and method != plan.method:
@@ -93,89 +95,117 @@ class ParallelizedFunction:
                         f"(leave method out to reuse the plan as it is)")
                 self._method = plan.method
         self._fixed_plan = plan
+        if mesh is not None:  # a given mesh is checked now; the default waits for a call
+            self._resolve()
         self._cache: dict = {}
         functools.update_wrapper(self, fun)
 
+    def _resolve(self) -> _Placement:
+        """The mesh (default: all devices, one axis), cluster and budget, made once."""
+        if self._placement is None:
+            mesh = self._mesh_arg if self._mesh_arg is not None else \
+                make_mesh((jax.device_count(),), ("devices",))
+            shape, names = mesh_axes(mesh)
+            cluster = self._cluster_arg if self._cluster_arg is not None else \
+                default_cluster(mesh)
+            budget = self._budget_arg if self._budget_arg is not None else \
+                _default_budget(cluster)
+            if self._fixed_plan is not None:
+                _check_plan_mesh(self._fixed_plan, shape, names)
+            self._placement = _Placement(mesh, shape, names, cluster, budget)
+        return self._placement
+
     def __repr__(self):
+        if self._placement is None:
+            mesh = "all devices (resolved at the first call)"
+        else:
+            mesh = dict(zip(self._placement.axis_names, self._placement.mesh_shape))
         return (f"ParallelizedFunction({getattr(self._fun, '__name__', self._fun)!r}, "
-                f"mesh={dict(zip(self._axis_names, self._mesh_shape))}, method={self._method!r})")
+                f"mesh={mesh}, method={self._method!r})")
 
     # ------------------------------------------------------------ signature
-    def _key(self, args) -> Any:
-        statics = []
-        for i in self._static_argnums:
-            if i >= len(args):
-                raise ValueError(f"static_argnums names argument {i} but only "
-                                 f"{len(args)} were passed")
-            try:
-                hash(args[i])
-            except TypeError:
-                raise TypeError(f"static argument {i} must be hashable, got "
-                                f"{type(args[i]).__name__}") from None
-            statics.append((i, args[i]))
-        dyn = [a for i, a in enumerate(args) if i not in self._static_argnums]
-        leaves, treedef = jax.tree_util.tree_flatten(dyn)
-        sig = tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__)))
-                    for x in leaves)
-        return (len(args), treedef, sig, tuple(statics))
+    def _bind(self, args, kwargs) -> BoundCall:
+        """The call laid out positionally, with its static/donated/batch positions."""
+        return bind_call(self._fun, self._roles, tuple(args), dict(kwargs))
 
-    def _flags(self, args) -> tuple[list[bool], list[bool]]:
-        """Per flat input of ``args``: (holds the batch, is donated)."""
-        _, paths, _ = flat_paths(args, self._static_argnums)
-        batch = self._batch_argnums
+    def _key(self, call: BoundCall) -> Any:
+        statics = []
+        for i in call.static:
+            value = call.args[i]
+            try:
+                hash(value)
+            except TypeError:
+                where = f"argument {i}" if i < call.num_positional else \
+                    f"keyword argument {call.keywords[i - call.num_positional]!r}"
+                raise TypeError(f"static {where} must be hashable, got "
+                                f"{type(value).__name__}") from None
+            statics.append((i, value))
+        dyn = [a for i, a in enumerate(call.args) if i not in call.static]
+        leaves, treedef = jax.tree_util.tree_flatten(dyn)
+        return (len(call.args), call.keywords, treedef,
+                tuple(_leaf_signature(x) for x in leaves), tuple(statics))
+
+    def _flags(self, call: BoundCall) -> tuple[list[bool], list[bool]]:
+        """Per flat input of the call: (holds the batch, is donated)."""
+        args = call.args
+        _, paths, _ = flat_paths(args, call.static)
+        batch = call.batch
         if batch is None:
-            dyn = [i for i in range(len(args)) if i not in self._static_argnums]
+            dyn = [i for i in range(len(args)) if i not in call.static]
             batch = (dyn[-1],) if dyn else ()
             if batch and isinstance(self._method, PipeshardParallel):
                 # x and y of step(params, opt_state, x, y): see PipeshardParallel
-                batch = infer_batch_argnums(self._fun, args, self._static_argnums, batch[0])
-        return _under_args(paths, batch), _under_args(paths, self._donate_argnums)
+                batch = infer_batch_argnums(call.fun, args, call.static, batch[0])
+        return _under_args(paths, batch), _under_args(paths, call.donate)
 
-    def _compiled(self, args, need_program: bool) -> _Compiled:
-        key = self._key(args)
+    def _compiled(self, call: BoundCall, need_program: bool) -> _Compiled:
+        key = self._key(call)
         entry = self._cache.get(key)
         if entry is None:
-            statics = repr(key[3])
+            statics = statics_text(key[-1])
             if isinstance(self._method, PipeshardParallel):
-                entry = self._plan_pipeline(args, statics)
+                entry = self._plan_pipeline(call, statics)
             else:
-                entry = self._plan(args, statics)
+                entry = self._plan(call, statics)
+            entry = dataclasses.replace(entry, donate=call.donate)
             self._cache[key] = entry
         if need_program and entry.program is None:
             entry = dataclasses.replace(entry, program=self._shard(entry))
             self._cache[key] = entry
         return entry
 
-    def _plan(self, args, statics: str) -> _Compiled:
-        traced = trace(self._fun, args, self._static_argnums)
+    def _plan(self, call: BoundCall, statics: str) -> _Compiled:
+        where = self._resolve()
+        traced = trace(call.fun, call.args, call.static)
         if self._fixed_plan is not None:  # a saved plan: check it, don't solve
             return _Compiled(traced, self._reuse_plan(traced, statics), None)
-        batch, donated = self._flags(args)
-        plan = plan_traced(traced, mesh_shape=self._mesh_shape, axis_names=self._axis_names,
-                           cluster=self._cluster, method=self._method, batch_flat=batch,
+        batch, donated = self._flags(call)
+        plan = plan_traced(traced, mesh_shape=where.mesh_shape, axis_names=where.axis_names,
+                           cluster=where.cluster, method=self._method, batch_flat=batch,
                            static_repr=statics, donated_flat=donated,
-                           memory_budget=self._memory_budget
+                           memory_budget=where.memory_budget
                            if isinstance(self._method, ShardParallel) else None)
         self._check_budget(plan)
         return _Compiled(traced, plan, None)
 
-    def _plan_pipeline(self, args, statics: str) -> _Compiled:
-        batch, donated = self._flags(args)
+    def _plan_pipeline(self, call: BoundCall, statics: str) -> _Compiled:
+        where = self._resolve()
+        batch, donated = self._flags(call)
         devices = None
-        if isinstance(self._mesh, jax.sharding.Mesh):
-            devices = [d.id for d in np.asarray(self._mesh.devices).reshape(-1)]
+        if isinstance(where.mesh, jax.sharding.Mesh):
+            devices = [d.id for d in np.asarray(where.mesh.devices).reshape(-1)]
         if self._fixed_plan is not None:  # a saved plan: rebuild it, solve nothing
             if is_plain_pipeline_plan(self._fixed_plan):  # it kept plain intra-op
-                return self._plan(args, statics)
-            layout = reuse_pipeline(self._fun, args, self._fixed_plan,
-                                    static_argnums=self._static_argnums, batch_flags=batch,
+                return self._plan(call, statics)
+            layout = reuse_pipeline(call.fun, call.args, self._fixed_plan,
+                                    static_argnums=call.static, batch_flags=batch,
                                     method=self._method, static_repr=statics,
                                     device_ids=devices)
             return _Compiled(layout.split.traced, self._fixed_plan, None, pipeline=layout)
         step = plan_pipeline_step(
-            self._fun, args, static_argnums=self._static_argnums, batch_flags=batch,
-            donated_flags=donated, mesh_shape=self._mesh_shape, axis_names=self._axis_names,
-            cluster=self._cluster, method=self._method, memory_budget=self._memory_budget,
+            call.fun, call.args, static_argnums=call.static, batch_flags=batch,
+            donated_flags=donated, mesh_shape=where.mesh_shape, axis_names=where.axis_names,
+            cluster=where.cluster, method=self._method, memory_budget=where.memory_budget,
             static_repr=statics, device_ids=devices)
         self._check_budget(step.plan)
         return _Compiled(step.traced, step.plan, None, pipeline=step.layout)
@@ -183,7 +213,7 @@ class ParallelizedFunction:
     def _check_budget(self, plan: Plan) -> None:
         """The constrained search re-checks its peak steps; this catches what a
         conservative estimate can still miss, and presets, which are not searched."""
-        budget = self._memory_budget
+        budget = self._resolve().memory_budget
         if budget is not None and plan.cost.peak_memory_bytes > budget:
             hint = ("" if isinstance(self._method, ShardParallel) else
                     ", or method=autoshard.ShardParallel() to search for a plan that fits")
@@ -204,25 +234,21 @@ class ParallelizedFunction:
                 f"inputs and {len(plan.flat_out_specs)} outputs but the function has "
                 f"{len(program.invars)} and {len(program.outvars)}: it was made for another "
                 f"function")
-        for vid, spec in plan.value_specs:
-            if not 0 <= vid < len(program.avals) or len(spec) > len(program.avals[vid].shape):
-                raise ValueError(
-                    f"the plan passed to parallelize(plan=...) pins value {vid} to {spec}, "
-                    f"which this function does not have: it was made for another function "
-                    f"with the same signature")
-        for eqn, _, _ in plan.operand_specs:
-            if not 0 <= eqn < len(program.eqns):
-                raise ValueError(
-                    f"the plan passed to parallelize(plan=...) reshards an operand of "
-                    f"equation {eqn}, but this function has {len(program.eqns)} equations: "
-                    f"it was made for another function with the same signature")
+        misfit = specs_misfit(program, plan.flat_in_specs, plan.flat_out_specs,
+                              plan.value_specs, plan.operand_specs)
+        if misfit is not None:
+            raise ValueError(f"the plan passed to parallelize(plan=...) {misfit}: it was made "
+                             f"for another function with the same signature (or the file was "
+                             f"edited); leave plan out to plan again")
         return plan
 
     def _shard(self, entry: _Compiled) -> ShardedProgram:
-        if not isinstance(self._mesh, jax.sharding.Mesh):
+        mesh = self._resolve().mesh
+        if not isinstance(mesh, jax.sharding.Mesh):
             raise ValueError("this function was parallelized over an abstract mesh: it can be "
                              "planned (.plan) but not run or lowered; pass a mesh made by "
                              "autoshard.make_mesh to run it")
+        flags = _under_args(entry.traced.in_paths, entry.donate)
         if entry.pipeline is not None:
             if jax.process_count() > 1:
                 raise NotImplementedError(
@@ -231,13 +257,10 @@ class ParallelizedFunction:
                     "disjoint device sets, which this runtime does not do. Use "
                     "ShardParallel() or a preset across processes (see the README)")
             from autoshard.pipeline.build import build_pipeline
-            return build_pipeline(entry.pipeline, self._mesh,
-                                  donated=_under_args(entry.traced.in_paths,
-                                                      self._donate_argnums))
+            return build_pipeline(entry.pipeline, mesh, donated=flags)
         plan = entry.plan
-        flags = _under_args(entry.traced.in_paths, self._donate_argnums)
         return shard_program(
-            entry.traced.program, self._mesh, plan.flat_in_specs, plan.flat_out_specs,
+            entry.traced.program, mesh, plan.flat_in_specs, plan.flat_out_specs,
             value_specs=dict(plan.value_specs),
             operand_specs={(e, k): s for e, k, s in plan.operand_specs},
             donate_argnums=[i for i, d in enumerate(flags) if d])
@@ -253,11 +276,13 @@ class ParallelizedFunction:
                         f"{entry.plan.cluster.name}")
 
     # ------------------------------------------------------------ public
-    def plan(self, *args) -> Plan:
-        """The plan for these arguments (arrays or ShapeDtypeStructs); nothing runs."""
-        return self._compiled(args, need_program=False).plan
+    def plan(self, *args, **kwargs) -> Plan:
+        """The plan for these arguments (arrays or ShapeDtypeStructs); nothing runs.
+        Keyword arguments come after the positional ones in the plan's ``in_specs``, in
+        name order (as jax.jit orders them)."""
+        return self._compiled(self._bind(args, kwargs), need_program=False).plan
 
-    def lower(self, *args):
+    def lower(self, *args, **kwargs):
         """The ``jax.stages.Lowered`` of the planned program for these arguments.
 
         A pipeline (:class:`PipeshardParallel`) runs several programs, so it lowers to a
@@ -269,26 +294,37 @@ class ParallelizedFunction:
         all programs under headers. (When the planner kept plain intra-op parallelism,
         one program, this is a plain ``Lowered``, as for :class:`ShardParallel`.)
         """
-        return self._compiled(args, need_program=True).program.lower()
+        return self._compiled(self._bind(args, kwargs), need_program=True).program.lower()
 
-    def audit(self, *args) -> Audit:
+    def audit(self, *args, **kwargs) -> Audit:
         """The plan for these arguments against its compiled program (:meth:`Plan.audit`),
         with XLA's compile log read for involuntary rematerializations."""
-        lowered = self.lower(*args)
+        lowered = self.lower(*args, **kwargs)
         with hlo.compiler_log() as log:
             compiled = lowered.compile()
-        return self.plan(*args).audit(compiled, log.text)
+        return self.plan(*args, **kwargs).audit(compiled, log.text)
 
-    def __call__(self, *args):
-        entry = self._compiled(args, need_program=True)
+    def __call__(self, *args, **kwargs):
+        call = self._bind(args, kwargs)
+        entry = self._compiled(call, need_program=True)
         if not entry.agreed:  # before anything moves: a mismatch must not hang a collective
             self._agree(entry)
             entry = dataclasses.replace(entry, agreed=True)
-            self._cache[self._key(args)] = entry
-        dyn = [a for i, a in enumerate(args) if i not in self._static_argnums]
+            self._cache[self._key(call)] = entry
+        dyn = [a for i, a in enumerate(call.args) if i not in call.static]
         flat = jax.tree_util.tree_leaves(dyn)
         outs = entry.program(flat)
         return jax.tree_util.tree_unflatten(entry.traced.out_tree, outs)
+
+
+def _leaf_signature(leaf) -> tuple:
+    """What a plan depends on of one argument leaf: shape, dtype and weak type (a Python
+    scalar is weakly typed, so ``int8 array * 3`` stays int8, as under jax.jit)."""
+    try:
+        aval = aval_struct(leaf)
+    except (TypeError, ValueError, OverflowError):  # not an array: trace() says so
+        return (type(leaf).__module__, type(leaf).__qualname__)
+    return (tuple(aval.shape), aval.dtype.name, bool(aval.weak_type))
 
 
 def _under_args(paths, argnums) -> list[bool]:
@@ -307,16 +343,8 @@ def _default_budget(cluster: Cluster) -> int | None:
     return None
 
 
-def _check_fixed_plan(plan, mesh_shape, axis_names, method) -> None:
-    if not isinstance(plan, Plan):
-        raise TypeError(f"plan must be an autoshard.Plan (e.g. autoshard.Plan.from_json(text)), "
-                        f"got {type(plan).__name__}")
-    if tuple(plan.mesh_shape) != tuple(mesh_shape) or tuple(plan.axis_names) != tuple(axis_names):
-        what = "shape" if tuple(plan.mesh_shape) != tuple(mesh_shape) else "axis names"
-        raise ValueError(
-            f"the plan passed to parallelize(plan=...) was made for another mesh: mesh "
-            f"{what} mismatch (plan {dict(zip(plan.axis_names, plan.mesh_shape))}, mesh "
-            f"{dict(zip(axis_names, mesh_shape))})")
+def _check_plan_method(plan: Plan, method) -> None:
+    """``ValueError`` when ``method`` (if given) is not the kind of method that made ``plan``."""
     if method is not None and type(plan.method) is not type(method):
         raise ValueError(
             f"the plan passed to parallelize(plan=...) was made with method {plan.method!r}, "
@@ -324,13 +352,27 @@ def _check_fixed_plan(plan, mesh_shape, axis_names, method) -> None:
             f"the plan as it is)")
 
 
+def _check_plan_mesh(plan: Plan, mesh_shape, axis_names) -> None:
+    """``ValueError`` unless ``plan`` was made for a mesh of this shape and these names."""
+    if tuple(plan.mesh_shape) != tuple(mesh_shape) or tuple(plan.axis_names) != tuple(axis_names):
+        what = "shape" if tuple(plan.mesh_shape) != tuple(mesh_shape) else "axis names"
+        raise ValueError(
+            f"the plan passed to parallelize(plan=...) was made for another mesh: mesh "
+            f"{what} mismatch (plan {dict(zip(plan.axis_names, plan.mesh_shape))}, mesh "
+            f"{dict(zip(axis_names, mesh_shape))})")
+
+
 def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
                 cluster: Cluster | None = None, memory_budget: int | str | None = None,
                 batch_argnums: int | Sequence[int] | None = None,
-                static_argnums: int | Sequence[int] = (),
-                donate_argnums: int | Sequence[int] = (), plan: Plan | None = None):
+                static_argnums: int | Sequence[int] | None = None,
+                donate_argnums: int | Sequence[int] | None = None,
+                static_argnames: str | Sequence[str] | None = None,
+                donate_argnames: str | Sequence[str] | None = None, plan: Plan | None = None):
     """Parallelize ``fun`` over ``mesh`` (jit-like; also usable as a decorator).
 
+    ``mesh``: default, every device on one axis, made at the first call (so decorating
+    at import time touches no devices, e.g. before ``jax.distributed.initialize()``).
     ``method``: :class:`ShardParallel` (ILP, default), a preset (:class:`DataParallel`,
     :class:`ZeRO3`, :class:`Megatron`) or :class:`PipeshardParallel` (pipeline stages on
     sub-meshes; the step must use :func:`autoshard.value_and_grad`). ``batch_argnums``:
@@ -340,13 +382,18 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
     (``"16GiB"``) that the plan's estimated peak must fit (default: the cluster's device
     memory less its reserve for GPU presets, none on the host CPU); the ILP then trades
     speed for memory, and :class:`InfeasiblePlanError` names the smallest feasible peak.
-    ``static_argnums``/``donate_argnums`` as in ``jax.jit``.
-    ``plan``: a saved :class:`Plan` (``Plan.from_json``) to run as it is, without
-    solving; ``ValueError`` if it was made for another mesh, method or input signature.
+    ``static_argnums`` / ``static_argnames`` / ``donate_argnums`` / ``donate_argnames``
+    as in ``jax.jit``: numbers are checked against the function's signature (negative
+    ones count from its last positional parameter), names are inferred from numbers and
+    numbers from names, and calls may pass arguments by keyword
+    (``step(params, batch=b)``). ``plan``: a saved :class:`Plan` (``Plan.from_json``) to
+    run as it is, without solving; ``ValueError`` if it was made for another mesh,
+    method or input signature.
     """
     kwargs = dict(mesh=mesh, method=method, cluster=cluster, memory_budget=memory_budget,
                   batch_argnums=batch_argnums, static_argnums=static_argnums,
-                  donate_argnums=donate_argnums, plan=plan)
+                  donate_argnums=donate_argnums, static_argnames=static_argnames,
+                  donate_argnames=donate_argnames, plan=plan)
     if fun is None:
         return lambda f: ParallelizedFunction(f, **kwargs)
     return ParallelizedFunction(fun, **kwargs)

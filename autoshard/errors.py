@@ -18,3 +18,13 @@ class PlanFormatError(ValueError):
 
 class PlanMismatchError(RuntimeError):
     """Processes of a ``jax.distributed`` run made different plans for the same call."""
+
+
+class AgreementTimeoutError(RuntimeError):
+    """Processes of a ``jax.distributed`` run did not all reach the check that they hold
+    the same plan in time (one died, hung, or plans far slower than the others);
+    ``missing`` holds their process indices."""
+
+    def __init__(self, message: str, missing):
+        super().__init__(message)
+        self.missing = tuple(missing)

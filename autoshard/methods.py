@@ -10,9 +10,13 @@ compared for presets too.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from autoshard.cost_model import SCHEDULES
+
+
+def _is_count(value) -> bool:
+    """A positive int (not a bool) that a machine word holds."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 2**31
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +39,10 @@ class ShardParallel:
 
     def __post_init__(self):
         if isinstance(self.time_limit_s, bool) or not isinstance(self.time_limit_s, (int, float)) \
-                or not 0 < self.time_limit_s < math.inf:
-            raise ValueError(f"time_limit_s must be a positive number of seconds, got "
-                             f"{self.time_limit_s!r}")
-        if self.tie_repeats not in (None, True, False):
+                or not 0 < self.time_limit_s < 1e9:
+            raise ValueError(f"time_limit_s must be a positive number of seconds (below 1e9), "
+                             f"got {self.time_limit_s!r}")
+        if self.tie_repeats is not None and not isinstance(self.tie_repeats, bool):
             raise ValueError(f"tie_repeats must be None, True or False, got {self.tie_repeats!r}")
         if self.gap_limit is not None and (
                 isinstance(self.gap_limit, bool) or not isinstance(self.gap_limit, (int, float))
@@ -105,15 +109,13 @@ class PipeshardParallel:
         dataclasses.field(default_factory=lambda: ShardParallel(time_limit_s=10.0))
 
     def __post_init__(self):
-        if not isinstance(self.num_microbatches, int) or self.num_microbatches < 1:
+        if not _is_count(self.num_microbatches):
             raise ValueError(f"num_microbatches must be a positive int, got "
                              f"{self.num_microbatches!r}")
-        if self.num_stages is not None and (not isinstance(self.num_stages, int)
-                                            or self.num_stages < 1):
+        if self.num_stages is not None and not _is_count(self.num_stages):
             raise ValueError(f"num_stages must be None or a positive int, got "
                              f"{self.num_stages!r}")
-        if self.num_layers is not None and (not isinstance(self.num_layers, int)
-                                            or self.num_layers < 1):
+        if self.num_layers is not None and not _is_count(self.num_layers):
             raise ValueError(f"num_layers must be None or a positive int, got "
                              f"{self.num_layers!r}")
         if self.schedule not in SCHEDULES:

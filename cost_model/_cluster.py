@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import numbers
+import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from ._files import write_text_atomically
 
 COLLECTIVES: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
 
@@ -63,7 +65,7 @@ class Cluster:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"Cluster.name must be a non-empty string, got {self.name!r}")
+            raise ValueError(f"Cluster.name must be a non-empty string, got {_show(self.name)}")
         flops = self.flops.items() if isinstance(self.flops, Mapping) else self.flops
         flops = tuple((str(dtype), float(rate)) for dtype, rate in flops)
         for dtype, rate in flops:
@@ -78,16 +80,22 @@ class Cluster:
         _check_int("Cluster.device_memory", self.device_memory, minimum=1)
         _check_int("Cluster.devices_per_node", self.devices_per_node, minimum=1)
         _check_int("Cluster.memory_reserve", self.memory_reserve, minimum=0)
+        if self.memory_reserve >= self.device_memory:
+            raise ValueError(
+                f"Cluster.memory_reserve ({self.memory_reserve} bytes) must be less than "
+                f"Cluster.device_memory ({self.device_memory} bytes): the reserve is the part "
+                f"of each device's memory that plans leave free, so a reserve that large "
+                f"leaves nothing to plan with; lower memory_reserve or raise device_memory")
         for field in ("device_memory", "devices_per_node", "memory_reserve"):
             object.__setattr__(self, field, int(getattr(self, field)))
         object.__setattr__(self, "memory_bandwidth", float(self.memory_bandwidth))
         for field in ("intra_node", "inter_node"):
             if not isinstance(getattr(self, field), Link):
-                raise ValueError(f"Cluster.{field} must be a Link, got {getattr(self, field)!r}")
+                raise ValueError(f"Cluster.{field} must be a Link, got {_show(getattr(self, field))}")
         if self.axis_links is not None:
             links = tuple(self.axis_links)
             if not all(isinstance(link, Link) for link in links):
-                raise ValueError(f"Cluster.axis_links must be a sequence of Link or None, got {self.axis_links!r}")
+                raise ValueError(f"Cluster.axis_links must be a sequence of Link or None, got {_show(self.axis_links)}")
             object.__setattr__(self, "axis_links", links)
         if self.collective_links is not None:
             items = self.collective_links
@@ -100,12 +108,12 @@ class Cluster:
                 links = tuple(links)
                 if not links or not all(isinstance(link, Link) for link in links):
                     raise ValueError(f"Cluster.collective_links[{kind!r}] must be a non-empty "
-                                     f"sequence of Link (one per mesh axis), got {links!r}")
+                                     f"sequence of Link (one per mesh axis), got {_show(links)}")
                 checked.append((kind, links))
             object.__setattr__(self, "collective_links", tuple(checked))
         if not isinstance(self.reduce_scatter_as_all_reduce, bool):
             raise ValueError(f"Cluster.reduce_scatter_as_all_reduce must be a bool, got "
-                             f"{self.reduce_scatter_as_all_reduce!r}")
+                             f"{_show(self.reduce_scatter_as_all_reduce)}")
 
     def flops_rate(self, dtype: Any) -> float:
         """Peak FLOP/s for ``dtype`` (a name such as "bfloat16" or anything whose str is one).
@@ -166,13 +174,21 @@ class Cluster:
             data["reduce_scatter_as_all_reduce"] = True
         return json.dumps(data, indent=2)
 
+    def save(self, path) -> None:
+        """Write :meth:`to_json` to ``path`` whole (a temporary file, then ``os.replace``):
+        readers and other writers never see half a file."""
+        write_text_atomically(path, self.to_json() + "\n")
+
     @classmethod
     def from_json(cls, text: str) -> Cluster:
         """Parse ``to_json`` output. Raises ``ValueError`` naming a missing or bad field."""
         try:
             data = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"Cluster JSON is not valid JSON: {err}") from None
+        except RecursionError:
+            raise ValueError("Cluster JSON nests too deeply to read; a cluster file is an "
+                             "object a few levels deep") from None
         if not isinstance(data, dict):
             raise ValueError(f"Cluster JSON must be an object, got {type(data).__name__}")
         required = ("name", "flops", "memory_bandwidth", "device_memory", "devices_per_node", "intra_node",
@@ -187,28 +203,30 @@ class Cluster:
             raise ValueError(f"Cluster JSON has unknown fields {unknown}; expected {list(required + optional)}")
         flops = data["flops"]
         if not isinstance(flops, dict) or not flops:
-            raise ValueError(f"Cluster JSON field 'flops' must be a non-empty object dtype -> FLOP/s, got {flops!r}")
+            raise ValueError(f"Cluster JSON field 'flops' must be a non-empty object dtype -> FLOP/s, "
+                             f"got {_show(flops)}")
         for dtype, rate in flops.items():
             _expect_number(f"flops.{dtype}", rate)
         _expect_number("memory_bandwidth", data["memory_bandwidth"])
         for field in ("device_memory", "devices_per_node", "memory_reserve"):
             if field in data and (isinstance(data[field], bool) or not isinstance(data[field], int)):
-                raise ValueError(f"Cluster JSON field {field!r} must be an integer, got {data[field]!r}")
+                raise ValueError(f"Cluster JSON field {field!r} must be an integer, got {_show(data[field])}")
         if not isinstance(data["name"], str):
-            raise ValueError(f"Cluster JSON field 'name' must be a string, got {data['name']!r}")
+            raise ValueError(f"Cluster JSON field 'name' must be a string, got {_show(data['name'])}")
         axis_links = data.get("axis_links")
         if axis_links is not None and not isinstance(axis_links, list):
-            raise ValueError(f"Cluster JSON field 'axis_links' must be a list of links or null, got {axis_links!r}")
+            raise ValueError(f"Cluster JSON field 'axis_links' must be a list of links or null, "
+                             f"got {_show(axis_links)}")
         collective_links = data.get("collective_links")
         if collective_links is not None and not (
                 isinstance(collective_links, dict)
                 and all(isinstance(v, list) for v in collective_links.values())):
             raise ValueError(f"Cluster JSON field 'collective_links' must be an object collective -> "
-                             f"list of links, or null, got {collective_links!r}")
+                             f"list of links, or null, got {_show(collective_links)}")
         rs_as_ar = data.get("reduce_scatter_as_all_reduce", False)
         if not isinstance(rs_as_ar, bool):
             raise ValueError(f"Cluster JSON field 'reduce_scatter_as_all_reduce' must be true or "
-                             f"false, got {rs_as_ar!r}")
+                             f"false, got {_show(rs_as_ar)}")
         try:
             return cls(
                 name=data["name"],
@@ -237,7 +255,7 @@ def _link_from_json(field: str, data: Any) -> Link:
     if not isinstance(data, dict) or set(data) != {"bandwidth", "latency"}:
         raise ValueError(
             f"Cluster JSON field {field!r} must be an object with exactly 'bandwidth' (bytes/s) "
-            f"and 'latency' (s), got {data!r}"
+            f"and 'latency' (s), got {_show(data)}"
         )
     _expect_number(f"{field}.bandwidth", data["bandwidth"])
     _expect_number(f"{field}.latency", data["latency"])
@@ -245,20 +263,41 @@ def _link_from_json(field: str, data: Any) -> Link:
 
 
 def _expect_number(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"Cluster JSON field {field!r} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not abs(value) <= _MAX_NUMBER:   # NaN, infinities, huge ints (no float overflow)
+        raise ValueError(f"Cluster JSON field {field!r} must be a finite number (within "
+                         f"±{_MAX_NUMBER:g}), got {_show(value)}")
+
+
+#: the largest number a cluster field may hold (FLOP/s, bytes/s, bytes): far above any
+#: machine, and small enough that float arithmetic on it stays finite
+_MAX_NUMBER = 1e30
+#: the largest integer field (bytes per device, devices per node): what an int64 holds
+_MAX_INT = 2**63 - 1
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 4, 4, 60, 60
+_REPR.maxlong = 40
+
+
+def _show(value: Any) -> str:
+    """``repr`` of a value in an error message, shortened (a hostile file may hold huge or
+    deeply nested values)."""
+    return _REPR.repr(value)
 
 
 def _check_positive(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{field} must be a finite positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= _MAX_NUMBER:
+        raise ValueError(f"{field} must be a finite positive number (at most {_MAX_NUMBER:g}), "
+                         f"got {_show(value)}")
 
 
 def _check_non_negative(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{field} must be a finite non-negative number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= _MAX_NUMBER:
+        raise ValueError(f"{field} must be a finite non-negative number (at most "
+                         f"{_MAX_NUMBER:g}), got {_show(value)}")
 
 
 def _check_int(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{field} must be an integer ≥ {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum \
+            or value > _MAX_INT:
+        raise ValueError(f"{field} must be an integer ≥ {minimum}, got {_show(value)}")

@@ -61,6 +61,7 @@ from autoshard.cost_model import format_bytes
 from ._evaluate import evaluate
 from ._grid import EdgeGrid, edge_grid
 from ._heuristic import best_assignment, local_search, polish
+from ._interrupt import run_interruptibly
 from ._memory import _min_peak, memory_unit, solver_parameters, to_units
 from ._reduce import ReducedProblem, reduce_request
 from ._relaxation import solve_relaxation
@@ -282,7 +283,7 @@ def _search(request: IntraOpRequest, prepared: _Prepared, relaxation, position, 
     solver_parameters(solver, request.time_limit_s)
     solver.parameters.relative_gap_limit = request.gap_limit
     if active:
-        status = solver.solve(model)
+        status = run_interruptibly(lambda: solver.solve(model), solver.stop_search)
         solution = solver.response_proto.solution
     else:
         status, solution = cp_model.OPTIMAL, []

@@ -6,6 +6,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from ._evaluate import point_memory
+from ._interrupt import run_interruptibly
 from ._reduce import ReducedProblem, reduce_request
 from ._request import IntraOpRequest
 
@@ -51,6 +52,9 @@ def solver_parameters(solver: cp_model.CpSolver, time_limit_s: float) -> None:
     params.cp_model_probing_level = 0
     params.symmetry_level = 0
     params.log_search_progress = False
+    # Ctrl-C is handled in Python (_interrupt): CP-SAT's own handler would swallow it
+    # and return a cut-short solution as if the time limit had passed
+    params.catch_sigint_signal = False
     # The warm start is a complete, feasible assignment already (and is returned if the
     # search finds nothing better): skip CP-SAT's hint-repair phase, which costs as much
     # as the search on large models.
@@ -116,7 +120,7 @@ def _min_peak(request: IntraOpRequest, reduced: ReducedProblem) -> float:
     model.minimize(peak)
     solver = cp_model.CpSolver()
     solver_parameters(solver, request.time_limit_s)
-    status = solver.solve(model)
+    status = run_interruptibly(lambda: solver.solve(model), solver.stop_search)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise ValueError(f"no assignment satisfies the forbidden strategy pairs (CP-SAT: {solver.status_name(status)})")
     choices = []

@@ -30,6 +30,7 @@ import scipy.sparse as sparse
 from ortools.linear_solver.python import model_builder
 
 from ._grid import EdgeGrid
+from ._interrupt import run_interruptibly
 
 #: seconds of dual simplex per (row x variable) of the LP, measured on a 2-core x86 box
 #: (13k x 108k: 1.8 s; 149k x 1.26M: 253 s). The LP is skipped when this estimate
@@ -104,7 +105,7 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
     solver = model_builder.Solver("highs")
     solver.set_solver_specific_parameters("threads=1\noutput_flag=false")
     solver.set_time_limit_in_seconds(float(backstop_s))
-    status = solver.solve(model)
+    status = run_interruptibly(lambda: solver.solve(model), solver.stop_search)
     wall = time.perf_counter() - start
     if status != model_builder.SolveStatus.OPTIMAL:
         # a time limit or numerical trouble leaves the LP unsolved, not the ILP infeasible

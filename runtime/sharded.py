@@ -52,7 +52,8 @@ class ShardedProgram:
     def lower(self):
         """``jax.stages.Lowered`` for arguments of the shapes the program was traced with
         (no devices touched)."""
-        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s,
+                                        weak_type=getattr(a, "weak_type", False))
                    for a, s in zip(self.in_avals, self.in_shardings, strict=True)]
         return self.jitted.lower(*structs)
 

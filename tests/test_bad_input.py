@@ -125,3 +125,36 @@ def test_memory_budget_is_checked_and_bad_strings_rejected(mesh8):
         tight.plan(w, x)
     with pytest.raises(ValueError, match="sixteen gigs.*16GiB"):
         autoshard.parallelize(fn, mesh=mesh8, memory_budget="sixteen gigs")
+
+
+_USER_STEP = '''
+import jax.numpy as jnp
+import autoshard
+
+
+def run(mesh, a, x):
+    def fn(a, x):
+        return jnp.linalg.cholesky(a @ a.T + 8.0 * jnp.eye(8)) @ x
+    return autoshard.parallelize(fn, mesh=mesh)(a, x)
+'''
+
+
+@pytest.mark.parametrize("folders", [("autoshard", "jax"), (".venv", "lib", "site-packages",
+                                                             "userpkg")])
+def test_warnings_point_at_user_code_wherever_it_lives(mesh8, tmp_path, folders):
+    """A user's file inside folders named like autoshard's or jax's, or inside a virtual
+    environment in the project, is user code: the warning points at it."""
+    import importlib.util
+    folder = tmp_path.joinpath(*folders)
+    folder.mkdir(parents=True)
+    path = folder / "user_step.py"
+    path.write_text(_USER_STEP)
+    spec = importlib.util.spec_from_file_location("user_step_" + folders[0].strip("."), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.run(mesh8, jnp.eye(8), jnp.ones((8, 4)))
+    messages = [w for w in caught if "cholesky" in str(w.message)]
+    assert len(messages) == 1, [str(w.message) for w in caught]
+    assert messages[0].filename == str(path)

@@ -254,3 +254,73 @@ def test_mismatched_plan_is_refused(work):
         fn.plan(params, opt_state, bigger)
     with pytest.raises(TypeError, match="autoshard.Plan"):
         autoshard.parallelize(target.fn, mesh=mesh, plan=json.loads(plan.to_json()))
+
+
+_EXITING = textwrap.dedent('''
+    """Targets that end the process themselves."""
+    import sys
+
+    import jax.numpy as jnp
+
+    def exits():
+        sys.exit(7)
+
+    def exits_while_traced():
+        def fn(x):
+            sys.exit(7)
+        return fn, (jnp.ones(8),)
+''')
+
+
+@pytest.mark.parametrize("target,fragments", [
+    ("exiting.py:exits", ["factory", "sys.exit(7)"]),
+    ("exiting.py:exits_while_traced", ["planning", "sys.exit(7)"]),
+    ("exits_on_import.py:anything", ["importing", "sys.exit(7)"]),
+    ("exits_on_import:anything", ["importing", "sys.exit(7)"]),
+])
+def test_a_target_calling_sys_exit_is_one_error_line(tmp_path, capsys, monkeypatch, target,
+                                                     fragments):
+    (tmp_path / "exiting.py").write_text(_EXITING)
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(7)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _cli.main(["plan", target, "--mesh", "2", "--no-compare"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("autoshard: error: "), err
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["calibrate", "--mesh", "2", "--out", "missing/cluster.json"], ["missing", "does not exist"]),
+    (["calibrate", "--mesh", "2", "--out", "."], ["is a directory"]),
+    (["plan", "examples.models:mlp", "--mesh", "2", "--json", "missing/plan.json"],
+     ["missing", "does not exist"]),
+])
+def test_unwritable_outputs_fail_before_any_work(tmp_path, capsys, monkeypatch, argv, words):
+    """calibrate measured for 17 s before finding out it could not write its file."""
+    monkeypatch.chdir(tmp_path)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("measured or planned before checking the output file")
+
+    monkeypatch.setattr(autoshard, "calibrate", no_work)
+    monkeypatch.setattr("autoshard.cli.commands.load_target", no_work)
+    assert _cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("autoshard: error: cannot write"), err
+    for word in words:
+        assert word in err[0]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_output_to_a_full_device_is_one_error_line(work):
+    d, _ = work
+    with open("/dev/full", "w") as full:
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+        proc = subprocess.run([sys.executable, "-m", "autoshard", "show", "ilp.json"], cwd=d,
+                              env=env, stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "autoshard: error: cannot write the output: No space left on device"], proc.stderr

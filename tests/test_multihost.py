@@ -153,3 +153,56 @@ def test_plan_digest_ignores_timings_and_is_seed_independent(tmp_path):
                 p.kill()
                 p.wait()
     assert len(digests) == 1, digests
+
+
+_DYING_PEER = '''
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2,
+                           process_id=int(sys.argv[1]))
+if jax.process_index() == 1:
+    print("process 1 dies", flush=True)
+    os._exit(3)                        # a crash: no goodbye to the coordination service
+import jax.numpy as jnp
+import autoshard
+mesh = autoshard.make_mesh((4,), ("data",))
+step = autoshard.parallelize(lambda x: (x * 2).sum(), mesh=mesh,
+                             method=autoshard.DataParallel())
+try:
+    step(jnp.ones((8, 4)))
+except autoshard.AgreementTimeoutError as err:
+    print("ERROR", type(err).__name__, err.missing, " ".join(str(err).split()), flush=True)
+    os._exit(0)
+print("ran without the dead process", flush=True)
+os._exit(1)
+'''
+
+
+def test_a_dead_peer_is_a_clear_error_within_the_timeout(tmp_path):
+    """Process 1 dies before the plan agreement: process 0 raises AgreementTimeoutError
+    naming it within AUTOSHARD_AGREEMENT_TIMEOUT_S, not an abort ~100 s later."""
+    script = tmp_path / "dying_peer.py"
+    script.write_text(_DYING_PEER)
+    env = dict(os.environ, AUTOSHARD_AGREEMENT_TIMEOUT_S="5", PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)
+    address = f"127.0.0.1:{_port()}"
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), address], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        out, err = procs[0].communicate(timeout=90)   # the heartbeat abort comes at ~100 s
+    except subprocess.TimeoutExpired:
+        pytest.fail("process 0 waited for its dead peer instead of raising")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    lines = [line for line in out.splitlines() if line.startswith("ERROR")]
+    assert lines, (out, err[-3000:])
+    assert "AgreementTimeoutError (1,)" in lines[0]
+    assert "process 1 of 2 did not reach the plan agreement within 5 s" in lines[0]
+    assert "restart every process" in lines[0]

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 
-from autoshard.cost_model import CLUSTER_PRESETS, Cluster, cluster_preset, parse_bytes
+from autoshard.cost_model import (
+    CLUSTER_PRESETS,
+    Cluster,
+    cluster_preset,
+    parse_bytes,
+    write_text_atomically,
+)
 
 
 class CliError(Exception):
@@ -93,9 +100,26 @@ def load_plan(path: str):
         raise CliError(f"{path!r} is not a valid plan file: {one_line(err)}") from err
 
 
-def write_text(path: str, text: str, what: str) -> None:
+def check_writable(path: str, what: str) -> None:
+    """``CliError`` now, before minutes of work, when ``path`` cannot be written: a folder
+    that does not exist, a directory in its place, or a folder this user cannot write."""
+    if os.path.isdir(path):
+        raise CliError(f"cannot write {what} {path!r}: it is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CliError(f"cannot write {what} {path!r}: the folder {folder!r} does not exist "
+                       f"(create it first)")
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        fd, probe = tempfile.mkstemp(prefix=".autoshard-write-check.", dir=folder)
+    except OSError as err:
+        raise CliError(f"cannot write {what} {path!r}: {err.strerror or one_line(err)}") from err
+    os.close(fd)
+    os.unlink(probe)
+
+
+def write_text(path: str, text: str, what: str) -> None:
+    """Write ``text`` to ``path`` whole (see ``cost_model.write_text_atomically``)."""
+    try:
+        write_text_atomically(path, text + "\n")
     except OSError as err:
         raise CliError(f"cannot write {what} {path!r}: {err.strerror or one_line(err)}") from err

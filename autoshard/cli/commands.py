@@ -6,6 +6,7 @@ import warnings
 
 from .arguments import (
     CliError,
+    check_writable,
     load_cluster,
     load_plan,
     one_line,
@@ -37,7 +38,11 @@ def _plan_one(target, mesh, method, cluster, budget):
                                memory_budget=budget, batch_argnums=target.batch_argnums)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan's warnings are part of its summary
-        return fn.plan(*target.args)
+        try:
+            return fn.plan(*target.args)
+        except SystemExit as exit_:  # the user's function ended the process: say so
+            raise RuntimeError(f"the function called sys.exit({exit_.code!r}) while being "
+                               f"traced") from None
 
 
 def cmd_plan(args) -> int:
@@ -56,6 +61,8 @@ def cmd_plan(args) -> int:
                         ("--layers", args.layers)):
         if value is not None and value < 1:
             raise CliError(f"{flag} takes a positive integer, got {value}")
+    if args.json:  # before planning, which can take minutes
+        check_writable(args.json, "plan file")
 
     import jax
 
@@ -128,6 +135,7 @@ def cmd_calibrate(args) -> int:
     dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
     if "float32" not in dtypes:
         raise CliError(f"bad --dtypes {args.dtypes!r}: must include float32")
+    check_writable(args.out, "cluster file")   # before measuring, which takes a while
     import jax
 
     import autoshard

@@ -168,30 +168,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 error)."""
+    """Run the CLI; returns the exit status (0 ok, 2 error, 130 interrupted)."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # output piped into `head` and the like
+        _silence_stdout()
+        return 0
+    except OSError as err:  # stdout on a full device, a terminal gone, ...
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        _silence_stdout()
+        sys.stderr.write(f"autoshard: error: cannot write the output: "
+                         f"{err.strerror or one_line(err)}\n")
+        return EXIT_ERROR
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, usage errors
+        sys.stdout.flush()
         return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
     if getattr(args, "verbose", False):
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a full device fails here, not at exit with a traceback
+        return status
     except (CliError, TargetError) as err:
         if args.debug:
             raise
         sys.stderr.write(f"autoshard: error: {one_line(err)}\n")
         return EXIT_ERROR
-    except BrokenPipeError:  # output piped into `head` and the like
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
     except KeyboardInterrupt:
         if args.debug:
             raise
         sys.stderr.write("autoshard: error: interrupted\n")
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what is still
+    buffered cannot fail again (and print a traceback) at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (a test's capture): nothing to do
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ class Target:
 
 
 def _describe(err: BaseException) -> str:
+    if isinstance(err, SystemExit):   # sys.exit(7) in the user's code
+        return f"SystemExit: sys.exit({err.code!r}) was called"
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
@@ -60,7 +62,7 @@ def _import_file(path: str):
         spec.loader.exec_module(module)
     except BaseException as err:
         sys.modules.pop(name, None)
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        if isinstance(err, KeyboardInterrupt):
             raise
         raise TargetError(f"importing {path!r} failed: {_describe(err)}") from err
     return module
@@ -77,7 +79,7 @@ def _import_module(name: str):
             raise TargetError(f"cannot import module {name!r}: no module named {missing!r} "
                               f"(is it on PYTHONPATH?)") from err
         raise TargetError(f"importing {name!r} failed: {_describe(err)}") from err
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise TargetError(f"importing {name!r} failed: {_describe(err)}") from err
 
 
@@ -116,7 +118,7 @@ def load_target(spec: str) -> Target:
         pass
     try:
         result = factory()
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise TargetError(f"factory {spec} raised {_describe(err)}") from err
     return _unpack(spec, result)
 

@@ -64,6 +64,13 @@ def bind(primitive: jcore.Primitive, params: dict, operands: Sequence) -> tuple:
     return tuple(outs) if primitive.multiple_results else (outs,)
 
 
+def distributed_client():
+    """The ``jax.distributed`` client of this process (its key-value store reaches every
+    process through the coordination service), or ``None`` when not initialized."""
+    from jax._src import distributed
+    return distributed.global_state.client
+
+
 @functools.cache
 def _threefry_key_dtype():
     """The dtype of threefry2x32 key arrays (``key<fry>``), whatever the default impl."""

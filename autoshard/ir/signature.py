@@ -24,6 +24,12 @@ def aval_text(aval) -> str:
     return f"{tuple(aval.shape)}:{aval.dtype.name}"
 
 
+def argument_text(aval) -> str:
+    """An argument's shape and dtype, and ``~weak`` when it is weakly typed (a Python
+    scalar): ``int8 array * 3`` and ``int8 array * int32 array`` are other programs."""
+    return aval_text(aval) + ("~weak" if getattr(aval, "weak_type", False) else "")
+
+
 def equation_signature(eqn, in_avals, out_avals) -> str:
     """Everything a strategy rule reads: primitive, parameters, operand and result types
     (literal operands by value)."""

@@ -68,8 +68,7 @@ def _unrolled_scan(eqn) -> jcore.ClosedJaxpr:
                    if length else jnp.zeros(a.shape, a.dtype) for k, a in enumerate(y_avals)]
         return carry + stacked
 
-    return jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
-                                 for v in eqn.invars])
+    return jax.make_jaxpr(run)(*[struct_of_aval(v.aval) for v in eqn.invars])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -132,10 +131,19 @@ def check_arguments(dyn_args: Sequence, argnums: Sequence[int]) -> None:
             "or close over them in the function.")
 
 
-def _aval_of(leaf):
+def aval_struct(leaf) -> jax.ShapeDtypeStruct:
+    """The abstract value jax.jit traces ``leaf`` with: shape, canonical dtype and weak type
+    (a Python scalar, or an array made from one, is weakly typed: ``int8 array * 3`` stays
+    int8). A ShapeDtypeStruct keeps its own ``weak_type``; its sharding is dropped."""
     if isinstance(leaf, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-    return jax.ShapeDtypeStruct(np.shape(leaf), jax.dtypes.result_type(leaf))
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, weak_type=leaf.weak_type)
+    aval = jax.typeof(leaf)
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+
+
+def struct_of_aval(aval) -> jax.ShapeDtypeStruct:
+    """A ShapeDtypeStruct for a traced aval (a program value), weak type included."""
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
 
 
 def trace(fn, args: Sequence, static_argnums: Sequence[int] = ()) -> TracedFunction:
@@ -146,7 +154,7 @@ def trace(fn, args: Sequence, static_argnums: Sequence[int] = ()) -> TracedFunct
     check_arguments(dyn_args, argnums)
     leaves_with_paths, in_tree = jax.tree_util.tree_flatten_with_path(tuple(dyn_args))
     in_paths = tuple(_argpath(p, argnums) for p, _ in leaves_with_paths)
-    avals = [_aval_of(leaf) for _, leaf in leaves_with_paths]
+    avals = [aval_struct(leaf) for _, leaf in leaves_with_paths]
     out_tree_box = []
 
     def flat_fn(*flat):

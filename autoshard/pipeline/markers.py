@@ -18,6 +18,8 @@ import jax
 import jax.extend.core as jcore
 import numpy as np
 
+from autoshard.ir.trace import aval_struct
+
 GRAD_PRIMITIVE = "autoshard_grad"
 BOUNDARY_PRIMITIVE = "autoshard_layer_boundary"
 
@@ -119,7 +121,7 @@ def value_and_grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False)
                                 f"got shape {np.shape(out)}")
             return [out, *aux_leaves]
 
-        structs = [jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)) for x in leaves]
+        structs = [aval_struct(x) for x in leaves]
         closed = jax.make_jaxpr(flat_fun)(*structs)
         outs = grad_p.bind(*closed.consts, *leaves, jaxpr=closed.jaxpr,
                            num_consts=len(closed.consts),

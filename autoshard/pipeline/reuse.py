@@ -11,6 +11,7 @@ import math
 from autoshard.ir.fingerprint import check_fingerprint, fingerprint
 from autoshard.ir.program import Program
 from autoshard.methods import PipeshardParallel
+from autoshard.plan.checks import specs_misfit
 from autoshard.plan.parts import ProgramSpecs, StageAssignment
 from autoshard.plan.record import Plan
 
@@ -43,16 +44,11 @@ def _check_specs(specs: ProgramSpecs, name: str, program: Program) -> ProgramSpe
                 f"{len(specs.flat_out_specs)} outputs, but this function's {name} has "
                 f"{len(program.invars)} and {len(program.outvars)}: it was made for another "
                 f"function")
-    ranks = [len(program.avals[v].shape) for v in program.invars]
-    ranks += [len(program.avals[a].shape) if isinstance(a, int) else 0
-              for a in program.outvars]
-    values = [(v, s) for v, s in specs.value_specs]
-    if any(len(s) > r for s, r in zip(specs.flat_in_specs + specs.flat_out_specs, ranks)) or \
-            any(not 0 <= v < len(program.avals) or len(s) > len(program.avals[v].shape)
-                for v, s in values) or \
-            any(not 0 <= e < len(program.eqns) for e, _, _ in specs.operand_specs):
-        _refuse(f"shards values that {name} of this function does not have: it was made for "
-                f"another function")
+    misfit = specs_misfit(program, specs.flat_in_specs, specs.flat_out_specs,
+                          specs.value_specs, specs.operand_specs)
+    if misfit is not None:
+        _refuse(f"shards values that {name} of this function does not have ({name} "
+                f"{misfit}): it was made for another function")
     return specs
 
 

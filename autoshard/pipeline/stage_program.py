@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from autoshard.ir.program import Program
-from autoshard.ir.trace import TracedFunction, trace
+from autoshard.ir.trace import TracedFunction, struct_of_aval, trace
 from autoshard.runtime import evaluate_program
 
 from .layers import Layering, eqn_flops
@@ -104,7 +104,7 @@ def stage_program(layering: Layering, first: int, last: int, diff_invars, batch_
         # input's (which the planner would take for a value carried between steps)
         return (outs,), (list(grads),)
 
-    struct = lambda v: jax.ShapeDtypeStruct(F.avals[v].shape, F.avals[v].dtype)  # noqa: E731
+    struct = lambda v: struct_of_aval(F.avals[v])  # noqa: E731
     args = ([struct(v) for v in inputs[:n_diff]], [struct(v) for v in inputs[n_diff:]],
             [struct(v) for v, d in zip(outputs, diff_out) if d])
     traced = trace(combined, args)

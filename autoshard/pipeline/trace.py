@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from autoshard.ir.program import Equation, Program
-from autoshard.ir.trace import TracedFunction, _argpath, flatten_open_jaxpr, trace
+from autoshard.ir.trace import TracedFunction, _argpath, aval_struct, flatten_open_jaxpr, trace
 from autoshard.ir.user_frames import user_stacklevel
 
 from .layers import strip_boundaries
@@ -162,10 +162,9 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
     leaves, paths, tree = flat_paths(args, static_argnums)
     full, micro = [], []
     for leaf, path, is_batch in zip(leaves, paths, batch_flags):
-        shape = tuple(np.shape(leaf))
-        dtype = jax.dtypes.result_type(leaf) if not isinstance(leaf, jax.ShapeDtypeStruct) \
-            else leaf.dtype
-        full.append(jax.ShapeDtypeStruct(shape, dtype))
+        aval = aval_struct(leaf)
+        shape, dtype, weak = tuple(aval.shape), aval.dtype, aval.weak_type
+        full.append(aval)
         if is_batch:
             if not shape:
                 _fail(f"batch argument {path} is a scalar: PipeshardParallel splits batch "
@@ -176,7 +175,7 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
                       f"dimension {shape[0]}. Use a number of micro-batches that divides "
                       f"{shape[0]}")
             shape = (shape[0] // B,) + shape[1:]
-        micro.append(jax.ShapeDtypeStruct(shape, dtype))
+        micro.append(jax.ShapeDtypeStruct(shape, dtype, weak_type=weak))
     dyn = iter(jax.tree_util.tree_unflatten(tree, micro))
     static = set(static_argnums)
     micro_args = tuple(a if i in static else next(dyn) for i, a in enumerate(args))

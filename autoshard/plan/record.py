@@ -11,7 +11,7 @@ from typing import Any
 
 from jax.sharding import PartitionSpec
 
-from autoshard.cost_model import Cluster
+from autoshard.cost_model import Cluster, write_text_atomically
 from autoshard.ir import hlo
 from autoshard.methods import Method
 
@@ -89,7 +89,12 @@ class Plan:
         """Jupyter view: per-input sharding pictures, cost and memory bars, collectives."""
         return html.plan_html(self)
 
+    def save(self, path) -> None:
+        """Write :meth:`to_json` to ``path`` whole (a temporary file in the same folder,
+        then ``os.replace``): readers and other writers never see half a file."""
+        write_text_atomically(path, self.to_json() + "\n")
+
     def save_html(self, path) -> None:
-        """Write the :meth:`_repr_html_` view as one self-contained HTML file (no network)."""
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(html.plan_page(self))
+        """Write the :meth:`_repr_html_` view as one self-contained HTML file (no network),
+        whole, as :meth:`save` writes."""
+        write_text_atomically(path, html.plan_page(self))

@@ -47,6 +47,15 @@ from autoshard.cost_model import Cluster
 from autoshard.errors import PlanFormatError
 from autoshard.methods import METHODS, method_from_dict, method_to_dict
 
+from .checks import (
+    MAX_DEPTH,
+    check_costs,
+    check_ids,
+    check_json_tree,
+    check_mesh,
+    check_stages,
+    deepest_field,
+)
 from .parts import (
     Collective,
     OpCost,
@@ -333,15 +342,16 @@ def _value_specs_from_json(data, where, axis_names):
         at = f"{where}.value_specs[{i}]"
         if not (isinstance(item, list) and len(item) == 2):
             raise PlanFormatError(f"{at}: expected [value id, spec], got {_short(item)}")
-        value_specs.append((_check(item[0], int, at), _spec_from_json(item[1], at, axis_names)))
+        check_ids(item[:1], at, "a value id")
+        value_specs.append((item[0], _spec_from_json(item[1], at, axis_names)))
     operand_specs = []
     for i, item in enumerate(_get(data, "operand_specs", list, where)):
         at = f"{where}.operand_specs[{i}]"
         if not (isinstance(item, list) and len(item) == 3):
             raise PlanFormatError(f"{at}: expected [equation, operand, spec], "
                                   f"got {_short(item)}")
-        operand_specs.append((_check(item[0], int, at), _check(item[1], int, at),
-                              _spec_from_json(item[2], at, axis_names)))
+        check_ids(item[:2], at, "an equation or operand number")
+        operand_specs.append((item[0], item[1], _spec_from_json(item[2], at, axis_names)))
     return tuple(value_specs), tuple(operand_specs)
 
 
@@ -387,9 +397,12 @@ def _stage_from_json(item, where):
     for key in ("cost", "apply_cost"):
         if key not in data:
             raise PlanFormatError(f"{where}.stage: missing field(s) ['{key}']")
-    data["cost"] = _record(StageCost, data["cost"], f"{where}.stage.cost")
+    data["cost"] = check_costs(_record(StageCost, data["cost"], f"{where}.stage.cost"),
+                               f"{where}.stage.cost")
     if data["apply_cost"] is not None:
-        data["apply_cost"] = _record(PlanCost, data["apply_cost"], f"{where}.stage.apply_cost")
+        data["apply_cost"] = check_costs(_record(PlanCost, data["apply_cost"],
+                                                 f"{where}.stage.apply_cost"),
+                                         f"{where}.stage.apply_cost")
     for key in ("layers", "mesh_shape", "device_ids"):
         value = data.get(key)
         if not (isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool)
@@ -435,6 +448,7 @@ def plan_fields_from_dict(data) -> dict:
     if not isinstance(data, dict) or data.get("format") != "autoshard-plan":
         raise PlanFormatError("not an autoshard plan file (expected a JSON object with "
                               "\"format\": \"autoshard-plan\")")
+    check_json_tree(data)
     version = _get(data, "format_version", int)
     if version not in (1, FORMAT_VERSION):
         raise PlanFormatError(f"plan.format_version: version {version} is not supported "
@@ -453,6 +467,7 @@ def plan_fields_from_dict(data) -> dict:
             not all(isinstance(n, str) and n for n in names):
         raise PlanFormatError(f"plan.mesh.axis_names: need {len(shape)} distinct names for "
                               f"shape {list(shape)}, got {_short(list(names))}")
+    check_mesh(shape)
     cluster_data = _get(data, "cluster", (dict, str))
     try:
         cluster = Cluster.from_json(cluster_data if isinstance(cluster_data, str)
@@ -473,22 +488,26 @@ def plan_fields_from_dict(data) -> dict:
     warnings = _get(data, "warnings", list)
     for i, w in enumerate(warnings):
         _check(w, str, f"plan.warnings[{i}]")
+    stages = tuple(_stage_from_json(st, f"plan.stages[{i}]")
+                   for i, st in enumerate(_get(data, "stages", list)))
+    check_stages(stages)
     return dict(
         method=_method_from_json(_get(data, "method", str if version == 1 else dict), version),
         mesh_shape=shape, axis_names=names, cluster=cluster,
         in_specs=in_specs, out_specs=out_specs,
-        cost=_record(PlanCost, _get(data, "cost", dict), "plan.cost"),
-        solver=None if solver is None else _record(SolverInfo, solver, "plan.solver"),
+        cost=check_costs(_record(PlanCost, _get(data, "cost", dict), "plan.cost"), "plan.cost"),
+        solver=None if solver is None else check_costs(_record(SolverInfo, solver, "plan.solver"),
+                                                       "plan.solver"),
         fingerprint=_get(data, "fingerprint", str),
         in_paths=in_paths, out_paths=out_paths, flat_in_specs=flat_in, flat_out_specs=flat_out,
         value_specs=tuple(value_specs), operand_specs=tuple(operand_specs),
-        collectives=tuple(_record(Collective, c, f"plan.collectives[{i}]")
+        collectives=tuple(check_costs(_record(Collective, c, f"plan.collectives[{i}]"),
+                                      f"plan.collectives[{i}]")
                           for i, c in enumerate(_get(data, "collectives", list))),
-        top_ops=tuple(_record(OpCost, o, f"plan.top_ops[{i}]")
+        top_ops=tuple(check_costs(_record(OpCost, o, f"plan.top_ops[{i}]"), f"plan.top_ops[{i}]")
                       for i, o in enumerate(_get(data, "top_ops", list))),
         warnings=tuple(warnings),
-        stages=tuple(_stage_from_json(st, f"plan.stages[{i}]")
-                     for i, st in enumerate(_get(data, "stages", list))),
+        stages=stages,
         programs=tuple(_program_from_json(p, f"plan.programs[{i}]", names)
                        for i, p in enumerate(programs)),
     )
@@ -500,6 +519,11 @@ def plan_fields_from_json(text: str | bytes) -> dict:
         data = json.loads(text)
     except (TypeError, ValueError) as err:
         raise PlanFormatError(f"plan file is not valid JSON: {err}") from None
+    except RecursionError:
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        raise PlanFormatError(f"plan.{deepest_field(text)}: nested deeper than {MAX_DEPTH} "
+                              f"levels, too deep to read; a plan file is never this "
+                              f"deep") from None
     return plan_fields_from_dict(data)
 
 
@@ -525,8 +549,9 @@ def _method_from_repr(text: str):
 
     try:
         method = build(ast.parse(text, mode="eval").body)
-    except (SyntaxError, ValueError, TypeError) as err:
-        raise ValueError(f"cannot read the method {text!r}: {err}") from None
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError) as err:
+        raise ValueError(f"cannot read the method {_short(text)}: "
+                         f"{type(err).__name__}: {_short(str(err), 200)}") from None
     if not isinstance(method, METHODS):
         raise ValueError(f"{text!r} is not an autoshard method")
     return method

@@ -1,0 +1,190 @@
+"""What a plan file must be beyond its field types: a bounded JSON tree (depth, integers a
+machine word holds, finite numbers), costs that are finite and non-negative, pipeline
+stages on disjoint devices, and shardings that fit the program they are applied to.
+
+Every problem is a :class:`~autoshard.PlanFormatError` (or, for :func:`specs_misfit`, a
+sentence the caller puts in its ``ValueError``) naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from autoshard.errors import PlanFormatError
+from autoshard.ir.program import Literal
+
+#: JSON nesting a plan file may have: a pytree level takes 3 (an object, its pairs, a
+#: pair), so about 60 levels of nested parameters, far beyond real models.
+MAX_DEPTH = 200
+#: integers a plan may hold (bytes, counts, ids): what an int64 holds.
+MAX_INT = 2**63 - 1
+#: the largest magnitude of a number: sums of a few stay finite.
+MAX_FLOAT = 1e300
+#: devices a plan's mesh may have.
+MAX_DEVICES = 2**31
+
+
+def _path_text(path, limit: int = 8) -> str:
+    """A linked path ``(parent, key)`` as ``plan.stages[0].stage`` (its first ``limit``
+    keys, then ``…``)."""
+    keys = []
+    while path is not None:
+        path, key = path
+        keys.append(key)
+    keys.reverse()
+    text = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys[:limit])
+    return "plan" + text + ("…" if len(keys) > limit else "")
+
+
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"\s*:?|[\[\]{}]')
+
+
+def deepest_field(text: str, max_depth: int = MAX_DEPTH) -> str | None:
+    """The top-level field of a plan file's text under which its JSON nests deeper than
+    ``max_depth`` (read without parsing, for text too deep for ``json.loads``)."""
+    depth, field = 0, None
+    for token in _TOKENS.finditer(text):
+        t = token.group()
+        if t in "[{":
+            depth += 1
+            if depth > max_depth:
+                return field or "?"
+        elif t in "]}":
+            depth -= 1
+        elif depth == 1 and t.endswith(":"):
+            field = t.rstrip(": \t\r\n")[1:-1]
+    return None
+
+
+def _bad_number(value) -> str | None:
+    """Why a JSON number cannot be in a plan, or ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        return f"an integer of {len(str(abs(value)))} digits, beyond 64 bits"
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_FLOAT):
+        return f"{value!r}, not a finite number (within ±{MAX_FLOAT:g})"
+    return None
+
+
+def check_json_tree(data, max_depth: int = MAX_DEPTH) -> None:
+    """``PlanFormatError`` naming the place where ``data`` (a parsed plan file) nests
+    deeper than ``max_depth`` or holds NaN, an infinity, or an integer beyond 64 bits.
+    Iterative, so no file can exhaust the stack here."""
+    stack = [(data, 0, None)]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth >= max_depth:
+                raise PlanFormatError(f"{_path_text(path)}: nested deeper than {max_depth} "
+                                      f"levels; a plan file is never this deep")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((v, depth + 1, (path, k)) for k, v in items)
+        elif isinstance(value, (int, float)):
+            problem = _bad_number(value)
+            if problem is not None:
+                raise PlanFormatError(f"{_path_text(path)}: got {problem}")
+
+
+#: rounding a planner's sums may leave below zero (seconds); a corrupt cost is far below
+_ROUNDING = 1e-9
+#: solver figures that may be negative: an objective and its bound are differences
+_SIGNED = frozenset({"objective_s", "lower_bound_s"})
+
+
+def check_costs(record, where: str):
+    """``record`` (a cost or statistics record) after checking that its numbers are
+    finite and not negative (a cost or a count below zero is a corrupt file)."""
+    for field in dataclasses.fields(record):
+        value = getattr(record, field.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if not math.isfinite(value) or value < -_ROUNDING and field.name not in _SIGNED:
+            raise PlanFormatError(f"{where}.{field.name}: expected a finite number >= 0, "
+                                  f"got {value!r}")
+    return record
+
+
+def check_ids(items, where: str, what: str) -> None:
+    """``PlanFormatError`` unless every id in ``items`` is an integer >= 0."""
+    for i, value in enumerate(items):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise PlanFormatError(f"{where}[{i}]: expected {what} (an integer >= 0), got "
+                                  f"{value!r}")
+
+
+def check_mesh(shape, where: str = "plan.mesh.shape") -> None:
+    """``PlanFormatError`` when a mesh has more than :data:`MAX_DEVICES` devices."""
+    if math.prod(shape) > MAX_DEVICES:
+        raise PlanFormatError(f"{where}: {list(shape)} makes {math.prod(shape)} devices, more "
+                              f"than {MAX_DEVICES}")
+
+
+def check_stages(stages, where: str = "plan.stages") -> None:
+    """Pipeline stages (``StageAssignment`` records among ``stages``): each sub-mesh
+    holds as many distinct devices as its shape says, no device is in two stages, and all
+    stages agree on the micro-batches and schedule."""
+    owner: dict[int, int] = {}
+    first = None
+    for s, stage in enumerate(stages):
+        if not hasattr(stage, "device_ids"):
+            continue
+        at = f"{where}[{s}].stage"
+        check_mesh(stage.mesh_shape, f"{at}.mesh_shape")
+        if not stage.mesh_shape or any(n < 1 for n in stage.mesh_shape):
+            raise PlanFormatError(f"{at}.mesh_shape: expected positive sizes, got "
+                                  f"{list(stage.mesh_shape)}")
+        check_ids(stage.device_ids, f"{at}.device_ids", "a device id")
+        check_ids(stage.layers, f"{at}.layers", "a layer number")
+        if len(stage.device_ids) != math.prod(stage.mesh_shape):
+            raise PlanFormatError(f"{at}.device_ids: {len(stage.device_ids)} devices for a "
+                                  f"sub-mesh of shape {list(stage.mesh_shape)}")
+        for d in stage.device_ids:
+            if d in owner:
+                other = "itself" if owner[d] == s else f"stage {owner[d]}"
+                raise PlanFormatError(f"{at}.device_ids: device {d} is also in {other}; "
+                                      f"pipeline stages run on disjoint devices")
+            owner[d] = s
+        if stage.num_microbatches < 1:
+            raise PlanFormatError(f"{at}.num_microbatches: expected >= 1, got "
+                                  f"{stage.num_microbatches}")
+        if first is None:
+            first = stage
+        elif (stage.num_microbatches, stage.schedule) != (first.num_microbatches,
+                                                          first.schedule):
+            raise PlanFormatError(f"{at}: {stage.num_microbatches} micro-batches under "
+                                  f"{stage.schedule}, but the first stage has "
+                                  f"{first.num_microbatches} under {first.schedule}")
+
+
+def specs_misfit(program, flat_in, flat_out, value_specs, operand_specs) -> str | None:
+    """Why shardings do not fit ``program`` (a spec with more entries than its value has
+    dimensions, a value or equation it lacks, an operand index past an equation's
+    operands or on a literal), or ``None`` when they fit."""
+    avals = program.avals
+    for kind, values, specs in (("input", program.invars, flat_in),
+                                ("output", program.outvars, flat_out)):
+        for i, (v, spec) in enumerate(zip(values, specs)):
+            rank = len(avals[v].shape) if not isinstance(v, Literal) else 0
+            if len(spec) > rank:
+                return f"gives {kind} {i} the spec {spec}, but it has {rank} dimension(s)"
+    for v, spec in value_specs:
+        if not 0 <= v < len(avals):
+            return f"pins value {v}, but the program has {len(avals)} values"
+        if len(spec) > len(avals[v].shape):
+            return (f"pins value {v} to {spec}, but it has {len(avals[v].shape)} "
+                    f"dimension(s)")
+    for e, k, spec in operand_specs:
+        if not 0 <= e < len(program.eqns):
+            return (f"reshards an operand of equation {e}, but the program has "
+                    f"{len(program.eqns)} equations")
+        inputs = program.eqns[e].inputs
+        if not 0 <= k < len(inputs) or isinstance(inputs[k], Literal):
+            return (f"reshards operand {k} of equation {e} ({program.eqns[e].primitive.name}), "
+                    f"which has {len(inputs)} operand(s)"
+                    + (", that one a constant" if 0 <= k < len(inputs) else ""))
+        if len(spec) > len(avals[inputs[k]].shape):
+            return (f"reshards operand {k} of equation {e} to {spec}, but it has "
+                    f"{len(avals[inputs[k]].shape)} dimension(s)")
+    return None
