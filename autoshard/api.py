@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import time
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -10,6 +12,7 @@ import jax
 import numpy as np
 
 from autoshard.distributed.agreement import check_same_plan
+from autoshard.intra.batch import default_batch_argnums
 from autoshard.intra.planner import plan_traced
 from autoshard.ir import hlo
 from autoshard.ir.call import BoundCall, argument_roles, bind_call
@@ -145,18 +148,24 @@ class ParallelizedFunction:
         return (len(call.args), call.keywords, treedef,
                 tuple(_leaf_signature(x) for x in leaves), tuple(statics))
 
-    def _flags(self, call: BoundCall) -> tuple[list[bool], list[bool]]:
-        """Per flat input of the call: (holds the batch, is donated)."""
+    def _flags(self, call: BoundCall, traced: TracedFunction | None = None
+               ) -> tuple[list[bool], list[bool], tuple[int, ...]]:
+        """Per flat input of the call: (holds the batch, is donated), and the batch
+        arguments. Without ``batch_argnums`` the batch is inferred: from ``traced`` (see
+        ``intra.batch``), or for a pipeline from the gradient's inputs."""
         args = call.args
         _, paths, _ = flat_paths(args, call.static)
+        donated = _under_args(paths, call.donate)
         batch = call.batch
-        if batch is None:
+        if batch is None and traced is not None:
+            batch = default_batch_argnums(traced, donated)
+        elif batch is None:
             dyn = [i for i in range(len(args)) if i not in call.static]
             batch = (dyn[-1],) if dyn else ()
             if batch and isinstance(self._method, PipeshardParallel):
                 # x and y of step(params, opt_state, x, y): see PipeshardParallel
                 batch = infer_batch_argnums(call.fun, args, call.static, batch[0])
-        return _under_args(paths, batch), _under_args(paths, call.donate)
+        return _under_args(paths, batch), donated, tuple(batch)
 
     def _compiled(self, call: BoundCall, need_program: bool) -> _Compiled:
         key = self._key(call)
@@ -175,22 +184,36 @@ class ParallelizedFunction:
         return entry
 
     def _plan(self, call: BoundCall, statics: str) -> _Compiled:
+        start = time.perf_counter()
         where = self._resolve()
         traced = trace(call.fun, call.args, call.static)
         if self._fixed_plan is not None:  # a saved plan: check it, don't solve
             return _Compiled(traced, self._reuse_plan(traced, statics), None)
-        batch, donated = self._flags(call)
+        batch, donated, batch_args = self._flags(call, traced)
         plan = plan_traced(traced, mesh_shape=where.mesh_shape, axis_names=where.axis_names,
                            cluster=where.cluster, method=self._method, batch_flat=batch,
                            static_repr=statics, donated_flat=donated,
                            memory_budget=where.memory_budget
-                           if isinstance(self._method, ShardParallel) else None)
+                           if isinstance(self._method, ShardParallel) else None,
+                           deadline=self._deadline(start))
+        plan = dataclasses.replace(plan, batch=_argument_names(call, batch_args),
+                                   batch_inferred=call.batch is None)
         self._check_budget(plan)
         return _Compiled(traced, plan, None)
 
+    def _deadline(self, start: float) -> float | None:
+        """When the search must end: ``time_limit_s`` wall seconds after planning
+        started, in a single process. Across processes, or with the environment variable
+        ``AUTOSHARD_DETERMINISTIC=1``, ``None``: the deterministic limit alone, so that
+        every process (and every run) finds the same plan (see ``distributed.agreement``)."""
+        if not isinstance(self._method, ShardParallel) or jax.process_count() > 1 or \
+                os.environ.get(DETERMINISTIC_ENV, "0") not in ("", "0"):
+            return None
+        return start + self._method.time_limit_s
+
     def _plan_pipeline(self, call: BoundCall, statics: str) -> _Compiled:
         where = self._resolve()
-        batch, donated = self._flags(call)
+        batch, donated, batch_args = self._flags(call)
         devices = None
         if isinstance(where.mesh, jax.sharding.Mesh):
             devices = [d.id for d in np.asarray(where.mesh.devices).reshape(-1)]
@@ -207,8 +230,10 @@ class ParallelizedFunction:
             donated_flags=donated, mesh_shape=where.mesh_shape, axis_names=where.axis_names,
             cluster=where.cluster, method=self._method, memory_budget=where.memory_budget,
             static_repr=statics, device_ids=devices)
-        self._check_budget(step.plan)
-        return _Compiled(step.traced, step.plan, None, pipeline=step.layout)
+        plan = dataclasses.replace(step.plan, batch=_argument_names(call, batch_args),
+                                   batch_inferred=call.batch is None)
+        self._check_budget(plan)
+        return _Compiled(step.traced, plan, None, pipeline=step.layout)
 
     def _check_budget(self, plan: Plan) -> None:
         """The constrained search re-checks its peak steps; this catches what a
@@ -327,6 +352,17 @@ def _leaf_signature(leaf) -> tuple:
     return (tuple(aval.shape), aval.dtype.name, bool(aval.weak_type))
 
 
+#: set to 1 to plan as ``jax.distributed`` processes do in a single process too: with
+#: CP-SAT's deterministic limit instead of the wall clock, so every run finds the same plan
+DETERMINISTIC_ENV = "AUTOSHARD_DETERMINISTIC"
+
+
+def _argument_names(call: BoundCall, argnums) -> tuple[str, ...]:
+    """``args[i]`` for each argument, with its keyword for one passed by keyword."""
+    return tuple(f"args[{i}]" if i < call.num_positional else
+                 f"args[{i}] ({call.keywords[i - call.num_positional]}=)" for i in argnums)
+
+
 def _under_args(paths, argnums) -> list[bool]:
     """Per flat input path (``args[2]['x']``): whether it belongs to one of ``argnums``."""
     def under(path, i):
@@ -376,9 +412,11 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
     ``method``: :class:`ShardParallel` (ILP, default), a preset (:class:`DataParallel`,
     :class:`ZeRO3`, :class:`Megatron`) or :class:`PipeshardParallel` (pipeline stages on
     sub-meshes; the step must use :func:`autoshard.value_and_grad`). ``batch_argnums``:
-    the arguments holding the batch (default: the last non-static one; under
-    :class:`PipeshardParallel` also the arguments it infers as batch data, see there);
-    presets split those on their leading dim. ``memory_budget``: bytes per device
+    the arguments holding the batch (default: inferred, ``plan.batch`` says which: the
+    arguments that are not returned at their key path or donated, not PRNG keys or
+    scalars, and share the last such one's leading dim; under :class:`PipeshardParallel`
+    the last non-static one and those it infers as batch data, see there); presets split
+    those on their leading dim. ``memory_budget``: bytes per device
     (``"16GiB"``) that the plan's estimated peak must fit (default: the cluster's device
     memory less its reserve for GPU presets, none on the host CPU); the ILP then trades
     speed for memory, and :class:`InfeasiblePlanError` names the smallest feasible peak.

@@ -23,7 +23,11 @@ def _is_count(value) -> bool:
 class ShardParallel:
     """Intra-operator parallelism found by the ILP (Alpa's ShardParallel).
 
-    ``time_limit_s``: solver limit (deterministic, so every process gets the same plan).
+    ``time_limit_s``: seconds planning may take, from the call that traces to the plan
+    (the search returns the best plan found by then). Across ``jax.distributed``
+    processes (or with ``AUTOSHARD_DETERMINISTIC=1``) it is a deterministic limit
+    instead, of about that many seconds of search on a typical machine, so that every
+    process finds the same plan.
     ``tie_repeats``: give the nodes of repeated identical layers one shared choice
     (alternating between consecutive layers), so the ILP stops growing with depth;
     ``None`` ties when the problem has more than 600 nodes (roughly 4+ transformer

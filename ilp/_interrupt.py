@@ -20,11 +20,13 @@ _POLL_S = 0.1
 STOP_WAIT_S = 1.0
 
 
-def run_interruptibly(solve: Callable[[], T], stop: Callable[[], None]) -> T:
+def run_interruptibly(solve: Callable[[], T], stop: Callable[[], None],
+                      on_wait: Callable[[], None] | None = None) -> T:
     """``solve()``, stoppable by Ctrl-C: on ``KeyboardInterrupt`` call ``stop()`` (the
     solver's "stop searching"), wait up to :data:`STOP_WAIT_S` for the solve to return,
     and raise the ``KeyboardInterrupt``. A solver that ignores ``stop()`` (HiGHS through
     OR-Tools' model builder) finishes in its daemon thread; its result is dropped.
+    ``on_wait()`` runs every :data:`_POLL_S` seconds while the solve runs (progress).
 
     Outside the main thread (where no ``KeyboardInterrupt`` arrives) this is ``solve()``.
     """
@@ -44,7 +46,8 @@ def run_interruptibly(solve: Callable[[], T], stop: Callable[[], None]) -> T:
     threading.Thread(target=work, name="autoshard-solver", daemon=True).start()
     try:
         while not done.wait(_POLL_S):
-            pass
+            if on_wait is not None:
+                on_wait()
     except KeyboardInterrupt:
         stop()
         done.wait(STOP_WAIT_S)

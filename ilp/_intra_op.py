@@ -45,7 +45,9 @@ choices within that of the optimum may be returned as "OPTIMAL". The reported
 Determinism: the model is built in sorted order, solved with one worker, a fixed
 seed and a deterministic time limit (see ``_memory.solver_parameters``); the LP
 runs single-threaded dual simplex and is skipped by a size rule, not a clock; so
-the same request gives the same choices in every run and process.
+the same request gives the same choices in every run and process, unless it sets
+``wall_time_limit_s`` (``_clock``): then the wall clock may end the LP or the search
+first (the search also ends once it stalls), and the result depends on the machine.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from ortools.sat.python import cp_model
 
 from autoshard.cost_model import format_bytes
 
+from ._clock import Deadline, Progress
 from ._evaluate import evaluate
 from ._grid import EdgeGrid, edge_grid
 from ._heuristic import best_assignment, local_search, polish
@@ -70,6 +73,14 @@ from ._request import InfeasibleError, IntraOpRequest, IntraOpResult, SolverStat
 
 #: integer units given to the largest objective coefficient.
 _RESOLUTION = 1e8
+#: wall-clock seconds below which a search is not started (the warm start is returned)
+_MIN_SEARCH_S = 0.05
+#: the most of a wall-clock budget left that the LP relaxation may use (the search,
+#: warm-started without the LP's rounding, gets the rest)
+_LP_SHARE = 0.5
+#: seconds to build and load the CP-SAT model, per variable (measured on a 2-core x86
+#: box: 162k variables, 2.5 s); a search that could not start in time is not built
+_BUILD_S_PER_VARIABLE = 1.5e-5
 
 
 def _memory_rows(request: IntraOpRequest, reduced: ReducedProblem):
@@ -179,22 +190,25 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     """Pick one strategy per node minimising Σ node seconds + Σ edge resharding seconds.
 
     Raises ``InfeasibleError`` when the memory budget cannot be met and ``ValueError``
-    when forbidden (inf) pairs leave no assignment. Status "FEASIBLE" means the
-    deterministic time limit stopped the search; ``gap`` is then relative to the
-    proven lower bound.
+    when forbidden (inf) pairs leave no assignment. Status "FEASIBLE" means a time
+    limit (the deterministic one, or ``wall_time_limit_s``) stopped the search;
+    ``gap`` is then relative to the proven lower bound.
     """
+    deadline = Deadline.of(request.wall_time_limit_s, request.time_limit_s)
     if request.tie_repeats and request.memory_budget is None:
         classes = repeat_classes(request)
         if classes.num_classes < request.num_nodes:
-            return _solve_tied(request, classes)
+            return _solve_tied(request, classes, deadline)
     prepared = _prepare(request)
 
     def relax(charges, offset):
+        progress = Progress("LP relaxation", deadline)
         return solve_relaxation([len(k) for k in prepared.reduced.keep], prepared.active,
                                 {v: prepared.reduced.cost[v] - prepared.base[v]
                                  for v in prepared.active},
                                 prepared.grids, prepared.rows, charges, offset,
-                                request.time_limit_s, _backstop_s(request.time_limit_s))
+                                min(request.time_limit_s, deadline.remaining_s()),
+                                deadline.solver_s(_LP_SHARE), on_wait=progress.tick)
 
     # the LP relaxation: often integral, then optimal without a search
     relaxation = relax(prepared.shared, prepared.constant) if prepared.active else None
@@ -215,7 +229,8 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     starts = []
     if relaxation is not None and relaxation.solved:
         starts.append(relaxation.position)
-        if prepared.shared:
+        # (a second LP only when the first one's time is left twice over)
+        if prepared.shared and deadline.remaining_s() > 2 * relaxation.wall_time_s:
             # Fixed charges make the LP fractional (it spreads members to share a charge).
             # With every charge paid up front the problem has none, and its LP optimum
             # (usually integral) costs at most the optimum plus the unused charges.
@@ -232,7 +247,7 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
                                min(bound, warm_eval.objective), "FEASIBLE", relaxation,
                                scale=0.0, build_time=time.perf_counter() - prepared.start,
                                solver=None, solver_status="LP_BOUND")
-    return _search(request, prepared, relaxation, position, warm, warm_eval, bound)
+    return _search(request, prepared, relaxation, position, warm, warm_eval, bound, deadline)
 
 
 def _prepare(request: IntraOpRequest) -> _Prepared:
@@ -270,20 +285,32 @@ def _prepare(request: IntraOpRequest) -> _Prepared:
 
 
 def _search(request: IntraOpRequest, prepared: _Prepared, relaxation, position, warm,
-            warm_eval, bound: float) -> IntraOpResult:
-    """CP-SAT from the warm start; never returns worse than the warm start when the
-    deterministic time limit stops it."""
+            warm_eval, bound: float, deadline: Deadline) -> IntraOpResult:
+    """CP-SAT from the warm start; never returns worse than the warm start when a time
+    limit stops it. With no wall-clock time left and a valid warm start, the warm start
+    is returned without a search (solver status ``OUT_OF_TIME``)."""
     reduced, active, scale = prepared.reduced, prepared.active, prepared.scale
+    num_vars = (sum(len(reduced.keep[v]) for v in active)
+                + sum(int(g.finite.sum()) for g in prepared.grids))
+    if warm_eval.ok and \
+            deadline.remaining_s() < _MIN_SEARCH_S + _BUILD_S_PER_VARIABLE * num_vars:
+        return _out_of_time(request, prepared, relaxation, warm, warm_eval, bound)
     model, lits, edge_cells, charged = _cp_model(reduced, active, prepared.base,
                                                  prepared.constant, prepared.grids,
                                                  prepared.rows, prepared.shared, scale)
     _add_hint(model, lits, prepared.grids, edge_cells, charged, prepared.shared, position)
     build_time = time.perf_counter() - prepared.start
+    if warm_eval.ok and deadline.remaining_s() < _MIN_SEARCH_S:  # building took the time
+        return _out_of_time(request, prepared, relaxation, warm, warm_eval, bound)
     solver = cp_model.CpSolver()
-    solver_parameters(solver, request.time_limit_s)
+    solver_parameters(solver, request.time_limit_s, deadline.solver_s())
     solver.parameters.relative_gap_limit = request.gap_limit
     if active:
-        status = run_interruptibly(lambda: solver.solve(model), solver.stop_search)
+        progress = Progress("search", deadline, scale=scale,
+                            best_s=warm_eval.objective if warm_eval.ok else np.nan,
+                            stop=solver.stop_search)
+        status = run_interruptibly(lambda: solver.solve(model, progress), solver.stop_search,
+                                   on_wait=progress.tick)
         solution = solver.response_proto.solution
     else:
         status, solution = cp_model.OPTIMAL, []
@@ -311,8 +338,8 @@ def _search(request: IntraOpRequest, prepared: _Prepared, relaxation, position, 
         choices, status_name = warm, "FEASIBLE"  # time limit hit before CP-SAT's first solution
     else:
         raise RuntimeError(
-            f"CP-SAT found no assignment within the deterministic time limit "
-            f"({request.time_limit_s:g}); raise time_limit_s or pass a hint")
+            f"CP-SAT found no assignment within the time limit ({request.time_limit_s:g} s); "
+            f"raise time_limit_s or pass a hint")
 
     objective = evaluate(request, choices).objective
     if status_name == "FEASIBLE":  # stopped by the limit: never return worse than the warm start
@@ -323,13 +350,19 @@ def _search(request: IntraOpRequest, prepared: _Prepared, relaxation, position, 
     return prepared.result(request, choices, objective, lower_bound, status_name, relaxation,
                            scale=scale, build_time=build_time,
                            solver=solver if active else None,
-                           solver_status=solver.status_name(status) if active else "TRIVIAL",
+                           solver_status=("TRIVIAL" if not active else "STALLED"
+                                          if progress.stalled and status == cp_model.FEASIBLE
+                                          else solver.status_name(status)),
                            model=model)
 
 
-def _backstop_s(time_limit_s: float) -> float:
-    """Wall-clock backstop for the LP (the same as CP-SAT's, see ``solver_parameters``)."""
-    return 5.0 * float(time_limit_s) + 30.0
+def _out_of_time(request, prepared: _Prepared, relaxation, warm, warm_eval,
+                 bound: float) -> IntraOpResult:
+    """The warm start, returned when the wall-clock budget ran out before the search."""
+    lower = min(bound if bound > -np.inf else prepared.constant, warm_eval.objective)
+    return prepared.result(request, warm, warm_eval.objective, lower, "FEASIBLE", relaxation,
+                           scale=0.0, build_time=time.perf_counter() - prepared.start,
+                           solver=None, solver_status="OUT_OF_TIME")
 
 
 def _edge_grids(reduced: ReducedProblem, rows) -> list[EdgeGrid]:
@@ -461,14 +494,16 @@ def _result(request, reduced, choices, objective, lower_bound, status, start, re
     )
 
 
-def _solve_tied(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpResult:
+def _solve_tied(request: IntraOpRequest, classes: RepeatClasses,
+                deadline: Deadline) -> IntraOpResult:
     """Solve over repeat classes, expand, polish node by node, never worse than the hint.
 
     The status is "FEASIBLE": the tied optimum need not be the untied one. The lower
     bound is Σ per-node minima + Σ per-edge minima (valid for any assignment, weak).
     """
     start = time.perf_counter()
-    sub = solve_intra_op(tied_request(request, classes))
+    sub = solve_intra_op(dataclasses.replace(tied_request(request, classes),
+                                             wall_time_limit_s=deadline.wall_limit()))
     costs = [np.asarray(c, dtype=np.float64) for c in request.node_costs]
     edges = [(e.src, e.dst, e.cost) for e in request.edges]
     expanded = list(classes.expand(sub.choices))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from ortools.sat.python import cp_model
 
+from ._clock import Deadline
 from ._evaluate import point_memory
 from ._interrupt import run_interruptibly
 from ._reduce import ReducedProblem, reduce_request
@@ -32,13 +33,14 @@ def to_units(values: np.ndarray, unit: float) -> np.ndarray:
 DETERMINISTIC_UNITS_PER_SECOND = 1.0 / 3.0
 
 
-def solver_parameters(solver: cp_model.CpSolver, time_limit_s: float) -> None:
+def solver_parameters(solver: cp_model.CpSolver, time_limit_s: float, wall_s: float) -> None:
     """Deterministic CP-SAT settings: one worker, fixed seed, deterministic time limit.
 
     The search stops after ``time_limit_s * DETERMINISTIC_UNITS_PER_SECOND`` units of
     CP-SAT's deterministic work counter, so a given request always stops at the same
-    point. A wall-clock backstop at ``5 * time_limit_s + 30`` s exists only against
-    pathological slowness; it is the one exit that is not deterministic.
+    point, or after ``wall_s`` wall-clock seconds (``Deadline.solver_s``: the request's
+    wall-clock budget left, else a backstop against pathological slowness), the one
+    exit that is not deterministic.
     Presolve is capped (one iteration, no probing, no symmetry) because its work
     is barely counted by the deterministic limit.
     """
@@ -46,7 +48,7 @@ def solver_parameters(solver: cp_model.CpSolver, time_limit_s: float) -> None:
     params.num_workers = 1
     params.random_seed = 20240601
     params.max_deterministic_time = float(time_limit_s) * DETERMINISTIC_UNITS_PER_SECOND
-    params.max_time_in_seconds = 5.0 * float(time_limit_s) + 30.0
+    params.max_time_in_seconds = max(float(wall_s), 1e-3)
     params.linearization_level = 2  # full LP relaxation: far better bounds on these models
     params.max_presolve_iterations = 1
     params.cp_model_probing_level = 0
@@ -119,7 +121,8 @@ def _min_peak(request: IntraOpRequest, reduced: ReducedProblem) -> float:
         model.add(expr + constant <= peak)
     model.minimize(peak)
     solver = cp_model.CpSolver()
-    solver_parameters(solver, request.time_limit_s)
+    solver_parameters(solver, request.time_limit_s,
+                      Deadline.of(request.wall_time_limit_s, request.time_limit_s).solver_s())
     status = run_interruptibly(lambda: solver.solve(model), solver.stop_search)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise ValueError(f"no assignment satisfies the forbidden strategy pairs (CP-SAT: {solver.status_name(status)})")

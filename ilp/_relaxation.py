@@ -22,7 +22,7 @@ largest coefficient is ``_OBJECTIVE_RANGE``, well above the solver's tolerances.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +71,8 @@ class Relaxation:
 def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
                      node_cost: Mapping[int, np.ndarray], grids: Sequence[EdgeGrid],
                      memory_rows, shared, constant: float,
-                     time_limit_s: float, backstop_s: float) -> Relaxation:
+                     time_limit_s: float, backstop_s: float,
+                     on_wait: Callable[[], None] | None = None) -> Relaxation:
     """Solve the LP over ``active`` nodes (``sizes[v]`` kept strategies each).
 
     ``node_cost[v]``: seconds per kept strategy; ``constant``: seconds added to the
@@ -80,7 +81,8 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
     {node: [kept index, ...]})`` charges, each a variable >= every member node's sum
     of member strategy values. An LP estimated to take
     longer than ``time_limit_s`` is not attempted; ``backstop_s`` is a wall-clock stop
-    against pathological slowness only. Either reports ``solved=False``.
+    (the caller's wall-clock budget left, or one against pathological slowness). Either
+    reports ``solved=False``. ``on_wait()`` runs every fraction of a second meanwhile.
     """
     start = time.perf_counter()
     num_vars = (sum(sizes[v] for v in active) + sum(int(g.finite.sum()) for g in grids)
@@ -105,7 +107,7 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
     solver = model_builder.Solver("highs")
     solver.set_solver_specific_parameters("threads=1\noutput_flag=false")
     solver.set_time_limit_in_seconds(float(backstop_s))
-    status = run_interruptibly(lambda: solver.solve(model), solver.stop_search)
+    status = run_interruptibly(lambda: solver.solve(model), solver.stop_search, on_wait)
     wall = time.perf_counter() - start
     if status != model_builder.SolveStatus.OPTIMAL:
         # a time limit or numerical trouble leaves the LP unsolved, not the ILP infeasible

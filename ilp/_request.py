@@ -89,7 +89,11 @@ class IntraOpRequest:
     only some of its strategies need) or ``(src, dst, bytes[i, j])`` when src uses
     strategy i and dst strategy j (a resharding copy, which exists only for some
     pairs); they need no ``node_memory``. ``hint``: a complete assignment to
-    warm-start from. ``time_limit_s`` is turned into a deterministic solver limit.
+    warm-start from. ``time_limit_s`` is turned into a deterministic solver limit, so
+    the same request stops at the same point on every run and in every process.
+    ``wall_time_limit_s``: wall-clock seconds the whole solve (LP, warm start, search)
+    may take besides; ``None``: the deterministic limit alone (with a backstop against
+    pathological slowness). A solve stopped by the wall clock may differ between runs.
     ``gap_limit``: stop once the solution is proven within this relative gap of the
     optimum (0: prove optimality or reach the time limit).
     ``shared_costs``: fixed charges paid once when any of their (node, strategy)
@@ -108,6 +112,7 @@ class IntraOpRequest:
     hint: tuple[int, ...] | None = None
     shared_costs: tuple[SharedCost, ...] = ()
     time_limit_s: float = 60.0
+    wall_time_limit_s: float | None = None
     tie_repeats: bool = False
     gap_limit: float = 0.0
 
@@ -138,6 +143,8 @@ class IntraOpRequest:
         object.__setattr__(self, "shared_costs", tuple(
             c if isinstance(c, SharedCost) else SharedCost(*c) for c in self.shared_costs))
         object.__setattr__(self, "time_limit_s", float(self.time_limit_s))
+        if self.wall_time_limit_s is not None:
+            object.__setattr__(self, "wall_time_limit_s", float(self.wall_time_limit_s))
         object.__setattr__(self, "gap_limit", float(self.gap_limit))
         self._validate()
 
@@ -254,6 +261,9 @@ class IntraOpRequest:
                                      f"(expected 0..{self.num_strategies(v) - 1})")
         if not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s must be > 0, got {self.time_limit_s}")
+        if self.wall_time_limit_s is not None and not self.wall_time_limit_s >= 0:
+            raise ValueError(f"wall_time_limit_s must be None or >= 0 seconds, got "
+                             f"{self.wall_time_limit_s}")
         if not 0.0 <= self.gap_limit < 1.0:
             raise ValueError(f"gap_limit must be in [0, 1), got {self.gap_limit}")
 
@@ -273,6 +283,8 @@ class IntraOpRequest:
         if self.hint is not None:
             parts.append("hint=yes")
         parts.append(f"time_limit_s={self.time_limit_s:g}")
+        if self.wall_time_limit_s is not None:
+            parts.append(f"wall_time_limit_s={self.wall_time_limit_s:g}")
         return f"IntraOpRequest({', '.join(parts)})"
 
 
@@ -282,7 +294,10 @@ class SolverStats:
 
     ``solver_status``: CP-SAT's status, or ``LP_INTEGRAL`` (the LP optimum was
     integral, no search), ``LP_BOUND`` (the warm start was within ``gap_limit`` of the
-    LP bound, no search) or ``TRIVIAL`` (nothing left after the reductions).
+    LP bound, no search), ``TRIVIAL`` (nothing left after the reductions),
+    ``OUT_OF_TIME`` (the wall-clock budget ran out before the search: the warm start) or
+    ``STALLED`` (a search under a wall-clock limit stopped when it found nothing better
+    for a while, ``_clock.STALL_S``).
 
     ``scale``: integer units per second in the CP-SAT objective;
     ``max_rounding_error_s``: bound on |scaled objective/scale - true objective|.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import subprocess
 import sys
 import textwrap
@@ -542,3 +543,50 @@ def test_tied_solution_is_priced_on_the_full_request():
     for _ in range(5):
         pick = [int(rng.integers(2)) for _ in range(classes.num_classes)]
         assert evaluate(tied, pick).objective == evaluate(request, classes.expand(pick)).objective
+
+
+# ---------------------------------------------------------------- wall-clock limit
+
+
+def _hard_request(n=400, **kwargs):
+    """``n`` nodes of 8 strategies, two random dense edges each: the LP is fractional and
+    CP-SAT does not prove optimality within seconds."""
+    rng = np.random.default_rng(7)
+    s = 8
+    edges = [EdgeCost(int(u), v, rng.uniform(0, 1, (s, s)))
+             for v in range(1, n) for u in rng.choice(v, min(v, 2), replace=False)]
+    return IntraOpRequest(node_costs=tuple(rng.uniform(0, 1, s) for _ in range(n)),
+                          edges=tuple(edges), **kwargs)
+
+
+def test_wall_clock_limit_stops_a_long_search():
+    # The deterministic limit (1000 s) would run for many minutes: the wall clock ends
+    # the search. (Not a timing benchmark: 1 s against a search of minutes.)
+    result = solve_intra_op(_hard_request(time_limit_s=1000.0, wall_time_limit_s=1.0))
+    assert result.status == "FEASIBLE" and result.solve_time_s < 30.0
+    assert evaluate(_hard_request(), result.choices).ok
+
+
+def test_no_wall_clock_time_left_returns_the_warm_start_without_a_search():
+    request = _hard_request(wall_time_limit_s=0.0)
+    hint = greedy_assignment(request)
+    result = solve_intra_op(dataclasses.replace(request, hint=hint))
+    assert result.stats.solver_status == "OUT_OF_TIME" and result.status == "FEASIBLE"
+    assert result.objective <= evaluate(request, hint).objective + 1e-12
+    assert result.lower_bound <= result.objective
+
+
+def test_long_phases_report_progress(monkeypatch, caplog):
+    monkeypatch.setattr("autoshard.ilp._clock.PROGRESS_PERIOD_S", 0.0)  # every poll logs
+    with caplog.at_level(logging.INFO, logger="autoshard.ilp"):
+        solve_intra_op(_hard_request(150, wall_time_limit_s=3.0))
+    lines = [r.getMessage() for r in caplog.records if r.name == "autoshard.ilp"]
+    assert any(line.startswith("LP relaxation: ") for line in lines)
+    search = [line for line in lines if line.startswith("search: ")]
+    assert search and all(" s left" in line for line in search)
+    assert any("best plan so far" in line and "gap" in line for line in search)
+
+
+def test_negative_wall_clock_limit_is_rejected():
+    with pytest.raises(ValueError, match="wall_time_limit_s must be None or >= 0"):
+        IntraOpRequest(node_costs=([0.0],), wall_time_limit_s=-1.0)

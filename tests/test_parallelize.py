@@ -88,3 +88,31 @@ def test_dropout_with_a_key_argument_matches_jit(make_key):
     args = (w, x, make_key(3))
     step_p = autoshard.parallelize(step, mesh=autoshard.make_mesh((2, 4), ("data", "model")))
     assert_trees_allclose(step_p(*args), jax.jit(step)(*args))
+
+
+def test_time_limit_shorter_than_planning_still_gives_a_correct_plan(monkeypatch):
+    # tracing and pricing use up 1 ms: no time is left to search, and the plan is the
+    # warm start (the best of the greedy and preset-like plans), never worse than them
+    monkeypatch.delenv("AUTOSHARD_DETERMINISTIC")   # a user's default: the wall clock
+    workload = WORKLOADS["transformer_block"]()
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    step = autoshard.parallelize(workload.fn, mesh=mesh,
+                                 method=autoshard.ShardParallel(time_limit_s=1e-3),
+                                 batch_argnums=workload.batch_argnums)
+    plan = step.plan(*workload.args)
+    assert plan.solver.solver_status == "OUT_OF_TIME" and plan.solver.status == "FEASIBLE"
+    assert "(OUT_OF_TIME)" in plan.summary()
+    assert_trees_allclose(step(*workload.args), jax.jit(workload.fn)(*workload.args))
+    dp = autoshard.parallelize(workload.fn, mesh=mesh, method=autoshard.DataParallel(),
+                               batch_argnums=workload.batch_argnums).plan(*workload.args)
+    assert plan.cost.total_s <= dp.cost.total_s * (1 + 1e-6)
+
+
+def test_deterministic_planning_ignores_the_wall_clock():
+    # conftest sets AUTOSHARD_DETERMINISTIC=1: the same 1 ms limit is CP-SAT work units,
+    # not seconds, and tracing cannot use it up
+    workload = WORKLOADS["transformer_block"]()
+    step = autoshard.parallelize(workload.fn, mesh=autoshard.abstract_mesh((2, 4), ("data", "model")),
+                                 method=autoshard.ShardParallel(time_limit_s=1e-3),
+                                 batch_argnums=workload.batch_argnums)
+    assert step.plan(*workload.args).solver.solver_status != "OUT_OF_TIME"

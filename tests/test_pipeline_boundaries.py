@@ -48,7 +48,7 @@ def test_apply_reads_gradients_and_parameters_in_the_stage_layouts(mesh_shape, n
                                          stage_method=autoshard.ShardParallel(time_limit_s=5))
     step = autoshard.parallelize(w.fn, mesh=autoshard.make_mesh(mesh_shape, names),
                                  method=method)
-    pipe = step._compiled(w.args, need_program=True).program
+    pipe = step._compiled(step._bind(w.args, {}), need_program=True).program
     assert len(pipe.apply) >= 1
     assert _boundary_reshards(pipe) == []
     assert_trees_allclose(step(*w.args), jax.jit(w.fn)(*w.args))

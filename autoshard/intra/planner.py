@@ -29,7 +29,8 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                 batch_flat: Sequence[bool], static_repr: str = "",
                 donated_flat: Sequence[bool] = (), memory_budget: float | None = None,
                 in_layouts: Mapping[int, PartitionSpec] | None = None,
-                carried: Sequence[tuple[int, int]] = (), carried_weight: float = 1.0) -> Plan:
+                carried: Sequence[tuple[int, int]] = (), carried_weight: float = 1.0,
+                deadline: float | None = None) -> Plan:
     """Plan ``traced`` on a mesh of ``mesh_shape`` with ``method``; with ``memory_budget``
     (bytes per device) the estimated peak memory of the plan stays within it.
 
@@ -43,7 +44,11 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     a pipeline stage pairs each parameter's gradient with the parameter, which the
     apply-gradient program reads in the stage's layout. Their resharding is priced at
     ``carried_weight`` times its cost (a stage that runs B times per step pays it once:
-    1/B)."""
+    1/B).
+
+    ``deadline``: ``time.perf_counter()`` seconds by which the solver must be done (it
+    then returns the best plan found so far); ``None``: the method's deterministic
+    limit alone, so that every process of a multi-process run finds the same plan."""
     start = time.perf_counter()
     model = MeshCostModel(cluster, tuple(mesh_shape))
     program = traced.program
@@ -64,7 +69,7 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
         return plan_record(traced, problem, choices, None, method=method, model=model,
                            cluster=cluster, axis_names=axis_names, static_repr=static_repr,
                            donated=donated, start=start)
-    result = _solve_within_budget(problem, model, donated, memory_budget)
+    result = _solve_within_budget(problem, model, donated, memory_budget, deadline)
     _log.info("solved: %s (%s), %.4g s per step, gap %.2f%%, %d variables (%.2f s, LP %.2f s)",
               result.status, result.stats.solver_status, result.objective, 100 * result.gap,
               result.num_variables, result.solve_time_s, result.stats.lp_time_s)
@@ -74,12 +79,13 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
 
 
 def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated,
-                         budget: float | None) -> ilp.IntraOpResult:
+                         budget: float | None, deadline: float | None) -> ilp.IntraOpResult:
     """Solve; with a budget, first without it (repeated layers tied, often one LP): a plan
     whose whole liveness profile fits is optimal under the budget too. Otherwise constrain
     the candidate peak steps, then check the plan's whole liveness profile and add the
     steps it overflows, until none does (at most 8 solves)."""
-    request, graph, grouping = problem.request, problem.graph, problem.grouping
+    graph, grouping = problem.graph, problem.grouping
+    request = _until(problem.request, deadline)
     free = ilp.solve_intra_op(request)
     if budget is None:
         return free
@@ -90,7 +96,8 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
         return free
     steps = candidate_steps(tensors, len(program.eqns))
     for _ in range(8):
-        constrained = dataclasses.replace(request, memory_terms=memory_terms(tensors, steps),
+        constrained = dataclasses.replace(_until(request, deadline),
+                                          memory_terms=memory_terms(tensors, steps),
                                           memory_budget=float(budget))
         try:
             result = ilp.solve_intra_op(constrained)
@@ -106,3 +113,11 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
             return result
         steps = sorted(set(steps) | missed)
     return result
+
+
+def _until(request: ilp.IntraOpRequest, deadline: float | None) -> ilp.IntraOpRequest:
+    """``request`` with the wall-clock seconds left until ``deadline`` (if any)."""
+    if deadline is None:
+        return request
+    return dataclasses.replace(request,
+                               wall_time_limit_s=max(0.0, deadline - time.perf_counter()))

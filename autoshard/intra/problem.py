@@ -91,8 +91,11 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
     tie = getattr(method, "tie_repeats", None)
     tie = len(grouping.roots) > TIE_REPEATS_ABOVE if tie is None else bool(tie)
     gap = getattr(method, "gap_limit", None)
+    propagation = grouped_request(graph, grouping, uses, matrices, time_limit, merged,
+                                  resharding_weight=PROPAGATION_RESHARDING_WEIGHT) \
+        if isinstance(method, ShardParallel) else None
     request = dataclasses.replace(
-        request, hint=_seed(graph, grouping, request, model, method, batch_flat),
+        request, hint=_seed(graph, grouping, request, propagation, model, method, batch_flat),
         tie_repeats=tie, gap_limit=(0.01 if tie else 0.0) if gap is None else gap)
     _log.info("strategies and costs: %d nodes, %d ILP nodes after following, %d edges "
               "(%.2f s)", len(graph.nodes), len(grouping.roots), len(request.edges),
@@ -184,11 +187,13 @@ def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs,
     return dataclasses.replace(graph, nodes=tuple(nodes))
 
 
-def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest, model: MeshCostModel,
+def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
+          propagation: ilp.IntraOpRequest | None, model: MeshCostModel,
           method, batch_flat: Sequence[bool]) -> tuple[int, ...] | None:
-    """The solver's starting plan: the cheapest of greedy plans laid out like each preset
-    (inputs restricted to its layouts) and one unrestricted, so that a search stopped by
-    its time limit is never worse than the hand-written plans."""
+    """The solver's starting plan: the cheapest of the presets' own plans (their input
+    layouts propagated as XLA does, over ``propagation``: see :func:`propagated_choices`),
+    greedy plans with inputs laid out like each preset, and one unrestricted greedy plan;
+    so a search stopped by its time limit is never worse than the hand-written plans."""
     styles = [None]
     if isinstance(method, ShardParallel):
         styles += [DataParallel(), ZeRO3(), Megatron()]
@@ -208,6 +213,8 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest, model: Me
             if options:
                 allowed[position[v]] = options
         candidates.append(ilp.greedy_assignment(request, allowed))
+        if style is not None and propagation is not None:
+            candidates.append(ilp.greedy_assignment(propagation, allowed, improve=False))
     return ilp.best_assignment(request, candidates)
 
 

@@ -41,9 +41,34 @@ def inlined_callee(eqn):
     return None
 
 
+#: frames searched for the user's own code under a library's (flax, optax, ...)
+_LIBRARY_DEPTH = 12
+
+
 def source_summary(source_info) -> str:
-    """``file:line (function)`` of the user code an equation came from."""
-    return source_info_util.summarize(source_info)
+    """``file:line:column (function)`` of the user code an equation came from: the
+    innermost frame outside jax and outside installed libraries, followed by ``via`` and
+    the library frame that made the equation when there is one (``train.py:17:8
+    (train_step) via optax/_src/update.py:42:45 (apply_updates)``)."""
+    frames = source_info_util.summarize(source_info, num_frames=_LIBRARY_DEPTH).split("\n")
+    inner = frames[-1]   # innermost last
+    own = next((f for f in reversed(frames) if not _is_installed_library(f)), None)
+    if own is None or own == inner:
+        return inner
+    return f"{own} via {_library_relative(inner)}"
+
+
+def _is_installed_library(frame: str) -> bool:
+    return any(part in frame for part in ("/site-packages/", "/dist-packages/",
+                                          "\\site-packages\\"))
+
+
+def _library_relative(frame: str) -> str:
+    """A library frame's path from its package folder on (``optax/_src/update.py:42``)."""
+    for part in ("/site-packages/", "/dist-packages/", "\\site-packages\\"):
+        if part in frame:
+            return frame.split(part, 1)[1]
+    return frame
 
 
 def name_stack(source_info) -> str:

@@ -92,7 +92,11 @@ class StageAssignment:
 
 @dataclasses.dataclass(frozen=True)
 class SolverInfo:
-    """What the ILP solver reported, and how long planning took (seconds)."""
+    """What the ILP solver reported, and how long planning took (seconds).
+
+    ``solver_status``: how the solve ended (``autoshard.ilp.SolverStats.solver_status``:
+    ``LP_INTEGRAL`` proven by the LP, CP-SAT's ``OPTIMAL``/``FEASIBLE``, ``STALLED``: the
+    search stopped improving, ``OUT_OF_TIME``: no time was left to search, ...)."""
 
     status: str
     objective_s: float
@@ -105,6 +109,7 @@ class SolverInfo:
     planning_time_s: float
     tied_classes: int = 0   # > 0: repeated layers were tied into this many ILP nodes
     tied_gap: float = 0.0   # optimality gap of the tied problem
+    solver_status: str = ""
 
     def describe(self) -> str:
         """One line: status, gap, problem size and times."""
@@ -113,7 +118,8 @@ class SolverInfo:
                     f"(gap within them {self.tied_gap:.2%})")
         else:
             size = f"gap {self.gap:.2%}, {self.num_nodes} nodes"
-        return (f"{self.status}, {size}, "
+        how = f" ({self.solver_status})" if self.solver_status else ""
+        return (f"{self.status}{how}, {size}, "
                 f"{self.num_variables} variables, {self.num_constraints} constraints, "
                 f"solve {self.solve_time_s:.2f} s, planning {self.planning_time_s:.2f} s")
 

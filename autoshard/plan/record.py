@@ -31,6 +31,9 @@ class Plan:
     (equation, operand) → spec where an operand is resharded before use.
     Pipeline plans: ``stages`` (:class:`StageAssignment`) and ``programs``
     (:class:`ProgramSpecs`: every stage's, pre-gradient and apply program's shardings).
+    ``batch``: the arguments taken as the batch (``"args[2]"``), which the presets split
+    and a pipeline cuts into micro-batches; ``batch_inferred``: chosen by autoshard
+    because ``batch_argnums`` was not given.
     """
 
     method: Method
@@ -53,6 +56,8 @@ class Plan:
     warnings: tuple[str, ...] = ()
     stages: tuple = ()
     programs: tuple[ProgramSpecs, ...] = ()
+    batch: tuple[str, ...] = ()
+    batch_inferred: bool = False
 
     def __repr__(self):
         mesh = ", ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.mesh_shape))

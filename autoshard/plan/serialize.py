@@ -20,6 +20,8 @@ The file is one JSON object (``"format": "autoshard-plan"``, ``"format_version":
     programs                       pipeline plans: [{name, inputs: [spec], outputs: [spec],
                                    value_specs, operand_specs}] per stage, pre-gradient and
                                    apply program, on its sub-mesh (absent in older files)
+    batch                          {"arguments": ["args[2]", ...], "inferred": bool}: the
+                                   batch arguments (absent in older files: none)
 
 A spec is a list with one entry per tensor dim: ``null``, an axis name or a list
 of axis names. A spec tree node is ``null`` (a static argument), ``{"spec": …}``,
@@ -238,7 +240,7 @@ def _record_to_json(record) -> dict:
 
 _FIELDS = ("format", "format_version", "method", "fingerprint", "mesh", "cluster", "in_specs",
            "out_specs", "inputs", "outputs", "value_specs", "operand_specs", "cost", "solver",
-           "collectives", "top_ops", "warnings", "stages", "programs")
+           "collectives", "top_ops", "warnings", "stages", "programs", "batch")
 
 
 def plan_to_dict(plan) -> dict:
@@ -267,6 +269,7 @@ def plan_to_dict(plan) -> dict:
         "warnings": list(plan.warnings),
         "stages": [_stage_to_json(st) for st in plan.stages],
         "programs": [_program_to_json(p) for p in plan.programs],
+        "batch": {"arguments": list(plan.batch), "inferred": plan.batch_inferred},
     }
     assert tuple(data) == _FIELDS
     return data
@@ -491,6 +494,12 @@ def plan_fields_from_dict(data) -> dict:
     stages = tuple(_stage_from_json(st, f"plan.stages[{i}]")
                    for i, st in enumerate(_get(data, "stages", list)))
     check_stages(stages)
+    batch = data.get("batch", {"arguments": [], "inferred": False})  # absent in older files
+    _check(batch, dict, "plan.batch")
+    arguments = _get(batch, "arguments", list, "plan.batch")
+    for i, a in enumerate(arguments):
+        _check(a, str, f"plan.batch.arguments[{i}]")
+    inferred = _get(batch, "inferred", bool, "plan.batch")
     return dict(
         method=_method_from_json(_get(data, "method", str if version == 1 else dict), version),
         mesh_shape=shape, axis_names=names, cluster=cluster,
@@ -510,6 +519,7 @@ def plan_fields_from_dict(data) -> dict:
         stages=stages,
         programs=tuple(_program_from_json(p, f"plan.programs[{i}]", names)
                        for i, p in enumerate(programs)),
+        batch=tuple(arguments), batch_inferred=inferred,
     )
 
 

@@ -17,7 +17,12 @@ def plan_summary(plan, max_rows: int = 40) -> str:
                  f"{format_seconds(c.communication_s)} + resharding "
                  f"{format_seconds(c.resharding_s)}; peak memory per device "
                  f"{format_bytes(c.peak_memory_bytes)}")
-    lines += _spec_table("inputs", plan.in_paths, plan.flat_in_specs, max_rows)
+    lines.append(_batch_line(plan))
+    batch_first = sorted(range(len(plan.in_paths)),
+                         key=lambda k: not _in_batch(plan.in_paths[k], plan.batch))
+    lines += _spec_table("inputs (the batch first)" if plan.batch else "inputs",
+                         [plan.in_paths[k] for k in batch_first],
+                         [plan.flat_in_specs[k] for k in batch_first], max_rows)
     lines += _spec_table("outputs", plan.out_paths, plan.flat_out_specs, max_rows)
     if plan.top_ops:
         lines.append("costliest ops:")
@@ -53,3 +58,19 @@ def _spec_table(title, paths, specs, max_rows):
     if len(paths) > max_rows:
         lines.append(f"  … {len(paths) - max_rows} more")
     return lines
+
+
+def _batch_line(plan) -> str:
+    """Which arguments are the batch, and whether autoshard chose them."""
+    what = ", ".join(plan.batch) if plan.batch else "none"
+    if not plan.batch_inferred:
+        return f"batch: {what} (batch_argnums)"
+    return (f"batch: {what} (inferred: not returned, donated, a PRNG key or a scalar, "
+            f"and sharing the last one's leading dim; pass batch_argnums to choose)")
+
+
+def _in_batch(path: str, batch) -> bool:
+    """Whether the flat input ``path`` (``"args[2]['x']"``) is under a batch argument
+    (``"args[2]"``, or ``"args[2] (x=)"`` for one passed by keyword)."""
+    head = path[:path.index("]") + 1] if path.startswith("args[") else path
+    return any(b.split(" ")[0] == head for b in batch)

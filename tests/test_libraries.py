@@ -1,0 +1,86 @@
+"""flax and equinox training steps as their users write them (``examples/flax_lm.py``,
+``examples/equinox_vit.py`` at small sizes): one plan across steps, the batch inferred,
+ops named by their module path, every step equal to ``jax.jit``'s."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import autoshard
+from examples import equinox_vit, flax_lm
+from tests.test_jit_parity import count_plans
+from tests.trees import assert_trees_allclose
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return autoshard.make_mesh((2, 4), ("data", "model"))
+
+
+def _small_lm():
+    return flax_lm.TransformerLM(vocab=64, d_model=32, heads=2, layers=1, max_len=16)
+
+
+def test_flax_train_state_loop_plans_once_and_matches_jit(mesh, monkeypatch):
+    model = _small_lm()
+    plans = count_plans(monkeypatch)
+    step = autoshard.parallelize(flax_lm.train_step, mesh=mesh)
+    ours = ref = flax_lm.create_state(model, 8, 16)
+    assert isinstance(ours.step, int)   # a Python 0 first, an array after one step
+    for batch in flax_lm.batches(8, 16, model.vocab, 3):
+        ours, metrics = step(ours, batch)
+        ref, ref_metrics = jax.jit(flax_lm.train_step)(ref, batch)
+        assert_trees_allclose(metrics, ref_metrics)
+    assert len(plans) == 1
+    assert_trees_allclose(ours.params, ref.params)
+    assert int(ours.step) == 3
+    plan = step.plan(ours, batch)
+    assert plan.batch == ("args[1]",) and plan.batch_inferred
+    # ops are named by the flax module that made them (jax's name stack, with its
+    # transforms: "jvp(TransformerLM)/layer_0/Dense_0"), not by flax's own source file
+    scopes = [op.scope for op in plan.top_ops]
+    assert any(s.startswith("jvp(TransformerLM)/layer_0/") for s in scopes), scopes
+    assert any(s.startswith("transpose(jvp(TransformerLM))/layer_0/") for s in scopes), scopes
+    # ... and their source is the user's line, then the library line that made them
+    sources = [op.source for op in plan.top_ops]
+    assert any("examples/flax_lm.py:" in s and " via flax/linen/" in s for s in sources), sources
+
+
+@pytest.mark.parametrize("method", [autoshard.DataParallel(), autoshard.ShardParallel()],
+                         ids=lambda m: type(m).__name__)
+def test_equinox_step_splits_the_images_by_default(mesh, method):
+    model = equinox_vit.ViT(image=8, patch=4, dim=16, heads=2, depth=1,
+                            key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_array)
+    optimizer = optax.adam(1e-3)
+    train_step = equinox_vit.make_step(static, optimizer)
+    images = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
+    labels = jnp.arange(8) % 10
+    args = (params, optimizer.init(params), images, labels, jax.random.key(2))
+    step = autoshard.parallelize(train_step, mesh=mesh, method=method)
+    plan = step.plan(*args)
+    assert plan.batch == ("args[2]", "args[3]")
+    if isinstance(method, autoshard.DataParallel):
+        specs = dict(zip(plan.in_paths, plan.flat_in_specs))
+        assert specs["args[2]"] == specs["args[3]"] == P(("data", "model"))
+    got, want = step(*args), jax.jit(train_step)(*args)
+    assert_trees_allclose(got, want)
+
+
+@pytest.mark.parametrize("example", ["flax_lm.py", "equinox_vit.py"])
+def test_example_runs(example):
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / example)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "match jax.jit" in proc.stdout
+    assert "autoshard plan" in proc.stdout and "step 2: loss" in proc.stdout
