@@ -171,9 +171,14 @@ def _cost_section(plan) -> str:
     peak = int(c.peak_memory_bytes)
     cluster = plan.cluster
     device_mem = int(getattr(cluster, "device_memory", 0) or 0)
-    usable = int(getattr(cluster, "usable_memory", device_mem) or device_mem)
+    reserve = int(getattr(cluster, "memory_reserve", 0) or 0)
     budget = getattr(plan, "memory_budget", None)
-    cap, cap_name = (int(budget), "memory budget") if budget else (usable, "usable device memory")
+    if budget:
+        cap, cap_name = int(budget), "memory budget"
+    elif reserve:   # an accelerator preset: its memory less what the runtime keeps
+        cap, cap_name = device_mem - reserve, "usable device memory"
+    else:           # the host CPU: a modelling figure, no limit is enforced
+        cap, cap_name = device_mem, f"the {cluster.name} cluster's memory figure (not a limit)"
     width, height = 640.0, 18.0
     frac = peak / cap if cap > 0 else 0.0
     colour = "#59a14f" if frac <= 0.8 else "#edc948" if frac <= 1.0 else "#e15759"
