@@ -1,6 +1,7 @@
-"""flax and equinox training steps as their users write them (``examples/flax_lm.py``,
-``examples/equinox_vit.py`` at small sizes): one plan across steps, the batch inferred,
-ops named by their module path, every step equal to ``jax.jit``'s."""
+"""flax (linen and nnx) and equinox training steps as their users write them
+(``examples/flax_lm.py``, ``nnx_gemma_style.py``, ``equinox_vit.py`` at small sizes): one
+plan across steps, the batch inferred, ops named by their module path, every step equal
+to ``jax.jit``'s."""
 from __future__ import annotations
 
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import autoshard
-from examples import equinox_vit, flax_lm
+from examples import equinox_vit, flax_lm, nnx_gemma_style
 from tests.test_jit_parity import count_plans
 from tests.trees import assert_trees_allclose
 
@@ -77,7 +78,22 @@ def test_equinox_step_splits_the_images_by_default(mesh, method):
     assert_trees_allclose(got, want)
 
 
-@pytest.mark.parametrize("example", ["flax_lm.py", "equinox_vit.py"])
+def test_nnx_optimizer_loop_plans_once_and_matches_jit(mesh, monkeypatch):
+    graphdef, state = nnx_gemma_style.create(vocab=64, dim=32, heads=2, layers=1)
+    train_step = nnx_gemma_style.make_step(graphdef)
+    plans = count_plans(monkeypatch)
+    step = autoshard.parallelize(train_step, mesh=mesh)
+    ours = ref = state
+    tokens = jnp.arange(8 * 9, dtype=jnp.int32).reshape(8, 9) % 64
+    for _ in range(3):
+        ours, loss = step(ours, tokens)
+        ref, ref_loss = jax.jit(train_step)(ref, tokens)
+        assert_trees_allclose(loss, ref_loss)
+    assert len(plans) == 1
+    assert step.plan(ours, tokens).batch == ("args[1]",)
+
+
+@pytest.mark.parametrize("example", ["flax_lm.py", "equinox_vit.py", "nnx_gemma_style.py"])
 def test_example_runs(example):
     proc = subprocess.run([sys.executable, str(REPO / "examples" / example)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
