@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from autoshard.distributed.agreement import check_same_plan
+from autoshard.intra.annotations import AnnotationError, annotated_layouts
 from autoshard.intra.batch import default_batch_argnums
 from autoshard.intra.planner import plan_traced
 from autoshard.ir import hlo
@@ -28,7 +29,7 @@ from autoshard.plan.record import Plan
 from .cost_model import Cluster, format_bytes, parse_bytes
 from .errors import InfeasiblePlanError
 from .mesh import default_cluster, make_mesh, mesh_axes
-from .methods import METHODS, PipeshardParallel, ShardParallel
+from .methods import METHODS, Annotated, PipeshardParallel, ShardParallel
 from .runtime import ShardedProgram, shard_program
 
 
@@ -195,11 +196,37 @@ class ParallelizedFunction:
                            static_repr=statics, donated_flat=donated,
                            memory_budget=where.memory_budget
                            if isinstance(self._method, ShardParallel) else None,
-                           deadline=self._deadline(start))
+                           deadline=self._deadline(start),
+                           annotations=self._annotations(call, batch, where))
         plan = dataclasses.replace(plan, batch=_argument_names(call, batch_args),
                                    batch_inferred=call.batch is None)
         self._check_budget(plan)
         return _Compiled(traced, plan, None)
+
+    def _annotations(self, call: BoundCall, batch_flat, where: _Placement):
+        """A spec per flat input read off the model's own sharding annotations (see
+        ``intra.annotations``): the layout of :class:`Annotated` (whose errors are the
+        user's to see), or one more starting plan for the search (``None`` when the
+        arguments carry none, or none that fit this mesh)."""
+        method = self._method
+        if not isinstance(method, (Annotated, ShardParallel)):
+            return None
+        rules = method.rules if isinstance(method, Annotated) else ()
+        try:
+            specs, count = annotated_layouts(call.args, call.static, batch_flat,
+                                             where.mesh_shape, where.axis_names, rules)
+        except AnnotationError:
+            if isinstance(method, Annotated):
+                raise
+            return None
+        if count == 0 and isinstance(method, Annotated):
+            raise ValueError(
+                "method=autoshard.Annotated() found no sharding annotations among the "
+                "arguments: annotate the model's parameters (flax linen: "
+                "nn.with_partitioning / nn.with_logical_partitioning; nnx: "
+                "nnx.with_partitioning or out_sharding=...) and pass them boxed, or choose "
+                "another method")
+        return specs if count else None
 
     def _deadline(self, start: float) -> float | None:
         """When the search must end: ``time_limit_s`` wall seconds after planning
@@ -410,16 +437,17 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
     ``mesh``: default, every device on one axis, made at the first call (so decorating
     at import time touches no devices, e.g. before ``jax.distributed.initialize()``).
     ``method``: :class:`ShardParallel` (ILP, default), a preset (:class:`DataParallel`,
-    :class:`ZeRO3`, :class:`Megatron`) or :class:`PipeshardParallel` (pipeline stages on
-    sub-meshes; the step must use :func:`autoshard.value_and_grad`). ``batch_argnums``:
-    the arguments holding the batch (default: inferred, ``plan.batch`` says which: the
-    arguments that are not returned at their key path or donated, not PRNG keys or
-    scalars, and share the last such one's leading dim; under :class:`PipeshardParallel`
-    the last non-static one and those it infers as batch data, see there); presets split
-    those on their leading dim. ``memory_budget``: bytes per device
-    (``"16GiB"``) that the plan's estimated peak must fit (default: the cluster's device
-    memory less its reserve for GPU presets, none on the host CPU); the ILP then trades
-    speed for memory, and :class:`InfeasiblePlanError` names the smallest feasible peak.
+    :class:`ZeRO3`, :class:`Megatron`, :class:`Annotated`: the model's own annotations)
+    or :class:`PipeshardParallel` (pipeline stages on sub-meshes; the step must use
+    :func:`autoshard.value_and_grad`). ``batch_argnums``: the arguments holding the
+    batch (default: inferred, ``plan.batch`` says which: the arguments that are not
+    returned at their key path or donated, not PRNG keys or scalars, and share the last
+    such one's leading dim; under :class:`PipeshardParallel` the last non-static one and
+    those it infers as batch data, see there); presets split those on their leading dim.
+    ``memory_budget``: bytes per device (``"16GiB"``) that the plan's estimated peak
+    must fit (default: the cluster's device memory less its reserve for GPU presets,
+    none on the host CPU); the ILP then trades speed for memory, and
+    :class:`InfeasiblePlanError` names the smallest feasible peak.
     ``static_argnums`` / ``static_argnames`` / ``donate_argnums`` / ``donate_argnames``
     as in ``jax.jit``: numbers are checked against the function's signature (negative
     ones count from its last positional parameter), names are inferred from numbers and

@@ -80,6 +80,47 @@ class Megatron:
 
 
 @dataclasses.dataclass(frozen=True)
+class Annotated:
+    """The model's own layout: the sharding annotations its authors wrote (flax linen's
+    ``nn.with_partitioning`` / ``nn.with_logical_partitioning`` boxes, flax nnx's
+    ``out_sharding`` variable metadata), read off the arguments, run as a hand-written
+    ``jax.jit`` layout (a fixed layout, see the module doc).
+
+    ``rules``: logical name → mesh axes, in flax's form and order
+    (``(("batch", "data"), ("mlp", "model"), ("embed", None))``); without rules, those
+    the boxes carry or flax's current ``nn.logical_axis_rules`` context. Names that are
+    mesh axes stand for themselves. Unannotated batch arguments are split on their
+    leading dim over the axes ``"batch"`` maps to (default: every mesh axis but the last,
+    or every axis of a 1-D mesh); every other unannotated argument is replicated.
+    :class:`ShardParallel` also starts its search from this layout when the arguments
+    carry annotations, and its plan's summary prices it beside the presets.
+    """
+
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = ()
+
+    def __post_init__(self):
+        rules = self.rules
+        if not isinstance(rules, (tuple, list)):
+            raise TypeError(f"rules must be a sequence of (logical name, mesh axes) pairs, "
+                            f"got {rules!r}")
+        normal = []
+        for k, rule in enumerate(rules):
+            if not isinstance(rule, (tuple, list)) or len(rule) != 2 or \
+                    not isinstance(rule[0], str):
+                raise TypeError(f"rules[{k}] must be a (logical name, mesh axes) pair such "
+                                f"as ('mlp', 'model'), got {rule!r}")
+            target = rule[1]
+            if isinstance(target, list):
+                target = tuple(target)
+            if not (target is None or isinstance(target, str) or (
+                    isinstance(target, tuple) and all(isinstance(a, str) for a in target))):
+                raise TypeError(f"rules[{k}]: the mesh axes must be None, an axis name or a "
+                                f"tuple of them, got {rule[1]!r}")
+            normal.append((rule[0], target))
+        object.__setattr__(self, "rules", tuple(normal))
+
+
+@dataclasses.dataclass(frozen=True)
 class PipeshardParallel:
     """Inter- plus intra-operator parallelism (Alpa's PipeshardParallel).
 
@@ -130,10 +171,11 @@ class PipeshardParallel:
 
 
 
-Method = ShardParallel | DataParallel | ZeRO3 | Megatron | PipeshardParallel
+Method = ShardParallel | DataParallel | ZeRO3 | Megatron | Annotated | PipeshardParallel
 #: every method, by the name plans and the CLI know it by
-METHODS: tuple[type, ...] = (ShardParallel, PipeshardParallel, DataParallel, ZeRO3, Megatron)
-PRESETS: tuple[type, ...] = (DataParallel, ZeRO3, Megatron)
+METHODS: tuple[type, ...] = (ShardParallel, PipeshardParallel, DataParallel, ZeRO3, Megatron,
+                             Annotated)
+PRESETS: tuple[type, ...] = (DataParallel, ZeRO3, Megatron, Annotated)
 
 
 def method_to_dict(method: Method) -> dict:

@@ -20,7 +20,7 @@ from .target import load_target
 
 #: the command line's method names
 METHOD_NAMES = {"ilp": "ShardParallel", "dp": "DataParallel", "zero3": "ZeRO3",
-                "megatron": "Megatron"}
+                "megatron": "Megatron", "annotated": "Annotated"}
 _PRESET_ROWS = ("DataParallel", "ZeRO3", "Megatron")
 
 

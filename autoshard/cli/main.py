@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "else the mesh's devices)")
     p.add_argument("--method", choices=tuple(METHOD_NAMES), default="ilp",
                    help="ilp: the ILP search (default); dp: DataParallel; zero3: ZeRO3; "
-                        "megatron: Megatron")
+                        "megatron: Megatron; annotated: the model's own flax sharding "
+                        "annotations (Annotated, mesh-axis names or flax's current rules)")
     p.add_argument("--memory-budget", metavar="BYTES",
                    help="per-device memory budget, e.g. 16GiB or 500MB")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",

@@ -112,4 +112,5 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
                 fingerprint=fingerprint(traced, static_repr), in_paths=traced.in_paths,
                 out_paths=traced.out_paths, flat_in_specs=flat_in, flat_out_specs=flat_out,
                 value_specs=tuple(value_specs), operand_specs=tuple(operand_specs),
-                collectives=tuple(collectives), top_ops=top_ops, warnings=problem.warnings)
+                collectives=tuple(collectives), top_ops=top_ops, warnings=problem.warnings,
+                alternatives=problem.alternatives)

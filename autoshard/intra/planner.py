@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec
 from autoshard import ilp
 from autoshard.cost_model import Cluster, MeshCostModel, format_bytes
 from autoshard.errors import InfeasiblePlanError
+from autoshard.ir.specs import Spec
 from autoshard.ir.trace import TracedFunction
 from autoshard.methods import PRESETS
 from autoshard.plan.record import Plan
@@ -30,7 +31,8 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                 donated_flat: Sequence[bool] = (), memory_budget: float | None = None,
                 in_layouts: Mapping[int, PartitionSpec] | None = None,
                 carried: Sequence[tuple[int, int]] = (), carried_weight: float = 1.0,
-                deadline: float | None = None) -> Plan:
+                deadline: float | None = None,
+                annotations: Sequence[Spec] | None = None) -> Plan:
     """Plan ``traced`` on a mesh of ``mesh_shape`` with ``method``; with ``memory_budget``
     (bytes per device) the estimated peak memory of the plan stays within it.
 
@@ -48,7 +50,11 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
 
     ``deadline``: ``time.perf_counter()`` seconds by which the solver must be done (it
     then returns the best plan found so far); ``None``: the method's deterministic
-    limit alone, so that every process of a multi-process run finds the same plan."""
+    limit alone, so that every process of a multi-process run finds the same plan.
+
+    ``annotations``: a spec per flat input read off the model's own sharding annotations
+    (``intra.annotations``): the layout of :class:`~autoshard.Annotated`, and one more
+    starting plan for the search."""
     start = time.perf_counter()
     model = MeshCostModel(cluster, tuple(mesh_shape))
     program = traced.program
@@ -57,7 +63,7 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
     problem = build_problem(traced, model, method, batch_flat=batch_flat,
                             axis_names=axis_names, donated_flat=donated_flat,
                             in_layouts=in_layouts, carried=carried,
-                            carried_weight=carried_weight)
+                            carried_weight=carried_weight, annotations=annotations)
     request = problem.request
     donated = [v for v, d in zip(program.invars, donated_flat) if d]
     _log.info("solving: starting plan %.4g s per step, time limit %g s%s%s",

@@ -1,6 +1,8 @@
 """The hand-written layouts of the presets: one fixed spec per argument, as a person
 writes ``in_shardings`` for ``jax.jit``. Nothing here is priced or searched.
 
+* ``Annotated``: the model's own annotations, read off the arguments by
+  :mod:`autoshard.intra.annotations` and taken as they are.
 * ``DataParallel``: batch arguments split on their leading dim over every mesh axis;
   everything else replicated.
 * ``ZeRO3``: batch as above; every other argument split over every mesh axis on its
@@ -31,29 +33,36 @@ from collections.abc import Sequence
 
 from autoshard.ir.program import Literal, Program
 from autoshard.ir.specs import Spec, replicated
-from autoshard.methods import DataParallel, Megatron, ZeRO3
+from autoshard.methods import Annotated, DataParallel, Megatron, ZeRO3
 
 from .op_rules import LoopOp, loop_op
 
 
 def preset_layouts(method, program: Program, mesh_shape: Sequence[int],
-                   batch_flat: Sequence[bool]) -> tuple[Spec, ...]:
-    """One spec per flat input of ``program`` for the preset ``method``."""
+                   batch_flat: Sequence[bool], annotations: Sequence[Spec] | None = None
+                   ) -> tuple[Spec, ...]:
+    """One spec per flat input of ``program`` for the preset ``method``; ``Annotated``
+    takes ``annotations`` (``intra.annotations.annotated_layouts``) as they are."""
     mesh_shape = tuple(mesh_shape)
+    if isinstance(method, Annotated):
+        if annotations is None or len(annotations) != len(program.invars):
+            raise ValueError("method=Annotated() needs the layouts read off the arguments' "
+                             "annotations (autoshard.intra.annotations)")
+        return tuple(annotations)
     shapes = [tuple(program.avals[v].shape) for v in program.invars]
     axes = tuple(a for a, n in enumerate(mesh_shape) if n > 1)
     if isinstance(method, DataParallel):
-        return tuple(_split_leading(s, mesh_shape, axes) if b else replicated(len(s))
+        return tuple(split_leading(s, mesh_shape, axes) if b else replicated(len(s))
                      for s, b in zip(shapes, batch_flat))
     if isinstance(method, ZeRO3):
-        return tuple(_split_leading(s, mesh_shape, axes) if b else
+        return tuple(split_leading(s, mesh_shape, axes) if b else
                      _split_largest(s, mesh_shape, axes) for s, b in zip(shapes, batch_flat))
     if isinstance(method, Megatron):
         return _megatron(program, mesh_shape, batch_flat)
     raise TypeError(f"{method!r} is not a preset")
 
 
-def _split_leading(shape, mesh_shape, axes: Sequence[int]) -> Spec:
+def split_leading(shape, mesh_shape, axes: Sequence[int]) -> Spec:
     """Dim 0 split over as many of ``axes`` (in order) as divide it."""
     if not shape:
         return ()
@@ -153,7 +162,7 @@ def _megatron(program: Program, mesh_shape, batch_flat) -> tuple[Spec, ...]:
     for v, is_batch in zip(program.invars, batch_flat):
         shape = tuple(program.avals[v].shape)
         if is_batch:
-            specs.append(_split_leading(shape, mesh_shape, data))
+            specs.append(split_leading(shape, mesh_shape, data))
             continue
         dim = decided.get(v)
         specs.append(tuple((model,) if d == dim else () for d in range(len(shape))))

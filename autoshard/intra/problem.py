@@ -17,7 +17,8 @@ from autoshard.ir import trace as _trace
 from autoshard.ir.specs import Spec, enumerate_specs, from_partition_spec, spec_is_valid
 from autoshard.ir.trace import TracedFunction
 from autoshard.ir.user_frames import user_stacklevel
-from autoshard.methods import PRESETS, DataParallel, Megatron, ShardParallel, ZeRO3
+from autoshard.methods import PRESETS, Annotated, DataParallel, Megatron, ShardParallel, ZeRO3
+from autoshard.plan.parts import Alternative
 
 from .combining import MergedAllReduce, combine_all_reduces
 from .following import Grouping, group_followers, grouped_request
@@ -44,6 +45,8 @@ class ShardingProblem:
     request: ilp.IntraOpRequest
     warnings: tuple[str, ...]
     carried: tuple[tuple[int, int], ...] = ()  # (flat output, flat input) priced as carried
+    #: the presets' plans priced by the same model, for a search's summary
+    alternatives: tuple[Alternative, ...] = ()
 
     def __repr__(self):
         return (f"ShardingProblem({len(self.graph.nodes)} nodes, {len(self.grouping.roots)} "
@@ -54,14 +57,14 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
                   batch_flat: Sequence[bool], axis_names: Sequence[str],
                   donated_flat: Sequence[bool] = (),
                   in_layouts: Mapping[int, PartitionSpec] | None = None,
-                  carried: Sequence[tuple[int, int]] = (), carried_weight: float = 1.0
-                  ) -> ShardingProblem:
+                  carried: Sequence[tuple[int, int]] = (), carried_weight: float = 1.0,
+                  annotations: Sequence[Spec] | None = None) -> ShardingProblem:
     """Strategies of every equation, their prices and the ILP request (see
     :func:`autoshard.intra.planner.plan_traced` for the arguments)."""
     start = time.perf_counter()
     program = traced.program
     fixed = _fixed_inputs(program, in_layouts or {}, model.mesh_shape, tuple(axis_names))
-    preset = preset_layouts(method, program, model.mesh_shape, batch_flat) \
+    preset = preset_layouts(method, program, model.mesh_shape, batch_flat, annotations) \
         if isinstance(method, PRESETS) else None
 
     def input_specs(i, shape):
@@ -94,14 +97,15 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
     propagation = grouped_request(graph, grouping, uses, matrices, time_limit, merged,
                                   resharding_weight=PROPAGATION_RESHARDING_WEIGHT) \
         if isinstance(method, ShardParallel) else None
-    request = dataclasses.replace(
-        request, hint=_seed(graph, grouping, request, propagation, model, method, batch_flat),
-        tie_repeats=tie, gap_limit=(0.01 if tie else 0.0) if gap is None else gap)
+    hint, alternatives = _seed(graph, grouping, request, propagation, model, method,
+                               batch_flat, annotations)
+    request = dataclasses.replace(request, hint=hint, tie_repeats=tie,
+                                  gap_limit=(0.01 if tie else 0.0) if gap is None else gap)
     _log.info("strategies and costs: %d nodes, %d ILP nodes after following, %d edges "
               "(%.2f s)", len(graph.nodes), len(grouping.roots), len(request.edges),
               time.perf_counter() - start)
     return ShardingProblem(graph, grouping, uses, tuple(matrices), merged, request, messages,
-                           pairs)
+                           pairs, alternatives)
 
 
 #: how much dearer a resharding second is than any other when a preset's fixed layout is
@@ -189,21 +193,26 @@ def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs,
 
 def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
           propagation: ilp.IntraOpRequest | None, model: MeshCostModel,
-          method, batch_flat: Sequence[bool]) -> tuple[int, ...] | None:
+          method, batch_flat: Sequence[bool], annotations: Sequence[Spec] | None = None
+          ) -> tuple[tuple[int, ...] | None, tuple[Alternative, ...]]:
     """The solver's starting plan: the cheapest of the presets' own plans (their input
-    layouts propagated as XLA does, over ``propagation``: see :func:`propagated_choices`),
-    greedy plans with inputs laid out like each preset, and one unrestricted greedy plan;
-    so a search stopped by its time limit is never worse than the hand-written plans."""
+    layouts propagated as XLA does, over ``propagation``: see :func:`propagated_choices`;
+    the model's own annotations among them when the arguments carry some), greedy plans
+    with inputs laid out like each preset, and one unrestricted greedy plan; so a search
+    stopped by its time limit is never worse than the hand-written plans. Also the
+    presets' plans, priced (for the summary of a search)."""
     styles = [None]
     if isinstance(method, ShardParallel):
         styles += [DataParallel(), ZeRO3(), Megatron()]
+        if annotations is not None:
+            styles.append(Annotated())
     program = graph.traced.program
     position = {r: p for p, r in enumerate(grouping.roots)}
-    candidates = []
+    candidates, alternatives = [], []
     for style in styles:
         allowed = {}
         layouts = () if style is None else \
-            preset_layouts(style, program, model.mesh_shape, batch_flat)
+            preset_layouts(style, program, model.mesh_shape, batch_flat, annotations)
         for i, spec in enumerate(layouts):
             v = graph.input_node(i)
             if grouping.root[v] != v:
@@ -215,7 +224,25 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
         candidates.append(ilp.greedy_assignment(request, allowed))
         if style is not None and propagation is not None:
             candidates.append(ilp.greedy_assignment(propagation, allowed, improve=False))
-    return ilp.best_assignment(request, candidates)
+            alternatives.append(_priced(graph, grouping, request, candidates[-1],
+                                        type(style).__name__))
+    return ilp.best_assignment(request, candidates), tuple(alternatives)
+
+
+def _priced(graph: ShardingGraph, grouping: Grouping, request: ilp.IntraOpRequest,
+            choices: Sequence[int], name: str) -> Alternative:
+    """The plan of ``choices`` (one per ILP node) priced part by part, as ``PlanCost``."""
+    compute = communication = fed = 0.0
+    for node, c in zip(graph.nodes, grouping.expand(choices)):
+        strategy = node.strategies[c]
+        if node.kind == "op":
+            compute += strategy.compute_s
+            communication += strategy.communication_s
+        else:
+            fed += strategy.communication_s
+    priced = ilp.evaluate(request, choices)
+    return Alternative(name, float(compute), float(communication + priced.shared_cost),
+                       float(priced.edge_cost), float(fed))
 
 
 def _fixed_inputs(program, in_layouts: Mapping[int, PartitionSpec], mesh_shape, axis_names

@@ -67,6 +67,31 @@ class StageCost:
 
 
 @dataclasses.dataclass(frozen=True)
+class Alternative:
+    """A hand-written layout priced by the same model as the searched plan (seconds per
+    step): a preset's input layouts (``method``: its class name) propagated through the
+    searched program op by op, as XLA propagates ``in_shardings``. It is how
+    ``method=autoshard.<method>()`` prices its own plan, up to where the greedy
+    propagation meets a tie (the preset's own, smaller problem can settle one the other
+    way: a few percent apart). The searched plan's summary lists them, so a plan that
+    looks odd (the batch left whole) comes with what the obvious layout would cost, and
+    in which part."""
+
+    method: str
+    compute_s: float
+    communication_s: float
+    resharding_s: float
+    input_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.communication_s + self.resharding_s + self.input_s
+
+    def __repr__(self):
+        return f"Alternative({self.method}, total={format_seconds(self.total_s)})"
+
+
+@dataclasses.dataclass(frozen=True)
 class StageAssignment:
     """One pipeline stage: the layers it runs, its sub-mesh and its modelled cost.
 

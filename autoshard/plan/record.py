@@ -16,7 +16,7 @@ from autoshard.ir import hlo
 from autoshard.methods import Method
 
 from . import audit, html, serialize, text
-from .parts import Collective, OpCost, PlanCost, ProgramSpecs, SolverInfo
+from .parts import Alternative, Collective, OpCost, PlanCost, ProgramSpecs, SolverInfo
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -33,7 +33,9 @@ class Plan:
     (:class:`ProgramSpecs`: every stage's, pre-gradient and apply program's shardings).
     ``batch``: the arguments taken as the batch (``"args[2]"``), which the presets split
     and a pipeline cuts into micro-batches; ``batch_inferred``: chosen by autoshard
-    because ``batch_argnums`` was not given.
+    because ``batch_argnums`` was not given. ``alternatives``: a searched plan's
+    hand-written rivals (:class:`Alternative`: the presets, and the model's own
+    annotations when it has some) priced by the same model.
     """
 
     method: Method
@@ -58,6 +60,7 @@ class Plan:
     programs: tuple[ProgramSpecs, ...] = ()
     batch: tuple[str, ...] = ()
     batch_inferred: bool = False
+    alternatives: tuple[Alternative, ...] = ()
 
     def __repr__(self):
         mesh = ", ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.mesh_shape))

@@ -22,6 +22,9 @@ The file is one JSON object (``"format": "autoshard-plan"``, ``"format_version":
                                    apply program, on its sub-mesh (absent in older files)
     batch                          {"arguments": ["args[2]", ...], "inferred": bool}: the
                                    batch arguments (absent in older files: none)
+    alternatives                   [{method, compute_s, communication_s, resharding_s,
+                                   input_s}]: hand-written layouts priced by the same model
+                                   (absent in older files: none)
 
 A spec is a list with one entry per tensor dim: ``null``, an axis name or a list
 of axis names. A spec tree node is ``null`` (a static argument), ``{"spec": …}``,
@@ -59,6 +62,7 @@ from .checks import (
     deepest_field,
 )
 from .parts import (
+    Alternative,
     Collective,
     OpCost,
     PlanCost,
@@ -240,7 +244,8 @@ def _record_to_json(record) -> dict:
 
 _FIELDS = ("format", "format_version", "method", "fingerprint", "mesh", "cluster", "in_specs",
            "out_specs", "inputs", "outputs", "value_specs", "operand_specs", "cost", "solver",
-           "collectives", "top_ops", "warnings", "stages", "programs", "batch")
+           "collectives", "top_ops", "warnings", "stages", "programs", "batch",
+           "alternatives")
 
 
 def plan_to_dict(plan) -> dict:
@@ -270,6 +275,7 @@ def plan_to_dict(plan) -> dict:
         "stages": [_stage_to_json(st) for st in plan.stages],
         "programs": [_program_to_json(p) for p in plan.programs],
         "batch": {"arguments": list(plan.batch), "inferred": plan.batch_inferred},
+        "alternatives": [_record_to_json(a) for a in plan.alternatives],
     }
     assert tuple(data) == _FIELDS
     return data
@@ -500,6 +506,8 @@ def plan_fields_from_dict(data) -> dict:
     for i, a in enumerate(arguments):
         _check(a, str, f"plan.batch.arguments[{i}]")
     inferred = _get(batch, "inferred", bool, "plan.batch")
+    alternatives = data.get("alternatives", [])  # absent in older files
+    _check(alternatives, list, "plan.alternatives")
     return dict(
         method=_method_from_json(_get(data, "method", str if version == 1 else dict), version),
         mesh_shape=shape, axis_names=names, cluster=cluster,
@@ -520,6 +528,9 @@ def plan_fields_from_dict(data) -> dict:
         programs=tuple(_program_from_json(p, f"plan.programs[{i}]", names)
                        for i, p in enumerate(programs)),
         batch=tuple(arguments), batch_inferred=inferred,
+        alternatives=tuple(
+            check_costs(_record(Alternative, a, f"plan.alternatives[{i}]"),
+                        f"plan.alternatives[{i}]") for i, a in enumerate(alternatives)),
     )
 
 

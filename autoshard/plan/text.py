@@ -18,6 +18,7 @@ def plan_summary(plan, max_rows: int = 40) -> str:
                  f"{format_seconds(c.resharding_s)}; peak memory per device "
                  f"{format_bytes(c.peak_memory_bytes)}")
     lines.append(_batch_line(plan))
+    lines += _alternatives(plan)
     batch_first = sorted(range(len(plan.in_paths)),
                          key=lambda k: not _in_batch(plan.in_paths[k], plan.batch))
     lines += _spec_table("inputs (the batch first)" if plan.batch else "inputs",
@@ -67,6 +68,50 @@ def _batch_line(plan) -> str:
         return f"batch: {what} (batch_argnums)"
     return (f"batch: {what} (inferred: not returned, donated, a PRNG key or a scalar, "
             f"and sharing the last one's leading dim; pass batch_argnums to choose)")
+
+
+def _alternatives(plan) -> list[str]:
+    """The hand-written layouts priced by the same model, against this plan: what each
+    would add (or save) in total and in which part, and whether this plan leaves the
+    batch whole on some mesh axis that DataParallel splits it over."""
+    if not plan.alternatives:
+        return []
+    c = plan.cost
+    lines = ["hand-written layouts (method=autoshard.<name>()) priced by the same model, "
+             "their input layouts propagated as XLA does:"]
+    width = max(len(a.method) for a in plan.alternatives)
+    for a in sorted(plan.alternatives, key=lambda a: a.total_s):
+        parts = [(name, getattr(a, f) - getattr(c, f)) for name, f in (
+            ("compute", "compute_s"), ("communication", "communication_s"),
+            ("resharding", "resharding_s"), ("host copies", "input_s"))]
+        because = ", ".join(f"{name} {_signed(d)}" for name, d in parts
+                            if abs(d) > 0.005 * max(c.total_s, 1e-12))
+        relative = f"{100 * (a.total_s / c.total_s - 1):+.1f}%" if c.total_s > 0 else ""
+        lines.append(f"  {a.method:<{width}}  {format_seconds(a.total_s):>10}  {relative:>7}"
+                     + (f"  ({because})" if because else ""))
+    whole = _batch_left_whole(plan)
+    if whole:
+        lines.append(f"  (this plan keeps the batch whole on mesh axes {whole}: in this model "
+                     f"splitting it as DataParallel does costs what its row says)")
+    return lines
+
+
+def _signed(seconds: float) -> str:
+    return ("+" if seconds >= 0 else "−") + format_seconds(abs(seconds))
+
+
+def _batch_left_whole(plan) -> list[str]:
+    """Mesh axes (of size > 1) that no batch input of the plan is split over."""
+    used: set[str] = set()
+    found = False
+    for path, spec in zip(plan.in_paths, plan.flat_in_specs):
+        if _in_batch(path, plan.batch):
+            found = True
+            for entry in spec:
+                used |= {entry} if isinstance(entry, str) else set(entry or ())
+    if not found:
+        return []
+    return [n for n, s in zip(plan.axis_names, plan.mesh_shape) if s > 1 and n not in used]
 
 
 def _in_batch(path: str, batch) -> bool:
