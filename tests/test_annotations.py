@@ -151,6 +151,9 @@ def test_the_search_starts_from_annotations_and_prices_every_hand_layout(mesh):
     summary = plan.summary()
     assert "hand-written layouts (method=autoshard.<name>()) priced by the same model" in summary
     assert all(f"  {name} " in summary for name in names)
+    page = plan._repr_html_()
+    assert "Hand-written layouts priced by the same model" in page
+    assert all(f"<td><code>{name}</code></td>" in page for name in names)
     again = autoshard.Plan.from_json(plan.to_json())
     assert again.alternatives == plan.alternatives
 

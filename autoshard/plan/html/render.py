@@ -197,6 +197,33 @@ def _cost_section(plan) -> str:
     return "".join(out)
 
 
+def _alternatives_section(plan) -> str:
+    """The batch taken, and the hand-written layouts priced by the same model (searched
+    plans only), as in ``Plan.summary``."""
+    out = []
+    batch = getattr(plan, "batch", ())
+    if batch:
+        how = "inferred" if getattr(plan, "batch_inferred", False) else "batch_argnums"
+        out.append(f"<div>batch: <code>{escape(', '.join(batch))}</code> "
+                   f"<span class='as-muted'>({how})</span></div>")
+    alternatives = sorted(getattr(plan, "alternatives", ()), key=lambda a: a.total_s)
+    total = plan.cost.total_s
+    if alternatives:
+        rows = "".join(
+            f"<tr><td><code>{escape(a.method)}</code></td>"
+            f"<td>{escape(format_seconds(a.total_s))}</td>"
+            f"<td>{(a.total_s / total - 1 if total > 0 else 0):+.1%}</td>"
+            f"<td>{escape(format_seconds(a.compute_s))}</td>"
+            f"<td>{escape(format_seconds(a.communication_s))}</td>"
+            f"<td>{escape(format_seconds(a.resharding_s))}</td></tr>" for a in alternatives)
+        out.append("<details><summary><b>Hand-written layouts priced by the same model</b> "
+                   f"<span class='as-n'>({len(alternatives)})</span></summary>"
+                   "<table><tr><th>method</th><th>total</th><th>vs this plan"
+                   "</th><th>compute</th><th>communication</th><th>resharding</th></tr>"
+                   f"{rows}</table></details>")
+    return "".join(out)
+
+
 def _collectives_section(plan) -> str:
     cols = list(plan.collectives)
     if not cols:
@@ -362,7 +389,7 @@ def plan_html(plan, *, in_shapes=None, out_shapes=None, max_pictures: int = MAX_
            f"<h3>autoshard plan — <code>{escape(plan.method)}</code></h3>",
            f"<div>mesh {escape(mesh_txt)} ({mesh.size} devices), cluster {escape(cluster_name)}, "
            f"{len(plan.in_paths)} inputs, {len(plan.out_paths)} outputs</div>",
-           _cost_section(plan)]
+           _cost_section(plan), _alternatives_section(plan)]
     if plan.stages:
         try:
             out.append(_stages_section(plan))
