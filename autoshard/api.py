@@ -102,6 +102,7 @@ class ParallelizedFunction:
         if mesh is not None:  # a given mesh is checked now; the default waits for a call
             self._resolve()
         self._cache: dict = {}
+        self._layouts: dict = {}  # (number of arguments, keywords) -> BoundCall without args
         functools.update_wrapper(self, fun)
 
     def _resolve(self) -> _Placement:
@@ -129,10 +130,22 @@ class ParallelizedFunction:
 
     # ------------------------------------------------------------ signature
     def _bind(self, args, kwargs) -> BoundCall:
-        """The call laid out positionally, with its static/donated/batch positions."""
-        return bind_call(self._fun, self._roles, tuple(args), dict(kwargs))
+        """The call laid out positionally, with its static/donated/batch positions (which
+        depend only on how many arguments came and the keywords' names: laid out once)."""
+        shape = (len(args), tuple(sorted(kwargs)))
+        layout = self._layouts.get(shape)
+        if layout is None:
+            call = bind_call(self._fun, self._roles, tuple(args), dict(kwargs))
+            self._layouts[shape] = dataclasses.replace(call, args=())  # keep no arrays
+            return call
+        return dataclasses.replace(layout, args=tuple(args) + tuple(kwargs[k] for k in shape[1]))
 
     def _key(self, call: BoundCall) -> Any:
+        return self._signature(call)[0]
+
+    def _signature(self, call: BoundCall) -> tuple[Any, list]:
+        """(the cache key of ``call``: tree, shapes, dtypes, weak types, static values;
+        the flat array leaves of its non-static arguments)."""
         statics = []
         for i in call.static:
             value = call.args[i]
@@ -147,7 +160,7 @@ class ParallelizedFunction:
         dyn = [a for i, a in enumerate(call.args) if i not in call.static]
         leaves, treedef = jax.tree_util.tree_flatten(dyn)
         return (len(call.args), call.keywords, treedef,
-                tuple(_leaf_signature(x) for x in leaves), tuple(statics))
+                tuple(_leaf_signature(x) for x in leaves), tuple(statics)), leaves
 
     def _flags(self, call: BoundCall, traced: TracedFunction | None = None
                ) -> tuple[list[bool], list[bool], tuple[int, ...]]:
@@ -168,8 +181,8 @@ class ParallelizedFunction:
                 batch = infer_batch_argnums(call.fun, args, call.static, batch[0])
         return _under_args(paths, batch), donated, tuple(batch)
 
-    def _compiled(self, call: BoundCall, need_program: bool) -> _Compiled:
-        key = self._key(call)
+    def _compiled(self, call: BoundCall, need_program: bool, key=None) -> _Compiled:
+        key = self._key(call) if key is None else key
         entry = self._cache.get(key)
         if entry is None:
             statics = statics_text(key[-1])
@@ -278,15 +291,7 @@ class ParallelizedFunction:
         """The fixed plan, after checking it was made for this signature."""
         plan = self._fixed_plan
         check_fingerprint(plan, fingerprint(traced, statics), "plan again")
-        program = traced.program
-        if (len(plan.flat_in_specs), len(plan.flat_out_specs)) != \
-                (len(program.invars), len(program.outvars)):
-            raise ValueError(
-                f"the plan passed to parallelize(plan=...) has {len(plan.flat_in_specs)} "
-                f"inputs and {len(plan.flat_out_specs)} outputs but the function has "
-                f"{len(program.invars)} and {len(program.outvars)}: it was made for another "
-                f"function")
-        misfit = specs_misfit(program, plan.flat_in_specs, plan.flat_out_specs,
+        misfit = specs_misfit(traced.program, plan.flat_in_specs, plan.flat_out_specs,
                               plan.value_specs, plan.operand_specs)
         if misfit is not None:
             raise ValueError(f"the plan passed to parallelize(plan=...) {misfit}: it was made "
@@ -358,25 +363,28 @@ class ParallelizedFunction:
 
     def __call__(self, *args, **kwargs):
         call = self._bind(args, kwargs)
-        entry = self._compiled(call, need_program=True)
+        key, flat = self._signature(call)
+        entry = self._compiled(call, need_program=True, key=key)
         if not entry.agreed:  # before anything moves: a mismatch must not hang a collective
             self._agree(entry)
             entry = dataclasses.replace(entry, agreed=True)
-            self._cache[self._key(call)] = entry
-        dyn = [a for i, a in enumerate(call.args) if i not in call.static]
-        flat = jax.tree_util.tree_leaves(dyn)
+            self._cache[key] = entry
         outs = entry.program(flat)
         return jax.tree_util.tree_unflatten(entry.traced.out_tree, outs)
 
 
 def _leaf_signature(leaf) -> tuple:
     """What a plan depends on of one argument leaf: shape, dtype and weak type (a Python
-    scalar is weakly typed, so ``int8 array * 3`` stays int8, as under jax.jit)."""
+    scalar is weakly typed, so ``int8 array * 3`` stays int8, as under jax.jit). A
+    ``jax.Array`` (the common case, every step) is read directly: no abstract value made."""
+    weak = getattr(leaf, "weak_type", None)  # typed PRNG key arrays have none
+    if weak is not None and isinstance(leaf, jax.Array):
+        return (leaf.shape, leaf.dtype, weak)
     try:
         aval = aval_struct(leaf)
     except (TypeError, ValueError, OverflowError):  # not an array: trace() says so
         return (type(leaf).__module__, type(leaf).__qualname__)
-    return (tuple(aval.shape), aval.dtype.name, bool(aval.weak_type))
+    return (tuple(aval.shape), aval.dtype, bool(aval.weak_type))
 
 
 #: set to 1 to plan as ``jax.distributed`` processes do in a single process too: with

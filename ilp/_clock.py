@@ -97,7 +97,9 @@ class Progress(cp_model.CpSolverSolutionCallback):
         """Stop a stalled search; log a progress line if the last one is a period old."""
         now = time.perf_counter()
         quiet = now - self._improved
-        if self._stop is not None and not self.stalled and \
+        # a search with no plan yet (a warm start that breaks the memory budget) is never
+        # stalled: stopping it would leave nothing to return
+        if self._stop is not None and not self.stalled and math.isfinite(self.best_s) and \
                 quiet >= max(STALL_S, 0.5 * (now - self._start)):
             self.stalled = True
             _log.info("%s: no better plan for %.1f s, stopping", self.phase, quiet)

@@ -65,7 +65,7 @@ from ._evaluate import evaluate
 from ._grid import EdgeGrid, edge_grid
 from ._heuristic import best_assignment, local_search, polish
 from ._interrupt import run_interruptibly
-from ._memory import _min_peak, memory_unit, solver_parameters, to_units
+from ._memory import _min_peak, memory_unit, solver_parameters, to_units, within_budget
 from ._reduce import ReducedProblem, reduce_request
 from ._relaxation import solve_relaxation
 from ._repeats import RepeatClasses, repeat_classes, tied_request
@@ -240,6 +240,13 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     position = _warm_start(request, prepared.reduced, bool(prepared.rows), starts)
     warm = prepared.choices(position)
     warm_eval = evaluate(request, warm)
+    if not warm_eval.ok and prepared.rows:  # the hint breaks the budget: find one that fits
+        fitting = within_budget(dataclasses.replace(
+            request, wall_time_limit_s=deadline.wall_limit()), prepared.reduced)
+        if fitting is not None:
+            position = [fitting.get(v, p) for v, p in enumerate(position)]
+            warm = prepared.choices(position)
+            warm_eval = evaluate(request, warm)
     bound = relaxation.bound if relaxation is not None and relaxation.solved else -np.inf
     if warm_eval.ok and request.gap_limit > 0 and bound > -np.inf and \
             warm_eval.objective - bound <= request.gap_limit * abs(warm_eval.objective):
@@ -337,9 +344,12 @@ def _search(request: IntraOpRequest, prepared: _Prepared, relaxation, position, 
     elif warm_eval.ok:
         choices, status_name = warm, "FEASIBLE"  # time limit hit before CP-SAT's first solution
     else:
+        within = "" if request.memory_budget is None else \
+            f" under the memory budget of {format_bytes(request.memory_budget)} per device"
         raise RuntimeError(
-            f"CP-SAT found no assignment within the time limit ({request.time_limit_s:g} s); "
-            f"raise time_limit_s or pass a hint")
+            f"CP-SAT found no assignment{within} within the time limit "
+            f"({request.time_limit_s:g} s); raise time_limit_s"
+            + (" or the memory budget" if within else " or pass a hint"))
 
     objective = evaluate(request, choices).objective
     if status_name == "FEASIBLE":  # stopped by the limit: never return worse than the warm start

@@ -76,6 +76,31 @@ def min_peak_memory(request: IntraOpRequest) -> float:
 def _min_peak(request: IntraOpRequest, reduced: ReducedProblem) -> float:
     if not reduced.points:
         return 0.0
+    model, lits, peak, _ = _peak_model(reduced)
+    model.minimize(peak)
+    found = _solve_positions(request, model, lits)
+    if found is None:
+        raise ValueError("no assignment satisfies the forbidden strategy pairs")
+    choices = [int(k[found.get(v, 0)]) for v, k in enumerate(reduced.keep)]
+    return float(max(point_memory(request, choices), default=0.0))
+
+
+def within_budget(request: IntraOpRequest, reduced: ReducedProblem) -> dict[int, int] | None:
+    """Kept-strategy positions of the nodes the memory points (and forbidden pairs) tie,
+    whose peak fits ``request.memory_budget`` whatever the other nodes choose; seconds
+    ignored: CP-SAT's first such assignment, a warm start for the search when the
+    caller's hint breaks the budget. ``None`` when none is found within the request's
+    limits (or none exists)."""
+    if not reduced.points or request.memory_budget is None:
+        return {}
+    model, lits, peak, unit = _peak_model(reduced)
+    model.add(peak <= int(np.floor(request.memory_budget / unit + 1e-9)))
+    return _solve_positions(request, model, lits)
+
+
+def _peak_model(reduced: ReducedProblem):
+    """CP-SAT model of the peak over the memory points: (model, literals per node whose
+    choice matters, the peak variable in integer units, bytes per unit)."""
     unit = memory_unit(reduced)
     structural = [(a, b, m) for a, b, m in reduced.edges if not np.isfinite(m).all()]
     variable_nodes = sorted(
@@ -119,17 +144,17 @@ def _min_peak(request: IntraOpRequest, reduced: ReducedProblem) -> float:
                 constant += int(c[0])
         expr = cp_model.LinearExpr.weighted_sum([t[0] for t in terms], [t[1] for t in terms])
         model.add(expr + constant <= peak)
-    model.minimize(peak)
+    return model, lits, peak, unit
+
+
+def _solve_positions(request: IntraOpRequest, model, lits) -> dict[int, int] | None:
+    """Solve ``model`` under the request's limits: the kept-strategy position of every
+    node in ``lits``, or ``None`` when CP-SAT finds no assignment."""
     solver = cp_model.CpSolver()
     solver_parameters(solver, request.time_limit_s,
                       Deadline.of(request.wall_time_limit_s, request.time_limit_s).solver_s())
     status = run_interruptibly(lambda: solver.solve(model), solver.stop_search)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise ValueError(f"no assignment satisfies the forbidden strategy pairs (CP-SAT: {solver.status_name(status)})")
-    choices = []
-    for v in range(len(reduced.keep)):
-        index = 0
-        if v in lits:
-            index = next(i for i, lit in enumerate(lits[v]) if solver.boolean_value(lit))
-        choices.append(int(reduced.keep[v][index]))
-    return float(max(point_memory(request, choices), default=0.0))
+        return None
+    return {v: next(i for i, lit in enumerate(vector) if solver.boolean_value(lit))
+            for v, vector in lits.items()}

@@ -67,8 +67,11 @@ def test_equinox_style_step_splits_the_data_not_the_key():
     assert specs["args[4]"] == P() and specs["args[0]['w1']"] == P()
     summary = plan.summary().splitlines()
     assert any(line.startswith("batch: args[2], args[3] (inferred") for line in summary)
-    rows = summary[summary.index("inputs (the batch first):") + 1:][:2]
-    assert [row.split()[0] for row in rows] == ["args[2]", "args[3]"]
+    title = summary.index("inputs (the batch first, then the largest):")
+    rows = summary[title + 1:title + 4]
+    # the batch, then the largest tensor (w1 of (D, H) outgrows every other), with shapes
+    assert [row.split()[0] for row in rows] == ["args[2]", "args[3]", "args[0]['w1']"]
+    assert rows[0].endswith(str(list(x.shape))) and rows[2].endswith(str([D, H]))
     got, want = step(*args), jax.jit(equinox_style_step)(*args)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

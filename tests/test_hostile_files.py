@@ -119,6 +119,15 @@ PLAN_CASES = {
     "huge cluster memory": ([(["cluster", "device_memory"], HUGE)],
                             "plan.cluster.device_memory"),
     "cluster reserve over memory": ([(["cluster", "memory_reserve"], 2**50)], "memory_reserve"),
+    "negative dim": ([(["shapes", "inputs"], [[-4], [8, 16]])], "plan.shapes.inputs[0]"),
+    "huge dim": ([(["shapes", "inputs"], [[16, 16], [HUGE]])], "plan.shapes.inputs[1]"),
+    "shapes of another plan": ([(["shapes", "inputs"], [[1], [2], [3], [4], [5], [6], [7],
+                                                         [8], [9], [10], [11], [12], [13]])],
+                               "plan.shapes.inputs"),
+    "NaN alternative": ([(["alternatives"], [{"method": "DataParallel", "compute_s": 1.0,
+                                              "communication_s": float("nan"),
+                                              "resharding_s": 0.0}])],
+                        "plan.alternatives[0].communication_s"),
 }
 
 

@@ -48,6 +48,8 @@ def plan():
                                            is_leaf=lambda x: isinstance(x, P) or x is None)
     return dataclasses.replace(
         base, flat_in_specs=flat, in_specs=jax.tree_util.tree_unflatten(treedef, flat),
+        in_shapes=(),  # the made-up specs do not fit the real inputs' shapes
+
         collectives=base.collectives + (Collective("<img src=x onerror=alert(2)>", "all-reduce",
                                                    1e-4),),
         top_ops=base.top_ops + (OpCost("op<b>", "/tmp/<evil>.py:1", "s'\"", 1e-5),))

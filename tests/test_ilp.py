@@ -23,6 +23,9 @@ from autoshard.ilp import (
     min_peak_memory,
     solve_intra_op,
 )
+from autoshard.ilp._clock import STALL_S, Deadline, Progress
+from autoshard.ilp._memory import within_budget
+from autoshard.ilp._reduce import reduce_request
 from autoshard.ilp._repeats import repeat_classes, tied_request
 
 INF = np.inf
@@ -150,6 +153,37 @@ def test_memory_budget_forces_costlier_strategy():
     )
     result = _check_optimal(request, (1, 0), 3.0)
     assert evaluate(request, result.choices).memory_by_point == (150.0,)
+
+
+def test_an_assignment_within_the_budget_is_found_for_a_hint_that_breaks_it():
+    # The graph above: the cheap hint (0, 0) peaks at 200 B > 160 B; the assignments that
+    # fit are (0, 1) 120 B, (1, 0) 150 B and (1, 1) 70 B: any of them is a warm start.
+    request = IntraOpRequest(
+        node_costs=([1.0, 2.0], [1.0, 3.0]),
+        node_memory=([100.0, 50.0], [100.0, 20.0]),
+        memory_points=((0, 1),),
+        memory_budget=160.0,
+        hint=(0, 0),
+    )
+    assert not evaluate(request, request.hint).ok
+    reduced = reduce_request(request)
+    fitting = within_budget(request, reduced)
+    choices = tuple(int(k[fitting.get(v, 0)]) for v, k in enumerate(reduced.keep))
+    assert evaluate(request, choices).ok and choices != (0, 0)
+    tight = dataclasses.replace(request, memory_budget=60.0)   # below the 70 B minimum
+    assert within_budget(tight, reduce_request(tight)) is None
+
+
+def test_a_search_without_a_plan_is_never_stopped_as_stalled():
+    stops = []
+    deadline = Deadline.of(60.0, 60.0)
+    for best, expected in ((float("nan"), []), (1.0, [1])):
+        stops.clear()
+        progress = Progress("search", deadline, best_s=best, stop=lambda: stops.append(1))
+        progress._improved -= 10 * STALL_S   # nothing better for a long time
+        progress._start -= 10 * STALL_S
+        progress.tick()
+        assert stops == expected and progress.stalled == bool(expected)
 
 
 def test_infeasible_budget_reports_min_peak():

@@ -1,7 +1,8 @@
 """flax (linen and nnx) and equinox training steps as their users write them
 (``examples/flax_lm.py``, ``nnx_gemma_style.py``, ``equinox_vit.py`` at small sizes): one
-plan across steps, the batch inferred, ops named by their module path, every step equal
-to ``jax.jit``'s."""
+plan across steps, the batch inferred, ops named by their module path, the model's own
+sharding annotations run (``Annotated``) and searched from, every step equal to
+``jax.jit``'s."""
 from __future__ import annotations
 
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import equinox as eqx
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -55,6 +57,25 @@ def test_flax_train_state_loop_plans_once_and_matches_jit(mesh, monkeypatch):
     # ... and their source is the user's line, then the library line that made them
     sources = [op.source for op in plan.top_ops]
     assert any("examples/flax_lm.py:" in s and " via flax/linen/" in s for s in sources), sources
+
+
+def test_flax_lm_runs_its_own_annotations_and_the_search_starts_from_them(mesh):
+    model = flax_lm.TransformerLM(vocab=64, d_model=32, heads=4, layers=1, max_len=16)
+    state = flax_lm.create_state(model, 8, 16)
+    batch = next(flax_lm.batches(8, 16, model.vocab, 1))
+    own = autoshard.parallelize(flax_lm.train_step, mesh=mesh,
+                                method=autoshard.Annotated(flax_lm.RULES))
+    plan = own.plan(state, batch)
+    specs = dict(zip(plan.in_paths, plan.flat_in_specs))
+    query = [s for p, s in specs.items() if p.startswith("args[0].params") and
+             p.endswith("['query']['kernel'].value")]
+    assert query == [P(None, "model")]              # (embed, heads, head_dim): heads split
+    assert specs["args[1]['tokens']"] == P("data")  # "batch" → data
+    assert_trees_allclose(own(state, batch), jax.jit(flax_lm.train_step)(state, batch))
+    with nn.logical_axis_rules(flax_lm.RULES):
+        searched = autoshard.parallelize(flax_lm.train_step, mesh=mesh).plan(state, batch)
+    annotated = {a.method: a for a in searched.alternatives}["Annotated"]
+    assert searched.cost.total_s <= annotated.total_s * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("method", [autoshard.DataParallel(), autoshard.ShardParallel()],

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from autoshard import ilp
 from autoshard.cost_model import Cluster, MeshCostModel
 from autoshard.ir.fingerprint import fingerprint
@@ -113,4 +115,13 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
                 out_paths=traced.out_paths, flat_in_specs=flat_in, flat_out_specs=flat_out,
                 value_specs=tuple(value_specs), operand_specs=tuple(operand_specs),
                 collectives=tuple(collectives), top_ops=top_ops, warnings=problem.warnings,
-                alternatives=problem.alternatives)
+                alternatives=problem.alternatives,
+                in_shapes=tuple(_shape(program, v) for v in program.invars),
+                out_shapes=tuple(_shape(program, a) for a in program.outvars))
+
+
+def _shape(program, atom) -> tuple[int, ...]:
+    """The global shape of a program input or output (a value id or a literal)."""
+    if isinstance(atom, int):
+        return tuple(int(d) for d in program.avals[atom].shape)
+    return tuple(int(d) for d in np.shape(atom.value))

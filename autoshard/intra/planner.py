@@ -101,10 +101,15 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
     if not steps_over(tensors, free.choices, len(program.eqns), budget):
         return free
     steps = candidate_steps(tensors, len(program.eqns))
+    fits: list = list(problem.seeds) + [free.choices]
     for _ in range(8):
         constrained = dataclasses.replace(_until(request, deadline),
                                           memory_terms=memory_terms(tensors, steps),
                                           memory_budget=float(budget))
+        # start from the cheapest starting plan (or earlier result) that fits these steps
+        hint = ilp.best_assignment(constrained, fits)
+        if hint is not None:
+            constrained = dataclasses.replace(constrained, hint=hint)
         try:
             result = ilp.solve_intra_op(constrained)
         except ilp.InfeasibleError as err:
@@ -117,6 +122,7 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
         missed = set(steps_over(tensors, result.choices, len(program.eqns), budget)) - set(steps)
         if not missed:
             return result
+        fits.append(result.choices)
         steps = sorted(set(steps) | missed)
     return result
 

@@ -47,6 +47,9 @@ class ShardingProblem:
     carried: tuple[tuple[int, int], ...] = ()  # (flat output, flat input) priced as carried
     #: the presets' plans priced by the same model, for a search's summary
     alternatives: tuple[Alternative, ...] = ()
+    #: every starting plan considered (one strategy per ILP node); ``request.hint`` is the
+    #: cheapest, another may be the cheapest that fits a memory budget
+    seeds: tuple[tuple[int, ...], ...] = ()
 
     def __repr__(self):
         return (f"ShardingProblem({len(self.graph.nodes)} nodes, {len(self.grouping.roots)} "
@@ -97,15 +100,15 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
     propagation = grouped_request(graph, grouping, uses, matrices, time_limit, merged,
                                   resharding_weight=PROPAGATION_RESHARDING_WEIGHT) \
         if isinstance(method, ShardParallel) else None
-    hint, alternatives = _seed(graph, grouping, request, propagation, model, method,
-                               batch_flat, annotations)
+    hint, alternatives, seeds = _seed(graph, grouping, request, propagation, model, method,
+                                      batch_flat, annotations)
     request = dataclasses.replace(request, hint=hint, tie_repeats=tie,
                                   gap_limit=(0.01 if tie else 0.0) if gap is None else gap)
     _log.info("strategies and costs: %d nodes, %d ILP nodes after following, %d edges "
               "(%.2f s)", len(graph.nodes), len(grouping.roots), len(request.edges),
               time.perf_counter() - start)
     return ShardingProblem(graph, grouping, uses, tuple(matrices), merged, request, messages,
-                           pairs, alternatives)
+                           pairs, alternatives, seeds)
 
 
 #: how much dearer a resharding second is than any other when a preset's fixed layout is
@@ -194,13 +197,13 @@ def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs,
 def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
           propagation: ilp.IntraOpRequest | None, model: MeshCostModel,
           method, batch_flat: Sequence[bool], annotations: Sequence[Spec] | None = None
-          ) -> tuple[tuple[int, ...] | None, tuple[Alternative, ...]]:
+          ) -> tuple[tuple[int, ...] | None, tuple[Alternative, ...], tuple[tuple[int, ...], ...]]:
     """The solver's starting plan: the cheapest of the presets' own plans (their input
     layouts propagated as XLA does, over ``propagation``: see :func:`propagated_choices`;
     the model's own annotations among them when the arguments carry some), greedy plans
     with inputs laid out like each preset, and one unrestricted greedy plan; so a search
     stopped by its time limit is never worse than the hand-written plans. Also the
-    presets' plans, priced (for the summary of a search)."""
+    presets' plans, priced (for the summary of a search), and every candidate."""
     styles = [None]
     if isinstance(method, ShardParallel):
         styles += [DataParallel(), ZeRO3(), Megatron()]
@@ -226,7 +229,8 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
             candidates.append(ilp.greedy_assignment(propagation, allowed, improve=False))
             alternatives.append(_priced(graph, grouping, request, candidates[-1],
                                         type(style).__name__))
-    return ilp.best_assignment(request, candidates), tuple(alternatives)
+    return ilp.best_assignment(request, candidates), tuple(alternatives), \
+        tuple(tuple(int(c) for c in candidate) for candidate in candidates)
 
 
 def _priced(graph: ShardingGraph, grouping: Grouping, request: ilp.IntraOpRequest,

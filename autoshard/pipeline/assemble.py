@@ -107,7 +107,8 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
                 warnings=warnings, stages=tuple(records),
                 programs=tuple(ProgramSpecs(n, p.flat_in_specs, p.flat_out_specs,
                                             p.value_specs, p.operand_specs)
-                               for n, p in zip(names, plans)))
+                               for n, p in zip(names, plans)),
+                in_shapes=tuple(tuple(int(d) for d in a.shape) for a in split.full_avals))
 
 
 def plain_pipeline_plan(plain: Plan, pipelined: Plan, method, num_layers: int,

@@ -38,12 +38,6 @@ def _check_specs(specs: ProgramSpecs, name: str, program: Program) -> ProgramSpe
     if specs.name != name:
         _refuse(f"holds shardings for program {specs.name!r} where this function's pipeline "
                 f"has {name!r}: it was made for another function")
-    if (len(specs.flat_in_specs), len(specs.flat_out_specs)) != \
-            (len(program.invars), len(program.outvars)):
-        _refuse(f"gives {name} {len(specs.flat_in_specs)} inputs and "
-                f"{len(specs.flat_out_specs)} outputs, but this function's {name} has "
-                f"{len(program.invars)} and {len(program.outvars)}: it was made for another "
-                f"function")
     misfit = specs_misfit(program, specs.flat_in_specs, specs.flat_out_specs,
                           specs.value_specs, specs.operand_specs)
     if misfit is not None:

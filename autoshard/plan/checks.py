@@ -159,9 +159,12 @@ def check_stages(stages, where: str = "plan.stages") -> None:
 
 
 def specs_misfit(program, flat_in, flat_out, value_specs, operand_specs) -> str | None:
-    """Why shardings do not fit ``program`` (a spec with more entries than its value has
-    dimensions, a value or equation it lacks, an operand index past an equation's
-    operands or on a literal), or ``None`` when they fit."""
+    """Why shardings do not fit ``program`` (another number of inputs or outputs, a spec
+    with more entries than its value has dimensions, a value or equation it lacks, an
+    operand index past an equation's operands or on a literal), or ``None`` when they fit."""
+    if (len(flat_in), len(flat_out)) != (len(program.invars), len(program.outvars)):
+        return (f"has {len(flat_in)} inputs and {len(flat_out)} outputs, but the program has "
+                f"{len(program.invars)} and {len(program.outvars)}")
     avals = program.avals
     for kind, values, specs in (("input", program.invars, flat_in),
                                 ("output", program.outvars, flat_out)):
@@ -188,3 +191,21 @@ def specs_misfit(program, flat_in, flat_out, value_specs, operand_specs) -> str 
             return (f"reshards operand {k} of equation {e} to {spec}, but it has "
                     f"{len(avals[inputs[k]].shape)} dimension(s)")
     return None
+
+
+def check_shapes(items: list, where: str, count: int) -> tuple[tuple[int, ...], ...]:
+    """A plan file's shapes of its flat inputs or outputs: empty (not recorded), or one
+    list of dim sizes per input/output; ``PlanFormatError`` naming the entry otherwise."""
+    if items and len(items) != count:
+        raise PlanFormatError(f"{where}: {len(items)} shapes for {count} values")
+    result = []
+    for i, shape in enumerate(items):
+        if not isinstance(shape, list):
+            raise PlanFormatError(f"{where}[{i}]: expected a list of dim sizes, got "
+                                  f"{type(shape).__name__}")
+        check_ids(shape, f"{where}[{i}]", "a dim size")
+        if len(shape) > 64 or any(d >= 2**62 for d in shape):
+            raise PlanFormatError(f"{where}[{i}]: not an array shape ({len(shape)} dims, "
+                                  f"largest {max(shape, default=0)})")
+        result.append(tuple(shape))
+    return tuple(result)

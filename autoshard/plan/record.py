@@ -35,7 +35,9 @@ class Plan:
     and a pipeline cuts into micro-batches; ``batch_inferred``: chosen by autoshard
     because ``batch_argnums`` was not given. ``alternatives``: a searched plan's
     hand-written rivals (:class:`Alternative`: the presets, and the model's own
-    annotations when it has some) priced by the same model.
+    annotations when it has some) priced by the same model. ``in_shapes`` /
+    ``out_shapes``: the global shape of every flat input / output (``()`` where a plan
+    file predates them or, for a pipeline's outputs, is not recorded).
     """
 
     method: Method
@@ -61,6 +63,8 @@ class Plan:
     batch: tuple[str, ...] = ()
     batch_inferred: bool = False
     alternatives: tuple[Alternative, ...] = ()
+    in_shapes: tuple[tuple[int, ...], ...] = ()
+    out_shapes: tuple[tuple[int, ...], ...] = ()
 
     def __repr__(self):
         mesh = ", ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.mesh_shape))

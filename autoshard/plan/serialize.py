@@ -25,6 +25,9 @@ The file is one JSON object (``"format": "autoshard-plan"``, ``"format_version":
     alternatives                   [{method, compute_s, communication_s, resharding_s,
                                    input_s}]: hand-written layouts priced by the same model
                                    (absent in older files: none)
+    shapes                         {"inputs": [[int]], "outputs": [[int]]}: the global
+                                   shapes of the flat inputs and outputs (absent in older
+                                   files; an empty list: not recorded)
 
 A spec is a list with one entry per tensor dim: ``null``, an axis name or a list
 of axis names. A spec tree node is ``null`` (a static argument), ``{"spec": …}``,
@@ -58,6 +61,7 @@ from .checks import (
     check_ids,
     check_json_tree,
     check_mesh,
+    check_shapes,
     check_stages,
     deepest_field,
 )
@@ -245,7 +249,7 @@ def _record_to_json(record) -> dict:
 _FIELDS = ("format", "format_version", "method", "fingerprint", "mesh", "cluster", "in_specs",
            "out_specs", "inputs", "outputs", "value_specs", "operand_specs", "cost", "solver",
            "collectives", "top_ops", "warnings", "stages", "programs", "batch",
-           "alternatives")
+           "alternatives", "shapes")
 
 
 def plan_to_dict(plan) -> dict:
@@ -276,6 +280,8 @@ def plan_to_dict(plan) -> dict:
         "programs": [_program_to_json(p) for p in plan.programs],
         "batch": {"arguments": list(plan.batch), "inferred": plan.batch_inferred},
         "alternatives": [_record_to_json(a) for a in plan.alternatives],
+        "shapes": {"inputs": [list(s) for s in plan.in_shapes],
+                   "outputs": [list(s) for s in plan.out_shapes]},
     }
     assert tuple(data) == _FIELDS
     return data
@@ -508,6 +514,12 @@ def plan_fields_from_dict(data) -> dict:
     inferred = _get(batch, "inferred", bool, "plan.batch")
     alternatives = data.get("alternatives", [])  # absent in older files
     _check(alternatives, list, "plan.alternatives")
+    shapes = data.get("shapes", {"inputs": [], "outputs": []})  # absent in older files
+    _check(shapes, dict, "plan.shapes")
+    in_shapes = check_shapes(_get(shapes, "inputs", list, "plan.shapes"), "plan.shapes.inputs",
+                             len(flat_in))
+    out_shapes = check_shapes(_get(shapes, "outputs", list, "plan.shapes"),
+                              "plan.shapes.outputs", len(flat_out))
     return dict(
         method=_method_from_json(_get(data, "method", str if version == 1 else dict), version),
         mesh_shape=shape, axis_names=names, cluster=cluster,
@@ -531,7 +543,9 @@ def plan_fields_from_dict(data) -> dict:
         alternatives=tuple(
             check_costs(_record(Alternative, a, f"plan.alternatives[{i}]"),
                         f"plan.alternatives[{i}]") for i, a in enumerate(alternatives)),
+        in_shapes=in_shapes, out_shapes=out_shapes,
     )
+
 
 
 def plan_fields_from_json(text: str | bytes) -> dict:

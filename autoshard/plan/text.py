@@ -1,6 +1,8 @@
 """The plan as text: ``Plan.summary()``."""
 from __future__ import annotations
 
+import math
+
 from autoshard.cost_model import format_bytes, format_seconds
 
 from .parts import StageAssignment
@@ -19,12 +21,21 @@ def plan_summary(plan, max_rows: int = 40) -> str:
                  f"{format_bytes(c.peak_memory_bytes)}")
     lines.append(_batch_line(plan))
     lines += _alternatives(plan)
-    batch_first = sorted(range(len(plan.in_paths)),
-                         key=lambda k: not _in_batch(plan.in_paths[k], plan.batch))
-    lines += _spec_table("inputs (the batch first)" if plan.batch else "inputs",
-                         [plan.in_paths[k] for k in batch_first],
-                         [plan.flat_in_specs[k] for k in batch_first], max_rows)
-    lines += _spec_table("outputs", plan.out_paths, plan.flat_out_specs, max_rows)
+    in_shapes = _shapes(plan.in_shapes, len(plan.in_paths))
+    out_shapes = _shapes(plan.out_shapes, len(plan.out_paths))
+    order = sorted(range(len(plan.in_paths)), key=lambda k: (
+        not _in_batch(plan.in_paths[k], plan.batch), -_size(in_shapes[k])))
+    largest = ", then the largest" if plan.in_shapes else ""
+    lines += _spec_table(f"inputs (the batch first{largest})" if plan.batch else
+                         "inputs" + (" (the largest first)" if largest else ""),
+                         [plan.in_paths[k] for k in order],
+                         [plan.flat_in_specs[k] for k in order], max_rows,
+                         [in_shapes[k] for k in order])
+    order = sorted(range(len(plan.out_paths)), key=lambda k: -_size(out_shapes[k]))
+    lines += _spec_table("outputs" + (" (the largest first)" if plan.out_shapes else ""),
+                         [plan.out_paths[k] for k in order],
+                         [plan.flat_out_specs[k] for k in order], max_rows,
+                         [out_shapes[k] for k in order])
     if plan.top_ops:
         lines.append("costliest ops:")
         for op in plan.top_ops[:10]:
@@ -51,11 +62,22 @@ def plan_summary(plan, max_rows: int = 40) -> str:
     return "\n".join(lines)
 
 
-def _spec_table(title, paths, specs, max_rows):
+def _shapes(shapes, count: int) -> list:
+    """Per flat input/output its shape, or None where the plan does not record them."""
+    return list(shapes) if len(shapes) == count else [None] * count
+
+
+def _size(shape) -> int:
+    return -1 if shape is None else math.prod(shape)
+
+
+def _spec_table(title, paths, specs, max_rows, shapes):
     lines = [f"{title}:"]
     width = max((len(p) for p in paths[:max_rows]), default=0)
-    for path, spec in list(zip(paths, specs))[:max_rows]:
-        lines.append(f"  {path:<{width}}  {spec}")
+    spec_width = max((len(str(s)) for s in specs[:max_rows]), default=0)
+    for path, spec, shape in list(zip(paths, specs, shapes))[:max_rows]:
+        where = "" if shape is None else f"  {_shape_text(shape)}"
+        lines.append(f"  {path:<{width}}  {str(spec):<{spec_width}}{where}".rstrip())
     if len(paths) > max_rows:
         lines.append(f"  … {len(paths) - max_rows} more")
     return lines
@@ -94,6 +116,10 @@ def _alternatives(plan) -> list[str]:
         lines.append(f"  (this plan keeps the batch whole on mesh axes {whole}: in this model "
                      f"splitting it as DataParallel does costs what its row says)")
     return lines
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]" if shape else "scalar"
 
 
 def _signed(seconds: float) -> str:

@@ -1,0 +1,50 @@
+"""Meshes with three axes (data × fsdp × model), run on 8 CPU devices as (2, 2, 2): the
+search may split one tensor over several axes, the presets read their axes as on 2-D
+meshes, and every plan gives jax.jit's numbers."""
+from __future__ import annotations
+
+import jax
+import pytest
+
+import autoshard
+from examples.models import gpt
+from tests.trees import assert_trees_allclose
+
+AXES = ("data", "fsdp", "model")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return autoshard.make_mesh((2, 2, 2), AXES)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return gpt(num_layers=2, batch=8, seq=8, d_model=32, heads=4, vocab=64)
+
+
+def _axes_used(plan) -> set[str]:
+    used = set()
+    for spec in plan.flat_in_specs + plan.flat_out_specs + tuple(s for _, s in plan.value_specs):
+        for entry in spec:
+            used |= {entry} if isinstance(entry, str) else set(entry or ())
+    return used
+
+
+@pytest.mark.parametrize("method", [autoshard.ShardParallel(), autoshard.DataParallel(),
+                                    autoshard.ZeRO3(), autoshard.Megatron()],
+                         ids=lambda m: type(m).__name__)
+def test_three_axis_plans_run_and_match_jit(mesh, workload, method):
+    step = autoshard.parallelize(workload.fn, mesh=mesh, method=method)
+    plan = step.plan(*workload.args)
+    assert plan.mesh_shape == (2, 2, 2) and plan.axis_names == AXES
+    specs = dict(zip(plan.in_paths, plan.flat_in_specs))
+    tokens = specs["args[2]['tokens']"]
+    if isinstance(method, (autoshard.DataParallel, autoshard.ZeRO3)):
+        assert tokens[0] == AXES                       # the batch over all three axes
+    if isinstance(method, autoshard.Megatron):
+        assert tokens[0] == ("data", "fsdp")           # the model axis is the last
+        assert "model" in _axes_used(plan)
+    if isinstance(method, autoshard.ShardParallel):
+        assert len(_axes_used(plan)) >= 2
+    assert_trees_allclose(step(*workload.args), jax.jit(workload.fn)(*workload.args))
