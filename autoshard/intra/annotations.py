@@ -25,7 +25,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from autoshard.ir.specs import Spec, replicated, spec_is_valid
-from autoshard.ir.trace import aval_struct
+from autoshard.ir.trace import argument_path, aval_struct
 
 from .presets import split_leading
 
@@ -144,7 +144,7 @@ def annotated_layouts(args, static_argnums: Sequence[int], batch_flat: Sequence[
         for leaf in leaves:
             k = len(specs)
             shape = tuple(aval_struct(leaf).shape)
-            where = "args" + _argpath(path, argnums)
+            where = argument_path(path, argnums)
             if names is None:
                 specs.append(split_leading(shape, mesh_shape, batch_axes)
                              if batch_flat[k] and shape else replicated(len(shape)))
@@ -178,12 +178,6 @@ def _batch_axes(rules, mesh_shape, axis_names) -> tuple[int, ...]:
             return tuple(axis_names.index(n) for n in names if n in axis_names)
     axes = [a for a, n in enumerate(mesh_shape) if n > 1]
     return tuple(axes[:-1]) if len(axes) > 1 else tuple(axes)
-
-
-def _argpath(path, argnums) -> str:
-    """``(SequenceKey(1), DictKey('w'))`` of the dynamic-argument tuple → ``"[2]['w']"``."""
-    head, *rest = path
-    return f"[{argnums[head.idx]}]" + jax.tree_util.keystr(tuple(rest))
 
 
 __all__ = ["AnnotationError", "annotated_layouts", "annotation_names"]

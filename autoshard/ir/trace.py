@@ -153,7 +153,7 @@ def trace(fn, args: Sequence, static_argnums: Sequence[int] = ()) -> TracedFunct
     dyn_args = [args[i] for i in argnums]
     check_arguments(dyn_args, argnums)
     leaves_with_paths, in_tree = jax.tree_util.tree_flatten_with_path(tuple(dyn_args))
-    in_paths = tuple(_argpath(p, argnums) for p, _ in leaves_with_paths)
+    in_paths = tuple(argument_path(p, argnums) for p, _ in leaves_with_paths)
     avals = [aval_struct(leaf) for _, leaf in leaves_with_paths]
     out_tree_box = []
 
@@ -175,8 +175,9 @@ def trace(fn, args: Sequence, static_argnums: Sequence[int] = ()) -> TracedFunct
                                num_args=len(args))
 
 
-def _argpath(path, argnums) -> str:
-    # path[0] indexes the tuple of dynamic args: show the user's argument number.
+def argument_path(path, argnums) -> str:
+    """A key path into the tuple of the dynamic arguments as the user reads it:
+    ``(SequenceKey(1), DictKey('w'))`` with ``argnums`` ``[0, 2]`` → ``"args[2]['w']"``."""
     head, rest = path[0], path[1:]
     return f"args[{argnums[head.idx]}]" + jax.tree_util.keystr(tuple(rest))
 

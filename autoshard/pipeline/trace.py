@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from autoshard.ir.program import Equation, Program
-from autoshard.ir.trace import TracedFunction, _argpath, aval_struct, flatten_open_jaxpr, trace
+from autoshard.ir.trace import TracedFunction, argument_path, aval_struct, flatten_open_jaxpr, trace
 from autoshard.ir.user_frames import user_stacklevel
 
 from .layers import strip_boundaries
@@ -44,7 +44,7 @@ def flat_paths(args, static_argnums) -> tuple[list, list[str], object]:
     static = set(static_argnums)
     argnums = [i for i in range(len(args)) if i not in static]
     with_paths, tree = jax.tree_util.tree_flatten_with_path(tuple(args[i] for i in argnums))
-    return [x for _, x in with_paths], [_argpath(p, argnums) for p, _ in with_paths], tree
+    return [x for _, x in with_paths], [argument_path(p, argnums) for p, _ in with_paths], tree
 
 
 def _fail(message: str):
