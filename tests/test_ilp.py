@@ -141,30 +141,27 @@ def test_merged_all_reduces_share_one_latency():
     assert tied.num_nodes == 1 and [s.members for s in tied.shared_costs] == [((0, 1),)]
 
 
+# A costs [1, 2] s, mem [100, 50] B; B costs [1, 3], mem [100, 20]; both live at once,
+# budget 160 B. (0,0): 200 B too much; (0,1): 120 B, 4 s; (1,0): 150 B, 3 s; (1,1): 70 B, 5 s.
+TWO_NODES_UNDER_160_BYTES = IntraOpRequest(
+    node_costs=([1.0, 2.0], [1.0, 3.0]),
+    node_memory=([100.0, 50.0], [100.0, 20.0]),
+    memory_points=((0, 1),),
+    memory_budget=160.0,
+)
+
+
 def test_memory_budget_forces_costlier_strategy():
-    # A costs [1, 2] s, mem [100, 50] B; B costs [1, 3], mem [100, 20]; both live at once,
-    # budget 160 B. (0,0): 200 B too much; (0,1): 4 s; (1,0): 150 B, 3 s; (1,1): 5 s.
     # Optimum (1, 0), objective 3 s (unconstrained it would be (0, 0), 2 s).
-    request = IntraOpRequest(
-        node_costs=([1.0, 2.0], [1.0, 3.0]),
-        node_memory=([100.0, 50.0], [100.0, 20.0]),
-        memory_points=((0, 1),),
-        memory_budget=160.0,
-    )
+    request = TWO_NODES_UNDER_160_BYTES
     result = _check_optimal(request, (1, 0), 3.0)
     assert evaluate(request, result.choices).memory_by_point == (150.0,)
 
 
 def test_an_assignment_within_the_budget_is_found_for_a_hint_that_breaks_it():
-    # The graph above: the cheap hint (0, 0) peaks at 200 B > 160 B; the assignments that
-    # fit are (0, 1) 120 B, (1, 0) 150 B and (1, 1) 70 B: any of them is a warm start.
-    request = IntraOpRequest(
-        node_costs=([1.0, 2.0], [1.0, 3.0]),
-        node_memory=([100.0, 50.0], [100.0, 20.0]),
-        memory_points=((0, 1),),
-        memory_budget=160.0,
-        hint=(0, 0),
-    )
+    # The cheap hint (0, 0) peaks at 200 B > 160 B; the assignments that fit are (0, 1),
+    # (1, 0) and (1, 1) (70 B, the smallest): any of them is a warm start.
+    request = dataclasses.replace(TWO_NODES_UNDER_160_BYTES, hint=(0, 0))
     assert not evaluate(request, request.hint).ok
     reduced = reduce_request(request)
     fitting = within_budget(request, reduced)
