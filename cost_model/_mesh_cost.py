@@ -44,6 +44,11 @@ class MeshCostModel:
         if any(size < 1 for size in mesh_shape):
             raise ValueError(f"mesh_shape sizes must be ≥ 1, got {self.mesh_shape!r}")
         object.__setattr__(self, "mesh_shape", mesh_shape)
+        # (axes, collective) -> _group's answer; axes -> devices they span. Not fields:
+        # pure functions of the fields, kept because resharding matrices ask millions of times
+        object.__setattr__(self, "_groups", {})
+        object.__setattr__(self, "_splits", {})
+        object.__setattr__(self, "_checked", {})  # (shape, spec) -> both checked, normalised
 
     # ------------------------------------------------------------------ topology
 
@@ -144,7 +149,7 @@ class MeshCostModel:
         (``resharding_traffic`` / memory bandwidth). Result is ≥ 0 and 0 exactly when the
         layouts agree (``src == dst`` up to size-1 axes).
         """
-        return _resharding_time(self, _as_shape(shape), int(itemsize), _as_spec(src), _as_spec(dst))
+        return _resharding_time(self, *self._checked_pair(shape, src, dst, itemsize))
 
     def resharding_traffic(self, shape: Sequence[int], itemsize: int, src: Spec, dst: Spec
                            ) -> int:
@@ -152,28 +157,39 @@ class MeshCostModel:
         and writes the kept part, every collective reads its operand and writes its
         result, and gathering a dimension that is not the outermost one relayouts the
         gathered buffer (read and write), as XLA does."""
-        return _resharding_traffic(self, _as_shape(shape), int(itemsize), _as_spec(src),
-                                   _as_spec(dst))
+        return _resharding_traffic(self, *self._checked_pair(shape, src, dst, itemsize))
 
     def resharding_steps(self, shape: Sequence[int], itemsize: int, src: Spec, dst: Spec
                          ) -> tuple[CollectiveStep, ...]:
         """The collectives ``resharding`` prices, in order (none that moves nothing)."""
-        return _resharding_steps(self, _as_shape(shape), int(itemsize), _as_spec(src),
-                                 _as_spec(dst))
+        return _resharding_steps(self, *self._checked_pair(shape, src, dst, itemsize))
 
     def resharding_matrix(
         self, shape: Sequence[int], itemsize: int, srcs: Sequence[Spec], dsts: Sequence[Spec]
     ) -> np.ndarray:
         """float64 array [len(srcs), len(dsts)] of ``resharding`` times (memoised; a fresh
         writable copy is returned on every call)."""
-        key_srcs = tuple(_as_spec(spec) for spec in srcs)
-        key_dsts = tuple(_as_spec(spec) for spec in dsts)
-        return _resharding_matrix(self, _as_shape(shape), int(itemsize), key_srcs, key_dsts).copy()
+        shape = _as_shape(shape)
+        key_srcs = tuple(self._check_spec(shape, spec)[1] for spec in srcs)
+        key_dsts = tuple(self._check_spec(shape, spec)[1] for spec in dsts)
+        return _resharding_matrix(self, shape, int(itemsize), key_srcs, key_dsts).copy()
 
     # ------------------------------------------------------------------ helpers
 
+    def _checked_pair(self, shape, src: Spec, dst: Spec, itemsize: int):
+        """(shape, itemsize, src, dst) normalised, after checking both specs."""
+        shape = _as_shape(shape)
+        return shape, int(itemsize), self._check_spec(shape, src)[1], \
+            self._check_spec(shape, dst)[1]
+
     def _split(self, axes: Sequence[int]) -> int:
-        return math.prod(self.mesh_shape[a] for a in axes)
+        try:
+            return self._splits[axes]
+        except (KeyError, TypeError):  # TypeError: a list, not a tuple
+            n = math.prod(self.mesh_shape[a] for a in axes)
+            if isinstance(axes, tuple):
+                self._splits[axes] = n
+            return n
 
     def _check_axes(self, axes: Sequence[int] | int) -> tuple[int, ...]:
         if isinstance(axes, (int, np.integer)):
@@ -190,6 +206,15 @@ class MeshCostModel:
     def _group(self, axes: Sequence[int], collective: str | None = None) -> tuple[int, float, float]:
         """(group size, bottleneck bandwidth, worst latency) over ``axes``, with the links
         calibrated for ``collective`` when the cluster has them."""
+        key = (tuple(axes) if not isinstance(axes, (int, np.integer)) else (int(axes),),
+               collective)
+        found = self._groups.get(key)
+        if found is None:
+            found = self._groups[key] = self._new_group(*key)
+        return found
+
+    def _new_group(self, axes: tuple[int, ...], collective: str | None
+                   ) -> tuple[int, float, float]:
         axes = tuple(a for a in self._check_axes(axes) if self.mesh_shape[a] > 1)
         if not axes:
             return 1, math.inf, 0.0
@@ -207,6 +232,16 @@ class MeshCostModel:
         return n * latency + (n - 1) / n * _check_nbytes(nbytes) / bandwidth
 
     def _check_spec(self, shape: Sequence[int], spec: Spec) -> tuple[tuple[int, ...], Spec]:
+        try:
+            return self._checked[(shape, spec)]
+        except (KeyError, TypeError):  # TypeError: lists, not tuples
+            pass
+        checked = self._new_check_spec(shape, spec)
+        if isinstance(shape, tuple) and isinstance(spec, tuple):
+            self._checked[(shape, spec)] = checked
+        return checked
+
+    def _new_check_spec(self, shape: Sequence[int], spec: Spec) -> tuple[tuple[int, ...], Spec]:
         shape, spec = _as_shape(shape), _as_spec(spec)
         if len(spec) != len(shape):
             raise ValueError(f"spec {spec} has {len(spec)} entries but the tensor has rank {len(shape)}")
@@ -215,7 +250,8 @@ class MeshCostModel:
         return shape, spec
 
     def _shard_bytes(self, shape: tuple[int, ...], itemsize: int, layout: Sequence[Sequence[int]]) -> int:
-        return itemsize * math.prod(-(-size // self._split(axes)) for size, axes in zip(shape, layout))
+        return itemsize * math.prod(-(-size // self._split(tuple(axes)))
+                                    for size, axes in zip(shape, layout))
 
 
 def _as_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -251,9 +287,8 @@ def _resharding_traffic(model, shape, itemsize, src, dst) -> int:
 def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, src: Spec,
                      dst: Spec) -> tuple[tuple[CollectiveStep, ...], int]:
     """The collectives of ``MeshCostModel.resharding`` in order (none that moves nothing),
-    and the bytes per device its copies read and write (``resharding_traffic``)."""
-    model._check_spec(shape, src)
-    model._check_spec(shape, dst)
+    and the bytes per device its copies read and write (``resharding_traffic``). The
+    specs are checked by the callers (once per spec for a matrix)."""
     if src == dst:
         return (), 0
     ndim = len(shape)

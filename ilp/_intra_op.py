@@ -66,6 +66,7 @@ from ._grid import EdgeGrid, edge_grid
 from ._heuristic import best_assignment, local_search, polish
 from ._interrupt import run_interruptibly
 from ._memory import _min_peak, memory_unit, solver_parameters, to_units, within_budget
+from ._neighbourhood import needs_neighbourhoods, solve_in_neighbourhoods
 from ._reduce import ReducedProblem, reduce_request
 from ._relaxation import solve_relaxation
 from ._repeats import RepeatClasses, repeat_classes, tied_request
@@ -123,16 +124,23 @@ def _shared_rows(request: IntraOpRequest, reduced: ReducedProblem):
     always paid). A member whose strategy was dropped is gone; a charge with a member on a
     node left with that one strategy is always paid and joins the constant."""
     rows, always = [], 0.0
+    kept: dict[int, dict[int, int]] = {}  # node -> original strategy -> kept index
+
+    def kept_index(v: int, i: int) -> int | None:
+        if v not in kept:
+            kept[v] = {int(k): p for p, k in enumerate(reduced.keep[v])}
+        return kept[v].get(i)
+
     for shared in request.shared_costs:
         members: dict[int, list[int]] = {}
         paid = False
         for v, i in shared.members:
-            found = np.flatnonzero(reduced.keep[v] == i)
-            if not len(found):
+            found = kept_index(v, i)
+            if found is None:
                 continue
             if len(reduced.keep[v]) == 1:
                 paid = True
-            members.setdefault(v, []).append(int(found[0]))
+            members.setdefault(v, []).append(found)
         if paid:
             always += shared.cost
         elif members and shared.cost > 0:
@@ -192,13 +200,17 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     Raises ``InfeasibleError`` when the memory budget cannot be met and ``ValueError``
     when forbidden (inf) pairs leave no assignment. Status "FEASIBLE" means a time
     limit (the deterministic one, or ``wall_time_limit_s``) stopped the search;
-    ``gap`` is then relative to the proven lower bound.
+    ``gap`` is then relative to the proven lower bound. A labelled request too large
+    to solve whole (after tying repeated layers) is solved over neighbourhoods of its
+    plan (``_neighbourhood``).
     """
     deadline = Deadline.of(request.wall_time_limit_s, request.time_limit_s)
-    if request.tie_repeats and request.memory_budget is None:
+    if request.tie_repeats and not request.memory_points:
         classes = repeat_classes(request)
         if classes.num_classes < request.num_nodes:
             return _solve_tied(request, classes, deadline)
+    if needs_neighbourhoods(request):
+        return solve_in_neighbourhoods(request, solve_intra_op)
     prepared = _prepare(request)
 
     def relax(charges, offset):
@@ -512,8 +524,12 @@ def _solve_tied(request: IntraOpRequest, classes: RepeatClasses,
     bound is Σ per-node minima + Σ per-edge minima (valid for any assignment, weak).
     """
     start = time.perf_counter()
-    sub = solve_intra_op(dataclasses.replace(tied_request(request, classes),
-                                             wall_time_limit_s=deadline.wall_limit()))
+    try:
+        sub = solve_intra_op(dataclasses.replace(tied_request(request, classes),
+                                                 wall_time_limit_s=deadline.wall_limit()))
+    except InfeasibleError:  # no tied plan fits the budget: an untied one may
+        return solve_intra_op(dataclasses.replace(request, tie_repeats=False,
+                                                  wall_time_limit_s=deadline.wall_limit()))
     costs = [np.asarray(c, dtype=np.float64) for c in request.node_costs]
     edges = [(e.src, e.dst, e.cost) for e in request.edges]
     expanded = list(classes.expand(sub.choices))

@@ -16,7 +16,6 @@ whatever the depth, so its solve time stops growing with the number of layers.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,34 +37,33 @@ class RepeatClasses:
         return f"RepeatClasses({len(self.of_node)} nodes -> {self.num_classes} classes)"
 
 
-def _digest(*parts: bytes) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
-    return h.digest()
-
-
 def _array_bytes(array: np.ndarray) -> bytes:
     array = np.ascontiguousarray(array, dtype=np.float64)
     return repr(array.shape).encode() + array.tobytes()
 
 
+def _numbered(keys) -> list[int]:
+    """Each key's number among the distinct keys, by first appearance: equal numbers
+    exactly for equal keys, the same in every process (no hash values involved)."""
+    numbers: dict = {}
+    return [numbers.setdefault(key, len(numbers)) for key in keys]
+
+
 def repeat_classes(request: IntraOpRequest, rounds: int = 3, period: int = 2) -> RepeatClasses:
     """Classes of nodes with identical costs and identical neighbourhoods ``rounds`` deep."""
     n = request.num_nodes
-    color = [_digest(_array_bytes(c)) for c in request.node_costs]
-    incident: list[list[tuple[bytes, int]]] = [[] for _ in range(n)]
-    for e in request.edges:
-        tag = _array_bytes(e.cost)
-        incident[e.src].append((b"out" + tag, e.dst))
-        incident[e.dst].append((b"in" + tag, e.src))
-    edge_tags = [[(_digest(tag), u) for tag, u in row] for row in incident]
+    color = _numbered(_array_bytes(c) for c in request.node_costs)
+    tags = _numbered(_array_bytes(e.cost) for e in request.edges)
+    incident: list[list[tuple[int, int, int]]] = [[] for _ in range(n)]
+    for e, tag in zip(request.edges, tags):
+        incident[e.src].append((0, tag, e.dst))
+        incident[e.dst].append((1, tag, e.src))
     for _ in range(rounds):
-        color = [_digest(color[v], *sorted(_digest(tag, color[u]) for tag, u in edge_tags[v]))
-                 for v in range(n)]
-    seen: dict[bytes, int] = {}
-    keys: dict[tuple[bytes, int], int] = {}
+        color = _numbered((color[v], tuple(sorted((way, tag, color[u])
+                                                  for way, tag, u in incident[v])))
+                          for v in range(n))
+    seen: dict[int, int] = {}
+    keys: dict[tuple[int, int], int] = {}
     of_node = []
     for v in range(n):
         occurrence = seen.get(color[v], 0)
@@ -76,34 +74,45 @@ def repeat_classes(request: IntraOpRequest, rounds: int = 3, period: int = 2) ->
 
 
 def tied_request(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpRequest:
-    """The request over classes: member costs summed, edges re-attached to classes.
+    """The request over classes: member costs summed, edges re-attached to classes (those
+    between the same two classes summed into one).
 
-    Memory constraints are not carried over (callers tie only unconstrained requests).
+    Memory terms are carried over to the classes (a pair term inside one class becomes its
+    diagonal), with the budget: a tied assignment's memory is priced exactly. Requests
+    with ``memory_points`` are not tied (a node counted once per point cannot be mapped).
     """
     costs = [None] * classes.num_classes
     for v, c in enumerate(classes.of_node):
         cost = np.asarray(request.node_costs[v], dtype=np.float64)
         costs[c] = cost.copy() if costs[c] is None else costs[c] + cost
-    edges = []
+    edges: dict[tuple[int, int], np.ndarray] = {}  # parallel edges summed: flat in depth
     for e in request.edges:
         a, b = classes.of_node[e.src], classes.of_node[e.dst]
         if a == b:  # both ends take the same choice
             costs[a] = costs[a] + np.diagonal(e.cost)
-        else:
-            edges.append(EdgeCost(a, b, e.cost))
-    hint = None
-    if request.hint is not None:
-        first = {}
-        for v, c in enumerate(classes.of_node):
-            first.setdefault(c, request.hint[v])
-        hint = tuple(first[c] for c in range(classes.num_classes))
-    names = {}
+            continue
+        matrix = e.cost if a < b else e.cost.T
+        key = (min(a, b), max(a, b))
+        edges[key] = edges[key] + matrix if key in edges else matrix
+    first = {}  # class -> its first member
     for v, c in enumerate(classes.of_node):
-        names.setdefault(c, request.label(v))
+        first.setdefault(c, v)
+    members = [first[c] for c in range(classes.num_classes)]
+    hint = None if request.hint is None else tuple(request.hint[v] for v in members)
+    # members share costs and neighbourhoods: the first one's labels stand for the class
+    labels = None if request.strategy_labels is None else \
+        tuple(request.strategy_labels[v] for v in members)
     # a class choosing a member strategy chooses it for every node of the class: same charge
     shared = tuple(SharedCost(s.cost, tuple(sorted({(classes.of_node[v], i) for v, i in s.members})))
                    for s in request.shared_costs)
-    return IntraOpRequest(node_costs=tuple(costs), edges=tuple(edges), shared_costs=shared,
-                          node_names=tuple(names[c] for c in range(classes.num_classes)),
+    of = classes.of_node
+    terms = tuple(tuple((of[t[0]], t[1]) if len(t) == 2 else
+                        (of[t[0]], np.diagonal(t[2]).copy()) if of[t[0]] == of[t[1]] else
+                        (of[t[0]], of[t[1]], t[2]) for t in point)
+                  for point in request.memory_terms)
+    return IntraOpRequest(node_costs=tuple(costs), shared_costs=shared,
+                          memory_terms=terms, memory_budget=request.memory_budget,
+                          edges=tuple(EdgeCost(a, b, m) for (a, b), m in sorted(edges.items())),
+                          node_names=tuple(request.label(v) for v in members),
                           hint=hint, time_limit_s=request.time_limit_s,
-                          gap_limit=request.gap_limit)
+                          gap_limit=request.gap_limit, strategy_labels=labels)

@@ -50,6 +50,9 @@ class EdgeCost:
         object.__setattr__(
             self, "cost", _frozen_array(self.cost, 2, f"edge {self.src}->{self.dst} cost")
         )
+        # checked once here, not by every request holding the edge
+        object.__setattr__(self, "valid_cells",
+                           not (np.isnan(self.cost).any() or (self.cost == -np.inf).any()))
 
     def __repr__(self) -> str:
         rows, cols = self.cost.shape
@@ -99,7 +102,13 @@ class IntraOpRequest:
     ``shared_costs``: fixed charges paid once when any of their (node, strategy)
     members is chosen (``SharedCost``).
     ``tie_repeats``: solve with nodes of repeated layers tied (``_repeats``; a
-    restriction, used for deep models; ignored when a memory budget is set).
+    restriction, used for deep models; memory terms are tied too; ignored with
+    ``memory_points``).
+    ``strategy_labels[v]``: integers of shape (strategies of v, labels), e.g. one label
+    per mesh axis naming what the axis splits under each strategy; a request too large
+    to solve whole (``_neighbourhood.LARGE_PROBLEM_CELLS``) is then solved over
+    neighbourhoods of its plan: strategies differing from the current choice in at
+    most one label (``_neighbourhood``).
     """
 
     node_costs: tuple[np.ndarray, ...]
@@ -115,6 +124,7 @@ class IntraOpRequest:
     wall_time_limit_s: float | None = None
     tie_repeats: bool = False
     gap_limit: float = 0.0
+    strategy_labels: tuple[np.ndarray, ...] | None = None
 
     def __post_init__(self) -> None:
         names = tuple(str(name) for name in self.node_names)
@@ -146,7 +156,20 @@ class IntraOpRequest:
         if self.wall_time_limit_s is not None:
             object.__setattr__(self, "wall_time_limit_s", float(self.wall_time_limit_s))
         object.__setattr__(self, "gap_limit", float(self.gap_limit))
+        if self.strategy_labels is not None:
+            object.__setattr__(self, "strategy_labels",
+                               tuple(self._labels(v, labels)
+                                     for v, labels in enumerate(self.strategy_labels)))
         self._validate()
+
+    def _labels(self, v: int, labels) -> np.ndarray:
+        array = np.asarray(labels)
+        if array.ndim != 2 or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
+            raise ValueError(f"strategy_labels of {self._label(v)}: expected a 2-d integer array "
+                             f"(strategies x labels), got shape {array.shape} of {array.dtype}")
+        array = array.astype(np.int64)
+        array.flags.writeable = False
+        return array
 
     def _memory_term(self, p: int, term) -> tuple:
         if len(term) == 2:
@@ -199,7 +222,7 @@ class IntraOpRequest:
                     f"edge {k} {self._label(edge.src)} -> {self._label(edge.dst)}: cost matrix has shape "
                     f"{edge.cost.shape}, expected {expected} (strategies of src x strategies of dst)"
                 )
-            if np.isnan(edge.cost).any() or (edge.cost == -np.inf).any():
+            if not edge.valid_cells:
                 raise ValueError(
                     f"edge {k} {self._label(edge.src)} -> {self._label(edge.dst)}: cost contains NaN or -inf"
                 )
@@ -264,6 +287,14 @@ class IntraOpRequest:
         if self.wall_time_limit_s is not None and not self.wall_time_limit_s >= 0:
             raise ValueError(f"wall_time_limit_s must be None or >= 0 seconds, got "
                              f"{self.wall_time_limit_s}")
+        if self.strategy_labels is not None:
+            if len(self.strategy_labels) != n:
+                raise ValueError(f"strategy_labels has {len(self.strategy_labels)} entries, "
+                                 f"expected {n} (one per node)")
+            for v, labels in enumerate(self.strategy_labels):
+                if labels.shape[0] != self.num_strategies(v):
+                    raise ValueError(f"strategy_labels of {self._label(v)} has {labels.shape[0]} "
+                                     f"rows, expected {self.num_strategies(v)} (one per strategy)")
         if not 0.0 <= self.gap_limit < 1.0:
             raise ValueError(f"gap_limit must be in [0, 1), got {self.gap_limit}")
 
@@ -324,6 +355,9 @@ class SolverStats:
     lp_bound: float = float("nan")  # seconds, the LP relaxation's optimum (nan: not solved)
     lp_integral: bool = False  # the LP optimum was integral, hence the ILP optimum
     lp_time_s: float = 0.0
+    #: > 0: a request too large to solve whole was solved over this many neighbourhoods
+    #: of its plan (``_neighbourhood``); the statistics above are the last round's
+    neighbourhood_rounds: int = 0
 
 
 @dataclass(frozen=True)

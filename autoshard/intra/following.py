@@ -21,6 +21,7 @@ from autoshard.ir.program import Literal
 from .combining import MergedAllReduce
 from .graph import ShardingGraph, Use
 from .op_rules import ELEMENTWISE
+from .strategies import axis_labels
 
 _FOLLOWING = ELEMENTWISE - {"sharding_constraint", "optimization_barrier"}
 
@@ -74,17 +75,23 @@ def group_followers(graph: ShardingGraph) -> Grouping:
 def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use],
                     matrices: Sequence[np.ndarray], time_limit_s: float,
                     merged: Sequence[MergedAllReduce] = (),
-                    resharding_weight: float = 1.0) -> ilp.IntraOpRequest:
+                    resharding_weight: float = 1.0,
+                    mesh_shape: Sequence[int] | None = None) -> ilp.IntraOpRequest:
     """The ILP over the roots: followers' costs and internal edges folded into their root;
     each merged all-reduce's latency a shared cost over the root strategies that pick a
     member strategy. ``resharding_weight`` scales the seconds of every resharding
-    between ops against everything else."""
+    between ops against everything else. With ``mesh_shape`` every root strategy is
+    labelled by what each mesh axis does under it, so that a problem too large to solve
+    whole is searched one axis move at a time (``IntraOpRequest.strategy_labels``)."""
     w = resharding_weight
     position = {r: p for p, r in enumerate(grouping.roots)}
     costs = [np.zeros(len(grouping.index[r])) for r in grouping.roots]
+    node_costs: dict = {}  # per strategy tuple (repeated layers share theirs)
     for v, node in enumerate(graph.nodes):
-        node_cost = np.array([s.cost_s for s in node.strategies])
-        costs[position[grouping.root[v]]] += node_cost[grouping.index[v]]
+        key = id(node.strategies)
+        if key not in node_costs:
+            node_costs[key] = np.array([s.cost_s for s in node.strategies])
+        costs[position[grouping.root[v]]] += node_costs[key][grouping.index[v]]
     edges = []
     for use, matrix in zip(uses, matrices):
         matrix = w * matrix if w != 1.0 else matrix
@@ -100,6 +107,16 @@ def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use
                           for j in np.flatnonzero(grouping.index[v] == i)})
         if members:
             shared.append(ilp.SharedCost(group.latency_s, tuple(members)))
+    labels = None
+    if mesh_shape is not None:
+        by_strategies: dict = {}  # repeated layers hold the very same strategy tuples
+        for r in grouping.roots:
+            strategies = graph.nodes[r].strategies
+            if id(strategies) not in by_strategies:
+                by_strategies[id(strategies)] = axis_labels(strategies, mesh_shape)
+        labels = tuple(by_strategies[id(graph.nodes[r].strategies)][grouping.index[r]]
+                       for r in grouping.roots)
     return ilp.IntraOpRequest(node_costs=tuple(costs), edges=tuple(edges),
                               node_names=tuple(graph.nodes[r].name for r in grouping.roots),
-                              shared_costs=tuple(shared), time_limit_s=time_limit_s)
+                              shared_costs=tuple(shared), time_limit_s=time_limit_s,
+                              strategy_labels=labels)

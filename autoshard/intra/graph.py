@@ -85,6 +85,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     uses: list[Use] = []
     unsupported, control_flow = [], []
     memo: dict[tuple, tuple] = {}
+    by_specs: dict[tuple, tuple] = {}
     fused, read_in_fusion, fanout = fusion(program)
 
     def add(node: Node):
@@ -97,7 +98,12 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
             continue
         shape = tuple(program.avals[vid].shape)
         specs = input_specs(i, shape) if input_specs else enumerate_specs(shape, mesh_shape)
-        add(Node(traced.in_paths[i], "input", None, (vid,), input_strategies(specs)))
+        # inputs of one shape and layouts share one tuple, as repeated layers' ops do, so
+        # that the matrices priced per tuple (use_cost_matrix) are priced once
+        specs = tuple(specs)
+        if specs not in by_specs:
+            by_specs[specs] = input_strategies(specs)
+        add(Node(traced.in_paths[i], "input", None, (vid,), by_specs[specs]))
     for vid, _ in program.constants:
         rank = len(program.avals[vid].shape)
         add(Node(f"constant {vid}", "constant", None, (vid,), input_strategies([replicated(rank)])))

@@ -23,6 +23,7 @@ adds the step that peaked if it was missed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -55,11 +56,11 @@ def copy_bytes(model: MeshCostModel, aval, src_spec, dst_spec) -> int:
     if src_spec == dst_spec:
         return 0
     shape = tuple(aval.shape)
-    size = model.bytes_per_device(shape, aval.dtype.itemsize, dst_spec)
     local = model.shard_shape(shape, dst_spec)
+    size = aval.dtype.itemsize * math.prod(local)
     gathered = [d for d, (held, wanted) in enumerate(zip(src_spec, dst_spec))
                 if set(held) - set(wanted)]
-    inner = any(int(np.prod(local[:d])) > 1 for d in gathered)
+    inner = any(math.prod(local[:d]) > 1 for d in gathered)
     return 2 * size if inner else size
 
 
@@ -150,21 +151,30 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
 def _copy_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel, cache: dict
                  ) -> np.ndarray:
     """Copy bytes per device [strategies of src, strategies of dst] for one operand read;
-    ``cache`` keeps each (shape, item size, layouts) figure for the next reads (repeated
-    layers read the same shapes in the same layouts)."""
+    ``cache`` keeps each matrix, and each (shape, item size, layouts) table, for the next
+    reads (repeated layers hold the very same strategy tuples and read the same shapes in
+    the same layouts)."""
+    src, dst = graph.nodes[use.src], graph.nodes[use.dst]
+    aval = graph.traced.program.avals[src.outputs[use.src_output]]
+    key = (id(src.strategies), use.src_output, id(dst.strategies), use.operand,
+           tuple(aval.shape), aval.dtype.name)
+    if key not in cache:
+        cache[key] = (src.strategies, dst.strategies,  # keep the ids alive
+                      _new_copy_matrix(graph, use, model, cache))
+    return cache[key][2]
+
+
+def _new_copy_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel, cache: dict
+                     ) -> np.ndarray:
     aval = graph.traced.program.avals[graph.nodes[use.src].outputs[use.src_output]]
     src_specs = [s.out_specs[use.src_output] for s in graph.nodes[use.src].strategies]
     dst_specs = [s.in_specs[use.operand] for s in graph.nodes[use.dst].strategies]
     usrc, udst = list(dict.fromkeys(src_specs)), list(dict.fromkeys(dst_specs))
-    shape = (tuple(aval.shape), aval.dtype.itemsize)
-
-    def copied(a, b) -> int:
-        key = (shape, a, b)
-        if key not in cache:
-            cache[key] = copy_bytes(model, aval, a, b)
-        return cache[key]
-
-    small = np.array([[copied(a, b) for b in udst] for a in usrc], dtype=np.float64)
+    key = (tuple(aval.shape), aval.dtype.itemsize, tuple(usrc), tuple(udst))
+    if key not in cache:  # the same layouts of the same shape, read by another kind of op
+        cache[key] = np.array([[copy_bytes(model, aval, a, b) for b in udst] for a in usrc],
+                              dtype=np.float64)
+    small = cache[key]
     return small[np.ix_([usrc.index(s) for s in src_specs], [udst.index(s) for s in dst_specs])]
 
 

@@ -105,7 +105,8 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         gap=result.gap, solve_time_s=result.solve_time_s, num_nodes=len(grouping.roots),
         num_variables=result.num_variables, num_constraints=result.num_constraints,
         planning_time_s=time.perf_counter() - start, tied_classes=result.stats.tied_classes,
-        tied_gap=result.stats.tied_gap, solver_status=result.stats.solver_status)
+        tied_gap=result.stats.tied_gap, solver_status=result.stats.solver_status,
+        neighbourhood_rounds=result.stats.neighbourhood_rounds)
     in_specs = traced.input_tree(flat_in)
     out_specs = traced.output_tree(flat_out)
     return Plan(method=method, mesh_shape=model.mesh_shape,

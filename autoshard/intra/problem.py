@@ -93,7 +93,8 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
         matrices[first:] = [m * carried_weight for m in matrices[first:]]
     grouping = group_followers(graph)
     time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
-    request = grouped_request(graph, grouping, uses, matrices, time_limit, merged)
+    request = grouped_request(graph, grouping, uses, matrices, time_limit, merged,
+                              mesh_shape=model.mesh_shape)
     tie = getattr(method, "tie_repeats", None)
     tie = len(grouping.roots) > TIE_REPEATS_ABOVE if tie is None else bool(tie)
     gap = getattr(method, "gap_limit", None)

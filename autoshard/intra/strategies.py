@@ -234,5 +234,21 @@ def _assignment_name(loop_axes, reductions) -> str:
     return " ".join(parts)
 
 
+def axis_labels(strategies: Sequence[Strategy], mesh_shape) -> np.ndarray:
+    """Integers (strategies × mesh axes of size > 1): what each axis does under each
+    strategy, numbered per call, equal exactly when the axis splits the same dim of every
+    operand and result in both (the ILP searches very large problems one axis move at a
+    time: ``ilp._neighbourhood``)."""
+    axes = [a for a, n in enumerate(mesh_shape) if n > 1]
+    numbers: dict = {}
+    rows = []
+    for s in strategies:
+        specs = [spec for spec in s.in_specs if spec is not None] + list(s.out_specs)
+        rows.append([numbers.setdefault(
+            (a, tuple(next((d for d, dim in enumerate(spec) if a in dim), -1) for spec in specs)),
+            len(numbers)) for a in axes])
+    return np.array(rows, dtype=np.int64).reshape(len(strategies), len(axes))
+
+
 def _spec_name(spec: Spec) -> str:
     return "[" + ", ".join("+".join(map(str, axes)) if axes else "-" for axes in spec) + "]"

@@ -135,10 +135,16 @@ class SolverInfo:
     tied_classes: int = 0   # > 0: repeated layers were tied into this many ILP nodes
     tied_gap: float = 0.0   # optimality gap of the tied problem
     solver_status: str = ""
+    #: > 0: too large to solve whole, searched over this many neighbourhoods of its plan
+    #: (each moving a node's layout by at most one mesh axis); gap against a weak bound
+    neighbourhood_rounds: int = 0
 
     def describe(self) -> str:
         """One line: status, gap, problem size and times."""
-        if self.tied_classes:
+        if self.neighbourhood_rounds:
+            size = (f"{self.num_nodes} nodes searched in {self.neighbourhood_rounds} "
+                    f"neighbourhood round(s), one mesh axis moved per node per round")
+        elif self.tied_classes:
             size = (f"{self.num_nodes} nodes tied by repetition into {self.tied_classes} "
                     f"(gap within them {self.tied_gap:.2%})")
         else:

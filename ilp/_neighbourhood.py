@@ -1,0 +1,111 @@
+"""Very large requests solved over neighbourhoods of a plan (large-neighbourhood search).
+
+On a mesh with three axes a tensor has dozens of layouts and an op hundreds of
+strategies; the edge grids between them (strategies × strategies per tensor use) reach
+millions of cells, more than the LP and CP-SAT take in minutes. A request may label
+every strategy, one label per mesh axis, saying what that axis does under it
+(``IntraOpRequest.strategy_labels``). A round then restricts every node to the
+strategies whose labels differ from the current plan's in at most one place — one mesh
+axis moved to another dim, dropped or added — and solves that restricted problem
+exactly (LP, then CP-SAT). All nodes move in the same round, so one round can move a
+whole model from one layout to another, one axis at a time (batch-split to
+weight-split for the second axis, say). Rounds repeat from the improved plan until one
+finds nothing better, or :data:`MAX_ROUNDS`.
+
+The result is the optimum of its last neighbourhood, not a proven optimum: status
+"FEASIBLE", and the lower bound is Σ per-node minima + Σ per-edge minima (valid for
+any assignment, weak). Deterministic when the request has no wall-clock limit: each
+round gets a share of the deterministic limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ._clock import Deadline
+from ._evaluate import evaluate
+from ._heuristic import greedy_assignment
+from ._request import InfeasibleError, IntraOpRequest, IntraOpResult
+
+_log = logging.getLogger("autoshard.ilp")
+
+#: edge-grid cells (Σ over edges of src strategies × dst strategies) above which a
+#: request with strategy labels is solved over neighbourhoods. A GPT layer on a 2-D mesh
+#: is ~0.1 M cells (whole problem solved in seconds); on a 3-axis mesh ~1 M.
+LARGE_PROBLEM_CELLS = 500_000
+#: rounds at most; each moves every node by at most one axis
+MAX_ROUNDS = 8
+#: relative improvement below which a round counts as finding nothing better
+_IMPROVEMENT = 1e-9
+
+
+def grid_cells(request: IntraOpRequest) -> int:
+    """Σ over edges of (strategies of src) × (strategies of dst): the problem's size."""
+    return sum(int(edge.cost.size) for edge in request.edges)
+
+
+def needs_neighbourhoods(request: IntraOpRequest) -> bool:
+    """Whether ``request`` is labelled and too large to solve whole."""
+    return request.strategy_labels is not None and grid_cells(request) > LARGE_PROBLEM_CELLS
+
+
+def neighbourhood(labels: tuple[np.ndarray, ...], choices) -> tuple[np.ndarray, ...]:
+    """Per node, a mask of the strategies whose labels differ from the chosen one's in at
+    most one place (the chosen strategy included)."""
+    return tuple((node_labels != node_labels[c]).sum(axis=1) <= 1
+                 for node_labels, c in zip(labels, choices))
+
+
+def solve_in_neighbourhoods(request: IntraOpRequest,
+                            solve: Callable[[IntraOpRequest], IntraOpResult]) -> IntraOpResult:
+    """Rounds of ``solve`` (the exact solver) over neighbourhoods of the current plan,
+    starting from ``request.hint`` (else a greedy plan); the best plan found."""
+    start = time.perf_counter()
+    deadline = Deadline.of(request.wall_time_limit_s, request.time_limit_s)
+    current = request.hint if request.hint is not None else greedy_assignment(request)
+    checked = evaluate(request, current)
+    best = checked.objective if checked.ok else np.inf
+    last = None
+    rounds = 0
+    for rounds in range(1, MAX_ROUNDS + 1):
+        allowed = neighbourhood(request.strategy_labels, current)
+        restricted = dataclasses.replace(
+            request, strategy_labels=None, hint=tuple(current),
+            node_costs=tuple(np.where(mask, cost, np.inf)
+                             for mask, cost in zip(allowed, request.node_costs)),
+            time_limit_s=request.time_limit_s * 2 / MAX_ROUNDS,
+            wall_time_limit_s=deadline.wall_limit())
+        try:
+            result = solve(restricted)
+        except InfeasibleError:
+            if last is None:  # nothing fits yet: not even the first neighbourhood
+                raise
+            break
+        _log.info("neighbourhood round %d: %d strategies allowed, %.4g s per step (%s)",
+                  rounds, int(sum(int(m.sum()) for m in allowed)), result.objective,
+                  result.stats.solver_status)
+        improved = result.objective < best - _IMPROVEMENT * abs(best)
+        if improved or last is None:
+            last = result
+        if improved:
+            best, current = result.objective, result.choices
+        if not improved or deadline.remaining_s() <= 0:
+            break
+    floor = sum(float(np.min(c)) for c in request.node_costs) + \
+        sum(float(np.min(e.cost)) for e in request.edges)  # shared costs may all go unpaid
+    objective = float(last.objective) if last.objective <= best else float(best)
+    choices = last.choices if last.objective <= best else tuple(current)
+    lower_bound = min(objective, floor)
+    gap = (objective - lower_bound) / abs(objective) if objective else 0.0
+    stats = dataclasses.replace(last.stats, neighbourhood_rounds=rounds,
+                                input_edges=len(request.edges))
+    return IntraOpResult(choices=tuple(int(c) for c in choices), objective=objective,
+                         lower_bound=lower_bound, gap=gap, status="FEASIBLE",
+                         solve_time_s=time.perf_counter() - start,
+                         num_variables=last.num_variables,
+                         num_constraints=last.num_constraints, stats=stats)

@@ -1,0 +1,98 @@
+"""Tests of autoshard.ilp._neighbourhood: very large requests solved one label move at a
+time, on hand-solved graphs (the size threshold lowered so that they qualify)."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from autoshard.ilp import EdgeCost, IntraOpRequest, _neighbourhood, evaluate, solve_intra_op
+from autoshard.ilp._repeats import repeat_classes, tied_request
+
+# Three nodes in a chain, each with the 9 strategies (a0, a1), a0, a1 in {0, 1, 2}:
+# "mesh axis k splits dim a_k". Labels: (a0, a1). A node costs (2 - a0) + (2 - a1) s;
+# an edge costs 5 s per label its two ends disagree on. Optimum: every node (2, 2), 0 s.
+# From the hint (0, 0) everywhere (12 s), one round may change one label per node; all
+# nodes moving together is cheapest: (2, 0) or (0, 2) everywhere, 6 s. The second round
+# reaches (2, 2), 0 s; the third finds nothing better and stops.
+PAIRS = list(itertools.product(range(3), repeat=2))
+LABELS = np.array(PAIRS)
+COSTS = np.array([(2 - a0) + (2 - a1) for a0, a1 in PAIRS], dtype=float)
+DISAGREE = np.array([[5.0 * int(np.sum(np.array(p) != np.array(q))) for q in PAIRS]
+                     for p in PAIRS])
+START = PAIRS.index((0, 0))
+BEST = PAIRS.index((2, 2))
+
+
+def _chain(n=3, **kwargs):
+    kwargs.setdefault("strategy_labels", tuple(LABELS for _ in range(n)))
+    return IntraOpRequest(node_costs=tuple(COSTS for _ in range(n)),
+                          edges=tuple(EdgeCost(v, v + 1, DISAGREE) for v in range(n - 1)),
+                          hint=(START,) * n, **kwargs)
+
+
+@pytest.fixture
+def small_is_large(monkeypatch):
+    monkeypatch.setattr(_neighbourhood, "LARGE_PROBLEM_CELLS", 0)
+
+
+def test_rounds_move_one_label_at_a_time_to_the_optimum(small_is_large):
+    request = _chain()
+    result = solve_intra_op(request)
+    assert result.choices == (BEST,) * 3 and result.objective == 0.0
+    assert result.stats.neighbourhood_rounds == 3 and result.status == "FEASIBLE"
+    assert evaluate(request, result.choices).objective == result.objective
+    assert result.lower_bound <= result.objective
+
+
+def test_one_round_changes_at_most_one_label_per_node(small_is_large, monkeypatch):
+    monkeypatch.setattr(_neighbourhood, "MAX_ROUNDS", 1)
+    result = solve_intra_op(_chain())
+    assert result.objective == 6.0 and result.stats.neighbourhood_rounds == 1
+    moved = {PAIRS[c] for c in result.choices}
+    assert moved in ({(2, 0)}, {(0, 2)})
+
+
+def test_small_requests_are_solved_whole():
+    result = solve_intra_op(_chain())
+    assert result.stats.neighbourhood_rounds == 0 and result.status == "OPTIMAL"
+    assert result.choices == (BEST,) * 3
+
+
+def test_neighbourhoods_respect_a_memory_budget(small_is_large):
+    # Strategy (a0, a1) holds 10 * (1 + a0 + a1) bytes; the three nodes live together;
+    # budget 120 B: (2, 2) everywhere (150 B) does not fit, (2, 1)/(1, 2) everywhere
+    # (120 B, 1 s per node) does: optimum 3 s.
+    memory = np.array([10.0 * (1 + a0 + a1) for a0, a1 in PAIRS])
+    request = _chain(memory_terms=(tuple((v, memory) for v in range(3)),), memory_budget=120.0)
+    result = solve_intra_op(request)
+    assert evaluate(request, result.choices).ok and result.objective == 3.0
+
+
+@pytest.mark.parametrize("labels, fragment", [
+    ((LABELS, LABELS), "strategy_labels has 2 entries, expected 3"),
+    ((LABELS, LABELS[:4], LABELS), "has 4 rows, expected 9"),
+    ((LABELS, LABELS.astype(float), LABELS), "expected a 2-d integer array"),
+])
+def test_bad_labels_name_the_node(labels, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        _chain(strategy_labels=labels)
+
+
+def test_tied_requests_keep_labels_and_memory_terms():
+    # A tied assignment's memory is priced exactly: per-node and pair terms map to classes.
+    rng = np.random.default_rng(0)
+    memory = rng.uniform(0, 100, size=9)
+    copy = rng.uniform(0, 50, size=(9, 9))
+    request = _chain(12, memory_terms=(tuple((v, memory) for v in range(12))
+                                       + tuple((v, v + 1, copy) for v in range(11)),),
+                     memory_budget=1500.0, tie_repeats=True)
+    classes = repeat_classes(request)
+    tied = tied_request(request, classes)
+    assert classes.num_classes < 12 and tied.strategy_labels is not None
+    for _ in range(20):
+        pick = [int(rng.integers(9)) for _ in range(classes.num_classes)]
+        full = evaluate(request, classes.expand(pick))
+        assert evaluate(tied, pick).ok == full.ok
+        assert evaluate(tied, pick).objective == pytest.approx(full.objective)
