@@ -250,8 +250,12 @@ class MeshCostModel:
         return shape, spec
 
     def _shard_bytes(self, shape: tuple[int, ...], itemsize: int, layout: Sequence[Sequence[int]]) -> int:
-        return itemsize * math.prod(-(-size // self._split(tuple(axes)))
-                                    for size, axes in zip(shape, layout))
+        splits, nbytes = self._splits, itemsize
+        for size, axes in zip(shape, layout):  # (a plain loop: resharding walks call this a lot)
+            axes = tuple(axes)
+            n = splits.get(axes)
+            nbytes *= -(-size // (self._split(axes) if n is None else n))
+        return nbytes
 
 
 def _as_shape(shape: Sequence[int]) -> tuple[int, ...]:

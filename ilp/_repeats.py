@@ -53,7 +53,11 @@ def repeat_classes(request: IntraOpRequest, rounds: int = 3, period: int = 2) ->
     """Classes of nodes with identical costs and identical neighbourhoods ``rounds`` deep."""
     n = request.num_nodes
     color = _numbered(_array_bytes(c) for c in request.node_costs)
-    tags = _numbered(_array_bytes(e.cost) for e in request.edges)
+    by_array: dict[int, bytes] = {}  # edges of repeated layers often share one array
+    for e in request.edges:
+        if id(e.cost) not in by_array:
+            by_array[id(e.cost)] = _array_bytes(e.cost)
+    tags = _numbered(by_array[id(e.cost)] for e in request.edges)
     incident: list[list[tuple[int, int, int]]] = [[] for _ in range(n)]
     for e, tag in zip(request.edges, tags):
         incident[e.src].append((0, tag, e.dst))

@@ -16,6 +16,9 @@ from autoshard.cost_model import format_bytes, format_seconds
 
 
 def _frozen_array(values, ndim: int, what: str) -> np.ndarray:
+    if isinstance(values, np.ndarray) and values.dtype == np.float64 and values.ndim == ndim \
+            and not values.flags.writeable and values.base is None:
+        return values  # read-only and owning its data: already frozen, share it
     try:
         array = np.array(values, dtype=np.float64)
     except (TypeError, ValueError) as error:
@@ -201,6 +204,7 @@ class IntraOpRequest:
 
     def _validate(self) -> None:
         n = self.num_nodes
+        counts = [len(c) for c in self.node_costs].__getitem__  # strategies per node
         if self.node_names and len(self.node_names) != n:
             raise ValueError(f"node_names has {len(self.node_names)} entries, expected {n} (one per node)")
         for v, cost in enumerate(self.node_costs):
@@ -216,7 +220,7 @@ class IntraOpRequest:
                     raise ValueError(f"edge {k}: {end} node index {v} out of range (expected 0..{n - 1})")
             if edge.src == edge.dst:
                 raise ValueError(f"edge {k}: src == dst ({self._label(edge.src)}); self-edges are not allowed")
-            expected = (self.num_strategies(edge.src), self.num_strategies(edge.dst))
+            expected = (counts(edge.src), counts(edge.dst))
             if edge.cost.shape != expected:
                 raise ValueError(
                     f"edge {k} {self._label(edge.src)} -> {self._label(edge.dst)}: cost matrix has shape "
@@ -233,7 +237,7 @@ class IntraOpRequest:
                 if memory.shape != self.node_costs[v].shape:
                     raise ValueError(
                         f"{self._label(v)}: node_memory has {memory.size} entries, expected "
-                        f"{self.num_strategies(v)} (one per strategy)"
+                        f"{counts(v)} (one per strategy)"
                     )
                 if np.isnan(memory).any():
                     raise ValueError(f"{self._label(v)}: node_memory contains NaN")
@@ -246,7 +250,7 @@ class IntraOpRequest:
                 for v in nodes:
                     if not 0 <= v < n:
                         raise ValueError(f"memory_terms[{p}]: node index {v} out of range (expected 0..{n - 1})")
-                expected = tuple(self.num_strategies(v) for v in nodes)
+                expected = tuple(counts(v) for v in nodes)
                 if memory.shape != expected or np.isnan(memory).any():
                     what = " -> ".join(self._label(v) for v in nodes)
                     raise ValueError(
@@ -267,9 +271,9 @@ class IntraOpRequest:
             if len(self.hint) != n:
                 raise ValueError(f"hint has {len(self.hint)} entries, expected {n} (one per node)")
             for v, choice in enumerate(self.hint):
-                if not 0 <= choice < self.num_strategies(v):
+                if not 0 <= choice < counts(v):
                     raise ValueError(
-                        f"hint for {self._label(v)} is {choice}, expected 0..{self.num_strategies(v) - 1}"
+                        f"hint for {self._label(v)} is {choice}, expected 0..{counts(v) - 1}"
                     )
         for k, shared in enumerate(self.shared_costs):
             if not (math.isfinite(shared.cost) and shared.cost >= 0):
@@ -279,9 +283,9 @@ class IntraOpRequest:
             for v, i in shared.members:
                 if not 0 <= v < n:
                     raise ValueError(f"shared_costs[{k}]: node index {v} out of range (expected 0..{n - 1})")
-                if not 0 <= i < self.num_strategies(v):
+                if not 0 <= i < counts(v):
                     raise ValueError(f"shared_costs[{k}]: strategy {i} of {self._label(v)} out of range "
-                                     f"(expected 0..{self.num_strategies(v) - 1})")
+                                     f"(expected 0..{counts(v) - 1})")
         if not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s must be > 0, got {self.time_limit_s}")
         if self.wall_time_limit_s is not None and not self.wall_time_limit_s >= 0:
@@ -292,9 +296,9 @@ class IntraOpRequest:
                 raise ValueError(f"strategy_labels has {len(self.strategy_labels)} entries, "
                                  f"expected {n} (one per node)")
             for v, labels in enumerate(self.strategy_labels):
-                if labels.shape[0] != self.num_strategies(v):
+                if labels.shape[0] != counts(v):
                     raise ValueError(f"strategy_labels of {self._label(v)} has {labels.shape[0]} "
-                                     f"rows, expected {self.num_strategies(v)} (one per strategy)")
+                                     f"rows, expected {counts(v)} (one per strategy)")
         if not 0.0 <= self.gap_limit < 1.0:
             raise ValueError(f"gap_limit must be in [0, 1), got {self.gap_limit}")
 

@@ -92,19 +92,43 @@ def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use
         if key not in node_costs:
             node_costs[key] = np.array([s.cost_s for s in node.strategies])
         costs[position[grouping.root[v]]] += node_costs[key][grouping.index[v]]
+    blocks: dict = {}  # repeated layers: the same matrix read through the same index maps
+
+    def block(matrix, rows, cols) -> np.ndarray:
+        key = (id(matrix), rows.tobytes(), cols.tobytes())
+        if key not in blocks:
+            grid = w * matrix[np.ix_(rows, cols)]
+            grid.flags.writeable = False  # shared by the edges of every repeat
+            blocks[key] = (matrix, grid)  # (the matrix kept alive for its id)
+        return blocks[key][1]
+
     edges = []
     for use, matrix in zip(uses, matrices):
-        matrix = w * matrix if w != 1.0 else matrix
         rs, rd = grouping.root[use.src], grouping.root[use.dst]
         rows, cols = grouping.index[use.src], grouping.index[use.dst]
         if rs == rd:
-            costs[position[rs]] += matrix[rows, cols]
+            costs[position[rs]] += w * matrix[rows, cols]
         elif np.any(matrix):
-            edges.append(ilp.EdgeCost(position[rs], position[rd], matrix[np.ix_(rows, cols)]))
+            edges.append(ilp.EdgeCost(position[rs], position[rd], block(matrix, rows, cols)))
+    root_strategies: dict[int, dict[int, list[int]]] = {}  # node -> its strategy -> root's
+    by_index: dict[bytes, dict[int, list[int]]] = {}  # the same for equal index maps
+
+    def picked_by_root(v: int, i: int) -> list[int]:
+        if v not in root_strategies:
+            index = grouping.index[v]
+            key = index.tobytes()
+            if key not in by_index:
+                by_strategy: dict[int, list[int]] = {}
+                for j, k in enumerate(index.tolist()):
+                    by_strategy.setdefault(k, []).append(j)
+                by_index[key] = by_strategy
+            root_strategies[v] = by_index[key]
+        return root_strategies[v].get(i, [])
+
     shared = []
     for group in merged:
-        members = sorted({(position[grouping.root[v]], int(j)) for v, i in group.members
-                          for j in np.flatnonzero(grouping.index[v] == i)})
+        members = sorted({(position[grouping.root[v]], j) for v, i in group.members
+                          for j in picked_by_root(v, i)})
         if members:
             shared.append(ilp.SharedCost(group.latency_s, tuple(members)))
     labels = None

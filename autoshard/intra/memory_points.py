@@ -97,6 +97,7 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
     program = graph.traced.program
     position = {r: p for p, r in enumerate(grouping.roots)}
     cache: dict = {}
+    per_strategy: dict = {}
 
     def nbytes(shape, itemsize, spec) -> int:
         key = (shape, itemsize, spec)
@@ -104,18 +105,31 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
             cache[key] = model.bytes_per_device(shape, itemsize, spec)
         return cache[key]
 
+    def own_bytes(strategies, k, aval) -> np.ndarray:
+        """Bytes of output ``k`` per strategy (repeated layers share their strategies)."""
+        key = (id(strategies), k, tuple(aval.shape), aval.dtype.name)
+        if key not in per_strategy:
+            shape, itemsize = tuple(aval.shape), aval.dtype.itemsize
+            per_strategy[key] = (strategies, np.array(  # (strategies kept alive for the id)
+                [nbytes(shape, itemsize, s.out_specs[k]) for s in strategies], dtype=np.float64))
+        return per_strategy[key][1]
+
+    def temp_bytes(strategies) -> np.ndarray:
+        key = ("temporary", id(strategies))
+        if key not in per_strategy:
+            per_strategy[key] = (strategies, np.array([s.temp_bytes for s in strategies],
+                                                      dtype=np.float64))
+        return per_strategy[key][1]
+
     roots, values, steps = {}, {}, {}
     for v, node in enumerate(graph.nodes):
         p, index = position[grouping.root[v]], grouping.index[v]
         for k, vid in enumerate(node.outputs):
             if vid not in ranges:  # overwritten in place by an output: no buffer of its own
                 continue
-            aval = program.avals[vid]
-            shape, itemsize = tuple(aval.shape), aval.dtype.itemsize
-            own = np.array([nbytes(shape, itemsize, s.out_specs[k]) for s in node.strategies],
-                           dtype=np.float64)
+            own = own_bytes(node.strategies, k, program.avals[vid])
             roots[vid], values[vid], steps[vid] = (p,), own[index], ranges[vid]
-        temps = np.array([s.temp_bytes for s in node.strategies], dtype=np.float64)
+        temps = temp_bytes(node.strategies)
         if temps.any() and node.eqn is not None:
             tid = -1 - v
             roots[tid], values[tid], steps[tid] = (p,), temps[index], (node.eqn, node.eqn)
