@@ -17,26 +17,39 @@ allocated, no device is touched. Timings are what this machine measured, not tar
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import json
+import subprocess
+import sys
 import time
 
 import autoshard
 from autoshard import ilp
 from autoshard.intra import planner as _planner
+from autoshard.intra import problem as _problem
 from autoshard.ir.trace import trace
 from examples import models
 
 
 def measure(layers: int, d_model: int, seq: int, heads: int, vocab: int, time_limit: float,
             *, batch: int = 8, mesh_shape=(2, 4), cluster=None):
+    """One GPT row: phase times, problem size, the plan's cost and the presets' costs."""
     workload = models.gpt(num_layers=layers, d_model=d_model, seq=seq, heads=heads, vocab=vocab,
                           batch=batch, abstract=True)
+    return dict(measure_workload(workload, time_limit, mesh_shape=mesh_shape, cluster=cluster),
+                layers=layers)
+
+
+def measure_workload(workload, time_limit: float, *, mesh_shape=(2, 4), cluster=None) -> dict:
+    """``measure`` for any (abstract) workload."""
     mesh = autoshard.abstract_mesh(mesh_shape, ("data", "fsdp", "model")[-len(mesh_shape):])
     start = time.perf_counter()
     traced = trace(workload.fn, workload.args, ())
     traced_at = time.perf_counter()
     solve_s, graph_s = [], []
     sizes = {}
-    real_solve, real_build_graph = ilp.solve_intra_op, _planner.build_graph
+    real_solve, real_build_graph = ilp.solve_intra_op, _problem.build_graph
 
     def timed_build_graph(*args, **kwargs):
         t = time.perf_counter()
@@ -54,48 +67,77 @@ def measure(layers: int, d_model: int, seq: int, heads: int, vocab: int, time_li
         return result
 
     _planner.ilp.solve_intra_op = timed_solve
-    _planner.build_graph = timed_build_graph
+    _problem.build_graph = timed_build_graph
     try:
         step = autoshard.parallelize(workload.fn, mesh=mesh, cluster=cluster,
                                      method=autoshard.ShardParallel(time_limit_s=time_limit))
         plan = step.plan(*workload.args)
     finally:
         _planner.ilp.solve_intra_op = real_solve
-        _planner.build_graph = real_build_graph
+        _problem.build_graph = real_build_graph
     total = time.perf_counter() - start
     planning = total - (traced_at - start)
-    return dict(layers=layers, equations=len(traced.program.eqns), **sizes,
+    return dict(equations=len(traced.program.eqns), **sizes,
                 trace_s=traced_at - start, strategies_s=sum(graph_s),
                 costs_s=planning - sum(solve_s) - sum(graph_s),
                 solve_s=sum(solve_s), total_s=total, cost_ms=plan.cost.total_s * 1e3,
                 status=plan.solver.status, rounds=plan.solver.neighbourhood_rounds,
                 peak_gib=plan.cost.peak_memory_bytes / 2**30,
-                presets={a.name: a.total_s * 1e3 for a in plan.alternatives})
+                presets={a.method: a.total_s * 1e3 for a in plan.alternatives})
 
 
-#: (name, layers, d_model, heads, mesh shape) of the ``--scale`` rows
+#: (name, layers, d_model, heads, mesh shape) of the ``--scale`` GPT rows; "no budget":
+#: the cluster's device memory made unlimited, so that depth alone changes between the two
+#: 70B-shaped rows (at 80 layers the h100-80gb budget binds, which is one more solve)
 SCALE_ROWS = (
     ("LLaMA-7B-shaped", 32, 4096, 32, (8, 8)),
     ("LLaMA-7B-shaped", 32, 4096, 32, (8, 8, 8)),
     ("13B-shaped", 40, 5120, 40, (8, 8, 8)),
     ("70B-shaped, half depth", 40, 8192, 64, (8, 8, 8)),
     ("70B-shaped", 80, 8192, 64, (8, 8, 8)),
+    ("70B-shaped, half depth, no budget", 40, 8192, 64, (8, 8, 8)),
+    ("70B-shaped, no budget", 80, 8192, 64, (8, 8, 8)),
 )
+#: the ``--scale`` MoE row: one GShard-style layer, 8 experts, d_model 4096, on 8x8
+MOE_ROW = dict(batch=64, seq=2048, d_model=4096, experts=8, d_ff=16384, capacity=320)
+
+
+def scale_rows():
+    """(name, layers, d_model, mesh shape, workload factory, cluster) of each ``--scale`` row."""
+    cluster = autoshard.cluster_preset("h100-80gb")
+    unlimited = dataclasses.replace(cluster, device_memory=10**15)
+    rows = [(name, layers, d_model, mesh_shape,
+             functools.partial(models.gpt, num_layers=layers, d_model=d_model, heads=heads,
+                               seq=2048, vocab=32000, batch=64, abstract=True),
+             unlimited if "no budget" in name else cluster)
+            for name, layers, d_model, heads, mesh_shape in SCALE_ROWS]
+    rows.append(("MoE, 8 experts (sgd, MSE)", 1, MOE_ROW["d_model"], (8, 8),
+                 functools.partial(models.moe, **MOE_ROW, abstract=True), cluster))
+    return rows
+
+
+def scale_row(index: int, time_limit: float) -> dict:
+    """Measure ``--scale`` row ``index`` (in this process)."""
+    _, _, _, mesh_shape, workload, cluster = scale_rows()[index]
+    return measure_workload(workload(), time_limit, mesh_shape=mesh_shape, cluster=cluster)
 
 
 def scale_table(time_limit: float) -> str:
-    """The ``--scale`` rows as a markdown table."""
-    cluster = autoshard.cluster_preset("h100-80gb")
-    lines = ["GPT train steps (adamw, seq 2048, vocab 32000, batch 64) planned on abstract "
-             f"meshes of the h100-80gb cluster (memory budget on), time_limit_s={time_limit}; "
+    """The ``--scale`` rows as a markdown table, each measured in a fresh process (as a user
+    plans once; one process planning every row carries the earlier rows' heap along)."""
+    lines = ["GPT train steps (adamw, seq 2048, vocab 32000, batch 64) and one MoE layer planned "
+             "on abstract meshes of the h100-80gb cluster (memory budget on, except the \"no "
+             f"budget\" rows), time_limit_s={time_limit}, each row in a fresh process; "
              "presets: the hand-written layouts priced by the same model.", "",
              "| model | layers | d_model | mesh | ILP nodes | variables | neighbourhood rounds "
              "| trace s | strategies + costs s | solve s | total s | modelled ms/step | peak GiB "
              "| DataParallel ms | ZeRO3 ms | Megatron ms |",
              "|" + "---|" * 16]
-    for name, layers, d_model, heads, mesh_shape in SCALE_ROWS:
-        r = measure(layers, d_model, 2048, heads, 32000, time_limit, batch=64,
-                    mesh_shape=mesh_shape, cluster=cluster)
+    for index, (name, layers, d_model, mesh_shape, _, _) in enumerate(scale_rows()):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.planning_time", "--scale-row",
+                              str(index), "--time-limit", str(time_limit)],
+                             check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
         presets = " | ".join(f"{r['presets'].get(p, float('nan')):.1f}"
                              for p in ("DataParallel", "ZeRO3", "Megatron"))
         lines.append(f"| {name} | {layers} | {d_model} | {'x'.join(map(str, mesh_shape))} | "
@@ -119,7 +161,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--scale", action="store_true",
                         help="7B/13B/70B-shaped models on 8x8 and 8x8x8 h100-80gb meshes")
+    parser.add_argument("--scale-row", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.scale_row is not None:  # one --scale row, as JSON (scale_table runs each so)
+        print(json.dumps(scale_row(args.scale_row, args.time_limit or 60.0)))
+        return
     if args.scale:
         text = scale_table(60.0 if args.time_limit is None else args.time_limit)
         print(text)

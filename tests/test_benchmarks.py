@@ -93,3 +93,17 @@ def test_collective_parser_handles_tuples_and_async():
     assert s["all-gather"] == {"count": 2, "bytes": 2 * 16 * 8 * 4}
     assert s["collective-permute"] == {"count": 1, "bytes": 40}
     assert s["reduce-scatter"] == s["all-to-all"] == {"count": 0, "bytes": 0}
+
+
+def test_planning_time_measures_each_phase():
+    # The --scale rows' measurement, on a model small enough for the suite: the phases are
+    # timed (the planner's own functions wrapped and restored) and the presets priced beside.
+    from autoshard.intra import problem
+    from benchmarks import planning_time
+
+    build_graph = problem.build_graph
+    row = planning_time.measure(1, 64, 16, 4, 128, 10.0, batch=8, mesh_shape=(2, 4))
+    assert problem.build_graph is build_graph
+    assert row["strategies_s"] > 0 and row["solve_s"] > 0 and row["nodes"] > 0
+    assert row["cost_ms"] > 0 and row["peak_gib"] > 0
+    assert set(row["presets"]) == {"DataParallel", "ZeRO3", "Megatron"}
