@@ -91,22 +91,20 @@ def solve_in_neighbourhoods(request: IntraOpRequest,
         _log.info("neighbourhood round %d: %d strategies allowed, %.4g s per step (%s)",
                   rounds, int(sum(int(m.sum()) for m in allowed)), result.objective,
                   result.stats.solver_status)
-        improved = result.objective < best - _IMPROVEMENT * abs(best)
-        if improved or last is None:
-            last = result
-        if improved:
+        gain = best - result.objective  # inf when the starting plan broke the budget
+        last = result
+        if result.objective < best:
             best, current = result.objective, result.choices
-        if not improved or deadline.remaining_s() <= 0:
+        if not gain > _IMPROVEMENT * abs(best) or deadline.remaining_s() <= 0:
             break
     floor = sum(float(np.min(c)) for c in request.node_costs) + \
         sum(float(np.min(e.cost)) for e in request.edges)  # shared costs may all go unpaid
-    objective = float(last.objective) if last.objective <= best else float(best)
-    choices = last.choices if last.objective <= best else tuple(current)
+    objective = float(best)
     lower_bound = min(objective, floor)
     gap = (objective - lower_bound) / abs(objective) if objective else 0.0
     stats = dataclasses.replace(last.stats, neighbourhood_rounds=rounds,
                                 input_edges=len(request.edges))
-    return IntraOpResult(choices=tuple(int(c) for c in choices), objective=objective,
+    return IntraOpResult(choices=tuple(int(c) for c in current), objective=objective,
                          lower_bound=lower_bound, gap=gap, status="FEASIBLE",
                          solve_time_s=time.perf_counter() - start,
                          num_variables=last.num_variables,

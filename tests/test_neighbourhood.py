@@ -70,6 +70,18 @@ def test_neighbourhoods_respect_a_memory_budget(small_is_large):
     assert evaluate(request, result.choices).ok and result.objective == 3.0
 
 
+def test_a_starting_plan_over_the_budget_is_left_in_the_first_round(small_is_large):
+    # Strategy (a0, a1) holds 10 * (5 - a0 - a1) bytes: the hint (0, 0) everywhere needs
+    # 150 B, over the 120 B budget. The first round finds a plan that fits within one
+    # label move ((2, 0) or (0, 2): 90 B, 6 s), the second reaches (2, 2) (30 B, 0 s).
+    memory = np.array([10.0 * (5 - a0 - a1) for a0, a1 in PAIRS])
+    request = _chain(memory_terms=(tuple((v, memory) for v in range(3)),), memory_budget=120.0)
+    assert not evaluate(request, request.hint).ok
+    result = solve_intra_op(request)
+    assert result.choices == (BEST,) * 3 and result.objective == 0.0
+    assert result.stats.neighbourhood_rounds == 3
+
+
 @pytest.mark.parametrize("labels, fragment", [
     ((LABELS, LABELS), "strategy_labels has 2 entries, expected 3"),
     ((LABELS, LABELS[:4], LABELS), "has 4 rows, expected 9"),
