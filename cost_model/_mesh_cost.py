@@ -250,11 +250,9 @@ class MeshCostModel:
         return shape, spec
 
     def _shard_bytes(self, shape: tuple[int, ...], itemsize: int, layout: Sequence[Sequence[int]]) -> int:
-        splits, nbytes = self._splits, itemsize
+        nbytes = itemsize
         for size, axes in zip(shape, layout):  # (a plain loop: resharding walks call this a lot)
-            axes = tuple(axes)
-            n = splits.get(axes)
-            nbytes *= -(-size // (self._split(axes) if n is None else n))
+            nbytes *= -(-size // self._split(tuple(axes)))
         return nbytes
 
 

@@ -146,10 +146,20 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
 
 def use_cost_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel,
                     memo: dict | None = None) -> np.ndarray:
-    """Resharding seconds [strategies of src, strategies of dst] for one tensor use.
+    """Resharding seconds [strategies of src, strategies of dst] for one tensor use
+    (``memo``: see :func:`use_layout_matrix`)."""
+    def seconds(aval, srcs, dsts):
+        return model.resharding_matrix(tuple(aval.shape), aval.dtype.itemsize, srcs, dsts)
+    return use_layout_matrix(graph, use, seconds, memo)
 
-    ``memo`` (one dict per planning call) shares matrices between uses of repeated
-    layers: their nodes hold the very same strategy tuples."""
+
+def use_layout_matrix(graph: ShardingGraph, use: Use, table: Callable, memo: dict | None = None
+                      ) -> np.ndarray:
+    """``table(aval, src layouts, dst layouts)`` (a matrix over the distinct layouts the
+    two ends of one tensor use can have) spread over [strategies of src, strategies of dst].
+
+    ``memo`` (one dict per planning call and table) shares matrices between uses of
+    repeated layers: their nodes hold the very same strategy tuples."""
     program = graph.traced.program
     src, dst = graph.nodes[use.src], graph.nodes[use.dst]
     aval = program.avals[src.outputs[use.src_output]]
@@ -158,7 +168,7 @@ def use_cost_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel,
                tuple(aval.shape), aval.dtype.name)
         if key not in memo:
             memo[key] = (src.strategies, dst.strategies,  # keep the ids alive
-                         use_cost_matrix(graph, use, model))
+                         use_layout_matrix(graph, use, table))
         return memo[key][2]
     src_specs = [s.out_specs[use.src_output] for s in src.strategies]
     if use.operand < 0:  # loop-carried into an input node: its own layout
@@ -167,8 +177,7 @@ def use_cost_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel,
         dst_specs = [s.in_specs[use.operand] for s in dst.strategies]
     usrc = sorted(set(src_specs))
     udst = sorted(set(dst_specs))
-    small = model.resharding_matrix(tuple(aval.shape), aval.dtype.itemsize,
-                                    tuple(usrc), tuple(udst))
-    rows = [usrc.index(s) for s in src_specs]
-    cols = [udst.index(s) for s in dst_specs]
-    return small[np.ix_(rows, cols)]
+    small = table(aval, tuple(usrc), tuple(udst))
+    row_of = {spec: k for k, spec in enumerate(usrc)}
+    col_of = {spec: k for k, spec in enumerate(udst)}
+    return small[np.ix_([row_of[s] for s in src_specs], [col_of[s] for s in dst_specs])]

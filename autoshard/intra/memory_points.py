@@ -32,7 +32,7 @@ from autoshard.cost_model import MeshCostModel
 
 from .combining import MergedAllReduce
 from .following import Grouping
-from .graph import ShardingGraph, Use
+from .graph import ShardingGraph, use_layout_matrix
 from .liveness import live_bytes, live_ranges, peak_bytes
 
 
@@ -133,9 +133,18 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
         if temps.any() and node.eqn is not None:
             tid = -1 - v
             roots[tid], values[tid], steps[tid] = (p,), temps[index], (node.eqn, node.eqn)
-    copies: dict = {}
+    copies: dict = {}  # per-use matrices, shared by repeated layers
+    tables: dict = {}  # (shape, item size, layouts): the same layouts read by another op
+
+    def copy_table(aval, srcs, dsts) -> np.ndarray:
+        key = (tuple(aval.shape), aval.dtype.itemsize, srcs, dsts)
+        if key not in tables:
+            tables[key] = np.array([[copy_bytes(model, aval, a, b) for b in dsts] for a in srcs],
+                                   dtype=np.float64)
+        return tables[key]
+
     for u, use in enumerate(graph.uses):
-        matrix = _copy_matrix(graph, use, model, copies)
+        matrix = use_layout_matrix(graph, use, copy_table, copies)
         if not matrix.any():
             continue
         rows, cols = grouping.index[use.src], grouping.index[use.dst]
@@ -160,36 +169,6 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
         if longer[0] <= longer[1]:  # the partial result waits for the merged all-reduce
             roots[tid], values[tid], steps[tid] = (p,), own, longer
     return TensorBytes(roots, values, steps)
-
-
-def _copy_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel, cache: dict
-                 ) -> np.ndarray:
-    """Copy bytes per device [strategies of src, strategies of dst] for one operand read;
-    ``cache`` keeps each matrix, and each (shape, item size, layouts) table, for the next
-    reads (repeated layers hold the very same strategy tuples and read the same shapes in
-    the same layouts)."""
-    src, dst = graph.nodes[use.src], graph.nodes[use.dst]
-    aval = graph.traced.program.avals[src.outputs[use.src_output]]
-    key = (id(src.strategies), use.src_output, id(dst.strategies), use.operand,
-           tuple(aval.shape), aval.dtype.name)
-    if key not in cache:
-        cache[key] = (src.strategies, dst.strategies,  # keep the ids alive
-                      _new_copy_matrix(graph, use, model, cache))
-    return cache[key][2]
-
-
-def _new_copy_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel, cache: dict
-                     ) -> np.ndarray:
-    aval = graph.traced.program.avals[graph.nodes[use.src].outputs[use.src_output]]
-    src_specs = [s.out_specs[use.src_output] for s in graph.nodes[use.src].strategies]
-    dst_specs = [s.in_specs[use.operand] for s in graph.nodes[use.dst].strategies]
-    usrc, udst = list(dict.fromkeys(src_specs)), list(dict.fromkeys(dst_specs))
-    key = (tuple(aval.shape), aval.dtype.itemsize, tuple(usrc), tuple(udst))
-    if key not in cache:  # the same layouts of the same shape, read by another kind of op
-        cache[key] = np.array([[copy_bytes(model, aval, a, b) for b in udst] for a in usrc],
-                              dtype=np.float64)
-    small = cache[key]
-    return small[np.ix_([usrc.index(s) for s in src_specs], [udst.index(s) for s in dst_specs])]
 
 
 def candidate_steps(tensors: TensorBytes, num_steps: int, max_points: int = 12) -> list[int]:

@@ -547,7 +547,6 @@ def plan_fields_from_dict(data) -> dict:
     )
 
 
-
 def plan_fields_from_json(text: str | bytes) -> dict:
     """The fields of the :class:`~autoshard.Plan` a plan file describes, checked."""
     try:
