@@ -8,6 +8,7 @@ about 10 s on 2 cores where the whole problem took ~13 minutes."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 import autoshard
@@ -36,14 +37,18 @@ def _axes_used(plan) -> set[str]:
 
 
 def test_three_axis_search_uses_several_axes_and_matches_jit(mesh, workload):
-    step = autoshard.parallelize(workload.fn, mesh=mesh)
-    plan = step.plan(*workload.args)
+    # called as training loops call it: params and optimizer state donated, the batch by
+    # keyword (on copies: the fixture's arrays serve the other tests)
+    expected = jax.jit(workload.fn)(*workload.args)
+    params, opt_state, batch = jax.tree.map(jnp.copy, workload.args)
+    step = autoshard.parallelize(workload.fn, mesh=mesh, donate_argnums=(0, 1))
+    plan = step.plan(params, opt_state, batch=batch)
     assert plan.mesh_shape == (2, 2, 2) and len(_axes_used(plan)) >= 2
     assert plan.solver.neighbourhood_rounds >= 1        # too large to solve whole
     assert "neighbourhood round" in plan.summary()
     for alternative in plan.alternatives:               # never worse than a preset
         assert plan.cost.total_s <= alternative.total_s * (1 + 1e-9)
-    assert_trees_allclose(step(*workload.args), jax.jit(workload.fn)(*workload.args))
+    assert_trees_allclose(step(params, opt_state, batch=batch), expected)
 
 
 @pytest.mark.parametrize("method", [autoshard.DataParallel(), autoshard.ZeRO3(),
