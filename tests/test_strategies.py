@@ -94,3 +94,62 @@ def test_wide_resnet_ilp_moves_no_more_bytes_than_megatron():
         stats = collective_stats(f.lower(*w.args).compile().as_text())
         moved[type(method).__name__] = sum(s["bytes"] for s in stats.values())
     assert moved["ShardParallel"] <= moved["Megatron"], moved
+
+
+def _conv(x, w, dimension_numbers=("NHWC", "HWIO", "NHWC")):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=dimension_numbers)
+
+
+def _input_gradient(w, ct):   # as jax's transpose rule writes it for _conv
+    dn = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (2, 3, 0, 1), (0, 3, 1, 2))
+    return _conv(ct, jax.lax.rev(w, (0, 1)), dn)
+
+
+def _filter_gradient(x, ct):
+    dn = jax.lax.ConvDimensionNumbers((3, 0, 1, 2), (3, 0, 1, 2), (2, 3, 0, 1))
+    return _conv(x, ct, dn)
+
+
+def _conv_parts():
+    """(name, function, arguments): a convolution, its input and its filter gradient."""
+    x = jax.ShapeDtypeStruct((8, 16, 16, 32), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 32, 64), jnp.float32)
+    ct = jax.ShapeDtypeStruct((8, 16, 16, 64), jnp.float32)
+    return [("forward", _conv, (x, w)), ("input gradient", _input_gradient, (w, ct)),
+            ("filter gradient", _filter_gradient, (x, ct))]
+
+
+def test_gradient_convolutions_are_jaxs():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    ct = jax.random.normal(jax.random.key(2), (2, 6, 6, 4))
+    dx, dw = jax.vjp(_conv, x, w)[1](ct)
+    assert jnp.allclose(_input_gradient(w, ct), dx, atol=1e-5)
+    assert jnp.allclose(_filter_gradient(x, ct), dw, atol=1e-5)
+
+
+@pytest.mark.parametrize("part", range(3), ids=lambda k: _conv_parts()[k][0])
+def test_convolution_traffic_counts_the_layout_copies_xla_makes(part):
+    # XLA runs a convolution in (batch, spatial, feature) / (spatial, in, out) order: the
+    # forward reads x and w in place; the input gradient copies the reversed kernel (the
+    # copy fused into the reverse); the filter gradient copies x, ct and its result
+    _, fn, args = _conv_parts()[part]
+    traced = trace(fn, args)
+    graph = build_graph(traced, MeshCostModel(cluster_preset("host-cpu"), (1,)))
+    modelled = sum(node.strategies[0].bytes_accessed for node in graph.nodes)
+    compiled = jax.jit(fn).lower(*args).compile().cost_analysis()["bytes accessed"]
+    assert modelled == compiled
+
+
+def test_sharded_convolution_copies_are_per_device():
+    _, fn, args = _conv_parts()[2]
+    graph = build_graph(trace(fn, args), MeshCostModel(cluster_preset("host-cpu"), (8,)))
+    conv = next(n for n in graph.nodes if n.name.startswith("conv"))
+    by_batch = next(s for s in conv.strategies
+                    if s.in_specs[0][0] == (0,) and s.out_specs[0] == ((), (), (), ()))
+    x, ct, w = 8 * 16 * 16 * 32 * 4, 8 * 16 * 16 * 64 * 4, 3 * 3 * 32 * 64 * 4
+    # the data batch split over 8: each device reads and copies its eighth of x and ct,
+    # writes and copies its whole partial filter gradient, then all-reduces it (the
+    # all-reduce reads the partial and writes the sum)
+    assert by_batch.bytes_accessed == 3 * (x + ct) / 8 + 3 * w + 2 * w

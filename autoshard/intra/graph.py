@@ -13,6 +13,7 @@ from autoshard.ir.specs import Spec, enumerate_specs, replicated
 from autoshard.ir.trace import TracedFunction
 
 from .fusion import fusion
+from .layout_copies import layout_copy_reads
 from .op_rules import CONTROL_FLOW, REPLICATED_QUIETLY, loop_op
 from .strategies import Strategy, input_strategies, loop_strategies, replicated_strategy
 
@@ -87,6 +88,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     memo: dict[tuple, tuple] = {}
     by_specs: dict[tuple, tuple] = {}
     fused, read_in_fusion, fanout = fusion(program)
+    copied = layout_copy_reads(program)
 
     def add(node: Node):
         for k, vid in enumerate(node.outputs):
@@ -118,6 +120,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         reads = tuple(0 if not isinstance(a, Literal) and (a in fused or a in read_in_fusion)
                       else copies for a in eqn.inputs)
         reads += tuple(0 if v in fused else 1 for v in eqn.outputs)
+        if e in copied:  # tensors XLA copies into the layout a convolution runs in
+            reads = tuple(r + c for r, c in zip(reads, copied[e], strict=True))
         signature = (equation_signature(eqn, in_avals, out_avals), reads)
         strategies = memo.get(signature)  # a repeated layer: same rule, same strategies
         if strategies is None:

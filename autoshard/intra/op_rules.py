@@ -558,7 +558,8 @@ RULES.update({
 # ops), and consumers that take such a producer into their own loop (those, and reductions
 # as input fusions). A value made by the first for consumers all of the second kind lives
 # in registers, never in memory: see ``fusion.fused_values``.
-FUSIBLE = ELEMENTWISE | frozenset({"broadcast_in_dim", "reshape", "squeeze", "transpose", "iota"})
+FUSIBLE = ELEMENTWISE | frozenset({"broadcast_in_dim", "reshape", "squeeze", "transpose", "rev",
+                                   "iota"})
 FUSING_CONSUMERS = FUSIBLE | frozenset({"reduce_sum", "reduce_max", "reduce_min",
                                         "reduce_prod", "argmax", "argmin"})
 

@@ -1,0 +1,68 @@
+"""XLA's layout assignment as the cost model sees it: the copies it inserts so that a
+convolution reads and writes its tensors in the one dimension order it implements.
+
+XLA's CPU backend runs a convolution with the input and output in (batch, spatial...,
+feature) order and the kernel in (spatial..., input feature, output feature) order. A
+tensor whose row-major order differs (the filter gradient's input, output cotangent and
+result; the input gradient's kernel, its input and output features swapped) is copied into
+that order first, or out of it after: one more read and one more write of it (measured with
+``cost_analysis`` on jax 0.10: the filter gradient of an NHWC/HWIO convolution reads
+``x + ct + w`` and moves ``2·x + 2·ct + 2·w`` more). A copy fuses into the single
+elementwise equation that makes the operand (or into the elementwise readers of the result)
+and then costs nothing more: that equation writes the copied order directly.
+"""
+from __future__ import annotations
+
+from autoshard.ir.program import Literal
+
+from .op_rules import FUSIBLE, FUSING_CONSUMERS
+
+#: extra memory traffic of a copied tensor, in multiples of its bytes (read it, write it)
+COPY_READS = 2
+
+
+def canonical_orders(dimension_numbers) -> tuple[tuple[int, ...], ...]:
+    """(lhs, rhs, out) dimension orders the convolution runs in, from jax's
+    ``ConvDimensionNumbers`` (``lhs_spec = (batch, feature, spatial...)``, ``rhs_spec =
+    (out feature, in feature, spatial...)``, ``out_spec`` like ``lhs_spec``)."""
+    lhs, rhs, out = dimension_numbers.lhs_spec, dimension_numbers.rhs_spec, \
+        dimension_numbers.out_spec
+    return ((lhs[0], *lhs[2:], lhs[1]), (*rhs[2:], rhs[1], rhs[0]), (out[0], *out[2:], out[1]))
+
+
+def layout_copy_reads(program) -> dict[int, tuple[int, ...]]:
+    """Equation index → extra reads per operand then per output (in multiples of that
+    tensor's bytes) for the convolutions whose tensors XLA copies; other equations are
+    absent."""
+    consumers: dict[int, list] = {}
+    producer: dict[int, object] = {}
+    for eqn in program.eqns:
+        for atom in eqn.inputs:
+            if not isinstance(atom, Literal):
+                consumers.setdefault(atom, []).append(eqn)
+        for v in eqn.outputs:
+            producer[v] = eqn
+    outputs = {v for v in program.outvars if not isinstance(v, Literal)}
+    extra = {}
+    for e, eqn in enumerate(program.eqns):
+        if eqn.primitive.name != "conv_general_dilated":
+            continue
+        orders = canonical_orders(eqn.params["dimension_numbers"])
+        reads = []
+        for atom, order in zip(eqn.inputs, orders[:2]):
+            copied = order != tuple(range(len(order)))
+            if copied and not isinstance(atom, Literal):
+                maker = producer.get(atom)
+                fused_in_maker = (maker is not None and maker.primitive.name in FUSIBLE
+                                  and len(consumers[atom]) == 1)
+                copied = not fused_in_maker
+            reads.append(COPY_READS if copied else 0)
+        v = eqn.outputs[0]
+        copied = orders[2] != tuple(range(len(orders[2])))
+        if copied and v not in outputs and consumers.get(v) and \
+                all(c.primitive.name in FUSING_CONSUMERS for c in consumers[v]):
+            copied = False  # the copy fuses into its elementwise readers
+        reads.append(COPY_READS if copied else 0)
+        if any(reads):
+            extra[e] = tuple(reads)
+    return extra
