@@ -9,7 +9,8 @@ that order first, or out of it after: one more read and one more write of it (me
 ``cost_analysis`` on jax 0.10: the filter gradient of an NHWC/HWIO convolution reads
 ``x + ct + w`` and moves ``2·x + 2·ct + 2·w`` more). A copy fuses into the single
 elementwise equation that makes the operand (or into the elementwise readers of the result)
-and then costs nothing more: that equation writes the copied order directly.
+and then costs nothing more: that equation writes the copied order directly. Priced for every
+cluster: a GPU's layout assignment prefers its own orders (cuDNN's), which this does not model.
 """
 from __future__ import annotations
 
