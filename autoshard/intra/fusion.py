@@ -26,15 +26,21 @@ def fusion_fanout(program) -> dict[int, int]:
     return fusion(program)[2]
 
 
-def fusion(program) -> tuple[frozenset[int], frozenset[int], dict[int, int]]:
-    """``(fused_values(program), fusion_fanout(program))`` in one pass:
-    (fused, read_in_fusion, fan-out per fused value)."""
+def value_readers(program) -> tuple[dict[int, list], frozenset[int]]:
+    """(value id → the equations reading it, in program order; the program's output
+    value ids)."""
     consumers: dict[int, list] = {}
     for eqn in program.eqns:
         for atom in eqn.inputs:
             if not isinstance(atom, Literal):
                 consumers.setdefault(atom, []).append(eqn)
-    outputs = {v for v in program.outvars if not isinstance(v, Literal)}
+    return consumers, frozenset(v for v in program.outvars if not isinstance(v, Literal))
+
+
+def fusion(program) -> tuple[frozenset[int], frozenset[int], dict[int, int]]:
+    """``(fused_values(program), fusion_fanout(program))`` in one pass:
+    (fused, read_in_fusion, fan-out per fused value)."""
+    consumers, outputs = value_readers(program)
     fused, read_in_fusion = set(), set()
     for eqn in program.eqns:
         if eqn.primitive.name not in FUSIBLE:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from autoshard.ir.program import Literal
 
+from .fusion import value_readers
 from .op_rules import FUSIBLE, FUSING_CONSUMERS
 
 #: extra memory traffic of a copied tensor, in multiples of its bytes (read it, write it)
@@ -35,15 +36,8 @@ def layout_copy_reads(program) -> dict[int, tuple[int, ...]]:
     """Equation index → extra reads per operand then per output (in multiples of that
     tensor's bytes) for the convolutions whose tensors XLA copies; other equations are
     absent."""
-    consumers: dict[int, list] = {}
-    producer: dict[int, object] = {}
-    for eqn in program.eqns:
-        for atom in eqn.inputs:
-            if not isinstance(atom, Literal):
-                consumers.setdefault(atom, []).append(eqn)
-        for v in eqn.outputs:
-            producer[v] = eqn
-    outputs = {v for v in program.outvars if not isinstance(v, Literal)}
+    consumers, outputs = value_readers(program)
+    producer = {v: eqn for eqn in program.eqns for v in eqn.outputs}
     extra = {}
     for e, eqn in enumerate(program.eqns):
         if eqn.primitive.name != "conv_general_dilated":
