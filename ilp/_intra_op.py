@@ -307,13 +307,19 @@ def _search(request: IntraOpRequest, prepared: _Prepared, relaxation, position, 
             warm_eval, bound: float, deadline: Deadline) -> IntraOpResult:
     """CP-SAT from the warm start; never returns worse than the warm start when a time
     limit stops it. With no wall-clock time left and a valid warm start, the warm start
-    is returned without a search (solver status ``OUT_OF_TIME``)."""
+    is returned without a search (solver status ``OUT_OF_TIME``); so it is when the
+    request says ``search=False`` (``NO_SEARCH``)."""
     reduced, active, scale = prepared.reduced, prepared.active, prepared.scale
     num_vars = (sum(len(reduced.keep[v]) for v in active)
                 + sum(int(g.finite.sum()) for g in prepared.grids))
     if warm_eval.ok and \
             deadline.remaining_s() < _MIN_SEARCH_S + _BUILD_S_PER_VARIABLE * num_vars:
         return _out_of_time(request, prepared, relaxation, warm, warm_eval, bound)
+    if warm_eval.ok and not request.search:
+        return prepared.result(request, warm, warm_eval.objective,
+                               min(bound, warm_eval.objective), "FEASIBLE", relaxation,
+                               scale=0.0, build_time=time.perf_counter() - prepared.start,
+                               solver=None, solver_status="NO_SEARCH")
     model, lits, edge_cells, charged = _cp_model(reduced, active, prepared.base,
                                                  prepared.constant, prepared.grids,
                                                  prepared.rows, prepared.shared, scale)

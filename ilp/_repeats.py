@@ -119,4 +119,5 @@ def tied_request(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpRequ
                           edges=tuple(EdgeCost(a, b, m) for (a, b), m in sorted(edges.items())),
                           node_names=tuple(request.label(v) for v in members),
                           hint=hint, time_limit_s=request.time_limit_s,
-                          gap_limit=request.gap_limit, strategy_labels=labels)
+                          gap_limit=request.gap_limit, search=request.search,
+                          strategy_labels=labels)

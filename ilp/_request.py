@@ -102,6 +102,10 @@ class IntraOpRequest:
     pathological slowness). A solve stopped by the wall clock may differ between runs.
     ``gap_limit``: stop once the solution is proven within this relative gap of the
     optimum (0: prove optimality or reach the time limit).
+    ``search``: False to skip the CP-SAT search when the LP relaxation is fractional and
+    return the best warm start (the hint and the LP's rounding, each improved by local
+    search; solver status ``NO_SEARCH``), for a caller with a better fallback than a
+    long search.
     ``shared_costs``: fixed charges paid once when any of their (node, strategy)
     members is chosen (``SharedCost``).
     ``tie_repeats``: solve with nodes of repeated layers tied (``_repeats``; a
@@ -127,6 +131,7 @@ class IntraOpRequest:
     wall_time_limit_s: float | None = None
     tie_repeats: bool = False
     gap_limit: float = 0.0
+    search: bool = True
     strategy_labels: tuple[np.ndarray, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -329,7 +334,8 @@ class SolverStats:
 
     ``solver_status``: CP-SAT's status, or ``LP_INTEGRAL`` (the LP optimum was
     integral, no search), ``LP_BOUND`` (the warm start was within ``gap_limit`` of the
-    LP bound, no search), ``TRIVIAL`` (nothing left after the reductions),
+    LP bound, no search), ``NO_SEARCH`` (fractional LP, the request said ``search=False``:
+    the warm start), ``TRIVIAL`` (nothing left after the reductions),
     ``OUT_OF_TIME`` (the wall-clock budget ran out before the search: the warm start) or
     ``STALLED`` (a search under a wall-clock limit stopped when it found nothing better
     for a while, ``_clock.STALL_S``).

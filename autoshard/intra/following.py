@@ -41,33 +41,45 @@ class Grouping:
         return [int(self.index[v][by_root[self.root[v]]]) for v in range(len(self.root))]
 
 
+def followed_operand(program, node) -> int | None:
+    """The operand an op node may follow: an elementwise op's first operand of the
+    output's shape (``None``: the node chooses its own layout)."""
+    if node.kind != "op" or len(node.strategies) < 2:
+        return None
+    eqn = program.eqns[node.eqn]
+    if eqn.primitive.name not in _FOLLOWING:
+        return None
+    out_shape = tuple(program.avals[node.outputs[0]].shape)
+    for k, atom in enumerate(eqn.inputs):
+        if not isinstance(atom, Literal) and tuple(program.avals[atom].shape) == out_shape:
+            return k
+    return None
+
+
+def follows_operand(program, node, operand: int) -> bool:
+    return followed_operand(program, node) == operand
+
+
 def group_followers(graph: ShardingGraph) -> Grouping:
     program = graph.traced.program
     n = len(graph.nodes)
     root = list(range(n))
     index = [np.arange(len(node.strategies)) for node in graph.nodes]
     for v, node in enumerate(graph.nodes):
-        if node.kind != "op" or len(node.strategies) < 2:
+        k = followed_operand(program, node)
+        if k is None:
             continue
-        eqn = program.eqns[node.eqn]
-        if eqn.primitive.name not in _FOLLOWING:
-            continue
-        out_shape = tuple(program.avals[node.outputs[0]].shape)
-        for k, atom in enumerate(eqn.inputs):
-            if isinstance(atom, Literal) or tuple(program.avals[atom].shape) != out_shape:
-                continue
-            u, out = graph.producer[atom]
-            by_spec: dict = {}
-            for j, s in enumerate(node.strategies):
-                spec = s.in_specs[k]
-                if spec not in by_spec or s.cost_s < node.strategies[by_spec[spec]].cost_s:
-                    by_spec[spec] = j
-            producer = graph.nodes[u]
-            leader_specs = [producer.strategies[i].out_specs[out] for i in index[u]]
-            if all(spec in by_spec for spec in leader_specs):
-                root[v] = root[u]
-                index[v] = np.array([by_spec[spec] for spec in leader_specs])
-            break
+        u, out = graph.producer[program.eqns[node.eqn].inputs[k]]
+        by_spec: dict = {}
+        for j, s in enumerate(node.strategies):
+            spec = s.in_specs[k]
+            if spec not in by_spec or s.cost_s < node.strategies[by_spec[spec]].cost_s:
+                by_spec[spec] = j
+        producer = graph.nodes[u]
+        leader_specs = [producer.strategies[i].out_specs[out] for i in index[u]]
+        if all(spec in by_spec for spec in leader_specs):
+            root[v] = root[u]
+            index[v] = np.array([by_spec[spec] for spec in leader_specs])
     roots = tuple(v for v in range(n) if root[v] == v)
     return Grouping(tuple(root), tuple(index), roots)
 

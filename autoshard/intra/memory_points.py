@@ -7,7 +7,9 @@ temporary buffer (the partial result a reduce-scatter reads) is a tensor live at
 its own step only. A resharding copy (an operand read in another layout than it
 was made in: a gathered weight, a sliced activation) is a tensor of the reader's
 layout live at the reader's step; whether it exists depends on both ends, so it
-is a matrix over the two roots' strategies (one vector when both share a root).
+is a matrix over the two roots' strategies (one vector when both share a root). A copy
+several ops read through one read node (``shared_reads``) is made once and lives from the
+first of them to the last, as XLA's common-subexpression pass leaves it.
 An all-reduce XLA merges with others (``combining``) runs once every member's operand
 is made, at the last member's step: each member's partial result lives until then.
 The plan's reported peak
@@ -34,6 +36,7 @@ from .combining import MergedAllReduce
 from .following import Grouping
 from .graph import ShardingGraph, use_layout_matrix
 from .liveness import live_bytes, live_ranges, peak_bytes
+from .shared_reads import READ, read_steps
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -62,6 +65,16 @@ def copy_bytes(model: MeshCostModel, aval, src_spec, dst_spec) -> int:
                 if set(held) - set(wanted)]
     inner = any(math.prod(local[:d]) > 1 for d in gathered)
     return 2 * size if inner else size
+
+
+def _copy_steps(graph: ShardingGraph, use, shared: Mapping[int, tuple[int, int]]
+                ) -> tuple[int, int]:
+    """Where the copy a use makes lives: at its reader's step, or for a copy shared by
+    a read node's readers, from the first of them to the last."""
+    if use.dst in shared:
+        return shared[use.dst]
+    eqn = graph.nodes[use.dst].eqn
+    return (eqn, eqn)
 
 
 def merged_members(merged: Sequence[MergedAllReduce]) -> dict[int, set[int]]:
@@ -123,6 +136,8 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
 
     roots, values, steps = {}, {}, {}
     for v, node in enumerate(graph.nodes):
+        if node.kind == READ:  # its value is its producer's; its copy is a use's below
+            continue
         p, index = position[grouping.root[v]], grouping.index[v]
         for k, vid in enumerate(node.outputs):
             if vid not in ranges:  # overwritten in place by an output: no buffer of its own
@@ -143,6 +158,7 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
                                    dtype=np.float64)
         return tables[key]
 
+    shared = read_steps(graph)
     for u, use in enumerate(graph.uses):
         matrix = use_layout_matrix(graph, use, copy_table, copies)
         if not matrix.any():
@@ -154,8 +170,7 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
             roots[cid], values[cid] = (ps,), matrix[rows, cols]
         else:
             roots[cid], values[cid] = (ps, pd), matrix[np.ix_(rows, cols)]
-        eqn = graph.nodes[use.dst].eqn
-        steps[cid] = (eqn, eqn)
+        steps[cid] = _copy_steps(graph, use, shared)
     members = merged_members(merged)
     for k, (v, vid, longer) in enumerate(_merged_extensions(graph, members, ranges)):
         node = graph.nodes[v]
@@ -226,16 +241,17 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
 
     ranges = dict(live_ranges(program, donated))
     sizes = {vid: nbytes(vid, spec) for node, s in zip(graph.nodes, chosen)
-             for vid, spec in zip(node.outputs, s.out_specs)}
-    extra = [(node.eqn, s.temp_bytes) for node, s in zip(graph.nodes, chosen) if s.temp_bytes]
+             if node.kind != READ for vid, spec in zip(node.outputs, s.out_specs)}
+    spans = [((node.eqn, node.eqn), s.temp_bytes) for node, s in zip(graph.nodes, chosen)
+             if s.temp_bytes]
+    shared = read_steps(graph)
     for use in graph.uses:
-        src, dst = graph.nodes[use.src], graph.nodes[use.dst]
+        src = graph.nodes[use.src]
         size = copy_bytes(model, program.avals[src.outputs[use.src_output]],
                           chosen[use.src].out_specs[use.src_output],
                           chosen[use.dst].in_specs[use.operand])
         if size:
-            extra.append((dst.eqn, size))
-    spans = [((step, step), size) for step, size in extra]
+            spans.append((_copy_steps(graph, use, shared), size))
     members = merged_members(merged)
     for v, vid, longer in _merged_extensions(graph, members, ranges):
         if choices[v] in members[v] and longer[0] <= longer[1]:

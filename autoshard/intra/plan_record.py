@@ -18,6 +18,7 @@ from autoshard.plan.record import Plan
 
 from .memory_points import planned_peak_bytes
 from .problem import ShardingProblem
+from .shared_reads import READ
 
 
 def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: Sequence[int],
@@ -39,6 +40,8 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
     # Layout of every value under the chosen strategies.
     value_spec = {}
     for node, strat in zip(graph.nodes, chosen):
+        if node.kind == READ:  # the layout its readers share, not the value's own
+            continue
         for vid, spec in zip(node.outputs, strat.out_specs):
             value_spec[vid] = spec
     P = lambda spec: to_partition_spec(spec, axis_names)  # noqa: E731
@@ -65,12 +68,14 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         if use.operand < 0:  # loop-carried: the next step's input layout
             resharding += cost
             continue
+        vid = graph.nodes[use.src].outputs[use.src_output]
         src_spec = chosen[use.src].out_specs[use.src_output]
         dst_spec = chosen[use.dst].in_specs[use.operand]
+        if result is not None and graph.nodes[use.dst].kind == "op" \
+                and dst_spec != value_spec[vid]:  # read in another layout than made in
+            operand_specs.append((graph.nodes[use.dst].eqn, use.operand, P(dst_spec)))
         if src_spec != dst_spec:
-            if result is not None:
-                operand_specs.append((graph.nodes[use.dst].eqn, use.operand, P(dst_spec)))
-            aval = program.avals[graph.nodes[use.src].outputs[use.src_output]]
+            aval = program.avals[vid]
             copies += model.resharding_traffic(tuple(aval.shape), aval.dtype.itemsize,
                                                src_spec, dst_spec)
             where = f"{graph.nodes[use.src].name}→{graph.nodes[use.dst].name}"
@@ -88,7 +93,7 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
                                           "all-reduce", group.latency_s, 0, names(group.axes)))
     peak = planned_peak_bytes(graph, model, choices, donated, problem.merged)
     ops = [s for n, s in zip(graph.nodes, chosen) if n.kind == "op"]
-    fed = [s for n, s in zip(graph.nodes, chosen) if n.kind != "op"]
+    fed = [s for n, s in zip(graph.nodes, chosen) if n.kind in ("input", "constant")]
     cost = PlanCost(compute_s=float(sum(s.compute_s for s in ops)),
                     communication_s=float(sum(s.communication_s for s in ops)) + merged_latency,
                     resharding_s=resharding, peak_memory_bytes=peak,

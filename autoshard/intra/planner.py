@@ -21,6 +21,7 @@ from .liveness import live_ranges
 from .memory_points import candidate_steps, memory_terms, steps_over, tensor_bytes
 from .plan_record import plan_record
 from .problem import ShardingProblem, build_problem, propagated_choices
+from .shared_reads import shared_from_per_use
 
 _log = logging.getLogger("autoshard")
 
@@ -92,7 +93,10 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
     steps it overflows, until none does (at most 8 solves)."""
     graph, grouping = problem.graph, problem.grouping
     request = _until(problem.request, deadline)
-    free = ilp.solve_intra_op(request)
+    if problem.per_use is not None:
+        free = _solve_shared(problem, request, deadline)
+    else:
+        free = ilp.solve_intra_op(request)
     if budget is None:
         return free
     program = graph.traced.program
@@ -125,6 +129,36 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
         fits.append(result.choices)
         steps = sorted(set(steps) | missed)
     return result
+
+
+def _solve_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
+                  deadline: float | None) -> ilp.IntraOpResult:
+    """Solve the problem whose reshardings are shared by a value's readers (read nodes).
+    Its LP is usually integral, and then optimal. Where read nodes make it fractional,
+    CP-SAT rarely closes the gap in minutes; instead the problem priced per use (strong
+    LP) is solved too, and the better of its optimum, shared, and the fractional LP's
+    rounding is the plan: never dearer than the per-use optimum, since sharing a
+    resharding only removes cost."""
+    shared = ilp.solve_intra_op(dataclasses.replace(request, search=False))
+    if shared.stats.lp_integral:
+        return shared
+    per_use_request, per_use_grouping, _ = problem.per_use
+    per_use = ilp.solve_intra_op(dataclasses.replace(
+        _until(per_use_request, deadline), tie_repeats=request.tie_repeats,
+        gap_limit=request.gap_limit))
+    start = shared_from_per_use(problem.graph, problem.grouping, request, per_use_grouping,
+                                per_use.choices)
+    _log.info("shared reshardings: LP fractional, %.4g s per step from its rounding, %.4g "
+              "from the per-use optimum (%s)", shared.objective,
+              ilp.evaluate(request, start).objective, per_use.stats.solver_status)
+    if ilp.best_assignment(request, [shared.choices, start]) == shared.choices:
+        return shared
+    objective = ilp.evaluate(request, start).objective
+    lower = min(objective, max(0.0, shared.lower_bound))  # seconds are never negative
+    return dataclasses.replace(
+        per_use, choices=start, objective=objective, lower_bound=lower,
+        gap=(objective - lower) / objective if objective else 0.0,
+        solve_time_s=shared.solve_time_s + per_use.solve_time_s)
 
 
 def _until(request: ilp.IntraOpRequest, deadline: float | None) -> ilp.IntraOpRequest:

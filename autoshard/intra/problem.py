@@ -24,6 +24,7 @@ from .combining import MergedAllReduce, combine_all_reduces
 from .following import Grouping, group_followers, grouped_request
 from .graph import ShardingGraph, Use, build_graph, use_cost_matrix
 from .presets import preset_layouts
+from .shared_reads import reads_following_producers, regrouped, settle_reads, share_reads
 
 _log = logging.getLogger("autoshard")
 
@@ -50,6 +51,8 @@ class ShardingProblem:
     #: every starting plan considered (one strategy per ILP node); ``request.hint`` is the
     #: cheapest, another may be the cheapest that fits a memory budget
     seeds: tuple[tuple[int, ...], ...] = ()
+    #: (request, grouping, node count) of the same graph without read nodes, or None
+    per_use: tuple | None = None
 
     def __repr__(self):
         return (f"ShardingProblem({len(self.graph.nodes)} nodes, {len(self.grouping.roots)} "
@@ -77,29 +80,40 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
             return [preset[i]]
         return enumerate_specs(shape, model.mesh_shape)
 
-    graph = build_graph(traced, model, input_specs)
+    per_use_graph = build_graph(traced, model, input_specs)
+    graph = share_reads(per_use_graph)
     messages = _warn_unsupported(graph)
     by_key_path = tuple(sorted(carried_pairs(traced, donated_flat)))
     extra = tuple(sorted(set(carried) - set(by_key_path)))
     pairs = tuple(sorted(by_key_path + extra))
-    graph = _price_fed_inputs(graph, model, pairs, frozenset(fixed))
-    graph, merged = combine_all_reduces(graph, model)
-    weighted = _carried_uses(graph, extra)
-    uses = tuple(graph.uses) + tuple(_carried_uses(graph, by_key_path)) + tuple(weighted)
-    memo: dict = {}
-    matrices = [use_cost_matrix(graph, u, model, memo) for u in uses]
-    if carried_weight != 1.0:  # the weighted carried uses come last
-        first = len(uses) - len(weighted)
-        matrices[first:] = [m * carried_weight for m in matrices[first:]]
-    grouping = group_followers(graph)
     time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
-    request = grouped_request(graph, grouping, uses, matrices, time_limit, merged,
-                              mesh_shape=model.mesh_shape)
+    memo: dict = {}
+
+    def priced(graph):
+        graph = _price_fed_inputs(graph, model, pairs, frozenset(fixed))
+        graph, merged = combine_all_reduces(graph, model)
+        weighted = _carried_uses(graph, extra)
+        uses = tuple(graph.uses) + tuple(_carried_uses(graph, by_key_path)) + tuple(weighted)
+        matrices = [use_cost_matrix(graph, u, model, memo) for u in uses]
+        if carried_weight != 1.0:  # the weighted carried uses come last
+            first = len(uses) - len(weighted)
+            matrices[first:] = [m * carried_weight for m in matrices[first:]]
+        grouping = group_followers(graph)
+        request = grouped_request(graph, grouping, uses, matrices, time_limit, merged,
+                                  mesh_shape=model.mesh_shape)
+        return graph, merged, uses, matrices, grouping, request
+
+    graph, merged, uses, matrices, grouping, request = priced(graph)
+    per_use = None
+    if graph is not per_use_graph and isinstance(method, ShardParallel):
+        # the same problem priced per use: its LP is much stronger (read nodes make it
+        # fractional), and its optimum, shared, is the search's starting plan
+        pg, _, _, _, p_grouping, p_request = priced(per_use_graph)
+        per_use = (p_request, p_grouping, len(pg.nodes))
     tie = getattr(method, "tie_repeats", None)
     tie = len(grouping.roots) > TIE_REPEATS_ABOVE if tie is None else bool(tie)
     gap = getattr(method, "gap_limit", None)
-    propagation = grouped_request(graph, grouping, uses, matrices, time_limit, merged,
-                                  resharding_weight=PROPAGATION_RESHARDING_WEIGHT) \
+    propagation = _propagation(graph, grouping, uses, matrices, time_limit, merged) \
         if isinstance(method, ShardParallel) else None
     hint, alternatives, seeds = _seed(graph, grouping, request, propagation, model, method,
                                       batch_flat, annotations)
@@ -109,7 +123,7 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
               "(%.2f s)", len(graph.nodes), len(grouping.roots), len(request.edges),
               time.perf_counter() - start)
     return ShardingProblem(graph, grouping, uses, tuple(matrices), merged, request, messages,
-                           pairs, alternatives, seeds)
+                           pairs, alternatives, seeds, per_use)
 
 
 #: how much dearer a resharding second is than any other when a preset's fixed layout is
@@ -124,10 +138,25 @@ def propagated_choices(problem: ShardingProblem) -> tuple[int, ...]:
     program order, each op takes the cheapest strategy that reads its operands as they
     were made (resharding only where none does), as XLA's propagation of fixed
     ``in_shardings`` does; nothing is searched."""
-    request = grouped_request(problem.graph, problem.grouping, problem.uses, problem.matrices,
-                              problem.request.time_limit_s, problem.merged,
-                              resharding_weight=PROPAGATION_RESHARDING_WEIGHT)
-    return ilp.greedy_assignment(request)
+    propagation = _propagation(problem.graph, problem.grouping, problem.uses, problem.matrices,
+                               problem.request.time_limit_s, problem.merged)
+    return _shared(problem.graph, problem.grouping, problem.request, propagation,
+                   ilp.greedy_assignment(propagation[0]))
+
+
+def _propagation(graph, grouping, uses, matrices, time_limit, merged):
+    """(request, grouping) that XLA's propagation of fixed layouts is modelled by:
+    resharding dearer than anything else, and every reader of a value resharding it for
+    itself (read nodes follow their producer: ``shared_reads.reads_following_producers``)."""
+    following = reads_following_producers(graph, grouping)
+    return grouped_request(graph, following, uses, matrices, time_limit, merged,
+                           resharding_weight=PROPAGATION_RESHARDING_WEIGHT), following
+
+
+def _shared(graph, grouping, request, propagation, choices) -> tuple[int, ...]:
+    """Choices over ``propagation``'s nodes as choices over ``request``'s, each read node
+    then moved to the layout its readers share best (as XLA's CSE shares a resharding)."""
+    return settle_reads(graph, grouping, request, regrouped(choices, propagation[1], grouping))
 
 
 def carried_pairs(traced: TracedFunction, donated_flat: Sequence[bool] = ()
@@ -196,7 +225,7 @@ def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs,
 
 
 def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
-          propagation: ilp.IntraOpRequest | None, model: MeshCostModel,
+          propagation: tuple[ilp.IntraOpRequest, Grouping] | None, model: MeshCostModel,
           method, batch_flat: Sequence[bool], annotations: Sequence[Spec] | None = None
           ) -> tuple[tuple[int, ...] | None, tuple[Alternative, ...], tuple[tuple[int, ...], ...]]:
     """The solver's starting plan: the cheapest of the presets' own plans (their input
@@ -212,9 +241,11 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
             styles.append(Annotated())
     program = graph.traced.program
     position = {r: p for p, r in enumerate(grouping.roots)}
+    if propagation is not None:
+        propagated_position = {r: p for p, r in enumerate(propagation[1].roots)}
     candidates, alternatives = [], []
     for style in styles:
-        allowed = {}
+        allowed = {}  # input node -> the strategies laying it out as the style does
         layouts = () if style is None else \
             preset_layouts(style, program, model.mesh_shape, batch_flat, annotations)
         for i, spec in enumerate(layouts):
@@ -224,10 +255,14 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
             options = [j for j, s in enumerate(graph.nodes[v].strategies)
                        if s.out_specs[0] == spec]
             if options:
-                allowed[position[v]] = options
-        candidates.append(ilp.greedy_assignment(request, allowed))
+                allowed[v] = options
+        candidates.append(ilp.greedy_assignment(
+            request, {position[v]: options for v, options in allowed.items()}))
         if style is not None and propagation is not None:
-            candidates.append(ilp.greedy_assignment(propagation, allowed, improve=False))
+            propagated = ilp.greedy_assignment(
+                propagation[0], {propagated_position[v]: options
+                                 for v, options in allowed.items()}, improve=False)
+            candidates.append(_shared(graph, grouping, request, propagation, propagated))
             alternatives.append(_priced(graph, grouping, request, candidates[-1],
                                         type(style).__name__))
     return ilp.best_assignment(request, candidates), tuple(alternatives), \

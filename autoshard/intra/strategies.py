@@ -29,8 +29,8 @@ class Strategy:
     ``compute_s`` and ``communication_s`` are per-device seconds (the latter for the
     collectives the strategy itself needs, e.g. the all-reduce of a split contraction).
     ``temp_bytes``: per-device bytes of buffers it needs only while it runs (the
-    unreduced partial result a reduce-scatter reads, plus the full all-reduce result on
-    backends that lower a reduce-scatter to all-reduce + slice).
+    unreduced partial result an all-reduce or a reduce-scatter reads, plus the full
+    all-reduce result on backends that lower a reduce-scatter to all-reduce + slice).
     ``flops`` and ``bytes_accessed``: per device, the arithmetic and memory traffic of
     the op (priced in ``compute_s``) and of its collectives, which read their operands
     and write their results (that part priced in ``communication_s``).
@@ -81,7 +81,7 @@ def _bytes(model: MeshCostModel, aval, spec: Spec | None) -> int:
 
 def input_strategies(specs: Sequence[Spec]) -> tuple[Strategy, ...]:
     """An argument or constant: one free strategy per layout it may arrive in."""
-    return tuple(Strategy(_spec_name(s), (s,), (), 0.0, 0.0) for s in specs)
+    return tuple(Strategy(spec_name(s), (s,), (), 0.0, 0.0) for s in specs)
 
 
 def _traffic(model, avals, specs, reads) -> int:
@@ -180,9 +180,10 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads)
                   for b in out_bytes)
     comm = sum(s.seconds for s in steps)
     work["bytes_accessed"] = traffic + _collective_traffic(steps, out_bytes)
+    # the unreduced partial result lives beside the all-reduce's result
     yield Strategy(name + " all-reduce", out_specs, in_specs,
                    *_with_traffic(model, compute, comm, steps, out_bytes), **work,
-                   collectives=steps, all_reduce_axes=reduce_axes,
+                   temp_bytes=int(sum(out_bytes)), collectives=steps, all_reduce_axes=reduce_axes,
                    all_reduce_latency_s=len(out_bytes) * model.all_reduce_latency(reduce_axes),
                    all_reduce_bytes=int(sum(out_bytes)))
     if len(out_avals) != 1:
@@ -250,5 +251,5 @@ def axis_labels(strategies: Sequence[Strategy], mesh_shape) -> np.ndarray:
     return np.array(rows, dtype=np.int64).reshape(len(strategies), len(axes))
 
 
-def _spec_name(spec: Spec) -> str:
+def spec_name(spec: Spec) -> str:
     return "[" + ", ".join("+".join(map(str, axes)) if axes else "-" for axes in spec) + "]"

@@ -1,0 +1,160 @@
+"""Reads of one value shared: XLA reshards a value into a layout once, however many ops
+read it in that layout.
+
+Two ops reading a value in the same other layout (an activation all-gathered for the
+forward matmul and again for the weight gradient; a cotangent read by both gradient
+matmuls) run one collective in the compiled program: XLA's common-subexpression pass
+merges the two, and the result stays live from the first reader to the last. Pricing
+each tensor use on its own would charge that collective once per reader.
+
+So a value read by two or more ops (apart from elementwise readers that follow its
+producer's layout, see ``following``) gets a *read node* (kind ``"reshard"``) between its
+producer and its readers: a choice of the layout ``r`` the value is read in. The use
+producer → read node costs the resharding from the made layout to ``r`` (once), and
+each use read node → reader the resharding from ``r`` to what that reader wants (zero
+when it wants ``r``). With ``r`` the made layout this is exactly the per-use pricing, so
+the search only gains; with ``r`` the shared layout each reader pays nothing more. A
+reader wanting a third layout is priced from ``r`` (a second resharding, as XLA emits
+it from the shared copy or from the original; the cheaper of those is not modelled).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from autoshard import ilp
+
+from .following import Grouping, follows_operand
+from .graph import Node, ShardingGraph, Use
+from .strategies import Strategy, spec_name
+
+READ = "reshard"   # Node.kind of a read node
+
+
+def share_reads(graph: ShardingGraph) -> ShardingGraph:
+    """``graph`` with a read node after the producer of every value two or more ops read
+    (elementwise followers apart); nodes stay in program order (a read node right after
+    its producer), every other node and use keeps its meaning."""
+    program = graph.traced.program
+    readers: dict[tuple[int, int], list[Use]] = {}
+    for use in graph.uses:
+        dst = graph.nodes[use.dst]
+        if use.operand < 0 or dst.kind != "op":
+            continue
+        if follows_operand(program, dst, use.operand):
+            continue
+        readers.setdefault((use.src, use.src_output), []).append(use)
+    shared = {key: uses for key, uses in readers.items() if len(uses) >= 2}
+    if not shared:
+        return graph
+    by_layouts: dict[tuple, tuple[Strategy, ...]] = {}  # repeated layers share a tuple
+    new_index, nodes, read_node = {}, [], {}
+    for v, node in enumerate(graph.nodes):
+        new_index[v] = len(nodes)
+        nodes.append(node)
+        for k in range(len(node.outputs)):
+            uses = shared.get((v, k))
+            if uses is None:
+                continue
+            layouts = dict.fromkeys(s.out_specs[k] for s in node.strategies)
+            for use in uses:
+                layouts.update(dict.fromkeys(
+                    s.in_specs[use.operand] for s in graph.nodes[use.dst].strategies))
+            layouts = tuple(layouts)
+            if layouts not in by_layouts:
+                by_layouts[layouts] = tuple(Strategy(spec_name(spec), (spec,), (spec,), 0.0, 0.0)
+                                            for spec in layouts)
+            read_node[(v, k)] = len(nodes)
+            nodes.append(Node(f"{node.name} read", READ, None, (node.outputs[k],),
+                              by_layouts[layouts]))
+    rerouted = {id(use): read_node[key] for key, uses in shared.items() for use in uses}
+    new_uses = []
+    for use in graph.uses:
+        dst = new_index[use.dst]
+        if id(use) in rerouted:
+            new_uses.append(Use(rerouted[id(use)], 0, dst, use.operand))
+        else:
+            new_uses.append(Use(new_index[use.src], use.src_output, dst, use.operand))
+    new_uses += [Use(new_index[v], k, r, 0) for (v, k), r in sorted(read_node.items())]
+    producer = {vid: (new_index[v], k) for vid, (v, k) in graph.producer.items()}
+    return dataclasses.replace(graph, nodes=tuple(nodes), uses=tuple(new_uses),
+                               producer=producer)
+
+
+def read_steps(graph: ShardingGraph) -> dict[int, tuple[int, int]]:
+    """Read node → (first, last) equation reading through it: where its shared copy lives."""
+    steps: dict[int, tuple[int, int]] = {}
+    for use in graph.uses:
+        if graph.nodes[use.src].kind == READ and use.operand >= 0:
+            e = graph.nodes[use.dst].eqn
+            first, last = steps.get(use.src, (e, e))
+            steps[use.src] = (min(first, e), max(last, e))
+    return steps
+
+
+def settle_reads(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
+                 choices: Sequence[int]) -> tuple[int, ...]:
+    """``choices`` (per ILP node) with every read node moved to its cheapest layout given
+    its neighbours' choices: a plan whose readers were chosen first (propagation) then
+    shares each resharding as XLA does. Exact: a read node's edges all end at nodes that
+    are not read nodes."""
+    position = {r: p for p, r in enumerate(grouping.roots)}
+    reads = {position[v] for v, node in enumerate(graph.nodes)
+             if node.kind == READ and grouping.root[v] == v}
+    if not reads:
+        return tuple(choices)
+    out = [int(c) for c in choices]
+    totals = {p: np.array(request.node_costs[p], dtype=np.float64) for p in reads}
+    for edge in request.edges:
+        if edge.src in reads:
+            totals[edge.src] = totals[edge.src] + np.asarray(edge.cost)[:, out[edge.dst]]
+        if edge.dst in reads:
+            totals[edge.dst] = totals[edge.dst] + np.asarray(edge.cost)[out[edge.src], :]
+    for p, total in totals.items():
+        out[p] = int(np.argmin(total))
+    return tuple(out)
+
+
+
+def reads_following_producers(graph: ShardingGraph, grouping: Grouping) -> Grouping:
+    """``grouping`` with every read node folded into its producer's root, taking the
+    layout the value is made in: each reader then pays its own resharding, as XLA's
+    sharding propagation sees the program (presets are priced by that propagation,
+    then :func:`settle_reads` shares what XLA's CSE shares)."""
+    root, index = list(grouping.root), list(grouping.index)
+    for use in graph.uses:
+        read = graph.nodes[use.dst]
+        if read.kind != READ or grouping.root[use.dst] != use.dst:
+            continue
+        made = [s.out_specs[use.src_output]
+                for s in (graph.nodes[use.src].strategies[i] for i in grouping.index[use.src])]
+        where = {s.out_specs[0]: j for j, s in enumerate(read.strategies)}
+        root[use.dst] = grouping.root[use.src]
+        index[use.dst] = np.array([where[spec] for spec in made])
+    return Grouping(tuple(root), tuple(index),
+                    tuple(v for v in range(len(root)) if root[v] == v))
+
+
+def regrouped(choices: Sequence[int], source: Grouping, target: Grouping) -> tuple[int, ...]:
+    """Choices per ILP node of ``source`` as choices per ILP node of ``target`` (the same
+    graph's nodes grouped otherwise; every root of ``target`` chooses its own strategy)."""
+    per_node = source.expand(choices)
+    return tuple(int(per_node[r]) for r in target.roots)
+
+
+def shared_from_per_use(graph: ShardingGraph, grouping: Grouping, request: ilp.IntraOpRequest,
+                        per_use_grouping: Grouping, choices: Sequence[int]) -> tuple[int, ...]:
+    """A plan of the graph without read nodes (``share_reads``' input, grouped by
+    ``per_use_grouping``) as choices over ``request``'s nodes: every read node first at the
+    layout its value is made in (the same plan, priced per use), then settled."""
+    made = iter(per_use_grouping.expand(choices))
+    per_node = [0 if node.kind == READ else next(made) for node in graph.nodes]
+    for use in graph.uses:
+        read = graph.nodes[use.dst]
+        if read.kind == READ:
+            spec = graph.nodes[use.src].strategies[per_node[use.src]].out_specs[use.src_output]
+            per_node[use.dst] = next(j for j, s in enumerate(read.strategies)
+                                     if s.out_specs[0] == spec)
+    return settle_reads(graph, grouping, request, [per_node[r] for r in grouping.roots])

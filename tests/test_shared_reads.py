@@ -1,0 +1,152 @@
+"""Read nodes: a value read by several ops is resharded into one layout once, as XLA's
+common-subexpression pass runs one collective for all of them."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import autoshard
+from autoshard import ilp
+from autoshard.cost_model import MeshCostModel, cluster_preset
+from autoshard.intra.following import group_followers, grouped_request
+from autoshard.intra.graph import build_graph, use_cost_matrix
+from autoshard.intra.memory_points import planned_peak_bytes
+from autoshard.intra.shared_reads import READ, settle_reads, share_reads
+from autoshard.ir.trace import trace
+from examples.models import gpt
+
+
+def _two_readers(x, w1, w2):
+    h = jnp.tanh(x)              # an elementwise reader: follows x's layout, reads it directly
+    return (h @ w1).sum() + (x @ w2).sum() + (x @ w1).sum()
+
+
+def _graph(mesh_shape=(8,)):
+    s = jax.ShapeDtypeStruct
+    traced = trace(_two_readers, (s((64, 256), jnp.float32), s((256, 128), jnp.float32),
+                                  s((256, 128), jnp.float32)))
+    model = MeshCostModel(cluster_preset("host-cpu"), mesh_shape)
+    return traced, model, build_graph(traced, model)
+
+
+def test_values_read_by_two_ops_get_one_read_node():
+    traced, model, graph = _graph()
+    shared = share_reads(graph)
+    reads = [v for v, node in enumerate(shared.nodes) if node.kind == READ]
+    program = traced.program
+    x, w1 = program.invars[0], program.invars[1]
+    # x: read by two dots (tanh follows it and reads it directly); w1: by two dots;
+    # w2 by one dot: no read node
+    assert sorted(shared.nodes[v].outputs[0] for v in reads) == sorted([x, w1])
+    for v in reads:
+        into = [u for u in shared.uses if u.dst == v]
+        out = [u for u in shared.uses if u.src == v]
+        assert len(into) == 1 and shared.nodes[into[0].src].outputs[0] == shared.nodes[v].outputs[0]
+        assert len(out) == 2 and all(shared.nodes[u.dst].name.startswith("dot") for u in out)
+        assert v == into[0].src + 1   # right after its producer: program order kept
+    tanh = next(v for v, n in enumerate(shared.nodes) if n.name.startswith("tanh"))
+    assert [shared.nodes[u.src].kind for u in shared.uses if u.dst == tanh] == ["input"]
+    assert len(shared.uses) == len(graph.uses) + len(reads)
+
+
+def test_shared_layout_pays_one_resharding_and_settling_finds_it():
+    # x made split by rows; both dots read it whole (gathered): per use that is two
+    # all-gathers, through the read node one
+    traced, model, graph = _graph()
+    shared = share_reads(graph)
+    grouping = group_followers(shared)
+    matrices = [use_cost_matrix(shared, u, model) for u in shared.uses]
+    request = grouped_request(shared, grouping, shared.uses, matrices, 10.0)
+    position = {r: p for p, r in enumerate(grouping.roots)}
+    program = traced.program
+    x_node = shared.input_node(0)
+    x_read = x_node + 1
+    row_split = next(i for i, s in enumerate(shared.nodes[x_node].strategies)
+                     if s.out_specs[0] == ((0,), ()))
+    whole = ((), ())
+    choices = [0] * len(grouping.roots)
+    choices[position[x_node]] = row_split
+    for u in shared.uses:  # every reader of the read node reads x whole
+        if u.src == x_read:
+            node = shared.nodes[u.dst]
+            choices[position[grouping.root[u.dst]]] = next(
+                i for i, s in enumerate(node.strategies) if s.in_specs[u.operand] == whole)
+    read_strategies = shared.nodes[x_read].strategies
+    choices[position[x_read]] = next(i for i, s in enumerate(read_strategies)
+                                     if s.out_specs[0] == ((0,), ()))   # not shared yet
+    before = ilp.evaluate(request, choices)
+    settled = settle_reads(shared, grouping, request, choices)
+    assert read_strategies[settled[position[x_read]]].out_specs[0] == whole
+    after = ilp.evaluate(request, settled)
+    gather = model.resharding((64, 256), 4, ((0,), ()), whole)
+    assert gather > 0
+    assert before.edge_cost - after.edge_cost == pytest.approx(gather)
+    # the shared gathered copy lives from the first reader to the last
+    expanded = grouping.expand(settled)
+    peak = planned_peak_bytes(shared, model, expanded, donated=())
+    assert peak >= 64 * 256 * 4 + 64 * 256 * 4 / 8
+    assert program.invars[0] == shared.nodes[x_read].outputs[0]
+
+
+def test_gpt_plan_shares_gathers_and_audits_clean():
+    # the benchmarks' gpt_large on 8 devices: its plan all-gathers activations that the
+    # forward matmul and the weight gradient both read; priced per use, the audit found
+    # twice the all-gather bytes XLA compiles (one collective after its CSE)
+    w = gpt(num_layers=4, d_model=256, heads=8, seq=64, batch=8, vocab=256)
+    step = autoshard.parallelize(w.fn, mesh=autoshard.make_mesh((8,), ("devices",)),
+                                 cluster=autoshard.cluster_preset("host-cpu"))
+    plan = step.plan(*w.args)
+    shared = [c for c in plan.collectives if c.resharding and c.op.endswith(" read")]
+    assert any(c.kind == "all-gather" for c in shared)
+    report = step.audit(*w.args)
+    assert report.ok, report.summary()
+    # adamw divides by sqrt(v): where a gradient is near zero, the float32 sums' order
+    # (sharded or not) moves an updated weight by up to ~1e-4
+    for got, want in zip(jax.tree.leaves(step(*w.args)), jax.tree.leaves(jax.jit(w.fn)(*w.args))):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_read_nodes_keep_the_search_no_worse_than_per_use_pricing():
+    traced, model, graph = _graph((2, 4))
+    for g in (graph, share_reads(graph)):
+        grouping = group_followers(g)
+        matrices = [use_cost_matrix(g, u, model) for u in g.uses]
+        request = grouped_request(g, grouping, g.uses, matrices, 10.0)
+        result = ilp.solve_intra_op(request)
+        assert result.status == "OPTIMAL"
+        if g is graph:
+            per_use = result.objective
+    assert result.objective <= per_use + 1e-12
+    assert np.isfinite(per_use)
+
+
+@pytest.mark.parametrize("method", [autoshard.DataParallel(), autoshard.ZeRO3(), autoshard.Megatron()],
+                         ids=lambda m: type(m).__name__)
+def test_presets_propagate_as_before_and_then_share(method, monkeypatch):
+    # a preset is priced by propagating its input layouts as XLA does, each reader
+    # resharding for itself; read nodes then only share what XLA's CSE shares, so the
+    # propagated plan is the per-use one, priced no dearer
+    from autoshard.intra import problem as problem_module
+
+    w = gpt(num_layers=1, d_model=64, heads=4, seq=16, batch=8, vocab=128, abstract=True)
+    traced = trace(w.fn, w.args)
+    model = MeshCostModel(cluster_preset("h100-80gb"), (2, 2, 2))
+    batch = [False] * len(traced.program.invars)
+    batch[-2:] = [True, True]   # tokens, targets
+
+    def priced():
+        problem = problem_module.build_problem(traced, model, method, batch_flat=batch,
+                                               axis_names=("data", "fsdp", "model"))
+        choices = problem_module.propagated_choices(problem)
+        expanded = problem.grouping.expand(choices)
+        ops = {n.name: n.strategies[c].name for n, c in zip(problem.graph.nodes, expanded)
+               if n.kind == "op"}
+        return ilp.evaluate(problem.request, choices).objective, ops
+
+    shared_cost, shared_ops = priced()
+    monkeypatch.setattr(problem_module, "share_reads", lambda graph: graph)
+    per_use_cost, per_use_ops = priced()
+    assert shared_ops == per_use_ops
+    assert shared_cost <= per_use_cost * (1 + 1e-12)
