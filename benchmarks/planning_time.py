@@ -25,10 +25,10 @@ import sys
 import time
 
 import autoshard
+from autoshard import api as _api
 from autoshard import ilp
 from autoshard.intra import planner as _planner
 from autoshard.intra import problem as _problem
-from autoshard.ir.trace import trace
 from examples import models
 
 
@@ -42,44 +42,48 @@ def measure(layers: int, d_model: int, seq: int, heads: int, vocab: int, time_li
 
 
 def measure_workload(workload, time_limit: float, *, mesh_shape=(2, 4), cluster=None) -> dict:
-    """``measure`` for any (abstract) workload."""
+    """``measure`` for any (abstract) workload: what ``step.plan(*args)`` costs a user,
+    split into its phases (the trace, building the graph, solving, and the rest: pricing,
+    starting plans, the plan record)."""
     mesh = autoshard.abstract_mesh(mesh_shape, ("data", "fsdp", "model")[-len(mesh_shape):])
-    start = time.perf_counter()
-    traced = trace(workload.fn, workload.args, ())
-    traced_at = time.perf_counter()
-    solve_s, graph_s = [], []
+    solve_s, graph_s, trace_s, traced = [], [], [], []
     sizes = {}
-    real_solve, real_build_graph = ilp.solve_intra_op, _problem.build_graph
+    real_solve, real_build_graph, real_trace = \
+        ilp.solve_intra_op, _problem.build_graph, _api.trace
 
-    def timed_build_graph(*args, **kwargs):
+    def timed(phase_s, fn, *args, **kwargs):
         t = time.perf_counter()
-        graph = real_build_graph(*args, **kwargs)
-        graph_s.append(time.perf_counter() - t)
-        return graph
+        result = fn(*args, **kwargs)
+        phase_s.append(time.perf_counter() - t)
+        return result
+
+    def timed_trace(*args, **kwargs):
+        traced.append(timed(trace_s, real_trace, *args, **kwargs))
+        return traced[-1]
 
     def timed_solve(request):
-        t = time.perf_counter()
-        result = real_solve(request)
-        solve_s.append(time.perf_counter() - t)
+        result = timed(solve_s, real_solve, request)
         sizes.update(nodes=request.num_nodes, tied=result.stats.tied_classes or request.num_nodes,
                      variables=result.num_variables, constraints=result.num_constraints,
                      lp_s=result.stats.lp_time_s, how=result.stats.solver_status)
         return result
 
     _planner.ilp.solve_intra_op = timed_solve
-    _problem.build_graph = timed_build_graph
+    _problem.build_graph = functools.partial(timed, graph_s, real_build_graph)
+    _api.trace = timed_trace
     try:
         step = autoshard.parallelize(workload.fn, mesh=mesh, cluster=cluster,
                                      method=autoshard.ShardParallel(time_limit_s=time_limit))
+        start = time.perf_counter()
         plan = step.plan(*workload.args)
+        total = time.perf_counter() - start
     finally:
         _planner.ilp.solve_intra_op = real_solve
         _problem.build_graph = real_build_graph
-    total = time.perf_counter() - start
-    planning = total - (traced_at - start)
-    return dict(equations=len(traced.program.eqns), **sizes,
-                trace_s=traced_at - start, strategies_s=sum(graph_s),
-                costs_s=planning - sum(solve_s) - sum(graph_s),
+        _api.trace = real_trace
+    return dict(equations=len(traced[0].program.eqns), **sizes,
+                trace_s=sum(trace_s), strategies_s=sum(graph_s),
+                costs_s=total - sum(trace_s) - sum(solve_s) - sum(graph_s),
                 solve_s=sum(solve_s), total_s=total, cost_ms=plan.cost.total_s * 1e3,
                 status=plan.solver.status, rounds=plan.solver.neighbourhood_rounds,
                 peak_gib=plan.cost.peak_memory_bytes / 2**30,

@@ -142,7 +142,7 @@ def _solve_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
     shared = ilp.solve_intra_op(dataclasses.replace(request, search=False))
     if shared.stats.lp_integral:
         return shared
-    per_use_request, per_use_grouping, _ = problem.per_use
+    per_use_request, per_use_grouping = problem.per_use()
     per_use = ilp.solve_intra_op(dataclasses.replace(
         _until(per_use_request, deadline), tie_repeats=request.tie_repeats,
         gap_limit=request.gap_limit))

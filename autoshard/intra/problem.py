@@ -3,10 +3,11 @@ every strategy and tensor use, and the ILP request over them (plain data for ``i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from jax.sharding import PartitionSpec
@@ -51,8 +52,9 @@ class ShardingProblem:
     #: every starting plan considered (one strategy per ILP node); ``request.hint`` is the
     #: cheapest, another may be the cheapest that fits a memory budget
     seeds: tuple[tuple[int, ...], ...] = ()
-    #: (request, grouping, node count) of the same graph without read nodes, or None
-    per_use: tuple | None = None
+    #: prices the same graph without read nodes when called: (request, grouping); None
+    #: when the graph has no read nodes or the method searches nothing
+    per_use: Callable[[], tuple[ilp.IntraOpRequest, Grouping]] | None = None
 
     def __repr__(self):
         return (f"ShardingProblem({len(self.graph.nodes)} nodes, {len(self.grouping.roots)} "
@@ -87,29 +89,15 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
     extra = tuple(sorted(set(carried) - set(by_key_path)))
     pairs = tuple(sorted(by_key_path + extra))
     time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
-    memo: dict = {}
-
-    def priced(graph):
-        graph = _price_fed_inputs(graph, model, pairs, frozenset(fixed))
-        graph, merged = combine_all_reduces(graph, model)
-        weighted = _carried_uses(graph, extra)
-        uses = tuple(graph.uses) + tuple(_carried_uses(graph, by_key_path)) + tuple(weighted)
-        matrices = [use_cost_matrix(graph, u, model, memo) for u in uses]
-        if carried_weight != 1.0:  # the weighted carried uses come last
-            first = len(uses) - len(weighted)
-            matrices[first:] = [m * carried_weight for m in matrices[first:]]
-        grouping = group_followers(graph)
-        request = grouped_request(graph, grouping, uses, matrices, time_limit, merged,
-                                  mesh_shape=model.mesh_shape)
-        return graph, merged, uses, matrices, grouping, request
-
+    priced = functools.partial(_priced_problem, model=model, pairs=pairs, fixed=frozenset(fixed),
+                               extra=extra, by_key_path=by_key_path,
+                               carried_weight=carried_weight, time_limit=time_limit, memo={})
     graph, merged, uses, matrices, grouping, request = priced(graph)
     per_use = None
     if graph is not per_use_graph and isinstance(method, ShardParallel):
-        # the same problem priced per use: its LP is much stronger (read nodes make it
-        # fractional), and its optimum, shared, is the search's starting plan
-        pg, _, _, _, p_grouping, p_request = priced(per_use_graph)
-        per_use = (p_request, p_grouping, len(pg.nodes))
+        # the same problem priced per use, when the planner asks (read nodes made the
+        # shared problem's LP fractional): its LP is much stronger
+        per_use = functools.partial(_per_use_problem, priced, per_use_graph)
     tie = getattr(method, "tie_repeats", None)
     tie = len(grouping.roots) > TIE_REPEATS_ABOVE if tie is None else bool(tie)
     gap = getattr(method, "gap_limit", None)
@@ -124,6 +112,30 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
               time.perf_counter() - start)
     return ShardingProblem(graph, grouping, uses, tuple(matrices), merged, request, messages,
                            pairs, alternatives, seeds, per_use)
+
+
+def _priced_problem(graph: ShardingGraph, *, model: MeshCostModel, pairs, fixed: frozenset, extra,
+            by_key_path, carried_weight: float, time_limit: float, memo: dict):
+    """(graph, merged all-reduces, uses, cost matrices, grouping, request) of ``graph``
+    priced: fed inputs, combined all-reduces, carried uses (weighted), followers grouped."""
+    graph = _price_fed_inputs(graph, model, pairs, fixed)
+    graph, merged = combine_all_reduces(graph, model)
+    weighted = _carried_uses(graph, extra)
+    uses = tuple(graph.uses) + tuple(_carried_uses(graph, by_key_path)) + tuple(weighted)
+    matrices = [use_cost_matrix(graph, u, model, memo) for u in uses]
+    if carried_weight != 1.0:  # the weighted carried uses come last
+        first = len(uses) - len(weighted)
+        matrices[first:] = [m * carried_weight for m in matrices[first:]]
+    grouping = group_followers(graph)
+    request = grouped_request(graph, grouping, uses, matrices, time_limit, merged,
+                              mesh_shape=model.mesh_shape)
+    return graph, merged, uses, matrices, grouping, request
+
+
+def _per_use_problem(priced, graph: ShardingGraph) -> tuple[ilp.IntraOpRequest, Grouping]:
+    """(request, grouping) of ``graph`` (no read nodes) priced as ``priced`` prices."""
+    _, _, _, _, grouping, request = priced(graph)
+    return request, grouping
 
 
 #: how much dearer a resharding second is than any other when a preset's fixed layout is
