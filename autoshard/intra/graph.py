@@ -72,6 +72,12 @@ def _aval(program, atom):
     return None if isinstance(atom, Literal) else program.avals[atom]
 
 
+#: identities that move no data in the compiled program: ``optimization_barrier`` (the
+#: operands of a ``jax.checkpoint`` block recomputed in the backward pass) and sharding
+#: constraints (a resharding they imply is priced on the use, as any other)
+NO_TRAFFIC = frozenset({"optimization_barrier", "sharding_constraint"})
+
+
 def build_graph(traced: TracedFunction, model: MeshCostModel,
                 input_specs: Callable[[int, tuple], list[Spec]] | None = None) -> ShardingGraph:
     """Enumerate strategies for every node of ``traced`` on ``model``'s mesh.
@@ -120,6 +126,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         reads = tuple(0 if not isinstance(a, Literal) and (a in fused or a in read_in_fusion)
                       else copies for a in eqn.inputs)
         reads += tuple(0 if v in fused else 1 for v in eqn.outputs)
+        if name in NO_TRAFFIC:  # an identity XLA does not copy
+            reads = (0,) * len(reads)
         if e in copied:  # tensors XLA copies into the layout a convolution runs in
             reads = tuple(r + c for r, c in zip(reads, copied[e], strict=True))
         signature = (equation_signature(eqn, in_avals, out_avals), reads)

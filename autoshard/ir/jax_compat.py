@@ -32,6 +32,23 @@ INLINED_CALLS: dict[str, tuple[str, ...]] = {
 }
 
 
+def recomputes_in_backward(eqn) -> bool:
+    """Whether ``eqn`` is a ``jax.checkpoint`` block in a differentiated program: the
+    backward pass's recomputation, which jax lowers behind an optimization barrier on
+    its operands so that XLA cannot merge it with the forward pass (common-subexpression
+    elimination would undo the rematerialization)."""
+    return (eqn.primitive.name in ("remat", "remat2", "checkpoint")
+            and bool(eqn.params.get("prevent_cse", False))
+            and bool(eqn.params.get("differentiated", False)))
+
+
+@functools.cache
+def optimization_barrier_primitive():
+    """The primitive ``jax.lax.optimization_barrier`` binds (found by tracing it, not by
+    importing jax internals)."""
+    return jax.make_jaxpr(jax.lax.optimization_barrier)(0.0).eqns[0].primitive
+
+
 def inlined_callee(eqn):
     """The jaxpr (open or closed) that ``eqn`` calls when it is a call-like primitive the
     tracer inlines, else ``None``."""

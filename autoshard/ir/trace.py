@@ -1,7 +1,9 @@
 """Tracing: a user function and example arguments → a flat :class:`Program`.
 
 Calls that only structure the program (``jit``/``pjit``, ``closed_call``,
-``custom_jvp_call``, ``custom_vjp_call``, ``remat``/``checkpoint``) are inlined,
+``custom_jvp_call``, ``custom_vjp_call``, ``remat``/``checkpoint``) are inlined
+(a ``jax.checkpoint`` block recomputed in the backward pass behind an
+``optimization_barrier`` per operand, as jax lowers it, so the user's remat survives),
 and ``lax.scan`` loops (layers scanned over stacked weights, and their transposes
 in the backward pass) are unrolled into one copy of the body per step, up to
 ``MAX_UNROLLED_EQUATIONS``, so every step's ops are sharded like any others and a
@@ -20,7 +22,14 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from .jax_compat import inlined_callee, join_scopes, name_stack, source_summary
+from .jax_compat import (
+    inlined_callee,
+    join_scopes,
+    name_stack,
+    optimization_barrier_primitive,
+    recomputes_in_backward,
+    source_summary,
+)
 from .program import Equation, Literal, Program
 
 #: a scan is unrolled when its body's equations × its length stay within this.
@@ -204,6 +213,18 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
 
     scopes: list[str] = []
 
+    def barrier(atom, eqn, scope):
+        """``atom`` through an optimization barrier of its own, as jax lowers the operands
+        of a ``jax.checkpoint`` block recomputed in the backward pass (so that XLA's CSE
+        keeps the recomputation: the user asked not to store those activations)."""
+        if isinstance(atom, Literal):
+            return atom
+        out = new_value(avals[atom])
+        eqns.append(Equation(optimization_barrier_primitive(), {}, (atom,), (out,)))
+        sources.append(source_summary(eqn.source_info))
+        scopes.append(scope)
+        return out
+
     def inline(jaxpr, consts, in_atoms, const_atoms=None, scope=""):
         env: dict = {}
         for var, atom in zip(jaxpr.constvars, const_atoms or (), strict=False):
@@ -228,6 +249,8 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                     env[var] = atom
                 continue
             callee = inlined_callee(eqn)
+            if callee is not None and recomputes_in_backward(eqn):
+                ins = [barrier(a, eqn, here) for a in ins]
             if callee is not None:
                 if isinstance(callee, jcore.ClosedJaxpr):
                     outs = inline(callee.jaxpr, callee.consts, ins, scope=here)
