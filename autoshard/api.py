@@ -446,12 +446,13 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
     at import time touches no devices, e.g. before ``jax.distributed.initialize()``).
     ``method``: :class:`ShardParallel` (ILP, default), a preset (:class:`DataParallel`,
     :class:`ZeRO3`, :class:`Megatron`, :class:`Annotated`: the model's own annotations)
-    or :class:`PipeshardParallel` (pipeline stages on sub-meshes; the step must use
-    :func:`autoshard.value_and_grad`). ``batch_argnums``: the arguments holding the
-    batch (default: inferred, ``plan.batch`` says which: the arguments that are not
-    returned at their key path or donated, not PRNG keys or scalars, and share the last
-    such one's leading dim; under :class:`PipeshardParallel` the last non-static one and
-    those it infers as batch data, see there); presets split those on their leading dim.
+    or :class:`PipeshardParallel` (pipeline stages on sub-meshes; the step takes one
+    gradient, with ``jax.value_and_grad`` / ``jax.grad`` or autoshard's). ``batch_argnums``:
+    the arguments holding the batch (default: inferred, ``plan.batch`` says which: the
+    arguments that are not returned at their key path or donated, not PRNG keys or
+    scalars, and share the last such one's leading dim; under :class:`PipeshardParallel`
+    the last non-static one that is not a key or scalar, and those it infers as batch
+    data, see there); presets split those on their leading dim.
     ``memory_budget``: bytes per device (``"16GiB"``) that the plan's estimated peak
     must fit (default: the cluster's device memory less its reserve for GPU presets,
     none on the host CPU); the ILP then trades speed for memory, and

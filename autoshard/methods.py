@@ -124,8 +124,10 @@ class Annotated:
 class PipeshardParallel:
     """Inter- plus intra-operator parallelism (Alpa's PipeshardParallel).
 
-    The step must compute its gradient with :func:`autoshard.grad` or
-    :func:`autoshard.value_and_grad`. The loss is cut into ``num_layers`` layers (or at
+    The step computes its gradient in one call of ``jax.value_and_grad`` or ``jax.grad``
+    (however imported; flax nnx's and equinox's wrappers call them) or of
+    :func:`autoshard.value_and_grad` / :func:`autoshard.grad`: that call marks where the
+    forward and backward end. The loss is cut into ``num_layers`` layers (or at
     :func:`autoshard.mark_layer_boundary` calls), a dynamic programme groups layers into
     stages on sub-meshes (``num_stages`` forces the count; ``None`` lets it choose, one
     stage included), each stage is sharded by ``stage_method`` on its sub-mesh, and
@@ -137,9 +139,10 @@ class PipeshardParallel:
 
     Batch arguments are split into micro-batches on their leading dimension. With
     ``parallelize(..., batch_argnums=None)`` (the default) they are the last non-static
-    argument plus every other non-static argument that (a) has only array leaves whose
-    leading dimension is that argument's batch size and (b) the step reads only inside the
-    function given to ``autoshard.grad`` / ``value_and_grad``, as data: not differentiated,
+    argument that is not a PRNG key and has no scalar leaf (``batch`` of
+    ``step(state, batch, dropout_key)``) plus every other non-static argument that (a) has
+    only array leaves whose leading dimension is that argument's batch size and (b) the
+    step reads only inside the function it differentiates, as data: not differentiated,
     not used before or after the gradient, not returned, not a PRNG key. So
     ``step(params, opt_state, x, y)`` splits both ``x`` and ``y``, whether the loss takes
     them as arguments or closes over them, while the optimizer state is never split. Pass

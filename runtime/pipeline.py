@@ -75,7 +75,9 @@ class StepProgram:
 class PipelineProgram:
     """The whole pipelined step. ``loss``: ``(activation key, step key)``: the micro-batch
     losses are averaged into the step key; so is every ``aux`` pair's activation (an
-    output of the last stage). ``zero_grads``: ``(step key, shape, dtype)`` for
+    output of the last stage); an ``aux_once`` pair's activation is the same in every
+    micro-batch (it does not depend on the batch): the first micro-batch's value is taken,
+    whatever its dtype. ``zero_grads``: ``(step key, shape, dtype)`` for
     gradients no stage produces. ``outputs``: a step key or ``("literal", value)`` per flat
     output."""
 
@@ -92,6 +94,7 @@ class PipelineProgram:
     schedule: str
     aux: tuple[tuple[Key, Key], ...] = ()
     donated: tuple[int, ...] = ()          # positions of donated arguments
+    aux_once: tuple[tuple[Key, Key], ...] = ()
 
     def __call__(self, flat_args) -> list:
         B = self.num_microbatches
@@ -139,6 +142,8 @@ class PipelineProgram:
                 if s == last:
                     for akey, skey in self.aux:
                         aux_values[skey].append(micro[m][akey])
+                    for akey, skey in self.aux_once:
+                        env.setdefault(skey, micro[m][akey])
                 saved[(s, m)] = ([ins[p] for p in st.backward_inputs], list(outs[n:]))
                 continue
             kept, residuals = saved.pop((s, m))

@@ -2,12 +2,19 @@
 
 Everything version-specific lives here (jax 0.10 is pinned in pyproject.toml): the names
 and parameters of call-like primitives that only structure a program (inlined by the
-tracer), where an equation came from in user code, and binding an equation's primitive
-again outside a trace. The rest of autoshard uses public APIs (``jax.extend.core``).
+tracer), where an equation came from in user code, binding an equation's primitive
+again outside a trace, and routing ``jax.value_and_grad``'s differentiation
+(:func:`value_and_grad_routed`, for pipelines). The rest of autoshard uses public APIs
+(``jax.extend.core``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
+import sys
+import threading
+import types
 from collections.abc import Sequence
 
 import jax
@@ -131,3 +138,84 @@ def threefry_partitionable() -> bool:
     """jax's ``jax_threefry_partitionable`` flag (random numbers of a sharded computation
     equal the replicated ones when set)."""
     return bool(jax.config.jax_threefry_partitionable)
+
+
+# ------------------------------------------------------------ jax.value_and_grad's vjp
+# ``jax.value_and_grad`` (and ``jax.grad``, which calls it) returns a function whose body
+# calls ``vjp`` as a global of ``jax._src.api`` and then pulls the cotangent one back. So
+# replacing that global reaches every such call however the user named it
+# (``jax.value_and_grad``, ``from jax import grad``, flax nnx's and equinox's wrappers),
+# while ``jax.vjp`` and ``jax.jacrev`` (other callers of the global) are told apart by the
+# calling frame's code object and left to jax.
+_routing_lock = threading.Lock()
+_routing_depth = 0
+_routed_original = None
+
+
+@functools.cache
+def _value_and_grad_body():
+    """``(jax._src.api, code object of the function jax.value_and_grad returns)`` when that
+    body reads ``vjp`` as a module global (jax 0.10), else ``None``."""
+    try:
+        from jax._src import api
+    except ImportError:
+        return None
+    outer = inspect.unwrap(getattr(api, "value_and_grad", None))
+    code = getattr(outer, "__code__", None)
+    if code is None or not callable(getattr(api, "vjp", None)):
+        return None
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType) and const.co_name == "value_and_grad_f" and \
+                "vjp" in const.co_names:
+            return api, const
+    return None
+
+
+def gradient_routing_available() -> bool:
+    """Whether :func:`value_and_grad_routed` can see ``jax.value_and_grad`` calls here."""
+    return _value_and_grad_body() is not None
+
+
+@contextlib.contextmanager
+def value_and_grad_routed(route):
+    """While active, a ``jax.value_and_grad`` / ``jax.grad`` call (however imported)
+    differentiates through ``route(fun, primals, has_aux)`` instead of ``jax.vjp``: ``fun``
+    is the function of the differentiated arguments only (jax has checked their dtypes),
+    ``primals`` a tuple of them; ``route`` returns what ``jax.vjp(fun, *primals,
+    has_aux=has_aux)`` would (``(value, pullback[, aux])``; jax then calls ``pullback``
+    once, with the cotangent one) or ``None`` to let jax differentiate. Other callers of
+    ``vjp`` are untouched. One ``route`` at a time (nested or concurrent uses share it;
+    ``route`` decides per call, e.g. from a context variable); does nothing where
+    :func:`gradient_routing_available` is false."""
+    global _routing_depth, _routed_original
+    found = _value_and_grad_body()
+    if found is None:
+        yield
+        return
+    api, body = found
+    with _routing_lock:
+        if _routing_depth == 0:
+            original = api.vjp
+
+            @functools.wraps(original)
+            def routed_vjp(fun, *primals, has_aux=False, **kwargs):
+                if not kwargs and sys._getframe(1).f_code is body:
+                    out = route(fun, primals, has_aux)
+                    if out is not None:
+                        return out
+                return original(fun, *primals, has_aux=has_aux, **kwargs)
+
+            routed_vjp.autoshard_route = route
+            _routed_original = original
+            api.vjp = routed_vjp
+        elif getattr(api.vjp, "autoshard_route", None) is not route:
+            raise RuntimeError("jax.value_and_grad is already routed to another function")
+        _routing_depth += 1
+    try:
+        yield
+    finally:
+        with _routing_lock:
+            _routing_depth -= 1
+            if _routing_depth == 0:
+                api.vjp = _routed_original
+                _routed_original = None

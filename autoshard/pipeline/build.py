@@ -73,11 +73,13 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
     grad_key = {F.invars[k]: ("v", g)
                 for k, g in zip(diff_idx, geqn.outputs[n_val:], strict=True)}
     aux = []  # (the last stage's activation key, the step key it is averaged into)
-    for atom, out in zip(F.outvars[1:], geqn.outputs[1:n_val], strict=True):
+    aux_once = []  # the same, for aux leaves every micro-batch computes alike
+    for atom, out, follows in zip(F.outvars[1:], geqn.outputs[1:n_val],
+                                  split.aux_follows_batch, strict=True):
         if isinstance(atom, Literal):
             constants.append((("v", out), jnp.asarray(atom.value, O.avals[out].dtype)))
         else:
-            aux.append((("act", atom), ("v", out)))
+            (aux if follows else aux_once).append((("act", atom), ("v", out)))
     key = lambda v: fkey.get(v, ("act", v))  # noqa: E731
 
     stages = []
@@ -133,7 +135,8 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
         batch=tuple((("v", v), ("mb", v)) for v in (*O.invars, *(c for c, _ in O.constants))
                     if v in split.batch_vids),
         constants=tuple(constants), pre=pre, stages=tuple(stages),
-        loss=(("act", loss), ("v", geqn.outputs[0])), aux=tuple(aux), zero_grads=zero,
+        loss=(("act", loss), ("v", geqn.outputs[0])), aux=tuple(aux),
+        aux_once=tuple(aux_once), zero_grads=zero,
         apply=apply,
         outputs=outputs, donated=tuple(k for k, d in enumerate(donated) if d),
         num_microbatches=layout.method.num_microbatches,

@@ -6,7 +6,12 @@ method. While :class:`~autoshard.PipeshardParallel` traces a step (:func:`pipeli
 ``value_and_grad`` does not differentiate: it binds one ``autoshard_grad`` equation whose
 ``jaxpr`` parameter is the forward (loss) function. The pipeline planner cuts that forward
 into layers and stages, differentiates each stage on its own, and runs the equations after
-the gradient (the optimizer update) once per step, after all micro-batches.
+the gradient (the optimizer update) once per step, after all micro-batches. jax's own
+``jax.value_and_grad`` and ``jax.grad`` bind the same marker while a step is traced for a
+pipeline (:func:`pipeline_tracing` routes them here through
+:func:`autoshard.ir.jax_compat.value_and_grad_routed`), so steps written with them, or with
+flax nnx's or equinox's wrappers of them, need no change; gradients taken inside the loss
+stay jax's (second order).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import jax
 import jax.extend.core as jcore
 import numpy as np
 
+from autoshard.ir.jax_compat import value_and_grad_routed
 from autoshard.ir.trace import aval_struct
 
 GRAD_PRIMITIVE = "autoshard_grad"
@@ -25,16 +31,46 @@ BOUNDARY_PRIMITIVE = "autoshard_layer_boundary"
 
 _tracing: contextvars.ContextVar[bool] = contextvars.ContextVar("autoshard_pipeline_tracing",
                                                                 default=False)
+# whether jax.value_and_grad / jax.grad calls bind the marker too (not inside a loss)
+_routing: contextvars.ContextVar[bool] = contextvars.ContextVar("autoshard_jax_grad_routing",
+                                                                default=False)
 
 
 @contextlib.contextmanager
 def pipeline_tracing():
-    """While active, ``value_and_grad`` binds the gradient marker and boundaries are kept."""
-    token = _tracing.set(True)
+    """While active, ``value_and_grad`` binds the gradient marker and boundaries are kept;
+    so do jax's own ``jax.value_and_grad`` and ``jax.grad`` (however imported, also
+    through flax nnx's or equinox's wrappers), through :func:`_route_jax_gradient`."""
+    token, routing = _tracing.set(True), _routing.set(True)
+    try:
+        with value_and_grad_routed(_route_jax_gradient):
+            yield
+    finally:
+        _routing.reset(routing)
+        _tracing.reset(token)
+
+
+@contextlib.contextmanager
+def _not_routing():
+    """jax's gradients taken inside a loss being traced are ordinary jax (second order)."""
+    token = _routing.set(False)
     try:
         yield
     finally:
-        _tracing.reset(token)
+        _routing.reset(token)
+
+
+def _route_jax_gradient(fun, primals: tuple, has_aux: bool):
+    """The differentiation of a ``jax.value_and_grad`` call under :func:`pipeline_tracing`
+    (``None`` elsewhere: jax's own): the marker over ``fun``'s arguments ``primals``, in
+    the ``(value, pullback[, aux])`` form of ``jax.vjp`` that jax then finishes; the
+    pullback returns the marker's gradients (jax calls it with the cotangent one)."""
+    if not _routing.get():
+        return None
+    out = value_and_grad(fun, tuple(range(len(primals))), has_aux=has_aux)(*primals)
+    (value, aux), grads = out if has_aux else ((out[0], None), out[1])
+    pullback = lambda cotangent: grads  # noqa: E731 - jax passes one
+    return (value, pullback, aux) if has_aux else (value, pullback)
 
 
 def _grad_abstract_eval(*avals, jaxpr, num_consts, diff):
@@ -100,8 +136,11 @@ def value_and_grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False)
             for k in range(starts[a], starts[a + 1]):
                 dtype = jax.numpy.result_type(leaves[k])
                 if not jax.numpy.issubdtype(dtype, np.inexact):
-                    raise TypeError(f"autoshard.grad requires real- or complex-valued inputs "
-                                    f"(argument {a}), got a leaf of dtype {dtype}")
+                    raise TypeError(f"grad requires real- or complex-valued inputs (argument "
+                                    f"{a}), got a leaf of dtype {dtype}; under "
+                                    f"PipeshardParallel, jax.grad(..., allow_int=True) with "
+                                    f"integer leaves is not supported: differentiate with "
+                                    f"respect to the float leaves only")
                 diff[k] = True
 
         aux_tree = []
@@ -111,18 +150,19 @@ def value_and_grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False)
             aux_leaves = []
             if has_aux:
                 if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                    raise TypeError("autoshard.grad(has_aux=True): the function must return "
+                    raise TypeError("value_and_grad(has_aux=True): the function must return "
                                     f"a pair (loss, aux), got {type(out).__name__}")
                 out, aux = out
                 aux_leaves, treedef = jax.tree_util.tree_flatten(aux)
                 aux_tree.append(treedef)
             if np.shape(out) != ():
-                raise TypeError(f"autoshard.grad: the function must return a scalar loss, "
+                raise TypeError(f"value_and_grad: the function must return a scalar loss, "
                                 f"got shape {np.shape(out)}")
             return [out, *aux_leaves]
 
         structs = [aval_struct(x) for x in leaves]
-        closed = jax.make_jaxpr(flat_fun)(*structs)
+        with _not_routing():
+            closed = jax.make_jaxpr(flat_fun)(*structs)
         outs = grad_p.bind(*closed.consts, *leaves, jaxpr=closed.jaxpr,
                            num_consts=len(closed.consts),
                            diff=(False,) * len(closed.consts) + tuple(diff))

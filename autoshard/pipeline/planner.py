@@ -274,7 +274,8 @@ def _transfer_seconds(link, aval, spec, sizes) -> float:
 def _send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_outputs, forward_inputs
                   ) -> tuple[float, float]:
     """Seconds per micro-batch to send this stage's activations on and its activations'
-    cotangents back (:func:`_transfer_seconds` each)."""
+    cotangents back (:func:`_transfer_seconds` each; a cotangent that is a literal zero,
+    of an input no gradient flows through such as an ``argmax``-based metric, is free)."""
     P = sp.traced.program
     n_out = len(sp.outputs)
     fwd = sum(_transfer_seconds(link, P.avals[P.outvars[k]], plan.flat_out_specs[k], sizes)
@@ -282,7 +283,8 @@ def _send_seconds(sp: StageProgram, plan: Plan, link, sizes, forward_outputs, fo
     grads = [v for v, d in zip(sp.inputs, sp.diff_in) if d]
     bwd = sum(_transfer_seconds(link, P.avals[P.outvars[n_out + k]],
                                 plan.flat_out_specs[n_out + k], sizes)
-              for k, v in enumerate(grads) if v not in forward_inputs)
+              for k, v in enumerate(grads)
+              if v not in forward_inputs and isinstance(P.outvars[n_out + k], int))
     return float(fwd), float(bwd)
 
 

@@ -1,7 +1,8 @@
 """Tracing a step for pipelining: micro-batch shapes, and its three parts.
 
-The step is traced with every batch argument cut to one micro-batch, with
-``autoshard.value_and_grad`` binding its marker (:func:`~autoshard.pipeline.markers.pipeline_tracing`).
+The step is traced with every batch argument cut to one micro-batch, with its gradient
+(``jax.value_and_grad``, ``jax.grad`` or autoshard's) binding the gradient marker
+(:func:`~autoshard.pipeline.markers.pipeline_tracing`).
 The flat program then splits into the *pre* part (what the gradient's inputs need: runs
 once per step), the marker itself (whose ``jaxpr`` is the forward: runs per micro-batch,
 in stages) and the *post* part (the apply-gradient: runs once per step).
@@ -14,6 +15,7 @@ import warnings
 import jax
 import numpy as np
 
+from autoshard.ir.jax_compat import gradient_routing_available
 from autoshard.ir.program import Equation, Program
 from autoshard.ir.trace import TracedFunction, argument_path, aval_struct, flatten_open_jaxpr, trace
 from autoshard.ir.user_frames import user_stacklevel
@@ -37,6 +39,9 @@ class SplitStep:
     batch: tuple[bool, ...]           # per forward input: a batch argument
     full_avals: tuple                 # outer inputs at full batch size
     num_aux: int = 0                  # has_aux: forward outputs after the loss (aux leaves)
+    # per aux leaf: whether it depends on the batch (then averaged over the micro-batches;
+    # otherwise every micro-batch computes the same value, taken once)
+    aux_follows_batch: tuple[bool, ...] = ()
 
 
 def flat_paths(args, static_argnums) -> tuple[list, list[str], object]:
@@ -56,13 +61,33 @@ _KEY_PRIMITIVES = frozenset({"random_wrap", "random_seed", "random_bits", "rando
                              "random_fold_in", "threefry2x32"})
 
 
+def _is_prng_key(leaf) -> bool:
+    """A typed PRNG key, or a raw one (``jax.random.PRNGKey``: ``uint32[2]``)."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+        return False
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return True
+    return np.shape(leaf) == (2,) and np.dtype(dtype) == np.uint32
+
+
+def _holds_data(leaves) -> bool:
+    """Every leaf an array with a leading dimension, none a PRNG key."""
+    return bool(leaves) and all(hasattr(x, "dtype") and np.ndim(x) >= 1 and
+                                not _is_prng_key(x) for x in leaves)
+
+
 def infer_batch_argnums(fun, args, static_argnums, declared: int) -> tuple[int, ...]:
     """The batch arguments of a pipelined step called without ``batch_argnums``.
 
     ``declared`` (the last non-static argument, ``batch_argnums``' default) holds the
-    batch; another non-static argument is batch data too when every leaf of it is an array
-    whose leading dimension is the declared batch's, and the step reads it only inside
-    the function given to ``autoshard.grad`` / ``value_and_grad``, as data: not
+    batch, unless it is a PRNG key or has a scalar leaf (lm1b's ``train_step(state,
+    batch, dropout_rng)``): then the last non-static argument before it whose leaves are
+    all arrays with a leading dimension, none a key, does (``declared`` stays when there
+    is none, and planning says what is wrong with it). Another non-static argument is
+    batch data too when every leaf of it is an array whose leading dimension is that
+    batch's, and the step reads it only inside the function given to the gradient
+    (``jax.value_and_grad``, ``autoshard.value_and_grad``, ...), as data: not
     differentiated, not used before or after the gradient, not returned, not a PRNG key
     (``step(params, opt_state, x, y)``: ``x`` and ``y``). The step is traced once at full
     size to see this; when it cannot be traced, ``(declared,)`` (planning reports why).
@@ -70,6 +95,9 @@ def infer_batch_argnums(fun, args, static_argnums, declared: int) -> tuple[int, 
     static = set(static_argnums)
     dyn = [i for i in range(len(args)) if i not in static]
     leaves = {i: jax.tree_util.tree_leaves(args[i]) for i in dyn}
+    if not _holds_data(leaves[declared]):
+        declared = next((i for i in reversed(dyn) if i < declared and _holds_data(leaves[i])),
+                        declared)
     leads = {np.shape(x)[0] if np.ndim(x) else None for x in leaves[declared]}
     if len(leads) != 1 or None in leads:
         return (declared,)
@@ -192,13 +220,15 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
     name = getattr(fun, "__name__", "the function")
     grads = [e for e, eqn in enumerate(program.eqns) if eqn.primitive.name == GRAD_PRIMITIVE]
     if not grads:
-        _fail(f"PipeshardParallel needs {name} to compute its gradient with autoshard.grad or "
-              f"autoshard.value_and_grad (drop-in replacements for jax.grad / "
-              f"jax.value_and_grad) so it knows where the forward and backward passes end; "
-              f"none was found")
+        _fail(f"PipeshardParallel needs {name} to compute its gradient with jax.value_and_grad "
+              f"or jax.grad (however imported; flax nnx's and equinox's wrappers call them) "
+              f"or autoshard.value_and_grad / autoshard.grad, so it knows where the forward "
+              f"and backward passes end; none was found{_no_gradient_hint()}")
     if len(grads) > 1:
-        _fail(f"PipeshardParallel supports one autoshard.grad / value_and_grad per step; "
-              f"{name} calls it {len(grads)} times ({', '.join(sources[e] for e in grads)})")
+        _fail(f"PipeshardParallel supports one gradient (jax.value_and_grad, jax.grad or "
+              f"autoshard's) per step; {name} takes {len(grads)} "
+              f"({', '.join(sources[e] for e in grads)}): compute them in one call, with "
+              f"argnums or a tuple of the arguments")
     g = grads[0]
     geqn = program.eqns[g]
     need = {a for a in geqn.inputs if isinstance(a, int)}
@@ -214,7 +244,7 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
         if e == g:
             continue
         if any(a in on_batch for a in eqn.inputs if isinstance(a, int)):
-            _fail(f"{name} uses the batch outside the function given to autoshard.grad "
+            _fail(f"{name} uses the batch outside the function it differentiates "
                   f"({eqn.primitive.name} at {sources[e]}): PipeshardParallel splits the "
                   f"batch into micro-batches only inside the loss. Move this computation into "
                   f"the loss function, or leave that argument out of batch_argnums")
@@ -231,15 +261,6 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
                   "differentiate with respect to the parameters only")
     jaxpr = geqn.params["jaxpr"]
     num_aux = len(jaxpr.outvars) - 1
-    if B > 1:
-        for k, var in enumerate(jaxpr.outvars[1:]):
-            dtype = var.aval.dtype
-            if not jax.numpy.issubdtype(dtype, np.inexact):
-                _fail(f"autoshard.value_and_grad(has_aux=True) in {name}: aux leaf {k} has "
-                      f"dtype {dtype}. PipeshardParallel averages aux values over the "
-                      f"{B} micro-batches, which an integer or boolean cannot hold exactly; "
-                      f"return a float mean over the batch instead (e.g. "
-                      f"jnp.mean(correct.astype(jnp.float32)))")
     forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
                                  ("loss",) + tuple(f"aux[{k}]" for k in range(num_aux)))
     split = SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
@@ -248,7 +269,49 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
         rows = {m.shape[0] for m, is_batch in zip(micro, batch_flags) if is_batch}
         split = _random_rows(split, fun, args, static_argnums, B, rows.pop() if len(rows) == 1
                              else None)
+    split = dataclasses.replace(split, aux_follows_batch=_aux_follows_batch(split))
+    if B > 1:
+        _check_averaged_aux(split, name, B)
     return split
+
+
+def _aux_follows_batch(split: SplitStep) -> tuple[bool, ...]:
+    """Per aux leaf of the loss: whether it depends on a batch input of the forward (the
+    batch, or a row table of draws made per micro-batch: :mod:`.random_rows`)."""
+    F = split.forward.program
+    follows = {v for v, b in zip(F.invars, split.batch, strict=True) if b}
+    for eqn in F.eqns:
+        if any(isinstance(a, int) and a in follows for a in eqn.inputs):
+            follows.update(eqn.outputs)
+    return tuple(isinstance(a, int) and a in follows for a in F.outvars[1:])
+
+
+def _check_averaged_aux(split: SplitStep, name: str, B: int) -> None:
+    """Aux leaves that depend on the batch are averaged over the micro-batches: refuse
+    those an average cannot hold (integers, booleans). Leaves that do not depend on it
+    (a step counter, flax nnx's updated RNG counts) are the same in every micro-batch and
+    are taken as they are, whatever their dtype."""
+    F = split.forward.program
+    for k, (atom, follows) in enumerate(zip(F.outvars[1:], split.aux_follows_batch,
+                                            strict=True)):
+        if not follows:   # a literal, or a value the batch does not change
+            continue
+        dtype = F.avals[atom].dtype
+        if not jax.numpy.issubdtype(dtype, np.inexact):
+            _fail(f"value_and_grad(has_aux=True) in {name}: aux leaf {k} has dtype {dtype} "
+                  f"and depends on the batch. PipeshardParallel averages such aux values "
+                  f"over the {B} micro-batches, which an integer or boolean cannot hold "
+                  f"exactly; return a float mean over the batch instead (e.g. "
+                  f"jnp.mean(correct.astype(jnp.float32)))")
+
+
+def _no_gradient_hint() -> str:
+    """Why a gradient may not have been seen, for the error saying none was."""
+    if not gradient_routing_available():
+        return (f" (this jax, {jax.__version__}, does not let autoshard see jax.value_and_grad "
+                f"calls: use autoshard.value_and_grad)")
+    return (". Gradients taken with jax.vjp, jax.jacrev or a custom rule outside such a call "
+            "are not seen: call jax.value_and_grad on the loss instead")
 
 
 def _loss_program(traced: TracedFunction):
