@@ -1,8 +1,8 @@
 """Pipeline an 8-layer MLP over 4 stages on 8 virtual devices; check it against jax.jit.
 
-Run from the repository root: ``python examples/pipeline.py``. The step takes its gradient
-with ``autoshard.value_and_grad`` (see ``examples/models.py``), which is what lets
-``PipeshardParallel`` split it into per-micro-batch stages and one update.
+Run from the repository root: ``python examples/pipeline.py``. ``PipeshardParallel`` splits
+the step at its gradient (``jax.value_and_grad`` or ``jax.grad`` however imported, or
+autoshard's, as ``examples/models.py`` writes it) into per-micro-batch stages and one update.
 """
 import os
 import sys
