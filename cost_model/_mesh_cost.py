@@ -22,9 +22,10 @@ Spec = tuple[tuple[int, ...], ...]
 
 @dataclasses.dataclass(frozen=True)
 class CollectiveStep:
-    """One collective a plan runs: ``kind`` (one of ``COLLECTIVES``) over mesh ``axes``,
-    ``nbytes`` its result per device (all-reduce, all-gather, all-to-all: the output;
-    reduce-scatter: the scattered output), ``seconds`` its price."""
+    """One collective a plan runs: ``kind`` (one of ``COLLECTIVES``, or
+    ``"collective-permute"``) over mesh ``axes``, ``nbytes`` its result per device
+    (all-reduce, all-gather, all-to-all, collective-permute: the output; reduce-scatter:
+    the scattered output), ``seconds`` its price."""
 
     kind: str
     axes: tuple[int, ...]
@@ -103,6 +104,14 @@ class MeshCostModel:
         """
         return self._one_pass(nbytes, axes, "all-to-all")
 
+    def collective_permute(self, nbytes: float, axes: Sequence[int]) -> float:
+        """Every device sends its ``nbytes`` buffer whole to one other device of the group
+        spanned by ``axes`` (a permutation of the devices): α + nbytes/β."""
+        n, bandwidth, latency = self._group(axes, "collective-permute")
+        if n == 1:
+            return 0.0
+        return latency + _check_nbytes(nbytes) / bandwidth
+
     # ------------------------------------------------------------------ compute
 
     def compute(self, flops: float, bytes_accessed: float, dtype: str) -> float:
@@ -137,7 +146,12 @@ class MeshCostModel:
     def resharding(self, shape: Sequence[int], itemsize: int, src: Spec, dst: Spec) -> float:
         """Time to turn a tensor laid out as ``src`` into ``dst``.
 
-        Per dim, the longest common prefix of ``src[d]`` and ``dst[d]`` stays put. Then:
+        When ``dst`` splits every dim as much as ``src`` with the same mesh axes, only in
+        another order or between other dims (a data/model swap on a square mesh), every
+        device's block goes whole to one other device: one collective-permute over the
+        axes that move, its operand and result read and written once (as XLA compiles
+        it). Otherwise, per dim, the longest common prefix of ``src[d]`` and ``dst[d]``
+        stays put. Then:
         1. axes that ``dst`` adds and ``src`` does not use are sliced locally (free), first,
            so later collectives move less data;
         2. each axis that leaves its place in ``src`` but is used by ``dst`` (moved to
@@ -307,6 +321,14 @@ def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
     moves = lambda axes: any(model.mesh_shape[a] > 1 for a in axes)  # noqa: E731
     traffic = 0
 
+    # 0. A permutation of the devices' blocks (see ``MeshCostModel.resharding``).
+    if _permutes_blocks(model, src, dst):
+        axes = tuple(sorted(a for d in range(ndim) for a in src[d][kept[d]:]
+                            if model.mesh_shape[a] > 1))
+        nbytes = bytes_now()
+        return (CollectiveStep("collective-permute", axes, nbytes,
+                               model.collective_permute(nbytes, axes)),), 2 * nbytes
+
     # 1. Local slicing of axes only dst uses: reads and writes the part it keeps.
     sliced = [a for d in range(ndim) for a in dst[d][kept[d]:] if a not in src_dim]
     for d in range(ndim):
@@ -367,6 +389,17 @@ def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
         if math.prod(local[:d]) > 1:
             traffic += 2 * nbytes
     return tuple(steps), traffic
+
+
+def _permutes_blocks(model: MeshCostModel, src: Spec, dst: Spec) -> bool:
+    """Whether ``dst`` lays every device's block of a ``src`` tensor whole on one other
+    device: the same mesh axes (of size > 1) split every dim by the same factor, and
+    some of them sit elsewhere."""
+    live = [tuple(a for a in axes if model.mesh_shape[a] > 1) for axes in src]
+    moved = [tuple(a for a in axes if model.mesh_shape[a] > 1) for axes in dst]
+    return (live != moved
+            and sorted(a for axes in live for a in axes) == sorted(a for axes in moved for a in axes)
+            and all(model._split(s) == model._split(d) for s, d in zip(live, moved)))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -6,8 +6,11 @@ import dataclasses
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from autoshard.cost_model import (
     CLUSTER_PRESETS,
@@ -19,6 +22,7 @@ from autoshard.cost_model import (
     format_bytes,
     parse_bytes,
 )
+from autoshard.ir import hlo
 
 GiB = 1024**3
 
@@ -385,3 +389,27 @@ def test_resharding_moves_axes_as_xla_can(src, dst, kinds):
     assert [(s.kind, s.axes) for s in steps] == kinds
     gathered = [s for s in steps if s.kind == "all-gather"]
     assert all(s.nbytes == 16 * 128 * 128 * 4 for s in gathered)   # the whole tensor
+
+
+@pytest.mark.parametrize("mesh_shape, src, dst", [
+    ((2, 4), ((0, 1), (), ()), ((1, 0), (), ())),          # two axes reordered in one dim
+    ((2, 2, 2), ((0,), (1,), ()), ((1,), (0,), ())),       # a swap of equal axes
+    ((2, 2, 2), ((0,), (1,), (2,)), ((2,), (0,), (1,))),   # a rotation of all three
+    ((4, 2), ((0, 1), (), ()), ((1, 0), (), ())),
+])
+def test_resharding_that_moves_whole_blocks_is_one_collective_permute(mesh_shape, src, dst):
+    # every device's block goes whole to another device: XLA compiles one
+    # collective-permute over the moved axes, and the model prices exactly that
+    names = ("a", "b", "c")[:len(mesh_shape)]
+    mesh = jax.make_mesh(mesh_shape, names, axis_types=(AxisType.Auto,) * len(mesh_shape))
+    spec = lambda s: PartitionSpec(*(tuple(names[a] for a in axes) or None for axes in s))  # noqa: E731
+    shape = (64, 64, 8)
+    f = jax.jit(lambda x: x * 2, in_shardings=NamedSharding(mesh, spec(src)),
+                out_shardings=NamedSharding(mesh, spec(dst)))
+    text = f.lower(jax.ShapeDtypeStruct(shape, jnp.float32)).compile().as_text()
+    compiled = [(c.kind, c.axes(mesh_shape), c.result_bytes) for c in hlo.parse_collectives(text)]
+    model = MeshCostModel(_uniform_cluster(), mesh_shape)
+    steps = model.resharding_steps(shape, 4, src, dst)
+    assert [(s.kind, s.axes, s.nbytes) for s in steps] == compiled
+    assert model.resharding_traffic(shape, 4, src, dst) == 2 * steps[0].nbytes
+    assert model.resharding(shape, 4, src, dst) < model.resharding(shape, 4, src, ((),) * 3)
