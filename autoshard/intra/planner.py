@@ -158,6 +158,7 @@ def _solve_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
     return dataclasses.replace(
         per_use, choices=start, objective=objective, lower_bound=lower,
         gap=(objective - lower) / objective if objective else 0.0,
+        status="FEASIBLE",  # optimal per use, not proven so with shared reshardings
         solve_time_s=shared.solve_time_s + per_use.solve_time_s)
 
 
