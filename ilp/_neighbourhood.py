@@ -12,6 +12,9 @@ whole model from one layout to another, one axis at a time (batch-split to
 weight-split for the second axis, say). Rounds repeat from the improved plan until one
 finds nothing better (by 0.1%), or :data:`MAX_ROUNDS`.
 
+Each round searches (CP-SAT when its LP is fractional) even under ``search=False``: a
+neighbourhood is small, and its rounding alone loses what the rounds exist to find.
+
 The result is the optimum of its last neighbourhood, not a proven optimum: status
 "FEASIBLE", and the lower bound is Σ per-node minima + Σ per-edge minima (valid for
 any assignment, weak). Deterministic when the request has no wall-clock limit: each
@@ -80,7 +83,7 @@ def solve_in_neighbourhoods(request: IntraOpRequest,
             request, strategy_labels=None, hint=tuple(current),
             node_costs=tuple(np.where(mask, cost, np.inf)
                              for mask, cost in zip(allowed, request.node_costs)),
-            time_limit_s=request.time_limit_s * 2 / MAX_ROUNDS,
+            time_limit_s=request.time_limit_s * 2 / MAX_ROUNDS, search=True,
             wall_time_limit_s=None if deadline.at is None else deadline.remaining_s() / 2)
         try:
             result = solve(restricted)

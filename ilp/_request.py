@@ -105,7 +105,7 @@ class IntraOpRequest:
     ``search``: False to skip the CP-SAT search when the LP relaxation is fractional and
     return the best warm start (the hint and the LP's rounding, each improved by local
     search; solver status ``NO_SEARCH``), for a caller with a better fallback than a
-    long search.
+    long search (neighbourhood rounds of a very large request still search).
     ``shared_costs``: fixed charges paid once when any of their (node, strategy)
     members is chosen (``SharedCost``).
     ``tie_repeats``: solve with nodes of repeated layers tied (``_repeats``; a

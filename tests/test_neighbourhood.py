@@ -2,12 +2,20 @@
 time, on hand-solved graphs (the size threshold lowered so that they qualify)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
 import pytest
 
-from autoshard.ilp import EdgeCost, IntraOpRequest, _neighbourhood, evaluate, solve_intra_op
+from autoshard.ilp import (
+    EdgeCost,
+    IntraOpRequest,
+    _neighbourhood,
+    evaluate,
+    solve_intra_op,
+    solved_in_neighbourhoods,
+)
 from autoshard.ilp._repeats import repeat_classes, tied_request
 
 # Three nodes in a chain, each with the 9 strategies (a0, a1), a0, a1 in {0, 1, 2}:
@@ -58,6 +66,15 @@ def test_small_requests_are_solved_whole():
     result = solve_intra_op(_chain())
     assert result.stats.neighbourhood_rounds == 0 and result.status == "OPTIMAL"
     assert result.choices == (BEST,) * 3
+    assert not solved_in_neighbourhoods(_chain())
+
+
+def test_solved_in_neighbourhoods_says_what_solve_does(small_is_large):
+    assert solved_in_neighbourhoods(_chain())
+    assert not solved_in_neighbourhoods(_chain(strategy_labels=None))  # unlabelled: whole
+    # search=False does not stop the rounds' own searches: the same optimum
+    result = solve_intra_op(dataclasses.replace(_chain(), search=False))
+    assert result.choices == (BEST,) * 3 and result.stats.neighbourhood_rounds == 3
 
 
 def test_neighbourhoods_respect_a_memory_budget(small_is_large):

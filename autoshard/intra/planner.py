@@ -21,7 +21,7 @@ from .liveness import live_ranges
 from .memory_points import candidate_steps, memory_terms, steps_over, tensor_bytes
 from .plan_record import plan_record
 from .problem import ShardingProblem, build_problem, propagated_choices
-from .shared_reads import shared_from_per_use
+from .shared_reads import per_use_from_shared, shared_from_per_use
 
 _log = logging.getLogger("autoshard")
 
@@ -133,32 +133,61 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
 
 def _solve_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
                   deadline: float | None) -> ilp.IntraOpResult:
-    """Solve the problem whose reshardings are shared by a value's readers (read nodes).
-    Its LP is usually integral, and then optimal. Where read nodes make it fractional,
-    CP-SAT rarely closes the gap in minutes; instead the problem priced per use (strong
-    LP) is solved too, and the better of its optimum, shared, and the fractional LP's
-    rounding is the plan: never dearer than the per-use optimum, since sharing a
-    resharding only removes cost."""
+    """Solve the problem whose reshardings are shared by a value's readers (read nodes);
+    never dearer than the optimum of the same problem priced per use (sharing a
+    resharding only removes cost).
+
+    Solved whole, its LP is usually integral, and then optimal. Where read nodes make it
+    fractional, CP-SAT rarely closes the gap in minutes; instead the problem priced per
+    use (strong LP) is solved too, and the better of its optimum, shared, and the LP's
+    rounding is the plan. Solved over neighbourhoods (a 3-axis mesh), the per-use problem
+    is solved first (from the starting plan, read nodes dropped) and the shared rounds
+    start from its optimum, shared: rounds from a preset-like plan stop in worse plans
+    once read nodes couple the moves."""
+    if ilp.solved_in_neighbourhoods(request):
+        per_use = _per_use_shared(problem, request, deadline)
+        hint = ilp.best_assignment(request, [c for c in (request.hint, per_use.choices)
+                                             if c is not None])
+        return _never_dearer(request, ilp.solve_intra_op(
+            dataclasses.replace(_until(request, deadline), hint=hint)), per_use)
     shared = ilp.solve_intra_op(dataclasses.replace(request, search=False))
     if shared.stats.lp_integral:
         return shared
+    per_use = _per_use_shared(problem, request, deadline)
+    _log.info("shared reshardings: LP fractional, %.4g s per step from its rounding, %.4g "
+              "from the per-use optimum", shared.objective, per_use.objective)
+    return _never_dearer(request, shared, per_use)
+
+
+def _per_use_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
+                    deadline: float | None) -> ilp.IntraOpResult:
+    """The optimum of the problem priced per use, as choices of the shared problem
+    (each read node in the layout its readers share best), priced with shared reads and
+    reported FEASIBLE (optimal per use, not proven so shared)."""
     per_use_request, per_use_grouping = problem.per_use()
+    hint = None if request.hint is None else \
+        per_use_from_shared(problem.graph, problem.grouping, per_use_grouping, request.hint)
     per_use = ilp.solve_intra_op(dataclasses.replace(
         _until(per_use_request, deadline), tie_repeats=request.tie_repeats,
-        gap_limit=request.gap_limit))
-    start = shared_from_per_use(problem.graph, problem.grouping, request, per_use_grouping,
-                                per_use.choices)
-    _log.info("shared reshardings: LP fractional, %.4g s per step from its rounding, %.4g "
-              "from the per-use optimum (%s)", shared.objective,
-              ilp.evaluate(request, start).objective, per_use.stats.solver_status)
-    if ilp.best_assignment(request, [shared.choices, start]) == shared.choices:
+        gap_limit=request.gap_limit, hint=hint))
+    choices = shared_from_per_use(problem.graph, problem.grouping, request, per_use_grouping,
+                                  per_use.choices)
+    objective = ilp.evaluate(request, choices).objective
+    return dataclasses.replace(per_use, choices=choices, objective=objective,
+                               lower_bound=min(objective, per_use.lower_bound),
+                               status="FEASIBLE")
+
+
+def _never_dearer(request: ilp.IntraOpRequest, shared: ilp.IntraOpResult,
+                  per_use: ilp.IntraOpResult) -> ilp.IntraOpResult:
+    """``shared`` unless ``per_use`` (choices of the same request) is cheaper; then
+    ``per_use`` with the shared solve's lower bound (valid for both) and both times."""
+    if ilp.best_assignment(request, [shared.choices, per_use.choices]) == shared.choices:
         return shared
-    objective = ilp.evaluate(request, start).objective
+    objective = per_use.objective
     lower = min(objective, max(0.0, shared.lower_bound))  # seconds are never negative
     return dataclasses.replace(
-        per_use, choices=start, objective=objective, lower_bound=lower,
-        gap=(objective - lower) / objective if objective else 0.0,
-        status="FEASIBLE",  # optimal per use, not proven so with shared reshardings
+        per_use, lower_bound=lower, gap=(objective - lower) / objective if objective else 0.0,
         solve_time_s=shared.solve_time_s + per_use.solve_time_s)
 
 

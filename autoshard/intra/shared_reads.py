@@ -158,3 +158,13 @@ def shared_from_per_use(graph: ShardingGraph, grouping: Grouping, request: ilp.I
             per_node[use.dst] = next(j for j, s in enumerate(read.strategies)
                                      if s.out_specs[0] == spec)
     return settle_reads(graph, grouping, request, [per_node[r] for r in grouping.roots])
+
+
+def per_use_from_shared(graph: ShardingGraph, grouping: Grouping, per_use_grouping: Grouping,
+                        choices: Sequence[int]) -> tuple[int, ...]:
+    """A plan of ``graph`` (read nodes in, grouped by ``grouping``) as choices over the
+    ILP nodes of the graph without read nodes (grouped by ``per_use_grouping``): the same
+    strategies, each reader resharding for itself."""
+    per_node = [c for c, node in zip(grouping.expand(choices), graph.nodes, strict=True)
+                if node.kind != READ]
+    return tuple(per_node[r] for r in per_use_grouping.roots)
