@@ -83,7 +83,8 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
         return enumerate_specs(shape, model.mesh_shape)
 
     per_use_graph = build_graph(traced, model, input_specs)
-    graph = share_reads(per_use_graph)
+    graph = share_reads(per_use_graph) if len(model.mesh_shape) <= SHARED_READS_MAX_AXES \
+        else per_use_graph
     messages = _warn_unsupported(graph)
     by_key_path = tuple(sorted(carried_pairs(traced, donated_flat)))
     extra = tuple(sorted(set(carried) - set(by_key_path)))
@@ -136,6 +137,15 @@ def _per_use_problem(priced, graph: ShardingGraph) -> tuple[ilp.IntraOpRequest, 
     """(request, grouping) of ``graph`` (no read nodes) priced as ``priced`` prices."""
     _, _, _, _, grouping, request = priced(graph)
     return request, grouping
+
+
+#: meshes with at most this many axes price a value's reshardings shared by its readers
+#: (read nodes, ``shared_reads``). 3-axis meshes are priced per use: their problems are
+#: solved over neighbourhoods of a plan, twice with read nodes (per use, then shared), and
+#: on the ``planning_time --scale`` rows that took 1.3-1.7x the planning time for modelled
+#: costs within -3% to +5% of the per-use plans (LLaMA-7B-shaped on 8x8x8: 36.5 s for
+#: 285.5 ms per step, against 21.2 s for 289.8).
+SHARED_READS_MAX_AXES = 2
 
 
 #: how much dearer a resharding second is than any other when a preset's fixed layout is
