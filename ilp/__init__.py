@@ -6,8 +6,8 @@ from ._evaluate import evaluate as evaluate
 from ._heuristic import best_assignment as best_assignment
 from ._heuristic import greedy_assignment as greedy_assignment
 from ._intra_op import solve_intra_op as solve_intra_op
-from ._intra_op import solved_in_neighbourhoods as solved_in_neighbourhoods
 from ._memory import min_peak_memory as min_peak_memory
+from ._neighbourhood import solved_in_neighbourhoods as solved_in_neighbourhoods
 from ._request import EdgeCost as EdgeCost
 from ._request import InfeasibleError as InfeasibleError
 from ._request import IntraOpRequest as IntraOpRequest

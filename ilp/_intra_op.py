@@ -269,19 +269,6 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     return _search(request, prepared, relaxation, position, warm, warm_eval, bound, deadline)
 
 
-def solved_in_neighbourhoods(request: IntraOpRequest) -> bool:
-    """Whether :func:`solve_intra_op` solves ``request`` over neighbourhoods of a plan
-    (after tying repeated layers, when the request ties them): a labelled problem too
-    large to solve whole."""
-    if request.strategy_labels is None:
-        return False
-    if request.tie_repeats and not request.memory_points:
-        classes = repeat_classes(request)
-        if classes.num_classes < request.num_nodes:
-            request = tied_request(request, classes)
-    return needs_neighbourhoods(request)
-
-
 def _prepare(request: IntraOpRequest) -> _Prepared:
     """Reduce the request, find the active nodes, and scale costs to CP-SAT's integers."""
     start = time.perf_counter()

@@ -34,6 +34,7 @@ import numpy as np
 from ._clock import Deadline
 from ._evaluate import evaluate
 from ._heuristic import greedy_assignment
+from ._repeats import repeat_classes, tied_request
 from ._request import InfeasibleError, IntraOpRequest, IntraOpResult
 
 _log = logging.getLogger("autoshard.ilp")
@@ -64,6 +65,19 @@ def neighbourhood(labels: tuple[np.ndarray, ...], choices) -> tuple[np.ndarray, 
     most one place (the chosen strategy included)."""
     return tuple((node_labels != node_labels[c]).sum(axis=1) <= 1
                  for node_labels, c in zip(labels, choices))
+
+
+def solved_in_neighbourhoods(request: IntraOpRequest) -> bool:
+    """Whether ``solve_intra_op`` solves ``request`` over neighbourhoods of a plan
+    (after tying repeated layers, when the request ties them): a labelled problem too
+    large to solve whole."""
+    if request.strategy_labels is None:
+        return False
+    if request.tie_repeats and not request.memory_points:
+        classes = repeat_classes(request)
+        if classes.num_classes < request.num_nodes:
+            request = tied_request(request, classes)
+    return needs_neighbourhoods(request)
 
 
 def solve_in_neighbourhoods(request: IntraOpRequest,

@@ -155,7 +155,7 @@ def lm_reference():
     return state, batches, key, metrics, final
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("schedule", ["1f1b"])  # gpipe: the nnx test below
 def test_flax_lm1b_style_train_state_with_dropout_matches_jit(mesh, lm_reference, schedule):
     state, batches, key, ref_metrics, ref = lm_reference
     step = autoshard.parallelize(lm_train_step, mesh=mesh, method=_pipeline(schedule))
