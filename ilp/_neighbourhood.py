@@ -71,7 +71,7 @@ def solved_in_neighbourhoods(request: IntraOpRequest) -> bool:
     """Whether ``solve_intra_op`` solves ``request`` over neighbourhoods of a plan
     (after tying repeated layers, when the request ties them): a labelled problem too
     large to solve whole."""
-    if request.strategy_labels is None:
+    if not needs_neighbourhoods(request):  # tying only shrinks a request: no need to tie
         return False
     if request.tie_repeats and not request.memory_points:
         classes = repeat_classes(request)

@@ -57,6 +57,7 @@ def followed_operand(program, node) -> int | None:
 
 
 def follows_operand(program, node, operand: int) -> bool:
+    """Whether ``node`` follows the layout of its operand ``operand``."""
     return followed_operand(program, node) == operand
 
 

@@ -115,8 +115,8 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
                            pairs, alternatives, seeds, per_use)
 
 
-def _priced_problem(graph: ShardingGraph, *, model: MeshCostModel, pairs, fixed: frozenset, extra,
-            by_key_path, carried_weight: float, time_limit: float, memo: dict):
+def _priced_problem(graph: ShardingGraph, *, model: MeshCostModel, pairs, fixed: frozenset,
+                    extra, by_key_path, carried_weight: float, time_limit: float, memo: dict):
     """(graph, merged all-reduces, uses, cost matrices, grouping, request) of ``graph``
     priced: fed inputs, combined all-reduces, carried uses (weighted), followers grouped."""
     graph = _price_fed_inputs(graph, model, pairs, fixed)

@@ -117,7 +117,6 @@ def settle_reads(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
     return tuple(out)
 
 
-
 def reads_following_producers(graph: ShardingGraph, grouping: Grouping) -> Grouping:
     """``grouping`` with every read node folded into its producer's root, taking the
     layout the value is made in: each reader then pays its own resharding, as XLA's
