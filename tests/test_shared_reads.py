@@ -15,6 +15,7 @@ from autoshard.cost_model import MeshCostModel, cluster_preset
 from autoshard.intra.following import group_followers, grouped_request
 from autoshard.intra.graph import build_graph, use_cost_matrix
 from autoshard.intra.memory_points import planned_peak_bytes
+from autoshard.intra.problem import build_problem
 from autoshard.intra.shared_reads import READ, settle_reads, share_reads
 from autoshard.ir.trace import trace
 from examples.models import gpt
@@ -52,6 +53,24 @@ def test_values_read_by_two_ops_get_one_read_node():
     assert [shared.nodes[u.src].kind for u in shared.uses if u.dst == tanh] == ["input"]
     assert len(shared.uses) == len(graph.uses) + len(reads)
 
+
+
+@pytest.mark.parametrize("fn, mesh_shape, per_use", [
+    (_two_readers, (2, 4), True),           # read nodes: the per-use problem on demand
+    (_two_readers, (2, 2, 2), False),       # 3 axes: priced per use, nothing else to solve
+    (lambda x, w1, w2: (x @ w1).sum() + jnp.tanh(w2).sum(), (2, 4), False),  # nothing shared
+])
+def test_the_per_use_problem_exists_only_beside_read_nodes(fn, mesh_shape, per_use):
+    s = jax.ShapeDtypeStruct
+    traced = trace(fn, (s((64, 256), jnp.float32), s((256, 128), jnp.float32),
+                        s((256, 128), jnp.float32)))
+    model = MeshCostModel(cluster_preset("host-cpu"), mesh_shape)
+    problem = build_problem(traced, model, autoshard.ShardParallel(), batch_flat=(True, False, False),
+                            axis_names=("data", "fsdp", "model")[-len(mesh_shape):])
+    reads = [node for node in problem.graph.nodes if node.kind == READ]
+    assert bool(reads) == per_use
+    # (a 3-axis problem with a per-use twin was solved twice: 1.45x the planning time)
+    assert (problem.per_use is not None) == per_use
 
 def test_shared_layout_pays_one_resharding_and_settling_finds_it():
     # x made split by rows; both dots read it whole (gathered): per use that is two

@@ -85,6 +85,7 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
     per_use_graph = build_graph(traced, model, input_specs)
     graph = share_reads(per_use_graph) if len(model.mesh_shape) <= SHARED_READS_MAX_AXES \
         else per_use_graph
+    has_read_nodes = graph is not per_use_graph  # (pricing makes a new graph below)
     messages = _warn_unsupported(graph)
     by_key_path = tuple(sorted(carried_pairs(traced, donated_flat)))
     extra = tuple(sorted(set(carried) - set(by_key_path)))
@@ -95,7 +96,7 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
                                carried_weight=carried_weight, time_limit=time_limit, memo={})
     graph, merged, uses, matrices, grouping, request = priced(graph)
     per_use = None
-    if graph is not per_use_graph and isinstance(method, ShardParallel):
+    if has_read_nodes and isinstance(method, ShardParallel):
         # the same problem priced per use, when the planner asks (read nodes made the
         # shared problem's LP fractional): its LP is much stronger
         per_use = functools.partial(_per_use_problem, priced, per_use_graph)
