@@ -38,11 +38,13 @@ class Cluster:
     of which ``memory_reserve`` bytes are kept free. ``devices_per_node`` devices share
     ``intra_node`` links; traffic between nodes uses ``inter_node``. ``axis_links``,
     when set (by calibration) and as long as the mesh rank, gives each mesh axis its
-    measured link and overrides the node topology. ``collective_links``, when set (by
-    calibration), refines that per collective: ``(("all-reduce", (link per axis, …)),
-    …)`` for the kinds in ``COLLECTIVES``, each α–β fitted to that collective's
-    formula in :class:`MeshCostModel`; kinds or mesh ranks it lacks fall back to
-    ``axis_links`` and the node topology. ``reduce_scatter_as_all_reduce``: the
+    measured link and overrides the node topology. ``collective_links`` refines that
+    per collective: ``(("all-reduce", (link per axis, …)), …)`` for the kinds in
+    ``COLLECTIVES``, each α–β fitted to that collective's formula in
+    :class:`MeshCostModel` (set by calibration, one link per axis of the calibrated
+    mesh); a single link, in a cluster without ``axis_links``, is that collective's link
+    on every axis of any mesh (a preset's figure for one collective). Kinds or mesh ranks
+    it lacks fall back to ``axis_links`` and the node topology. ``reduce_scatter_as_all_reduce``: the
     backend's SPMD partitioner leaves a planned reduce-scatter as an all-reduce of the
     whole buffer followed by a local slice (XLA's CPU pipeline has no reduce-scatter
     creation pass), so a reduce-scatter is priced as that all-reduce.
@@ -127,7 +129,9 @@ class Cluster:
                        ) -> tuple[Link, ...]:
         """One Link per mesh axis (for ``collective``, one of ``COLLECTIVES``, if given).
 
-        Uses ``collective_links[collective]`` when it has one entry per axis, else
+        Uses ``collective_links[collective]`` when it has one entry per axis (or a single
+        entry, for every axis, and the cluster has no ``axis_links``: a one-axis
+        calibration's link is not taken for other axes it never measured), else
         ``axis_links`` when it has one entry per axis. Otherwise walks the axes from
         the last (innermost) to the first: an axis is intra-node while the product of
         its size and the sizes of the axes after it is ≤ ``devices_per_node``, and
@@ -138,6 +142,8 @@ class Cluster:
             links = dict(self.collective_links).get(collective)
             if links is not None and len(links) == len(mesh_shape):
                 return links
+            if links is not None and len(links) == 1 and self.axis_links is None:
+                return links * len(mesh_shape)
         if self.axis_links is not None and len(self.axis_links) == len(mesh_shape):
             return self.axis_links
         links: list[Link] = []

@@ -27,9 +27,16 @@ def _host_cpu() -> Cluster:
     # partitioner's all-reduce + dynamic-slice into a reduce-scatter (jax 0.10.2: a
     # contraction split then re-split on the output compiles to a full-buffer all-reduce),
     # so a planned reduce-scatter moves what an all-reduce moves.
+    # all-to-all: XLA's CPU all-to-all moves bytes about 3x slower than its other
+    # collectives (benchmarks/CALIBRATION.md, fitted to each collective's own formula on
+    # this kind of host: β 0.52-0.74 GB/s against all-reduce's 1.53-2.06 GB/s on the
+    # same axes, 0.34-0.36 of it; all-gather 0.75-0.84 of it), so it gets 0.35 of the
+    # nominal link. Without it, plans traded all-reduces for all-to-alls that ran slower
+    # (a Wide-ResNet filter gradient split by channels: 1.22x the DataParallel step).
     link = Link(bandwidth=1e10, latency=5e-6)
     return Cluster(
         name="host-cpu",
+        collective_links={"all-to-all": (Link(bandwidth=3.5e9, latency=5e-6),)},
         flops=(("float32", 1e11), ("bfloat16", 1e11), ("float16", 1e11), ("float64", 1e11)),
         memory_bandwidth=2e10,
         device_memory=16 * _GiB,

@@ -96,7 +96,32 @@ def test_collective_links_override_per_kind():
     data["collective_links"] = {"all-reduce": "fast"}
     with pytest.raises(ValueError, match="collective_links"):
         Cluster.from_json(json.dumps(data))
-    assert "collective_links" not in json.loads(base.to_json())  # older files unchanged
+    plain_json = dataclasses.replace(base, collective_links=None).to_json()
+    assert "collective_links" not in json.loads(plain_json)  # older files unchanged
+
+
+@pytest.mark.parametrize("mesh_shape", [(8,), (2, 4), (2, 2, 2)])
+def test_a_single_collective_link_serves_every_axis_of_a_preset(mesh_shape):
+    # host-cpu prices XLA CPU's all-to-all at 0.35 of its nominal link on any mesh
+    host = autoshard.cluster_preset("host-cpu")
+    a2a = dict(host.collective_links)["all-to-all"][0]
+    assert host.links_for_mesh(mesh_shape, "all-to-all") == (a2a,) * len(mesh_shape)
+    assert host.links_for_mesh(mesh_shape, "all-reduce") == (host.intra_node,) * len(mesh_shape)
+    model = MeshCostModel(host, mesh_shape)
+    plain = MeshCostModel(dataclasses.replace(host, collective_links=None), mesh_shape)
+    ratio = model.all_to_all(1e8, (0,)) / plain.all_to_all(1e8, (0,))
+    assert 2.5 < ratio < 3.0   # bytes dominate: 1e10 / 3.5e9 = 2.86
+    assert model.all_reduce(1e8, (0,)) == plain.all_reduce(1e8, (0,))
+    assert Cluster.from_json(host.to_json()) == host
+
+
+def test_a_one_axis_calibration_is_not_taken_for_axes_it_never_measured():
+    measured = Link(bandwidth=1e8, latency=1e-4)
+    base = autoshard.cluster_preset("host-cpu")
+    calibrated = dataclasses.replace(base, axis_links=(measured,),
+                                     collective_links={"all-to-all": (measured,)})
+    assert calibrated.links_for_mesh((8,), "all-to-all") == (measured,)
+    assert calibrated.links_for_mesh((2, 4), "all-to-all") == (base.intra_node,) * 2
 
 
 def test_cli_calibrate_then_plan_with_it(tmp_path, capsys):
