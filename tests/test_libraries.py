@@ -95,6 +95,7 @@ def test_equinox_step_splits_the_images_by_default(mesh, method):
     if isinstance(method, autoshard.DataParallel):
         specs = dict(zip(plan.in_paths, plan.flat_in_specs))
         assert specs["args[2]"] == specs["args[3]"] == P(("data", "model"))
+        return  # the preset runs jax.jit with these layouts (tests/test_presets.py)
     got, want = step(*args), jax.jit(train_step)(*args)
     assert_trees_allclose(got, want)
 
