@@ -85,7 +85,7 @@ def create_state(model: TransformerLM, batch_size: int, seq: int, seed: int = 0)
     """A ``TrainState`` whose parameters (and Adam's moments) keep their logical-name
     boxes: what ``Annotated`` and the search read the model's own layout from."""
     tokens = jnp.zeros((batch_size, seq), jnp.int32)
-    params = model.init(jax.random.key(seed), tokens)["params"]
+    params = jax.jit(model.init)(jax.random.key(seed), tokens)["params"]  # one compile
     return train_state.TrainState.create(apply_fn=model.apply, params=params,
                                          tx=optax.adamw(1e-3))
 

@@ -23,9 +23,14 @@ def workload_and_reference(request):
     return workload, jax.jit(workload.fn)(*workload.args)
 
 
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: type(m).__name__)
-@pytest.mark.parametrize("shape, names", MESHES, ids=lambda x: "x".join(map(str, x))
-                         if isinstance(x[0], int) else None)
+# every method on (8,) and (2, 4); on (4, 2) the search alone (a preset lays inputs out by a
+# fixed rule that (2, 4) already exercises, and jax.jit runs it)
+CASES = [(shape, names, method) for shape, names in MESHES for method in METHODS
+         if shape != (4, 2) or isinstance(method, autoshard.ShardParallel)]
+
+
+@pytest.mark.parametrize("shape, names, method", CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{type(m).__name__}" for s, _, m in CASES])
 def test_matches_jit(workload_and_reference, shape, names, method):
     workload, reference = workload_and_reference
     mesh = autoshard.make_mesh(shape, names)
