@@ -44,10 +44,11 @@ class Cluster:
     :class:`MeshCostModel` (set by calibration, one link per axis of the calibrated
     mesh); a single link, in a cluster without ``axis_links``, is that collective's link
     on every axis of any mesh (a preset's figure for one collective). Kinds or mesh ranks
-    it lacks fall back to ``axis_links`` and the node topology. ``reduce_scatter_as_all_reduce``: the
-    backend's SPMD partitioner leaves a planned reduce-scatter as an all-reduce of the
-    whole buffer followed by a local slice (XLA's CPU pipeline has no reduce-scatter
-    creation pass), so a reduce-scatter is priced as that all-reduce.
+    it lacks fall back to ``axis_links`` and the node topology.
+    ``reduce_scatter_as_all_reduce``: the backend's SPMD partitioner leaves a planned
+    reduce-scatter as an all-reduce of the whole buffer followed by a local slice (XLA's
+    CPU pipeline has no reduce-scatter creation pass), so a reduce-scatter is priced as
+    that all-reduce.
 
     ``flops`` and ``collective_links`` may be given as mappings and ``axis_links`` as
     any sequence; all are stored as tuples so the cluster is hashable.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import pytest
 
 import autoshard
 from autoshard.ir.trace import trace
@@ -42,10 +41,9 @@ def test_recomputation_reads_its_operands_through_barriers():
                    for a in matmul.inputs)
 
 
-@pytest.mark.parametrize("mesh_shape", [(8,)])
-def test_user_checkpoint_is_recomputed_in_the_compiled_plan(mesh_shape):
-    names = ("devices",) if len(mesh_shape) == 1 else ("data", "model")
-    mesh = autoshard.make_mesh(mesh_shape, names)
+def test_user_checkpoint_is_recomputed_in_the_compiled_plan():
+    # one mesh: (8,) plans in ~1 s; (2, 4) gave the same answer after a 136k-variable LP
+    mesh = autoshard.make_mesh((8,), ("devices",))
     flops = {}
     for remat in (False, True):
         w = gpt(num_layers=2, d_model=64, heads=4, seq=32, batch=16, remat=remat)

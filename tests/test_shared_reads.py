@@ -54,7 +54,6 @@ def test_values_read_by_two_ops_get_one_read_node():
     assert len(shared.uses) == len(graph.uses) + len(reads)
 
 
-
 @pytest.mark.parametrize("fn, mesh_shape, per_use", [
     (_two_readers, (2, 4), True),           # read nodes: the per-use problem on demand
     (_two_readers, (2, 2, 2), False),       # 3 axes: priced per use, nothing else to solve
@@ -71,6 +70,7 @@ def test_the_per_use_problem_exists_only_beside_read_nodes(fn, mesh_shape, per_u
     assert bool(reads) == per_use
     # (a 3-axis problem with a per-use twin was solved twice: 1.45x the planning time)
     assert (problem.per_use is not None) == per_use
+
 
 def test_shared_layout_pays_one_resharding_and_settling_finds_it():
     # x made split by rows; both dots read it whole (gathered): per use that is two
