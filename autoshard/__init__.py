@@ -18,6 +18,7 @@ _EXPORTS = {
     "value_and_grad": "autoshard.pipeline.markers",
     "mark_layer_boundary": "autoshard.pipeline.markers",
     "global_batch": "autoshard.distributed.inputs",
+    "gather_to_host": "autoshard.distributed.outputs",
     "plan_digest": "autoshard.distributed.agreement",
     "abstract_mesh": "autoshard.mesh",
     "make_mesh": "autoshard.mesh",

@@ -307,12 +307,6 @@ class ParallelizedFunction:
                              "autoshard.make_mesh to run it")
         flags = _under_args(entry.traced.in_paths, entry.donate)
         if entry.pipeline is not None:
-            if jax.process_count() > 1:
-                raise NotImplementedError(
-                    "PipeshardParallel plans do not run across jax.distributed processes yet: "
-                    "stages on sub-meshes of different processes need arrays moved between "
-                    "disjoint device sets, which this runtime does not do. Use "
-                    "ShardParallel() or a preset across processes (see the README)")
             from autoshard.pipeline.build import build_pipeline
             return build_pipeline(entry.pipeline, mesh, donated=flags)
         plan = entry.plan

@@ -6,7 +6,9 @@ For a deep, narrow MLP and for the GPT example, on the 8 virtual CPU devices (me
 and (2,4), host-cpu cluster model): the modelled cost per step of each plan and the
 measured CPU step time (median over ``--repeats`` steps after a warm-up), both as ratios
 against ShardParallel on the same mesh in the same run, plus plain ``jax.jit`` on one
-device for scale. Then, planned only, a deep MLP on a 4x8 mesh priced for H100 nodes.
+device for scale. Then the gradient all-reduces per step of a 2-stage GPT at 1, 4 and 16
+micro-batches, counted in its compiled programs, with and without the once-per-step
+reduction; and, planned only, a deep MLP and a GPT on a 4x8 mesh priced for H100 nodes.
 Appends one dated markdown section to ``--out`` (default benchmarks/PIPELINE.md).
 
 The host has few cores shared by 8 virtual devices, so measured times reward fewer, larger
@@ -24,15 +26,20 @@ if "jax" not in sys.modules:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import jax  # noqa: E402
 
 import autoshard  # noqa: E402
+from autoshard.ir.hlo import collective_stats  # noqa: E402
+from autoshard.pipeline import build as pipeline_build  # noqa: E402
+from autoshard.pipeline import planner as pipeline_planner  # noqa: E402
 from examples import models  # noqa: E402
 
 from .timing import step_times  # noqa: E402
@@ -48,6 +55,11 @@ QUICK = {
                  "MLP, 8 layers, hidden 32, batch 64, SGD"),
 }
 MESHES = {"8": ((8,), ("data",)), "2x4": ((2, 4), ("data", "model"))}
+# gradient traffic per step against the number of micro-batches (compiled on the 8 CPU
+# devices, planned for H100s, where the stages come out data-parallel)
+TRAFFIC = ("gpt_b64", lambda: models.gpt(num_layers=4, batch=64, seq=32, d_model=64, heads=4,
+                                         vocab=256),
+           "GPT, 4 blocks, d_model 64, seq 32, batch 64, vocab 256, AdamW", (8,), "h100-80gb")
 # planned only (no devices), on 4 nodes x 8 H100s, where stage boundaries can sit on the
 # slow links between nodes: a deep MLP and a GPT two orders of magnitude larger than the
 # CPU one
@@ -114,6 +126,79 @@ def run(quick: bool, repeats: int) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def per_microbatch_reduction():
+    """Ablation: plan and build pipelines that all-reduce their gradients in every
+    micro-batch's backward, as autoshard did before gradients were reduced once per step
+    (autoshard/pipeline/partial_grads.py)."""
+    with mock.patch.object(pipeline_planner, "stage_partial_gradients", lambda *a: ()), \
+            mock.patch.object(pipeline_build, "stage_partial_gradients", lambda *a: ()):
+        yield
+
+
+def _gradient_all_reduces(compiled) -> tuple[int, int]:
+    """(count, bytes) of the all-reduces one step runs outside the stages' forward programs
+    (a forward's all-reduce is the loss's mean), from the compiled HLO."""
+    count = nbytes = 0
+    for name in compiled.names:
+        if "forward" not in name:
+            stats = collective_stats(compiled[name].as_text())["all-reduce"]
+            count += compiled.runs_per_step[name] * stats["count"]
+            nbytes += compiled.runs_per_step[name] * stats["bytes"]
+    return count, nbytes
+
+
+def run_traffic() -> list[dict]:
+    """:data:`TRAFFIC`'s pipeline at B = 1, 4, 16 micro-batches, gradients reduced once per
+    step and (ablation) in every micro-batch: compiled all-reduces per step and the
+    modelled cost."""
+    name, factory, description, shape, cluster_name = TRAFFIC
+    w = factory()
+    mesh = autoshard.make_mesh(shape, ("data",))
+    rows = []
+    for B in (1, 4, 16):
+        for once in (True, False):
+            method = autoshard.PipeshardParallel(num_microbatches=B, num_stages=2,
+                                                 num_layers=4)
+            with contextlib.nullcontext() if once else per_microbatch_reduction():
+                step = autoshard.parallelize(w.fn, mesh=mesh, method=method,
+                                             cluster=autoshard.cluster_preset(cluster_name),
+                                             batch_argnums=w.batch_argnums)
+                t = time.perf_counter()
+                plan = step.plan(*w.args)
+                planning = time.perf_counter() - t
+                count, nbytes = _gradient_all_reduces(step.lower(*w.args).compile())
+            row = dict(workload=name, description=description, cluster=cluster_name,
+                       mesh="x".join(map(str, shape)), B=B,
+                       reduction="once per step" if once else "every micro-batch",
+                       all_reduces=count, all_reduce_bytes=nbytes,
+                       modelled_s=plan.cost.total_s, planning_s=planning,
+                       stages=_describe(plan))
+            rows.append(row)
+            print(f"{name} B={B:2} {row['reduction']:17} {count:3} all-reduces "
+                  f"{nbytes / 2**20:8.2f} MiB  modelled {row['modelled_s'] * 1e6:8.1f} us  "
+                  f"{row['stages']}", flush=True)
+    return rows
+
+
+def markdown_traffic(rows) -> str:
+    first = rows[0]
+    lines = [f"### {first['workload']}: gradient traffic per step against micro-batches", "",
+             f"{first['description']}; mesh {first['mesh']}, 2 stages, planned for the "
+             f"{first['cluster']} cluster model and compiled here. All-reduces per step outside "
+             f"the stages' forward programs (those are the loss's mean), counted in the "
+             f"compiled programs times the runs per step; \"every micro-batch\" is the "
+             f"ablation without the once-per-step reduction.", "",
+             "| B | gradients reduced | all-reduces / step | all-reduce bytes / step | "
+             "modelled / step | planning | stages |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['B']} | {r['reduction']} | {r['all_reduces']} | "
+                     f"{r['all_reduce_bytes'] / 2**20:.2f} MiB | {r['modelled_s'] * 1e6:.1f} µs | "
+                     f"{r['planning_s']:.1f} s | {r['stages']} |")
+    return "\n".join(lines) + "\n"
+
+
 def run_modelled() -> list[list[dict]]:
     """Per :data:`MODELLED` workload, its rows."""
     return [_run_modelled(*workload) for workload in MODELLED]
@@ -126,14 +211,18 @@ def _run_modelled(name, factory, description, shape, cluster_name) -> list[dict]
     methods = [("ShardParallel", autoshard.ShardParallel(time_limit_s=10.0)),
                ("Megatron", autoshard.Megatron()), ("DataParallel", autoshard.DataParallel())]
     for B in (4, 16):
-        methods.append((f"Pipeshard B={B} (DP)", autoshard.PipeshardParallel(
-            num_microbatches=B, num_layers=4, stage_method=autoshard.ShardParallel(
-                time_limit_s=2.0))))
+        for once in (True, False):
+            methods.append((f"Pipeshard B={B} (DP)" + ("" if once else ", gradients reduced "
+                                                       "every micro-batch (ablation)"),
+                            autoshard.PipeshardParallel(
+                                num_microbatches=B, num_layers=4,
+                                stage_method=autoshard.ShardParallel(time_limit_s=2.0))))
     rows, base = [], None
     for label, method in methods:
         t = time.perf_counter()
-        plan = autoshard.parallelize(w.fn, mesh=mesh, method=method, cluster=cluster,
-                                     batch_argnums=w.batch_argnums).plan(*w.args)
+        with per_microbatch_reduction() if "ablation" in label else contextlib.nullcontext():
+            plan = autoshard.parallelize(w.fn, mesh=mesh, method=method, cluster=cluster,
+                                         batch_argnums=w.batch_argnums).plan(*w.args)
         row = dict(workload=name, description=description, cluster=cluster_name,
                    mesh="x".join(map(str, shape)), method=label, modelled_s=plan.cost.total_s,
                    planning_s=time.perf_counter() - t, stages=_describe(plan))
@@ -192,8 +281,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).with_name("PIPELINE.md")))
     parser.add_argument("--modelled-only", action="store_true",
                         help="only the planned-only section (4x8 mesh, h100-80gb model)")
+    parser.add_argument("--traffic-only", action="store_true",
+                        help="only the gradient traffic section (B = 1, 4, 16)")
     args = parser.parse_args(argv)
-    if args.modelled_only:
+    if args.traffic_only:
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        text = f"## Pipeline gradient traffic — {now}\n\n" + markdown_traffic(run_traffic()) \
+            + "\n"
+    elif args.modelled_only:
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         text = f"## Pipeline vs intra-op, modelled only — {now}\n\n" + \
             markdown_modelled(run_modelled()) + "\n"
@@ -201,7 +296,8 @@ def main(argv=None) -> int:
         rows = run(args.quick, args.repeats)
         text = markdown(rows, args.quick, args.repeats)
         if not args.quick:
-            text += markdown_modelled(run_modelled()) + "\n"
+            text += markdown_traffic(run_traffic()) + "\n" + \
+                markdown_modelled(run_modelled()) + "\n"
     path = Path(args.out)
     header = "" if path.exists() else (
         "# Pipeline benchmark results\n\nAppended by `python -m benchmarks.pipeline`; newest "

@@ -67,8 +67,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args, argv) -> int:
-    """Start ``args.launch`` copies of this script with process ids 0..N−1; wait for all."""
+def launch(args, argv, script: str = os.path.abspath(__file__)) -> int:
+    """Start ``args.launch`` copies of ``script`` (this one by default) with process ids
+    0..N−1; wait for all."""
     port = free_port()
     rest = [a for a in argv if not a.startswith("--launch=")]
     if "--launch" in rest:
@@ -76,7 +77,7 @@ def launch(args, argv) -> int:
         rest = rest[:i] + rest[i + 2:]
     procs = []
     for i in range(args.launch):
-        cmd = [sys.executable, os.path.abspath(__file__), *rest, "--process-id", str(i),
+        cmd = [sys.executable, script, *rest, "--process-id", str(i),
                "--num-processes", str(args.launch), "--coordinator", f"127.0.0.1:{port}"]
         procs.append(subprocess.Popen(cmd, stdout=None if i == 0 else subprocess.DEVNULL))
     codes = []

@@ -5,8 +5,8 @@ Values are named by keys: ``("v", id)`` a step-level value of the outer program 
 argument, a constant, a result of the pre-gradient program, the gradients, an output),
 ``("mb", id)`` one micro-batch of a batch argument, ``("act", id)`` one micro-batch's
 activation made by a stage, ``("ct", id)`` its cotangent. Arrays move between sub-meshes
-with ``jax.device_put`` (inside :meth:`ShardedProgram.place`); dispatch is asynchronous, so
-stages on different devices overlap.
+with :func:`~.transfer.move` (``jax.device_put``, also across ``jax.distributed``
+processes); dispatch is asynchronous, so stages on different devices overlap.
 """
 from __future__ import annotations
 
@@ -15,17 +15,18 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .schedule import dispatch_order
 from .sharded import ShardedProgram
+from .transfer import as_global, move
 
 Key = tuple
 
 
-def _put(value, sharding):
-    if isinstance(value, jax.Array) and value.sharding == sharding:
-        return value
-    return jax.device_put(value, sharding)
+def _run(program: ShardedProgram, args) -> list:
+    """``program`` on ``args``, each moved to its input's sharding first (:func:`move`)."""
+    return program.jitted(*[move(a, s) for a, s in zip(args, program.in_shardings, strict=True)])
 
 
 @jax.jit
@@ -50,6 +51,9 @@ class PipelineStage:
     residuals + cotangents of outputs[cotangent_outputs]) → one gradient per
     ``grad_targets`` entry`` (``("ct", id)``: an activation's cotangent, sent back to the
     stage that made it; ``("v", id)``: a gradient, accumulated over micro-batches).
+    ``partial``: positions in ``grad_targets`` of gradients the backward returns as
+    per-device partial sums (a leading dim, one entry per device group); they are
+    accumulated as they are and ``reduce`` sums them once per step.
     """
 
     forward: ShardedProgram
@@ -59,6 +63,8 @@ class PipelineStage:
     cotangent_outputs: tuple[int, ...]
     backward_inputs: tuple[int, ...]
     grad_targets: tuple[Key, ...]
+    reduce: ShardedProgram | None = None
+    partial: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -95,13 +101,19 @@ class PipelineProgram:
     aux: tuple[tuple[Key, Key], ...] = ()
     donated: tuple[int, ...] = ()          # positions of donated arguments
     aux_once: tuple[tuple[Key, Key], ...] = ()
+    mesh: Any = None    # the whole mesh (multi-process runs: where scalar outputs go)
 
     def __call__(self, flat_args) -> list:
         B = self.num_microbatches
+        multiprocess = jax.process_count() > 1
+        if multiprocess:
+            known = {frozenset(p.mesh.devices.flat) for _, p, _ in self.programs()} | \
+                {frozenset(self.mesh.devices.flat)}
+            flat_args = [as_global(a, known) for a in flat_args]
         env: dict = dict(self.constants)
         env.update(zip(self.invars, flat_args, strict=True))
         for step in self.pre:
-            env.update(zip(step.outputs, step.program([env[k] for k in step.inputs])))
+            env.update(zip(step.outputs, _run(step.program, [env[k] for k in step.inputs])))
         micro: list[dict] = [{} for _ in range(B)]
         for key, mkey in self.batch:
             x = env[key]
@@ -123,7 +135,7 @@ class PipelineProgram:
             if old is None:
                 store[key] = value
             else:
-                store[key] = old + jax.device_put(value, old.sharding)
+                store[key] = old + move(value, old.sharding)
 
         for kind, s, m in dispatch_order(len(self.stages), B, self.schedule):
             st = self.stages[s]
@@ -131,10 +143,10 @@ class PipelineProgram:
                 ins = []
                 for k, (key, sharding) in enumerate(zip(st.inputs, st.forward.in_shardings)):
                     if key[0] in ("mb", "act"):
-                        ins.append(_put(micro[m][key], sharding))
+                        ins.append(move(micro[m][key], sharding))
                         continue
                     if (s, key) not in placed:  # step-level values move once per step
-                        placed[(s, key)] = _put(env[key], sharding)
+                        placed[(s, key)] = move(env[key], sharding)
                     ins.append(placed[(s, key)])
                 outs = st.forward.jitted(*ins)
                 n = len(st.outputs)
@@ -157,7 +169,7 @@ class PipelineProgram:
                 else:
                     ct = cts[m].pop(("ct",) + key[1:], None)
                     cot.append(ct if ct is not None else jax.numpy.zeros_like(micro[m][key]))
-            grads = st.backward(kept + residuals + cot)
+            grads = _run(st.backward, kept + residuals + cot)
             for key in st.outputs:  # every later stage has run this micro-batch's forward
                 if key != act_loss:
                     micro[m].pop(key, None)
@@ -179,13 +191,21 @@ class PipelineProgram:
         env[step_loss] = _mean(losses)
         for skey, values in aux_values.items():
             env[skey] = _mean(values)
+        for s, st in enumerate(self.stages):   # partial sums: one reduction per step
+            keys = [(s, st.grad_targets[j]) for j in st.partial]
+            if keys and keys[0] in acc:
+                acc.update(zip(keys, _run(st.reduce, [acc[k] for k in keys])))
         for (s, key), value in sorted(acc.items(), key=lambda kv: kv[0][0]):
             add(env, key, value)
         for key, shape, dtype in self.zero_grads:
             env.setdefault(key, jax.numpy.zeros(shape, dtype))
         for step in self.apply:
-            env.update(zip(step.outputs, step.program([env[k] for k in step.inputs])))
+            env.update(zip(step.outputs, _run(step.program, [env[k] for k in step.inputs])))
         results = [k[1] if k[0] == "literal" else env[k] for k in self.outputs]
+        if multiprocess:   # a scalar (the loss, a metric) readable in every process
+            whole = NamedSharding(self.mesh, PartitionSpec())
+            results = [move(r, whole) if isinstance(r, jax.Array) and r.ndim == 0 else r
+                       for r in results]
         returned = {id(r) for r in results}
         for k in self.donated:  # as jax.jit: a donated array is unusable after the call
             arg = flat_args[k]
@@ -199,6 +219,8 @@ class PipelineProgram:
         out = [(p.name, p.program, 1) for p in self.pre]
         for s, st in enumerate(self.stages):
             out += [(f"stage {s} forward", st.forward, B), (f"stage {s} backward", st.backward, B)]
+        out += [(f"stage {s} gradient reduction", st.reduce, 1)
+                for s, st in enumerate(self.stages) if st.reduce is not None]
         return out + [(p.name, p.program, 1) for p in self.apply]
 
     def lower(self) -> "PipelineLowered":

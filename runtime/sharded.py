@@ -69,7 +69,8 @@ def place_global(value, sharding: jax.sharding.Sharding) -> jax.Array:
     dtype = jax.dtypes.canonicalize_dtype(host.dtype)
     if host.dtype != dtype:
         host = host.astype(dtype)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index],
+                                        dtype=host.dtype)
 
 
 def shard_program(

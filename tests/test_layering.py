@@ -34,7 +34,7 @@ MAY_IMPORT = {
     "autoshard.intra": _BASE + ("autoshard.ilp", "autoshard.methods", "autoshard.plan"),
     "autoshard.pipeline": _BASE + ("autoshard.ilp", "autoshard.methods", "autoshard.plan",
                                    "autoshard.runtime", "autoshard.intra"),
-    "autoshard.distributed": _BASE + ("autoshard.plan",),
+    "autoshard.distributed": _BASE + ("autoshard.plan", "autoshard.runtime"),
     "autoshard.calibration": _BASE + ("autoshard.mesh",),
     "autoshard.api": _BASE + ("autoshard.ilp", "autoshard.runtime", "autoshard.mesh",
                               "autoshard.methods", "autoshard.plan", "autoshard.intra",

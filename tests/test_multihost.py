@@ -206,3 +206,52 @@ def test_a_dead_peer_is_a_clear_error_within_the_timeout(tmp_path):
     assert "AgreementTimeoutError (1,)" in lines[0]
     assert "process 1 of 2 did not reach the plan agreement within 5 s" in lines[0]
     assert "restart every process" in lines[0]
+
+
+def test_a_pipeline_across_two_processes_matches_jit():
+    # examples/pipeline.py --launch 2: a GPT step written the usual way (the loss closes over
+    # the batch, adamw, step(params, opt_state, x, y)) with its stages on the devices of
+    # different processes; activations and cotangents cross between the processes
+    # (runtime/transfer.py; its paths are tested one by one below). Every process gathers
+    # every output whole and compares it with jax.jit; the launcher prints process 0's
+    # report and fails if any process differs. Four stages, two on each process's devices,
+    # under GPipe (two stages and 1F1B: `python examples/pipeline.py --launch 2`; the suite
+    # runs one case for its 10-minute budget).
+    stages = 4
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    run = subprocess.run([sys.executable, str(REPO / "examples" / "pipeline.py"), "--launch", "2",
+                          "--stages", str(stages), "--schedule", "gpipe",
+                          "--timeout", str(TIMEOUT_S)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=TIMEOUT_S + 30)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("all outputs allclose: True") == 2, run.stdout[-3000:]
+    assert run.stdout.count("  stage ") == stages
+
+
+def test_transfers_between_the_devices_of_two_processes(tmp_path):
+    # runtime/transfer.move, every path, between the devices of 2 processes; each moved
+    # array gathered whole (autoshard.gather_to_host) in both processes equals the value
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    port = _port()
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "transfer_worker.py"),
+                               "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}",
+                               "--out", str(tmp_path)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        try:
+            _, stderr = p.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("the transfer processes hung")
+        assert p.returncode == 0, stderr[-3000:]
+    value = np.arange(8 * 8, dtype=np.float32).reshape(8, 8)
+    for i in range(2):
+        got = np.load(tmp_path / f"process{i}.npz")
+        assert len(got.files) == 6
+        for name in got.files:
+            np.testing.assert_array_equal(got[name], value, err_msg=f"process {i}: {name}")

@@ -117,7 +117,8 @@ def lm_train_step(state, batch, dropout_key):
 def _lm_state():
     model = DecoderLM()
     tokens = jnp.ones((1, SEQ), jnp.int32)
-    params = model.init(jax.random.key(0), tokens, train=False)["params"]
+    # under jax.jit, as flax's examples initialise: one compile, not one per initializer
+    params = jax.jit(lambda key: model.init(key, tokens, train=False))(jax.random.key(0))["params"]
     return train_state.TrainState.create(apply_fn=model.apply, params=params,
                                          tx=optax.adamw(1e-2))
 

@@ -34,9 +34,12 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
         # the 1/B share of resharding gradients for their parameters that the stage plan
         # carries is work of the apply program, which prices it in its own cost
         pairing = st.pairing_s / B
-        c = dataclasses.replace(st.plan.cost,
-                                communication_s=st.plan.cost.communication_s + send_f + send_b,
-                                resharding_s=st.plan.cost.resharding_s - pairing)
+        # the backward's deferred all-reduces run once per step, in the stage's gradient
+        # reduction program
+        saved = st.deferred.saved_s
+        c = dataclasses.replace(
+            st.plan.cost, communication_s=st.plan.cost.communication_s + send_f + send_b - saved,
+            resharding_s=st.plan.cost.resharding_s - pairing)
         held = st.cost.fixed_bytes + (in_flight(schedule, s, S, B) - 1) * \
             st.cost.per_microbatch_bytes
         frac = st.program.forward_fraction
@@ -45,11 +48,13 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
             layers=tuple(range(st.program.first, st.program.last + 1)),
             mesh_shape=tuple(st.mesh_shape), device_ids=tuple(int(ids[p]) for p in st.positions),
             cost=StageCost(c.compute_s, c.communication_s, c.resharding_s, int(held),
-                           work * frac + send_f, work * (1 - frac) + send_b),
+                           work * frac + send_f, work * (1 - frac) - saved + send_b),
             num_microbatches=B, schedule=schedule, apply_cost=apply_by_stage.get(s)))
         part = _scaled(c, 1.0 + ((B - 1) if s == slowest else 0))
         parts.append([part[0], part[1] + st.step_send_s, part[2]])
     comp = [sum(p[k] for p in parts) for k in range(3)]
+    # the stages' gradient reductions run side by side, on disjoint devices
+    comp[1] += max(st.deferred.step_s for st in layout.stages)
     extra = [a.plan.cost for a in layout.pre]
     if layout.apply:  # the apply programs run side by side: the slowest one counts
         extra.append(max((a.plan.cost for a in layout.apply), key=lambda c: c.total_s))
@@ -82,8 +87,12 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
     names = [f"stage {s}" for s in range(S)] + \
         ["pre-gradient" for _ in layout.pre] + \
         [apply_name(a.stage) for a in layout.apply]
+    deferred = {id(c) for st in layout.stages for c in st.deferred.deferred}
     collectives = tuple(dataclasses.replace(c, op=f"{n}: {c.op}")
-                        for n, p in zip(names, plans) for c in p.collectives)
+                        for n, p in zip(names, plans) for c in p.collectives
+                        if id(c) not in deferred)
+    collectives += tuple(dataclasses.replace(c, op=f"stage {s}: {c.op} once per step")
+                         for s, st in enumerate(layout.stages) for c in st.deferred.reductions)
     top_ops = tuple(sorted((dataclasses.replace(o, op=f"{n}: {o.op}")
                             for n, p in zip(names, plans) for o in p.top_ops),
                            key=lambda o: -o.seconds)[:20])

@@ -10,6 +10,7 @@ from autoshard.ir.program import Literal
 from autoshard.runtime import PipelineProgram, PipelineStage, StepProgram, shard_program
 
 from .layout import PipelineLayout, PlannedApply, apply_name
+from .partial_grads import deferred_backward, reduction_program, stage_partial_gradients
 from .stage_program import split_programs
 
 
@@ -101,21 +102,33 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
             list(plan.flat_out_specs[:n_out]) + [spec(v) for v in sp.residuals],
             value_specs=value_specs,
             operand_specs={(fwd_index[e], k): s for (e, k), s in ops.items() if e in fwd_index})
-        backward = shard_program(
-            bwd, sub, [spec(v) for v in bwd.invars], list(plan.flat_out_specs[n_out:]),
-            value_specs=value_specs,
-            operand_specs={(bwd_index[e], k): s for (e, k), s in ops.items() if e in bwd_index})
         targets = []
         for v, d in zip(sp.inputs, sp.diff_in):
             if d:
                 targets.append(grad_key[v] if v in grad_key else ("ct", v))
                 if v in grad_key:
                     produced.add(v)
+        out_specs = list(plan.flat_out_specs[n_out:])
+        partials = stage_partial_gradients(sp, plan, names, st.mesh_shape,
+                                           layout.method.num_microbatches, set(F.invars))
+        reduce = None
+        if partials:  # the batch reduction of these gradients runs once per step
+            bwd, value_specs, bwd_ops = deferred_backward(
+                P, bwd, sp.backward_eqns, partials, plan, names, st.mesh_shape)
+            for p in partials:
+                out_specs[p.output] = p.partial_spec
+            reduce = shard_program(
+                reduction_program([bwd.avals[bwd.outvars[p.output]] for p in partials]), sub,
+                [p.partial_spec for p in partials], [p.spec for p in partials])
+        else:
+            bwd_ops = {(bwd_index[e], k): s for (e, k), s in ops.items() if e in bwd_index}
+        backward = shard_program(bwd, sub, [spec(v) for v in bwd.invars], out_specs,
+                                 value_specs=value_specs, operand_specs=bwd_ops)
         stages.append(PipelineStage(
             forward, backward, tuple(key(v) for v in sp.inputs),
             tuple(("act", v) for v in sp.outputs),
             tuple(p for p, d in enumerate(sp.diff_out) if d), sp.backward_inputs,
-            tuple(targets)))
+            tuple(targets), reduce, tuple(p.output for p in partials)))
     zero = tuple((grad_key[v], tuple(F.avals[v].shape), F.avals[v].dtype)
                  for v in grad_key if v not in produced)
     pre = tuple(_step_program(p, mesh, "pre-gradient") for p in layout.pre)
@@ -140,4 +153,4 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
         apply=apply,
         outputs=outputs, donated=tuple(k for k, d in enumerate(donated) if d),
         num_microbatches=layout.method.num_microbatches,
-        schedule=layout.method.schedule)
+        schedule=layout.method.schedule, mesh=mesh)

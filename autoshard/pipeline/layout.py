@@ -9,6 +9,7 @@ from autoshard.methods import PipeshardParallel
 from autoshard.plan.record import Plan
 
 from .layers import Layering
+from .partial_grads import DeferredReduction
 from .stage_program import StageProgram
 from .trace import SplitStep
 
@@ -16,7 +17,9 @@ from .trace import SplitStep
 @dataclasses.dataclass(frozen=True, eq=False)
 class PlannedStage:
     """A chosen stage; seconds: ``send_s`` per micro-batch, ``step_send_s`` and
-    ``pairing_s`` once per step (the stage plan carries ``pairing_s / B`` per micro-batch)."""
+    ``pairing_s`` once per step (the stage plan carries ``pairing_s / B`` per micro-batch);
+    ``deferred``: its gradients' batch reductions moved from every micro-batch's backward
+    to once per step (its price change against the stage plan's own cost)."""
 
     program: StageProgram
     plan: Plan
@@ -26,6 +29,7 @@ class PlannedStage:
     send_s: tuple[float, float]    # (activations forward, cotangents back) per micro-batch
     step_send_s: float = 0.0       # shared parameters (and gradients), pre-gradient values
     pairing_s: float = 0.0         # gradients resharded into their parameters' layouts
+    deferred: DeferredReduction = DeferredReduction()  # gradients reduced once per step
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

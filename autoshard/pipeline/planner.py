@@ -23,6 +23,7 @@ from .apply import plan_step_parts, stage_update_seconds, whole_update_seconds
 from .assemble import make_plan, plain_pipeline_plan
 from .layers import assign_layers
 from .layout import PipelineLayout, PlannedStage
+from .partial_grads import deferred_reduction, stage_partial_gradients
 from .stage_program import StageProgram, bytes_per_device, stage_program
 from .trace import split_step
 
@@ -116,6 +117,7 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
     costs: dict = {}
     pairing: dict = {}
     step_sends: dict = {}
+    deferred: dict = {}
     first_layer = _first_layers(layering)
     forward_index = {v: k for k, v in enumerate(layering.program.invars)}
     from_pre = _made_before_gradient(split)
@@ -162,10 +164,15 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
                 whole_update = whole_update_seconds(split, mesh_shape, axis_names, cluster,
                                                     method)
             update = whole_update if i == 0 else 0.0
+        # gradients whose batch reduction waits for the last micro-batch (partial_grads)
+        partials = stage_partial_gradients(sp, plan, axis_names, shapes[m], B, F_ins)
+        deferred[(i, j, m)] = deferred_reduction(sp, plan, partials,
+                                                 MeshCostModel(cluster, shapes[m]), axis_names)
+        d = deferred[(i, j, m)]
         costs[(i, j, m)] = ilp.StageCost(plan.cost.total_s - pairing[(i, j, m)] / B
-                                         + sum(sends[(i, j, m)]),
+                                         - d.saved_s + sum(sends[(i, j, m)]),
                                          float(plan.cost.peak_memory_bytes), float(held),
-                                         per_step_s=update + step_sends[(i, j, m)])
+                                         per_step_s=update + step_sends[(i, j, m)] + d.step_s)
     # the DP adds the stages' once-per-step work; their apply programs run side by side on
     # disjoint devices, so that sum bounds what a step spends on them (the plan reports
     # the slowest)
@@ -179,7 +186,7 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
     positions = ilp.place_submeshes(mesh_shape, chosen_shapes)
     stages = tuple(PlannedStage(programs[(i, j)], planned[(i, j, m)], shapes[m], pos,
                                 costs[(i, j, m)], sends[(i, j, m)], step_sends[(i, j, m)],
-                                pairing[(i, j, m)])
+                                pairing[(i, j, m)], deferred[(i, j, m)])
                    for (i, j, m), pos in zip(solution.stages, positions))
     pre, apply = plan_step_parts(split, stages, layering, mesh_shape, axis_names, cluster,
                                   method)
