@@ -34,14 +34,20 @@ import sys
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_process_arguments(p: argparse.ArgumentParser) -> None:
+    """``--launch``, ``--process-id``, ``--num-processes``, ``--coordinator`` (what
+    :func:`launch` passes each process), shared with ``examples/pipeline.py``."""
     p.add_argument("--launch", type=int, metavar="N",
                    help="start N processes on this machine (CPU, gloo on 127.0.0.1) and wait")
     p.add_argument("--process-id", type=int, default=0)
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="address of process 0's coordination service")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_process_arguments(p)
     p.add_argument("--cluster-env", action="store_true",
                    help="GPU/TPU cluster: let jax.distributed.initialize() detect everything")
     p.add_argument("--local-devices", type=int, default=4,

@@ -25,12 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def parse_args(argv=None):
+    from examples.multihost import add_process_arguments
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--launch", type=int, metavar="N",
-                   help="start N processes on this machine (CPU, gloo on 127.0.0.1) and wait")
-    p.add_argument("--process-id", type=int, default=0)
-    p.add_argument("--num-processes", type=int, default=1)
-    p.add_argument("--coordinator", default=None, metavar="HOST:PORT")
+    add_process_arguments(p)
     p.add_argument("--stages", type=int, default=2, help="pipeline stages (multi-process)")
     p.add_argument("--schedule", default="1f1b", choices=("1f1b", "gpipe"))
     p.add_argument("--timeout", type=float, default=300.0, help="--launch: seconds to wait")
