@@ -161,12 +161,17 @@ def test_a_contraction_reduced_over_the_batch_axis_becomes_partial_sums():
     assert value_specs[rewritten.outvars[0]] == P("data", None, None)
 
 
-@pytest.mark.parametrize("case", ["result keeps the split", "read by another op", "uneven"])
+@pytest.mark.parametrize("case", ["result keeps the split", "split after it", "read by another op",
+                                  "uneven"])
 def test_what_is_not_deferred(case):
     if case == "result keeps the split":  # a reduce-scatter: the gradient stays split
         program = _contraction()
         g = next(e for e in program.eqns if e.primitive.name == "dot_general").outputs[0]
         specs = _specs(program, [(g, P("data", None))])
+        assert [p.output for p in _found(program, specs)] == [1]
+    elif case == "split after it":   # the gradient itself laid out over the reducing axis
+        program = _contraction()
+        specs = _specs(program, [(program.outvars[0], P("data", None))])
         assert [p.output for p in _found(program, specs)] == [1]
     elif case == "read by another op":
         program = _contraction(also_read=True)

@@ -182,15 +182,16 @@ def partial_gradients(combined: Program, backward: Program, backward_eqns: Seque
         # partial alone, as do _PER_PARTIAL equations
         if (name in _PER_PARTIAL or name == "reduce_sum") and len(eqn.inputs) == 1 \
                 and isinstance(eqn.inputs[0], int):
-            inner = resolve(eqn.inputs[0])
-            return None if inner is None else (inner[0], inner[1], inner[2] + [e])
-        if name in _SUMS and all(isinstance(a, int) for a in eqn.inputs):
+            parts = [resolve(eqn.inputs[0])]
+        elif name in _SUMS and all(isinstance(a, int) for a in eqn.inputs):
             parts = [resolve(a) for a in eqn.inputs]
-            if any(p is None for p in parts) or len({p[0] for p in parts}) != 1:
-                return None
-            return (parts[0][0], [x for p in parts for x in p[1]],
-                    [x for p in parts for x in p[2]] + [e])
-        return None
+        else:
+            return None
+        if any(p is None for p in parts) or len({p[0] for p in parts}) != 1 \
+                or set(parts[0][0]) & _used_axes(lookup.value(v)):   # the partials' axes
+            return None                                            # must stay free
+        return (parts[0][0], [x for p in parts for x in p[1]],
+                [x for p in parts for x in p[2]] + [e])
 
     found = []
     for k in outputs:
