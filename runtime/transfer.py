@@ -73,9 +73,10 @@ def as_global(value, known_device_sets):
 
 def move(value, sharding: NamedSharding):
     """``value`` laid out as ``sharding`` (see the module docstring)."""
-    if jax.process_count() == 1 or not isinstance(value, jax.Array):
-        return _reshard(value, sharding) if jax.process_count() == 1 else \
-            place_global(value, sharding)
+    if jax.process_count() == 1:
+        return _reshard(value, sharding)
+    if not isinstance(value, jax.Array):
+        return place_global(value, sharding)
     if value.sharding == sharding:
         return value
     src, dst = value.sharding, sharding
@@ -91,8 +92,7 @@ def move(value, sharding: NamedSharding):
         whole = _reshard(value, NamedSharding(src_mesh, PartitionSpec()))
         if me not in dst_procs:
             return placeholder(shape, dtype, dst)
-        local = np.asarray(whole.addressable_shards[0].data)
-        return jax.make_array_from_callback(shape, dst, lambda index: local[index], dtype=dtype)
+        return place_global(whole.addressable_shards[0].data, dst)
     if src_mesh.devices.shape == dst.mesh.devices.shape and not src_procs & dst_procs \
             and _native_cross_host_transfers():
         alike = Mesh(src_mesh.devices, dst.mesh.axis_names, axis_types=dst.mesh.axis_types)
