@@ -2,6 +2,7 @@
 slicing (DP). Never imports jax."""
 
 from ._evaluate import Evaluation as Evaluation
+from ._evaluate import MoveCosts as MoveCosts
 from ._evaluate import evaluate as evaluate
 from ._heuristic import best_assignment as best_assignment
 from ._heuristic import greedy_assignment as greedy_assignment
@@ -27,6 +28,7 @@ __all__ = [
     "InfeasibleError",
     "IntraOpRequest",
     "IntraOpResult",
+    "MoveCosts",
     "SharedCost",
     "SolverStats",
     "StageCost",

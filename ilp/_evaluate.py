@@ -96,3 +96,46 @@ def evaluate(request: IntraOpRequest, choices) -> Evaluation:
                 )
     return Evaluation(node_cost + edge_cost + shared_cost, node_cost, edge_cost, memory,
                       tuple(violations), shared_cost)
+
+
+@dataclass(frozen=True, eq=False)
+class MoveCosts:
+    """What moving one node of ``request`` to another strategy changes in the objective
+    (seconds): its own cost, its edges' and the shared costs it is a member of; memory
+    is not priced. Built once per request, each :meth:`change` costs the node's degree."""
+
+    request: IntraOpRequest
+    edges_at: tuple[tuple[int, ...], ...]
+    shared_at: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, request: IntraOpRequest) -> MoveCosts:
+        edges_at: list[list[int]] = [[] for _ in range(request.num_nodes)]
+        for k, edge in enumerate(request.edges):
+            edges_at[edge.src].append(k)
+            if edge.dst != edge.src:
+                edges_at[edge.dst].append(k)
+        shared_at: list[list[int]] = [[] for _ in range(request.num_nodes)]
+        for k, shared in enumerate(request.shared_costs):
+            for v in sorted({v for v, _ in shared.members}):
+                shared_at[v].append(k)
+        return cls(request, tuple(map(tuple, edges_at)), tuple(map(tuple, shared_at)))
+
+    def change(self, choices, v: int, strategy: int) -> float:
+        """Objective of ``choices`` with node ``v`` at ``strategy``, less that of ``choices``."""
+        request = self.request
+        moved = lambda u: strategy if u == v else choices[u]  # noqa: E731
+        delta = float(request.node_costs[v][strategy]) - float(request.node_costs[v][choices[v]])
+        for k in self.edges_at[v]:
+            edge = request.edges[k]
+            delta += float(edge.cost[moved(edge.src), moved(edge.dst)]) - \
+                float(edge.cost[choices[edge.src], choices[edge.dst]])
+        for k in self.shared_at[v]:
+            shared = request.shared_costs[k]
+            after = any(moved(u) == i for u, i in shared.members)
+            before = any(choices[u] == i for u, i in shared.members)
+            delta += shared.cost * (after - before)
+        return delta
+
+    def __repr__(self) -> str:
+        return f"MoveCosts({self.request.num_nodes} nodes, {len(self.request.edges)} edges)"

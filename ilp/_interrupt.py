@@ -24,8 +24,8 @@ def run_interruptibly(solve: Callable[[], T], stop: Callable[[], None],
                       on_wait: Callable[[], None] | None = None) -> T:
     """``solve()``, stoppable by Ctrl-C: on ``KeyboardInterrupt`` call ``stop()`` (the
     solver's "stop searching"), wait up to :data:`STOP_WAIT_S` for the solve to return,
-    and raise the ``KeyboardInterrupt``. A solver that ignores ``stop()`` (HiGHS through
-    OR-Tools' model builder) finishes in its daemon thread; its result is dropped.
+    and raise the ``KeyboardInterrupt``. A solver that does not stop at once finishes
+    in its daemon thread; its result is dropped.
     ``on_wait()`` runs every :data:`_POLL_S` seconds while the solve runs (progress).
 
     Outside the main thread (where no ``KeyboardInterrupt`` arrives) this is ``solve()``.

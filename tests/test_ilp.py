@@ -16,6 +16,7 @@ from autoshard.ilp import (
     EdgeCost,
     InfeasibleError,
     IntraOpRequest,
+    MoveCosts,
     SharedCost,
     best_assignment,
     evaluate,
@@ -23,9 +24,12 @@ from autoshard.ilp import (
     min_peak_memory,
     solve_intra_op,
 )
+from autoshard.ilp import _relaxation as relaxation
 from autoshard.ilp._clock import STALL_S, Deadline, Progress
+from autoshard.ilp._grid import edge_grid
 from autoshard.ilp._memory import within_budget
 from autoshard.ilp._reduce import reduce_request
+from autoshard.ilp._relaxation import solve_relaxation
 from autoshard.ilp._repeats import repeat_classes, tied_request
 
 INF = np.inf
@@ -414,6 +418,80 @@ def test_copy_bytes_steer_the_choice():
     with pytest.raises(InfeasibleError) as info:
         solve_intra_op(dataclasses.replace(request, memory_budget=40.0))
     assert info.value.min_peak_bytes == 50.0
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_move_costs_change_is_the_change_of_evaluate(seed):
+    rng = np.random.default_rng(3000 + seed)
+    request = _random_shared_request(rng)
+    moves = MoveCosts.of(request)
+    choices = [int(rng.integers(len(c))) for c in request.node_costs]
+    before = evaluate(request, choices).objective
+    for v in range(request.num_nodes):
+        for i in range(len(request.node_costs[v])):
+            moved = choices[:v] + [i] + choices[v + 1:]
+            after = evaluate(request, moved).objective
+            if np.isfinite(before) and np.isfinite(after):
+                assert moves.change(choices, v, i) == pytest.approx(after - before, abs=1e-12)
+
+
+# ---------------------------------------------------------------- column generation
+
+
+def _random_grid_lp(rng):
+    """An LP over a random graph with 6-12 strategies per node (grids larger than the
+    cells column generation starts from), some cells forbidden."""
+    n = int(rng.integers(3, 9))
+    sizes = [int(rng.integers(6, 13)) for _ in range(n)]
+    edges = {(int(rng.integers(0, b)), b) for b in range(1, n)}
+    edges |= {tuple(sorted(int(x) for x in rng.choice(n, 2, replace=False))) for _ in range(n)}
+    grids = []
+    for a, b in sorted(edges):
+        matrix = rng.exponential(1.0, (sizes[a], sizes[b]))
+        matrix[rng.random(matrix.shape) < 0.1] = INF
+        matrix[0, 0] = 1.0
+        grids.append(edge_grid(a, b, matrix))
+    node_cost = {v: rng.exponential(1.0, sizes[v]) for v in range(n)}
+    return sizes, list(range(n)), node_cost, grids, [], (), 0.0, 100.0, 100.0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_column_generation_reaches_the_lp_over_every_cell(seed):
+    # the LP started from a few cells per grid, with every cell of negative reduced cost
+    # added round by round, has the optimum of the LP over every finite cell
+    args = _random_grid_lp(np.random.default_rng(seed))
+    generated = solve_relaxation(*args)
+    every = solve_relaxation(*args, every_cell=True)
+    assert generated.solved and every.solved and every.rounds == 1
+    assert generated.bound == pytest.approx(every.bound, rel=1e-7)
+    if every.integral:   # a unique integral optimum is the same vertex
+        assert generated.integral
+
+
+def test_column_generation_adds_cells_in_rounds():
+    rounds = [solve_relaxation(*_random_grid_lp(np.random.default_rng(seed))).rounds
+              for seed in range(20)]
+    assert max(rounds) > 1, rounds   # the starting cells alone were not optimal
+
+
+def test_an_infeasible_restricted_lp_is_solved_over_every_cell(monkeypatch):
+    # no starting cell: the restricted LP is infeasible (each node's strategies sum to 1,
+    # its grids' marginals to 0), which says nothing of the LP over every cell
+    args = _random_grid_lp(np.random.default_rng(0))
+    monkeypatch.setattr(relaxation, "_cheapest_cells", lambda grid: np.zeros(grid.cost.shape, bool))
+    fallback = solve_relaxation(*args)
+    assert fallback.solved and not fallback.infeasible
+    assert fallback.bound == pytest.approx(solve_relaxation(*args, every_cell=True).bound, rel=1e-7)
+
+
+def test_solving_prints_nothing():
+    # HiGHS prints a banner when a process makes its first instance (in a fresh process)
+    code = ("from autoshard.ilp import EdgeCost, IntraOpRequest, solve_intra_op; "
+            "print(solve_intra_op(IntraOpRequest(node_costs=([0.0, 1.0], [1.0, 0.0]), "
+            "edges=(EdgeCost(0, 1, [[0.0, 9.0], [9.0, 0.0]]),))).stats.solver_status)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out == "LP_INTEGRAL\n"
 
 
 # ---------------------------------------------------------------- determinism

@@ -27,7 +27,7 @@ STOP_WITHIN_S = 3.0
 # and CP-SAT for minutes (no structure for the LP to be integral on).
 _MARKERS = '''
 import sys
-from ortools.linear_solver.python import model_builder
+import highspy
 from ortools.sat.python import cp_model
 
 def _marked(real, name):
@@ -37,7 +37,7 @@ def _marked(real, name):
     return solve
 
 cp_model.CpSolver.solve = _marked(cp_model.CpSolver.solve, "CP-SAT")
-model_builder.Solver.solve = _marked(model_builder.Solver.solve, "LP")
+highspy.Highs.run = _marked(highspy.Highs.run, "LP")
 '''
 
 _SOLVE = _MARKERS + '''

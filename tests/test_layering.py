@@ -47,7 +47,7 @@ MAY_IMPORT = {
 # layers not listed may import any declared dependency.
 THIRD_PARTY = {
     "autoshard.cost_model": {"numpy"},
-    "autoshard.ilp": {"numpy", "scipy", "ortools"},
+    "autoshard.ilp": {"numpy", "scipy", "ortools", "highspy"},
 }
 
 

@@ -16,7 +16,7 @@ from autoshard.intra.following import group_followers, grouped_request
 from autoshard.intra.graph import build_graph, use_cost_matrix
 from autoshard.intra.memory_points import planned_peak_bytes
 from autoshard.intra.problem import build_problem
-from autoshard.intra.shared_reads import READ, settle_reads, share_reads
+from autoshard.intra.shared_reads import READ, prefer_made_layouts, settle_reads, share_reads
 from autoshard.ir.trace import trace
 from examples.models import gpt
 
@@ -109,6 +109,47 @@ def test_shared_layout_pays_one_resharding_and_settling_finds_it():
     peak = planned_peak_bytes(shared, model, expanded, donated=())
     assert peak >= 64 * 256 * 4 + 64 * 256 * 4 / 8
     assert program.invars[0] == shared.nodes[x_read].outputs[0]
+
+
+def _bias_gradient(x, w):
+    # x read by a dot (which wants it whole) and by a sum over its first two dims (a bias
+    # gradient), both through one read node
+    return (x @ w).sum() + (x.sum(axis=(0, 1)) ** 2).sum()
+
+
+def test_a_reader_in_a_third_layout_moves_to_the_made_one_when_it_costs_no_more():
+    # x made split over its batch and gathered whole for the dot: the sum may read it
+    # split over the batch (as made) or over the sequence, both a free slice of the whole
+    # copy in the model; XLA compiles the second as an all-to-all from the made layout.
+    # (test_gpt_plan_shares_gathers_and_audits_clean below: two such bias gradients, 2
+    # all-to-alls the plan did not price, when the LP's optimum read them so)
+    s = jax.ShapeDtypeStruct
+    traced = trace(_bias_gradient, (s((8, 64, 256), jnp.float32), s((256, 128), jnp.float32)))
+    model = MeshCostModel(cluster_preset("host-cpu"), (8,))
+    problem = build_problem(traced, model, autoshard.ShardParallel(), batch_flat=(True, False),
+                            axis_names=("devices",))
+    graph, grouping, request = problem.graph, problem.grouping, problem.request
+    position = {r: p for p, r in enumerate(grouping.roots)}
+    read = next(v for v, n in enumerate(graph.nodes) if n.kind == READ)
+    x_node = next(u.src for u in graph.uses if u.dst == read)
+    total = next(u.dst for u in graph.uses if u.src == read and
+                 graph.nodes[u.dst].name.startswith("reduce_sum"))
+    split, whole = ((0,), (), ()), ((), (), ())
+    choices = list(ilp.solve_intra_op(request).choices)
+
+    def pick(node, want):
+        options = [i for i, j in enumerate(grouping.index[node]) if want(graph.nodes[node].strategies[j])]
+        choices[position[grouping.root[node]]] = options[0]
+
+    pick(x_node, lambda st: st.out_specs[0] == split)
+    pick(read, lambda st: st.out_specs[0] == whole)
+    pick(total, lambda st: st.in_specs[0] == ((), (0,), ()) and st.out_specs[0] == ((),))
+    before = ilp.evaluate(request, choices).objective
+    after = prefer_made_layouts(graph, grouping, request, choices)
+    strategy = graph.nodes[total].strategies[grouping.expand(after)[total]]
+    assert strategy.in_specs[0] in (split, whole)      # as made, or as the shared copy
+    assert ilp.evaluate(request, after).objective <= before * (1 + 1e-9)
+    assert prefer_made_layouts(graph, grouping, request, after) == after
 
 
 def test_gpt_plan_shares_gathers_and_audits_clean():

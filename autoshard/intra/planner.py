@@ -21,7 +21,7 @@ from .liveness import live_ranges
 from .memory_points import candidate_steps, memory_terms, steps_over, tensor_bytes
 from .plan_record import plan_record
 from .problem import ShardingProblem, build_problem, propagated_choices
-from .shared_reads import per_use_from_shared, shared_from_per_use
+from .shared_reads import per_use_from_shared, prefer_made_layouts, shared_from_per_use
 
 _log = logging.getLogger("autoshard")
 
@@ -77,10 +77,11 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                            cluster=cluster, axis_names=axis_names, static_repr=static_repr,
                            donated=donated, start=start)
     result = _solve_within_budget(problem, model, donated, memory_budget, deadline)
+    choices = prefer_made_layouts(problem.graph, problem.grouping, request, result.choices)
     _log.info("solved: %s (%s), %.4g s per step, gap %.2f%%, %d variables (%.2f s, LP %.2f s)",
               result.status, result.stats.solver_status, result.objective, 100 * result.gap,
               result.num_variables, result.solve_time_s, result.stats.lp_time_s)
-    return plan_record(traced, problem, result.choices, result, method=method, model=model,
+    return plan_record(traced, problem, choices, result, method=method, model=model,
                        cluster=cluster, axis_names=axis_names, static_repr=static_repr,
                        donated=donated, start=start)
 

@@ -117,6 +117,43 @@ def settle_reads(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
     return tuple(out)
 
 
+def prefer_made_layouts(graph: ShardingGraph, grouping: Grouping, request: ilp.IntraOpRequest,
+                        choices: Sequence[int]) -> tuple[int, ...]:
+    """``choices`` with every reader of a shared value that reads it in a third layout
+    (neither its shared copy's nor the one it is made in) moved, where its ILP node has a
+    strategy costing the plan no more, to one reading the shared or the made layout.
+
+    The model prices a third layout from the shared copy (a free slice when the copy is
+    replicated); XLA reshards the operand from the layout it is made in (an all-to-all
+    where a batch-split value is read split over its sequence). Among plans the model
+    prices alike, this keeps the one XLA compiles as priced."""
+    into_read = {use.dst: use for use in graph.uses if graph.nodes[use.dst].kind == READ}
+    if not into_read:
+        return tuple(choices)
+    position = {r: p for p, r in enumerate(grouping.roots)}
+    moves = ilp.MoveCosts.of(request)
+    out = [int(c) for c in choices]
+    slack = 1e-12 * abs(ilp.evaluate(request, out).objective)  # float rounding, not a price
+    per_node = grouping.expand(out)
+    for use in graph.uses:
+        if use.src not in into_read or use.operand < 0:
+            continue
+        made_by = into_read[use.src]
+        fine = (graph.nodes[use.src].strategies[per_node[use.src]].out_specs[0],
+                graph.nodes[made_by.src].strategies[per_node[made_by.src]].out_specs[made_by.src_output])
+        reader = graph.nodes[use.dst]
+        if reader.strategies[per_node[use.dst]].in_specs[use.operand] in fine:
+            continue
+        p = position[grouping.root[use.dst]]
+        for i, j in enumerate(grouping.index[use.dst]):
+            if reader.strategies[j].in_specs[use.operand] in fine and \
+                    moves.change(out, p, i) <= slack:
+                out[p] = i
+                per_node = grouping.expand(out)
+                break
+    return tuple(out)
+
+
 def reads_following_producers(graph: ShardingGraph, grouping: Grouping) -> Grouping:
     """``grouping`` with every read node folded into its producer's root, taking the
     layout the value is made in: each reader then pays its own resharding, as XLA's
