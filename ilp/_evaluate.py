@@ -102,23 +102,27 @@ def evaluate(request: IntraOpRequest, choices) -> Evaluation:
 class MoveCosts:
     """What moving one node of ``request`` to another strategy changes in the objective
     (seconds): its own cost, its edges' and the shared costs it is a member of; memory
-    is not priced. Built once per request, each :meth:`change` costs the node's degree."""
+    is not priced. Built once per request, each :meth:`change` costs the node's degree
+    (and a shared cost's member nodes where the move may decide whether it is paid)."""
 
     request: IntraOpRequest
     edges_at: tuple[tuple[int, ...], ...]
-    shared_at: tuple[tuple[int, ...], ...]
+    #: per node: (shared cost index, {member node: its member strategies}) it is in
+    shared_at: tuple[tuple[tuple[int, dict], ...], ...]
 
     @classmethod
     def of(cls, request: IntraOpRequest) -> MoveCosts:
         edges_at: list[list[int]] = [[] for _ in range(request.num_nodes)]
         for k, edge in enumerate(request.edges):
             edges_at[edge.src].append(k)
-            if edge.dst != edge.src:
-                edges_at[edge.dst].append(k)
-        shared_at: list[list[int]] = [[] for _ in range(request.num_nodes)]
+            edges_at[edge.dst].append(k)
+        shared_at: list[list] = [[] for _ in range(request.num_nodes)]
         for k, shared in enumerate(request.shared_costs):
-            for v in sorted({v for v, _ in shared.members}):
-                shared_at[v].append(k)
+            members: dict[int, set[int]] = {}
+            for v, i in shared.members:
+                members.setdefault(v, set()).add(i)
+            for v in sorted(members):
+                shared_at[v].append((k, members))
         return cls(request, tuple(map(tuple, edges_at)), tuple(map(tuple, shared_at)))
 
     def change(self, choices, v: int, strategy: int) -> float:
@@ -130,11 +134,10 @@ class MoveCosts:
             edge = request.edges[k]
             delta += float(edge.cost[moved(edge.src), moved(edge.dst)]) - \
                 float(edge.cost[choices[edge.src], choices[edge.dst]])
-        for k in self.shared_at[v]:
-            shared = request.shared_costs[k]
-            after = any(moved(u) == i for u, i in shared.members)
-            before = any(choices[u] == i for u, i in shared.members)
-            delta += shared.cost * (after - before)
+        for k, members in self.shared_at[v]:
+            was, now = choices[v] in members[v], strategy in members[v]
+            if was != now and not any(choices[u] in s for u, s in members.items() if u != v):
+                delta += request.shared_costs[k].cost * (now - was)
         return delta
 
     def __repr__(self) -> str:
