@@ -156,7 +156,11 @@ class MeshCostModel:
            so later collectives move less data;
         2. each axis that leaves its place in ``src`` but is used by ``dst`` (moved to
            another dim, or reordered within one) costs an all-to-all over that axis on
-           the current per-device buffer;
+           the current per-device buffer; when every axis stays in use and they are
+           exchanged among the split dims (a swap of unequal axes; two split dims' axes
+           into one of them), one all-to-all and one collective-permute of the shard, as
+           XLA compiles it (a collective-permute also follows axes that arrive in
+           another order than ``dst``'s);
         3. each axis ``src`` uses and ``dst`` does not costs an all-gather over that axis
            (output = the intermediate after un-splitting it), last mesh axis first.
         Steps add up, plus the memory traffic of the copies they make
@@ -349,7 +353,23 @@ def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
                 moved.setdefault((d, dst_dim[a]), []).append(a)
     sources = [d for d, _ in moved]
     targets = [e for _, e in moved]
-    if len(set(sources)) < len(sources) or len(set(targets)) < len(targets):
+    many = len(set(sources)) < len(sources) or len(set(targets)) < len(targets)
+    live = lambda spec: sorted(a for axes in spec for a in axes if model.mesh_shape[a] > 1)  # noqa: E731
+    relayout = live(src) == live(dst)   # nothing sliced, nothing gathered
+    split_src = {d for d in range(ndim) if moves(src[d])}
+    split_dst = {d for d in range(ndim) if moves(dst[d])}
+    if relayout and (many or len(moved) > 1) and \
+            (split_src <= split_dst or split_dst <= split_src):
+        # An exchange among the split dims (a swap; two dims' axes into one of them; one
+        # dim's axes into it and another): XLA runs one all-to-all (over axes that change
+        # dim), then one collective-permute putting the blocks in dst's order.
+        axes = tuple(sorted(a for (d, e), group in moved.items() if d != e for a in group))
+        nbytes = bytes_now()
+        steps.append(CollectiveStep("all-to-all", axes, nbytes, model.all_to_all(nbytes, axes)))
+        steps.append(_reordering(model, tuple(live(src)), nbytes))
+        traffic += 4 * nbytes + 2 * nbytes
+        layout = [list(axes) for axes in dst]
+    elif many:
         axes = tuple(sorted(a for group in moved.values() for a in group))
         for (d, _), group in moved.items():
             for a in group:
@@ -372,6 +392,15 @@ def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
             for a in group:
                 layout[d].remove(a)
             layout[e].extend(group)
+        if relayout and moved and live(layout) == live(dst) and \
+                [[a for a in axes if model.mesh_shape[a] > 1] for axes in layout] != \
+                [[a for a in axes if model.mesh_shape[a] > 1] for axes in dst]:
+            # the axes arrived in another order than dst's (one dim's axes moved to another
+            # dim, reversed): XLA puts the blocks in order with one collective-permute
+            nbytes = bytes_now()
+            steps.append(_reordering(model, tuple(live(src)), nbytes))
+            traffic += 2 * nbytes
+            layout = [list(axes) for axes in dst]
 
     # 3. All-gather for axes dst drops, last mesh axis first (operand and result; a dim
     #    that is not the outermost with more than one element per device is gathered as
@@ -389,6 +418,11 @@ def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
         if math.prod(local[:d]) > 1:
             traffic += 2 * nbytes
     return tuple(steps), traffic
+
+
+def _reordering(model: MeshCostModel, axes: tuple[int, ...], nbytes: int) -> CollectiveStep:
+    """The collective-permute that puts every device's block where its layout wants it."""
+    return CollectiveStep("collective-permute", axes, nbytes, model.collective_permute(nbytes, axes))
 
 
 def _permutes_blocks(model: MeshCostModel, src: Spec, dst: Spec) -> bool:

@@ -391,6 +391,36 @@ def test_resharding_moves_axes_as_xla_can(src, dst, kinds):
     assert all(s.nbytes == 16 * 128 * 128 * 4 for s in gathered)   # the whole tensor
 
 
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (4, 2)])
+@pytest.mark.parametrize("src, dst", [
+    (((0,), (1,), ()), ((1,), (0,), ())),     # a swap of unequal axes
+    (((0,), (1,), ()), ((1, 0), (), ())),     # two split dims' axes into one of them
+    (((0,), (1,), ()), ((), (0, 1), ())),
+    (((0, 1), (), ()), ((1,), (0,), ())),     # one dim's axes into it and another
+    (((), (0, 1), ()), ((1, 0), (), ())),     # one dim's axes to another, reversed
+])
+def test_an_exchange_among_split_dims_is_an_all_to_all_and_a_permute(mesh_shape, src, dst):
+    # every axis stays in use, only the dims they split change: XLA runs one all-to-all
+    # and one collective-permute of the shard (not a gather of the whole tensor, nor an
+    # all-to-all per axis); the model prices those two, with their bytes
+    names = ("a", "b")
+    mesh = jax.make_mesh(mesh_shape, names, axis_types=(AxisType.Auto,) * 2)
+    spec = lambda s: PartitionSpec(*(tuple(names[a] for a in axes) or None for axes in s))  # noqa: E731
+    shape = (16, 128, 128)
+    f = jax.jit(lambda x: x * 2, in_shardings=NamedSharding(mesh, spec(src)),
+                out_shardings=NamedSharding(mesh, spec(dst)))
+    text = f.lower(jax.ShapeDtypeStruct(shape, jnp.float32)).compile().as_text()
+    compiled = [(c.kind, c.result_bytes) for c in hlo.parse_collectives(text)]
+    model = MeshCostModel(_uniform_cluster(), mesh_shape)
+    steps = model.resharding_steps(shape, 4, src, dst)
+    assert [(s.kind, s.nbytes) for s in steps] == compiled
+    # (which axes XLA's all-to-all runs over depends on the axes' sizes; the model names
+    # the axes that change dim)
+    assert steps[-1].axes == (0, 1)
+    whole = model.resharding(shape, 4, src, ((),) * 3)
+    assert model.resharding(shape, 4, src, dst) < whole
+
+
 @pytest.mark.parametrize("mesh_shape, src, dst", [
     ((2, 4), ((0, 1), (), ()), ((1, 0), (), ())),          # two axes reordered in one dim
     ((2, 2, 2), ((0,), (1,), ()), ((1,), (0,), ())),       # a swap of equal axes
