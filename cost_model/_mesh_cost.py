@@ -150,8 +150,10 @@ class MeshCostModel:
         another order or between other dims (a data/model swap on a square mesh), every
         device's block goes whole to one other device: one collective-permute over the
         axes that move, its operand and result read and written once (as XLA compiles
-        it). Otherwise, per dim, the longest common prefix of ``src[d]`` and ``dst[d]``
-        stays put. Then:
+        it). So too when ``dst`` splits every dim into a multiple of src's parts, but not
+        behind src's own axes: each device's dst block lies inside one other device's
+        src block (a slice there, then one collective-permute). Otherwise, per dim, the
+        longest common prefix of ``src[d]`` and ``dst[d]`` stays put. Then:
         1. axes that ``dst`` adds and ``src`` does not use are sliced locally (free), first,
            so later collectives move less data;
         2. each axis that leaves its place in ``src`` but is used by ``dst`` (moved to
@@ -160,7 +162,8 @@ class MeshCostModel:
            exchanged among the split dims (a swap of unequal axes; two split dims' axes
            into one of them), one all-to-all and one collective-permute of the shard, as
            XLA compiles it (a collective-permute also follows axes that arrive in
-           another order than ``dst``'s);
+           another order than ``dst``'s, and an axis that leaves a dim from in front of
+           one that stays);
         3. each axis ``src`` uses and ``dst`` does not costs an all-gather over that axis
            (output = the intermediate after un-splitting it), last mesh axis first.
         Steps add up, plus the memory traffic of the copies they make
@@ -333,6 +336,15 @@ def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
         return (CollectiveStep("collective-permute", axes, nbytes,
                                model.collective_permute(nbytes, axes)),), 2 * nbytes
 
+    # 0b. dst splits every dim at least as finely as src (by a multiple), but not by
+    #    keeping src's axes in front: every device's dst block lies inside one other
+    #    device's src block, which slices it and sends it over in one collective-permute.
+    if _refines_elsewhere(model, src, dst):
+        nbytes = model._shard_bytes(shape, itemsize, dst)
+        axes = tuple(sorted({a for spec in (src, dst) for d in spec for a in d
+                             if model.mesh_shape[a] > 1}))
+        return (_reordering(model, axes, nbytes),), 4 * nbytes
+
     # 1. Local slicing of axes only dst uses: reads and writes the part it keeps.
     sliced = [a for d in range(ndim) for a in dst[d][kept[d]:] if a not in src_dim]
     for d in range(ndim):
@@ -385,10 +397,15 @@ def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
     else:
         for (d, e), group in moved.items():
             nbytes = bytes_now()
+            staying = [a for a in layout[d] if a not in group and model.mesh_shape[a] > 1]
+            behind = any(layout[d].index(a) > layout[d].index(b) for a in staying for b in group)
             if moves(group):
                 steps.append(CollectiveStep("all-to-all", tuple(group), nbytes,
                                             model.all_to_all(nbytes, tuple(group))))
                 traffic += 4 * nbytes
+                if behind:  # an axis left from in front of one that stays: blocks reorder
+                    steps.append(_reordering(model, tuple(sorted(set(live(layout)))), nbytes))
+                    traffic += 2 * nbytes
             for a in group:
                 layout[d].remove(a)
             layout[e].extend(group)
@@ -423,6 +440,16 @@ def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
 def _reordering(model: MeshCostModel, axes: tuple[int, ...], nbytes: int) -> CollectiveStep:
     """The collective-permute that puts every device's block where its layout wants it."""
     return CollectiveStep("collective-permute", axes, nbytes, model.collective_permute(nbytes, axes))
+
+
+def _refines_elsewhere(model: MeshCostModel, src: Spec, dst: Spec) -> bool:
+    """Whether ``dst`` splits every dim of a ``src`` tensor into a multiple of src's
+    parts, without keeping src's axes of that dim as its leading ones everywhere: each
+    device's dst block is then part of one other device's src block."""
+    live = lambda spec: [tuple(a for a in axes if model.mesh_shape[a] > 1) for axes in spec]  # noqa: E731
+    s, d = live(src), live(dst)
+    return (all(model._split(b) % model._split(a) == 0 for a, b in zip(s, d))
+            and any(b[:len(a)] != a for a, b in zip(s, d)))
 
 
 def _permutes_blocks(model: MeshCostModel, src: Spec, dst: Spec) -> bool:

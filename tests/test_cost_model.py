@@ -391,18 +391,31 @@ def test_resharding_moves_axes_as_xla_can(src, dst, kinds):
     assert all(s.nbytes == 16 * 128 * 128 * 4 for s in gathered)   # the whole tensor
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 4), (4, 2)])
-@pytest.mark.parametrize("src, dst", [
+_EXCHANGES = [
     (((0,), (1,), ()), ((1,), (0,), ())),     # a swap of unequal axes
     (((0,), (1,), ()), ((1, 0), (), ())),     # two split dims' axes into one of them
     (((0,), (1,), ()), ((), (0, 1), ())),
     (((0, 1), (), ()), ((1,), (0,), ())),     # one dim's axes into it and another
     (((), (0, 1), ()), ((1, 0), (), ())),     # one dim's axes to another, reversed
+]
+
+
+@pytest.mark.parametrize("mesh_shape, src, dst, kinds", [
+    *[(m, s, d, ["all-to-all", "collective-permute"]) for m in ((2, 4), (4, 2)) for s, d in _EXCHANGES],
+    # dst splits every dim into a multiple of src's parts, not behind src's axes: each
+    # device's block is part of one other device's, sliced and sent in one permute
+    ((2, 4), ((), (0,), ()), ((0,), (1,), ()), ["collective-permute"]),
+    ((2, 4), ((0,), (), ()), ((1, 0), (), ()), ["collective-permute"]),
+    ((4, 2), ((1,), (), ()), ((0, 1), (), ()), ["collective-permute"]),
+    ((2, 4), ((), (), (0,)), ((0,), (), (1,)), ["collective-permute"]),
+    # an axis leaves its dim from in front of one that stays: an all-to-all, then the
+    # blocks reordered
+    ((4, 2), ((), (0,), ()), ((0,), (1,), ()), ["all-to-all", "collective-permute"]),
 ])
-def test_an_exchange_among_split_dims_is_an_all_to_all_and_a_permute(mesh_shape, src, dst):
+def test_reshardings_priced_as_xla_compiles_them(mesh_shape, src, dst, kinds):
     # every axis stays in use, only the dims they split change: XLA runs one all-to-all
     # and one collective-permute of the shard (not a gather of the whole tensor, nor an
-    # all-to-all per axis); the model prices those two, with their bytes
+    # all-to-all per axis); the model prices those, with their bytes
     names = ("a", "b")
     mesh = jax.make_mesh(mesh_shape, names, axis_types=(AxisType.Auto,) * 2)
     spec = lambda s: PartitionSpec(*(tuple(names[a] for a in axes) or None for axes in s))  # noqa: E731
@@ -414,6 +427,7 @@ def test_an_exchange_among_split_dims_is_an_all_to_all_and_a_permute(mesh_shape,
     model = MeshCostModel(_uniform_cluster(), mesh_shape)
     steps = model.resharding_steps(shape, 4, src, dst)
     assert [(s.kind, s.nbytes) for s in steps] == compiled
+    assert [s.kind for s in steps] == kinds
     # (which axes XLA's all-to-all runs over depends on the axes' sizes; the model names
     # the axes that change dim)
     assert steps[-1].axes == (0, 1)
