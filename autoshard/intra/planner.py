@@ -77,7 +77,8 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                            cluster=cluster, axis_names=axis_names, static_repr=static_repr,
                            donated=donated, start=start)
     result = _solve_within_budget(problem, model, donated, memory_budget, deadline)
-    choices = prefer_made_layouts(problem.graph, problem.grouping, request, result.choices)
+    choices = result.choices if memory_budget is not None else \
+        prefer_made_layouts(problem.graph, problem.grouping, request, result.choices)
     _log.info("solved: %s (%s), %.4g s per step, gap %.2f%%, %d variables (%.2f s, LP %.2f s)",
               result.status, result.stats.solver_status, result.objective, 100 * result.gap,
               result.num_variables, result.solve_time_s, result.stats.lp_time_s)

@@ -126,7 +126,8 @@ def prefer_made_layouts(graph: ShardingGraph, grouping: Grouping, request: ilp.I
     The model prices a third layout from the shared copy (a free slice when the copy is
     replicated); XLA reshards the operand from the layout it is made in (an all-to-all
     where a batch-split value is read split over its sequence). Among plans the model
-    prices alike, this keeps the one XLA compiles as priced."""
+    prices alike, this keeps the one XLA compiles as priced. (Memory is not priced by the
+    moves: the planner leaves a plan made under a memory budget as solved.)"""
     into_read = {use.dst: use for use in graph.uses if graph.nodes[use.dst].kind == READ}
     if not into_read:
         return tuple(choices)
