@@ -410,8 +410,7 @@ def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
                 layout[d].remove(a)
             layout[e].extend(group)
         if relayout and moved and live(layout) == live(dst) and \
-                [[a for a in axes if model.mesh_shape[a] > 1] for axes in layout] != \
-                [[a for a in axes if model.mesh_shape[a] > 1] for axes in dst]:
+                _live_axes(model, layout) != _live_axes(model, dst):
             # the axes arrived in another order than dst's (one dim's axes moved to another
             # dim, reversed): XLA puts the blocks in order with one collective-permute
             nbytes = bytes_now()
@@ -437,6 +436,11 @@ def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
     return tuple(steps), traffic
 
 
+def _live_axes(model: MeshCostModel, spec) -> list[tuple[int, ...]]:
+    """Per dim, the mesh axes of ``spec`` that split it (size > 1), in order."""
+    return [tuple(a for a in axes if model.mesh_shape[a] > 1) for axes in spec]
+
+
 def _reordering(model: MeshCostModel, axes: tuple[int, ...], nbytes: int) -> CollectiveStep:
     """The collective-permute that puts every device's block where its layout wants it."""
     return CollectiveStep("collective-permute", axes, nbytes, model.collective_permute(nbytes, axes))
@@ -446,8 +450,7 @@ def _refines_elsewhere(model: MeshCostModel, src: Spec, dst: Spec) -> bool:
     """Whether ``dst`` splits every dim of a ``src`` tensor into a multiple of src's
     parts, without keeping src's axes of that dim as its leading ones everywhere: each
     device's dst block is then part of one other device's src block."""
-    live = lambda spec: [tuple(a for a in axes if model.mesh_shape[a] > 1) for axes in spec]  # noqa: E731
-    s, d = live(src), live(dst)
+    s, d = _live_axes(model, src), _live_axes(model, dst)
     return (all(model._split(b) % model._split(a) == 0 for a, b in zip(s, d))
             and any(b[:len(a)] != a for a, b in zip(s, d)))
 
@@ -456,8 +459,7 @@ def _permutes_blocks(model: MeshCostModel, src: Spec, dst: Spec) -> bool:
     """Whether ``dst`` lays every device's block of a ``src`` tensor whole on one other
     device: the same mesh axes (of size > 1) split every dim by the same factor, and
     some of them sit elsewhere."""
-    live = [tuple(a for a in axes if model.mesh_shape[a] > 1) for axes in src]
-    moved = [tuple(a for a in axes if model.mesh_shape[a] > 1) for axes in dst]
+    live, moved = _live_axes(model, src), _live_axes(model, dst)
     return (live != moved
             and sorted(a for axes in live for a in axes) == sorted(a for axes in moved for a in axes)
             and all(model._split(s) == model._split(d) for s, d in zip(live, moved)))

@@ -20,7 +20,7 @@ a ``jax.distributed`` run must make. Costs are scaled so the largest coefficient
 ``_OBJECTIVE_RANGE``, well above the solver's tolerances.
 
 Column generation: most cells of a grid are pairs of layouts no good plan joins. The LP
-starts from each row's and each column's cheapest cell, and each round adds every
+starts from each row's and each column's ``START_CELLS`` cheapest cells, and each round adds every
 omitted cell whose reduced cost (its cost less its two marginal rows' duals) is
 negative, warm-started from the last basis, until none is: the same optimum as the LP
 over every cell (an equal-cost vertex may differ; the plan is then another optimum).
