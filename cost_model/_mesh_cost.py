@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ._cluster import Cluster, Link
+from ._resharding_route import Route, resharding_route
 
 Spec = tuple[tuple[int, ...], ...]
 
@@ -310,168 +311,46 @@ def _resharding_traffic(model, shape, itemsize, src, dst) -> int:
 def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, src: Spec,
                      dst: Spec) -> tuple[tuple[CollectiveStep, ...], int]:
     """The collectives of ``MeshCostModel.resharding`` in order (none that moves nothing),
-    and the bytes per device its copies read and write (``resharding_traffic``). The
+    and the bytes per device its copies read and write (``resharding_traffic``): the
+    shape-free route (``_resharding_route``) priced for ``shape`` and ``itemsize``. The
     specs are checked by the callers (once per spec for a matrix)."""
-    if src == dst:
-        return (), 0
-    ndim = len(shape)
-    kept = []
-    for d in range(ndim):
-        k = 0
-        while k < min(len(src[d]), len(dst[d])) and src[d][k] == dst[d][k]:
-            k += 1
-        kept.append(k)
-    src_dim = {a: d for d in range(ndim) for a in src[d]}
-    dst_dim = {a: d for d in range(ndim) for a in dst[d]}
-    layout = [list(axes) for axes in src]
-    bytes_now = lambda: model._shard_bytes(shape, itemsize, layout)  # noqa: E731
-    moves = lambda axes: any(model.mesh_shape[a] > 1 for a in axes)  # noqa: E731
+    return _priced_route(model, shape, itemsize, resharding_route(model.mesh_shape, src, dst), {})
+
+
+def _priced_route(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, route: Route,
+                  shard_bytes: dict[Spec, int]) -> tuple[tuple[CollectiveStep, ...], int]:
+    """``route``'s collectives and copy traffic (bytes per device) for one ``shape`` and
+    ``itemsize``; ``shard_bytes`` memoises the bytes of each layout's shard (per shape)."""
+    def nbytes(layout: Spec) -> int:
+        found = shard_bytes.get(layout)
+        if found is None:
+            found = shard_bytes[layout] = model._shard_bytes(shape, itemsize, layout)
+        return found
+
+    price = {"all-gather": model.all_gather, "all-to-all": model.all_to_all,
+             "collective-permute": model.collective_permute}
+    steps = tuple(CollectiveStep(step.kind, step.axes, n, price[step.kind](n, step.axes))
+                  for step in route.steps for n in (nbytes(step.layout),))
     traffic = 0
-
-    # 0. A permutation of the devices' blocks (see ``MeshCostModel.resharding``).
-    if _permutes_blocks(model, src, dst):
-        axes = tuple(sorted(a for d in range(ndim) for a in src[d][kept[d]:]
-                            if model.mesh_shape[a] > 1))
-        nbytes = bytes_now()
-        return (CollectiveStep("collective-permute", axes, nbytes,
-                               model.collective_permute(nbytes, axes)),), 2 * nbytes
-
-    # 0b. dst splits every dim at least as finely as src (by a multiple), but not by
-    #    keeping src's axes in front: every device's dst block lies inside one other
-    #    device's src block, which slices it and sends it over in one collective-permute.
-    if _refines_elsewhere(model, src, dst):
-        nbytes = model._shard_bytes(shape, itemsize, dst)
-        axes = tuple(sorted({a for spec in (src, dst) for d in spec for a in d
-                             if model.mesh_shape[a] > 1}))
-        return (_reordering(model, axes, nbytes),), 4 * nbytes
-
-    # 1. Local slicing of axes only dst uses: reads and writes the part it keeps.
-    sliced = [a for d in range(ndim) for a in dst[d][kept[d]:] if a not in src_dim]
-    for d in range(ndim):
-        layout[d].extend(a for a in dst[d][kept[d]:] if a not in src_dim)
-    if moves(sliced):
-        traffic += 2 * bytes_now()
-
-    steps = []
-    # 2. Axes that leave their place in src but stay in dst. The axes moving from one dim
-    #    to one other dim move in one all-to-all over them (operand and result, and the
-    #    local transposes around it). When one dim's axes go to several dims, or several
-    #    dims' axes to one, XLA cannot: it gathers the moved axes in one all-gather, then
-    #    slices (its "involuntary full rematerialization").
-    moved = {}
-    for d in range(ndim):
-        for a in src[d][kept[d]:]:
-            if a in dst_dim:
-                moved.setdefault((d, dst_dim[a]), []).append(a)
-    sources = [d for d, _ in moved]
-    targets = [e for _, e in moved]
-    many = len(set(sources)) < len(sources) or len(set(targets)) < len(targets)
-    live = lambda spec: sorted(a for axes in spec for a in axes if model.mesh_shape[a] > 1)  # noqa: E731
-    relayout = live(src) == live(dst)   # nothing sliced, nothing gathered
-    split_src = {d for d in range(ndim) if moves(src[d])}
-    split_dst = {d for d in range(ndim) if moves(dst[d])}
-    if relayout and (many or len(moved) > 1) and \
-            (split_src <= split_dst or split_dst <= split_src):
-        # An exchange among the split dims (a swap; two dims' axes into one of them; one
-        # dim's axes into it and another): XLA runs one all-to-all (over axes that change
-        # dim), then one collective-permute putting the blocks in dst's order.
-        axes = tuple(sorted(a for (d, e), group in moved.items() if d != e for a in group))
-        nbytes = bytes_now()
-        steps.append(CollectiveStep("all-to-all", axes, nbytes, model.all_to_all(nbytes, axes)))
-        steps.append(_reordering(model, tuple(live(src)), nbytes))
-        traffic += 4 * nbytes + 2 * nbytes
-        layout = [list(axes) for axes in dst]
-    elif many:
-        axes = tuple(sorted(a for group in moved.values() for a in group))
-        for (d, _), group in moved.items():
-            for a in group:
-                layout[d].remove(a)
-        nbytes = bytes_now()
-        if moves(axes):
-            steps.append(CollectiveStep("all-gather", axes, nbytes, model.all_gather(nbytes, axes)))
-            traffic += nbytes // model._split(axes) + nbytes
-        for (_, e), group in moved.items():
-            layout[e].extend(group)
-        if moves(axes):
-            traffic += 2 * bytes_now()  # the slice into dst's layout
-    else:
-        for (d, e), group in moved.items():
-            nbytes = bytes_now()
-            staying = [a for a in layout[d] if a not in group and model.mesh_shape[a] > 1]
-            behind = any(layout[d].index(a) > layout[d].index(b) for a in staying for b in group)
-            if moves(group):
-                steps.append(CollectiveStep("all-to-all", tuple(group), nbytes,
-                                            model.all_to_all(nbytes, tuple(group))))
-                traffic += 4 * nbytes
-                if behind:  # an axis left from in front of one that stays: blocks reorder
-                    steps.append(_reordering(model, tuple(sorted(set(live(layout)))), nbytes))
-                    traffic += 2 * nbytes
-            for a in group:
-                layout[d].remove(a)
-            layout[e].extend(group)
-        if relayout and moved and live(layout) == live(dst) and \
-                _live_axes(model, layout) != _live_axes(model, dst):
-            # the axes arrived in another order than dst's (one dim's axes moved to another
-            # dim, reversed): XLA puts the blocks in order with one collective-permute
-            nbytes = bytes_now()
-            steps.append(_reordering(model, tuple(live(src)), nbytes))
-            traffic += 2 * nbytes
-            layout = [list(axes) for axes in dst]
-
-    # 3. All-gather for axes dst drops, last mesh axis first (operand and result; a dim
-    #    that is not the outermost with more than one element per device is gathered as
-    #    the major dim and then relayouted: read and written once more).
-    dropped = sorted((a for d in range(ndim) for a in src[d][kept[d]:] if a not in dst_dim), reverse=True)
-    for a in dropped:
-        d = src_dim[a]
-        layout[d].remove(a)
-        nbytes = bytes_now()
-        if not moves((a,)):
+    for term in route.traffic:
+        if term.before_dim is not None and math.prod(
+                -(-n // model._split(axes)) for n, axes in zip(shape[:term.before_dim], term.layout)) <= 1:
             continue
-        steps.append(CollectiveStep("all-gather", (a,), nbytes, model.all_gather(nbytes, (a,))))
-        traffic += nbytes // model.mesh_shape[a] + nbytes
-        local = [-(-n // model._split(axes)) for n, axes in zip(shape, layout)]
-        if math.prod(local[:d]) > 1:
-            traffic += 2 * nbytes
-    return tuple(steps), traffic
-
-
-def _live_axes(model: MeshCostModel, spec) -> list[tuple[int, ...]]:
-    """Per dim, the mesh axes of ``spec`` that split it (size > 1), in order."""
-    return [tuple(a for a in axes if model.mesh_shape[a] > 1) for axes in spec]
-
-
-def _reordering(model: MeshCostModel, axes: tuple[int, ...], nbytes: int) -> CollectiveStep:
-    """The collective-permute that puts every device's block where its layout wants it."""
-    return CollectiveStep("collective-permute", axes, nbytes, model.collective_permute(nbytes, axes))
-
-
-def _refines_elsewhere(model: MeshCostModel, src: Spec, dst: Spec) -> bool:
-    """Whether ``dst`` splits every dim of a ``src`` tensor into a multiple of src's
-    parts, without keeping src's axes of that dim as its leading ones everywhere: each
-    device's dst block is then part of one other device's src block."""
-    s, d = _live_axes(model, src), _live_axes(model, dst)
-    return (all(model._split(b) % model._split(a) == 0 for a, b in zip(s, d))
-            and any(b[:len(a)] != a for a, b in zip(s, d)))
-
-
-def _permutes_blocks(model: MeshCostModel, src: Spec, dst: Spec) -> bool:
-    """Whether ``dst`` lays every device's block of a ``src`` tensor whole on one other
-    device: the same mesh axes (of size > 1) split every dim by the same factor, and
-    some of them sit elsewhere."""
-    live, moved = _live_axes(model, src), _live_axes(model, dst)
-    return (live != moved
-            and sorted(a for axes in live for a in axes) == sorted(a for axes in moved for a in axes)
-            and all(model._split(s) == model._split(d) for s, d in zip(live, moved)))
+        traffic += term.factor * (nbytes(term.layout) // term.divisor)
+    return steps, traffic
 
 
 @functools.lru_cache(maxsize=4096)
 def _resharding_matrix(
     model: MeshCostModel, shape: tuple[int, ...], itemsize: int, srcs: tuple[Spec, ...], dsts: tuple[Spec, ...]
 ) -> np.ndarray:
-    matrix = np.array(
-        [[_resharding_time(model, shape, itemsize, src, dst) for dst in dsts] for src in srcs],
-        dtype=np.float64,
-    ).reshape(len(srcs), len(dsts))
+    shard_bytes: dict[Spec, int] = {}
+    cells = []
+    for src in srcs:
+        for dst in dsts:  # as ``_resharding_time`` adds them up
+            steps, traffic = _priced_route(model, shape, itemsize,
+                                           resharding_route(model.mesh_shape, src, dst), shard_bytes)
+            cells.append(sum(step.seconds for step in steps) + traffic / model.cluster.memory_bandwidth)
+    matrix = np.array(cells, dtype=np.float64).reshape(len(srcs), len(dsts))
     matrix.flags.writeable = False
     return matrix

@@ -1,0 +1,193 @@
+"""Which collectives turn a ``src`` layout into ``dst``, decided from the mesh shape and
+the two specs alone: a ``Route`` names each collective and the per-device layout whose
+shard it moves, and the copies' memory traffic as shards of named layouts. It holds no
+sizes, so one route serves every tensor (``_mesh_cost`` prices it for a shape and an
+itemsize); the rules are ``MeshCostModel.resharding``'s docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+Spec = tuple[tuple[int, ...], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteStep:
+    """One collective: ``kind`` over mesh ``axes``, moving the shard of ``layout``."""
+
+    kind: str
+    axes: tuple[int, ...]
+    layout: Spec
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteTraffic:
+    """``factor`` × (bytes of one ``layout`` shard // ``divisor``), counted only when
+    ``before_dim`` is None or the shard has more than one element in the dims before
+    ``before_dim`` (a gathered dim that is not the outermost is relayouted)."""
+
+    factor: int
+    layout: Spec
+    divisor: int = 1
+    before_dim: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """The collectives of a resharding in order (none that moves nothing) and the bytes
+    per device its copies read and write, as terms over shards."""
+
+    steps: tuple[RouteStep, ...]
+    traffic: tuple[RouteTraffic, ...]
+
+
+def split(mesh_shape: tuple[int, ...], axes) -> int:
+    """Devices spanned by ``axes`` (the parts a dim split over them has)."""
+    return math.prod(mesh_shape[a] for a in axes)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def resharding_route(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> Route:
+    """The ``Route`` from ``src`` to ``dst`` on a mesh of ``mesh_shape`` (specs checked
+    and normalised by the caller)."""
+    if src == dst:
+        return Route((), ())
+    ndim = len(src)
+    kept = []
+    for d in range(ndim):
+        k = 0
+        while k < min(len(src[d]), len(dst[d])) and src[d][k] == dst[d][k]:
+            k += 1
+        kept.append(k)
+    src_dim = {a: d for d in range(ndim) for a in src[d]}
+    dst_dim = {a: d for d in range(ndim) for a in dst[d]}
+    layout = [list(axes) for axes in src]
+    now = lambda: tuple(tuple(axes) for axes in layout)  # noqa: E731
+    moves = lambda axes: any(mesh_shape[a] > 1 for a in axes)  # noqa: E731
+    live = lambda spec: sorted(a for axes in spec for a in axes if mesh_shape[a] > 1)  # noqa: E731
+    steps: list[RouteStep] = []
+    traffic: list[RouteTraffic] = []
+
+    # 0. A permutation of the devices' blocks (see ``MeshCostModel.resharding``).
+    if _permutes_blocks(mesh_shape, src, dst):
+        axes = tuple(sorted(a for d in range(ndim) for a in src[d][kept[d]:] if mesh_shape[a] > 1))
+        return Route((RouteStep("collective-permute", axes, src),), (RouteTraffic(2, src),))
+
+    # 0b. dst splits every dim at least as finely as src (by a multiple), but not by
+    #    keeping src's axes in front: every device's dst block lies inside one other
+    #    device's src block, which slices it and sends it over in one collective-permute.
+    if _refines_elsewhere(mesh_shape, src, dst):
+        axes = tuple(sorted({a for spec in (src, dst) for d in spec for a in d if mesh_shape[a] > 1}))
+        return Route((RouteStep("collective-permute", axes, dst),), (RouteTraffic(4, dst),))
+
+    # 1. Local slicing of axes only dst uses: reads and writes the part it keeps.
+    sliced = [a for d in range(ndim) for a in dst[d][kept[d]:] if a not in src_dim]
+    for d in range(ndim):
+        layout[d].extend(a for a in dst[d][kept[d]:] if a not in src_dim)
+    if moves(sliced):
+        traffic.append(RouteTraffic(2, now()))
+
+    # 2. Axes that leave their place in src but stay in dst. The axes moving from one dim
+    #    to one other dim move in one all-to-all over them (operand and result, and the
+    #    local transposes around it). When one dim's axes go to several dims, or several
+    #    dims' axes to one, XLA cannot: it gathers the moved axes in one all-gather, then
+    #    slices (its "involuntary full rematerialization").
+    moved: dict[tuple[int, int], list[int]] = {}
+    for d in range(ndim):
+        for a in src[d][kept[d]:]:
+            if a in dst_dim:
+                moved.setdefault((d, dst_dim[a]), []).append(a)
+    sources = [d for d, _ in moved]
+    targets = [e for _, e in moved]
+    many = len(set(sources)) < len(sources) or len(set(targets)) < len(targets)
+    relayout = live(src) == live(dst)   # nothing sliced, nothing gathered
+    split_src = {d for d in range(ndim) if moves(src[d])}
+    split_dst = {d for d in range(ndim) if moves(dst[d])}
+    if relayout and (many or len(moved) > 1) and \
+            (split_src <= split_dst or split_dst <= split_src):
+        # An exchange among the split dims (a swap; two dims' axes into one of them; one
+        # dim's axes into it and another): XLA runs one all-to-all (over axes that change
+        # dim), then one collective-permute putting the blocks in dst's order.
+        axes = tuple(sorted(a for (d, e), group in moved.items() if d != e for a in group))
+        here = now()
+        steps += [RouteStep("all-to-all", axes, here),
+                  RouteStep("collective-permute", tuple(live(src)), here)]
+        traffic.append(RouteTraffic(6, here))
+        layout = [list(axes) for axes in dst]
+    elif many:
+        axes = tuple(sorted(a for group in moved.values() for a in group))
+        for (d, _), group in moved.items():
+            for a in group:
+                layout[d].remove(a)
+        if moves(axes):
+            here = now()
+            steps.append(RouteStep("all-gather", axes, here))
+            traffic += [RouteTraffic(1, here, split(mesh_shape, axes)), RouteTraffic(1, here)]
+        for (_, e), group in moved.items():
+            layout[e].extend(group)
+        if moves(axes):
+            traffic.append(RouteTraffic(2, now()))  # the slice into dst's layout
+    else:
+        for (d, e), group in moved.items():
+            here = now()
+            staying = [a for a in layout[d] if a not in group and mesh_shape[a] > 1]
+            behind = any(layout[d].index(a) > layout[d].index(b) for a in staying for b in group)
+            if moves(group):
+                steps.append(RouteStep("all-to-all", tuple(group), here))
+                traffic.append(RouteTraffic(4, here))
+                if behind:  # an axis left from in front of one that stays: blocks reorder
+                    steps.append(RouteStep("collective-permute", tuple(sorted(set(live(layout)))), here))
+                    traffic.append(RouteTraffic(2, here))
+            for a in group:
+                layout[d].remove(a)
+            layout[e].extend(group)
+        if relayout and moved and live(layout) == live(dst) and \
+                live_axes(mesh_shape, layout) != live_axes(mesh_shape, dst):
+            # the axes arrived in another order than dst's (one dim's axes moved to another
+            # dim, reversed): XLA puts the blocks in order with one collective-permute
+            here = now()
+            steps.append(RouteStep("collective-permute", tuple(live(src)), here))
+            traffic.append(RouteTraffic(2, here))
+            layout = [list(axes) for axes in dst]
+
+    # 3. All-gather for axes dst drops, last mesh axis first (operand and result; a dim
+    #    that is not the outermost with more than one element per device is gathered as
+    #    the major dim and then relayouted: read and written once more).
+    dropped = sorted((a for d in range(ndim) for a in src[d][kept[d]:] if a not in dst_dim), reverse=True)
+    for a in dropped:
+        d = src_dim[a]
+        layout[d].remove(a)
+        if not moves((a,)):
+            continue
+        here = now()
+        steps.append(RouteStep("all-gather", (a,), here))
+        traffic += [RouteTraffic(1, here, mesh_shape[a]), RouteTraffic(1, here),
+                    RouteTraffic(2, here, before_dim=d)]
+    return Route(tuple(steps), tuple(traffic))
+
+
+def live_axes(mesh_shape: tuple[int, ...], spec) -> list[tuple[int, ...]]:
+    """Per dim, the mesh axes of ``spec`` that split it (size > 1), in order."""
+    return [tuple(a for a in axes if mesh_shape[a] > 1) for axes in spec]
+
+
+def _refines_elsewhere(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> bool:
+    """Whether ``dst`` splits every dim of a ``src`` tensor into a multiple of src's
+    parts, without keeping src's axes of that dim as its leading ones everywhere: each
+    device's dst block is then part of one other device's src block."""
+    s, d = live_axes(mesh_shape, src), live_axes(mesh_shape, dst)
+    return (all(split(mesh_shape, b) % split(mesh_shape, a) == 0 for a, b in zip(s, d))
+            and any(b[:len(a)] != a for a, b in zip(s, d)))
+
+
+def _permutes_blocks(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> bool:
+    """Whether ``dst`` lays every device's block of a ``src`` tensor whole on one other
+    device: the same mesh axes (of size > 1) split every dim by the same factor, and
+    some of them sit elsewhere."""
+    live, moved = live_axes(mesh_shape, src), live_axes(mesh_shape, dst)
+    return (live != moved
+            and sorted(a for axes in live for a in axes) == sorted(a for axes in moved for a in axes)
+            and all(split(mesh_shape, s) == split(mesh_shape, d) for s, d in zip(live, moved)))
