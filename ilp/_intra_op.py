@@ -253,8 +253,8 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     warm = prepared.choices(position)
     warm_eval = evaluate(request, warm)
     if not warm_eval.ok and prepared.rows:  # the hint breaks the budget: find one that fits
-        fitting = within_budget(dataclasses.replace(
-            request, wall_time_limit_s=deadline.wall_limit()), prepared.reduced)
+        fitting = within_budget(request.with_options(wall_time_limit_s=deadline.wall_limit()),
+                                prepared.reduced)
         if fitting is not None:
             position = [fitting.get(v, p) for v, p in enumerate(position)]
             warm = prepared.choices(position)
@@ -531,11 +531,11 @@ def _solve_tied(request: IntraOpRequest, classes: RepeatClasses,
     """
     start = time.perf_counter()
     try:
-        sub = solve_intra_op(dataclasses.replace(tied_request(request, classes),
-                                                 wall_time_limit_s=deadline.wall_limit()))
+        sub = solve_intra_op(tied_request(request, classes).with_options(
+            wall_time_limit_s=deadline.wall_limit()))
     except InfeasibleError:  # no tied plan fits the budget: an untied one may
-        return solve_intra_op(dataclasses.replace(request, tie_repeats=False,
-                                                  wall_time_limit_s=deadline.wall_limit()))
+        return solve_intra_op(request.with_options(tie_repeats=False,
+                                                   wall_time_limit_s=deadline.wall_limit()))
     costs = [np.asarray(c, dtype=np.float64) for c in request.node_costs]
     edges = [(e.src, e.dst, e.cost) for e in request.edges]
     expanded = list(classes.expand(sub.choices))

@@ -81,6 +81,11 @@ class SharedCost:
         return f"SharedCost(cost={format_seconds(self.cost)}, members={_summary(self.members)})"
 
 
+OPTIONS = frozenset({"memory_terms", "memory_budget", "hint", "time_limit_s", "wall_time_limit_s",
+                     "tie_repeats", "gap_limit", "search"})
+"""The fields of an ``IntraOpRequest`` that ``with_options`` may change."""
+
+
 @dataclass(frozen=True, eq=False)
 class IntraOpRequest:
     """One intra-op problem: pick a strategy per node minimising node + edge seconds.
@@ -151,24 +156,46 @@ class IntraOpRequest:
             object.__setattr__(self, "node_memory", memory)
         points = tuple(tuple(int(v) for v in point) for point in self.memory_points)
         object.__setattr__(self, "memory_points", points)
-        terms = tuple(tuple(self._memory_term(p, term) for term in point)
-                      for p, point in enumerate(self.memory_terms))
-        object.__setattr__(self, "memory_terms", terms)
-        if self.memory_budget is not None:
-            object.__setattr__(self, "memory_budget", float(self.memory_budget))
-        if self.hint is not None:
-            object.__setattr__(self, "hint", tuple(int(i) for i in self.hint))
         object.__setattr__(self, "shared_costs", tuple(
             c if isinstance(c, SharedCost) else SharedCost(*c) for c in self.shared_costs))
-        object.__setattr__(self, "time_limit_s", float(self.time_limit_s))
-        if self.wall_time_limit_s is not None:
-            object.__setattr__(self, "wall_time_limit_s", float(self.wall_time_limit_s))
-        object.__setattr__(self, "gap_limit", float(self.gap_limit))
         if self.strategy_labels is not None:
             object.__setattr__(self, "strategy_labels",
                                tuple(self._labels(v, labels)
                                      for v, labels in enumerate(self.strategy_labels)))
         self._validate()
+        self._set_options({}, terms=True)
+
+    def with_options(self, **changes) -> IntraOpRequest:
+        """This request with some of ``OPTIONS`` changed (memory terms and budget, hint,
+        limits, tying, search): what ``dataclasses.replace`` gives, without converting
+        and checking the nodes, edges and costs again (they are shared)."""
+        unknown = sorted(set(changes) - OPTIONS)
+        if unknown:
+            raise TypeError(f"with_options: {', '.join(unknown)} are not options of a request "
+                            f"(options: {', '.join(sorted(OPTIONS))}); use dataclasses.replace")
+        new = object.__new__(IntraOpRequest)
+        new.__dict__.update(self.__dict__)
+        new._set_options(changes, terms="memory_terms" in changes)
+        return new
+
+    def _set_options(self, changes: dict, *, terms: bool) -> None:
+        """Set ``changes`` (``OPTIONS`` fields), normalise the options and check them (the
+        memory terms only when ``terms``: they can be many)."""
+        for name, value in changes.items():
+            object.__setattr__(self, name, value)
+        if terms:
+            object.__setattr__(self, "memory_terms", tuple(
+                tuple(self._memory_term(p, term) for term in point)
+                for p, point in enumerate(self.memory_terms)))
+        if self.memory_budget is not None:
+            object.__setattr__(self, "memory_budget", float(self.memory_budget))
+        if self.hint is not None:
+            object.__setattr__(self, "hint", tuple(int(i) for i in self.hint))
+        object.__setattr__(self, "time_limit_s", float(self.time_limit_s))
+        if self.wall_time_limit_s is not None:
+            object.__setattr__(self, "wall_time_limit_s", float(self.wall_time_limit_s))
+        object.__setattr__(self, "gap_limit", float(self.gap_limit))
+        self._validate_options(terms)
 
     def _labels(self, v: int, labels) -> np.ndarray:
         array = np.asarray(labels)
@@ -250,7 +277,32 @@ class IntraOpRequest:
             for v in point:
                 if not 0 <= v < n:
                     raise ValueError(f"memory point {p}: node index {v} out of range (expected 0..{n - 1})")
-        for p, point in enumerate(self.memory_terms):
+        if self.memory_points and self.node_memory is None:
+            raise ValueError("memory_points given without node_memory")
+        for k, shared in enumerate(self.shared_costs):
+            if not (math.isfinite(shared.cost) and shared.cost >= 0):
+                raise ValueError(f"shared_costs[{k}]: cost must be finite seconds >= 0, got {shared.cost}")
+            if not shared.members:
+                raise ValueError(f"shared_costs[{k}]: no members; expected (node, strategy) pairs")
+            for v, i in shared.members:
+                if not 0 <= v < n:
+                    raise ValueError(f"shared_costs[{k}]: node index {v} out of range (expected 0..{n - 1})")
+                if not 0 <= i < counts(v):
+                    raise ValueError(f"shared_costs[{k}]: strategy {i} of {self._label(v)} out of range "
+                                     f"(expected 0..{counts(v) - 1})")
+        if self.strategy_labels is not None:
+            if len(self.strategy_labels) != n:
+                raise ValueError(f"strategy_labels has {len(self.strategy_labels)} entries, "
+                                 f"expected {n} (one per node)")
+            for v, labels in enumerate(self.strategy_labels):
+                if labels.shape[0] != counts(v):
+                    raise ValueError(f"strategy_labels of {self._label(v)} has {labels.shape[0]} "
+                                     f"rows, expected {counts(v)} (one per strategy)")
+
+    def _validate_options(self, terms: bool) -> None:
+        n = self.num_nodes
+        counts = [len(c) for c in self.node_costs].__getitem__  # strategies per node
+        for p, point in enumerate(self.memory_terms if terms else ()):
             for *nodes, memory in point:
                 for v in nodes:
                     if not 0 <= v < n:
@@ -265,8 +317,6 @@ class IntraOpRequest:
                 if len(nodes) == 2 and nodes[0] == nodes[1]:
                     raise ValueError(f"memory_terms[{p}]: edge term from {self._label(nodes[0])} "
                                      "to itself; give a node term instead")
-        if self.memory_points and self.node_memory is None:
-            raise ValueError("memory_points given without node_memory")
         if self.memory_budget is not None:
             if math.isnan(self.memory_budget) or self.memory_budget < 0:
                 raise ValueError(f"memory_budget must be >= 0 bytes, got {self.memory_budget}")
@@ -280,30 +330,11 @@ class IntraOpRequest:
                     raise ValueError(
                         f"hint for {self._label(v)} is {choice}, expected 0..{counts(v) - 1}"
                     )
-        for k, shared in enumerate(self.shared_costs):
-            if not (math.isfinite(shared.cost) and shared.cost >= 0):
-                raise ValueError(f"shared_costs[{k}]: cost must be finite seconds >= 0, got {shared.cost}")
-            if not shared.members:
-                raise ValueError(f"shared_costs[{k}]: no members; expected (node, strategy) pairs")
-            for v, i in shared.members:
-                if not 0 <= v < n:
-                    raise ValueError(f"shared_costs[{k}]: node index {v} out of range (expected 0..{n - 1})")
-                if not 0 <= i < counts(v):
-                    raise ValueError(f"shared_costs[{k}]: strategy {i} of {self._label(v)} out of range "
-                                     f"(expected 0..{counts(v) - 1})")
         if not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s must be > 0, got {self.time_limit_s}")
         if self.wall_time_limit_s is not None and not self.wall_time_limit_s >= 0:
             raise ValueError(f"wall_time_limit_s must be None or >= 0 seconds, got "
                              f"{self.wall_time_limit_s}")
-        if self.strategy_labels is not None:
-            if len(self.strategy_labels) != n:
-                raise ValueError(f"strategy_labels has {len(self.strategy_labels)} entries, "
-                                 f"expected {n} (one per node)")
-            for v, labels in enumerate(self.strategy_labels):
-                if labels.shape[0] != counts(v):
-                    raise ValueError(f"strategy_labels of {self._label(v)} has {labels.shape[0]} "
-                                     f"rows, expected {counts(v)} (one per strategy)")
         if not 0.0 <= self.gap_limit < 1.0:
             raise ValueError(f"gap_limit must be in [0, 1), got {self.gap_limit}")
 

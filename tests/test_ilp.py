@@ -580,6 +580,28 @@ def test_validation_names_the_node(kwargs, fragment):
     assert fragment in str(info.value)
 
 
+def test_with_options_shares_the_graph_and_checks_what_changes():
+    base = IntraOpRequest(node_costs=([0.0], [0.0, 1.0, 2.0]), node_names=("dot", "mul"),
+                          edges=(EdgeCost(0, 1, np.zeros((1, 3))),), node_memory=([1.0], [3.0, 2.0, 1.0]))
+    changed = base.with_options(hint=[0, 2], time_limit_s=3, memory_budget=2,
+                                memory_terms=(((1, [1.0, 3.0, 1.0]),),))
+    replaced = dataclasses.replace(base, hint=[0, 2], time_limit_s=3, memory_budget=2,
+                                   memory_terms=(((1, [1.0, 3.0, 1.0]),),))
+    for field in dataclasses.fields(IntraOpRequest):
+        got, want = getattr(changed, field.name), getattr(replaced, field.name)
+        assert repr(got) == repr(want), field.name
+    assert changed.node_costs is base.node_costs and changed.edges is base.edges
+    assert isinstance(changed.time_limit_s, float) and changed.hint == (0, 2)
+    assert base.hint is None and base.memory_budget is None        # the original is unchanged
+    assert evaluate(changed, (0, 2)).ok and not evaluate(changed, (0, 1)).ok  # 3 > 2 bytes
+    with pytest.raises(ValueError, match="hint for node 'mul' \\(#1\\) is 3"):
+        base.with_options(hint=(0, 3))
+    with pytest.raises(ValueError, match="memory_terms\\[0\\] for node 'mul'"):
+        base.with_options(memory_terms=(((1, [1.0]),),))
+    with pytest.raises(TypeError, match="node_costs are not options"):
+        base.with_options(node_costs=([0.0], [0.0]))
+
+
 def test_repr_summarises_large_requests():
     request = IntraOpRequest(
         node_costs=tuple(np.zeros(4) for _ in range(1000)),

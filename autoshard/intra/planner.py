@@ -109,13 +109,12 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
     steps = candidate_steps(tensors, len(program.eqns))
     fits: list = list(problem.seeds) + [free.choices]
     for _ in range(8):
-        constrained = dataclasses.replace(_until(request, deadline),
-                                          memory_terms=memory_terms(tensors, steps),
-                                          memory_budget=float(budget))
+        constrained = _until(request, deadline).with_options(
+            memory_terms=memory_terms(tensors, steps), memory_budget=float(budget))
         # start from the cheapest starting plan (or earlier result) that fits these steps
         hint = ilp.best_assignment(constrained, fits)
         if hint is not None:
-            constrained = dataclasses.replace(constrained, hint=hint)
+            constrained = constrained.with_options(hint=hint)
         try:
             result = ilp.solve_intra_op(constrained)
         except ilp.InfeasibleError as err:
@@ -151,8 +150,8 @@ def _solve_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
         hint = ilp.best_assignment(request, [c for c in (request.hint, per_use.choices)
                                              if c is not None])
         return _never_dearer(request, ilp.solve_intra_op(
-            dataclasses.replace(_until(request, deadline), hint=hint)), per_use)
-    shared = ilp.solve_intra_op(dataclasses.replace(request, search=False))
+            _until(request, deadline).with_options(hint=hint)), per_use)
+    shared = ilp.solve_intra_op(request.with_options(search=False))
     if shared.stats.lp_integral:
         return shared
     per_use = _per_use_shared(problem, request, deadline)
@@ -169,9 +168,8 @@ def _per_use_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
     per_use_request, per_use_grouping = problem.per_use()
     hint = None if request.hint is None else \
         per_use_from_shared(problem.graph, problem.grouping, per_use_grouping, request.hint)
-    per_use = ilp.solve_intra_op(dataclasses.replace(
-        _until(per_use_request, deadline), tie_repeats=request.tie_repeats,
-        gap_limit=request.gap_limit, hint=hint))
+    per_use = ilp.solve_intra_op(_until(per_use_request, deadline).with_options(
+        tie_repeats=request.tie_repeats, gap_limit=request.gap_limit, hint=hint))
     choices = shared_from_per_use(problem.graph, problem.grouping, request, per_use_grouping,
                                   per_use.choices)
     objective = ilp.evaluate(request, choices).objective
@@ -197,5 +195,4 @@ def _until(request: ilp.IntraOpRequest, deadline: float | None) -> ilp.IntraOpRe
     """``request`` with the wall-clock seconds left until ``deadline`` (if any)."""
     if deadline is None:
         return request
-    return dataclasses.replace(request,
-                               wall_time_limit_s=max(0.0, deadline - time.perf_counter()))
+    return request.with_options(wall_time_limit_s=max(0.0, deadline - time.perf_counter()))

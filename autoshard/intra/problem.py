@@ -107,8 +107,8 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
         if isinstance(method, ShardParallel) else None
     hint, alternatives, seeds = _seed(graph, grouping, request, propagation, model, method,
                                       batch_flat, annotations)
-    request = dataclasses.replace(request, hint=hint, tie_repeats=tie,
-                                  gap_limit=(0.01 if tie else 0.0) if gap is None else gap)
+    request = request.with_options(hint=hint, tie_repeats=tie,
+                                   gap_limit=(0.01 if tie else 0.0) if gap is None else gap)
     _log.info("strategies and costs: %d nodes, %d ILP nodes after following, %d edges "
               "(%.2f s)", len(graph.nodes), len(grouping.roots), len(request.edges),
               time.perf_counter() - start)
