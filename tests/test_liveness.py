@@ -8,7 +8,7 @@ import pytest
 import autoshard
 from autoshard.cost_model import MeshCostModel
 from autoshard.intra.liveness import live_ranges
-from autoshard.intra.memory_points import copy_bytes
+from autoshard.intra.memory_points import copy_bytes, copy_bytes_table
 from autoshard.ir.trace import trace
 
 
@@ -59,3 +59,15 @@ def test_copy_bytes(src, dst, expected):
     model = MeshCostModel(autoshard.cluster_preset("host-cpu"), (8,))
     aval = jax.ShapeDtypeStruct((512, 256), jnp.float32)
     assert copy_bytes(model, aval, src, dst) == expected
+
+
+def test_copy_bytes_table_is_copy_bytes_of_every_pair():
+    model = MeshCostModel(autoshard.cluster_preset("host-cpu"), (2, 4))
+    aval = jax.ShapeDtypeStruct((8, 1, 16), jnp.bfloat16)
+    specs = [((), (), ()), ((0,), (), ()), ((1,), (), (0,)), ((), (), (1, 0)), ((0, 1), (), ()),
+             ((), (), (0,)), ((1,), (), ())]
+    table = copy_bytes_table(model, aval, specs, specs[::-1])
+    assert table.shape == (7, 7) and (table > 0).sum() == 7 * 7 - 7
+    for i, src in enumerate(specs):
+        for j, dst in enumerate(specs[::-1]):
+            assert table[i, j] == copy_bytes(model, aval, src, dst), (src, dst)

@@ -25,6 +25,7 @@ adds the step that peaked if it was missed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -58,13 +59,33 @@ def copy_bytes(model: MeshCostModel, aval, src_spec, dst_spec) -> int:
     then copies the result into row-major order."""
     if src_spec == dst_spec:
         return 0
-    shape = tuple(aval.shape)
-    local = model.shard_shape(shape, dst_spec)
+    local = model.shard_shape(tuple(aval.shape), dst_spec)
     size = aval.dtype.itemsize * math.prod(local)
-    gathered = [d for d, (held, wanted) in enumerate(zip(src_spec, dst_spec))
-                if set(held) - set(wanted)]
-    inner = any(math.prod(local[:d]) > 1 for d in gathered)
+    inner = any(math.prod(local[:d]) > 1 for d in _gathered_dims(src_spec, dst_spec))
     return 2 * size if inner else size
+
+
+def copy_bytes_table(model: MeshCostModel, aval, srcs, dsts) -> np.ndarray:
+    """float64 array [len(srcs), len(dsts)] of ``copy_bytes`` (each dst's shard shape
+    worked out once)."""
+    shape, itemsize = tuple(aval.shape), aval.dtype.itemsize
+    table = np.zeros((len(srcs), len(dsts)), dtype=np.float64)
+    for j, dst in enumerate(dsts):
+        local = model.shard_shape(shape, dst)
+        size = itemsize * math.prod(local)
+        split_before = [math.prod(local[:d]) > 1 for d in range(len(local))]
+        for i, src in enumerate(srcs):
+            if src != dst:
+                inner = any(split_before[d] for d in _gathered_dims(src, dst))
+                table[i, j] = 2 * size if inner else size
+    return table
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _gathered_dims(src_spec, dst_spec) -> tuple[int, ...]:
+    """Dims from which ``dst_spec`` drops a mesh axis ``src_spec`` splits them by."""
+    return tuple(d for d, (held, wanted) in enumerate(zip(src_spec, dst_spec))
+                 if set(held) - set(wanted))
 
 
 def _copy_steps(graph: ShardingGraph, use, shared: Mapping[int, tuple[int, int]]
@@ -154,8 +175,7 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
     def copy_table(aval, srcs, dsts) -> np.ndarray:
         key = (tuple(aval.shape), aval.dtype.itemsize, srcs, dsts)
         if key not in tables:
-            tables[key] = np.array([[copy_bytes(model, aval, a, b) for b in dsts] for a in srcs],
-                                   dtype=np.float64)
+            tables[key] = copy_bytes_table(model, aval, srcs, dsts)
         return tables[key]
 
     shared = read_steps(graph)
