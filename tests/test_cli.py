@@ -21,6 +21,7 @@ import autoshard
 from autoshard.cli import main as _cli
 from autoshard.cli.tables import compare_text, show_text
 from autoshard.cli.target import TargetError, load_target
+from tests.compile_flags import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ TARGETS = textwrap.dedent('''
 
 def run_cli(*args, cwd) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(cwd)] + (
         [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))

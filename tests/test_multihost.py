@@ -17,6 +17,7 @@ import pytest
 
 import autoshard
 from examples import multihost
+from tests.compile_flags import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "multihost.py"
@@ -33,7 +34,7 @@ def _port() -> int:
 def launch(per_process_args: list[list[str]], out: Path) -> list[subprocess.CompletedProcess]:
     """Start one process per argument list on a fresh port; wait (bounded) for all."""
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)           # the script sets 4 devices per process itself
+    env["XLA_FLAGS"] = FAST_COMPILE      # the script adds 4 devices per process itself
     env["JAX_PLATFORMS"] = "cpu"
     port = _port()
     n = len(per_process_args)
@@ -214,8 +215,7 @@ def test_a_pipeline_across_two_processes_matches_jit():
     # under GPipe (two stages and 1F1B: `python examples/pipeline.py --launch 2`; the suite
     # runs one case for its 10-minute budget).
     stages = 4
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)  # the script adds its devices
     env["JAX_PLATFORMS"] = "cpu"
     run = subprocess.run([sys.executable, str(REPO / "examples" / "pipeline.py"), "--launch", "2",
                           "--stages", str(stages), "--schedule", "gpipe",
@@ -229,8 +229,7 @@ def test_a_pipeline_across_two_processes_matches_jit():
 def test_transfers_between_the_devices_of_two_processes(tmp_path):
     # runtime/transfer.move, every path, between the devices of 2 processes; each moved
     # array gathered whole (autoshard.gather_to_host) in both processes equals the value
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)  # the worker adds its devices
     port = _port()
     procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "transfer_worker.py"),
                                "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}",

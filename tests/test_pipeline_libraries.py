@@ -25,7 +25,7 @@ import autoshard
 from autoshard.pipeline.markers import GRAD_PRIMITIVE
 from autoshard.pipeline.trace import split_step
 from examples import nnx_gemma_style
-from tests.trees import assert_trees_allclose
+from tests.trees import ADAM_ATOL, assert_trees_allclose
 
 VOCAB, EMBED, HEADS, LAYERS, SEQ, BATCH = 64, 32, 2, 2, 16, 8
 DROPOUT = 0.1
@@ -188,7 +188,7 @@ def test_nnx_optimizer_step_matches_jit(mesh):
         ours, loss = step(ours, tokens)
         ref, ref_loss = jax.jit(train_step)(ref, tokens)
         assert_trees_allclose(loss, ref_loss)
-    assert_trees_allclose(ours, ref)   # parameters, Adam's moments, the step count
+    assert_trees_allclose(ours, ref, atol=ADAM_ATOL)  # parameters, Adam's moments, the step count
     plan = step.plan(ours, tokens)
     assert len(plan.stages) == 2 and plan.batch == ("args[1]",)
 
