@@ -57,12 +57,7 @@ def copy_bytes(model: MeshCostModel, aval, src_spec, dst_spec) -> int:
     ``dst_spec`` (0 when the layouts agree). Gathering a dimension that is not the
     outermost non-trivial one takes two buffers: XLA gathers it as the major dimension,
     then copies the result into row-major order."""
-    if src_spec == dst_spec:
-        return 0
-    local = model.shard_shape(tuple(aval.shape), dst_spec)
-    size = aval.dtype.itemsize * math.prod(local)
-    inner = any(math.prod(local[:d]) > 1 for d in _gathered_dims(src_spec, dst_spec))
-    return 2 * size if inner else size
+    return int(copy_bytes_table(model, aval, [src_spec], [dst_spec])[0, 0])
 
 
 def copy_bytes_table(model: MeshCostModel, aval, srcs, dsts) -> np.ndarray:
