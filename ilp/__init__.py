@@ -1,6 +1,7 @@
 """autoshard.ilp: intra-operator strategy selection (CP-SAT) and inter-operator stage
 slicing (DP). Never imports jax."""
 
+from ._budget_repair import fit_to_budget as fit_to_budget
 from ._evaluate import Evaluation as Evaluation
 from ._evaluate import MoveCosts as MoveCosts
 from ._evaluate import evaluate as evaluate

@@ -20,6 +20,7 @@ from autoshard.ilp import (
     SharedCost,
     best_assignment,
     evaluate,
+    fit_to_budget,
     greedy_assignment,
     min_peak_memory,
     solve_intra_op,
@@ -400,6 +401,25 @@ def test_matches_brute_force(seed, kind):
     lp_bound = result.stats.lp_bound  # when the LP ran, it bounds the optimum from below
     assert np.isnan(lp_bound) or lp_bound <= best + 1e-9 * max(1.0, abs(best))
     assert result.objective == check.objective
+
+
+def test_fit_to_budget_moves_the_cheapest_seconds_per_byte_first():
+    # Three weights, replicated (strategy 0) or sharded (1), all live at one point.
+    #   w1: shard 1 s, 8 -> 1 B; w2: shard 2 s, 8 -> 1 B; w3: shard 0.5 s, 2 -> 1 B.
+    # An edge w1 -> w2 costs 3 s when w1 is sharded and w2 is not.
+    # Unconstrained optimum: all replicated, 0 s, 18 B. Budget 12 B: 6 B must go.
+    #   shard w1: 1 + 3 = 4 s for 7 B (0.57 s/B); shard w2: 2 s for 7 B (0.29 s/B);
+    #   w3 saves 1 B only. So w2 moves: (0, 1, 0), 11 B, 2 s, the optimum under the budget.
+    request = IntraOpRequest(
+        node_costs=([0.0, 1.0], [0.0, 2.0], [0.0, 0.5]), node_names=("w1", "w2", "w3"),
+        edges=(EdgeCost(0, 1, np.array([[0.0, 0.0], [3.0, 0.0]])),),
+        memory_terms=(((0, [8.0, 1.0]), (1, [8.0, 1.0]), (2, [2.0, 1.0])),), memory_budget=12.0)
+    fitted = fit_to_budget(request, (0, 0, 0))
+    assert fitted == (0, 1, 0) and evaluate(request, fitted).ok
+    assert evaluate(request, fitted).objective == solve_intra_op(request).objective == 2.0
+    assert fit_to_budget(request, (0, 1, 0)) == (0, 1, 0)            # fits already: kept
+    # 3 B is the least any assignment holds: a 2 B budget cannot be met
+    assert fit_to_budget(dataclasses.replace(request, memory_budget=2.0), (0, 0, 0)) is None
 
 
 def test_copy_bytes_steer_the_choice():
