@@ -295,7 +295,11 @@ def _check_nbytes(nbytes: float) -> float:
 @functools.lru_cache(maxsize=1 << 16)
 def _resharding_time(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, src: Spec, dst: Spec) -> float:
     """Pure implementation of ``MeshCostModel.resharding`` (see its docstring)."""
-    steps, traffic = _resharding_walk(model, shape, itemsize, src, dst)
+    return _walk_seconds(model, *_resharding_walk(model, shape, itemsize, src, dst))
+
+
+def _walk_seconds(model: MeshCostModel, steps: tuple[CollectiveStep, ...], traffic: int) -> float:
+    """A resharding's seconds: its collectives plus its copies' traffic at memory bandwidth."""
     return sum(step.seconds for step in steps) + traffic / model.cluster.memory_bandwidth
 
 
@@ -317,6 +321,11 @@ def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
     return _priced_route(model, shape, itemsize, resharding_route(model.mesh_shape, src, dst), {})
 
 
+#: the price of each collective a route runs (``MeshCostModel`` method: model, nbytes, axes)
+_PRICE = {"all-gather": MeshCostModel.all_gather, "all-to-all": MeshCostModel.all_to_all,
+          "collective-permute": MeshCostModel.collective_permute}
+
+
 def _priced_route(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, route: Route,
                   shard_bytes: dict[Spec, int]) -> tuple[tuple[CollectiveStep, ...], int]:
     """``route``'s collectives and copy traffic (bytes per device) for one ``shape`` and
@@ -327,9 +336,7 @@ def _priced_route(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, r
             found = shard_bytes[layout] = model._shard_bytes(shape, itemsize, layout)
         return found
 
-    price = {"all-gather": model.all_gather, "all-to-all": model.all_to_all,
-             "collective-permute": model.collective_permute}
-    steps = tuple(CollectiveStep(step.kind, step.axes, n, price[step.kind](n, step.axes))
+    steps = tuple(CollectiveStep(step.kind, step.axes, n, _PRICE[step.kind](model, n, step.axes))
                   for step in route.steps for n in (nbytes(step.layout),))
     traffic = 0
     for term in route.traffic:
@@ -347,10 +354,9 @@ def _resharding_matrix(
     shard_bytes: dict[Spec, int] = {}
     cells = []
     for src in srcs:
-        for dst in dsts:  # as ``_resharding_time`` adds them up
-            steps, traffic = _priced_route(model, shape, itemsize,
-                                           resharding_route(model.mesh_shape, src, dst), shard_bytes)
-            cells.append(sum(step.seconds for step in steps) + traffic / model.cluster.memory_bandwidth)
+        for dst in dsts:
+            cells.append(_walk_seconds(model, *_priced_route(
+                model, shape, itemsize, resharding_route(model.mesh_shape, src, dst), shard_bytes)))
     matrix = np.array(cells, dtype=np.float64).reshape(len(srcs), len(dsts))
     matrix.flags.writeable = False
     return matrix
