@@ -10,17 +10,20 @@ from collections.abc import Sequence
 import numpy as np
 
 from ._evaluate import MEMORY_RTOL, evaluate, point_memory
+from ._heuristic import incident_edges
 from ._repeats import repeat_classes
 from ._request import IntraOpRequest
 
 MAX_PASSES = 30
 
 
-def fit_to_budget(request: IntraOpRequest, choices: Sequence[int],
+def fit_to_budget(request: IntraOpRequest, choices: Sequence[int], *,
+                  max_excess: float | None = None,
                   max_passes: int = MAX_PASSES) -> tuple[int, ...] | None:
     """``choices`` (one strategy per node) moved until every memory point of ``request``
     is within ``request.memory_budget``, or None if that takes more than ``max_passes``
-    passes or no move saves memory. Each pass prices, for every node of a point over the
+    passes, no move saves memory, or (with ``max_excess``) ``choices`` peak more than
+    that fraction over the budget. Each pass prices, for every node of a point over the
     budget, each of its strategies: bytes it takes off the points over budget (counted
     up to each point's excess) and objective seconds it adds (its own cost and its edges
     to the current neighbours); then moves nodes in order of seconds per byte, one
@@ -29,14 +32,13 @@ def fit_to_budget(request: IntraOpRequest, choices: Sequence[int],
     if request.memory_budget is None:
         return tuple(int(c) for c in choices)
     budget = request.memory_budget * (1.0 + MEMORY_RTOL)
-    incident: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(request.num_nodes)]
-    for edge in request.edges:
-        incident[edge.src].append((edge.dst, edge.cost))
-        incident[edge.dst].append((edge.src, edge.cost.T))
-    groups = _groups(request)
     choices = [int(c) for c in choices]
+    used = point_memory(request, choices)
+    if max_excess is not None and max(used, default=0.0) > (1 + max_excess) * request.memory_budget:
+        return None
+    incident = incident_edges(request.num_nodes, ((e.src, e.dst, e.cost) for e in request.edges))
+    groups = _groups(request)
     for _ in range(max_passes):
-        used = point_memory(request, choices)
         excess = {p: u - budget for p, u in enumerate(used) if u > budget}
         if not excess:
             return tuple(choices) if evaluate(request, choices).ok else None
@@ -71,6 +73,7 @@ def fit_to_budget(request: IntraOpRequest, choices: Sequence[int],
             covered += group_saved[g][:, s]
             if (covered >= cap[:, 0]).all():
                 break
+        used = point_memory(request, choices)
     return None
 
 
@@ -79,11 +82,7 @@ def _groups(request: IntraOpRequest) -> list[list[int]]:
     (so the result survives tying), else each node alone."""
     if not (request.tie_repeats and not request.memory_points):
         return [[v] for v in range(request.num_nodes)]
-    classes = repeat_classes(request)
-    groups: dict[int, list[int]] = {}
-    for v, k in enumerate(classes.of_node):
-        groups.setdefault(k, []).append(v)
-    return [groups[k] for k in sorted(groups)]
+    return repeat_classes(request).members()
 
 
 def _savings(request: IntraOpRequest, choices: Sequence[int], points: Sequence[int]

@@ -17,10 +17,7 @@ def polish(costs: Sequence[np.ndarray], edges, start: list[int],
     neighbours' current strategies until no move helps. Nodes are visited in index order
     and ties keep the current choice, so the result is deterministic."""
     n = len(costs)
-    incident: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n)]
-    for a, b, matrix in edges:
-        incident[a].append((b, matrix))
-        incident[b].append((a, matrix.T))
+    incident = incident_edges(n, edges)
     choice = list(start)
     order = [v for v in range(n) if incident[v] and len(costs[v]) > 1]
     for _ in range(max_sweeps):
@@ -36,6 +33,16 @@ def polish(costs: Sequence[np.ndarray], edges, start: list[int],
         if not changed:
             break
     return choice
+
+
+def incident_edges(num_nodes: int, edges) -> list[list[tuple[int, np.ndarray]]]:
+    """Per node, ``(neighbour, matrix)`` for each of its ``(a, b, matrix)`` edges, the
+    matrix indexed [this node's strategy, the neighbour's]."""
+    incident: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(num_nodes)]
+    for a, b, matrix in edges:
+        incident[a].append((b, matrix))
+        incident[b].append((a, matrix.T))
+    return incident
 
 
 def local_search(reduced: ReducedProblem, start: list[int], max_sweeps: int = 100) -> list[int]:

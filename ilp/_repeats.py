@@ -33,6 +33,13 @@ class RepeatClasses:
     def expand(self, class_choices) -> tuple[int, ...]:
         return tuple(int(class_choices[c]) for c in self.of_node)
 
+    def members(self) -> list[list[int]]:
+        """Per class (in class order), its nodes in index order."""
+        members: list[list[int]] = [[] for _ in range(self.num_classes)]
+        for v, c in enumerate(self.of_node):
+            members[c].append(v)
+        return members
+
     def __repr__(self) -> str:
         return f"RepeatClasses({len(self.of_node)} nodes -> {self.num_classes} classes)"
 
@@ -98,10 +105,7 @@ def tied_request(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpRequ
         matrix = e.cost if a < b else e.cost.T
         key = (min(a, b), max(a, b))
         edges[key] = edges[key] + matrix if key in edges else matrix
-    first = {}  # class -> its first member
-    for v, c in enumerate(classes.of_node):
-        first.setdefault(c, v)
-    members = [first[c] for c in range(classes.num_classes)]
+    members = [nodes[0] for nodes in classes.members()]  # each class's first member
     hint = None if request.hint is None else tuple(request.hint[v] for v in members)
     # members share costs and neighbourhoods: the first one's labels stand for the class
     labels = None if request.strategy_labels is None else \

@@ -418,6 +418,9 @@ def test_fit_to_budget_moves_the_cheapest_seconds_per_byte_first():
     assert fitted == (0, 1, 0) and evaluate(request, fitted).ok
     assert evaluate(request, fitted).objective == solve_intra_op(request).objective == 2.0
     assert fit_to_budget(request, (0, 1, 0)) == (0, 1, 0)            # fits already: kept
+    # (0, 0, 0) peaks 18 B, 50% over the budget: refused below that excess
+    assert fit_to_budget(request, (0, 0, 0), max_excess=0.25) is None
+    assert fit_to_budget(request, (0, 0, 0), max_excess=0.5) == (0, 1, 0)
     # 3 B is the least any assignment holds: a 2 B budget cannot be met
     assert fit_to_budget(dataclasses.replace(request, memory_budget=2.0), (0, 0, 0)) is None
 

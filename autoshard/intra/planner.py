@@ -24,8 +24,13 @@ from .problem import ShardingProblem, build_problem, propagated_choices
 from .shared_reads import per_use_from_shared, prefer_made_layouts, shared_from_per_use
 
 _log = logging.getLogger("autoshard")
-#: a budgeted search also starts from the unconstrained plan moved until it fits when
-#: that plan peaks at most this fraction over the budget (see ``_repaired``)
+#: a budgeted search also starts from the unconstrained plan moved until it fits
+#: (``ilp.fit_to_budget``) when that plan peaks at most this fraction over the budget.
+#: Measured on the 70B-shaped GPT on 8x8x8 (h100-80gb, 79 GiB): at 40 layers the optimum
+#: peaks 3% over and its repair starts the search at 1.113 s per step, which ends at
+#: 1.091 s (from the cheapest preset-like start that fits: 1.270 s); at 80 layers it peaks
+#: 105% over, and the repair (3.07 s) is a worse start than a ZeRO-like seed (3.04 s
+#: against 2.64 s in the end): halving the memory calls for another layout, not a few moves.
 REPAIR_EXCESS = 0.25
 
 
@@ -116,7 +121,8 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
             memory_terms=memory_terms(tensors, steps), memory_budget=float(budget))
         # start from the cheapest starting plan (or earlier result) that fits these steps,
         # the unconstrained optimum moved until it fits among them when it is near the budget
-        hint = ilp.best_assignment(constrained, fits + _repaired(constrained, free.choices))
+        repaired = ilp.fit_to_budget(constrained, free.choices, max_excess=REPAIR_EXCESS)
+        hint = ilp.best_assignment(constrained, fits + ([repaired] if repaired else []))
         if hint is not None:
             constrained = constrained.with_options(hint=hint)
         try:
@@ -134,21 +140,6 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
         fits.append(result.choices)
         steps = sorted(set(steps) | missed)
     return result
-
-
-def _repaired(request: ilp.IntraOpRequest, choices) -> list[tuple[int, ...]]:
-    """``[choices moved until they fit request's budget]`` (``ilp.fit_to_budget``) when
-    their peak is at most ``REPAIR_EXCESS`` over it, else ``[]``. Measured on the
-    70B-shaped GPT on 8x8x8 (h100-80gb, 79 GiB): at 40 layers the optimum peaks 3% over
-    and its repair starts the search at 1.113 s per step, which ends at 1.091 s (from
-    the cheapest preset-like start that fits: 1.270 s); at 80 layers it peaks 105%
-    over, the repair (3.07 s) is a worse start than a ZeRO-like seed (3.04 s against
-    2.64 s in the end): halving the memory calls for another layout, not a few moves."""
-    peak = max(ilp.evaluate(request, choices).memory_by_point, default=0.0)
-    if request.memory_budget is None or peak > (1 + REPAIR_EXCESS) * request.memory_budget:
-        return []
-    repaired = ilp.fit_to_budget(request, choices)
-    return [] if repaired is None else [repaired]
 
 
 def _solve_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
