@@ -185,3 +185,54 @@ def test_a_budget_the_donated_loop_fits_plans_compiles_within_it_and_runs(donate
     with pytest.raises(autoshard.InfeasiblePlanError) as info:
         tight.plan(*w.args)
     assert 24 * 2**20 <= info.value.min_peak_bytes <= fits
+
+
+def test_a_budget_just_under_the_free_peak_is_met_by_a_few_moves(mesh8, monkeypatch):
+    # A training loop as users write it: the loss closes over the batch, params and adam
+    # state donated. A budget 5% under the unconstrained plan's peak: the search also
+    # starts from that plan moved until it fits (ilp.fit_to_budget), never worse than
+    # starting from the presets' plans alone, and the plan runs as jax.jit does.
+    import jax.numpy as jnp
+    import optax
+
+    from autoshard import ilp
+    from autoshard.intra import planner
+
+    optimizer = optax.adam(1e-3)
+
+    def step(params, opt_state, x, y):
+        def loss(ps):
+            h = x
+            for w in ps:
+                h = jnp.tanh(h @ w)
+            return jnp.mean((h - y) ** 2)
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    params = [jax.random.normal(k, (256, 256)) / 16 for k in keys[:3]]
+    x, y = jax.random.normal(keys[3], (512, 256)), jax.random.normal(keys[4], (512, 256))
+    args = (params, optimizer.init(params), x, y)
+    expected = jax.jit(step)(*args)
+    free = autoshard.parallelize(step, mesh=mesh8, donate_argnums=(0, 1)).plan(*args)
+    budget = int(0.95 * free.cost.peak_memory_bytes)
+
+    def plan_under_budget():
+        return autoshard.parallelize(step, mesh=mesh8, donate_argnums=(0, 1),
+                                     memory_budget=budget)
+
+    repairs = []
+    fit = ilp.fit_to_budget
+    monkeypatch.setattr(ilp, "fit_to_budget",
+                        lambda *a, **k: repairs.append(fit(*a, **k)) or repairs[-1])
+    parallel = plan_under_budget()
+    plan = parallel.plan(*args)
+    assert any(r is not None for r in repairs), "the free plan was not repaired"
+    assert plan.cost.peak_memory_bytes <= budget
+    monkeypatch.setattr(planner, "REPAIR_EXCESS", -1.0)   # the presets' starts alone
+    without = plan_under_budget().plan(*args)
+    assert plan.cost.total_s <= without.cost.total_s * (1 + 1e-9)
+    got = parallel(*jax.tree.map(jnp.copy, args))
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)   # after one adam step
