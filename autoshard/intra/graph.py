@@ -177,7 +177,7 @@ def use_layout_matrix(graph: ShardingGraph, use: Use, table: Callable, memo: dic
     aval = program.avals[src.outputs[use.src_output]]
     if memo is not None:
         key = (id(src.strategies), use.src_output, id(dst.strategies), use.operand,
-               tuple(aval.shape), aval.dtype.name)
+               tuple(aval.shape), aval.dtype)
         if key not in memo:
             memo[key] = (src.strategies, dst.strategies,  # keep the ids alive
                          use_layout_matrix(graph, use, table))

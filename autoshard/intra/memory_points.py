@@ -44,8 +44,8 @@ from .shared_reads import READ, read_steps
 class TensorBytes:
     """Per tensor id: ``roots`` (the ILP nodes deciding its bytes: one, or two for a
     resharding copy), ``values`` (its bytes per device for each strategy of that node,
-    or each pair of strategies of the two) and ``steps`` (first, last step it is live).
-    Temporaries and copies get negative ids."""
+    or each pair of strategies of the two; read-only, repeated layers share them) and
+    ``steps`` (first, last step it is live). Temporaries and copies get negative ids."""
 
     roots: Mapping[int, tuple[int, ...]]
     values: Mapping[int, np.ndarray]
@@ -136,7 +136,7 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
 
     def own_bytes(strategies, k, aval) -> np.ndarray:
         """Bytes of output ``k`` per strategy (repeated layers share their strategies)."""
-        key = (id(strategies), k, tuple(aval.shape), aval.dtype.name)
+        key = (id(strategies), k, tuple(aval.shape), aval.dtype)
         if key not in per_strategy:
             shape, itemsize = tuple(aval.shape), aval.dtype.itemsize
             per_strategy[key] = (strategies, np.array(  # (strategies kept alive for the id)
@@ -173,18 +173,27 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
             tables[key] = copy_bytes_table(model, aval, srcs, dsts)
         return tables[key]
 
+    picked: dict = {}  # a matrix over the two roots' strategies, shared by repeated layers
+
+    def over_roots(matrix: np.ndarray, rows: np.ndarray, cols: np.ndarray, diagonal: bool):
+        key = (id(matrix), rows.tobytes(), cols.tobytes(), diagonal)
+        if key not in picked:
+            values = None if not matrix.any() else \
+                matrix[rows, cols] if diagonal else matrix[np.ix_(rows, cols)]
+            if values is not None:
+                values.flags.writeable = False
+            picked[key] = (matrix, values)  # (the matrix kept alive for its id)
+        return picked[key][1]
+
     shared = read_steps(graph)
     for u, use in enumerate(graph.uses):
         matrix = use_layout_matrix(graph, use, copy_table, copies)
-        if not matrix.any():
-            continue
-        rows, cols = grouping.index[use.src], grouping.index[use.dst]
         ps, pd = position[grouping.root[use.src]], position[grouping.root[use.dst]]
+        cells = over_roots(matrix, grouping.index[use.src], grouping.index[use.dst], ps == pd)
+        if cells is None:  # the layouts always agree: no copy
+            continue
         cid = -1 - len(graph.nodes) - u
-        if ps == pd:
-            roots[cid], values[cid] = (ps,), matrix[rows, cols]
-        else:
-            roots[cid], values[cid] = (ps, pd), matrix[np.ix_(rows, cols)]
+        roots[cid], values[cid] = ((ps,) if ps == pd else (ps, pd)), cells
         steps[cid] = _copy_steps(graph, use, shared)
     members = merged_members(merged)
     for k, (v, vid, longer) in enumerate(_merged_extensions(graph, members, ranges)):
