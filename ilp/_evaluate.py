@@ -46,7 +46,8 @@ def point_memory(request: IntraOpRequest, choices) -> tuple[float, ...]:
         per_node = [float(request.node_memory[v][c]) for v, c in enumerate(choices)]
         simple = tuple(float(sum(per_node[v] for v in sorted(set(point))))
                        for point in request.memory_points)
-    terms = tuple(float(sum(float(m[tuple(choices[v] for v in nodes)]) for *nodes, m in point))
+    terms = tuple(float(sum(float(t[1][choices[t[0]]]) if len(t) == 2 else
+                            float(t[2][choices[t[0]], choices[t[1]]]) for t in point))
                   for point in request.memory_terms)
     return simple + terms
 
@@ -83,8 +84,12 @@ def evaluate(request: IntraOpRequest, choices) -> Evaluation:
             )
         edge_cost += cost
     # a shared cost is paid once when any of its (node, strategy) members is chosen
-    shared_cost = sum(shared.cost for shared in request.shared_costs
-                      if any(choices[v] == i for v, i in shared.members))
+    shared_cost = 0.0
+    if request.shared_costs:
+        nodes, strategies, owner = request.shared_members
+        paid = np.zeros(len(request.shared_costs), dtype=bool)
+        paid[owner[np.asarray(choices)[nodes] == strategies]] = True
+        shared_cost = sum(request.shared_costs[k].cost for k in np.flatnonzero(paid).tolist())
     memory = point_memory(request, choices)
     budget = request.memory_budget
     if budget is not None:

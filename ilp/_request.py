@@ -7,6 +7,7 @@ naming the offending node (by name when ``node_names`` is given).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -218,6 +219,17 @@ class IntraOpRequest:
                          f"got a {len(term)}-tuple")
 
     # -- helpers -----------------------------------------------------------------
+    @functools.cached_property
+    def shared_members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every shared cost's members as three int arrays, member by member: (node,
+        strategy, index of its shared cost), for pricing many plans at once."""
+        members = [(v, i, k) for k, shared in enumerate(self.shared_costs)
+                   for v, i in shared.members]
+        columns = np.array(members, dtype=np.int64).reshape(-1, 3).T
+        for column in columns:
+            column.flags.writeable = False
+        return columns[0], columns[1], columns[2]
+
     @property
     def num_nodes(self) -> int:
         return len(self.node_costs)
