@@ -61,8 +61,8 @@ def measure_workload(workload, time_limit: float, *, mesh_shape=(2, 4), cluster=
         traced.append(timed(trace_s, real_trace, *args, **kwargs))
         return traced[-1]
 
-    def timed_solve(request):
-        result = timed(solve_s, real_solve, request)
+    def timed_solve(request, **options):
+        result = timed(solve_s, real_solve, request, **options)
         sizes.update(nodes=request.num_nodes, tied=result.stats.tied_classes or request.num_nodes,
                      variables=result.num_variables, constraints=result.num_constraints,
                      lp_s=result.stats.lp_time_s, how=result.stats.solver_status)

@@ -21,17 +21,25 @@ STOP_WAIT_S = 1.0
 
 
 def run_interruptibly(solve: Callable[[], T], stop: Callable[[], None],
-                      on_wait: Callable[[], None] | None = None) -> T:
+                      on_wait: Callable[[], None] | None = None,
+                      meanwhile: Callable[[], object] | None = None) -> T:
     """``solve()``, stoppable by Ctrl-C: on ``KeyboardInterrupt`` call ``stop()`` (the
     solver's "stop searching"), wait up to :data:`STOP_WAIT_S` for the solve to return,
     and raise the ``KeyboardInterrupt``. A solver that does not stop at once finishes
     in its daemon thread; its result is dropped.
     ``on_wait()`` runs every :data:`_POLL_S` seconds while the solve runs (progress).
+    ``meanwhile()`` runs once in the calling thread while the solver runs in its own
+    (native solvers release the GIL: Python work overlaps the solve); an exception it
+    raises stops the solver and is raised.
 
-    Outside the main thread (where no ``KeyboardInterrupt`` arrives) this is ``solve()``.
+    Outside the main thread (where no ``KeyboardInterrupt`` arrives) this is ``solve()``,
+    then ``meanwhile()``.
     """
     if threading.current_thread() is not threading.main_thread():
-        return solve()
+        value = solve()
+        if meanwhile is not None:
+            meanwhile()
+        return value
     outcome: dict = {}
     done = threading.Event()
 
@@ -45,6 +53,13 @@ def run_interruptibly(solve: Callable[[], T], stop: Callable[[], None],
 
     threading.Thread(target=work, name="autoshard-solver", daemon=True).start()
     try:
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except Exception:
+                stop()
+                done.wait(STOP_WAIT_S)
+                raise
         while not done.wait(_POLL_S):
             if on_wait is not None:
                 on_wait()

@@ -53,7 +53,9 @@ first (the search also ends once it stalls), and the result depends on the machi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from ortools.sat.python import cp_model
@@ -69,7 +71,7 @@ from ._memory import _min_peak, memory_unit, solver_parameters, to_units, within
 from ._neighbourhood import needs_neighbourhoods, solve_in_neighbourhoods
 from ._reduce import ReducedProblem, reduce_request
 from ._relaxation import solve_relaxation
-from ._repeats import RepeatClasses, repeat_classes, tied_request
+from ._repeats import RepeatClasses, repeat_classes, tied_hint, tied_request
 from ._request import InfeasibleError, IntraOpRequest, IntraOpResult, SolverStats
 
 #: integer units given to the largest objective coefficient.
@@ -194,7 +196,9 @@ class _Prepared:
                        solver=solver, solver_status=solver_status, model=model)
 
 
-def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
+def solve_intra_op(request: IntraOpRequest, *,
+                   starting_plan: Callable[[], Sequence[int] | None] | None = None
+                   ) -> IntraOpResult:
     """Pick one strategy per node minimising Σ node seconds + Σ edge resharding seconds.
 
     Raises ``InfeasibleError`` when the memory budget cannot be met and ``ValueError``
@@ -203,12 +207,21 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
     ``gap`` is then relative to the proven lower bound. A labelled request too large
     to solve whole (after tying repeated layers) is solved over neighbourhoods of its
     plan (``_neighbourhood``).
+
+    ``starting_plan()``: the hint, made by the caller while the LP relaxation runs (HiGHS
+    releases the GIL, so the Python work of making a starting plan overlaps the LP); it
+    replaces ``request.hint`` and is called at most once. The result is the same as
+    with ``request.hint`` set to it.
     """
+    if starting_plan is not None:
+        starting_plan = functools.cache(starting_plan)
     deadline = Deadline.of(request.wall_time_limit_s, request.time_limit_s)
     if request.tie_repeats and not request.memory_points:
         classes = repeat_classes(request)
         if classes.num_classes < request.num_nodes:
-            return _solve_tied(request, classes, deadline)
+            return _solve_tied(request, classes, deadline, starting_plan)
+    if starting_plan is not None and needs_neighbourhoods(request):
+        request, starting_plan = request.with_options(hint=starting_plan()), None
     if needs_neighbourhoods(request):
         return solve_in_neighbourhoods(request, solve_intra_op)
     prepared = _prepare(request)
@@ -220,10 +233,13 @@ def solve_intra_op(request: IntraOpRequest) -> IntraOpResult:
                                  for v in prepared.active},
                                 prepared.grids, prepared.rows, charges, offset,
                                 min(request.time_limit_s, deadline.remaining_s()),
-                                deadline.solver_s(_LP_SHARE), on_wait=progress.tick)
+                                deadline.solver_s(_LP_SHARE), on_wait=progress.tick,
+                                meanwhile=starting_plan)
 
     # the LP relaxation: often integral, then optimal without a search
     relaxation = relax(prepared.shared, prepared.constant) if prepared.active else None
+    if starting_plan is not None:
+        request, starting_plan = request.with_options(hint=starting_plan()), None
     if relaxation is not None and relaxation.infeasible:
         _raise_no_assignment(request, prepared.reduced, prepared.rows)
     if relaxation is not None and relaxation.integral:
@@ -522,20 +538,28 @@ def _result(request, reduced, choices, objective, lower_bound, status, start, re
     )
 
 
-def _solve_tied(request: IntraOpRequest, classes: RepeatClasses,
-                deadline: Deadline) -> IntraOpResult:
+def _solve_tied(request: IntraOpRequest, classes: RepeatClasses, deadline: Deadline,
+                starting_plan: Callable[[], Sequence[int] | None] | None) -> IntraOpResult:
     """Solve over repeat classes, expand, polish node by node, never worse than the hint.
 
     The status is "FEASIBLE": the tied optimum need not be the untied one. The lower
     bound is Σ per-node minima + Σ per-edge minima (valid for any assignment, weak).
     """
     start = time.perf_counter()
+    tied_start = None
+    if starting_plan is not None:
+        def tied_start():
+            hint = starting_plan()
+            return None if hint is None else tied_hint(hint, classes)
     try:
         sub = solve_intra_op(tied_request(request, classes).with_options(
-            wall_time_limit_s=deadline.wall_limit()))
+            wall_time_limit_s=deadline.wall_limit()), starting_plan=tied_start)
     except InfeasibleError:  # no tied plan fits the budget: an untied one may
         return solve_intra_op(request.with_options(tie_repeats=False,
-                                                   wall_time_limit_s=deadline.wall_limit()))
+                                                   wall_time_limit_s=deadline.wall_limit()),
+                              starting_plan=starting_plan)
+    if starting_plan is not None:
+        request = request.with_options(hint=starting_plan())
     costs = [np.asarray(c, dtype=np.float64) for c in request.node_costs]
     edges = [(e.src, e.dst, e.cost) for e in request.edges]
     expanded = list(classes.expand(sub.choices))

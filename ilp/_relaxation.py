@@ -89,7 +89,8 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
                      memory_rows, shared, constant: float,
                      time_limit_s: float, backstop_s: float,
                      on_wait: Callable[[], None] | None = None, *,
-                     every_cell: bool = False) -> Relaxation:
+                     every_cell: bool = False,
+                     meanwhile: Callable[[], object] | None = None) -> Relaxation:
     """Solve the LP over ``active`` nodes (``sizes[v]`` kept strategies each).
 
     ``node_cost[v]``: seconds per kept strategy; ``constant``: seconds added to the
@@ -101,6 +102,8 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
     (the caller's wall-clock budget left, or one against pathological slowness). Either
     reports ``solved=False``. ``on_wait()`` runs every fraction of a second meanwhile.
     ``every_cell``: every finite cell from the start (no column generation).
+    ``meanwhile()``: called once, in this thread, while HiGHS solves the first LP (see
+    :func:`run_interruptibly`); not at all when no LP is attempted.
     """
     start = time.perf_counter()
     num_vars = (sum(sizes[v] for v in active) + sum(int(g.finite.sum()) for g in grids)
@@ -127,7 +130,8 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
     while True:
         rounds += 1
         highs.setOptionValue("time_limit", max(0.0, float(backstop_s) - (time.perf_counter() - start)))
-        run_interruptibly(highs.run, highs.cancelSolve, on_wait)
+        run_interruptibly(highs.run, highs.cancelSolve, on_wait,
+                          meanwhile if rounds == 1 else None)
         status = highs.getModelStatus()
         if status != highspy.HighsModelStatus.kOptimal:
             # a time limit or numerical trouble leaves the LP unsolved, not the ILP

@@ -16,6 +16,7 @@ whatever the depth, so its solve time stops growing with the number of layers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +85,12 @@ def repeat_classes(request: IntraOpRequest, rounds: int = 3, period: int = 2) ->
     return RepeatClasses(tuple(of_node), len(keys))
 
 
+def tied_hint(hint: Sequence[int], classes: RepeatClasses) -> tuple[int, ...]:
+    """A plan of the whole request as a plan of its tied request: each class takes its
+    first member's choice."""
+    return tuple(hint[nodes[0]] for nodes in classes.members())
+
+
 def tied_request(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpRequest:
     """The request over classes: member costs summed, edges re-attached to classes (those
     between the same two classes summed into one).
@@ -106,7 +113,7 @@ def tied_request(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpRequ
         key = (min(a, b), max(a, b))
         edges[key] = edges[key] + matrix if key in edges else matrix
     members = [nodes[0] for nodes in classes.members()]  # each class's first member
-    hint = None if request.hint is None else tuple(request.hint[v] for v in members)
+    hint = None if request.hint is None else tied_hint(request.hint, classes)
     # members share costs and neighbourhoods: the first one's labels stand for the class
     labels = None if request.strategy_labels is None else \
         tuple(request.strategy_labels[v] for v in members)

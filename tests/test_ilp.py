@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import subprocess
 import sys
@@ -707,6 +708,34 @@ def test_tied_solution_is_priced_on_the_full_request():
     for _ in range(5):
         pick = [int(rng.integers(2)) for _ in range(classes.num_classes)]
         assert evaluate(tied, pick).objective == evaluate(request, classes.expand(pick)).objective
+
+
+# ---------------------------------------------------------------- starting plan during the LP
+
+
+@pytest.mark.parametrize("case", ["integral LP", "tied", "fractional LP"])
+def test_a_starting_plan_made_while_the_lp_runs_solves_as_the_same_hint_does(case):
+    # The caller's starting plan is made in the calling thread while HiGHS solves the LP
+    # in its worker (run_interruptibly's `meanwhile`), and the result is what the same
+    # plan given as `hint` gives: whether the LP is integral (the hint is only compared
+    # with the LP's plan), the request tied (the hint is mapped onto the classes, and
+    # compared again after expansion) or the LP fractional (the hint starts the local
+    # search and CP-SAT, deterministic here).
+    request = {"integral LP": _chain(12), "tied": _chain(12, tie_repeats=True),
+               "fractional LP": _hard_request(40, time_limit_s=1.0)}[case]
+    hint = greedy_assignment(request)
+    made = []
+
+    def starting_plan():
+        made.append([f.function for f in inspect.stack()])
+        return hint
+
+    expected = solve_intra_op(request.with_options(hint=hint))
+    got = solve_intra_op(request, starting_plan=starting_plan)
+    assert len(made) == 1 and "run_interruptibly" in made[0]   # once, while the LP ran
+    assert got.choices == expected.choices and got.objective == expected.objective
+    assert got.stats.solver_status == expected.stats.solver_status
+    assert (got.stats.solver_status == "LP_INTEGRAL") == (case != "fractional LP")
 
 
 # ---------------------------------------------------------------- wall-clock limit

@@ -13,10 +13,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from autoshard.ilp._interrupt import run_interruptibly
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,3 +135,23 @@ def test_ctrl_c_in_cli_plan_exits_130_and_leaves_the_json_file(tmp_path):
     assert plan_file.read_text() == "the plan of an earlier run\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == \
         ["plan.json", "slow_target.py"]   # no temporary file left behind
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_an_error_in_the_work_done_meanwhile_stops_the_solver(error):
+    # The caller's work done while the solver runs (the starting plan) fails, or Ctrl-C
+    # lands in it: the solver is told to stop and the error is raised, not the solve's
+    # result returned.
+    stopped = threading.Event()
+
+    def solve():
+        stopped.wait(30)
+        return "the solver ran on"
+
+    def meanwhile():
+        raise error("while making the starting plan")
+
+    start = time.monotonic()
+    with pytest.raises(error, match="while making the starting plan"):
+        run_interruptibly(solve, stopped.set, meanwhile=meanwhile)
+    assert stopped.is_set() and time.monotonic() - start < STOP_WITHIN_S

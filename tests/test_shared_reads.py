@@ -225,12 +225,12 @@ def test_fractional_shared_lp_falls_back_to_the_per_use_optimum(monkeypatch):
     real = planner.ilp.solve_intra_op
     calls = []
 
-    def solve(request):
+    def solve(request, starting_plan=None):
         calls.append(request.search)
-        result = real(request)
+        result = real(request, starting_plan=starting_plan)
         if request.search:
             return result
-        hint = request.hint
+        hint = starting_plan() if starting_plan is not None else request.hint
         stats = dataclasses.replace(result.stats, lp_integral=False, solver_status="NO_SEARCH")
         return dataclasses.replace(result, choices=hint, status="FEASIBLE", stats=stats,
                                    objective=ilp.evaluate(request, hint).objective)

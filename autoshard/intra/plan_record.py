@@ -121,7 +121,7 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
                 out_paths=traced.out_paths, flat_in_specs=flat_in, flat_out_specs=flat_out,
                 value_specs=tuple(value_specs), operand_specs=tuple(operand_specs),
                 collectives=tuple(collectives), top_ops=top_ops, warnings=problem.warnings,
-                alternatives=problem.alternatives,
+                alternatives=problem.starting_plans().alternatives if result is not None else (),
                 in_shapes=tuple(_shape(program, v) for v in program.invars),
                 out_shapes=tuple(_shape(program, a) for a in program.outvars))
 

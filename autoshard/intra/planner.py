@@ -75,15 +75,14 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                             carried_weight=carried_weight, annotations=annotations)
     request = problem.request
     donated = [v for v, d in zip(program.invars, donated_flat) if d]
-    _log.info("solving: starting plan %.4g s per step, time limit %g s%s%s",
-              ilp.evaluate(request, request.hint).objective if request.hint else float("nan"),
-              request.time_limit_s, ", repeated layers tied" if request.tie_repeats else "",
-              f", memory budget {format_bytes(memory_budget)}" if memory_budget else "")
     if isinstance(method, PRESETS):  # a fixed layout: XLA propagates it, we price that
         choices = propagated_choices(problem)
         return plan_record(traced, problem, choices, None, method=method, model=model,
                            cluster=cluster, axis_names=axis_names, static_repr=static_repr,
                            donated=donated, start=start)
+    _log.info("solving: time limit %g s%s%s", request.time_limit_s,
+              ", repeated layers tied" if request.tie_repeats else "",
+              f", memory budget {format_bytes(memory_budget)}" if memory_budget else "")
     result = _solve_within_budget(problem, model, donated, memory_budget, deadline)
     choices = result.choices if memory_budget is not None else \
         prefer_made_layouts(problem.graph, problem.grouping, request, result.choices)
@@ -106,7 +105,7 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
     if problem.per_use is not None:
         free = _solve_shared(problem, request, deadline)
     else:
-        free = ilp.solve_intra_op(request)
+        free = ilp.solve_intra_op(request, starting_plan=_hint(problem))
     if budget is None:
         return free
     program = graph.traced.program
@@ -115,7 +114,7 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
     if not steps_over(tensors, free.choices, len(program.eqns), budget):
         return free
     steps = candidate_steps(tensors, len(program.eqns))
-    fits: list = list(problem.seeds) + [free.choices]
+    fits: list = list(problem.starting_plans().seeds) + [free.choices]
     for _ in range(8):
         constrained = _until(request, deadline).with_options(
             memory_terms=memory_terms(tensors, steps), memory_budget=float(budget))
@@ -157,11 +156,12 @@ def _solve_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
     once read nodes couple the moves."""
     if ilp.solved_in_neighbourhoods(request):
         per_use = _per_use_shared(problem, request, deadline)
-        hint = ilp.best_assignment(request, [c for c in (request.hint, per_use.choices)
+        hint = ilp.best_assignment(request, [c for c in (_hint(problem)(), per_use.choices)
                                              if c is not None])
         return _never_dearer(request, ilp.solve_intra_op(
             _until(request, deadline).with_options(hint=hint)), per_use)
-    shared = ilp.solve_intra_op(request.with_options(search=False))
+    shared = ilp.solve_intra_op(request.with_options(search=False),
+                                starting_plan=_hint(problem))
     if shared.stats.lp_integral:
         return shared
     per_use = _per_use_shared(problem, request, deadline)
@@ -176,8 +176,9 @@ def _per_use_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
     (each read node in the layout its readers share best), priced with shared reads and
     reported FEASIBLE (optimal per use, not proven so shared)."""
     per_use_request, per_use_grouping = problem.per_use()
-    hint = None if request.hint is None else \
-        per_use_from_shared(problem.graph, problem.grouping, per_use_grouping, request.hint)
+    hint = _hint(problem)()
+    if hint is not None:
+        hint = per_use_from_shared(problem.graph, problem.grouping, per_use_grouping, hint)
     per_use = ilp.solve_intra_op(_until(per_use_request, deadline).with_options(
         tie_repeats=request.tie_repeats, gap_limit=request.gap_limit, hint=hint))
     choices = shared_from_per_use(problem.graph, problem.grouping, request, per_use_grouping,
@@ -186,6 +187,14 @@ def _per_use_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
     return dataclasses.replace(per_use, choices=choices, objective=objective,
                                lower_bound=min(objective, per_use.lower_bound),
                                status="FEASIBLE")
+
+
+def _hint(problem: ShardingProblem):
+    """The problem's starting plan, made when first called (``ilp.solve_intra_op`` calls
+    it while its LP relaxation runs)."""
+    def hint():
+        return problem.starting_plans().hint
+    return hint
 
 
 def _never_dearer(request: ilp.IntraOpRequest, shared: ilp.IntraOpResult,

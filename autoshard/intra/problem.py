@@ -33,6 +33,22 @@ _log = logging.getLogger("autoshard")
 TIE_REPEATS_ABOVE = 600
 
 
+@dataclasses.dataclass(frozen=True)
+class StartingPlans:
+    """Plans to start a search from (one strategy per ILP node each): ``hint`` is the
+    cheapest of ``seeds`` (every one considered: another may be the cheapest that fits a
+    memory budget); ``alternatives``: the presets' plans priced by the same model, for a
+    search's summary."""
+
+    hint: tuple[int, ...] | None
+    alternatives: tuple[Alternative, ...]
+    seeds: tuple[tuple[int, ...], ...]
+
+    def __repr__(self):
+        return (f"StartingPlans({len(self.seeds)} seeds, alternatives: "
+                f"{[a.method for a in self.alternatives]})")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ShardingProblem:
     """Everything priced for one planning call. ``uses[k]`` is priced by ``matrices[k]``
@@ -46,12 +62,11 @@ class ShardingProblem:
     merged: tuple[MergedAllReduce, ...]
     request: ilp.IntraOpRequest
     warnings: tuple[str, ...]
+    #: the solver's starting plans, made at the first call (the planner makes them while
+    #: the LP relaxation runs: ``ilp.solve_intra_op(starting_plan=...)``); ``request``
+    #: carries no hint
+    starting_plans: Callable[[], StartingPlans]
     carried: tuple[tuple[int, int], ...] = ()  # (flat output, flat input) priced as carried
-    #: the presets' plans priced by the same model, for a search's summary
-    alternatives: tuple[Alternative, ...] = ()
-    #: every starting plan considered (one strategy per ILP node); ``request.hint`` is the
-    #: cheapest, another may be the cheapest that fits a memory budget
-    seeds: tuple[tuple[int, ...], ...] = ()
     #: prices the same graph without read nodes when called: (request, grouping); None
     #: when the graph has no read nodes or the method searches nothing
     per_use: Callable[[], tuple[ilp.IntraOpRequest, Grouping]] | None = None
@@ -103,17 +118,24 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
     tie = getattr(method, "tie_repeats", None)
     tie = len(grouping.roots) > TIE_REPEATS_ABOVE if tie is None else bool(tie)
     gap = getattr(method, "gap_limit", None)
-    propagation = _propagation(graph, grouping, uses, matrices, time_limit, merged) \
-        if isinstance(method, ShardParallel) else None
-    hint, alternatives, seeds = _seed(graph, grouping, request, propagation, model, method,
-                                      batch_flat, annotations)
-    request = request.with_options(hint=hint, tie_repeats=tie,
+    request = request.with_options(tie_repeats=tie,
                                    gap_limit=(0.01 if tie else 0.0) if gap is None else gap)
+
+    @functools.cache
+    def starting_plans() -> StartingPlans:
+        propagation = _propagation(graph, grouping, uses, matrices, time_limit, merged) \
+            if isinstance(method, ShardParallel) else None
+        plans = _seed(graph, grouping, request, propagation, model, method, batch_flat,
+                      annotations)
+        _log.info("starting plan: %.4g s per step, the cheapest of %d", ilp.evaluate(
+            request, plans.hint).objective if plans.hint else float("nan"), len(plans.seeds))
+        return plans
+
     _log.info("strategies and costs: %d nodes, %d ILP nodes after following, %d edges "
               "(%.2f s)", len(graph.nodes), len(grouping.roots), len(request.edges),
               time.perf_counter() - start)
     return ShardingProblem(graph, grouping, uses, tuple(matrices), merged, request, messages,
-                           pairs, alternatives, seeds, per_use)
+                           starting_plans, pairs, per_use)
 
 
 def _priced_problem(graph: ShardingGraph, *, model: MeshCostModel, pairs, fixed: frozenset,
@@ -250,7 +272,7 @@ def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs,
 def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
           propagation: tuple[ilp.IntraOpRequest, Grouping] | None, model: MeshCostModel,
           method, batch_flat: Sequence[bool], annotations: Sequence[Spec] | None = None
-          ) -> tuple[tuple[int, ...] | None, tuple[Alternative, ...], tuple[tuple[int, ...], ...]]:
+          ) -> StartingPlans:
     """The solver's starting plan: the cheapest of the presets' own plans (their input
     layouts propagated as XLA does, over ``propagation``: see :func:`propagated_choices`;
     the model's own annotations among them when the arguments carry some), greedy plans
@@ -288,8 +310,8 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
             candidates.append(_shared(graph, grouping, request, propagation, propagated))
             alternatives.append(_priced(graph, grouping, request, candidates[-1],
                                         type(style).__name__))
-    return ilp.best_assignment(request, candidates), tuple(alternatives), \
-        tuple(tuple(int(c) for c in candidate) for candidate in candidates)
+    return StartingPlans(ilp.best_assignment(request, candidates), tuple(alternatives),
+                         tuple(tuple(int(c) for c in candidate) for candidate in candidates))
 
 
 def _priced(graph: ShardingGraph, grouping: Grouping, request: ilp.IntraOpRequest,
