@@ -115,13 +115,20 @@ def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use
             blocks[key] = (matrix, grid)  # (the matrix kept alive for its id)
         return blocks[key][1]
 
+    nonzero: dict = {}  # id(matrix) -> (matrix, whether any cell is non-zero)
+
+    def any_cost(matrix) -> bool:
+        if id(matrix) not in nonzero:
+            nonzero[id(matrix)] = (matrix, bool(np.any(matrix)))
+        return nonzero[id(matrix)][1]
+
     edges = []
     for use, matrix in zip(uses, matrices):
         rs, rd = grouping.root[use.src], grouping.root[use.dst]
         rows, cols = grouping.index[use.src], grouping.index[use.dst]
         if rs == rd:
             costs[position[rs]] += w * matrix[rows, cols]
-        elif np.any(matrix):
+        elif any_cost(matrix):
             edges.append(ilp.EdgeCost(position[rs], position[rd], block(matrix, rows, cols)))
     root_strategies: dict[int, dict[int, list[int]]] = {}  # node -> its strategy -> root's
     by_index: dict[bytes, dict[int, list[int]]] = {}  # the same for equal index maps
