@@ -28,6 +28,7 @@ from autoshard.plan.record import Plan
 
 from .cost_model import Cluster, format_bytes, parse_bytes
 from .errors import InfeasiblePlanError
+from .gc_pause import cyclic_gc_paused
 from .mesh import default_cluster, make_mesh, mesh_axes
 from .methods import METHODS, Annotated, PipeshardParallel, ShardParallel
 from .runtime import ShardedProgram, shard_program
@@ -186,10 +187,11 @@ class ParallelizedFunction:
         entry = self._cache.get(key)
         if entry is None:
             statics = statics_text(key[-1])
-            if isinstance(self._method, PipeshardParallel):
-                entry = self._plan_pipeline(call, statics)
-            else:
-                entry = self._plan(call, statics)
+            with cyclic_gc_paused():
+                if isinstance(self._method, PipeshardParallel):
+                    entry = self._plan_pipeline(call, statics)
+                else:
+                    entry = self._plan(call, statics)
             entry = dataclasses.replace(entry, donate=call.donate)
             self._cache[key] = entry
         if need_program and entry.program is None:
