@@ -1,11 +1,13 @@
 """``autoshard.parallelize``: a jit-like wrapper that plans once per signature, then runs."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 import jax
@@ -28,7 +30,6 @@ from autoshard.plan.record import Plan
 
 from .cost_model import Cluster, format_bytes, parse_bytes
 from .errors import InfeasiblePlanError
-from .gc_pause import cyclic_gc_paused
 from .mesh import default_cluster, make_mesh, mesh_axes
 from .methods import METHODS, Annotated, PipeshardParallel, ShardParallel
 from .runtime import ShardedProgram, shard_program
@@ -468,3 +469,22 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
     if fun is None:
         return lambda f: ParallelizedFunction(f, **kwargs)
     return ParallelizedFunction(fun, **kwargs)
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector inside the block, restoring its state after.
+
+    Planning makes millions of objects (equations, strategies, price arrays) that mostly
+    live until it ends; the collector's full passes walk all of them again and again
+    (4.5 s of 46 s planning a 70B-shaped GPT on 8x8x8). Reference counting still frees
+    every object as it dies; only reference cycles made in the block wait until it ends
+    (the planner's peak memory was the same with and without the pause there).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

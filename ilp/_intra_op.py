@@ -65,13 +65,13 @@ from autoshard.cost_model import format_bytes
 from ._clock import Deadline, Progress
 from ._evaluate import evaluate
 from ._grid import EdgeGrid, edge_grid
-from ._heuristic import best_assignment, local_search, polish
+from ._heuristic import best_assignment, local_search
 from ._interrupt import run_interruptibly
 from ._memory import _min_peak, memory_unit, solver_parameters, to_units, within_budget
 from ._neighbourhood import needs_neighbourhoods, solve_in_neighbourhoods
 from ._reduce import ReducedProblem, reduce_request
 from ._relaxation import solve_relaxation
-from ._repeats import RepeatClasses, repeat_classes, tied_hint, tied_request
+from ._repeats import repeat_classes, solve_tied
 from ._request import InfeasibleError, IntraOpRequest, IntraOpResult, SolverStats
 
 #: integer units given to the largest objective coefficient.
@@ -219,7 +219,7 @@ def solve_intra_op(request: IntraOpRequest, *,
     if request.tie_repeats and not request.memory_points:
         classes = repeat_classes(request)
         if classes.num_classes < request.num_nodes:
-            return _solve_tied(request, classes, deadline, starting_plan)
+            return solve_tied(request, classes, deadline, starting_plan, solve_intra_op)
     if starting_plan is not None and needs_neighbourhoods(request):
         request, starting_plan = request.with_options(hint=starting_plan()), None
     if needs_neighbourhoods(request):
@@ -536,50 +536,6 @@ def _result(request, reduced, choices, objective, lower_bound, status, start, re
         num_constraints=num_constraints,
         stats=stats,
     )
-
-
-def _solve_tied(request: IntraOpRequest, classes: RepeatClasses, deadline: Deadline,
-                starting_plan: Callable[[], Sequence[int] | None] | None) -> IntraOpResult:
-    """Solve over repeat classes, expand, polish node by node, never worse than the hint.
-
-    The status is "FEASIBLE": the tied optimum need not be the untied one. The lower
-    bound is Σ per-node minima + Σ per-edge minima (valid for any assignment, weak).
-    """
-    start = time.perf_counter()
-    tied_start = None
-    if starting_plan is not None:
-        def tied_start():
-            hint = starting_plan()
-            return None if hint is None else tied_hint(hint, classes)
-    try:
-        sub = solve_intra_op(tied_request(request, classes).with_options(
-            wall_time_limit_s=deadline.wall_limit()), starting_plan=tied_start)
-    except InfeasibleError:  # no tied plan fits the budget: an untied one may
-        return solve_intra_op(request.with_options(tie_repeats=False,
-                                                   wall_time_limit_s=deadline.wall_limit()),
-                              starting_plan=starting_plan)
-    if starting_plan is not None:
-        request = request.with_options(hint=starting_plan())
-    costs = [np.asarray(c, dtype=np.float64) for c in request.node_costs]
-    edges = [(e.src, e.dst, e.cost) for e in request.edges]
-    expanded = list(classes.expand(sub.choices))
-    # polishing ignores shared costs: keep the unpolished expansion as a candidate too
-    candidates = [polish(costs, edges, expanded), expanded] + (
-        [request.hint] if request.hint is not None else [])
-    choices = best_assignment(request, candidates)
-    if choices is None:
-        choices = tuple(expanded)
-    objective = evaluate(request, choices).objective
-    floor = sum(float(np.min(c)) for c in request.node_costs) + \
-        sum(float(np.min(e.cost)) for e in request.edges)  # shared costs may all go unpaid
-    lower_bound = min(objective, floor)
-    gap = (objective - lower_bound) / abs(objective) if objective else 0.0
-    stats = dataclasses.replace(sub.stats, tied_classes=classes.num_classes, tied_gap=sub.gap,
-                                input_edges=len(request.edges))
-    return IntraOpResult(choices=tuple(choices), objective=objective, lower_bound=lower_bound,
-                         gap=gap, status="FEASIBLE", solve_time_s=time.perf_counter() - start,
-                         num_variables=sub.num_variables, num_constraints=sub.num_constraints,
-                         stats=stats)
 
 
 def _warm_start(request: IntraOpRequest, reduced: ReducedProblem, has_memory_rows: bool,

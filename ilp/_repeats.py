@@ -16,12 +16,17 @@ whatever the depth, so its solve time stops growing with the number of layers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from ._request import EdgeCost, IntraOpRequest, SharedCost
+from ._clock import Deadline
+from ._evaluate import evaluate
+from ._heuristic import best_assignment, polish
+from ._request import EdgeCost, InfeasibleError, IntraOpRequest, IntraOpResult, SharedCost
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,3 +137,49 @@ def tied_request(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpRequ
                           hint=hint, time_limit_s=request.time_limit_s,
                           gap_limit=request.gap_limit, search=request.search,
                           strategy_labels=labels)
+
+
+def solve_tied(request: IntraOpRequest, classes: RepeatClasses, deadline: Deadline,
+               starting_plan: Callable[[], Sequence[int] | None] | None,
+               solve: Callable[..., IntraOpResult]) -> IntraOpResult:
+    """Solve over repeat classes (with ``solve``: ``solve_intra_op``), expand, polish
+    node by node, never worse than the hint.
+
+    The status is "FEASIBLE": the tied optimum need not be the untied one. The lower
+    bound is Σ per-node minima + Σ per-edge minima (valid for any assignment, weak).
+    """
+    start = time.perf_counter()
+    tied_start = None
+    if starting_plan is not None:
+        def tied_start():
+            hint = starting_plan()
+            return None if hint is None else tied_hint(hint, classes)
+    try:
+        sub = solve(tied_request(request, classes).with_options(
+            wall_time_limit_s=deadline.wall_limit()), starting_plan=tied_start)
+    except InfeasibleError:  # no tied plan fits the budget: an untied one may
+        return solve(request.with_options(tie_repeats=False,
+                                          wall_time_limit_s=deadline.wall_limit()),
+                     starting_plan=starting_plan)
+    if starting_plan is not None:
+        request = request.with_options(hint=starting_plan())
+    costs = [np.asarray(c, dtype=np.float64) for c in request.node_costs]
+    edges = [(e.src, e.dst, e.cost) for e in request.edges]
+    expanded = list(classes.expand(sub.choices))
+    # polishing ignores shared costs: keep the unpolished expansion as a candidate too
+    candidates = [polish(costs, edges, expanded), expanded] + (
+        [request.hint] if request.hint is not None else [])
+    choices = best_assignment(request, candidates)
+    if choices is None:
+        choices = tuple(expanded)
+    objective = evaluate(request, choices).objective
+    floor = sum(float(np.min(c)) for c in request.node_costs) + \
+        sum(float(np.min(e.cost)) for e in request.edges)  # shared costs may all go unpaid
+    lower_bound = min(objective, floor)
+    gap = (objective - lower_bound) / abs(objective) if objective else 0.0
+    stats = dataclasses.replace(sub.stats, tied_classes=classes.num_classes, tied_gap=sub.gap,
+                                input_edges=len(request.edges))
+    return IntraOpResult(choices=tuple(choices), objective=objective, lower_bound=lower_bound,
+                         gap=gap, status="FEASIBLE", solve_time_s=time.perf_counter() - start,
+                         num_variables=sub.num_variables, num_constraints=sub.num_constraints,
+                         stats=stats)

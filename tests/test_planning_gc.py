@@ -1,4 +1,5 @@
-"""Planning pauses Python's cyclic garbage collector and leaves it as it found it."""
+"""Planning pauses Python's cyclic garbage collector (``api.cyclic_gc_paused``) and leaves it
+as it found it."""
 import gc
 
 import jax.numpy as jnp
