@@ -38,7 +38,7 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
                 last[atom] = max(last.get(atom, e), e)
         for vid in eqn.outputs:
             born[vid] = e
-    aliased = _aliased_outputs(program, [v for v in program.invars if v in donated])
+    aliased = aliased_outputs(program, [v for v in program.invars if v in donated])
     for o, atom in enumerate(program.outvars):
         if not isinstance(atom, Literal):
             last[atom] = end
@@ -51,7 +51,7 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
             if v not in shared and v not in fused}
 
 
-def _aliased_outputs(program: Program, donated: list[int]) -> set[int]:
+def aliased_outputs(program: Program, donated: list[int]) -> set[int]:
     """Output positions that take over a donated argument's buffer (first unused output
     with its shape and dtype, in argument order)."""
     taken: set[int] = set()

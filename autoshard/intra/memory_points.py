@@ -3,9 +3,11 @@
 A tensor's bytes per device depend on the strategy of the node that produces it,
 so on the choice of that node's ILP root (followers map a root's choice to their
 own): each tensor becomes a vector over its root's strategies, exact. A strategy's
-temporary buffer (the partial result a reduce-scatter reads) is a tensor live at
-its own step only. A resharding copy (an operand read in another layout than it
-was made in: a gathered weight, a sliced activation) is a tensor of the reader's
+temporary buffer (the partial result a reduce-scatter or an all-reduce reads) is a
+tensor live at its own step only, or, for an all-reduce XLA merges with others, at the
+merged all-reduce's step when the outputs take over donated buffers (``merged_step``).
+A resharding copy (an operand read in another layout than it was made in: a gathered
+weight, a sliced activation) is a tensor of the reader's
 layout live at the reader's step; whether it exists depends on both ends, so it
 is a matrix over the two roots' strategies (one vector when both share a root). A copy
 several ops read through one read node (``shared_reads``) is made once and lives from the
@@ -36,7 +38,7 @@ from autoshard.cost_model import MeshCostModel
 from .combining import MergedAllReduce
 from .following import Grouping
 from .graph import ShardingGraph, use_layout_matrix
-from .liveness import live_bytes, live_ranges, peak_bytes
+from .liveness import aliased_outputs, live_bytes, live_ranges, peak_bytes
 from .shared_reads import READ, read_steps
 
 
@@ -105,6 +107,21 @@ def merged_members(merged: Sequence[MergedAllReduce]) -> dict[int, set[int]]:
     return members
 
 
+def merged_step(graph: ShardingGraph, members: Mapping[int, set[int]],
+                donated: Sequence[int]) -> int | None:
+    """Where a merged all-reduce member's temporary buffer (its unreduced partial result)
+    lives: at the merged all-reduce's step (its last member's) when the program's
+    outputs take over donated arguments' buffers, for XLA's CPU all-reduce is not in
+    place and the reduced results, which the updated state can no longer be written
+    over, need buffers of their own beside the partials there (on donated training steps
+    XLA's temporaries grow by exactly the reduced gradients' bytes); else (``None``) at
+    its own step: the reduced results are written into the outputs' buffers, which the
+    liveness holds for the whole run."""
+    if not members or not aliased_outputs(graph.traced.program, list(donated)):
+        return None
+    return max(graph.nodes[v].eqn for v in members)
+
+
 def _merged_extensions(graph: ShardingGraph, members: Mapping[int, set[int]],
                        ranges: Mapping[int, tuple[int, int]]):
     """Per member node and output: ``(node, output value, steps the partial result
@@ -122,7 +139,11 @@ def _merged_extensions(graph: ShardingGraph, members: Mapping[int, set[int]],
 
 def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
                  ranges: Mapping[int, tuple[int, int]],
-                 merged: Sequence[MergedAllReduce] = ()) -> TensorBytes:
+                 merged: Sequence[MergedAllReduce] = (), *, donated: Sequence[int] = ()
+                 ) -> TensorBytes:
+    """Bytes per device of every tensor of the program, over the strategies of the ILP
+    node that decides them (see :class:`TensorBytes`); ``ranges``: ``live_ranges(program,
+    donated)``."""
     program = graph.traced.program
     position = {r: p for p, r in enumerate(grouping.roots)}
     cache: dict = {}
@@ -150,6 +171,9 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
                                                       dtype=np.float64))
         return per_strategy[key][1]
 
+    members = merged_members(merged)
+    step = merged_step(graph, members, donated)
+    extensions = _merged_extensions(graph, members, ranges)
     roots, values, steps = {}, {}, {}
     for v, node in enumerate(graph.nodes):
         if node.kind == READ:  # its value is its producer's; its copy is a use's below
@@ -161,9 +185,16 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
             own = own_bytes(node.strategies, k, program.avals[vid])
             roots[vid], values[vid], steps[vid] = (p,), own[index], ranges[vid]
         temps = temp_bytes(node.strategies)
-        if temps.any() and node.eqn is not None:
-            tid = -1 - v
-            roots[tid], values[tid], steps[tid] = (p,), temps[index], (node.eqn, node.eqn)
+        if not temps.any() or node.eqn is None:
+            continue
+        if step is not None and v in members:  # partials wait for the merged all-reduce
+            merging = np.isin(np.arange(len(temps)), sorted(members[v]))
+            mid = -1 - len(graph.nodes) - len(graph.uses) - len(extensions) - v
+            roots[mid], values[mid], steps[mid] = (p,), np.where(merging, temps, 0.0)[index], \
+                (step, step)
+            temps = np.where(merging, 0.0, temps)
+        tid = -1 - v
+        roots[tid], values[tid], steps[tid] = (p,), temps[index], (node.eqn, node.eqn)
     copies: dict = {}  # per-use matrices, shared by repeated layers
     tables: dict = {}  # (shape, item size, layouts): the same layouts read by another op
 
@@ -195,8 +226,7 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
         cid = -1 - len(graph.nodes) - u
         roots[cid], values[cid] = ((ps,) if ps == pd else (ps, pd)), cells
         steps[cid] = _copy_steps(graph, use, shared)
-    members = merged_members(merged)
-    for k, (v, vid, longer) in enumerate(_merged_extensions(graph, members, ranges)):
+    for k, (v, vid, longer) in enumerate(extensions):
         node = graph.nodes[v]
         p, index = position[grouping.root[v]], grouping.index[v]
         out = node.outputs.index(vid)
@@ -266,7 +296,11 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
     ranges = dict(live_ranges(program, donated))
     sizes = {vid: nbytes(vid, spec) for node, s in zip(graph.nodes, chosen)
              if node.kind != READ for vid, spec in zip(node.outputs, s.out_specs)}
-    spans = [((node.eqn, node.eqn), s.temp_bytes) for node, s in zip(graph.nodes, chosen)
+    members = merged_members(merged)
+    step = merged_step(graph, members, donated)
+    spans = [((step, step) if step is not None and choices[v] in members.get(v, ())
+              else (node.eqn, node.eqn),
+              s.temp_bytes) for v, (node, s) in enumerate(zip(graph.nodes, chosen))
              if s.temp_bytes]
     shared = read_steps(graph)
     for use in graph.uses:
@@ -276,7 +310,6 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
                           chosen[use.dst].in_specs[use.operand])
         if size:
             spans.append((_copy_steps(graph, use, shared), size))
-    members = merged_members(merged)
     for v, vid, longer in _merged_extensions(graph, members, ranges):
         if choices[v] in members[v] and longer[0] <= longer[1]:
             spans.append((longer, sizes[vid]))

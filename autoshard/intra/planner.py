@@ -110,7 +110,7 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
         return free
     program = graph.traced.program
     tensors = tensor_bytes(graph, grouping, model, live_ranges(program, donated),
-                           problem.merged)
+                           problem.merged, donated=donated)
     if not steps_over(tensors, free.choices, len(program.eqns), budget):
         return free
     steps = candidate_steps(tensors, len(program.eqns))
