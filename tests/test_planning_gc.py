@@ -1,5 +1,5 @@
-"""Planning pauses Python's cyclic garbage collector (``api.cyclic_gc_paused``) and leaves it
-as it found it."""
+"""Planning runs Python's cyclic garbage collector rarely (``api.rare_cycle_collection``) and
+leaves its thresholds as it found them."""
 import gc
 
 import jax.numpy as jnp
@@ -11,38 +11,43 @@ from examples.models import mlp
 
 
 @pytest.fixture
-def collector_state_seen_by_the_planner(monkeypatch):
+def thresholds_seen_by_the_planner(monkeypatch):
     seen = []
     real = api.plan_traced
 
     def plan_traced(*args, **kwargs):
-        seen.append(gc.isenabled())
+        seen.append(gc.get_threshold())
         return real(*args, **kwargs)
 
     monkeypatch.setattr(api, "plan_traced", plan_traced)
     return seen
 
 
-@pytest.mark.parametrize("enabled_before", [True, False])
-def test_planning_pauses_the_collector_and_restores_its_state(
-        collector_state_seen_by_the_planner, enabled_before):
+@pytest.mark.parametrize("first", [700, 200_000])
+def test_planning_collects_cycles_rarely_and_restores_the_thresholds(
+        thresholds_seen_by_the_planner, first):
     workload = mlp(num_layers=2, batch=8, hidden=16, abstract=True)
     mesh = autoshard.abstract_mesh((2,), ("data",))
-    (gc.enable if enabled_before else gc.disable)()
+    before = gc.get_threshold()
+    gc.set_threshold(first, *before[1:])
     try:
         autoshard.parallelize(workload.fn, mesh=mesh).plan(*workload.args)
-        assert gc.isenabled() == enabled_before
+        assert gc.get_threshold() == (first, *before[1:]) and gc.isenabled()
     finally:
-        gc.enable()
-    assert collector_state_seen_by_the_planner == [False]
+        gc.set_threshold(*before)
+    # a user's own larger threshold is kept
+    assert thresholds_seen_by_the_planner == [(max(first, api.PLANNING_GC_ALLOCATIONS),
+                                               *before[1:])]
 
 
-def test_the_collector_runs_again_after_planning_fails(collector_state_seen_by_the_planner):
+def test_the_thresholds_come_back_after_planning_fails(thresholds_seen_by_the_planner):
     mesh = autoshard.abstract_mesh((2,), ("data",))
+    before = gc.get_threshold()
 
     def step(x):
         return jnp.sum(x @ x)
 
     with pytest.raises(autoshard.InfeasiblePlanError):
         autoshard.parallelize(step, mesh=mesh, memory_budget=1).plan(jnp.ones((64, 64)))
-    assert collector_state_seen_by_the_planner == [False] and gc.isenabled()
+    assert thresholds_seen_by_the_planner[0][0] == max(before[0], api.PLANNING_GC_ALLOCATIONS)
+    assert gc.get_threshold() == before
