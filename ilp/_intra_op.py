@@ -220,9 +220,9 @@ def solve_intra_op(request: IntraOpRequest, *,
         classes = repeat_classes(request)
         if classes.num_classes < request.num_nodes:
             return solve_tied(request, classes, deadline, starting_plan, solve_intra_op)
-    if starting_plan is not None and needs_neighbourhoods(request):
-        request, starting_plan = request.with_options(hint=starting_plan()), None
-    if needs_neighbourhoods(request):
+    if needs_neighbourhoods(request):  # its rounds start from the plan
+        if starting_plan is not None:
+            request = request.with_options(hint=starting_plan())
         return solve_in_neighbourhoods(request, solve_intra_op)
     prepared = _prepare(request)
 

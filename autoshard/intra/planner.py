@@ -156,8 +156,8 @@ def _solve_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
     once read nodes couple the moves."""
     if ilp.solved_in_neighbourhoods(request):
         per_use = _per_use_shared(problem, request, deadline)
-        hint = ilp.best_assignment(request, [c for c in (_hint(problem)(), per_use.choices)
-                                             if c is not None])
+        starts = (problem.starting_plans().hint, per_use.choices)
+        hint = ilp.best_assignment(request, [c for c in starts if c is not None])
         return _never_dearer(request, ilp.solve_intra_op(
             _until(request, deadline).with_options(hint=hint)), per_use)
     shared = ilp.solve_intra_op(request.with_options(search=False),
@@ -176,7 +176,7 @@ def _per_use_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
     (each read node in the layout its readers share best), priced with shared reads and
     reported FEASIBLE (optimal per use, not proven so shared)."""
     per_use_request, per_use_grouping = problem.per_use()
-    hint = _hint(problem)()
+    hint = problem.starting_plans().hint
     if hint is not None:
         hint = per_use_from_shared(problem.graph, problem.grouping, per_use_grouping, hint)
     per_use = ilp.solve_intra_op(_until(per_use_request, deadline).with_options(
