@@ -20,6 +20,7 @@ from autoshard.intra.planner import plan_traced
 from autoshard.ir import hlo
 from autoshard.ir.call import BoundCall, argument_roles, bind_call
 from autoshard.ir.fingerprint import check_fingerprint, fingerprint, statics_text
+from autoshard.ir.remat import recompute
 from autoshard.ir.trace import TracedFunction, aval_struct, trace
 from autoshard.pipeline.planner import plan_pipeline_step
 from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
@@ -205,7 +206,8 @@ class ParallelizedFunction:
         where = self._resolve()
         traced = trace(call.fun, call.args, call.static)
         if self._fixed_plan is not None:  # a saved plan: check it, don't solve
-            return _Compiled(traced, self._reuse_plan(traced, statics), None)
+            plan = self._reuse_plan(traced, statics)
+            return _Compiled(_rematerialized(traced, plan), plan, None)
         batch, donated, batch_args = self._flags(call, traced)
         plan = plan_traced(traced, mesh_shape=where.mesh_shape, axis_names=where.axis_names,
                            cluster=where.cluster, method=self._method, batch_flat=batch,
@@ -213,11 +215,26 @@ class ParallelizedFunction:
                            memory_budget=where.memory_budget
                            if isinstance(self._method, ShardParallel) else None,
                            deadline=self._deadline(start),
-                           annotations=self._annotations(call, batch, where))
+                           annotations=self._annotations(call, batch, where),
+                           rematerialize=True, compiled_peak=self._compiled_peak(call))
         plan = dataclasses.replace(plan, batch=_argument_names(call, batch_args),
                                    batch_inferred=call.batch is None)
         self._check_budget(plan)
-        return _Compiled(traced, plan, None)
+        return _Compiled(_rematerialized(traced, plan), plan, None)
+
+    def _compiled_peak(self, call: BoundCall):
+        """On a mesh of devices in one process, the bytes per device XLA compiles a
+        candidate (traced program, plan) into (``memory_analysis``), for the planner to
+        check the activations it recomputes against the budget; ``None`` elsewhere (an
+        abstract mesh; across processes, where every process must plan alike)."""
+        mesh = self._resolve().mesh
+        if not isinstance(mesh, jax.sharding.Mesh) or jax.process_count() > 1:
+            return None
+
+        def compiled_peak(traced: TracedFunction, plan: Plan) -> float:
+            program = _sharded(traced, plan, mesh, call.donate)
+            return hlo.memory(program.lower().compile())["total"]
+        return compiled_peak
 
     def _annotations(self, call: BoundCall, batch_flat, where: _Placement):
         """A spec per flat input read off the model's own sharding annotations (see
@@ -294,6 +311,11 @@ class ParallelizedFunction:
         """The fixed plan, after checking it was made for this signature."""
         plan = self._fixed_plan
         check_fingerprint(plan, fingerprint(traced, statics), "plan again")
+        try:
+            traced = _rematerialized(traced, plan)
+        except ValueError as err:
+            raise ValueError(f"the plan passed to parallelize(plan=...) has plan.remat {err}; "
+                             f"leave plan out to plan again") from None
         misfit = specs_misfit(traced.program, plan.flat_in_specs, plan.flat_out_specs,
                               plan.value_specs, plan.operand_specs)
         if misfit is not None:
@@ -308,16 +330,11 @@ class ParallelizedFunction:
             raise ValueError("this function was parallelized over an abstract mesh: it can be "
                              "planned (.plan) but not run or lowered; pass a mesh made by "
                              "autoshard.make_mesh to run it")
-        flags = _under_args(entry.traced.in_paths, entry.donate)
         if entry.pipeline is not None:
             from autoshard.pipeline.build import build_pipeline
-            return build_pipeline(entry.pipeline, mesh, donated=flags)
-        plan = entry.plan
-        return shard_program(
-            entry.traced.program, mesh, plan.flat_in_specs, plan.flat_out_specs,
-            value_specs=dict(plan.value_specs),
-            operand_specs={(e, k): s for e, k, s in plan.operand_specs},
-            donate_argnums=[i for i, d in enumerate(flags) if d])
+            return build_pipeline(entry.pipeline, mesh,
+                                  donated=_under_args(entry.traced.in_paths, entry.donate))
+        return _sharded(entry.traced, entry.plan, mesh, entry.donate)
 
     def _agree(self, entry: _Compiled) -> None:
         """Multi-process runs: raise PlanMismatchError unless all processes hold this plan."""
@@ -368,6 +385,21 @@ class ParallelizedFunction:
             self._cache[key] = entry
         outs = entry.program(flat)
         return jax.tree_util.tree_unflatten(entry.traced.out_tree, outs)
+
+
+def _sharded(traced: TracedFunction, plan: Plan, mesh, donate_argnums) -> ShardedProgram:
+    """``traced``'s program as ``plan`` lays it out on ``mesh`` (one program, not a
+    pipeline), donating the leaves under ``donate_argnums``."""
+    flags = _under_args(traced.in_paths, donate_argnums)
+    return shard_program(traced.program, mesh, plan.flat_in_specs, plan.flat_out_specs,
+                         value_specs=dict(plan.value_specs),
+                         operand_specs={(e, k): s for e, k, s in plan.operand_specs},
+                         donate_argnums=[i for i, d in enumerate(flags) if d])
+
+
+def _rematerialized(traced: TracedFunction, plan: Plan) -> TracedFunction:
+    """The program ``plan`` runs: ``traced`` with its ``remat`` segments recomputed."""
+    return traced if plan.remat is None else recompute(traced, plan.remat)
 
 
 def _leaf_signature(leaf) -> tuple:

@@ -35,11 +35,16 @@ class ShardParallel:
     ``gap_limit``: stop the search once the plan is proven within this relative gap of
     the optimum; ``None``: 1% when repeated layers are tied, else 0 (prove optimality
     or reach the time limit).
+    ``remat``: when no sharding meets the memory budget, recompute segments of the forward
+    pass in the backward pass instead of storing their activations, the fewest that let a
+    plan fit (``Plan.remat`` says which; see ``autoshard.intra.remat``); ``False``: raise
+    ``InfeasiblePlanError`` instead.
     """
 
     time_limit_s: float = 60.0
     tie_repeats: bool | None = None
     gap_limit: float | None = None
+    remat: bool = True
 
     def __post_init__(self):
         if isinstance(self.time_limit_s, bool) or not isinstance(self.time_limit_s, (int, float)) \
@@ -53,6 +58,8 @@ class ShardParallel:
                 or not 0 <= self.gap_limit < 1):
             raise ValueError(f"gap_limit must be None or a fraction in [0, 1), got "
                              f"{self.gap_limit!r}")
+        if not isinstance(self.remat, bool):
+            raise ValueError(f"remat must be True or False, got {self.remat!r}")
 
 
 

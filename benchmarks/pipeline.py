@@ -1,6 +1,7 @@
 """Pipeline (PipeshardParallel) against pure intra-op (ShardParallel), in one run.
 
-    python -m benchmarks.pipeline [--quick] [--modelled-only] [--repeats N] [--out FILE]
+    python -m benchmarks.pipeline [--quick] [--modelled-only [--modelled NAMES]] [--repeats N]
+                                  [--out FILE]
 
 For a deep, narrow MLP and for the GPT example, on the 8 virtual CPU devices (meshes (8,)
 and (2,4), host-cpu cluster model): the modelled cost per step of each plan and the
@@ -8,7 +9,7 @@ measured CPU step time (median over ``--repeats`` steps after a warm-up), both a
 against ShardParallel on the same mesh in the same run, plus plain ``jax.jit`` on one
 device for scale. Then the gradient all-reduces per step of a 2-stage GPT at 1, 4 and 16
 micro-batches, counted in its compiled programs, with and without the once-per-step
-reduction; and, planned only, a deep MLP and a GPT on a 4x8 mesh priced for H100 nodes.
+reduction; and, planned only, a deep MLP and two GPTs on a 4x8 mesh priced for H100 nodes.
 Appends one dated markdown section to ``--out`` (default benchmarks/PIPELINE.md).
 
 The host has few cores shared by 8 virtual devices, so measured times reward fewer, larger
@@ -31,6 +32,7 @@ import datetime  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from unittest import mock  # noqa: E402
 
@@ -69,6 +71,11 @@ MODELLED = (
     ("gpt_wide", lambda: models.gpt(num_layers=8, batch=64, seq=512, d_model=1024, heads=16,
                                     vocab=8192, abstract=True),
      "GPT, 8 blocks, d_model 1024, seq 512, batch 64, vocab 8192, AdamW", (4, 8), "h100-80gb"),
+    # weight-heavy: 1.7 B parameters against 8 k tokens a step, so a single program's
+    # gradient reduction (or weight gathering) crosses the slow links between nodes
+    ("gpt_heavy", lambda: models.gpt(num_layers=8, batch=16, seq=512, d_model=4096, heads=32,
+                                     vocab=32000, abstract=True),
+     "GPT, 8 blocks, d_model 4096, seq 512, batch 16, vocab 32000, AdamW", (4, 8), "h100-80gb"),
 )
 
 
@@ -199,9 +206,10 @@ def markdown_traffic(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_modelled() -> list[list[dict]]:
-    """Per :data:`MODELLED` workload, its rows."""
-    return [_run_modelled(*workload) for workload in MODELLED]
+def run_modelled(names: Sequence[str] | None = None) -> list[list[dict]]:
+    """Per :data:`MODELLED` workload (those named in ``names``; default all), its rows."""
+    return [_run_modelled(*workload) for workload in MODELLED
+            if names is None or workload[0] in names]
 
 
 def _run_modelled(name, factory, description, shape, cluster_name) -> list[dict]:
@@ -281,6 +289,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).with_name("PIPELINE.md")))
     parser.add_argument("--modelled-only", action="store_true",
                         help="only the planned-only section (4x8 mesh, h100-80gb model)")
+    parser.add_argument("--modelled", default=None,
+                        help="comma-separated planned-only workloads to run (default all: "
+                             + ", ".join(w[0] for w in MODELLED) + ")")
     parser.add_argument("--traffic-only", action="store_true",
                         help="only the gradient traffic section (B = 1, 4, 16)")
     args = parser.parse_args(argv)
@@ -291,7 +302,7 @@ def main(argv=None) -> int:
     elif args.modelled_only:
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         text = f"## Pipeline vs intra-op, modelled only — {now}\n\n" + \
-            markdown_modelled(run_modelled()) + "\n"
+            markdown_modelled(run_modelled(args.modelled and args.modelled.split(","))) + "\n"
     else:
         rows = run(args.quick, args.repeats)
         text = markdown(rows, args.quick, args.repeats)

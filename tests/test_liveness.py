@@ -71,3 +71,57 @@ def test_copy_bytes_table_is_copy_bytes_of_every_pair():
     for i, src in enumerate(specs):
         for j, dst in enumerate(specs[::-1]):
             assert table[i, j] == copy_bytes(model, aval, src, dst), (src, dst)
+
+
+def _made_by(program, name):
+    return [e.outputs[0] for e in program.eqns if e.primitive.name == name]
+
+
+def test_a_fused_value_read_late_keeps_what_it_is_made_from():
+    # s = x @ w (materialized by the matmul); m = s * 2 is fused into both of its readers, the
+    # forward's sum and the late product with y @ y (the "backward pass"): XLA computes m in
+    # each of them from s, so s lives until the late read, as its compiled program holds it
+    def step(x, w, y):
+        s = x @ w
+        m = s * 2.0
+        late = y @ y.T
+        return m.sum() + (m * late).sum()
+    structs = [jax.ShapeDtypeStruct((8, 8), jnp.float32)] * 3
+    program = trace(step, structs).program
+    ranges = live_ranges(program)
+    s, late_matmul = _made_by(program, "dot_general")
+    (m,) = [e.outputs[0] for e in program.eqns if e.primitive.name == "mul"
+            and s in e.inputs]
+    late_read = max(e for e, eqn in enumerate(program.eqns) if m in eqn.inputs)
+    assert m not in ranges  # fused: never in memory
+    # until the late read's own fusion (the sum it feeds) runs, after the late matmul
+    assert ranges[s][1] >= late_read > ranges[late_matmul][0]
+
+
+def test_a_fused_chain_that_ends_in_an_output_does_not_extend_its_operands():
+    # an optimizer-like update: XLA runs each output's fusion as soon as its operands exist,
+    # whatever order the program lists the updates in
+    def step(w1, w2, x):
+        g1, g2 = x.T @ x, x @ x.T
+        return w1 - 0.1 * g1.T, w2 - 0.1 * g2.T
+    structs = [jax.ShapeDtypeStruct((8, 8), jnp.float32)] * 3
+    program = trace(step, structs).program
+    ranges = live_ranges(program)
+    g1 = _made_by(program, "dot_general")[0]
+    (g1_t,) = [e.outputs[0] for e in program.eqns if e.primitive.name == "transpose"
+               and g1 in e.inputs]
+    assert ranges[g1][1] == next(e for e, eqn in enumerate(program.eqns) if g1 in eqn.inputs)
+    assert g1_t not in ranges
+
+
+def test_an_expensive_op_read_twice_is_written_once_not_fused():
+    # exp is not duplicated into its two readers (XLA's IsExpensive); an add would be
+    def step(x):
+        e, a = jnp.exp(x), x + 1.0
+        return (e * 2.0).sum() + (e * 3.0).sum() + (a * 2.0).sum() + (a * 3.0).sum()
+    program = trace(step, [jax.ShapeDtypeStruct((8, 8), jnp.float32)]).program
+    ranges = live_ranges(program)
+    (e,) = _made_by(program, "exp")
+    (a,) = [eqn.outputs[0] for eqn in program.eqns if eqn.primitive.name == "add"
+            and program.invars[0] in eqn.inputs]
+    assert e in ranges and a not in ranges

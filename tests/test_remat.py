@@ -1,14 +1,21 @@
-"""A user's ``jax.checkpoint`` survives planning: the backward pass recomputes what the
-user asked not to store, in the traced program and in the compiled plan."""
+"""Recomputation in the backward pass: a user's ``jax.checkpoint`` survives planning (the
+backward pass recomputes what the user asked not to store, in the traced program and in
+the compiled plan), and the planner recomputes forward segments itself when no sharding
+meets a memory budget."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 import autoshard
+from autoshard.intra.remat import forward_segments
+from autoshard.ir import hlo
+from autoshard.ir.remat import recompute
 from autoshard.ir.trace import trace
+from autoshard.runtime import evaluate_program
 from examples.models import gpt
-from tests.trees import assert_trees_allclose
+from tests.trees import ADAM_ATOL, assert_trees_allclose
 
 
 def _checkpointed_loss(ws, x):
@@ -58,3 +65,69 @@ def test_user_checkpoint_is_recomputed_in_the_compiled_plan():
     jit_extra = flops[("jit", True)] / flops[("jit", False)] - 1
     assert jit_extra > 0.1
     assert flops[True] / flops[False] - 1 > 0.5 * jit_extra
+
+
+# --- rematerialization chosen by the planner (ir/remat.py, intra/remat.py) -------------
+
+def _activation_heavy_gpt():
+    """A GPT whose stored activations outweigh its parameters and optimizer state."""
+    return gpt(num_layers=3, batch=32, seq=64, d_model=64, heads=4, vocab=256)
+
+
+def _compiled(program, flat):
+    return jax.jit(lambda *args: evaluate_program(program, args)).lower(*flat).compile()
+
+
+def test_recomputed_segments_run_the_same_step_and_store_less():
+    w = gpt(num_layers=3, batch=16, seq=64, d_model=64, heads=4, vocab=256)
+    traced = trace(w.fn, w.args, ())
+    candidates = forward_segments(traced.program)
+    assert len(candidates.segments) >= 4  # about a segment per half transformer block
+    rewritten = recompute(traced, candidates)
+    program = rewritten.program
+    # the forward pass is unchanged; after it, of the values the segments made only their
+    # boundaries (a segment's outputs that later segments read: the layer inputs) are read
+    eqns = traced.program.eqns
+    assert program.eqns[:candidates.turn] == eqns[:candidates.turn]
+    segment_at = {e: i for i, (a, b) in enumerate(candidates.segments) for e in range(a, b)}
+    segment_of = {v: segment_at[e] for e in segment_at for v in eqns[e].outputs}
+    boundaries = {v for e in segment_at for v in eqns[e].inputs
+                  if isinstance(v, int) and segment_of.get(v, segment_at[e]) < segment_at[e]}
+    late_reads = {v for eqn in program.eqns[candidates.turn:] for v in eqn.inputs
+                  if isinstance(v, int) and v in segment_of}
+    assert late_reads and late_reads <= boundaries
+    flat = jax.tree.leaves(w.args)
+    before, after = _compiled(traced.program, flat), _compiled(program, flat)
+    # XLA keeps the recomputation (not merged back into the forward pass by CSE) and runs
+    # it in the backward pass: more flops, far fewer bytes of temporaries
+    assert after.cost_analysis()["flops"] > 1.1 * before.cost_analysis()["flops"]
+    assert after.memory_analysis().temp_size_in_bytes < \
+        0.5 * before.memory_analysis().temp_size_in_bytes
+    assert_trees_allclose(jax.jit(lambda *a: evaluate_program(program, a))(*flat),
+                          jax.jit(lambda *a: evaluate_program(traced.program, a))(*flat))
+
+
+def test_a_budget_no_sharding_meets_is_met_by_recomputing_forward_segments():
+    w = _activation_heavy_gpt()
+    mesh = autoshard.make_mesh((8,), ("data",))
+    plan = lambda budget, **options: autoshard.parallelize(  # noqa: E731
+        w.fn, mesh=mesh, method=autoshard.ShardParallel(**options), memory_budget=budget,
+        batch_argnums=w.batch_argnums)
+    free = plan(None).plan(*w.args)
+    with pytest.raises(autoshard.InfeasiblePlanError) as smallest:
+        plan("1MiB", remat=False).plan(*w.args)
+    budget = int(0.85 * smallest.value.min_peak_bytes)  # no sharding alone reaches it
+    step = plan(budget)
+    found = step.plan(*w.args)
+    assert found.remat is not None and found.remat.segments
+    assert found.cost.peak_memory_bytes <= budget
+    assert hlo.memory(step.lower(*w.args).compile())["total"] <= budget  # XLA's number
+    assert found.cost.compute_s > free.cost.compute_s  # the recomputation is priced
+    assert "recomputed in the backward pass" in found.summary()
+    expected = jax.jit(w.fn)(*w.args)
+    assert_trees_allclose(step(*w.args), expected, atol=ADAM_ATOL)
+    # a saved plan runs the same rewritten program
+    saved = autoshard.Plan.from_json(found.to_json())
+    assert saved.remat == found.remat
+    again = autoshard.parallelize(w.fn, mesh=mesh, plan=saved, batch_argnums=w.batch_argnums)
+    assert_trees_allclose(again(*w.args), expected, atol=ADAM_ATOL)

@@ -6,15 +6,23 @@ from autoshard.ir.program import Literal
 
 from .op_rules import FUSIBLE, FUSING_CONSUMERS
 
+#: elementwise ops XLA's fusion does not duplicate into several consumers (its
+#: ``IsExpensive``): their value is written to memory once and read by each
+EXPENSIVE = frozenset("""
+acos acosh asin asinh atan atan2 atanh cbrt cos cosh digamma div erf erf_inv erfc exp exp2
+expm1 igamma igammac lgamma log log1p logistic polygamma pow rem rsqrt sin sinh sqrt tan
+tanh zeta
+""".split())
+
 
 def fused_values(program) -> tuple[frozenset[int], frozenset[int]]:
     """Values XLA's fusion keeps out of memory traffic, as (fused, read_in_fusion).
 
     ``fused``: made by a ``FUSIBLE`` equation, read only by ``FUSING_CONSUMERS`` (at least
-    one), and not a program output: no memory traffic for the equations that make or read
-    them. ``read_in_fusion``: the same but a program output (an optimizer's new moments):
-    XLA's multi-output fusion writes it once and its readers in the fusion take it from
-    there, so only the write is traffic."""
+    one; exactly one where the equation is ``EXPENSIVE``), and not a program output: no
+    memory traffic for the equations that make or read them. ``read_in_fusion``: the same
+    but a program output (an optimizer's new moments): XLA's multi-output fusion writes it
+    once and its readers in the fusion take it from there, so only the write is traffic."""
     fused, read_in_fusion, _ = fusion(program)
     return fused, read_in_fusion
 
@@ -47,6 +55,8 @@ def fusion(program) -> tuple[frozenset[int], frozenset[int], dict[int, int]]:
             continue
         for v in eqn.outputs:
             readers = consumers.get(v, ())
+            if len(readers) > 1 and eqn.primitive.name in EXPENSIVE:
+                continue  # not duplicated: written once
             if readers and all(c.primitive.name in FUSING_CONSUMERS for c in readers):
                 (read_in_fusion if v in outputs else fused).add(v)
     fanout: dict[int, int] = {}

@@ -47,8 +47,40 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
     shared = _in_place_chains(program, [a for o, a in enumerate(program.outvars)
                                         if o not in aliased and not isinstance(a, Literal)], last)
     fused, _ = fused_values(program)
+    _read_where_fused(program, fused, last)
     return {v: (b, max(last.get(v, b), b)) for v, b in born.items()
             if v not in shared and v not in fused}
+
+
+def _read_where_fused(program: Program, fused: frozenset[int], last: dict[int, int]) -> None:
+    """A fused value is computed inside each fusion that reads it, from its equation's
+    operands: they stay live until its last reader (a softmax's scores, read again by the
+    backward pass's fusions). Not through readers whose fused chain ends in a program output
+    (an optimizer's update): XLA runs that fusion as soon as its operands exist, not where
+    the program lists it. Updates ``last`` in place."""
+    outputs = {a for a in program.outvars if not isinstance(a, Literal)}
+    readers: dict[int, list[int]] = {}
+    for e, eqn in enumerate(program.eqns):
+        for atom in eqn.inputs:
+            if not isinstance(atom, Literal):
+                readers.setdefault(atom, []).append(e)
+    to_output = [False] * len(program.eqns)
+    reach: dict[int, int] = {}  # fused value -> the last step a fusion computes it in
+    for e in range(len(program.eqns) - 1, -1, -1):  # readers first
+        eqn = program.eqns[e]
+        to_output[e] = any(v in outputs or (v in fused and any(to_output[r] for r in readers[v]))
+                           for v in eqn.outputs)
+        until = -1
+        for v in eqn.outputs:
+            if v in fused:
+                for r in readers[v]:
+                    if not to_output[r]:
+                        until = max(until, r, *(reach.get(w, -1) for w in program.eqns[r].outputs))
+                reach[v] = until
+        if until >= 0:
+            for atom in eqn.inputs:
+                if not isinstance(atom, Literal):
+                    last[atom] = max(last.get(atom, until), until)
 
 
 def aliased_outputs(program: Program, donated: list[int]) -> set[int]:

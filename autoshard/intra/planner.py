@@ -3,24 +3,28 @@ when one is given), and record the chosen strategies as a :class:`Plan`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from jax.sharding import PartitionSpec
 
 from autoshard import ilp
 from autoshard.cost_model import Cluster, MeshCostModel, format_bytes
 from autoshard.errors import InfeasiblePlanError
+from autoshard.ir.fingerprint import fingerprint
+from autoshard.ir.remat import recompute
 from autoshard.ir.specs import Spec
 from autoshard.ir.trace import TracedFunction
-from autoshard.methods import PRESETS
+from autoshard.methods import PRESETS, ShardParallel
 from autoshard.plan.record import Plan
 
 from .liveness import live_ranges
 from .memory_points import candidate_steps, memory_terms, steps_over, tensor_bytes
 from .plan_record import plan_record
 from .problem import ShardingProblem, build_problem, propagated_choices
+from .remat import fewest_segments, forward_segments
 from .shared_reads import per_use_from_shared, prefer_made_layouts, shared_from_per_use
 
 _log = logging.getLogger("autoshard")
@@ -41,7 +45,8 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
                 in_layouts: Mapping[int, PartitionSpec] | None = None,
                 carried: Sequence[tuple[int, int]] = (), carried_weight: float = 1.0,
                 deadline: float | None = None,
-                annotations: Sequence[Spec] | None = None) -> Plan:
+                annotations: Sequence[Spec] | None = None, rematerialize: bool = False,
+                compiled_peak: Callable[[TracedFunction, Plan], float] | None = None) -> Plan:
     """Plan ``traced`` on a mesh of ``mesh_shape`` with ``method``; with ``memory_budget``
     (bytes per device) the estimated peak memory of the plan stays within it.
 
@@ -63,7 +68,58 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
 
     ``annotations``: a spec per flat input read off the model's own sharding annotations
     (``intra.annotations``): the layout of :class:`~autoshard.Annotated`, and one more
-    starting plan for the search."""
+    starting plan for the search.
+
+    ``rematerialize``: when no plan of ``traced`` meets ``memory_budget`` and the method is
+    :class:`~autoshard.ShardParallel` with ``remat=True``, plan the program that recomputes
+    the fewest forward segments in the backward pass that lets one fit (``intra.remat``);
+    the plan's ``remat`` names them, and what runs is ``ir.remat.recompute(traced,
+    plan.remat)``. ``compiled_peak(traced, plan)``: the bytes per device XLA compiles a
+    candidate into (on a mesh of real devices); each count of recomputed segments must fit
+    by it as well as by the model."""
+    plan = functools.partial(
+        _plan_program, mesh_shape=mesh_shape, axis_names=axis_names, cluster=cluster,
+        method=method, batch_flat=batch_flat, static_repr=static_repr,
+        donated_flat=donated_flat, memory_budget=memory_budget, in_layouts=in_layouts,
+        carried=carried, carried_weight=carried_weight, deadline=deadline,
+        annotations=annotations)
+    candidates = None
+    if rematerialize and memory_budget is not None and isinstance(method, ShardParallel) \
+            and method.remat:
+        candidates = forward_segments(traced.program)
+    try:
+        return _within(plan(traced), memory_budget) if candidates else plan(traced)
+    except InfeasiblePlanError as err:
+        if candidates is None:
+            raise
+        storing = err
+    signature = fingerprint(traced, static_repr)  # a saved plan is checked against the call's
+
+    def recomputing(remat):
+        rewritten = recompute(traced, remat)
+        found = _within(plan(rewritten), memory_budget)
+        if compiled_peak is not None:
+            _within(found, memory_budget, compiled_peak(rewritten, found))
+        return dataclasses.replace(found, remat=remat, fingerprint=signature)
+
+    return fewest_segments(candidates, recomputing, storing)
+
+
+def _within(plan: Plan, budget: float, compiled: float | None = None) -> Plan:
+    """``plan``; :class:`InfeasiblePlanError` when its modelled peak (or ``compiled``, the
+    bytes per device XLA compiled it into) exceeds ``budget``."""
+    peak = plan.cost.peak_memory_bytes if compiled is None else compiled
+    if peak > budget:
+        what = "the plan needs" if compiled is None else "XLA compiles the plan into"
+        raise InfeasiblePlanError(f"{what} {format_bytes(peak)} per device, over "
+                                  f"memory_budget={format_bytes(budget)}", peak, budget)
+    return plan
+
+
+def _plan_program(traced: TracedFunction, *, mesh_shape, axis_names, cluster, method,
+                  batch_flat, static_repr, donated_flat, memory_budget, in_layouts, carried,
+                  carried_weight, deadline, annotations) -> Plan:
+    """:func:`plan_traced` of ``traced`` as it is."""
     start = time.perf_counter()
     model = MeshCostModel(cluster, tuple(mesh_shape))
     program = traced.program

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from autoshard.intra.op_rules import loop_op
+from autoshard.intra.op_rules import eqn_flops
 from autoshard.ir.program import Program
 
 from .markers import BOUNDARY_PRIMITIVE
@@ -60,18 +60,6 @@ def strip_boundaries(program: Program) -> tuple[Program, list[int]]:
             level[vid] = lv
     outvars = tuple(read(a) for a in program.outvars)
     return dataclasses.replace(program, eqns=tuple(eqns), outvars=outvars), levels
-
-
-def eqn_flops(program: Program, eqn) -> float:
-    in_avals = [program.avals[a] if isinstance(a, int) else None for a in eqn.inputs]
-    out_avals = [program.avals[v] for v in eqn.outputs]
-    try:
-        op = loop_op(eqn, in_avals, out_avals)
-    except Exception:  # noqa: BLE001 - a rule that cannot read this eqn: size is enough here
-        op = None
-    if op is not None and op.flops:
-        return float(op.flops)
-    return float(sum(math.prod(a.shape) for a in out_avals))
 
 
 def _value_bytes(program: Program, vid: int) -> float:

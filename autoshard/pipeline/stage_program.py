@@ -16,11 +16,12 @@ import math
 import jax
 import numpy as np
 
+from autoshard.intra.op_rules import eqn_flops
 from autoshard.ir.program import Program
 from autoshard.ir.trace import TracedFunction, struct_of_aval, trace
 from autoshard.runtime import evaluate_program
 
-from .layers import Layering, eqn_flops
+from .layers import Layering
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -13,6 +13,7 @@ import re
 
 from autoshard.errors import PlanFormatError
 from autoshard.ir.program import Literal
+from autoshard.ir.remat import Rematerialization
 
 #: JSON nesting a plan file may have: a pytree level takes 3 (an object, its pairs, a
 #: pair), so about 60 levels of nested parameters, far beyond real models.
@@ -209,3 +210,22 @@ def check_shapes(items: list, where: str, count: int) -> tuple[tuple[int, ...], 
                                   f"largest {max(shape, default=0)})")
         result.append(tuple(shape))
     return tuple(result)
+
+
+def check_remat(data, where: str = "plan.remat") -> Rematerialization | None:
+    """The :class:`Rematerialization` ``data`` describes (``None`` for ``null``): ``{"turn":
+    equation, "segments": [[start, stop], ...]}``, ordered disjoint ranges before the turn."""
+    if data is None:
+        return None
+    is_index = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
+    if not isinstance(data, dict) or set(data) != {"turn", "segments"} or \
+            not is_index(data["turn"]) or not isinstance(data["segments"], list) or \
+            not all(isinstance(s, list) and len(s) == 2 and all(map(is_index, s))
+                    for s in data["segments"]):
+        raise PlanFormatError(f"{where}: expected null or {{\"turn\": equation, \"segments\": "
+                              f"[[start, stop], ...]}} with non-negative integers, got "
+                              f"{str(data)[:80]}")
+    try:
+        return Rematerialization(data["turn"], tuple(tuple(s) for s in data["segments"]))
+    except ValueError as err:
+        raise PlanFormatError(f"{where}: {err}") from None

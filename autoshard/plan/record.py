@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec
 
 from autoshard.cost_model import Cluster, write_text_atomically
 from autoshard.ir import hlo
+from autoshard.ir.remat import Rematerialization
 from autoshard.methods import Method
 
 from . import audit, html, serialize, text
@@ -37,7 +38,10 @@ class Plan:
     hand-written rivals (:class:`Alternative`: the presets, and the model's own
     annotations when it has some) priced by the same model. ``in_shapes`` /
     ``out_shapes``: the global shape of every flat input / output (``()`` where a plan
-    file predates them or, for a pipeline's outputs, is not recorded).
+    file predates them or, for a pipeline's outputs, is not recorded). ``remat``: the
+    forward segments the plan recomputes in the backward pass
+    (:class:`~autoshard.ir.remat.Rematerialization`; ``None``: it stores every
+    activation); the plan's value ids and equations are those of that rewritten program.
     """
 
     method: Method
@@ -65,6 +69,7 @@ class Plan:
     alternatives: tuple[Alternative, ...] = ()
     in_shapes: tuple[tuple[int, ...], ...] = ()
     out_shapes: tuple[tuple[int, ...], ...] = ()
+    remat: Rematerialization | None = None
 
     def __repr__(self):
         mesh = ", ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.mesh_shape))

@@ -28,6 +28,8 @@ The file is one JSON object (``"format": "autoshard-plan"``, ``"format_version":
     shapes                         {"inputs": [[int]], "outputs": [[int]]}: the global
                                    shapes of the flat inputs and outputs (absent in older
                                    files; an empty list: not recorded)
+    remat                          null or {"turn": int, "segments": [[start, stop]]}: the
+                                   forward segments recomputed in the backward pass
 
 A spec is a list with one entry per tensor dim: ``null``, an axis name or a list
 of axis names. A spec tree node is ``null`` (a static argument), ``{"spec": …}``,
@@ -61,6 +63,7 @@ from .checks import (
     check_ids,
     check_json_tree,
     check_mesh,
+    check_remat,
     check_shapes,
     check_stages,
     deepest_field,
@@ -249,7 +252,7 @@ def _record_to_json(record) -> dict:
 _FIELDS = ("format", "format_version", "method", "fingerprint", "mesh", "cluster", "in_specs",
            "out_specs", "inputs", "outputs", "value_specs", "operand_specs", "cost", "solver",
            "collectives", "top_ops", "warnings", "stages", "programs", "batch",
-           "alternatives", "shapes")
+           "alternatives", "shapes", "remat")
 
 
 def plan_to_dict(plan) -> dict:
@@ -282,6 +285,8 @@ def plan_to_dict(plan) -> dict:
         "alternatives": [_record_to_json(a) for a in plan.alternatives],
         "shapes": {"inputs": [list(s) for s in plan.in_shapes],
                    "outputs": [list(s) for s in plan.out_shapes]},
+        "remat": None if plan.remat is None else {
+            "turn": plan.remat.turn, "segments": [list(s) for s in plan.remat.segments]},
     }
     assert tuple(data) == _FIELDS
     return data
@@ -543,7 +548,7 @@ def plan_fields_from_dict(data) -> dict:
         alternatives=tuple(
             check_costs(_record(Alternative, a, f"plan.alternatives[{i}]"),
                         f"plan.alternatives[{i}]") for i, a in enumerate(alternatives)),
-        in_shapes=in_shapes, out_shapes=out_shapes,
+        in_shapes=in_shapes, out_shapes=out_shapes, remat=check_remat(data.get("remat")),
     )
 
 

@@ -20,6 +20,8 @@ def plan_summary(plan, max_rows: int = 40) -> str:
                  f"{format_seconds(c.resharding_s)}; peak memory per device "
                  f"{format_bytes(c.peak_memory_bytes)}")
     lines.append(_batch_line(plan))
+    if plan.remat is not None:
+        lines.append(plan.remat.describe())
     lines += _alternatives(plan)
     in_shapes = _shapes(plan.in_shapes, len(plan.in_paths))
     out_shapes = _shapes(plan.out_shapes, len(plan.out_paths))

@@ -194,6 +194,8 @@ def _cost_section(plan) -> str:
                f'<span class="as-muted">of {escape(format_bytes(cap))} {escape(cap_name)} '
                f'({frac:.2%})</span></h4>{svg}'
                f'<div class="as-muted">{escape(detail)}</div>')
+    if getattr(plan, "remat", None) is not None:
+        out.append(f"<div>{escape(plan.remat.describe())}</div>")
     return "".join(out)
 
 
