@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import autoshard
+from autoshard.ir.remat import Rematerialization
 from autoshard.plan.parts import Collective, OpCost, PlanCost, SolverInfo
 from autoshard.plan.record import Plan
 from autoshard.plan.serialize import SpecTreeNode, _tree_to_json, plan_to_dict
@@ -106,6 +107,11 @@ def test_solver_none_and_empty_trees_round_trip():
     assert_round_trip(_synthetic_plan(solver=None, stages=(), warnings=(), collectives=()))
 
 
+def test_recomputed_segments_round_trip():
+    plan = _synthetic_plan(remat=Rematerialization(40, ((0, 12), (12, 30))))
+    assert assert_round_trip(plan).remat == plan.remat
+
+
 def test_real_plan_round_trips_exactly():
     w = mlp(num_layers=1, batch=16, hidden=16, optimizer="adam", abstract=True)
     mesh = autoshard.abstract_mesh((2,), ("data",))
@@ -168,6 +174,9 @@ def _delete(*path):
     (_set(["method", "kind"], "Magic"), "plan.method: expected an object with \"kind\""),
     (_set(["method", "speed"], 2), "plan.method: ShardParallel has no setting(s) ['speed']"),
     (_set(["method", "time_limit_s"], "long"), "plan.method: ShardParallel"),
+    (_set(["remat"], {"turn": 9, "segments": [[0, 4], [2, 6]]}), "plan.remat: rematerialized "
+     "segments must be ordered, non-empty, disjoint ranges before the turn"),
+    (_set(["remat"], {"turn": 9}), "plan.remat: expected null or"),
 ])
 def test_validation_errors_name_the_field(mutate, expected):
     with pytest.raises(autoshard.PlanFormatError) as info:

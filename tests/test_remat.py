@@ -124,6 +124,7 @@ def test_a_budget_no_sharding_meets_is_met_by_recomputing_forward_segments():
     assert hlo.memory(step.lower(*w.args).compile())["total"] <= budget  # XLA's number
     assert found.cost.compute_s > free.cost.compute_s  # the recomputation is priced
     assert "recomputed in the backward pass" in found.summary()
+    assert "recomputed in the backward pass" in found._repr_html_()
     expected = jax.jit(w.fn)(*w.args)
     assert_trees_allclose(step(*w.args), expected, atol=ADAM_ATOL)
     # a saved plan runs the same rewritten program
