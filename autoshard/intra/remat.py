@@ -69,11 +69,15 @@ def forward_segments(program: Program) -> Rematerialization | None:
         cut = lo + int(np.argmin(inner[lo:hi + 1]))
         if not cuts or cut > cuts[-1]:
             cuts.append(cut)
-    # a segment without a matmul or convolution of its own joins the next one
-    bounds = [0] + [c for c, following in zip(cuts, cuts[1:] + [turn])
-                    if any(program.eqns[e].primitive.name in _HEAVY for e in range(c, following))]
-    bounds = [b for i, b in enumerate(bounds) if i == 0 or any(
-        program.eqns[e].primitive.name in _HEAVY for e in range(bounds[i - 1], b))] + [turn]
+    # a segment without a matmul or convolution of its own joins the one before it (the
+    # first, the one after it)
+    bounds = [0, *cuts, turn]
+    has_heavy = lambda a, b: any(program.eqns[e].primitive.name in _HEAVY  # noqa: E731
+                                 for e in range(a, b))
+    bounds = [b for i, b in enumerate(bounds)
+              if i in (0, len(bounds) - 1) or has_heavy(b, bounds[i + 1])]
+    if not has_heavy(bounds[0], bounds[1]):
+        del bounds[1]
     return Rematerialization(turn, tuple(zip(bounds, bounds[1:])))
 
 

@@ -12,13 +12,13 @@ input activation, the parameters) stay stored in their place.
 The copy reads each of its inputs that an equation made (the layer's input activation; the
 step's arguments, such as parameters, it reads as they are, except the smallest argument of
 an equation that reads nothing else, such as the token ids of an embedding lookup) plus a
-zero made from a value of the backward pass (the sum of an operand of the first reader, times zero): so XLA can
-neither merge the copy back into the original (CSE) nor run it before the backward pass
-reaches it. An
-``optimization_barrier`` alone, as jax lowers ``jax.checkpoint``, does neither on XLA's
-CPU backend, which removes barriers before CSE (measured: the recomputation vanished and
-the compiled temporaries did not shrink). The sum is exact unless the backward value
-holds an infinity or NaN, which then reaches these gradients too.
+zero made from a value of the backward pass (the sum of an operand of the first reader,
+times zero): so XLA can neither merge the copy back into the original (CSE) nor run it
+before the backward pass reaches it. An ``optimization_barrier`` alone, as jax lowers
+``jax.checkpoint``, does neither on XLA's CPU backend, which removes barriers before CSE
+(measured: the recomputation vanished and the compiled temporaries did not shrink). The
+sum is exact unless the backward value holds an infinity or NaN, which then reaches these
+gradients too.
 """
 from __future__ import annotations
 
