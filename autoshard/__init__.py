@@ -36,6 +36,7 @@ _EXPORTS = {
     "ProgramSpecs": "autoshard.plan.parts",
     "StageAssignment": "autoshard.plan.parts",
     "StageCost": "autoshard.plan.parts",
+    "Rematerialization": "autoshard.ir.remat",
     "InfeasiblePlanError": "autoshard.errors",
     "PlanFormatError": "autoshard.errors",
     "PlanMismatchError": "autoshard.errors",

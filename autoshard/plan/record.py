@@ -40,8 +40,8 @@ class Plan:
     ``out_shapes``: the global shape of every flat input / output (``()`` where a plan
     file predates them or, for a pipeline's outputs, is not recorded). ``remat``: the
     forward segments the plan recomputes in the backward pass
-    (:class:`~autoshard.ir.remat.Rematerialization`; ``None``: it stores every
-    activation); the plan's value ids and equations are those of that rewritten program.
+    (:class:`~autoshard.Rematerialization`; ``None``: it stores every activation); the
+    plan's value ids and equations are those of that rewritten program.
     """
 
     method: Method
