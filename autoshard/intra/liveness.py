@@ -5,7 +5,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from autoshard.ir.program import Literal, Program
+from autoshard.ir.program import Literal, Program, readers
 
 from .fusion import fused_values
 from .op_rules import ELEMENTWISE
@@ -59,21 +59,17 @@ def _read_where_fused(program: Program, fused: frozenset[int], last: dict[int, i
     (an optimizer's update): XLA runs that fusion as soon as its operands exist, not where
     the program lists it. Updates ``last`` in place."""
     outputs = {a for a in program.outvars if not isinstance(a, Literal)}
-    readers: dict[int, list[int]] = {}
-    for e, eqn in enumerate(program.eqns):
-        for atom in eqn.inputs:
-            if not isinstance(atom, Literal):
-                readers.setdefault(atom, []).append(e)
+    read_by = readers(program)
     to_output = [False] * len(program.eqns)
     reach: dict[int, int] = {}  # fused value -> the last step a fusion computes it in
     for e in range(len(program.eqns) - 1, -1, -1):  # readers first
         eqn = program.eqns[e]
-        to_output[e] = any(v in outputs or (v in fused and any(to_output[r] for r in readers[v]))
+        to_output[e] = any(v in outputs or (v in fused and any(to_output[r] for r in read_by[v]))
                            for v in eqn.outputs)
         until = -1
         for v in eqn.outputs:
             if v in fused:
-                for r in readers[v]:
+                for r in read_by[v]:
                     if not to_output[r]:
                         until = max(until, r, *(reach.get(w, -1) for w in program.eqns[r].outputs))
                 reach[v] = until

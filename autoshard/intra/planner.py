@@ -83,14 +83,18 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
         donated_flat=donated_flat, memory_budget=memory_budget, in_layouts=in_layouts,
         carried=carried, carried_weight=carried_weight, deadline=deadline,
         annotations=annotations)
-    candidates = None
-    if rematerialize and memory_budget is not None and isinstance(method, ShardParallel) \
-            and method.remat:
-        candidates = forward_segments(traced.program)
+    may_recompute = rematerialize and memory_budget is not None and \
+        isinstance(method, ShardParallel) and method.remat
+    found = None
     try:
-        return _within(plan(traced), memory_budget) if candidates else plan(traced)
+        found = plan(traced)
+        return _within(found, memory_budget) if may_recompute else found
     except InfeasiblePlanError as err:
+        # cut the forward only now: most budgeted plans fit without recomputing
+        candidates = forward_segments(traced.program) if may_recompute else None
         if candidates is None:
+            if found is not None:
+                return found  # over the budget: the caller's budget check reports it
             raise
         storing = err
     signature = fingerprint(traced, static_repr)  # a saved plan is checked against the call's

@@ -19,7 +19,7 @@ import numpy as np
 
 from autoshard.cost_model import format_bytes
 from autoshard.errors import InfeasiblePlanError
-from autoshard.ir.program import Literal, Program
+from autoshard.ir.program import Program, readers
 from autoshard.ir.remat import Rematerialization
 
 from .op_rules import eqn_flops
@@ -37,25 +37,18 @@ def forward_segments(program: Program) -> Rematerialization | None:
     the backward pass begins) and the forward before it in segments, earliest first;
     ``None`` when the forward has too few matmuls or convolutions to cut in two."""
     n = len(program.eqns)
-    outside = set(program.invars) | {v for v, _ in program.constants}
-    born: dict[int, int] = {}
-    readers: dict[int, list[int]] = {}
-    for e, eqn in enumerate(program.eqns):
-        for a in eqn.inputs:
-            if not isinstance(a, Literal) and a not in outside:
-                readers.setdefault(a, []).append(e)
-        for v in eqn.outputs:
-            born[v] = e
+    born = {v: e for e, eqn in enumerate(program.eqns) for v in eqn.outputs}
+    read_by = {v: r for v, r in readers(program).items() if v in born}  # not the arguments
     nbytes = {v: float(np.prod(program.avals[v].shape)) * program.avals[v].dtype.itemsize
               for v in born}
-    crossing = _crossing(born, {v: r[-1] for v, r in readers.items()}, nbytes, n)
+    crossing = _crossing(born, {v: r[-1] for v, r in read_by.items()}, nbytes, n)
     turn = int(np.argmax(crossing)) if n else 0
     heavy = sum(program.eqns[e].primitive.name in _HEAVY for e in range(turn))
     count = min(MAX_SEGMENTS, heavy // HEAVY_PER_SEGMENT)
     if count < 2:
         return None
     # bytes crossing each cut within the forward: made before it, read after it before the turn
-    forward_last = {v: max(e for e in r if e < turn) for v, r in readers.items()
+    forward_last = {v: max(e for e in r if e < turn) for v, r in read_by.items()
                     if born[v] < turn and r[0] < turn}
     inner = _crossing(born, forward_last, nbytes, turn)
     flops = np.cumsum([eqn_flops(program, program.eqns[e]) for e in range(turn)])

@@ -54,3 +54,16 @@ class Program:
     def __repr__(self):
         return (f"Program({len(self.invars)} inputs, {len(self.outvars)} outputs, "
                 f"{len(self.eqns)} equations)")
+
+
+def readers(program: Program) -> dict[int, list[int]]:
+    """Value id → the indices of the equations that read it, in program order, each once
+    (values nothing reads are absent)."""
+    read_by: dict[int, list[int]] = {}
+    for e, eqn in enumerate(program.eqns):
+        for atom in eqn.inputs:
+            if not isinstance(atom, Literal):
+                seen = read_by.setdefault(atom, [])
+                if not seen or seen[-1] != e:
+                    seen.append(e)
+    return read_by

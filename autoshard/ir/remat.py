@@ -33,7 +33,7 @@ import numpy as np
 from jax import lax
 
 from .jax_compat import optimization_barrier_primitive
-from .program import Equation, Literal, Program
+from .program import Equation, Literal, readers
 from .trace import TracedFunction
 
 
@@ -80,24 +80,27 @@ def recompute(traced: TracedFunction, remat: Rematerialization) -> TracedFunctio
         raise ValueError(f"{remat!r} does not fit a program of {len(program.eqns)} equations")
     avals = list(program.avals)
     eqns = program.eqns
-    late = _late_readers(program, remat.turn)
+    late = {v: after for v, r in readers(program).items()
+            if (after := [e for e in r if e >= remat.turn])}  # value -> its backward readers
     made_at = {v: e for e, eqn in enumerate(eqns) for v in eqn.outputs}
     stored = set(program.invars) | {v for v, _ in program.constants}  # read as they are
     inserted: dict[int, list[tuple[Equation, int]]] = {}  # reader -> (copy, original eqn)
     reads: dict[int, dict[int, int]] = {}  # late reader -> {original value: its copy}
+
+    def new_value(aval) -> int:
+        avals.append(aval)
+        return len(avals) - 1
 
     def splice(jaxpr, ins: Sequence[int], origin: int, block: list) -> int:
         """``jaxpr``'s equations appended to ``block`` reading ``ins``; its one output."""
         env = dict(zip(jaxpr.jaxpr.invars, ins, strict=True))
         read = lambda a: Literal(a.val) if isinstance(a, jcore.Literal) else env[a]  # noqa: E731
         for eqn in jaxpr.jaxpr.eqns:
-            outs = []
             for var in eqn.outvars:
-                avals.append(var.aval)
-                env[var] = len(avals) - 1
-                outs.append(env[var])
+                env[var] = new_value(var.aval)
             block.append((Equation(eqn.primitive, dict(eqn.params),
-                                   tuple(read(a) for a in eqn.invars), tuple(outs)), origin))
+                                   tuple(read(a) for a in eqn.invars),
+                                   tuple(env[var] for var in eqn.outvars)), origin))
         return read(jaxpr.jaxpr.outvars[0])
 
     for start, stop in remat.segments:
@@ -133,14 +136,10 @@ def recompute(traced: TracedFunction, remat: Rematerialization) -> TracedFunctio
                     copy[a] = splice(_plus(tuple(avals[a].shape), avals[a].dtype), [a, zero],
                                      e, block)
                 else:
-                    avals.append(avals[a])
-                    copy[a] = len(avals) - 1
+                    copy[a] = new_value(avals[a])
                     block.append((Equation(optimization_barrier_primitive(), {}, (a,),
                                            (copy[a],)), e))
-            outs = []
-            for v in eqn.outputs:
-                avals.append(avals[v])
-                outs.append(len(avals) - 1)
+            outs = [new_value(avals[v]) for v in eqn.outputs]
             copy.update(zip(eqn.outputs, outs))
             block.append((Equation(eqn.primitive, eqn.params,
                                    tuple(a if isinstance(a, Literal) else copy.get(a, a)
@@ -197,13 +196,3 @@ def _plus(shape: tuple[int, ...], dtype):
         return lax.add(x, zero)
     return jax.make_jaxpr(plus)(jax.ShapeDtypeStruct(shape, dtype),
                                 jax.ShapeDtypeStruct((), jnp.float32))
-
-
-def _late_readers(program: Program, turn: int) -> dict[int, list[int]]:
-    """Value id → the equations at or after ``turn`` that read it (those values only)."""
-    late: dict[int, list[int]] = {}
-    for e in range(turn, len(program.eqns)):
-        for a in program.eqns[e].inputs:
-            if not isinstance(a, Literal) and (not late.get(a) or late[a][-1] != e):
-                late.setdefault(a, []).append(e)
-    return late

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from autoshard.intra.op_rules import eqn_flops
-from autoshard.ir.program import Program
+from autoshard.ir.program import Program, readers
 
 from .markers import BOUNDARY_PRIMITIVE
 
@@ -77,15 +77,6 @@ def _depends(program: Program, flags_in) -> list[bool]:
         for v in eqn.outputs:
             dep[v] = d
     return out
-
-
-def _consumers(program: Program) -> dict[int, list[int]]:
-    users: dict[int, list[int]] = {}
-    for e, eqn in enumerate(program.eqns):
-        for a in eqn.inputs:
-            if isinstance(a, int):
-                users.setdefault(a, []).append(e)
-    return users
 
 
 def _balanced_cuts(flops: list[float], cut_bytes: list[float], num_layers: int,
@@ -171,7 +162,7 @@ def assign_layers(program: Program, diff_flags, batch_flags, num_layers: int | N
         # bytes live across a cut before anchored item p: values made by anchored items < p
         # and read by anchored items >= p (or returned)
         diff = np.zeros(len(heavy) + 1)
-        users = _consumers(stripped)
+        users = readers(stripped)
         outs = {a for a in stripped.outvars if isinstance(a, int)}
         for e in heavy:
             for v in eqns[e].outputs:
@@ -191,7 +182,7 @@ def assign_layers(program: Program, diff_flags, batch_flags, num_layers: int | N
                 k += 1
             layer[e] = k
     # floating equations: as late as possible (first layer that reads them)
-    users = _consumers(stripped)
+    users = readers(stripped)
     outs = {a for a in stripped.outvars if isinstance(a, int)}
     for e in range(len(eqns) - 1, -1, -1):
         if layer[e] is not None:
