@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 import autoshard
@@ -14,6 +15,7 @@ from autoshard.ir import hlo
 from autoshard.ir.remat import recompute
 from autoshard.ir.trace import trace
 from autoshard.runtime import evaluate_program
+from examples import models
 from examples.models import gpt
 from tests.trees import ADAM_ATOL, assert_trees_allclose
 
@@ -107,28 +109,50 @@ def test_recomputed_segments_run_the_same_step_and_store_less():
                           jax.jit(lambda *a: evaluate_program(traced.program, a))(*flat))
 
 
+def _users_gpt_step():
+    """The activation-heavy GPT's step as users write it: the loss closes over the batch,
+    plain ``jax.value_and_grad``, optax adamw, a Python float keyword argument."""
+    params, _, batch = _activation_heavy_gpt().args
+    optimizer = optax.adamw(1e-3)
+
+    def step(params, opt_state, tokens, *, temperature=1.0):
+        def loss(ps):
+            x = jnp.take(ps["wte"], tokens[:, :-1], axis=0) + ps["wpe"]
+            for block in ps["blocks"]:
+                x = models._attention_block(block, x, 4)
+            logits = models._layernorm(x, ps["ln_f"]) @ ps["wte"].T / temperature
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return step, (params, optimizer.init(params), batch["tokens"])
+
+
 def test_a_budget_no_sharding_meets_is_met_by_recomputing_forward_segments():
-    w = _activation_heavy_gpt()
+    fn, args = _users_gpt_step()
+    fresh = lambda: jax.tree.map(jnp.copy, args)  # noqa: E731 - params and state are donated
     mesh = autoshard.make_mesh((8,), ("data",))
     plan = lambda budget, **options: autoshard.parallelize(  # noqa: E731
-        w.fn, mesh=mesh, method=autoshard.ShardParallel(**options), memory_budget=budget,
-        batch_argnums=w.batch_argnums)
-    free = plan(None).plan(*w.args)
+        fn, mesh=mesh, method=autoshard.ShardParallel(**options), memory_budget=budget,
+        donate_argnums=(0, 1), batch_argnums=2)
+    free = plan(None).plan(*args, temperature=1.0)
     with pytest.raises(autoshard.InfeasiblePlanError) as smallest:
-        plan("1MiB", remat=False).plan(*w.args)
+        plan("1MiB", remat=False).plan(*args, temperature=1.0)
     budget = int(0.85 * smallest.value.min_peak_bytes)  # no sharding alone reaches it
     step = plan(budget)
-    found = step.plan(*w.args)
+    found = step.plan(*args, temperature=1.0)
     assert found.remat is not None and found.remat.segments
     assert found.cost.peak_memory_bytes <= budget
-    assert hlo.memory(step.lower(*w.args).compile())["total"] <= budget  # XLA's number
+    assert hlo.memory(step.lower(*args, temperature=1.0).compile())["total"] <= budget  # XLA's
     assert found.cost.compute_s > free.cost.compute_s  # the recomputation is priced
     assert "recomputed in the backward pass" in found.summary()
     assert "recomputed in the backward pass" in found._repr_html_()
-    expected = jax.jit(w.fn)(*w.args)
-    assert_trees_allclose(step(*w.args), expected, atol=ADAM_ATOL)
+    expected = jax.jit(fn)(*args, temperature=1.0)
+    assert_trees_allclose(step(*fresh(), temperature=1.0), expected, atol=ADAM_ATOL)
     # a saved plan runs the same rewritten program
     saved = autoshard.Plan.from_json(found.to_json())
     assert saved.remat == found.remat
-    again = autoshard.parallelize(w.fn, mesh=mesh, plan=saved, batch_argnums=w.batch_argnums)
-    assert_trees_allclose(again(*w.args), expected, atol=ADAM_ATOL)
+    again = autoshard.parallelize(fn, mesh=mesh, plan=saved, donate_argnums=(0, 1),
+                                  batch_argnums=2)
+    assert_trees_allclose(again(*fresh(), temperature=1.0), expected, atol=ADAM_ATOL)
