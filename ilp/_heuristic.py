@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -15,23 +16,39 @@ def polish(costs: Sequence[np.ndarray], edges, start: list[int],
            max_sweeps: int = 100) -> list[int]:
     """Iterated conditional modes: move one node at a time to its best strategy given its
     neighbours' current strategies until no move helps. Nodes are visited in index order
-    and ties keep the current choice, so the result is deterministic."""
+    and ties keep the current choice, so the result is deterministic.
+
+    A sweep visits only the nodes a neighbour's move touched since they were last visited
+    (the others would stay put): the same moves as visiting every node in every sweep, in
+    time proportional to the moves (a deep model's sweeps each move a few nodes)."""
     n = len(costs)
     incident = incident_edges(n, edges)
     choice = list(start)
-    order = [v for v in range(n) if incident[v] and len(costs[v]) > 1]
+    movable = [bool(incident[v]) and len(costs[v]) > 1 for v in range(n)]
+    touched = [v for v in range(n) if movable[v]]
     for _ in range(max_sweeps):
-        changed = False
-        for v in order:
+        if not touched:
+            break
+        queue, queued = list(touched), set(touched)  # this sweep, in index order
+        heapq.heapify(queue)
+        touched = set()  # the next sweep's: touched at or before where this sweep was
+        while queue:
+            v = heapq.heappop(queue)
             total = costs[v].copy()
             for u, matrix in incident[v]:
                 total += matrix[:, choice[u]]
             best = int(np.argmin(total))
             if total[best] < total[choice[v]]:
                 choice[v] = best
-                changed = True
-        if not changed:
-            break
+                for u, _ in incident[v]:
+                    if not movable[u]:
+                        continue
+                    if u > v and u not in queued:
+                        heapq.heappush(queue, u)
+                        queued.add(u)
+                    elif u < v:
+                        touched.add(u)
+        touched = sorted(touched)
     return choice
 
 

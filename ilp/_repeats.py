@@ -55,6 +55,26 @@ def _array_bytes(array: np.ndarray) -> bytes:
     return repr(array.shape).encode() + array.tobytes()
 
 
+#: node costs are compared by their shape (each strategy's cost over the node's dearest,
+#: to this resolution), not their size: the same role in two layers can cost more in one
+#: (XLA duplicates an early residual add into more fusions than a late one) yet is
+#: decided the same way. Sizes still tell nodes apart through their edges' matrices, and
+#: tying stays exact: the tied request sums its members' own costs.
+COST_SHAPE_RESOLUTION = 1e-3
+
+
+def _cost_keys(node_costs) -> list[bytes]:
+    """Each node's costs over its largest finite cost, rounded (infinite ones kept)."""
+    keys = []
+    for cost in node_costs:
+        cost = np.asarray(cost, dtype=np.float64)
+        finite = np.isfinite(cost)
+        largest = float(np.max(np.abs(cost[finite]), initial=0.0))
+        shape = np.round(cost / (largest * COST_SHAPE_RESOLUTION)) if largest > 0 else cost
+        keys.append(_array_bytes(np.where(finite, shape, cost)))
+    return keys
+
+
 def _numbered(keys) -> list[int]:
     """Each key's number among the distinct keys, by first appearance: equal numbers
     exactly for equal keys, the same in every process (no hash values involved)."""
@@ -63,9 +83,10 @@ def _numbered(keys) -> list[int]:
 
 
 def repeat_classes(request: IntraOpRequest, rounds: int = 3, period: int = 2) -> RepeatClasses:
-    """Classes of nodes with identical costs and identical neighbourhoods ``rounds`` deep."""
+    """Classes of nodes whose costs have the same shape (``COST_SHAPE_RESOLUTION``) and
+    whose neighbourhoods ``rounds`` deep are identical."""
     n = request.num_nodes
-    color = _numbered(_array_bytes(c) for c in request.node_costs)
+    color = _numbered(_cost_keys(request.node_costs))
     by_array: dict[int, bytes] = {}  # edges of repeated layers often share one array
     for e in request.edges:
         if id(e.cost) not in by_array:

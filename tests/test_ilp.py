@@ -698,6 +698,28 @@ def test_repeated_layers_tied_in_alternating_classes():
     assert same.objective == 15.0
 
 
+@pytest.mark.parametrize("scale, extra, classes", [
+    (1.0, 1e-6, 8),   # 1e-6 s more on both strategies: the same shape to 1e-3, tied
+    (1.4, 0.0, 8),    # 1.4x the costs: the same role at another size (XLA duplicated an
+                      # early residual add into more fusions), tied
+    (1.0, 0.5, 12),   # strategy 0 now costs a third of strategy 1, not nothing: v5 is told
+                      # apart, and with it v2..v8 (3 edges or fewer away)
+])
+def test_repeats_are_tied_by_the_shape_of_their_costs(scale, extra, classes):
+    # The 12-node chain above with 1 s on strategy 1 of every node; v5's costs scaled by
+    # `scale`, then raised by `extra`. Whatever is tied, the tied request prices the
+    # members' own costs: its objective is the full request's.
+    costs = [[0.0, 1.0] for _ in range(12)]
+    costs[5] = [extra, scale + extra]
+    request = dataclasses.replace(_chain(12, tie_repeats=True), node_costs=tuple(costs))
+    found = repeat_classes(request)
+    assert found.num_classes == classes
+    tied = tied_request(request, found)
+    for pick in ([0] * found.num_classes, [c % 2 for c in range(found.num_classes)]):
+        assert evaluate(tied, pick).objective == pytest.approx(
+            evaluate(request, found.expand(pick)).objective)
+
+
 def test_tied_solution_is_priced_on_the_full_request():
     # Any class assignment is a valid plan of the original: the tied problem's objective
     # equals the full request's cost of the expanded choices.
