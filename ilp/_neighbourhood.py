@@ -33,7 +33,8 @@ import numpy as np
 
 from ._clock import Deadline
 from ._evaluate import evaluate
-from ._heuristic import greedy_assignment
+from ._heuristic import best_assignment, greedy_assignment
+from ._lagrangian import starts_that_fit
 from ._repeats import repeat_classes, tied_request
 from ._request import InfeasibleError, IntraOpRequest, IntraOpResult
 
@@ -83,10 +84,16 @@ def solved_in_neighbourhoods(request: IntraOpRequest) -> bool:
 def solve_in_neighbourhoods(request: IntraOpRequest,
                             solve: Callable[[IntraOpRequest], IntraOpResult]) -> IntraOpResult:
     """Rounds of ``solve`` (the exact solver) over neighbourhoods of the current plan,
-    starting from ``request.hint`` (else a greedy plan); the best plan found."""
+    starting from ``request.hint`` (else a greedy plan), or from a plan found from
+    ``request.guide`` that fits and costs less; the best plan found."""
     start = time.perf_counter()
     deadline = Deadline.of(request.wall_time_limit_s, request.time_limit_s)
     current = request.hint if request.hint is not None else greedy_assignment(request)
+    if request.guide is not None and request.memory_budget is not None:
+        # plans that fit between the guide and the budget: rounds from a plan far below
+        # the budget stay there (the cheaper plans lie across plans that do not fit)
+        candidates = starts_that_fit(request, request.guide, solve, deadline) + [current]
+        current = best_assignment(request, candidates) or current
     checked = evaluate(request, current)
     best = checked.objective if checked.ok else np.inf
     last = None
@@ -94,7 +101,7 @@ def solve_in_neighbourhoods(request: IntraOpRequest,
     for rounds in range(1, MAX_ROUNDS + 1):
         allowed = neighbourhood(request.strategy_labels, current)
         restricted = dataclasses.replace(
-            request, strategy_labels=None, hint=tuple(current),
+            request, strategy_labels=None, hint=tuple(current), guide=None,
             node_costs=tuple(np.where(mask, cost, np.inf)
                              for mask, cost in zip(allowed, request.node_costs)),
             time_limit_s=request.time_limit_s * 2 / MAX_ROUNDS, search=True,

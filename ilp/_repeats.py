@@ -140,6 +140,7 @@ def tied_request(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpRequ
         edges[key] = edges[key] + matrix if key in edges else matrix
     members = [nodes[0] for nodes in classes.members()]  # each class's first member
     hint = None if request.hint is None else tied_hint(request.hint, classes)
+    guide = None if request.guide is None else tied_hint(request.guide, classes)
     # members share costs and neighbourhoods: the first one's labels stand for the class
     labels = None if request.strategy_labels is None else \
         tuple(request.strategy_labels[v] for v in members)
@@ -155,7 +156,7 @@ def tied_request(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpRequ
                           memory_terms=terms, memory_budget=request.memory_budget,
                           edges=tuple(EdgeCost(a, b, m) for (a, b), m in sorted(edges.items())),
                           node_names=tuple(request.label(v) for v in members),
-                          hint=hint, time_limit_s=request.time_limit_s,
+                          hint=hint, guide=guide, time_limit_s=request.time_limit_s,
                           gap_limit=request.gap_limit, search=request.search,
                           strategy_labels=labels)
 

@@ -82,8 +82,8 @@ class SharedCost:
         return f"SharedCost(cost={format_seconds(self.cost)}, members={_summary(self.members)})"
 
 
-OPTIONS = frozenset({"memory_terms", "memory_budget", "hint", "time_limit_s", "wall_time_limit_s",
-                     "tie_repeats", "gap_limit", "search"})
+OPTIONS = frozenset({"memory_terms", "memory_budget", "hint", "guide", "time_limit_s",
+                     "wall_time_limit_s", "tie_repeats", "gap_limit", "search"})
 """The fields of an ``IntraOpRequest`` that ``with_options`` may change."""
 
 
@@ -121,7 +121,10 @@ class IntraOpRequest:
     per mesh axis naming what the axis splits under each strategy; a request too large
     to solve whole (``_neighbourhood.LARGE_PROBLEM_CELLS``) is then solved over
     neighbourhoods of its plan: strategies differing from the current choice in at
-    most one label (``_neighbourhood``).
+    most one label (``_neighbourhood``). ``guide``: with a memory budget, a complete
+    assignment over it (the optimum without the budget); such a request solved over
+    neighbourhoods also starts from plans found between the guide and the budget by
+    pricing memory (``_lagrangian``).
     """
 
     node_costs: tuple[np.ndarray, ...]
@@ -132,6 +135,7 @@ class IntraOpRequest:
     memory_terms: tuple[tuple[tuple[int, np.ndarray], ...], ...] = ()
     memory_budget: float | None = None
     hint: tuple[int, ...] | None = None
+    guide: tuple[int, ...] | None = None
     shared_costs: tuple[SharedCost, ...] = ()
     time_limit_s: float = 60.0
     wall_time_limit_s: float | None = None
@@ -190,8 +194,9 @@ class IntraOpRequest:
                 for p, point in enumerate(self.memory_terms)))
         if self.memory_budget is not None:
             object.__setattr__(self, "memory_budget", float(self.memory_budget))
-        if self.hint is not None:
-            object.__setattr__(self, "hint", tuple(int(i) for i in self.hint))
+        for name in ("hint", "guide"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
         object.__setattr__(self, "time_limit_s", float(self.time_limit_s))
         if self.wall_time_limit_s is not None:
             object.__setattr__(self, "wall_time_limit_s", float(self.wall_time_limit_s))
@@ -334,13 +339,16 @@ class IntraOpRequest:
                 raise ValueError(f"memory_budget must be >= 0 bytes, got {self.memory_budget}")
             if self.node_memory is None and not self.memory_terms:
                 raise ValueError("memory_budget given without node_memory or memory_terms")
-        if self.hint is not None:
-            if len(self.hint) != n:
-                raise ValueError(f"hint has {len(self.hint)} entries, expected {n} (one per node)")
-            for v, choice in enumerate(self.hint):
+        for name in ("hint", "guide"):
+            plan = getattr(self, name)
+            if plan is None:
+                continue
+            if len(plan) != n:
+                raise ValueError(f"{name} has {len(plan)} entries, expected {n} (one per node)")
+            for v, choice in enumerate(plan):
                 if not 0 <= choice < counts(v):
                     raise ValueError(
-                        f"hint for {self._label(v)} is {choice}, expected 0..{counts(v) - 1}"
+                        f"{name} for {self._label(v)} is {choice}, expected 0..{counts(v) - 1}"
                     )
         if not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s must be > 0, got {self.time_limit_s}")

@@ -592,6 +592,8 @@ def test_evaluate_reports_each_violation():
         (dict(node_memory=([1.0],)), "node_memory has 1 entries, expected 2"),
         (dict(hint=(0,)), "hint has 1 entries, expected 2"),
         (dict(hint=(0, 3)), "hint for node 'mul' (#1) is 3"),
+        (dict(guide=(0, 0, 0)), "guide has 3 entries, expected 2"),
+        (dict(guide=(0, -1)), "guide for node 'mul' (#1) is -1"),
         (dict(node_names=("x",)), "node_names has 1 entries, expected 2"),
         (dict(memory_points=((0, 9),), node_memory=([1.0], [1.0, 1.0, 1.0])), "node index 9 out of range"),
     ],

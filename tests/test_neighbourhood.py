@@ -16,6 +16,9 @@ from autoshard.ilp import (
     solve_intra_op,
     solved_in_neighbourhoods,
 )
+from autoshard.ilp._clock import Deadline
+from autoshard.ilp._evaluate import point_memory
+from autoshard.ilp._lagrangian import priced_memory, starts_that_fit
 from autoshard.ilp._repeats import repeat_classes, tied_request
 
 # Three nodes in a chain, each with the 9 strategies (a0, a1), a0, a1 in {0, 1, 2}:
@@ -125,3 +128,57 @@ def test_tied_requests_keep_labels_and_memory_terms():
         full = evaluate(request, classes.expand(pick))
         assert evaluate(tied, pick).ok == full.ok
         assert evaluate(tied, pick).objective == pytest.approx(full.objective)
+
+
+# ------------------------------------------------------- memory priced: starts from a guide
+
+# A ridge. Three nodes, labels (a0, a1) as above, the same 5 s per disagreeing label on
+# each edge; one memory point holds all three, budget 9 bytes. Costs and bytes per node:
+# (0, 0) 10 s, 0 B (the hint: fits, dear); (x, 0) and (0, y), x, y > 0: 11 s, 3 B;
+# (2, 1): 2 s, 3 B; (2, 2): 1.9 s, 10 B (the optimum without the budget: 30 B, over);
+# the rest 5 s, 3 B. Under the budget the optimum is (2, 1) everywhere: 6 s at 9 B.
+# From the hint every one-label move costs more (11 s), so rounds stop at 30 s. Priced
+# at rate r per byte from the guide (2, 2), (2, 1) wins once 2 + 3r < 1.9 + 10r (r >
+# 0.0143 s/B); the first probe prices 2^-4 of (guide's 5.7 s / 9 B): 0.0396 s/B.
+RIDGE_COSTS = np.array([10.0 if p == (0, 0) else 11.0 if 0 in p else 2.0 if p == (2, 1)
+                        else 1.9 if p == (2, 2) else 5.0 for p in PAIRS])
+RIDGE_BYTES = np.array([0.0 if p == (0, 0) else 10.0 if p == (2, 2) else 3.0 for p in PAIRS])
+
+
+def _ridge(**kwargs):
+    request = _chain(memory_terms=(tuple((v, RIDGE_BYTES) for v in range(3)),),
+                     memory_budget=9.0, **kwargs)
+    return dataclasses.replace(request, node_costs=(RIDGE_COSTS,) * 3)
+
+
+def test_a_guide_over_the_budget_leads_the_rounds_across_a_ridge(small_is_large):
+    stuck = solve_intra_op(_ridge())
+    assert stuck.objective == 30.0 and stuck.choices == (START,) * 3
+    crossed = solve_intra_op(_ridge(guide=(BEST,) * 3))
+    assert crossed.choices == (PAIRS.index((2, 1)),) * 3 and crossed.objective == 6.0
+    assert evaluate(_ridge(), crossed.choices).ok
+
+
+def test_memory_priced_is_the_budgetless_cost_plus_rate_times_each_points_bytes():
+    rng = np.random.default_rng(0)
+    copy = rng.uniform(0, 4, size=(9, 9))
+    request = _chain(memory_terms=(((0, RIDGE_BYTES), (1, RIDGE_BYTES)),
+                                  ((1, RIDGE_BYTES), (1, 2, copy))), memory_budget=5.0)
+    budgetless = dataclasses.replace(request, memory_terms=(), memory_budget=None)
+    rates = (0.5, 2.0)
+    priced = priced_memory(request, rates)
+    assert priced.memory_budget is None and not priced.memory_terms
+    for _ in range(10):
+        pick = tuple(int(c) for c in rng.integers(9, size=3))
+        used = point_memory(request, pick)
+        assert evaluate(priced, pick).objective == pytest.approx(
+            evaluate(budgetless, pick).objective + sum(r * u for r, u in zip(rates, used)))
+
+
+def test_starts_that_fit_fit_and_a_guide_that_fits_needs_none():
+    request = _ridge()
+    starts = starts_that_fit(request, (BEST,) * 3, solve_intra_op, Deadline.of(None, 10.0))
+    assert starts and all(evaluate(request, s).ok for s in starts)
+    assert min(evaluate(request, s).objective for s in starts) == 6.0
+    fitting = (PAIRS.index((2, 1)),) * 3
+    assert starts_that_fit(request, fitting, solve_intra_op, Deadline.of(None, 10.0)) == []

@@ -190,6 +190,8 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
         hint = ilp.best_assignment(constrained, fits + ([repaired] if repaired else []))
         if hint is not None:
             constrained = constrained.with_options(hint=hint)
+        if repaired is None:  # too far over for a few moves: priced memory finds starts
+            constrained = constrained.with_options(guide=free.choices)
         try:
             result = _near_free(constrained, free, hint) or ilp.solve_intra_op(constrained)
         except ilp.InfeasibleError as err:
