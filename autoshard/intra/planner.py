@@ -214,7 +214,7 @@ def _near_free(request: ilp.IntraOpRequest, free: ilp.IntraOpResult,
     """``hint`` as the result, unsearched, when ``request`` ties repeated layers (a deep
     model, whose budgeted search is long) and ``hint`` costs at most ``REPAIR_ACCEPTED``
     more than ``free`` (the plan without a budget); else None. Its lower bound is
-    ``free``'s (without a budget, nothing is dearer)."""
+    ``free``'s (a bound on the problem without the budget bounds it with one too)."""
     if hint is None or not request.tie_repeats:
         return None
     objective = ilp.evaluate(request, hint).objective
