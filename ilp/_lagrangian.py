@@ -30,7 +30,7 @@ import numpy as np
 
 from ._budget_repair import fit_to_budget
 from ._clock import Deadline
-from ._evaluate import evaluate, point_memory
+from ._evaluate import evaluate
 from ._request import EdgeCost, IntraOpRequest, IntraOpResult
 
 _log = logging.getLogger("autoshard.ilp")
@@ -73,28 +73,27 @@ def starts_that_fit(request: IntraOpRequest, guide: Sequence[int],
     bisected: lowered after a plan that fits, raised after one that does not. Empty
     when the guide fits. With a wall-clock ``deadline`` the probes share ``SHARE`` of
     the time left."""
-    used = np.asarray(point_memory(request, guide))
-    over = used > request.memory_budget
+    start = evaluate(request, guide)  # its objective: seconds, whatever the budget
+    over = np.asarray(start.memory_by_point) > request.memory_budget
     if not over.any():
         return []
-    unbudgeted = dataclasses.replace(request, memory_terms=(), memory_budget=None, guide=None)
-    unit = max(evaluate(unbudgeted, guide).objective, 1e-12) / max(request.memory_budget, 1.0)
+    unit = max(start.objective, 1e-12) / max(request.memory_budget, 1.0)
     low, high, found = LOWEST, HIGHEST, []
     share = None if deadline.at is None else deadline.remaining_s() * SHARE / probes
     for _ in range(probes):
         k = (low + high) / 2
         result = solve(priced_memory(request, unit * 2.0 ** k * over).with_options(
             hint=tuple(guide), wall_time_limit_s=share))
-        fits = evaluate(request, result.choices).ok
+        checked = evaluate(request, result.choices)
         repaired = fit_to_budget(request, result.choices, max_excess=REPAIR_EXCESS)
         _log.info("memory priced at 2^%g of the guide's rate: %.4g s per step at %.4g GiB%s",
-                  k, evaluate(unbudgeted, result.choices).objective,
-                  max(point_memory(request, result.choices)) / 2**30,
-                  "" if fits else ", repaired to %.4g s" % evaluate(request, repaired).objective
-                  if repaired is not None else ", too far over to repair")
+                  k, checked.objective, max(checked.memory_by_point) / 2**30,
+                  "" if checked.ok else ", repaired to %.4g s" % evaluate(
+                      request, repaired).objective if repaired is not None else
+                  ", too far over to repair")
         if repaired is not None:
             found.append(repaired)
-        if fits:
+        if checked.ok:
             high = k
         else:
             low = k
