@@ -1,6 +1,8 @@
 """The liveness model behind plan.cost.peak_memory_bytes and the memory constraints."""
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -112,6 +114,26 @@ def test_a_fused_chain_that_ends_in_an_output_does_not_extend_its_operands():
                and g1 in e.inputs]
     assert ranges[g1][1] == next(e for e, eqn in enumerate(program.eqns) if g1 in eqn.inputs)
     assert g1_t not in ranges
+
+
+@pytest.mark.parametrize("side, written", [(8, False), (64, True)])
+def test_a_value_a_large_reduction_shares_with_another_reader_is_written_once(side, written):
+    # like a normalization's two sums over x - m: XLA's CPU backend runs a reduction of
+    # 4096 elements or more as a library fusion, which takes no producer that something
+    # else reads, so x - m is written once and both sums read it; smaller reductions'
+    # loop fusions each recompute it
+    def step(x, m):
+        d = x - m
+        return jnp.sum(d ** 2, axis=0) + jnp.sum(d * 2.0, axis=1)
+    structs = [jax.ShapeDtypeStruct((side, side), jnp.float32),
+               jax.ShapeDtypeStruct((side,), jnp.float32)]
+    program = trace(step, structs).program
+    (d,) = _made_by(program, "sub")
+    assert (d in live_ranges(program)) == written
+    # as XLA compiles it: a fusion writes the [side, side] difference only when written once
+    hlo = jax.jit(step).lower(*structs).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY"):]
+    assert len(re.findall(rf"= f32\[{side},{side}\]\S* fusion\(", entry)) == int(written)
 
 
 def test_an_expensive_op_read_twice_is_written_once_not_fused():

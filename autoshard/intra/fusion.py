@@ -1,10 +1,19 @@
-"""XLA's fusion as the cost and memory models see it: which values never reach memory, and
-into how many fusions an op is duplicated."""
+"""XLA's fusion as the cost and memory models see it: which values never reach memory,
+which are written once for the large reductions that read them, and into how many fusions
+an op is duplicated."""
 from __future__ import annotations
 
 from autoshard.ir.program import Literal
 
 from .op_rules import FUSIBLE, FUSING_CONSUMERS
+
+#: reductions XLA fuses elementwise producers into
+REDUCTIONS = FUSING_CONSUMERS - FUSIBLE
+#: elements from which XLA's CPU backend runs a reduction as a library fusion (YNNPACK),
+#: which takes an elementwise producer only when nothing else reads it (measured on jax
+#: 0.10: beside ``(x - m) * s``, ``sum((x - m) ** 2)`` over 64×64 reads a difference
+#: written once; over 32×32 it recomputes it, as the product's loop fusion does)
+REDUCTION_LIBRARY_ELEMENTS = 4096
 
 #: elementwise ops XLA's fusion does not duplicate into several consumers (its
 #: ``IsExpensive``): their value is written to memory once and read by each
@@ -23,7 +32,7 @@ def fused_values(program) -> tuple[frozenset[int], frozenset[int]]:
     memory traffic for the equations that make or read them. ``read_in_fusion``: the same
     but a program output (an optimizer's new moments): XLA's multi-output fusion writes it
     once and its readers in the fusion take it from there, so only the write is traffic."""
-    fused, read_in_fusion, _ = fusion(program)
+    fused, read_in_fusion, _, _ = fusion(program)
     return fused, read_in_fusion
 
 
@@ -45,11 +54,51 @@ def value_readers(program) -> tuple[dict[int, list], frozenset[int]]:
     return consumers, frozenset(v for v in program.outvars if not isinstance(v, Literal))
 
 
-def fusion(program) -> tuple[frozenset[int], frozenset[int], dict[int, int]]:
-    """``(fused_values(program), fusion_fanout(program))`` in one pass:
-    (fused, read_in_fusion, fan-out per fused value)."""
+def _reduced_only(program, consumers) -> set[int]:
+    """Values made by a ``FUSIBLE`` equation whose one reader is a reduction or makes such
+    a value: XLA computes them inside the reduction's fusion."""
+    found: set[int] = set()
+    for eqn in reversed(program.eqns):  # readers first
+        if eqn.primitive.name not in FUSIBLE:
+            continue
+        for v in eqn.outputs:
+            readers = {id(c): c for c in consumers.get(v, ())}
+            if len(readers) == 1:
+                (c,) = readers.values()
+                if _into_reduction(c, found):
+                    found.add(v)
+    return found
+
+
+def _into_reduction(eqn, reduced_only) -> bool:
+    return eqn.primitive.name in REDUCTIONS or \
+        bool(eqn.outputs) and all(o in reduced_only for o in eqn.outputs)
+
+
+def _elements(aval) -> int:
+    n = 1
+    for d in aval.shape:
+        n *= int(d)
+    return n
+
+
+def fusion(program) -> tuple[frozenset[int], frozenset[int], dict[int, int],
+                             dict[int, frozenset[int]]]:
+    """``(fused, read_in_fusion)`` as :func:`fused_values`, the fan-out per fused value as
+    :func:`fusion_fanout`, and ``written``: fused values that XLA also writes to memory
+    once for the large reductions among their readers (value id → the equations that read
+    that copy: a reduction, or an equation fused into one). XLA's CPU reduction library
+    fusion (from ``REDUCTION_LIBRARY_ELEMENTS``) takes a producer only when nothing else
+    reads it, so a value a reduction shares with another reader (a normalization's
+    ``x - mean``, read by its variance and by the normalized value) is written once for
+    the reduction while the other readers' loop fusions still recompute it; a value made
+    only from smaller operands (a broadcast) is recomputed by the reduction too."""
     consumers, outputs = value_readers(program)
+    reduced_only = _reduced_only(program, consumers)
+    index = {id(eqn): e for e, eqn in enumerate(program.eqns)}
     fused, read_in_fusion = set(), set()
+    written: dict[int, frozenset[int]] = {}
+    expanded: set[int] = set()  # fused values computed from small operands only (broadcasts)
     for eqn in program.eqns:
         if eqn.primitive.name not in FUSIBLE:
             continue
@@ -59,10 +108,23 @@ def fusion(program) -> tuple[frozenset[int], frozenset[int], dict[int, int]]:
                 continue  # not duplicated: written once
             if readers and all(c.primitive.name in FUSING_CONSUMERS for c in readers):
                 (read_in_fusion if v in outputs else fused).add(v)
+                size = _elements(program.avals[v])
+                if all(isinstance(a, Literal) or a in expanded or
+                       _elements(program.avals[a]) < size for a in eqn.inputs):
+                    expanded.add(v)  # a reduction's fusion recomputes it too
+                    continue
+                distinct = {id(c): c for c in readers}
+                if v in fused and len(distinct) > 1 and size >= REDUCTION_LIBRARY_ELEMENTS:
+                    reducing = frozenset(index[k] for k, c in distinct.items()
+                                         if _into_reduction(c, reduced_only))
+                    if reducing:
+                        written[v] = reducing
     fanout: dict[int, int] = {}
     for eqn in reversed(program.eqns):  # consumers come later: their fan-out is known
         for v in eqn.outputs:
             if v in fused:
+                reading = written.get(v, frozenset())  # they all read the one written copy
                 fanout[v] = sum(max((fanout.get(o, 1) for o in c.outputs), default=1)
-                                for c in consumers[v])
-    return frozenset(fused), frozenset(read_in_fusion), fanout
+                                for c in consumers[v] if index[id(c)] not in reading) + \
+                    (1 if reading else 0)
+    return frozenset(fused), frozenset(read_in_fusion), fanout, written

@@ -93,7 +93,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     unsupported, control_flow = [], []
     memo: dict[tuple, tuple] = {}
     by_specs: dict[tuple, tuple] = {}
-    fused, read_in_fusion, fanout = fusion(program)
+    fused, read_in_fusion, fanout, written = fusion(program)
     copied = layout_copy_reads(program)
 
     def add(node: Node):
@@ -121,11 +121,11 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         out_avals = [program.avals[v] for v in eqn.outputs]
         name = eqn.primitive.name
         # operands are read once per fusion the equation is duplicated into; values that
-        # stay in registers are no traffic
+        # stay in registers are no traffic, but for the large reductions they are written for
         copies = max((fanout.get(v, 1) for v in eqn.outputs), default=1)
         reads = tuple(0 if not isinstance(a, Literal) and (a in fused or a in read_in_fusion)
-                      else copies for a in eqn.inputs)
-        reads += tuple(0 if v in fused else 1 for v in eqn.outputs)
+                      and e not in written.get(a, ()) else copies for a in eqn.inputs)
+        reads += tuple(0 if v in fused and v not in written else 1 for v in eqn.outputs)
         if name in NO_TRAFFIC:  # an identity XLA does not copy
             reads = (0,) * len(reads)
         if e in copied:  # tensors XLA copies into the layout a convolution runs in

@@ -7,7 +7,7 @@ import numpy as np
 
 from autoshard.ir.program import Literal, Program, readers
 
-from .fusion import fused_values
+from .fusion import fusion
 from .op_rules import ELEMENTWISE
 
 
@@ -21,7 +21,8 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
     shape and dtype, matched in order as jax aliases them). Intermediates that an
     output's elementwise chain overwrites in place (same shape and dtype, last read
     there) share the output's buffer and are left out, as are values XLA's fusion keeps
-    in registers (``fusion.fused_values``: they never reach memory).
+    in registers (``fusion.fused_values``: they never reach memory) unless XLA writes them
+    for large reductions (``fusion.written_for_reductions``: until the last of those).
     """
     end = max(len(program.eqns) - 1, 0)
     donated = set(donated)
@@ -46,10 +47,13 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
                 born[atom] = 0
     shared = _in_place_chains(program, [a for o, a in enumerate(program.outvars)
                                         if o not in aliased and not isinstance(a, Literal)], last)
-    fused, _ = fused_values(program)
+    fused, _, _, written = fusion(program)
     _read_where_fused(program, fused, last)
-    return {v: (b, max(last.get(v, b), b)) for v, b in born.items()
-            if v not in shared and v not in fused}
+    ranges = {v: (b, max(last.get(v, b), b)) for v, b in born.items()
+              if v not in shared and v not in fused}
+    for v, reading in written.items():  # written once for the reductions that read it
+        ranges[v] = (born[v], max(reading))
+    return ranges
 
 
 def _read_where_fused(program: Program, fused: frozenset[int], last: dict[int, int]) -> None:
