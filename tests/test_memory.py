@@ -83,29 +83,14 @@ def test_a_deep_models_budget_met_by_a_near_free_repair_is_not_searched(mesh8, m
     # most planner.REPAIR_ACCEPTED more, it is the plan, with no budgeted solve; it fits,
     # and the search it skips finds nothing 3% cheaper. The step as users write it: the
     # loss closes over the batch, optax adamw, params and state donated, a Python float
-    # keyword argument. (Here the repair costs 0.8% more; at 0.997 of the peak, 1.7%
-    # more, taken too; at 0.995 the search runs.)
+    # keyword argument (tests.user_steps).
     import jax.numpy as jnp
-    import optax
 
     from autoshard.intra import planner
-    from examples import models
+    from tests.user_steps import users_gpt_step
 
-    params, _, batch = gpt(num_layers=4, batch=16, seq=64, d_model=64, heads=2, vocab=64).args
-    optimizer = optax.adamw(1e-3)
-
-    def step(params, opt_state, tokens, *, temperature=1.0):
-        def loss(ps):
-            x = jnp.take(ps["wte"], tokens[:, :-1], axis=0) + ps["wpe"]
-            for block in ps["blocks"]:
-                x = models._attention_block(block, x, 2)
-            logits = models._layernorm(x, ps["ln_f"]) @ ps["wte"].T / temperature
-            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    args = (params, optimizer.init(params), batch["tokens"])
+    step, args = users_gpt_step(gpt(num_layers=4, batch=16, seq=64, d_model=64, heads=2,
+                                    vocab=64), heads=2)
     method = autoshard.ShardParallel(tie_repeats=True)
 
     def parallel(budget):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 
 import autoshard
@@ -15,9 +14,9 @@ from autoshard.ir import hlo
 from autoshard.ir.remat import recompute
 from autoshard.ir.trace import trace
 from autoshard.runtime import evaluate_program
-from examples import models
 from examples.models import gpt
 from tests.trees import ADAM_ATOL, assert_trees_allclose
+from tests.user_steps import users_gpt_step
 
 
 def _checkpointed_loss(ws, x):
@@ -110,23 +109,8 @@ def test_recomputed_segments_run_the_same_step_and_store_less():
 
 
 def _users_gpt_step():
-    """The activation-heavy GPT's step as users write it: the loss closes over the batch,
-    plain ``jax.value_and_grad``, optax adamw, a Python float keyword argument."""
-    params, _, batch = _activation_heavy_gpt().args
-    optimizer = optax.adamw(1e-3)
-
-    def step(params, opt_state, tokens, *, temperature=1.0):
-        def loss(ps):
-            x = jnp.take(ps["wte"], tokens[:, :-1], axis=0) + ps["wpe"]
-            for block in ps["blocks"]:
-                x = models._attention_block(block, x, 4)
-            logits = models._layernorm(x, ps["ln_f"]) @ ps["wte"].T / temperature
-            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    return step, (params, optimizer.init(params), batch["tokens"])
+    """The activation-heavy GPT's step as users write it (``tests.user_steps``)."""
+    return users_gpt_step(_activation_heavy_gpt(), heads=4)
 
 
 def test_a_budget_no_sharding_meets_is_met_by_recomputing_forward_segments():

@@ -3,6 +3,8 @@ which are written once for the large reductions that read them, and into how man
 an op is duplicated."""
 from __future__ import annotations
 
+import math
+
 from autoshard.ir.program import Literal
 
 from .op_rules import FUSIBLE, FUSING_CONSUMERS
@@ -75,13 +77,6 @@ def _into_reduction(eqn, reduced_only) -> bool:
         bool(eqn.outputs) and all(o in reduced_only for o in eqn.outputs)
 
 
-def _elements(aval) -> int:
-    n = 1
-    for d in aval.shape:
-        n *= int(d)
-    return n
-
-
 def fusion(program) -> tuple[frozenset[int], frozenset[int], dict[int, int],
                              dict[int, frozenset[int]]]:
     """``(fused, read_in_fusion)`` as :func:`fused_values`, the fan-out per fused value as
@@ -108,9 +103,9 @@ def fusion(program) -> tuple[frozenset[int], frozenset[int], dict[int, int],
                 continue  # not duplicated: written once
             if readers and all(c.primitive.name in FUSING_CONSUMERS for c in readers):
                 (read_in_fusion if v in outputs else fused).add(v)
-                size = _elements(program.avals[v])
+                size = math.prod(program.avals[v].shape)
                 if all(isinstance(a, Literal) or a in expanded or
-                       _elements(program.avals[a]) < size for a in eqn.inputs):
+                       math.prod(program.avals[a].shape) < size for a in eqn.inputs):
                     expanded.add(v)  # a reduction's fusion recomputes it too
                     continue
                 distinct = {id(c): c for c in readers}

@@ -22,7 +22,7 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
     output's elementwise chain overwrites in place (same shape and dtype, last read
     there) share the output's buffer and are left out, as are values XLA's fusion keeps
     in registers (``fusion.fused_values``: they never reach memory) unless XLA writes them
-    for large reductions (``fusion.written_for_reductions``: until the last of those).
+    for large reductions (``written`` of ``fusion.fusion``: until the last of those).
     """
     end = max(len(program.eqns) - 1, 0)
     donated = set(donated)
