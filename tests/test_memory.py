@@ -136,17 +136,22 @@ def _compiled_bytes(step, args) -> int:
             analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
 
 
+@pytest.mark.parametrize("donate", [(), (0, 1)], ids=["kept", "donated"])
+@pytest.mark.parametrize("mesh_shape", [(8,), (2, 4)], ids=["8", "2x4"])
 @pytest.mark.parametrize("model", ["adam_mlp", "gpt"])
-def test_estimate_matches_the_compiled_program(model, mesh8, request):
-    # The liveness estimate (outputs held for the whole run, resharding copies at their
-    # reader) against argument + output + temp - alias bytes of the compiled program:
-    # within ±25% for the cheapest plan.
+def test_estimate_matches_the_compiled_program(model, mesh_shape, donate, request):
+    # The estimate (values placed as XLA's buffer assignment places them: kept, the
+    # backward pass's temporaries sit in the new parameters' buffers until the optimizer
+    # writes them) against argument + output + temp - alias bytes of the compiled
+    # program: within ±15% for the cheapest plan (measured 0.90-1.04; kept, counting every
+    # value as its own buffer gave 0.78 for the GPT on 2x4).
     from examples.models import gpt
     workload = request.getfixturevalue("adam_mlp") if model == "adam_mlp" else gpt()
-    step = autoshard.parallelize(workload.fn, mesh=mesh8,
+    mesh = autoshard.make_mesh(mesh_shape, ("devices",) if len(mesh_shape) == 1 else ("data", "model"))
+    step = autoshard.parallelize(workload.fn, mesh=mesh, donate_argnums=donate,
                                  memory_budget="64MiB")  # not binding: the plan is the cheapest
     plan = step.plan(*workload.args)
-    assert 0.75 <= _compiled_bytes(step, workload.args) / plan.cost.peak_memory_bytes <= 1.25
+    assert 0.85 <= _compiled_bytes(step, workload.args) / plan.cost.peak_memory_bytes <= 1.15
 
 
 @pytest.mark.parametrize("model", ["adam_mlp", "gpt"])

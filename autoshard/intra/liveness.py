@@ -23,7 +23,37 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
     there) share the output's buffer and are left out, as are values XLA's fusion keeps
     in registers (``fusion.fused_values``: they never reach memory) unless XLA writes them
     for large reductions (``written`` of ``fusion.fusion``: until the last of those).
+    The ILP's memory rows count each of these as its own buffer; the reported peak
+    places them in the outputs' buffers where XLA does (``buffer_assignment``).
     """
+    born, last, shared = _steps(program, donated)
+    fused, _, _, written = fusion(program)
+    _read_where_fused(program, fused, last)
+    ranges = {v: (b, max(last.get(v, b), b)) for v, b in born.items()
+              if v not in shared and v not in fused}
+    for v, reading in written.items():  # written once for the reductions that read it
+        ranges[v] = (born[v], max(reading))
+    return ranges
+
+
+def output_births(program: Program, donated: Iterable[int] = ()) -> dict[int, int]:
+    """Output value → the step XLA first writes its buffer: its own equation's, or that
+    of the first intermediate its elementwise chain overwrites in place (a reduced
+    gradient the optimizer's update is written over); outputs that take over a donated
+    argument's buffer: their own equation's."""
+    born, _, shared = _steps(program, donated)
+    defined = {v: e for e, eqn in enumerate(program.eqns) for v in eqn.outputs}
+    births = {a: defined.get(a, 0) for a in program.outvars if not isinstance(a, Literal)}
+    for v, out in shared.items():
+        births[out] = min(births[out], born[v])
+    return births
+
+
+def _steps(program: Program, donated: Iterable[int]
+           ) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
+    """(born, last, shared) of :func:`live_ranges` before fusion is accounted for: value
+    → its first step, value → its last read (outputs: the last step), and intermediate
+    → the output whose buffer it shares (``_in_place_chains``)."""
     end = max(len(program.eqns) - 1, 0)
     donated = set(donated)
     born: dict[int, int] = {}
@@ -47,13 +77,7 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
                 born[atom] = 0
     shared = _in_place_chains(program, [a for o, a in enumerate(program.outvars)
                                         if o not in aliased and not isinstance(a, Literal)], last)
-    fused, _, _, written = fusion(program)
-    _read_where_fused(program, fused, last)
-    ranges = {v: (b, max(last.get(v, b), b)) for v, b in born.items()
-              if v not in shared and v not in fused}
-    for v, reading in written.items():  # written once for the reductions that read it
-        ranges[v] = (born[v], max(reading))
-    return ranges
+    return born, last, shared
 
 
 def _read_where_fused(program: Program, fused: frozenset[int], last: dict[int, int]) -> None:
@@ -86,23 +110,39 @@ def _read_where_fused(program: Program, fused: frozenset[int], last: dict[int, i
 def aliased_outputs(program: Program, donated: list[int]) -> set[int]:
     """Output positions that take over a donated argument's buffer (first unused output
     with its shape and dtype, in argument order)."""
-    taken: set[int] = set()
+    return set(_alias_positions(program, donated).values())
+
+
+def donated_aliases(program: Program, donated: Iterable[int]) -> dict[int, int]:
+    """Donated argument → the output value that takes over its buffer (as
+    :func:`aliased_outputs` pairs them); arguments no output takes over are left out."""
+    donated = set(donated)
+    pairs = _alias_positions(program, [v for v in program.invars if v in donated])
+    return {vid: program.outvars[o] for vid, o in pairs.items()}
+
+
+def _alias_positions(program: Program, donated: list[int]) -> dict[int, int]:
+    """Donated argument → the position of the first unused output with its shape and
+    dtype, in argument order."""
+    taken: dict[int, int] = {}
+    used: set[int] = set()
     for vid in donated:
         for o, atom in enumerate(program.outvars):
-            if o not in taken and not isinstance(atom, Literal) and \
+            if o not in used and not isinstance(atom, Literal) and \
                     _same_buffer_type(program, atom, vid):
-                taken.add(o)
+                taken[vid] = o
+                used.add(o)
                 break
     return taken
 
 
-def _in_place_chains(program: Program, outputs: list[int], last: dict[int, int]) -> set[int]:
-    """Intermediates written over in place on the way to an output: walking back from each
-    output through elementwise equations, the first operand of the output's shape and
-    dtype that is an intermediate read for the last time there."""
+def _in_place_chains(program: Program, outputs: list[int], last: dict[int, int]) -> dict[int, int]:
+    """Intermediates written over in place on the way to an output (→ that output):
+    walking back from each output through elementwise equations, the first operand of
+    the output's shape and dtype that is an intermediate read for the last time there."""
     defined_by = {vid: e for e, eqn in enumerate(program.eqns) for vid in eqn.outputs}
     outside = set(program.invars) | {vid for vid, _ in program.constants} | set(outputs)
-    shared: set[int] = set()
+    shared: dict[int, int] = {}
     for out in outputs:
         vid = out
         while vid in defined_by:
@@ -115,7 +155,7 @@ def _in_place_chains(program: Program, outputs: list[int], last: dict[int, int])
                            and _same_buffer_type(program, a, vid)), None)
             if reused is None:
                 break
-            shared.add(reused)
+            shared[reused] = out
             vid = reused
     return shared
 
@@ -134,11 +174,3 @@ def live_bytes(ranges: Mapping[int, tuple[int, int]], value_bytes: Mapping[int, 
         delta[b] += nbytes
         delta[l + 1] -= nbytes
     return np.cumsum(delta[:-1])
-
-
-def peak_bytes(ranges: Mapping[int, tuple[int, int]], value_bytes: Mapping[int, int],
-               num_steps: int) -> tuple[int, int]:
-    """(peak bytes, step at which it is reached) given each value's bytes per device."""
-    live = live_bytes(ranges, value_bytes, num_steps)
-    step = int(np.argmax(live))
-    return int(round(live[step])), step

@@ -15,8 +15,10 @@ first of them to the last, as XLA's common-subexpression pass leaves it.
 An all-reduce XLA merges with others (``combining``) runs once every member's operand
 is made, at the last member's step: each member's partial result lives until then.
 The plan's reported peak
-(``planned_peak_bytes``) counts the same tensors, so the constraints and the reported
-estimate agree exactly.
+(``planned_peak_bytes``) counts the same tensors, placed as XLA's buffer assignment
+places them (``buffer_assignment``: temporaries in the outputs' buffers before the
+outputs are written); the constraints count each as its own buffer, never less, so a
+plan they admit fits by the reported peak too.
 
 Candidate peaks: a step can only be the peak if the most its live tensors can
 take (every one at its largest layout) reaches the least the fullest step must
@@ -35,10 +37,11 @@ import numpy as np
 
 from autoshard.cost_model import MeshCostModel
 
+from .buffer_assignment import assigned_peak_bytes
 from .combining import MergedAllReduce
 from .following import Grouping
 from .graph import ShardingGraph, use_layout_matrix
-from .liveness import aliased_outputs, live_bytes, live_ranges, peak_bytes
+from .liveness import aliased_outputs, live_bytes, live_ranges
 from .shared_reads import READ, read_steps
 
 
@@ -282,10 +285,11 @@ def steps_over(tensors: TensorBytes, choices, num_steps: int, budget: float,
 
 def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequence[int],
                        donated, merged: Sequence[MergedAllReduce] = ()) -> int:
-    """Liveness peak per device of the plan choosing strategy ``choices[v]`` at node ``v``
-    (the model the memory constraints use): every tensor from definition to last read,
-    the temporaries of the chosen strategies, the resharding copies each operand read
-    makes, at their step, and partial results waiting for the merged all-reduce."""
+    """Peak bytes per device of the plan choosing strategy ``choices[v]`` at node ``v``:
+    the tensors the memory constraints count (every tensor from definition to last
+    read, the temporaries of the chosen strategies, the resharding copies each operand
+    read makes, at their step, and partial results waiting for the merged all-reduce),
+    placed as XLA's buffer assignment places them (``buffer_assignment``)."""
     chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]
     program = graph.traced.program
 
@@ -316,5 +320,4 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
     for k, (span, size) in enumerate(spans):
         ranges[-1 - k] = span
         sizes[-1 - k] = size
-    peak, _ = peak_bytes(ranges, sizes, len(program.eqns))
-    return peak
+    return assigned_peak_bytes(program, ranges, sizes, donated)
