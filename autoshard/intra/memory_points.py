@@ -320,4 +320,6 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
     for k, (span, size) in enumerate(spans):
         ranges[-1 - k] = span
         sizes[-1 - k] = size
-    return assigned_peak_bytes(program, ranges, sizes, donated)
+    reduced = [vid for v, strategies in members.items() if choices[v] in strategies
+               for vid in graph.nodes[v].outputs]
+    return assigned_peak_bytes(program, ranges, sizes, donated, reduced)
