@@ -97,9 +97,10 @@ def assigned_peak_bytes(program: Program, ranges: Mapping[int, tuple[int, int]],
     span = {v: ((births[v], end) if v in outputs else r) for v, r in ranges.items()}
     sizes = dict(sizes)
     copies: dict[int, int] = {}  # copy (a new negative id) -> the argument it copies
-    for copy, v in enumerate(sorted(copied_arguments(program, donated, merged) & set(span)),
-                             start=-min(min(span, default=0), 0) + 1):
-        span[-copy], sizes[-copy], copies[-copy] = span.pop(v), sizes.get(v, 0), v
+    copy = min(min(span, default=0), 0)
+    for v in sorted(copied_arguments(program, donated, merged) & set(span)):
+        copy -= 1
+        span[copy], sizes[copy], copies[copy] = span.pop(v), sizes.get(v, 0), v
     fixed = sum(sizes.get(v, 0) for v in program.invars if v not in aliases and v in span)
     placed = invars | set(aliases.values())
     order = sorted((v for v in span if v not in placed and sizes.get(v, 0) > 0),
@@ -118,5 +119,5 @@ def assigned_peak_bytes(program: Program, ranges: Mapping[int, tuple[int, int]],
             reusable.add(sizes[v], [(first, last)])
         else:
             heap[v] = (first, last)
-    held = max(live_bytes(heap, sizes, len(program.eqns)), default=0) if heap else 0
+    held = live_bytes(heap, sizes, len(program.eqns)).max() if heap else 0
     return int(round(fixed + int(reusable.sizes.sum()) + held))

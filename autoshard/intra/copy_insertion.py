@@ -4,10 +4,11 @@ An output that takes over a donated argument's buffer is written where the argum
 XLA's copy insertion leaves it so only when the output depends on every equation that
 reads the argument (each read then comes before the write); otherwise it copies the
 argument at the start of the step, and every read reads the copy (the argument's own
-buffer is free from then until the write). A training step's input gradient (``dy @ wᵀ``) is such a read: the update
-``w - lr * g`` waits for ``g = xᵀ @ dy``, not for it. An all-reduce XLA merges the
-gradients into (``combining``) makes every update wait for every gradient, hence for the
-whole backward pass: on a data-parallel step nothing is copied.
+buffer is free from then until the write). A training step's input gradient
+(``dy @ wᵀ``) is such a read: the update ``w - lr * g`` waits for ``g = xᵀ @ dy``, not
+for it. An all-reduce XLA merges the gradients into (``combining``) makes every update
+wait for every gradient, hence for the whole backward pass: on a data-parallel step
+nothing is copied.
 """
 from __future__ import annotations
 

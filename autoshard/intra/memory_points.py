@@ -17,8 +17,10 @@ is made, at the last member's step: each member's partial result lives until the
 The plan's reported peak
 (``planned_peak_bytes``) counts the same tensors, placed as XLA's buffer assignment
 places them (``buffer_assignment``: temporaries in the outputs' buffers before the
-outputs are written); the constraints count each as its own buffer, never less, so a
-plan they admit fits by the reported peak too.
+outputs are written, copies XLA makes of donated arguments). The constraints count each
+tensor as its own buffer: usually more than the reported peak, less where XLA copies a
+donated argument or holds its buffer empty until the output is written; the final budget
+checks (``parallelize``'s, rematerialization's) read the reported peak.
 
 Candidate peaks: a step can only be the peak if the most its live tensors can
 take (every one at its largest layout) reaches the least the fullest step must
