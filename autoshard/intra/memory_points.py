@@ -17,9 +17,11 @@ is made, at the last member's step: each member's partial result lives until the
 The plan's reported peak
 (``planned_peak_bytes``) counts the same tensors, placed as XLA's buffer assignment
 places them (``buffer_assignment``: temporaries in the outputs' buffers before the
-outputs are written, copies XLA makes of donated arguments). The constraints count each
-tensor as its own buffer: usually more than the reported peak, less where XLA copies a
-donated argument or holds its buffer empty until the output is written; the final budget
+outputs are written, copies XLA makes of donated arguments), with the copies XLA makes of
+dot operands read in another dimension order (``dot_layouts``). The constraints count each
+tensor as its own buffer and leave those dot operand copies out: usually more than the
+reported peak, less where XLA copies a donated argument or a dot operand or holds a
+buffer empty until the output is written; the final budget
 checks (``parallelize``'s, rematerialization's) read the reported peak.
 
 Candidate peaks: a step can only be the peak if the most its live tensors can
@@ -38,9 +40,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from autoshard.cost_model import MeshCostModel
+from autoshard.ir.program import Literal
 
 from .buffer_assignment import assigned_peak_bytes
 from .combining import MergedAllReduce
+from .dot_layouts import copied_orders, dot_operands
 from .following import Grouping
 from .graph import ShardingGraph, use_layout_matrix
 from .liveness import aliased_outputs, live_bytes, live_ranges
@@ -88,6 +92,85 @@ def _gathered_dims(src_spec, dst_spec) -> tuple[int, ...]:
     """Dims from which ``dst_spec`` drops a mesh axis ``src_spec`` splits them by."""
     return tuple(d for d, (held, wanted) in enumerate(zip(src_spec, dst_spec))
                  if set(held) - set(wanted))
+
+
+def _dot_operand_copies(graph: ShardingGraph, model: MeshCostModel, chosen, ranges, resharded,
+                        read_copy, spans) -> list[tuple[tuple[int, int], int]]:
+    """(span, bytes) of each copy XLA makes of a dot operand in another dimension order
+    (``dot_layouts``); shortens the lives of the sources they are made from, in place
+    (``ranges`` of values, ``spans[read_copy[r]]`` of a read node's shared copy).
+
+    A read resharded on its own is copied at the dot, beside the resharded buffer, unless
+    the resharding's own relayout writes that order (it gathers an inner dimension). Other
+    sources (a value, a read node's shared copy) get one copy per order, made at the first
+    dot reading it so, or, when nothing else reads the source after that, where its last
+    other read is (or where it is made): the source then dies there and the copy holds the
+    data until its last dot, as XLA schedules it (a gathered MoE expert output read by the
+    combining dot and by its gradient: both copies made at once, the gathered buffer freed)."""
+    program = graph.traced.program
+    dots = dot_operands(program)
+    if not dots:
+        return []
+    into = {(use.dst, use.operand): u for u, use in enumerate(graph.uses)}
+    found: list[tuple[tuple[int, int], int]] = []
+    groups: dict[tuple, dict[tuple, list[int]]] = {}  # source -> (order, bytes) -> dot steps
+    for v, node in enumerate(graph.nodes):
+        if node.kind == READ or node.eqn not in dots:
+            continue
+        eqn, dot = program.eqns[node.eqn], dots[node.eqn]
+        local = [model.shard_shape(tuple(program.avals[atom].shape), spec)
+                 for atom, spec in zip(eqn.inputs, chosen[v].in_specs)]
+        for operand, order in copied_orders(dot.dimension_numbers, *local[:2]):
+            u = into.get((v, operand))
+            if u is None:
+                continue
+            atom = eqn.inputs[operand]
+            size = program.avals[atom].dtype.itemsize * math.prod(local[operand])
+            if u in resharded:
+                if resharded[u] <= size:
+                    found.append(((node.eqn, node.eqn), size))
+                continue
+            src = graph.uses[u].src
+            if src in read_copy:
+                key = ("read", src)
+            elif dot.fusible[operand]:
+                continue
+            else:
+                key = ("value", atom)
+            groups.setdefault(key, {}).setdefault((order, size), []).append(node.eqn)
+    if not groups:
+        return found
+    reads: dict[tuple, list[int]] = {}  # source -> steps of every equation reading it
+    for e, eqn in enumerate(program.eqns):
+        for atom in eqn.inputs:
+            if not isinstance(atom, Literal):
+                reads.setdefault(("value", atom), []).append(e)
+    for use in graph.uses:
+        if use.src in read_copy and use.operand >= 0:
+            reads.setdefault(("read", use.src), []).append(graph.nodes[use.dst].eqn)
+    kept = set(program.invars) | {v for v in program.outvars if not isinstance(v, Literal)}
+    for key, by_order in groups.items():
+        copied = {e for steps in by_order.values() for e in steps}
+        if key[0] == "read":
+            (born, end), _ = spans[read_copy[key[1]]]
+        else:
+            born, end = ranges.get(key[1], (None, None))
+        pinned = born is None or (key[0] == "value" and key[1] in kept)
+        last_other = max((e for e in reads.get(key, ()) if e not in copied),
+                         default=0 if pinned else born)
+        made = []
+        for (_, size), steps in by_order.items():
+            first = min(steps)
+            made.append(first if pinned or first <= last_other else last_other)
+            found.append(((made[-1], max(steps)), size))
+        dies = max(last_other, *made)
+        if pinned or dies >= end:
+            continue
+        if key[0] == "read":
+            spans[read_copy[key[1]]] = ((born, dies), spans[read_copy[key[1]]][1])
+        else:
+            ranges[key[1]] = (born, dies)
+    return found
 
 
 def _copy_steps(graph: ShardingGraph, use, shared: Mapping[int, tuple[int, int]]
@@ -291,7 +374,9 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
     the tensors the memory constraints count (every tensor from definition to last
     read, the temporaries of the chosen strategies, the resharding copies each operand
     read makes, at their step, and partial results waiting for the merged all-reduce),
-    placed as XLA's buffer assignment places them (``buffer_assignment``)."""
+    with the copies XLA makes of dot operands read in another dimension order
+    (``dot_layouts``), placed as XLA's buffer assignment places them
+    (``buffer_assignment``)."""
     chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]
     program = graph.traced.program
 
@@ -309,13 +394,18 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
               s.temp_bytes) for v, (node, s) in enumerate(zip(graph.nodes, chosen))
              if s.temp_bytes]
     shared = read_steps(graph)
-    for use in graph.uses:
+    resharded, read_copy = {}, {}  # use -> its copy's bytes; read node -> its copy in spans
+    for u, use in enumerate(graph.uses):
         src = graph.nodes[use.src]
         size = copy_bytes(model, program.avals[src.outputs[use.src_output]],
                           chosen[use.src].out_specs[use.src_output],
                           chosen[use.dst].in_specs[use.operand])
         if size:
+            resharded[u] = size
+            if use.dst in shared:
+                read_copy[use.dst] = len(spans)
             spans.append((_copy_steps(graph, use, shared), size))
+    spans += _dot_operand_copies(graph, model, chosen, ranges, resharded, read_copy, spans)
     for v, vid, longer in _merged_extensions(graph, members, ranges):
         if choices[v] in members[v] and longer[0] <= longer[1]:
             spans.append((longer, sizes[vid]))
