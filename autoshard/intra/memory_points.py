@@ -18,11 +18,11 @@ The plan's reported peak
 (``planned_peak_bytes``) counts the same tensors, placed as XLA's buffer assignment
 places them (``buffer_assignment``: temporaries in the outputs' buffers before the
 outputs are written, copies XLA makes of donated arguments), with the copies XLA makes of
-dot operands read in another dimension order (``dot_layouts``). The constraints count each
-tensor as its own buffer and leave those dot operand copies out: usually more than the
-reported peak, less where XLA copies a donated argument or a dot operand or holds a
-buffer empty until the output is written; the final budget
-checks (``parallelize``'s, rematerialization's) read the reported peak.
+dot operands read in another dimension order (``dot_layouts``) and of convolution tensors
+(``layout_copies``). The constraints count each tensor as its own buffer and leave those
+layout copies out: usually more than the reported peak, less where XLA copies a donated
+argument or relayouts an operand or holds a buffer empty until the output is written; the
+final budget checks (``parallelize``'s, rematerialization's) read the reported peak.
 
 Candidate peaks: a step can only be the peak if the most its live tensors can
 take (every one at its largest layout) reaches the least the fullest step must
@@ -47,6 +47,7 @@ from .combining import MergedAllReduce
 from .dot_layouts import copied_orders, dot_operands
 from .following import Grouping
 from .graph import ShardingGraph, use_layout_matrix
+from .layout_copies import layout_copy_reads
 from .liveness import aliased_outputs, live_bytes, live_ranges
 from .shared_reads import READ, read_steps
 
@@ -170,6 +171,27 @@ def _dot_operand_copies(graph: ShardingGraph, model: MeshCostModel, chosen, rang
             spans[read_copy[key[1]]] = ((born, dies), spans[read_copy[key[1]]][1])
         else:
             ranges[key[1]] = (born, dies)
+    return found
+
+
+def _convolution_copies(graph: ShardingGraph, nbytes, chosen
+                        ) -> list[tuple[tuple[int, int], int]]:
+    """(span, bytes) of the copies XLA makes of a convolution's operands and result in the
+    dimension orders it runs in (``layout_copies``): each lives at the convolution's step
+    (a kernel read by the input gradient, a filter gradient written in (out, spatial...,
+    in) order and copied out)."""
+    program = graph.traced.program
+    copied = layout_copy_reads(program)
+    found = []
+    for v, node in enumerate(graph.nodes):
+        reads = copied.get(node.eqn) if node.kind != READ else None
+        if not reads:
+            continue
+        eqn = program.eqns[node.eqn]
+        values = [(atom, spec) for atom, spec in zip(eqn.inputs, chosen[v].in_specs)] + \
+            list(zip(eqn.outputs, chosen[v].out_specs))
+        found += [((node.eqn, node.eqn), nbytes(vid, spec))
+                  for extra, (vid, spec) in zip(reads, values) if extra]
     return found
 
 
@@ -375,8 +397,8 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
     read, the temporaries of the chosen strategies, the resharding copies each operand
     read makes, at their step, and partial results waiting for the merged all-reduce),
     with the copies XLA makes of dot operands read in another dimension order
-    (``dot_layouts``), placed as XLA's buffer assignment places them
-    (``buffer_assignment``)."""
+    (``dot_layouts``) and of convolution tensors (``layout_copies``), placed as XLA's
+    buffer assignment places them (``buffer_assignment``)."""
     chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]
     program = graph.traced.program
 
@@ -406,6 +428,7 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
                 read_copy[use.dst] = len(spans)
             spans.append((_copy_steps(graph, use, shared), size))
     spans += _dot_operand_copies(graph, model, chosen, ranges, resharded, read_copy, spans)
+    spans += _convolution_copies(graph, nbytes, chosen)
     for v, vid, longer in _merged_extensions(graph, members, ranges):
         if choices[v] in members[v] and longer[0] <= longer[1]:
             spans.append((longer, sizes[vid]))
