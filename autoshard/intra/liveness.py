@@ -69,6 +69,7 @@ def _steps(program: Program, donated: Iterable[int]
                 last[atom] = max(last.get(atom, e), e)
         for vid in eqn.outputs:
             born[vid] = e
+    _hoist_scatter_targets(program, born)
     aliased = aliased_outputs(program, [v for v in program.invars if v in donated])
     for o, atom in enumerate(program.outvars):
         if not isinstance(atom, Literal):
@@ -78,6 +79,36 @@ def _steps(program: Program, donated: Iterable[int]
     shared = _in_place_chains(program, [a for o, a in enumerate(program.outvars)
                                         if o not in aliased and not isinstance(a, Literal)], last)
     return born, last, shared
+
+
+#: primitives that write their result over operand 0 (the "target")
+_SCATTERS = frozenset({"scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul",
+                       "scatter-min", "scatter-max"})
+
+
+def _hoist_scatter_targets(program: Program, born: dict[int, int]) -> None:
+    """A scatter's target made from constants alone (the zeros an embedding gradient is
+    summed into) is made where XLA's post-order schedule puts it: before everything its
+    scatter waits for, as its first operand (measured: the zeroed gradient of a 32768-row
+    embedding table is made before the forward pass and held through both passes). Updates
+    ``born`` in place."""
+    made = {v: e for e, eqn in enumerate(program.eqns) for v in eqn.outputs}
+    for e, eqn in enumerate(program.eqns):
+        if eqn.primitive.name not in _SCATTERS or isinstance(eqn.inputs[0], Literal):
+            continue
+        target = eqn.inputs[0]
+        maker = made.get(target)
+        if maker is None or any(not isinstance(a, Literal) for a in program.eqns[maker].inputs):
+            continue
+        first, stack, seen = maker, [a for a in eqn.inputs[1:] if not isinstance(a, Literal)], set()
+        while stack:  # the earliest equation the scatter's other operands wait for
+            v = stack.pop()
+            if v in seen or v not in made:
+                continue
+            seen.add(v)
+            first = min(first, made[v])
+            stack += [a for a in program.eqns[made[v]].inputs if not isinstance(a, Literal)]
+        born[target] = first
 
 
 def _read_where_fused(program: Program, fused: frozenset[int], last: dict[int, int]) -> None:
@@ -138,8 +169,9 @@ def _alias_positions(program: Program, donated: list[int]) -> dict[int, int]:
 
 def _in_place_chains(program: Program, outputs: list[int], last: dict[int, int]) -> dict[int, int]:
     """Intermediates written over in place on the way to an output (→ that output):
-    walking back from each output through elementwise equations, the first operand of
-    the output's shape and dtype that is an intermediate read for the last time there."""
+    walking back from each output through elementwise equations and scatters, the first
+    operand of the output's shape and dtype that is an intermediate read for the last time
+    there (a scatter's: its target)."""
     defined_by = {vid: e for e, eqn in enumerate(program.eqns) for vid in eqn.outputs}
     outside = set(program.invars) | {vid for vid, _ in program.constants} | set(outputs)
     shared: dict[int, int] = {}
@@ -148,9 +180,11 @@ def _in_place_chains(program: Program, outputs: list[int], last: dict[int, int])
         while vid in defined_by:
             e = defined_by[vid]
             eqn = program.eqns[e]
-            if eqn.primitive.name not in ELEMENTWISE or len(eqn.outputs) != 1:
+            name = eqn.primitive.name
+            if (name not in ELEMENTWISE and name not in _SCATTERS) or len(eqn.outputs) != 1:
                 break
-            reused = next((a for a in eqn.inputs if not isinstance(a, Literal)
+            operands = eqn.inputs[:1] if name in _SCATTERS else eqn.inputs  # over the target
+            reused = next((a for a in operands if not isinstance(a, Literal)
                            and a not in outside and a not in shared and last.get(a) == e
                            and _same_buffer_type(program, a, vid)), None)
             if reused is None:
