@@ -129,7 +129,7 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
     rounds = 0
     while True:
         rounds += 1
-        highs.setOptionValue("time_limit", max(0.0, float(backstop_s) - (time.perf_counter() - start)))
+        allow_more_time(highs, float(backstop_s) - (time.perf_counter() - start))
         run_interruptibly(highs.run, highs.cancelSolve, on_wait,
                           meanwhile if rounds == 1 else None)
         status = highs.getModelStatus()
@@ -161,6 +161,14 @@ def solve_relaxation(sizes: Sequence[int], active: Sequence[int],
     return Relaxation(True, False, float(highs.getInfo().objective_function_value) / scale + constant,
                       position, integral, num_vars, num_constraints, time.perf_counter() - start,
                       rounds)
+
+
+def allow_more_time(highs: highspy.Highs, seconds: float) -> None:
+    """Let the next ``highs.run()`` take at most ``seconds`` more (none if negative).
+    HiGHS compares its ``time_limit`` with its run time summed over every ``run()`` of
+    the instance, so the limit is that sum plus ``seconds`` (a limit of the seconds alone
+    stopped a column-generation LP at half its wall-clock budget)."""
+    highs.setOptionValue("time_limit", highs.getRunTime() + max(0.0, seconds))
 
 
 def _highs(lp: _LinearProgram, scale: float) -> highspy.Highs:

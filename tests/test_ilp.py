@@ -492,6 +492,22 @@ def test_column_generation_reaches_the_lp_over_every_cell(seed):
         assert generated.integral
 
 
+def test_each_lp_round_gets_the_wall_clock_time_left_not_less():
+    # HiGHS counts its time limit against its run time summed over every run() of one
+    # instance: a later round given "the seconds left" alone stopped at half the budget
+    args = _random_grid_lp(np.random.default_rng(0))
+    lp = relaxation._LinearProgram(args[0], args[1], args[2])
+    lp.add_edges(args[3])
+    highs = relaxation._highs(lp, 1.0)
+    highs.run()
+    used = highs.getRunTime()
+    assert used > 0
+    relaxation.allow_more_time(highs, 5.0)
+    assert highs.getOptionValue("time_limit")[1] == pytest.approx(used + 5.0)
+    relaxation.allow_more_time(highs, -1.0)  # none left: the limit is what it has used
+    assert highs.getOptionValue("time_limit")[1] == pytest.approx(used)
+
+
 def test_column_generation_adds_cells_in_rounds():
     rounds = [solve_relaxation(*_random_grid_lp(np.random.default_rng(seed))).rounds
               for seed in range(20)]
