@@ -173,6 +173,30 @@ def test_tight_budget_is_kept_by_the_compiled_program(model, mesh8, request):
     assert _compiled_bytes(step, workload.args) <= 1.25 * budget
 
 
+def test_a_budget_the_layout_copies_break_is_met_by_solving_again(mesh8):
+    # The ILP's memory rows leave out the copies XLA makes of the MoE's gathered expert
+    # outputs (two of them, read by the combining dot and its gradient in other orders):
+    # under a budget just below the free plan's reported peak, the rows alone accept the
+    # free plan again; solving again with the rows' budget lowered by the excess finds one
+    # that fits, by the reported peak and in the compiled program (measured: 311 KiB
+    # reported, 285 KiB compiled, under 371 KiB; without it: InfeasiblePlanError).
+    from examples.models import moe
+    workload = moe()
+    free = autoshard.parallelize(workload.fn, mesh=mesh8,
+                                 batch_argnums=workload.batch_argnums).plan(*workload.args)
+    budget = int(0.99 * free.cost.peak_memory_bytes)
+    step = autoshard.parallelize(workload.fn, mesh=mesh8, batch_argnums=workload.batch_argnums,
+                                 memory_budget=budget,
+                                 method=autoshard.ShardParallel(remat=False))
+    plan = step.plan(*workload.args)
+    assert plan.cost.peak_memory_bytes <= budget
+    assert _compiled_bytes(step, workload.args) <= budget
+    want = jax.jit(workload.fn)(*workload.args)
+    got = step(*workload.args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _bytes_per_device(specs, leaves, mesh_size):
     """Bytes one device holds of ``leaves`` laid out by ``specs`` (1-D mesh)."""
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731

@@ -381,6 +381,11 @@ def _chosen_bytes(tensors: TensorBytes, choices) -> dict[int, float]:
             for t, v in tensors.values.items()}
 
 
+def counted_peak_bytes(tensors: TensorBytes, choices, num_steps: int) -> float:
+    """The most bytes the memory rows count live at one step under ILP ``choices``."""
+    return float(live_bytes(tensors.steps, _chosen_bytes(tensors, choices), num_steps).max())
+
+
 def steps_over(tensors: TensorBytes, choices, num_steps: int, budget: float,
                limit: int = 16) -> list[int]:
     """The (at most ``limit``) fullest steps whose live bytes under ILP ``choices`` exceed

@@ -21,7 +21,14 @@ from autoshard.methods import PRESETS, ShardParallel
 from autoshard.plan.record import Plan
 
 from .liveness import live_ranges
-from .memory_points import candidate_steps, memory_terms, steps_over, tensor_bytes
+from .memory_points import (
+    candidate_steps,
+    counted_peak_bytes,
+    memory_terms,
+    planned_peak_bytes,
+    steps_over,
+    tensor_bytes,
+)
 from .plan_record import plan_record
 from .problem import ShardingProblem, build_problem, propagated_choices
 from .remat import fewest_segments, forward_segments
@@ -43,6 +50,9 @@ REPAIR_EXCESS = 0.25
 #: CP-SAT's presolve, then a stall) and returned it unchanged (before the values written
 #: for reductions were counted: 0.811 s, repaired 0.833 s, 16 s of search, unchanged).
 REPAIR_ACCEPTED = 0.05
+#: solves again, with the ILP's budget lowered, when the plan's reported peak is over the
+#: budget (the ILP's rows count the plan's values, not the layout copies XLA adds)
+REPORTED_PEAK_RETRIES = 3
 
 
 def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
@@ -151,6 +161,8 @@ def _plan_program(traced: TracedFunction, *, mesh_shape, axis_names, cluster, me
               ", repeated layers tied" if request.tie_repeats else "",
               f", memory budget {format_bytes(memory_budget)}" if memory_budget else "")
     result = _solve_within_budget(problem, model, donated, memory_budget, deadline)
+    if memory_budget is not None:
+        result = _fit_reported_peak(problem, model, donated, memory_budget, deadline, result)
     choices = result.choices if memory_budget is not None else \
         prefer_made_layouts(problem.graph, problem.grouping, request, result.choices)
     _log.info("solved: %s (%s), %.4g s per step, gap %.2f%%, %d variables (%.2f s, LP %.2f s)",
@@ -207,6 +219,35 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
             return result
         fits.append(result.choices)
         steps = sorted(set(steps) | missed)
+    return result
+
+
+def _fit_reported_peak(problem: ShardingProblem, model: MeshCostModel, donated, budget: float,
+                       deadline: float | None, result: ilp.IntraOpResult) -> ilp.IntraOpResult:
+    """``result``, or, while its reported peak (``planned_peak_bytes``: values placed as
+    XLA places them, with the layout copies XLA makes, which the ILP's rows leave out)
+    exceeds ``budget``, the plan solved again under the ILP's budget lowered by that excess
+    (at most ``REPORTED_PEAK_RETRIES`` times; a lowered budget no plan meets ends it, and
+    the caller's budget check reports the last plan's peak)."""
+    program, rows_budget, tensors = problem.graph.traced.program, budget, None
+    for _ in range(REPORTED_PEAK_RETRIES):
+        peak = planned_peak_bytes(problem.graph, model, problem.grouping.expand(result.choices),
+                                  donated, problem.merged)
+        if peak <= budget:
+            break
+        if tensors is None:
+            tensors = tensor_bytes(problem.graph, problem.grouping, model,
+                                   live_ranges(program, donated), problem.merged, donated=donated)
+        # below what the rows count for this plan, by the excess: the plan no longer fits them
+        counted = counted_peak_bytes(tensors, result.choices, len(program.eqns))
+        rows_budget = min(rows_budget, counted) - (peak - budget)
+        _log.info("the plan peaks at %s per device placed as XLA places it, over the budget: "
+                  "solving again with %s for the ILP's memory rows", format_bytes(peak),
+                  format_bytes(rows_budget))
+        try:
+            result = _solve_within_budget(problem, model, donated, rows_budget, deadline)
+        except InfeasiblePlanError:
+            break
     return result
 
 
