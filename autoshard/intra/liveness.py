@@ -82,8 +82,7 @@ def _steps(program: Program, donated: Iterable[int]
 
 
 #: primitives that write their result over operand 0 (the "target")
-_SCATTERS = frozenset({"scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul",
-                       "scatter-min", "scatter-max"})
+_SCATTERS = frozenset({"scatter", "scatter-add", "scatter-mul", "scatter-min", "scatter-max"})
 
 
 def _hoist_scatter_targets(program: Program, born: dict[int, int]) -> None:
@@ -92,23 +91,20 @@ def _hoist_scatter_targets(program: Program, born: dict[int, int]) -> None:
     scatter waits for, as its first operand (measured: the zeroed gradient of a 32768-row
     embedding table is made before the forward pass and held through both passes). Updates
     ``born`` in place."""
-    made = {v: e for e, eqn in enumerate(program.eqns) for v in eqn.outputs}
+    made: dict[int, int] = {}
+    earliest: list[int] = []  # per equation: the first step of it and everything it waits for
     for e, eqn in enumerate(program.eqns):
-        if eqn.primitive.name not in _SCATTERS or isinstance(eqn.inputs[0], Literal):
+        earliest.append(min([e] + [earliest[made[a]] for a in eqn.inputs
+                                   if not isinstance(a, Literal) and a in made]))
+        for v in eqn.outputs:
+            made[v] = e
+    for eqn in program.eqns:
+        target = eqn.inputs[0] if eqn.primitive.name in _SCATTERS else None
+        if target is None or isinstance(target, Literal) or target not in made or \
+                any(not isinstance(a, Literal) for a in program.eqns[made[target]].inputs):
             continue
-        target = eqn.inputs[0]
-        maker = made.get(target)
-        if maker is None or any(not isinstance(a, Literal) for a in program.eqns[maker].inputs):
-            continue
-        first, stack, seen = maker, [a for a in eqn.inputs[1:] if not isinstance(a, Literal)], set()
-        while stack:  # the earliest equation the scatter's other operands wait for
-            v = stack.pop()
-            if v in seen or v not in made:
-                continue
-            seen.add(v)
-            first = min(first, made[v])
-            stack += [a for a in program.eqns[made[v]].inputs if not isinstance(a, Literal)]
-        born[target] = first
+        born[target] = min([made[target]] + [earliest[made[a]] for a in eqn.inputs[1:]
+                                             if not isinstance(a, Literal) and a in made])
 
 
 def _read_where_fused(program: Program, fused: frozenset[int], last: dict[int, int]) -> None:
