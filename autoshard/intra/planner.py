@@ -226,9 +226,9 @@ def _fit_reported_peak(problem: ShardingProblem, model: MeshCostModel, donated, 
                        deadline: float | None, result: ilp.IntraOpResult) -> ilp.IntraOpResult:
     """``result``, or, while its reported peak (``planned_peak_bytes``: values placed as
     XLA places them, with the layout copies XLA makes, which the ILP's rows leave out)
-    exceeds ``budget``, the plan solved again under the ILP's budget lowered by that excess
-    (at most ``REPORTED_PEAK_RETRIES`` times; a lowered budget no plan meets ends it, and
-    the caller's budget check reports the last plan's peak)."""
+    exceeds ``budget``, the plan solved again with the ILP's rows given that excess less
+    than they count for the plan (at most ``REPORTED_PEAK_RETRIES`` times; a lowered budget
+    no plan meets ends it, and the caller's budget check reports the last plan's peak)."""
     program, rows_budget, tensors = problem.graph.traced.program, budget, None
     for _ in range(REPORTED_PEAK_RETRIES):
         peak = planned_peak_bytes(problem.graph, model, problem.grouping.expand(result.choices),
