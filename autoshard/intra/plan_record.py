@@ -24,12 +24,13 @@ from .shared_reads import READ
 def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: Sequence[int],
                 result: ilp.IntraOpResult | None, *, method, model: MeshCostModel,
                 cluster: Cluster, axis_names: Sequence[str], static_repr: str,
-                donated: Sequence[int], start: float) -> Plan:
+                donated: Sequence[int], start: float, peak_bytes: int | None = None) -> Plan:
     """The plan of ``root_choices`` (a strategy per ILP node); ``result``: the solver's
     report (``None`` for a preset, whose intermediates are left to XLA: the plan pins
     none, its carried outputs take their inputs' layouts, and ``root_choices`` is the
     propagation it is priced by); ``start``: ``time.perf_counter()`` when planning began
-    (for ``SolverInfo.planning_time_s``)."""
+    (for ``SolverInfo.planning_time_s``); ``peak_bytes``: the plan's reported peak when the
+    caller has it (``memory_points.planned_peak_bytes`` of these choices)."""
     program = traced.program
     graph, grouping, uses, matrices = problem.graph, problem.grouping, problem.uses, \
         problem.matrices
@@ -91,7 +92,8 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
             merged_latency += group.latency_s
             collectives.append(Collective(f"merged all-reduce over mesh axes {group.axes}",
                                           "all-reduce", group.latency_s, 0, names(group.axes)))
-    peak = planned_peak_bytes(graph, model, choices, donated, problem.merged)
+    peak = planned_peak_bytes(graph, model, choices, donated, problem.merged) \
+        if peak_bytes is None else peak_bytes
     ops = [s for n, s in zip(graph.nodes, chosen) if n.kind == "op"]
     fed = [s for n, s in zip(graph.nodes, chosen) if n.kind in ("input", "constant")]
     cost = PlanCost(compute_s=float(sum(s.compute_s for s in ops)),

@@ -161,8 +161,10 @@ def _plan_program(traced: TracedFunction, *, mesh_shape, axis_names, cluster, me
               ", repeated layers tied" if request.tie_repeats else "",
               f", memory budget {format_bytes(memory_budget)}" if memory_budget else "")
     result = _solve_within_budget(problem, model, donated, memory_budget, deadline)
+    peak = None
     if memory_budget is not None:
-        result = _fit_reported_peak(problem, model, donated, memory_budget, deadline, result)
+        result, peak = _fit_reported_peak(problem, model, donated, memory_budget, deadline,
+                                          result)
     choices = result.choices if memory_budget is not None else \
         prefer_made_layouts(problem.graph, problem.grouping, request, result.choices)
     _log.info("solved: %s (%s), %.4g s per step, gap %.2f%%, %d variables (%.2f s, LP %.2f s)",
@@ -170,7 +172,7 @@ def _plan_program(traced: TracedFunction, *, mesh_shape, axis_names, cluster, me
               result.num_variables, result.solve_time_s, result.stats.lp_time_s)
     return plan_record(traced, problem, choices, result, method=method, model=model,
                        cluster=cluster, axis_names=axis_names, static_repr=static_repr,
-                       donated=donated, start=start)
+                       donated=donated, start=start, peak_bytes=peak)
 
 
 def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated,
@@ -223,16 +225,22 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
 
 
 def _fit_reported_peak(problem: ShardingProblem, model: MeshCostModel, donated, budget: float,
-                       deadline: float | None, result: ilp.IntraOpResult) -> ilp.IntraOpResult:
-    """``result``, or, while its reported peak (``planned_peak_bytes``: values placed as
-    XLA places them, with the layout copies XLA makes, which the ILP's rows leave out)
-    exceeds ``budget``, the plan solved again with the ILP's rows given that excess less
-    than they count for the plan (at most ``REPORTED_PEAK_RETRIES`` times; a lowered budget
-    no plan meets ends it, and the caller's budget check reports the last plan's peak)."""
+                       deadline: float | None, result: ilp.IntraOpResult
+                       ) -> tuple[ilp.IntraOpResult, int]:
+    """(``result``, its reported peak), or, while that peak (``planned_peak_bytes``: values
+    placed as XLA places them, with the layout copies XLA makes, which the ILP's rows leave
+    out) exceeds ``budget``, the plan solved again with the ILP's rows given that excess
+    less than they count for the plan (at most ``REPORTED_PEAK_RETRIES`` times; a lowered
+    budget no plan meets ends it, and the caller's budget check reports the last plan's
+    peak)."""
     program, rows_budget, tensors = problem.graph.traced.program, budget, None
-    for _ in range(REPORTED_PEAK_RETRIES):
-        peak = planned_peak_bytes(problem.graph, model, problem.grouping.expand(result.choices),
+
+    def reported(result):
+        return planned_peak_bytes(problem.graph, model, problem.grouping.expand(result.choices),
                                   donated, problem.merged)
+
+    peak = reported(result)
+    for _ in range(REPORTED_PEAK_RETRIES):
         if peak <= budget:
             break
         if tensors is None:
@@ -248,7 +256,8 @@ def _fit_reported_peak(problem: ShardingProblem, model: MeshCostModel, donated, 
             result = _solve_within_budget(problem, model, donated, rows_budget, deadline)
         except InfeasiblePlanError:
             break
-    return result
+        peak = reported(result)
+    return result, peak
 
 
 def _near_free(request: ilp.IntraOpRequest, free: ilp.IntraOpResult,
