@@ -40,7 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from autoshard.cost_model import MeshCostModel
-from autoshard.ir.program import Literal
+from autoshard.ir.program import Literal, readers
 
 from .buffer_assignment import assigned_peak_bytes
 from .combining import MergedAllReduce
@@ -141,11 +141,8 @@ def _dot_operand_copies(graph: ShardingGraph, model: MeshCostModel, chosen, rang
             groups.setdefault(key, {}).setdefault((order, size), []).append(node.eqn)
     if not groups:
         return found
-    reads: dict[tuple, list[int]] = {}  # source -> steps of every equation reading it
-    for e, eqn in enumerate(program.eqns):
-        for atom in eqn.inputs:
-            if not isinstance(atom, Literal):
-                reads.setdefault(("value", atom), []).append(e)
+    # source -> steps of every equation reading it
+    reads: dict[tuple, list[int]] = {("value", v): steps for v, steps in readers(program).items()}
     for use in graph.uses:
         if use.src in read_copy and use.operand >= 0:
             reads.setdefault(("read", use.src), []).append(graph.nodes[use.dst].eqn)

@@ -160,11 +160,7 @@ def _plan_program(traced: TracedFunction, *, mesh_shape, axis_names, cluster, me
     _log.info("solving: time limit %g s%s%s", request.time_limit_s,
               ", repeated layers tied" if request.tie_repeats else "",
               f", memory budget {format_bytes(memory_budget)}" if memory_budget else "")
-    result = _solve_within_budget(problem, model, donated, memory_budget, deadline)
-    peak = None
-    if memory_budget is not None:
-        result, peak = _fit_reported_peak(problem, model, donated, memory_budget, deadline,
-                                          result)
+    result, peak = _solve_within_budget(problem, model, donated, memory_budget, deadline)
     choices = result.choices if memory_budget is not None else \
         prefer_made_layouts(problem.graph, problem.grouping, request, result.choices)
     _log.info("solved: %s (%s), %.4g s per step, gap %.2f%%, %d variables (%.2f s, LP %.2f s)",
@@ -176,11 +172,15 @@ def _plan_program(traced: TracedFunction, *, mesh_shape, axis_names, cluster, me
 
 
 def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated,
-                         budget: float | None, deadline: float | None) -> ilp.IntraOpResult:
-    """Solve; with a budget, first without it (repeated layers tied, often one LP): a plan
-    whose whole liveness profile fits is optimal under the budget too. Otherwise constrain
-    the candidate peak steps, then check the plan's whole liveness profile and add the
-    steps it overflows, until none does (at most 8 solves)."""
+                         budget: float | None, deadline: float | None
+                         ) -> tuple[ilp.IntraOpResult, int | None]:
+    """Solve; with a budget, first without it (repeated layers tied, often one LP), then
+    within the ILP's memory rows (``_within_rows``). While the plan's reported peak
+    (``planned_peak_bytes``: values placed as XLA places them, with the layout copies XLA
+    makes, which the rows leave out) exceeds ``budget``, solve the rows again with a budget
+    that excess below what they count for the plan (at most ``REPORTED_PEAK_RETRIES`` times;
+    a lowered budget no plan meets ends it, and the caller's budget check reports the last
+    plan's peak). Returns (the result, its reported peak; None without a budget)."""
     graph, grouping = problem.graph, problem.grouping
     request = _until(problem.request, deadline)
     if problem.per_use is not None:
@@ -188,10 +188,42 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
     else:
         free = ilp.solve_intra_op(request, starting_plan=_hint(problem))
     if budget is None:
-        return free
+        return free, None
     program = graph.traced.program
     tensors = tensor_bytes(graph, grouping, model, live_ranges(program, donated),
                            problem.merged, donated=donated)
+
+    def reported(result):
+        return planned_peak_bytes(graph, model, grouping.expand(result.choices), donated,
+                                  problem.merged)
+
+    result = _within_rows(problem, model, request, free, tensors, budget, deadline)
+    peak, rows_budget = reported(result), budget
+    for _ in range(REPORTED_PEAK_RETRIES):
+        if peak <= budget:
+            break
+        # below what the rows count for this plan, by the excess: the plan no longer fits them
+        counted = counted_peak_bytes(tensors, result.choices, len(program.eqns))
+        rows_budget = min(rows_budget, counted) - (peak - budget)
+        _log.info("the plan peaks at %s per device placed as XLA places it, over the budget: "
+                  "solving again with %s for the ILP's memory rows", format_bytes(peak),
+                  format_bytes(rows_budget))
+        try:
+            result = _within_rows(problem, model, request, free, tensors, rows_budget, deadline)
+        except InfeasiblePlanError:
+            break
+        peak = reported(result)
+    return result, peak
+
+
+def _within_rows(problem: ShardingProblem, model: MeshCostModel, request: ilp.IntraOpRequest,
+                 free: ilp.IntraOpResult, tensors, budget: float,
+                 deadline: float | None) -> ilp.IntraOpResult:
+    """``free`` (the plan without a budget) when its whole liveness profile fits ``budget``
+    by the ILP's count of ``tensors``: optimal under the budget too. Otherwise constrain the
+    candidate peak steps, then check the plan's whole liveness profile and add the steps it
+    overflows, until none does (at most 8 solves)."""
+    program = problem.graph.traced.program
     if not steps_over(tensors, free.choices, len(program.eqns), budget):
         return free
     steps = candidate_steps(tensors, len(program.eqns))
@@ -222,42 +254,6 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
         fits.append(result.choices)
         steps = sorted(set(steps) | missed)
     return result
-
-
-def _fit_reported_peak(problem: ShardingProblem, model: MeshCostModel, donated, budget: float,
-                       deadline: float | None, result: ilp.IntraOpResult
-                       ) -> tuple[ilp.IntraOpResult, int]:
-    """(``result``, its reported peak), or, while that peak (``planned_peak_bytes``: values
-    placed as XLA places them, with the layout copies XLA makes, which the ILP's rows leave
-    out) exceeds ``budget``, the plan solved again with the ILP's rows given that excess
-    less than they count for the plan (at most ``REPORTED_PEAK_RETRIES`` times; a lowered
-    budget no plan meets ends it, and the caller's budget check reports the last plan's
-    peak)."""
-    program, rows_budget, tensors = problem.graph.traced.program, budget, None
-
-    def reported(result):
-        return planned_peak_bytes(problem.graph, model, problem.grouping.expand(result.choices),
-                                  donated, problem.merged)
-
-    peak = reported(result)
-    for _ in range(REPORTED_PEAK_RETRIES):
-        if peak <= budget:
-            break
-        if tensors is None:
-            tensors = tensor_bytes(problem.graph, problem.grouping, model,
-                                   live_ranges(program, donated), problem.merged, donated=donated)
-        # below what the rows count for this plan, by the excess: the plan no longer fits them
-        counted = counted_peak_bytes(tensors, result.choices, len(program.eqns))
-        rows_budget = min(rows_budget, counted) - (peak - budget)
-        _log.info("the plan peaks at %s per device placed as XLA places it, over the budget: "
-                  "solving again with %s for the ILP's memory rows", format_bytes(peak),
-                  format_bytes(rows_budget))
-        try:
-            result = _solve_within_budget(problem, model, donated, rows_budget, deadline)
-        except InfeasiblePlanError:
-            break
-        peak = reported(result)
-    return result, peak
 
 
 def _near_free(request: ilp.IntraOpRequest, free: ilp.IntraOpResult,
