@@ -48,7 +48,11 @@ class Cluster:
     ``reduce_scatter_as_all_reduce``: the backend's SPMD partitioner leaves a planned
     reduce-scatter as an all-reduce of the whole buffer followed by a local slice (XLA's
     CPU pipeline has no reduce-scatter creation pass), so a reduce-scatter is priced as
-    that all-reduce.
+    that all-reduce. ``all_to_all_as_slices``: the backend splits an all-to-all's operand
+    into one slice per peer before sending them (XLA's ``AllToAllDecomposer`` into a tuple
+    all-to-all, run by the CPU pipeline), each slice a kernel that XLA's cost analysis
+    counts as reading the whole operand; a resharding all-to-all over n devices then
+    reads its shard n − 1 more times.
 
     ``flops`` and ``collective_links`` may be given as mappings and ``axis_links`` as
     any sequence; all are stored as tuples so the cluster is hashable.
@@ -65,6 +69,7 @@ class Cluster:
     axis_links: tuple[Link, ...] | None = None
     collective_links: tuple[tuple[str, tuple[Link, ...]], ...] | None = None
     reduce_scatter_as_all_reduce: bool = False
+    all_to_all_as_slices: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -114,9 +119,9 @@ class Cluster:
                                      f"sequence of Link (one per mesh axis), got {_show(links)}")
                 checked.append((kind, links))
             object.__setattr__(self, "collective_links", tuple(checked))
-        if not isinstance(self.reduce_scatter_as_all_reduce, bool):
-            raise ValueError(f"Cluster.reduce_scatter_as_all_reduce must be a bool, got "
-                             f"{_show(self.reduce_scatter_as_all_reduce)}")
+        for flag in ("reduce_scatter_as_all_reduce", "all_to_all_as_slices"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"Cluster.{flag} must be a bool, got {_show(getattr(self, flag))}")
 
     def flops_rate(self, dtype: Any) -> float:
         """Peak FLOP/s for ``dtype`` (a name such as "bfloat16" or anything whose str is one).
@@ -177,8 +182,9 @@ class Cluster:
         if self.collective_links is not None:  # only when set: older readers keep working
             data["collective_links"] = {kind: [dataclasses.asdict(l) for l in links]
                                         for kind, links in self.collective_links}
-        if self.reduce_scatter_as_all_reduce:  # likewise only when set
-            data["reduce_scatter_as_all_reduce"] = True
+        for flag in ("reduce_scatter_as_all_reduce", "all_to_all_as_slices"):
+            if getattr(self, flag):  # likewise only when set
+                data[flag] = True
         return json.dumps(data, indent=2)
 
     def save(self, path) -> None:
@@ -201,7 +207,7 @@ class Cluster:
         required = ("name", "flops", "memory_bandwidth", "device_memory", "devices_per_node", "intra_node",
                     "inter_node")
         optional = ("memory_reserve", "axis_links", "collective_links",
-                    "reduce_scatter_as_all_reduce")
+                    "reduce_scatter_as_all_reduce", "all_to_all_as_slices")
         for field in required:
             if field not in data:
                 raise ValueError(f"Cluster JSON is missing required field {field!r}; expected fields {list(required)}")
@@ -230,10 +236,12 @@ class Cluster:
                 and all(isinstance(v, list) for v in collective_links.values())):
             raise ValueError(f"Cluster JSON field 'collective_links' must be an object collective -> "
                              f"list of links, or null, got {_show(collective_links)}")
-        rs_as_ar = data.get("reduce_scatter_as_all_reduce", False)
-        if not isinstance(rs_as_ar, bool):
-            raise ValueError(f"Cluster JSON field 'reduce_scatter_as_all_reduce' must be true or "
-                             f"false, got {_show(rs_as_ar)}")
+        flags = {flag: data.get(flag, False)
+                 for flag in ("reduce_scatter_as_all_reduce", "all_to_all_as_slices")}
+        for flag, value in flags.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"Cluster JSON field {flag!r} must be true or false, got "
+                                 f"{_show(value)}")
         try:
             return cls(
                 name=data["name"],
@@ -252,7 +260,7 @@ class Cluster:
                 else tuple((kind, tuple(_link_from_json(f"collective_links.{kind}[{i}]", link)
                                         for i, link in enumerate(links)))
                            for kind, links in collective_links.items()),
-                reduce_scatter_as_all_reduce=rs_as_ar,
+                **flags,
             )
         except ValueError as err:
             raise ValueError(f"Cluster JSON is invalid: {err}") from None

@@ -159,7 +159,8 @@ class MeshCostModel:
            so later collectives move less data;
         2. each axis that leaves its place in ``src`` but is used by ``dst`` (moved to
            another dim, or reordered within one) costs an all-to-all over that axis on
-           the current per-device buffer; when every axis stays in use and they are
+           the current per-device buffer (its operand read once more per peer on a
+           backend that sends it as slices: ``Cluster.all_to_all_as_slices``); when every axis stays in use and they are
            exchanged among the split dims (a swap of unequal axes; two split dims' axes
            into one of them), one all-to-all and one collective-permute of the shard, as
            XLA compiles it (a collective-permute also follows axes that arrive in
@@ -340,6 +341,8 @@ def _priced_route(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, r
                   for step in route.steps for n in (nbytes(step.layout),))
     traffic = 0
     for term in route.traffic:
+        if term.sliced_all_to_all and not model.cluster.all_to_all_as_slices:
+            continue
         if term.before_dim is not None and math.prod(
                 -(-n // model._split(axes)) for n, axes in zip(shape[:term.before_dim], term.layout)) <= 1:
             continue

@@ -27,12 +27,15 @@ class RouteStep:
 class RouteTraffic:
     """``factor`` × (bytes of one ``layout`` shard // ``divisor``), counted only when
     ``before_dim`` is None or the shard has more than one element in the dims before
-    ``before_dim`` (a gathered dim that is not the outermost is relayouted)."""
+    ``before_dim`` (a gathered dim that is not the outermost is relayouted), and, for
+    ``sliced_all_to_all`` terms, only on a backend that sends an all-to-all as slices
+    (``Cluster.all_to_all_as_slices``)."""
 
     factor: int
     layout: Spec
     divisor: int = 1
     before_dim: int | None = None
+    sliced_all_to_all: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +140,9 @@ def resharding_route(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> Route
             behind = any(layout[d].index(a) > layout[d].index(b) for a in staying for b in group)
             if moves(group):
                 steps.append(RouteStep("all-to-all", tuple(group), here))
-                traffic.append(RouteTraffic(4, here))
+                # (a backend slicing the operand per peer reads it once per slice)
+                traffic += [RouteTraffic(4, here),
+                            RouteTraffic(split(mesh_shape, group) - 1, here, sliced_all_to_all=True)]
                 if behind:  # an axis left from in front of one that stays: blocks reorder
                     steps.append(RouteStep("collective-permute", tuple(sorted(set(live(layout)))), here))
                     traffic.append(RouteTraffic(2, here))

@@ -154,11 +154,11 @@ def test_cluster_json_round_trip(name):
     calibrated = dataclasses.replace(cluster, axis_links=(Link(1.5e9, 3e-6), Link(2.5e10, 1e-5)))
     assert Cluster.from_json(calibrated.to_json()) == calibrated
     assert hash(Cluster.from_json(calibrated.to_json())) == hash(calibrated)
-    flipped = dataclasses.replace(cluster, reduce_scatter_as_all_reduce=not cluster.reduce_scatter_as_all_reduce)
-    assert Cluster.from_json(flipped.to_json()) == flipped
-    # only written when set, so files for GPU clusters read by older versions are unchanged
-    assert ("reduce_scatter_as_all_reduce" in json.loads(cluster.to_json())) == \
-        cluster.reduce_scatter_as_all_reduce
+    for flag in ("reduce_scatter_as_all_reduce", "all_to_all_as_slices"):
+        flipped = dataclasses.replace(cluster, **{flag: not getattr(cluster, flag)})
+        assert Cluster.from_json(flipped.to_json()) == flipped
+        # only written when set, so files for GPU clusters read by older versions are unchanged
+        assert (flag in json.loads(cluster.to_json())) == getattr(cluster, flag)
 
 
 def _mutated_json(**changes) -> str:
@@ -189,6 +189,7 @@ _DELETE = object()
         (_mutated_json(inter_node={"bandwidth": -1.0, "latency": 0.0}), "bandwidth"),
         (_mutated_json(axis_links=5), "'axis_links'"),
         (_mutated_json(reduce_scatter_as_all_reduce="yes"), "reduce_scatter_as_all_reduce"),
+        (_mutated_json(all_to_all_as_slices=1), "all_to_all_as_slices"),
         (_mutated_json(colour="blue"), "colour"),
     ],
 )
@@ -316,6 +317,21 @@ def test_resharding_dim_swap_is_all_to_all(model24):
     assert cost == pytest.approx(model24.all_to_all(FULL / 4, (1,))
                                  + _traffic_s(model24, 4 * FULL / 4))
     assert 0 < cost < model24.resharding(SHAPE, ITEMSIZE, ((1,), ()), ((), ()))
+
+
+@pytest.mark.parametrize("mesh_shape, axis", [((8,), 0), ((2, 4), 0), ((2, 4), 1)])
+def test_all_to_all_sent_as_slices_reads_the_shard_once_per_peer(mesh_shape, axis):
+    # host-cpu: XLA's CPU pipeline slices the operand once per peer, each slice counted
+    # as reading the whole shard: n - 1 reads more than the 4 shards of a GPU all-to-all
+    src = tuple((axis,) if d == 0 else () for d in range(4))
+    dst = tuple((axis,) if d == 3 else () for d in range(4))
+    shape, shard = (8, 16, 16, 64), 8 * 16 * 16 * 64 * 4 // mesh_shape[axis]
+    host = MeshCostModel(cluster_preset("host-cpu"), mesh_shape)
+    gpu = MeshCostModel(cluster_preset("h100-80gb"), mesh_shape)
+    assert not gpu.cluster.all_to_all_as_slices
+    assert [s.kind for s in host.resharding_steps(shape, 4, src, dst)] == ["all-to-all"]
+    assert gpu.resharding_traffic(shape, 4, src, dst) == 4 * shard
+    assert host.resharding_traffic(shape, 4, src, dst) == (4 + mesh_shape[axis] - 1) * shard
 
 
 def test_resharding_matrix_matches_elementwise(model24):

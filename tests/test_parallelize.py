@@ -76,6 +76,29 @@ def test_host_cpu_reduce_scatter_lowering_matches_the_backend():
     assert lowered == autoshard.cluster_preset("host-cpu").reduce_scatter_as_all_reduce, stats
 
 
+def test_host_cpu_all_to_all_traffic_matches_the_backend():
+    """host-cpu prices a resharding all-to-all as XLA's CPU compiler runs it (one slice
+    per peer, each counted as reading the whole shard: ``all_to_all_as_slices``); the
+    compiled program's extra bytes accessed are what the model's route reads and writes."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from autoshard.cost_model import MeshCostModel
+
+    mesh = autoshard.make_mesh((8,), ("d",))
+    arg = jax.ShapeDtypeStruct((8, 16, 16, 64), "float32")
+
+    def bytes_accessed(out_spec):
+        step = jax.jit(lambda x: x * 2.0, in_shardings=NamedSharding(mesh, P("d")),
+                       out_shardings=NamedSharding(mesh, out_spec))
+        return step.lower(arg).compile().cost_analysis()["bytes accessed"]
+
+    compiled = bytes_accessed(P(None, None, None, "d")) - bytes_accessed(P("d"))
+    model = MeshCostModel(autoshard.cluster_preset("host-cpu"), (8,))
+    modelled = model.resharding_traffic(arg.shape, 4, ((0,), (), (), ()), ((), (), (), (0,)))
+    assert modelled == pytest.approx(compiled, rel=0.1), (modelled, compiled)
+
+
 @pytest.mark.parametrize("make_key", [jax.random.PRNGKey, jax.random.key],
                          ids=["legacy uint32 key", "typed key"])
 def test_dropout_with_a_key_argument_matches_jit(make_key):
