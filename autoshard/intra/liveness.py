@@ -70,6 +70,7 @@ def _steps(program: Program, donated: Iterable[int]
         for vid in eqn.outputs:
             born[vid] = e
     _hoist_scatter_targets(program, born)
+    _hoist_donated_flips(program, donated, born)
     aliased = aliased_outputs(program, [v for v in program.invars if v in donated])
     for o, atom in enumerate(program.outvars):
         if not isinstance(atom, Literal):
@@ -105,6 +106,23 @@ def _hoist_scatter_targets(program: Program, born: dict[int, int]) -> None:
             continue
         born[target] = min([made[target]] + [earliest[made[a]] for a in eqn.inputs[1:]
                                              if not isinstance(a, Literal) and a in made])
+
+
+def _hoist_donated_flips(program: Program, donated: set[int], born: dict[int, int]) -> None:
+    """A donated argument flipped by ``rev`` (the kernel a convolution's input gradient
+    reads) is flipped where XLA's schedule puts it: at the start, before the forward pass
+    (measured on jax 0.10 CPU, a Wide-ResNet block's two kernels, each flipped and
+    relayouted in one copy, both made first and held to their backward convolutions: on
+    the heap when the kernels are donated, the plan's peak 15% above what the flips at
+    their own steps give). Undonated, XLA's schedule holds them as early in the new
+    kernels' buffers, which it writes after the input gradients; the traced program
+    computes each filter gradient, which starts that buffer, before its input gradient,
+    so there the flip stays at its own step, where it also takes no heap. Updates
+    ``born`` in place."""
+    for eqn in program.eqns:
+        if eqn.primitive.name == "rev" and eqn.inputs[0] in donated:
+            for v in eqn.outputs:
+                born[v] = 0
 
 
 def _read_where_fused(program: Program, fused: frozenset[int], last: dict[int, int]) -> None:
