@@ -90,11 +90,13 @@ def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel
         group = ((-1,) if terminal[v] else (depth[v],)) + (_reduction(graph, node),)
         key = id(node.strategies)
         if key not in repriced:  # repeated layers share one tuple: keep sharing it
-            repriced[key] = (node.strategies, tuple(_latency_shared(s) for s in node.strategies))
+            repriced[key] = (node.strategies,
+                             tuple(_latency_shared(s, model) for s in node.strategies))
         nodes[v] = dataclasses.replace(node, strategies=repriced[key][1])
         for i, s in enumerate(node.strategies):
             if s.all_reduce_latency_s > 0:
-                members.setdefault(group + (s.all_reduce_axes,), []).append((v, i))
+                for axes in s.all_reduce_axes:  # each merges with the others over its axes
+                    members.setdefault(group + (axes,), []).append((v, i))
     merged = tuple(MergedAllReduce(key[2], model.all_reduce_latency(key[2]), tuple(members[key]),
                                    terminal=key[0] == -1)
                    for key in sorted(members))
@@ -110,16 +112,16 @@ def _reduction(graph: ShardingGraph, node) -> str:
     return _REDUCTIONS.get(graph.traced.program.eqns[node.eqn].primitive.name, "add")
 
 
-def _latency_shared(strategy: Strategy) -> Strategy:
-    """``strategy`` keeping of its all-reduce latency only its byte share of one merged
-    collective (the rest is the shared cost)."""
+def _latency_shared(strategy: Strategy, model: MeshCostModel) -> Strategy:
+    """``strategy`` keeping of each of its all-reduces' latency only its byte share of one
+    merged collective (the rest is the shared cost)."""
     if strategy.all_reduce_latency_s <= 0:
         return strategy
-    share = min(1.0, strategy.all_reduce_bytes / COMBINE_THRESHOLD_BYTES)
-    removed = strategy.all_reduce_latency_s * (1.0 - share)
-    merged = [s for s in strategy.collectives
-              if s.kind == "all-reduce" and s.axes == strategy.all_reduce_axes]
-    steps = tuple(dataclasses.replace(s, seconds=s.seconds - removed / len(merged))
-                  if s in merged else s for s in strategy.collectives)
-    return dataclasses.replace(strategy, communication_s=strategy.communication_s - removed,
+    kept = 1.0 - min(1.0, strategy.all_reduce_bytes / COMBINE_THRESHOLD_BYTES)
+    removed = [model.all_reduce_latency(s.axes) * kept
+               if s.kind == "all-reduce" and s.axes in strategy.all_reduce_axes else 0.0
+               for s in strategy.collectives]
+    steps = tuple(dataclasses.replace(s, seconds=s.seconds - r) if r else s
+                  for s, r in zip(strategy.collectives, removed))
+    return dataclasses.replace(strategy, communication_s=strategy.communication_s - sum(removed),
                                collectives=steps)

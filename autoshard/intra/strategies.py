@@ -37,10 +37,10 @@ class Strategy:
     ``collectives``: the collectives it ends with (an all-reduce of partial sums, or a
     reduce-scatter: as the backend emits it), each priced in ``communication_s``;
     ``scatters``: the strategy reduce-scatters its result (whatever the backend emits).
-    ``all_reduce_axes``: the mesh axes its all-reduce spans (empty when it has none);
-    ``all_reduce_latency_s`` / ``all_reduce_bytes``: that all-reduce's latency part of
-    ``communication_s`` and its bytes per device (``_combining`` shares the latency
-    between all-reduces XLA merges).
+    ``all_reduce_axes``: the mesh axes of each all-reduce it runs per result, one after
+    another (empty when it has none); ``all_reduce_latency_s`` / ``all_reduce_bytes``:
+    their latency part of ``communication_s`` and the bytes per device of the results
+    they reduce (``_combining`` shares the latency between all-reduces XLA merges).
     """
 
     name: str
@@ -53,7 +53,7 @@ class Strategy:
     bytes_accessed: float = 0.0
     collectives: tuple[CollectiveStep, ...] = ()
     scatters: bool = False
-    all_reduce_axes: tuple[int, ...] = ()
+    all_reduce_axes: tuple[tuple[int, ...], ...] = ()
     all_reduce_latency_s: float = 0.0
     all_reduce_bytes: int = 0
 
@@ -170,35 +170,41 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads)
     out_bytes = [_bytes(model, a, s) for a, s in zip(out_avals, out_specs)]
     compute = model.compute(op.flops / split, traffic, dtype)
     work = dict(flops=op.flops / split, bytes_accessed=traffic)
-    reduce_axes = tuple(sorted(a for l, axes in loop_axes.items() if l in reductions
-                               for a in axes))
+    # one all-reduce per reduced loop, over the axes that split it: XLA's partitioner sums
+    # a contraction split over two mesh axes in two dims (batch over "data", sequence over
+    # "model") over one axis, then the other (measured on jax 0.10: two all-reduces of the
+    # whole result); over two axes in one dim, in one all-reduce over both
+    groups = tuple(tuple(sorted(axes)) for l, axes in sorted(loop_axes.items())
+                   if l in reductions and axes)
     name = _assignment_name(loop_axes, reductions)
-    if not reduce_axes:
+    if not groups:
         yield Strategy(name, out_specs, in_specs, compute, 0.0, **work)
         return
-    steps = tuple(CollectiveStep("all-reduce", reduce_axes, b, model.all_reduce(b, reduce_axes))
-                  for b in out_bytes)
+    steps = tuple(CollectiveStep("all-reduce", axes, b, model.all_reduce(b, axes))
+                  for b in out_bytes for axes in groups)
     comm = sum(s.seconds for s in steps)
-    work["bytes_accessed"] = traffic + _collective_traffic(steps, out_bytes)
+    moved = 2 * sum(s.nbytes for s in steps)  # each reads its operand and writes its result
+    work["bytes_accessed"] = traffic + moved
     # the unreduced partial result lives beside the all-reduce's result
     yield Strategy(name + " all-reduce", out_specs, in_specs,
-                   *_with_traffic(model, compute, comm, steps, out_bytes), **work,
-                   temp_bytes=int(sum(out_bytes)), collectives=steps, all_reduce_axes=reduce_axes,
-                   all_reduce_latency_s=len(out_bytes) * model.all_reduce_latency(reduce_axes),
+                   compute, comm + moved / model.cluster.memory_bandwidth, **work,
+                   temp_bytes=int(sum(out_bytes)), collectives=steps, all_reduce_axes=groups,
+                   all_reduce_latency_s=len(out_bytes) * sum(map(model.all_reduce_latency, groups)),
                    all_reduce_bytes=int(sum(out_bytes)))
     if len(out_avals) != 1:
         return
     # Reduce-scatter variant: one reduced axis also splits an output dim afterwards.
     out_aval, out_spec = out_avals[0], out_specs[0]
-    for axis in reduce_axes:
-        rest = tuple(a for a in reduce_axes if a != axis)
+    for axis in sorted(a for axes in groups for a in axes):
+        rest = [tuple(a for a in axes if a != axis) for axes in groups]
         for d, size in enumerate(out_aval.shape):
             n = math.prod(model.mesh_shape[a] for a in out_spec[d]) * model.mesh_shape[axis]
             if size % n:
                 continue
             scattered = out_spec[:d] + (out_spec[d] + (axis,),) + out_spec[d + 1:]
-            steps = (CollectiveStep("all-reduce", rest, out_bytes[0],
-                                    model.all_reduce(out_bytes[0], rest)),) if rest else ()
+            steps = tuple(CollectiveStep("all-reduce", axes, out_bytes[0],
+                                         model.all_reduce(out_bytes[0], axes))
+                          for axes in rest if axes)
             seconds = model.reduce_scatter(out_bytes[0], (axis,))
             if model.cluster.reduce_scatter_as_all_reduce:  # all-reduce, then a local slice
                 steps += (CollectiveStep("all-reduce", (axis,), out_bytes[0], seconds),)
@@ -208,21 +214,11 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads)
             # the unreduced partial, and where the backend emits an all-reduce then a
             # slice, that all-reduce's full-size result beside it
             temp = out_bytes[0] * (2 if model.cluster.reduce_scatter_as_all_reduce else 1)
-            work["bytes_accessed"] = traffic + _collective_traffic(steps, out_bytes)
-            yield Strategy(f"{name} reduce-scatter(dim {d})", (scattered,), in_specs,
-                           *_with_traffic(model, compute, sum(s.seconds for s in steps), steps,
-                                          out_bytes),
+            moved = int(sum(out_bytes) + sum(s.nbytes for s in steps))
+            work["bytes_accessed"] = traffic + moved
+            yield Strategy(f"{name} reduce-scatter(dim {d})", (scattered,), in_specs, compute,
+                           sum(s.seconds for s in steps) + moved / model.cluster.memory_bandwidth,
                            temp_bytes=temp, **work, collectives=steps, scatters=True)
-
-
-def _with_traffic(model: MeshCostModel, compute: float, comm: float, steps, out_bytes):
-    """(compute, communication) seconds with the collectives' own memory traffic (each
-    reads its operand, the unreduced result, and writes its result) in communication."""
-    return compute, comm + _collective_traffic(steps, out_bytes) / model.cluster.memory_bandwidth
-
-
-def _collective_traffic(steps, out_bytes) -> int:
-    return int(sum(out_bytes) + sum(s.nbytes for s in steps))
 
 
 def _assignment_name(loop_axes, reductions) -> str:
