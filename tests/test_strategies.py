@@ -194,3 +194,32 @@ def test_sharded_convolution_copies_are_per_device():
     # writes and copies its whole partial filter gradient, then all-reduces it (the
     # all-reduce reads the partial and writes the sum)
     assert by_batch.bytes_accessed == 3 * (x + ct) / 8 + 3 * w + 2 * w
+
+
+def test_a_contraction_split_in_two_dims_over_two_axes_all_reduces_once_per_axis():
+    # XLA's partitioner sums a weight gradient whose batch dim is split over "data" and
+    # sequence dim over "model" over one axis, then the other: two all-reduces of the
+    # whole result; a contraction dim split over both axes at once: one all-reduce
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from autoshard.ir.hlo import parse_collectives
+
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    x = jax.ShapeDtypeStruct((8, 64, 256), jnp.float32)
+    dy = jax.ShapeDtypeStruct((8, 64, 128), jnp.float32)
+    graph = build_graph(trace(lambda x, dy: jnp.einsum("bsd,bsf->df", x, dy), (x, dy)),
+                        MeshCostModel(cluster_preset("h100-80gb"), (2, 4)))
+    dot = next(n for n in graph.nodes if n.name.startswith("dot_general"))
+    for spec, groups in [(((0,), (1,), ()), ((0,), (1,))), (((0, 1), (), ()), ((0, 1),))]:
+        [strategy] = [s for s in dot.strategies if s.in_specs == (spec, spec) and not s.scatters]
+        assert strategy.all_reduce_axes == groups
+        assert [(c.kind, c.axes) for c in strategy.collectives] == \
+            [("all-reduce", axes) for axes in groups]
+        layout = NamedSharding(mesh, P(*[tuple(mesh.axis_names[a] for a in axes) or None
+                                         for axes in spec]))
+        compiled = jax.jit(lambda x, dy: jnp.einsum("bsd,bsf->df", x, dy),
+                           in_shardings=(layout, layout)).lower(x, dy).compile()
+        collectives = parse_collectives(compiled.as_text())
+        assert sorted((c.kind, c.axes((2, 4))) for c in collectives) == \
+            sorted(("all-reduce", axes) for axes in groups)
