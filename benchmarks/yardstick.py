@@ -31,6 +31,12 @@ among them. A collective whose groups hold one device costs nothing. Collectives
 static occurrences in the text (one inside a loop body counts once); an async
 ``-start``/``-done`` pair counts once.
 
+On a cluster whose backend makes reduce-scatters (``Cluster.reduce_scatter_as_all_reduce``
+off: the GPU presets), an all-reduce every reader of which keeps one n-th of the result by
+a dynamic-slice is priced as the reduce-scatter XLA's GPU pipeline turns that pair into
+(``benchmarks.reduce_scatters``; the program is compiled here, for the CPU, which keeps
+the all-reduce).
+
 ``peak_memory_bytes`` is ``memory_analysis()``'s argument + output + temp − alias bytes.
 The peak FLOP/s is the cluster's rate for ``dtype`` (default ``"float32"``; ``dtype=None``
 takes the dtype of most dot/convolution result elements in the HLO).
@@ -38,10 +44,13 @@ takes the dtype of most dot/convolution result elements in the HLO).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections import Counter
 
 from autoshard.ir import hlo
+
+from .reduce_scatters import sliced_all_reduces
 
 __all__ = ["Yardstick", "CollectiveCost", "yardstick", "collective_cost"]
 
@@ -160,7 +169,15 @@ def yardstick(compiled, mesh_shape, cluster, *, dtype: str | None = "float32",
     rates = dict(cluster.flops)
     peak = rates.get(dtype, rates["float32"])
     groups: dict[tuple[str, tuple[int, ...]], list] = {}
-    for c in hlo.parse_collectives(text):
+    found = hlo.parse_collectives(text)
+    devices = math.prod(mesh_shape)
+    size = {c.name: c.group_size(devices) for c in found}
+    scatters = frozenset() if cluster.reduce_scatter_as_all_reduce else \
+        sliced_all_reduces(text, size.__getitem__)
+    for c in found:
+        if c.name in scatters:  # the GPU pipeline's reduce-scatter
+            c = dataclasses.replace(c, kind="reduce-scatter", operand_bytes=c.result_bytes,
+                                    result_bytes=c.result_bytes // size[c.name])
         seconds, volume, axes = collective_cost(c, mesh_shape, cluster)
         g = groups.setdefault((c.kind, axes), [0, 0, 0.0, 0.0])
         g[0] += 1

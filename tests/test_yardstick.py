@@ -174,3 +174,23 @@ def test_axes_of_collectives_xla_really_emits():
     assert axes_of(P(None, "model"), 1) == {(1,)}
     assert axes_of(P("data", None), 0) == {(0,)}
     assert axes_of(P(("data", "model"), None), 0) == {(0, 1)}
+
+
+@pytest.mark.parametrize("out_spec, scattered", [(P(None, "model"), True), (P(), False)],
+                         ids=["sliced", "kept whole"])
+def test_an_all_reduce_whose_readers_keep_a_slice_is_a_gpu_reduce_scatter(out_spec, scattered):
+    # the partitioner's reduce-scatter: all-reduce, then each device dynamic-slices its part
+    # (fused into its readers here). The GPU pipeline makes it one reduce-scatter; the CPU
+    # keeps the all-reduce, which host-cpu prices as the all-reduce it runs
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    step = jax.jit(lambda a, b: jnp.tanh(jax.lax.with_sharding_constraint(
+        a @ b, NamedSharding(mesh, out_spec))) * 2,
+        in_shardings=(NamedSharding(mesh, P(None, "model")), NamedSharding(mesh, P("model", None))))
+    arg = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+    compiled = step.lower(arg, arg).compile()
+    gpu = yardstick(compiled, (2, 4), autoshard.cluster_preset("h100-80gb"))
+    cpu = yardstick(compiled, (2, 4), autoshard.cluster_preset("host-cpu"))
+    assert [c.kind for c in cpu.collectives] == ["all-reduce"]
+    expected = "reduce-scatter" if scattered else "all-reduce"
+    assert [(c.kind, c.axes, c.bytes) for c in gpu.collectives] == \
+        [(expected, ("1",), 64 * 64 * 4 // (4 if scattered else 1))]
