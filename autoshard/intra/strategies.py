@@ -214,7 +214,7 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads)
             # the unreduced partial, and where the backend emits an all-reduce then a
             # slice, that all-reduce's full-size result beside it
             temp = out_bytes[0] * (2 if model.cluster.reduce_scatter_as_all_reduce else 1)
-            moved = int(sum(out_bytes) + sum(s.nbytes for s in steps))
+            moved = int(sum(out_bytes) + sum(s.nbytes for s in steps))  # partial read, results written
             work["bytes_accessed"] = traffic + moved
             yield Strategy(f"{name} reduce-scatter(dim {d})", (scattered,), in_specs, compute,
                            sum(s.seconds for s in steps) + moved / model.cluster.memory_bandwidth,
