@@ -202,15 +202,20 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads)
             if size % n:
                 continue
             scattered = out_spec[:d] + (out_spec[d] + (axis,),) + out_spec[d + 1:]
-            steps = tuple(CollectiveStep("all-reduce", axes, out_bytes[0],
-                                         model.all_reduce(out_bytes[0], axes))
-                          for axes in rest if axes)
-            seconds = model.reduce_scatter(out_bytes[0], (axis,))
-            if model.cluster.reduce_scatter_as_all_reduce:  # all-reduce, then a local slice
-                steps += (CollectiveStep("all-reduce", (axis,), out_bytes[0], seconds),)
+            if model.cluster.reduce_scatter_as_all_reduce:
+                # the all-reduces, then a local slice (the axis still sums with its loop's
+                # other axes in one all-reduce: measured, a softmax max over vocab split over
+                # (data, model) and left split over data compiles to one over both)
+                steps = tuple(CollectiveStep("all-reduce", axes, out_bytes[0],
+                                             model.all_reduce(out_bytes[0], axes))
+                              for axes in groups)
             else:
+                steps = tuple(CollectiveStep("all-reduce", axes, out_bytes[0],
+                                             model.all_reduce(out_bytes[0], axes))
+                              for axes in rest if axes)
                 steps += (CollectiveStep("reduce-scatter", (axis,),
-                                         out_bytes[0] // model.mesh_shape[axis], seconds),)
+                                         out_bytes[0] // model.mesh_shape[axis],
+                                         model.reduce_scatter(out_bytes[0], (axis,))),)
             # the unreduced partial, and where the backend emits an all-reduce then a
             # slice, that all-reduce's full-size result beside it
             temp = out_bytes[0] * (2 if model.cluster.reduce_scatter_as_all_reduce else 1)
