@@ -12,6 +12,9 @@ from typing import Any
 from ._files import write_text_atomically
 
 COLLECTIVES: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
+#: the ``Cluster`` fields that say how the backend lowers collectives (booleans, written to
+#: JSON only when set)
+_BACKEND_FLAGS = ("reduce_scatter_as_all_reduce", "all_to_all_as_slices")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +122,7 @@ class Cluster:
                                      f"sequence of Link (one per mesh axis), got {_show(links)}")
                 checked.append((kind, links))
             object.__setattr__(self, "collective_links", tuple(checked))
-        for flag in ("reduce_scatter_as_all_reduce", "all_to_all_as_slices"):
+        for flag in _BACKEND_FLAGS:
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"Cluster.{flag} must be a bool, got {_show(getattr(self, flag))}")
 
@@ -182,7 +185,7 @@ class Cluster:
         if self.collective_links is not None:  # only when set: older readers keep working
             data["collective_links"] = {kind: [dataclasses.asdict(l) for l in links]
                                         for kind, links in self.collective_links}
-        for flag in ("reduce_scatter_as_all_reduce", "all_to_all_as_slices"):
+        for flag in _BACKEND_FLAGS:
             if getattr(self, flag):  # likewise only when set
                 data[flag] = True
         return json.dumps(data, indent=2)
@@ -206,8 +209,7 @@ class Cluster:
             raise ValueError(f"Cluster JSON must be an object, got {type(data).__name__}")
         required = ("name", "flops", "memory_bandwidth", "device_memory", "devices_per_node", "intra_node",
                     "inter_node")
-        optional = ("memory_reserve", "axis_links", "collective_links",
-                    "reduce_scatter_as_all_reduce", "all_to_all_as_slices")
+        optional = ("memory_reserve", "axis_links", "collective_links") + _BACKEND_FLAGS
         for field in required:
             if field not in data:
                 raise ValueError(f"Cluster JSON is missing required field {field!r}; expected fields {list(required)}")
@@ -236,8 +238,7 @@ class Cluster:
                 and all(isinstance(v, list) for v in collective_links.values())):
             raise ValueError(f"Cluster JSON field 'collective_links' must be an object collective -> "
                              f"list of links, or null, got {_show(collective_links)}")
-        flags = {flag: data.get(flag, False)
-                 for flag in ("reduce_scatter_as_all_reduce", "all_to_all_as_slices")}
+        flags = {flag: data.get(flag, False) for flag in _BACKEND_FLAGS}
         for flag, value in flags.items():
             if not isinstance(value, bool):
                 raise ValueError(f"Cluster JSON field {flag!r} must be true or false, got "

@@ -112,9 +112,9 @@ def _hoist_donated_flips(program: Program, donated: set[int], born: dict[int, in
     """A donated argument flipped by ``rev`` (the kernel a convolution's input gradient
     reads) is flipped where XLA's schedule puts it: at the start, before the forward pass
     (measured on jax 0.10 CPU, a Wide-ResNet block's two kernels, each flipped and
-    relayouted in one copy, both made first and held to their backward convolutions: on
-    the heap when the kernels are donated, the plan's peak 15% above what the flips at
-    their own steps give). Undonated, XLA's schedule holds them as early in the new
+    relayouted in one copy, both made first and held to their backward convolutions, on
+    the heap when the kernels are donated: 1.15x the peak with the flips at their own
+    steps). Undonated, XLA's schedule holds them as early in the new
     kernels' buffers, which it writes after the input gradients; the traced program
     computes each filter gradient, which starts that buffer, before its input gradient,
     so there the flip stays at its own step, where it also takes no heap. Updates
