@@ -8,7 +8,6 @@ import numpy as np
 
 from autoshard.cost_model import MeshCostModel
 from autoshard.ir.program import Literal
-from autoshard.ir.signature import equation_signature
 from autoshard.ir.specs import Spec, enumerate_specs, replicated
 from autoshard.ir.trace import TracedFunction
 
@@ -130,7 +129,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
             reads = (0,) * len(reads)
         if e in copied:  # tensors XLA copies into the layout a convolution runs in
             reads = tuple(r + c for r, c in zip(reads, copied[e], strict=True))
-        signature = (equation_signature(eqn, in_avals, out_avals), reads)
+        signature = (traced.signatures[e], reads)
         strategies = memo.get(signature)  # a repeated layer: same rule, same strategies
         if strategies is None:
             op = loop_op(eqn, in_avals, out_avals)

@@ -12,8 +12,7 @@ import types
 import numpy as np
 
 from .jax_compat import threefry_partitionable
-from .program import Literal
-from .signature import argument_text, equation_signature
+from .signature import argument_text
 from .trace import TracedFunction
 
 
@@ -36,11 +35,9 @@ def fingerprint(traced: TracedFunction, static_repr: str, argument_avals=None) -
         digest.update(f"threefry_partitionable={threefry_partitionable()}".encode())
     digest.update(repr((program.invars, [a if isinstance(a, int) else "lit"
                                          for a in program.outvars])).encode())
-    for eqn in program.eqns:
-        in_avals = [None if isinstance(a, Literal) else program.avals[a] for a in eqn.inputs]
-        out_avals = [program.avals[v] for v in eqn.outputs]
+    for eqn, signature in zip(program.eqns, traced.signatures):
         wiring = ([a for a in eqn.inputs if isinstance(a, int)], eqn.outputs)
-        digest.update(repr((equation_signature(eqn, in_avals, out_avals), wiring)).encode())
+        digest.update(repr((signature, wiring)).encode())
     return digest.hexdigest()[:16]
 
 

@@ -14,6 +14,7 @@ strategy rules understand (or a control-flow primitive they treat conservatively
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from .jax_compat import (
     source_summary,
 )
 from .program import Equation, Literal, Program
+from .signature import equation_signature
 
 #: a scan is unrolled when its body's equations × its length stay within this.
 MAX_UNROLLED_EQUATIONS = 50_000
@@ -101,6 +103,16 @@ class TracedFunction:
     scopes: tuple[str, ...] = ()
     static_argnums: tuple[int, ...] = ()
     num_args: int | None = None
+
+    @functools.cached_property
+    def signatures(self) -> tuple[str, ...]:
+        """``equation_signature`` of each equation, computed once: the fingerprint and the
+        strategy memo both key on them."""
+        program = self.program
+        return tuple(equation_signature(eqn, [None if isinstance(a, Literal) else program.avals[a]
+                                              for a in eqn.inputs],
+                                        [program.avals[v] for v in eqn.outputs])
+                     for eqn in program.eqns)
 
     def input_tree(self, flat: Sequence) -> tuple:
         """``flat`` (one entry per flat input) as the arguments' pytrees, one per argument,
