@@ -182,16 +182,18 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
     a lowered budget no plan meets ends it, and the caller's budget check reports the last
     plan's peak). Returns (the result, its reported peak; None without a budget)."""
     graph, grouping = problem.graph, problem.grouping
-    request = _until(problem.request, deadline)
-    if problem.per_use is not None:
-        free = _solve_shared(problem, request, deadline)
-    else:
-        free = ilp.solve_intra_op(request, starting_plan=_hint(problem))
-    if budget is None:
-        return free, None
     program = graph.traced.program
-    tensors = tensor_bytes(graph, grouping, model, live_ranges(program, donated),
-                           problem.merged, donated=donated)
+    request = _until(problem.request, deadline)
+    # the ILP's memory terms need no plan: with a budget they are priced while the LP runs
+    memory = None if budget is None else functools.cache(lambda: tensor_bytes(
+        graph, grouping, model, live_ranges(program, donated), problem.merged, donated=donated))
+    if problem.per_use is not None:
+        free = _solve_shared(problem, request, deadline, meanwhile=memory)
+    else:
+        free = ilp.solve_intra_op(request, starting_plan=_hint(problem, meanwhile=memory))
+    if memory is None:
+        return free, None
+    tensors = memory()
 
     def reported(result):
         return planned_peak_bytes(graph, model, grouping.expand(result.choices), donated,
@@ -276,7 +278,8 @@ def _near_free(request: ilp.IntraOpRequest, free: ilp.IntraOpResult,
 
 
 def _solve_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
-                  deadline: float | None) -> ilp.IntraOpResult:
+                  deadline: float | None, meanwhile: Callable[[], object] | None = None
+                  ) -> ilp.IntraOpResult:
     """Solve the problem whose reshardings are shared by a value's readers (read nodes);
     never dearer than the optimum of the same problem priced per use (sharing a
     resharding only removes cost).
@@ -287,7 +290,7 @@ def _solve_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
     rounding is the plan. Solved over neighbourhoods (a 3-axis mesh), the per-use problem
     is solved first (from the starting plan, read nodes dropped) and the shared rounds
     start from its optimum, shared: rounds from a preset-like plan stop in worse plans
-    once read nodes couple the moves."""
+    once read nodes couple the moves. ``meanwhile``: as in :func:`_hint`."""
     if ilp.solved_in_neighbourhoods(request):
         per_use = _per_use_shared(problem, request, deadline)
         starts = (problem.starting_plans().hint, per_use.choices)
@@ -295,7 +298,7 @@ def _solve_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
         return _never_dearer(request, ilp.solve_intra_op(
             _until(request, deadline).with_options(hint=hint)), per_use)
     shared = ilp.solve_intra_op(request.with_options(search=False),
-                                starting_plan=_hint(problem))
+                                starting_plan=_hint(problem, meanwhile))
     if shared.stats.lp_integral:
         return shared
     per_use = _per_use_shared(problem, request, deadline)
@@ -323,11 +326,15 @@ def _per_use_shared(problem: ShardingProblem, request: ilp.IntraOpRequest,
                                status="FEASIBLE")
 
 
-def _hint(problem: ShardingProblem):
+def _hint(problem: ShardingProblem, meanwhile: Callable[[], object] | None = None):
     """The problem's starting plan, made when first called (``ilp.solve_intra_op`` calls
-    it while its LP relaxation runs)."""
+    it while its LP relaxation runs); ``meanwhile`` (a cached call whose result the caller
+    needs later) is called then too, its Python work overlapping the LP's."""
     def hint():
-        return problem.starting_plans().hint
+        plan = problem.starting_plans().hint
+        if meanwhile is not None:
+            meanwhile()
+        return plan
     return hint
 
 
