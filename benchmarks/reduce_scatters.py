@@ -17,8 +17,6 @@ from autoshard.ir import hlo
 __all__ = ["sliced_all_reduces"]
 
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s+\(.*->.*\{\s*$")
-_INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+(?P<op>[a-z][\w\-]*)\(")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,15 +29,6 @@ class _Instruction:
     parameter: int | None
 
 
-def _operands(line: str, open_paren: int) -> tuple[str, ...]:
-    depth = 0
-    for end in range(open_paren, len(line)):
-        depth += {"(": 1, ")": -1}.get(line[end], 0)
-        if depth == 0:
-            break
-    return tuple(re.findall(r"%([\w.\-]+)", line[open_paren + 1:end]))
-
-
 def _computations(text: str) -> dict[str, list[_Instruction]]:
     found: dict[str, list[_Instruction]] = {}
     current = None
@@ -48,13 +37,13 @@ def _computations(text: str) -> dict[str, list[_Instruction]]:
         if header and " = " not in line.split("(", 1)[0]:
             current = found.setdefault(header.group("name"), [])
             continue
-        m = _INSTRUCTION.match(line)
+        m = hlo.INSTRUCTION.match(line)
         if m is None or current is None:
             continue
         calls = re.search(r"calls=%?([\w.\-]+)", line)
         parameter = re.match(r"parameter\((\d+)\)", line[m.start("op"):])
         current.append(_Instruction(m.group("name"), m.group("shape"), m.group("op"),
-                                    _operands(line, m.end() - 1),
+                                    tuple(hlo.operand_names(line, m.end() - 1)),
                                     calls.group(1) if calls else None,
                                     int(parameter.group(1)) if parameter else None))
     return found

@@ -160,12 +160,12 @@ class MeshCostModel:
         2. each axis that leaves its place in ``src`` but is used by ``dst`` (moved to
            another dim, or reordered within one) costs an all-to-all over that axis on
            the current per-device buffer (its operand read once more per peer on a
-           backend that sends it as slices: ``Cluster.all_to_all_as_slices``); when every axis stays in use and they are
-           exchanged among the split dims (a swap of unequal axes; two split dims' axes
-           into one of them), one all-to-all and one collective-permute of the shard, as
-           XLA compiles it (a collective-permute also follows axes that arrive in
-           another order than ``dst``'s, and an axis that leaves a dim from in front of
-           one that stays);
+           backend that sends it as slices: ``Cluster.all_to_all_as_slices``); when
+           every axis stays in use and they are exchanged among the split dims (a swap
+           of unequal axes; two split dims' axes into one of them), one all-to-all and
+           one collective-permute of the shard, as XLA compiles it (a
+           collective-permute also follows axes that arrive in another order than
+           ``dst``'s, and an axis that leaves a dim from in front of one that stays);
         3. each axis ``src`` uses and ``dst`` does not costs an all-gather over that axis
            (output = the intermediate after un-splitting it), last mesh axis first.
         Steps add up, plus the memory traffic of the copies they make

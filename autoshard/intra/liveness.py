@@ -114,11 +114,10 @@ def _hoist_donated_flips(program: Program, donated: set[int], born: dict[int, in
     (measured on jax 0.10 CPU, a Wide-ResNet block's two kernels, each flipped and
     relayouted in one copy, both made first and held to their backward convolutions, on
     the heap when the kernels are donated: 1.15x the peak with the flips at their own
-    steps). Undonated, XLA's schedule holds them as early in the new
-    kernels' buffers, which it writes after the input gradients; the traced program
-    computes each filter gradient, which starts that buffer, before its input gradient,
-    so there the flip stays at its own step, where it also takes no heap. Updates
-    ``born`` in place."""
+    steps). Undonated, XLA's schedule holds them as early in the new kernels' buffers,
+    which it writes after the input gradients; the traced program computes each filter
+    gradient, which starts that buffer, before its input gradient, so there the flip stays
+    at its own step, where it also takes no heap. Updates ``born`` in place."""
     for eqn in program.eqns:
         if eqn.primitive.name == "rev" and eqn.inputs[0] in donated:
             for v in eqn.outputs:

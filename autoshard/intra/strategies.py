@@ -180,15 +180,15 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads)
     if not groups:
         yield Strategy(name, out_specs, in_specs, compute, 0.0, **work)
         return
-    steps = tuple(CollectiveStep("all-reduce", axes, b, model.all_reduce(b, axes))
-                  for b in out_bytes for axes in groups)
-    comm = sum(s.seconds for s in steps)
-    moved = 2 * sum(s.nbytes for s in steps)  # each reads its operand and writes its result
+    all_reduces = tuple(CollectiveStep("all-reduce", axes, b, model.all_reduce(b, axes))
+                        for b in out_bytes for axes in groups)
+    comm = sum(s.seconds for s in all_reduces)
+    moved = 2 * sum(s.nbytes for s in all_reduces)  # each reads its operand, writes its result
     work["bytes_accessed"] = traffic + moved
     # the unreduced partial result lives beside the all-reduce's result
     yield Strategy(name + " all-reduce", out_specs, in_specs,
                    compute, comm + moved / model.cluster.memory_bandwidth, **work,
-                   temp_bytes=int(sum(out_bytes)), collectives=steps, all_reduce_axes=groups,
+                   temp_bytes=int(sum(out_bytes)), collectives=all_reduces, all_reduce_axes=groups,
                    all_reduce_latency_s=len(out_bytes) * sum(map(model.all_reduce_latency, groups)),
                    all_reduce_bytes=int(sum(out_bytes)))
     if len(out_avals) != 1:
@@ -206,9 +206,7 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads)
                 # the all-reduces, then a local slice (the axis still sums with its loop's
                 # other axes in one all-reduce: measured, a softmax max over vocab split over
                 # (data, model) and left split over data compiles to one over both)
-                steps = tuple(CollectiveStep("all-reduce", axes, out_bytes[0],
-                                             model.all_reduce(out_bytes[0], axes))
-                              for axes in groups)
+                steps = all_reduces
             else:
                 steps = tuple(CollectiveStep("all-reduce", axes, out_bytes[0],
                                              model.all_reduce(out_bytes[0], axes))

@@ -133,7 +133,8 @@ def memory(compiled) -> dict[str, int] | None:
 
 # `%name = <shape> <opcode>(operands), attributes` for every instruction: the shapes of
 # operands are looked up by name (compiled HLO text prints operands as bare `%name`).
-_ANY_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+"
+#: any instruction line: ``%name = <result shape> <opcode>(``
+INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+"
                         r"(?P<op>[a-z][\w\-]*)\(")
 _IOTA_GROUPS = re.compile(r"^\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?")
 _MESH_GROUPS = re.compile(r"^mesh\[(?P<axes>[^\]]*)\]"
@@ -287,7 +288,8 @@ def group_axes(groups, mesh_shape) -> tuple[int, ...]:
     return tuple(sorted(varying))
 
 
-def _operand_names(line: str, open_paren: int) -> list[str]:
+def operand_names(line: str, open_paren: int) -> list[str]:
+    """The ``%names`` inside the parenthesised operand list opening at ``line[open_paren]``."""
     inner = line[open_paren + 1:_balanced(line, open_paren) - 1]
     return re.findall(r"%([\w.\-]+)", inner)
 
@@ -303,7 +305,7 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
     shapes: dict[str, str] = {}
     found = []
     for line in hlo_text.splitlines():
-        m = _ANY_INSTR.match(line)
+        m = INSTRUCTION.match(line)
         if m is None:
             continue
         shapes[m.group("name")] = m.group("shape")
@@ -318,7 +320,7 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
             elems = _top_level_elements(shape)
             if len(elems) >= 2:
                 shape = elems[1]
-        names = _operand_names(line, c.end() - 1)
+        names = operand_names(line, c.end() - 1)
         try:
             operand_bytes = sum(shape_bytes(shapes[n]) for n in names) if names else None
         except KeyError:
