@@ -111,7 +111,7 @@ def _timing_lines(result) -> list[str]:
     if not timings:
         return ["No step times in this run (`--no-timing`, or no executed mesh)."]
     lines = ["| workload | mesh | ILP (calibrated cluster) | fastest hand-written | ratio | "
-             "presets (ratio to fastest hand) |", "|---|---|---:|---|---:|---|"]
+             "presets (ratio to fastest hand) | rounds |", "|---|---|---:|---|---:|---|---:|"]
     for t in timings:
         progs = t["programs"]
         hand = {n: v["step_time_s"] for n, v in progs.items() if n.startswith("hand:")}
@@ -123,7 +123,8 @@ def _timing_lines(result) -> list[str]:
         presets = ", ".join(f"{p} {progs[p]['step_time_s'] / hand[best]:.2f}"
                             for p in PRESETS if p in progs)
         lines.append(f"| {t['workload']} | {t['mesh']} | {fmt_s(progs[ILP]['step_time_s'])} | "
-                     f"{best} {fmt_s(hand[best])} | {shown} | {presets} |")
+                     f"{best} {fmt_s(hand[best])} | {shown} | {presets} | "
+                     f"{t.get('rounds', len(progs[ILP]['step_times_s']))} |")
     return lines
 
 
@@ -229,7 +230,9 @@ def write_markdown(result: dict, path: Path) -> None:
         f"This run: `{result['command']}`, started {result['started']}, wall time "
         f"{result['wall_time_s']:.0f} s; jax {env['jax']}, {env['devices']} {env['backend']} "
         f"devices on {env['cpu_count']} cores ({env['platform']}). Step times: median of "
-        f"{result['repeats']} interleaved rounds after {result['warmup']} warm-up rounds.", "",
+        f"interleaved rounds after {result['warmup']} warm-up rounds (at least "
+        f"{result['repeats']}, then more for {result.get('timing_s', 0):g} s per workload and "
+        "mesh; the rounds column says how many).", "",
         f"Meshes: {meshes}. Clusters: " + ", ".join(f"`{c}`" for c in result["clusters"])
         + " (plus `calibrated`, measured on this machine, on the meshes that run).", "",
         "Workloads: " + "; ".join(f"`{w}` = {d}" for w, d in result["workloads"].items()), "",

@@ -101,6 +101,8 @@ FULL_MESHES = ("8", "2x4", "8x8")
 QUICK_MESHES = ("8", "2x4")
 CLUSTERS = ("host-cpu", "h100-80gb")
 CALIBRATED = "calibrated"          # the cluster measured on this machine (timing rows)
+#: timed rounds at most per workload and mesh (--timing-s stops them sooner)
+MAX_ROUNDS = 400
 
 ILP = "ShardParallel"
 ILP_DONATED = "ShardParallel, donated"   # params and optimizer state donated (memory rows)
@@ -114,7 +116,7 @@ MODELLED_FIELDS = ("total_s", "program_s", "compute_s", "communication_s", "resh
                    "input_s", "peak_memory_bytes", "flops", "bytes_accessed")
 YARDSTICK_FIELDS = ("total_s", "compute_s", "memory_s", "collective_s", "flops",
                     "bytes_accessed", "collectives", "peak_memory_bytes")
-TIMING_FIELDS = ("workload", "mesh", "programs", "error")
+TIMING_FIELDS = ("workload", "mesh", "programs", "rounds", "error")
 
 
 def _log(msg: str) -> None:
@@ -243,8 +245,9 @@ def bench_workload_mesh(wname, w, mesh_name, clusters: dict, opts, timing: bool)
 
 def _time_programs(wname, mesh_name, w, runnable: dict, opts) -> dict:
     """Median step time of each program, measured in interleaved rounds (one step of each
-    per round, so a change of load hits all alike)."""
-    row = {"workload": wname, "mesh": mesh_name, "programs": {}, "error": None}
+    per round, so a change of load hits all alike; each round starts one program later,
+    so none always runs first)."""
+    row = {"workload": wname, "mesh": mesh_name, "programs": {}, "rounds": 0, "error": None}
     try:
         placed = {name: (fn, jax.device_put(w.args, shardings))
                   for name, (fn, shardings) in runnable.items()}
@@ -252,14 +255,21 @@ def _time_programs(wname, mesh_name, w, runnable: dict, opts) -> dict:
             for fn, args in placed.values():
                 jax.block_until_ready(fn(*args))
         times = {name: [] for name in placed}
-        for _ in range(opts.repeats):
-            for name, (fn, args) in placed.items():
+        started, rounds = time.perf_counter(), 0
+        # at least --repeats rounds, then more while --timing-s lasts: on 2 cores a median of
+        # 7 rounds of a 15 ms step moved 10% between runs (200 rounds: within 1%)
+        while rounds < opts.repeats or (time.perf_counter() - started < opts.timing_s
+                                        and rounds < MAX_ROUNDS):
+            order = list(placed.items())
+            for name, (fn, args) in order[rounds % len(order):] + order[:rounds % len(order)]:
                 start = time.perf_counter()
                 jax.block_until_ready(fn(*args))
                 times[name].append(time.perf_counter() - start)
+            rounds += 1
+        row["rounds"] = rounds
         row["programs"] = {name: {"step_time_s": statistics.median(t), "step_times_s": t}
                            for name, t in times.items()}
-        _log(f"{wname} {mesh_name} step times: " + ", ".join(
+        _log(f"{wname} {mesh_name} step times ({rounds} rounds): " + ", ".join(
             f"{n} {v['step_time_s'] * 1e3:.2f} ms" for n, v in row["programs"].items()))
     except Exception as err:  # noqa: BLE001
         row["error"] = f"{type(err).__name__}: {err}"
@@ -343,7 +353,10 @@ def main(argv=None) -> int:
                         f"{', '.join(CLUSTERS)})")
     p.add_argument("--no-timing", action="store_true",
                    help="compile and judge only: no calibration, no step times")
-    p.add_argument("--repeats", type=int, default=7, help="timed rounds (median)")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds at least (median)")
+    p.add_argument("--timing-s", type=float, default=20.0,
+                   help="seconds of timed rounds per workload and mesh, after --repeats "
+                        f"rounds (at most {MAX_ROUNDS} rounds; default 20)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--calibration-s", type=float, default=10.0,
                    help="seconds autoshard.calibrate may take per mesh (default 10)")
@@ -393,7 +406,7 @@ def main(argv=None) -> int:
         "meshes": {m: {"shape": list(MESHES[m][0]), "axis_names": list(MESHES[m][1]),
                        "executed": m in EXECUTED_MESHES} for m in meshes},
         "clusters": list(opts.clusters),
-        "repeats": opts.repeats, "warmup": opts.warmup,
+        "repeats": opts.repeats, "warmup": opts.warmup, "timing_s": opts.timing_s,
         "rows": rows, "timing": timings, "errors": errors,
     }
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
