@@ -391,10 +391,11 @@ def _sharded(traced: TracedFunction, plan: Plan, mesh, donate_argnums) -> Sharde
     """``traced``'s program as ``plan`` lays it out on ``mesh`` (one program, not a
     pipeline), donating the leaves under ``donate_argnums``."""
     flags = _under_args(traced.in_paths, donate_argnums)
+    operands, via = plan.operand_layouts()
     return shard_program(traced.program, mesh, plan.flat_in_specs, plan.flat_out_specs,
-                         value_specs=dict(plan.value_specs),
-                         operand_specs={(e, k): s for e, k, s in plan.operand_specs},
-                         donate_argnums=[i for i, d in enumerate(flags) if d])
+                         value_specs=dict(plan.value_specs), operand_specs=operands,
+                         donate_argnums=[i for i, d in enumerate(flags) if d],
+                         operand_via=via)
 
 
 def _rematerialized(traced: TracedFunction, plan: Plan) -> TracedFunction:

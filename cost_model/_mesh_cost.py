@@ -187,6 +187,14 @@ class MeshCostModel:
         """The collectives ``resharding`` prices, in order (none that moves nothing)."""
         return _resharding_steps(self, *self._checked_pair(shape, src, dst, itemsize))
 
+    def resharding_waypoints(self, shape: Sequence[int], src: Spec, dst: Spec
+                             ) -> tuple[Spec, ...]:
+        """The layouts ``resharding`` passes through from ``src`` to ``dst``, in order
+        (``Route.waypoints``): pinning a value to each in turn makes XLA run the priced
+        collectives."""
+        shape, _, src, dst = self._checked_pair(shape, src, dst, 1)
+        return resharding_route(self.mesh_shape, src, dst).waypoints
+
     def resharding_matrix(
         self, shape: Sequence[int], itemsize: int, srcs: Sequence[Spec], dsts: Sequence[Spec]
     ) -> np.ndarray:

@@ -14,13 +14,16 @@ def evaluate_program(
     flat_args: Sequence,
     value_shardings: Mapping[int, jax.sharding.Sharding] = {},
     operand_shardings: Mapping[tuple[int, int], jax.sharding.Sharding] = {},
+    operand_via: Mapping[tuple[int, int], Sequence[jax.sharding.Sharding]] = {},
 ) -> tuple:
     """Run ``program`` on ``flat_args`` and return its flat outputs.
 
     ``value_shardings[v]`` pins value ``v`` (right after it is produced) with
     ``jax.lax.with_sharding_constraint``; ``operand_shardings[(e, k)]`` pins
     operand ``k`` of equation ``e`` right before that equation reads it, so an
-    operand the plan reshards is resharded exactly as planned.
+    operand the plan reshards is resharded exactly as planned; ``operand_via[(e, k)]``
+    pins it to each of those layouts first, in order (the copy other readers share, the
+    steps of the planned resharding: XLA then runs those, not a route of its own).
     """
     env: dict[int, object] = {}
 
@@ -37,13 +40,25 @@ def evaluate_program(
         write(vid, const)
     for vid, arg in zip(program.invars, flat_args, strict=True):
         write(vid, arg)
+    # a value resharded through the same layouts for several readers is resharded once
+    # and shared, as planned (XLA does not merge collectives it was asked for twice)
+    resharded: dict[tuple, object] = {}
     for e, eqn in enumerate(program.eqns):
         invals = []
         for k, atom in enumerate(eqn.inputs):
             val = read(atom)
+            chain = tuple(operand_via.get((e, k), ()))
             sharding = operand_shardings.get((e, k))
             if sharding is not None:
-                val = jax.lax.with_sharding_constraint(val, sharding)
+                chain += (sharding,)
+            for i, layout in enumerate(chain):
+                key = (atom, chain[:i + 1])
+                if isinstance(atom, Literal):
+                    val = jax.lax.with_sharding_constraint(val, layout)
+                elif key in resharded:
+                    val = resharded[key]
+                else:
+                    val = resharded[key] = jax.lax.with_sharding_constraint(val, layout)
             invals.append(val)
         outs = bind(eqn.primitive, eqn.params, invals)
         for vid, val in zip(eqn.outputs, outs, strict=True):

@@ -81,21 +81,24 @@ def shard_program(
     value_specs: Mapping[int, PartitionSpec] = {},
     operand_specs: Mapping[tuple[int, int], PartitionSpec] = {},
     donate_argnums: Sequence[int] = (),
+    operand_via: Mapping[tuple[int, int], Sequence[PartitionSpec]] = {},
 ) -> ShardedProgram:
     """Jit ``program`` on ``mesh`` so that XLA executes exactly the given shardings.
 
     ``in_specs``/``out_specs`` are per flat argument/output; ``value_specs`` and
-    ``operand_specs`` become ``with_sharding_constraint`` on intermediates (see
-    :func:`evaluate_program`). ``donate_argnums`` index flat arguments.
+    ``operand_specs`` (and ``operand_via``) become ``with_sharding_constraint`` on
+    intermediates (see :func:`evaluate_program`). ``donate_argnums`` index flat arguments.
     """
     named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     in_shardings = tuple(named(s) for s in in_specs)
     out_shardings = tuple(named(s) for s in out_specs)
     value_shardings = {v: named(s) for v, s in value_specs.items()}
     operand_shardings = {k: named(s) for k, s in operand_specs.items()}
+    via_shardings = {k: tuple(named(s) for s in chain) for k, chain in operand_via.items()}
 
     def run(*flat_args):
-        return evaluate_program(program, flat_args, value_shardings, operand_shardings)
+        return evaluate_program(program, flat_args, value_shardings, operand_shardings,
+                                via_shardings)
 
     jitted = jax.jit(run, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=tuple(donate_argnums))

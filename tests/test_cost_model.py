@@ -473,3 +473,60 @@ def test_resharding_that_moves_whole_blocks_is_one_collective_permute(mesh_shape
     assert [(s.kind, s.axes, s.nbytes) for s in steps] == compiled
     assert model.resharding_traffic(shape, 4, src, dst) == 2 * steps[0].nbytes
     assert model.resharding(shape, 4, src, dst) < model.resharding(shape, 4, src, ((),) * 3)
+
+
+def _compiled_collectives(mesh_shape, shape, layouts) -> list:
+    """(kind, mesh axes, result bytes) of the collectives XLA compiles for a value placed
+    in ``layouts[0]`` and pinned to each later layout in turn."""
+    names = ("a", "b", "c")[:len(mesh_shape)]
+    mesh = jax.make_mesh(mesh_shape, names, axis_types=(AxisType.Auto,) * len(mesh_shape))
+    spec = lambda s: PartitionSpec(*(tuple(names[a] for a in axes) or None for axes in s))  # noqa: E731
+
+    def pinned(x):
+        for layout in layouts[1:]:
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(layout)))
+        return x * 2
+    f = jax.jit(pinned, in_shardings=NamedSharding(mesh, spec(layouts[0])),
+                out_shardings=NamedSharding(mesh, spec(layouts[-1])))
+    text = f.lower(jax.ShapeDtypeStruct(shape, jnp.float32)).compile().as_text()
+    return [(c.kind, c.axes(mesh_shape), c.result_bytes) for c in hlo.parse_collectives(text)]
+
+
+def test_dropping_an_axis_in_front_of_a_kept_split_permutes_first():
+    # [256, 256] split over ("b", "a") in dim 0, to split over "a" alone: gathering "b"
+    # directly would collect blocks that are not contiguous; XLA permutes the [32, 256]
+    # shard so "b" is the minor split, then all-gathers over "b" (measured on jax 0.10)
+    src, dst, shape = ((1, 0), ()), ((0,), ()), (256, 256)
+    model = MeshCostModel(_uniform_cluster(), (2, 4))
+    steps = model.resharding_steps(shape, 4, src, dst)
+    assert [(s.kind, s.axes, s.nbytes) for s in steps] == \
+        _compiled_collectives((2, 4), shape, [src, dst])
+    assert [s.kind for s in steps] == ["collective-permute", "all-gather"]
+    assert steps[0].nbytes == 32 * 256 * 4
+
+
+@pytest.mark.parametrize("mesh_shape, src, dst", [
+    # an all-to-all over "a" (dim 1 to 2), then an all-gather over "b" (XLA alone gathers
+    # first, then moves four times the bytes)
+    ((2, 4), ((1,), (0,), ()), ((), (), (0,))),
+    # an all-to-all, then a permute that puts "b" behind "a", then an all-gather over "b"
+    # (XLA alone: a permute and two all-gathers)
+    ((2, 4), ((1,), (0,)), ((0,), ())),
+    # a local slice over "c", then an all-to-all of the smaller shard
+    ((2, 2, 2), ((0,), (), ()), ((), (0,), (2,))),
+])
+def test_waypoints_make_xla_run_the_priced_route(mesh_shape, src, dst):
+    # pinning the value to each waypoint in turn compiles to exactly the collectives the
+    # model prices for the resharding, in order and bytes
+    shape = (16, 128, 256)[:len(src)] if len(src) == 3 else (256, 256)
+    model = MeshCostModel(_uniform_cluster(), mesh_shape)
+    waypoints = model.resharding_waypoints(shape, src, dst)
+    assert waypoints and src not in waypoints and dst not in waypoints
+    steps = model.resharding_steps(shape, 4, src, dst)
+    assert [(s.kind, s.axes, s.nbytes) for s in steps] == \
+        _compiled_collectives(mesh_shape, shape, [src, *waypoints, dst])
+
+
+def test_a_one_move_resharding_has_no_waypoints(model24):
+    assert model24.resharding_waypoints((16, 128), ((0,), ()), ((), ())) == ()
+    assert model24.resharding_waypoints((16, 128), ((0,), ()), ((), (0,))) == ()

@@ -11,12 +11,15 @@ import pytest
 
 import autoshard
 from autoshard import ilp
+from autoshard.api import _sharded as sharded_program
 from autoshard.cost_model import MeshCostModel, cluster_preset
 from autoshard.intra.following import group_followers, grouped_request
 from autoshard.intra.graph import build_graph, use_cost_matrix
 from autoshard.intra.memory_points import planned_peak_bytes
+from autoshard.intra.plan_record import plan_record
 from autoshard.intra.problem import build_problem
 from autoshard.intra.shared_reads import READ, prefer_made_layouts, settle_reads, share_reads
+from autoshard.ir import hlo
 from autoshard.ir.trace import trace
 from examples.models import gpt
 
@@ -120,9 +123,8 @@ def _bias_gradient(x, w):
 def test_a_reader_in_a_third_layout_moves_to_the_made_one_when_it_costs_no_more():
     # x made split over its batch and gathered whole for the dot: the sum may read it
     # split over the batch (as made) or over the sequence, both a free slice of the whole
-    # copy in the model; XLA compiles the second as an all-to-all from the made layout.
-    # (test_gpt_plan_shares_gathers_and_audits_clean below: two such bias gradients, 2
-    # all-to-alls the plan did not price, when the LP's optimum read them so)
+    # copy in the model (and in the compiled program, which pins the sum's operand to the
+    # copy first: the next test); the layout as made keeps nothing alive longer
     s = jax.ShapeDtypeStruct
     traced = trace(_bias_gradient, (s((8, 64, 256), jnp.float32), s((256, 128), jnp.float32)))
     model = MeshCostModel(cluster_preset("host-cpu"), (8,))
@@ -150,6 +152,47 @@ def test_a_reader_in_a_third_layout_moves_to_the_made_one_when_it_costs_no_more(
     assert strategy.in_specs[0] in (split, whole)      # as made, or as the shared copy
     assert ilp.evaluate(request, after).objective <= before * (1 + 1e-9)
     assert prefer_made_layouts(graph, grouping, request, after) == after
+
+
+def test_a_reader_in_a_third_layout_reshards_the_shared_copy():
+    # the plan of the test above before its layouts are preferred: x made split over its
+    # batch, gathered whole for the dot, and read split over the sequence by the sum,
+    # priced as a slice of the gathered copy. The program pins the sum's operand to the
+    # shared layout first, so XLA slices the copy it gathered; pinned to its own layout
+    # alone, XLA reshards x as made, an all-to-all the plan did not price.
+    s = jax.ShapeDtypeStruct
+    traced = trace(_bias_gradient, (s((8, 64, 256), jnp.float32), s((256, 128), jnp.float32)))
+    model = MeshCostModel(cluster_preset("host-cpu"), (8,))
+    problem = build_problem(traced, model, autoshard.ShardParallel(), batch_flat=(True, False),
+                            axis_names=("devices",))
+    graph, grouping, request = problem.graph, problem.grouping, problem.request
+    position = {r: p for p, r in enumerate(grouping.roots)}
+    read = next(v for v, n in enumerate(graph.nodes) if n.kind == READ)
+    x_node = next(u.src for u in graph.uses if u.dst == read)
+    total = next(u.dst for u in graph.uses if u.src == read and
+                 graph.nodes[u.dst].name.startswith("reduce_sum"))
+    result = ilp.solve_intra_op(request)
+    choices = list(result.choices)
+
+    def pick(node, want):
+        options = [i for i, j in enumerate(grouping.index[node]) if want(graph.nodes[node].strategies[j])]
+        choices[position[grouping.root[node]]] = options[0]
+
+    pick(x_node, lambda st: st.out_specs[0] == ((0,), (), ()))
+    pick(read, lambda st: st.out_specs[0] == ((), (), ()))
+    pick(total, lambda st: st.in_specs[0] == ((), (0,), ()) and st.out_specs[0] == ((),))
+    plan = plan_record(traced, problem, choices, dataclasses.replace(result, choices=tuple(choices)),
+                       method=autoshard.ShardParallel(), model=model, cluster=model.cluster,
+                       axis_names=("devices",), static_repr="", donated=(), start=0.0)
+    reads, through = plan.operand_layouts()
+    assert list(through.values()) == [(jax.sharding.PartitionSpec(),)]   # the gathered copy
+    mesh = autoshard.make_mesh((8,), ("devices",))
+    program = sharded_program(traced, plan, mesh, ())
+    kinds = [c.kind for c in hlo.parse_collectives(program.lower().compile().as_text())]
+    assert "all-to-all" not in kinds and kinds.count("all-gather") == 1
+    x = jax.random.normal(jax.random.key(0), (8, 64, 256))
+    w = jax.random.normal(jax.random.key(1), (256, 128))
+    np.testing.assert_allclose(program([x, w])[0], jax.jit(_bias_gradient)(x, w), rtol=1e-5)
 
 
 def test_gpt_plan_shares_gathers_and_audits_clean():

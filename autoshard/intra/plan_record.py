@@ -74,7 +74,10 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         dst_spec = chosen[use.dst].in_specs[use.operand]
         if result is not None and graph.nodes[use.dst].kind == "op" \
                 and dst_spec != value_spec[vid]:  # read in another layout than made in
-            operand_specs.append((graph.nodes[use.dst].eqn, use.operand, P(dst_spec)))
+            eqn, shape = graph.nodes[use.dst].eqn, tuple(program.avals[vid].shape)
+            operand_specs += [(eqn, use.operand, P(spec)) for spec in _route_layouts(
+                model, shape, value_spec[vid], src_spec, dst_spec,
+                shared=graph.nodes[use.src].kind == READ)]
         if src_spec != dst_spec:
             aval = program.avals[vid]
             copies += model.resharding_traffic(tuple(aval.shape), aval.dtype.itemsize,
@@ -126,6 +129,19 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
                 alternatives=problem.starting_plans().alternatives if result is not None else (),
                 in_shapes=tuple(_shape(program, v) for v in program.invars),
                 out_shapes=tuple(_shape(program, a) for a in program.outvars))
+
+
+def _route_layouts(model: MeshCostModel, shape, made, src, dst, *, shared: bool) -> list:
+    """The layouts an operand is pinned to in turn, ``dst`` last: the waypoints of each
+    resharding priced (``made`` -> ``src`` -> ``dst`` when ``src`` is the layout a read node
+    shares, else ``src`` -> ``dst``), so that XLA runs the priced collectives: from its
+    readers' shared copy, not from the value as made, and one move at a time."""
+    layouts: list = []
+    if shared and src != made:
+        layouts += [*model.resharding_waypoints(shape, made, src), src]
+    if src != dst:
+        layouts += [*model.resharding_waypoints(shape, src, dst), dst]
+    return layouts
 
 
 def _shape(program, atom) -> tuple[int, ...]:
