@@ -27,6 +27,7 @@ from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
 from autoshard.pipeline.trace import flat_paths, infer_batch_argnums
 from autoshard.plan.audit import Audit
 from autoshard.plan.checks import specs_misfit
+from autoshard.plan.parts import operand_layouts
 from autoshard.plan.record import Plan
 
 from .cost_model import Cluster, format_bytes, parse_bytes
@@ -391,7 +392,7 @@ def _sharded(traced: TracedFunction, plan: Plan, mesh, donate_argnums) -> Sharde
     """``traced``'s program as ``plan`` lays it out on ``mesh`` (one program, not a
     pipeline), donating the leaves under ``donate_argnums``."""
     flags = _under_args(traced.in_paths, donate_argnums)
-    operands, via = plan.operand_layouts()
+    operands, via = operand_layouts(plan.operand_specs)
     return shard_program(traced.program, mesh, plan.flat_in_specs, plan.flat_out_specs,
                          value_specs=dict(plan.value_specs), operand_specs=operands,
                          donate_argnums=[i for i, d in enumerate(flags) if d],

@@ -21,6 +21,7 @@ from autoshard.intra.problem import build_problem
 from autoshard.intra.shared_reads import READ, prefer_made_layouts, settle_reads, share_reads
 from autoshard.ir import hlo
 from autoshard.ir.trace import trace
+from autoshard.plan.parts import operand_layouts
 from examples.models import gpt
 
 
@@ -184,7 +185,7 @@ def test_a_reader_in_a_third_layout_reshards_the_shared_copy():
     plan = plan_record(traced, problem, choices, dataclasses.replace(result, choices=tuple(choices)),
                        method=autoshard.ShardParallel(), model=model, cluster=model.cluster,
                        axis_names=("devices",), static_repr="", donated=(), start=0.0)
-    reads, through = plan.operand_layouts()
+    reads, through = operand_layouts(plan.operand_specs)
     assert list(through.values()) == [(jax.sharding.PartitionSpec(),)]   # the gathered copy
     mesh = autoshard.make_mesh((8,), ("devices",))
     program = sharded_program(traced, plan, mesh, ())

@@ -7,6 +7,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
 from autoshard.ir.program import Literal
+from autoshard.plan.parts import operand_layouts
 from autoshard.runtime import PipelineProgram, PipelineStage, StepProgram, shard_program
 
 from .layout import PipelineLayout, PlannedApply, apply_name
@@ -22,10 +23,10 @@ def submesh(mesh: Mesh, positions, shape, axis_names) -> Mesh:
 
 def _step_program(part: PlannedApply, mesh: Mesh, name: str, donate=()) -> StepProgram:
     plan = part.plan
+    operands, via = operand_layouts(plan.operand_specs)
     program = shard_program(part.program, mesh, plan.flat_in_specs, plan.flat_out_specs,
-                            value_specs=dict(plan.value_specs),
-                            operand_specs={(e, k): s for e, k, s in plan.operand_specs},
-                            donate_argnums=donate)
+                            value_specs=dict(plan.value_specs), operand_specs=operands,
+                            donate_argnums=donate, operand_via=via)
     return StepProgram(program, tuple(("v", v) for v in part.inputs),
                        tuple(("v", v) for v in part.outputs), name)
 
@@ -96,12 +97,13 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
         value_specs = dict(plan.value_specs)
         fwd_index = {e: i for i, e in enumerate(sp.forward_eqns)}
         bwd_index = {e: i for i, e in enumerate(sp.backward_eqns)}
-        ops = {(e, k): s for e, k, s in plan.operand_specs}
+        ops, via = operand_layouts(plan.operand_specs)
         forward = shard_program(
             fwd, sub, [spec(v) for v in fwd.invars],
             list(plan.flat_out_specs[:n_out]) + [spec(v) for v in sp.residuals],
             value_specs=value_specs,
-            operand_specs={(fwd_index[e], k): s for (e, k), s in ops.items() if e in fwd_index})
+            operand_specs={(fwd_index[e], k): s for (e, k), s in ops.items() if e in fwd_index},
+            operand_via={(fwd_index[e], k): c for (e, k), c in via.items() if e in fwd_index})
         targets = []
         for v, d in zip(sp.inputs, sp.diff_in):
             if d:
@@ -120,10 +122,13 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
             reduce = shard_program(
                 reduction_program([bwd.avals[bwd.outvars[p.output]] for p in partials]), sub,
                 [p.partial_spec for p in partials], [p.spec for p in partials])
+            bwd_via = {}   # (the deferred program's operands are its own)
         else:
             bwd_ops = {(bwd_index[e], k): s for (e, k), s in ops.items() if e in bwd_index}
+            bwd_via = {(bwd_index[e], k): c for (e, k), c in via.items() if e in bwd_index}
         backward = shard_program(bwd, sub, [spec(v) for v in bwd.invars], out_specs,
-                                 value_specs=value_specs, operand_specs=bwd_ops)
+                                 value_specs=value_specs, operand_specs=bwd_ops,
+                                 operand_via=bwd_via)
         stages.append(PipelineStage(
             forward, backward, tuple(key(v) for v in sp.inputs),
             tuple(("act", v) for v in sp.outputs),

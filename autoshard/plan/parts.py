@@ -194,3 +194,14 @@ class ProgramSpecs:
     flat_out_specs: tuple[PartitionSpec, ...]
     value_specs: tuple[tuple[int, PartitionSpec], ...] = ()
     operand_specs: tuple[tuple[int, int, PartitionSpec], ...] = ()
+
+
+def operand_layouts(operand_specs) -> tuple[dict, dict]:
+    """A plan's (or a pipeline program's) ``operand_specs`` as two maps from (equation,
+    operand): the spec each operand is read in, and for an operand listed more than once,
+    the specs it is resharded through first, in order (a tuple)."""
+    chains: dict = {}
+    for e, k, spec in operand_specs:
+        chains.setdefault((e, k), []).append(spec)
+    return ({key: chain[-1] for key, chain in chains.items()},
+            {key: tuple(chain[:-1]) for key, chain in chains.items() if len(chain) > 1})

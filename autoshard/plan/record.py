@@ -32,7 +32,7 @@ class Plan:
     (equation, operand) → spec where an operand is resharded before use (an operand
     listed more than once is resharded through each spec in turn, the last the one it is
     read in: the layout the value's readers share, the waypoints of the priced route; see
-    :meth:`operand_layouts`).
+    :func:`~autoshard.plan.parts.operand_layouts`).
     Pipeline plans: ``stages`` (:class:`StageAssignment`) and ``programs``
     (:class:`ProgramSpecs`: every stage's, pre-gradient and apply program's shardings).
     ``batch``: the arguments taken as the batch (``"args[2]"``), which the presets split
@@ -73,16 +73,6 @@ class Plan:
     in_shapes: tuple[tuple[int, ...], ...] = ()
     out_shapes: tuple[tuple[int, ...], ...] = ()
     remat: Rematerialization | None = None
-
-    def operand_layouts(self) -> tuple[dict, dict]:
-        """``operand_specs`` as two maps from (equation, operand): the spec each operand is
-        read in, and for an operand listed more than once, the specs it is resharded
-        through first, in order (a tuple)."""
-        chains: dict = {}
-        for e, k, spec in self.operand_specs:
-            chains.setdefault((e, k), []).append(spec)
-        return ({key: chain[-1] for key, chain in chains.items()},
-                {key: tuple(chain[:-1]) for key, chain in chains.items() if len(chain) > 1})
 
     def __repr__(self):
         mesh = ", ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.mesh_shape))
