@@ -35,6 +35,7 @@ from .errors import InfeasiblePlanError
 from .mesh import default_cluster, make_mesh, mesh_axes
 from .methods import METHODS, Annotated, PipeshardParallel, ShardParallel
 from .runtime import ShardedProgram, shard_program
+from .runtime.fast_call import MISSED, FastCall, with_leaves
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -45,6 +46,7 @@ class _Compiled:
     agreed: bool = False  # multi-process: every process was found to hold this plan
     pipeline: object = None  # PipelineLayout for PipeshardParallel plans
     donate: tuple[int, ...] = ()  # donated arguments among the call's (BoundCall.donate)
+    call: Any = None  # program.for_call(...): the program called with the call's arguments
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -63,7 +65,9 @@ class ParallelizedFunction:
     """A function parallelized over a mesh; call it like the original.
 
     Plans once per input signature (tree structure, shapes, dtypes, weak types, static
-    arguments, keyword names) and caches the plan and the compiled executable.
+    arguments, keyword names) and caches the plan and the compiled executable. A call with
+    the signature of the call before (a training loop) goes straight to ``jax.jit``'s C++
+    dispatch, which checks and places the arguments: no autoshard code runs per step.
     """
 
     def __init__(self, fun: Callable, *, mesh=None, method=None, cluster: Cluster | None = None,
@@ -107,6 +111,7 @@ class ParallelizedFunction:
             self._resolve()
         self._cache: dict = {}
         self._layouts: dict = {}  # (number of arguments, keywords) -> BoundCall without args
+        self._fast = FastCall()  # the last program run, tried first on the next call
         functools.update_wrapper(self, fun)
 
     def _resolve(self) -> _Placement:
@@ -337,6 +342,15 @@ class ParallelizedFunction:
                                   donated=_under_args(entry.traced.in_paths, entry.donate))
         return _sharded(entry.traced, entry.plan, mesh, entry.donate)
 
+    def _called(self, entry: _Compiled, call: BoundCall, key) -> _Compiled:
+        """``entry`` with its program as called (``ShardedProgram.for_call``): the one
+        program that runs, lowers and compiles for this signature."""
+        if entry.call is None:
+            entry = dataclasses.replace(entry, call=entry.program.for_call(
+                call.args, call.static, call.donate, entry.traced.out_tree))
+            self._cache[key] = entry
+        return entry
+
     def _agree(self, entry: _Compiled) -> None:
         """Multi-process runs: raise PlanMismatchError unless all processes hold this plan."""
         program = entry.traced.program
@@ -366,7 +380,13 @@ class ParallelizedFunction:
         all programs under headers. (When the planner kept plain intra-op parallelism,
         one program, this is a plain ``Lowered``, as for :class:`ShardParallel`.)
         """
-        return self._compiled(self._bind(args, kwargs), need_program=True).program.lower()
+        call = self._bind(args, kwargs)
+        key = self._key(call)
+        entry = self._compiled(call, need_program=True, key=key)
+        if not isinstance(entry.program, ShardedProgram):
+            return entry.program.lower()
+        entry = self._called(entry, call, key)
+        return entry.call.lower(*with_leaves(call, entry.program.argument_structs()))
 
     def audit(self, *args, **kwargs) -> Audit:
         """The plan for these arguments against its compiled program (:meth:`Plan.audit`),
@@ -377,6 +397,9 @@ class ParallelizedFunction:
         return self.plan(*args, **kwargs).audit(compiled, log.text)
 
     def __call__(self, *args, **kwargs):
+        outs = self._fast(args, kwargs)
+        if outs is not MISSED:
+            return outs
         call = self._bind(args, kwargs)
         key, flat = self._signature(call)
         entry = self._compiled(call, need_program=True, key=key)
@@ -384,8 +407,14 @@ class ParallelizedFunction:
             self._agree(entry)
             entry = dataclasses.replace(entry, agreed=True)
             self._cache[key] = entry
-        outs = entry.program(flat)
-        return jax.tree_util.tree_unflatten(entry.traced.out_tree, outs)
+        if not isinstance(entry.program, ShardedProgram):  # a pipeline: several programs
+            return jax.tree_util.tree_unflatten(entry.traced.out_tree, entry.program(flat))
+        entry = self._called(entry, call, key)
+        if jax.process_count() == 1:  # (across processes, host values need place_global)
+            # next time jax's own dispatch checks the arguments, with no Python of ours on
+            # the way (as in a training loop: the same signature, the state on the mesh)
+            self._fast.aim(entry.call, len(args), call.keywords)
+        return entry.call(*with_leaves(call, entry.program.place(flat)))
 
 
 def _sharded(traced: TracedFunction, plan: Plan, mesh, donate_argnums) -> ShardedProgram:

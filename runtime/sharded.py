@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -26,6 +26,7 @@ class ShardedProgram:
     out_shardings: tuple[NamedSharding, ...]
     jitted: object
     in_avals: tuple        # the program's argument avals (what lower() lowers for)
+    run: Callable = None   # flat arguments -> flat outputs, traced under jax.jit
 
     def place(self, flat_args: Sequence) -> list:
         """Put every argument on the mesh with its planned sharding (no-op when it already is).
@@ -49,13 +50,56 @@ class ShardedProgram:
     def __call__(self, flat_args: Sequence) -> list:
         return self.jitted(*self.place(flat_args))
 
+    def for_call(self, args: Sequence, static: Sequence[int], donate: Sequence[int],
+                 out_tree) -> Callable:
+        """This program as a ``jax.jit`` called the way the function was: ``fn(*args)``
+        with ``args`` laid out as in the call it was made for (pytrees; static arguments in
+        place, at the positions ``static``; ``donate`` among them donated), returning the
+        output pytree (``out_tree``). jax's own dispatch flattens the arguments, checks
+        their shardings and moves those not yet on any device: no Python of ours runs per
+        step. Called with other trees, shapes, dtypes or static values it raises
+        :class:`SignatureChanged` while tracing, before anything runs; an argument
+        committed to other devices or another sharding makes jax raise ``ValueError``."""
+        static = tuple(static)
+        expected_static = tuple(args[i] for i in static)
+        dynamic = [a for i, a in enumerate(args) if i not in static]
+        expected_tree = jax.tree_util.tree_structure(dynamic)
+        expected_avals = tuple((a.shape, a.dtype, bool(getattr(a, "weak_type", False)))
+                               for a in self.in_avals)
+        run = self.run
+
+        def body(*call_args):
+            if tuple(call_args[i] for i in static) != expected_static:
+                raise SignatureChanged("static arguments")
+            leaves, tree = jax.tree_util.tree_flatten(
+                [a for i, a in enumerate(call_args) if i not in static])
+            avals = tuple((x.shape, x.dtype, bool(x.weak_type))
+                          for x in (jax.typeof(leaf) for leaf in leaves))
+            if tree != expected_tree or avals != expected_avals:
+                raise SignatureChanged("argument trees, shapes or dtypes")
+            return jax.tree_util.tree_unflatten(out_tree, run(*leaves))
+
+        in_shardings = tuple(jax.tree_util.tree_unflatten(expected_tree, self.in_shardings))
+        out_shardings = jax.tree_util.tree_unflatten(out_tree, self.out_shardings)
+        return jax.jit(body, in_shardings=in_shardings, out_shardings=out_shardings,
+                       static_argnums=static, donate_argnums=tuple(donate))
+
+    def argument_structs(self) -> list:
+        """A ``jax.ShapeDtypeStruct`` per flat argument: shape, dtype, weak type and the
+        planned sharding (for lowering; no devices touched)."""
+        return [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s,
+                                     weak_type=getattr(a, "weak_type", False))
+                for a, s in zip(self.in_avals, self.in_shardings, strict=True)]
+
     def lower(self):
         """``jax.stages.Lowered`` for arguments of the shapes the program was traced with
         (no devices touched)."""
-        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s,
-                                        weak_type=getattr(a, "weak_type", False))
-                   for a, s in zip(self.in_avals, self.in_shardings, strict=True)]
-        return self.jitted.lower(*structs)
+        return self.jitted.lower(*self.argument_structs())
+
+
+class SignatureChanged(Exception):
+    """Raised while tracing :meth:`ShardedProgram.for_call` for arguments the program was
+    not made for: plan (or look up the plan) for them instead."""
 
 
 def place_global(value, sharding: jax.sharding.Sharding) -> jax.Array:
@@ -103,4 +147,4 @@ def shard_program(
     jitted = jax.jit(run, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=tuple(donate_argnums))
     return ShardedProgram(mesh, in_shardings, out_shardings, jitted,
-                          tuple(program.avals[v] for v in program.invars))
+                          tuple(program.avals[v] for v in program.invars), run)
