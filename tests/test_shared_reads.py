@@ -121,11 +121,17 @@ def _bias_gradient(x, w):
     return (x @ w).sum() + (x.sum(axis=(0, 1)) ** 2).sum()
 
 
-def test_a_reader_in_a_third_layout_moves_to_the_made_one_when_it_costs_no_more():
-    # x made split over its batch and gathered whole for the dot: the sum may read it
-    # split over the batch (as made) or over the sequence, both a free slice of the whole
-    # copy in the model (and in the compiled program, which pins the sum's operand to the
-    # copy first: the next test); the layout as made keeps nothing alive longer
+def _sum_of_the_read(graph) -> int:
+    """The node of the bias gradient's sum, which reads x through the read node."""
+    read = next(v for v, n in enumerate(graph.nodes) if n.kind == READ)
+    return next(u.dst for u in graph.uses if u.src == read and
+                graph.nodes[u.dst].name.startswith("reduce_sum"))
+
+
+def _third_layout_plan():
+    """(traced, model, problem, solved result, choices) of ``_bias_gradient`` on 8 devices
+    with x made split over its batch, gathered whole for the dot (through the read node),
+    and read split over the sequence by the sum."""
     s = jax.ShapeDtypeStruct
     traced = trace(_bias_gradient, (s((8, 64, 256), jnp.float32), s((256, 128), jnp.float32)))
     model = MeshCostModel(cluster_preset("host-cpu"), (8,))
@@ -135,18 +141,29 @@ def test_a_reader_in_a_third_layout_moves_to_the_made_one_when_it_costs_no_more(
     position = {r: p for p, r in enumerate(grouping.roots)}
     read = next(v for v, n in enumerate(graph.nodes) if n.kind == READ)
     x_node = next(u.src for u in graph.uses if u.dst == read)
-    total = next(u.dst for u in graph.uses if u.src == read and
-                 graph.nodes[u.dst].name.startswith("reduce_sum"))
-    split, whole = ((0,), (), ()), ((), (), ())
-    choices = list(ilp.solve_intra_op(request).choices)
+    result = ilp.solve_intra_op(request)
+    choices = list(result.choices)
 
     def pick(node, want):
         options = [i for i, j in enumerate(grouping.index[node]) if want(graph.nodes[node].strategies[j])]
         choices[position[grouping.root[node]]] = options[0]
 
-    pick(x_node, lambda st: st.out_specs[0] == split)
-    pick(read, lambda st: st.out_specs[0] == whole)
-    pick(total, lambda st: st.in_specs[0] == ((), (0,), ()) and st.out_specs[0] == ((),))
+    pick(x_node, lambda st: st.out_specs[0] == ((0,), (), ()))
+    pick(read, lambda st: st.out_specs[0] == ((), (), ()))
+    pick(_sum_of_the_read(graph), lambda st: st.in_specs[0] == ((), (0,), ()) and
+         st.out_specs[0] == ((),))
+    return traced, model, problem, result, choices
+
+
+def test_a_reader_in_a_third_layout_moves_to_the_made_one_when_it_costs_no_more():
+    # x made split over its batch and gathered whole for the dot: the sum may read it
+    # split over the batch (as made) or over the sequence, both a free slice of the whole
+    # copy in the model (and in the compiled program, which pins the sum's operand to the
+    # copy first: the next test); the layout as made keeps nothing alive longer
+    traced, model, problem, result, choices = _third_layout_plan()
+    graph, grouping, request = problem.graph, problem.grouping, problem.request
+    total = _sum_of_the_read(graph)
+    split, whole = ((0,), (), ()), ((), (), ())
     before = ilp.evaluate(request, choices).objective
     after = prefer_made_layouts(graph, grouping, request, choices)
     strategy = graph.nodes[total].strategies[grouping.expand(after)[total]]
@@ -161,27 +178,7 @@ def test_a_reader_in_a_third_layout_reshards_the_shared_copy():
     # priced as a slice of the gathered copy. The program pins the sum's operand to the
     # shared layout first, so XLA slices the copy it gathered; pinned to its own layout
     # alone, XLA reshards x as made, an all-to-all the plan did not price.
-    s = jax.ShapeDtypeStruct
-    traced = trace(_bias_gradient, (s((8, 64, 256), jnp.float32), s((256, 128), jnp.float32)))
-    model = MeshCostModel(cluster_preset("host-cpu"), (8,))
-    problem = build_problem(traced, model, autoshard.ShardParallel(), batch_flat=(True, False),
-                            axis_names=("devices",))
-    graph, grouping, request = problem.graph, problem.grouping, problem.request
-    position = {r: p for p, r in enumerate(grouping.roots)}
-    read = next(v for v, n in enumerate(graph.nodes) if n.kind == READ)
-    x_node = next(u.src for u in graph.uses if u.dst == read)
-    total = next(u.dst for u in graph.uses if u.src == read and
-                 graph.nodes[u.dst].name.startswith("reduce_sum"))
-    result = ilp.solve_intra_op(request)
-    choices = list(result.choices)
-
-    def pick(node, want):
-        options = [i for i, j in enumerate(grouping.index[node]) if want(graph.nodes[node].strategies[j])]
-        choices[position[grouping.root[node]]] = options[0]
-
-    pick(x_node, lambda st: st.out_specs[0] == ((0,), (), ()))
-    pick(read, lambda st: st.out_specs[0] == ((), (), ()))
-    pick(total, lambda st: st.in_specs[0] == ((), (0,), ()) and st.out_specs[0] == ((),))
+    traced, model, problem, result, choices = _third_layout_plan()
     plan = plan_record(traced, problem, choices, dataclasses.replace(result, choices=tuple(choices)),
                        method=autoshard.ShardParallel(), model=model, cluster=model.cluster,
                        axis_names=("devices",), static_repr="", donated=(), start=0.0)
