@@ -31,6 +31,10 @@ among them. A collective whose groups hold one device costs nothing. Collectives
 static occurrences in the text (one inside a loop body counts once); an async
 ``-start``/``-done`` pair counts once.
 
+On a cluster whose backend runs a combined all-reduce of k arrays as k all-reduces
+(``Cluster.all_reduce_per_operand``: XLA's CPU collectives), it pays k times the steps'
+latency.
+
 On a cluster whose backend makes reduce-scatters (``Cluster.reduce_scatter_as_all_reduce``
 off: the GPU presets), an all-reduce every reader of which keeps one n-th of the result by
 a dynamic-slice is priced as the reduce-scatter XLA's GPU pipeline turns that pair into
@@ -135,7 +139,9 @@ def collective_cost(c: hlo.Collective, mesh_shape, cluster) -> tuple[float, floa
     spanned = [links[a] for a in axes]
     bandwidth = min(link.bandwidth for link in spanned)
     latency = max(link.latency for link in spanned)
-    return steps * latency + volume / bandwidth, volume, axes
+    # a combined all-reduce on a backend that runs it array by array: each array's steps
+    copies = c.operands if c.kind == "all-reduce" and cluster.all_reduce_per_operand else 1
+    return copies * steps * latency + volume / bandwidth, volume, axes
 
 
 def _dominant_dtype(hlo_text: str) -> str:

@@ -14,7 +14,8 @@ from ._files import write_text_atomically
 COLLECTIVES: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
 #: the ``Cluster`` fields that say how the backend lowers collectives (booleans, written to
 #: JSON only when set)
-_BACKEND_FLAGS = ("reduce_scatter_as_all_reduce", "all_to_all_as_slices")
+_BACKEND_FLAGS = ("reduce_scatter_as_all_reduce", "all_to_all_as_slices",
+                  "all_reduce_per_operand")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,9 @@ class Cluster:
     into one slice per peer before sending them (XLA's ``AllToAllDecomposer`` into a tuple
     all-to-all, run by the CPU pipeline), each slice a kernel that XLA's cost analysis
     counts as reading the whole operand; a resharding all-to-all over n devices then
-    reads its shard n − 1 more times.
+    reads its shard n − 1 more times. ``all_reduce_per_operand``: the backend runs an
+    all-reduce of several arrays (XLA's combiner merges independent all-reduces into one)
+    as one all-reduce per array, each paying its full latency, so merging saves nothing.
 
     ``flops`` and ``collective_links`` may be given as mappings and ``axis_links`` as
     any sequence; all are stored as tuples so the cluster is hashable.
@@ -73,6 +76,7 @@ class Cluster:
     collective_links: tuple[tuple[str, tuple[Link, ...]], ...] | None = None
     reduce_scatter_as_all_reduce: bool = False
     all_to_all_as_slices: bool = False
+    all_reduce_per_operand: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -1,4 +1,6 @@
 """The independent yardstick (benchmarks/yardstick.py) and the HLO collective parser it reads."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -79,6 +81,7 @@ def test_parse_collectives_counts_async_pairs_once_and_sums_tuples():
     assert rs.result_bytes == 4 * 64 * 4 and rs.operand_bytes == 8 * 64 * 4
     assert [c.axes((2, 4)) for c in cols] == [(1,), (1,), (0,), (0,), (1,)]
     assert [c.group_size(8) for c in cols] == [4, 4, 2, 2, 2]
+    assert [c.operands for c in cols] == [2, 1, 1, 1, 1]   # the tuple all-reduce: 2 arrays
     # hlo.collective_stats agrees on counts and bytes
     st = hlo.collective_stats(HLO)
     for kind in hlo.COLLECTIVE_KINDS:
@@ -127,6 +130,20 @@ def test_model_axis_collective_is_priced_with_the_model_link():
     y = yardstick(_Stub(line.replace("{{0,1,2,3},{4,5,6,7}}", "{}"), {"flops": 0.0}), (2, 4),
                   CLUSTER)
     assert y.collective_s == pytest.approx(14 * SLOW.latency + 2 * 7 / 8 * 4096 / SLOW.bandwidth)
+
+
+def test_a_combined_all_reduce_pays_each_arrays_latency_where_the_backend_runs_it_so():
+    # all-reduce of 2 arrays over 4 devices (the model axis): XLA's CPU collectives run one
+    # all-reduce per array (Cluster.all_reduce_per_operand), other backends one in all
+    line = ("  %ar = (f32[512]{0}, f32[512]{0}) all-reduce(%p, %q), channel_id=1, "
+            "replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add\n")
+    text = "%p = f32[512]{0} parameter(0)\n%q = f32[512]{0} parameter(1)\n" + line
+    n, s = 4, 4096
+    for per_operand, latencies in ((False, 1), (True, 2)):
+        cluster = dataclasses.replace(CLUSTER, all_reduce_per_operand=per_operand)
+        y = yardstick(_Stub(text, {"flops": 0.0}), (2, 4), cluster)
+        assert y.collective_s == pytest.approx(latencies * 2 * (n - 1) * FAST.latency +
+                                               2 * (n - 1) / n * s / FAST.bandwidth)
 
 
 def test_volumes_per_kind_and_cost_analysis_as_list():

@@ -78,7 +78,11 @@ def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel
                         ) -> tuple[ShardingGraph, tuple[MergedAllReduce, ...]]:
     """Reprice the all-reduces of independent nodes (terminal ones, and those of equal
     communication depth) as parts of merged ones; returns the repriced graph and one
-    ``MergedAllReduce`` per group and mesh-axis set that has members."""
+    ``MergedAllReduce`` per group and mesh-axis set that has members. On a backend that
+    runs a merged all-reduce as one per array (``Cluster.all_reduce_per_operand``) nothing
+    is repriced: each all-reduce keeps its whole latency."""
+    if model.cluster.all_reduce_per_operand:
+        return graph, ()
     terminal = terminal_nodes(graph)
     depth = communication_depth(graph)
     repriced: dict[int, tuple] = {}  # id(strategies) -> (strategies, new strategies)

@@ -153,6 +153,7 @@ class Collective:
     groups:        replica groups as tuples of device ids (``()`` when the text gives
                    none: one group of every device), or, for collective-permute, the
                    ``(source, target)`` pairs.
+    operands:      how many arrays it moves (more than one: a combined collective).
     """
 
     kind: str
@@ -160,6 +161,7 @@ class Collective:
     result_bytes: int
     operand_bytes: int | None
     groups: tuple[tuple[int, ...], ...]
+    operands: int = 1
 
     def group_size(self, num_devices: int) -> int:
         """Devices per replica group (2 for a collective-permute)."""
@@ -332,7 +334,8 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
             gm = re.search(r"replica_groups=", line)
             groups = parse_replica_groups(line[gm.end():]) if gm else ()
         out.append(Collective(kind=kind, name=m.group("name"), result_bytes=shape_bytes(shape),
-                              operand_bytes=operand_bytes, groups=groups))
+                              operand_bytes=operand_bytes, groups=groups,
+                              operands=max(1, len(names))))
     return out
 
 
