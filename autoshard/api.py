@@ -18,7 +18,7 @@ from autoshard.intra.annotations import AnnotationError, annotated_layouts
 from autoshard.intra.batch import default_batch_argnums
 from autoshard.intra.planner import plan_traced
 from autoshard.ir import hlo
-from autoshard.ir.call import BoundCall, argument_roles, bind_call
+from autoshard.ir.call import BoundCall, argument_roles, bind_call, dynamic_arguments
 from autoshard.ir.fingerprint import check_fingerprint, fingerprint, statics_text
 from autoshard.ir.remat import recompute
 from autoshard.ir.trace import TracedFunction, aval_struct, trace
@@ -166,8 +166,7 @@ class ParallelizedFunction:
                 raise TypeError(f"static {where} must be hashable, got "
                                 f"{type(value).__name__}") from None
             statics.append((i, value))
-        dyn = [a for i, a in enumerate(call.args) if i not in call.static]
-        leaves, treedef = jax.tree_util.tree_flatten(dyn)
+        leaves, treedef = jax.tree_util.tree_flatten(dynamic_arguments(call.args, call.static))
         return (len(call.args), call.keywords, treedef,
                 tuple(_leaf_signature(x) for x in leaves), tuple(statics)), leaves
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from autoshard.ir.call import BoundCall
+from autoshard.ir.call import BoundCall, dynamic_arguments
 
 from .sharded import SignatureChanged
 
@@ -49,7 +49,6 @@ class FastCall:
 
 def with_leaves(call: BoundCall, leaves: list) -> list:
     """``call.args`` with the flat leaves of its non-static arguments replaced."""
-    static = set(call.static)
-    dynamic = [a for i, a in enumerate(call.args) if i not in static]
+    dynamic = dynamic_arguments(call.args, call.static)
     dynamic = iter(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(dynamic), leaves))
-    return [a if i in static else next(dynamic) for i, a in enumerate(call.args)]
+    return [a if i in call.static else next(dynamic) for i, a in enumerate(call.args)]

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from autoshard.ir.call import dynamic_arguments
 from autoshard.ir.program import Program
 
 from .execute import evaluate_program
@@ -58,12 +59,11 @@ class ShardedProgram:
         output pytree (``out_tree``). jax's own dispatch flattens the arguments, checks
         their shardings and moves those not yet on any device: no Python of ours runs per
         step. Called with other trees, shapes, dtypes or static values it raises
-        :class:`SignatureChanged` while tracing, before anything runs; an argument
-        committed to other devices or another sharding makes jax raise ``ValueError``."""
+        :class:`SignatureChanged` while tracing, before anything runs; jax itself raises
+        ``ValueError`` for an argument committed to a sharding it will not move."""
         static = tuple(static)
         expected_static = tuple(args[i] for i in static)
-        dynamic = [a for i, a in enumerate(args) if i not in static]
-        expected_tree = jax.tree_util.tree_structure(dynamic)
+        expected_tree = jax.tree_util.tree_structure(dynamic_arguments(args, static))
         expected_avals = tuple((a.shape, a.dtype, bool(getattr(a, "weak_type", False)))
                                for a in self.in_avals)
         run = self.run
@@ -71,8 +71,7 @@ class ShardedProgram:
         def body(*call_args):
             if tuple(call_args[i] for i in static) != expected_static:
                 raise SignatureChanged("static arguments")
-            leaves, tree = jax.tree_util.tree_flatten(
-                [a for i, a in enumerate(call_args) if i not in static])
+            leaves, tree = jax.tree_util.tree_flatten(dynamic_arguments(call_args, static))
             avals = tuple((x.shape, x.dtype, bool(x.weak_type))
                           for x in (jax.typeof(leaf) for leaf in leaves))
             if tree != expected_tree or avals != expected_avals:

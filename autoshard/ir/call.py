@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import inspect
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -237,6 +237,12 @@ def bind_call(fun: Callable, roles: ArgumentRoles, args: tuple, kwargs: dict) ->
     flat = tuple(args) + tuple(kwargs[k] for k in keywords)
     return BoundCall(_positional(fun, n, keywords), flat, keywords, tuple(sorted(static)),
                      tuple(sorted(donate)), None if batch is None else tuple(sorted(batch)))
+
+
+def dynamic_arguments(args: Sequence, static: Iterable[int]) -> list:
+    """The arguments of ``args`` not at a ``static`` position, in order."""
+    static = frozenset(static)
+    return [a for i, a in enumerate(args) if i not in static]
 
 
 def _positional(fun: Callable, num_positional: int, keywords: tuple[str, ...]) -> Callable:
