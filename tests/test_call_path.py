@@ -23,7 +23,7 @@ def loss_fn(params, batch, scale):
 
 
 def train_step(params, opt_state, batch, *, lr_scale, scale=1.0):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch, scale)
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(p, batch, scale))(params)  # closes over the batch
     updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u: lr_scale * u, updates)
     return optax.apply_updates(params, updates), opt_state, loss
