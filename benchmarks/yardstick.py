@@ -11,15 +11,20 @@ autoshard's cost model. For one device of the SPMD program::
 
 with, for a collective over groups of ``n`` devices (ring algorithms), S its size in bytes:
 
-    ==================  ===================  ===============
-    kind                V_c (bytes moved)    k_c (steps)
-    ==================  ===================  ===============
-    all-reduce          2(n−1)/n · S         2(n−1)
-    all-gather          (n−1)/n · S_out      n−1
-    reduce-scatter      (n−1)/n · S_in       n−1
-    all-to-all          (n−1)/n · S          n−1
+    ==================  ===================  =====================
+    kind                V_c (bytes moved)    k_c (latencies)
+    ==================  ===================  =====================
+    all-reduce          2(n−1)/n · S         2(n−1) + 1
+    all-gather          (n−1)/n · S_out      (n−1) + 1
+    reduce-scatter      (n−1)/n · S_in       (n−1) + 1
+    all-to-all          (n−1)/n · S          (n−1) + 1
     collective-permute  S                    1
-    ==================  ===================  ===============
+    ==================  ===================  =====================
+
+k_c is the ring's steps plus one launch: the convention a cluster's α is defined by.
+``autoshard.calibrate`` fits each axis' α to measured collectives with these counts (the
+cost model's), so α·k_c is the measured latency of one collective; counting the steps
+alone would take a third off a calibrated all-reduce over 2 devices.
 
 S is the result's bytes (operands' for reduce-scatter; the result's n times when the
 operand cannot be found). The link (α latency, β bandwidth) is that of the slowest mesh
@@ -32,8 +37,8 @@ static occurrences in the text (one inside a loop body counts once); an async
 ``-start``/``-done`` pair counts once.
 
 On a cluster whose backend runs a combined all-reduce of k arrays as k all-reduces
-(``Cluster.all_reduce_per_operand``: XLA's CPU collectives), it pays k times the steps'
-latency.
+(``Cluster.all_reduce_per_operand``: XLA's CPU collectives), it pays k times the
+latencies.
 
 On a cluster whose backend makes reduce-scatters (``Cluster.reduce_scatter_as_all_reduce``
 off: the GPU presets), an all-reduce every reader of which keeps one n-th of the result by
@@ -125,23 +130,24 @@ def collective_cost(c: hlo.Collective, mesh_shape, cluster) -> tuple[float, floa
     n = c.group_size(num_devices)
     if not axes or n <= 1:
         return 0.0, 0.0, axes
+    # latencies: the ring's steps plus one launch (the cluster's convention for α)
     if c.kind == "collective-permute":
-        volume, steps = float(c.result_bytes), 1
+        volume, latencies = float(c.result_bytes), 1
     elif c.kind == "all-reduce":
-        volume, steps = 2 * (n - 1) / n * c.result_bytes, 2 * (n - 1)
+        volume, latencies = 2 * (n - 1) / n * c.result_bytes, 2 * (n - 1) + 1
     elif c.kind == "reduce-scatter":
         s_in = c.operand_bytes if c.operand_bytes is not None else n * c.result_bytes
-        volume, steps = (n - 1) / n * s_in, n - 1
+        volume, latencies = (n - 1) / n * s_in, n
     else:  # all-gather (result), all-to-all (result == operand)
-        volume, steps = (n - 1) / n * c.result_bytes, n - 1
+        volume, latencies = (n - 1) / n * c.result_bytes, n
     kind = c.kind if c.kind != "collective-permute" else None
     links = cluster.links_for_mesh(mesh_shape, kind)
     spanned = [links[a] for a in axes]
     bandwidth = min(link.bandwidth for link in spanned)
     latency = max(link.latency for link in spanned)
-    # a combined all-reduce on a backend that runs it array by array: each array's steps
+    # a combined all-reduce on a backend that runs it array by array: each array's latencies
     copies = c.operands if c.kind == "all-reduce" and cluster.all_reduce_per_operand else 1
-    return copies * steps * latency + volume / bandwidth, volume, axes
+    return copies * latencies * latency + volume / bandwidth, volume, axes
 
 
 def _dominant_dtype(hlo_text: str) -> str:

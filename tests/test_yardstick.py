@@ -118,18 +118,19 @@ def test_model_axis_collective_is_priced_with_the_model_link():
     y = yardstick(_Stub("%p = f32[1024]{0} parameter(0)\n" + line, {"flops": 0.0}), (2, 4),
                   CLUSTER, axis_names=("data", "model"))
     n, s = 4, 4096
-    want = 2 * (n - 1) * FAST.latency + 2 * (n - 1) / n * s / FAST.bandwidth
+    # the ring's 2(n-1) steps and one launch: the latencies a cluster's α is fitted with
+    want = (2 * (n - 1) + 1) * FAST.latency + 2 * (n - 1) / n * s / FAST.bandwidth
     assert y.collective_s == pytest.approx(want)
     (c,) = y.collectives
     assert (c.kind, c.axes, c.count, c.bytes) == ("all-reduce", ("model",), 1, s)
     # the same collective along data (pairs i, i+4) pays the slow link
     y = yardstick(_Stub(line.replace("{{0,1,2,3},{4,5,6,7}}", "{{0,4},{1,5},{2,6},{3,7}}"),
                         {"flops": 0.0}), (2, 4), CLUSTER)
-    assert y.collective_s == pytest.approx(2 * 1 * SLOW.latency + 2 * 1 / 2 * 4096 / SLOW.bandwidth)
+    assert y.collective_s == pytest.approx(3 * SLOW.latency + 2 * 1 / 2 * 4096 / SLOW.bandwidth)
     # over both axes: the slowest link's bandwidth and latency
     y = yardstick(_Stub(line.replace("{{0,1,2,3},{4,5,6,7}}", "{}"), {"flops": 0.0}), (2, 4),
                   CLUSTER)
-    assert y.collective_s == pytest.approx(14 * SLOW.latency + 2 * 7 / 8 * 4096 / SLOW.bandwidth)
+    assert y.collective_s == pytest.approx(15 * SLOW.latency + 2 * 7 / 8 * 4096 / SLOW.bandwidth)
 
 
 def test_a_combined_all_reduce_pays_each_arrays_latency_where_the_backend_runs_it_so():
@@ -142,8 +143,29 @@ def test_a_combined_all_reduce_pays_each_arrays_latency_where_the_backend_runs_i
     for per_operand, latencies in ((False, 1), (True, 2)):
         cluster = dataclasses.replace(CLUSTER, all_reduce_per_operand=per_operand)
         y = yardstick(_Stub(text, {"flops": 0.0}), (2, 4), cluster)
-        assert y.collective_s == pytest.approx(latencies * 2 * (n - 1) * FAST.latency +
+        assert y.collective_s == pytest.approx(latencies * (2 * (n - 1) + 1) * FAST.latency +
                                                2 * (n - 1) / n * s / FAST.bandwidth)
+
+
+@pytest.mark.parametrize("kind, op, result, operand", [
+    ("all-reduce", "all-reduce", "f32[1024]{0}", "f32[1024]{0}"),
+    ("all-gather", "all-gather", "f32[4096]{0}", "f32[1024]{0}"),
+    ("all-to-all", "all-to-all", "f32[1024]{0}", "f32[1024]{0}"),
+    ("reduce-scatter", "reduce-scatter", "f32[256]{0}", "f32[1024]{0}"),
+])
+def test_one_collective_costs_what_the_cluster_figures_say(kind, op, result, operand):
+    # α is defined by the cost model's latency counts (calibration fits it with them), so
+    # the yardstick's price of one collective is the model's, on the same cluster
+    line = (f"  %c = {result} {op}(%p), channel_id=1, dimensions={{0}}, "
+            "replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add\n")
+    y = yardstick(_Stub(f"%p = {operand} parameter(0)\n" + line, {"flops": 0.0}), (2, 4),
+                  CLUSTER)
+    model = autoshard.cost_model.MeshCostModel(CLUSTER, (2, 4))
+    price = {"all-reduce": model.all_reduce(4096, (1,)),
+             "all-gather": model.all_gather(4 * 4096, (1,)),  # the gathered output
+             "all-to-all": model.all_to_all(4096, (1,)),
+             "reduce-scatter": model.reduce_scatter(4096, (1,))}[kind]  # the input
+    assert y.collective_s == pytest.approx(price)
 
 
 def test_volumes_per_kind_and_cost_analysis_as_list():
