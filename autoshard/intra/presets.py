@@ -105,6 +105,7 @@ def _megatron(program: Program, mesh_shape, batch_flat) -> tuple[Spec, ...]:
     split: dict[int, object] = {}      # value -> dim split over the model axis, None, _FREE
     derived: dict[int, tuple] = {}     # free value -> (eqn, its LoopOp) that made it
     decided: dict[int, int | None] = {}   # input value -> its dim split over the model axis
+    inputs = frozenset(program.invars)
     for v, is_batch in zip(program.invars, batch_flat):
         if is_batch:
             split[v] = decided[v] = None
@@ -121,7 +122,7 @@ def _megatron(program: Program, mesh_shape, batch_flat) -> tuple[Spec, ...]:
         if dim is not None and program.avals[v].shape[dim] % size:
             dim = None
         split[v] = dim
-        if v in program.invars:
+        if v in inputs:
             decided[v] = dim
         elif v in derived:
             eqn, op = derived[v]
