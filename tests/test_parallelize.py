@@ -1,4 +1,6 @@
 """Every plan — the ILP's and every preset's — gives the numbers plain jax.jit gives."""
+import time
+
 import jax
 import pytest
 
@@ -144,3 +146,31 @@ def test_deterministic_planning_ignores_the_wall_clock():
                                  method=autoshard.ShardParallel(time_limit_s=1e-3),
                                  batch_argnums=workload.batch_argnums)
     assert step.plan(*workload.args).solver.solver_status != "OUT_OF_TIME"
+
+
+def test_the_solver_stops_early_enough_to_finish_the_plan_in_time(monkeypatch):
+    # time_limit_s bounds the whole planning: the solver's deadline comes early by a share of
+    # the problem's build time (made 0.4 s slower here), for the work after the solve
+    from autoshard.intra import planner
+    monkeypatch.delenv("AUTOSHARD_DETERMINISTIC")
+    real_build, real_solve, seen = planner.build_problem, planner.ilp.solve_intra_op, []
+
+    def slow_build(*args, **kwargs):
+        time.sleep(0.4)
+        return real_build(*args, **kwargs)
+
+    def solve(request, **kwargs):
+        seen.append((time.perf_counter(), request.wall_time_limit_s))
+        return real_solve(request, **kwargs)
+
+    monkeypatch.setattr(planner, "build_problem", slow_build)
+    monkeypatch.setattr(planner.ilp, "solve_intra_op", solve)
+    workload = WORKLOADS["mlp"]()
+    step = autoshard.parallelize(workload.fn, mesh=autoshard.abstract_mesh((2, 4), ("data", "model")),
+                                 method=autoshard.ShardParallel(time_limit_s=30.0),
+                                 batch_argnums=workload.batch_argnums)
+    start = time.perf_counter()
+    step.plan(*workload.args)
+    called, wall_limit = seen[0]
+    # at least POST_SOLVE_RESERVE x 0.4 s before start + 30 s (start is before the trace)
+    assert called + wall_limit <= start + 30.0 - planner.POST_SOLVE_RESERVE * 0.4
