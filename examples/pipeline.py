@@ -134,11 +134,18 @@ def multi_process(args) -> int:
         *expected, expected_loss = reference(*expected, x, y)
         got = autoshard.gather_to_host((params, opt_state, loss))
         want = jax.tree.map(np.asarray, (*expected, expected_loss))
-        ok = all(np.allclose(a, b, rtol=1e-4, atol=1e-5)
+        # atol 1e-4, 1% of adamw's learning rate: Adam divides each gradient by its own
+        # magnitude, so where one is float32 summation noise (another partition sums in
+        # another order) the noise moves the update by up to the learning rate
+        ok = all(np.allclose(a, b, rtol=1e-4, atol=1e-4)
                  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
         same &= ok
+        worst = "" if ok else " (largest difference {:.3g} at {})".format(*max(
+            (float(np.max(np.abs(a - b))), jax.tree_util.keystr(path))
+            for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got),
+                                    jax.tree.leaves(want))))
         say(f"step {i}: loss {float(got[2]):.6f} (jax.jit: {float(want[2]):.6f}); "
-            f"all outputs allclose: {ok}")
+            f"all outputs allclose: {ok}{worst}")
     return 0 if same else 1
 
 

@@ -210,8 +210,10 @@ def _bytes_per_device(specs, leaves, mesh_size):
 
 def test_tightening_budget_shards_optimizer_state_zero_style():
     # GPT example with adamw on 8 devices: as the budget falls below the cheapest plan's
-    # peak, the ILP shards more of the adam moments (ZeRO's move, found on its own), and
-    # every tighter budget costs at least as much as a looser one.
+    # peak, the ILP shards the adam moments (ZeRO's move, found on its own), never holding
+    # more of them under a tighter budget, and every tighter budget costs at least as much
+    # as a looser one. (At 0.6 and 0.4 the moments are as sharded as they go here, 122,372
+    # bytes per device: the 0.4 plan shards activations and weights instead.)
     from examples.models import gpt
     workload = gpt(abstract=True)
     mesh = autoshard.abstract_mesh((8,), ("devices",))
@@ -226,7 +228,7 @@ def test_tightening_budget_shards_optimizer_state_zero_style():
         plans.append(plan)
     moments = [_bytes_per_device(p.in_specs[1], opt_state, 8) for p in plans]
     costs = [p.cost.total_s for p in plans]
-    assert moments[2] < moments[1] < moments[0]
+    assert moments[2] <= moments[1] < moments[0]
     assert costs[0] <= costs[1] * (1 + 1e-9) and costs[1] <= costs[2] * (1 + 1e-9)
 
 

@@ -235,7 +235,11 @@ def _dim_axes(spec: P, dim: int) -> tuple:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-B, D, H = 256, 32, 128
+# a batch that outweighs the weights, so that splitting it is the cheapest plan: XLA's CPU
+# collectives run each gradient's all-reduce on its own (Cluster.all_reduce_per_operand),
+# and at batch 256 one all-reduce of the output (hidden split) beats two of the gradients
+# (measured on 8 devices: 1.84 ms a step against data parallelism's 2.07 ms)
+B, D, H = 2048, 32, 128
 
 
 def _dropout_loss(params, key, batch):
