@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import autoshard
-from autoshard.cost_model import Link
+from autoshard.cost_model import Link, MeshCostModel
 from autoshard.ir import hlo
 from benchmarks.yardstick import yardstick
 from tests.baseline_cases import compiled_baseline
@@ -147,20 +147,20 @@ def test_a_combined_all_reduce_pays_each_arrays_latency_where_the_backend_runs_i
                                                2 * (n - 1) / n * s / FAST.bandwidth)
 
 
-@pytest.mark.parametrize("kind, op, result, operand", [
-    ("all-reduce", "all-reduce", "f32[1024]{0}", "f32[1024]{0}"),
-    ("all-gather", "all-gather", "f32[4096]{0}", "f32[1024]{0}"),
-    ("all-to-all", "all-to-all", "f32[1024]{0}", "f32[1024]{0}"),
-    ("reduce-scatter", "reduce-scatter", "f32[256]{0}", "f32[1024]{0}"),
+@pytest.mark.parametrize("kind, result, operand", [
+    ("all-reduce", "f32[1024]{0}", "f32[1024]{0}"),
+    ("all-gather", "f32[4096]{0}", "f32[1024]{0}"),
+    ("all-to-all", "f32[1024]{0}", "f32[1024]{0}"),
+    ("reduce-scatter", "f32[256]{0}", "f32[1024]{0}"),
 ])
-def test_one_collective_costs_what_the_cluster_figures_say(kind, op, result, operand):
+def test_one_collective_costs_what_the_cluster_figures_say(kind, result, operand):
     # α is defined by the cost model's latency counts (calibration fits it with them), so
     # the yardstick's price of one collective is the model's, on the same cluster
-    line = (f"  %c = {result} {op}(%p), channel_id=1, dimensions={{0}}, "
+    line = (f"  %c = {result} {kind}(%p), channel_id=1, dimensions={{0}}, "
             "replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add\n")
     y = yardstick(_Stub(f"%p = {operand} parameter(0)\n" + line, {"flops": 0.0}), (2, 4),
                   CLUSTER)
-    model = autoshard.cost_model.MeshCostModel(CLUSTER, (2, 4))
+    model = MeshCostModel(CLUSTER, (2, 4))
     price = {"all-reduce": model.all_reduce(4096, (1,)),
              "all-gather": model.all_gather(4 * 4096, (1,)),  # the gathered output
              "all-to-all": model.all_to_all(4096, (1,)),
