@@ -321,6 +321,41 @@ def test_a_budget_just_under_the_free_peak_is_met_by_a_few_moves(mesh8, monkeypa
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)   # after one adam step
 
 
+# Three unconnected nodes, strategies fast (1 s, 10 B), mid (1.5 s, 5 B), small (3 s, 1 B),
+# one memory point holding all three, budget 16 B. The free plan (fast everywhere, 30 B)
+# is too far over to repair (> 25 %); an earlier search's plan (fast, mid, mid; 20 B) is
+# not: moving node 0 to mid saves the 4 B excess for 0.1 s per byte (cheaper than any
+# move to small), giving mid everywhere, 4.5 s at 15 B: the optimum under the budget.
+# Without that earlier plan the start is the only one that fits (small everywhere, 9 s)
+# and the search is guided by the free plan.
+FAST, MID, SMALL = 0, 1, 2
+
+
+def _three_nodes():
+    from autoshard import ilp
+
+    seconds, nbytes = np.array([1.0, 1.5, 3.0]), np.array([10.0, 5.0, 1.0])
+    return ilp.IntraOpRequest(node_costs=(seconds,) * 3, edges=(),
+                              memory_terms=(tuple((v, nbytes) for v in range(3)),),
+                              memory_budget=16.0)
+
+
+@pytest.mark.parametrize("earlier, start, guided", [
+    ((), (SMALL,) * 3, True),
+    (((FAST, MID, MID),), (MID,) * 3, False),
+])
+def test_a_budgeted_search_starts_from_an_earlier_plan_moved_to_fit(earlier, start, guided):
+    from autoshard import ilp
+    from autoshard.intra.planner import budgeted_start
+
+    request = _three_nodes()
+    free = (FAST,) * 3
+    searched, hint = budgeted_start(request, free, [(SMALL,) * 3], earlier)
+    assert hint == start and searched.hint == start
+    assert ilp.evaluate(request, hint).ok
+    assert searched.guide == (free if guided else None)
+
+
 @pytest.mark.parametrize("donate", [False, True], ids=["kept", "donated"])
 def test_merged_gradient_all_reduce_holds_partials_and_results(mesh8, donate):
     # Data-parallel SGD written as users write it (the loss closes over the batch). XLA

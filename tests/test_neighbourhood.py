@@ -11,6 +11,8 @@ import pytest
 from autoshard.ilp import (
     EdgeCost,
     IntraOpRequest,
+    _clock,
+    _lagrangian,
     _neighbourhood,
     evaluate,
     solve_intra_op,
@@ -173,6 +175,34 @@ def test_memory_priced_is_the_budgetless_cost_plus_rate_times_each_points_bytes(
         used = point_memory(request, pick)
         assert evaluate(priced, pick).objective == pytest.approx(
             evaluate(budgetless, pick).objective + sum(r * u for r, u in zip(rates, used)))
+
+
+@pytest.mark.parametrize("seconds_left, probes", [(None, 3), (7.0, 3), (5.0, 2)])
+def test_probes_after_the_first_two_run_while_four_times_the_longest_is_left(
+        monkeypatch, seconds_left, probes):
+    # each probe takes 1 s on a fake clock and returns the guide (over the budget), so the
+    # exponent is raised each time: -4, -2, -1. Two probes leave seconds_left - 2: the
+    # third runs when that is at least 4 x 1 s
+    now = [0.0]
+    monkeypatch.setattr(_lagrangian.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(_clock.time, "perf_counter", lambda: now[0])
+    request, guide = _ridge(), (BEST,) * 3
+    unit = evaluate(request, guide).objective / request.memory_budget
+    rates, limits = [], []
+
+    def solve(priced):
+        now[0] += 1.0
+        rates.append(evaluate(priced, guide).objective - evaluate(request, guide).objective)
+        limits.append(priced.wall_time_limit_s)
+        return dataclasses.replace(solve_intra_op(priced), choices=guide)
+
+    starts_that_fit(request, guide, solve, Deadline.of(seconds_left, 10.0))
+    used = sum(point_memory(request, guide))  # its one point is over: charged
+    assert [r / (unit * used) for r in rates] == pytest.approx([2.0 ** k for k in
+                                                               (-4, -2, -1)][:probes])
+    if seconds_left is not None:  # the first two share 3/4 of the time; none runs past it
+        assert limits[:2] == pytest.approx([seconds_left * 0.75 / 2] * 2)
+        assert all(limit <= seconds_left - i for i, limit in enumerate(limits))
 
 
 def test_starts_that_fit_fit_and_a_guide_that_fits_needs_none():
