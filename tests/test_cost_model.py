@@ -451,6 +451,35 @@ def test_reshardings_priced_as_xla_compiles_them(mesh_shape, src, dst, kinds):
     assert model.resharding(shape, 4, src, dst) < whole
 
 
+@pytest.mark.parametrize("src, dst, kinds", [
+    # one dim's axes into it and another: the all-to-all runs over the axis that stays
+    (((), (0, 1), ()), ((0,), (1,), ()), [("all-to-all", (1,)), ("collective-permute", (0, 1))]),
+    (((1, 0), (), ()), ((0,), (1,), ()), [("all-to-all", (0,)), ("collective-permute", (0, 1))]),
+    # two dims' axes into one: over the axis that leaves its dim
+    (((0,), (1,), ()), ((), (0, 1), ()), [("all-to-all", (0,)), ("collective-permute", (0, 1))]),
+    # a rotation over three dims: one all-to-all, then the (equal) axes swapped
+    (((0,), (1,), ()), ((), (0,), (1,)), [("all-to-all", (0,)), ("collective-permute", (0, 1))]),
+    (((0,), (1,), ()), ((1,), (), (0,)), [("all-to-all", (1,)), ("collective-permute", (0, 1))]),
+    # axes reversed into another dim: one all-to-all over both, named in mesh order
+    (((1, 0), (), ()), ((), (1, 0), ()), [("all-to-all", (0, 1))]),
+])
+def test_exchanges_on_equal_axes_run_the_all_to_all_priced(src, dst, kinds):
+    # which devices XLA's all-to-all groups (and so its mesh axes, which price it over
+    # their links) follows from the parts each dim is split into (2x2: whole axes)
+    names = ("a", "b")
+    devices = np.array(jax.devices()[:4]).reshape(2, 2)
+    mesh = jax.sharding.Mesh(devices, names, axis_types=(AxisType.Auto,) * 2)
+    spec = lambda s: PartitionSpec(*(tuple(names[a] for a in axes) or None for axes in s))  # noqa: E731
+    shape = (16, 32, 32)
+    f = jax.jit(lambda x: x * 2, in_shardings=NamedSharding(mesh, spec(src)),
+                out_shardings=NamedSharding(mesh, spec(dst)))
+    text = f.lower(jax.ShapeDtypeStruct(shape, jnp.float32)).compile().as_text()
+    compiled = [(c.kind, c.axes((2, 2)), c.result_bytes) for c in hlo.parse_collectives(text)]
+    steps = MeshCostModel(_uniform_cluster(), (2, 2)).resharding_steps(shape, 4, src, dst)
+    assert [(s.kind, s.axes, s.nbytes) for s in steps] == compiled
+    assert [(s.kind, s.axes) for s in steps] == kinds
+
+
 @pytest.mark.parametrize("mesh_shape, src, dst", [
     ((2, 4), ((0, 1), (), ()), ((1, 0), (), ())),          # two axes reordered in one dim
     ((2, 2, 2), ((0,), (1,), ()), ((1,), (0,), ())),       # a swap of equal axes
