@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -86,13 +86,21 @@ def fit_alpha_beta(alpha_coef: Sequence[float], byte_coef: Sequence[float],
 # ------------------------------------------------------------------ timing
 def _time(fn, *args, repeats: int) -> float:
     """Best of ``repeats`` timed calls after one warm-up (which also compiles)."""
-    jax.block_until_ready(fn(*args))
-    best = math.inf
+    return _time_alternately([lambda: fn(*args)], repeats=repeats)[0]
+
+
+def _time_alternately(calls: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """Per call of ``calls``, the best of ``repeats`` timed calls after one warm-up each
+    (which also compiles), the calls taken in turn: a busy spell of the host slows all."""
+    for call in calls:
+        jax.block_until_ready(call())
+    best = [math.inf] * len(calls)
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return max(best, _MIN_SECONDS)
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [max(seconds, _MIN_SECONDS) for seconds in best]
 
 
 def _local_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
@@ -247,7 +255,7 @@ def all_reduce_per_operand(mesh, axis: str, repeats: int = 9) -> bool:
     sharding = NamedSharding(mesh, spec)
     elements = 2048   # 8 KB per array and device
 
-    def call(arrays: int):
+    def call(arrays: int) -> Callable[[], object]:
         specs = (spec,) * arrays
         merged = jax.jit(jax.shard_map(
             lambda *xs: jax.lax.psum(tuple(x * 0.5 for x in xs), axis), mesh=mesh,
@@ -256,17 +264,10 @@ def all_reduce_per_operand(mesh, axis: str, repeats: int = 9) -> bool:
         xs = [jax.make_array_from_callback((size * mesh.size,), sharding,
                                            lambda index, size=size: np.ones(size, np.float32))
               for _ in range(arrays)]
-        jax.block_until_ready(merged(*xs))   # compiles
         return lambda: merged(*xs)
 
-    calls = {n: call(n) for n in (MERGED_ARRAYS, 1)}
-    best = dict.fromkeys(calls, math.inf)
-    for _ in range(repeats):
-        for n, fn in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            best[n] = min(best[n], time.perf_counter() - start)
-    return _agree_flag(best[MERGED_ARRAYS] > 2 * max(best[1], _MIN_SECONDS))
+    merged_s, one_s = _time_alternately([call(MERGED_ARRAYS), call(1)], repeats=repeats)
+    return _agree_flag(merged_s > 2 * one_s)
 
 
 def _sizes(budget_s: float) -> tuple[int, ...]:

@@ -466,15 +466,8 @@ def test_reshardings_priced_as_xla_compiles_them(mesh_shape, src, dst, kinds):
 def test_exchanges_on_equal_axes_run_the_all_to_all_priced(src, dst, kinds):
     # which devices XLA's all-to-all groups (and so its mesh axes, which price it over
     # their links) follows from the parts each dim is split into (2x2: whole axes)
-    names = ("a", "b")
-    devices = np.array(jax.devices()[:4]).reshape(2, 2)
-    mesh = jax.sharding.Mesh(devices, names, axis_types=(AxisType.Auto,) * 2)
-    spec = lambda s: PartitionSpec(*(tuple(names[a] for a in axes) or None for axes in s))  # noqa: E731
     shape = (16, 32, 32)
-    f = jax.jit(lambda x: x * 2, in_shardings=NamedSharding(mesh, spec(src)),
-                out_shardings=NamedSharding(mesh, spec(dst)))
-    text = f.lower(jax.ShapeDtypeStruct(shape, jnp.float32)).compile().as_text()
-    compiled = [(c.kind, c.axes((2, 2)), c.result_bytes) for c in hlo.parse_collectives(text)]
+    compiled = _compiled_collectives((2, 2), shape, [src, dst])
     steps = MeshCostModel(_uniform_cluster(), (2, 2)).resharding_steps(shape, 4, src, dst)
     assert [(s.kind, s.axes, s.nbytes) for s in steps] == compiled
     assert [(s.kind, s.axes) for s in steps] == kinds
