@@ -60,29 +60,13 @@ def evaluate(request: IntraOpRequest, choices) -> Evaluation:
     if len(choices) != n:
         violations.append(f"expected {n} choices (one per node), got {len(choices)}")
         return Evaluation(np.inf, np.inf, np.inf, (), tuple(violations))
-    valid = True
-    node_cost = 0.0
-    for v, c in enumerate(choices):
-        count = request.num_strategies(v)
-        if not 0 <= c < count:
-            violations.append(f"{request.label(v)} choice {c} out of range ({count} strategies)")
-            valid = False
-            continue
-        cost = float(request.node_costs[v][c])
-        if cost == np.inf:
-            violations.append(f"{request.label(v)} strategy {c} is forbidden (inf)")
-        node_cost += cost
-    if not valid:
-        return Evaluation(np.inf, np.inf, np.inf, (), tuple(violations))
-    edge_cost = 0.0
-    for k, edge in enumerate(request.edges):
-        cost = float(edge.cost[choices[edge.src], choices[edge.dst]])
-        if cost == np.inf:
-            violations.append(
-                f"edge {k} {request.label(edge.src)} -> {request.label(edge.dst)} pair "
-                f"({choices[edge.src]}, {choices[edge.dst]}) is forbidden (inf)"
-            )
-        edge_cost += cost
+    priced = _priced_at_once(request, choices)
+    if priced is not None:  # every choice in range, nothing forbidden: no message to write
+        node_cost, edge_cost = priced
+    else:
+        node_cost, edge_cost = _priced_one_by_one(request, choices, violations)
+        if node_cost is None:
+            return Evaluation(np.inf, np.inf, np.inf, (), tuple(violations))
     # a shared cost is paid once when any of its (node, strategy) members is chosen
     shared_cost = 0.0
     if request.shared_costs:
@@ -101,6 +85,52 @@ def evaluate(request: IntraOpRequest, choices) -> Evaluation:
                 )
     return Evaluation(node_cost + edge_cost + shared_cost, node_cost, edge_cost, memory,
                       tuple(violations), shared_cost)
+
+
+def _priced_at_once(request: IntraOpRequest, choices: tuple[int, ...]
+                    ) -> tuple[float, float] | None:
+    """(node seconds, edge seconds) of ``choices`` from the request's flat arrays; None
+    when a choice is out of range or a cost is forbidden (inf): the caller then prices
+    one by one, naming each violation."""
+    flat = request.flat_costs
+    chosen = np.asarray(choices, dtype=np.int64)
+    if chosen.size and not ((chosen >= 0) & (chosen < flat.counts)).all():
+        return None
+    nodes = flat.node_costs[flat.node_start + chosen]
+    edges = flat.edge_costs[flat.edge_start + chosen[flat.src] * flat.cols + chosen[flat.dst]]
+    if np.isinf(nodes).any() or np.isinf(edges).any():
+        return None
+    return float(nodes.sum()), float(edges.sum())
+
+
+def _priced_one_by_one(request: IntraOpRequest, choices: tuple[int, ...],
+                       violations: list[str]) -> tuple[float | None, float]:
+    """``_priced_at_once`` with every violation appended to ``violations``; node seconds
+    None when a choice is out of range (nothing can be priced then)."""
+    valid = True
+    node_cost = 0.0
+    for v, c in enumerate(choices):
+        count = request.num_strategies(v)
+        if not 0 <= c < count:
+            violations.append(f"{request.label(v)} choice {c} out of range ({count} strategies)")
+            valid = False
+            continue
+        cost = float(request.node_costs[v][c])
+        if cost == np.inf:
+            violations.append(f"{request.label(v)} strategy {c} is forbidden (inf)")
+        node_cost += cost
+    if not valid:
+        return None, np.inf
+    edge_cost = 0.0
+    for k, edge in enumerate(request.edges):
+        cost = float(edge.cost[choices[edge.src], choices[edge.dst]])
+        if cost == np.inf:
+            violations.append(
+                f"edge {k} {request.label(edge.src)} -> {request.label(edge.dst)} pair "
+                f"({choices[edge.src]}, {choices[edge.dst]}) is forbidden (inf)"
+            )
+        edge_cost += cost
+    return node_cost, edge_cost
 
 
 @dataclass(frozen=True, eq=False)

@@ -82,6 +82,22 @@ class SharedCost:
         return f"SharedCost(cost={format_seconds(self.cost)}, members={_summary(self.members)})"
 
 
+@dataclass(frozen=True, eq=False)
+class FlatCosts:
+    """A request's costs as flat arrays: node ``v``'s strategy ``i`` costs
+    ``node_costs[node_start[v] + i]`` (``counts[v]`` strategies); edge ``k`` costs
+    ``edge_costs[edge_start[k] + i * cols[k] + j]`` for (``src[k]``: i, ``dst[k]``: j)."""
+
+    counts: np.ndarray
+    node_start: np.ndarray
+    node_costs: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+    cols: np.ndarray
+    edge_start: np.ndarray
+    edge_costs: np.ndarray
+
+
 OPTIONS = frozenset({"memory_terms", "memory_budget", "hint", "guide", "time_limit_s",
                      "wall_time_limit_s", "tie_repeats", "gap_limit", "search"})
 """The fields of an ``IntraOpRequest`` that ``with_options`` may change."""
@@ -224,6 +240,32 @@ class IntraOpRequest:
                          f"got a {len(term)}-tuple")
 
     # -- helpers -----------------------------------------------------------------
+    @functools.cached_property
+    def flat_costs(self) -> FlatCosts:
+        """Every node's and edge's costs in one array each, for pricing a plan at once
+        (an edge matrix several edges share is stored once)."""
+        counts = np.array([len(c) for c in self.node_costs], dtype=np.int64)
+        node_start = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+        src = np.array([e.src for e in self.edges], dtype=np.int64)
+        dst = np.array([e.dst for e in self.edges], dtype=np.int64)
+        cols = np.array([e.cost.shape[1] for e in self.edges], dtype=np.int64)
+        start: dict[int, int] = {}  # repeated layers' edges share matrices: each stored once
+        matrices, offset = [], 0
+        for e in self.edges:
+            if id(e.cost) not in start:
+                start[id(e.cost)] = offset
+                matrices.append(e.cost)
+                offset += e.cost.size
+        edge_start = np.array([start[id(e.cost)] for e in self.edges], dtype=np.int64)
+        flat = FlatCosts(
+            counts, node_start,
+            np.concatenate(self.node_costs) if self.node_costs else np.zeros(0),
+            src, dst, cols, edge_start,
+            np.concatenate([m.ravel() for m in matrices]) if matrices else np.zeros(0))
+        for array in vars(flat).values():
+            array.flags.writeable = False
+        return flat
+
     @functools.cached_property
     def shared_members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every shared cost's members as three int arrays, member by member: (node,
