@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from autoshard.intra.dot_layouts import canonical, copied_orders, dot_operands
+from autoshard.intra.dot_layouts import copied_orders, dot_operands
 from autoshard.ir.trace import trace
 
 # (einsum, lhs shape, rhs shape, operands XLA copies), measured on the CPU with jax 0.10
@@ -21,6 +21,8 @@ EINSUMS = [
     ("gcs,gsd->gcd", (4, 32, 8), (4, 8, 16), 0),
     ("egcd,edf->egcf", (8, 4, 4, 16), (8, 16, 32), 0),
     ("bsf,bsd->fd", (2, 8, 32), (2, 8, 16), 1),            # a weight gradient: lhs to (f, bs)
+    ("gsd,gsec->gdec", (16, 8, 32), (16, 8, 8, 4), 0),     # MoE dispatch: s, then d, read so
+    ("bhqk,bkhd->bhqd", (2, 4, 8, 8), (2, 8, 4, 16), 1),   # attention values: only v moves
 ]
 
 
@@ -49,10 +51,9 @@ def test_copied_operands_are_those_xla_copies(spec, lhs, rhs, copied):
 def test_dimensions_of_size_one_do_not_count():
     # The MoE dispatch on its expert-split layout: with one expert per device the free
     # dims (e, c) of the dispatch mask are one, and the dot is canonical.
-    numbers = (((1,), (1,)), ((0,), (0,)))  # gsd,gsec->gdec as jax writes it
-    assert copied_orders(numbers, (16, 8, 32), (16, 8, 8, 4)) == ((0, (0, 2, 1)),)
-    assert copied_orders(numbers, (16, 8, 32), (16, 8, 1, 4)) == ()
-    assert canonical(numbers, 3, 3)
+    numbers = (((3, 2), (2, 0)), ((0,), (1,)))  # gsec,egcd->gsd as jax writes it
+    assert [i for i, _ in copied_orders(numbers, (16, 8, 8, 4), (8, 16, 4, 32))] == [0, 1]
+    assert copied_orders(numbers, (16, 8, 1, 4), (1, 16, 4, 32)) == ()
 
 
 def test_a_copy_fuses_into_the_elementwise_equation_making_its_only_operand():

@@ -247,3 +247,71 @@ def test_a_reduction_left_split_sums_over_its_dims_axes_in_one_all_reduce_on_the
                        out_shardings=NamedSharding(mesh, P("data"))).lower(logits).compile()
     assert [(c.kind, c.axes((2, 4))) for c in parse_collectives(compiled.as_text())] == \
         [("all-reduce", (0, 1))]
+
+
+def _replicated_bytes(fn, args) -> tuple[float, float]:
+    """(modelled, compiled) bytes accessed of ``fn`` on one device."""
+    graph = build_graph(trace(fn, args), MeshCostModel(cluster_preset("host-cpu"), (1,)))
+    modelled = sum(node.strategies[0].bytes_accessed for node in graph.nodes)
+    return modelled, jax.jit(fn).lower(*args).compile().cost_analysis()["bytes accessed"]
+
+
+def _two_paths(a, b):
+    x = a * b
+    return (x + 1.0) * (x * 2.0)   # x reaches the one fusion of the product by two paths
+
+
+def test_an_op_reaching_one_fusion_by_several_paths_is_read_once_per_fusion():
+    # a * b is computed in the product's fusion only; counting paths priced its reads
+    # twice (1.67x the compiled bytes; a GPT's embedding sum: 36 paths to 8 fusions)
+    args = (jax.ShapeDtypeStruct((128, 256), jnp.float32),) * 2
+    modelled, compiled = _replicated_bytes(_two_paths, args)
+    assert modelled == compiled
+
+
+ATTENTION = [("bqhd,bkhd->bhqk", (8, 16, 4, 16), (8, 16, 4, 16), lambda q: q),
+             ("bhqk,bkhd->bqhd", (8, 4, 16, 16), (8, 16, 4, 16), lambda p: p),
+             ("bqhd,bkhd->bhqk", (8, 16, 4, 16), (8, 16, 4, 16), lambda q: q * 2.0),
+             ("gsd,gsec->gdec", (16, 8, 32), (16, 8, 8, 4), lambda x: x)]
+
+
+@pytest.mark.parametrize("spec,lhs,rhs,made", ATTENTION,
+                         ids=["scores", "values", "scores of a scaled query", "moe dispatch"])
+def test_dot_operand_copies_are_memory_traffic(spec, lhs, rhs, made):
+    # XLA copies a dot operand whose batch dims are not outermost into (batch, free,
+    # contracting) order: one more read and write of it, unless the elementwise op making
+    # it writes that order (the scaled query); an operand read transposed is no copy
+    def fn(x, y):
+        return jnp.einsum(spec, made(x), y)
+
+    args = (jax.ShapeDtypeStruct(lhs, jnp.float32), jax.ShapeDtypeStruct(rhs, jnp.float32))
+    modelled, compiled = _replicated_bytes(fn, args)
+    assert modelled == compiled
+
+
+def test_a_split_that_leaves_an_operand_in_place_prices_no_copy():
+    # the MoE combine copies both operands whole; with one expert per device (the expert
+    # dim split over all 8) both are read in place, and that strategy moves no copy
+    lhs = jax.ShapeDtypeStruct((16, 8, 8, 4), jnp.float32)
+    rhs = jax.ShapeDtypeStruct((8, 16, 4, 32), jnp.float32)
+    graph = build_graph(trace(lambda a, b: jnp.einsum("gsec,egcd->gsd", a, b), (lhs, rhs)),
+                        MeshCostModel(cluster_preset("host-cpu"), (8,)))
+    dot = next(n for n in graph.nodes if n.name.startswith("dot_general"))
+    whole = next(s for s in dot.strategies if not any(any(d) for spec in s.in_specs for d in spec))
+    by_expert = next(s for s in dot.strategies
+                     if s.in_specs == (((), (), (0,), ()), ((0,), (), (), ())))
+    a, b, out = 16 * 8 * 8 * 4 * 4, 8 * 16 * 4 * 32 * 4, 16 * 8 * 32 * 4
+    assert whole.bytes_accessed == 3 * a + 3 * b + out
+    # each device reads its eighth of both and writes its partial sum, all-reduced
+    assert by_expert.bytes_accessed == (a + b) / 8 + out + 2 * out
+
+
+@pytest.mark.parametrize("name", ["gpt", "moe", "mlp"])
+def test_a_whole_training_steps_bytes_accessed_is_xlas(name):
+    # replicated (one device), within 6 % of cost_analysis (measured 0.98 GPT, 1.05 MoE,
+    # 1.06 MLP; 1.12 / 0.89 / 1.06 before fusion fan-out counted fusions, not paths, and
+    # dot operand copies were priced)
+    from examples import models
+    workload = getattr(models, name)(abstract=True)
+    modelled, compiled = _replicated_bytes(workload.fn, workload.args)
+    assert modelled == pytest.approx(compiled, rel=0.06)

@@ -34,15 +34,16 @@ class DotOperands:
     fusible: tuple[bool, bool]
 
 
-def canonical(dimension_numbers, lhs_rank: int, rhs_rank: int) -> bool:
-    """Whether XLA runs the dot as it is: batch dimensions outermost in both operands, at
-    most one contracting and one free dimension in each."""
-    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-    batch = tuple(range(len(lhs_batch)))
-    return (tuple(lhs_batch) == batch and tuple(rhs_batch) == batch
-            and len(lhs_contract) <= 1
-            and lhs_rank - len(lhs_batch) - len(lhs_contract) <= 1
-            and rhs_rank - len(rhs_batch) - len(rhs_contract) <= 1)
+def in_place(rank: int, batch, contract) -> bool:
+    """Whether XLA reads a dot operand of ``rank`` dimensions as it is laid out: its batch
+    dimensions outermost, in order, then its one contracting dimension and its free
+    dimensions (merged into one in place) either way round (the CPU's matrix multiply
+    reads a matrix transposed as cheaply). Measured on jax 0.10: ``"gsd,gsec->gdec"``
+    reads ``gsd`` as it is (contracting ``s`` before the free ``d``)."""
+    n = len(batch)
+    if tuple(batch) != tuple(range(n)) or len(contract) > 1:
+        return False
+    return not contract or contract[0] in (n, rank - 1)
 
 
 def copied_orders(dimension_numbers, lhs_shape, rhs_shape
@@ -60,8 +61,6 @@ def copied_orders(dimension_numbers, lhs_shape, rhs_shape
     numbers = ((renumbered(lhs_contract, 0), renumbered(rhs_contract, 1)),
                (renumbered(lhs_batch, 0), renumbered(rhs_batch, 1)))
     ranks = len(kept[0]), len(kept[1])
-    if canonical(numbers, *ranks):
-        return ()
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = numbers
 
     def free(rank, batch, contract):
@@ -69,12 +68,15 @@ def copied_orders(dimension_numbers, lhs_shape, rhs_shape
 
     orders = ((*lhs_batch, *free(ranks[0], lhs_batch, lhs_contract), *lhs_contract),
               (*rhs_batch, *rhs_contract, *free(ranks[1], rhs_batch, rhs_contract)))
-    return tuple((i, order) for i, order in enumerate(orders) if order != tuple(range(len(order))))
+    kept_in_place = (in_place(ranks[0], lhs_batch, lhs_contract),
+                     in_place(ranks[1], rhs_batch, rhs_contract))
+    return tuple((i, order) for i, order in enumerate(orders)
+                 if not kept_in_place[i] and order != tuple(range(len(order))))
 
 
 def dot_operands(program) -> dict[int, DotOperands]:
     """Equation index → each ``dot_general`` whose operands XLA copies for some layout
-    (at the global shapes: splitting dimensions only ever makes a dot canonical)."""
+    (at the global shapes: splitting dimensions only ever leaves an operand in place)."""
     consumers, outputs = value_readers(program)
     producer = {v: eqn for eqn in program.eqns for v in eqn.outputs}
     found = {}

@@ -11,6 +11,7 @@ from autoshard.ir.program import Literal
 from autoshard.ir.specs import Spec, enumerate_specs, replicated
 from autoshard.ir.trace import TracedFunction
 
+from .dot_layouts import dot_operands
 from .fusion import fusion
 from .layout_copies import layout_copy_reads
 from .op_rules import CONTROL_FLOW, REPLICATED_QUIETLY, loop_op
@@ -94,6 +95,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     by_specs: dict[tuple, tuple] = {}
     fused, read_in_fusion, fanout, written = fusion(program)
     copied = layout_copy_reads(program)
+    dots = dot_operands(program)
 
     def add(node: Node):
         for k, vid in enumerate(node.outputs):
@@ -129,13 +131,13 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
             reads = (0,) * len(reads)
         if e in copied:  # tensors XLA copies into the layout a convolution runs in
             reads = tuple(r + c for r, c in zip(reads, copied[e], strict=True))
-        signature = (traced.signatures[e], reads)
+        signature = (traced.signatures[e], reads, dots.get(e))
         strategies = memo.get(signature)  # a repeated layer: same rule, same strategies
         if strategies is None:
             op = loop_op(eqn, in_avals, out_avals)
             if op is not None:
                 strategies = memo[signature] = loop_strategies(
-                    op, in_avals, out_avals, model, reads=reads)
+                    op, in_avals, out_avals, model, reads=reads, dot=dots.get(e))
             else:
                 strategies = ()
                 if name in CONTROL_FLOW:

@@ -162,6 +162,13 @@ def _dot_operand_copies(graph: ShardingGraph, model: MeshCostModel, chosen, rang
             made.append(first if pinned or first <= last_other else last_other)
             found.append(((made[-1], max(steps)), size))
         dies = max(last_other, *made)
+        if key[0] == "read" and dies == born and last_other == born and \
+                not any(e == born for e in reads.get(key, ()) if e not in copied):
+            # resharded only to be copied, at the first dot reading it: XLA frees it once
+            # copied, before that dot runs (a MoE's expert outputs gathered, copied in the
+            # two orders the combining dot and its gradient read, then dropped)
+            spans[read_copy[key[1]]] = ((born, born), 0)
+            continue
         if pinned or dies >= end:
             continue
         if key[0] == "read":
