@@ -13,7 +13,7 @@ import autoshard
 from autoshard import ilp
 from autoshard.api import _sharded as sharded_program
 from autoshard.cost_model import MeshCostModel, cluster_preset
-from autoshard.intra.following import group_followers, grouped_request
+from autoshard.intra.following import follows_operand, group_followers, grouped_request
 from autoshard.intra.graph import build_graph, use_cost_matrix
 from autoshard.intra.memory_points import planned_peak_bytes
 from autoshard.intra.plan_record import plan_record
@@ -209,6 +209,29 @@ def test_gpt_plan_shares_gathers_and_audits_clean():
     # (sharded or not) moves an updated weight by up to ~1e-4
     for got, want in zip(jax.tree.leaves(step(*w.args)), jax.tree.leaves(jax.jit(w.fn)(*w.args))):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_a_follower_that_cannot_read_every_made_layout_reads_through_the_read_node():
+    # gathers and reduce-scatters make layouts that split one dim over two axes in reverse
+    # mesh order, which elementwise ops do not take: such a follower is not grouped with
+    # the producer and reshards on its own, and XLA shares that resharding with the other
+    # readers' (the GPT d256 on 8x8 audited an all-gather priced for two readers, run once)
+    w = gpt(num_layers=1, d_model=64, heads=4, seq=16, batch=8, vocab=64, abstract=True)
+    traced = trace(w.fn, w.args)
+    graph = build_graph(traced, MeshCostModel(cluster_preset("host-cpu"), (2, 4)))
+    shared = share_reads(graph)
+    read_of = {(u.src, u.src_output): u.dst for u in shared.uses
+               if shared.nodes[u.dst].kind == READ}
+    direct = [u for u in shared.uses if (u.src, u.src_output) in read_of and u.operand >= 0
+              and shared.nodes[u.dst].kind == "op"]
+    assert direct, "no follower reads a shared value directly: nothing checked"
+    for use in direct:   # those left reading the value as made follow every layout of it
+        made = {s.out_specs[use.src_output] for s in shared.nodes[use.src].strategies}
+        assert made <= {s.in_specs[use.operand] for s in shared.nodes[use.dst].strategies}
+    # and some followers that cannot do so read through it (the embedding sum among them)
+    assert any(shared.nodes[u.src].kind == READ and
+               follows_operand(traced.program, shared.nodes[u.dst], u.operand)
+               for u in shared.uses if u.operand >= 0)
 
 
 def test_read_nodes_keep_the_search_no_worse_than_per_use_pricing():

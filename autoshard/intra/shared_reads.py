@@ -43,7 +43,7 @@ def share_reads(graph: ShardingGraph) -> ShardingGraph:
         dst = graph.nodes[use.dst]
         if use.operand < 0 or dst.kind != "op":
             continue
-        if follows_operand(program, dst, use.operand):
+        if follows_operand(program, dst, use.operand) and _always_follows(graph, use):
             continue
         readers.setdefault((use.src, use.src_output), []).append(use)
     shared = {key: uses for key, uses in readers.items() if len(uses) >= 2}
@@ -81,6 +81,16 @@ def share_reads(graph: ShardingGraph) -> ShardingGraph:
     producer = {vid: (new_index[v], k) for vid, (v, k) in graph.producer.items()}
     return dataclasses.replace(graph, nodes=tuple(nodes), uses=tuple(new_uses),
                                producer=producer)
+
+
+def _always_follows(graph: ShardingGraph, use: Use) -> bool:
+    """Whether the follower ``use.dst`` can read its operand in every layout the producer
+    makes it in (so that ``following`` groups the two: the follower never reshards it).
+    A follower that cannot reshards on its own, and XLA shares that resharding with the
+    value's other readers: it reads through the read node like them (a GPT's attention
+    output all-gathered once for the projection's gradient and for a product)."""
+    made = {s.out_specs[use.src_output] for s in graph.nodes[use.src].strategies}
+    return made <= {s.in_specs[use.operand] for s in graph.nodes[use.dst].strategies}
 
 
 def read_steps(graph: ShardingGraph) -> dict[int, tuple[int, int]]:
