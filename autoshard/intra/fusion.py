@@ -139,4 +139,3 @@ def _fanout(program, fused, consumers, written, index) -> dict[int, int]:
                     found.update(roots[o] if o in roots else (e,))
             roots[v] = frozenset(found)
     return {v: len(r) for v, r in roots.items()}
-

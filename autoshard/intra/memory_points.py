@@ -162,8 +162,8 @@ def _dot_operand_copies(graph: ShardingGraph, model: MeshCostModel, chosen, rang
             made.append(first if pinned or first <= last_other else last_other)
             found.append(((made[-1], max(steps)), size))
         dies = max(last_other, *made)
-        if key[0] == "read" and dies == born and last_other == born and \
-                not any(e == born for e in reads.get(key, ()) if e not in copied):
+        if key[0] == "read" and dies == born and \
+                all(e in copied for e in reads.get(key, ())):
             # resharded only to be copied, at the first dot reading it: XLA frees it once
             # copied, before that dot runs (a MoE's expert outputs gathered, copied in the
             # two orders the combining dot and its gradient read, then dropped)
