@@ -27,7 +27,7 @@ from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
 from autoshard.pipeline.trace import flat_paths, infer_batch_argnums
 from autoshard.plan.audit import Audit
 from autoshard.plan.checks import specs_misfit
-from autoshard.plan.parts import operand_layouts
+from autoshard.plan.parts import operand_layouts, value_layouts
 from autoshard.plan.record import Plan
 
 from .cost_model import Cluster, format_bytes, parse_bytes
@@ -421,10 +421,11 @@ def _sharded(traced: TracedFunction, plan: Plan, mesh, donate_argnums) -> Sharde
     pipeline), donating the leaves under ``donate_argnums``."""
     flags = _under_args(traced.in_paths, donate_argnums)
     operands, via = operand_layouts(plan.operand_specs)
+    values, values_via = value_layouts(plan.value_specs)
     return shard_program(traced.program, mesh, plan.flat_in_specs, plan.flat_out_specs,
-                         value_specs=dict(plan.value_specs), operand_specs=operands,
+                         value_specs=values, operand_specs=operands,
                          donate_argnums=[i for i, d in enumerate(flags) if d],
-                         operand_via=via)
+                         operand_via=via, value_via=values_via)
 
 
 def _rematerialized(traced: TracedFunction, plan: Plan) -> TracedFunction:

@@ -277,9 +277,12 @@ def _time_programs(wname, mesh_name, w, runnable: dict, opts) -> dict:
     return row
 
 
-def run_local(workloads, meshes, opts, *, plan_only: bool, json_path: Path | None = None):
+def run_local(workloads, meshes, opts, *, plan_only: bool, json_path: Path | None = None,
+              calibrated: dict | None = None):
+    """(rows, timings) of ``workloads`` on ``meshes``; ``calibrated``: mesh name -> the
+    cluster ``autoshard.calibrate`` measured for it, filled in as meshes are calibrated."""
     rows, timings = [], []
-    calibrated: dict = {}
+    calibrated = {} if calibrated is None else calibrated
     for wname in workloads:
         factory, _, runs = WORKLOAD_CONFIGS[wname]
         timing = not plan_only and runs and not opts.no_timing
@@ -383,10 +386,10 @@ def main(argv=None) -> int:
     started = time.time()
     executed = [m for m in meshes if m in EXECUTED_MESHES]
     plan_only = [m for m in meshes if m in PLAN_ONLY_MESHES]
-    rows, timings, errors = [], [], []
+    rows, timings, errors, calibrated = [], [], [], {}
     if executed:
         rows, timings = run_local(workloads, executed, opts, plan_only=False,
-                                  json_path=out_dir / "results.json")
+                                  json_path=out_dir / "results.json", calibrated=calibrated)
     if plan_only:
         _log(f"compiling {', '.join(plan_only)} in a subprocess with 64 virtual devices")
         r, err = _run_child(workloads, plan_only, opts)
@@ -406,6 +409,8 @@ def main(argv=None) -> int:
         "meshes": {m: {"shape": list(MESHES[m][0]), "axis_names": list(MESHES[m][1]),
                        "executed": m in EXECUTED_MESHES} for m in meshes},
         "clusters": list(opts.clusters),
+        # the calibrated rows' cluster, to plan them again: autoshard.Cluster.from_json
+        "calibrated_clusters": {m: json.loads(c.to_json()) for m, c in calibrated.items()},
         "repeats": opts.repeats, "warmup": opts.warmup, "timing_s": opts.timing_s,
         "rows": rows, "timing": timings, "errors": errors,
     }

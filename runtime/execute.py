@@ -15,19 +15,23 @@ def evaluate_program(
     value_shardings: Mapping[int, jax.sharding.Sharding] = {},
     operand_shardings: Mapping[tuple[int, int], jax.sharding.Sharding] = {},
     operand_via: Mapping[tuple[int, int], Sequence[jax.sharding.Sharding]] = {},
+    value_via: Mapping[int, Sequence[jax.sharding.Sharding]] = {},
 ) -> tuple:
     """Run ``program`` on ``flat_args`` and return its flat outputs.
 
     ``value_shardings[v]`` pins value ``v`` (right after it is produced) with
-    ``jax.lax.with_sharding_constraint``; ``operand_shardings[(e, k)]`` pins
-    operand ``k`` of equation ``e`` right before that equation reads it, so an
-    operand the plan reshards is resharded exactly as planned; ``operand_via[(e, k)]``
-    pins it to each of those layouts first, in order (the copy other readers share, the
-    steps of the planned resharding: XLA then runs those, not a route of its own).
+    ``jax.lax.with_sharding_constraint``, after each layout of ``value_via[v]`` in turn;
+    ``operand_shardings[(e, k)]`` pins operand ``k`` of equation ``e`` right before that
+    equation reads it, so an operand the plan reshards is resharded exactly as planned;
+    ``operand_via[(e, k)]`` pins it to each of those layouts first, in order (the copy
+    other readers share, the steps of the planned resharding: XLA then runs those, not a
+    route of its own).
     """
     env: dict[int, object] = {}
 
     def write(vid, val):
+        for layout in value_via.get(vid, ()):
+            val = jax.lax.with_sharding_constraint(val, layout)
         sharding = value_shardings.get(vid)
         if sharding is not None:
             val = jax.lax.with_sharding_constraint(val, sharding)

@@ -125,11 +125,12 @@ def shard_program(
     operand_specs: Mapping[tuple[int, int], PartitionSpec] = {},
     donate_argnums: Sequence[int] = (),
     operand_via: Mapping[tuple[int, int], Sequence[PartitionSpec]] = {},
+    value_via: Mapping[int, Sequence[PartitionSpec]] = {},
 ) -> ShardedProgram:
     """Jit ``program`` on ``mesh`` so that XLA executes exactly the given shardings.
 
     ``in_specs``/``out_specs`` are per flat argument/output; ``value_specs`` and
-    ``operand_specs`` (and ``operand_via``) become ``with_sharding_constraint`` on
+    ``operand_specs`` (and ``operand_via``, ``value_via``) become ``with_sharding_constraint`` on
     intermediates (see :func:`evaluate_program`). ``donate_argnums`` index flat arguments.
     """
     named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
@@ -138,10 +139,11 @@ def shard_program(
     value_shardings = {v: named(s) for v, s in value_specs.items()}
     operand_shardings = {k: named(s) for k, s in operand_specs.items()}
     via_shardings = {k: tuple(named(s) for s in chain) for k, chain in operand_via.items()}
+    made_via = {v: tuple(named(s) for s in chain) for v, chain in value_via.items()}
 
     def run(*flat_args):
         return evaluate_program(program, flat_args, value_shardings, operand_shardings,
-                                via_shardings)
+                                via_shardings, made_via)
 
     jitted = jax.jit(run, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=tuple(donate_argnums))

@@ -59,7 +59,7 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
             continue
         for vid, spec in zip(node.outputs, strat.out_specs):
             if len(spec) and vid not in invar_index and result is not None:
-                value_specs.append((vid, P(spec)))
+                value_specs += [(vid, P(s)) for s in _made_layouts(program, node.eqn, strat, spec)]
         for step in strat.collectives:
             collectives.append(Collective(node.name, step.kind, step.seconds, step.nbytes,
                                           names(step.axes)))
@@ -129,6 +129,26 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
                 alternatives=problem.starting_plans().alternatives if result is not None else (),
                 in_shapes=tuple(_shape(program, v) for v in program.invars),
                 out_shapes=tuple(_shape(program, a) for a in program.outvars))
+
+
+def _made_layouts(program, eqn: int, strategy, spec) -> list:
+    """The layouts an op's output is pinned to in turn, ``spec`` (the planned one) last.
+
+    A gather whose partial sums (its table split on the indexed dim) are reduce-scattered
+    is first pinned to the summed layout, the scattered axes left out: asked for the
+    scattered layout directly, XLA's gather partitioner propagates it into the indices
+    and moves them and the rows with all-to-alls and a permute (a GPT's embedding on 8x8:
+    two all-to-alls over "data", an all-reduce and a permute); asked for the summed one, it
+    all-reduces the partial rows, and the slice to ``spec`` is local (XLA's GPUs merge the
+    two into the reduce-scatter priced; its CPUs run them as they stand)."""
+    if program.eqns[eqn].primitive.name != "gather":
+        return [spec]
+    scattered = {a for step in strategy.collectives if step.kind == "reduce-scatter"
+                 for a in step.axes}
+    if not scattered:
+        return [spec]
+    summed = tuple(tuple(a for a in axes if a not in scattered) for axes in spec)
+    return [summed, spec]
 
 
 def _route_layouts(model: MeshCostModel, shape, made, src, dst, *, shared: bool) -> list:

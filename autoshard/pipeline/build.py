@@ -7,7 +7,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
 from autoshard.ir.program import Literal
-from autoshard.plan.parts import operand_layouts
+from autoshard.plan.parts import operand_layouts, value_layouts
 from autoshard.runtime import PipelineProgram, PipelineStage, StepProgram, shard_program
 
 from .layout import PipelineLayout, PlannedApply, apply_name
@@ -24,9 +24,10 @@ def submesh(mesh: Mesh, positions, shape, axis_names) -> Mesh:
 def _step_program(part: PlannedApply, mesh: Mesh, name: str, donate=()) -> StepProgram:
     plan = part.plan
     operands, via = operand_layouts(plan.operand_specs)
+    values, values_via = value_layouts(plan.value_specs)
     program = shard_program(part.program, mesh, plan.flat_in_specs, plan.flat_out_specs,
-                            value_specs=dict(plan.value_specs), operand_specs=operands,
-                            donate_argnums=donate, operand_via=via)
+                            value_specs=values, operand_specs=operands,
+                            donate_argnums=donate, operand_via=via, value_via=values_via)
     return StepProgram(program, tuple(("v", v) for v in part.inputs),
                        tuple(("v", v) for v in part.outputs), name)
 
@@ -94,7 +95,7 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
         spec = lambda v: plan.flat_in_specs[pos[v]] if v in pos else \
             dict(plan.value_specs).get(v, PartitionSpec())  # noqa: E731
         n_out = len(sp.outputs)
-        value_specs = dict(plan.value_specs)
+        value_specs, values_via = value_layouts(plan.value_specs)
         fwd_index = {e: i for i, e in enumerate(sp.forward_eqns)}
         bwd_index = {e: i for i, e in enumerate(sp.backward_eqns)}
         ops, via = operand_layouts(plan.operand_specs)
@@ -103,7 +104,8 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
             list(plan.flat_out_specs[:n_out]) + [spec(v) for v in sp.residuals],
             value_specs=value_specs,
             operand_specs={(fwd_index[e], k): s for (e, k), s in ops.items() if e in fwd_index},
-            operand_via={(fwd_index[e], k): c for (e, k), c in via.items() if e in fwd_index})
+            operand_via={(fwd_index[e], k): c for (e, k), c in via.items() if e in fwd_index},
+            value_via=values_via)
         targets = []
         for v, d in zip(sp.inputs, sp.diff_in):
             if d:
@@ -122,13 +124,13 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
             reduce = shard_program(
                 reduction_program([bwd.avals[bwd.outvars[p.output]] for p in partials]), sub,
                 [p.partial_spec for p in partials], [p.spec for p in partials])
-            bwd_via = {}   # (the deferred program's operands are its own)
+            bwd_via = values_via = {}  # (the deferred program's values are its own)
         else:
             bwd_ops = {(bwd_index[e], k): s for (e, k), s in ops.items() if e in bwd_index}
             bwd_via = {(bwd_index[e], k): c for (e, k), c in via.items() if e in bwd_index}
         backward = shard_program(bwd, sub, [spec(v) for v in bwd.invars], out_specs,
                                  value_specs=value_specs, operand_specs=bwd_ops,
-                                 operand_via=bwd_via)
+                                 operand_via=bwd_via, value_via=values_via)
         stages.append(PipelineStage(
             forward, backward, tuple(key(v) for v in sp.inputs),
             tuple(("act", v) for v in sp.outputs),

@@ -200,8 +200,19 @@ def operand_layouts(operand_specs) -> tuple[dict, dict]:
     """A plan's (or a pipeline program's) ``operand_specs`` as two maps from (equation,
     operand): the spec each operand is read in, and for an operand listed more than once,
     the specs it is resharded through first, in order (a tuple)."""
+    return _chains(((e, k), spec) for e, k, spec in operand_specs)
+
+
+def value_layouts(value_specs) -> tuple[dict, dict]:
+    """``value_specs`` as two maps from value id: the layout each value is pinned to as
+    made, and for a value listed more than once, the layouts it is pinned to first, in
+    order (a tuple: a gather's summed rows before their planned slices)."""
+    return _chains(value_specs)
+
+
+def _chains(keyed) -> tuple[dict, dict]:
     chains: dict = {}
-    for e, k, spec in operand_specs:
-        chains.setdefault((e, k), []).append(spec)
+    for key, spec in keyed:
+        chains.setdefault(key, []).append(spec)
     return ({key: chain[-1] for key, chain in chains.items()},
             {key: tuple(chain[:-1]) for key, chain in chains.items() if len(chain) > 1})

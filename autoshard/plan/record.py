@@ -32,7 +32,9 @@ class Plan:
     (equation, operand) → spec where an operand is resharded before use (an operand
     listed more than once is resharded through each spec in turn, the last the one it is
     read in: the layout the value's readers share, the waypoints of the priced route; see
-    :func:`~autoshard.plan.parts.operand_layouts`).
+    :func:`~autoshard.plan.parts.operand_layouts`; a value listed more than once is
+    pinned to each in turn as made, the last its layout: a gather's summed rows before
+    their planned slices, :func:`~autoshard.plan.parts.value_layouts`).
     Pipeline plans: ``stages`` (:class:`StageAssignment`) and ``programs``
     (:class:`ProgramSpecs`: every stage's, pre-gradient and apply program's shardings).
     ``batch``: the arguments taken as the batch (``"args[2]"``), which the presets split
