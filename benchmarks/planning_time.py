@@ -99,6 +99,7 @@ SCALE_ROWS = (
     ("13B-shaped", 40, 5120, 40, (8, 8, 8)),
     ("70B-shaped, half depth", 40, 8192, 64, (8, 8, 8)),
     ("70B-shaped", 80, 8192, 64, (8, 8, 8)),
+    ("70B-shaped", 80, 8192, 64, (4, 8, 16)),
     ("70B-shaped, half depth, no budget", 40, 8192, 64, (8, 8, 8)),
     ("70B-shaped, no budget", 80, 8192, 64, (8, 8, 8)),
 )

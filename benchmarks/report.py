@@ -6,6 +6,7 @@ from pathlib import Path
 from autoshard.cost_model import format_bytes, format_seconds
 
 ILP = "ShardParallel"
+CALIBRATED = "calibrated"   # the cluster measured on this machine (timing rows)
 PRESETS = ("DataParallel", "ZeRO3", "Megatron")
 NOTES_MARKER = "<!-- analysis-notes: everything below this line is kept when regenerating -->"
 WIN = 1.005         # the ILP at or below the best hand-written baseline (0.5 % for rounding)
@@ -110,8 +111,11 @@ def _timing_lines(result) -> list[str]:
     timings = [t for t in result.get("timing", []) if t["programs"]]
     if not timings:
         return ["No step times in this run (`--no-timing`, or no executed mesh)."]
+    kernels = {(r["workload"], r["mesh"], r["program"]): (r.get("yardstick") or {}).get("kernels")
+               for r in result.get("rows", []) if r["cluster"] == CALIBRATED}
     lines = ["| workload | mesh | ILP (calibrated cluster) | fastest hand-written | ratio | "
-             "presets (ratio to fastest hand) | rounds |", "|---|---|---:|---|---:|---|---:|"]
+             "kernels (ILP / hand) | presets (ratio to fastest hand) | rounds |",
+             "|---|---|---:|---|---:|---:|---|---:|"]
     for t in timings:
         progs = t["programs"]
         hand = {n: v["step_time_s"] for n, v in progs.items() if n.startswith("hand:")}
@@ -122,8 +126,10 @@ def _timing_lines(result) -> list[str]:
         shown = f"**{ratio:.2f}**" if ratio > 1.05 else f"{ratio:.2f}"
         presets = ", ".join(f"{p} {progs[p]['step_time_s'] / hand[best]:.2f}"
                             for p in PRESETS if p in progs)
+        counts = [kernels.get((t["workload"], t["mesh"], p)) for p in (ILP, best)]
+        counted = f"{counts[0]} / {counts[1]}" if None not in counts else "—"
         lines.append(f"| {t['workload']} | {t['mesh']} | {fmt_s(progs[ILP]['step_time_s'])} | "
-                     f"{best} {fmt_s(hand[best])} | {shown} | {presets} | "
+                     f"{best} {fmt_s(hand[best])} | {shown} | {counted} | {presets} | "
                      f"{t.get('rounds', len(progs[ILP]['step_times_s']))} |")
     return lines
 

@@ -62,7 +62,7 @@ from autoshard.ir import hlo  # noqa: E402
 from examples import models  # noqa: E402
 
 from . import baselines  # noqa: E402
-from .report import write_markdown  # noqa: E402
+from .report import CALIBRATED, write_markdown  # noqa: E402
 from .yardstick import yardstick  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +100,6 @@ PLAN_ONLY_MESHES = ("8x8",)         # subprocess, 64 virtual devices
 FULL_MESHES = ("8", "2x4", "8x8")
 QUICK_MESHES = ("8", "2x4")
 CLUSTERS = ("host-cpu", "h100-80gb")
-CALIBRATED = "calibrated"          # the cluster measured on this machine (timing rows)
 #: timed rounds at most per workload and mesh (--timing-s stops them sooner)
 MAX_ROUNDS = 400
 
@@ -131,7 +130,7 @@ def _shardings(mesh, specs):
 def _yardstick_fields(y) -> dict:
     return {"total_s": y.total_s, "compute_s": y.compute_s, "memory_s": y.memory_s,
             "collective_s": y.collective_s, "flops": y.flops, "bytes_accessed": y.bytes_accessed,
-            "peak_memory_bytes": y.peak_memory_bytes,
+            "peak_memory_bytes": y.peak_memory_bytes, "kernels": y.kernels,
             "collectives": [{"kind": c.kind, "axes": list(c.axes), "count": c.count,
                              "bytes": c.bytes, "seconds": c.seconds} for c in y.collectives]}
 

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 import autoshard
 from autoshard.cost_model import Link, MeshCostModel
 from autoshard.ir import hlo
-from benchmarks.yardstick import yardstick
+from benchmarks.yardstick import kernel_count, yardstick
 from tests.baseline_cases import compiled_baseline
 
 # Device ids sit row-major on the (2, 4) mesh ("data", "model"):
@@ -197,6 +197,45 @@ def test_total_is_the_sum_of_its_parts_on_a_compiled_baseline():
     kinds = {(c.kind, c.axes) for c in y.collectives}
     assert ("all-reduce", ("model",)) in kinds and ("all-reduce", ("data",)) in kinds
     assert "Yardstick(total" in repr(y)
+
+
+def test_kernels_are_the_entry_instructions_that_run():
+    # the parameters, constants, tuples, get-tuple-elements, bitcasts and the -done half of
+    # an async pair launch nothing; a fusion, a dot, a collective (tuple-shaped too) and a
+    # copy do: 4 kernels. A nested computation's instructions are its caller's
+    text = """HloModule m
+
+%fused (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %n = f32[8]{0} negate(%p)
+}
+
+ENTRY %main (a: f32[8], b: f32[8,8]) -> (f32[8], f32[8]) {
+  %a = f32[8]{0} parameter(0)
+  %b = f32[8,8]{1,0} parameter(1)
+  %c = f32[] constant(1)
+  %f = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused
+  %d = f32[8]{0} dot(%b, %f), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %ar = (f32[8]{0}, f32[8]{0}) all-reduce(%d, %f), replica_groups={}, to_apply=%fused
+  %g = f32[8]{0} get-tuple-element(%ar), index=0
+  %s = f32[8]{0} all-gather-start(%g), dimensions={0}
+  %e = f32[8]{0} all-gather-done(%s)
+  %bc = f32[8]{0} bitcast(%e)
+  ROOT %t = (f32[8]{0}, f32[8]{0}) tuple(%bc, %g)
+}
+"""
+    assert kernel_count(text) == 4
+
+
+def test_a_compiled_programs_kernels_are_counted():
+    compiled, _ = compiled_baseline("mlp", (2, 4), "dp_tp")
+    y = yardstick(compiled, (2, 4), autoshard.cluster_preset("host-cpu"))
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY"):]
+    fusions = entry.count(" fusion(")
+    collectives = sum(c.count for c in y.collectives)
+    # every fusion and collective is a kernel, and the parameters are not
+    assert fusions + collectives <= y.kernels < entry.count(" = ") - entry.count(" parameter(")
 
 
 def test_axes_of_collectives_xla_really_emits():
