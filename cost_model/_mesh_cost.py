@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -347,6 +347,12 @@ def _priced_route(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, r
 
     steps = tuple(CollectiveStep(step.kind, step.axes, n, _PRICE[step.kind](model, n, step.axes))
                   for step in route.steps for n in (nbytes(step.layout),))
+    return steps, _route_traffic(model, shape, route, nbytes)
+
+
+def _route_traffic(model: MeshCostModel, shape: tuple[int, ...], route: Route,
+                   nbytes: Callable[[Spec], int]) -> int:
+    """Bytes per device ``route``'s copies read and write (``nbytes``: a layout's shard)."""
     traffic = 0
     for term in route.traffic:
         if term.sliced_all_to_all and not model.cluster.all_to_all_as_slices:
@@ -355,19 +361,37 @@ def _priced_route(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, r
                 -(-n // model._split(axes)) for n, axes in zip(shape[:term.before_dim], term.layout)) <= 1:
             continue
         traffic += term.factor * (nbytes(term.layout) // term.divisor)
-    return steps, traffic
+    return traffic
 
 
 @functools.lru_cache(maxsize=4096)
 def _resharding_matrix(
     model: MeshCostModel, shape: tuple[int, ...], itemsize: int, srcs: tuple[Spec, ...], dsts: tuple[Spec, ...]
 ) -> np.ndarray:
+    """``_walk_seconds`` of every (src, dst) route, its collectives priced once per (kind,
+    axes, bytes) and each layout's shard bytes once: the same sums, in the same order."""
     shard_bytes: dict[Spec, int] = {}
+    prices: dict[tuple, float] = {}
+
+    def nbytes(layout: Spec) -> int:
+        found = shard_bytes.get(layout)
+        if found is None:
+            found = shard_bytes[layout] = model._shard_bytes(shape, itemsize, layout)
+        return found
+
+    def price(kind: str, axes: tuple[int, ...], n: int) -> float:
+        found = prices.get((kind, axes, n))
+        if found is None:
+            found = prices[(kind, axes, n)] = _PRICE[kind](model, n, axes)
+        return found
+
+    bandwidth = model.cluster.memory_bandwidth
     cells = []
     for src in srcs:
         for dst in dsts:
-            cells.append(_walk_seconds(model, *_priced_route(
-                model, shape, itemsize, resharding_route(model.mesh_shape, src, dst), shard_bytes)))
+            route = resharding_route(model.mesh_shape, src, dst)
+            cells.append(sum(price(step.kind, step.axes, nbytes(step.layout)) for step in route.steps)
+                         + _route_traffic(model, shape, route, nbytes) / bandwidth)
     matrix = np.array(cells, dtype=np.float64).reshape(len(srcs), len(dsts))
     matrix.flags.writeable = False
     return matrix

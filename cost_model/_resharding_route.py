@@ -166,7 +166,7 @@ def resharding_route(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> Route
             if moves(group):
                 passed.append(now())
         if relayout and moved and live(layout) == live(dst) and \
-                live_axes(mesh_shape, layout) != live_axes(mesh_shape, dst):
+                live_axes(mesh_shape, now()) != live_axes(mesh_shape, dst):
             # the axes arrived in another order than dst's (one dim's axes moved to another
             # dim, reversed): XLA puts the blocks in order with one collective-permute
             here = now()
@@ -252,9 +252,11 @@ def _waypoints(mesh_shape: tuple[int, ...], src: Spec, dst: Spec, passed) -> tup
     return tuple(kept)
 
 
-def live_axes(mesh_shape: tuple[int, ...], spec) -> list[tuple[int, ...]]:
-    """Per dim, the mesh axes of ``spec`` that split it (size > 1), in order."""
-    return [tuple(a for a in axes if mesh_shape[a] > 1) for axes in spec]
+@functools.lru_cache(maxsize=1 << 16)
+def live_axes(mesh_shape: tuple[int, ...], spec: Spec) -> tuple[tuple[int, ...], ...]:
+    """Per dim, the mesh axes of ``spec`` that split it (size > 1), in order (memoised:
+    a matrix's routes ask for each layout's many times)."""
+    return tuple(tuple(a for a in axes if mesh_shape[a] > 1) for axes in spec)
 
 
 def _refines_elsewhere(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> bool:
