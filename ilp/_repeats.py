@@ -144,9 +144,15 @@ def tied_request(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpRequ
     # members share costs and neighbourhoods: the first one's labels stand for the class
     labels = None if request.strategy_labels is None else \
         tuple(request.strategy_labels[v] for v in members)
-    # a class choosing a member strategy chooses it for every node of the class: same charge
-    shared = tuple(SharedCost(s.cost, tuple(sorted({(classes.of_node[v], i) for v, i in s.members})))
-                   for s in request.shared_costs)
+    # a class choosing a member strategy chooses it for every node of the class: same
+    # charge; charges whose members tie to the same (class, strategy) pairs are paid
+    # together, so they are one charge of their sum (one per repeated layer's merged
+    # all-reduce becomes one per class)
+    charges: dict[tuple, float] = {}
+    for s in request.shared_costs:
+        tied = tuple(sorted({(classes.of_node[v], i) for v, i in s.members}))
+        charges[tied] = charges.get(tied, 0.0) + s.cost
+    shared = tuple(SharedCost(cost, tied) for tied, cost in charges.items())
     of = classes.of_node
     terms = tuple(tuple((of[t[0]], t[1]) if len(t) == 2 else
                         (of[t[0]], np.diagonal(t[2]).copy()) if of[t[0]] == of[t[1]] else

@@ -8,6 +8,7 @@ naming the offending node (by name when ``node_names`` is given).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -270,12 +271,15 @@ class IntraOpRequest:
     def shared_members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every shared cost's members as three int arrays, member by member: (node,
         strategy, index of its shared cost), for pricing many plans at once."""
-        members = [(v, i, k) for k, shared in enumerate(self.shared_costs)
-                   for v, i in shared.members]
-        columns = np.array(members, dtype=np.int64).reshape(-1, 3).T
+        counts = np.array([len(shared.members) for shared in self.shared_costs], dtype=np.int64)
+        pairs = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(
+            shared.members for shared in self.shared_costs)), dtype=np.int64,
+            count=2 * int(counts.sum())).reshape(-1, 2)
+        columns = (pairs[:, 0].copy(), pairs[:, 1].copy(),
+                   np.repeat(np.arange(len(counts), dtype=np.int64), counts))
         for column in columns:
             column.flags.writeable = False
-        return columns[0], columns[1], columns[2]
+        return columns
 
     @property
     def num_nodes(self) -> int:

@@ -157,6 +157,20 @@ def test_merged_all_reduces_share_one_latency():
     assert tied.num_nodes == 1 and [s.members for s in tied.shared_costs] == [((0, 1),)]
 
 
+def test_charges_that_tie_to_the_same_members_are_one_charge():
+    # Two identical layers (nodes 0 and 1), each with its own merged all-reduce latency
+    # (2.5 s on its strategy 1), and a 1 s charge shared by both. Tied into one class,
+    # every charge has the same member, (class 0, strategy 1), and is paid exactly when
+    # the others are: one charge of 2.5 + 2.5 + 1 = 6 s. Strategy 1 costs 1 + 1 + 6 = 8 s
+    # (strategy 0: 6 s, no charge), as on the untied request.
+    request = IntraOpRequest(node_costs=([3.0, 1.0], [3.0, 1.0]), shared_costs=(
+        SharedCost(2.5, ((0, 1),)), SharedCost(2.5, ((1, 1),)), SharedCost(1.0, ((0, 1), (1, 1)))))
+    tied = tied_request(request, repeat_classes(request, period=1))
+    assert [(s.cost, s.members) for s in tied.shared_costs] == [(6.0, ((0, 1),))]
+    for pick, seconds in (([0], 6.0), ([1], 8.0)):
+        assert evaluate(tied, pick).objective == evaluate(request, pick * 2).objective == seconds
+
+
 # A costs [1, 2] s, mem [100, 50] B; B costs [1, 3], mem [100, 20]; both live at once,
 # budget 160 B. (0,0): 200 B too much; (0,1): 120 B, 4 s; (1,0): 150 B, 3 s; (1,1): 70 B, 5 s.
 TWO_NODES_UNDER_160_BYTES = IntraOpRequest(
