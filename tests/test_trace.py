@@ -39,3 +39,24 @@ def test_the_costliest_ops_are_named_by_module_path():
     plan = autoshard.parallelize(_step, mesh=autoshard.abstract_mesh((8,), ("data",))).plan(*ARGS)
     assert any("encoder" in op.scope for op in plan.top_ops)
     assert "encoder" in plan.summary()
+
+
+def test_a_programs_analyses_are_made_once_per_program_and_arguments():
+    from autoshard.intra.liveness import live_ranges
+    from autoshard.ir.program import per_program
+
+    calls = []
+
+    @per_program
+    def count(program, donated=()):
+        calls.append(tuple(donated))
+        return len(program.eqns)
+
+    program, other = trace(_step, ARGS).program, trace(_step, ARGS).program
+    assert count(program, [1]) == count(program, [1]) == len(program.eqns)
+    count(program, [2])
+    count(other, [1])
+    assert calls == [(1,), (2,), (1,)]  # the second program and other arguments: again
+    # the planner's analyses are shared, the same object for the same arguments
+    assert live_ranges(program, [program.invars[0]]) is live_ranges(program, [program.invars[0]])
+    assert live_ranges(program) is not live_ranges(program, [program.invars[0]])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from autoshard.ir.program import Literal
+from autoshard.ir.program import Literal, per_program
 
 from .fusion import value_readers
 from .op_rules import ELEMENTWISE
@@ -74,6 +74,7 @@ def copied_orders(dimension_numbers, lhs_shape, rhs_shape
                  if not kept_in_place[i] and order != tuple(range(len(order))))
 
 
+@per_program
 def dot_operands(program) -> dict[int, DotOperands]:
     """Equation index → each ``dot_general`` whose operands XLA copies for some layout
     (at the global shapes: splitting dimensions only ever leaves an operand in place)."""

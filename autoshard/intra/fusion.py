@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from autoshard.ir.program import Literal
+from autoshard.ir.program import Literal, per_program
 
 from .op_rules import FUSIBLE, FUSING_CONSUMERS
 
@@ -77,6 +77,7 @@ def _into_reduction(eqn, reduced_only) -> bool:
         bool(eqn.outputs) and all(o in reduced_only for o in eqn.outputs)
 
 
+@per_program
 def fusion(program) -> tuple[frozenset[int], frozenset[int], dict[int, int],
                              dict[int, frozenset[int]]]:
     """``(fused, read_in_fusion)`` as :func:`fused_values`, the fan-out per fused value as

@@ -14,7 +14,7 @@ cluster: a GPU's layout assignment prefers its own orders (cuDNN's), which this 
 """
 from __future__ import annotations
 
-from autoshard.ir.program import Literal
+from autoshard.ir.program import Literal, per_program
 
 from .fusion import value_readers
 from .op_rules import FUSIBLE, FUSING_CONSUMERS
@@ -32,6 +32,7 @@ def canonical_orders(dimension_numbers) -> tuple[tuple[int, ...], ...]:
     return ((lhs[0], *lhs[2:], lhs[1]), (*rhs[2:], rhs[1], rhs[0]), (out[0], *out[2:], out[1]))
 
 
+@per_program
 def layout_copy_reads(program) -> dict[int, tuple[int, ...]]:
     """Equation index → extra reads per operand then per output (in multiples of that
     tensor's bytes) for the convolutions whose tensors XLA copies; other equations are

@@ -5,12 +5,13 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from autoshard.ir.program import Literal, Program, readers
+from autoshard.ir.program import Literal, Program, per_program, readers
 
 from .fusion import fusion
 from .op_rules import ELEMENTWISE
 
 
+@per_program
 def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tuple[int, int]]:
     """Value id → (first step, last step) it occupies memory.
 

@@ -7,7 +7,11 @@ constants and writes values.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,3 +71,22 @@ def readers(program: Program) -> dict[int, list[int]]:
                 if not seen or seen[-1] != e:
                     seen.append(e)
     return read_by
+
+
+def per_program(analysis: Callable[..., _T]) -> Callable[..., _T]:
+    """``analysis(program, *args)`` computed once per program and arguments: a program
+    never changes, and the planner asks for its fusion, liveness and copies again for
+    every plan it prices. The result is kept on the program (keyed by the arguments, a
+    list as a tuple, a set as a frozenset) and shared: callers must not change it."""
+    def hashable(a):
+        return tuple(a) if isinstance(a, list) else frozenset(a) if isinstance(a, set) else a
+
+    @functools.wraps(analysis)
+    def memoized(program: Program, *args, **kwargs):
+        key = (analysis, tuple(map(hashable, args)),
+               tuple(sorted((k, hashable(v)) for k, v in kwargs.items())))
+        found = program.__dict__.setdefault("_analyses", {})
+        if key not in found:
+            found[key] = analysis(program, *args, **kwargs)
+        return found[key]
+    return memoized
