@@ -112,6 +112,16 @@ def test_recomputed_segments_round_trip():
     assert assert_round_trip(plan).remat == plan.remat
 
 
+def test_a_value_pinned_through_two_layouts_round_trips_in_order():
+    from autoshard.plan.parts import value_layouts
+    # a gather's summed rows, then their planned slices (plan_record._made_layouts)
+    chain = ((7, P("data")), (9, P()), (7, P("data", "model")))
+    loaded = assert_round_trip(_synthetic_plan(value_specs=chain))
+    assert loaded.value_specs == chain
+    assert value_layouts(loaded.value_specs) == ({7: P("data", "model"), 9: P()},
+                                                 {7: (P("data"),)})
+
+
 def test_real_plan_round_trips_exactly():
     w = mlp(num_layers=1, batch=16, hidden=16, optimizer="adam", abstract=True)
     mesh = autoshard.abstract_mesh((2,), ("data",))

@@ -7,8 +7,9 @@ The file is one JSON object (``"format": "autoshard-plan"``, ``"format_version":
     cluster                        the object Cluster.to_json() writes
     in_specs, out_specs            spec trees (below): the pytrees of PartitionSpec
     inputs, outputs                [[key path, spec], ...] per flat leaf
-    value_specs                    [[value id, spec], ...]   (intermediates pinned)
-    operand_specs                  [[equation, operand, spec], ...]
+    value_specs                    [[value id, spec], ...]   (intermediates pinned; a
+                                   value listed twice is pinned to each in turn)
+    operand_specs                  [[equation, operand, spec], ...] (likewise resharded)
     cost                           {compute_s, communication_s, resharding_s, peak_memory_bytes}
     solver                         null or {status, objective_s, ..., planning_time_s}
     collectives, top_ops           [{op, kind, seconds}], [{op, source, strategy, seconds}]
