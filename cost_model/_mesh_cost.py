@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -309,7 +309,12 @@ def _resharding_time(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
 
 def _walk_seconds(model: MeshCostModel, steps: tuple[CollectiveStep, ...], traffic: int) -> float:
     """A resharding's seconds: its collectives plus its copies' traffic at memory bandwidth."""
-    return sum(step.seconds for step in steps) + traffic / model.cluster.memory_bandwidth
+    return _seconds(model, (step.seconds for step in steps), traffic)
+
+
+def _seconds(model: MeshCostModel, step_seconds: Iterable[float], traffic: int) -> float:
+    """``step_seconds`` summed in order, plus ``traffic`` bytes at memory bandwidth."""
+    return sum(step_seconds) + traffic / model.cluster.memory_bandwidth
 
 
 def _resharding_steps(model, shape, itemsize, src, dst) -> tuple[CollectiveStep, ...]:
@@ -327,7 +332,8 @@ def _resharding_walk(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
     and the bytes per device its copies read and write (``resharding_traffic``): the
     shape-free route (``_resharding_route``) priced for ``shape`` and ``itemsize``. The
     specs are checked by the callers (once per spec for a matrix)."""
-    return _priced_route(model, shape, itemsize, resharding_route(model.mesh_shape, src, dst), {})
+    return _priced_route(model, shape, resharding_route(model.mesh_shape, src, dst),
+                         _shard_bytes_of(model, shape, itemsize))
 
 
 #: the price of each collective a route runs (``MeshCostModel`` method: model, nbytes, axes)
@@ -335,16 +341,23 @@ _PRICE = {"all-gather": MeshCostModel.all_gather, "all-to-all": MeshCostModel.al
           "collective-permute": MeshCostModel.collective_permute}
 
 
-def _priced_route(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, route: Route,
-                  shard_bytes: dict[Spec, int]) -> tuple[tuple[CollectiveStep, ...], int]:
-    """``route``'s collectives and copy traffic (bytes per device) for one ``shape`` and
-    ``itemsize``; ``shard_bytes`` memoises the bytes of each layout's shard (per shape)."""
+def _shard_bytes_of(model: MeshCostModel, shape: tuple[int, ...], itemsize: int
+                    ) -> Callable[[Spec], int]:
+    """A layout's shard bytes for one ``shape`` and ``itemsize``, each layout's computed once."""
+    shard_bytes: dict[Spec, int] = {}
+
     def nbytes(layout: Spec) -> int:
         found = shard_bytes.get(layout)
         if found is None:
             found = shard_bytes[layout] = model._shard_bytes(shape, itemsize, layout)
         return found
+    return nbytes
 
+
+def _priced_route(model: MeshCostModel, shape: tuple[int, ...], route: Route,
+                  nbytes: Callable[[Spec], int]) -> tuple[tuple[CollectiveStep, ...], int]:
+    """``route``'s collectives and copy traffic (bytes per device) for one ``shape``
+    (``nbytes``: a layout's shard bytes, ``_shard_bytes_of``)."""
     steps = tuple(CollectiveStep(step.kind, step.axes, n, _PRICE[step.kind](model, n, step.axes))
                   for step in route.steps for n in (nbytes(step.layout),))
     return steps, _route_traffic(model, shape, route, nbytes)
@@ -370,14 +383,8 @@ def _resharding_matrix(
 ) -> np.ndarray:
     """``_walk_seconds`` of every (src, dst) route, its collectives priced once per (kind,
     axes, bytes) and each layout's shard bytes once: the same sums, in the same order."""
-    shard_bytes: dict[Spec, int] = {}
+    nbytes = _shard_bytes_of(model, shape, itemsize)
     prices: dict[tuple, float] = {}
-
-    def nbytes(layout: Spec) -> int:
-        found = shard_bytes.get(layout)
-        if found is None:
-            found = shard_bytes[layout] = model._shard_bytes(shape, itemsize, layout)
-        return found
 
     def price(kind: str, axes: tuple[int, ...], n: int) -> float:
         found = prices.get((kind, axes, n))
@@ -385,13 +392,13 @@ def _resharding_matrix(
             found = prices[(kind, axes, n)] = _PRICE[kind](model, n, axes)
         return found
 
-    bandwidth = model.cluster.memory_bandwidth
     cells = []
     for src in srcs:
         for dst in dsts:
             route = resharding_route(model.mesh_shape, src, dst)
-            cells.append(sum(price(step.kind, step.axes, nbytes(step.layout)) for step in route.steps)
-                         + _route_traffic(model, shape, route, nbytes) / bandwidth)
+            cells.append(_seconds(model, (price(step.kind, step.axes, nbytes(step.layout))
+                                          for step in route.steps),
+                                  _route_traffic(model, shape, route, nbytes)))
     matrix = np.array(cells, dtype=np.float64).reshape(len(srcs), len(dsts))
     matrix.flags.writeable = False
     return matrix
