@@ -7,6 +7,7 @@ from ._evaluate import MoveCosts as MoveCosts
 from ._evaluate import evaluate as evaluate
 from ._heuristic import best_assignment as best_assignment
 from ._heuristic import greedy_assignment as greedy_assignment
+from ._heuristic import greedy_assignments as greedy_assignments
 from ._intra_op import solve_intra_op as solve_intra_op
 from ._memory import min_peak_memory as min_peak_memory
 from ._neighbourhood import solved_in_neighbourhoods as solved_in_neighbourhoods
@@ -41,6 +42,7 @@ __all__ = [
     "best_assignment",
     "evaluate",
     "greedy_assignment",
+    "greedy_assignments",
     "min_peak_memory",
     "solve_intra_op",
     "solved_in_neighbourhoods",

@@ -11,7 +11,6 @@ import numpy as np
 
 from ._evaluate import MEMORY_RTOL, evaluate, point_memory
 from ._heuristic import incident_edges
-from ._repeats import repeat_classes
 from ._request import IntraOpRequest
 
 MAX_PASSES = 30
@@ -82,7 +81,7 @@ def _groups(request: IntraOpRequest) -> list[list[int]]:
     (so the result survives tying), else each node alone."""
     if not (request.tie_repeats and not request.memory_points):
         return [[v] for v in range(request.num_nodes)]
-    return repeat_classes(request).members()
+    return request.repeats.members()
 
 
 def _savings(request: IntraOpRequest, choices: Sequence[int], points: Sequence[int]

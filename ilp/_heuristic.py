@@ -13,16 +13,17 @@ from ._request import IntraOpRequest
 
 
 def polish(costs: Sequence[np.ndarray], edges, start: list[int],
-           max_sweeps: int = 100) -> list[int]:
+           max_sweeps: int = 100, incident=None) -> list[int]:
     """Iterated conditional modes: move one node at a time to its best strategy given its
     neighbours' current strategies until no move helps. Nodes are visited in index order
     and ties keep the current choice, so the result is deterministic.
 
     A sweep visits only the nodes a neighbour's move touched since they were last visited
     (the others would stay put): the same moves as visiting every node in every sweep, in
-    time proportional to the moves (a deep model's sweeps each move a few nodes)."""
+    time proportional to the moves (a deep model's sweeps each move a few nodes).
+    ``incident``: ``incident_edges(len(costs), edges)``, when the caller has it."""
     n = len(costs)
-    incident = incident_edges(n, edges)
+    incident = incident_edges(n, edges) if incident is None else incident
     choice = list(start)
     movable = [bool(incident[v]) and len(costs[v]) > 1 for v in range(n)]
     touched = [v for v in range(n) if movable[v]]
@@ -79,13 +80,27 @@ def greedy_assignment(request: IntraOpRequest,
     ``improve`` the result is then improved by iterated conditional modes within those
     restrictions. Seeds the solver with plans in the style of the presets, so that a
     search stopped by its time limit never returns worse than them.
+
+    A request that ties repeated layers (``tie_repeats``, no memory points) is planned as
+    the solver plans it: the greedy plan of its tied request (``repeats``' classes, each
+    restricted to the options its restricted members share), expanded to every node.
     """
+    return greedy_assignments(request, [allowed], improve)[0]
+
+
+def greedy_assignments(request: IntraOpRequest,
+                       restrictions: Sequence[Mapping[int, Sequence[int]] | None],
+                       improve: bool = True) -> list[tuple[int, ...]]:
+    """``greedy_assignment`` under each of ``restrictions`` (one plan each), the request's
+    edges gathered once for all of them."""
+    if request.tie_repeats and not request.memory_points and \
+            request.repeats.num_classes < request.num_nodes:
+        classes = request.repeats
+        plans = greedy_assignments(request.tied_structure,
+                                   [_restricted_classes(allowed, classes.of_node)
+                                    for allowed in restrictions], improve)
+        return [classes.expand(plan) for plan in plans]
     n = request.num_nodes
-    costs = [np.asarray(c, dtype=np.float64) for c in request.node_costs]
-    for v, options in (allowed or {}).items():
-        mask = np.full(len(costs[v]), np.inf)
-        mask[list(options)] = 0.0
-        costs[v] = costs[v] + mask
     edges = [(e.src, e.dst, e.cost) for e in request.edges]
     earlier: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n)]
     for a, b, matrix in edges:
@@ -93,15 +108,38 @@ def greedy_assignment(request: IntraOpRequest,
             earlier[b].append((a, matrix.T))
         elif b < a:
             earlier[a].append((b, matrix))
-    choice = [0] * n
-    for v in range(n):
-        total = costs[v].copy()
-        for u, matrix in earlier[v]:
-            total += matrix[:, choice[u]]
-        if not np.isfinite(total).any():
-            total = costs[v]
-        choice[v] = int(np.argmin(total))
-    return tuple(polish(costs, edges, choice)) if improve else tuple(choice)
+    incident = incident_edges(n, edges) if improve else None
+    plans = []
+    for allowed in restrictions:
+        costs = [np.asarray(c, dtype=np.float64) for c in request.node_costs]
+        for v, options in (allowed or {}).items():
+            mask = np.full(len(costs[v]), np.inf)
+            mask[list(options)] = 0.0
+            costs[v] = costs[v] + mask
+        choice = [0] * n
+        for v in range(n):
+            total = costs[v].copy()
+            for u, matrix in earlier[v]:
+                total += matrix[:, choice[u]]
+            if not np.isfinite(total).any():
+                total = costs[v]
+            choice[v] = int(np.argmin(total))
+        plans.append(tuple(polish(costs, edges, choice, incident=incident)) if improve
+                     else tuple(choice))
+    return plans
+
+
+def _restricted_classes(allowed: Mapping[int, Sequence[int]] | None, of_node: Sequence[int]
+                        ) -> dict[int, list[int]] | None:
+    """``allowed`` (node -> strategies) as class -> the strategies all its restricted
+    members allow (a class whose members share none stays unrestricted)."""
+    if not allowed:
+        return allowed
+    shared: dict[int, set[int]] = {}
+    for v, options in allowed.items():
+        c = of_node[v]
+        shared[c] = set(options) if c not in shared else shared[c] & set(options)
+    return {c: sorted(options) for c, options in shared.items() if options}
 
 
 def best_assignment(request: IntraOpRequest, candidates: Sequence[Sequence[int]]

@@ -71,7 +71,7 @@ from ._memory import _min_peak, memory_unit, solver_parameters, to_units, within
 from ._neighbourhood import needs_neighbourhoods, solve_in_neighbourhoods
 from ._reduce import ReducedProblem, reduce_request
 from ._relaxation import solve_relaxation
-from ._repeats import repeat_classes, solve_tied
+from ._repeats import solve_tied
 from ._request import InfeasibleError, IntraOpRequest, IntraOpResult, SolverStats
 
 #: integer units given to the largest objective coefficient.
@@ -217,9 +217,8 @@ def solve_intra_op(request: IntraOpRequest, *,
         starting_plan = functools.cache(starting_plan)
     deadline = Deadline.of(request.wall_time_limit_s, request.time_limit_s)
     if request.tie_repeats and not request.memory_points:
-        classes = repeat_classes(request)
-        if classes.num_classes < request.num_nodes:
-            return solve_tied(request, classes, deadline, starting_plan, solve_intra_op)
+        if request.repeats.num_classes < request.num_nodes:
+            return solve_tied(request, deadline, starting_plan, solve_intra_op)
     if needs_neighbourhoods(request):  # its rounds start from the plan
         if starting_plan is not None:
             request = request.with_options(hint=starting_plan())

@@ -35,7 +35,6 @@ from ._clock import Deadline
 from ._evaluate import evaluate
 from ._heuristic import best_assignment, greedy_assignment
 from ._lagrangian import starts_that_fit
-from ._repeats import repeat_classes, tied_request
 from ._request import InfeasibleError, IntraOpRequest, IntraOpResult
 
 _log = logging.getLogger("autoshard.ilp")
@@ -75,9 +74,8 @@ def solved_in_neighbourhoods(request: IntraOpRequest) -> bool:
     if not needs_neighbourhoods(request):  # tying only shrinks a request: no need to tie
         return False
     if request.tie_repeats and not request.memory_points:
-        classes = repeat_classes(request)
-        if classes.num_classes < request.num_nodes:
-            request = tied_request(request, classes)
+        if request.repeats.num_classes < request.num_nodes:
+            request = request.tied_structure
     return needs_neighbourhoods(request)
 
 

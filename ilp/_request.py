@@ -16,6 +16,8 @@ import numpy as np
 
 from autoshard.cost_model import format_bytes, format_seconds
 
+from ._repeat_classes import RepeatClasses, repeat_classes
+
 
 def _frozen_array(values, ndim: int, what: str) -> np.ndarray:
     if isinstance(values, np.ndarray) and values.dtype == np.float64 and values.ndim == ndim \
@@ -268,6 +270,21 @@ class IntraOpRequest:
         return flat
 
     @functools.cached_property
+    def repeats(self) -> RepeatClasses:
+        """The classes of repeated layers' nodes the solver ties when ``tie_repeats`` is
+        set (``repeat_classes``, default depth and period). Found once per request and
+        shared by the copies ``with_options`` makes: they depend on the costs and edges
+        only."""
+        return repeat_classes(self)
+
+    @functools.cached_property
+    def tied_structure(self) -> IntraOpRequest:
+        """The request over ``repeats``' classes with no options set (no memory terms,
+        hint or guide, default limits): the costs and edges ``_repeats.tied_request``
+        completes with this request's options, made once per request."""
+        return tied_structure(self, self.repeats)
+
+    @functools.cached_property
     def shared_members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every shared cost's members as three int arrays, member by member: (node,
         strategy, index of its shared cost), for pricing many plans at once."""
@@ -497,3 +514,40 @@ class InfeasibleError(ValueError):
         super().__init__(message)
         self.min_peak_bytes = float(min_peak_bytes)
         self.memory_budget = memory_budget
+
+
+def tied_structure(request: IntraOpRequest, classes: RepeatClasses) -> IntraOpRequest:
+    """The request over ``classes``' classes with no options set: member costs summed,
+    edges re-attached to classes (those between the same two classes summed into one),
+    shared costs tied, the first member's labels for each class (``_repeats.tied_request``
+    adds the options)."""
+    costs = [None] * classes.num_classes
+    for v, c in enumerate(classes.of_node):
+        cost = np.asarray(request.node_costs[v], dtype=np.float64)
+        costs[c] = cost.copy() if costs[c] is None else costs[c] + cost
+    edges: dict[tuple[int, int], np.ndarray] = {}  # parallel edges summed: flat in depth
+    for e in request.edges:
+        a, b = classes.of_node[e.src], classes.of_node[e.dst]
+        if a == b:  # both ends take the same choice
+            costs[a] = costs[a] + np.diagonal(e.cost)
+            continue
+        matrix = e.cost if a < b else e.cost.T
+        key = (min(a, b), max(a, b))
+        edges[key] = edges[key] + matrix if key in edges else matrix
+    members = [nodes[0] for nodes in classes.members()]  # each class's first member
+    # members share costs and neighbourhoods: the first one's labels stand for the class
+    labels = None if request.strategy_labels is None else \
+        tuple(request.strategy_labels[v] for v in members)
+    # a class choosing a member strategy chooses it for every node of the class: same
+    # charge; charges whose members tie to the same (class, strategy) pairs are paid
+    # together, so they are one charge of their sum (one per repeated layer's merged
+    # all-reduce becomes one per class)
+    charges: dict[tuple, float] = {}
+    for s in request.shared_costs:
+        tied = tuple(sorted({(classes.of_node[v], i) for v, i in s.members}))
+        charges[tied] = charges.get(tied, 0.0) + s.cost
+    shared = tuple(SharedCost(cost, tied) for tied, cost in charges.items())
+    return IntraOpRequest(node_costs=tuple(costs), shared_costs=shared,
+                          edges=tuple(EdgeCost(a, b, m) for (a, b), m in sorted(edges.items())),
+                          node_names=tuple(request.label(v) for v in members),
+                          strategy_labels=labels)

@@ -23,6 +23,7 @@ from autoshard.ilp import (
     evaluate,
     fit_to_budget,
     greedy_assignment,
+    greedy_assignments,
     min_peak_memory,
     solve_intra_op,
 )
@@ -32,7 +33,8 @@ from autoshard.ilp._grid import edge_grid
 from autoshard.ilp._memory import within_budget
 from autoshard.ilp._reduce import reduce_request
 from autoshard.ilp._relaxation import solve_relaxation
-from autoshard.ilp._repeats import repeat_classes, tied_request
+from autoshard.ilp._repeat_classes import repeat_classes
+from autoshard.ilp._repeats import tied_request
 
 INF = np.inf
 GiB = 1024.0**3
@@ -762,6 +764,46 @@ def test_tied_solution_is_priced_on_the_full_request():
     for _ in range(5):
         pick = [int(rng.integers(2)) for _ in range(classes.num_classes)]
         assert evaluate(tied, pick).objective == evaluate(request, classes.expand(pick)).objective
+
+
+def test_a_requests_own_tied_request_is_made_once_and_keeps_its_options():
+    # tied_request(request) (over request.repeats, its costs and edges kept on the
+    # request) gives what tied_request(request, repeat_classes(request)) gives, with each
+    # copy's own options (hint, memory terms and budget) mapped onto the classes.
+    request = _chain(12, tie_repeats=True, hint=tuple(v % 2 for v in range(12)),
+                     memory_terms=((tuple((v, [1.0, 2.0]) for v in range(12))),),
+                     memory_budget=18.0)
+    classes = repeat_classes(request)
+    made = tied_request(request, classes)
+    for copy in (request, request.with_options(memory_budget=20.0)):
+        tied = tied_request(copy)
+        assert len(tied.node_costs) == len(made.node_costs) == classes.num_classes
+        assert all(np.array_equal(a, b) for a, b in zip(tied.node_costs, made.node_costs))
+        assert tied.hint == made.hint
+        assert tied.memory_budget == copy.memory_budget
+        assert [len(point) for point in tied.memory_terms] == [12]
+        assert tied_request(copy).node_costs[0] is tied.node_costs[0]   # made once
+    # 12 nodes of 1 or 2 bytes against a budget of 18: at most 6 may take strategy 1;
+    # the hint (6 of each) fits, all on strategy 1 (24 bytes) does not, on both
+    tied = tied_request(request)
+    assert evaluate(tied, tied.hint).ok
+    assert not evaluate(tied, [1] * classes.num_classes).ok
+
+
+def test_greedy_plans_of_a_tied_request_take_one_choice_per_class():
+    # The 12-node chain, tied: 8 classes. With tie_repeats the greedy plan is the tied
+    # request's, expanded (v3, v5, v7 alike; v4, v6, v8 alike), and alternates (0 s). A
+    # restriction of v5 to strategy 1 holds for its class: v3 and v7 take 1 as well.
+    request = _chain(12, tie_repeats=True)
+    classes = repeat_classes(request)
+    free, pinned = greedy_assignments(request, [None, {5: [1]}])
+    assert free == greedy_assignment(request)
+    for plan in (free, pinned):
+        assert plan == classes.expand([plan[m[0]] for m in classes.members()])
+        assert evaluate(request, plan).objective == 0.0
+    assert [pinned[v] for v in (3, 5, 7)] == [1, 1, 1]
+    untied = greedy_assignments(request.with_options(tie_repeats=False), [{5: [1]}])[0]
+    assert untied[5] == 1 and evaluate(request, untied).objective == 0.0
 
 
 # ---------------------------------------------------------------- starting plan during the LP

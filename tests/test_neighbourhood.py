@@ -21,7 +21,8 @@ from autoshard.ilp import (
 from autoshard.ilp._clock import Deadline
 from autoshard.ilp._evaluate import point_memory
 from autoshard.ilp._lagrangian import priced_memory, starts_that_fit
-from autoshard.ilp._repeats import repeat_classes, tied_request
+from autoshard.ilp._repeat_classes import repeat_classes
+from autoshard.ilp._repeats import tied_request
 
 # Three nodes in a chain, each with the 9 strategies (a0, a1), a0, a1 in {0, 1, 2}:
 # "mesh axis k splits dim a_k". Labels: (a0, a1). A node costs (2 - a0) + (2 - a1) s;

@@ -56,6 +56,6 @@ def test_repeat_classes_do_not_grow_with_depth():
         problem = build_problem(traced, model, autoshard.ShardParallel(),
                                 batch_flat=(False,) * len(traced.in_paths),
                                 axis_names=("data", "model"))
-        return ilp._repeats.repeat_classes(problem.request).num_classes
+        return ilp._repeat_classes.repeat_classes(problem.request).num_classes
 
     assert classes(4) == classes(8)

@@ -60,3 +60,18 @@ def test_a_programs_analyses_are_made_once_per_program_and_arguments():
     # the planner's analyses are shared, the same object for the same arguments
     assert live_ranges(program, [program.invars[0]]) is live_ranges(program, [program.invars[0]])
     assert live_ranges(program) is not live_ranges(program, [program.invars[0]])
+
+
+def test_equations_say_where_in_user_code_they_came_from():
+    # sources[e] (summarised when first read) names this file and _step's line for the
+    # forward tanh, the same text on every read, for indices, negative ones and slices
+    traced = trace(_step, ARGS)
+    sources = traced.sources
+    assert len(sources) == len(traced.program.eqns)
+    tanh = next(e for e, eqn in enumerate(traced.program.eqns) if eqn.primitive.name == "tanh")
+    line = next(n for n, text in enumerate(open(__file__), 1) if "jnp.tanh(x @" in text)
+    assert f"test_trace.py:{line}:" in sources[tanh] and "loss)" in sources[tanh], sources[tanh]
+    assert sources[tanh] is sources[tanh]
+    assert sources[-1] == sources[len(sources) - 1]
+    assert sources[tanh:tanh + 2] == (sources[tanh], sources[tanh + 1])
+    assert list(sources) == [sources[e] for e in range(len(sources))]

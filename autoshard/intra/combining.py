@@ -52,18 +52,29 @@ def terminal_nodes(graph: ShardingGraph) -> tuple[bool, ...]:
     for use in graph.uses:
         if use.operand >= 0:
             consumers[use.src].append(use.dst)
-    communicates = [any(s.communication_s > 0 for s in node.strategies) for node in graph.nodes]
+    communicates = _communicating(graph)
     reaches = [False] * n  # some node downstream communicates
     for v in reversed(range(n)):  # uses run from lower to higher node index
         reaches[v] = any(communicates[u] or reaches[u] for u in consumers[v])
     return tuple(not r for r in reaches)
 
 
+def _communicating(graph: ShardingGraph) -> list[bool]:
+    """Per node: whether any of its strategies communicates (worked out once per strategy
+    tuple: repeated layers' nodes share theirs)."""
+    by_tuple: dict[int, tuple] = {}
+    for node in graph.nodes:
+        if id(node.strategies) not in by_tuple:
+            by_tuple[id(node.strategies)] = (
+                node.strategies, any(s.communication_s > 0 for s in node.strategies))
+    return [by_tuple[id(node.strategies)][1] for node in graph.nodes]
+
+
 def communication_depth(graph: ShardingGraph) -> tuple[int, ...]:
     """Per node: the most nodes with a communicating strategy on a path to it (itself
     excluded). A node that communicates lies on the path of every node it reaches, so two
     nodes of equal depth do not depend on each other's collectives."""
-    communicates = [any(s.communication_s > 0 for s in node.strategies) for node in graph.nodes]
+    communicates = _communicating(graph)
     producers: list[list[int]] = [[] for _ in graph.nodes]
     for use in graph.uses:
         if use.operand >= 0:
@@ -88,19 +99,24 @@ def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel
     repriced: dict[int, tuple] = {}  # id(strategies) -> (strategies, new strategies)
     nodes = list(graph.nodes)
     members: dict[tuple, list[tuple[int, int]]] = {}
+    # per strategy tuple (repeated layers share theirs): whether any strategy all-reduces,
+    # and (strategy, axes) of each all-reduce, which merges with the others over its axes
+    reducing: dict[int, tuple[bool, list]] = {}
     for v, node in enumerate(graph.nodes):
-        if not any(s.all_reduce_latency_s > 0 for s in node.strategies):
+        key = id(node.strategies)
+        if key not in reducing:
+            reducing[key] = (any(s.all_reduce_latency_s > 0 for s in node.strategies),
+                             [(i, axes) for i, s in enumerate(node.strategies)
+                              if s.all_reduce_latency_s > 0 for axes in s.all_reduce_axes])
+        if not reducing[key][0]:
             continue
         group = ((-1,) if terminal[v] else (depth[v],)) + (_reduction(graph, node),)
-        key = id(node.strategies)
         if key not in repriced:  # repeated layers share one tuple: keep sharing it
             repriced[key] = (node.strategies,
                              tuple(_latency_shared(s, model) for s in node.strategies))
         nodes[v] = dataclasses.replace(node, strategies=repriced[key][1])
-        for i, s in enumerate(node.strategies):
-            if s.all_reduce_latency_s > 0:
-                for axes in s.all_reduce_axes:  # each merges with the others over its axes
-                    members.setdefault(group + (axes,), []).append((v, i))
+        for i, axes in reducing[key][1]:
+            members.setdefault(group + (axes,), []).append((v, i))
     merged = tuple(MergedAllReduce(key[2], model.all_reduce_latency(key[2]), tuple(members[key]),
                                    terminal=key[0] == -1)
                    for key in sorted(members))

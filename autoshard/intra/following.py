@@ -65,24 +65,50 @@ def group_followers(graph: ShardingGraph) -> Grouping:
     program = graph.traced.program
     n = len(graph.nodes)
     root = list(range(n))
-    index = [np.arange(len(node.strategies)) for node in graph.nodes]
+    identity: dict[int, np.ndarray] = {}  # strategy count -> arange, one array shared
+
+    def own(count: int) -> np.ndarray:
+        if count not in identity:
+            identity[count] = np.arange(count)
+            identity[count].flags.writeable = False
+        return identity[count]
+
+    index = [own(len(node.strategies)) for node in graph.nodes]
+    # repeated layers' nodes hold the very same strategy tuples and index arrays: a
+    # follower's map is made once per (its strategies, operand, its leader's) and shared
+    followed: dict[tuple, np.ndarray | None] = {}
     for v, node in enumerate(graph.nodes):
         k = followed_operand(program, node)
         if k is None:
             continue
         u, out = graph.producer[program.eqns[node.eqn].inputs[k]]
-        by_spec: dict = {}
-        for j, s in enumerate(node.strategies):
-            spec = s.in_specs[k]
-            if spec not in by_spec or s.cost_s < node.strategies[by_spec[spec]].cost_s:
-                by_spec[spec] = j
-        producer = graph.nodes[u]
-        leader_specs = [producer.strategies[i].out_specs[out] for i in index[u]]
-        if all(spec in by_spec for spec in leader_specs):
+        key = (id(node.strategies), k, id(graph.nodes[u].strategies), out, id(index[u]))
+        if key not in followed:
+            followed[key] = _follow_map(node.strategies, k, graph.nodes[u].strategies, out,
+                                        index[u])
+        if followed[key] is not None:
             root[v] = root[u]
-            index[v] = np.array([by_spec[spec] for spec in leader_specs])
+            index[v] = followed[key]
     roots = tuple(v for v in range(n) if root[v] == v)
     return Grouping(tuple(root), tuple(index), roots)
+
+
+def _follow_map(strategies, operand: int, leader_strategies, out: int, leader_index
+                ) -> np.ndarray | None:
+    """Per strategy of the leader's root (through ``leader_index``), the cheapest of
+    ``strategies`` that reads operand ``operand`` as the leader makes output ``out``;
+    None when some leader layout has no such strategy."""
+    by_spec: dict = {}
+    for j, s in enumerate(strategies):
+        spec = s.in_specs[operand]
+        if spec not in by_spec or s.cost_s < strategies[by_spec[spec]].cost_s:
+            by_spec[spec] = j
+    leader_specs = [leader_strategies[i].out_specs[out] for i in leader_index]
+    if not all(spec in by_spec for spec in leader_specs):
+        return None
+    mapped = np.array([by_spec[spec] for spec in leader_specs])
+    mapped.flags.writeable = False
+    return mapped
 
 
 def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use],
@@ -106,14 +132,18 @@ def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use
             node_costs[key] = np.array([s.cost_s for s in node.strategies])
         costs[position[grouping.root[v]]] += node_costs[key][grouping.index[v]]
     blocks: dict = {}  # repeated layers: the same matrix read through the same index maps
+    by_ids: dict = {}  # ... most often the very same index arrays (group_followers)
 
     def block(matrix, rows, cols) -> np.ndarray:
-        key = (id(matrix), rows.tobytes(), cols.tobytes())
-        if key not in blocks:
-            grid = w * matrix[np.ix_(rows, cols)]
-            grid.flags.writeable = False  # shared by the edges of every repeat
-            blocks[key] = (matrix, grid)  # (the matrix kept alive for its id)
-        return blocks[key][1]
+        ids = (id(matrix), id(rows), id(cols))
+        if ids not in by_ids:
+            key = (id(matrix), rows.tobytes(), cols.tobytes())
+            if key not in blocks:
+                grid = w * matrix[np.ix_(rows, cols)]
+                grid.flags.writeable = False  # shared by the edges of every repeat
+                blocks[key] = (matrix, grid)  # (the matrix kept alive for its id)
+            by_ids[ids] = (rows, cols, blocks[key][1])  # (the maps kept alive for theirs)
+        return by_ids[ids][2]
 
     nonzero: dict = {}  # id(matrix) -> (matrix, whether any cell is non-zero)
 

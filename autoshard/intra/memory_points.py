@@ -69,6 +69,8 @@ def copy_bytes(model: MeshCostModel, aval, src_spec, dst_spec) -> int:
     ``dst_spec`` (0 when the layouts agree). Gathering a dimension that is not the
     outermost non-trivial one takes two buffers: XLA gathers it as the major dimension,
     then copies the result into row-major order."""
+    if src_spec == dst_spec:  # most reads: nothing to work out
+        return 0
     return int(copy_bytes_table(model, aval, [src_spec], [dst_spec])[0, 0])
 
 
@@ -411,9 +413,15 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
     chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]
     program = graph.traced.program
 
+    shard_bytes: dict = {}  # (shape, itemsize, spec) -> bytes: repeated layers repeat them
+
     def nbytes(vid, spec):
         aval = program.avals[vid]
-        return model.bytes_per_device(tuple(aval.shape), aval.dtype.itemsize, spec)
+        key = (aval.shape, aval.dtype.itemsize, spec)
+        if key not in shard_bytes:
+            shard_bytes[key] = model.bytes_per_device(tuple(aval.shape), aval.dtype.itemsize,
+                                                      spec)
+        return shard_bytes[key]
 
     ranges = dict(live_ranges(program, donated))
     sizes = {vid: nbytes(vid, spec) for node, s in zip(graph.nodes, chosen)

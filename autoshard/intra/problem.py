@@ -288,9 +288,9 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
     position = {r: p for p, r in enumerate(grouping.roots)}
     if propagation is not None:
         propagated_position = {r: p for p, r in enumerate(propagation[1].roots)}
-    candidates, alternatives = [], []
+    restrictions = []  # per style: input node -> the strategies laying it out so
     for style in styles:
-        allowed = {}  # input node -> the strategies laying it out as the style does
+        allowed = {}
         layouts = () if style is None else \
             preset_layouts(style, program, model.mesh_shape, batch_flat, annotations)
         for i, spec in enumerate(layouts):
@@ -301,8 +301,12 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
                        if s.out_specs[0] == spec]
             if options:
                 allowed[v] = options
-        candidates.append(ilp.greedy_assignment(
-            request, {position[v]: options for v, options in allowed.items()}))
+        restrictions.append(allowed)
+    greedy = ilp.greedy_assignments(request, [{position[v]: options for v, options
+                                               in allowed.items()} for allowed in restrictions])
+    candidates, alternatives = [], []
+    for style, allowed, plan in zip(styles, restrictions, greedy):
+        candidates.append(plan)
         if style is not None and propagation is not None:
             propagated = ilp.greedy_assignment(
                 propagation[0], {propagated_position[v]: options

@@ -82,6 +82,32 @@ def _unrolled_scan(eqn) -> jcore.ClosedJaxpr:
     return jax.make_jaxpr(run)(*[struct_of_aval(v.aval) for v in eqn.invars])
 
 
+class SourceSummaries(Sequence[str]):
+    """Each equation's :func:`source_summary`, made when first read: a deep model's
+    tens of thousands of equations are summarised only where a message or a plan's
+    summary names one (summarising them all took a fifth of tracing an 80-layer GPT)."""
+
+    __slots__ = ("_infos", "_made")
+
+    def __init__(self, source_infos: Sequence):
+        self._infos = tuple(source_infos)
+        self._made: list[str | None] = [None] * len(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __getitem__(self, e):
+        if isinstance(e, slice):
+            return tuple(self[i] for i in range(*e.indices(len(self))))
+        made = self._made[e]
+        if made is None:
+            made = self._made[e] = source_summary(self._infos[e])
+        return made
+
+    def __repr__(self) -> str:
+        return f"SourceSummaries({len(self)} equations)"
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TracedFunction:
     """A traced function: its flat program plus the pytree structure around it.
@@ -99,7 +125,7 @@ class TracedFunction:
     out_tree: Any
     in_paths: tuple[str, ...]
     out_paths: tuple[str, ...]
-    sources: tuple[str, ...]
+    sources: Sequence[str]
     scopes: tuple[str, ...] = ()
     static_argnums: tuple[int, ...] = ()
     num_args: int | None = None
@@ -216,7 +242,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                      consts_as_inputs: bool = False) -> TracedFunction:
     avals: list = []
     eqns: list[Equation] = []
-    sources: list[str] = []
+    sources: list = []  # each equation's jax source info
     constants: list[tuple[int, Any]] = []
 
     def new_value(aval) -> int:
@@ -233,7 +259,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
             return atom
         out = new_value(avals[atom])
         eqns.append(Equation(optimization_barrier_primitive(), {}, (atom,), (out,)))
-        sources.append(source_summary(eqn.source_info))
+        sources.append(eqn.source_info)
         scopes.append(scope)
         return out
 
@@ -273,7 +299,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                 continue
             out_ids = tuple(new_value(v.aval) for v in eqn.outvars)
             eqns.append(Equation(eqn.primitive, dict(eqn.params), tuple(ins), out_ids))
-            sources.append(source_summary(eqn.source_info))
+            sources.append(eqn.source_info)
             scopes.append(here)
             for var, vid in zip(eqn.outvars, out_ids):
                 env[var] = vid
@@ -287,5 +313,5 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
         invars = tuple(new_value(v.aval) for v in closed.jaxpr.invars)
         outvars = inline(closed.jaxpr, closed.consts, invars)
     program = Program(tuple(avals), invars, tuple(outvars), tuple(eqns), tuple(constants))
-    return TracedFunction(program, in_tree, out_tree, in_paths, tuple(out_paths), tuple(sources),
-                          scopes=tuple(scopes))
+    return TracedFunction(program, in_tree, out_tree, in_paths, tuple(out_paths),
+                          SourceSummaries(sources), scopes=tuple(scopes))
