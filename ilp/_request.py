@@ -57,9 +57,10 @@ class EdgeCost:
         object.__setattr__(
             self, "cost", _frozen_array(self.cost, 2, f"edge {self.src}->{self.dst} cost")
         )
-        # checked once here, not by every request holding the edge
-        object.__setattr__(self, "valid_cells",
-                           not (np.isnan(self.cost).any() or (self.cost == -np.inf).any()))
+        # checked once here, not by every request holding the edge; the least cell is NaN
+        # when any is, else -inf when any is
+        least = self.cost.min() if self.cost.size else 0.0
+        object.__setattr__(self, "valid_cells", bool(least == least and least != -np.inf))
 
     def __repr__(self) -> str:
         rows, cols = self.cost.shape

@@ -1,6 +1,7 @@
 """Process-independent text for equations: what the fingerprint and the strategy memo key on."""
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -21,7 +22,13 @@ def stable_repr(value) -> str:
 
 
 def aval_text(aval) -> str:
-    return f"{tuple(aval.shape)}:{aval.dtype.name}"
+    return _type_text(tuple(aval.shape), aval.dtype)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _type_text(shape: tuple, dtype) -> str:
+    """``aval_text`` of one shape and dtype (a deep model's equations repeat a few)."""
+    return f"{shape}:{dtype.name}"
 
 
 def argument_text(aval) -> str:
