@@ -1,6 +1,7 @@
 """Smoke test of the benchmark harness: one small workload on one mesh, every field present."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,10 @@ def test_markdown_states_goal_and_lists_rows(quick_run):
     assert "| mlp_small | 8 | h100-80gb | hand:dp |" in text
     assert "## Memory: the modelled peak against the compiled program" in text
     assert "| mlp_small | 8 | host-cpu | ShardParallel, donated |" in text
+    # the presets' model against their compiled programs, counted over every preset row
+    # (3 presets x 3 clusters)
+    assert re.search(r"presets' modelled time within ±10 % of their yardstick on \d of 9 rows",
+                     text), text
 
 
 def test_collective_parser_handles_tuples_and_async():
