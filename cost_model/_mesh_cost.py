@@ -51,6 +51,7 @@ class MeshCostModel:
         object.__setattr__(self, "_groups", {})
         object.__setattr__(self, "_splits", {})
         object.__setattr__(self, "_checked", {})  # (shape, spec) -> both checked, normalised
+        object.__setattr__(self, "_shards", {})  # (shape, spec) -> per-device shape
 
     # ------------------------------------------------------------------ topology
 
@@ -125,9 +126,18 @@ class MeshCostModel:
     # ------------------------------------------------------------------ memory
 
     def shard_shape(self, shape: Sequence[int], spec: Spec) -> tuple[int, ...]:
-        """Per-device shape of a ``shape`` tensor laid out as ``spec`` (ceil division)."""
-        shape, spec = self._check_spec(shape, spec)
-        return tuple(-(-size // self._split(axes)) for size, axes in zip(shape, spec))
+        """Per-device shape of a ``shape`` tensor laid out as ``spec`` (ceil division);
+        worked out once per (shape, spec) given as tuples (a deep model asks again for every
+        repeated layer)."""
+        try:
+            return self._shards[(shape, spec)]
+        except (KeyError, TypeError):  # TypeError: lists, not tuples
+            pass
+        checked_shape, checked_spec = self._check_spec(shape, spec)
+        local = tuple(-(-size // self._split(axes)) for size, axes in zip(checked_shape, checked_spec))
+        if isinstance(shape, tuple) and isinstance(spec, tuple):
+            self._shards[(shape, spec)] = local
+        return local
 
     def bytes_per_device(self, shape: Sequence[int], itemsize: int, spec: Spec) -> int:
         """Bytes one device holds of a ``shape`` tensor of ``itemsize``-byte elements."""
@@ -304,16 +314,13 @@ def _check_nbytes(nbytes: float) -> float:
 @functools.lru_cache(maxsize=1 << 16)
 def _resharding_time(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, src: Spec, dst: Spec) -> float:
     """Pure implementation of ``MeshCostModel.resharding`` (see its docstring)."""
-    return _walk_seconds(model, *_resharding_walk(model, shape, itemsize, src, dst))
-
-
-def _walk_seconds(model: MeshCostModel, steps: tuple[CollectiveStep, ...], traffic: int) -> float:
-    """A resharding's seconds: its collectives plus its copies' traffic at memory bandwidth."""
+    steps, traffic = _resharding_walk(model, shape, itemsize, src, dst)
     return _seconds(model, (step.seconds for step in steps), traffic)
 
 
 def _seconds(model: MeshCostModel, step_seconds: Iterable[float], traffic: int) -> float:
-    """``step_seconds`` summed in order, plus ``traffic`` bytes at memory bandwidth."""
+    """A resharding's seconds: its collectives' ``step_seconds`` summed in order, plus its
+    copies' ``traffic`` bytes at memory bandwidth."""
     return sum(step_seconds) + traffic / model.cluster.memory_bandwidth
 
 
@@ -381,7 +388,7 @@ def _route_traffic(model: MeshCostModel, shape: tuple[int, ...], route: Route,
 def _resharding_matrix(
     model: MeshCostModel, shape: tuple[int, ...], itemsize: int, srcs: tuple[Spec, ...], dsts: tuple[Spec, ...]
 ) -> np.ndarray:
-    """``_walk_seconds`` of every (src, dst) route, its collectives priced once per (kind,
+    """``_resharding_time`` of every (src, dst) route, its collectives priced once per (kind,
     axes, bytes) and each layout's shard bytes once: the same sums, in the same order."""
     nbytes = _shard_bytes_of(model, shape, itemsize)
     prices: dict[tuple, float] = {}

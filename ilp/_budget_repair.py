@@ -79,7 +79,7 @@ def fit_to_budget(request: IntraOpRequest, choices: Sequence[int], *,
 def _groups(request: IntraOpRequest) -> list[list[int]]:
     """Nodes that move together: the repeated layers' classes when the request ties them
     (so the result survives tying), else each node alone."""
-    if not (request.tie_repeats and not request.memory_points):
+    if not request.ties:  # (classes as many as nodes: each node alone too)
         return [[v] for v in range(request.num_nodes)]
     return request.repeats.members()
 

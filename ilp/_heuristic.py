@@ -93,8 +93,7 @@ def greedy_assignments(request: IntraOpRequest,
                        improve: bool = True) -> list[tuple[int, ...]]:
     """``greedy_assignment`` under each of ``restrictions`` (one plan each), the request's
     edges gathered once for all of them."""
-    if request.tie_repeats and not request.memory_points and \
-            request.repeats.num_classes < request.num_nodes:
+    if request.ties:
         classes = request.repeats
         plans = greedy_assignments(request.tied_structure,
                                    [_restricted_classes(allowed, classes.of_node)

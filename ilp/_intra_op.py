@@ -216,9 +216,8 @@ def solve_intra_op(request: IntraOpRequest, *,
     if starting_plan is not None:
         starting_plan = functools.cache(starting_plan)
     deadline = Deadline.of(request.wall_time_limit_s, request.time_limit_s)
-    if request.tie_repeats and not request.memory_points:
-        if request.repeats.num_classes < request.num_nodes:
-            return solve_tied(request, deadline, starting_plan, solve_intra_op)
+    if request.ties:
+        return solve_tied(request, deadline, starting_plan, solve_intra_op)
     if needs_neighbourhoods(request):  # its rounds start from the plan
         if starting_plan is not None:
             request = request.with_options(hint=starting_plan())

@@ -73,9 +73,8 @@ def solved_in_neighbourhoods(request: IntraOpRequest) -> bool:
     large to solve whole."""
     if not needs_neighbourhoods(request):  # tying only shrinks a request: no need to tie
         return False
-    if request.tie_repeats and not request.memory_points:
-        if request.repeats.num_classes < request.num_nodes:
-            request = request.tied_structure
+    if request.ties:
+        request = request.tied_structure
     return needs_neighbourhoods(request)
 
 

@@ -278,6 +278,14 @@ class IntraOpRequest:
         only."""
         return repeat_classes(self)
 
+    @property
+    def ties(self) -> bool:
+        """Whether the solver solves this request over ``repeats``: ``tie_repeats`` is set,
+        no node is counted at ``memory_points`` (those cannot be mapped onto classes), and
+        tying shrinks it."""
+        return self.tie_repeats and not self.memory_points and \
+            self.repeats.num_classes < self.num_nodes
+
     @functools.cached_property
     def tied_structure(self) -> IntraOpRequest:
         """The request over ``repeats``' classes with no options set (no memory terms,

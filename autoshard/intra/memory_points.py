@@ -262,14 +262,7 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
     donated)``."""
     program = graph.traced.program
     position = {r: p for p, r in enumerate(grouping.roots)}
-    cache: dict = {}
     per_strategy: dict = {}
-
-    def nbytes(shape, itemsize, spec) -> int:
-        key = (shape, itemsize, spec)
-        if key not in cache:
-            cache[key] = model.bytes_per_device(shape, itemsize, spec)
-        return cache[key]
 
     def own_bytes(strategies, k, aval) -> np.ndarray:
         """Bytes of output ``k`` per strategy (repeated layers share their strategies)."""
@@ -277,7 +270,8 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
         if key not in per_strategy:
             shape, itemsize = tuple(aval.shape), aval.dtype.itemsize
             per_strategy[key] = (strategies, np.array(  # (strategies kept alive for the id)
-                [nbytes(shape, itemsize, s.out_specs[k]) for s in strategies], dtype=np.float64))
+                [model.bytes_per_device(shape, itemsize, s.out_specs[k]) for s in strategies],
+                dtype=np.float64))
         return per_strategy[key][1]
 
     def temp_bytes(strategies) -> np.ndarray:
@@ -347,7 +341,8 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
         p, index = position[grouping.root[v]], grouping.index[v]
         out = node.outputs.index(vid)
         aval = program.avals[vid]
-        own = np.array([nbytes(tuple(aval.shape), aval.dtype.itemsize, s.out_specs[out])
+        own = np.array([model.bytes_per_device(tuple(aval.shape), aval.dtype.itemsize,
+                                               s.out_specs[out])
                         if i in members[v] else 0.0 for i, s in enumerate(node.strategies)],
                        dtype=np.float64)[index]
         tid = -1 - len(graph.nodes) - len(graph.uses) - k
@@ -413,15 +408,9 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
     chosen = [n.strategies[c] for n, c in zip(graph.nodes, choices)]
     program = graph.traced.program
 
-    shard_bytes: dict = {}  # (shape, itemsize, spec) -> bytes: repeated layers repeat them
-
     def nbytes(vid, spec):
         aval = program.avals[vid]
-        key = (aval.shape, aval.dtype.itemsize, spec)
-        if key not in shard_bytes:
-            shard_bytes[key] = model.bytes_per_device(tuple(aval.shape), aval.dtype.itemsize,
-                                                      spec)
-        return shard_bytes[key]
+        return model.bytes_per_device(tuple(aval.shape), aval.dtype.itemsize, spec)
 
     ranges = dict(live_ranges(program, donated))
     sizes = {vid: nbytes(vid, spec) for node, s in zip(graph.nodes, chosen)

@@ -92,11 +92,10 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
         P = sp.traced.program
         fwd, bwd = split_programs(sp)
         pos = {v: k for k, v in enumerate(P.invars)}
-        pinned, values_via = value_layouts(plan.value_specs)
+        value_specs, values_via = value_layouts(plan.value_specs)
         spec = lambda v: plan.flat_in_specs[pos[v]] if v in pos else \
-            pinned.get(v, PartitionSpec())  # noqa: E731
+            value_specs.get(v, PartitionSpec())  # noqa: E731
         n_out = len(sp.outputs)
-        value_specs = pinned
         fwd_index = {e: i for i, e in enumerate(sp.forward_eqns)}
         bwd_index = {e: i for i, e in enumerate(sp.backward_eqns)}
         ops, via = operand_layouts(plan.operand_specs)
