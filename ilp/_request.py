@@ -107,6 +107,21 @@ OPTIONS = frozenset({"memory_terms", "memory_budget", "hint", "guide", "time_lim
 """The fields of an ``IntraOpRequest`` that ``with_options`` may change."""
 
 
+def _structural(derive):
+    """A property of a request worked out from its nodes, edges and costs alone, once for
+    the request and every copy ``with_options`` makes of it (before or after: the copies
+    share those and the store the result is kept in), whichever asks first."""
+    name = derive.__name__
+
+    @functools.wraps(derive)
+    def get(self):
+        store = self.__dict__["_structure"]
+        if name not in store:
+            store[name] = derive(self)
+        return store[name]
+    return property(get)
+
+
 @dataclass(frozen=True, eq=False)
 class IntraOpRequest:
     """One intra-op problem: pick a strategy per node minimising node + edge seconds.
@@ -188,6 +203,7 @@ class IntraOpRequest:
                                tuple(self._labels(v, labels)
                                      for v, labels in enumerate(self.strategy_labels)))
         self._validate()
+        object.__setattr__(self, "_structure", {})  # see _structural
         self._set_options({}, terms=True)
 
     def with_options(self, **changes) -> IntraOpRequest:
@@ -244,7 +260,7 @@ class IntraOpRequest:
                          f"got a {len(term)}-tuple")
 
     # -- helpers -----------------------------------------------------------------
-    @functools.cached_property
+    @_structural
     def flat_costs(self) -> FlatCosts:
         """Every node's and edge's costs in one array each, for pricing a plan at once
         (an edge matrix several edges share is stored once)."""
@@ -270,12 +286,12 @@ class IntraOpRequest:
             array.flags.writeable = False
         return flat
 
-    @functools.cached_property
+    @_structural
     def repeats(self) -> RepeatClasses:
         """The classes of repeated layers' nodes the solver ties when ``tie_repeats`` is
         set (``repeat_classes``, default depth and period). Found once per request and
         shared by the copies ``with_options`` makes: they depend on the costs and edges
-        only."""
+        only (``_structural``)."""
         return repeat_classes(self)
 
     @property
@@ -286,14 +302,14 @@ class IntraOpRequest:
         return self.tie_repeats and not self.memory_points and \
             self.repeats.num_classes < self.num_nodes
 
-    @functools.cached_property
+    @_structural
     def tied_structure(self) -> IntraOpRequest:
         """The request over ``repeats``' classes with no options set (no memory terms,
         hint or guide, default limits): the costs and edges ``_repeats.tied_request``
         completes with this request's options, made once per request."""
         return tied_structure(self, self.repeats)
 
-    @functools.cached_property
+    @_structural
     def shared_members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every shared cost's members as three int arrays, member by member: (node,
         strategy, index of its shared cost), for pricing many plans at once."""

@@ -790,6 +790,20 @@ def test_a_requests_own_tied_request_is_made_once_and_keeps_its_options():
     assert not evaluate(tied, [1] * classes.num_classes).ok
 
 
+def test_copies_share_the_structure_whichever_asks_first():
+    # A copy with other options made before anything was worked out: the repeat classes,
+    # tied structure and flat costs (costs and edges only) are found once, for both. A
+    # request with other costs (dataclasses.replace) works out its own.
+    request = _chain(12, tie_repeats=True)
+    early = request.with_options(hint=(0,) * 12, memory_budget=None)
+    assert early.repeats is request.repeats
+    assert request.tied_structure is early.tied_structure
+    assert early.flat_costs is request.flat_costs
+    other = dataclasses.replace(request, node_costs=tuple([0.0, 1.0] for _ in range(12)))
+    assert other.repeats is not request.repeats
+    assert other.flat_costs.node_costs[1] == 1.0 and request.flat_costs.node_costs[1] == 0.0
+
+
 def test_greedy_plans_of_a_tied_request_take_one_choice_per_class():
     # The 12-node chain, tied: 8 classes. With tie_repeats the greedy plan is the tied
     # request's, expanded (v3, v5, v7 alike; v4, v6, v8 alike), and alternates (0 s). A
