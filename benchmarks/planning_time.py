@@ -7,7 +7,8 @@
 ``--scale``: LLaMA-7B-, 13B- and 70B-shaped GPTs (seq 2048, vocab 32000, batch 64) on
 abstract 8×8 and 8×8×8 meshes of the h100-80gb cluster (its memory budget on), each row
 with its phase times, problem size, the plan's modelled cost and peak per device, and the
-presets' modelled costs beside it.
+presets' modelled costs beside it; then the 70B-shaped rows at 40 and 80 layers (with and
+without the budget) each planned ``DEPTH_ROUNDS`` times, and the ratio of their medians.
 
 Per depth: jaxpr equations, ILP nodes before and after tying repeated layers, CP-SAT
 variables and constraints, seconds per phase (trace, strategies + costs, solve) and in
@@ -20,6 +21,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -103,6 +105,12 @@ SCALE_ROWS = (
     ("70B-shaped, half depth, no budget", 40, 8192, 64, (8, 8, 8)),
     ("70B-shaped, no budget", 80, 8192, 64, (8, 8, 8)),
 )
+#: (half depth, full depth) pairs of ``SCALE_ROWS`` indices whose planning times the
+#: ``--scale`` table compares: 2x the layers, same width, mesh and budget
+DEPTH_PAIRS = ((3, 4), (6, 7))
+#: times each row of a depth pair is planned (in alternating fresh processes): one such
+#: plan's time varies by ±20 % on a shared 2-core machine, so the ratio is of medians
+DEPTH_ROUNDS = 3
 #: the ``--scale`` MoE row: one GShard-style layer, 8 experts, d_model 4096, on 8x8
 MOE_ROW = dict(batch=64, seq=2048, d_model=4096, experts=8, d_ff=16384, capacity=320)
 
@@ -138,11 +146,10 @@ def scale_table(time_limit: float) -> str:
              "| trace s | strategies + costs s | solve s | total s | modelled ms/step | peak GiB "
              "| DataParallel ms | ZeRO3 ms | Megatron ms |",
              "|" + "---|" * 16]
+    totals: dict[int, list[float]] = {}
     for index, (name, layers, d_model, mesh_shape, _, _) in enumerate(scale_rows()):
-        out = subprocess.run([sys.executable, "-m", "benchmarks.planning_time", "--scale-row",
-                              str(index), "--time-limit", str(time_limit)],
-                             check=True, capture_output=True, text=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
+        r = _scale_row_in_process(index, time_limit)
+        totals[index] = [r["total_s"]]
         presets = " | ".join(f"{r['presets'].get(p, float('nan')):.1f}"
                              for p in ("DataParallel", "ZeRO3", "Megatron"))
         lines.append(f"| {name} | {layers} | {d_model} | {'x'.join(map(str, mesh_shape))} | "
@@ -151,7 +158,37 @@ def scale_table(time_limit: float) -> str:
                      f"{r['total_s']:.1f} | {r['cost_ms']:.1f} | {r['peak_gib']:.1f} | "
                      f"{presets} |")
         print(lines[-1], flush=True)
+    for _ in range(DEPTH_ROUNDS - 1):
+        for index in sorted({i for pair in DEPTH_PAIRS for i in pair}):
+            totals[index].append(_scale_row_in_process(index, time_limit)["total_s"])
+    lines += depth_section(totals)
+    print("\n".join(lines[-len(DEPTH_PAIRS):]), flush=True)
     return "\n".join(lines) + "\n"
+
+
+def depth_section(totals: dict[int, list[float]]) -> list[str]:
+    """Markdown lines comparing each ``DEPTH_PAIRS`` pair's planning times (``totals``: row
+    index -> seconds of each plan of it): medians, ranges and the ratio of the medians."""
+    rows = scale_rows()
+    lines = ["", f"Depth: each row of a pair planned {DEPTH_ROUNDS} times (fresh processes, "
+             "the pair's rows alternating); total seconds, median (range).", "",
+             "| rows | half depth s | full depth s | full / half (of medians) |",
+             "|---|---|---|---|"]
+    for half, full in DEPTH_PAIRS:
+        a, b = sorted(totals[half]), sorted(totals[full])
+        lines.append(f"| {rows[half][0]} ({rows[half][1]} layers) / {rows[full][1]} layers | "
+                     f"{statistics.median(a):.1f} ({a[0]:.1f}-{a[-1]:.1f}) | "
+                     f"{statistics.median(b):.1f} ({b[0]:.1f}-{b[-1]:.1f}) | "
+                     f"{statistics.median(b) / statistics.median(a):.2f} |")
+    return lines
+
+
+def _scale_row_in_process(index: int, time_limit: float) -> dict:
+    """``scale_row(index, time_limit)`` measured in a fresh Python process."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.planning_time", "--scale-row",
+                          str(index), "--time-limit", str(time_limit)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv=None) -> None:

@@ -112,3 +112,20 @@ def test_planning_time_measures_each_phase():
     assert row["strategies_s"] > 0 and row["solve_s"] > 0 and row["nodes"] > 0
     assert row["cost_ms"] > 0 and row["peak_gib"] > 0
     assert set(row["presets"]) == {"DataParallel", "ZeRO3", "Megatron"}
+
+
+def test_depth_section_compares_medians_of_each_pair():
+    # Per pair: medians 10 and 15 (the 19 s outlier leaves the full depth's median at 15),
+    # so full / half = 1.50; ranges as measured.
+    from benchmarks import planning_time
+
+    totals = {i: [10.0, 12.0, 9.0] if i == half else [15.0, 19.0, 14.0]
+              for half, full in planning_time.DEPTH_PAIRS for i in (half, full)}
+    lines = planning_time.depth_section(totals)
+    rows = [line for line in lines if line.startswith("| 70B")]
+    assert len(rows) == len(planning_time.DEPTH_PAIRS)
+    for line in rows:
+        assert line.endswith("| 10.0 (9.0-12.0) | 15.0 (14.0-19.0) | 1.50 |"), line
+    half, full = planning_time.DEPTH_PAIRS[0]
+    names = planning_time.scale_rows()
+    assert names[half][1] * 2 == names[full][1] and names[half][3] == names[full][3]
