@@ -126,6 +126,18 @@ def test_depth_section_compares_medians_of_each_pair():
     assert len(rows) == len(planning_time.DEPTH_PAIRS)
     for line in rows:
         assert line.endswith("| 10.0 (9.0-12.0) | 15.0 (14.0-19.0) | 1.50 |"), line
-    half, full = planning_time.DEPTH_PAIRS[0]
-    names = planning_time.scale_rows()
-    assert names[half][1] * 2 == names[full][1] and names[half][3] == names[full][3]
+    # each pair: twice the layers, the same width, mesh and cluster (budget or none)
+    scale = planning_time.scale_rows()
+    for half, full in planning_time.DEPTH_PAIRS:
+        assert scale[half][1] * 2 == scale[full][1]
+        assert scale[half][2] == scale[full][2] and scale[half][3] == scale[full][3]
+        assert scale[half][5] == scale[full][5]
+
+
+def test_modelled_time_is_judged_without_host_copies_of_the_batch():
+    # The compiled program copies no batch in from the host: a plan's (or a preset's)
+    # modelled time is compared by its program_s (1 ms here), not its total_s (1.5 ms).
+    from benchmarks.report import model_ratio
+
+    row = {"modelled": {"total_s": 1.5e-3, "program_s": 1e-3}, "yardstick": {"total_s": 1e-3}}
+    assert model_ratio(row) == pytest.approx(1.0)
