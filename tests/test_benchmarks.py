@@ -79,6 +79,9 @@ def test_markdown_states_goal_and_lists_rows(quick_run):
     # (3 presets x 3 clusters)
     assert re.search(r"presets' modelled time within ±10 % of their yardstick on \d of 9 rows",
                      text), text
+    # the measured goal is counted with the others, over the one executed row
+    assert re.search(r"measured step time at most 1.05× the fastest hand-written baseline's "
+                     r"\(CPU, calibrated cluster\): \*\*[01] of 1\*\* executed rows", text), text
 
 
 def test_collective_parser_handles_tuples_and_async():
@@ -141,3 +144,25 @@ def test_modelled_time_is_judged_without_host_copies_of_the_batch():
 
     row = {"modelled": {"total_s": 1.5e-3, "program_s": 1e-3}, "yardstick": {"total_s": 1e-3}}
     assert model_ratio(row) == pytest.approx(1.0)
+
+
+def test_measured_step_is_judged_against_the_fastest_hand_written_program():
+    # Two baselines timed: the ILP (12 ms) is judged against the faster (hand:tp, 10 ms),
+    # 1.2x, with the kernels and collective instructions of both compiled programs.
+    from benchmarks.report import step_ratios
+
+    def yardstick(kernels, *counts):
+        return {"kernels": kernels, "collectives": [{"count": c} for c in counts]}
+
+    rows = [{"workload": "w", "mesh": "8", "cluster": "calibrated", "program": p, "yardstick": y}
+            for p, y in (("ShardParallel", yardstick(30, 7, 4)), ("hand:tp", yardstick(25, 13)),
+                         ("hand:dp", yardstick(26, 1)))]
+    timing = [{"workload": "w", "mesh": "8", "programs": {
+        "ShardParallel": {"step_time_s": 12e-3, "step_times_s": [12e-3] * 5},
+        "hand:tp": {"step_time_s": 10e-3, "step_times_s": [10e-3] * 5},
+        "hand:dp": {"step_time_s": 11e-3, "step_times_s": [11e-3] * 5},
+        "DataParallel": {"step_time_s": 15e-3, "step_times_s": [15e-3] * 5}}}]
+    (entry,) = step_ratios({"rows": rows, "timing": timing})
+    assert entry["hand"] == "hand:tp" and entry["ratio"] == pytest.approx(1.2)
+    assert entry["kernels"] == (30, 25) and entry["collectives"] == (11, 13)
+    assert entry["presets"] == {"DataParallel": pytest.approx(1.5)} and entry["rounds"] == 5
