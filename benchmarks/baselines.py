@@ -16,11 +16,15 @@ The layouts are written MaxText-style, in two tables:
   (``("embed", "mlp")`` for a first MLP kernel). Every leaf with a dimension must match a
   row; scalar leaves (optax's ``count``) are replicated.
 * per strategy, a **rule** mapping logical axes to mesh-axis *roles*: ``"all"`` (every mesh
-  axis), ``"data"`` (the first mesh axis; on a 1-D mesh the only one) and ``"model"`` (the
-  last mesh axis; on a 1-D mesh the only one). So the same rule serves ``(8,)`` meshes named
-  ``("devices",)`` and ``(2, 4)`` meshes named ``("data", "model")``. Strategies with
-  ``fsdp`` set additionally split every parameter / optimizer-state leaf over those axes on
-  its largest dimension that no rule split already (ZeRO-3).
+  axis), ``"data"`` (the first mesh axis; on a 1-D mesh the only one), ``"model"`` (the
+  last mesh axis; on a 1-D mesh the only one), ``"replica"`` (every axis but the last: the
+  batch axes of a tensor-parallel layout) and ``"shard"`` (the axis a tensor-parallel
+  layout's FSDP split uses: the first of a 2-D mesh, the middle one of a 3-D mesh named
+  MaxText's way, ``("data", "fsdp", "model")``). So the same rule serves ``(8,)`` meshes
+  named ``("devices",)``, ``(2, 4)`` meshes named ``("data", "model")`` and ``(2, 2, 2)``
+  meshes. Strategies with ``fsdp`` set additionally split every parameter /
+  optimizer-state leaf over those axes on its largest dimension that no rule split already
+  (ZeRO-3).
 
 Falling back per leaf: when a dimension is not divisible by the product of the mesh axes a
 rule (or the FSDP split) gives it, the leaf uses the largest-product subset of those axes
@@ -37,12 +41,14 @@ tp         1-D mesh only. Megatron: column-parallel first MLP kernel and q/k/v (
            features split, their biases too), row-parallel second MLP kernel and attention
            output (input features split), vocab-parallel embedding; layernorm replicated;
            batch replicated
-dp_tp      2-D: batch over data, tp over model
-fsdp_tp    2-D: dp_tp, plus parameters additionally split over data on another dimension
+dp_tp      2-D and 3-D: batch over every axis but model, tp over model
+fsdp_tp    2-D and 3-D: dp_tp, plus parameters additionally split on another dimension
+           over data (2-D) or fsdp (3-D; MaxText's default layout, weights over fsdp and
+           tensor, batch over data and fsdp)
 ep         moe only: experts dim over model (the 1-D mesh's only axis), tokens over data
            (on a 1-D mesh the same axis: GShard's layout)
-ep_gshard  moe, 2-D only: experts over model, tokens over *both* axes (GShard / MaxText,
-           whose activation batch includes the expert axis): dispatch becomes an
+ep_gshard  moe, 2-D and 3-D: experts over model, tokens over *every* axis (GShard /
+           MaxText, whose activation batch includes the expert axis): dispatch becomes an
            all-to-all over model
 =========  ==============================================================================
 
@@ -143,19 +149,20 @@ _ALIASES = {
 }
 
 # --------------------------------------------------------------------------- strategies
-# logical axis -> mesh-axis role ("all", "data", "model"); "fsdp": role params are
+# logical axis -> mesh-axis role ("all", "data", "model", "replica", "shard"); "fsdp": role params are
 # additionally split over on their largest free dim; "mesh_rank": the ranks it applies to.
 
 _TP = {"vocab": "model", "heads_x_dim": "model", "mlp": "model"}
 
 STRATEGIES: dict[str, dict[str, Any]] = {
-    "dp": {"rules": {"batch": "all"}, "fsdp": None, "mesh_rank": (1, 2)},
-    "fsdp": {"rules": {"batch": "all"}, "fsdp": "all", "mesh_rank": (1, 2)},
+    "dp": {"rules": {"batch": "all"}, "fsdp": None, "mesh_rank": (1, 2, 3)},
+    "fsdp": {"rules": {"batch": "all"}, "fsdp": "all", "mesh_rank": (1, 2, 3)},
     "tp": {"rules": dict(_TP), "fsdp": None, "mesh_rank": (1,)},
-    "dp_tp": {"rules": {"batch": "data", **_TP}, "fsdp": None, "mesh_rank": (2,)},
-    "fsdp_tp": {"rules": {"batch": "data", **_TP}, "fsdp": "data", "mesh_rank": (2,)},
+    "dp_tp": {"rules": {"batch": "replica", **_TP}, "fsdp": None, "mesh_rank": (2, 3)},
+    "fsdp_tp": {"rules": {"batch": "replica", **_TP}, "fsdp": "shard", "mesh_rank": (2, 3)},
     "ep": {"rules": {"batch": "data", "exp": "model"}, "fsdp": None, "mesh_rank": (1, 2)},
-    "ep_gshard": {"rules": {"batch": "all", "exp": "model"}, "fsdp": None, "mesh_rank": (2,)},
+    "ep_gshard": {"rules": {"batch": "all", "exp": "model"}, "fsdp": None,
+                  "mesh_rank": (2, 3)},
 }
 _ONLY_FOR = {"ep": ("moe",), "ep_gshard": ("moe",)}
 
@@ -173,8 +180,9 @@ def baseline_names(workload_name: str, mesh_shape: Sequence[int]) -> list[str]:
     """The strategies that apply to ``workload_name`` on a mesh of ``mesh_shape``."""
     family = workload_family(workload_name)
     rank = len(tuple(mesh_shape))
-    if rank not in (1, 2):
-        raise ValueError(f"baselines are written for 1-D and 2-D meshes, got {tuple(mesh_shape)}")
+    if rank not in (1, 2, 3):
+        raise ValueError(f"baselines are written for 1-D, 2-D and 3-D meshes, got "
+                         f"{tuple(mesh_shape)}")
     return [name for name, s in STRATEGIES.items()
             if rank in s["mesh_rank"] and family in _ONLY_FOR.get(name, (family,))]
 
@@ -199,7 +207,9 @@ def _role_axes(mesh, role: str | None) -> tuple[str, ...]:
     names = tuple(mesh.axis_names)
     if role is None:
         return ()
-    return {"all": names, "data": names[:1], "model": names[-1:]}[role]
+    shard = names[1:-1] if len(names) > 2 else names[:1]
+    return {"all": names, "data": names[:1], "model": names[-1:], "replica": names[:-1],
+            "shard": shard}[role]
 
 
 def _dividing_axes(size: int, axes: tuple[str, ...], mesh_sizes: dict) -> tuple[str, ...]:

@@ -171,15 +171,19 @@ def depth_section(totals: dict[int, list[float]]) -> list[str]:
     index -> seconds of each plan of it): medians, ranges and the ratio of the medians."""
     rows = scale_rows()
     lines = ["", f"Depth: each row of a pair planned {DEPTH_ROUNDS} times (fresh processes, "
-             "the pair's rows alternating); total seconds, median (range).", "",
-             "| rows | half depth s | full depth s | full / half (of medians) |",
-             "|---|---|---|---|"]
+             "the pair's rows alternating); total seconds, median (range); per added layer: "
+             "the difference of the medians over the layers added.", "",
+             "| rows | half depth s | full depth s | full / half (of medians) | "
+             "s per added layer |",
+             "|---|---|---|---|---|"]
     for half, full in DEPTH_PAIRS:
         a, b = sorted(totals[half]), sorted(totals[full])
+        added = rows[full][1] - rows[half][1]
         lines.append(f"| {rows[half][0]} ({rows[half][1]} layers) / {rows[full][1]} layers | "
                      f"{statistics.median(a):.1f} ({a[0]:.1f}-{a[-1]:.1f}) | "
                      f"{statistics.median(b):.1f} ({b[0]:.1f}-{b[-1]:.1f}) | "
-                     f"{statistics.median(b) / statistics.median(a):.2f} |")
+                     f"{statistics.median(b) / statistics.median(a):.2f} | "
+                     f"{(statistics.median(b) - statistics.median(a)) / added:.3f} |")
     return lines
 
 

@@ -1,6 +1,6 @@
 """autoshard's plans against hand-written ``jax.jit`` baselines, judged on compiled programs.
 
-    python -m benchmarks.run [--quick] [--out DIR] [--workloads a,b] [--meshes 8,2x4,8x8]
+    python -m benchmarks.run [--quick] [--out DIR] [--workloads a,b] [--meshes 8,2x4,2x2x2,8x8]
                              [--clusters host-cpu,h100-80gb] [--no-timing]
 
 For every workload and mesh three kinds of program are compiled:
@@ -20,7 +20,8 @@ a cluster's figures, computed without autoshard's cost model. The ILP's plans ar
 audited (``plan.audit``: the collectives XLA emits against those priced) and their
 modelled time set against their yardstick.
 
-Meshes (8,) and (2,4) compile and run on 8 virtual CPU devices; with timing on, the
+Meshes (8,), (2,4) and (2,2,2) (named ("data", "fsdp", "model"), MaxText's way) compile
+and run on 8 virtual CPU devices; with timing on, the
 baselines, the presets and the ILP planned for a cluster calibrated on this machine
 (``autoshard.calibrate``) are run in interleaved rounds and their median step times
 compared. (8,8) compiles in a subprocess with 64 virtual devices; nothing runs there.
@@ -94,10 +95,11 @@ FULL_WORKLOADS = ("mlp_wide", "gpt_small", "gpt_large", "gpt_1024", "moe", "wide
 QUICK_WORKLOADS = ("mlp_small", "moe")
 
 MESHES = {"8": ((8,), ("devices",)), "2x4": ((2, 4), ("data", "model")),
+          "2x2x2": ((2, 2, 2), ("data", "fsdp", "model")),
           "8x8": ((8, 8), ("data", "model"))}
-EXECUTED_MESHES = ("8", "2x4")      # on the 8 virtual CPU devices
+EXECUTED_MESHES = ("8", "2x4", "2x2x2")      # on the 8 virtual CPU devices
 PLAN_ONLY_MESHES = ("8x8",)         # subprocess, 64 virtual devices
-FULL_MESHES = ("8", "2x4", "8x8")
+FULL_MESHES = ("8", "2x4", "2x2x2", "8x8")
 QUICK_MESHES = ("8", "2x4")
 CLUSTERS = ("host-cpu", "h100-80gb")
 #: timed rounds at most per workload and mesh (--timing-s stops them sooner)

@@ -165,12 +165,14 @@ def resharding_route(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> Route
             layout[e].extend(group)
             if moves(group):
                 passed.append(now())
-        if relayout and moved and live(layout) == live(dst) and \
+        if moved and live(layout) == live(dst) and \
                 live_axes(mesh_shape, now()) != live_axes(mesh_shape, dst):
             # the axes arrived in another order than dst's (one dim's axes moved to another
-            # dim, reversed): XLA puts the blocks in order with one collective-permute
+            # dim, reversed; or moved behind axes sliced in front of them): XLA puts the
+            # blocks in order with one collective-permute
             here = now()
-            steps.append(RouteStep("collective-permute", tuple(live(src)), here))
+            steps.append(RouteStep("collective-permute", reordered_axes(mesh_shape, here, dst),
+                                   here))
             traffic.append(RouteTraffic(2, here))
             layout = [list(axes) for axes in dst]
 
@@ -202,6 +204,28 @@ def resharding_route(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> Route
                     RouteTraffic(2, here, before_dim=d)]
         passed.append(here)
     return Route(tuple(steps), tuple(traffic), _waypoints(mesh_shape, src, dst, passed))
+
+
+def reordered_axes(mesh_shape: tuple[int, ...], before: Spec, after: Spec) -> tuple[int, ...]:
+    """The mesh axes along which a collective-permute from ``before`` to ``after`` sends
+    blocks. When every dim keeps its axes and only their order changes: the axes whose
+    stride within their dim changes (an axis with the same stride indexes the same
+    blocks in both, so no block moves along it). Otherwise every live axis of either."""
+    b, a = live_axes(mesh_shape, before), live_axes(mesh_shape, after)
+    if any(set(x) != set(y) for x, y in zip(b, a)):
+        return tuple(sorted({axis for axes in b + a for axis in axes}))
+
+    def strides(axes):
+        out, stride = {}, 1
+        for axis in reversed(axes):
+            out[axis] = stride
+            stride *= mesh_shape[axis]
+        return out
+    moved = set()
+    for x, y in zip(b, a):
+        sx, sy = strides(x), strides(y)
+        moved |= {axis for axis in x if sx[axis] != sy[axis]}
+    return tuple(sorted(moved))
 
 
 def _exchange_group(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> tuple[int, ...] | None:

@@ -6,7 +6,8 @@ import autoshard
 from benchmarks import baselines
 from examples import models
 
-MESHES = {(8,): ("devices",), (2, 4): ("data", "model")}
+MESHES = {(8,): ("devices",), (2, 4): ("data", "model"),
+          (2, 2, 2): ("data", "fsdp", "model")}
 
 # Small sizes: every baseline compiles in about a second.
 SMALL = {

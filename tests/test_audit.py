@@ -103,3 +103,30 @@ def test_a_pipeline_plan_is_refused_with_advice():
                                  method=method).plan(*w.args)
     with pytest.raises(ValueError, match="pipeline plan runs several"):
         audit(plan, "", {})
+
+
+@pytest.mark.parametrize("cpu", [True, False], ids=["cpu", "gpu"])
+def test_an_ops_all_reduce_and_reduce_scatter_fold_on_the_cpu(cpu):
+    # On 2x2x2 ("data", "fsdp", "model"), a dot contracting over fsdp and model: its output
+    # all-reduced over model (4 MiB per device) and reduce-scattered over fsdp (2 MiB). The
+    # CPU runs the reduce-scatter as an all-reduce (4 MiB) plus a slice and folds the two
+    # all-reduces into one over fsdp and model; a GPU runs both as priced. A resharding's
+    # reduce-scatter (another op's) and a lone one are not folded.
+    from types import SimpleNamespace
+
+    from autoshard.plan.audit import _as_compiled
+
+    mib = 2 ** 20
+    plan = SimpleNamespace(axis_names=("data", "fsdp", "model"), mesh_shape=(2, 2, 2),
+                           collectives=(
+        Collective("dot#1", "all-reduce", 1e-6, 4 * mib, ("model",)),
+        Collective("dot#1", "reduce-scatter", 1e-6, 2 * mib, ("fsdp",)),
+        Collective("dot#2", "all-reduce", 1e-6, 4 * mib, ("model",)),
+        Collective("dot#2→add#3", "reduce-scatter", 1e-6, 2 * mib, ("fsdp",), resharding=True),
+        Collective("reduce#4", "reduce-scatter", 1e-6, mib, ("data",))))
+    if cpu:
+        assert _as_compiled(plan, True) == [
+            ("all-reduce", ("fsdp", "model"), 4 * mib), ("all-reduce", ("model",), 4 * mib),
+            ("all-reduce", ("fsdp",), 4 * mib), ("all-reduce", ("data",), 2 * mib)]
+    else:
+        assert _as_compiled(plan, False) == [(c.kind, c.axes, c.nbytes) for c in plan.collectives]

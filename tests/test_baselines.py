@@ -41,6 +41,9 @@ def test_baseline_names():
     assert baselines.baseline_names("gpt_large", (2, 4)) == ["dp", "fsdp", "dp_tp", "fsdp_tp"]
     assert baselines.baseline_names("moe", (8,)) == ["dp", "fsdp", "tp", "ep"]
     assert "ep_gshard" in baselines.baseline_names("moe", (2, 4))
+    assert baselines.baseline_names("gpt_large", (2, 2, 2)) == ["dp", "fsdp", "dp_tp", "fsdp_tp"]
+    assert baselines.baseline_names("moe", (2, 2, 2)) == ["dp", "fsdp", "dp_tp", "fsdp_tp",
+                                                          "ep_gshard"]
     with pytest.raises(ValueError):
         baselines.baseline_names("conv_net", (8,))
 
@@ -69,6 +72,15 @@ def test_megatron_layout_of_gpt_and_optimizer_state_mirrors_params():
     assert s["[0]['blocks'][0]['wq']"] == P("data", "model")
     assert s["[0]['blocks'][0]['wo']"] == P("model", "data")
     assert s["[2]['tokens']"] == P("data")
+    # 3-D, MaxText's default: weights over fsdp and model, the batch over data and fsdp
+    s = _specs(w, "gpt", (2, 2, 2), "fsdp_tp")
+    assert s["[0]['blocks'][0]['wq']"] == P("fsdp", "model")
+    assert s["[0]['blocks'][0]['wo']"] == P("model", "fsdp")
+    assert s["[0]['wte']"] == P("model", "fsdp")
+    assert s["[2]['tokens']"] == P(("data", "fsdp"))
+    s = _specs(w, "gpt", (2, 2, 2), "dp_tp")
+    assert s["[0]['blocks'][0]['wq']"] == P(None, "model")
+    assert s["[2]['tokens']"] == P(("data", "fsdp"))
 
 
 def test_fallback_when_a_dim_does_not_divide():

@@ -549,6 +549,26 @@ def test_waypoints_make_xla_run_the_priced_route(mesh_shape, src, dst):
         _compiled_collectives(mesh_shape, shape, [src, *waypoints, dst])
 
 
+@pytest.mark.parametrize("src, dst, kinds", [
+    # "data" leaves dim 2 by an all-to-all behind "fsdp" and "model", sliced into dim 0
+    # first: a collective-permute over all three puts the batch blocks in dst's order
+    (((), (), (0,)), ((0, 1, 2), (), ()), [("all-to-all", (0,)), ("collective-permute", (0, 1, 2))]),
+    # "c" arrives behind "a" in front of "b": only "b" and "c" change stride, and the
+    # permute runs over them
+    (((0,), (), (2,)), ((0, 2, 1), (), ()), [("all-to-all", (2,)), ("collective-permute", (1, 2))]),
+    (((), (), (2,)), ((), (2, 1, 0), ()), [("all-to-all", (2,)), ("collective-permute", (0, 1, 2))]),
+])
+def test_an_axis_that_arrives_behind_sliced_axes_is_put_in_order(src, dst, kinds):
+    # pinned to the route's waypoints, XLA runs the priced collectives (kinds, axes, bytes)
+    shape = (16, 32, 64)
+    model = MeshCostModel(_uniform_cluster(), (2, 2, 2))
+    steps = model.resharding_steps(shape, 4, src, dst)
+    waypoints = model.resharding_waypoints(shape, src, dst)
+    assert [(s.kind, s.axes, s.nbytes) for s in steps] == \
+        _compiled_collectives((2, 2, 2), shape, [src, *waypoints, dst])
+    assert [(s.kind, s.axes) for s in steps] == kinds
+
+
 def test_a_one_move_resharding_has_no_waypoints(model24):
     assert model24.resharding_waypoints((16, 128), ((0,), ()), ((), ())) == ()
     assert model24.resharding_waypoints((16, 128), ((0,), ()), ((), (0,))) == ()

@@ -64,6 +64,7 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
             collectives.append(Collective(node.name, step.kind, step.seconds, step.nbytes,
                                           names(step.axes)))
     resharding, copies = 0.0, 0
+    resharded = set()  # (value, from, to): XLA's CSE runs each such resharding once
     for use, matrix in zip(uses, matrices):
         cost = float(matrix[choices[use.src], choices[use.dst]])
         if use.operand < 0:  # loop-carried: the next step's input layout
@@ -78,7 +79,10 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
             operand_specs += [(eqn, use.operand, P(spec)) for spec in _route_layouts(
                 model, shape, value_spec[vid], src_spec, dst_spec,
                 shared=graph.nodes[use.src].kind == READ)]
+        if src_spec != dst_spec and (vid, src_spec, dst_spec) in resharded:
+            continue  # another reader's resharding, the very same: XLA runs it once
         if src_spec != dst_spec:
+            resharded.add((vid, src_spec, dst_spec))
             aval = program.avals[vid]
             copies += model.resharding_traffic(tuple(aval.shape), aval.dtype.itemsize,
                                                src_spec, dst_spec)
