@@ -17,7 +17,7 @@ from autoshard.plan.parts import Collective, OpCost, PlanCost, SolverInfo
 from autoshard.plan.record import Plan
 
 from .memory_points import planned_peak_bytes
-from .problem import ShardingProblem
+from .problem import ShardingProblem, repeated_reshardings
 from .shared_reads import READ
 
 
@@ -64,8 +64,8 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
             collectives.append(Collective(node.name, step.kind, step.seconds, step.nbytes,
                                           names(step.axes)))
     resharding, copies = 0.0, 0
-    resharded = set()  # (value, from, to): XLA's CSE runs each such resharding once
-    for use, matrix in zip(uses, matrices):
+    repeated = repeated_reshardings(graph, uses, chosen)  # XLA's CSE runs those once
+    for k, (use, matrix) in enumerate(zip(uses, matrices)):
         cost = float(matrix[choices[use.src], choices[use.dst]])
         if use.operand < 0:  # loop-carried: the next step's input layout
             resharding += cost
@@ -79,10 +79,9 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
             operand_specs += [(eqn, use.operand, P(spec)) for spec in _route_layouts(
                 model, shape, value_spec[vid], src_spec, dst_spec,
                 shared=graph.nodes[use.src].kind == READ)]
-        if src_spec != dst_spec and (vid, src_spec, dst_spec) in resharded:
+        if k in repeated:
             continue  # another reader's resharding, the very same: XLA runs it once
         if src_spec != dst_spec:
-            resharded.add((vid, src_spec, dst_spec))
             aval = program.avals[vid]
             copies += model.resharding_traffic(tuple(aval.shape), aval.dtype.itemsize,
                                                src_spec, dst_spec)

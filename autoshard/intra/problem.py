@@ -126,7 +126,7 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
         propagation = _propagation(graph, grouping, uses, matrices, time_limit, merged) \
             if isinstance(method, ShardParallel) else None
         plans = _seed(graph, grouping, request, propagation, model, method, batch_flat,
-                      annotations)
+                      annotations, uses=uses, matrices=matrices)
         _log.info("starting plan: %.4g s per step, the cheapest of %d", ilp.evaluate(
             request, plans.hint).objective if plans.hint else float("nan"), len(plans.seeds))
         return plans
@@ -271,8 +271,8 @@ def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs,
 
 def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
           propagation: tuple[ilp.IntraOpRequest, Grouping] | None, model: MeshCostModel,
-          method, batch_flat: Sequence[bool], annotations: Sequence[Spec] | None = None
-          ) -> StartingPlans:
+          method, batch_flat: Sequence[bool], annotations: Sequence[Spec] | None = None, *,
+          uses: Sequence[Use] = (), matrices: Sequence[np.ndarray] = ()) -> StartingPlans:
     """The solver's starting plan: the cheapest of the presets' own plans (their input
     layouts propagated as XLA does, over ``propagation``: see :func:`propagated_choices`;
     the model's own annotations among them when the arguments carry some), greedy plans
@@ -313,16 +313,20 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
                                  for v, options in allowed.items()}, improve=False)
             candidates.append(_shared(graph, grouping, request, propagation, propagated))
             alternatives.append(_priced(graph, grouping, request, candidates[-1],
-                                        type(style).__name__))
+                                        type(style).__name__, uses, matrices))
     return StartingPlans(ilp.best_assignment(request, candidates), tuple(alternatives),
                          tuple(tuple(int(c) for c in candidate) for candidate in candidates))
 
 
 def _priced(graph: ShardingGraph, grouping: Grouping, request: ilp.IntraOpRequest,
-            choices: Sequence[int], name: str) -> Alternative:
-    """The plan of ``choices`` (one per ILP node) priced part by part, as ``PlanCost``."""
+            choices: Sequence[int], name: str, uses: Sequence[Use] = (),
+            matrices: Sequence[np.ndarray] = ()) -> Alternative:
+    """The plan of ``choices`` (one per ILP node) priced part by part, as ``PlanCost``
+    (as :func:`~autoshard.intra.plan_record.plan_record` prices a plan: a resharding that
+    several readers of a value share counted once, ``repeated_reshardings`` of ``uses``)."""
     compute = communication = fed = 0.0
-    for node, c in zip(graph.nodes, grouping.expand(choices)):
+    per_node = grouping.expand(choices)
+    for node, c in zip(graph.nodes, per_node):
         strategy = node.strategies[c]
         if node.kind == "op":
             compute += strategy.compute_s
@@ -330,8 +334,32 @@ def _priced(graph: ShardingGraph, grouping: Grouping, request: ilp.IntraOpReques
         else:
             fed += strategy.communication_s
     priced = ilp.evaluate(request, choices)
+    chosen = [n.strategies[c] for n, c in zip(graph.nodes, per_node)]
+    repeated = sum(float(matrices[k][per_node[uses[k].src], per_node[uses[k].dst]])
+                   for k in repeated_reshardings(graph, uses, chosen)
+                   if grouping.root[uses[k].src] != grouping.root[uses[k].dst])
     return Alternative(name, float(compute), float(communication + priced.shared_cost),
-                       float(priced.edge_cost), float(fed))
+                       float(priced.edge_cost) - repeated, float(fed))
+
+
+def repeated_reshardings(graph: ShardingGraph, uses: Sequence[Use], chosen) -> set[int]:
+    """Indices of the ``uses`` whose resharding (``chosen``: a strategy per graph node)
+    repeats an earlier use's: the same value, from the same layout to the same one. XLA's
+    CSE runs such a resharding once for all its readers; a search without read nodes (a
+    3-axis mesh's) prices it per reader. Loop-carried uses are never repeats."""
+    seen, repeated = set(), set()
+    for k, use in enumerate(uses):
+        if use.operand < 0:
+            continue
+        src = chosen[use.src].out_specs[use.src_output]
+        dst = chosen[use.dst].in_specs[use.operand]
+        if src == dst:
+            continue
+        key = (graph.nodes[use.src].outputs[use.src_output], src, dst)
+        if key in seen:
+            repeated.add(k)
+        seen.add(key)
+    return repeated
 
 
 def _fixed_inputs(program, in_layouts: Mapping[int, PartitionSpec], mesh_shape, axis_names
