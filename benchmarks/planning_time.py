@@ -178,12 +178,11 @@ def depth_section(totals: dict[int, list[float]]) -> list[str]:
              "|---|---|---|---|---|"]
     for half, full in DEPTH_PAIRS:
         a, b = sorted(totals[half]), sorted(totals[full])
+        ma, mb = statistics.median(a), statistics.median(b)
         added = rows[full][1] - rows[half][1]
         lines.append(f"| {rows[half][0]} ({rows[half][1]} layers) / {rows[full][1]} layers | "
-                     f"{statistics.median(a):.1f} ({a[0]:.1f}-{a[-1]:.1f}) | "
-                     f"{statistics.median(b):.1f} ({b[0]:.1f}-{b[-1]:.1f}) | "
-                     f"{statistics.median(b) / statistics.median(a):.2f} | "
-                     f"{(statistics.median(b) - statistics.median(a)) / added:.3f} |")
+                     f"{ma:.1f} ({a[0]:.1f}-{a[-1]:.1f}) | {mb:.1f} ({b[0]:.1f}-{b[-1]:.1f}) | "
+                     f"{mb / ma:.2f} | {(mb - ma) / added:.3f} |")
     return lines
 
 

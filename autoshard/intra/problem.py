@@ -271,8 +271,8 @@ def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs,
 
 def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
           propagation: tuple[ilp.IntraOpRequest, Grouping] | None, model: MeshCostModel,
-          method, batch_flat: Sequence[bool], annotations: Sequence[Spec] | None = None, *,
-          uses: Sequence[Use] = (), matrices: Sequence[np.ndarray] = ()) -> StartingPlans:
+          method, batch_flat: Sequence[bool], annotations: Sequence[Spec] | None, *,
+          uses: Sequence[Use], matrices: Sequence[np.ndarray]) -> StartingPlans:
     """The solver's starting plan: the cheapest of the presets' own plans (their input
     layouts propagated as XLA does, over ``propagation``: see :func:`propagated_choices`;
     the model's own annotations among them when the arguments carry some), greedy plans
@@ -319,11 +319,12 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
 
 
 def _priced(graph: ShardingGraph, grouping: Grouping, request: ilp.IntraOpRequest,
-            choices: Sequence[int], name: str, uses: Sequence[Use] = (),
-            matrices: Sequence[np.ndarray] = ()) -> Alternative:
-    """The plan of ``choices`` (one per ILP node) priced part by part, as ``PlanCost``
-    (as :func:`~autoshard.intra.plan_record.plan_record` prices a plan: a resharding that
-    several readers of a value share counted once, ``repeated_reshardings`` of ``uses``)."""
+            choices: Sequence[int], name: str, uses: Sequence[Use],
+            matrices: Sequence[np.ndarray]) -> Alternative:
+    """The plan of ``choices`` (one per ILP node) priced part by part, as ``PlanCost``; a
+    resharding that several readers of a value share counted once, as
+    :func:`~autoshard.intra.plan_record.plan_record` counts it (``repeated_reshardings`` of
+    ``uses``)."""
     compute = communication = fed = 0.0
     per_node = grouping.expand(choices)
     for node, c in zip(graph.nodes, per_node):
