@@ -14,6 +14,7 @@ _EXPORTS = {
     "ParallelizedFunction": "autoshard.api",
     "parallelize": "autoshard.api",
     "calibrate": "autoshard.calibration",
+    "calibrate_kernels": "autoshard.kernel_calibration",
     "grad": "autoshard.pipeline.markers",
     "value_and_grad": "autoshard.pipeline.markers",
     "mark_layer_boundary": "autoshard.pipeline.markers",

@@ -292,15 +292,11 @@ def calibrate(mesh: jax.sharding.Mesh, *, budget_s: float = 20.0,
     Use it as ``parallelize(..., cluster=...)`` or save it for ``autoshard plan
     --cluster FILE``. Every process of a multi-process run must call it.
     """
-    if not isinstance(mesh, jax.sharding.Mesh):
-        raise TypeError(f"calibrate needs a mesh of real devices (autoshard.make_mesh), got "
-                        f"{type(mesh).__name__}; an abstract mesh has nothing to measure")
+    check_measurable("calibrate", mesh, budget_s)
     dtypes = tuple(dtypes)
     if "float32" not in dtypes:
         raise ValueError(f"calibrate: dtypes must include 'float32' (the fallback rate), got "
                          f"{list(dtypes)}")
-    if not budget_s > 0:
-        raise ValueError(f"calibrate: budget_s must be positive, got {budget_s!r}")
     base = default_cluster(mesh) if base is None else base
     log = print if verbose and jax.process_index() == 0 else (lambda *a: None)
     compute_budget = 0.3 * budget_s / (len(dtypes) + 1)
@@ -354,6 +350,15 @@ def calibrate(mesh: jax.sharding.Mesh, *, budget_s: float = 20.0,
         axis_links=axis_links,
         collective_links=tuple((kind, tuple(links)) for kind, links in per_kind.items()),
         all_reduce_per_operand=per_operand)
+
+
+def check_measurable(caller: str, mesh, budget_s: float) -> None:
+    """``caller``'s checks of its arguments: a mesh of real devices, a positive budget."""
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"{caller} needs a mesh of real devices (autoshard.make_mesh), got "
+                        f"{type(mesh).__name__}; an abstract mesh has nothing to measure")
+    if not budget_s > 0:
+        raise ValueError(f"{caller}: budget_s must be positive, got {budget_s!r}")
 
 
 def _agree_flag(flag: bool) -> bool:

@@ -21,10 +21,10 @@ audited (``plan.audit``: the collectives XLA emits against those priced) and the
 modelled time set against their yardstick.
 
 Meshes (8,), (2,4) and (2,2,2) (named ("data", "fsdp", "model"), MaxText's way) compile
-and run on 8 virtual CPU devices; with timing on, the
-baselines, the presets and the ILP planned for a cluster calibrated on this machine
-(``autoshard.calibrate``) are run in interleaved rounds and their median step times
-compared. (8,8) compiles in a subprocess with 64 virtual devices; nothing runs there.
+and run on 8 virtual CPU devices; with timing on, the baselines, the presets and the ILP
+planned for a cluster calibrated on this machine (``autoshard.calibrate``, then
+``autoshard.calibrate_kernels`` per workload) are run in interleaved rounds and their
+median step times compared. (8,8) compiles in a subprocess with 64 virtual devices; nothing runs there.
 Writes ``results.json`` and ``RESULTS.md`` to ``--out`` (default: benchmarks/).
 """
 from __future__ import annotations
@@ -279,11 +279,14 @@ def _time_programs(wname, mesh_name, w, runnable: dict, opts) -> dict:
 
 
 def run_local(workloads, meshes, opts, *, plan_only: bool, json_path: Path | None = None,
-              calibrated: dict | None = None):
+              calibrated: dict | None = None, with_kernels: dict | None = None):
     """(rows, timings) of ``workloads`` on ``meshes``; ``calibrated``: mesh name -> the
-    cluster ``autoshard.calibrate`` measured for it, filled in as meshes are calibrated."""
+    cluster ``autoshard.calibrate`` measured for it, filled in as meshes are calibrated;
+    ``with_kernels``: "workload mesh" -> that cluster with the workload's kernels timed
+    (``autoshard.calibrate_kernels``), the cluster its calibrated rows are planned for."""
     rows, timings = [], []
     calibrated = {} if calibrated is None else calibrated
+    with_kernels = {} if with_kernels is None else with_kernels
     for wname in workloads:
         factory, _, runs = WORKLOAD_CONFIGS[wname]
         timing = not plan_only and runs and not opts.no_timing
@@ -302,7 +305,11 @@ def run_local(workloads, meshes, opts, *, plan_only: bool, json_path: Path | Non
                         warnings.simplefilter("ignore")
                         calibrated[m] = autoshard.calibrate(autoshard.make_mesh(shape, names),
                                                             budget_s=opts.calibration_s)
-                clusters[CALIBRATED] = calibrated[m]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    clusters[CALIBRATED] = with_kernels[f"{wname} {m}"] = \
+                        autoshard.calibrate_kernels(w.fn, w.args, mesh=autoshard.make_mesh(
+                            *MESHES[m]), cluster=calibrated[m], budget_s=opts.kernel_s)
             r, t = bench_workload_mesh(wname, w, m, clusters, opts, timing)
             rows += r
             if t is not None:
@@ -364,6 +371,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--calibration-s", type=float, default=10.0,
                    help="seconds autoshard.calibrate may take per mesh (default 10)")
+    p.add_argument("--kernel-s", type=float, default=20.0,
+                   help="seconds autoshard.calibrate_kernels may take per workload and mesh "
+                        "(default 20)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_json", help=argparse.SUPPRESS)
@@ -387,10 +397,10 @@ def main(argv=None) -> int:
     started = time.time()
     executed = [m for m in meshes if m in EXECUTED_MESHES]
     plan_only = [m for m in meshes if m in PLAN_ONLY_MESHES]
-    rows, timings, errors, calibrated = [], [], [], {}
+    rows, timings, errors, with_kernels = [], [], [], {}
     if executed:
         rows, timings = run_local(workloads, executed, opts, plan_only=False,
-                                  json_path=out_dir / "results.json", calibrated=calibrated)
+                                  json_path=out_dir / "results.json", with_kernels=with_kernels)
     if plan_only:
         _log(f"compiling {', '.join(plan_only)} in a subprocess with 64 virtual devices")
         r, err = _run_child(workloads, plan_only, opts)
@@ -410,8 +420,9 @@ def main(argv=None) -> int:
         "meshes": {m: {"shape": list(MESHES[m][0]), "axis_names": list(MESHES[m][1]),
                        "executed": m in EXECUTED_MESHES} for m in meshes},
         "clusters": list(opts.clusters),
-        # the calibrated rows' cluster, to plan them again: autoshard.Cluster.from_json
-        "calibrated_clusters": {m: json.loads(c.to_json()) for m, c in calibrated.items()},
+        # the calibrated rows' cluster per workload and mesh, its kernels timed, to plan
+        # them again: autoshard.Cluster.from_json
+        "calibrated_clusters": {k: json.loads(c.to_json()) for k, c in with_kernels.items()},
         "repeats": opts.repeats, "warmup": opts.warmup, "timing_s": opts.timing_s,
         "rows": rows, "timing": timings, "errors": errors,
     }

@@ -6,6 +6,7 @@ Imports numpy only. Times are seconds, sizes bytes, bandwidths bytes/s.
 from ._cluster import COLLECTIVES as COLLECTIVES
 from ._cluster import Cluster as Cluster
 from ._cluster import Link as Link
+from ._cluster import kernel_key as kernel_key
 from ._files import write_text_atomically as write_text_atomically
 from ._mesh_cost import CollectiveStep as CollectiveStep
 from ._mesh_cost import MeshCostModel as MeshCostModel
@@ -33,6 +34,7 @@ __all__ = [
     "format_bytes",
     "format_seconds",
     "in_flight",
+    "kernel_key",
     "parse_bytes",
     "write_text_atomically",
 ]

@@ -59,9 +59,15 @@ class Cluster:
     reads its shard n − 1 more times. ``all_reduce_per_operand``: the backend runs an
     all-reduce of several arrays (XLA's combiner merges independent all-reduces into one)
     as one all-reduce per array, each paying its full latency, so merging saves nothing.
+    ``kernel_seconds``: measured seconds per device of single kernels (a convolution at
+    one per-device shape, all devices busy), keyed by :func:`kernel_key` (set by
+    ``autoshard.calibrate_kernels``). A strategy whose kernel has an entry is priced at
+    that time instead of the roofline: backends run some shapes far below peak (XLA:CPU
+    runs a 3×3 convolution with 16 output channels at a quarter of the rate it runs one
+    with 32).
 
-    ``flops`` and ``collective_links`` may be given as mappings and ``axis_links`` as
-    any sequence; all are stored as tuples so the cluster is hashable.
+    ``flops``, ``collective_links`` and ``kernel_seconds`` may be given as mappings and
+    ``axis_links`` as any sequence; all are stored as tuples so the cluster is hashable.
     """
 
     name: str
@@ -77,6 +83,7 @@ class Cluster:
     reduce_scatter_as_all_reduce: bool = False
     all_to_all_as_slices: bool = False
     all_reduce_per_operand: bool = False
+    kernel_seconds: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -129,6 +136,23 @@ class Cluster:
         for flag in _BACKEND_FLAGS:
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"Cluster.{flag} must be a bool, got {_show(getattr(self, flag))}")
+        kernels = self.kernel_seconds
+        kernels = kernels.items() if isinstance(kernels, Mapping) else kernels
+        checked_kernels = []
+        for kernel, seconds in kernels:
+            if not isinstance(kernel, str) or not kernel:
+                raise ValueError(f"Cluster.kernel_seconds keys must be non-empty strings (kernel_key), "
+                                 f"got {_show(kernel)}")
+            _check_positive(f"Cluster.kernel_seconds[{_show(kernel)}]", seconds)
+            checked_kernels.append((kernel, float(seconds)))
+        object.__setattr__(self, "kernel_seconds", tuple(checked_kernels))
+
+    def __repr__(self):
+        fields = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                  if f.name != "kernel_seconds"]
+        if self.kernel_seconds:   # hundreds of long keys: their number says enough
+            fields.append(f"kernel_seconds=<{len(self.kernel_seconds)} kernels>")
+        return f"Cluster({', '.join(fields)})"
 
     def flops_rate(self, dtype: Any) -> float:
         """Peak FLOP/s for ``dtype`` (a name such as "bfloat16" or anything whose str is one).
@@ -192,6 +216,8 @@ class Cluster:
         for flag in _BACKEND_FLAGS:
             if getattr(self, flag):  # likewise only when set
                 data[flag] = True
+        if self.kernel_seconds:
+            data["kernel_seconds"] = dict(self.kernel_seconds)
         return json.dumps(data, indent=2)
 
     def save(self, path) -> None:
@@ -213,7 +239,8 @@ class Cluster:
             raise ValueError(f"Cluster JSON must be an object, got {type(data).__name__}")
         required = ("name", "flops", "memory_bandwidth", "device_memory", "devices_per_node", "intra_node",
                     "inter_node")
-        optional = ("memory_reserve", "axis_links", "collective_links") + _BACKEND_FLAGS
+        optional = ("memory_reserve", "axis_links", "collective_links", "kernel_seconds") + \
+            _BACKEND_FLAGS
         for field in required:
             if field not in data:
                 raise ValueError(f"Cluster JSON is missing required field {field!r}; expected fields {list(required)}")
@@ -242,6 +269,12 @@ class Cluster:
                 and all(isinstance(v, list) for v in collective_links.values())):
             raise ValueError(f"Cluster JSON field 'collective_links' must be an object collective -> "
                              f"list of links, or null, got {_show(collective_links)}")
+        kernel_seconds = data.get("kernel_seconds", {})
+        if not isinstance(kernel_seconds, dict):
+            raise ValueError(f"Cluster JSON field 'kernel_seconds' must be an object kernel -> "
+                             f"seconds, got {_show(kernel_seconds)}")
+        for kernel, seconds in kernel_seconds.items():
+            _expect_number(f"kernel_seconds[{_show(kernel)}]", seconds)
         flags = {flag: data.get(flag, False) for flag in _BACKEND_FLAGS}
         for flag, value in flags.items():
             if not isinstance(value, bool):
@@ -265,10 +298,18 @@ class Cluster:
                 else tuple((kind, tuple(_link_from_json(f"collective_links.{kind}[{i}]", link)
                                         for i, link in enumerate(links)))
                            for kind, links in collective_links.items()),
+                kernel_seconds=tuple(kernel_seconds.items()),
                 **flags,
             )
         except ValueError as err:
             raise ValueError(f"Cluster JSON is invalid: {err}") from None
+
+
+def kernel_key(kernel: str, operands: Sequence[tuple[str, Sequence[int]]]) -> str:
+    """The ``Cluster.kernel_seconds`` key of ``kernel`` (a primitive and its parameters,
+    e.g. ``"conv_general_dilated(...)"``) run on ``operands``: per operand its dtype name
+    and per-device shape: ``"conv_general_dilated(...) float32[1,8,8,16] float32[3,3,16,16]"``."""
+    return " ".join([kernel] + [f"{dtype}[{','.join(map(str, shape))}]" for dtype, shape in operands])
 
 
 def _link_from_json(field: str, data: Any) -> Link:

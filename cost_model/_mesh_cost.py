@@ -52,6 +52,7 @@ class MeshCostModel:
         object.__setattr__(self, "_splits", {})
         object.__setattr__(self, "_checked", {})  # (shape, spec) -> both checked, normalised
         object.__setattr__(self, "_shards", {})  # (shape, spec) -> per-device shape
+        object.__setattr__(self, "_kernels", dict(self.cluster.kernel_seconds))
 
     # ------------------------------------------------------------------ topology
 
@@ -122,6 +123,11 @@ class MeshCostModel:
         program this is what its compiled ``cost_analysis`` gives at the same rates.)"""
         return (float(flops) / self.cluster.flops_rate(dtype)
                 + float(bytes_accessed) / self.cluster.memory_bandwidth)
+
+    def kernel_seconds(self, key: str) -> float | None:
+        """The measured seconds of kernel ``key`` (``kernel_key``) in the cluster's
+        ``kernel_seconds``, or ``None`` when it was not measured."""
+        return self._kernels.get(key)
 
     # ------------------------------------------------------------------ memory
 

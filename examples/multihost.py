@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--local-batch", action="store_true",
                    help="each process holds only its slice of the batch (autoshard.global_batch)")
+    p.add_argument("--calibrate-kernels", type=float, default=None, metavar="SECONDS",
+                   help="then time each model's convolutions "
+                        "(autoshard.calibrate_kernels, collective too)")
     p.add_argument("--calibrate", type=float, default=None, metavar="SECONDS",
                    help="plan with autoshard.calibrate(mesh, budget_s=SECONDS) (collective: "
                         "every process gets process 0's figures)")
@@ -158,8 +161,14 @@ def run(args) -> int:
         record["cluster"] = np.array(cluster.to_json())
     for name in args.model.split(","):
         w = workload(name)
+        priced = cluster
+        if args.calibrate_kernels:
+            priced = autoshard.calibrate_kernels(w.fn, w.args, mesh=mesh, cluster=cluster,
+                                                 budget_s=args.calibrate_kernels)
+            say(f"{name}: {len(priced.kernel_seconds)} kernels timed")
+            record["cluster"] = np.array(priced.to_json())
         step = autoshard.parallelize(w.fn, mesh=mesh, method=method(args.method, args.time_limit),
-                                     cluster=cluster, batch_argnums=w.batch_argnums)
+                                     cluster=priced, batch_argnums=w.batch_argnums)
         params, opt_state, batch = w.args
         if args.local_batch:  # keep only this process's rows, then assemble the global batch
             rows = jax.tree.leaves(batch)[0].shape[0] // n

@@ -20,7 +20,7 @@ def quick_run(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--workloads", "mlp_small",
          "--meshes", "8", "--repeats", "3", "--timing-s", "0", "--warmup", "1",
-         "--calibration-s", "2", "--out", str(out)],
+         "--calibration-s", "2", "--kernel-s", "2", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out

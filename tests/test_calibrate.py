@@ -139,6 +139,22 @@ def test_cli_calibrate_then_plan_with_it(tmp_path, capsys):
     assert "cluster my-box" in capsys.readouterr().out
 
 
+def test_cli_calibrate_times_a_targets_kernels(tmp_path, capsys):
+    out = tmp_path / "cluster.json"
+    # the block's 3x3 convolutions take milliseconds on the CPU: far above a call's overhead
+    target = "examples.models:wide_resnet_block"
+    assert _cli.main(["calibrate", "--mesh", "8", "--out", str(out), "--budget", "2",
+                      "--dtypes", "float32", "--kernels", target]) == 0
+    text = capsys.readouterr().out
+    cluster = Cluster.from_json(out.read_text())
+    assert cluster.kernel_seconds and all(k.startswith("conv_general_dilated(")
+                                          for k, _ in cluster.kernel_seconds)
+    assert f"{len(cluster.kernel_seconds)} kernels of {target} timed" in text
+    assert _cli.main(["calibrate", "--mesh", "8", "--out", str(out), "--kernels",
+                      "examples.models:mlp", "--kernel-budget", "0"]) == 2
+    assert "bad --kernel-budget 0.0" in capsys.readouterr().err
+
+
 def test_cli_calibrate_errors(tmp_path, capsys):
     assert _cli.main(["calibrate", "--mesh", "4x4", "--out", str(tmp_path / "c.json")]) == 2
     assert "needs 16 devices but 8" in capsys.readouterr().err

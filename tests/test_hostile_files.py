@@ -206,6 +206,10 @@ CLUSTER_CASES = {
     "NaN latency": (dict(intra_node=RawJson('{"bandwidth": 1e9, "latency": NaN}')),
                     "intra_node.latency"),
     "huge flops": (dict(flops={"float32": HUGE}), "flops.float32"),
+    "NaN kernel time": (dict(kernel_seconds=RawJson('{"conv() float32[8]": NaN}')),
+                        "kernel_seconds['conv() float32[8]']"),
+    "negative kernel time": (dict(kernel_seconds={"k" * 10_000: -1.0}), "kernel_seconds['kkk"),
+    "kernel times as a list": (dict(kernel_seconds=[1.0]), "kernel_seconds"),
     "deep axis links": (dict(axis_links=_nested("list", SOMEWHAT_DEEP)), "axis_links"),
     "very deep axis links": (dict(axis_links=_nested("list", DEEP)), "deep"),
 }

@@ -36,11 +36,14 @@ MAY_IMPORT = {
                                    "autoshard.runtime", "autoshard.intra"),
     "autoshard.distributed": _BASE + ("autoshard.plan", "autoshard.runtime"),
     "autoshard.calibration": _BASE + ("autoshard.mesh",),
+    "autoshard.kernel_calibration": _BASE + ("autoshard.mesh", "autoshard.calibration",
+                                             "autoshard.intra"),
     "autoshard.api": _BASE + ("autoshard.ilp", "autoshard.runtime", "autoshard.mesh",
                               "autoshard.methods", "autoshard.plan", "autoshard.intra",
                               "autoshard.pipeline", "autoshard.distributed"),
     "autoshard.cli": _BASE + ("autoshard.mesh", "autoshard.methods", "autoshard.plan",
-                              "autoshard.api", "autoshard.calibration"),
+                              "autoshard.api", "autoshard.calibration",
+                              "autoshard.kernel_calibration"),
     "autoshard.__main__": ("autoshard.cli",),
 }
 # Third-party packages a layer may import (the standard library is always allowed);

@@ -92,11 +92,13 @@ def check_same(out: Path, name: str, ref: dict, processes: int = 2) -> None:
 
 
 def test_two_processes_match_one_process(tmp_path):
-    """Each process holds half the batch; both calibrate together, plan with it the same
-    plan as one process does, and compute the same numbers. (A GPT whose batch every
+    """Each process holds half the batch; both calibrate together (the mesh, then the
+    model's kernels), plan with it the same plan as one process does, and compute the
+    same numbers. (A GPT whose batch every
     process holds whole, its stages planned in both processes: the two-process pipeline
     below; a GPT planned in one process and an MLP in the other: the mismatch test.)"""
-    procs = launch([["--model", "mlp", "--local-batch", "--calibrate", "1"]] * 2, tmp_path)
+    procs = launch([["--model", "mlp", "--local-batch", "--calibrate", "1",
+                     "--calibrate-kernels", "2"]] * 2, tmp_path)
     for p in procs:
         assert p.returncode == 0, p.stderr[-3000:]
     clusters = [str(np.load(tmp_path / f"process{i}.npz")["cluster"]) for i in range(2)]

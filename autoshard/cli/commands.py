@@ -135,10 +135,14 @@ def cmd_calibrate(args) -> int:
     dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
     if "float32" not in dtypes:
         raise CliError(f"bad --dtypes {args.dtypes!r}: must include float32")
+    if args.kernels is not None and not args.kernel_budget > 0:
+        raise CliError(f"bad --kernel-budget {args.kernel_budget!r}: give a positive number "
+                       f"of seconds")
     check_writable(args.out, "cluster file")   # before measuring, which takes a while
     import jax
 
     import autoshard
+    target = None if args.kernels is None else load_target(args.kernels)
     needed = math.prod(shape)
     if jax.device_count() < needed:
         raise CliError(f"--mesh {args.mesh} needs {needed} devices but {jax.device_count()} "
@@ -150,6 +154,10 @@ def cmd_calibrate(args) -> int:
                                       name=args.name, verbose=True)
     except (TypeError, ValueError) as err:
         raise CliError(f"calibration failed: {one_line(err)}") from err
+    if target is not None:
+        cluster = autoshard.calibrate_kernels(target.fn, target.args, mesh=mesh, cluster=cluster,
+                                              budget_s=args.kernel_budget, verbose=True)
+        print(f"{len(cluster.kernel_seconds)} kernels of {args.kernels} timed")
     write_text(args.out, cluster.to_json(), "cluster file")
     print(f"cluster {cluster.name!r} written to {args.out} "
           f"(use: autoshard plan ... --cluster {args.out})")

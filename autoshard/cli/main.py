@@ -61,11 +61,15 @@ _CALIBRATE_EPILOG = """\
 examples:
   autoshard calibrate --mesh 2x4 --out cluster.json
   autoshard plan examples.models:mlp --mesh 2x4 --cluster cluster.json
+  autoshard calibrate --mesh 2x4 --out cluster.json --kernels examples.models:wide_resnet_block
 
 Measures, on the devices present, matmul FLOP/s per dtype (all devices busy at once),
 memory bandwidth, and per mesh axis the latency and bandwidth of all-reduce,
-all-gather, reduce-scatter and all-to-all (least-squares α–β fit). On the CPU, get
-virtual devices with XLA_FLAGS=--xla_force_host_platform_device_count=8.
+all-gather, reduce-scatter and all-to-all (least-squares α–β fit). With --kernels, also
+times the target's convolutions at every per-device shape a split over the
+mesh gives (autoshard.calibrate_kernels): plans of that target then price them as
+measured. On the CPU, get virtual devices with
+XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 
 
@@ -164,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dtypes", default="float32,bfloat16",
                    help="matmul dtypes to measure, comma-separated (default float32,bfloat16)")
     k.add_argument("--name", help="the cluster's name (default calibrated-PLATFORM-MESH)")
+    k.add_argument("--kernels", metavar="TARGET",
+                   help="also time this target's convolutions (as for plan: "
+                        "module:function or file.py:function)")
+    k.add_argument("--kernel-budget", type=float, default=30.0, metavar="SECONDS",
+                   help="time for --kernels, roughly (default 30)")
     k.set_defaults(func=cmd_calibrate)
     return parser
 

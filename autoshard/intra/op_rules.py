@@ -1,16 +1,13 @@
 """Per-primitive sharding rules, written as loop nests.
 
-Each rule describes a primitive as a set of *loops* (iteration-space dims)
-and says, for every operand and output dim, which loop it follows. A strategy
-then assigns mesh axes to loops: an operand/output dim is split by the axes of
-its loop; a loop that no output follows is a *reduction* loop, and splitting
-it leaves partial results that need an all-reduce. This one description covers
-elementwise ops, broadcasts, reductions, transposes, reshapes, dot_general,
-convolutions, pooling windows, gathers, scatters and random bits (the XLA
-auto-sharding / GSPMD view).
-
-A rule returns ``None`` when it does not recognise the equation's form; the
-planner then runs the equation replicated.
+Each rule describes a primitive as a set of *loops* (iteration-space dims) and says,
+for every operand and output dim, which loop it follows. A strategy then assigns mesh
+axes to loops: an operand/output dim is split by the axes of its loop; a loop that no
+output follows is a *reduction* loop, and splitting it leaves partial results that need
+an all-reduce. This one description covers elementwise ops, broadcasts, reductions,
+transposes, reshapes, dots, convolutions, pooling windows, gathers, scatters and random
+bits (the XLA auto-sharding / GSPMD view). A rule returns ``None`` when it does not
+recognise the equation's form; the planner then runs the equation replicated.
 """
 from __future__ import annotations
 
@@ -19,6 +16,8 @@ import math
 from collections.abc import Callable, Sequence
 
 from autoshard.ir.jax_compat import partitionable_random_bits
+
+from .kernels import kernel_name
 
 Dims = tuple  # per tensor dim: loop index or None (never split)
 
@@ -30,7 +29,7 @@ class LoopOp:
     ``sizes[l]``: extent of loop ``l``. ``splittable[l]``: whether mesh axes may
     split it. ``in_dims[k]``: per dim of operand ``k`` its loop (``None`` for a
     literal/rank-0 operand). ``out_dims[k]``: likewise for output ``k``.
-    ``flops``: arithmetic of the whole (unsplit) op.
+    ``flops``: arithmetic of the whole (unsplit) op. ``kernel``: ``kernels.kernel_name``.
     """
 
     sizes: tuple[int, ...]
@@ -38,6 +37,7 @@ class LoopOp:
     in_dims: tuple[Dims | None, ...]
     out_dims: tuple[Dims, ...]
     flops: float = 0.0
+    kernel: str | None = None
 
     @property
     def reduction_loops(self) -> frozenset[int]:
@@ -279,8 +279,8 @@ def conv(eqn, in_avals, out_avals):
         sizes, splittable = (lhs.shape[lb], rhs.shape[ro], rhs.shape[ri]), (True, True, True)
     window = math.prod(rhs.shape[d] for d in dn.rhs_spec[2:])
     flops = 2.0 * _size(out) * rhs.shape[ri] * window
-    return LoopOp(sizes, splittable, (tuple(ldims), tuple(rdims)), (tuple(odims),),
-                  flops=flops)
+    return LoopOp(sizes, splittable, (tuple(ldims), tuple(rdims)), (tuple(odims),), flops=flops,
+                  kernel=kernel_name(eqn) if groups == batch_groups == 1 else None)
 
 
 def concatenate(eqn, in_avals, out_avals):

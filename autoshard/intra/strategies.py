@@ -19,6 +19,7 @@ from autoshard.cost_model import CollectiveStep, MeshCostModel
 from autoshard.ir.specs import Spec, replicated
 
 from .dot_layouts import DotOperands, copied_orders
+from .kernels import local_kernel_key
 from .layout_copies import COPY_READS
 from .op_rules import LoopOp
 
@@ -188,7 +189,9 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
     traffic += _traffic(model, out_avals, out_specs, reads[n:])
     traffic += _dot_copy_traffic(model, dot, in_avals, in_specs)
     out_bytes = [_bytes(model, a, s) for a, s in zip(out_avals, out_specs)]
-    compute = model.compute(op.flops / split, traffic, dtype)
+    measured = None if op.kernel is None or not model.cluster.kernel_seconds else \
+        model.kernel_seconds(local_kernel_key(op.kernel, in_avals, in_specs, model))
+    compute = model.compute(op.flops / split, traffic, dtype) if measured is None else measured
     work = dict(flops=op.flops / split, bytes_accessed=traffic)
     # one all-reduce per reduced loop, over the axes that split it: XLA's partitioner sums
     # a contraction split over two mesh axes in two dims (batch over "data", sequence over
