@@ -56,32 +56,31 @@ class _Kernel:
     roofline_s: float
 
 
-def program_kernels(program, model: MeshCostModel, primitives: Sequence[str]
-                    ) -> list[list[_Kernel]]:
-    """Per equation of ``program`` whose primitive is in ``primitives`` and whose rule names
-    a kernel: the distinct kernels its strategies on ``model``'s mesh run, the equations
-    of most flops first (each kernel listed once, under the first equation that runs it)."""
-    groups, seen = [], set()
+def program_kernels(program, model: MeshCostModel) -> list[list[_Kernel]]:
+    """Per equation of ``program`` whose primitive is in ``KERNEL_PRIMITIVES`` and whose
+    rule names a kernel: the distinct kernels its strategies on ``model``'s mesh run, the
+    equations of most flops first. A kernel two equations run is listed under both, so
+    each equation's list is whole (``calibrate_kernels`` times it once)."""
+    groups = []
     for eqn in program.eqns:
-        if eqn.primitive.name not in primitives or any(isinstance(a, Literal) for a in eqn.inputs):
+        if eqn.primitive.name not in KERNEL_PRIMITIVES or \
+                any(isinstance(a, Literal) for a in eqn.inputs):
             continue
         in_avals = [program.avals[a] for a in eqn.inputs]
         out_avals = [program.avals[v] for v in eqn.outputs]
         op = loop_op(eqn, in_avals, out_avals)
         if op is None or op.kernel is None:
             continue
-        group = []
+        group: dict[str, _Kernel] = {}   # strategies differing in their output share a kernel
         for strategy in loop_strategies(op, in_avals, out_avals, model):
             key = local_kernel_key(op.kernel, in_avals, strategy.in_specs, model)
-            if key in seen:
-                continue
-            seen.add(key)
-            shapes = tuple(model.shard_shape(tuple(a.shape), s)
-                           for a, s in zip(in_avals, strategy.in_specs))
-            group.append(_Kernel(key, eqn, shapes, tuple(str(a.dtype) for a in in_avals),
-                                 strategy.compute_s))
+            if key not in group:
+                shapes = tuple(model.shard_shape(tuple(a.shape), s)
+                               for a, s in zip(in_avals, strategy.in_specs))
+                group[key] = _Kernel(key, eqn, shapes, tuple(str(a.dtype) for a in in_avals),
+                                     strategy.compute_s)
         if group:
-            groups.append((op.flops, group))
+            groups.append((op.flops, list(group.values())))
     groups.sort(key=lambda g: -g[0])   # stable: equal flops keep program order
     return [group for _, group in groups]
 
@@ -132,10 +131,10 @@ def calibrate_kernels(fun: Callable, args: Sequence = (), kwargs: dict | None = 
     call; one whose roofline is shorter than that overhead is not (its noise would swamp
     it). The equations of most flops go first; when the budget runs out the rest keep
     their roofline price (an equation's kernels are timed all or none, so its strategies
-    are priced alike). ``cluster``
-    defaults to the mesh's preset; pass ``autoshard.calibrate(mesh)``'s result so the
-    other figures are measured too. Plan with the result (``parallelize(...,
-    cluster=...)``) on the same mesh shape; it round-trips through ``Cluster.to_json``.
+    are priced alike). ``cluster`` defaults to the mesh's preset; pass
+    ``autoshard.calibrate(mesh)``'s result so the other figures are measured too. Plan
+    with the result (``parallelize(..., cluster=...)``) on the same mesh shape; it
+    round-trips through ``Cluster.to_json``.
     Every process of a multi-process run must call it (process 0's times are used).
     """
     check_measurable("calibrate_kernels", mesh, budget_s)
@@ -145,13 +144,14 @@ def calibrate_kernels(fun: Callable, args: Sequence = (), kwargs: dict | None = 
     program = trace(call, tuple(args), static_argnums).program
     # the roofline's strategies: the same splits, whatever was measured before
     model = MeshCostModel(dataclasses.replace(cluster, kernel_seconds=()), mesh.axis_sizes)
-    groups = program_kernels(program, model, KERNEL_PRIMITIVES)
+    groups = program_kernels(program, model)
     known = dict(cluster.kernel_seconds)
     local = _local_mesh(mesh)
     deadline = time.perf_counter() + budget_s
     # process 0's overhead: every process must skip and time the same kernels
     overhead = float(_agree(np.array([_dispatch_seconds(local)]))[0])
     timed: list[_Kernel] = []
+    timed_keys: set[str] = set()
     seconds: list[float] = []
     skipped = 0
     for done, group in enumerate(groups):
@@ -164,11 +164,12 @@ def calibrate_kernels(fun: Callable, args: Sequence = (), kwargs: dict | None = 
             # split of the equation keeps the roofline (all are priced alike)
             skipped += 1
             continue
-        todo = [k for k in group if k.key not in known]
+        todo = [k for k in group if k.key not in known and k.key not in timed_keys]
         # the kernels of one equation timed in turn, so a busy spell of the host slows all
         best = _time_alternately([_kernel_call(k, local) for k in todo], repeats=KERNEL_CALLS)
         for kernel, call_s in zip(todo, best):
             timed.append(kernel)
+            timed_keys.add(kernel.key)
             # a call no slower than an empty one: priced at a hundredth of one
             seconds.append(max(call_s - overhead, 0.01 * overhead))
             log(f"{kernel.key}: {seconds[-1] * 1e6:.1f} µs")

@@ -24,7 +24,8 @@ Meshes (8,), (2,4) and (2,2,2) (named ("data", "fsdp", "model"), MaxText's way) 
 and run on 8 virtual CPU devices; with timing on, the baselines, the presets and the ILP
 planned for a cluster calibrated on this machine (``autoshard.calibrate``, then
 ``autoshard.calibrate_kernels`` per workload) are run in interleaved rounds and their
-median step times compared. (8,8) compiles in a subprocess with 64 virtual devices; nothing runs there.
+median step times compared. (8,8) compiles in a subprocess with 64 virtual devices;
+nothing runs there.
 Writes ``results.json`` and ``RESULTS.md`` to ``--out`` (default: benchmarks/).
 """
 from __future__ import annotations
@@ -279,13 +280,12 @@ def _time_programs(wname, mesh_name, w, runnable: dict, opts) -> dict:
 
 
 def run_local(workloads, meshes, opts, *, plan_only: bool, json_path: Path | None = None,
-              calibrated: dict | None = None, with_kernels: dict | None = None):
-    """(rows, timings) of ``workloads`` on ``meshes``; ``calibrated``: mesh name -> the
-    cluster ``autoshard.calibrate`` measured for it, filled in as meshes are calibrated;
-    ``with_kernels``: "workload mesh" -> that cluster with the workload's kernels timed
-    (``autoshard.calibrate_kernels``), the cluster its calibrated rows are planned for."""
-    rows, timings = [], []
-    calibrated = {} if calibrated is None else calibrated
+              with_kernels: dict | None = None):
+    """(rows, timings) of ``workloads`` on ``meshes``. Each mesh that runs is calibrated
+    once (``autoshard.calibrate``); ``with_kernels``: "workload mesh" -> that cluster with
+    the workload's kernels timed (``autoshard.calibrate_kernels``), the cluster its
+    calibrated rows are planned for, filled in as they are measured."""
+    rows, timings, calibrated = [], [], {}
     with_kernels = {} if with_kernels is None else with_kernels
     for wname in workloads:
         factory, _, runs = WORKLOAD_CONFIGS[wname]
@@ -298,18 +298,15 @@ def run_local(workloads, meshes, opts, *, plan_only: bool, json_path: Path | Non
         for m in meshes:
             clusters = {c: autoshard.cluster_preset(c) for c in opts.clusters}
             if timing:
-                if m not in calibrated:
-                    _log(f"calibrating the {m} mesh of this machine")
-                    shape, names = MESHES[m]
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        calibrated[m] = autoshard.calibrate(autoshard.make_mesh(shape, names),
-                                                            budget_s=opts.calibration_s)
+                mesh = autoshard.make_mesh(*MESHES[m])
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
+                    if m not in calibrated:
+                        _log(f"calibrating the {m} mesh of this machine")
+                        calibrated[m] = autoshard.calibrate(mesh, budget_s=opts.calibration_s)
                     clusters[CALIBRATED] = with_kernels[f"{wname} {m}"] = \
-                        autoshard.calibrate_kernels(w.fn, w.args, mesh=autoshard.make_mesh(
-                            *MESHES[m]), cluster=calibrated[m], budget_s=opts.kernel_s)
+                        autoshard.calibrate_kernels(w.fn, w.args, mesh=mesh,
+                                                    cluster=calibrated[m], budget_s=opts.kernel_s)
             r, t = bench_workload_mesh(wname, w, m, clusters, opts, timing)
             rows += r
             if t is not None:

@@ -134,3 +134,42 @@ def test_cluster_kernel_seconds_are_checked():
         dataclasses.replace(base, kernel_seconds={"": 1.0})
     with pytest.raises(ValueError, match=r"kernel_seconds\['k'\] must be a finite positive"):
         dataclasses.replace(base, kernel_seconds={"k": -1.0})
+
+
+def test_a_flax_cnn_training_step_with_timed_convolutions_matches_jit():
+    # as users write it: a linen model, optax, a loss closing over the batch, a keyword
+    # Python scalar, the parameters and optimizer state donated
+    import flax.linen as nn
+    import optax
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(16, (3, 3))(x))
+            x = nn.relu(nn.Conv(16, (3, 3))(x))   # the same kernel shapes as the first's
+            return nn.Dense(4)(x.mean(axis=(1, 2)))
+
+    model, opt = CNN(), optax.sgd(0.1)
+
+    def step(params, opt_state, batch, *, scale):
+        def loss_fn(p):
+            return scale * optax.softmax_cross_entropy_with_integer_labels(
+                model.apply(p, batch["x"]), batch["y"]).mean()
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    batch = {"x": jax.random.normal(jax.random.key(0), (8, 8, 8, 16)),
+             "y": jnp.arange(8) % 4}
+    params = model.init(jax.random.key(1), batch["x"])
+    args = (params, opt.init(params), batch)
+    cluster = autoshard.calibrate_kernels(step, args, {"scale": 2.0}, mesh=MESH, cluster=SLOW,
+                                          budget_s=60)
+    keys = [k for k, _ in cluster.kernel_seconds]
+    assert keys and len(keys) == len(set(keys)) and all(
+        k.startswith("conv_general_dilated(") for k in keys)
+    expected = jax.jit(step, static_argnames="scale")(*args, scale=2.0)
+    f = autoshard.parallelize(step, mesh=MESH, cluster=cluster, donate_argnums=(0, 1))
+    got = f(*jax.tree.map(jnp.copy, args), scale=2.0)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
