@@ -26,10 +26,11 @@ Dims = tuple  # per tensor dim: loop index or None (never split)
 class LoopOp:
     """A primitive as a loop nest.
 
-    ``sizes[l]``: extent of loop ``l``. ``splittable[l]``: whether mesh axes may
-    split it. ``in_dims[k]``: per dim of operand ``k`` its loop (``None`` for a
-    literal/rank-0 operand). ``out_dims[k]``: likewise for output ``k``.
-    ``flops``: arithmetic of the whole (unsplit) op. ``kernel``: ``kernels.kernel_name``.
+    ``sizes[l]``: extent of loop ``l``. ``splittable[l]``: whether mesh axes may split it.
+    ``in_dims[k]``: per dim of operand ``k`` its loop (``None`` for a literal/rank-0
+    operand). ``out_dims[k]``: likewise for output ``k``. ``flops``: arithmetic of the whole
+    (unsplit) op. ``kernel``: ``kernels.kernel_name``. ``contraction``: XLA partitions it as a
+    dot or a convolution (``strategies._scatter_steps``).
     """
 
     sizes: tuple[int, ...]
@@ -38,6 +39,7 @@ class LoopOp:
     out_dims: tuple[Dims, ...]
     flops: float = 0.0
     kernel: str | None = None
+    contraction: bool = False
 
     @property
     def reduction_loops(self) -> frozenset[int]:
@@ -226,7 +228,7 @@ def dot_general(eqn, in_avals, out_avals):
         ldims[l] = rdims[r] = len(sizes)
         sizes.append(lhs.shape[l])
     return LoopOp(tuple(sizes), (True,) * len(sizes), (tuple(ldims), tuple(rdims)),
-                  (tuple(odims),), flops=2.0 * math.prod(sizes))
+                  (tuple(odims),), flops=2.0 * math.prod(sizes), contraction=True)
 
 
 def conv(eqn, in_avals, out_avals):
@@ -280,7 +282,7 @@ def conv(eqn, in_avals, out_avals):
     window = math.prod(rhs.shape[d] for d in dn.rhs_spec[2:])
     flops = 2.0 * _size(out) * rhs.shape[ri] * window
     return LoopOp(sizes, splittable, (tuple(ldims), tuple(rdims)), (tuple(odims),), flops=flops,
-                  kernel=kernel_name(eqn) if groups == batch_groups == 1 else None)
+                  kernel=kernel_name(eqn) if groups == batch_groups == 1 else None, contraction=True)
 
 
 def concatenate(eqn, in_avals, out_avals):
@@ -526,8 +528,7 @@ RULES.update({
     "reduce": generic_reduce,
     "cumsum": along_axis("axis"), "cumprod": along_axis("axis"), "cummax": along_axis("axis"),
     "cummin": along_axis("axis"), "cumlogsumexp": along_axis("axis"),
-    "sort": along_axis("dimension"),
-    "top_k": top_k,
+    "sort": along_axis("dimension"), "top_k": top_k,
     "transpose": transpose,
     "squeeze": squeeze,
     "reshape": reshape,
