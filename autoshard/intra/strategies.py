@@ -219,16 +219,12 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
     # Reduce-scatter variant: one reduced axis also splits an output dim afterwards.
     out_aval, out_spec = out_avals[0], out_specs[0]
     for axis in sorted(a for axes in groups for a in axes):
-        own = next(axes for axes in groups if axis in axes)
-        others = tuple(CollectiveStep("all-reduce", axes, out_bytes[0],
-                                      model.all_reduce(out_bytes[0], axes))
-                       for axes in groups if axis not in axes)
         for d, size in enumerate(out_aval.shape):
             n = math.prod(model.mesh_shape[a] for a in out_spec[d]) * model.mesh_shape[axis]
             if size % n:
                 continue
             scattered = out_spec[:d] + (out_spec[d] + (axis,),) + out_spec[d + 1:]
-            steps = _scatter_steps(model, out_bytes[0], axis, own, others,
+            steps = _scatter_steps(model, all_reduces, axis,
                                    two_passes=op.contraction and any(out_spec[:d] + out_spec[d + 1:]))
             # the unreduced partial, and where the backend emits an all-reduce then a
             # slice, that all-reduce's full-size result beside it
@@ -240,12 +236,11 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
                            temp_bytes=temp, **work, collectives=steps, scatters=True)
 
 
-def _scatter_steps(model: MeshCostModel, nbytes: int, axis: int, own: tuple[int, ...],
-                   others: tuple[CollectiveStep, ...], two_passes: bool
-                   ) -> tuple[CollectiveStep, ...]:
-    """The collectives that reduce a partial result of ``nbytes`` per device over its
-    reduction groups and leave it split by ``axis`` (a member of the group ``own``;
-    ``others``: the other groups' all-reduces), as XLA's partitioner emits them.
+def _scatter_steps(model: MeshCostModel, all_reduces: tuple[CollectiveStep, ...], axis: int,
+                   two_passes: bool) -> tuple[CollectiveStep, ...]:
+    """The collectives that reduce a partial result over its reduction groups (one
+    all-reduce of the whole result per group: ``all_reduces``) and leave it split by
+    ``axis`` (a member of the group ``own``), as XLA's partitioner emits them.
 
     ``two_passes`` (a dot or convolution whose result is split over another mesh axis on
     another dim too): XLA sums over ``axis`` first (the whole partial), slices, then over
@@ -258,20 +253,23 @@ def _scatter_steps(model: MeshCostModel, nbytes: int, axis: int, own: tuple[int,
     reduce_sum laid out as that gradient, or a softmax max over vocab split over (data,
     model) and left split over data, compiles to one over both); elsewhere the rest of the
     groups are all-reduced, then reduce-scattered."""
-    as_all_reduce = model.cluster.reduce_scatter_as_all_reduce
-    rest = tuple(a for a in own if a != axis)
+    own = next(step for step in all_reduces if axis in step.axes)
+    nbytes, rest = own.nbytes, tuple(a for a in own.axes if a != axis)
     sliced = nbytes // model.mesh_shape[axis]
-    if two_passes and rest:
-        first = CollectiveStep("all-reduce", (axis,), nbytes, model.all_reduce(nbytes, (axis,))) \
-            if as_all_reduce else \
-            CollectiveStep("reduce-scatter", (axis,), sliced, model.reduce_scatter(nbytes, (axis,)))
-        return others + (first, CollectiveStep("all-reduce", rest, sliced,
-                                               model.all_reduce(sliced, rest)))
-    if as_all_reduce:
-        return others + (CollectiveStep("all-reduce", own, nbytes, model.all_reduce(nbytes, own)),)
-    return others + ((CollectiveStep("all-reduce", rest, nbytes, model.all_reduce(nbytes, rest)),)
-                     if rest else ()) + \
-        (CollectiveStep("reduce-scatter", (axis,), sliced, model.reduce_scatter(nbytes, (axis,))),)
+    if model.cluster.reduce_scatter_as_all_reduce:
+        if not (two_passes and rest):
+            return all_reduces
+        first = CollectiveStep("all-reduce", (axis,), nbytes, model.all_reduce(nbytes, (axis,)))
+    else:
+        first = CollectiveStep("reduce-scatter", (axis,), sliced,
+                               model.reduce_scatter(nbytes, (axis,)))
+        if not (two_passes and rest):  # each group's all-reduce, own's without the axis
+            return tuple(step if step is not own else CollectiveStep(
+                "all-reduce", rest, nbytes, model.all_reduce(nbytes, rest))
+                for step in all_reduces if step is not own or rest) + (first,)
+    others = tuple(step for step in all_reduces if step is not own)
+    return others + (first, CollectiveStep("all-reduce", rest, sliced,
+                                           model.all_reduce(sliced, rest)))
 
 
 def _assignment_name(loop_axes, reductions) -> str:
