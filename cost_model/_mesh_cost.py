@@ -166,10 +166,11 @@ class MeshCostModel:
         When ``dst`` splits every dim as much as ``src`` with the same mesh axes, only in
         another order or between other dims (a data/model swap on a square mesh), every
         device's block goes whole to one other device: one collective-permute over the
-        axes that move, its operand and result read and written once (as XLA compiles
-        it). So too when ``dst`` splits every dim into a multiple of src's parts, but not
-        behind src's own axes: each device's dst block lies inside one other device's
-        src block (a slice there, then one collective-permute). Otherwise, per dim, the
+        axes along which its sends run (``permute_axes``), its operand and result read and
+        written once (as XLA compiles it). So too when ``dst`` splits every dim into a
+        multiple of src's parts, but not behind src's own axes: each device's dst block
+        lies inside one other device's src block (a slice there, then one
+        collective-permute). Otherwise, per dim, the
         longest common prefix of ``src[d]`` and ``dst[d]`` stays put. Then:
         1. axes that ``dst`` adds and ``src`` does not use are sliced locally (free), first,
            so later collectives move less data;
@@ -181,7 +182,10 @@ class MeshCostModel:
            of unequal axes; two split dims' axes into one of them), one all-to-all and
            one collective-permute of the shard, as XLA compiles it (a
            collective-permute also follows axes that arrive in another order than
-           ``dst``'s, and an axis that leaves a dim from in front of one that stays);
+           ``dst``'s, and an axis that leaves a dim from in front of one that stays, whose
+           all-to-all runs over the dim's minor-most axes); axes of one dim going to
+           several, or of several dims going to one, are all-gathered (one all-gather per
+           dim they leave, the last dim first) and sliced;
         3. each axis ``src`` uses and ``dst`` does not costs an all-gather over that axis
            (output = the intermediate after un-splitting it), last mesh axis first.
         Steps add up, plus the memory traffic of the copies they make
