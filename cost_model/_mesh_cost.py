@@ -170,8 +170,8 @@ class MeshCostModel:
         written once (as XLA compiles it). So too when ``dst`` splits every dim into a
         multiple of src's parts, but not behind src's own axes: each device's dst block
         lies inside one other device's src block (a slice there, then one
-        collective-permute). Otherwise, per dim, the
-        longest common prefix of ``src[d]`` and ``dst[d]`` stays put. Then:
+        collective-permute). Otherwise, per dim, the longest common prefix of ``src[d]``
+        and ``dst[d]`` stays put. Then:
         1. axes that ``dst`` adds and ``src`` does not use are sliced locally (free), first,
            so later collectives move less data;
         2. each axis that leaves its place in ``src`` but is used by ``dst`` (moved to
