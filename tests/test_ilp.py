@@ -126,6 +126,24 @@ def test_warm_start_within_the_gap_limit_of_the_lp_bound_skips_the_search():
                           ).stats.solver_status != "LP_BOUND"
 
 
+def test_a_budgeted_lps_rounding_moved_to_fit_is_a_warm_start():
+    # w1: 100 s holding 10 B, or 103 s holding none; w2: 100 s holding 6 B, or 101 s.
+    # Budget 14 B (both hold 16 B when kept): (0, 1) is the optimum, 201 s at 10 B.
+    # The LP frees the 2 B more cheaply per byte from w2 (1/6 s per B against 3/10):
+    # a third of w2 moves, bound 200.33 s; rounded, w2 stays (16 B, over), and moved to
+    # fit it is (0, 1), within 1% of the bound: returned without CP-SAT. The hint
+    # (1, 1) fits at 204 s, 1.8% over the bound, and alone would have sent it to CP-SAT.
+    request = IntraOpRequest(
+        node_costs=([100.0, 103.0], [100.0, 101.0]), node_names=("w1", "w2"),
+        memory_terms=(((0, [10.0, 0.0]), (1, [6.0, 0.0])),), memory_budget=14.0,
+        gap_limit=0.01, hint=(1, 1))
+    result = solve_intra_op(request)
+    assert result.stats.lp_bound == pytest.approx(200 + 1 / 3)
+    assert result.stats.solver_status == "LP_BOUND"
+    assert result.choices == (0, 1) and result.objective == 201.0
+    assert solve_intra_op(dataclasses.replace(request, gap_limit=0.0)).objective == 201.0
+
+
 def test_no_search_returns_the_warm_start_when_the_lp_is_fractional():
     # Hint (0, 0, 0) costs 33 s (every pair agrees); local search moves one node: 31 s,
     # the optimum here, but not proven: without a search the status stays FEASIBLE.
