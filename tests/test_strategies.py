@@ -249,38 +249,74 @@ def test_a_reduction_left_split_sums_over_its_dims_axes_in_one_all_reduce_on_the
         [("all-reduce", (0, 1))]
 
 
+_D, _DM, _S = ("data",), ("data", "model"), ("data", "fsdp", "model")
+#: (mesh, einsum, operand shape, operand layouts, result layout, XLA's collectives of it
+#: on the CPU, priced on a backend with reduce-scatters: (kind, mesh axes, result bytes per
+#: device)): weight gradients reduce-scattered after a contraction every mesh axis splits
+#: a loop of. XLA sums over the scattering axis first (the whole 64 x 64 partial: 16 KiB,
+#: or 8 KiB split over model), then over every other reduced axis at once (the slice); a
+#: backend with reduce-scatters runs the first as one.
+SCATTERED_GRADIENTS = [
+    # contracted over (data, fsdp), split over model on one dim, scattered over fsdp on the
+    # other (priced before as one all-reduce of 8 KiB over both; a Wide-ResNet block's
+    # plan on 2x2x2 failed its audit)
+    ((2, 2, 2), "bd,bf->df", (64, 64), ((("data", "fsdp"), "model"), (("data", "fsdp"),)),
+     ("model", "fsdp"), [("all-reduce", (1,), 8192), ("all-reduce", (0,), 4096)],
+     [("reduce-scatter", (1,), 4096), ("all-reduce", (0,), 4096)]),
+    # contracted over both axes of 2x4 in one dim (priced before as one all-reduce over both)
+    ((2, 4), "bd,bf->df", (64, 64), ((_DM,), (_DM,)), (None, "model"),
+     [("all-reduce", (1,), 16384), ("all-reduce", (0,), 4096)],
+     [("reduce-scatter", (1,), 4096), ("all-reduce", (0,), 4096)]),
+    # in two dims (priced before as two all-reduces of the whole result)
+    ((2, 4), "bsd,bsf->df", (16, 16, 64), (("data", "model"),) * 2, ("data",),
+     [("all-reduce", (0,), 16384), ("all-reduce", (1,), 8192)],
+     [("reduce-scatter", (0,), 8192), ("all-reduce", (1,), 8192)]),
+    # over all three axes of 2x2x2: the other two in one all-reduce of the slice
+    ((2, 2, 2), "bd,bf->df", (64, 64), ((_S,), (_S,)), ("fsdp",),
+     [("all-reduce", (1,), 16384), ("all-reduce", (0, 2), 8192)],
+     [("reduce-scatter", (1,), 8192), ("all-reduce", (0, 2), 8192)]),
+    # scattered on a dim model already splits: each group's whole result, then the slice
+    # (with reduce-scatters: the other groups' all-reduces, then the scattering one's)
+    ((2, 2, 2), "bsd,bsf->df", (16, 16, 64), (("data", "fsdp", "model"), ("data", "fsdp")),
+     (("model", "fsdp"),), [("all-reduce", (0,), 8192), ("all-reduce", (1,), 8192)],
+     [("all-reduce", (0,), 8192), ("reduce-scatter", (1,), 4096)]),
+]
+
+
 @pytest.mark.parametrize("preset", ["host-cpu", "h100-80gb"])
-def test_a_gradient_split_elsewhere_sums_over_the_scattering_axis_first(preset):
-    # A weight gradient contracted over (data, fsdp), its first dim split over model and its
-    # second scattered over fsdp: XLA's partitioner all-reduces over fsdp the whole partial
-    # (32 x 64 floats: 8 KiB per device), slices it, then all-reduces the slice over data
-    # (4 KiB). A backend with reduce-scatters runs the first as one (4 KiB left per
-    # device). Priced before as one all-reduce over both axes of 8 KiB, the plan of a
-    # Wide-ResNet block on 2x2x2 failed its audit.
+@pytest.mark.parametrize("mesh_shape,spec,shape,operands,result,compiled,with_scatters",
+                         SCATTERED_GRADIENTS,
+                         ids=["2x2x2 split elsewhere", "2x4 one dim", "2x4 two dims",
+                              "2x2x2 three axes", "2x2x2 dim already split"])
+def test_a_scattered_gradient_is_priced_as_xla_sums_it(preset, mesh_shape, spec, shape,
+                                                       operands, result, compiled,
+                                                       with_scatters):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from autoshard.ir.hlo import parse_collectives
+    from autoshard.ir.specs import from_partition_spec
 
     def grad(x, dy):
-        return jnp.einsum("bd,bf->df", x, dy)
+        return jnp.einsum(spec, x, dy)
 
-    x, dy = jax.ShapeDtypeStruct((64, 64), jnp.float32), jax.ShapeDtypeStruct((64, 64), jnp.float32)
-    model = MeshCostModel(cluster_preset(preset), (2, 2, 2))
-    dot = next(n for n in build_graph(trace(grad, (x, dy)), model).nodes
+    names = _S if len(mesh_shape) == 3 else _DM
+    args = (jax.ShapeDtypeStruct(shape, jnp.float32),) * 2
+    out_shape = jax.eval_shape(grad, *args).shape
+    in_specs = tuple(from_partition_spec(P(*o), len(shape), names) for o in operands)
+    out_spec = from_partition_spec(P(*result), len(out_shape), names)
+    model = MeshCostModel(cluster_preset(preset), mesh_shape)
+    dot = next(n for n in build_graph(trace(grad, args), model).nodes
                if n.name.startswith("dot_general"))
-    [strategy] = [s for s in dot.strategies if s.scatters and
-                  s.in_specs == (((0, 1), (2,)), ((0, 1), ())) and s.out_specs == (((2,), (1,)),)]
-    first = ("all-reduce", (1,), 8192) if preset == "host-cpu" else ("reduce-scatter", (1,), 4096)
-    assert [(c.kind, c.axes, c.nbytes) for c in strategy.collectives] == \
-        [first, ("all-reduce", (0,), 4096)]
-    mesh = autoshard.make_mesh((2, 2, 2), ("data", "fsdp", "model"))
-    compiled = jax.jit(grad, in_shardings=(NamedSharding(mesh, P(("data", "fsdp"), "model")),
-                                           NamedSharding(mesh, P(("data", "fsdp")))),
-                       out_shardings=NamedSharding(mesh, P("model", "fsdp"))).lower(x, dy).compile()
-    assert [(c.kind, c.axes((2, 2, 2)), c.result_bytes)
-            for c in parse_collectives(compiled.as_text())] == \
-        [("all-reduce", (1,), 8192), ("all-reduce", (0,), 4096)]
+    [strategy] = [s for s in dot.strategies if s.scatters and s.in_specs == in_specs
+                  and s.out_specs == (out_spec,)]
+    priced = [(c.kind, c.axes, c.nbytes) for c in strategy.collectives]
+    assert sorted(priced) == sorted(compiled if preset == "host-cpu" else with_scatters)
+    mesh = autoshard.make_mesh(mesh_shape, names)
+    hlo = jax.jit(grad, in_shardings=tuple(NamedSharding(mesh, P(*o)) for o in operands),
+                  out_shardings=NamedSharding(mesh, P(*result))).lower(*args).compile()
+    assert sorted((c.kind, c.axes(mesh_shape), c.result_bytes)
+                  for c in parse_collectives(hlo.as_text())) == sorted(compiled)
 
 
 def _replicated_bytes(fn, args) -> tuple[float, float]:

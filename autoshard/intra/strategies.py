@@ -218,6 +218,10 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
         return
     # Reduce-scatter variant: one reduced axis also splits an output dim afterwards.
     out_aval, out_spec = out_avals[0], out_specs[0]
+    # XLA's partitioner sums a dot or convolution over the scattering axis first when
+    # every mesh axis splits one of its loops and the scattered dim is split by no other
+    every_axis = op.contraction and {a for axes in loop_axes.values() for a in axes} >= \
+        {a for a, n in enumerate(model.mesh_shape) if n > 1}
     for axis in sorted(a for axes in groups for a in axes):
         for d, size in enumerate(out_aval.shape):
             n = math.prod(model.mesh_shape[a] for a in out_spec[d]) * model.mesh_shape[axis]
@@ -225,7 +229,7 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
                 continue
             scattered = out_spec[:d] + (out_spec[d] + (axis,),) + out_spec[d + 1:]
             steps = _scatter_steps(model, all_reduces, axis,
-                                   two_passes=op.contraction and any(out_spec[:d] + out_spec[d + 1:]))
+                                   two_passes=every_axis and not out_spec[d])
             # the unreduced partial, and where the backend emits an all-reduce then a
             # slice, that all-reduce's full-size result beside it
             temp = out_bytes[0] * (2 if model.cluster.reduce_scatter_as_all_reduce else 1)
@@ -242,34 +246,36 @@ def _scatter_steps(model: MeshCostModel, all_reduces: tuple[CollectiveStep, ...]
     all-reduce of the whole result per group: ``all_reduces``) and leave it split by
     ``axis`` (a member of the group ``own``), as XLA's partitioner emits them.
 
-    ``two_passes`` (a dot or convolution whose result is split over another mesh axis on
-    another dim too): XLA sums over ``axis`` first (the whole partial), slices, then over
-    the rest of ``own`` (the slice). Measured on jax 0.10 (CPU): a filter or weight
-    gradient contracted over (data, fsdp), split over model on one dim and scattered over
-    fsdp (or data) on the other, compiles to an all-reduce over that axis of the whole
-    result and one over the other of half of it; a backend with reduce-scatters
+    ``two_passes`` (a dot or convolution every mesh axis splits a loop of, scattered on a
+    dim no axis splits yet): XLA sums over ``axis`` first (the whole partial), slices, then
+    over every other reduced axis at once (the slice). Measured on jax 0.10 (CPU): a
+    weight gradient contracted over both axes of 2x4, in one dim or two, and scattered
+    over either compiles to an all-reduce over that axis of the whole result and one over
+    the other of the slice; on 2x2x2, contracted over all three axes (or over two, the
+    third splitting another dim), to one over the scattering axis of the whole result and
+    one over the other two (or the other one) of the slice. A backend with reduce-scatters
     (``reduce_scatter_as_all_reduce`` off) runs the first as one. Otherwise, on the CPU,
-    the axis sums with the rest of its group in one all-reduce and the slice follows (a
-    reduce_sum laid out as that gradient, or a softmax max over vocab split over (data,
-    model) and left split over data, compiles to one over both); elsewhere the rest of the
-    groups are all-reduced, then reduce-scattered."""
+    the groups are all-reduced whole and the slice follows (a reduce_sum, or a dot
+    scattered on a dim already split, compiles so); elsewhere the rest of the groups are
+    all-reduced, then reduce-scattered."""
     own = next(step for step in all_reduces if axis in step.axes)
     nbytes, rest = own.nbytes, tuple(a for a in own.axes if a != axis)
     sliced = nbytes // model.mesh_shape[axis]
+    others = tuple(sorted(a for step in all_reduces for a in step.axes if a != axis))
     if model.cluster.reduce_scatter_as_all_reduce:
-        if not (two_passes and rest):
+        if not (two_passes and others):
             return all_reduces
         first = CollectiveStep("all-reduce", (axis,), nbytes, model.all_reduce(nbytes, (axis,)))
     else:
         first = CollectiveStep("reduce-scatter", (axis,), sliced,
                                model.reduce_scatter(nbytes, (axis,)))
-        if not (two_passes and rest):  # each group's all-reduce, own's without the axis
+        if not two_passes:  # each group's all-reduce, own's without the axis
             return tuple(step if step is not own else CollectiveStep(
                 "all-reduce", rest, nbytes, model.all_reduce(nbytes, rest))
                 for step in all_reduces if step is not own or rest) + (first,)
-    others = tuple(step for step in all_reduces if step is not own)
-    return others + (first, CollectiveStep("all-reduce", rest, sliced,
-                                           model.all_reduce(sliced, rest)))
+        if not others:
+            return (first,)
+    return first, CollectiveStep("all-reduce", others, sliced, model.all_reduce(sliced, others))
 
 
 def _assignment_name(loop_axes, reductions) -> str:
