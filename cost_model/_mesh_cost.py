@@ -185,9 +185,14 @@ class MeshCostModel:
            ``dst``'s, and an axis that leaves a dim from in front of one that stays, whose
            all-to-all runs over the dim's minor-most axes); axes of one dim going to
            several, or of several dims going to one, are all-gathered (one all-gather per
-           dim they leave, the last dim first) and sliced;
+           dim they leave, the last dim first, moved first behind any axis that stays in
+           front of them by a collective-permute) and sliced; an exchange in which two
+           dims' parts fall and a split dim's rise (or one split dim's fall and two rise),
+           which XLA would replicate, runs as two exchanges, pinned halfway;
         3. each axis ``src`` uses and ``dst`` does not costs an all-gather over that axis
-           (output = the intermediate after un-splitting it), last mesh axis first.
+           (output = the intermediate after un-splitting it), last mesh axis first;
+        4. axes left in another order than ``dst``'s are put in order by one
+           collective-permute.
         Steps add up, plus the memory traffic of the copies they make
         (``resharding_traffic`` / memory bandwidth). Result is ≥ 0 and 0 exactly when the
         layouts agree (``src == dst`` up to size-1 axes).
