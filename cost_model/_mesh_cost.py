@@ -186,9 +186,10 @@ class MeshCostModel:
            all-to-all runs over the dim's minor-most axes); axes of one dim going to
            several, or of several dims going to one, are all-gathered (one all-gather per
            dim they leave, the last dim first, moved first behind any axis that stays in
-           front of them by a collective-permute) and sliced; an exchange in which two
-           dims' parts fall and a split dim's rise (or one split dim's fall and two rise),
-           which XLA would replicate, runs as two exchanges, pinned halfway;
+           front of them by a collective-permute) and sliced; an exchange XLA does not
+           run as one all-to-all (two dims' parts fall while a split dim's rise, or both
+           falling dims stay split; and the mirror cases) runs as two exchanges, pinned
+           halfway;
         3. each axis ``src`` uses and ``dst`` does not costs an all-gather over that axis
            (output = the intermediate after un-splitting it), last mesh axis first;
         4. axes left in another order than ``dst``'s are put in order by one

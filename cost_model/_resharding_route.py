@@ -333,34 +333,41 @@ def _exchange_group(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> tuple[
 
 
 def _exchange_waypoint(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> Spec | None:
-    """The layout halfway through an exchange (the same mesh axes in both layouts) in which
-    two dims' parts fall and a dim already split rises, or one dim's parts fall but stay
-    split while two rise: XLA runs neither as an all-to-all but replicates the tensor and
-    slices it (its "involuntary full rematerialization"). Compiled with jax 0.10.2 on
-    2x2x2, every such rank-3 resharding (216: three dims split by one axis each to all
-    three on one dim, or back) gathers all three axes; with this layout pinned between
-    them each half is an exchange of one falling and one rising dim, which compiles to the
-    all-to-all (and permute) priced for it. The halfway layout moves the axes of one falling
-    dim (the last) into the rising dim, or the axes dst puts in the first rising dim out of
-    the falling dim, appended in dst's order. None for any other resharding."""
+    """The layout halfway through an exchange (the same mesh axes in both layouts) that XLA
+    does not run as one all-to-all: two dims' parts fall and a dim already split rises, or
+    both falling dims stay split (and the mirror: one dim's parts fall but stay split, or
+    two dims already split rise). XLA replicates the first kind and slices (its
+    "involuntary full rematerialization") and runs the rotations as two all-to-alls.
+    Compiled with jax 0.10.2: on 2x2x2 every such rank-3 resharding (216: three dims split
+    by one axis each to all three on one dim, or back) gathers all three axes; on 2x2x4,
+    4x2x2 and 2x4x2, three dims' rotations run two all-to-alls and (4, 2, 2) parts to
+    (1, 4, 4) gathers. With this layout pinned between them each half is an exchange of one
+    falling and one rising dim, which compiles to the all-to-all (and permute) priced for
+    it. The halfway layout moves the axes one dim sends to another (the first such pair,
+    by source dim, whose move alone is such an exchange), appended in dst's order; None for
+    any other resharding."""
     s, d = live_axes(mesh_shape, src), live_axes(mesh_shape, dst)
     if sorted(a for axes in s for a in axes) != sorted(a for axes in d for a in axes):
         return None
-    parts_src = [split(mesh_shape, axes) for axes in s]
-    parts_dst = [split(mesh_shape, axes) for axes in d]
-    falls = [i for i, (a, b) in enumerate(zip(parts_src, parts_dst)) if a > b]
-    rises = [i for i, (a, b) in enumerate(zip(parts_src, parts_dst)) if a < b]
-    if len(falls) >= 2 and len(rises) == 1 and s[rises[0]]:
-        source, target = falls[-1], rises[0]
-    elif len(rises) >= 2 and len(falls) == 1 and d[falls[0]]:
-        source, target = falls[0], rises[0]
-    else:
+    parts = lambda live: [split(mesh_shape, axes) for axes in live]  # noqa: E731
+    falls = [i for i, (a, b) in enumerate(zip(parts(s), parts(d))) if a > b]
+    rises = [i for i, (a, b) in enumerate(zip(parts(s), parts(d))) if a < b]
+    if not ((len(falls) >= 2 and len(rises) == 1
+             and (s[rises[0]] or all(d[i] for i in falls)))
+            or (len(rises) >= 2 and len(falls) == 1
+                and (d[falls[0]] or all(s[i] for i in rises)))):
         return None
-    moving = sorted((a for a in s[source] if a in d[target]), key=d[target].index)
-    if not moving:
-        return None
-    return tuple(tuple(a for a in axes if a not in moving) + (tuple(moving) if k == target else ())
-                 for k, axes in enumerate(s))
+    for source in range(len(s)):
+        for target in range(len(s)):
+            moving = sorted((a for a in s[source] if a in d[target]), key=d[target].index)
+            if source == target or not moving:
+                continue
+            mid = tuple(tuple(a for a in axes if a not in moving)
+                        + (tuple(moving) if k == target else ()) for k, axes in enumerate(s))
+            changed = [(a > b, a < b) for a, b in zip(parts(s), parts(mid))]
+            if sum(f for f, _ in changed) == 1 and sum(r for _, r in changed) == 1:
+                return mid
+    return None
 
 
 def _exchanged(mesh_shape: tuple[int, ...], src: Spec, dst: Spec, group: tuple[int, ...]

@@ -596,7 +596,7 @@ def test_an_axis_that_arrives_behind_sliced_axes_is_put_in_order(src, dst, kinds
     # (three all-gathers); pinned halfway, each half is an all-to-all of one falling and one
     # rising dim
     (((0,), (1,), (2,)), ((), (2, 1, 0), ()),
-     [("all-to-all", (2,)), ("all-to-all", (0,)), ("collective-permute", (1, 2))]),
+     [("all-to-all", (0,)), ("all-to-all", (2,)), ("collective-permute", (0, 1, 2))]),
     (((), (), (0, 2, 1)), ((1,), (0,), (2,)),
      [("all-to-all", (1,)), ("all-to-all", (2,)), ("collective-permute", (0, 2))]),
     # "c" gathered from between "b" and "a": the blocks put in dst's order after it
@@ -616,6 +616,26 @@ def test_3_axis_reshardings_run_the_priced_collectives(src, dst, kinds):
     waypoints = model.resharding_waypoints(shape, src, dst)
     assert [(s.kind, s.axes, s.nbytes) for s in steps] == \
         _compiled_collectives((2, 2, 2), shape, [src, *waypoints, dst])
+
+
+@pytest.mark.parametrize("src, dst, kinds", [
+    # three dims' rotation, both falling dims staying split: XLA runs two all-to-alls
+    (((0,), (), (2, 1)), ((1,), (0,), (2,)), ["all-to-all", "all-to-all"]),
+    # (4, 2, 2) parts to (1, 4, 4): XLA replicates; halfway, two exchanges and a permute
+    (((0,), (1,), (2,)), ((), (2, 1), (0,)), ["all-to-all", "all-to-all", "collective-permute"]),
+])
+def test_an_exchange_xla_cannot_run_at_once_is_two_pinned_halfway(src, dst, kinds):
+    # on 4x2x2 (16 devices, more than the tests have): compiled with 16 virtual devices and
+    # pinned to this waypoint, both run these collectives with these bytes (of 400 random
+    # rank-3 reshardings on 4x2x2, 2x4x2 and 2x2x4 each, the ones that still differ differ
+    # only in naming an all-to-all group that lies within the 4-wide axis)
+    model = MeshCostModel(_uniform_cluster(), (4, 2, 2))
+    shape = (16, 32, 64)
+    assert [s.kind for s in model.resharding_steps(shape, 4, src, dst)] == kinds
+    (halfway,) = model.resharding_waypoints(shape, src, dst)
+    for leg in ((src, halfway), (halfway, dst)):  # each half: one dim's parts fall, one's rise
+        parts = [[math.prod((4, 2, 2)[a] for a in axes) for axes in spec] for spec in leg]
+        assert sum(a > b for a, b in zip(*parts)) == sum(a < b for a, b in zip(*parts)) == 1
 
 
 def test_a_one_move_resharding_has_no_waypoints(model24):
