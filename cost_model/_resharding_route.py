@@ -203,16 +203,6 @@ def resharding_route(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> Route
                 steps.append(RouteStep("collective-permute", reorder, here))
                 traffic.append(RouteTraffic(2, here))
             passed.append(after)
-    if moved and live(layout) == live(dst) and \
-            live_axes(mesh_shape, now()) != live_axes(mesh_shape, dst):
-        # the axes arrived in another order than dst's (one dim's axes moved to another
-        # dim, reversed; or moved behind axes sliced in front of them): XLA puts the
-        # blocks in order with one collective-permute
-        here = now()
-        steps.append(RouteStep("collective-permute", permute_axes(mesh_shape, here, dst), here))
-        traffic.append(RouteTraffic(2, here))
-        layout = [list(axes) for axes in dst]
-
     # 3. All-gather for axes dst drops, last mesh axis first (operand and result; a dim
     #    that is not the outermost with more than one element per device is gathered as
     #    the major dim and then relayouted: read and written once more). An axis in front
@@ -243,9 +233,10 @@ def resharding_route(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> Route
         passed.append(here)
     here, there = live_axes(mesh_shape, now()), live_axes(mesh_shape, dst)
     if here != there and [sorted(axes) for axes in here] == [sorted(axes) for axes in there]:
-        # 4. The axes left in another order than dst's (sliced behind an axis src keeps in
-        #    front, or an axis dropped from between them): XLA puts the blocks in order
-        #    with one collective-permute after the all-gathers (measured on jax 0.10, 2x2x2:
+        # 4. The axes left in another order than dst's (one dim's axes moved to another
+        #    dim, reversed; moved or sliced behind an axis src keeps in front; an axis
+        #    dropped from between them): XLA puts the blocks in order with one
+        #    collective-permute, after the all-gathers (measured on jax 0.10, 2x2x2:
         #    P(("b", "a"), None, "c") to P(("a", "b")) gathers "c", then permutes over a, b)
         steps.append(RouteStep("collective-permute", permute_axes(mesh_shape, now(), dst), now()))
         traffic.append(RouteTraffic(2, now()))
@@ -296,6 +287,17 @@ def permute_axes(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> tuple[int
     return tuple(int(a) for a in np.flatnonzero((sender != coords).any(axis=0)))
 
 
+def _parts(mesh_shape: tuple[int, ...], live: Spec) -> list[int]:
+    """The parts each dim of a layout (its live axes) is split into."""
+    return [split(mesh_shape, axes) for axes in live]
+
+
+def _falls_and_rises(parts_src: list[int], parts_dst: list[int]) -> tuple[list[int], list[int]]:
+    """(the dims split into fewer parts in dst than in src, those split into more)."""
+    return ([i for i, (a, b) in enumerate(zip(parts_src, parts_dst)) if a > b],
+            [i for i, (a, b) in enumerate(zip(parts_src, parts_dst)) if a < b])
+
+
 def _exchange_group(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> tuple[int, ...] | None:
     """The mesh axes of the all-to-all XLA runs for an exchange, when they are whole axes.
 
@@ -311,10 +313,8 @@ def _exchange_group(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> tuple[
     src -> dst pairs per mesh) runs the collectives priced, kinds and axes, on 2x2 and
     8x8 meshes (60 of 96 before this rule)."""
     s, d = live_axes(mesh_shape, src), live_axes(mesh_shape, dst)
-    parts_src = [split(mesh_shape, axes) for axes in s]
-    parts_dst = [split(mesh_shape, axes) for axes in d]
-    falls = [i for i, (a, b) in enumerate(zip(parts_src, parts_dst)) if a > b]
-    rises = [i for i, (a, b) in enumerate(zip(parts_src, parts_dst)) if a < b]
+    parts_src, parts_dst = _parts(mesh_shape, s), _parts(mesh_shape, d)
+    falls, rises = _falls_and_rises(parts_src, parts_dst)
     if len(falls) != 1 or len(rises) != 1:
         return None
     i, j = falls[0], rises[0]
@@ -349,9 +349,7 @@ def _exchange_waypoint(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> Spe
     s, d = live_axes(mesh_shape, src), live_axes(mesh_shape, dst)
     if sorted(a for axes in s for a in axes) != sorted(a for axes in d for a in axes):
         return None
-    parts = lambda live: [split(mesh_shape, axes) for axes in live]  # noqa: E731
-    falls = [i for i, (a, b) in enumerate(zip(parts(s), parts(d))) if a > b]
-    rises = [i for i, (a, b) in enumerate(zip(parts(s), parts(d))) if a < b]
+    falls, rises = _falls_and_rises(_parts(mesh_shape, s), _parts(mesh_shape, d))
     if not ((len(falls) >= 2 and len(rises) == 1
              and (s[rises[0]] or all(d[i] for i in falls)))
             or (len(rises) >= 2 and len(falls) == 1
@@ -359,13 +357,15 @@ def _exchange_waypoint(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> Spe
         return None
     for source in range(len(s)):
         for target in range(len(s)):
+            if source == target:
+                continue
             moving = sorted((a for a in s[source] if a in d[target]), key=d[target].index)
-            if source == target or not moving:
+            if not moving:
                 continue
             mid = tuple(tuple(a for a in axes if a not in moving)
                         + (tuple(moving) if k == target else ()) for k, axes in enumerate(s))
-            changed = [(a > b, a < b) for a, b in zip(parts(s), parts(mid))]
-            if sum(f for f, _ in changed) == 1 and sum(r for _, r in changed) == 1:
+            falls, rises = _falls_and_rises(_parts(mesh_shape, s), _parts(mesh_shape, mid))
+            if len(falls) == 1 and len(rises) == 1:
                 return mid
     return None
 
@@ -378,8 +378,7 @@ def _exchanged(mesh_shape: tuple[int, ...], src: Spec, dst: Spec, group: tuple[i
     (compiled with jax 0.10.2 on 2x2x2, the permute's axes are those ``permute_axes``
     finds from this layout)."""
     s, d = live_axes(mesh_shape, src), live_axes(mesh_shape, dst)
-    parts = lambda live: [split(mesh_shape, axes) for axes in live]  # noqa: E731
-    rise = next(i for i, (a, b) in enumerate(zip(parts(s), parts(d))) if a < b)
+    rise = _falls_and_rises(_parts(mesh_shape, s), _parts(mesh_shape, d))[1][0]
     moved = tuple(a for axes in s for a in axes if a in group)
     return tuple(tuple(a for a in axes if a not in group) + (moved if k == rise else ())
                  for k, axes in enumerate(s))

@@ -555,29 +555,30 @@ def _warm_start(request: IntraOpRequest, reduced: ReducedProblem, has_memory_row
     for v, keep in enumerate(reduced.keep):
         found = np.flatnonzero(keep == request.hint[v]) if request.hint is not None else ()
         start.append(int(found[0]) if len(found) else int(np.argmin(reduced.cost[v])))
+
+    def original(position):
+        return tuple(int(k[p]) for k, p in zip(reduced.keep, position))
+
     keeps_hint = has_memory_rows and request.hint is not None
     candidates = [start if keeps_hint else local_search(reduced, start)]
     for lp in starts:
         rounded = [lp.get(v, p) for v, p in enumerate(start)]
         candidates.append(local_search(reduced, rounded))
         if has_memory_rows:
-            fitted = _fitted(request, reduced, rounded)
+            fitted = _fitted(request, reduced, original(rounded))
             if fitted is not None:
                 candidates.append(fitted)
-
-    def original(position):
-        return tuple(int(k[p]) for k, p in zip(reduced.keep, position))
 
     best = best_assignment(request, [original(c) for c in candidates])
     return next((c for c in candidates if original(c) == best), candidates[0])
 
 
-def _fitted(request: IntraOpRequest, reduced: ReducedProblem, position: list[int]
+def _fitted(request: IntraOpRequest, reduced: ReducedProblem, choices: Sequence[int]
             ) -> list[int] | None:
-    """``position`` (kept-strategy index per node) moved until it fits the request's budget
-    (``fit_to_budget``), as kept-strategy indices; None when it cannot be, or when a move
-    picks a strategy the reduction dropped."""
-    fitted = fit_to_budget(request, tuple(int(k[p]) for k, p in zip(reduced.keep, position)))
+    """``choices`` (a strategy per node of ``request``) moved until they fit its budget
+    (``fit_to_budget``), as kept-strategy indices of ``reduced``; None when they cannot
+    be, or when a move picks a strategy the reduction dropped."""
+    fitted = fit_to_budget(request, choices)
     if fitted is None:
         return None
     kept = [np.flatnonzero(k == c) for k, c in zip(reduced.keep, fitted)]
