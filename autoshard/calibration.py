@@ -7,7 +7,10 @@ cores are priced as they really behave):
 * memory bandwidth (an elementwise pass over a large buffer on every device);
 * per mesh axis, all-reduce, all-gather, reduce-scatter and all-to-all at a few message
   sizes, each fitted by least squares (``numpy.linalg.lstsq``) to the α–β formula the
-  cost model prices it with (:class:`autoshard.cost_model.MeshCostModel`);
+  cost model prices it with (:class:`autoshard.cost_model.MeshCostModel`); axes whose
+  device groups cross the same boundaries (processes, hosts) share one fit of their
+  pooled points when their own fits agree (one link, measured more, and no plan choosing
+  an axis for its noise);
 * whether a merged all-reduce of several arrays costs one all-reduce or one per array
   (``Cluster.all_reduce_per_operand``; XLA's CPU collectives: one per array).
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -199,13 +202,24 @@ def measure_collectives(mesh, axis: str, sizes: Sequence[int], repeats: int = 3,
     increasing order). After the first two sizes, larger ones are measured only while
     ``time.perf_counter() < deadline`` — as process 0 sees it, so that every process of
     a multi-process run measures the same collectives."""
+    return fit_collectives(collective_points(mesh, axis, sizes, repeats, deadline), [axis])
+
+
+#: per collective kind, measured points (latency count, bytes over β, seconds): the terms
+#: of one collective in the cost model's formula (``_model_terms``) and its measured time
+Points = dict[str, list[tuple[float, float, float]]]
+
+
+def collective_points(mesh, axis: str, sizes: Sequence[int], repeats: int = 3,
+                      deadline: float = math.inf) -> Points:
+    """The measurements behind :func:`measure_collectives` (same arguments)."""
     n = dict(zip(mesh.axis_names, mesh.axis_sizes))[axis]
     spec = PartitionSpec(tuple(mesh.axis_names))
     sharding = NamedSharding(mesh, spec)
     calls = {kind: jax.jit(jax.shard_map(_chain(kind, axis, n, REPEATS), mesh=mesh,
                                          in_specs=spec, out_specs=spec, check_vma=False))
              for kind in (None,) + COLLECTIVES}
-    points: dict[str, list] = {kind: [] for kind in COLLECTIVES}
+    points: Points = {kind: [] for kind in COLLECTIVES}
     for i, size in enumerate(sizes):
         if i >= 2 and not _agree_flag(time.perf_counter() < deadline):
             break
@@ -221,6 +235,12 @@ def measure_collectives(mesh, axis: str, sizes: Sequence[int], repeats: int = 3,
         for kind in COLLECTIVES:
             seconds = (_time(calls[kind], x, repeats=reps) - base) / REPEATS
             points[kind].append((*_model_terms(kind, n, 4 * elements), seconds))
+    return points
+
+
+def fit_collectives(points: Points, axes: Sequence[str]) -> dict[str, Fit]:
+    """α–β fit per collective kind of ``points`` (measured over ``axes``: one axis, or
+    axes of one link class pooled), every kind of ``COLLECTIVES`` given one."""
     fits = {}
     for kind, rows in points.items():
         # A point whose collective did not measure slower than the chain without it is
@@ -231,11 +251,85 @@ def measure_collectives(mesh, axis: str, sizes: Sequence[int], repeats: int = 3,
             fits[kind] = fit_alpha_beta(a, b, t)
     if not fits:
         raise CalibrationError(
-            f"no collective over mesh axis {axis!r} measured above the timing noise; the "
-            f"host is probably busy: calibrate again with a larger budget_s")
+            f"no collective over mesh axis {' or '.join(map(repr, axes))} measured above the "
+            f"timing noise; the host is probably busy: calibrate again with a larger budget_s")
     # Kinds left without a fit borrow the best-fitting kind's link on this axis.
     best = min(fits.values(), key=lambda f: f.max_rel_error)
     return {kind: fits.get(kind, best) for kind in COLLECTIVES}
+
+
+#: axes of one link class share one fit when, for every collective, each axis's own fit
+#: prices its largest measured message within this factor of the pooled fit. On a
+#: 2x2x2 CPU mesh (8 devices, 2 cores, one link), five calibrations of budget 20 s gave
+#: per-axis fits whose latencies spread up to 3x between runs and 2.7x between the axes
+#: of one run (their bandwidths 1.5x and 1.35x), so the plan's choice of axis followed the
+#: noise; NVLink against PCIe or the network differ by 5x or more and stay apart.
+POOL_WITHIN = 2.0
+
+
+def pooled_fits(points: Mapping[str, Points], classes: Sequence[Sequence[str]]
+                ) -> dict[str, dict[str, Fit]]:
+    """Per axis of ``points``, its collectives' fits: one fit of the pooled points of the
+    axes of each of ``classes`` (axes whose device groups cross the same boundaries: see
+    :func:`link_classes`) when every axis's own fit agrees with it within ``POOL_WITHIN``
+    (more points, one figure for one link); else each axis's own."""
+    own = {axis: fit_collectives(p, [axis]) for axis, p in points.items()}
+    fits = dict(own)
+    for axes in classes:
+        if len(axes) < 2:
+            continue
+        merged: Points = {kind: [r for axis in axes for r in points[axis][kind]]
+                          for kind in COLLECTIVES}
+        pooled = fit_collectives(merged, axes)
+        if all(_agrees(own[axis][kind], pooled[kind], points[axis][kind])
+               for axis in axes for kind in COLLECTIVES):
+            fits.update({axis: pooled for axis in axes})
+    return fits
+
+
+def _agrees(own: Fit, pooled: Fit, rows) -> bool:
+    """Whether ``own`` and ``pooled`` price the largest message of ``rows`` within
+    ``POOL_WITHIN`` of each other."""
+    a, b, _ = max(rows, key=lambda r: r[1])
+    mine = a * own.latency + b / own.bandwidth
+    theirs = a * pooled.latency + b / pooled.bandwidth
+    return max(mine, theirs) <= POOL_WITHIN * min(mine, theirs)
+
+
+def link_classes(mesh, hosts: Sequence[int] | None = None) -> tuple[tuple[str, ...], ...]:
+    """``mesh``'s axes (of more than one device) grouped by their size and the boundaries
+    their device groups cross: whether a group spans several processes, and several hosts
+    (``hosts``: a host id per process; by default every process's hostname, gathered).
+    Axes of one class are taken for one link (and pooled when their measurements agree:
+    :func:`pooled_fits`). Axes of different sizes stay apart: on the 8 CPU devices of a
+    2x4 mesh, the 2-device axis's collectives measured 1.3-1.7x slower per byte than the
+    4-device axis's in each of three calibrations, beyond what the formula's group size
+    accounts for."""
+    if hosts is None:
+        hosts = _process_hosts()
+    devices = mesh.devices
+    classes: dict[tuple[int, bool, bool], list[str]] = {}
+    for k, (axis, size) in enumerate(zip(mesh.axis_names, mesh.axis_sizes)):
+        if size < 2:
+            continue
+        groups = np.moveaxis(devices, k, -1).reshape(-1, size)
+        processes = [{d.process_index for d in group} for group in groups]
+        key = (size, any(len(p) > 1 for p in processes),
+               any(len({hosts[i] for i in p}) > 1 for p in processes))
+        classes.setdefault(key, []).append(axis)
+    return tuple(tuple(axes) for axes in classes.values())
+
+
+def _process_hosts() -> list[int]:
+    """A host id per process (a hash of its hostname), the same list in every process."""
+    if jax.process_count() == 1:
+        return [0]
+    import socket
+    import zlib
+
+    from jax.experimental import multihost_utils
+    mine = np.array([zlib.crc32(socket.gethostname().encode())], np.int64)
+    return [int(h) for h in np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)]
 
 
 #: arrays in the merged all-reduce that ``all_reduce_per_operand`` times against one
@@ -306,18 +400,21 @@ def calibrate(mesh: jax.sharding.Mesh, *, budget_s: float = 20.0,
         log(f"matmul {dtype}: {flops[dtype] / 1e9:.2f} GFLOP/s per device")
     bandwidth = measure_memory_bandwidth(mesh, compute_budget)
     log(f"memory: {bandwidth / 1e9:.2f} GB/s per device")
-    fits = {}
+    points = {}
     axes = [(axis, size) for axis, size in zip(mesh.axis_names, mesh.axis_sizes) if size > 1]
     start = time.perf_counter()
     for k, (axis, _) in enumerate(axes):
         # Axis k measures larger messages until (k+1)/len(axes) of the collectives' share
         # of the budget has gone.
         deadline = start + (0.65 * budget_s) * (k + 1) / len(axes)
-        fits[axis] = measure_collectives(mesh, axis, _sizes(budget_s),
+        points[axis] = collective_points(mesh, axis, _sizes(budget_s),
                                          repeats=3 if budget_s < 6 else 5, deadline=deadline)
+    fits = pooled_fits(points, link_classes(mesh))
     for axis in fits:
+        shared = [a for a in fits if a != axis and fits[a] is fits[axis]]
         for kind, fit in fits[axis].items():
-            log(f"axis {axis} {kind}: {fit!r}")
+            log(f"axis {axis} {kind}: {fit!r}" + (f" (pooled with {', '.join(shared)})"
+                                                   if shared else ""))
     per_operand = bool(axes) and all_reduce_per_operand(mesh, axes[-1][0])
     log(f"a merged all-reduce runs {'array by array' if per_operand else 'as one'}")
     figures = _agree(np.array(

@@ -2,16 +2,24 @@
 cluster's per-collective links, their JSON round trip and the CLI."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
 import time
+import types
 
 import numpy as np
 import pytest
 
 import autoshard
-from autoshard.calibration import fit_alpha_beta
+from autoshard.calibration import (
+    _model_terms,
+    fit_alpha_beta,
+    fit_collectives,
+    link_classes,
+    pooled_fits,
+)
 from autoshard.cli import main as _cli
 from autoshard.cost_model import COLLECTIVES, Cluster, Link, MeshCostModel
 
@@ -79,6 +87,80 @@ def test_fit_recovers_alpha_beta():
     assert fit.bandwidth > 0 and fit.latency >= 0
     with pytest.raises(ValueError, match="≥ 2 points"):
         fit_alpha_beta([1.0], [1.0], [1.0])
+
+
+def _points(n: int, latency: float, bandwidth: float, noise=(1.0, 1.0, 1.0, 1.0)):
+    """Measured points of every collective on an ``n``-device axis of one α–β link, each
+    time scaled by its ``noise`` factor (4 message sizes)."""
+    sizes = (4 << 10, 64 << 10, 512 << 10, 4 << 20)
+    points = {}
+    for kind in COLLECTIVES:
+        rows = [_model_terms(kind, n, size) for size in sizes]
+        points[kind] = [(a, b, (a * latency + b / bandwidth) * f)
+                        for (a, b), f in zip(rows, noise)]
+    return points
+
+
+def test_axes_of_one_link_share_one_fit_of_their_pooled_points():
+    # Two 2-device axes of one 10 µs, 2 GB/s link, their smallest message measured 40 %
+    # slow on one and 40 % fast on the other: alone, one axis's latency fits over twice the
+    # other's (what made a plan prefer an axis for the noise); pooled, the noise cancels
+    # and both get the same figures, between the two.
+    points = {"fsdp": _points(2, 10e-6, 2e9, (1.4, 1.0, 1.0, 1.0)),
+              "model": _points(2, 10e-6, 2e9, (0.6, 1.0, 1.0, 1.0))}
+    own = {axis: fit_collectives(p, [axis]) for axis, p in points.items()}
+    assert own["fsdp"]["all-reduce"].latency > 2 * own["model"]["all-reduce"].latency
+    fits = pooled_fits(points, [("fsdp", "model")])
+    assert fits["fsdp"] is fits["model"]
+    for kind in COLLECTIVES:
+        latencies = sorted(own[axis][kind].latency for axis in points)
+        assert latencies[0] < fits["fsdp"][kind].latency < latencies[1], kind
+        assert fits["fsdp"][kind].bandwidth == pytest.approx(2e9, rel=0.1), kind
+    # Not of one class: each keeps its own fit.
+    apart = pooled_fits(points, [("fsdp",), ("model",)])
+    assert apart["fsdp"] == own["fsdp"] and apart["model"] == own["model"]
+
+
+def test_axes_that_measure_apart_keep_their_own_fits():
+    # One class by its boundaries, but one axis's link is 5x slower per byte (NVLink
+    # against PCIe): beyond POOL_WITHIN, so pooling would misprice both.
+    points = {"data": _points(4, 10e-6, 2e9), "model": _points(4, 10e-6, 10e9)}
+    fits = pooled_fits(points, [("data", "model")])
+    assert fits["data"]["all-gather"].bandwidth == pytest.approx(2e9, rel=1e-6)
+    assert fits["model"]["all-gather"].bandwidth == pytest.approx(10e9, rel=1e-6)
+
+
+def _fake_mesh(shape, names, processes):
+    """A stand-in for a multi-process mesh: ``processes[i]`` is device i's process."""
+    device = collections.namedtuple("Device", "id process_index")
+    devices = np.empty(len(processes), object)
+    devices[:] = [device(i, p) for i, p in enumerate(processes)]
+    devices = devices.reshape(shape)
+    return types.SimpleNamespace(devices=devices, axis_names=names, axis_sizes=shape)
+
+
+@pytest.mark.parametrize("shape, names, processes, hosts, classes", [
+    # one process: axes of a size are one link, axes of another size another
+    ((2, 2, 2), ("data", "fsdp", "model"), [0] * 8, [0], [("data", "fsdp", "model")]),
+    ((2, 4), ("data", "model"), [0] * 8, [0], [("data",), ("model",)]),
+    ((1, 8), ("data", "model"), [0] * 8, [0], [("model",)]),
+    # two processes, one per half: "data" crosses them, "fsdp" and "model" do not
+    ((2, 2, 2), ("data", "fsdp", "model"), [0] * 4 + [1] * 4, [0, 0],
+     [("data",), ("fsdp", "model")]),
+    # a process per device, two per host: "model" stays on a host, "data" crosses hosts
+    ((2, 2), ("data", "model"), [0, 1, 2, 3], [7, 7, 9, 9], [("data",), ("model",)]),
+    # ... and with four per host both stay on it: one link
+    ((2, 2), ("data", "model"), [0, 1, 2, 3], [7, 7, 7, 7], [("data", "model")]),
+])
+def test_link_classes_group_axes_crossing_the_same_boundaries(shape, names, processes, hosts,
+                                                              classes):
+    mesh = _fake_mesh(shape, names, processes)
+    assert sorted(link_classes(mesh, hosts)) == sorted(classes)
+
+
+def test_link_classes_of_a_real_mesh():
+    mesh = autoshard.make_mesh((2, 2, 2), ("data", "fsdp", "model"))
+    assert link_classes(mesh) == (("data", "fsdp", "model"),)
 
 
 def test_collective_links_override_per_kind():
