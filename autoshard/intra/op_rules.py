@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 from autoshard.ir.jax_compat import partitionable_random_bits
 
+from .gather_loops import GatherLoops
 from .kernels import kernel_name
 
 Dims = tuple  # per tensor dim: loop index or None (never split)
@@ -30,7 +31,9 @@ class LoopOp:
     ``in_dims[k]``: per dim of operand ``k`` its loop (``None`` for a literal/rank-0
     operand). ``out_dims[k]``: likewise for output ``k``. ``flops``: arithmetic of the whole
     (unsplit) op. ``kernel``: ``kernels.kernel_name``. ``contraction``: XLA partitions it as a
-    dot or a convolution (``strategies._scatter_steps``).
+    dot or a convolution (``strategies._scatter_steps``). ``gather``: the loops of an
+    embedding-style gather (``GatherLoops``), whose splits XLA partitions only in some
+    axis orders.
     """
 
     sizes: tuple[int, ...]
@@ -40,6 +43,7 @@ class LoopOp:
     flops: float = 0.0
     kernel: str | None = None
     contraction: bool = False
+    gather: GatherLoops | None = None
 
     @property
     def reduction_loops(self) -> frozenset[int]:
@@ -383,12 +387,17 @@ def gather(eqn, in_avals, out_avals):
         sizes.append(out.shape[out_d])
         splittable.append(True)
     indexed = [d for d in dn.start_index_map if d in dn.collapsed_slice_dims]
+    loops = None
     if len(indexed) == 1 and len(dn.start_index_map) == 1:
+        if not dn.operand_batching_dims:
+            offset = tuple(l for l in op_dims if l is not None)
+            loops = GatherLoops(len(sizes), tuple(idx_dims[k] for k in range(len(batch_out))),
+                                offset)
         op_dims[indexed[0]] = len(sizes)
         sizes.append(operand.shape[indexed[0]])
         splittable.append(True)
     return LoopOp(tuple(sizes), tuple(splittable), (tuple(op_dims), tuple(idx_dims)),
-                  (tuple(odims),))
+                  (tuple(odims),), gather=loops)
 
 
 def scatter(eqn, in_avals, out_avals):
@@ -529,26 +538,13 @@ RULES.update({
     "cumsum": along_axis("axis"), "cumprod": along_axis("axis"), "cummax": along_axis("axis"),
     "cummin": along_axis("axis"), "cumlogsumexp": along_axis("axis"),
     "sort": along_axis("dimension"), "top_k": top_k,
-    "transpose": transpose,
-    "squeeze": squeeze,
-    "reshape": reshape,
-    "dot_general": dot_general,
-    "conv_general_dilated": conv,
-    "concatenate": concatenate,
-    "split": split,
-    "pad": pad,
-    "slice": slice_rule,
-    "dynamic_slice": dynamic_slice,
-    "dynamic_update_slice": dynamic_update_slice,
-    "rev": rev,
-    "iota": iota,
-    "gather": gather,
-    "scatter-add": scatter,
-    "scatter": scatter,
-    "reduce_window_max": reduce_window,
-    "reduce_window_min": reduce_window,
-    "reduce_window_sum": reduce_window,
-    "reduce_window": reduce_window,
+    "transpose": transpose, "squeeze": squeeze, "reshape": reshape, "rev": rev, "iota": iota,
+    "dot_general": dot_general, "conv_general_dilated": conv,
+    "concatenate": concatenate, "split": split, "pad": pad, "slice": slice_rule,
+    "dynamic_slice": dynamic_slice, "dynamic_update_slice": dynamic_update_slice,
+    "gather": gather, "scatter-add": scatter, "scatter": scatter,
+    "reduce_window_max": reduce_window, "reduce_window_min": reduce_window,
+    "reduce_window_sum": reduce_window, "reduce_window": reduce_window,
     "select_and_scatter_add": select_and_scatter_add,
     "select_and_gather_add": select_and_gather_add,
     "random_bits": random_bits,

@@ -143,13 +143,15 @@ def _made_layouts(program, eqn: int, strategy, spec) -> list:
     and moves them and the rows with all-to-alls and a permute (a GPT's embedding on 8x8:
     two all-to-alls over "data", an all-reduce and a permute); asked for the summed one, it
     all-reduces the partial rows, and the slice to ``spec`` is local (XLA's GPUs merge the
-    two into the reduce-scatter priced; its CPUs run them as they stand)."""
-    if program.eqns[eqn].primitive.name != "gather":
+    two into the reduce-scatter priced; its CPUs run them as they stand, and are priced
+    so: the scattered axes are those splitting both the result and the table's indexed
+    dim, whatever collectives the backend's pricing names)."""
+    equation = program.eqns[eqn]
+    if equation.primitive.name != "gather" or not strategy.scatters:
         return [spec]
-    scattered = {a for step in strategy.collectives if step.kind == "reduce-scatter"
-                 for a in step.axes}
-    if not scattered:
-        return [spec]
+    table = strategy.in_specs[0]
+    scattered = {a for d in equation.params["dimension_numbers"].start_index_map
+                 for a in table[d]}
     summed = tuple(tuple(a for a in axes if a not in scattered) for axes in spec)
     return [summed, spec]
 
