@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from autoshard.ir.jax_compat import partitionable_random_bits
 
-from .gather_loops import GatherLoops
+from .indexed_loops import IndexedLoops
 from .kernels import kernel_name
 
 Dims = tuple  # per tensor dim: loop index or None (never split)
@@ -31,9 +31,9 @@ class LoopOp:
     ``in_dims[k]``: per dim of operand ``k`` its loop (``None`` for a literal/rank-0
     operand). ``out_dims[k]``: likewise for output ``k``. ``flops``: arithmetic of the whole
     (unsplit) op. ``kernel``: ``kernels.kernel_name``. ``contraction``: XLA partitions it as a
-    dot or a convolution (``strategies._scatter_steps``). ``gather``: the loops of an
-    embedding-style gather (``GatherLoops``), whose splits XLA partitions only in some
-    axis orders.
+    dot or a convolution (``strategies._scatter_steps``). ``indexing``: the loops of an
+    embedding-style gather or scatter (``IndexedLoops``), whose splits XLA partitions
+    only in some axis orders.
     """
 
     sizes: tuple[int, ...]
@@ -43,7 +43,7 @@ class LoopOp:
     flops: float = 0.0
     kernel: str | None = None
     contraction: bool = False
-    gather: GatherLoops | None = None
+    indexing: IndexedLoops | None = None
 
     @property
     def reduction_loops(self) -> frozenset[int]:
@@ -391,13 +391,13 @@ def gather(eqn, in_avals, out_avals):
     if len(indexed) == 1 and len(dn.start_index_map) == 1:
         if not dn.operand_batching_dims:
             offset = tuple(l for l in op_dims if l is not None)
-            loops = GatherLoops(len(sizes), tuple(idx_dims[k] for k in range(len(batch_out))),
+            loops = IndexedLoops(len(sizes), tuple(idx_dims[k] for k in range(len(batch_out))),
                                 offset)
         op_dims[indexed[0]] = len(sizes)
         sizes.append(operand.shape[indexed[0]])
         splittable.append(True)
     return LoopOp(tuple(sizes), tuple(splittable), (tuple(op_dims), tuple(idx_dims)),
-                  (tuple(odims),), gather=loops)
+                  (tuple(odims),), indexing=loops)
 
 
 def scatter(eqn, in_avals, out_avals):
@@ -434,15 +434,19 @@ def scatter(eqn, in_avals, out_avals):
         else:
             splittable.append(is_add)
         sizes.append(updates.shape[upd_d])
+    windows = tuple(l for l in op_dims if l is not None)
+    single = len(indexed) == 1 and len(dn.scatter_dims_to_operand_dims) == 1
     for d in range(rank):
         if op_dims[d] is None:
             op_dims[d] = len(sizes)
             sizes.append(operand.shape[d])
-            splittable.append(d in indexed and len(dn.scatter_dims_to_operand_dims) == 1)
+            splittable.append(d in indexed and single)
+    loops = None if not single or dn.operand_batching_dims else \
+        IndexedLoops(op_dims[indexed[0]], tuple(idx_dims[:len(scatter_upd)]), windows)
     ident = tuple(op_dims)
     return LoopOp(tuple(sizes), tuple(splittable),
                   (ident, tuple(idx_dims), tuple(upd_dims)), (ident,),
-                  flops=float(_size(updates)))
+                  flops=float(_size(updates)), indexing=loops)
 
 
 

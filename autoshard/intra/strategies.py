@@ -136,7 +136,7 @@ def loop_strategies(op: LoopOp, in_avals, out_avals, model: MeshCostModel,
             continue
         # Axes sharing a loop split it in mesh order (major axis first), as specs do.
         loop_axes = {loop: tuple(group) for loop, group in groups.items()}
-        if op.gather is not None and op.gather.permutes(loop_axes, axes):
+        if op.indexing is not None and op.indexing.permutes(loop_axes, axes):
             continue   # XLA adds collective-permutes no price here names: left out
         for strategy in _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype,
                                 tuple(reads), dot):
