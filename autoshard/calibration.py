@@ -196,15 +196,6 @@ def _model_terms(kind: str, n: int, buffer_bytes: float) -> tuple[float, float]:
     return n, (n - 1) / n * buffer_bytes   # reduce-scatter (input), all-to-all (buffer)
 
 
-def measure_collectives(mesh, axis: str, sizes: Sequence[int], repeats: int = 3,
-                        deadline: float = math.inf) -> dict[str, Fit]:
-    """α–β fit per collective over mesh axis ``axis`` (``sizes``: bytes per device, in
-    increasing order). After the first two sizes, larger ones are measured only while
-    ``time.perf_counter() < deadline`` — as process 0 sees it, so that every process of
-    a multi-process run measures the same collectives."""
-    return fit_collectives(collective_points(mesh, axis, sizes, repeats, deadline), [axis])
-
-
 #: per collective kind, measured points (latency count, bytes over β, seconds): the terms
 #: of one collective in the cost model's formula (``_model_terms``) and its measured time
 Points = dict[str, list[tuple[float, float, float]]]
@@ -212,7 +203,10 @@ Points = dict[str, list[tuple[float, float, float]]]
 
 def collective_points(mesh, axis: str, sizes: Sequence[int], repeats: int = 3,
                       deadline: float = math.inf) -> Points:
-    """The measurements behind :func:`measure_collectives` (same arguments)."""
+    """Each collective timed over mesh axis ``axis`` (``sizes``: bytes per device, in
+    increasing order), as points for :func:`fit_collectives`. After the first two sizes,
+    larger ones are measured only while ``time.perf_counter() < deadline`` — as process 0
+    sees it, so that every process of a multi-process run measures the same collectives."""
     n = dict(zip(mesh.axis_names, mesh.axis_sizes))[axis]
     spec = PartitionSpec(tuple(mesh.axis_names))
     sharding = NamedSharding(mesh, spec)

@@ -389,10 +389,9 @@ def gather(eqn, in_avals, out_avals):
     indexed = [d for d in dn.start_index_map if d in dn.collapsed_slice_dims]
     loops = None
     if len(indexed) == 1 and len(dn.start_index_map) == 1:
-        if not dn.operand_batching_dims:
-            offset = tuple(l for l in op_dims if l is not None)
-            loops = IndexedLoops(len(sizes), tuple(idx_dims[k] for k in range(len(batch_out))),
-                                offset)
+        if not dn.operand_batching_dims:   # offset loops: the operand's loops so far
+            loops = IndexedLoops(len(sizes), tuple(idx_dims[:len(batch_out)]),
+                                 tuple(l for l in op_dims if l is not None))
         op_dims[indexed[0]] = len(sizes)
         sizes.append(operand.shape[indexed[0]])
         splittable.append(True)
