@@ -23,7 +23,7 @@ from .graph import ShardingGraph, Use
 from .op_rules import ELEMENTWISE
 from .strategies import axis_labels
 
-_FOLLOWING = ELEMENTWISE - {"sharding_constraint", "optimization_barrier"}
+_FOLLOWING = ELEMENTWISE - {"sharding_constraint", "reshard", "optimization_barrier"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from .fusion import fusion
 from .layout_copies import layout_copy_reads
 from .op_rules import CONTROL_FLOW, REPLICATED_QUIETLY, loop_op
 from .strategies import Strategy, input_strategies, loop_strategies, replicated_strategy
+from .user_constraints import CONSTRAINTS, constraint_text, honouring, required_layout
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,6 +61,8 @@ class ShardingGraph:
     producer: dict  # value id → (node index, output index)
     unsupported: tuple[tuple[str, str], ...]   # (primitive, source) run replicated with a warning
     control_flow: tuple[tuple[str, str], ...]  # (primitive, source) run replicated
+    #: (the constraint's sharding, source) of user sharding constraints no strategy meets
+    unmet_constraints: tuple[tuple[str, str], ...] = ()
 
     def __repr__(self):
         return f"ShardingGraph({len(self.nodes)} nodes, {len(self.uses)} uses)"
@@ -75,22 +78,25 @@ def _aval(program, atom):
 #: identities that move no data in the compiled program: ``optimization_barrier`` (the
 #: operands of a ``jax.checkpoint`` block recomputed in the backward pass) and sharding
 #: constraints (a resharding they imply is priced on the use, as any other)
-NO_TRAFFIC = frozenset({"optimization_barrier", "sharding_constraint"})
+NO_TRAFFIC = frozenset({"optimization_barrier", "sharding_constraint", "reshard"})
 
 
 def build_graph(traced: TracedFunction, model: MeshCostModel,
-                input_specs: Callable[[int, tuple], list[Spec]] | None = None) -> ShardingGraph:
+                input_specs: Callable[[int, tuple], list[Spec]] | None = None,
+                axis_names: Sequence[str] | None = None) -> ShardingGraph:
     """Enumerate strategies for every node of ``traced`` on ``model``'s mesh.
 
     ``input_specs(flat_index, shape)`` may restrict the layouts an argument can
-    take (presets use it); by default every valid spec is allowed.
+    take (presets use it); by default every valid spec is allowed. With ``axis_names``
+    (the mesh's), the user's sharding constraints on that mesh are kept
+    (``user_constraints``).
     """
     program = traced.program
     mesh_shape = model.mesh_shape
     nodes: list[Node] = []
     producer: dict[int, tuple[int, int]] = {}
     uses: list[Use] = []
-    unsupported, control_flow = [], []
+    unsupported, control_flow, unmet = [], [], []
     memo: dict[tuple, tuple] = {}
     by_specs: dict[tuple, tuple] = {}
     fused, read_in_fusion, fanout, written = fusion(program)
@@ -136,8 +142,17 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         if strategies is None:
             op = loop_op(eqn, in_avals, out_avals)
             if op is not None:
-                strategies = memo[signature] = loop_strategies(
-                    op, in_avals, out_avals, model, reads=reads, dot=dots.get(e))
+                strategies = loop_strategies(op, in_avals, out_avals, model, reads=reads,
+                                             dot=dots.get(e))
+                required = None if axis_names is None or name not in CONSTRAINTS else \
+                    required_layout(eqn.params, len(out_avals[0].shape), axis_names, mesh_shape)
+                if required is not None:
+                    kept = honouring(strategies, required)
+                    if kept:
+                        strategies = kept
+                    else:
+                        unmet.append((constraint_text(eqn.params), traced.sources[e]))
+                memo[signature] = strategies
             else:
                 strategies = ()
                 if name in CONTROL_FLOW:
@@ -154,7 +169,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
                 uses.append(Use(src, out, node_index, k))
         add(Node(f"{name}#{e}", "op", e, tuple(eqn.outputs), strategies))
     return ShardingGraph(traced, tuple(nodes), tuple(uses), producer,
-                         tuple(unsupported), tuple(control_flow))
+                         tuple(unsupported), tuple(control_flow), tuple(unmet))
 
 
 def use_cost_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel,

@@ -528,7 +528,7 @@ clz complex conj convert_element_type copy copy_p cos cosh digamma div eq erf er
 expm1 floor ge gt igamma igammac imag integer_pow is_finite le lgamma log log1p logistic lt max min
 mul ne neg nextafter not or polygamma population_count pow real reduce_precision rem round rsqrt
 select_n shift_left shift_right_arithmetic shift_right_logical sign sin sinh sqrt square stop_gradient
-sub tan tanh xor zeta optimization_barrier sharding_constraint
+sub tan tanh xor zeta optimization_barrier sharding_constraint reshard
 """.split())
 
 RULES: dict[str, Callable] = {name: elementwise for name in ELEMENTWISE}

@@ -97,7 +97,7 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
             return [preset[i]]
         return enumerate_specs(shape, model.mesh_shape)
 
-    per_use_graph = build_graph(traced, model, input_specs)
+    per_use_graph = build_graph(traced, model, input_specs, axis_names)
     graph = share_reads(per_use_graph) if len(model.mesh_shape) <= SHARED_READS_MAX_AXES \
         else per_use_graph
     has_read_nodes = graph is not per_use_graph  # (pricing makes a new graph below)
@@ -396,4 +396,11 @@ def _warn_unsupported(graph: ShardingGraph) -> tuple[str, ...]:
                         "equations; this one has more)")
             messages.append(msg)
             warnings.warn(msg, stacklevel=user_stacklevel())
+    for spec, where in graph.unmet_constraints:
+        msg = (f"autoshard: the sharding constraint {spec} at {where} matches no layout "
+               "the mesh can hold (a dim's axes named out of mesh order, or a dim they do "
+               "not divide); the plan leaves that value free, and the resharding XLA makes "
+               "for the constraint is not priced")
+        messages.append(msg)
+        warnings.warn(msg, stacklevel=user_stacklevel())
     return tuple(messages)

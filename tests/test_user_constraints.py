@@ -1,0 +1,154 @@
+"""The user's own ``with_sharding_constraint`` inside a step: planned as written, run as planned."""
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import autoshard
+from autoshard.intra.user_constraints import required_layout
+from autoshard.ir.trace import trace
+from tests.trees import ADAM_ATOL, assert_trees_allclose
+
+MESH = ((2, 4), ("data", "model"))
+
+
+def _step_with_constraint(mesh, spec, *, bare=False):
+    """An MLP step (integer labels, optax adam) whose hidden activations the user
+    constrains to ``spec`` (a bare PartitionSpec under ``jax.set_mesh`` when ``bare``)."""
+    optimizer = optax.adam(1e-2)
+
+    def step(params, opt_state, x, labels):
+        def loss(ps):
+            h = jax.nn.relu(x @ ps["w1"])
+            h = jax.lax.with_sharding_constraint(h, spec if bare else NamedSharding(mesh, spec))
+            logits = h @ ps["w2"]
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {"w1": jax.random.normal(keys[0], (64, 256)) * 0.1,
+              "w2": jax.random.normal(keys[1], (256, 16)) * 0.1}
+    x = jax.random.normal(keys[2], (32, 64))
+    labels = jnp.arange(32) % 16
+    return step, (params, optimizer.init(params), x, labels)
+
+
+def _constrained_values(step, args) -> set[int]:
+    """The values the constraint lays out: the activations and, in the backward pass,
+    their gradient (jax transposes the constraint into one on the cotangent)."""
+    found = {e.outputs[0] for e in trace(step, args).program.eqns
+             if e.primitive.name == "sharding_constraint"}
+    assert len(found) == 2
+    return found
+
+
+@pytest.mark.parametrize("spec", [P("data", "model"), P(None, "model"), P("model"),
+                                  P(("data", "model"))], ids=str)  # as the plan writes them
+def test_the_search_keeps_the_users_constraint_and_runs_what_it_priced(spec):
+    """Before: the constraint was planned as a free identity and replayed as written, so
+    XLA resharded around it unpriced (the audit found 2-4 differences, one an involuntary
+    full rematerialization), and the gradient's ``reshard`` of the loss seed warned."""
+    mesh = autoshard.make_mesh(*MESH)
+    step, args = _step_with_constraint(mesh, spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: every primitive here has a rule
+        f = autoshard.parallelize(step, mesh=mesh, batch_argnums=(2, 3))
+        plan = f.plan(*args)
+    made = {P(*s) for vid, s in plan.value_specs if vid in _constrained_values(step, args)}
+    assert made == {spec}, made
+    report = f.audit(*args)
+    assert report.ok, report.summary()
+    assert_trees_allclose(f(*args), jax.jit(step)(*args), atol=ADAM_ATOL)
+
+
+def test_unconstrained_dims_stay_free_and_a_bare_spec_under_set_mesh_is_kept():
+    mesh = autoshard.make_mesh(*MESH)
+    step, args = _step_with_constraint(mesh, P(P.UNCONSTRAINED, "model"), bare=True)
+    with jax.set_mesh(mesh):
+        f = autoshard.parallelize(step, mesh=mesh, batch_argnums=(2, 3))
+        plan = f.plan(*args)
+        report = f.audit(*args)
+        out, expected = f(*args), jax.jit(step)(*args)
+        constrained = _constrained_values(step, args)
+    made = [s for vid, s in plan.value_specs if vid in constrained]
+    assert made and all(P(*s)[1] == "model" for s in made), made
+    assert report.ok, report.summary()
+    assert_trees_allclose(out, expected, atol=ADAM_ATOL)
+
+
+def test_a_constraint_no_layout_meets_is_named_in_a_warning_at_the_users_line():
+    mesh = autoshard.make_mesh(*MESH)
+    step, args = _step_with_constraint(mesh, P(None, ("model", "data")))  # not mesh order
+    f = autoshard.parallelize(step, mesh=mesh, batch_argnums=(2, 3))
+    with pytest.warns(UserWarning, match=r"sharding constraint P\(None, \('model', 'data'\)\) "
+                      r"at .*test_user_constraints.py") as caught:
+        f.plan(*args)
+    assert caught[0].filename == __file__
+    assert_trees_allclose(f(*args), jax.jit(step)(*args), atol=ADAM_ATOL)
+
+
+def test_required_layout_reads_the_constraint_on_the_plans_mesh_only():
+    mesh = autoshard.make_mesh(*MESH)
+    names, shape = MESH[1], MESH[0]
+
+    def params(spec, on=mesh, **more):
+        return {"sharding": NamedSharding(on, spec), "unconstrained_dims": frozenset(), **more}
+
+    assert required_layout(params(P("data")), 2, names, shape) == ((0,), ())
+    assert required_layout(params(P(None, ("data", "model"))), 2, names, shape) == ((), (0, 1))
+    assert required_layout(params(P("model", "data"), unconstrained_dims={1}), 2, names,
+                           shape) == ((1,), None)
+    other = autoshard.make_mesh((4, 2), ("data", "model"))
+    assert required_layout(params(P("data"), on=other), 2, names, shape) is None
+    single = autoshard.make_mesh((1, 8), ("data", "model"))  # a size-1 axis splits nothing
+    assert required_layout(params(P("data", "model"), on=single), 2, names, (1, 8)) == \
+        ((), (1,))
+    # jax's gradient seeds a loss under a constraint with a reshard on Auto axes: no layout
+    auto = {"dst_sharding": NamedSharding(mesh.abstract_mesh, P()), "concrete_mesh": None}
+    assert required_layout(auto, 0, names, shape) is None
+
+
+def test_a_flax_logical_constraint_under_its_rules_is_kept():
+    """MaxText's idiom: ``nn.with_logical_constraint`` on activations, logical axis rules
+    and the mesh in context while the step is called."""
+    nn = pytest.importorskip("flax.linen")
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.with_logical_constraint(jax.nn.relu(nn.Dense(256)(x)), ("batch", "mlp"))
+            return nn.Dense(16)(h)
+
+    model, optimizer = MLP(), optax.adam(1e-2)
+    x = jax.random.normal(jax.random.key(1), (32, 64))
+    labels = jnp.arange(32) % 16
+    params = model.init(jax.random.key(0), x)
+
+    def step(params, opt_state, x, labels):
+        def loss(ps):
+            logits = model.apply(ps, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    args = (params, optimizer.init(params), x, labels)
+    mesh = autoshard.make_mesh(*MESH)
+    rules = (("batch", "data"), ("mlp", "model"), ("embed", None))
+    with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
+        f = autoshard.parallelize(step, mesh=mesh, batch_argnums=(2, 3))
+        plan, report = f.plan(*args), f.audit(*args)
+        out, expected = f(*args), jax.jit(step)(*args)
+        constrained = _constrained_values(step, args)
+    assert {P(*s) for vid, s in plan.value_specs if vid in constrained} == \
+        {P("data", "model")}
+    assert report.ok, report.summary()
+    assert_trees_allclose(out, expected, atol=ADAM_ATOL)
