@@ -16,6 +16,7 @@ def evaluate_program(
     operand_shardings: Mapping[tuple[int, int], jax.sharding.Sharding] = {},
     operand_via: Mapping[tuple[int, int], Sequence[jax.sharding.Sharding]] = {},
     value_via: Mapping[int, Sequence[jax.sharding.Sharding]] = {},
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple:
     """Run ``program`` on ``flat_args`` and return its flat outputs.
 
@@ -26,7 +27,13 @@ def evaluate_program(
     ``operand_via[(e, k)]`` pins it to each of those layouts first, in order (the copy
     other readers share, the steps of the planned resharding: XLA then runs those, not a
     route of its own).
+
+    With ``mesh`` (the one the program runs on), the program's own sharding constraints
+    written for another mesh of the same axis names (the whole mesh, when the program is
+    a pipeline stage on a sub-mesh of it) constrain the same axes of ``mesh``.
     """
+    params = {e: _on_mesh(eqn.params, mesh) for e, eqn in enumerate(program.eqns)
+              if mesh is not None and eqn.primitive.name == "sharding_constraint"}
     env: dict[int, object] = {}
 
     def write(vid, val):
@@ -64,7 +71,20 @@ def evaluate_program(
                 else:
                     val = resharded[key] = jax.lax.with_sharding_constraint(val, layout)
             invals.append(val)
-        outs = bind(eqn.primitive, eqn.params, invals)
+        outs = bind(eqn.primitive, params.get(e, eqn.params), invals)
         for vid, val in zip(eqn.outputs, outs, strict=True):
             write(vid, val)
     return tuple(read(atom) for atom in program.outvars)
+
+
+def _on_mesh(params: dict, mesh: jax.sharding.Mesh) -> dict:
+    """A ``sharding_constraint``'s ``params`` moved onto ``mesh`` when written for another
+    mesh of its axis names (unchanged otherwise)."""
+    sharding = params["sharding"]
+    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh == mesh or \
+            tuple(sharding.mesh.axis_names) != tuple(mesh.axis_names):
+        return params
+    moved = jax.sharding.NamedSharding(mesh, sharding.spec)
+    context = params.get("context_mesh")
+    return {**params, "sharding": moved,
+            "context_mesh": context if context is None or context.empty else mesh.abstract_mesh}

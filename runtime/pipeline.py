@@ -104,6 +104,12 @@ class PipelineProgram:
     mesh: Any = None    # the whole mesh (multi-process runs: where scalar outputs go)
 
     def __call__(self, flat_args) -> list:
+        # each program runs on its own sub-mesh: a mesh the caller set (``jax.set_mesh``,
+        # usually the whole one) would be the context of every jit call and placement
+        with jax.set_mesh(None):
+            return self._run_step(flat_args)
+
+    def _run_step(self, flat_args) -> list:
         B = self.num_microbatches
         multiprocess = jax.process_count() > 1
         if multiprocess:

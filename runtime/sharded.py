@@ -143,7 +143,7 @@ def shard_program(
 
     def run(*flat_args):
         return evaluate_program(program, flat_args, value_shardings, operand_shardings,
-                                via_shardings, made_via)
+                                via_shardings, made_via, mesh=mesh)
 
     jitted = jax.jit(run, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=tuple(donate_argnums))

@@ -1,6 +1,7 @@
 """The user's own ``with_sharding_constraint`` inside a step: planned as written, run as planned."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import jax
@@ -95,7 +96,7 @@ def test_a_constraint_no_layout_meets_is_named_in_a_warning_at_the_users_line():
     assert_trees_allclose(f(*args), jax.jit(step)(*args), atol=ADAM_ATOL)
 
 
-def test_required_layout_reads_the_constraint_on_the_plans_mesh_only():
+def test_required_layout_reads_the_constraint_by_the_plans_axis_names():
     mesh = autoshard.make_mesh(*MESH)
     names, shape = MESH[1], MESH[0]
 
@@ -106,11 +107,10 @@ def test_required_layout_reads_the_constraint_on_the_plans_mesh_only():
     assert required_layout(params(P(None, ("data", "model"))), 2, names, shape) == ((), (0, 1))
     assert required_layout(params(P("model", "data"), unconstrained_dims={1}), 2, names,
                            shape) == ((1,), None)
-    other = autoshard.make_mesh((4, 2), ("data", "model"))
-    assert required_layout(params(P("data"), on=other), 2, names, shape) is None
-    single = autoshard.make_mesh((1, 8), ("data", "model"))  # a size-1 axis splits nothing
-    assert required_layout(params(P("data", "model"), on=single), 2, names, (1, 8)) == \
-        ((), (1,))
+    other = autoshard.make_mesh((2, 4), ("x", "y"))
+    assert required_layout(params(P("x"), on=other), 2, names, shape) is None
+    # a pipeline stage's sub-mesh: the same names, and an axis of size 1 splits nothing
+    assert required_layout(params(P("data", "model")), 2, names, (1, 4)) == ((), (1,))
     # jax's gradient seeds a loss under a constraint with a reshard on Auto axes: no layout
     auto = {"dst_sharding": NamedSharding(mesh.abstract_mesh, P()), "concrete_mesh": None}
     assert required_layout(auto, 0, names, shape) is None
@@ -152,3 +152,31 @@ def test_a_flax_logical_constraint_under_its_rules_is_kept():
         {P("data", "model")}
     assert report.ok, report.summary()
     assert_trees_allclose(out, expected, atol=ADAM_ATOL)
+
+
+@pytest.mark.parametrize("bare", [False, True], ids=["NamedSharding", "set_mesh"])
+def test_a_pipeline_runs_the_constraints_on_each_stages_sub_mesh(bare):
+    """Stages run on sub-meshes of the step's mesh: the constraint (written for the whole
+    mesh) constrains the same axes there. Before: jax refused the stage programs
+    (incompatible devices), and any pipelined step called under ``jax.set_mesh`` too."""
+    mesh = autoshard.make_mesh(*MESH)
+    spec = P(None, "model")
+    keys = jax.random.split(jax.random.key(0), 5)
+    params = [jax.random.normal(k, (32, 32)) * 0.2 for k in keys[:4]]
+    x = jax.random.normal(keys[4], (16, 32))
+
+    def step(params, x):
+        def loss(ps):
+            h = x
+            for w in ps:
+                h = jax.lax.with_sharding_constraint(
+                    jnp.tanh(h @ w), spec if bare else NamedSharding(mesh, spec))
+            return (h ** 2).mean()
+        value, grads = jax.value_and_grad(loss)(params)
+        return [w - 0.1 * g for w, g in zip(params, grads)], value
+
+    method = autoshard.PipeshardParallel(num_microbatches=2, num_stages=2)
+    with jax.set_mesh(mesh) if bare else contextlib.nullcontext():
+        out = autoshard.parallelize(step, mesh=mesh, method=method)(params, x)
+        expected = jax.jit(step)(params, x)
+    assert_trees_allclose(out, expected)

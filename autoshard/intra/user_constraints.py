@@ -10,8 +10,9 @@ too where its mesh has other than Auto axes; on Auto axes it lowers to nothing (
 gradient of a loss under a constraint seeds it with one) and stays free.
 
 A constraint is honoured when its ``NamedSharding`` is on a mesh of the plan's axis
-names and sizes (a pipeline stage's sub-mesh is another mesh: its constraints stay
-free, as before). One no strategy meets (axes named out of mesh order on one dim, a dim
+names: the whole mesh, or for a pipeline stage, the sub-mesh of those names it runs on
+(the runtime moves the constraint there: ``runtime.execute``; an axis of size 1 there
+splits nothing). One no strategy meets (axes named out of mesh order on one dim, a dim
 the axes do not divide) is left free, with a warning naming it.
 """
 from __future__ import annotations
@@ -33,14 +34,13 @@ Required = tuple[tuple[int, ...] | None, ...]
 def required_layout(params: dict, rank: int, axis_names: Sequence[str],
                     mesh_shape: Sequence[int]) -> Required | None:
     """What a ``CONSTRAINTS`` equation's ``params`` require of its value on a mesh of
-    ``axis_names`` and ``mesh_shape``; None when it is not on that mesh or constrains
+    ``axis_names`` and ``mesh_shape``; None when it names other axes or constrains
     nothing."""
     sharding = _sharding(params)
     if not isinstance(sharding, NamedSharding):
         return None
     mesh = sharding.mesh
-    if tuple(mesh.axis_names) != tuple(axis_names) or \
-            tuple(mesh.axis_sizes) != tuple(mesh_shape):
+    if tuple(mesh.axis_names) != tuple(axis_names):
         return None
     if "dst_sharding" in params and (mesh.empty or mesh.are_all_axes_auto):
         return None  # a reshard on Auto axes: lowered to nothing
