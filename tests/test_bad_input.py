@@ -30,6 +30,10 @@ def test_unsupported_primitive_warns_once_and_still_runs(mesh8):
     assert len(messages) == 1, [str(w.message) for w in caught]
     assert "replicated" in str(messages[0].message)
     assert messages[0].filename == __file__   # stacklevel points at the caller
+    # and the message names the line calling jnp.linalg.cholesky (jax makes the primitive
+    # inside that function's own jit, where no frame is the user's: it named none before)
+    line = fn.__code__.co_firstlineno + 2
+    assert f"first at {__file__}:{line}:" in str(messages[0].message), messages[0].message
     np.testing.assert_allclose(out, jax.jit(fn)(a, x), rtol=1e-5, atol=1e-5)
 
 

@@ -85,11 +85,16 @@ def _unrolled_scan(eqn) -> jcore.ClosedJaxpr:
 class SourceSummaries(Sequence[str]):
     """Each equation's :func:`source_summary`, made when first read: a deep model's
     tens of thousands of equations are summarised only where a message or a plan's
-    summary names one (summarising them all took a fifth of tracing an 80-layer GPT)."""
+    summary names one (summarising them all took a fifth of tracing an 80-layer GPT).
+
+    ``source_infos[e]``: (the equation's source info, those of the calls it was inlined
+    from, outermost first). An equation jax made inside a call of its own (the body of
+    ``jnp.linalg.cholesky``'s ``jit``) has no user frame: it is summarised by the
+    innermost call that has one."""
 
     __slots__ = ("_infos", "_made")
 
-    def __init__(self, source_infos: Sequence):
+    def __init__(self, source_infos: Sequence[tuple[Any, tuple]]):
         self._infos = tuple(source_infos)
         self._made: list[str | None] = [None] * len(self._infos)
 
@@ -101,7 +106,13 @@ class SourceSummaries(Sequence[str]):
             return tuple(self[i] for i in range(*e.indices(len(self))))
         made = self._made[e]
         if made is None:
-            made = self._made[e] = source_summary(self._infos[e])
+            info, callers = self._infos[e]
+            made = source_summary(info)
+            for caller in reversed(callers):
+                if made:
+                    break
+                made = source_summary(caller)
+            self._made[e] = made
         return made
 
     def __repr__(self) -> str:
@@ -242,7 +253,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                      consts_as_inputs: bool = False) -> TracedFunction:
     avals: list = []
     eqns: list[Equation] = []
-    sources: list = []  # each equation's jax source info
+    sources: list = []  # each equation's jax source info, and its callers' (SourceSummaries)
     constants: list[tuple[int, Any]] = []
 
     def new_value(aval) -> int:
@@ -251,7 +262,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
 
     scopes: list[str] = []
 
-    def barrier(atom, eqn, scope):
+    def barrier(atom, eqn, scope, callers):
         """``atom`` through an optimization barrier of its own, as jax lowers the operands
         of a ``jax.checkpoint`` block recomputed in the backward pass (so that XLA's CSE
         keeps the recomputation: the user asked not to store those activations)."""
@@ -259,11 +270,11 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
             return atom
         out = new_value(avals[atom])
         eqns.append(Equation(optimization_barrier_primitive(), {}, (atom,), (out,)))
-        sources.append(eqn.source_info)
+        sources.append((eqn.source_info, callers))
         scopes.append(scope)
         return out
 
-    def inline(jaxpr, consts, in_atoms, const_atoms=None, scope=""):
+    def inline(jaxpr, consts, in_atoms, const_atoms=None, scope="", callers=()):
         env: dict = {}
         for var, atom in zip(jaxpr.constvars, const_atoms or (), strict=False):
             env[var] = atom
@@ -282,24 +293,26 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
             here = join_scopes(scope, name_stack(eqn.source_info))
             if unrolls(eqn):
                 unrolled = _unrolled_scan(eqn)
-                outs = inline(unrolled.jaxpr, unrolled.consts, ins, scope=here)
+                outs = inline(unrolled.jaxpr, unrolled.consts, ins, scope=here,
+                              callers=callers + (eqn.source_info,))
                 for var, atom in zip(eqn.outvars, outs, strict=True):
                     env[var] = atom
                 continue
             callee = inlined_callee(eqn)
             if callee is not None and recomputes_in_backward(eqn):
-                ins = [barrier(a, eqn, here) for a in ins]
+                ins = [barrier(a, eqn, here, callers) for a in ins]
             if callee is not None:
+                within = callers + (eqn.source_info,)
                 if isinstance(callee, jcore.ClosedJaxpr):
-                    outs = inline(callee.jaxpr, callee.consts, ins, scope=here)
+                    outs = inline(callee.jaxpr, callee.consts, ins, scope=here, callers=within)
                 else:
-                    outs = inline(callee, (), ins, scope=here)
+                    outs = inline(callee, (), ins, scope=here, callers=within)
                 for var, atom in zip(eqn.outvars, outs, strict=True):
                     env[var] = atom
                 continue
             out_ids = tuple(new_value(v.aval) for v in eqn.outvars)
             eqns.append(Equation(eqn.primitive, dict(eqn.params), tuple(ins), out_ids))
-            sources.append(eqn.source_info)
+            sources.append((eqn.source_info, callers))
             scopes.append(here)
             for var, vid in zip(eqn.outvars, out_ids):
                 env[var] = vid
