@@ -162,3 +162,27 @@ def test_warnings_point_at_user_code_wherever_it_lives(mesh8, tmp_path, folders)
     messages = [w for w in caught if "cholesky" in str(w.message)]
     assert len(messages) == 1, [str(w.message) for w in caught]
     assert messages[0].filename == str(path)
+
+
+def test_debug_prints_and_callbacks_run_without_a_warning(mesh8, capfd):
+    """``jax.debug.print`` / ``jax.debug.callback`` in a loss: they see the whole value,
+    as under ``jax.jit``, and are not "unsupported" (``debug_print`` warned before)."""
+    seen = []
+
+    def step(w, x):
+        def loss(w):
+            value = (jnp.tanh(x @ w) ** 2).mean()
+            jax.debug.print("loss {v:.6f}", v=value)
+            jax.debug.callback(lambda v: seen.append(float(v)), value)
+            return value
+        return w - 0.1 * jax.grad(loss)(w)
+
+    w, x = jnp.eye(16) * 0.5, jnp.linspace(-1, 1, 8 * 16).reshape(8, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = autoshard.parallelize(step, mesh=mesh8)(w, x)
+        jax.effects_barrier()
+    expected = float((jnp.tanh(x @ w) ** 2).mean())
+    assert f"loss {expected:.6f}" in capfd.readouterr().out
+    assert seen and all(v == pytest.approx(expected, rel=1e-6) for v in seen), seen
+    np.testing.assert_allclose(out, jax.jit(step)(w, x), rtol=1e-5, atol=1e-6)

@@ -567,7 +567,7 @@ FUSING_CONSUMERS = FUSIBLE | frozenset({"reduce_sum", "reduce_max", "reduce_min"
 # ``random_bits`` where its rule declines (keys other than partitionable threefry).
 REPLICATED_QUIETLY = frozenset("""
 random_bits random_seed random_wrap random_unwrap random_fold_in random_split
-rng_bit_generator rng_uniform debug_callback
+rng_bit_generator rng_uniform debug_callback debug_print
 """.split())
 
 # Control flow: a single node with conservative (replicated) strategies and a warning.
