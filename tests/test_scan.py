@@ -37,7 +37,9 @@ def test_scans_forward_and_backward_are_unrolled():
     program = trace(_step, _args()).program
     names = [e.primitive.name for e in program.eqns]
     assert "scan" not in names
-    assert names.count("dot_general") == 3 * LAYERS   # forward, and two per layer backward
+    # forward, and two per layer backward but the first layer's input gradient (the
+    # batch's, which nothing reads: dropped, as XLA drops it)
+    assert names.count("dot_general") == 3 * LAYERS - 1
 
 
 @pytest.mark.parametrize("mesh_shape, axes", [((8,), ("model",)), ((2, 4), ("data", "model"))])

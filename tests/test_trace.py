@@ -75,3 +75,22 @@ def test_equations_say_where_in_user_code_they_came_from():
     assert sources[-1] == sources[len(sources) - 1]
     assert sources[tanh:tanh + 2] == (sources[tanh], sources[tanh + 1])
     assert list(sources) == [sources[e] for e in range(len(sources))]
+
+
+def test_dead_equations_are_dropped_and_side_effects_kept():
+    """``jax.grad`` of a loss leaves the loss's own reduction unread (XLA removes it, so
+    the plan must not price it); a ``jax.debug.callback`` reads nothing later but runs."""
+    def step(w, x):
+        def loss(w):
+            h = jnp.tanh(x @ w)
+            jax.debug.callback(lambda v: None, h.max())
+            return jnp.sum(h ** 2)
+        return w - 0.1 * jax.grad(loss)(w)
+
+    args = (jax.ShapeDtypeStruct((64, 32), jnp.float32), jax.ShapeDtypeStruct((16, 64),
+                                                                            jnp.float32))
+    names = [e.primitive.name for e in trace(step, args).program.eqns]
+    jaxpr_names = [e.primitive.name for e in jax.make_jaxpr(step)(*args).eqns]
+    assert "reduce_sum" in jaxpr_names and "reduce_sum" not in names  # the unread loss
+    assert names.count("debug_callback") == 1 and "reduce_max" in names
+    assert names.count("dot_general") == jaxpr_names.count("dot_general") == 2

@@ -261,6 +261,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
         return len(avals) - 1
 
     scopes: list[str] = []
+    effectful: set[int] = set()  # equations with side effects
 
     def barrier(atom, eqn, scope, callers):
         """``atom`` through an optimization barrier of its own, as jax lowers the operands
@@ -311,6 +312,8 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                     env[var] = atom
                 continue
             out_ids = tuple(new_value(v.aval) for v in eqn.outvars)
+            if eqn.effects:  # a debug print, a callback: runs whether its result is read
+                effectful.add(len(eqns))
             eqns.append(Equation(eqn.primitive, dict(eqn.params), tuple(ins), out_ids))
             sources.append((eqn.source_info, callers))
             scopes.append(here)
@@ -325,6 +328,23 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
     else:
         invars = tuple(new_value(v.aval) for v in closed.jaxpr.invars)
         outvars = inline(closed.jaxpr, closed.consts, invars)
-    program = Program(tuple(avals), invars, tuple(outvars), tuple(eqns), tuple(constants))
+    kept = _live_equations(eqns, outvars, effectful)
+    program = Program(tuple(avals), invars, tuple(outvars), tuple(eqns[e] for e in kept),
+                      tuple(constants))
     return TracedFunction(program, in_tree, out_tree, in_paths, tuple(out_paths),
-                          SourceSummaries(sources), scopes=tuple(scopes))
+                          SourceSummaries([sources[e] for e in kept]),
+                          scopes=tuple(scopes[e] for e in kept))
+
+
+def _live_equations(eqns: Sequence[Equation], outvars, effectful: set[int]) -> list[int]:
+    """Indices of the equations the outputs need, or with side effects, in order: XLA
+    removes the others (the loss of a step that returns only its gradient), so they are
+    neither planned nor priced."""
+    live = {a for a in outvars if not isinstance(a, Literal)}
+    kept = []
+    for e in range(len(eqns) - 1, -1, -1):
+        eqn = eqns[e]
+        if e in effectful or any(v in live for v in eqn.outputs):
+            kept.append(e)
+            live.update(a for a in eqn.inputs if not isinstance(a, Literal))
+    return kept[::-1]
