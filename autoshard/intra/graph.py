@@ -14,6 +14,7 @@ from autoshard.ir.trace import TracedFunction
 from .dot_layouts import dot_operands
 from .fusion import fusion
 from .layout_copies import layout_copy_reads
+from .manual_regions import shard_map_strategies
 from .op_rules import CONTROL_FLOW, REPLICATED_QUIETLY, loop_op
 from .strategies import Strategy, input_strategies, loop_strategies, replicated_strategy
 from .user_constraints import CONSTRAINTS, constraint_text, honouring, required_layout
@@ -89,7 +90,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     ``input_specs(flat_index, shape)`` may restrict the layouts an argument can
     take (presets use it); by default every valid spec is allowed. With ``axis_names``
     (the mesh's), the user's sharding constraints on that mesh are kept
-    (``user_constraints``).
+    (``user_constraints``) and its ``shard_map`` regions priced as written
+    (``manual_regions``).
     """
     program = traced.program
     mesh_shape = model.mesh_shape
@@ -139,6 +141,11 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
             reads = tuple(r + c for r, c in zip(reads, copied[e], strict=True))
         signature = (traced.signatures[e], reads, dots.get(e))
         strategies = memo.get(signature)  # a repeated layer: same rule, same strategies
+        if strategies is None and name == "shard_map" and axis_names is not None:
+            strategies = shard_map_strategies(eqn.params, in_avals, out_avals, model,
+                                              axis_names)
+            if strategies is not None:
+                memo[signature] = strategies
         if strategies is None:
             op = loop_op(eqn, in_avals, out_avals)
             if op is not None:

@@ -133,7 +133,8 @@ def _as_compiled(plan, reduce_scatter_as_all_reduce: bool) -> list[tuple[str, tu
     the others, XLA folds the two all-reduces into one over both sets of axes (measured on
     jax 0.10: a GPT of width 1024 on 2x2x2, planned for h100-80gb, each attention output
     projection's all-reduce over "model" and reduce-scatter over "fsdp" compile for the
-    CPU to one all-reduce over "fsdp" and "model")."""
+    CPU to one all-reduce over "fsdp" and "model"). A ``shard_map`` body's reduce-scatter
+    (``psum_scatter``) is compiled as one on every backend."""
     names = tuple(plan.axis_names)
     sizes = dict(zip(names, plan.mesh_shape))
     out: list[list] = []
@@ -142,7 +143,9 @@ def _as_compiled(plan, reduce_scatter_as_all_reduce: bool) -> list[tuple[str, tu
         if c.nbytes == 0 and c.op.startswith("merged all-reduce"):
             continue  # the shared latency of the merged all-reduce, not a collective
         kind, nbytes = c.kind, int(c.nbytes)
-        if kind == "reduce-scatter" and reduce_scatter_as_all_reduce:
+        # a shard_map body's psum_scatter is the user's own: compiled as written
+        manual = c.op.startswith("shard_map#")
+        if kind == "reduce-scatter" and reduce_scatter_as_all_reduce and not manual:
             kind, nbytes = "all-reduce", nbytes * math.prod(sizes[a] for a in c.axes)
             k = None if c.resharding else own_all_reduce.pop(c.op, None)
             if k is not None and out[k][2] == nbytes and not set(out[k][1]) & set(c.axes):

@@ -1,0 +1,166 @@
+"""``jax.shard_map`` regions inside a step: layouts the user fixed, priced as written.
+
+A ``shard_map`` runs its body per device on the shards its ``in_specs`` name and
+returns results laid out as its ``out_specs`` say, whatever the plan around it; the
+runtime replays it as written. So it is one strategy: those layouts, the body's
+arithmetic and memory traffic on the local shards, and the collectives the body calls
+(``psum`` an all-reduce, ``all_gather``, ``psum_scatter`` a reduce-scatter,
+``all_to_all``, ``ppermute`` a collective-permute) over the mesh axes it names, each
+priced as the cost model prices that collective. Reading its operands in the layouts
+it takes is priced on their uses, as for any op.
+
+Only regions manual over every axis of the plan's mesh (of its names and sizes) are
+read so; others (a region left automatic over some axes, one on another mesh such as a
+pipeline stage's sub-mesh, specs naming a dim's axes out of mesh order) are left to the
+caller, which runs them replicated with a warning. The body's own intermediates are not
+counted in the plan's peak memory.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from autoshard.cost_model import CollectiveStep, MeshCostModel
+from autoshard.ir.specs import Spec, from_partition_spec
+
+from .op_rules import FUSIBLE, loop_op
+from .strategies import Strategy
+
+#: body primitives that neither compute nor move data (type-level marks of jax's checks)
+_NO_OPS = frozenset({"pvary", "pbroadcast", "pcast"})
+
+#: body primitives that communicate: (collective kind, the param naming the axes)
+_COLLECTIVES = {
+    "psum": ("all-reduce", "axes"), "psum_invariant": ("all-reduce", "axes"),
+    "pmax": ("all-reduce", "axes"), "pmin": ("all-reduce", "axes"),
+    "all_gather": ("all-gather", "axis_name"),
+    "all_gather_invariant": ("all-gather", "axis_name"),
+    "reduce_scatter": ("reduce-scatter", "axis_name"),
+    "all_to_all": ("all-to-all", "axis_name"),
+    "ppermute": ("collective-permute", "axis_name"),
+}
+
+
+def shard_map_strategies(params: dict, in_avals: Sequence, out_avals: Sequence,
+                         model: MeshCostModel, axis_names: Sequence[str]
+                         ) -> tuple[Strategy, ...] | None:
+    """The one strategy of a ``shard_map`` equation (``params``, global ``in_avals`` and
+    ``out_avals``) on ``model``'s mesh of ``axis_names``; None when it is not read so
+    (see the module docstring)."""
+    mesh, names = params["mesh"], tuple(axis_names)
+    if tuple(mesh.axis_names) != names or tuple(mesh.axis_sizes) != model.mesh_shape:
+        return None
+    splitting = {n for n, size in zip(names, model.mesh_shape) if size > 1}
+    if not splitting <= set(params.get("newly_manual_axes", names)):
+        return None
+    specs = []
+    for pspecs, avals in ((params["in_specs"], in_avals), (params["out_specs"], out_avals)):
+        found = [_spec(p, a, names, model) for p, a in zip(pspecs, avals, strict=True)]
+        if any(s is None for s in found):
+            return None
+        specs.append(tuple(found))
+    in_specs, out_specs = specs
+    body = params["jaxpr"]
+    flops = _flops(body)
+    region = sum(model.bytes_per_device(tuple(a.shape), a.dtype.itemsize, s)
+                 for a, s in zip([*in_avals, *out_avals], [*in_specs, *out_specs]))
+    nbytes = max(region, _traffic(body))
+    steps = tuple(_collectives(body, names, model))
+    dtype = next((a.dtype.name for a in in_avals if np.issubdtype(a.dtype, np.floating)),
+                 "float32")
+    return (Strategy("shard_map", out_specs, in_specs, model.compute(flops, nbytes, dtype),
+                     sum(s.seconds for s in steps), flops=flops, bytes_accessed=nbytes,
+                     collectives=steps),)
+
+
+def _spec(pspec, aval, names, model: MeshCostModel) -> Spec | None:
+    """``pspec`` as the planner's spec (axes of size 1 left out); None when it names a
+    dim's axes out of mesh order or the axes do not divide the dim."""
+    try:
+        spec = tuple(tuple(a for a in axes if model.mesh_shape[a] > 1)
+                     for axes in from_partition_spec(pspec, len(aval.shape), names))
+    except ValueError:  # an unknown axis or too many entries: jax would not have traced it
+        return None
+    if any(list(axes) != sorted(axes) for axes in spec) or \
+            not model.is_valid_spec(tuple(aval.shape), spec):
+        return None
+    return spec
+
+
+def _inner_jaxprs(eqn):
+    for value in eqn.params.values():
+        inner = getattr(value, "jaxpr", value)  # a ClosedJaxpr's, or a Jaxpr
+        if hasattr(inner, "eqns"):
+            yield inner
+
+
+def _flops(jaxpr) -> float:
+    """Arithmetic per device of a body (local shapes), by each op's rule (its output's
+    size where it has none), calls included."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        inner = list(_inner_jaxprs(eqn))
+        if inner:
+            total += sum(_flops(j) for j in inner)
+            continue
+        if eqn.primitive.name in _NO_OPS or eqn.primitive.name in _COLLECTIVES:
+            continue  # no arithmetic; a collective's sums are in its price
+        in_avals = [getattr(v, "aval", None) for v in eqn.invars]
+        out_avals = [v.aval for v in eqn.outvars]
+        op = loop_op(eqn, in_avals, out_avals)
+        total += float(op.flops) if op is not None and op.flops else \
+            float(sum(math.prod(getattr(a, "shape", ())) for a in out_avals))
+    return total
+
+
+def _traffic(jaxpr) -> float:
+    """Memory bytes per device of a body's ops that XLA does not fuse into a consumer
+    (dots, reductions, collectives...: each reads its operands and writes its results),
+    calls included; a body of fused ops alone reads its inputs and writes its outputs."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        inner = list(_inner_jaxprs(eqn))
+        if inner:
+            total += sum(_traffic(j) for j in inner)
+        elif eqn.primitive.name not in FUSIBLE | _NO_OPS:
+            total += sum(_nbytes(v.aval) for v in [*eqn.invars, *eqn.outvars]
+                         if hasattr(v.aval, "shape"))
+    return total
+
+
+def _nbytes(aval) -> int:
+    return int(math.prod(aval.shape)) * aval.dtype.itemsize
+
+
+def _collectives(jaxpr, names: Sequence[str], model: MeshCostModel):
+    """The body's collectives, priced: (kind, mesh axes, result bytes per device)."""
+    for eqn in jaxpr.eqns:
+        for inner in _inner_jaxprs(eqn):
+            yield from _collectives(inner, names, model)
+        found = _COLLECTIVES.get(eqn.primitive.name)
+        if found is None:
+            continue
+        kind, param = found
+        named = eqn.params[param]
+        named = (named,) if isinstance(named, str) else tuple(named)
+        axes = tuple(sorted(names.index(n) for n in named if n in names
+                            and model.mesh_shape[names.index(n)] > 1))
+        if not axes:
+            continue
+        nbytes = sum(_nbytes(v.aval) for v in eqn.outvars)  # a psum of several: one
+        if kind == "all-reduce":
+            seconds = model.all_reduce(nbytes, axes)
+        elif kind == "all-gather":
+            seconds = model.all_gather(nbytes, axes)
+        elif kind == "reduce-scatter":  # priced on its input, the scattered output named
+            # (as an all-reduce where the cluster says the backend lowers the partitioner's
+            # so: XLA's CPU compiler runs a manual one as a reduce-scatter, a little less)
+            n = math.prod(model.mesh_shape[a] for a in axes)
+            seconds = model.reduce_scatter(nbytes * n, axes)
+        elif kind == "all-to-all":
+            seconds = model.all_to_all(nbytes, axes)
+        else:
+            seconds = model.collective_permute(nbytes, axes)
+        yield CollectiveStep(kind, axes, nbytes, seconds)
