@@ -101,3 +101,13 @@ def test_a_region_on_another_mesh_still_runs_replicated_with_a_warning():
     with pytest.warns(UserWarning, match="primitive 'shard_map'"):
         out = autoshard.parallelize(step, mesh=mesh)(w, x)
     assert_trees_allclose(out, jax.jit(step)(w, x))
+
+
+def test_a_pipeline_refuses_a_region_it_would_cut_onto_sub_meshes_clearly():
+    """Before: jax's "incompatible devices" from inside the first stage's call."""
+    mesh = autoshard.make_mesh(*MESH)
+    step, args = _step(mesh, "psum")
+    with pytest.raises(ValueError, match=r"jax.shard_map \(at .*test_manual_regions.py.*"
+                       r"num_stages=2.*ShardParallel"):
+        method = autoshard.PipeshardParallel(num_microbatches=2, num_stages=2)
+        autoshard.parallelize(step, mesh=mesh, batch_argnums=2, method=method).plan(*args)

@@ -87,12 +87,30 @@ def plan_pipeline_step(fun, args, *, static_argnums, batch_flags, donated_flags,
     return PlannedStep(plan, layout.split.traced, layout)
 
 
+def _check_no_manual_regions(traced, method: PipeshardParallel) -> None:
+    """``ValueError`` naming the step's first ``jax.shard_map`` when the pipeline may cut
+    the mesh into stages: a region is written for the whole mesh (its body traced for its
+    shards), and a stage runs on a sub-mesh."""
+    if method.num_stages == 1:
+        return
+    found = [e for e, eqn in enumerate(traced.program.eqns) if eqn.primitive.name == "shard_map"]
+    if found:
+        raise ValueError(
+            f"the step calls jax.shard_map (at {traced.sources[found[0]]}), whose body is "
+            f"written for the whole mesh, but PipeshardParallel(num_stages="
+            f"{method.num_stages}) runs stages on sub-meshes of it: use "
+            "method=autoshard.ShardParallel() (it plans the region as written), or "
+            "PipeshardParallel(num_stages=1)")
+
+
 def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_names,
                   cluster: Cluster, method: PipeshardParallel, memory_budget=None,
                   static_repr: str = "", device_ids=None) -> tuple[Plan, PipelineLayout]:
     start = time.perf_counter()
     B, schedule = method.num_microbatches, method.schedule
     split = split_step(fun, args, static_argnums, batch_flags, B)
+    for part in (split.forward, split.traced):  # the loss, and the step around it
+        _check_no_manual_regions(part, method)
     layering = assign_layers(split.forward.program, split.diff, split.batch, method.num_layers)
     L = layering.num_layers
     if method.num_stages is not None and method.num_stages > L:
