@@ -401,6 +401,12 @@ class ParallelizedFunction:
             return outs
         call = self._bind(args, kwargs)
         key, flat = self._signature(call)
+        if isinstance(self._method, PipeshardParallel) and \
+                any(isinstance(a, jax.core.Tracer) for a in flat):
+            raise TypeError(
+                "a PipeshardParallel step runs one program per stage and moves values "
+                "between sub-meshes as it goes: call it directly, not inside jax.jit, "
+                "jax.vmap or jax.grad (a ShardParallel step may be)")
         entry = self._compiled(call, need_program=True, key=key)
         if not entry.agreed:  # before anything moves: a mismatch must not hang a collective
             self._agree(entry)

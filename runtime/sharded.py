@@ -39,7 +39,9 @@ class ShardedProgram:
         """
         placed = []
         for arg, sharding in zip(flat_args, self.in_shardings, strict=True):
-            if isinstance(arg, jax.Array) and arg.sharding == sharding:
+            if isinstance(arg, jax.core.Tracer):  # called under the caller's jit or vmap:
+                placed.append(arg)                # the program's in_shardings place it
+            elif isinstance(arg, jax.Array) and arg.sharding == sharding:
                 placed.append(arg)
             elif sharding.is_fully_addressable or (
                     isinstance(arg, jax.Array) and not arg.is_fully_addressable):

@@ -174,3 +174,42 @@ def test_the_solver_stops_early_enough_to_finish_the_plan_in_time(monkeypatch):
     called, wall_limit = seen[0]
     # at least POST_SOLVE_RESERVE x 0.4 s before start + 30 s (start is before the trace)
     assert called + wall_limit <= start + 30.0 - planner.POST_SOLVE_RESERVE * 0.4
+
+
+def test_a_step_called_inside_the_users_jit_vmap_and_grad_matches_jax():
+    """A parallelized function is a jit-like callable: it composes with jax's transforms
+    (its planned in_shardings place the traced arguments). Before: AttributeError
+    ('sharding' is not available on traced arrays) under jit and vmap."""
+    import jax.numpy as jnp
+
+    def loss(w, x):
+        return (jnp.tanh(x @ w) ** 2).mean()
+
+    keys = jax.random.split(jax.random.key(0), 2)
+    w = jax.random.normal(keys[0], (32, 64)) * 0.1
+    xs = jax.random.normal(keys[1], (2, 16, 32))
+    f = autoshard.parallelize(loss, mesh=autoshard.make_mesh((2, 4), ("data", "model")))
+    assert_trees_allclose(jax.jit(lambda w, x: f(w, x) * 2.0)(w, xs[0]),
+                          jax.jit(lambda w, x: loss(w, x) * 2.0)(w, xs[0]))
+    assert_trees_allclose(jax.vmap(f, in_axes=(None, 0))(w, xs),
+                          jax.vmap(loss, in_axes=(None, 0))(w, xs))
+    assert_trees_allclose(jax.grad(f)(w, xs[0]), jax.grad(loss)(w, xs[0]))
+
+
+def test_a_pipeline_called_inside_jit_is_refused_clearly():
+    import jax.numpy as jnp
+
+    def step(ws, x):
+        def loss(ws):
+            h = x
+            for w in ws:
+                h = jnp.tanh(h @ w)
+            return (h ** 2).mean()
+        return jax.grad(loss)(ws)
+
+    ws, x = [jnp.eye(16) * 0.5 for _ in range(4)], jnp.ones((16, 16))
+    f = autoshard.parallelize(step, mesh=autoshard.make_mesh((8,), ("data",)),
+                              method=autoshard.PipeshardParallel(num_microbatches=2,
+                                                                 num_stages=2))
+    with pytest.raises(TypeError, match="call it directly, not inside jax.jit"):
+        jax.jit(f)(ws, x)
