@@ -56,6 +56,12 @@ def optimization_barrier_primitive():
     return jax.make_jaxpr(jax.lax.optimization_barrier)(0.0).eqns[0].primitive
 
 
+@functools.cache
+def select_n_primitive():
+    """The primitive ``jax.lax.select_n`` binds (found by tracing it)."""
+    return jax.make_jaxpr(jax.lax.select_n)(0, 0.0, 1.0).eqns[0].primitive
+
+
 def inlined_callee(eqn):
     """The jaxpr (open or closed) that ``eqn`` calls when it is a call-like primitive the
     tracer inlines, else ``None``."""

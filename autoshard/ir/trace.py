@@ -7,9 +7,11 @@ Calls that only structure the program (``jit``/``pjit``, ``closed_call``,
 and ``lax.scan`` loops (layers scanned over stacked weights, and their transposes
 in the backward pass) are unrolled into one copy of the body per step, up to
 ``MAX_UNROLLED_EQUATIONS``, so every step's ops are sharded like any others and a
-pipeline can cut between them. Every remaining equation is a primitive the
-strategy rules understand (or a control-flow primitive they treat conservatively:
-``while``, ``cond``, and scans too long to unroll).
+pipeline can cut between them. A ``lax.cond`` whose branches are elementwise work is
+computed as every branch and a ``select_n`` (``selects_branches``). Every remaining
+equation is a primitive the strategy rules understand (or a control-flow primitive they
+treat conservatively: ``while``, other ``cond`` equations, and scans too long to
+unroll).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .jax_compat import (
     name_stack,
     optimization_barrier_primitive,
     recomputes_in_backward,
+    select_n_primitive,
     source_summary,
 )
 from .program import Equation, Literal, Program
@@ -249,6 +252,41 @@ def flatten_open_jaxpr(jaxpr, in_paths, out_paths) -> TracedFunction:
                             out_tree, in_paths, out_paths, consts_as_inputs=True)
 
 
+#: primitives whose presence in a ``cond``'s branches keeps it a ``cond``: computing every
+#: branch would repeat a contraction's arithmetic
+_CONTRACTIONS = frozenset({"dot_general", "conv_general_dilated"})
+
+
+def selects_branches(eqn) -> bool:
+    """Whether tracing computes the ``lax.cond`` (or ``lax.switch``) ``eqn`` as all its
+    branches and a ``select_n`` of their results: when no branch has side effects, makes
+    keys, or contracts (a dot, a convolution), so that computing every branch is
+    elementwise work, which XLA fuses. Its ops are then sharded like any others, where a
+    ``cond`` runs replicated: optax's ``MultiSteps`` (gradient accumulation) applies its
+    inner optimizer in a ``cond``, whose replicated update gathered every parameter each
+    step (a 2-layer MLP on 2x4: 8.2 ms per step modelled and 74 MiB per device, against
+    1.7 ms and 6 MiB with plain adam). Values are the selected branch's, as under
+    ``jax.jit``: a branch not taken may compute infinities or NaNs the select drops."""
+    if eqn.primitive.name != "cond" or eqn.effects:
+        return False
+    if any(jax.dtypes.issubdtype(v.aval.dtype, jax.dtypes.extended) for v in eqn.outvars):
+        return False
+    return not any(_contracts(b.jaxpr) for b in eqn.params["branches"])
+
+
+def _contracts(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.effects or eqn.primitive.name in _CONTRACTIONS:
+            return True
+        for value in eqn.params.values():
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            for inner in values:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns") and _contracts(inner):
+                    return True
+    return False
+
+
 def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                      consts_as_inputs: bool = False) -> TracedFunction:
     avals: list = []
@@ -298,6 +336,21 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                               callers=callers + (eqn.source_info,))
                 for var, atom in zip(eqn.outvars, outs, strict=True):
                     env[var] = atom
+                continue
+            if selects_branches(eqn):
+                within = callers + (eqn.source_info,)
+                taken = [inline(b.jaxpr, b.consts, ins[1:], scope=here, callers=within)
+                         for b in eqn.params["branches"]]
+                for k, var in enumerate(eqn.outvars):
+                    cases = [outs[k] for outs in taken]
+                    if all(c == cases[0] for c in cases):
+                        env[var] = cases[0]
+                        continue
+                    out = new_value(var.aval)
+                    eqns.append(Equation(select_n_primitive(), {}, (ins[0], *cases), (out,)))
+                    sources.append((eqn.source_info, callers))
+                    scopes.append(here)
+                    env[var] = out
                 continue
             callee = inlined_callee(eqn)
             if callee is not None and recomputes_in_backward(eqn):
