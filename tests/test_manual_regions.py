@@ -111,3 +111,21 @@ def test_a_pipeline_refuses_a_region_it_would_cut_onto_sub_meshes_clearly():
                        r"num_stages=2.*ShardParallel"):
         method = autoshard.PipeshardParallel(num_microbatches=2, num_stages=2)
         autoshard.parallelize(step, mesh=mesh, batch_argnums=2, method=method).plan(*args)
+
+
+def test_a_region_reading_a_python_scalar_is_planned():
+    """jax passes a Python scalar operand as a literal (no layout to choose)."""
+    mesh = autoshard.make_mesh(*MESH)
+    layer = jax.shard_map(lambda xb, s: xb * s, mesh=mesh, in_specs=(P("data", "model"), P()),
+                          out_specs=P("data", "model"))
+
+    def step(w, x):
+        return w - 0.1 * jax.grad(lambda w: (layer(x @ w, 2.0) ** 2).mean())(w)
+
+    w, x = jnp.ones((32, 64)) * 0.01, jnp.ones((16, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = autoshard.parallelize(step, mesh=mesh)
+        out = f(w, x)
+    assert f.audit(w, x).ok
+    assert_trees_allclose(out, jax.jit(step)(w, x))

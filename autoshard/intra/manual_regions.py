@@ -58,26 +58,30 @@ def shard_map_strategies(params: dict, in_avals: Sequence, out_avals: Sequence,
     specs = []
     for pspecs, avals in ((params["in_specs"], in_avals), (params["out_specs"], out_avals)):
         found = [_spec(p, a, names, model) for p, a in zip(pspecs, avals, strict=True)]
-        if any(s is None for s in found):
+        if any(s is None and a is not None for s, a in zip(found, avals)):
             return None
-        specs.append(tuple(found))
+        specs.append(tuple(found))  # (None for a literal operand, as Strategy has it)
     in_specs, out_specs = specs
     body = params["jaxpr"]
     flops = _flops(body)
     region = sum(model.bytes_per_device(tuple(a.shape), a.dtype.itemsize, s)
-                 for a, s in zip([*in_avals, *out_avals], [*in_specs, *out_specs]))
+                 for a, s in zip([*in_avals, *out_avals], [*in_specs, *out_specs])
+                 if a is not None)
     nbytes = max(region, _traffic(body))
     steps = tuple(_collectives(body, names, model))
-    dtype = next((a.dtype.name for a in in_avals if np.issubdtype(a.dtype, np.floating)),
-                 "float32")
+    dtype = next((a.dtype.name for a in in_avals
+                  if a is not None and np.issubdtype(a.dtype, np.floating)), "float32")
     return (Strategy("shard_map", out_specs, in_specs, model.compute(flops, nbytes, dtype),
                      sum(s.seconds for s in steps), flops=flops, bytes_accessed=nbytes,
                      collectives=steps),)
 
 
 def _spec(pspec, aval, names, model: MeshCostModel) -> Spec | None:
-    """``pspec`` as the planner's spec (axes of size 1 left out); None when it names a
-    dim's axes out of mesh order or the axes do not divide the dim."""
+    """``pspec`` as the planner's spec (axes of size 1 left out); None for a literal
+    operand (``aval`` None), or when it names a dim's axes out of mesh order or the axes
+    do not divide the dim."""
+    if aval is None:
+        return None
     try:
         spec = tuple(tuple(a for a in axes if model.mesh_shape[a] > 1)
                      for axes in from_partition_spec(pspec, len(aval.shape), names))
