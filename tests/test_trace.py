@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 import autoshard
 from autoshard.ir.trace import trace
+from tests.user_steps import users_mlp_step
 
 
 def _step(params, x):
@@ -104,21 +105,9 @@ def test_optax_multisteps_is_sharded_and_matches_jit_over_steps():
     import optax
     from jax.sharding import PartitionSpec as P
 
-    optimizer = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2)
-
-    def step(params, opt_state, x, y):
-        def loss(p):
-            logits = jnp.tanh(x @ p["w1"]) @ p["w2"]
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    keys = jax.random.split(jax.random.key(0), 3)
-    params = {"w1": jax.random.normal(keys[0], (64, 256)) * 0.1,
-              "w2": jax.random.normal(keys[1], (256, 16)) * 0.1}
-    x, y = jax.random.normal(keys[2], (32, 64)), jnp.arange(32) % 16
-    args = (params, optimizer.init(params), x, y)
+    step, args = users_mlp_step(optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2),
+                                jnp.tanh)
+    x, y = args[2:]
     assert "cond" not in [e.primitive.name for e in trace(step, args).program.eqns]
 
     f = autoshard.parallelize(step, mesh=autoshard.make_mesh((2, 4), ("data", "model")),

@@ -15,6 +15,7 @@ import autoshard
 from autoshard.intra.user_constraints import required_layout
 from autoshard.ir.trace import trace
 from tests.trees import ADAM_ATOL, assert_trees_allclose
+from tests.user_steps import users_mlp_step
 
 MESH = ((2, 4), ("data", "model"))
 
@@ -22,24 +23,9 @@ MESH = ((2, 4), ("data", "model"))
 def _step_with_constraint(mesh, spec, *, bare=False):
     """An MLP step (integer labels, optax adam) whose hidden activations the user
     constrains to ``spec`` (a bare PartitionSpec under ``jax.set_mesh`` when ``bare``)."""
-    optimizer = optax.adam(1e-2)
-
-    def step(params, opt_state, x, labels):
-        def loss(ps):
-            h = jax.nn.relu(x @ ps["w1"])
-            h = jax.lax.with_sharding_constraint(h, spec if bare else NamedSharding(mesh, spec))
-            logits = h @ ps["w2"]
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    keys = jax.random.split(jax.random.key(0), 3)
-    params = {"w1": jax.random.normal(keys[0], (64, 256)) * 0.1,
-              "w2": jax.random.normal(keys[1], (256, 16)) * 0.1}
-    x = jax.random.normal(keys[2], (32, 64))
-    labels = jnp.arange(32) % 16
-    return step, (params, optimizer.init(params), x, labels)
+    sharding = spec if bare else NamedSharding(mesh, spec)
+    return users_mlp_step(optax.adam(1e-2), lambda h: jax.lax.with_sharding_constraint(
+        jax.nn.relu(h), sharding))
 
 
 def _constrained_values(step, args) -> set[int]:

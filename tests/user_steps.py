@@ -27,3 +27,23 @@ def users_gpt_step(workload: models.Workload, heads: int):
         return optax.apply_updates(params, updates), opt_state, value
 
     return step, (params, optimizer.init(params), batch["tokens"])
+
+
+def users_mlp_step(optimizer, hidden=jax.nn.relu):
+    """``(step, args)``: a 2-layer MLP classifier (64 -> 256 -> 16 features, 32 examples)
+    whose loss closes over the batch and its integer labels, ``hidden`` applied to the
+    first layer's output, updated by ``optimizer`` (an optax transformation) with plain
+    ``jax.value_and_grad``; ``args`` = (params, optimizer state, x, labels)."""
+    def step(params, opt_state, x, labels):
+        def loss(ps):
+            logits = hidden(x @ ps["w1"]) @ ps["w2"]
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {"w1": jax.random.normal(keys[0], (64, 256)) * 0.1,
+              "w2": jax.random.normal(keys[1], (256, 16)) * 0.1}
+    x, labels = jax.random.normal(keys[2], (32, 64)), jnp.arange(32) % 16
+    return step, (params, optimizer.init(params), x, labels)

@@ -25,7 +25,8 @@ import numpy as np
 from autoshard.cost_model import CollectiveStep, MeshCostModel
 from autoshard.ir.specs import Spec, from_partition_spec
 
-from .op_rules import FUSIBLE, loop_op
+from .flops import op_flops
+from .op_rules import FUSIBLE
 from .strategies import Strategy
 
 #: body primitives that neither compute nor move data (type-level marks of jax's checks)
@@ -111,11 +112,8 @@ def _flops(jaxpr) -> float:
             continue
         if eqn.primitive.name in _NO_OPS or eqn.primitive.name in _COLLECTIVES:
             continue  # no arithmetic; a collective's sums are in its price
-        in_avals = [getattr(v, "aval", None) for v in eqn.invars]
-        out_avals = [v.aval for v in eqn.outvars]
-        op = loop_op(eqn, in_avals, out_avals)
-        total += float(op.flops) if op is not None and op.flops else \
-            float(sum(math.prod(getattr(a, "shape", ())) for a in out_avals))
+        total += op_flops(eqn, [getattr(v, "aval", None) for v in eqn.invars],
+                          [v.aval for v in eqn.outvars])
     return total
 
 

@@ -585,15 +585,3 @@ def loop_op(eqn, in_avals: Sequence, out_avals: Sequence) -> LoopOp | None:
         return None
     return op
 
-
-def eqn_flops(program, eqn) -> float:
-    """Flops of ``eqn`` of ``program`` by its rule (its output size where it has none)."""
-    in_avals = [program.avals[a] if isinstance(a, int) else None for a in eqn.inputs]
-    out_avals = [program.avals[v] for v in eqn.outputs]
-    try:
-        op = loop_op(eqn, in_avals, out_avals)
-    except Exception:  # noqa: BLE001 - a rule that cannot read this eqn: size is enough here
-        op = None
-    if op is not None and op.flops:
-        return float(op.flops)
-    return float(sum(math.prod(a.shape) for a in out_avals))

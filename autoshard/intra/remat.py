@@ -22,7 +22,7 @@ from autoshard.errors import InfeasiblePlanError
 from autoshard.ir.program import Program, readers
 from autoshard.ir.remat import Rematerialization
 
-from .op_rules import eqn_flops
+from .flops import eqn_flops
 
 _log = logging.getLogger("autoshard")
 #: at most this many forward segments to choose from (each more costs a plan in the search)

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from autoshard.intra.op_rules import eqn_flops
+from autoshard.intra.flops import eqn_flops
 from autoshard.ir.program import Program, readers
 
 from .markers import BOUNDARY_PRIMITIVE

@@ -16,7 +16,7 @@ import math
 import jax
 import numpy as np
 
-from autoshard.intra.op_rules import eqn_flops
+from autoshard.intra.flops import eqn_flops
 from autoshard.ir.program import Program
 from autoshard.ir.trace import TracedFunction, struct_of_aval, trace
 from autoshard.runtime import evaluate_program
