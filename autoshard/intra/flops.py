@@ -1,10 +1,30 @@
-"""Arithmetic of one equation by its sharding rule: what stage balancing, recomputation
-and the pricing of ``shard_map`` bodies count."""
+"""Arithmetic and memory traffic of equations and of the bodies they call: what stage
+balancing, recomputation, ``shard_map`` regions and control flow run replicated count.
+
+A body is counted as it runs once: a ``cond`` as its dearest branch, a ``scan`` as its
+body times its length, a ``while`` as its condition and body once (its trip count is
+not known before it runs; XLA's ``cost_analysis`` counts every loop so, a ``scan``
+included)."""
 from __future__ import annotations
 
 import math
 
-from .op_rules import loop_op
+from .op_rules import FUSIBLE, loop_op
+
+#: body primitives that neither compute nor move data (type-level marks of jax's checks)
+NO_OPS = frozenset({"pvary", "pbroadcast", "pcast"})
+
+#: body primitives that communicate: (collective kind, the param naming the axes); their
+#: sums are in their price, not in the body's arithmetic
+COLLECTIVES = {
+    "psum": ("all-reduce", "axes"), "psum_invariant": ("all-reduce", "axes"),
+    "pmax": ("all-reduce", "axes"), "pmin": ("all-reduce", "axes"),
+    "all_gather": ("all-gather", "axis_name"),
+    "all_gather_invariant": ("all-gather", "axis_name"),
+    "reduce_scatter": ("reduce-scatter", "axis_name"),
+    "all_to_all": ("all-to-all", "axis_name"),
+    "ppermute": ("collective-permute", "axis_name"),
+}
 
 
 def eqn_flops(program, eqn) -> float:
@@ -15,12 +35,76 @@ def eqn_flops(program, eqn) -> float:
 
 def op_flops(eqn, in_avals, out_avals) -> float:
     """Flops of ``eqn`` (of our programs or of jax's) read with ``in_avals`` and
-    ``out_avals`` (None for a literal operand), by its rule; its outputs' size where it
-    has none."""
+    ``out_avals`` (None for a literal operand), by its rule; where it has none, a call's
+    or control flow's by its bodies (see the module docstring), else its outputs' size."""
     try:
         op = loop_op(eqn, in_avals, out_avals)
     except Exception:  # noqa: BLE001 - a rule that cannot read this eqn: size is enough here
         op = None
     if op is not None and op.flops:
         return float(op.flops)
+    inner = inner_jaxprs(eqn)
+    if inner:
+        return _combined(eqn, [body_flops(j) for j in inner])
     return float(sum(math.prod(getattr(a, "shape", ())) for a in out_avals))
+
+
+def inner_jaxprs(eqn) -> list:
+    """The jaxprs ``eqn`` calls (a ClosedJaxpr's, or a Jaxpr), in its params' order."""
+    found = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, tuple) else (value,):  # cond's branches
+            inner = getattr(item, "jaxpr", item)
+            if hasattr(inner, "eqns"):
+                found.append(inner)
+    return found
+
+
+def _combined(eqn, per_body: list[float]) -> float:
+    """One run of ``eqn`` from its bodies' figures (see the module docstring)."""
+    name = eqn.primitive.name
+    if name == "cond":
+        return max(per_body)
+    if name == "scan":
+        return eqn.params["length"] * sum(per_body)
+    return sum(per_body)  # a call's body, a while's condition and body
+
+
+def body_flops(jaxpr) -> float:
+    """Arithmetic of one run of ``jaxpr`` (shapes as it has them), by each op's rule."""
+    return sum(op_flops(eqn, [getattr(v, "aval", None) for v in eqn.invars],
+                        [v.aval for v in eqn.outvars])
+               for eqn in jaxpr.eqns
+               if eqn.primitive.name not in NO_OPS and eqn.primitive.name not in COLLECTIVES)
+
+
+def bodies_traffic(eqn) -> float:
+    """:func:`body_traffic` of one run of the bodies ``eqn`` calls (0 for none); a loop's
+    body writes its results (the carry, a scan's ys) each iteration, while a branch's or a
+    call's results are the equation's own, written as it writes them."""
+    inner = inner_jaxprs(eqn)
+    loop = eqn.primitive.name in ("while", "scan")
+    return _combined(eqn, [body_traffic(j, loop) for j in inner]) if inner else 0.0
+
+
+def body_traffic(jaxpr, writes_results: bool = False) -> float:
+    """Memory bytes of one run of ``jaxpr``: its ops that XLA does not fuse into a consumer
+    (dots, reductions, collectives...) read their operands and write their results; with
+    ``writes_results``, the fused ops making the body's results write them too (a loop's
+    carry has no consumer to fuse into)."""
+    results = {id(v) for v in jaxpr.outvars} if writes_results else set()
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if inner_jaxprs(eqn):
+            total += bodies_traffic(eqn)
+        elif eqn.primitive.name in FUSIBLE:  # fused into its consumer, or a result
+            total += sum(value_bytes(v.aval) for v in eqn.outvars if id(v) in results)
+        elif eqn.primitive.name not in NO_OPS:
+            total += sum(value_bytes(v.aval) for v in [*eqn.invars, *eqn.outvars]
+                         if hasattr(v.aval, "shape"))
+    return total
+
+
+def value_bytes(aval) -> int:
+    """Bytes of a whole value of ``aval``."""
+    return int(math.prod(aval.shape)) * aval.dtype.itemsize

@@ -12,6 +12,7 @@ from autoshard.ir.specs import Spec, enumerate_specs, replicated
 from autoshard.ir.trace import TracedFunction
 
 from .dot_layouts import dot_operands
+from .flops import bodies_traffic, op_flops
 from .fusion import fusion
 from .layout_copies import layout_copy_reads
 from .manual_regions import shard_map_strategies
@@ -166,7 +167,11 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
                     control_flow.append((name, traced.sources[e]))
                 elif name not in REPLICATED_QUIETLY:
                     unsupported.append((name, traced.sources[e]))
-        if not strategies:
+        if not strategies and name in CONTROL_FLOW:  # priced as its body runs, once
+            strategies = (replicated_strategy(
+                in_avals, out_avals, model, op_flops(eqn, in_avals, out_avals), reads=reads,
+                body_bytes=bodies_traffic(eqn)),)
+        elif not strategies:
             strategies = (replicated_strategy(in_avals, out_avals, model,
                                               reads=reads),)
         node_index = len(nodes)

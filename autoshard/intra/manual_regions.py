@@ -25,23 +25,8 @@ import numpy as np
 from autoshard.cost_model import CollectiveStep, MeshCostModel
 from autoshard.ir.specs import Spec, from_partition_spec
 
-from .flops import op_flops
-from .op_rules import FUSIBLE
+from .flops import COLLECTIVES, body_flops, body_traffic, inner_jaxprs, value_bytes
 from .strategies import Strategy
-
-#: body primitives that neither compute nor move data (type-level marks of jax's checks)
-_NO_OPS = frozenset({"pvary", "pbroadcast", "pcast"})
-
-#: body primitives that communicate: (collective kind, the param naming the axes)
-_COLLECTIVES = {
-    "psum": ("all-reduce", "axes"), "psum_invariant": ("all-reduce", "axes"),
-    "pmax": ("all-reduce", "axes"), "pmin": ("all-reduce", "axes"),
-    "all_gather": ("all-gather", "axis_name"),
-    "all_gather_invariant": ("all-gather", "axis_name"),
-    "reduce_scatter": ("reduce-scatter", "axis_name"),
-    "all_to_all": ("all-to-all", "axis_name"),
-    "ppermute": ("collective-permute", "axis_name"),
-}
 
 
 def shard_map_strategies(params: dict, in_avals: Sequence, out_avals: Sequence,
@@ -64,11 +49,11 @@ def shard_map_strategies(params: dict, in_avals: Sequence, out_avals: Sequence,
         specs.append(tuple(found))  # (None for a literal operand, as Strategy has it)
     in_specs, out_specs = specs
     body = params["jaxpr"]
-    flops = _flops(body)
+    flops = body_flops(body)
     region = sum(model.bytes_per_device(tuple(a.shape), a.dtype.itemsize, s)
                  for a, s in zip([*in_avals, *out_avals], [*in_specs, *out_specs])
                  if a is not None)
-    nbytes = max(region, _traffic(body))
+    nbytes = max(region, body_traffic(body))
     steps = tuple(_collectives(body, names, model))
     dtype = next((a.dtype.name for a in in_avals
                   if a is not None and np.issubdtype(a.dtype, np.floating)), "float32")
@@ -94,54 +79,12 @@ def _spec(pspec, aval, names, model: MeshCostModel) -> Spec | None:
     return spec
 
 
-def _inner_jaxprs(eqn):
-    for value in eqn.params.values():
-        inner = getattr(value, "jaxpr", value)  # a ClosedJaxpr's, or a Jaxpr
-        if hasattr(inner, "eqns"):
-            yield inner
-
-
-def _flops(jaxpr) -> float:
-    """Arithmetic per device of a body (local shapes), by each op's rule (its output's
-    size where it has none), calls included."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        inner = list(_inner_jaxprs(eqn))
-        if inner:
-            total += sum(_flops(j) for j in inner)
-            continue
-        if eqn.primitive.name in _NO_OPS or eqn.primitive.name in _COLLECTIVES:
-            continue  # no arithmetic; a collective's sums are in its price
-        total += op_flops(eqn, [getattr(v, "aval", None) for v in eqn.invars],
-                          [v.aval for v in eqn.outvars])
-    return total
-
-
-def _traffic(jaxpr) -> float:
-    """Memory bytes per device of a body's ops that XLA does not fuse into a consumer
-    (dots, reductions, collectives...: each reads its operands and writes its results),
-    calls included; a body of fused ops alone reads its inputs and writes its outputs."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        inner = list(_inner_jaxprs(eqn))
-        if inner:
-            total += sum(_traffic(j) for j in inner)
-        elif eqn.primitive.name not in FUSIBLE | _NO_OPS:
-            total += sum(_nbytes(v.aval) for v in [*eqn.invars, *eqn.outvars]
-                         if hasattr(v.aval, "shape"))
-    return total
-
-
-def _nbytes(aval) -> int:
-    return int(math.prod(aval.shape)) * aval.dtype.itemsize
-
-
 def _collectives(jaxpr, names: Sequence[str], model: MeshCostModel):
     """The body's collectives, priced: (kind, mesh axes, result bytes per device)."""
     for eqn in jaxpr.eqns:
-        for inner in _inner_jaxprs(eqn):
+        for inner in inner_jaxprs(eqn):
             yield from _collectives(inner, names, model)
-        found = _COLLECTIVES.get(eqn.primitive.name)
+        found = COLLECTIVES.get(eqn.primitive.name)
         if found is None:
             continue
         kind, param = found
@@ -151,7 +94,7 @@ def _collectives(jaxpr, names: Sequence[str], model: MeshCostModel):
                             and model.mesh_shape[names.index(n)] > 1))
         if not axes:
             continue
-        nbytes = sum(_nbytes(v.aval) for v in eqn.outvars)  # a psum of several: one
+        nbytes = sum(value_bytes(v.aval) for v in eqn.outvars)  # a psum of several: one
         if kind == "all-reduce":
             seconds = model.all_reduce(nbytes, axes)
         elif kind == "all-gather":
