@@ -9,11 +9,13 @@ arithmetic and memory traffic on the local shards, and the collectives the body 
 priced as the cost model prices that collective. Reading its operands in the layouts
 it takes is priced on their uses, as for any op.
 
-Only regions manual over every axis of the plan's mesh (of its names and sizes) are
-read so; others (a region left automatic over some axes, one on another mesh such as a
-pipeline stage's sub-mesh, specs naming a dim's axes out of mesh order) are left to the
-caller, which runs them replicated with a warning. The body's own intermediates are not
-counted in the plan's peak memory.
+A region left automatic over some axes (``axis_names`` naming the manual ones) is read
+whole over the others: its operands and results unsplit over them, the body priced
+replicated over them, which is what XLA compiles when its operands come so. Regions on
+another mesh than the plan's (of its names and sizes; a pipeline stage's sub-mesh) and
+specs naming a dim's axes out of mesh order are left to the caller, which runs them
+replicated with a warning. The body's own intermediates are not counted in the plan's
+peak memory.
 """
 from __future__ import annotations
 
@@ -37,9 +39,6 @@ def shard_map_strategies(params: dict, in_avals: Sequence, out_avals: Sequence,
     (see the module docstring)."""
     mesh, names = params["mesh"], tuple(axis_names)
     if tuple(mesh.axis_names) != names or tuple(mesh.axis_sizes) != model.mesh_shape:
-        return None
-    splitting = {n for n, size in zip(names, model.mesh_shape) if size > 1}
-    if not splitting <= set(params.get("newly_manual_axes", names)):
         return None
     specs = []
     for pspecs, avals in ((params["in_specs"], in_avals), (params["out_specs"], out_avals)):
