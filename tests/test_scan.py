@@ -71,14 +71,30 @@ def test_reverse_scan_with_xs_and_ys_matches_jit():
     assert_trees_allclose(step(xs, c), jax.jit(fn)(xs, c))
 
 
-def test_scan_too_long_to_unroll_runs_replicated_with_a_warning(monkeypatch):
+def test_scan_too_long_to_unroll_is_planned_as_one_op(monkeypatch):
+    """Split where its whole body follows one layout (tests/test_control_flow.py)."""
     monkeypatch.setattr(_trace, "MAX_UNROLLED_EQUATIONS", 10)
     args = _args()
     assert "scan" in [e.primitive.name for e in trace(_step, args).program.eqns]
     step = autoshard.parallelize(_step, mesh=autoshard.make_mesh((8,), ("model",)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = step(*args)
+    assert step.audit(*args).ok
+    assert_trees_allclose(out, jax.jit(_step)(*args))
+
+
+def test_scan_too_long_to_unroll_that_splits_nowhere_warns_with_the_limit(monkeypatch):
+    monkeypatch.setattr(_trace, "MAX_UNROLLED_EQUATIONS", 10)
+
+    def fn(w, x):  # no dim the 8 devices divide
+        return jax.lax.scan(lambda h, _: (jnp.tanh(h @ w), None), x, None, length=8)[0]
+
+    args = (jnp.eye(7) * 0.5, jnp.ones((5, 7)))
+    step = autoshard.parallelize(fn, mesh=autoshard.make_mesh((8,), ("model",)))
     with pytest.warns(UserWarning, match="control flow primitive 'scan'.*MAX_UNROLLED"):
         out = step(*args)
-    assert_trees_allclose(out, jax.jit(_step)(*args))
+    assert_trees_allclose(out, jax.jit(fn)(*args))
 
 
 @pytest.mark.filterwarnings("error::UserWarning")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .op_rules import FUSIBLE, loop_op
+from .op_rules import FUSIBLE, RULES, loop_op
 
 #: body primitives that neither compute nor move data (type-level marks of jax's checks)
 NO_OPS = frozenset({"pvary", "pbroadcast", "pcast"})
@@ -35,13 +35,14 @@ def eqn_flops(program, eqn) -> float:
 
 def op_flops(eqn, in_avals, out_avals) -> float:
     """Flops of ``eqn`` (of our programs or of jax's) read with ``in_avals`` and
-    ``out_avals`` (None for a literal operand), by its rule; where it has none, a call's
-    or control flow's by its bodies (see the module docstring), else its outputs' size."""
+    ``out_avals`` (None for a literal operand), by its rule, as its strategies price it;
+    where it has none, a call's or control flow's by its bodies (see the module
+    docstring), else its outputs' size."""
     try:
         op = loop_op(eqn, in_avals, out_avals)
     except Exception:  # noqa: BLE001 - a rule that cannot read this eqn: size is enough here
         op = None
-    if op is not None and op.flops:
+    if op is not None:  # (data movement: none, as XLA's cost analysis counts it)
         return float(op.flops)
     inner = inner_jaxprs(eqn)
     if inner:
@@ -50,7 +51,11 @@ def op_flops(eqn, in_avals, out_avals) -> float:
 
 
 def inner_jaxprs(eqn) -> list:
-    """The jaxprs ``eqn`` calls (a ClosedJaxpr's, or a Jaxpr), in its params' order."""
+    """The bodies ``eqn`` runs (a ClosedJaxpr's jaxpr, or a Jaxpr), in its params' order:
+    a call's, control flow's, a ``shard_map``'s; none for an op with a sharding rule (a
+    scatter's combining ``update_jaxpr`` is part of the op)."""
+    if eqn.primitive.name in RULES:
+        return []
     found = []
     for value in eqn.params.values():
         for item in value if isinstance(value, tuple) else (value,):  # cond's branches

@@ -11,8 +11,8 @@ from autoshard.ir.program import Literal
 from autoshard.ir.specs import Spec, enumerate_specs, replicated
 from autoshard.ir.trace import TracedFunction
 
+from .control_flow import control_flow_strategies
 from .dot_layouts import dot_operands
-from .flops import bodies_traffic, op_flops
 from .fusion import fusion
 from .layout_copies import layout_copy_reads
 from .manual_regions import shard_map_strategies
@@ -62,7 +62,7 @@ class ShardingGraph:
     uses: tuple[Use, ...]
     producer: dict  # value id → (node index, output index)
     unsupported: tuple[tuple[str, str], ...]   # (primitive, source) run replicated with a warning
-    control_flow: tuple[tuple[str, str], ...]  # (primitive, source) run replicated
+    control_flow: tuple[tuple[str, str], ...]  # (primitive, source) whose body splits nowhere
     #: (the constraint's sharding, source) of user sharding constraints no strategy meets
     unmet_constraints: tuple[tuple[str, str], ...] = ()
 
@@ -163,14 +163,12 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
                 memo[signature] = strategies
             else:
                 strategies = ()
-                if name in CONTROL_FLOW:
-                    control_flow.append((name, traced.sources[e]))
-                elif name not in REPLICATED_QUIETLY:
+                if name not in CONTROL_FLOW and name not in REPLICATED_QUIETLY:
                     unsupported.append((name, traced.sources[e]))
-        if not strategies and name in CONTROL_FLOW:  # priced as its body runs, once
-            strategies = (replicated_strategy(
-                in_avals, out_avals, model, op_flops(eqn, in_avals, out_avals), reads=reads,
-                body_bytes=bodies_traffic(eqn)),)
+        if not strategies and name in CONTROL_FLOW:
+            strategies = control_flow_strategies(eqn, in_avals, out_avals, model, reads)
+            if len(strategies) == 1:  # its body splits nowhere
+                control_flow.append((name, traced.sources[e]))
         elif not strategies:
             strategies = (replicated_strategy(in_avals, out_avals, model,
                                               reads=reads),)

@@ -95,15 +95,14 @@ def _traffic(model, avals, specs, reads) -> int:
 
 
 def replicated_strategy(in_avals, out_avals, model: MeshCostModel, flops: float = 0.0,
-                        reads: Sequence[float] = (), body_bytes: float = 0.0) -> Strategy:
+                        reads: Sequence[float] = ()) -> Strategy:
     """Everything whole on every device. ``reads``: per operand then per output, how many
-    times it is memory traffic (see ``loop_strategies``); ``body_bytes``: the traffic of
-    the body of control flow, on top of its operands and results."""
+    times it is memory traffic (see ``loop_strategies``)."""
     in_specs = tuple(None if a is None else replicated(len(a.shape)) for a in in_avals)
     out_specs = tuple(replicated(len(a.shape)) for a in out_avals)
     n = len(in_avals)
     nbytes = _traffic(model, in_avals, in_specs, tuple(reads[:n]))
-    nbytes += _traffic(model, out_avals, out_specs, tuple(reads[n:])) + body_bytes
+    nbytes += _traffic(model, out_avals, out_specs, tuple(reads[n:]))
     compute = model.compute(flops, nbytes, _dtype_name(list(in_avals) + list(out_avals)))
     return Strategy("replicated", out_specs, in_specs, compute, 0.0, flops=flops,
                     bytes_accessed=nbytes)

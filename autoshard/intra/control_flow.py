@@ -1,0 +1,289 @@
+"""Control flow the tracer leaves (a ``while``, a ``cond`` with a contraction in a branch,
+a ``scan`` too long to unroll): strategies that split it where its body splits cleanly.
+
+The runtime pins the equation's operands and results and XLA's sharding propagation
+carries their layouts into the body. A strategy here is such a layout that the body
+follows on its own: one dim of one operand split over some mesh axes is carried through
+every body equation by the equation's loop description (``op_rules``), the operands it
+reads along the same loop sliced locally, its results split where that loop goes. A
+split that reaches a reduction loop leaves partial sums, which the strategy all-reduces
+there (XLA's partitioner does the same); the value is whole from then on. A gather or
+scatter follows a split of its indices' batch or of its operand's rows. A loop's carry
+must come out of the body split as it went in: a carry the body makes split is split on
+the way in too, and a layout the body does not give back is no strategy. A body whose
+split reaches an op without a rule or control flow nested inside is not split (the
+equation still has its replicated strategy).
+
+Priced as :mod:`.flops` counts a body: a ``scan``'s body times its length, a ``while``'s
+condition and body once, a ``cond``'s dearest branch; arithmetic and traffic of the
+split equations divided by the axes' devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax.extend.core as jcore
+
+from autoshard.cost_model import CollectiveStep, MeshCostModel
+from autoshard.ir.jax_compat import inlined_callee
+from autoshard.ir.specs import Spec
+
+from .flops import COLLECTIVES, bodies_traffic, inner_jaxprs, op_flops, value_bytes
+from .op_rules import FUSIBLE, loop_op
+from .strategies import Strategy, _dtype_name, replicated_strategy
+
+
+@dataclasses.dataclass
+class _Tally:
+    """Per-device work of one run of a body under one split: ``steps`` the collectives
+    the compiled body holds (once each, as in its text), ``communication_s`` their price
+    as they run."""
+
+    flops: float = 0.0
+    traffic: float = 0.0
+    communication_s: float = 0.0
+    steps: list = dataclasses.field(default_factory=list)
+
+    def add(self, other: _Tally):
+        self.flops += other.flops
+        self.traffic += other.traffic
+        self.communication_s += other.communication_s
+        self.steps.extend(other.steps)
+
+
+def control_flow_strategies(eqn, in_avals: Sequence, out_avals: Sequence,
+                            model: MeshCostModel, reads: Sequence[float] = ()
+                            ) -> tuple[Strategy, ...]:
+    """The strategies of control-flow ``eqn``: replicated, then the splits of one operand
+    dim over one set of mesh axes its body follows (see the module docstring).
+
+    ``compute_s`` and ``communication_s`` price every iteration of a ``scan``;
+    ``flops``, ``bytes_accessed`` and ``collectives`` are what its compiled program holds
+    (the body once), as XLA's ``cost_analysis`` and HLO text count them."""
+    kind = eqn.primitive.name
+    repeats = eqn.params["length"] if kind == "scan" else 1
+    whole = replicated_strategy(in_avals, out_avals, model, reads=reads)
+    once = op_flops(eqn, in_avals, out_avals) / repeats
+    found = {(whole.in_specs, whole.out_specs): _priced(
+        whole, model, once, bodies_traffic(eqn) / repeats, 0.0, (), repeats,
+        in_avals, out_avals)}
+    cache: dict = {}
+    splitting = [a for a, size in enumerate(model.mesh_shape) if size > 1]
+    options = [(a,) for a in splitting] + ([tuple(splitting)] if len(splitting) > 1 else [])
+    for axes in options:
+        n = math.prod(model.mesh_shape[a] for a in axes)
+        for k, aval in enumerate(in_avals):
+            for d in range(len(getattr(aval, "shape", ()))):
+                if aval.shape[d] % n or aval.shape[d] == 1 or \
+                        any(spec[k] == _spec(aval, d, axes) for spec, _ in found):
+                    continue  # (a split found from another seed splits it so already)
+                split = _split(eqn, k, d, axes, n, model, in_avals, cache)
+                if split is None:
+                    continue
+                ins, outs, tally = split
+                in_specs = tuple(None if a is None else _spec(a, dim, axes)
+                                 for a, dim in zip(in_avals, ins))
+                out_specs = tuple(_spec(a, dim, axes) for a, dim in zip(out_avals, outs))
+                if (in_specs, out_specs) in found:
+                    continue
+                laid = dataclasses.replace(whole, name=f"{kind} split {axes}",
+                                           in_specs=in_specs, out_specs=out_specs)
+                found[(in_specs, out_specs)] = _priced(
+                    laid, model, tally.flops, tally.traffic, tally.communication_s,
+                    tuple(tally.steps), repeats, in_avals, out_avals)
+    return tuple(found.values())
+
+
+def _priced(strategy: Strategy, model: MeshCostModel, flops: float, traffic: float,
+            communication_s: float, steps: tuple, repeats: int, in_avals, out_avals
+            ) -> Strategy:
+    """``strategy`` (its layouts) priced with one run of its body (``flops``,
+    ``traffic``, collectives ``steps`` costing ``communication_s``) run ``repeats``
+    times, its operands and results read and written once."""
+    region = sum(model.bytes_per_device(tuple(a.shape), a.dtype.itemsize, spec)
+                 for a, spec in zip([*in_avals, *out_avals],
+                                    [*strategy.in_specs, *strategy.out_specs])
+                 if a is not None)
+    dtype = _dtype_name(list(in_avals) + list(out_avals))
+    return dataclasses.replace(
+        strategy, compute_s=model.compute(repeats * flops, region + repeats * traffic, dtype),
+        communication_s=repeats * communication_s, flops=flops,
+        bytes_accessed=region + traffic, collectives=steps)
+
+
+def _spec(aval, dim: int | None, axes: tuple[int, ...]) -> Spec:
+    return tuple(tuple(axes) if d == dim else () for d in range(len(aval.shape)))
+
+
+def _split(eqn, k: int, d: int, axes, n: int, model, in_avals, cache: dict):
+    """(operand dims, result dims, tally of one run of the body: a scan's one iteration)
+    of ``eqn`` with operand ``k`` split on dim ``d`` over ``axes`` (``n`` devices); None
+    when the body does not follow it."""
+    params, kind = eqn.params, eqn.primitive.name
+    if kind == "cond":
+        if k == 0:
+            return None  # the branch index
+        outs, tallies = None, []
+        for branch in params["branches"]:
+            tally = _Tally()
+            got = _propagate(branch.jaxpr, {k - 1: d}, axes, n, model, tally, cache)
+            if got is None or (outs is not None and got != outs):
+                return None
+            outs, tallies = got, [*tallies, tally]
+        dearest = max(tallies, key=lambda t: t.flops)
+        dearest.steps = [s for t in tallies for s in t.steps]  # every branch's, as compiled
+        return (None, *[d if i == k - 1 else None for i in range(len(in_avals) - 1)]), outs, \
+            dearest
+    if kind == "while":
+        n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+        carry_at = n_cond + n_body
+        seeds = {k: d}
+        for _ in range(len(in_avals) - carry_at + 1):  # until the carry comes back as it went
+            body = {i - n_cond: s for i, s in seeds.items() if n_cond <= i}
+            tally = _Tally()
+            outs = _propagate(params["body_jaxpr"].jaxpr, body, axes, n, model, tally,
+                              cache, writes_results=True)
+            if outs is None:
+                return None
+            carry_in = [seeds.get(carry_at + i) for i in range(len(outs))]
+            if outs == carry_in:
+                break
+            if any(a is not None and a != b for a, b in zip(carry_in, outs)):
+                return None  # the body gives a carry back in another layout
+            seeds.update({carry_at + i: o for i, o in enumerate(outs) if o is not None})
+        else:
+            return None
+        cond = {i if i < n_cond else i - n_body: s for i, s in seeds.items()
+                if i < n_cond or i >= carry_at}
+        cond_tally = _Tally()
+        if _propagate(params["cond_jaxpr"].jaxpr, cond, axes, n, model, cond_tally,
+                      cache) is None:
+            return None
+        tally.add(cond_tally)
+        return tuple(seeds.get(i) for i in range(len(in_avals))), tuple(outs), tally
+    # scan: operands are consts, carry, xs (a body sees each x without the scanned dim)
+    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    xs_at = n_consts + n_carry
+    if k >= xs_at and d == 0:
+        return None  # the scanned dim
+    seeds = {k: d}
+    for _ in range(n_carry + 1):
+        body = {i: (s - 1 if i >= xs_at else s) for i, s in seeds.items()}
+        tally = _Tally()
+        outs = _propagate(params["jaxpr"].jaxpr, body, axes, n, model, tally, cache,
+                          writes_results=True)
+        if outs is None:
+            return None
+        carry_in = [seeds.get(n_consts + i) for i in range(n_carry)]
+        if outs[:n_carry] == carry_in:
+            break
+        if any(a is not None and a != b for a, b in zip(carry_in, outs[:n_carry])):
+            return None
+        seeds.update({n_consts + i: o for i, o in enumerate(outs[:n_carry]) if o is not None})
+    else:
+        return None
+    ys = tuple(None if o is None else o + 1 for o in outs[n_carry:])
+    return tuple(seeds.get(i) for i in range(len(in_avals))), (*outs[:n_carry], *ys), tally
+
+
+@dataclasses.dataclass
+class _Eqn:
+    """What propagation reads of one body equation, worked out once per planning of the
+    control flow: its avals, its work whole, its rule."""
+
+    in_avals: list
+    out_avals: list
+    flops: float
+    traffic: float
+    callee: object
+    op: object  # its LoopOp; None without a rule (or control flow nested inside)
+
+
+def _facts(eqn, cache: dict) -> _Eqn:
+    found = cache.get(id(eqn))
+    if found is None:
+        in_avals = [getattr(v, "aval", None) for v in eqn.invars]
+        out_avals = [v.aval for v in eqn.outvars]
+        name = eqn.primitive.name
+        flops = 0.0 if name in COLLECTIVES else op_flops(eqn, in_avals, out_avals)
+        if inner_jaxprs(eqn):
+            traffic = bodies_traffic(eqn)
+        elif name in FUSIBLE:
+            traffic = 0.0
+        else:
+            traffic = float(sum(value_bytes(a) for a in [*in_avals, *out_avals]
+                                if hasattr(a, "shape")))
+        try:
+            op = None if name in COLLECTIVES else loop_op(eqn, in_avals, out_avals)
+        except Exception:  # noqa: BLE001 - a rule that cannot read it: not split
+            op = None
+        found = cache[id(eqn)] = _Eqn(in_avals, out_avals, flops, traffic,
+                                      inlined_callee(eqn), op)
+        cache.setdefault("keep", []).append(eqn)  # the ids stay those equations'
+    return found
+
+
+def _propagate(jaxpr, seeds: dict[int, int], axes, n: int, model: MeshCostModel,
+               tally: _Tally, cache: dict, writes_results: bool = False) -> list | None:
+    """The split dim of each result of ``jaxpr`` (None: whole) when its invars ``seeds``
+    (index → dim) are split over ``axes``, its work added to ``tally``; None when an
+    equation does not follow the split (see the module docstring). ``cache``: equations'
+    :class:`_Eqn` (one dict per control-flow equation planned). ``writes_results``: a
+    loop's body, which writes the results its fused ops make (``flops.body_traffic``)."""
+    split = {jaxpr.invars[i]: dim for i, dim in seeds.items()}
+    fused = set()  # results of fusible ops: in registers unless the body returns them
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name in FUSIBLE:
+            fused.update(eqn.outvars)
+        ins = [None if isinstance(v, jcore.Literal) else split.get(v) for v in eqn.invars]
+        facts = _facts(eqn, cache)
+        if all(dim is None for dim in ins):  # whole, as the replicated body
+            tally.flops += facts.flops
+            tally.traffic += facts.traffic
+            continue
+        if facts.callee is not None:
+            outs = _propagate(getattr(facts.callee, "jaxpr", facts.callee),
+                              {i: dim for i, dim in enumerate(ins) if dim is not None},
+                              axes, n, model, tally, cache)
+            if outs is None:
+                return None
+            split.update({v: dim for v, dim in zip(eqn.outvars, outs) if dim is not None})
+            continue
+        op = facts.op
+        if op is None:
+            return None
+        loops = {(op.in_dims[i] or ())[dim] if dim < len(op.in_dims[i] or ()) else None
+                 for i, dim in enumerate(ins) if dim is not None}
+        if len(loops) != 1 or None in loops:
+            return None
+        (loop,) = loops
+        if not op.splittable[loop] or op.sizes[loop] % n or op.indexing is not None and \
+                op.indexing.permutes(
+                    {loop: tuple(axes)}, [a for a, size in enumerate(model.mesh_shape) if size > 1]):
+            return None
+        tally.flops += facts.flops / n
+        if name not in FUSIBLE:
+            dims = [*op.in_dims, *op.out_dims]
+            tally.traffic += sum(value_bytes(a) / (n if loop in (dims[i] or ()) else 1)
+                                 for i, a in enumerate([*facts.in_avals, *facts.out_avals])
+                                 if hasattr(a, "shape"))
+        if loop in op.reduction_loops:  # partial sums: all-reduced here, whole from now on
+            for a in facts.out_avals:
+                nbytes = value_bytes(a)
+                step = CollectiveStep("all-reduce", tuple(axes), nbytes,
+                                      model.all_reduce(nbytes, tuple(axes)))
+                tally.steps.append(step)
+                tally.communication_s += step.seconds
+            continue
+        for v, dims in zip(eqn.outvars, op.out_dims):
+            if loop in dims:
+                split[v] = dims.index(loop)
+    outs = [None if isinstance(v, jcore.Literal) else split.get(v) for v in jaxpr.outvars]
+    if writes_results:
+        tally.traffic += sum(value_bytes(v.aval) / (1 if dim is None else n)
+                             for v, dim in zip(jaxpr.outvars, outs)
+                             if not isinstance(v, jcore.Literal) and v in fused)
+    return outs
