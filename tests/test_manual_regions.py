@@ -104,12 +104,12 @@ def test_a_region_on_another_mesh_still_runs_replicated_with_a_warning():
 
 
 @pytest.mark.parametrize("manual", ["model", "data"])
-def test_a_region_manual_over_some_axes_is_planned_replicated_over_the_others(manual):
+def test_a_region_manual_over_some_axes_is_planned_over_the_others_too(manual):
     """``axis_names`` names the manual axes; the others are left to the compiler. The
-    region reads its operands split as its specs say over the manual axes and whole over
-    the others. Before: planned as an unsupported op run replicated (with a warning
-    saying so); the audit found the body's all-reduce and an all-gather unpriced and the
-    flops 0.17x the compiled."""
+    region reads its operands split as its specs say over the manual axes, and over the
+    others whole or split where its body follows the split. Before: planned as an
+    unsupported op run replicated (with a warning saying so); the audit found the body's
+    all-reduce and an all-gather unpriced and the flops 0.17x the compiled."""
     mesh = autoshard.make_mesh(*MESH)
     layer = jax.shard_map(lambda xb, wb: jax.lax.psum(xb @ wb, manual), mesh=mesh,
                           in_specs=(P(None, manual), P(manual, None)), out_specs=P(),
@@ -124,10 +124,18 @@ def test_a_region_manual_over_some_axes_is_planned_replicated_over_the_others(ma
     model = MeshCostModel(cluster_preset("h100-80gb"), MESH[0])
     graph = build_graph(trace(step, (w, x)), model, axis_names=MESH[1])
     forward = next(n for n in graph.nodes if n.name.startswith("shard_map#"))
-    (strategy,) = forward.strategies
+    strategy = forward.strategies[0]  # whole over the other axis
     axis = MESH[1].index(manual)
     assert strategy.in_specs == (((), (axis,)), ((axis,), ()))  # x P(None, manual), w P(manual)
     assert strategy.flops == pytest.approx(2 * 32 * (64 // MESH[0][axis]) * 128)
+    # and split over the other axis where the body follows: x's rows (the psum's partial
+    # products split by row) or w's columns, each with half or a quarter the arithmetic
+    other = 1 - axis
+    splits = {s.in_specs: s.flops for s in forward.strategies[1:]}
+    assert splits[(((other,), (axis,)), ((axis,), ()))] == \
+        pytest.approx(strategy.flops / MESH[0][other])
+    assert splits[(((), (axis,)), ((axis,), (other,)))] == \
+        pytest.approx(strategy.flops / MESH[0][other])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         f = autoshard.parallelize(step, mesh=mesh)

@@ -30,7 +30,7 @@ from autoshard.cost_model import CollectiveStep, MeshCostModel
 from autoshard.ir.jax_compat import inlined_callee
 from autoshard.ir.specs import Spec
 
-from .flops import COLLECTIVES, bodies_traffic, inner_jaxprs, op_flops, value_bytes
+from .flops import COLLECTIVES, NO_OPS, bodies_traffic, inner_jaxprs, op_flops, value_bytes
 from .op_rules import FUSIBLE, loop_op
 from .strategies import Strategy, _dtype_name, replicated_strategy
 
@@ -225,8 +225,23 @@ def _facts(eqn, cache: dict) -> _Eqn:
     return found
 
 
+def body_split(jaxpr, seeds: dict[int, int], axes: tuple[int, ...], model: MeshCostModel,
+               cache: dict, collective=None):
+    """(the split dim of each result or None, the per-device work) of one run of
+    ``jaxpr`` with its invars ``seeds`` (index → dim) split over ``axes``; None when it
+    does not follow. ``collective(eqn, split dims of its operands)`` reads the body's
+    collectives (a ``shard_map``'s, over its manual axes): (its results' split dims, its
+    priced CollectiveStep or None), or None when it does not follow; without it a body
+    collective does not. ``cache``: one dict per equation holding ``jaxpr``."""
+    tally = _Tally()
+    n = math.prod(model.mesh_shape[a] for a in axes)
+    outs = _propagate(jaxpr, seeds, axes, n, model, tally, cache, collective=collective)
+    return None if outs is None else (outs, tally)
+
+
 def _propagate(jaxpr, seeds: dict[int, int], axes, n: int, model: MeshCostModel,
-               tally: _Tally, cache: dict, writes_results: bool = False) -> list | None:
+               tally: _Tally, cache: dict, writes_results: bool = False,
+               collective=None) -> list | None:
     """The split dim of each result of ``jaxpr`` (None: whole) when its invars ``seeds``
     (index → dim) are split over ``axes``, its work added to ``tally``; None when an
     equation does not follow the split (see the module docstring). ``cache``: equations'
@@ -240,6 +255,19 @@ def _propagate(jaxpr, seeds: dict[int, int], axes, n: int, model: MeshCostModel,
             fused.update(eqn.outvars)
         ins = [None if isinstance(v, jcore.Literal) else split.get(v) for v in eqn.invars]
         facts = _facts(eqn, cache)
+        if name in COLLECTIVES and collective is not None:
+            read = collective(eqn, ins)
+            if read is None:
+                return None
+            outs, step = read
+            if step is not None:
+                tally.steps.append(step)
+                tally.communication_s += step.seconds
+            split.update({v: dim for v, dim in zip(eqn.outvars, outs) if dim is not None})
+            continue
+        if name in NO_OPS:  # type-level marks: their operand's layout
+            split.update({v: dim for v, dim in zip(eqn.outvars, ins) if dim is not None})
+            continue
         if all(dim is None for dim in ins):  # whole, as the replicated body
             tally.flops += facts.flops
             tally.traffic += facts.traffic
@@ -247,7 +275,7 @@ def _propagate(jaxpr, seeds: dict[int, int], axes, n: int, model: MeshCostModel,
         if facts.callee is not None:
             outs = _propagate(getattr(facts.callee, "jaxpr", facts.callee),
                               {i: dim for i, dim in enumerate(ins) if dim is not None},
-                              axes, n, model, tally, cache)
+                              axes, n, model, tally, cache, collective=collective)
             if outs is None:
                 return None
             split.update({v: dim for v, dim in zip(eqn.outvars, outs) if dim is not None})
