@@ -3,16 +3,22 @@ a ``scan`` too long to unroll): strategies that split it where its body splits c
 
 The runtime pins the equation's operands and results and XLA's sharding propagation
 carries their layouts into the body. A strategy here is such a layout that the body
-follows on its own: one dim of one operand split over some mesh axes is carried through
-every body equation by the equation's loop description (``op_rules``), the operands it
-reads along the same loop sliced locally, its results split where that loop goes. A
-split that reaches a reduction loop leaves partial sums, which the strategy all-reduces
-there (XLA's partitioner does the same); the value is whole from then on. A gather or
-scatter follows a split of its indices' batch or of its operand's rows. A loop's carry
-must come out of the body split as it went in: a carry the body makes split is split on
-the way in too, and a layout the body does not give back is no strategy. A body whose
-split reaches an op without a rule or control flow nested inside is not split (the
-equation still has its replicated strategy).
+follows on its own. One dim of one operand (or that dim of every operand of its size:
+a batch of inputs and labels) split over some mesh axes is carried through every body
+equation by the equation's loop description (``op_rules``): the body's inputs it reads
+along the same loop are sliced locally, its results split where that loop goes, a
+gather or scatter follows a split of its indices' batch or of its operand's rows.
+
+A split that reaches a reduction loop leaves partial sums, which the strategy
+all-reduces there (XLA's partitioner does the same) when every operand along that loop
+is split so; the value is whole from then on. No strategy where XLA would do otherwise:
+a reduction with an operand whole along the split loop (XLA may all-gather the split
+one instead), a reduction's result (a dot's, a sum's, a scatter's) the body computes
+whole and reads along the split loop (XLA's propagation, which runs backward too, would
+split the ops making it), an op without a rule, control flow nested inside. A loop's
+carry must come out of the body split as it went in: a carry the body makes split is
+split on the way in too, and a layout the body does not give back is no strategy. The
+replicated strategy is always there.
 
 Priced as :mod:`.flops` counts a body: a ``scan``'s body times its length, a ``while``'s
 condition and body once, a ``cond``'s dearest branch; arithmetic and traffic of the
@@ -33,6 +39,9 @@ from autoshard.ir.specs import Spec
 from .flops import COLLECTIVES, NO_OPS, bodies_traffic, inner_jaxprs, op_flops, value_bytes
 from .op_rules import FUSIBLE, loop_op
 from .strategies import Strategy, _dtype_name, replicated_strategy
+
+#: ops that move a reduction's result unchanged (it stays one)
+_MOVES = frozenset({"transpose", "reshape", "convert_element_type", "copy", "copy_p"})
 
 
 @dataclasses.dataclass
@@ -56,8 +65,9 @@ class _Tally:
 def control_flow_strategies(eqn, in_avals: Sequence, out_avals: Sequence,
                             model: MeshCostModel, reads: Sequence[float] = ()
                             ) -> tuple[Strategy, ...]:
-    """The strategies of control-flow ``eqn``: replicated, then the splits of one operand
-    dim over one set of mesh axes its body follows (see the module docstring).
+    """The strategies of control-flow ``eqn``: replicated, then the splits its body
+    follows (see the module docstring) of one operand dim over one set of mesh axes, or of
+    that dim of every operand with a dim of its size there (a batch of several inputs).
 
     ``compute_s`` and ``communication_s`` price every iteration of a ``scan``;
     ``flops``, ``bytes_accessed`` and ``collectives`` are what its compiled program holds
@@ -72,27 +82,37 @@ def control_flow_strategies(eqn, in_avals: Sequence, out_avals: Sequence,
     cache: dict = {}
     splitting = [a for a, size in enumerate(model.mesh_shape) if size > 1]
     options = [(a,) for a in splitting] + ([tuple(splitting)] if len(splitting) > 1 else [])
+    ranked = [(k, d) for k, a in enumerate(in_avals) for d in range(len(getattr(a, "shape", ())))]
     for axes in options:
         n = math.prod(model.mesh_shape[a] for a in axes)
-        for k, aval in enumerate(in_avals):
-            for d in range(len(getattr(aval, "shape", ()))):
-                if aval.shape[d] % n or aval.shape[d] == 1 or \
-                        any(spec[k] == _spec(aval, d, axes) for spec, _ in found):
-                    continue  # (a split found from another seed splits it so already)
-                split = _split(eqn, k, d, axes, n, model, in_avals, cache)
-                if split is None:
-                    continue
-                ins, outs, tally = split
-                in_specs = tuple(None if a is None else _spec(a, dim, axes)
-                                 for a, dim in zip(in_avals, ins))
-                out_specs = tuple(_spec(a, dim, axes) for a, dim in zip(out_avals, outs))
-                if (in_specs, out_specs) in found:
-                    continue
-                laid = dataclasses.replace(whole, name=f"{kind} split {axes}",
-                                           in_specs=in_specs, out_specs=out_specs)
-                found[(in_specs, out_specs)] = _priced(
-                    laid, model, tally.flops, tally.traffic, tally.communication_s,
-                    tuple(tally.steps), repeats, in_avals, out_avals)
+        tried: dict[frozenset, dict[int, int]] = {}
+        for k, d in ranked:
+            size = in_avals[k].shape[d]
+            if size % n or size == 1:
+                continue
+            # the dim alone, and with the same dim of every operand of that size (the
+            # micro-batches' inputs and labels, split together)
+            together = {i: d for i, e in ranked if e == d and in_avals[i].shape[d] == size}
+            for seeds in ({k: d}, together):
+                tried.setdefault(frozenset(seeds.items()), seeds)
+        for seeds in tried.values():
+            if len(seeds) == 1 and any(spec[k] == _spec(in_avals[k], d, axes)
+                                       for spec, _ in found for k, d in seeds.items()):
+                continue  # (a split found from another seed splits it so already)
+            split = _split(eqn, seeds, axes, n, model, in_avals, cache)
+            if split is None:
+                continue
+            ins, outs, tally = split
+            in_specs = tuple(None if a is None else _spec(a, dim, axes)
+                             for a, dim in zip(in_avals, ins))
+            out_specs = tuple(_spec(a, dim, axes) for a, dim in zip(out_avals, outs))
+            if (in_specs, out_specs) in found:
+                continue
+            laid = dataclasses.replace(whole, name=f"{kind} split {axes}",
+                                       in_specs=in_specs, out_specs=out_specs)
+            found[(in_specs, out_specs)] = _priced(
+                laid, model, tally.flops, tally.traffic, tally.communication_s,
+                tuple(tally.steps), repeats, in_avals, out_avals)
     return tuple(found.values())
 
 
@@ -117,29 +137,34 @@ def _spec(aval, dim: int | None, axes: tuple[int, ...]) -> Spec:
     return tuple(tuple(axes) if d == dim else () for d in range(len(aval.shape)))
 
 
-def _split(eqn, k: int, d: int, axes, n: int, model, in_avals, cache: dict):
+def _split(eqn, seeds: dict[int, int], axes, n: int, model, in_avals, cache: dict):
     """(operand dims, result dims, tally of one run of the body: a scan's one iteration)
     of ``eqn`` with operand ``k`` split on dim ``d`` over ``axes`` (``n`` devices); None
     when the body does not follow it."""
     params, kind = eqn.params, eqn.primitive.name
     if kind == "cond":
-        if k == 0:
+        if 0 in seeds:
             return None  # the branch index
         outs, tallies = None, []
         for branch in params["branches"]:
             tally = _Tally()
-            got = _propagate(branch.jaxpr, {k - 1: d}, axes, n, model, tally, cache)
-            if got is None or (outs is not None and got != outs):
+            got = _propagate(branch.jaxpr, {k - 1: d for k, d in seeds.items()}, axes, n,
+                             model, tally, cache)
+            if got is None:
                 return None
+            if outs is not None:  # a result one branch makes whole is sliced to the split
+                if any(a is not None and b is not None and a != b for a, b in zip(outs, got)):
+                    return None
+                got = [a if b is None else b for a, b in zip(outs, got)]
             outs, tallies = got, [*tallies, tally]
         dearest = max(tallies, key=lambda t: t.flops)
         dearest.steps = [s for t in tallies for s in t.steps]  # every branch's, as compiled
-        return (None, *[d if i == k - 1 else None for i in range(len(in_avals) - 1)]), outs, \
+        return tuple(seeds.get(i) for i in range(len(in_avals))), outs, \
             dearest
     if kind == "while":
         n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
         carry_at = n_cond + n_body
-        seeds = {k: d}
+        seeds = dict(seeds)
         for _ in range(len(in_avals) - carry_at + 1):  # until the carry comes back as it went
             body = {i - n_cond: s for i, s in seeds.items() if n_cond <= i}
             tally = _Tally()
@@ -166,9 +191,9 @@ def _split(eqn, k: int, d: int, axes, n: int, model, in_avals, cache: dict):
     # scan: operands are consts, carry, xs (a body sees each x without the scanned dim)
     n_consts, n_carry = params["num_consts"], params["num_carry"]
     xs_at = n_consts + n_carry
-    if k >= xs_at and d == 0:
+    if any(k >= xs_at and d == 0 for k, d in seeds.items()):
         return None  # the scanned dim
-    seeds = {k: d}
+    seeds = dict(seeds)
     for _ in range(n_carry + 1):
         body = {i: (s - 1 if i >= xs_at else s) for i, s in seeds.items()}
         tally = _Tally()
@@ -241,7 +266,7 @@ def body_split(jaxpr, seeds: dict[int, int], axes: tuple[int, ...], model: MeshC
 
 def _propagate(jaxpr, seeds: dict[int, int], axes, n: int, model: MeshCostModel,
                tally: _Tally, cache: dict, writes_results: bool = False,
-               collective=None) -> list | None:
+               collective=None, heavy: frozenset = frozenset()) -> list | None:
     """The split dim of each result of ``jaxpr`` (None: whole) when its invars ``seeds``
     (index → dim) are split over ``axes``, its work added to ``tally``; None when an
     equation does not follow the split (see the module docstring). ``cache``: equations'
@@ -249,12 +274,18 @@ def _propagate(jaxpr, seeds: dict[int, int], axes, n: int, model: MeshCostModel,
     loop's body, which writes the results its fused ops make (``flops.body_traffic``)."""
     split = {jaxpr.invars[i]: dim for i, dim in seeds.items()}
     fused = set()  # results of fusible ops: in registers unless the body returns them
+    # results of the body's reductions (dots, sums, scatters), moved or not (``heavy``:
+    # invars that are)
+    derived = {jaxpr.invars[i] for i in heavy}
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name in FUSIBLE:
             fused.update(eqn.outvars)
         ins = [None if isinstance(v, jcore.Literal) else split.get(v) for v in eqn.invars]
         facts = _facts(eqn, cache)
+        if facts.op is not None and facts.op.reduction_loops and name not in FUSIBLE or \
+                name in _MOVES and eqn.invars[0] in derived:
+            derived.update(eqn.outvars)
         if name in COLLECTIVES and collective is not None:
             read = collective(eqn, ins)
             if read is None:
@@ -275,7 +306,10 @@ def _propagate(jaxpr, seeds: dict[int, int], axes, n: int, model: MeshCostModel,
         if facts.callee is not None:
             outs = _propagate(getattr(facts.callee, "jaxpr", facts.callee),
                               {i: dim for i, dim in enumerate(ins) if dim is not None},
-                              axes, n, model, tally, cache, collective=collective)
+                              axes, n, model, tally, cache, collective=collective,
+                              heavy=frozenset(i for i, v in enumerate(eqn.invars)
+                                              if not isinstance(v, jcore.Literal)
+                                              and v in derived))
             if outs is None:
                 return None
             split.update({v: dim for v, dim in zip(eqn.outvars, outs) if dim is not None})
@@ -288,6 +322,9 @@ def _propagate(jaxpr, seeds: dict[int, int], axes, n: int, model: MeshCostModel,
         if len(loops) != 1 or None in loops:
             return None
         (loop,) = loops
+        if any(ins[i] is None and v in derived for i, (v, dims) in
+               enumerate(zip(eqn.invars, op.in_dims)) if dims is not None and loop in dims):
+            return None  # a whole value the body computes: XLA would split its producers
         if not op.splittable[loop] or op.sizes[loop] % n or op.indexing is not None and \
                 op.indexing.permutes(
                     {loop: tuple(axes)}, [a for a, size in enumerate(model.mesh_shape) if size > 1]):
@@ -299,6 +336,9 @@ def _propagate(jaxpr, seeds: dict[int, int], axes, n: int, model: MeshCostModel,
                                  for i, a in enumerate([*facts.in_avals, *facts.out_avals])
                                  if hasattr(a, "shape"))
         if loop in op.reduction_loops:  # partial sums: all-reduced here, whole from now on
+            if any(ins[i] is None for i, dims in enumerate(op.in_dims)
+                   if dims is not None and loop in dims):
+                return None  # an operand whole along it: XLA may gather the split one
             for a in facts.out_avals:
                 nbytes = value_bytes(a)
                 step = CollectiveStep("all-reduce", tuple(axes), nbytes,
