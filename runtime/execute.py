@@ -71,7 +71,7 @@ def evaluate_program(
                 else:
                     val = resharded[key] = jax.lax.with_sharding_constraint(val, layout)
             invals.append(val)
-        outs = bind(eqn.primitive, params.get(e, eqn.params), invals)
+        outs = bind(eqn.primitive, params.get(e, eqn.params), invals, eqn.source_info)
         for vid, val in zip(eqn.outputs, outs, strict=True):
             write(vid, val)
     return tuple(read(atom) for atom in program.outvars)

@@ -144,3 +144,22 @@ def test_under_a_memory_budget_the_compiled_program_runs_the_priced_collectives(
     assert not [d for d in report.differences if "flops" not in d and "bytes" not in d], \
         report.summary()
     assert_trees_allclose(step(*args), jax.jit(fn)(*args), atol=ADAM_ATOL)
+
+
+def test_a_warning_from_a_pipeline_stage_names_the_users_line():
+    """A stage's program is traced again from ours; its warnings named autoshard's own
+    ``bind`` ("first at .../jax_compat.py ... (bind)") before equations kept jax's source
+    info and were evaluated under it."""
+    fn, args = _cases()["cond"]  # 7 x 7 weights: its conds split nowhere on the stages
+    w, x, flag = args
+    args = (w[:7, :7], x[:, :7], flag)
+    method = autoshard.PipeshardParallel(num_microbatches=2, num_stages=2,
+                                         stage_method=autoshard.ShardParallel())
+    step = autoshard.parallelize(fn, mesh=autoshard.make_mesh(*MESH), method=method,
+                                 batch_argnums=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = step(*args)
+    messages = [str(w.message) for w in caught if "autoshard:" in str(w.message)]
+    assert messages and all(__file__ in m and "jax_compat" not in m for m in messages), messages
+    assert_trees_allclose(out, jax.jit(fn)(*args))

@@ -112,10 +112,17 @@ def join_scopes(outer: str, inner: str) -> str:
     return f"{outer}/{inner}" if outer and inner else outer or inner
 
 
-def bind(primitive: jcore.Primitive, params: dict, operands: Sequence) -> tuple:
+def bind(primitive: jcore.Primitive, params: dict, operands: Sequence,
+         source_info=None) -> tuple:
     """Apply ``primitive`` with an equation's ``params`` to ``operands`` (values or tracers)
-    and return its results as a tuple."""
-    outs = primitive.bind(*operands, **primitive.get_bind_params(params))
+    and return its results as a tuple; traced under ``source_info``'s traceback (the user's
+    line the equation came from) when given."""
+    if source_info is None:
+        outs = primitive.bind(*operands, **primitive.get_bind_params(params))
+    else:
+        with source_info_util.user_context(source_info.traceback,
+                                           name_stack=source_info_util.current_name_stack()):
+            outs = primitive.bind(*operands, **primitive.get_bind_params(params))
     return tuple(outs) if primitive.multiple_results else (outs,)
 
 

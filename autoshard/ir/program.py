@@ -36,6 +36,9 @@ class Equation:
     params: dict
     inputs: tuple
     outputs: tuple[int, ...]
+    #: jax's ``SourceInfo`` of the user's equation it was traced from (None for ours), so
+    #: that a program evaluated again (a pipeline stage's) still names the user's lines
+    source_info: Any = None
 
     def __repr__(self):
         return f"Equation({self.primitive.name}, in={self.inputs}, out={self.outputs})"

@@ -100,7 +100,8 @@ def recompute(traced: TracedFunction, remat: Rematerialization) -> TracedFunctio
                 env[var] = new_value(var.aval)
             block.append((Equation(eqn.primitive, dict(eqn.params),
                                    tuple(read(a) for a in eqn.invars),
-                                   tuple(env[var] for var in eqn.outvars)), origin))
+                                   tuple(env[var] for var in eqn.outvars),
+                                   eqn.source_info), origin))
         return read(jaxpr.jaxpr.outvars[0])
 
     for start, stop in remat.segments:
@@ -143,7 +144,8 @@ def recompute(traced: TracedFunction, remat: Rematerialization) -> TracedFunctio
             copy.update(zip(eqn.outputs, outs))
             block.append((Equation(eqn.primitive, eqn.params,
                                    tuple(a if isinstance(a, Literal) else copy.get(a, a)
-                                         for a in eqn.inputs), tuple(outs)), e))
+                                         for a in eqn.inputs), tuple(outs),
+                                   eqn.source_info), e))
         inserted.setdefault(first, []).extend(block)
         for v in residuals:
             for r in late[v]:

@@ -367,7 +367,8 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
             out_ids = tuple(new_value(v.aval) for v in eqn.outvars)
             if eqn.effects:  # a debug print, a callback: runs whether its result is read
                 effectful.add(len(eqns))
-            eqns.append(Equation(eqn.primitive, dict(eqn.params), tuple(ins), out_ids))
+            eqns.append(Equation(eqn.primitive, dict(eqn.params), tuple(ins), out_ids,
+                                 eqn.source_info))
             sources.append((eqn.source_info, callers))
             scopes.append(here)
             for var, vid in zip(eqn.outvars, out_ids):

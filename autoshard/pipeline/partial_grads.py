@@ -324,7 +324,7 @@ def deferred_backward(combined: Program, backward: Program, backward_eqns: Seque
                 outs.append(ids[v])
             eqns.append(Equation(eqn.primitive, eqn.params,
                                  tuple(a if isinstance(a, Literal) else ids[a]
-                                       for a in eqn.inputs), tuple(outs)))
+                                       for a in eqn.inputs), tuple(outs), eqn.source_info))
         return [a if isinstance(a, Literal) else ids[a] for a in q.outvars]
 
     for e in backward_eqns:

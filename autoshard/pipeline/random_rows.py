@@ -267,7 +267,7 @@ def _splice(forward: TracedFunction, snippets, strides) -> TracedFunction:
         for peqn in P.eqns:
             eqns.append(Equation(peqn.primitive, peqn.params,
                                  tuple(local(a) for a in peqn.inputs),
-                                 tuple(local(v) for v in peqn.outputs)))
+                                 tuple(local(v) for v in peqn.outputs), peqn.source_info))
             sources.append(forward.sources[e])
     invars = tuple(F.invars) + tuple(tables[s] for s in strides)
     # renumber: inputs, constants, then each equation's outputs in order
@@ -277,7 +277,8 @@ def _splice(forward: TracedFunction, snippets, strides) -> TracedFunction:
     program = Program(tuple(avals[v] for v in order), tuple(new[v] for v in invars),
                       tuple(rename(a) for a in F.outvars),
                       tuple(Equation(q.primitive, q.params, tuple(rename(a) for a in q.inputs),
-                                     tuple(new[v] for v in q.outputs)) for q in eqns),
+                                     tuple(new[v] for v in q.outputs), q.source_info)
+                            for q in eqns),
                       tuple((new[v], c) for v, c in constants))
     n = len(invars)
     return dataclasses.replace(

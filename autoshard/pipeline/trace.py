@@ -365,7 +365,8 @@ def _random_rows(split: SplitStep, fun, args, static_argnums, B: int, micro_rows
     diff = split.diff + (False,) * len(tables)
     eqns = list(O.eqns)
     eqns[split.grad_eqn] = Equation(geqn.primitive, {**geqn.params, "diff": diff},
-                                    tuple(geqn.inputs) + tuple(tables), geqn.outputs)
+                                    tuple(geqn.inputs) + tuple(tables), geqn.outputs,
+                                    geqn.source_info)
     program = Program(tuple(avals), O.invars, O.outvars, tuple(eqns), tuple(constants))
     return dataclasses.replace(
         split, traced=dataclasses.replace(split.traced, program=program),
