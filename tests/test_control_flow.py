@@ -150,9 +150,9 @@ def test_a_warning_from_a_pipeline_stage_names_the_users_line():
     """A stage's program is traced again from ours; its warnings named autoshard's own
     ``bind`` ("first at .../jax_compat.py ... (bind)") before equations kept jax's source
     info and were evaluated under it."""
-    fn, args = _cases()["cond"]  # 7 x 7 weights: its conds split nowhere on the stages
+    fn, args = _cases()["cond"]  # micro-batches of 61 x 7: its conds split nowhere
     w, x, flag = args
-    args = (w[:7, :7], x[:, :7], flag)
+    args = (w[:7, :7], x[:122, :7], flag)
     method = autoshard.PipeshardParallel(num_microbatches=2, num_stages=2,
                                          stage_method=autoshard.ShardParallel())
     step = autoshard.parallelize(fn, mesh=autoshard.make_mesh(*MESH), method=method,
@@ -162,4 +162,18 @@ def test_a_warning_from_a_pipeline_stage_names_the_users_line():
         out = step(*args)
     messages = [str(w.message) for w in caught if "autoshard:" in str(w.message)]
     assert messages and all(__file__ in m and "jax_compat" not in m for m in messages), messages
+    assert_trees_allclose(out, jax.jit(fn)(*args))
+
+
+def test_a_pipeline_with_a_splittable_cond_does_not_warn():
+    """The stage search also prices one-device sub-meshes, where nothing splits: that is
+    no control flow left replicated (it warned "runs replicated on every device")."""
+    fn, args = _cases()["cond"]
+    method = autoshard.PipeshardParallel(num_microbatches=2, num_stages=2,
+                                         stage_method=autoshard.ShardParallel())
+    step = autoshard.parallelize(fn, mesh=autoshard.make_mesh(*MESH), method=method,
+                                 batch_argnums=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = step(*args)
     assert_trees_allclose(out, jax.jit(fn)(*args))

@@ -167,7 +167,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
                     unsupported.append((name, traced.sources[e]))
         if not strategies and name in CONTROL_FLOW:
             strategies = control_flow_strategies(eqn, in_avals, out_avals, model, reads)
-            if len(strategies) == 1:  # its body splits nowhere
+            if len(strategies) == 1 and any(n > 1 for n in mesh_shape):  # splits nowhere
                 control_flow.append((name, traced.sources[e]))
         elif not strategies:
             strategies = (replicated_strategy(in_avals, out_avals, model,
