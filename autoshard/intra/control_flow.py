@@ -34,11 +34,11 @@ import jax.extend.core as jcore
 
 from autoshard.cost_model import CollectiveStep, MeshCostModel
 from autoshard.ir.jax_compat import inlined_callee
-from autoshard.ir.specs import Spec
+from autoshard.ir.specs import Spec, replicated
 
-from .flops import COLLECTIVES, NO_OPS, bodies_traffic, inner_jaxprs, op_flops, value_bytes
+from .flops import COLLECTIVES, NO_OPS, bodies_traffic, eqn_traffic, op_flops, value_bytes
 from .op_rules import FUSIBLE, loop_op
-from .strategies import Strategy, _dtype_name, replicated_strategy
+from .strategies import Strategy, dtype_name, held_bytes, replicated_strategy
 
 #: ops that move a reduction's result unchanged (it stays one)
 _MOVES = frozenset({"transpose", "reshape", "convert_element_type", "copy", "copy_p"})
@@ -80,10 +80,8 @@ def control_flow_strategies(eqn, in_avals: Sequence, out_avals: Sequence,
         whole, model, once, bodies_traffic(eqn) / repeats, 0.0, (), repeats,
         in_avals, out_avals)}
     cache: dict = {}
-    splitting = [a for a, size in enumerate(model.mesh_shape) if size > 1]
-    options = [(a,) for a in splitting] + ([tuple(splitting)] if len(splitting) > 1 else [])
     ranked = [(k, d) for k, a in enumerate(in_avals) for d in range(len(getattr(a, "shape", ())))]
-    for axes in options:
+    for axes in axis_sets([a for a, size in enumerate(model.mesh_shape) if size > 1]):
         n = math.prod(model.mesh_shape[a] for a in axes)
         tried: dict[frozenset, dict[int, int]] = {}
         for k, d in ranked:
@@ -122,25 +120,35 @@ def _priced(strategy: Strategy, model: MeshCostModel, flops: float, traffic: flo
     """``strategy`` (its layouts) priced with one run of its body (``flops``,
     ``traffic``, collectives ``steps`` costing ``communication_s``) run ``repeats``
     times, its operands and results read and written once."""
-    region = sum(model.bytes_per_device(tuple(a.shape), a.dtype.itemsize, spec)
-                 for a, spec in zip([*in_avals, *out_avals],
-                                    [*strategy.in_specs, *strategy.out_specs])
-                 if a is not None)
-    dtype = _dtype_name(list(in_avals) + list(out_avals))
+    region = held_bytes(model, [*in_avals, *out_avals],
+                        [*strategy.in_specs, *strategy.out_specs])
+    dtype = dtype_name(list(in_avals) + list(out_avals))
     return dataclasses.replace(
         strategy, compute_s=model.compute(repeats * flops, region + repeats * traffic, dtype),
         communication_s=repeats * communication_s, flops=flops,
         bytes_accessed=region + traffic, collectives=steps)
 
 
+def axis_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """The mesh axes a strategy here splits one dim over: each of ``axes`` alone, then all
+    of them together (in mesh order)."""
+    return [(a,) for a in axes] + ([tuple(axes)] if len(axes) > 1 else [])
+
+
+def with_split(spec: Spec, dim: int | None, axes: tuple[int, ...]) -> Spec:
+    """``spec`` with ``dim`` (None: none) split over ``axes``."""
+    return spec if dim is None else \
+        tuple(tuple(axes) if d == dim else s for d, s in enumerate(spec))
+
+
 def _spec(aval, dim: int | None, axes: tuple[int, ...]) -> Spec:
-    return tuple(tuple(axes) if d == dim else () for d in range(len(aval.shape)))
+    return with_split(replicated(len(aval.shape)), dim, axes)
 
 
 def _split(eqn, seeds: dict[int, int], axes, n: int, model, in_avals, cache: dict):
     """(operand dims, result dims, tally of one run of the body: a scan's one iteration)
-    of ``eqn`` with operand ``k`` split on dim ``d`` over ``axes`` (``n`` devices); None
-    when the body does not follow it."""
+    of ``eqn`` with operands ``seeds`` (index → dim) split over ``axes`` (``n``
+    devices); None when the body does not follow it."""
     params, kind = eqn.params, eqn.primitive.name
     if kind == "cond":
         if 0 in seeds:
@@ -159,27 +167,16 @@ def _split(eqn, seeds: dict[int, int], axes, n: int, model, in_avals, cache: dic
             outs, tallies = got, [*tallies, tally]
         dearest = max(tallies, key=lambda t: t.flops)
         dearest.steps = [s for t in tallies for s in t.steps]  # every branch's, as compiled
-        return tuple(seeds.get(i) for i in range(len(in_avals))), outs, \
-            dearest
+        return tuple(seeds.get(i) for i in range(len(in_avals))), outs, dearest
     if kind == "while":
         n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
         carry_at = n_cond + n_body
-        seeds = dict(seeds)
-        for _ in range(len(in_avals) - carry_at + 1):  # until the carry comes back as it went
-            body = {i - n_cond: s for i, s in seeds.items() if n_cond <= i}
-            tally = _Tally()
-            outs = _propagate(params["body_jaxpr"].jaxpr, body, axes, n, model, tally,
-                              cache, writes_results=True)
-            if outs is None:
-                return None
-            carry_in = [seeds.get(carry_at + i) for i in range(len(outs))]
-            if outs == carry_in:
-                break
-            if any(a is not None and a != b for a, b in zip(carry_in, outs)):
-                return None  # the body gives a carry back in another layout
-            seeds.update({carry_at + i: o for i, o in enumerate(outs) if o is not None})
-        else:
+        found = _carried(params["body_jaxpr"].jaxpr, seeds,
+                         lambda seeds: {i - n_cond: s for i, s in seeds.items() if n_cond <= i},
+                         carry_at, len(in_avals) - carry_at, axes, n, model, cache)
+        if found is None:
             return None
+        seeds, outs, tally = found
         cond = {i if i < n_cond else i - n_body: s for i, s in seeds.items()
                 if i < n_cond or i >= carry_at}
         cond_tally = _Tally()
@@ -193,24 +190,37 @@ def _split(eqn, seeds: dict[int, int], axes, n: int, model, in_avals, cache: dic
     xs_at = n_consts + n_carry
     if any(k >= xs_at and d == 0 for k, d in seeds.items()):
         return None  # the scanned dim
+    found = _carried(params["jaxpr"].jaxpr, seeds,
+                     lambda seeds: {i: (s - 1 if i >= xs_at else s) for i, s in seeds.items()},
+                     n_consts, n_carry, axes, n, model, cache)
+    if found is None:
+        return None
+    seeds, outs, tally = found
+    ys = tuple(None if o is None else o + 1 for o in outs[n_carry:])
+    return tuple(seeds.get(i) for i in range(len(in_avals))), (*outs[:n_carry], *ys), tally
+
+
+def _carried(body, seeds: dict[int, int], to_body, carry_at: int, n_carry: int, axes,
+             n: int, model, cache: dict):
+    """A loop's body split from operand ``seeds`` (``to_body``: as the body's invars),
+    the seeds grown by the carries the body gives back split until each carry (operands
+    ``carry_at`` on, the body's first ``n_carry`` results) comes back as it went:
+    (those seeds, the body's result dims, its tally); None when a carry comes back in
+    another layout or the body does not follow."""
     seeds = dict(seeds)
     for _ in range(n_carry + 1):
-        body = {i: (s - 1 if i >= xs_at else s) for i, s in seeds.items()}
         tally = _Tally()
-        outs = _propagate(params["jaxpr"].jaxpr, body, axes, n, model, tally, cache,
+        outs = _propagate(body, to_body(seeds), axes, n, model, tally, cache,
                           writes_results=True)
         if outs is None:
             return None
-        carry_in = [seeds.get(n_consts + i) for i in range(n_carry)]
+        carry_in = [seeds.get(carry_at + i) for i in range(n_carry)]
         if outs[:n_carry] == carry_in:
-            break
+            return seeds, outs, tally
         if any(a is not None and a != b for a, b in zip(carry_in, outs[:n_carry])):
             return None
-        seeds.update({n_consts + i: o for i, o in enumerate(outs[:n_carry]) if o is not None})
-    else:
-        return None
-    ys = tuple(None if o is None else o + 1 for o in outs[n_carry:])
-    return tuple(seeds.get(i) for i in range(len(in_avals))), (*outs[:n_carry], *ys), tally
+        seeds.update({carry_at + i: o for i, o in enumerate(outs[:n_carry]) if o is not None})
+    return None
 
 
 @dataclasses.dataclass
@@ -233,13 +243,7 @@ def _facts(eqn, cache: dict) -> _Eqn:
         out_avals = [v.aval for v in eqn.outvars]
         name = eqn.primitive.name
         flops = 0.0 if name in COLLECTIVES else op_flops(eqn, in_avals, out_avals)
-        if inner_jaxprs(eqn):
-            traffic = bodies_traffic(eqn)
-        elif name in FUSIBLE:
-            traffic = 0.0
-        else:
-            traffic = float(sum(value_bytes(a) for a in [*in_avals, *out_avals]
-                                if hasattr(a, "shape")))
+        traffic = eqn_traffic(eqn)
         try:
             op = None if name in COLLECTIVES else loop_op(eqn, in_avals, out_avals)
         except Exception:  # noqa: BLE001 - a rule that cannot read it: not split

@@ -100,14 +100,21 @@ def body_traffic(jaxpr, writes_results: bool = False) -> float:
     results = {id(v) for v in jaxpr.outvars} if writes_results else set()
     total = 0.0
     for eqn in jaxpr.eqns:
-        if inner_jaxprs(eqn):
-            total += bodies_traffic(eqn)
-        elif eqn.primitive.name in FUSIBLE:  # fused into its consumer, or a result
+        total += eqn_traffic(eqn)
+        if eqn.primitive.name in FUSIBLE:  # fused, but a result it makes is written
             total += sum(value_bytes(v.aval) for v in eqn.outvars if id(v) in results)
-        elif eqn.primitive.name not in NO_OPS:
-            total += sum(value_bytes(v.aval) for v in [*eqn.invars, *eqn.outvars]
-                         if hasattr(v.aval, "shape"))
     return total
+
+
+def eqn_traffic(eqn) -> float:
+    """Memory bytes of one run of body equation ``eqn`` whole: its bodies' (a call's,
+    control flow's), none for a fused op or a no-op, else its operands and results."""
+    if inner_jaxprs(eqn):
+        return bodies_traffic(eqn)
+    if eqn.primitive.name in FUSIBLE or eqn.primitive.name in NO_OPS:
+        return 0.0
+    return float(sum(value_bytes(v.aval) for v in [*eqn.invars, *eqn.outvars]
+                     if hasattr(v.aval, "shape")))
 
 
 def value_bytes(aval) -> int:

@@ -27,14 +27,12 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-import numpy as np
-
 from autoshard.cost_model import CollectiveStep, MeshCostModel
 from autoshard.ir.specs import Spec, from_partition_spec
 
-from .control_flow import body_split
+from .control_flow import axis_sets, body_split, with_split
 from .flops import COLLECTIVES, body_flops, body_traffic, inner_jaxprs, value_bytes
-from .strategies import Strategy
+from .strategies import Strategy, dtype_name, held_bytes
 
 
 def shard_map_strategies(params: dict, in_avals: Sequence, out_avals: Sequence,
@@ -55,13 +53,11 @@ def shard_map_strategies(params: dict, in_avals: Sequence, out_avals: Sequence,
     in_specs, out_specs = specs
     body = params["jaxpr"]
     flops = body_flops(body)
-    region = sum(model.bytes_per_device(tuple(a.shape), a.dtype.itemsize, s)
-                 for a, s in zip([*in_avals, *out_avals], [*in_specs, *out_specs])
-                 if a is not None)
-    nbytes = max(region, body_traffic(body))
+    nbytes = max(held_bytes(model, [*in_avals, *out_avals], [*in_specs, *out_specs]),
+                 body_traffic(body))
     steps = tuple(_collectives(body, names, model))
     base = Strategy("shard_map", out_specs, in_specs,
-                    model.compute(flops, nbytes, _dtype(in_avals)),
+                    model.compute(flops, nbytes, dtype_name(in_avals)),
                     sum(s.seconds for s in steps), flops=flops, bytes_accessed=nbytes,
                     collectives=steps)
     return (base, *_free_axis_splits(base, params, in_avals, out_avals, model, names))
@@ -140,9 +136,8 @@ def _free_axis_splits(base: Strategy, params: dict, in_avals, out_avals,
     body follows that split (``control_flow.body_split``)."""
     manual = set(params.get("newly_manual_axes", names))
     free = [a for a, n in enumerate(names) if n not in manual and model.mesh_shape[a] > 1]
-    options = [(a,) for a in free] + ([tuple(free)] if len(free) > 1 else [])
     body, found, cache = params["jaxpr"], {}, {}
-    for axes in options:
+    for axes in axis_sets(free):
         n = math.prod(model.mesh_shape[a] for a in axes)
 
         def collective(eqn, ins, n=n):
@@ -165,28 +160,17 @@ def _free_axis_splits(base: Strategy, params: dict, in_avals, out_avals,
                 if any(dim is not None and base.out_specs[i][dim]
                        for i, dim in enumerate(outs)):
                     continue  # a result dim split over manual axes too
-                in_specs = tuple(None if s is None else _with(s, d if i == k else None, axes)
+                in_specs = tuple(None if s is None else with_split(s, d if i == k else None, axes)
                                  for i, s in enumerate(base.in_specs))
-                out_specs = tuple(_with(s, dim, axes) for s, dim in zip(base.out_specs, outs))
+                out_specs = tuple(with_split(s, dim, axes)
+                                  for s, dim in zip(base.out_specs, outs))
                 if (in_specs, out_specs) in found:
                     continue
-                region = sum(model.bytes_per_device(tuple(a.shape), a.dtype.itemsize, s)
-                             for a, s in zip([*in_avals, *out_avals], [*in_specs, *out_specs])
-                             if a is not None)
-                nbytes = max(region, tally.traffic)
+                nbytes = max(held_bytes(model, [*in_avals, *out_avals], [*in_specs, *out_specs]),
+                             tally.traffic)
                 found[(in_specs, out_specs)] = dataclasses.replace(
                     base, name=f"shard_map split {axes}", in_specs=in_specs,
                     out_specs=out_specs, flops=tally.flops, bytes_accessed=nbytes,
-                    compute_s=model.compute(tally.flops, nbytes, _dtype(in_avals)),
+                    compute_s=model.compute(tally.flops, nbytes, dtype_name(in_avals)),
                     communication_s=tally.communication_s, collectives=tuple(tally.steps))
     return list(found.values())
-
-
-def _with(spec: Spec, dim: int | None, axes: tuple[int, ...]) -> Spec:
-    return spec if dim is None else \
-        tuple(tuple(axes) if d == dim else s for d, s in enumerate(spec))
-
-
-def _dtype(avals) -> str:
-    return next((a.dtype.name for a in avals
-                 if a is not None and np.issubdtype(a.dtype, np.floating)), "float32")

@@ -69,7 +69,9 @@ def _itemsize(aval) -> int:
     return aval.dtype.itemsize
 
 
-def _dtype_name(avals) -> str:
+def dtype_name(avals) -> str:
+    """The first floating dtype of ``avals`` (None entries skipped), else float32: the
+    rate an op's arithmetic runs at."""
     for a in avals:
         if a is not None and jax.numpy.issubdtype(a.dtype, np.floating):
             return a.dtype.name
@@ -85,6 +87,12 @@ def _bytes(model: MeshCostModel, aval, spec: Spec | None) -> int:
 def input_strategies(specs: Sequence[Spec]) -> tuple[Strategy, ...]:
     """An argument or constant: one free strategy per layout it may arrive in."""
     return tuple(Strategy(spec_name(s), (s,), (), 0.0, 0.0) for s in specs)
+
+
+def held_bytes(model: MeshCostModel, avals, specs) -> int:
+    """Bytes per device of ``avals`` laid out as ``specs``, each read or written once
+    (None avals or specs: none)."""
+    return _traffic(model, avals, specs, ())
 
 
 def _traffic(model, avals, specs, reads) -> int:
@@ -103,7 +111,7 @@ def replicated_strategy(in_avals, out_avals, model: MeshCostModel, flops: float 
     n = len(in_avals)
     nbytes = _traffic(model, in_avals, in_specs, tuple(reads[:n]))
     nbytes += _traffic(model, out_avals, out_specs, tuple(reads[n:]))
-    compute = model.compute(flops, nbytes, _dtype_name(list(in_avals) + list(out_avals)))
+    compute = model.compute(flops, nbytes, dtype_name(list(in_avals) + list(out_avals)))
     return Strategy("replicated", out_specs, in_specs, compute, 0.0, flops=flops,
                     bytes_accessed=nbytes)
 
@@ -122,7 +130,7 @@ def loop_strategies(op: LoopOp, in_avals, out_avals, model: MeshCostModel,
     mesh_shape = model.mesh_shape
     axes = [a for a, n in enumerate(mesh_shape) if n > 1]
     options = [None] + [l for l, ok in enumerate(op.splittable) if ok]
-    dtype = _dtype_name(list(in_avals) + list(out_avals))
+    dtype = dtype_name(list(in_avals) + list(out_avals))
     reductions = op.reduction_loops
     tensors = [(dims, a) for dims, a in zip(op.in_dims, in_avals)] + \
               [(dims, a) for dims, a in zip(op.out_dims, out_avals)]
