@@ -177,3 +177,33 @@ def test_a_pipeline_with_a_splittable_cond_does_not_warn():
         warnings.simplefilter("error")
         out = step(*args)
     assert_trees_allclose(out, jax.jit(fn)(*args))
+
+
+def test_a_flax_model_accumulating_micro_batches_with_donated_params(short_unrolls):
+    """As users write it: a flax module, the loss closing over the micro-batch, the
+    parameters donated and the learning rate a Python keyword argument."""
+    import flax.linen as nn
+
+    model = nn.Sequential([nn.Dense(128), nn.tanh, nn.Dense(10)])
+    keys = jax.random.split(jax.random.key(1), 3)
+    xs = jax.random.normal(keys[0], (4, 64, 32))
+    ys = jax.random.randint(keys[1], (4, 64), 0, 10)
+
+    def step(params, xs, ys, *, lr):
+        def body(acc, batch):
+            x, y = batch
+            grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+                model.apply(p, x), y).mean())(params)
+            return jax.tree.map(jnp.add, acc, grads), None
+        grads, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), (xs, ys))
+        return jax.tree.map(lambda p, g: p - lr * g / 4, params, grads)
+
+    def fresh():
+        return model.init(keys[2], xs[0])
+
+    expected = jax.jit(step, static_argnames="lr")(fresh(), xs, ys, lr=0.1)
+    f = autoshard.parallelize(step, mesh=autoshard.make_mesh(*MESH), donate_argnums=0)
+    report = f.audit(fresh(), xs, ys, lr=0.1)
+    assert not [d for d in report.differences if "flops" not in d and "bytes" not in d], \
+        report.summary()
+    assert_trees_allclose(f(fresh(), xs, ys, lr=0.1), expected)
