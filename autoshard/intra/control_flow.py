@@ -36,7 +36,16 @@ from autoshard.cost_model import CollectiveStep, MeshCostModel
 from autoshard.ir.jax_compat import inlined_callee
 from autoshard.ir.specs import Spec, replicated
 
-from .flops import COLLECTIVES, NO_OPS, bodies_traffic, eqn_traffic, op_flops, value_bytes
+from .flops import (
+    COLLECTIVES,
+    NO_OPS,
+    bodies_traffic,
+    eqn_traffic,
+    op_flops,
+    value_bytes,
+    window_traffic,
+)
+from .in_place import UPDATE_OPERAND, body_in_place
 from .op_rules import FUSIBLE, loop_op
 from .strategies import Strategy, dtype_name, held_bytes, replicated_strategy
 
@@ -173,7 +182,8 @@ def _split(eqn, seeds: dict[int, int], axes, n: int, model, in_avals, cache: dic
         carry_at = n_cond + n_body
         found = _carried(params["body_jaxpr"].jaxpr, seeds,
                          lambda seeds: {i - n_cond: s for i, s in seeds.items() if n_cond <= i},
-                         carry_at, len(in_avals) - carry_at, axes, n, model, cache)
+                         carry_at, len(in_avals) - carry_at, axes, n, model, cache,
+                         owned_from=n_body)
         if found is None:
             return None
         seeds, outs, tally = found
@@ -192,7 +202,7 @@ def _split(eqn, seeds: dict[int, int], axes, n: int, model, in_avals, cache: dic
         return None  # the scanned dim
     found = _carried(params["jaxpr"].jaxpr, seeds,
                      lambda seeds: {i: (s - 1 if i >= xs_at else s) for i, s in seeds.items()},
-                     n_consts, n_carry, axes, n, model, cache)
+                     n_consts, n_carry, axes, n, model, cache, owned_from=n_consts)
     if found is None:
         return None
     seeds, outs, tally = found
@@ -201,17 +211,17 @@ def _split(eqn, seeds: dict[int, int], axes, n: int, model, in_avals, cache: dic
 
 
 def _carried(body, seeds: dict[int, int], to_body, carry_at: int, n_carry: int, axes,
-             n: int, model, cache: dict):
+             n: int, model, cache: dict, owned_from: int):
     """A loop's body split from operand ``seeds`` (``to_body``: as the body's invars),
     the seeds grown by the carries the body gives back split until each carry (operands
-    ``carry_at`` on, the body's first ``n_carry`` results) comes back as it went:
-    (those seeds, the body's result dims, its tally); None when a carry comes back in
-    another layout or the body does not follow."""
+    ``carry_at`` on, the body's first ``n_carry`` results; the body's invars from
+    ``owned_from`` on) comes back as it went: (those seeds, the body's result dims, its
+    tally); None when a carry comes back in another layout or the body does not follow."""
     seeds = dict(seeds)
     for _ in range(n_carry + 1):
         tally = _Tally()
         outs = _propagate(body, to_body(seeds), axes, n, model, tally, cache,
-                          writes_results=True)
+                          writes_results=True, owned_from=owned_from)
         if outs is None:
             return None
         carry_in = [seeds.get(carry_at + i) for i in range(n_carry)]
@@ -270,18 +280,24 @@ def body_split(jaxpr, seeds: dict[int, int], axes: tuple[int, ...], model: MeshC
 
 def _propagate(jaxpr, seeds: dict[int, int], axes, n: int, model: MeshCostModel,
                tally: _Tally, cache: dict, writes_results: bool = False,
-               collective=None, heavy: frozenset = frozenset()) -> list | None:
+               collective=None, heavy: frozenset = frozenset(),
+               owned_from: int | None = None) -> list | None:
     """The split dim of each result of ``jaxpr`` (None: whole) when its invars ``seeds``
     (index → dim) are split over ``axes``, its work added to ``tally``; None when an
     equation does not follow the split (see the module docstring). ``cache``: equations'
     :class:`_Eqn` (one dict per control-flow equation planned). ``writes_results``: a
-    loop's body, which writes the results its fused ops make (``flops.body_traffic``)."""
+    loop's body, which writes the results its fused ops make (``flops.body_traffic``).
+    ``owned_from``: its invars it may write over in place (``flops.owned_inputs_from``)."""
     split = {jaxpr.invars[i]: dim for i, dim in seeds.items()}
+    owned = len(jaxpr.invars) if owned_from is None else owned_from
+    in_place = cache.get(("in place", id(jaxpr), owned))
+    if in_place is None:
+        in_place = cache["in place", id(jaxpr), owned] = body_in_place(jaxpr, owned)
     fused = set()  # results of fusible ops: in registers unless the body returns them
     # results of the body's reductions (dots, sums, scatters), moved or not (``heavy``:
     # invars that are)
     derived = {jaxpr.invars[i] for i in heavy}
-    for eqn in jaxpr.eqns:
+    for e, eqn in enumerate(jaxpr.eqns):
         name = eqn.primitive.name
         if name in FUSIBLE:
             fused.update(eqn.outvars)
@@ -305,7 +321,7 @@ def _propagate(jaxpr, seeds: dict[int, int], axes, n: int, model: MeshCostModel,
             continue
         if all(dim is None for dim in ins):  # whole, as the replicated body
             tally.flops += facts.flops
-            tally.traffic += facts.traffic
+            tally.traffic += window_traffic(eqn) if e in in_place else facts.traffic
             continue
         if facts.callee is not None:
             outs = _propagate(getattr(facts.callee, "jaxpr", facts.callee),
@@ -334,7 +350,10 @@ def _propagate(jaxpr, seeds: dict[int, int], axes, n: int, model: MeshCostModel,
                     {loop: tuple(axes)}, [a for a, size in enumerate(model.mesh_shape) if size > 1]):
             return None
         tally.flops += facts.flops / n
-        if name not in FUSIBLE:
+        if e in in_place:  # the update's window, not the target
+            update = UPDATE_OPERAND[name]
+            tally.traffic += window_traffic(eqn, n if loop in (op.in_dims[update] or ()) else 1)
+        elif name not in FUSIBLE:
             dims = [*op.in_dims, *op.out_dims]
             tally.traffic += sum(value_bytes(a) / (n if loop in (dims[i] or ()) else 1)
                                  for i, a in enumerate([*facts.in_avals, *facts.out_avals])

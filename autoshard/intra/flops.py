@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from .in_place import UPDATE_OPERAND, body_in_place, window_reads
 from .op_rules import FUSIBLE, RULES, loop_op
 
 #: body primitives that neither compute nor move data (type-level marks of jax's checks)
@@ -89,18 +90,33 @@ def bodies_traffic(eqn) -> float:
     call's results are the equation's own, written as it writes them."""
     inner = inner_jaxprs(eqn)
     loop = eqn.primitive.name in ("while", "scan")
-    return _combined(eqn, [body_traffic(j, loop) for j in inner]) if inner else 0.0
+    return _combined(eqn, [body_traffic(j, loop, owned_inputs_from(eqn, j))
+                           for j in inner]) if inner else 0.0
 
 
-def body_traffic(jaxpr, writes_results: bool = False) -> float:
+def owned_inputs_from(eqn, jaxpr) -> int | None:
+    """The first input of body ``jaxpr`` of ``eqn`` that the body may write over (a loop's
+    carry, a scan's slices of its xs; ``in_place``); None: none may (a ``while``'s
+    condition, a branch, a call)."""
+    name, params = eqn.primitive.name, eqn.params
+    if name == "scan" and jaxpr is params["jaxpr"].jaxpr:
+        return params["num_consts"]
+    if name == "while" and jaxpr is params["body_jaxpr"].jaxpr:
+        return params["body_nconsts"]
+    return None
+
+
+def body_traffic(jaxpr, writes_results: bool = False, owned_from: int | None = None) -> float:
     """Memory bytes of one run of ``jaxpr``: its ops that XLA does not fuse into a consumer
-    (dots, reductions, collectives...) read their operands and write their results; with
-    ``writes_results``, the fused ops making the body's results write them too (a loop's
-    carry has no consumer to fuse into)."""
+    (dots, reductions, collectives...) read their operands and write their results, but
+    for updates written in place (their window: ``in_place``; ``owned_from``: see
+    :func:`owned_inputs_from`); with ``writes_results``, the fused ops making the body's
+    results write them too (a loop's carry has no consumer to fuse into)."""
     results = {id(v) for v in jaxpr.outvars} if writes_results else set()
+    in_place = body_in_place(jaxpr, len(jaxpr.invars) if owned_from is None else owned_from)
     total = 0.0
-    for eqn in jaxpr.eqns:
-        total += eqn_traffic(eqn)
+    for e, eqn in enumerate(jaxpr.eqns):
+        total += window_traffic(eqn) if e in in_place else eqn_traffic(eqn)
         if eqn.primitive.name in FUSIBLE:  # fused, but a result it makes is written
             total += sum(value_bytes(v.aval) for v in eqn.outvars if id(v) in results)
     return total
@@ -115,6 +131,13 @@ def eqn_traffic(eqn) -> float:
         return 0.0
     return float(sum(value_bytes(v.aval) for v in [*eqn.invars, *eqn.outvars]
                      if hasattr(v.aval, "shape")))
+
+
+def window_traffic(eqn, split: int = 1) -> float:
+    """Memory bytes of body update ``eqn`` written over its target in place: its update's
+    bytes (divided by ``split`` when split) times ``in_place.window_reads``."""
+    name = eqn.primitive.name
+    return window_reads(name) * value_bytes(eqn.invars[UPDATE_OPERAND[name]].aval) / split
 
 
 def value_bytes(aval) -> int:

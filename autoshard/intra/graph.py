@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from autoshard.ir.trace import TracedFunction
 from .control_flow import control_flow_strategies
 from .dot_layouts import dot_operands
 from .fusion import fusion
+from .in_place import UPDATE_OPERAND, program_in_place, window_reads
 from .layout_copies import layout_copy_reads
 from .manual_regions import shard_map_strategies
 from .op_rules import CONTROL_FLOW, REPLICATED_QUIETLY, loop_op
@@ -81,18 +82,30 @@ def _aval(program, atom):
 #: operands of a ``jax.checkpoint`` block recomputed in the backward pass) and sharding
 #: constraints (a resharding they imply is priced on the use, as any other)
 NO_TRAFFIC = frozenset({"optimization_barrier", "sharding_constraint", "reshard"})
+#: ops that are a bitcast of a value in memory (dropping dims of size 1 keeps its bytes in
+#: order in any layout): they read nothing; a fusion ending in one writes its result
+BITCASTS = frozenset({"squeeze"})
+#: ops that read only the part of operand 0 they return (XLA's ``cost_analysis`` of a
+#: slice of a [2, 256, 768] array counts the slice read and written, 2x its bytes)
+SLICES = frozenset({"slice", "dynamic_slice"})
+
+
+def _size(aval) -> int:
+    return max(1, int(np.prod(aval.shape)))
 
 
 def build_graph(traced: TracedFunction, model: MeshCostModel,
                 input_specs: Callable[[int, tuple], list[Spec]] | None = None,
-                axis_names: Sequence[str] | None = None) -> ShardingGraph:
+                axis_names: Sequence[str] | None = None,
+                donated: Collection[int] = ()) -> ShardingGraph:
     """Enumerate strategies for every node of ``traced`` on ``model``'s mesh.
 
     ``input_specs(flat_index, shape)`` may restrict the layouts an argument can
     take (presets use it); by default every valid spec is allowed. With ``axis_names``
     (the mesh's), the user's sharding constraints on that mesh are kept
     (``user_constraints``) and its ``shard_map`` regions priced as written
-    (``manual_regions``).
+    (``manual_regions``). ``donated``: flat indices of the arguments the call donates
+    (an update XLA writes over one in place moves only its window: ``in_place``).
     """
     program = traced.program
     mesh_shape = model.mesh_shape
@@ -105,6 +118,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     fused, read_in_fusion, fanout, written = fusion(program)
     copied = layout_copy_reads(program)
     dots = dot_operands(program)
+    in_place = program_in_place(program, donated)
 
     def add(node: Node):
         for k, vid in enumerate(node.outputs):
@@ -138,8 +152,14 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         reads += tuple(0 if v in fused and v not in written else 1 for v in eqn.outputs)
         if name in NO_TRAFFIC:  # an identity XLA does not copy
             reads = (0,) * len(reads)
+        elif name in BITCASTS:  # written only where a fusion ends in it
+            reads = (0,) * len(eqn.inputs) + (reads[-1] if eqn.inputs[0] in fused else 0,)
+        elif name in SLICES:  # reads only what it keeps
+            reads = (reads[0] * _size(out_avals[0]) / _size(in_avals[0]),) + reads[1:]
         if e in copied:  # tensors XLA copies into the layout a convolution runs in
             reads = tuple(r + c for r, c in zip(reads, copied[e], strict=True))
+        if e in in_place:  # written over its target: the window moves, not the target
+            reads = _window_only(reads, name, len(eqn.inputs))
         signature = (traced.signatures[e], reads, dots.get(e))
         strategies = memo.get(signature)  # a repeated layer: same rule, same strategies
         if strategies is None and name == "shard_map" and axis_names is not None:
@@ -180,6 +200,17 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         add(Node(f"{name}#{e}", "op", e, tuple(eqn.outputs), strategies))
     return ShardingGraph(traced, tuple(nodes), tuple(uses), producer,
                          tuple(unsupported), tuple(control_flow), tuple(unmet))
+
+
+def _window_only(reads: tuple, name: str, num_operands: int) -> tuple:
+    """``reads`` (per operand, then the result) of an update XLA writes over its target in
+    place: the target is neither read nor written whole; the update's bytes are read and
+    written into the window (``in_place.window_reads``)."""
+    update = UPDATE_OPERAND[name]
+    reads = list(reads)
+    reads[0] = reads[num_operands] = 0
+    reads[update] += window_reads(name) - 1
+    return tuple(reads)
 
 
 def use_cost_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel,

@@ -97,7 +97,8 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
             return [preset[i]]
         return enumerate_specs(shape, model.mesh_shape)
 
-    per_use_graph = build_graph(traced, model, input_specs, axis_names)
+    per_use_graph = build_graph(traced, model, input_specs, axis_names,
+                                donated=[i for i, d in enumerate(donated_flat) if d])
     graph = share_reads(per_use_graph) if len(model.mesh_shape) <= SHARED_READS_MAX_AXES \
         else per_use_graph
     has_read_nodes = graph is not per_use_graph  # (pricing makes a new graph below)
