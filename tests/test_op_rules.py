@@ -83,6 +83,8 @@ SINGLE_OPS = {
     "uniform_legacy_key": (lambda k: jax.random.uniform(k, (16, 8)), (jax.random.PRNGKey(0),)),
     "uniform_key_batch": (lambda ks: jax.vmap(lambda k: jax.random.uniform(k, (4,)))(ks),
                           (jax.random.split(jax.random.key(0), 8),)),
+    "tile": (lambda x: jnp.tile(x, (1, 2, 1, 3)), (_X,)),
+    "rfft_irfft": (lambda x: jnp.fft.irfft(jnp.fft.rfft(x, axis=1), n=6, axis=1), (_X,)),
     "threefry2x32": (lambda k, a, b: threefry2x32_p.bind(k[0], k[1], a, b),
                      (jax.ShapeDtypeStruct((2,), jnp.uint32),
                       jax.ShapeDtypeStruct((8, 4), jnp.uint32),
@@ -90,7 +92,7 @@ SINGLE_OPS = {
 }
 CHECKED = {"reduce_window_max", "reduce_window_sum", "reduce_window", "select_and_scatter_add",
            "select_and_gather_add", "conv_general_dilated", "reshape", "random_bits",
-           "threefry2x32"}
+           "threefry2x32", "tile", "fft"}
 
 
 def _equation_fn(eqn):
@@ -138,6 +140,32 @@ def test_every_loop_strategy_compiles_to_its_own_collectives(case, shape, names)
             assert found == expected, (eqn, strategy.name, found)
             checked += 1
     assert checked
+
+
+def _conv_transpose(x, w):
+    return jax.lax.conv_transpose(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("fn, args", [
+    (_conv, (_X, _filters(8, 8))),                 # padding: the edges' taps read zeros
+    (_conv_transpose, (_X, _filters(8, 4))),       # input dilated by 2: a quarter of them
+    (lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), "VALID", rhs_dilation=(2, 2),
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC")),
+     (_X, _filters(8, 8))),
+    (lambda x: jnp.fft.rfft(x, axis=1), (_X,)),
+    (lambda x: jnp.fft.irfft(x, n=10, axis=2), (jax.ShapeDtypeStruct((8, 6, 6, 8), jnp.complex64),)),
+    (lambda x: jnp.fft.fft2(x), (jax.ShapeDtypeStruct((8, 16, 32), jnp.complex64),)),
+], ids=["conv_same", "conv_transpose", "conv_strided_dilated", "rfft", "irfft", "fft2"])
+def test_flops_are_counted_as_xla_counts_them(fn, args):
+    """A convolution's multiply-adds on padding and on the holes of a dilated input, and
+    an FFT's butterflies, counted as XLA's ``cost_analysis`` counts them (the audit found a
+    transposed convolution's flops at 2.3x, and an FFT's, with no rule, at 0.04x)."""
+    program = trace(fn, args).program
+    (eqn,) = [e for e in program.eqns if e.primitive.name in ("conv_general_dilated", "fft")]
+    in_avals = [program.avals[a] for a in eqn.inputs]
+    op = loop_op(eqn, in_avals, [program.avals[v] for v in eqn.outputs])
+    compiled = jax.jit(_equation_fn(eqn)).lower(*in_avals).compile().cost_analysis()
+    assert op.flops == pytest.approx(compiled["flops"], rel=1e-6)
 
 
 def test_xla_gathers_grouped_convolutions_so_their_rule_splits_nothing():

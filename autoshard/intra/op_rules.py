@@ -18,45 +18,10 @@ from collections.abc import Callable, Sequence
 from autoshard.ir.jax_compat import partitionable_random_bits
 
 from .indexed_loops import IndexedLoops
-from .kernels import kernel_name
-
-Dims = tuple  # per tensor dim: loop index or None (never split)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopOp:
-    """A primitive as a loop nest.
-
-    ``sizes[l]``: extent of loop ``l``. ``splittable[l]``: whether mesh axes may split it.
-    ``in_dims[k]``: per dim of operand ``k`` its loop (``None`` for a literal/rank-0
-    operand). ``out_dims[k]``: likewise for output ``k``. ``flops``: arithmetic of the whole
-    (unsplit) op. ``kernel``: ``kernels.kernel_name``. ``contraction``: XLA partitions it as a
-    dot or a convolution (``strategies._scatter_steps``). ``indexing``: the loops of an
-    embedding-style gather or scatter (``IndexedLoops``), whose splits XLA partitions
-    only in some axis orders.
-    """
-
-    sizes: tuple[int, ...]
-    splittable: tuple[bool, ...]
-    in_dims: tuple[Dims | None, ...]
-    out_dims: tuple[Dims, ...]
-    flops: float = 0.0
-    kernel: str | None = None
-    contraction: bool = False
-    indexing: IndexedLoops | None = None
-
-    @property
-    def reduction_loops(self) -> frozenset[int]:
-        followed = {l for dims in self.out_dims for l in dims if l is not None}
-        return frozenset(range(len(self.sizes))) - followed
-
-
-def _rank(aval) -> int:
-    return len(aval.shape)
-
-
-def _size(aval) -> int:
-    return int(math.prod(aval.shape))
+from .loop_op import LoopOp
+from .loop_op import rank_of as _rank
+from .loop_op import size_of as _size
+from .window_rules import conv, reduce_window, select_and_gather_add, select_and_scatter_add
 
 
 def _operand_dims(aval, out_aval):
@@ -235,60 +200,6 @@ def dot_general(eqn, in_avals, out_avals):
                   (tuple(odims),), flops=2.0 * math.prod(sizes), contraction=True)
 
 
-def conv(eqn, in_avals, out_avals):
-    """Convolution as three loops; spatial dims stay whole.
-
-    Plain (``feature_group_count == batch_group_count == 1``): batch N (lhs and output
-    batch dims), output feature O (rhs and output feature dims), input feature I (lhs and
-    rhs feature dims; a reduction loop). All three split.
-
-    ``feature_group_count`` G > 1 (grouped; depthwise when G equals the input features):
-    the input features are G contiguous groups of Cg = I/G, the output features G
-    contiguous groups of O/G, and output group g reads only input group g. The feature
-    loop is the *group* loop, of size G: the output and rhs output-feature dims and the
-    lhs feature dim follow it, so a split by n (which must divide G) gives each device
-    G/n whole groups: their input features, filters and output features, with no
-    communication. The rhs input-feature dim (Cg, summed within a group) follows no
-    loop: the lhs feature dim already follows the group loop. Only depthwise
-    convolutions (Cg = 1, any channel multiplier) split: XLA's SPMD partitioner (jax
-    0.10) runs them as a batched dot, but gathers a grouped convolution with Cg > 1
-    whole onto every device however its batch or groups are split, so there both loops
-    stay whole and the planner prices the gather.
-
-    ``batch_group_count`` B > 1 (the filter gradient of a grouped convolution): the lhs
-    batch dim is B contiguous groups and output feature group b reads only lhs batch
-    group b. The group loop (size B) is followed by the lhs batch dim and the rhs and
-    output feature dims; the output batch dim (the lhs batch within a group) stays
-    whole; the input-feature loop (the gradient's sum over the data batch) is a
-    splittable reduction, as in the plain case.
-    """
-    lhs, rhs = in_avals
-    out = out_avals[0]
-    dn = eqn.params["dimension_numbers"]
-    (lb, lf), (ro, ri), (ob, of) = dn.lhs_spec[:2], dn.rhs_spec[:2], dn.out_spec[:2]
-    groups = eqn.params["feature_group_count"]
-    batch_groups = eqn.params["batch_group_count"]
-    ldims, rdims, odims = [None] * _rank(lhs), [None] * _rank(rhs), [None] * _rank(out)
-    if batch_groups > 1:   # loops: group (lhs batch, rhs O, out O), input feature
-        ldims[lb] = rdims[ro] = odims[of] = 0
-        ldims[lf] = rdims[ri] = 1
-        sizes, splittable = (batch_groups, lhs.shape[lf]), (True, True)
-    elif groups > 1:       # loops: batch, group (lhs feature, rhs O, out O)
-        ldims[lb] = odims[ob] = 0
-        ldims[lf] = rdims[ro] = odims[of] = 1
-        depthwise = rhs.shape[ri] == 1
-        sizes, splittable = (lhs.shape[lb], groups), (depthwise, depthwise)
-    else:                  # loops: batch, output feature, input feature
-        ldims[lb] = odims[ob] = 0
-        rdims[ro] = odims[of] = 1
-        ldims[lf] = rdims[ri] = 2
-        sizes, splittable = (lhs.shape[lb], rhs.shape[ro], rhs.shape[ri]), (True, True, True)
-    window = math.prod(rhs.shape[d] for d in dn.rhs_spec[2:])
-    flops = 2.0 * _size(out) * rhs.shape[ri] * window
-    return LoopOp(sizes, splittable, (tuple(ldims), tuple(rdims)), (tuple(odims),), flops=flops,
-                  kernel=kernel_name(eqn) if groups == batch_groups == 1 else None, contraction=True)
-
-
 def concatenate(eqn, in_avals, out_avals):
     out = out_avals[0]
     dim = eqn.params["dimension"]
@@ -345,6 +256,32 @@ def dynamic_update_slice(eqn, in_avals, out_avals):
     ident = tuple(range(rank))
     return LoopOp(tuple(operand.shape), tuple(full),
                   (ident, dims) + (None,) * (len(in_avals) - 2), (ident,))
+
+
+def tile(eqn, in_avals, out_avals):
+    """Every dim splits: a dim tiled more than once reads its operand dim whole."""
+    operand, out = in_avals[0], out_avals[0]
+    rank = _rank(out)
+    dims = tuple(d if operand.shape[d] == out.shape[d] else None for d in range(rank))
+    return LoopOp(tuple(out.shape), (True,) * rank, (dims,), (tuple(range(rank)),))
+
+
+def fft(eqn, in_avals, out_avals):
+    """Whole: XLA's SPMD partitioner (jax 0.10) gathers an FFT's operand onto every device
+    (measured: a batch-split ``rfft``, its ``irfft`` and their gradient each all-gathered
+    their operand), so a split is none of its strategies. The rule prices it as it runs:
+    flops as XLA's ``cost_analysis`` counts them, 8 per operand element per factor of 2
+    in each transform length."""
+    operand, out = in_avals[0], out_avals[0]
+    lengths = eqn.params["fft_lengths"]
+    batch = _rank(out) - len(lengths)
+    sizes = (*out.shape[:batch], *operand.shape[batch:], *out.shape[batch:])
+    transformed = len(lengths)
+    in_dims = (*range(batch), *range(batch, batch + transformed))
+    out_dims = (*range(batch), *range(batch + transformed, batch + 2 * transformed))
+    factors = math.prod(max(int(n).bit_length() - 1, 0) for n in lengths)
+    return LoopOp(sizes, (False,) * (batch + 2 * transformed), (in_dims,),
+                  (out_dims,), flops=8.0 * factors * _size(operand))
 
 
 def rev(eqn, in_avals, out_avals):
@@ -449,58 +386,6 @@ def scatter(eqn, in_avals, out_avals):
 
 
 
-def _window_free(params, rank: int) -> tuple[bool, ...]:
-    """Per dim, whether a windowed op leaves it alone: window 1, stride 1, no padding and
-    no dilation, so output element ``i`` of that dim reads only operand element ``i``."""
-    ones = (1,) * rank
-    return tuple(params["window_dimensions"][d] == 1 and params["window_strides"][d] == 1
-                 and tuple(params["padding"][d]) == (0, 0)
-                 and (params.get("base_dilation") or ones)[d] == 1
-                 and (params.get("window_dilation") or ones)[d] == 1
-                 for d in range(rank))
-
-
-def _windowed(eqn, out, windowed_avals, whole_avals, num_outputs: int = 1) -> LoopOp:
-    """A windowed op as one loop per dim of ``out``: dims the window leaves alone (see
-    ``_window_free``) split freely, the rest stay whole. ``windowed_avals``: operands on
-    the other side of the window from ``out`` (their windowed dims follow no loop);
-    ``whole_avals``: operands shaped like ``out`` (every dim follows its loop), or scalars
-    and literals (init values: no loop)."""
-    rank = _rank(out)
-    free = _window_free(eqn.params, rank)
-    dims = tuple(d if free[d] else None for d in range(rank))
-    ident = tuple(range(rank))
-    in_dims = tuple(dims for _ in windowed_avals) + tuple(
-        None if a is None or _rank(a) == 0 else ident for a in whole_avals)
-    window = math.prod(eqn.params["window_dimensions"])
-    return LoopOp(tuple(out.shape), free, in_dims, (ident,) * num_outputs,
-                  flops=float(_size(out) * window))
-
-
-def reduce_window(eqn, in_avals, out_avals):
-    """Pooling (``reduce_window_max/min/sum``, and ``reduce_window`` with its own
-    computation: n operands then n init values → n outputs): loops over the output dims;
-    batch and channel dims (window 1, stride 1, unpadded) split, windowed dims stay
-    whole."""
-    n = len(out_avals)
-    return _windowed(eqn, out_avals[0], in_avals[:n], in_avals[n:], num_outputs=n)
-
-
-def select_and_scatter_add(eqn, in_avals, out_avals):
-    """Max-pool's gradient (source: the cotangent of the pooled value; operand: the
-    pool's input; output shaped like the operand): loops over the output dims; dims the
-    window leaves alone split, windowed dims stay whole."""
-    source, operand = in_avals
-    return _windowed(eqn, out_avals[0], (source,), (operand,))
-
-
-def select_and_gather_add(eqn, in_avals, out_avals):
-    """Max-pool's forward-mode derivative (tangents and operand shaped like the input,
-    output like the pooled value): loops over the output dims; dims the window leaves
-    alone split, windowed dims stay whole."""
-    return _windowed(eqn, out_avals[0], in_avals, ())
-
-
 # Integer operations per random element of one threefry2x32 block: 20 rounds of add,
 # rotate (two shifts and an or) and xor on two words, plus five key injections.
 _THREEFRY_OPS = 120
@@ -542,6 +427,7 @@ RULES.update({
     "cummin": along_axis("axis"), "cumlogsumexp": along_axis("axis"),
     "sort": along_axis("dimension"), "top_k": top_k,
     "transpose": transpose, "squeeze": squeeze, "reshape": reshape, "rev": rev, "iota": iota,
+    "tile": tile, "fft": fft,
     "dot_general": dot_general, "conv_general_dilated": conv,
     "concatenate": concatenate, "split": split, "pad": pad, "slice": slice_rule,
     "dynamic_slice": dynamic_slice, "dynamic_update_slice": dynamic_update_slice,
@@ -563,11 +449,12 @@ FUSIBLE = ELEMENTWISE | frozenset({"broadcast_in_dim", "reshape", "squeeze", "tr
 FUSING_CONSUMERS = FUSIBLE | frozenset({"reduce_sum", "reduce_max", "reduce_min",
                                         "reduce_prod", "argmax", "argmin"})
 
-# Primitives that run replicated on purpose (no warning): RNG plumbing and the like, and
-# ``random_bits`` where its rule declines (keys other than partitionable threefry).
+# Primitives that run replicated on purpose (no warning): RNG plumbing and the like,
+# ``random_bits`` where its rule declines (keys other than partitionable threefry), and
+# host callbacks (host code: jax runs them on one device; ``graph.HOST_CALLBACKS``).
 REPLICATED_QUIETLY = frozenset("""
 random_bits random_seed random_wrap random_unwrap random_fold_in random_split
-rng_bit_generator rng_uniform debug_callback debug_print
+rng_bit_generator rng_uniform debug_callback debug_print pure_callback io_callback
 """.split())
 
 # Control flow: a single node with conservative (replicated) strategies and a warning.
