@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import autoshard
@@ -130,3 +133,50 @@ def test_an_ops_all_reduce_and_reduce_scatter_fold_on_the_cpu(cpu):
             ("all-reduce", ("fsdp",), 4 * mib), ("all-reduce", ("data",), 2 * mib)]
     else:
         assert _as_compiled(plan, False) == [(c.kind, c.axes, c.nbytes) for c in plan.collectives]
+
+
+@pytest.mark.parametrize("shape, names", MESHES, ids=["8", "2x4"])
+def test_a_host_callbacks_result_is_sent_from_one_device_as_priced(shape, names):
+    """jax runs a ``pure_callback`` on one device and XLA all-reduces its result over the
+    mesh: the audit found that all-reduce unpriced. It is priced, and no warning is given
+    (host code has nothing to split)."""
+    def step(w, x):
+        loss, grad = jax.value_and_grad(lambda w: (jnp.tanh(x @ w) ** 2).mean())(w)
+        norm = jax.pure_callback(lambda g: np.float32(np.linalg.norm(g)),
+                                 jax.ShapeDtypeStruct((), jnp.float32), grad)
+        return w - 0.1 * grad / (1.0 + norm), loss
+
+    keys = jax.random.split(jax.random.key(0))
+    args = (jax.random.normal(keys[0], (128, 128)) * 0.1, jax.random.normal(keys[1], (64, 128)))
+    planned = autoshard.parallelize(step, mesh=autoshard.make_mesh(shape, names))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = planned.audit(*args)
+    assert not [d for d in report.differences if "flops" not in d and "bytes" not in d], \
+        report.summary()
+    assert any(c.kind == "all-reduce" and c.axes == names and c.op.startswith("pure_callback")
+               for c in planned.plan(*args).collectives)
+    assert_trees_allclose(planned(*args), jax.jit(step)(*args), atol=1e-5)
+
+
+@pytest.mark.parametrize("donate", [(), (0,)], ids=["kept", "donated"])
+def test_an_argument_returned_unchanged_is_priced_as_the_copy_xla_makes(donate):
+    """A frozen table returned as it came (the audit found the step's bytes at 0.73x the
+    compiled program's): not donated, XLA copies it into the output's buffer; donated,
+    the buffer is the output's already."""
+    def step(params, x):
+        grad = jax.grad(lambda w: (jnp.tanh(x @ w) ** 2).mean())(params["w"])
+        return {"frozen": params["frozen"], "w": params["w"] - 0.1 * grad}
+
+    keys = jax.random.split(jax.random.key(0), 3)
+
+    def args():
+        return ({"frozen": jax.random.normal(keys[0], (1024, 256)) * 0.1,
+                 "w": jax.random.normal(keys[1], (256, 256)) * 0.1},
+                jax.random.normal(keys[2], (64, 256)))
+
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    planned = autoshard.parallelize(step, mesh=mesh, donate_argnums=donate)
+    report = planned.audit(*args())
+    assert report.ok, report.summary()
+    assert_trees_allclose(planned(*args()), jax.jit(step)(*args()), atol=1e-5)

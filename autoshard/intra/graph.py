@@ -6,7 +6,7 @@ from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
-from autoshard.cost_model import MeshCostModel
+from autoshard.cost_model import CollectiveStep, MeshCostModel
 from autoshard.ir.program import Literal
 from autoshard.ir.specs import Spec, enumerate_specs, replicated
 from autoshard.ir.trace import TracedFunction
@@ -88,6 +88,25 @@ BITCASTS = frozenset({"squeeze"})
 #: ops that read only the part of operand 0 they return (XLA's ``cost_analysis`` of a
 #: slice of a [2, 256, 768] array counts the slice read and written, 2x its bytes)
 SLICES = frozenset({"slice", "dynamic_slice"})
+
+
+#: host callbacks: jax runs one on the mesh's first device, and XLA sends its results to
+#: the others with an all-reduce over the whole mesh (measured: a ``pure_callback``'s
+#: scalar result all-reduced over both axes of 2x4)
+HOST_CALLBACKS = frozenset({"pure_callback", "io_callback"})
+
+
+def _sent_to_every_device(strategy: Strategy, out_avals, model: MeshCostModel) -> Strategy:
+    """``strategy`` (a host callback's, replicated) with the all-reduce over every mesh
+    axis that sends its results from the first device to the others."""
+    axes = tuple(a for a, size in enumerate(model.mesh_shape) if size > 1)
+    if not axes:
+        return strategy
+    steps = tuple(CollectiveStep("all-reduce", axes, nbytes, model.all_reduce(nbytes, axes))
+                  for nbytes in (int(np.prod(a.shape)) * a.dtype.itemsize for a in out_avals))
+    return dataclasses.replace(strategy, collectives=strategy.collectives + steps,
+                               communication_s=strategy.communication_s
+                               + sum(s.seconds for s in steps))
 
 
 def _size(aval) -> int:
@@ -192,6 +211,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         elif not strategies:
             strategies = (replicated_strategy(in_avals, out_avals, model,
                                               reads=reads),)
+            if name in HOST_CALLBACKS:
+                strategies = (_sent_to_every_device(strategies[0], out_avals, model),)
         node_index = len(nodes)
         for k, atom in enumerate(eqn.inputs):
             if not isinstance(atom, Literal):

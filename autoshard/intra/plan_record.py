@@ -102,12 +102,13 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         if peak_bytes is None else peak_bytes
     ops = [s for n, s in zip(graph.nodes, chosen) if n.kind == "op"]
     fed = [s for n, s in zip(graph.nodes, chosen) if n.kind in ("input", "constant")]
-    cost = PlanCost(compute_s=float(sum(s.compute_s for s in ops)),
+    # (an input's compute and traffic: its copy into an output it is returned as)
+    cost = PlanCost(compute_s=float(sum(s.compute_s for s in chosen)),
                     communication_s=float(sum(s.communication_s for s in ops)) + merged_latency,
                     resharding_s=resharding, peak_memory_bytes=peak,
                     input_s=float(sum(s.communication_s for s in fed)),
                     flops=float(sum(s.flops for s in ops)),
-                    bytes_accessed=float(sum(s.bytes_accessed for s in ops) + copies))
+                    bytes_accessed=float(sum(s.bytes_accessed for s in chosen) + copies))
     top = sorted(((n, s) for n, s in zip(graph.nodes, chosen) if n.kind == "op"),
                  key=lambda ns: -ns[1].cost_s)[:20]
     scope = lambda e: traced.scopes[e] if e < len(traced.scopes) else ""  # noqa: E731

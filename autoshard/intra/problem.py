@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec
 from autoshard import ilp
 from autoshard.cost_model import MeshCostModel
 from autoshard.ir import trace as _trace
+from autoshard.ir.program import Literal
 from autoshard.ir.specs import Spec, enumerate_specs, from_partition_spec, spec_is_valid
 from autoshard.ir.trace import TracedFunction
 from autoshard.ir.user_frames import user_stacklevel
@@ -108,6 +109,7 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
     pairs = tuple(sorted(by_key_path + extra))
     time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
     priced = functools.partial(_priced_problem, model=model, pairs=pairs, fixed=frozenset(fixed),
+                               donated=frozenset(i for i, d in enumerate(donated_flat) if d),
                                extra=extra, by_key_path=by_key_path,
                                carried_weight=carried_weight, time_limit=time_limit, memo={})
     graph, merged, uses, matrices, grouping, request = priced(graph)
@@ -140,10 +142,12 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
 
 
 def _priced_problem(graph: ShardingGraph, *, model: MeshCostModel, pairs, fixed: frozenset,
-                    extra, by_key_path, carried_weight: float, time_limit: float, memo: dict):
+                    donated: frozenset, extra, by_key_path, carried_weight: float,
+                    time_limit: float, memo: dict):
     """(graph, merged all-reduces, uses, cost matrices, grouping, request) of ``graph``
-    priced: fed inputs, combined all-reduces, carried uses (weighted), followers grouped."""
-    graph = _price_fed_inputs(graph, model, pairs, fixed)
+    priced: fed inputs, inputs returned as they came, combined all-reduces, carried uses
+    (weighted), followers grouped."""
+    graph = _price_returned_inputs(_price_fed_inputs(graph, model, pairs, fixed), model, donated)
     graph, merged = combine_all_reduces(graph, model)
     weighted = _carried_uses(graph, extra)
     uses = tuple(graph.uses) + tuple(_carried_uses(graph, by_key_path)) + tuple(weighted)
@@ -270,6 +274,35 @@ def _price_fed_inputs(graph: ShardingGraph, model: MeshCostModel, pairs,
     return dataclasses.replace(graph, nodes=tuple(nodes))
 
 
+def _price_returned_inputs(graph: ShardingGraph, model: MeshCostModel,
+                           donated: frozenset) -> ShardingGraph:
+    """An argument the function returns unchanged and the call does not donate is copied
+    into the output's buffer by the compiled program: its input node's strategies read and
+    write its bytes per device once per time it is returned (``compute_s``,
+    ``bytes_accessed``; measured: a returned [128, 128] f32 argument adds its bytes twice
+    to ``cost_analysis``'s). A donated one is the output's buffer already."""
+    program = graph.traced.program
+    position = {v: i for i, v in enumerate(program.invars)}
+    returned = [position[a] for a in program.outvars
+                if not isinstance(a, Literal) and a in position and position[a] not in donated]
+    if not returned:
+        return graph
+    nodes = list(graph.nodes)
+    for i in returned:
+        n = graph.input_node(i)
+        aval = program.avals[program.invars[i]]
+        shape, itemsize = tuple(aval.shape), aval.dtype.itemsize
+
+        def copied(s):
+            nbytes = 2 * model.bytes_per_device(shape, itemsize, s.out_specs[0])
+            return dataclasses.replace(
+                s, compute_s=s.compute_s + model.compute(0.0, nbytes, aval.dtype.name),
+                bytes_accessed=s.bytes_accessed + nbytes)
+        nodes[n] = dataclasses.replace(nodes[n], strategies=tuple(
+            copied(s) for s in nodes[n].strategies))
+    return dataclasses.replace(graph, nodes=tuple(nodes))
+
+
 def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
           propagation: tuple[ilp.IntraOpRequest, Grouping] | None, model: MeshCostModel,
           method, batch_flat: Sequence[bool], annotations: Sequence[Spec] | None, *,
@@ -330,8 +363,8 @@ def _priced(graph: ShardingGraph, grouping: Grouping, request: ilp.IntraOpReques
     per_node = grouping.expand(choices)
     for node, c in zip(graph.nodes, per_node):
         strategy = node.strategies[c]
+        compute += strategy.compute_s  # (an input's: copied into an output, if returned)
         if node.kind == "op":
-            compute += strategy.compute_s
             communication += strategy.communication_s
         else:
             fed += strategy.communication_s
