@@ -17,6 +17,7 @@ from autoshard.distributed.agreement import check_same_plan
 from autoshard.intra.annotations import AnnotationError, annotated_layouts
 from autoshard.intra.batch import default_batch_argnums
 from autoshard.intra.planner import plan_traced
+from autoshard.intra.problem import undonated_updates
 from autoshard.ir import hlo
 from autoshard.ir.call import BoundCall, argument_roles, bind_call, dynamic_arguments
 from autoshard.ir.fingerprint import check_fingerprint, fingerprint, statics_text
@@ -214,14 +215,17 @@ class ParallelizedFunction:
             plan = self._reuse_plan(traced, statics)
             return _Compiled(_rematerialized(traced, plan), plan, None)
         batch, donated, batch_args = self._flags(call, traced)
-        plan = plan_traced(traced, mesh_shape=where.mesh_shape, axis_names=where.axis_names,
-                           cluster=where.cluster, method=self._method, batch_flat=batch,
-                           static_repr=statics, donated_flat=donated,
-                           memory_budget=where.memory_budget
-                           if isinstance(self._method, ShardParallel) else None,
-                           deadline=self._deadline(start),
-                           annotations=self._annotations(call, batch, where),
-                           rematerialize=True, compiled_peak=self._compiled_peak(call))
+        try:
+            plan = plan_traced(traced, mesh_shape=where.mesh_shape,
+                               axis_names=where.axis_names, cluster=where.cluster,
+                               method=self._method, batch_flat=batch, static_repr=statics,
+                               donated_flat=donated, memory_budget=where.memory_budget
+                               if isinstance(self._method, ShardParallel) else None,
+                               deadline=self._deadline(start),
+                               annotations=self._annotations(call, batch, where),
+                               rematerialize=True, compiled_peak=self._compiled_peak(call))
+        except InfeasiblePlanError as err:
+            raise _with_donation_hint(err, undonated_updates(traced, donated)) from None
         plan = dataclasses.replace(plan, batch=_argument_names(call, batch_args),
                                    batch_inferred=call.batch is None)
         self._check_budget(plan)
@@ -571,3 +575,19 @@ def rare_cycle_collection() -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*thresholds)
+
+
+def _with_donation_hint(err: InfeasiblePlanError, undonated) -> InfeasiblePlanError:
+    """``err`` naming the arguments the step returns updated without donating them (their
+    old and new values both held), and the ``donate_argnums`` that holds one of each."""
+    if not undonated:
+        return err
+    paths = [p for p, _ in undonated]
+    shown = ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+    argnums = sorted({a for _, a in undonated if a is not None})
+    advice = f"donate them (donate_argnums={tuple(argnums)!r}) to hold one of each" \
+        if argnums else "donate them to hold one of each"
+    return InfeasiblePlanError(
+        f"{err}. {shown} {'is' if len(paths) == 1 else 'are'} returned updated but not "
+        f"donated, so the old and the new values are both held while the step runs: "
+        f"{advice}", err.min_peak_bytes, err.memory_budget)

@@ -132,6 +132,29 @@ def test_memory_budget_is_checked_and_bad_strings_rejected(mesh8):
         autoshard.parallelize(fn, mesh=mesh8, memory_budget="sixteen gigs")
 
 
+def test_a_budget_no_plan_meets_names_the_arguments_to_donate(mesh8):
+    """An optimizer step returning its parameters and state updated, not donated, holds
+    both copies: the smallest peak is then far above the donated step's, and the error
+    says which arguments to donate."""
+    def step(params, state, x):
+        grads = jax.grad(lambda p: jnp.tanh(x @ p["w"]).mean())(params)
+        state = jax.tree.map(lambda m, g: 0.9 * m + g, state, grads)
+        return jax.tree.map(lambda p, m: p - 0.1 * m, params, state), state
+
+    params = {"w": jnp.ones((512, 512))}
+    state = {"w": jnp.zeros((512, 512))}
+    args = (params, state, jnp.ones((64, 512)))
+    kept = autoshard.parallelize(step, mesh=mesh8, memory_budget=1024)
+    with pytest.raises(autoshard.InfeasiblePlanError,
+                       match=r"cannot be met.*args\[0\]\['w'\], args\[1\]\['w'\] are returned "
+                             r"updated but not donated.*donate_argnums=\(0, 1\)"):
+        kept.plan(*args)
+    donated = autoshard.parallelize(step, mesh=mesh8, memory_budget=1024, donate_argnums=(0, 1))
+    with pytest.raises(autoshard.InfeasiblePlanError) as err:
+        donated.plan(*args)
+    assert "not donated" not in str(err.value)
+
+
 _USER_STEP = '''
 import jax.numpy as jnp
 import autoshard

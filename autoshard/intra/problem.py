@@ -241,6 +241,23 @@ def carried_pairs(traced: TracedFunction, donated_flat: Sequence[bool] = ()
     return tuple(sorted(pairs))
 
 
+def undonated_updates(traced: TracedFunction, donated_flat: Sequence[bool]
+                      ) -> tuple[tuple[str, int | None], ...]:
+    """(key path, positional argument index or None) of each flat input the function
+    returns updated at the same key path (:func:`carried_pairs`) that the call does not
+    donate: its old and new values are both held while the step runs."""
+    found = []
+    for _, i in carried_pairs(traced):
+        if i < len(donated_flat) and donated_flat[i]:
+            continue
+        path = traced.in_paths[i]
+        head = path.split("]", 1)[0]
+        argnum = int(head[len("args["):]) if head.startswith("args[") and \
+            head[len("args["):].isdigit() else None
+        found.append((path, argnum))
+    return tuple(found)
+
+
 def _carried_uses(graph: ShardingGraph, pairs) -> list[Use]:
     """Loop-carried tensor uses: output producer → the input node it feeds next step."""
     program = graph.traced.program
