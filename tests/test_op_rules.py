@@ -84,6 +84,11 @@ SINGLE_OPS = {
     "uniform_key_batch": (lambda ks: jax.vmap(lambda k: jax.random.uniform(k, (4,)))(ks),
                           (jax.random.split(jax.random.key(0), 8),)),
     "tile": (lambda x: jnp.tile(x, (1, 2, 1, 3)), (_X,)),
+    "batched_linear_algebra": (
+        lambda a: (jnp.linalg.cholesky(a @ a.mT + 16 * jnp.eye(16)), jnp.linalg.eigh(a + a.mT),
+                   jnp.linalg.qr(a), jnp.linalg.svd(a), jax.lax.linalg.lu(a),
+                   jax.lax.linalg.triangular_solve(a, a, left_side=True, lower=True)),
+        (jax.ShapeDtypeStruct((8, 4, 16, 16), jnp.float32),)),
     "rfft_irfft": (lambda x: jnp.fft.irfft(jnp.fft.rfft(x, axis=1), n=6, axis=1), (_X,)),
     "threefry2x32": (lambda k, a, b: threefry2x32_p.bind(k[0], k[1], a, b),
                      (jax.ShapeDtypeStruct((2,), jnp.uint32),
@@ -92,7 +97,8 @@ SINGLE_OPS = {
 }
 CHECKED = {"reduce_window_max", "reduce_window_sum", "reduce_window", "select_and_scatter_add",
            "select_and_gather_add", "conv_general_dilated", "reshape", "random_bits",
-           "threefry2x32", "tile", "fft"}
+           "threefry2x32", "tile", "fft", "cholesky", "eigh", "qr", "svd", "lu",
+           "triangular_solve"}
 
 
 def _equation_fn(eqn):
@@ -368,3 +374,26 @@ def test_depthwise_and_grouped_convolutions(shape, names):
                  if e.primitive.name == "conv_general_dilated"
                  and e.params["feature_group_count"] == 8]
     assert depthwise and all(_dim_axes(s, 0) or _dim_axes(s, 3) for s in depthwise), depthwise
+
+
+def test_batched_linear_algebra_splits_its_batch_and_matches_jit():
+    """A block preconditioner (Shampoo-like: an ``eigh`` per block of a statistics
+    stack): the linear algebra had no rule, ran replicated and warned; its batch of blocks
+    now splits like any batch dim, with no collective."""
+    def step(stats, grads):
+        stats = 0.9 * stats + jnp.einsum("bij,bkj->bik", grads, grads)
+        w, v = jnp.linalg.eigh(stats + 1e-3 * jnp.eye(stats.shape[-1]))
+        root = jnp.einsum("bij,bj,bkj->bik", v, jax.lax.rsqrt(jnp.maximum(w, 1e-6)), v)
+        return stats, jnp.einsum("bij,bjk->bik", root, grads)
+
+    keys = jax.random.split(jax.random.key(0))
+    stats = jnp.stack([jnp.eye(32)] * 16)
+    grads = jax.random.normal(keys[1], (16, 32, 32))
+    mesh = autoshard.make_mesh((8,), ("data",))
+    planned = autoshard.parallelize(step, mesh=mesh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = planned.plan(stats, grads)
+    assert plan.in_specs[0] == P("data")
+    assert not plan.collectives
+    _assert_matches_jit(planned(stats, grads), jax.jit(step)(stats, grads))

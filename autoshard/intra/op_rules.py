@@ -284,6 +284,33 @@ def fft(eqn, in_avals, out_avals):
                   (out_dims,), flops=8.0 * factors * _size(operand))
 
 
+def matrix_batched(eqn, in_avals, out_avals):
+    """A linear-algebra op on the last two dims of its first operand (``cholesky``,
+    ``eigh``, ``qr``, ``svd``, ``lu``, ``triangular_solve``): the batch dims before
+    them, which lead every operand and result, split freely (XLA keeps a batch-split
+    ``cholesky``, ``eigh``, ``qr``, ``svd``, ``lu`` or ``triangular_solve`` split, with no
+    collective); every other dim stays whole. No flops: XLA's ``cost_analysis`` counts
+    none for these library calls (LAPACK on the CPU)."""
+    if in_avals[0] is None or _rank(in_avals[0]) < 2:
+        return None
+    batch = tuple(in_avals[0].shape[:-2])
+    sizes, splittable = list(batch), [True] * len(batch)
+
+    def dims(aval):
+        if aval is None or tuple(aval.shape[:len(batch)]) != batch:
+            return None
+        own = range(len(sizes), len(sizes) + _rank(aval) - len(batch))
+        sizes.extend(aval.shape[len(batch):])
+        splittable.extend(False for _ in own)
+        return (*range(len(batch)), *own)
+
+    in_dims, out_dims = [dims(a) for a in in_avals], [dims(a) for a in out_avals]
+    if any(d is None for d in out_dims) or any(
+            d is None and a is not None and _rank(a) > 0 for d, a in zip(in_dims, in_avals)):
+        return None
+    return LoopOp(tuple(sizes), tuple(splittable), tuple(in_dims), tuple(out_dims))
+
+
 def rev(eqn, in_avals, out_avals):
     out = out_avals[0]
     rank = _rank(out)
@@ -428,6 +455,8 @@ RULES.update({
     "sort": along_axis("dimension"), "top_k": top_k,
     "transpose": transpose, "squeeze": squeeze, "reshape": reshape, "rev": rev, "iota": iota,
     "tile": tile, "fft": fft,
+    **{name: matrix_batched for name in ("cholesky", "eigh", "qr", "svd", "lu",
+                                         "triangular_solve")},
     "dot_general": dot_general, "conv_general_dilated": conv,
     "concatenate": concatenate, "split": split, "pad": pad, "slice": slice_rule,
     "dynamic_slice": dynamic_slice, "dynamic_update_slice": dynamic_update_slice,
