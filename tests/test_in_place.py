@@ -33,12 +33,17 @@ BUF, ROW_VALUE = jnp.zeros((ROWS, COLS)), jnp.ones((COLS,))
     (lambda b, r, i: b.at[i].set(r), (), []),
     # an intermediate read by nothing else: written over
     (lambda b, r, i: (b * 2).at[i].add(r), (), ["scatter-add"]),
-    # an intermediate also read after the update by something depending on its result: copied
+    # another reader the update does not wait for: copied first (measured: XLA's
+    # cost_analysis counts the target read and written once more), whether that reader
+    # reads the update's result too or not
     (lambda b, r, i: (lambda t: t.at[i].set(r) + t)(b * 2), (), []),
-    # another reader that does not depend on the update runs before it: written over
-    (lambda b, r, i: (lambda t: (t.at[i].set(r), t.sum()))(b * 2), (), ["scatter"]),
-    # two updates of one target: one of them writes a copy
-    (lambda b, r, i: (lambda t: (t.at[i].set(r), t.at[i + 1].set(r)))(b * 2), (), ["scatter"]),
+    (lambda b, r, i: (lambda t: (t.at[i].set(r), t.sum()))(b * 2), (), []),
+    (lambda b, r, i: (b.at[i].set(r), b.sum()), (0,), []),
+    # another reader the update's values come from: it reads first, then the update writes
+    (lambda b, r, i: (lambda t: t.at[i].set(r * t.sum()))(b * 2), (), ["scatter"]),
+    (lambda b, r, i: b.at[i].set(r * b.sum()), (0,), ["scatter"]),
+    # two updates of one target: both copy it
+    (lambda b, r, i: (lambda t: (t.at[i].set(r), t.at[i + 1].set(r)))(b * 2), (), []),
     # a chain of updates over a donated target, each written over the last
     (lambda b, r, i: b.at[i].set(r).at[i + 1].set(r * 2), (0,), ["scatter", "scatter"]),
 ])

@@ -397,3 +397,21 @@ def test_batched_linear_algebra_splits_its_batch_and_matches_jit():
     assert plan.in_specs[0] == P("data")
     assert not plan.collectives
     _assert_matches_jit(planned(stats, grads), jax.jit(step)(stats, grads))
+
+
+@pytest.mark.parametrize("special", [
+    jax.scipy.special.i0e, jax.scipy.special.i1e,
+    lambda x: jax.scipy.special.betainc(2.0, 3.0, jax.nn.sigmoid(x)),
+    lambda x: jax.grad(lambda a: jax.scipy.special.gammainc(a, 0.5).sum())(jnp.abs(x) + 1.0),
+], ids=["i0e", "i1e", "betainc", "gammainc_grad"])
+def test_special_functions_are_elementwise(special):
+    """Bessel, incomplete beta and gamma-gradient primitives had no rule: they ran
+    replicated with a warning although each element is computed alone."""
+    x = jax.random.normal(jax.random.key(1), (64, 32))
+    planned = autoshard.parallelize(lambda x: special(x) * 2.0,
+                                    mesh=autoshard.make_mesh((8,), ("data",)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = planned.plan(x)
+    assert plan.in_specs[0] != P() and not plan.collectives  # split, nothing gathered
+    _assert_matches_jit(planned(x), jax.jit(lambda x: special(x) * 2.0)(x))

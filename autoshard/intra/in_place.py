@@ -45,41 +45,42 @@ def in_place_updates(eqns: Sequence, name_of: Callable[[object], str],
                      kept: Collection[Hashable]) -> frozenset[int]:
     """Indices of the one-window updates among ``eqns`` (in program order) that XLA writes
     over their target: the target is not in ``kept`` (arguments not donated, constants,
-    program outputs) and no other reader of it depends on the update's result (those that
-    do not can run before it). ``operands(eqn)``: keys of its operands (None for a
-    literal); ``results(eqn)``: keys of its results; ``index_shape(eqn)``: the shape of a
-    scatter's indices."""
-    candidates = {}
+    program outputs) and every other reader of it is one the update depends on, so that
+    all of them read it before it is written. Measured on a 1 MiB intermediate: read also
+    by a sum the update does not wait for, or updated twice, XLA copies it first; read by a
+    sum the update's values come from, it writes over it. ``operands(eqn)``: keys of its
+    operands (None for a literal); ``results(eqn)``: keys of its results;
+    ``index_shape(eqn)``: the shape of a scatter's indices."""
+    readers: dict[Hashable, list[int]] = {}
+    for e, eqn in enumerate(eqns):
+        for key in operands(eqn):
+            if key is not None and (not readers.get(key) or readers[key][-1] != e):
+                readers.setdefault(key, []).append(e)
+    candidates: dict[int, list[int]] = {}  # update -> the other readers of its target
     for e, eqn in enumerate(eqns):
         name = name_of(eqn)
         if name in UPDATE_OPERAND and one_window(name, index_shape(eqn)):
             target = operands(eqn)[0]
             if target is not None and target not in kept:
-                candidates[e] = len(candidates)
+                candidates[e] = [r for r in readers.get(target, ()) if r != e]
     if not candidates:
         return frozenset()
-    depends: dict[Hashable, int] = {}  # value -> bits of the candidates it depends on
-    clashing: set[int] = set()
-    readers: dict[Hashable, list[int]] = {}
+    bit = {r: k for k, r in enumerate(sorted({r for rs in candidates.values() for r in rs}))}
+    depends: dict[Hashable, int] = {}  # value -> bits of the tracked readers it depends on
+    waits: dict[int, int] = {}         # update -> bits of the tracked readers it depends on
     for e, eqn in enumerate(eqns):
         mask = 0
         for key in operands(eqn):
             if key is not None:
                 mask |= depends.get(key, 0)
-                readers.setdefault(key, []).append(e)
+        if e in candidates:
+            waits[e] = mask
+        if e in bit:
+            mask |= 1 << bit[e]
         for key in results(eqn):
-            depends[key] = mask | (1 << candidates[e] if e in candidates else 0)
-    for e, bit in candidates.items():
-        target = operands(eqns[e])[0]
-        for r in readers.get(target, ()):
-            if r in candidates and r < e:  # two updates of one target: one writes a copy
-                clashing.add(e)
-                break
-            if r != e and any(depends.get(key, 0) >> bit & 1 for key in operands(eqns[r])
-                              if key is not None):
-                clashing.add(e)
-                break
-    return frozenset(candidates) - clashing
+            depends[key] = mask
+    return frozenset(e for e, others in candidates.items()
+                     if all(waits[e] >> bit[r] & 1 for r in others))
 
 
 def program_in_place(program: Program, donated: Collection[int] = ()) -> frozenset[int]:
