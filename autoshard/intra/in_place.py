@@ -51,21 +51,26 @@ def in_place_updates(eqns: Sequence, name_of: Callable[[object], str],
     sum the update's values come from, it writes over it. ``operands(eqn)``: keys of its
     operands (None for a literal); ``results(eqn)``: keys of its results;
     ``index_shape(eqn)``: the shape of a scatter's indices."""
-    readers: dict[Hashable, list[int]] = {}
-    for e, eqn in enumerate(eqns):
-        for key in operands(eqn):
-            if key is not None and (not readers.get(key) or readers[key][-1] != e):
-                readers.setdefault(key, []).append(e)
-    candidates: dict[int, list[int]] = {}  # update -> the other readers of its target
+    targets: dict[int, Hashable] = {}  # update -> its target
     for e, eqn in enumerate(eqns):
         name = name_of(eqn)
         if name in UPDATE_OPERAND and one_window(name, index_shape(eqn)):
             target = operands(eqn)[0]
             if target is not None and target not in kept:
-                candidates[e] = [r for r in readers.get(target, ()) if r != e]
-    if not candidates:
+                targets[e] = target
+    if not targets:
         return frozenset()
+    watched = set(targets.values())
+    readers: dict[Hashable, list[int]] = {}
+    for e, eqn in enumerate(eqns):
+        for key in operands(eqn):
+            if key in watched and (not readers.get(key) or readers[key][-1] != e):
+                readers.setdefault(key, []).append(e)
+    # update -> the other readers of its target
+    candidates = {e: [r for r in readers[t] if r != e] for e, t in targets.items()}
     bit = {r: k for k, r in enumerate(sorted({r for rs in candidates.values() for r in rs}))}
+    if not bit:  # no target has another reader
+        return frozenset(candidates)
     depends: dict[Hashable, int] = {}  # value -> bits of the tracked readers it depends on
     waits: dict[int, int] = {}         # update -> bits of the tracked readers it depends on
     for e, eqn in enumerate(eqns):
