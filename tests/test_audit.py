@@ -108,6 +108,17 @@ def test_a_pipeline_plan_is_refused_with_advice():
         audit(plan, "", {})
 
 
+def test_auditing_a_pipelined_step_is_refused_with_advice():
+    """``step.audit(*args)`` of a pipelined step failed inside with an AttributeError (its
+    compiled programs read as one); it gives the advice ``audit`` gives."""
+    w = mlp(num_layers=4, batch=32, hidden=64)
+    method = autoshard.PipeshardParallel(num_microbatches=2, num_stages=2, num_layers=2)
+    step = autoshard.parallelize(w.fn, mesh=autoshard.make_mesh((8,), ("data",)),
+                                 method=method, batch_argnums=w.batch_argnums)
+    with pytest.raises(ValueError, match="pipeline plan runs several"):
+        step.audit(*w.args)
+
+
 @pytest.mark.parametrize("cpu", [True, False], ids=["cpu", "gpu"])
 def test_an_ops_all_reduce_and_reduce_scatter_fold_on_the_cpu(cpu):
     # On 2x2x2 ("data", "fsdp", "model"), a dot contracting over fsdp and model: its output

@@ -78,6 +78,14 @@ class Audit:
         return "\n".join(lines)
 
 
+def refuse_pipeline(plan) -> None:
+    """``ValueError`` with advice when ``plan`` is a pipeline's (several programs)."""
+    if plan.programs:
+        raise ValueError("audit compares one program with its plan; a pipeline plan runs "
+                         "several (audit each stage's program with its ProgramSpecs, or "
+                         "plan with num_stages=1)")
+
+
 def audit(plan, compiled_text: str, cost_analysis: dict,
           compiler_log: str | None = None, reduce_scatter_as_all_reduce: bool = False) -> Audit:
     """Compare ``plan`` (one program: not a pipeline) with the compiled program whose HLO
@@ -85,10 +93,7 @@ def audit(plan, compiled_text: str, cost_analysis: dict,
     while compiling it, if captured; ``reduce_scatter_as_all_reduce``: the program was
     compiled for a backend that runs a reduce-scatter as an all-reduce and a slice (XLA's
     CPU compiler), whatever the plan's cluster assumed."""
-    if plan.programs:
-        raise ValueError("audit compares one program with its plan; a pipeline plan runs "
-                         "several (audit each stage's program with its ProgramSpecs, or "
-                         "plan with num_stages=1)")
+    refuse_pipeline(plan)
     names = tuple(plan.axis_names)
     planned: dict[tuple, list[int]] = {}
     for kind, axes, nbytes in _as_compiled(plan, reduce_scatter_as_all_reduce):

@@ -104,6 +104,7 @@ class Plan:
         count), and the compiled flops and bytes accessed against the modelled ones.
         ``compiler_log``: what XLA printed while compiling, to report its "involuntary
         full rematerialization" warnings (``ParallelizedFunction.audit`` captures it)."""
+        audit.refuse_pipeline(self)  # (before reading a pipeline's programs as one)
         return audit.audit(self, compiled.as_text(), hlo.cost_analysis(compiled), compiler_log,
                            reduce_scatter_as_all_reduce=hlo.platform(compiled) == "cpu")
 
