@@ -225,7 +225,7 @@ class ParallelizedFunction:
                                annotations=self._annotations(call, batch, where),
                                rematerialize=True, compiled_peak=self._compiled_peak(call))
         except InfeasiblePlanError as err:
-            raise _with_donation_hint(err, undonated_updates(traced, donated)) from None
+            raise _with_donation_hint(err, undonated_updates(traced, donated), call) from None
         plan = dataclasses.replace(plan, batch=_argument_names(call, batch_args),
                                    batch_inferred=call.batch is None)
         self._check_budget(plan)
@@ -577,16 +577,22 @@ def rare_cycle_collection() -> Iterator[None]:
         gc.set_threshold(*thresholds)
 
 
-def _with_donation_hint(err: InfeasiblePlanError, undonated) -> InfeasiblePlanError:
+def _with_donation_hint(err: InfeasiblePlanError, undonated, call: BoundCall
+                        ) -> InfeasiblePlanError:
     """``err`` naming the arguments the step returns updated without donating them (their
-    old and new values both held), and the ``donate_argnums`` that holds one of each."""
+    old and new values both held), and the ``donate_argnums`` (``donate_argnames`` for
+    those ``call`` passes by keyword) that hold one of each."""
     if not undonated:
         return err
     paths = [p for p, _ in undonated]
     shown = ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
-    argnums = sorted({a for _, a in undonated if a is not None})
-    advice = f"donate them (donate_argnums={tuple(argnums)!r}) to hold one of each" \
-        if argnums else "donate them to hold one of each"
+    argnums = sorted({a for _, a in undonated})
+    positional = tuple(a for a in argnums if a < call.num_positional)
+    keywords = tuple(call.keywords[a - call.num_positional] for a in argnums
+                     if a >= call.num_positional)
+    ways = ([f"donate_argnums={positional!r}"] if positional else []) + \
+        ([f"donate_argnames={keywords!r}"] if keywords else [])
+    advice = f"donate them ({', '.join(ways)}) to hold one of each"
     return InfeasiblePlanError(
         f"{err}. {shown} {'is' if len(paths) == 1 else 'are'} returned updated but not "
         f"donated, so the old and the new values are both held while the step runs: "

@@ -153,6 +153,10 @@ def test_a_budget_no_plan_meets_names_the_arguments_to_donate(mesh8):
     with pytest.raises(autoshard.InfeasiblePlanError) as err:
         donated.plan(*args)
     assert "not donated" not in str(err.value)
+    # the state passed by keyword: named by its keyword, to donate by name
+    with pytest.raises(autoshard.InfeasiblePlanError,
+                       match=r"donate_argnums=\(0,\), donate_argnames=\('state',\)"):
+        kept.plan(params, state=state, x=args[2])
 
 
 _USER_STEP = '''

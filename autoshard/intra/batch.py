@@ -15,14 +15,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from autoshard.ir.trace import TracedFunction
+from autoshard.ir.trace import TracedFunction, argument_of
 
 from .problem import carried_pairs
-
-
-def argument_of(path: str) -> int:
-    """The argument number of a flat input path (``"args[2]['x']"`` → 2)."""
-    return int(path[len("args["):path.index("]")])
 
 
 def default_batch_argnums(traced: TracedFunction, donated_flat: Sequence[bool] = ()

@@ -13,9 +13,11 @@ from autoshard.ir.trace import TracedFunction
 
 from .control_flow import control_flow_strategies
 from .dot_layouts import dot_operands
+from .flops import value_bytes
 from .fusion import fusion
 from .in_place import UPDATE_OPERAND, program_in_place, window_reads
 from .layout_copies import layout_copy_reads
+from .loop_op import size_of
 from .manual_regions import shard_map_strategies
 from .op_rules import CONTROL_FLOW, REPLICATED_QUIETLY, loop_op
 from .strategies import Strategy, input_strategies, loop_strategies, replicated_strategy
@@ -103,14 +105,10 @@ def _sent_to_every_device(strategy: Strategy, out_avals, model: MeshCostModel) -
     if not axes:
         return strategy
     steps = tuple(CollectiveStep("all-reduce", axes, nbytes, model.all_reduce(nbytes, axes))
-                  for nbytes in (int(np.prod(a.shape)) * a.dtype.itemsize for a in out_avals))
+                  for nbytes in map(value_bytes, out_avals))
     return dataclasses.replace(strategy, collectives=strategy.collectives + steps,
                                communication_s=strategy.communication_s
                                + sum(s.seconds for s in steps))
-
-
-def _size(aval) -> int:
-    return max(1, int(np.prod(aval.shape)))
 
 
 def build_graph(traced: TracedFunction, model: MeshCostModel,
@@ -174,7 +172,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         elif name in BITCASTS:  # written only where a fusion ends in it
             reads = (0,) * len(eqn.inputs) + (reads[-1] if eqn.inputs[0] in fused else 0,)
         elif name in SLICES:  # reads only what it keeps
-            reads = (reads[0] * _size(out_avals[0]) / _size(in_avals[0]),) + reads[1:]
+            reads = (reads[0] * size_of(out_avals[0]) / max(size_of(in_avals[0]), 1),) + reads[1:]
         if e in copied:  # tensors XLA copies into the layout a convolution runs in
             reads = tuple(r + c for r, c in zip(reads, copied[e], strict=True))
         if e in in_place:  # written over its target: the window moves, not the target

@@ -17,7 +17,7 @@ from autoshard.cost_model import MeshCostModel
 from autoshard.ir import trace as _trace
 from autoshard.ir.program import Literal
 from autoshard.ir.specs import Spec, enumerate_specs, from_partition_spec, spec_is_valid
-from autoshard.ir.trace import TracedFunction
+from autoshard.ir.trace import TracedFunction, argument_of
 from autoshard.ir.user_frames import user_stacklevel
 from autoshard.methods import PRESETS, Annotated, DataParallel, Megatron, ShardParallel, ZeRO3
 from autoshard.plan.parts import Alternative
@@ -242,20 +242,13 @@ def carried_pairs(traced: TracedFunction, donated_flat: Sequence[bool] = ()
 
 
 def undonated_updates(traced: TracedFunction, donated_flat: Sequence[bool]
-                      ) -> tuple[tuple[str, int | None], ...]:
-    """(key path, positional argument index or None) of each flat input the function
-    returns updated at the same key path (:func:`carried_pairs`) that the call does not
-    donate: its old and new values are both held while the step runs."""
-    found = []
-    for _, i in carried_pairs(traced):
-        if i < len(donated_flat) and donated_flat[i]:
-            continue
-        path = traced.in_paths[i]
-        head = path.split("]", 1)[0]
-        argnum = int(head[len("args["):]) if head.startswith("args[") and \
-            head[len("args["):].isdigit() else None
-        found.append((path, argnum))
-    return tuple(found)
+                      ) -> tuple[tuple[str, int], ...]:
+    """(key path, argument number) of each flat input the function returns updated at the
+    same key path (:func:`carried_pairs`) that the call does not donate: its old and new
+    values are both held while the step runs."""
+    return tuple((traced.in_paths[i], argument_of(traced.in_paths[i]))
+                 for _, i in carried_pairs(traced)
+                 if not (i < len(donated_flat) and donated_flat[i]))
 
 
 def _carried_uses(graph: ShardingGraph, pairs) -> list[Use]:

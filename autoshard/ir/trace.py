@@ -243,6 +243,12 @@ def argument_path(path, argnums) -> str:
     return f"args[{argnums[head.idx]}]" + jax.tree_util.keystr(tuple(rest))
 
 
+def argument_of(path: str) -> int:
+    """The argument number of a flat input path, :func:`argument_path`'s inverse
+    (``"args[2]['x']"`` → 2)."""
+    return int(path[len("args["):path.index("]")])
+
+
 def flatten_open_jaxpr(jaxpr, in_paths, out_paths) -> TracedFunction:
     """Flatten a jaxpr whose constvars, then invars, become the program's inputs."""
     n = len(jaxpr.constvars) + len(jaxpr.invars)

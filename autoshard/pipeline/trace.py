@@ -17,7 +17,14 @@ import numpy as np
 
 from autoshard.ir.jax_compat import gradient_routing_available
 from autoshard.ir.program import Equation, Program
-from autoshard.ir.trace import TracedFunction, argument_path, aval_struct, flatten_open_jaxpr, trace
+from autoshard.ir.trace import (
+    TracedFunction,
+    argument_of,
+    argument_path,
+    aval_struct,
+    flatten_open_jaxpr,
+    trace,
+)
 from autoshard.ir.user_frames import user_stacklevel
 
 from .layers import strip_boundaries
@@ -154,12 +161,12 @@ def _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, pa
     if changed is None:
         return
     name = getattr(fun, "__name__", "the function")
-    split_args = sorted({_argnum(p) for f, m, p in zip(full, micro, paths)
+    split_args = sorted({argument_of(p) for f, m, p in zip(full, micro, paths)
                          if f.shape != m.shape})
     # arguments all of whose leaves have the batch's leading dimension
     same_lead: dict[int, bool] = {}
     for f, p in zip(full, paths):
-        same_lead[_argnum(p)] = same_lead.get(_argnum(p), True) and \
+        same_lead[argument_of(p)] = same_lead.get(argument_of(p), True) and \
             f.shape[:1] == changed[1][:1]
     unsplit = sorted(a for a, same in same_lead.items() if same and a not in split_args)
     hint = ""
@@ -177,11 +184,6 @@ def _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, pa
         f"split into micro-batches were {split_args}: those in batch_argnums or, without "
         f"it, the last non-static argument and those PipeshardParallel infers from it (see "
         f"its docstring)") from err
-
-
-def _argnum(path: str) -> int:
-    """``args[3]['x']`` → 3."""
-    return int(path[len("args["):path.index("]")])
 
 
 def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) -> SplitStep:
