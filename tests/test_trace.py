@@ -129,3 +129,29 @@ def test_a_cond_with_a_contraction_in_a_branch_stays_a_cond():
     args = (jnp.ones((16, 8)), jnp.ones((4, 16)), True)
     names = [e.primitive.name for e in trace(step, args).program.eqns]
     assert "cond" in names and "select_n" not in names
+
+
+@jax.custom_batching.custom_vmap
+def _custom_batched_sin(x):
+    return jnp.sin(x)
+
+
+@_custom_batched_sin.def_vmap
+def _(axis_size, in_batched, x):
+    return jnp.sin(x), in_batched[0]
+
+
+def test_calls_that_compute_their_own_jaxpr_are_inlined():
+    """``lax.composite`` (its decomposition), ``custom_vmap`` (its function) and
+    ``custom_linear_solve`` (its solve: ``jnp.linalg.solve``) are what XLA runs, so the
+    program holds their equations, each with a rule, not one call no rule knows."""
+    def fn(a, b, x):
+        tanh = jax.lax.composite(lambda x: jnp.tanh(x), name="user.tanh")(x)
+        return jnp.linalg.solve(a + 8.0 * jnp.eye(8), b) @ (tanh + _custom_batched_sin(x))
+    args = (jnp.ones((8, 8)), jnp.ones((8, 4)), jnp.ones((4, 4)))
+    names = {e.primitive.name for e in trace(fn, args).program.eqns}
+    assert {"tanh", "sin", "lu", "triangular_solve"} <= names, names
+    assert not names & {"composite", "custom_vmap_call", "custom_linear_solve"}, names
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    out = autoshard.parallelize(fn, mesh=mesh)(*args)
+    assert jnp.allclose(out, jax.jit(fn)(*args), atol=1e-5)

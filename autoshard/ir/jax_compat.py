@@ -36,6 +36,8 @@ INLINED_CALLS: dict[str, tuple[str, ...]] = {
     "remat": ("jaxpr",),
     "remat2": ("jaxpr",),
     "checkpoint": ("jaxpr",),
+    "composite": ("jaxpr",),
+    "custom_vmap_call": ("call",),
 }
 
 
@@ -69,6 +71,22 @@ def inlined_callee(eqn):
         if param in eqn.params:
             return eqn.params[param]
     return None
+
+
+def linear_solve_call(eqn, operands: Sequence) -> tuple[object, list] | None:
+    """``(closed jaxpr, its operands)`` that a ``custom_linear_solve`` equation computes
+    (``jnp.linalg.solve``, ``inv``, ``jax.scipy.linalg.expm``...), else ``None``. jax's own
+    implementation runs the ``solve`` jaxpr on its constants and ``b``; the matvec and
+    transpose jaxprs only serve differentiation, done before a step is traced here.
+    ``const_lengths`` counts each jaxpr's constants, which lead the operands in the
+    order ``matvec, vecmat, solve, transpose_solve``, followed by ``b``."""
+    if eqn.primitive.name != "custom_linear_solve":
+        return None
+    lengths = eqn.params["const_lengths"]
+    start = lengths.matvec + lengths.vecmat
+    consts = list(operands[start:start + lengths.solve])
+    b = list(operands[start + lengths.solve + lengths.transpose_solve:])
+    return eqn.params["jaxprs"].solve, consts + b
 
 
 #: frames searched for the user's own code under a library's (flax, optax, ...)

@@ -1,7 +1,8 @@
 """Tracing: a user function and example arguments → a flat :class:`Program`.
 
 Calls that only structure the program (``jit``/``pjit``, ``closed_call``,
-``custom_jvp_call``, ``custom_vjp_call``, ``remat``/``checkpoint``) are inlined
+``custom_jvp_call``, ``custom_vjp_call``, ``remat``/``checkpoint``; a
+``custom_linear_solve``, as the solve it runs) are inlined
 (a ``jax.checkpoint`` block recomputed in the backward pass behind an
 ``optimization_barrier`` per operand, as jax lowers it, so the user's remat survives),
 and ``lax.scan`` loops (layers scanned over stacked weights, and their transposes
@@ -28,6 +29,7 @@ import numpy as np
 from .jax_compat import (
     inlined_callee,
     join_scopes,
+    linear_solve_call,
     name_stack,
     optimization_barrier_primitive,
     recomputes_in_backward,
@@ -45,7 +47,8 @@ def _count_equations(jaxpr) -> int:
     """Equations of ``jaxpr`` with inlined calls and nested scans counted as unrolled."""
     total = 0
     for eqn in jaxpr.eqns:
-        callee = inlined_callee(eqn)
+        solved = linear_solve_call(eqn, eqn.invars)
+        callee = inlined_callee(eqn) if solved is None else solved[0]
         if eqn.primitive.name == "scan":
             total += eqn.params["length"] * _count_equations(eqn.params["jaxpr"].jaxpr)
         elif callee is not None:
@@ -359,6 +362,9 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                     env[var] = out
                 continue
             callee = inlined_callee(eqn)
+            solved = linear_solve_call(eqn, ins)
+            if solved is not None:
+                callee, ins = solved
             if callee is not None and recomputes_in_backward(eqn):
                 ins = [barrier(a, eqn, here, callers) for a in ins]
             if callee is not None:
