@@ -166,3 +166,26 @@ def test_a_pipeline_runs_the_constraints_on_each_stages_sub_mesh(bare):
         out = autoshard.parallelize(step, mesh=mesh, method=method)(params, x)
         expected = jax.jit(step)(params, x)
     assert_trees_allclose(out, expected)
+
+
+@pytest.mark.parametrize("spec", [P("data", "model"), P(None, "model")], ids=str)
+def test_a_device_put_on_the_mesh_inside_the_step_is_a_constraint_too(spec):
+    """``jax.device_put(x, NamedSharding(mesh, spec))`` inside a jitted step lays ``x``
+    out as a sharding constraint does. Before: ``device_put`` had no rule, so it warned and
+    ran replicated, and XLA resharded around it unpriced."""
+    mesh = autoshard.make_mesh(*MESH)
+    step, args = users_mlp_step(optax.sgd(1e-2), lambda h: jax.device_put(
+        jax.nn.relu(h), NamedSharding(mesh, spec)))
+    # (its transpose in the backward pass puts the cotangent on no sharding: unconstrained)
+    put = {e.outputs[0] for e in trace(step, args).program.eqns
+           if e.primitive.name == "device_put" and e.params["devices"] != (None,)}
+    assert len(put) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = autoshard.parallelize(step, mesh=mesh, batch_argnums=(2, 3))
+        plan = f.plan(*args)
+    made = {P(*s) for vid, s in plan.value_specs if vid in put}
+    assert made == {spec}, made
+    report = f.audit(*args)
+    assert report.ok, report.summary()
+    assert_trees_allclose(f(*args), jax.jit(step)(*args))

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import jax
+import jax.extend.core as jcore
 import jax.numpy as jnp
 import optax
+from jax.interpreters import mlir
 
 from examples import models
 
@@ -47,3 +49,18 @@ def users_mlp_step(optimizer, hidden=jax.nn.relu):
               "w2": jax.random.normal(keys[1], (256, 16)) * 0.1}
     x, labels = jax.random.normal(keys[2], (32, 64)), jnp.arange(32) % 16
     return step, (params, optimizer.init(params), x, labels)
+
+
+def _doubled(x):
+    return 2 * x
+
+
+#: a primitive of the user's own (``2 * x``), which no sharding rule knows
+user_op_p = jcore.Primitive("user_op")
+user_op_p.def_impl(_doubled)
+user_op_p.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, x.dtype))
+mlir.register_lowering(user_op_p, mlir.lower_fun(_doubled, multiple_results=False))
+
+#: ``2 * x`` through ``user_op_p``, bound inside jax's own code under a jit, as jax's
+#: linear algebra binds its primitives (no frame of the binding is the user's)
+doubled = jax.jit(user_op_p.bind)

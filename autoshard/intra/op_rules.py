@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from autoshard.ir.jax_compat import partitionable_random_bits
 
 from .indexed_loops import IndexedLoops
+from .linalg_rules import RULES as LINALG_RULES
 from .loop_op import LoopOp
 from .loop_op import rank_of as _rank
 from .loop_op import size_of as _size
@@ -110,10 +111,13 @@ def along_axis(param: str):
 
 
 def top_k(eqn, in_avals, out_avals):
+    """``top_k`` (along the last dim) and ``approx_top_k`` (along its
+    ``reduction_dimension``): that dim stays whole, every other dim splits."""
     operand = in_avals[0]
     rank = _rank(operand)
-    dims = tuple(range(rank - 1)) + (None,)
-    sizes = tuple(operand.shape[:-1])
+    axis = eqn.params.get("reduction_dimension", -1) % rank
+    dims = tuple(None if d == axis else d - (d > axis) for d in range(rank))
+    sizes = tuple(n for d, n in enumerate(operand.shape) if d != axis)
     return LoopOp(sizes, (True,) * len(sizes), (dims,), (dims, dims), flops=float(_size(operand)))
 
 
@@ -200,6 +204,35 @@ def dot_general(eqn, in_avals, out_avals):
                   (tuple(odims),), flops=2.0 * math.prod(sizes), contraction=True)
 
 
+def ragged_dot(eqn, in_avals, out_avals):
+    """``lax.ragged_dot`` and the two its gradient makes, rows [m] grouped in order by
+    ``group_sizes`` [g]: each row of ``lhs`` [m, k] times the [k, n] matrix of its group in
+    ``rhs`` [g, k, n] (or [g, n, k]: the input gradient), giving [m, n]; or the rows
+    contracted group by group, ``lhs`` [m, k] and ``rhs`` [m, n] giving [g, k, n] (the
+    weight gradient). The rows split (XLA partitions the ragged rows itself: measured
+    exact on 8 devices; contracted, with partial sums), as do k and n; the groups stay
+    whole. Flops as XLA's expansion computes them, a dense dot per group of every row
+    under a mask (``cost_analysis``). Other forms (ragged batch dims) give None."""
+    dn = eqn.params["ragged_dot_dimension_numbers"]
+    ((lhs_contract,), (rhs_contract,)), batch = dn.dot_dimension_numbers
+    lhs, rhs = in_avals[:2]
+    if any(batch) or _rank(lhs) != 2 or tuple(dn.lhs_ragged_dimensions) != (0,):
+        return None
+    (m, k), g = lhs.shape, in_avals[2].shape[0]
+    if tuple(dn.rhs_group_dimensions) == (0,) and _rank(rhs) == 3 and lhs_contract == 1:
+        free = 3 - rhs_contract  # rhs's output-feature dim (1 or 2)
+        n = rhs.shape[free]
+        rhs_dims = [None, None, None]
+        rhs_dims[rhs_contract], rhs_dims[free] = 1, 2
+        return LoopOp((m, k, n), (True,) * 3, ((0, 1), tuple(rhs_dims), (None,)), ((0, 2),),
+                      flops=2.0 * m * k * n * g)
+    if not dn.rhs_group_dimensions and _rank(rhs) == 2 and (lhs_contract, rhs_contract) == (0, 0):
+        n = rhs.shape[1]
+        return LoopOp((m, k, n, g), (True, True, True, False), ((0, 1), (0, 2), (3,)),
+                      ((3, 1, 2),), flops=2.0 * m * k * n * g)
+    return None
+
+
 def concatenate(eqn, in_avals, out_avals):
     out = out_avals[0]
     dim = eqn.params["dimension"]
@@ -208,6 +241,42 @@ def concatenate(eqn, in_avals, out_avals):
     in_dims = tuple(None if a is None else ident for a in in_avals)
     return LoopOp(tuple(out.shape), tuple(d != dim for d in range(rank)), in_dims,
                   (tuple(range(rank)),))
+
+
+def stack(eqn, in_avals, out_avals):
+    """``jnp.stack``: operand ``k`` is slice ``k`` of the new ``axis``, which stays whole;
+    the other dims follow the operands'."""
+    out = out_avals[0]
+    axis = eqn.params["axis"]
+    rank = _rank(out)
+    dims = tuple(d for d in range(rank) if d != axis)
+    return LoopOp(tuple(out.shape), tuple(d != axis for d in range(rank)),
+                  tuple(None if a is None or _rank(a) == 0 else dims for a in in_avals),
+                  (tuple(range(rank)),))
+
+
+def unstack(eqn, in_avals, out_avals):
+    """``jnp.unstack``: result ``k`` is slice ``k`` of ``axis``, which stays whole."""
+    operand = in_avals[0]
+    rank = _rank(operand)
+    axis = eqn.params["axis"] % rank
+    dims = tuple(d for d in range(rank) if d != axis)
+    return LoopOp(tuple(operand.shape), tuple(d != axis for d in range(rank)),
+                  (tuple(range(rank)),), (dims,) * len(out_avals))
+
+
+def identities(eqn, in_avals, out_avals):
+    """Ops that hand each operand on as the same-numbered result (``device_put``, of one
+    array or of a pytree's leaves): each operand's dims are loops of their own, which its
+    result follows."""
+    sizes, in_dims = [], []
+    for operand, out in zip(in_avals, out_avals, strict=True):
+        if operand is None or tuple(operand.shape) != tuple(out.shape):
+            return None
+        in_dims.append(tuple(range(len(sizes), len(sizes) + _rank(operand))) or None)
+        sizes.extend(operand.shape)
+    return LoopOp(tuple(sizes), (True,) * len(sizes), tuple(in_dims),
+                  tuple(d or () for d in in_dims))
 
 
 def split(eqn, in_avals, out_avals):
@@ -282,33 +351,6 @@ def fft(eqn, in_avals, out_avals):
     factors = math.prod(max(int(n).bit_length() - 1, 0) for n in lengths)
     return LoopOp(sizes, (False,) * (batch + 2 * transformed), (in_dims,),
                   (out_dims,), flops=8.0 * factors * _size(operand))
-
-
-def matrix_batched(eqn, in_avals, out_avals):
-    """A linear-algebra op on the last two dims of its first operand (``cholesky``,
-    ``eigh``, ``qr``, ``svd``, ``lu``, ``triangular_solve``): the batch dims before
-    them, which lead every operand and result, split freely (XLA keeps a batch-split
-    ``cholesky``, ``eigh``, ``qr``, ``svd``, ``lu`` or ``triangular_solve`` split, with no
-    collective); every other dim stays whole. No flops: XLA's ``cost_analysis`` counts
-    none for these library calls (LAPACK on the CPU)."""
-    if in_avals[0] is None or _rank(in_avals[0]) < 2:
-        return None
-    batch = tuple(in_avals[0].shape[:-2])
-    sizes, splittable = list(batch), [True] * len(batch)
-
-    def dims(aval):
-        if aval is None or tuple(aval.shape[:len(batch)]) != batch:
-            return None
-        own = range(len(sizes), len(sizes) + _rank(aval) - len(batch))
-        sizes.extend(aval.shape[len(batch):])
-        splittable.extend(False for _ in own)
-        return (*range(len(batch)), *own)
-
-    in_dims, out_dims = [dims(a) for a in in_avals], [dims(a) for a in out_avals]
-    if any(d is None for d in out_dims) or any(
-            d is None and a is not None and _rank(a) > 0 for d, a in zip(in_dims, in_avals)):
-        return None
-    return LoopOp(tuple(sizes), tuple(splittable), tuple(in_dims), tuple(out_dims))
 
 
 def rev(eqn, in_avals, out_avals):
@@ -438,8 +480,9 @@ ELEMENTWISE = frozenset("""
 abs acos acosh add add_any and asin asinh atan atan2 atanh bessel_i0e bessel_i1e
 bitcast_convert_type cbrt ceil clamp
 clz complex conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2
-expm1 floor ge gt igamma igamma_grad_a igammac imag integer_pow is_finite le lgamma log log1p logistic lt max min
-mul ne neg nextafter not or polygamma population_count pow random_gamma_grad real
+eq_to expm1 floor ge gt igamma igamma_grad_a igammac imag integer_pow is_finite le le_to lgamma log
+log1p logistic lt lt_to max min
+mul mulhi ne neg nextafter not or polygamma population_count pow random_gamma_grad real
 reduce_precision regularized_incomplete_beta rem round rsqrt
 select_n shift_left shift_right_arithmetic shift_right_logical sign sin sinh sqrt square stop_gradient
 sub tan tanh xor zeta optimization_barrier sharding_constraint reshard
@@ -454,15 +497,16 @@ RULES.update({
     "reduce": generic_reduce,
     "cumsum": along_axis("axis"), "cumprod": along_axis("axis"), "cummax": along_axis("axis"),
     "cummin": along_axis("axis"), "cumlogsumexp": along_axis("axis"),
-    "sort": along_axis("dimension"), "top_k": top_k,
+    "sort": along_axis("dimension"), "top_k": top_k, "approx_top_k": top_k,
     "transpose": transpose, "squeeze": squeeze, "reshape": reshape, "rev": rev, "iota": iota,
     "tile": tile, "fft": fft,
-    **{name: matrix_batched for name in ("cholesky", "eigh", "qr", "svd", "lu",
-                                         "triangular_solve")},
-    "dot_general": dot_general, "conv_general_dilated": conv,
-    "concatenate": concatenate, "split": split, "pad": pad, "slice": slice_rule,
+    **LINALG_RULES,
+    "dot_general": dot_general, "ragged_dot_general": ragged_dot, "conv_general_dilated": conv,
+    "concatenate": concatenate, "stack": stack, "unstack": unstack, "split": split,
+    "device_put": identities, "pad": pad, "slice": slice_rule,
     "dynamic_slice": dynamic_slice, "dynamic_update_slice": dynamic_update_slice,
-    "gather": gather, "scatter-add": scatter, "scatter": scatter,
+    "gather": gather, "scatter-add": scatter, "scatter": scatter, "scatter-mul": scatter,
+    "scatter-min": scatter, "scatter-max": scatter, "scatter-sub": scatter,
     "reduce_window_max": reduce_window, "reduce_window_min": reduce_window,
     "reduce_window_sum": reduce_window, "reduce_window": reduce_window,
     "select_and_scatter_add": select_and_scatter_add,
@@ -481,11 +525,15 @@ FUSING_CONSUMERS = FUSIBLE | frozenset({"reduce_sum", "reduce_max", "reduce_min"
                                         "reduce_prod", "argmax", "argmin"})
 
 # Primitives that run replicated on purpose (no warning): RNG plumbing and the like,
-# ``random_bits`` where its rule declines (keys other than partitionable threefry), and
-# host callbacks (host code: jax runs them on one device; ``graph.HOST_CALLBACKS``).
+# ``random_bits`` where its rule declines (keys other than partitionable threefry),
+# host callbacks (host code: jax runs them on one device; ``graph.HOST_CALLBACKS``),
+# ``platform_index`` (the scalar a ``lax.platform_dependent`` branches on) and
+# ``random_gamma`` (rejection sampling in a loop: split, XLA all-reduces the loop's
+# condition every iteration, a count no price knows; measured on 8 devices).
 REPLICATED_QUIETLY = frozenset("""
 random_bits random_seed random_wrap random_unwrap random_fold_in random_split
 rng_bit_generator rng_uniform debug_callback debug_print pure_callback io_callback
+platform_index random_gamma
 """.split())
 
 # Control flow: a single node with conservative (replicated) strategies and a warning.

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .strategies import Strategy
 
 #: the primitives that constrain their value's layout
-CONSTRAINTS = frozenset({"sharding_constraint", "reshard"})
+CONSTRAINTS = frozenset({"sharding_constraint", "reshard", "device_put"})
 
 #: per dim, the mesh axis indices the constraint splits it by (major first), or None
 #: where the dim is unconstrained
@@ -65,6 +65,10 @@ def constraint_text(params: dict) -> str:
 
 
 def _sharding(params: dict):
+    """The constraint's sharding: a ``device_put``'s of one array (a pytree's leaves, or
+    one leaf put on devices rather than a sharding, constrain nothing here)."""
+    if "devices" in params:
+        return params["devices"][0] if len(params["devices"]) == 1 else None
     return params.get("sharding", params.get("dst_sharding"))
 
 
