@@ -70,6 +70,19 @@ def test_mispriced_work_is_reported(planned):
     assert any(d.startswith("flops per device") for d in report.differences)
 
 
+def test_work_xla_cannot_count_is_no_difference():
+    """XLA's ``cost_analysis`` counts -1 flops and bytes for an op it cannot price (the CPU's
+    TopK custom call): a program of such ops alone has no count to compare, where the
+    audit reported the modelled flops at -2048x the compiled."""
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    v = jnp.ones((64, 256))
+    step = autoshard.parallelize(lambda v: jax.lax.approx_max_k(v, 8), mesh=mesh)
+    compiled = step.lower(v).compile()
+    assert compiled.cost_analysis()["flops"] < 0
+    report = step.audit(v)
+    assert report.ok, report.summary()
+
+
 def test_xla_rematerialization_warnings_are_differences(planned):
     _, _, plan, compiled = planned
     log = ("W0000 spmd_partitioner.cc:652] [spmd] Involuntary full rematerialization. The "
