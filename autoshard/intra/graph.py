@@ -16,7 +16,7 @@ from .dot_layouts import dot_operands
 from .flops import value_bytes
 from .fusion import fusion
 from .in_place import UPDATE_OPERAND, program_in_place, window_reads
-from .layout_copies import layout_copy_reads
+from .layout_copies import layout_copy_reads, transposes_into_dots
 from .loop_op import size_of
 from .manual_regions import shard_map_strategies
 from .op_rules import CONTROL_FLOW, REPLICATED_QUIETLY, loop_op
@@ -134,6 +134,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     by_specs: dict[tuple, tuple] = {}
     fused, read_in_fusion, fanout, written = fusion(program)
     copied = layout_copy_reads(program)
+    folded = transposes_into_dots(program)
     dots = dot_operands(program)
     in_place = program_in_place(program, donated)
 
@@ -167,7 +168,9 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         reads = tuple(0 if not isinstance(a, Literal) and (a in fused or a in read_in_fusion)
                       and e not in written.get(a, ()) else copies for a in eqn.inputs)
         reads += tuple(0 if v in fused and v not in written else 1 for v in eqn.outputs)
-        if name in NO_TRAFFIC:  # an identity XLA does not copy
+        # an identity XLA does not copy; a transpose whose dot writes the transposed order
+        # (fused into its readers instead, it stands for their read of the dot's result)
+        if name in NO_TRAFFIC or e in folded and eqn.outputs[0] not in fused:
             reads = (0,) * len(reads)
         elif name in BITCASTS:  # written only where a fusion ends in it
             reads = (0,) * len(eqn.inputs) + (reads[-1] if eqn.inputs[0] in fused else 0,)

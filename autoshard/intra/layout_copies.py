@@ -62,3 +62,29 @@ def layout_copy_reads(program) -> dict[int, tuple[int, ...]]:
         if any(reads):
             extra[e] = tuple(reads)
     return extra
+
+
+@per_program
+def transposes_into_dots(program) -> frozenset[int]:
+    """Indices of the ``transpose`` equations XLA folds into the dot that makes their
+    operand, writing the dot's result in the transposed order (a layout choice): the
+    transpose moves nothing. It does so when only the transpose reads that result and the
+    transpose swaps the dot's two non-batch dims, keeping its batch dims in place: a weight
+    gradient's ``dot_general`` then ``transpose`` (measured with ``cost_analysis`` on jax
+    0.10: ``(a @ b).T`` moves the bytes ``a @ b`` does; a transpose that moves a batch dim,
+    or of a result something else reads too, is a copy)."""
+    consumers, outputs = value_readers(program)
+    made_by_dot = {eqn.outputs[0]: eqn for eqn in program.eqns
+                   if eqn.primitive.name == "dot_general"}
+    folded = set()
+    for e, eqn in enumerate(program.eqns):
+        if eqn.primitive.name != "transpose" or isinstance(eqn.inputs[0], Literal):
+            continue
+        dot = made_by_dot.get(eqn.inputs[0])
+        if dot is None or eqn.inputs[0] in outputs or len(consumers[eqn.inputs[0]]) != 1:
+            continue
+        batch = len(dot.params["dimension_numbers"][1][0])
+        perm = tuple(eqn.params["permutation"])
+        if len(perm) == batch + 2 and perm == (*range(batch), batch + 1, batch):
+            folded.add(e)
+    return frozenset(folded)
