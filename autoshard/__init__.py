@@ -31,6 +31,7 @@ _EXPORTS = {
     "Annotated": "autoshard.methods",
     "Plan": "autoshard.plan.record",
     "Audit": "autoshard.plan.audit",
+    "PipelineAudit": "autoshard.plan.audit",
     "PlanCost": "autoshard.plan.parts",
     "SolverInfo": "autoshard.plan.parts",
     "Alternative": "autoshard.plan.parts",

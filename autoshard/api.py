@@ -26,7 +26,7 @@ from autoshard.ir.trace import TracedFunction, aval_struct, trace
 from autoshard.pipeline.planner import plan_pipeline_step
 from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
 from autoshard.pipeline.trace import flat_paths, infer_batch_argnums
-from autoshard.plan.audit import Audit
+from autoshard.plan.audit import Audit, PipelineAudit
 from autoshard.plan.checks import specs_misfit
 from autoshard.plan.parts import operand_layouts, value_layouts
 from autoshard.plan.record import Plan
@@ -391,9 +391,10 @@ class ParallelizedFunction:
         entry = self._called(entry, call, key)
         return entry.call.lower(*with_leaves(call, entry.program.argument_structs()))
 
-    def audit(self, *args, **kwargs) -> Audit:
-        """The plan for these arguments against its compiled program (:meth:`Plan.audit`),
-        with XLA's compile log read for involuntary rematerializations."""
+    def audit(self, *args, **kwargs) -> Audit | PipelineAudit:
+        """The plan for these arguments against its compiled program (:meth:`Plan.audit`;
+        a pipeline's, program by program), with XLA's compile log read for involuntary
+        rematerializations."""
         lowered = self.lower(*args, **kwargs)
         with hlo.compiler_log() as log:
             compiled = lowered.compile()

@@ -112,7 +112,7 @@ def test_a_gathers_reduce_scatter_runs_as_priced():
     assert_trees_allclose((state, loss), (expected_state, expected_loss))
 
 
-def test_a_pipeline_plan_is_refused_with_advice():
+def test_a_pipeline_plan_is_not_read_as_one_program():
     w = mlp(num_layers=4, batch=32, hidden=64, abstract=True)
     method = autoshard.PipeshardParallel(num_microbatches=2, num_stages=2, num_layers=2)
     plan = autoshard.parallelize(w.fn, mesh=autoshard.abstract_mesh((8,), ("data",)),
@@ -121,15 +121,47 @@ def test_a_pipeline_plan_is_refused_with_advice():
         audit(plan, "", {})
 
 
-def test_auditing_a_pipelined_step_is_refused_with_advice():
-    """``step.audit(*args)`` of a pipelined step failed inside with an AttributeError (its
-    compiled programs read as one); it gives the advice ``audit`` gives."""
-    w = mlp(num_layers=4, batch=32, hidden=64)
-    method = autoshard.PipeshardParallel(num_microbatches=2, num_stages=2, num_layers=2)
-    step = autoshard.parallelize(w.fn, mesh=autoshard.make_mesh((8,), ("data",)),
+@pytest.fixture(scope="module")
+def pipelined():
+    w = mlp(num_layers=4, batch=32, hidden=512)
+    method = autoshard.PipeshardParallel(num_microbatches=4, num_stages=2)
+    step = autoshard.parallelize(w.fn, mesh=autoshard.make_mesh((2, 4), ("data", "model")),
                                  method=method, batch_argnums=w.batch_argnums)
-    with pytest.raises(ValueError, match="pipeline plan runs several"):
-        step.audit(*w.args)
+    return step, w
+
+
+def test_a_pipelined_step_is_audited_program_by_program(pipelined):
+    """``step.audit(*args)`` of a pipelined step compares each program it runs with the
+    part of the plan that prices it: a stage's forward and backward programs (one
+    micro-batch) on the stage's sub-mesh, the apply programs. It failed inside with an
+    AttributeError, then refused; a stage's bytes were priced at 1.58x (the transposes of
+    its weight gradients, which XLA folds into their dots, priced as copies)."""
+    step, w = pipelined
+    plan = step.plan(*w.args)
+    assert any(p.mesh_shape != plan.mesh_shape for p in plan.programs)  # sub-meshes
+    report = step.audit(*w.args)
+    assert report.ok, report.summary()
+    names = [name for name, _ in report.programs]
+    assert names[:2] == ["stage 0", "stage 1"] and len(names) == len(plan.programs)
+    assert sum(row.compiled_count for row in report["stage 1"].rows) > 0
+    assert report["stage 0"].flops[1] > 0 and report["stage 0"].bytes_accessed[1] > 0
+
+
+def test_a_mispriced_pipeline_program_is_reported_under_its_name(pipelined):
+    step, w = pipelined
+    plan = step.plan(*w.args)
+    compiled = step.lower(*w.args).compile()
+    programs = list(plan.programs)
+    programs[1] = dataclasses.replace(programs[1], flops=3 * programs[1].flops)
+    phantom = Collective("stage 0: phantom", "all-to-all", 1e-6, 4096, ("model",))
+    wrong = dataclasses.replace(plan, programs=tuple(programs),
+                                collectives=plan.collectives + (phantom,))
+    report = wrong.audit(compiled)
+    assert any(d.startswith("stage 1: flops per device") for d in report.differences), \
+        report.differences
+    assert any(d.startswith("stage 0: missing all-to-all") for d in report.differences)
+    with pytest.raises(ValueError, match="every program"):
+        plan.audit(compiled["stage 0 forward"])
 
 
 @pytest.mark.parametrize("cpu", [True, False], ids=["cpu", "gpu"])

@@ -325,3 +325,25 @@ def test_saved_files_keep_ordinary_permissions(tmp_path):
     os.umask(mask)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask
     assert autoshard.Cluster.from_json(path.read_text()) == autoshard.cluster_preset("h100-80gb")
+
+
+def test_pipeline_programs_keep_their_sub_mesh_and_work(pipeline_plan):
+    """A pipeline program's sub-mesh and modelled work (what the audit compares) survive a
+    round trip; files written before they were kept load with none; wrong ones name the
+    field."""
+    from autoshard.plan.parts import ProgramSpecs
+    program = ProgramSpecs("stage 0", pipeline_plan.flat_in_specs, pipeline_plan.flat_out_specs,
+                           mesh_shape=(1, 4), flops=3.5e6, bytes_accessed=1.25e6)
+    plan = dataclasses.replace(pipeline_plan, programs=(program,))
+    assert Plan.from_json(plan.to_json()).programs == (program,)
+    data = plan_to_dict(plan)
+    for key in ("mesh_shape", "flops", "bytes_accessed"):
+        del data["programs"][0][key]
+    old = Plan.from_json(json.dumps(data)).programs[0]
+    assert (old.mesh_shape, old.flops, old.bytes_accessed) == ((), 0.0, 0.0)
+    for edit, field in [((["programs", 0, "mesh_shape"], [1, 0]), "plan.programs[0].mesh_shape"),
+                        ((["programs", 0, "flops"], "many"), "plan.programs[0].flops"),
+                        ((["programs", 0, "extra"], 1), "plan.programs[0]")]:
+        with pytest.raises(autoshard.PlanFormatError) as info:
+            Plan.from_json(_edit(plan, edit))
+        assert field in str(info.value), str(info.value)

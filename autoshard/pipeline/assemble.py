@@ -87,6 +87,10 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
     names = [f"stage {s}" for s in range(S)] + \
         ["pre-gradient" for _ in layout.pre] + \
         [apply_name(a.stage) for a in layout.apply]
+    meshes = [tuple(st.mesh_shape) for st in layout.stages] + \
+        [tuple(layout.mesh_shape) for _ in layout.pre] + \
+        [tuple(layout.stages[a.stage].mesh_shape) if a.stage >= 0 else tuple(layout.mesh_shape)
+         for a in layout.apply]
     deferred = {id(c) for st in layout.stages for c in st.deferred.deferred}
     collectives = tuple(dataclasses.replace(c, op=f"{n}: {c.op}")
                         for n, p in zip(names, plans) for c in p.collectives
@@ -115,8 +119,9 @@ def make_plan(layout: PipelineLayout, solution, cluster, static_repr, device_ids
                 flat_out_specs=flat_out, collectives=collectives, top_ops=top_ops,
                 warnings=warnings, stages=tuple(records),
                 programs=tuple(ProgramSpecs(n, p.flat_in_specs, p.flat_out_specs,
-                                            p.value_specs, p.operand_specs)
-                               for n, p in zip(names, plans)),
+                                            p.value_specs, p.operand_specs, shape,
+                                            p.cost.flops, p.cost.bytes_accessed)
+                               for n, p, shape in zip(names, plans, meshes, strict=True)),
                 in_shapes=tuple(tuple(int(d) for d in a.shape) for a in split.full_avals))
 
 

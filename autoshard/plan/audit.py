@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from autoshard.cost_model import format_bytes
 from autoshard.ir import hlo
@@ -78,12 +78,108 @@ class Audit:
         return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class PipelineAudit:
+    """What :meth:`Plan.audit` found for a pipeline: an :class:`Audit` per program the
+    step runs (``"stage 0"``: its forward and backward programs together, one
+    micro-batch; ``"stage 0 gradient reduction"``: the once-per-step reduction of its
+    deferred gradient collectives, collectives only; ``"pre-gradient"``, ``"apply on
+    stage 1"``...), each against the part of the plan that program prices."""
+
+    programs: tuple[tuple[str, Audit], ...]
+    rematerializations: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+    @property
+    def differences(self) -> tuple[str, ...]:
+        return tuple(f"{name}: {d}" for name, report in self.programs
+                     for d in report.differences) + tuple(
+            f"XLA rematerialized a tensor it could not reshard: {line}"
+            for line in self.rematerializations)
+
+    def __getitem__(self, name: str) -> Audit:
+        return dict(self.programs)[name]
+
+    def __repr__(self):
+        return (f"PipelineAudit({'ok' if self.ok else f'{len(self.differences)} difference(s)'}"
+                f", {len(self.programs)} programs)")
+
+    def summary(self) -> str:
+        """Each program's :meth:`Audit.summary`, under its name."""
+        verdict = "every program runs what the plan priced" if self.ok else \
+            f"{len(self.differences)} difference(s)"
+        lines = [f"audit of a pipeline: {verdict}"]
+        for name, report in self.programs:
+            lines.append(f"{name}:")
+            lines += ["  " + line for line in report.summary().splitlines()]
+        lines += [f"  difference: XLA rematerialized a tensor it could not reshard: {line}"
+                  for line in self.rematerializations]
+        return "\n".join(lines)
+
+
+#: the once-per-step collectives of a stage (its deferred gradient reductions) are named
+#: ``"stage s: op once per step"`` in a pipeline plan, and run in this program
+ONCE_PER_STEP = " once per step"
+
+
+def audit_pipeline(plan, compiled: Mapping[str, tuple[str, dict]],
+                   compiler_log: str | None = None,
+                   reduce_scatter_as_all_reduce: bool = False) -> PipelineAudit:
+    """Compare each program of ``plan`` (a pipeline's) with its compiled programs:
+    ``compiled`` maps the runtime's program names (``"stage 0 forward"``, ``"stage 0
+    backward"``, ``"stage 0 gradient reduction"``, ``"pre-gradient"``, ``"apply on stage
+    0"``...) to (HLO text, ``cost_analysis``). A stage's forward and backward programs are
+    compared together with the stage's plan (one micro-batch); each runs on the program's
+    own sub-mesh, whose axes the plan's collectives name."""
+    reports = []
+    for program in plan.programs:
+        stage = program.name.startswith("stage ")
+        parts = [f"{program.name} forward", f"{program.name} backward"] if stage \
+            else [program.name]
+        own = tuple(c for c in plan.collectives if c.op.startswith(program.name + ": ")
+                    and not c.op.endswith(ONCE_PER_STEP))
+        shape = program.mesh_shape or plan.mesh_shape
+        cost = dataclasses.replace(plan.cost, flops=program.flops,
+                                   bytes_accessed=program.bytes_accessed)
+        reports.append((program.name, _audit_parts(
+            dataclasses.replace(plan, mesh_shape=shape, collectives=own, cost=cost,
+                                programs=()),
+            [compiled[p] for p in parts], reduce_scatter_as_all_reduce)))
+        reduction = f"{program.name} gradient reduction"
+        deferred = tuple(c for c in plan.collectives if c.op.startswith(program.name + ": ")
+                         and c.op.endswith(ONCE_PER_STEP))
+        if stage and (deferred or reduction in compiled):
+            text = compiled[reduction][0] if reduction in compiled else ""
+            reports.append((reduction, audit(
+                dataclasses.replace(plan, mesh_shape=shape, collectives=deferred,
+                                    programs=()),
+                text, {}, reduce_scatter_as_all_reduce=reduce_scatter_as_all_reduce)))
+    log = compiler_log or ""
+    return PipelineAudit(tuple(reports), tuple(
+        line.strip() for line in log.splitlines()
+        if "Involuntary full rematerialization" in line))
+
+
+def _audit_parts(plan, parts: Sequence[tuple[str, dict]],
+                 reduce_scatter_as_all_reduce: bool) -> Audit:
+    """:func:`audit` of ``plan`` against several compiled programs taken as one: their
+    collectives together, their flops and bytes summed."""
+    work = {key: sum(max(0.0, float(analysis.get(key, 0.0))) for _, analysis in parts)
+            for key in ("flops", "bytes accessed")}
+    return audit(plan, "\n".join(text for text, _ in parts), work,
+                 reduce_scatter_as_all_reduce=reduce_scatter_as_all_reduce)
+
+
 def refuse_pipeline(plan) -> None:
-    """``ValueError`` with advice when ``plan`` is a pipeline's (several programs)."""
+    """``ValueError`` with advice when ``plan`` is a pipeline's (several programs):
+    :func:`audit_pipeline` compares those."""
     if plan.programs:
         raise ValueError("audit compares one program with its plan; a pipeline plan runs "
-                         "several (audit each stage's program with its ProgramSpecs, or "
-                         "plan with num_stages=1)")
+                         "several: audit it with plan.audit(step.lower(*args).compile()), "
+                         "which compares each of its programs")
 
 
 def audit(plan, compiled_text: str, cost_analysis: dict,

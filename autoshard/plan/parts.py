@@ -187,13 +187,19 @@ class ProgramSpecs:
     """The shardings of one program of a pipeline plan (``name``: ``"stage 0"``,
     ``"pre-gradient"``, ``"apply on stage 1"``, ``"apply on the mesh"``), on its own
     sub-mesh: a spec per flat input and output, and the pinned intermediates and
-    resharded operands, as in :class:`Plan`. Kept so a saved plan runs without solving."""
+    resharded operands, as in :class:`Plan`. Kept so a saved plan runs without solving.
+    ``mesh_shape``: the sub-mesh's; ``flops`` and ``bytes_accessed``: the modelled work
+    per device of one run (a stage's: forward and backward of one micro-batch), which
+    the audit compares with the compiled program's (``()`` and 0 in older files)."""
 
     name: str
     flat_in_specs: tuple[PartitionSpec, ...]
     flat_out_specs: tuple[PartitionSpec, ...]
     value_specs: tuple[tuple[int, PartitionSpec], ...] = ()
     operand_specs: tuple[tuple[int, int, PartitionSpec], ...] = ()
+    mesh_shape: tuple[int, ...] = ()
+    flops: float = 0.0
+    bytes_accessed: float = 0.0
 
 
 def operand_layouts(operand_specs) -> tuple[dict, dict]:

@@ -98,13 +98,24 @@ class Plan:
         """
         return cls(**serialize.plan_fields_from_json(text))
 
-    def audit(self, compiled, compiler_log: str | None = None) -> audit.Audit:
+    def audit(self, compiled, compiler_log: str | None = None
+              ) -> audit.Audit | audit.PipelineAudit:
         """Compare the plan with its compiled program (``step.lower(*args).compile()``):
         the collectives XLA emits against those the plan priced (kind, mesh axes, bytes,
         count), and the compiled flops and bytes accessed against the modelled ones.
         ``compiler_log``: what XLA printed while compiling, to report its "involuntary
-        full rematerialization" warnings (``ParallelizedFunction.audit`` captures it)."""
-        audit.refuse_pipeline(self)  # (before reading a pipeline's programs as one)
+        full rematerialization" warnings (``ParallelizedFunction.audit`` captures it).
+        A pipeline's plan is compared program by program with the programs its step
+        compiles (:class:`~autoshard.plan.audit.PipelineAudit`)."""
+        if self.programs:  # a pipeline's: each program against its part of the plan
+            programs = dict(compiled.items()) if hasattr(compiled, "items") else {}
+            if not programs:
+                raise ValueError("a pipeline plan is audited against every program its step "
+                                 "compiles: pass step.lower(*args).compile()")
+            cpu = hlo.platform(next(iter(programs.values()))) == "cpu"
+            return audit.audit_pipeline(
+                self, {name: (c.as_text(), hlo.cost_analysis(c)) for name, c in programs.items()},
+                compiler_log, reduce_scatter_as_all_reduce=cpu)
         return audit.audit(self, compiled.as_text(), hlo.cost_analysis(compiled), compiler_log,
                            reduce_scatter_as_all_reduce=hlo.platform(compiled) == "cpu")
 

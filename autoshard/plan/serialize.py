@@ -19,8 +19,10 @@ The file is one JSON object (``"format": "autoshard-plan"``, ``"format_version":
                                    num_microbatches, schedule, apply_cost: null or cost}};
                                    any other JSON value is kept as it is
     programs                       pipeline plans: [{name, inputs: [spec], outputs: [spec],
-                                   value_specs, operand_specs}] per stage, pre-gradient and
-                                   apply program, on its sub-mesh (absent in older files)
+                                   value_specs, operand_specs, mesh_shape: [int], flops,
+                                   bytes_accessed}] per stage, pre-gradient and apply
+                                   program, on its sub-mesh (absent in older files; the
+                                   last three too)
     batch                          {"arguments": ["args[2]", ...], "inferred": bool}: the
                                    batch arguments (absent in older files: none)
     alternatives                   [{method, compute_s, communication_s, resharding_s,
@@ -381,22 +383,32 @@ def _program_to_json(program: ProgramSpecs) -> dict:
     return {"name": program.name,
             "inputs": [_spec_to_json(s) for s in program.flat_in_specs],
             "outputs": [_spec_to_json(s) for s in program.flat_out_specs],
-            "value_specs": values, "operand_specs": operands}
+            "value_specs": values, "operand_specs": operands,
+            "mesh_shape": list(program.mesh_shape), "flops": program.flops,
+            "bytes_accessed": program.bytes_accessed}
 
 
 def _program_from_json(data, where, axis_names) -> ProgramSpecs:
     if not isinstance(data, dict):
         raise PlanFormatError(f"{where}: expected an object, got {_short(data)}")
     fields = {"name", "inputs", "outputs", "value_specs", "operand_specs"}
-    if set(data) != fields:
-        raise PlanFormatError(f"{where}: expected the fields {sorted(fields)}, got "
-                              f"{sorted(data)}")
+    work = {"mesh_shape", "flops", "bytes_accessed"}  # absent in older files
+    if not fields <= set(data) <= fields | work:
+        raise PlanFormatError(f"{where}: expected the fields {sorted(fields)} (and "
+                              f"optionally {sorted(work)}), got {sorted(data)}")
     specs = {key: tuple(_spec_from_json(x, f"{where}.{key}[{i}]", axis_names)
                         for i, x in enumerate(_get(data, key, list, where)))
              for key in ("inputs", "outputs")}
     values, operands = _value_specs_from_json(data, where, axis_names)
+    mesh_shape = _get(data, "mesh_shape", list, where) if "mesh_shape" in data else []
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in mesh_shape):
+        raise PlanFormatError(f"{where}.mesh_shape: expected positive ints, got "
+                              f"{_short(mesh_shape)}")
+    work_done = {key: _get(data, key, _NUMBER, where) if key in data else 0.0
+                 for key in ("flops", "bytes_accessed")}
     return ProgramSpecs(_get(data, "name", str, where), specs["inputs"], specs["outputs"],
-                        values, operands)
+                        values, operands, tuple(mesh_shape), float(work_done["flops"]),
+                        float(work_done["bytes_accessed"]))
 
 
 def _stage_to_json(stage):
