@@ -216,3 +216,30 @@ def method_from_dict(data) -> Method:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{data['kind']}: {err}") from None
+
+
+def method_from_repr(text: str) -> Method:
+    """A version-1 plan file's method, its ``repr`` (``"ShardParallel(time_limit_s=60.0,
+    ...)"``), read without ``eval``: only calls of autoshard's methods with literal keyword
+    arguments; ``ValueError`` naming what is wrong."""
+    import ast
+    classes = {c.__name__: c for c in METHODS}
+
+    def build(node):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in classes and not node.args:
+            return classes[node.func.id](**{k.arg: build(k.value) for k in node.keywords})
+        return ast.literal_eval(node)
+
+    def short(value, limit):
+        text = repr(value)
+        return text if len(text) <= limit else text[:limit - 1] + "…"
+
+    try:
+        method = build(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError) as err:
+        raise ValueError(f"cannot read the method {short(text, 60)}: "
+                         f"{type(err).__name__}: {short(str(err), 200)}") from None
+    if not isinstance(method, METHODS):
+        raise ValueError(f"{text!r} is not an autoshard method")
+    return method

@@ -341,7 +341,7 @@ def test_pipeline_programs_keep_their_sub_mesh_and_work(pipeline_plan):
         del data["programs"][0][key]
     old = Plan.from_json(json.dumps(data)).programs[0]
     assert (old.mesh_shape, old.flops, old.bytes_accessed) == ((), 0.0, 0.0)
-    for edit, field in [((["programs", 0, "mesh_shape"], [1, 0]), "plan.programs[0].mesh_shape"),
+    for edit, field in [((["programs", 0, "mesh_shape"], [1, -4]), "plan.programs[0].mesh_shape"),
                         ((["programs", 0, "flops"], "many"), "plan.programs[0].flops"),
                         ((["programs", 0, "extra"], 1), "plan.programs[0]")]:
         with pytest.raises(autoshard.PlanFormatError) as info:

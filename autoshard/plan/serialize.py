@@ -19,10 +19,9 @@ The file is one JSON object (``"format": "autoshard-plan"``, ``"format_version":
                                    num_microbatches, schedule, apply_cost: null or cost}};
                                    any other JSON value is kept as it is
     programs                       pipeline plans: [{name, inputs: [spec], outputs: [spec],
-                                   value_specs, operand_specs, mesh_shape: [int], flops,
+                                   value_specs, operand_specs, mesh_shape, flops,
                                    bytes_accessed}] per stage, pre-gradient and apply
-                                   program, on its sub-mesh (absent in older files; the
-                                   last three too)
+                                   program (absent in older files, the last three too)
     batch                          {"arguments": ["args[2]", ...], "inferred": bool}: the
                                    batch arguments (absent in older files: none)
     alternatives                   [{method, compute_s, communication_s, resharding_s,
@@ -58,7 +57,7 @@ from jax.sharding import PartitionSpec
 
 from autoshard.cost_model import Cluster
 from autoshard.errors import PlanFormatError
-from autoshard.methods import METHODS, method_from_dict, method_to_dict
+from autoshard.methods import method_from_dict, method_from_repr, method_to_dict
 
 from .checks import (
     MAX_DEPTH,
@@ -383,9 +382,8 @@ def _program_to_json(program: ProgramSpecs) -> dict:
     return {"name": program.name,
             "inputs": [_spec_to_json(s) for s in program.flat_in_specs],
             "outputs": [_spec_to_json(s) for s in program.flat_out_specs],
-            "value_specs": values, "operand_specs": operands,
-            "mesh_shape": list(program.mesh_shape), "flops": program.flops,
-            "bytes_accessed": program.bytes_accessed}
+            "value_specs": values, "operand_specs": operands, "mesh_shape":
+            list(program.mesh_shape), "flops": program.flops, "bytes_accessed": program.bytes_accessed}
 
 
 def _program_from_json(data, where, axis_names) -> ProgramSpecs:
@@ -401,14 +399,11 @@ def _program_from_json(data, where, axis_names) -> ProgramSpecs:
              for key in ("inputs", "outputs")}
     values, operands = _value_specs_from_json(data, where, axis_names)
     mesh_shape = _get(data, "mesh_shape", list, where) if "mesh_shape" in data else []
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in mesh_shape):
-        raise PlanFormatError(f"{where}.mesh_shape: expected positive ints, got "
-                              f"{_short(mesh_shape)}")
-    work_done = {key: _get(data, key, _NUMBER, where) if key in data else 0.0
-                 for key in ("flops", "bytes_accessed")}
+    check_ids(mesh_shape, f"{where}.mesh_shape", "a mesh axis size")
+    work = {key: float(_get(data, key, _NUMBER, where)) if key in data else 0.0
+            for key in ("flops", "bytes_accessed")}
     return ProgramSpecs(_get(data, "name", str, where), specs["inputs"], specs["outputs"],
-                        values, operands, tuple(mesh_shape), float(work_done["flops"]),
-                        float(work_done["bytes_accessed"]))
+                        values, operands, tuple(mesh_shape), **work)
 
 
 def _stage_to_json(stage):
@@ -581,29 +576,6 @@ def plan_fields_from_json(text: str | bytes) -> dict:
 
 def _method_from_json(data, version: int):
     try:
-        return method_from_dict(data) if version > 1 else _method_from_repr(data)
+        return method_from_dict(data) if version > 1 else method_from_repr(data)
     except ValueError as err:
         raise PlanFormatError(f"plan.method: {err}") from None
-
-
-def _method_from_repr(text: str):
-    """A version-1 file's method, its ``repr`` (``"ShardParallel(time_limit_s=60.0, ...)"``),
-    read without ``eval``: only calls of autoshard's methods with literal keyword
-    arguments."""
-    import ast
-    classes = {c.__name__: c for c in METHODS}
-
-    def build(node):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
-                and node.func.id in classes and not node.args:
-            return classes[node.func.id](**{k.arg: build(k.value) for k in node.keywords})
-        return ast.literal_eval(node)
-
-    try:
-        method = build(ast.parse(text, mode="eval").body)
-    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError) as err:
-        raise ValueError(f"cannot read the method {_short(text)}: "
-                         f"{type(err).__name__}: {_short(str(err), 200)}") from None
-    if not isinstance(method, METHODS):
-        raise ValueError(f"{text!r} is not an autoshard method")
-    return method
