@@ -61,14 +61,11 @@ class Audit:
         return not self.differences
 
     def __repr__(self):
-        return (f"Audit({'ok' if self.ok else f'{len(self.differences)} difference(s)'}, "
-                f"{len(self.rows)} collective kinds)")
+        return f"Audit({_verdict(self.differences, 'ok')}, {len(self.rows)} collective kinds)"
 
     def summary(self) -> str:
         """One line per collective kind and set of axes, then every difference."""
-        verdict = "the compiled program runs what the plan priced" if self.ok else \
-            f"{len(self.differences)} difference(s)"
-        lines = [f"audit: {verdict}"]
+        lines = [f"audit: {_verdict(self.differences, 'the compiled program runs what the plan priced')}"]
         lines += [f"  {row!r}" for row in self.rows]
         lines.append(f"  flops per device: modelled {self.flops[0]:.4g}, compiled "
                      f"{self.flops[1]:.4g}; bytes accessed: modelled "
@@ -104,13 +101,11 @@ class PipelineAudit:
         return dict(self.programs)[name]
 
     def __repr__(self):
-        return (f"PipelineAudit({'ok' if self.ok else f'{len(self.differences)} difference(s)'}"
-                f", {len(self.programs)} programs)")
+        return f"PipelineAudit({_verdict(self.differences, 'ok')}, {len(self.programs)} programs)"
 
     def summary(self) -> str:
         """Each program's :meth:`Audit.summary`, under its name."""
-        verdict = "every program runs what the plan priced" if self.ok else \
-            f"{len(self.differences)} difference(s)"
+        verdict = _verdict(self.differences, "every program runs what the plan priced")
         lines = [f"audit of a pipeline: {verdict}"]
         for name, report in self.programs:
             lines.append(f"{name}:")
@@ -171,6 +166,10 @@ def _audit_parts(plan, parts: Sequence[tuple[str, dict]],
             for key in ("flops", "bytes accessed")}
     return audit(plan, "\n".join(text for text, _ in parts), work,
                  reduce_scatter_as_all_reduce=reduce_scatter_as_all_reduce)
+
+
+def _verdict(differences: Sequence[str], clean: str) -> str:
+    return f"{len(differences)} difference(s)" if differences else clean
 
 
 def refuse_pipeline(plan) -> None:
