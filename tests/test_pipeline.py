@@ -304,3 +304,19 @@ def test_benchmark_tables_render():
                           quick=True, repeats=3)
     assert "| 8 | Pipeshard B=4 (DP) | 2.000 ms | 0.90 |" in text
     assert "| ShardParallel | 2.000 ms | 1.00 |" in bench.markdown_modelled([[dict(row, mesh="4x8")]])
+
+
+def test_a_residual_the_forward_resharded_reaches_the_backward_resharded():
+    """A stage's plan is one program, in which an activation gathered for a forward dot is
+    gathered once for its backward readers too; run as a forward and a backward program,
+    the backward gathered it again, unpriced (the audit found one more all-gather over
+    "model" per stage of this GPT). The forward now hands such a residual over in the
+    layout its backward readers read it in."""
+    w = gpt(num_layers=2, d_model=64, heads=8, seq=32, batch=8, vocab=256)
+    step = autoshard.parallelize(w.fn, mesh=autoshard.make_mesh((2, 4), ("data", "model")),
+                                 batch_argnums=w.batch_argnums,
+                                 method=autoshard.PipeshardParallel(num_microbatches=4,
+                                                                    num_stages=2))
+    report = step.audit(*w.args)
+    assert report.ok, report.summary()
+    assert_trees_allclose(step(*w.args), jax.jit(w.fn)(*w.args), atol=1e-4)

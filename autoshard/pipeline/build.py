@@ -12,7 +12,7 @@ from autoshard.runtime import PipelineProgram, PipelineStage, StepProgram, shard
 
 from .layout import PipelineLayout, PlannedApply, apply_name
 from .partial_grads import deferred_backward, reduction_program, stage_partial_gradients
-from .stage_program import split_programs
+from .stage_program import residual_layouts, split_programs
 
 
 def submesh(mesh: Mesh, positions, shape, axis_names) -> Mesh:
@@ -99,9 +99,13 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
         fwd_index = {e: i for i, e in enumerate(sp.forward_eqns)}
         bwd_index = {e: i for i, e in enumerate(sp.backward_eqns)}
         ops, via = operand_layouts(plan.operand_specs)
+        partials = stage_partial_gradients(sp, plan, names, st.mesh_shape,
+                                           layout.method.num_microbatches, set(F.invars))
+        # (a deferred backward's values are its own: its residuals stay as made)
+        handed = {} if partials else residual_layouts(sp, ops, via)
         forward = shard_program(
             fwd, sub, [spec(v) for v in fwd.invars],
-            list(plan.flat_out_specs[:n_out]) + [spec(v) for v in sp.residuals],
+            list(plan.flat_out_specs[:n_out]) + [handed.get(v, spec(v)) for v in sp.residuals],
             value_specs=value_specs,
             operand_specs={(fwd_index[e], k): s for (e, k), s in ops.items() if e in fwd_index},
             operand_via={(fwd_index[e], k): c for (e, k), c in via.items() if e in fwd_index},
@@ -113,8 +117,6 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
                 if v in grad_key:
                     produced.add(v)
         out_specs = list(plan.flat_out_specs[n_out:])
-        partials = stage_partial_gradients(sp, plan, names, st.mesh_shape,
-                                           layout.method.num_microbatches, set(F.invars))
         reduce = None
         if partials:  # the batch reduction of these gradients runs once per step
             bwd, value_specs, bwd_ops = deferred_backward(
@@ -128,8 +130,9 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
         else:
             bwd_ops = {(bwd_index[e], k): s for (e, k), s in ops.items() if e in bwd_index}
             bwd_via = {(bwd_index[e], k): c for (e, k), c in via.items() if e in bwd_index}
-        backward = shard_program(bwd, sub, [spec(v) for v in bwd.invars], out_specs,
-                                 value_specs=value_specs, operand_specs=bwd_ops,
+        backward = shard_program(bwd, sub, [handed.get(v, spec(v)) for v in bwd.invars],
+                                 out_specs, value_specs={**value_specs, **handed},
+                                 operand_specs=bwd_ops,
                                  operand_via=bwd_via, value_via=values_via)
         stages.append(PipelineStage(
             forward, backward, tuple(key(v) for v in sp.inputs),

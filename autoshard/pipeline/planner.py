@@ -17,6 +17,7 @@ from autoshard.ir.fingerprint import fingerprint
 from autoshard.ir.specs import from_partition_spec
 from autoshard.ir.trace import TracedFunction, trace
 from autoshard.methods import PipeshardParallel, ShardParallel
+from autoshard.plan.parts import operand_layouts
 from autoshard.plan.record import Plan
 
 from .apply import plan_step_parts, stage_update_seconds, whole_update_seconds
@@ -24,7 +25,7 @@ from .assemble import make_plan, plain_pipeline_plan
 from .layers import assign_layers
 from .layout import PipelineLayout, PlannedStage
 from .partial_grads import deferred_reduction, stage_partial_gradients
-from .stage_program import StageProgram, bytes_per_device, stage_program
+from .stage_program import StageProgram, bytes_per_device, residual_layouts, stage_program
 from .trace import split_step
 
 
@@ -159,8 +160,11 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
         plan = stage_plans[key]
         sub_sizes = dict(zip(axis_names, shapes[m]))
         pos = {v: k for k, v in enumerate(P.invars)}
-        held = sum(bytes_per_device(P.avals[v], _spec_of(plan, v, pos), sub_sizes)
-                   for v in sp.residuals)
+        # gradients whose batch reduction waits for the last micro-batch (partial_grads)
+        partials = stage_partial_gradients(sp, plan, axis_names, shapes[m], B, F_ins)
+        handed = {} if partials else residual_layouts(sp, *operand_layouts(plan.operand_specs))
+        held = sum(bytes_per_device(P.avals[v], handed.get(v) or _spec_of(plan, v, pos),
+                                    sub_sizes) for v in sp.residuals)
         held += sum(bytes_per_device(P.avals[P.invars[k]], plan.flat_in_specs[k], sub_sizes)
                     for k in sp.backward_inputs if sp.batch_in[k])
         planned[(i, j, m)] = plan
@@ -182,8 +186,6 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
                 whole_update = whole_update_seconds(split, mesh_shape, axis_names, cluster,
                                                     method)
             update = whole_update if i == 0 else 0.0
-        # gradients whose batch reduction waits for the last micro-batch (partial_grads)
-        partials = stage_partial_gradients(sp, plan, axis_names, shapes[m], B, F_ins)
         deferred[(i, j, m)] = deferred_reduction(sp, plan, partials,
                                                  MeshCostModel(cluster, shapes[m]), axis_names)
         d = deferred[(i, j, m)]

@@ -15,9 +15,10 @@ import math
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from autoshard.intra.flops import eqn_flops
-from autoshard.ir.program import Program
+from autoshard.ir.program import Literal, Program
 from autoshard.ir.trace import TracedFunction, struct_of_aval, trace
 from autoshard.runtime import evaluate_program
 
@@ -148,6 +149,32 @@ def split_programs(stage: StageProgram) -> tuple[Program, Program]:
     bwd = Program(P.avals, bwd_in, tuple(P.outvars[n_out:]),
                   tuple(P.eqns[e] for e in stage.backward_eqns), P.constants)
     return fwd, bwd
+
+
+def residual_layouts(sp: StageProgram, ops: dict, via: dict) -> dict[int, PartitionSpec]:
+    """Residual value id → the layout the forward program hands it to the backward in,
+    where not as made: the layout each of its backward readers reads it in, when a forward
+    reader reads it so too. The stage's plan (one program) reshards such a value once for
+    all its readers; split into two programs, the backward would reshard it again, which
+    the plan never priced (the audit found an activation of a small LLaMA all-gathered
+    twice per stage). ``ops``/``via``: the plan's operand layouts ((equation of the stage
+    program, operand) → the spec it is read in / the waypoints before it); a backward
+    reader reaching its layout through waypoints keeps the value as made."""
+    P = sp.traced.program
+    readers: dict[int, list] = {}
+    for e in (*sp.forward_eqns, *sp.backward_eqns):
+        for k, atom in enumerate(P.eqns[e].inputs):
+            if not isinstance(atom, Literal):
+                readers.setdefault(atom, []).append((e, k))
+    backward = set(sp.backward_eqns)
+    out = {}
+    for v in sp.residuals:
+        late = [ops.get(r) for r in readers.get(v, ()) if r[0] in backward]
+        early = {ops.get(r) for r in readers.get(v, ()) if r[0] not in backward}
+        if late and late[0] is not None and all(s == late[0] for s in late) \
+                and late[0] in early and not any(r in via for r in readers[v]):
+            out[v] = late[0]
+    return out
 
 
 def bytes_per_device(aval, spec, mesh_sizes: dict) -> float:
