@@ -90,6 +90,11 @@ def _methods(quick: bool):
             num_microbatches=B, num_stages=2, num_layers=4, stage_method=stage)
 
 
+def _audit_text(row) -> str:
+    """A row's audit (``step.audit``: every program of a pipeline against its plan)."""
+    return "clean" if not row["audit"] else f"{len(row['audit'])} difference(s)"
+
+
 def _median_time(fn, args, repeats: int) -> float:
     return statistics.median(step_times(fn, args, warmup=1, repeats=repeats))
 
@@ -118,9 +123,11 @@ def run(quick: bool, repeats: int) -> list[dict]:
                 plan = step.plan(*w.args)
                 planning = time.perf_counter() - t
                 measured = _median_time(step, w.args, repeats)
+                report = step.audit(*w.args)
                 row = dict(workload=name, description=description, mesh=mesh_name,
                            method=label, modelled_s=plan.cost.total_s, measured_s=measured,
-                           planning_s=planning, stages=_describe(plan), jit_1dev_s=single)
+                           planning_s=planning, stages=_describe(plan), jit_1dev_s=single,
+                           audit=list(report.differences))
                 if base is None:
                     base = row
                 row["modelled_ratio"] = row["modelled_s"] / base["modelled_s"]
@@ -128,8 +135,8 @@ def run(quick: bool, repeats: int) -> list[dict]:
                 rows.append(row)
                 print(f"{name:9} {mesh_name:4} {label:24} modelled {row['modelled_s']*1e3:8.3f} ms "
                       f"(x{row['modelled_ratio']:.2f})  measured {measured*1e3:8.2f} ms "
-                      f"(x{row['measured_ratio']:.2f})  plan {planning:5.1f} s  {row['stages']}",
-                      flush=True)
+                      f"(x{row['measured_ratio']:.2f})  plan {planning:5.1f} s  {row['stages']}"
+                      f"  audit {_audit_text(row)}", flush=True)
     return rows
 
 
@@ -264,20 +271,26 @@ def markdown(rows, quick: bool, repeats: int) -> str:
              f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} CPU cores shared by "
              f"8 virtual devices; host-cpu cluster model; median of {repeats} steps. Ratios are "
              f"against ShardParallel (pure intra-op, one program, full batch) on the same mesh "
-             f"in this run; below 1 is better.", ""]
+             f"in this run; below 1 is better. Audit: `step.audit` (a pipeline's programs each "
+             f"against the part of the plan that prices it), clean or the differences it "
+             f"lists below the table.", ""]
     for name in dict.fromkeys(r["workload"] for r in rows):
         first = next(r for r in rows if r["workload"] == name)
         lines += [f"### {name}: {first['description']}", "",
                   f"plain jax.jit on one device: {first['jit_1dev_s'] * 1e3:.2f} ms per step", "",
                   "| mesh | method | modelled / step | × intra-op | measured CPU / step | "
-                  "× intra-op | planning | stages |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+                  "× intra-op | planning | stages | audit |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+        found = []
         for r in rows:
             if r["workload"] != name:
                 continue
             lines.append(f"| {r['mesh']} | {r['method']} | {r['modelled_s'] * 1e3:.3f} ms | "
                          f"{r['modelled_ratio']:.2f} | {r['measured_s'] * 1e3:.2f} ms | "
-                         f"{r['measured_ratio']:.2f} | {r['planning_s']:.1f} s | {r['stages']} |")
+                         f"{r['measured_ratio']:.2f} | {r['planning_s']:.1f} s | {r['stages']} | "
+                         f"{_audit_text(r)} |")
+            found += [f"- {r['mesh']}, {r['method']}: {d}" for d in r["audit"]]
+        lines += ["", *found] if found else []
         lines.append("")
     return "\n".join(lines) + "\n"
 
