@@ -299,24 +299,35 @@ def test_benchmark_tables_render():
     from benchmarks import pipeline as bench
     row = dict(workload="deep_mlp", description="MLP", mesh="8", method="ShardParallel",
                modelled_s=2e-3, measured_s=3e-2, planning_s=1.0, stages="1 program",
-               jit_1dev_s=1e-2, modelled_ratio=1.0, measured_ratio=1.0, cluster="h100-80gb")
-    text = bench.markdown([row, dict(row, method="Pipeshard B=4 (DP)", modelled_ratio=0.9)],
+               jit_1dev_s=1e-2, modelled_ratio=1.0, measured_ratio=1.0, cluster="h100-80gb",
+               audit=[])
+    text = bench.markdown([row, dict(row, method="Pipeshard B=4 (DP)", modelled_ratio=0.9,
+                                     audit=["stage 0: missing all-to-all"])],
                           quick=True, repeats=3)
     assert "| 8 | Pipeshard B=4 (DP) | 2.000 ms | 0.90 |" in text
+    assert "| 1 program | clean |" in text and "| 1 program | 1 difference(s) |" in text
+    assert "- 8, Pipeshard B=4 (DP): stage 0: missing all-to-all" in text
     assert "| ShardParallel | 2.000 ms | 1.00 |" in bench.markdown_modelled([[dict(row, mesh="4x8")]])
 
 
-def test_a_residual_the_forward_resharded_reaches_the_backward_resharded():
+@pytest.mark.parametrize("layers, shape, names, stages", [
+    (2, (2, 4), ("data", "model"), 2),
+    (4, (8,), ("data",), 4),   # stages on 2 devices, gradients reduced once per step
+], ids=["2x4", "8_deferred"])
+def test_a_residual_the_forward_resharded_reaches_the_backward_resharded(
+        layers, shape, names, stages):
     """A stage's plan is one program, in which an activation gathered for a forward dot is
     gathered once for its backward readers too; run as a forward and a backward program,
-    the backward gathered it again, unpriced (the audit found one more all-gather over
-    "model" per stage of this GPT). The forward now hands such a residual over in the
-    layout its backward readers read it in."""
-    w = gpt(num_layers=2, d_model=64, heads=8, seq=32, batch=8, vocab=256)
-    step = autoshard.parallelize(w.fn, mesh=autoshard.make_mesh((2, 4), ("data", "model")),
+    the backward gathered it again, unpriced (the audit found one more all-gather per
+    stage of these GPTs). The forward now hands such a residual over in the layout its
+    backward readers read it in."""
+    w = gpt(num_layers=layers, d_model=64, heads=4 * (1 + (layers == 2)), seq=32,
+            batch=8 * (1 + (layers == 4)), vocab=256)
+    step = autoshard.parallelize(w.fn, mesh=autoshard.make_mesh(shape, names),
                                  batch_argnums=w.batch_argnums,
-                                 method=autoshard.PipeshardParallel(num_microbatches=4,
-                                                                    num_stages=2))
+                                 method=autoshard.PipeshardParallel(
+                                     num_microbatches=4, num_stages=stages, num_layers=layers,
+                                     stage_method=autoshard.ShardParallel(time_limit_s=2.0)))
     report = step.audit(*w.args)
     assert report.ok, report.summary()
     assert_trees_allclose(step(*w.args), jax.jit(w.fn)(*w.args), atol=1e-4)

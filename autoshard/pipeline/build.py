@@ -101,8 +101,7 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
         ops, via = operand_layouts(plan.operand_specs)
         partials = stage_partial_gradients(sp, plan, names, st.mesh_shape,
                                            layout.method.num_microbatches, set(F.invars))
-        # (a deferred backward's values are its own: its residuals stay as made)
-        handed = {} if partials else residual_layouts(sp, ops, via)
+        handed = residual_layouts(sp, ops, via)
         forward = shard_program(
             fwd, sub, [spec(v) for v in fwd.invars],
             list(plan.flat_out_specs[:n_out]) + [handed.get(v, spec(v)) for v in sp.residuals],

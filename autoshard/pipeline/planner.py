@@ -162,7 +162,7 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
         pos = {v: k for k, v in enumerate(P.invars)}
         # gradients whose batch reduction waits for the last micro-batch (partial_grads)
         partials = stage_partial_gradients(sp, plan, axis_names, shapes[m], B, F_ins)
-        handed = {} if partials else residual_layouts(sp, *operand_layouts(plan.operand_specs))
+        handed = residual_layouts(sp, *operand_layouts(plan.operand_specs))
         held = sum(bytes_per_device(P.avals[v], handed.get(v) or _spec_of(plan, v, pos),
                                     sub_sizes) for v in sp.residuals)
         held += sum(bytes_per_device(P.avals[P.invars[k]], plan.flat_in_specs[k], sub_sizes)
