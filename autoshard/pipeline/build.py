@@ -99,8 +99,6 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
         fwd_index = {e: i for i, e in enumerate(sp.forward_eqns)}
         bwd_index = {e: i for i, e in enumerate(sp.backward_eqns)}
         ops, via = operand_layouts(plan.operand_specs)
-        partials = stage_partial_gradients(sp, plan, names, st.mesh_shape,
-                                           layout.method.num_microbatches, set(F.invars))
         handed = residual_layouts(sp, ops, via)
         forward = shard_program(
             fwd, sub, [spec(v) for v in fwd.invars],
@@ -116,6 +114,8 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
                 if v in grad_key:
                     produced.add(v)
         out_specs = list(plan.flat_out_specs[n_out:])
+        partials = stage_partial_gradients(sp, plan, names, st.mesh_shape,
+                                           layout.method.num_microbatches, set(F.invars))
         reduce = None
         if partials:  # the batch reduction of these gradients runs once per step
             bwd, value_specs, bwd_ops = deferred_backward(

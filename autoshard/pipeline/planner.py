@@ -160,10 +160,8 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
         plan = stage_plans[key]
         sub_sizes = dict(zip(axis_names, shapes[m]))
         pos = {v: k for k, v in enumerate(P.invars)}
-        # gradients whose batch reduction waits for the last micro-batch (partial_grads)
-        partials = stage_partial_gradients(sp, plan, axis_names, shapes[m], B, F_ins)
         handed = residual_layouts(sp, *operand_layouts(plan.operand_specs))
-        held = sum(bytes_per_device(P.avals[v], handed.get(v) or _spec_of(plan, v, pos),
+        held = sum(bytes_per_device(P.avals[v], handed.get(v, _spec_of(plan, v, pos)),
                                     sub_sizes) for v in sp.residuals)
         held += sum(bytes_per_device(P.avals[P.invars[k]], plan.flat_in_specs[k], sub_sizes)
                     for k in sp.backward_inputs if sp.batch_in[k])
@@ -186,6 +184,8 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
                 whole_update = whole_update_seconds(split, mesh_shape, axis_names, cluster,
                                                     method)
             update = whole_update if i == 0 else 0.0
+        # gradients whose batch reduction waits for the last micro-batch (partial_grads)
+        partials = stage_partial_gradients(sp, plan, axis_names, shapes[m], B, F_ins)
         deferred[(i, j, m)] = deferred_reduction(sp, plan, partials,
                                                  MeshCostModel(cluster, shapes[m]), axis_names)
         d = deferred[(i, j, m)]
