@@ -73,15 +73,18 @@ def inlined_callee(eqn):
     return None
 
 
-def linear_solve_call(eqn, operands: Sequence) -> tuple[object, list] | None:
-    """``(closed jaxpr, its operands)`` that a ``custom_linear_solve`` equation computes
-    (``jnp.linalg.solve``, ``inv``, ``jax.scipy.linalg.expm``...), else ``None``. jax's own
-    implementation runs the ``solve`` jaxpr on its constants and ``b``; the matvec and
+def inlined_call(eqn, operands: Sequence) -> tuple[object, Sequence] | None:
+    """``(jaxpr, its operands)`` that ``eqn`` (with ``operands``) computes when the tracer
+    inlines it, else ``None``: a call-like primitive's callee on the same operands
+    (:func:`inlined_callee`), or the solve a ``custom_linear_solve`` runs
+    (``jnp.linalg.solve``, ``inv``, ``jax.scipy.linalg.expm``...). jax's own implementation
+    of the latter runs the ``solve`` jaxpr on its constants and ``b``; the matvec and
     transpose jaxprs only serve differentiation, done before a step is traced here.
     ``const_lengths`` counts each jaxpr's constants, which lead the operands in the
     order ``matvec, vecmat, solve, transpose_solve``, followed by ``b``."""
     if eqn.primitive.name != "custom_linear_solve":
-        return None
+        callee = inlined_callee(eqn)
+        return None if callee is None else (callee, operands)
     lengths = eqn.params["const_lengths"]
     start = lengths.matvec + lengths.vecmat
     consts = list(operands[start:start + lengths.solve])

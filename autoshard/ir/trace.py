@@ -27,9 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .jax_compat import (
-    inlined_callee,
+    inlined_call,
     join_scopes,
-    linear_solve_call,
     name_stack,
     optimization_barrier_primitive,
     recomputes_in_backward,
@@ -47,8 +46,8 @@ def _count_equations(jaxpr) -> int:
     """Equations of ``jaxpr`` with inlined calls and nested scans counted as unrolled."""
     total = 0
     for eqn in jaxpr.eqns:
-        solved = linear_solve_call(eqn, eqn.invars)
-        callee = inlined_callee(eqn) if solved is None else solved[0]
+        call = inlined_call(eqn, eqn.invars)
+        callee = None if call is None else call[0]
         if eqn.primitive.name == "scan":
             total += eqn.params["length"] * _count_equations(eqn.params["jaxpr"].jaxpr)
         elif callee is not None:
@@ -361,10 +360,10 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                     scopes.append(here)
                     env[var] = out
                 continue
-            callee = inlined_callee(eqn)
-            solved = linear_solve_call(eqn, ins)
-            if solved is not None:
-                callee, ins = solved
+            call = inlined_call(eqn, ins)
+            callee = None
+            if call is not None:
+                callee, ins = call
             if callee is not None and recomputes_in_backward(eqn):
                 ins = [barrier(a, eqn, here, callers) for a in ins]
             if callee is not None:
