@@ -508,3 +508,45 @@ def test_every_embedding_gradient_scatter_strategy_compiles_as_priced():
         got = sorted((c.kind, c.axes((2, 2, 2))) for c in parse_collectives(compiled.as_text()))
         assert got == sorted((c.kind, c.axes) for c in strategy.collectives), \
             (strategy.in_specs, strategy.out_specs)
+
+
+@pytest.mark.parametrize("made", [lambda g: g * 0.1, jnp.exp], ids=["scaled", "exp"])
+def test_a_fused_value_resharded_is_written_and_read_back(made):
+    # an optimizer's update made split, gathered for a replicated add: the product is
+    # fused into nothing (a collective stands between it and its reader), so it is written
+    # split and the add reads the gathered copy, as XLA compiles it when the plan pins
+    # both layouts (unpriced, the apply program of a pipeline stage audited 0.74x its bytes)
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from autoshard.intra.graph import unfused_ends, unfused_traffic, use_cost_matrix
+
+    args = (jax.ShapeDtypeStruct((128, 128), jnp.float32),) * 2
+    model = MeshCostModel(cluster_preset("host-cpu"), (8,))
+    graph = build_graph(trace(lambda w, g: w + made(g), args), model)
+    split, whole = ((0,), ()), ((), ())
+    chosen = []
+    for node in graph.nodes:
+        made_split = node.kind == "op" and not node.name.startswith("add")
+        want = split if node.name == "args[1]" or made_split else whole
+        chosen.append(next(s for s in node.strategies if s.out_specs[0] == want and
+                           all(spec == want for spec in s.in_specs if spec and len(spec) == 2)))
+    modelled = sum(s.bytes_accessed for s in chosen)
+    [use] = [u for u in graph.uses if graph.nodes[u.dst].name.startswith("add") and u.operand == 1]
+    assert unfused_ends(graph, use) == (True, True)
+    extra = unfused_traffic(model, (128, 128), 4, split, whole, unfused_ends(graph, use))
+    modelled += model.resharding_traffic((128, 128), 4, split, whole) + extra
+    assert extra == 128 * 128 * 4 // 8 + 128 * 128 * 4   # the split write, the whole read
+
+    mesh = autoshard.make_mesh((8,), ("d",))
+    pinned = lambda x, *spec: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))  # noqa: E731
+    compiled = jax.jit(lambda w, g: w + pinned(pinned(made(g), "d"), None),
+                       in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("d"))),
+                       out_shardings=NamedSharding(mesh, P())).lower(*args).compile()
+    assert modelled == pytest.approx(compiled.cost_analysis()["bytes accessed"], rel=0.02)
+    # and the ILP's price of that use holds the traffic at memory bandwidth
+    matrix = use_cost_matrix(graph, use, model)
+    src, dst = graph.nodes[use.src].strategies, graph.nodes[use.dst].strategies
+    i, j = src.index(chosen[use.src]), dst.index(chosen[use.dst])
+    bare = model.resharding((128, 128), 4, split, whole)
+    assert matrix[i, j] == pytest.approx(bare + extra / model.cluster.memory_bandwidth)

@@ -237,11 +237,53 @@ def _window_only(reads: tuple, name: str, num_operands: int) -> tuple:
 
 def use_cost_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel,
                     memo: dict | None = None) -> np.ndarray:
-    """Resharding seconds [strategies of src, strategies of dst] for one tensor use
-    (``memo``: see :func:`use_layout_matrix`)."""
+    """Resharding seconds [strategies of src, strategies of dst] for one tensor use, with
+    the traffic of a fused value the resharding makes XLA write and read
+    (:func:`unfused_ends`; ``memo``: see :func:`use_layout_matrix`)."""
+    ends = unfused_ends(graph, use)
+
     def seconds(aval, srcs, dsts):
-        return model.resharding_matrix(tuple(aval.shape), aval.dtype.itemsize, srcs, dsts)
-    return use_layout_matrix(graph, use, seconds, memo)
+        shape, itemsize = tuple(aval.shape), aval.dtype.itemsize
+        matrix = model.resharding_matrix(shape, itemsize, srcs, dsts)
+        if any(ends):
+            matrix = matrix + np.array(
+                [[unfused_traffic(model, shape, itemsize, src, dst, ends) for dst in dsts]
+                 for src in srcs]) / model.cluster.memory_bandwidth
+        return matrix
+    return use_layout_matrix(graph, use, seconds,
+                             None if memo is None else memo.setdefault(ends, {}))
+
+
+def unfused_ends(graph: ShardingGraph, use: Use) -> tuple[bool, bool]:
+    """(the producer writes the value, the reader reads it) only because a resharding
+    stands between them: the value is fused (``fusion.fused_values``: computed in its
+    readers' fusions, never in memory), so neither end's strategy counts that traffic.
+    A collective cannot run inside a fusion: XLA writes the value in the producer's layout
+    and the reader reads the collective's result (measured: ``g * 0.1`` split, gathered for
+    a replicated ``w + ·``, adds the product's write and the gathered read to
+    ``cost_analysis``). A value written anyway (a program output, or a copy written for
+    the reductions that read it) adds the read alone; a loop-carried use neither."""
+    if use.operand < 0:
+        return False, False
+    fused, read_in_fusion, _, written = fusion(graph.traced.program)
+    vid = graph.nodes[use.src].outputs[use.src_output]
+    if vid not in fused and vid not in read_in_fusion:
+        return False, False
+    reader = graph.nodes[use.dst].eqn
+    return vid in fused and vid not in written, reader not in written.get(vid, ())
+
+
+def unfused_traffic(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, src: Spec,
+                    dst: Spec, ends: tuple[bool, bool]) -> int:
+    """Bytes per device a resharding of a fused value from ``src`` to ``dst`` adds to the
+    program beside its own copies (``ends``: :func:`unfused_ends`): the producer's write
+    in ``src`` and the reader's read in ``dst``, when the resharding runs a collective (a
+    local slice is fused into the reader, as its producer is)."""
+    if not any(ends) or not model.resharding_steps(shape, itemsize, src, dst):
+        return 0
+    write, read = ends
+    return write * model.bytes_per_device(shape, itemsize, src) + \
+        read * model.bytes_per_device(shape, itemsize, dst)
 
 
 def use_layout_matrix(graph: ShardingGraph, use: Use, table: Callable, memo: dict | None = None

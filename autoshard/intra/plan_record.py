@@ -16,6 +16,7 @@ from autoshard.ir.trace import TracedFunction
 from autoshard.plan.parts import Collective, OpCost, PlanCost, SolverInfo
 from autoshard.plan.record import Plan
 
+from .graph import unfused_ends, unfused_traffic
 from .memory_points import planned_peak_bytes
 from .problem import ShardingProblem, repeated_reshardings
 from .shared_reads import READ
@@ -84,7 +85,9 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         if src_spec != dst_spec:
             aval = program.avals[vid]
             copies += model.resharding_traffic(tuple(aval.shape), aval.dtype.itemsize,
-                                               src_spec, dst_spec)
+                                               src_spec, dst_spec) + unfused_traffic(
+                model, tuple(aval.shape), aval.dtype.itemsize, src_spec, dst_spec,
+                unfused_ends(graph, use))
             where = f"{graph.nodes[use.src].name}→{graph.nodes[use.dst].name}"
             for step in model.resharding_steps(tuple(aval.shape), aval.dtype.itemsize,
                                                src_spec, dst_spec):
