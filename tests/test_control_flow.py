@@ -21,6 +21,12 @@ def _while(w, x, n):  # a dynamic trip count: a while, not a scan
                               lambda c: (c[0] + 1, jnp.tanh(c[1] @ w)), (0, x))[1]
 
 
+def _while_solving(a, x, n):  # a batched jnp.linalg.solve in the body: its solve jaxpr
+    return jax.lax.while_loop(
+        lambda c: c[0] < n,
+        lambda c: (c[0] + 1, jnp.linalg.solve(a, c[1][..., None])[..., 0] + c[1]), (0, x))[1]
+
+
 def _cond(w, x, flag):  # a contraction in a branch keeps it a cond; its gradient too
     def loss(w):
         h = jax.lax.cond(flag > 0, lambda: jnp.tanh(x @ w), lambda: jax.nn.relu(x @ w))
@@ -66,7 +72,9 @@ def _cases():
     embeddings = {"emb": jax.random.normal(keys[0], (128, 32)) * 0.1,
                   "out": jax.random.normal(keys[1], (32, 10)) * 0.1}
     tokens = jax.random.randint(keys[2], (4, 64, 16), 0, 128)
+    systems = 2.0 * jnp.eye(16) + 0.1 * jax.random.normal(keys[2], (8, 16, 16))
     return {"while": (_while, (w, x, 3)), "cond": (_cond, (w, x, 1)),
+            "while_solving": (_while_solving, (systems, x[:8, :16], 3)),
             "scan": (_accumulating, (params, _ADAM.init(params), xs, ys)),
             "scan_embedding": (_accumulating_embeddings, (embeddings, tokens, ys))}
 
@@ -78,10 +86,11 @@ def short_unrolls(monkeypatch):
     monkeypatch.setattr(_trace, "MAX_UNROLLED_EQUATIONS", 10)
 
 
-@pytest.mark.parametrize("name", ["while", "cond", "scan", "scan_embedding"])
+@pytest.mark.parametrize("name", ["while", "while_solving", "cond", "scan", "scan_embedding"])
 def test_control_flow_is_split_and_runs_what_was_priced(name, short_unrolls):
     """Before: every such equation ran replicated with a warning, and was priced as its
-    operands' bytes alone (the audit: 0.01x of a while's compiled flops)."""
+    operands' bytes alone (the audit: 0.01x of a while's compiled flops). A body's
+    ``custom_linear_solve`` is read as the solve it runs, as the tracer inlines one."""
     fn, args = _cases()[name]
     mesh = autoshard.make_mesh(*MESH)
     traced = _trace.trace(fn, args)

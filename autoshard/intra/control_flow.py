@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import jax.extend.core as jcore
 
 from autoshard.cost_model import CollectiveStep, MeshCostModel
-from autoshard.ir.jax_compat import inlined_callee
+from autoshard.ir.jax_compat import inlined_call
 from autoshard.ir.specs import Spec, replicated
 
 from .flops import (
@@ -242,7 +242,9 @@ class _Eqn:
     out_avals: list
     flops: float
     traffic: float
-    callee: object
+    #: (the jaxpr it runs, which of its operands that jaxpr's invars are) when the tracer
+    #: would inline it (``jax_compat.inlined_call``), else None
+    call: tuple | None
     op: object  # its LoopOp; None without a rule (or control flow nested inside)
 
 
@@ -258,8 +260,9 @@ def _facts(eqn, cache: dict) -> _Eqn:
             op = None if name in COLLECTIVES else loop_op(eqn, in_avals, out_avals)
         except Exception:  # noqa: BLE001 - a rule that cannot read it: not split
             op = None
+        call = inlined_call(eqn, range(len(eqn.invars)))
         found = cache[id(eqn)] = _Eqn(in_avals, out_avals, flops, traffic,
-                                      inlined_callee(eqn), op)
+                                      None if call is None else (call[0], tuple(call[1])), op)
         cache.setdefault("keep", []).append(eqn)  # the ids stay those equations'
     return found
 
@@ -323,13 +326,14 @@ def _propagate(jaxpr, seeds: dict[int, int], axes, n: int, model: MeshCostModel,
             tally.flops += facts.flops
             tally.traffic += window_traffic(eqn) if e in in_place else facts.traffic
             continue
-        if facts.callee is not None:
-            outs = _propagate(getattr(facts.callee, "jaxpr", facts.callee),
-                              {i: dim for i, dim in enumerate(ins) if dim is not None},
+        if facts.call is not None:
+            callee, operands = facts.call
+            outs = _propagate(getattr(callee, "jaxpr", callee),
+                              {k: ins[i] for k, i in enumerate(operands) if ins[i] is not None},
                               axes, n, model, tally, cache, collective=collective,
-                              heavy=frozenset(i for i, v in enumerate(eqn.invars)
-                                              if not isinstance(v, jcore.Literal)
-                                              and v in derived))
+                              heavy=frozenset(k for k, i in enumerate(operands)
+                                              if not isinstance(eqn.invars[i], jcore.Literal)
+                                              and eqn.invars[i] in derived))
             if outs is None:
                 return None
             split.update({v: dim for v, dim in zip(eqn.outvars, outs) if dim is not None})

@@ -64,7 +64,7 @@ def select_n_primitive():
     return jax.make_jaxpr(jax.lax.select_n)(0, 0.0, 1.0).eqns[0].primitive
 
 
-def inlined_callee(eqn):
+def _inlined_callee(eqn):
     """The jaxpr (open or closed) that ``eqn`` calls when it is a call-like primitive the
     tracer inlines, else ``None``."""
     for param in INLINED_CALLS.get(eqn.primitive.name, ()):
@@ -76,14 +76,14 @@ def inlined_callee(eqn):
 def inlined_call(eqn, operands: Sequence) -> tuple[object, Sequence] | None:
     """``(jaxpr, its operands)`` that ``eqn`` (with ``operands``) computes when the tracer
     inlines it, else ``None``: a call-like primitive's callee on the same operands
-    (:func:`inlined_callee`), or the solve a ``custom_linear_solve`` runs
+    (:func:`_inlined_callee`), or the solve a ``custom_linear_solve`` runs
     (``jnp.linalg.solve``, ``inv``, ``jax.scipy.linalg.expm``...). jax's own implementation
     of the latter runs the ``solve`` jaxpr on its constants and ``b``; the matvec and
     transpose jaxprs only serve differentiation, done before a step is traced here.
     ``const_lengths`` counts each jaxpr's constants, which lead the operands in the
     order ``matvec, vecmat, solve, transpose_solve``, followed by ``b``."""
     if eqn.primitive.name != "custom_linear_solve":
-        callee = inlined_callee(eqn)
+        callee = _inlined_callee(eqn)
         return None if callee is None else (callee, operands)
     lengths = eqn.params["const_lengths"]
     start = lengths.matvec + lengths.vecmat
