@@ -520,7 +520,7 @@ RULES.update({
 # as input fusions). A value made by the first for consumers all of the second kind lives
 # in registers, never in memory: see ``fusion.fused_values``.
 FUSIBLE = ELEMENTWISE | frozenset({"broadcast_in_dim", "reshape", "squeeze", "transpose", "rev",
-                                   "iota"})
+                                   "iota", "concatenate", "stack"})
 FUSING_CONSUMERS = FUSIBLE | frozenset({"reduce_sum", "reduce_max", "reduce_min",
                                         "reduce_prod", "argmax", "argmin"})
 
