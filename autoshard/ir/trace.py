@@ -37,6 +37,7 @@ from .jax_compat import (
 )
 from .program import Equation, Literal, Program
 from .signature import equation_signature
+from .simplify import cse_key, forwarded
 
 #: a scan is unrolled when its body's equations × its length stay within this.
 MAX_UNROLLED_EQUATIONS = 50_000
@@ -308,6 +309,8 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
 
     scopes: list[str] = []
     effectful: set[int] = set()  # equations with side effects
+    made_by: dict[int, Equation] = {}  # value id -> the equation that made it
+    computed: dict[tuple, tuple] = {}  # ``simplify.cse_key`` -> the first one's outputs
 
     def barrier(atom, eqn, scope, callers):
         """``atom`` through an optimization barrier of its own, as jax lowers the operands
@@ -375,11 +378,25 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                 for var, atom in zip(eqn.outvars, outs, strict=True):
                     env[var] = atom
                 continue
+            name = eqn.primitive.name
+            same = None if eqn.effects else forwarded(name, eqn.params, ins, made_by.get,
+                                                     lambda v: tuple(avals[v].shape))
+            if same is not None:  # XLA's simplifier returns the operand itself
+                env[eqn.outvars[0]] = same
+                continue
+            key = None if eqn.effects else cse_key(name, eqn.params, ins)
+            if key is not None and key in computed:  # XLA's CSE computes it once
+                for var, vid in zip(eqn.outvars, computed[key]):
+                    env[var] = vid
+                continue
             out_ids = tuple(new_value(v.aval) for v in eqn.outvars)
+            if key is not None:
+                computed[key] = out_ids
             if eqn.effects:  # a debug print, a callback: runs whether its result is read
                 effectful.add(len(eqns))
             eqns.append(Equation(eqn.primitive, dict(eqn.params), tuple(ins), out_ids,
                                  eqn.source_info))
+            made_by.update((vid, eqns[-1]) for vid in out_ids)
             sources.append((eqn.source_info, callers))
             scopes.append(here)
             for var, vid in zip(eqn.outvars, out_ids):

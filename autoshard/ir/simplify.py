@@ -1,0 +1,91 @@
+"""Rewrites XLA's algebraic simplifier and CSE make, applied while tracing so that what is
+planned and priced is what XLA compiles.
+
+An unrolled ``lax.scan`` stacks each step's outputs (a ``broadcast_in_dim`` adding the
+step dim, then a ``concatenate``), and its transpose in the backward pass slices them
+apart again, each step's residual and each step's weights once more. XLA forwards a slice
+that picks one operand of a concatenate to that operand, a squeeze of a broadcast that
+only added unit dims to the broadcast's operand, and computes two equal slices of one
+value once; the stacked residuals are then never made. Measured on a 6-layer MLP scanned
+over stacked weights (jax 0.10, one device): priced without these rewrites at 1.8x the
+compiled program's bytes accessed.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from .program import Equation, Literal
+
+#: primitives two equations of which, with equal operands and parameters, XLA's CSE
+#: computes once (pure layout ops the rewrites here leave behind)
+CSE_PRIMITIVES = frozenset({"slice"})
+
+
+def forwarded(name: str, params: dict, ins: Sequence, made_by: Callable[[int], Equation | None],
+              shape_of: Callable[[int], tuple[int, ...]]):
+    """The value (id) an equation ``name(*ins, **params)`` returns unchanged, as XLA's
+    simplifier finds it, else None. ``made_by(v)``: the equation that made value ``v``
+    (None for an input); ``shape_of(v)``: its shape."""
+    if not ins or isinstance(ins[0], Literal):
+        return None
+    source = made_by(ins[0])
+    if source is None:
+        return None
+    if name == "slice" and source.primitive.name == "concatenate":
+        return _sliced_operand(params, source, shape_of)
+    if name in ("squeeze", "reshape") and source.primitive.name == "broadcast_in_dim":
+        if name == "reshape" and params.get("dimensions") is not None:
+            return None
+        return _unit_dims_dropped(source, shape_of, _result_shape(name, params,
+                                                                  shape_of(ins[0])))
+    return None
+
+
+def cse_key(name: str, params: dict, ins: Sequence) -> tuple | None:
+    """A key equal for two equations XLA's CSE merges (``CSE_PRIMITIVES``), else None."""
+    if name not in CSE_PRIMITIVES or any(isinstance(a, Literal) for a in ins):
+        return None
+    return (name, tuple(ins), tuple(sorted((k, repr(v)) for k, v in params.items())))
+
+
+def _sliced_operand(params: dict, concat: Equation, shape_of):
+    """The operand of ``concat`` that a slice (``params``) of its result picks whole."""
+    strides = params.get("strides")
+    if strides is not None and any(s != 1 for s in strides):
+        return None
+    dim = concat.params["dimension"]
+    start, limit = params["start_indices"], params["limit_indices"]
+    full = shape_of(concat.outputs[0])
+    if any(start[d] != 0 or limit[d] != full[d] for d in range(len(full)) if d != dim):
+        return None
+    offset = 0
+    for operand in concat.inputs:
+        if isinstance(operand, Literal):
+            return None
+        size = shape_of(operand)[dim]
+        if offset == start[dim] and offset + size == limit[dim]:
+            return operand
+        offset += size
+    return None
+
+
+def _result_shape(name: str, params: dict, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if name == "squeeze":
+        dropped = {d % len(shape) for d in params["dimensions"]}
+        return tuple(n for d, n in enumerate(shape) if d not in dropped)
+    return tuple(params["new_sizes"])
+
+
+def _unit_dims_dropped(broadcast: Equation, shape_of, result: tuple[int, ...]):
+    """The operand of ``broadcast`` when the broadcast only inserted unit dims (its
+    operand's dims kept, in order, at their sizes) and ``result`` is the operand's shape."""
+    operand = broadcast.inputs[0]
+    if isinstance(operand, Literal):
+        return None
+    dims = tuple(broadcast.params["broadcast_dimensions"])
+    shape, kept = shape_of(broadcast.outputs[0]), shape_of(operand)
+    if list(dims) != sorted(dims) or tuple(shape[d] for d in dims) != kept or \
+            math.prod(shape) != math.prod(kept) or tuple(result) != kept:
+        return None
+    return operand
