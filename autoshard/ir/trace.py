@@ -8,9 +8,10 @@ Calls that only structure the program (``jit``/``pjit``, ``closed_call``,
 and ``lax.scan`` loops (layers scanned over stacked weights, and their transposes
 in the backward pass) are unrolled into one copy of the body per step, up to
 ``MAX_UNROLLED_EQUATIONS``, so every step's ops are sharded like any others and a
-pipeline can cut between them (the slices by which their backward reads the steps' stacked
-values are forwarded as XLA's simplifier forwards them: ``simplify``). A ``lax.cond`` whose branches are elementwise work is
-computed as every branch and a ``select_n`` (``selects_branches``). Every remaining
+pipeline can cut between them (the slices by which their backward reads the steps'
+stacked values are forwarded as XLA's simplifier forwards them: ``simplify``). A
+``lax.cond`` whose branches are elementwise work is computed as every branch and a
+``select_n`` (``selects_branches``). Every remaining
 equation is a primitive the strategy rules understand (or a control-flow primitive they
 treat conservatively: ``while``, other ``cond`` equations, and scans too long to
 unroll).
