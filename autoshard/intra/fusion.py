@@ -7,7 +7,7 @@ import math
 
 from autoshard.ir.program import Literal, per_program
 
-from .op_rules import FUSIBLE, FUSING_CONSUMERS
+from .op_rules import FUSIBLE, FUSING_CONSUMERS, fusible, fusing_consumer
 
 #: reductions XLA fuses elementwise producers into
 REDUCTIONS = FUSING_CONSUMERS - FUSIBLE
@@ -61,7 +61,7 @@ def _reduced_only(program, consumers) -> set[int]:
     a value: XLA computes them inside the reduction's fusion."""
     found: set[int] = set()
     for eqn in reversed(program.eqns):  # readers first
-        if eqn.primitive.name not in FUSIBLE:
+        if not fusible(eqn):
             continue
         for v in eqn.outputs:
             readers = {id(c): c for c in consumers.get(v, ())}
@@ -96,13 +96,13 @@ def fusion(program) -> tuple[frozenset[int], frozenset[int], dict[int, int],
     written: dict[int, frozenset[int]] = {}
     expanded: set[int] = set()  # fused values computed from small operands only (broadcasts)
     for eqn in program.eqns:
-        if eqn.primitive.name not in FUSIBLE:
+        if not fusible(eqn):
             continue
         for v in eqn.outputs:
             readers = consumers.get(v, ())
             if len(readers) > 1 and eqn.primitive.name in EXPENSIVE:
                 continue  # not duplicated: written once
-            if readers and all(c.primitive.name in FUSING_CONSUMERS for c in readers):
+            if readers and all(fusing_consumer(c) for c in readers):
                 (read_in_fusion if v in outputs else fused).add(v)
                 size = math.prod(program.avals[v].shape)
                 if all(isinstance(a, Literal) or a in expanded or

@@ -17,7 +17,7 @@ from __future__ import annotations
 from autoshard.ir.program import Literal, per_program
 
 from .fusion import value_readers
-from .op_rules import FUSIBLE, FUSING_CONSUMERS
+from .op_rules import FUSIBLE, FUSING_CONSUMERS, fusible
 
 #: extra memory traffic of a copied tensor, in multiples of its bytes (read it, write it)
 COPY_READS = 2
@@ -74,8 +74,8 @@ def transposes_into_dots(program) -> frozenset[int]:
     0.10: ``(a @ b).T`` moves the bytes ``a @ b`` does; a transpose that moves a batch dim,
     or of a result something else reads too, is a copy)."""
     consumers, outputs = value_readers(program)
-    made_by_dot = {eqn.outputs[0]: eqn for eqn in program.eqns
-                   if eqn.primitive.name == "dot_general"}
+    made_by_dot = {eqn.outputs[0]: eqn for eqn in program.eqns  # (an outer product fuses)
+                   if eqn.primitive.name == "dot_general" and not fusible(eqn)}
     folded = set()
     for e, eqn in enumerate(program.eqns):
         if eqn.primitive.name != "transpose" or isinstance(eqn.inputs[0], Literal):
