@@ -29,8 +29,9 @@ tanh zeta
 def fused_values(program) -> tuple[frozenset[int], frozenset[int]]:
     """Values XLA's fusion keeps out of memory traffic, as (fused, read_in_fusion).
 
-    ``fused``: made by a ``FUSIBLE`` equation, read only by ``FUSING_CONSUMERS`` (at least
-    one; exactly one where the equation is ``EXPENSIVE``), and not a program output: no
+    ``fused``: made by a fusible equation (``op_rules.fusible``), read only by fusing
+    consumers (``op_rules.fusing_consumer``; at least one; exactly one where the equation
+    is ``EXPENSIVE``), and not a program output: no
     memory traffic for the equations that make or read them. ``read_in_fusion``: the same
     but a program output (an optimizer's new moments): XLA's multi-output fusion writes it
     once and its readers in the fusion take it from there, so only the write is traffic."""
@@ -57,8 +58,8 @@ def value_readers(program) -> tuple[dict[int, list], frozenset[int]]:
 
 
 def _reduced_only(program, consumers) -> set[int]:
-    """Values made by a ``FUSIBLE`` equation whose one reader is a reduction or makes such
-    a value: XLA computes them inside the reduction's fusion."""
+    """Values made by a fusible equation (``op_rules.fusible``) whose one reader is a
+    reduction or makes such a value: XLA computes them inside the reduction's fusion."""
     found: set[int] = set()
     for eqn in reversed(program.eqns):  # readers first
         if not fusible(eqn):
