@@ -46,6 +46,21 @@ def fusion_fanout(program) -> dict[int, int]:
     return fusion(program)[2]
 
 
+def unwritten(analysis, v: int) -> bool:
+    """Whether XLA never writes value ``v`` to memory (``analysis``: :func:`fusion`'s
+    result): fused into its readers, and no copy written for the reductions among them."""
+    fused, _, _, written = analysis
+    return v in fused and v not in written
+
+
+def read_in_registers(analysis, v: int, reader: int | None) -> bool:
+    """Whether equation ``reader`` (an index; None: not one of the program's) computes
+    value ``v`` inside its own fusion and reads none of it from memory (``analysis``:
+    :func:`fusion`'s result); a reduction that reads the copy written for it does read."""
+    fused, read_in_fusion, _, written = analysis
+    return (v in fused or v in read_in_fusion) and reader not in written.get(v, ())
+
+
 def value_readers(program) -> tuple[dict[int, list], frozenset[int]]:
     """(value id → the equations reading it, in program order; the program's output
     value ids)."""

@@ -14,7 +14,7 @@ from autoshard.ir.trace import TracedFunction
 from .control_flow import control_flow_strategies
 from .dot_layouts import dot_operands
 from .flops import value_bytes
-from .fusion import fusion
+from .fusion import fusion, read_in_registers, unwritten
 from .in_place import UPDATE_OPERAND, program_in_place, window_reads
 from .layout_copies import layout_copy_reads, transposes_into_dots
 from .loop_op import size_of
@@ -132,7 +132,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     unsupported, control_flow, unmet = [], [], []
     memo: dict[tuple, tuple] = {}
     by_specs: dict[tuple, tuple] = {}
-    fused, read_in_fusion, fanout, written = fusion(program)
+    analysis = fusion(program)
+    fused, _, fanout, _ = analysis
     copied = layout_copy_reads(program)
     folded = transposes_into_dots(program)
     dots = dot_operands(program)
@@ -165,9 +166,9 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         # operands are read once per fusion the equation is duplicated into; values that
         # stay in registers are no traffic, but for the large reductions they are written for
         copies = max((fanout.get(v, 1) for v in eqn.outputs), default=1)
-        reads = tuple(0 if not isinstance(a, Literal) and (a in fused or a in read_in_fusion)
-                      and e not in written.get(a, ()) else copies for a in eqn.inputs)
-        reads += tuple(0 if v in fused and v not in written else 1 for v in eqn.outputs)
+        reads = tuple(0 if not isinstance(a, Literal) and read_in_registers(analysis, a, e)
+                      else copies for a in eqn.inputs)
+        reads += tuple(0 if unwritten(analysis, v) else 1 for v in eqn.outputs)
         # an identity XLA does not copy; a transpose whose dot writes the transposed order
         # (fused into its readers instead, it stands for their read of the dot's result)
         if name in NO_TRAFFIC or e in folded and eqn.outputs[0] not in fused:
@@ -265,12 +266,9 @@ def unfused_ends(graph: ShardingGraph, use: Use) -> tuple[bool, bool]:
     the reductions that read it) adds the read alone; a loop-carried use neither."""
     if use.operand < 0:
         return False, False
-    fused, read_in_fusion, _, written = fusion(graph.traced.program)
+    analysis = fusion(graph.traced.program)
     vid = graph.nodes[use.src].outputs[use.src_output]
-    if vid not in fused and vid not in read_in_fusion:
-        return False, False
-    reader = graph.nodes[use.dst].eqn
-    return vid in fused and vid not in written, reader not in written.get(vid, ())
+    return unwritten(analysis, vid), read_in_registers(analysis, vid, graph.nodes[use.dst].eqn)
 
 
 def unfused_traffic(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, src: Spec,

@@ -366,12 +366,10 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                     env[var] = out
                 continue
             call = inlined_call(eqn, ins)
-            callee = None
             if call is not None:
                 callee, ins = call
-            if callee is not None and recomputes_in_backward(eqn):
-                ins = [barrier(a, eqn, here, callers) for a in ins]
-            if callee is not None:
+                if recomputes_in_backward(eqn):
+                    ins = [barrier(a, eqn, here, callers) for a in ins]
                 within = callers + (eqn.source_info,)
                 if isinstance(callee, jcore.ClosedJaxpr):
                     outs = inline(callee.jaxpr, callee.consts, ins, scope=here, callers=within)
