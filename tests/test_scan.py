@@ -64,6 +64,28 @@ def test_the_backward_reads_each_steps_residual_and_weights_as_xla_does():
     assert modelled == pytest.approx(compiled, rel=0.15)
 
 
+def test_a_scan_over_layers_trained_with_adamw_donated_and_keyword_batch_matches_jit():
+    # scanned layers as users train them: a loss closing over the batch, optax adamw,
+    # donated params and optimizer state, the batch by keyword; the plan runs the
+    # collectives it priced and matches jax.jit
+    import optax
+    opt = optax.adamw(1e-3)
+
+    def step(params, opt_state, *, batch):
+        loss, grads = jax.value_and_grad(lambda p: _loss(p, batch))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params, batch = _args()
+    expected = jax.jit(step)(params, opt.init(params), batch=batch)
+    run = autoshard.parallelize(step, mesh=autoshard.make_mesh((2, 4), ("data", "model")),
+                                donate_argnums=(0, 1),
+                                method=autoshard.ShardParallel(time_limit_s=5))
+    report = run.audit(params, opt.init(params), batch=batch)
+    assert report.ok, report.summary()
+    assert_trees_allclose(run(params, opt.init(params), batch=batch), expected)
+
+
 @pytest.mark.parametrize("mesh_shape, axes", [((8,), ("model",)), ((2, 4), ("data", "model"))])
 def test_scanned_layers_are_sharded_and_match_jit(mesh_shape, axes):
     args = _args()
