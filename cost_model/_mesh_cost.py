@@ -231,6 +231,16 @@ class MeshCostModel:
         key_dsts = tuple(self._check_spec(shape, spec)[1] for spec in dsts)
         return _resharding_matrix(self, shape, int(itemsize), key_srcs, key_dsts).copy()
 
+    def collective_matrix(self, shape: Sequence[int], srcs: Sequence[Spec],
+                          dsts: Sequence[Spec]) -> np.ndarray:
+        """bool array [len(srcs), len(dsts)]: True where ``resharding`` runs a collective
+        (``resharding_steps`` is not empty), False where it is a local slice or nothing
+        (memoised; a fresh writable copy is returned on every call)."""
+        shape = _as_shape(shape)
+        key_srcs = tuple(self._check_spec(shape, spec)[1] for spec in srcs)
+        key_dsts = tuple(self._check_spec(shape, spec)[1] for spec in dsts)
+        return _collective_matrix(self.mesh_shape, key_srcs, key_dsts).copy()
+
     # ------------------------------------------------------------------ helpers
 
     def _checked_pair(self, shape, src: Spec, dst: Spec, itemsize: int):
@@ -423,5 +433,15 @@ def _resharding_matrix(
                                           for step in route.steps),
                                   _route_traffic(model, shape, route, nbytes)))
     matrix = np.array(cells, dtype=np.float64).reshape(len(srcs), len(dsts))
+    matrix.flags.writeable = False
+    return matrix
+
+
+@functools.lru_cache(maxsize=4096)
+def _collective_matrix(mesh_shape: tuple[int, ...], srcs: tuple[Spec, ...],
+                       dsts: tuple[Spec, ...]) -> np.ndarray:
+    """``MeshCostModel.collective_matrix`` of checked specs (routes are shape-free)."""
+    matrix = np.array([[bool(resharding_route(mesh_shape, src, dst).steps) for dst in dsts]
+                       for src in srcs], dtype=bool).reshape(len(srcs), len(dsts))
     matrix.flags.writeable = False
     return matrix

@@ -23,6 +23,7 @@ from autoshard.cost_model import (
     parse_bytes,
 )
 from autoshard.ir import hlo
+from autoshard.ir.specs import enumerate_specs
 
 GiB = 1024**3
 
@@ -347,6 +348,20 @@ def test_resharding_matrix_matches_elementwise(model24):
             refines = all(dst[d][: len(src[d])] == src[d] for d in range(2))
             steps = model24.resharding_steps(SHAPE, ITEMSIZE, src, dst)
             assert (steps == ()) == refines, (src, dst)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (2, 2, 2)])
+def test_collective_matrix_is_where_resharding_runs_a_collective(mesh_shape):
+    model = MeshCostModel(cluster_preset("host-cpu"), mesh_shape)
+    specs = enumerate_specs(SHAPE, mesh_shape)
+    matrix = model.collective_matrix(SHAPE, specs, specs)
+    assert matrix.dtype == bool and matrix.shape == (len(specs), len(specs))
+    expected = [[bool(model.resharding_steps(SHAPE, ITEMSIZE, s, d)) for d in specs]
+                for s in specs]
+    np.testing.assert_array_equal(matrix, expected)
+    assert matrix.any() and not matrix.all()  # slices and collectives both occur
+    matrix[:] = True  # a copy: the memoised matrix stays as it was
+    np.testing.assert_array_equal(model.collective_matrix(SHAPE, specs, specs), expected)
 
 
 def test_resharding_matrix_returns_independent_copies(model24):

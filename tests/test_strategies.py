@@ -1,6 +1,7 @@
 """Strategy pricing against what XLA compiles: fusion-aware compute, collectives as lowered."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import autoshard
@@ -550,6 +551,14 @@ def test_a_fused_value_resharded_is_written_and_read_back(made):
     i, j = src.index(chosen[use.src]), dst.index(chosen[use.dst])
     bare = model.resharding((128, 128), 4, split, whole)
     assert matrix[i, j] == pytest.approx(bare + extra / model.cluster.memory_bandwidth)
+    # every cell of the matrix (priced at once) is its pair's resharding and unfused traffic
+    ends = unfused_ends(graph, use)
+    expected = [[model.resharding((128, 128), 4, a.out_specs[0], b.in_specs[1]) + unfused_traffic(
+        model, (128, 128), 4, a.out_specs[0], b.in_specs[1], ends) / model.cluster.memory_bandwidth
+        for b in dst] for a in src]
+    np.testing.assert_allclose(matrix, expected, rtol=1e-12)
+    assert (np.asarray(expected) > np.asarray([[model.resharding(
+        (128, 128), 4, a.out_specs[0], b.in_specs[1]) for b in dst] for a in src])).any()
 
 
 @pytest.mark.parametrize("fn", [lambda a, b, c: jnp.stack([a, b, c]).sum(0),

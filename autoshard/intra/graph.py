@@ -247,9 +247,8 @@ def use_cost_matrix(graph: ShardingGraph, use: Use, model: MeshCostModel,
         shape, itemsize = tuple(aval.shape), aval.dtype.itemsize
         matrix = model.resharding_matrix(shape, itemsize, srcs, dsts)
         if any(ends):
-            matrix = matrix + np.array(
-                [[unfused_traffic(model, shape, itemsize, src, dst, ends) for dst in dsts]
-                 for src in srcs]) / model.cluster.memory_bandwidth
+            matrix += unfused_traffic_matrix(model, shape, itemsize, srcs, dsts, ends) \
+                / model.cluster.memory_bandwidth
         return matrix
     return use_layout_matrix(graph, use, seconds,
                              None if memo is None else memo.setdefault(ends, {}))
@@ -282,6 +281,18 @@ def unfused_traffic(model: MeshCostModel, shape: tuple[int, ...], itemsize: int,
     write, read = ends
     return write * model.bytes_per_device(shape, itemsize, src) + \
         read * model.bytes_per_device(shape, itemsize, dst)
+
+
+def unfused_traffic_matrix(model: MeshCostModel, shape: tuple[int, ...], itemsize: int,
+                           srcs: Sequence[Spec], dsts: Sequence[Spec], ends: tuple[bool, bool]
+                           ) -> np.ndarray:
+    """:func:`unfused_traffic` of every (src, dst) pair: float64 [len(srcs), len(dsts)]."""
+    write, read = ends
+    written = np.array([write * model.bytes_per_device(shape, itemsize, s) for s in srcs],
+                       dtype=np.float64)
+    read_back = np.array([read * model.bytes_per_device(shape, itemsize, d) for d in dsts],
+                         dtype=np.float64)
+    return model.collective_matrix(shape, srcs, dsts) * (written[:, None] + read_back[None, :])
 
 
 def use_layout_matrix(graph: ShardingGraph, use: Use, table: Callable, memo: dict | None = None
