@@ -4,6 +4,7 @@ an op is duplicated."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from autoshard.ir.program import Literal, per_program
 
@@ -26,39 +27,73 @@ tanh zeta
 """.split())
 
 
-def fused_values(program) -> tuple[frozenset[int], frozenset[int]]:
-    """Values XLA's fusion keeps out of memory traffic, as (fused, read_in_fusion).
+class FusionAnalysis(NamedTuple):
+    """XLA's fusion of one program (:func:`fusion`): ``fused``, the values it keeps out of
+    memory; ``fanout``, per fused value the number of fusions its equation is duplicated
+    into; ``written``, fused values also written once for the large reductions among their
+    readers (value id → the equations that read that copy); ``fusions``, per equation
+    index the fusions it is computed in (a fusion named by the equation at its root, or
+    ``("copy", v)`` for the one that writes value ``v``'s copy)."""
 
-    ``fused``: made by a fusible equation (``op_rules.fusible``), read only by fusing
-    consumers (``op_rules.fusing_consumer``; at least one; exactly one where the equation
-    is ``EXPENSIVE``), and not a program output: no
-    memory traffic for the equations that make or read them. ``read_in_fusion``: the same
-    but a program output (an optimizer's new moments): XLA's multi-output fusion writes it
-    once and its readers in the fusion take it from there, so only the write is traffic."""
-    fused, read_in_fusion, _, _ = fusion(program)
-    return fused, read_in_fusion
+    fused: frozenset[int]
+    fanout: dict[int, int]
+    written: dict[int, frozenset[int]]
+    fusions: dict[int, frozenset]
+
+
+def fused_values(program) -> frozenset[int]:
+    """Values XLA's fusion keeps out of memory: made by a fusible equation
+    (``op_rules.fusible``), read only by fusing consumers (``op_rules.fusing_consumer``;
+    at least one; exactly one where the equation is ``EXPENSIVE``, which may read it
+    twice: ``e * e`` of ``e = exp(x)`` is one loop), and not a program
+    output. A program output is written, and its readers read it back from memory: XLA:CPU
+    does not compute them in the fusion that writes it (measured on jax 0.10: an
+    optimizer's new moment ``m * 0.9 + g``, returned and read by ``p - m``, compiles to two
+    loop fusions, the second reading the moment)."""
+    return fusion(program).fused
 
 
 def fusion_fanout(program) -> dict[int, int]:
     """Per fused value: into how many fusions XLA duplicates the equation that makes it
     (the fusion roots its value reaches through fused consumers). That equation's
     materialized operands are read once per such fusion."""
-    return fusion(program)[2]
+    return fusion(program).fanout
 
 
-def unwritten(analysis, v: int) -> bool:
-    """Whether XLA never writes value ``v`` to memory (``analysis``: :func:`fusion`'s
-    result): fused into its readers, and no copy written for the reductions among them."""
-    fused, _, _, written = analysis
-    return v in fused and v not in written
+def unwritten(analysis: FusionAnalysis, v: int) -> bool:
+    """Whether XLA never writes value ``v`` to memory: fused into its readers, and no copy
+    written for the reductions among them."""
+    return v in analysis.fused and v not in analysis.written
 
 
-def read_in_registers(analysis, v: int, reader: int | None) -> bool:
+def read_in_registers(analysis: FusionAnalysis, v: int, reader: int | None) -> bool:
     """Whether equation ``reader`` (an index; None: not one of the program's) computes
-    value ``v`` inside its own fusion and reads none of it from memory (``analysis``:
-    :func:`fusion`'s result); a reduction that reads the copy written for it does read."""
-    fused, read_in_fusion, _, written = analysis
-    return (v in fused or v in read_in_fusion) and reader not in written.get(v, ())
+    value ``v`` inside its own fusion and reads none of it from memory; a reduction that
+    reads the copy written for it does read."""
+    return v in analysis.fused and reader not in analysis.written.get(v, ())
+
+
+def fusion_reads(program, analysis: FusionAnalysis) -> dict[tuple[int, int], int]:
+    """(equation index, operand index) → how many times that materialized operand is read
+    from memory, where it is fewer than the fusions the equation is computed in: a fusion
+    reads each operand once however many of its equations read it (``0.9 * nu + g * g``
+    reads ``g`` once), so an equation computed inside fusions (``op_rules.fusing_consumer``)
+    reads an operand only in the fusions no earlier equation, or earlier operand, read it
+    in. Operands read in registers (:func:`read_in_registers`) are not listed."""
+    seen: dict[int, frozenset] = {}
+    fewer: dict[tuple[int, int], int] = {}
+    for e, eqn in enumerate(program.eqns):
+        if not fusing_consumer(eqn):
+            continue
+        mine = analysis.fusions[e]
+        for k, a in enumerate(eqn.inputs):
+            if isinstance(a, Literal) or read_in_registers(analysis, a, e):
+                continue
+            before = seen.get(a, frozenset())
+            if before & mine:
+                fewer[(e, k)] = min(len(mine - before), _fanout(mine))
+            seen[a] = before | mine
+    return fewer
 
 
 def value_readers(program) -> tuple[dict[int, list], frozenset[int]]:
@@ -94,21 +129,21 @@ def _into_reduction(eqn, reduced_only) -> bool:
 
 
 @per_program
-def fusion(program) -> tuple[frozenset[int], frozenset[int], dict[int, int],
-                             dict[int, frozenset[int]]]:
-    """``(fused, read_in_fusion)`` as :func:`fused_values`, the fan-out per fused value as
-    :func:`fusion_fanout`, and ``written``: fused values that XLA also writes to memory
-    once for the large reductions among their readers (value id → the equations that read
-    that copy: a reduction, or an equation fused into one). XLA's CPU reduction library
-    fusion (from ``REDUCTION_LIBRARY_ELEMENTS``) takes a producer only when nothing else
-    reads it, so a value a reduction shares with another reader (a normalization's
+def fusion(program) -> FusionAnalysis:
+    """XLA's fusion of ``program`` (:class:`FusionAnalysis`): fused values as
+    :func:`fused_values`, the fan-out per fused value as :func:`fusion_fanout`, the
+    fusions of every equation, and ``written``: fused values that XLA also writes to
+    memory once for the large reductions among their readers (value id → the equations
+    that read that copy: a reduction, or an equation fused into one). XLA's CPU reduction
+    library fusion (from ``REDUCTION_LIBRARY_ELEMENTS``) takes a producer only when nothing
+    else reads it, so a value a reduction shares with another reader (a normalization's
     ``x - mean``, read by its variance and by the normalized value) is written once for
     the reduction while the other readers' loop fusions still recompute it; a value made
     only from smaller operands (a broadcast) is recomputed by the reduction too."""
     consumers, outputs = value_readers(program)
     reduced_only = _reduced_only(program, consumers)
     index = {id(eqn): e for e, eqn in enumerate(program.eqns)}
-    fused, read_in_fusion = set(), set()
+    fused = set()
     written: dict[int, frozenset[int]] = {}
     expanded: set[int] = set()  # fused values computed from small operands only (broadcasts)
     for eqn in program.eqns:
@@ -116,38 +151,79 @@ def fusion(program) -> tuple[frozenset[int], frozenset[int], dict[int, int],
             continue
         for v in eqn.outputs:
             readers = consumers.get(v, ())
-            if len(readers) > 1 and eqn.primitive.name in EXPENSIVE:
+            distinct = {id(c): c for c in readers}  # (an equation may read v twice: v * v)
+            if len(distinct) > 1 and eqn.primitive.name in EXPENSIVE:
                 continue  # not duplicated: written once
-            if readers and all(fusing_consumer(c) for c in readers):
-                (read_in_fusion if v in outputs else fused).add(v)
+            if v not in outputs and readers and all(fusing_consumer(c) for c in readers):
+                fused.add(v)
                 size = math.prod(program.avals[v].shape)
                 if all(isinstance(a, Literal) or a in expanded or
                        math.prod(program.avals[a].shape) < size for a in eqn.inputs):
                     expanded.add(v)  # a reduction's fusion recomputes it too
                     continue
-                distinct = {id(c): c for c in readers}
-                if v in fused and len(distinct) > 1 and size >= REDUCTION_LIBRARY_ELEMENTS:
+                if len(distinct) > 1 and size >= REDUCTION_LIBRARY_ELEMENTS:
                     reducing = frozenset(index[k] for k, c in distinct.items()
                                          if _into_reduction(c, reduced_only))
                     if reducing:
                         written[v] = reducing
-    return frozenset(fused), frozenset(read_in_fusion), _fanout(program, fused, consumers,
-                                                                 written, index), written
+    roots = _roots(program, fused, consumers, written, index)
+    reused = _concatenates_reused(program, fused, consumers, roots, index)
+    if reused:
+        fused -= reused
+        roots = _roots(program, fused, consumers, written, index)
+    fusions = {e: frozenset().union(*(roots.get(v, (e,)) for v in eqn.outputs))
+               if eqn.outputs else frozenset((e,)) for e, eqn in enumerate(program.eqns)}
+    return FusionAnalysis(frozenset(fused), {v: _fanout(r) for v, r in roots.items()},
+                          written, fusions)
 
 
-def _fanout(program, fused, consumers, written, index) -> dict[int, int]:
+def _fanout(roots: frozenset) -> int:
+    """The fusions a fused value's equation is duplicated into, of its ``roots``: the
+    copies written for reductions counted as one."""
+    copies = sum(isinstance(r, tuple) for r in roots)
+    return len(roots) - copies + (copies > 0)
+
+
+#: ops XLA fuses into each reader, but writes once when one fusion reads it through
+#: several of its ops (measured on jax 0.10: ``0.1 * s * s`` of a stacked ``s`` compiles
+#: to the stack's own fusion and a fusion reading it; ``s * s`` and ``s + m, s * n`` read
+#: its pieces). An optimizer's second moment of a stacked (scanned) gradient is one.
+CONCATENATES = frozenset({"concatenate", "stack"})
+
+
+def _concatenates_reused(program, fused, consumers, roots, index) -> set[int]:
+    """Fused values made by a ``CONCATENATES`` op that two of their readers read in one
+    fusion (``roots``: :func:`_roots` of ``fused``)."""
+    reused = set()
+    for eqn in program.eqns:
+        if eqn.primitive.name not in CONCATENATES:
+            continue
+        for v in eqn.outputs:
+            if v not in fused:
+                continue
+            seen: set = set()
+            for c in {id(c): c for c in consumers[v]}.values():
+                mine = set().union(*(roots.get(o, (index[id(c)],)) for o in c.outputs))
+                if seen & mine:
+                    reused.add(v)
+                    break
+                seen |= mine
+    return reused
+
+
+def _roots(program, fused, consumers, written, index) -> dict[int, frozenset]:
     """Per fused value, the distinct fusions it is computed in: the fusion roots (readers
     that make no fused value) it reaches through fused readers, each counted once however
     many paths lead there (a normalization's input reaches the one fusion of its output
-    through its mean, its variance and itself), plus one for a written copy. Measured on
-    jax 0.10 (CPU): a GPT's embedding sum reaches 8 fusions by 36 paths."""
-    roots: dict[int, frozenset[int]] = {}
+    through its mean, its variance and itself), plus ``("copy", v)`` for a written copy.
+    Measured on jax 0.10 (CPU): a GPT's embedding sum reaches 8 fusions by 36 paths."""
+    roots: dict[int, frozenset] = {}
     for eqn in reversed(program.eqns):  # readers come later: their roots are known
         for v in eqn.outputs:
             if v not in fused:
                 continue
             reading = written.get(v, frozenset())  # they all read the one written copy
-            found: set[int] = {-1} if reading else set()
+            found: set = {("copy", v)} if reading else set()
             for c in consumers[v]:
                 e = index[id(c)]
                 if e in reading:
@@ -155,4 +231,4 @@ def _fanout(program, fused, consumers, written, index) -> dict[int, int]:
                 for o in c.outputs:
                     found.update(roots[o] if o in roots else (e,))
             roots[v] = frozenset(found)
-    return {v: len(r) for v, r in roots.items()}
+    return roots

@@ -14,7 +14,7 @@ from autoshard.ir.trace import TracedFunction
 from .control_flow import control_flow_strategies
 from .dot_layouts import dot_operands
 from .flops import value_bytes
-from .fusion import fusion, read_in_registers, unwritten
+from .fusion import fusion, fusion_reads, read_in_registers, unwritten
 from .in_place import UPDATE_OPERAND, program_in_place, window_reads
 from .layout_copies import layout_copy_reads, transposes_into_dots
 from .loop_op import size_of
@@ -133,7 +133,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     memo: dict[tuple, tuple] = {}
     by_specs: dict[tuple, tuple] = {}
     analysis = fusion(program)
-    fused, _, fanout, _ = analysis
+    fused, fanout = analysis.fused, analysis.fanout
+    fewer_reads = fusion_reads(program, analysis)
     copied = layout_copy_reads(program)
     folded = transposes_into_dots(program)
     dots = dot_operands(program)
@@ -163,11 +164,12 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         in_avals = [_aval(program, a) for a in eqn.inputs]
         out_avals = [program.avals[v] for v in eqn.outputs]
         name = eqn.primitive.name
-        # operands are read once per fusion the equation is duplicated into; values that
-        # stay in registers are no traffic, but for the large reductions they are written for
+        # operands are read once per fusion the equation is duplicated into (and not
+        # again in a fusion an earlier equation read them in); values that stay in
+        # registers are no traffic, but for the large reductions they are written for
         copies = max((fanout.get(v, 1) for v in eqn.outputs), default=1)
         reads = tuple(0 if not isinstance(a, Literal) and read_in_registers(analysis, a, e)
-                      else copies for a in eqn.inputs)
+                      else fewer_reads.get((e, k), copies) for k, a in enumerate(eqn.inputs))
         reads += tuple(0 if unwritten(analysis, v) else 1 for v in eqn.outputs)
         # an identity XLA does not copy; a transpose whose dot writes the transposed order
         # (fused into its readers instead, it stands for their read of the dot's result)

@@ -28,7 +28,8 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
     places them in the outputs' buffers where XLA does (``buffer_assignment``).
     """
     born, last, shared = _steps(program, donated)
-    fused, _, _, written = fusion(program)
+    analysis = fusion(program)
+    fused, written = analysis.fused, analysis.written
     _read_where_fused(program, fused, last)
     ranges = {v: (b, max(last.get(v, b), b)) for v, b in born.items()
               if v not in shared and v not in fused}
