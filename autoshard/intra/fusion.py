@@ -178,8 +178,10 @@ def fusion(program) -> FusionAnalysis:
 
 
 def _fanout(roots: frozenset) -> int:
-    """The fusions a fused value's equation is duplicated into, of its ``roots``: the
-    copies written for reductions counted as one."""
+    """The fusions a fused value's equation is duplicated into, of its ``roots``, the
+    copies written for reductions counted as one, as the whole-step figures were measured
+    with (each counted: a layernorm's gradient over [64, 64, 256] priced at 1.41x its
+    compiled bytes, against 1.24x)."""
     copies = sum(isinstance(r, tuple) for r in roots)
     return len(roots) - copies + (copies > 0)
 
