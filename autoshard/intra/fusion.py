@@ -167,14 +167,21 @@ def fusion(program) -> FusionAnalysis:
                     if reducing:
                         written[v] = reducing
     roots = _roots(program, fused, consumers, written, index)
-    reused = _concatenates_reused(program, fused, consumers, roots, index)
+    fusions = _fusions(program, roots)
+    reused = _concatenates_reused(program, fused, consumers, fusions, index)
     if reused:
         fused -= reused
         roots = _roots(program, fused, consumers, written, index)
-    fusions = {e: frozenset().union(*(roots.get(v, (e,)) for v in eqn.outputs))
-               if eqn.outputs else frozenset((e,)) for e, eqn in enumerate(program.eqns)}
+        fusions = _fusions(program, roots)
     return FusionAnalysis(frozenset(fused), {v: _fanout(r) for v, r in roots.items()},
                           written, fusions)
+
+
+def _fusions(program, roots) -> dict[int, frozenset]:
+    """Per equation index, the fusions it is computed in: its fused outputs' ``roots``
+    (:func:`_roots`), or its own fusion."""
+    return {e: frozenset().union(*(roots.get(v, (e,)) for v in eqn.outputs))
+            if eqn.outputs else frozenset((e,)) for e, eqn in enumerate(program.eqns)}
 
 
 def _fanout(roots: frozenset) -> int:
@@ -193,9 +200,9 @@ def _fanout(roots: frozenset) -> int:
 CONCATENATES = frozenset({"concatenate", "stack"})
 
 
-def _concatenates_reused(program, fused, consumers, roots, index) -> set[int]:
+def _concatenates_reused(program, fused, consumers, fusions, index) -> set[int]:
     """Fused values made by a ``CONCATENATES`` op that two of their readers read in one
-    fusion (``roots``: :func:`_roots` of ``fused``)."""
+    fusion (``fusions``: :func:`_fusions` of ``fused``)."""
     reused = set()
     for eqn in program.eqns:
         if eqn.primitive.name not in CONCATENATES:
@@ -204,8 +211,8 @@ def _concatenates_reused(program, fused, consumers, roots, index) -> set[int]:
             if v not in fused:
                 continue
             seen: set = set()
-            for c in {id(c): c for c in consumers[v]}.values():
-                mine = set().union(*(roots.get(o, (index[id(c)],)) for o in c.outputs))
+            for reader in {index[id(c)] for c in consumers[v]}:
+                mine = fusions[reader]
                 if seen & mine:
                     reused.add(v)
                     break
