@@ -613,3 +613,38 @@ def test_an_outer_product_is_fused_as_a_broadcast_multiply(fn):
     args = (jax.ShapeDtypeStruct((32, 64), jnp.float32), jax.ShapeDtypeStruct((32, 512), jnp.float32))
     modelled, compiled = _replicated_bytes(fn, args)
     assert modelled == pytest.approx(compiled, rel=0.01)
+
+
+@pytest.mark.parametrize("mesh_shape, axes", [((1,), ("model",)), ((8,), ("model",)),
+                                              ((2, 4), ("data", "model"))])
+def test_an_adam_step_as_users_write_it_is_priced_at_its_compiled_bytes(mesh_shape, axes):
+    # an optax adam step with donated params and state, the batch by keyword, a loss
+    # closing over it and a Python scalar: its new moments are returned and read back by
+    # the update, and a fusion reads each operand once (priced otherwise: 0.84x the
+    # compiled bytes on one device, 0.90x on 8, 0.88x on 2x4; now 0.94, 0.98, 0.95)
+    import optax
+
+    from tests.trees import assert_trees_allclose
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = {"w1": jax.random.normal(k[0], (256, 512)) / 16, "b1": jnp.zeros(512),
+              "w2": jax.random.normal(k[1], (512, 256)) / 16}
+    batch = {"x": jax.random.normal(k[2], (64, 256)), "y": jax.random.normal(k[3], (64, 256))}
+    opt = optax.adam(1e-3)
+
+    def step(params, opt_state, *, batch, scale=0.5):
+        def loss(p):
+            h = jax.nn.gelu(batch["x"] @ p["w1"] + p["b1"])
+            return scale * jnp.mean((h @ p["w2"] - batch["y"]) ** 2)
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    expected = jax.jit(step)(params, opt.init(params), batch=batch)
+    run = autoshard.parallelize(step, mesh=autoshard.make_mesh(mesh_shape, axes),
+                                donate_argnums=(0, 1),
+                                method=autoshard.ShardParallel(time_limit_s=5))
+    report = run.audit(params, opt.init(params), batch=batch)
+    assert report.ok, report.summary()
+    modelled, compiled = report.bytes_accessed
+    assert modelled == pytest.approx(compiled, rel=0.07)
+    assert_trees_allclose(run(params, opt.init(params), batch=batch), expected)
