@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,3 +169,29 @@ def test_measured_step_is_judged_against_the_fastest_hand_written_program():
     assert entry["hand"] == "hand:tp" and entry["ratio"] == pytest.approx(1.2)
     assert entry["kernels"] == (30, 25) and entry["collectives"] == (11, 13)
     assert entry["presets"] == {"DataParallel": pytest.approx(1.5)} and entry["rounds"] == 5
+
+
+def _scaled_sum(a, b):
+    return (a + b) * 2.0
+
+
+def _sine_loss(x):
+    return jnp.sum(jnp.sin(x) * x)
+
+
+def test_bytes_by_source_puts_both_figures_on_the_users_lines():
+    from benchmarks.bytes_by_source import Source, compare, report
+    x = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+    array = 64 * 64 * 4
+    modelled, compiled, total = compare(_scaled_sum, (x, x))
+    line = _scaled_sum.__code__.co_firstlineno + 1
+    here = Source("test_benchmarks.py", "_scaled_sum", line, False)
+    # one loop fusion reads a and b and writes the result; the model prices the same
+    assert compiled == {here: 3 * array} and total == 3 * array
+    assert modelled == {here: 3 * array}
+    assert "test_benchmarks.py _scaled_sum" in report(modelled, compiled, total, lines=True)
+    # a gradient's equations and fusions are the backward pass's, on the loss's line
+    modelled, compiled, _ = compare(jax.grad(_sine_loss), (x,))
+    line = _sine_loss.__code__.co_firstlineno + 1
+    for found in (modelled, compiled):
+        assert {s for s in found if s.backward} and all(s.line == line for s in found), found
