@@ -1,9 +1,10 @@
 """Repeat classes: which nodes of a request play the same role in identical layers.
 
 Colour refinement (1-dimensional Weisfeiler–Lehman) over the request finds nodes whose
-costs and neighbourhoods, up to ``rounds`` edges away, are identical; members are
-numbered in node order and split by that number modulo ``period``. Reads a request's
-``node_costs`` and ``edges`` only (``_repeats`` ties the classes).
+costs (or roles, where the request names them) and neighbourhoods, up to ``rounds``
+edges away, are identical; members are numbered in node order and split by that number
+modulo ``period``. Reads a request's ``node_costs``, ``node_roles`` and ``edges`` only
+(``_repeats`` ties the classes).
 """
 
 from __future__ import annotations
@@ -67,11 +68,12 @@ def _numbered(keys) -> list[int]:
 
 
 def repeat_classes(request, rounds: int = 3, period: int = 2) -> RepeatClasses:
-    """Classes of nodes whose costs have the same shape (``COST_SHAPE_RESOLUTION``) and
-    whose neighbourhoods ``rounds`` deep are identical (``request``: an
-    ``IntraOpRequest``)."""
+    """Classes of nodes whose costs have the same shape (``COST_SHAPE_RESOLUTION``), or
+    the same ``node_roles`` where the request names them, and whose neighbourhoods
+    ``rounds`` deep are identical (``request``: an ``IntraOpRequest``)."""
     n = request.num_nodes
-    color = _numbered(_cost_keys(request.node_costs))
+    roles = request.node_roles
+    color = _numbered(_cost_keys(request.node_costs) if roles is None else roles)
     by_array: dict[int, bytes] = {}  # edges of repeated layers often share one array
     for e in request.edges:
         if id(e.cost) not in by_array:

@@ -160,6 +160,10 @@ class IntraOpRequest:
     assignment over it (the optimum without the budget); such a request solved over
     neighbourhoods also starts from plans found between the guide and the budget by
     pricing memory (``_lagrangian``).
+    ``node_roles[v]``: an integer naming what node v computes (equal for the same op of
+    two identical layers); repeat classes (``tie_repeats``) then compare these instead of
+    the nodes' costs, which can differ between identical layers (a value XLA recomputes in
+    more fusions the more layers follow it).
     """
 
     node_costs: tuple[np.ndarray, ...]
@@ -178,6 +182,7 @@ class IntraOpRequest:
     gap_limit: float = 0.0
     search: bool = True
     strategy_labels: tuple[np.ndarray, ...] | None = None
+    node_roles: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         names = tuple(str(name) for name in self.node_names)
@@ -395,6 +400,14 @@ class IntraOpRequest:
                 if not 0 <= i < counts(v):
                     raise ValueError(f"shared_costs[{k}]: strategy {i} of {self._label(v)} out of range "
                                      f"(expected 0..{counts(v) - 1})")
+        if self.node_roles is not None:
+            if len(self.node_roles) != n:
+                raise ValueError(f"node_roles has {len(self.node_roles)} entries, "
+                                 f"expected {n} (one per node)")
+            for v, role in enumerate(self.node_roles):
+                if not isinstance(role, (int, np.integer)):
+                    raise ValueError(f"node_roles of {self._label(v)}: expected an integer, "
+                                     f"got {role!r}")
         if self.strategy_labels is not None:
             if len(self.strategy_labels) != n:
                 raise ValueError(f"strategy_labels has {len(self.strategy_labels)} entries, "

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from autoshard.intra.dot_layouts import copied_orders, dot_operands
+from autoshard.intra.dot_layouts import dot_operands
+from autoshard.intra.dot_orders import copied_orders
 from autoshard.ir.trace import trace
 
 # (einsum, lhs shape, rhs shape, operands XLA copies), measured on the CPU with jax 0.10

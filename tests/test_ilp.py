@@ -911,3 +911,25 @@ def test_long_phases_report_progress(monkeypatch, caplog):
 def test_negative_wall_clock_limit_is_rejected():
     with pytest.raises(ValueError, match="wall_time_limit_s must be None or >= 0"):
         IntraOpRequest(node_costs=([0.0],), wall_time_limit_s=-1.0)
+
+
+@pytest.mark.parametrize("roles, tied", [(None, False), ((0, 1) * 3, True)],
+                         ids=["by costs", "by roles"])
+def test_repeat_classes_compare_roles_where_the_request_names_them(roles, tied):
+    # Three layers a_i -> b_i, the same edge in each. a_2 costs [3, 7], not [1, 2]: by
+    # costs it is a class of its own; named the same role as a_0, it ties with a_0 (the
+    # period of 2 keeps a_1 apart), as an early and a late layer do where XLA recomputes
+    # a value in more fusions the more layers follow.
+    from autoshard.ilp._repeat_classes import repeat_classes
+    edge = np.array([[0.0, 1.0], [1.0, 0.0]])
+    costs = ([1.0, 2.0], [0.0, 0.0], [1.0, 2.0], [0.0, 0.0], [3.0, 7.0], [0.0, 0.0])
+    request = IntraOpRequest(node_costs=costs, edges=[EdgeCost(2 * i, 2 * i + 1, edge) for i in range(3)],
+                             node_roles=roles)
+    classes = repeat_classes(request).of_node
+    assert (classes[0] == classes[4]) is tied
+    assert classes[0] != classes[2] and classes[1] != classes[3]
+
+
+def test_node_roles_must_name_every_node():
+    with pytest.raises(ValueError, match="node_roles has 1 entries, expected 2"):
+        IntraOpRequest(node_costs=([1.0], [1.0]), node_roles=(0,))

@@ -193,4 +193,24 @@ def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use
     return ilp.IntraOpRequest(node_costs=tuple(costs), edges=tuple(edges),
                               node_names=tuple(graph.nodes[r].name for r in grouping.roots),
                               shared_costs=tuple(shared), time_limit_s=time_limit_s,
-                              strategy_labels=labels)
+                              strategy_labels=labels, node_roles=node_roles(graph, grouping))
+
+
+def node_roles(graph: ShardingGraph, grouping: Grouping) -> tuple[int, ...]:
+    """Per root (request node): a number naming what its group computes, equal for the
+    same group of two identical layers: each member's equation (its signature, which
+    decides its strategies' layouts) or input (its shape), its number of strategies and
+    its map onto the root's strategies. Unlike their costs, this does not tell an early
+    layer from a late one where XLA recomputes a value in more fusions the more layers
+    follow it (a residual stream's gradient)."""
+    program = graph.traced.program
+    signatures = graph.traced.signatures
+    members: dict[int, list] = {r: [] for r in grouping.roots}
+    for v, node in enumerate(graph.nodes):
+        what = signatures[node.eqn] if node.eqn is not None else \
+            tuple((tuple(program.avals[o].shape), str(program.avals[o].dtype))
+                  for o in node.outputs)
+        members[grouping.root[v]].append((node.kind, what, len(node.strategies),
+                                          grouping.index[v].tobytes()))
+    numbers: dict = {}
+    return tuple(numbers.setdefault(tuple(members[r]), len(numbers)) for r in grouping.roots)

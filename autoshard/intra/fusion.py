@@ -8,7 +8,8 @@ from typing import NamedTuple
 
 from autoshard.ir.program import Literal, per_program
 
-from .op_rules import FUSIBLE, FUSING_CONSUMERS, fusible, fusing_consumer
+from .dot_orders import copied_orders
+from .op_rules import ELEMENTWISE, FUSIBLE, FUSING_CONSUMERS, fusible, fusing_consumer
 
 #: reductions XLA fuses elementwise producers into
 REDUCTIONS = FUSING_CONSUMERS - FUSIBLE
@@ -33,12 +34,15 @@ class FusionAnalysis(NamedTuple):
     into; ``written``, fused values also written once for the large reductions among their
     readers (value id → the equations that read that copy); ``fusions``, per equation
     index the fusions it is computed in (a fusion named by the equation at its root, or
-    ``("copy", v)`` for the one that writes value ``v``'s copy)."""
+    ``("copy", v)`` for the one that writes value ``v``'s copy, ``("operand", v, form)``
+    for an operand fusion); ``operand_fused``, fused values that dots read from an operand
+    fusion (value id → {dot equation index: the form it reads, :func:`operand_forms`})."""
 
     fused: frozenset[int]
     fanout: dict[int, int]
     written: dict[int, frozenset[int]]
     fusions: dict[int, frozenset]
+    operand_fused: dict[int, dict[int, object]]
 
 
 def fused_values(program) -> frozenset[int]:
@@ -69,8 +73,36 @@ def unwritten(analysis: FusionAnalysis, v: int) -> bool:
 def read_in_registers(analysis: FusionAnalysis, v: int, reader: int | None) -> bool:
     """Whether equation ``reader`` (an index; None: not one of the program's) computes
     value ``v`` inside its own fusion and reads none of it from memory; a reduction that
-    reads the copy written for it does read."""
-    return v in analysis.fused and reader not in analysis.written.get(v, ())
+    reads the copy written for it does read, and so does a dot that reads the one its
+    operand fusion writes."""
+    return v in analysis.fused and reader not in analysis.written.get(v, ()) and \
+        reader not in analysis.operand_fused.get(v, ())
+
+
+def operand_forms(eqn, program) -> dict[int, object]:
+    """Operand index → the matrix form XLA:CPU makes of each ``dot_general`` operand of rank
+    3 or more before the dot runs it: ``"bitcast"`` (its dims merged in place) or the
+    order it is copied into (``dot_orders.copied_orders``). When an elementwise equation
+    makes such an operand, XLA computes it in a loop fusion of its own that writes that
+    form, one per value and form, which every dot reading it so shares; the elementwise
+    producers are duplicated into it even when other fusions read them too (measured on
+    jax 0.10: a residual stream's gradient, ``g = g + x`` per layer with each ``g`` read by
+    ``g @ w`` and ``g * 2``, is never written: each operand fusion reads every ``x`` added
+    so far, 4 layers 32.5 arrays of traffic, priced 22.5 with ``g`` written once; a GELU
+    read by its forward dot and its weight gradient's is written once, in one form)."""
+    if eqn.primitive.name != "dot_general" or \
+            any(isinstance(a, Literal) for a in eqn.inputs[:2]):
+        return {}
+    shapes = [tuple(program.avals[a].shape) for a in eqn.inputs[:2]]
+    copied = dict(copied_orders(eqn.params["dimension_numbers"], *shapes))
+    return {k: copied.get(k, "bitcast") for k in (0, 1) if len(shapes[k]) >= 3}
+
+
+def operand_fusion_writes(analysis: FusionAnalysis, v: int, dot: int) -> bool:
+    """Whether equation ``dot`` is the first reader of its operand fusion of value ``v``
+    (:func:`operand_forms`): that fusion's write is priced with it."""
+    forms = analysis.operand_fused.get(v, {})
+    return dot in forms and min(d for d, f in forms.items() if f == forms[dot]) == dot
 
 
 def fusion_reads(program, analysis: FusionAnalysis) -> dict[tuple[int, int], int]:
@@ -143,8 +175,10 @@ def fusion(program) -> FusionAnalysis:
     consumers, outputs = value_readers(program)
     reduced_only = _reduced_only(program, consumers)
     index = {id(eqn): e for e, eqn in enumerate(program.eqns)}
+    made_by = {v: eqn for eqn in program.eqns for v in eqn.outputs}
     fused = set()
     written: dict[int, frozenset[int]] = {}
+    operand_fused: dict[int, dict[int, object]] = {}
     expanded: set[int] = set()  # fused values computed from small operands only (broadcasts)
     for eqn in program.eqns:
         if not fusible(eqn):
@@ -154,8 +188,14 @@ def fusion(program) -> FusionAnalysis:
             distinct = {id(c): c for c in readers}  # (an equation may read v twice: v * v)
             if len(distinct) > 1 and eqn.primitive.name in EXPENSIVE:
                 continue  # not duplicated: written once
-            if v not in outputs and readers and all(fusing_consumer(c) for c in readers):
+            dots = {index[id(c)]: form for c in readers if eqn.primitive.name in ELEMENTWISE
+                    and not fusing_consumer(c)
+                    for k, form in operand_forms(c, program).items() if c.inputs[k] == v}
+            if v not in outputs and readers and all(
+                    fusing_consumer(c) or index[id(c)] in dots for c in readers):
                 fused.add(v)
+                if dots:
+                    operand_fused[v] = dots
                 size = math.prod(program.avals[v].shape)
                 if all(isinstance(a, Literal) or a in expanded or
                        math.prod(program.avals[a].shape) < size for a in eqn.inputs):
@@ -164,17 +204,42 @@ def fusion(program) -> FusionAnalysis:
                 if len(distinct) > 1 and size >= REDUCTION_LIBRARY_ELEMENTS:
                     reducing = frozenset(index[k] for k, c in distinct.items()
                                          if _into_reduction(c, reduced_only))
-                    if reducing:
+                    if reducing and duplicable(eqn, program, made_by):
                         written[v] = reducing
-    roots = _roots(program, fused, consumers, written, index)
+                    elif reducing:  # written once, and every reader reads it
+                        fused.discard(v)
+                        operand_fused.pop(v, None)
+    roots = _roots(program, fused, consumers, written, operand_fused, index)
     fusions = _fusions(program, roots)
     reused = _concatenates_reused(program, fused, consumers, fusions, index)
     if reused:
         fused -= reused
-        roots = _roots(program, fused, consumers, written, index)
+        roots = _roots(program, fused, consumers, written, operand_fused, index)
         fusions = _fusions(program, roots)
     return FusionAnalysis(frozenset(fused), {v: _fanout(r) for v, r in roots.items()},
-                          written, fusions)
+                          written, fusions, operand_fused)
+
+
+def duplicable(eqn, program, made_by) -> bool:
+    """Whether XLA duplicates ``eqn`` into its fusible readers when another reader cannot
+    take it (XLA's ``ComputeGloballyUnfusible``): it reads at most one large operand
+    (``EffectivelyAtMostUnary``: broadcasts, iotas and operands of fewer non-unit dims than
+    its result do not count), or no more elements than it makes. Otherwise it is written
+    once and every reader reads it (measured on jax 0.10: ``v = x1 * x0 + x1`` read by a
+    sum, a dot and ``v + x2`` is written and read by all three; ``x - mean`` beside a
+    layernorm's variance is written for the sum and recomputed by the normalized value)."""
+    out_shape = program.avals[eqn.outputs[0]].shape
+    rank = sum(n > 1 for n in out_shape)
+    large = 0
+    elements = 0
+    for a in dict.fromkeys(a for a in eqn.inputs if not isinstance(a, Literal)):
+        shape = program.avals[a].shape
+        elements += math.prod(shape)
+        maker = made_by.get(a)
+        if maker is not None and maker.primitive.name in ("broadcast_in_dim", "iota"):
+            continue
+        large += sum(n > 1 for n in shape) >= rank
+    return large <= 1 or elements <= math.prod(out_shape)
 
 
 def _fusions(program, roots) -> dict[int, frozenset]:
@@ -189,7 +254,7 @@ def _fanout(roots: frozenset) -> int:
     copies written for reductions counted as one, as the whole-step figures were measured
     with (each counted: a layernorm's gradient over [64, 64, 256] priced at 1.41x its
     compiled bytes, against 1.24x)."""
-    copies = sum(isinstance(r, tuple) for r in roots)
+    copies = sum(isinstance(r, tuple) and r[0] == "copy" for r in roots)
     return len(roots) - copies + (copies > 0)
 
 
@@ -220,7 +285,7 @@ def _concatenates_reused(program, fused, consumers, fusions, index) -> set[int]:
     return reused
 
 
-def _roots(program, fused, consumers, written, index) -> dict[int, frozenset]:
+def _roots(program, fused, consumers, written, operand_fused, index) -> dict[int, frozenset]:
     """Per fused value, the distinct fusions it is computed in: the fusion roots (readers
     that make no fused value) it reaches through fused readers, each counted once however
     many paths lead there (a normalization's input reaches the one fusion of its output
@@ -233,8 +298,12 @@ def _roots(program, fused, consumers, written, index) -> dict[int, frozenset]:
                 continue
             reading = written.get(v, frozenset())  # they all read the one written copy
             found: set = {("copy", v)} if reading else set()
+            forms = operand_fused.get(v, {})
             for c in consumers[v]:
                 e = index[id(c)]
+                if e in forms:  # a dot reading the operand fusion that writes this form
+                    found.add(("operand", v, forms[e]))
+                    continue
                 if e in reading:
                     continue
                 for o in c.outputs:

@@ -14,7 +14,7 @@ from autoshard.ir.trace import TracedFunction
 from .control_flow import control_flow_strategies
 from .dot_layouts import dot_operands
 from .flops import value_bytes
-from .fusion import fusion, fusion_reads, read_in_registers, unwritten
+from .fusion import fusion, fusion_reads, operand_fusion_writes, read_in_registers, unwritten
 from .in_place import UPDATE_OPERAND, program_in_place, window_reads
 from .layout_copies import layout_copy_reads, transposes_into_dots
 from .loop_op import size_of
@@ -170,6 +170,9 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         copies = max((fanout.get(v, 1) for v in eqn.outputs), default=1)
         reads = tuple(0 if not isinstance(a, Literal) and read_in_registers(analysis, a, e)
                       else fewer_reads.get((e, k), copies) for k, a in enumerate(eqn.inputs))
+        # a dot operand computed in an operand fusion: its first dot prices that write
+        reads = tuple(r + (not isinstance(a, Literal) and operand_fusion_writes(analysis, a, e))
+                      for r, a in zip(reads, eqn.inputs))
         reads += tuple(0 if unwritten(analysis, v) else 1 for v in eqn.outputs)
         # an identity XLA does not copy; a transpose whose dot writes the transposed order
         # (fused into its readers instead, it stands for their read of the dot's result)

@@ -23,7 +23,9 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
     output's elementwise chain overwrites in place (same shape and dtype, last read
     there) share the output's buffer and are left out, as are values XLA's fusion keeps
     in registers (``fusion.fused_values``: they never reach memory) unless XLA writes them
-    for large reductions (``written`` of ``fusion.fusion``: until the last of those).
+    for large reductions (``written`` of ``fusion.fusion``: until the last of those) or
+    dots read them from operand fusions (``operand_fused``: held as the value was, as one
+    buffer from its equation to its last reader).
     The ILP's memory rows count each of these as its own buffer; the reported peak
     places them in the outputs' buffers where XLA does (``buffer_assignment``).
     """
@@ -35,6 +37,8 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
               if v not in shared and v not in fused}
     for v, reading in written.items():  # written once for the reductions that read it
         ranges[v] = (born[v], max(reading))
+    for v, dots in analysis.operand_fused.items():  # the operand fusions' buffers: held
+        ranges[v] = (born[v], max(last.get(v, born[v]), *dots))  # as the value's was
     return ranges
 
 

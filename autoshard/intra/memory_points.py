@@ -44,7 +44,8 @@ from autoshard.ir.program import Literal, readers
 
 from .buffer_assignment import assigned_peak_bytes
 from .combining import MergedAllReduce
-from .dot_layouts import copied_orders, dot_operands
+from .dot_layouts import dot_operands
+from .dot_orders import copied_orders
 from .following import Grouping
 from .graph import ShardingGraph, use_layout_matrix
 from .layout_copies import layout_copy_reads

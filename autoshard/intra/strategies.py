@@ -18,7 +18,8 @@ import numpy as np
 from autoshard.cost_model import CollectiveStep, MeshCostModel
 from autoshard.ir.specs import Spec, replicated
 
-from .dot_layouts import DotOperands, copied_orders
+from .dot_layouts import DotOperands
+from .dot_orders import copied_orders
 from .kernels import local_kernel_key
 from .layout_copies import COPY_READS
 from .op_rules import LoopOp
@@ -185,7 +186,8 @@ def _dot_copy_traffic(model: MeshCostModel, dot: DotOperands | None, in_avals, i
         return 0
     local = [model.shard_shape(tuple(a.shape), s) for a, s in zip(in_avals[:2], in_specs[:2])]
     return sum(COPY_READS * _bytes(model, in_avals[k], in_specs[k])
-               for k, _ in copied_orders(dot.dimension_numbers, *local) if not dot.fusible[k])
+               for k, _ in copied_orders(dot.dimension_numbers, *local)
+               if not dot.fusible[k] and not dot.operand_fused[k])
 
 
 def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads, dot=None):
