@@ -27,7 +27,6 @@ from typing import NamedTuple
 
 #: instructions that move no bytes of their own
 _NO_TRAFFIC = frozenset({"parameter", "constant", "tuple", "get-tuple-element", "bitcast"})
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (\([^=]*?\)|\S+) ([\w-]+)\((.*?)\)(.*)$")
 
 
 class Source(NamedTuple):
@@ -48,7 +47,7 @@ def compiled_bytes_by_source(hlo_text: str) -> Counter:
     """Bytes each top-level instruction of a compiled module reads and writes (its
     operands' and result's sizes), per :class:`Source` of its root; instructions without
     a stack frame under ``Source("", opcode, 0, backward)``."""
-    from autoshard.ir.hlo import shape_bytes
+    from autoshard.ir.hlo import INSTRUCTION, operand_names, shape_bytes
     files = _table(hlo_text, "FileNames", "FunctionNames")
     functions = _table(hlo_text, "FunctionNames", "FileLocations")
     locations = {k: (f, fn, int(line)) for k, f, fn, line in re.findall(
@@ -58,16 +57,17 @@ def compiled_bytes_by_source(hlo_text: str) -> Counter:
     sizes: dict[str, int] = {}
     found: Counter = Counter()
     for line in entry.splitlines()[1:]:
-        match = _INSTRUCTION.match(line)
+        match = INSTRUCTION.match(line)
         if match is None:
             continue
-        name, shape, opcode, operands, rest = match.groups()
-        sizes[name] = shape_bytes(shape)
+        name, opcode = match.group("name"), match.group("op")
+        sizes[name] = shape_bytes(match.group("shape"))
         if opcode in _NO_TRAFFIC:
             continue
-        moved = sizes[name] + sum(sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", operands))
-        backward = "transpose(" in rest
-        frame = re.search(r"stack_frame_id=(\d+)", rest)
+        moved = sizes[name] + sum(sizes.get(o, 0) for o in operand_names(line, match.end() - 1))
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        backward = op_name is not None and "transpose(" in op_name.group(1)
+        frame = re.search(r"stack_frame_id=(\d+)", line)
         if frame is None:
             found[Source("", opcode, 0, backward)] += moved
             continue
@@ -121,7 +121,7 @@ def report(modelled: Counter, compiled: Counter, total: float, lines: bool = Fal
     rows = [f"modelled {sum(modelled.values()) / 1e6:.3f} MB, compiled {sum(compiled.values()) / 1e6:.3f} "
             f"MB (operand and result sizes; cost_analysis {total / 1e6:.3f} MB)",
             f"{'function':<48} {'pass':<8} {'modelled MB':>12} {'compiled MB':>12} {'diff MB':>10}"]
-    for key in sorted(set(mf) | set(cf), key=lambda k: -abs(mf[k] - cf[k])):
+    for key in sorted(set(mf) | set(cf), key=lambda k: (-abs(mf[k] - cf[k]), k)):
         file, function, backward = key
         rows.append(f"{(file + ' ' + function)[:48]:<48} {'backward' if backward else 'forward':<8} "
                     f"{mf[key] / 1e6:12.3f} {cf[key] / 1e6:12.3f} {(mf[key] - cf[key]) / 1e6:+10.3f}")
