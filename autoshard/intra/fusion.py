@@ -188,9 +188,10 @@ def fusion(program) -> FusionAnalysis:
             distinct = {id(c): c for c in readers}  # (an equation may read v twice: v * v)
             if len(distinct) > 1 and eqn.primitive.name in EXPENSIVE:
                 continue  # not duplicated: written once
-            dots = {index[id(c)]: form for c in readers if eqn.primitive.name in ELEMENTWISE
-                    and not fusing_consumer(c)
-                    for k, form in operand_forms(c, program).items() if c.inputs[k] == v}
+            # the dots that read v from an operand fusion of their own
+            dots = {} if v in outputs or eqn.primitive.name not in ELEMENTWISE else {
+                index[id(c)]: form for c in readers if not fusing_consumer(c)
+                for k, form in operand_forms(c, program).items() if c.inputs[k] == v}
             if v not in outputs and readers and all(
                     fusing_consumer(c) or index[id(c)] in dots for c in readers):
                 fused.add(v)

@@ -37,8 +37,8 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
               if v not in shared and v not in fused}
     for v, reading in written.items():  # written once for the reductions that read it
         ranges[v] = (born[v], max(reading))
-    for v, dots in analysis.operand_fused.items():  # the operand fusions' buffers: held
-        ranges[v] = (born[v], max(last.get(v, born[v]), *dots))  # as the value's was
+    for v in analysis.operand_fused:  # the operand fusions' buffers: held as the value's
+        ranges[v] = (born[v], last.get(v, born[v]))  # was, to its last reader (a dot or later)
     return ranges
 
 
