@@ -327,21 +327,21 @@ def _process_hosts() -> list[int]:
 
 
 #: arrays in the merged all-reduce that ``all_reduce_per_operand`` times against one
-MERGED_ARRAYS = 16
+MERGED_ARRAYS = 64
 
 
 def all_reduce_per_operand(mesh, axis: str, repeats: int = 9) -> bool:
     """Whether an all-reduce of ``MERGED_ARRAYS`` arrays over ``axis`` (one collective,
     as XLA's combiner merges independent all-reduces) costs more than twice one
-    all-reduce of the same bytes in one array: the backend then runs it array by array
-    (XLA's CPU collectives, jax 0.10.2 on 8 devices: 128 KB as one array 0.15 ms, as 16
-    arrays of 8 KB 4.4 ms), and merging saves no latency. The two are timed in alternate
-    calls (best of ``repeats`` each), so that a busy spell of the host slows both: timed
-    one after the other, the test suite's other worker once made the single array's best
-    of 5 calls dearer than half the merged one's."""
+    all-reduce of the same bytes in one array: the backend then runs it array by array,
+    and merging saves no latency. XLA's CPU collectives, jax 0.10.2, 4 devices of a 2x4
+    mesh, 128 KB per device: one array 0.43 ms; as 16 arrays 1.8 ms, as 64 arrays 6.4 ms
+    (4.5 ms with two busy processes beside it: still 7.5x). 16 arrays once came out under
+    2x in a busy test run, hence 64. The two are timed in alternate calls (best of
+    ``repeats`` each), so that a busy spell of the host slows both."""
     spec = PartitionSpec(tuple(mesh.axis_names))
     sharding = NamedSharding(mesh, spec)
-    elements = 2048   # 8 KB per array and device
+    elements = 512   # 2 KB per array and device, 128 KB merged
 
     def call(arrays: int) -> Callable[[], object]:
         specs = (spec,) * arrays
