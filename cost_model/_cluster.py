@@ -15,7 +15,7 @@ COLLECTIVES: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "a
 #: the ``Cluster`` fields that say how the backend lowers collectives (booleans, written to
 #: JSON only when set)
 _BACKEND_FLAGS = ("reduce_scatter_as_all_reduce", "all_to_all_as_slices",
-                  "all_reduce_per_operand")
+                  "all_reduce_per_operand", "threefry_in_loops")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,9 @@ class Cluster:
     reads its shard n − 1 more times. ``all_reduce_per_operand``: the backend runs an
     all-reduce of several arrays (XLA's combiner merges independent all-reduces into one)
     as one all-reduce per array, each paying its full latency, so merging saves nothing.
+    ``threefry_in_loops``: the backend computes threefry random bits in a loop over two
+    uint32 arrays of the output's size (jax's CPU lowering rolls the rounds): twelve times
+    the bits' bytes, and two more for each fusion that reads the two arrays.
     ``kernel_seconds``: measured seconds per device of single kernels (a convolution at
     one per-device shape, all devices busy), keyed by :func:`kernel_key` (set by
     ``autoshard.calibrate_kernels``). A strategy whose kernel has an entry is priced at
@@ -83,6 +86,7 @@ class Cluster:
     reduce_scatter_as_all_reduce: bool = False
     all_to_all_as_slices: bool = False
     all_reduce_per_operand: bool = False
+    threefry_in_loops: bool = False
     kernel_seconds: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:

@@ -43,6 +43,10 @@ def _host_cpu() -> Cluster:
     # a 2-layer dropout MLP on 8 devices (batch 256), hidden split 1.84 ms a step against
     # data parallelism's 2.07 ms; an equinox ViT (8 images) on 2x4, images whole 9.9 ms
     # against the DataParallel preset's 14.4 ms.
+    # threefry_in_loops: jax lowers threefry2x32 for the CPU with rolled loops (five passes
+    # over two uint32 arrays of the output's size, then an xor that XLA fuses into each
+    # reader): jax.random.bits of N words is 15 N words of cost_analysis bytes, a dropout
+    # mask applied to N floats 16 N words (jax 0.10.2).
     link = Link(bandwidth=1e10, latency=5e-6)
     return Cluster(
         name="host-cpu",
@@ -56,6 +60,7 @@ def _host_cpu() -> Cluster:
         reduce_scatter_as_all_reduce=True,
         all_to_all_as_slices=True,
         all_reduce_per_operand=True,
+        threefry_in_loops=True,
     )
 
 

@@ -384,6 +384,36 @@ def _two_paths(a, b):
     return (x + 1.0) * (x * 2.0)   # x reaches the one fusion of the product by two paths
 
 
+def _bits(key, x):
+    return jax.random.bits(key, x.shape)   # returned: written once
+
+
+def _dropout(key, x):
+    return jnp.where(jax.random.bernoulli(key, 0.9, x.shape), x / 0.9, 0.0)
+
+
+def _dropout_twice(key, x):
+    keep = jax.random.bernoulli(key, 0.9, x.shape)   # one mask, two readers
+    return jnp.where(keep, x, 0.0), jnp.where(keep, 2.0 * x, 1.0)
+
+
+@pytest.mark.parametrize("fn, compiled_words", [
+    # jax lowers threefry for the CPU with rolled loops (Cluster.threefry_in_loops): N
+    # random words move 15 N words (12 in the loop, both words read by the last round, the
+    # result written); fused into a dropout, 16 N (x read and the result written, no bits);
+    # a mask read by two fusions: each reads both words (priced: written once, read twice)
+    (_bits, 15), (_dropout, 16), (_dropout_twice, 20)])
+def test_random_bits_are_priced_as_the_cpus_rolled_threefry_loop_moves_them(fn, compiled_words):
+    n = 1 << 16
+    args = (jax.random.key(0), jax.ShapeDtypeStruct((n,), jnp.float32))
+    modelled, compiled = _replicated_bytes(fn, args)
+    assert compiled == pytest.approx(compiled_words * 4 * n, rel=0.01)
+    assert modelled == pytest.approx(compiled, rel=0.06)   # 21 N words for two readers
+    # jax's other lowering (GPUs) unrolls the rounds into the mask's fusion: no bits in memory
+    unrolled = build_graph(trace(fn, args), MeshCostModel(cluster_preset("h100-80gb"), (1,)))
+    assert sum(node.strategies[0].bytes_accessed for node in unrolled.nodes) < 0.4 * modelled
+
+
 def test_an_op_reaching_one_fusion_by_several_paths_is_read_once_per_fusion():
     # a * b is computed in the product's fusion only; counting paths priced its reads
     # twice (1.67x the compiled bytes; a GPT's embedding sum: 36 paths to 8 fusions)

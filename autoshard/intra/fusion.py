@@ -20,11 +20,12 @@ REDUCTIONS = FUSING_CONSUMERS - FUSIBLE
 REDUCTION_LIBRARY_ELEMENTS = 4096
 
 #: elementwise ops XLA's fusion does not duplicate into several consumers (its
-#: ``IsExpensive``): their value is written to memory once and read by each
+#: ``IsExpensive``), and random bits (twenty threefry rounds each): their value is written
+#: to memory once and read by each
 EXPENSIVE = frozenset("""
 acos acosh asin asinh atan atan2 atanh cbrt cos cosh digamma div erf erf_inv erfc exp exp2
 expm1 igamma igammac lgamma log log1p logistic polygamma pow rem rsqrt sin sinh sqrt tan
-tanh zeta
+tanh zeta random_bits
 """.split())
 
 

@@ -32,14 +32,26 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
     born, last, shared = _steps(program, donated)
     analysis = fusion(program)
     fused, written = analysis.fused, analysis.written
-    _read_where_fused(program, fused, last)
+    reach = _read_where_fused(program, fused, last)
     ranges = {v: (b, max(last.get(v, b), b)) for v, b in born.items()
               if v not in shared and v not in fused}
     for v, reading in written.items():  # written once for the reductions that read it
         ranges[v] = (born[v], max(reading))
     for v in analysis.operand_fused:  # the operand fusions' buffers: held as the value's
         ranges[v] = (born[v], last.get(v, born[v]))  # was, to its last reader (a dot or later)
+    for v in random_words(program):  # (``memory_points.held_bytes_factor`` sizes them)
+        if v in fused:
+            ranges[v] = (born[v], max(born[v], reach.get(v, born[v])))
     return ranges
+
+
+@per_program
+def random_words(program: Program) -> frozenset[int]:
+    """The results of ``random_bits``: where a backend computes them in a loop
+    (``Cluster.threefry_in_loops``) its two words stay in memory until the last fusion that
+    finishes them, fused or not (:func:`live_ranges` gives fused ones that range too)."""
+    return frozenset(v for eqn in program.eqns if eqn.primitive.name == "random_bits"
+                     for v in eqn.outputs)
 
 
 def output_births(program: Program, donated: Iterable[int] = ()) -> dict[int, int]:
@@ -130,12 +142,14 @@ def _hoist_donated_flips(program: Program, donated: set[int], born: dict[int, in
                 born[v] = 0
 
 
-def _read_where_fused(program: Program, fused: frozenset[int], last: dict[int, int]) -> None:
+def _read_where_fused(program: Program, fused: frozenset[int], last: dict[int, int]
+                      ) -> dict[int, int]:
     """A fused value is computed inside each fusion that reads it, from its equation's
     operands: they stay live until its last reader (a softmax's scores, read again by the
     backward pass's fusions). Not through readers whose fused chain ends in a program output
     (an optimizer's update): XLA runs that fusion as soon as its operands exist, not where
-    the program lists it. Updates ``last`` in place."""
+    the program lists it. Updates ``last`` in place; returns each fused value's last step
+    (-1: only in fusions that end in outputs)."""
     outputs = {a for a in program.outvars if not isinstance(a, Literal)}
     read_by = readers(program)
     to_output = [False] * len(program.eqns)
@@ -155,6 +169,7 @@ def _read_where_fused(program: Program, fused: frozenset[int], last: dict[int, i
             for atom in eqn.inputs:
                 if not isinstance(atom, Literal):
                     last[atom] = max(last.get(atom, until), until)
+    return reach
 
 
 def aliased_outputs(program: Program, donated: list[int]) -> set[int]:

@@ -19,7 +19,8 @@ class LoopOp:
     (unsplit) op. ``kernel``: ``kernels.kernel_name``. ``contraction``: XLA partitions it as a
     dot or a convolution (``strategies._scatter_steps``). ``indexing``: the loops of an
     embedding-style gather or scatter (``IndexedLoops``), whose splits XLA partitions
-    only in some axis orders.
+    only in some axis orders. ``threefry``: it generates threefry random bits, which some
+    backends compute in a loop over the whole output (``Cluster.threefry_in_loops``).
     """
 
     sizes: tuple[int, ...]
@@ -30,6 +31,7 @@ class LoopOp:
     kernel: str | None = None
     contraction: bool = False
     indexing: IndexedLoops | None = None
+    threefry: bool = False
 
     @property
     def reduction_loops(self) -> frozenset[int]:

@@ -47,9 +47,10 @@ from .combining import MergedAllReduce
 from .dot_layouts import dot_operands
 from .dot_orders import copied_orders
 from .following import Grouping
+from .fusion import fusion
 from .graph import ShardingGraph, use_layout_matrix
 from .layout_copies import layout_copy_reads
-from .liveness import aliased_outputs, live_bytes, live_ranges
+from .liveness import aliased_outputs, live_bytes, live_ranges, random_words
 from .shared_reads import READ, read_steps
 
 
@@ -254,6 +255,18 @@ def _merged_extensions(graph: ShardingGraph, members: Mapping[int, set[int]],
     return out
 
 
+def held_bytes_factor(program, vid: int, model: MeshCostModel) -> float:
+    """How many times its own bytes value ``vid`` holds while :func:`live_ranges` keeps it:
+    random bits computed in a loop (``Cluster.threefry_in_loops``) hold its two words,
+    fused or not; fused bits on another backend hold nothing (computed in their readers);
+    anything else once."""
+    if vid not in random_words(program):
+        return 1.0
+    if model.cluster.threefry_in_loops:
+        return 2.0
+    return 0.0 if vid in fusion(program).fused else 1.0
+
+
 def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
                  ranges: Mapping[int, tuple[int, int]],
                  merged: Sequence[MergedAllReduce] = (), *, donated: Sequence[int] = ()
@@ -294,7 +307,8 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
             if vid not in ranges:  # overwritten in place by an output: no buffer of its own
                 continue
             own = own_bytes(node.strategies, k, program.avals[vid])
-            roots[vid], values[vid], steps[vid] = (p,), own[index], ranges[vid]
+            held = held_bytes_factor(program, vid, model)
+            roots[vid], values[vid], steps[vid] = (p,), own[index] * held, ranges[vid]
         temps = temp_bytes(node.strategies)
         if not temps.any() or node.eqn is None:
             continue
@@ -414,7 +428,8 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
         return model.bytes_per_device(tuple(aval.shape), aval.dtype.itemsize, spec)
 
     ranges = dict(live_ranges(program, donated))
-    sizes = {vid: nbytes(vid, spec) for node, s in zip(graph.nodes, chosen)
+    sizes = {vid: nbytes(vid, spec) * held_bytes_factor(program, vid, model)
+             for node, s in zip(graph.nodes, chosen)
              if node.kind != READ for vid, spec in zip(node.outputs, s.out_specs)}
     members = merged_members(merged)
     step = merged_step(graph, members, donated)

@@ -473,7 +473,7 @@ def random_bits(eqn, in_avals, out_avals):
         return None
     rank = _rank(out)
     return LoopOp(tuple(out.shape), (True,) * rank, (tuple(range(_rank(key))),),
-                  (tuple(range(rank)),), flops=float(_THREEFRY_OPS * _size(out)))
+                  (tuple(range(rank)),), flops=float(_THREEFRY_OPS * _size(out)), threefry=True)
 
 
 ELEMENTWISE = frozenset("""
@@ -519,8 +519,10 @@ RULES.update({
 # ops), and consumers that take such a producer into their own loop (those, and reductions
 # as input fusions). A value made by the first for consumers all of the second kind lives
 # in registers, never in memory: see ``fusion.fused_values``.
+# ``random_bits``: jax lowers threefry to elementwise integer ops that XLA fuses into the
+# bits' readers (on the CPU, the last of its rounds, after a loop: ``Cluster.threefry_in_loops``)
 FUSIBLE = ELEMENTWISE | frozenset({"broadcast_in_dim", "reshape", "squeeze", "transpose", "rev",
-                                   "iota", "concatenate", "stack"})
+                                   "iota", "concatenate", "stack", "random_bits"})
 FUSING_CONSUMERS = FUSIBLE | frozenset({"reduce_sum", "reduce_max", "reduce_min",
                                         "reduce_prod", "argmax", "argmin"})
 
