@@ -15,7 +15,7 @@ COLLECTIVES: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "a
 #: the ``Cluster`` fields that say how the backend lowers collectives (booleans, written to
 #: JSON only when set)
 _BACKEND_FLAGS = ("reduce_scatter_as_all_reduce", "all_to_all_as_slices",
-                  "all_reduce_per_operand", "threefry_in_loops")
+                  "all_reduce_per_operand", "threefry_in_loops", "select_and_scatter_expanded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,9 @@ class Cluster:
     ``threefry_in_loops``: the backend computes threefry random bits in a loop over two
     uint32 arrays of the output's size (jax's CPU lowering rolls the rounds): twelve times
     the bits' bytes, and two more for each fusion that reads the two arrays.
+    ``select_and_scatter_expanded``: the backend runs max-pool's gradient as an argmax over
+    each window (a reduce-window over the operand and an iota per dim) and a scatter of
+    the source, about 30 times the operand's bytes where one kernel moves three.
     ``kernel_seconds``: measured seconds per device of single kernels (a convolution at
     one per-device shape, all devices busy), keyed by :func:`kernel_key` (set by
     ``autoshard.calibrate_kernels``). A strategy whose kernel has an entry is priced at
@@ -87,6 +90,7 @@ class Cluster:
     all_to_all_as_slices: bool = False
     all_reduce_per_operand: bool = False
     threefry_in_loops: bool = False
+    select_and_scatter_expanded: bool = False
     kernel_seconds: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:

@@ -61,6 +61,7 @@ def _host_cpu() -> Cluster:
         all_to_all_as_slices=True,
         all_reduce_per_operand=True,
         threefry_in_loops=True,
+        select_and_scatter_expanded=True,
     )
 
 

@@ -155,7 +155,8 @@ def test_cluster_json_round_trip(name):
     calibrated = dataclasses.replace(cluster, axis_links=(Link(1.5e9, 3e-6), Link(2.5e10, 1e-5)))
     assert Cluster.from_json(calibrated.to_json()) == calibrated
     assert hash(Cluster.from_json(calibrated.to_json())) == hash(calibrated)
-    for flag in ("reduce_scatter_as_all_reduce", "all_to_all_as_slices", "threefry_in_loops"):
+    for flag in ("reduce_scatter_as_all_reduce", "all_to_all_as_slices", "threefry_in_loops",
+                 "select_and_scatter_expanded"):
         flipped = dataclasses.replace(cluster, **{flag: not getattr(cluster, flag)})
         assert Cluster.from_json(flipped.to_json()) == flipped
         # only written when set, so files for GPU clusters read by older versions are unchanged

@@ -19,8 +19,11 @@ class LoopOp:
     (unsplit) op. ``kernel``: ``kernels.kernel_name``. ``contraction``: XLA partitions it as a
     dot or a convolution (``strategies._scatter_steps``). ``indexing``: the loops of an
     embedding-style gather or scatter (``IndexedLoops``), whose splits XLA partitions
-    only in some axis orders. ``threefry``: it generates threefry random bits, which some
-    backends compute in a loop over the whole output (``Cluster.threefry_in_loops``).
+    only in some axis orders. ``expansion``: how some backends rewrite the op into
+    others (``strategies.expansion_traffic``): ``"threefry"`` (random bits computed in a
+    loop: ``Cluster.threefry_in_loops``) or ``"select_and_scatter"`` (max-pool's gradient as
+    an argmax and a scatter: ``Cluster.select_and_scatter_expanded``); ``padded``: the
+    elements of the operand that expansion pads (the whole operand, padded).
     """
 
     sizes: tuple[int, ...]
@@ -31,7 +34,8 @@ class LoopOp:
     kernel: str | None = None
     contraction: bool = False
     indexing: IndexedLoops | None = None
-    threefry: bool = False
+    expansion: str | None = None
+    padded: int = 0
 
     @property
     def reduction_loops(self) -> frozenset[int]:

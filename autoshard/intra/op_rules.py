@@ -473,7 +473,7 @@ def random_bits(eqn, in_avals, out_avals):
         return None
     rank = _rank(out)
     return LoopOp(tuple(out.shape), (True,) * rank, (tuple(range(_rank(key))),),
-                  (tuple(range(rank)),), flops=float(_THREEFRY_OPS * _size(out)), threefry=True)
+                  (tuple(range(rank)),), flops=float(_THREEFRY_OPS * _size(out)), expansion="threefry")
 
 
 ELEMENTWISE = frozenset("""

@@ -20,6 +20,7 @@ from autoshard.ir.specs import Spec, replicated
 
 from .dot_layouts import DotOperands
 from .dot_orders import copied_orders
+from .expansions import expansion_traffic
 from .kernels import local_kernel_key
 from .layout_copies import COPY_READS
 from .op_rules import LoopOp
@@ -190,24 +191,6 @@ def _dot_copy_traffic(model: MeshCostModel, dot: DotOperands | None, in_avals, i
                if not dot.fusible[k] and not dot.operand_fused[k])
 
 
-#: uint32 arrays of the output's size that jax's rolled threefry loop writes and reads
-#: (``Cluster.threefry_in_loops``): its two words written at the start, then read and
-#: written by five passes, as ``cost_analysis`` counts them (jax 0.10.2, CPU:
-#: ``jax.random.bits`` of N words, 15 N words in all with the result's write and the
-#: final xor's read of both words)
-THREEFRY_LOOP_ARRAYS = 12
-
-
-def threefry_loop_traffic(out_bytes: int, reads: Sequence[float]) -> int:
-    """Bytes per device a rolled threefry loop moves beside its result's write, for a
-    ``random_bits`` of ``out_bytes`` per device whose ``reads`` (the key's, then the
-    result's: 0 when fused into its readers) are as ``loop_strategies`` takes them: the
-    loop's arrays, and both words read by each fusion computing the last round (the key's
-    read count: once per fusion the bits are fused into, else the one that writes them)."""
-    fusions = reads[0] if reads and len(reads) > 1 and not reads[-1] else 1
-    return int((THREEFRY_LOOP_ARRAYS + 2 * fusions) * out_bytes)
-
-
 def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads, dot=None):
     in_specs = tuple(_tensor_spec(d, loop_axes) for d in op.in_dims)
     in_specs = tuple(None if a is None else (s if s is not None else replicated(len(a.shape)))
@@ -219,8 +202,10 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
     traffic += _traffic(model, out_avals, out_specs, reads[n:])
     traffic += _dot_copy_traffic(model, dot, in_avals, in_specs)
     out_bytes = [_bytes(model, a, s) for a, s in zip(out_avals, out_specs)]
-    if op.threefry and model.cluster.threefry_in_loops:
-        traffic += threefry_loop_traffic(out_bytes[0], reads)
+    expanded, temporary = expansion_traffic(
+        op, model.cluster, [_bytes(model, a, s) for a, s in zip(in_avals, in_specs)], out_bytes,
+        reads)
+    traffic += expanded
     measured = None if op.kernel is None or not model.cluster.kernel_seconds else \
         model.kernel_seconds(local_kernel_key(op.kernel, in_avals, in_specs, model))
     compute = model.compute(op.flops / split, traffic, dtype) if measured is None else measured
@@ -233,7 +218,7 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
                    if l in reductions and axes)
     name = _assignment_name(loop_axes, reductions)
     if not groups:
-        yield Strategy(name, out_specs, in_specs, compute, 0.0, **work)
+        yield Strategy(name, out_specs, in_specs, compute, 0.0, **work, temp_bytes=temporary)
         return
     all_reduces = tuple(CollectiveStep("all-reduce", axes, b, model.all_reduce(b, axes))
                         for b in out_bytes for axes in groups)

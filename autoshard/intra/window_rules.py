@@ -3,6 +3,7 @@ gradients) and pooling windows (``reduce_window``, max-pool's gradients). See
 ``op_rules`` for what a rule is."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from .kernels import kernel_name
@@ -124,7 +125,9 @@ def select_and_scatter_add(eqn, in_avals, out_avals):
     pool's input; output shaped like the operand): loops over the output dims; dims the
     window leaves alone split, windowed dims stay whole."""
     source, operand = in_avals
-    return _windowed(eqn, out_avals[0], (source,), (operand,))
+    padded = math.prod(size + lo + hi for size, (lo, hi) in zip(operand.shape, eqn.params["padding"]))
+    return dataclasses.replace(_windowed(eqn, out_avals[0], (source,), (operand,)),
+                               expansion="select_and_scatter", padded=padded)
 
 
 def select_and_gather_add(eqn, in_avals, out_avals):

@@ -1,0 +1,73 @@
+"""Ops a backend rewrites into several before it runs them, and what the rewrite moves.
+
+XLA's CPU backend (with jax's CPU lowering) runs two ops as many kernels, where GPUs run
+each as one kernel or fuse it:
+
+* ``random_bits``: jax lowers threefry for the CPU with rolled loops, five passes over two
+  uint32 arrays of the output's size, and XLA fuses the last round into each reader
+  (``Cluster.threefry_in_loops``);
+* ``select_and_scatter_add`` (max-pool's gradient): XLA's ``SelectAndScatterExpander``
+  writes an iota per operand dim, finds each window's argmax with a variadic reduce-window
+  over the operand and the iotas, concatenates the indices and scatters the source into
+  zeros (``Cluster.select_and_scatter_expanded``).
+
+:func:`expansion_traffic` prices the difference from the op's own reads and writes.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .loop_op import LoopOp
+
+#: uint32 arrays of the output's size that jax's rolled threefry loop writes and reads:
+#: its two words written at the start, then read and written by five passes, as
+#: ``cost_analysis`` counts them (jax 0.10.2, CPU: ``jax.random.bits`` of N words, 15 N
+#: words in all with the result's write and the final xor's read of both words)
+THREEFRY_LOOP_ARRAYS = 12
+
+
+def expansion_traffic(op: LoopOp, cluster, in_bytes: Sequence[int], out_bytes: Sequence[int],
+                      reads: Sequence[float]) -> tuple[int, int]:
+    """(bytes moved beyond the op's own operand reads and result writes, bytes of its
+    temporaries) per device, for ``op`` with operands and results of ``in_bytes`` and
+    ``out_bytes`` per device, read and written as ``reads`` says (``loop_strategies``),
+    on a backend that expands it as ``cluster`` says; (0, 0) where it does not."""
+    if op.expansion == "threefry" and cluster.threefry_in_loops:
+        return threefry_loop_traffic(out_bytes[0], reads), 0
+    if op.expansion == "select_and_scatter" and cluster.select_and_scatter_expanded:
+        return select_and_scatter_traffic(op, in_bytes[0], in_bytes[1])
+    return 0, 0
+
+
+def threefry_loop_traffic(out_bytes: int, reads: Sequence[float]) -> int:
+    """Bytes per device a rolled threefry loop moves beside its result's write, for a
+    ``random_bits`` of ``out_bytes`` per device whose ``reads`` (the key's, then the
+    result's: 0 when fused into its readers) are as ``loop_strategies`` takes them: the
+    loop's arrays, and both words read by each fusion computing the last round (the key's
+    read count: once per fusion the bits are fused into, else the one that writes them)."""
+    fusions = reads[0] if len(reads) > 1 and not reads[-1] else 1
+    return int((THREEFRY_LOOP_ARRAYS + 2 * fusions) * out_bytes)
+
+
+def select_and_scatter_traffic(op: LoopOp, source: int, operand: int) -> tuple[int, int]:
+    """(bytes beyond reading ``source`` and ``operand`` and writing a result of the
+    operand's size, temporary bytes) per device of max-pool's gradient expanded for the
+    CPU, the operand of rank r padded to P bytes (only unsplit dims are padded, so P
+    scales with the operand's shard): r iotas of P; the reduce-window reads the operand
+    and the iotas, writes the maxima and r index arrays of the source's size S; their
+    concatenation reads and writes the indices; the scatter reads zeros of P, the indices
+    and the source, and writes P; the source is copied once (2 S); a padded operand is
+    padded (X read, P written) and the result sliced (P read, X written). In all
+    (2r + 4) P + (4r + 4) S (+ 2 X + 2 P padded): jax 0.10.2, [4, 16, 16, 8] through a
+    2x2 window, 29.6 operands' bytes; [8, 16, 16, 64], padded, 37.7. The temporaries: the
+    iotas and the reduce-window's results (and the padded operand)."""
+    rank = len(op.out_dims[0])
+    whole = max(1, math.prod(op.sizes))   # the result's elements: the operand's
+    padded_bytes = operand * op.padded // whole
+    padding = op.padded > whole
+    total = (2 * rank + 4) * padded_bytes + (4 * rank + 4) * source
+    if padding:
+        total += 2 * operand + 2 * padded_bytes
+    temporary = rank * padded_bytes + (rank + 1) * source + (padded_bytes if padding else 0)
+    return int(total - 2 * operand - source), int(temporary)
