@@ -15,7 +15,8 @@ COLLECTIVES: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "a
 #: the ``Cluster`` fields that say how the backend lowers collectives (booleans, written to
 #: JSON only when set)
 _BACKEND_FLAGS = ("reduce_scatter_as_all_reduce", "all_to_all_as_slices",
-                  "all_reduce_per_operand", "threefry_in_loops", "select_and_scatter_expanded")
+                  "all_reduce_per_operand", "threefry_in_loops", "select_and_scatter_expanded",
+                  "batch_groups_dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,9 @@ class Cluster:
     ``select_and_scatter_expanded``: the backend runs max-pool's gradient as an argmax over
     each window (a reduce-window over the operand and an iota per dim) and a scatter of
     the source, about 30 times the operand's bytes where one kernel moves three.
+    ``batch_groups_dense``: the backend runs a convolution of ``batch_group_count`` B (a
+    depthwise convolution's filter gradient) as a dense one over all B x B group pairs,
+    masked: B times the flops, and the dense result written and read four times.
     ``kernel_seconds``: measured seconds per device of single kernels (a convolution at
     one per-device shape, all devices busy), keyed by :func:`kernel_key` (set by
     ``autoshard.calibrate_kernels``). A strategy whose kernel has an entry is priced at
@@ -91,6 +95,7 @@ class Cluster:
     all_reduce_per_operand: bool = False
     threefry_in_loops: bool = False
     select_and_scatter_expanded: bool = False
+    batch_groups_dense: bool = False
     kernel_seconds: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:

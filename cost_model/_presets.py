@@ -62,6 +62,7 @@ def _host_cpu() -> Cluster:
         all_reduce_per_operand=True,
         threefry_in_loops=True,
         select_and_scatter_expanded=True,
+        batch_groups_dense=True,
     )
 
 

@@ -461,6 +461,33 @@ def test_flax_steps_with_pools_and_dropout_are_priced_as_compiled(build):
     assert modelled == pytest.approx(compiled, rel=0.05)
 
 
+def _depthwise_step(x, w, y):
+    def loss(w):
+        out = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=x.shape[-1],
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.mean((out - y) ** 2)
+    return w - 0.1 * jax.grad(loss)(w)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1,), (4,)])
+def test_depthwise_filter_gradients_are_priced_as_the_cpu_runs_them_densely(mesh_shape):
+    # XLA:CPU runs a depthwise convolution's filter gradient (batch_group_count = channels)
+    # as a dense convolution of all channel pairs, masked (Cluster.batch_groups_dense): with
+    # 64 channels, 64 times the flops of the depthwise one. Split over the channels, each
+    # device runs the pairs of its own channels: a quarter of them on 4 devices
+    x = jnp.ones((8, 16, 16, 64))
+    args = (x, jnp.ones((3, 3, 1, 64)), x)
+    mesh = autoshard.make_mesh(mesh_shape, ("x",))
+    step = autoshard.parallelize(_depthwise_step, mesh=mesh, cluster=cluster_preset("host-cpu"))
+    plan = step.plan(*args)
+    compiled = step.lower(*args).compile().cost_analysis()
+    assert plan.cost.flops == pytest.approx(compiled["flops"], rel=0.03)
+    assert plan.cost.bytes_accessed == pytest.approx(compiled["bytes accessed"], rel=0.05)
+    native = autoshard.parallelize(_depthwise_step, mesh=mesh,
+                                   cluster=cluster_preset("h100-80gb")).plan(*args)
+    assert native.cost.flops < plan.cost.flops / 4   # a GPU runs it grouped
+
+
 def test_an_op_reaching_one_fusion_by_several_paths_is_read_once_per_fusion():
     # a * b is computed in the product's fusion only; counting paths priced its reads
     # twice (1.67x the compiled bytes; a GPT's embedding sum: 36 paths to 8 fusions)

@@ -21,8 +21,9 @@ class LoopOp:
     embedding-style gather or scatter (``IndexedLoops``), whose splits XLA partitions
     only in some axis orders. ``expansion``: how some backends rewrite the op into
     others (``strategies.expansion_traffic``): ``"threefry"`` (random bits computed in a
-    loop: ``Cluster.threefry_in_loops``) or ``"select_and_scatter"`` (max-pool's gradient as
-    an argmax and a scatter: ``Cluster.select_and_scatter_expanded``); ``padded``: the
+    loop: ``Cluster.threefry_in_loops``), ``"select_and_scatter"`` (max-pool's gradient as
+    an argmax and a scatter: ``Cluster.select_and_scatter_expanded``) or ``"batch_groups"``
+    (a filter gradient of groups run densely: ``Cluster.batch_groups_dense``); ``padded``: the
     elements of the operand that expansion pads (the whole operand, padded).
     """
 

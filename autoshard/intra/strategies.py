@@ -202,14 +202,15 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
     traffic += _traffic(model, out_avals, out_specs, reads[n:])
     traffic += _dot_copy_traffic(model, dot, in_avals, in_specs)
     out_bytes = [_bytes(model, a, s) for a, s in zip(out_avals, out_specs)]
-    expanded, temporary = expansion_traffic(
+    expanded, temporary, more_flops = expansion_traffic(
         op, model.cluster, [_bytes(model, a, s) for a, s in zip(in_avals, in_specs)], out_bytes,
-        reads)
+        reads, math.prod(model.mesh_shape[a] for a in loop_axes.get(0, ())))
     traffic += expanded
+    flops = op.flops / split * more_flops
     measured = None if op.kernel is None or not model.cluster.kernel_seconds else \
         model.kernel_seconds(local_kernel_key(op.kernel, in_avals, in_specs, model))
-    compute = model.compute(op.flops / split, traffic, dtype) if measured is None else measured
-    work = dict(flops=op.flops / split, bytes_accessed=traffic)
+    compute = model.compute(flops, traffic, dtype) if measured is None else measured
+    work = dict(flops=flops, bytes_accessed=traffic)
     # one all-reduce per reduced loop, over the axes that split it: XLA's partitioner sums
     # a contraction split over two mesh axes in two dims (batch over "data", sequence over
     # "model") over one axis, then the other (measured on jax 0.10: two all-reduces of the
@@ -228,7 +229,8 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
     # the unreduced partial result lives beside the all-reduce's result
     yield Strategy(name + " all-reduce", out_specs, in_specs,
                    compute, comm + moved / model.cluster.memory_bandwidth, **work,
-                   temp_bytes=int(sum(out_bytes)), collectives=all_reduces, all_reduce_axes=groups,
+                   temp_bytes=int(sum(out_bytes)) + temporary, collectives=all_reduces,
+                   all_reduce_axes=groups,
                    all_reduce_latency_s=len(out_bytes) * sum(map(model.all_reduce_latency, groups)),
                    all_reduce_bytes=int(sum(out_bytes)))
     if len(out_avals) != 1:
@@ -249,7 +251,8 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
                                    two_passes=every_axis and not out_spec[d])
             # the unreduced partial, and where the backend emits an all-reduce then a
             # slice, that all-reduce's full-size result beside it
-            temp = out_bytes[0] * (2 if model.cluster.reduce_scatter_as_all_reduce else 1)
+            temp = out_bytes[0] * (2 if model.cluster.reduce_scatter_as_all_reduce else 1) + \
+                temporary
             moved = int(sum(out_bytes) + sum(s.nbytes for s in steps))  # partial read, results written
             work["bytes_accessed"] = traffic + moved
             yield Strategy(f"{name} reduce-scatter(dim {d})", (scattered,), in_specs, compute,

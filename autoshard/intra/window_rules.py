@@ -66,7 +66,8 @@ def conv(eqn, in_avals, out_avals):
     flops = 2.0 * _size(out) / math.prod(out.shape[d] for d in dn.out_spec[2:]) \
         * rhs.shape[ri] * taps
     return LoopOp(sizes, splittable, (tuple(ldims), tuple(rdims)), (tuple(odims),), flops=flops,
-                  kernel=kernel_name(eqn) if groups == batch_groups == 1 else None, contraction=True)
+                  kernel=kernel_name(eqn) if groups == batch_groups == 1 else None, contraction=True,
+                  expansion="batch_groups" if batch_groups > 1 else None)
 
 
 def _valid_taps(params, size: int, window: int, out_size: int, k: int) -> int:
