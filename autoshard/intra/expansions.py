@@ -1,6 +1,6 @@
 """Ops a backend rewrites into several before it runs them, and what the rewrite moves.
 
-XLA's CPU backend (with jax's CPU lowering) runs two ops as many kernels, where GPUs run
+XLA's CPU backend (with jax's CPU lowering) runs these ops as many kernels, where GPUs run
 each as one kernel or fuse it:
 
 * ``random_bits``: jax lowers threefry for the CPU with rolled loops, five passes over two
