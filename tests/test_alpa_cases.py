@@ -10,10 +10,9 @@ CASE = {case.name: case for case in CASES}
 
 @pytest.mark.parametrize("name, preset", [
     # Alpa: batch over the slow axis, Megatron over the 10x faster one. Alpa priced only
-    # communication; on these small models autoshard's plans compile to 0.02x (MLP, h100)
-    # and 0.79x (BERT layers with dropout, host-cpu) of that layout's yardstick.
+    # communication; on this small MLP autoshard's plan compiles to 0.02x of that layout's
+    # yardstick (the BERT layers' 2-D case, 0.79x on host-cpu, is in benchmarks/ALPA.md)
     ("mlp_2d_mesh", "h100-80gb"),
-    ("bert_2d_mesh", "host-cpu"),
     # dropout bits drawn per device (sharded random numbers); channel splits of convolutions
     ("dropout", "host-cpu"),
     ("conv_model_parallel", "h100-80gb"),
@@ -23,9 +22,10 @@ def test_alpas_layout_holds_or_is_beaten_on_the_yardstick(name, preset):
     assert result.holds or result.ratio <= BEATEN_WITHIN, report([result])
 
 
-@pytest.mark.parametrize("name", ["mlp_model_parallel", "bert_model_parallel", "bert_data_parallel"])
+@pytest.mark.parametrize("name", ["mlp_model_parallel", "bert_model_parallel"])
 def test_alpas_layout_is_found_where_it_is_the_cheapest(name):
-    # host-cpu: Megatron for wide layers and a small batch, data parallelism for a large batch
+    # host-cpu: Megatron for wide layers and a small batch (data-parallel BERT layers, also
+    # found, are in benchmarks/ALPA.md)
     result = run_case(CASE[name], "host-cpu")
     assert result.holds, report([result])
     assert result.ratio == pytest.approx(1.0, abs=0.01)
