@@ -12,8 +12,8 @@ from typing import Any
 from ._files import write_text_atomically
 
 COLLECTIVES: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
-#: the ``Cluster`` fields that say how the backend lowers collectives (booleans, written to
-#: JSON only when set)
+#: the ``Cluster`` fields that say how the backend lowers collectives and which ops it
+#: expands into several (booleans, written to JSON only when set)
 _BACKEND_FLAGS = ("reduce_scatter_as_all_reduce", "all_to_all_as_slices",
                   "all_reduce_per_operand", "threefry_in_loops", "select_and_scatter_expanded",
                   "batch_groups_dense")

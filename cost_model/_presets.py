@@ -47,6 +47,11 @@ def _host_cpu() -> Cluster:
     # over two uint32 arrays of the output's size, then an xor that XLA fuses into each
     # reader): jax.random.bits of N words is 15 N words of cost_analysis bytes, a dropout
     # mask applied to N floats 16 N words (jax 0.10.2).
+    # select_and_scatter_expanded: XLA's CPU pipeline expands max-pool's gradient into an
+    # argmax reduce-window over the operand and an iota per dim, then a scatter (jax
+    # 0.10.2: a [4, 16, 16, 8] operand through a 2x2 window moves 29.6 times its bytes).
+    # batch_groups_dense: it runs a depthwise convolution's filter gradient as a dense
+    # convolution of every channel pair, masked (64 channels: 64 times the flops).
     link = Link(bandwidth=1e10, latency=5e-6)
     return Cluster(
         name="host-cpu",

@@ -39,7 +39,7 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
         ranges[v] = (born[v], max(reading))
     for v in analysis.operand_fused:  # the operand fusions' buffers: held as the value's
         ranges[v] = (born[v], last.get(v, born[v]))  # was, to its last reader (a dot or later)
-    for v in random_words(program):  # (``memory_points.held_bytes_factor`` sizes them)
+    for v in random_words(program):  # (``memory_points.held_bytes_factors`` sizes them)
         if v in fused:
             ranges[v] = (born[v], max(born[v], reach.get(v, born[v])))
     return ranges

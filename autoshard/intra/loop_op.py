@@ -20,7 +20,7 @@ class LoopOp:
     dot or a convolution (``strategies._scatter_steps``). ``indexing``: the loops of an
     embedding-style gather or scatter (``IndexedLoops``), whose splits XLA partitions
     only in some axis orders. ``expansion``: how some backends rewrite the op into
-    others (``strategies.expansion_traffic``): ``"threefry"`` (random bits computed in a
+    others (``expansions.expansion_traffic``): ``"threefry"`` (random bits computed in a
     loop: ``Cluster.threefry_in_loops``), ``"select_and_scatter"`` (max-pool's gradient as
     an argmax and a scatter: ``Cluster.select_and_scatter_expanded``) or ``"batch_groups"``
     (a filter gradient of groups run densely: ``Cluster.batch_groups_dense``); ``padded``: the

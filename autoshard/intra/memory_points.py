@@ -255,16 +255,14 @@ def _merged_extensions(graph: ShardingGraph, members: Mapping[int, set[int]],
     return out
 
 
-def held_bytes_factor(program, vid: int, model: MeshCostModel) -> float:
-    """How many times its own bytes value ``vid`` holds while :func:`live_ranges` keeps it:
-    random bits computed in a loop (``Cluster.threefry_in_loops``) hold its two words,
-    fused or not; fused bits on another backend hold nothing (computed in their readers);
-    anything else once."""
-    if vid not in random_words(program):
-        return 1.0
+def held_bytes_factors(program, model: MeshCostModel) -> dict[int, float]:
+    """Value → how many times its own bytes it holds while :func:`live_ranges` keeps it,
+    for the values not held once: random bits computed in a loop
+    (``Cluster.threefry_in_loops``) hold its two words, fused or not; fused bits on another
+    backend hold nothing (computed in their readers)."""
     if model.cluster.threefry_in_loops:
-        return 2.0
-    return 0.0 if vid in fusion(program).fused else 1.0
+        return dict.fromkeys(random_words(program), 2.0)
+    return dict.fromkeys(random_words(program) & fusion(program).fused, 0.0)
 
 
 def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
@@ -298,6 +296,7 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
     members = merged_members(merged)
     step = merged_step(graph, members, donated)
     extensions = _merged_extensions(graph, members, ranges)
+    held = held_bytes_factors(program, model)
     roots, values, steps = {}, {}, {}
     for v, node in enumerate(graph.nodes):
         if node.kind == READ:  # its value is its producer's; its copy is a use's below
@@ -307,8 +306,8 @@ def tensor_bytes(graph: ShardingGraph, grouping: Grouping, model: MeshCostModel,
             if vid not in ranges:  # overwritten in place by an output: no buffer of its own
                 continue
             own = own_bytes(node.strategies, k, program.avals[vid])
-            held = held_bytes_factor(program, vid, model)
-            roots[vid], values[vid], steps[vid] = (p,), own[index] * held, ranges[vid]
+            roots[vid], values[vid], steps[vid] = (p,), own[index] * held.get(vid, 1.0), \
+                ranges[vid]
         temps = temp_bytes(node.strategies)
         if not temps.any() or node.eqn is None:
             continue
@@ -428,8 +427,8 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
         return model.bytes_per_device(tuple(aval.shape), aval.dtype.itemsize, spec)
 
     ranges = dict(live_ranges(program, donated))
-    sizes = {vid: nbytes(vid, spec) * held_bytes_factor(program, vid, model)
-             for node, s in zip(graph.nodes, chosen)
+    held = held_bytes_factors(program, model)
+    sizes = {vid: nbytes(vid, spec) * held.get(vid, 1.0) for node, s in zip(graph.nodes, chosen)
              if node.kind != READ for vid, spec in zip(node.outputs, s.out_specs)}
     members = merged_members(merged)
     step = merged_step(graph, members, donated)

@@ -202,7 +202,7 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
     traffic += _traffic(model, out_avals, out_specs, reads[n:])
     traffic += _dot_copy_traffic(model, dot, in_avals, in_specs)
     out_bytes = [_bytes(model, a, s) for a, s in zip(out_avals, out_specs)]
-    expanded, temporary, more_flops = expansion_traffic(
+    expanded, temporary, more_flops = (0, 0, 1) if op.expansion is None else expansion_traffic(
         op, model.cluster, [_bytes(model, a, s) for a, s in zip(in_avals, in_specs)], out_bytes,
         reads, math.prod(model.mesh_shape[a] for a in loop_axes.get(0, ())))
     traffic += expanded
