@@ -23,17 +23,14 @@ Run ``python -m benchmarks.alpa_cases [--out FILE]`` for the table (about a minu
 """
 from __future__ import annotations
 
-import os
-import re
-import sys
+from .host_devices import force_host_devices
 
-if "jax" not in sys.modules:
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", "")).strip()
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+force_host_devices(8)   # before jax is imported
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -389,8 +386,7 @@ def run_case(case: AlpaCase, preset: str) -> CaseResult:
             jax.tree_util.tree_leaves_with_path(args),
             jax.tree_util.tree_leaves(plan.in_specs, is_leaf=lambda s: isinstance(s, P)),
             jax.tree_util.tree_leaves(expected, is_leaf=lambda s: isinstance(s, P)), strict=True):
-        ndim = len(jnp.shape(leaf)) if not jax.dtypes.issubdtype(getattr(leaf, "dtype", None),
-                                                                 jax.dtypes.prng_key) else 0
+        ndim = len(jnp.shape(leaf))   # (a key array's shape leaves out its key data)
         if _canonical(ours, ndim) != _canonical(alpas, ndim):
             differing.append((jax.tree_util.keystr(path), str(ours), str(alpas)))
     shardings = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), expected,

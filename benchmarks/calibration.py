@@ -14,17 +14,13 @@ Writes ``calibration.json`` and ``CALIBRATION.md`` to ``--out``.
 """
 from __future__ import annotations
 
-import os
-import re
-import sys
+from .host_devices import force_host_devices
 
-if "jax" not in sys.modules:  # 8 virtual CPU devices, before jax is imported
-    _flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                    os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+force_host_devices(8)   # before jax is imported
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402

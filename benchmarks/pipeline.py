@@ -18,13 +18,11 @@ programs; the modelled cost is what a real cluster would see.
 from __future__ import annotations
 
 import os
-import re
 import sys
 
-if "jax" not in sys.modules:
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", "")).strip()
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+from .host_devices import force_host_devices
+
+force_host_devices(8)   # before jax is imported
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402

@@ -31,19 +31,12 @@ Writes ``results.json`` and ``RESULTS.md`` to ``--out`` (default: benchmarks/).
 from __future__ import annotations
 
 import os
-import re
 import sys
 
-
-def _set_device_count(n: int) -> None:
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", "")).strip()
-    os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={n}").strip()
-
+from .host_devices import force_host_devices, with_host_devices
 
 # Must happen before jax is imported anywhere in this process.
-if "jax" not in sys.modules:
-    _set_device_count(64 if "--_child" in sys.argv else 8)
+force_host_devices(64 if "--_child" in sys.argv else 8)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -327,9 +320,7 @@ def _run_child(workloads, meshes, opts) -> tuple[list, str | None]:
         if opts.verbose:
             cmd.append("--verbose")
         env = dict(os.environ)
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                       env.get("XLA_FLAGS", "")).strip()
-        env["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=64").strip()
+        env["XLA_FLAGS"] = with_host_devices(env.get("XLA_FLAGS", ""), 64)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         proc = subprocess.run(cmd, cwd=REPO, env=env)
         error = None if proc.returncode == 0 else f"subprocess exited with {proc.returncode}"
