@@ -65,25 +65,32 @@ class _MLP(nn.Module):
         return nn.Dense(self.hidden)(x)
 
 
+def _bert_attention(x, mask, heads: int, deterministic: bool):
+    """Alpa's FlaxBertAttention, called inside a compact module: a combined q/v/k kernel
+    (columns interleaved per head dim), attention, output dense, layernorm; dropout 0.1 on
+    the attention probabilities and the output dense."""
+    b, s, h = x.shape
+    qvk = nn.Dense(3 * h, name="qvk_combined")(x).reshape(b, s, h, 3)
+    q, v, k = (t.reshape(b, s, heads, h // heads) for t in jnp.split(qvk, 3, axis=3))
+    bias = jnp.where(mask[:, None, None, :] > 0, 0.0, -1e10)
+    probs = nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / (h // heads) ** 0.5 + bias)
+    probs = nn.Dropout(0.1)(probs, deterministic=deterministic)
+    attended = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, h)
+    attended = nn.Dropout(0.1)(nn.Dense(h, name="attention_output")(attended),
+                               deterministic=deterministic)
+    return nn.LayerNorm(name="attention_norm")(attended + x)
+
+
 class _BertLayer(nn.Module):
-    """Alpa's FlaxBertLayer: a combined q/v/k kernel (columns interleaved per head dim),
-    attention, output dense, layernorm; intermediate (4x, gelu) and output dense, layernorm;
-    dropout 0.1 on the attention probabilities and both dense outputs."""
+    """Alpa's FlaxBertLayer: attention (``_bert_attention``), then intermediate (4x, gelu)
+    and output dense, layernorm, dropout 0.1 on the output dense."""
     hidden: int
     heads: int
 
     @nn.compact
     def __call__(self, x, mask, deterministic):
-        b, s, h = x.shape
-        qvk = nn.Dense(3 * h, name="qvk_combined")(x).reshape(b, s, h, 3)
-        q, v, k = (t.reshape(b, s, self.heads, h // self.heads) for t in jnp.split(qvk, 3, axis=3))
-        bias = jnp.where(mask[:, None, None, :] > 0, 0.0, -1e10)
-        probs = nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / (h // self.heads) ** 0.5 + bias)
-        probs = nn.Dropout(0.1)(probs, deterministic=deterministic)
-        attended = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, h)
-        attended = nn.Dropout(0.1)(nn.Dense(h, name="attention_output")(attended),
-                                   deterministic=deterministic)
-        x = nn.LayerNorm(name="attention_norm")(attended + x)
+        h = x.shape[-1]
+        x = _bert_attention(x, mask, self.heads, deterministic)
         inner = nn.gelu(nn.Dense(4 * h, name="intermediate")(x))
         out = nn.Dropout(0.1)(nn.Dense(h, name="output")(inner), deterministic=deterministic)
         return nn.LayerNorm(name="output_norm")(out + x)
@@ -99,6 +106,55 @@ class _Bert(nn.Module):
         for i in range(self.num_layers):
             x = _BertLayer(self.hidden, self.heads, name=str(i))(x, mask, deterministic)
         return x
+
+
+def _top2_routing(gates, capacity: int):
+    """GShard's top-2 routing of tokens ``gates`` [G, S, E] (softmax over experts) into
+    ``capacity`` slots per expert and group: (combine weights, dispatch mask), both
+    [G, S, E, C]. A token goes to its two likeliest experts, first choices taking slots
+    before second ones; a token past an expert's capacity is dropped there; its two
+    weights are renormalized to sum to one."""
+    experts = gates.shape[-1]
+    first = jax.nn.one_hot(jnp.argmax(gates, axis=-1), experts)
+    second = jax.nn.one_hot(jnp.argmax(gates * (1 - first), axis=-1), experts)
+    first_slot = jnp.cumsum(first, axis=1) - first
+    first = first * (first_slot < capacity)
+    second_slot = jnp.cumsum(second, axis=1) - second + jnp.sum(first, axis=1, keepdims=True)
+    second = second * (second_slot < capacity)
+    weights = [jnp.sum(gates * choice, axis=-1) for choice in (first, second)]
+    total = weights[0] + weights[1]
+    total = jnp.where(total > 0, total, 1.0)
+    combine = sum(
+        (weight / total)[..., None, None] * choice[..., None]
+        * jax.nn.one_hot(jnp.sum(slot * choice, axis=-1).astype(jnp.int32), capacity)[:, :, None]
+        for weight, choice, slot in zip(weights, (first, second), (first_slot, second_slot)))
+    return combine, (combine > 0).astype(gates.dtype)
+
+
+class _MoELayer(nn.Module):
+    """Alpa's FlaxMoELayer (``alpa.model.moe``): BERT attention, then a position-wise
+    mixture of experts (groups of ``group`` tokens, top-2 routing, capacity 2S/E, relu
+    experts of 4x width), dropout 0.1, layernorm."""
+    heads: int
+    group: int
+    experts: int
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic):
+        x = _bert_attention(x, mask, self.heads, deterministic)
+        m = x.shape[-1]
+        init = nn.initializers.lecun_normal()
+        wg = self.param("wg", init, (m, self.experts))
+        wi = self.param("wi", init, (self.experts, m, 4 * m))
+        wo = self.param("wo", init, (self.experts, 4 * m, m))
+        tokens = x.reshape(-1, self.group, m)                                   # [G, S, M]
+        gates = jax.nn.softmax(jnp.einsum("gsm,me->gse", tokens, wg))
+        combine, dispatch = _top2_routing(gates, 2 * self.group // self.experts)
+        routed = jnp.einsum("gsec,gsm->egcm", dispatch, tokens)                # [E, G, C, M]
+        hidden = nn.relu(jnp.einsum("egcm,emh->egch", routed, wi))
+        out = jnp.einsum("gsec,gecm->gsm", combine, jnp.einsum("egch,ehm->gecm", hidden, wo))
+        out = nn.Dropout(0.1)(out.reshape(x.shape), deterministic=deterministic)
+        return nn.LayerNorm(name="moe_norm")(out + x)
 
 
 class _ConvNet(nn.Module):
@@ -163,7 +219,16 @@ def _mlp_step(num_layers: int, batch: int, hidden: int):
 
 
 def _bert_step(batch: int, seq: int, num_layers: int, hidden: int, heads: int):
-    model = _Bert(num_layers, hidden, heads)
+    return _attention_step(_Bert(num_layers, hidden, heads), batch, seq, hidden, False)
+
+
+def _moe_step(batch: int, seq: int, hidden: int, heads: int, group: int, experts: int):
+    # Alpa's test_moe.py runs its MoE layer deterministic (no dropout)
+    return _attention_step(_MoELayer(heads, group, experts), batch, seq, hidden, True)
+
+
+def _attention_step(model: nn.Module, batch: int, seq: int, hidden: int, deterministic: bool):
+    """Alpa's BERT and MoE layer tests' step: MSE against labels, adam(1e-2)."""
     x = jnp.ones((batch, seq, hidden))
     mask = jnp.ones((batch, seq), jnp.int32)
     state = TrainState.create(apply_fn=model.apply,
@@ -172,8 +237,8 @@ def _bert_step(batch: int, seq: int, num_layers: int, hidden: int, heads: int):
 
     def train_step(state, batch):
         def loss(params):
-            out = state.apply_fn(params, batch["hidden_states"], batch["attention_mask"], False,
-                                 rngs={"dropout": batch["rng"]})
+            out = state.apply_fn(params, batch["hidden_states"], batch["attention_mask"],
+                                 deterministic, rngs={"dropout": batch["rng"]})
             return jnp.mean((out - batch["label"]) ** 2)
         return state.apply_gradients(grads=jax.grad(loss)(state.params))
 
@@ -264,7 +329,7 @@ def _megatron_bert(axis: str) -> Rules:
     return tuple(rules)
 
 
-def _batch(axis: str, *keys: str) -> Rules:
+def _batch(axis: str | tuple[str, ...], *keys: str) -> Rules:
     return tuple((rf"^\[1\]\['{key}'\]", P(axis)) for key in keys)
 
 
@@ -327,6 +392,15 @@ CASES: tuple[AlpaCase, ...] = (
               (r"\['Conv_1'\]\['kernel'\]", P(None, None, None, "x")),
               (r"\['Conv_2'\]\['kernel'\]", P(None, None, "x"))),
              "channels: widening and depthwise convolutions split on their output channels"),
+    AlpaCase("moe_layer", "test_moe.py::test_moe_layer", (4,), ("x",),
+             lambda: _moe_step(64, 16, 64, 16, 32, 16),
+             ((r"\['w[io]'\]", P("x")),) + _batch("x", "hidden_states", "attention_mask", "label"),
+             "expert parallel: experts split, batch split, the rest replicated"),
+    AlpaCase("moe_layer_2d", "test_moe.py::test_moe_layer_2d", (2, 2), ("a", "b"),
+             lambda: _moe_step(64, 16, 64, 16, 32, 16),
+             ((r"\['w[io]'\]", P("b")),)
+             + _batch(("a", "b"), "hidden_states", "attention_mask", "label"),
+             "experts split over one axis, batch over both, the rest replicated"),
     AlpaCase("dropout", "test_basic.py::test_dropout", (4,), ("x",), _dropout_step,
              _positional_batch("x", 1, 2),
              "data parallel, each device drawing only its own dropout bits"),

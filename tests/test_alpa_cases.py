@@ -22,13 +22,15 @@ def test_alpas_layout_holds_or_is_beaten_on_the_yardstick(name, preset):
     assert result.holds or result.ratio <= BEATEN_WITHIN, report([result])
 
 
-@pytest.mark.parametrize("name", ["mlp_model_parallel", "bert_model_parallel"])
+@pytest.mark.parametrize("name", ["mlp_model_parallel", "bert_model_parallel", "moe_layer"])
 def test_alpas_layout_is_found_where_it_is_the_cheapest(name):
-    # host-cpu: Megatron for wide layers and a small batch (data-parallel BERT layers, also
-    # found, are in benchmarks/ALPA.md)
+    # host-cpu: Megatron for wide layers and a small batch; expert parallelism (experts
+    # split, batch split, attention replicated) for Alpa's MoE layer, its intermediates
+    # laid out for a cheaper program than XLA propagates from those inputs (0.95x);
+    # data-parallel BERT layers, also found, are in benchmarks/ALPA.md
     result = run_case(CASE[name], "host-cpu")
     assert result.holds, report([result])
-    assert result.ratio == pytest.approx(1.0, abs=0.01)
+    assert result.ratio <= BEATEN_WITHIN, report([result])
 
 
 def test_alpas_mesh_beta_gives_the_second_axis_ten_times_the_bandwidth():
