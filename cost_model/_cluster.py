@@ -16,7 +16,7 @@ COLLECTIVES: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "a
 #: expands into several (booleans, written to JSON only when set)
 _BACKEND_FLAGS = ("reduce_scatter_as_all_reduce", "all_to_all_as_slices",
                   "all_reduce_per_operand", "threefry_in_loops", "select_and_scatter_expanded",
-                  "batch_groups_dense")
+                  "batch_groups_dense", "low_precision_dots_in_f32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,10 @@ class Cluster:
     ``batch_groups_dense``: the backend runs a convolution of ``batch_group_count`` B (a
     depthwise convolution's filter gradient) as a dense one over all B x B group pairs,
     masked: B times the flops, and the dense result written and read four times.
+    ``low_precision_dots_in_f32``: the backend runs a dot of bfloat16 or float16 result in
+    float32: each operand converted (read, written at twice its bytes) and read as
+    float32, the float32 result written and read back (by the fusion that reads it, or by
+    a conversion to the result's type): five times the bytes of one kernel.
     ``kernel_seconds``: measured seconds per device of single kernels (a convolution at
     one per-device shape, all devices busy), keyed by :func:`kernel_key` (set by
     ``autoshard.calibrate_kernels``). A strategy whose kernel has an entry is priced at
@@ -96,6 +100,7 @@ class Cluster:
     threefry_in_loops: bool = False
     select_and_scatter_expanded: bool = False
     batch_groups_dense: bool = False
+    low_precision_dots_in_f32: bool = False
     kernel_seconds: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:

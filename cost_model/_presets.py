@@ -52,6 +52,9 @@ def _host_cpu() -> Cluster:
     # 0.10.2: a [4, 16, 16, 8] operand through a 2x2 window moves 29.6 times its bytes).
     # batch_groups_dense: it runs a depthwise convolution's filter gradient as a dense
     # convolution of every channel pair, masked (64 channels: 64 times the flops).
+    # low_precision_dots_in_f32: XLA:CPU upcasts a dot of bfloat16 (or float16) result to
+    # float32 (jax 0.10.2: bf16 [256, 512] @ [512, 1024] moves 5 times the bytes of its
+    # operands and result; a dot of float32 result from bf16 operands runs as written).
     link = Link(bandwidth=1e10, latency=5e-6)
     return Cluster(
         name="host-cpu",
@@ -68,6 +71,7 @@ def _host_cpu() -> Cluster:
         threefry_in_loops=True,
         select_and_scatter_expanded=True,
         batch_groups_dense=True,
+        low_precision_dots_in_f32=True,
     )
 
 

@@ -156,7 +156,8 @@ def test_cluster_json_round_trip(name):
     assert Cluster.from_json(calibrated.to_json()) == calibrated
     assert hash(Cluster.from_json(calibrated.to_json())) == hash(calibrated)
     for flag in ("reduce_scatter_as_all_reduce", "all_to_all_as_slices", "threefry_in_loops",
-                 "select_and_scatter_expanded", "batch_groups_dense"):
+                 "select_and_scatter_expanded", "batch_groups_dense",
+                 "low_precision_dots_in_f32"):
         flipped = dataclasses.replace(cluster, **{flag: not getattr(cluster, flag)})
         assert Cluster.from_json(flipped.to_json()) == flipped
         # only written when set, so files for GPU clusters read by older versions are unchanged

@@ -1,6 +1,5 @@
 """Strategy pricing against what XLA compiles: fusion-aware compute, collectives as lowered."""
 import inspect
-import math
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ from autoshard.cost_model import MeshCostModel, cluster_preset
 from autoshard.intra.fusion import fused_values
 from autoshard.intra.graph import build_graph
 from autoshard.ir.trace import trace
+from tests.compiled_bytes import replicated_bytes as _replicated_bytes
 
 
 def _chain(x, w):
@@ -373,119 +373,9 @@ def test_a_scattered_gradient_is_priced_as_xla_sums_it(preset, mesh_shape, spec,
                   for c in parse_collectives(hlo.as_text())) == sorted(compiled)
 
 
-def _replicated_bytes(fn, args) -> tuple[float, float]:
-    """(modelled, compiled) bytes accessed of ``fn`` on one device."""
-    graph = build_graph(trace(fn, args), MeshCostModel(cluster_preset("host-cpu"), (1,)))
-    modelled = sum(node.strategies[0].bytes_accessed for node in graph.nodes)
-    return modelled, jax.jit(fn).lower(*args).compile().cost_analysis()["bytes accessed"]
-
-
 def _two_paths(a, b):
     x = a * b
     return (x + 1.0) * (x * 2.0)   # x reaches the one fusion of the product by two paths
-
-
-def _bits(key, x):
-    return jax.random.bits(key, x.shape)   # returned: written once
-
-
-def _dropout(key, x):
-    return jnp.where(jax.random.bernoulli(key, 0.9, x.shape), x / 0.9, 0.0)
-
-
-def _dropout_twice(key, x):
-    keep = jax.random.bernoulli(key, 0.9, x.shape)   # one mask, two readers
-    return jnp.where(keep, x, 0.0), jnp.where(keep, 2.0 * x, 1.0)
-
-
-@pytest.mark.parametrize("fn, compiled_words", [
-    # jax lowers threefry for the CPU with rolled loops (Cluster.threefry_in_loops): N
-    # random words move 15 N words (12 in the loop, both words read by the last round, the
-    # result written); fused into a dropout, 16 N (x read and the result written, no bits);
-    # a mask read by two fusions: each reads both words (priced: written once, read twice)
-    (_bits, 15), (_dropout, 16), (_dropout_twice, 20)])
-def test_random_bits_are_priced_as_the_cpus_rolled_threefry_loop_moves_them(fn, compiled_words):
-    n = 1 << 16
-    args = (jax.random.key(0), jax.ShapeDtypeStruct((n,), jnp.float32))
-    modelled, compiled = _replicated_bytes(fn, args)
-    assert compiled == pytest.approx(compiled_words * 4 * n, rel=0.01)
-    assert modelled == pytest.approx(compiled, rel=0.06)   # 21 N words for two readers
-    # jax's other lowering (GPUs) unrolls the rounds into the mask's fusion: no bits in memory
-    unrolled = build_graph(trace(fn, args), MeshCostModel(cluster_preset("h100-80gb"), (1,)))
-    assert sum(node.strategies[0].bytes_accessed for node in unrolled.nodes) < 0.4 * modelled
-
-
-def _max_pool_gradient(window, strides, padding):
-    def gradient(x, g):
-        pool = lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *window, 1),  # noqa: E731
-                                               (1, *strides, 1), padding)
-        return jax.vjp(pool, x)[1](g)[0]
-    return gradient
-
-
-@pytest.mark.parametrize("shape, window, strides, padding, compiled_operands", [
-    # XLA:CPU's SelectAndScatterExpander (Cluster.select_and_scatter_expanded): an iota
-    # per dim, an argmax reduce-window over them, the indices concatenated, a scatter:
-    # (2r + 4) P + (4r + 4) S bytes, P the (padded) operand's, S the source's
-    ((4, 16, 16, 8), (2, 2), (1, 1), "VALID", 29.58),
-    ((8, 16, 16, 64), (2, 2), (2, 2), "VALID", 17.0),
-    ((8, 16, 16, 64), (2, 2), (1, 1), "SAME", 37.68),   # padded: + 2 X + 2 P
-    ((8, 32, 32, 16), (3, 3), (2, 2), "SAME", 21.83)])
-def test_max_pool_gradients_are_priced_as_the_cpu_expands_them(shape, window, strides, padding,
-                                                               compiled_operands):
-    fn = _max_pool_gradient(window, strides, padding)
-    x = jax.ShapeDtypeStruct(shape, jnp.float32)
-    g = jax.eval_shape(lambda x: jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1), padding), x)
-    modelled, compiled = _replicated_bytes(fn, (x, g))
-    operand = 4 * math.prod(shape)
-    assert compiled == pytest.approx(compiled_operands * operand, rel=0.005)
-    assert modelled == pytest.approx(compiled, rel=0.01)
-    # a GPU runs it as one kernel: the source and operand read, the result written
-    native = build_graph(trace(fn, (x, g)), MeshCostModel(cluster_preset("h100-80gb"), (1,)))
-    assert sum(node.strategies[0].bytes_accessed for node in native.nodes) < 4 * operand
-
-
-@pytest.mark.parametrize("build", [
-    pytest.param(lambda a: a._conv_step(4, 8, 32, 64), id="convs-batchnorm-max-pool"),
-    pytest.param(lambda a: a._bert_step(8, 64, 2, 256, 8), id="bert-layers-dropout"),
-    pytest.param(lambda a: a._dropout_step(), id="dropout-mlp")])
-def test_flax_steps_with_pools_and_dropout_are_priced_as_compiled(build):
-    # Alpa's test models as users write them (benchmarks.alpa_cases): modelled / compiled
-    # bytes of the whole train step on one device were 0.61, 0.84 and 0.64 with max-pool's
-    # gradient and random bits priced as single kernels; 1.03, 0.97 and 1.00 as the CPU
-    # expands them
-    from benchmarks import alpa_cases
-    step, args = build(alpa_cases)
-    modelled, compiled = _replicated_bytes(step, args)
-    assert modelled == pytest.approx(compiled, rel=0.05)
-
-
-def _depthwise_step(x, w, y):
-    def loss(w):
-        out = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=x.shape[-1],
-                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jnp.mean((out - y) ** 2)
-    return w - 0.1 * jax.grad(loss)(w)
-
-
-@pytest.mark.parametrize("mesh_shape", [(1,), (4,)])
-def test_depthwise_filter_gradients_are_priced_as_the_cpu_runs_them_densely(mesh_shape):
-    # XLA:CPU runs a depthwise convolution's filter gradient (batch_group_count = channels)
-    # as a dense convolution of all channel pairs, masked (Cluster.batch_groups_dense): with
-    # 64 channels, 64 times the flops of the depthwise one. Split over the channels, each
-    # device runs the pairs of its own channels: a quarter of them on 4 devices
-    x = jnp.ones((8, 16, 16, 64))
-    args = (x, jnp.ones((3, 3, 1, 64)), x)
-    mesh = autoshard.make_mesh(mesh_shape, ("x",))
-    step = autoshard.parallelize(_depthwise_step, mesh=mesh, cluster=cluster_preset("host-cpu"))
-    plan = step.plan(*args)
-    compiled = step.lower(*args).compile().cost_analysis()
-    assert plan.cost.flops == pytest.approx(compiled["flops"], rel=0.03)
-    assert plan.cost.bytes_accessed == pytest.approx(compiled["bytes accessed"], rel=0.05)
-    native = autoshard.parallelize(_depthwise_step, mesh=mesh,
-                                   cluster=cluster_preset("h100-80gb")).plan(*args)
-    assert native.cost.flops < plan.cost.flops / 4   # a GPU runs it grouped
 
 
 def test_an_op_reaching_one_fusion_by_several_paths_is_read_once_per_fusion():

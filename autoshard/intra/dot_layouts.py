@@ -20,7 +20,8 @@ from autoshard.ir.program import Literal, per_program
 
 from .dot_orders import copied_orders
 from .fusion import fusion, value_readers
-from .op_rules import ELEMENTWISE
+from .layout_copies import transposes_into_dots
+from .op_rules import ELEMENTWISE, LOW_PRECISION, fusing_consumer
 
 #: equations whose result is the operand's buffer reinterpreted (XLA bitcasts them)
 _LAYOUT_ONLY = frozenset({"reshape", "squeeze", "expand_dims"})
@@ -28,24 +29,42 @@ _LAYOUT_ONLY = frozenset({"reshape", "squeeze", "expand_dims"})
 
 @dataclasses.dataclass(frozen=True)
 class DotOperands:
-    """A dot whose operands XLA may copy: its ``dimension_numbers`` and, per operand,
-    whether the copy fuses into the elementwise equation making it (``fusible``: that
-    equation writes the copied order, its only buffer), and whether an operand fusion
-    writes it (``operand_fused``: ``fusion.operand_forms``; its traffic is priced with the
-    dot, its buffer is the copy's)."""
+    """A dot whose operands XLA may copy, or that a backend may run in float32
+    (``upcast``: the operands it converts, ``upcast_operands``; ``low_precision``: its
+    result is bfloat16 or float16): its ``dimension_numbers`` and, per operand, whether
+    the copy fuses into the elementwise equation making it (``fusible``: that equation
+    writes the copied order, its only buffer), whether an
+    operand fusion writes it (``operand_fused``: ``fusion.operand_forms``; its traffic is
+    priced with the dot, its buffer is the copy's), and whether its conversion to float32
+    is computed where it is made (``converted_where_made``: fusible, operand-fused, or the
+    float32 result of another such dot that only this one reads), and whether an earlier
+    such dot converted it (``converted_before``: XLA converts a value once for all its
+    dots) or a later one reads that conversion (``converted_later``);
+    ``result_read_once``: the result has one reader, a fusion that reads it in place of
+    its conversion back (a transpose folded into the dot is not one)."""
 
     dimension_numbers: tuple
     fusible: tuple[bool, bool]
     operand_fused: tuple[bool, bool] = (False, False)
+    low_precision: bool = False
+    upcast: tuple[bool, bool] = (False, False)
+    converted_where_made: tuple[bool, bool] = (False, False)
+    converted_before: tuple[bool, bool] = (False, False)
+    converted_later: tuple[bool, bool] = (False, False)
+    result_read_once: bool = False
 
 
 @per_program
 def dot_operands(program) -> dict[int, DotOperands]:
     """Equation index → each ``dot_general`` whose operands XLA copies for some layout
-    (at the global shapes: splitting dimensions only ever leaves an operand in place)."""
+    (at the global shapes: splitting dimensions only ever leaves an operand in place), or
+    whose result is of low precision (``LOW_PRECISION``)."""
     consumers, outputs = value_readers(program)
     operand_fused = fusion(program).operand_fused
     producer = {v: eqn for eqn in program.eqns for v in eqn.outputs}
+    index = {id(eqn): e for e, eqn in enumerate(program.eqns)}
+    folded = transposes_into_dots(program)
+    converted: set = set()   # operands an earlier dot converted to float32
     found = {}
     for e, eqn in enumerate(program.eqns):
         if eqn.primitive.name != "dot_general" or \
@@ -53,12 +72,59 @@ def dot_operands(program) -> dict[int, DotOperands]:
             continue
         shapes = [tuple(program.avals[atom].shape) for atom in eqn.inputs[:2]]
         numbers = eqn.params["dimension_numbers"]
-        if copied_orders(numbers, *shapes):
-            found[e] = DotOperands(numbers, tuple(_fusible(atom, producer, consumers, outputs)
-                                                  for atom in eqn.inputs[:2]),
-                                   tuple(e in operand_fused.get(atom, ())
-                                         for atom in eqn.inputs[:2]))
+        upcast = upcast_operands(program, eqn)
+        if not any(upcast) and not copied_orders(numbers, *shapes):
+            continue
+        fusible = tuple(_fusible(atom, producer, consumers, outputs) for atom in eqn.inputs[:2])
+        fused = tuple(e in operand_fused.get(atom, ()) for atom in eqn.inputs[:2])
+        found[e] = DotOperands(numbers, fusible, fused)
+        if any(upcast):
+            (result,) = eqn.outputs
+            readers = {id(c): c for c in consumers.get(result, ())}
+            found[e] = dataclasses.replace(
+                found[e], upcast=upcast, low_precision=_low_precision(program, eqn),
+                converted_where_made=tuple(
+                    f or o or _from_low_precision_dot(atom, producer, consumers, outputs, program)
+                    for f, o, atom in zip(fusible, fused, eqn.inputs[:2])),
+                converted_before=tuple(atom in converted for atom in eqn.inputs[:2]),
+                result_read_once=result not in outputs and len(readers) == 1
+                and all(fusing_consumer(c) and index[id(c)] not in folded
+                        for c in readers.values()))
+            converted.update(a for a, up in zip(eqn.inputs[:2], upcast) if up)
+    last = {}   # converted operand -> the last dot reading its float32 copy
+    for e, dot in found.items():
+        for atom, up in zip(program.eqns[e].inputs[:2], dot.upcast):
+            if up:
+                last[atom] = e
+    for e, dot in found.items():
+        if any(dot.upcast):
+            found[e] = dataclasses.replace(dot, converted_later=tuple(
+                up and last[atom] != e for atom, up in zip(program.eqns[e].inputs[:2], dot.upcast)))
     return found
+
+
+def upcast_operands(program, eqn) -> tuple[bool, bool]:
+    """Per operand of a ``dot_general``, whether a backend that runs low-precision dots in
+    float32 (``Cluster.low_precision_dots_in_f32``) converts it first: every operand of a
+    dot of low-precision result, and a low-precision operand beside a float32 one (jax
+    0.10.2, CPU: bf16 operands of a float32 result are read as they are)."""
+    if _low_precision(program, eqn):
+        return (True, True)
+    low = tuple(program.avals[a].dtype.name in LOW_PRECISION for a in eqn.inputs[:2])
+    return low if any(low) and not all(low) else (False, False)
+
+
+def _low_precision(program, eqn) -> bool:
+    return eqn.primitive.name == "dot_general" and \
+        program.avals[eqn.outputs[0]].dtype.name in LOW_PRECISION
+
+
+def _from_low_precision_dot(atom, producer, consumers, outputs, program) -> bool:
+    """Whether ``atom`` is the result of a low-precision dot that only one equation reads:
+    its rounding to the low precision and back to float32 is then one fusion."""
+    maker = producer.get(atom)
+    return maker is not None and _low_precision(program, maker) and atom not in outputs \
+        and len({id(c) for c in consumers.get(atom, ())}) == 1
 
 
 def _fusible(atom, producer, consumers, outputs) -> bool:

@@ -13,7 +13,9 @@ each as one kernel or fuse it:
 * a convolution with ``batch_group_count`` B > 1 (the filter gradient of a depthwise
   convolution): XLA's ``ConvolutionGroupConverter`` runs it as a dense convolution of all
   B x B group pairs, masks the pairs off the diagonal and sums them away
-  (``Cluster.batch_groups_dense``): B times the flops.
+  (``Cluster.batch_groups_dense``): B times the flops;
+* a ``dot_general`` of bfloat16 or float16 result: XLA:CPU runs it in float32, each
+  operand converted first (``Cluster.low_precision_dots_in_f32``).
 
 :func:`expansion_traffic` prices the difference from the op's own reads and writes.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from .dot_layouts import DotOperands
 from .loop_op import LoopOp
 
 #: uint32 arrays of the output's size that jax's rolled threefry loop writes and reads:
@@ -32,13 +35,18 @@ THREEFRY_LOOP_ARRAYS = 12
 
 
 def expansion_traffic(op: LoopOp, cluster, in_bytes: Sequence[int], out_bytes: Sequence[int],
-                      reads: Sequence[float], first_loop_split: int = 1
+                      reads: Sequence[float], first_loop_split: int = 1,
+                      dot: DotOperands | None = None, copied: Sequence[int] = ()
                       ) -> tuple[int, int, int]:
     """(bytes moved beyond the op's own operand reads and result writes, bytes of its
     temporaries, the factor of its flops) per device, for ``op`` with operands and results
     of ``in_bytes`` and ``out_bytes`` per device, read and written as ``reads`` says
     (``loop_strategies``), its first loop split ``first_loop_split`` ways, on a backend
-    that expands it as ``cluster`` says; (0, 0, 1) where it does not."""
+    that expands it as ``cluster`` says; (0, 0, 1) where it does not. A dot's ``dot``
+    (``dot_layouts.dot_operands``) and the operands ``copied`` into the order it runs them
+    in, as priced beside this."""
+    if op.expansion == "f32_dot" and cluster.low_precision_dots_in_f32 and dot is not None:
+        return (*f32_dot_traffic(in_bytes, out_bytes[0], dot, copied), 1)
     if op.expansion == "threefry" and cluster.threefry_in_loops:
         return threefry_loop_traffic(out_bytes[0], reads), 0, 1
     if op.expansion == "select_and_scatter" and cluster.select_and_scatter_expanded:
@@ -47,6 +55,34 @@ def expansion_traffic(op: LoopOp, cluster, in_bytes: Sequence[int], out_bytes: S
         groups = op.sizes[0] // first_loop_split   # the group loop is the first
         return (*batch_groups_traffic(out_bytes[0], groups), groups)
     return 0, 0, 1
+
+
+def f32_dot_traffic(in_bytes: Sequence[int], out_bytes: int, dot: DotOperands,
+                    copied: Sequence[int]) -> tuple[int, int]:
+    """(bytes beyond the dot's own reads and write, temporary bytes) per device of a dot
+    run in float32 (``DotOperands.upcast``: the operands converted; all of them where its
+    result is of low precision): each such operand is converted (read, written as
+    float32 at twice its bytes) and read as float32 (an operand read once: 4 more
+    operands' bytes; 2 where the conversion replaces a copy into another order, or is
+    computed where the operand is made: ``DotOperands.converted_where_made``; 1 where an
+    earlier dot converted it: ``DotOperands.converted_before``); the float32
+    result is written and read back (2 more results' bytes where its one reading fusion
+    reads it, ``DotOperands.result_read_once``; else a conversion writes the result and
+    its readers read that: 4), where it is of low precision. The float32 copies are
+    temporaries, but for an operand's that several dots read
+    (``memory_points.float32_operand_copies`` holds it from the first to the last). jax 0.10.2:
+    bf16 ``x @ w`` of [256, 512] by [512, 1024], ``tanh(x @ w)`` and ``tanh(x) @ w``
+    move 5 times their operands' and results' bytes, as do batched einsums and attention's
+    ``bqhd,bkhd->bhqk``; a result read by two fusions 9 times its bytes."""
+    extra = sum(size * (1 if dot.converted_before[k] else
+                        2 if k in copied or dot.converted_where_made[k] else 4)
+                for k, size in enumerate(in_bytes[:2]) if dot.upcast[k])
+    temporary = 2 * sum(size for k, size in enumerate(in_bytes[:2]) if dot.upcast[k] and
+                        not dot.converted_before[k] and not dot.converted_later[k])
+    if dot.low_precision:
+        extra += out_bytes * (2 if dot.result_read_once else 4)
+        temporary += 2 * out_bytes
+    return int(extra), int(temporary)
 
 
 def batch_groups_traffic(out_bytes: int, groups: int) -> tuple[int, int]:

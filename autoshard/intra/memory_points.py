@@ -182,6 +182,43 @@ def _dot_operand_copies(graph: ShardingGraph, model: MeshCostModel, chosen, rang
     return found
 
 
+def float32_operand_copies(graph: ShardingGraph, model: MeshCostModel, chosen, ranges
+                           ) -> list[tuple[tuple[int, int], int]]:
+    """(span, bytes) of each float32 copy of a low-precision dot operand that several dots
+    read, on a backend that runs such dots in float32 (``Cluster.low_precision_dots_in_f32``,
+    ``DotOperands.upcast``): XLA converts it once, at the first of them, and holds it
+    until the last (jax 0.10.2, CPU: a bf16 weight times an f32 batch, converted for the
+    forward dot and read again by the input gradient's); an operand only such dots read,
+    neither argument nor output, dies once converted (its ``ranges`` entry shortened in
+    place). A copy only one dot reads is that dot's temporary
+    (``expansions.f32_dot_traffic``)."""
+    if not model.cluster.low_precision_dots_in_f32:
+        return []
+    program = graph.traced.program
+    dots = dot_operands(program)
+    held: dict[int, list[int]] = {}   # operand -> [first dot, last dot, bytes]
+    for v, node in enumerate(graph.nodes):
+        dot = dots.get(node.eqn) if node.kind != READ else None
+        if dot is None:
+            continue
+        eqn = program.eqns[node.eqn]
+        for k, (atom, spec) in enumerate(zip(eqn.inputs[:2], chosen[v].in_specs[:2])):
+            if dot.upcast[k] and (dot.converted_before[k] or dot.converted_later[k]):
+                aval = program.avals[atom]
+                size = 2 * model.bytes_per_device(tuple(aval.shape), aval.dtype.itemsize, spec)
+                span = held.setdefault(atom, [node.eqn, node.eqn, 0])
+                span[0], span[1] = min(span[0], node.eqn), max(span[1], node.eqn)
+                span[2] = max(span[2], size)
+    kept = set(program.invars) | {v for v in program.outvars if not isinstance(v, Literal)}
+    read_by = readers(program)
+    for atom, (first, _, _) in held.items():
+        if atom not in kept and atom in ranges and all(
+                e in dots and dots[e].upcast[program.eqns[e].inputs.index(atom)]
+                for e in read_by.get(atom, ())):
+            ranges[atom] = (ranges[atom][0], first)
+    return [((first, end), size) for first, end, size in held.values()]
+
+
 def _convolution_copies(graph: ShardingGraph, nbytes, chosen
                         ) -> list[tuple[tuple[int, int], int]]:
     """(span, bytes) of the copies XLA makes of a convolution's operands and result in the
@@ -450,6 +487,7 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
             spans.append((_copy_steps(graph, use, shared), size))
     spans += _dot_operand_copies(graph, model, chosen, ranges, resharded, read_copy, spans)
     spans += _convolution_copies(graph, nbytes, chosen)
+    spans += float32_operand_copies(graph, model, chosen, ranges)
     for v, vid, longer in _merged_extensions(graph, members, ranges):
         if choices[v] in members[v] and longer[0] <= longer[1]:
             spans.append((longer, sizes[vid]))

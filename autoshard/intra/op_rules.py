@@ -179,6 +179,10 @@ def reshape(eqn, in_avals, out_avals):
                   (tuple(out_dims),))
 
 
+#: dtypes of the dots some backends run in float32 (``Cluster.low_precision_dots_in_f32``)
+LOW_PRECISION = frozenset({"bfloat16", "float16"})
+
+
 def dot_general(eqn, in_avals, out_avals):
     lhs, rhs = in_avals
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -200,8 +204,11 @@ def dot_general(eqn, in_avals, out_avals):
     for l, r in zip(lc, rc):
         ldims[l] = rdims[r] = len(sizes)
         sizes.append(lhs.shape[l])
+    low = [a.dtype.name in LOW_PRECISION for a in (out_avals[0], lhs, rhs)]
+    low_precision = low[0] or low[1] != low[2]   # run in float32 on some backends
     return LoopOp(tuple(sizes), (True,) * len(sizes), (tuple(ldims), tuple(rdims)),
-                  (tuple(odims),), flops=2.0 * math.prod(sizes), contraction=True)
+                  (tuple(odims),), flops=2.0 * math.prod(sizes), contraction=True,
+                  expansion="f32_dot" if low_precision else None)
 
 
 def ragged_dot(eqn, in_avals, out_avals):

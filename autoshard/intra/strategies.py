@@ -176,19 +176,18 @@ def _tensor_spec(dims, loop_axes) -> Spec | None:
     return tuple(tuple(loop_axes.get(l, ())) if l is not None else () for l in dims)
 
 
-def _dot_copy_traffic(model: MeshCostModel, dot: DotOperands | None, in_avals, in_specs
-                      ) -> int:
-    """Bytes per device XLA moves copying a dot's operands (at these layouts) into the
-    order it runs them in: each copy reads the operand and writes it again, unless it
-    fuses into the elementwise equation making the operand (``DotOperands.fusible``).
-    Measured with ``cost_analysis`` on jax 0.10 (CPU): a GPT's attention einsums copy their
-    query, key, value and probabilities so (12 % of a 2-layer GPT's bytes accessed)."""
+def _dot_copies(model: MeshCostModel, dot: DotOperands | None, in_avals, in_specs
+                ) -> tuple[int, ...]:
+    """The operands XLA copies (at these layouts) into the order a dot runs them in, each
+    copy reading the operand and writing it again, where it does not fuse into the
+    elementwise equation making the operand (``DotOperands.fusible``). Measured with
+    ``cost_analysis`` on jax 0.10 (CPU): a GPT's attention einsums copy their query, key,
+    value and probabilities so (12 % of a 2-layer GPT's bytes accessed)."""
     if dot is None:
-        return 0
+        return ()
     local = [model.shard_shape(tuple(a.shape), s) for a, s in zip(in_avals[:2], in_specs[:2])]
-    return sum(COPY_READS * _bytes(model, in_avals[k], in_specs[k])
-               for k, _ in copied_orders(dot.dimension_numbers, *local)
-               if not dot.fusible[k] and not dot.operand_fused[k])
+    return tuple(k for k, _ in copied_orders(dot.dimension_numbers, *local)
+                 if not dot.fusible[k] and not dot.operand_fused[k])
 
 
 def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads, dot=None):
@@ -200,11 +199,12 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
     n = len(in_avals)
     traffic = _traffic(model, in_avals, in_specs, reads[:n])
     traffic += _traffic(model, out_avals, out_specs, reads[n:])
-    traffic += _dot_copy_traffic(model, dot, in_avals, in_specs)
+    copied = _dot_copies(model, dot, in_avals, in_specs)
+    traffic += sum(COPY_READS * _bytes(model, in_avals[k], in_specs[k]) for k in copied)
     out_bytes = [_bytes(model, a, s) for a, s in zip(out_avals, out_specs)]
     expanded, temporary, more_flops = (0, 0, 1) if op.expansion is None else expansion_traffic(
         op, model.cluster, [_bytes(model, a, s) for a, s in zip(in_avals, in_specs)], out_bytes,
-        reads, math.prod(model.mesh_shape[a] for a in loop_axes.get(0, ())))
+        reads, math.prod(model.mesh_shape[a] for a in loop_axes.get(0, ())), dot, copied)
     traffic += expanded
     flops = op.flops / split * more_flops
     measured = None if op.kernel is None or not model.cluster.kernel_seconds else \
