@@ -22,8 +22,10 @@ class LoopOp:
     only in some axis orders. ``expansion``: how some backends rewrite the op into
     others (``expansions.expansion_traffic``): ``"threefry"`` (random bits computed in a
     loop: ``Cluster.threefry_in_loops``), ``"select_and_scatter"`` (max-pool's gradient as
-    an argmax and a scatter: ``Cluster.select_and_scatter_expanded``) or ``"batch_groups"``
-    (a filter gradient of groups run densely: ``Cluster.batch_groups_dense``); ``padded``: the
+    an argmax and a scatter: ``Cluster.select_and_scatter_expanded``), ``"batch_groups"``
+    (a filter gradient of groups run densely: ``Cluster.batch_groups_dense``) or
+    ``"f32_dot"`` (a dot of low-precision result, or of one low-precision operand, run in
+    float32: ``Cluster.low_precision_dots_in_f32``); ``padded``: the
     elements of the operand that expansion pads (the whole operand, padded).
     """
 

@@ -205,10 +205,10 @@ def dot_general(eqn, in_avals, out_avals):
         ldims[l] = rdims[r] = len(sizes)
         sizes.append(lhs.shape[l])
     low = [a.dtype.name in LOW_PRECISION for a in (out_avals[0], lhs, rhs)]
-    low_precision = low[0] or low[1] != low[2]   # run in float32 on some backends
+    in_float32 = low[0] or low[1] != low[2]   # on a backend that runs such dots in f32
     return LoopOp(tuple(sizes), (True,) * len(sizes), (tuple(ldims), tuple(rdims)),
                   (tuple(odims),), flops=2.0 * math.prod(sizes), contraction=True,
-                  expansion="f32_dot" if low_precision else None)
+                  expansion="f32_dot" if in_float32 else None)
 
 
 def ragged_dot(eqn, in_avals, out_avals):
