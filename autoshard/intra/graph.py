@@ -16,7 +16,7 @@ from .dot_layouts import dot_operands
 from .flops import value_bytes
 from .fusion import fusion, fusion_reads, operand_fusion_writes, read_in_registers, unwritten
 from .in_place import UPDATE_OPERAND, program_in_place, window_reads
-from .layout_copies import layout_copy_reads, transposes_into_dots
+from .layout_copies import layout_copy_reads, transposes_into_dot_operands, transposes_into_dots, transposes_undone
 from .loop_op import size_of
 from .manual_regions import shard_map_strategies
 from .op_rules import CONTROL_FLOW, REPLICATED_QUIETLY, loop_op
@@ -136,7 +136,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     fused, fanout = analysis.fused, analysis.fanout
     fewer_reads = fusion_reads(program, analysis)
     copied = layout_copy_reads(program)
-    folded = transposes_into_dots(program)
+    undone, undone_inner = transposes_undone(program)
+    folded = transposes_into_dots(program) | transposes_into_dot_operands(program) | undone
     dots = dot_operands(program)
     in_place = program_in_place(program, donated)
 
@@ -175,8 +176,9 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
                       for r, a in zip(reads, eqn.inputs))
         reads += tuple(0 if unwritten(analysis, v) else 1 for v in eqn.outputs)
         # an identity XLA does not copy; a transpose whose dot writes the transposed order
-        # (fused into its readers instead, it stands for their read of the dot's result)
-        if name in NO_TRAFFIC or e in folded and eqn.outputs[0] not in fused:
+        # (fused into its readers instead, it stands for their read of the dot's result),
+        # whose dot reads its operand in place, or that undoes another transpose
+        if name in NO_TRAFFIC or e in undone_inner or e in folded and eqn.outputs[0] not in fused:
             reads = (0,) * len(reads)
         elif name in BITCASTS:  # written only where a fusion ends in it
             reads = (0,) * len(eqn.inputs) + (reads[-1] if eqn.inputs[0] in fused else 0,)
