@@ -21,7 +21,7 @@ from autoshard.ir.program import Literal, per_program
 from .dot_orders import copied_orders
 from .fusion import fusion, value_readers
 from .layout_copies import transposes_into_dots
-from .op_rules import ELEMENTWISE, LOW_PRECISION, fusing_consumer
+from .op_rules import ELEMENTWISE, LOW_PRECISION, fusing_consumer, upcast_operands
 
 #: equations whose result is the operand's buffer reinterpreted (XLA bitcasts them)
 _LAYOUT_ONLY = frozenset({"reshape", "squeeze", "expand_dims"})
@@ -30,7 +30,7 @@ _LAYOUT_ONLY = frozenset({"reshape", "squeeze", "expand_dims"})
 @dataclasses.dataclass(frozen=True)
 class DotOperands:
     """A dot whose operands XLA may copy, or that a backend may run in float32
-    (``upcast``: the operands it converts, ``upcast_operands``; ``low_precision``: its
+    (``upcast``: the operands it converts, ``op_rules.upcast_operands``; ``low_precision``: its
     result is bfloat16 or float16): its ``dimension_numbers`` and, per operand, whether
     the copy fuses into the elementwise equation making it (``fusible``: that equation
     writes the copied order, its only buffer), whether an
@@ -58,60 +58,46 @@ class DotOperands:
 def dot_operands(program) -> dict[int, DotOperands]:
     """Equation index → each ``dot_general`` whose operands XLA copies for some layout
     (at the global shapes: splitting dimensions only ever leaves an operand in place), or
-    whose result is of low precision (``LOW_PRECISION``)."""
+    that a backend may run in float32 (``op_rules.upcast_operands``)."""
     consumers, outputs = value_readers(program)
     operand_fused = fusion(program).operand_fused
     producer = {v: eqn for eqn in program.eqns for v in eqn.outputs}
     index = {id(eqn): e for e, eqn in enumerate(program.eqns)}
     folded = transposes_into_dots(program)
-    converted: set = set()   # operands an earlier dot converted to float32
-    found = {}
-    for e, eqn in enumerate(program.eqns):
-        if eqn.primitive.name != "dot_general" or \
-                any(isinstance(atom, Literal) for atom in eqn.inputs[:2]):
-            continue
-        shapes = [tuple(program.avals[atom].shape) for atom in eqn.inputs[:2]]
-        numbers = eqn.params["dimension_numbers"]
-        upcast = upcast_operands(program, eqn)
-        if not any(upcast) and not copied_orders(numbers, *shapes):
-            continue
-        fusible = tuple(_fusible(atom, producer, consumers, outputs) for atom in eqn.inputs[:2])
-        fused = tuple(e in operand_fused.get(atom, ()) for atom in eqn.inputs[:2])
-        found[e] = DotOperands(numbers, fusible, fused)
-        if any(upcast):
-            (result,) = eqn.outputs
-            readers = {id(c): c for c in consumers.get(result, ())}
-            found[e] = dataclasses.replace(
-                found[e], upcast=upcast, low_precision=_low_precision(program, eqn),
-                converted_where_made=tuple(
-                    f or o or _from_low_precision_dot(atom, producer, consumers, outputs, program)
-                    for f, o, atom in zip(fusible, fused, eqn.inputs[:2])),
-                converted_before=tuple(atom in converted for atom in eqn.inputs[:2]),
-                result_read_once=result not in outputs and len(readers) == 1
-                and all(fusing_consumer(c) and index[id(c)] not in folded
-                        for c in readers.values()))
-            converted.update(a for a, up in zip(eqn.inputs[:2], upcast) if up)
-    last = {}   # converted operand -> the last dot reading its float32 copy
-    for e, dot in found.items():
-        for atom, up in zip(program.eqns[e].inputs[:2], dot.upcast):
+    upcasts = {e: upcast_operands(*(program.avals[v] for v in (*eqn.outputs, *eqn.inputs[:2])))
+               for e, eqn in enumerate(program.eqns) if eqn.primitive.name == "dot_general"
+               and not any(isinstance(atom, Literal) for atom in eqn.inputs[:2])}
+    first, last = {}, {}   # converted operand -> the first and last dot reading its copy
+    for e, upcast in upcasts.items():
+        for atom, up in zip(program.eqns[e].inputs[:2], upcast):
             if up:
+                first.setdefault(atom, e)
                 last[atom] = e
-    for e, dot in found.items():
-        if any(dot.upcast):
-            found[e] = dataclasses.replace(dot, converted_later=tuple(
-                up and last[atom] != e for atom, up in zip(program.eqns[e].inputs[:2], dot.upcast)))
+    found = {}
+    for e, upcast in upcasts.items():
+        eqn = program.eqns[e]
+        operands = eqn.inputs[:2]
+        numbers = eqn.params["dimension_numbers"]
+        if not any(upcast) and not copied_orders(
+                numbers, *(tuple(program.avals[atom].shape) for atom in operands)):
+            continue
+        fusible = tuple(_fusible(atom, producer, consumers, outputs) for atom in operands)
+        fused = tuple(e in operand_fused.get(atom, ()) for atom in operands)
+        if not any(upcast):
+            found[e] = DotOperands(numbers, fusible, fused)
+            continue
+        (result,) = eqn.outputs
+        readers = {id(c): c for c in consumers.get(result, ())}
+        found[e] = DotOperands(
+            numbers, fusible, fused, low_precision=_low_precision(program, eqn), upcast=upcast,
+            converted_where_made=tuple(
+                f or o or _from_low_precision_dot(atom, producer, consumers, outputs, program)
+                for f, o, atom in zip(fusible, fused, operands)),
+            converted_before=tuple(up and first[atom] != e for atom, up in zip(operands, upcast)),
+            converted_later=tuple(up and last[atom] != e for atom, up in zip(operands, upcast)),
+            result_read_once=result not in outputs and len(readers) == 1
+            and all(fusing_consumer(c) and index[id(c)] not in folded for c in readers.values()))
     return found
-
-
-def upcast_operands(program, eqn) -> tuple[bool, bool]:
-    """Per operand of a ``dot_general``, whether a backend that runs low-precision dots in
-    float32 (``Cluster.low_precision_dots_in_f32``) converts it first: every operand of a
-    dot of low-precision result, and a low-precision operand beside a float32 one (jax
-    0.10.2, CPU: bf16 operands of a float32 result are read as they are)."""
-    if _low_precision(program, eqn):
-        return (True, True)
-    low = tuple(program.avals[a].dtype.name in LOW_PRECISION for a in eqn.inputs[:2])
-    return low if any(low) and not all(low) else (False, False)
 
 
 def _low_precision(program, eqn) -> bool:

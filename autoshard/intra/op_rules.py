@@ -183,6 +183,18 @@ def reshape(eqn, in_avals, out_avals):
 LOW_PRECISION = frozenset({"bfloat16", "float16"})
 
 
+def upcast_operands(out, lhs, rhs) -> tuple[bool, bool]:
+    """Per operand of a ``dot_general`` of result ``out`` (avals), whether a backend that
+    runs low-precision dots in float32 (``Cluster.low_precision_dots_in_f32``) converts it
+    first: every operand of a dot of low-precision result, and a low-precision operand
+    beside a float32 one (jax 0.10.2, CPU: bf16 operands of a float32 result are read as
+    they are)."""
+    if out.dtype.name in LOW_PRECISION:
+        return (True, True)
+    low = (lhs.dtype.name in LOW_PRECISION, rhs.dtype.name in LOW_PRECISION)
+    return low if low[0] != low[1] else (False, False)
+
+
 def dot_general(eqn, in_avals, out_avals):
     lhs, rhs = in_avals
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -204,11 +216,9 @@ def dot_general(eqn, in_avals, out_avals):
     for l, r in zip(lc, rc):
         ldims[l] = rdims[r] = len(sizes)
         sizes.append(lhs.shape[l])
-    low = [a.dtype.name in LOW_PRECISION for a in (out_avals[0], lhs, rhs)]
-    in_float32 = low[0] or low[1] != low[2]   # on a backend that runs such dots in f32
     return LoopOp(tuple(sizes), (True,) * len(sizes), (tuple(ldims), tuple(rdims)),
                   (tuple(odims),), flops=2.0 * math.prod(sizes), contraction=True,
-                  expansion="f32_dot" if in_float32 else None)
+                  expansion="f32_dot" if any(upcast_operands(out_avals[0], lhs, rhs)) else None)
 
 
 def ragged_dot(eqn, in_avals, out_avals):
