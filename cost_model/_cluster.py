@@ -70,9 +70,10 @@ class Cluster:
     depthwise convolution's filter gradient) as a dense one over all B x B group pairs,
     masked: B times the flops, and the dense result written and read four times.
     ``low_precision_dots_in_f32``: the backend runs a dot of bfloat16 or float16 result (or
-    of such an operand beside a float32 one) in float32: each such operand converted (read, written at twice its bytes) and read as
-    float32, the float32 result written and read back (by the fusion that reads it, or by
-    a conversion to the result's type): five times the bytes of one kernel.
+    of such an operand beside a float32 one) in float32: each such operand converted (read,
+    written at twice its bytes) and read as float32, the float32 result written and read
+    back (by the fusion that reads it, or by a conversion to the result's type): five times
+    the bytes of one kernel.
     ``kernel_seconds``: measured seconds per device of single kernels (a convolution at
     one per-device shape, all devices busy), keyed by :func:`kernel_key` (set by
     ``autoshard.calibrate_kernels``). A strategy whose kernel has an entry is priced at
