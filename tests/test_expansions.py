@@ -144,10 +144,21 @@ def _five_times(x, w, out):
     # a result read by two fusions: converted back once, that read by each
     (lambda x, w: (lambda o: (jnp.tanh(o), o * 2))(x @ w), (_bf16(256, 512), _bf16(512, 1024)),
      lambda x, w, out: 5 * (x + w) + 9 * out),
+    # a weight gradient written transposed (the transpose folded into the dot) and read
+    # once, in f32, by the update (priced as converted back for the transpose, it was 1.25x)
+    (lambda dy, h, w: w - 0.1 * jnp.einsum("bo,bi->oi", dy, h).T,
+     (_bf16(64, 256), _bf16(64, 512), _bf16(512, 256)), lambda x, w, out: 5 * (x + w) + 6 * out),
+    # its one reader widening it to f32, written: XLA drops the round trip, and the dot's
+    # f32 result is that value (a conversion back and one forward priced, it was 1.28x)
+    (lambda x, w: (x @ w).astype(jnp.float32), (_bf16(256, 512), _bf16(512, 1024)),
+     lambda x, w, out: 5 * (x + w) + 2 * out),
+    (lambda x, w: (lambda o: (o, jnp.tanh(o)))((x @ w).astype(jnp.float32)),
+     (_bf16(256, 512), _bf16(512, 1024)), lambda x, w, out: 5 * (x + w) + 6 * out),
     # bf16 operands of an f32 result: read as they are
     (lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32),
      (_bf16(256, 512), _bf16(512, 1024)), lambda x, w, out: x + w + out),
-], ids=["bf16", "f16", "tanh operand", "rank 3", "attention", "two readers", "f32 result"])
+], ids=["bf16", "f16", "tanh operand", "rank 3", "attention", "two readers", "weight gradient", "widened",
+        "widened, returned and read", "f32 result"])
 def test_low_precision_dots_are_priced_as_the_cpu_runs_them_in_f32(fn, args, compiled_bytes):
     program = trace(fn, args).program
     dot = next(e for e in program.eqns if e.primitive.name == "dot_general")

@@ -41,7 +41,11 @@ class DotOperands:
     such dot converted it (``converted_before``: XLA converts a value once for all its
     dots) or a later one reads that conversion (``converted_later``);
     ``result_read_once``: the result has one reader, a fusion that reads it in place of
-    its conversion back (a transpose folded into the dot is not one)."""
+    its conversion back (a transpose the dot writes is looked through: a weight
+    gradient's is read once by its update); ``result_widened``:
+    that one reader converts it to float32 and is written (a program output, or read
+    where it is not fused), which XLA's float conversion simplifier (excess precision
+    allowed) takes to be the dot's own float32 result: no conversion back, nor that one."""
 
     dimension_numbers: tuple
     fusible: tuple[bool, bool]
@@ -52,6 +56,7 @@ class DotOperands:
     converted_before: tuple[bool, bool] = (False, False)
     converted_later: tuple[bool, bool] = (False, False)
     result_read_once: bool = False
+    result_widened: bool = False
 
 
 @per_program
@@ -60,7 +65,8 @@ def dot_operands(program) -> dict[int, DotOperands]:
     (at the global shapes: splitting dimensions only ever leaves an operand in place), or
     that a backend may run in float32 (``op_rules.upcast_operands``)."""
     consumers, outputs = value_readers(program)
-    operand_fused = fusion(program).operand_fused
+    analysis = fusion(program)
+    operand_fused = analysis.operand_fused
     producer = {v: eqn for eqn in program.eqns for v in eqn.outputs}
     index = {id(eqn): e for e, eqn in enumerate(program.eqns)}
     folded = transposes_into_dots(program)
@@ -86,8 +92,7 @@ def dot_operands(program) -> dict[int, DotOperands]:
         if not any(upcast):
             found[e] = DotOperands(numbers, fusible, fused)
             continue
-        (result,) = eqn.outputs
-        readers = {id(c): c for c in consumers.get(result, ())}
+        result, readers = _result_readers(eqn.outputs[0], consumers, index, folded)
         found[e] = DotOperands(
             numbers, fusible, fused, low_precision=_low_precision(program, eqn), upcast=upcast,
             converted_where_made=tuple(
@@ -96,8 +101,41 @@ def dot_operands(program) -> dict[int, DotOperands]:
             converted_before=tuple(up and first[atom] != e for atom, up in zip(operands, upcast)),
             converted_later=tuple(up and last[atom] != e for atom, up in zip(operands, upcast)),
             result_read_once=result not in outputs and len(readers) == 1
-            and all(fusing_consumer(c) and index[id(c)] not in folded for c in readers.values()))
+            and all(fusing_consumer(c) for c in readers.values()),
+            result_widened=result not in outputs and len(readers) == 1
+            and all(_widening(c) and c.outputs[0] not in analysis.fused for c in readers.values()))
     return found
+
+
+@per_program
+def widened_results(program) -> frozenset[int]:
+    """Indices of the conversions to float32 that are a low-precision dot's result as
+    XLA:CPU runs it (``DotOperands.result_widened``): they move nothing. jax 0.10.2:
+    ``(x @ w).astype(float32)`` of bf16 [256, 512] by [512, 1024] moves 5 times the
+    operands' bytes and the float32 result's once (7.602 MB of cost analysis)."""
+    index = {id(eqn): e for e, eqn in enumerate(program.eqns)}
+    consumers, _ = value_readers(program)
+    folded = transposes_into_dots(program)
+    return frozenset(index[id(c)] for e, dot in dot_operands(program).items() if dot.result_widened
+                     for c in _result_readers(program.eqns[e].outputs[0], consumers, index,
+                                              folded)[1].values())
+
+
+def _widening(eqn) -> bool:
+    return eqn.primitive.name == "convert_element_type" and \
+        getattr(eqn.params.get("new_dtype"), "name", None) == "float32"
+
+
+def _result_readers(result, consumers, index, folded) -> tuple[object, dict]:
+    """``result`` and its readers (by id), or, where its one reader is a transpose the dot
+    writes in place (``transposes_into_dots``: a weight gradient's), that transpose's."""
+    readers = {id(c): c for c in consumers.get(result, ())}
+    if len(readers) == 1:
+        (reader,) = readers.values()
+        if index[id(reader)] in folded:
+            result = reader.outputs[0]
+            readers = {id(c): c for c in consumers.get(result, ())}
+    return result, readers
 
 
 def _low_precision(program, eqn) -> bool:

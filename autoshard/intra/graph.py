@@ -12,7 +12,7 @@ from autoshard.ir.specs import Spec, enumerate_specs, replicated
 from autoshard.ir.trace import TracedFunction
 
 from .control_flow import control_flow_strategies
-from .dot_layouts import dot_operands
+from .dot_layouts import dot_operands, widened_results
 from .flops import value_bytes
 from .fusion import fusion, fusion_reads, operand_fusion_writes, read_in_registers, unwritten
 from .in_place import UPDATE_OPERAND, program_in_place, window_reads
@@ -138,6 +138,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     copied = layout_copy_reads(program)
     undone, undone_inner = transposes_undone(program)
     folded = transposes_into_dots(program) | transposes_into_dot_operands(program) | undone
+    if model.cluster.low_precision_dots_in_f32:
+        folded |= widened_results(program)
     dots = dot_operands(program)
     in_place = program_in_place(program, donated)
 
@@ -177,7 +179,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         reads += tuple(0 if unwritten(analysis, v) else 1 for v in eqn.outputs)
         # an identity XLA does not copy; a transpose whose dot writes the transposed order
         # (fused into its readers instead, it stands for their read of the dot's result),
-        # whose dot reads its operand in place, or that undoes another transpose
+        # whose dot reads its operand in place, or that undoes another transpose; a
+        # conversion to float32 that is its dot's float32 result
         if name in NO_TRAFFIC or e in undone_inner or e in folded and eqn.outputs[0] not in fused:
             reads = (0,) * len(reads)
         elif name in BITCASTS:  # written only where a fusion ends in it
