@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from autoshard.ir.program import Literal, per_program
+from autoshard.ir.program import Literal, makers, per_program
 
 from .dot_orders import copied_orders
 from .fusion import fusion, value_readers
@@ -67,7 +67,7 @@ def dot_operands(program) -> dict[int, DotOperands]:
     consumers, outputs = value_readers(program)
     analysis = fusion(program)
     operand_fused = analysis.operand_fused
-    producer = {v: eqn for eqn in program.eqns for v in eqn.outputs}
+    made = makers(program)
     index = {id(eqn): e for e, eqn in enumerate(program.eqns)}
     folded = transposes_into_dots(program)
     upcasts = {e: upcast_operands(*(program.avals[v] for v in (*eqn.outputs, *eqn.inputs[:2])))
@@ -87,7 +87,7 @@ def dot_operands(program) -> dict[int, DotOperands]:
         if not any(upcast) and not copied_orders(
                 numbers, *(tuple(program.avals[atom].shape) for atom in operands)):
             continue
-        fusible = tuple(_fusible(atom, producer, consumers, outputs) for atom in operands)
+        fusible = tuple(_fusible(atom, program, made, consumers, outputs) for atom in operands)
         fused = tuple(e in operand_fused.get(atom, ()) for atom in operands)
         if not any(upcast):
             found[e] = DotOperands(numbers, fusible, fused)
@@ -96,7 +96,7 @@ def dot_operands(program) -> dict[int, DotOperands]:
         found[e] = DotOperands(
             numbers, fusible, fused, low_precision=_low_precision(program, eqn), upcast=upcast,
             converted_where_made=tuple(
-                f or o or _from_low_precision_dot(atom, producer, consumers, outputs, program)
+                f or o or _from_low_precision_dot(atom, program, made, consumers, outputs)
                 for f, o, atom in zip(fusible, fused, operands)),
             converted_before=tuple(up and first[atom] != e for atom, up in zip(operands, upcast)),
             converted_later=tuple(up and last[atom] != e for atom, up in zip(operands, upcast)),
@@ -143,21 +143,20 @@ def _low_precision(program, eqn) -> bool:
         program.avals[eqn.outputs[0]].dtype.name in LOW_PRECISION
 
 
-def _from_low_precision_dot(atom, producer, consumers, outputs, program) -> bool:
+def _from_low_precision_dot(atom, program, made, consumers, outputs) -> bool:
     """Whether ``atom`` is the result of a low-precision dot that only one equation reads:
     its rounding to the low precision and back to float32 is then one fusion."""
-    maker = producer.get(atom)
-    return maker is not None and _low_precision(program, maker) and atom not in outputs \
-        and len({id(c) for c in consumers.get(atom, ())}) == 1
+    return atom in made and _low_precision(program, program.eqns[made[atom]]) and \
+        atom not in outputs and len({id(c) for c in consumers.get(atom, ())}) == 1
 
 
-def _fusible(atom, producer, consumers, outputs) -> bool:
+def _fusible(atom, program, made, consumers, outputs) -> bool:
     """Whether the copy of ``atom`` fuses into the elementwise equation making it: each
     value from there to the dot (through layout-only reshapes) has one reader and is no
     program output."""
-    while atom in producer and atom not in outputs and \
+    while atom in made and atom not in outputs and \
             len({id(c) for c in consumers.get(atom, ())}) == 1:
-        maker = producer[atom]
+        maker = program.eqns[made[atom]]
         if maker.primitive.name in ELEMENTWISE:
             return True
         if maker.primitive.name not in _LAYOUT_ONLY:

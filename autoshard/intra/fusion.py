@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from autoshard.ir.program import Literal, per_program
+from autoshard.ir.program import Literal, makers, per_program
 
 from .dot_orders import copied_orders
 from .op_rules import ELEMENTWISE, FUSIBLE, FUSING_CONSUMERS, fusible, fusing_consumer
@@ -177,7 +177,6 @@ def fusion(program) -> FusionAnalysis:
     consumers, outputs = value_readers(program)
     reduced_only = _reduced_only(program, consumers)
     index = {id(eqn): e for e, eqn in enumerate(program.eqns)}
-    made_by = {v: eqn for eqn in program.eqns for v in eqn.outputs}
     fused = set()
     shared: list[int] = []  # EXPENSIVE values of several fusing readers
     written: dict[int, frozenset[int]] = {}
@@ -210,7 +209,7 @@ def fusion(program) -> FusionAnalysis:
                 if len(distinct) > 1 and size >= REDUCTION_LIBRARY_ELEMENTS:
                     reducing = frozenset(index[k] for k, c in distinct.items()
                                          if _into_reduction(c, reduced_only))
-                    if reducing and duplicable(eqn, program, made_by):
+                    if reducing and duplicable(eqn, program):
                         written[v] = reducing
                     elif reducing:  # written once, and every reader reads it
                         fused.discard(v)
@@ -244,7 +243,7 @@ def _one_fusion(readers, fusions, index) -> bool:
     return len(reached) == 1 and not isinstance(next(iter(reached)), tuple)
 
 
-def duplicable(eqn, program, made_by) -> bool:
+def duplicable(eqn, program) -> bool:
     """Whether XLA duplicates ``eqn`` into its fusible readers when another reader cannot
     take it (XLA's ``ComputeGloballyUnfusible``): it reads at most one large operand
     (``EffectivelyAtMostUnary``: broadcasts, iotas and operands of fewer non-unit dims than
@@ -254,13 +253,13 @@ def duplicable(eqn, program, made_by) -> bool:
     layernorm's variance is written for the sum and recomputed by the normalized value)."""
     out_shape = program.avals[eqn.outputs[0]].shape
     rank = sum(n > 1 for n in out_shape)
+    made = makers(program)
     large = 0
     elements = 0
     for a in dict.fromkeys(a for a in eqn.inputs if not isinstance(a, Literal)):
         shape = program.avals[a].shape
         elements += math.prod(shape)
-        maker = made_by.get(a)
-        if maker is not None and maker.primitive.name in ("broadcast_in_dim", "iota"):
+        if a in made and program.eqns[made[a]].primitive.name in ("broadcast_in_dim", "iota"):
             continue
         large += sum(n > 1 for n in shape) >= rank
     return large <= 1 or elements <= math.prod(out_shape)

@@ -14,7 +14,7 @@ cluster: a GPU's layout assignment prefers its own orders (cuDNN's), which this 
 """
 from __future__ import annotations
 
-from autoshard.ir.program import Literal, per_program
+from autoshard.ir.program import Literal, makers, per_program
 
 from .fusion import fusion, value_readers
 from .op_rules import FUSIBLE, FUSING_CONSUMERS, fusible
@@ -38,7 +38,7 @@ def layout_copy_reads(program) -> dict[int, tuple[int, ...]]:
     tensor's bytes) for the convolutions whose tensors XLA copies; other equations are
     absent."""
     consumers, outputs = value_readers(program)
-    producer = {v: eqn for eqn in program.eqns for v in eqn.outputs}
+    made = makers(program)
     extra = {}
     for e, eqn in enumerate(program.eqns):
         if eqn.primitive.name != "conv_general_dilated":
@@ -48,8 +48,7 @@ def layout_copy_reads(program) -> dict[int, tuple[int, ...]]:
         for atom, order in zip(eqn.inputs, orders[:2]):
             copied = order != tuple(range(len(order)))
             if copied and not isinstance(atom, Literal):
-                maker = producer.get(atom)
-                fused_in_maker = (maker is not None and maker.primitive.name in FUSIBLE
+                fused_in_maker = (atom in made and program.eqns[made[atom]].primitive.name in FUSIBLE
                                   and len(consumers[atom]) == 1)
                 copied = not fused_in_maker
             reads.append(COPY_READS if copied else 0)

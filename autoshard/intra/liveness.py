@@ -5,7 +5,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from autoshard.ir.program import Literal, Program, per_program, readers
+from autoshard.ir.program import Literal, Program, makers, per_program, readers
 
 from .fusion import fusion
 from .op_rules import ELEMENTWISE
@@ -60,7 +60,7 @@ def output_births(program: Program, donated: Iterable[int] = ()) -> dict[int, in
     gradient the optimizer's update is written over); outputs that take over a donated
     argument's buffer: their own equation's."""
     born, _, shared = _steps(program, donated)
-    defined = {v: e for e, eqn in enumerate(program.eqns) for v in eqn.outputs}
+    defined = makers(program)
     births = {a: defined.get(a, 0) for a in program.outvars if not isinstance(a, Literal)}
     for v, out in shared.items():
         births[out] = min(births[out], born[v])
@@ -206,7 +206,7 @@ def _in_place_chains(program: Program, outputs: list[int], last: dict[int, int])
     walking back from each output through elementwise equations and scatters, the first
     operand of the output's shape and dtype that is an intermediate read for the last time
     there (a scatter's: its target)."""
-    defined_by = {vid: e for e, eqn in enumerate(program.eqns) for vid in eqn.outputs}
+    defined_by = makers(program)
     outside = set(program.invars) | {vid for vid, _ in program.constants} | set(outputs)
     shared: dict[int, int] = {}
     for out in outputs:

@@ -19,7 +19,7 @@ import numpy as np
 
 from autoshard.cost_model import format_bytes
 from autoshard.errors import InfeasiblePlanError
-from autoshard.ir.program import Program, readers
+from autoshard.ir.program import Program, makers, readers
 from autoshard.ir.remat import Rematerialization
 
 from .flops import eqn_flops
@@ -37,7 +37,7 @@ def forward_segments(program: Program) -> Rematerialization | None:
     the backward pass begins) and the forward before it in segments, earliest first;
     ``None`` when the forward has too few matmuls or convolutions to cut in two."""
     n = len(program.eqns)
-    born = {v: e for e, eqn in enumerate(program.eqns) for v in eqn.outputs}
+    born = makers(program)
     read_by = {v: r for v, r in readers(program).items() if v in born}  # not the arguments
     nbytes = {v: float(np.prod(program.avals[v].shape)) * program.avals[v].dtype.itemsize
               for v in born}

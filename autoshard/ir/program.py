@@ -93,3 +93,10 @@ def per_program(analysis: Callable[..., _T]) -> Callable[..., _T]:
             found[key] = analysis(program, *args, **kwargs)
         return found[key]
     return memoized
+
+
+@per_program
+def makers(program: Program) -> dict[int, int]:
+    """Value id → the index of the equation that makes it (the program's inputs and
+    constants are absent). Shared: do not change it."""
+    return {v: e for e, eqn in enumerate(program.eqns) for v in eqn.outputs}

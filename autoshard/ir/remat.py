@@ -33,7 +33,7 @@ import numpy as np
 from jax import lax
 
 from .jax_compat import optimization_barrier_primitive
-from .program import Equation, Literal, readers
+from .program import Equation, Literal, makers, readers
 from .trace import TracedFunction
 
 
@@ -82,7 +82,7 @@ def recompute(traced: TracedFunction, remat: Rematerialization) -> TracedFunctio
     eqns = program.eqns
     late = {v: after for v, r in readers(program).items()
             if (after := [e for e in r if e >= remat.turn])}  # value -> its backward readers
-    made_at = {v: e for e, eqn in enumerate(eqns) for v in eqn.outputs}
+    made_at = makers(program)
     stored = set(program.invars) | {v for v, _ in program.constants}  # read as they are
     inserted: dict[int, list[tuple[Equation, int]]] = {}  # reader -> (copy, original eqn)
     reads: dict[int, dict[int, int]] = {}  # late reader -> {original value: its copy}

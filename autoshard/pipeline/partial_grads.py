@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec
 
 from autoshard.cost_model import MeshCostModel
 from autoshard.ir.jax_compat import bind
-from autoshard.ir.program import Equation, Literal, Program
+from autoshard.ir.program import Equation, Literal, Program, makers
 from autoshard.ir.specs import from_partition_spec
 from autoshard.ir.trace import struct_of_aval, trace
 from autoshard.plan.parts import Collective
@@ -84,7 +84,7 @@ class _Specs:
         self.inputs = dict(zip(program.invars, specs.flat_in_specs, strict=True))
         self.values = dict(specs.value_specs)
         self.operands = {(e, k): s for e, k, s in specs.operand_specs}
-        self.producer = {v: e for e, eqn in enumerate(program.eqns) for v in eqn.outputs}
+        self.producer = makers(program)
 
     def is_zeros(self, v) -> bool:
         """``v`` is a broadcast zero (what the transpose of a gather scatters into)."""
