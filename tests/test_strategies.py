@@ -447,6 +447,29 @@ def test_an_expensive_op_whose_readers_end_in_one_fusion_is_fused(fn, shapes, fu
     assert modelled == pytest.approx(compiled, rel=0.01)
 
 
+@pytest.mark.parametrize("fn, n, written", [
+    (lambda x, w: jnp.sum(x @ w), 64, False),
+    (lambda x, w: jnp.sum(x @ w, axis=1), 256, False),
+    (lambda x, w: jnp.max(jnp.tanh(x @ w), axis=1), 64, False),
+    # fewer than REDUCTION_LIBRARY_ELEMENTS: a loop fusion reads the dot's result
+    (lambda x, w: jnp.sum(x @ w), 32, True),
+    # read by something else too: written
+    (lambda x, w: (lambda d: (jnp.sum(jnp.tanh(d)), d))(x @ w), 64, True),
+], ids=["sum", "row sums", "row max of tanh", "small", "also returned"])
+def test_a_dot_read_only_by_a_large_reduction_runs_in_its_fusion(fn, n, written):
+    # XLA:CPU's reduction library fusion grows up through producers only it reads, dots
+    # included: sum(x @ w) moves x and w only (priced with the result written and read
+    # back, it was 2x the compiled bytes)
+    args = (jax.ShapeDtypeStruct((n, n), jnp.float32),) * 2
+    program = trace(fn, args).program
+    (dot,) = [e for e in program.eqns if e.primitive.name == "dot_general"]
+    assert (dot.outputs[0] not in fused_values(program)) == written
+    modelled, compiled = _replicated_bytes(fn, args)
+    assert modelled == pytest.approx(compiled, rel=0.01)
+    if not written:
+        assert compiled < 2 * n * n * 4 + 4 * n + 1   # x and w, and the reduction's result
+
+
 ATTENTION = [("bqhd,bkhd->bhqk", (8, 16, 4, 16), (8, 16, 4, 16), lambda q: q),
              ("bhqk,bkhd->bqhd", (8, 4, 16, 16), (8, 16, 4, 16), lambda p: p),
              ("bqhd,bkhd->bhqk", (8, 16, 4, 16), (8, 16, 4, 16), lambda q: q * 2.0),
