@@ -470,6 +470,28 @@ def test_a_dot_read_only_by_a_large_reduction_runs_in_its_fusion(fn, n, written)
         assert compiled < 2 * n * n * 4 + 4 * n + 1   # x and w, and the reduction's result
 
 
+def _stacked_layers(layers):
+    def loss(x, ws):
+        for k in range(layers):
+            x = x + jnp.tanh(x @ ws[k])
+        return jnp.sum(x)
+    return jax.grad(loss, argnums=(0, 1))
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_a_stacked_weights_gradient_is_padded_in_one_fusion(layers):
+    # each layer's ws[k] gradient is padded to the stack's shape and the pads summed: XLA
+    # fuses the pads into the sum and writes the stack once (pads priced as copies, the
+    # step was 1.31x and 1.45x of the compiled bytes)
+    args = (jax.ShapeDtypeStruct((256, 256), jnp.float32),
+            jax.ShapeDtypeStruct((layers, 256, 256), jnp.float32))
+    program = trace(_stacked_layers(layers), args).program
+    pads = [e for e in program.eqns if e.primitive.name == "pad"]
+    assert pads and all(e.outputs[0] in fused_values(program) for e in pads)
+    modelled, compiled = _replicated_bytes(_stacked_layers(layers), args)
+    assert modelled == pytest.approx(compiled, rel=0.02)
+
+
 ATTENTION = [("bqhd,bkhd->bhqk", (8, 16, 4, 16), (8, 16, 4, 16), lambda q: q),
              ("bhqk,bkhd->bqhd", (8, 4, 16, 16), (8, 16, 4, 16), lambda p: p),
              ("bqhd,bkhd->bhqk", (8, 16, 4, 16), (8, 16, 4, 16), lambda q: q * 2.0),

@@ -539,7 +539,7 @@ RULES.update({
 # ``random_bits``: jax lowers threefry to elementwise integer ops that XLA fuses into the
 # bits' readers (on the CPU, the last of its rounds, after a loop: ``Cluster.threefry_in_loops``)
 FUSIBLE = ELEMENTWISE | frozenset({"broadcast_in_dim", "reshape", "squeeze", "transpose", "rev",
-                                   "iota", "concatenate", "stack", "random_bits"})
+                                   "iota", "concatenate", "stack", "random_bits", "pad"})
 FUSING_CONSUMERS = FUSIBLE | frozenset({"reduce_sum", "reduce_max", "reduce_min",
                                         "reduce_prod", "argmax", "argmin"})
 
