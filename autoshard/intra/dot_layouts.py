@@ -42,10 +42,10 @@ class DotOperands:
     dots) or a later one reads that conversion (``converted_later``);
     ``result_read_once``: the result has one reader, a fusion that reads it in place of
     its conversion back (a transpose the dot writes is looked through: a weight
-    gradient's is read once by its update); ``result_widened``:
-    that one reader converts it to float32 and is written (a program output, or read
-    where it is not fused), which XLA's float conversion simplifier (excess precision
-    allowed) takes to be the dot's own float32 result: no conversion back, nor that one."""
+    gradient's is read once by its update); ``result_widened``: that one reader converts
+    it to float32 and is written (a program output, or read where it is not fused), which
+    XLA's float conversion simplifier (excess precision allowed) takes to be the dot's
+    own float32 result: no conversion back, nor that one."""
 
     dimension_numbers: tuple
     fusible: tuple[bool, bool]

@@ -70,9 +70,8 @@ def f32_dot_traffic(in_bytes: Sequence[int], out_bytes: int, dot: DotOperands,
     reads it, ``DotOperands.result_read_once``; else a conversion writes the result and
     its readers read that: 4; only its float32 write, 1, where its one reader is its
     written conversion to float32, ``DotOperands.result_widened``), where it is of low
-    precision. The float32 copies are
-    temporaries, but for an operand's that several dots read
-    (``memory_points.float32_operand_copies`` holds it from the first to the last). jax 0.10.2:
+    precision. The float32 copies are temporaries, but for an operand's that several dots
+    read (``memory_points.float32_operand_copies`` holds it from the first to the last). jax 0.10.2:
     bf16 ``x @ w`` of [256, 512] by [512, 1024], ``tanh(x @ w)`` and ``tanh(x) @ w``
     move 5 times their operands' and results' bytes, as do batched einsums and attention's
     ``bqhd,bkhd->bhqk``; a result read by two fusions 9 times its bytes."""
