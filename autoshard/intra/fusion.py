@@ -55,7 +55,8 @@ def fused_values(program) -> frozenset[int]:
     output. A program output is written, and its readers read it back from memory: XLA:CPU
     does not compute them in the fusion that writes it (measured on jax 0.10: an
     optimizer's new moment ``m * 0.9 + g``, returned and read by ``p - m``, compiles to two
-    loop fusions, the second reading the moment)."""
+    loop fusions, the second reading the moment). Also the result of a dot only a large
+    reduction reads (:func:`_dots_into_reductions`)."""
     return fusion(program).fused
 
 
