@@ -478,18 +478,23 @@ def _stacked_layers(layers):
     return jax.grad(loss, argnums=(0, 1))
 
 
-@pytest.mark.parametrize("layers", [2, 4])
+@pytest.mark.parametrize("layers", [2, 4, 8])
 def test_a_stacked_weights_gradient_is_padded_in_one_fusion(layers):
     # each layer's ws[k] gradient is padded to the stack's shape and the pads summed: XLA
     # fuses the pads into the sum and writes the stack once (pads priced as copies, the
-    # step was 1.31x and 1.45x of the compiled bytes)
+    # step was 1.31x, 1.45x and 1.84x of the compiled bytes). The residual stream's
+    # gradient dx + dot_k is written once, not duplicated into its two readers: a path
+    # from it to the next sum runs through the layer's dot (duplicated, 8 layers: 1.05x)
     args = (jax.ShapeDtypeStruct((256, 256), jnp.float32),
             jax.ShapeDtypeStruct((layers, 256, 256), jnp.float32))
     program = trace(_stacked_layers(layers), args).program
     pads = [e for e in program.eqns if e.primitive.name == "pad"]
     assert pads and all(e.outputs[0] in fused_values(program) for e in pads)
+    sums = [e for e in program.eqns if e.primitive.name == "add_any" and
+            program.avals[e.outputs[0]].shape == (256, 256)]
+    assert any(e.outputs[0] not in fused_values(program) for e in sums)
     modelled, compiled = _replicated_bytes(_stacked_layers(layers), args)
-    assert modelled == pytest.approx(compiled, rel=0.02)
+    assert modelled == pytest.approx(compiled, rel=0.005)
 
 
 ATTENTION = [("bqhd,bkhd->bhqk", (8, 16, 4, 16), (8, 16, 4, 16), lambda q: q),

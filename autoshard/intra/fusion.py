@@ -215,6 +215,9 @@ def fusion(program) -> FusionAnalysis:
                     elif reducing:  # written once, and every reader reads it
                         fused.discard(v)
                         operand_fused.pop(v, None)
+    for v in _duplicated_across_unfusible_paths(program, consumers, fused, written):
+        fused.discard(v)
+        operand_fused.pop(v, None)
     fused |= _dots_into_reductions(program, consumers, outputs, reduced_only)
     roots = _roots(program, fused, consumers, written, operand_fused, index)
     fusions = _fusions(program, roots)
@@ -257,6 +260,47 @@ def _dots_into_reductions(program, consumers, outputs, reduced_only) -> set[int]
             continue
         if _into_reduction(next(iter(readers.values())), reduced_only):
             found.add(v)
+    return found
+
+
+def _duplicated_across_unfusible_paths(program, consumers, fused, written) -> list[int]:
+    """Fused values of several readers that XLA writes once instead: their equation reads
+    more elements than it makes (not ``duplicable``), and a path from the value to one of
+    its readers runs through an equation that fuses nothing (a dot) (XLA's
+    ``ComputeGloballyUnfusible``: such a producer is duplicated only when it fuses into
+    every reader along every path)."""
+    made = makers(program)
+    bit: dict[int, int] = {}
+    for e, eqn in enumerate(program.eqns):
+        if not fusible(eqn):
+            bit[e] = 1 << len(bit)
+    above = {}   # value -> bits of the unfusible equations it depends on
+    for e, eqn in enumerate(program.eqns):
+        mine = bit.get(e, 0)
+        for a in eqn.inputs:
+            if not isinstance(a, Literal):
+                mine |= above.get(a, 0)
+        for v in eqn.outputs:
+            above[v] = mine
+    below = {}   # value -> bits of the unfusible equations that depend on it
+    for e in range(len(program.eqns) - 1, -1, -1):
+        eqn = program.eqns[e]
+        mine = bit.get(e, 0)
+        for o in eqn.outputs:
+            mine |= below.get(o, 0)
+        for a in eqn.inputs:
+            if not isinstance(a, Literal):
+                below[a] = below.get(a, 0) | mine
+    found = []
+    for v in fused:
+        if v in written or v not in below or not below[v]:
+            continue
+        readers = {id(c): c for c in consumers.get(v, ())}
+        if len(readers) < 2 or duplicable(program.eqns[made[v]], program):
+            continue
+        if any(above.get(a, 0) & below[v] for c in readers.values() for a in c.inputs
+               if not isinstance(a, Literal)):
+            found.append(v)
     return found
 
 
