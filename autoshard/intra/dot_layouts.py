@@ -42,10 +42,10 @@ class DotOperands:
     dots) or a later one reads that conversion (``converted_later``);
     ``result_read_once``: the result has one reader, a fusion that reads it in place of
     its conversion back (a transpose the dot writes is looked through: a weight
-    gradient's is read once by its update); ``result_widened``: that one reader converts
-    it to float32 and is written (a program output, or read where it is not fused), which
-    XLA's float conversion simplifier (excess precision allowed) takes to be the dot's
-    own float32 result: no conversion back, nor that one."""
+    gradient's is read once by its update); ``widened_by``: the index of that one reader
+    where it converts the result to float32 and is written (a program output, or read
+    where it is not fused), which XLA's float conversion simplifier (excess precision
+    allowed) takes to be the dot's own float32 result: no conversion back, nor that one."""
 
     dimension_numbers: tuple
     fusible: tuple[bool, bool]
@@ -56,7 +56,7 @@ class DotOperands:
     converted_before: tuple[bool, bool] = (False, False)
     converted_later: tuple[bool, bool] = (False, False)
     result_read_once: bool = False
-    result_widened: bool = False
+    widened_by: int | None = None
 
 
 @per_program
@@ -102,28 +102,29 @@ def dot_operands(program) -> dict[int, DotOperands]:
             converted_later=tuple(up and last[atom] != e for atom, up in zip(operands, upcast)),
             result_read_once=result not in outputs and len(readers) == 1
             and all(fusing_consumer(c) for c in readers.values()),
-            result_widened=result not in outputs and len(readers) == 1
-            and all(_widening(c) and c.outputs[0] not in analysis.fused for c in readers.values()))
+            widened_by=_widened_by(result, readers, outputs, analysis, index))
     return found
 
 
 @per_program
 def widened_results(program) -> frozenset[int]:
     """Indices of the conversions to float32 that are a low-precision dot's result as
-    XLA:CPU runs it (``DotOperands.result_widened``): they move nothing. jax 0.10.2:
+    XLA:CPU runs it (``DotOperands.widened_by``): they move nothing. jax 0.10.2:
     ``(x @ w).astype(float32)`` of bf16 [256, 512] by [512, 1024] moves 5 times the
     operands' bytes and the float32 result's once (7.602 MB of cost analysis)."""
-    index = {id(eqn): e for e, eqn in enumerate(program.eqns)}
-    consumers, _ = value_readers(program)
-    folded = transposes_into_dots(program)
-    return frozenset(index[id(c)] for e, dot in dot_operands(program).items() if dot.result_widened
-                     for c in _result_readers(program.eqns[e].outputs[0], consumers, index,
-                                              folded)[1].values())
+    return frozenset(dot.widened_by for dot in dot_operands(program).values()
+                     if dot.widened_by is not None)
 
 
-def _widening(eqn) -> bool:
-    return eqn.primitive.name == "convert_element_type" and \
-        getattr(eqn.params.get("new_dtype"), "name", None) == "float32"
+def _widened_by(result, readers, outputs, analysis, index) -> int | None:
+    """The index of ``result``'s one reader (of ``readers``, by id) where it converts the
+    result to float32 and is written; else None."""
+    if result in outputs or len(readers) != 1:
+        return None
+    (reader,) = readers.values()
+    widens = reader.primitive.name == "convert_element_type" and \
+        getattr(reader.params.get("new_dtype"), "name", None) == "float32"
+    return index[id(reader)] if widens and reader.outputs[0] not in analysis.fused else None
 
 
 def _result_readers(result, consumers, index, folded) -> tuple[object, dict]:

@@ -69,7 +69,7 @@ def f32_dot_traffic(in_bytes: Sequence[int], out_bytes: int, dot: DotOperands,
     result is written and read back (2 more results' bytes where its one reading fusion
     reads it, ``DotOperands.result_read_once``; else a conversion writes the result and
     its readers read that: 4; only its float32 write, 1, where its one reader is its
-    written conversion to float32, ``DotOperands.result_widened``), where it is of low
+    written conversion to float32, ``DotOperands.widened_by``), where it is of low
     precision. The float32 copies are temporaries, but for an operand's that several dots
     read (``memory_points.float32_operand_copies`` holds it from the first to the last). jax 0.10.2:
     bf16 ``x @ w`` of [256, 512] by [512, 1024], ``tanh(x @ w)`` and ``tanh(x) @ w``
@@ -80,7 +80,7 @@ def f32_dot_traffic(in_bytes: Sequence[int], out_bytes: int, dot: DotOperands,
                 for k, size in enumerate(in_bytes[:2]) if dot.upcast[k])
     temporary = 2 * sum(size for k, size in enumerate(in_bytes[:2]) if dot.upcast[k] and
                         not dot.converted_before[k] and not dot.converted_later[k])
-    if dot.result_widened:   # written once, as the float32 value its one reader wanted
+    if dot.widened_by is not None:   # written once, as the float32 its one reader wants
         extra += out_bytes
     elif dot.low_precision:
         extra += out_bytes * (2 if dot.result_read_once else 4)

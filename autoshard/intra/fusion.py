@@ -293,7 +293,7 @@ def _duplicated_across_unfusible_paths(program, consumers, fused, written) -> li
                 below[a] = below.get(a, 0) | mine
     found = []
     for v in fused:
-        if v in written or v not in below or not below[v]:
+        if v in written or not below.get(v):
             continue
         readers = {id(c): c for c in consumers.get(v, ())}
         if len(readers) < 2 or duplicable(program.eqns[made[v]], program):

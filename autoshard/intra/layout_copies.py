@@ -73,15 +73,16 @@ def transposes_into_dots(program) -> frozenset[int]:
     0.10: ``(a @ b).T`` moves the bytes ``a @ b`` does; a transpose that moves a batch dim,
     or of a result something else reads too, is a copy)."""
     consumers, outputs = value_readers(program)
-    made_by_dot = {eqn.outputs[0]: eqn for eqn in program.eqns  # (an outer product fuses)
-                   if eqn.primitive.name == "dot_general" and not fusible(eqn)}
+    made = makers(program)
     folded = set()
     for e, eqn in enumerate(program.eqns):
-        if eqn.primitive.name != "transpose" or isinstance(eqn.inputs[0], Literal):
+        if eqn.primitive.name != "transpose" or isinstance(eqn.inputs[0], Literal) or \
+                eqn.inputs[0] not in made:
             continue
-        dot = made_by_dot.get(eqn.inputs[0])
-        if dot is None or eqn.inputs[0] in outputs or len(consumers[eqn.inputs[0]]) != 1:
-            continue
+        dot = program.eqns[made[eqn.inputs[0]]]
+        if dot.primitive.name != "dot_general" or fusible(dot) or \
+                eqn.inputs[0] in outputs or len(consumers[eqn.inputs[0]]) != 1:
+            continue  # (an outer product fuses)
         batch = len(dot.params["dimension_numbers"][1][0])
         perm = tuple(eqn.params["permutation"])
         if len(perm) == batch + 2 and perm == (*range(batch), batch + 1, batch):
@@ -139,15 +140,17 @@ def transposes_undone(program) -> tuple[frozenset[int], frozenset[int]]:
     ``cost_analysis`` on jax 0.10: the gradient step of ``tanh(x @ w.T)`` moves no copy of
     ``w``; priced as two, 1.64x)."""
     consumers, outputs = value_readers(program)
-    made_by = {eqn.outputs[0]: eqn for eqn in program.eqns if eqn.primitive.name == "transpose"}
+    made = makers(program)
     index = {id(eqn): e for e, eqn in enumerate(program.eqns)}
+    transposes = {e for e, eqn in enumerate(program.eqns) if eqn.primitive.name == "transpose"}
     undone = set()
-    for e, eqn in enumerate(program.eqns):
-        inner = made_by.get(eqn.inputs[0]) if eqn.primitive.name == "transpose" else None
-        if inner is not None:
-            outer, first = eqn.params["permutation"], inner.params["permutation"]
+    for e in transposes:
+        operand = program.eqns[e].inputs[0]
+        inner = None if isinstance(operand, Literal) else made.get(operand)
+        if inner in transposes:
+            outer, first = (program.eqns[k].params["permutation"] for k in (e, inner))
             if all(first[p] == i for i, p in enumerate(outer)):
                 undone.add(e)
-    dead = frozenset(index[id(t)] for v, t in made_by.items() if v not in outputs and
-                     consumers.get(v) and all(index[id(c)] in undone for c in consumers[v]))
+    dead = frozenset(t for t in transposes if (v := program.eqns[t].outputs[0]) not in outputs
+                     and consumers.get(v) and all(index[id(c)] in undone for c in consumers[v]))
     return frozenset(undone), dead
