@@ -1,5 +1,5 @@
 """XLA's fusion as the cost and memory models see it: which values never reach memory,
-which are written once for the large reductions that read them, and into how many fusions
+which are written once for the library fusions that read them, and into how many fusions
 an op is duplicated."""
 from __future__ import annotations
 
@@ -9,15 +9,8 @@ from typing import NamedTuple
 from autoshard.ir.program import Literal, makers, per_program
 
 from .dot_orders import copied_orders
-from .op_rules import ELEMENTWISE, FUSIBLE, FUSING_CONSUMERS, fusible, fusing_consumer
-
-#: reductions XLA fuses elementwise producers into
-REDUCTIONS = FUSING_CONSUMERS - FUSIBLE
-#: elements from which XLA's CPU backend runs a reduction as a library fusion (YNNPACK),
-#: which takes an elementwise producer only when nothing else reads it (measured on jax
-#: 0.10: beside ``(x - m) * s``, ``sum((x - m) ** 2)`` over 64×64 reads a difference
-#: written once; over 32×32 it recomputes it, as the product's loop fusion does)
-REDUCTION_LIBRARY_ELEMENTS = 4096
+from .library_fusion import library_fusions
+from .op_rules import ELEMENTWISE, fusible, fusing_consumer
 
 #: elementwise ops XLA's fusion does not duplicate into several consumers (its
 #: ``IsExpensive``), and random bits (twenty threefry rounds each): their value is written
@@ -32,18 +25,21 @@ tanh zeta random_bits
 class FusionAnalysis(NamedTuple):
     """XLA's fusion of one program (:func:`fusion`): ``fused``, the values it keeps out of
     memory; ``fanout``, per fused value the number of fusions its equation is duplicated
-    into; ``written``, fused values also written once for the large reductions among their
+    into; ``written``, fused values also written once for the library fusions among their
     readers (value id → the equations that read that copy); ``fusions``, per equation
     index the fusions it is computed in (a fusion named by the equation at its root, or
     ``("copy", v)`` for the one that writes value ``v``'s copy, ``("operand", v, form)``
     for an operand fusion); ``operand_fused``, fused values that dots read from an operand
-    fusion (value id → {dot equation index: the form it reads, :func:`operand_forms`})."""
+    fusion (value id → {dot equation index: the form it reads, :func:`operand_forms`});
+    ``library``: per equation inside a library fusion of a reduction, its root's index
+    (:func:`.library_fusion.library_fusions`)."""
 
     fused: frozenset[int]
     fanout: dict[int, int]
     written: dict[int, frozenset[int]]
     fusions: dict[int, frozenset]
     operand_fused: dict[int, dict[int, object]]
+    library: dict[int, int]
 
 
 def fused_values(program) -> frozenset[int]:
@@ -55,8 +51,9 @@ def fused_values(program) -> frozenset[int]:
     output. A program output is written, and its readers read it back from memory: XLA:CPU
     does not compute them in the fusion that writes it (measured on jax 0.10: an
     optimizer's new moment ``m * 0.9 + g``, returned and read by ``p - m``, compiles to two
-    loop fusions, the second reading the moment). Also the result of a dot only a large
-    reduction reads (:func:`_dots_into_reductions`)."""
+    loop fusions, the second reading the moment). Also every value made and read inside
+    a library fusion of a large reduction (:mod:`.library_fusion`), dots' results
+    included."""
     return fusion(program).fused
 
 
@@ -114,11 +111,12 @@ def fusion_reads(program, analysis: FusionAnalysis) -> dict[tuple[int, int], int
     reads each operand once however many of its equations read it (``0.9 * nu + g * g``
     reads ``g`` once), so an equation computed inside fusions (``op_rules.fusing_consumer``)
     reads an operand only in the fusions no earlier equation, or earlier operand, read it
-    in. Operands read in registers (:func:`read_in_registers`) are not listed."""
+    in (a library fusion likewise). Operands read in registers (:func:`read_in_registers`)
+    are not listed."""
     seen: dict[int, frozenset] = {}
     fewer: dict[tuple[int, int], int] = {}
     for e, eqn in enumerate(program.eqns):
-        if not fusing_consumer(eqn):
+        if not fusing_consumer(eqn) and e not in analysis.library:
             continue
         mine = analysis.fusions[e]
         for k, a in enumerate(eqn.inputs):
@@ -142,83 +140,62 @@ def value_readers(program) -> tuple[dict[int, list], frozenset[int]]:
     return consumers, frozenset(v for v in program.outvars if not isinstance(v, Literal))
 
 
-def _reduced_only(program, consumers) -> set[int]:
-    """Values made by a fusible equation (``op_rules.fusible``) whose one reader is a
-    reduction or makes such a value: XLA computes them inside the reduction's fusion."""
-    found: set[int] = set()
-    for eqn in reversed(program.eqns):  # readers first
-        if not fusible(eqn):
-            continue
-        for v in eqn.outputs:
-            readers = {id(c): c for c in consumers.get(v, ())}
-            if len(readers) == 1:
-                (c,) = readers.values()
-                if _into_reduction(c, found):
-                    found.add(v)
-    return found
-
-
-def _into_reduction(eqn, reduced_only) -> bool:
-    return eqn.primitive.name in REDUCTIONS or \
-        bool(eqn.outputs) and all(o in reduced_only for o in eqn.outputs)
-
-
 @per_program
 def fusion(program) -> FusionAnalysis:
     """XLA's fusion of ``program`` (:class:`FusionAnalysis`): fused values as
     :func:`fused_values`, the fan-out per fused value as :func:`fusion_fanout`, the
     fusions of every equation, and ``written``: fused values that XLA also writes to
-    memory once for the large reductions among their readers (value id → the equations
-    that read that copy: a reduction, or an equation fused into one). XLA's CPU reduction
-    library fusion (from ``REDUCTION_LIBRARY_ELEMENTS``) takes a producer only when nothing
-    else reads it, so a value a reduction shares with another reader (a normalization's
-    ``x - mean``, read by its variance and by the normalized value) is written once for
-    the reduction while the other readers' loop fusions still recompute it; a value made
-    only from smaller operands (a broadcast) is recomputed by the reduction too."""
+    memory once for the library fusions among their readers (value id → the equations
+    that read that copy). XLA:CPU's library fusions of large reductions
+    (:mod:`.library_fusion`) run first: the values inside them are never written, and
+    they read every other operand from memory. A value such a fusion shares with
+    another reader (a normalization's ``x - mean``, read by its variance and by the
+    normalized value) is written once for it while the other readers' loop fusions
+    still recompute it; a value made only from smaller operands (a broadcast) is
+    recomputed by the library fusion too."""
     consumers, outputs = value_readers(program)
-    reduced_only = _reduced_only(program, consumers)
+    library = library_fusions(program)
+    members = library.root
     index = {id(eqn): e for e, eqn in enumerate(program.eqns)}
+
+    def fuses(c) -> bool:  # a reader computing its fusible operands in its own loop
+        return fusing_consumer(c) and index[id(c)] not in members
+
     fused = set()
     shared: list[int] = []  # EXPENSIVE values of several fusing readers
     written: dict[int, frozenset[int]] = {}
     operand_fused: dict[int, dict[int, object]] = {}
-    expanded: set[int] = set()  # fused values computed from small operands only (broadcasts)
-    for eqn in program.eqns:
-        if not fusible(eqn):
+    for e, eqn in enumerate(program.eqns):
+        if not fusible(eqn) or e in members:
             continue
         for v in eqn.outputs:
             readers = consumers.get(v, ())
             distinct = {id(c): c for c in readers}  # (an equation may read v twice: v * v)
             if len(distinct) > 1 and eqn.primitive.name in EXPENSIVE:
-                if v not in outputs and all(map(fusing_consumer, distinct.values())):
+                if v not in outputs and all(map(fuses, distinct.values())):
                     shared.append(v)  # fused if its readers all end in one fusion
                 continue  # not duplicated: written once
             # the dots that read v from an operand fusion of their own
             dots = {} if v in outputs or eqn.primitive.name not in ELEMENTWISE else {
-                index[id(c)]: form for c in readers if not fusing_consumer(c)
+                index[id(c)]: form for c in readers
+                if not fusing_consumer(c) and index[id(c)] not in members
                 for k, form in operand_forms(c, program).items() if c.inputs[k] == v}
             if v not in outputs and readers and all(
-                    fusing_consumer(c) or index[id(c)] in dots for c in readers):
+                    fuses(c) or index[id(c)] in dots or index[id(c)] in members
+                    for c in readers):
                 fused.add(v)
                 if dots:
                     operand_fused[v] = dots
-                size = math.prod(program.avals[v].shape)
-                if all(isinstance(a, Literal) or a in expanded or
-                       math.prod(program.avals[a].shape) < size for a in eqn.inputs):
-                    expanded.add(v)  # a reduction's fusion recomputes it too
-                    continue
-                if len(distinct) > 1 and size >= REDUCTION_LIBRARY_ELEMENTS:
-                    reducing = frozenset(index[k] for k, c in distinct.items()
-                                         if _into_reduction(c, reduced_only))
-                    if reducing and duplicable(eqn, program):
-                        written[v] = reducing
-                    elif reducing:  # written once, and every reader reads it
-                        fused.discard(v)
-                        operand_fused.pop(v, None)
-    for v in _duplicated_across_unfusible_paths(program, consumers, fused, written):
+                reducing = frozenset(index[k] for k in distinct if index[k] in members)
+                if reducing and len(reducing) < len(distinct) and duplicable(eqn, program):
+                    written[v] = reducing
+                elif reducing:  # written once, and every reader reads it
+                    fused.discard(v)
+                    operand_fused.pop(v, None)
+    for v in _duplicated_across_unfusible_paths(program, consumers, fused, written, members):
         fused.discard(v)
         operand_fused.pop(v, None)
-    fused |= _dots_into_reductions(program, consumers, outputs, reduced_only)
+    fused |= library.inside
     roots = _roots(program, fused, consumers, written, operand_fused, index)
     fusions = _fusions(program, roots)
     reused = _concatenates_reused(program, fused, consumers, fusions, index)
@@ -235,44 +212,21 @@ def fusion(program) -> FusionAnalysis:
         roots = _roots(program, fused, consumers, written, operand_fused, index)
         fusions = _fusions(program, roots)
     return FusionAnalysis(frozenset(fused), {v: _fanout(r) for v, r in roots.items()},
-                          written, fusions, operand_fused)
+                          written, fusions, operand_fused, members)
 
 
-def _dots_into_reductions(program, consumers, outputs, reduced_only) -> set[int]:
-    """Results of float32 dots that XLA:CPU computes inside a reduction's library fusion:
-    the one reader is the reduction, or makes values only it reads (through elementwise
-    equations), and the result has ``REDUCTION_LIBRARY_ELEMENTS`` or more. The fusion grows
-    from the reduction up through every producer whose readers are all inside it, dots
-    included, so the result is never written (measured on jax 0.10: ``sum(x @ w)``,
-    ``sum(x @ w, 1)``, ``max(tanh(x @ w), 1)`` of [64, 64] or [256, 256] move only ``x``
-    and ``w``; of [32, 32], or with ``x @ w`` also returned, the result is written)."""
-    found = set()
-    for eqn in program.eqns:
-        if eqn.primitive.name != "dot_general" or \
-                any(isinstance(a, Literal) for a in eqn.inputs[:2]):
-            continue
-        (v,) = eqn.outputs
-        aval = program.avals[v]
-        readers = {id(c): c for c in consumers.get(v, ())}
-        if v in outputs or len(readers) != 1 or aval.dtype.name != "float32" or \
-                any(program.avals[a].dtype.name != "float32" for a in eqn.inputs[:2]) or \
-                math.prod(aval.shape) < REDUCTION_LIBRARY_ELEMENTS:
-            continue
-        if _into_reduction(next(iter(readers.values())), reduced_only):
-            found.add(v)
-    return found
-
-
-def _duplicated_across_unfusible_paths(program, consumers, fused, written) -> list[int]:
+def _duplicated_across_unfusible_paths(program, consumers, fused, written, library
+                                       ) -> list[int]:
     """Fused values of several readers that XLA writes once instead: their equation reads
     more elements than it makes (not ``duplicable``), and a path from the value to one of
-    its readers runs through an equation that fuses nothing (a dot) (XLA's
+    its readers runs through an equation that fuses nothing (a dot, or one inside a
+    ``library`` fusion) (XLA's
     ``ComputeGloballyUnfusible``: such a producer is duplicated only when it fuses into
     every reader along every path)."""
     made = makers(program)
     bit: dict[int, int] = {}
     for e, eqn in enumerate(program.eqns):
-        if not fusible(eqn):
+        if not fusible(eqn) or e in library:
             bit[e] = 1 << len(bit)
     above = {}   # value -> bits of the unfusible equations it depends on
     for e, eqn in enumerate(program.eqns):

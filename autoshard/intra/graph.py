@@ -17,6 +17,7 @@ from .flops import value_bytes
 from .fusion import fusion, fusion_reads, operand_fusion_writes, read_in_registers, unwritten
 from .in_place import UPDATE_OPERAND, program_in_place, window_reads
 from .layout_copies import layout_copy_reads, transposes_into_dot_operands, transposes_into_dots, transposes_undone
+from .library_fusion import library_fusions
 from .loop_op import size_of
 from .manual_regions import shard_map_strategies
 from .op_rules import CONTROL_FLOW, REPLICATED_QUIETLY, loop_op
@@ -135,6 +136,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     analysis = fusion(program)
     fused, fanout = analysis.fused, analysis.fanout
     fewer_reads = fusion_reads(program, analysis)
+    broadcasts = library_fusions(program).broadcasts
     copied = layout_copy_reads(program)
     undone, undone_inner = transposes_undone(program)
     folded = transposes_into_dots(program) | transposes_into_dot_operands(program) | undone
@@ -176,6 +178,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         # a dot operand computed in an operand fusion: its first dot prices that write
         reads = tuple(r + (not isinstance(a, Literal) and operand_fusion_writes(analysis, a, e))
                       for r, a in zip(reads, eqn.inputs))
+        # an operand a library fusion reads from a broadcast XLA writes at the full shape
+        reads = tuple(broadcasts.get((e, k), r) for k, r in enumerate(reads))
         reads += tuple(0 if unwritten(analysis, v) else 1 for v in eqn.outputs)
         # an identity XLA does not copy; a transpose whose dot writes the transposed order
         # (fused into its readers instead, it stands for their read of the dot's result),
