@@ -178,9 +178,13 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         # a dot operand computed in an operand fusion: its first dot prices that write
         reads = tuple(r + (not isinstance(a, Literal) and operand_fusion_writes(analysis, a, e))
                       for r, a in zip(reads, eqn.inputs))
-        # an operand a library fusion reads from a broadcast XLA writes at the full shape
-        reads = tuple(broadcasts.get((e, k), r) for k, r in enumerate(reads))
         reads += tuple(0 if unwritten(analysis, v) else 1 for v in eqn.outputs)
+        # an operand a library fusion reads from a broadcast XLA writes at the result's
+        # shape: that broadcast's traffic in place of the operand's
+        widened = [broadcasts[(e, k)] for k in range(len(eqn.inputs)) if (e, k) in broadcasts]
+        if widened:
+            reads = tuple(0 if (e, k) in broadcasts else r for k, r in enumerate(reads[:-1])) \
+                + (reads[-1] + sum(widened),)
         # an identity XLA does not copy; a transpose whose dot writes the transposed order
         # (fused into its readers instead, it stands for their read of the dot's result),
         # whose dot reads its operand in place, or that undoes another transpose; a

@@ -31,6 +31,8 @@ import math
 from collections import deque
 from typing import NamedTuple
 
+import numpy as np
+
 from autoshard.ir.program import Literal, makers, per_program
 
 #: elements from which XLA:CPU's library fusion takes an elementwise op or a reduction:
@@ -54,9 +56,9 @@ class LibraryFusions(NamedTuple):
     """``root``: per equation index inside a library fusion of a reduction, the index of
     the fusion's root (the one equation whose result it writes); ``inside``: the values
     made inside such fusions and read only there (never written); ``broadcasts``:
-    (equation index, operand index) → the times that operand's bytes it moves, where a
-    library fusion reads a broadcast of it that XLA writes (:func:`_written_broadcasts`).
-    """
+    (equation index, operand index) → how many arrays of the equation's result shape it
+    moves in place of that operand, where a library fusion reads a broadcast of it that
+    XLA writes (:func:`_written_broadcasts`)."""
 
     root: dict[int, int]
     inside: frozenset[int]
@@ -159,37 +161,43 @@ def library_fusions(program) -> LibraryFusions:
 def _written_broadcasts(program, root) -> dict[tuple[int, int], float]:
     """Operands a library fusion reads broadcast to a larger shape, where XLA writes that
     broadcast (``root``: equation → its library fusion's root). An elementwise equation
-    broadcasts an operand of size-1 dims implicitly; in HLO that is one broadcast
-    instruction per value and shape, which the fusion takes in only when every equation
-    broadcasting the value so is inside it. Otherwise XLA writes the broadcast, at the
-    full shape, and the fusion reads it (measured on jax 0.10: a softmax whose
-    probabilities are returned and whose gradient is taken, over [8, 8, 128, 128], writes
-    ``1 / sum`` broadcast to the whole shape for the gradient's fusion, which the
-    probabilities' loop fusion recomputes). Per (equation, operand): the broadcast's
-    size over the operand's times its reads of the broadcast (one per fusion, by its
-    first equation reading it) and writes (one, by the first of all)."""
-    groups: dict[tuple[int, tuple], list[tuple[int, int]]] = {}
+    broadcasts an operand of size-1 dims, or a scalar constant, implicitly; in HLO that
+    is one broadcast instruction per value and shape (constants of one value and type
+    included: XLA's CSE merges them across the program), which the fusion takes in only
+    when every equation broadcasting the value so is inside it. Otherwise XLA writes the
+    broadcast, at the full shape, and the fusion reads it. Measured on jax 0.10: a
+    softmax whose probabilities are returned and whose gradient is taken, over [8, 8,
+    128, 128], writes ``1 / sum`` broadcast to the whole shape for the gradient's fusion,
+    which the probabilities' loop fusion recomputes; a 2-layer transformer's loss fusion,
+    which takes the last layer's MLP in, reads GELU's four constants written as [8, 128,
+    1024] arrays, shared with the first layer's GELU. Per (equation, operand): its reads
+    of the broadcast (one per fusion, by its first equation reading it) and writes (one,
+    by the first of all), arrays of the equation's result shape."""
+    groups: dict[tuple, list[tuple[int, int]]] = {}
     for e, eqn in enumerate(program.eqns):
-        if len(eqn.outputs) != 1:
+        if len(eqn.outputs) != 1 or _identity(eqn):
             continue
-        shape = tuple(program.avals[eqn.outputs[0]].shape)
+        out = program.avals[eqn.outputs[0]]
+        shape = tuple(out.shape)
         for k, a in enumerate(eqn.inputs):
             if isinstance(a, Literal):
+                if shape and np.ndim(a.value) == 0:
+                    groups.setdefault(("constant", np.asarray(a.value).item(), out.dtype.name,
+                                       shape), []).append((e, k))
                 continue
             mine = tuple(program.avals[a].shape)
             if mine != shape and (not mine or len(mine) == len(shape) and all(
                     m in (1, n) for m, n in zip(mine, shape))):
                 groups.setdefault((a, shape), []).append((e, k))
     found: dict[tuple[int, int], float] = {}
-    for (a, shape), readers in groups.items():
+    for key, readers in groups.items():
         fusions = {root.get(e) for e, _ in readers}
         if fusions == {None} or len(fusions) == 1:
             continue  # no library fusion reads it, or one takes every broadcast in
-        ratio = math.prod(shape) / max(math.prod(program.avals[a].shape), 1)
         seen: set[int] = set()
         for e, k in readers:
             if e in root:
-                found[(e, k)] = ratio * ((root[e] not in seen) + (not seen))
+                found[(e, k)] = (root[e] not in seen) + (not seen)
                 seen.add(root[e])
     return found
 
