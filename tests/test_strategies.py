@@ -823,3 +823,40 @@ def test_an_adam_step_as_users_write_it_is_priced_at_its_compiled_bytes(mesh_sha
     modelled, compiled = report.bytes_accessed
     assert modelled == pytest.approx(compiled, rel=0.08)
     assert_trees_allclose(run(params, opt.init(params), batch=batch), expected)
+
+
+@pytest.mark.parametrize("block", ["centred", "layernorm MLP"])
+@pytest.mark.parametrize("layers", [2, 8])
+def test_a_residual_gradient_is_recomputed_in_every_fusion_that_writes_it(block, layers):
+    # the residual stream's gradient, dx = dx + (a layer's), is read by dots (written for
+    # them) and by the next layer's sums: XLA writes each partial sum for its dots in a
+    # fusion of its own that re-adds every term since the last one it could not recompute
+    # (read counts grow with depth). Priced with those copies counted as one fusion, a
+    # centred residual step of 16 layers was 0.72x its compiled bytes, a layernorm MLP's
+    # 0.74x, and a 32-layer GPT's 0.91x
+    def centred(p, x):
+        return x + (x - jnp.mean(x, -1, keepdims=True)) @ p["w1"]
+
+    def layernorm_mlp(p, x):
+        mean = jnp.mean(x, -1, keepdims=True)
+        h = (x - mean) * jax.lax.rsqrt(jnp.mean((x - mean) ** 2, -1, keepdims=True) + 1e-5)
+        h = h * p["scale"] + p["bias"]
+        return x + jax.nn.gelu(h @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    d = 256
+    layer = {"w1": _SDS((d, 4 * d), jnp.float32), "b1": _SDS((4 * d,), jnp.float32),
+             "w2": _SDS((4 * d, d), jnp.float32), "b2": _SDS((d,), jnp.float32),
+             "scale": _SDS((d,), jnp.float32), "bias": _SDS((d,), jnp.float32)}
+    fn, shape = (layernorm_mlp, (8, 128, d)) if block == "layernorm MLP" else \
+        (centred, (1024, d))
+    if block == "centred":
+        layer = {"w1": _SDS((d, d), jnp.float32)}
+
+    def loss(x, layers_params):
+        for p in layers_params:
+            x = fn(p, x)
+        return jnp.sum(x)
+
+    args = (_SDS(shape, jnp.float32), [layer] * layers)
+    modelled, compiled = _replicated_bytes(jax.grad(loss, argnums=(0, 1)), args)
+    assert modelled == pytest.approx(compiled, rel=0.02)

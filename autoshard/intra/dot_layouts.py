@@ -152,9 +152,12 @@ def _from_low_precision_dot(atom, program, made, consumers, outputs) -> bool:
 
 
 def _fusible(atom, program, made, consumers, outputs) -> bool:
-    """Whether the copy of ``atom`` fuses into the elementwise equation making it: each
-    value from there to the dot (through layout-only reshapes) has one reader and is no
-    program output."""
+    """Whether the copy of ``atom`` fuses into the elementwise equation making it, or into
+    a reshape that writes it: each value from there to the dot (through layout-only
+    reshapes) has one reader and is no program output. A reshape of a value in memory
+    (a dot's result) is priced as a copy of it, which XLA writes in the dot's order (a
+    query's ``transpose_copy_fusion``: one copy, not two)."""
+    first = True
     while atom in made and atom not in outputs and \
             len({id(c) for c in consumers.get(atom, ())}) == 1:
         maker = program.eqns[made[atom]]
@@ -162,5 +165,10 @@ def _fusible(atom, program, made, consumers, outputs) -> bool:
             return True
         if maker.primitive.name not in _LAYOUT_ONLY:
             return False
+        if first and maker.primitive.name == "reshape" and \
+                not isinstance(maker.inputs[0], Literal) and maker.inputs[0] in made and \
+                program.eqns[made[maker.inputs[0]]].primitive.name not in ELEMENTWISE:
+            return True
+        first = False
         atom = maker.inputs[0]
     return False

@@ -15,9 +15,9 @@ reductions over some axes, float32 dots of two matrices (neither a vector), elem
 arithmetic and the transcendental functions it implements, broadcasts, reshapes and
 pads; elementwise ops and reductions only where they or an operand hold
 ``REDUCTION_LIBRARY_ELEMENTS`` or more (``IsInstructionPreferredByYnn``). Selects,
-comparisons, integer ops, transposes, slices and gathers end a fusion: their values are
-written, and the fusion reads them. Shapes are the global ones, as for the rest of the
-fusion analysis.
+comparisons, integer ops, transposes (those XLA puts before a dot's operand too), slices
+and gathers end a fusion: their values are written, and the fusion reads them. Shapes are
+the global ones, as for the rest of the fusion analysis.
 
 Measured on jax 0.10 (one CPU device): a softmax over [8, 8, 128, 128] reads its input
 and writes its result, nothing else; so does its product with the values, ``softmax(s)
@@ -34,6 +34,8 @@ from typing import NamedTuple
 import numpy as np
 
 from autoshard.ir.program import Literal, makers, per_program
+
+from .dot_orders import copied_orders
 
 #: elements from which XLA:CPU's library fusion takes an elementwise op or a reduction:
 #: its result or an operand holds this many (``IsInstructionPreferredByYnn``)
@@ -123,8 +125,10 @@ def library_fusions(program) -> LibraryFusions:
             while frontier:
                 e, direction = frontier.popleft()
                 if direction == "up":
-                    for a in program.eqns[e].inputs:
-                        if isinstance(a, Literal) or a in outputs or a not in made:
+                    transposed = _transposed_operands(program.eqns[e], program)
+                    for k, a in enumerate(program.eqns[e].inputs):
+                        if isinstance(a, Literal) or a in outputs or a not in made or \
+                                k in transposed:
                             continue
                         p = made[a]
                         if p in visited or p in members[fid] or \
@@ -139,7 +143,9 @@ def library_fusions(program) -> LibraryFusions:
                     if e != root[fid]:
                         continue
                     r = one_reader(e)
-                    if r is None or r in visited or r in members[fid]:
+                    if r is None or r in visited or r in members[fid] or any(
+                            program.eqns[r].inputs[k] == result(e)
+                            for k in _transposed_operands(program.eqns[r], program)):
                         continue
                     visited.add(r)
                     if r in fusion_of or joins(r):
@@ -231,6 +237,16 @@ def _of_pieces(eqn, program) -> bool:
     a = eqn.inputs[0]
     return not isinstance(a, Literal) and a in made and \
         program.eqns[made[a]].primitive.name in ("stack", "concatenate")
+
+
+def _transposed_operands(eqn, program) -> frozenset[int]:
+    """The operands of a dot that XLA transposes before it runs (``dot_orders``): a
+    transpose stands between them and the dot, and the library takes no transpose."""
+    if eqn.primitive.name != "dot_general" or \
+            any(isinstance(a, Literal) for a in eqn.inputs[:2]):
+        return frozenset()
+    shapes = [tuple(program.avals[a].shape) for a in eqn.inputs[:2]]
+    return frozenset(k for k, _ in copied_orders(eqn.params["dimension_numbers"], *shapes))
 
 
 def _identity(eqn) -> bool:

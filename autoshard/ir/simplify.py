@@ -15,11 +15,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from .program import Equation, Literal
 
 #: primitives two equations of which, with equal operands and parameters, XLA's CSE
-#: computes once (pure layout ops the rewrites here leave behind)
-CSE_PRIMITIVES = frozenset({"slice"})
+#: computes once: pure layout ops the rewrites here leave behind, and the pure arithmetic
+#: user code repeats (a layernorm written ``(x - m) * rsqrt(mean((x - m) ** 2))``
+#: computes ``x - m`` once in XLA; ``x.var()`` beside ``x.mean()`` takes the mean again).
+#: Not dots: ``(a @ b).T`` beside ``a @ b + 1`` compiles to two (measured on jax 0.10)
+CSE_PRIMITIVES = frozenset("""
+slice broadcast_in_dim reshape squeeze expand_dims transpose convert_element_type
+reduce_sum reduce_max reduce_min
+abs add add_any ceil cos div erf exp expm1 floor integer_pow log log1p logistic max min
+mul neg pow round rsqrt select_n sign sin sqrt square sub tan tanh eq ne lt le gt ge
+""".split())
 
 
 def forwarded(name: str, params: dict, ins: Sequence, made_by: Callable[[int], Equation | None],
@@ -43,10 +53,20 @@ def forwarded(name: str, params: dict, ins: Sequence, made_by: Callable[[int], E
 
 
 def cse_key(name: str, params: dict, ins: Sequence) -> tuple | None:
-    """A key equal for two equations XLA's CSE merges (``CSE_PRIMITIVES``), else None."""
-    if name not in CSE_PRIMITIVES or any(isinstance(a, Literal) for a in ins):
+    """A key equal for two equations XLA's CSE merges (``CSE_PRIMITIVES``; operands equal
+    values, or scalar constants of one type and value), else None."""
+    if name not in CSE_PRIMITIVES:
         return None
-    return (name, tuple(ins), tuple(sorted((k, repr(v)) for k, v in params.items())))
+    operands = []
+    for a in ins:
+        if isinstance(a, Literal):
+            if np.ndim(a.value) != 0:
+                return None
+            value = np.asarray(a.value)
+            operands.append(("constant", value.dtype.str, value.item()))
+        else:
+            operands.append(a)
+    return (name, tuple(operands), tuple(sorted((k, repr(v)) for k, v in params.items())))
 
 
 def _sliced_operand(params: dict, concat: Equation, shape_of):
