@@ -1,6 +1,6 @@
 """XLA's fusion as the cost and memory models see it: which values never reach memory,
-which are written once for the library fusions that read them, and into how many fusions
-an op is duplicated."""
+which are written for the readers that cannot compute them (library fusions, dots), and
+into how many fusions an op is duplicated."""
 from __future__ import annotations
 
 import math
@@ -25,8 +25,8 @@ tanh zeta random_bits
 class FusionAnalysis(NamedTuple):
     """XLA's fusion of one program (:func:`fusion`): ``fused``, the values it keeps out of
     memory; ``fanout``, per fused value the number of fusions its equation is duplicated
-    into; ``written``, fused values also written once for the library fusions among their
-    readers (value id → the equations that read that copy); ``fusions``, per equation
+    into; ``written``, fused values also written for the readers that read them from
+    memory, library fusions and dots (value id → those equations); ``fusions``, per equation
     index the fusions it is computed in (a fusion named by the equation at its root, or
     ``("copy", v)`` for the one that writes value ``v``'s copy, ``("operand", v, form)``
     for an operand fusion); ``operand_fused``, fused values that dots read from an operand
