@@ -179,3 +179,24 @@ def test_repeated_pure_arithmetic_is_traced_once_as_xlas_cse_computes_it():
     names = [eqn.primitive.name for eqn in
              trace(lambda a, b: ((a @ b).T, a @ b + 1.0), (x, w)).program.eqns]
     assert names.count("dot_general") == 2
+
+
+def test_an_arithmetic_identity_is_traced_as_its_operand():
+    # a loss sum(f(x) * c) seeds its gradient with ones: the gradient of f's output is
+    # c * broadcast(1), which XLA's simplifier returns as c (priced as a multiply written
+    # for its three readers, a layernorm's gradient was 1.17x its compiled bytes)
+    x = jax.ShapeDtypeStruct((64, 64, 256), jnp.float32)
+    grad = jax.grad(lambda x, c: jnp.sum(x * c))
+    program = trace(grad, (x, x)).program
+    assert not [e for e in program.eqns if e.primitive.name == "mul"]
+    assert program.outvars[0] == program.invars[1]
+
+    def layernorm_loss(x, c, scale):
+        mean = x.mean(-1, keepdims=True)
+        centred = x - mean
+        y = centred * jax.lax.rsqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5) * scale
+        return jnp.sum(y * c)
+
+    args = (x, x, jax.ShapeDtypeStruct((256,), jnp.float32))
+    modelled, compiled = replicated_bytes(jax.grad(layernorm_loss, argnums=(0, 2)), args)
+    assert modelled == pytest.approx(compiled, rel=0.01)

@@ -181,7 +181,7 @@ def _written_broadcasts(program, root) -> dict[tuple[int, int], float]:
     by the first of all), arrays of the equation's result shape."""
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for e, eqn in enumerate(program.eqns):
-        if len(eqn.outputs) != 1 or _identity(eqn):
+        if len(eqn.outputs) != 1:
             continue
         out = program.avals[eqn.outputs[0]]
         shape = tuple(out.shape)
@@ -218,7 +218,7 @@ def _supported(eqn, program) -> bool:
     if any(a.dtype.name != "float32" for a in (out, *ins)):
         return False
     large = any(math.prod(a.shape) >= REDUCTION_LIBRARY_ELEMENTS for a in (out, *ins))
-    if name in LIBRARY_LAYOUT or _identity(eqn):
+    if name in LIBRARY_LAYOUT:
         return True
     if name in LIBRARY_ELEMENTWISE:
         return large
@@ -247,18 +247,6 @@ def _transposed_operands(eqn, program) -> frozenset[int]:
         return frozenset()
     shapes = [tuple(program.avals[a].shape) for a in eqn.inputs[:2]]
     return frozenset(k for k, _ in copied_orders(eqn.params["dimension_numbers"], *shapes))
-
-
-def _identity(eqn) -> bool:
-    """An op XLA's simplifier removes: ``max`` with -inf, ``min`` with inf (a reduction's
-    ``initial``), adding 0, multiplying or dividing by 1."""
-    name = eqn.primitive.name
-    constants = [a.value for a in eqn.inputs if isinstance(a, Literal)]
-    if len(constants) != 1 or len(eqn.inputs) != 2 or getattr(constants[0], "shape", ()) != ():
-        return False
-    value = float(constants[0])
-    return (name == "max" and value == -math.inf or name == "min" and value == math.inf
-            or name in ("add", "sub") and value == 0 or name in ("mul", "div") and value == 1)
 
 
 def _small_reciprocal(e, program, readers) -> bool:

@@ -37,6 +37,9 @@ def forwarded(name: str, params: dict, ins: Sequence, made_by: Callable[[int], E
     """The value (id) an equation ``name(*ins, **params)`` returns unchanged, as XLA's
     simplifier finds it, else None. ``made_by(v)``: the equation that made value ``v``
     (None for an input); ``shape_of(v)``: its shape."""
+    same = _arithmetic_identity(name, ins, made_by, shape_of)
+    if same is not None:
+        return same
     if not ins or isinstance(ins[0], Literal):
         return None
     source = made_by(ins[0])
@@ -50,6 +53,42 @@ def forwarded(name: str, params: dict, ins: Sequence, made_by: Callable[[int], E
         return _unit_dims_dropped(source, shape_of, _result_shape(name, params,
                                                                   shape_of(ins[0])))
     return None
+
+
+#: (primitive, operand positions the identity may take, its value): ``x * 1``, ``x + 0``,
+#: ``x - 0``, ``x / 1``, ``max(x, -inf)``, which XLA's simplifier returns as ``x`` (a loss
+#: ``sum(f(x) * c)`` seeds its gradient with ones: ``c * broadcast(1)`` is ``c``; a
+#: reduction's ``initial``, ``max(reduce_max(x), -inf)`` in a softmax, is dropped)
+_IDENTITIES = {"mul": ((0, 1), 1), "add": ((0, 1), 0), "add_any": ((0, 1), 0),
+               "sub": ((1,), 0), "div": ((1,), 1), "max": ((0, 1), -math.inf),
+               "min": ((0, 1), math.inf)}
+
+
+def _arithmetic_identity(name: str, ins: Sequence, made_by, shape_of):
+    """The operand an arithmetic identity returns unchanged (``_IDENTITIES``), else None:
+    the identity a scalar constant, or a broadcast of one no larger than the operand."""
+    if name not in _IDENTITIES or len(ins) != 2:
+        return None
+    positions, unit = _IDENTITIES[name]
+    for k in positions:
+        other = ins[1 - k]
+        if isinstance(other, Literal) or _constant(ins[k], made_by) != unit:
+            continue
+        if isinstance(ins[k], Literal) or shape_of(ins[k]) == shape_of(other):
+            return other
+    return None
+
+
+def _constant(atom, made_by):
+    """The value of a scalar constant, or of a broadcast of one; else None."""
+    if not isinstance(atom, Literal):
+        source = made_by(atom)
+        if source is None or source.primitive.name != "broadcast_in_dim":
+            return None
+        atom = source.inputs[0]
+        if not isinstance(atom, Literal):
+            return None
+    return np.asarray(atom.value).item() if np.ndim(atom.value) == 0 else None
 
 
 def cse_key(name: str, params: dict, ins: Sequence) -> tuple | None:
