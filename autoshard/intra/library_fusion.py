@@ -31,9 +31,7 @@ import math
 from collections import deque
 from typing import NamedTuple
 
-import numpy as np
-
-from autoshard.ir.program import Literal, makers, per_program
+from autoshard.ir.program import Literal, makers, per_program, readers
 
 from .dot_orders import copied_orders
 
@@ -72,11 +70,7 @@ def library_fusions(program) -> LibraryFusions:
     """The library fusions XLA:CPU grows from ``program``'s large reductions (see the
     module docstring)."""
     made = makers(program)
-    readers: dict[int, set[int]] = {}
-    for e, eqn in enumerate(program.eqns):
-        for a in eqn.inputs:
-            if not isinstance(a, Literal):
-                readers.setdefault(a, set()).add(e)
+    read_by = readers(program)
     outputs = frozenset(v for v in program.outvars if not isinstance(v, Literal))
     fusion_of: dict[int, int] = {}      # equation -> its fusion's id
     members: dict[int, set[int]] = {}   # fusion id -> equations
@@ -90,12 +84,12 @@ def library_fusions(program) -> LibraryFusions:
         v = result(e)
         if v is None or v in outputs:
             return None
-        found = readers.get(v, ())
-        return next(iter(found)) if len(found) == 1 else None
+        found = read_by.get(v, ())
+        return found[0] if len(found) == 1 else None
 
     def joins(e) -> bool:
         return e not in fusion_of and _supported(program.eqns[e], program) and \
-            not _small_reciprocal(e, program, readers)
+            not _small_reciprocal(e, program, read_by)
 
     for start in range(len(program.eqns) - 1, -1, -1):
         eqn = program.eqns[start]
@@ -132,7 +126,7 @@ def library_fusions(program) -> LibraryFusions:
                             continue
                         p = made[a]
                         if p in visited or p in members[fid] or \
-                                not readers[a] <= members[fid]:
+                                not members[fid].issuperset(read_by[a]):
                             continue
                         visited.add(p)
                         if p in fusion_of and root[fusion_of[p]] == p or joins(p):
@@ -187,21 +181,22 @@ def _written_broadcasts(program, root) -> dict[tuple[int, int], float]:
         shape = tuple(out.shape)
         for k, a in enumerate(eqn.inputs):
             if isinstance(a, Literal):
-                if shape and np.ndim(a.value) == 0:
-                    groups.setdefault(("constant", np.asarray(a.value).item(), out.dtype.name,
-                                       shape), []).append((e, k))
+                scalar = a.scalar()
+                if shape and scalar is not None:
+                    groups.setdefault(("constant", scalar[1], out.dtype.name, shape),
+                                      []).append((e, k))
                 continue
             mine = tuple(program.avals[a].shape)
             if mine != shape and (not mine or len(mine) == len(shape) and all(
                     m in (1, n) for m, n in zip(mine, shape))):
                 groups.setdefault((a, shape), []).append((e, k))
     found: dict[tuple[int, int], float] = {}
-    for key, readers in groups.items():
-        fusions = {root.get(e) for e, _ in readers}
+    for broadcasting in groups.values():
+        fusions = {root.get(e) for e, _ in broadcasting}
         if fusions == {None} or len(fusions) == 1:
             continue  # no library fusion reads it, or one takes every broadcast in
         seen: set[int] = set()
-        for e, k in readers:
+        for e, k in broadcasting:
             if e in root:
                 found[(e, k)] = (root[e] not in seen) + (not seen)
                 seen.add(root[e])
@@ -249,7 +244,7 @@ def _transposed_operands(eqn, program) -> frozenset[int]:
     return frozenset(k for k, _ in copied_orders(eqn.params["dimension_numbers"], *shapes))
 
 
-def _small_reciprocal(e, program, readers) -> bool:
+def _small_reciprocal(e, program, read_by) -> bool:
     """Whether equation ``e`` broadcasts a divisor of fewer than
     ``REDUCTION_LIBRARY_ELEMENTS``: XLA's simplifier rewrites ``x / broadcast(s)`` as ``x *
     broadcast(1 / s)``, and the reciprocal, at ``s``'s shape, is too small to join."""
@@ -257,7 +252,7 @@ def _small_reciprocal(e, program, readers) -> bool:
     if eqn.primitive.name != "broadcast_in_dim" or isinstance(eqn.inputs[0], Literal):
         return False
     v = eqn.outputs[0]
-    divides = [program.eqns[r] for r in readers.get(v, ())]
+    divides = [program.eqns[r] for r in read_by.get(v, ())]
     return any(d.primitive.name == "div" and d.inputs[1] == v for d in divides) and \
         math.prod(program.avals[eqn.inputs[0]].shape) < REDUCTION_LIBRARY_ELEMENTS
 

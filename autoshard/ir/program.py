@@ -11,6 +11,8 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import numpy as np
+
 _T = TypeVar("_T")
 
 
@@ -22,6 +24,13 @@ class Literal:
 
     def __repr__(self):
         return f"Literal({self.value!r})"
+
+    def scalar(self) -> tuple[str, Any] | None:
+        """(dtype, value as a Python number) of a scalar constant; None for an array."""
+        if np.ndim(self.value) != 0:
+            return None
+        value = np.asarray(self.value)
+        return value.dtype.str, value.item()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
 from .program import Equation, Literal
 
 #: primitives two equations of which, with equal operands and parameters, XLA's CSE
@@ -88,7 +86,8 @@ def _constant(atom, made_by):
         atom = source.inputs[0]
         if not isinstance(atom, Literal):
             return None
-    return np.asarray(atom.value).item() if np.ndim(atom.value) == 0 else None
+    scalar = atom.scalar()
+    return None if scalar is None else scalar[1]
 
 
 def cse_key(name: str, params: dict, ins: Sequence) -> tuple | None:
@@ -99,10 +98,10 @@ def cse_key(name: str, params: dict, ins: Sequence) -> tuple | None:
     operands = []
     for a in ins:
         if isinstance(a, Literal):
-            if np.ndim(a.value) != 0:
+            scalar = a.scalar()
+            if scalar is None:
                 return None
-            value = np.asarray(a.value)
-            operands.append(("constant", value.dtype.str, value.item()))
+            operands.append(("constant", *scalar))
         else:
             operands.append(a)
     return (name, tuple(operands), tuple(sorted((k, repr(v)) for k, v in params.items())))
