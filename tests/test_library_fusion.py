@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import autoshard
+from autoshard.cost_model import cluster_preset
 from autoshard.intra.library_fusion import library_fusions
 from autoshard.ir.trace import trace
 from examples.models import _attention_block, _attention_block_init, _cross_entropy
@@ -100,3 +102,64 @@ def test_a_transformer_forward_pass_is_priced_at_its_compiled_bytes(layers, head
     args = (blocks, _f32(vocab, d), jax.ShapeDtypeStruct((batch, seq), jnp.int32))
     modelled, compiled = replicated_bytes(forward, args)
     assert modelled == pytest.approx(compiled, rel=0.04)
+
+
+def _flax_eval_step():
+    """An eval step as users write it: a flax transformer (embedding, layernorm, attention,
+    GELU MLP), deterministic=True by keyword, the loss closing over a batch dict passed by
+    keyword. (eval_step, params, batch)"""
+    from flax import linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, deterministic):
+            h = nn.LayerNorm()(x)
+            x = x + nn.MultiHeadDotProductAttention(
+                num_heads=8, deterministic=deterministic)(h, h)
+            h = nn.Dense(4 * x.shape[-1])(nn.LayerNorm()(x))
+            return x + nn.Dense(x.shape[-1])(nn.gelu(h))
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, tokens, *, deterministic=True):
+            x = nn.Embed(1000, 256)(tokens)
+            for _ in range(2):
+                x = Block()(x, deterministic=deterministic)
+            return nn.Dense(1000)(nn.LayerNorm()(x))
+
+    model = Model()
+    tokens = jax.random.randint(jax.random.key(1), (8, 128), 0, 1000)
+    params = model.init(jax.random.key(0), tokens)
+    batch = {"tokens": tokens, "labels": jnp.roll(tokens, 1, axis=1)}
+
+    def eval_step(params, *, batch):
+        logits = model.apply(params, batch["tokens"], deterministic=True)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1))
+
+    return eval_step, params, batch
+
+
+def test_a_flax_transformer_eval_step_is_priced_at_its_compiled_bytes():
+    # its softmaxes, layernorms and loss run in library fusions (priced at 1.64x its
+    # compiled bytes on one device before they were modelled)
+    eval_step, params, batch = _flax_eval_step()
+    mesh = autoshard.make_mesh((1,), ("x",))
+    sharded = autoshard.parallelize(eval_step, mesh=mesh, cluster=cluster_preset("host-cpu"))
+    plan = sharded.plan(params, batch=batch)
+    compiled = sharded.lower(params, batch=batch).compile()
+    assert plan.cost.bytes_accessed == pytest.approx(compiled.cost_analysis()["bytes accessed"],
+                                                     rel=0.06)
+
+
+def test_a_flax_transformer_eval_step_split_over_devices_matches_jax_jit():
+    # the same step planned for 4 devices (data parallel). Its bytes are not asserted: the
+    # library fusions are judged at the global shapes, and split 4 ways the attention's row
+    # statistics (2048 elements per device) are too small to join, so the plan's modelled
+    # bytes are 0.76 of the compiled program's (1.22 before the library fusions)
+    from tests.trees import assert_trees_allclose
+
+    eval_step, params, batch = _flax_eval_step()
+    mesh = autoshard.make_mesh((4,), ("x",))
+    sharded = autoshard.parallelize(eval_step, mesh=mesh, cluster=cluster_preset("host-cpu"))
+    assert_trees_allclose(sharded(params, batch=batch), jax.jit(eval_step)(params, batch=batch))
