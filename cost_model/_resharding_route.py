@@ -139,9 +139,15 @@ def resharding_route(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> Route
         order = tuple(live(src)) if exchange is None else \
             permute_axes(mesh_shape, _exchanged(mesh_shape, src, dst, exchange), dst)
         steps.append(RouteStep("all-to-all", axes, here))
+        # (a backend slicing the operand per peer reads it once per slice: the all-to-all
+        # runs among as many devices as the dim whose parts fall loses)
+        peers = max(split(mesh_shape, src[d]) // split(mesh_shape, dst[d]) for d in range(ndim))
+        traffic += [RouteTraffic(4, here), RouteTraffic(peers - 1, here, sliced_all_to_all=True)]
         if order:
+            # the blocks are put together before the permute sends them (a kernel of its
+            # own, written and read back), then sent
             steps.append(RouteStep("collective-permute", order, here))
-        traffic.append(RouteTraffic(6 if order else 4, here))
+            traffic.append(RouteTraffic(4, here))
         layout = [list(axes) for axes in dst]
     elif many:
         # one all-gather per dim the moved axes leave, the last dim first (measured on jax

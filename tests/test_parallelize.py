@@ -78,7 +78,16 @@ def test_host_cpu_reduce_scatter_lowering_matches_the_backend():
     assert lowered == autoshard.cluster_preset("host-cpu").reduce_scatter_as_all_reduce, stats
 
 
-def test_host_cpu_all_to_all_traffic_matches_the_backend():
+@pytest.mark.parametrize("mesh_shape, shape, src, dst", [
+    ((8,), (8, 16, 16, 64), ("d",), (None, None, None, "d")),
+    # exchanges: one all-to-all among the devices the falling dim's parts drop by (2, 2
+    # and 4 here), then a collective-permute of the blocks, put together by a kernel of
+    # their own (jax 0.10.2: 9, 8.5 and 11 shards; 15 for 8 devices on 8x8)
+    ((2, 4), (32, 4096), ("d", "m"), (None, ("d", "m"))),
+    ((2, 4), (32, 4096), ("d", "m"), ("m", "d")),
+    ((2, 4), (64, 512), (("m", "d"), None), ("d", "m")),
+], ids=["one dim to another", "exchange of 2", "swap", "exchange of 4"])
+def test_host_cpu_all_to_all_traffic_matches_the_backend(mesh_shape, shape, src, dst):
     """host-cpu prices a resharding all-to-all as XLA's CPU compiler runs it (one slice
     per peer, each counted as reading the whole shard: ``all_to_all_as_slices``); the
     compiled program's extra bytes accessed are what the model's route reads and writes."""
@@ -87,17 +96,23 @@ def test_host_cpu_all_to_all_traffic_matches_the_backend():
 
     from autoshard.cost_model import MeshCostModel
 
-    mesh = autoshard.make_mesh((8,), ("d",))
-    arg = jax.ShapeDtypeStruct((8, 16, 16, 64), "float32")
+    names = ("d", "m")[:len(mesh_shape)]
+    mesh = autoshard.make_mesh(mesh_shape, names)
+    arg = jax.ShapeDtypeStruct(shape, "float32")
 
     def bytes_accessed(out_spec):
-        step = jax.jit(lambda x: x * 2.0, in_shardings=NamedSharding(mesh, P("d")),
+        step = jax.jit(lambda x: x * 2.0, in_shardings=NamedSharding(mesh, P(*src)),
                        out_shardings=NamedSharding(mesh, out_spec))
         return step.lower(arg).compile().cost_analysis()["bytes accessed"]
 
-    compiled = bytes_accessed(P(None, None, None, "d")) - bytes_accessed(P("d"))
-    model = MeshCostModel(autoshard.cluster_preset("host-cpu"), (8,))
-    modelled = model.resharding_traffic(arg.shape, 4, ((0,), (), (), ()), ((), (), (), (0,)))
+    def spec(entries):
+        entries = tuple(entries) + (None,) * (len(shape) - len(entries))
+        return tuple(() if e is None else tuple(names.index(a) for a in (e if isinstance(e, tuple) else (e,)))
+                     for e in entries)
+
+    compiled = bytes_accessed(P(*dst)) - bytes_accessed(P(*src))
+    model = MeshCostModel(autoshard.cluster_preset("host-cpu"), mesh_shape)
+    modelled = model.resharding_traffic(shape, 4, spec(src), spec(dst))
     assert modelled == pytest.approx(compiled, rel=0.1), (modelled, compiled)
 
 
