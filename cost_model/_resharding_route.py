@@ -209,32 +209,38 @@ def resharding_route(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> Route
                 steps.append(RouteStep("collective-permute", reorder, here))
                 traffic.append(RouteTraffic(2, here))
             passed.append(after)
-    # 3. All-gather for axes dst drops, last mesh axis first (operand and result; a dim
-    #    that is not the outermost with more than one element per device is gathered as
-    #    the major dim and then relayouted: read and written once more). An axis in front
-    #    of a split that stays (dropping "model" from a dim split over ("model", "data"))
-    #    would gather blocks that are not contiguous: XLA first moves it behind that split
-    #    with a collective-permute (measured on jax 0.10: [256, 256] from
+    # 3. All-gather for axes dst drops: one all-gather per dim over every axis it drops,
+    #    the dim of the last mesh axis first (operand and result; a dim that is not the
+    #    outermost with more than one element per device is gathered as the major dim and
+    #    then relayouted: read and written once more). Measured on jax 0.10: P(("a", "b"))
+    #    to P() on 2x4 is one all-gather over all 8 devices, P(("a", "b", "c")) to P("a")
+    #    on 2x2x2 one over "b" and "c"; P("a", "b") to P() one per dim, "b" first. An axis
+    #    in front of a split that stays (dropping "model" from a dim split over ("model",
+    #    "data")) would gather blocks that are not contiguous: XLA first moves it behind
+    #    that split with a collective-permute (measured on jax 0.10: [256, 256] from
     #    P(("model", "data")) to P("data") on 2x4 is a collective-permute of the [32, 256]
     #    shard, then an all-gather over "model").
     dropped = sorted((a for d in range(ndim) for a in src[d][kept[d]:] if a not in dst_dim), reverse=True)
-    for a in dropped:
-        d = src_dim[a]
-        behind = [b for b in layout[d][layout[d].index(a) + 1:] if mesh_shape[b] > 1]
-        if behind and moves((a,)):
-            here = now()
-            layout[d].remove(a)
-            layout[d].append(a)
+    for d in sorted({src_dim[a] for a in dropped}, key=lambda d: -max(
+            a for a in dropped if src_dim[a] == d)):
+        group = [a for a in dropped if src_dim[a] == d]
+        staying = [b for b in layout[d] if b not in group]
+        if any(layout[d].index(a) < layout[d].index(b) for a in group if mesh_shape[a] > 1
+               for b in staying if mesh_shape[b] > 1):
+            here = now()   # (one permute puts every dropped axis behind those that stay)
+            layout[d] = staying + [a for a in layout[d] if a in group]
             steps.append(RouteStep("collective-permute", permute_axes(mesh_shape, here, now()),
                                    here))
             traffic.append(RouteTraffic(2, here))
             passed.append(now())
-        layout[d].remove(a)
-        if not moves((a,)):
+        for a in group:
+            layout[d].remove(a)
+        if not moves(group):
             continue
         here = now()
-        steps.append(RouteStep("all-gather", (a,), here))
-        traffic += [RouteTraffic(1, here, mesh_shape[a]), RouteTraffic(1, here),
+        steps.append(RouteStep("all-gather", tuple(sorted(a for a in group if mesh_shape[a] > 1)),
+                               here))
+        traffic += [RouteTraffic(1, here, split(mesh_shape, group)), RouteTraffic(1, here),
                     RouteTraffic(2, here, before_dim=d)]
         passed.append(here)
     here, there = live_axes(mesh_shape, now()), live_axes(mesh_shape, dst)
