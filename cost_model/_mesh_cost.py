@@ -180,7 +180,9 @@ class MeshCostModel:
            backend that sends it as slices: ``Cluster.all_to_all_as_slices``); when
            every axis stays in use and they are exchanged among the split dims (a swap
            of unequal axes; two split dims' axes into one of them), one all-to-all and
-           one collective-permute of the shard, as XLA compiles it (a
+           one collective-permute of the shard, as XLA compiles it (the shard read once
+           per peer on a slicing backend, and the blocks put together by a kernel of
+           their own before the permute; a
            collective-permute also follows axes that arrive in another order than
            ``dst``'s, and an axis that leaves a dim from in front of one that stays, whose
            all-to-all runs over the dim's minor-most axes); axes of one dim going to
@@ -190,8 +192,9 @@ class MeshCostModel:
            run as one all-to-all (two dims' parts fall while a split dim's rise, or both
            falling dims stay split; and the mirror cases) runs as two exchanges, pinned
            halfway;
-        3. each axis ``src`` uses and ``dst`` does not costs an all-gather over that axis
-           (output = the intermediate after un-splitting it), last mesh axis first;
+        3. the axes ``src`` uses and ``dst`` does not cost one all-gather per dim over
+           every axis that dim drops (output = the intermediate after un-splitting them),
+           the dim of the last mesh axis first;
         4. axes left in another order than ``dst``'s are put in order by one
            collective-permute.
         Steps add up, plus the memory traffic of the copies they make
