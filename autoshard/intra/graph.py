@@ -280,12 +280,24 @@ def unfused_ends(graph: ShardingGraph, use: Use) -> tuple[bool, bool]:
     and the reader reads the collective's result (measured: ``g * 0.1`` split, gathered for
     a replicated ``w + ·``, adds the product's write and the gathered read to
     ``cost_analysis``). A value written anyway (a program output, or a copy written for
-    the reductions that read it) adds the read alone; a loop-carried use neither."""
+    the reductions that read it) adds the read alone; a loop-carried use neither. Read by an
+    identity XLA does not copy (``NO_TRAFFIC``: a user's sharding constraint), the read is
+    its readers': added only where they compute its output in registers (measured: ``tanh``
+    split, pinned whole, then summed squared: the sum's fusion reads the gathered value once,
+    priced twice before)."""
     if use.operand < 0:
         return False, False
-    analysis = fusion(graph.traced.program)
+    program = graph.traced.program
+    analysis = fusion(program)
     vid = graph.nodes[use.src].outputs[use.src_output]
-    return unwritten(analysis, vid), read_in_registers(analysis, vid, graph.nodes[use.dst].eqn)
+    reader = graph.nodes[use.dst].eqn
+    read = read_in_registers(analysis, vid, reader)
+    if read and reader is not None and program.eqns[reader].primitive.name in NO_TRAFFIC:
+        # an identity (a sharding constraint) whose output is the collective's result:
+        # its own readers read that, and price the read unless they compute it in registers
+        identity = program.eqns[reader]
+        read = identity.outputs[min(use.operand, len(identity.outputs) - 1)] in analysis.fused
+    return unwritten(analysis, vid), read
 
 
 def unfused_traffic(model: MeshCostModel, shape: tuple[int, ...], itemsize: int, src: Spec,
