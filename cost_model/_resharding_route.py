@@ -221,9 +221,10 @@ def resharding_route(mesh_shape: tuple[int, ...], src: Spec, dst: Spec) -> Route
     #    P(("model", "data")) to P("data") on 2x4 is a collective-permute of the [32, 256]
     #    shard, then an all-gather over "model").
     dropped = sorted((a for d in range(ndim) for a in src[d][kept[d]:] if a not in dst_dim), reverse=True)
-    for d in sorted({src_dim[a] for a in dropped}, key=lambda d: -max(
-            a for a in dropped if src_dim[a] == d)):
-        group = [a for a in dropped if src_dim[a] == d]
+    groups: dict[int, list[int]] = {}   # dim -> the axes it drops; dims in order of their last axis
+    for a in dropped:
+        groups.setdefault(src_dim[a], []).append(a)
+    for d, group in groups.items():
         staying = [b for b in layout[d] if b not in group]
         if any(layout[d].index(a) < layout[d].index(b) for a in group if mesh_shape[a] > 1
                for b in staying if mesh_shape[b] > 1):

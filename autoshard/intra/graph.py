@@ -293,10 +293,10 @@ def unfused_ends(graph: ShardingGraph, use: Use) -> tuple[bool, bool]:
     reader = graph.nodes[use.dst].eqn
     read = read_in_registers(analysis, vid, reader)
     if read and reader is not None and program.eqns[reader].primitive.name in NO_TRAFFIC:
-        # an identity (a sharding constraint) whose output is the collective's result:
-        # its own readers read that, and price the read unless they compute it in registers
-        identity = program.eqns[reader]
-        read = identity.outputs[min(use.operand, len(identity.outputs) - 1)] in analysis.fused
+        # an identity (a sharding constraint; output k is operand k) whose output is the
+        # collective's result: its readers read that, and price the read unless they
+        # compute it in registers
+        read = program.eqns[reader].outputs[use.operand] in analysis.fused
     return unwritten(analysis, vid), read
 
 
