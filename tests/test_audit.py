@@ -262,3 +262,32 @@ def test_a_value_gathered_from_both_mesh_axes_runs_one_all_gather_as_priced():
     assert [(r.axes, r.planned_count, r.compiled_count) for r in gathers] == \
         [(("data", "model"), 1, 1)], report.summary()
     np.testing.assert_allclose(step(w, x), jax.jit(loss)(w, x), rtol=1e-5)
+
+
+def test_a_training_step_pinning_its_activations_audits_clean():
+    # as users write it: params in a dict, donated; the loss closes over a batch passed by
+    # keyword; a Python scalar learning rate; the hidden activation pinned split over both
+    # axes (MaxText-style), the logits whole
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+
+    def train_step(params, *, batch, lr=0.1):
+        def loss_fn(p):
+            h = jnp.tanh(batch["x"] @ p["w1"])
+            h = jax.lax.with_sharding_constraint(h, NamedSharding(mesh, P(("data", "model"))))
+            logits = jax.lax.with_sharding_constraint(h @ p["w2"], NamedSharding(mesh, P()))
+            return jnp.mean((logits - batch["y"]) ** 2)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        return jax.tree.map(lambda p, g: p - lr * g, params, grads), loss
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = {"w1": jax.random.normal(keys[0], (128, 256)) / 11,
+              "w2": jax.random.normal(keys[1], (256, 16)) / 16}
+    batch = {"x": jax.random.normal(keys[2], (512, 128)), "y": jax.random.normal(keys[3], (512, 16))}
+    expected = jax.jit(train_step)(params, batch=batch)
+    step = autoshard.parallelize(train_step, mesh=mesh, donate_argnums=0)
+    report = step.audit(params, batch=batch)
+    assert report.ok, report.summary()
+    assert_trees_allclose(step(jax.tree.map(jnp.copy, params), batch=batch), expected)
