@@ -11,12 +11,12 @@ from ._heuristic import greedy_assignments as greedy_assignments
 from ._intra_op import solve_intra_op as solve_intra_op
 from ._memory import min_peak_memory as min_peak_memory
 from ._neighbourhood import solved_in_neighbourhoods as solved_in_neighbourhoods
-from ._request import EdgeCost as EdgeCost
 from ._request import InfeasibleError as InfeasibleError
 from ._request import IntraOpRequest as IntraOpRequest
 from ._request import IntraOpResult as IntraOpResult
-from ._request import SharedCost as SharedCost
 from ._request import SolverStats as SolverStats
+from ._request_parts import EdgeCost as EdgeCost
+from ._request_parts import SharedCost as SharedCost
 from ._stages import StageCost as StageCost
 from ._stages import StageSolution as StageSolution
 from ._stages import brute_force_stages as brute_force_stages

@@ -8,6 +8,7 @@ variables by ``Σ_l cell[k, l] = Σ_{i in class k} s_a[i]`` and the column analo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,10 @@ def edge_grid(a: int, b: int, matrix: np.ndarray, copies: tuple[np.ndarray, ...]
     """Group a's (rows) and b's (columns) strategies that ``matrix`` and ``copies`` see alike."""
     row_of, rows = strategy_classes(np.concatenate([matrix, *copies], axis=1))
     col_of, cols = strategy_classes(np.concatenate([matrix.T, *(c.T for c in copies)], axis=1))
-    return EdgeGrid(a, b, row_of, tuple(rows), col_of, tuple(cols), matrix[np.ix_(rows, cols)])
+    cost = matrix[np.ix_(rows, cols)]
+    for array in (row_of, col_of, cost):
+        array.flags.writeable = False  # shared by the grids of equal edges
+    return EdgeGrid(a, b, row_of, tuple(rows), col_of, tuple(cols), cost)
 
 
 def strategy_classes(matrix: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -62,3 +66,25 @@ def strategy_classes(matrix: np.ndarray) -> tuple[np.ndarray, list[int]]:
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     return rank[inverse.reshape(-1)], [int(first[c]) for c in order]
+
+
+def edge_grids(reduced, rows) -> list[EdgeGrid]:
+    """A grid per edge of ``reduced`` (a ``ReducedProblem``), plus a zero-cost one per pair
+    whose copies count in a memory row (``rows``: (terms, bound) pairs)."""
+    pair_memory: dict[tuple[int, int], list[np.ndarray]] = {}
+    for terms, _ in rows:
+        for *ends, coef in terms:
+            if len(ends) == 2:
+                pair_memory.setdefault(tuple(ends), []).append(coef)
+    model_edges = list(reduced.edges) + [
+        (a, b, np.zeros((len(reduced.keep[a]), len(reduced.keep[b]))))
+        for a, b in sorted(set(pair_memory) - {(a, b) for a, b, _ in reduced.edges})]
+    made: dict = {}  # repeated layers' edges hold equal cells: each grouping made once
+    grids = []
+    for a, b, matrix in model_edges:
+        copies = tuple(pair_memory.get((a, b), ()))
+        key = (matrix.shape, matrix.tobytes(), tuple((c.shape, c.tobytes()) for c in copies))
+        if key not in made:
+            made[key] = edge_grid(a, b, matrix, copies)
+        grids.append(dataclasses.replace(made[key], a=a, b=b))
+    return grids

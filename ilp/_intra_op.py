@@ -65,7 +65,7 @@ from autoshard.cost_model import format_bytes
 from ._budget_repair import fit_to_budget
 from ._clock import Deadline, Progress
 from ._evaluate import evaluate
-from ._grid import EdgeGrid, edge_grid
+from ._grid import EdgeGrid, edge_grids
 from ._heuristic import best_assignment, local_search
 from ._interrupt import run_interruptibly
 from ._memory import _min_peak, memory_unit, solver_parameters, to_units, within_budget
@@ -315,7 +315,7 @@ def _prepare(request: IntraOpRequest) -> _Prepared:
         largest, worst = max(largest, cost), worst + cost
     scale = 1.0 if largest <= 0 else min(_RESOLUTION / largest, 2.0**50 / worst)
     return _Prepared(reduced, rows, shared, active, base, float(sum(base)) + always_paid,
-                     scale, _edge_grids(reduced, rows), start)
+                     scale, edge_grids(reduced, rows), start)
 
 
 def _search(request: IntraOpRequest, prepared: _Prepared, relaxation, position, warm,
@@ -406,19 +406,6 @@ def _out_of_time(request, prepared: _Prepared, relaxation, warm, warm_eval,
     return prepared.result(request, warm, warm_eval.objective, lower, "FEASIBLE", relaxation,
                            scale=0.0, build_time=time.perf_counter() - prepared.start,
                            solver=None, solver_status="OUT_OF_TIME")
-
-
-def _edge_grids(reduced: ReducedProblem, rows) -> list[EdgeGrid]:
-    """A grid per remaining edge, plus a zero-cost one per pair whose copies count in a memory row."""
-    pair_memory: dict[tuple[int, int], list[np.ndarray]] = {}
-    for terms, _ in rows:
-        for *ends, coef in terms:
-            if len(ends) == 2:
-                pair_memory.setdefault(tuple(ends), []).append(coef)
-    model_edges = list(reduced.edges) + [
-        (a, b, np.zeros((len(reduced.keep[a]), len(reduced.keep[b]))))
-        for a, b in sorted(set(pair_memory) - {(a, b) for a, b, _ in reduced.edges})]
-    return [edge_grid(a, b, matrix, tuple(pair_memory.get((a, b), ()))) for a, b, matrix in model_edges]
 
 
 def _cp_model(reduced: ReducedProblem, active, base, constant: float, grids, rows, shared,

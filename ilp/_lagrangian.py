@@ -39,7 +39,8 @@ import numpy as np
 from ._budget_repair import fit_to_budget
 from ._clock import Deadline
 from ._evaluate import evaluate
-from ._request import EdgeCost, IntraOpRequest, IntraOpResult
+from ._request import IntraOpRequest, IntraOpResult
+from ._request_parts import EdgeCost
 
 _log = logging.getLogger("autoshard.ilp")
 

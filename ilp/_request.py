@@ -17,90 +17,15 @@ import numpy as np
 from autoshard.cost_model import format_bytes, format_seconds
 
 from ._repeat_classes import RepeatClasses, repeat_classes
-
-
-def _frozen_array(values, ndim: int, what: str) -> np.ndarray:
-    if isinstance(values, np.ndarray) and values.dtype == np.float64 and values.ndim == ndim \
-            and not values.flags.writeable and values.base is None:
-        return values  # read-only and owning its data: already frozen, share it
-    try:
-        array = np.array(values, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{what}: cannot convert to a float64 array ({error})") from None
-    if array.ndim != ndim:
-        raise ValueError(f"{what}: expected a {ndim}-d array, got shape {array.shape}")
-    array.flags.writeable = False
-    return array
-
-
-def _summary(values, limit: int = 12) -> str:
-    values = tuple(values)
-    if len(values) <= limit:
-        return repr(values)
-    return f"<{len(values)} values>"
-
-
-@dataclass(frozen=True, eq=False)
-class EdgeCost:
-    """Resharding cost ``cost[i, j]`` (seconds) when ``src`` uses strategy i and ``dst`` strategy j.
-
-    ``np.inf`` cells forbid that pair of strategies.
-    """
-
-    src: int
-    dst: int
-    cost: np.ndarray
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "src", int(self.src))
-        object.__setattr__(self, "dst", int(self.dst))
-        object.__setattr__(
-            self, "cost", _frozen_array(self.cost, 2, f"edge {self.src}->{self.dst} cost")
-        )
-        # checked once here, not by every request holding the edge; the least cell is NaN
-        # when any is, else -inf when any is
-        least = self.cost.min() if self.cost.size else 0.0
-        object.__setattr__(self, "valid_cells", bool(least == least and least != -np.inf))
-
-    def __repr__(self) -> str:
-        rows, cols = self.cost.shape
-        return f"EdgeCost(src={self.src}, dst={self.dst}, cost=<{rows}x{cols}>)"
-
-
-@dataclass(frozen=True, eq=False)
-class SharedCost:
-    """``cost`` seconds paid once when any of ``members`` ((node, strategy) pairs) is chosen.
-
-    A fixed charge several nodes share: e.g. the latency of the one collective XLA
-    merges their independent all-reduces into, paid once however many take part.
-    """
-
-    cost: float
-    members: tuple[tuple[int, int], ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "cost", float(self.cost))
-        object.__setattr__(self, "members", tuple((int(v), int(i)) for v, i in self.members))
-
-    def __repr__(self) -> str:
-        return f"SharedCost(cost={format_seconds(self.cost)}, members={_summary(self.members)})"
-
-
-@dataclass(frozen=True, eq=False)
-class FlatCosts:
-    """A request's costs as flat arrays: node ``v``'s strategy ``i`` costs
-    ``node_costs[node_start[v] + i]`` (``counts[v]`` strategies); edge ``k`` costs
-    ``edge_costs[edge_start[k] + i * cols[k] + j]`` for (``src[k]``: i, ``dst[k]``: j)."""
-
-    counts: np.ndarray
-    node_start: np.ndarray
-    node_costs: np.ndarray
-    src: np.ndarray
-    dst: np.ndarray
-    cols: np.ndarray
-    edge_start: np.ndarray
-    edge_costs: np.ndarray
-
+from ._request_parts import (
+    EdgeCost,
+    EdgeList,
+    FlatCosts,
+    MemoryTerms,
+    SharedCost,
+    frozen_array,
+    value_summary,
+)
 
 OPTIONS = frozenset({"memory_terms", "memory_budget", "hint", "guide", "time_limit_s",
                      "wall_time_limit_s", "tie_repeats", "gap_limit", "search"})
@@ -188,14 +113,15 @@ class IntraOpRequest:
         names = tuple(str(name) for name in self.node_names)
         object.__setattr__(self, "node_names", names)
         costs = tuple(
-            _frozen_array(c, 1, f"{self._label(v)} node_costs") for v, c in enumerate(self.node_costs)
+            frozen_array(c, 1, f"{self._label(v)} node_costs") for v, c in enumerate(self.node_costs)
         )
         object.__setattr__(self, "node_costs", costs)
-        edges = tuple(e if isinstance(e, EdgeCost) else EdgeCost(*e) for e in self.edges)
-        object.__setattr__(self, "edges", edges)
+        if type(self.edges) is not EdgeList:
+            object.__setattr__(self, "edges", EdgeList(
+                e if isinstance(e, EdgeCost) else EdgeCost(*e) for e in self.edges))
         if self.node_memory is not None:
             memory = tuple(
-                _frozen_array(m, 1, f"{self._label(v)} node_memory")
+                frozen_array(m, 1, f"{self._label(v)} node_memory")
                 for v, m in enumerate(self.node_memory)
             )
             object.__setattr__(self, "node_memory", memory)
@@ -229,8 +155,13 @@ class IntraOpRequest:
         memory terms only when ``terms``: they can be many)."""
         for name, value in changes.items():
             object.__setattr__(self, name, value)
+        counts = tuple(len(c) for c in self.node_costs)
+        # terms another request normalised and checked against the same strategy counts
+        # (a neighbourhood round's, a memory probe's) are taken as they are
+        terms = terms and not (type(self.memory_terms) is MemoryTerms and
+                               self.memory_terms.checked == counts)
         if terms:
-            object.__setattr__(self, "memory_terms", tuple(
+            object.__setattr__(self, "memory_terms", MemoryTerms(
                 tuple(self._memory_term(p, term) for term in point)
                 for p, point in enumerate(self.memory_terms)))
         if self.memory_budget is not None:
@@ -243,6 +174,8 @@ class IntraOpRequest:
             object.__setattr__(self, "wall_time_limit_s", float(self.wall_time_limit_s))
         object.__setattr__(self, "gap_limit", float(self.gap_limit))
         self._validate_options(terms)
+        if terms:
+            self.memory_terms.checked = counts
 
     def _labels(self, v: int, labels) -> np.ndarray:
         array = np.asarray(labels)
@@ -256,10 +189,10 @@ class IntraOpRequest:
     def _memory_term(self, p: int, term) -> tuple:
         if len(term) == 2:
             v, memory = term
-            return int(v), _frozen_array(memory, 1, f"memory_terms[{p}] of {self._label(int(v))}")
+            return int(v), frozen_array(memory, 1, f"memory_terms[{p}] of {self._label(int(v))}")
         if len(term) == 3:
             a, b, memory = term
-            return int(a), int(b), _frozen_array(
+            return int(a), int(b), frozen_array(
                 memory, 2, f"memory_terms[{p}] of edge {self._label(int(a))} -> {self._label(int(b))}")
         raise ValueError(f"memory_terms[{p}]: expected (node, bytes) or (src, dst, bytes) terms, "
                          f"got a {len(term)}-tuple")
@@ -268,28 +201,14 @@ class IntraOpRequest:
     @_structural
     def flat_costs(self) -> FlatCosts:
         """Every node's and edge's costs in one array each, for pricing a plan at once
-        (an edge matrix several edges share is stored once)."""
+        (an edge matrix several edges share is stored once; the edges' arrays are made
+        once per ``EdgeList``, for every request holding it)."""
         counts = np.array([len(c) for c in self.node_costs], dtype=np.int64)
         node_start = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-        src = np.array([e.src for e in self.edges], dtype=np.int64)
-        dst = np.array([e.dst for e in self.edges], dtype=np.int64)
-        cols = np.array([e.cost.shape[1] for e in self.edges], dtype=np.int64)
-        start: dict[int, int] = {}  # repeated layers' edges share matrices: each stored once
-        matrices, offset = [], 0
-        for e in self.edges:
-            if id(e.cost) not in start:
-                start[id(e.cost)] = offset
-                matrices.append(e.cost)
-                offset += e.cost.size
-        edge_start = np.array([start[id(e.cost)] for e in self.edges], dtype=np.int64)
-        flat = FlatCosts(
-            counts, node_start,
-            np.concatenate(self.node_costs) if self.node_costs else np.zeros(0),
-            src, dst, cols, edge_start,
-            np.concatenate([m.ravel() for m in matrices]) if matrices else np.zeros(0))
-        for array in vars(flat).values():
+        costs = np.concatenate(self.node_costs) if self.node_costs else np.zeros(0)
+        for array in (counts, node_start, costs):
             array.flags.writeable = False
-        return flat
+        return FlatCosts(counts, node_start, costs, *self.edges.flat_edges())
 
     @_structural
     def repeats(self) -> RepeatClasses:
@@ -356,7 +275,9 @@ class IntraOpRequest:
                 raise ValueError(f"{self._label(v)} node_costs contain NaN or -inf; expected finite seconds or +inf")
             if not np.isfinite(cost).any():
                 raise ValueError(f"{self._label(v)}: every strategy is forbidden (all costs inf)")
-        for k, edge in enumerate(self.edges):
+        checked = tuple(len(c) for c in self.node_costs)  # the edges' checks depend on these
+        for k, edge in enumerate(() if self.edges.__dict__.get("checked") == checked
+                                 else self.edges):
             for end, v in (("src", edge.src), ("dst", edge.dst)):
                 if not 0 <= v < n:
                     raise ValueError(f"edge {k}: {end} node index {v} out of range (expected 0..{n - 1})")
@@ -372,6 +293,7 @@ class IntraOpRequest:
                 raise ValueError(
                     f"edge {k} {self._label(edge.src)} -> {self._label(edge.dst)}: cost contains NaN or -inf"
                 )
+        self.edges.__dict__["checked"] = checked
         if self.node_memory is not None:
             if len(self.node_memory) != n:
                 raise ValueError(f"node_memory has {len(self.node_memory)} entries, expected {n} (one per node)")
@@ -540,7 +462,7 @@ class IntraOpResult:
         return (
             f"IntraOpResult(status={self.status}, objective={format_seconds(self.objective)}, "
             f"lower_bound={format_seconds(self.lower_bound)}, gap={self.gap:.3g}, "
-            f"choices={_summary(self.choices)}, solve_time_s={self.solve_time_s:.3f}, "
+            f"choices={value_summary(self.choices)}, solve_time_s={self.solve_time_s:.3f}, "
             f"num_variables={self.num_variables}, num_constraints={self.num_constraints})"
         )
 

@@ -29,7 +29,7 @@ from autoshard.ilp import (
 )
 from autoshard.ilp import _relaxation as relaxation
 from autoshard.ilp._clock import STALL_S, Deadline, Progress
-from autoshard.ilp._grid import edge_grid
+from autoshard.ilp._grid import edge_grid, edge_grids
 from autoshard.ilp._memory import within_budget
 from autoshard.ilp._reduce import reduce_request
 from autoshard.ilp._relaxation import solve_relaxation
@@ -513,6 +513,22 @@ def _random_grid_lp(rng):
     return sizes, list(range(n)), node_cost, grids, [], (), 0.0, 100.0, 100.0
 
 
+def test_equal_edges_share_one_grid_grouping():
+    # Two identical rings of 4 nodes (3 strategies each, 1 s unless neighbours agree): the
+    # reduction keeps all 8 edges, whose cells are equal. Their strategy classes are
+    # grouped once and shared (read-only), each grid keeping its own ends; the optimum
+    # (0 s: every node on strategy 0) is the same as with a grouping per edge.
+    ring = np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    pairs = [(0, 1), (1, 2), (2, 3), (0, 3), (4, 5), (5, 6), (6, 7), (4, 7)]
+    request = IntraOpRequest(node_costs=tuple(np.array([0.0, 0.5, 0.7]) for _ in range(8)),
+                             edges=tuple(EdgeCost(a, b, ring.copy()) for a, b in pairs))
+    reduced = reduce_request(request)
+    grids = edge_grids(reduced, [])
+    assert sorted((g.a, g.b) for g in grids) == sorted(pairs)
+    assert len({id(g.row_of) for g in grids}) == 1 and not grids[0].cost.flags.writeable
+    assert solve_intra_op(request).objective == 0.0
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_column_generation_reaches_the_lp_over_every_cell(seed):
     # the LP started from a few cells per grid, with every cell of negative reduced cost
@@ -820,6 +836,28 @@ def test_copies_share_the_structure_whichever_asks_first():
     other = dataclasses.replace(request, node_costs=tuple([0.0, 1.0] for _ in range(12)))
     assert other.repeats is not request.repeats
     assert other.flat_costs.node_costs[1] == 1.0 and request.flat_costs.node_costs[1] == 0.0
+    # ... over the same edges, whose flat arrays it shares (a neighbourhood round's request:
+    # other costs for the same strategies)
+    assert other.edges is request.edges
+    assert other.flat_costs.edge_costs is request.flat_costs.edge_costs
+    assert evaluate(other, (1,) * 12).objective == 12.0 + 11 * 3.0
+
+
+def test_shared_edges_and_memory_terms_are_checked_again_when_the_strategies_change():
+    # Edges and memory terms checked once are not checked again by a copy with as many
+    # strategies per node; a copy with other counts is, and names what no longer fits.
+    request = IntraOpRequest(node_costs=([0.0, 1.0], [0.0, 1.0]), node_names=("dot", "mul"),
+                             edges=(EdgeCost(0, 1, np.zeros((2, 2))),),
+                             memory_terms=(((1, [1.0, 2.0]),),), memory_budget=4.0)
+    same = dataclasses.replace(request, node_costs=([5.0, 1.0], [0.0, 2.0]))
+    assert same.edges is request.edges and same.memory_terms is request.memory_terms
+    assert evaluate(same, (1, 0)).objective == 1.0
+    with pytest.raises(ValueError, match=r"edge 0 node 'dot' \(#0\) -> node 'mul' \(#1\): cost matrix "
+                                         r"has shape \(2, 2\), expected \(2, 3\)"):
+        dataclasses.replace(request, node_costs=([0.0, 1.0], [0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="memory_terms\\[0\\] for node 'mul' \\(#1\\): "
+                                         "expected byte counts of shape \\(3,\\)"):
+        dataclasses.replace(request, node_costs=([0.0, 1.0], [0.0, 1.0, 2.0]), edges=())
 
 
 def test_greedy_plans_of_a_tied_request_take_one_choice_per_class():

@@ -134,16 +134,17 @@ def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use
     blocks: dict = {}  # repeated layers: the same matrix read through the same index maps
     by_ids: dict = {}  # ... most often the very same index arrays (group_followers)
 
-    def block(matrix, rows, cols) -> np.ndarray:
+    def edge(matrix, rows, cols, src: int, dst: int) -> ilp.EdgeCost:
         ids = (id(matrix), id(rows), id(cols))
         if ids not in by_ids:
             key = (id(matrix), rows.tobytes(), cols.tobytes())
             if key not in blocks:
                 grid = w * matrix[np.ix_(rows, cols)]
                 grid.flags.writeable = False  # shared by the edges of every repeat
-                blocks[key] = (matrix, grid)  # (the matrix kept alive for its id)
+                # (the matrix kept alive for its id); the grid checked once, as an edge
+                blocks[key] = (matrix, ilp.EdgeCost(src, dst, grid))
             by_ids[ids] = (rows, cols, blocks[key][1])  # (the maps kept alive for theirs)
-        return by_ids[ids][2]
+        return by_ids[ids][2].between(src, dst)
 
     nonzero: dict = {}  # id(matrix) -> (matrix, whether any cell is non-zero)
 
@@ -159,7 +160,7 @@ def grouped_request(graph: ShardingGraph, grouping: Grouping, uses: Sequence[Use
         if rs == rd:
             costs[position[rs]] += w * matrix[rows, cols]
         elif any_cost(matrix):
-            edges.append(ilp.EdgeCost(position[rs], position[rd], block(matrix, rows, cols)))
+            edges.append(edge(matrix, rows, cols, position[rs], position[rd]))
     root_strategies: dict[int, dict[int, list[int]]] = {}  # node -> its strategy -> root's
     by_index: dict[bytes, dict[int, list[int]]] = {}  # the same for equal index maps
 
