@@ -22,6 +22,7 @@ from autoshard.ir.user_frames import user_stacklevel
 from autoshard.methods import PRESETS, Annotated, DataParallel, Megatron, ShardParallel, ZeRO3
 from autoshard.plan.parts import Alternative
 
+from .carried_axes import carried_options, fixed_axes
 from .combining import MergedAllReduce, combine_all_reduces
 from .following import Grouping, group_followers, grouped_request
 from .graph import ShardingGraph, Use, build_graph, use_cost_matrix
@@ -188,10 +189,28 @@ def propagated_choices(problem: ShardingProblem) -> tuple[int, ...]:
     program order, each op takes the cheapest strategy that reads its operands as they
     were made (resharding only where none does), as XLA's propagation of fixed
     ``in_shardings`` does; nothing is searched."""
-    propagation = _propagation(problem.graph, problem.grouping, problem.uses, problem.matrices,
+    graph = problem.graph
+    propagation = _propagation(graph, problem.grouping, problem.uses, problem.matrices,
                                problem.request.time_limit_s, problem.merged)
-    return _shared(problem.graph, problem.grouping, problem.request, propagation,
-                   ilp.greedy_assignment(propagation[0]))
+    layouts = [graph.nodes[graph.input_node(i)].strategies[0].out_specs[0]
+               for i in range(len(graph.traced.program.invars))]   # one each: fixed
+    return _shared(graph, problem.grouping, problem.request, propagation,
+                   ilp.greedy_assignment(propagation[0], _carried(graph, propagation[1],
+                                                                  layouts, {})))
+
+
+def _carried(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[Spec],
+             restrictions: Mapping[int, list[int]]) -> dict[int, list[int]]:
+    """``restrictions`` (ILP node position -> strategies, over ``grouping``) with every
+    node kept to the mesh axes the inputs' fixed ``layouts`` and the program's sharding
+    constraints use (``fixed_axes``: the axes XLA's propagation can split ops over); a
+    node's own restriction wins where both leave it nothing."""
+    carried = carried_options(graph, grouping, fixed_axes(graph, layouts))
+    merged = dict(carried)
+    for position, options in restrictions.items():
+        both = [j for j in options if j in set(carried.get(position, options))]
+        merged[position] = both or list(options)
+    return merged
 
 
 def _propagation(graph, grouping, uses, matrices, time_limit, merged):
@@ -333,10 +352,12 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
     if propagation is not None:
         propagated_position = {r: p for p, r in enumerate(propagation[1].roots)}
     restrictions = []  # per style: input node -> the strategies laying it out so
+    fixed = []         # per style: every input's layout
     for style in styles:
         allowed = {}
         layouts = () if style is None else \
             preset_layouts(style, program, model.mesh_shape, batch_flat, annotations)
+        fixed.append(layouts)
         for i, spec in enumerate(layouts):
             v = graph.input_node(i)
             if grouping.root[v] != v:
@@ -349,12 +370,13 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
     greedy = ilp.greedy_assignments(request, [{position[v]: options for v, options
                                                in allowed.items()} for allowed in restrictions])
     candidates, alternatives = [], []
-    for style, allowed, plan in zip(styles, restrictions, greedy):
+    for style, allowed, layouts, plan in zip(styles, restrictions, fixed, greedy):
         candidates.append(plan)
         if style is not None and propagation is not None:
-            propagated = ilp.greedy_assignment(
-                propagation[0], {propagated_position[v]: options
-                                 for v, options in allowed.items()}, improve=False)
+            propagated = ilp.greedy_assignment(propagation[0], _carried(
+                graph, propagation[1], layouts,
+                {propagated_position[v]: options for v, options in allowed.items()}),
+                improve=False)
             candidates.append(_shared(graph, grouping, request, propagation, propagated))
             alternatives.append(_priced(graph, grouping, request, candidates[-1],
                                         type(style).__name__, uses, matrices))
