@@ -208,8 +208,8 @@ def _carried(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[Spec],
     carried = carried_options(graph, grouping, fixed_axes(graph, layouts))
     merged = dict(carried)
     for position, options in restrictions.items():
-        both = [j for j in options if j in set(carried.get(position, options))]
-        merged[position] = both or list(options)
+        kept = set(carried.get(position, options))
+        merged[position] = [j for j in options if j in kept] or list(options)
     return merged
 
 
