@@ -22,7 +22,7 @@ from autoshard.ir.user_frames import user_stacklevel
 from autoshard.methods import PRESETS, Annotated, DataParallel, Megatron, ShardParallel, ZeRO3
 from autoshard.plan.parts import Alternative
 
-from .carried_axes import carried_options, fixed_axes
+from .carried_axes import carried_options, fixed_axes, spec_axes
 from .combining import MergedAllReduce, combine_all_reduces
 from .following import Grouping, group_followers, grouped_request
 from .graph import ShardingGraph, Use, build_graph, use_cost_matrix
@@ -200,17 +200,26 @@ def propagated_choices(problem: ShardingProblem) -> tuple[int, ...]:
 
 
 def _carried(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[Spec],
-             restrictions: Mapping[int, list[int]]) -> dict[int, list[int]]:
+             restrictions: Mapping[int, list[int]], mesh_shape: Sequence[int] | None = None
+             ) -> dict[int, list[int]]:
     """``restrictions`` (ILP node position -> strategies, over ``grouping``) with every
     node kept to the mesh axes the inputs' fixed ``layouts`` and the program's sharding
     constraints use (``fixed_axes``: the axes XLA's propagation can split ops over); a
-    node's own restriction wins where both leave it nothing."""
+    node's own restriction wins where both leave it nothing. Given ``mesh_shape``, layouts
+    that use every axis of it (the common case) restrict nothing, found without a pass."""
+    if mesh_shape is not None and \
+            {a for a, size in enumerate(mesh_shape) if size > 1} <= _layout_axes(layouts):
+        return {position: list(options) for position, options in restrictions.items()}
     carried = carried_options(graph, grouping, fixed_axes(graph, layouts))
     merged = dict(carried)
     for position, options in restrictions.items():
         kept = set(carried.get(position, options))
         merged[position] = [j for j in options if j in kept] or list(options)
     return merged
+
+
+def _layout_axes(layouts: Sequence[Spec]) -> set[int]:
+    return {a for spec in layouts for a in spec_axes(spec)}
 
 
 def _propagation(graph, grouping, uses, matrices, time_limit, merged):
@@ -375,8 +384,8 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
         if style is not None and propagation is not None:
             propagated = ilp.greedy_assignment(propagation[0], _carried(
                 graph, propagation[1], layouts,
-                {propagated_position[v]: options for v, options in allowed.items()}),
-                improve=False)
+                {propagated_position[v]: options for v, options in allowed.items()},
+                model.mesh_shape), improve=False)
             candidates.append(_shared(graph, grouping, request, propagation, propagated))
             alternatives.append(_priced(graph, grouping, request, candidates[-1],
                                         type(style).__name__, uses, matrices))
