@@ -208,7 +208,7 @@ class IntraOpRequest:
         costs = np.concatenate(self.node_costs) if self.node_costs else np.zeros(0)
         for array in (counts, node_start, costs):
             array.flags.writeable = False
-        return FlatCosts(counts, node_start, costs, *self.edges.flat_edges())
+        return FlatCosts(counts, node_start, costs, *self.edges.flat_edges)
 
     @_structural
     def repeats(self) -> RepeatClasses:
@@ -276,8 +276,7 @@ class IntraOpRequest:
             if not np.isfinite(cost).any():
                 raise ValueError(f"{self._label(v)}: every strategy is forbidden (all costs inf)")
         checked = tuple(len(c) for c in self.node_costs)  # the edges' checks depend on these
-        for k, edge in enumerate(() if self.edges.__dict__.get("checked") == checked
-                                 else self.edges):
+        for k, edge in enumerate(() if self.edges.checked == checked else self.edges):
             for end, v in (("src", edge.src), ("dst", edge.dst)):
                 if not 0 <= v < n:
                     raise ValueError(f"edge {k}: {end} node index {v} out of range (expected 0..{n - 1})")
@@ -293,7 +292,7 @@ class IntraOpRequest:
                 raise ValueError(
                     f"edge {k} {self._label(edge.src)} -> {self._label(edge.dst)}: cost contains NaN or -inf"
                 )
-        self.edges.__dict__["checked"] = checked
+        self.edges.checked = checked
         if self.node_memory is not None:
             if len(self.node_memory) != n:
                 raise ValueError(f"node_memory has {len(self.node_memory)} entries, expected {n} (one per node)")

@@ -8,6 +8,7 @@ Units: costs are seconds, memory is bytes per device.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,29 +96,30 @@ class EdgeList(tuple):
     """A request's edges: a tuple of ``EdgeCost`` that keeps what is worked out from the
     edges alone, for every request holding the very same list (``dataclasses.replace``
     with other node costs or options, as the neighbourhood rounds and memory probes
-    make): the flat cost array (``flat_edges``) and the strategy counts it was checked
-    against."""
+    make): the flat cost arrays (``flat_edges``), and ``checked``, the strategy counts per
+    node they were checked against."""
 
+    checked: tuple[int, ...] | None = None
+
+    @functools.cached_property
     def flat_edges(self) -> tuple[np.ndarray, ...]:
-        """(src, dst, cols, edge_start, edge_costs) as ``FlatCosts`` holds them, made once."""
-        if "flat" not in self.__dict__:
-            src = np.array([e.src for e in self], dtype=np.int64)
-            dst = np.array([e.dst for e in self], dtype=np.int64)
-            cols = np.array([e.cost.shape[1] for e in self], dtype=np.int64)
-            start: dict[int, int] = {}  # repeated layers' edges share matrices: stored once
-            matrices, offset = [], 0
-            for e in self:
-                if id(e.cost) not in start:
-                    start[id(e.cost)] = offset
-                    matrices.append(e.cost)
-                    offset += e.cost.size
-            edge_start = np.array([start[id(e.cost)] for e in self], dtype=np.int64)
-            costs = np.concatenate([m.ravel() for m in matrices]) if matrices else np.zeros(0)
-            arrays = (src, dst, cols, edge_start, costs)
-            for array in arrays:
-                array.flags.writeable = False
-            self.__dict__["flat"] = arrays
-        return self.__dict__["flat"]
+        """(src, dst, cols, edge_start, edge_costs) as ``FlatCosts`` holds them."""
+        src = np.array([e.src for e in self], dtype=np.int64)
+        dst = np.array([e.dst for e in self], dtype=np.int64)
+        cols = np.array([e.cost.shape[1] for e in self], dtype=np.int64)
+        start: dict[int, int] = {}  # repeated layers' edges share matrices: stored once
+        matrices, offset = [], 0
+        for e in self:
+            if id(e.cost) not in start:
+                start[id(e.cost)] = offset
+                matrices.append(e.cost)
+                offset += e.cost.size
+        edge_start = np.array([start[id(e.cost)] for e in self], dtype=np.int64)
+        costs = np.concatenate([m.ravel() for m in matrices]) if matrices else np.zeros(0)
+        arrays = (src, dst, cols, edge_start, costs)
+        for array in arrays:
+            array.flags.writeable = False
+        return arrays
 
 
 class MemoryTerms(tuple):

@@ -21,17 +21,15 @@ from .following import Grouping
 from .graph import ShardingGraph
 
 
-def spec_axes(spec: Spec | None) -> frozenset[int]:
-    """The mesh axes ``spec`` lays a tensor out over."""
-    return frozenset() if spec is None else frozenset(a for dim in spec for a in dim)
+def layout_axes(layouts: Iterable[Spec | None]) -> frozenset[int]:
+    """The mesh axes any of ``layouts`` lays a tensor out over."""
+    return frozenset(a for spec in layouts if spec is not None for dim in spec for a in dim)
 
 
 def fixed_axes(graph: ShardingGraph, layouts: Iterable[Spec]) -> frozenset[int]:
     """The mesh axes the fixed ``layouts`` (every input's) and the ops of one strategy (a
     user's sharding constraint) use: those XLA's propagation can split ops over."""
-    axes = frozenset()
-    for spec in layouts:
-        axes |= spec_axes(spec)
+    axes = layout_axes(layouts)
     for node in graph.nodes:
         if node.kind == "op" and len(node.strategies) == 1:
             axes |= _strategy_axes(node.strategies[0])
@@ -63,7 +61,4 @@ def carried_options(graph: ShardingGraph, grouping: Grouping, axes: frozenset[in
 
 def _strategy_axes(strategy) -> frozenset[int]:
     """The mesh axes a strategy splits its operands or results over."""
-    axes = frozenset()
-    for spec in (*strategy.in_specs, *strategy.out_specs):
-        axes |= spec_axes(spec)
-    return axes
+    return layout_axes((*strategy.in_specs, *strategy.out_specs))

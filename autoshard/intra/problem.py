@@ -22,7 +22,7 @@ from autoshard.ir.user_frames import user_stacklevel
 from autoshard.methods import PRESETS, Annotated, DataParallel, Megatron, ShardParallel, ZeRO3
 from autoshard.plan.parts import Alternative
 
-from .carried_axes import carried_options, fixed_axes, spec_axes
+from .carried_axes import carried_options, fixed_axes, layout_axes
 from .combining import MergedAllReduce, combine_all_reduces
 from .following import Grouping, group_followers, grouped_request
 from .graph import ShardingGraph, Use, build_graph, use_cost_matrix
@@ -208,7 +208,7 @@ def _carried(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[Spec],
     node's own restriction wins where both leave it nothing. Given ``mesh_shape``, layouts
     that use every axis of it (the common case) restrict nothing, found without a pass."""
     if mesh_shape is not None and \
-            {a for a, size in enumerate(mesh_shape) if size > 1} <= _layout_axes(layouts):
+            {a for a, size in enumerate(mesh_shape) if size > 1} <= layout_axes(layouts):
         return {position: list(options) for position, options in restrictions.items()}
     carried = carried_options(graph, grouping, fixed_axes(graph, layouts))
     merged = dict(carried)
@@ -216,10 +216,6 @@ def _carried(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[Spec],
         kept = set(carried.get(position, options))
         merged[position] = [j for j in options if j in kept] or list(options)
     return merged
-
-
-def _layout_axes(layouts: Sequence[Spec]) -> set[int]:
-    return {a for spec in layouts for a in spec_axes(spec)}
 
 
 def _propagation(graph, grouping, uses, matrices, time_limit, merged):
