@@ -265,7 +265,7 @@ def test_presets_propagate_as_before_and_then_share(method, monkeypatch):
     def priced():
         problem = problem_module.build_problem(traced, model, method, batch_flat=batch,
                                                axis_names=("data", "fsdp", "model"))
-        choices = problem_module.propagated_choices(problem)
+        choices = problem_module.propagated_choices(problem, model.mesh_shape)
         expanded = problem.grouping.expand(choices)
         ops = {n.name: n.strategies[c].name for n, c in zip(problem.graph.nodes, expanded)
                if n.kind == "op"}

@@ -365,6 +365,13 @@ SCATTERED_GRADIENTS = [
     ((2, 2, 2), "bsd,bsf->df", (16, 16, 64), (("data", "fsdp", "model"), ("data", "fsdp")),
      (("model", "fsdp"),), [("all-reduce", (0,), 8192), ("all-reduce", (1,), 8192)],
      [("all-reduce", (0,), 8192), ("reduce-scatter", (1,), 4096)]),
+    # contracted over every axis in one dim and scattered over all of them into one dim, as
+    # ZeRO-3's weight gradients are: the whole result summed over every axis at once, then
+    # sliced (a backend with reduce-scatters: one, over every axis)
+    ((2, 4), "bd,bf->df", (64, 64), ((_DM,), (_DM,)), (_DM,),
+     [("all-reduce", (0, 1), 16384)], [("reduce-scatter", (0, 1), 2048)]),
+    ((2, 2, 2), "bd,bf->df", (64, 64), ((_S,), (_S,)), (None, _S),
+     [("all-reduce", (0, 1, 2), 16384)], [("reduce-scatter", (0, 1, 2), 2048)]),
 ]
 
 
@@ -372,7 +379,8 @@ SCATTERED_GRADIENTS = [
 @pytest.mark.parametrize("mesh_shape,spec,shape,operands,result,compiled,with_scatters",
                          SCATTERED_GRADIENTS,
                          ids=["2x2x2 split elsewhere", "2x4 one dim", "2x4 two dims",
-                              "2x2x2 three axes", "2x2x2 dim already split"])
+                              "2x2x2 three axes", "2x2x2 dim already split",
+                              "2x4 over both axes", "2x2x2 over every axis"])
 def test_a_scattered_gradient_is_priced_as_xla_sums_it(preset, mesh_shape, spec, shape,
                                                        operands, result, compiled,
                                                        with_scatters):

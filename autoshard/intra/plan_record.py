@@ -70,6 +70,15 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         cost = float(matrix[choices[use.src], choices[use.dst]])
         if use.operand < 0:  # loop-carried: the next step's input layout
             resharding += cost
+            if result is None:  # a preset returns it in that layout: the program reshards
+                vid = graph.nodes[use.src].outputs[use.src_output]
+                aval = program.avals[vid]
+                for step in model.resharding_steps(
+                        tuple(aval.shape), aval.dtype.itemsize,
+                        chosen[use.src].out_specs[use.src_output], chosen[use.dst].out_specs[0]):
+                    collectives.append(Collective(f"{graph.nodes[use.src].name}→output",
+                                                  step.kind, step.seconds, step.nbytes,
+                                                  names(step.axes), resharding=True))
             continue
         vid = graph.nodes[use.src].outputs[use.src_output]
         src_spec = chosen[use.src].out_specs[use.src_output]

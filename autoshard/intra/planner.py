@@ -162,7 +162,7 @@ def _plan_program(traced: TracedFunction, *, mesh_shape, axis_names, cluster, me
     if deadline is not None:  # leave the work after the solve its time
         deadline -= POST_SOLVE_RESERVE * (time.perf_counter() - start)
     if isinstance(method, PRESETS):  # a fixed layout: XLA propagates it, we price that
-        choices = propagated_choices(problem)
+        choices = propagated_choices(problem, model.mesh_shape)
         return plan_record(traced, problem, choices, None, method=method, model=model,
                            cluster=cluster, axis_names=axis_names, static_repr=static_repr,
                            donated=donated, start=start)

@@ -28,6 +28,7 @@ from .following import Grouping, group_followers, grouped_request
 from .graph import ShardingGraph, Use, build_graph, use_cost_matrix
 from .presets import preset_layouts
 from .shared_reads import reads_following_producers, regrouped, settle_reads, share_reads
+from .xla_propagation import ProgramFactors, program_factors, propagated_options
 
 _log = logging.getLogger("autoshard")
 
@@ -130,7 +131,7 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
         propagation = _propagation(graph, grouping, uses, matrices, time_limit, merged) \
             if isinstance(method, ShardParallel) else None
         plans = _seed(graph, grouping, request, propagation, model, method, batch_flat,
-                      annotations, uses=uses, matrices=matrices)
+                      annotations, uses=uses, matrices=matrices, pairs=pairs)
         _log.info("starting plan: %.4g s per step, the cheapest of %d", ilp.evaluate(
             request, plans.hint).objective if plans.hint else float("nan"), len(plans.seeds))
         return plans
@@ -184,19 +185,38 @@ SHARED_READS_MAX_AXES = 2
 PROPAGATION_RESHARDING_WEIGHT = 1e3
 
 
-def propagated_choices(problem: ShardingProblem) -> tuple[int, ...]:
-    """A strategy per ILP node for a preset, whose arguments each have one layout: in
-    program order, each op takes the cheapest strategy that reads its operands as they
-    were made (resharding only where none does), as XLA's propagation of fixed
-    ``in_shardings`` does; nothing is searched."""
+def propagated_choices(problem: ShardingProblem, mesh_shape: Sequence[int]
+                       ) -> tuple[int, ...]:
+    """A strategy per ILP node for a preset, whose arguments each have one layout: each
+    op makes its values in the layouts XLA's propagation gives them
+    (``xla_propagation``), and, in program order, takes the cheapest such strategy that
+    reads its operands as they were made (resharding only where none does), as XLA's
+    partitioner does; nothing is searched."""
     graph = problem.graph
     propagation = _propagation(graph, problem.grouping, problem.uses, problem.matrices,
                                problem.request.time_limit_s, problem.merged)
     layouts = [graph.nodes[graph.input_node(i)].strategies[0].out_specs[0]
                for i in range(len(graph.traced.program.invars))]   # one each: fixed
     return _shared(graph, problem.grouping, problem.request, propagation,
-                   ilp.greedy_assignment(propagation[0], _carried(graph, propagation[1],
-                                                                  layouts, {})))
+                   ilp.greedy_assignment(propagation[0], _preset_options(
+                       graph, propagation[1], layouts, {}, mesh_shape, problem.carried)))
+
+
+def _preset_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[Spec],
+                    restrictions: Mapping[int, list[int]], mesh_shape: Sequence[int],
+                    pairs: Sequence[tuple[int, int]], factors: ProgramFactors | None = None
+                    ) -> dict[int, list[int]]:
+    """``restrictions`` (ILP node position -> strategies, over ``grouping``) with every
+    node kept to the axes XLA's propagation can use (``_carried``) and to the layouts it
+    gives the node's values (``xla_propagation.propagated_options``) where it has such
+    strategies; a node's own restriction wins where they leave it nothing."""
+    merged = _carried(graph, grouping, layouts, restrictions, mesh_shape)
+    for position, options in propagated_options(graph, grouping, layouts, mesh_shape,
+                                                pairs, factors).items():
+        before = merged.get(position)
+        kept = set(options if before is None else before)
+        merged[position] = [j for j in options if j in kept] or list(before)
+    return merged
 
 
 def _carried(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[Spec],
@@ -340,7 +360,8 @@ def _price_returned_inputs(graph: ShardingGraph, model: MeshCostModel,
 def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
           propagation: tuple[ilp.IntraOpRequest, Grouping] | None, model: MeshCostModel,
           method, batch_flat: Sequence[bool], annotations: Sequence[Spec] | None, *,
-          uses: Sequence[Use], matrices: Sequence[np.ndarray]) -> StartingPlans:
+          uses: Sequence[Use], matrices: Sequence[np.ndarray],
+          pairs: Sequence[tuple[int, int]]) -> StartingPlans:
     """The solver's starting plan: the cheapest of the presets' own plans (their input
     layouts propagated as XLA does, over ``propagation``: see :func:`propagated_choices`;
     the model's own annotations among them when the arguments carry some), greedy plans
@@ -358,6 +379,8 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
         propagated_position = {r: p for p, r in enumerate(propagation[1].roots)}
     restrictions = []  # per style: input node -> the strategies laying it out so
     fixed = []         # per style: every input's layout
+    factors = program_factors(program, graph.traced.signatures) \
+        if propagation is not None and len(styles) > 1 else None
     for style in styles:
         allowed = {}
         layouts = () if style is None else \
@@ -378,10 +401,10 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
     for style, allowed, layouts, plan in zip(styles, restrictions, fixed, greedy):
         candidates.append(plan)
         if style is not None and propagation is not None:
-            propagated = ilp.greedy_assignment(propagation[0], _carried(
+            propagated = ilp.greedy_assignment(propagation[0], _preset_options(
                 graph, propagation[1], layouts,
                 {propagated_position[v]: options for v, options in allowed.items()},
-                model.mesh_shape), improve=False)
+                model.mesh_shape, pairs, factors), improve=False)
             candidates.append(_shared(graph, grouping, request, propagation, propagated))
             alternatives.append(_priced(graph, grouping, request, candidates[-1],
                                         type(style).__name__, uses, matrices))

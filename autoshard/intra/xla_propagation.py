@@ -1,0 +1,508 @@
+"""The layouts XLA's sharding propagation gives the values of a program whose inputs' and
+outputs' layouts are fixed, as a preset's ``jax.jit`` fixes them and leaves the rest to XLA.
+
+Modelled on Shardy's (jax 0.10's propagation; openxla/shardy,
+``dialect/sdy/transforms/propagation``): op-priority propagation, each priority's ops
+propagated aggressively until nothing changes. An op's factors are its loops
+(``op_rules.loop_op``). Per factor, the axes its operands and results agree on (major
+first; axes that differ end the list) are offered to every tensor of the op; a tensor
+takes them where its own axes are a prefix of them, in order of the factor's largest
+source tensor, leaving out axes another of its dims holds and axes its dim's size does
+not divide. Layouts fixed by the caller (arguments, returned values, sharding
+constraints) are closed: they give axes and take none. Priorities, as Shardy's schedule:
+
+0. layout ops (elementwise, reshape, transpose) none of whose operands has another
+   reader, both ways; dynamic slices and updates forward;
+1. the same with several readers;
+2. every op's factors that are neither summed nor kept whole (a broadcast backward only);
+3. every factor (a broadcast backward only);
+4. every factor, every op.
+
+Each priority first takes the fixed layouts of the returned values into the values
+returned. Not modelled: sub-axes (an axis whose size a dim divides only in part stops
+the list), dims made of several factors (a reshape's minor dims take nothing), priorities
+users give constraints, and control flow (its ops pass nothing on).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from autoshard.ir.program import Literal, Program
+from autoshard.ir.specs import Spec
+
+from .following import Grouping
+from .graph import ShardingGraph
+from .op_rules import ELEMENTWISE, loop_op
+from .user_constraints import CONSTRAINTS
+
+NONE, FORWARD, BACKWARD, BOTH = 0, 1, 2, 3
+
+#: ops that hand each element on without reading others (Shardy's pass-through ops)
+LAYOUT_OPS = ELEMENTWISE | frozenset({"reshape", "squeeze", "transpose"})
+#: ops whose layout passes forward only at the first priorities
+FORWARD_OPS = frozenset({"dynamic_slice", "dynamic_update_slice"})
+PRIORITIES = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Propagated:
+    """``made[v]``: the layout of value ``v`` (values it gives no axis are left out:
+    replicated); ``read[e]``: per operand of equation ``e`` the layout it is read in
+    (None for a literal; equations without a rule are left out)."""
+
+    made: Mapping[int, Spec]
+    read: Mapping[int, tuple]
+
+    def __repr__(self):
+        return f"Propagated({len(self.made)} values split, {len(self.read)} ops)"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Op:
+    """One equation as factors: ``operands``/``results`` are (value, per dim its loop or
+    None); ``kind``: ``"layout"``, ``"forward"``, ``"broadcast"`` or ``"other"``."""
+
+    sizes: tuple[int, ...]
+    open_loops: tuple[bool, ...]      # splittable: may take axes
+    passed_on: tuple[bool, ...]       # splittable and kept by a result (not summed)
+    operands: tuple[tuple[int, tuple], ...]
+    results: tuple[tuple[int, tuple], ...]
+    in_dims: tuple                    # per operand (literals too): ``LoopOp.in_dims``
+    elements: tuple[int, ...]         # per tensor of ``operands + results``: its size
+    kind: str
+    elementwise: bool
+    shared_operand: bool              # an operand (not a scalar) read elsewhere too
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProgramFactors:
+    """A program's ops as factors, for :func:`propagated_layouts` (made once for every
+    layout propagated through it): ``ops`` per equation (None: no rule), then the
+    implicit broadcasts of elementwise operands; ``order``: the order ops are visited in;
+    ``users`` / ``producer``: value -> ops reading it / the op making it."""
+
+    ops: tuple[_Op | None, ...]
+    order: tuple[int, ...]
+    users: Mapping
+    producer: Mapping
+
+    def __repr__(self):
+        return f"ProgramFactors({len(self.ops)} ops)"
+
+
+def program_factors(program: Program, signatures: Sequence[str] | None = None
+                    ) -> ProgramFactors:
+    """``program``'s factors; ``signatures`` (per equation, equal for equal equations:
+    ``TracedFunction.signatures``) let repeated layers share their loop descriptions."""
+    return ProgramFactors(*_ops(program, signatures))
+
+
+def propagated_layouts(program: Program, in_layouts: Sequence[Spec],
+                       out_layouts: Mapping[int, Spec], constrained: Mapping[int, Spec],
+                       mesh_shape: Sequence[int], factors: ProgramFactors | None = None
+                       ) -> Propagated:
+    """Layouts of ``program``'s values after XLA's propagation, and those its ops read
+    their operands in: ``in_layouts`` per flat input, ``out_layouts`` per flat output
+    position (those fixed), ``constrained`` per equation (a sharding constraint's
+    result); ``factors``: ``program_factors(program)``, made here when not given."""
+    axes: dict[int, list[tuple[int, ...]]] = {}
+    closed: set[int] = set()
+    for vid, spec in zip(program.invars, in_layouts, strict=True):
+        axes[vid] = list(spec)
+        closed.add(vid)
+    factors = factors or program_factors(program)
+    ops, order, users, producer = factors.ops, factors.order, factors.users, factors.producer
+    for e, spec in constrained.items():
+        vid = program.eqns[e].outputs[0]
+        axes[vid] = list(spec)
+        closed.add(vid)
+    returned = [(program.outvars[o], spec) for o, spec in sorted(out_layouts.items())
+                if not isinstance(program.outvars[o], Literal)]
+    sizes = tuple(mesh_shape)
+    dirty = {i for i, op in enumerate(ops) if op is not None}  # may propagate something
+    for priority in range(PRIORITIES):
+        for vid, spec in returned:
+            if vid not in closed and _take_returned(axes, vid, spec, program, sizes):
+                dirty.update(i for i in (*users.get(vid, ()), producer.get(vid))
+                             if i is not None and ops[i] is not None)
+        dirty.update(i for i, op in enumerate(ops)
+                     if op is not None and _newly_directed(op, priority))
+        # every op is visited in order, as Shardy's worklist visits them (the order
+        # settles conflicts); one that no neighbour changed since its last visit, and to
+        # which this priority gives no new direction, would change nothing: skipped
+        work = [i for i in reversed(order) if ops[i] is not None]
+        queued = set(work)
+        while work:
+            e = work.pop()
+            queued.discard(e)
+            if e not in dirty:
+                continue
+            dirty.discard(e)
+            for vid in _propagate(ops[e], priority, axes, closed, sizes):
+                for other in (*users.get(vid, ()), producer.get(vid)):
+                    if other is not None and other != e and ops[other] is not None:
+                        dirty.add(other)
+                        if other not in queued:
+                            work.append(other)
+                            queued.add(other)
+    made = {vid: tuple(tuple(d) for d in dims) for vid, dims in axes.items() if any(dims)}
+    read = {e: _read_layouts(program.eqns[e], op, made, sizes)
+            for e, op in enumerate(ops[:len(program.eqns)]) if op is not None}
+    return Propagated(made, read)
+
+
+def _read_layouts(eqn, op: _Op, made: Mapping[int, Spec], mesh_shape) -> tuple:
+    """The layout XLA's partitioner reads each operand of ``op`` in (None for a literal).
+    A loop no result keeps (summed) is split over the axes its operands agree on when
+    each of them is split there: partial results, summed, then sliced to
+    the result's layout (measured: ZeRO-3's weight gradients, summed over the batch's
+    axes, then sliced; an embedding table split on its rows, gathered from in parts, then
+    summed); else it is whole. A loop a result keeps is split as that result is, less
+    the summed loops' axes."""
+    loops: dict[int, tuple] = {}
+    kept = {l for _, dims in op.results for l in dims if l is not None}
+    used: set[int] = set()
+    for loop in range(len(op.sizes)):
+        if loop in kept or not op.open_loops[loop]:
+            continue
+        found, expand = [], True
+        for vid, dims in op.operands:
+            if loop in dims:
+                held = made.get(vid)
+                axes = held[dims.index(loop)] if held is not None else ()
+                if not axes:
+                    found = []
+                    break
+                found, expand = _merged(found, axes, expand)
+        found = _before_any(_within_dim(found, (), op.sizes[loop], mesh_shape), used)
+        loops[loop] = tuple(found)
+        used.update(found)
+    for vid, dims in op.results:
+        held = made.get(vid)
+        for d, loop in enumerate(dims):
+            if loop is not None and loop not in loops:
+                loops[loop] = tuple(_before_any(held[d], used)) if held is not None else ()
+                used.update(loops[loop])
+    return tuple(None if isinstance(a, Literal) else () if not dims else
+                 tuple(loops.get(l, ()) if l is not None else () for l in dims)
+                 for a, dims in zip(eqn.inputs, op.in_dims))
+
+
+#: ops that keep a value made from constants a constant expression (Shardy's
+#: ``isConstantPreserving``), besides the elementwise ones
+CONSTANT_PRESERVING = frozenset({"broadcast_in_dim", "reshape", "squeeze", "slice"})
+
+
+def per_use_values(program: Program) -> frozenset[int]:
+    """Values XLA's propagation gives each reader a copy of (Shardy's constant splitter):
+    constant expressions (constants, iotas, and broadcasts, reshapes, slices and
+    elementwise ops of them) and broadcasts of a scalar. Their layouts pass nothing from
+    one reader to another."""
+    constant = {vid for vid, _ in program.constants}
+    split = set(constant)
+    for eqn in program.eqns:
+        name = eqn.primitive.name
+        values = [a for a in eqn.inputs if not isinstance(a, Literal)]
+        if name == "iota" or (name in CONSTANT_PRESERVING or name in ELEMENTWISE) and \
+                all(a in constant for a in values):
+            constant.update(eqn.outputs)
+            split.update(eqn.outputs)
+        elif name == "broadcast_in_dim" and values and \
+                len(program.avals[values[0]].shape) == 0:
+            split.update(eqn.outputs)
+    return frozenset(split)
+
+
+def _ops(program: Program, signatures: Sequence[str] | None):
+    """(ops: per equation its ``_Op`` or None, then the implicit broadcasts of elementwise
+    operands; the order to visit them in; value -> ops reading it; value -> op making
+    it). A reader of a ``per_use_values`` value reads a copy of its own, keyed (equation,
+    operand); an elementwise op's operand with dims of size 1 its result's dims are not
+    is broadcast first, as jax lowers it, into a value keyed ("broadcast", equation,
+    operand)."""
+    split = per_use_values(program)
+    eqns = program.eqns
+    inputs = [[(e, k) if not isinstance(a, Literal) and a in split
+               and not split.issuperset(eqn.outputs) else a
+               for k, a in enumerate(eqn.inputs)] for e, eqn in enumerate(eqns)]
+    broadcasts = []   # (equation, operand, the value it broadcasts)
+    for e, eqn in enumerate(eqns):
+        if eqn.primitive.name not in ELEMENTWISE:
+            continue
+        shape = tuple(program.avals[eqn.outputs[0]].shape)
+        for k, a in enumerate(eqn.inputs):
+            if not isinstance(a, Literal) and len(program.avals[a].shape) == len(shape) \
+                    and tuple(program.avals[a].shape) != shape:
+                broadcasts.append((e, k, inputs[e][k]))
+                inputs[e][k] = ("broadcast", e, k)
+    readers: dict = {}
+    for e, atoms in enumerate(inputs):
+        for a in atoms:
+            if not isinstance(a, Literal):
+                readers.setdefault(a, []).append(e)
+    for i, (_, _, a) in enumerate(broadcasts):
+        readers.setdefault(a, []).append(len(eqns) + i)
+    for a in program.outvars:
+        if not isinstance(a, Literal):
+            readers.setdefault(a, []).append(-1)
+    ops, producer, loops = [], {}, {}
+    for e, eqn in enumerate(eqns):
+        for vid in eqn.outputs:
+            producer[vid] = e
+        in_avals = [None if isinstance(a, Literal) else program.avals[a] for a in eqn.inputs]
+        out_avals = [program.avals[v] for v in eqn.outputs]
+        key = e if signatures is None else signatures[e]
+        if key not in loops:
+            loops[key] = loop_op(eqn, in_avals, out_avals)
+        op = loops[key]
+        ops.append(None if op is None else _op(eqn, op, inputs[e], in_avals, out_avals,
+                                               readers))
+    order = []
+    for i, (e, k, a) in enumerate(broadcasts):
+        aval, out = program.avals[eqns[e].inputs[k]], program.avals[eqns[e].outputs[0]]
+        dims = tuple(d if aval.shape[d] == out.shape[d] else None
+                     for d in range(len(out.shape)))
+        key = ("broadcast", e, k)
+        producer[key] = len(ops)
+        full = tuple(range(len(out.shape)))
+        ops.append(_Op(tuple(out.shape), (True,) * len(full), (True,) * len(full),
+                       ((a, dims),), ((key, full),), (dims,),
+                       (math.prod(aval.shape), math.prod(out.shape)), "broadcast", False,
+                       len(readers[a]) > 1))
+    by_equation: dict[int, list[int]] = {}
+    for i, (e, _, _) in enumerate(broadcasts):
+        by_equation.setdefault(e, []).append(len(eqns) + i)
+    for e in range(len(eqns)):
+        order += by_equation.get(e, []) + [e]
+    users = {v: [i for i in es if i >= 0] for v, es in readers.items()}
+    return tuple(ops), tuple(order), users, producer
+
+
+def _op(eqn, op, inputs, in_avals, out_avals, readers) -> _Op:
+    """``eqn`` (``op``: its loops) as factors, reading ``inputs`` (its operands' keys)."""
+    name = eqn.primitive.name
+    positions = [k for k, (a, dims) in enumerate(zip(inputs, op.in_dims))
+                 if not isinstance(a, Literal) and dims]
+    out_rank = len(out_avals[0].shape)
+    operands = tuple((inputs[k], tuple(range(out_rank)) if isinstance(inputs[k], tuple)
+                      and inputs[k][0] == "broadcast" else op.in_dims[k]) for k in positions)
+    elements = tuple(math.prod(out_avals[0].shape) if isinstance(inputs[k], tuple)
+                     and inputs[k][0] == "broadcast" else math.prod(in_avals[k].shape)
+                     for k in positions) + tuple(math.prod(a.shape) for a in out_avals)
+    results = tuple((v, dims) for v, dims in zip(eqn.outputs, op.out_dims))
+    kept = {l for _, dims in results for l in dims if l is not None}
+    kind = "layout" if name in LAYOUT_OPS else "forward" if name in FORWARD_OPS else \
+        "broadcast" if name == "broadcast_in_dim" else "other"
+    if kind == "broadcast" and operands and elements[0] == elements[-1]:
+        kind = "layout"   # only adds dims of size 1: jax lowers it as a reshape
+    shared = any(len(readers[a]) > 1 for a, _ in operands)
+    return _Op(tuple(op.sizes), tuple(op.splittable),
+               tuple(s and l in kept for l, s in enumerate(op.splittable)),
+               operands, results, tuple(op.in_dims), elements, kind,
+               name in ELEMENTWISE, shared)
+
+
+def _direction(op: _Op, loop: int, priority: int) -> int:
+    """The directions ``loop`` of ``op`` propagates in at ``priority`` (Shardy's
+    schedule: the union of every priority up to it)."""
+    direction = NONE
+    if op.kind == "layout":
+        if priority >= 1 or not op.shared_operand:
+            direction = BOTH
+    elif op.kind == "forward" and (priority >= 1 or not op.shared_operand):
+        direction = FORWARD
+    if priority >= 2 and (op.passed_on[loop] or priority >= 3):
+        direction |= BACKWARD if op.kind == "broadcast" and priority < 4 else BOTH
+    return direction
+
+
+def _newly_directed(op: _Op, priority: int) -> bool:
+    """Whether ``priority`` gives some loop of ``op`` a direction the one before did not."""
+    if op.kind in ("layout", "forward") and priority < 2:
+        return op.shared_operand == (priority == 1)
+    if priority == 2:
+        return op.kind != "layout"
+    if priority == 3:
+        return op.kind != "layout" and any(o and not p for o, p
+                                           in zip(op.open_loops, op.passed_on))
+    return priority == 4 and op.kind == "broadcast"
+
+
+def _merged(old: list, new: Sequence[int], expand: bool) -> tuple[list, bool]:
+    """The axes ``old`` and ``new`` agree on, major first, and whether more may join."""
+    n = min(len(old), len(new))
+    for i in range(n):
+        if old[i] != new[i]:
+            return old[:i], False
+    result = old + list(new[n:]) if expand else list(old)
+    return result, expand
+
+
+def _propagate(op: _Op, priority: int, axes: dict, closed: set, mesh_shape) -> list[int]:
+    """Propagate ``op``'s factors once; returns the values whose layout grew."""
+    if priority < 2 and op.kind in ("other", "broadcast"):
+        return []   # no direction before priority 2
+    tensors = [(vid, dims, axes.get(vid)) for vid, dims in op.operands + op.results]
+    if not any(held is not None and any(held) for _, _, held in tensors):
+        return []   # no tensor of it is split: nothing to pass on
+    count = len(op.operands)
+    offered = []
+    for loop in range(len(op.sizes)):
+        direction = _direction(op, loop, priority) if op.open_loops[loop] else NONE
+        if direction == NONE:
+            offered.append([])
+            continue
+        first, second = (tensors[:count], tensors[count:]) if direction != BACKWARD \
+            else (tensors[count:], tensors[:count])
+        found, expand = [], True
+        for group, last in ((first, False), (second, True)):
+            if last and direction != BOTH:
+                expand = False
+            for _, dims, held in group:
+                if held is not None and loop in dims:
+                    found, expand = _merged(found, held[dims.index(loop)], expand)
+        offered.append(found)
+    if not any(offered):
+        return []
+    source = []   # per loop: (-size of the largest tensor holding its axes, tensor index)
+    for loop, found in enumerate(offered):
+        best = (0, len(tensors))
+        if found:
+            for t, (_, dims, held) in enumerate(tensors):
+                if held is not None and loop in dims and \
+                        tuple(held[dims.index(loop)][:len(found)]) == tuple(found):
+                    best = min(best, (-op.elements[t], t))
+        source.append(best)
+
+    def spread(loop):
+        return math.prod(mesh_shape[a] for a in offered[loop]) if op.elementwise else 1
+    order = sorted(range(len(op.sizes)), key=lambda l: (source[l][0], -spread(l),
+                                                        source[l][1], l))
+    grown = []
+    for t in list(range(count, len(tensors))) + list(range(count)):
+        vid, dims, held = tensors[t]
+        if vid in closed:
+            continue
+        current = list(held) if held is not None else [()] * len(dims)
+        for loop in order:
+            if not offered[loop] or loop not in dims:
+                continue
+            d = dims.index(loop)
+            new = _within_dim(offered[loop], current[d], op.sizes[loop], mesh_shape)
+            if not _strict_prefix(current[d], new):
+                continue
+            used = {a for k, dim in enumerate(current) if k != d for a in dim}
+            new = _before_any(new, used)
+            if t < count and op.elementwise:
+                for rvid, rdims, _ in tensors[count:]:
+                    rheld = axes.get(rvid)
+                    if rheld is not None and loop in rdims and \
+                            _strict_prefix(rheld[rdims.index(loop)], new):
+                        new = list(rheld[rdims.index(loop)])
+            if len(new) > len(current[d]):
+                current[d] = tuple(new)
+        if held is None and any(current) or held is not None and current != held:
+            axes[vid] = current
+            tensors[t] = (vid, dims, current)
+            grown.append(vid)
+    return grown
+
+
+def _within_dim(offered: Sequence[int], held: Sequence[int], size: int,
+                mesh_shape) -> list[int]:
+    """``offered`` cut where a dim of ``size`` holding ``held`` cannot take the next axis
+    (it does not divide what is left of the dim)."""
+    kept, split = [], 1
+    for a in offered:
+        if a not in held and (size % split or (size // split) % mesh_shape[a]):
+            break
+        kept.append(a)
+        split *= mesh_shape[a]
+    return kept
+
+
+def _before_any(axes: Sequence[int], used: set) -> list[int]:
+    """``axes`` up to the first that ``used`` holds."""
+    kept = []
+    for a in axes:
+        if a in used:
+            break
+        kept.append(a)
+    return kept
+
+
+def _strict_prefix(held: Sequence[int], new: Sequence[int]) -> bool:
+    return len(held) < len(new) and tuple(new[:len(held)]) == tuple(held)
+
+
+def _take_returned(axes: dict, vid: int, spec: Spec, program: Program, mesh_shape) -> bool:
+    """A returned value takes its fixed output layout where its own agrees (Shardy
+    propagates between a function's results and the values it returns as an identity);
+    whether its layout grew."""
+    held = axes.get(vid) or [()] * len(spec)
+    shape = program.avals[vid].shape
+    current = list(held)
+    for d, (mine, fixed) in enumerate(zip(held, spec)):
+        found, _ = _merged(list(mine), fixed, True)
+        new = _within_dim(found, mine, shape[d], mesh_shape)
+        if _strict_prefix(mine, new):
+            used = {a for k, dim in enumerate(current) if k != d for a in dim}
+            new = _before_any(new, used)
+            if len(new) > len(mine):
+                current[d] = tuple(new)
+    if current != list(held):
+        axes[vid] = current
+        return True
+    return False
+
+
+def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[Spec],
+                       mesh_shape: Sequence[int], pairs: Sequence[tuple[int, int]] = (),
+                       factors: ProgramFactors | None = None) -> dict[int, list[int]]:
+    """Per ILP node (position in ``grouping.roots``) the strategies closest to what XLA
+    compiles from the inputs' fixed ``layouts`` (each carried output of ``pairs``, (flat
+    output, flat input), fixed to its input's layout; the program's sharding constraints
+    kept): :func:`propagated_layouts`. A member op scores 2 for a strategy that makes its
+    values and reads its operands in the propagated layouts, 1 for one that makes them
+    so; the node keeps the strategies of the best total, when some score and not all
+    alike. ``factors``: ``program_factors`` of the graph's program, made here when not
+    given."""
+    program = graph.traced.program
+    constrained = {node.eqn: node.strategies[0].out_specs[0] for node in graph.nodes
+                   if node.kind == "op" and len(node.strategies) == 1
+                   and program.eqns[node.eqn].primitive.name in CONSTRAINTS}
+    propagated = propagated_layouts(program, layouts, {o: layouts[i] for o, i in pairs},
+                                    constrained, mesh_shape, factors)
+    made = propagated.made
+    members: dict[int, list[int]] = {r: [] for r in grouping.roots}
+    for v, r in enumerate(grouping.root):
+        if graph.nodes[v].kind == "op" and graph.nodes[v].eqn in propagated.read:
+            members[r].append(v)
+    scores: dict[tuple, np.ndarray] = {}   # repeated layers share their strategy tuples
+    options = {}
+    for position, r in enumerate(grouping.roots):
+        score = np.zeros(len(grouping.index[r]), dtype=np.int64)
+        for v in members[r]:
+            node = graph.nodes[v]
+            out = tuple(made.get(vid) or ((),) * len(program.avals[vid].shape)
+                        for vid in node.outputs)
+            key = (id(node.strategies), out, propagated.read[node.eqn])
+            if key not in scores:
+                scores[key] = np.array([_score(s, out, key[2]) for s in node.strategies])
+            score += scores[key][grouping.index[v]]
+        best = score.max(initial=0)
+        if best > 0 and not (score == best).all():
+            options[position] = np.flatnonzero(score == best).tolist()
+    return options
+
+
+def _score(strategy, out: tuple, read: tuple) -> int:
+    """2: ``strategy`` makes ``out`` and reads ``read``; 1: it makes ``out``; else 0."""
+    if tuple(strategy.out_specs) != out:
+        return 0
+    return 1 + all(want is None or have == want
+                   for have, want in zip(strategy.in_specs, read, strict=True))

@@ -1,0 +1,159 @@
+"""The layouts XLA's propagation gives a preset's values (``intra/xla_propagation``), checked
+against what jax 0.10 compiles: small programs whose propagated layout a forward greedy
+gets wrong, and the presets' audits on whole training steps."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import autoshard
+from autoshard.intra.xla_propagation import per_use_values, propagated_layouts
+from autoshard.ir.trace import trace
+from examples import models
+from tests.trees import assert_trees_allclose
+
+BOTH = ((0, 1), ())     # dim 0 split over (data, model) of a 2x4 mesh
+DATA, MODEL = ((0,), ()), ((), (1,))
+
+
+def _equations(program, name):
+    return [e for e, eqn in enumerate(program.eqns) if eqn.primitive.name == name]
+
+
+def _mlp_step(params, x, y):
+    def loss(p):
+        h = jnp.tanh(x @ p["w1"])
+        return jnp.mean((h @ p["w2"] - y) ** 2)
+    grads = jax.grad(loss)(params)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+
+def _mlp_args():
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    return {"w1": f32(64, 128), "w2": f32(128, 16)}, f32(32, 64), f32(32, 16)
+
+
+def test_zero3_factors_go_to_the_larger_tensor_as_xla_gives_them():
+    # ZeRO-3 on 2x4: weights and batch split on dim 0 over both axes. Where a dot's
+    # factors want the same axes, the factor of the larger tensor takes them (measured:
+    # the sharding XLA's propagation gives each dot of this step). x @ w1: the batch (x is
+    # [32, 64], w1 [64, 128]... w1 is larger, but its rows are summed: only kept factors
+    # pass at first) is split and w1 is read whole (all-gathered). The hidden gradient
+    # g @ w2^T ([32, 16] by [128, 16]): w2's rows win, the result is split on its hidden
+    # dim, and g is read whole.
+    params, x, y = _mlp_args()
+    program = trace(_mlp_step, (params, x, y)).program
+    layouts = (BOTH, BOTH, BOTH, BOTH)           # w1, w2, x, y
+    got = propagated_layouts(program, layouts, {0: BOTH, 1: BOTH}, {}, (2, 4))
+    dots = _equations(program, "dot_general")
+    forward = dots[0]
+    assert got.made[program.eqns[forward].outputs[0]] == BOTH
+    assert got.read[forward] == (BOTH, ((), ()))
+    [hidden] = [e for e in dots if program.avals[program.eqns[e].outputs[0]].shape == (32, 128)
+                and e != forward]
+    assert got.made[program.eqns[hidden].outputs[0]] == ((), (0, 1))
+    assert got.read[hidden] == (((), ()), BOTH)
+
+
+def test_a_constant_read_by_two_ops_passes_no_layout_between_them():
+    # XLA copies a constant expression (here the zeros of two `where`s) for each reader
+    # (Shardy's constant splitter): y's `where` keeps y's layout, not x's split over model
+    def f(x, y):
+        zeros = jnp.zeros((8, 16))
+        return jnp.where(x > 0, x, zeros), jnp.where(y > 0, y, zeros)
+
+    arg = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+    program = trace(f, (arg, arg)).program
+    got = propagated_layouts(program, (MODEL, DATA), {}, {}, (2, 4))
+    first, second = program.outvars
+    assert got.made[first] == MODEL and got.made[second] == DATA
+    assert any(program.eqns[e].outputs[0] in per_use_values(program)
+               for e in _equations(program, "broadcast_in_dim"))
+
+
+def test_a_returned_layout_reaches_back_into_the_step():
+    # the returned value's fixed layout (out_shardings) is taken by the op making it, as
+    # XLA's propagation moves a function's result shardings into its body: the product is
+    # made split and reads its replicated input sliced (a forward pass would replicate it)
+    def f(x):
+        return x * 2.0
+
+    program = trace(f, (jax.ShapeDtypeStruct((8, 16), jnp.float32),)).program
+    got = propagated_layouts(program, (((), ()),), {0: DATA}, {}, (2, 4))
+    [mul] = _equations(program, "mul")
+    assert got.made[program.eqns[mul].outputs[0]] == DATA
+    assert got.read[mul][0] == DATA
+
+
+def test_a_bias_broadcast_passes_its_layout_forward_last():
+    # jax broadcasts a bias [n] to the sum's shape (a reshape to [1, n], then a broadcast);
+    # a broadcast passes layouts forward only at the last priority. ZeRO-3 on 8 devices:
+    # the batch's axis reaches the sum through the dot (its rows), before the bias's split
+    # of the features, which the sum then cannot take (measured: XLA splits the sum of the
+    # embedding benchmark's dense layer over its batch, not its features)
+    def f(x, w, b):
+        return jnp.tanh(x @ w + b)
+
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    program = trace(f, (f32(32, 64), f32(64, 64), f32(64))).program
+    rows, features = ((0,), ()), ((0,),)
+    got = propagated_layouts(program, (rows, rows, features), {}, {}, (8,))
+    assert got.made[program.outvars[0]] == rows
+    [dot] = _equations(program, "dot_general")
+    assert got.made[program.eqns[dot].outputs[0]] == rows
+
+
+STEPS = {
+    "mlp": lambda: models.mlp(num_layers=4, batch=32, hidden=256, abstract=True),
+    "gpt": lambda: models.gpt(num_layers=1, d_model=64, heads=8, seq=16, batch=8, vocab=256,
+                              abstract=True),
+    "wide_resnet_block": lambda: models.wide_resnet_block(abstract=True),
+}
+#: (preset, workload) whose priced collectives are exactly the compiled ones on 2x4. Not
+#: yet: ZeRO3 of the GPT (XLA's propagation orders a layer norm's backward ops otherwise
+#: than ours: 3 all-to-alls of 4 KiB priced that XLA does not run) and of the Wide-ResNet
+#: block (XLA gathers a norm's scale twice, for two readers; priced once)
+EXACT = [("ZeRO3", "mlp"), ("Megatron", "mlp"), ("Megatron", "gpt"),
+         ("Megatron", "wide_resnet_block")]
+
+
+@pytest.mark.parametrize("preset,workload", EXACT, ids=["-".join(c) for c in EXACT])
+def test_the_preset_is_priced_with_the_collectives_xla_compiles(preset, workload):
+    # every collective XLA's propagation and partitioner make of the hand-written layout,
+    # and no other, is in the plan (kind, mesh axes, count and bytes): the audit is clean
+    w = STEPS[workload]()
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    step = autoshard.parallelize(w.fn, mesh=mesh, method=getattr(autoshard, preset)(),
+                                 batch_argnums=w.batch_argnums)
+    audit = step.plan(*w.args).audit(step.lower(*w.args).compile())
+    assert audit.ok, audit.differences
+
+
+def test_zero3_of_an_optax_step_is_priced_as_compiled_and_runs_like_jit():
+    # a user's step: optax adam, the loss closing over the batch, the batch by keyword
+    import optax
+
+    opt = optax.adam(1e-2)
+
+    def step(params, opt_state, *, batch):
+        def loss(p):
+            return jnp.mean((jnp.tanh(batch["x"] @ p["w1"]) @ p["w2"] - batch["y"]) ** 2)
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.normal(size=(64, 128)).astype(np.float32) * 0.1,
+              "w2": rng.normal(size=(128, 16)).astype(np.float32) * 0.1}
+    batch = {"x": rng.normal(size=(32, 64)).astype(np.float32),
+             "y": rng.normal(size=(32, 16)).astype(np.float32)}
+    state = opt.init(params)
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    parallel = autoshard.parallelize(step, mesh=mesh, method=autoshard.ZeRO3())
+    plan = parallel.plan(params, state, batch=batch)
+    audit = plan.audit(parallel.lower(params, state, batch=batch).compile())
+    assert audit.ok, audit.differences
+    assert_trees_allclose(parallel(params, state, batch=batch),
+                          jax.jit(step)(params, state, batch=batch))
