@@ -53,8 +53,12 @@ def test_preset_compiles_like_the_hand_written_jit(preset, workload, shape, name
         if "args" + path in by_path:  # carried into the next step in its input layout
             assert spec == by_path["args" + path], path
     hand, _ = baselines.baseline_jit(w, workload, mesh, baseline, donate=False)
-    assert _collectives(step.lower(*w.args).compile()) == \
-        _collectives(hand.lower(*w.args).compile())
+    compiled = step.lower(*w.args).compile()
+    assert _collectives(compiled) == _collectives(hand.lower(*w.args).compile())
+    # and priced as compiled: every collective of XLA's propagation of the layouts is in
+    # the plan, no other (kind, mesh axes, count and bytes: intra/xla_propagation)
+    audit = plan.audit(compiled)
+    assert audit.ok, audit.differences
 
 
 def test_megatron_reads_column_row_and_vocab_parallel_off_the_program():

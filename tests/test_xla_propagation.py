@@ -1,17 +1,16 @@
 """The layouts XLA's propagation gives a preset's values (``intra/xla_propagation``), checked
 against what jax 0.10 compiles: small programs whose propagated layout a forward greedy
-gets wrong, and the presets' audits on whole training steps."""
+gets wrong, and a user's step priced as compiled (``tests/test_presets.py`` audits every
+preset on its workloads)."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import autoshard
 from autoshard.intra.xla_propagation import per_use_values, propagated_layouts
 from autoshard.ir.trace import trace
-from examples import models
 from tests.trees import assert_trees_allclose
 
 BOTH = ((0, 1), ())     # dim 0 split over (data, model) of a 2x4 mesh
@@ -103,32 +102,6 @@ def test_a_bias_broadcast_passes_its_layout_forward_last():
     assert got.made[program.outvars[0]] == rows
     [dot] = _equations(program, "dot_general")
     assert got.made[program.eqns[dot].outputs[0]] == rows
-
-
-STEPS = {
-    "mlp": lambda: models.mlp(num_layers=4, batch=32, hidden=256, abstract=True),
-    "gpt": lambda: models.gpt(num_layers=1, d_model=64, heads=8, seq=16, batch=8, vocab=256,
-                              abstract=True),
-    "wide_resnet_block": lambda: models.wide_resnet_block(abstract=True),
-}
-#: (preset, workload) whose priced collectives are exactly the compiled ones on 2x4. Not
-#: yet: ZeRO3 of the GPT (XLA's propagation orders a layer norm's backward ops otherwise
-#: than ours: 3 all-to-alls of 4 KiB priced that XLA does not run) and of the Wide-ResNet
-#: block (XLA gathers a norm's scale twice, for two readers; priced once)
-EXACT = [("ZeRO3", "mlp"), ("Megatron", "mlp"), ("Megatron", "gpt"),
-         ("Megatron", "wide_resnet_block")]
-
-
-@pytest.mark.parametrize("preset,workload", EXACT, ids=["-".join(c) for c in EXACT])
-def test_the_preset_is_priced_with_the_collectives_xla_compiles(preset, workload):
-    # every collective XLA's propagation and partitioner make of the hand-written layout,
-    # and no other, is in the plan (kind, mesh axes, count and bytes): the audit is clean
-    w = STEPS[workload]()
-    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
-    step = autoshard.parallelize(w.fn, mesh=mesh, method=getattr(autoshard, preset)(),
-                                 batch_argnums=w.batch_argnums)
-    audit = step.plan(*w.args).audit(step.lower(*w.args).compile())
-    assert audit.ok, audit.differences
 
 
 def test_zero3_of_an_optax_step_is_priced_as_compiled_and_runs_like_jit():

@@ -65,7 +65,8 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
             collectives.append(Collective(node.name, step.kind, step.seconds, step.nbytes,
                                           names(step.axes)))
     resharding, copies = 0.0, 0
-    repeated = repeated_reshardings(graph, uses, chosen)  # XLA's CSE runs those once
+    # XLA's CSE runs those once
+    repeated = repeated_reshardings(graph, uses, chosen, per_broadcast=result is None)
     for k, (use, matrix) in enumerate(zip(uses, matrices)):
         cost = float(matrix[choices[use.src], choices[use.dst]])
         if use.operand < 0:  # loop-carried: the next step's input layout

@@ -26,6 +26,7 @@ from .carried_axes import carried_options, fixed_axes, layout_axes
 from .combining import MergedAllReduce, combine_all_reduces
 from .following import Grouping, group_followers, grouped_request
 from .graph import ShardingGraph, Use, build_graph, use_cost_matrix
+from .op_rules import ELEMENTWISE
 from .presets import preset_layouts
 from .shared_reads import reads_following_producers, regrouped, settle_reads, share_reads
 from .xla_propagation import ProgramFactors, program_factors, propagated_options
@@ -102,8 +103,10 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
 
     per_use_graph = build_graph(traced, model, input_specs, axis_names,
                                 donated=[i for i, d in enumerate(donated_flat) if d])
+    # (a preset is priced per reader: XLA's partitioner reshards a value for each reader,
+    # sharing only equal reshardings; read nodes model the copies a search may share)
     graph = share_reads(per_use_graph) if len(model.mesh_shape) <= SHARED_READS_MAX_AXES \
-        else per_use_graph
+        and not isinstance(method, PRESETS) else per_use_graph
     has_read_nodes = graph is not per_use_graph  # (pricing makes a new graph below)
     messages = _warn_unsupported(graph)
     by_key_path = tuple(sorted(carried_pairs(traced, donated_flat)))
@@ -437,11 +440,18 @@ def _priced(graph: ShardingGraph, grouping: Grouping, request: ilp.IntraOpReques
                        float(priced.edge_cost) - repeated, float(fed))
 
 
-def repeated_reshardings(graph: ShardingGraph, uses: Sequence[Use], chosen) -> set[int]:
+def repeated_reshardings(graph: ShardingGraph, uses: Sequence[Use], chosen,
+                         per_broadcast: bool = False) -> set[int]:
     """Indices of the ``uses`` whose resharding (``chosen``: a strategy per graph node)
     repeats an earlier use's: the same value, from the same layout to the same one. XLA's
     CSE runs such a resharding once for all its readers; a search without read nodes (a
-    3-axis mesh's) prices it per reader. Loop-carried uses are never repeats."""
+    3-axis mesh's) prices it per reader. Loop-carried uses are never repeats. With
+    ``per_broadcast`` (a preset's program: XLA's propagation places every resharding),
+    neither is the read of an elementwise op that broadcasts the value (a bias, a norm's
+    scale): jax broadcasts it for each such reader, and each broadcast's operand is
+    resharded on its own (measured: a Wide-ResNet block's ZeRO-3 program gathers a norm's
+    scale twice, for its forward and backward products)."""
+    program = graph.traced.program
     seen, repeated = set(), set()
     for k, use in enumerate(uses):
         if use.operand < 0:
@@ -450,11 +460,22 @@ def repeated_reshardings(graph: ShardingGraph, uses: Sequence[Use], chosen) -> s
         dst = chosen[use.dst].in_specs[use.operand]
         if src == dst:
             continue
-        key = (graph.nodes[use.src].outputs[use.src_output], src, dst)
+        vid = graph.nodes[use.src].outputs[use.src_output]
+        if per_broadcast and _broadcast_by(program, graph.nodes[use.dst], vid):
+            continue
+        key = (vid, src, dst)
         if key in seen:
             repeated.add(k)
         seen.add(key)
     return repeated
+
+
+def _broadcast_by(program, node, vid: int) -> bool:
+    """Whether op ``node`` is elementwise and reads ``vid`` at another shape than its
+    result's (dims of size 1 broadcast)."""
+    if node.kind != "op" or program.eqns[node.eqn].primitive.name not in ELEMENTWISE:
+        return False
+    return tuple(program.avals[vid].shape) != tuple(program.avals[node.outputs[0]].shape)
 
 
 def _fixed_inputs(program, in_layouts: Mapping[int, PartitionSpec], mesh_shape, axis_names

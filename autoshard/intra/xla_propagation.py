@@ -76,6 +76,7 @@ class _Op:
     kind: str
     elementwise: bool
     shared_operand: bool              # an operand (not a scalar) read elsewhere too
+    kept_first: bool = False          # a scatter: its result's split wins over its sums'
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -158,14 +159,28 @@ def propagated_layouts(program: Program, in_layouts: Sequence[Spec],
 def _read_layouts(eqn, op: _Op, made: Mapping[int, Spec], mesh_shape) -> tuple:
     """The layout XLA's partitioner reads each operand of ``op`` in (None for a literal).
     A loop no result keeps (summed) is split over the axes its operands agree on when
-    each of them is split there: partial results, summed, then sliced to
-    the result's layout (measured: ZeRO-3's weight gradients, summed over the batch's
-    axes, then sliced; an embedding table split on its rows, gathered from in parts, then
-    summed); else it is whole. A loop a result keeps is split as that result is, less
-    the summed loops' axes."""
+    each of them is split there: partial results, summed, then sliced to the result's
+    layout (measured: ZeRO-3's weight gradients, summed over the batch's axes, then
+    sliced; an embedding table split on its rows, gathered from in parts, then summed);
+    else it is whole. A loop a result keeps is split as that result is, less the summed
+    loops' axes; but a scatter keeps its result's split first (``kept_first``; measured:
+    an embedding table's gradient, the table split on its rows, is scattered on each
+    device into its own rows, the updates gathered whole, not summed over the batch's
+    axis)."""
     loops: dict[int, tuple] = {}
     kept = {l for _, dims in op.results for l in dims if l is not None}
     used: set[int] = set()
+
+    def split_kept():
+        for vid, dims in op.results:
+            held = made.get(vid)
+            for d, loop in enumerate(dims):
+                if loop is not None and loop not in loops:
+                    loops[loop] = tuple(_before_any(held[d], used)) if held is not None else ()
+                    used.update(loops[loop])
+
+    if op.kept_first:
+        split_kept()
     for loop in range(len(op.sizes)):
         if loop in kept or not op.open_loops[loop]:
             continue
@@ -181,12 +196,7 @@ def _read_layouts(eqn, op: _Op, made: Mapping[int, Spec], mesh_shape) -> tuple:
         found = _before_any(_within_dim(found, (), op.sizes[loop], mesh_shape), used)
         loops[loop] = tuple(found)
         used.update(found)
-    for vid, dims in op.results:
-        held = made.get(vid)
-        for d, loop in enumerate(dims):
-            if loop is not None and loop not in loops:
-                loops[loop] = tuple(_before_any(held[d], used)) if held is not None else ()
-                used.update(loops[loop])
+    split_kept()
     return tuple(None if isinstance(a, Literal) else () if not dims else
                  tuple(loops.get(l, ()) if l is not None else () for l in dims)
                  for a, dims in zip(eqn.inputs, op.in_dims))
@@ -261,7 +271,6 @@ def _ops(program: Program, signatures: Sequence[str] | None):
         op = loops[key]
         ops.append(None if op is None else _op(eqn, op, inputs[e], in_avals, out_avals,
                                                readers))
-    order = []
     for i, (e, k, a) in enumerate(broadcasts):
         aval, out = program.avals[eqns[e].inputs[k]], program.avals[eqns[e].outputs[0]]
         dims = tuple(d if aval.shape[d] == out.shape[d] else None
@@ -273,13 +282,39 @@ def _ops(program: Program, signatures: Sequence[str] | None):
                        ((a, dims),), ((key, full),), (dims,),
                        (math.prod(aval.shape), math.prod(out.shape)), "broadcast", False,
                        len(readers[a]) > 1))
-    by_equation: dict[int, list[int]] = {}
-    for i, (e, _, _) in enumerate(broadcasts):
-        by_equation.setdefault(e, []).append(len(eqns) + i)
-    for e in range(len(eqns)):
-        order += by_equation.get(e, []) + [e]
     users = {v: [i for i in es if i >= 0] for v, es in readers.items()}
-    return tuple(ops), tuple(order), users, producer
+    return tuple(ops), _post_order(program, inputs, ops, producer), users, producer
+
+
+def _post_order(program: Program, inputs, ops, producer) -> tuple[int, ...]:
+    """The ops in the order XLA's propagation visits them: the post-order XLA gives an
+    HLO computation (``MakeInstructionPostOrder``), depth first from the returned values
+    in order, each op's operands in order before it (an implicit broadcast is an op of
+    its own, before its reader); ops no returned value needs (XLA removes them) last, in
+    program order."""
+    count = len(program.eqns)
+
+    def sources(i):
+        atoms = inputs[i] if i < count else [ops[i].operands[0][0]]
+        return [producer.get(a) for a in atoms if not isinstance(a, Literal)]
+
+    order, seen = [], set()
+    for root in program.outvars:
+        if isinstance(root, Literal) or root not in producer:
+            continue
+        stack = [(producer[root], False)]
+        while stack:
+            i, expanded = stack.pop()
+            if i in seen:
+                continue
+            if expanded:
+                seen.add(i)
+                order.append(i)
+                continue
+            stack.append((i, True))
+            stack.extend((j, False) for j in reversed(sources(i))
+                         if j is not None and j not in seen)
+    return tuple(order) + tuple(i for i in range(len(ops)) if i not in seen)
 
 
 def _op(eqn, op, inputs, in_avals, out_avals, readers) -> _Op:
@@ -303,7 +338,8 @@ def _op(eqn, op, inputs, in_avals, out_avals, readers) -> _Op:
     return _Op(tuple(op.sizes), tuple(op.splittable),
                tuple(s and l in kept for l, s in enumerate(op.splittable)),
                operands, results, tuple(op.in_dims), elements, kind,
-               name in ELEMENTWISE, shared)
+               name in ELEMENTWISE, shared,
+               kept_first=name.startswith("scatter") and op.indexing is not None)
 
 
 def _direction(op: _Op, loop: int, priority: int) -> int:
@@ -466,10 +502,10 @@ def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequen
     """Per ILP node (position in ``grouping.roots``) the strategies closest to what XLA
     compiles from the inputs' fixed ``layouts`` (each carried output of ``pairs``, (flat
     output, flat input), fixed to its input's layout; the program's sharding constraints
-    kept): :func:`propagated_layouts`. A member op scores 2 for a strategy that makes its
-    values and reads its operands in the propagated layouts, 1 for one that makes them
-    so; the node keeps the strategies of the best total, when some score and not all
-    alike. ``factors``: ``program_factors`` of the graph's program, made here when not
+    kept): :func:`propagated_layouts`. Each member op scores its strategies by how close
+    they come to reading and making its values in the propagated layouts (``_score``);
+    the node keeps the strategies of the best total, when some score and not all alike.
+    ``factors``: ``program_factors`` of the graph's program, made here when not
     given."""
     program = graph.traced.program
     constrained = {node.eqn: node.strategies[0].out_specs[0] for node in graph.nodes
@@ -501,8 +537,17 @@ def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequen
 
 
 def _score(strategy, out: tuple, read: tuple) -> int:
-    """2: ``strategy`` makes ``out`` and reads ``read``; 1: it makes ``out``; else 0."""
-    if tuple(strategy.out_specs) != out:
-        return 0
-    return 1 + all(want is None or have == want
-                   for have, want in zip(strategy.in_specs, read, strict=True))
+    """3: ``strategy`` reads ``read`` and makes ``out``; 2: it reads ``read`` and makes
+    a layout ``out`` slices (XLA's partitioner computes the op as its operands are read,
+    then slices the result into its layout: a whole partial sum all-reduced over the
+    batch's axis, then sliced into a weight's layout over two axes); 1: it makes
+    ``out``; else 0."""
+    reads = all(want is None or have == want
+                for have, want in zip(strategy.in_specs, read, strict=True))
+    if tuple(strategy.out_specs) == out:
+        return 1 + 2 * reads
+    if reads and all(len(have) == len(want) and all(
+            tuple(w[:len(h)]) == tuple(h) for h, w in zip(have, want, strict=True))
+            for have, want in zip(strategy.out_specs, out, strict=True)):
+        return 2
+    return 0
