@@ -28,8 +28,9 @@ from .following import Grouping, group_followers, grouped_request
 from .graph import ShardingGraph, Use, build_graph, use_cost_matrix
 from .op_rules import ELEMENTWISE
 from .presets import preset_layouts
+from .propagated_strategies import propagated_options
 from .shared_reads import reads_following_producers, regrouped, settle_reads, share_reads
-from .xla_propagation import ProgramFactors, program_factors, propagated_options
+from .xla_propagation import ProgramFactors, program_factors
 
 _log = logging.getLogger("autoshard")
 

@@ -1,5 +1,6 @@
 """The layouts XLA's sharding propagation gives the values of a program whose inputs' and
-outputs' layouts are fixed, as a preset's ``jax.jit`` fixes them and leaves the rest to XLA.
+outputs' layouts are fixed, as a preset's ``jax.jit`` fixes them and leaves the rest to XLA,
+and the layouts its partitioner then reads each op's operands in.
 
 Modelled on Shardy's (jax 0.10's propagation; openxla/shardy,
 ``dialect/sdy/transforms/propagation``): op-priority propagation, each priority's ops
@@ -19,9 +20,15 @@ constraints) are closed: they give axes and take none. Priorities, as Shardy's s
 4. every factor, every op.
 
 Each priority first takes the fixed layouts of the returned values into the values
-returned. Not modelled: sub-axes (an axis whose size a dim divides only in part stops
-the list), dims made of several factors (a reshape's minor dims take nothing), priorities
-users give constraints, and control flow (its ops pass nothing on).
+returned, then visits the ops in XLA's post-order of the computation (``_post_order``:
+the order settles conflicts). As jax lowers the program and Shardy imports it: a
+constant expression or a broadcast scalar is copied for each reader
+(``per_use_values``); an elementwise op's operand with dims of size 1 is broadcast by an
+op of its own; a broadcast adding only such dims is a reshape.
+
+Not modelled: sub-axes (an axis whose size a dim divides only in part stops the list),
+dims made of several factors (a reshape's minor dims take nothing), priorities users
+give constraints, and control flow (its ops pass nothing on).
 """
 from __future__ import annotations
 
@@ -29,15 +36,10 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
 from autoshard.ir.program import Literal, Program
 from autoshard.ir.specs import Spec
 
-from .following import Grouping
-from .graph import ShardingGraph
 from .op_rules import ELEMENTWISE, loop_op
-from .user_constraints import CONSTRAINTS
 
 NONE, FORWARD, BACKWARD, BOTH = 0, 1, 2, 3
 
@@ -494,60 +496,3 @@ def _take_returned(axes: dict, vid: int, spec: Spec, program: Program, mesh_shap
         axes[vid] = current
         return True
     return False
-
-
-def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[Spec],
-                       mesh_shape: Sequence[int], pairs: Sequence[tuple[int, int]] = (),
-                       factors: ProgramFactors | None = None) -> dict[int, list[int]]:
-    """Per ILP node (position in ``grouping.roots``) the strategies closest to what XLA
-    compiles from the inputs' fixed ``layouts`` (each carried output of ``pairs``, (flat
-    output, flat input), fixed to its input's layout; the program's sharding constraints
-    kept): :func:`propagated_layouts`. Each member op scores its strategies by how close
-    they come to reading and making its values in the propagated layouts (``_score``);
-    the node keeps the strategies of the best total, when some score and not all alike.
-    ``factors``: ``program_factors`` of the graph's program, made here when not
-    given."""
-    program = graph.traced.program
-    constrained = {node.eqn: node.strategies[0].out_specs[0] for node in graph.nodes
-                   if node.kind == "op" and len(node.strategies) == 1
-                   and program.eqns[node.eqn].primitive.name in CONSTRAINTS}
-    propagated = propagated_layouts(program, layouts, {o: layouts[i] for o, i in pairs},
-                                    constrained, mesh_shape, factors)
-    made = propagated.made
-    members: dict[int, list[int]] = {r: [] for r in grouping.roots}
-    for v, r in enumerate(grouping.root):
-        if graph.nodes[v].kind == "op" and graph.nodes[v].eqn in propagated.read:
-            members[r].append(v)
-    scores: dict[tuple, np.ndarray] = {}   # repeated layers share their strategy tuples
-    options = {}
-    for position, r in enumerate(grouping.roots):
-        score = np.zeros(len(grouping.index[r]), dtype=np.int64)
-        for v in members[r]:
-            node = graph.nodes[v]
-            out = tuple(made.get(vid) or ((),) * len(program.avals[vid].shape)
-                        for vid in node.outputs)
-            key = (id(node.strategies), out, propagated.read[node.eqn])
-            if key not in scores:
-                scores[key] = np.array([_score(s, out, key[2]) for s in node.strategies])
-            score += scores[key][grouping.index[v]]
-        best = score.max(initial=0)
-        if best > 0 and not (score == best).all():
-            options[position] = np.flatnonzero(score == best).tolist()
-    return options
-
-
-def _score(strategy, out: tuple, read: tuple) -> int:
-    """3: ``strategy`` reads ``read`` and makes ``out``; 2: it reads ``read`` and makes
-    a layout ``out`` slices (XLA's partitioner computes the op as its operands are read,
-    then slices the result into its layout: a whole partial sum all-reduced over the
-    batch's axis, then sliced into a weight's layout over two axes); 1: it makes
-    ``out``; else 0."""
-    reads = all(want is None or have == want
-                for have, want in zip(strategy.in_specs, read, strict=True))
-    if tuple(strategy.out_specs) == out:
-        return 1 + 2 * reads
-    if reads and all(len(have) == len(want) and all(
-            tuple(w[:len(h)]) == tuple(h) for h, w in zip(have, want, strict=True))
-            for have, want in zip(strategy.out_specs, out, strict=True)):
-        return 2
-    return 0
