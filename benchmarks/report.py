@@ -259,6 +259,10 @@ def write_markdown(result: dict, path: Path) -> None:
                         - 1) <= MEMORY_AGREEMENT for r in memory)
     presets = [r for r in rows if r["kind"] == "preset" and r["modelled"] and r["yardstick"]]
     presets_agreeing = sum(abs(model_ratio(r) - 1) <= AGREEMENT for r in presets)
+    preset_audits = [r for r in rows if r["kind"] == "preset" and r.get("audit")]
+    by_preset = {p: (sum(r["audit"]["ok"] for r in preset_audits if r["program"] == p),
+                     sum(r["program"] == p for r in preset_audits))
+                 for p in dict.fromkeys(r["program"] for r in preset_audits)}
     steps = step_ratios(result)
     slow = [e for e in steps if e["ratio"] > STEP_GOAL]
     env = result["environment"]
@@ -300,7 +304,9 @@ def write_markdown(result: dict, path: Path) -> None:
             "roofline does not know (the measured table gives every executed row's modelled / "
             "measured step time)" if timed else "") + ".",
         f"- Audit clean (the compiled program runs the collectives the plan priced): **{clean} "
-        f"of {len(audited)}**.",
+        f"of {len(audited)}**; the presets' programs (XLA's propagation of their layouts, as "
+        "priced by `intra/xla_propagation.py`): " + ", ".join(
+            f"{p} **{ok} of {n}**" for p, (ok, n) in by_preset.items()) + ".",
         f"- Modelled peak memory within ±15 % of the compiled program's (ILP, donated and not): "
         f"**{memory_ok} of {len(memory)}**.",
         f"- ILP's measured step time at most {STEP_GOAL:g}× the fastest hand-written "
@@ -310,8 +316,8 @@ def write_markdown(result: dict, path: Path) -> None:
             + "; see the notes at the end)" if slow else "") + ".",
         f"- Not a goal, for reading the plans' summaries: the presets' modelled time within "
         f"±10 % of their yardstick on {presets_agreeing} of {len(presets)} rows (a preset is "
-        "priced as its input layouts propagated op by op in program order; XLA's propagation "
-        "lays out some intermediates otherwise: see their audits in `results.json`).", "",
+        "priced as XLA's propagation lays out its program; the yardstick's roofline and the "
+        "model's prices of the same program differ as for the ILP's plans).", "",
         "## ILP against the best hand-written baseline (yardstick)", "",
         *_headline_table(entries), "",
         "### Rows where the ILP loses", "", *_loss_lines(rows, entries), "",

@@ -69,11 +69,11 @@ class StageCost:
 @dataclasses.dataclass(frozen=True)
 class Alternative:
     """A hand-written layout priced by the same model as the searched plan (seconds per
-    step): a preset's input layouts (``method``: its class name) propagated through the
-    searched program op by op, as XLA propagates ``in_shardings``. It is how
-    ``method=autoshard.<method>()`` prices its own plan, up to where the greedy
-    propagation meets a tie (the preset's own, smaller problem can settle one the other
-    way: a few percent apart). The searched plan's summary lists them, so a plan that
+    step): a preset's layouts (``method``: its class name) propagated through the
+    searched program as XLA propagates ``in_shardings`` and ``out_shardings``
+    (``intra/xla_propagation``). It is how ``method=autoshard.<method>()`` prices its own
+    plan, but for the copies a value's readers share (a preset's own plan is priced per
+    reader, as XLA reshards): a few percent apart. The searched plan's summary lists them, so a plan that
     looks odd (the batch left whole) comes with what the obvious layout would cost, and
     in which part."""
 

@@ -102,8 +102,8 @@ def _alternatives(plan) -> list[str]:
         return []
     c = plan.cost
     lines = ["hand-written layouts (method=autoshard.<name>()) priced by the same model, "
-             "their input layouts propagated op by op in program order (an estimate of what "
-             "XLA's propagation compiles; audit a preset's program to see where it differs):"]
+             "laid out as XLA's propagation lays out their fixed layouts (audit a preset's "
+             "compiled program to see any difference):"]
     width = max(len(a.method) for a in plan.alternatives)
     for a in sorted(plan.alternatives, key=lambda a: a.total_s):
         parts = [(name, getattr(a, f) - getattr(c, f)) for name, f in (
