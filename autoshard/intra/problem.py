@@ -211,9 +211,9 @@ def _preset_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[
                     pairs: Sequence[tuple[int, int]], factors: ProgramFactors | None = None
                     ) -> dict[int, list[int]]:
     """``restrictions`` (ILP node position -> strategies, over ``grouping``) with every
-    node kept to the axes XLA's propagation can use (``_carried``) and to the layouts it
-    gives the node's values (``xla_propagation.propagated_options``) where it has such
-    strategies; a node's own restriction wins where they leave it nothing."""
+    node kept to the axes XLA's propagation can use (``_carried``) and to the strategies
+    closest to its layouts (``propagated_strategies.propagated_options``) where it has
+    such strategies; a node's own restriction wins where they leave it nothing."""
     merged = _carried(graph, grouping, layouts, restrictions, mesh_shape)
     for position, options in propagated_options(graph, grouping, layouts, mesh_shape,
                                                 pairs, factors).items():

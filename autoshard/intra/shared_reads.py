@@ -107,10 +107,9 @@ def read_steps(graph: ShardingGraph) -> dict[int, tuple[int, int]]:
 def settle_reads(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
                  choices: Sequence[int]) -> tuple[int, ...]:
     """``choices`` (per ILP node) with every read node moved to its cheapest layout given
-    its neighbours' choices, among the layout the value is made in and those its readers
-    read it in: a plan whose readers were chosen first (propagation) then shares each
-    resharding as XLA does (it invents no layout between). Exact: a read node's edges
-    all end at nodes that are not read nodes."""
+    its neighbours' choices: a plan whose readers were chosen first (propagation) then
+    shares each resharding as XLA does. Exact: a read node's edges all end at nodes that
+    are not read nodes."""
     position = {r: p for p, r in enumerate(grouping.roots)}
     reads = {position[v] for v, node in enumerate(graph.nodes)
              if node.kind == READ and grouping.root[v] == v}
@@ -118,26 +117,13 @@ def settle_reads(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
         return tuple(choices)
     out = [int(c) for c in choices]
     totals = {p: np.array(request.node_costs[p], dtype=np.float64) for p in reads}
-    made = {p: np.zeros_like(t) for p, t in totals.items()}  # resharding from the producer
-    read = {p: np.zeros(len(t), dtype=bool) for p, t in totals.items()}  # a reader's layout
     for edge in request.edges:
         if edge.src in reads:
-            out_of = np.asarray(edge.cost)[:, out[edge.dst]]
-            totals[edge.src] = totals[edge.src] + out_of
-            read[edge.src] |= out_of == 0
+            totals[edge.src] = totals[edge.src] + np.asarray(edge.cost)[:, out[edge.dst]]
         if edge.dst in reads:
-            into = np.asarray(edge.cost)[out[edge.src], :]
-            totals[edge.dst] = totals[edge.dst] + into
-            made[edge.dst] = made[edge.dst] + into
+            totals[edge.dst] = totals[edge.dst] + np.asarray(edge.cost)[out[edge.src], :]
     for p, total in totals.items():
-        # XLA reshards each reader from the value as made, sharing a resharding only
-        # between readers of one layout: the copy is the value as made or a reader's
-        candidates = np.flatnonzero((made[p] == 0) | read[p])
-        if not len(candidates):
-            candidates = np.arange(len(total))
-        best = total[candidates].min()
-        tied = candidates[total[candidates] <= best + 1e-12 * abs(best)]
-        out[p] = int(tied[np.argmin(made[p][tied])])
+        out[p] = int(np.argmin(total))
     return tuple(out)
 
 
