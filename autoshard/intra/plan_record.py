@@ -11,7 +11,7 @@ import numpy as np
 from autoshard import ilp
 from autoshard.cost_model import Cluster, MeshCostModel
 from autoshard.ir.fingerprint import fingerprint
-from autoshard.ir.specs import to_partition_spec
+from autoshard.ir.specs import Spec, to_partition_spec
 from autoshard.ir.trace import TracedFunction
 from autoshard.plan.parts import Collective, OpCost, PlanCost, SolverInfo
 from autoshard.plan.record import Plan
@@ -64,6 +64,13 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         for step in strat.collectives:
             collectives.append(Collective(node.name, step.kind, step.seconds, step.nbytes,
                                           names(step.axes)))
+
+    def resharded(where: str, aval, src: Spec, dst: Spec):
+        """List the collectives XLA reshards a value of ``aval`` from ``src`` to ``dst`` by."""
+        for step in model.resharding_steps(tuple(aval.shape), aval.dtype.itemsize, src, dst):
+            collectives.append(Collective(where, step.kind, step.seconds, step.nbytes,
+                                          names(step.axes), resharding=True))
+
     resharding, copies = 0.0, 0
     # XLA's CSE runs those once
     repeated = repeated_reshardings(graph, uses, chosen, per_broadcast=result is None)
@@ -72,14 +79,10 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         if use.operand < 0:  # loop-carried: the next step's input layout
             resharding += cost
             if result is None:  # a preset returns it in that layout: the program reshards
-                vid = graph.nodes[use.src].outputs[use.src_output]
-                aval = program.avals[vid]
-                for step in model.resharding_steps(
-                        tuple(aval.shape), aval.dtype.itemsize,
-                        chosen[use.src].out_specs[use.src_output], chosen[use.dst].out_specs[0]):
-                    collectives.append(Collective(f"{graph.nodes[use.src].name}→output",
-                                                  step.kind, step.seconds, step.nbytes,
-                                                  names(step.axes), resharding=True))
+                resharded(f"{graph.nodes[use.src].name}→output",
+                          program.avals[graph.nodes[use.src].outputs[use.src_output]],
+                          chosen[use.src].out_specs[use.src_output],
+                          chosen[use.dst].out_specs[0])
             continue
         vid = graph.nodes[use.src].outputs[use.src_output]
         src_spec = chosen[use.src].out_specs[use.src_output]
@@ -98,11 +101,8 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
                                                src_spec, dst_spec) + unfused_traffic(
                 model, tuple(aval.shape), aval.dtype.itemsize, src_spec, dst_spec,
                 unfused_ends(graph, use))
-            where = f"{graph.nodes[use.src].name}→{graph.nodes[use.dst].name}"
-            for step in model.resharding_steps(tuple(aval.shape), aval.dtype.itemsize,
-                                               src_spec, dst_spec):
-                collectives.append(Collective(where, step.kind, step.seconds, step.nbytes,
-                                              names(step.axes), resharding=True))
+            resharded(f"{graph.nodes[use.src].name}→{graph.nodes[use.dst].name}", aval,
+                      src_spec, dst_spec)
         resharding += cost
 
     merged_latency = 0.0

@@ -26,11 +26,10 @@ from .carried_axes import carried_options, fixed_axes, layout_axes
 from .combining import MergedAllReduce, combine_all_reduces
 from .following import Grouping, group_followers, grouped_request
 from .graph import ShardingGraph, Use, build_graph, use_cost_matrix
-from .op_rules import ELEMENTWISE
 from .presets import preset_layouts
 from .propagated_strategies import propagated_options
 from .shared_reads import reads_following_producers, regrouped, settle_reads, share_reads
-from .xla_propagation import ProgramFactors, program_factors
+from .xla_propagation import ProgramFactors, broadcast_operand, program_factors
 
 _log = logging.getLogger("autoshard")
 
@@ -462,21 +461,14 @@ def repeated_reshardings(graph: ShardingGraph, uses: Sequence[Use], chosen,
         if src == dst:
             continue
         vid = graph.nodes[use.src].outputs[use.src_output]
-        if per_broadcast and _broadcast_by(program, graph.nodes[use.dst], vid):
+        if per_broadcast and graph.nodes[use.dst].kind == "op" and \
+                broadcast_operand(program, program.eqns[graph.nodes[use.dst].eqn], vid):
             continue
         key = (vid, src, dst)
         if key in seen:
             repeated.add(k)
         seen.add(key)
     return repeated
-
-
-def _broadcast_by(program, node, vid: int) -> bool:
-    """Whether op ``node`` is elementwise and reads ``vid`` at another shape than its
-    result's (dims of size 1 broadcast)."""
-    if node.kind != "op" or program.eqns[node.eqn].primitive.name not in ELEMENTWISE:
-        return False
-    return tuple(program.avals[vid].shape) != tuple(program.avals[node.outputs[0]].shape)
 
 
 def _fixed_inputs(program, in_layouts: Mapping[int, PartitionSpec], mesh_shape, axis_names

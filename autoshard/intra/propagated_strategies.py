@@ -11,7 +11,7 @@ from autoshard.ir.specs import Spec
 from .following import Grouping
 from .graph import ShardingGraph
 from .user_constraints import CONSTRAINTS
-from .xla_propagation import ProgramFactors, propagated_layouts
+from .xla_propagation import ProgramFactors, program_factors, propagated_layouts
 
 
 def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[Spec],
@@ -29,6 +29,7 @@ def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequen
     constrained = {node.eqn: node.strategies[0].out_specs[0] for node in graph.nodes
                    if node.kind == "op" and len(node.strategies) == 1
                    and program.eqns[node.eqn].primitive.name in CONSTRAINTS}
+    factors = factors or program_factors(program, graph.traced.signatures)
     propagated = propagated_layouts(program, layouts, {o: layouts[i] for o, i in pairs},
                                     constrained, mesh_shape, factors)
     made = propagated.made

@@ -243,12 +243,8 @@ def _ops(program: Program, signatures: Sequence[str] | None):
                for k, a in enumerate(eqn.inputs)] for e, eqn in enumerate(eqns)]
     broadcasts = []   # (equation, operand, the value it broadcasts)
     for e, eqn in enumerate(eqns):
-        if eqn.primitive.name not in ELEMENTWISE:
-            continue
-        shape = tuple(program.avals[eqn.outputs[0]].shape)
         for k, a in enumerate(eqn.inputs):
-            if not isinstance(a, Literal) and len(program.avals[a].shape) == len(shape) \
-                    and tuple(program.avals[a].shape) != shape:
+            if broadcast_operand(program, eqn, a):
                 broadcasts.append((e, k, inputs[e][k]))
                 inputs[e][k] = ("broadcast", e, k)
     readers: dict = {}
@@ -286,6 +282,15 @@ def _ops(program: Program, signatures: Sequence[str] | None):
                        len(readers[a]) > 1))
     users = {v: [i for i in es if i >= 0] for v, es in readers.items()}
     return tuple(ops), _post_order(program, inputs, ops, producer), users, producer
+
+
+def broadcast_operand(program: Program, eqn, atom) -> bool:
+    """Whether elementwise ``eqn`` reads value ``atom`` with dims of size 1 its result's
+    dims are not: jax broadcasts it first, for this reader alone."""
+    if isinstance(atom, Literal) or eqn.primitive.name not in ELEMENTWISE:
+        return False
+    shape, out = tuple(program.avals[atom].shape), tuple(program.avals[eqn.outputs[0]].shape)
+    return len(shape) == len(out) and shape != out
 
 
 def _post_order(program: Program, inputs, ops, producer) -> tuple[int, ...]:
