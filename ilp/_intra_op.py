@@ -253,17 +253,31 @@ def solve_intra_op(request: IntraOpRequest, *,
                                    solver=None, solver_status="LP_INTEGRAL")
 
     # warm start: local search from the caller's hint and from the LP's largest values
-    starts = []
-    if relaxation is not None and relaxation.solved:
-        starts.append(relaxation.position)
-        # (a second LP only when the first one's time is left twice over)
-        if prepared.shared and deadline.remaining_s() > 2 * relaxation.wall_time_s:
-            # Fixed charges make the LP fractional (it spreads members to share a charge).
-            # With every charge paid up front the problem has none, and its LP optimum
-            # (usually integral) costs at most the optimum plus the unused charges.
-            paid = relax((), prepared.constant + sum(cost for cost, _ in prepared.shared))
-            if paid.solved:
-                starts.append(paid.position)
+    starts = [relaxation.position] if relaxation is not None and relaxation.solved else []
+    bound = relaxation.bound if starts else -np.inf
+    position, warm, warm_eval = _warm(request, prepared, starts, deadline)
+    # (a second LP only when the first one's rounding leaves the gap open, with its time left)
+    if starts and prepared.shared and not _within_gap(request, warm_eval, bound) and \
+            deadline.remaining_s() > 2 * relaxation.wall_time_s:
+        # Fixed charges make the LP fractional (it spreads members to share a charge).
+        # With every charge paid up front the problem has none, and its LP optimum
+        # (usually integral) costs at most the optimum plus the unused charges.
+        paid = relax((), prepared.constant + sum(cost for cost, _ in prepared.shared))
+        if paid.solved:
+            position, warm, warm_eval = _warm(request, prepared, [*starts, paid.position],
+                                              deadline)
+    if _within_gap(request, warm_eval, bound):
+        return prepared.result(request, warm, warm_eval.objective,
+                               min(bound, warm_eval.objective), "FEASIBLE", relaxation,
+                               scale=0.0, build_time=time.perf_counter() - prepared.start,
+                               solver=None, solver_status="LP_BOUND")
+    return _search(request, prepared, relaxation, position, warm, warm_eval, bound, deadline)
+
+
+def _warm(request: IntraOpRequest, prepared: _Prepared, starts, deadline: Deadline):
+    """(kept-strategy position, choices, their evaluation) of the search's warm start
+    (``_warm_start`` from the hint and the LP solutions ``starts``), moved to fit the
+    budget when it breaks it."""
     position = _warm_start(request, prepared.reduced, bool(prepared.rows), starts)
     warm = prepared.choices(position)
     warm_eval = evaluate(request, warm)
@@ -274,14 +288,13 @@ def solve_intra_op(request: IntraOpRequest, *,
             position = [fitting.get(v, p) for v, p in enumerate(position)]
             warm = prepared.choices(position)
             warm_eval = evaluate(request, warm)
-    bound = relaxation.bound if relaxation is not None and relaxation.solved else -np.inf
-    if warm_eval.ok and request.gap_limit > 0 and bound > -np.inf and \
-            warm_eval.objective - bound <= request.gap_limit * abs(warm_eval.objective):
-        return prepared.result(request, warm, warm_eval.objective,
-                               min(bound, warm_eval.objective), "FEASIBLE", relaxation,
-                               scale=0.0, build_time=time.perf_counter() - prepared.start,
-                               solver=None, solver_status="LP_BOUND")
-    return _search(request, prepared, relaxation, position, warm, warm_eval, bound, deadline)
+    return position, warm, warm_eval
+
+
+def _within_gap(request: IntraOpRequest, evaluation, bound: float) -> bool:
+    """Whether a valid assignment priced ``evaluation`` is within the gap limit of ``bound``."""
+    return evaluation.ok and request.gap_limit > 0 and bound > -np.inf and \
+        evaluation.objective - bound <= request.gap_limit * abs(evaluation.objective)
 
 
 def _prepare(request: IntraOpRequest) -> _Prepared:
