@@ -130,3 +130,31 @@ def test_zero3_of_an_optax_step_is_priced_as_compiled_and_runs_like_jit():
     assert audit.ok, audit.differences
     assert_trees_allclose(parallel(params, state, batch=batch),
                           jax.jit(step)(params, state, batch=batch))
+
+
+def test_an_argmax_reads_its_indices_resharded_with_its_values():
+    # jax lowers argmax as one reduce of the values and an iota of their indices; XLA's
+    # propagation gives the iota the values' layout, and reading them whole along the
+    # reduced dim all-gathers both (measured: the MoE's Megatron program). Megatron splits
+    # the router's columns (experts): its top-1 expert gathers probabilities and indices.
+    def step(params, x):
+        def loss(p):
+            probs = jax.nn.softmax(x @ p["gate"], axis=-1)                 # [tokens, experts]
+            top = jax.nn.one_hot(jnp.argmax(probs, axis=-1), probs.shape[-1])
+            return jnp.mean((top * probs) @ p["out"])
+        value, grads = jax.value_and_grad(loss)(params)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), value
+
+    rng = np.random.default_rng(0)
+    params = {"gate": rng.normal(size=(32, 8)).astype(np.float32),
+              "out": rng.normal(size=(8, 16)).astype(np.float32)}
+    x = rng.normal(size=(64, 32)).astype(np.float32)
+    parallel = autoshard.parallelize(step, mesh=autoshard.make_mesh((8,), ("model",)),
+                                     method=autoshard.Megatron())
+    plan = parallel.plan(params, x)
+    indices = [c for c in plan.collectives if c.op.endswith(" indices")]
+    assert [c.kind for c in indices] == ["all-gather"]
+    assert indices[0].nbytes == 64 * 8 * 4      # int32 indices of [tokens, experts], whole
+    audit = plan.audit(parallel.lower(params, x).compile())
+    assert audit.ok, audit.differences
+    assert_trees_allclose(parallel(params, x), jax.jit(step)(params, x))

@@ -18,7 +18,7 @@ from autoshard.plan.record import Plan
 
 from .graph import unfused_ends, unfused_traffic
 from .memory_points import planned_peak_bytes
-from .problem import ShardingProblem, repeated_reshardings
+from .problem import ShardingProblem, index_reshardings, repeated_reshardings
 from .shared_reads import READ
 
 
@@ -65,9 +65,9 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
             collectives.append(Collective(node.name, step.kind, step.seconds, step.nbytes,
                                           names(step.axes)))
 
-    def resharded(where: str, aval, src: Spec, dst: Spec):
-        """List the collectives XLA reshards a value of ``aval`` from ``src`` to ``dst`` by."""
-        for step in model.resharding_steps(tuple(aval.shape), aval.dtype.itemsize, src, dst):
+    def resharded(where: str, shape, itemsize: int, src: Spec, dst: Spec):
+        """List the collectives XLA reshards a ``shape`` value from ``src`` to ``dst`` by."""
+        for step in model.resharding_steps(shape, itemsize, src, dst):
             collectives.append(Collective(where, step.kind, step.seconds, step.nbytes,
                                           names(step.axes), resharding=True))
 
@@ -79,9 +79,9 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         if use.operand < 0:  # loop-carried: the next step's input layout
             resharding += cost
             if result is None:  # a preset returns it in that layout: the program reshards
-                resharded(f"{graph.nodes[use.src].name}→output",
-                          program.avals[graph.nodes[use.src].outputs[use.src_output]],
-                          chosen[use.src].out_specs[use.src_output],
+                aval = program.avals[graph.nodes[use.src].outputs[use.src_output]]
+                resharded(f"{graph.nodes[use.src].name}→output", tuple(aval.shape),
+                          aval.dtype.itemsize, chosen[use.src].out_specs[use.src_output],
                           chosen[use.dst].out_specs[0])
             continue
         vid = graph.nodes[use.src].outputs[use.src_output]
@@ -101,9 +101,14 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
                                                src_spec, dst_spec) + unfused_traffic(
                 model, tuple(aval.shape), aval.dtype.itemsize, src_spec, dst_spec,
                 unfused_ends(graph, use))
-            resharded(f"{graph.nodes[use.src].name}→{graph.nodes[use.dst].name}", aval,
-                      src_spec, dst_spec)
+            resharded(f"{graph.nodes[use.src].name}→{graph.nodes[use.dst].name}",
+                      tuple(aval.shape), aval.dtype.itemsize, src_spec, dst_spec)
         resharding += cost
+    if result is None:  # the indices an argmax reads with its values, resharded with them
+        for n, shape, itemsize, made, read in index_reshardings(graph, chosen):
+            resharding += model.resharding(shape, itemsize, made, read)
+            copies += model.resharding_traffic(shape, itemsize, made, read)
+            resharded(f"{graph.nodes[n].name} indices", shape, itemsize, made, read)
 
     merged_latency = 0.0
     for group in problem.merged:  # latency of each merged all-reduce that runs, once

@@ -410,18 +410,19 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
                 model.mesh_shape, pairs, factors), improve=False)
             candidates.append(_shared(graph, grouping, request, propagation, propagated))
             alternatives.append(_priced(graph, grouping, request, candidates[-1],
-                                        type(style).__name__, uses, matrices))
+                                        type(style).__name__, uses, matrices, model))
     return StartingPlans(ilp.best_assignment(request, candidates), tuple(alternatives),
                          tuple(tuple(int(c) for c in candidate) for candidate in candidates))
 
 
 def _priced(graph: ShardingGraph, grouping: Grouping, request: ilp.IntraOpRequest,
             choices: Sequence[int], name: str, uses: Sequence[Use],
-            matrices: Sequence[np.ndarray]) -> Alternative:
-    """The plan of ``choices`` (one per ILP node) priced part by part, as ``PlanCost``; a
-    resharding that several readers of a value share counted once, as
+            matrices: Sequence[np.ndarray], model: MeshCostModel) -> Alternative:
+    """The preset plan of ``choices`` (one per ILP node) priced part by part, as
+    ``PlanCost``; a resharding that several readers of a value share counted once, as
     :func:`~autoshard.intra.plan_record.plan_record` counts it (``repeated_reshardings`` of
-    ``uses``)."""
+    ``uses``), and the indices an ``argmax`` reshards with its values
+    (``index_reshardings``) counted too."""
     compute = communication = fed = 0.0
     per_node = grouping.expand(choices)
     for node, c in zip(graph.nodes, per_node):
@@ -436,8 +437,10 @@ def _priced(graph: ShardingGraph, grouping: Grouping, request: ilp.IntraOpReques
     repeated = sum(float(matrices[k][per_node[uses[k].src], per_node[uses[k].dst]])
                    for k in repeated_reshardings(graph, uses, chosen)
                    if grouping.root[uses[k].src] != grouping.root[uses[k].dst])
+    indices = sum(model.resharding(shape, itemsize, made, read)
+                  for _, shape, itemsize, made, read in index_reshardings(graph, chosen))
     return Alternative(name, float(compute), float(communication + priced.shared_cost),
-                       float(priced.edge_cost) - repeated, float(fed))
+                       float(priced.edge_cost) - repeated + indices, float(fed))
 
 
 def repeated_reshardings(graph: ShardingGraph, uses: Sequence[Use], chosen,
@@ -469,6 +472,32 @@ def repeated_reshardings(graph: ShardingGraph, uses: Sequence[Use], chosen,
             repeated.add(k)
         seen.add(key)
     return repeated
+
+
+#: reductions jax lowers as a reduce of the values and of an iota of their indices
+INDEXED_REDUCTIONS = frozenset({"argmax", "argmin"})
+
+
+def index_reshardings(graph: ShardingGraph, chosen) -> list[tuple[int, tuple, int, Spec, Spec]]:
+    """(node, shape, index itemsize, made layout, read layout) of each ``argmax`` or
+    ``argmin`` (``chosen``: a strategy per graph node) that reads its operand in another
+    layout than the operand is made in, in a preset's program (XLA's propagation places
+    every resharding). jax lowers it as one reduce of the values and of an iota of their
+    indices: the propagation gives the iota the values' layout, and the partitioner
+    reshards it as it reshards them (measured: the MoE's Megatron program all-gathers the
+    top-1 expert's indices beside the gate's probabilities)."""
+    program = graph.traced.program
+    found = []
+    for n, node in enumerate(graph.nodes):
+        if node.kind != "op" or program.eqns[node.eqn].primitive.name not in INDEXED_REDUCTIONS:
+            continue
+        eqn = program.eqns[node.eqn]
+        src, k = graph.producer[eqn.inputs[0]]
+        made, read = chosen[src].out_specs[k], chosen[n].in_specs[0]
+        if made != read:
+            found.append((n, tuple(program.avals[eqn.inputs[0]].shape),
+                          np.dtype(eqn.params["index_dtype"]).itemsize, made, read))
+    return found
 
 
 def _fixed_inputs(program, in_layouts: Mapping[int, PartitionSpec], mesh_shape, axis_names
