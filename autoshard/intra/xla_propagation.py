@@ -86,12 +86,15 @@ class ProgramFactors:
     """A program's ops as factors, for :func:`propagated_layouts` (made once for every
     layout propagated through it): ``ops`` per equation (None: no rule), then the
     implicit broadcasts of elementwise operands; ``order``: the order ops are visited in;
-    ``users`` / ``producer``: value -> ops reading it / the op making it."""
+    ``users`` / ``producer``: value -> ops reading it / the op making it; ``kinds``: per
+    op a number equal for ops alike but for the values they read and make (a repeated
+    layer's), which propagate and read alike from equal layouts."""
 
     ops: tuple[_Op | None, ...]
     order: tuple[int, ...]
     users: Mapping
     producer: Mapping
+    kinds: tuple[int, ...]
 
     def __repr__(self):
         return f"ProgramFactors({len(self.ops)} ops)"
@@ -119,6 +122,7 @@ def propagated_layouts(program: Program, in_layouts: Sequence[Spec],
         closed.add(vid)
     factors = factors or program_factors(program)
     ops, order, users, producer = factors.ops, factors.order, factors.users, factors.producer
+    grown_from: dict = {}   # what an op of a kind, from its tensors' layouts, makes of them
     for e, spec in constrained.items():
         vid = program.eqns[e].outputs[0]
         axes[vid] = list(spec)
@@ -145,7 +149,8 @@ def propagated_layouts(program: Program, in_layouts: Sequence[Spec],
             if e not in dirty:
                 continue
             dirty.discard(e)
-            for vid in _propagate(ops[e], priority, axes, closed, sizes):
+            for vid in _propagate(ops[e], factors.kinds[e], priority, axes, closed, sizes,
+                                  grown_from):
                 for other in (*users.get(vid, ()), producer.get(vid)):
                     if other is not None and other != e and ops[other] is not None:
                         dirty.add(other)
@@ -153,8 +158,13 @@ def propagated_layouts(program: Program, in_layouts: Sequence[Spec],
                             work.append(other)
                             queued.add(other)
     made = {vid: tuple(tuple(d) for d in dims) for vid, dims in axes.items() if any(dims)}
-    read = {e: _read_layouts(program.eqns[e], op, made, sizes)
-            for e, op in enumerate(ops[:len(program.eqns)]) if op is not None}
+    read, read_from = {}, {}   # an op reads as one of its kind whose values are made alike
+    for e, op in enumerate(ops[:len(program.eqns)]):
+        if op is not None:
+            key = (factors.kinds[e], tuple(made.get(vid) for vid, _ in op.operands + op.results))
+            if key not in read_from:
+                read_from[key] = _read_layouts(program.eqns[e], op, made, sizes)
+            read[e] = read_from[key]
     return Propagated(made, read)
 
 
@@ -281,7 +291,14 @@ def _ops(program: Program, signatures: Sequence[str] | None):
                        (math.prod(aval.shape), math.prod(out.shape)), "broadcast", False,
                        len(readers[a]) > 1))
     users = {v: [i for i in es if i >= 0] for v, es in readers.items()}
-    return tuple(ops), _post_order(program, inputs, ops, producer), users, producer
+    alike: dict = {}
+    kinds = tuple(-1 if op is None else alike.setdefault(
+        (op.sizes, op.open_loops, op.passed_on, tuple(d for _, d in op.operands),
+         tuple(d for _, d in op.results), op.in_dims, op.elements, op.kind, op.elementwise,
+         op.shared_operand, op.kept_first, i < len(eqns) and tuple(
+             isinstance(a, Literal) for a in eqns[i].inputs)), len(alike))
+        for i, op in enumerate(ops))
+    return tuple(ops), _post_order(program, inputs, ops, producer), users, producer, kinds
 
 
 def broadcast_operand(program: Program, eqn, atom) -> bool:
@@ -385,13 +402,35 @@ def _merged(old: list, new: Sequence[int], expand: bool) -> tuple[list, bool]:
     return result, expand
 
 
-def _propagate(op: _Op, priority: int, axes: dict, closed: set, mesh_shape) -> list[int]:
-    """Propagate ``op``'s factors once; returns the values whose layout grew."""
+def _propagate(op: _Op, kind: int, priority: int, axes: dict, closed: set, mesh_shape,
+               grown_from: dict) -> list[int]:
+    """Propagate ``op``'s factors once; returns the values whose layout grew. ``kind``:
+    its ``ProgramFactors.kinds``; ``grown_from``: the growths found so far, by kind and
+    layouts (a repeated layer's ops propagate as the layer before)."""
     if priority < 2 and op.kind in ("other", "broadcast"):
         return []   # no direction before priority 2
-    tensors = [(vid, dims, axes.get(vid)) for vid, dims in op.operands + op.results]
-    if not any(held is not None and any(held) for _, _, held in tensors):
+    tensors = op.operands + op.results
+    held = [axes.get(vid) for vid, _ in tensors]
+    if not any(h is not None and any(h) for h in held):
         return []   # no tensor of it is split: nothing to pass on
+    key = (kind, priority, tuple(None if h is None else tuple(h) for h in held),
+           tuple(vid in closed for vid, _ in tensors))
+    growth = grown_from.get(key)
+    if growth is None:
+        growth = grown_from[key] = _growth(op, priority, held, key[3], mesh_shape)
+    grown = []
+    for t, layout in growth:
+        vid = tensors[t][0]
+        axes[vid] = list(layout)
+        grown.append(vid)
+    return grown
+
+
+def _growth(op: _Op, priority: int, held: list, closed: Sequence[bool], mesh_shape
+            ) -> tuple[tuple[int, tuple], ...]:
+    """(tensor of ``op``, its new layout) of each tensor whose layout grows, in order,
+    from its tensors' layouts ``held`` (None: none yet), those ``closed`` taking none."""
+    tensors = [(vid, dims, h) for (vid, dims), h in zip(op.operands + op.results, held)]
     count = len(op.operands)
     offered = []
     for loop in range(len(op.sizes)):
@@ -410,7 +449,7 @@ def _propagate(op: _Op, priority: int, axes: dict, closed: set, mesh_shape) -> l
                     found, expand = _merged(found, held[dims.index(loop)], expand)
         offered.append(found)
     if not any(offered):
-        return []
+        return ()
     source = []   # per loop: (-size of the largest tensor holding its axes, tensor index)
     for loop, found in enumerate(offered):
         best = (0, len(tensors))
@@ -428,7 +467,7 @@ def _propagate(op: _Op, priority: int, axes: dict, closed: set, mesh_shape) -> l
     grown = []
     for t in list(range(count, len(tensors))) + list(range(count)):
         vid, dims, held = tensors[t]
-        if vid in closed:
+        if closed[t]:
             continue
         current = list(held) if held is not None else [()] * len(dims)
         for loop in order:
@@ -441,18 +480,16 @@ def _propagate(op: _Op, priority: int, axes: dict, closed: set, mesh_shape) -> l
             used = {a for k, dim in enumerate(current) if k != d for a in dim}
             new = _before_any(new, used)
             if t < count and op.elementwise:
-                for rvid, rdims, _ in tensors[count:]:
-                    rheld = axes.get(rvid)
+                for _, rdims, rheld in tensors[count:]:
                     if rheld is not None and loop in rdims and \
                             _strict_prefix(rheld[rdims.index(loop)], new):
                         new = list(rheld[rdims.index(loop)])
             if len(new) > len(current[d]):
                 current[d] = tuple(new)
         if held is None and any(current) or held is not None and current != held:
-            axes[vid] = current
             tensors[t] = (vid, dims, current)
-            grown.append(vid)
-    return grown
+            grown.append((t, tuple(current)))
+    return tuple(grown)
 
 
 def _within_dim(offered: Sequence[int], held: Sequence[int], size: int,
