@@ -78,8 +78,9 @@ class _Op:
     kind: str
     elementwise: bool
     shared_operand: bool              # an operand (not a scalar) read elsewhere too
-    #: a gather's or scatter's (indexed loop, its batch loops, the tensors of operand,
-    #: indices and what the other partitioning moves: result or updates; a scatter?)
+    #: a gather from or scatter into its operand 0 at indices (operand 1): (the indexed
+    #: loop, the indices' batch loops, the tensor moved if the operand is not: the
+    #: gather's result or the scatter's updates, whether it scatters)
     indexing: tuple | None = None
 
 
@@ -182,27 +183,26 @@ def _read_layouts(eqn, op: _Op, made: Mapping[int, Spec], mesh_shape) -> tuple:
     own rows, the updates gathered whole, not summed over the batch's axis).
 
     A gather or scatter whose indices' batch dims and table's rows are split over the
-    same axes is partitioned over the batch instead (the table read whole: gathered, or
-    summed into) when the table is smaller than what the other way moves (the result a
-    gather sums, the updates a scatter gathers): XLA's partitioner orders the ways it can partition either by the
-    bytes they make and move (``GatherPartitionMethodsOrderedByCost``). Measured: a GPT
-    of vocab 256 and d_model 256, ZeRO-3 on 8 devices, batch 8 x seq 64: its embedding
-    table (256 KiB) is all-gathered for the lookup, and its gradient, each device's
-    updates scattered into the whole table, all-reduced (not its 512 KiB of updates)."""
+    same axes is partitioned over the batch instead (the table read, or made, without
+    those axes: gathered, or summed into whole) when the table is smaller than what the
+    other way moves (the result a gather sums, the updates a scatter gathers): XLA's
+    partitioner orders the ways it can partition either by the bytes they make and move
+    (``GatherPartitionMethodsOrderedByCost``). Measured: a GPT of vocab 256 and d_model
+    256, ZeRO-3 on 8 devices, batch 8 x seq 64: its embedding table (256 KiB) is
+    all-gathered for the lookup, and its gradient, each device's updates scattered into
+    the whole table, all-reduced (not its 512 KiB of updates gathered)."""
     loops: dict[int, tuple] = {}
     kept = {l for _, dims in op.results for l in dims if l is not None}
     used: set[int] = set()
-    over_batch = False   # partitioned over the indices' batch dims, the table read whole
+    over_batch = scatter = False   # partitioned over the indices' batch dims
     if op.indexing is not None:
-        indexed, batch, table, indices, moved, scatter = op.indexing
-        vid, dims = op.operands[indices]
+        indexed, batch, moved, scatter = op.indexing
+        vid, dims = op.operands[1]
         held = made.get(vid) or ((),) * len(dims)
         wanted = {a for l in batch if l in dims for a in held[dims.index(l)]}
-        vid, dims = op.results[0] if scatter else op.operands[table]
+        vid, dims = op.results[0] if scatter else op.operands[0]
         rows = (made.get(vid) or ((),) * len(dims))[dims.index(indexed)]
-        # partitioned over the batch where the indices' batch dims and the table's rows
-        # are split over the same axes: the table read (or made) without those
-        over_batch = bool(wanted & set(rows)) and op.elements[table] < op.elements[moved]
+        over_batch = bool(wanted & set(rows)) and op.elements[0] < op.elements[moved]
         if over_batch:
             loops[indexed] = tuple(a for a in rows if a not in wanted)
             used.update(loops[indexed])
@@ -215,7 +215,7 @@ def _read_layouts(eqn, op: _Op, made: Mapping[int, Spec], mesh_shape) -> tuple:
                     loops[loop] = tuple(_before_any(held[d], used)) if held is not None else ()
                     used.update(loops[loop])
 
-    if op.indexing is not None and scatter and not over_batch:
+    if scatter and not over_batch:
         split_kept()
     for loop in range(len(op.sizes)):
         if loop in kept or loop in loops or not op.open_loops[loop]:
@@ -386,8 +386,8 @@ def _op(eqn, op, inputs, in_avals, out_avals, readers) -> _Op:
     indexing, scatter = None, name.startswith("scatter")
     read = 3 if scatter else 2     # operand, indices (and updates) as tensors 0, 1 (and 2)
     if op.indexing is not None and positions[:read] == list(range(read)):
-        indexing = (op.indexing.indexed, op.indexing.batch, 0, 1,
-                    2 if scatter else len(operands), scatter)
+        indexing = (op.indexing.indexed, op.indexing.batch, 2 if scatter else len(operands),
+                    scatter)
     return _Op(tuple(op.sizes), tuple(op.splittable),
                tuple(s and l in kept for l, s in enumerate(op.splittable)),
                operands, results, tuple(op.in_dims), elements, kind,
