@@ -59,8 +59,9 @@ class Fit:
 
 
 def fit_alpha_beta(alpha_coef: Sequence[float], byte_coef: Sequence[float],
-                   seconds: Sequence[float]) -> Fit:
-    """Least squares ``seconds ≈ alpha_coef·α + byte_coef/β`` with α ≥ 0 and β > 0.
+                   seconds: Sequence[float], latency: float | None = None) -> Fit:
+    """Least squares ``seconds ≈ alpha_coef·α + byte_coef/β`` with α ≥ 0 and β > 0
+    (``latency``: α given, only β fitted, to the points that took longer than α alone).
 
     ``alpha_coef``: how many latencies each measurement pays; ``byte_coef``: how many
     bytes it moves per device (the cost model's formula, e.g. 2(n−1)/n·nbytes for an
@@ -76,7 +77,13 @@ def fit_alpha_beta(alpha_coef: Sequence[float], byte_coef: Sequence[float],
         raise ValueError(f"fit_alpha_beta needs ≥ 2 points with positive times and bytes, got "
                          f"{len(t)} points")
     wa, wb, ones = a / t, b / t, np.ones_like(t)
-    (alpha, inv_beta), *_ = np.linalg.lstsq(np.stack([wa, wb], axis=1), ones, rcond=None)
+    if latency is not None:   # β from the points slower than their latency alone
+        slower = a * latency < t
+        if slower.any():
+            wa, wb, ones = wa[slower], wb[slower], ones[slower]
+        alpha, inv_beta = float(latency), float(wb @ (ones - wa * latency) / (wb @ wb))
+    else:
+        (alpha, inv_beta), *_ = np.linalg.lstsq(np.stack([wa, wb], axis=1), ones, rcond=None)
     if alpha < 0:
         alpha, inv_beta = 0.0, float(wb @ ones / (wb @ wb))
     if inv_beta <= 0:
@@ -235,18 +242,29 @@ def collective_points(mesh, axis: str, sizes: Sequence[int], repeats: int = 3,
 def fit_collectives(points: Points, axes: Sequence[str]) -> dict[str, Fit]:
     """α–β fit per collective kind of ``points`` (measured over ``axes``: one axis, or
     axes of one link class pooled), every kind of ``COLLECTIVES`` given one."""
-    fits = {}
+    fits, kept = {}, {}
     for kind, rows in points.items():
         # A point whose collective did not measure slower than the chain without it is
         # noise (a loaded host), not a free collective: leave it out.
         rows = [r for r in rows if r[2] > _MIN_SECONDS]
         if len(rows) >= 2:
-            a, b, t = (np.array(col) for col in zip(*rows))
-            fits[kind] = fit_alpha_beta(a, b, t)
+            kept[kind] = [np.array(col) for col in zip(*rows)]
+            fits[kind] = fit_alpha_beta(*kept[kind])
     if not fits:
         raise CalibrationError(
             f"no collective over mesh axis {' or '.join(map(repr, axes))} measured above the "
             f"timing noise; the host is probably busy: calibrate again with a larger budget_s")
+    # The kinds' latencies (per step of their formulas) are one link's: a kind whose
+    # points leave it under a tenth of the kinds' median (noise made its small messages
+    # look nearly free) takes the median, its bandwidth fitted to it. A plan priced with
+    # a free collective splits into many small ones (measured: an all-gather fitted at 0
+    # on each axis of a 2x2x2 CPU mesh, the all-reduce at 8.5 µs; the MoE's plan for it ran
+    # 23 collectives where the one for a cluster of 9.7 µs ran 6, and measured 1.78x the
+    # hand-written layout's step time, not 0.99x).
+    median = sorted(fit.latency for fit in fits.values())[len(fits) // 2]
+    for kind, fit in fits.items():
+        if fit.latency < median / 10:
+            fits[kind] = fit_alpha_beta(*kept[kind], latency=median)
     # Kinds left without a fit borrow the best-fitting kind's link on this axis.
     best = min(fits.values(), key=lambda f: f.max_rel_error)
     return {kind: fits.get(kind, best) for kind in COLLECTIVES}

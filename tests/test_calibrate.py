@@ -101,6 +101,22 @@ def _points(n: int, latency: float, bandwidth: float, noise=(1.0, 1.0, 1.0, 1.0)
     return points
 
 
+def test_a_kind_fitted_without_latency_takes_the_latency_of_the_others():
+    # One 10 µs, 2 GB/s link on a 4-device axis; the all-gather's smallest message
+    # measured at a tenth of its time (noise: its chain less the chain without it). Alone
+    # its points fit almost no latency, as if an all-gather were free but for its bytes;
+    # it takes the latency the other kinds fit, its bandwidth fitted to that.
+    points = _points(4, 10e-6, 2e9)
+    a, b, t = points["all-gather"][0]
+    points["all-gather"][0] = (a, b, t / 10)
+    assert fit_alpha_beta(*zip(*points["all-gather"])).latency < 1e-7
+    fits = fit_collectives(points, ["model"])
+    assert fits["all-gather"].latency == pytest.approx(10e-6, rel=1e-6)
+    assert fits["all-gather"].bandwidth == pytest.approx(2e9, rel=0.05)
+    for kind in set(COLLECTIVES) - {"all-gather"}:
+        assert fits[kind].latency == pytest.approx(10e-6, rel=1e-6), kind
+
+
 def test_axes_of_one_link_share_one_fit_of_their_pooled_points():
     # Two 2-device axes of one 10 µs, 2 GB/s link, their smallest message measured 40 %
     # slow on one and 40 % fast on the other: alone, one axis's latency fits over twice the
