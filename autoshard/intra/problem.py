@@ -489,9 +489,9 @@ def index_reshardings(graph: ShardingGraph, chosen) -> list[tuple[int, tuple, in
     program = graph.traced.program
     found = []
     for n, node in enumerate(graph.nodes):
-        if node.kind != "op" or program.eqns[node.eqn].primitive.name not in INDEXED_REDUCTIONS:
+        eqn = program.eqns[node.eqn] if node.kind == "op" else None
+        if eqn is None or eqn.primitive.name not in INDEXED_REDUCTIONS:
             continue
-        eqn = program.eqns[node.eqn]
         src, k = graph.producer[eqn.inputs[0]]
         made, read = chosen[src].out_specs[k], chosen[n].in_specs[0]
         if made != read:

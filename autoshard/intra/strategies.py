@@ -237,6 +237,18 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
         return
     # Reduce-scatter variant: one reduced axis also splits an output dim afterwards.
     out_aval, out_spec = out_avals[0], out_specs[0]
+
+    def scattered(label: str, spec: Spec, steps: tuple[CollectiveStep, ...]) -> Strategy:
+        # the unreduced partial, and where the backend emits an all-reduce then a slice,
+        # that all-reduce's full-size result beside it
+        temp = out_bytes[0] * (2 if model.cluster.reduce_scatter_as_all_reduce else 1) + \
+            temporary
+        moved = int(out_bytes[0] + sum(s.nbytes for s in steps))  # partial read, results written
+        return Strategy(f"{name} reduce-scatter({label})", (spec,), in_specs, compute,
+                        sum(s.seconds for s in steps) + moved / model.cluster.memory_bandwidth,
+                        temp_bytes=temp, **dict(work, bytes_accessed=traffic + moved),
+                        collectives=steps, scatters=True)
+
     # XLA's partitioner sums a dot or convolution over the scattering axis first when
     # every mesh axis splits one of its loops and the scattered dim is split by no other
     every_axis = op.contraction and {a for axes in loop_axes.values() for a in axes} >= \
@@ -246,50 +258,36 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
             n = math.prod(model.mesh_shape[a] for a in out_spec[d]) * model.mesh_shape[axis]
             if size % n:
                 continue
-            scattered = out_spec[:d] + (out_spec[d] + (axis,),) + out_spec[d + 1:]
-            steps = _scatter_steps(model, all_reduces, axis,
-                                   two_passes=every_axis and not out_spec[d])
-            # the unreduced partial, and where the backend emits an all-reduce then a
-            # slice, that all-reduce's full-size result beside it
-            temp = out_bytes[0] * (2 if model.cluster.reduce_scatter_as_all_reduce else 1) + \
-                temporary
-            moved = int(sum(out_bytes) + sum(s.nbytes for s in steps))  # partial read, results written
-            work["bytes_accessed"] = traffic + moved
-            yield Strategy(f"{name} reduce-scatter(dim {d})", (scattered,), in_specs, compute,
-                           sum(s.seconds for s in steps) + moved / model.cluster.memory_bandwidth,
-                           temp_bytes=temp, **work, collectives=steps, scatters=True)
+            yield scattered(f"dim {d}", out_spec[:d] + (out_spec[d] + (axis,),) + out_spec[d + 1:],
+                            _scatter_steps(model, all_reduces, axis,
+                                           two_passes=every_axis and not out_spec[d]))
     if len(groups) == 1 and len(groups[0]) > 1:
-        yield from _scattered_over_group(model, out_aval, out_spec, out_bytes[0], all_reduces[0],
-                                         name, in_specs, compute, work, traffic, temporary)
+        for label, spec, steps in _scattered_over_group(model, out_aval.shape, out_spec,
+                                                        out_bytes[0], all_reduces[0]):
+            yield scattered(label, spec, steps)
 
 
-def _scattered_over_group(model: MeshCostModel, out_aval, out_spec: Spec, nbytes: int,
-                          all_reduce: CollectiveStep, name: str, in_specs, compute: float,
-                          work: dict, traffic: float, temporary: int):
-    """Variants of a strategy summing one loop over several mesh axes whose result is
-    left split over all of them, in one dim (as XLA's partitioner slices a weight gradient
-    contracted over a batch split over ``(data, model)`` into the weight's layout split
-    the same way): one reduce-scatter over the axes, or on a backend without (the CPU) the
-    all-reduce of the whole result, then a slice (measured on jax 0.10, CPU, 2x4: one
-    all-reduce over both axes of each [1024, 1024] gradient)."""
+def _scattered_over_group(model: MeshCostModel, shape: Sequence[int], out_spec: Spec,
+                          nbytes: int, all_reduce: CollectiveStep):
+    """(label, layout, collectives) of each variant of a strategy summing one loop over
+    several mesh axes whose result is left split over all of them, in one dim (as XLA's
+    partitioner slices a weight gradient contracted over a batch split over
+    ``(data, model)`` into the weight's layout split the same way): one reduce-scatter
+    over the axes, or on a backend without (the CPU) the all-reduce of the whole result,
+    then a slice (measured on jax 0.10, CPU, 2x4: one all-reduce over both axes of each
+    [1024, 1024] gradient)."""
     axes = all_reduce.axes
     split = math.prod(model.mesh_shape[a] for a in axes)
-    for d, size in enumerate(out_aval.shape):
+    for d, size in enumerate(shape):
         if out_spec[d] or size % split:
             continue
-        scattered = out_spec[:d] + (axes,) + out_spec[d + 1:]
         if model.cluster.reduce_scatter_as_all_reduce:
             steps = (all_reduce,)
         else:
             steps = (CollectiveStep("reduce-scatter", axes, nbytes // split,
                                     model.reduce_scatter(nbytes, axes)),)
-        temp = nbytes * (2 if model.cluster.reduce_scatter_as_all_reduce else 1) + temporary
-        moved = int(nbytes + sum(s.nbytes for s in steps))
-        yield Strategy(f"{name} reduce-scatter(dim {d} over {'+'.join(map(str, axes))})",
-                       (scattered,), in_specs, compute,
-                       sum(s.seconds for s in steps) + moved / model.cluster.memory_bandwidth,
-                       temp_bytes=temp, **dict(work, bytes_accessed=traffic + moved),
-                       collectives=steps, scatters=True)
+        yield (f"dim {d} over {'+'.join(map(str, axes))}",
+               out_spec[:d] + (axes,) + out_spec[d + 1:], steps)
 
 
 def _scatter_steps(model: MeshCostModel, all_reduces: tuple[CollectiveStep, ...], axis: int,

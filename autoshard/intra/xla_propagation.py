@@ -441,11 +441,11 @@ def _propagate(op: _Op, kind: int, priority: int, axes: dict, closed: set, mesh_
     held = [axes.get(vid) for vid, _ in tensors]
     if not any(h is not None and any(h) for h in held):
         return []   # no tensor of it is split: nothing to pass on
-    key = (kind, priority, tuple(None if h is None else tuple(h) for h in held),
-           tuple(vid in closed for vid, _ in tensors))
+    shut = tuple(vid in closed for vid, _ in tensors)
+    key = (kind, priority, tuple(None if h is None else tuple(h) for h in held), shut)
     growth = grown_from.get(key)
     if growth is None:
-        growth = grown_from[key] = _growth(op, priority, held, key[3], mesh_shape)
+        growth = grown_from[key] = _growth(op, priority, held, shut, mesh_shape)
     grown = []
     for t, layout in growth:
         vid = tensors[t][0]
