@@ -38,9 +38,10 @@ def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequen
         if graph.nodes[v].kind == "op" and graph.nodes[v].eqn in propagated.read:
             members[r].append(v)
     scores: dict[tuple, np.ndarray] = {}   # repeated layers share their strategy tuples
+    kept: dict[tuple, list[int] | None] = {}   # ... and their nodes' members alike
     options = {}
     for position, r in enumerate(grouping.roots):
-        score = np.zeros(len(grouping.index[r]), dtype=np.int64)
+        keys = []
         for v in members[r]:
             node = graph.nodes[v]
             out = tuple(made.get(vid) or ((),) * len(program.avals[vid].shape)
@@ -48,10 +49,17 @@ def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequen
             key = (id(node.strategies), out, propagated.read[node.eqn])
             if key not in scores:
                 scores[key] = np.array([_score(s, out, key[2]) for s in node.strategies])
-            score += scores[key][grouping.index[v]]
-        best = score.max(initial=0)
-        if best > 0 and not (score == best).all():
-            options[position] = np.flatnonzero(score == best).tolist()
+            keys.append((key, grouping.index[v].tobytes()))
+        signature = (len(grouping.index[r]), tuple(keys))
+        if signature not in kept:
+            score = np.zeros(len(grouping.index[r]), dtype=np.int64)
+            for v, (key, _) in zip(members[r], keys):
+                score += scores[key][grouping.index[v]]
+            best = score.max(initial=0)
+            kept[signature] = np.flatnonzero(score == best).tolist() \
+                if best > 0 and not (score == best).all() else None
+        if kept[signature] is not None:
+            options[position] = list(kept[signature])
     return options
 
 

@@ -91,13 +91,15 @@ class ProgramFactors:
     implicit broadcasts of elementwise operands; ``order``: the order ops are visited in;
     ``users`` / ``producer``: value -> ops reading it / the op making it; ``kinds``: per
     op a number equal for ops alike but for the values they read and make (a repeated
-    layer's), which propagate and read alike from equal layouts."""
+    layer's), which propagate and read alike from equal layouts; ``directed``: per
+    priority the ops it gives a direction the one before did not (``_newly_directed``)."""
 
     ops: tuple[_Op | None, ...]
     order: tuple[int, ...]
     users: Mapping
     producer: Mapping
     kinds: tuple[int, ...]
+    directed: tuple[tuple[int, ...], ...]
 
     def __repr__(self):
         return f"ProgramFactors({len(self.ops)} ops)"
@@ -107,7 +109,11 @@ def program_factors(program: Program, signatures: Sequence[str] | None = None
                     ) -> ProgramFactors:
     """``program``'s factors; ``signatures`` (per equation, equal for equal equations:
     ``TracedFunction.signatures``) let repeated layers share their loop descriptions."""
-    return ProgramFactors(*_ops(program, signatures))
+    ops, order, users, producer, kinds = _ops(program, signatures)
+    directed = tuple(tuple(i for i, op in enumerate(ops)
+                           if op is not None and _newly_directed(op, priority))
+                     for priority in range(PRIORITIES))
+    return ProgramFactors(ops, order, users, producer, kinds, directed)
 
 
 def propagated_layouts(program: Program, in_layouts: Sequence[Spec],
@@ -139,8 +145,7 @@ def propagated_layouts(program: Program, in_layouts: Sequence[Spec],
             if vid not in closed and _take_returned(axes, vid, spec, program, sizes):
                 dirty.update(i for i in (*users.get(vid, ()), producer.get(vid))
                              if i is not None and ops[i] is not None)
-        dirty.update(i for i, op in enumerate(ops)
-                     if op is not None and _newly_directed(op, priority))
+        dirty.update(factors.directed[priority])
         # every op is visited in order, as Shardy's worklist visits them (the order
         # settles conflicts); one that no neighbour changed since its last visit, and to
         # which this priority gives no new direction, would change nothing: skipped
