@@ -61,7 +61,9 @@ def follows_operand(program, node, operand: int) -> bool:
     return followed_operand(program, node) == operand
 
 
-def group_followers(graph: ShardingGraph) -> Grouping:
+def group_followers(graph: ShardingGraph, apart: frozenset[int] = frozenset()) -> Grouping:
+    """Each follower (``followed_operand``) in its followed producer's group, except the
+    nodes ``apart``, which choose their own layouts."""
     program = graph.traced.program
     n = len(graph.nodes)
     root = list(range(n))
@@ -79,7 +81,7 @@ def group_followers(graph: ShardingGraph) -> Grouping:
     followed: dict[tuple, np.ndarray | None] = {}
     for v, node in enumerate(graph.nodes):
         k = followed_operand(program, node)
-        if k is None:
+        if k is None or v in apart:
             continue
         u, out = graph.producer[program.eqns[node.eqn].inputs[k]]
         key = (id(node.strategies), k, id(graph.nodes[u].strategies), out, id(index[u]))

@@ -27,7 +27,7 @@ from .combining import MergedAllReduce, combine_all_reduces
 from .following import Grouping, group_followers, grouped_request
 from .graph import ShardingGraph, Use, build_graph, use_cost_matrix
 from .presets import preset_layouts
-from .propagated_strategies import propagated_options
+from .propagated_strategies import propagated_options, resharded_followers
 from .shared_reads import reads_following_producers, regrouped, settle_reads, share_reads
 from .xla_propagation import ProgramFactors, broadcast_operand, program_factors
 
@@ -113,10 +113,15 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
     extra = tuple(sorted(set(carried) - set(by_key_path)))
     pairs = tuple(sorted(by_key_path + extra))
     time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
+    # a preset's op that XLA computes in another layout than the operand it would follow
+    # is priced as computed so: on its own, that operand resharded for it
+    apart = resharded_followers(graph, _input_layouts(graph), model.mesh_shape, pairs) \
+        if isinstance(method, PRESETS) else frozenset()
     priced = functools.partial(_priced_problem, model=model, pairs=pairs, fixed=frozenset(fixed),
                                donated=frozenset(i for i, d in enumerate(donated_flat) if d),
                                extra=extra, by_key_path=by_key_path,
-                               carried_weight=carried_weight, time_limit=time_limit, memo={})
+                               carried_weight=carried_weight, time_limit=time_limit,
+                               apart=apart, memo={})
     graph, merged, uses, matrices, grouping, request = priced(graph)
     per_use = None
     if has_read_nodes and isinstance(method, ShardParallel):
@@ -148,10 +153,10 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
 
 def _priced_problem(graph: ShardingGraph, *, model: MeshCostModel, pairs, fixed: frozenset,
                     donated: frozenset, extra, by_key_path, carried_weight: float,
-                    time_limit: float, memo: dict):
+                    time_limit: float, memo: dict, apart: frozenset = frozenset()):
     """(graph, merged all-reduces, uses, cost matrices, grouping, request) of ``graph``
     priced: fed inputs, inputs returned as they came, combined all-reduces, carried uses
-    (weighted), followers grouped."""
+    (weighted), followers grouped (but the nodes ``apart``)."""
     graph = _price_returned_inputs(_price_fed_inputs(graph, model, pairs, fixed), model, donated)
     graph, merged = combine_all_reduces(graph, model)
     weighted = _carried_uses(graph, extra)
@@ -160,7 +165,7 @@ def _priced_problem(graph: ShardingGraph, *, model: MeshCostModel, pairs, fixed:
     if carried_weight != 1.0:  # the weighted carried uses come last
         first = len(uses) - len(weighted)
         matrices[first:] = [m * carried_weight for m in matrices[first:]]
-    grouping = group_followers(graph)
+    grouping = group_followers(graph, apart)
     request = grouped_request(graph, grouping, uses, matrices, time_limit, merged,
                               mesh_shape=model.mesh_shape)
     return graph, merged, uses, matrices, grouping, request
@@ -198,11 +203,16 @@ def propagated_choices(problem: ShardingProblem, mesh_shape: Sequence[int]
     graph = problem.graph
     propagation = _propagation(graph, problem.grouping, problem.uses, problem.matrices,
                                problem.request.time_limit_s, problem.merged)
-    layouts = [graph.nodes[graph.input_node(i)].strategies[0].out_specs[0]
-               for i in range(len(graph.traced.program.invars))]   # one each: fixed
     return _shared(graph, problem.grouping, problem.request, propagation,
                    ilp.greedy_assignment(propagation[0], _preset_options(
-                       graph, propagation[1], layouts, {}, mesh_shape, problem.carried)))
+                       graph, propagation[1], _input_layouts(graph), {}, mesh_shape,
+                       problem.carried)))
+
+
+def _input_layouts(graph: ShardingGraph) -> list[Spec]:
+    """Each flat input's layout in a graph whose inputs have one strategy each (fixed)."""
+    return [graph.nodes[graph.input_node(i)].strategies[0].out_specs[0]
+            for i in range(len(graph.traced.program.invars))]
 
 
 def _preset_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[Spec],

@@ -8,7 +8,7 @@ import numpy as np
 
 from autoshard.ir.specs import Spec
 
-from .following import Grouping
+from .following import Grouping, followed_operand
 from .graph import ShardingGraph
 from .user_constraints import CONSTRAINTS
 from .xla_propagation import ProgramFactors, program_factors, propagated_layouts
@@ -26,12 +26,7 @@ def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequen
     ``factors``: ``program_factors`` of the graph's program, made here when not
     given."""
     program = graph.traced.program
-    constrained = {node.eqn: node.strategies[0].out_specs[0] for node in graph.nodes
-                   if node.kind == "op" and len(node.strategies) == 1
-                   and program.eqns[node.eqn].primitive.name in CONSTRAINTS}
-    factors = factors or program_factors(program, graph.traced.signatures)
-    propagated = propagated_layouts(program, layouts, {o: layouts[i] for o, i in pairs},
-                                    constrained, mesh_shape, factors)
+    propagated = _propagated(graph, layouts, mesh_shape, pairs, factors)
     made = propagated.made
     members: dict[int, list[int]] = {r: [] for r in grouping.roots}
     for v, r in enumerate(grouping.root):
@@ -61,6 +56,45 @@ def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequen
         if kept[signature] is not None:
             options[position] = list(kept[signature])
     return options
+
+
+def resharded_followers(graph: ShardingGraph, layouts: Sequence[Spec],
+                        mesh_shape: Sequence[int], pairs: Sequence[tuple[int, int]] = ()
+                        ) -> frozenset[int]:
+    """The follower nodes (``following.followed_operand``) whose followed operand XLA's
+    propagation of the inputs' fixed ``layouts`` reads in another layout than the one it
+    is made in: XLA computes the op in its own layout and reshards that operand. Measured:
+    ZeRO-3 of a relu MLP whose batch splits over one axis of 2x4 (or 8x8): the backward's
+    ``select_n`` is computed as the gradient it selects is split, on the features over both
+    axes, and the relu's mask, made in the forward split as the batch is, is resharded for
+    it (an all-to-all and a permute of the mask); following the mask, the preset was priced
+    as the gradient resharded to the mask's layout and back (5 audit differences)."""
+    program = graph.traced.program
+    propagated = _propagated(graph, layouts, mesh_shape, pairs)
+    apart = set()
+    for v, node in enumerate(graph.nodes):
+        k = followed_operand(program, node)
+        if k is None or node.eqn not in propagated.read:
+            continue
+        vid, read = program.eqns[node.eqn].inputs[k], propagated.read[node.eqn][k]
+        made = propagated.made.get(vid) or ((),) * len(program.avals[vid].shape)
+        if read is not None and tuple(read) != tuple(made):
+            apart.add(v)
+    return frozenset(apart)
+
+
+def _propagated(graph: ShardingGraph, layouts: Sequence[Spec], mesh_shape: Sequence[int],
+                pairs: Sequence[tuple[int, int]], factors: ProgramFactors | None = None):
+    """``propagated_layouts`` of the graph's program from the inputs' fixed ``layouts``,
+    each carried output of ``pairs`` fixed to its input's layout, the program's sharding
+    constraints kept."""
+    program = graph.traced.program
+    constrained = {node.eqn: node.strategies[0].out_specs[0] for node in graph.nodes
+                   if node.kind == "op" and len(node.strategies) == 1
+                   and program.eqns[node.eqn].primitive.name in CONSTRAINTS}
+    factors = factors or program_factors(program, graph.traced.signatures)
+    return propagated_layouts(program, layouts, {o: layouts[i] for o, i in pairs},
+                              constrained, mesh_shape, factors)
 
 
 def _score(strategy, out: tuple, read: tuple) -> int:
