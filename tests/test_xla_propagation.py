@@ -226,8 +226,8 @@ def test_a_relu_mask_is_resharded_for_the_gradient_it_selects():
     # axes: XLA computes the backward's select_n as the gradient it selects is split (its
     # features over both axes) and reshards the relu's mask, made in the forward split as
     # the batch is, for it. Priced as an op following its mask, the gradient was resharded
-    # to the mask's layout and back instead (5 audit differences; 12 of the benchmark's
-    # ZeRO-3 rows on 8x8 run such masks)
+    # to the mask's layout and back instead (5 audit differences; mlp_wide's ZeRO-3
+    # programs on 8x8 were flagged so)
     def step(params, x, y):
         def loss(p):
             h = jax.nn.relu(x @ p["w1"] + p["b1"])
