@@ -173,7 +173,29 @@ def propagated_layouts(program: Program, in_layouts: Sequence[Spec],
             if key not in read_from:
                 read_from[key] = _read_layouts(program.eqns[e], op, made, sizes)
             read[e] = read_from[key]
+    made.update(_copies_made(program, users, made, read))
     return Propagated(made, read)
+
+
+def _copies_made(program: Program, users: Mapping, made: Mapping, read: Mapping
+                 ) -> dict[int, Spec]:
+    """The layout of each ``per_use_values`` value whose readers (each reading a copy of
+    its own, keyed (equation, operand)) all read it in one split layout, and that nothing
+    else reads or returns: XLA makes the value in that layout, where its readers need it
+    (measured: the zeros an embedding table's gradient is scattered into, the table split
+    on its rows over "model" of 8x8, are made split so, 1 MiB per device, not the whole
+    8 MiB table). Values a reader reads whole keep no layout."""
+    copies: dict[int, set] = {}
+    for key in users:
+        if isinstance(key, tuple) and len(key) == 2:
+            e, k = key
+            layout = read[e][k] if e in read else None
+            copies.setdefault(program.eqns[e].inputs[k], set()).add(
+                tuple(layout) if layout is not None and any(layout) else None)
+    returned = set(program.outvars)
+    return {vid: next(iter(layouts)) for vid, layouts in copies.items()
+            if len(layouts) == 1 and None not in layouts and vid not in made
+            and vid not in users and vid not in returned}
 
 
 def _read_layouts(eqn, op: _Op, made: Mapping[int, Spec], mesh_shape) -> tuple:
