@@ -27,9 +27,9 @@ from .combining import MergedAllReduce, combine_all_reduces
 from .following import Grouping, group_followers, grouped_request
 from .graph import ShardingGraph, Use, build_graph, use_cost_matrix
 from .presets import preset_layouts
-from .propagated_strategies import propagated_options, resharded_followers
+from .propagated_strategies import preset_propagation, propagated_options, resharded_followers
 from .shared_reads import reads_following_producers, regrouped, settle_reads, share_reads
-from .xla_propagation import ProgramFactors, broadcast_operand, program_factors
+from .xla_propagation import ProgramFactors, Propagated, broadcast_operand, program_factors
 
 _log = logging.getLogger("autoshard")
 
@@ -74,6 +74,8 @@ class ShardingProblem:
     #: prices the same graph without read nodes when called: (request, grouping); None
     #: when the graph has no read nodes or the method searches nothing
     per_use: Callable[[], tuple[ilp.IntraOpRequest, Grouping]] | None = None
+    #: a preset's: XLA's propagation of its fixed layouts (``preset_propagation``)
+    propagated: Propagated | None = None
 
     def __repr__(self):
         return (f"ShardingProblem({len(self.graph.nodes)} nodes, {len(self.grouping.roots)} "
@@ -115,8 +117,9 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
     time_limit = getattr(method, "time_limit_s", ShardParallel().time_limit_s)
     # a preset's op that XLA computes in another layout than the operand it would follow
     # is priced as computed so: on its own, that operand resharded for it
-    apart = resharded_followers(graph, _input_layouts(graph), model.mesh_shape, pairs) \
-        if isinstance(method, PRESETS) else frozenset()
+    propagated = preset_propagation(graph, _input_layouts(graph), model.mesh_shape, pairs) \
+        if isinstance(method, PRESETS) else None
+    apart = frozenset() if propagated is None else resharded_followers(graph, propagated)
     priced = functools.partial(_priced_problem, model=model, pairs=pairs, fixed=frozenset(fixed),
                                donated=frozenset(i for i, d in enumerate(donated_flat) if d),
                                extra=extra, by_key_path=by_key_path,
@@ -148,7 +151,7 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
               "(%.2f s)", len(graph.nodes), len(grouping.roots), len(request.edges),
               time.perf_counter() - start)
     return ShardingProblem(graph, grouping, uses, tuple(matrices), merged, request, messages,
-                           starting_plans, pairs, per_use)
+                           starting_plans, pairs, per_use, propagated)
 
 
 def _priced_problem(graph: ShardingGraph, *, model: MeshCostModel, pairs, fixed: frozenset,
@@ -206,7 +209,7 @@ def propagated_choices(problem: ShardingProblem, mesh_shape: Sequence[int]
     return _shared(graph, problem.grouping, problem.request, propagation,
                    ilp.greedy_assignment(propagation[0], _preset_options(
                        graph, propagation[1], _input_layouts(graph), {}, mesh_shape,
-                       problem.carried)))
+                       problem.carried, propagated=problem.propagated)))
 
 
 def _input_layouts(graph: ShardingGraph) -> list[Spec]:
@@ -217,15 +220,15 @@ def _input_layouts(graph: ShardingGraph) -> list[Spec]:
 
 def _preset_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[Spec],
                     restrictions: Mapping[int, list[int]], mesh_shape: Sequence[int],
-                    pairs: Sequence[tuple[int, int]], factors: ProgramFactors | None = None
-                    ) -> dict[int, list[int]]:
+                    pairs: Sequence[tuple[int, int]], factors: ProgramFactors | None = None,
+                    propagated: Propagated | None = None) -> dict[int, list[int]]:
     """``restrictions`` (ILP node position -> strategies, over ``grouping``) with every
     node kept to the axes XLA's propagation can use (``_carried``) and to the strategies
     closest to its layouts (``propagated_strategies.propagated_options``) where it has
     such strategies; a node's own restriction wins where they leave it nothing."""
     merged = _carried(graph, grouping, layouts, restrictions, mesh_shape)
     for position, options in propagated_options(graph, grouping, layouts, mesh_shape,
-                                                pairs, factors).items():
+                                                pairs, factors, propagated).items():
         before = merged.get(position)
         kept = set(options if before is None else before)
         merged[position] = [j for j in options if j in kept] or list(before)

@@ -11,12 +11,13 @@ from autoshard.ir.specs import Spec
 from .following import Grouping, followed_operand
 from .graph import ShardingGraph
 from .user_constraints import CONSTRAINTS
-from .xla_propagation import ProgramFactors, program_factors, propagated_layouts
+from .xla_propagation import ProgramFactors, Propagated, program_factors, propagated_layouts
 
 
 def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequence[Spec],
                        mesh_shape: Sequence[int], pairs: Sequence[tuple[int, int]] = (),
-                       factors: ProgramFactors | None = None) -> dict[int, list[int]]:
+                       factors: ProgramFactors | None = None,
+                       propagated: Propagated | None = None) -> dict[int, list[int]]:
     """Per ILP node (position in ``grouping.roots``) the strategies closest to what XLA
     compiles from the inputs' fixed ``layouts`` (each carried output of ``pairs``, (flat
     output, flat input), fixed to its input's layout; the program's sharding constraints
@@ -24,9 +25,10 @@ def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequen
     they come to reading and making its values in the propagated layouts (``_score``);
     the node keeps the strategies of the best total, when some score and not all alike.
     ``factors``: ``program_factors`` of the graph's program, made here when not
-    given."""
+    given; ``propagated``: ``preset_propagation`` of these layouts and pairs, made here
+    when not given."""
     program = graph.traced.program
-    propagated = _propagated(graph, layouts, mesh_shape, pairs, factors)
+    propagated = propagated or preset_propagation(graph, layouts, mesh_shape, pairs, factors)
     made = propagated.made
     members: dict[int, list[int]] = {r: [] for r in grouping.roots}
     for v, r in enumerate(grouping.root):
@@ -58,19 +60,16 @@ def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequen
     return options
 
 
-def resharded_followers(graph: ShardingGraph, layouts: Sequence[Spec],
-                        mesh_shape: Sequence[int], pairs: Sequence[tuple[int, int]] = ()
-                        ) -> frozenset[int]:
+def resharded_followers(graph: ShardingGraph, propagated: Propagated) -> frozenset[int]:
     """The follower nodes (``following.followed_operand``) whose followed operand XLA's
-    propagation of the inputs' fixed ``layouts`` reads in another layout than the one it
-    is made in: XLA computes the op in its own layout and reshards that operand. Measured:
+    propagation (``preset_propagation`` of the inputs' fixed layouts) reads in another
+    layout than the one it is made in: XLA computes the op in its own layout and reshards that operand. Measured:
     ZeRO-3 of a relu MLP whose batch splits over one axis of 2x4 (or 8x8): the backward's
     ``select_n`` is computed as the gradient it selects is split, on the features over both
     axes, and the relu's mask, made in the forward split as the batch is, is resharded for
     it (an all-to-all and a permute of the mask); following the mask, the preset was priced
     as the gradient resharded to the mask's layout and back (5 audit differences)."""
     program = graph.traced.program
-    propagated = _propagated(graph, layouts, mesh_shape, pairs)
     apart = set()
     for v, node in enumerate(graph.nodes):
         k = followed_operand(program, node)
@@ -83,8 +82,9 @@ def resharded_followers(graph: ShardingGraph, layouts: Sequence[Spec],
     return frozenset(apart)
 
 
-def _propagated(graph: ShardingGraph, layouts: Sequence[Spec], mesh_shape: Sequence[int],
-                pairs: Sequence[tuple[int, int]], factors: ProgramFactors | None = None):
+def preset_propagation(graph: ShardingGraph, layouts: Sequence[Spec],
+                       mesh_shape: Sequence[int], pairs: Sequence[tuple[int, int]] = (),
+                       factors: ProgramFactors | None = None) -> Propagated:
     """``propagated_layouts`` of the graph's program from the inputs' fixed ``layouts``,
     each carried output of ``pairs`` fixed to its input's layout, the program's sharding
     constraints kept."""
