@@ -6,7 +6,8 @@ warm start, search). :class:`Deadline` turns both into the seconds each solver m
 still run; :class:`Progress` logs what a long phase is doing every few seconds
 (logger ``autoshard.ilp``: the phase, the time used and left, the best plan so far
 and its gap), from the thread that waits on the solver and from CP-SAT's solution
-callback, and under a wall-clock limit ends a search that has stopped improving.
+callback. (A search that stops improving ends by deterministic rules, not the clock:
+``_search_rounds``.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
 
 from ortools.sat.python import cp_model
 
@@ -25,10 +25,6 @@ _log = logging.getLogger("autoshard.ilp")
 
 #: seconds between two progress lines of one phase
 PROGRESS_PERIOD_S = 5.0
-#: with a wall-clock limit, a search that has found no better plan for this many seconds,
-#: and for half of its running time, stops: on large models CP-SAT's first minutes
-#: rarely improve on the warm start, and the user waits for nothing
-STALL_S = 5.0
 
 
 def backstop_s(time_limit_s: float) -> float:
@@ -68,42 +64,26 @@ class Progress(cp_model.CpSolverSolutionCallback):
     """Logs ``phase`` at most every :data:`PROGRESS_PERIOD_S` seconds while it runs.
 
     As a CP-SAT solution callback it also tracks the best objective and bound found
-    so far, in seconds (CP-SAT's scaled integers divided by ``scale``). Given ``stop``
-    (the solver's "stop searching") and a wall-clock deadline, it calls it once the
-    search has stalled (see :data:`STALL_S`) and sets ``stalled``."""
+    so far, in seconds (CP-SAT's scaled integers divided by ``scale``)."""
 
-    def __init__(self, phase: str, deadline: Deadline, *, scale: float = 0.0,
-                 best_s: float = math.nan, stop: Callable[[], None] | None = None) -> None:
+    def __init__(self, phase: str, deadline: Deadline, *, scale: float = 0.0) -> None:
         super().__init__()
         self.phase = phase
         self._deadline = deadline
         self._scale = scale
-        self._stop = stop if deadline.at is not None else None
-        self.best_s = best_s
+        self.best_s = math.nan
         self.bound_s = math.nan
-        self.stalled = False
-        self._start = self._last = self._improved = time.perf_counter()
+        self._start = self._last = time.perf_counter()
 
     def on_solution_callback(self) -> None:
         if self._scale:
-            best = self.objective_value / self._scale
-            if not best >= self.best_s:  # better, or the first
-                self._improved = time.perf_counter()
-            self.best_s = best
+            self.best_s = self.objective_value / self._scale
             self.bound_s = self.best_objective_bound / self._scale
         self.tick()
 
     def tick(self) -> None:
-        """Stop a stalled search; log a progress line if the last one is a period old."""
+        """Log a progress line if the last one is a period old."""
         now = time.perf_counter()
-        quiet = now - self._improved
-        # a search with no plan yet (a warm start that breaks the memory budget) is never
-        # stalled: stopping it would leave nothing to return
-        if self._stop is not None and not self.stalled and math.isfinite(self.best_s) and \
-                quiet >= max(STALL_S, 0.5 * (now - self._start)):
-            self.stalled = True
-            _log.info("%s: no better plan for %.1f s, stopping", self.phase, quiet)
-            self._stop()
         if now - self._last < PROGRESS_PERIOD_S:
             return
         self._last = now

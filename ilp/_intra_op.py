@@ -67,13 +67,13 @@ from ._clock import Deadline, Progress
 from ._evaluate import evaluate
 from ._grid import EdgeGrid, edge_grids
 from ._heuristic import best_assignment, local_search
-from ._interrupt import run_interruptibly
-from ._memory import _min_peak, memory_unit, solver_parameters, to_units, within_budget
+from ._memory import _min_peak, memory_unit, to_units, within_budget
 from ._neighbourhood import needs_neighbourhoods, solve_in_neighbourhoods
 from ._reduce import ReducedProblem, reduce_request
 from ._relaxation import solve_relaxation
 from ._repeats import solve_tied
 from ._request import InfeasibleError, IntraOpRequest, IntraOpResult, SolverStats
+from ._search_rounds import search_in_rounds
 
 #: integer units given to the largest objective coefficient.
 _RESOLUTION = 1e8
@@ -355,18 +355,14 @@ def _search(request: IntraOpRequest, prepared: _Prepared, relaxation, position, 
     build_time = time.perf_counter() - prepared.start
     if warm_eval.ok and deadline.remaining_s() < _MIN_SEARCH_S:  # building took the time
         return _out_of_time(request, prepared, relaxation, warm, warm_eval, bound)
-    solver = cp_model.CpSolver()
-    solver_parameters(solver, request.time_limit_s, deadline.solver_s())
-    solver.parameters.relative_gap_limit = request.gap_limit
     if active:
-        progress = Progress("search", deadline, scale=scale,
-                            best_s=warm_eval.objective if warm_eval.ok else np.nan,
-                            stop=solver.stop_search)
-        status = run_interruptibly(lambda: solver.solve(model, progress), solver.stop_search,
-                                   on_wait=progress.tick)
-        solution = solver.response_proto.solution
+        search = search_in_rounds(
+            model, time_limit_s=request.time_limit_s, gap_limit=request.gap_limit,
+            deadline=deadline, hint_is_plan=warm_eval.ok,
+            progress=lambda: Progress("search", deadline, scale=scale))
+        status, solution = search.status, search.solution
     else:
-        status, solution = cp_model.OPTIMAL, []
+        search, status, solution = None, cp_model.OPTIMAL, []
     if status == cp_model.INFEASIBLE:
         _raise_no_assignment(request, reduced, prepared.rows)
     if status == cp_model.MODEL_INVALID:
@@ -384,8 +380,7 @@ def _search(request: IntraOpRequest, prepared: _Prepared, relaxation, position, 
         # With a gap limit CP-SAT reports OPTIMAL once within it: only a closed gap is.
         # (nothing left to solve after reduction: trivially optimal, CP-SAT never ran)
         proven = status == cp_model.OPTIMAL and (
-            not active or request.gap_limit == 0
-            or solver.best_objective_bound >= solver.objective_value)
+            not active or request.gap_limit == 0 or search.bound >= search.objective)
         status_name = "OPTIMAL" if proven else "FEASIBLE"
     elif warm_eval.ok:
         choices, status_name = warm, "FEASIBLE"  # time limit hit before CP-SAT's first solution
@@ -401,14 +396,13 @@ def _search(request: IntraOpRequest, prepared: _Prepared, relaxation, position, 
     if status_name == "FEASIBLE":  # stopped by the limit: never return worse than the warm start
         if warm_eval.ok and warm_eval.objective < objective:
             choices, objective = warm, warm_eval.objective
-    cp_bound = solver.best_objective_bound / scale if active else prepared.constant
+    cp_bound = search.bound / scale if active else prepared.constant
     lower_bound = min(objective, max(cp_bound, bound))   # _result: the objective if OPTIMAL
     return prepared.result(request, choices, objective, lower_bound, status_name, relaxation,
-                           scale=scale, build_time=build_time,
-                           solver=solver if active else None,
+                           scale=scale, build_time=build_time, solver=search,
                            solver_status=("TRIVIAL" if not active else "STALLED"
-                                          if progress.stalled and status == cp_model.FEASIBLE
-                                          else solver.status_name(status)),
+                                          if search.stalled and status == cp_model.FEASIBLE
+                                          else cp_model.CpSolver().status_name(status)),
                            model=model)
 
 

@@ -410,8 +410,7 @@ class SolverStats:
     LP bound, no search), ``NO_SEARCH`` (fractional LP, the request said ``search=False``:
     the warm start), ``TRIVIAL`` (nothing left after the reductions),
     ``OUT_OF_TIME`` (the wall-clock budget ran out before the search: the warm start) or
-    ``STALLED`` (a search under a wall-clock limit stopped when it found nothing better
-    for a while, ``_clock.STALL_S``).
+    ``STALLED`` (a round of the search found nothing better, ``_search_rounds``).
 
     ``scale``: integer units per second in the CP-SAT objective;
     ``max_rounding_error_s``: bound on |scaled objective/scale - true objective|.

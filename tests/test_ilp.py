@@ -28,7 +28,6 @@ from autoshard.ilp import (
     solve_intra_op,
 )
 from autoshard.ilp import _relaxation as relaxation
-from autoshard.ilp._clock import STALL_S, Deadline, Progress
 from autoshard.ilp._grid import edge_grid, edge_grids
 from autoshard.ilp._memory import within_budget
 from autoshard.ilp._reduce import reduce_request
@@ -219,18 +218,6 @@ def test_an_assignment_within_the_budget_is_found_for_a_hint_that_breaks_it():
     assert evaluate(request, choices).ok and choices != (0, 0)
     tight = dataclasses.replace(request, memory_budget=60.0)   # below the 70 B minimum
     assert within_budget(tight, reduce_request(tight)) is None
-
-
-def test_a_search_without_a_plan_is_never_stopped_as_stalled():
-    stops = []
-    deadline = Deadline.of(60.0, 60.0)
-    for best, expected in ((float("nan"), []), (1.0, [1])):
-        stops.clear()
-        progress = Progress("search", deadline, best_s=best, stop=lambda: stops.append(1))
-        progress._improved -= 10 * STALL_S   # nothing better for a long time
-        progress._start -= 10 * STALL_S
-        progress.tick()
-        assert stops == expected and progress.stalled == bool(expected)
 
 
 def test_infeasible_budget_reports_min_peak():
