@@ -402,7 +402,7 @@ def _search(request: IntraOpRequest, prepared: _Prepared, relaxation, position, 
                            scale=scale, build_time=build_time, solver=search,
                            solver_status=("TRIVIAL" if not active else "STALLED"
                                           if search.stalled and status == cp_model.FEASIBLE
-                                          else cp_model.CpSolver().status_name(status)),
+                                          else status.name),
                            model=model)
 
 

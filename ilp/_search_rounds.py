@@ -40,7 +40,7 @@ class SearchRounds:
     ``bound`` (CP-SAT's scaled integers: the best plan's and the best proven lower bound),
     ``stalled`` (a round found nothing better), and totals over the rounds."""
 
-    status: int
+    status: cp_model.CpSolverStatus
     solution: tuple[int, ...]
     objective: float
     bound: float
@@ -52,7 +52,7 @@ class SearchRounds:
     num_branches: int
 
     def __repr__(self):
-        return (f"SearchRounds({cp_model.CpSolver().status_name(self.status)}, "
+        return (f"SearchRounds({self.status.name}, "
                 f"{self.rounds} round(s), {self.deterministic_time:.3g} units"
                 f"{', stalled' if self.stalled else ''})")
 

@@ -28,7 +28,8 @@ def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequen
     given; ``propagated``: ``preset_propagation`` of these layouts and pairs, made here
     when not given."""
     program = graph.traced.program
-    propagated = propagated or preset_propagation(graph, layouts, mesh_shape, pairs, factors)
+    if propagated is None:
+        propagated = preset_propagation(graph, layouts, mesh_shape, pairs, factors)
     made = propagated.made
     members: dict[int, list[int]] = {r: [] for r in grouping.roots}
     for v, r in enumerate(grouping.root):
@@ -63,12 +64,13 @@ def propagated_options(graph: ShardingGraph, grouping: Grouping, layouts: Sequen
 def resharded_followers(graph: ShardingGraph, propagated: Propagated) -> frozenset[int]:
     """The follower nodes (``following.followed_operand``) whose followed operand XLA's
     propagation (``preset_propagation`` of the inputs' fixed layouts) reads in another
-    layout than the one it is made in: XLA computes the op in its own layout and reshards that operand. Measured:
-    ZeRO-3 of a relu MLP whose batch splits over one axis of 2x4 (or 8x8): the backward's
-    ``select_n`` is computed as the gradient it selects is split, on the features over both
-    axes, and the relu's mask, made in the forward split as the batch is, is resharded for
-    it (an all-to-all and a permute of the mask); following the mask, the preset was priced
-    as the gradient resharded to the mask's layout and back (5 audit differences)."""
+    layout than the one it is made in: XLA computes the op in its own layout and
+    reshards that operand. Measured: ZeRO-3 of a relu MLP whose batch splits over one axis
+    of 2x4 (or 8x8): the backward's ``select_n`` is computed as the gradient it selects is
+    split, on the features over both axes, and the relu's mask, made in the forward split
+    as the batch is, is resharded for it (an all-to-all and a permute of the mask);
+    following the mask, the preset was priced as the gradient resharded to the mask's
+    layout and back (5 audit differences)."""
     program = graph.traced.program
     apart = set()
     for v, node in enumerate(graph.nodes):
