@@ -31,7 +31,8 @@ class ShardParallel:
     ``tie_repeats``: give the nodes of repeated identical layers one shared choice
     (alternating between consecutive layers), so the ILP stops growing with depth;
     ``None`` ties when the problem has more than 600 nodes (roughly 4+ transformer
-    layers), ``False`` never ties (exact, slower on deep models).
+    layers) and tying leaves at most three quarters of them (a model of few layers but
+    many nodes is solved whole), ``False`` never ties (exact, slower on deep models).
     ``gap_limit``: stop the search once the plan is proven within this relative gap of
     the optimum; ``None``: 1% when repeated layers are tied, else 0 (prove optimality
     or reach the time limit).

@@ -59,3 +59,50 @@ def test_repeat_classes_do_not_grow_with_depth():
         return ilp._repeat_classes.repeat_classes(problem.request).num_classes
 
     assert classes(4) == classes(8)
+
+
+def _branchy_mlp(layers: int):
+    """A train step whose layers all differ (widths 32, 40, ...), each the sum of three
+    alike branches ``tanh(h @ w)``: many ILP nodes, few of them repeats."""
+    import jax
+    import jax.numpy as jnp
+
+    widths = [32 + 8 * i for i in range(layers + 1)]
+    params = [[jax.ShapeDtypeStruct((a, b), jnp.float32)] * 3 for a, b in zip(widths, widths[1:])]
+    x = jax.ShapeDtypeStruct((64, widths[0]), jnp.float32)
+
+    def loss(params, x):
+        for branches in params:
+            x = sum(jnp.tanh(x @ w) for w in branches)
+        return jnp.mean(x ** 2)
+
+    def step(params, x):
+        value, grads = jax.value_and_grad(loss)(params, x)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), value
+
+    return step, (params, x)
+
+
+def test_many_nodes_that_tying_barely_shrinks_are_solved_whole():
+    # 22 layers, all different: over 600 ILP nodes, but tying finds only the alike
+    # branches within a layer (members alternate between two classes, so one branch in
+    # three joins another): about 0.9 of the nodes stay classes. By default that problem
+    # is solved whole (TIE_REPEATS_SHRINK); a 4-layer GPT (834 nodes, 385 classes) is tied.
+    from autoshard.intra.problem import TIE_REPEATS_ABOVE, TIE_REPEATS_SHRINK
+
+    mesh = autoshard.abstract_mesh((2, 4), ("data", "model"))
+
+    def plan(fn, args, tie):
+        method = autoshard.ShardParallel(tie_repeats=tie)
+        return autoshard.parallelize(fn, mesh=mesh, method=method).plan(*args)
+
+    step, args = _branchy_mlp(22)
+    default, tied = plan(step, args, None), plan(step, args, True)
+    assert default.solver.num_nodes > TIE_REPEATS_ABOVE
+    assert default.solver.tied_classes == 0 and default.solver.status == "OPTIMAL"
+    assert TIE_REPEATS_SHRINK * tied.solver.num_nodes < tied.solver.tied_classes \
+        < tied.solver.num_nodes
+    workload = gpt(num_layers=4, d_model=32, heads=4, seq=8, abstract=True)
+    deep = plan(workload.fn, workload.args, None)
+    assert deep.solver.num_nodes > TIE_REPEATS_ABOVE
+    assert 0 < deep.solver.tied_classes <= TIE_REPEATS_SHRINK * deep.solver.num_nodes
