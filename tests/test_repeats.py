@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import autoshard
@@ -64,9 +66,6 @@ def test_repeat_classes_do_not_grow_with_depth():
 def _branchy_mlp(layers: int):
     """A train step whose layers all differ (widths 32, 40, ...), each the sum of three
     alike branches ``tanh(h @ w)``: many ILP nodes, few of them repeats."""
-    import jax
-    import jax.numpy as jnp
-
     widths = [32 + 8 * i for i in range(layers + 1)]
     params = [[jax.ShapeDtypeStruct((a, b), jnp.float32)] * 3 for a, b in zip(widths, widths[1:])]
     x = jax.ShapeDtypeStruct((64, widths[0]), jnp.float32)

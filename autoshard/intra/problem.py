@@ -141,9 +141,10 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
         per_use = functools.partial(_per_use_problem, priced, per_use_graph)
     tie = getattr(method, "tie_repeats", None)
     if tie is None:  # (a preset solves nothing: its repeats are not looked for)
-        tie = isinstance(method, ShardParallel) and len(grouping.roots) > TIE_REPEATS_ABOVE \
+        tie = isinstance(method, ShardParallel) and request.num_nodes > TIE_REPEATS_ABOVE \
             and request.repeats.num_classes <= TIE_REPEATS_SHRINK * request.num_nodes
-    tie = bool(tie)
+    else:
+        tie = bool(tie)
     gap = getattr(method, "gap_limit", None)
     request = request.with_options(tie_repeats=tie,
                                    gap_limit=(0.01 if tie else 0.0) if gap is None else gap)
