@@ -180,12 +180,17 @@ def _dim_of(dims, loop) -> int | None:
 def _model_loop(eqn, op: LoopOp, ins, known, free, split, size) -> int | None:
     """The loop of ``eqn`` the model axis splits: the one an activation operand arrives
     split on; else, for a weight meeting a whole activation, its output features
-    (column-parallel) or, for an embedding gather, the rows it indexes (vocab-parallel)."""
+    (column-parallel) or, for an embedding gather, the rows it indexes (vocab-parallel).
+
+    An activation stays split through a loop the model axis does not divide, as XLA's
+    propagation keeps it: q/k/v of 4 heads, column-parallel over 8 devices, reshaped to
+    [.., heads, head_dim], are split over heads and part of head_dim, and the attention
+    output reaches its projection split (row-parallel), as hand-written Megatron has it."""
     for k in known:
         dim = split[ins[k]]
         if dim is not None and op.in_dims[k] is not None:
             loop = op.in_dims[k][dim]
-            if loop is not None and op.splittable[loop] and op.sizes[loop] % size == 0:
+            if loop is not None and op.splittable[loop]:
                 return loop
     if not free:
         return None
