@@ -35,7 +35,7 @@ from .cost_model import Cluster, format_bytes, parse_bytes
 from .errors import InfeasiblePlanError
 from .mesh import default_cluster, make_mesh, mesh_axes
 from .methods import METHODS, Annotated, PipeshardParallel, ShardParallel
-from .runtime import ShardedProgram, shard_program
+from .runtime import ShardedProgram, shard_program, typed_sharding
 from .runtime.fast_call import MISSED, FastCall, with_leaves
 
 
@@ -412,6 +412,7 @@ class ParallelizedFunction:
                 "a PipeshardParallel step runs one program per stage and moves values "
                 "between sub-meshes as it goes: call it directly, not inside jax.jit, "
                 "jax.vmap or jax.grad (a ShardParallel step may be)")
+        _check_untyped_tracers(call, flat)
         entry = self._compiled(call, need_program=True, key=key)
         if not entry.agreed:  # before anything moves: a mismatch must not hang a collective
             self._agree(entry)
@@ -425,6 +426,27 @@ class ParallelizedFunction:
             # the way (as in a training loop: the same signature, the state on the mesh)
             self._fast.aim(entry.call, len(args), call.keywords)
         return entry.call(*with_leaves(call, entry.program.place(flat)))
+
+
+def _check_untyped_tracers(call: BoundCall, flat: Sequence) -> None:
+    """A step called under the caller's ``jax.jit`` (or another transformation) takes
+    its arguments as they are typed there: one whose type carries a sharding (a mesh of
+    ``Explicit`` axes) cannot be laid out on the plan's mesh inside that trace."""
+    typed = [k for k, a in enumerate(flat)
+             if isinstance(a, jax.core.Tracer) and typed_sharding(jax.typeof(a))]
+    if not typed:
+        return
+    _, paths, _ = flat_paths(call.args, call.static)
+    shown = ", ".join(f"{paths[k]} ({jax.typeof(flat[k]).sharding.spec})" for k in typed[:4])
+    more = f" and {len(typed) - 4} more" if len(typed) > 4 else ""
+    raise TypeError(
+        f"the parallelized step was called inside jax.jit (or another transformation) with "
+        f"arguments whose type carries a sharding over a mesh of Explicit axes: "
+        f"{shown}{more}. autoshard lays out every value on its own mesh of Auto axes, which "
+        f"it cannot do inside that trace: call the step outside jax.jit (it is compiled "
+        f"already; arrays on any mesh are moved to the plan's layouts), or make the mesh "
+        f"with Auto axes (autoshard.make_mesh, or jax.make_mesh(..., axis_types=(jax.sharding."
+        f"AxisType.Auto,) * rank))")
 
 
 def _sharded(traced: TracedFunction, plan: Plan, mesh, donate_argnums) -> ShardedProgram:

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .schedule import dispatch_order
-from .sharded import ShardedProgram
+from .sharded import ShardedProgram, untyped
 from .transfer import as_global, move
 
 Key = tuple
@@ -117,7 +117,7 @@ class PipelineProgram:
                 {frozenset(self.mesh.devices.flat)}
             flat_args = [as_global(a, known) for a in flat_args]
         env: dict = dict(self.constants)
-        env.update(zip(self.invars, flat_args, strict=True))
+        env.update(zip(self.invars, map(untyped, flat_args), strict=True))
         for step in self.pre:
             env.update(zip(step.outputs, _run(step.program, [env[k] for k in step.inputs])))
         micro: list[dict] = [{} for _ in range(B)]

@@ -74,10 +74,12 @@ class ShardedProgram:
             if tuple(call_args[i] for i in static) != expected_static:
                 raise SignatureChanged("static arguments")
             leaves, tree = jax.tree_util.tree_flatten(dynamic_arguments(call_args, static))
-            avals = tuple((x.shape, x.dtype, bool(x.weak_type))
-                          for x in (jax.typeof(leaf) for leaf in leaves))
+            types = [jax.typeof(leaf) for leaf in leaves]
+            avals = tuple((x.shape, x.dtype, bool(x.weak_type)) for x in types)
             if tree != expected_tree or avals != expected_avals:
                 raise SignatureChanged("argument trees, shapes or dtypes")
+            if any(typed_sharding(x) for x in types):
+                raise SignatureChanged("arguments whose type carries a sharding")
             return jax.tree_util.tree_unflatten(out_tree, run(*leaves))
 
         in_shardings = tuple(jax.tree_util.tree_unflatten(expected_tree, self.in_shardings))
@@ -96,6 +98,29 @@ class ShardedProgram:
         """``jax.stages.Lowered`` for arguments of the shapes the program was traced with
         (no devices touched)."""
         return self.jitted.lower(*self.argument_structs())
+
+
+def typed_sharding(aval) -> bool:
+    """Whether ``aval`` carries a sharding in its type: an array laid out over a mesh of
+    ``Explicit`` axes (what ``jax.make_mesh`` makes by default). Its type would follow it
+    into the program, whose ops then type-check their operands' shardings (a dot of two
+    operands split on the contracted dim is an error); placed with the planned sharding
+    first (on the program's ``Auto`` mesh), it runs as planned."""
+    spec = getattr(getattr(aval, "sharding", None), "spec", None)
+    return spec is not None and any(entry is not None for entry in spec)
+
+
+def untyped(value):
+    """``value``, an array whose type carries a sharding (see :func:`typed_sharding`), laid
+    out the same on a mesh of the same devices and ``Auto`` axes (the layout kept, no
+    data moved); any other value as it is. Eager ops on it (the pipeline's split of a
+    batch into microbatches) then see a plain array, as on a mesh of ``Auto`` axes."""
+    if not isinstance(value, jax.Array) or not typed_sharding(jax.typeof(value)):
+        return value
+    sharding = value.sharding
+    mesh = jax.sharding.Mesh(sharding.mesh.devices, sharding.mesh.axis_names,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.mesh.axis_names))
+    return jax.device_put(value, NamedSharding(mesh, sharding.spec))
 
 
 class SignatureChanged(Exception):

@@ -107,3 +107,42 @@ def test_alternating_signatures_match_jit():
         assert_trees_allclose((state, loss), (ref, ref_loss))
     # every call missed the program of the one before: autoshard stopped trying it first
     assert step._fast.call is None
+
+
+def test_arrays_on_a_mesh_of_explicit_axes_are_moved_to_the_plan_as_jit_moves_them():
+    """jax.make_mesh's default axes are Explicit: an array laid out over them carries its
+    sharding in its type. After a first call with host arrays, a call with such arrays
+    (w1 split on the dim the batch's features contract with, which jax.jit itself rejects
+    as ambiguous) is moved to the plan's layouts and matches jax.jit on the host values,
+    in a loop too. The code before ran the program with their types and raised jax's
+    ShardingTypeError from inside it."""
+    params, opt_state, batches = init()
+    step = autoshard.parallelize(train_step, mesh=autoshard.make_mesh((2, 4), ("data", "model")),
+                                 static_argnames=("lr_scale",))
+    reference = jax.jit(train_step, static_argnames=("lr_scale",))
+    explicit = jax.make_mesh((8,), ("d",))
+    assert explicit.axis_types == (jax.sharding.AxisType.Explicit,)
+    on = lambda tree, spec: jax.device_put(  # noqa: E731
+        tree, jax.sharding.NamedSharding(explicit, jax.sharding.PartitionSpec(*spec)))
+    state = ref = (params, opt_state)
+    *state, loss = step(*state, batches[0], lr_scale=0.5)
+    *ref, ref_loss = reference(*ref, batches[0], lr_scale=0.5)
+    state = (on(state[0], ("d",)), state[1])
+    for batch in batches[1:]:
+        *state, loss = step(*state, {"x": on(batch["x"], (None, "d")), "y": on(batch["y"], ("d",))},
+                            lr_scale=0.5)
+        *ref, ref_loss = reference(*ref, batch, lr_scale=0.5)
+        assert_trees_allclose((state, loss), (ref, ref_loss))
+
+
+def test_explicit_arrays_inside_the_callers_jit_are_a_clear_error():
+    params, opt_state, batches = init()
+    step = autoshard.parallelize(train_step, mesh=autoshard.make_mesh((8,), ("data",)),
+                                 static_argnames=("lr_scale",))
+    explicit = jax.make_mesh((8,), ("d",))
+    x = jax.device_put(batches[0]["x"], jax.sharding.NamedSharding(
+        explicit, jax.sharding.PartitionSpec("d")))
+    with pytest.raises(TypeError, match=r"inside jax.jit .* Explicit axes: args\[2\]\['x'\] "
+                                        r"\(P\('d', None\)\).*autoshard.make_mesh"):
+        jax.jit(lambda x: step(params, opt_state, {"x": x, "y": batches[0]["y"]},
+                               lr_scale=1.0))(x)

@@ -110,6 +110,20 @@ def test_numpy_constant_with_one_microbatch():
     assert_trees_allclose(step(params, x, y), jax.jit(numpy_constant)(params, x, y))
 
 
+def test_arrays_on_a_mesh_of_explicit_axes_match_jit():
+    # jax.make_mesh's default axes are Explicit: the batch laid out over them carries its
+    # sharding in its type, and the pipeline's split into microbatches (an eager reshape)
+    # raised jax's ShardingTypeError on it. It runs now, as on host arrays.
+    params, x, y = _mlp(2)
+    explicit = jax.make_mesh((8,), ("d",))
+    on = lambda a, *spec: jax.device_put(  # noqa: E731
+        a, jax.sharding.NamedSharding(explicit, jax.sharding.PartitionSpec(*spec)))
+    args = ({k: on(v, "d") if v.shape[0] % 8 == 0 else on(v) for k, v in params.items()},
+            on(x, "d"), on(y, None, "d"))
+    assert_trees_allclose(_pipelined(lambda_closure)(*args),
+                          jax.jit(lambda_closure)(params, x, y))
+
+
 # ------------------------------------------------------------------ a GPT-like step
 V, T, DM, BLOCKS = 32, 8, 16, 2
 
