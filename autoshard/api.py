@@ -33,9 +33,9 @@ from autoshard.plan.record import Plan
 
 from .cost_model import Cluster, format_bytes, parse_bytes
 from .errors import InfeasiblePlanError
-from .mesh import default_cluster, make_mesh, mesh_axes
+from .mesh import default_cluster, make_mesh, mesh_axes, with_auto_axes
 from .methods import METHODS, Annotated, PipeshardParallel, ShardParallel
-from .runtime import ShardedProgram, shard_program, typed_sharding
+from .runtime import ShardedProgram, instead_of_explicit, shard_program, typed_sharding
 from .runtime.fast_call import MISSED, FastCall, with_leaves
 
 
@@ -121,6 +121,7 @@ class ParallelizedFunction:
             mesh = self._mesh_arg if self._mesh_arg is not None else \
                 make_mesh((jax.device_count(),), ("devices",))
             shape, names = mesh_axes(mesh)
+            mesh = with_auto_axes(mesh)
             cluster = self._cluster_arg if self._cluster_arg is not None else \
                 default_cluster(mesh)
             budget = self._budget_arg if self._budget_arg is not None else \
@@ -195,7 +196,8 @@ class ParallelizedFunction:
         entry = self._cache.get(key)
         if entry is None:
             statics = statics_text(key[-1])
-            with rare_cycle_collection():
+            # (traced in the plan's mesh where the caller set one of Explicit axes)
+            with rare_cycle_collection(), instead_of_explicit(self._resolve().mesh):
                 if isinstance(self._method, PipeshardParallel):
                     entry = self._plan_pipeline(call, statics)
                 else:
@@ -536,7 +538,11 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
     """Parallelize ``fun`` over ``mesh`` (jit-like; also usable as a decorator).
 
     ``mesh``: default, every device on one axis, made at the first call (so decorating
-    at import time touches no devices, e.g. before ``jax.distributed.initialize()``).
+    at import time touches no devices, e.g. before ``jax.distributed.initialize()``). A
+    mesh of Explicit axes (``jax.make_mesh``'s default) is taken with Auto axes: the plan
+    lays every value out, as ``jax.jit`` does on Auto axes, and the outputs are on that
+    mesh. Arguments may be on any mesh (they are moved to the plan's layouts), and the
+    step may be called under ``jax.set_mesh`` of any mesh.
     ``method``: :class:`ShardParallel` (ILP, default), a preset (:class:`DataParallel`,
     :class:`ZeRO3`, :class:`Megatron`, :class:`Annotated`: the model's own annotations)
     or :class:`PipeshardParallel` (pipeline stages on sub-meshes; the step takes one

@@ -1,6 +1,7 @@
 """Turn a :class:`Program` and its sharding decisions into a jitted, sharded callable."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
@@ -110,6 +111,18 @@ def typed_sharding(aval) -> bool:
     return spec is not None and any(entry is not None for entry in spec)
 
 
+def instead_of_explicit(mesh):
+    """A context in which ``mesh`` (a ``Mesh`` or ``AbstractMesh`` of Auto axes) is the
+    abstract mesh when the caller's is one of Explicit axes (``jax.set_mesh`` of
+    ``jax.make_mesh``'s default): traced there, the program's ops would type-check their
+    operands against the caller's axes. Any other caller's mesh (none, or one of Auto
+    axes, whose bare PartitionSpecs the step may use) is kept."""
+    current = jax.sharding.get_abstract_mesh()
+    if not any(t == jax.sharding.AxisType.Explicit for t in current.axis_types):
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh))
+
+
 def untyped(value):
     """``value``, an array whose type carries a sharding (see :func:`typed_sharding`), laid
     out the same on a mesh of the same devices and ``Auto`` axes (the layout kept, no
@@ -169,8 +182,9 @@ def shard_program(
     made_via = {v: tuple(named(s) for s in chain) for v, chain in value_via.items()}
 
     def run(*flat_args):
-        return evaluate_program(program, flat_args, value_shardings, operand_shardings,
-                                via_shardings, made_via, mesh=mesh)
+        with instead_of_explicit(mesh):
+            return evaluate_program(program, flat_args, value_shardings, operand_shardings,
+                                    via_shardings, made_via, mesh=mesh)
 
     jitted = jax.jit(run, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=tuple(donate_argnums))

@@ -191,3 +191,42 @@ def test_a_device_put_on_the_mesh_inside_the_step_is_a_constraint_too(spec):
     report = f.audit(*args)
     assert report.ok, report.summary()
     assert_trees_allclose(f(*args), jax.jit(step)(*args))
+
+
+def test_a_step_under_a_mesh_of_explicit_axes_runs_in_the_plans_mesh():
+    """The caller set a mesh of Explicit axes (``jax.set_mesh(jax.make_mesh(...))``, the
+    default axis type; the user's own code may run there): the step is traced and run in
+    the plan's mesh instead, its bare PartitionSpec constraint naming the plan's axes,
+    planned and run as under ``jax.set_mesh`` of the plan's mesh, on the planning call and
+    on jax's own dispatch after it. Before: the step's ops ran with the caller's axis types
+    (the dot's operands were typed on the plan's mesh, the context on the caller's)."""
+    mesh = autoshard.make_mesh(*MESH)
+    step, args = _step_with_constraint(mesh, P("data", "model"), bare=True)
+    with jax.set_mesh(mesh):
+        expected = jax.jit(step)(*args)
+        constrained = _constrained_values(step, args)
+    with jax.set_mesh(jax.make_mesh(*MESH)):
+        f = autoshard.parallelize(step, mesh=mesh, batch_argnums=(2, 3))
+        plan = f.plan(*args)
+        out = f(*args)
+        out_again = f(*args)
+    made = {P(*s) for vid, s in plan.value_specs if vid in constrained}
+    assert made == {P("data", "model")}, made
+    assert_trees_allclose(out, expected, atol=ADAM_ATOL)
+    assert_trees_allclose(out_again, expected, atol=ADAM_ATOL)
+
+
+def test_a_mesh_of_explicit_axes_is_planned_and_run_as_its_auto_twin():
+    """``parallelize(mesh=jax.make_mesh(...))``: jax's default mesh has Explicit axes. The
+    plan lays values out on the same devices and axis names with Auto axes, as
+    autoshard.make_mesh makes them. Before: the runtime's constraints were refused (an
+    Explicit axis in with_sharding_constraint)."""
+    explicit = jax.make_mesh(*MESH)
+    assert set(explicit.axis_types) == {jax.sharding.AxisType.Explicit}
+    step, args = users_mlp_step(optax.adam(1e-3))
+    f = autoshard.parallelize(step, mesh=explicit, batch_argnums=(2, 3))
+    out = f(*args)
+    assert_trees_allclose(out, jax.jit(step)(*args), atol=ADAM_ATOL)
+    leaf = jax.tree.leaves(out)[0]
+    assert leaf.sharding.mesh.devices.tolist() == explicit.devices.tolist()
+    assert set(leaf.sharding.mesh.axis_types) == {jax.sharding.AxisType.Auto}
