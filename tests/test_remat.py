@@ -4,9 +4,12 @@ the compiled plan), and the planner recomputes forward segments itself when no s
 meets a memory budget."""
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.ad_checkpoint import checkpoint_name
 
 import autoshard
 from autoshard.intra.remat import forward_segments
@@ -68,6 +71,42 @@ def test_user_checkpoint_is_recomputed_in_the_compiled_plan():
     jit_extra = flops[("jit", True)] / flops[("jit", False)] - 1
     assert jit_extra > 0.1
     assert flops[True] / flops[False] - 1 > 0.5 * jit_extra
+
+
+def test_a_named_checkpoint_policy_is_planned_like_the_values_it_names():
+    """MaxText's way: blocks under ``jax.checkpoint(policy=save_only_these_names(...))``
+    with ``checkpoint_name`` on the value kept. The name is an identity (XLA emits
+    nothing for it): it follows its operand and moves no data. Before: it had no rule,
+    warned, and ran replicated, so the data-parallel plan gathered every named
+    activation."""
+    policy = jax.checkpoint_policies.save_only_these_names("hidden")
+
+    def step(ws, x):
+        def loss(ws):
+            h = x
+            for w1, w2 in ws:
+                block = jax.checkpoint(lambda h, w1, w2: jnp.tanh(
+                    checkpoint_name(jax.nn.relu(h @ w1), "hidden") @ w2), policy=policy)
+                h = block(h, w1, w2)
+            return jnp.mean(h ** 2)
+        value, grads = jax.value_and_grad(loss)(ws)
+        return jax.tree.map(lambda w, g: w - 0.1 * g, ws, grads), value
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    ws = [(jax.random.normal(keys[2 * i], (32, 128)) * 0.2,
+           jax.random.normal(keys[2 * i + 1], (128, 32)) * 0.2) for i in range(2)]
+    x = jax.random.normal(keys[4], (256, 32))
+    mesh = autoshard.make_mesh((8,), ("devices",))
+    f = autoshard.parallelize(step, mesh=mesh, method=autoshard.DataParallel(),
+                              batch_argnums=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = f.plan(ws, x)
+    assert any(e.primitive.name == "name" for e in trace(step, (ws, x)).program.eqns)
+    assert {c.kind for c in plan.collectives} == {"all-reduce"}  # nothing gathered
+    compiled = hlo.collective_stats(f.lower(ws, x).compile().as_text())
+    assert {kind for kind, stats in compiled.items() if stats["count"]} == {"all-reduce"}
+    assert_trees_allclose(f(ws, x), jax.jit(step)(ws, x))
 
 
 # --- rematerialization chosen by the planner (ir/remat.py, intra/remat.py) -------------

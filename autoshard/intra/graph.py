@@ -82,9 +82,10 @@ def _aval(program, atom):
 
 
 #: identities that move no data in the compiled program: ``optimization_barrier`` (the
-#: operands of a ``jax.checkpoint`` block recomputed in the backward pass) and sharding
-#: constraints (a resharding they imply is priced on the use, as any other)
-NO_TRAFFIC = frozenset({"optimization_barrier", "sharding_constraint", "reshard", "device_put"})
+#: operands of a ``jax.checkpoint`` block recomputed in the backward pass), ``name``
+#: (``checkpoint_name``, read by a checkpoint policy) and sharding constraints (a
+#: resharding they imply is priced on the use, as any other)
+NO_TRAFFIC = frozenset({"optimization_barrier", "sharding_constraint", "reshard", "device_put", "name"})
 #: ops that are a bitcast of a value in memory (dropping dims of size 1 keeps its bytes in
 #: order in any layout): they read nothing; a fusion ending in one writes its result
 BITCASTS = frozenset({"squeeze"})

@@ -502,7 +502,7 @@ log1p logistic lt lt_to max min
 mul mulhi ne neg nextafter not or polygamma population_count pow random_gamma_grad real
 reduce_precision regularized_incomplete_beta rem round rsqrt
 select_n shift_left shift_right_arithmetic shift_right_logical sign sin sinh sqrt square stop_gradient
-sub tan tanh xor zeta optimization_barrier sharding_constraint reshard
+sub tan tanh xor zeta optimization_barrier sharding_constraint reshard name
 """.split())
 
 RULES: dict[str, Callable] = {name: elementwise for name in ELEMENTWISE}
