@@ -1,4 +1,4 @@
-"""Planning runs Python's cyclic garbage collector rarely (``api.rare_cycle_collection``) and
+"""Planning runs Python's cyclic garbage collector rarely (``planning_gc.rare_cycle_collection``) and
 leaves its thresholds as it found them."""
 import gc
 
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 import autoshard
-from autoshard import api
+from autoshard import api, planning_gc
 from examples.models import mlp
 
 
@@ -36,8 +36,8 @@ def test_planning_collects_cycles_rarely_and_restores_the_thresholds(
     finally:
         gc.set_threshold(*before)
     # a user's own larger thresholds are kept
-    older = tuple(max(t, api.PLANNING_GC_OLDER_PASSES) for t in before[1:])
-    assert thresholds_seen_by_the_planner == [(max(first, api.PLANNING_GC_ALLOCATIONS),
+    older = tuple(max(t, planning_gc.PLANNING_GC_OLDER_PASSES) for t in before[1:])
+    assert thresholds_seen_by_the_planner == [(max(first, planning_gc.PLANNING_GC_ALLOCATIONS),
                                                *older)]
 
 
@@ -50,5 +50,5 @@ def test_the_thresholds_come_back_after_planning_fails(thresholds_seen_by_the_pl
 
     with pytest.raises(autoshard.InfeasiblePlanError):
         autoshard.parallelize(step, mesh=mesh, memory_budget=1).plan(jnp.ones((64, 64)))
-    assert thresholds_seen_by_the_planner[0][0] == max(before[0], api.PLANNING_GC_ALLOCATIONS)
+    assert thresholds_seen_by_the_planner[0][0] == max(before[0], planning_gc.PLANNING_GC_ALLOCATIONS)
     assert gc.get_threshold() == before
