@@ -541,7 +541,7 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
     mesh of Explicit axes (``jax.make_mesh``'s default) is taken with Auto axes: the plan
     lays every value out, as ``jax.jit`` does on Auto axes, and the outputs are on that
     mesh. Arguments may be on any mesh (they are moved to the plan's layouts), and the
-    step may be called under ``jax.set_mesh`` of any mesh.
+    step may be called under ``jax.set_mesh`` of a mesh of its devices, of either type.
     ``method``: :class:`ShardParallel` (ILP, default), a preset (:class:`DataParallel`,
     :class:`ZeRO3`, :class:`Megatron`, :class:`Annotated`: the model's own annotations)
     or :class:`PipeshardParallel` (pipeline stages on sub-meshes; the step takes one
