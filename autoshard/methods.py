@@ -82,9 +82,10 @@ class Megatron:
     """Megatron-LM tensor parallelism on the model axis (the last mesh axis), data
     parallelism on the others: column-parallel weights where an activation arrives whole
     (q/k/v, the first MLP kernel), row-parallel where it arrives split (the attention
-    output, the second MLP kernel), vocab-parallel embeddings; batch arguments split over
-    the data axes. A fixed rule read off the program's order of operations
-    (``autoshard.intra.presets``), not chosen by the cost model."""
+    output, the second MLP kernel), vocab-parallel embeddings and output projections to a
+    vocabulary; batch arguments split over the data axes. A fixed rule read off the
+    program's order of operations (``autoshard.intra.presets``), not chosen by the cost
+    model."""
 
 
 @dataclasses.dataclass(frozen=True)

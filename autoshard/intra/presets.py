@@ -15,7 +15,9 @@ writes ``in_shardings`` for ``jax.jit``. Nothing here is priced or searched.
     the weight's output features: column-parallel (q/k/v, the first MLP kernel);
   - one whose activation arrives split on the contracted features splits the weight's
     input features: row-parallel (the attention output, the second MLP kernel), and
-    its result is summed over the model axis;
+    its result is summed over the model axis; unless that result is wider than the
+    activation (an output projection to a vocabulary): then the activation is gathered
+    and the weight column-parallel, as Megatron-LM's output layer;
   - an embedding table read by a gather is split on the rows it indexes:
     vocab-parallel;
   - any other argument (a bias, a norm scale, optimizer state) follows the layout of
@@ -177,6 +179,19 @@ def _dim_of(dims, loop) -> int | None:
     return next((d for d, l in enumerate(dims) if l == loop), None)
 
 
+_CONTRACTIONS = ("dot_general", "conv_general_dilated")
+
+
+def _widening(op: LoopOp, k: int, loop: int) -> bool:
+    """Whether ``loop``, operand ``k``'s split, is contracted, and the result has more
+    elements than operand ``k``."""
+    output_loops = {l for dims in op.out_dims for l in dims if l is not None}
+    if loop in output_loops:
+        return False
+    operand = math.prod(op.sizes[l] for l in op.in_dims[k] if l is not None)
+    return math.prod(op.sizes[l] for l in output_loops) > operand
+
+
 def _model_loop(eqn, op: LoopOp, ins, known, free, split, size) -> int | None:
     """The loop of ``eqn`` the model axis splits: the one an activation operand arrives
     split on; else, for a weight meeting a whole activation, its output features
@@ -185,17 +200,23 @@ def _model_loop(eqn, op: LoopOp, ins, known, free, split, size) -> int | None:
     An activation stays split through a loop the model axis does not divide, as XLA's
     propagation keeps it: q/k/v of 4 heads, column-parallel over 8 devices, reshaped to
     [.., heads, head_dim], are split over heads and part of head_dim, and the attention
-    output reaches its projection split (row-parallel), as hand-written Megatron has it."""
+    output reaches its projection split (row-parallel), as hand-written Megatron has it.
+
+    A weight whose row-parallel result would be wider than the activation it contracts
+    (an output projection to a vocabulary, [B, D] -> [B, V]) is column-parallel instead,
+    its activation gathered, as Megatron-LM lays out its output layer: the sum over the
+    model axis would move the wide result, the gather moves the narrow activation."""
+    name = eqn.primitive.name
     for k in known:
         dim = split[ins[k]]
         if dim is not None and op.in_dims[k] is not None:
             loop = op.in_dims[k][dim]
-            if loop is not None and op.splittable[loop]:
+            if loop is not None and op.splittable[loop] and not (
+                    free and name in _CONTRACTIONS and _widening(op, k, loop)):
                 return loop
     if not free:
         return None
-    name = eqn.primitive.name
-    if name in ("dot_general", "conv_general_dilated"):
+    if name in _CONTRACTIONS:
         weight = free[-1]
         activation_loops = {l for k in known if op.in_dims[k] for l in op.in_dims[k]}
         output_loops = {l for dims in op.out_dims for l in dims if l is not None}
