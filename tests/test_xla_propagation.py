@@ -285,11 +285,11 @@ def test_the_zeros_a_split_table_gradient_is_scattered_into_are_made_split():
     plan = parallel.plan(*args)
 
     program = trace(step, args).program
-    # Megatron's layouts: dense column-parallel, embed and out split on their rows,
-    # the batch over data (sgd's state holds no arrays)
-    layouts = [((), (1,)), ((1,), ()), ((1,), ()), ((0,),), ((0,),)]
+    # Megatron's layouts: dense column-parallel, embed split on its rows, out on its
+    # columns (vocab-parallel), the batch over data (sgd's state holds no arrays)
+    layouts = [((), (1,)), ((1,), ()), ((), (1,)), ((0,),), ((0,),)]
     P = jax.sharding.PartitionSpec
-    assert plan.flat_in_specs == (P(None, "model"), P("model"), P("model"), P("data"),
+    assert plan.flat_in_specs == (P(None, "model"), P("model"), P(None, "model"), P("data"),
                                   P("data"))
     got = propagated_layouts(program, layouts, {0: layouts[0], 1: layouts[1],
                                                 2: layouts[2]}, {}, (2, 4))
