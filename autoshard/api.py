@@ -34,7 +34,7 @@ from .errors import InfeasiblePlanError
 from .mesh import default_cluster, make_mesh, mesh_axes, with_auto_axes
 from .methods import METHODS, Annotated, PipeshardParallel, ShardParallel
 from .planning_gc import rare_cycle_collection
-from .runtime import ShardedProgram, instead_of_explicit, shard_program, typed_sharding
+from .runtime import ShardedProgram, instead_of_explicit, outside_other_meshes, shard_program, typed_sharding
 from .runtime.fast_call import MISSED, FastCall, with_leaves
 
 
@@ -425,8 +425,9 @@ class ParallelizedFunction:
         if jax.process_count() == 1:  # (across processes, host values need place_global)
             # next time jax's own dispatch checks the arguments, with no Python of ours on
             # the way (as in a training loop: the same signature, the state on the mesh)
-            self._fast.aim(entry.call, len(args), call.keywords)
-        return entry.call(*with_leaves(call, entry.program.place(flat)))
+            self._fast.aim(entry.call, len(args), call.keywords, entry.program.mesh)
+        with outside_other_meshes(entry.program.mesh):
+            return entry.call(*with_leaves(call, entry.program.place(flat)))
 
 
 def _check_untyped_tracers(call: BoundCall, flat: Sequence) -> None:
@@ -541,7 +542,7 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
     mesh of Explicit axes (``jax.make_mesh``'s default) is taken with Auto axes: the plan
     lays every value out, as ``jax.jit`` does on Auto axes, and the outputs are on that
     mesh. Arguments may be on any mesh (they are moved to the plan's layouts), and the
-    step may be called under ``jax.set_mesh`` of a mesh of its devices, of either type.
+    step may be called under ``jax.set_mesh`` of any mesh.
     ``method``: :class:`ShardParallel` (ILP, default), a preset (:class:`DataParallel`,
     :class:`ZeRO3`, :class:`Megatron`, :class:`Annotated`: the model's own annotations)
     or :class:`PipeshardParallel` (pipeline stages on sub-meshes; the step takes one

@@ -14,6 +14,7 @@ from .schedule import dispatch_order as dispatch_order
 from .schedule import stage_orders as stage_orders
 from .sharded import ShardedProgram as ShardedProgram
 from .sharded import instead_of_explicit as instead_of_explicit
+from .sharded import outside_other_meshes as outside_other_meshes
 from .sharded import shard_program as shard_program
 from .sharded import typed_sharding as typed_sharding
 from .transfer import move as move

@@ -6,7 +6,7 @@ import jax
 
 from autoshard.ir.call import BoundCall, dynamic_arguments
 
-from .sharded import SignatureChanged
+from .sharded import SignatureChanged, outside_other_meshes
 
 #: what :class:`FastCall` returns when the arguments are not for its program
 MISSED = object()
@@ -21,23 +21,26 @@ class FastCall:
     program and places them."""
 
     def __init__(self):
-        self.call, self.num_args, self.keywords = None, 0, ()
+        self.call, self.num_args, self.keywords, self.mesh = None, 0, (), None
         self.misses = self.hits = 0
 
-    def aim(self, call, num_args: int, keywords: tuple[str, ...]) -> None:
-        """Try ``call`` (a :meth:`ShardedProgram.for_call`) first from now on, unless most
-        calls miss (say, two signatures alternating: each miss costs a trace attempt)."""
+    def aim(self, call, num_args: int, keywords: tuple[str, ...], mesh) -> None:
+        """Try ``call`` (a :meth:`ShardedProgram.for_call` of a program on ``mesh``) first
+        from now on, unless most calls miss (say, two signatures alternating: each miss
+        costs a trace attempt)."""
         if call is not self.call:
             keep = self.misses < 8 or self.misses * 16 < self.hits
             self.call, self.num_args, self.keywords = (call if keep else None), num_args, \
                 keywords
+            self.mesh = mesh
 
     def __call__(self, args: tuple, kwargs: dict):
         if self.call is None or len(args) != self.num_args or \
                 len(kwargs) != len(self.keywords):
             return MISSED
         try:
-            outs = self.call(*args, *(kwargs[k] for k in self.keywords))
+            with outside_other_meshes(self.mesh):
+                outs = self.call(*args, *(kwargs[k] for k in self.keywords))
         except (SignatureChanged, KeyError, ValueError, TypeError):
             # jax raised before running: another signature or keyword, an argument
             # committed elsewhere, or one jax cannot take (the full path says what)

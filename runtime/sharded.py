@@ -123,6 +123,21 @@ def instead_of_explicit(mesh):
     return jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh))
 
 
+def outside_other_meshes(mesh):
+    """A context that sets the caller's mesh aside (``jax.set_mesh(None)``) while a program
+    on ``mesh`` runs, when the caller set a mesh of other devices: jax refuses to run a
+    program whose arguments lie on devices its context mesh does not hold. A caller's mesh
+    of the same devices is kept (its bare PartitionSpecs may be the step's), and so is any
+    under the caller's own ``jax.jit``, where a mesh cannot be set."""
+    try:
+        current = jax.sharding.get_mesh()
+    except ValueError:  # under the caller's trace
+        return contextlib.nullcontext()
+    if current.empty or set(current.devices.flat) == set(mesh.devices.flat):
+        return contextlib.nullcontext()
+    return jax.set_mesh(None)
+
+
 def untyped(value):
     """``value``, an array whose type carries a sharding (see :func:`typed_sharding`), laid
     out the same on a mesh of the same devices and ``Auto`` axes (the layout kept, no

@@ -146,3 +146,22 @@ def test_explicit_arrays_inside_the_callers_jit_are_a_clear_error():
                                         r"\(P\('d', None\)\).*autoshard.make_mesh"):
         jax.jit(lambda x: step(params, opt_state, {"x": x, "y": batches[0]["y"]},
                                lr_scale=1.0))(x)
+
+
+def test_a_step_called_under_a_mesh_of_other_devices_runs_on_its_own():
+    """The caller set a mesh of other devices (half of the plan's), say for code of its own:
+    the step still runs on the plan's mesh, on the planning call and on jax's own dispatch
+    after it. Before: jax refused the program ("incompatible devices for jitted
+    computation": its arguments lie outside the context mesh)."""
+    params, opt_state, batches = init()
+    step = autoshard.parallelize(train_step, mesh=autoshard.make_mesh((2, 4), ("data", "model")),
+                                 static_argnames=("lr_scale",))
+    reference = jax.jit(train_step, static_argnames=("lr_scale",))
+    other = autoshard.make_mesh((4,), ("data",), devices=jax.devices()[4:])
+    state = ref = (params, opt_state)
+    for batch in batches[:3]:
+        with jax.set_mesh(other):
+            *state, loss = step(*state, batch, lr_scale=0.5)
+        *ref, ref_loss = reference(*ref, batch, lr_scale=0.5)
+        assert_trees_allclose((state, loss), (ref, ref_loss))
+    assert step._fast.hits >= 1
