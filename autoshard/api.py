@@ -31,11 +31,12 @@ from autoshard.plan.record import Plan
 
 from .cost_model import Cluster, format_bytes, parse_bytes
 from .errors import InfeasiblePlanError
-from .mesh import default_cluster, make_mesh, mesh_axes, with_auto_axes
+from .mesh import default_cluster, make_mesh, mesh_axes
 from .methods import METHODS, Annotated, PipeshardParallel, ShardParallel
 from .planning_gc import rare_cycle_collection
 from .runtime import ShardedProgram, instead_of_explicit, outside_other_meshes, shard_program, typed_sharding
 from .runtime.fast_call import MISSED, FastCall, with_leaves
+from .runtime.sharded import with_auto_axes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

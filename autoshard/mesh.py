@@ -34,19 +34,6 @@ def abstract_mesh(shape: Sequence[int], axis_names: Sequence[str]) -> AbstractMe
     return AbstractMesh(shape, axis_names, axis_types=(AxisType.Auto,) * len(shape))
 
 
-def with_auto_axes(mesh):
-    """``mesh`` (a ``Mesh`` or ``AbstractMesh``) with every axis ``AxisType.Auto``: the same
-    object when they all are. autoshard lays out every value itself, as ``jax.jit`` does on
-    Auto axes; a mesh of Explicit axes (``jax.make_mesh``'s default) would put each layout
-    in the values' types, where the program's ops check them."""
-    if all(t == AxisType.Auto for t in mesh.axis_types):
-        return mesh
-    auto = (AxisType.Auto,) * len(mesh.axis_names)
-    if isinstance(mesh, Mesh):
-        return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
-    return AbstractMesh(tuple(mesh.axis_sizes), tuple(mesh.axis_names), axis_types=auto)
-
-
 def _check_shape(shape, axis_names):
     shape = tuple(shape)
     axis_names = tuple(axis_names)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from autoshard.ir.call import dynamic_arguments
 from autoshard.ir.program import Program
@@ -118,7 +118,7 @@ def instead_of_explicit(mesh):
     operands against the caller's axes. Any other caller's mesh (none, or one of Auto
     axes, whose bare PartitionSpecs the step may use) is kept."""
     current = jax.sharding.get_abstract_mesh()
-    if not any(t == jax.sharding.AxisType.Explicit for t in current.axis_types):
+    if not any(t == AxisType.Explicit for t in current.axis_types):
         return contextlib.nullcontext()
     return jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh))
 
@@ -138,6 +138,19 @@ def outside_other_meshes(mesh):
     return jax.set_mesh(None)
 
 
+def with_auto_axes(mesh):
+    """``mesh`` (a ``Mesh`` or ``AbstractMesh``) with every axis ``AxisType.Auto``: the same
+    object when they all are. autoshard lays out every value itself, as ``jax.jit`` does on
+    Auto axes; a mesh of Explicit axes (``jax.make_mesh``'s default) would put each layout
+    in the values' types, where the program's ops check them."""
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    auto = (AxisType.Auto,) * len(mesh.axis_names)
+    if isinstance(mesh, jax.sharding.Mesh):
+        return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+    return AbstractMesh(tuple(mesh.axis_sizes), tuple(mesh.axis_names), axis_types=auto)
+
+
 def untyped(value):
     """``value``, an array whose type carries a sharding (see :func:`typed_sharding`), laid
     out the same on a mesh of the same devices and ``Auto`` axes (the layout kept, no
@@ -145,10 +158,8 @@ def untyped(value):
     batch into microbatches) then see a plain array, as on a mesh of ``Auto`` axes."""
     if not isinstance(value, jax.Array) or not typed_sharding(jax.typeof(value)):
         return value
-    sharding = value.sharding
-    mesh = jax.sharding.Mesh(sharding.mesh.devices, sharding.mesh.axis_names,
-                             axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.mesh.axis_names))
-    return jax.device_put(value, NamedSharding(mesh, sharding.spec))
+    return jax.device_put(value, NamedSharding(with_auto_axes(value.sharding.mesh),
+                                               value.sharding.spec))
 
 
 class SignatureChanged(Exception):
