@@ -58,6 +58,23 @@ def test_flax_train_state_loop_plans_once_and_matches_jit(mesh, monkeypatch):
     assert any("examples/flax_lm.py:" in s and " via flax/linen/" in s for s in sources), sources
 
 
+def test_a_flax_train_state_on_jax_make_mesh_matches_jit():
+    """As a jax 0.10 user writes it: ``jax.make_mesh`` (Explicit axes) for the mesh and for
+    the batches their loader lays out, under ``jax.set_mesh`` of that mesh, a flax
+    ``TrainState`` step. Planned and run as on the mesh's Auto twin."""
+    model = _small_lm()
+    explicit = jax.make_mesh((2, 4), ("data", "model"))
+    step = autoshard.parallelize(flax_lm.train_step, mesh=explicit)
+    ours = ref = flax_lm.create_state(model, 8, 16)
+    batch_sharding = jax.sharding.NamedSharding(explicit, P("data"))
+    for batch in flax_lm.batches(8, 16, model.vocab, 3):
+        with jax.set_mesh(explicit):
+            ours, metrics = step(ours, jax.device_put(batch, batch_sharding))
+        ref, ref_metrics = jax.jit(flax_lm.train_step)(ref, batch)
+        assert_trees_allclose(metrics, ref_metrics)
+    assert_trees_allclose(ours.params, ref.params)
+
+
 def test_flax_lm_runs_its_own_annotations_and_the_search_starts_from_them(mesh):
     model = flax_lm.TransformerLM(vocab=64, d_model=32, heads=4, layers=1, max_len=16)
     state = flax_lm.create_state(model, 8, 16)
