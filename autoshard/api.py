@@ -25,16 +25,17 @@ from autoshard.pipeline.planner import plan_pipeline_step
 from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
 from autoshard.pipeline.trace import flat_paths, infer_batch_argnums
 from autoshard.plan.audit import Audit, PipelineAudit
-from autoshard.plan.checks import specs_misfit
+from autoshard.plan.checks import check_plan_mesh, check_plan_method, specs_misfit
 from autoshard.plan.parts import operand_layouts, value_layouts
 from autoshard.plan.record import Plan
 
+from .call_errors import check_untyped_tracers, with_donation_hint
 from .cost_model import Cluster, format_bytes, parse_bytes
 from .errors import InfeasiblePlanError
 from .mesh import default_cluster, make_mesh, mesh_axes
 from .methods import METHODS, Annotated, PipeshardParallel, ShardParallel
 from .planning_gc import rare_cycle_collection
-from .runtime import ShardedProgram, instead_of_explicit, outside_other_meshes, shard_program, typed_sharding
+from .runtime import ShardedProgram, instead_of_explicit, outside_other_meshes, shard_program
 from .runtime.fast_call import MISSED, FastCall, with_leaves
 from .runtime.sharded import with_auto_axes
 
@@ -98,7 +99,7 @@ class ParallelizedFunction:
             if not isinstance(plan, Plan):
                 raise TypeError(f"plan must be an autoshard.Plan (e.g. "
                                 f"autoshard.Plan.from_json(text)), got {type(plan).__name__}")
-            _check_plan_method(plan, method if method_given else None)
+            check_plan_method(plan, method if method_given else None)
             if isinstance(plan.method, PipeshardParallel):
                 # the pipeline's micro-batches, schedule and layering come from the plan
                 if method_given and method != plan.method:
@@ -127,7 +128,7 @@ class ParallelizedFunction:
             budget = self._budget_arg if self._budget_arg is not None else \
                 _default_budget(cluster)
             if self._fixed_plan is not None:
-                _check_plan_mesh(self._fixed_plan, shape, names)
+                check_plan_mesh(self._fixed_plan, shape, names)
             self._placement = _Placement(mesh, shape, names, cluster, budget)
         return self._placement
 
@@ -227,7 +228,7 @@ class ParallelizedFunction:
                                annotations=self._annotations(call, batch, where),
                                rematerialize=True, compiled_peak=self._compiled_peak(call))
         except InfeasiblePlanError as err:
-            raise _with_donation_hint(err, undonated_updates(traced, donated), call) from None
+            raise with_donation_hint(err, undonated_updates(traced, donated), call) from None
         plan = dataclasses.replace(plan, batch=_argument_names(call, batch_args),
                                    batch_inferred=call.batch is None)
         self._check_budget(plan)
@@ -393,6 +394,42 @@ class ParallelizedFunction:
         entry = self._called(entry, call, key)
         return entry.call.lower(*with_leaves(call, entry.program.argument_structs()))
 
+    def trace(self, *args, **kwargs):
+        """The ``jax.stages.Traced`` of the planned program for these arguments (its
+        ``jaxpr``, ``out_info``, ``.lower()``), as ``jax.jit(...).trace`` gives."""
+        call = self._bind(args, kwargs)
+        key = self._key(call)
+        entry = self._compiled(call, need_program=True, key=key)
+        if not isinstance(entry.program, ShardedProgram):
+            raise TypeError("a PipeshardParallel step runs one program per stage, so it has no "
+                            "single trace: use .lower(...) for each program's Lowered")
+        entry = self._called(entry, call, key)
+        return entry.call.trace(*with_leaves(call, entry.program.argument_structs()))
+
+    def eval_shape(self, *args, **kwargs):
+        """The outputs for these arguments (arrays or ShapeDtypeStructs) as
+        ``jax.ShapeDtypeStruct``s laid out as the plan returns them (``sharding``: a
+        ``NamedSharding`` on the mesh, abstract or not): planned, nothing compiled or run,
+        as ``jax.jit(...).eval_shape``. A pipeline's outputs are on its stages' sub-meshes:
+        shapes and dtypes only."""
+        call = self._bind(args, kwargs)
+        entry = self._compiled(call, need_program=False)
+        program = entry.traced.program
+        avals = [program.avals[a] if isinstance(a, int) else jax.typeof(a.value)
+                 for a in program.outvars]
+        specs = entry.plan.flat_out_specs if entry.pipeline is None else (None,) * len(avals)
+        mesh = self._resolve().mesh
+        return jax.tree_util.tree_unflatten(entry.traced.out_tree, [
+            jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type, sharding=None
+                                 if spec is None else jax.sharding.NamedSharding(mesh, spec))
+            for a, spec in zip(avals, specs, strict=True)])
+
+    def clear_cache(self) -> None:
+        """Forget every plan and compiled program: the next call plans again."""
+        self._cache.clear()
+        self._layouts.clear()
+        self._fast = FastCall()
+
     def audit(self, *args, **kwargs) -> Audit | PipelineAudit:
         """The plan for these arguments against its compiled program (:meth:`Plan.audit`;
         a pipeline's, program by program), with XLA's compile log read for involuntary
@@ -414,7 +451,7 @@ class ParallelizedFunction:
                 "a PipeshardParallel step runs one program per stage and moves values "
                 "between sub-meshes as it goes: call it directly, not inside jax.jit, "
                 "jax.vmap or jax.grad (a ShardParallel step may be)")
-        _check_untyped_tracers(call, flat)
+        check_untyped_tracers(call, flat)
         entry = self._compiled(call, need_program=True, key=key)
         if not entry.agreed:  # before anything moves: a mismatch must not hang a collective
             self._agree(entry)
@@ -429,27 +466,6 @@ class ParallelizedFunction:
             self._fast.aim(entry.call, len(args), call.keywords, entry.program.mesh)
         with outside_other_meshes(entry.program.mesh):
             return entry.call(*with_leaves(call, entry.program.place(flat)))
-
-
-def _check_untyped_tracers(call: BoundCall, flat: Sequence) -> None:
-    """A step called under the caller's ``jax.jit`` (or another transformation) takes
-    its arguments as they are typed there: one whose type carries a sharding (a mesh of
-    ``Explicit`` axes) cannot be laid out on the plan's mesh inside that trace."""
-    typed = [k for k, a in enumerate(flat)
-             if isinstance(a, jax.core.Tracer) and typed_sharding(jax.typeof(a))]
-    if not typed:
-        return
-    _, paths, _ = flat_paths(call.args, call.static)
-    shown = ", ".join(f"{paths[k]} ({jax.typeof(flat[k]).sharding.spec})" for k in typed[:4])
-    more = f" and {len(typed) - 4} more" if len(typed) > 4 else ""
-    raise TypeError(
-        f"the parallelized step was called inside jax.jit (or another transformation) with "
-        f"arguments whose type carries a sharding over a mesh of Explicit axes: "
-        f"{shown}{more}. autoshard lays out every value on its own mesh of Auto axes, which "
-        f"it cannot do inside that trace: call the step outside jax.jit (it is compiled "
-        f"already; arrays on any mesh are moved to the plan's layouts), or make the mesh "
-        f"with Auto axes (autoshard.make_mesh, or jax.make_mesh(..., axis_types=(jax.sharding."
-        f"AxisType.Auto,) * rank))")
 
 
 def _sharded(traced: TracedFunction, plan: Plan, mesh, donate_argnums) -> ShardedProgram:
@@ -510,25 +526,6 @@ def _default_budget(cluster: Cluster) -> int | None:
     return None
 
 
-def _check_plan_method(plan: Plan, method) -> None:
-    """``ValueError`` when ``method`` (if given) is not the kind of method that made ``plan``."""
-    if method is not None and type(plan.method) is not type(method):
-        raise ValueError(
-            f"the plan passed to parallelize(plan=...) was made with method {plan.method!r}, "
-            f"but method={method!r} was given: method mismatch (leave method out to reuse "
-            f"the plan as it is)")
-
-
-def _check_plan_mesh(plan: Plan, mesh_shape, axis_names) -> None:
-    """``ValueError`` unless ``plan`` was made for a mesh of this shape and these names."""
-    if tuple(plan.mesh_shape) != tuple(mesh_shape) or tuple(plan.axis_names) != tuple(axis_names):
-        what = "shape" if tuple(plan.mesh_shape) != tuple(mesh_shape) else "axis names"
-        raise ValueError(
-            f"the plan passed to parallelize(plan=...) was made for another mesh: mesh "
-            f"{what} mismatch (plan {dict(zip(plan.axis_names, plan.mesh_shape))}, mesh "
-            f"{dict(zip(axis_names, mesh_shape))})")
-
-
 def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
                 cluster: Cluster | None = None, memory_budget: int | str | None = None,
                 batch_argnums: int | Sequence[int] | None = None,
@@ -572,25 +569,3 @@ def parallelize(fun: Callable | None = None, *, mesh=None, method=None,
     if fun is None:
         return lambda f: ParallelizedFunction(f, **kwargs)
     return ParallelizedFunction(fun, **kwargs)
-
-
-def _with_donation_hint(err: InfeasiblePlanError, undonated, call: BoundCall
-                        ) -> InfeasiblePlanError:
-    """``err`` naming the arguments the step returns updated without donating them (their
-    old and new values both held), and the ``donate_argnums`` (``donate_argnames`` for
-    those ``call`` passes by keyword) that hold one of each."""
-    if not undonated:
-        return err
-    paths = [p for p, _ in undonated]
-    shown = ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
-    argnums = sorted({a for _, a in undonated})
-    positional = tuple(a for a in argnums if a < call.num_positional)
-    keywords = tuple(call.keywords[a - call.num_positional] for a in argnums
-                     if a >= call.num_positional)
-    ways = ([f"donate_argnums={positional!r}"] if positional else []) + \
-        ([f"donate_argnames={keywords!r}"] if keywords else [])
-    advice = f"donate them ({', '.join(ways)}) to hold one of each"
-    return InfeasiblePlanError(
-        f"{err}. {shown} {'is' if len(paths) == 1 else 'are'} returned updated but not "
-        f"donated, so the old and the new values are both held while the step runs: "
-        f"{advice}", err.min_peak_bytes, err.memory_budget)

@@ -271,6 +271,68 @@ def test_default_mesh_touches_no_devices_until_the_first_call():
     assert "16.0" in done.stdout and "{'devices': 4}" in done.stdout
 
 
+# ------------------------------------------------------------------ jit's other methods
+def _sgd_step(params, x, lr=0.1):
+    grads = jax.grad(lambda p: jnp.mean(jnp.tanh(x @ p["w1"]) @ p["w2"]))(params)
+    return jax.tree.map(lambda p, g: p - lr * g, params, grads), {"n": 3, "sum": jnp.sum(x)}
+
+
+def _sgd_args():
+    params = {"w1": jnp.linspace(-1, 1, 16 * 64).reshape(16, 64),
+              "w2": jnp.linspace(-1, 1, 64 * 4).reshape(64, 4)}
+    return params, jnp.linspace(-2, 2, 32 * 16).reshape(32, 16)
+
+
+def test_eval_shape_gives_the_outputs_as_the_step_returns_them(monkeypatch):
+    """``step.eval_shape`` (as ``jax.jit(f).eval_shape``) plans without running: each
+    output's shape, dtype, weak type and the sharding the step returns it with (what a
+    checkpoint is restored into), then the call reuses that plan."""
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+    plans = count_plans(monkeypatch)
+    step = autoshard.parallelize(_sgd_step, mesh=mesh)
+    params, x = _sgd_args()
+    structs = step.eval_shape(params, jax.ShapeDtypeStruct(x.shape, x.dtype), lr=0.5)
+    want = jax.jit(_sgd_step).eval_shape(params, x, lr=0.5)
+    assert jax.tree.structure(structs) == jax.tree.structure(want)
+    for s, w in zip(jax.tree.leaves(structs), jax.tree.leaves(want), strict=True):
+        assert (s.shape, s.dtype, s.weak_type) == (w.shape, w.dtype, w.weak_type)
+    out = step(params, x, lr=0.5)
+    assert len(plans) == 1
+    for s, o in zip(jax.tree.leaves(structs), jax.tree.leaves(out), strict=True):
+        assert s.sharding == o.sharding, (s.sharding, o.sharding)
+    assert any(s.sharding.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(structs))
+    # on an abstract mesh too: nothing needs devices
+    abstract = autoshard.parallelize(_sgd_step, mesh=autoshard.abstract_mesh((8, 8), ("a", "b")))
+    structs = abstract.eval_shape(params, jax.ShapeDtypeStruct((64, 16), jnp.float32))
+    assert all(isinstance(s.sharding.mesh, jax.sharding.AbstractMesh)
+               for s in jax.tree.leaves(structs))
+
+
+def test_trace_gives_the_planned_program_and_lowers_to_what_runs():
+    """``step.trace`` (as ``jax.jit(f).trace``): the planned program's jaxpr, its outputs
+    laid out as the step returns them, and ``.lower().compile()`` runs what the step runs."""
+    step = autoshard.parallelize(_sgd_step, mesh=autoshard.make_mesh((8,), ("data",)))
+    params, x = _sgd_args()
+    traced = step.trace(params, x, lr=0.5)
+    assert isinstance(traced, jax.stages.Traced)
+    assert "dot_general" in str(traced.jaxpr)
+    out = step(params, x, lr=0.5)
+    for info, o in zip(jax.tree.leaves(traced.out_info), jax.tree.leaves(out), strict=True):
+        assert info.sharding == o.sharding
+    assert_same_as_jit(traced.lower().compile()(params, x, 0.5), out)
+
+
+def test_clear_cache_plans_again(monkeypatch):
+    plans = count_plans(monkeypatch)
+    step = autoshard.parallelize(_sgd_step, mesh=autoshard.make_mesh((8,), ("data",)))
+    params, x = _sgd_args()
+    first = step(params, x)
+    step(params, x)
+    step.clear_cache()
+    assert_same_as_jit(step(params, x), first)
+    assert len(plans) == 2
+
+
 # ------------------------------------------------------------------ seeded fuzz against jax.jit
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int8, jnp.int32, jnp.uint8, jnp.bool_)
 _SHAPES = ((), (8,), (16,), (8, 4), (2, 8))

@@ -127,6 +127,21 @@ def test_lower_gives_every_program_of_the_pipeline():
                           jax.jit(step_value_and_grad)(*args))
 
 
+def test_eval_shape_and_trace_of_a_pipeline():
+    """A pipeline's outputs are on its stages' sub-meshes: ``eval_shape`` gives their
+    shapes and dtypes (as ``jax.eval_shape``); it runs several programs, so ``trace`` is a
+    clear error that points at ``lower``."""
+    args = _classifier()
+    step = _pipelined(step_value_and_grad)
+    structs = step.eval_shape(*args)
+    want = jax.eval_shape(step_value_and_grad, *args)
+    assert jax.tree.structure(structs) == jax.tree.structure(want)
+    for s, w in zip(jax.tree.leaves(structs), jax.tree.leaves(want), strict=True):
+        assert (s.shape, s.dtype, s.sharding) == (w.shape, w.dtype, None)
+    with pytest.raises(TypeError, match="no single trace: use .lower"):
+        step.trace(*args)
+
+
 def _no_solving(monkeypatch):
     import autoshard.api as api
     import autoshard.pipeline.apply as apply

@@ -1,6 +1,7 @@
 """What a plan file must be beyond its field types: a bounded JSON tree (depth, integers a
 machine word holds, finite numbers), costs that are finite and non-negative, pipeline
-stages on disjoint devices, and shardings that fit the program they are applied to.
+stages on disjoint devices, shardings that fit the program they are applied to, and a
+plan reused with the method and mesh it was made for.
 
 Every problem is a :class:`~autoshard.PlanFormatError` (or, for :func:`specs_misfit`, a
 sentence the caller puts in its ``ValueError``) naming the field.
@@ -229,3 +230,23 @@ def check_remat(data, where: str = "plan.remat") -> Rematerialization | None:
         return Rematerialization(data["turn"], tuple(tuple(s) for s in data["segments"]))
     except ValueError as err:
         raise PlanFormatError(f"{where}: {err}") from None
+
+
+def check_plan_method(plan, method) -> None:
+    """``ValueError`` when ``method`` (if given) is not the kind of method that made ``plan``
+    (a :class:`~autoshard.Plan`)."""
+    if method is not None and type(plan.method) is not type(method):
+        raise ValueError(
+            f"the plan passed to parallelize(plan=...) was made with method {plan.method!r}, "
+            f"but method={method!r} was given: method mismatch (leave method out to reuse "
+            f"the plan as it is)")
+
+
+def check_plan_mesh(plan, mesh_shape, axis_names) -> None:
+    """``ValueError`` unless ``plan`` was made for a mesh of this shape and these names."""
+    if tuple(plan.mesh_shape) != tuple(mesh_shape) or tuple(plan.axis_names) != tuple(axis_names):
+        what = "shape" if tuple(plan.mesh_shape) != tuple(mesh_shape) else "axis names"
+        raise ValueError(
+            f"the plan passed to parallelize(plan=...) was made for another mesh: mesh "
+            f"{what} mismatch (plan {dict(zip(plan.axis_names, plan.mesh_shape))}, mesh "
+            f"{dict(zip(axis_names, mesh_shape))})")
