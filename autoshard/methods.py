@@ -83,7 +83,8 @@ class Megatron:
     parallelism on the others: column-parallel weights where an activation arrives whole
     (q/k/v, the first MLP kernel), row-parallel where it arrives split (the attention
     output, the second MLP kernel), vocab-parallel embeddings and output projections to a
-    vocabulary; batch arguments split over the data axes. A fixed rule read off the
+    vocabulary, routers and classifier heads replicated (as Megatron-LM's plain linear
+    layers); batch arguments split over the data axes. A fixed rule read off the
     program's order of operations (``autoshard.intra.presets``), not chosen by the cost
     model."""
 

@@ -18,6 +18,10 @@ writes ``in_shardings`` for ``jax.jit``. Nothing here is priced or searched.
     its result is summed over the model axis; unless that result is wider than the
     activation (an output projection to a vocabulary): then the activation is gathered
     and the weight column-parallel, as Megatron-LM's output layer;
+  - a weight meeting a whole activation whose output features are selected over right
+    away (a max or argmax over them: a softmax's or a choice's) and that does not widen
+    its activation (a router, a classifier head) stays replicated, as Megatron-LM's
+    plain linear layers; a vocabulary projection (wider) stays column-parallel;
   - an embedding table read by a gather is split on the rows it indexes:
     vocab-parallel;
   - any other argument (a bias, a norm scale, optimizer state) follows the layout of
@@ -37,7 +41,7 @@ from autoshard.ir.program import Literal, Program
 from autoshard.ir.specs import Spec, replicated
 from autoshard.methods import Annotated, DataParallel, Megatron, ZeRO3
 
-from .op_rules import LoopOp, loop_op
+from .op_rules import ELEMENTWISE, LoopOp, loop_op
 
 
 def preset_layouts(method, program: Program, mesh_shape: Sequence[int],
@@ -115,6 +119,11 @@ def _megatron(program: Program, mesh_shape, batch_flat) -> tuple[Spec, ...]:
             split[v] = _FREE
     for v, _ in program.constants:
         split[v] = None
+    readers: dict[int, list] = {}      # value -> the equations reading it
+    for eqn in program.eqns:
+        for a in eqn.inputs:
+            if not isinstance(a, Literal):
+                readers.setdefault(a, []).append(eqn)
 
     def settle(v: int, dim: int | None) -> None:
         """Give the free value ``v`` the split ``dim`` (divisible, else whole), and pass it
@@ -155,7 +164,8 @@ def _megatron(program: Program, mesh_shape, batch_flat) -> tuple[Spec, ...]:
                 split[v] = _FREE
                 derived[v] = (eqn, op)
             continue
-        loop = _model_loop(eqn, op, ins, known, free, split, size)
+        loop = _model_loop(eqn, op, ins, known, free, split, size,
+                           lambda l: _selected_at_once(program, readers, eqn, op, known, l))
         for k in free:
             settle(ins[k], _dim_of(op.in_dims[k], loop))
         for v, dims in zip(eqn.outputs, op.out_dims):
@@ -180,6 +190,34 @@ def _dim_of(dims, loop) -> int | None:
 
 
 _CONTRACTIONS = ("dot_general", "conv_general_dilated")
+#: reductions that select over a dim (a softmax starts with the max over its features)
+_SELECTIONS = frozenset({"reduce_max", "reduce_min", "argmax", "argmin"})
+
+
+def _selected_at_once(program: Program, readers, eqn, op: LoopOp, activations, loop: int,
+                      hops: int = 2) -> bool:
+    """Whether the weight of contraction ``eqn``, column-parallel over output ``loop``, is
+    a router's or a classifier's: its result is no larger than its ``activations``
+    operands (positions), and is read (directly, or through up to ``hops`` elementwise ops:
+    a bias) by a max or argmax over that loop's dim. Megatron-LM keeps such layers
+    replicated."""
+    dims = op.out_dims[0]
+    if dims is None or loop not in dims:
+        return False
+    activation = max(math.prod(program.avals[eqn.inputs[k]].shape) for k in activations)
+    if math.prod(program.avals[eqn.outputs[0]].shape) > activation:
+        return False
+    todo = [(eqn.outputs[0], dims.index(loop), hops)]
+    while todo:
+        v, dim, left = todo.pop()
+        shape = program.avals[v].shape
+        for reader in readers.get(v, ()):
+            name = reader.primitive.name
+            if name in _SELECTIONS and dim in reader.params.get("axes", ()):
+                return True
+            if left and name in ELEMENTWISE and program.avals[reader.outputs[0]].shape == shape:
+                todo.append((reader.outputs[0], dim, left - 1))
+    return False
 
 
 def _widening(op: LoopOp, k: int, loop: int) -> bool:
@@ -192,7 +230,7 @@ def _widening(op: LoopOp, k: int, loop: int) -> bool:
     return math.prod(op.sizes[l] for l in output_loops) > operand
 
 
-def _model_loop(eqn, op: LoopOp, ins, known, free, split, size) -> int | None:
+def _model_loop(eqn, op: LoopOp, ins, known, free, split, size, selected) -> int | None:
     """The loop of ``eqn`` the model axis splits: the one an activation operand arrives
     split on; else, for a weight meeting a whole activation, its output features
     (column-parallel) or, for an embedding gather, the rows it indexes (vocab-parallel).
@@ -205,7 +243,10 @@ def _model_loop(eqn, op: LoopOp, ins, known, free, split, size) -> int | None:
     A weight whose row-parallel result would be wider than the activation it contracts
     (an output projection to a vocabulary, [B, D] -> [B, V]) is column-parallel instead,
     its activation gathered, as Megatron-LM lays out its output layer: the sum over the
-    model axis would move the wide result, the gather moves the narrow activation."""
+    model axis would move the wide result, the gather moves the narrow activation.
+
+    A weight meeting a whole activation stays replicated where ``selected(loop)`` (its
+    output features, ``loop``, are selected over at once: ``_selected_at_once``)."""
     name = eqn.primitive.name
     for k in known:
         dim = split[ins[k]]
@@ -223,7 +264,8 @@ def _model_loop(eqn, op: LoopOp, ins, known, free, split, size) -> int | None:
         candidates = [l for l in op.in_dims[weight] or ()
                       if l is not None and l in output_loops and l not in activation_loops
                       and op.splittable[l] and op.sizes[l] % size == 0]
-        return max(candidates, key=lambda l: op.sizes[l], default=None)
+        loop = max(candidates, key=lambda l: op.sizes[l], default=None)
+        return None if loop is None or selected(loop) else loop
     if name == "gather" and free == [0]:
         followed = {l for dims in op.out_dims for l in dims if l is not None}
         rows = [l for l in op.in_dims[0] or () if l is not None and l not in followed
