@@ -88,6 +88,26 @@ def test_non_array_leaves_name_their_path(mesh8):
         step({"name": "relu", "w": jnp.ones(8)}, jnp.ones(8))
 
 
+def test_errors_while_tracing_name_the_users_function_and_arguments(mesh8):
+    """As under jax.jit: a traced bool names the argument it depends on by its path, and a
+    non-array output the user's function and line, not autoshard's flat wrapper."""
+    def step(params, x, scale=1.0):
+        if params["w"].sum() > 0:   # Python control flow on a traced value
+            return x
+        return x * scale
+
+    def returns_text(x):
+        return x, "done"
+
+    params = {"w": jnp.ones(8)}
+    with pytest.raises(jax.errors.TracerBoolConversionError,
+                       match=r"(?s)function step at .*test_bad_input.py:\d+.*argument params\['w'\]"):
+        autoshard.parallelize(step, mesh=mesh8)(params, jnp.ones(8), scale=2.0)
+    with pytest.raises(TypeError, match=r"function returns_text at .*test_bad_input.py:\d+ "
+                                        r"traced for parallelize returned a value of type"):
+        autoshard.parallelize(returns_text, mesh=mesh8)(jnp.ones(8))
+
+
 def test_static_argnums_take_python_values(mesh8):
     def fn(activation, x):
         return jnp.tanh(x) if activation == "tanh" else jax.nn.relu(x)

@@ -147,6 +147,24 @@ def bind(primitive: jcore.Primitive, params: dict, operands: Sequence,
     return tuple(outs) if primitive.multiple_results else (outs,)
 
 
+def trace_as_user_function(wrapper, fn, args: Sequence, static_argnums: Sequence[int],
+                           num_leaves: int) -> None:
+    """Have jax trace ``wrapper`` (which calls ``fn(*args)`` from its ``num_leaves`` flat
+    argument leaves) under ``fn``'s name, file, line and argument names, as ``jax.jit(fn)``
+    does: an error raised while tracing (a traced bool, a non-array output) then names the
+    user's function and arguments (``params['w']``), not the wrapper's flat leaves. A jax
+    without this hook (``jax._src.api_util``'s saved debug info) traces the wrapper as it is."""
+    try:
+        from jax._src import api_util
+        info = api_util.debug_info("parallelize", fn, tuple(args), {},
+                                   static_argnums=tuple(static_argnums))
+        if info.arg_names is not None and len(info.arg_names) != num_leaves:
+            info = info._replace(arg_names=None)
+        api_util.save_wrapped_fun_debug_info(wrapper, info)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return
+
+
 def distributed_client():
     """The ``jax.distributed`` client of this process (its key-value store reaches every
     process through the coordination service), or ``None`` when not initialized."""

@@ -36,6 +36,7 @@ from .jax_compat import (
     recomputes_in_backward,
     select_n_primitive,
     source_summary,
+    trace_as_user_function,
 )
 from .program import Equation, Literal, Program
 from .signature import equation_signature
@@ -234,6 +235,7 @@ def trace(fn, args: Sequence, static_argnums: Sequence[int] = ()) -> TracedFunct
                              tuple(jax.tree_util.keystr(p) for p, _ in out_flat)))
         return [leaf for _, leaf in out_flat]
 
+    trace_as_user_function(flat_fn, fn, args, static_argnums, len(avals))
     closed = jax.make_jaxpr(flat_fn)(*avals)
     out_tree, out_paths = out_tree_box[-1]
     traced = _flatten_program(closed, in_tree, out_tree, in_paths, out_paths)
