@@ -142,10 +142,10 @@ class PipeshardParallel:
     stages on sub-meshes (``num_stages`` forces the count; ``None`` lets it choose, one
     stage included), each stage is sharded by ``stage_method`` on its sub-mesh, and
     ``num_microbatches`` micro-batches run through the stages under ``schedule``
-    (``"1f1b"`` or ``"gpipe"``). The gradient is the mean of the micro-batch gradients, so
-    the loss must be a mean over the batch of per-sample terms (batch-norm statistics
-    become per-micro-batch statistics). The optimizer update (everything after the
-    gradient) runs once per step, on the stage that owns each parameter.
+    (``"1f1b"`` or ``"gpipe"``). The gradient is the mean of the micro-batch gradients for
+    a loss that is a mean over the batch, their sum for a sum; a loss that neither recovers
+    (a masked mean, batch-norm statistics) is refused. The optimizer update (everything
+    after the gradient) runs once per step, on the stage that owns each parameter.
 
     Batch arguments are split into micro-batches on their leading dimension. With
     ``parallelize(..., batch_argnums=None)`` (the default) they are the last non-static

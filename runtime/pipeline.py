@@ -35,12 +35,19 @@ def _add_all(accumulated, new):
     return [a + b for a, b in zip(accumulated, new)]
 
 
-def _mean(values):
-    """The micro-batches' values averaged, summed in micro-batch order like the loss."""
+def _combined(values, kind: str = "mean"):
+    """The micro-batches' values combined into the whole batch's: ``"mean"`` (averaged) or
+    ``"sum"``, summed in micro-batch order like the loss; ``"max"`` / ``"min"``."""
+    if kind in ("max", "min"):
+        pick = jax.numpy.maximum if kind == "max" else jax.numpy.minimum
+        total = values[0]
+        for value in values[1:]:
+            total = pick(total, value)
+        return total
     total = values[0]
     for value in values[1:]:
         total = total + value
-    return total / len(values)
+    return total / len(values) if kind == "mean" and len(values) > 1 else total
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -80,10 +87,12 @@ class StepProgram:
 @dataclasses.dataclass(frozen=True, eq=False)
 class PipelineProgram:
     """The whole pipelined step. ``loss``: ``(activation key, step key)``: the micro-batch
-    losses are averaged into the step key; so is every ``aux`` pair's activation (an
-    output of the last stage); an ``aux_once`` pair's activation is the same in every
-    micro-batch (it does not depend on the batch): the first micro-batch's value is taken,
-    whatever its dtype. ``zero_grads``: ``(step key, shape, dtype)`` for
+    losses are averaged into the step key (summed, the gradient with them, where
+    ``loss_sum``: a sum over the batch); every ``aux`` triple's activation (an output of the
+    last stage) is combined into its step key as its kind says (``"mean"``, ``"sum"``,
+    ``"max"``, ``"min"``: ``pipeline.microbatch_outputs``); an ``aux_once`` pair's
+    activation is the same in every micro-batch (it does not depend on the batch): the
+    first micro-batch's value is taken, whatever its dtype. ``zero_grads``: ``(step key, shape, dtype)`` for
     gradients no stage produces. ``outputs``: a step key or ``("literal", value)`` per flat
     output."""
 
@@ -98,7 +107,8 @@ class PipelineProgram:
     outputs: tuple[Key, ...]
     num_microbatches: int
     schedule: str
-    aux: tuple[tuple[Key, Key], ...] = ()
+    aux: tuple[tuple[Key, Key, str], ...] = ()
+    loss_sum: bool = False
     donated: tuple[int, ...] = ()          # positions of donated arguments
     aux_once: tuple[tuple[Key, Key], ...] = ()
     mesh: Any = None    # the whole mesh (multi-process runs: where scalar outputs go)
@@ -134,7 +144,7 @@ class PipelineProgram:
         act_loss, step_loss = self.loss
         losses = []
         last = len(self.stages) - 1
-        aux_values: dict = {skey: [] for _, skey in self.aux}
+        aux_values: dict = {skey: [] for _, skey, _ in self.aux}
 
         def add(store, key, value):
             old = store.get(key)
@@ -158,7 +168,7 @@ class PipelineProgram:
                 n = len(st.outputs)
                 micro[m].update(zip(st.outputs, outs[:n]))
                 if s == last:
-                    for akey, skey in self.aux:
+                    for akey, skey, _ in self.aux:
                         aux_values[skey].append(micro[m][akey])
                     for akey, skey in self.aux_once:
                         env.setdefault(skey, micro[m][akey])
@@ -170,7 +180,8 @@ class PipelineProgram:
                 key = st.outputs[p]
                 if key == act_loss:
                     value = micro[m][key]
-                    cot.append(np.asarray(1.0 / B, dtype=value.dtype))
+                    cot.append(np.asarray(1.0 if self.loss_sum else 1.0 / B,
+                                          dtype=value.dtype))
                     losses.append(value)
                 else:
                     ct = cts[m].pop(("ct",) + key[1:], None)
@@ -194,9 +205,9 @@ class PipelineProgram:
                     acc.update(params)
         if not losses:  # the loss never met a backward (no differentiated stage)
             losses = [micro[m][act_loss] for m in range(B)]
-        env[step_loss] = _mean(losses)
-        for skey, values in aux_values.items():
-            env[skey] = _mean(values)
+        env[step_loss] = _combined(losses, "sum" if self.loss_sum else "mean")
+        for _, skey, kind in self.aux:
+            env[skey] = _combined(aux_values[skey], kind)
         for s, st in enumerate(self.stages):   # partial sums: one reduction per step
             keys = [(s, st.grad_targets[j]) for j in st.partial]
             if keys and keys[0] in acc:

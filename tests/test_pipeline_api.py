@@ -66,19 +66,82 @@ def test_has_aux_matches_jit(fn):
     assert len(step.plan(*args).stages) == 2
 
 
-def test_has_aux_integer_leaf_is_refused_with_microbatches():
+def test_aux_sums_and_extremes_combine_as_jit_computes_them():
+    """An aux leaf that is a sum over the batch (an integer count), a maximum or a minimum
+    is combined over the micro-batches as such, not averaged: jax.jit's value."""
     def fn(params, opt_state, batch):
         def loss(p, b):
             value, _ = _forward(p, b)
-            return value, jnp.sum(b["label"])    # a count: not a mean over the batch
-        (value, count), grads = autoshard.value_and_grad(loss, has_aux=True)(params, batch)
-        return grads, count
+            per_row = jnp.sum(b["x"] ** 2, axis=-1)
+            return value, {"labels": jnp.sum(b["label"]), "max": jnp.max(per_row),
+                           "min": -jnp.max(-per_row), "total": jnp.sum(per_row) / 1000.0}
+        (value, aux), grads = autoshard.value_and_grad(loss, has_aux=True)(params, batch)
+        return grads, aux
 
     args = _classifier()
-    with pytest.raises(ValueError, match="aux leaf 0 has dtype int32.*float mean"):
+    got, want = _pipelined(fn)(*args), jax.jit(fn)(*args)
+    assert got[1]["labels"].dtype == want[1]["labels"].dtype == jnp.int32
+    assert_trees_allclose(got, want)
+
+
+def test_an_aux_leaf_no_combination_recovers_is_refused():
+    """One row of the batch, or a ratio of two sums over it, differs per micro-batch from
+    jax.jit's value on the whole batch: refused with the leaf's path (the code before
+    averaged them over the micro-batches), and computed as jax does on one micro-batch."""
+    def fn(params, opt_state, batch):
+        def loss(p, b):
+            value, _ = _forward(p, b)
+            hits = (b["label"] == 0).astype(jnp.float32)
+            return value, {"first_x": b["x"][0, 0],
+                           "share": jnp.sum(hits * b["x"][:, 0]) / jnp.sum(hits)}
+        (value, aux), grads = autoshard.value_and_grad(loss, has_aux=True)(params, batch)
+        return grads, aux
+
+    args = _classifier()
+    with pytest.raises(ValueError, match=r"aux\['first_x'\] is not a mean, sum, maximum"):
         _pipelined(fn).plan(*args)
-    # one micro-batch: aux is computed on the whole batch, exactly as jax does
     assert_trees_allclose(_pipelined(fn, num_microbatches=1)(*args), jax.jit(fn)(*args))
+
+
+def test_a_loss_summed_over_the_batch_sums_its_micro_batches():
+    """A sum over the batch (not a mean) is summed over the micro-batches, its gradient with
+    it: the code before averaged both (1/num_microbatches of jax.jit's gradient)."""
+    def fn(params, opt_state, batch):
+        def loss(p, b):
+            return _forward(p, b)[0] * b["x"].shape[0]   # the sum of the per-example losses
+        value, grads = autoshard.value_and_grad(loss)(params, batch)
+        return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads), value
+
+    args = _classifier()
+    assert_trees_allclose(_pipelined(fn)(*args), jax.jit(fn)(*args))
+
+
+def test_a_masked_mean_loss_is_refused_and_a_count_argument_makes_it_exact():
+    """The masked sum over the mask's sum is a ratio of two sums over the batch: no
+    combination of micro-batch ratios gives it. Divided by a count passed in as an argument
+    (not batch data), the loss is a sum, summed exactly."""
+    def masked(params, opt_state, batch):
+        def loss(p, b):
+            logits = jax.nn.log_softmax(p[-1]["b"] + b["x"] @ jnp.ones((16, 4)))
+            nll = -jnp.take_along_axis(logits, b["label"][:, None], axis=1)[:, 0]
+            keep = (b["label"] != 3).astype(jnp.float32)
+            return jnp.sum(nll * keep) / jnp.sum(keep)
+        return autoshard.value_and_grad(loss)(params, batch)
+
+    def counted(params, opt_state, batch, count):
+        def loss(p, b):
+            logits = jax.nn.log_softmax(p[-1]["b"] + b["x"] @ jnp.ones((16, 4)))
+            nll = -jnp.take_along_axis(logits, b["label"][:, None], axis=1)[:, 0]
+            return jnp.sum(nll * (b["label"] != 3)) / count
+        return autoshard.value_and_grad(loss)(params, batch)
+
+    args = _classifier()
+    with pytest.raises(ValueError, match="the loss it differentiates is not a mean, sum"):
+        _pipelined(masked).plan(*args)
+    count = jnp.sum(args[2]["label"] != 3).astype(jnp.float32)
+    step = autoshard.parallelize(counted, mesh=autoshard.make_mesh((4,), ("data",)),
+                                 method=autoshard.PipeshardParallel(**PIPE), batch_argnums=2)
+    assert_trees_allclose(step(*args, count), jax.jit(masked)(*args))
 
 
 def test_donated_params_and_optimizer_state():

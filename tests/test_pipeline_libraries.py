@@ -263,7 +263,8 @@ def with_jacrev_after(params, x):   # a jax.jacrev outside the loss stays jax's
 
 def with_gradient_penalty(params, x):   # a gradient inside the loss is second order
     def loss(p):
-        slope = jax.grad(lambda inputs: _mlp_loss(p, inputs))(x)
+        # each example's own input gradient (of a sum: a mean's would scale with the batch)
+        slope = jax.grad(lambda inputs: jnp.sum(jnp.tanh(inputs @ p["w1"]) @ p["w2"]))(x)
         return _mlp_loss(p, x) + jnp.mean(slope ** 2)
     return jax.value_and_grad(loss)(params)
 

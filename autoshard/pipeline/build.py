@@ -75,14 +75,16 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
     n_val = 1 + split.num_aux
     grad_key = {F.invars[k]: ("v", g)
                 for k, g in zip(diff_idx, geqn.outputs[n_val:], strict=True)}
-    aux = []  # (the last stage's activation key, the step key it is averaged into)
-    aux_once = []  # the same, for aux leaves every micro-batch computes alike
-    for atom, out, follows in zip(F.outvars[1:], geqn.outputs[1:n_val],
-                                  split.aux_follows_batch, strict=True):
+    aux = []  # (the last stage's activation key, the step key, how micro-batches combine)
+    aux_once = []  # (activation, step key) of aux leaves every micro-batch computes alike
+    for atom, out, kind in zip(F.outvars[1:], geqn.outputs[1:n_val], split.combinations[1:],
+                               strict=True):
         if isinstance(atom, Literal):
             constants.append((("v", out), jnp.asarray(atom.value, O.avals[out].dtype)))
+        elif kind == "same":
+            aux_once.append((("act", atom), ("v", out)))
         else:
-            (aux if follows else aux_once).append((("act", atom), ("v", out)))
+            aux.append((("act", atom), ("v", out), kind))
     key = lambda v: fkey.get(v, ("act", v))  # noqa: E731
 
     stages = []
@@ -157,7 +159,8 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
         batch=tuple((("v", v), ("mb", v)) for v in (*O.invars, *(c for c, _ in O.constants))
                     if v in split.batch_vids),
         constants=tuple(constants), pre=pre, stages=tuple(stages),
-        loss=(("act", loss), ("v", geqn.outputs[0])), aux=tuple(aux),
+        loss=(("act", loss), ("v", geqn.outputs[0])), loss_sum=split.combinations[0] == "sum",
+        aux=tuple(aux),
         aux_once=tuple(aux_once), zero_grads=zero,
         apply=apply,
         outputs=outputs, donated=tuple(k for k, d in enumerate(donated) if d),

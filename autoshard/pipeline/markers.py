@@ -73,9 +73,10 @@ def _route_jax_gradient(fun, primals: tuple, has_aux: bool):
     return (value, pullback, aux) if has_aux else (value, pullback)
 
 
-def _grad_abstract_eval(*avals, jaxpr, num_consts, diff):
+def _grad_abstract_eval(*avals, jaxpr, num_consts, diff, aux_paths=()):
     # operands (and ``diff``) are the jaxpr's constvars (values the loss closes over:
-    # traced batch values, constants), then its invars
+    # traced batch values, constants), then its invars; ``aux_paths``: each aux leaf's key
+    # path in the aux tree (for messages)
     operands = [*jaxpr.constvars, *jaxpr.invars]
     assert len(operands) == len(diff) == len(avals) and num_consts == len(jaxpr.constvars)
     outs = [v.aval for v in jaxpr.outvars]   # the loss, then the aux leaves (has_aux)
@@ -108,16 +109,15 @@ def value_and_grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False)
     :class:`~autoshard.PipeshardParallel` needs it: everything computed from the gradient
     afterwards (the optimizer update) is the apply-gradient part, run once per step;
     ``fun`` (the loss) is split into pipeline stages and run per micro-batch. The loss must
-    be a mean over the batch (micro-batch gradients are averaged).
+    be a mean over the batch (micro-batch gradients are averaged) or a sum (summed).
 
     ``has_aux=True``: ``fun`` returns ``(loss, aux)`` and the result is ``((loss, aux),
-    grads)`` as in jax. Under a pipeline, ``aux`` is computed per micro-batch and every aux
-    leaf is *averaged over the micro-batches*, like the loss: that equals jax's value on the
-    whole batch for metrics that are means over the batch (accuracy, a mean of per-sample
-    terms) and for values that do not depend on the batch (a parameter norm), up to float
-    rounding. Anything else (a sum or count over the batch, per-sample predictions, a
-    maximum) would come back wrong, so return per-batch means instead. Integer or boolean
-    aux leaves cannot be averaged exactly and are refused when ``num_microbatches > 1``.
+    grads)`` as in jax. Under a pipeline, ``aux`` is computed per micro-batch and each leaf
+    is combined as what it is over the batch (:mod:`~autoshard.pipeline.microbatch_outputs`):
+    means averaged, sums and counts summed, maxima and minima taken, values that do not
+    depend on the batch taken once, which gives ``jax.jit``'s value; a leaf no combination
+    gives (one row of the batch, a ratio of two sums) is refused when
+    ``num_microbatches > 1``.
     """
     nums, single = _normalize(argnums)
 
@@ -143,7 +143,7 @@ def value_and_grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False)
                                     f"respect to the float leaves only")
                 diff[k] = True
 
-        aux_tree = []
+        aux_tree, aux_paths = [], []
 
         def flat_fun(*flat):
             out = fun(*jax.tree_util.tree_unflatten(tree, flat), **kwargs)
@@ -153,8 +153,10 @@ def value_and_grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False)
                     raise TypeError("value_and_grad(has_aux=True): the function must return "
                                     f"a pair (loss, aux), got {type(out).__name__}")
                 out, aux = out
-                aux_leaves, treedef = jax.tree_util.tree_flatten(aux)
+                with_paths, treedef = jax.tree_util.tree_flatten_with_path(aux)
+                aux_leaves = [leaf for _, leaf in with_paths]
                 aux_tree.append(treedef)
+                aux_paths.append(tuple(jax.tree_util.keystr(p) for p, _ in with_paths))
             if np.shape(out) != ():
                 raise TypeError(f"value_and_grad: the function must return a scalar loss, "
                                 f"got shape {np.shape(out)}")
@@ -165,7 +167,8 @@ def value_and_grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False)
             closed = jax.make_jaxpr(flat_fun)(*structs)
         outs = grad_p.bind(*closed.consts, *leaves, jaxpr=closed.jaxpr,
                            num_consts=len(closed.consts),
-                           diff=(False,) * len(closed.consts) + tuple(diff))
+                           diff=(False,) * len(closed.consts) + tuple(diff),
+                           aux_paths=aux_paths[0] if aux_paths else ())
         num_aux = len(closed.jaxpr.outvars) - 1
         loss, grads = outs[0], iter(outs[1 + num_aux:])
         per_arg = []
@@ -184,7 +187,7 @@ def value_and_grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False)
 
 def grad(fun, argnums: int | Sequence[int] = 0, has_aux: bool = False):
     """Drop-in ``jax.grad`` marking the end of the backward pass (see :func:`value_and_grad`;
-    with ``has_aux=True`` it returns ``(grads, aux)``, aux averaged over micro-batches)."""
+    with ``has_aux=True`` it returns ``(grads, aux)``, aux combined as in ``value_and_grad``)."""
     vg = value_and_grad(fun, argnums, has_aux)
 
     def wrapped(*args, **kwargs):

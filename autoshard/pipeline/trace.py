@@ -29,6 +29,7 @@ from autoshard.ir.user_frames import user_stacklevel
 
 from .layers import strip_boundaries
 from .markers import BOUNDARY_PRIMITIVE, GRAD_PRIMITIVE, pipeline_tracing
+from .microbatch_outputs import MAX, MEAN, MIN, SAME, SUM, output_combinations
 from .random_rows import has_random_draws, reproduce_random_rows, row_table
 
 
@@ -46,9 +47,9 @@ class SplitStep:
     batch: tuple[bool, ...]           # per forward input: a batch argument
     full_avals: tuple                 # outer inputs at full batch size
     num_aux: int = 0                  # has_aux: forward outputs after the loss (aux leaves)
-    # per aux leaf: whether it depends on the batch (then averaged over the micro-batches;
-    # otherwise every micro-batch computes the same value, taken once)
-    aux_follows_batch: tuple[bool, ...] = ()
+    # per forward output (the loss, then the aux leaves): how its micro-batches' values
+    # combine (microbatch_outputs: "mean", "sum", "same", "max" or "min")
+    combinations: tuple[str, ...] = ()
 
 
 def flat_paths(args, static_argnums) -> tuple[list, list[str], object]:
@@ -265,46 +266,59 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
     num_aux = len(jaxpr.outvars) - 1
     forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
                                  ("loss",) + tuple(f"aux[{k}]" for k in range(num_aux)))
+    whole = _whole_batch_loss(fun, args, static_argnums) if B > 1 else None
+    combinations = _combinations(forward, batch, B, whole, name,
+                                 geqn.params.get("aux_paths", ()))
     split = SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
-                      tuple(full), num_aux)
+                      tuple(full), num_aux, combinations)
     if B > 1 and has_random_draws(forward.program):
         rows = {m.shape[0] for m, is_batch in zip(micro, batch_flags) if is_batch}
-        split = _random_rows(split, fun, args, static_argnums, B, rows.pop() if len(rows) == 1
-                             else None)
-    split = dataclasses.replace(split, aux_follows_batch=_aux_follows_batch(split))
-    if B > 1:
-        _check_averaged_aux(split, name, B)
+        split = _random_rows(split, fun, B, rows.pop() if len(rows) == 1 else None, whole)
     return split
 
 
-def _aux_follows_batch(split: SplitStep) -> tuple[bool, ...]:
-    """Per aux leaf of the loss: whether it depends on a batch input of the forward (the
-    batch, or a row table of draws made per micro-batch: :mod:`.random_rows`)."""
-    F = split.forward.program
-    follows = {v for v, b in zip(F.invars, split.batch, strict=True) if b}
-    for eqn in F.eqns:
-        if any(isinstance(a, int) and a in follows for a in eqn.inputs):
-            follows.update(eqn.outputs)
-    return tuple(isinstance(a, int) and a in follows for a in F.outvars[1:])
+def _whole_batch_loss(fun, args, static_argnums) -> Program | None:
+    """The loss of ``fun`` traced at the whole batch's shapes (``None`` where it does not
+    trace so): what micro-batching is compared with."""
+    try:
+        with pipeline_tracing():
+            return _loss_program(trace(fun, args, static_argnums))
+    except Exception:  # noqa: BLE001 - then what needs it falls back (see its callers)
+        return None
 
 
-def _check_averaged_aux(split: SplitStep, name: str, B: int) -> None:
-    """Aux leaves that depend on the batch are averaged over the micro-batches: refuse
-    those an average cannot hold (integers, booleans). Leaves that do not depend on it
-    (a step counter, flax nnx's updated RNG counts) are the same in every micro-batch and
-    are taken as they are, whatever their dtype."""
-    F = split.forward.program
-    for k, (atom, follows) in enumerate(zip(F.outvars[1:], split.aux_follows_batch,
-                                            strict=True)):
-        if not follows:   # a literal, or a value the batch does not change
-            continue
-        dtype = F.avals[atom].dtype
-        if not jax.numpy.issubdtype(dtype, np.inexact):
-            _fail(f"value_and_grad(has_aux=True) in {name}: aux leaf {k} has dtype {dtype} "
-                  f"and depends on the batch. PipeshardParallel averages such aux values "
-                  f"over the {B} micro-batches, which an integer or boolean cannot hold "
-                  f"exactly; return a float mean over the batch instead (e.g. "
-                  f"jnp.mean(correct.astype(jnp.float32)))")
+def _combinations(forward: TracedFunction, batch, B: int, whole: Program | None,
+                  name: str, aux_paths: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """How the loss and each aux leaf combine over the ``B`` micro-batches
+    (:func:`~.microbatch_outputs.output_combinations`); a loss or aux leaf that no
+    combination recovers exactly is refused, naming what to return instead."""
+    if B == 1:   # one micro-batch is the batch
+        return (MEAN,) * len(forward.program.outvars)
+    kinds = output_combinations(forward.program, batch, B, whole)
+    if kinds[0] not in (MEAN, SUM, SAME):
+        _fail(f"PipeshardParallel(num_microbatches={B}) in {name}: the loss it differentiates "
+              f"is {_not_recovered(kinds[0])}, so its gradient cannot be summed from "
+              f"micro-batches into jax.jit's. Make the loss a mean over the batch (jnp.mean of "
+              f"per-example terms) or a sum (a masked mean: the masked sum divided by a count "
+              f"passed in as an argument that is not batch data), or use num_microbatches=1")
+    for k, (kind, atom) in enumerate(zip(kinds[1:], forward.program.outvars[1:])):
+        if kind is None or kind == MEAN and not np.issubdtype(
+                forward.program.avals[atom].dtype, np.inexact):
+            where = f"aux{aux_paths[k]}" if k < len(aux_paths) else f"aux leaf {k}"
+            _fail(f"value_and_grad(has_aux=True) in {name}: {where} is "
+                  f"{_not_recovered(kind)}, which the {B} micro-batches' values cannot give "
+                  f"exactly as jax.jit computes it on the whole batch. Return a mean, sum, "
+                  f"maximum or minimum over the batch (or a value that does not depend on it), "
+                  f"or use num_microbatches=1")
+    return kinds
+
+
+def _not_recovered(kind: str | None) -> str:
+    return {MAX: "a maximum over the batch", MIN: "a minimum over the batch",
+            MEAN: "an integer mean over the batch"}.get(
+        kind, "not a mean, sum, maximum or minimum over the batch (a ratio of two sums such "
+              "as a masked mean, a batch statistic such as batch normalization's, one row of "
+              "the batch, or a nonlinear function of a mean)")
 
 
 def _no_gradient_hint() -> str:
@@ -326,20 +340,13 @@ def _loss_program(traced: TracedFunction):
                               tuple(f"out[{k}]" for k in range(len(jaxpr.outvars)))).program
 
 
-def _random_rows(split: SplitStep, fun, args, static_argnums, B: int, micro_rows
+def _random_rows(split: SplitStep, fun, B: int, micro_rows, full: Program | None
                  ) -> SplitStep:
     """Random draws in the loss that follow the batch, made per micro-batch as ``jax.jit``
     makes them for the whole batch (:mod:`.random_rows`): the row tables become constants
     of the outer program, batch values read by the gradient marker. Draws that cannot be
-    reproduced are warned about."""
+    reproduced are warned about. ``full``: the loss traced at the whole batch's shapes."""
     name = getattr(fun, "__name__", "the function")
-    full = None
-    if micro_rows is not None:
-        try:
-            with pipeline_tracing():
-                full = _loss_program(trace(fun, args, static_argnums))
-        except Exception:  # noqa: BLE001 - then draws of micro-batch rows are reported
-            full = None
     rows = reproduce_random_rows(split.forward, full, B, micro_rows)
     if rows.problems:
         warnings.warn(
