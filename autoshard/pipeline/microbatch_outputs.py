@@ -61,6 +61,9 @@ def output_combinations(program: Program, batch: Sequence[bool], num_microbatche
     tell counts from constants; without it, or where its equations are not
     ``program``'s, a literal equal to the elements a sum reduced is taken for a count, as
     ``jnp.mean`` divides by it."""
+    if whole is not None and (len(whole.invars) != len(program.invars)
+                              or len(whole.outvars) != len(program.outvars)):
+        whole = None   # another signature: not the same loss
     aligned = whole is not None and len(whole.eqns) == len(program.eqns) and all(
         a.primitive.name == b.primitive.name and len(a.inputs) == len(b.inputs)
         for a, b in zip(program.eqns, whole.eqns))
