@@ -138,11 +138,15 @@ def test_zero3_of_an_optax_step_is_priced_as_compiled_and_runs_like_jit():
 def test_an_argmax_reads_its_indices_resharded_with_its_values():
     # jax lowers argmax as one reduce of the values and an iota of their indices; XLA's
     # propagation gives the iota the values' layout, and reading them whole along the
-    # reduced dim all-gathers both (measured: the MoE's Megatron program). Megatron splits
-    # the router's columns (experts): its top-1 expert gathers probabilities and indices.
+    # reduced dim all-gathers both (measured: the MoE's Megatron program, before its router
+    # stayed replicated). Megatron splits the columns (experts) of a router whose logits are
+    # soft-capped (cap * tanh(z / cap): beyond the two elementwise ops through which the
+    # preset looks for a softmax to keep a router whole): its top-1 expert gathers
+    # probabilities and indices.
     def step(params, x):
         def loss(p):
-            probs = jax.nn.softmax(x @ p["gate"], axis=-1)                 # [tokens, experts]
+            logits = 30.0 * jnp.tanh((x @ p["gate"]) / 30.0)
+            probs = jax.nn.softmax(logits, axis=-1)                       # [tokens, experts]
             top = jax.nn.one_hot(jnp.argmax(probs, axis=-1), probs.shape[-1])
             return jnp.mean((top * probs) @ p["out"])
         value, grads = jax.value_and_grad(loss)(params)
