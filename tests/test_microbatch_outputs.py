@@ -103,3 +103,33 @@ def test_micro_batches_of_one_row_are_followed_through_their_reshapes(rows):
     micro = trace(loss, (table, tokens[:rows])).program
     whole = trace(loss, (table, tokens)).program
     assert output_combinations(micro, [False, True], 4, whole) == ("mean",)
+
+
+def _kind_of(loss, *args, batch=(False, True)):
+    micro = trace(lambda *a: [loss(*a)], tuple(a[: ROWS // B] if b else a
+                                              for a, b in zip(args, batch))).program
+    whole = trace(lambda *a: [loss(*a)], args).program
+    return output_combinations(micro, list(batch), B, whole)[0]
+
+
+def test_control_flow_is_followed_through_its_branches_and_body():
+    w, x, _ = _args(ROWS)
+
+    def branches(w, x, flag):   # a cond on a batch-independent flag: each branch a mean
+        h = jax.lax.cond(flag > 0, lambda: jnp.tanh(x @ w), lambda: jax.nn.relu(x @ w))
+        return jnp.mean(h)
+
+    def layers(ws, x):   # a scan over layers too long to unroll (carrying the rows)
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)
+        return jnp.sum(h)
+
+    def over_rows(w, x):   # a scan over the batch's rows: each step mixes into the carry
+        total, _ = jax.lax.scan(lambda c, row: (jnp.tanh(c + row @ w), None),
+                                jnp.zeros(D), x)
+        return jnp.sum(total)
+
+    assert _kind_of(branches, w, x, 1.0, batch=(False, True, False)) == "mean"
+    ws = jnp.broadcast_to(w, (30_000, D, D))   # 30000 steps x 2 equations: not unrolled
+    assert "scan" in [e.primitive.name for e in trace(layers, (ws, x)).program.eqns]
+    assert _kind_of(layers, ws, x) == "sum"
+    assert _kind_of(over_rows, w, x) is None

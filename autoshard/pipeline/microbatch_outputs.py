@@ -9,7 +9,9 @@ it is, over the batch's rows:
   scaled, plus batch-independent values): their average;
 * ``"sum"``: a linear function of sums over the rows (a sum, a count, a sum divided by a
   constant such as the whole batch's size): their sum;
-* ``"max"`` / ``"min"``: a maximum / minimum over the rows (plus a constant): their max / min.
+* ``"max"`` / ``"min"``: a maximum / minimum over the rows (plus a constant): their max / min;
+* ``"unverified"``: computed through an op without a loop description (a manual region, a
+  callback), which rows cannot be followed through.
 
 Anything else is ``None``: a ratio of two sums (a masked mean), a batch statistic fed back
 into per-row values (batch normalization), one row picked out, a root mean square. Its
@@ -18,7 +20,8 @@ micro-batched value differs from ``jax.jit``'s.
 :func:`output_combinations` classifies by abstract interpretation of the loss program traced
 at micro-batch shapes, following the batch's rows through each op's loop description
 (``intra.op_rules.loop_op``): rows stay rows through an op whose loop over them is
-splittable (nothing mixes two rows), and a sum over them is a sum. Whether a sum divided by a
+splittable (nothing mixes two rows), and a sum over them is a sum; a cond on a
+batch-independent index through each branch, a scan through its body. Whether a sum divided by a
 number is a mean (``jnp.mean`` divides by the elements it reduced) or a scaled sum (divided
 by a constant) is read off the same program traced at the whole batch's shapes: a mean's
 divisor grows with the batch, a constant does not.
@@ -32,10 +35,14 @@ import numpy as np
 
 from autoshard.intra.op_rules import loop_op
 from autoshard.ir.program import Literal, Program
+from autoshard.ir.trace import flatten_open_jaxpr
 
 from .markers import BOUNDARY_PRIMITIVE
 
 MEAN, SUM, SAME, MAX, MIN = "mean", "sum", "same", "max", "min"
+#: a value computed through an op whose loop over the rows is not described (no rule: a
+#: manual region, a callback): what it is over the batch is not known
+UNVERIFIED = "unverified"
 _ROWS = "rows"
 #: ops linear in their one non-constant operand: a sum or mean through them stays one
 _LINEAR = frozenset({"reduce_sum", "dot_general", "broadcast_in_dim", "transpose", "slice",
@@ -70,25 +77,96 @@ def output_combinations(program: Program, batch: Sequence[bool], num_microbatche
     base = program if whole is None else whole
     grown = _grown_literals(program, whole, num_microbatches) if aligned else None
     micro = program if aligned and whole is not None else None
-    values: dict = {}
-    for v, is_batch in zip(base.invars, batch, strict=True):
-        rank = len(base.avals[v].shape)
-        values[v] = (_ROWS, 0, None) if is_batch and rank else None if is_batch else (SAME,)
-    for v, _ in base.constants:
-        values[v] = (SAME,)
-    for e, eqn in enumerate(base.eqns):
-        ins = [_literal(e, k, grown) if isinstance(a, Literal) else values[a]
-               for k, a in enumerate(eqn.inputs)]
-        made = _apply(base, e, eqn, ins, grown)
-        if eqn.primitive.name == "reshape" and ins[0] is not None and ins[0][0] == _ROWS:
-            made = [_reshaped_rows(base, micro, e, ins[0][1], num_microbatches)]
-        for v, value in zip(eqn.outputs, made, strict=True):
-            values[v] = value
+    ins = [(_ROWS, 0, None) if b and len(base.avals[v].shape) else None if b else (SAME,)
+           for v, b in zip(base.invars, batch, strict=True)]
     kinds = []
-    for atom in base.outvars:
-        value = (SAME,) if isinstance(atom, Literal) else values[atom]
+    for value in _run(base, ins, grown, micro, num_microbatches):
         kinds.append(None if value is None or value[0] in (_ROWS, "sized") else value[0])
     return tuple(kinds)
+
+
+def unverified_ops(program: Program) -> tuple[str, ...]:
+    """The primitives of ``program`` that :func:`output_combinations` cannot follow rows
+    through (no loop description: a manual region, a callback), in program order."""
+    names = []
+    for eqn in program.eqns:
+        name = eqn.primitive.name
+        if name not in _PASS_THROUGH and name not in ("cond", "scan") and name not in names \
+                and loop_op(eqn, [None if isinstance(a, Literal) else program.avals[a]
+                                  for a in eqn.inputs],
+                            [program.avals[v] for v in eqn.outputs]) is None:
+            names.append(name)
+    return tuple(names)
+
+
+def _run(program: Program, ins: Sequence, grown, micro: Program | None, B: int) -> list:
+    """The kinds of ``program``'s outputs given its inputs' kinds ``ins``."""
+    values: dict = dict(zip(program.invars, ins, strict=True))
+    for v, _ in program.constants:
+        values[v] = (SAME,)
+    for e, eqn in enumerate(program.eqns):
+        ins = [_literal(e, k, grown) if isinstance(a, Literal) else values[a]
+               for k, a in enumerate(eqn.inputs)]
+        made = _apply(program, e, eqn, ins, grown)
+        if eqn.primitive.name == "reshape" and ins[0] is not None and ins[0][0] == _ROWS:
+            made = [_reshaped_rows(program, micro, e, ins[0][1], B)]
+        elif eqn.primitive.name in ("cond", "scan") and any(
+                v is not None and v[0] not in (SAME,) for v in ins):
+            made = _control_flow(eqn, ins, B)
+        for v, value in zip(eqn.outputs, made, strict=True):
+            values[v] = value
+    return [(SAME,) if isinstance(a, Literal) else values[a] for a in program.outvars]
+
+
+def _body(closed, ins: Sequence, B: int) -> list:
+    """The kinds of the outputs of a cond branch or scan body (a closed jaxpr) given its
+    inputs' kinds ``ins`` (its own constants are batch-independent)."""
+    jaxpr = closed.jaxpr
+    n = len(jaxpr.constvars) + len(jaxpr.invars)
+    body = flatten_open_jaxpr(jaxpr, tuple(f"in[{k}]" for k in range(n)),
+                              tuple(f"out[{k}]" for k in range(len(jaxpr.outvars)))).program
+    return _run(body, [(SAME,)] * len(jaxpr.constvars) + list(ins), None, None, B)
+
+
+def _control_flow(eqn, ins: Sequence, B: int) -> list:
+    """A cond (on a batch-independent index: each branch followed, and all must agree) or a
+    scan (its carry followed to a fixed point; the scanned-over inputs lose their leading
+    dim, the stacked outputs gain one) reading rows, sums or means."""
+    n_out = len(eqn.outputs)
+    if any(v is None for v in ins):
+        return [None] * n_out
+    if eqn.primitive.name == "cond":
+        if ins[0][0] != SAME:
+            return [None] * n_out
+        outs = [_body(branch, ins[1:], B) for branch in eqn.params["branches"]]
+        return [o[0] if all(_same(o[0], x) for x in o[1:]) else None for o in zip(*outs)]
+    consts, carry = eqn.params["num_consts"], eqn.params["num_carry"]
+    xs = []
+    for value in ins[consts + carry:]:
+        if value[0] == _ROWS:
+            if value[1] == 0:
+                return [None] * n_out   # scanning over the rows
+            value = (_ROWS, value[1] - 1, None)
+        xs.append(value)
+    carried = list(ins[consts:consts + carry])
+    for _ in range(4):
+        outs = _body(eqn.params["jaxpr"], list(ins[:consts]) + carried + xs, B)
+        joined = [c if _same(c, o) else None for c, o in zip(carried, outs[:carry])]
+        if joined == carried:
+            break
+        carried = joined
+    else:
+        return [None] * n_out
+    ys = [(_ROWS, v[1] + 1, None) if v is not None and v[0] == _ROWS else v
+          for v in outs[carry:]]
+    return carried + ys
+
+
+def _same(a, b) -> bool:
+    """Whether two values have one kind (and, for rows, one dim)."""
+    if a is None or b is None:
+        return False
+    return a[0] == b[0] and (a[0] != _ROWS or a[1] == b[1])
 
 
 def _grown_literals(program: Program, whole: Program | None, B: int):
@@ -124,6 +202,8 @@ def _apply(program: Program, e: int, eqn, ins, grown) -> list:
         return list(ins)
     if any(v is None for v in ins):
         return [None] * n_out
+    if any(v[0] == UNVERIFIED for v in ins):
+        return [(UNVERIFIED,)] * n_out
     kinds = {v[0] for v in ins}
     if kinds <= {SAME}:
         return [(SAME,)] * n_out
@@ -165,7 +245,7 @@ def _rows_through(program: Program, eqn, ins) -> list:
     op = loop_op(eqn, in_avals, [program.avals[v] for v in eqn.outputs])
     n_out = len(eqn.outputs)
     if op is None:
-        return [None] * n_out
+        return [(UNVERIFIED,)] * n_out
     loops = set()
     for k, value in enumerate(ins):
         if value[0] == _ROWS:
@@ -207,6 +287,8 @@ def _reduced_through(program: Program, e: int, eqn, ins, grown):
         if kind in (MAX, MIN) and len(reduced) == 1 and (name != "sub" or reduced[0][0] == 0):
             return (kind, None)
         return None
+    if name == "concatenate":   # means side by side, or sums (a constant part would add up)
+        return (kind, None) if kind != SUM or len(reduced) == len(ins) else None
     if len(reduced) != 1:
         return None
     (k, value), = reduced

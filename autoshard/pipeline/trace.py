@@ -29,7 +29,7 @@ from autoshard.ir.user_frames import user_stacklevel
 
 from .layers import strip_boundaries
 from .markers import BOUNDARY_PRIMITIVE, GRAD_PRIMITIVE, pipeline_tracing
-from .microbatch_outputs import MAX, MEAN, MIN, SAME, SUM, output_combinations
+from .microbatch_outputs import MAX, MEAN, MIN, SAME, SUM, UNVERIFIED, output_combinations, unverified_ops
 from .random_rows import has_random_draws, reproduce_random_rows, row_table
 
 
@@ -295,6 +295,14 @@ def _combinations(forward: TracedFunction, batch, B: int, whole: Program | None,
     if B == 1:   # one micro-batch is the batch
         return (MEAN,) * len(forward.program.outvars)
     kinds = output_combinations(forward.program, batch, B, whole)
+    if UNVERIFIED in kinds:   # averaged, as for a mean over the batch (the usual loss)
+        warnings.warn(
+            f"PipeshardParallel(num_microbatches={B}) in {name}: the loss reads the batch "
+            f"through {', '.join(unverified_ops(forward.program))}, through which autoshard "
+            f"cannot tell whether its outputs are means over the batch; those are averaged "
+            f"over the micro-batches, which gives jax.jit's values only for means (of "
+            f"per-example terms)", UserWarning, stacklevel=user_stacklevel())
+        kinds = tuple(MEAN if k == UNVERIFIED else k for k in kinds)
     if kinds[0] not in (MEAN, SUM, SAME):
         _fail(f"PipeshardParallel(num_microbatches={B}) in {name}: the loss it differentiates "
               f"is {_not_recovered(kinds[0])}, so its gradient cannot be summed from "
