@@ -27,6 +27,11 @@ class LoopOp:
     ``"f32_dot"`` (a dot of low-precision result, or of one low-precision operand, run in
     float32: ``Cluster.low_precision_dots_in_f32``); ``padded``: the
     elements of the operand that expansion pads (the whole operand, padded).
+    ``pair_index_bytes``: an ``argmax`` / ``argmin``, whose index itemsize this is: a split
+    of its reduced loop ends not in an all-reduce but in an all-gather of each shard's
+    (value, index) pair, reduced again on every device (measured: XLA's partitioner, jax
+    0.10, an accuracy metric's argmax over logits split over the vocabulary gathers
+    f32[.., 8] and s32[.., 8] pairs over 8 devices, not the logits).
     """
 
     sizes: tuple[int, ...]
@@ -39,6 +44,7 @@ class LoopOp:
     indexing: IndexedLoops | None = None
     expansion: str | None = None
     padded: int = 0
+    pair_index_bytes: int = 0
 
     @property
     def reduction_loops(self) -> frozenset[int]:

@@ -15,6 +15,8 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from autoshard.ir.jax_compat import partitionable_random_bits
 
 from .indexed_loops import IndexedLoops
@@ -71,6 +73,8 @@ def broadcast_in_dim(eqn, in_avals, out_avals):
 
 _REDUCE_SPLITTABLE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
                       "reduce_and", "reduce_or", "reduce_xor"}
+#: reductions to an index, split as (value, index) pairs (``LoopOp.pair_index_bytes``)
+_ARG_REDUCTIONS = {"argmax", "argmin"}
 
 
 def reduction(eqn, in_avals, out_avals):
@@ -78,10 +82,12 @@ def reduction(eqn, in_avals, out_avals):
     axes = tuple(eqn.params["axes"])
     rank = _rank(operand)
     kept = tuple(d for d in range(rank) if d not in axes)
-    splittable = tuple(d not in axes or eqn.primitive.name in _REDUCE_SPLITTABLE
+    name = eqn.primitive.name
+    splittable = tuple(d not in axes or name in _REDUCE_SPLITTABLE or name in _ARG_REDUCTIONS
                        for d in range(rank))
+    pair = np.dtype(eqn.params["index_dtype"]).itemsize if name in _ARG_REDUCTIONS else 0
     return LoopOp(tuple(operand.shape), splittable, (tuple(range(rank)),), (kept,),
-                  flops=float(_size(operand)))
+                  flops=float(_size(operand)), pair_index_bytes=pair)
 
 
 def generic_reduce(eqn, in_avals, out_avals):

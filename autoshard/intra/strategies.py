@@ -221,6 +221,10 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
     if not groups:
         yield Strategy(name, out_specs, in_specs, compute, 0.0, **work, temp_bytes=temporary)
         return
+    if op.pair_index_bytes:
+        yield _pairs_gathered(name, op, out_specs, in_specs, in_avals, out_avals, groups,
+                              compute, work, temporary, model)
+        return
     all_reduces = tuple(CollectiveStep("all-reduce", axes, b, model.all_reduce(b, axes))
                         for b in out_bytes for axes in groups)
     comm = sum(s.seconds for s in all_reduces)
@@ -265,6 +269,27 @@ def _priced(op, loop_axes, in_avals, out_avals, reductions, model, dtype, reads,
         for label, spec, steps in _scattered_over_group(model, out_aval.shape, out_spec,
                                                         out_bytes[0], all_reduces[0]):
             yield scattered(label, spec, steps)
+
+
+def _pairs_gathered(name, op, out_specs, in_specs, in_avals, out_avals, groups, compute,
+                    work, temporary, model: MeshCostModel) -> Strategy:
+    """An ``argmax`` / ``argmin`` split over its reduced loop (the axes ``groups``): each
+    device reduces its shard to a (value, index) pair per result, the pairs are
+    all-gathered over those axes (the values' and the indices' arrays), and every device
+    reduces them again (``LoopOp.pair_index_bytes``)."""
+    local = _bytes(model, out_avals[0], out_specs[0]) // out_avals[0].dtype.itemsize
+    steps = []
+    for axes in groups:
+        shards = math.prod(model.mesh_shape[a] for a in axes)
+        for itemsize in (in_avals[0].dtype.itemsize, op.pair_index_bytes):
+            nbytes = int(local * shards * itemsize)
+            steps.append(CollectiveStep("all-gather", axes, nbytes,
+                                        model.all_gather(nbytes, axes)))
+    moved = 2 * sum(s.nbytes for s in steps)   # each gather writes its pairs, then read
+    return Strategy(name + " pairs all-gathered", out_specs, in_specs, compute,
+                    sum(s.seconds for s in steps) + moved / model.cluster.memory_bandwidth,
+                    **dict(work, bytes_accessed=work["bytes_accessed"] + moved),
+                    temp_bytes=sum(s.nbytes for s in steps) + temporary, collectives=tuple(steps))
 
 
 def _scattered_over_group(model: MeshCostModel, shape: Sequence[int], out_spec: Spec,
