@@ -17,13 +17,13 @@ Anything else is ``None``: a ratio of two sums (a masked mean), a batch statisti
 into per-row values (batch normalization), one row picked out, a root mean square. Its
 micro-batched value differs from ``jax.jit``'s.
 
-:func:`output_combinations` classifies by abstract interpretation of the loss program traced
-at micro-batch shapes, following the batch's rows through each op's loop description
+:func:`output_combinations` classifies by abstract interpretation of the loss program (as
+traced at the whole batch's shapes), following the batch's rows through each op's loop description
 (``intra.op_rules.loop_op``): rows stay rows through an op whose loop over them is
 splittable (nothing mixes two rows), and a sum over them is a sum; a cond on a
-batch-independent index through each branch, a scan through its body. Whether a sum divided by a
-number is a mean (``jnp.mean`` divides by the elements it reduced) or a scaled sum (divided
-by a constant) is read off the same program traced at the whole batch's shapes: a mean's
+batch-independent index through each branch, a scan through its body. Whether a sum divided
+by a number is a mean (``jnp.mean`` divides by the elements it reduced) or a scaled sum (divided
+by a constant) is read off the program traced at micro-batch shapes beside it: a mean's
 divisor grows with the batch, a constant does not.
 """
 from __future__ import annotations
@@ -45,8 +45,7 @@ MEAN, SUM, SAME, MAX, MIN = "mean", "sum", "same", "max", "min"
 UNVERIFIED = "unverified"
 _ROWS = "rows"
 #: ops linear in their one non-constant operand: a sum or mean through them stays one
-_LINEAR = frozenset({"reduce_sum", "dot_general", "broadcast_in_dim", "transpose", "slice",
-                     "reduce_precision"})
+_LINEAR = frozenset({"reduce_sum", "dot_general", "broadcast_in_dim", "transpose", "slice"})
 #: ops that keep every element's value: a sum through them still sums its count
 _SHAPE_ONLY = frozenset({"reshape", "squeeze", "expand_dims", "convert_element_type", "copy",
                          "copy_p", "stop_gradient"})
