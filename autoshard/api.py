@@ -386,25 +386,26 @@ class ParallelizedFunction:
         all programs under headers. (When the planner kept plain intra-op parallelism,
         one program, this is a plain ``Lowered``, as for :class:`ShardParallel`.)
         """
-        call = self._bind(args, kwargs)
-        key = self._key(call)
-        entry = self._compiled(call, need_program=True, key=key)
-        if not isinstance(entry.program, ShardedProgram):
-            return entry.program.lower()
-        entry = self._called(entry, call, key)
-        return entry.call.lower(*with_leaves(call, entry.program.argument_structs()))
+        return self._staged("lower", args, kwargs)
 
     def trace(self, *args, **kwargs):
         """The ``jax.stages.Traced`` of the planned program for these arguments (its
         ``jaxpr``, ``out_info``, ``.lower()``), as ``jax.jit(...).trace`` gives."""
+        return self._staged("trace", args, kwargs)
+
+    def _staged(self, stage: str, args, kwargs):
+        """``jax.jit``'s ``stage`` (``"lower"`` or ``"trace"``) of the planned program, at
+        the planned layouts; a pipeline lowers each of its programs and has no one trace."""
         call = self._bind(args, kwargs)
         key = self._key(call)
         entry = self._compiled(call, need_program=True, key=key)
         if not isinstance(entry.program, ShardedProgram):
+            if stage == "lower":
+                return entry.program.lower()
             raise TypeError("a PipeshardParallel step runs one program per stage, so it has no "
                             "single trace: use .lower(...) for each program's Lowered")
         entry = self._called(entry, call, key)
-        return entry.call.trace(*with_leaves(call, entry.program.argument_structs()))
+        return getattr(entry.call, stage)(*with_leaves(call, entry.program.argument_structs()))
 
     def eval_shape(self, *args, **kwargs):
         """The outputs for these arguments (arrays or ShapeDtypeStructs) as

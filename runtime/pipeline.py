@@ -11,6 +11,7 @@ processes); dispatch is asynchronous, so stages on different devices overlap.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import jax
@@ -38,15 +39,10 @@ def _add_all(accumulated, new):
 def _combined(values, kind: str = "mean"):
     """The micro-batches' values combined into the whole batch's: ``"mean"`` (averaged) or
     ``"sum"``, summed in micro-batch order like the loss; ``"max"`` / ``"min"``."""
-    if kind in ("max", "min"):
-        pick = jax.numpy.maximum if kind == "max" else jax.numpy.minimum
-        total = values[0]
-        for value in values[1:]:
-            total = pick(total, value)
-        return total
+    fold = {"max": jax.numpy.maximum, "min": jax.numpy.minimum}.get(kind, operator.add)
     total = values[0]
     for value in values[1:]:
-        total = total + value
+        total = fold(total, value)
     return total / len(values) if kind == "mean" and len(values) > 1 else total
 
 

@@ -73,8 +73,9 @@ def broadcast_in_dim(eqn, in_avals, out_avals):
 
 _REDUCE_SPLITTABLE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
                       "reduce_and", "reduce_or", "reduce_xor"}
-#: reductions to an index, split as (value, index) pairs (``LoopOp.pair_index_bytes``)
-_ARG_REDUCTIONS = {"argmax", "argmin"}
+#: reductions jax lowers as a reduce of the values and of an iota of their indices; split
+#: as (value, index) pairs (``LoopOp.pair_index_bytes``)
+INDEXED_REDUCTIONS = frozenset({"argmax", "argmin"})
 
 
 def reduction(eqn, in_avals, out_avals):
@@ -83,9 +84,9 @@ def reduction(eqn, in_avals, out_avals):
     rank = _rank(operand)
     kept = tuple(d for d in range(rank) if d not in axes)
     name = eqn.primitive.name
-    splittable = tuple(d not in axes or name in _REDUCE_SPLITTABLE or name in _ARG_REDUCTIONS
+    splittable = tuple(d not in axes or name in _REDUCE_SPLITTABLE or name in INDEXED_REDUCTIONS
                        for d in range(rank))
-    pair = np.dtype(eqn.params["index_dtype"]).itemsize if name in _ARG_REDUCTIONS else 0
+    pair = np.dtype(eqn.params["index_dtype"]).itemsize if name in INDEXED_REDUCTIONS else 0
     return LoopOp(tuple(operand.shape), splittable, (tuple(range(rank)),), (kept,),
                   flops=float(_size(operand)), pair_index_bytes=pair)
 

@@ -41,6 +41,7 @@ from autoshard.ir.program import Literal, Program
 from autoshard.ir.specs import Spec, replicated
 from autoshard.methods import Annotated, DataParallel, Megatron, ZeRO3
 
+from .fusion import value_readers
 from .op_rules import ELEMENTWISE, LoopOp, loop_op
 
 
@@ -119,11 +120,7 @@ def _megatron(program: Program, mesh_shape, batch_flat) -> tuple[Spec, ...]:
             split[v] = _FREE
     for v, _ in program.constants:
         split[v] = None
-    readers: dict[int, list] = {}      # value -> the equations reading it
-    for eqn in program.eqns:
-        for a in eqn.inputs:
-            if not isinstance(a, Literal):
-                readers.setdefault(a, []).append(eqn)
+    readers, _ = value_readers(program)   # value -> the equations reading it
 
     def settle(v: int, dim: int | None) -> None:
         """Give the free value ``v`` the split ``dim`` (divisible, else whole), and pass it

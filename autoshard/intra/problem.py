@@ -26,6 +26,7 @@ from .carried_axes import carried_options, fixed_axes, layout_axes
 from .combining import MergedAllReduce, combine_all_reduces
 from .following import Grouping, group_followers, grouped_request
 from .graph import ShardingGraph, Use, build_graph, use_cost_matrix
+from .op_rules import INDEXED_REDUCTIONS
 from .presets import preset_layouts
 from .propagated_strategies import preset_propagation, propagated_options, resharded_followers
 from .shared_reads import reads_following_producers, regrouped, settle_reads, share_reads
@@ -497,10 +498,6 @@ def repeated_reshardings(graph: ShardingGraph, uses: Sequence[Use], chosen,
             repeated.add(k)
         seen.add(key)
     return repeated
-
-
-#: reductions jax lowers as a reduce of the values and of an iota of their indices
-INDEXED_REDUCTIONS = frozenset({"argmax", "argmin"})
 
 
 def index_reshardings(graph: ShardingGraph, chosen) -> list[tuple[int, tuple, int, Spec, Spec]]:

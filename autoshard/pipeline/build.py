@@ -11,6 +11,7 @@ from autoshard.plan.parts import operand_layouts, value_layouts
 from autoshard.runtime import PipelineProgram, PipelineStage, StepProgram, shard_program
 
 from .layout import PipelineLayout, PlannedApply, apply_name
+from .microbatch_outputs import SAME, SUM
 from .partial_grads import deferred_backward, reduction_program, stage_partial_gradients
 from .stage_program import residual_layouts, split_programs
 
@@ -81,7 +82,7 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
                                strict=True):
         if isinstance(atom, Literal):
             constants.append((("v", out), jnp.asarray(atom.value, O.avals[out].dtype)))
-        elif kind == "same":
+        elif kind == SAME:
             aux_once.append((("act", atom), ("v", out)))
         else:
             aux.append((("act", atom), ("v", out), kind))
@@ -159,7 +160,7 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
         batch=tuple((("v", v), ("mb", v)) for v in (*O.invars, *(c for c, _ in O.constants))
                     if v in split.batch_vids),
         constants=tuple(constants), pre=pre, stages=tuple(stages),
-        loss=(("act", loss), ("v", geqn.outputs[0])), loss_sum=split.combinations[0] == "sum",
+        loss=(("act", loss), ("v", geqn.outputs[0])), loss_sum=split.combinations[0] == SUM,
         aux=tuple(aux),
         aux_once=tuple(aux_once), zero_grads=zero,
         apply=apply,
