@@ -12,9 +12,9 @@ import pytest
 from jax.ad_checkpoint import checkpoint_name
 
 import autoshard
-from autoshard.intra.remat import forward_segments
+from autoshard.intra.remat import fewest_segments, forward_segments
 from autoshard.ir import hlo
-from autoshard.ir.remat import recompute
+from autoshard.ir.remat import Rematerialization, recompute
 from autoshard.ir.trace import trace
 from autoshard.runtime import evaluate_program
 from examples.models import gpt
@@ -152,6 +152,43 @@ def test_recomputed_segments_run_the_same_step_and_store_less():
 def _users_gpt_step():
     """The activation-heavy GPT's step as users write it (``tests.user_steps``)."""
     return users_gpt_step(_activation_heavy_gpt(), heads=4)
+
+
+@pytest.mark.parametrize("model_fits_from, compiler_fits_from, expected", [
+    # 8 segments. The model says 3 fit: counts tried 8, 4, 2, 3 (binary search, planned
+    # only); the compiler then confirms 3 (no), 4 (no), 5 (yes): 5, three compiles.
+    (3, 5, 5),
+    # the model is right: 3, confirmed by one compile
+    (3, 3, 3),
+    # the compiler refuses every count: recomputing them all peaks at 70 < storing's 100
+    (3, 9, "all 8 forward segments"),
+])
+def test_the_fewest_segments_are_searched_by_the_model_then_confirmed_by_the_compiler(
+        model_fits_from, compiler_fits_from, expected):
+    candidates = Rematerialization(16, tuple((2 * i, 2 * i + 2) for i in range(8)))
+    planned, confirmed = [], []
+
+    def plan(remat):
+        planned.append(len(remat.segments))
+        if len(remat.segments) < model_fits_from:
+            raise autoshard.InfeasiblePlanError("over by the model", 90, 50)
+        return remat
+
+    def confirm(remat):
+        confirmed.append(len(remat.segments))
+        if len(remat.segments) < compiler_fits_from:
+            raise autoshard.InfeasiblePlanError("over as compiled", 70, 50)
+        return remat
+
+    storing = autoshard.InfeasiblePlanError("storing", 100, 50)
+    if isinstance(expected, str):
+        with pytest.raises(autoshard.InfeasiblePlanError, match=expected):
+            fewest_segments(candidates, plan, storing, confirm)
+    else:
+        assert len(fewest_segments(candidates, plan, storing, confirm).segments) == expected
+        assert confirmed == list(range(model_fits_from, expected + 1))
+    assert planned[:4] == [8, 4, 2, 3]
+    assert len(set(planned)) == len(planned)  # no count planned twice
 
 
 def test_a_budget_no_sharding_meets_is_met_by_recomputing_forward_segments():

@@ -123,14 +123,17 @@ def plan_traced(traced: TracedFunction, *, mesh_shape: tuple[int, ...],
         storing = err
     signature = fingerprint(traced, static_repr)  # a saved plan is checked against the call's
 
+    rewritten = functools.cache(lambda remat: recompute(traced, remat))
+
     def recomputing(remat):
-        rewritten = recompute(traced, remat)
-        found = _within(plan(rewritten), memory_budget)
-        if compiled_peak is not None:
-            _within(found, memory_budget, compiled_peak(rewritten, found))
+        found = _within(plan(rewritten(remat)), memory_budget)
         return dataclasses.replace(found, remat=remat, fingerprint=signature)
 
-    return fewest_segments(candidates, recomputing, storing)
+    def compiled_within(found):
+        return _within(found, memory_budget, compiled_peak(rewritten(found.remat), found))
+
+    return fewest_segments(candidates, recomputing, storing,
+                           None if compiled_peak is None else compiled_within)
 
 
 def _within(plan: Plan, budget: float, compiled: float | None = None) -> Plan:

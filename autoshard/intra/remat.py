@@ -87,36 +87,58 @@ def _crossing(born: dict[int, int], last: dict[int, int], nbytes: dict[int, floa
 
 
 def fewest_segments(candidates: Rematerialization,
-                    plan: Callable[[Rematerialization], object], storing: InfeasiblePlanError):
+                    plan: Callable[[Rematerialization], object], storing: InfeasiblePlanError,
+                    confirm: Callable[[object], object] | None = None):
     """The plan (``plan(remat)``, which raises :class:`InfeasiblePlanError` when it cannot
     meet the budget) recomputing the fewest of ``candidates``' segments, earliest first,
     that fits; ``storing``: the error planning with none raised, raised again when
-    recomputing every segment does not fit either and peaks no lower."""
+    recomputing every segment does not fit either and peaks no lower.
+
+    ``confirm(plan)`` (the plan, or :class:`InfeasiblePlanError`: compiling it, XLA's
+    peak is over the budget) is a dearer check than planning: the counts are searched by
+    ``plan`` alone, then the fewest is confirmed, and counts above it in turn while their
+    plans are not (a compile per count confirmed, not one per count tried)."""
     segments = candidates.segments
     prefix = lambda k: Rematerialization(candidates.turn, segments[:k])  # noqa: E731
     _log.info("no sharding meets the budget: recomputing forward segments (%d to choose from)",
               len(segments))
+    found = {}
     try:
-        best = plan(prefix(len(segments)))
+        found[len(segments)] = plan(prefix(len(segments)))
     except InfeasiblePlanError as err:
-        if err.min_peak_bytes >= storing.min_peak_bytes:
-            raise storing from None
-        raise InfeasiblePlanError(
-            f"{err} (with all {len(segments)} forward segments of the step recomputed in the "
-            f"backward pass; storing their activations, the smallest peak is "
-            f"{format_bytes(storing.min_peak_bytes)})", err.min_peak_bytes,
-            err.memory_budget) from None
+        raise _every_segment_error(err, len(segments), storing) from None
     low, high = 0, len(segments)  # planning with `low` segments fails, with `high` fits
     while high - low > 1:
         middle = (low + high) // 2
         try:
-            best = plan(prefix(middle))
+            found[middle] = plan(prefix(middle))
             high = middle
         except InfeasiblePlanError as err:
             low = middle
             _log.info("recomputing %d segments: %s", middle, err)
         else:
             _log.info("recomputing %d segments fits", middle)
-    _log.info("recomputing %d of %d forward segments meets the budget", high, len(segments))
-    return best
+    for count in range(high, len(segments) + 1):
+        try:
+            best = found.get(count) or plan(prefix(count))
+            best = best if confirm is None else confirm(best)
+        except InfeasiblePlanError as err:
+            _log.info("recomputing %d segments: %s", count, err)
+            if count == len(segments):
+                raise _every_segment_error(err, count, storing) from None
+            continue
+        _log.info("recomputing %d of %d forward segments meets the budget", count, len(segments))
+        return best
+    raise AssertionError("unreachable: the last count returns or raises")
 
+
+def _every_segment_error(err: InfeasiblePlanError, count: int,
+                         storing: InfeasiblePlanError) -> InfeasiblePlanError:
+    """``storing`` when recomputing all ``count`` segments peaks no lower, else ``err``
+    saying so."""
+    if err.min_peak_bytes >= storing.min_peak_bytes:
+        return storing
+    return InfeasiblePlanError(
+        f"{err} (with all {count} forward segments of the step recomputed in the "
+        f"backward pass; storing their activations, the smallest peak is "
+        f"{format_bytes(storing.min_peak_bytes)})", err.min_peak_bytes, err.memory_budget)
