@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from autoshard.ir.trace import trace
-from autoshard.pipeline.microbatch_outputs import output_combinations
+from autoshard.pipeline.microbatch_outputs import output_combinations, value_kinds
 
 B, ROWS, D = 2, 8, 4   # micro-batches, rows of the whole batch, features
 
@@ -77,6 +77,19 @@ def test_each_kind_is_read_off_the_program_and_recovers_jits_value():
                                        err_msg=name)
         else:   # averaged over the micro-batches (as the code before did): not jax's value
             assert not np.allclose(COMBINE["mean"](values), whole[name], rtol=1e-5), name
+
+
+def test_functions_of_combined_values_are_told_from_what_no_totals_give():
+    # a root mean square, a masked mean and a squared mean are functions of values that
+    # combine (computed from their totals: pipeline.post_reduction); one row, and a batch
+    # statistic fed back into each row, are not
+    flat = lambda w, x, y: jax.tree.leaves(_outputs(w, x, y))  # noqa: E731
+    micro = trace(flat, _args(ROWS // B)).program
+    whole = trace(flat, _args(ROWS)).program
+    kinds = value_kinds(micro, [False, True, True], B, whole)
+    names = sorted(KINDS)
+    post = {n for n, a in zip(names, micro.outvars) if kinds[a] is not None and kinds[a][0] == "post"}
+    assert post == {"root mean square", "masked mean", "squared mean"}
 
 
 def test_without_the_whole_batch_a_count_equal_to_the_rows_is_a_mean():

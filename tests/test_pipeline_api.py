@@ -85,9 +85,10 @@ def test_aux_sums_and_extremes_combine_as_jit_computes_them():
 
 
 def test_an_aux_leaf_no_combination_recovers_is_refused():
-    """One row of the batch, or a ratio of two sums over it, differs per micro-batch from
-    jax.jit's value on the whole batch: refused with the leaf's path (the code before
-    averaged them over the micro-batches), and computed as jax does on one micro-batch."""
+    """One row of the batch differs per micro-batch from jax.jit's value on the whole batch:
+    refused with the leaf's path (the code before averaged it over the micro-batches), and
+    computed as jax does on one micro-batch. (A ratio of two sums beside it is computed
+    from their totals.)"""
     def fn(params, opt_state, batch):
         def loss(p, b):
             value, _ = _forward(p, b)
@@ -116,32 +117,56 @@ def test_a_loss_summed_over_the_batch_sums_its_micro_batches():
     assert_trees_allclose(_pipelined(fn)(*args), jax.jit(fn)(*args))
 
 
-def test_a_masked_mean_loss_is_refused_and_a_count_argument_makes_it_exact():
-    """The masked sum over the mask's sum is a ratio of two sums over the batch: no
-    combination of micro-batch ratios gives it. Divided by a count passed in as an argument
-    (not batch data), the loss is a sum, summed exactly."""
+def test_a_masked_mean_loss_and_metric_match_jit_with_the_update_split_by_stage():
+    """The masked sum over the mask's sum is a ratio of two sums over the batch: the
+    micro-batches compute both sums, the step divides their totals and scales the summed
+    gradient of the masked sum by d loss / d sum (pipeline.post_reduction). A masked
+    accuracy (an aux leaf) is computed so too; a count passed in as an argument gives the
+    same numbers. Reading the count does not make the update one program on the mesh."""
     def masked(params, opt_state, batch):
         def loss(p, b):
             logits = jax.nn.log_softmax(p[-1]["b"] + b["x"] @ jnp.ones((16, 4)))
             nll = -jnp.take_along_axis(logits, b["label"][:, None], axis=1)[:, 0]
             keep = (b["label"] != 3).astype(jnp.float32)
-            return jnp.sum(nll * keep) / jnp.sum(keep)
-        return autoshard.value_and_grad(loss)(params, batch)
+            hits = (jnp.argmax(logits, -1) == b["label"]) * keep
+            return jnp.sum(nll * keep) / jnp.maximum(jnp.sum(keep), 1.0), \
+                {"accuracy": jnp.sum(hits) / jnp.sum(keep), "tokens": jnp.sum(keep)}
+        (value, aux), grads = autoshard.value_and_grad(loss, has_aux=True)(params, batch)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), value, aux
 
     def counted(params, opt_state, batch, count):
         def loss(p, b):
             logits = jax.nn.log_softmax(p[-1]["b"] + b["x"] @ jnp.ones((16, 4)))
             nll = -jnp.take_along_axis(logits, b["label"][:, None], axis=1)[:, 0]
             return jnp.sum(nll * (b["label"] != 3)) / count
-        return autoshard.value_and_grad(loss)(params, batch)
+        value, grads = autoshard.value_and_grad(loss)(params, batch)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), value
 
     args = _classifier()
-    with pytest.raises(ValueError, match="the loss it differentiates is not a mean, sum"):
-        _pipelined(masked).plan(*args)
+    expected = jax.jit(masked)(*args)
+    step = _pipelined(masked)
+    assert_trees_allclose(step(*args), expected)
+    names = step.lower(*args).names
+    assert "apply on the mesh" not in names and "apply on stage 0" in names
     count = jnp.sum(args[2]["label"] != 3).astype(jnp.float32)
     step = autoshard.parallelize(counted, mesh=autoshard.make_mesh((4,), ("data",)),
                                  method=autoshard.PipeshardParallel(**PIPE), batch_argnums=2)
-    assert_trees_allclose(step(*args, count), jax.jit(masked)(*args))
+    assert_trees_allclose(step(*args, count), expected[:2])
+
+
+def test_a_loss_of_two_sums_that_depend_on_the_parameters_is_refused():
+    """Its gradient needs each sum's own gradient scaled by its own factor, known only once
+    every micro-batch has run: refused, saying so."""
+    def fn(params, opt_state, batch):
+        def loss(p, b):
+            value, _ = _forward(p, b)
+            nll = value * b["x"].shape[0]
+            return nll / jnp.sum(p[-1]["b"] * b["x"][:, :4])
+        return autoshard.value_and_grad(loss)(params, batch)
+
+    with pytest.raises(ValueError, match="a function of 2 values combined over the batch "
+                                         "that depend on the differentiated arguments"):
+        _pipelined(fn).plan(*_classifier())
 
 
 def test_donated_params_and_optimizer_state():

@@ -99,16 +99,19 @@ class DecoderLM(nn.Module):
 
 def lm_train_step(state, batch, dropout_key):
     """One step as lm1b's ``train_step`` takes it: the loss closes over the batch, dropout
-    keys fold in the step number, ``jax.value_and_grad`` with aux metrics."""
+    keys fold in the step number, ``jax.value_and_grad`` with aux metrics; the loss and
+    the accuracy are means over the tokens that are not padding (0), weighted sums over the
+    weights' sum, as lm1b's ``compute_weighted_cross_entropy`` computes them."""
     tokens = batch["inputs"]
     key = jax.random.fold_in(dropout_key, state.step)
 
     def loss_fn(params):
+        weights = jnp.where(tokens > 0, 1.0, 0.0)
         logits = state.apply_fn({"params": params}, tokens, train=True,
                                 rngs={"dropout": key})
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
-        accuracy = jnp.mean((jnp.argmax(logits, -1) == tokens).astype(jnp.float32))
-        return loss, {"accuracy": accuracy}
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens) * weights
+        hits = (jnp.argmax(logits, -1) == tokens) * weights
+        return loss.sum() / weights.sum(), {"accuracy": hits.sum() / weights.sum()}
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return state.apply_gradients(grads=grads), {"loss": loss, **metrics}
@@ -125,8 +128,10 @@ def _lm_state():
 
 def _lm_batches(steps: int):
     rng = np.random.default_rng(0)
-    for _ in range(steps):   # no padding token (0): the loss is a plain mean over tokens
-        yield {"inputs": jnp.asarray(rng.integers(1, VOCAB, (BATCH, SEQ)), jnp.int32)}
+    for _ in range(steps):   # sequences of different lengths, padded with 0
+        tokens = rng.integers(1, VOCAB, (BATCH, SEQ))
+        tokens[np.arange(SEQ)[None, :] >= rng.integers(2, SEQ + 1, (BATCH, 1))] = 0
+        yield {"inputs": jnp.asarray(tokens, jnp.int32)}
 
 
 def _pipeline(schedule: str, num_microbatches: int = 2):

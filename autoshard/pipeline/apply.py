@@ -169,15 +169,19 @@ def update_groups(split: SplitStep, owner: Mapping[int, int], loss_label: int,
                   shared_label: int) -> dict[int, tuple[list[int], list[int]]] | None:
     """The post-gradient equations grouped by the label owning the gradients they read:
     ``label → (equation indices in order, outer values it outputs)``. ``owner``:
-    differentiated forward input index → label (missing: 0); the loss and aux leaves have
-    ``loss_label``; outputs reading no gradient (a step counter) go to ``shared_label``,
+    differentiated forward input index → label (missing: 0); the loss's outputs that are
+    not scalars have ``loss_label`` (its scalars none: each group reads them); outputs
+    reading no gradient (a step counter) go to ``shared_label``,
     and each group computes the gradient-free equations it reads. ``None`` when an equation
     mixes labels (global-norm clipping): the update cannot be split."""
     O = split.traced.program
     geqn = O.eqns[split.grad_eqn]
     outvars = {a for a in O.outvars if isinstance(a, int)}
     n_val = 1 + split.num_aux
-    label: dict[int, int] = {v: loss_label for v in geqn.outputs[:n_val]}
+    # the loss's scalars (the loss, a metric, a count) are read where needed, unlabelled:
+    # moving one between stages costs nothing worth running the update in one program
+    # for (a masked mean's gradients are scaled by its count: ``post_reduction``)
+    label: dict[int, int] = {v: loss_label for v in geqn.outputs[:n_val] if O.avals[v].shape}
     diff_idx = [k for k, d in enumerate(split.diff) if d]
     for g_out, k in zip(geqn.outputs[n_val:], diff_idx, strict=True):
         label[g_out] = owner.get(k, 0)

@@ -13,9 +13,11 @@ it is, over the batch's rows:
 * ``"unverified"``: computed through an op without a loop description (a manual region, a
   callback), which rows cannot be followed through.
 
-Anything else is ``None``: a ratio of two sums (a masked mean), a batch statistic fed back
-into per-row values (batch normalization), one row picked out, a root mean square. Its
-micro-batched value differs from ``jax.jit``'s.
+A function of such values that is none of these (a ratio of two sums: a masked mean; a
+root mean square) is ``"post"`` for :func:`value_kinds`: computed from their totals once
+per step (``pipeline.post_reduction``). Anything else is ``None``: a batch statistic fed
+back into per-row values (batch normalization), one row picked out. Its micro-batched
+value differs from ``jax.jit``'s.
 
 :func:`output_combinations` classifies by abstract interpretation of the loss program (as
 traced at the whole batch's shapes), following the batch's rows through each op's loop description
@@ -40,6 +42,9 @@ from autoshard.ir.trace import flatten_open_jaxpr
 from .markers import BOUNDARY_PRIMITIVE
 
 MEAN, SUM, SAME, MAX, MIN = "mean", "sum", "same", "max", "min"
+#: a function of values combined over the batch that no combination gives (a ratio of two
+#: sums): computed once per step from those values (``pipeline.post_reduction``)
+POST = "post"
 #: a value computed through an op whose loop over the rows is not described (no rule: a
 #: manual region, a callback): what it is over the batch is not known
 UNVERIFIED = "unverified"
@@ -67,21 +72,47 @@ def output_combinations(program: Program, batch: Sequence[bool], num_microbatche
     tell counts from constants; without it, or where its equations are not
     ``program``'s, a literal equal to the elements a sum reduced is taken for a count, as
     ``jnp.mean`` divides by it."""
+    kinds = value_kinds(program, batch, num_microbatches, whole)
+    return tuple(combination(SAME_VALUE if isinstance(a, Literal) else kinds[a])
+                 for a in program.outvars)
+
+
+#: the kind of a literal output
+SAME_VALUE = (SAME,)
+
+
+def combination(value) -> str | None:
+    return None if value is None or value[0] in (_ROWS, "sized", POST) else value[0]
+
+
+def value_kinds(program: Program, batch: Sequence[bool], num_microbatches: int,
+                whole: Program | None = None) -> dict:
+    """Value id of ``program`` -> what it is over the batch's rows, as a tuple whose first
+    item is its kind: a combination (``"mean"``, ``"sum"``, ``"same"``, ``"max"``,
+    ``"min"``, ``"unverified"``), ``"rows"`` (it holds rows), ``"post"`` (a function of
+    values combined over the batch that no combination gives, such as a ratio of two
+    sums: ``pipeline.post_reduction``), or ``None`` (arguments as in
+    :func:`output_combinations`)."""
     if whole is not None and (len(whole.invars) != len(program.invars)
                               or len(whole.outvars) != len(program.outvars)):
         whole = None   # another signature: not the same loss
     aligned = whole is not None and len(whole.eqns) == len(program.eqns) and all(
         a.primitive.name == b.primitive.name and len(a.inputs) == len(b.inputs)
-        for a, b in zip(program.eqns, whole.eqns))
-    base = program if whole is None else whole
+        and len(a.outputs) == len(b.outputs) for a, b in zip(program.eqns, whole.eqns))
+    base = program if not aligned else whole
     grown = _grown_literals(program, whole, num_microbatches) if aligned else None
-    micro = program if aligned and whole is not None else None
+    micro = program if aligned else None
     ins = [(_ROWS, 0, None) if b and len(base.avals[v].shape) else None if b else (SAME,)
            for v, b in zip(base.invars, batch, strict=True)]
-    kinds = []
-    for value in _run(base, ins, grown, micro, num_microbatches):
-        kinds.append(None if value is None or value[0] in (_ROWS, "sized") else value[0])
-    return tuple(kinds)
+    values = _run(base, ins, grown, micro, num_microbatches, everything=True)
+    if base is program:
+        return values
+    # the same equations at other shapes: value ids matched by position
+    kinds = {v: values[w] for v, w in zip(program.invars, base.invars)}
+    kinds.update((v, values[w]) for (v, _), (w, _) in zip(program.constants, base.constants))
+    for a, b in zip(program.eqns, base.eqns):
+        kinds.update((v, values[w]) for v, w in zip(a.outputs, b.outputs))
+    return kinds
 
 
 def unverified_ops(program: Program) -> tuple[str, ...]:
@@ -98,8 +129,10 @@ def unverified_ops(program: Program) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _run(program: Program, ins: Sequence, grown, micro: Program | None, B: int) -> list:
-    """The kinds of ``program``'s outputs given its inputs' kinds ``ins``."""
+def _run(program: Program, ins: Sequence, grown, micro: Program | None, B: int,
+         everything: bool = False):
+    """The kinds of ``program``'s outputs given its inputs' kinds ``ins`` (``everything``:
+    of every value, by id)."""
     values: dict = dict(zip(program.invars, ins, strict=True))
     for v, _ in program.constants:
         values[v] = (SAME,)
@@ -114,6 +147,8 @@ def _run(program: Program, ins: Sequence, grown, micro: Program | None, B: int) 
             made = _control_flow(eqn, ins, B)
         for v, value in zip(eqn.outputs, made, strict=True):
             values[v] = value
+    if everything:
+        return values
     return [(SAME,) if isinstance(a, Literal) else values[a] for a in program.outvars]
 
 
@@ -208,8 +243,12 @@ def _apply(program: Program, e: int, eqn, ins, grown) -> list:
         return [(SAME,)] * n_out
     if kinds <= {SAME, "sized"}:   # computed from a size: its value follows the batch
         return [("sized", None)] * n_out
-    if kinds & {SUM, MEAN, MAX, MIN}:
-        return [_reduced_through(program, e, eqn, ins, grown)] if n_out == 1 else [None] * n_out
+    if POST in kinds or kinds & {SUM, MEAN, MAX, MIN}:
+        made = [_reduced_through(program, e, eqn, ins, grown) if n_out == 1 and POST not in kinds
+                else None] * n_out
+        if kinds <= {SAME, POST, SUM, MEAN, MAX, MIN}:  # rows and sizes aside: a function of
+            made = [m if m is not None else (POST,) for m in made]  # combined values
+        return made
     if "sized" in kinds:
         return [None] * n_out
     return _rows_through(program, eqn, ins)

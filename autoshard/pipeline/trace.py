@@ -29,7 +29,19 @@ from autoshard.ir.user_frames import user_stacklevel
 
 from .layers import strip_boundaries
 from .markers import BOUNDARY_PRIMITIVE, GRAD_PRIMITIVE, pipeline_tracing
-from .microbatch_outputs import MAX, MEAN, MIN, SAME, SUM, UNVERIFIED, output_combinations, unverified_ops
+from .microbatch_outputs import (
+    MAX,
+    MEAN,
+    MIN,
+    SAME,
+    SAME_VALUE,
+    SUM,
+    UNVERIFIED,
+    combination,
+    unverified_ops,
+    value_kinds,
+)
+from .post_reduction import post_reduced
 from .random_rows import has_random_draws, reproduce_random_rows, row_table
 
 
@@ -267,8 +279,34 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
     forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
                                  ("loss",) + tuple(f"aux[{k}]" for k in range(num_aux)))
     whole = _whole_batch_loss(fun, args, static_argnums) if B > 1 else None
-    combinations = _combinations(forward, batch, B, whole, name,
-                                 geqn.params.get("aux_paths", ()))
+    aux_paths = geqn.params.get("aux_paths", ())
+    if B == 1:   # one micro-batch is the batch
+        combinations = (MEAN,) * len(forward.program.outvars)
+    else:
+        kinds = value_kinds(forward.program, batch, B, whole)
+        cut = post_reduced(program, sources, g, forward, diff, kinds)
+        if isinstance(cut, str):
+            _fail(f"PipeshardParallel(num_microbatches={B}) in {name}: the loss it "
+                  f"differentiates is {cut}, so its gradient cannot be summed from "
+                  f"micro-batches into jax.jit's. Make the loss a function of one sum or mean "
+                  f"over the batch that depends on the parameters (and of values that do not, "
+                  f"such as a count: a masked mean), or use num_microbatches=1")
+        if cut is None:
+            outs = [combination(kinds.get(a) if isinstance(a, int) else SAME_VALUE)
+                    for a in forward.program.outvars]
+        else:
+            n = cut.inserted
+            traced = dataclasses.replace(traced, program=cut.program, sources=cut.sources)
+            post = tuple(sorted(e if e < g else e + n for e in post)) + \
+                tuple(range(g + 1, g + 1 + n))
+            post = tuple(sorted(post))
+            forward, num_aux = cut.forward, len(cut.forward.program.outvars) - 1
+            aux_paths = tuple(aux_paths[k - 1] if k - 1 < len(aux_paths) else f" leaf {k - 1}"
+                              for k in cut.kept_aux) + \
+                tuple(f" (a value the step reads: {p})" for p in cut.forward.out_paths[
+                    1 + len(cut.kept_aux):])
+            outs = [combination(k) for k in cut.kinds]
+        combinations = _combinations(forward, tuple(outs), B, name, aux_paths)
     split = SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
                       tuple(full), num_aux, combinations)
     if B > 1 and has_random_draws(forward.program):
@@ -287,14 +325,11 @@ def _whole_batch_loss(fun, args, static_argnums) -> Program | None:
         return None
 
 
-def _combinations(forward: TracedFunction, batch, B: int, whole: Program | None,
-                  name: str, aux_paths: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """How the loss and each aux leaf combine over the ``B`` micro-batches
-    (:func:`~.microbatch_outputs.output_combinations`); a loss or aux leaf that no
+def _combinations(forward: TracedFunction, kinds: tuple, B: int, name: str,
+                  aux_paths: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """How the loss and each aux leaf combine over the ``B`` micro-batches (``kinds``:
+    :func:`~.microbatch_outputs.output_combinations`'); a loss or aux leaf that no
     combination recovers exactly is refused, naming what to return instead."""
-    if B == 1:   # one micro-batch is the batch
-        return (MEAN,) * len(forward.program.outvars)
-    kinds = output_combinations(forward.program, batch, B, whole)
     if UNVERIFIED in kinds:   # averaged, as for a mean over the batch (the usual loss)
         warnings.warn(
             f"PipeshardParallel(num_microbatches={B}) in {name}: the loss reads the batch "
@@ -307,8 +342,9 @@ def _combinations(forward: TracedFunction, batch, B: int, whole: Program | None,
         _fail(f"PipeshardParallel(num_microbatches={B}) in {name}: the loss it differentiates "
               f"is {_not_recovered(kinds[0])}, so its gradient cannot be summed from "
               f"micro-batches into jax.jit's. Make the loss a mean over the batch (jnp.mean of "
-              f"per-example terms) or a sum (a masked mean: the masked sum divided by a count "
-              f"passed in as an argument that is not batch data), or use num_microbatches=1")
+              f"per-example terms), a sum, or a function of one such value that depends on the "
+              f"parameters and of values that do not (a masked mean: (ce * mask).sum() / "
+              f"mask.sum()), or use num_microbatches=1")
     for k, (kind, atom) in enumerate(zip(kinds[1:], forward.program.outvars[1:])):
         if kind is None or kind == MEAN and not np.issubdtype(
                 forward.program.avals[atom].dtype, np.inexact):
@@ -324,9 +360,9 @@ def _combinations(forward: TracedFunction, batch, B: int, whole: Program | None,
 def _not_recovered(kind: str | None) -> str:
     return {MAX: "a maximum over the batch", MIN: "a minimum over the batch",
             MEAN: "an integer mean over the batch"}.get(
-        kind, "not a mean, sum, maximum or minimum over the batch (a ratio of two sums such "
-              "as a masked mean, a batch statistic such as batch normalization's, one row of "
-              "the batch, or a nonlinear function of a mean)")
+        kind, "not a mean, sum, maximum or minimum over the batch, nor a function of such "
+              "values (a batch statistic fed back into each row, as batch normalization does, "
+              "or one row of the batch)")
 
 
 def _no_gradient_hint() -> str:

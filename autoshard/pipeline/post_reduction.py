@@ -1,0 +1,210 @@
+"""A loss computed from values combined over the batch, such as a masked mean: each
+micro-batch computes those values, and the step computes the loss from their totals.
+
+``(ce * mask).sum() / mask.sum()`` is no combination of its micro-batches' values (a ratio
+of two sums). Its parts are: the masked sum ``S`` and the count ``N`` are sums over the
+rows (``microbatch_outputs``); the division is a function of the two totals. So the loss
+program is cut where such functions begin (the values ``microbatch_outputs`` calls
+``"post"``): the stages compute ``S`` and ``N`` per micro-batch, the pipeline sums them,
+and the step program computes ``S / N`` from the totals, as ``jax.jit`` computes it on the
+whole batch.
+
+The gradient is exact when the loss reads one such value that depends on the
+differentiated inputs, a scalar sum or mean over the rows (``S``): the micro-batches'
+backward passes differentiate ``S`` (summed, or averaged, like a loss that is a sum or a
+mean), and the step multiplies the gradients by ``d loss / d S`` at the totals (``1 / N``
+for a masked mean; any function of ``S`` and batch-independent or parameter-free
+combined values, ``S / jnp.maximum(N, 1)``, a log, a weighted sum with another mean).
+Aux outputs computed from combined values (a masked accuracy) are computed so too.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from autoshard.ir.program import Equation, Literal, Program
+from autoshard.ir.trace import TracedFunction, flatten_open_jaxpr
+from autoshard.runtime import evaluate_program
+
+from .microbatch_outputs import MEAN, POST, SUM
+
+
+@dataclasses.dataclass(frozen=True)
+class PostReduced:
+    """A step whose loss (or aux leaves) are computed from combined values. ``forward``:
+    the loss program up to those values, its outputs (the value the backward passes
+    differentiate, then the kept aux leaves and the combined values the step reads);
+    ``program``: the step with ``grad_eqn`` making them and the equations computing the
+    loss, the aux leaves and the scaled gradients from them right after it;
+    ``inserted``: how many; ``kinds``: per ``forward`` output, its kind (``value_kinds``)."""
+
+    program: Program
+    forward: TracedFunction
+    kinds: tuple
+    inserted: int
+    sources: tuple[str, ...]
+    kept_aux: tuple[int, ...]   # the aux outputs ``forward`` keeps, by their place (1, ...)
+
+
+def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
+                 diff, kinds: dict) -> PostReduced | str | None:
+    """``O`` with its loss ``forward`` cut where the functions of combined values begin
+    (module doc). ``kinds``: ``value_kinds`` of ``forward``'s program. ``None`` when no
+    output of ``forward`` is such a function; a reason (a string) when the loss is one but
+    its gradient cannot be recovered."""
+    F = forward.program
+    post_out = [k for k, a in enumerate(F.outvars)
+                if isinstance(a, int) and _kind(kinds.get(a)) == POST]
+    if not post_out:
+        return None
+    producer = {v: e for e, eqn in enumerate(F.eqns) for v in eqn.outputs}
+    post_eqns = set()
+    todo = [F.outvars[k] for k in post_out]
+    while todo:
+        v = todo.pop()
+        e = producer.get(v)
+        if e is None or e in post_eqns or _kind(kinds.get(v)) != POST:
+            continue
+        post_eqns.add(e)
+        todo.extend(a for a in F.eqns[e].inputs if isinstance(a, int))
+    order = sorted(post_eqns)
+    frontier = list(dict.fromkeys(a for e in order for a in F.eqns[e].inputs
+                                  if isinstance(a, int) and producer.get(a) not in post_eqns))
+    depends = set(v for v, d in zip(F.invars, diff) if d)
+    for eqn in F.eqns:
+        if any(a in depends for a in eqn.inputs if isinstance(a, int)):
+            depends.update(eqn.outputs)
+    loss = F.outvars[0]
+    post_loss = 0 in post_out
+    head = loss
+    if post_loss:
+        cone = _cone(F, loss, post_eqns, producer)
+        differentiated = [f for f in frontier if f in cone and f in depends]
+        if len(differentiated) != 1:
+            return (f"a function of {len(differentiated)} values combined over the batch that "
+                    f"depend on the differentiated arguments" if differentiated else
+                    "a function of values combined over the batch, none of which depends on "
+                    "the differentiated arguments")
+        (head,) = differentiated
+        aval = F.avals[head]
+        if _kind(kinds[head]) not in (SUM, MEAN) or aval.shape or \
+                not np.issubdtype(aval.dtype, np.inexact):
+            return ("a function of a value combined over the batch that is not a scalar sum "
+                    "or mean over it")
+    # the forward's outputs: the differentiated value, the kept aux leaves, the combined
+    # values the post equations read (the forward's own inputs and constants aside)
+    kept_aux = [k for k in range(1, len(F.outvars)) if k not in post_out]
+    invars, consts = set(F.invars), dict(F.constants)
+    outs = [head] + [F.outvars[k] for k in kept_aux]
+    extra = [f for f in frontier if f not in invars and f not in consts and f not in outs]
+    outs += extra
+    kept = [e for e in range(len(F.eqns)) if e not in post_eqns]
+    F2 = Program(F.avals, F.invars, tuple(outs), tuple(F.eqns[e] for e in kept), F.constants)
+    paths = ("loss",) + tuple(forward.out_paths[k] for k in kept_aux) + \
+        tuple(f"combined[{j}]" for j in range(len(extra)))
+    forward2 = dataclasses.replace(
+        forward, program=F2, out_paths=paths,
+        out_tree=jax.tree_util.tree_structure((0,) * len(outs)),
+        sources=tuple(forward.sources[e] for e in kept),
+        scopes=tuple(forward.scopes[e] for e in kept) if forward.scopes else ())
+
+    # the step: the marker makes the forward's new outputs, then the post equations run
+    geqn = O.eqns[grad_eqn]
+    n_val = len(F.outvars)
+    old_vals, grads = geqn.outputs[:n_val], geqn.outputs[n_val:]
+    avals, constants = list(O.avals), list(O.constants)
+
+    def fresh(aval) -> int:
+        avals.append(aval)
+        return len(avals) - 1
+
+    outer = {F.outvars[k]: old_vals[k] for k in kept_aux if isinstance(F.outvars[k], int)}
+    outer[head] = fresh(F.avals[head]) if post_loss else old_vals[0]
+    for f in extra:
+        outer[f] = fresh(F.avals[f])
+    for v, atom in zip(F.invars, geqn.inputs):
+        outer.setdefault(v, atom)
+    for v, c in F.constants:
+        constants.append((fresh(F.avals[v]), c))
+        outer[v] = constants[-1][0]
+    scaled = [k for k, g in enumerate(grads)
+              if post_loss and np.issubdtype(O.avals[g].dtype, np.inexact)]
+    raw = list(grads)
+    for k in scaled:
+        raw[k] = fresh(O.avals[grads[k]])
+    geqn2 = Equation(geqn.primitive, geqn.params, geqn.inputs,
+                     (outer[head], *(old_vals[k] for k in kept_aux),
+                      *(outer[f] for f in extra), *raw), geqn.source_info)
+
+    P = Program(F.avals, tuple(frontier), tuple(F.outvars[k] for k in post_out),
+                tuple(F.eqns[e] for e in order), ())
+    at = frontier.index(head) if post_loss else None
+
+    def step_part(combined, gradients):
+        results = list(evaluate_program(P, combined))
+        if at is not None:
+            def of_head(value):
+                return evaluate_program(P, [*combined[:at], value, *combined[at + 1:]])[0]
+            slope = jax.grad(of_head)(combined[at])
+            results += [g * slope.astype(g.dtype) for g in gradients]
+        seen = set()
+        for k, value in enumerate(results):   # a leaf returned twice (the loss as an aux
+            if id(value) in seen:              # leaf too): each output its own value
+                results[k] = jax.numpy.array(value, copy=True)
+            seen.add(id(value))
+        return results
+
+    closed = jax.make_jaxpr(step_part)(
+        [jax.ShapeDtypeStruct(F.avals[f].shape, F.avals[f].dtype) for f in frontier],
+        [jax.ShapeDtypeStruct(O.avals[grads[k]].shape, O.avals[grads[k]].dtype)
+         for k in scaled])
+    Q = flatten_open_jaxpr(closed.jaxpr, (), ()).program
+    ids = {}
+    for v, c in zip(Q.invars[:len(closed.consts)], closed.consts):
+        constants.append((fresh(Q.avals[v]), c))
+        ids[v] = constants[-1][0]
+    for v, atom in zip(Q.invars[len(closed.consts):],
+                       [outer[f] for f in frontier] + [raw[k] for k in scaled], strict=True):
+        ids[v] = atom
+    targets = [old_vals[k] for k in post_out] + [grads[k] for k in scaled]
+    made = {v for eqn in Q.eqns for v in eqn.outputs}
+    if len(set(Q.outvars)) != len(Q.outvars) or not all(
+            isinstance(a, int) and a in made for a in Q.outvars):
+        raise AssertionError("post_reduced: every output of the step part is its own value")
+    ids.update(zip(Q.outvars, targets))
+    for eqn in Q.eqns:
+        for v in eqn.outputs:
+            if v not in ids:
+                ids[v] = fresh(Q.avals[v])
+    moved = tuple(Equation(eqn.primitive, eqn.params,
+                           tuple(a if isinstance(a, Literal) else ids[a] for a in eqn.inputs),
+                           tuple(ids[v] for v in eqn.outputs), geqn.source_info)
+                  for eqn in Q.eqns)
+    eqns = O.eqns[:grad_eqn] + (geqn2,) + moved + O.eqns[grad_eqn + 1:]
+    program = Program(tuple(avals), O.invars, O.outvars, eqns, tuple(constants))
+    where = sources[grad_eqn]
+    new_sources = tuple(sources[:grad_eqn + 1]) + (where,) * len(moved) + \
+        tuple(sources[grad_eqn + 1:])
+    out_kinds = tuple(kinds[a] if isinstance(a, int) else (None,) for a in outs)
+    return PostReduced(program, forward2, out_kinds, len(moved), new_sources, tuple(kept_aux))
+
+
+def _kind(value):
+    return None if value is None else value[0]
+
+
+def _cone(F: Program, out: int, post_eqns, producer) -> set:
+    """The values the post equations read to compute ``out``."""
+    seen, todo = set(), [out]
+    while todo:
+        v = todo.pop()
+        e = producer.get(v)
+        if e is None or e not in post_eqns:
+            seen.add(v)
+            continue
+        for a in F.eqns[e].inputs:
+            if isinstance(a, int) and a not in seen:
+                todo.append(a)
+    return seen
