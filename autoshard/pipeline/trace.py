@@ -27,6 +27,7 @@ from autoshard.ir.trace import (
 )
 from autoshard.ir.user_frames import user_stacklevel
 
+from .batch_prelude import moved_into_loss
 from .layers import strip_boundaries
 from .markers import BOUNDARY_PRIMITIVE, GRAD_PRIMITIVE, pipeline_tracing
 from .microbatch_outputs import (
@@ -246,6 +247,21 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
               f"argnums or a tuple of the arguments")
     g = grads[0]
     geqn = program.eqns[g]
+    batch_vids = frozenset(v for v, b in zip(program.invars, batch_flags) if b)
+    n = len(geqn.inputs)
+    diff = tuple(geqn.params["diff"])
+    batch = tuple(isinstance(a, int) and a in batch_vids for a in geqn.inputs)
+    jaxpr = geqn.params["jaxpr"]
+    num_aux = len(jaxpr.outvars) - 1
+    forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
+                                 ("loss",) + tuple(f"aux[{k}]" for k in range(num_aux)))
+    moved = moved_into_loss(program, sources, g, batch_vids, forward, diff, batch,
+                            traced.in_paths)
+    if moved is not None:   # work on the batch before the loss: now its first equations
+        program, sources, g = moved.program, moved.sources, moved.grad_eqn
+        forward, diff, batch = moved.forward, moved.diff, moved.batch
+        traced = dataclasses.replace(traced, program=program, sources=sources)
+        geqn = program.eqns[g]
     need = {a for a in geqn.inputs if isinstance(a, int)}
     pre = set()
     for e in range(g - 1, -1, -1):
@@ -253,7 +269,6 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
             pre.add(e)
             need |= {a for a in program.eqns[e].inputs if isinstance(a, int)}
     post = tuple(e for e in range(len(program.eqns)) if e != g and e not in pre)
-    batch_vids = frozenset(v for v, b in zip(program.invars, batch_flags) if b)
     on_batch = set(batch_vids)
     for e, eqn in enumerate(program.eqns):
         if e == g:
@@ -267,18 +282,11 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
         if isinstance(a, int) and a in batch_vids:
             _fail(f"{name} returns its batch argument ({traced.out_paths[o]}); "
                   f"PipeshardParallel only splits the batch inside the loss")
-    n = len(geqn.inputs)
-    diff = tuple(geqn.params["diff"])
-    batch = tuple(isinstance(a, int) and a in batch_vids for a in geqn.inputs)
-    for k in range(n):
+    for k in range(len(diff)):
         if diff[k] and batch[k]:
             _fail("PipeshardParallel cannot differentiate with respect to a batch argument; "
                   "differentiate with respect to the parameters only")
-    jaxpr = geqn.params["jaxpr"]
-    num_aux = len(jaxpr.outvars) - 1
-    forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
-                                 ("loss",) + tuple(f"aux[{k}]" for k in range(num_aux)))
-    whole = _whole_batch_loss(fun, args, static_argnums) if B > 1 else None
+    whole = _whole_batch_loss(fun, args, static_argnums, batch_flags) if B > 1 else None
     aux_paths = geqn.params.get("aux_paths", ())
     if B == 1:   # one micro-batch is the batch
         combinations = (MEAN,) * len(forward.program.outvars)
@@ -315,14 +323,30 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
     return split
 
 
-def _whole_batch_loss(fun, args, static_argnums) -> Program | None:
+def _whole_batch_loss(fun, args, static_argnums, batch_flags=None) -> Program | None:
     """The loss of ``fun`` traced at the whole batch's shapes (``None`` where it does not
-    trace so): what micro-batching is compared with."""
+    trace so): what micro-batching is compared with. With ``batch_flags`` (per flat
+    argument, whether it is the batch), the work on the batch before the loss is moved into
+    it (``batch_prelude``), as at micro-batch shapes."""
     try:
         with pipeline_tracing():
-            return _loss_program(trace(fun, args, static_argnums))
+            traced = trace(fun, args, static_argnums)
     except Exception:  # noqa: BLE001 - then what needs it falls back (see its callers)
         return None
+    forward = _loss_program(traced)
+    if forward is None or batch_flags is None:
+        return forward
+    program, _ = strip_boundaries(traced.program)
+    (g,) = [e for e, eqn in enumerate(program.eqns) if eqn.primitive.name == GRAD_PRIMITIVE]
+    geqn = program.eqns[g]
+    batch_vids = frozenset(v for v, b in zip(program.invars, batch_flags) if b)
+    loss = TracedFunction(forward, None, None, ("",) * len(forward.invars),
+                          ("",) * len(forward.outvars), ("",) * len(forward.eqns))
+    moved = moved_into_loss(program, ("",) * len(program.eqns), g, batch_vids, loss,
+                            tuple(geqn.params["diff"]),
+                            tuple(isinstance(a, int) and a in batch_vids for a in geqn.inputs),
+                            traced.in_paths)
+    return forward if moved is None else moved.forward.program
 
 
 def _combinations(forward: TracedFunction, kinds: tuple, B: int, name: str,
