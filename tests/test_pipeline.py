@@ -232,7 +232,8 @@ def test_errors_name_the_problem(mlp8):
     def batch_outside(params, opt_state, batch):
         loss, grads = autoshard.value_and_grad(
             lambda p, b: jnp.mean(b["x"] @ p["layers"][0]["w"]))(params, batch)
-        return grads, loss + jnp.sum(batch["y"])
+        # (a sum of the batch alone would move into the loss: batch_epilogue)
+        return grads, jnp.sum(batch["x"] @ grads["layers"][0]["w"])
 
     with pytest.raises(ValueError, match="uses the batch outside the function it "
                                          "differentiates"):

@@ -98,23 +98,26 @@ class DecoderLM(nn.Module):
 
 
 def lm_train_step(state, batch, dropout_key):
-    """One step as lm1b's ``train_step`` takes it: the loss closes over the batch, dropout
-    keys fold in the step number, ``jax.value_and_grad`` with aux metrics; the loss and
-    the accuracy are means over the tokens that are not padding (0), weighted sums over the
-    weights' sum, as lm1b's ``compute_weighted_cross_entropy`` computes them."""
+    """One step as lm1b's ``train_step`` takes it: padding weights computed before the
+    gradient, the loss closing over them and over the batch, dropout keys folding in the
+    step number, ``jax.value_and_grad`` returning the logits as aux, and the metrics
+    computed from them after the gradient; the loss and the accuracy are means over the
+    tokens that are not padding (0), weighted sums over the weights' sum, as lm1b's
+    ``compute_weighted_cross_entropy`` and ``compute_metrics`` compute them."""
     tokens = batch["inputs"]
+    weights = jnp.where(tokens > 0, 1.0, 0.0)
     key = jax.random.fold_in(dropout_key, state.step)
 
     def loss_fn(params):
-        weights = jnp.where(tokens > 0, 1.0, 0.0)
         logits = state.apply_fn({"params": params}, tokens, train=True,
                                 rngs={"dropout": key})
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens) * weights
-        hits = (jnp.argmax(logits, -1) == tokens) * weights
-        return loss.sum() / weights.sum(), {"accuracy": hits.sum() / weights.sum()}
+        return loss.sum() / weights.sum(), logits
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads), {"loss": loss, **metrics}
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    hits = (jnp.argmax(logits, -1) == tokens) * weights
+    return state.apply_gradients(grads=grads), {"loss": loss,
+                                                "accuracy": hits.sum() / weights.sum()}
 
 
 def _lm_state():

@@ -11,8 +11,9 @@ decided on the loss with them (``microbatch_outputs``): a count of the weights
 
 Equations whose results only these read move with them (a random draw they add to the
 batch: made per micro-batch as the loss's own draws are, ``random_rows``). Nothing moves
-when a value computed from the batch is read after the gradient or returned: the step is
-then refused as before, naming the equation.
+when a value computed from the batch is returned, or read after the gradient by work that
+does not move into the loss itself (``batch_epilogue``): the step is then refused as
+before, naming the equation.
 """
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ _DRAWS = frozenset({"random_bits", "threefry2x32"})
 
 
 @dataclasses.dataclass(frozen=True)
-class MovedPrelude:
-    """The step and its loss after the move: ``program`` (the step, ``grad_eqn`` its
-    gradient marker, reading the batch arguments in place of the moved results),
-    ``sources`` (per equation of ``program``), ``forward`` (the loss, the moved equations
-    first), ``diff`` and ``batch`` (per input of ``forward``)."""
+class LossOutputs:
+    """The step and its loss after work on the batch moved into it: ``program`` (the step,
+    its gradient marker at ``grad_eqn``), ``sources`` (per equation), ``forward`` (the
+    loss), ``diff`` and ``batch`` (per loss input), ``aux_paths`` (per aux leaf, how
+    errors name it)."""
 
     program: Program
     sources: tuple[str, ...]
@@ -40,10 +41,12 @@ class MovedPrelude:
     forward: TracedFunction
     diff: tuple[bool, ...]
     batch: tuple[bool, ...]
+    aux_paths: tuple[str, ...]
 
 
 def moved_into_loss(program: Program, sources, grad_eqn: int, batch_vids,
-                    forward: TracedFunction, diff, batch, in_paths) -> MovedPrelude | None:
+                    forward: TracedFunction, diff, batch, in_paths,
+                    aux_paths=()) -> LossOutputs | None:
     """``program`` with the equations before ``grad_eqn`` that read the batch (``batch_vids``)
     moved into ``forward`` (module doc); ``None`` when none do, or when they cannot move."""
     eqns = program.eqns
@@ -112,8 +115,8 @@ def moved_into_loss(program: Program, sources, grad_eqn: int, batch_vids,
     program2 = Program(program.avals, program.invars, program.outvars,
                        tuple(geqn2 if e == grad_eqn else eqns[e] for e in left),
                        program.constants)
-    return MovedPrelude(program2, tuple(sources[e] for e in left), left.index(grad_eqn),
-                        forward2, diff2, batch2)
+    return LossOutputs(program2, tuple(sources[e] for e in left), left.index(grad_eqn),
+                       forward2, diff2, batch2, tuple(aux_paths))
 
 
 def _drawn(program: Program, made_by, value: int) -> bool:

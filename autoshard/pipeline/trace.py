@@ -27,7 +27,8 @@ from autoshard.ir.trace import (
 )
 from autoshard.ir.user_frames import user_stacklevel
 
-from .batch_prelude import moved_into_loss
+from .batch_epilogue import moved_after_loss, unread_aux_dropped
+from .batch_prelude import LossOutputs, moved_into_loss
 from .layers import strip_boundaries
 from .markers import BOUNDARY_PRIMITIVE, GRAD_PRIMITIVE, pipeline_tracing
 from .microbatch_outputs import (
@@ -255,13 +256,14 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
     num_aux = len(jaxpr.outvars) - 1
     forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
                                  ("loss",) + tuple(f"aux[{k}]" for k in range(num_aux)))
-    moved = moved_into_loss(program, sources, g, batch_vids, forward, diff, batch,
-                            traced.in_paths)
-    if moved is not None:   # work on the batch before the loss: now its first equations
-        program, sources, g = moved.program, moved.sources, moved.grad_eqn
-        forward, diff, batch = moved.forward, moved.diff, moved.batch
-        traced = dataclasses.replace(traced, program=program, sources=sources)
-        geqn = program.eqns[g]
+    aux_paths = tuple(geqn.params.get("aux_paths", ()))
+    work = with_batch_work(program, sources, g, batch_vids, forward, diff, batch,
+                           traced.in_paths, aux_paths)
+    program, sources, g = work.program, work.sources, work.grad_eqn
+    forward, diff, batch, aux_paths = work.forward, work.diff, work.batch, work.aux_paths
+    traced = dataclasses.replace(traced, program=program, sources=sources)
+    geqn = program.eqns[g]
+    num_aux = len(forward.program.outvars) - 1
     need = {a for a in geqn.inputs if isinstance(a, int)}
     pre = set()
     for e in range(g - 1, -1, -1):
@@ -287,7 +289,6 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
             _fail("PipeshardParallel cannot differentiate with respect to a batch argument; "
                   "differentiate with respect to the parameters only")
     whole = _whole_batch_loss(fun, args, static_argnums, batch_flags) if B > 1 else None
-    aux_paths = geqn.params.get("aux_paths", ())
     if B == 1:   # one micro-batch is the batch
         combinations = (MEAN,) * len(forward.program.outvars)
     else:
@@ -323,11 +324,31 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
     return split
 
 
+def with_batch_work(program: Program, sources, g: int, batch_vids, forward: TracedFunction,
+                    diff, batch, in_paths, aux_paths) -> LossOutputs:
+    """The step and its loss with the work on the batch after the gradient moved into the
+    loss (``batch_epilogue``), then the work on it before the gradient (``batch_prelude``:
+    the padding weights a metric reads too, once the metric has moved), then without the
+    aux leaves nothing reads."""
+    work = LossOutputs(program, tuple(sources), g, forward, tuple(diff), tuple(batch),
+                       tuple(aux_paths))
+    work = moved_after_loss(program, sources, g, batch_vids, forward, diff, batch,
+                            aux_paths) or work
+    work = moved_into_loss(work.program, work.sources, work.grad_eqn, batch_vids,
+                           work.forward, work.diff, work.batch, in_paths,
+                           work.aux_paths) or work
+    dropped = unread_aux_dropped(work.program, work.grad_eqn, work.forward, work.aux_paths)
+    if dropped is not None:
+        program, forward, aux_paths = dropped
+        work = dataclasses.replace(work, program=program, forward=forward, aux_paths=aux_paths)
+    return work
+
+
 def _whole_batch_loss(fun, args, static_argnums, batch_flags=None) -> Program | None:
     """The loss of ``fun`` traced at the whole batch's shapes (``None`` where it does not
     trace so): what micro-batching is compared with. With ``batch_flags`` (per flat
-    argument, whether it is the batch), the work on the batch before the loss is moved into
-    it (``batch_prelude``), as at micro-batch shapes."""
+    argument, whether it is the batch), the work on the batch around the loss is moved into
+    it (:func:`with_batch_work`), as at micro-batch shapes."""
     try:
         with pipeline_tracing():
             traced = trace(fun, args, static_argnums)
@@ -340,13 +361,13 @@ def _whole_batch_loss(fun, args, static_argnums, batch_flags=None) -> Program | 
     (g,) = [e for e, eqn in enumerate(program.eqns) if eqn.primitive.name == GRAD_PRIMITIVE]
     geqn = program.eqns[g]
     batch_vids = frozenset(v for v, b in zip(program.invars, batch_flags) if b)
+    n_aux = len(forward.outvars) - 1
     loss = TracedFunction(forward, None, None, ("",) * len(forward.invars),
                           ("",) * len(forward.outvars), ("",) * len(forward.eqns))
-    moved = moved_into_loss(program, ("",) * len(program.eqns), g, batch_vids, loss,
-                            tuple(geqn.params["diff"]),
-                            tuple(isinstance(a, int) and a in batch_vids for a in geqn.inputs),
-                            traced.in_paths)
-    return forward if moved is None else moved.forward.program
+    return with_batch_work(program, ("",) * len(program.eqns), g, batch_vids, loss,
+                           tuple(geqn.params["diff"]),
+                           tuple(isinstance(a, int) and a in batch_vids for a in geqn.inputs),
+                           traced.in_paths, ("",) * n_aux).forward.program
 
 
 def _combinations(forward: TracedFunction, kinds: tuple, B: int, name: str,
