@@ -113,7 +113,7 @@ def test_a_named_checkpoint_policy_is_planned_like_the_values_it_names():
 
 def _activation_heavy_gpt():
     """A GPT whose stored activations outweigh its parameters and optimizer state."""
-    return gpt(num_layers=3, batch=32, seq=64, d_model=64, heads=4, vocab=256)
+    return gpt(num_layers=2, batch=32, seq=64, d_model=64, heads=4, vocab=256)
 
 
 def _compiled(program, flat):
