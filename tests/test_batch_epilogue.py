@@ -76,9 +76,9 @@ def test_work_on_the_batch_reading_a_gradient_is_refused_naming_it(mesh):
         return value, jnp.sum(grads["embed"][tokens[:, 0]] ** 2)
 
     params, tokens = _lm()
-    # the gather of the gradient's rows cannot move into the loss; the tokens it reads,
-    # per row, would be its output: refused, naming where they are computed
-    with pytest.raises(ValueError, match=r"computed from the batch after the gradient, at "
-                                         r".*test_batch_epilogue.* is not a mean, sum"):
+    # the gather of the gradient's rows cannot move into the loss, and its shape follows
+    # the batch: refused, naming it (pipeline.batch_sizes)
+    with pytest.raises(ValueError, match=r"gather at .*test_batch_epilogue.* makes a value "
+                                         r"whose shape follows the batch's size"):
         _pipelined(embedding_rows_seen, mesh, batch_argnums=2).plan(
             params, OPT.init(params), tokens)

@@ -246,6 +246,35 @@ def test_nnx_dropout_with_its_rng_state_matches_jit(mesh):
     assert_trees_allclose(_key_data(ours), _key_data(ref))
 
 
+def test_nnx_metrics_updated_after_the_gradient_match_jit(mesh):
+    """The nnx tutorials' step: ``nnx.MultiMetric`` (accuracy, average loss) updated from the
+    logits the loss returns as aux, after the gradient (``pipeline.batch_epilogue``). The
+    accuracy metric's count adds ``labels.size``, the whole batch's
+    (``pipeline.batch_sizes``): one micro-batch's before, silently."""
+    model = DropoutMLP(nnx.Rngs(params=0, dropout=1))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss"))
+    graphdef, state = nnx.split((model, optimizer, metrics))
+
+    def train_step(state, x, labels):
+        model, optimizer, metrics = nnx.merge(graphdef, state)
+
+        def loss_fn(model):
+            logits = model(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        metrics.update(loss=loss, logits=logits, labels=labels)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer, metrics))
+
+    x = jax.random.normal(jax.random.key(5), (2 * BATCH, EMBED))
+    labels = jax.random.randint(jax.random.key(6), (2 * BATCH,), 0, EMBED)
+    step = autoshard.parallelize(train_step, mesh=mesh, method=_pipeline("1f1b", 4))
+    ours, ref = step(state, x, labels), jax.jit(train_step)(state, x, labels)
+    assert_trees_allclose(_key_data(ours), _key_data(ref))
+    assert int(ours[2]["accuracy"]["count"].get_value()) == 2 * BATCH
+
+
 # ------------------------------------------------------------------ finding jax's gradient
 def _mlp_loss(params, x):
     return jnp.mean(jnp.tanh(x @ params["w1"]) @ params["w2"])

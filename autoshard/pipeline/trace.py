@@ -29,6 +29,7 @@ from autoshard.ir.user_frames import user_stacklevel
 
 from .batch_epilogue import moved_after_loss, unread_aux_dropped
 from .batch_prelude import LossOutputs, moved_into_loss
+from .batch_sizes import with_whole_batch_sizes
 from .layers import strip_boundaries
 from .markers import BOUNDARY_PRIMITIVE, GRAD_PRIMITIVE, pipeline_tracing
 from .microbatch_outputs import (
@@ -247,8 +248,8 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
               f"({', '.join(sources[e] for e in grads)}): compute them in one call, with "
               f"argnums or a tuple of the arguments")
     g = grads[0]
-    geqn = program.eqns[g]
     batch_vids = frozenset(v for v, b in zip(program.invars, batch_flags) if b)
+    geqn = program.eqns[g]
     n = len(geqn.inputs)
     diff = tuple(geqn.params["diff"])
     batch = tuple(isinstance(a, int) and a in batch_vids for a in geqn.inputs)
@@ -261,6 +262,10 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
                            traced.in_paths, aux_paths)
     program, sources, g = work.program, work.sources, work.grad_eqn
     forward, diff, batch, aux_paths = work.forward, work.diff, work.batch, work.aux_paths
+    whole_work = _whole_batch_work(fun, args, static_argnums, batch_flags) if B > 1 else None
+    if whole_work is not None:   # the work outside the loss counts the whole batch
+        program = with_whole_batch_sizes(program, whole_work.program, g, batch_vids, sources,
+                                         name)
     traced = dataclasses.replace(traced, program=program, sources=sources)
     geqn = program.eqns[g]
     num_aux = len(forward.program.outvars) - 1
@@ -288,7 +293,7 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
         if diff[k] and batch[k]:
             _fail("PipeshardParallel cannot differentiate with respect to a batch argument; "
                   "differentiate with respect to the parameters only")
-    whole = _whole_batch_loss(fun, args, static_argnums, batch_flags) if B > 1 else None
+    whole = None if whole_work is None else whole_work.forward.program
     if B == 1:   # one micro-batch is the batch
         combinations = (MEAN,) * len(forward.program.outvars)
     else:
@@ -344,30 +349,28 @@ def with_batch_work(program: Program, sources, g: int, batch_vids, forward: Trac
     return work
 
 
-def _whole_batch_loss(fun, args, static_argnums, batch_flags=None) -> Program | None:
-    """The loss of ``fun`` traced at the whole batch's shapes (``None`` where it does not
-    trace so): what micro-batching is compared with. With ``batch_flags`` (per flat
-    argument, whether it is the batch), the work on the batch around the loss is moved into
-    it (:func:`with_batch_work`), as at micro-batch shapes."""
+def _whole_batch_work(fun, args, static_argnums, batch_flags) -> LossOutputs | None:
+    """The step traced at the whole batch's shapes, with the work on the batch around its
+    loss moved into it (:func:`with_batch_work`), as at micro-batch shapes (``None`` where
+    it does not trace so): what micro-batching is compared with."""
     try:
         with pipeline_tracing():
             traced = trace(fun, args, static_argnums)
     except Exception:  # noqa: BLE001 - then what needs it falls back (see its callers)
         return None
-    forward = _loss_program(traced)
-    if forward is None or batch_flags is None:
-        return forward
     program, _ = strip_boundaries(traced.program)
-    (g,) = [e for e, eqn in enumerate(program.eqns) if eqn.primitive.name == GRAD_PRIMITIVE]
-    geqn = program.eqns[g]
+    grads = [e for e, eqn in enumerate(program.eqns) if eqn.primitive.name == GRAD_PRIMITIVE]
+    if len(grads) != 1:
+        return None
+    geqn = program.eqns[grads[0]]
+    jaxpr, n = geqn.params["jaxpr"], len(geqn.inputs)
+    forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
+                                 tuple(f"out[{k}]" for k in range(len(jaxpr.outvars))))
     batch_vids = frozenset(v for v, b in zip(program.invars, batch_flags) if b)
-    n_aux = len(forward.outvars) - 1
-    loss = TracedFunction(forward, None, None, ("",) * len(forward.invars),
-                          ("",) * len(forward.outvars), ("",) * len(forward.eqns))
-    return with_batch_work(program, ("",) * len(program.eqns), g, batch_vids, loss,
+    return with_batch_work(program, ("",) * len(program.eqns), grads[0], batch_vids, forward,
                            tuple(geqn.params["diff"]),
                            tuple(isinstance(a, int) and a in batch_vids for a in geqn.inputs),
-                           traced.in_paths, ("",) * n_aux).forward.program
+                           traced.in_paths, ("",) * (len(jaxpr.outvars) - 1))
 
 
 def _combinations(forward: TracedFunction, kinds: tuple, B: int, name: str,
