@@ -311,9 +311,7 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
         else:
             n = cut.inserted
             traced = dataclasses.replace(traced, program=cut.program, sources=cut.sources)
-            post = tuple(sorted(e if e < g else e + n for e in post)) + \
-                tuple(range(g + 1, g + 1 + n))
-            post = tuple(sorted(post))
+            post = tuple(sorted([e if e < g else e + n for e in post] + [*range(g + 1, g + 1 + n)]))
             forward, num_aux = cut.forward, len(cut.forward.program.outvars) - 1
             aux_paths = tuple(aux_paths[k - 1] if k - 1 < len(aux_paths) else f" leaf {k - 1}"
                               for k in cut.kept_aux) + \
