@@ -416,8 +416,11 @@ class ParallelizedFunction:
         call = self._bind(args, kwargs)
         entry = self._compiled(call, need_program=False)
         program = entry.traced.program
-        avals = [program.avals[a] if isinstance(a, int) else jax.typeof(a.value)
-                 for a in program.outvars]
+        if entry.pipeline is None:
+            avals = [program.avals[a] if isinstance(a, int) else jax.typeof(a.value)
+                     for a in program.outvars]
+        else:   # (traced at one micro-batch's shapes)
+            avals = entry.pipeline.split.output_avals(entry.pipeline.method.num_microbatches)
         specs = entry.plan.flat_out_specs if entry.pipeline is None else (None,) * len(avals)
         mesh = self._resolve().mesh
         return jax.tree_util.tree_unflatten(entry.traced.out_tree, [

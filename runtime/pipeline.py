@@ -38,7 +38,10 @@ def _add_all(accumulated, new):
 
 def _combined(values, kind: str = "mean"):
     """The micro-batches' values combined into the whole batch's: ``"mean"`` (averaged) or
-    ``"sum"``, summed in micro-batch order like the loss; ``"max"`` / ``"min"``."""
+    ``"sum"``, summed in micro-batch order like the loss; ``"max"`` / ``"min"``; ``"rows"``
+    (one value per row: concatenated on the first dim, in micro-batch order)."""
+    if kind == "rows":
+        return jax.numpy.concatenate(values, axis=0)
     fold = {"max": jax.numpy.maximum, "min": jax.numpy.minimum}.get(kind, operator.add)
     total = values[0]
     for value in values[1:]:

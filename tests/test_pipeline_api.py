@@ -84,6 +84,42 @@ def test_aux_sums_and_extremes_combine_as_jit_computes_them():
     assert_trees_allclose(got, want)
 
 
+def test_per_example_aux_leaves_are_concatenated_and_only_returned():
+    """Aux leaves with one value per example (per-example losses, log-probabilities) are the
+    micro-batches' values concatenated, as eval_shape says; read after the gradient (at one
+    micro-batch's shapes there) they are refused, naming the reader."""
+    def fn(params, opt_state, batch):
+        def loss(p, b):
+            value, _ = _forward(p, b)
+            logits = jax.nn.log_softmax(b["x"] @ p[0]["w"])
+            return value, {"per_example": jnp.sum(b["x"] ** 2, -1), "log_probs": logits}
+        (value, aux), grads = autoshard.value_and_grad(loss, has_aux=True)(params, batch)
+        return grads, aux
+
+    args = _classifier()
+    step = _pipelined(fn)
+    got, want = step(*args), jax.jit(fn)(*args)
+    assert got[1]["per_example"].shape == (16,) and got[1]["log_probs"].shape == (16, 16)
+    assert_trees_allclose(got, want)
+    shapes = step.eval_shape(*args)[1]
+    assert shapes["per_example"].shape == (16,) and shapes["log_probs"].shape == (16, 16)
+
+    def summed_after(params, opt_state, batch):
+        (value, aux), grads = fn_aux(params, batch)
+        return grads, jnp.sum(aux)
+
+    def fn_aux(params, batch):
+        def loss(p, b):
+            value, _ = _forward(p, b)
+            return value, jnp.sum(b["x"] ** 2, -1)
+        return autoshard.value_and_grad(loss, has_aux=True)(params, batch)
+
+    with pytest.raises(ValueError, match=r"holds one value per example, which PipeshardParallel "
+                                         r"concatenates from the micro-batches, and reduce_sum "
+                                         r"at .*test_pipeline_api"):
+        _pipelined(summed_after).plan(*args)
+
+
 def test_an_aux_leaf_no_combination_recovers_is_refused():
     """One row of the batch differs per micro-batch from jax.jit's value on the whole batch:
     refused with the leaf's path (the code before averaged it over the micro-batches), and

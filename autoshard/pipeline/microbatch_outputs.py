@@ -10,6 +10,8 @@ it is, over the batch's rows:
 * ``"sum"``: a linear function of sums over the rows (a sum, a count, a sum divided by a
   constant such as the whole batch's size): their sum;
 * ``"max"`` / ``"min"``: a maximum / minimum over the rows (plus a constant): their max / min;
+* ``"rows"``: one value per row, the rows on its first dim (per-example losses, logits):
+  their concatenation;
 * ``"unverified"``: computed through an op without a loop description (a manual region, a
   callback), which rows cannot be followed through.
 
@@ -48,7 +50,7 @@ POST = "post"
 #: a value computed through an op whose loop over the rows is not described (no rule: a
 #: manual region, a callback): what it is over the batch is not known
 UNVERIFIED = "unverified"
-_ROWS = "rows"
+_ROWS = ROWS = "rows"   # (a value kind, and how a value holding rows on dim 0 combines)
 #: ops linear in their one non-constant operand: a sum or mean through them stays one
 _LINEAR = frozenset({"reduce_sum", "dot_general", "broadcast_in_dim", "transpose", "slice"})
 #: ops that keep every element's value: a sum through them still sums its count
@@ -82,6 +84,10 @@ SAME_VALUE = (SAME,)
 
 
 def combination(value) -> str | None:
+    """How a value of kind ``value`` (:func:`value_kinds`) combines over the micro-batches:
+    ``ROWS`` (their values concatenated) when it holds the batch's rows on its first dim."""
+    if value is not None and value[0] == _ROWS and value[1] == 0:
+        return ROWS
     return None if value is None or value[0] in (_ROWS, "sized", POST) else value[0]
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from autoshard.ir.jax_compat import gradient_routing_available
-from autoshard.ir.program import Equation, Program
+from autoshard.ir.program import Equation, Literal, Program
 from autoshard.ir.trace import (
     TracedFunction,
     argument_of,
@@ -36,6 +36,7 @@ from .microbatch_outputs import (
     MAX,
     MEAN,
     MIN,
+    ROWS,
     SAME,
     SAME_VALUE,
     SUM,
@@ -65,6 +66,18 @@ class SplitStep:
     # per forward output (the loss, then the aux leaves): how its micro-batches' values
     # combine (microbatch_outputs: "mean", "sum", "same", "max" or "min")
     combinations: tuple[str, ...] = ()
+
+    def output_avals(self, num_microbatches: int) -> list:
+        """The step's output avals (jax's; a literal output's too) for the whole batch: the
+        micro-batch trace's, an aux leaf of one value per example (``ROWS``: concatenated
+        from the micro-batches) ``num_microbatches`` times longer."""
+        program = self.traced.program
+        geqn = program.eqns[self.grad_eqn]
+        rows = {v for v, kind in zip(geqn.outputs[1:], self.combinations[1:]) if kind == ROWS}
+        return [jax.typeof(a.value) if isinstance(a, Literal) else
+                program.avals[a].update(shape=(num_microbatches * program.avals[a].shape[0],
+                                               *program.avals[a].shape[1:]))
+                if a in rows else program.avals[a] for a in program.outvars]
 
 
 def flat_paths(args, static_argnums) -> tuple[list, list[str], object]:
@@ -319,6 +332,7 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
                     1 + len(cut.kept_aux):])
             outs = [combination(k) for k in cut.kinds]
         combinations = _combinations(forward, tuple(outs), B, name, aux_paths)
+    _check_rows_returned(traced, g, combinations, aux_paths, name)
     split = SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
                       tuple(full), num_aux, combinations)
     if B > 1 and has_random_draws(forward.program):
@@ -401,6 +415,27 @@ def _combinations(forward: TracedFunction, kinds: tuple, B: int, name: str,
                   f"maximum or minimum over the batch (or a value that does not depend on it), "
                   f"or use num_microbatches=1")
     return kinds
+
+
+def _check_rows_returned(traced: TracedFunction, g: int, combinations, aux_paths,
+                         name: str) -> None:
+    """An aux leaf holding one value per example (``ROWS``: the micro-batches' values
+    concatenated) may only be returned as it is: the work after the gradient runs at one
+    micro-batch's shapes. ValueError naming the equation that reads one."""
+    program = traced.program
+    geqn = program.eqns[g]
+    for k, kind in enumerate(combinations[1:]):
+        if kind != ROWS:
+            continue
+        out = geqn.outputs[1 + k]
+        for e, eqn in enumerate(program.eqns):
+            if out in eqn.inputs:
+                where = f"aux{aux_paths[k]}" if k < len(aux_paths) else f"aux leaf {k}"
+                _fail(f"value_and_grad(has_aux=True) in {name}: {where} holds one value per "
+                      f"example, which PipeshardParallel concatenates from the micro-batches, "
+                      f"and {eqn.primitive.name} at {traced.sources[e]} reads it after the "
+                      f"gradient. Compute what it is needed for inside the loss function (an "
+                      f"aux mean or sum), return it as it is, or use num_microbatches=1")
 
 
 def _not_recovered(kind: str | None) -> str:
