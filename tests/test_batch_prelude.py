@@ -88,3 +88,17 @@ def test_work_on_the_batch_before_the_loss_matches_jit(fn, mesh):
     step = _pipelined(fn, mesh)
     assert_trees_allclose(step(*args), jax.jit(fn)(*args))
     assert len(step.plan(*args).stages) == 2
+
+
+def test_a_gradient_with_respect_to_work_on_the_batch_is_refused(mesh):
+    def step(params, tokens):
+        h0 = params["embed"][tokens[:, :-1]]
+
+        def loss(p, h):
+            for layer in p["layers"]:
+                h = h + jnp.tanh(h @ layer["w"])
+            return jnp.mean(h ** 2)
+        return jax.value_and_grad(loss, argnums=(0, 1))(params, h0)
+
+    with pytest.raises(ValueError, match="uses the batch outside the function it differentiates"):
+        _pipelined(step, mesh).plan(*_lm())

@@ -76,6 +76,8 @@ def moved_into_loss(program: Program, sources, grad_eqn: int, batch_vids,
     results = {v for e in order for v in eqns[e].outputs}
     if any(v in outvars or (readers.get(v, set()) - moved - {grad_eqn}) for v in results):
         return None   # a result read elsewhere than by the loss: refused by the caller
+    if any(d and isinstance(a, int) and a in results for a, d in zip(geqn.inputs, diff)):
+        return None   # differentiated with respect to: refused by the caller
     outside = list(dict.fromkeys(a for e in order for a in eqns[e].inputs
                                  if isinstance(a, int) and a not in results))
     if any(_drawn(program, made_by, a) for a in outside if a not in batch_vids):
