@@ -23,7 +23,7 @@ import jax
 from autoshard.ir.program import Equation, Literal, Program
 from autoshard.ir.trace import TracedFunction
 
-from .batch_prelude import LossOutputs
+from .batch_prelude import LossOutputs, kept_aux_paths
 
 
 def moved_after_loss(program: Program, sources, grad_eqn: int, batch_vids,
@@ -131,6 +131,4 @@ def unread_aux_dropped(program: Program, grad_eqn: int, forward: TracedFunction,
     program2 = Program(program.avals, program.invars, program.outvars,
                        tuple(geqn2 if e == grad_eqn else eqn
                              for e, eqn in enumerate(program.eqns)), program.constants)
-    paths = tuple(aux_paths[k - 1] if k - 1 < len(aux_paths) else f" leaf {k - 1}"
-                  for k in keep[1:])
-    return program2, forward2, paths
+    return program2, forward2, kept_aux_paths(aux_paths, keep[1:])

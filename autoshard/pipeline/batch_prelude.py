@@ -44,6 +44,12 @@ class LossOutputs:
     aux_paths: tuple[str, ...]
 
 
+def kept_aux_paths(aux_paths, keep) -> tuple[str, ...]:
+    """The paths of the aux leaves a rewritten loss keeps: ``keep``, their places among the
+    old loss's outputs (1 is the first aux leaf)."""
+    return tuple(aux_paths[k - 1] if k - 1 < len(aux_paths) else f" leaf {k - 1}" for k in keep)
+
+
 def moved_into_loss(program: Program, sources, grad_eqn: int, batch_vids,
                     forward: TracedFunction, diff, batch, in_paths,
                     aux_paths=()) -> LossOutputs | None:

@@ -11,6 +11,8 @@ there. A value outside the loss whose shape follows the batch
 """
 from __future__ import annotations
 
+import numpy as np
+
 from autoshard.ir.program import Equation, Literal, Program
 
 
@@ -48,17 +50,10 @@ def with_whole_batch_sizes(program: Program, whole: Program, grad_eqn: int, batc
 
 def _sized(micro, whole):
     """``whole``'s literal where both operands are literals of different values."""
-    if isinstance(micro, Literal) and isinstance(whole, Literal) and not _same(micro, whole):
+    if isinstance(micro, Literal) and isinstance(whole, Literal) and \
+            not np.array_equal(np.asarray(micro.value), np.asarray(whole.value)):
         return whole
     return micro
-
-
-def _same(a: Literal, b: Literal) -> bool:
-    try:
-        return bool((a.value == b.value).all()) if hasattr(a.value, "shape") and \
-            getattr(a.value, "shape", ()) == getattr(b.value, "shape", ()) else a.value == b.value
-    except (TypeError, ValueError):
-        return a.value is b.value
 
 
 def _aligned(program: Program, whole: Program) -> bool:

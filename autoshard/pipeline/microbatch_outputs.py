@@ -50,7 +50,8 @@ POST = "post"
 #: a value computed through an op whose loop over the rows is not described (no rule: a
 #: manual region, a callback): what it is over the batch is not known
 UNVERIFIED = "unverified"
-_ROWS = ROWS = "rows"   # (a value kind, and how a value holding rows on dim 0 combines)
+#: a value kind (it holds the batch's rows), and how one holding them on dim 0 combines
+ROWS = "rows"
 #: ops linear in their one non-constant operand: a sum or mean through them stays one
 _LINEAR = frozenset({"reduce_sum", "dot_general", "broadcast_in_dim", "transpose", "slice"})
 #: ops that keep every element's value: a sum through them still sums its count
@@ -86,9 +87,9 @@ SAME_VALUE = (SAME,)
 def combination(value) -> str | None:
     """How a value of kind ``value`` (:func:`value_kinds`) combines over the micro-batches:
     ``ROWS`` (their values concatenated) when it holds the batch's rows on its first dim."""
-    if value is not None and value[0] == _ROWS and value[1] == 0:
+    if value is not None and value[0] == ROWS and value[1] == 0:
         return ROWS
-    return None if value is None or value[0] in (_ROWS, "sized", POST) else value[0]
+    return None if value is None or value[0] in (ROWS, "sized", POST) else value[0]
 
 
 def value_kinds(program: Program, batch: Sequence[bool], num_microbatches: int,
@@ -108,7 +109,7 @@ def value_kinds(program: Program, batch: Sequence[bool], num_microbatches: int,
     base = program if not aligned else whole
     grown = _grown_literals(program, whole, num_microbatches) if aligned else None
     micro = program if aligned else None
-    ins = [(_ROWS, 0, None) if b and len(base.avals[v].shape) else None if b else (SAME,)
+    ins = [(ROWS, 0, None) if b and len(base.avals[v].shape) else None if b else (SAME,)
            for v, b in zip(base.invars, batch, strict=True)]
     values = _run(base, ins, grown, micro, num_microbatches, everything=True)
     if base is program:
@@ -146,7 +147,7 @@ def _run(program: Program, ins: Sequence, grown, micro: Program | None, B: int,
         ins = [_literal(e, k, grown) if isinstance(a, Literal) else values[a]
                for k, a in enumerate(eqn.inputs)]
         made = _apply(program, e, eqn, ins, grown)
-        if eqn.primitive.name == "reshape" and ins[0] is not None and ins[0][0] == _ROWS:
+        if eqn.primitive.name == "reshape" and ins[0] is not None and ins[0][0] == ROWS:
             made = [_reshaped_rows(program, micro, e, ins[0][1], B)]
         elif eqn.primitive.name in ("cond", "scan") and any(
                 v is not None and v[0] not in (SAME,) for v in ins):
@@ -183,10 +184,10 @@ def _control_flow(eqn, ins: Sequence, B: int) -> list:
     consts, carry = eqn.params["num_consts"], eqn.params["num_carry"]
     xs = []
     for value in ins[consts + carry:]:
-        if value[0] == _ROWS:
+        if value[0] == ROWS:
             if value[1] == 0:
                 return [None] * n_out   # scanning over the rows
-            value = (_ROWS, value[1] - 1, None)
+            value = (ROWS, value[1] - 1, None)
         xs.append(value)
     carried = list(ins[consts:consts + carry])
     for _ in range(4):
@@ -197,7 +198,7 @@ def _control_flow(eqn, ins: Sequence, B: int) -> list:
         carried = joined
     else:
         return [None] * n_out
-    ys = [(_ROWS, v[1] + 1, None) if v is not None and v[0] == _ROWS else v
+    ys = [(ROWS, v[1] + 1, None) if v is not None and v[0] == ROWS else v
           for v in outs[carry:]]
     return carried + ys
 
@@ -206,7 +207,7 @@ def _same(a, b) -> bool:
     """Whether two values have one kind (and, for rows, one dim)."""
     if a is None or b is None:
         return False
-    return a[0] == b[0] and (a[0] != _ROWS or a[1] == b[1])
+    return a[0] == b[0] and (a[0] != ROWS or a[1] == b[1])
 
 
 def _grown_literals(program: Program, whole: Program | None, B: int):
@@ -279,7 +280,7 @@ def _reshaped_rows(program: Program, micro: Program | None, e: int, dim: int, B:
         if len(small) == len(after) and any(
                 a != (B * s if d == dim else s) for d, (a, s) in enumerate(zip(after, small))):
             return None
-    return (_ROWS, dim, None)
+    return (ROWS, dim, None)
 
 
 def _rows_through(program: Program, eqn, ins) -> list:
@@ -292,7 +293,7 @@ def _rows_through(program: Program, eqn, ins) -> list:
         return [(UNVERIFIED,)] * n_out
     loops = set()
     for k, value in enumerate(ins):
-        if value[0] == _ROWS:
+        if value[0] == ROWS:
             dims = op.in_dims[k]
             if dims is None or value[1] >= len(dims) or dims[value[1]] is None:
                 return [None] * n_out
@@ -304,7 +305,7 @@ def _rows_through(program: Program, eqn, ins) -> list:
     for dims in op.out_dims:
         kind = _REDUCING.get(eqn.primitive.name)
         if loop in dims:
-            out.append((_ROWS, list(dims).index(loop), None))
+            out.append((ROWS, list(dims).index(loop), None))
         elif kind is None:
             out.append(None)
         else:
@@ -316,7 +317,7 @@ def _reduced_through(program: Program, e: int, eqn, ins, grown):
     """The output of an op reading a sum, mean, max or min over the rows and
     batch-independent values (rows besides them: a batch statistic per row, none)."""
     name = eqn.primitive.name
-    if any(v[0] == _ROWS for v in ins):
+    if any(v[0] == ROWS for v in ins):
         return None
     reduced = [(k, v) for k, v in enumerate(ins) if v[0] in (SUM, MEAN, MAX, MIN)]
     kinds = {v[0] for _, v in reduced}

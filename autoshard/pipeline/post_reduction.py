@@ -28,6 +28,7 @@ from autoshard.ir.program import Equation, Literal, Program
 from autoshard.ir.trace import TracedFunction, flatten_open_jaxpr
 from autoshard.runtime import evaluate_program
 
+from .batch_prelude import kept_aux_paths
 from .microbatch_outputs import MEAN, POST, SUM
 
 
@@ -45,13 +46,14 @@ class PostReduced:
     kinds: tuple
     inserted: int
     sources: tuple[str, ...]
-    kept_aux: tuple[int, ...]   # the aux outputs ``forward`` keeps, by their place (1, ...)
+    aux_paths: tuple[str, ...]   # per aux leaf of ``forward``, how errors name it
 
 
 def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
-                 diff, kinds: dict) -> PostReduced | str | None:
+                 diff, kinds: dict, aux_paths=()) -> PostReduced | str | None:
     """``O`` with its loss ``forward`` cut where the functions of combined values begin
-    (module doc). ``kinds``: ``value_kinds`` of ``forward``'s program. ``None`` when no
+    (module doc). ``kinds``: ``value_kinds`` of ``forward``'s program; ``aux_paths``: per
+    aux leaf of ``forward``, how errors name it. ``None`` when no
     output of ``forward`` is such a function; a reason (a string) when the loss is one but
     its gradient cannot be recovered."""
     F = forward.program
@@ -188,7 +190,9 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
     new_sources = tuple(sources[:grad_eqn + 1]) + (where,) * len(moved) + \
         tuple(sources[grad_eqn + 1:])
     out_kinds = tuple(kinds[a] if isinstance(a, int) else (None,) for a in outs)
-    return PostReduced(program, forward2, out_kinds, len(moved), new_sources, tuple(kept_aux))
+    paths = kept_aux_paths(aux_paths, kept_aux) + \
+        tuple(f" (a value the step reads: {p})" for p in forward2.out_paths[1 + len(kept_aux):])
+    return PostReduced(program, forward2, out_kinds, len(moved), new_sources, paths)
 
 
 def _kind(value):

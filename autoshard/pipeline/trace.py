@@ -263,13 +263,9 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
     g = grads[0]
     batch_vids = frozenset(v for v, b in zip(program.invars, batch_flags) if b)
     geqn = program.eqns[g]
-    n = len(geqn.inputs)
     diff = tuple(geqn.params["diff"])
     batch = tuple(isinstance(a, int) and a in batch_vids for a in geqn.inputs)
-    jaxpr = geqn.params["jaxpr"]
-    num_aux = len(jaxpr.outvars) - 1
-    forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
-                                 ("loss",) + tuple(f"aux[{k}]" for k in range(num_aux)))
+    forward = _loss_of(geqn)
     aux_paths = tuple(geqn.params.get("aux_paths", ()))
     work = with_batch_work(program, sources, g, batch_vids, forward, diff, batch,
                            traced.in_paths, aux_paths)
@@ -311,7 +307,7 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
         combinations = (MEAN,) * len(forward.program.outvars)
     else:
         kinds = value_kinds(forward.program, batch, B, whole)
-        cut = post_reduced(program, sources, g, forward, diff, kinds)
+        cut = post_reduced(program, sources, g, forward, diff, kinds, aux_paths)
         if isinstance(cut, str):
             _fail(f"PipeshardParallel(num_microbatches={B}) in {name}: the loss it "
                   f"differentiates is {cut}, so its gradient cannot be summed from "
@@ -326,10 +322,7 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
             traced = dataclasses.replace(traced, program=cut.program, sources=cut.sources)
             post = tuple(sorted([e if e < g else e + n for e in post] + [*range(g + 1, g + 1 + n)]))
             forward, num_aux = cut.forward, len(cut.forward.program.outvars) - 1
-            aux_paths = tuple(aux_paths[k - 1] if k - 1 < len(aux_paths) else f" leaf {k - 1}"
-                              for k in cut.kept_aux) + \
-                tuple(f" (a value the step reads: {p})" for p in cut.forward.out_paths[
-                    1 + len(cut.kept_aux):])
+            aux_paths = cut.aux_paths
             outs = [combination(k) for k in cut.kinds]
         combinations = _combinations(forward, tuple(outs), B, name, aux_paths)
     _check_rows_returned(traced, g, combinations, aux_paths, name)
@@ -375,14 +368,12 @@ def _whole_batch_work(fun, args, static_argnums, batch_flags) -> LossOutputs | N
     if len(grads) != 1:
         return None
     geqn = program.eqns[grads[0]]
-    jaxpr, n = geqn.params["jaxpr"], len(geqn.inputs)
-    forward = flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
-                                 tuple(f"out[{k}]" for k in range(len(jaxpr.outvars))))
+    forward = _loss_of(geqn)
     batch_vids = frozenset(v for v, b in zip(program.invars, batch_flags) if b)
     return with_batch_work(program, ("",) * len(program.eqns), grads[0], batch_vids, forward,
                            tuple(geqn.params["diff"]),
                            tuple(isinstance(a, int) and a in batch_vids for a in geqn.inputs),
-                           traced.in_paths, ("",) * (len(jaxpr.outvars) - 1))
+                           traced.in_paths, ("",) * (len(forward.program.outvars) - 1))
 
 
 def _combinations(forward: TracedFunction, kinds: tuple, B: int, name: str,
@@ -458,11 +449,15 @@ def _no_gradient_hint() -> str:
 def _loss_program(traced: TracedFunction):
     """The loss (the gradient marker's forward) of a step traced under pipeline tracing."""
     geqns = [eqn for eqn in traced.program.eqns if eqn.primitive.name == GRAD_PRIMITIVE]
-    if len(geqns) != 1:
-        return None
-    jaxpr, n = geqns[0].params["jaxpr"], len(geqns[0].inputs)
+    return _loss_of(geqns[0]).program if len(geqns) == 1 else None
+
+
+def _loss_of(geqn) -> TracedFunction:
+    """The function the gradient marker ``geqn`` differentiates, flat: its inputs the
+    marker's operands, its outputs the loss, then the aux leaves."""
+    jaxpr, n = geqn.params["jaxpr"], len(geqn.inputs)
     return flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
-                              tuple(f"out[{k}]" for k in range(len(jaxpr.outvars)))).program
+                              ("loss",) + tuple(f"aux[{k}]" for k in range(len(jaxpr.outvars) - 1)))
 
 
 def _random_rows(split: SplitStep, fun, B: int, micro_rows, full: Program | None
