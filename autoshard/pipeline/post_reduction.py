@@ -29,7 +29,7 @@ from autoshard.ir.trace import TracedFunction, flatten_open_jaxpr
 from autoshard.runtime import evaluate_program
 
 from .batch_prelude import kept_aux_paths
-from .microbatch_outputs import MEAN, POST, SUM
+from .microbatch_outputs import MEAN, POST, SAME_VALUE, SUM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +189,7 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
     where = sources[grad_eqn]
     new_sources = tuple(sources[:grad_eqn + 1]) + (where,) * len(moved) + \
         tuple(sources[grad_eqn + 1:])
-    out_kinds = tuple(kinds[a] if isinstance(a, int) else (None,) for a in outs)
+    out_kinds = tuple(kinds[a] if isinstance(a, int) else SAME_VALUE for a in outs)
     paths = kept_aux_paths(aux_paths, kept_aux) + \
         tuple(f" (a value the step reads: {p})" for p in forward2.out_paths[1 + len(kept_aux):])
     return PostReduced(program, forward2, out_kinds, len(moved), new_sources, paths)
