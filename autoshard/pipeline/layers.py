@@ -67,7 +67,7 @@ def _value_bytes(program: Program, vid: int) -> float:
     return float(math.prod(aval.shape) * aval.dtype.itemsize)
 
 
-def _depends(program: Program, flags_in) -> list[bool]:
+def depends_on(program: Program, flags_in) -> list[bool]:
     """Per equation: whether it depends on an input whose flag is set."""
     dep = {v: bool(f) for v, f in zip(program.invars, flags_in)}
     out = []
@@ -131,9 +131,9 @@ def assign_layers(program: Program, diff_flags, batch_flags, num_layers: int | N
     stripped, levels = strip_boundaries(program)
     has_markers = len(stripped.eqns) != len(program.eqns)
     eqns = stripped.eqns
-    on_params = _depends(stripped, diff_flags)
+    on_params = depends_on(stripped, diff_flags)
     if any(batch_flags):
-        on_batch = _depends(stripped, batch_flags)
+        on_batch = depends_on(stripped, batch_flags)
         anchored = [p and b for p, b in zip(on_params, on_batch)]
     else:
         anchored = on_params

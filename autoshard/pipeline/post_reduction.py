@@ -29,6 +29,7 @@ from autoshard.ir.trace import TracedFunction, flatten_open_jaxpr
 from autoshard.runtime import evaluate_program
 
 from .batch_prelude import kept_aux_paths
+from .layers import depends_on
 from .microbatch_outputs import MEAN, POST, SAME_VALUE, SUM
 
 
@@ -74,10 +75,8 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
     order = sorted(post_eqns)
     frontier = list(dict.fromkeys(a for e in order for a in F.eqns[e].inputs
                                   if isinstance(a, int) and producer.get(a) not in post_eqns))
-    depends = set(v for v, d in zip(F.invars, diff) if d)
-    for eqn in F.eqns:
-        if any(a in depends for a in eqn.inputs if isinstance(a, int)):
-            depends.update(eqn.outputs)
+    depends = {v for v, d in zip(F.invars, diff) if d} | {
+        v for eqn, d in zip(F.eqns, depends_on(F, diff)) if d for v in eqn.outputs}
     loss = F.outvars[0]
     post_loss = 0 in post_out
     head = loss
