@@ -21,9 +21,10 @@ from autoshard.ir.call import BoundCall, argument_roles, bind_call, dynamic_argu
 from autoshard.ir.fingerprint import check_fingerprint, fingerprint, statics_text
 from autoshard.ir.remat import recompute
 from autoshard.ir.trace import TracedFunction, aval_struct, trace
+from autoshard.pipeline.batch_arguments import infer_batch_argnums, splits_into_microbatches
 from autoshard.pipeline.planner import plan_pipeline_step
 from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
-from autoshard.pipeline.trace import flat_paths, infer_batch_argnums
+from autoshard.pipeline.trace import flat_paths
 from autoshard.plan.audit import Audit, PipelineAudit
 from autoshard.plan.checks import check_plan_mesh, check_plan_method, specs_misfit
 from autoshard.plan.parts import operand_layouts, value_layouts
@@ -179,7 +180,7 @@ class ParallelizedFunction:
         arguments. Without ``batch_argnums`` the batch is inferred: from ``traced`` (see
         ``intra.batch``), or for a pipeline from the gradient's inputs."""
         args = call.args
-        _, paths, _ = flat_paths(args, call.static)
+        leaves, paths, _ = flat_paths(args, call.static)
         donated = _under_args(paths, call.donate)
         batch = call.batch
         if batch is None and traced is not None:
@@ -190,7 +191,10 @@ class ParallelizedFunction:
             if batch and isinstance(self._method, PipeshardParallel):
                 # x and y of step(params, opt_state, x, y): see PipeshardParallel
                 batch = infer_batch_argnums(call.fun, args, call.static, batch[0])
-        return _under_args(paths, batch), donated, tuple(batch)
+        flags = _under_args(paths, batch)
+        if isinstance(self._method, PipeshardParallel):  # scalars and keys are read whole
+            flags = [f and splits_into_microbatches(x) for f, x in zip(flags, leaves)]
+        return flags, donated, tuple(batch)
 
     def _compiled(self, call: BoundCall, need_program: bool, key=None) -> _Compiled:
         key = self._key(call) if key is None else key

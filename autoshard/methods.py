@@ -143,14 +143,17 @@ class PipeshardParallel:
     stage included), each stage is sharded by ``stage_method`` on its sub-mesh, and
     ``num_microbatches`` micro-batches run through the stages under ``schedule``
     (``"1f1b"`` or ``"gpipe"``). The gradient is the mean of the micro-batch gradients for
-    a loss that is a mean over the batch, their sum for a sum; a loss that neither recovers
-    (a masked mean, batch-norm statistics) is refused. The optimizer update (everything
+    a loss that is a mean over the batch, their sum for a sum; a function of such values
+    (a masked mean) is computed from their totals; a loss that none of these recovers
+    (batch-norm statistics) is refused. The optimizer update (everything
     after the gradient) runs once per step, on the stage that owns each parameter.
 
-    Batch arguments are split into micro-batches on their leading dimension. With
+    Batch arguments are split into micro-batches on their leading dimension; their
+    scalar leaves and PRNG keys are read whole by every micro-batch. With
     ``parallelize(..., batch_argnums=None)`` (the default) they are the last non-static
     argument that is not a PRNG key and has no scalar leaf (``batch`` of
-    ``step(state, batch, dropout_key)``) plus every other non-static argument that (a) has
+    ``step(state, batch, dropout_key)``; failing that, the last one with array leaves that
+    the step does not differentiate) plus every other non-static argument that (a) has
     only array leaves whose leading dimension is that argument's batch size and (b) the
     step reads only inside the function it differentiates, as data: not differentiated,
     not used before or after the gradient, not returned, not a PRNG key. So

@@ -206,6 +206,27 @@ def test_a_loss_of_two_sums_that_depend_on_the_parameters_is_refused():
         _pipelined(fn).plan(*_classifier())
 
 
+@pytest.mark.parametrize("form", ["plus", "times"])
+def test_a_masked_mean_and_a_parameter_norm_match_jit(form):
+    """A value that depends on the parameters but not on the batch (an L2 penalty) beside
+    a masked mean: the step differentiates it itself, at d loss / d penalty from the
+    totals, and adds that to the scaled sum of the micro-batches' gradients. Refused
+    before, as a function of two parameter-dependent values."""
+    def fn(params, opt_state, batch):
+        def loss(p, b):
+            logits = jax.nn.log_softmax(p[-1]["b"] + b["x"] @ jnp.ones((16, 4)))
+            nll = -jnp.take_along_axis(logits, b["label"][:, None], axis=1)[:, 0]
+            keep = (b["label"] != 3).astype(jnp.float32)
+            penalty = sum(jnp.sum(w ** 2) for w in jax.tree.leaves(p))
+            masked = jnp.sum(nll * keep) / jnp.maximum(jnp.sum(keep), 1.0)
+            return masked + 1e-2 * penalty if form == "plus" else masked * (1 + 1e-2 * penalty)
+        value, grads = autoshard.value_and_grad(loss)(params, batch)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), value
+
+    args = _classifier()
+    assert_trees_allclose(_pipelined(fn)(*args), jax.jit(fn)(*args))
+
+
 def test_donated_params_and_optimizer_state():
     args = _classifier()
     expected = jax.jit(step_value_and_grad)(*args)

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import autoshard
-from autoshard.pipeline.trace import infer_batch_argnums
+from autoshard.pipeline.batch_arguments import infer_batch_argnums
 from tests.trees import assert_trees_allclose
 
 D, H, N = 8, 16, 16
@@ -202,6 +202,36 @@ def test_batch_arguments_are_inferred():
                                          r"dimension 16 but are not split.*"
                                          r"batch_argnums=\(1, 2\)"):
         _pipelined(uses_x_after).plan(p, x, y)
+
+    def batch_first(batch, state):   # the state's scalar step count keeps it from being data
+        value, grads = jax.value_and_grad(lambda p: _forward(p, batch["x"], batch["y"]))(
+            state["params"])
+        return value, {"params": jax.tree.map(lambda a, g: a - 0.1 * g, state["params"], grads),
+                       "step": state["step"] + 1}
+
+    state = {"params": p, "step": jnp.int32(0)}
+    assert infer_batch_argnums(batch_first, ({"x": x, "y": y}, state), (), 1) == (0,)
+
+
+def test_scalars_and_keys_in_the_batch_are_read_whole():
+    # a scalar beside the batch's arrays (a temperature) and a PRNG key in the same dict:
+    # every micro-batch reads them as they are; batch_argnums may be given or inferred.
+    # Before, the scalar was refused, and the inference took the parameters for the batch.
+    p, x, y = _mlp()
+    batch = {"x": x, "y": y, "temperature": jnp.float32(0.5), "raw_key": jax.random.PRNGKey(3)}
+
+    def step(params, batch):
+        def loss(ps):
+            noise = jax.random.normal(batch["raw_key"], (D,))   # one draw for the whole batch
+            return _forward(ps, batch["x"] * batch["temperature"] + noise, batch["y"])
+        return jax.value_and_grad(loss)(params)
+
+    want = jax.jit(step)(p, batch)
+    for batch_argnums in (None, 1):
+        pipelined = autoshard.parallelize(step, mesh=autoshard.make_mesh((8,), ("data",)),
+                                          method=_method(), batch_argnums=batch_argnums)
+        assert_trees_allclose(pipelined(p, batch), want)
+        assert pipelined.plan(p, batch).batch == ("args[1]",)
 
 
 def test_impossible_memory_budget_raises_infeasible_plan_error():

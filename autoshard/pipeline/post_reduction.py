@@ -15,7 +15,11 @@ backward passes differentiate ``S`` (summed, or averaged, like a loss that is a 
 mean), and the step multiplies the gradients by ``d loss / d S`` at the totals (``1 / N``
 for a masked mean; any function of ``S`` and batch-independent or parameter-free
 combined values, ``S / jnp.maximum(N, 1)``, a log, a weighted sum with another mean).
-Aux outputs computed from combined values (a masked accuracy) are computed so too.
+Values the loss reads beside them that depend on the differentiated inputs but not on the
+batch (an L2 penalty: ``S / N + wd * sum(p ** 2)``) are differentiated by the step itself:
+``d loss / d penalty`` at the totals, pulled back through the penalty's own equations, is
+added to the scaled gradients. Aux outputs computed from combined values (a masked
+accuracy) are computed so too.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from autoshard.runtime import evaluate_program
 
 from .batch_prelude import kept_aux_paths
 from .layers import depends_on
-from .microbatch_outputs import MEAN, POST, SAME_VALUE, SUM
+from .microbatch_outputs import MEAN, POST, SAME, SAME_VALUE, SUM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +83,13 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
         v for eqn, d in zip(F.eqns, depends_on(F, diff)) if d for v in eqn.outputs}
     loss = F.outvars[0]
     post_loss = 0 in post_out
-    head = loss
+    head, direct = loss, []
     if post_loss:
         cone = _cone(F, loss, post_eqns, producer)
         differentiated = [f for f in frontier if f in cone and f in depends]
+        # batch-independent ones (a parameter norm): differentiated in the step itself
+        direct = [f for f in differentiated if _kind(kinds.get(f)) == SAME]
+        differentiated = [f for f in differentiated if f not in direct]
         if len(differentiated) != 1:
             return (f"a function of {len(differentiated)} values combined over the batch that "
                     f"depend on the differentiated arguments" if differentiated else
@@ -141,15 +148,36 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
 
     P = Program(F.avals, tuple(frontier), tuple(F.outvars[k] for k in post_out),
                 tuple(F.eqns[e] for e in order), ())
-    at = frontier.index(head) if post_loss else None
+    at = [frontier.index(f) for f in [head, *direct]] if post_loss else []
+    R, R_diff = _direct_values(F, direct, producer, diff)
+    # per gradient scaled, its differentiated input's position among R's inputs
+    diff_inputs = [v for v, d in zip(F.invars, diff) if d]
+    into = [R.invars.index(diff_inputs[k]) if diff_inputs[k] in R.invars else None
+            for k in scaled]
 
-    def step_part(combined, gradients):
+    def step_part(combined, gradients, read):
         results = list(evaluate_program(P, combined))
-        if at is not None:
-            def of_head(value):
-                return evaluate_program(P, [*combined[:at], value, *combined[at + 1:]])[0]
-            slope = jax.grad(of_head)(combined[at])
-            results += [g * slope.astype(g.dtype) for g in gradients]
+        if at:
+            def of_heads(*values):
+                ins = list(combined)
+                for k, value in zip(at, values):
+                    ins[k] = value
+                return evaluate_program(P, ins)[0]
+            slope, *slopes = jax.grad(of_heads, argnums=tuple(range(len(at))))(
+                *(combined[k] for k in at))
+            gradients = [g * slope.astype(g.dtype) for g in gradients]
+            if direct:   # d loss / d r times the gradient of r, a function of the inputs
+                def of_inputs(*diffed):
+                    ins, it = list(read), iter(diffed)
+                    return tuple(evaluate_program(R, [next(it) if d else x for x, d in
+                                                      zip(ins, R_diff)]))
+                _, pullback = jax.vjp(of_inputs, *(x for x, d in zip(read, R_diff) if d))
+                pulled = pullback(tuple(s.astype(F.avals[r].dtype)
+                                        for s, r in zip(slopes, direct)))
+                where = [sum(R_diff[:j]) for j in range(len(R_diff))]
+                gradients = [g if j is None else g + pulled[where[j]].astype(g.dtype)
+                             for g, j in zip(gradients, into)]
+            results += gradients
         seen = set()
         for k, value in enumerate(results):   # a leaf returned twice (the loss as an aux
             if id(value) in seen:              # leaf too): each output its own value
@@ -160,14 +188,16 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
     closed = jax.make_jaxpr(step_part)(
         [jax.ShapeDtypeStruct(F.avals[f].shape, F.avals[f].dtype) for f in frontier],
         [jax.ShapeDtypeStruct(O.avals[grads[k]].shape, O.avals[grads[k]].dtype)
-         for k in scaled])
+         for k in scaled],
+        [jax.ShapeDtypeStruct(F.avals[v].shape, F.avals[v].dtype) for v in R.invars])
     Q = flatten_open_jaxpr(closed.jaxpr, (), ()).program
     ids = {}
     for v, c in zip(Q.invars[:len(closed.consts)], closed.consts):
         constants.append((fresh(Q.avals[v]), c))
         ids[v] = constants[-1][0]
     for v, atom in zip(Q.invars[len(closed.consts):],
-                       [outer[f] for f in frontier] + [raw[k] for k in scaled], strict=True):
+                       [outer[f] for f in frontier] + [raw[k] for k in scaled] +
+                       [outer[v] for v in R.invars], strict=True):
         ids[v] = atom
     targets = [old_vals[k] for k in post_out] + [grads[k] for k in scaled]
     made = {v for eqn in Q.eqns for v in eqn.outputs}
@@ -196,6 +226,27 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
 
 def _kind(value):
     return None if value is None else value[0]
+
+
+def _direct_values(F: Program, direct, producer, diff) -> tuple[Program, tuple[bool, ...]]:
+    """The program computing the ``direct`` values of ``F`` (batch-independent ones the
+    loss reads beside its combined values: a parameter norm) from the inputs of ``F`` they
+    read (its constants kept), and per such input, whether it is differentiated."""
+    needed, todo, seen = set(), list(direct), set()
+    while todo:
+        v = todo.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        e = producer.get(v)
+        if e is not None:
+            needed.add(e)
+            todo.extend(a for a in F.eqns[e].inputs if isinstance(a, int))
+    consts = tuple((v, c) for v, c in F.constants if v in seen)
+    reads = [(v, d) for v, d in zip(F.invars, diff) if v in seen]
+    return (Program(F.avals, tuple(v for v, _ in reads), tuple(direct),
+                    tuple(F.eqns[e] for e in sorted(needed)), consts),
+            tuple(d for _, d in reads))
 
 
 def _cone(F: Program, out: int, post_eqns, producer) -> set:

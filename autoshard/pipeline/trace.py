@@ -92,90 +92,6 @@ def _fail(message: str):
     raise ValueError(message)
 
 
-#: primitives that read a PRNG key: an argument feeding one is a key, never batch data
-_KEY_PRIMITIVES = frozenset({"random_wrap", "random_seed", "random_bits", "random_split",
-                             "random_fold_in", "threefry2x32"})
-
-
-def _is_prng_key(leaf) -> bool:
-    """A typed PRNG key, or a raw one (``jax.random.PRNGKey``: ``uint32[2]``)."""
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is None:
-        return False
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        return True
-    return np.shape(leaf) == (2,) and np.dtype(dtype) == np.uint32
-
-
-def _holds_data(leaves) -> bool:
-    """Every leaf an array with a leading dimension, none a PRNG key."""
-    return bool(leaves) and all(hasattr(x, "dtype") and np.ndim(x) >= 1 and
-                                not _is_prng_key(x) for x in leaves)
-
-
-def infer_batch_argnums(fun, args, static_argnums, declared: int) -> tuple[int, ...]:
-    """The batch arguments of a pipelined step called without ``batch_argnums``.
-
-    ``declared`` (the last non-static argument, ``batch_argnums``' default) holds the
-    batch, unless it is a PRNG key or has a scalar leaf (lm1b's ``train_step(state,
-    batch, dropout_rng)``): then the last non-static argument before it whose leaves are
-    all arrays with a leading dimension, none a key, does (``declared`` stays when there
-    is none, and planning says what is wrong with it). Another non-static argument is
-    batch data too when every leaf of it is an array whose leading dimension is that
-    batch's, and the step reads it only inside the function given to the gradient
-    (``jax.value_and_grad``, ``autoshard.value_and_grad``, ...), as data: not
-    differentiated, not used before or after the gradient, not returned, not a PRNG key
-    (``step(params, opt_state, x, y)``: ``x`` and ``y``). The step is traced once at full
-    size to see this; when it cannot be traced, ``(declared,)`` (planning reports why).
-    """
-    static = set(static_argnums)
-    dyn = [i for i in range(len(args)) if i not in static]
-    leaves = {i: jax.tree_util.tree_leaves(args[i]) for i in dyn}
-    if not _holds_data(leaves[declared]):
-        declared = next((i for i in reversed(dyn) if i < declared and _holds_data(leaves[i])),
-                        declared)
-    leads = {np.shape(x)[0] if np.ndim(x) else None for x in leaves[declared]}
-    if len(leads) != 1 or None in leads:
-        return (declared,)
-    lead = leads.pop()
-    candidates = [i for i in dyn if i != declared and leaves[i] and
-                  all(np.ndim(x) >= 1 and np.shape(x)[0] == lead and hasattr(x, "dtype")
-                      for x in leaves[i])]
-    if not candidates:
-        return (declared,)
-    try:
-        with pipeline_tracing():
-            traced = trace(fun, args, static_argnums)
-    except Exception:  # noqa: BLE001 - planning traces again and reports the error
-        return (declared,)
-    program = traced.program
-    grads = [eqn for eqn in program.eqns if eqn.primitive.name == GRAD_PRIMITIVE]
-    if len(grads) != 1:
-        return (declared,)
-    geqn = grads[0]
-    starts = dict(zip(dyn, np.cumsum([0] + [len(leaves[i]) for i in dyn])))
-    read_elsewhere = {a for eqn in program.eqns if eqn is not geqn
-                      for a in eqn.inputs if isinstance(a, int)}
-    read_elsewhere |= {a for a in program.outvars if isinstance(a, int)}
-    diff = geqn.params["diff"]
-    forward = None
-    inferred = []
-    for i in candidates:
-        vids = set(program.invars[starts[i]:starts[i] + len(leaves[i])])
-        slots = [k for k, a in enumerate(geqn.inputs) if a in vids]
-        if not slots or vids & read_elsewhere or any(diff[k] for k in slots):
-            continue
-        if forward is None:
-            forward = _loss_program(traced)
-        keys = {forward.invars[k] for k in slots}
-        if any(eqn.primitive.name in _KEY_PRIMITIVES and
-               any(isinstance(a, int) and a in keys for a in eqn.inputs)
-               for eqn in forward.eqns):
-            continue
-        inferred.append(i)
-    return tuple(sorted([declared, *inferred]))
-
-
 def _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, paths, err
                                    ) -> None:
     """``fun`` failed to trace at micro-batch shapes: if it traces at the full shapes, the
@@ -225,10 +141,6 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
         shape, dtype, weak = tuple(aval.shape), aval.dtype, aval.weak_type
         full.append(aval)
         if is_batch:
-            if not shape:
-                _fail(f"batch argument {path} is a scalar: PipeshardParallel splits batch "
-                      f"arguments on their leading dimension; pass batch_argnums naming "
-                      f"only the batch")
             if shape[0] % B:
                 _fail(f"num_microbatches={B} does not divide the batch: {path} has leading "
                       f"dimension {shape[0]}. Use a number of micro-batches that divides "
@@ -265,7 +177,7 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
     geqn = program.eqns[g]
     diff = tuple(geqn.params["diff"])
     batch = tuple(isinstance(a, int) and a in batch_vids for a in geqn.inputs)
-    forward = _loss_of(geqn)
+    forward = loss_of(geqn)
     aux_paths = tuple(geqn.params.get("aux_paths", ()))
     work = with_batch_work(program, sources, g, batch_vids, forward, diff, batch,
                            traced.in_paths, aux_paths)
@@ -313,7 +225,8 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
                   f"differentiates is {cut}, so its gradient cannot be summed from "
                   f"micro-batches into jax.jit's. Make the loss a function of one sum or mean "
                   f"over the batch that depends on the parameters (and of values that do not, "
-                  f"such as a count: a masked mean), or use num_microbatches=1")
+                  f"such as a count: a masked mean; and of values that do not depend on the "
+                  f"batch, such as a parameter norm), or use num_microbatches=1")
         if cut is None:
             outs = [combination(kinds.get(a) if isinstance(a, int) else SAME_VALUE)
                     for a in forward.program.outvars]
@@ -368,7 +281,7 @@ def _whole_batch_work(fun, args, static_argnums, batch_flags) -> LossOutputs | N
     if len(grads) != 1:
         return None
     geqn = program.eqns[grads[0]]
-    forward = _loss_of(geqn)
+    forward = loss_of(geqn)
     batch_vids = frozenset(v for v, b in zip(program.invars, batch_flags) if b)
     return with_batch_work(program, ("",) * len(program.eqns), grads[0], batch_vids, forward,
                            tuple(geqn.params["diff"]),
@@ -446,13 +359,7 @@ def _no_gradient_hint() -> str:
             "are not seen: call jax.value_and_grad on the loss instead")
 
 
-def _loss_program(traced: TracedFunction):
-    """The loss (the gradient marker's forward) of a step traced under pipeline tracing."""
-    geqns = [eqn for eqn in traced.program.eqns if eqn.primitive.name == GRAD_PRIMITIVE]
-    return _loss_of(geqns[0]).program if len(geqns) == 1 else None
-
-
-def _loss_of(geqn) -> TracedFunction:
+def loss_of(geqn) -> TracedFunction:
     """The function the gradient marker ``geqn`` differentiates, flat: its inputs the
     marker's operands, its outputs the loss, then the aux leaves."""
     jaxpr, n = geqn.params["jaxpr"], len(geqn.inputs)
