@@ -144,8 +144,9 @@ class PipeshardParallel:
     ``num_microbatches`` micro-batches run through the stages under ``schedule``
     (``"1f1b"`` or ``"gpipe"``). The gradient is the mean of the micro-batch gradients for
     a loss that is a mean over the batch, their sum for a sum; a function of such values
-    (a masked mean) is computed from their totals; a loss that none of these recovers
-    (batch-norm statistics) is refused. The optimizer update (everything
+    (a masked mean) is computed from their totals (of several that depend on the
+    parameters, a z-loss beside the loss, under ``schedule="gpipe"`` only); a loss that
+    none of these recovers (batch-norm statistics) is refused. The optimizer update (everything
     after the gradient) runs once per step, on the stage that owns each parameter.
 
     Batch arguments are split into micro-batches on their leading dimension; their

@@ -93,7 +93,10 @@ class PipelineProgram:
     activation is the same in every micro-batch (it does not depend on the batch): the
     first micro-batch's value is taken, whatever its dtype. ``zero_grads``: ``(step key, shape, dtype)`` for
     gradients no stage produces. ``outputs``: a step key or ``("literal", value)`` per flat
-    output."""
+    output. ``cotangents`` (a loss of several combined values, under GPipe): run once every
+    micro-batch's forward has, on the loss's and the aux leaves' totals; its output
+    ``("head ct", v)`` is the cotangent of the last stage's output ``("act", v)`` in every
+    micro-batch's backward (the loss's too, in place of 1 or ``1 / B``)."""
 
     invars: tuple[Key, ...]
     batch: tuple[tuple[Key, Key], ...]     # (step key of a batch argument, its micro key)
@@ -111,6 +114,7 @@ class PipelineProgram:
     donated: tuple[int, ...] = ()          # positions of donated arguments
     aux_once: tuple[tuple[Key, Key], ...] = ()
     mesh: Any = None    # the whole mesh (multi-process runs: where scalar outputs go)
+    cotangents: StepProgram | None = None
 
     def __call__(self, flat_args) -> list:
         # each program runs on its own sub-mesh: a mesh the caller set (``jax.set_mesh``,
@@ -144,6 +148,20 @@ class PipelineProgram:
         losses = []
         last = len(self.stages) - 1
         aux_values: dict = {skey: [] for _, skey, _ in self.aux}
+        head_cts = {} if self.cotangents is None else \
+            {("act",) + key[1:]: key for key in self.cotangents.outputs}
+
+        def totals():
+            """The loss's and aux leaves' totals, and the heads' cotangents from them."""
+            if any(len(values) != B for values in aux_values.values()):
+                raise RuntimeError("a loss of several combined values needs every "
+                                   "micro-batch's forward before the backward passes")
+            env[step_loss] = _combined([micro[m][act_loss] for m in range(B)],
+                                       "sum" if self.loss_sum else "mean")
+            for _, skey, kind in self.aux:
+                env[skey] = _combined(aux_values[skey], kind)
+            step = self.cotangents
+            env.update(zip(step.outputs, _run(step.program, [env[k] for k in step.inputs])))
 
         def add(store, key, value):
             old = store.get(key)
@@ -177,7 +195,13 @@ class PipelineProgram:
             cot = []
             for p in st.cotangent_outputs:
                 key = st.outputs[p]
-                if key == act_loss:
+                if key in head_cts:
+                    if head_cts[key] not in env:
+                        totals()
+                    cot.append(env[head_cts[key]])
+                    if key == act_loss:
+                        losses.append(micro[m][key])
+                elif key == act_loss:
                     value = micro[m][key]
                     cot.append(np.asarray(1.0 if self.loss_sum else 1.0 / B,
                                           dtype=value.dtype))
@@ -237,6 +261,8 @@ class PipelineProgram:
             out += [(f"stage {s} forward", st.forward, B), (f"stage {s} backward", st.backward, B)]
         out += [(f"stage {s} gradient reduction", st.reduce, 1)
                 for s, st in enumerate(self.stages) if st.reduce is not None]
+        if self.cotangents is not None:
+            out.append((self.cotangents.name, self.cotangents.program, 1))
         return out + [(p.name, p.program, 1) for p in self.apply]
 
     def lower(self) -> "PipelineLowered":

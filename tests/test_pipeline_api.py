@@ -191,19 +191,40 @@ def test_a_masked_mean_loss_and_metric_match_jit_with_the_update_split_by_stage(
     assert_trees_allclose(step(*args, count), expected[:2])
 
 
-def test_a_loss_of_two_sums_that_depend_on_the_parameters_is_refused():
-    """Its gradient needs each sum's own gradient scaled by its own factor, known only once
-    every micro-batch has run: refused, saying so."""
-    def fn(params, opt_state, batch):
+def test_a_loss_of_two_sums_that_depend_on_the_parameters_needs_gpipe():
+    """Its gradient needs each sum's gradient times its own factor d loss / d sum, known
+    once every micro-batch's forward has run. Under 1F1B a backward pass starts before
+    that: refused, saying so. GPipe runs every forward first; the backward passes then
+    differentiate each sum at the totals (``runtime.PipelineProgram.cotangents``), and the
+    step matches jax.jit: a sum over a parameter-dependent sum, beside a ratio to a
+    count, a log of a mean and a parameter norm."""
+    def two_sums(params, opt_state, batch):
         def loss(p, b):
             value, _ = _forward(p, b)
             nll = value * b["x"].shape[0]
             return nll / jnp.sum(p[-1]["b"] * b["x"][:, :4])
         return autoshard.value_and_grad(loss)(params, batch)
 
+    def several(params, opt_state, batch):
+        def loss(p, b):
+            logits = jax.nn.log_softmax(p[-1]["b"] + b["x"] @ jnp.ones((16, 4)))
+            nll = -jnp.take_along_axis(logits, b["label"][:, None], axis=1)[:, 0]
+            keep = (b["label"] != 3).astype(jnp.float32)
+            spread = jnp.mean(jax.nn.sigmoid(b["x"] @ p[0]["w"]))
+            return jnp.sum(nll * keep) / jnp.sum(keep) + jnp.log(spread) + \
+                1e-2 * jnp.sum(p[0]["w"] ** 2), {"spread": spread}
+        (value, aux), grads = autoshard.value_and_grad(loss, has_aux=True)(params, batch)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), value, aux
+
+    args = _classifier()
     with pytest.raises(ValueError, match="a function of 2 values combined over the batch "
-                                         "that depend on the differentiated arguments"):
-        _pipelined(fn).plan(*_classifier())
+                                         "that depend on the differentiated arguments, under "
+                                         "schedule='1f1b'.*Use schedule='gpipe'"):
+        _pipelined(two_sums).plan(*args)
+    for fn in (two_sums, several):
+        step = _pipelined(fn, schedule="gpipe")
+        assert_trees_allclose(step(*args), jax.jit(fn)(*args))
+    assert "head cotangents" in step.lower(*args).names
 
 
 @pytest.mark.parametrize("form", ["plus", "times"])

@@ -152,6 +152,21 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
                   for a, donate in zip(layout.apply,
                                        _apply_donations(layout.apply, donated_vids, outvars)))
     loss = layout.layering.program.outvars[0]
+    cotangents = None
+    if split.head_cotangents is not None:  # a loss of several values: theirs at the totals
+        program = split.head_cotangents.program
+        inputs = []
+        for k, atom in enumerate(split.cotangent_inputs):
+            if isinstance(atom, Literal):
+                inputs.append(("v", "literal cotangent input", k))
+                constants.append((inputs[-1], atom.value))
+            else:
+                inputs.append(("v", atom))
+        cotangents = StepProgram(
+            shard_program(program, meshes[-1], [PartitionSpec()] * len(program.invars),
+                          [PartitionSpec()] * len(program.outvars)),
+            tuple(inputs), tuple(("head ct", F.outvars[h]) for h in split.heads),
+            "head cotangents")
     outputs = tuple(("literal", a.value) if isinstance(a, Literal) else ("v", a)
                     for a in O.outvars)
     return PipelineProgram(
@@ -163,7 +178,7 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
         loss=(("act", loss), ("v", geqn.outputs[0])), loss_sum=split.combinations[0] == SUM,
         aux=tuple(aux),
         aux_once=tuple(aux_once), zero_grads=zero,
-        apply=apply,
+        apply=apply, cotangents=cotangents,
         outputs=outputs, donated=tuple(k for k, d in enumerate(donated) if d),
         num_microbatches=layout.method.num_microbatches,
         schedule=layout.method.schedule, mesh=mesh)

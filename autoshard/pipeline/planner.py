@@ -109,7 +109,7 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
                   static_repr: str = "", device_ids=None) -> tuple[Plan, PipelineLayout]:
     start = time.perf_counter()
     B, schedule = method.num_microbatches, method.schedule
-    split = split_step(fun, args, static_argnums, batch_flags, B)
+    split = split_step(fun, args, static_argnums, batch_flags, B, schedule)
     for part in (split.forward, split.traced):  # the loss, and the step around it
         _check_no_manual_regions(part, method)
     layering = assign_layers(split.forward.program, split.diff, split.batch, method.num_layers)
@@ -144,7 +144,8 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
     stage_plans: dict = {}
     for i, j, m in _candidates(L, shapes, N, method.num_stages):
         if (i, j) not in programs:
-            programs[(i, j)] = stage_program(layering, i, j, split.diff, split.batch)
+            programs[(i, j)] = stage_program(layering, i, j, split.diff, split.batch,
+                                             split.heads)
         sp = programs[(i, j)]
         P = sp.traced.program
         ct_batch = [len(P.avals[v].shape) > 0 for v in P.invars[len(sp.inputs):]]

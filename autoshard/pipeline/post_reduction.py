@@ -20,6 +20,16 @@ batch (an L2 penalty: ``S / N + wd * sum(p ** 2)``) are differentiated by the st
 ``d loss / d penalty`` at the totals, pulled back through the penalty's own equations, is
 added to the scaled gradients. Aux outputs computed from combined values (a masked
 accuracy) are computed so too.
+
+A loss of several such values that depend on the differentiated inputs (``S1 / N + z * S2
+/ N``, ``jnp.log(S2)``, a product of two means), or of one that is not a scalar, needs
+each one's ``d loss / d S_i`` inside the backward passes: it is known once every
+micro-batch's forward has run, which GPipe does before any backward pass
+(``forwards_first``). Then the forward outputs every such value (``heads``), a small
+program computes their cotangents from the totals (``head_cotangents``: ``d loss / d
+S_i``, over the number of micro-batches for a mean), and the backward passes
+differentiate them with those, so the summed gradients are the whole batch's. Under 1F1B
+such a loss is refused.
 """
 from __future__ import annotations
 
@@ -29,7 +39,7 @@ import jax
 import numpy as np
 
 from autoshard.ir.program import Equation, Literal, Program
-from autoshard.ir.trace import TracedFunction, flatten_open_jaxpr
+from autoshard.ir.trace import TracedFunction, flatten_open_jaxpr, trace
 from autoshard.runtime import evaluate_program
 
 from .batch_prelude import kept_aux_paths
@@ -52,13 +62,21 @@ class PostReduced:
     inserted: int
     sources: tuple[str, ...]
     aux_paths: tuple[str, ...]   # per aux leaf of ``forward``, how errors name it
+    heads: tuple[int, ...] = (0,)   # the ``forward`` outputs the backward passes differentiate
+    # several heads: their cotangents, a program of the combined values at their totals
+    # (read from ``cotangent_inputs``, value ids of ``program``), one output per head
+    head_cotangents: TracedFunction | None = None
+    cotangent_inputs: tuple[int, ...] = ()
 
 
 def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
-                 diff, kinds: dict, aux_paths=()) -> PostReduced | str | None:
+                 diff, kinds: dict, aux_paths=(), *, num_microbatches: int = 1,
+                 forwards_first: bool = False) -> PostReduced | str | None:
     """``O`` with its loss ``forward`` cut where the functions of combined values begin
     (module doc). ``kinds``: ``value_kinds`` of ``forward``'s program; ``aux_paths``: per
-    aux leaf of ``forward``, how errors name it. ``None`` when no
+    aux leaf of ``forward``, how errors name it; ``forwards_first``: every micro-batch's
+    forward runs before the first backward (GPipe), so a loss of several such values is
+    differentiated at their totals. ``None`` when no
     output of ``forward`` is such a function; a reason (a string) when the loss is one but
     its gradient cannot be recovered."""
     F = forward.program
@@ -83,24 +101,31 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
         v for eqn, d in zip(F.eqns, depends_on(F, diff)) if d for v in eqn.outputs}
     loss = F.outvars[0]
     post_loss = 0 in post_out
-    head, direct = loss, []
+    heads, direct = [loss], []
+    at_totals = False   # the backward passes differentiate each head at the totals
     if post_loss:
         cone = _cone(F, loss, post_eqns, producer)
         differentiated = [f for f in frontier if f in cone and f in depends]
         # batch-independent ones (a parameter norm): differentiated in the step itself
         direct = [f for f in differentiated if _kind(kinds.get(f)) == SAME]
-        differentiated = [f for f in differentiated if f not in direct]
-        if len(differentiated) != 1:
-            return (f"a function of {len(differentiated)} values combined over the batch that "
-                    f"depend on the differentiated arguments" if differentiated else
-                    "a function of values combined over the batch, none of which depends on "
+        heads = [f for f in differentiated if f not in direct]
+        if not heads:
+            return ("a function of values combined over the batch, none of which depends on "
                     "the differentiated arguments")
-        (head,) = differentiated
-        aval = F.avals[head]
-        if _kind(kinds[head]) not in (SUM, MEAN) or aval.shape or \
-                not np.issubdtype(aval.dtype, np.inexact):
-            return ("a function of a value combined over the batch that is not a scalar sum "
-                    "or mean over it")
+        if any(_kind(kinds[h]) not in (SUM, MEAN) or
+               not np.issubdtype(F.avals[h].dtype, np.inexact) for h in heads):
+            return ("a function of a value combined over the batch that is not a sum or mean "
+                    "over it")
+        at_totals = len(heads) > 1 or bool(F.avals[heads[0]].shape)
+        if at_totals and not forwards_first:
+            what = (f"a function of {len(heads)} values combined over the batch that depend on "
+                    f"the differentiated arguments" if len(heads) > 1 else
+                    "a function of a value combined over the batch that is not a scalar")
+            return (f"{what}, under schedule='1f1b': the backward passes need d loss / d "
+                    f"value, known once every micro-batch's forward has run. Use "
+                    f"schedule='gpipe' (every forward runs before the backward passes, which "
+                    f"then differentiate each value at the totals)")
+    head = heads[0]
     # the forward's outputs: the differentiated value, the kept aux leaves, the combined
     # values the post equations read (the forward's own inputs and constants aside)
     kept_aux = [k for k in range(1, len(F.outvars)) if k not in post_out]
@@ -137,8 +162,12 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
     for v, c in F.constants:
         constants.append((fresh(F.avals[v]), c))
         outer[v] = constants[-1][0]
-    scaled = [k for k, g in enumerate(grads)
-              if post_loss and np.issubdtype(O.avals[g].dtype, np.inexact)]
+    # gradients the step part changes: scaled by d loss / d head, or a direct value's added
+    R, R_diff = _direct_values(F, direct, producer, diff)
+    diff_inputs = [v for v, d in zip(F.invars, diff) if d]
+    scaled = [k for k, g in enumerate(grads) if post_loss
+              and (not at_totals or diff_inputs[k] in R.invars)
+              and np.issubdtype(O.avals[g].dtype, np.inexact)]
     raw = list(grads)
     for k in scaled:
         raw[k] = fresh(O.avals[grads[k]])
@@ -149,23 +178,26 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
     P = Program(F.avals, tuple(frontier), tuple(F.outvars[k] for k in post_out),
                 tuple(F.eqns[e] for e in order), ())
     at = [frontier.index(f) for f in [head, *direct]] if post_loss else []
-    R, R_diff = _direct_values(F, direct, producer, diff)
+    if at_totals:
+        at = [None, *at[1:]]   # the gradients arrive differentiated at the totals
     # per gradient scaled, its differentiated input's position among R's inputs
-    diff_inputs = [v for v, d in zip(F.invars, diff) if d]
     into = [R.invars.index(diff_inputs[k]) if diff_inputs[k] in R.invars else None
             for k in scaled]
 
     def step_part(combined, gradients, read):
         results = list(evaluate_program(P, combined))
-        if at:
+        moved = [k for k in at if k is not None]
+        if moved:
             def of_heads(*values):
                 ins = list(combined)
-                for k, value in zip(at, values):
+                for k, value in zip(moved, values):
                     ins[k] = value
                 return evaluate_program(P, ins)[0]
-            slope, *slopes = jax.grad(of_heads, argnums=tuple(range(len(at))))(
-                *(combined[k] for k in at))
-            gradients = [g * slope.astype(g.dtype) for g in gradients]
+            slopes = list(jax.grad(of_heads, argnums=tuple(range(len(moved))))(
+                *(combined[k] for k in moved)))
+            if at[0] is not None:
+                slope = slopes.pop(0)
+                gradients = [g * slope.astype(g.dtype) for g in gradients]
             if direct:   # d loss / d r times the gradient of r, a function of the inputs
                 def of_inputs(*diffed):
                     ins, it = list(read), iter(diffed)
@@ -221,7 +253,28 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
     out_kinds = tuple(kinds[a] if isinstance(a, int) else SAME_VALUE for a in outs)
     paths = kept_aux_paths(aux_paths, kept_aux) + \
         tuple(f" (a value the step reads: {p})" for p in forward2.out_paths[1 + len(kept_aux):])
-    return PostReduced(program, forward2, out_kinds, len(moved), new_sources, paths)
+    if not at_totals:
+        return PostReduced(program, forward2, out_kinds, len(moved), new_sources, paths)
+    B = num_microbatches
+    positions = [frontier.index(h) for h in heads]
+
+    def head_cotangents(combined):
+        # d loss / d each head's total; a mean's total is the micro-batches' mean
+        def of_heads(*values):
+            ins = list(combined)
+            for k, value in zip(positions, values):
+                ins[k] = value
+            return evaluate_program(P, ins)[0]
+        slopes = jax.grad(of_heads, argnums=tuple(range(len(heads))))(
+            *(combined[k] for k in positions))
+        return [s / B if _kind(kinds[h]) == MEAN else s for s, h in zip(slopes, heads)]
+
+    cotangents = trace(head_cotangents, ([jax.ShapeDtypeStruct(F.avals[f].shape,
+                                                                F.avals[f].dtype)
+                                          for f in frontier],))
+    return PostReduced(program, forward2, out_kinds, len(moved), new_sources, paths,
+                       heads=tuple(outs.index(h) for h in heads), head_cotangents=cotangents,
+                       cotangent_inputs=tuple(outer[f] for f in frontier))
 
 
 def _kind(value):

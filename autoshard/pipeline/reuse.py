@@ -58,7 +58,8 @@ def reuse_pipeline(fun, args, plan: Plan, *, static_argnums, batch_flags,
     if not plan.programs or not records or len(records) != len(plan.stages):
         _refuse("holds no per-program shardings (it was written by an older autoshard, "
                 "before pipeline plans kept them)")
-    split = split_step(fun, args, static_argnums, batch_flags, method.num_microbatches)
+    split = split_step(fun, args, static_argnums, batch_flags, method.num_microbatches,
+                       method.schedule)
     check_fingerprint(plan, fingerprint(split.traced, static_repr,
                                         argument_avals=split.full_avals), _AGAIN)
     layering = assign_layers(split.forward.program, split.diff, split.batch, method.num_layers)
@@ -78,7 +79,8 @@ def reuse_pipeline(fun, args, plan: Plan, *, static_argnums, batch_flags,
         if missing:
             _refuse(f"puts stage {s} on devices {list(st.device_ids)}, but this mesh has no "
                     f"device(s) {missing} (its devices: {ids}): it was made for another mesh")
-        sp = stage_program(layering, st.layers[0], st.layers[-1], split.diff, split.batch)
+        sp = stage_program(layering, st.layers[0], st.layers[-1], split.diff, split.batch,
+                           split.heads)
         specs = _check_specs(plan.programs[s], f"stage {s}", sp.traced.program)
         stages.append(PlannedStage(sp, specs, tuple(st.mesh_shape),
                                    tuple(position[d] for d in st.device_ids), None, (0.0, 0.0)))

@@ -49,9 +49,10 @@ def _inexact(aval) -> bool:
     return jax.numpy.issubdtype(aval.dtype, np.inexact)
 
 
-def stage_program(layering: Layering, first: int, last: int, diff_invars, batch_invars
-                  ) -> StageProgram:
-    """Build and trace the stage running layers ``first..last`` of ``layering``."""
+def stage_program(layering: Layering, first: int, last: int, diff_invars, batch_invars,
+                  heads: tuple[int, ...] = (0,)) -> StageProgram:
+    """Build and trace the stage running layers ``first..last`` of ``layering``
+    (``heads``: the forward outputs differentiated, the loss or ``SplitStep.heads``)."""
     F = layering.program
     mine = [e for e, lv in enumerate(layering.layer_of) if first <= lv <= last]
     made = {v for e in mine for v in F.eqns[e].outputs}
@@ -88,7 +89,8 @@ def stage_program(layering: Layering, first: int, last: int, diff_invars, batch_
     diff_in = tuple(is_diff(v) for v in inputs)
     # a cotangent comes back for what later layers read and for the loss; aux outputs
     # (has_aux) are not differentiated
-    diff_out = tuple(is_diff(v) and (v in read_later or v == F.outvars[0]) for v in outputs)
+    differentiated = {F.outvars[k] for k in heads}
+    diff_out = tuple(is_diff(v) and (v in read_later or v in differentiated) for v in outputs)
     batch_in = tuple(batch.get(v, False) and len(F.avals[v].shape) > 0 for v in inputs)
 
     sub = Program(F.avals, tuple(inputs), tuple(outputs), tuple(F.eqns[e] for e in mine),

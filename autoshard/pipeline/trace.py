@@ -66,6 +66,12 @@ class SplitStep:
     # per forward output (the loss, then the aux leaves): how its micro-batches' values
     # combine (microbatch_outputs: "mean", "sum", "same", "max" or "min")
     combinations: tuple[str, ...] = ()
+    # the forward outputs the backward passes differentiate: the loss, or (a loss of several
+    # combined values, under GPipe: ``post_reduction``) each of them, with its cotangent
+    # computed from the totals by ``head_cotangents`` (reading ``cotangent_inputs``)
+    heads: tuple[int, ...] = (0,)
+    head_cotangents: TracedFunction | None = None
+    cotangent_inputs: tuple = ()
 
     def output_avals(self, num_microbatches: int) -> list:
         """The step's output avals (jax's; a literal output's too) for the whole batch: the
@@ -131,8 +137,11 @@ def _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, pa
         f"its docstring)") from err
 
 
-def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) -> SplitStep:
-    """Trace ``fun`` at micro-batch shapes and find its pre / gradient / post parts."""
+def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int,
+               schedule: str = "1f1b") -> SplitStep:
+    """Trace ``fun`` at micro-batch shapes and find its pre / gradient / post parts
+    (``schedule``: the pipeline's; under ``"gpipe"`` a loss of several combined values is
+    differentiated at their totals)."""
     B = num_microbatches
     leaves, paths, tree = flat_paths(args, static_argnums)
     full, micro = [], []
@@ -215,18 +224,21 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
             _fail("PipeshardParallel cannot differentiate with respect to a batch argument; "
                   "differentiate with respect to the parameters only")
     whole = None if whole_work is None else whole_work.forward.program
+    several_heads = {}   # SplitStep's heads fields, where the loss has several
     if B == 1:   # one micro-batch is the batch
         combinations = (MEAN,) * len(forward.program.outvars)
     else:
         kinds = value_kinds(forward.program, batch, B, whole)
-        cut = post_reduced(program, sources, g, forward, diff, kinds, aux_paths)
+        cut = post_reduced(program, sources, g, forward, diff, kinds, aux_paths,
+                           num_microbatches=B, forwards_first=schedule == "gpipe")
         if isinstance(cut, str):
             _fail(f"PipeshardParallel(num_microbatches={B}) in {name}: the loss it "
                   f"differentiates is {cut}, so its gradient cannot be summed from "
-                  f"micro-batches into jax.jit's. Make the loss a function of one sum or mean "
-                  f"over the batch that depends on the parameters (and of values that do not, "
-                  f"such as a count: a masked mean; and of values that do not depend on the "
-                  f"batch, such as a parameter norm), or use num_microbatches=1")
+                  f"micro-batches into jax.jit's. Make the loss a function of sums or means "
+                  f"over the batch (one that depends on the parameters, or several under "
+                  f"schedule='gpipe'), of values that do not depend on the parameters (a "
+                  f"count: a masked mean) and of values that do not depend on the batch (a "
+                  f"parameter norm), or use num_microbatches=1")
         if cut is None:
             outs = [combination(kinds.get(a) if isinstance(a, int) else SAME_VALUE)
                     for a in forward.program.outvars]
@@ -237,10 +249,13 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int) ->
             forward, num_aux = cut.forward, len(cut.forward.program.outvars) - 1
             aux_paths = cut.aux_paths
             outs = [combination(k) for k in cut.kinds]
+            if cut.head_cotangents is not None:
+                several_heads = dict(heads=cut.heads, head_cotangents=cut.head_cotangents,
+                                     cotangent_inputs=cut.cotangent_inputs)
         combinations = _combinations(forward, tuple(outs), B, name, aux_paths)
     _check_rows_returned(traced, g, combinations, aux_paths, name)
     split = SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
-                      tuple(full), num_aux, combinations)
+                      tuple(full), num_aux, combinations, **several_heads)
     if B > 1 and has_random_draws(forward.program):
         rows = {m.shape[0] for m, is_batch in zip(micro, batch_flags) if is_batch}
         split = _random_rows(split, fun, B, rows.pop() if len(rows) == 1 else None, whole)
