@@ -218,8 +218,8 @@ def test_a_loss_of_two_sums_that_depend_on_the_parameters_needs_gpipe():
 
     args = _classifier()
     with pytest.raises(ValueError, match="a function of 2 values combined over the batch "
-                                         "that depend on the differentiated arguments, under "
-                                         "schedule='1f1b'.*Use schedule='gpipe'"):
+                                         "that depend on the differentiated arguments, whose "
+                                         "factor.*several under schedule='gpipe'"):
         _pipelined(two_sums).plan(*args)
     for fn in (two_sums, several):
         step = _pipelined(fn, schedule="gpipe")

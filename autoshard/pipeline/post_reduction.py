@@ -121,10 +121,8 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
             what = (f"a function of {len(heads)} values combined over the batch that depend on "
                     f"the differentiated arguments" if len(heads) > 1 else
                     "a function of a value combined over the batch that is not a scalar")
-            return (f"{what}, under schedule='1f1b': the backward passes need d loss / d "
-                    f"value, known once every micro-batch's forward has run. Use "
-                    f"schedule='gpipe' (every forward runs before the backward passes, which "
-                    f"then differentiate each value at the totals)")
+            return (f"{what}, whose factor d loss / d value the backward passes need before "
+                    f"every micro-batch's forward has run (schedule='1f1b')")
     head = heads[0]
     # the forward's outputs: the differentiated value, the kept aux leaves, the combined
     # values the post equations read (the forward's own inputs and constants aside)

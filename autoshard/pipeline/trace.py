@@ -236,9 +236,9 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int,
                   f"differentiates is {cut}, so its gradient cannot be summed from "
                   f"micro-batches into jax.jit's. Make the loss a function of sums or means "
                   f"over the batch (one that depends on the parameters, or several under "
-                  f"schedule='gpipe'), of values that do not depend on the parameters (a "
-                  f"count: a masked mean) and of values that do not depend on the batch (a "
-                  f"parameter norm), or use num_microbatches=1")
+                  f"schedule='gpipe', which runs every forward first), of values that do not "
+                  f"depend on the parameters (a count: a masked mean) and of values that do "
+                  f"not depend on the batch (a parameter norm), or use num_microbatches=1")
         if cut is None:
             outs = [combination(kinds.get(a) if isinstance(a, int) else SAME_VALUE)
                     for a in forward.program.outvars]
