@@ -147,7 +147,10 @@ class PipeshardParallel:
     (a masked mean) is computed from their totals (of several that depend on the
     parameters, a z-loss beside the loss, under ``schedule="gpipe"`` only); a loss that
     none of these recovers (batch-norm statistics) is refused. The optimizer update (everything
-    after the gradient) runs once per step, on the stage that owns each parameter.
+    after the gradient) runs once per step, on the stage that owns each parameter. A step
+    without a gradient (inference) runs forward only: all of it is cut into layers at the
+    equations reading its non-batch arrays, and each output is combined over the
+    micro-batches as it is over the batch (one value per example concatenated).
 
     Batch arguments are split into micro-batches on their leading dimension; their
     scalar leaves and PRNG keys are read whole by every micro-batch. With

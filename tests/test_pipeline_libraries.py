@@ -334,6 +334,9 @@ def test_a_step_without_a_gradient_call_is_refused_clearly(mesh):
 
     params, x = {"w1": jnp.ones((4, 8)), "w2": jnp.ones((8, 2))}, jnp.ones((8, 4))
     step = autoshard.parallelize(vjp_step, mesh=mesh, method=_pipeline("1f1b"))
-    with pytest.raises(ValueError, match=r"needs vjp_step to compute its gradient with "
-                                         r"jax.value_and_grad or jax.grad .*jax.vjp"):
+    # (without a gradient the step runs forward only: the gradient jax.vjp takes per
+    # micro-batch is not combined into the batch's, and the error says to use jax.grad)
+    with pytest.raises(ValueError, match=r"in vjp_step \(no gradient: run forward only\).*"
+                                         r"take its gradient with jax.value_and_grad or "
+                                         r"jax.grad: one taken with jax.vjp"):
         step.plan(params, x)

@@ -121,12 +121,14 @@ def _balanced_cuts(flops: list[float], cut_bytes: list[float], num_layers: int,
     return starts[::-1]
 
 
-def assign_layers(program: Program, diff_flags, batch_flags, num_layers: int | None
-                  ) -> Layering:
+def assign_layers(program: Program, diff_flags, batch_flags, num_layers: int | None,
+                  forward_only: bool = False) -> Layering:
     """Layer of every equation of the forward ``program`` (see the module doc).
 
     ``num_layers`` is used when the program has no boundary markers (``None`` = 8, capped
     at the number of anchored equations); with markers it must be ``None`` or agree.
+    ``diff_flags``: the inputs the layers are anchored on (the differentiated ones; for a
+    step without a gradient, ``forward_only``, its parameters).
     """
     stripped, levels = strip_boundaries(program)
     has_markers = len(stripped.eqns) != len(program.eqns)
@@ -140,6 +142,13 @@ def assign_layers(program: Program, diff_flags, batch_flags, num_layers: int | N
     anchored_idx = [e for e, a in enumerate(anchored) if a]
     flops = [eqn_flops(stripped, eqn) for eqn in eqns]
     layer = [None] * len(eqns)
+    if not anchored_idx and forward_only:
+        raise ValueError(
+            "the step takes no gradient, so it would run forward only, and none of its work "
+            "reads both the batch and the arrays outside it (the parameters): nothing to "
+            "pipeline. A training step takes its gradient with jax.value_and_grad or jax.grad "
+            "(however imported) or autoshard.value_and_grad / autoshard.grad: one taken with "
+            "jax.vjp, jax.jacrev or a custom rule outside such a call is not seen")
     if not anchored_idx:
         raise ValueError("the loss does not depend on the differentiated arguments: nothing "
                          "to pipeline")

@@ -112,7 +112,8 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
     split = split_step(fun, args, static_argnums, batch_flags, B, schedule)
     for part in (split.forward, split.traced):  # the loss, and the step around it
         _check_no_manual_regions(part, method)
-    layering = assign_layers(split.forward.program, split.diff, split.batch, method.num_layers)
+    layering = assign_layers(split.forward.program, split.layer_anchors(), split.batch,
+                             method.num_layers, split.forward_only)
     L = layering.num_layers
     if method.num_stages is not None and method.num_stages > L:
         raise ValueError(f"num_stages={method.num_stages} but the loss has only {L} layer(s)"

@@ -62,7 +62,8 @@ def reuse_pipeline(fun, args, plan: Plan, *, static_argnums, batch_flags,
                        method.schedule)
     check_fingerprint(plan, fingerprint(split.traced, static_repr,
                                         argument_avals=split.full_avals), _AGAIN)
-    layering = assign_layers(split.forward.program, split.diff, split.batch, method.num_layers)
+    layering = assign_layers(split.forward.program, split.layer_anchors(), split.batch,
+                             method.num_layers, split.forward_only)
     layers = [lv for st in records for lv in st.layers]
     if layers != list(range(layering.num_layers)) or any(not st.layers for st in records):
         _refuse(f"runs layers {layers} in its stages, but this function's loss has "

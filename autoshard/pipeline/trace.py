@@ -10,6 +10,7 @@ in stages) and the *post* part (the apply-gradient: runs once per step).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import jax
@@ -31,7 +32,7 @@ from .batch_epilogue import moved_after_loss, unread_aux_dropped
 from .batch_prelude import LossOutputs, moved_into_loss
 from .batch_sizes import with_whole_batch_sizes
 from .layers import strip_boundaries
-from .markers import BOUNDARY_PRIMITIVE, GRAD_PRIMITIVE, pipeline_tracing
+from .markers import BOUNDARY_PRIMITIVE, GRAD_PRIMITIVE, pipeline_tracing, value_and_grad
 from .microbatch_outputs import (
     MAX,
     MEAN,
@@ -72,6 +73,20 @@ class SplitStep:
     heads: tuple[int, ...] = (0,)
     head_cotangents: TracedFunction | None = None
     cotangent_inputs: tuple = ()
+    # the step takes no gradient (inference): its whole computation is the forward, pipelined
+    # alone (the gradient marker around it differentiates a constant; see ``_forward_only``)
+    forward_only: bool = False
+
+    def layer_anchors(self) -> tuple[bool, ...]:
+        """Per forward input, whether the layers are cut at the equations reading it
+        (``layers.assign_layers``): the differentiated inputs; forward only, the floating
+        arrays outside the batch (the parameters)."""
+        if not self.forward_only:
+            return self.diff
+        F = self.forward.program
+        return tuple(not b and bool(F.avals[v].shape) and
+                     np.issubdtype(F.avals[v].dtype, np.inexact)
+                     for v, b in zip(F.invars, self.batch))
 
     def output_avals(self, num_microbatches: int) -> list:
         """The step's output avals (jax's; a literal output's too) for the whole batch: the
@@ -171,6 +186,11 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int,
     traced = dataclasses.replace(traced, program=program, sources=sources)
     name = getattr(fun, "__name__", "the function")
     grads = [e for e, eqn in enumerate(program.eqns) if eqn.primitive.name == GRAD_PRIMITIVE]
+    if not grads and gradient_routing_available() and not getattr(fun, "_forward_only", False):
+        # no gradient: an inference step, whose whole computation is pipelined forward only
+        split = split_step(_forward_only(fun), args, static_argnums, batch_flags,
+                           num_microbatches, schedule)
+        return dataclasses.replace(split, forward_only=True)
     if not grads:
         _fail(f"PipeshardParallel needs {name} to compute its gradient with jax.value_and_grad "
               f"or jax.grad (however imported; flax nnx's and equinox's wrappers call them) "
@@ -252,7 +272,8 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int,
             if cut.head_cotangents is not None:
                 several_heads = dict(heads=cut.heads, head_cotangents=cut.head_cotangents,
                                      cotangent_inputs=cut.cotangent_inputs)
-        combinations = _combinations(forward, tuple(outs), B, name, aux_paths)
+        combinations = _combinations(forward, tuple(outs), B, name, aux_paths,
+                                     getattr(fun, "_forward_only", False))
     _check_rows_returned(traced, g, combinations, aux_paths, name)
     split = SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
                       tuple(full), num_aux, combinations, **several_heads)
@@ -305,13 +326,16 @@ def _whole_batch_work(fun, args, static_argnums, batch_flags) -> LossOutputs | N
 
 
 def _combinations(forward: TracedFunction, kinds: tuple, B: int, name: str,
-                  aux_paths: tuple[str, ...] = ()) -> tuple[str, ...]:
+                  aux_paths: tuple[str, ...] = (), forward_only: bool = False
+                  ) -> tuple[str, ...]:
     """How the loss and each aux leaf combine over the ``B`` micro-batches (``kinds``:
     :func:`~.microbatch_outputs.output_combinations`'); a loss or aux leaf that no
-    combination recovers exactly is refused, naming what to return instead."""
+    combination recovers exactly is refused, naming what to return instead
+    (``forward_only``: the aux leaves are the outputs of a step without a gradient)."""
     if UNVERIFIED in kinds:   # averaged, as for a mean over the batch (the usual loss)
         warnings.warn(
-            f"PipeshardParallel(num_microbatches={B}) in {name}: the loss reads the batch "
+            f"PipeshardParallel(num_microbatches={B}) in {name}: the "
+            f"{'step' if forward_only else 'loss'} reads the batch "
             f"through {', '.join(unverified_ops(forward.program))}, through which autoshard "
             f"cannot tell whether its outputs are means over the batch; those are averaged "
             f"over the micro-batches, which gives jax.jit's values only for means (of "
@@ -327,12 +351,19 @@ def _combinations(forward: TracedFunction, kinds: tuple, B: int, name: str,
     for k, (kind, atom) in enumerate(zip(kinds[1:], forward.program.outvars[1:])):
         if kind is None or kind == MEAN and not np.issubdtype(
                 forward.program.avals[atom].dtype, np.inexact):
-            where = f"aux{aux_paths[k]}" if k < len(aux_paths) else f"aux leaf {k}"
-            _fail(f"value_and_grad(has_aux=True) in {name}: {where} is "
+            path = aux_paths[k] if k < len(aux_paths) else f" leaf {k}"
+            where = (f"PipeshardParallel(num_microbatches={B}) in {name} (no gradient: run "
+                     f"forward only): its output{path}" if forward_only else
+                     f"value_and_grad(has_aux=True) in {name}: aux{path}")
+            _fail(f"{where} is "
                   f"{_not_recovered(kind)}, which the {B} micro-batches' values cannot give "
                   f"exactly as jax.jit computes it on the whole batch. Return a mean, sum, "
-                  f"maximum or minimum over the batch (or a value that does not depend on it), "
-                  f"or use num_microbatches=1")
+                  f"maximum or minimum over the batch, one value per example, or a value that "
+                  f"does not depend on the batch, or use num_microbatches=1" +
+                  (f". If {name} trains a model, take its gradient with jax.value_and_grad or "
+                   f"jax.grad: one taken with jax.vjp, jax.jacrev or a custom rule outside "
+                   f"such a call is not seen, and the step runs forward only"
+                   if forward_only else ""))
     return kinds
 
 
@@ -363,6 +394,20 @@ def _not_recovered(kind: str | None) -> str:
         kind, "not a mean, sum, maximum or minimum over the batch, nor a function of such "
               "values (a batch statistic fed back into each row, as batch normalization does, "
               "or one row of the batch)")
+
+
+def _forward_only(fun):
+    """``fun`` (a step without a gradient) as a step whose gradient marker holds all of it:
+    the marker's loss is a constant it differentiates, ``fun``'s outputs its aux, combined
+    over the micro-batches as each is over the batch (rows concatenated, means averaged)."""
+    @functools.wraps(fun)
+    def step(*args):
+        def loss(anchor):
+            return anchor, fun(*args)
+        (_, outputs), _ = value_and_grad(loss, has_aux=True)(jax.numpy.zeros((), np.float32))
+        return outputs
+    step._forward_only = True
+    return step
 
 
 def _no_gradient_hint() -> str:
