@@ -115,6 +115,7 @@ class PipelineProgram:
     aux_once: tuple[tuple[Key, Key], ...] = ()
     mesh: Any = None    # the whole mesh (multi-process runs: where scalar outputs go)
     cotangents: StepProgram | None = None
+    forward_only: bool = False   # a step without a gradient: no backward program runs
 
     def __call__(self, flat_args) -> list:
         # each program runs on its own sub-mesh: a mesh the caller set (``jax.set_mesh``,
@@ -192,6 +193,11 @@ class PipelineProgram:
                 saved[(s, m)] = ([ins[p] for p in st.backward_inputs], list(outs[n:]))
                 continue
             kept, residuals = saved.pop((s, m))
+            if self.forward_only:   # the next stage has read this micro-batch's outputs
+                for key in st.outputs:
+                    if key != act_loss:
+                        micro[m].pop(key, None)
+                continue
             cot = []
             for p in st.cotangent_outputs:
                 key = st.outputs[p]
@@ -258,7 +264,9 @@ class PipelineProgram:
         B = self.num_microbatches
         out = [(p.name, p.program, 1) for p in self.pre]
         for s, st in enumerate(self.stages):
-            out += [(f"stage {s} forward", st.forward, B), (f"stage {s} backward", st.backward, B)]
+            out.append((f"stage {s} forward", st.forward, B))
+            if not self.forward_only:
+                out.append((f"stage {s} backward", st.backward, B))
         out += [(f"stage {s} gradient reduction", st.reduce, 1)
                 for s, st in enumerate(self.stages) if st.reduce is not None]
         if self.cotangents is not None:

@@ -55,6 +55,10 @@ def test_a_step_without_a_gradient_is_pipelined_forward_only(fn, batch_argnums):
     step = _pipelined(fn, batch_argnums=batch_argnums)
     assert_trees_allclose(step(*args), jax.jit(fn)(*args))
     assert len(step.plan(*args).stages) == 2
+    names = step.lower(*args).names   # (evaluate's masked means: from totals, in an apply)
+    assert names[:2] == ("stage 0 forward", "stage 1 forward")
+    assert not any("backward" in name for name in names)
+    assert step.audit(*args).ok
     assert jax.tree.map(lambda s: s.shape, step.eval_shape(*args)) == \
         jax.tree.map(lambda s: s.shape, jax.eval_shape(fn, *args))
 

@@ -141,8 +141,9 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
             tuple(("act", v) for v in sp.outputs),
             tuple(p for p, d in enumerate(sp.diff_out) if d), sp.backward_inputs,
             tuple(targets), reduce, tuple(p.output for p in partials)))
+    # (forward only, no backward runs: the constant's gradient is zero)
     zero = tuple((grad_key[v], tuple(F.avals[v].shape), F.avals[v].dtype)
-                 for v in grad_key if v not in produced)
+                 for v in grad_key if v not in produced or split.forward_only)
     pre = tuple(_step_program(p, mesh, "pre-gradient") for p in layout.pre)
     donated = [False] * len(O.invars) if donated is None else list(donated)
     donated_vids = {v for v, d in zip(O.invars, donated, strict=True) if d}
@@ -181,4 +182,4 @@ def build_pipeline(layout: PipelineLayout, mesh: Mesh, donated=None) -> Pipeline
         apply=apply, cotangents=cotangents,
         outputs=outputs, donated=tuple(k for k, d in enumerate(donated) if d),
         num_microbatches=layout.method.num_microbatches,
-        schedule=layout.method.schedule, mesh=mesh)
+        schedule=layout.method.schedule, mesh=mesh, forward_only=split.forward_only)
