@@ -67,7 +67,15 @@ def test_an_output_no_combination_gives_is_refused_naming_it():
     def top_logits(params, tokens):   # the five largest over the whole batch
         return {"top": jax.lax.top_k(_logits(params, tokens).reshape(-1), 5)[0]}
 
+    def doubled_on_the_host(params, tokens):   # rows? a mean? a callback does not say
+        logits = _logits(params, tokens)
+        return jax.pure_callback(lambda a: np.asarray(a) * 2, jax.typeof(logits), logits)
+
     params, tokens, _ = _model()
     with pytest.raises(ValueError, match=r"in top_logits \(no gradient: run forward only\): "
                                          r"its output\['top'\] is"):
         _pipelined(top_logits).plan(params, tokens)
+    # (a loss read through a callback is averaged over the micro-batches, with a warning;
+    # the outputs of an inference step are as often one row per example: refused)
+    with pytest.raises(ValueError, match="reads the batch through pure_callback"):
+        _pipelined(doubled_on_the_host).plan(params, tokens)

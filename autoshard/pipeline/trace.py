@@ -332,6 +332,12 @@ def _combinations(forward: TracedFunction, kinds: tuple, B: int, name: str,
     :func:`~.microbatch_outputs.output_combinations`'); a loss or aux leaf that no
     combination recovers exactly is refused, naming what to return instead
     (``forward_only``: the aux leaves are the outputs of a step without a gradient)."""
+    if UNVERIFIED in kinds[1:] and forward_only:   # outputs: rows as likely as means
+        _fail(f"PipeshardParallel(num_microbatches={B}) in {name} (no gradient: run forward "
+              f"only): the step reads the batch through "
+              f"{', '.join(unverified_ops(forward.program))}, through which autoshard cannot "
+              f"tell how its outputs combine over the micro-batches (concatenated, averaged, "
+              f"summed); use num_microbatches=1")
     if UNVERIFIED in kinds:   # averaged, as for a mean over the batch (the usual loss)
         warnings.warn(
             f"PipeshardParallel(num_microbatches={B}) in {name}: the "
