@@ -146,23 +146,18 @@ class PipelineProgram:
         placed: dict = {}
         acc: dict = {}
         act_loss, step_loss = self.loss
-        losses = []
         last = len(self.stages) - 1
         aux_values: dict = {skey: [] for _, skey, _ in self.aux}
         head_cts = {} if self.cotangents is None else \
             {("act",) + key[1:]: key for key in self.cotangents.outputs}
 
         def totals():
-            """The loss's and aux leaves' totals, and the heads' cotangents from them."""
-            if any(len(values) != B for values in aux_values.values()):
-                raise RuntimeError("a loss of several combined values needs every "
-                                   "micro-batch's forward before the backward passes")
+            """The loss's and aux leaves' totals over the micro-batches (each micro-batch
+            keeps its loss), once every micro-batch's forward has run."""
             env[step_loss] = _combined([micro[m][act_loss] for m in range(B)],
                                        "sum" if self.loss_sum else "mean")
             for _, skey, kind in self.aux:
                 env[skey] = _combined(aux_values[skey], kind)
-            step = self.cotangents
-            env.update(zip(step.outputs, _run(step.program, [env[k] for k in step.inputs])))
 
         def add(store, key, value):
             old = store.get(key)
@@ -202,16 +197,19 @@ class PipelineProgram:
             for p in st.cotangent_outputs:
                 key = st.outputs[p]
                 if key in head_cts:
-                    if head_cts[key] not in env:
+                    if head_cts[key] not in env:   # the heads' cotangents, from the totals
+                        if any(len(values) != B for values in aux_values.values()):
+                            raise RuntimeError("a loss of several combined values needs every "
+                                               "micro-batch's forward before the backward "
+                                               "passes")
                         totals()
+                        step = self.cotangents
+                        env.update(zip(step.outputs,
+                                       _run(step.program, [env[k] for k in step.inputs])))
                     cot.append(env[head_cts[key]])
-                    if key == act_loss:
-                        losses.append(micro[m][key])
                 elif key == act_loss:
-                    value = micro[m][key]
                     cot.append(np.asarray(1.0 if self.loss_sum else 1.0 / B,
-                                          dtype=value.dtype))
-                    losses.append(value)
+                                          dtype=micro[m][key].dtype))
                 else:
                     ct = cts[m].pop(("ct",) + key[1:], None)
                     cot.append(ct if ct is not None else jax.numpy.zeros_like(micro[m][key]))
@@ -232,11 +230,8 @@ class PipelineProgram:
                                                   [g for _, g in params])))
                 else:
                     acc.update(params)
-        if not losses:  # the loss never met a backward (no differentiated stage)
-            losses = [micro[m][act_loss] for m in range(B)]
-        env[step_loss] = _combined(losses, "sum" if self.loss_sum else "mean")
-        for _, skey, kind in self.aux:
-            env[skey] = _combined(aux_values[skey], kind)
+        if step_loss not in env:   # (not already, for the heads' cotangents)
+            totals()
         for s, st in enumerate(self.stages):   # partial sums: one reduction per step
             keys = [(s, st.grad_targets[j]) for j in st.partial]
             if keys and keys[0] in acc:

@@ -412,7 +412,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
     else:
         invars = tuple(new_value(v.aval) for v in closed.jaxpr.invars)
         outvars = inline(closed.jaxpr, closed.consts, invars)
-    kept = _live_equations(eqns, outvars, effectful)
+    kept = live_equations(eqns, outvars, effectful)
     program = Program(tuple(avals), invars, tuple(outvars), tuple(eqns[e] for e in kept),
                       tuple(constants))
     return TracedFunction(program, in_tree, out_tree, in_paths, tuple(out_paths),
@@ -420,7 +420,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                           scopes=tuple(scopes[e] for e in kept))
 
 
-def _live_equations(eqns: Sequence[Equation], outvars, effectful: set[int]) -> list[int]:
+def live_equations(eqns: Sequence[Equation], outvars, effectful: set[int]) -> list[int]:
     """Indices of the equations the outputs need, or with side effects, in order: XLA
     removes the others (the loss of a step that returns only its gradient), so they are
     neither planned nor priced."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from autoshard.ir.trace import TracedFunction, trace
+from autoshard.ir.trace import TracedFunction, live_equations, trace
 
 from .markers import GRAD_PRIMITIVE, pipeline_tracing
 from .trace import loss_of
@@ -125,10 +125,9 @@ def _differentiated_arguments(step: TracedFunction, geqn, dyn, starts, leaves) -
     (the parameters, whether passed as they are or cast first)."""
     program = step.program
     need = {a for a, d in zip(geqn.inputs, geqn.params["diff"]) if d and isinstance(a, int)}
-    g = next(e for e, eqn in enumerate(program.eqns) if eqn is geqn)
-    for eqn in reversed(program.eqns[:g]):
-        if any(v in need for v in eqn.outputs):
-            need |= {a for a in eqn.inputs if isinstance(a, int)}
+    before = program.eqns[:next(e for e, eqn in enumerate(program.eqns) if eqn is geqn)]
+    need |= {a for e in live_equations(before, need, set()) for a in before[e].inputs
+             if isinstance(a, int)}
     return {i for i in dyn
             if need & set(program.invars[starts[i]:starts[i] + len(leaves[i])])}
 

@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from autoshard.ir.program import Equation, Literal, Program
-from autoshard.ir.trace import TracedFunction, flatten_open_jaxpr, trace
+from autoshard.ir.trace import TracedFunction, flatten_open_jaxpr, live_equations, trace
 from autoshard.runtime import evaluate_program
 
 from .batch_prelude import kept_aux_paths
@@ -161,7 +161,7 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
         constants.append((fresh(F.avals[v]), c))
         outer[v] = constants[-1][0]
     # gradients the step part changes: scaled by d loss / d head, or a direct value's added
-    R, R_diff = _direct_values(F, direct, producer, diff)
+    R, R_diff = _direct_values(F, direct, diff)
     diff_inputs = [v for v, d in zip(F.invars, diff) if d]
     scaled = [k for k, g in enumerate(grads) if post_loss
               and (not at_totals or diff_inputs[k] in R.invars)
@@ -186,13 +186,7 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
         results = list(evaluate_program(P, combined))
         moved = [k for k in at if k is not None]
         if moved:
-            def of_heads(*values):
-                ins = list(combined)
-                for k, value in zip(moved, values):
-                    ins[k] = value
-                return evaluate_program(P, ins)[0]
-            slopes = list(jax.grad(of_heads, argnums=tuple(range(len(moved))))(
-                *(combined[k] for k in moved)))
+            slopes = _slopes(P, combined, moved)
             if at[0] is not None:
                 slope = slopes.pop(0)
                 gradients = [g * slope.astype(g.dtype) for g in gradients]
@@ -258,14 +252,8 @@ def post_reduced(O: Program, sources, grad_eqn: int, forward: TracedFunction,
 
     def head_cotangents(combined):
         # d loss / d each head's total; a mean's total is the micro-batches' mean
-        def of_heads(*values):
-            ins = list(combined)
-            for k, value in zip(positions, values):
-                ins[k] = value
-            return evaluate_program(P, ins)[0]
-        slopes = jax.grad(of_heads, argnums=tuple(range(len(heads))))(
-            *(combined[k] for k in positions))
-        return [s / B if _kind(kinds[h]) == MEAN else s for s, h in zip(slopes, heads)]
+        return [s / B if _kind(kinds[h]) == MEAN else s
+                for s, h in zip(_slopes(P, combined, positions), heads)]
 
     cotangents = trace(head_cotangents, ([jax.ShapeDtypeStruct(F.avals[f].shape,
                                                                 F.avals[f].dtype)
@@ -279,24 +267,28 @@ def _kind(value):
     return None if value is None else value[0]
 
 
-def _direct_values(F: Program, direct, producer, diff) -> tuple[Program, tuple[bool, ...]]:
+def _slopes(P: Program, combined, positions) -> list:
+    """``d P[0] / d combined[k]`` for each ``k`` of ``positions``, at ``combined`` (``P``:
+    the loss from the combined values)."""
+    def of(*values):
+        ins = list(combined)
+        for k, value in zip(positions, values):
+            ins[k] = value
+        return evaluate_program(P, ins)[0]
+    return list(jax.grad(of, argnums=tuple(range(len(positions))))(
+        *(combined[k] for k in positions)))
+
+
+def _direct_values(F: Program, direct, diff) -> tuple[Program, tuple[bool, ...]]:
     """The program computing the ``direct`` values of ``F`` (batch-independent ones the
     loss reads beside its combined values: a parameter norm) from the inputs of ``F`` they
     read (its constants kept), and per such input, whether it is differentiated."""
-    needed, todo, seen = set(), list(direct), set()
-    while todo:
-        v = todo.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        e = producer.get(v)
-        if e is not None:
-            needed.add(e)
-            todo.extend(a for a in F.eqns[e].inputs if isinstance(a, int))
-    consts = tuple((v, c) for v, c in F.constants if v in seen)
-    reads = [(v, d) for v, d in zip(F.invars, diff) if v in seen]
+    needed = live_equations(F.eqns, direct, set())
+    read = set(direct) | {a for e in needed for a in F.eqns[e].inputs if isinstance(a, int)}
+    consts = tuple((v, c) for v, c in F.constants if v in read)
+    reads = [(v, d) for v, d in zip(F.invars, diff) if v in read]
     return (Program(F.avals, tuple(v for v, _ in reads), tuple(direct),
-                    tuple(F.eqns[e] for e in sorted(needed)), consts),
+                    tuple(F.eqns[e] for e in needed), consts),
             tuple(d for _, d in reads))
 
 

@@ -153,10 +153,11 @@ def _raise_if_micro_batch_specific(fun, args, static_argnums, B, full, micro, pa
 
 
 def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int,
-               schedule: str = "1f1b") -> SplitStep:
+               schedule: str = "1f1b", *, forward_only: bool = False) -> SplitStep:
     """Trace ``fun`` at micro-batch shapes and find its pre / gradient / post parts
     (``schedule``: the pipeline's; under ``"gpipe"`` a loss of several combined values is
-    differentiated at their totals)."""
+    differentiated at their totals). A ``fun`` without a gradient is split as
+    ``_forward_only(fun)``, with ``forward_only`` set."""
     B = num_microbatches
     leaves, paths, tree = flat_paths(args, static_argnums)
     full, micro = [], []
@@ -186,11 +187,10 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int,
     traced = dataclasses.replace(traced, program=program, sources=sources)
     name = getattr(fun, "__name__", "the function")
     grads = [e for e, eqn in enumerate(program.eqns) if eqn.primitive.name == GRAD_PRIMITIVE]
-    if not grads and gradient_routing_available() and not getattr(fun, "_forward_only", False):
+    if not grads and gradient_routing_available() and not forward_only:
         # no gradient: an inference step, whose whole computation is pipelined forward only
-        split = split_step(_forward_only(fun), args, static_argnums, batch_flags,
-                           num_microbatches, schedule)
-        return dataclasses.replace(split, forward_only=True)
+        return split_step(_forward_only(fun), args, static_argnums, batch_flags,
+                          num_microbatches, schedule, forward_only=True)
     if not grads:
         _fail(f"PipeshardParallel needs {name} to compute its gradient with jax.value_and_grad "
               f"or jax.grad (however imported; flax nnx's and equinox's wrappers call them) "
@@ -272,11 +272,11 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int,
             if cut.head_cotangents is not None:
                 several_heads = dict(heads=cut.heads, head_cotangents=cut.head_cotangents,
                                      cotangent_inputs=cut.cotangent_inputs)
-        combinations = _combinations(forward, tuple(outs), B, name, aux_paths,
-                                     getattr(fun, "_forward_only", False))
+        combinations = _combinations(forward, tuple(outs), B, name, aux_paths, forward_only)
     _check_rows_returned(traced, g, combinations, aux_paths, name)
     split = SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
-                      tuple(full), num_aux, combinations, **several_heads)
+                      tuple(full), num_aux, combinations, **several_heads,
+                      forward_only=forward_only)
     if B > 1 and has_random_draws(forward.program):
         rows = {m.shape[0] for m, is_batch in zip(micro, batch_flags) if is_batch}
         split = _random_rows(split, fun, B, rows.pop() if len(rows) == 1 else None, whole)
@@ -412,7 +412,6 @@ def _forward_only(fun):
             return anchor, fun(*args)
         (_, outputs), _ = value_and_grad(loss, has_aux=True)(jax.numpy.zeros((), np.float32))
         return outputs
-    step._forward_only = True
     return step
 
 
