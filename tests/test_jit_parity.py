@@ -82,6 +82,21 @@ def test_weakly_typed_outputs_and_arrays(mesh8):
     assert_same_as_jit(step(x, strong), jax.jit(mul)(x, strong))   # float32: another plan
 
 
+@pytest.mark.parametrize("method", [autoshard.ShardParallel(), autoshard.ZeRO3()],
+                         ids=["ilp", "zero3"])
+def test_constant_outputs_beside_a_gradient(mesh8, method):
+    """A step returning constants (a placeholder metric, a step count's increment): jax
+    writes them as literals in the program's outputs."""
+    def step(p, x):
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean((x @ p["w"]) ** 2))(p)
+        return grads, loss, jnp.float32(0.0), 3
+
+    p, x = {"w": jnp.ones((16, 16)) / 4}, jnp.ones((8, 16))
+    out = autoshard.parallelize(step, mesh=mesh8, method=method)(p, x)
+    want = jax.jit(step)(p, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5), out, want)
+
+
 def test_shape_dtype_struct_weak_type_is_planned_as_given():
     mesh = autoshard.abstract_mesh((8,), ("data",))
     step = autoshard.parallelize(lambda x, s: x * s, mesh=mesh)

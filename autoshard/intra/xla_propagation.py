@@ -192,7 +192,7 @@ def _copies_made(program: Program, users: Mapping, made: Mapping, read: Mapping
             layout = read[e][k] if e in read else None
             copies.setdefault(program.eqns[e].inputs[k], set()).add(
                 tuple(layout) if layout is not None and any(layout) else None)
-    returned = set(program.outvars)
+    returned = {a for a in program.outvars if not isinstance(a, Literal)}
     return {vid: next(iter(layouts)) for vid, layouts in copies.items()
             if len(layouts) == 1 and None not in layouts and vid not in made
             and vid not in users and vid not in returned}
