@@ -18,6 +18,7 @@ unroll).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
+from .custom_rules import CUSTOM_RULE_CALLS, custom_rule_primitive, rule_params
 from .jax_compat import (
     inlined_call,
     join_scopes,
@@ -256,13 +258,17 @@ def argument_of(path: str) -> int:
     return int(path[len("args["):path.index("]")])
 
 
-def flatten_open_jaxpr(jaxpr, in_paths, out_paths) -> TracedFunction:
-    """Flatten a jaxpr whose constvars, then invars, become the program's inputs."""
+def flatten_open_jaxpr(jaxpr, in_paths, out_paths, keep_custom_rules: bool = False
+                       ) -> TracedFunction:
+    """Flatten a jaxpr whose constvars, then invars, become the program's inputs
+    (``keep_custom_rules``: for a program autoshard differentiates itself, see
+    :mod:`.custom_rules`)."""
     n = len(jaxpr.constvars) + len(jaxpr.invars)
     tree = jax.tree_util.tree_structure((0,) * n)
     out_tree = jax.tree_util.tree_structure([0] * len(jaxpr.outvars))
     return _flatten_program(jcore.ClosedJaxpr(jaxpr, [None] * len(jaxpr.constvars)), tree,
-                            out_tree, in_paths, out_paths, consts_as_inputs=True)
+                            out_tree, in_paths, out_paths, consts_as_inputs=True,
+                            keep_custom_rules=keep_custom_rules)
 
 
 #: primitives whose presence in a ``cond``'s branches keeps it a ``cond``: computing every
@@ -301,7 +307,8 @@ def _contracts(jaxpr) -> bool:
 
 
 def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
-                     consts_as_inputs: bool = False) -> TracedFunction:
+                     consts_as_inputs: bool = False, keep_custom_rules: bool = False
+                     ) -> TracedFunction:
     avals: list = []
     eqns: list[Equation] = []
     sources: list = []  # each equation's jax source info, and its callers' (SourceSummaries)
@@ -315,6 +322,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
     effectful: set[int] = set()  # equations with side effects
     made_by: dict[int, Equation] = {}  # value id -> the equation that made it
     computed: dict[tuple, tuple] = {}  # ``simplify.cse_key`` -> the first one's outputs
+    rule_bodies: dict[int, int] = {}  # a custom rule equation -> where its inlined body starts
 
     def barrier(atom, eqn, scope, callers):
         """``atom`` through an optimization barrier of its own, as jax lowers the operands
@@ -328,7 +336,8 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
         scopes.append(scope)
         return out
 
-    def inline(jaxpr, consts, in_atoms, const_atoms=None, scope="", callers=()):
+    def inline(jaxpr, consts, in_atoms, const_atoms=None, scope="", callers=(),
+               in_rule=False):
         env: dict = {}
         for var, atom in zip(jaxpr.constvars, const_atoms or (), strict=False):
             env[var] = atom
@@ -348,14 +357,14 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
             if unrolls(eqn):
                 unrolled = _unrolled_scan(eqn)
                 outs = inline(unrolled.jaxpr, unrolled.consts, ins, scope=here,
-                              callers=callers + (eqn.source_info,))
+                              callers=callers + (eqn.source_info,), in_rule=in_rule)
                 for var, atom in zip(eqn.outvars, outs, strict=True):
                     env[var] = atom
                 continue
             if selects_branches(eqn):
                 within = callers + (eqn.source_info,)
-                taken = [inline(b.jaxpr, b.consts, ins[1:], scope=here, callers=within)
-                         for b in eqn.params["branches"]]
+                taken = [inline(b.jaxpr, b.consts, ins[1:], scope=here, callers=within,
+                                in_rule=in_rule) for b in eqn.params["branches"]]
                 for k, var in enumerate(eqn.outvars):
                     cases = [outs[k] for outs in taken]
                     if all(c == cases[0] for c in cases):
@@ -373,10 +382,24 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                 if recomputes_in_backward(eqn):
                     ins = [barrier(a, eqn, here, callers) for a in ins]
                 within = callers + (eqn.source_info,)
+                rule = keep_custom_rules and not in_rule and \
+                    eqn.primitive.name in CUSTOM_RULE_CALLS
+                start = len(eqns)
                 if isinstance(callee, jcore.ClosedJaxpr):
-                    outs = inline(callee.jaxpr, callee.consts, ins, scope=here, callers=within)
+                    outs = inline(callee.jaxpr, callee.consts, ins, scope=here, callers=within,
+                                  in_rule=in_rule or rule)
                 else:
-                    outs = inline(callee, (), ins, scope=here, callers=within)
+                    outs = inline(callee, (), ins, scope=here, callers=within,
+                                  in_rule=in_rule or rule)
+                if rule:  # the user's rule, for when the program is differentiated again
+                    made = tuple(new_value(v.aval) for v in eqn.outvars)
+                    rule_bodies[len(eqns)] = start
+                    eqns.append(Equation(custom_rule_primitive(),
+                                         rule_params(eqn, len(outs), len(eqns) - start),
+                                         (*outs, *ins), made, eqn.source_info))
+                    sources.append((eqn.source_info, callers))
+                    scopes.append(here)
+                    outs = list(made)
                 for var, atom in zip(eqn.outvars, outs, strict=True):
                     env[var] = atom
                 continue
@@ -413,6 +436,10 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
         invars = tuple(new_value(v.aval) for v in closed.jaxpr.invars)
         outvars = inline(closed.jaxpr, closed.consts, invars)
     kept = live_equations(eqns, outvars, effectful)
+    for m, start in rule_bodies.items():  # its body's equations that are kept
+        eqn = eqns[m]
+        eqns[m] = dataclasses.replace(eqn, params={
+            **eqn.params, "num_inlined": bisect.bisect_left(kept, m) - bisect.bisect_left(kept, start)})
     program = Program(tuple(avals), invars, tuple(outvars), tuple(eqns[e] for e in kept),
                       tuple(constants))
     return TracedFunction(program, in_tree, out_tree, in_paths, tuple(out_paths),

@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from autoshard.intra.flops import eqn_flops
+from autoshard.ir.custom_rules import is_custom_rule
 from autoshard.ir.program import Program, readers
 
 from .markers import BOUNDARY_PRIMITIVE
@@ -80,12 +81,15 @@ def depends_on(program: Program, flags_in) -> list[bool]:
 
 
 def _balanced_cuts(flops: list[float], cut_bytes: list[float], num_layers: int,
-                   starts_layer=None) -> list[int]:
+                   starts_layer=None, may_cut=None) -> list[int]:
     """Segment start indices: ``num_layers`` contiguous non-empty segments of ``flops``
     with the least cut bytes among those whose max segment flops is within 10 % of optimal.
     ``cut_bytes[p]``: bytes live across a cut before item ``p``; among equal bytes a cut
-    before an item with ``starts_layer[p]`` (a matmul or convolution) is preferred."""
+    before an item with ``starts_layer[p]`` (a matmul or convolution) is preferred; no cut
+    before an item ``p`` whose ``may_cut[p]`` is false (``num_layers`` must leave enough
+    places to cut)."""
     n = len(flops)
+    allowed = [True] * (n + 1) if may_cut is None else [True, *may_cut[1:], True]
     prefix = np.concatenate([[0.0], np.cumsum(flops)])
     seg = lambda i, j: prefix[j] - prefix[i]  # noqa: E731 - flops of items i..j-1
 
@@ -95,7 +99,9 @@ def _balanced_cuts(flops: list[float], cut_bytes: list[float], num_layers: int,
         best[0][0] = 0.0
         for k in range(1, num_layers + 1):
             for j in range(k, n + 1):
-                best[k][j] = min(max(best[k - 1][i], seg(i, j)) for i in range(k - 1, j))
+                if allowed[j]:
+                    best[k][j] = min((max(best[k - 1][i], seg(i, j)) for i in range(k - 1, j)
+                                      if allowed[i]), default=inf)
         return best[num_layers][n]
 
     limit = min_max() * 1.1 + 1e-9
@@ -106,7 +112,7 @@ def _balanced_cuts(flops: list[float], cut_bytes: list[float], num_layers: int,
     for k in range(1, num_layers + 1):
         for j in range(k, n + 1):
             for i in range(k - 1, j):
-                if cost[k - 1][i] == inf or seg(i, j) > limit:
+                if cost[k - 1][i] == inf or seg(i, j) > limit or not allowed[i]:
                     continue
                 c = cost[k - 1][i] + (cut_bytes[i] if i > 0 else 0.0)
                 if i > 0 and starts_layer is not None and not starts_layer[i]:
@@ -119,6 +125,19 @@ def _balanced_cuts(flops: list[float], cut_bytes: list[float], num_layers: int,
         starts.append(i)
         j = i
     return starts[::-1]
+
+
+def _cuts_outside_custom_rules(eqns, items: list[int]) -> list[bool]:
+    """Per item (an equation index, in order): whether a layer may start at it, not
+    between two equations of one custom rule's body (``ir.custom_rules``: the equations
+    inlined before the rule equation, and the rule equation itself)."""
+    region: dict[int, int] = {}
+    for m, eqn in enumerate(eqns):
+        if is_custom_rule(eqn):
+            for e in range(max(0, m - eqn.params["num_inlined"]), m + 1):
+                region.setdefault(e, m)
+    return [p == 0 or region.get(e) is None or region.get(e) != region.get(items[p - 1])
+            for p, e in enumerate(items)]
 
 
 def assign_layers(program: Program, diff_flags, batch_flags, num_layers: int | None,
@@ -166,7 +185,10 @@ def assign_layers(program: Program, diff_flags, batch_flags, num_layers: int | N
         if want < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
         heavy = anchored_idx
-        num_layers = min(want, len(heavy))
+        # a custom rule's inlined body and its rule equation stay in one layer: its
+        # stage rebinds the user's call (ir.custom_rules)
+        may_cut = _cuts_outside_custom_rules(eqns, heavy)
+        num_layers = min(want, sum(may_cut[1:]) + 1)
         pos = {e: p for p, e in enumerate(heavy)}
         # bytes live across a cut before anchored item p: values made by anchored items < p
         # and read by anchored items >= p (or returned)
@@ -183,7 +205,8 @@ def assign_layers(program: Program, diff_flags, batch_flags, num_layers: int | N
                     diff[last + 1] -= _value_bytes(stripped, v)
         cut_bytes = list(np.cumsum(diff))
         starts = _balanced_cuts([flops[e] for e in heavy], cut_bytes, num_layers,
-                                [eqns[e].primitive.name in _LAYER_STARTS for e in heavy])
+                                [eqns[e].primitive.name in _LAYER_STARTS for e in heavy],
+                                may_cut)
         bounds = starts[1:] + [len(heavy)]
         k = 0
         for p, e in enumerate(heavy):

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from autoshard.intra.op_rules import loop_op
+from autoshard.ir.custom_rules import RULE_PRIMITIVE, is_custom_rule
 from autoshard.ir.program import Literal, Program
 from autoshard.ir.trace import flatten_open_jaxpr
 
@@ -128,7 +129,8 @@ def unverified_ops(program: Program) -> tuple[str, ...]:
     names = []
     for eqn in program.eqns:
         name = eqn.primitive.name
-        if name not in _PASS_THROUGH and name not in ("cond", "scan") and name not in names \
+        if name not in _PASS_THROUGH and name not in ("cond", "scan", RULE_PRIMITIVE) \
+                and name not in names \
                 and loop_op(eqn, [None if isinstance(a, Literal) else program.avals[a]
                                   for a in eqn.inputs],
                             [program.avals[v] for v in eqn.outputs]) is None:
@@ -239,6 +241,8 @@ def _literal(e: int, k: int, grown):
 
 def _apply(program: Program, e: int, eqn, ins, grown) -> list:
     n_out = len(eqn.outputs)
+    if is_custom_rule(eqn):   # its results are its inlined body's
+        return list(ins[:n_out])
     if eqn.primitive.name in _PASS_THROUGH and n_out == len(ins):
         return list(ins)
     if any(v is None for v in ins):

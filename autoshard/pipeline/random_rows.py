@@ -29,6 +29,7 @@ import numpy as np
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
+from autoshard.ir.custom_rules import CUSTOM_RULE_CALLS, is_custom_rule
 from autoshard.ir.jax_compat import bind
 from autoshard.ir.program import Equation, Literal, Program
 from autoshard.ir.trace import TracedFunction, trace
@@ -131,6 +132,9 @@ def _draws(program: Program) -> list[_Draw]:
     for e, eqn in enumerate(program.eqns):
         if eqn.primitive.name in RANDOM_PRIMITIVES:
             out.append(_Draw(e, eqn.primitive.name, tuple(eqn.params["shape"])))
+        elif is_custom_rule(eqn):  # the user's call, run again where it is differentiated
+            out += [_Draw(e, name, shape, eqn.params["call_primitive"].name)
+                    for name, shape in _nested(eqn.params["call_params"])]
         else:
             out += [_Draw(e, name, shape, eqn.primitive.name)
                     for name, shape in _nested(eqn.params)]
@@ -173,7 +177,11 @@ def reproduce_random_rows(forward: TracedFunction, full: Program | None,
             continue   # does not follow the batch: the same in every micro-batch, as in jit
         key = F.eqns[d.eqn].inputs[0]
         reason = None
-        if d.within:
+        if d.within in CUSTOM_RULE_CALLS:
+            reason = (f"its shape is {whole} for the whole batch, and the function with a "
+                      f"custom gradient ({d.within}) runs whole, as jax runs it, to apply "
+                      f"its rule")
+        elif d.within:
             reason = (f"its shape is {whole} for the whole batch, and the {d.within} is "
                       f"not unrolled")
         elif isinstance(key, Literal) or F.avals[key].shape != ():

@@ -429,7 +429,8 @@ def loss_of(geqn) -> TracedFunction:
     marker's operands, its outputs the loss, then the aux leaves."""
     jaxpr, n = geqn.params["jaxpr"], len(geqn.inputs)
     return flatten_open_jaxpr(jaxpr, tuple(f"loss_input[{k}]" for k in range(n)),
-                              ("loss",) + tuple(f"aux[{k}]" for k in range(len(jaxpr.outvars) - 1)))
+                              ("loss",) + tuple(f"aux[{k}]" for k in range(len(jaxpr.outvars) - 1)),
+                              keep_custom_rules=True)  # the stages are differentiated again
 
 
 def _random_rows(split: SplitStep, fun, B: int, micro_rows, full: Program | None
