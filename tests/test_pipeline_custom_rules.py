@@ -3,6 +3,7 @@
 ``jax.jit`` does (``autoshard.ir.custom_rules``): straight-through estimators, gradient
 reversal, a block with a hand-written backward, a safe norm."""
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,8 @@ from autoshard.ir.custom_rules import RULE_PRIMITIVE
 from autoshard.ir.trace import trace
 from autoshard.pipeline.layers import assign_layers
 from autoshard.pipeline.markers import GRAD_PRIMITIVE, pipeline_tracing
-from autoshard.pipeline.trace import loss_of
+from autoshard.pipeline.stage_program import stage_program
+from autoshard.pipeline.trace import loss_of, split_step
 from tests.trees import assert_trees_allclose
 
 D = 32
@@ -134,3 +136,56 @@ def test_layers_are_not_cut_inside_a_custom_rule():
                              num_layers=6)
     assert layering.num_layers >= 3
     assert len({layering.layer_of[e] for e in body}) == 1
+
+
+def _layer(w, h, key=None):
+    h = jax.nn.gelu(h @ w)
+    if key is not None:   # dropout
+        h = h * jax.random.bernoulli(key, 0.8, h.shape) / 0.8
+    return h
+
+
+def _layers_loss(p, x, y, checkpoint):
+    h = x
+    for name in ["w1", "w2", "w3", "w4"]:
+        h = (jax.checkpoint(_layer) if checkpoint else _layer)(p[name], h)
+    return optax.softmax_cross_entropy_with_integer_labels(h @ p["head"], y).mean()
+
+
+def _residual_bytes(checkpoint: bool) -> int:
+    """Bytes the first of two stages keeps from its forward for its backward."""
+    p, x, y = _inputs()
+    step = lambda p, x, y: jax.value_and_grad(_layers_loss)(p, x, y, checkpoint)  # noqa: E731
+    split = split_step(step, (p, x, y), (), [False] * 5 + [True, True], 2)
+    layering = assign_layers(split.forward.program, split.layer_anchors(), split.batch, 2)
+    stage = stage_program(layering, 0, 0, split.diff, split.batch)
+    avals = stage.traced.program.avals
+    return sum(math.prod(avals[v].shape) * avals[v].dtype.itemsize for v in stage.residuals)
+
+
+def test_checkpointed_layers_keep_less_for_the_backward():
+    """jax.checkpoint'd layers are recomputed in the stage's backward, as under jax.jit:
+    their stage keeps their inputs, not their activations."""
+    assert _residual_bytes(checkpoint=True) < 0.6 * _residual_bytes(checkpoint=False)
+
+
+def test_a_checkpoint_cut_by_a_stage_boundary_matches_jit():
+    """A checkpoint around the whole loss is cut (each stage differentiates its part as it
+    is), yet the custom rule and the dropout inside it stay as jax.jit runs them."""
+    p, x, y = _inputs()
+
+    def loss(p, x, y, key):
+        keys = jax.random.split(key, 4)
+        h = x
+        for name, k in zip(["w1", "w2", "w3", "w4"], keys):
+            h = _layer(straight_through_round(p[name]), h, k)
+        return optax.softmax_cross_entropy_with_integer_labels(h @ p["head"], y).mean()
+
+    def step(p, x, y, key):
+        return jax.value_and_grad(jax.checkpoint(loss))(p, x, y, key)
+
+    key = jax.random.key(3)
+    pipelined = autoshard.parallelize(
+        step, mesh=autoshard.make_mesh((2, 2), ("data", "model")), batch_argnums=(1, 2),
+        method=autoshard.PipeshardParallel(num_microbatches=2, num_stages=2))
+    assert_trees_allclose(pipelined(p, x, y, key), jax.jit(step)(p, x, y, key))

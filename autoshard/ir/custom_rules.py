@@ -11,9 +11,17 @@ operands; its outputs are the call's results. The analyses read it as the identi
 body's results. Evaluated (``jax_compat.bind``), it binds the user's call on the operands,
 so jax applies the user's rule; the inlined body then has no reader and is dropped from
 the traced program.
+
+A ``jax.checkpoint`` call is kept so too: rebound, its body is recomputed in the backward
+pass, as the user asked, instead of every activation being stored. Unlike a custom
+gradient, it may be *dissolved* (``with_remat_dissolved``: the rule equation becomes the
+identity on its body's results) where rebinding it would not compute what the program
+computes: a stage holding part of its body, or a body whose random draws the pipeline
+rewrote.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax.extend.core as jcore
@@ -21,6 +29,11 @@ import jax.extend.core as jcore
 RULE_PRIMITIVE = "autoshard_custom_rule"
 #: call primitives whose differentiation rule is the user's
 CUSTOM_RULE_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+#: ``jax.checkpoint``: differentiated, its body is recomputed in the backward pass (the
+#: user's rematerialization); a rule equation of one may be *dissolved* (the identity on
+#: its body's results: the body differentiated as it is, everything it makes stored)
+REMAT_CALLS = frozenset({"checkpoint", "remat", "remat2"})
+KEPT_CALLS = CUSTOM_RULE_CALLS | REMAT_CALLS
 
 
 class _CustomRule(jcore.Primitive):
@@ -29,8 +42,11 @@ class _CustomRule(jcore.Primitive):
 
     multiple_results = True
 
-    def bind(self, *operands, call_primitive, call_params, num_outputs, num_inlined):
+    def bind(self, *operands, call_primitive, call_params, num_outputs, num_inlined,
+             dissolved=False):
         del num_inlined
+        if dissolved:
+            return list(operands[:num_outputs])
         outs = call_primitive.bind(*operands[num_outputs:],
                                    **call_primitive.get_bind_params(call_params))
         return list(outs) if call_primitive.multiple_results else [outs]
@@ -50,3 +66,25 @@ def rule_params(call_eqn, num_outputs: int, num_inlined: int) -> dict:
 
 def is_custom_rule(eqn) -> bool:
     return eqn.primitive.name == RULE_PRIMITIVE
+
+
+def is_user_rule(eqn) -> bool:
+    """A rule equation of a ``jax.custom_vjp`` / ``jax.custom_jvp`` call (whose gradient
+    is the user's: never dissolved)."""
+    return is_custom_rule(eqn) and eqn.params["call_primitive"].name in CUSTOM_RULE_CALLS
+
+
+def body(eqns, m: int) -> range:
+    """Indices of rule equation ``m``'s inlined body in ``eqns`` (before it)."""
+    return range(max(0, m - eqns[m].params["num_inlined"]), m)
+
+
+def with_remat_dissolved(eqns, keep) -> tuple:
+    """``eqns`` with each ``jax.checkpoint`` rule equation dissolved unless ``keep(m,
+    its body)`` (``m``: its index) says to keep it."""
+    out = list(eqns)
+    for m, eqn in enumerate(eqns):
+        if is_custom_rule(eqn) and not is_user_rule(eqn) and not eqn.params.get("dissolved") \
+                and not keep(m, body(eqns, m)):
+            out[m] = dataclasses.replace(eqn, params={**eqn.params, "dissolved": True})
+    return tuple(out)

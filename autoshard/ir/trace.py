@@ -29,7 +29,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from .custom_rules import CUSTOM_RULE_CALLS, custom_rule_primitive, rule_params
+from .custom_rules import CUSTOM_RULE_CALLS, KEPT_CALLS, custom_rule_primitive, rule_params
 from .jax_compat import (
     inlined_call,
     join_scopes,
@@ -382,15 +382,17 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                 if recomputes_in_backward(eqn):
                     ins = [barrier(a, eqn, here, callers) for a in ins]
                 within = callers + (eqn.source_info,)
-                rule = keep_custom_rules and not in_rule and \
-                    eqn.primitive.name in CUSTOM_RULE_CALLS
+                # (inside a user's rule, its call covers any other; inside a checkpoint,
+                # which a stage may differentiate as it is, a user's rule is kept too)
+                rule = keep_custom_rules and not in_rule and eqn.primitive.name in KEPT_CALLS
+                user_rule = rule and eqn.primitive.name in CUSTOM_RULE_CALLS
                 start = len(eqns)
                 if isinstance(callee, jcore.ClosedJaxpr):
                     outs = inline(callee.jaxpr, callee.consts, ins, scope=here, callers=within,
-                                  in_rule=in_rule or rule)
+                                  in_rule=in_rule or user_rule)
                 else:
                     outs = inline(callee, (), ins, scope=here, callers=within,
-                                  in_rule=in_rule or rule)
+                                  in_rule=in_rule or user_rule)
                 if rule:  # the user's rule, for when the program is differentiated again
                     made = tuple(new_value(v.aval) for v in eqn.outvars)
                     rule_bodies[len(eqns)] = start

@@ -29,7 +29,7 @@ import numpy as np
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
-from autoshard.ir.custom_rules import CUSTOM_RULE_CALLS, is_custom_rule
+from autoshard.ir.custom_rules import CUSTOM_RULE_CALLS, is_user_rule, with_remat_dissolved
 from autoshard.ir.jax_compat import bind
 from autoshard.ir.program import Equation, Literal, Program
 from autoshard.ir.trace import TracedFunction, trace
@@ -132,7 +132,7 @@ def _draws(program: Program) -> list[_Draw]:
     for e, eqn in enumerate(program.eqns):
         if eqn.primitive.name in RANDOM_PRIMITIVES:
             out.append(_Draw(e, eqn.primitive.name, tuple(eqn.params["shape"])))
-        elif is_custom_rule(eqn):  # the user's call, run again where it is differentiated
+        elif is_user_rule(eqn):  # the user's call, run again where it is differentiated
             out += [_Draw(e, name, shape, eqn.params["call_primitive"].name)
                     for name, shape in _nested(eqn.params["call_params"])]
         else:
@@ -211,6 +211,10 @@ def reproduce_random_rows(forward: TracedFunction, full: Program | None,
     if not snippets:
         return RandomRows(forward, (), tuple(problems))
     strides = tuple(sorted({stride for _, stride in snippets.values()}))
+    # a jax.checkpoint body drawing these is differentiated as it is (run again in the
+    # backward pass, it would draw them as the user's call does, at the micro-batch's shape)
+    eqns = with_remat_dissolved(F.eqns, lambda m, inside: not any(e in snippets for e in inside))
+    forward = dataclasses.replace(forward, program=dataclasses.replace(F, eqns=eqns))
     return RandomRows(_splice(forward, snippets, strides), strides, tuple(problems))
 
 
