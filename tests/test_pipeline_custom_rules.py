@@ -1,7 +1,8 @@
 """PipeshardParallel differentiates each stage itself (``jax.vjp``), so a loss's
 ``jax.custom_vjp`` / ``jax.custom_jvp`` functions must keep the user's rule there, as
 ``jax.jit`` does (``autoshard.ir.custom_rules``): straight-through estimators, gradient
-reversal, a block with a hand-written backward, a safe norm."""
+reversal, a block with a hand-written backward, a safe norm; a ``lax.cond`` differentiates
+only its branch taken; ``jax.checkpoint`` recomputes its block in the backward pass."""
 import functools
 import math
 
@@ -76,6 +77,9 @@ def _loss(p, x, y, rules=True):
     block = residual_block if rules else lambda a, b, h: jax.nn.gelu(h @ a) @ b + h
     norm = safe_norm if rules else lambda v: jnp.sqrt(jnp.sum(v * v, -1))
     h = block(p["w1"], p["w2"], x)
+    # the branch not taken has a NaN slope at negative values (inlined as a select: NaN)
+    h = jax.lax.cond(p["w3"][0, 0] > -1e9, lambda h: 2.0 * h, jnp.sqrt, h) if rules else \
+        jnp.where(p["w3"][0, 0] > -1e9, 2.0 * h, jnp.sqrt(h))
     h = jax.nn.relu(h @ ste(p["w3"])) * (y[:, None] % 2)      # zero rows for the norm
     adversary = jnp.mean((rev(h, 0.3) @ p["w4"]) ** 2)
     logits = h @ p["head"]
@@ -105,6 +109,7 @@ def test_every_rule_changes_the_gradient():
     # the block's rule, the rounding's, the reversal's and the norm's (NaN inlined)
     for name in ["w1", "w3", "w4"]:
         assert not np.allclose(with_rules[name], inlined[name]), name
+    assert np.isnan(inlined["w2"]).any()   # the cond's, as a select
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])

@@ -523,6 +523,8 @@ RULES.update({
     "cummin": along_axis("axis"), "cumlogsumexp": along_axis("axis"),
     "sort": along_axis("dimension"), "top_k": top_k, "approx_top_k": top_k,
     "transpose": transpose, "squeeze": squeeze, "reshape": reshape, "rev": rev, "iota": iota,
+    # the placeholders a differentiated cond makes for the residuals of the branch not taken
+    "empty": iota, "empty2": iota,
     "tile": tile, "fft": fft,
     **LINALG_RULES,
     "dot_general": dot_general, "ragged_dot_general": ragged_dot, "conv_general_dilated": conv,

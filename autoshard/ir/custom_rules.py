@@ -17,7 +17,9 @@ pass, as the user asked, instead of every activation being stored. Unlike a cust
 gradient, it may be *dissolved* (``with_remat_dissolved``: the rule equation becomes the
 identity on its body's results) where rebinding it would not compute what the program
 computes: a stage holding part of its body, or a body whose random draws the pipeline
-rewrote.
+rewrote. A ``lax.cond`` that tracing computes as every branch and a select is kept so as
+well (jax differentiates only the branch taken), and dissolved only where its branches'
+random draws were rewritten.
 """
 from __future__ import annotations
 
@@ -33,7 +35,11 @@ CUSTOM_RULE_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp
 #: user's rematerialization); a rule equation of one may be *dissolved* (the identity on
 #: its body's results: the body differentiated as it is, everything it makes stored)
 REMAT_CALLS = frozenset({"checkpoint", "remat", "remat2"})
-KEPT_CALLS = CUSTOM_RULE_CALLS | REMAT_CALLS
+#: a ``lax.cond`` traced as its branches and a select: differentiated so, a branch not
+#: taken would get a zero cotangent, and 0 * inf (``jnp.sqrt`` at a negative value) is NaN;
+#: jax differentiates the branch taken only
+BRANCH_CALLS = frozenset({"cond"})
+KEPT_CALLS = CUSTOM_RULE_CALLS | REMAT_CALLS | BRANCH_CALLS
 
 
 class _CustomRule(jcore.Primitive):
@@ -79,12 +85,19 @@ def body(eqns, m: int) -> range:
     return range(max(0, m - eqns[m].params["num_inlined"]), m)
 
 
-def with_remat_dissolved(eqns, keep) -> tuple:
-    """``eqns`` with each ``jax.checkpoint`` rule equation dissolved unless ``keep(m,
-    its body)`` (``m``: its index) says to keep it."""
+def is_cut_free(eqn) -> bool:
+    """A rule equation whose body no layer boundary should cut: rebinding its call in the
+    stage holding the rule equation is what keeps its gradient jax's (all but a
+    checkpoint's, which may be dissolved instead)."""
+    return is_custom_rule(eqn) and eqn.params["call_primitive"].name not in REMAT_CALLS
+
+
+def with_dissolved(eqns, calls: frozenset, keep) -> tuple:
+    """``eqns`` with each rule equation of one of ``calls`` dissolved unless ``keep(m, its
+    body)`` (``m``: its index) says to keep it."""
     out = list(eqns)
     for m, eqn in enumerate(eqns):
-        if is_custom_rule(eqn) and not is_user_rule(eqn) and not eqn.params.get("dissolved") \
-                and not keep(m, body(eqns, m)):
+        if is_custom_rule(eqn) and eqn.params["call_primitive"].name in calls \
+                and not eqn.params.get("dissolved") and not keep(m, body(eqns, m)):
             out[m] = dataclasses.replace(eqn, params={**eqn.params, "dissolved": True})
     return tuple(out)

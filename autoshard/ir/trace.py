@@ -336,6 +336,17 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
         scopes.append(scope)
         return out
 
+    def kept_rule(eqn, start, outs, ins, callers, scope) -> list:
+        """After ``eqn``'s body (equations ``start`` on, making ``outs`` from ``ins``), its
+        rule equation (:mod:`.custom_rules`), whose results replace ``outs``."""
+        made = tuple(new_value(v.aval) for v in eqn.outvars)
+        rule_bodies[len(eqns)] = start
+        eqns.append(Equation(custom_rule_primitive(), rule_params(eqn, len(outs), len(eqns) - start),
+                             (*outs, *ins), made, eqn.source_info))
+        sources.append((eqn.source_info, callers))
+        scopes.append(scope)
+        return list(made)
+
     def inline(jaxpr, consts, in_atoms, const_atoms=None, scope="", callers=(),
                in_rule=False):
         env: dict = {}
@@ -363,18 +374,24 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                 continue
             if selects_branches(eqn):
                 within = callers + (eqn.source_info,)
+                start = len(eqns)
                 taken = [inline(b.jaxpr, b.consts, ins[1:], scope=here, callers=within,
                                 in_rule=in_rule) for b in eqn.params["branches"]]
+                selected = []
                 for k, var in enumerate(eqn.outvars):
                     cases = [outs[k] for outs in taken]
                     if all(c == cases[0] for c in cases):
-                        env[var] = cases[0]
+                        selected.append(cases[0])
                         continue
                     out = new_value(var.aval)
                     eqns.append(Equation(select_n_primitive(), {}, (ins[0], *cases), (out,)))
                     sources.append((eqn.source_info, callers))
                     scopes.append(here)
-                    env[var] = out
+                    selected.append(out)
+                if keep_custom_rules and not in_rule:
+                    selected = kept_rule(eqn, start, selected, ins, callers, here)
+                for var, atom in zip(eqn.outvars, selected, strict=True):
+                    env[var] = atom
                 continue
             call = inlined_call(eqn, ins)
             if call is not None:
@@ -383,7 +400,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                     ins = [barrier(a, eqn, here, callers) for a in ins]
                 within = callers + (eqn.source_info,)
                 # (inside a user's rule, its call covers any other; inside a checkpoint,
-                # which a stage may differentiate as it is, a user's rule is kept too)
+                # which a stage may dissolve, a user's rule is kept too)
                 rule = keep_custom_rules and not in_rule and eqn.primitive.name in KEPT_CALLS
                 user_rule = rule and eqn.primitive.name in CUSTOM_RULE_CALLS
                 start = len(eqns)
@@ -393,15 +410,8 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                 else:
                     outs = inline(callee, (), ins, scope=here, callers=within,
                                   in_rule=in_rule or user_rule)
-                if rule:  # the user's rule, for when the program is differentiated again
-                    made = tuple(new_value(v.aval) for v in eqn.outvars)
-                    rule_bodies[len(eqns)] = start
-                    eqns.append(Equation(custom_rule_primitive(),
-                                         rule_params(eqn, len(outs), len(eqns) - start),
-                                         (*outs, *ins), made, eqn.source_info))
-                    sources.append((eqn.source_info, callers))
-                    scopes.append(here)
-                    outs = list(made)
+                if rule:
+                    outs = kept_rule(eqn, start, outs, ins, callers, here)
                 for var, atom in zip(eqn.outvars, outs, strict=True):
                     env[var] = atom
                 continue

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from autoshard.intra.flops import eqn_flops
-from autoshard.ir.custom_rules import body, is_user_rule
+from autoshard.ir.custom_rules import body, is_cut_free
 from autoshard.ir.program import Program, readers
 
 from .markers import BOUNDARY_PRIMITIVE
@@ -129,12 +129,12 @@ def _balanced_cuts(flops: list[float], cut_bytes: list[float], num_layers: int,
 
 def _cuts_outside_custom_rules(eqns, items: list[int]) -> list[bool]:
     """Per item (an equation index, in order): whether a layer may start at it, not
-    between two equations of one custom gradient's body (``ir.custom_rules``: the equations
-    inlined before the rule equation, and the rule equation itself). A ``jax.checkpoint``
-    body may be cut: each stage's part is then differentiated as it is."""
+    between two equations of one custom gradient's or cond's body (``ir.custom_rules``: the
+    equations inlined before the rule equation, and the rule equation itself). A
+    ``jax.checkpoint`` body may be cut: each stage's part is then differentiated as it is."""
     region: dict[int, int] = {}
     for m, eqn in enumerate(eqns):
-        if is_user_rule(eqn):
+        if is_cut_free(eqn):
             for e in [*body(eqns, m), m]:
                 region.setdefault(e, m)
     return [p == 0 or region.get(e) is None or region.get(e) != region.get(items[p - 1])

@@ -29,7 +29,13 @@ import numpy as np
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
-from autoshard.ir.custom_rules import CUSTOM_RULE_CALLS, is_user_rule, with_remat_dissolved
+from autoshard.ir.custom_rules import (
+    BRANCH_CALLS,
+    CUSTOM_RULE_CALLS,
+    REMAT_CALLS,
+    is_user_rule,
+    with_dissolved,
+)
 from autoshard.ir.jax_compat import bind
 from autoshard.ir.program import Equation, Literal, Program
 from autoshard.ir.trace import TracedFunction, trace
@@ -211,9 +217,10 @@ def reproduce_random_rows(forward: TracedFunction, full: Program | None,
     if not snippets:
         return RandomRows(forward, (), tuple(problems))
     strides = tuple(sorted({stride for _, stride in snippets.values()}))
-    # a jax.checkpoint body drawing these is differentiated as it is (run again in the
-    # backward pass, it would draw them as the user's call does, at the micro-batch's shape)
-    eqns = with_remat_dissolved(F.eqns, lambda m, inside: not any(e in snippets for e in inside))
+    # a jax.checkpoint or cond drawing these is differentiated as it is (its call run
+    # again would draw them as the user's call does, at the micro-batch's shape)
+    eqns = with_dissolved(F.eqns, REMAT_CALLS | BRANCH_CALLS,
+                          lambda m, inside: not any(e in snippets for e in inside))
     forward = dataclasses.replace(forward, program=dataclasses.replace(F, eqns=eqns))
     return RandomRows(_splice(forward, snippets, strides), strides, tuple(problems))
 

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from autoshard.intra.flops import eqn_flops
-from autoshard.ir.custom_rules import with_remat_dissolved
+from autoshard.ir.custom_rules import REMAT_CALLS, with_dissolved
 from autoshard.ir.program import Literal, Program
 from autoshard.ir.trace import TracedFunction, struct_of_aval, trace
 from autoshard.runtime import evaluate_program
@@ -96,8 +96,8 @@ def stage_program(layering: Layering, first: int, last: int, diff_invars, batch_
 
     # a jax.checkpoint whose body a stage boundary cuts: each part differentiated as it is
     mine_set = set(mine)
-    eqns = with_remat_dissolved(F.eqns, lambda m, inside: m not in mine_set or
-                                all(e in mine_set for e in inside))
+    eqns = with_dissolved(F.eqns, REMAT_CALLS, lambda m, inside: m not in mine_set or
+                          all(e in mine_set for e in inside))
     sub = Program(F.avals, tuple(inputs), tuple(outputs), tuple(eqns[e] for e in mine),
                   F.constants)
     n_diff = sum(diff_in)
