@@ -1,8 +1,9 @@
 """PipeshardParallel differentiates each stage itself (``jax.vjp``), so a loss's
 ``jax.custom_vjp`` / ``jax.custom_jvp`` functions must keep the user's rule there, as
 ``jax.jit`` does (``autoshard.ir.custom_rules``): straight-through estimators, gradient
-reversal, a block with a hand-written backward, a safe norm; a ``lax.cond`` differentiates
-only its branch taken; ``jax.checkpoint`` recomputes its block in the backward pass."""
+reversal, a block with a hand-written backward, a safe norm, jax's linear solves; a
+``lax.cond`` differentiates only its branch taken; ``jax.checkpoint`` recomputes its block
+in the backward pass."""
 import functools
 import math
 
@@ -81,7 +82,9 @@ def _loss(p, x, y, rules=True):
     h = jax.lax.cond(p["w3"][0, 0] > -1e9, lambda h: 2.0 * h, jnp.sqrt, h) if rules else \
         jnp.where(p["w3"][0, 0] > -1e9, 2.0 * h, jnp.sqrt(h))
     h = jax.nn.relu(h @ ste(p["w3"])) * (y[:, None] % 2)      # zero rows for the norm
-    adversary = jnp.mean((rev(h, 0.3) @ p["w4"]) ** 2)
+    # jnp.linalg.solve: its inlined solve reads LU factors behind a stop_gradient
+    mixing = jnp.linalg.solve(jnp.eye(D) * 2 + 0.1 * p["w4"] @ p["w4"].T, p["w3"])
+    adversary = jnp.mean((rev(h, 0.3) @ mixing) ** 2)
     logits = h @ p["head"]
     return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + adversary
             + 0.1 * jnp.mean(norm(h @ p["w4"])))

@@ -29,8 +29,11 @@ import functools
 import jax.extend.core as jcore
 
 RULE_PRIMITIVE = "autoshard_custom_rule"
-#: call primitives whose differentiation rule is the user's
-CUSTOM_RULE_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+#: call primitives whose differentiation rule is the user's (or jax's own for a linear
+#: solve, ``jnp.linalg.solve``: its inlined solve reads factors of the matrix behind a
+#: ``stop_gradient``; its rule differentiates through the matrix-vector product)
+CUSTOM_RULE_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
+                               "custom_linear_solve"})
 #: ``jax.checkpoint``: differentiated, its body is recomputed in the backward pass (the
 #: user's rematerialization); a rule equation of one may be *dissolved* (the identity on
 #: its body's results: the body differentiated as it is, everything it makes stored)

@@ -395,6 +395,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                 continue
             call = inlined_call(eqn, ins)
             if call is not None:
+                operands = ins
                 callee, ins = call
                 if recomputes_in_backward(eqn):
                     ins = [barrier(a, eqn, here, callers) for a in ins]
@@ -411,7 +412,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                     outs = inline(callee, (), ins, scope=here, callers=within,
                                   in_rule=in_rule or user_rule)
                 if rule:
-                    outs = kept_rule(eqn, start, outs, ins, callers, here)
+                    outs = kept_rule(eqn, start, outs, operands, callers, here)
                 for var, atom in zip(eqn.outvars, outs, strict=True):
                     env[var] = atom
                 continue
