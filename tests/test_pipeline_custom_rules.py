@@ -6,6 +6,7 @@ reversal, a block with a hand-written backward, a safe norm, jax's linear solves
 in the backward pass."""
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +198,33 @@ def test_a_checkpoint_cut_by_a_stage_boundary_matches_jit():
         step, mesh=autoshard.make_mesh((2, 2), ("data", "model")), batch_argnums=(1, 2),
         method=autoshard.PipeshardParallel(num_microbatches=2, num_stages=2))
     assert_trees_allclose(pipelined(p, x, y, key), jax.jit(step)(p, x, y, key))
+
+
+@jax.custom_vjp
+def normalised_gradient(w):
+    """Identity forward; the cotangent divided by its norm (not linear in it)."""
+    return w
+
+
+normalised_gradient.defvjp(lambda w: (w, None),
+                           lambda _, g: (g / jnp.maximum(1.0, jnp.linalg.norm(g)),))
+
+
+@pytest.mark.parametrize("rule, warns", [(normalised_gradient, True),
+                                         (straight_through_round, False)],
+                         ids=["normalised", "straight-through"])
+def test_a_weights_rule_not_linear_in_its_cotangent_warns(rule, warns):
+    """A weight's cotangent is summed from the micro-batches' parts: a backward that
+    normalises it per part is not jax.jit's, and is warned of; a linear one is exact."""
+    p, x, y = _inputs()
+
+    def step(p, x, y):
+        return jax.value_and_grad(lambda p: jnp.mean((x @ rule(p["w1"])) ** 2))(p)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        split_step(step, (p, x, y), (), [False] * 5 + [True, True], 2)
+    messages = [str(w.message) for w in caught if "custom_vjp" in str(w.message)]
+    assert len(messages) == warns
+    if warns:
+        assert "test_pipeline_custom_rules.py" in messages[0] and "num_microbatches=1" in messages[0]

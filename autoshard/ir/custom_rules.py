@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import jax.extend.core as jcore
 
 RULE_PRIMITIVE = "autoshard_custom_rule"
@@ -104,3 +105,33 @@ def with_dissolved(eqns, calls: frozenset, keep) -> tuple:
                 and not eqn.params.get("dissolved") and not keep(m, body(eqns, m)):
             out[m] = dataclasses.replace(eqn, params={**eqn.params, "dissolved": True})
     return tuple(out)
+
+
+def backward_is_linear(eqn, operand_structs) -> bool:
+    """Whether the backward of rule equation ``eqn``'s call (a ``jax.custom_vjp``'s rule),
+    at operands of ``operand_structs`` (ShapeDtypeStructs), is linear in the cotangent:
+    ``jax.linear_transpose`` transposes it (a clip or a norm of the cotangent does not)."""
+    primitive, params = eqn.params["call_primitive"], eqn.params["call_params"]
+
+    def call(*operands):
+        return primitive.bind(*operands, **primitive.get_bind_params(params))
+
+    inexact = lambda x: jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)  # noqa: E731
+
+    def transposed(*operands):
+        floats = [k for k, x in enumerate(operands) if inexact(x)]
+
+        def of_floats(*xs):   # the differentiable part: inexact operands to inexact results
+            full = list(operands)
+            for k, x in zip(floats, xs):
+                full[k] = x
+            return [y for y in call(*full) if inexact(y)]
+
+        outs, vjp = jax.vjp(of_floats, *[operands[k] for k in floats])
+        return jax.linear_transpose(vjp, outs)(vjp(outs))
+
+    try:
+        jax.make_jaxpr(transposed)(*operand_structs)
+    except Exception:  # noqa: BLE001 - any failure to transpose: not known to be linear
+        return False
+    return True

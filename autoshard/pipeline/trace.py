@@ -16,6 +16,7 @@ import warnings
 import jax
 import numpy as np
 
+from autoshard.ir.custom_rules import backward_is_linear, is_user_rule
 from autoshard.ir.jax_compat import gradient_routing_available
 from autoshard.ir.program import Equation, Literal, Program
 from autoshard.ir.trace import (
@@ -24,6 +25,7 @@ from autoshard.ir.trace import (
     argument_path,
     aval_struct,
     flatten_open_jaxpr,
+    struct_of_aval,
     trace,
 )
 from autoshard.ir.user_frames import user_stacklevel
@@ -273,6 +275,8 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int,
                 several_heads = dict(heads=cut.heads, head_cotangents=cut.head_cotangents,
                                      cotangent_inputs=cut.cotangent_inputs)
         combinations = _combinations(forward, tuple(outs), B, name, aux_paths, forward_only)
+    if B > 1:
+        _warn_of_accumulated_custom_gradients(forward, diff, kinds, B, name)
     _check_rows_returned(traced, g, combinations, aux_paths, name)
     split = SplitStep(traced, g, tuple(sorted(pre)), post, batch_vids, forward, diff, batch,
                       tuple(full), num_aux, combinations, **several_heads,
@@ -281,6 +285,35 @@ def split_step(fun, args, static_argnums, batch_flags, num_microbatches: int,
         rows = {m.shape[0] for m, is_batch in zip(micro, batch_flags) if is_batch}
         split = _random_rows(split, fun, B, rows.pop() if len(rows) == 1 else None, whole)
     return split
+
+
+def _warn_of_accumulated_custom_gradients(forward: TracedFunction, diff, kinds: dict, B: int,
+                                          name: str) -> None:
+    """Warn of each ``jax.custom_vjp`` call on a value that depends on the parameters but
+    not on the batch (a weight) whose backward is not linear in the cotangent: it runs
+    once per micro-batch, on that micro-batch's part of the weight's cotangent, and the
+    parts are summed, which is not ``jax.jit``'s gradient."""
+    F = forward.program
+    on_params = dict(zip(F.invars, diff))
+    for e, eqn in enumerate(F.eqns):
+        depends = any(on_params.get(a, False) for a in eqn.inputs if isinstance(a, int))
+        on_params.update((v, depends) for v in eqn.outputs)
+        if not is_user_rule(eqn) or eqn.params["call_primitive"].name == "custom_jvp_call":
+            continue
+        operands = eqn.inputs[eqn.params["num_outputs"]:]
+        if any(isinstance(a, int) and on_params.get(a, False) and kinds.get(a) == (SAME,)
+               for a in operands) and not backward_is_linear(
+                   eqn, [struct_of_aval(jax.typeof(a.value) if isinstance(a, Literal) else
+                                        F.avals[a]) for a in operands]):
+            warnings.warn(
+                f"PipeshardParallel(num_microbatches={B}) in {name}: the jax.custom_vjp "
+                f"function at {forward.sources[e]} reads a value computed from the parameters "
+                f"alone, whose cotangent sums over the batch: its backward runs once per "
+                f"micro-batch, on that micro-batch's part, and the parts are summed. Its "
+                f"backward is not linear in the cotangent (it clips or normalises it), so "
+                f"the gradient differs from jax.jit's; use num_microbatches=1, or apply "
+                f"the rule to the summed gradient (in the step, after the gradient)",
+                UserWarning, stacklevel=user_stacklevel())
 
 
 def with_batch_work(program: Program, sources, g: int, batch_vids, forward: TracedFunction,
