@@ -14,7 +14,7 @@ the traced program.
 
 A ``jax.checkpoint`` call is kept so too: rebound, its body is recomputed in the backward
 pass, as the user asked, instead of every activation being stored. Unlike a custom
-gradient, it may be *dissolved* (``with_remat_dissolved``: the rule equation becomes the
+gradient, it may be *dissolved* (``with_dissolved``: the rule equation becomes the
 identity on its body's results) where rebinding it would not compute what the program
 computes: a stage holding part of its body, or a body whose random draws the pipeline
 rewrote. A ``lax.cond`` that tracing computes as every branch and a select is kept so as
@@ -79,8 +79,8 @@ def is_custom_rule(eqn) -> bool:
 
 
 def is_user_rule(eqn) -> bool:
-    """A rule equation of a ``jax.custom_vjp`` / ``jax.custom_jvp`` call (whose gradient
-    is the user's: never dissolved)."""
+    """A rule equation of a ``jax.custom_vjp`` / ``jax.custom_jvp`` call or a linear solve
+    (``CUSTOM_RULE_CALLS``: never dissolved)."""
     return is_custom_rule(eqn) and eqn.params["call_primitive"].name in CUSTOM_RULE_CALLS
 
 

@@ -133,10 +133,10 @@ def _cuts_outside_custom_rules(eqns, items: list[int]) -> list[bool]:
     equations inlined before the rule equation, and the rule equation itself). A
     ``jax.checkpoint`` body may be cut: each stage's part is then differentiated as it is."""
     region: dict[int, int] = {}
-    for m, eqn in enumerate(eqns):
+    for m, eqn in enumerate(eqns):   # an enclosing rule's equation comes later: it wins
         if is_cut_free(eqn):
             for e in [*body(eqns, m), m]:
-                region.setdefault(e, m)
+                region[e] = m
     return [p == 0 or region.get(e) is None or region.get(e) != region.get(items[p - 1])
             for p, e in enumerate(items)]
 
