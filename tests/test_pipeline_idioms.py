@@ -306,3 +306,20 @@ def test_dropout_that_cannot_be_reproduced_warns_once():
     assert "random_bits of shape (4, 16)" in message and "PRNG is rbg" in message
     assert "every micro-batch gets the same values" in message
     assert "num_microbatches=1" in message
+
+
+def test_indexing_rows_with_arange_is_refused_with_take_along_axis_suggested():
+    """``logp[jnp.arange(n), labels]`` reads as picking rows of the whole batch (the analysis
+    follows rows through a gather's batch dimensions, not through an iota's values); the
+    error says how to write it row by row."""
+    params, x, _ = _mlp()
+    labels = jnp.arange(N) % D
+
+    def step(p, x, labels):
+        def loss(p):
+            logp = jax.nn.log_softmax(jnp.tanh(x @ p["w1"]) @ p["w2"])
+            return -logp[jnp.arange(x.shape[0]), labels].mean()
+        return jax.value_and_grad(loss)(p)
+
+    with pytest.raises(ValueError, match=r"jnp\.arange .*test_pipeline_idioms.*take_along_axis"):
+        _pipelined(step).plan(params, x, labels)

@@ -386,7 +386,7 @@ def _combinations(forward: TracedFunction, kinds: tuple, B: int, name: str,
               f"micro-batches into jax.jit's. Make the loss a mean over the batch (jnp.mean of "
               f"per-example terms), a sum, or a function of one such value that depends on the "
               f"parameters and of values that do not (a masked mean: (ce * mask).sum() / "
-              f"mask.sum()), or use num_microbatches=1")
+              f"mask.sum()), or use num_microbatches=1{_row_indexing_hint(forward)}")
     for k, (kind, atom) in enumerate(zip(kinds[1:], forward.program.outvars[1:])):
         if kind is None or kind == MEAN and not np.issubdtype(
                 forward.program.avals[atom].dtype, np.inexact):
@@ -398,7 +398,8 @@ def _combinations(forward: TracedFunction, kinds: tuple, B: int, name: str,
                   f"{_not_recovered(kind)}, which the {B} micro-batches' values cannot give "
                   f"exactly as jax.jit computes it on the whole batch. Return a mean, sum, "
                   f"maximum or minimum over the batch, one value per example, or a value that "
-                  f"does not depend on the batch, or use num_microbatches=1" +
+                  f"does not depend on the batch, or use num_microbatches=1"
+                  f"{_row_indexing_hint(forward)}" +
                   (f". If {name} trains a model, take its gradient with jax.value_and_grad or "
                    f"jax.grad: one taken with jax.vjp, jax.jacrev or a custom rule outside "
                    f"such a call is not seen, and the step runs forward only"
@@ -425,6 +426,35 @@ def _check_rows_returned(traced: TracedFunction, g: int, combinations, aux_paths
                       f"and {eqn.primitive.name} at {traced.sources[e]} reads it after the "
                       f"gradient. Compute what it is needed for inside the loss function (an "
                       f"aux mean or sum), return it as it is, or use num_microbatches=1")
+
+
+def _row_indexing_hint(forward: TracedFunction) -> str:
+    """A hint where the loss picks an element per row by indexing with ``jnp.arange`` over
+    the rows (``logp[jnp.arange(n), labels]``: a gather whose indices are made from an
+    ``iota``), which the micro-batch analysis reads as picking rows of the whole batch."""
+    F = forward.program
+    made = {v: eqn for eqn in F.eqns for v in eqn.outputs}
+    for e, eqn in enumerate(F.eqns):
+        if eqn.primitive.name != "gather" or not all(isinstance(a, int) for a in eqn.inputs):
+            continue
+        picks = eqn.params["dimension_numbers"].start_index_map
+        rows = F.avals[eqn.inputs[0]].shape[:1]
+        if len(picks) < 2 or picks[0] != 0:   # x[i, j]: a row and an element of it
+            continue
+        stack, seen = [eqn.inputs[1]], set()
+        while stack:
+            producer = made.get(stack.pop())
+            if producer is None or id(producer) in seen:
+                continue
+            seen.add(id(producer))
+            if producer.primitive.name == "iota" and \
+                    F.avals[producer.outputs[0]].shape[:1] == rows:
+                return (f". The loss indexes its rows with jnp.arange (at {forward.sources[e]}), "
+                        f"as in logp[jnp.arange(n), labels], which is read as picking rows of "
+                        f"the whole batch; jnp.take_along_axis(logp, labels[:, None], axis=-1) "
+                        f"picks the same values row by row")
+            stack += [a for a in producer.inputs if isinstance(a, int)]
+    return ""
 
 
 def _not_recovered(kind: str | None) -> str:
