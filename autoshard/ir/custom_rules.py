@@ -35,6 +35,9 @@ RULE_PRIMITIVE = "autoshard_custom_rule"
 #: ``stop_gradient``; its rule differentiates through the matrix-vector product)
 CUSTOM_RULE_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
                                "custom_linear_solve"})
+#: of those, the calls whose backward the user wrote (a ``jax.custom_vjp``'s): it may be
+#: anything, where a JVP rule or a solve's transpose is linear in the cotangent by construction
+USER_BACKWARD_CALLS = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
 #: ``jax.checkpoint``: differentiated, its body is recomputed in the backward pass (the
 #: user's rematerialization); a rule equation of one may be *dissolved* (the identity on
 #: its body's results: the body differentiated as it is, everything it makes stored)

@@ -16,7 +16,7 @@ import warnings
 import jax
 import numpy as np
 
-from autoshard.ir.custom_rules import backward_is_linear, is_user_rule
+from autoshard.ir.custom_rules import USER_BACKWARD_CALLS, backward_is_linear, is_custom_rule
 from autoshard.ir.jax_compat import gradient_routing_available
 from autoshard.ir.program import Equation, Literal, Program
 from autoshard.ir.trace import (
@@ -298,7 +298,8 @@ def _warn_of_accumulated_custom_gradients(forward: TracedFunction, diff, kinds: 
     for e, eqn in enumerate(F.eqns):
         depends = any(on_params.get(a, False) for a in eqn.inputs if isinstance(a, int))
         on_params.update((v, depends) for v in eqn.outputs)
-        if not is_user_rule(eqn) or eqn.params["call_primitive"].name == "custom_jvp_call":
+        if not is_custom_rule(eqn) or \
+                eqn.params["call_primitive"].name not in USER_BACKWARD_CALLS:
             continue
         operands = eqn.inputs[eqn.params["num_outputs"]:]
         if any(isinstance(a, int) and on_params.get(a, False) and kinds.get(a) == (SAME,)
