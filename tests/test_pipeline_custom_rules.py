@@ -228,3 +228,38 @@ def test_a_weights_rule_not_linear_in_its_cotangent_warns(rule, warns):
     assert len(messages) == warns
     if warns:
         assert "test_pipeline_custom_rules.py" in messages[0] and "num_microbatches=1" in messages[0]
+
+
+def test_an_equinox_models_filter_checkpoint_keeps_less_for_the_backward():
+    """The same through a library: an equinox model whose layers run under
+    ``eqx.filter_checkpoint``, trained with ``eqx.filter_value_and_grad`` over a loss that
+    closes over the batch."""
+    eqx = pytest.importorskip("equinox")
+    keys = jax.random.split(jax.random.key(0), 4)
+
+    class MLP(eqx.Module):
+        layers: list
+
+        def __call__(self, x, checkpoint):
+            for layer in self.layers:
+                apply = lambda layer, h: jax.nn.gelu(jax.vmap(layer)(h))  # noqa: E731
+                x = (eqx.filter_checkpoint(apply) if checkpoint else apply)(layer, x)
+            return x
+
+    model = MLP([eqx.nn.Linear(D, D, key=k) for k in keys[:3]])
+    x, y = jax.random.normal(keys[3], (16, D)), jnp.zeros((16, D))
+
+    def residual_bytes(checkpoint):
+        def step(model, x, y):
+            return eqx.filter_value_and_grad(
+                lambda m: jnp.mean((m(x, checkpoint) - y) ** 2))(model)
+        params, static = eqx.partition(model, eqx.is_array)
+        run = lambda p, x, y: step(eqx.combine(p, static), x, y)  # noqa: E731
+        n = len(jax.tree.leaves(params))
+        split = split_step(run, (params, x, y), (), [False] * n + [True, True], 2)
+        layering = assign_layers(split.forward.program, split.layer_anchors(), split.batch, 2)
+        stage = stage_program(layering, 0, 0, split.diff, split.batch)
+        avals = stage.traced.program.avals
+        return sum(math.prod(avals[v].shape) * avals[v].dtype.itemsize for v in stage.residuals)
+
+    assert residual_bytes(True) < 0.6 * residual_bytes(False)
