@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+import jax
+
 import autoshard
 from autoshard import api as _api
 from autoshard import ilp
@@ -111,6 +113,8 @@ DEPTH_PAIRS = ((3, 4), (6, 7))
 #: times each row of a depth pair is planned (in alternating fresh processes): one such
 #: plan's time varies by ±20 % on a shared 2-core machine, so the ratio is of medians
 DEPTH_ROUNDS = 3
+#: issue 23's goal: twice the layers at most this many times the planning time
+DEPTH_GOAL = 1.3
 #: the ``--scale`` MoE row: one GShard-style layer, 8 experts, d_model 4096, on 8x8
 MOE_ROW = dict(batch=64, seq=2048, d_model=4096, experts=8, d_ff=16384, capacity=320)
 
@@ -130,9 +134,15 @@ def scale_rows():
 
 
 def scale_row(index: int, time_limit: float) -> dict:
-    """Measure ``--scale`` row ``index`` (in this process)."""
+    """Measure ``--scale`` row ``index`` (in this process); ``jax_trace_s``: seconds of
+    ``jax.make_jaxpr`` of the same step alone (a fresh copy, after planning), the part of
+    the trace that is jax's and grows with depth whatever a planner does."""
     _, _, _, mesh_shape, workload, cluster = scale_rows()[index]
-    return measure_workload(workload(), time_limit, mesh_shape=mesh_shape, cluster=cluster)
+    measured = measure_workload(workload(), time_limit, mesh_shape=mesh_shape, cluster=cluster)
+    fresh = workload()
+    start = time.perf_counter()
+    jax.make_jaxpr(fresh.fn)(*fresh.args)
+    return dict(measured, jax_trace_s=time.perf_counter() - start)
 
 
 def scale_table(time_limit: float) -> str:
@@ -146,10 +156,10 @@ def scale_table(time_limit: float) -> str:
              "| trace s | strategies + costs s | solve s | total s | modelled ms/step | peak GiB "
              "| DataParallel ms | ZeRO3 ms | Megatron ms |",
              "|" + "---|" * 16]
-    totals: dict[int, list[float]] = {}
+    totals: dict[int, list[tuple[float, float]]] = {}
     for index, (name, layers, d_model, mesh_shape, _, _) in enumerate(scale_rows()):
         r = _scale_row_in_process(index, time_limit)
-        totals[index] = [r["total_s"]]
+        totals[index] = [(r["total_s"], r["jax_trace_s"])]
         presets = " | ".join(f"{r['presets'].get(p, float('nan')):.1f}"
                              for p in ("DataParallel", "ZeRO3", "Megatron"))
         lines.append(f"| {name} | {layers} | {d_model} | {'x'.join(map(str, mesh_shape))} | "
@@ -160,30 +170,59 @@ def scale_table(time_limit: float) -> str:
         print(lines[-1], flush=True)
     for _ in range(DEPTH_ROUNDS - 1):
         for index in sorted({i for pair in DEPTH_PAIRS for i in pair}):
-            totals[index].append(_scale_row_in_process(index, time_limit)["total_s"])
+            r = _scale_row_in_process(index, time_limit)
+            totals[index].append((r["total_s"], r["jax_trace_s"]))
     lines += depth_section(totals)
     print("\n".join(lines[-len(DEPTH_PAIRS):]), flush=True)
     return "\n".join(lines) + "\n"
 
 
-def depth_section(totals: dict[int, list[float]]) -> list[str]:
+def depth_section(totals: dict[int, list[tuple[float, float]]]) -> list[str]:
     """Markdown lines comparing each ``DEPTH_PAIRS`` pair's planning times (``totals``: row
-    index -> seconds of each plan of it): medians, ranges and the ratio of the medians."""
+    index -> (seconds planning, seconds of jax's ``make_jaxpr`` alone) of each plan of it):
+    medians, ranges, the ratio of the medians, and what one added layer costs against what
+    a ratio of ``DEPTH_GOAL`` would allow it."""
     rows = scale_rows()
     lines = ["", f"Depth: each row of a pair planned {DEPTH_ROUNDS} times (fresh processes, "
              "the pair's rows alternating); total seconds, median (range); per added layer: "
-             "the difference of the medians over the layers added.", "",
+             "the difference of the medians over the layers added; jax's part: the same of "
+             "`jax.make_jaxpr` of the step alone, timed in the same processes; allowed: the "
+             f"most an added layer may cost for a ratio of {DEPTH_GOAL}, given the cost that "
+             "does not grow with depth (2 x half - full; none left where the deeper row alone "
+             "meets a binding memory budget, which is one more search).", "",
              "| rows | half depth s | full depth s | full / half (of medians) | "
-             "s per added layer |",
-             "|---|---|---|---|---|"]
+             "s per added layer | of which jax's make_jaxpr | allowed for "
+             f"{DEPTH_GOAL}x |",
+             "|---|---|---|---|---|---|---|"]
     for half, full in DEPTH_PAIRS:
-        a, b = sorted(totals[half]), sorted(totals[full])
+        a, b = sorted(t for t, _ in totals[half]), sorted(t for t, _ in totals[full])
         ma, mb = statistics.median(a), statistics.median(b)
         added = rows[full][1] - rows[half][1]
+        jax_added = (statistics.median(j for _, j in totals[full])
+                     - statistics.median(j for _, j in totals[half])) / added
         lines.append(f"| {rows[half][0]} ({rows[half][1]} layers) / {rows[full][1]} layers | "
                      f"{ma:.1f} ({a[0]:.1f}-{a[-1]:.1f}) | {mb:.1f} ({b[0]:.1f}-{b[-1]:.1f}) | "
-                     f"{mb / ma:.2f} | {(mb - ma) / added:.3f} |")
+                     f"{mb / ma:.2f} | {(mb - ma) / added:.3f} | {jax_added:.3f} | "
+                     f"{_seconds_or_none(allowed_per_layer(ma, mb, added))} |")
     return lines
+
+
+def _seconds_or_none(seconds: float | None) -> str:
+    return "none" if seconds is None else f"{seconds:.3f}"
+
+
+def allowed_per_layer(half_s: float, full_s: float, added: int,
+                      goal: float | None = None) -> float | None:
+    """Seconds an added layer may cost for the deeper plan to take at most ``goal`` times
+    the shallower one's (``DEPTH_GOAL``), the cost that does not grow with depth, ``2 *
+    half_s - full_s``, held as it is: with F that cost and n the layers added (the
+    shallower model's depth), (F + 2 n p) <= goal (F + n p) gives
+    p <= (goal - 1) F / ((2 - goal) n). None when F <= 0: the deeper plan did more than
+    its layers' share of work (a memory budget only it had to meet), no layer cost meets
+    the goal."""
+    goal = DEPTH_GOAL if goal is None else goal
+    fixed = 2 * half_s - full_s
+    return None if fixed <= 0 else (goal - 1) * fixed / ((2 - goal) * added)
 
 
 def _scale_row_in_process(index: int, time_limit: float) -> dict:

@@ -122,16 +122,25 @@ def test_planning_time_measures_each_phase():
 def test_depth_section_compares_medians_of_each_pair():
     # Per pair: medians 10 and 15 (the 19 s outlier leaves the full depth's median at 15),
     # so full / half = 1.50, and 5 s over the 40 layers added, 0.125 s each; ranges as
-    # measured.
+    # measured. jax's make_jaxpr alone: medians 1.0 and 2.0 s, 0.025 s per added layer. The
+    # cost that does not grow with depth is 2 x 10 - 15 = 5 s, so a ratio of 1.3 allows
+    # p with (5 + 80 p) <= 1.3 (5 + 40 p): p <= 1.5 / 28 = 0.0536 s per layer.
     from benchmarks import planning_time
 
-    totals = {i: [10.0, 12.0, 9.0] if i == half else [15.0, 19.0, 14.0]
+    totals = {i: list(zip([10.0, 12.0, 9.0], [1.0, 1.2, 0.9])) if i == half
+              else list(zip([15.0, 19.0, 14.0], [2.0, 2.5, 1.9]))
               for half, full in planning_time.DEPTH_PAIRS for i in (half, full)}
     lines = planning_time.depth_section(totals)
     rows = [line for line in lines if line.startswith("| 70B")]
     assert len(rows) == len(planning_time.DEPTH_PAIRS)
     for line in rows:
-        assert line.endswith("| 10.0 (9.0-12.0) | 15.0 (14.0-19.0) | 1.50 | 0.125 |"), line
+        assert line.endswith("| 10.0 (9.0-12.0) | 15.0 (14.0-19.0) | 1.50 | 0.125 | 0.025 "
+                             "| 0.054 |"), line
+    # the allowance is the bound: at it, twice the layers take exactly 1.3 times as long
+    p = planning_time.allowed_per_layer(10.0, 15.0, 40)
+    assert (5 + 80 * p) / (5 + 40 * p) == pytest.approx(planning_time.DEPTH_GOAL)
+    # 3x the time for 2x the layers: no cost is left that depth does not grow
+    assert planning_time.allowed_per_layer(10.0, 30.0, 40) is None
     # each pair: twice the layers, the same width, mesh and cluster (budget or none)
     scale = planning_time.scale_rows()
     for half, full in planning_time.DEPTH_PAIRS:
