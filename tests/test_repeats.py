@@ -105,3 +105,38 @@ def test_many_nodes_that_tying_barely_shrinks_are_solved_whole():
     deep = plan(workload.fn, workload.args, None)
     assert deep.solver.num_nodes > TIE_REPEATS_ABOVE
     assert 0 < deep.solver.tied_classes <= TIE_REPEATS_SHRINK * deep.solver.num_nodes
+
+
+def test_scan_steps_tie_into_classes_that_do_not_grow_with_length():
+    # An unrolled lax.scan slices each step's row of the stacked inputs (and its backward
+    # each step's residuals) at its own start: told apart by where they start, those
+    # slices made a class per step (a 100-step RNN: 671 classes of 1919 nodes, and an LP
+    # that ran for minutes). Slices of equal extent play the same role in every step.
+    from autoshard import ilp
+    from autoshard.cost_model import MeshCostModel, cluster_preset
+    from autoshard.intra.problem import build_problem
+    from autoshard.ir.trace import trace
+
+    def step(w, xs):
+        def loss(w, xs):
+            def cell(h, x):
+                h = jnp.tanh(h @ w["h"] + x @ w["x"])
+                return h, jnp.sum(h)
+            h, ys = jax.lax.scan(cell, jnp.zeros((8, 32)), xs)
+            return jnp.mean(h ** 2) + jnp.mean(ys)
+
+        value, grads = jax.value_and_grad(loss)(w, xs)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, w, grads), value
+
+    def classes(length):
+        w = {"h": jax.ShapeDtypeStruct((32, 32), jnp.float32),
+             "x": jax.ShapeDtypeStruct((16, 32), jnp.float32)}
+        xs = jax.ShapeDtypeStruct((length, 8, 16), jnp.float32)
+        traced = trace(step, (w, xs))
+        model = MeshCostModel(cluster_preset("h100-80gb"), (2, 4))
+        problem = build_problem(traced, model, autoshard.ShardParallel(),
+                                batch_flat=(False,) * len(traced.in_paths),
+                                axis_names=("data", "model"))
+        return ilp._repeat_classes.repeat_classes(problem.request).num_classes
+
+    assert classes(12) == classes(24)

@@ -210,10 +210,26 @@ def node_roles(graph: ShardingGraph, grouping: Grouping) -> tuple[int, ...]:
     signatures = graph.traced.signatures
     members: dict[int, list] = {r: [] for r in grouping.roots}
     for v, node in enumerate(graph.nodes):
-        what = signatures[node.eqn] if node.eqn is not None else \
+        what = _role_text(program, node.eqn, signatures) if node.eqn is not None else \
             tuple((tuple(program.avals[o].shape), str(program.avals[o].dtype))
                   for o in node.outputs)
         members[grouping.root[v]].append((node.kind, what, len(node.strategies),
                                           grouping.index[v].tobytes()))
     numbers: dict = {}
     return tuple(numbers.setdefault(tuple(members[r]), len(numbers)) for r in grouping.roots)
+
+
+def _role_text(program, e: int, signatures) -> str:
+    """Equation ``e``'s signature, but a ``slice``'s by the extent it takes, not where
+    it starts: each step of an unrolled ``lax.scan`` slices its own row of the stacked
+    inputs (and of the residuals its backward reads), and the steps play the same role.
+    A 100-step RNN's slices made 400 of its 671 roles, and its LP ran for minutes."""
+    eqn = program.eqns[e]
+    if eqn.primitive.name != "slice":
+        return signatures[e]
+    params = eqn.params
+    extents = tuple(hi - lo for lo, hi in zip(params["start_indices"], params["limit_indices"]))
+    return repr(("slice", extents, params.get("strides"),
+                 [str(program.avals[v].shape) for v in (*eqn.inputs, *eqn.outputs)
+                  if not isinstance(v, Literal)],
+                 [str(program.avals[v].dtype) for v in eqn.outputs]))
