@@ -38,6 +38,21 @@ def test_planning_logs_its_phases(caplog):
         assert phase in text
 
 
+def _repeat_class_count(fn, args) -> int:
+    """Repeat classes of ``fn``'s ShardParallel request on a 2x4 h100-80gb mesh."""
+    from autoshard import ilp
+    from autoshard.cost_model import MeshCostModel, cluster_preset
+    from autoshard.intra.problem import build_problem
+    from autoshard.ir.trace import trace
+
+    traced = trace(fn, args)
+    model = MeshCostModel(cluster_preset("h100-80gb"), (2, 4))
+    problem = build_problem(traced, model, autoshard.ShardParallel(),
+                            batch_flat=(False,) * len(traced.in_paths),
+                            axis_names=("data", "model"))
+    return ilp._repeat_classes.repeat_classes(problem.request).num_classes
+
+
 def test_repeat_classes_do_not_grow_with_depth():
     # Identical blocks tie into the same classes however many there are, so that the
     # tied problem (and its solve time) stays flat in depth. XLA duplicates a block's
@@ -45,20 +60,10 @@ def test_repeat_classes_do_not_grow_with_depth():
     # follow it, so the same op costs more in an early block; compared exactly, those
     # costs kept every block's bias, its moments and their neighbours apart: 5 or 6 more
     # classes per block (70B-shaped GPT on 8x8x8: 556 classes at 40 layers, 796 at 80).
-    from autoshard import ilp
-    from autoshard.cost_model import MeshCostModel, cluster_preset
-    from autoshard.intra.problem import build_problem
-    from autoshard.ir.trace import trace
-
     def classes(layers):
         w = gpt(num_layers=layers, d_model=64, heads=4, seq=16, batch=8, vocab=128,
                 abstract=True)
-        traced = trace(w.fn, w.args)
-        model = MeshCostModel(cluster_preset("h100-80gb"), (2, 4))
-        problem = build_problem(traced, model, autoshard.ShardParallel(),
-                                batch_flat=(False,) * len(traced.in_paths),
-                                axis_names=("data", "model"))
-        return ilp._repeat_classes.repeat_classes(problem.request).num_classes
+        return _repeat_class_count(w.fn, w.args)
 
     assert classes(4) == classes(8)
 
@@ -112,11 +117,6 @@ def test_scan_steps_tie_into_classes_that_do_not_grow_with_length():
     # each step's residuals) at its own start: told apart by where they start, those
     # slices made a class per step (a 100-step RNN: 671 classes of 1919 nodes, and an LP
     # that ran for minutes). Slices of equal extent play the same role in every step.
-    from autoshard import ilp
-    from autoshard.cost_model import MeshCostModel, cluster_preset
-    from autoshard.intra.problem import build_problem
-    from autoshard.ir.trace import trace
-
     def step(w, xs):
         def loss(w, xs):
             def cell(h, x):
@@ -132,11 +132,6 @@ def test_scan_steps_tie_into_classes_that_do_not_grow_with_length():
         w = {"h": jax.ShapeDtypeStruct((32, 32), jnp.float32),
              "x": jax.ShapeDtypeStruct((16, 32), jnp.float32)}
         xs = jax.ShapeDtypeStruct((length, 8, 16), jnp.float32)
-        traced = trace(step, (w, xs))
-        model = MeshCostModel(cluster_preset("h100-80gb"), (2, 4))
-        problem = build_problem(traced, model, autoshard.ShardParallel(),
-                                batch_flat=(False,) * len(traced.in_paths),
-                                axis_names=("data", "model"))
-        return ilp._repeat_classes.repeat_classes(problem.request).num_classes
+        return _repeat_class_count(step, (w, xs))
 
     assert classes(12) == classes(24)
