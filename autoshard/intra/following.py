@@ -223,7 +223,8 @@ def _role_text(program, e: int, signatures) -> str:
     """Equation ``e``'s signature, but a ``slice``'s by the extent it takes, not where
     it starts: each step of an unrolled ``lax.scan`` slices its own row of the stacked
     inputs (and of the residuals its backward reads), and the steps play the same role.
-    A 100-step RNN's slices made 400 of its 671 roles, and its LP ran for minutes."""
+    Told apart by their starts, a 100-step RNN's 1919 nodes made 671 repeat classes (89
+    by extent), and its LP ran to the 60 s time limit."""
     eqn = program.eqns[e]
     if eqn.primitive.name != "slice":
         return signatures[e]
