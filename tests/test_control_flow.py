@@ -216,3 +216,44 @@ def test_a_flax_model_accumulating_micro_batches_with_donated_params(short_unrol
     assert not [d for d in report.differences if "flops" not in d and "bytes" not in d], \
         report.summary()
     assert_trees_allclose(f(fresh(), xs, ys, lr=0.1), expected)
+
+
+def test_an_rnns_backward_scan_splits_its_batch_with_the_residuals(short_unrolls):
+    """The backward scan of an RNN carries the state's cotangent, [batch, hidden], and
+    reads the stacked residuals, [steps, batch, hidden], whose dim 1 is the body's dim 0:
+    the batch splits only with both. Before, operands were split together by equal dim
+    numbers alone, and the backward scan ran replicated with a warning."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    w = {"h": jax.random.normal(keys[0], (32, 32)) / 8,
+         "x": jax.random.normal(keys[1], (16, 32)) / 4}
+    xs = jax.random.normal(keys[2], (6, 16, 16))  # steps, batch, features
+
+    def step(w, xs):
+        def loss(w):
+            def cell(h, x):
+                h = jnp.tanh(h @ w["h"] + x @ w["x"])
+                return h, jnp.sum(h)
+            h, ys = jax.lax.scan(cell, jnp.zeros((16, 32)), xs)
+            return jnp.mean(h ** 2) + jnp.mean(ys)
+        value, grads = jax.value_and_grad(loss)(w)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, w, grads), value
+
+    program = _trace.trace(step, (w, xs)).program
+    scans = [e for e in program.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 2  # the forward and its transpose
+    model = MeshCostModel(cluster_preset("host-cpu"), MESH[0])
+    for eqn in scans:
+        strategies = control_flow_strategies(
+            eqn, [program.avals[a] for a in eqn.inputs], [program.avals[v] for v in eqn.outputs],
+            model)
+        xs_at = eqn.params["num_consts"] + eqn.params["num_carry"]
+        # the stacked inputs (or residuals), [steps, batch, ...], split on the batch over
+        # both axes
+        assert any(spec[:2] == ((), (0, 1)) for s in strategies
+                   for spec in s.in_specs[xs_at:] if len(spec) == 3), eqn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = autoshard.parallelize(step, mesh=autoshard.make_mesh(*MESH))
+        out = f(w, xs)
+    assert f.audit(w, xs).ok
+    assert_trees_allclose(out, jax.jit(step)(w, xs))
