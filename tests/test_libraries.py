@@ -6,6 +6,7 @@ sharding annotations run (``Annotated``) and searched from, every step equal to
 from __future__ import annotations
 
 import runpy
+import warnings
 from pathlib import Path
 
 import equinox as eqx
@@ -140,3 +141,49 @@ def test_example_runs(example, capsys):
     assert "autoshard plan" in out and "step 2: loss" in out
     if example == "equinox_vit.py":   # images and labels: the batch, inferred
         assert "batch: args[2], args[3] (inferred" in out
+
+
+class _NormedNet(eqx.Module):
+    """Linear, equinox BatchNorm over the vmapped batch (``axis_name``), Linear."""
+
+    first: eqx.nn.Linear
+    norm: eqx.nn.BatchNorm
+    last: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.first = eqx.nn.Linear(32, 64, key=k1)
+        self.norm = eqx.nn.BatchNorm(64, axis_name="batch", mode="ema")
+        self.last = eqx.nn.Linear(64, 10, key=k2)
+
+    def __call__(self, x, state):
+        h, state = self.norm(self.first(x), state)
+        return self.last(jax.nn.relu(h)), state
+
+
+@pytest.mark.parametrize("method", [autoshard.ShardParallel(), autoshard.DataParallel()],
+                         ids=["ilp", "dp"])
+def test_an_equinox_batchnorm_over_the_vmapped_batch_is_a_reduction(mesh, method):
+    # BatchNorm takes the batch's mean with jax.lax.pmean over the axis that jax.vmap names;
+    # vmap makes it a psum over positional axes (and its transpose a psum over none): a
+    # sum over the batch's dim, no collective. Before, psum had no rule: each such op ran
+    # replicated, with a warning.
+    net, state = eqx.nn.make_with_state(_NormedNet)(jax.random.key(0))
+    params, static = eqx.partition(net, eqx.is_inexact_array)
+    x = jax.random.normal(jax.random.key(1), (64, 32))
+    y = jnp.arange(64) % 10
+
+    def step(params, state, x, y):
+        def loss(params):
+            model = eqx.combine(params, static)
+            logits, state2 = jax.vmap(model, axis_name="batch", in_axes=(0, None),
+                                      out_axes=(0, None))(x, state)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), state2
+        (value, state2), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), state2, value
+
+    f = autoshard.parallelize(step, mesh=mesh, method=method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = f(params, state, x, y)
+    assert_trees_allclose(out, jax.jit(step)(params, state, x, y))

@@ -70,6 +70,32 @@ def unrolls(eqn) -> bool:
         <= MAX_UNROLLED_EQUATIONS)
 
 
+#: collectives that ``jax.vmap`` rewrites, over the axis it names, into the same collective
+#: over positional axes: outside ``shard_map`` (no named axis left), a plain reduction
+_POSITIONAL_REDUCTIONS = {"psum": jnp.sum, "pmax": jnp.max, "pmin": jnp.min}
+
+
+def _positional_only(eqn) -> bool:
+    """Whether ``eqn`` is a ``psum`` / ``pmax`` / ``pmin`` over positional axes alone (an
+    equinox ``BatchNorm``'s mean over its vmapped batch), which reduces its operands' dims
+    and communicates nothing."""
+    return eqn.primitive.name in _POSITIONAL_REDUCTIONS and \
+        eqn.params.get("axis_index_groups") is None and \
+        all(isinstance(a, int) for a in eqn.params.get("axes", (None,)))
+
+
+def _positional_reduction(eqn) -> jcore.ClosedJaxpr:
+    """``eqn`` (see :func:`_positional_only`) as the reductions of each operand over
+    its axes (``reduce_sum`` and kin), of the result types ``eqn`` has."""
+    reduce, axes = _POSITIONAL_REDUCTIONS[eqn.primitive.name], tuple(eqn.params["axes"])
+
+    def run(*operands):
+        return [reduce(x, axis=axes).astype(v.aval.dtype)
+                for x, v in zip(operands, eqn.outvars, strict=True)]
+
+    return jax.make_jaxpr(run)(*[struct_of_aval(v.aval) for v in eqn.invars])
+
+
 def _unrolled_scan(eqn) -> jcore.ClosedJaxpr:
     """The scan as straight-line code: the body traced once per step, ``xs`` sliced, the
     per-step ``ys`` stacked, in the scan's order (``reverse`` included)."""
@@ -391,6 +417,16 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                 if keep_custom_rules and not in_rule:
                     selected = kept_rule(eqn, start, selected, ins, callers, here)
                 for var, atom in zip(eqn.outvars, selected, strict=True):
+                    env[var] = atom
+                continue
+            if _positional_only(eqn):  # a collective vmap made of a named axis: a reduction
+                if eqn.params["axes"]:
+                    reduced = _positional_reduction(eqn)
+                    outs = inline(reduced.jaxpr, reduced.consts, ins, scope=here,
+                                  callers=callers + (eqn.source_info,), in_rule=in_rule)
+                else:  # over no axis at all (a pmean's transpose, vmapped): the identity
+                    outs = ins
+                for var, atom in zip(eqn.outvars, outs, strict=True):
                     env[var] = atom
                 continue
             call = inlined_call(eqn, ins)
