@@ -550,9 +550,10 @@ def _warn_unsupported(graph: ShardingGraph) -> tuple[str, ...]:
             msg = (f"autoshard: {kind} primitive '{name}' ({count} use(s), first at {where}); "
                    "it runs replicated on every device")
             if name == "scan":
-                msg += (f" (a lax.scan is unrolled and sharded when its steps add up to at most "
-                        f"autoshard.ir.trace.MAX_UNROLLED_EQUATIONS = {_trace.MAX_UNROLLED_EQUATIONS} "
-                        "equations; this one has more)")
+                msg += (f" (a lax.scan is unrolled and sharded when it has at most "
+                        f"autoshard.ir.trace.MAX_UNROLLED_STEPS = {_trace.MAX_UNROLLED_STEPS} "
+                        f"steps adding up to at most autoshard.ir.trace.MAX_UNROLLED_EQUATIONS = "
+                        f"{_trace.MAX_UNROLLED_EQUATIONS} equations; this one has more)")
             messages.append(msg)
             warnings.warn(msg, stacklevel=user_stacklevel())
     for spec, where in graph.unmet_constraints:
