@@ -86,7 +86,7 @@ def _positional_only(eqn) -> bool:
     and communicates nothing."""
     return eqn.primitive.name in _POSITIONAL_REDUCTIONS and \
         eqn.params.get("axis_index_groups") is None and \
-        all(isinstance(a, int) for a in eqn.params.get("axes", (None,)))
+        all(isinstance(a, (int, np.integer)) for a in eqn.params.get("axes", (None,)))
 
 
 def _positional_reduction(eqn) -> jcore.ClosedJaxpr:
