@@ -151,7 +151,7 @@ def test_scanned_layers_can_be_pipelined():
     assert_trees_allclose(step(*args), jax.jit(_step)(*args))
 
 
-def test_a_recurrence_over_many_steps_runs_as_one_loop_split_on_its_batch():
+def test_a_recurrence_over_many_steps_runs_as_one_loop_without_a_warning():
     # 200 time steps: more than MAX_UNROLLED_STEPS, though few equations. Unrolled, the same
     # step (batch 64, hidden 256) took 24 s to plan and compile and measured as the loop
     # does (389 against 391 ms on 2x4). As one loop, both scans (the forward and its
