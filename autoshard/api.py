@@ -217,7 +217,7 @@ class ParallelizedFunction:
     def _plan(self, call: BoundCall, statics: str) -> _Compiled:
         start = time.perf_counter()
         where = self._resolve()
-        traced = trace(call.fun, call.args, call.static)
+        traced = trace(call.fun, call.args, call.static, step_limit=True)
         if self._fixed_plan is not None:  # a saved plan: check it, don't solve
             plan = self._reuse_plan(traced, statics)
             return _Compiled(_rematerialized(traced, plan), plan, None)

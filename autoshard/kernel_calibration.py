@@ -141,7 +141,7 @@ def calibrate_kernels(fun: Callable, args: Sequence = (), kwargs: dict | None = 
     cluster = default_cluster(mesh) if cluster is None else cluster
     log = print if verbose and jax.process_index() == 0 else (lambda *a: None)
     call = functools.partial(fun, **kwargs) if kwargs else fun
-    program = trace(call, tuple(args), static_argnums).program
+    program = trace(call, tuple(args), static_argnums, step_limit=True).program  # as planned
     # the roofline's strategies: the same splits, whatever was measured before
     model = MeshCostModel(dataclasses.replace(cluster, kernel_seconds=()), mesh.axis_sizes)
     groups = program_kernels(program, model)

@@ -7,7 +7,7 @@ Calls that only structure the program (``jit``/``pjit``, ``closed_call``,
 ``optimization_barrier`` per operand, as jax lowers it, so the user's remat survives),
 and ``lax.scan`` loops (layers scanned over stacked weights, and their transposes
 in the backward pass) are unrolled into one copy of the body per step, up to
-``MAX_UNROLLED_STEPS`` steps and ``MAX_UNROLLED_EQUATIONS`` equations, so every step's
+``MAX_UNROLLED_EQUATIONS`` equations (and ``MAX_UNROLLED_STEPS`` steps when asked), so every step's
 ops are sharded like any others and a pipeline can cut between them (the slices by which
 their backward reads the steps' stacked values are forwarded as XLA's simplifier
 forwards them: ``simplify``). A
@@ -47,10 +47,12 @@ from .simplify import cse_key, forwarded
 
 #: a scan is unrolled when its body's equations × its length stay within this ...
 MAX_UNROLLED_EQUATIONS = 50_000
-#: ... and its length within this: layers scanned over stacked weights (a 405B-shaped
-#: model has 126), not a recurrence over time steps, which runs as one loop. Measured, an
-#: RNN scanned over 200 steps (batch 64, hidden 256, 2x4): unrolled, 24 s to plan and
-#: compile, 389 ms a step; as one loop, 0.9 s and 391 ms.
+#: ... and, planning ShardParallel or a preset (``trace(..., step_limit=True)``), its
+#: length within this: layers scanned over stacked weights (a 405B-shaped model has 126),
+#: not a recurrence over time steps, which runs as one loop. Measured, an RNN scanned over
+#: 200 steps (batch 64, hidden 256, 2x4): unrolled, 24 s to plan and compile, 389 ms a
+#: step; as one loop, 0.9 s and 391 ms. A pipeline unrolls it: its analysis of the
+#: micro-batches follows rows through unrolled steps, not through a loop.
 MAX_UNROLLED_STEPS = 128
 
 
@@ -69,9 +71,11 @@ def _count_equations(jaxpr) -> int:
     return total
 
 
-def unrolls(eqn) -> bool:
-    """Whether ``eqn`` is a ``lax.scan`` that tracing unrolls (see the module docstring)."""
-    return eqn.primitive.name == "scan" and eqn.params["length"] <= MAX_UNROLLED_STEPS and (
+def unrolls(eqn, step_limit: bool = False) -> bool:
+    """Whether ``eqn`` is a ``lax.scan`` that tracing unrolls (see the module docstring;
+    ``step_limit``: ``MAX_UNROLLED_STEPS`` applies too)."""
+    return eqn.primitive.name == "scan" and (
+        not step_limit or eqn.params["length"] <= MAX_UNROLLED_STEPS) and (
         eqn.params["length"] * _count_equations(eqn.params["jaxpr"].jaxpr)
         <= MAX_UNROLLED_EQUATIONS)
 
@@ -247,8 +251,10 @@ def struct_of_aval(aval) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
 
 
-def trace(fn, args: Sequence, static_argnums: Sequence[int] = ()) -> TracedFunction:
-    """Trace ``fn(*args)`` (static args taken as given) into a :class:`TracedFunction`."""
+def trace(fn, args: Sequence, static_argnums: Sequence[int] = (), *,
+          step_limit: bool = False) -> TracedFunction:
+    """Trace ``fn(*args)`` (static args taken as given) into a :class:`TracedFunction`;
+    ``step_limit``: scans of more than ``MAX_UNROLLED_STEPS`` steps stay loops."""
     static = set(static_argnums)
     argnums = [i for i in range(len(args)) if i not in static]
     dyn_args = [args[i] for i in argnums]
@@ -272,7 +278,8 @@ def trace(fn, args: Sequence, static_argnums: Sequence[int] = ()) -> TracedFunct
     trace_as_user_function(flat_fn, fn, args, static_argnums, len(avals))
     closed = jax.make_jaxpr(flat_fn)(*avals)
     out_tree, out_paths = out_tree_box[-1]
-    traced = _flatten_program(closed, in_tree, out_tree, in_paths, out_paths)
+    traced = _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
+                              step_limit=step_limit)
     return dataclasses.replace(traced, static_argnums=tuple(sorted(static)),
                                num_args=len(args))
 
@@ -339,8 +346,8 @@ def _contracts(jaxpr) -> bool:
 
 
 def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
-                     consts_as_inputs: bool = False, keep_custom_rules: bool = False
-                     ) -> TracedFunction:
+                     consts_as_inputs: bool = False, keep_custom_rules: bool = False,
+                     step_limit: bool = False) -> TracedFunction:
     avals: list = []
     eqns: list[Equation] = []
     sources: list = []  # each equation's jax source info, and its callers' (SourceSummaries)
@@ -397,7 +404,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
         for eqn in jaxpr.eqns:
             ins = [read(a) for a in eqn.invars]
             here = join_scopes(scope, name_stack(eqn.source_info))
-            if unrolls(eqn):
+            if unrolls(eqn, step_limit):
                 unrolled = _unrolled_scan(eqn)
                 outs = inline(unrolled.jaxpr, unrolled.consts, ins, scope=here,
                               callers=callers + (eqn.source_info,), in_rule=in_rule)

@@ -120,8 +120,7 @@ def plan_pipeline(fun, args, *, static_argnums, batch_flags, mesh_shape, axis_na
                          f"{' (marked with autoshard.mark_layer_boundary)' if layering.user_boundaries else ''}"
                          f": ask for at most {L} stages, or for more layers (num_layers=...); "
                          f"a lax.scan over layers is unrolled into one copy per layer unless it "
-                         f"exceeds autoshard.ir.trace.MAX_UNROLLED_STEPS steps or "
-                         f"MAX_UNROLLED_EQUATIONS equations")
+                         f"exceeds autoshard.ir.trace.MAX_UNROLLED_EQUATIONS")
     mesh_shape = tuple(mesh_shape)
     N = math.prod(mesh_shape)
     if method.num_stages is not None and method.num_stages > N:
