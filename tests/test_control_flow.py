@@ -11,6 +11,7 @@ import autoshard
 from autoshard.cost_model import MeshCostModel, cluster_preset
 from autoshard.intra.control_flow import control_flow_strategies
 from autoshard.ir import trace as _trace
+from tests.recurrences import rnn_arguments, rnn_train_step
 from tests.trees import ADAM_ATOL, assert_trees_allclose
 
 MESH = ((2, 4), ("data", "model"))
@@ -223,22 +224,9 @@ def test_an_rnns_backward_scan_splits_its_batch_with_the_residuals(short_unrolls
     reads the stacked residuals, [steps, batch, hidden], whose dim 1 is the body's dim 0:
     the batch splits only with both. Before, operands were split together by equal dim
     numbers alone, and the backward scan ran replicated with a warning."""
-    keys = jax.random.split(jax.random.key(2), 3)
-    w = {"h": jax.random.normal(keys[0], (32, 32)) / 8,
-         "x": jax.random.normal(keys[1], (16, 32)) / 4}
-    xs = jax.random.normal(keys[2], (6, 16, 16))  # steps, batch, features
+    w, xs = rnn_arguments(steps=6, batch=16, features=16)  # 16 features, as many as rows
 
-    def step(w, xs):
-        def loss(w):
-            def cell(h, x):
-                h = jnp.tanh(h @ w["h"] + x @ w["x"])
-                return h, jnp.sum(h)
-            h, ys = jax.lax.scan(cell, jnp.zeros((16, 32)), xs)
-            return jnp.mean(h ** 2) + jnp.mean(ys)
-        value, grads = jax.value_and_grad(loss)(w)
-        return jax.tree.map(lambda p, g: p - 0.1 * g, w, grads), value
-
-    program = _trace.trace(step, (w, xs)).program
+    program = _trace.trace(rnn_train_step, (w, xs)).program
     scans = [e for e in program.eqns if e.primitive.name == "scan"]
     assert len(scans) == 2  # the forward and its transpose
     model = MeshCostModel(cluster_preset("host-cpu"), MESH[0])
@@ -253,7 +241,7 @@ def test_an_rnns_backward_scan_splits_its_batch_with_the_residuals(short_unrolls
                    for spec in s.in_specs[xs_at:] if len(spec) == 3), eqn
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        f = autoshard.parallelize(step, mesh=autoshard.make_mesh(*MESH))
+        f = autoshard.parallelize(rnn_train_step, mesh=autoshard.make_mesh(*MESH))
         out = f(w, xs)
     assert f.audit(w, xs).ok
-    assert_trees_allclose(out, jax.jit(step)(w, xs))
+    assert_trees_allclose(out, jax.jit(rnn_train_step)(w, xs))

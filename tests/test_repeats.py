@@ -9,6 +9,7 @@ import pytest
 
 import autoshard
 from examples.models import gpt
+from tests.recurrences import rnn_train_step
 
 
 @pytest.mark.parametrize("layers", [3, 4])
@@ -117,21 +118,10 @@ def test_scan_steps_tie_into_classes_that_do_not_grow_with_length():
     # each step's residuals) at its own start: told apart by where they start, those
     # slices made a class per step (a 100-step RNN: 671 classes of 1919 nodes, and an LP
     # that ran for minutes). Slices of equal extent play the same role in every step.
-    def step(w, xs):
-        def loss(w, xs):
-            def cell(h, x):
-                h = jnp.tanh(h @ w["h"] + x @ w["x"])
-                return h, jnp.sum(h)
-            h, ys = jax.lax.scan(cell, jnp.zeros((8, 32)), xs)
-            return jnp.mean(h ** 2) + jnp.mean(ys)
-
-        value, grads = jax.value_and_grad(loss)(w, xs)
-        return jax.tree.map(lambda p, g: p - 0.1 * g, w, grads), value
-
     def classes(length):
         w = {"h": jax.ShapeDtypeStruct((32, 32), jnp.float32),
              "x": jax.ShapeDtypeStruct((16, 32), jnp.float32)}
         xs = jax.ShapeDtypeStruct((length, 8, 16), jnp.float32)
-        return _repeat_class_count(step, (w, xs))
+        return _repeat_class_count(rnn_train_step, (w, xs))
 
     assert classes(12) == classes(24)

@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 import autoshard
 from autoshard.ir import trace as _trace
 from autoshard.ir.trace import trace
+from tests.recurrences import rnn_arguments, rnn_train_step
 from tests.trees import assert_trees_allclose
 
 LAYERS, HIDDEN, BATCH = 4, 256, 16
@@ -158,29 +159,15 @@ def test_a_recurrence_over_many_steps_runs_as_one_loop_without_a_warning():
     # transpose) have strategies splitting the batch (tests/test_control_flow.py), so
     # neither warns of running replicated; at this size the plan keeps the batch whole.
     assert 200 > _trace.MAX_UNROLLED_STEPS
-
-    def step(w, xs):
-        def loss(w):
-            def cell(h, x):
-                h = jnp.tanh(h @ w["h"] + x @ w["x"])
-                return h, jnp.sum(h)
-            h, ys = jax.lax.scan(cell, jnp.zeros((16, 32)), xs)
-            return jnp.mean(h ** 2) + jnp.mean(ys)
-        value, grads = jax.value_and_grad(loss)(w)
-        return jax.tree.map(lambda p, g: p - 0.1 * g, w, grads), value
-
-    keys = jax.random.split(jax.random.key(3), 3)
-    w = {"h": jax.random.normal(keys[0], (32, 32)) / 8,
-         "x": jax.random.normal(keys[1], (8, 32)) / 4}
-    xs = jax.random.normal(keys[2], (200, 16, 8))  # steps, batch, features
-    assert [e.primitive.name for e in trace(step, (w, xs), step_limit=True).program.eqns
+    w, xs = rnn_arguments(steps=200, batch=16, features=8, seed=3)
+    assert [e.primitive.name for e in trace(rnn_train_step, (w, xs), step_limit=True).program.eqns
             ].count("scan") == 2
     # a pipeline traces without the limit: its micro-batch analysis follows rows through
     # unrolled steps, not through a loop (with the limit, a pipelined 130-step RNN was
     # refused as a loss that is no mean over the batch)
-    assert "scan" not in [e.primitive.name for e in trace(step, (w, xs)).program.eqns]
-    f = autoshard.parallelize(step, mesh=autoshard.make_mesh((2, 4), ("data", "model")))
+    assert "scan" not in [e.primitive.name for e in trace(rnn_train_step, (w, xs)).program.eqns]
+    f = autoshard.parallelize(rnn_train_step, mesh=autoshard.make_mesh((2, 4), ("data", "model")))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = f(w, xs)
-    assert_trees_allclose(out, jax.jit(step)(w, xs))
+    assert_trees_allclose(out, jax.jit(rnn_train_step)(w, xs))
