@@ -90,18 +90,11 @@ def control_flow_strategies(eqn, in_avals: Sequence, out_avals: Sequence,
         in_avals, out_avals)}
     cache: dict = {}
     ranked = [(k, d) for k, a in enumerate(in_avals) for d in range(len(getattr(a, "shape", ())))]
+    looped_from, xs_at = _looped_operands(eqn)
     # a scan's body sees each of its xs without the scanned dim: an x's dim d + 1 is the
     # body's dim d, as a const's or a carry's dim d is (the batch dim of a carried state
     # and of the stacked inputs or residuals its backward reads, split together)
-    xs_at = eqn.params["num_consts"] + eqn.params["num_carry"] if kind == "scan" else None
     body_dim = (lambda k, d: d) if xs_at is None else (lambda k, d: d - (k >= xs_at))
-    # the operands a loop carries or scans over (its consts, the weights, come first), or
-    # the dim with a scan's stacked operands alone: a weight, or a weight's gradient
-    # carried, with a dim of the batch's size (16 input features, a batch of 16) is not
-    # split with the batch
-    looped_from = {"scan": eqn.params.get("num_consts"),
-                   "while": eqn.params.get("cond_nconsts", 0) + eqn.params.get("body_nconsts", 0)
-                   }.get(kind, 0)
     for axes in axis_sets([a for a, size in enumerate(model.mesh_shape) if size > 1]):
         n = math.prod(model.mesh_shape[a] for a in axes)
         tried: dict[frozenset, dict[int, int]] = {}
@@ -110,8 +103,10 @@ def control_flow_strategies(eqn, in_avals: Sequence, out_avals: Sequence,
             if size % n or size == 1:
                 continue
             # the dim alone, with the same dim of every operand of that size (the
-            # micro-batches' inputs and labels, split together), of every looped one, and
-            # of every stacked one
+            # micro-batches' inputs and labels, split together), of every looped one (the
+            # consts, the weights, left out), and of every stacked one: a weight, or its
+            # gradient carried, with a dim of the batch's size (16 input features, a batch
+            # of 16) is not split with the batch
             together = {i: e for i, e in ranked if body_dim(i, e) == body_dim(k, d)
                         and in_avals[i].shape[e] == size}
             looped = {i: e for i, e in together.items() if i >= looped_from}
@@ -171,6 +166,18 @@ def with_split(spec: Spec, dim: int | None, axes: tuple[int, ...]) -> Spec:
 
 def _spec(aval, dim: int | None, axes: tuple[int, ...]) -> Spec:
     return with_split(replicated(len(aval.shape)), dim, axes)
+
+
+def _looped_operands(eqn) -> tuple[int, int | None]:
+    """(the first operand a loop carries, the consts before it: a ``scan``'s, or a
+    ``while``'s condition's then its body's; the first operand a ``scan`` scans over,
+    None for any other): (0, None) for a ``cond``."""
+    params, kind = eqn.params, eqn.primitive.name
+    if kind == "scan":
+        return params["num_consts"], params["num_consts"] + params["num_carry"]
+    if kind == "while":
+        return params["cond_nconsts"] + params["body_nconsts"], None
+    return 0, None
 
 
 def _split(eqn, seeds: dict[int, int], axes, n: int, model, in_avals, cache: dict):
