@@ -200,19 +200,16 @@ def depth_section(totals: dict[int, list[tuple[float, float]]]) -> list[str]:
         added = rows[full][1] - rows[half][1]
         jax_added = (statistics.median(j for _, j in totals[full])
                      - statistics.median(j for _, j in totals[half])) / added
+        allowed = allowed_per_layer(ma, mb, added)
         lines.append(f"| {rows[half][0]} ({rows[half][1]} layers) / {rows[full][1]} layers | "
                      f"{ma:.1f} ({a[0]:.1f}-{a[-1]:.1f}) | {mb:.1f} ({b[0]:.1f}-{b[-1]:.1f}) | "
                      f"{mb / ma:.2f} | {(mb - ma) / added:.3f} | {jax_added:.3f} | "
-                     f"{_seconds_or_none(allowed_per_layer(ma, mb, added))} |")
+                     f"{'none' if allowed is None else f'{allowed:.3f}'} |")
     return lines
 
 
-def _seconds_or_none(seconds: float | None) -> str:
-    return "none" if seconds is None else f"{seconds:.3f}"
-
-
 def allowed_per_layer(half_s: float, full_s: float, added: int,
-                      goal: float | None = None) -> float | None:
+                      goal: float = DEPTH_GOAL) -> float | None:
     """Seconds an added layer may cost for the deeper plan to take at most ``goal`` times
     the shallower one's (``DEPTH_GOAL``), the cost that does not grow with depth, ``2 *
     half_s - full_s``, held as it is: with F that cost and n the layers added (the
@@ -220,7 +217,6 @@ def allowed_per_layer(half_s: float, full_s: float, added: int,
     p <= (goal - 1) F / ((2 - goal) n). None when F <= 0: the deeper plan did more than
     its layers' share of work (a memory budget only it had to meet), no layer cost meets
     the goal."""
-    goal = DEPTH_GOAL if goal is None else goal
     fixed = 2 * half_s - full_s
     return None if fixed <= 0 else (goal - 1) * fixed / ((2 - goal) * added)
 
