@@ -7,10 +7,10 @@ Calls that only structure the program (``jit``/``pjit``, ``closed_call``,
 ``optimization_barrier`` per operand, as jax lowers it, so the user's remat survives),
 and ``lax.scan`` loops (layers scanned over stacked weights, and their transposes
 in the backward pass) are unrolled into one copy of the body per step, up to
-``MAX_UNROLLED_EQUATIONS`` equations (and ``MAX_UNROLLED_STEPS`` steps when asked), so every step's
-ops are sharded like any others and a pipeline can cut between them (the slices by which
-their backward reads the steps' stacked values are forwarded as XLA's simplifier
-forwards them: ``simplify``). A
+``MAX_UNROLLED_EQUATIONS`` equations (and ``MAX_UNROLLED_STEPS`` steps when asked), so
+every step's ops are sharded like any others and a pipeline can cut between them (the
+slices by which their backward reads the steps' stacked values are forwarded as XLA's
+simplifier forwards them: ``simplify``). A
 ``lax.cond`` whose branches are elementwise work is computed as every branch and a
 ``select_n`` (``selects_branches``). Every remaining
 equation is a primitive the strategy rules understand (or a control-flow primitive they
@@ -96,14 +96,25 @@ def _positional_only(eqn) -> bool:
 
 def _positional_reduction(eqn) -> jcore.ClosedJaxpr:
     """``eqn`` (see :func:`_positional_only`) as the reductions of each operand over
-    its axes (``reduce_sum`` and kin), of the result types ``eqn`` has."""
+    its axes (``reduce_sum`` and kin), of the result types ``eqn`` has; over no axis (a
+    ``pmean``'s transpose, vmapped), its operands themselves."""
     reduce, axes = _POSITIONAL_REDUCTIONS[eqn.primitive.name], tuple(eqn.params["axes"])
 
     def run(*operands):
-        return [reduce(x, axis=axes).astype(v.aval.dtype)
+        return [reduce(x, axis=axes).astype(v.aval.dtype) if axes else x
                 for x, v in zip(operands, eqn.outvars, strict=True)]
 
     return jax.make_jaxpr(run)(*[struct_of_aval(v.aval) for v in eqn.invars])
+
+
+def _rewritten(eqn, step_limit: bool) -> jcore.ClosedJaxpr | None:
+    """The jax code ``eqn`` is traced as instead, if any: a scan unrolled (``unrolls``),
+    a collective over positional axes as its reduction (``_positional_only``)."""
+    if unrolls(eqn, step_limit):
+        return _unrolled_scan(eqn)
+    if _positional_only(eqn):
+        return _positional_reduction(eqn)
+    return None
 
 
 def _unrolled_scan(eqn) -> jcore.ClosedJaxpr:
@@ -404,9 +415,9 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
         for eqn in jaxpr.eqns:
             ins = [read(a) for a in eqn.invars]
             here = join_scopes(scope, name_stack(eqn.source_info))
-            if unrolls(eqn, step_limit):
-                unrolled = _unrolled_scan(eqn)
-                outs = inline(unrolled.jaxpr, unrolled.consts, ins, scope=here,
+            rewritten = _rewritten(eqn, step_limit)
+            if rewritten is not None:
+                outs = inline(rewritten.jaxpr, rewritten.consts, ins, scope=here,
                               callers=callers + (eqn.source_info,), in_rule=in_rule)
                 for var, atom in zip(eqn.outvars, outs, strict=True):
                     env[var] = atom
@@ -430,16 +441,6 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                 if keep_custom_rules and not in_rule:
                     selected = kept_rule(eqn, start, selected, ins, callers, here)
                 for var, atom in zip(eqn.outvars, selected, strict=True):
-                    env[var] = atom
-                continue
-            if _positional_only(eqn):  # a collective vmap made of a named axis: a reduction
-                if eqn.params["axes"]:
-                    reduced = _positional_reduction(eqn)
-                    outs = inline(reduced.jaxpr, reduced.consts, ins, scope=here,
-                                  callers=callers + (eqn.source_info,), in_rule=in_rule)
-                else:  # over no axis at all (a pmean's transpose, vmapped): the identity
-                    outs = ins
-                for var, atom in zip(eqn.outvars, outs, strict=True):
                     env[var] = atom
                 continue
             call = inlined_call(eqn, ins)
