@@ -228,10 +228,17 @@ class MeshCostModel:
         self, shape: Sequence[int], itemsize: int, srcs: Sequence[Spec], dsts: Sequence[Spec]
     ) -> np.ndarray:
         """float64 array [len(srcs), len(dsts)] of ``resharding`` times (memoised; a fresh
-        writable copy is returned on every call)."""
+        writable copy is returned on every call). A leading dim no layout splits (a loop's
+        stacked steps) is priced as part of the next one: the same collectives on the same
+        bytes, and the routes of layouts of one rank less, found once for both."""
         shape = _as_shape(shape)
         key_srcs = tuple(self._check_spec(shape, spec)[1] for spec in srcs)
         key_dsts = tuple(self._check_spec(shape, spec)[1] for spec in dsts)
+        while len(shape) > 1 and not any(spec[0] for spec in key_srcs + key_dsts) and all(
+                shape[1] % self._split(spec[1]) == 0 for spec in key_srcs + key_dsts):
+            shape = (shape[0] * shape[1], *shape[2:])
+            key_srcs = tuple(spec[1:] for spec in key_srcs)
+            key_dsts = tuple(spec[1:] for spec in key_dsts)
         return _resharding_matrix(self, shape, int(itemsize), key_srcs, key_dsts).copy()
 
     def collective_matrix(self, shape: Sequence[int], srcs: Sequence[Spec],
