@@ -36,6 +36,7 @@ _EXPORTS = {
     "SolverInfo": "autoshard.plan.parts",
     "Alternative": "autoshard.plan.parts",
     "ProgramSpecs": "autoshard.plan.parts",
+    "LoopLayouts": "autoshard.plan.parts",
     "StageAssignment": "autoshard.plan.parts",
     "StageCost": "autoshard.plan.parts",
     "Rematerialization": "autoshard.ir.remat",

@@ -20,13 +20,13 @@ from autoshard.ir import hlo
 from autoshard.ir.call import BoundCall, argument_roles, bind_call, dynamic_arguments
 from autoshard.ir.fingerprint import check_fingerprint, fingerprint, statics_text
 from autoshard.ir.remat import recompute
-from autoshard.ir.trace import TracedFunction, aval_struct, trace
+from autoshard.ir.trace import TracedFunction, aval_struct, trace, traced_body
 from autoshard.pipeline.batch_arguments import infer_batch_argnums, splits_into_microbatches
 from autoshard.pipeline.planner import plan_pipeline_step
 from autoshard.pipeline.reuse import is_plain_pipeline_plan, reuse_pipeline
 from autoshard.pipeline.trace import flat_paths
 from autoshard.plan.audit import Audit, PipelineAudit
-from autoshard.plan.checks import check_plan_mesh, check_plan_method, specs_misfit
+from autoshard.plan.checks import check_plan_mesh, check_plan_method, loops_misfit, specs_misfit
 from autoshard.plan.parts import operand_layouts, value_layouts
 from autoshard.plan.record import Plan
 
@@ -38,7 +38,7 @@ from .methods import METHODS, Annotated, PipeshardParallel, ShardParallel
 from .planning_gc import rare_cycle_collection
 from .runtime import ShardedProgram, instead_of_explicit, outside_other_meshes, shard_program
 from .runtime.fast_call import MISSED, FastCall, with_leaves
-from .runtime.sharded import with_auto_axes
+from .runtime.sharded import PinnedLoop, with_auto_axes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -217,7 +217,9 @@ class ParallelizedFunction:
     def _plan(self, call: BoundCall, statics: str) -> _Compiled:
         start = time.perf_counter()
         where = self._resolve()
-        traced = trace(call.fun, call.args, call.static, step_limit=True)
+        traced = trace(call.fun, call.args, call.static, step_limit=True,
+                       rolled_layers=isinstance(self._method, ShardParallel)
+                       and not self._method.unroll_scans)
         if self._fixed_plan is not None:  # a saved plan: check it, don't solve
             plan = self._reuse_plan(traced, statics)
             return _Compiled(_rematerialized(traced, plan), plan, None)
@@ -333,7 +335,8 @@ class ParallelizedFunction:
             raise ValueError(f"the plan passed to parallelize(plan=...) has plan.remat {err}; "
                              f"leave plan out to plan again") from None
         misfit = specs_misfit(traced.program, plan.flat_in_specs, plan.flat_out_specs,
-                              plan.value_specs, plan.operand_specs)
+                              plan.value_specs, plan.operand_specs) or loops_misfit(
+            traced.program, plan.loops, lambda eqn: traced_body(eqn).program)
         if misfit is not None:
             raise ValueError(f"the plan passed to parallelize(plan=...) {misfit}: it was made "
                              f"for another function with the same signature (or the file was "
@@ -485,7 +488,21 @@ def _sharded(traced: TracedFunction, plan: Plan, mesh, donate_argnums) -> Sharde
     return shard_program(traced.program, mesh, plan.flat_in_specs, plan.flat_out_specs,
                          value_specs=values, operand_specs=operands,
                          donate_argnums=[i for i, d in enumerate(flags) if d],
-                         operand_via=via, value_via=values_via)
+                         operand_via=via, value_via=values_via,
+                         loops=pinned_loops(traced.program, plan.loops))
+
+
+def pinned_loops(program, loops) -> dict:
+    """``loops`` (a plan's :class:`LoopLayouts`) as the runtime pins them: equation ->
+    :class:`~autoshard.runtime.sharded.PinnedLoop`, its body traced as it was planned."""
+    pinned = {}
+    for loop in loops:
+        body = traced_body(program.eqns[loop.eqn]).program
+        operands, via = operand_layouts(loop.operand_specs)
+        values, values_via = value_layouts(loop.value_specs)
+        pinned[loop.eqn] = PinnedLoop(body, loop.flat_in_specs, loop.flat_out_specs, values,
+                                      operands, via, values_via, loop.in_via, loop.out_via)
+    return pinned
 
 
 def _rematerialized(traced: TracedFunction, plan: Plan) -> TracedFunction:

@@ -40,12 +40,19 @@ class ShardParallel:
     pass in the backward pass instead of storing their activations, the fewest that let a
     plan fit (``Plan.remat`` says which; see ``autoshard.intra.remat``); ``False``: raise
     ``InfeasiblePlanError`` instead.
+    ``unroll_scans``: ``False`` (the default) plans a ``lax.scan`` whose body has a dot or a
+    convolution (layers scanned over stacked weights, an RNN) once, as one step run ``length``
+    times: every step laid out alike, the loop compiled as a loop, planning time flat in the
+    number of steps (``autoshard.intra.loop_plans``); ``True`` unrolls such a scan of up to
+    128 steps, each step planned on its own and compiled unrolled (slower to plan and to
+    compile for deep models; a plan may lay out the first and last layers differently).
     """
 
     time_limit_s: float = 60.0
     tie_repeats: bool | None = None
     gap_limit: float | None = None
     remat: bool = True
+    unroll_scans: bool = False
 
     def __post_init__(self):
         if isinstance(self.time_limit_s, bool) or not isinstance(self.time_limit_s, (int, float)) \
@@ -61,6 +68,8 @@ class ShardParallel:
                              f"{self.gap_limit!r}")
         if not isinstance(self.remat, bool):
             raise ValueError(f"remat must be True or False, got {self.remat!r}")
+        if not isinstance(self.unroll_scans, bool):
+            raise ValueError(f"unroll_scans must be True or False, got {self.unroll_scans!r}")
 
 
 

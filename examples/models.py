@@ -339,7 +339,8 @@ def moe(batch: int = 16, seq: int = 8, d_model: int = 32, experts: int = 8, d_ff
 
 def gpt(num_layers: int = 2, batch: int = 8, seq: int = 16, d_model: int = 64, heads: int = 4,
         vocab: int = 256, d_ff: int | None = None, optimizer: str = "adamw", remat: bool = False,
-        *, learning_rate: float | None = None, seed: int = 0, abstract: bool = False) -> Workload:
+        *, scan_layers: bool = False, learning_rate: float | None = None, seed: int = 0,
+        abstract: bool = False) -> Workload:
     """Small decoder-only GPT with tied embeddings; next-token softmax CE; optax adamw(1e-3).
 
     params = {"wte": [V, D], "wpe": [S, D],
@@ -347,6 +348,8 @@ def gpt(num_layers: int = 2, batch: int = 8, seq: int = 16, d_model: int = 64, h
               "ln_f": {"scale": [D], "bias": [D]}}
     batch  = {"tokens": int32 [B, S+1]}   inputs = tokens[:, :-1], targets = tokens[:, 1:]
     logits = ln_f(x) @ wte.T  -> [B, S, V].  remat=True wraps each block in jax.checkpoint.
+    scan_layers=True stacks the blocks (``"blocks"``: one block's tree, each leaf with a
+    leading [num_layers] dim) and runs them with ``lax.scan``, as MaxText's ``scan_layers``.
     """
     d_ff = 4 * d_model if d_ff is None else d_ff
     assert d_model % heads == 0, "d_model must be divisible by heads"
@@ -361,8 +364,11 @@ def gpt(num_layers: int = 2, batch: int = 8, seq: int = 16, d_model: int = 64, h
     def loss_fn(params, batch):
         inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
         x = jnp.take(params["wte"], inputs, axis=0) + params["wpe"]    # [B, S, D]
-        for p in params["blocks"]:
-            x = block(p, x)
+        if scan_layers:
+            x, _ = jax.lax.scan(lambda x, p: (block(p, x), None), x, params["blocks"])
+        else:
+            for p in params["blocks"]:
+                x = block(p, x)
         x = _layernorm(x, params["ln_f"])
         logits = x @ params["wte"].T                                   # [B, S, V]
         return _cross_entropy(logits, targets)
@@ -375,10 +381,12 @@ def gpt(num_layers: int = 2, batch: int = 8, seq: int = 16, d_model: int = 64, h
             "blocks": [_attention_block_init(k[3 + i], d_model, d_ff) for i in range(num_layers)],
             "ln_f": _layernorm_init(d_model),
         }
+        if scan_layers:
+            params["blocks"] = jax.tree.map(lambda *ps: jnp.stack(ps), *params["blocks"])
         data = {"tokens": jax.random.randint(k[2], (batch, seq + 1), 0, vocab, jnp.int32)}
         return params, opt.init(params), data
 
-    name = "gpt_remat" if remat else "gpt"
+    name = ("gpt_remat" if remat else "gpt") + ("_scanned" if scan_layers else "")
     return _build(name, _train_step(loss_fn, opt), make_args, abstract)
 
 

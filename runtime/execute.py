@@ -1,7 +1,7 @@
 """Evaluate a :class:`Program` with sharding constraints, for use inside ``jax.jit``."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 
@@ -17,6 +17,7 @@ def evaluate_program(
     operand_via: Mapping[tuple[int, int], Sequence[jax.sharding.Sharding]] = {},
     value_via: Mapping[int, Sequence[jax.sharding.Sharding]] = {},
     mesh: jax.sharding.Mesh | None = None,
+    loop_bodies: Mapping[int, Callable] = {},
 ) -> tuple:
     """Run ``program`` on ``flat_args`` and return its flat outputs.
 
@@ -31,9 +32,17 @@ def evaluate_program(
     With ``mesh`` (the one the program runs on), the program's own sharding constraints
     written for another mesh of the same axis names (the whole mesh, when the program is
     a pipeline stage on a sub-mesh of it) constrain the same axes of ``mesh``.
+
+    ``loop_bodies[e]``: the function scan equation ``e`` runs as its body instead of its
+    own (the same computation, its layouts pinned).
     """
     params = {e: _on_mesh(eqn.params, mesh) for e, eqn in enumerate(program.eqns)
               if mesh is not None and eqn.primitive.name == "sharding_constraint"}
+    for e, body in loop_bodies.items():
+        own = program.eqns[e].params
+        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
+                   for a in own["jaxpr"].in_avals]
+        params[e] = dict(own, jaxpr=jax.make_jaxpr(body)(*structs))
     env: dict[int, object] = {}
 
     def write(vid, val):

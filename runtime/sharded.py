@@ -182,6 +182,50 @@ def place_global(value, sharding: jax.sharding.Sharding) -> jax.Array:
                                         dtype=host.dtype)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PinnedLoop:
+    """The layouts pinned inside a loop's body: ``program`` the body as a program of its
+    own (inputs its consts, carries and one step of its stacked operands; outputs its
+    carries and one step of its results), a spec per input and output (each pinned after
+    the layouts of ``in_via`` / ``out_via``, in turn), its intermediates and operands as
+    :func:`evaluate_program` pins them."""
+
+    program: Program
+    in_specs: Sequence[PartitionSpec]
+    out_specs: Sequence[PartitionSpec]
+    value_specs: Mapping[int, PartitionSpec] = dataclasses.field(default_factory=dict)
+    operand_specs: Mapping[tuple[int, int], PartitionSpec] = dataclasses.field(default_factory=dict)
+    operand_via: Mapping[tuple[int, int], Sequence[PartitionSpec]] = dataclasses.field(
+        default_factory=dict)
+    value_via: Mapping[int, Sequence[PartitionSpec]] = dataclasses.field(default_factory=dict)
+    in_via: Sequence[Sequence[PartitionSpec]] = ()
+    out_via: Sequence[Sequence[PartitionSpec]] = ()
+
+
+def _pinned_body(loop: PinnedLoop, mesh) -> Callable:
+    """``loop``'s body as a function of its inputs, its layouts pinned on ``mesh``."""
+    named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    values = {v: named(s) for v, s in loop.value_specs.items()}
+    operands = {k: named(s) for k, s in loop.operand_specs.items()}
+    via = {k: tuple(named(s) for s in chain) for k, chain in loop.operand_via.items()}
+    made_via = {v: tuple(named(s) for s in chain) for v, chain in loop.value_via.items()}
+
+    def pinned(vals, specs, chains):
+        chains = list(chains) or [()] * len(specs)
+        out = []
+        for val, spec, chain in zip(vals, specs, chains, strict=True):
+            for layout in (*chain, spec):
+                val = jax.lax.with_sharding_constraint(val, named(layout))
+            out.append(val)
+        return out
+
+    def body(*args):
+        outs = evaluate_program(loop.program, pinned(args, loop.in_specs, loop.in_via), values,
+                                operands, via, made_via, mesh=mesh)
+        return pinned(outs, loop.out_specs, loop.out_via)
+    return body
+
+
 def shard_program(
     program: Program,
     mesh: jax.sharding.Mesh,
@@ -192,12 +236,14 @@ def shard_program(
     donate_argnums: Sequence[int] = (),
     operand_via: Mapping[tuple[int, int], Sequence[PartitionSpec]] = {},
     value_via: Mapping[int, Sequence[PartitionSpec]] = {},
+    loops: Mapping[int, PinnedLoop] = {},
 ) -> ShardedProgram:
     """Jit ``program`` on ``mesh`` so that XLA executes exactly the given shardings.
 
     ``in_specs``/``out_specs`` are per flat argument/output; ``value_specs`` and
     ``operand_specs`` (and ``operand_via``, ``value_via``) become ``with_sharding_constraint`` on
     intermediates (see :func:`evaluate_program`). ``donate_argnums`` index flat arguments.
+    ``loops``: scan equation -> the layouts pinned inside its body (:class:`PinnedLoop`).
     """
     named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     in_shardings = tuple(named(s) for s in in_specs)
@@ -210,7 +256,9 @@ def shard_program(
     def run(*flat_args):
         with instead_of_explicit(mesh):
             return evaluate_program(program, flat_args, value_shardings, operand_shardings,
-                                    via_shardings, made_via, mesh=mesh)
+                                    via_shardings, made_via, mesh=mesh,
+                                    loop_bodies={e: _pinned_body(loop, mesh)
+                                                 for e, loop in loops.items()})
 
     jitted = jax.jit(run, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=tuple(donate_argnums))

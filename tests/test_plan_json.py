@@ -14,7 +14,8 @@ import autoshard
 from autoshard.ir.remat import Rematerialization
 from autoshard.plan.parts import Collective, OpCost, PlanCost, SolverInfo
 from autoshard.plan.record import Plan
-from autoshard.plan.serialize import SpecTreeNode, _tree_to_json, plan_to_dict
+from autoshard.plan.serialize import SpecTreeNode, plan_to_dict
+from autoshard.plan.spec_trees import tree_to_json
 from examples.models import mlp
 
 
@@ -32,7 +33,7 @@ def assert_plans_equal(a: Plan, b: Plan) -> None:
     for field in dataclasses.fields(Plan):
         va, vb = getattr(a, field.name), getattr(b, field.name)
         if field.name in ("in_specs", "out_specs") and _has_custom_node(vb):
-            assert _tree_to_json(va) == _tree_to_json(vb), f"Plan.{field.name} differs"
+            assert tree_to_json(va) == tree_to_json(vb), f"Plan.{field.name} differs"
             is_spec = lambda x: isinstance(x, P)  # noqa: E731
             assert jax.tree_util.tree_leaves(va, is_leaf=is_spec) == \
                 jax.tree_util.tree_leaves(vb, is_leaf=is_spec)

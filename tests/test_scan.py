@@ -58,7 +58,8 @@ def test_the_backward_reads_each_steps_residual_and_weights_as_xla_does():
     # each layer's w and b sliced once, read by its forward and its backward dots
     assert sum(e.inputs[0] in program.invars for e in sliced) == 2 * LAYERS
     report = autoshard.parallelize(_step, mesh=autoshard.make_mesh((2, 4), ("data", "model")),
-                                   method=autoshard.ShardParallel(time_limit_s=5)
+                                   method=autoshard.ShardParallel(time_limit_s=5,
+                                                                  unroll_scans=True)
                                    ).audit(*_args())
     assert report.ok, report.summary()
     modelled, compiled = report.bytes_accessed
@@ -116,29 +117,36 @@ def test_reverse_scan_with_xs_and_ys_matches_jit():
     assert_trees_allclose(step(xs, c), jax.jit(fn)(xs, c))
 
 
-def test_scan_too_long_to_unroll_is_planned_as_one_op(monkeypatch):
-    """Split where its whole body follows one layout (tests/test_control_flow.py)."""
+def test_scan_too_long_to_unroll_is_planned_once_as_a_loop(monkeypatch):
+    """Even asked to unroll, a scan past the tracer's limits stays a loop, its body
+    planned once (``intra.loop_plans``), the layouts inside it pinned as planned."""
     monkeypatch.setattr(_trace, "MAX_UNROLLED_EQUATIONS", 10)
     args = _args()
     assert "scan" in [e.primitive.name for e in trace(_step, args).program.eqns]
-    step = autoshard.parallelize(_step, mesh=autoshard.make_mesh((8,), ("model",)))
+    step = autoshard.parallelize(_step, mesh=autoshard.make_mesh((8,), ("model",)),
+                                 method=autoshard.ShardParallel(unroll_scans=True))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = step(*args)
+    assert len(step.plan(*args).loops) == 2   # the forward and its transpose
     assert step.audit(*args).ok
     assert_trees_allclose(out, jax.jit(_step)(*args))
 
 
-def test_scan_too_long_to_unroll_that_splits_nowhere_warns_with_the_limit(monkeypatch):
+def test_a_loop_whose_body_splits_nowhere_runs_whole_without_a_warning(monkeypatch):
+    # its body's ops are planned as any others: a dot no dim of which 8 devices divide
+    # runs whole, as it would outside a loop (no control-flow warning)
     monkeypatch.setattr(_trace, "MAX_UNROLLED_EQUATIONS", 10)
 
-    def fn(w, x):  # no dim the 8 devices divide
+    def fn(w, x):
         return jax.lax.scan(lambda h, _: (jnp.tanh(h @ w), None), x, None, length=8)[0]
 
     args = (jnp.eye(7) * 0.5, jnp.ones((5, 7)))
     step = autoshard.parallelize(fn, mesh=autoshard.make_mesh((8,), ("model",)))
-    with pytest.warns(UserWarning, match="control flow primitive 'scan'.*MAX_UNROLLED"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         out = step(*args)
+    assert step.plan(*args).flat_in_specs == (P(), P())
     assert_trees_allclose(out, jax.jit(fn)(*args))
 
 
@@ -155,9 +163,8 @@ def test_scanned_layers_can_be_pipelined():
 def test_a_recurrence_over_many_steps_runs_as_one_loop_without_a_warning():
     # 200 time steps: more than MAX_UNROLLED_STEPS, though few equations. Unrolled, the same
     # step (batch 64, hidden 256) took 24 s to plan and compile and measured as the loop
-    # does (389 against 391 ms on 2x4). As one loop, both scans (the forward and its
-    # transpose) have strategies splitting the batch (tests/test_control_flow.py), so
-    # neither warns of running replicated; at this size the plan keeps the batch whole.
+    # does (389 against 391 ms on 2x4). As loops, both scans (the forward and its
+    # transpose) have their bodies planned once (intra.loop_plans): no warning.
     assert 200 > _trace.MAX_UNROLLED_STEPS
     w, xs = rnn_arguments(steps=200, batch=16, features=8, seed=3)
     assert [e.primitive.name for e in trace(rnn_train_step, (w, xs), step_limit=True).program.eqns

@@ -7,6 +7,7 @@ from collections.abc import Callable, Collection, Sequence
 import numpy as np
 
 from autoshard.cost_model import CollectiveStep, MeshCostModel
+from autoshard.ir.loop_view import LoopView
 from autoshard.ir.program import Literal
 from autoshard.ir.specs import Spec, enumerate_specs, replicated
 from autoshard.ir.trace import TracedFunction
@@ -19,6 +20,7 @@ from .in_place import UPDATE_OPERAND, program_in_place, window_reads
 from .layout_copies import layout_copy_reads, transposes_into_dot_operands, transposes_into_dots, transposes_undone
 from .library_fusion import library_fusions
 from .loop_op import size_of
+from .loop_plans import use_weight, within_steps
 from .manual_regions import shard_map_strategies
 from .op_rules import CONTROL_FLOW, REPLICATED_QUIETLY, loop_op
 from .strategies import Strategy, input_strategies, loop_strategies, replicated_strategy
@@ -48,13 +50,16 @@ class Use:
     """Value ``outputs[src_output]`` of node ``src`` read as operand ``operand`` of node ``dst``.
 
     ``operand == -1`` marks a loop-carried use: an output that becomes input ``dst``
-    of the next call.
+    of the next call (or a loop's carry, its entry at the next step: ``loop_plans``).
+    ``weight``: how many times per call the use is resharded (a use inside a loop
+    planned once: every step).
     """
 
     src: int
     src_output: int
     dst: int
     operand: int
+    weight: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -116,7 +121,7 @@ def _sent_to_every_device(strategy: Strategy, out_avals, model: MeshCostModel) -
 def build_graph(traced: TracedFunction, model: MeshCostModel,
                 input_specs: Callable[[int, tuple], list[Spec]] | None = None,
                 axis_names: Sequence[str] | None = None,
-                donated: Collection[int] = ()) -> ShardingGraph:
+                donated: Collection[int] = (), view: LoopView | None = None) -> ShardingGraph:
     """Enumerate strategies for every node of ``traced`` on ``model``'s mesh.
 
     ``input_specs(flat_index, shape)`` may restrict the layouts an argument can
@@ -125,6 +130,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
     (``user_constraints``) and its ``shard_map`` regions priced as written
     (``manual_regions``). ``donated``: flat indices of the arguments the call donates
     (an update XLA writes over one in place moves only its window: ``in_place``).
+    ``view``: ``traced`` is that view of a program's loops (``loop_plans``): a step's
+    equations priced for every step, the steps' dim of stacked values kept whole.
     """
     program = traced.program
     mesh_shape = model.mesh_shape
@@ -145,6 +152,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         folded |= widened_results(program)
     dots = dot_operands(program)
     in_place = program_in_place(program, donated)
+    stacked: set[tuple] = set()  # (shape, dtype) of the stacks of loops seen so far
 
     def add(node: Node):
         for k, vid in enumerate(node.outputs):
@@ -200,6 +208,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
             reads = tuple(r + c for r, c in zip(reads, copied[e], strict=True))
         if e in in_place:  # written over its target: the window moves, not the target
             reads = _window_only(reads, name, len(eqn.inputs))
+        if view is not None:
+            reads = _loop_reads(view, e, eqn, in_avals, out_avals, reads, stacked)
         signature = (traced.signatures[e], reads, dots.get(e))
         strategies = memo.get(signature)  # a repeated layer: same rule, same strategies
         if strategies is None and name == "shard_map" and axis_names is not None:
@@ -234,14 +244,37 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
                                               reads=reads),)
             if name in HOST_CALLBACKS:
                 strategies = (_sent_to_every_device(strategies[0], out_avals, model),)
+        weight = 1.0
+        if view is not None:
+            strategies, weight = within_steps(view, e, strategies), use_weight(view, e)
         node_index = len(nodes)
         for k, atom in enumerate(eqn.inputs):
             if not isinstance(atom, Literal):
                 src, out = producer[atom]
-                uses.append(Use(src, out, node_index, k))
+                uses.append(Use(src, out, node_index, k, weight))
         add(Node(f"{name}#{e}", "op", e, tuple(eqn.outputs), strategies))
     return ShardingGraph(traced, tuple(nodes), tuple(uses), producer,
                          tuple(unsupported), tuple(control_flow), tuple(unmet))
+
+
+def _loop_reads(view: LoopView, e: int, eqn, in_avals, out_avals, reads: tuple,
+                stacked: set) -> tuple:
+    """``reads`` of view equation ``e`` as the loop runs it (``loop_plans``). A step's
+    slice of a stacked operand is a dynamic slice XLA writes (it fuses into no reader in
+    the loop's body). A stacked result's buffer is written whole before the loop (the
+    stack's broadcast); XLA makes one such buffer per shape and copies it for the others
+    (measured: an RNN's forward scan, three [6, 64, 32] residual buffers, one broadcast
+    and two copies), so a stack of a shape seen before writes it twice (read and write)."""
+    kind = view.origins[e][0]
+    if kind == "slice":
+        return (size_of(out_avals[0]) / max(size_of(in_avals[0]), 1),) + \
+            (0,) * (len(eqn.inputs) - 1) + (1,)
+    if kind == "stack":
+        key = (tuple(out_avals[0].shape), out_avals[0].dtype)
+        copied = key in stacked
+        stacked.add(key)
+        return reads[:-1] + (2 if copied else 1,)
+    return reads
 
 
 def _window_only(reads: tuple, name: str, num_operands: int) -> tuple:

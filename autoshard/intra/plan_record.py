@@ -78,7 +78,9 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
         cost = float(matrix[choices[use.src], choices[use.dst]])
         if use.operand < 0:  # loop-carried: the next step's input layout
             resharding += cost
-            if result is None:  # a preset returns it in that layout: the program reshards
+            # a preset returns it in that layout: the program reshards; a loop's carry
+            # (into its entry, an op: ``loop_plans``) is resharded at the end of its body
+            if result is None or graph.nodes[use.dst].kind == "op":
                 aval = program.avals[graph.nodes[use.src].outputs[use.src_output]]
                 resharded(f"{graph.nodes[use.src].name}→output", tuple(aval.shape),
                           aval.dtype.itemsize, chosen[use.src].out_specs[use.src_output],

@@ -14,6 +14,7 @@ from autoshard import ilp
 from autoshard.cost_model import Cluster, MeshCostModel, format_bytes
 from autoshard.errors import InfeasiblePlanError
 from autoshard.ir.fingerprint import fingerprint
+from autoshard.ir.loop_view import loop_view
 from autoshard.ir.remat import recompute
 from autoshard.ir.specs import Spec
 from autoshard.ir.trace import TracedFunction
@@ -21,6 +22,7 @@ from autoshard.methods import PRESETS, ShardParallel
 from autoshard.plan.record import Plan
 
 from .liveness import live_ranges
+from .loop_plans import unspliced
 from .memory_points import (
     candidate_steps,
     counted_peak_bytes,
@@ -153,13 +155,17 @@ def _plan_program(traced: TracedFunction, *, mesh_shape, axis_names, cluster, me
     """:func:`plan_traced` of ``traced`` as it is."""
     start = time.perf_counter()
     model = MeshCostModel(cluster, tuple(mesh_shape))
+    view = None if isinstance(method, PRESETS) else loop_view(traced)
+    if view is not None:  # its loops over layers planned once, on the view of them
+        original, traced = traced, view.traced
     program = traced.program
     _log.info("planning %r on mesh %s: %d equations", method,
               "x".join(map(str, mesh_shape)), len(program.eqns))
     problem = build_problem(traced, model, method, batch_flat=batch_flat,
                             axis_names=axis_names, donated_flat=donated_flat,
                             in_layouts=in_layouts, carried=carried,
-                            carried_weight=carried_weight, annotations=annotations)
+                            carried_weight=carried_weight, annotations=annotations,
+                            view=view)
     request = problem.request
     donated = [v for v, d in zip(program.invars, donated_flat) if d]
     if deadline is not None:  # leave the work after the solve its time
@@ -178,9 +184,10 @@ def _plan_program(traced: TracedFunction, *, mesh_shape, axis_names, cluster, me
     _log.info("solved: %s (%s), %.4g s per step, gap %.2f%%, %d variables (%.2f s, LP %.2f s)",
               result.status, result.stats.solver_status, result.objective, 100 * result.gap,
               result.num_variables, result.solve_time_s, result.stats.lp_time_s)
-    return plan_record(traced, problem, choices, result, method=method, model=model,
+    plan = plan_record(traced, problem, choices, result, method=method, model=model,
                        cluster=cluster, axis_names=axis_names, static_repr=static_repr,
                        donated=donated, start=start, peak_bytes=peak)
+    return plan if view is None else unspliced(plan, view, original, static_repr, model)
 
 
 def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated,

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec
 from autoshard import ilp
 from autoshard.cost_model import MeshCostModel
 from autoshard.ir import trace as _trace
+from autoshard.ir.loop_view import LoopView
 from autoshard.ir.program import Literal
 from autoshard.ir.specs import Spec, enumerate_specs, from_partition_spec, spec_is_valid
 from autoshard.ir.trace import TracedFunction, argument_of
@@ -96,9 +97,11 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
                   donated_flat: Sequence[bool] = (),
                   in_layouts: Mapping[int, PartitionSpec] | None = None,
                   carried: Sequence[tuple[int, int]] = (), carried_weight: float = 1.0,
-                  annotations: Sequence[Spec] | None = None) -> ShardingProblem:
+                  annotations: Sequence[Spec] | None = None,
+                  view: LoopView | None = None) -> ShardingProblem:
     """Strategies of every equation, their prices and the ILP request (see
-    :func:`autoshard.intra.planner.plan_traced` for the arguments)."""
+    :func:`autoshard.intra.planner.plan_traced` for the arguments; ``view``: ``traced`` is
+    that view of a program's loops, ``loop_plans``)."""
     start = time.perf_counter()
     program = traced.program
     fixed = _fixed_inputs(program, in_layouts or {}, model.mesh_shape, tuple(axis_names))
@@ -113,7 +116,8 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
         return enumerate_specs(shape, model.mesh_shape)
 
     per_use_graph = build_graph(traced, model, input_specs, axis_names,
-                                donated=[i for i, d in enumerate(donated_flat) if d])
+                                donated=[i for i, d in enumerate(donated_flat) if d],
+                                view=view)
     # (a preset is priced per reader: XLA's partitioner reshards a value for each reader,
     # sharing only equal reshardings; read nodes model the copies a search may share)
     graph = share_reads(per_use_graph) if len(model.mesh_shape) <= SHARED_READS_MAX_AXES \
@@ -133,7 +137,7 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
                                donated=frozenset(i for i, d in enumerate(donated_flat) if d),
                                extra=extra, by_key_path=by_key_path,
                                carried_weight=carried_weight, time_limit=time_limit,
-                               apart=apart, memo={})
+                               apart=apart, memo={}, view=view)
     graph, merged, uses, matrices, grouping, request = priced(graph)
     per_use = None
     if has_read_nodes and isinstance(method, ShardParallel):
@@ -169,15 +173,23 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
 
 def _priced_problem(graph: ShardingGraph, *, model: MeshCostModel, pairs, fixed: frozenset,
                     donated: frozenset, extra, by_key_path, carried_weight: float,
-                    time_limit: float, memo: dict, apart: frozenset = frozenset()):
+                    time_limit: float, memo: dict, apart: frozenset = frozenset(),
+                    view: LoopView | None = None):
     """(graph, merged all-reduces, uses, cost matrices, grouping, request) of ``graph``
-    priced: fed inputs, inputs returned as they came, combined all-reduces, carried uses
-    (weighted), followers grouped (but the nodes ``apart``)."""
+    priced: fed inputs, inputs returned as they came, combined all-reduces (but a loop's
+    body's), carried uses (weighted; and a loop's carries, ``view``), followers grouped
+    (but the nodes ``apart``)."""
     graph = _price_returned_inputs(_price_fed_inputs(graph, model, pairs, fixed), model, donated)
-    graph, merged = combine_all_reduces(graph, model)
+    in_loops = frozenset() if view is None else frozenset(
+        v for v, node in enumerate(graph.nodes)
+        if node.kind == "op" and view.origins[node.eqn][0] == "body")
+    graph, merged = combine_all_reduces(graph, model, in_loops)
     weighted = _carried_uses(graph, extra)
-    uses = tuple(graph.uses) + tuple(_carried_uses(graph, by_key_path)) + tuple(weighted)
-    matrices = [use_cost_matrix(graph, u, model, memo) for u in uses]
+    looped = () if view is None else tuple(_loop_carried_uses(graph, view))
+    uses = tuple(graph.uses) + looped + tuple(_carried_uses(graph, by_key_path)) + \
+        tuple(weighted)
+    matrices = [use_cost_matrix(graph, u, model, memo) * u.weight if u.weight != 1.0
+                else use_cost_matrix(graph, u, model, memo) for u in uses]
     if carried_weight != 1.0:  # the weighted carried uses come last
         first = len(uses) - len(weighted)
         matrices[first:] = [m * carried_weight for m in matrices[first:]]
@@ -333,6 +345,19 @@ def _carried_uses(graph: ShardingGraph, pairs) -> list[Use]:
         dst = graph.input_node(i)
         if src != dst:
             uses.append(Use(src, k, dst, -1))
+    return uses
+
+
+def _loop_carried_uses(graph: ShardingGraph, view: LoopView) -> list[Use]:
+    """Each loop's carries, from the body that makes them back into their entries, every
+    step (``loop_plans``)."""
+    node_of = {n.eqn: i for i, n in enumerate(graph.nodes) if n.kind == "op"}
+    uses = []
+    for loop in view.loops:
+        for value, entry in loop.carried:
+            src, k = graph.producer[value]
+            if src != node_of[entry]:
+                uses.append(Use(src, k, node_of[entry], -1, float(loop.length)))
     return uses
 
 

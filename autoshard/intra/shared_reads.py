@@ -38,46 +38,50 @@ def share_reads(graph: ShardingGraph) -> ShardingGraph:
     (elementwise followers apart); nodes stay in program order (a read node right after
     its producer), every other node and use keeps its meaning."""
     program = graph.traced.program
-    readers: dict[tuple[int, int], list[Use]] = {}
+    readers: dict[tuple[int, int, float], list[Use]] = {}
     for use in graph.uses:
         dst = graph.nodes[use.dst]
         if use.operand < 0 or dst.kind != "op":
             continue
         if follows_operand(program, dst, use.operand) and _always_follows(graph, use):
             continue
-        readers.setdefault((use.src, use.src_output), []).append(use)
+        readers.setdefault((use.src, use.src_output, use.weight), []).append(use)
     shared = {key: uses for key, uses in readers.items() if len(uses) >= 2}
     if not shared:
         return graph
     by_layouts: dict[tuple, tuple[Strategy, ...]] = {}  # repeated layers share a tuple
+    # (reads inside a loop planned once and reads outside it share no copy: ``Use.weight``)
+    weights: dict[tuple[int, int], list[float]] = {}
+    for v, k, weight in shared:
+        weights.setdefault((v, k), []).append(weight)
     new_index, nodes, read_node = {}, [], {}
     for v, node in enumerate(graph.nodes):
         new_index[v] = len(nodes)
         nodes.append(node)
         for k in range(len(node.outputs)):
-            uses = shared.get((v, k))
-            if uses is None:
-                continue
-            layouts = dict.fromkeys(s.out_specs[k] for s in node.strategies)
-            for use in uses:
-                layouts.update(dict.fromkeys(
-                    s.in_specs[use.operand] for s in graph.nodes[use.dst].strategies))
-            layouts = tuple(layouts)
-            if layouts not in by_layouts:
-                by_layouts[layouts] = tuple(Strategy(spec_name(spec), (spec,), (spec,), 0.0, 0.0)
-                                            for spec in layouts)
-            read_node[(v, k)] = len(nodes)
-            nodes.append(Node(f"{node.name} read", READ, None, (node.outputs[k],),
-                              by_layouts[layouts]))
+            for weight in sorted(weights.get((v, k), ())):
+                uses = shared[(v, k, weight)]
+                layouts = dict.fromkeys(s.out_specs[k] for s in node.strategies)
+                for use in uses:
+                    layouts.update(dict.fromkeys(
+                        s.in_specs[use.operand] for s in graph.nodes[use.dst].strategies))
+                layouts = tuple(layouts)
+                if layouts not in by_layouts:
+                    by_layouts[layouts] = tuple(Strategy(spec_name(spec), (spec,), (spec,), 0.0,
+                                                         0.0) for spec in layouts)
+                read_node[(v, k, weight)] = len(nodes)
+                nodes.append(Node(f"{node.name} read", READ, None, (node.outputs[k],),
+                                  by_layouts[layouts]))
     rerouted = {id(use): read_node[key] for key, uses in shared.items() for use in uses}
     new_uses = []
     for use in graph.uses:
         dst = new_index[use.dst]
         if id(use) in rerouted:
-            new_uses.append(Use(rerouted[id(use)], 0, dst, use.operand))
+            new_uses.append(Use(rerouted[id(use)], 0, dst, use.operand, use.weight))
         else:
-            new_uses.append(Use(new_index[use.src], use.src_output, dst, use.operand))
-    new_uses += [Use(new_index[v], k, r, 0) for (v, k), r in sorted(read_node.items())]
+            new_uses.append(Use(new_index[use.src], use.src_output, dst, use.operand, use.weight))
+    new_uses += [Use(new_index[v], k, r, 0, weight)
+                 for (v, k, weight), r in sorted(read_node.items())]
     producer = {vid: (new_index[v], k) for vid, (v, k) in graph.producer.items()}
     return dataclasses.replace(graph, nodes=tuple(nodes), uses=tuple(new_uses),
                                producer=producer)

@@ -71,11 +71,13 @@ def _count_equations(jaxpr) -> int:
     return total
 
 
-def unrolls(eqn, step_limit: bool = False) -> bool:
+def unrolls(eqn, step_limit: bool = False, rolled_layers: bool = False) -> bool:
     """Whether ``eqn`` is a ``lax.scan`` that tracing unrolls (see the module docstring;
-    ``step_limit``: ``MAX_UNROLLED_STEPS`` applies too)."""
+    ``step_limit``: ``MAX_UNROLLED_STEPS`` applies too; ``rolled_layers``: a scan whose
+    body contracts, layers scanned over stacked weights, stays a loop, planned once)."""
     return eqn.primitive.name == "scan" and (
-        not step_limit or eqn.params["length"] <= MAX_UNROLLED_STEPS) and (
+        not step_limit or eqn.params["length"] <= MAX_UNROLLED_STEPS) and not (
+        rolled_layers and _contracts(eqn.params["jaxpr"].jaxpr)) and (
         eqn.params["length"] * _count_equations(eqn.params["jaxpr"].jaxpr)
         <= MAX_UNROLLED_EQUATIONS)
 
@@ -107,10 +109,10 @@ def _positional_reduction(eqn) -> jcore.ClosedJaxpr:
     return jax.make_jaxpr(run)(*[struct_of_aval(v.aval) for v in eqn.invars])
 
 
-def _rewritten(eqn, step_limit: bool) -> jcore.ClosedJaxpr | None:
+def _rewritten(eqn, step_limit: bool, rolled_layers: bool) -> jcore.ClosedJaxpr | None:
     """The jax code ``eqn`` is traced as instead, if any: a scan unrolled (``unrolls``),
     a collective over positional axes as its reduction (``_positional_only``)."""
-    if unrolls(eqn, step_limit):
+    if unrolls(eqn, step_limit, rolled_layers):
         return _unrolled_scan(eqn)
     if _positional_only(eqn):
         return _positional_reduction(eqn)
@@ -263,9 +265,10 @@ def struct_of_aval(aval) -> jax.ShapeDtypeStruct:
 
 
 def trace(fn, args: Sequence, static_argnums: Sequence[int] = (), *,
-          step_limit: bool = False) -> TracedFunction:
+          step_limit: bool = False, rolled_layers: bool = False) -> TracedFunction:
     """Trace ``fn(*args)`` (static args taken as given) into a :class:`TracedFunction`;
-    ``step_limit``: scans of more than ``MAX_UNROLLED_STEPS`` steps stay loops."""
+    ``step_limit``: scans of more than ``MAX_UNROLLED_STEPS`` steps stay loops;
+    ``rolled_layers``: so do scans whose body contracts (``unrolls``)."""
     static = set(static_argnums)
     argnums = [i for i in range(len(args)) if i not in static]
     dyn_args = [args[i] for i in argnums]
@@ -290,9 +293,18 @@ def trace(fn, args: Sequence, static_argnums: Sequence[int] = (), *,
     closed = jax.make_jaxpr(flat_fn)(*avals)
     out_tree, out_paths = out_tree_box[-1]
     traced = _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
-                              step_limit=step_limit)
+                              step_limit=step_limit, rolled_layers=rolled_layers)
     return dataclasses.replace(traced, static_argnums=tuple(sorted(static)),
                                num_args=len(args))
+
+
+def traced_body(eqn) -> TracedFunction:
+    """The body of scan ``eqn`` as a program of its own: inputs its consts, carries and
+    one step of its stacked operands; outputs its carries and one step of its results
+    (a scan inside it unrolled, as ``step_limit`` allows)."""
+    closed = eqn.params["jaxpr"]
+    return trace(jcore.jaxpr_as_fun(closed), [struct_of_aval(a) for a in closed.in_avals],
+                 step_limit=True)
 
 
 def argument_path(path, argnums) -> str:
@@ -358,7 +370,7 @@ def _contracts(jaxpr) -> bool:
 
 def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
                      consts_as_inputs: bool = False, keep_custom_rules: bool = False,
-                     step_limit: bool = False) -> TracedFunction:
+                     step_limit: bool = False, rolled_layers: bool = False) -> TracedFunction:
     avals: list = []
     eqns: list[Equation] = []
     sources: list = []  # each equation's jax source info, and its callers' (SourceSummaries)
@@ -415,7 +427,7 @@ def _flatten_program(closed, in_tree, out_tree, in_paths, out_paths,
         for eqn in jaxpr.eqns:
             ins = [read(a) for a in eqn.invars]
             here = join_scopes(scope, name_stack(eqn.source_info))
-            rewritten = _rewritten(eqn, step_limit)
+            rewritten = _rewritten(eqn, step_limit, rolled_layers)
             if rewritten is not None:
                 outs = inline(rewritten.jaxpr, rewritten.consts, ins, scope=here,
                               callers=callers + (eqn.source_info,), in_rule=in_rule)

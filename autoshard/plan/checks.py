@@ -195,6 +195,23 @@ def specs_misfit(program, flat_in, flat_out, value_specs, operand_specs) -> str 
     return None
 
 
+def loops_misfit(program, loops, body_of) -> str | None:
+    """Why a plan's :class:`~autoshard.plan.parts.LoopLayouts` do not fit ``program`` (an
+    equation that is no scan, a body the layouts do not fit: :func:`specs_misfit`), or
+    ``None``; ``body_of(eqn)``: a scan equation's body as a program of its own."""
+    for loop in loops:
+        if not 0 <= loop.eqn < len(program.eqns) or \
+                program.eqns[loop.eqn].primitive.name != "scan":
+            return (f"pins layouts inside a loop at equation {loop.eqn}, but that equation "
+                    f"is not a scan of the program")
+        body = body_of(program.eqns[loop.eqn])
+        misfit = specs_misfit(body, loop.flat_in_specs, loop.flat_out_specs, loop.value_specs,
+                              loop.operand_specs)
+        if misfit is not None:
+            return f"(inside the loop at equation {loop.eqn}) {misfit}"
+    return None
+
+
 def check_shapes(items: list, where: str, count: int) -> tuple[tuple[int, ...], ...]:
     """A plan file's shapes of its flat inputs or outputs: empty (not recorded), or one
     list of dim sizes per input/output; ``PlanFormatError`` naming the entry otherwise."""

@@ -202,6 +202,31 @@ class ProgramSpecs:
     bytes_accessed: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopLayouts:
+    """The layouts a loop planned once (a scan over layers: ``intra.loop_plans``) pins
+    inside its body, equation ``eqn``'s: a spec per input and output of the body's own
+    program (``ir.trace.traced_body``: its consts, carries and one step of its stacked
+    operands; its carries and one step of its results), its pinned intermediates and
+    resharded operands as in :class:`Plan`; ``in_via[k]`` / ``out_via[k]``: the layouts input
+    or output ``k`` is pinned to first, in turn (the waypoints of a resharding priced
+    every step: a step's slice read in another layout than the loop holds it in, a carry
+    made in another layout than it entered with). Kept so a saved plan runs without
+    solving."""
+
+    eqn: int
+    flat_in_specs: tuple[PartitionSpec, ...]
+    flat_out_specs: tuple[PartitionSpec, ...]
+    value_specs: tuple[tuple[int, PartitionSpec], ...] = ()
+    operand_specs: tuple[tuple[int, int, PartitionSpec], ...] = ()
+    in_via: tuple[tuple[PartitionSpec, ...], ...] = ()
+    out_via: tuple[tuple[PartitionSpec, ...], ...] = ()
+
+    def __repr__(self):
+        return (f"LoopLayouts(equation {self.eqn}: {len(self.flat_in_specs)} inputs, "
+                f"{len(self.value_specs)} values pinned)")
+
+
 def operand_layouts(operand_specs) -> tuple[dict, dict]:
     """A plan's (or a pipeline program's) ``operand_specs`` as two maps from (equation,
     operand): the spec each operand is read in, and for an operand listed more than once,

@@ -17,7 +17,7 @@ from autoshard.ir.remat import Rematerialization
 from autoshard.methods import Method
 
 from . import audit, html, serialize, text
-from .parts import Alternative, Collective, OpCost, PlanCost, ProgramSpecs, SolverInfo
+from .parts import Alternative, Collective, LoopLayouts, OpCost, PlanCost, ProgramSpecs, SolverInfo
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -46,7 +46,8 @@ class Plan:
     file predates them or, for a pipeline's outputs, is not recorded). ``remat``: the
     forward segments the plan recomputes in the backward pass
     (:class:`~autoshard.Rematerialization`; ``None``: it stores every activation); the
-    plan's value ids and equations are those of that rewritten program.
+    plan's value ids and equations are those of that rewritten program. ``loops``: the
+    layouts pinned inside each loop over layers planned once (:class:`LoopLayouts`).
     """
 
     method: Method
@@ -75,6 +76,7 @@ class Plan:
     in_shapes: tuple[tuple[int, ...], ...] = ()
     out_shapes: tuple[tuple[int, ...], ...] = ()
     remat: Rematerialization | None = None
+    loops: tuple[LoopLayouts, ...] = ()
 
     def __repr__(self):
         mesh = ", ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.mesh_shape))

@@ -32,6 +32,11 @@ The file is one JSON object (``"format": "autoshard-plan"``, ``"format_version":
                                    files; an empty list: not recorded)
     remat                          null or {"turn": int, "segments": [[start, stop]]}: the
                                    forward segments recomputed in the backward pass
+    loops                          [{equation, inputs: [spec], outputs: [spec], value_specs,
+                                   operand_specs, inputs_via: [[spec]], outputs_via:
+                                   [[spec]]}]: the layouts pinned inside each
+                                   loop over layers planned once, its body's value ids and
+                                   equations (absent in older files: none)
 
 A spec is a list with one entry per tensor dim: ``null``, an axis name or a list
 of axis names. A spec tree node is ``null`` (a static argument), ``{"spec": …}``,
@@ -46,12 +51,9 @@ paths), since their classes need not be importable where the plan is read.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
-from typing import Any
 
-import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
@@ -73,6 +75,7 @@ from .checks import (
 from .parts import (
     Alternative,
     Collective,
+    LoopLayouts,
     OpCost,
     PlanCost,
     ProgramSpecs,
@@ -80,162 +83,13 @@ from .parts import (
     StageAssignment,
     StageCost,
 )
+from .spec_trees import SpecTreeNode as SpecTreeNode
+from .spec_trees import key_value_pairs, short, spec_from_json, spec_to_json, tree_from_json, tree_specs, tree_to_json
 
 #: version 2 writes the method as an object; version 1 files (the method's repr) still load
 FORMAT_VERSION = 2
 
 
-class SpecTreeNode:
-    """Stands in for a custom pytree node of a loaded plan's spec tree.
-
-    ``type_name``: the original node's class name; ``leaves``: ``((key path, spec
-    or None), …)`` as the original flattened. A pytree whose leaves are the specs.
-    """
-
-    __slots__ = ("type_name", "leaves")
-
-    def __init__(self, type_name: str, leaves):
-        self.type_name = type_name
-        self.leaves = tuple((str(k), v) for k, v in leaves)
-
-    def __eq__(self, other):
-        return isinstance(other, SpecTreeNode) and (self.type_name, self.leaves) == \
-            (other.type_name, other.leaves)
-
-    def __hash__(self):
-        return hash((self.type_name, self.leaves))
-
-    def __repr__(self):
-        inner = ", ".join(f"{k}: {v}" for k, v in self.leaves)
-        return f"{self.type_name}({inner})"
-
-
-jax.tree_util.register_pytree_node(
-    SpecTreeNode,
-    lambda n: ([v for _, v in n.leaves], (n.type_name, tuple(k for k, _ in n.leaves))),
-    lambda aux, children: SpecTreeNode(aux[0], zip(aux[1], children)))
-
-_NAMEDTUPLES: dict[tuple[str, tuple[str, ...]], type] = {}
-
-
-def _namedtuple_type(name: str, fields: tuple[str, ...], where: str) -> type:
-    key = (name, fields)
-    if key not in _NAMEDTUPLES:
-        try:
-            _NAMEDTUPLES[key] = collections.namedtuple(name, fields)
-        except (ValueError, TypeError) as err:
-            raise PlanFormatError(f"{where}: bad namedtuple {name!r} with fields "
-                                  f"{list(fields)}: {err}") from None
-    return _NAMEDTUPLES[key]
-
-
-# ---------------------------------------------------------------- specs
-def _spec_to_json(spec: PartitionSpec) -> list:
-    return [None if e is None else e if isinstance(e, str) else list(e) for e in spec]
-
-
-def _spec_from_json(data, where: str, axis_names=None) -> PartitionSpec:
-    if not isinstance(data, list):
-        raise PlanFormatError(f"{where}: expected a spec (a list of axis names/null), "
-                              f"got {_short(data)}")
-    entries = []
-    for e in data:
-        if e is None or isinstance(e, str):
-            entries.append(e)
-        elif isinstance(e, list) and all(isinstance(a, str) for a in e):
-            entries.append(tuple(e))
-        else:
-            raise PlanFormatError(f"{where}: bad spec entry {_short(e)}; expected null, an "
-                                  "axis name or a list of axis names")
-    if axis_names is not None:
-        for e in entries:
-            for name in (() if e is None else (e,) if isinstance(e, str) else e):
-                if name not in axis_names:
-                    raise PlanFormatError(f"{where}: spec names mesh axis {name!r}, but the "
-                                          f"plan's mesh axes are {list(axis_names)}")
-    return PartitionSpec(*entries)
-
-
-def _is_spec_leaf(x) -> bool:
-    return x is None or isinstance(x, PartitionSpec)
-
-
-def _tree_to_json(tree) -> Any:
-    """Encode a pytree of PartitionSpec/None made of dicts, lists and tuples."""
-    if tree is None:
-        return None
-    if isinstance(tree, PartitionSpec):
-        return {"spec": _spec_to_json(tree)}
-    if isinstance(tree, SpecTreeNode):
-        return {"node": tree.type_name,
-                "leaves": [[k, _tree_to_json(v)] for k, v in tree.leaves]}
-    if type(tree) is dict:
-        return {"dict": [[_key_to_json(k), _tree_to_json(v)] for k, v in tree.items()]}
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return {"namedtuple": type(tree).__name__,
-                "fields": [[k, _tree_to_json(v)] for k, v in zip(tree._fields, tree)]}
-    if type(tree) in (list, tuple):
-        return {type(tree).__name__: [_tree_to_json(v) for v in tree]}
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec_leaf)[0]
-    return {"node": type(tree).__name__,
-            "leaves": [[jax.tree_util.keystr(p), _tree_to_json(v)] for p, v in leaves]}
-
-
-def _key_to_json(key):
-    if isinstance(key, (str, int, float, bool)) or key is None:
-        return key
-    raise TypeError(f"cannot write a plan whose spec tree has a dict key of type "
-                    f"{type(key).__name__} ({key!r}); keys must be str, int, float, bool or None")
-
-
-def _pairs(data, where: str, key_kind=None) -> list:
-    if not isinstance(data, list) or not all(isinstance(p, list) and len(p) == 2 for p in data):
-        raise PlanFormatError(f"{where}: expected a list of [key, value] pairs, got {_short(data)}")
-    if key_kind is not None:
-        for k, _ in data:
-            if not isinstance(k, key_kind):
-                raise PlanFormatError(f"{where}: bad key {_short(k)}")
-    return data
-
-
-def _tree_from_json(data, where: str) -> Any:
-    if data is None:
-        return None
-    if not isinstance(data, dict) or not data:
-        raise PlanFormatError(f"{where}: expected a spec tree node (null or an object), "
-                              f"got {_short(data)}")
-    kind = next(iter(data))
-    expected = {"spec": 1, "dict": 1, "list": 1, "tuple": 1, "namedtuple": 2, "node": 2}
-    if kind not in expected or len(data) != expected[kind]:
-        raise PlanFormatError(f"{where}: unknown spec tree node with keys {sorted(data)}")
-    body = data[kind]
-    if kind == "spec":
-        return _spec_from_json(body, where)
-    if kind == "dict":
-        return {k: _tree_from_json(v, f"{where}[{k!r}]")
-                for k, v in _pairs(body, where, (str, int, float, bool, type(None)))}
-    if kind in ("list", "tuple"):
-        if not isinstance(body, list):
-            raise PlanFormatError(f"{where}: expected a list, got {_short(body)}")
-        items = [_tree_from_json(v, f"{where}[{i}]") for i, v in enumerate(body)]
-        return items if kind == "list" else tuple(items)
-    if kind == "namedtuple":
-        if not isinstance(body, str) or "fields" not in data:
-            raise PlanFormatError(f"{where}: a namedtuple node needs a name and \"fields\"")
-        fields = _pairs(data["fields"], where, str)
-        cls = _namedtuple_type(body, tuple(k for k, _ in fields), where)
-        return cls(*(_tree_from_json(v, f"{where}.{k}") for k, v in fields))
-    if not isinstance(body, str) or "leaves" not in data:
-        raise PlanFormatError(f"{where}: a node needs a type name and \"leaves\"")
-    leaves = _pairs(data["leaves"], where, str)
-    return SpecTreeNode(body, [(k, _tree_from_json(v, f"{where}{k}")) for k, v in leaves])
-
-
-def _tree_specs(tree) -> list:
-    return [x for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_spec_leaf) if x is not None]
-
-
-# ---------------------------------------------------------------- plan
 def _plain(value):
     """numpy scalars → Python numbers, tuples → lists (so json.dumps accepts them)."""
     if isinstance(value, np.generic):
@@ -254,7 +108,7 @@ def _record_to_json(record) -> dict:
 _FIELDS = ("format", "format_version", "method", "fingerprint", "mesh", "cluster", "in_specs",
            "out_specs", "inputs", "outputs", "value_specs", "operand_specs", "cost", "solver",
            "collectives", "top_ops", "warnings", "stages", "programs", "batch",
-           "alternatives", "shapes", "remat")
+           "alternatives", "shapes", "remat", "loops")
 
 
 def plan_to_dict(plan) -> dict:
@@ -268,11 +122,11 @@ def plan_to_dict(plan) -> dict:
         "mesh": {"shape": [int(n) for n in plan.mesh_shape],
                  "axis_names": list(plan.axis_names)},
         "cluster": json.loads(plan.cluster.to_json()),
-        "in_specs": _tree_to_json(plan.in_specs),
-        "out_specs": _tree_to_json(plan.out_specs),
-        "inputs": [[p, _spec_to_json(s)] for p, s in zip(plan.in_paths, plan.flat_in_specs,
+        "in_specs": tree_to_json(plan.in_specs),
+        "out_specs": tree_to_json(plan.out_specs),
+        "inputs": [[p, spec_to_json(s)] for p, s in zip(plan.in_paths, plan.flat_in_specs,
                                                          strict=True)],
-        "outputs": [[p, _spec_to_json(s)] for p, s in zip(plan.out_paths, plan.flat_out_specs,
+        "outputs": [[p, spec_to_json(s)] for p, s in zip(plan.out_paths, plan.flat_out_specs,
                                                           strict=True)],
         "value_specs": values,
         "operand_specs": operands,
@@ -289,14 +143,10 @@ def plan_to_dict(plan) -> dict:
                    "outputs": [list(s) for s in plan.out_shapes]},
         "remat": None if plan.remat is None else {
             "turn": plan.remat.turn, "segments": [list(s) for s in plan.remat.segments]},
+        "loops": [_loop_to_json(loop) for loop in plan.loops],
     }
     assert tuple(data) == _FIELDS
     return data
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _type_name(kind) -> str:
@@ -310,7 +160,7 @@ def _check(value, kind, where: str):
     """``value`` if it is a ``kind`` (bool is never an int or float here)."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise PlanFormatError(f"{where}: expected {_type_name(kind)}, got {_short(value)}")
+        raise PlanFormatError(f"{where}: expected {_type_name(kind)}, got {short(value)}")
     return value
 
 
@@ -326,7 +176,7 @@ _FIELD_KINDS = {"str": str, "int": int, "float": _NUMBER}
 
 def _record(cls, data, where):
     if not isinstance(data, dict):
-        raise PlanFormatError(f"{where}: expected an object, got {_short(data)}")
+        raise PlanFormatError(f"{where}: expected an object, got {short(data)}")
     fields = dataclasses.fields(cls)
     names = [f.name for f in fields]
     missing = [f.name for f in fields if f.name not in data
@@ -354,8 +204,8 @@ def _record(cls, data, where):
 
 
 def _value_specs_to_json(value_specs, operand_specs):
-    return ([[int(v), _spec_to_json(s)] for v, s in value_specs],
-            [[int(e), int(k), _spec_to_json(s)] for e, k, s in operand_specs])
+    return ([[int(v), spec_to_json(s)] for v, s in value_specs],
+            [[int(e), int(k), spec_to_json(s)] for e, k, s in operand_specs])
 
 
 def _value_specs_from_json(data, where, axis_names):
@@ -363,38 +213,38 @@ def _value_specs_from_json(data, where, axis_names):
     for i, item in enumerate(_get(data, "value_specs", list, where)):
         at = f"{where}.value_specs[{i}]"
         if not (isinstance(item, list) and len(item) == 2):
-            raise PlanFormatError(f"{at}: expected [value id, spec], got {_short(item)}")
+            raise PlanFormatError(f"{at}: expected [value id, spec], got {short(item)}")
         check_ids(item[:1], at, "a value id")
-        value_specs.append((item[0], _spec_from_json(item[1], at, axis_names)))
+        value_specs.append((item[0], spec_from_json(item[1], at, axis_names)))
     operand_specs = []
     for i, item in enumerate(_get(data, "operand_specs", list, where)):
         at = f"{where}.operand_specs[{i}]"
         if not (isinstance(item, list) and len(item) == 3):
             raise PlanFormatError(f"{at}: expected [equation, operand, spec], "
-                                  f"got {_short(item)}")
+                                  f"got {short(item)}")
         check_ids(item[:2], at, "an equation or operand number")
-        operand_specs.append((item[0], item[1], _spec_from_json(item[2], at, axis_names)))
+        operand_specs.append((item[0], item[1], spec_from_json(item[2], at, axis_names)))
     return tuple(value_specs), tuple(operand_specs)
 
 
 def _program_to_json(program: ProgramSpecs) -> dict:
     values, operands = _value_specs_to_json(program.value_specs, program.operand_specs)
     return {"name": program.name,
-            "inputs": [_spec_to_json(s) for s in program.flat_in_specs],
-            "outputs": [_spec_to_json(s) for s in program.flat_out_specs],
+            "inputs": [spec_to_json(s) for s in program.flat_in_specs],
+            "outputs": [spec_to_json(s) for s in program.flat_out_specs],
             "value_specs": values, "operand_specs": operands, "mesh_shape":
             list(program.mesh_shape), "flops": program.flops, "bytes_accessed": program.bytes_accessed}
 
 
 def _program_from_json(data, where, axis_names) -> ProgramSpecs:
     if not isinstance(data, dict):
-        raise PlanFormatError(f"{where}: expected an object, got {_short(data)}")
+        raise PlanFormatError(f"{where}: expected an object, got {short(data)}")
     fields = {"name", "inputs", "outputs", "value_specs", "operand_specs"}
     work = {"mesh_shape", "flops", "bytes_accessed"}  # absent in older files
     if not fields <= set(data) <= fields | work:
         raise PlanFormatError(f"{where}: expected the fields {sorted(fields)} (and "
                               f"optionally {sorted(work)}), got {sorted(data)}")
-    specs = {key: tuple(_spec_from_json(x, f"{where}.{key}[{i}]", axis_names)
+    specs = {key: tuple(spec_from_json(x, f"{where}.{key}[{i}]", axis_names)
                         for i, x in enumerate(_get(data, key, list, where)))
              for key in ("inputs", "outputs")}
     values, operands = _value_specs_from_json(data, where, axis_names)
@@ -404,6 +254,42 @@ def _program_from_json(data, where, axis_names) -> ProgramSpecs:
             for key in ("flops", "bytes_accessed")}
     return ProgramSpecs(_get(data, "name", str, where), specs["inputs"], specs["outputs"],
                         values, operands, tuple(mesh_shape), **work)
+
+
+def _loop_to_json(loop: LoopLayouts) -> dict:
+    values, operands = _value_specs_to_json(loop.value_specs, loop.operand_specs)
+    return {"equation": int(loop.eqn),
+            "inputs": [spec_to_json(s) for s in loop.flat_in_specs],
+            "outputs": [spec_to_json(s) for s in loop.flat_out_specs],
+            "value_specs": values, "operand_specs": operands,
+            "inputs_via": [[spec_to_json(s) for s in chain] for chain in loop.in_via],
+            "outputs_via": [[spec_to_json(s) for s in chain] for chain in loop.out_via]}
+
+
+def _loop_from_json(data, where, axis_names) -> LoopLayouts:
+    fields = {"equation", "inputs", "outputs", "value_specs", "operand_specs", "inputs_via",
+              "outputs_via"}
+    if not isinstance(data, dict) or set(data) != fields:
+        raise PlanFormatError(f"{where}: expected an object with the fields {sorted(fields)}, "
+                              f"got {short(data if not isinstance(data, dict) else sorted(data))}")
+    if isinstance(data["equation"], bool) or not isinstance(data["equation"], int) \
+            or data["equation"] < 0:
+        raise PlanFormatError(f"{where}.equation: expected an equation number (an integer "
+                              f">= 0), got {short(data['equation'])}")
+    specs = {key: tuple(spec_from_json(x, f"{where}.{key}[{i}]", axis_names)
+                        for i, x in enumerate(_get(data, key, list, where)))
+             for key in ("inputs", "outputs")}
+    via = {key: tuple(tuple(spec_from_json(x, f"{where}.{key}[{i}][{j}]", axis_names)
+                            for j, x in enumerate(_check(chain, list, f"{where}.{key}[{i}]")))
+                      for i, chain in enumerate(_get(data, key, list, where)))
+           for key in ("inputs_via", "outputs_via")}
+    for key, flat in (("inputs_via", "inputs"), ("outputs_via", "outputs")):
+        if via[key] and len(via[key]) != len(specs[flat]):
+            raise PlanFormatError(f"{where}.{key}: expected one list per entry of {flat} "
+                                  f"({len(specs[flat])}), got {len(via[key])}")
+    return LoopLayouts(data["equation"], specs["inputs"], specs["outputs"],
+                       *_value_specs_from_json(data, where, axis_names), via["inputs_via"],
+                       via["outputs_via"])
 
 
 def _stage_to_json(stage):
@@ -420,7 +306,7 @@ def _stage_from_json(item, where):
         return _freeze(item)
     data = item["stage"]
     if not isinstance(data, dict):
-        raise PlanFormatError(f"{where}.stage: expected an object, got {_short(data)}")
+        raise PlanFormatError(f"{where}.stage: expected an object, got {short(data)}")
     data = dict(data)
     for key in ("cost", "apply_cost"):
         if key not in data:
@@ -436,12 +322,12 @@ def _stage_from_json(item, where):
         if not (isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool)
                                                 for x in value)):
             raise PlanFormatError(f"{where}.stage.{key}: expected a list of integers, got "
-                                  f"{_short(value)}")
+                                  f"{short(value)}")
         data[key] = tuple(value)
     stage = _record(StageAssignment, data, f"{where}.stage")
     if stage.schedule not in ("1f1b", "gpipe"):
         raise PlanFormatError(f"{where}.stage.schedule: expected '1f1b' or 'gpipe', got "
-                              f"{_short(stage.schedule)}")
+                              f"{short(stage.schedule)}")
     return stage
 
 
@@ -454,14 +340,14 @@ def _freeze(value):
 
 
 def _flat_specs(data, key, axis_names) -> tuple[tuple[str, ...], tuple[PartitionSpec, ...]]:
-    pairs = _pairs(_get(data, key, list), f"plan.{key}", str)
+    pairs = key_value_pairs(_get(data, key, list), f"plan.{key}", str)
     paths = tuple(p for p, _ in pairs)
-    specs = tuple(_spec_from_json(s, f"plan.{key}[{p!r}]", axis_names) for p, s in pairs)
+    specs = tuple(spec_from_json(s, f"plan.{key}[{p!r}]", axis_names) for p, s in pairs)
     return paths, specs
 
 
 def _check_tree(tree, flat, tree_key, flat_key):
-    specs = _tree_specs(tree)
+    specs = tree_specs(tree)
     if len(specs) != len(flat):
         raise PlanFormatError(f"plan.{tree_key}: has {len(specs)} specs but plan.{flat_key} "
                               f"has {len(flat)}")
@@ -490,11 +376,11 @@ def plan_fields_from_dict(data) -> dict:
     if not shape or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
                             for n in shape):
         raise PlanFormatError(f"plan.mesh.shape: expected a non-empty list of positive "
-                              f"integers, got {_short(list(shape))}")
+                              f"integers, got {short(list(shape))}")
     if len(shape) != len(names) or len(set(names)) != len(names) or \
             not all(isinstance(n, str) and n for n in names):
         raise PlanFormatError(f"plan.mesh.axis_names: need {len(shape)} distinct names for "
-                              f"shape {list(shape)}, got {_short(list(names))}")
+                              f"shape {list(shape)}, got {short(list(names))}")
     check_mesh(shape)
     cluster_data = _get(data, "cluster", (dict, str))
     try:
@@ -504,8 +390,8 @@ def plan_fields_from_dict(data) -> dict:
         raise PlanFormatError(f"plan.cluster: {err}") from None
     in_paths, flat_in = _flat_specs(data, "inputs", names)
     out_paths, flat_out = _flat_specs(data, "outputs", names)
-    in_specs = _tree_from_json(_get(data, "in_specs", None), "plan.in_specs")
-    out_specs = _tree_from_json(_get(data, "out_specs", None), "plan.out_specs")
+    in_specs = tree_from_json(_get(data, "in_specs", None), "plan.in_specs")
+    out_specs = tree_from_json(_get(data, "out_specs", None), "plan.out_specs")
     _check_tree(in_specs, flat_in, "in_specs", "inputs")
     _check_tree(out_specs, flat_out, "out_specs", "outputs")
 
@@ -557,6 +443,8 @@ def plan_fields_from_dict(data) -> dict:
             check_costs(_record(Alternative, a, f"plan.alternatives[{i}]"),
                         f"plan.alternatives[{i}]") for i, a in enumerate(alternatives)),
         in_shapes=in_shapes, out_shapes=out_shapes, remat=check_remat(data.get("remat")),
+        loops=tuple(_loop_from_json(x, f"plan.loops[{i}]", names)
+                    for i, x in enumerate(_check(data.get("loops", []), list, "plan.loops"))),
     )
 
 

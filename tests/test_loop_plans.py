@@ -1,0 +1,128 @@
+"""A loop over layers planned once (intra.loop_plans): the scan stays a loop in the compiled
+program, its body planned as one step run for every layer, the layouts pinned inside it."""
+import json
+import warnings
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import autoshard
+from autoshard.ir.loop_view import loop_view
+from autoshard.ir.trace import trace
+from examples import models
+from tests.trees import ADAM_ATOL, assert_trees_allclose
+
+MESHES = [((8,), ("model",)), ((2, 4), ("data", "model"))]
+
+
+def _gpt(layers: int):
+    """MaxText's way: the blocks' weights stacked, a ``lax.scan`` over them (adamw)."""
+    return models.gpt(num_layers=layers, batch=8, seq=8, d_model=32, heads=2, vocab=64,
+                      scan_layers=True)
+
+
+def _parallelize(workload, mesh_shape=(2, 4), axes=("data", "model"), **kwargs):
+    return autoshard.parallelize(workload.fn, mesh=autoshard.make_mesh(mesh_shape, axes),
+                                 batch_argnums=workload.batch_argnums, **kwargs)
+
+
+@pytest.mark.parametrize("mesh_shape, axes", MESHES)
+def test_a_scanned_gpt_runs_as_a_loop_as_planned_and_matches_jit(mesh_shape, axes):
+    workload = _gpt(3)
+    step = _parallelize(workload, mesh_shape, axes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = step.plan(*workload.args)
+    assert [loop.eqn for loop in plan.loops] and len(plan.loops) == 2  # forward, backward
+    assert " while(" in step.lower(*workload.args).compile().as_text()  # not unrolled
+    report = step.audit(*workload.args)
+    assert report.ok, report.summary()
+    assert_trees_allclose(step(*workload.args), jax.jit(workload.fn)(*workload.args),
+                          atol=ADAM_ATOL)
+
+
+def test_planning_a_loop_does_not_grow_with_its_layers():
+    # the view the search runs on holds one copy of the body however many layers run,
+    # and the unrolled program one per layer
+    sizes = {}
+    for layers in (2, 6):
+        workload = _gpt(layers)
+        rolled = loop_view(trace(workload.fn, workload.args, step_limit=True,
+                                 rolled_layers=True))
+        assert [loop.length for loop in rolled.loops] == [layers, layers]
+        unrolled = trace(workload.fn, workload.args, step_limit=True)
+        sizes[layers] = (len(rolled.traced.program.eqns), len(unrolled.program.eqns))
+    assert sizes[2][0] == sizes[6][0]
+    assert sizes[6][1] > 2 * sizes[2][1]
+
+
+def test_the_loop_is_laid_out_as_the_unrolled_layers_are():
+    # every layer laid out alike, as the loop runs them: here the unrolled plan lays its
+    # layers out so too, with the same collectives; the loop's own traffic (its stacked
+    # residuals written, XLA's copies of their buffers) is what its compute adds (measured
+    # on this step: 11 % modelled, the same step time; at 6 layers the loop's plan is the
+    # cheaper, 1.229 against 1.276 ms, and it ran in 19.3 against 21.4 ms)
+    workload = _gpt(3)
+    loop, unrolled = (_parallelize(workload, method=autoshard.ShardParallel(unroll_scans=unroll))
+                      .plan(*workload.args) for unroll in (False, True))
+    assert loop.flat_in_specs == unrolled.flat_in_specs
+    moved = [p.cost.communication_s + p.cost.resharding_s for p in (loop, unrolled)]
+    assert moved[0] <= 1.01 * moved[1]
+    assert loop.cost.compute_s <= 1.15 * unrolled.cost.compute_s
+
+
+def test_a_saved_plan_with_loops_runs_without_planning(tmp_path):
+    workload = _gpt(2)
+    plan = _parallelize(workload).plan(*workload.args)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = autoshard.Plan.from_json(path.read_text())
+    assert loaded.loops == plan.loops
+    step = _parallelize(workload, plan=loaded)
+    assert_trees_allclose(step(*workload.args), jax.jit(workload.fn)(*workload.args),
+                          atol=ADAM_ATOL)
+    # a loop's layouts pinned on an equation that is no loop: said, before anything runs
+    data = json.loads(path.read_text())
+    data["loops"][0]["equation"] = 0
+    bad = autoshard.Plan.from_json(json.dumps(data))
+    with pytest.raises(ValueError, match="inside a loop at equation 0, but that equation is "
+                                         "not a scan"):
+        _parallelize(workload, plan=bad)(*workload.args)
+    data["loops"][0]["equation"] = -1
+    with pytest.raises(autoshard.PlanFormatError, match=r"plan.loops\[0\].equation"):
+        autoshard.Plan.from_json(json.dumps(data))
+
+
+def test_a_flax_nn_scan_stack_trained_with_donated_adam_matches_jit():
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.Dense(32)(jax.nn.gelu(nn.Dense(64)(x))), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            length=4)
+            return nn.Dense(1)(stack()(x, None)[0])
+
+    model, opt = Model(), optax.adam(1e-3)
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    x, y = jax.random.normal(kx, (16, 32)), jax.random.normal(ky, (16, 1))
+    params = model.init(kp, x)
+
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(
+            lambda p: jnp.mean((model.apply(p, x) - y) ** 2))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    expected = jax.jit(step)(params, opt.init(params), x, y)
+    run = autoshard.parallelize(step, mesh=autoshard.make_mesh((2, 4), ("data", "model")),
+                                donate_argnums=(0, 1))
+    assert len(run.plan(params, opt.init(params), x, y).loops) == 2
+    assert_trees_allclose(run(params, opt.init(params), x, y), expected, atol=ADAM_ATOL)
