@@ -8,7 +8,9 @@
 abstract 8×8 and 8×8×8 meshes of the h100-80gb cluster (its memory budget on), each row
 with its phase times, problem size, the plan's modelled cost and peak per device, and the
 presets' modelled costs beside it; then the 70B-shaped rows at 40 and 80 layers (with and
-without the budget) each planned ``DEPTH_ROUNDS`` times, and the ratio of their medians.
+without the budget; written as a Python loop over the blocks, and "scanned": a ``lax.scan``
+over their stacked weights) each planned ``DEPTH_ROUNDS`` times, and the ratio of their
+medians.
 
 Per depth: jaxpr equations, ILP nodes before and after tying repeated layers, CP-SAT
 variables and constraints, seconds per phase (trace, strategies + costs, solve) and in
@@ -106,10 +108,16 @@ SCALE_ROWS = (
     ("70B-shaped", 80, 8192, 64, (4, 8, 16)),
     ("70B-shaped, half depth, no budget", 40, 8192, 64, (8, 8, 8)),
     ("70B-shaped, no budget", 80, 8192, 64, (8, 8, 8)),
+    ("70B-shaped, scanned, half depth", 40, 8192, 64, (8, 8, 8)),
+    ("70B-shaped, scanned", 80, 8192, 64, (8, 8, 8)),
+    ("70B-shaped, scanned, half depth, no budget", 40, 8192, 64, (8, 8, 8)),
+    ("70B-shaped, scanned, no budget", 80, 8192, 64, (8, 8, 8)),
 )
 #: (half depth, full depth) pairs of ``SCALE_ROWS`` indices whose planning times the
-#: ``--scale`` table compares: 2x the layers, same width, mesh and budget
-DEPTH_PAIRS = ((3, 4), (6, 7))
+#: ``--scale`` table compares: 2x the layers, same width, mesh and budget; "scanned": the
+#: blocks' weights stacked and run by a ``lax.scan`` (``models.gpt(scan_layers=True)``, as
+#: MaxText writes a model), planned once as a loop (``intra.loop_plans``)
+DEPTH_PAIRS = ((3, 4), (6, 7), (8, 9), (10, 11))
 #: times each row of a depth pair is planned (in alternating fresh processes): one such
 #: plan's time varies by ±20 % on a shared 2-core machine, so the ratio is of medians
 DEPTH_ROUNDS = 3
@@ -125,7 +133,8 @@ def scale_rows():
     unlimited = dataclasses.replace(cluster, device_memory=10**15)
     rows = [(name, layers, d_model, mesh_shape,
              functools.partial(models.gpt, num_layers=layers, d_model=d_model, heads=heads,
-                               seq=2048, vocab=32000, batch=64, abstract=True),
+                               seq=2048, vocab=32000, batch=64, abstract=True,
+                               scan_layers="scanned" in name),
              unlimited if "no budget" in name else cluster)
             for name, layers, d_model, heads, mesh_shape in SCALE_ROWS]
     rows.append(("MoE, 8 experts (sgd, MSE)", 1, MOE_ROW["d_model"], (8, 8),
@@ -151,7 +160,10 @@ def scale_table(time_limit: float) -> str:
     lines = ["GPT train steps (adamw, seq 2048, vocab 32000, batch 64) and one MoE layer planned "
              "on abstract meshes of the h100-80gb cluster (memory budget on, except the \"no "
              f"budget\" rows), time_limit_s={time_limit}, each row in a fresh process; "
-             "presets: the hand-written layouts priced by the same model.", "",
+             "presets: the hand-written layouts priced by the same model. \"scanned\": the "
+             "blocks' weights stacked and run by a `lax.scan`, as MaxText writes a model, "
+             "planned once as a loop (its ILP nodes: one block's, however deep; its presets "
+             "priced on that loop's view).", "",
              "| model | layers | d_model | mesh | ILP nodes | variables | neighbourhood rounds "
              "| trace s | strategies + costs s | solve s | total s | modelled ms/step | peak GiB "
              "| DataParallel ms | ZeRO3 ms | Megatron ms |",
