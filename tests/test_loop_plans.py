@@ -126,3 +126,84 @@ def test_a_flax_nn_scan_stack_trained_with_donated_adam_matches_jit():
                                 donate_argnums=(0, 1))
     assert len(run.plan(params, opt.init(params), x, y).loops) == 2
     assert_trees_allclose(run(params, opt.init(params), x, y), expected, atol=ADAM_ATOL)
+
+
+def _remat_layers(w, x, key):
+    layer = jax.checkpoint(lambda h, wi: (jnp.tanh(h @ wi), None))
+    return jnp.mean(jax.lax.scan(layer, x, w)[0] ** 2)
+
+
+def _dropout_layers(w, x, key):
+    def layer(h, step):
+        wi, k = step
+        h = jnp.tanh(h @ wi)
+        return jnp.where(jax.random.bernoulli(k, 0.9, h.shape), h / 0.9, 0.0), None
+    return jnp.mean(jax.lax.scan(layer, x, (w, jax.random.split(key, w.shape[0])))[0] ** 2)
+
+
+def _tuple_carry_layers(w, x, key):
+    def layer(carry, wi):
+        h, total = carry
+        h = jnp.tanh(h @ wi)
+        return (h, total + jnp.sum(h)), h.mean(0)
+    (h, total), means = jax.lax.scan(layer, (x, 0.0), w)
+    return jnp.mean(h ** 2) + 1e-3 * (total + jnp.sum(means))
+
+
+def _unrolled_twice_layers(w, x, key):
+    return jnp.mean(jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w, unroll=2)[0] ** 2)
+
+
+@pytest.mark.parametrize("loss", [_remat_layers, _dropout_layers, _tuple_carry_layers,
+                                  _unrolled_twice_layers])
+def test_scanned_layers_as_users_write_them_run_as_priced_and_match_jit(loss):
+    # a checkpointed layer, dropout keyed per layer (keys as stacked operands), a pytree
+    # carry with per-layer outputs, a scan unrolled twice (its compiled body holds two
+    # copies of the step: the audit counts both)
+    def step(w, x, key):
+        return jax.value_and_grad(loss)(w, x, key)
+
+    w = jax.random.normal(jax.random.key(0), (4, 64, 64)) / 8
+    args = (w, jax.random.normal(jax.random.key(1), (16, 64)), jax.random.key(2))
+    run = autoshard.parallelize(step, mesh=autoshard.make_mesh((2, 4), ("data", "model")))
+    assert len(run.plan(*args).loops) == 2
+    report = run.audit(*args)
+    assert report.ok, report.summary()
+    assert_trees_allclose(run(*args), jax.jit(step)(*args), atol=1e-4)
+
+
+def test_equinox_blocks_vmapped_into_a_stack_and_scanned_match_jit():
+    # equinox's idiom: blocks made by filter_vmap (their arrays stacked), the static part
+    # split off and the arrays scanned over, trained by adamw
+    import equinox as eqx
+
+    class Block(eqx.Module):
+        up: eqx.nn.Linear
+        down: eqx.nn.Linear
+
+        def __init__(self, key):
+            k1, k2 = jax.random.split(key)
+            self.up, self.down = eqx.nn.Linear(32, 64, key=k1), eqx.nn.Linear(64, 32, key=k2)
+
+        def __call__(self, x):
+            return x + self.down(jax.nn.gelu(self.up(x)))
+
+    params, static = eqx.partition(eqx.filter_vmap(Block)(jax.random.split(jax.random.key(0), 4)),
+                                   eqx.is_array)
+    opt = optax.adamw(1e-3)
+
+    def step(params, opt_state, x, y):
+        def loss(params):
+            def layer(h, p):
+                return jax.vmap(eqx.combine(p, static))(h), None
+            return jnp.mean((jax.lax.scan(layer, x, params)[0] - y) ** 2)
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    args = (params, opt.init(params), jax.random.normal(jax.random.key(1), (16, 32)),
+            jnp.ones((16, 32)))
+    run = autoshard.parallelize(step, mesh=autoshard.make_mesh((2, 4), ("data", "model")))
+    assert len(run.plan(*args).loops) == 2
+    assert run.audit(*args).ok
+    assert_trees_allclose(run(*args), jax.jit(step)(*args), atol=ADAM_ATOL)

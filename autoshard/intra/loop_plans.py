@@ -33,22 +33,29 @@ from autoshard.plan.record import Plan
 from .strategies import Strategy
 
 
-def repeated(strategies: tuple[Strategy, ...], times: int) -> tuple[Strategy, ...]:
-    """``strategies`` of an equation run ``times`` per call: seconds scaled, the compiled
-    program's counts (``flops``, ``bytes_accessed``, ``collectives``) kept."""
+def repeated(strategies: tuple[Strategy, ...], times: int, copies: int = 1
+             ) -> tuple[Strategy, ...]:
+    """``strategies`` of an equation run ``times`` per call: seconds scaled; the compiled
+    program's counts (``flops``, ``bytes_accessed``, ``collectives``) those of the
+    ``copies`` of it the compiled loop's body holds."""
     return tuple(dataclasses.replace(
         s, compute_s=s.compute_s * times, communication_s=s.communication_s * times,
-        all_reduce_latency_s=s.all_reduce_latency_s * times) for s in strategies)
+        all_reduce_latency_s=s.all_reduce_latency_s * times, flops=s.flops * copies,
+        bytes_accessed=s.bytes_accessed * copies, collectives=s.collectives * copies)
+        for s in strategies)
 
 
 def within_steps(view: LoopView, eqn: int, strategies: tuple[Strategy, ...]) -> tuple[Strategy, ...]:
     """The strategies view equation ``eqn`` may take: a body equation's repeated, a slice
-    of a stacked operand or a stack with its steps' dim whole."""
+    of a stacked operand (written by every copy of the body) or a stack with its steps'
+    dim whole."""
     origin = view.origins[eqn]
     if origin[0] == "body":
-        return repeated(strategies, view.loops[origin[1]].length)
-    if origin[0] == "slice":
-        return tuple(s for s in strategies if not s.in_specs[0][0])
+        loop = view.loops[origin[1]]
+        return repeated(strategies, loop.length, loop.copies)
+    if origin[0] == "slice":  # (each copy of the body slices its own step)
+        return repeated(tuple(s for s in strategies if not s.in_specs[0][0]), 1,
+                        view.loops[origin[1]].copies)
     if origin[0] == "stack":
         return tuple(s for s in strategies if not s.out_specs[0][0])
     return strategies

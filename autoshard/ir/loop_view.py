@@ -37,7 +37,8 @@ class SplicedLoop:
     or the squeeze ending a step's slice); ``slices[k]``: for a stacked operand, the view's
     equation slicing it (else ``None``); ``stacks[j]``: the view's equation stacking the
     body's ``j``-th stacked result. ``carried``: (the view's value a carry leaves the body
-    as, the entry equation it goes back into)."""
+    as, the entry equation it goes back into). ``copies``: the copies of the body the
+    compiled loop holds (a scan's ``unroll``: XLA runs ``length / copies`` iterations)."""
 
     eqn: int
     length: int
@@ -49,6 +50,7 @@ class SplicedLoop:
     slices: tuple[int | None, ...]
     stacks: tuple[int, ...]
     carried: tuple[tuple[int, int], ...]
+    copies: int = 1
 
     def __repr__(self):
         return (f"SplicedLoop(equation {self.eqn}: {self.length} steps of "
@@ -184,8 +186,10 @@ def loop_view(traced: TracedFunction) -> LoopView | None:
             stacked = _stacked(tuple(aval.shape), aval.dtype, length)
             stacks.append(emit_small(stacked, y, eqn.outputs[n_carry + j], eqn,
                                      traced.sources[e], scope_of(e), ("stack", i, j)))
+        unroll = params.get("unroll", 1)
+        copies = length if unroll is True else max(1, min(int(unroll), length))
         loops.append(SplicedLoop(e, length, body, start, stop, offset, tuple(entries),
-                                 tuple(slices), tuple(stacks), tuple(carried)))
+                                 tuple(slices), tuple(stacks), tuple(carried), copies))
     outvars = tuple(a if isinstance(a, Literal) else renamed.get(a, a) for a in program.outvars)
     view = Program(tuple(avals), program.invars, outvars, tuple(eqns), tuple(constants))
     return LoopView(dataclasses.replace(traced, program=view, sources=tuple(sources),
