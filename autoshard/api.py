@@ -218,8 +218,7 @@ class ParallelizedFunction:
         start = time.perf_counter()
         where = self._resolve()
         traced = trace(call.fun, call.args, call.static, step_limit=True,
-                       rolled_layers=isinstance(self._method, ShardParallel)
-                       and not self._method.unroll_scans)
+                       rolled_layers=not getattr(self._method, "unroll_scans", False))
         if self._fixed_plan is not None:  # a saved plan: check it, don't solve
             plan = self._reuse_plan(traced, statics)
             return _Compiled(_rematerialized(traced, plan), plan, None)

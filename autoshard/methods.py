@@ -45,7 +45,8 @@ class ShardParallel:
     times: every step laid out alike, the loop compiled as a loop, planning time flat in the
     number of steps (``autoshard.intra.loop_plans``); ``True`` unrolls such a scan of up to
     128 steps, each step planned on its own and compiled unrolled (slower to plan and to
-    compile for deep models; a plan may lay out the first and last layers differently).
+    compile for deep models; a plan may lay out the first and last layers differently). The
+    presets keep such loops too, as ``jax.jit`` compiles them.
     """
 
     time_limit_s: float = 60.0

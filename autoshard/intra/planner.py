@@ -155,7 +155,7 @@ def _plan_program(traced: TracedFunction, *, mesh_shape, axis_names, cluster, me
     """:func:`plan_traced` of ``traced`` as it is."""
     start = time.perf_counter()
     model = MeshCostModel(cluster, tuple(mesh_shape))
-    view = None if isinstance(method, PRESETS) else loop_view(traced)
+    view = loop_view(traced)
     if view is not None:  # its loops over layers planned once, on the view of them
         original, traced = traced, view.traced
     program = traced.program
@@ -172,9 +172,13 @@ def _plan_program(traced: TracedFunction, *, mesh_shape, axis_names, cluster, me
         deadline -= POST_SOLVE_RESERVE * (time.perf_counter() - start)
     if isinstance(method, PRESETS):  # a fixed layout: XLA propagates it, we price that
         choices = propagated_choices(problem, model.mesh_shape)
-        return plan_record(traced, problem, choices, None, method=method, model=model,
+        plan = plan_record(traced, problem, choices, None, method=method, model=model,
                            cluster=cluster, axis_names=axis_names, static_repr=static_repr,
                            donated=donated, start=start)
+        # (nothing pinned, in a loop either: XLA lays its body out from its operands, as it
+        # does for jax.jit with the same shardings)
+        return plan if view is None else dataclasses.replace(
+            plan, fingerprint=fingerprint(original, static_repr))
     _log.info("solving: time limit %g s%s%s", request.time_limit_s,
               ", repeated layers tied" if request.tie_repeats else "",
               f", memory budget {format_bytes(memory_budget)}" if memory_budget else "")
