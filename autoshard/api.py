@@ -488,10 +488,10 @@ def _sharded(traced: TracedFunction, plan: Plan, mesh, donate_argnums) -> Sharde
                          value_specs=values, operand_specs=operands,
                          donate_argnums=[i for i, d in enumerate(flags) if d],
                          operand_via=via, value_via=values_via,
-                         loops=pinned_loops(traced.program, plan.loops))
+                         loops=_pinned_loops(traced.program, plan.loops))
 
 
-def pinned_loops(program, loops) -> dict:
+def _pinned_loops(program, loops) -> dict:
     """``loops`` (a plan's :class:`LoopLayouts`) as the runtime pins them: equation ->
     :class:`~autoshard.runtime.sharded.PinnedLoop`, its body traced as it was planned."""
     pinned = {}

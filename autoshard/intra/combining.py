@@ -85,14 +85,14 @@ def communication_depth(graph: ShardingGraph) -> tuple[int, ...]:
     return tuple(depth)
 
 
-def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel, apart=frozenset()
+def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel, each_step=frozenset()
                         ) -> tuple[ShardingGraph, tuple[MergedAllReduce, ...]]:
     """Reprice the all-reduces of independent nodes (terminal ones, and those of equal
     communication depth) as parts of merged ones; returns the repriced graph and one
     ``MergedAllReduce`` per group and mesh-axis set that has members. On a backend that
     runs a merged all-reduce as one per array (``Cluster.all_reduce_per_operand``) nothing
-    is repriced: each all-reduce keeps its whole latency; nor are the nodes ``apart`` (a
-    loop's body, whose all-reduces run every step)."""
+    is repriced: each all-reduce keeps its whole latency; nor are the nodes ``each_step``
+    (a loop's body, whose all-reduces run every step)."""
     if model.cluster.all_reduce_per_operand:
         return graph, ()
     terminal = terminal_nodes(graph)
@@ -109,7 +109,7 @@ def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel, apart=frozen
             reducing[key] = (any(s.all_reduce_latency_s > 0 for s in node.strategies),
                              [(i, axes) for i, s in enumerate(node.strategies)
                               if s.all_reduce_latency_s > 0 for axes in s.all_reduce_axes])
-        if not reducing[key][0] or v in apart:
+        if not reducing[key][0] or v in each_step:
             continue
         group = ((-1,) if terminal[v] else (depth[v],)) + (_reduction(graph, node),)
         if key not in repriced:  # repeated layers share one tuple: keep sharing it

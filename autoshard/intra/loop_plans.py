@@ -77,10 +77,10 @@ def unspliced(plan: Plan, view: LoopView, traced: TracedFunction, static_repr: s
     resharding inside a loop goes through the waypoints ``model`` prices it by."""
     program = view.program
     made = dict(plan.value_specs)  # (the last layout a value is pinned to: its own)
-    read = {(e, k): spec for e, k, spec in plan.operand_specs}
-    chains: dict[tuple[int, int], list[PartitionSpec]] = {}
+    chains: dict[tuple[int, int], list[PartitionSpec]] = {}  # an operand's, in turn
     for e, k, spec in plan.operand_specs:
         chains.setdefault((e, k), []).append(spec)
+    read = {key: chain[-1] for key, chain in chains.items()}  # the layout it is read in
     made.update(zip(view.traced.program.invars, plan.flat_in_specs, strict=True))
 
     def layout(atom) -> PartitionSpec:

@@ -272,10 +272,7 @@ def _loop_from_json(data, where, axis_names) -> LoopLayouts:
     if not isinstance(data, dict) or set(data) != fields:
         raise PlanFormatError(f"{where}: expected an object with the fields {sorted(fields)}, "
                               f"got {short(data if not isinstance(data, dict) else sorted(data))}")
-    if isinstance(data["equation"], bool) or not isinstance(data["equation"], int) \
-            or data["equation"] < 0:
-        raise PlanFormatError(f"{where}.equation: expected an equation number (an integer "
-                              f">= 0), got {short(data['equation'])}")
+    check_ids([data["equation"]], f"{where}.equation", "an equation number")
     specs = {key: tuple(spec_from_json(x, f"{where}.{key}[{i}]", axis_names)
                         for i, x in enumerate(_get(data, key, list, where)))
              for key in ("inputs", "outputs")}
