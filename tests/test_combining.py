@@ -99,3 +99,42 @@ def test_independent_all_reduces_inside_the_step_share_one_latency(second, merge
     stats = collective_stats(step.lower(np.zeros((64, 512), np.float32)).compile().as_text())
     paid = [c for c in plan.collectives if c.op.startswith(MERGED)]
     assert stats["all-reduce"]["count"] == len(paid)  # one latency per all-reduce run
+
+
+def test_a_scanned_steps_all_reduces_merge_with_each_other_every_step():
+    # layers scanned over stacked weights, trained data-parallel: XLA merges each step's
+    # weight and bias gradient all-reduces into one inside the loop's body, run every step
+    # (never merged with those outside the loop); the plan pays one latency per step for
+    # them (before: each gradient's whole latency every step, 2x the DP step's
+    # communication on a 4-layer GPT's scan under h100-80gb)
+    layers, hidden = 4, 32
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {"w": jax.random.normal(keys[0], (layers, hidden, hidden)) / hidden ** 0.5,
+              "b": jnp.zeros((layers, hidden)),
+              "head": jax.random.normal(keys[1], (hidden, 4)) / hidden ** 0.5}
+    x = jax.random.normal(keys[2], (64, hidden))
+
+    def step(params, x, lr=0.1):
+        def loss(params):
+            def layer(h, p):
+                return jnp.tanh(h @ p["w"] + p["b"]), None
+            h, _ = jax.lax.scan(layer, x, {"w": params["w"], "b": params["b"]})
+            return jnp.mean((h @ params["head"]) ** 2)
+        grads = jax.grad(loss)(params)
+        return jax.tree.map(lambda p, g: p - lr * g, params, grads)
+
+    cluster = cluster_preset("h100-80gb")
+    mesh = autoshard.make_mesh((8,), ("data",))
+    parallel = autoshard.parallelize(step, mesh=mesh, method=autoshard.DataParallel(),
+                                     cluster=cluster, batch_argnums=1)
+    plan = parallel.plan(params, x)
+    latency = MeshCostModel(cluster, (8,)).all_reduce_latency((0,))
+    merged = sorted((c.seconds, c.op) for c in plan.collectives if c.op.startswith(MERGED))
+    assert [seconds for seconds, _ in merged] == [pytest.approx(latency),  # after the loop
+                                                   pytest.approx(layers * latency)]  # in it
+    assert merged[1][1].endswith(f"in a loop's body ({layers} runs)")
+    text = parallel.lower(params, x).compile().as_text()
+    assert "while" in text and len([c for c in parse_collectives(text)
+                                    if c.kind == "all-reduce"]) == 2
+    for a, b in zip(jax.tree.leaves(parallel(params, x)), jax.tree.leaves(jax.jit(step)(params, x))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

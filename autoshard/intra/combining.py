@@ -13,10 +13,17 @@ not merge a max with a sum). Each such all-reduce keeps its bandwidth term and a
 ``bytes / COMBINE_THRESHOLD_BYTES`` of its latency (one merged collective per
 threshold's worth of bytes), and one full latency per group and set of mesh axes
 becomes a shared cost, paid once if any of them all-reduces over those axes.
+
+A loop's body is a computation of its own: XLA merges the all-reduces of one step with
+each other (a data-parallel scan over layers runs each step's weight gradients as one
+all-reduce), never with those outside the loop. Its groups are the body's own (terminal:
+no communicating node of the same body reachable), and their merged latency is paid every
+step.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 from autoshard.cost_model import MeshCostModel
 
@@ -30,23 +37,27 @@ COMBINE_THRESHOLD_BYTES = 30 * 2**20
 
 @dataclasses.dataclass(frozen=True)
 class MergedAllReduce:
-    """The latency (seconds) of one merged all-reduce over ``axes``, paid once when any
-    ``(node, strategy)`` of ``members`` is chosen; ``terminal``: the group of terminal
-    nodes (the gradients), merged at the end of the step."""
+    """The latency (seconds, all its ``runs``) of one merged all-reduce over ``axes``,
+    paid when any ``(node, strategy)`` of ``members`` is chosen; ``terminal``: the group
+    of terminal nodes (the gradients), merged at the end of the step; ``runs``: how many
+    times per call it runs (a loop's body's: once per run of the body)."""
 
     axes: tuple[int, ...]
     latency_s: float
     members: tuple[tuple[int, int], ...]
     terminal: bool = True
+    runs: float = 1.0
 
     def __repr__(self) -> str:
         return (f"MergedAllReduce(axes={self.axes}, latency_s={self.latency_s:.3g}, "
-                f"members={len(self.members)}, terminal={self.terminal})")
+                f"members={len(self.members)}, terminal={self.terminal}, runs={self.runs:g})")
 
 
-def terminal_nodes(graph: ShardingGraph) -> tuple[bool, ...]:
+def terminal_nodes(graph: ShardingGraph, region: Mapping[int, int] = {}) -> tuple[bool, ...]:  # noqa: B006
     """Per node: no node reachable from it (through tensor uses within one call) has a
-    strategy that communicates, so its collectives depend on no other's."""
+    strategy that communicates, so its collectives depend on no other's. A node of a
+    loop's body (``region``: node -> its loop) looks only at the nodes of the same body:
+    what runs after the loop does not hold back the body's collectives."""
     n = len(graph.nodes)
     consumers: list[list[int]] = [[] for _ in range(n)]
     for use in graph.uses:
@@ -55,7 +66,9 @@ def terminal_nodes(graph: ShardingGraph) -> tuple[bool, ...]:
     communicates = _communicating(graph)
     reaches = [False] * n  # some node downstream communicates
     for v in reversed(range(n)):  # uses run from lower to higher node index
-        reaches[v] = any(communicates[u] or reaches[u] for u in consumers[v])
+        within = region.get(v)
+        reaches[v] = any(communicates[u] or reaches[u] for u in consumers[v]
+                         if within is None or region.get(u) == within)
     return tuple(not r for r in reaches)
 
 
@@ -85,23 +98,28 @@ def communication_depth(graph: ShardingGraph) -> tuple[int, ...]:
     return tuple(depth)
 
 
-def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel, each_step=frozenset()
+def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel,
+                        loops: Mapping[int, tuple[int, float]] = {}  # noqa: B006
                         ) -> tuple[ShardingGraph, tuple[MergedAllReduce, ...]]:
     """Reprice the all-reduces of independent nodes (terminal ones, and those of equal
     communication depth) as parts of merged ones; returns the repriced graph and one
     ``MergedAllReduce`` per group and mesh-axis set that has members. On a backend that
     runs a merged all-reduce as one per array (``Cluster.all_reduce_per_operand``) nothing
-    is repriced: each all-reduce keeps its whole latency; nor are the nodes ``each_step``
-    (a loop's body, whose all-reduces run every step)."""
+    is repriced: each all-reduce keeps its whole latency. ``loops``: a loop body's node ->
+    (its loop, how many times the body runs per call); such nodes merge with their own
+    body's only, once per run of it (module docstring)."""
     if model.cluster.all_reduce_per_operand:
         return graph, ()
-    terminal = terminal_nodes(graph)
+    region = {v: loop for v, (loop, _) in loops.items()}
+    terminal = terminal_nodes(graph, region)
     depth = communication_depth(graph)
-    repriced: dict[int, tuple] = {}  # id(strategies) -> (strategies, new strategies)
+    # (id(strategies), runs) -> new strategies (repeated layers share one tuple: keep sharing it)
+    repriced: dict[tuple[int, float], tuple] = {}
     nodes = list(graph.nodes)
     members: dict[tuple, list[tuple[int, int]]] = {}
-    # per strategy tuple (repeated layers share theirs): whether any strategy all-reduces,
-    # and (strategy, axes) of each all-reduce, which merges with the others over its axes
+    runs_of: dict[int, float] = {-1: 1.0}  # region -> how many times per call its groups run
+    # per strategy tuple: whether any strategy all-reduces, and (strategy, axes) of each
+    # all-reduce, which merges with the others over its axes
     reducing: dict[int, tuple[bool, list]] = {}
     for v, node in enumerate(graph.nodes):
         key = id(node.strategies)
@@ -109,17 +127,19 @@ def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel, each_step=fr
             reducing[key] = (any(s.all_reduce_latency_s > 0 for s in node.strategies),
                              [(i, axes) for i, s in enumerate(node.strategies)
                               if s.all_reduce_latency_s > 0 for axes in s.all_reduce_axes])
-        if not reducing[key][0] or v in each_step:
+        if not reducing[key][0]:
             continue
-        group = ((-1,) if terminal[v] else (depth[v],)) + (_reduction(graph, node),)
-        if key not in repriced:  # repeated layers share one tuple: keep sharing it
-            repriced[key] = (node.strategies,
-                             tuple(_latency_shared(s, model) for s in node.strategies))
-        nodes[v] = dataclasses.replace(node, strategies=repriced[key][1])
+        loop, runs = loops.get(v, (-1, 1.0))
+        runs_of[loop] = runs
+        group = (loop, -1 if terminal[v] else depth[v], _reduction(graph, node))
+        if (key, runs) not in repriced:
+            repriced[(key, runs)] = tuple(_latency_shared(s, model, runs) for s in node.strategies)
+        nodes[v] = dataclasses.replace(node, strategies=repriced[(key, runs)])
         for i, axes in reducing[key][1]:
             members.setdefault(group + (axes,), []).append((v, i))
-    merged = tuple(MergedAllReduce(key[2], model.all_reduce_latency(key[2]), tuple(members[key]),
-                                   terminal=key[0] == -1)
+    merged = tuple(MergedAllReduce(key[3], model.all_reduce_latency(key[3]) * runs_of[key[0]],
+                                   tuple(members[key]), terminal=key[:2] == (-1, -1),
+                                   runs=runs_of[key[0]])
                    for key in sorted(members))
     return dataclasses.replace(graph, nodes=tuple(nodes)), merged
 
@@ -133,16 +153,18 @@ def _reduction(graph: ShardingGraph, node) -> str:
     return _REDUCTIONS.get(graph.traced.program.eqns[node.eqn].primitive.name, "add")
 
 
-def _latency_shared(strategy: Strategy, model: MeshCostModel) -> Strategy:
+def _latency_shared(strategy: Strategy, model: MeshCostModel, runs: float = 1.0) -> Strategy:
     """``strategy`` keeping of each of its all-reduces' latency only its byte share of one
-    merged collective (the rest is the shared cost)."""
+    merged collective (the rest is the shared cost); ``runs``: how many times per call
+    its collectives run (a loop body's, with as many copies of the equation as the
+    compiled body holds; its ``communication_s`` is all the runs')."""
     if strategy.all_reduce_latency_s <= 0:
         return strategy
     kept = 1.0 - min(1.0, strategy.all_reduce_bytes / COMBINE_THRESHOLD_BYTES)
     removed = [model.all_reduce_latency(s.axes) * kept
                if s.kind == "all-reduce" and s.axes in strategy.all_reduce_axes else 0.0
                for s in strategy.collectives]
-    steps = tuple(dataclasses.replace(s, seconds=s.seconds - r) if r else s
-                  for s, r in zip(strategy.collectives, removed))
-    return dataclasses.replace(strategy, communication_s=strategy.communication_s - sum(removed),
-                               collectives=steps)
+    collectives = tuple(dataclasses.replace(s, seconds=s.seconds - r) if r else s
+                        for s, r in zip(strategy.collectives, removed))
+    return dataclasses.replace(strategy, communication_s=strategy.communication_s - sum(removed) * runs,
+                               collectives=collectives)

@@ -116,7 +116,8 @@ def plan_record(traced: TracedFunction, problem: ShardingProblem, root_choices: 
     for group in problem.merged:  # latency of each merged all-reduce that runs, once
         if any(choices[v] == i for v, i in group.members):
             merged_latency += group.latency_s
-            collectives.append(Collective(f"merged all-reduce over mesh axes {group.axes}",
+            where = "" if group.runs == 1 else f", in a loop's body ({group.runs:g} runs)"
+            collectives.append(Collective(f"merged all-reduce over mesh axes {group.axes}{where}",
                                           "all-reduce", group.latency_s, 0, names(group.axes)))
     peak = planned_peak_bytes(graph, model, choices, donated, problem.merged) \
         if peak_bytes is None else peak_bytes

@@ -171,18 +171,24 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
                            starting_plans, pairs, per_use, propagated)
 
 
+def _body_runs(loop) -> float:
+    """How many times a loop's compiled body runs per call: once per ``copies`` steps."""
+    return loop.length / loop.copies
+
+
 def _priced_problem(graph: ShardingGraph, *, model: MeshCostModel, pairs, fixed: frozenset,
                     donated: frozenset, extra, by_key_path, carried_weight: float,
                     time_limit: float, memo: dict, apart: frozenset = frozenset(),
                     view: LoopView | None = None):
     """(graph, merged all-reduces, uses, cost matrices, grouping, request) of ``graph``
-    priced: fed inputs, inputs returned as they came, combined all-reduces (but a loop's
-    body's), carried uses (weighted; and a loop's carries, ``view``), followers grouped
+    priced: fed inputs, inputs returned as they came, combined all-reduces (a loop's body's
+    among themselves), carried uses (weighted; and a loop's carries, ``view``), followers grouped
     (but the nodes ``apart``)."""
     graph = _price_returned_inputs(_price_fed_inputs(graph, model, pairs, fixed), model, donated)
-    in_loops = frozenset() if view is None else frozenset(
-        v for v, node in enumerate(graph.nodes)
-        if node.kind == "op" and view.origins[node.eqn][0] == "body")
+    in_loops = {} if view is None else {
+        v: (view.origins[node.eqn][1], _body_runs(view.loops[view.origins[node.eqn][1]]))
+        for v, node in enumerate(graph.nodes)
+        if node.kind == "op" and view.origins[node.eqn][0] == "body"}
     graph, merged = combine_all_reduces(graph, model, in_loops)
     weighted = _carried_uses(graph, extra)
     looped = () if view is None else tuple(_loop_carried_uses(graph, view))
