@@ -443,11 +443,9 @@ class ParallelizedFunction:
     def audit(self, *args, **kwargs) -> Audit | PipelineAudit:
         """The plan for these arguments against its compiled program (:meth:`Plan.audit`;
         a pipeline's, program by program), with XLA's compile log read for involuntary
-        rematerializations."""
-        lowered = self.lower(*args, **kwargs)
-        with hlo.compiler_log() as log:
-            compiled = lowered.compile()
-        return self.plan(*args, **kwargs).audit(compiled, log.text)
+        rematerializations (compiled afresh for it: a step already run is audited alike)."""
+        compiled, log = hlo.fresh_compile(self.lower(*args, **kwargs))
+        return self.plan(*args, **kwargs).audit(compiled, log)
 
     def __call__(self, *args, **kwargs):
         outs = self._fast(args, kwargs)

@@ -329,8 +329,8 @@ class PipelineLowered(_Programs):
     ``lowered.names``, ``lowered.runs_per_step``, ``lowered.as_text()``,
     ``lowered.compile()``."""
 
-    def compile(self) -> "PipelineCompiled":
-        return PipelineCompiled(tuple((name, value.compile(), n)
+    def compile(self, compiler_options=None) -> "PipelineCompiled":
+        return PipelineCompiled(tuple((name, value.compile(compiler_options=compiler_options), n)
                                       for name, value, n in self._items),
                                 self.num_microbatches, self.schedule, self.device_ids)
 

@@ -8,8 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import autoshard
+from autoshard.ir.hlo import compiler_log, fresh_compile
 from autoshard.plan.audit import audit
 from autoshard.plan.parts import Collective
 from examples.models import gpt, mlp
@@ -90,6 +93,30 @@ def test_xla_rematerialization_warnings_are_differences(planned):
     report = audit(plan, compiled.as_text(), {}, log)
     assert report.rematerializations and not report.ok
     assert any("rematerialized" in d for d in report.differences)
+
+
+def test_xlas_warnings_are_read_from_a_program_already_compiled():
+    # jax hands back a program it compiled before without compiling it again, so without
+    # XLA's warnings: an audit after the step had run read an empty log (a reshape whose
+    # split dims XLA can only reach by replicating: "Involuntary full rematerialization"
+    # printed by the first compile only). The audit's compile is its own.
+    mesh = autoshard.make_mesh((2, 4), ("data", "model"))
+
+    def f(x):
+        y = jax.lax.with_sharding_constraint(x.reshape(8, 8, 8) * 2,
+                                             NamedSharding(mesh, P(None, "model", "data")))
+        return y + 1
+
+    x = jax.device_put(jnp.ones((64, 8)), NamedSharding(mesh, P(("data", "model"), None)))
+    step = jax.jit(f)
+    step(x)  # compiled here
+    with compiler_log() as cached:
+        step.lower(x).compile()
+    assert "Involuntary" not in cached.text  # what the audit read before
+    for _ in range(2):  # a second audit of the same program reads the warning too
+        compiled, log = fresh_compile(step.lower(x))
+        assert "Involuntary full rematerialization" in log
+    assert compiled.as_text() == step.lower(x).compile().as_text()  # the same program
 
 
 def test_a_gathers_reduce_scatter_runs_as_priced():

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -385,6 +386,18 @@ def compiler_log():
             log.text = sink.read().decode("utf-8", errors="replace")
             if log.text:
                 sys.stderr.write(log.text)
+
+
+def fresh_compile(lowered):
+    """``(lowered.compile(), what XLA printed while compiling it)``, compiled afresh: jax
+    hands back a program it compiled before (by a call, or an earlier ``compile()``)
+    without compiling it again, so without XLA's warnings. The compile options differ per
+    call in a limit no compile reads unless dumping (``xla_dump_max_hlo_modules``, over a
+    billion), which makes jax's cache miss; the compiled program is the same."""
+    options = {"xla_dump_max_hlo_modules": 2**30 + time.monotonic_ns() % 2**30}
+    with compiler_log() as log:
+        compiled = lowered.compile(compiler_options=options)
+    return compiled, log.text
 
 
 def platform(compiled) -> str:
