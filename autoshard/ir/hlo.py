@@ -393,7 +393,9 @@ def fresh_compile(lowered):
     hands back a program it compiled before (by a call, or an earlier ``compile()``)
     without compiling it again, so without XLA's warnings. The compile options differ per
     call in a limit no compile reads unless dumping (``xla_dump_max_hlo_modules``, over a
-    billion), which makes jax's cache miss; the compiled program is the same."""
+    billion), which makes jax's in-memory cache miss; the compiled program is the same.
+    (jax's persistent compilation cache, where a user turns it on, leaves dump options out
+    of its key: a program found there is loaded, not compiled, and its log is empty.)"""
     options = {"xla_dump_max_hlo_modules": 2**30 + time.monotonic_ns() % 2**30}
     with compiler_log() as log:
         compiled = lowered.compile(compiler_options=options)
