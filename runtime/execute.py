@@ -7,6 +7,7 @@ import jax
 
 from autoshard.ir.jax_compat import bind
 from autoshard.ir.program import Literal, Program
+from autoshard.ir.trace import struct_of_aval
 
 
 def evaluate_program(
@@ -40,8 +41,7 @@ def evaluate_program(
               if mesh is not None and eqn.primitive.name == "sharding_constraint"}
     for e, body in loop_bodies.items():
         own = program.eqns[e].params
-        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
-                   for a in own["jaxpr"].in_avals]
+        structs = [struct_of_aval(a) for a in own["jaxpr"].in_avals]
         params[e] = dict(own, jaxpr=jax.make_jaxpr(body)(*structs))
     env: dict[int, object] = {}
 

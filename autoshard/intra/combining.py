@@ -117,7 +117,7 @@ def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel,
     repriced: dict[tuple[int, float], tuple] = {}
     nodes = list(graph.nodes)
     members: dict[tuple, list[tuple[int, int]]] = {}
-    runs_of: dict[int, float] = {-1: 1.0}  # region -> how many times per call its groups run
+    runs_of = {-1: 1.0, **dict(loops.values())}  # region -> how many times per call it runs
     # per strategy tuple: whether any strategy all-reduces, and (strategy, axes) of each
     # all-reduce, which merges with the others over its axes
     reducing: dict[int, tuple[bool, list]] = {}
@@ -130,7 +130,6 @@ def combine_all_reduces(graph: ShardingGraph, model: MeshCostModel,
         if not reducing[key][0]:
             continue
         loop, runs = loops.get(v, (-1, 1.0))
-        runs_of[loop] = runs
         group = (loop, -1 if terminal[v] else depth[v], _reduction(graph, node))
         if (key, runs) not in repriced:
             repriced[(key, runs)] = tuple(_latency_shared(s, model, runs) for s in node.strategies)

@@ -171,11 +171,6 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
                            starting_plans, pairs, per_use, propagated)
 
 
-def _body_runs(loop) -> float:
-    """How many times a loop's compiled body runs per call: once per ``copies`` steps."""
-    return loop.length / loop.copies
-
-
 def _priced_problem(graph: ShardingGraph, *, model: MeshCostModel, pairs, fixed: frozenset,
                     donated: frozenset, extra, by_key_path, carried_weight: float,
                     time_limit: float, memo: dict, apart: frozenset = frozenset(),
@@ -185,10 +180,11 @@ def _priced_problem(graph: ShardingGraph, *, model: MeshCostModel, pairs, fixed:
     among themselves), carried uses (weighted; and a loop's carries, ``view``), followers grouped
     (but the nodes ``apart``)."""
     graph = _price_returned_inputs(_price_fed_inputs(graph, model, pairs, fixed), model, donated)
-    in_loops = {} if view is None else {
-        v: (view.origins[node.eqn][1], _body_runs(view.loops[view.origins[node.eqn][1]]))
-        for v, node in enumerate(graph.nodes)
-        if node.kind == "op" and view.origins[node.eqn][0] == "body"}
+    in_loops = {}  # a loop body's node -> (its loop, how many times the body runs per call)
+    for v, node in enumerate(graph.nodes if view is not None else ()):
+        origin = view.origins[node.eqn] if node.kind == "op" else ()
+        if origin[:1] == ("body",):
+            in_loops[v] = (origin[1], view.loops[origin[1]].runs)
     graph, merged = combine_all_reduces(graph, model, in_loops)
     weighted = _carried_uses(graph, extra)
     looped = () if view is None else tuple(_loop_carried_uses(graph, view))

@@ -52,6 +52,11 @@ class SplicedLoop:
     carried: tuple[tuple[int, int], ...]
     copies: int = 1
 
+    @property
+    def runs(self) -> float:
+        """How many times the compiled loop runs its body per call."""
+        return self.length / self.copies
+
     def __repr__(self):
         return (f"SplicedLoop(equation {self.eqn}: {self.length} steps of "
                 f"{self.stop - self.start} equations)")
