@@ -102,8 +102,9 @@ def test_independent_all_reduces_inside_the_step_share_one_latency(second, merge
 
 
 def test_a_scanned_steps_all_reduces_merge_with_each_other_every_step():
-    # layers scanned over stacked weights, trained data-parallel: XLA merges each step's
-    # weight and bias gradient all-reduces into one inside the loop's body, run every step
+    # layers scanned over stacked weights, trained data-parallel (params donated, the
+    # learning rate a keyword argument): XLA merges each step's weight and bias gradient
+    # all-reduces into one inside the loop's body, run every step
     # (never merged with those outside the loop); the plan pays one latency per step for
     # them (before: each gradient's whole latency every step, 2x the DP step's
     # communication on a 4-layer GPT's scan under h100-80gb)
@@ -126,15 +127,17 @@ def test_a_scanned_steps_all_reduces_merge_with_each_other_every_step():
     cluster = cluster_preset("h100-80gb")
     mesh = autoshard.make_mesh((8,), ("data",))
     parallel = autoshard.parallelize(step, mesh=mesh, method=autoshard.DataParallel(),
-                                     cluster=cluster, batch_argnums=1)
-    plan = parallel.plan(params, x)
+                                     cluster=cluster, batch_argnums=1, donate_argnums=0)
+    plan = parallel.plan(params, x, lr=0.05)
     latency = MeshCostModel(cluster, (8,)).all_reduce_latency((0,))
     merged = sorted((c.seconds, c.op) for c in plan.collectives if c.op.startswith(MERGED))
     assert [seconds for seconds, _ in merged] == [pytest.approx(latency),  # after the loop
                                                    pytest.approx(layers * latency)]  # in it
     assert merged[1][1].endswith(f"in a loop's body ({layers} runs)")
-    text = parallel.lower(params, x).compile().as_text()
+    text = parallel.lower(params, x, lr=0.05).compile().as_text()
     assert "while" in text and len([c for c in parse_collectives(text)
                                     if c.kind == "all-reduce"]) == 2
-    for a, b in zip(jax.tree.leaves(parallel(params, x)), jax.tree.leaves(jax.jit(step)(params, x))):
+    expected = jax.jit(step)(params, x, lr=0.05)
+    got = parallel(jax.tree.map(jnp.copy, params), x, lr=0.05)  # (params donated)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
