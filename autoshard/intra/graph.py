@@ -74,6 +74,10 @@ class ShardingGraph:
     control_flow: tuple[tuple[str, str], ...]  # (primitive, source) whose body splits nowhere
     #: (the constraint's sharding, source) of user sharding constraints no strategy meets
     unmet_constraints: tuple[tuple[str, str], ...] = ()
+    #: equations of a loop's view standing for a step's dynamic slice or update
+    #: (``LoopView.per_step_copies``), which XLA's propagation passes layouts through
+    #: forward first
+    per_step_copies: frozenset[int] = frozenset()
 
     def __repr__(self):
         return f"ShardingGraph({len(self.nodes)} nodes, {len(self.uses)} uses)"
@@ -254,7 +258,8 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
                 uses.append(Use(src, out, node_index, k, weight))
         add(Node(f"{name}#{e}", "op", e, tuple(eqn.outputs), strategies))
     return ShardingGraph(traced, tuple(nodes), tuple(uses), producer,
-                         tuple(unsupported), tuple(control_flow), tuple(unmet))
+                         tuple(unsupported), tuple(control_flow), tuple(unmet),
+                         frozenset() if view is None else view.per_step_copies)
 
 
 def _loop_reads(view: LoopView, e: int, eqn, in_avals, out_avals, reads: tuple,

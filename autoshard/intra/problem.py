@@ -435,7 +435,7 @@ def _seed(graph: ShardingGraph, grouping, request: ilp.IntraOpRequest,
         propagated_position = {r: p for p, r in enumerate(propagation[1].roots)}
     restrictions = []  # per style: input node -> the strategies laying it out so
     fixed = []         # per style: every input's layout
-    factors = program_factors(program, graph.traced.signatures) \
+    factors = program_factors(program, graph.traced.signatures, graph.per_step_copies) \
         if propagation is not None and len(styles) > 1 else None
     for style in styles:
         allowed = {}

@@ -94,7 +94,7 @@ def preset_propagation(graph: ShardingGraph, layouts: Sequence[Spec],
     constrained = {node.eqn: node.strategies[0].out_specs[0] for node in graph.nodes
                    if node.kind == "op" and len(node.strategies) == 1
                    and program.eqns[node.eqn].primitive.name in CONSTRAINTS}
-    factors = factors or program_factors(program, graph.traced.signatures)
+    factors = factors or program_factors(program, graph.traced.signatures, graph.per_step_copies)
     return propagated_layouts(program, layouts, {o: layouts[i] for o, i in pairs},
                               constrained, mesh_shape, factors)
 

@@ -13,7 +13,8 @@ not divide. Layouts fixed by the caller (arguments, returned values, sharding
 constraints) are closed: they give axes and take none. Priorities, as Shardy's schedule:
 
 0. layout ops (elementwise, reshape, transpose) none of whose operands has another
-   reader, both ways; dynamic slices and updates forward;
+   reader, both ways; dynamic slices and updates forward (and a loop view's slices and
+   stacks of a step, which stand for them: ``ShardingGraph.per_step_copies``);
 1. the same with several readers;
 2. every op's factors that are neither summed nor kept whole (a broadcast backward only);
 3. every factor (a broadcast backward only);
@@ -105,11 +106,13 @@ class ProgramFactors:
         return f"ProgramFactors({len(self.ops)} ops)"
 
 
-def program_factors(program: Program, signatures: Sequence[str] | None = None
-                    ) -> ProgramFactors:
+def program_factors(program: Program, signatures: Sequence[str] | None = None,
+                    forward: frozenset[int] = frozenset()) -> ProgramFactors:
     """``program``'s factors; ``signatures`` (per equation, equal for equal equations:
-    ``TracedFunction.signatures``) let repeated layers share their loop descriptions."""
-    ops, order, users, producer, kinds = _ops(program, signatures)
+    ``TracedFunction.signatures``) let repeated layers share their loop descriptions;
+    ``forward``: equations that stand for a dynamic slice or update (a loop's view:
+    ``ShardingGraph.per_step_copies``), propagated as those are."""
+    ops, order, users, producer, kinds = _ops(program, signatures, forward)
     directed = tuple(tuple(i for i, op in enumerate(ops)
                            if op is not None and _newly_directed(op, priority))
                      for priority in range(PRIORITIES))
@@ -290,7 +293,7 @@ def per_use_values(program: Program) -> frozenset[int]:
     return frozenset(split)
 
 
-def _ops(program: Program, signatures: Sequence[str] | None):
+def _ops(program: Program, signatures: Sequence[str] | None, forward: frozenset[int]):
     """(ops: per equation its ``_Op`` or None, then the implicit broadcasts of elementwise
     operands; the order to visit them in; value -> ops reading it; value -> op making
     it). A reader of a ``per_use_values`` value reads a copy of its own, keyed (equation,
@@ -329,7 +332,7 @@ def _ops(program: Program, signatures: Sequence[str] | None):
             loops[key] = loop_op(eqn, in_avals, out_avals)
         op = loops[key]
         ops.append(None if op is None else _op(eqn, op, inputs[e], in_avals, out_avals,
-                                               readers))
+                                               readers, e in forward))
     for i, (e, k, a) in enumerate(broadcasts):
         aval, out = program.avals[eqns[e].inputs[k]], program.avals[eqns[e].outputs[0]]
         dims = tuple(d if aval.shape[d] == out.shape[d] else None
@@ -392,8 +395,9 @@ def _post_order(program: Program, inputs, ops, producer) -> tuple[int, ...]:
     return tuple(order) + tuple(i for i in range(len(ops)) if i not in seen)
 
 
-def _op(eqn, op, inputs, in_avals, out_avals, readers) -> _Op:
-    """``eqn`` (``op``: its loops) as factors, reading ``inputs`` (its operands' keys)."""
+def _op(eqn, op, inputs, in_avals, out_avals, readers, forward: bool = False) -> _Op:
+    """``eqn`` (``op``: its loops) as factors, reading ``inputs`` (its operands' keys);
+    ``forward``: it stands for a dynamic slice or update."""
     name = eqn.primitive.name
     positions = [k for k, (a, dims) in enumerate(zip(inputs, op.in_dims))
                  if not isinstance(a, Literal) and dims]
@@ -405,7 +409,7 @@ def _op(eqn, op, inputs, in_avals, out_avals, readers) -> _Op:
                      for k in positions) + tuple(math.prod(a.shape) for a in out_avals)
     results = tuple((v, dims) for v, dims in zip(eqn.outputs, op.out_dims))
     kept = {l for _, dims in results for l in dims if l is not None}
-    kind = "layout" if name in LAYOUT_OPS else "forward" if name in FORWARD_OPS else \
+    kind = "layout" if name in LAYOUT_OPS else "forward" if forward or name in FORWARD_OPS else \
         "broadcast" if name == "broadcast_in_dim" else "other"
     if kind == "broadcast" and operands and elements[0] == elements[-1]:
         kind = "layout"   # only adds dims of size 1: jax lowers it as a reshape

@@ -79,6 +79,14 @@ class LoopView:
     def __repr__(self):
         return f"LoopView({len(self.loops)} loops, {len(self.traced.program.eqns)} equations)"
 
+    @functools.cached_property
+    def per_step_copies(self) -> frozenset[int]:
+        """The view equations standing for what a loop's ``dynamic_slice`` and
+        ``dynamic_update_slice`` do each step: the slice of a step of a stacked operand
+        and the stack of a stacked result (its ``squeeze`` is a reshape either way)."""
+        return frozenset(e for e, origin in enumerate(self.origins)
+                         if origin[0] in ("slice", "stack"))
+
     def repeats(self, eqn: int) -> int:
         """How many times view equation ``eqn`` runs per call."""
         origin = self.origins[eqn]
