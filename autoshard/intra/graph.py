@@ -74,13 +74,23 @@ class ShardingGraph:
     control_flow: tuple[tuple[str, str], ...]  # (primitive, source) whose body splits nowhere
     #: (the constraint's sharding, source) of user sharding constraints no strategy meets
     unmet_constraints: tuple[tuple[str, str], ...] = ()
-    #: equations of a loop's view standing for a step's dynamic slice or update
-    #: (``LoopView.per_step_copies``), which XLA's propagation passes layouts through
-    #: forward first
-    per_step_copies: frozenset[int] = frozenset()
+    #: the view of a program's loops ``traced`` is (``loop_plans``), if it is one
+    view: LoopView | None = None
 
     def __repr__(self):
         return f"ShardingGraph({len(self.nodes)} nodes, {len(self.uses)} uses)"
+
+    @property
+    def per_step_copies(self) -> frozenset[int]:
+        """``LoopView.per_step_copies`` (none outside a loop's view)."""
+        return frozenset() if self.view is None else self.view.per_step_copies
+
+    @property
+    def loop_buffers(self) -> tuple[tuple[tuple[int, int, int], ...], frozenset[int]]:
+        """(``LoopView.held_buffers``, ``LoopView.stack_equations``): ``live_ranges``'s
+        ``held`` and ``writers`` (none outside a loop's view)."""
+        return ((), frozenset()) if self.view is None else \
+            (self.view.held_buffers, self.view.stack_equations)
 
     def input_node(self, flat_index: int) -> int:
         return self.producer[self.traced.program.invars[flat_index]][0]
@@ -259,7 +269,7 @@ def build_graph(traced: TracedFunction, model: MeshCostModel,
         add(Node(f"{name}#{e}", "op", e, tuple(eqn.outputs), strategies))
     return ShardingGraph(traced, tuple(nodes), tuple(uses), producer,
                          tuple(unsupported), tuple(control_flow), tuple(unmet),
-                         frozenset() if view is None else view.per_step_copies)
+                         view)
 
 
 def _loop_reads(view: LoopView, e: int, eqn, in_avals, out_avals, reads: tuple,

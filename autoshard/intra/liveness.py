@@ -12,7 +12,9 @@ from .op_rules import ELEMENTWISE
 
 
 @per_program
-def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tuple[int, int]]:
+def live_ranges(program: Program, donated: Iterable[int] = (),
+                held: Iterable[tuple[int, int, int]] = (), writers: frozenset[int] = frozenset()
+                ) -> dict[int, tuple[int, int]]:
     """Value id → (first step, last step) it occupies memory.
 
     Step ``e`` is the execution of equation ``e``; arguments and constants are
@@ -25,11 +27,14 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
     in registers (``fusion.fused_values``: they never reach memory) unless XLA writes them
     for large reductions (``written`` of ``fusion.fusion``: until the last of those) or
     dots read them from operand fusions (``operand_fused``: held as the value was, as one
-    buffer from its equation to its last reader).
+    buffer from its equation to its last reader). In a loop's view (``LoopView``): each
+    ``held`` (value, first, last) occupies memory at least from first to last, and the
+    equations ``writers`` (the stacks: XLA writes a step's value into the loop's buffer
+    where it is made) do not hold what they read.
     The ILP's memory rows count each of these as its own buffer; the reported peak
     places them in the outputs' buffers where XLA does (``buffer_assignment``).
     """
-    born, last, shared = _steps(program, donated)
+    born, last, shared = _steps(program, donated, writers)
     analysis = fusion(program)
     fused, written = analysis.fused, analysis.written
     reach = _read_where_fused(program, fused, last)
@@ -42,6 +47,10 @@ def live_ranges(program: Program, donated: Iterable[int] = ()) -> dict[int, tupl
     for v in random_words(program):  # (``memory_points.held_bytes_factors`` sizes them)
         if v in fused:
             ranges[v] = (born[v], max(born[v], reach.get(v, born[v])))
+    for v, first, end in held:   # a loop's buffers: in memory while the loop runs
+        if v not in shared:
+            start, stop = ranges.get(v, (born[v], last.get(v, born[v])))
+            ranges[v] = (min(start, first), max(stop, end))
     return ranges
 
 
@@ -67,7 +76,7 @@ def output_births(program: Program, donated: Iterable[int] = ()) -> dict[int, in
     return births
 
 
-def _steps(program: Program, donated: Iterable[int]
+def _steps(program: Program, donated: Iterable[int], writers: frozenset[int] = frozenset()
            ) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
     """(born, last, shared) of :func:`live_ranges` before fusion is accounted for: value
     → its first step, value → its last read (outputs: the last step), and intermediate
@@ -83,7 +92,7 @@ def _steps(program: Program, donated: Iterable[int]
         last[vid] = 0 if vid in donated else end
     for e, eqn in enumerate(program.eqns):
         for atom in eqn.inputs:
-            if not isinstance(atom, Literal):
+            if not isinstance(atom, Literal) and e not in writers:
                 last[atom] = max(last.get(atom, e), e)
         for vid in eqn.outputs:
             born[vid] = e

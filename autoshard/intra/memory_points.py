@@ -463,7 +463,7 @@ def planned_peak_bytes(graph: ShardingGraph, model: MeshCostModel, choices: Sequ
         aval = program.avals[vid]
         return model.bytes_per_device(tuple(aval.shape), aval.dtype.itemsize, spec)
 
-    ranges = dict(live_ranges(program, donated))
+    ranges = dict(live_ranges(program, donated, *graph.loop_buffers))
     held = held_bytes_factors(program, model)
     sizes = {vid: nbytes(vid, spec) * held.get(vid, 1.0) for node, s in zip(graph.nodes, chosen)
              if node.kind != READ for vid, spec in zip(node.outputs, s.out_specs)}

@@ -209,7 +209,8 @@ def _solve_within_budget(problem: ShardingProblem, model: MeshCostModel, donated
     request = _until(problem.request, deadline)
     # the ILP's memory terms need no plan: with a budget they are priced while the LP runs
     memory = None if budget is None else functools.cache(lambda: tensor_bytes(
-        graph, grouping, model, live_ranges(program, donated), problem.merged, donated=donated))
+        graph, grouping, model, live_ranges(program, donated, *graph.loop_buffers),
+        problem.merged, donated=donated))
     if problem.per_use is not None:
         free = _solve_shared(problem, request, deadline, meanwhile=memory)
     else:

@@ -87,6 +87,30 @@ class LoopView:
         return frozenset(e for e, origin in enumerate(self.origins)
                          if origin[0] in ("slice", "stack"))
 
+    @functools.cached_property
+    def held_buffers(self) -> tuple[tuple[int, int, int], ...]:
+        """(view value, first step, last step) of each buffer a loop holds longer than the
+        view's equations read or make it: a stacked operand, which the loop reads a step
+        of every iteration, until its body's last equation; a stacked result, which the
+        loop writes a step of every iteration into a buffer allocated before it, from the
+        loop's first entry on."""
+        eqns = self.traced.program.eqns
+        held = []
+        for loop in self.loops:
+            first = min([*loop.entries, *(s for s in loop.slices if s is not None)],
+                        default=loop.start)
+            held += [(a, first, loop.stop - 1) for a in (eqns[s].inputs[0] for s in loop.slices
+                                                         if s is not None)
+                     if not isinstance(a, Literal)]
+            held += [(eqns[s].outputs[0], first, loop.stop - 1) for s in loop.stacks]
+        return tuple(held)
+
+    @functools.cached_property
+    def stack_equations(self) -> frozenset[int]:
+        """The view equations stacking a loop's results: a step's value is written into
+        the loop's buffer where it is made, not held until the stack reads it."""
+        return frozenset(s for loop in self.loops for s in loop.stacks)
+
     def repeats(self, eqn: int) -> int:
         """How many times view equation ``eqn`` runs per call."""
         origin = self.origins[eqn]
