@@ -137,7 +137,7 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
                                donated=frozenset(i for i, d in enumerate(donated_flat) if d),
                                extra=extra, by_key_path=by_key_path,
                                carried_weight=carried_weight, time_limit=time_limit,
-                               apart=apart, memo={}, view=view)
+                               apart=apart, memo={})
     graph, merged, uses, matrices, grouping, request = priced(graph)
     per_use = None
     if has_read_nodes and isinstance(method, ShardParallel):
@@ -173,12 +173,12 @@ def build_problem(traced: TracedFunction, model: MeshCostModel, method, *,
 
 def _priced_problem(graph: ShardingGraph, *, model: MeshCostModel, pairs, fixed: frozenset,
                     donated: frozenset, extra, by_key_path, carried_weight: float,
-                    time_limit: float, memo: dict, apart: frozenset = frozenset(),
-                    view: LoopView | None = None):
+                    time_limit: float, memo: dict, apart: frozenset = frozenset()):
     """(graph, merged all-reduces, uses, cost matrices, grouping, request) of ``graph``
     priced: fed inputs, inputs returned as they came, combined all-reduces (a loop's body's
-    among themselves), carried uses (weighted; and a loop's carries, ``view``), followers grouped
-    (but the nodes ``apart``)."""
+    among themselves), carried uses (weighted; and a loop's carries, ``graph.view``),
+    followers grouped (but the nodes ``apart``)."""
+    view = graph.view
     graph = _price_returned_inputs(_price_fed_inputs(graph, model, pairs, fixed), model, donated)
     in_loops = {}  # a loop body's node -> (its loop, how many times the body runs per call)
     for v, node in enumerate(graph.nodes if view is not None else ()):
